@@ -1,0 +1,56 @@
+"""The generation actor: holds one pipeline on one device and draws the batches Ray Data hands it.
+
+Thin on purpose: the work is `actors.generate.generate_rows`, which tests call without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from actors.generate import generate_rows, ledger_row
+from actors.models import ModelInfo, load_pipeline
+from manifests.ledger import LEDGER_SCHEMA
+
+# What the actor returns per row: the ledger columns, with `status` also allowing "skipped".
+RESULT_SCHEMA = LEDGER_SCHEMA
+
+
+class GeneratorActor:
+    """One per GPU (or CPU share). Ray Data calls it with tables of work rows (jobs.plan.WORK_SCHEMA)."""
+
+    def __init__(self, models: dict[str, dict[str, Any]], out_uri: str, batch_size: int,
+                 device: str = "cpu", torch_threads: int = 1):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(torch_threads)
+        self.device = device
+        self.dtype = torch.float16 if device == "cuda" else torch.float32
+        self.models = {name: ModelInfo(**info) for name, info in models.items()}
+        self.fs, self.root = fsspec.core.url_to_fs(out_uri)
+        self.batch_size = batch_size
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._loaded: tuple[str, Any] | None = None
+        # Load the default model now: a model that does not load stops the run at start, not row by row.
+        self.pipeline("default" if "default" in self.models else next(iter(self.models)))
+
+    def pipeline(self, name: str):
+        """The loaded pipeline for model `name`; one model is held at a time (the planner groups rows by model)."""
+        if self._loaded is None or self._loaded[0] != name:
+            self._loaded = None  # free the old pipeline before loading the next
+            self._loaded = (name, load_pipeline(self.models[name], self.device, self.dtype))
+        return self._loaded[1]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        results = [ledger_row(r, r["status"], actor=self.name) for r in rows if r["status"]]
+        todo = [r for r in rows if not r["status"]]
+        if todo:
+            results += generate_rows(self.pipeline, todo, fs=self.fs, out_root=self.root,
+                                     actor=self.name, max_batch=self.batch_size)
+        return pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in results], schema=RESULT_SCHEMA)

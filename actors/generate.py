@@ -1,0 +1,154 @@
+"""The generation path: resolved rows in, watermarked PNGs and ledger rows out. No Ray here.
+
+A row's pixels depend on the row alone: each row gets its own `torch.Generator` seeded from the row, so
+the same row draws the same image in a batch of 1 or 8, on any actor. Rows are drawn together only when
+they can share a forward pass (same model, adapters, size, steps, scheduler and guidance).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import time
+from itertools import groupby
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from actors import watermark as wm
+from actors.schedulers import make_scheduler
+from manifests.ledger import atomic_write
+from manifests.tokens import prompt_overflow
+
+PNG_KEY = "parameters"
+
+
+def group_key(row: dict[str, Any]) -> tuple:
+    """Rows with equal keys can be denoised in one batch."""
+    adapters = tuple((a["name"], a["scale"]) for a in row["adapters"] or [])
+    return (row["model"], adapters, row["width"], row["height"], row["steps"], row["scheduler"], row["guidance_scale"])
+
+
+def plan_groups(rows: list[dict], max_batch: int) -> list[list[dict]]:
+    """Split rows into batches of at most `max_batch` rows that share a group key, keeping first-seen order."""
+    order = {}
+    for row in rows:
+        order.setdefault(group_key(row), len(order))
+    batches = []
+    for _, same in groupby(sorted(rows, key=lambda r: order[group_key(r)]), key=group_key):
+        same = list(same)
+        batches += [same[i:i + max_batch] for i in range(0, len(same), max_batch)]
+    return batches
+
+
+@torch.inference_mode()
+def draw(pipe, rows: list[dict]) -> np.ndarray:
+    """Denoise one group of rows; returns uint8 RGB images, shape (N, H, W, 3)."""
+    # 1. check inputs: one group shares everything but prompt, negative prompt and seed
+    first = rows[0]
+    assert all(group_key(r) == group_key(first) for r in rows), "draw() got rows of different groups"
+    # 2. one generator per row, on the CPU so a seed gives the same noise on any device
+    generators = [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows]
+    # 3. a fresh scheduler of the row's kind, built on the model's own schedule (v-prediction stays v)
+    pipe.scheduler = make_scheduler(first["scheduler"], pipe.scheduler.config)
+    # 4. encode prompts, 5. draw initial latents per generator, 6. denoise, 7. decode: diffusers' pipeline
+    out = pipe(
+        prompt=[r["prompt"] for r in rows],
+        negative_prompt=[r["negative_prompt"] or "" for r in rows],
+        height=first["height"],
+        width=first["width"],
+        num_inference_steps=first["steps"],
+        guidance_scale=first["guidance_scale"],
+        generator=generators,
+        output_type="np",
+    )
+    # 8. to 8-bit pixels
+    return (np.clip(out.images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def png_bytes(rgb: np.ndarray, parameters: dict[str, Any]) -> bytes:
+    """Encode an image as PNG with its generation parameters as UTF-8 JSON in an iTXt chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(PNG_KEY, json.dumps(parameters, ensure_ascii=False, sort_keys=True))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_png_parameters(data: bytes) -> dict[str, Any]:
+    """The generation parameters stored in a PNG written by `png_bytes`."""
+    return json.loads(Image.open(io.BytesIO(data)).text[PNG_KEY])
+
+
+def image_parameters(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale",
+            "scheduler", "model", "model_fingerprint", "adapters", "params_hash", "watermark")
+    return {k: row.get(k) for k in keys}
+
+
+def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
+    """A ledger entry for `row` (the ledger carries no prompt: it lives in the manifest and the PNG)."""
+    keep = ("id", "params_hash", "seed", "model", "width", "height", "steps", "guidance_scale", "scheduler",
+            "watermark", "source", "row", "extra", "error", "warning")
+    entry = {k: row.get(k) for k in keep}
+    entry["adapters"] = [{"name": a["name"], "scale": a["scale"]} for a in row.get("adapters") or []]
+    entry["status"] = status
+    entry["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+    entry.update(fields)
+    return entry
+
+
+def generate_rows(
+    get_pipe: Callable[[str], Any],
+    rows: list[dict[str, Any]],
+    *,
+    fs,
+    out_root: str,
+    actor: str,
+    max_batch: int,
+) -> list[dict[str, Any]]:
+    """Draw every row, write its image, and return one ledger row per input row.
+
+    `get_pipe(model_name)` returns the loaded pipeline. A group that fails is retried row by row, so
+    one bad row fails alone; the error is recorded and the other rows are drawn.
+    """
+    results = []
+    for batch in plan_groups(rows, max_batch):
+        try:
+            results += _draw_and_write(get_pipe, batch, fs=fs, out_root=out_root, actor=actor)
+        except Exception as exc:  # noqa: BLE001 - recorded per row below
+            if len(batch) == 1:
+                results.append(ledger_row(batch[0], "failed", actor=actor, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            for row in batch:
+                try:
+                    results += _draw_and_write(get_pipe, [row], fs=fs, out_root=out_root, actor=actor)
+                except Exception as row_exc:  # noqa: BLE001
+                    results.append(ledger_row(row, "failed", actor=actor, error=f"{type(row_exc).__name__}: {row_exc}"))
+    return results
+
+
+def _draw_and_write(get_pipe, batch: list[dict], *, fs, out_root: str, actor: str) -> list[dict]:
+    started = time.perf_counter()
+    pipe = get_pipe(batch[0]["model"])
+    images = draw(pipe, batch)
+    results = []
+    for row, rgb in zip(batch, images):
+        if row["watermark"]:
+            rgb = wm.embed(rgb, row["watermark"])
+        data = png_bytes(rgb, image_parameters(row))
+        path = f"{out_root.rstrip('/')}/images/{row['id']}.png"
+        atomic_write(fs, path, data)
+        warning = prompt_overflow(pipe.tokenizer, row["prompt"]) if row["prompt"] else None
+        results.append(ledger_row(
+            row, "ok", uri=fs.unstrip_protocol(path), sha256=hashlib.sha256(data).hexdigest(),
+            actor=actor, warning=warning,
+        ))
+    seconds = (time.perf_counter() - started) / len(batch)
+    for entry in results:
+        entry["seconds"] = seconds
+    return results

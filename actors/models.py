@@ -1,0 +1,171 @@
+"""Model references: a preset name, a local diffusers directory, an fsspec URI of one, or a hub id.
+
+The driver calls `describe_model` (cheap: configs and file listings, no weights) to learn each model's
+defaults and fingerprint before any actor starts; actors call `load_pipeline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import fsspec
+
+from actors.presets import PRESETS, build_preset, preset_fingerprint
+from actors.schedulers import scheduler_name_for
+
+DEFAULT_STEPS = 30  # SD 2.1's usual step count, for directories that do not say
+
+
+class ModelError(Exception):
+    """A model reference that does not resolve or load: the run cannot start."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver knows about a model before loading it."""
+
+    name: str
+    ref: str
+    kind: str  # preset | directory | uri | hub
+    fingerprint: str
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+
+    def defaults(self) -> dict:
+        return asdict(self)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SDFLEET_CACHE", Path.home() / ".cache" / "sdfleet"))
+
+
+def _is_uri(ref: str) -> bool:
+    return "://" in ref and not ref.startswith("file://")
+
+
+def describe_model(name: str, ref: str) -> ModelInfo:
+    """Resolve `ref` and read its defaults and fingerprint; raise ModelError if it is not a model."""
+    if ref in PRESETS:
+        d = PRESETS[ref]["defaults"]
+        return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"], d["scheduler"])
+    if _is_uri(ref):
+        fs, root = fsspec.core.url_to_fs(ref)
+        if not fs.exists(f"{root}/model_index.json"):
+            raise ModelError(f"model {name}={ref}: no model_index.json there (expected a diffusers directory)")
+        listing = fs.find(root, detail=True)
+        h = hashlib.sha256()
+        for path in sorted(listing):
+            info = listing[path]
+            # Object stores give an ETag or checksum per object: enough to notice a replaced file.
+            stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or info.get("LastModified")
+            h.update(f"{os.path.relpath(path, root)}|{info.get('size')}|{stamp}\n".encode())
+        configs = {rel: json.loads(fs.cat_file(f"{root}/{rel}")) for rel in _CONFIGS if fs.exists(f"{root}/{rel}")}
+        return _from_configs(name, ref, "uri", f"uri:{h.hexdigest()[:16]}", configs)
+    path = Path(ref.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"model {name}={ref}: {path} has no model_index.json (expected a diffusers directory)")
+        h = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(file.relative_to(path).as_posix().encode())
+            h.update(_file_digest(file))
+        configs = {rel: json.loads((path / rel).read_text()) for rel in _CONFIGS if (path / rel).is_file()}
+        return _from_configs(name, ref, "directory", f"dir:{h.hexdigest()[:16]}", configs)
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return _describe_hub(name, ref)
+    raise ModelError(
+        f"model {name}={ref}: not a preset ({', '.join(PRESETS)}), a diffusers directory, a URI or a hub id"
+    )
+
+
+_CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "sdfleet.json")
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+def _from_configs(name: str, ref: str, kind: str, fingerprint: str, configs: dict) -> ModelInfo:
+    unet = configs.get("unet/config.json")
+    vae = configs.get("vae/config.json")
+    if not unet or not vae:
+        raise ModelError(f"model {name}={ref}: missing unet/config.json or vae/config.json")
+    sample = unet["sample_size"]
+    size = (sample if isinstance(sample, int) else sample[0]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    ours = configs.get("sdfleet.json", {})
+    scheduler = ours.get("scheduler") or scheduler_name_for(configs.get("scheduler/scheduler_config.json", {}))
+    return ModelInfo(name, ref, kind, fingerprint, ours.get("width", size), ours.get("height", size),
+                     ours.get("steps", DEFAULT_STEPS), scheduler)
+
+
+def _describe_hub(name: str, ref: str) -> ModelInfo:
+    try:
+        from huggingface_hub import hf_hub_download, model_info
+
+        sha = model_info(ref).sha
+        configs = {rel: json.loads(Path(hf_hub_download(ref, rel, revision=sha)).read_text())
+                   for rel in _CONFIGS[:3]}
+    except Exception as exc:  # offline, unknown repo, gated: all mean "cannot use it here"
+        raise ModelError(f"model {name}={ref}: cannot reach it on the hub ({type(exc).__name__}: {exc})") from exc
+    return _from_configs(name, ref, "hub", f"hub:{ref}@{sha}", configs)
+
+
+def local_copy(ref: str) -> str:
+    """Download a model URI once per node into the cache; return the local directory."""
+    digest = hashlib.sha256(ref.encode()).hexdigest()[:16]
+    target = cache_root() / "models" / digest
+    if (target / "model_index.json").is_file():
+        return str(target)
+    fs, root = fsspec.core.url_to_fs(ref)
+    staging = target.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
+    fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
+    try:
+        staging.rename(target)  # another actor on this node may have won the race: theirs is as good
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def load_pipeline(info: ModelInfo, device: str = "cpu", dtype=None):
+    """Load the StableDiffusionPipeline a ModelInfo describes, onto `device`.
+
+    Directories must hold safetensors weights (`use_safetensors=True`): a pickle checkpoint is refused.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = dtype or torch.float32
+    if info.kind == "preset":
+        pipe = build_preset(info.ref)
+    else:
+        source = local_copy(info.ref) if info.kind == "uri" else info.ref.removeprefix("file://")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source, use_safetensors=True, safety_checker=None, requires_safety_checker=False,
+            )
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise ModelError(f"model {info.name}={info.ref} did not load: {exc}") from exc
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def export_preset(name: str, directory: str) -> None:
+    """Write a preset as a diffusers directory (safetensors) that `--model NAME=DIR` loads."""
+    if name not in PRESETS:
+        raise ModelError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    pipe = build_preset(name)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    d = PRESETS[name]["defaults"]
+    Path(directory, "sdfleet.json").write_text(json.dumps({"preset": name, **d}, indent=2) + "\n")

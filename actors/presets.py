@@ -1,0 +1,172 @@
+"""Built-in model presets: Stable Diffusion's own architecture, at two sizes.
+
+- `tiny`: a small SD model (UNet2DConditionModel, an 8x AutoencoderKL, a CLIP text encoder, the offline
+  tokenizer) at 256x256, fast on a CPU. Its weights load from `actors/presets/tiny/` when that folder
+  holds `*.safetensors` (a later training run commits them); until then they are a fixed random init.
+- `sd21-random`: the real SD 2.1 (768, v-prediction) architecture and scheduler with random weights, for
+  benchmarks and export tests. The same code loads the real SD 2.1 from a directory or URI.
+
+Random inits are seeded, so every actor and every run builds bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).parent / "presets"
+TOKENIZER_DIR = PRESET_DIR / "tokenizer"
+
+# SD 2.1's noise schedule (stabilityai/stable-diffusion-2-1 scheduler_config.json): v-prediction.
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+    "timestep_spacing": "leading",
+}
+
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "defaults": {"width": 256, "height": 256, "steps": 20, "scheduler": "ddim"},
+        "unet": {
+            "sample_size": 32,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [32, 64, 64],
+            # No attention at the full 32x32 latent: there it costs 5x the rest of the UNet on a CPU.
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,  # 4 blocks: the usual 8x downsampling
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [8, 16, 32, 32],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+            "sample_size": 256,
+            "scaling_factor": 0.18215,
+        },
+        "text_encoder": {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+            "projection_dim": 64,
+            "vocab_size": None,  # the offline tokenizer's size
+            "pad_token_id": 0,
+        },
+        "scheduler": SD21_SCHEDULER,
+    },
+    "sd21-random": {
+        "defaults": {"width": 768, "height": 768, "steps": 30, "scheduler": "ddim"},
+        "unet": {
+            "sample_size": 96,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 2,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "norm_num_groups": 32,
+            "use_linear_projection": True,
+            "upcast_attention": True,  # fp16 SD 2.x gives NaN/black images without it
+        },
+        "vae": {
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "sample_size": 768,
+            "scaling_factor": 0.18215,
+        },
+        # OpenCLIP ViT-H/14's text tower, as SD 2.x ships it (the penultimate layer, hence 23 layers).
+        "text_encoder": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+            "projection_dim": 512,
+            "vocab_size": 49408,
+            "pad_token_id": 0,
+        },
+        "scheduler": SD21_SCHEDULER,
+    },
+}
+
+
+def preset_fingerprint(name: str) -> str:
+    """Identify a preset's weights: its configs, plus its weight files or the random-init recipe."""
+    h = hashlib.sha256(json.dumps(PRESETS[name], sort_keys=True).encode())
+    weights = sorted((PRESET_DIR / name).glob("*/*.safetensors")) if (PRESET_DIR / name).is_dir() else []
+    if weights:
+        for path in weights:
+            h.update(path.relative_to(PRESET_DIR).as_posix().encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    else:
+        h.update(b"random-init:seed=0")
+    for path in sorted(TOKENIZER_DIR.iterdir()):
+        h.update(path.read_bytes())
+    return f"preset:{name}:{h.hexdigest()[:16]}"
+
+
+def build_preset(name: str):
+    """Build a preset's StableDiffusionPipeline on the CPU in float32."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from actors.tokenizer import load_tokenizer
+
+    spec = PRESETS[name]
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    te_config = dict(spec["text_encoder"])
+    te_config["vocab_size"] = te_config["vocab_size"] or len(tokenizer)
+    te_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**spec["unet"])
+        vae = AutoencoderKL(**spec["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
+    weights_dir = PRESET_DIR / name
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        files = sorted((weights_dir / part).glob("*.safetensors"))
+        if files:
+            state = {}
+            for f in files:
+                state.update(load_file(f))
+            module.load_state_dict(state, strict=True)
+    scheduler_config = {k: v for k, v in spec["scheduler"].items() if k != "_class_name"}
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,81 @@
+"""Connecting to Ray and sizing actors to what the cluster has.
+
+Local Ray is the default, so the embedded example runs anywhere; `--address` or `RAY_ADDRESS` points
+the same command at a cluster (a KubeRay head, `ray start --head`, or `auto` inside a Ray job).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+# Environment variables an actor needs to behave like the driver. Only names: values are read from the
+# environment at run time, so a secret never lands in a manifest, a log line or a job spec.
+FORWARDED_ENV = ("SDFLEET_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+# Logical CPU left free for Ray Data's own tasks: the plan tasks (0.25 each) and the streaming
+# repartition that cuts batches, which always asks for a whole CPU. If the actors reserve more, the
+# pipeline waits forever for a slot. Logical, not physical: CPU actors still run one torch thread per core.
+READ_CPU_RESERVE = 1.0
+
+
+class ClusterError(Exception):
+    """Ray cannot be reached or cannot host the requested actors."""
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """What each generation actor asks Ray for, and how it uses it."""
+
+    num_cpus: float
+    num_gpus: float
+    torch_threads: int
+    device: str
+
+
+def runtime_env() -> dict:
+    """The runtime environment for actors: forwarded env vars that are set (none are secrets)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {"env_vars": env} if env else {}
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
+    """Start local Ray or join a cluster; returns the cluster's total resources.
+
+    `address` wins over RAY_ADDRESS; with neither, a local Ray with this machine's cores starts.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "a local Ray"
+        raise ClusterError(f"cannot connect to {where}: {exc}") from exc
+    return dict(ray.cluster_resources())
+
+
+def size_actors(num_actors: int, resources: dict[str, float], device: str = "auto") -> ActorResources:
+    """One GPU per actor where the cluster has GPUs (or `device="cuda"`); else a fair share of the CPUs.
+
+    CPU actors get a fractional share (leaving READ_CPU_RESERVE for read tasks) and one torch thread per
+    core of their share, so one actor on 2 cores uses both. An autoscaling cluster may show no GPU until
+    an actor asks for one: pass `device="cuda"` there.
+    """
+    if num_actors < 1:
+        raise ClusterError(f"--actors must be at least 1, got {num_actors}")
+    gpus = resources.get("GPU", 0)
+    cpus = resources.get("CPU", 0)
+    if device == "cuda" or (device == "auto" and gpus >= 1):
+        if device == "auto" and num_actors > gpus:
+            raise ClusterError(f"--actors {num_actors} needs {num_actors} GPUs; the cluster has {gpus:g}")
+        return ActorResources(num_cpus=1, num_gpus=1, torch_threads=1, device="cuda")
+    share = (cpus - READ_CPU_RESERVE) / num_actors
+    if share < 0.05:
+        raise ClusterError(f"--actors {num_actors} is too many for {cpus:g} CPUs (and no GPU)")
+    return ActorResources(num_cpus=round(share, 3), num_gpus=0, torch_threads=max(1, int(cpus // num_actors)), device="cpu")

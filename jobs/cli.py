@@ -1,0 +1,212 @@
+"""The `sdfleet` command line. Library code raises typed errors; this module turns them into exit codes.
+
+Exit codes (DESIGN.md): 0 every row ok or skipped; 2 the run finished with failed or invalid rows;
+1 it could not run (bad flags, unreachable store, a model that does not load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pydantic import ValidationError
+
+EXIT_OK, EXIT_ERROR, EXIT_ROWS = 0, 1, 2
+
+
+def _model_pairs(values: list[str] | None) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        name, sep, ref = value.partition("=")
+        if not sep or not name or not ref:
+            raise argparse.ArgumentTypeError(f"--model expects NAME=REF (say default=tiny), got {value!r}")
+        pairs[name] = ref
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs.generate import GenerateConfig
+
+    def helptext(field: str) -> str:
+        return GenerateConfig.model_fields[field].description or ""
+
+    parser = argparse.ArgumentParser(prog="sdfleet", description="Batch Stable Diffusion on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="draw every row of Parquet manifests")
+    gen.add_argument("manifests", nargs="+", metavar="MANIFEST", help=helptext("manifests"))
+    gen.add_argument("--out", required=True, help=helptext("out"))
+    gen.add_argument("--model", action="append", metavar="NAME=REF", help=helptext("models"))
+    gen.add_argument("--adapters", metavar="URI", help=helptext("adapters"))
+    gen.add_argument("--actors", type=int, default=1, help=helptext("actors"))
+    gen.add_argument("--batch-size", type=int, default=8, help=helptext("batch_size"))
+    gen.add_argument("--backend", default="eager", choices=["eager", "compile", "onnx", "tensorrt"], help=helptext("backend"))
+    mark = gen.add_mutually_exclusive_group()
+    mark.add_argument("--watermark", default="sdfleet", metavar="TEXT", help=helptext("watermark") + " (default: sdfleet)")
+    mark.add_argument("--no-watermark", action="store_true", help="draw without the invisible watermark")
+    gen.add_argument("--force", action="store_true", help=helptext("force"))
+    gen.add_argument("--address", help=helptext("address"))
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help=helptext("device") + "; auto: GPUs if the cluster has any")
+
+    man = sub.add_parser("manifest", help="check or build manifests").add_subparsers(dest="manifest_command", required=True)
+    val = man.add_parser("validate", help="name every bad row; exit 1 if any")
+    val.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    val.add_argument("--model", action="append", metavar="NAME=REF", help="models rows may name (presets always)")
+    exp = man.add_parser("expand", help="template x products x scenes x variants -> manifest")
+    exp.add_argument("--template", required=True, help='prompt with {product} and optionally {scene}, e.g. "a photo of {product}, {scene}"')
+    exp.add_argument("--products", required=True, metavar="CSV|PARQUET|TXT", help="`product` column (+ optional `sku`, other columns)")
+    exp.add_argument("--scenes", metavar="CSV|PARQUET|TXT", help="`scene` column (+ optional `scene_id`), or one scene per line")
+    exp.add_argument("--variants", type=int, default=1, help="seeds per product x scene (default 1)")
+    exp.add_argument("--negative", default="", help="negative prompt for every row")
+    for flag, kind in (("--steps", int), ("--width", int), ("--height", int), ("--guidance-scale", float),
+                       ("--scheduler", str), ("--model", str)):
+        exp.add_argument(flag, type=kind, help="set on every row (default: the model's)")
+    exp.add_argument("-o", "--out", required=True, help="manifest to write (.parquet, path or URI)")
+
+    wm = sub.add_parser("watermark", help="invisible watermark tools").add_subparsers(dest="watermark_command", required=True)
+    ver = wm.add_parser("verify", help="read watermark payloads back from images")
+    ver.add_argument("images", nargs="+", metavar="IMAGE")
+    ver.add_argument("--payload", help="expected payload (default: the one recorded in each PNG, else sdfleet)")
+
+    model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
+    export = model.add_parser("export", help="write a preset as a diffusers directory")
+    export.add_argument("preset", metavar="PRESET")
+    export.add_argument("directory", metavar="DIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {
+        "generate": cmd_generate,
+        "manifest": cmd_manifest,
+        "watermark": cmd_watermark_verify,
+        "model": cmd_model_export,
+    }
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("sdfleet: interrupted; finished rows are in the ledger, rerun to continue", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the typed errors of the library, said in one line with a hint
+        from jobs.errors import describe_error
+
+        message = describe_error(exc)
+        if message is None:
+            raise
+        print(f"sdfleet: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def cmd_generate(args) -> int:
+    from jobs.generate import GenerateConfig, log, run_generate
+
+    try:
+        models = _model_pairs(args.model)
+        cfg = GenerateConfig(
+            manifests=args.manifests, out=args.out, models=models, adapters=args.adapters, actors=args.actors,
+            batch_size=args.batch_size, backend=args.backend,
+            watermark=None if args.no_watermark else args.watermark,
+            force=args.force, address=args.address, device=args.device,
+        )
+    except (ValidationError, argparse.ArgumentTypeError) as exc:
+        print(f"sdfleet generate: error: {_config_message(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    summary = run_generate(cfg)
+    log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok']} drawn, {summary['skipped']} skipped, "
+        f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
+        f"ledger and run.json in {cfg.out}")
+    return EXIT_ROWS if summary["failed"] or summary["invalid"] else EXIT_OK
+
+
+def _config_message(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors():
+            where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "flags"
+            parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+        return "; ".join(parts)
+    return str(exc)
+
+
+def cmd_manifest(args) -> int:
+    if args.manifest_command == "validate":
+        return _validate(args)
+    return _expand(args)
+
+
+def _validate(args) -> int:
+    from actors.models import describe_model
+    from actors.presets import PRESETS
+    from jobs.tokenizers import tokenizer_lookup
+    from manifests.reader import count_ids, expand_manifest_paths
+    from manifests.validate import check_manifests
+
+    models = {"default": "tiny", **{n: n for n in PRESETS}, **_model_pairs(args.model)}
+    infos = {name: describe_model(name, ref) for name, ref in models.items()}
+    uris = expand_manifest_paths(args.manifests)
+    errors = warnings = 0
+    for kind, message in check_manifests(uris, set(models), tokenizer_lookup(infos)):
+        errors += kind == "error"
+        warnings += kind == "warning"
+        print(f"{kind}: {message}")
+    total, _ = count_ids(uris)
+    print(f"{total} rows in {len(uris)} manifest(s): {errors} error(s), {warnings} warning(s)")
+    return EXIT_ERROR if errors else EXIT_OK
+
+
+def _expand(args) -> int:
+    from manifests.expand import expand, load_list, write_manifest
+
+    products = load_list(args.products, "product")
+    scenes = load_list(args.scenes, "scene") if args.scenes else None
+    fixed = {k: v for k, v in {
+        "steps": args.steps, "width": args.width, "height": args.height,
+        "guidance_scale": args.guidance_scale, "scheduler": args.scheduler, "model": args.model,
+    }.items() if v is not None}
+    table = expand(args.template, products, scenes, variants=args.variants, negative_prompt=args.negative,
+                   fixed=fixed, products_source=args.products, scenes_source=args.scenes or "scenes")
+    write_manifest(table, args.out)
+    print(f"wrote {table.num_rows} rows to {args.out}")
+    return EXIT_OK
+
+
+def cmd_watermark_verify(args) -> int:
+    import io
+    import json
+
+    import fsspec
+    import numpy as np
+    from PIL import Image
+
+    from actors import watermark as wm
+    from actors.generate import PNG_KEY
+
+    failures = 0
+    for uri in args.images:
+        with fsspec.open(uri, "rb") as f:
+            image = Image.open(io.BytesIO(f.read()))
+        recorded = json.loads(image.text[PNG_KEY]).get("watermark") if PNG_KEY in getattr(image, "text", {}) else None
+        expected = args.payload or recorded or wm.DEFAULT_PAYLOAD
+        found = wm.read_bits(np.asarray(image.convert("RGB")), len(expected.encode()))
+        accuracy = wm.bit_accuracy(found, expected.encode())
+        ok = accuracy >= wm.MATCH_THRESHOLD
+        failures += not ok
+        shown = found.decode("utf-8", errors="replace")
+        print(f"{'ok' if ok else 'MISSING'}  {uri}: read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match")
+    return EXIT_OK if not failures else EXIT_ERROR
+
+
+def cmd_model_export(args) -> int:
+    from actors.models import export_preset
+
+    export_preset(args.preset, args.directory)
+    print(f"wrote preset {args.preset} to {os.path.abspath(args.directory)}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

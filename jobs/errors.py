@@ -1,0 +1,28 @@
+"""One line for each kind of error that stops a command (exit 1), with what to do about it."""
+
+from __future__ import annotations
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """The message for a known error type, or None for a bug (which should show its traceback)."""
+    from actors.models import ModelError
+    from actors.watermark import WatermarkError
+    from cluster.connect import ClusterError
+    from jobs.generate import RunFailed
+    from manifests.expand import ExpandError
+    from manifests.reader import ManifestError
+
+    hints = {
+        ManifestError: "check the manifest paths (local paths, URIs or globs of .parquet files)",
+        ModelError: "pass --model NAME=REF with a preset (tiny, sd21-random) or a diffusers directory",
+        ClusterError: "check --address / RAY_ADDRESS and --actors",
+        ExpandError: None,
+        WatermarkError: None,
+        RunFailed: None,
+    }
+    for kind, hint in hints.items():
+        if isinstance(exc, kind):
+            return f"{exc}" + (f" ({hint})" if hint else "")
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return str(exc)
+    return None

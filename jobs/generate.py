@@ -1,0 +1,225 @@
+"""`sdfleet generate`: manifests in, images + ledger + run.json out, on a pool of Ray actors.
+
+    manifests --plan tasks (validate, resolve, skip done)--> blocks of `batch_size` rows
+      --ActorPoolStrategy(size=actors)--> GeneratorActor: draw, watermark, write PNG
+      --> ledger rows streamed back here --> results/*.parquet parts + run.json
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import sys
+import time
+import uuid
+from typing import Literal
+
+import fsspec
+from pydantic import BaseModel, Field, model_validator
+
+from actors.models import describe_model
+from cluster.connect import connect, size_actors
+from manifests.ledger import atomic_write, read_latest_ok, write_part
+from manifests.reader import count_ids, expand_manifest_paths, plan_parts
+
+LEDGER_FLUSH_ROWS = 256
+LEDGER_FLUSH_SECONDS = 10.0
+PROGRESS_SECONDS = 5.0
+
+
+class GenerateConfig(BaseModel):
+    """Everything one `generate` run is told; checked before Ray starts."""
+
+    manifests: list[str] = Field(min_length=1, description="Parquet manifests: paths, URIs or globs")
+    out: str = Field(description="output root (local path or fsspec URI): images/, results/, run.json")
+    models: dict[str, str] = Field(default_factory=dict, description="NAME=REF pairs; `default` is `tiny` unless given")
+    adapters: str | None = Field(default=None, description="adapter store URI")
+    actors: int = Field(default=1, ge=1, description="generation actors (one GPU each where there are GPUs)")
+    batch_size: int = Field(default=8, ge=1, le=256, description="rows per forward pass")
+    backend: Literal["eager", "compile", "onnx", "tensorrt"] = Field(default="eager", description="UNet backend")
+    watermark: str | None = Field(default="sdfleet", description="invisible watermark payload; None disables it")
+    force: bool = Field(default=False, description="redraw every row, done or not")
+    address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where actors run")
+
+    @model_validator(mode="after")
+    def _defaults_and_backend(self) -> "GenerateConfig":
+        self.models = {"default": "tiny", **self.models}
+        if self.backend != "eager":
+            raise ValueError(f"backend {self.backend!r} is not built yet; use --backend eager")
+        if self.watermark == "":
+            raise ValueError("--watermark must not be empty (use --no-watermark to turn it off)")
+        return self
+
+
+class RunFailed(Exception):
+    """The run could not start or could not finish (exit 1)."""
+
+
+def log(message: str) -> None:
+    print(f"[sdfleet] {message}", file=sys.stderr, flush=True)
+
+
+def run_generate(cfg: GenerateConfig) -> dict:
+    """Run one generation job; returns the run summary written to run.json."""
+    started = time.time()
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+    # 1. the output store must be reachable and writable before anything is drawn
+    try:
+        fs, root = fsspec.core.url_to_fs(cfg.out)
+        fs.makedirs(f"{root}/results", exist_ok=True)
+    except Exception as exc:  # any backend error means the same thing here
+        raise RunFailed(f"cannot write to --out {cfg.out}: {exc}") from exc
+
+    # 2. manifests: files, row count, duplicate ids (before any row is drawn)
+    uris = expand_manifest_paths(cfg.manifests)
+    total, id_counts = count_ids(uris)
+    duplicates = {i: n for i, n in id_counts.items() if n > 1}
+    del id_counts
+
+    # 3. models: defaults and fingerprints, from configs only
+    models = {name: describe_model(name, ref).defaults() for name, ref in cfg.models.items()}
+
+    # 4. what is already done: newest ok hash per id, and which images exist
+    from jobs.plan import PlanState
+
+    done = {} if cfg.force else read_latest_ok(fs, root)
+    existing = set()
+    if done and fs.exists(f"{root}/images"):
+        existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{root}/images/*.png")}
+    state = PlanState(models=models, duplicates=duplicates, done=done, existing=existing,
+                      watermark=cfg.watermark, force=cfg.force)
+    log(f"{total} rows in {len(uris)} manifest(s); {len(done)} done before; out: {cfg.out}")
+
+    # 5. Ray, and actors sized to it
+    import ray
+
+    resources = connect(cfg.address)
+    sizing = size_actors(cfg.actors, resources, cfg.device)
+    log(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; {cfg.actors} actor(s) on "
+        f"{sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, {sizing.torch_threads} threads each)")
+    try:
+        summary = _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
+    finally:
+        ray.shutdown()
+    return summary
+
+
+def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started) -> dict:
+    import ray
+    import ray.data
+
+    from actors.actor import GeneratorActor
+    from jobs.plan import plan_batch
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our own progress line says more, in fewer lines
+    ctx.print_on_execution_start = False
+
+    # 6. the stream: plan parts -> blocks of batch_size rows -> actor pool
+    parts = [vars(p) for p in plan_parts(uris)]
+    ds = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
+    ds = ds.map_batches(plan_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                        fn_kwargs={"state": state})
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    ds = ds.map_batches(
+        GeneratorActor,
+        fn_constructor_kwargs=dict(models=models, out_uri=cfg.out, batch_size=cfg.batch_size,
+                                   device=sizing.device, torch_threads=sizing.torch_threads),
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=sizing.num_cpus,
+        num_gpus=sizing.num_gpus,
+    )
+
+    # 7. stream results back: ledger parts as batches finish, progress, identity checks
+    counts = {"ok": 0, "skipped": 0, "failed": 0, "invalid": 0}
+    per_actor: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    pending: list[dict] = []
+    seq = 0
+    last_flush = last_progress = time.time()
+    warnings_shown = 0
+
+    def flush() -> None:
+        nonlocal seq, pending, last_flush
+        if pending:
+            write_part(fs, root, run_id, seq, pending)
+            seq += 1
+            pending = []
+        last_flush = time.time()
+
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                key = (row["source"], row["row"])
+                if key in seen:  # Ray retried a batch that had already come back: keep the first
+                    continue
+                seen.add(key)
+                counts[row["status"]] += 1
+                if row["status"] == "skipped":
+                    continue
+                pending.append(row)
+                if row["status"] == "ok":
+                    per_actor[row["actor"]] = per_actor.get(row["actor"], 0) + 1
+                if row["status"] != "ok" or (row["warning"] and warnings_shown < 5):
+                    warnings_shown += row["status"] == "ok"
+                    log(f"{row['status']}: {row['error'] or row['warning']}")
+            now = time.time()
+            if len(pending) >= LEDGER_FLUSH_ROWS or now - last_flush >= LEDGER_FLUSH_SECONDS:
+                flush()
+            if now - last_progress >= PROGRESS_SECONDS:
+                last_progress = now
+                log(_progress(counts, total, now - started))
+    except Exception as exc:
+        raise RunFailed(f"the run stopped: {_root_cause(exc)}") from exc
+    finally:
+        flush()  # whatever finished is kept, even when the run stops
+
+    if len(seen) != total:
+        raise RunFailed(f"{total} rows went in but {len(seen)} came out; the ledger holds what finished")
+
+    # 8. the run summary
+    wall = time.time() - started
+    summary = {
+        "run_id": run_id,
+        "rows": total,
+        **counts,
+        "wall_seconds": round(wall, 3),
+        "images_per_second": round(counts["ok"] / wall, 4) if wall > 0 else 0.0,
+        "actors": cfg.actors,
+        "images_per_actor": per_actor,
+        "adapter_swaps": {"total": 0, "per_actor": {}, "seconds": 0.0},
+        "batch_size": cfg.batch_size,
+        "backend": cfg.backend,
+        "device": sizing.device,
+        "watermark": cfg.watermark,
+        "models": {n: {"ref": m["ref"], "fingerprint": m["fingerprint"]} for n, m in models.items()},
+        "manifests": uris,
+        "ledger_parts": seq,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode()
+    atomic_write(fs, f"{root}/runs/{run_id}.json", data)
+    atomic_write(fs, f"{root}/run.json", data)
+    return summary
+
+
+def _progress(counts: dict[str, int], total: int, elapsed: float) -> str:
+    finished = sum(counts.values())
+    rate = counts["ok"] / elapsed if elapsed > 0 else 0.0
+    left = total - finished
+    eta = f", ~{math.ceil(left / rate)} s left" if rate > 0 and left else ""
+    return (f"{finished}/{total} rows ({counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed, "
+            f"{counts['invalid']} invalid), {rate:.2f} img/s{eta}")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """Ray wraps actor errors several times; the innermost message is the one a user can act on."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

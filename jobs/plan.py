@@ -1,0 +1,98 @@
+"""The read-and-plan stage of `generate`: manifest parts in, work rows out. Runs in Ray Data tasks.
+
+Each row leaves this stage exactly once, as one of:
+- `invalid`: a reason naming the row, field and value (drawn by nobody, recorded in the ledger);
+- `skipped`: its `params_hash` already has an `ok` ledger entry and an image (not redrawn);
+- to draw: resolved (defaults filled from its model) with its `params_hash`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from actors.generate import group_key
+from actors.watermark import MIN_SIDE
+from manifests.reader import ManifestPart, read_part
+from manifests.schema import resolve_row, validate_row
+
+WORK_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("seed", pa.int64()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("steps", pa.int64()),
+    ("guidance_scale", pa.float64()),
+    ("scheduler", pa.string()),
+    ("model", pa.string()),
+    ("model_fingerprint", pa.string()),
+    ("adapters", pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64()), ("fingerprint", pa.string())]))),
+    ("watermark", pa.string()),
+    ("params_hash", pa.string()),
+    ("status", pa.string()),  # null: to draw; "invalid" or "skipped": passes through
+    ("error", pa.string()),
+    ("source", pa.string()),
+    ("row", pa.int64()),
+    ("extra", pa.string()),
+])
+
+
+@dataclass
+class PlanState:
+    """What every plan task must know, computed once on the driver."""
+
+    models: dict[str, dict[str, Any]]  # name -> ModelInfo.defaults()
+    duplicates: dict[str, int] = field(default_factory=dict)  # id -> how many rows carry it
+    done: dict[str, str] = field(default_factory=dict)  # id -> params_hash of its newest ok entry
+    existing: set[str] = field(default_factory=set)  # ids with an image in the output store
+    watermark: str | None = None
+    force: bool = False
+
+
+def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) -> dict[str, Any]:
+    """Turn one raw manifest row into one work row (see the module docstring)."""
+    parsed, errors, extras = validate_row(raw, source=source, row=row, models=set(state.models))
+    base = {"source": source, "row": row, "extra": json.dumps(extras, default=str, ensure_ascii=False) if extras else None}
+    raw_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    if errors:
+        return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors)}
+    if parsed.id in state.duplicates:
+        reason = (f"{source} row {row} (`{parsed.id}`): `id` appears in {state.duplicates[parsed.id]} rows of this "
+                  f"run; ids must be unique, so none of those rows is drawn")
+        return {**base, "id": parsed.id, "status": "invalid", "error": reason}
+    work = {**base, **resolve_row(parsed, state.models[parsed.model], watermark=state.watermark), "status": None}
+    if state.watermark and min(work["width"], work["height"]) < MIN_SIDE:
+        reason = (f"{source} row {row} (`{parsed.id}`): {work['width']}x{work['height']} is too small to carry the "
+                  f"watermark (needs {MIN_SIDE}x{MIN_SIDE}); make it larger or run with --no-watermark")
+        return {**base, "id": parsed.id, "status": "invalid", "error": reason}
+    if not state.force and state.done.get(parsed.id) == work["params_hash"] and parsed.id in state.existing:
+        work["status"] = "skipped"
+    return work
+
+
+def plan_part(part: ManifestPart, state: PlanState) -> list[dict[str, Any]]:
+    """Plan every row of one manifest part; pass-through rows first, then drawable rows by group.
+
+    Ordering puts rows that share a forward pass next to each other, so the fixed-size blocks cut from
+    this stream make full batches, and skipped rows travel in blocks of their own.
+    """
+    rows = [plan_row(raw, source=part.uri, row=pos, state=state) for pos, raw in read_part(part)]
+    passing = [r for r in rows if r["status"]]
+    drawable = [r for r in rows if not r["status"]]
+    first_seen: dict[tuple, int] = {}
+    for r in drawable:
+        first_seen.setdefault(group_key(r), len(first_seen))
+    drawable.sort(key=lambda r: first_seen[group_key(r)])
+    return passing + drawable
+
+
+def plan_batch(batch: pa.Table, state: PlanState) -> Iterator[pa.Table]:
+    """Ray Data entry point: a batch of ManifestPart records in, tables of WORK_SCHEMA rows out."""
+    for record in batch.to_pylist():
+        rows = plan_part(ManifestPart(**record), state)
+        yield pa.Table.from_pylist([{k: r.get(k) for k in WORK_SCHEMA.names} for r in rows], schema=WORK_SCHEMA)

@@ -1,0 +1,119 @@
+"""The results ledger: one row per input row per run, in append-only Parquet parts under `results/`.
+
+Parts are written whole or not at all and never rewritten, so a killed run keeps every part it
+finished, and reading the ledger back tells a rerun which rows are done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATUSES = ("ok", "failed", "invalid")
+
+ADAPTER_TYPE = pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64())]))
+
+# The columns every part has, in order. Columns of the manifest that are not fields follow these.
+LEDGER_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("status", pa.string()),
+    ("uri", pa.string()),
+    ("sha256", pa.string()),
+    ("params_hash", pa.string()),
+    ("seed", pa.int64()),
+    ("model", pa.string()),
+    ("adapters", ADAPTER_TYPE),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("steps", pa.int64()),
+    ("guidance_scale", pa.float64()),
+    ("scheduler", pa.string()),
+    ("watermark", pa.string()),
+    ("error", pa.string()),
+    ("warning", pa.string()),
+    ("actor", pa.string()),
+    ("seconds", pa.float64()),
+    ("finished_at", pa.string()),
+    ("source", pa.string()),
+    ("row", pa.int64()),
+    ("extra", pa.string()),  # JSON of the manifest's pass-through columns, expanded when a part is written
+])
+LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` so that `path` appears complete or not at all.
+
+    Local files go through a hidden temporary file in the same folder and `os.replace`; object stores
+    (S3, GCS) make an object visible only once its upload completes, so one put is already atomic.
+    """
+    if "file" in fs.protocol or "local" in fs.protocol:
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Ledger rows (dicts with LEDGER_COLUMNS) as a table; pass-through columns become real columns."""
+    rows = list(rows)
+    table = pa.Table.from_pylist([{k: r.get(k) for k in LEDGER_COLUMNS} for r in rows], schema=LEDGER_SCHEMA)
+    extras = [json.loads(r["extra"]) if r.get("extra") else {} for r in rows]
+    for name in dict.fromkeys(k for e in extras for k in e):
+        # A manifest column named like a ledger column (say `status`) keeps its value under a prefix.
+        column = f"manifest_{name}" if name in LEDGER_COLUMNS else name
+        table = table.append_column(column, pa.array([e.get(name) for e in extras]))
+    return table.drop_columns(["extra"])
+
+
+def write_part(fs: fsspec.AbstractFileSystem, root: str, run_id: str, seq: int, rows: list[dict]) -> str:
+    """Write one ledger part atomically; returns its path."""
+    buf = io.BytesIO()
+    pq.write_table(to_table(rows), buf)
+    path = f"{root.rstrip('/')}/results/{run_id}-{seq:05d}.parquet"
+    atomic_write(fs, path, buf.getvalue())
+    return path
+
+
+def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
+    """Map id -> params_hash of the newest `ok` entry for every id the ledger holds.
+
+    Only the newest counts: if a row was drawn with hash A, then B, then changed back to A, the image
+    on disk is B's, so A must be drawn again.
+    """
+    folder = f"{root.rstrip('/')}/results"
+    if not fs.exists(folder):
+        return {}
+    latest: dict[str, tuple[str, str]] = {}
+    for path in sorted(fs.glob(f"{folder}/*.parquet")):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["id", "status", "params_hash", "finished_at"])
+        for rid, status, phash, when in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            if status == "ok" and (rid not in latest or when >= latest[rid][1]):
+                latest[rid] = (phash, when)
+    return {rid: phash for rid, (phash, _) in latest.items()}
+
+
+def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
+    """The whole ledger as one table (parts may carry different pass-through columns)."""
+    folder = f"{root.rstrip('/')}/results"
+    tables = []
+    for path in sorted(fs.glob(f"{folder}/*.parquet")) if fs.exists(folder) else []:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f))
+    if not tables:
+        return LEDGER_SCHEMA.empty_table().drop_columns(["extra"])
+    return pa.concat_tables(tables, promote_options="default")

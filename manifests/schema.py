@@ -1,0 +1,204 @@
+"""The manifest row: everything one image is made from. This model is the contract of DESIGN.md.
+
+Only `id` and `prompt` are required. Unset optional fields stay `None` here and are filled from the
+model's defaults by `resolve_row`, because the defaults (size, steps, scheduler) belong to the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+SEED_LIMIT = 2**63
+
+SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
+SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
+
+
+def default_seed(row_id: str) -> int:
+    """A stable seed from the row id: the same id draws the same image on every run and machine."""
+    return int.from_bytes(hashlib.sha256(row_id.encode("utf-8")).digest()[:8], "big") % SEED_LIMIT
+
+
+class AdapterRef(BaseModel):
+    """One adapter applied to a row, with the weight it is blended at."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, description="adapter name in the --adapters store")
+    scale: float = Field(default=1.0, allow_inf_nan=False, description="blend weight; 0 is the base model")
+
+
+class ManifestRow(BaseModel):
+    """One row of a prompt manifest. Columns that are not fields pass through to the ledger."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+    id: str = Field(description="1-128 of [A-Za-z0-9._-], not . or ..; unique in a run; names the output file")
+    prompt: str = Field(description="what to draw; over 77 CLIP tokens the rest is cut off (a warning)")
+    negative_prompt: str = Field(default="", description="what to steer away from")
+    seed: int | None = Field(default=None, description="0 <= seed < 2**63; default: a stable hash of id")
+    steps: int | None = Field(default=None, description="denoising steps, 1..500; default: the model's")
+    guidance_scale: float = Field(default=7.5, description="classifier-free guidance, finite and >= 0")
+    width: int | None = Field(default=None, description="pixels, a multiple of 8 in 64..2048; default: native")
+    height: int | None = Field(default=None, description="pixels, a multiple of 8 in 64..2048; default: native")
+    scheduler: SchedulerName | None = Field(default=None, description="sampler; default: the model's")
+    model: str = Field(default="default", description="a --model NAME or a preset")
+    adapters: list[AdapterRef] = Field(default_factory=list, description="LoRA / embeddings with scales")
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_safe_file_name(cls, value: str) -> str:
+        if value in (".", "..") or not ID_PATTERN.match(value):
+            raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ - (and not . or ..)")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value < SEED_LIMIT:
+            raise ValueError("must be in 0 <= seed < 2**63")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_in_range(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 500:
+            raise ValueError("must be in 1..500")
+        return value
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance_finite(cls, value: float) -> float:
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("must be a finite number >= 0")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size_multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and (value % 8 or not 64 <= value <= 2048):
+            raise ValueError("must be a multiple of 8 in 64..2048")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_known(cls, value: str, info) -> str:
+        known = (info.context or {}).get("models")
+        if known is not None and value not in known:
+            raise ValueError(f"is not a known model; known: {', '.join(sorted(known))} (add --model {value}=REF)")
+        return value
+
+
+FIELDS = tuple(ManifestRow.model_fields)
+REQUIRED = ("id", "prompt")
+
+
+class RowError(BaseModel):
+    """One thing wrong with one row, said the way a user can act on it."""
+
+    source: str
+    row: int  # 0-based position in its manifest file
+    id: str | None
+    field: str
+    value: Any = None
+    missing: bool = False
+    reason: str
+
+    def __str__(self) -> str:
+        ident = f" (`{self.id}`)" if self.id else ""
+        got = "it is missing" if self.missing else f"got {self.value!r}"
+        return f"{self.source} row {self.row}{ident}: `{self.field}` {self.reason}, {got}"
+
+
+def validate_row(raw: dict[str, Any], *, source: str, row: int, models: set[str] | None = None):
+    """Validate one raw manifest row.
+
+    Returns (ManifestRow or None, errors, extras): `extras` are the columns that are not fields, kept
+    for the ledger. Nulls in optional columns mean "use the default"; a null `id` or `prompt` is missing.
+    """
+    extras = {k: v for k, v in raw.items() if k not in FIELDS}
+    data = {k: v for k, v in raw.items() if k in FIELDS and v is not None}
+    raw_id = raw.get("id")
+    row_id = raw_id if isinstance(raw_id, str) else None
+    try:
+        parsed = ManifestRow.model_validate(data, context={"models": models} if models is not None else None)
+        return parsed, [], extras
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "row"
+            top = str(err["loc"][0]) if err["loc"] else field
+            missing = err["type"] == "missing"
+            if missing:
+                reason = "is required" if top in raw else "is required (a column every manifest needs)"
+            else:
+                reason = err["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
+            errors.append(RowError(
+                source=source, row=row, id=row_id, field=field, missing=missing,
+                value=None if missing else _value_at(data, err["loc"]), reason=reason,
+            ))
+        return None, errors, extras
+
+
+def _value_at(data: dict[str, Any], loc: tuple) -> Any:
+    value: Any = data
+    for part in loc:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def params_hash(resolved: dict[str, Any]) -> str:
+    """Hash over everything that changes a row's pixels; equal hashes mean the image can be reused."""
+    keys = (
+        "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "scheduler",
+        "model_fingerprint", "adapters", "watermark",
+    )
+    payload = {k: resolved.get(k) for k in keys}
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def resolve_row(row: ManifestRow, model: dict[str, Any], *, watermark: str | None,
+                adapter_fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fill a valid row's defaults from its model and add its `params_hash`.
+
+    `model` holds the model's `fingerprint`, `width`, `height`, `steps` and `scheduler` defaults.
+    The result is a plain dict: what travels to the actors and, less the prompt, into the ledger.
+    """
+    fingerprints = adapter_fingerprints or {}
+    resolved = {
+        "id": row.id,
+        "prompt": row.prompt,
+        "negative_prompt": row.negative_prompt,
+        "seed": row.seed if row.seed is not None else default_seed(row.id),
+        "steps": row.steps or model["steps"],
+        "guidance_scale": float(row.guidance_scale),
+        "width": row.width or model["width"],
+        "height": row.height or model["height"],
+        "scheduler": row.scheduler or model["scheduler"],
+        "model": row.model,
+        "model_fingerprint": model["fingerprint"],
+        "adapters": [
+            {"name": a.name, "scale": float(a.scale), "fingerprint": fingerprints.get(a.name, "")}
+            for a in row.adapters
+        ],
+        "watermark": watermark,
+    }
+    resolved["params_hash"] = params_hash(resolved)
+    return resolved

@@ -1,0 +1,17 @@
+"""CLIP's 77-token window: tell users which words of a prompt the model never sees."""
+
+from __future__ import annotations
+
+
+def prompt_overflow(tokenizer, prompt: str) -> str | None:
+    """A warning naming the cut-off words when `prompt` is longer than the tokenizer's window, else None.
+
+    `tokenizer` is any Hugging Face tokenizer; two of the window's tokens are the start and end markers.
+    """
+    room = tokenizer.model_max_length - 2
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+    if len(ids) <= room:
+        return None
+    cut = tokenizer.decode(ids[room:]).strip()
+    return (f"prompt is {len(ids) + 2} CLIP tokens, over the {tokenizer.model_max_length} the model reads; "
+            f"these words are cut off: {cut!r}")

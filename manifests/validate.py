@@ -1,0 +1,33 @@
+"""`sdfleet manifest validate`: every problem of every row, streamed, without drawing anything."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from manifests.reader import count_ids, iter_rows
+from manifests.tokens import prompt_overflow
+from manifests.schema import validate_row
+
+
+def check_manifests(
+    uris: list[str], models: set[str], tokenizer_for: Callable[[str], object] | None = None
+) -> Iterator[tuple[str, str]]:
+    """Yield ("error" | "warning", message) for every problem, in manifest order.
+
+    Errors make a row invalid (generate will not draw it); warnings (a prompt over CLIP's window) do not.
+    `tokenizer_for(model_name)` returns the tokenizer used to count a row's prompt tokens.
+    """
+    _, id_counts = count_ids(uris)
+    for uri, position, raw in iter_rows(uris):
+        parsed, errors, _ = validate_row(raw, source=uri, row=position, models=models)
+        for err in errors:
+            yield "error", str(err)
+        if parsed is None:
+            continue
+        if id_counts[parsed.id] > 1:
+            yield "error", (f"{uri} row {position} (`{parsed.id}`): `id` appears in {id_counts[parsed.id]} rows; "
+                            f"ids must be unique across the run's manifests")
+        if tokenizer_for is not None:
+            warning = prompt_overflow(tokenizer_for(parsed.model), parsed.prompt)
+            if warning:
+                yield "warning", f"{uri} row {position} (`{parsed.id}`): {warning}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import sys
 import time
 import uuid
@@ -23,8 +24,10 @@ from cluster.connect import connect, size_actors
 from manifests.ledger import atomic_write, read_latest_ok, write_part
 from manifests.reader import count_ids, expand_manifest_paths, plan_parts
 
+# A ledger part is written when this many rows or seconds have gathered: a killed run loses at most
+# that much ledger (those rows are drawn again on rerun, never duplicated).
 LEDGER_FLUSH_ROWS = 256
-LEDGER_FLUSH_SECONDS = 10.0
+LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"))
 PROGRESS_SECONDS = 5.0
 
 

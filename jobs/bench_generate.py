@@ -1,0 +1,244 @@
+"""Benchmark `sdfleet generate` against a bare diffusers loop, side by side, on the `tiny` preset at 256x256.
+
+One run measures four figures on the same rows (same prompts, same seeds, one torch.Generator per row):
+
+1. bare          a plain diffusers loop in this process, batches of `--batch-size`, output_type="np",
+                 no watermark, no PNG: the ceiling sdfleet is measured against.
+2. seed-style    the seed article's loop: one image per pipeline call (batch 1).
+3. sdfleet e2e   `sdfleet generate MANIFEST --out FRESH --actors 1 --batch-size B` as a subprocess, timed
+                 from launch to exit: Python imports, Ray start-up, model build, drawing, shutdown.
+4. sdfleet steady  images/s of that same run once the actor is warm, from the ledger's timestamps.
+
+The in-process loops (1, 2) each make one untimed warm-up call first (`--warmup N` for more), so they
+measure the steady state too. Compare 4 with 1 for per-image overhead (watermark, PNG, Ray Data hand-offs)
+and 3 with 1 for everything a user waits for.
+
+    .venv/bin/python -m jobs.bench_generate [--images 96] [--steps 20] [--batch-size 8] [--warmup 1] [--out DIR]
+
+Prints a table and writes the same numbers to DIR/bench.json. Nothing else in the repo is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+# Targets the lead set for sdfleet relative to the bare loop.
+TARGET_STEADY = 0.9
+TARGET_E2E = 0.75
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_manifest(n: int, steps: int, path: Path) -> list[dict]:
+    """Write an n-row product-shot manifest with explicit seeds; returns its rows as the loops see them."""
+    from manifests.expand import expand, write_manifest
+
+    products = [{"sku": f"bench-{i:04d}", "product": f"{color} {thing}"}
+                for i, (color, thing) in enumerate(_names(n))]
+    table = expand("a studio photo of a {product} on a white background", products,
+                   negative_prompt="blurry, low quality",
+                   fixed={"steps": steps, "width": 256, "height": 256, "guidance_scale": 7.5, "scheduler": "ddim"})
+    write_manifest(table, str(path))
+    return table.to_pylist()
+
+
+def _names(n: int):
+    colors = ["red", "blue", "green", "black", "white", "silver", "golden", "wooden"]
+    things = ["sneaker", "teapot", "backpack", "wristwatch", "lamp", "chair", "camera", "guitar", "mug", "bicycle", "vase", "headphones"]
+    return [(colors[i % len(colors)], things[(i // len(colors)) % len(things)]) for i in range(n)]
+
+
+def call_pipe(pipe, rows: list[dict]) -> np.ndarray:
+    """One pipeline call over rows that share size/steps/guidance; one generator per row, as sdfleet does."""
+    import torch
+
+    first = rows[0]
+    return pipe(
+        prompt=[r["prompt"] for r in rows],
+        negative_prompt=[r["negative_prompt"] for r in rows],
+        height=first["height"], width=first["width"],
+        num_inference_steps=first["steps"], guidance_scale=first["guidance_scale"],
+        generator=[torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows],
+        output_type="np",
+    ).images
+
+
+def time_loop(pipe, batches: list[list[dict]], warmup: int) -> tuple[float, np.ndarray]:
+    """Call the first batch `warmup` times (not timed), then time every batch; returns (seconds, images)."""
+    for _ in range(warmup):  # first-call allocations and lazy inits stay out of the timing
+        call_pipe(pipe, batches[0])
+    started = time.perf_counter()
+    images = [call_pipe(pipe, batch) for batch in batches]
+    return time.perf_counter() - started, np.concatenate(images)
+
+
+def run_sdfleet(manifest: Path, out: Path, batch_size: int) -> tuple[float, int]:
+    """Run `sdfleet generate` as a user would; returns (wall seconds, exit code). Its log is `<out>.log`."""
+    exe = Path(sys.executable).with_name("sdfleet")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jobs"]
+    cmd += ["generate", str(manifest), "--out", str(out), "--actors", "1", "--batch-size", str(batch_size)]
+    log = out.parent / f"{out.name}.log"
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    wall = time.perf_counter() - started
+    if rc != 0:
+        sys.exit(f"sdfleet generate exited {rc}; its log:\n{log.read_text()[-4000:]}")
+    return wall, rc
+
+
+def steady_state(results_dir: Path, batch_size: int) -> dict:
+    """Steady-state images/s of a finished run, from its ledger.
+
+    Definition: sort the `finished_at` times of the ok rows. The first `batch_size` rows to finish are the
+    first batch; it carries the actor's first-call cost, just as the bare loop's warm-up call does. The
+    steady rate is the rows that finished after it, divided by the time from the first batch's last
+    finish to the last row's finish. That span includes everything between batches (watermark, PNG
+    writes, Ray Data hand-offs), so it is comparable to the bare loop's timed section.
+    `in_actor` is ok rows / sum(`seconds`): time inside the actor's draw-and-write only, no Ray gaps.
+    """
+    table = pq.read_table(str(results_dir))  # all ledger parts of the run
+    ok = [r for r in table.select(["status", "finished_at", "seconds"]).to_pylist() if r["status"] == "ok"]
+    times = sorted(dt.datetime.fromisoformat(r["finished_at"]).timestamp() for r in ok)
+    if len(times) <= batch_size:
+        return {"ok_rows": len(times), "steady_images_per_second": None, "in_actor_images_per_second": None}
+    span = times[-1] - times[batch_size - 1]
+    return {
+        "ok_rows": len(times),
+        "steady_rows": len(times) - batch_size,
+        "steady_seconds": round(span, 3),
+        "steady_images_per_second": (len(times) - batch_size) / span,
+        "in_actor_images_per_second": len(ok) / sum(r["seconds"] for r in ok),
+    }
+
+
+def versions() -> dict:
+    import diffusers
+    import ray
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "ray": ray.__version__, "numpy": np.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=96, help="rows in the manifest (default 96)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per pipeline call (default 8)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each in-process loop (default 1)")
+    parser.add_argument("--out", help="folder for the manifest, the sdfleet run and bench.json (default: a new temp dir)")
+    args = parser.parse_args(argv)
+    if args.images < 2 * args.batch_size:
+        parser.error(f"--images must be at least 2 x --batch-size ({2 * args.batch_size}) for a steady-state figure")
+
+    import torch
+    from diffusers import DDIMScheduler
+
+    from actors.presets import build_preset
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="sdfleet-bench-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    n, b = args.images, args.batch_size
+
+    # 1. the manifest, and the same rows as plain dicts for the in-process loops
+    manifest = out / "manifest.parquet"
+    rows = build_manifest(n, args.steps, manifest)
+    batches = [rows[i:i + b] for i in range(0, n, b)]
+    singles = [[r] for r in rows]
+
+    # 2. the pipeline, as plain diffusers: tiny preset, float32 on the CPU, all cores, DDIM (the rows' scheduler)
+    torch.set_num_threads(os.cpu_count() or 1)
+    pipe = build_preset("tiny")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    print(f"bench: {n} images, {args.steps} steps, batch {b}, 256x256, {torch.get_num_threads()} torch threads; "
+          f"out: {out}", file=sys.stderr, flush=True)
+
+    # 3. bare: batches of b, after the warm-up call(s)
+    bare_s, bare_images = time_loop(pipe, batches, args.warmup)
+    print(f"bench: bare done in {bare_s:.2f} s", file=sys.stderr, flush=True)
+
+    # 4. seed-style: one image per call, after the warm-up call(s). The article takes `.images[0]` as PIL;
+    #    output_type="np" here too, so the ratio to bare measures batching alone.
+    seed_s, seed_images = time_loop(pipe, singles, args.warmup)
+    print(f"bench: seed-style done in {seed_s:.2f} s", file=sys.stderr, flush=True)
+    del pipe  # give the memory back before sdfleet's actor builds its own copy
+
+    # 5. sdfleet end to end, into a fresh folder so no row is skipped
+    run_dir = Path(tempfile.mkdtemp(prefix="sdfleet-run-", dir=out))
+    e2e_s, _ = run_sdfleet(manifest, run_dir, b)
+    summary = json.loads((run_dir / "run.json").read_text())
+    if summary["ok"] != n or summary["skipped"]:
+        sys.exit(f"sdfleet drew {summary['ok']} of {n} rows ({summary['skipped']} skipped); see {run_dir}")
+    print(f"bench: sdfleet done in {e2e_s:.2f} s", file=sys.stderr, flush=True)
+
+    # 6. sdfleet steady state, from the same run's ledger
+    steady = steady_state(run_dir / "results", b)
+
+    # 7. the figures
+    bare, seed, e2e = n / bare_s, n / seed_s, n / e2e_s
+    report = {
+        "images": n, "steps": args.steps, "batch_size": b, "width": 256, "height": 256, "preset": "tiny",
+        "scheduler": "ddim", "guidance_scale": 7.5,
+        "images_per_second": {"bare": bare, "seed_style": seed, "sdfleet_end_to_end": e2e,
+                              "sdfleet_steady": steady["steady_images_per_second"],
+                              "sdfleet_in_actor": steady["in_actor_images_per_second"]},
+        "seconds": {"bare": bare_s, "seed_style": seed_s, "sdfleet_end_to_end": e2e_s,
+                    "sdfleet_run_json_wall": summary["wall_seconds"]},
+        "ratios": {
+            "sdfleet_steady_over_bare": steady["steady_images_per_second"] / bare,
+            "sdfleet_end_to_end_over_bare": e2e / bare,
+            "bare_batch_over_seed_style": bare / seed,
+        },
+        "targets": {"sdfleet_steady_over_bare": TARGET_STEADY, "sdfleet_end_to_end_over_bare": TARGET_E2E},
+        "steady_state": steady,
+        # Per-row generators should make batch 1 and batch b draw the same pixels; float noise only.
+        "bare_vs_seed_style_max_abs_diff": float(np.abs(bare_images - seed_images).max()),
+        "warmup_calls": args.warmup,  # untimed calls before each of bare and seed-style; sdfleet has none
+
+        "sdfleet": {"out": str(run_dir), "watermark": summary["watermark"], "device": summary["device"],
+                    "run_json_images_per_second": summary["images_per_second"]},
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "versions": versions(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    def mark(ratio: float, target: float) -> str:
+        return "ok" if ratio >= target else "BELOW TARGET"
+
+    r = report["ratios"]
+    print(f"\n{'run':<28}{'images/s':>10}{'seconds':>10}")
+    for name, ips, secs in (("bare (batch %d, warm)" % b, bare, bare_s), ("seed-style (batch 1, warm)", seed, seed_s),
+                            ("sdfleet end-to-end", e2e, e2e_s),
+                            ("sdfleet steady", steady["steady_images_per_second"], steady["steady_seconds"]),
+                            ("sdfleet in-actor only", steady["in_actor_images_per_second"], None)):
+        print(f"{name:<28}{ips:>10.3f}{'' if secs is None else f'{secs:>10.2f}'}")
+    print(f"\nsdfleet steady / bare        {r['sdfleet_steady_over_bare']:.3f}  (target >= {TARGET_STEADY}: "
+          f"{mark(r['sdfleet_steady_over_bare'], TARGET_STEADY)})")
+    print(f"sdfleet end-to-end / bare    {r['sdfleet_end_to_end_over_bare']:.3f}  (target >= {TARGET_E2E}: "
+          f"{mark(r['sdfleet_end_to_end_over_bare'], TARGET_E2E)})")
+    print(f"bare batch {b} / seed-style    {r['bare_batch_over_seed_style']:.3f}x")
+    print(f"torch threads {report['torch_threads']}, CPUs {report['cpu_count']}; "
+          f"bare vs seed-style max |diff| {report['bare_vs_seed_style_max_abs_diff']:.2e}")
+    print(f"wrote {out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""End to end on local Ray: the CLI a user runs, on the `tiny` preset, on 2 CPU cores.
+
+One 64-row run with 2 actors is shared by several tests (it is the expensive part); each later run
+writes into its own folder or, for the incremental tests, into a copy of that run's output.
+
+The shared run is drawn without the watermark. dwtDct quantizes DCT coefficients, so a 1/255 float
+difference between a batch of 8 and a batch of 1 can flip one coefficient's bin and change one 4x4
+block by ~30/255: the pixel-equality promise is about generation, checked before the mark. The mark
+itself is checked on the bad-input run, which uses the default payload.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+
+import pytest
+
+from conftest import (
+    FAST, assert_same_pixels, ledger, pixels, png_parameters, rows, run_summary, sdfleet, write_manifest,
+)
+
+
+
+@pytest.fixture(scope="module")
+def run64(tmp_path_factory):
+    """64 rows, 2 actors, batch 8; a few rows use other schedulers (ancestral noise included)."""
+    base = tmp_path_factory.mktemp("run64")
+    records = rows(64)
+    for i, name in ((3, "euler_a"), (4, "euler_a"), (5, "dpmpp_2m"), (6, "euler")):
+        records[i]["scheduler"] = name
+    manifest = write_manifest(base / "m.parquet", records)
+    out = base / "out"
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "2", "--batch-size", "8", "--no-watermark")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"base": base, "manifest": manifest, "records": records, "out": out, "proc": proc}
+
+
+def test_64_rows_two_actors_draw_every_row_once(run64):
+    out = run64["out"]
+    entries = ledger(out)
+    ids = [e["id"] for e in entries]
+    assert len(ids) == 64 and len(set(ids)) == 64, "one ledger row per input row"
+    assert {e["status"] for e in entries} == {"ok"}
+    assert sorted(p.stem for p in (out / "images").glob("*.png")) == sorted(r["id"] for r in run64["records"])
+    actors = collections.Counter(e["actor"] for e in entries)
+    assert len(actors) == 2, f"both actors should draw: {actors}"
+    summary = run_summary(out)
+    assert (summary["rows"], summary["ok"], summary["skipped"], summary["failed"], summary["invalid"]) == (64, 64, 0, 0, 0)
+    assert summary["actors"] == 2 and summary["images_per_second"] > 0
+    assert set(summary["adapter_swaps"]) >= {"total", "per_actor"}
+
+
+def test_images_carry_their_parameters(run64):
+    out = run64["out"]
+    by_id = {e["id"]: e for e in ledger(out)}
+    record = run64["records"][3]
+    params = png_parameters(out / "images" / f"{record['id']}.png")
+    assert params["prompt"] == record["prompt"] and params["scheduler"] == "euler_a"
+    assert params["params_hash"] == by_id[record["id"]]["params_hash"]
+    assert params["seed"] == by_id[record["id"]]["seed"] and params["steps"] == 2
+    assert params["watermark"] is None and by_id[record["id"]]["watermark"] is None
+    # without a mark, verify must say so (exit 1), not find one
+    proc = sdfleet("watermark", "verify", str(out / "images" / f"{record['id']}.png"), "--payload", "sdfleet")
+    assert proc.returncode == 1 and "MISSING" in proc.stdout, proc.stdout
+
+
+def test_same_row_same_pixels_with_batch_1_and_1_actor(run64, tmp_path):
+    subset = run64["records"][:12]  # includes the ancestral (euler_a) rows, whose step noise is per row too
+    manifest = write_manifest(tmp_path / "m.parquet", subset)
+    out = tmp_path / "out"
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "1", "--batch-size", "1", "--no-watermark")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for record in subset:
+        name = f"{record['id']}.png"
+        assert_same_pixels(pixels(out / "images" / name), pixels(run64["out"] / "images" / name), record["id"])
+
+
+def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run64["out"], out)
+    before = len(ledger(out))
+
+    proc = sdfleet("generate", str(run64["manifest"]), "--out", str(out), "--actors", "2", "--no-watermark")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = run_summary(out)
+    assert (summary["ok"], summary["skipped"]) == (0, 64)
+    assert len(ledger(out)) == before, "a skipped row adds no ledger entry"
+
+    changed = [dict(r) for r in run64["records"]]
+    changed[10]["prompt"] += ", studio lighting"
+    manifest = write_manifest(tmp_path / "changed.parquet", changed)
+    untouched = (out / "images" / f"{changed[11]['id']}.png").stat().st_mtime_ns
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "1", "--no-watermark")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = run_summary(out)
+    assert (summary["ok"], summary["skipped"]) == (1, 63)
+    new_entries = ledger(out)[before:]
+    assert [e["id"] for e in new_entries] == [changed[10]["id"]]
+    assert png_parameters(out / "images" / f"{changed[10]['id']}.png")["prompt"] == changed[10]["prompt"]
+    assert (out / "images" / f"{changed[11]['id']}.png").stat().st_mtime_ns == untouched
+
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "1", "--no-watermark", "--force")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_summary(out)["ok"], run_summary(out)["skipped"]) == (64, 0)
+
+    # a new watermark payload changes every image, so nothing is skipped
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "2", "--watermark", "acme")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_summary(out)["ok"], run_summary(out)["skipped"]) == (64, 0)
+
+
+def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
+    good = rows(3, prefix="good")
+    good.append({"id": "emoji", "prompt": "un café ☕ 🚀 製品写真", **FAST})
+    bad = [
+        {"id": "no-prompt", "prompt": None, **FAST},
+        {"id": "empty", "prompt": "   ", **FAST},
+        {"id": "w770", "prompt": "a mug", **{**FAST, "width": 770}},
+        {"id": "g-nan", "prompt": "a mug", "guidance_scale": float("nan"), **FAST},
+        {"id": "g-inf", "prompt": "a mug", "guidance_scale": float("inf"), **FAST},
+        {"id": "neg-steps", "prompt": "a mug", **{**FAST, "steps": -3}},
+        {"id": "neg-seed", "prompt": "a mug", "seed": -1, **FAST},
+        {"id": "../x", "prompt": "a mug", **FAST},
+        {"id": "a/b", "prompt": "a mug", **FAST},
+        {"id": "dup", "prompt": "a mug", **FAST},
+        {"id": "dup", "prompt": "a cup", **FAST},
+        {"id": "sched", "prompt": "a mug", "scheduler": "warp-speed", **FAST},
+        {"id": "model", "prompt": "a mug", "model": "sdxl", **FAST},
+        {"id": "small", "prompt": "a mug", **{**FAST, "width": 128}},  # too small for the watermark
+    ]
+    # `scheduler` as a plain string column (the enum check is the validator's job, not Parquet's)
+    work = tmp_path / "work"
+    manifest = write_manifest(work / "bad.parquet", good + bad)
+    no_prompt_column = write_manifest(work / "no-prompt-column.parquet", [{"id": "lonely", **FAST}])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    proc = sdfleet("manifest", "validate", str(manifest), str(no_prompt_column), cwd=work)
+    assert proc.returncode == 1
+    expected_fields = {
+        "no-prompt": "prompt", "empty": "prompt", "w770": "width", "g-nan": "guidance_scale",
+        "g-inf": "guidance_scale", "neg-steps": "steps", "neg-seed": "seed", "../x": "id", "a/b": "id",
+        "dup": "id", "sched": "scheduler", "model": "model", "lonely": "prompt",
+    }
+    for row_id, field in expected_fields.items():
+        lines = [line for line in proc.stdout.splitlines() if f"(`{row_id}`)" in line and f"`{field}`" in line]
+        assert lines, f"validate did not name row {row_id!r} field {field!r}:\n{proc.stdout}"
+    assert "`width` must be a multiple of 8" in proc.stdout and "got 770" in proc.stdout
+
+    out = work / "out"
+    proc = sdfleet("generate", str(manifest), str(no_prompt_column), "--out", str(out), cwd=work)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    by_status = collections.defaultdict(list)
+    for entry in ledger(out):
+        by_status[entry["status"]].append(entry)
+    assert sorted(e["id"] for e in by_status["ok"]) == sorted(r["id"] for r in good)
+    invalid = {(e["id"], e["row"]): e["error"] for e in by_status["invalid"]}
+    assert len(invalid) == len(bad) + 1, invalid
+    for (row_id, _), error in invalid.items():
+        assert error, f"invalid row {row_id} has no reason"
+    assert any("`width`" in e and "770" in e for e in invalid.values())
+    assert sum("`id` appears in 2 rows" in e for e in invalid.values()) == 2
+    assert any("too small to carry the watermark" in e for e in invalid.values())
+    summary = run_summary(out)
+    assert (summary["ok"], summary["invalid"], summary["rows"]) == (4, len(bad) + 1, len(good) + len(bad) + 1)
+    assert png_parameters(out / "images" / "emoji.png")["prompt"] == "un café ☕ 🚀 製品写真"
+    assert {e["watermark"] for e in by_status["ok"]} == {"sdfleet"}
+    marked = [str(out / "images" / f"{r['id']}.png") for r in good]
+    proc = sdfleet("watermark", "verify", *marked)
+    assert proc.returncode == 0 and proc.stdout.count("ok ") == len(good), proc.stdout + proc.stderr
+
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if not p.is_relative_to(out))
+    assert after == before, "generate wrote outside --out"
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{r['id']}.png" for r in good)
+
+
+def test_setup_errors_exit_1_with_one_clear_line(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    cases = [
+        (["--model", "default=/nonexistent/model"], "default=/nonexistent/model"),
+        (["--actors", "0"], "--actors"),
+        (["--backend", "onnx"], "onnx"),
+        (["--watermark", ""], "--watermark"),
+    ]
+    for flags, needle in cases:
+        proc = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"), *flags)
+        assert proc.returncode == 1, (flags, proc.stderr[-2000:])
+        assert needle in proc.stderr, (flags, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = sdfleet("generate", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 1 and "missing.parquet" in proc.stderr

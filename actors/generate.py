@@ -22,15 +22,10 @@ from PIL import Image, PngImagePlugin
 from actors import watermark as wm
 from actors.schedulers import make_scheduler
 from manifests.ledger import atomic_write
+from manifests.schema import group_key
 from manifests.tokens import prompt_overflow
 
 PNG_KEY = "parameters"
-
-
-def group_key(row: dict[str, Any]) -> tuple:
-    """Rows with equal keys can be denoised in one batch."""
-    adapters = tuple((a["name"], a["scale"]) for a in row["adapters"] or [])
-    return (row["model"], adapters, row["width"], row["height"], row["steps"], row["scheduler"], row["guidance_scale"])
 
 
 def plan_groups(rows: list[dict], max_batch: int) -> list[list[dict]]:

@@ -153,12 +153,14 @@ def load_pipeline(info: ModelInfo, device: str = "cpu", dtype=None):
         source = local_copy(info.ref) if info.kind == "uri" else info.ref.removeprefix("file://")
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                source, use_safetensors=True, safety_checker=None, requires_safety_checker=False,
+                source, use_safetensors=True, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
             )
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelError(f"model {info.name}={info.ref} did not load: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    if pipe.unet.dtype != dtype:
+        pipe = pipe.to(dtype=dtype)
+    return pipe.to(device)
 
 
 def export_preset(name: str, directory: str) -> None:

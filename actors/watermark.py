@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 from imwatermark import WatermarkDecoder, WatermarkEncoder
 
+from manifests.schema import WATERMARK_MIN_SIDE as MIN_SIDE
+
 METHOD = "dwtDct"
-MIN_SIDE = 256
 DEFAULT_PAYLOAD = "sdfleet"
 # dwtDct reads a few bits wrong on busy images; a mark is "present" when this share of bits matches
 # (an unmarked image matches about half).

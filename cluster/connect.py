@@ -37,7 +37,9 @@ class ActorResources:
 def runtime_env() -> dict:
     """The runtime environment for actors: forwarded env vars that are set (none are secrets)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    return {"env_vars": env} if env else {}
+    # transformers warns at import about optional image processors no SD pipeline uses
+    env.setdefault("TRANSFORMERS_VERBOSITY", os.environ.get("TRANSFORMERS_VERBOSITY", "error"))
+    return {"env_vars": env}
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
@@ -48,7 +50,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict[str
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
+    kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env())
     try:
         if address:
             ray.init(address=address, **kwargs)

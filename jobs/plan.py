@@ -14,10 +14,9 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from actors.generate import group_key
-from actors.watermark import MIN_SIDE
 from manifests.reader import ManifestPart, read_part
-from manifests.schema import resolve_row, validate_row
+from manifests.schema import WATERMARK_MIN_SIDE as MIN_SIDE
+from manifests.schema import group_key, resolve_row, validate_row
 
 WORK_SCHEMA = pa.schema([
     ("id", pa.string()),

@@ -39,10 +39,15 @@ def load_list(uri: str, column: str) -> list[dict[str, Any]]:
         with fs.open(path, "rb") as f:
             rows = pq.read_table(f).to_pylist()
     elif path.endswith(".csv"):
-        with fs.open(path, "r", encoding="utf-8", newline="") as f:
+        # utf-8-sig: spreadsheets save CSV with a byte-order mark, which would rename the first column.
+        with fs.open(path, "r", encoding="utf-8-sig", newline="") as f:
             rows = list(csv.DictReader(f))
+        for i, row in enumerate(rows):
+            if None in row:  # csv puts fields beyond the header under None: an unquoted comma cut a value
+                raise ExpandError(f"{uri} row {i} has more fields than the header, {row[None]!r} left over; "
+                                  f"quote values that contain commas")
     else:
-        with fs.open(path, "r", encoding="utf-8") as f:
+        with fs.open(path, "r", encoding="utf-8-sig") as f:
             rows = [{column: line.strip()} for line in f if line.strip() and not line.startswith("#")]
     if not rows:
         raise ExpandError(f"{uri} holds no rows")

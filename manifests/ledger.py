@@ -75,7 +75,14 @@ def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     for name in dict.fromkeys(k for e in extras for k in e):
         # A manifest column named like a ledger column (say `status`) keeps its value under a prefix.
         column = f"manifest_{name}" if name in LEDGER_COLUMNS else name
-        table = table.append_column(column, pa.array([e.get(name) for e in extras]))
+        values = [e.get(name) for e in extras]
+        try:
+            array = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # One flush can hold rows of several manifests that type a column differently (an int `sku`
+            # here, text there); keep them as text rather than lose the part.
+            array = pa.array([None if v is None else str(v) for v in values], pa.string())
+        table = table.append_column(column, array)
     return table.drop_columns(["extra"])
 
 

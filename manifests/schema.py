@@ -14,8 +14,11 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# `\Z`, not `$`: `$` also matches before a trailing newline, and "sku-1\n" must not name a file.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 SEED_LIMIT = 2**63
+# invisible-watermark's dwtDct refuses smaller images; rows drawn with a watermark must be this big.
+WATERMARK_MIN_SIDE = 256
 
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
 SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
@@ -202,3 +205,10 @@ def resolve_row(row: ManifestRow, model: dict[str, Any], *, watermark: str | Non
     }
     resolved["params_hash"] = params_hash(resolved)
     return resolved
+
+
+def group_key(resolved: dict[str, Any]) -> tuple:
+    """Resolved rows with equal keys can share a forward pass (one denoising batch)."""
+    adapters = tuple((a["name"], a["scale"]) for a in resolved["adapters"] or [])
+    return (resolved["model"], adapters, resolved["width"], resolved["height"], resolved["steps"],
+            resolved["scheduler"], resolved["guidance_scale"])

@@ -153,7 +153,7 @@ def load_pipeline(info: ModelInfo, device: str = "cpu", dtype=None):
         source = local_copy(info.ref) if info.kind == "uri" else info.ref.removeprefix("file://")
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                source, use_safetensors=True, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                source, use_safetensors=True, dtype=dtype, safety_checker=None, requires_safety_checker=False,
             )
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelError(f"model {info.name}={info.ref} did not load: {exc}") from exc

@@ -58,31 +58,38 @@ def byte_alphabet() -> dict[int, str]:
     return mapping  # insertion order (printable first) is CLIP's vocabulary order
 
 
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE as the tokenizer runs it: merge the adjacent pair with the lowest rank until none is left."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
 def build_vocab_and_merges(words: list[str] = WORDS) -> tuple[dict[str, int], list[str]]:
     """Return (vocab, merges) in CLIP's format, with every word of `words` a single token.
 
-    The merges come from real BPE training (the `tokenizers` trainer) on the word list, so they are
-    consistent: applying them by rank to any listed word ends in one token.
+    Each word is first tokenized with the merges so far; whatever pieces remain are joined left to right
+    by new merges appended at the end. Later merges rank after earlier ones and every earlier word is
+    already one token, so adding a word never changes how an earlier word tokenizes. Deterministic.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     to_char = byte_alphabet()
     alphabet = list(to_char.values())
-    words = list(dict.fromkeys(words))  # keep order, drop repeats
-    as_bytes = [''.join(to_char[b] for b in w.encode("utf-8")) for w in words]
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,  # never reached: training stops when every word is one token
-        min_frequency=1,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    bpe.train_from_iterator(as_bytes, trainer=trainer)
-    merges = [f"{a} {b}" for a, b in json.loads(bpe.to_str())["model"]["merges"]]
+    ranks: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(words):  # keep order, drop repeats
+        symbols = [to_char[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        pieces = _apply_merges(symbols, ranks)
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            ranks[(current, nxt)] = len(ranks)
+            current += nxt
+    merges = [f"{a} {b}" for a, b in ranks]
     # CLIP's layout: the byte alphabet, the alphabet as word ends, one token per merge, then specials.
-    tokens = alphabet + [ch + "</w>" for ch in alphabet] + [m.replace(" ", "") for m in merges] + [BOS, EOS]
+    tokens = alphabet + [ch + "</w>" for ch in alphabet] + [a + b for a, b in ranks] + [BOS, EOS]
     return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}, merges
 
 

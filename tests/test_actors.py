@@ -1,0 +1,181 @@
+"""The generation side without Ray: presets, model loading, schedulers, drawing, watermark, sizing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from actors import watermark as wm
+from actors.generate import draw, generate_rows, read_png_parameters
+from actors.models import ModelError, describe_model, export_preset, load_pipeline
+from actors.presets import PRESETS, TOKENIZER_DIR, build_preset
+from actors.schedulers import SCHEDULERS, make_scheduler, scheduler_name_for
+from actors.tokenizer import WORDS, build_vocab_and_merges, load_tokenizer
+from cluster.connect import ClusterError, size_actors
+from manifests.schema import SCHEDULER_NAMES, ManifestRow, resolve_row
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_preset("tiny")
+
+
+def resolved_rows(n: int, **fields) -> list[dict]:
+    model = {**PRESETS["tiny"]["defaults"], "fingerprint": "test"}
+    out = []
+    for i in range(n):
+        row = ManifestRow(id=f"r{i}", prompt=f"a red circle on a white background {i}", steps=2, **fields)
+        out.append(resolve_row(row, model, watermark=None))
+    return out
+
+
+def test_committed_tokenizer_is_what_the_builder_makes(tmp_path):
+    vocab, merges = build_vocab_and_merges()
+    assert json.loads((TOKENIZER_DIR / "vocab.json").read_text()) == vocab
+    assert (TOKENIZER_DIR / "merges.txt").read_text().splitlines()[1:] == merges
+    tok = load_tokenizer(TOKENIZER_DIR)
+    assert tok.model_max_length == 77 and tok.pad_token_id == 0  # SD 2.x pads with "!" (id 0)
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in WORDS)
+    emoji = tok("un café ☕ 🚀", add_special_tokens=False).input_ids
+    assert tok.decode(emoji) == "un café ☕ 🚀"
+
+
+def test_scheduler_names_match_the_manifest_contract():
+    assert set(SCHEDULERS) == set(SCHEDULER_NAMES)
+    base = build_preset("tiny").scheduler.config
+    for name in SCHEDULER_NAMES:
+        scheduler = make_scheduler(name, base)
+        assert scheduler.config.prediction_type == "v_prediction", name  # v stays v whatever the sampler
+    assert scheduler_name_for({"_class_name": "EulerAncestralDiscreteScheduler"}) == "euler_a"
+    assert scheduler_name_for({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}) == "dpmpp_2m_karras"
+
+
+def test_presets_are_deterministic_and_sd21_has_the_real_shapes(tiny):
+    again = build_preset("tiny")
+    for (name, a), b in zip(tiny.unet.state_dict().items(), again.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):  # shapes only: no 3.5 GB of random weights on a CI box
+        unet = UNet2DConditionModel(**PRESETS["sd21-random"]["unet"])
+    assert sum(p.numel() for p in unet.parameters()) == 865_910_724
+    assert unet.config.upcast_attention and unet.config.cross_attention_dim == 1024
+    assert PRESETS["sd21-random"]["scheduler"]["prediction_type"] == "v_prediction"
+    assert PRESETS["sd21-random"]["defaults"]["width"] == 768
+    assert tiny.vae_scale_factor == 8 and tiny.unet.config.sample_size * 8 == 256
+
+
+def test_exported_preset_loads_from_a_directory_with_the_same_pixels(tiny, tmp_path):
+    export_preset("tiny", str(tmp_path / "tiny"))
+    files = {p.suffix for p in (tmp_path / "tiny").rglob("*") if p.is_file()}
+    assert ".safetensors" in files and not files & {".bin", ".pt", ".ckpt"}
+    info = describe_model("mine", str(tmp_path / "tiny"))
+    assert (info.kind, info.width, info.height, info.steps, info.scheduler) == ("directory", 256, 256, 20, "ddim")
+    loaded = load_pipeline(info)
+    rows = resolved_rows(2)
+    diff = np.abs(draw(loaded, rows).astype(int) - draw(tiny, rows))  # float noise: attention kernels differ
+    assert diff.max() <= 3 and (diff == 0).mean() >= 0.99
+    # a replaced weight file changes the fingerprint, so its rows are drawn again
+    before = info.fingerprint
+    (tmp_path / "tiny" / "sdfleet.json").write_text('{"steps": 20}\n')
+    assert describe_model("mine", str(tmp_path / "tiny")).fingerprint != before
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    export_preset("tiny", str(tmp_path / "m"))
+    unet_dir = tmp_path / "m" / "unet"
+    weights = next(unet_dir.glob("*.safetensors"))
+    torch.save({"x": torch.zeros(1)}, unet_dir / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelError, match="did not load"):
+        load_pipeline(describe_model("m", str(tmp_path / "m")))
+
+
+def test_bad_model_references_say_what_is_wrong(tmp_path):
+    with pytest.raises(ModelError, match="not a preset"):
+        describe_model("x", str(tmp_path / "nothing-here"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="model_index.json"):
+        describe_model("x", str(tmp_path / "empty"))
+
+
+def test_batch_of_8_equals_batches_of_1_including_ancestral_noise(tiny):
+    rows = resolved_rows(4) + resolved_rows(4, scheduler="euler_a")
+    for i, row in enumerate(rows):
+        row["id"] = f"r{i}"
+    together = np.concatenate([draw(tiny, rows[:4]), draw(tiny, rows[4:])])
+    alone = np.stack([draw(tiny, [r])[0] for r in rows])
+    diff = np.abs(together.astype(int) - alone)
+    assert diff.max() <= 3 and (diff == 0).mean() >= 0.99
+    assert not np.array_equal(together[0], together[1]), "different seeds must differ"
+
+
+def test_generate_rows_writes_pngs_and_fails_only_the_broken_group(tiny):
+    fs = fsspec.filesystem("memory")
+    root = "/gen-test"
+    good = resolved_rows(3)
+    broken = resolved_rows(1)
+    broken[0].update(id="broken", model="other")
+
+    def get_pipe(name):
+        if name == "other":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return tiny
+
+    results = generate_rows(get_pipe, good + broken, fs=fs, out_root=root, actor="a1", max_batch=8)
+    by_id = {r["id"]: r for r in results}
+    assert len(results) == 4 and {by_id[r["id"]]["status"] for r in good} == {"ok"}
+    assert by_id["broken"]["status"] == "failed" and "out of memory" in by_id["broken"]["error"]
+    data = fs.cat_file(f"{root}/images/r1.png")
+    params = read_png_parameters(data)
+    assert params["prompt"] == good[1]["prompt"] and params["params_hash"] == good[1]["params_hash"]
+    assert not fs.exists(f"{root}/images/broken.png")
+
+
+def test_watermark_round_trip_and_limits(tiny):
+    rgb = draw(tiny, resolved_rows(1))[0]
+    marked = wm.embed(rgb, "acme-2026")
+    assert wm.bit_accuracy(wm.read_bits(marked, 9), b"acme-2026") >= wm.MATCH_THRESHOLD
+    y, x = np.mgrid[0:256, 0:256]
+    smooth = np.stack([y, x, (x + y) // 2], axis=-1).astype(np.uint8)  # like a studio backdrop
+    mse = ((wm.embed(smooth, "acme").astype(float) - smooth) ** 2).mean()
+    assert 10 * np.log10(255**2 / mse) > 38, "the mark must stay invisible (PSNR over 38 dB)"
+    assert wm.bit_accuracy(wm.read_bits(rgb, 9), b"acme-2026") < wm.MATCH_THRESHOLD
+    with pytest.raises(wm.WatermarkError, match="too small"):
+        wm.embed(rgb[:128, :128], "acme")
+
+
+def test_actor_sizing_leaves_room_for_ray_data():
+    one = size_actors(1, {"CPU": 2})
+    two = size_actors(2, {"CPU": 2})
+    assert (one.device, one.num_gpus, one.torch_threads) == ("cpu", 0, 2)
+    assert two.torch_threads == 1 and 2 * two.num_cpus <= 1.0
+    gpu = size_actors(4, {"CPU": 32, "GPU": 4})
+    assert (gpu.device, gpu.num_gpus) == ("cuda", 1)
+    with pytest.raises(ClusterError, match="needs 5 GPUs"):
+        size_actors(5, {"CPU": 32, "GPU": 4})
+    assert size_actors(8, {"CPU": 4}, device="cuda").num_gpus == 1  # autoscaling: GPUs appear on demand
+    with pytest.raises(ClusterError):
+        size_actors(0, {"CPU": 2})
+
+
+@pytest.mark.gpu
+def test_tiny_on_cuda_in_fp16_matches_cpu_roughly():
+    pipe = build_preset("tiny").to("cuda", torch.float16)
+    rows = resolved_rows(2)
+    gpu = draw(pipe, rows).astype(int)
+    cpu = draw(build_preset("tiny"), rows).astype(int)
+    assert np.abs(gpu - cpu).mean() < 8
+
+
+@pytest.mark.slow
+def test_sd21_random_draws_at_a_small_size():
+    pipe = build_preset("sd21-random")
+    rows = resolved_rows(1, width=256, height=256)
+    assert draw(pipe, rows).shape == (1, 256, 256, 3)

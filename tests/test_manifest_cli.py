@@ -1,0 +1,313 @@
+"""`sdfleet manifest validate` and `sdfleet manifest expand`, called in-process as a user runs them.
+
+No Ray starts here: validate and expand only read and write Parquet (and count prompt tokens).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from manifests.schema import default_seed
+
+
+def write(path, records: list[dict], schema: pa.Schema | None = None):
+    """A Parquet manifest from row dicts; columns are the union of the rows' keys, missing ones null."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = dict.fromkeys(k for r in records for k in r)
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records], schema=schema), path)
+    return path
+
+
+def validate(capsys, *args: str) -> tuple[int, list[str], str]:
+    """Run `sdfleet manifest validate`; returns (exit code, stdout lines, stderr)."""
+    code = main(["manifest", "validate", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def problems(lines: list[str], kind: str = "error") -> list[str]:
+    return [line for line in lines if line.startswith(f"{kind}: ")]
+
+
+def good(rid: str, **fields) -> dict:
+    return {"id": rid, "prompt": f"a red mug on a white background, {rid}", **fields}
+
+
+# Every kind of bad row, one per row: (row, what the line must name: field, value as shown, what is valid)
+BAD_ROWS = [
+    (good("null-prompt", prompt=None), "prompt", "it is missing", "is required"),
+    (good("empty-prompt", prompt=""), "prompt", "got ''", "must not be empty"),
+    (good("w770", width=770), "width", "got 770", "multiple of 8 in 64..2048"),
+    (good("w4000", width=4000), "width", "got 4000", "multiple of 8 in 64..2048"),
+    (good("h63", height=63), "height", "got 63", "multiple of 8 in 64..2048"),
+    (good("g-nan", guidance_scale=math.nan), "guidance_scale", "got nan", "finite number >= 0"),
+    (good("g-inf", guidance_scale=math.inf), "guidance_scale", "got inf", "finite number >= 0"),
+    (good("g-neg", guidance_scale=-1.0), "guidance_scale", "got -1.0", "finite number >= 0"),
+    (good("steps-neg", steps=-2), "steps", "got -2", "1..500"),
+    (good("steps-501", steps=501), "steps", "got 501", "1..500"),
+    (good("seed-neg", seed=-1), "seed", "got -1", "0 <= seed < 2**63"),
+    (good("../x"), "id", "got '../x'", "1-128 characters of A-Z a-z 0-9 . _ -"),
+    (good("a/b"), "id", "got 'a/b'", "1-128 characters of A-Z a-z 0-9 . _ -"),
+    (good("."), "id", "got '.'", "not . or .."),
+    (good("x" * 129), "id", f"got '{'x' * 129}'", "1-128 characters"),
+    (good("sched", scheduler="warp_drive"), "scheduler", "got 'warp_drive'", "'dpmpp_2m'"),
+    (good("model", model="sdxl"), "model", "got 'sdxl'", "--model sdxl=REF"),
+    (good("adapter-inf", adapters=[{"name": "brand", "scale": math.inf}]), "adapters.0.scale", "got inf", "finite"),
+]
+
+
+@pytest.fixture
+def bad_manifest(tmp_path):
+    records = [good("fine-0")] + [r for r, *_ in BAD_ROWS] + [good("fine-1", prompt="un café ☕ 🚀 製品写真")]
+    return write(tmp_path / "bad.parquet", records)
+
+
+def test_validate_names_every_bad_row_one_line_each(capsys, bad_manifest):
+    code, lines, _ = validate(capsys, bad_manifest)
+    assert code == 1
+    errors = problems(lines)
+    assert len(errors) == len(BAD_ROWS), "\n".join(lines)
+    by_row = {}
+    for line in errors:
+        match = re.match(rf"error: {re.escape(str(bad_manifest))} row (\d+) ", line)
+        assert match, line
+        by_row[int(match.group(1))] = line
+    assert sorted(by_row) == list(range(1, len(BAD_ROWS) + 1))  # 0 and the last row are fine
+    for position, (raw, field, shown, valid) in enumerate(BAD_ROWS, start=1):
+        line = by_row[position]
+        assert f"(`{raw['id']}`)" in line, line
+        assert f"`{field}`" in line, line
+        assert shown in line, line
+        assert valid in line, line
+    assert lines[-1] == f"{len(BAD_ROWS) + 2} rows in 1 manifest(s): {len(BAD_ROWS)} error(s), 0 warning(s)"
+
+
+def test_clean_manifest_exits_0(capsys, tmp_path):
+    path = write(tmp_path / "ok.parquet", [
+        good("mug-1"),
+        good("mug-2", seed=2**63 - 1, steps=500, width=2048, height=64, guidance_scale=0.0, scheduler="euler_a",
+             negative_prompt="blurry", adapters=[{"name": "brand", "scale": -0.5}]),
+        good("unicode", prompt="un café ☕ 🚀 製品写真", negative_prompt="模糊, flou"),
+        good("emoji", prompt="🍵🫖 on a 🧱 wall, 👨‍👩‍👧"),
+    ])
+    code, lines, err = validate(capsys, path)
+    assert code == 0, lines
+    assert lines == ["4 rows in 1 manifest(s): 0 error(s), 0 warning(s)"]
+    assert err == ""
+
+
+def test_seed_at_2_to_the_63_from_a_uint64_column_is_rejected(capsys, tmp_path):
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("seed", pa.uint64())])
+    path = write(tmp_path / "seeds.parquet", [good("max", seed=2**63 - 1), good("over", seed=2**63),
+                                              good("top", seed=2**64 - 1)], schema=schema)
+    code, lines, _ = validate(capsys, path)
+    assert code == 1
+    errors = problems(lines)
+    assert len(errors) == 2
+    assert "row 1 (`over`): `seed`" in errors[0] and "got 9223372036854775808" in errors[0]
+    assert "row 2 (`top`): `seed`" in errors[1] and "got 18446744073709551615" in errors[1]
+    assert all("0 <= seed < 2**63" in e for e in errors)
+
+
+def test_missing_prompt_column_is_named_on_every_row(capsys, tmp_path):
+    path = write(tmp_path / "no-prompt.parquet", [{"id": "a", "text": "a red mug"}, {"id": "b", "text": "a vase"}])
+    code, lines, _ = validate(capsys, path)
+    assert code == 1
+    errors = problems(lines)
+    assert len(errors) == 2
+    for position, (line, rid) in enumerate(zip(errors, "ab")):
+        assert f"row {position} (`{rid}`): `prompt` is required (a column every manifest needs), it is missing" in line
+
+
+def test_duplicate_id_across_two_manifests_reports_both_rows(capsys, tmp_path):
+    first = write(tmp_path / "a.parquet", [good("mug-1"), good("mug-2")])
+    second = write(tmp_path / "b.parquet", [good("vase-1"), good("mug-2")])
+    code, lines, _ = validate(capsys, first, second)
+    assert code == 1
+    errors = problems(lines)
+    assert len(errors) == 2, lines
+    assert errors[0].startswith(f"error: {first} row 1 (`mug-2`): `id` appears in 2 rows")
+    assert errors[1].startswith(f"error: {second} row 1 (`mug-2`): `id` appears in 2 rows")
+    assert all("unique" in e for e in errors)
+    assert lines[-1] == "4 rows in 2 manifest(s): 2 error(s), 0 warning(s)"
+
+
+def test_a_manifest_named_twice_is_not_a_duplicate_of_itself(capsys, tmp_path):
+    path = write(tmp_path / "a.parquet", [good("mug-1"), good("mug-2")])
+    code, lines, _ = validate(capsys, path, tmp_path / "*.parquet", tmp_path)
+    assert code == 0, lines
+    assert lines == ["2 rows in 1 manifest(s): 0 error(s), 0 warning(s)"]
+
+
+def test_glob_of_several_manifests(capsys, tmp_path):
+    write(tmp_path / "m" / "a.parquet", [good("a-1")])
+    write(tmp_path / "m" / "b.parquet", [good("b-1"), good("b-2", width=770)])
+    code, lines, _ = validate(capsys, tmp_path / "m" / "*.parquet")
+    assert code == 1
+    assert len(problems(lines)) == 1 and "b.parquet row 1 (`b-2`): `width`" in problems(lines)[0]
+    assert lines[-1] == "3 rows in 2 manifest(s): 1 error(s), 0 warning(s)"
+
+
+def test_long_prompt_is_a_warning_naming_the_cut_off_words(capsys, tmp_path):
+    long_prompt = " ".join(["a red mug on a marble table in soft studio lighting"] * 10) + " zebra giraffe"
+    path = write(tmp_path / "long.parquet", [good("short"), good("long", prompt=long_prompt)])
+    code, lines, _ = validate(capsys, path)
+    assert code == 0, lines  # a warning alone does not fail validation
+    warnings = problems(lines, "warning")
+    assert len(warnings) == 1 and problems(lines) == []
+    assert f"{path} row 1 (`long`)" in warnings[0]
+    assert "77" in warnings[0] and "cut off" in warnings[0]
+    assert "zebra giraffe" in warnings[0]
+    assert lines[-1] == "2 rows in 1 manifest(s): 0 error(s), 1 warning(s)"
+
+
+def test_errors_and_warnings_together_exit_1(capsys, tmp_path):
+    path = write(tmp_path / "m.parquet", [good("long", prompt="red " * 100), good("bad", steps=0)])
+    code, lines, _ = validate(capsys, path)
+    assert code == 1
+    assert len(problems(lines)) == 1 and len(problems(lines, "warning")) == 1
+
+
+def test_unknown_model_becomes_valid_when_given_with_the_model_flag(capsys, tmp_path):
+    path = write(tmp_path / "m.parquet", [good("mug-1", model="catalog"), good("mug-2", model="tiny")])
+    code, lines, _ = validate(capsys, path)
+    assert code == 1 and "--model catalog=REF" in problems(lines)[0]
+    code, lines, _ = validate(capsys, path, "--model", "catalog=tiny")
+    assert code == 0, lines
+
+
+def test_missing_manifest_exits_1_naming_it(capsys, tmp_path):
+    missing = tmp_path / "typo.parquet"
+    code, lines, err = validate(capsys, missing)
+    assert code == 1 and lines == []
+    assert str(missing) in err and "does not exist" in err
+    assert len(err.strip().splitlines()) == 1  # one clear line, no traceback
+
+
+def test_non_parquet_manifest_exits_1(capsys, tmp_path):
+    path = tmp_path / "catalog.parquet"
+    path.write_text("id,prompt\nmug-1,a red mug\n")
+    code, _, err = validate(capsys, path)
+    assert code == 1
+    assert str(path) in err and "not a readable Parquet file" in err and "Traceback" not in err
+
+
+def test_memory_uri_manifest_validates(capsys):
+    fs = fsspec.filesystem("memory")
+    folder = f"/cli-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(f"{folder}/m.parquet", "wb") as f:
+            pq.write_table(pa.Table.from_pylist([good("mug-1", width=None), good("mug-2", width=770)]), f)
+        code, lines, _ = validate(capsys, f"memory://{folder}/m.parquet")
+        assert code == 1
+        assert re.match(rf"error: memory://{folder}/m.parquet row 1 \(`mug-2`\): `width`", problems(lines)[0])
+    finally:
+        fs.rm(folder, recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# expand
+
+@pytest.fixture
+def catalogue(tmp_path):
+    products = tmp_path / "products.csv"
+    products.write_text("sku,product,category\nmug-001,a red ceramic mug,kitchen\n"
+                        "vase-002,\"a blue vase, tall\",home\nlamp-003,a brass desk lamp,home\n", encoding="utf-8")
+    scenes = tmp_path / "scenes.txt"
+    scenes.write_text("on a marble table\nin a sunny kitchen\n", encoding="utf-8")
+    return products, scenes
+
+
+def expand_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["manifest", "expand", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_expand_writes_a_manifest_that_validate_accepts(capsys, tmp_path, catalogue):
+    products, scenes = catalogue
+    out = tmp_path / "out" / "catalog.parquet"
+    code, stdout, _ = expand_cli(capsys, "--template", "a photo of {product}, {scene}", "--products", products,
+                                 "--scenes", scenes, "--variants", "2", "--negative", "blurry, lowres",
+                                 "--steps", "4", "--width", "256", "--height", "256", "-o", out)
+    assert code == 0
+    assert stdout.strip() == f"wrote 12 rows to {out}"
+
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 3 * 2 * 2 and len({r["id"] for r in rows}) == 12
+    assert {(r["steps"], r["width"], r["height"], r["negative_prompt"]) for r in rows} == {(4, 256, 256, "blurry, lowres")}
+    row = next(r for r in rows if r["id"] == "vase-002--in-a-sunny-kitchen--v1")
+    assert row["prompt"] == "a photo of a blue vase, tall, in a sunny kitchen"
+    assert row["seed"] == default_seed(row["id"]) and row["category"] == "home"
+
+    code, lines, _ = validate(capsys, out)
+    assert code == 0, lines
+    assert lines == ["12 rows in 1 manifest(s): 0 error(s), 0 warning(s)"]
+
+
+def test_expand_is_stable_when_a_product_is_added(capsys, tmp_path, catalogue):
+    products, scenes = catalogue
+    args = ["--template", "a photo of {product}, {scene}", "--scenes", scenes, "--variants", "2"]
+    assert expand_cli(capsys, *args, "--products", products, "-o", tmp_path / "before.parquet")[0] == 0
+    with open(products, "a", encoding="utf-8") as f:
+        f.write("cup-004,a tea cup,kitchen\n")
+    assert expand_cli(capsys, *args, "--products", products, "-o", tmp_path / "after.parquet")[0] == 0
+    before = {r["id"]: r for r in pq.read_table(tmp_path / "before.parquet").to_pylist()}
+    after = {r["id"]: r for r in pq.read_table(tmp_path / "after.parquet").to_pylist()}
+    assert len(after) == len(before) + 4
+    assert all(after[rid] == row for rid, row in before.items())
+
+
+def test_expand_to_a_memory_uri_then_validate_it(capsys, catalogue):
+    products, _ = catalogue
+    folder = f"/expand-cli-{uuid.uuid4().hex[:8]}"
+    try:
+        code, _, _ = expand_cli(capsys, "--template", "{product}", "--products", products, "--model", "catalog",
+                                "-o", f"memory://{folder}/m.parquet")
+        assert code == 0
+        code, lines, _ = validate(capsys, f"memory://{folder}/m.parquet")
+        assert code == 1 and len(problems(lines)) == 3  # every row names the model that was not given
+        code, lines, _ = validate(capsys, f"memory://{folder}/m.parquet", "--model", "catalog=tiny")
+        assert code == 0, lines
+    finally:
+        fsspec.filesystem("memory").rm(folder, recursive=True)
+
+
+def test_expand_with_an_unknown_placeholder_exits_1_listing_the_available_ones(capsys, tmp_path, catalogue):
+    products, _ = catalogue
+    out = tmp_path / "m.parquet"
+    code, stdout, err = expand_cli(capsys, "--template", "a {colour} {product}", "--products", products, "-o", out)
+    assert code == 1 and stdout == ""
+    assert err.startswith("sdfleet: error: ") and "{colour}" in err
+    assert "{product}" in err and "{sku}" in err and "{category}" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("template,needle", [("a photo, {scene}", "{product}"), ("a photo of {product}", "{scene}")])
+def test_expand_template_errors_exit_1(capsys, tmp_path, catalogue, template, needle):
+    products, scenes = catalogue
+    code, _, err = expand_cli(capsys, "--template", template, "--products", products, "--scenes", scenes,
+                              "-o", tmp_path / "m.parquet")
+    assert code == 1 and needle in err
+
+
+def test_expand_with_an_empty_products_file_exits_1(capsys, tmp_path):
+    products = tmp_path / "products.csv"
+    products.write_text("sku,product\n")
+    code, _, err = expand_cli(capsys, "--template", "{product}", "--products", products, "-o", tmp_path / "m.parquet")
+    assert code == 1 and str(products) in err and "holds no rows" in err
+
+
+def test_expand_with_clashing_slugs_exits_1(capsys, tmp_path):
+    products = tmp_path / "products.txt"
+    products.write_text("Red Mug\nred mug!\n")
+    code, _, err = expand_cli(capsys, "--template", "{product}", "--products", products, "-o", tmp_path / "m.parquet")
+    assert code == 1 and "'red-mug'" in err and "rows 0 and 1" in err

@@ -1,0 +1,293 @@
+"""`manifest expand`: template x products x scenes x variants -> manifest rows with stable ids and seeds.
+
+Library level (`load_list`, `expand`, `write_manifest`); the CLI is in test_manifest_cli.py.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from manifests.expand import ExpandError, expand, load_list, slug, write_manifest
+from manifests.schema import default_seed, validate_row
+
+PRODUCTS_CSV = """\
+sku,product,category
+mug-001,a red ceramic mug,kitchen
+bottle-002,"a green glass bottle, frosted",kitchen
+sneaker-003,a white sneaker,apparel
+"""
+
+SCENES_CSV = """\
+scene_id,scene
+studio,on a white background in soft studio lighting
+marble,on a marble table with soft shadows
+"""
+
+SCENES_TXT = """\
+# one scene per line; comments and blank lines are skipped
+on a beach at golden hour
+
+in a snowy forest
+on a city street at night
+"""
+
+TEMPLATE = "a product photo of {product}, {scene}, high quality"
+
+
+@pytest.fixture
+def lists(tmp_path):
+    (tmp_path / "products.csv").write_text(PRODUCTS_CSV, encoding="utf-8")
+    (tmp_path / "scenes.csv").write_text(SCENES_CSV, encoding="utf-8")
+    (tmp_path / "scenes.txt").write_text(SCENES_TXT, encoding="utf-8")
+    return tmp_path
+
+
+def products(lists) -> list[dict]:
+    return load_list(str(lists / "products.csv"), "product")
+
+
+def by_id(table) -> dict[str, dict]:
+    return {r["id"]: r for r in table.to_pylist()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the product of the lists
+
+def test_products_x_scenes_x_variants(lists):
+    scenes = load_list(str(lists / "scenes.csv"), "scene")
+    table = expand(TEMPLATE, products(lists), scenes, variants=3)
+    assert table.num_rows == 3 * 2 * 3
+    ids = table.column("id").to_pylist()
+    assert len(set(ids)) == len(ids)
+    rows = by_id(table)
+    row = rows["mug-001--studio--v2"]
+    assert row["prompt"] == "a product photo of a red ceramic mug, on a white background in soft studio lighting, high quality"
+    assert row["variant"] == 2
+    assert row["seed"] == default_seed("mug-001--studio--v2")
+    # every (product, scene) pair appears once per variant
+    pairs = collections.Counter((r["sku"], r["scene_id"]) for r in rows.values())
+    assert len(pairs) == 6 and set(pairs.values()) == {3}
+    # a quoted comma in the CSV stays in the prompt
+    assert rows["bottle-002--marble--v0"]["prompt"].startswith("a product photo of a green glass bottle, frosted, on a marble")
+
+
+def test_variants_differ_only_in_seed(lists):
+    table = expand("a photo of {product}", products(lists), variants=4)
+    rows = [r for r in table.to_pylist() if r["sku"] == "mug-001"]
+    assert [r["id"] for r in rows] == [f"mug-001--v{v}" for v in range(4)]
+    assert len({r["prompt"] for r in rows}) == 1
+    assert len({r["seed"] for r in rows}) == 4
+
+
+def test_plain_text_scene_list_gives_slugged_ids(lists):
+    scenes = load_list(str(lists / "scenes.txt"), "scene")
+    assert [s["scene"] for s in scenes] == ["on a beach at golden hour", "in a snowy forest", "on a city street at night"]
+    table = expand(TEMPLATE, products(lists), scenes, variants=2)
+    assert table.num_rows == 3 * 3 * 2
+    rows = by_id(table)
+    assert "sneaker-003--on-a-beach-at-golden-hour--v1" in rows
+    assert rows["mug-001--in-a-snowy-forest--v0"]["prompt"] == (
+        "a product photo of a red ceramic mug, in a snowy forest, high quality")
+
+
+def test_ids_come_from_a_slug_when_there_is_no_sku():
+    # Exact values on purpose: a changed slug rule renames (and redraws) every sku-less catalogue row.
+    table = expand("a photo of {product}", [{"product": "A Red Mug!"}, {"product": "Café Crème — 250 ml"}])
+    assert table.column("id").to_pylist() == ["a-red-mug--v0", "caf-cr-me-250-ml--v0"]
+
+
+def test_slug_is_a_safe_id_fragment():
+    assert slug("  Hello, World!  ") == "hello-world"
+    assert slug("製品写真") == "x"  # nothing left: a placeholder rather than an empty id
+    long = slug("word " * 40)
+    assert len(long) <= 40 and not long.endswith("-")
+
+
+def test_every_row_is_a_valid_manifest_row(lists):
+    scenes = load_list(str(lists / "scenes.txt"), "scene")
+    table = expand(TEMPLATE, products(lists), scenes, variants=2, negative_prompt="blurry, lowres",
+                   fixed={"steps": 4, "width": 256, "height": 256, "scheduler": "euler"})
+    for i, raw in enumerate(table.to_pylist()):
+        parsed, errors, extras = validate_row(raw, source="expanded", row=i, models={"default"})
+        assert errors == [], [str(e) for e in errors]
+        assert set(extras) == {"sku", "product", "category", "scene", "variant"}
+
+
+def test_negative_prompt_and_fixed_columns_are_on_every_row(lists):
+    table = expand("a photo of {product}", products(lists), variants=2, negative_prompt="blurry, watermark",
+                   fixed={"steps": 4, "width": 320, "guidance_scale": 5.5, "model": "catalog"})
+    assert set(table.column("negative_prompt").to_pylist()) == {"blurry, watermark"}
+    assert set(table.column("steps").to_pylist()) == {4}
+    assert set(table.column("width").to_pylist()) == {320}
+    assert set(table.column("guidance_scale").to_pylist()) == {5.5}
+    assert set(table.column("model").to_pylist()) == {"catalog"}
+    assert "height" not in table.column_names  # unset: the model's default applies
+
+
+def test_product_and_scene_columns_pass_through(lists):
+    scenes = load_list(str(lists / "scenes.csv"), "scene")
+    row = by_id(expand(TEMPLATE, products(lists), scenes))["sneaker-003--marble--v0"]
+    assert (row["sku"], row["product"], row["category"]) == ("sneaker-003", "a white sneaker", "apparel")
+    assert (row["scene_id"], row["scene"]) == ("marble", "on a marble table with soft shadows")
+
+
+def test_other_product_columns_can_be_placeholders(lists):
+    table = expand("{product} for the {category} page", products(lists))
+    assert by_id(table)["mug-001--v0"]["prompt"] == "a red ceramic mug for the kitchen page"
+
+
+# ---------------------------------------------------------------------------------------------------
+# stability: re-expanding an edited catalogue keeps every unchanged row
+
+def test_adding_a_product_keeps_existing_ids_and_seeds(lists):
+    scenes = load_list(str(lists / "scenes.csv"), "scene")
+    before = by_id(expand(TEMPLATE, products(lists), scenes, variants=2))
+    grown = products(lists)
+    grown.insert(1, {"sku": "lamp-009", "product": "a brass desk lamp", "category": "home"})  # in the middle
+    after = by_id(expand(TEMPLATE, grown, scenes, variants=2))
+    assert set(before) < set(after)
+    assert set(after) - set(before) == {f"lamp-009--{s}--v{v}" for s in ("studio", "marble") for v in (0, 1)}
+    for rid, row in before.items():
+        assert after[rid] == row
+
+
+def test_slugged_ids_survive_reordering():
+    items = [{"product": "a red mug"}, {"product": "a blue vase"}]
+    first = by_id(expand("{product}", items, variants=2))
+    second = by_id(expand("{product}", items[::-1], variants=2))
+    assert first == second
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors say what to change
+
+def test_unknown_placeholder_lists_the_available_ones(lists):
+    with pytest.raises(ExpandError) as exc:
+        expand("a photo of {product} in {colour}", products(lists))
+    message = str(exc.value)
+    assert "{colour}" in message
+    for name in ("{product}", "{sku}", "{category}"):
+        assert name in message
+
+
+def test_template_without_product_is_an_error(lists):
+    scenes = load_list(str(lists / "scenes.csv"), "scene")
+    with pytest.raises(ExpandError, match=r"\{product\}"):
+        expand("a photo, {scene}", products(lists), scenes)
+
+
+def test_scenes_without_a_scene_placeholder_is_an_error(lists):
+    scenes = load_list(str(lists / "scenes.csv"), "scene")
+    with pytest.raises(ExpandError, match=r"\{scene\}"):
+        expand("a photo of {product}", products(lists), scenes)
+
+
+def test_two_products_with_the_same_slug_are_an_error():
+    with pytest.raises(ExpandError) as exc:
+        expand("{product}", [{"product": "Red Mug"}, {"product": "a blue vase"}, {"product": "red  mug!"}])
+    message = str(exc.value)
+    assert "rows 0 and 2" in message and "'red-mug'" in message and "sku" in message
+
+
+def test_two_products_with_the_same_sku_are_an_error():
+    with pytest.raises(ExpandError, match="'mug-1'"):
+        expand("{product}", [{"sku": "mug-1", "product": "a red mug"}, {"sku": "mug-1", "product": "a blue mug"}])
+
+
+def test_sku_that_cannot_name_a_file_is_an_error():
+    with pytest.raises(ExpandError, match=r"'mug/1'"):
+        expand("{product}", [{"sku": "mug/1", "product": "a red mug"}])
+
+
+@pytest.mark.parametrize("content", ["", "sku,product,category\n"])
+def test_empty_products_csv_is_an_error(tmp_path, content):
+    path = tmp_path / "products.csv"
+    path.write_text(content)
+    with pytest.raises(ExpandError, match="holds no rows") as exc:
+        load_list(str(path), "product")
+    assert str(path) in str(exc.value)
+
+
+def test_empty_plain_text_list_is_an_error(tmp_path):
+    path = tmp_path / "scenes.txt"
+    path.write_text("# only a comment\n\n")
+    with pytest.raises(ExpandError, match="holds no rows"):
+        load_list(str(path), "scene")
+
+
+def test_missing_products_file_is_an_error(tmp_path):
+    with pytest.raises(ExpandError, match="does not exist"):
+        load_list(str(tmp_path / "nope.csv"), "product")
+
+
+def test_products_without_a_product_column_are_an_error(tmp_path):
+    path = tmp_path / "products.csv"
+    path.write_text("sku,name\nmug-1,a red mug\n")
+    with pytest.raises(ExpandError, match=r"no `product` column \(columns: sku, name\)"):
+        load_list(str(path), "product")
+
+
+def test_an_empty_product_value_names_its_row(tmp_path):
+    path = tmp_path / "products.csv"
+    path.write_text("sku,product\nmug-1,a red mug\nmug-2,\n")
+    with pytest.raises(ExpandError, match="row 1: `product` is empty"):
+        load_list(str(path), "product")
+
+
+def test_an_unquoted_comma_is_an_error_not_a_cut_prompt(tmp_path):
+    path = tmp_path / "products.csv"
+    path.write_text("sku,product\nmug-1,a red mug, ceramic\n")
+    with pytest.raises(ExpandError, match="row 0 has more fields than the header") as exc:
+        load_list(str(path), "product")
+    assert "ceramic" in str(exc.value)
+
+
+def test_a_spreadsheet_csv_with_a_byte_order_mark_reads_like_any_other(tmp_path):
+    path = tmp_path / "products.csv"
+    path.write_bytes("\ufeffsku,product\nmug-1,un café ☕\n".encode("utf-8"))
+    rows = load_list(str(path), "product")
+    assert rows == [{"sku": "mug-1", "product": "un café ☕"}]
+    assert expand("{product}", rows).column("id").to_pylist() == ["mug-1--v0"]
+
+
+def test_columns_that_would_overwrite_fields_are_an_error():
+    with pytest.raises(ExpandError, match="seed"):
+        expand("{product}", [{"product": "a red mug", "seed": "7"}])
+
+
+def test_variants_must_be_at_least_one():
+    with pytest.raises(ExpandError, match="--variants"):
+        expand("{product}", [{"product": "a red mug"}], variants=0)
+
+
+def test_an_id_over_128_characters_is_an_error():
+    with pytest.raises(ExpandError, match="over 128"):
+        expand("{product}", [{"sku": "s" * 126, "product": "a red mug"}])
+
+
+# ---------------------------------------------------------------------------------------------------
+# other list formats and stores
+
+def test_parquet_lists_and_memory_uris_read_and_write(lists):
+    fs = fsspec.filesystem("memory")
+    write_manifest(pa.Table.from_pylist(products(lists)), "memory://expand-test/in/products.parquet")
+    try:
+        again = load_list("memory://expand-test/in/products.parquet", "product")
+        assert [r["product"] for r in again] == ["a red ceramic mug", "a green glass bottle, frosted", "a white sneaker"]
+        write_manifest(expand("{product}", again, variants=2), "memory://expand-test/out/m.parquet")
+        with fs.open("/expand-test/out/m.parquet", "rb") as f:
+            assert pq.read_table(f).num_rows == 6
+    finally:
+        fs.rm("/expand-test", recursive=True)
+
+
+def test_write_manifest_creates_folders_and_round_trips(lists, tmp_path):
+    table = expand("{product}", products(lists), negative_prompt="blurry")
+    out = tmp_path / "new" / "folder" / "m.parquet"
+    write_manifest(table, str(out))
+    assert pq.read_table(out).equals(table)

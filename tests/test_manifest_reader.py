@@ -1,0 +1,367 @@
+"""Reading manifests (paths, globs, directories, fsspec URIs; parts and row positions) and the results
+ledger that a rerun reads back (round trip, newest `ok` per id, pass-through columns, atomic writes).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from manifests.ledger import (
+    LEDGER_COLUMNS, atomic_write, read_latest_ok, read_ledger, to_table, write_part,
+)
+from manifests.reader import (
+    ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts, read_part,
+)
+from manifests.schema import validate_row
+
+
+def records(n: int, prefix: str = "row", **extra) -> list[dict]:
+    return [{"id": f"{prefix}-{i:03d}", "prompt": f"a red mug, shot {i}", **extra} for i in range(n)]
+
+
+def parquet_bytes(rows: list[dict], **write_options) -> bytes:
+    buf = io.BytesIO()
+    columns = dict.fromkeys(k for r in rows for k in r)  # from_pylist alone keeps only the first row's keys
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows]), buf, **write_options)
+    return buf.getvalue()
+
+
+def write_local(path, rows: list[dict], **write_options):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(parquet_bytes(rows, **write_options))
+    return path
+
+
+@pytest.fixture
+def memfs():
+    """fsspec's in-memory store under a folder of this test's own; returns (fs, "memory://folder")."""
+    fs = fsspec.filesystem("memory")
+    folder = f"/t-{uuid.uuid4().hex[:10]}"
+    yield fs, f"memory://{folder}"
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+def ids_of(uris: list[str]) -> list[str]:
+    return [raw["id"] for _, _, raw in iter_rows(uris)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# finding manifests
+
+def test_memory_uri_manifest_is_read(memfs):
+    fs, root = memfs
+    fs.pipe_file(f"{root}/a.parquet", parquet_bytes(records(3)))
+    uris = expand_manifest_paths([f"{root}/a.parquet"])
+    assert len(uris) == 1 and uris[0].startswith("memory://") and uris[0].endswith("/a.parquet")
+    rows = list(iter_rows(uris))
+    assert [(uri, pos, raw["id"]) for uri, pos, raw in rows] == [(uris[0], i, f"row-{i:03d}") for i in range(3)]
+    assert rows[1][2]["prompt"] == "a red mug, shot 1"
+
+
+def test_glob_matches_several_files_sorted(memfs):
+    fs, root = memfs
+    for name in ("b", "a", "c"):
+        fs.pipe_file(f"{root}/{name}.parquet", parquet_bytes(records(2, prefix=name)))
+    fs.pipe_file(f"{root}/notes.csv", b"id,prompt\nx,y\n")
+    uris = expand_manifest_paths([f"{root}/*.parquet"])
+    assert [u.rsplit("/", 1)[-1] for u in uris] == ["a.parquet", "b.parquet", "c.parquet"]
+    assert ids_of(uris) == ["a-000", "a-001", "b-000", "b-001", "c-000", "c-001"]
+
+
+def test_local_glob_and_directory(tmp_path):
+    write_local(tmp_path / "m" / "2026-01.parquet", records(2, prefix="jan"))
+    write_local(tmp_path / "m" / "2026-02.parquet", records(1, prefix="feb"))
+    write_local(tmp_path / "m" / "nested" / "extra.parquet", records(1, prefix="nested"))
+    (tmp_path / "m" / "README.txt").write_text("not a manifest")
+
+    globbed = expand_manifest_paths([str(tmp_path / "m" / "2026-*.parquet")])
+    assert [os.path.basename(u) for u in globbed] == ["2026-01.parquet", "2026-02.parquet"]
+
+    # A directory means every .parquet under it, nested ones included, other files ignored.
+    whole = expand_manifest_paths([str(tmp_path / "m")])
+    assert sorted(os.path.basename(u) for u in whole) == ["2026-01.parquet", "2026-02.parquet", "extra.parquet"]
+    assert sorted(ids_of(whole)) == ["feb-000", "jan-000", "jan-001", "nested-000"]
+    assert all(os.path.exists(u) for u in whole)  # local results stay plain, reopenable paths
+
+
+def test_memory_directory(memfs):
+    fs, root = memfs
+    fs.pipe_file(f"{root}/day/one.parquet", parquet_bytes(records(1, prefix="one")))
+    fs.pipe_file(f"{root}/day/two.parquet", parquet_bytes(records(1, prefix="two")))
+    assert ids_of(expand_manifest_paths([f"{root}/day"])) == ["one-000", "two-000"]
+
+
+def test_the_same_file_named_twice_is_read_once(tmp_path):
+    path = write_local(tmp_path / "a.parquet", records(2))
+    uris = expand_manifest_paths([str(path), str(tmp_path / "*.parquet"), str(tmp_path)])
+    assert len(uris) == 1
+    total, counts = count_ids(uris)
+    assert total == 2 and max(counts.values()) == 1  # no false duplicate ids
+
+
+@pytest.mark.parametrize("missing", ["nope.parquet", "no-dir/a.parquet"])
+def test_missing_path_is_a_manifest_error_naming_it(tmp_path, missing):
+    path = str(tmp_path / missing)
+    with pytest.raises(ManifestError) as exc:
+        expand_manifest_paths([path])
+    assert path in str(exc.value) and "does not exist" in str(exc.value)
+
+
+def test_missing_memory_path_is_a_manifest_error_naming_it(memfs):
+    fs, root = memfs
+    fs.pipe_file(f"{root}/real.parquet", parquet_bytes(records(1)))
+    with pytest.raises(ManifestError, match="typo.parquet"):
+        expand_manifest_paths([f"{root}/real.parquet", f"{root}/typo.parquet"])
+
+
+def test_glob_matching_nothing_and_empty_directory_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(ManifestError, match=r"no manifest file matches .*\*\.parquet"):
+        expand_manifest_paths([str(tmp_path / "*.parquet")])
+    with pytest.raises(ManifestError, match="holds no .parquet manifest"):
+        expand_manifest_paths([str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("name,content", [
+    ("catalog.csv", b"id,prompt\nsku-1,a red mug\nsku-2,a blue mug\n"),
+    ("catalog.parquet", b"id,prompt\nsku-1,a red mug\nsku-2,a blue mug\n"),  # the name does not make it Parquet
+    ("tiny.parquet", b"PAR"),
+])
+def test_non_parquet_file_is_a_manifest_error(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    uris = expand_manifest_paths([str(path)])
+    for read in (plan_parts, count_ids, lambda u: list(iter_rows(u))):
+        with pytest.raises(ManifestError) as exc:
+            read(uris)
+        assert str(path) in str(exc.value) and "not a readable Parquet file" in str(exc.value)
+
+
+def test_truncated_parquet_in_memory_is_a_manifest_error(memfs):
+    fs, root = memfs
+    data = parquet_bytes(records(5))
+    fs.pipe_file(f"{root}/cut.parquet", data[: len(data) // 2])
+    with pytest.raises(ManifestError, match="cut.parquet"):
+        plan_parts(expand_manifest_paths([f"{root}/cut.parquet"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# parts and row positions
+
+def test_row_groups_become_parts_with_file_positions(memfs):
+    fs, root = memfs
+    fs.pipe_file(f"{root}/big.parquet", parquet_bytes(records(10), row_group_size=3))
+    uri = expand_manifest_paths([f"{root}/big.parquet"])[0]
+    parts = plan_parts([uri])
+    assert [(p.row_group, p.first_row, p.num_rows) for p in parts] == [(0, 0, 3), (1, 3, 3), (2, 6, 3), (3, 9, 1)]
+    assert all(p.uri == uri for p in parts)
+
+    # Each part, read alone (as a worker does) and in small batches, knows its rows' positions in the file.
+    for part in parts:
+        got = list(read_part(part, batch_rows=2))
+        assert [pos for pos, _ in got] == list(range(part.first_row, part.first_row + part.num_rows))
+        assert [raw["id"] for _, raw in got] == [f"row-{pos:03d}" for pos, _ in got]
+
+
+def test_positions_are_zero_based_per_file_across_files_and_parts(memfs):
+    fs, root = memfs
+    fs.pipe_file(f"{root}/a.parquet", parquet_bytes(records(5, prefix="a"), row_group_size=2))
+    fs.pipe_file(f"{root}/b.parquet", parquet_bytes(records(4, prefix="b"), row_group_size=3))
+    uris = expand_manifest_paths([f"{root}/*.parquet"])
+    seen = [(uri.rsplit("/", 1)[-1], pos, raw["id"]) for uri, pos, raw in iter_rows(uris)]
+    assert seen == [("a.parquet", i, f"a-{i:03d}") for i in range(5)] + [("b.parquet", i, f"b-{i:03d}") for i in range(4)]
+    assert len(plan_parts(uris)) == 3 + 2
+
+
+def test_parts_from_plan_travel_as_plain_records(memfs):
+    # generate ships parts to Ray tasks as dicts (vars(part)) and rebuilds them there.
+    fs, root = memfs
+    fs.pipe_file(f"{root}/a.parquet", parquet_bytes(records(4), row_group_size=2))
+    part = plan_parts(expand_manifest_paths([f"{root}/a.parquet"]))[1]
+    again = ManifestPart(**vars(part))
+    assert [pos for pos, _ in read_part(again)] == [2, 3]
+
+
+def test_empty_manifest_has_no_parts(tmp_path):
+    empty = pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())})
+    pq.write_table(empty, tmp_path / "empty.parquet")
+    uris = expand_manifest_paths([str(tmp_path / "empty.parquet")])
+    assert plan_parts(uris) == [] and list(iter_rows(uris)) == []
+    assert count_ids(uris)[0] == 0
+
+
+def test_extra_columns_pass_through_as_extras(memfs):
+    fs, root = memfs
+    rows = [{"id": "mug-1", "prompt": "a red mug", "sku": "MUG-1", "price": 12.5, "tags": ["new"], "width": 256},
+            {"id": "mug-2", "prompt": "a blue mug", "sku": "MUG-2", "price": None, "tags": [], "width": None}]
+    fs.pipe_file(f"{root}/m.parquet", parquet_bytes(rows))
+    out = []
+    for uri, pos, raw in iter_rows(expand_manifest_paths([f"{root}/m.parquet"])):
+        parsed, errors, extras = validate_row(raw, source=uri, row=pos, models={"default"})
+        assert errors == []
+        out.append((parsed.width, extras))
+    assert out == [(256, {"sku": "MUG-1", "price": 12.5, "tags": ["new"]}),
+                   (None, {"sku": "MUG-2", "price": None, "tags": []})]
+
+
+def test_uint64_seed_column_reads_as_exact_python_int(memfs):
+    fs, root = memfs
+    table = pa.table({"id": ["a", "b"], "prompt": ["p", "q"],
+                      "seed": pa.array([2**63 - 1, 2**63], pa.uint64())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe_file(f"{root}/s.parquet", buf.getvalue())
+    seeds = [raw["seed"] for _, _, raw in iter_rows(expand_manifest_paths([f"{root}/s.parquet"]))]
+    assert seeds == [2**63 - 1, 2**63]
+
+
+def test_count_ids_counts_rows_and_ids_across_files(memfs):
+    fs, root = memfs
+    fs.pipe_file(f"{root}/a.parquet", parquet_bytes(records(3, prefix="x"), row_group_size=2))
+    fs.pipe_file(f"{root}/b.parquet", parquet_bytes(records(2, prefix="x")))  # x-000, x-001 again
+    fs.pipe_file(f"{root}/c.parquet", parquet_bytes([{"prompt": "no id column"}]))
+    total, counts = count_ids(expand_manifest_paths([f"{root}/*.parquet"]))
+    assert total == 6
+    assert counts == {"x-000": 2, "x-001": 2, "x-002": 1}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the results ledger
+
+def ledger_row(rid: str, phash: str, finished_at: str, status: str = "ok", **extra) -> dict:
+    return {
+        "id": rid, "status": status, "uri": f"out/images/{rid}.png", "sha256": "0" * 64, "params_hash": phash,
+        "seed": 42, "model": "default", "adapters": [{"name": "brand", "scale": 0.5}], "width": 256,
+        "height": 256, "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim", "watermark": "sdfleet",
+        "error": None if status == "ok" else "boom", "warning": None, "actor": "actor-0", "seconds": 0.25,
+        "finished_at": finished_at, "source": "m.parquet", "row": 0,
+        "extra": json.dumps(extra, ensure_ascii=False) if extra else None,
+    }
+
+
+def test_write_part_then_read_ledger_round_trips(memfs):
+    fs, root = memfs
+    rows = [ledger_row("mug-1", "A", "2026-01-01T00:00:01+00:00", sku="MUG-1", note="café ☕"),
+            ledger_row("mug-2", "B", "2026-01-01T00:00:02+00:00", status="failed", sku="MUG-2")]
+    path = write_part(fs, root, "20260101T000000-abc123", 0, rows)
+    assert path.endswith("/results/20260101T000000-abc123-00000.parquet")
+    table = read_ledger(fs, root)
+    assert table.num_rows == 2
+    assert "extra" not in table.column_names
+    assert list(table.column_names[: len(LEDGER_COLUMNS) - 1]) == [c for c in LEDGER_COLUMNS if c != "extra"]
+    got = table.to_pylist()
+    for want, have in zip(rows, got):
+        for column in LEDGER_COLUMNS:
+            if column != "extra":
+                assert have[column] == want[column], column
+    assert (got[0]["sku"], got[0]["note"]) == ("MUG-1", "café ☕")
+    assert (got[1]["sku"], got[1]["note"]) == ("MUG-2", None)
+
+
+def test_read_ledger_of_an_empty_store_has_the_ledger_columns(memfs):
+    fs, root = memfs
+    table = read_ledger(fs, root)
+    assert table.num_rows == 0 and "id" in table.column_names and "params_hash" in table.column_names
+    assert read_latest_ok(fs, root) == {}
+
+
+def test_parts_with_different_pass_through_columns_read_as_one_table(memfs):
+    fs, root = memfs
+    write_part(fs, root, "run1", 0, [ledger_row("a", "A", "2026-01-01T00:00:01", sku="S-A")])
+    write_part(fs, root, "run1", 1, [ledger_row("b", "B", "2026-01-01T00:00:02", campaign="spring")])
+    rows = {r["id"]: r for r in read_ledger(fs, root).to_pylist()}
+    assert (rows["a"]["sku"], rows["a"]["campaign"]) == ("S-A", None)
+    assert (rows["b"]["sku"], rows["b"]["campaign"]) == (None, "spring")
+
+
+def test_latest_ok_takes_the_newest_entry_per_id(memfs):
+    fs, root = memfs
+    # Drawn with A, then B, then changed back to A: the image on disk is A's again.
+    write_part(fs, root, "20260101T000000-aaaaaa", 0, [ledger_row("mug", "A", "2026-01-01T00:00:00+00:00")])
+    write_part(fs, root, "20260102T000000-bbbbbb", 0, [ledger_row("mug", "B", "2026-01-02T00:00:00+00:00"),
+                                                       ledger_row("lamp", "L", "2026-01-02T00:00:00+00:00")])
+    assert read_latest_ok(fs, root) == {"mug": "B", "lamp": "L"}
+    write_part(fs, root, "20260103T000000-cccccc", 0, [ledger_row("mug", "A", "2026-01-03T00:00:00+00:00")])
+    assert read_latest_ok(fs, root) == {"mug": "A", "lamp": "L"}
+
+
+def test_latest_ok_goes_by_finish_time_not_file_name(memfs):
+    fs, root = memfs
+    write_part(fs, root, "zzz", 0, [ledger_row("mug", "OLD", "2026-01-01T00:00:00+00:00")])
+    write_part(fs, root, "aaa", 0, [ledger_row("mug", "NEW", "2026-02-01T00:00:00+00:00")])
+    assert read_latest_ok(fs, root) == {"mug": "NEW"}
+
+
+def test_latest_ok_ignores_failed_and_invalid_entries(memfs):
+    fs, root = memfs
+    write_part(fs, root, "run1", 0, [ledger_row("mug", "A", "2026-01-01T00:00:00")])
+    write_part(fs, root, "run2", 0, [ledger_row("mug", "B", "2026-01-02T00:00:00", status="failed"),
+                                     ledger_row("lamp", "L", "2026-01-02T00:00:00", status="failed"),
+                                     ledger_row("vase", "V", "2026-01-02T00:00:00", status="invalid")])
+    assert read_latest_ok(fs, root) == {"mug": "A"}
+
+
+def test_pass_through_columns_named_like_ledger_columns_get_a_prefix(memfs):
+    fs, root = memfs
+    row = ledger_row("mug", "A", "2026-01-01T00:00:00", status="ok", sku="MUG-1")
+    row["extra"] = json.dumps({"status": "draft", "uri": "https://shop/mug", "seed": "catalog-seed", "sku": "MUG-1"})
+    write_part(fs, root, "run1", 0, [row])
+    got = read_ledger(fs, root).to_pylist()[0]
+    assert got["status"] == "ok" and got["uri"] == "out/images/mug.png" and got["seed"] == 42
+    assert got["manifest_status"] == "draft"
+    assert got["manifest_uri"] == "https://shop/mug"
+    assert got["manifest_seed"] == "catalog-seed"
+    assert got["sku"] == "MUG-1" and "manifest_sku" not in got
+    assert read_latest_ok(fs, root) == {"mug": "A"}  # the manifest's `status` does not confuse resume
+
+
+def test_one_part_can_hold_rows_whose_pass_through_types_differ(memfs):
+    # Rows of two manifests can land in one part; one types `sku` as a number, the other as text.
+    fs, root = memfs
+    rows = [ledger_row("a", "A", "2026-01-01T00:00:00", sku=1001), ledger_row("b", "B", "2026-01-01T00:00:00", sku="B-7"),
+            ledger_row("c", "C", "2026-01-01T00:00:00")]
+    write_part(fs, root, "run1", 0, rows)
+    got = {r["id"]: r["sku"] for r in read_ledger(fs, root).to_pylist()}
+    assert got == {"a": "1001", "b": "B-7", "c": None}
+
+
+def test_to_table_keeps_one_row_per_entry_in_order():
+    rows = [ledger_row(f"r{i}", f"h{i}", "2026-01-01T00:00:00") for i in range(5)]
+    table = to_table(rows)
+    assert table.column("id").to_pylist() == [f"r{i}" for i in range(5)]
+    assert table.schema.field("seed").type == pa.int64()
+
+
+def test_atomic_write_on_local_disk_leaves_no_temporary_file(tmp_path):
+    fs = fsspec.filesystem("file")
+    target = tmp_path / "out" / "results" / "part.parquet"
+    atomic_write(fs, str(target), b"first")
+    atomic_write(fs, str(target), b"second, longer")  # replacing is atomic too
+    assert target.read_bytes() == b"second, longer"
+    assert os.listdir(target.parent) == ["part.parquet"]
+
+
+def test_write_part_on_local_disk_is_complete_and_alone(tmp_path):
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path / "out")
+    path = write_part(fs, root, "run1", 7, [ledger_row("mug", "A", "2026-01-01T00:00:00")])
+    assert os.listdir(tmp_path / "out" / "results") == ["run1-00007.parquet"]
+    assert pq.read_table(path).column("id").to_pylist() == ["mug"]
+    assert read_latest_ok(fs, root) == {"mug": "A"}
+
+
+def test_atomic_write_to_an_object_store_is_one_put(memfs):
+    fs, root = memfs
+    atomic_write(fs, f"{root}/run.json", b'{"rows": 1}')
+    assert fs.cat_file(f"{root}/run.json") == b'{"rows": 1}'
+    assert fs.ls(root, detail=False) == [f"{root.removeprefix('memory://')}/run.json"]

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from typing import Any, Callable
 
@@ -108,42 +109,58 @@ def generate_rows(
 ) -> list[dict[str, Any]]:
     """Draw every row, write its image, and return one ledger row per input row.
 
-    `get_pipe(model_name)` returns the loaded pipeline. A group that fails is retried row by row, so
-    one bad row fails alone; the error is recorded and the other rows are drawn.
+    `get_pipe(model_name)` returns the loaded pipeline. A batch that fails is retried row by row, so one
+    bad row fails alone; the error is recorded and the other rows are drawn. Finishing a batch (watermark,
+    PNG, write) runs on a helper thread while the next batch denoises: on a GPU those CPU seconds would
+    otherwise leave the device idle.
     """
-    results = []
-    for batch in plan_groups(rows, max_batch):
-        try:
-            results += _draw_and_write(get_pipe, batch, fs=fs, out_root=out_root, actor=actor)
-        except Exception as exc:  # noqa: BLE001 - recorded per row below
-            if len(batch) == 1:
-                results.append(ledger_row(batch[0], "failed", actor=actor, error=f"{type(exc).__name__}: {exc}"))
-                continue
-            for row in batch:
-                try:
-                    results += _draw_and_write(get_pipe, [row], fs=fs, out_root=out_root, actor=actor)
-                except Exception as row_exc:  # noqa: BLE001
-                    results.append(ledger_row(row, "failed", actor=actor, error=f"{type(row_exc).__name__}: {row_exc}"))
+    results: list[dict] = []
+    finishing = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as pool:
+        for batch in plan_groups(rows, max_batch):
+            for drawn, outcome, seconds, tokenizer in _draw_or_split(get_pipe, batch):
+                if isinstance(outcome, Exception):
+                    error = f"{type(outcome).__name__}: {outcome}"
+                    results += [ledger_row(row, "failed", actor=actor, error=error) for row in drawn]
+                else:
+                    finishing.append(pool.submit(_finish, drawn, outcome, seconds, tokenizer,
+                                                 fs=fs, out_root=out_root, actor=actor))
+        for future in finishing:
+            results += future.result()
     return results
 
 
-def _draw_and_write(get_pipe, batch: list[dict], *, fs, out_root: str, actor: str) -> list[dict]:
+def _draw_or_split(get_pipe, batch: list[dict]) -> list[tuple[list[dict], Any, float, Any]]:
+    """[(rows, images or the exception, seconds per row, tokenizer)]: the batch, or its rows one by one."""
     started = time.perf_counter()
-    pipe = get_pipe(batch[0]["model"])
-    images = draw(pipe, batch)
+    try:
+        pipe = get_pipe(batch[0]["model"])
+        images = draw(pipe, batch)
+        return [(batch, images, (time.perf_counter() - started) / len(batch), pipe.tokenizer)]
+    except Exception as exc:  # noqa: BLE001 - recorded per row
+        if len(batch) == 1:
+            return [(batch, exc, 0.0, None)]
+        return [item for row in batch for item in _draw_or_split(get_pipe, [row])]
+
+
+def _finish(batch: list[dict], images: np.ndarray, draw_seconds: float, tokenizer, *, fs, out_root: str,
+            actor: str) -> list[dict]:
+    """Watermark, encode and write each drawn image; a row whose write fails is `failed`, alone."""
     results = []
     for row, rgb in zip(batch, images):
-        if row["watermark"]:
-            rgb = wm.embed(rgb, row["watermark"])
-        data = png_bytes(rgb, image_parameters(row))
-        path = f"{out_root.rstrip('/')}/images/{row['id']}.png"
-        atomic_write(fs, path, data)
-        warning = prompt_overflow(pipe.tokenizer, row["prompt"]) if row["prompt"] else None
+        started = time.perf_counter()
+        try:
+            if row["watermark"]:
+                rgb = wm.embed(rgb, row["watermark"])
+            data = png_bytes(rgb, image_parameters(row))
+            path = f"{out_root.rstrip('/')}/images/{row['id']}.png"
+            atomic_write(fs, path, data)
+        except Exception as exc:  # noqa: BLE001 - a full disk or a lost store fails this row only
+            results.append(ledger_row(row, "failed", actor=actor, error=f"{type(exc).__name__}: {exc}"))
+            continue
         results.append(ledger_row(
-            row, "ok", uri=fs.unstrip_protocol(path), sha256=hashlib.sha256(data).hexdigest(),
-            actor=actor, warning=warning,
+            row, "ok", uri=fs.unstrip_protocol(path), sha256=hashlib.sha256(data).hexdigest(), actor=actor,
+            warning=prompt_overflow(tokenizer, row["prompt"]),
+            seconds=draw_seconds + time.perf_counter() - started,
         ))
-    seconds = (time.perf_counter() - started) / len(batch)
-    for entry in results:
-        entry["seconds"] = seconds
     return results

@@ -179,3 +179,18 @@ def test_sd21_random_draws_at_a_small_size():
     pipe = build_preset("sd21-random")
     rows = resolved_rows(1, width=256, height=256)
     assert draw(pipe, rows).shape == (1, 256, 256, 3)
+
+
+def test_model_from_an_fsspec_uri_is_cached_once_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    export_preset("tiny", str(tmp_path / "tiny"))
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tmp_path / "tiny"), "/models/tiny", recursive=True)
+    info = describe_model("remote", "memory://models/tiny")
+    assert info.kind == "uri" and info.fingerprint.startswith("uri:") and info.width == 256
+    pipe = load_pipeline(info)
+    assert draw(pipe, resolved_rows(1)).shape == (1, 256, 256, 3)
+    cached = list((tmp_path / "cache" / "models").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model_index.json").is_file()
+    load_pipeline(info)  # the second load reads the cache: still one copy
+    assert list((tmp_path / "cache" / "models").iterdir()) == cached

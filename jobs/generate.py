@@ -136,6 +136,9 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
         batch_format="pyarrow",
         num_cpus=sizing.num_cpus,
         num_gpus=sizing.num_gpus,
+        # Ray sets OMP_NUM_THREADS to the actor's (fractional, so 1) CPU share; a CPU actor runs
+        # `torch_threads` threads, and OpenMP should be sized for them from the start.
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(sizing.torch_threads)}},
     )
 
     # 7. stream results back: ledger parts as batches finish, progress, identity checks

@@ -37,9 +37,20 @@ class ActorResources:
 def runtime_env() -> dict:
     """The runtime environment for actors: forwarded env vars that are set (none are secrets)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    # transformers warns at import about optional image processors no SD pipeline uses
-    env.setdefault("TRANSFORMERS_VERBOSITY", os.environ.get("TRANSFORMERS_VERBOSITY", "error"))
-    return {"env_vars": env}
+    # Empty when there is nothing to forward: any runtime env makes Ray start fresh workers instead of
+    # using the ones it prestarted, a second or more on every task's first run.
+    return {"env_vars": env} if env else {}
+
+
+def actor_env(resources: "ActorResources") -> dict[str, str]:
+    """Environment for generation actors (set when their worker process starts, before torch loads)."""
+    return {
+        # Ray sets OMP_NUM_THREADS to the actor's CPU share (1 for a fraction); size OpenMP for the
+        # torch threads the actor really runs.
+        "OMP_NUM_THREADS": str(resources.torch_threads),
+        # transformers warns at import about image processors that no SD pipeline uses
+        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
+    }
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
@@ -50,7 +61,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict[str
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env())
+    kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
     try:
         if address:
             ray.init(address=address, **kwargs)

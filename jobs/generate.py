@@ -20,8 +20,8 @@ import fsspec
 from pydantic import BaseModel, Field, model_validator
 
 from actors.models import describe_model
-from cluster.connect import connect, size_actors
-from manifests.ledger import atomic_write, read_latest_ok, write_part
+from cluster.connect import actor_env, connect, size_actors
+from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, write_part
 from manifests.reader import count_ids, expand_manifest_paths, plan_parts
 
 # A ledger part is written when this many rows or seconds have gathered: a killed run loses at most
@@ -88,6 +88,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     # 4. what is already done: newest ok hash per id, and which images exist
     from jobs.plan import PlanState
 
+    remove_stale_temp_files(fs, root)
     done = {} if cfg.force else read_latest_ok(fs, root)
     existing = set()
     if done and fs.exists(f"{root}/images"):
@@ -124,8 +125,10 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     # 6. the stream: plan parts -> blocks of batch_size rows -> actor pool
     parts = [vars(p) for p in plan_parts(uris)]
     ds = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
+    # The plan state (the done-ledger and image listing) can be large: one copy in the object store,
+    # not one pickled into every plan task.
     ds = ds.map_batches(plan_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                        fn_kwargs={"state": state})
+                        fn_kwargs={"state": ray.put(state)})
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(
         GeneratorActor,
@@ -136,9 +139,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
         batch_format="pyarrow",
         num_cpus=sizing.num_cpus,
         num_gpus=sizing.num_gpus,
-        # Ray sets OMP_NUM_THREADS to the actor's (fractional, so 1) CPU share; a CPU actor runs
-        # `torch_threads` threads, and OpenMP should be sized for them from the start.
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(sizing.torch_threads)}},
+        runtime_env={"env_vars": actor_env(sizing)},
     )
 
     # 7. stream results back: ledger parts as batches finish, progress, identity checks

@@ -90,8 +90,15 @@ def plan_part(part: ManifestPart, state: PlanState) -> list[dict[str, Any]]:
     return passing + drawable
 
 
-def plan_batch(batch: pa.Table, state: PlanState) -> Iterator[pa.Table]:
-    """Ray Data entry point: a batch of ManifestPart records in, tables of WORK_SCHEMA rows out."""
+def plan_batch(batch: pa.Table, state) -> Iterator[pa.Table]:
+    """Ray Data entry point: a batch of ManifestPart records in, tables of WORK_SCHEMA rows out.
+
+    `state` is a PlanState or an object-store reference to one.
+    """
+    if not isinstance(state, PlanState):
+        import ray
+
+        state = ray.get(state)
     for record in batch.to_pylist():
         rows = plan_part(ManifestPart(**record), state)
         yield pa.Table.from_pylist([{k: r.get(k) for k in WORK_SCHEMA.names} for r in rows], schema=WORK_SCHEMA)

@@ -67,6 +67,29 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def remove_stale_temp_files(fs: fsspec.AbstractFileSystem, root: str, older_than: float = 3600.0) -> int:
+    """Delete temporary files that killed runs left under images/ and results/; returns how many.
+
+    Only local stores have them (see atomic_write). A temp file younger than `older_than` seconds may
+    belong to a run still writing into the same output, so it stays.
+    """
+    if not ("file" in fs.protocol or "local" in fs.protocol):
+        return 0
+    import time
+
+    removed = 0
+    for folder in ("images", "results"):
+        path = os.path.join(root, folder)
+        if not os.path.isdir(path):
+            continue
+        for entry in os.scandir(path):
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                if time.time() - entry.stat().st_mtime > older_than:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
 def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Ledger rows (dicts with LEDGER_COLUMNS) as a table; pass-through columns become real columns."""
     rows = list(rows)

@@ -365,3 +365,21 @@ def test_atomic_write_to_an_object_store_is_one_put(memfs):
     atomic_write(fs, f"{root}/run.json", b'{"rows": 1}')
     assert fs.cat_file(f"{root}/run.json") == b'{"rows": 1}'
     assert fs.ls(root, detail=False) == [f"{root.removeprefix('memory://')}/run.json"]
+
+
+def test_stale_temp_files_from_killed_runs_are_removed_fresh_ones_kept(tmp_path):
+    import os
+    import time
+
+    from manifests.ledger import remove_stale_temp_files
+
+    images = tmp_path / "images"
+    images.mkdir()
+    stale, fresh, image = images / ".a.png.1234.tmp", images / ".b.png.5678.tmp", images / "a.png"
+    for p in (stale, fresh, image):
+        p.write_bytes(b"x")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    os.utime(image, (old, old))
+    assert remove_stale_temp_files(fsspec.filesystem("file"), str(tmp_path)) == 1
+    assert not stale.exists() and fresh.exists() and image.exists()

@@ -12,19 +12,23 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
+from actors.adapter_cache import AdapterCache
+from actors.adapters import AdapterStore
 from actors.generate import generate_rows, ledger_row
 from actors.models import ModelInfo, load_pipeline
 from manifests.ledger import LEDGER_SCHEMA
 
-# What the actor returns per row: the ledger columns, with `status` also allowing "skipped".
-RESULT_SCHEMA = LEDGER_SCHEMA
+# What the actor returns per row: the ledger columns (`status` may also be "skipped"), plus the actor's
+# running adapter-swap counters, which the driver sums per actor for run.json and leaves out of the ledger.
+RESULT_SCHEMA = LEDGER_SCHEMA.append(pa.field("adapter_swaps", pa.int64())).append(
+    pa.field("adapter_swap_seconds", pa.float64()))
 
 
 class GeneratorActor:
     """One per GPU (or CPU share). Ray Data calls it with tables of work rows (jobs.plan.WORK_SCHEMA)."""
 
     def __init__(self, models: dict[str, dict[str, Any]], out_uri: str, batch_size: int,
-                 device: str = "cpu", torch_threads: int = 1):
+                 device: str = "cpu", torch_threads: int = 1, adapters_uri: str | None = None):
         import torch
 
         if device == "cpu":
@@ -36,21 +40,48 @@ class GeneratorActor:
         self.batch_size = batch_size
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._loaded: tuple[str, Any] | None = None
+        self.store = AdapterStore(adapters_uri) if adapters_uri else None
+        self.adapters: AdapterCache | None = None  # for the loaded pipeline
+        self.swaps_before = (0, 0.0)  # swap counters of caches of pipelines no longer loaded
         # Load the default model now: a model that does not load stops the run at start, not row by row.
         self.pipeline("default" if "default" in self.models else next(iter(self.models)))
 
     def pipeline(self, name: str):
         """The loaded pipeline for model `name`; one model is held at a time (the planner groups rows by model)."""
         if self._loaded is None or self._loaded[0] != name:
-            self._loaded = None  # free the old pipeline before loading the next
-            self._loaded = (name, load_pipeline(self.models[name], self.device, self.dtype))
+            if self.adapters is not None:
+                self.swaps_before = (self.swaps_before[0] + self.adapters.swaps,
+                                     self.swaps_before[1] + self.adapters.swap_seconds)
+            self._loaded, self.adapters = None, None  # free the old pipeline before loading the next
+            pipe = load_pipeline(self.models[name], self.device, self.dtype)
+            self._loaded = (name, pipe)
+            if self.store is not None:
+                self.adapters = AdapterCache(pipe, self.store)
         return self._loaded[1]
+
+    def ready_for(self, row: dict[str, Any]):
+        """The pipeline for `row`'s model with exactly `row`'s adapters active (none: the base model)."""
+        pipe = self.pipeline(row["model"])
+        if self.adapters is not None:
+            self.adapters.activate(row["adapters"] or [])
+        elif row["adapters"]:
+            raise RuntimeError("rows with adapters need --adapters")  # the planner fails these first
+        return pipe
+
+    def swap_counters(self) -> tuple[int, float]:
+        swaps, seconds = self.swaps_before
+        if self.adapters is not None:
+            swaps, seconds = swaps + self.adapters.swaps, seconds + self.adapters.swap_seconds
+        return swaps, seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         results = [ledger_row(r, r["status"], actor=self.name) for r in rows if r["status"]]
         todo = [r for r in rows if not r["status"]]
         if todo:
-            results += generate_rows(self.pipeline, todo, fs=self.fs, out_root=self.root,
+            results += generate_rows(self.ready_for, todo, fs=self.fs, out_root=self.root,
                                      actor=self.name, max_batch=self.batch_size)
+        swaps, seconds = self.swap_counters()
+        for r in results:
+            r["adapter_swaps"], r["adapter_swap_seconds"] = swaps, seconds
         return pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in results], schema=RESULT_SCHEMA)

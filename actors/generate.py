@@ -109,7 +109,8 @@ def generate_rows(
 ) -> list[dict[str, Any]]:
     """Draw every row, write its image, and return one ledger row per input row.
 
-    `get_pipe(model_name)` returns the loaded pipeline. A batch that fails is retried row by row, so one
+    `get_pipe(row)` returns the pipeline ready to draw the row's group: its model loaded, its adapters
+    active (the actor's job; tests pass a plain function). A batch that fails is retried row by row, so one
     bad row fails alone; the error is recorded and the other rows are drawn. Finishing a batch (watermark,
     PNG, write) runs on a helper thread while the next batch denoises: on a GPU those CPU seconds would
     otherwise leave the device idle.
@@ -134,7 +135,7 @@ def _draw_or_split(get_pipe, batch: list[dict]) -> list[tuple[list[dict], Any, f
     """[(rows, images or the exception, seconds per row, tokenizer)]: the batch, or its rows one by one."""
     started = time.perf_counter()
     try:
-        pipe = get_pipe(batch[0]["model"])
+        pipe = get_pipe(batch[0])
         images = draw(pipe, batch)
         return [(batch, images, (time.perf_counter() - started) / len(batch), pipe.tokenizer)]
     except Exception as exc:  # noqa: BLE001 - recorded per row

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 from actors.models import describe_model
 from cluster.connect import actor_env, connect, size_actors
 from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, write_part
-from manifests.reader import count_ids, expand_manifest_paths, plan_parts
+from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
 
 # A ledger part is written when this many rows or seconds have gathered: a killed run loses at most
 # that much ledger (those rows are drawn again on rerun, never duplicated).
@@ -82,8 +82,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
     duplicates = {i: n for i, n in id_counts.items() if n > 1}
     del id_counts
 
-    # 3. models: defaults and fingerprints, from configs only
+    # 3. models and adapters: defaults and fingerprints, from configs and file hashes only
     models = {name: describe_model(name, ref).defaults() for name, ref in cfg.models.items()}
+    adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, adapter_names(uris))
 
     # 4. what is already done: newest ok hash per id, and which images exist
     from jobs.plan import PlanState
@@ -94,7 +95,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     if done and fs.exists(f"{root}/images"):
         existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{root}/images/*.png")}
     state = PlanState(models=models, duplicates=duplicates, done=done, existing=existing,
-                      watermark=cfg.watermark, force=cfg.force)
+                      watermark=cfg.watermark, force=cfg.force,
+                      adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
     log(f"{total} rows in {len(uris)} manifest(s); {len(done)} done before; out: {cfg.out}")
 
     # 5. Ray, and actors sized to it
@@ -109,6 +111,30 @@ def run_generate(cfg: GenerateConfig) -> dict:
     finally:
         ray.shutdown()
     return summary
+
+
+def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Fingerprint every adapter the manifests name: ({name: fingerprint}, {name: why it is unusable}).
+
+    A bad adapter is a row-level matter (its rows fail, the rest are drawn), so errors are collected,
+    not raised. An adapter store that cannot be reached at all stops the run.
+    """
+    if not names:
+        return {}, {}
+    if store_uri is None:
+        return {}, {n: f"adapter {n!r}: no adapter store given (pass --adapters URI)" for n in names}
+    from actors.adapters import AdapterError, AdapterStore
+
+    store = AdapterStore(store_uri)
+    if not store.fs.exists(store.root):
+        raise RunFailed(f"--adapters {store_uri} does not exist")
+    fingerprints, errors = {}, {}
+    for name in sorted(names):
+        try:
+            fingerprints.update(store.fingerprints([name]))
+        except AdapterError as exc:
+            errors[name] = str(exc)
+    return fingerprints, errors
 
 
 def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started) -> dict:
@@ -133,7 +159,8 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     ds = ds.map_batches(
         GeneratorActor,
         fn_constructor_kwargs=dict(models=models, out_uri=cfg.out, batch_size=cfg.batch_size,
-                                   device=sizing.device, torch_threads=sizing.torch_threads),
+                                   device=sizing.device, torch_threads=sizing.torch_threads,
+                                   adapters_uri=cfg.adapters),
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -145,6 +172,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     # 7. stream results back: ledger parts as batches finish, progress, identity checks
     counts = {"ok": 0, "skipped": 0, "failed": 0, "invalid": 0}
     per_actor: dict[str, int] = {}
+    swaps: dict[str, tuple[int, float]] = {}  # actor -> its running (swaps, seconds), newest seen
     seen: set[tuple[str, int]] = set()
     pending: list[dict] = []
     seq = 0
@@ -167,6 +195,9 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
                     continue
                 seen.add(key)
                 counts[row["status"]] += 1
+                if row["actor"]:
+                    swaps[row["actor"]] = max(swaps.get(row["actor"], (0, 0.0)),
+                                              (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
                 if row["status"] == "skipped":
                     continue
                 pending.append(row)
@@ -199,7 +230,11 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
         "images_per_second": round(counts["ok"] / wall, 4) if wall > 0 else 0.0,
         "actors": cfg.actors,
         "images_per_actor": per_actor,
-        "adapter_swaps": {"total": 0, "per_actor": {}, "seconds": 0.0},
+        "adapter_swaps": {
+            "total": sum(n for n, _ in swaps.values()),
+            "per_actor": {actor: n for actor, (n, _) in swaps.items()},
+            "seconds": round(sum(t for _, t in swaps.values()), 3),
+        },
         "batch_size": cfg.batch_size,
         "backend": cfg.backend,
         "device": sizing.device,

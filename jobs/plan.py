@@ -3,6 +3,7 @@
 Each row leaves this stage exactly once, as one of:
 - `invalid`: a reason naming the row, field and value (drawn by nobody, recorded in the ledger);
 - `skipped`: its `params_hash` already has an `ok` ledger entry and an image (not redrawn);
+- `failed`: it needs an adapter that cannot be used (unknown, corrupt, a pickle file);
 - to draw: resolved (defaults filled from its model) with its `params_hash`.
 """
 
@@ -51,6 +52,8 @@ class PlanState:
     existing: set[str] = field(default_factory=set)  # ids with an image in the output store
     watermark: str | None = None
     force: bool = False
+    adapter_fingerprints: dict[str, str] = field(default_factory=dict)  # name -> file hash
+    adapter_errors: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
 
 
 def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) -> dict[str, Any]:
@@ -64,7 +67,12 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         reason = (f"{source} row {row} (`{parsed.id}`): `id` appears in {state.duplicates[parsed.id]} rows of this "
                   f"run; ids must be unique, so none of those rows is drawn")
         return {**base, "id": parsed.id, "status": "invalid", "error": reason}
-    work = {**base, **resolve_row(parsed, state.models[parsed.model], watermark=state.watermark), "status": None}
+    resolved = resolve_row(parsed, state.models[parsed.model], watermark=state.watermark,
+                           adapter_fingerprints=state.adapter_fingerprints)
+    work = {**base, **resolved, "status": None}
+    broken = [state.adapter_errors[a.name] for a in parsed.adapters if a.name in state.adapter_errors]
+    if broken:  # a bad adapter fails the rows that need it; every other row is drawn
+        return {**work, "status": "failed", "error": "; ".join(broken)}
     if state.watermark and min(work["width"], work["height"]) < MIN_SIDE:
         reason = (f"{source} row {row} (`{parsed.id}`): {work['width']}x{work['height']} is too small to carry the "
                   f"watermark (needs {MIN_SIDE}x{MIN_SIDE}); make it larger or run with --no-watermark")

@@ -112,3 +112,21 @@ def count_ids(uris: list[str]) -> tuple[int, collections.Counter]:
         for batch in pf.iter_batches(batch_size=65536, columns=["id"]):
             counts.update(v for v in batch.column(0).to_pylist() if isinstance(v, str))
     return total, counts
+
+
+def adapter_names(uris: list[str]) -> set[str]:
+    """Every adapter name the manifests' `adapters` columns mention (read alone, streaming).
+
+    The driver resolves and fingerprints only these, not everything in the adapter store.
+    """
+    names: set[str] = set()
+    for uri in uris:
+        pf = _open_parquet(uri)
+        if "adapters" not in pf.schema_arrow.names:
+            continue
+        for batch in pf.iter_batches(batch_size=65536, columns=["adapters"]):
+            for value in batch.column(0).to_pylist():
+                for item in value or []:
+                    if isinstance(item, dict) and isinstance(item.get("name"), str):
+                        names.add(item["name"])
+    return names

@@ -123,8 +123,8 @@ def test_generate_rows_writes_pngs_and_fails_only_the_broken_group(tiny):
     broken = resolved_rows(1)
     broken[0].update(id="broken", model="other")
 
-    def get_pipe(name):
-        if name == "other":
+    def get_pipe(row):
+        if row["model"] == "other":
             raise RuntimeError("CUDA out of memory (simulated)")
         return tiny
 

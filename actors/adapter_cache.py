@@ -1,0 +1,318 @@
+"""Adapters on one loaded pipeline: each loaded once, switched by activation, least recently used out.
+
+Reloading a pipeline per style wastes most of a GPU; loading a LoRA's few MB once and switching the
+active set costs milliseconds. What makes a switch leave no trace (each checked by tests/test_adapters.py):
+
+- No adapter: `pipe.disable_lora()`. peft's LoRA layers then call only their base layer, so the pixels are
+  bit-identical to a pipeline that never saw a LoRA. (`pipe.set_adapters([])` raises KeyError in
+  diffusers 0.42, so it is not the way back to base.)
+- Scale 0: the adapter is left out of the active set, so a row at scale 0 is the base model by
+  construction (no `0 * inf = NaN` from an overflowing fp16 LoRA branch).
+- A -> B -> A: peft's `set_scale` recomputes each layer's scaling from alpha / rank every time, so no
+  drift accumulates; adapters are activated in name order, so a blend sums in one order.
+- A file that does not fit (another base model's LoRA) is checked against the model's layers before
+  diffusers touches the pipeline: diffusers' own clean-up after a size mismatch leaves peft wrappers and
+  an empty `peft_config` behind. If a load still fails, every LoRA is unloaded (`unload_lora_weights`
+  puts the original layers back) and the cache forgets them, so the pipeline is the base model again.
+
+Textual Inversion embeddings are loaded once (`load_textual_inversion`) and never deactivated: they add a
+new token and only change prompts that contain it. A prompt that uses the token without naming the
+embedding in its row (or names it at scale 0) would draw differently on an actor that happens to hold
+it, so tokens should be words no prompt uses by accident (`<name>`). Embeddings do not count against the LoRA bounds.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from actors.adapters import AdapterError, AdapterInfo, AdapterStore
+
+GiB = 1024**3
+LORA_MATRIX = re.compile(r"^(?P<path>.+)\.lora_(?P<role>[AB])\.weight$")
+
+
+@dataclass
+class _Loaded:
+    info: AdapterInfo
+    peft_name: str  # the name inside diffusers/peft; carries the fingerprint, so a replaced file is a new adapter
+    nbytes: int
+
+
+class AdapterCache:
+    """The adapters loaded into one pipeline, bounded by count and bytes, least recently used evicted first.
+
+    `pipe` must hold no LoRA when handed over. `max_bytes` counts LoRA matrices in the UNet's dtype (half
+    the file size in fp16 for an fp32 file); embeddings are not counted (a few KB each, never evicted).
+    """
+
+    def __init__(self, pipe, store: AdapterStore, max_adapters: int = 8, max_bytes: int = 2 * GiB):
+        if max_adapters < 1 or max_bytes < 1:
+            raise ValueError("max_adapters and max_bytes must be at least 1")
+        self.pipe = pipe
+        self.store = store
+        self.max_adapters = max_adapters
+        self.max_bytes = max_bytes
+        self._loras: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
+        self._embeddings: dict[str, tuple[AdapterInfo, list[str]]] = {}  # name -> (info, tokens added)
+        # (peft_name, scale) now applied; () is the base model (the pipeline is handed over without LoRAs);
+        # None when diffusers changed it behind our back (a load activates its adapter) and it must be set again
+        self._active: tuple[tuple[str, float], ...] | None = ()
+        self._enabled: bool | None = None  # LoRA layers switched on; None: unknown (after a load or eviction)
+        self.swaps = 0  # activate() calls that changed the pipeline
+        self.swap_seconds = 0.0  # time those calls took, loads included
+        self.loads = 0
+        self.evictions = 0
+
+    def activate(self, adapters) -> bool:
+        """Make the pipeline draw with exactly `adapters` (`[{"name", "scale", "fingerprint"?}]`, [] for base).
+
+        Returns True if the pipeline changed. A `fingerprint` (as rows carry it) must match the store's file,
+        so a file replaced mid-run fails its rows instead of drawing them with other weights. Raises
+        AdapterError naming the adapter and the cause. A file that is missing, unreadable or does not fit
+        leaves the pipeline as it was; a failure inside diffusers unloads every LoRA (the base model).
+        """
+        started = time.perf_counter()
+        changed = False
+        # 1. check the request; scale 0 is the base model, so it is left out
+        wanted = _normalise(adapters)
+        # 2. resolve and read what is not loaded yet, and check it fits, before touching the pipeline
+        loras, embeddings, staged = [], [], {}
+        for name, scale, fingerprint in wanted:
+            entry = self._loras.get(name)
+            if entry is not None and fingerprint in (None, entry.info.fingerprint):
+                loras.append((name, scale))
+                continue
+            known = self._embeddings.get(name)
+            if known is not None and fingerprint in (None, known[0].fingerprint):
+                embeddings.append((name, scale))
+                continue
+            info = self.store.resolve(name)
+            if fingerprint is not None and info.fingerprint != fingerprint:
+                raise AdapterError(name, f"{info.uri} changed since the run was planned (planned fingerprint "
+                                         f"{fingerprint}, the store now has {info.fingerprint})")
+            state_dict = self.store.load_state_dict(info)
+            if info.kind == "lora":
+                check_lora_fits(self.pipe, name, state_dict)
+                loras.append((name, scale))
+            else:
+                owned = known[1] if known is not None else []  # a replaced file may reuse its own tokens
+                check_embedding_fits(self.pipe, info, state_dict, owned=owned)
+                embeddings.append((name, scale))
+            staged[name] = (info, state_dict)
+        for name, scale in embeddings:
+            if scale != 1.0:
+                raise AdapterError(name, f"is a Textual Inversion embedding, which has no scale; got {scale} "
+                                         "(use 1.0, or 0 to leave it out)")
+        # 3. load embeddings once; they only act where a prompt uses their token
+        for name, _ in embeddings:
+            if name in staged:
+                self._load_embedding(*staged[name])
+                changed = True
+        # 4. load missing LoRAs, making room by evicting those this request does not use
+        needed = {name for name, _ in loras}
+        for name, _ in loras:
+            if name in staged:
+                info, state_dict = staged.pop(name)
+                nbytes = _lora_bytes(self.pipe, state_dict)
+                self._make_room(nbytes, keep=needed)
+                self._load_lora(info, state_dict, nbytes)
+                changed = True
+            self._loras.move_to_end(name)
+        # 5. switch: the exact base model, or the wanted blend
+        target = tuple((self._loras[name].peft_name, scale) for name, scale in loras)
+        if target != self._active:
+            self._apply(target)
+            changed = True
+        if changed:
+            self.swaps += 1
+            self.swap_seconds += time.perf_counter() - started
+        return changed
+
+    def stats(self) -> dict:
+        """Counters for run.json: swaps, swap_seconds, loads, evictions, and what is loaded now."""
+        return {
+            "swaps": self.swaps, "swap_seconds": self.swap_seconds, "loads": self.loads,
+            "evictions": self.evictions, "loaded": list(self._loras), "embeddings": list(self._embeddings),
+            "loaded_bytes": sum(e.nbytes for e in self._loras.values()),
+        }
+
+    # -- the pipeline side ----------------------------------------------------------------------------
+
+    def _apply(self, target: tuple[tuple[str, float], ...]) -> None:
+        self._active = None  # until diffusers has finished
+        # enable/disable walk every module: half the cost of a switch, so only when the state changes
+        if not target:
+            if self._enabled is not False:
+                self.pipe.disable_lora()  # exact: peft layers call only their base layer
+            self._enabled = False
+        else:
+            if self._enabled is not True:
+                self.pipe.enable_lora()
+            self._enabled = True
+            self.pipe.set_adapters([n for n, _ in target], adapter_weights=[s for _, s in target])
+        self._active = target
+
+    def _load_lora(self, info: AdapterInfo, state_dict, nbytes: int) -> None:
+        # peft keeps adapters in ModuleDicts: no dots in names
+        peft_name = f"{re.sub(r'[^A-Za-z0-9_]', '_', info.name)}__{info.fingerprint}"
+        while any(e.peft_name == peft_name for e in self._loras.values() if e.info.name != info.name):
+            peft_name += "_"  # "a-b" and "a_b" holding the same bytes
+        old = self._loras.pop(info.name, None)
+        if old is not None:  # the file was replaced: the old weights go
+            self.pipe.delete_adapters(old.peft_name)
+        try:
+            with warnings.catch_warnings():
+                # peft warns on every second adapter in a model; several adapters are the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.pipe.load_lora_weights(dict(state_dict), adapter_name=peft_name)
+        except Exception as exc:
+            self._reset_loras()
+            raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc}); "
+                                          "all LoRAs were unloaded, the pipeline is the base model") from exc
+        self._loras[info.name] = _Loaded(info, peft_name, nbytes)
+        self.loads += 1
+        self._active = self._enabled = None  # load_lora_weights made the new adapter the only active one
+
+    def _make_room(self, nbytes: int, keep: set[str]) -> None:
+        """Evict least recently used LoRAs not in `keep` until one more of `nbytes` fits the bounds.
+
+        The adapters one row needs are never evicted, so a single blend may exceed the bounds.
+        """
+        def over() -> bool:
+            used = sum(e.nbytes for e in self._loras.values())
+            return len(self._loras) + 1 > self.max_adapters or used + nbytes > self.max_bytes
+
+        for name in [n for n in self._loras if n not in keep]:
+            if not over():
+                break
+            entry = self._loras.pop(name)
+            self.pipe.delete_adapters(entry.peft_name)
+            self.evictions += 1
+            self._enabled = None
+            if any(peft_name == entry.peft_name for peft_name, _ in self._active or ()):
+                self._active = None  # what was active is gone
+
+    def _reset_loras(self) -> None:
+        """Back to the base model's own layers after a failed load: unwrap every LoRA layer."""
+        self.pipe.unload_lora_weights()
+        self._loras.clear()
+        self._active, self._enabled = (), None
+
+    def _load_embedding(self, info: AdapterInfo, state_dict) -> None:
+        old = self._embeddings.pop(info.name, None)
+        if old is not None:  # the file was replaced: drop the old vectors first
+            self.pipe.unload_textual_inversion(old[1])
+        tensor = next(iter(state_dict.values()))
+        tokens = embedding_tokens(info.token, tensor)
+        try:
+            self.pipe.load_textual_inversion({info.token: tensor}, token=info.token)
+        except Exception as exc:  # diffusers checks before it changes anything
+            raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc})") from exc
+        self._embeddings[info.name] = (info, tokens)
+        self.loads += 1
+
+
+def _normalise(adapters) -> list[tuple[str, float, str | None]]:
+    """[(name, scale, fingerprint or None)] in name order, scale-0 entries dropped; a name listed twice is an error."""
+    out, seen = [], set()
+    for item in adapters or []:
+        name, scale = item["name"], float(item.get("scale", 1.0))
+        if name in seen:
+            raise AdapterError(name, "is listed twice in one row; list it once with the summed scale")
+        seen.add(name)
+        if scale != 0.0:
+            out.append((name, scale, item.get("fingerprint") or None))
+    return sorted(out)
+
+
+def _lora_bytes(pipe, state_dict) -> int:
+    """Bytes the adapter takes once loaded: its matrices in the UNet's dtype."""
+    itemsize = next(pipe.unet.parameters()).element_size()
+    return sum(t.numel() for k, t in state_dict.items() if not k.endswith(".alpha")) * itemsize
+
+
+def embedding_tokens(token: str, tensor) -> list[str]:
+    """The tokens an embedding adds: `token`, then `token_1`, `token_2`, ... for multi-vector embeddings."""
+    n = tensor.shape[0] if tensor.ndim == 2 else 1
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def check_embedding_fits(pipe, info: AdapterInfo, state_dict, owned=()) -> None:
+    """Raise AdapterError unless the embedding's width matches the text encoder and its tokens are new words."""
+    tensor = next(iter(state_dict.values()))
+    width = pipe.text_encoder.get_input_embeddings().embedding_dim
+    if tensor.shape[-1] != width:
+        raise AdapterError(info.name, f"is an embedding {tensor.shape[-1]} wide; this model's text encoder takes "
+                                      f"{width} (an embedding for another base model?)")
+    vocab = pipe.tokenizer.get_vocab()
+    clash = [t for t in embedding_tokens(info.token, tensor) if t in vocab and t not in owned]
+    if clash:
+        raise AdapterError(info.name, f"its token {clash[0]!r} is already a token of this model's tokenizer; "
+                                      "rename the file (the file name is the token)")
+
+
+def check_lora_fits(pipe, name: str, state_dict) -> None:
+    """Raise AdapterError unless every LoRA matrix lands on a layer of this pipeline with matching shapes.
+
+    Uses diffusers' own conversions (kohya -> diffusers -> peft), so it sees the keys the loader will see.
+    """
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    # 1. kohya and old diffusers spellings -> "unet.<module>..." / "text_encoder.<module>..."
+    try:
+        converted, _ = type(pipe).lora_state_dict(dict(state_dict))  # a copy: the kohya converter pops keys
+    except Exception as exc:  # noqa: BLE001 - any failure here means diffusers cannot read it either
+        raise AdapterError(name, f"diffusers cannot read this LoRA ({type(exc).__name__}: {exc})") from exc
+    components = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
+    parts: dict[str, dict] = {}
+    for key, tensor in converted.items():
+        part, _, rest = key.partition(".")
+        if components.get(part) is None:
+            raise AdapterError(name, f"has weights for `{part}`, which this model does not have "
+                                     "(a LoRA for another base model, such as SDXL?)")
+        parts.setdefault(part, {})[rest] = tensor
+    # 2. peft spelling: "<module>.lora_A.weight" (down, rank x in) and "<module>.lora_B.weight" (up, out x rank)
+    problems, layers = [], 0
+    for part, sd in parts.items():
+        if part == "unet":
+            sd = convert_unet_state_dict_to_peft(sd)
+        else:
+            sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+        modules = dict(components[part].named_modules())
+        ranks = {}
+        for key, tensor in sd.items():
+            match = LORA_MATRIX.match(key)
+            if match is None:
+                continue  # alphas, biases and magnitude vectors ride along with their matrices
+            path, role = match["path"], match["role"]
+            layers += role == "A"
+            # CLIPTextModel lost its `text_model.` level in recent transformers; old files still have it
+            layer = modules.get(path) or modules.get(path.removeprefix("text_model."))
+            layer = getattr(layer, "base_layer", layer)  # already wrapped by an earlier adapter
+            weight = getattr(layer, "weight", None)
+            if weight is None:
+                problems.append(f"{part}.{path} is not a layer of this model")
+                continue
+            # 3. the shapes the loader will copy: A takes the layer's input, B gives its output
+            dim, want = (1, weight.shape[1]) if role == "A" else (0, weight.shape[0])
+            if tensor.ndim != weight.ndim or tensor.shape[dim] != want:
+                problems.append(f"{part}.{path}.lora_{role} is {tuple(tensor.shape)}, the layer is "
+                                f"{tuple(weight.shape)}")
+            ranks.setdefault(path, {})[role] = tensor.shape[0] if role == "A" else tensor.shape[1]
+        problems += [f"{part}.{p}: rank {r.get('A')} down but {r.get('B')} up" for p, r in ranks.items()
+                     if r.get("A") != r.get("B")]
+    if not layers:
+        raise AdapterError(name, "has no LoRA layers for this model's UNet or text encoder")
+    if problems:
+        problems.sort()
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise AdapterError(name, f"does not fit this model, a LoRA for another base model? "
+                                 f"{'; '.join(problems[:3])}{more}")

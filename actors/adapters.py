@@ -1,0 +1,189 @@
+"""The adapter store: LoRA files and Textual Inversion embeddings under one fsspec location.
+
+Adapter `N` is `N.safetensors` or `N/pytorch_lora_weights.safetensors` under the store's root. Only
+safetensors are read: a `.bin`, `.pt`, `.ckpt` under that name is refused without being opened, because
+unpickling a file runs whatever code it carries.
+
+The driver calls `fingerprints` (one read per file) so that a row's `params_hash` changes when its adapter
+file is replaced; actors call `resolve` and `load_state_dict` (see `actors.adapter_cache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import fsspec
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A name is a relative path of safe segments: "watercolor", "styles/watercolor-v2".
+NAME_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# diffusers / peft key spellings of a LoRA's two matrices (peft, diffusers attention processors, old diffusers).
+DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up)\.|\.lora_linear_layer\.)")
+# Keys that hold an embedding but do not name its token (kohya/A1111 exports); the file name is the token then.
+GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*")
+FINGERPRINT_CHARS = 16
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used; the message names the adapter and the cause."""
+
+    def __init__(self, name: str, cause: str):
+        super().__init__(f"adapter {name!r}: {cause}")
+        self.adapter = name
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the store knows about one adapter file."""
+
+    name: str
+    uri: str
+    fingerprint: str  # sha256 of the file bytes, shortened
+    size: int  # bytes in the file
+    kind: Literal["lora", "embedding"]
+    format: Literal["diffusers", "kohya", "embedding"]
+    token: str | None = None  # embeddings: the word prompts use to call it
+
+
+class AdapterStore:
+    """Adapters under one fsspec location (a local path, `s3://...`, `memory://...` in tests)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        self.root = self.root.rstrip("/")
+        # One read serves both resolve() and the load_state_dict() that follows it.
+        self._last_read: tuple[str, bytes] | None = None
+
+    def resolve(self, name: str) -> AdapterInfo:
+        """Find adapter `name`, hash it and detect its kind and format; raise AdapterError if it is unusable."""
+        path = self._find(name)
+        data = self._read(name, path)
+        tensors = _parse(name, data)
+        kind, fmt, token = _detect(name, tensors)
+        self._last_read = (path, data)
+        return AdapterInfo(
+            name=name, uri=self.fs.unstrip_protocol(path), fingerprint=_fingerprint(data), size=len(data),
+            kind=kind, format=fmt, token=token,
+        )
+
+    def fingerprints(self, names) -> dict[str, str]:
+        """`{name: fingerprint}` for the driver's `params_hash`; raises AdapterError on the first bad name."""
+        out = {}
+        for name in dict.fromkeys(names):
+            out[name] = self.resolve(name).fingerprint
+            self._last_read = None  # the driver never loads: do not hold on to the bytes
+        return out
+
+    def load_state_dict(self, info: AdapterInfo):
+        """The adapter's tensors (`safetensors.torch.load`), checked against the fingerprint it was resolved with."""
+        path = fsspec.core.strip_protocol(info.uri)
+        if self._last_read is not None and self._last_read[0] == path:
+            data = self._last_read[1]
+        else:
+            data = self._read(info.name, path)
+        self._last_read = None
+        if _fingerprint(data) != info.fingerprint:
+            raise AdapterError(info.name, f"{info.uri} changed since it was resolved "
+                                          f"(fingerprint {info.fingerprint}, now {_fingerprint(data)})")
+        return _parse(info.name, data)
+
+    def names(self) -> list[str]:
+        """Adapter names at the top of the store, sorted (for messages and listings)."""
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for entry in entries:
+            base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] == "file" and base.endswith(".safetensors"):
+                names.append(base.removesuffix(".safetensors"))
+            elif entry["type"] == "directory" and self.fs.exists(f"{entry['name'].rstrip('/')}/{LORA_FILE}"):
+                names.append(base)
+        return sorted(set(names))
+
+    # -- finding and reading ------------------------------------------------------------------------
+
+    def _find(self, name: str) -> str:
+        """The one safetensors path for `name`, or an AdapterError that says what is there instead."""
+        # 1. the name must stay inside the store
+        segments = name.split("/")
+        if not all(NAME_SEGMENT.match(s) for s in segments):
+            raise AdapterError(name, "is not a valid adapter name (use letters, digits, '.', '_', '-', "
+                                     "and '/' between folder names)")
+        base = f"{self.root}/{name}"
+        candidates = [p for p in (f"{base}.safetensors", f"{base}/{LORA_FILE}") if self.fs.isfile(p)]
+        # 2. exactly one safetensors file
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) == 2:
+            raise AdapterError(name, f"both {name}.safetensors and {name}/{LORA_FILE} exist in {self.uri}; "
+                                     "keep one so it is clear which is drawn")
+        # 3. a pickle under that name is refused, never opened
+        pickles = [f"{base}{s}" for s in PICKLE_SUFFIXES]
+        if self.fs.isdir(base):
+            pickles += [e for e in self.fs.ls(base, detail=False) if e.endswith(PICKLE_SUFFIXES)]
+        found = [p for p in pickles if self.fs.isfile(p)]
+        if found:
+            raise AdapterError(name, f"{self.fs.unstrip_protocol(found[0])} is a pickle file; only .safetensors "
+                                     "adapters are loaded, because opening a pickle runs code it carries "
+                                     "(convert it to safetensors where you trust it)")
+        # 4. unknown: say what the store does hold
+        if not self.fs.exists(self.root):
+            raise AdapterError(name, f"the adapter store {self.uri} does not exist")
+        held = self.names()
+        listing = ", ".join(held[:20]) + (f" and {len(held) - 20} more" if len(held) > 20 else "")
+        where = f"holds: {listing}" if held else "holds no adapters"
+        raise AdapterError(name, f"is not in the adapter store {self.uri} (expected {name}.safetensors or "
+                                 f"{name}/{LORA_FILE}); the store {where}")
+
+    def _read(self, name: str, path: str) -> bytes:
+        try:
+            return self.fs.cat_file(path)
+        except (OSError, ValueError) as exc:
+            raise AdapterError(name, f"could not read {self.fs.unstrip_protocol(path)}: {exc}") from exc
+
+
+def _fingerprint(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _parse(name: str, data: bytes):
+    """Tensors from safetensors bytes; any parse failure is a corrupt file."""
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise AdapterError(name, f"is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
+def _detect(name: str, tensors) -> tuple[str, str, str | None]:
+    """(kind, format, token) from the keys: kohya LoRA, diffusers/peft LoRA, or a Textual Inversion embedding."""
+    keys = list(tensors)
+    if not keys:
+        raise AdapterError(name, "holds no tensors")
+    if any(k.startswith(KOHYA_PREFIXES) and (".lora_down." in k or ".lora_up." in k) for k in keys):
+        return "lora", "kohya", None
+    if any(DIFFUSERS_LORA.search(k) for k in keys):
+        return "lora", "diffusers", None
+    if any(k.startswith(KOHYA_PREFIXES) and ("hada_" in k or "lokr_" in k) for k in keys):
+        raise AdapterError(name, "is a LyCORIS (LoHa/LoKr) file; only LoRA and Textual Inversion are supported")
+    if set(keys) == {"clip_l", "clip_g"}:
+        raise AdapterError(name, "is an SDXL embedding (clip_l + clip_g); Stable Diffusion 2.x has one text encoder")
+    if len(keys) == 1:
+        key, tensor = keys[0], tensors[keys[0]]
+        if tensor.is_floating_point() and tensor.ndim in (1, 2):
+            token = name.rsplit("/", 1)[-1] if key in GENERIC_EMBEDDING_KEYS else key
+            return "embedding", "embedding", token
+    shown = ", ".join(repr(k) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+    raise AdapterError(name, f"has no LoRA or embedding keys ({len(keys)} tensors: {shown}); "
+                             "expected kohya `lora_unet_*.lora_down.weight`, diffusers `unet.*.lora_A.weight`, "
+                             "or one embedding tensor")

@@ -1,0 +1,401 @@
+"""LoRA and Textual Inversion adapters on the tiny preset: the store, the per-actor cache, and no traces.
+
+Adapters are made here: random rank-4 LoRAs on the attention projections, large enough to change the
+image visibly, saved with diffusers' own `save_lora_weights` and converted to kohya format by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import uuid
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save
+
+from actors.adapter_cache import AdapterCache
+from actors.adapters import AdapterError, AdapterStore
+from actors.generate import draw
+from actors.presets import PRESETS, build_preset
+from manifests.schema import ManifestRow, resolve_row
+
+RANK = 4
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+# -- making adapters ----------------------------------------------------------------------------------
+
+def make_lora(module, targets, seed: int, std: float = 0.5, in_features: dict | None = None) -> dict:
+    """A random rank-4 LoRA in peft spelling (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`).
+
+    `in_features` overrides a layer's input width by name suffix, to make a LoRA for another base model.
+    """
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, layer in module.named_modules():
+        if path.endswith(targets) and isinstance(layer, torch.nn.Linear):
+            n_in = next((n for suffix, n in (in_features or {}).items() if path.endswith(suffix)), layer.in_features)
+            layers[f"{path}.lora_A.weight"] = torch.randn(RANK, n_in, generator=g) * std
+            layers[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * std
+    return layers
+
+
+def diffusers_file(tmp_path, unet_layers: dict, te_layers: dict | None = None) -> bytes:
+    """The bytes of a LoRA saved by diffusers itself (keys `unet.<layer>.lora_A.weight`, ...)."""
+    out = tmp_path / uuid.uuid4().hex
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers)
+    return (out / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def to_kohya(unet_layers: dict, te_layers: dict | None = None, alpha: float = RANK) -> dict:
+    """diffusers -> kohya: `lora_unet_<layer path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+
+    Text encoder layers become `lora_te_text_model_<path with _>...`. kohya scales by alpha / rank.
+    """
+    out = {}
+    named = [("lora_unet_", k, v) for k, v in unet_layers.items()]
+    named += [("lora_te_text_model_", k, v) for k, v in (te_layers or {}).items()]
+    for prefix, key, tensor in named:
+        path, matrix = key.rsplit(".lora_", 1)
+        base = prefix + path.replace(".", "_")
+        if matrix.startswith("A"):
+            out[f"{base}.lora_down.weight"] = tensor.clone()
+            out[f"{base}.alpha"] = torch.tensor(float(alpha))
+        else:
+            out[f"{base}.lora_up.weight"] = tensor.clone()
+    return out
+
+
+def new_store(files: dict[str, bytes]) -> AdapterStore:
+    uri = f"memory://adapters-{uuid.uuid4().hex[:8]}"
+    fs, root = fsspec.core.url_to_fs(uri)
+    for rel, data in files.items():
+        fs.pipe(f"{root}/{rel}", data)
+    return AdapterStore(uri)
+
+
+def put(store: AdapterStore, rel: str, data: bytes) -> None:
+    store.fs.pipe(f"{store.root}/{rel}", data)
+
+
+# -- drawing ------------------------------------------------------------------------------------------
+
+def resolved_row(store: AdapterStore, adapters=()) -> dict:
+    """One resolved row as the driver makes it (see tests/test_actors.py::resolved_rows), with adapters."""
+    model = {**PRESETS["tiny"]["defaults"], "fingerprint": "test"}
+    row = ManifestRow(id="r0", prompt="a red mug on a white background", steps=2,
+                      adapters=[{"name": n, "scale": s} for n, s in adapters])
+    names = [n for n, _ in adapters]
+    return resolve_row(row, model, watermark=None, adapter_fingerprints=store.fingerprints(names))
+
+
+def draw_with(cache: AdapterCache, adapters=()) -> np.ndarray:
+    row = resolved_row(cache.store, adapters)
+    cache.activate(row["adapters"])
+    return draw(cache.pipe, [row])[0]
+
+
+def assert_close(a: np.ndarray, b: np.ndarray, label: str) -> None:
+    diff = np.abs(a.astype(int) - b)
+    assert diff.max() <= 3, f"{label}: max difference {diff.max()}/255"
+    assert (diff == 0).mean() >= 0.99, f"{label}: only {(diff == 0).mean():.2%} of values equal"
+
+
+def peft_layers(pipe) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(m, BaseTunerLayer) for part in (pipe.unet, pipe.text_encoder) for m in part.modules())
+
+
+# -- fixtures: one store, and reference images each drawn on a fresh pipeline ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_shape():
+    return build_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_shape):
+    return {
+        "A": make_lora(tiny_shape.unet, UNET_TARGETS, seed=1),
+        "B": make_lora(tiny_shape.unet, UNET_TARGETS, seed=2),
+        "B_te": make_lora(tiny_shape.text_encoder, TE_TARGETS, seed=3, std=0.2),
+    }
+
+
+@pytest.fixture(scope="module")
+def store(loras, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loras")
+    return new_store({
+        "A.safetensors": diffusers_file(tmp, loras["A"]),
+        "A_kohya.safetensors": save(to_kohya(loras["A"])),
+        # alpha = rank / 2 halves the LoRA: the same as B at scale 0.5
+        "B_kohya_half.safetensors": save(to_kohya(loras["B"], loras["B_te"], alpha=RANK / 2)),
+        # B uses the folder layout and also adapts the text encoder
+        "B/pytorch_lora_weights.safetensors": diffusers_file(tmp, loras["B"], loras["B_te"]),
+    })
+
+
+@pytest.fixture(scope="module")
+def base_image(store):
+    return draw_with(AdapterCache(build_preset("tiny"), store))
+
+
+@pytest.fixture(scope="module")
+def fresh_a(store):
+    return draw_with(AdapterCache(build_preset("tiny"), store), [("A", 1.0)])
+
+
+@pytest.fixture(scope="module")
+def fresh_b(store):
+    return draw_with(AdapterCache(build_preset("tiny"), store), [("B", 1.0)])
+
+
+# -- the store ----------------------------------------------------------------------------------------
+
+def test_store_finds_both_layouts_and_detects_formats(store, loras):
+    a, b, k = store.resolve("A"), store.resolve("B"), store.resolve("A_kohya")
+    assert (a.kind, a.format) == ("lora", "diffusers") and a.uri == f"memory://{store.root}/A.safetensors"
+    assert (b.kind, b.format) == ("lora", "diffusers") and b.uri.endswith("/B/pytorch_lora_weights.safetensors")
+    assert (k.kind, k.format) == ("lora", "kohya")
+    assert a.size == len(store.fs.cat_file(f"{store.root}/A.safetensors"))
+    assert store.names() == ["A", "A_kohya", "B", "B_kohya_half"]
+    assert store.fingerprints(["A", "B", "A"]) == {"A": a.fingerprint, "B": b.fingerprint}
+    tensors = store.load_state_dict(a)
+    assert torch.equal(tensors[f"unet.{next(iter(loras['A']))}"], next(iter(loras["A"].values())))
+
+
+def test_fingerprint_changes_when_a_file_is_replaced(loras, tiny_shape):
+    s = new_store({"style.safetensors": save({f"unet.{k}": v for k, v in loras["A"].items()})})
+    before = s.resolve("style")
+    assert s.fingerprints(["style"]) == {"style": before.fingerprint}  # stable while the file is
+    put(s, "style.safetensors", save({f"unet.{k}": v for k, v in loras["B"].items()}))
+    after = s.resolve("style")
+    assert after.fingerprint != before.fingerprint
+    with pytest.raises(AdapterError, match="'style'.*changed since it was resolved"):
+        s.load_state_dict(before)
+    # an actor holding the old file reloads it for rows planned with the new one, and refuses stale rows
+    cache = AdapterCache(build_preset("tiny"), s)
+    put(s, "style.safetensors", save({f"unet.{k}": v for k, v in loras["A"].items()}))
+    assert cache.activate([{"name": "style", "scale": 1.0, "fingerprint": before.fingerprint}])
+    put(s, "style.safetensors", save({f"unet.{k}": v for k, v in loras["B"].items()}))
+    assert cache.activate([{"name": "style", "scale": 1.0, "fingerprint": after.fingerprint}])
+    assert cache.loads == 2 and len(cache.pipe.get_list_adapters()["unet"]) == 1  # the old weights are gone
+    with pytest.raises(AdapterError, match="'style'.*changed since the run was planned"):
+        cache.activate([{"name": "style", "scale": 1.0, "fingerprint": before.fingerprint}])
+
+
+def test_unknown_adapter_names_what_the_store_holds(store, tiny_shape):
+    held = "holds: A, A_kohya, B, B_kohya_half"
+    with pytest.raises(AdapterError, match=rf"'nope'.*not in the adapter store.*{held}") as err:
+        store.resolve("nope")
+    assert err.value.adapter == "nope" and isinstance(err.value, ValueError)
+    with pytest.raises(AdapterError, match="'nope'"):
+        AdapterCache(tiny_shape, store).activate([{"name": "nope", "scale": 1.0}])
+    with pytest.raises(AdapterError, match=r"'\.\./A'.*not a valid adapter name"):
+        store.resolve("../A")
+
+
+def test_corrupt_and_keyless_files_are_refused(loras):
+    good = save({f"unet.{k}": v for k, v in loras["A"].items()})
+    s = new_store({
+        "junk.safetensors": b"this is not a safetensors file",
+        "cut.safetensors": good[: len(good) // 2],
+        "model.safetensors": save({"conv_in.weight": torch.zeros(4, 4, 3, 3), "conv_in.bias": torch.zeros(4)}),
+    })
+    for name in ("junk", "cut"):
+        with pytest.raises(AdapterError, match=f"'{name}'.*not a readable safetensors file"):
+            s.resolve(name)
+    with pytest.raises(AdapterError, match="'model'.*no LoRA or embedding keys.*conv_in"):
+        s.resolve("model")
+
+
+def test_pickle_files_are_refused_without_being_opened(tmp_path, monkeypatch, tiny_shape):
+    class Trap:  # unpickling this creates a folder: proof that something ran
+        def __init__(self, path):
+            self.path = path
+
+        def __reduce__(self):
+            return os.makedirs, (self.path,)
+
+    pickle.loads(pickle.dumps(Trap(str(tmp_path / "armed"))))
+    assert (tmp_path / "armed").is_dir(), "the trap must work, or the test below proves nothing"
+    marker = tmp_path / "sprung"
+    trap = pickle.dumps(Trap(str(marker)))
+    s = new_store({"evil.ckpt": trap, "evil_pt.pt": trap, "evil_dir/pytorch_lora_weights.bin": trap})
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("an adapter file was unpickled")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    for name, file in (("evil", "evil.ckpt"), ("evil_pt", "evil_pt.pt"), ("evil_dir", "pytorch_lora_weights.bin")):
+        with pytest.raises(AdapterError, match=f"'{name}'.*{file} is a pickle file"):
+            s.resolve(name)
+    with pytest.raises(AdapterError, match="'evil'.*pickle"):
+        AdapterCache(tiny_shape, s).activate([{"name": "evil", "scale": 1.0}])
+    assert not marker.exists()
+
+
+# -- exactness -----------------------------------------------------------------------------------------
+
+def test_kohya_and_diffusers_formats_draw_the_same_image(store, fresh_a, base_image):
+    assert np.abs(fresh_a.astype(int) - base_image).mean() > 10, "the test LoRA must change the image visibly"
+    kohya = draw_with(AdapterCache(build_preset("tiny"), store), [("A_kohya", 1.0)])
+    assert_close(kohya, fresh_a, "kohya vs diffusers")
+    # text encoder layers and kohya's alpha / rank scale convert too
+    half = draw_with(AdapterCache(build_preset("tiny"), store), [("B", 0.5)])
+    kohya_half = draw_with(AdapterCache(build_preset("tiny"), store), [("B_kohya_half", 1.0)])
+    assert_close(kohya_half, half, "kohya alpha = rank / 2 vs diffusers at scale 0.5")
+
+
+def test_swaps_leave_no_trace(store, base_image, fresh_a, fresh_b):
+    cache = AdapterCache(build_preset("tiny"), store)
+    assert not cache.activate([]) and cache.swaps == 0  # already the base model
+    assert np.array_equal(draw_with(cache, [("A", 1.0)]), fresh_a)
+    assert np.array_equal(draw_with(cache, [("B", 1.0)]), fresh_b), "B after A"
+    assert np.array_equal(draw_with(cache, [("A", 1.0)]), fresh_a), "A -> B -> A"
+    assert np.array_equal(draw_with(cache, []), base_image), "none is the exact base model"
+    assert np.array_equal(draw_with(cache, [("A", 1.0)]), fresh_a), "A -> none -> A"
+    assert not cache.activate([{"name": "A", "scale": 1.0}]), "the same set again is no swap"
+    assert (cache.swaps, cache.loads, cache.evictions) == (5, 2, 0) and cache.swap_seconds > 0
+
+
+def test_a_blend_differs_from_its_parts_and_scale_zero_is_the_base(store, base_image, fresh_a, fresh_b):
+    cache = AdapterCache(build_preset("tiny"), store)
+    blend = draw_with(cache, [("A", 1.0), ("B", 1.0)])
+    for part, image in (("A", fresh_a), ("B", fresh_b)):
+        assert np.abs(blend.astype(int) - image).mean() > 5, f"the blend looks like {part} alone"
+    assert cache.activate([{"name": "B", "scale": 1.0}, {"name": "A", "scale": 1.0}]) is False  # one order
+    assert np.array_equal(draw_with(cache, [("A", 0.0)]), base_image), "scale 0 after a blend"
+    with pytest.raises(AdapterError, match="'A'.*listed twice"):
+        cache.activate([{"name": "A", "scale": 1.0}, {"name": "A", "scale": 0.5}])
+
+
+def test_a_lora_for_another_model_fails_and_leaves_the_pipeline_as_it_was(store, fresh_a, tiny_shape):
+    # SD 1.x-like cross-attention: to_k/to_v of attn2 take 768-wide text features, this model's take 64
+    wrong = make_lora(tiny_shape.unet, UNET_TARGETS, seed=9, in_features={"attn2.to_k": 768, "attn2.to_v": 768})
+    # layers this model lacks (a second transformer block per attention, as SDXL has)
+    right = make_lora(tiny_shape.unet, UNET_TARGETS, seed=10)
+    missing = {k.replace("transformer_blocks.0", "transformer_blocks.1"): v for k, v in right.items()}
+    s = new_store({
+        "A.safetensors": store.fs.cat_file(f"{store.root}/A.safetensors"),
+        "sd15_style.safetensors": save({f"unet.{k}": v for k, v in wrong.items()}),
+        "sdxl_style.safetensors": save({f"unet.{k}": v for k, v in missing.items()}),
+    })
+    # 1. on a pipeline that never held a LoRA: no peft layer may appear
+    fresh = AdapterCache(build_preset("tiny"), s)
+    with pytest.raises(AdapterError, match=r"'sd15_style'.*does not fit.*attn2\.to_k\.lora_A is \(4, 768\)"):
+        fresh.activate([{"name": "sd15_style", "scale": 1.0}])
+    assert peft_layers(fresh.pipe) == 0
+    # 2. on a pipeline drawing with A: A stays loaded and active, nothing else appears
+    cache = AdapterCache(build_preset("tiny"), s)
+    cache.activate([{"name": "A", "scale": 1.0}])
+    keys, layers = set(cache.pipe.unet.state_dict()), peft_layers(cache.pipe)
+    adapters = cache.pipe.get_list_adapters()
+    for name, cause in (("sd15_style", "does not fit"), ("sdxl_style", "not a layer of this model")):
+        with pytest.raises(AdapterError, match=f"'{name}'.*{cause}"):
+            cache.activate([{"name": "A", "scale": 1.0}, {"name": name, "scale": 1.0}])
+    assert set(cache.pipe.unet.state_dict()) == keys and peft_layers(cache.pipe) == layers
+    assert cache.stats()["loaded"] == ["A"] and cache.pipe.get_list_adapters() == adapters
+    assert np.array_equal(draw_with(cache, [("A", 1.0)]), fresh_a)
+
+
+def test_a_load_that_fails_inside_diffusers_unloads_every_lora(store, monkeypatch):
+    cache = AdapterCache(build_preset("tiny"), store)
+    cache.activate([{"name": "A", "scale": 1.0}])
+    real = cache.pipe.load_lora_weights
+
+    def half_load(state_dict, adapter_name):  # diffusers fails after wrapping layers
+        real(state_dict, adapter_name=adapter_name)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(cache.pipe, "load_lora_weights", half_load)
+    with pytest.raises(AdapterError, match="'B'.*did not load.*out of memory.*base model"):
+        cache.activate([{"name": "B", "scale": 1.0}])
+    assert peft_layers(cache.pipe) == 0 and cache.stats()["loaded"] == []
+    assert set(cache.pipe.unet.state_dict()) == set(build_preset("tiny").unet.state_dict())
+    assert not cache.activate([]), "the cache knows the pipeline is the base model"
+
+
+# -- bounds ---------------------------------------------------------------------------------------------
+
+def test_least_recently_used_adapters_are_evicted_within_the_bounds(tiny_shape, fresh_a, store, tmp_path):
+    files = {f"L{i}.safetensors": save({f"unet.{k}": v for k, v in
+                                         make_lora(tiny_shape.unet, UNET_TARGETS, seed=20 + i).items()})
+             for i in range(4)}
+    files["A.safetensors"] = store.fs.cat_file(f"{store.root}/A.safetensors")
+    s = new_store(files)
+    cache = AdapterCache(build_preset("tiny"), s, max_adapters=2)
+
+    def loaded():
+        return sorted(cache.stats()["loaded"]), sorted(cache.pipe.get_list_adapters()["unet"])
+
+    for name in ("L0", "L1", "L0", "L2"):  # L0 is touched again, so L1 is the least recently used
+        cache.activate([{"name": name, "scale": 1.0}])
+    assert loaded()[0] == ["L0", "L2"] and len(loaded()[1]) == 2 and cache.evictions == 1
+    # the adapters one row needs are never evicted, even past the bound; the next row shrinks the cache again
+    cache.activate([{"name": n, "scale": 1.0} for n in ("L1", "L2", "L3")])
+    assert loaded()[0] == ["L1", "L2", "L3"]
+    cache.activate([{"name": "A", "scale": 1.0}])
+    assert loaded()[0] == ["A", "L3"] and len(loaded()[1]) == 2
+    # bytes bound: room for one adapter only
+    one = cache.stats()["loaded_bytes"] // 2
+    small = AdapterCache(build_preset("tiny"), s, max_bytes=one + one // 2)
+    for name in ("A", "L0", "A"):
+        small.activate([{"name": name, "scale": 1.0}])
+    assert small.stats()["loaded"] == ["A"] and small.evictions == 2 and small.loads == 3
+    assert np.array_equal(draw_with(small, [("A", 1.0)]), fresh_a), "evicted and reloaded"
+
+
+# -- Textual Inversion ------------------------------------------------------------------------------------
+
+def test_embeddings_add_their_token_and_change_only_prompts_that_use_it(tiny_shape):
+    width = tiny_shape.text_encoder.get_input_embeddings().embedding_dim
+    sparkle = torch.randn(width, generator=torch.Generator().manual_seed(5))
+    s = new_store({
+        "sparkle.safetensors": save({"<sparkle>": sparkle}),  # diffusers: the key is the token
+        "glow.safetensors": save({"emb_params": torch.randn(2, width)}),  # kohya/A1111: the file name is
+        "wide.safetensors": save({"emb_params": torch.randn(1, 1024)}),
+    })
+    info = s.resolve("sparkle")
+    assert (info.kind, info.format, info.token) == ("embedding", "embedding", "<sparkle>")
+    assert s.resolve("glow").token == "glow"
+    pipe = build_preset("tiny")
+    plain = "a red mug on a white background"
+    before = pipe.encode_prompt(plain, "cpu", 1, False)[0]
+    cache = AdapterCache(pipe, s)
+    assert cache.activate([{"name": "sparkle", "scale": 1.0}, {"name": "glow", "scale": 1.0}])
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<sparkle>")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], sparkle)
+    assert "glow_1" in pipe.tokenizer.get_vocab()  # two vectors, two tokens
+    assert torch.equal(pipe.encode_prompt(plain, "cpu", 1, False)[0], before), "prompts without the token"
+    assert not torch.equal(pipe.encode_prompt("a <sparkle> mug", "cpu", 1, False)[0],
+                           build_preset("tiny").encode_prompt("a <sparkle> mug", "cpu", 1, False)[0])
+    assert not cache.activate([]) and cache.loads == 2  # nothing to switch off
+    with pytest.raises(AdapterError, match="'wide'.*1024 wide.*takes 64"):
+        cache.activate([{"name": "wide", "scale": 1.0}])
+    with pytest.raises(AdapterError, match="'sparkle'.*no scale"):
+        cache.activate([{"name": "sparkle", "scale": 0.5}])
+
+
+# -- GPU tier -----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_swaps_leave_no_trace_on_cuda_in_fp16(store):
+    def pipe():
+        return build_preset("tiny").to("cuda", torch.float16)
+
+    fresh = draw_with(AdapterCache(pipe(), store), [("A", 1.0)])
+    base = draw_with(AdapterCache(pipe(), store))
+    cache = AdapterCache(pipe(), store)
+    for adapters in ([("A", 1.0)], [("B", 1.0)], [("A", 1.0), ("B", 0.5)]):
+        draw_with(cache, adapters)
+    assert_close(draw_with(cache, [("A", 1.0)]), fresh, "A -> B -> blend -> A on cuda")
+    assert np.array_equal(draw_with(cache, []), base), "none is the exact base model on cuda"

@@ -14,11 +14,11 @@ import pyarrow as pa
 
 from actors.adapter_cache import AdapterCache
 from actors.adapters import AdapterStore
-from actors.generate import generate_rows, ledger_row
+from actors.generate import generate_rows
 from actors.models import ModelInfo, load_pipeline
 from manifests.ledger import LEDGER_SCHEMA
 
-# What the actor returns per row: the ledger columns (`status` may also be "skipped"), plus the actor's
+# What the actor returns per row: the ledger columns, plus the actor's
 # running adapter-swap counters, which the driver sums per actor for run.json and leaves out of the ledger.
 RESULT_SCHEMA = LEDGER_SCHEMA.append(pa.field("adapter_swaps", pa.int64())).append(
     pa.field("adapter_swap_seconds", pa.float64()))
@@ -75,12 +75,8 @@ class GeneratorActor:
         return swaps, seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        results = [ledger_row(r, r["status"], actor=self.name) for r in rows if r["status"]]
-        todo = [r for r in rows if not r["status"]]
-        if todo:
-            results += generate_rows(self.ready_for, todo, fs=self.fs, out_root=self.root,
-                                     actor=self.name, max_batch=self.batch_size)
+        results = generate_rows(self.ready_for, batch.to_pylist(), fs=self.fs, out_root=self.root,
+                                actor=self.name, max_batch=self.batch_size)
         swaps, seconds = self.swap_counters()
         for r in results:
             r["adapter_swaps"], r["adapter_swap_seconds"] = swaps, seconds

@@ -29,6 +29,8 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from diffusers.utils import logging as diffusers_logging
+
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore
 
 GiB = 1024**3
@@ -164,15 +166,20 @@ class AdapterCache:
         old = self._loras.pop(info.name, None)
         if old is not None:  # the file was replaced: the old weights go
             self.pipe.delete_adapters(old.peft_name)
+        verbosity = diffusers_logging.get_verbosity()
         try:
             with warnings.catch_warnings():
                 # peft warns on every second adapter in a model; several adapters are the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # diffusers logs a warning per UNet-only LoRA ("No LoRA keys associated to CLIPTextModel")
+                diffusers_logging.set_verbosity_error()
                 self.pipe.load_lora_weights(dict(state_dict), adapter_name=peft_name)
         except Exception as exc:
             self._reset_loras()
             raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc}); "
                                           "all LoRAs were unloaded, the pipeline is the base model") from exc
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         self._loras[info.name] = _Loaded(info, peft_name, nbytes)
         self.loads += 1
         self._active = self._enabled = None  # load_lora_weights made the new adapter the only active one

@@ -7,7 +7,6 @@ they can share a forward pass (same model, adapters, size, steps, scheduler and 
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import json
@@ -22,7 +21,7 @@ from PIL import Image, PngImagePlugin
 
 from actors import watermark as wm
 from actors.schedulers import make_scheduler
-from manifests.ledger import atomic_write
+from manifests.ledger import atomic_write, ledger_row
 from manifests.schema import group_key
 from manifests.tokens import prompt_overflow
 
@@ -84,18 +83,6 @@ def image_parameters(row: dict[str, Any]) -> dict[str, Any]:
     keys = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale",
             "scheduler", "model", "model_fingerprint", "adapters", "params_hash", "watermark")
     return {k: row.get(k) for k in keys}
-
-
-def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
-    """A ledger entry for `row` (the ledger carries no prompt: it lives in the manifest and the PNG)."""
-    keep = ("id", "params_hash", "seed", "model", "width", "height", "steps", "guidance_scale", "scheduler",
-            "watermark", "source", "row", "extra", "error", "warning")
-    entry = {k: row.get(k) for k in keep}
-    entry["adapters"] = [{"name": a["name"], "scale": a["scale"]} for a in row.get("adapters") or []]
-    entry["status"] = status
-    entry["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
-    entry.update(fields)
-    return entry
 
 
 def generate_rows(

@@ -8,7 +8,9 @@ def describe_error(exc: BaseException) -> str | None:
     from actors.models import ModelError
     from actors.watermark import WatermarkError
     from cluster.connect import ClusterError
+    from jobs.finetune import FinetuneError
     from jobs.generate import RunFailed
+    from manifests.dataset import DatasetError
     from manifests.expand import ExpandError
     from manifests.reader import ManifestError
 
@@ -19,6 +21,8 @@ def describe_error(exc: BaseException) -> str | None:
         ExpandError: None,
         WatermarkError: None,
         RunFailed: None,
+        DatasetError: None,
+        FinetuneError: None,
     }
     for kind, hint in hints.items():
         if isinstance(exc, kind):
@@ -26,3 +30,11 @@ def describe_error(exc: BaseException) -> str | None:
     if isinstance(exc, (FileNotFoundError, PermissionError)):
         return str(exc)
     return None
+
+
+def root_cause(exc: BaseException) -> str:
+    """Ray wraps actor errors several times; the innermost message is the one a user can act on."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

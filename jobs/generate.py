@@ -1,7 +1,9 @@
 """`sdfleet generate`: manifests in, images + ledger + run.json out, on a pool of Ray actors.
 
-    manifests --plan tasks (validate, resolve, skip done)--> blocks of `batch_size` rows
-      --ActorPoolStrategy(size=actors)--> GeneratorActor: draw, watermark, write PNG
+    manifests --plan tasks (validate, resolve, skip done)--> work rows, held in the object store
+      invalid / skipped / failed rows --> recorded here, no actor needed
+      rows to draw --sort by adapter set--> blocks of `batch_size` rows
+        --ActorPoolStrategy(size=actors)--> GeneratorActor: draw, watermark, write PNG
       --> ledger rows streamed back here --> results/*.parquet parts + run.json
 """
 
@@ -21,7 +23,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from actors.models import describe_model
 from cluster.connect import actor_env, connect, size_actors
-from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, write_part
+from jobs.errors import root_cause
+from manifests.ledger import atomic_write, ledger_row, read_latest_ok, remove_stale_temp_files, write_part
 from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
 
 # A ledger part is written when this many rows or seconds have gathered: a killed run loses at most
@@ -141,35 +144,25 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     import ray
     import ray.data
 
-    from actors.actor import GeneratorActor
+    from ray.data.expressions import col
+
     from jobs.plan import plan_batch
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line says more, in fewer lines
     ctx.print_on_execution_start = False
 
-    # 6. the stream: plan parts -> blocks of batch_size rows -> actor pool
+    # 6. plan: every manifest row becomes one work row. Work rows are small (prompts and parameters, no
+    # pixels), so the plan is held whole in the object store; that lets the rows to draw be sorted by
+    # adapter set (long runs per actor, few swaps) and lets a run with nothing to draw skip the actors.
     parts = [vars(p) for p in plan_parts(uris)]
-    ds = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
+    planned = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
     # The plan state (the done-ledger and image listing) can be large: one copy in the object store,
     # not one pickled into every plan task.
-    ds = ds.map_batches(plan_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                        fn_kwargs={"state": ray.put(state)})
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    ds = ds.map_batches(
-        GeneratorActor,
-        fn_constructor_kwargs=dict(models=models, out_uri=cfg.out, batch_size=cfg.batch_size,
-                                   device=sizing.device, torch_threads=sizing.torch_threads,
-                                   adapters_uri=cfg.adapters),
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        num_cpus=sizing.num_cpus,
-        num_gpus=sizing.num_gpus,
-        runtime_env={"env_vars": actor_env(sizing)},
-    )
+    planned = planned.map_batches(plan_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                                  fn_kwargs={"state": ray.put(state)})
 
-    # 7. stream results back: ledger parts as batches finish, progress, identity checks
+    # 7. record results as they come: ledger parts, progress, identity checks
     counts = {"ok": 0, "skipped": 0, "failed": 0, "invalid": 0}
     per_actor: dict[str, int] = {}
     swaps: dict[str, tuple[int, float]] = {}  # actor -> its running (swaps, seconds), newest seen
@@ -187,33 +180,47 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
             pending = []
         last_flush = time.time()
 
+    def record(rows: list[dict]) -> None:
+        nonlocal last_progress, warnings_shown
+        for row in rows:
+            key = (row["source"], row["row"])
+            if key in seen:  # Ray retried a batch that had already come back: keep the first
+                continue
+            seen.add(key)
+            counts[row["status"]] += 1
+            if row.get("actor"):
+                swaps[row["actor"]] = max(swaps.get(row["actor"], (0, 0.0)),
+                                          (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
+            if row["status"] == "skipped":
+                continue
+            pending.append(row)
+            if row["status"] == "ok":
+                per_actor[row["actor"]] = per_actor.get(row["actor"], 0) + 1
+            if row["status"] != "ok" or (row["warning"] and warnings_shown < 5):
+                warnings_shown += row["status"] == "ok"
+                log(f"{row['status']}: {row['error'] or row['warning']}")
+        now = time.time()
+        if len(pending) >= LEDGER_FLUSH_ROWS or now - last_flush >= LEDGER_FLUSH_SECONDS:
+            flush()
+        if now - last_progress >= PROGRESS_SECONDS:
+            last_progress = now
+            log(_progress(counts, total, now - started))
+
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in batch.to_pylist():
-                key = (row["source"], row["row"])
-                if key in seen:  # Ray retried a batch that had already come back: keep the first
-                    continue
-                seen.add(key)
-                counts[row["status"]] += 1
-                if row["actor"]:
-                    swaps[row["actor"]] = max(swaps.get(row["actor"], (0, 0.0)),
-                                              (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
-                if row["status"] == "skipped":
-                    continue
-                pending.append(row)
-                if row["status"] == "ok":
-                    per_actor[row["actor"]] = per_actor.get(row["actor"], 0) + 1
-                if row["status"] != "ok" or (row["warning"] and warnings_shown < 5):
-                    warnings_shown += row["status"] == "ok"
-                    log(f"{row['status']}: {row['error'] or row['warning']}")
-            now = time.time()
-            if len(pending) >= LEDGER_FLUSH_ROWS or now - last_flush >= LEDGER_FLUSH_SECONDS:
-                flush()
-            if now - last_progress >= PROGRESS_SECONDS:
-                last_progress = now
-                log(_progress(counts, total, now - started))
+        planned = planned.materialize()
+        settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
+        todo = planned.filter(expr=col("status").is_null()).materialize()
+        for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
+            record([ledger_row(r, r["status"]) for r in batch.to_pylist()])
+        to_draw = todo.count()
+        if to_draw:
+            log(f"{to_draw} row(s) to draw")
+            for batch in _draw(todo, cfg, models, sizing).iter_batches(batch_size=None, batch_format="pyarrow"):
+                record(batch.to_pylist())
+        else:
+            log("nothing to draw: no actors started")
     except Exception as exc:
-        raise RunFailed(f"the run stopped: {_root_cause(exc)}") from exc
+        raise RunFailed(f"the run stopped: {root_cause(exc)}") from exc
     finally:
         flush()  # whatever finished is kept, even when the run stops
 
@@ -250,6 +257,26 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     return summary
 
 
+def _draw(todo, cfg: GenerateConfig, models, sizing):
+    """The rows to draw, sorted by adapter set, cut into blocks of batch_size, through the actor pool."""
+    import ray.data
+
+    from actors.actor import GeneratorActor
+
+    return todo.sort("affinity").repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+        GeneratorActor,
+        fn_constructor_kwargs=dict(models=models, out_uri=cfg.out, batch_size=cfg.batch_size,
+                                   device=sizing.device, torch_threads=sizing.torch_threads,
+                                   adapters_uri=cfg.adapters),
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=sizing.num_cpus,
+        num_gpus=sizing.num_gpus,
+        runtime_env={"env_vars": actor_env(sizing)},
+    )
+
+
 def _progress(counts: dict[str, int], total: int, elapsed: float) -> str:
     finished = sum(counts.values())
     rate = counts["ok"] / elapsed if elapsed > 0 else 0.0
@@ -257,11 +284,3 @@ def _progress(counts: dict[str, int], total: int, elapsed: float) -> str:
     eta = f", ~{math.ceil(left / rate)} s left" if rate > 0 and left else ""
     return (f"{finished}/{total} rows ({counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed, "
             f"{counts['invalid']} invalid), {rate:.2f} img/s{eta}")
-
-
-def _root_cause(exc: BaseException) -> str:
-    """Ray wraps actor errors several times; the innermost message is the one a user can act on."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__

@@ -6,6 +6,7 @@ finished, and reading the ledger back tells a rerun which rows are done.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
@@ -46,6 +47,18 @@ LEDGER_SCHEMA = pa.schema([
     ("extra", pa.string()),  # JSON of the manifest's pass-through columns, expanded when a part is written
 ])
 LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
+
+
+def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
+    """A ledger entry for `row` (the ledger carries no prompt: it lives in the manifest and the PNG)."""
+    keep = ("id", "params_hash", "seed", "model", "width", "height", "steps", "guidance_scale", "scheduler",
+            "watermark", "source", "row", "extra", "error", "warning")
+    entry = {k: row.get(k) for k in keep}
+    entry["adapters"] = [{"name": a["name"], "scale": a["scale"]} for a in row.get("adapters") or []]
+    entry["status"] = status
+    entry["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+    entry.update(fields)
+    return entry
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

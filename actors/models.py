@@ -61,6 +61,8 @@ def describe_model(name: str, ref: str) -> ModelInfo:
         if not fs.exists(f"{root}/model_index.json"):
             raise ModelError(f"model {name}={ref}: no model_index.json there (expected a diffusers directory)")
         listing = fs.find(root, detail=True)
+        keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
+        listing = {p: i for p, i in listing.items() if _is_model_file(os.path.relpath(p, root), keep)}
         h = hashlib.sha256()
         for path in sorted(listing):
             info = listing[path]
@@ -73,8 +75,9 @@ def describe_model(name: str, ref: str) -> ModelInfo:
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"model {name}={ref}: {path} has no model_index.json (expected a diffusers directory)")
+        keep = _model_files(json.loads((path / "model_index.json").read_text()))
         h = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        for file in sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep)):
             h.update(file.relative_to(path).as_posix().encode())
             h.update(_file_digest(file))
         configs = {rel: json.loads((path / rel).read_text()) for rel in _CONFIGS if (path / rel).is_file()}
@@ -84,6 +87,18 @@ def describe_model(name: str, ref: str) -> ModelInfo:
     raise ModelError(
         f"model {name}={ref}: not a preset ({', '.join(PRESETS)}), a diffusers directory, a URI or a hub id"
     )
+
+
+def _model_files(model_index: dict) -> set[str]:
+    """The folders a pipeline loads (its components), plus the top-level files that describe it."""
+    return {name for name, value in model_index.items() if isinstance(value, list) and value and value[0] is not None}
+
+
+def _is_model_file(rel: str, components: set[str]) -> bool:
+    """Part of the fingerprint: what the pipeline loads. A fine-tune's checkpoints/, validation
+    images and logs beside the model are not, so they neither slow hashing nor change the fingerprint."""
+    top, sep, _ = rel.partition("/")
+    return top in components if sep else rel in ("model_index.json", "sdfleet.json")
 
 
 _CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "sdfleet.json")
@@ -130,7 +145,14 @@ def local_copy(ref: str) -> str:
         return str(target)
     fs, root = fsspec.core.url_to_fs(ref)
     staging = target.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
-    fs.get(root.rstrip("/") + "/", str(staging), recursive=True)
+    root = root.rstrip("/")
+    staging.mkdir(parents=True)
+    # only what the pipeline loads: a fine-tune's checkpoints and logs beside the model stay in the store
+    for component in sorted(_model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))):
+        fs.get(f"{root}/{component}/", str(staging / component), recursive=True)
+    for name in ("model_index.json", "sdfleet.json"):
+        if fs.exists(f"{root}/{name}"):
+            fs.get(f"{root}/{name}", str(staging / name))
     try:
         staging.rename(target)  # another actor on this node may have won the race: theirs is as good
     except OSError:

@@ -1,7 +1,8 @@
 """The `sdfleet` command line. Library code raises typed errors; this module turns them into exit codes.
 
 Exit codes (DESIGN.md): 0 every row ok or skipped; 2 the run finished with failed or invalid rows;
-1 it could not run (bad flags, unreachable store, a model that does not load).
+1 it could not run (bad flags, unreachable store, a model that does not load). `dataset build` follows the
+same rule with files for rows: 2 when some images were skipped, 1 when none could be used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,33 @@ def _model_pairs(values: list[str] | None) -> dict[str, str]:
     return pairs
 
 
+def _flags_from_model(parser: argparse.ArgumentParser, model, skip=(), plural=None) -> None:
+    """One flag per pydantic field (`batch_size` -> `--batch-size`), so the CLI cannot drift from the config."""
+    import typing
+
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = (plural or {}).get(name) or "--" + name.replace("_", "-")
+        kind = field.annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        text = field.description or ""
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", dest=name, help=text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, action="append", dest=name, metavar="TEXT", help=text + " (repeat for more)")
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=args, default=default, dest=name, help=f"{text} (default {default})")
+        else:
+            scalar = args[0] if args else kind
+            suffix = f" (default {default})" if default not in (None, [], "") else ""
+            parser.add_argument(flag, type=scalar, default=default, required=field.is_required(), dest=name,
+                                help=text + suffix)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from jobs.finetune import FinetuneConfig
     from jobs.generate import GenerateConfig
 
     def helptext(field: str) -> str:
@@ -70,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("images", nargs="+", metavar="IMAGE")
     ver.add_argument("--payload", help="expected payload (default: the one recorded in each PNG, else sdfleet)")
 
+    tune = sub.add_parser("finetune", help="fine-tune a model on Ray Train (full-parameter or LoRA)")
+    tune.add_argument("method", choices=["full", "lora"],
+                      help="full: train the UNet (text encoder optional), write a diffusers model at --out; "
+                           "lora: LoRA on the UNet's attention, write --out/pytorch_lora_weights.safetensors")
+    _flags_from_model(tune, FinetuneConfig, skip={"method"}, plural={"validation_prompts": "--validation-prompt"})
+
+    data = sub.add_parser("dataset", help="training datasets").add_subparsers(dest="dataset_command", required=True)
+    build = data.add_parser("build", help="captioned images -> Parquet training dataset")
+    build.add_argument("images", metavar="IMAGES_DIR", help="folder of images (path or URI), searched recursively")
+    build.add_argument("--captions", metavar="DIR|CSV|JSONL",
+                       help="captions: a folder of <stem>.txt, or a .csv/.jsonl of file,caption "
+                            "(default: <stem>.txt beside each image)")
+    build.add_argument("-o", "--out", required=True, help="dataset folder to write (path or URI)")
+    build.add_argument("--resolution", type=int, default=256, help="square training size in px (default 256)")
+    build.add_argument("--min-size", type=int, help="skip images whose shortest side is smaller (default: --resolution)")
+
     model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
     export = model.add_parser("export", help="write a preset as a diffusers directory")
     export.add_argument("preset", metavar="PRESET")
@@ -85,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         "manifest": cmd_manifest,
         "watermark": cmd_watermark_verify,
         "model": cmd_model_export,
+        "finetune": cmd_finetune,
+        "dataset": cmd_dataset_build,
     }
     try:
         return handlers[args.command](args)
@@ -198,6 +243,33 @@ def cmd_watermark_verify(args) -> int:
         shown = found.decode("utf-8", errors="replace")
         print(f"{'ok' if ok else 'MISSING'}  {uri}: read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match")
     return EXIT_OK if not failures else EXIT_ERROR
+
+
+def cmd_finetune(args) -> int:
+    from jobs.finetune import FinetuneConfig, log, run_finetune
+
+    values = {k: v for k, v in vars(args).items() if k in FinetuneConfig.model_fields and v is not None}
+    try:
+        cfg = FinetuneConfig(**values)
+    except ValidationError as exc:
+        print(f"sdfleet finetune: error: {_config_message(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    summary = run_finetune(cfg)
+    log(f"done in {summary['wall_seconds']:.1f} s: {summary['steps']} steps; {cfg.method} written to {summary['output']}")
+    return EXIT_OK
+
+
+def cmd_dataset_build(args) -> int:
+    from jobs.dataset import build_dataset
+
+    def say(message: str) -> None:
+        print(f"[sdfleet] {message}", file=sys.stderr, flush=True)
+
+    summary = build_dataset(args.images, args.out, captions=args.captions, resolution=args.resolution,
+                            min_size=args.min_size, log=say)
+    print(f"wrote {summary['rows']} samples at {summary['resolution']} px to {args.out}; "
+          f"{len(summary['skipped'])} file(s) skipped")
+    return EXIT_ROWS if summary["skipped"] else EXIT_OK
 
 
 def cmd_model_export(args) -> int:

@@ -31,7 +31,6 @@ KUBERNETES_VERSION = "1.37"
 KUBERAY_GROUP = "ray.io"
 GPU = "nvidia.com/gpu"
 PLACEHOLDER = "REPLACE_ME"
-FINETUNE_PENDING = pytest.mark.xfail(strict=True, reason="sdfleet finetune lands with the fine-tuning issue")
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -223,10 +222,7 @@ def test_object_validates_against_its_schema(origin, obj):
 ENTRYPOINTS = [(o, job["entrypoint"]) for o, job in _jobs()]
 
 
-@pytest.mark.parametrize("origin,entrypoint", [
-    pytest.param(o, e, id=o, marks=[FINETUNE_PENDING] if _argv(e)[0] == "finetune" else [])
-    for o, e in ENTRYPOINTS
-])
+@pytest.mark.parametrize("origin,entrypoint", ENTRYPOINTS, ids=[o for o, _ in ENTRYPOINTS])
 def test_entrypoint_parses_with_the_cli(origin, entrypoint):
     _parse(_argv(entrypoint))
 

@@ -1,0 +1,78 @@
+"""LoRA layers on a diffusers UNet through peft, and saving them as an adapter the store can load.
+
+Training (`sdfleet finetune lora`) and the adapter benchmark both make LoRAs this way, so what they write
+is exactly what generation actors load: diffusers-format keys, safetensors only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# The attention projections of SD's UNet (self- and cross-attention), as in diffusers' training scripts.
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER_NAME = "default"
+
+
+def add_unet_lora(unet, rank: int, alpha: float | None = None, targets=UNET_LORA_TARGETS) -> int:
+    """Wrap the UNet's attention projections in trainable rank-`rank` LoRA layers; returns their parameter count.
+
+    The base weights are frozen; only the LoRA A/B matrices train. peft initialises B to zero, so the
+    wrapped UNet starts out equal to the base.
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                                init_lora_weights="gaussian", target_modules=list(targets)),
+                     adapter_name=ADAPTER_NAME)
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """A UNet's or text encoder's LoRA weights in diffusers spelling, `alpha / rank` folded into each B.
+
+    Folding the scale in makes the file mean the same thing to every loader: diffusers, kohya-style
+    tools and this project's adapter cache all assume alpha == rank when a file carries no alpha.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    config = model.peft_config[ADAPTER_NAME]
+    scale = config.lora_alpha / config.r
+    layers = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    out = {}
+    for key, value in layers.items():
+        value = value.detach().to("cpu", torch.float32).contiguous()
+        out[key] = value * scale if ".lora_B." in key else value
+    return convert_state_dict_to_diffusers(out)
+
+
+def save_lora(unet, text_encoder, directory: str | Path) -> Path:
+    """Write `directory/pytorch_lora_weights.safetensors` (the store's folder layout); returns the file.
+
+    `text_encoder` is None when only the UNet has LoRA layers."""
+    from diffusers import StableDiffusionPipeline
+
+    directory = Path(directory)
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=lora_state_dict(unet),
+        text_encoder_lora_layers=lora_state_dict(text_encoder) if text_encoder is not None else None,
+        safe_serialization=True)
+    return directory / "pytorch_lora_weights.safetensors"
+
+
+# The text encoder's attention projections (CLIP), as in diffusers' training scripts.
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None = None) -> int:
+    """LoRA on the CLIP text encoder's attention projections; returns their parameter count."""
+    from peft import LoraConfig
+
+    text_encoder.requires_grad_(False)
+    text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                                        init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_LORA_TARGETS)),
+                             adapter_name=ADAPTER_NAME)
+    return sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)

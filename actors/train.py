@@ -1,0 +1,457 @@
+"""The fine-tune worker loop: one function that every Ray Train worker runs, the same on 1 or N workers.
+
+    config -> model (full UNet, or LoRA on its attention) -> resume from the latest checkpoint, if any
+      -> loop: batch -> VAE latents -> noise at random timesteps -> UNet -> loss against the scheduler's
+         target (epsilon or v) -> step; checkpoint every N steps, validation images every M
+      -> rank 0 writes what `generate` loads: a diffusers model, or pytorch_lora_weights.safetensors
+
+Data parallel: Ray Train wraps the model in DDP (gloo on CPU, NCCL on GPU). Every random choice (which
+samples, which noise, which timesteps) is drawn from a generator seeded by (seed, step, rank), so a run
+resumed from a checkpoint at step s continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -- config --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything a worker needs; the driver (jobs.finetune) checks it and fills the defaults."""
+
+    method: Literal["full", "lora"]
+    data: str  # dataset URI (manifests.dataset layout)
+    base: dict[str, Any]  # actors.models.ModelInfo fields of the base model
+    out: str  # output URI: the model or LoRA lands at its root
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4  # per worker, per micro-step
+    grad_accum: int = 1
+    resolution: int = 256
+    seed: int = 0
+    warmup_steps: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    validate_every: int = 0  # 0: validation images only at the end
+    validation_prompts: list[str] = field(default_factory=list)
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    ema_decay: float | None = None  # None: no EMA
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    rank: int = 4  # LoRA
+    alpha: float | None = None  # LoRA; None: alpha = rank (scale 1)
+    train_text_encoder: bool = False
+    torch_threads: int = 1  # CPU workers only
+
+
+# -- the maths ------------------------------------------------------------------------------------------
+
+
+def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon models) or the velocity (v-prediction, SD 2.1 768).
+
+    Following the scheduler's own `prediction_type` matters: training a v model on epsilon targets
+    silently teaches it the wrong task.
+    """
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported for training (epsilon, v_prediction)")
+
+
+def snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(snr, gamma) / snr for epsilon,
+    min(snr, gamma) / (snr + 1) for v-prediction, whose loss already carries a factor snr + 1."""
+    s = snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(s, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (s + 1.0)
+    return clipped / s
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample, optionally weighted, averaged over the batch (in fp32)."""
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def sample_indices(n: int, seed: int, step: int, micro: int, grad_accum: int, world: int, rank: int,
+                   batch_size: int) -> list[int]:
+    """The dataset rows this worker trains on at (step, micro-step): epochs of seeded permutations,
+    cut into consecutive global batches, each worker taking its own slice. A function of the step only,
+    so a resumed run sees exactly the samples it would have seen."""
+    start = ((step * grad_accum + micro) * world + rank) * batch_size
+    indices = []
+    for position in range(start, start + batch_size):
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.append(int(order[offset]))
+    return indices
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The generator for one micro-step's noise and timesteps on one worker."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
+
+
+# -- the model ------------------------------------------------------------------------------------------
+
+
+class Denoiser(torch.nn.Module):
+    """Text encoder + UNet as one module, so DDP wraps one forward whether or not the encoder trains."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, noisy_latents, timesteps, input_ids):
+        encoder_hidden_states = self.text_encoder(input_ids)[0]
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
+
+
+def make_trainable(cfg: TrainConfig, pipe) -> int:
+    """Freeze what does not train and mark what does; returns the trainable parameter count."""
+    from actors.lora_io import add_text_encoder_lora, add_unet_lora
+
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    if cfg.method == "lora":
+        add_unet_lora(pipe.unet, cfg.rank, cfg.alpha)
+        if cfg.train_text_encoder:
+            add_text_encoder_lora(pipe.text_encoder, cfg.rank, cfg.alpha)
+    else:
+        pipe.unet.requires_grad_(True)
+        pipe.text_encoder.requires_grad_(cfg.train_text_encoder)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    return sum(p.numel() for p in Denoiser(pipe.unet, pipe.text_encoder).parameters() if p.requires_grad)
+
+
+def batch_tensors(table, indices: list[int], tokenizer, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels in [-1, 1], N x 3 x R x R; token ids, N x 77) for the given dataset rows."""
+    import io
+
+    from PIL import Image
+
+    from manifests.dataset import square_crop
+
+    images, captions = [], []
+    for i in indices:
+        with Image.open(io.BytesIO(table["image"][i].as_py())) as im:
+            im = im.convert("RGB")
+            if im.size != (resolution, resolution):
+                im = square_crop(im, resolution)
+            images.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+        captions.append(table["caption"][i].as_py())
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return pixels, ids
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(directory: str, step: int, model, optimizer, lr_scheduler, scaler, ema) -> None:
+    """Everything needed to continue at `step`, in safetensors (tensors) and JSON (the rest): no pickles."""
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(model), os.path.join(directory, "trainable.safetensors"))
+    opt = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+               for i, state in opt["state"].items() for k, v in state.items()}
+    save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
+    meta = {"step": step, "param_groups": opt["param_groups"], "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict()}
+    if ema is not None:
+        ema_state = ema.state_dict()
+        save_file({f"{i}": t.detach().cpu().contiguous() for i, t in enumerate(ema_state.pop("shadow_params"))},
+                  os.path.join(directory, "ema.safetensors"))
+        meta["ema"] = ema_state
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def load_checkpoint(directory: str, model, optimizer, lr_scheduler, scaler, ema) -> int:
+    """Restore what save_checkpoint wrote; returns the step it was taken at."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, "state.json")) as f:
+        meta = json.load(f)
+    weights = load_file(os.path.join(directory, "trainable.safetensors"))
+    expected = set(trainable_state(model))
+    if set(weights) != expected:
+        raise RuntimeError(f"checkpoint {directory} does not fit this model: {len(set(weights) ^ expected)} "
+                           "trainable tensors differ (was it written by another --method or --rank?)")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in weights.items():
+            params[name].copy_(value)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(os.path.join(directory, "optimizer.safetensors")).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    scaler.load_state_dict(meta["scaler"])
+    if ema is not None and "ema" in meta:
+        shadow = load_file(os.path.join(directory, "ema.safetensors"))
+        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+    return int(meta["step"])
+
+
+# -- validation images and the final output ---------------------------------------------------------
+
+
+def validation_images(cfg: TrainConfig, pipe, step: int, device) -> list[str]:
+    """Draw the validation prompts with the weights as they are now, through the actors' own `draw`."""
+    import fsspec
+
+    from actors.generate import draw, image_parameters, png_bytes
+    from manifests.ledger import atomic_write
+
+    rows = [{"id": f"{i:02d}", "prompt": prompt, "negative_prompt": None, "seed": cfg.seed + i,
+             "width": cfg.resolution, "height": cfg.resolution, "steps": cfg.base["steps"], "guidance_scale": 7.5,
+             "scheduler": cfg.base["scheduler"], "model": "default", "adapters": [], "watermark": None,
+             "model_fingerprint": cfg.base["fingerprint"], "params_hash": None}
+            for i, prompt in enumerate(cfg.validation_prompts)]
+    if not rows:
+        return []
+    training = pipe.unet.training
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    images = draw(pipe, rows)  # one group: same size, steps and scheduler
+    pipe.unet.train(training)
+    pipe.text_encoder.train(training and cfg.train_text_encoder)
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    written = []
+    for row, rgb in zip(rows, images):
+        path = f"{root}/validation/step-{step:06d}/{row['id']}.png"
+        atomic_write(fs, path, png_bytes(rgb, {**image_parameters(row), "step": step}))
+        written.append(path)
+    return written
+
+
+def publish(cfg: TrainConfig, pipe, ema, trainable_params) -> None:
+    """Write the result where `generate` finds it: a diffusers model at the root of --out (full), or
+    --out/pytorch_lora_weights.safetensors (lora). With EMA, the averaged weights are what is written."""
+    import fsspec
+
+    from actors.lora_io import save_lora
+
+    if ema is not None:
+        ema.copy_to(trainable_params)
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.method == "lora":
+            save_lora(pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None, tmp)
+        else:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            b = cfg.base
+            with open(os.path.join(tmp, "sdfleet.json"), "w") as f:
+                json.dump({"base": b["ref"], "width": b["width"], "height": b["height"], "steps": b["steps"],
+                           "scheduler": b["scheduler"]}, f, indent=2)
+        for dirpath, _, files in os.walk(tmp):
+            for name in files:
+                local = os.path.join(dirpath, name)
+                fs.makedirs(f"{root}/{os.path.relpath(dirpath, tmp)}".rstrip("/."), exist_ok=True)
+                fs.put_file(local, f"{root}/{os.path.relpath(local, tmp)}")
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+
+
+def train_loop(config: dict) -> None:
+    """The Ray Train worker function (`TorchTrainer(train_loop, train_loop_config=asdict(TrainConfig))`)."""
+    import fsspec
+    import ray.train
+    import ray.train.torch
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from actors.models import ModelInfo, load_pipeline
+    from manifests.dataset import read_dataset
+
+    cfg = TrainConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(cfg.seed)  # same LoRA init everywhere (DDP also broadcasts rank 0's weights)
+
+    # 1. the model: everything in fp32 (the master weights); autocast runs the maths in half on a GPU
+    pipe = load_pipeline(ModelInfo(**cfg.base), "cpu", torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    trainable = make_trainable(cfg, pipe)
+    if rank == 0:
+        print(f"[finetune] {cfg.method}: {trainable:,} trainable parameters", flush=True)
+    pipe.vae.to(device)
+    denoiser = Denoiser(pipe.unet, pipe.text_encoder)
+    model = ray.train.torch.prepare_model(denoiser, parallel_strategy="ddp")  # moves to device, wraps in DDP
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay else None
+    # The training noise schedule is the base model's own, so prediction_type (epsilon or v) carries over.
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    # 2. resume: Ray hands back the latest checkpoint of this run (after a crash, or a rerun into --out)
+    step, resumed_from = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step = resumed_from = load_checkpoint(directory, denoiser, optimizer, lr_scheduler, scaler, ema)
+        if rank == 0:
+            print(f"[finetune] resuming from the checkpoint at step {step}", flush=True)
+
+    # 3. the data: this worker's rows are chosen per step (see sample_indices); images decode per batch
+    table = read_dataset(cfg.data)
+    n = table.num_rows
+    log_fs, log_root = fsspec.core.url_to_fs(cfg.out)
+    fixed = _fixed_eval_batch(cfg, table, pipe, noise_scheduler, device) if rank == 0 else None
+
+    def log_line(record: dict) -> None:
+        if rank == 0:
+            with log_fs.open(f"{log_root}/train_log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if resumed_from is not None:
+        log_line({"event": "resumed", "step": resumed_from})
+    elif step == 0 and rank == 0:
+        log_line({"event": "started", "trainable_parameters": trainable, "workers": world, "config": asdict(cfg)})
+
+    # 4. the loop
+    model.train()
+    window_start, window_samples, losses = time.perf_counter(), 0, []
+    while step < cfg.steps:
+        for micro in range(cfg.grad_accum):
+            g = step_generator(cfg.seed, step, micro, rank)
+            pixels, ids = batch_tensors(table, sample_indices(n, cfg.seed, step, micro, cfg.grad_accum, world, rank,
+                                                              cfg.batch_size), pipe.tokenizer, cfg.resolution)
+            with torch.no_grad():
+                latent_dist = pipe.vae.encode(pixels.to(device)).latent_dist
+                latents = latent_dist.mean + latent_dist.std * torch.randn(latent_dist.mean.shape, generator=g).to(device)
+                latents = latents * pipe.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=g).to(device)
+            if cfg.noise_offset:  # lets the model learn very dark and very bright images
+                noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = training_target(noise_scheduler, latents, noise, timesteps)
+            weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+            # only the last micro-step of an accumulation syncs gradients across workers
+            sync = model.no_sync() if micro < cfg.grad_accum - 1 and hasattr(model, "no_sync") else nullcontext()
+            with sync, torch.autocast(device.type, dtype=half, enabled=half is not None):
+                loss = diffusion_loss(model(noisy, timesteps, ids.to(device)), target, weights)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            losses.append(loss.item())
+            window_samples += latents.shape[0]
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(params)
+        step += 1
+
+        # 5. report, checkpoint, validate: report is collective, so every worker calls it at the same steps
+        checkpointing = step % cfg.checkpoint_every == 0 or step == cfg.steps
+        if checkpointing or step % cfg.log_every == 0:
+            elapsed = time.perf_counter() - window_start
+            metrics = {"step": step, "loss": float(np.mean(losses)), "lr": lr_scheduler.get_last_lr()[0],
+                       "samples_per_second": window_samples * world / elapsed,
+                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            if fixed is not None:
+                metrics["eval_loss"] = _eval_loss(model, fixed)
+            if rank == 0:
+                print(f"[finetune] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "
+                      f"eval {metrics.get('eval_loss', float('nan')):.4f} lr {metrics['lr']:.2e} "
+                      f"{metrics['samples_per_second']:.2f} samples/s", flush=True)
+            log_line(metrics)
+            if checkpointing:
+                with tempfile.TemporaryDirectory() as directory:
+                    if rank == 0:  # the weights are the same on every worker: one copy is enough
+                        save_checkpoint(directory, step, denoiser, optimizer, lr_scheduler, scaler, ema)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                    else:
+                        ray.train.report(metrics)
+            else:
+                ray.train.report(metrics)
+            window_start, window_samples, losses = time.perf_counter(), 0, []
+        if rank == 0 and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
+            validation_images(cfg, pipe, step, device)
+
+    # 6. the result: validation images of the final weights, then the model or LoRA (rank 0 only)
+    peaks = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    else:
+        peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+    if rank == 0:
+        validation_images(cfg, pipe, step, device)
+        publish(cfg, pipe, ema, params)
+        log_line({"event": "finished", "step": step, "peak_rss_mb_per_worker": peaks})
+        print(f"[finetune] wrote the {'LoRA' if cfg.method == 'lora' else 'model'} to {cfg.out}", flush=True)
+
+
+def _fixed_eval_batch(cfg: TrainConfig, table, pipe, noise_scheduler, device) -> dict:
+    """A batch with fixed noise and timesteps: its loss falls only if the model learns (no sampling noise)."""
+    g = torch.Generator().manual_seed(cfg.seed + 999)
+    indices = list(range(min(table.num_rows, 8)))
+    pixels, ids = batch_tensors(table, indices, pipe.tokenizer, cfg.resolution)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels.to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    timesteps = torch.linspace(50, noise_scheduler.config.num_train_timesteps - 50, len(indices)).long().to(device)
+    return {"noisy": noise_scheduler.add_noise(latents, noise, timesteps), "timesteps": timesteps,
+            "ids": ids.to(device), "target": training_target(noise_scheduler, latents, noise, timesteps)}
+
+
+@torch.no_grad()
+def _eval_loss(model, fixed: dict) -> float:
+    inner = model.module if hasattr(model, "module") else model  # no DDP collective for rank 0 alone
+    return diffusion_loss(inner(fixed["noisy"], fixed["timesteps"], fixed["ids"]), fixed["target"]).item()

@@ -1,0 +1,210 @@
+"""`sdfleet finetune {full,lora}`: check everything, then hand the loop to Ray Train.
+
+    --data (a `dataset build` folder)  --base (preset, directory or URI)  --out (any fsspec store)
+      -> checks before any worker starts: workers, dataset columns and rows, base model, --out, resources
+      -> TorchTrainer(actors.train.train_loop, ScalingConfig(num_workers=--workers, use_gpu=--gpu))
+         checkpoints in --out/checkpoints through ray.train.report; a rerun into the same --out resumes
+      -> --out: a diffusers model (full) or pytorch_lora_weights.safetensors (lora),
+         validation/step-N/*.png, train_log.jsonl, finetune.json
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Literal
+
+import fsspec
+from pydantic import BaseModel, Field, model_validator
+
+from actors.models import describe_model
+from cluster.connect import ClusterError, connect
+from jobs.errors import root_cause
+from manifests.dataset import check_dataset
+
+# What must match for a rerun into the same --out to continue the run rather than clash with it.
+RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "train_text_encoder", "workers", "batch_size", "grad_accum")
+
+
+class FinetuneError(Exception):
+    """The fine-tune cannot start or did not finish (exit 1)."""
+
+
+class FinetuneConfig(BaseModel):
+    """The flags of `sdfleet finetune`, checked before Ray starts."""
+
+    method: Literal["full", "lora"]
+    data: str = Field(description="training dataset URI (from `sdfleet dataset build`)")
+    base: str = Field(description="base model: preset (tiny, sd21-random), diffusers directory or URI")
+    out: str = Field(description="output URI: the model or LoRA, checkpoints, validation images, logs")
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (one GPU each with --gpu)")
+    gpu: bool = Field(default=False, description="one GPU per worker, NCCL, mixed precision")
+    steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora)")
+    batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
+    grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
+    resolution: int | None = Field(default=None, description="training size in px (default: the base model's)")
+    seed: int = Field(default=0, description="seed for the data order, noise and timesteps")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps before the cosine decay")
+    checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints")
+    log_every: int = Field(default=10, ge=1, description="steps between progress lines")
+    validate_every: int = Field(default=0, ge=0, description="steps between validation images (0: at the end only)")
+    validation_prompts: list[str] = Field(default_factory=list, description="prompts drawn as validation images")
+    min_snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR loss weighting (5 is usual)")
+    noise_offset: float = Field(default=0.0, ge=0, description="noise offset (0.05-0.1 helps very dark/bright images)")
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="keep an EMA of the weights (0.9999 is usual)")
+    gradient_checkpointing: bool = Field(default=False, description="trade compute for activation memory")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, no on CPU")
+    rank: int = Field(default=4, ge=1, description="LoRA rank")
+    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the rank)")
+    train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
+    max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
+    address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FinetuneConfig":
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
+            raise ValueError(f"--resolution must be a multiple of 8 and at least 64, got {self.resolution}")
+        if self.mixed_precision in ("fp16", "bf16") and not self.gpu:
+            raise ValueError(f"--mixed-precision {self.mixed_precision} needs --gpu (CPU training runs in fp32)")
+        return self
+
+
+def log(message: str) -> None:
+    print(f"[sdfleet] {message}", file=sys.stderr, flush=True)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Check, train, and return the summary written to --out/finetune.json."""
+    from actors.train import TrainConfig
+
+    started = time.time()
+    # 1. inputs, before Ray: the dataset (footers only), the base model (configs only), the output store
+    rows = check_dataset(cfg.data)
+    base = describe_model("base", cfg.base)
+    try:
+        fs, root = fsspec.core.url_to_fs(cfg.out)
+        fs.makedirs(root, exist_ok=True)
+    except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
+        raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
+    resolution = cfg.resolution or base.width
+    if cfg.batch_size * cfg.workers > rows:
+        log(f"note: a global batch of {cfg.batch_size * cfg.workers} is larger than the dataset ({rows} rows); "
+            "samples repeat within a step")
+    train = TrainConfig(
+        method=cfg.method, data=cfg.data, base=asdict(base), out=cfg.out, steps=cfg.steps,
+        lr=cfg.lr or (1e-5 if cfg.method == "full" else 1e-4), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        resolution=resolution, seed=cfg.seed, warmup_steps=cfg.warmup_steps, checkpoint_every=cfg.checkpoint_every,
+        log_every=cfg.log_every, validate_every=cfg.validate_every,
+        validation_prompts=cfg.validation_prompts or _first_captions(cfg.data, 2),
+        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, ema_decay=cfg.ema_decay,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        mixed_precision=("bf16" if cfg.gpu else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
+        rank=cfg.rank, alpha=cfg.alpha, train_text_encoder=cfg.train_text_encoder,
+    )
+    # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
+    record = {"method": cfg.method, "base": cfg.base, "base_fingerprint": base.fingerprint, "data": cfg.data,
+              "rank": cfg.rank if cfg.method == "lora" else None, "train_text_encoder": cfg.train_text_encoder,
+              "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+    _check_same_run(fs, root, record)
+
+    # 3. Ray, and workers sized to it
+    resources = connect(cfg.address)
+    try:
+        scaling = _scaling(cfg, resources, train)
+        log(f"{cfg.method} fine-tune of {cfg.base} on {rows} samples: {cfg.workers} worker(s) on "
+            f"{'GPU' if cfg.gpu else 'CPU'}, {cfg.steps} steps, global batch "
+            f"{cfg.batch_size * cfg.workers * cfg.grad_accum}, {resolution} px; out: {cfg.out}")
+        _write_json(fs, f"{root}/finetune.json", {**record, "status": "running", "config": cfg.model_dump()})
+        result = _fit(cfg, train, scaling, fs, root)
+    finally:
+        import ray
+
+        ray.shutdown()
+
+    # 4. the summary
+    summary = {**record, "status": "finished", "steps": cfg.steps, "rows": rows, "resolution": resolution,
+               "final_metrics": result, "wall_seconds": round(time.time() - started, 3),
+               "output": fs.unstrip_protocol(root), "config": cfg.model_dump(),
+               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    _write_json(fs, f"{root}/finetune.json", summary)
+    return summary
+
+
+def _scaling(cfg: FinetuneConfig, resources: dict, train) -> "object":
+    from ray.train import ScalingConfig
+
+    if cfg.gpu:
+        gpus = resources.get("GPU", 0)
+        if gpus < cfg.workers:
+            if not (cfg.address or os.environ.get("RAY_ADDRESS")):  # a local Ray never gains GPUs
+                raise ClusterError(f"--workers {cfg.workers} --gpu needs {cfg.workers} GPUs; this machine has {gpus:g}")
+            # an autoscaling cluster adds GPU nodes once the workers ask for them
+            log(f"the cluster shows {gpus:g} GPU(s) for {cfg.workers} worker(s): waiting for the autoscaler")
+        return ScalingConfig(num_workers=cfg.workers, use_gpu=True)
+    cpus = resources.get("CPU", 0)
+    share = cpus // cfg.workers
+    if share < 1:
+        raise ClusterError(f"--workers {cfg.workers} needs at least one CPU each; the cluster has {cpus:g}")
+    train.torch_threads = int(share)
+    return ScalingConfig(num_workers=cfg.workers, use_gpu=False, resources_per_worker={"CPU": share})
+
+
+def _fit(cfg: FinetuneConfig, train, scaling, fs, root: str) -> dict:
+    import pyarrow.fs as pafs
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.train import train_loop
+
+    # Ray Train writes checkpoints through pyarrow; any fsspec store (s3, gs, memory) goes through an adapter.
+    if "file" in fs.protocol or "local" in fs.protocol:
+        storage = dict(storage_path=root)
+    else:
+        storage = dict(storage_path=root, storage_filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+    run_config = RunConfig(
+        name="checkpoints", **storage,  # --out/checkpoints: the same --out finds the same run again
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(train.torch_threads),
+                                         "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}},
+    )
+    trainer = TorchTrainer(train_loop, train_loop_config=asdict(train), scaling_config=scaling, run_config=run_config)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise FinetuneError(f"training stopped: {root_cause(exc)}; checkpoints are in {cfg.out}/checkpoints, "
+                            "rerun the same command to resume") from exc
+    return dict(result.metrics or {})
+
+
+def _check_same_run(fs, root: str, record: dict) -> None:
+    path = f"{root}/finetune.json"
+    if not fs.exists(path):
+        return
+    before = json.loads(fs.cat_file(path))
+    clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
+    if clashes:
+        raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "
+                            "use a new --out, or the same flags to resume that one")
+
+
+def _first_captions(uri: str, n: int) -> list[str]:
+    from manifests.dataset import dataset_files
+
+    import pyarrow.parquet as pq
+
+    fs, files = dataset_files(uri)
+    with fs.open(files[0], "rb") as f:
+        captions = pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
+    return [c for c in captions if c][:n]
+
+
+def _write_json(fs, path: str, data: dict) -> None:
+    from manifests.ledger import atomic_write
+
+    atomic_write(fs, path, (json.dumps(data, indent=2, default=str) + "\n").encode())

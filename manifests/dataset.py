@@ -1,0 +1,79 @@
+"""Training datasets: the Parquet layout `sdfleet dataset build` writes and the fine-tune workers read.
+
+A dataset is a folder of `part-NNNNN.parquet` files (or one Parquet file) with at least a `caption`
+(string) and an `image` (encoded image bytes) column; `dataset build` adds `file`, `width`, `height`.
+"""
+
+from __future__ import annotations
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+DATASET_SCHEMA = pa.schema([
+    ("file", pa.string()),  # path relative to IMAGES_DIR, for tracing a sample back to its source
+    ("caption", pa.string()),
+    ("image", pa.binary()),  # PNG, RGB, resolution x resolution
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+])
+REQUIRED_COLUMNS = ("caption", "image")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be built or read (exit 2): the message says what is wrong and what would work."""
+
+
+def square_crop(im: Image.Image, size: int) -> Image.Image:
+    """Resize the shortest side to `size` and cut the centre square (product shots are centred)."""
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def dataset_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The Parquet files of a dataset (a folder of parts, or one file); DatasetError if there are none."""
+    fs, root = fsspec.core.url_to_fs(uri)
+    if fs.isfile(root):
+        files = [root]
+    elif fs.isdir(root):
+        files = sorted(fs.glob(f"{root.rstrip('/')}/*.parquet"))
+    else:
+        raise DatasetError(f"--data {uri} does not exist (build one with `sdfleet dataset build`)")
+    if not files:
+        raise DatasetError(f"--data {uri} holds no .parquet files (build one with `sdfleet dataset build`)")
+    return fs, files
+
+
+def check_dataset(uri: str) -> int:
+    """Check a training dataset from its Parquet footers; returns its row count. Raises DatasetError."""
+    fs, files = dataset_files(uri)
+    rows = 0
+    for path in files:
+        try:
+            with fs.open(path, "rb") as f:
+                meta = pq.ParquetFile(f)
+                names = meta.schema_arrow.names
+                rows += meta.metadata.num_rows
+        except Exception as exc:  # noqa: BLE001 - any unreadable footer means the same thing
+            raise DatasetError(f"--data {uri}: {path} is not a readable Parquet file ({exc})") from exc
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise DatasetError(f"--data {uri}: {path} has no {', '.join(repr(c) for c in missing)} column "
+                               f"(it has {names}); a dataset needs {list(REQUIRED_COLUMNS)}")
+    if rows == 0:
+        raise DatasetError(f"--data {uri} is empty: 0 rows")
+    return rows
+
+
+def read_dataset(uri: str) -> pa.Table:
+    """The dataset's caption and image columns, all parts, in file order."""
+    fs, files = dataset_files(uri)
+    tables = []
+    for path in files:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=list(REQUIRED_COLUMNS)))
+    return pa.concat_tables(tables)

@@ -5,7 +5,8 @@
          target (epsilon or v) -> step; checkpoint every N steps, validation images every M
       -> rank 0 writes what `generate` loads: a diffusers model, or pytorch_lora_weights.safetensors
 
-Data parallel: Ray Train wraps the model in DDP (gloo on CPU, NCCL on GPU). Every random choice (which
+Data parallel: Ray Train wraps the model in DDP (gloo on CPU, NCCL on GPU), or with `fsdp` each UNet
+block is sharded across the workers with FSDP2 (`fully_shard`). Every random choice (which
 samples, which noise, which timesteps) is drawn from a generator seeded by (seed, step, rank), so a run
 resumed from a checkpoint at step s continues exactly as if it had never stopped.
 """
@@ -56,6 +57,7 @@ class TrainConfig:
     rank: int = 4  # LoRA
     alpha: float | None = None  # LoRA; None: alpha = rank (scale 1)
     train_text_encoder: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP copies
     torch_threads: int = 1  # CPU workers only
 
 
@@ -191,16 +193,27 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: str, step: int, model, optimizer, lr_scheduler, scaler, ema) -> None:
+def gather_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(trainable weights, optimizer state), whole. Under FSDP every worker must call this (it gathers the
+    shards); rank 0 gets the tensors, the others empty dicts."""
+    if not fsdp:
+        return trainable_state(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    weights, opt = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in weights.items() if k in names}, opt
+
+
+def save_checkpoint(directory: str, step: int, weights: dict, optimizer_state: dict, lr_scheduler, scaler, ema) -> None:
     """Everything needed to continue at `step`, in safetensors (tensors) and JSON (the rest): no pickles."""
     from safetensors.torch import save_file
 
-    save_file(trainable_state(model), os.path.join(directory, "trainable.safetensors"))
-    opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-               for i, state in opt["state"].items() for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(directory, "trainable.safetensors"))
+    tensors = {f"{key}::{name}": value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+               for key, state in optimizer_state["state"].items() for name, value in state.items()}
     save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
-    meta = {"step": step, "param_groups": opt["param_groups"], "lr_scheduler": lr_scheduler.state_dict(),
+    meta = {"step": step, "param_groups": optimizer_state["param_groups"], "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": scaler.state_dict()}
     if ema is not None:
         ema_state = ema.state_dict()
@@ -211,32 +224,80 @@ def save_checkpoint(directory: str, step: int, model, optimizer, lr_scheduler, s
         json.dump(meta, f, indent=1)
 
 
-def load_checkpoint(directory: str, model, optimizer, lr_scheduler, scaler, ema) -> int:
-    """Restore what save_checkpoint wrote; returns the step it was taken at."""
+def load_checkpoint(directory: str, model, optimizer, lr_scheduler, scaler, ema, fsdp: bool = False) -> int:
+    """Restore what save_checkpoint wrote into the model and optimizer; returns the step it was taken at.
+    Under FSDP every worker reads the files and keeps its own shard."""
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, "state.json")) as f:
         meta = json.load(f)
     weights = load_file(os.path.join(directory, "trainable.safetensors"))
-    expected = set(trainable_state(model))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         raise RuntimeError(f"checkpoint {directory} does not fit this model: {len(set(weights) ^ expected)} "
                            "trainable tensors differ (was it written by another --method or --rank?)")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in weights.items():
-            params[name].copy_(value)
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict = {}
     for key, value in load_file(os.path.join(directory, "optimizer.safetensors")).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        owner, name = key.rsplit("::", 1)
+        state.setdefault(int(owner) if owner.isdigit() else owner, {})[name] = value
+    optimizer_state = {"state": state, "param_groups": meta["param_groups"]}
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     scaler.load_state_dict(meta["scaler"])
     if ema is not None and "ema" in meta:
         shadow = load_file(os.path.join(directory, "ema.safetensors"))
         ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
     return int(meta["step"])
+
+
+def shard(denoiser: Denoiser, device, world: int) -> Denoiser:
+    """FSDP2: each UNet block is its own shard group and the rest one root group, so parameters,
+    gradients and optimizer state are split across workers instead of copied to each."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    denoiser.to(device)
+    mesh = init_device_mesh(device.type, (world,))
+    unet = denoiser.unet
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(denoiser, mesh=mesh)
+    return denoiser
+
+
+def drawable_pipeline(pipe, model, fsdp: bool, rank: int):
+    """A pipeline that can draw (and be saved) with the current weights, on rank 0; None elsewhere.
+
+    Under DDP that is the training pipeline itself. Under FSDP the weights are shards, so every worker
+    gathers them (a collective) and rank 0 loads the whole into plain copies of the UNet and text encoder.
+    """
+    if not fsdp:
+        return pipe if rank == 0 else None
+    from diffusers import StableDiffusionPipeline
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    device = pipe.vae.device
+    parts = {}
+    for name in ("unet", "text_encoder"):
+        original = getattr(pipe, name)
+        copy = type(original)(original.config) if name == "text_encoder" else type(original).from_config(original.config)
+        copy.load_state_dict({k[len(name) + 1:]: v for k, v in full.items() if k.startswith(name + ".")})
+        parts[name] = copy.to(device)
+    return StableDiffusionPipeline(vae=pipe.vae, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, **parts,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 # -- validation images and the final output ---------------------------------------------------------
@@ -271,15 +332,13 @@ def validation_images(cfg: TrainConfig, pipe, step: int, device) -> list[str]:
     return written
 
 
-def publish(cfg: TrainConfig, pipe, ema, trainable_params) -> None:
+def publish(cfg: TrainConfig, pipe) -> None:
     """Write the result where `generate` finds it: a diffusers model at the root of --out (full), or
-    --out/pytorch_lora_weights.safetensors (lora). With EMA, the averaged weights are what is written."""
+    --out/pytorch_lora_weights.safetensors (lora)."""
     import fsspec
 
     from actors.lora_io import save_lora
 
-    if ema is not None:
-        ema.copy_to(trainable_params)
     fs, root = fsspec.core.url_to_fs(cfg.out)
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.method == "lora":
@@ -327,7 +386,10 @@ def train_loop(config: dict) -> None:
         print(f"[finetune] {cfg.method}: {trainable:,} trainable parameters", flush=True)
     pipe.vae.to(device)
     denoiser = Denoiser(pipe.unet, pipe.text_encoder)
-    model = ray.train.torch.prepare_model(denoiser, parallel_strategy="ddp")  # moves to device, wraps in DDP
+    if cfg.fsdp:
+        model = shard(denoiser, device, world)
+    else:
+        model = ray.train.torch.prepare_model(denoiser, parallel_strategy="ddp")  # moves to device, wraps in DDP
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
@@ -342,7 +404,7 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            step = resumed_from = load_checkpoint(directory, denoiser, optimizer, lr_scheduler, scaler, ema)
+            step = resumed_from = load_checkpoint(directory, denoiser, optimizer, lr_scheduler, scaler, ema, cfg.fsdp)
         if rank == 0:
             print(f"[finetune] resuming from the checkpoint at step {step}", flush=True)
 
@@ -350,7 +412,7 @@ def train_loop(config: dict) -> None:
     table = read_dataset(cfg.data)
     n = table.num_rows
     log_fs, log_root = fsspec.core.url_to_fs(cfg.out)
-    fixed = _fixed_eval_batch(cfg, table, pipe, noise_scheduler, device) if rank == 0 else None
+    fixed = _fixed_eval_batch(cfg, table, pipe, noise_scheduler, device)
 
     def log_line(record: dict) -> None:
         if rank == 0:
@@ -382,7 +444,10 @@ def train_loop(config: dict) -> None:
             target = training_target(noise_scheduler, latents, noise, timesteps)
             weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
             # only the last micro-step of an accumulation syncs gradients across workers
-            sync = model.no_sync() if micro < cfg.grad_accum - 1 and hasattr(model, "no_sync") else nullcontext()
+            last = micro == cfg.grad_accum - 1
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
             with sync, torch.autocast(device.type, dtype=half, enabled=half is not None):
                 loss = diffusion_loss(model(noisy, timesteps, ids.to(device)), target, weights)
                 scaler.scale(loss / cfg.grad_accum).backward()
@@ -405,25 +470,29 @@ def train_loop(config: dict) -> None:
             metrics = {"step": step, "loss": float(np.mean(losses)), "lr": lr_scheduler.get_last_lr()[0],
                        "samples_per_second": window_samples * world / elapsed,
                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            if fixed is not None:
-                metrics["eval_loss"] = _eval_loss(model, fixed)
+            eval_loss = _eval_loss(model, fixed)  # every worker: under FSDP the forward is collective
+            if rank == 0:
+                metrics["eval_loss"] = eval_loss
             if rank == 0:
                 print(f"[finetune] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "
                       f"eval {metrics.get('eval_loss', float('nan')):.4f} lr {metrics['lr']:.2e} "
                       f"{metrics['samples_per_second']:.2f} samples/s", flush=True)
             log_line(metrics)
             if checkpointing:
+                weights, optimizer_state = gather_state(denoiser, optimizer, cfg.fsdp)
                 with tempfile.TemporaryDirectory() as directory:
-                    if rank == 0:  # the weights are the same on every worker: one copy is enough
-                        save_checkpoint(directory, step, denoiser, optimizer, lr_scheduler, scaler, ema)
+                    if rank == 0:  # the weights are the same on every worker (or gathered there): one copy
+                        save_checkpoint(directory, step, weights, optimizer_state, lr_scheduler, scaler, ema)
                         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
                     else:
                         ray.train.report(metrics)
             else:
                 ray.train.report(metrics)
             window_start, window_samples, losses = time.perf_counter(), 0, []
-        if rank == 0 and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
-            validation_images(cfg, pipe, step, device)
+        if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
+            drawable = drawable_pipeline(pipe, model, cfg.fsdp, rank)
+            if drawable is not None:
+                validation_images(cfg, drawable, step, device)
 
     # 6. the result: validation images of the final weights, then the model or LoRA (rank 0 only)
     peaks = [None] * world
@@ -431,9 +500,12 @@ def train_loop(config: dict) -> None:
         torch.distributed.all_gather_object(peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     else:
         peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+    if ema is not None:  # the averaged weights are what is drawn and written
+        ema.copy_to(params)
+    final = drawable_pipeline(pipe, model, cfg.fsdp, rank)
     if rank == 0:
-        validation_images(cfg, pipe, step, device)
-        publish(cfg, pipe, ema, params)
+        validation_images(cfg, final, step, device)
+        publish(cfg, final)
         log_line({"event": "finished", "step": step, "peak_rss_mb_per_worker": peaks})
         print(f"[finetune] wrote the {'LoRA' if cfg.method == 'lora' else 'model'} to {cfg.out}", flush=True)
 
@@ -453,5 +525,5 @@ def _fixed_eval_batch(cfg: TrainConfig, table, pipe, noise_scheduler, device) ->
 
 @torch.no_grad()
 def _eval_loss(model, fixed: dict) -> float:
-    inner = model.module if hasattr(model, "module") else model  # no DDP collective for rank 0 alone
+    inner = model.module if hasattr(model, "module") else model  # DDP's forward would sync buffers
     return diffusion_loss(inner(fixed["noisy"], fixed["timesteps"], fixed["ids"]), fixed["target"]).item()

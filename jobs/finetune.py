@@ -27,7 +27,8 @@ from jobs.errors import root_cause
 from manifests.dataset import check_dataset
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
-RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "train_text_encoder", "workers", "batch_size", "grad_accum")
+RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "train_text_encoder", "workers", "batch_size", "grad_accum",
+               "fsdp")
 
 
 class FinetuneError(Exception):
@@ -43,6 +44,8 @@ class FinetuneConfig(BaseModel):
     out: str = Field(description="output URI: the model or LoRA, checkpoints, validation images, logs")
     workers: int = Field(default=1, ge=1, description="Ray Train workers (one GPU each with --gpu)")
     gpu: bool = Field(default=False, description="one GPU per worker, NCCL, mixed precision")
+    cpus_per_worker: int | None = Field(default=None, ge=1, description="CPU workers: cores (torch threads) each "
+                                        "(default: the cluster's CPUs shared out)")
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
     lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora)")
     batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
@@ -62,6 +65,8 @@ class FinetuneConfig(BaseModel):
     rank: int = Field(default=4, ge=1, description="LoRA rank")
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the rank)")
     train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
+    fsdp: bool = Field(default=False, description="full only: shard weights, gradients and optimizer state across "
+                                                  "workers (FSDP2) instead of a DDP copy on each")
     max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
 
@@ -69,6 +74,10 @@ class FinetuneConfig(BaseModel):
     def _consistent(self) -> "FinetuneConfig":
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
             raise ValueError(f"--resolution must be a multiple of 8 and at least 64, got {self.resolution}")
+        if self.fsdp and self.method != "full":
+            raise ValueError("--fsdp shards full-parameter training; a LoRA's few weights train fine with DDP")
+        if self.fsdp and self.ema_decay:
+            raise ValueError("--ema-decay does not work with --fsdp yet (the average would need sharding too)")
         if self.mixed_precision in ("fp16", "bf16") and not self.gpu:
             raise ValueError(f"--mixed-precision {self.mixed_precision} needs --gpu (CPU training runs in fp32)")
         return self
@@ -104,12 +113,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, ema_decay=cfg.ema_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
         mixed_precision=("bf16" if cfg.gpu else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
-        rank=cfg.rank, alpha=cfg.alpha, train_text_encoder=cfg.train_text_encoder,
+        rank=cfg.rank, alpha=cfg.alpha, train_text_encoder=cfg.train_text_encoder, fsdp=cfg.fsdp,
     )
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = {"method": cfg.method, "base": cfg.base, "base_fingerprint": base.fingerprint, "data": cfg.data,
               "rank": cfg.rank if cfg.method == "lora" else None, "train_text_encoder": cfg.train_text_encoder,
-              "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
+              "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
     _check_same_run(fs, root, record)
 
     # 3. Ray, and workers sized to it
@@ -147,9 +156,9 @@ def _scaling(cfg: FinetuneConfig, resources: dict, train) -> "object":
             log(f"the cluster shows {gpus:g} GPU(s) for {cfg.workers} worker(s): waiting for the autoscaler")
         return ScalingConfig(num_workers=cfg.workers, use_gpu=True)
     cpus = resources.get("CPU", 0)
-    share = cpus // cfg.workers
-    if share < 1:
-        raise ClusterError(f"--workers {cfg.workers} needs at least one CPU each; the cluster has {cpus:g}")
+    share = cfg.cpus_per_worker or cpus // cfg.workers
+    if share < 1 or share * cfg.workers > cpus:
+        raise ClusterError(f"--workers {cfg.workers} needs {max(1, share):g} CPU(s) each; the cluster has {cpus:g}")
     train.torch_threads = int(share)
     return ScalingConfig(num_workers=cfg.workers, use_gpu=False, resources_per_worker={"CPU": share})
 

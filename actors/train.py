@@ -389,7 +389,13 @@ def train_loop(config: dict) -> None:
     if cfg.fsdp:
         model = shard(denoiser, device, world)
     else:
-        model = ray.train.torch.prepare_model(denoiser, parallel_strategy="ddp")  # moves to device, wraps in DDP
+        # On CPUs, gloo's all-reduce competes with the backward pass for the same cores: one bucket sent
+        # after the backward measured 1.35x faster per step than DDP's default 25 MB buckets on 2 workers.
+        # On GPUs (NCCL) the default buckets overlap communication with the backward, as intended.
+        # No buffer of the UNet or text encoder changes in training, so DDP need not broadcast them each step.
+        ddp = {"gradient_as_bucket_view": True, "broadcast_buffers": False,
+               **({"bucket_cap_mb": 4096} if device.type == "cpu" else {})}
+        model = ray.train.torch.prepare_model(denoiser, parallel_strategy="ddp", parallel_strategy_kwargs=ddp)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from jobs.bench_generate import REPO_ROOT, versions
+from jobs.bench_generate import run_cli, versions
 
 TARGET_SWAP_SHARE = 0.02
 LORA_STD = 0.15  # clearly changes the tiny model's image without making it chaotic
@@ -81,19 +81,8 @@ def build_manifest(path: Path, n_rows: int, names: list[str], steps: int) -> lis
 
 def run_sdfleet(manifest: Path, store: Path, out: Path, actors: int, batch_size: int) -> dict:
     """`sdfleet generate` as a user runs it; returns its figures from run.json and the ledger."""
-    import subprocess
-
-    exe = Path(sys.executable).with_name("sdfleet")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jobs"]
-    cmd += ["generate", str(manifest), "--out", str(out), "--adapters", str(store), "--actors", str(actors),
-            "--batch-size", str(batch_size), "--no-watermark"]
-    log = out.parent / f"{out.name}.log"
-    started = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - started
-    if rc != 0:
-        sys.exit(f"sdfleet generate exited {rc}; its log:\n{log.read_text()[-4000:]}")
+    wall = run_cli(["generate", str(manifest), "--out", str(out), "--adapters", str(store), "--actors", str(actors),
+                    "--batch-size", str(batch_size), "--no-watermark"], out)
     summary = json.loads((out / "run.json").read_text())
     ledger = pq.read_table(str(out / "results")).select(["status", "seconds"]).to_pylist()
     generation = sum(r["seconds"] for r in ledger if r["status"] == "ok")

@@ -21,31 +21,20 @@ import argparse
 import datetime as dt
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from jobs.bench_generate import REPO_ROOT, versions
+from jobs.bench_generate import run_cli, versions
 
 TARGET_SCALING = 1.7
 
 
 def run(data: Path, out: Path, workers: int, cpus: int, args) -> dict:
-    exe = Path(sys.executable).with_name("sdfleet")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jobs"]
-    cmd += ["finetune", "full", "--data", str(data), "--base", "tiny", "--out", str(out),
+    wall = run_cli(["finetune", "full", "--data", str(data), "--base", "tiny", "--out", str(out),
             "--workers", str(workers), "--cpus-per-worker", str(cpus), "--steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--resolution", str(args.resolution), "--lr", "1e-4",
-            "--log-every", str(args.log_every), "--checkpoint-every", str(args.steps)]
-    log = out.parent / f"{out.name}.log"
-    started = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - started
-    if rc != 0:
-        sys.exit(f"finetune exited {rc}; its log:\n{log.read_text()[-4000:]}")
+            "--log-every", str(args.log_every), "--checkpoint-every", str(args.steps)], out)
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     windows = [r["samples_per_second"] for r in records if "samples_per_second" in r][1:]
     finished = next(r for r in records if r.get("event") == "finished")

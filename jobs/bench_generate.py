@@ -83,19 +83,23 @@ def time_loop(pipe, batches: list[list[dict]], warmup: int) -> tuple[float, np.n
     return time.perf_counter() - started, np.concatenate(images)
 
 
-def run_sdfleet(manifest: Path, out: Path, batch_size: int) -> tuple[float, int]:
-    """Run `sdfleet generate` as a user would; returns (wall seconds, exit code). Its log is `<out>.log`."""
+def run_cli(argv: list[str], out: Path) -> float:
+    """Run `sdfleet ARGV...` as a user would, logging to `<out>.log`; returns wall seconds. Exits on failure."""
     exe = Path(sys.executable).with_name("sdfleet")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "jobs"]
-    cmd += ["generate", str(manifest), "--out", str(out), "--actors", "1", "--batch-size", str(batch_size)]
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "jobs"]) + argv
     log = out.parent / f"{out.name}.log"
     started = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - started
     if rc != 0:
-        sys.exit(f"sdfleet generate exited {rc}; its log:\n{log.read_text()[-4000:]}")
-    return wall, rc
+        sys.exit(f"sdfleet {argv[0]} exited {rc}; its log:\n{log.read_text()[-4000:]}")
+    return wall
+
+
+def run_sdfleet(manifest: Path, out: Path, batch_size: int) -> float:
+    """`sdfleet generate` with one actor; returns wall seconds."""
+    return run_cli(["generate", str(manifest), "--out", str(out), "--actors", "1", "--batch-size", str(batch_size)], out)
 
 
 def steady_state(results_dir: Path, batch_size: int) -> dict:
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. sdfleet end to end, into a fresh folder so no row is skipped
     run_dir = Path(tempfile.mkdtemp(prefix="sdfleet-run-", dir=out))
-    e2e_s, _ = run_sdfleet(manifest, run_dir, b)
+    e2e_s = run_sdfleet(manifest, run_dir, b)
     summary = json.loads((run_dir / "run.json").read_text())
     if summary["ok"] != n or summary["skipped"]:
         sys.exit(f"sdfleet drew {summary['ok']} of {n} rows ({summary['skipped']} skipped); see {run_dir}")

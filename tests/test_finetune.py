@@ -363,3 +363,27 @@ def test_fsdp_matches_ddp_and_resumes_from_its_sharded_checkpoint(trained, datas
     assert more.returncode == 0, more.stderr[-4000:]
     resumed = [r for r in train_log(out) if r.get("event") == "resumed"]
     assert [r["step"] for r in resumed] == [8] and metrics(out)[-1]["step"] == 10
+
+
+def test_every_training_option_runs_together(dataset, tmp_path):
+    """EMA, accumulation, gradient checkpointing, min-SNR, noise offset, warm-up and the text encoder."""
+    out = tmp_path / "all"
+    proc = sdfleet("finetune", "full", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out),
+                   "--workers", "1", "--steps", "4", "--batch-size", "2", "--grad-accum", "2", "--resolution", RES,
+                   "--ema-decay", "0.9", "--gradient-checkpointing", "--min-snr-gamma", "5", "--noise-offset", "0.05",
+                   "--warmup-steps", "2", "--train-text-encoder", "--log-every", "2", "--checkpoint-every", "2",
+                   "--validation-prompt", "a blue star on a black background", "--validate-every", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    # full's default lr 1e-5: warm-up ends at step 2 at the peak, the cosine reaches 0 at the last step
+    assert rows[0]["lr"] == pytest.approx(1e-5) and rows[1]["lr"] == pytest.approx(0.0)
+    config = train_log(out)[0]["config"]
+    assert config["grad_accum"] == 2 and config["ema_decay"] == 0.9 and config["train_text_encoder"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002", "step-000004"]
+    checkpoint = sorted(p for p in (out / "checkpoints").glob("checkpoint_*") if p.is_dir())[-1]
+    assert (checkpoint / "ema.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    trained = load_file(checkpoint / "trainable.safetensors")
+    assert any(k.startswith("text_encoder.") for k in trained) and any(k.startswith("unet.") for k in trained)

@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--resolution", type=int, default=256, help="square training size in px (default 256)")
     build.add_argument("--min-size", type=int, help="skip images whose shortest side is smaller (default: --resolution)")
 
+    ev = sub.add_parser("eval", help="score prompt adherence of a run in the synthetic shapes world")
+    ev.add_argument("manifests", nargs="+", metavar="MANIFEST",
+                    help="the run's manifests: color/shape/background columns, or prompts "
+                         "'a {color} {shape} on a {background} background'")
+    ev.add_argument("--out", required=True, help="the run's output root (images/ under it); eval.json is written there")
+
     model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
     export = model.add_parser("export", help="write a preset as a diffusers directory")
     export.add_argument("preset", metavar="PRESET")
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": cmd_model_export,
         "finetune": cmd_finetune,
         "dataset": cmd_dataset_build,
+        "eval": cmd_eval,
     }
     try:
         return handlers[args.command](args)
@@ -270,6 +277,19 @@ def cmd_dataset_build(args) -> int:
     print(f"wrote {summary['rows']} samples at {summary['resolution']} px to {args.out}; "
           f"{len(summary['skipped'])} file(s) skipped")
     return EXIT_ROWS if summary["skipped"] else EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from jobs.evaluate import evaluate, report
+
+    summary = evaluate(args.manifests, args.out)
+    if not summary["scored"]:
+        print(f"sdfleet eval: error: nothing to score: {summary['not_scored']} row(s) name no colour/shape/background "
+              f"and {summary['missing_images']} have no image under {args.out}/images", file=sys.stderr)
+        return EXIT_ERROR
+    print(report(summary))
+    print(f"wrote {args.out.rstrip('/')}/eval.json")
+    return EXIT_OK
 
 
 def cmd_model_export(args) -> int:

@@ -8,6 +8,7 @@ def describe_error(exc: BaseException) -> str | None:
     from actors.models import ModelError
     from actors.watermark import WatermarkError
     from cluster.connect import ClusterError
+    from jobs.evaluate import EvalError
     from jobs.finetune import FinetuneError
     from jobs.generate import RunFailed
     from manifests.dataset import DatasetError
@@ -23,6 +24,7 @@ def describe_error(exc: BaseException) -> str | None:
         RunFailed: None,
         DatasetError: None,
         FinetuneError: None,
+        EvalError: None,
     }
     for kind, hint in hints.items():
         if isinstance(exc, kind):

@@ -1,0 +1,77 @@
+"""`sdfleet eval`: prompt adherence from image statistics, checked on images whose content is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import sdfleet, write_manifest
+from jobs.evaluate import analyse, intended
+from jobs.synthetic import ALL, BACKGROUNDS, COLORS, SHAPES, caption, draw_shape
+
+
+@pytest.mark.parametrize("color,shape,background", ALL)
+def test_every_combination_of_the_world_is_recognised(color, shape, background):
+    import random
+
+    for seed in range(3):  # sizes and positions vary
+        seen = analyse(np.asarray(draw_shape(color, shape, background, 256, random.Random(seed))))
+        assert seen["drawn"], seen
+        assert (seen["color"], seen["shape"], seen["background"]) == (color, shape, background), seen
+
+
+def test_noise_is_not_drawn():
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    assert not analyse(noise)["drawn"]
+    blank = np.full((256, 256, 3), 128, np.uint8)
+    assert not analyse(blank)["drawn"]
+
+
+def test_intent_comes_from_columns_or_the_prompt_grammar():
+    assert intended({"prompt": "a red star on a gray background"}) == {"color": "red", "shape": "star", "background": "gray"}
+    assert intended({"prompt": "x", "color": "blue", "shape": "circle", "background": "white"})["shape"] == "circle"
+    assert intended({"prompt": "a studio photo of a mug"}) is None
+    assert intended({"prompt": "a pink star on a gray background"}) is None  # not in the palette
+
+
+def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
+    import random
+
+    out = tmp_path / "run"
+    (out / "images").mkdir(parents=True)
+    records = []
+    for i, (color, shape, background) in enumerate(ALL[:12]):
+        records.append({"id": f"ok-{i}", "prompt": caption(color, shape, background)})
+        draw_shape(color, shape, background, 256, random.Random(i)).save(out / "images" / f"ok-{i}.png")
+    # a wrong colour, noise, an image never drawn, and a row that says nothing about shapes
+    records.append({"id": "wrong", "prompt": "a red circle on a white background"})
+    draw_shape("blue", "circle", "white", 256).save(out / "images" / "wrong.png")
+    records.append({"id": "noise", "prompt": "a green square on a black background"})
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
+        out / "images" / "noise.png")
+    records.append({"id": "gone", "prompt": "a yellow star on a white background"})
+    records.append({"id": "mug", "prompt": "a studio photo of a mug"})
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+
+    proc = sdfleet("eval", str(manifest), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "eval.json").read_text())
+    assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 1, 1)
+    assert summary["color"] == pytest.approx(12 / 14)  # the wrong colour and the noise miss
+    assert summary["drawn"] == pytest.approx(13 / 14)
+    assert summary["chance"] == {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "background": 1 / len(BACKGROUNDS)}
+    assert summary["confusion"]["color"]["red"].get("blue") == 1
+    assert "14 images scored" in proc.stdout
+
+
+def test_eval_with_nothing_to_score_is_an_error(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "mug", "prompt": "a mug"}])
+    proc = sdfleet("eval", str(manifest), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1 and "has no images/ folder" in proc.stderr
+    (tmp_path / "run" / "images").mkdir(parents=True)
+    proc = sdfleet("eval", str(manifest), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1 and "nothing to score: 1 row(s) name no colour" in proc.stderr
+    assert not (tmp_path / "run" / "eval.json").exists()

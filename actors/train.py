@@ -479,7 +479,6 @@ def train_loop(config: dict) -> None:
             eval_loss = _eval_loss(model, fixed)  # every worker: under FSDP the forward is collective
             if rank == 0:
                 metrics["eval_loss"] = eval_loss
-            if rank == 0:
                 print(f"[finetune] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "
                       f"eval {metrics.get('eval_loss', float('nan')):.4f} lr {metrics['lr']:.2e} "
                       f"{metrics['samples_per_second']:.2f} samples/s", flush=True)

@@ -1,8 +1,9 @@
 """The fine-tune worker loop: one function that every Ray Train worker runs, the same on 1 or N workers.
 
-    config -> model (full UNet, or LoRA on its attention) -> resume from the latest checkpoint, if any
+    config -> model (full UNet, or LoRA on its attention, or the VAE) -> resume from the latest checkpoint
       -> loop: batch -> VAE latents -> noise at random timesteps -> UNet -> loss against the scheduler's
          target (epsilon or v) -> step; checkpoint every N steps, validation images every M
+         (vae: batch -> random crops -> encode, sample, decode -> pixel loss + KL)
       -> rank 0 writes what `generate` loads: a diffusers model, or pytorch_lora_weights.safetensors
 
 Data parallel: Ray Train wraps the model in DDP (gloo on CPU, NCCL on GPU), or with `fsdp` each UNet
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 class TrainConfig:
     """Everything a worker needs; the driver (jobs.finetune) checks it and fills the defaults."""
 
-    method: Literal["full", "lora"]
+    method: Literal["full", "lora", "vae"]
     data: str  # dataset URI (manifests.dataset layout)
     base: dict[str, Any]  # actors.models.ModelInfo fields of the base model
     out: str  # output URI: the model or LoRA lands at its root
@@ -58,6 +59,8 @@ class TrainConfig:
     alpha: float | None = None  # LoRA; None: alpha = rank (scale 1)
     train_text_encoder: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP copies
+    kl_weight: float = 1e-6  # vae: weight of the KL term against the pixel reconstruction loss
+    crop: int = 0  # vae: train on random square crops of this size (0: whole images)
     torch_threads: int = 1  # CPU workers only
 
 
@@ -146,13 +149,48 @@ class Denoiser(torch.nn.Module):
         return self.unet(noisy_latents, timesteps, encoder_hidden_states).sample
 
 
+class Autoencoder(torch.nn.Module):
+    """The VAE's round trip as one module (for DDP): pixels -> posterior sample -> pixels, and the KL."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels, eps=None):
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = posterior.mean if eps is None else posterior.mean + posterior.std * eps
+        return self.vae.decode(latents).sample, posterior.kl()
+
+
+def vae_loss(recon: torch.Tensor, pixels: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """Pixel MSE (in [-1, 1]) plus a small KL pull towards N(0, 1), which keeps latents well scaled."""
+    return F.mse_loss(recon.float(), pixels.float()) + kl_weight * kl.float().mean() / pixels[0].numel()
+
+
+def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random square crop of `size` px per image (the VAE is convolutional: crops train it as well)."""
+    if not size or size >= pixels.shape[-1]:
+        return pixels
+    n, _, h, w = pixels.shape
+    tops = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
+    return torch.stack([pixels[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(tops, lefts))])
+
+
+def trainee(cfg: TrainConfig, pipe) -> torch.nn.Module:
+    """The module that trains: the VAE's round trip, or text encoder + UNet."""
+    return Autoencoder(pipe.vae) if cfg.method == "vae" else Denoiser(pipe.unet, pipe.text_encoder)
+
+
 def make_trainable(cfg: TrainConfig, pipe) -> int:
     """Freeze what does not train and mark what does; returns the trainable parameter count."""
     from actors.lora_io import add_text_encoder_lora, add_unet_lora
 
-    pipe.vae.requires_grad_(False)
+    pipe.vae.requires_grad_(cfg.method == "vae")
     pipe.text_encoder.requires_grad_(False)
-    if cfg.method == "lora":
+    if cfg.method == "vae":
+        pipe.unet.requires_grad_(False)
+    elif cfg.method == "lora":
         add_unet_lora(pipe.unet, cfg.rank, cfg.alpha)
         if cfg.train_text_encoder:
             add_text_encoder_lora(pipe.text_encoder, cfg.rank, cfg.alpha)
@@ -160,8 +198,8 @@ def make_trainable(cfg: TrainConfig, pipe) -> int:
         pipe.unet.requires_grad_(True)
         pipe.text_encoder.requires_grad_(cfg.train_text_encoder)
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    return sum(p.numel() for p in Denoiser(pipe.unet, pipe.text_encoder).parameters() if p.requires_grad)
+        (pipe.vae if cfg.method == "vae" else pipe.unet).enable_gradient_checkpointing()
+    return sum(p.numel() for p in trainee(cfg, pipe).parameters() if p.requires_grad)
 
 
 def batch_tensors(table, indices: list[int], tokenizer, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,9 +370,35 @@ def validation_images(cfg: TrainConfig, pipe, step: int, device) -> list[str]:
     return written
 
 
+def roundtrip_images(cfg: TrainConfig, vae, pixels: torch.Tensor, step: int) -> list[str]:
+    """vae: each fixed-batch image beside its round trip through the VAE, as one PNG per image."""
+    import io
+
+    import fsspec
+    from PIL import Image
+
+    from manifests.ledger import atomic_write
+
+    training = vae.training
+    vae.eval()
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    vae.train(training)
+    fs, root = fsspec.core.url_to_fs(cfg.out)
+    written = []
+    for i, (a, b) in enumerate(zip(pixels, recon)):
+        pair = torch.cat([a, b], dim=2).clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        buf = io.BytesIO()
+        Image.fromarray(pair).save(buf, format="PNG")
+        path = f"{root}/validation/step-{step:06d}/{i:02d}.png"
+        atomic_write(fs, path, buf.getvalue())
+        written.append(path)
+    return written
+
+
 def publish(cfg: TrainConfig, pipe) -> None:
     """Write the result where `generate` finds it: a diffusers model at the root of --out (full), or
-    --out/pytorch_lora_weights.safetensors (lora)."""
+    --out/pytorch_lora_weights.safetensors (lora). A trained VAE goes out as a whole model, like full."""
     import fsspec
 
     from actors.lora_io import save_lora
@@ -385,9 +449,9 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         print(f"[finetune] {cfg.method}: {trainable:,} trainable parameters", flush=True)
     pipe.vae.to(device)
-    denoiser = Denoiser(pipe.unet, pipe.text_encoder)
+    net = trainee(cfg, pipe)
     if cfg.fsdp:
-        model = shard(denoiser, device, world)
+        model = shard(net, device, world)
     else:
         # On CPUs, gloo's all-reduce competes with the backward pass for the same cores: one bucket sent
         # after the backward measured 1.35x faster per step than DDP's default 25 MB buckets on 2 workers.
@@ -395,8 +459,8 @@ def train_loop(config: dict) -> None:
         # No buffer of the UNet or text encoder changes in training, so DDP need not broadcast them each step.
         ddp = {"gradient_as_bucket_view": True, "broadcast_buffers": False,
                **({"bucket_cap_mb": 4096} if device.type == "cpu" else {})}
-        model = ray.train.torch.prepare_model(denoiser, parallel_strategy="ddp", parallel_strategy_kwargs=ddp)
-    params = [p for p in denoiser.parameters() if p.requires_grad]
+        model = ray.train.torch.prepare_model(net, parallel_strategy="ddp", parallel_strategy_kwargs=ddp)
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.steps))
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
@@ -410,7 +474,7 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            step = resumed_from = load_checkpoint(directory, denoiser, optimizer, lr_scheduler, scaler, ema, cfg.fsdp)
+            step = resumed_from = load_checkpoint(directory, net, optimizer, lr_scheduler, scaler, ema, cfg.fsdp)
         if rank == 0:
             print(f"[finetune] resuming from the checkpoint at step {step}", flush=True)
 
@@ -438,27 +502,22 @@ def train_loop(config: dict) -> None:
             g = step_generator(cfg.seed, step, micro, rank)
             pixels, ids = batch_tensors(table, sample_indices(n, cfg.seed, step, micro, cfg.grad_accum, world, rank,
                                                               cfg.batch_size), pipe.tokenizer, cfg.resolution)
-            with torch.no_grad():
-                latent_dist = pipe.vae.encode(pixels.to(device)).latent_dist
-                latents = latent_dist.mean + latent_dist.std * torch.randn(latent_dist.mean.shape, generator=g).to(device)
-                latents = latents * pipe.vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=g).to(device)
-            if cfg.noise_offset:  # lets the model learn very dark and very bright images
-                noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            target = training_target(noise_scheduler, latents, noise, timesteps)
-            weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
             # only the last micro-step of an accumulation syncs gradients across workers
             last = micro == cfg.grad_accum - 1
             if cfg.fsdp:
                 model.set_requires_gradient_sync(last)
             sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
             with sync, torch.autocast(device.type, dtype=half, enabled=half is not None):
-                loss = diffusion_loss(model(noisy, timesteps, ids.to(device)), target, weights)
+                if cfg.method == "vae":
+                    pixels = random_crops(pixels, cfg.crop, g).to(device)
+                    eps = torch.randn((pixels.shape[0], pipe.vae.config.latent_channels,
+                                       pixels.shape[2] // 8, pixels.shape[3] // 8), generator=g).to(device)
+                    loss = _vae_step(model, pixels, eps, cfg.kl_weight)
+                else:
+                    loss = _diffusion_step(cfg, pipe, model, noise_scheduler, pixels.to(device), ids.to(device), g)
                 scaler.scale(loss / cfg.grad_accum).backward()
             losses.append(loss.item())
-            window_samples += latents.shape[0]
+            window_samples += pixels.shape[0]
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(optimizer)
@@ -484,7 +543,7 @@ def train_loop(config: dict) -> None:
                       f"{metrics['samples_per_second']:.2f} samples/s", flush=True)
             log_line(metrics)
             if checkpointing:
-                weights, optimizer_state = gather_state(denoiser, optimizer, cfg.fsdp)
+                weights, optimizer_state = gather_state(net, optimizer, cfg.fsdp)
                 with tempfile.TemporaryDirectory() as directory:
                     if rank == 0:  # the weights are the same on every worker (or gathered there): one copy
                         save_checkpoint(directory, step, weights, optimizer_state, lr_scheduler, scaler, ema)
@@ -497,7 +556,7 @@ def train_loop(config: dict) -> None:
         if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.steps:
             drawable = drawable_pipeline(pipe, model, cfg.fsdp, rank)
             if drawable is not None:
-                validation_images(cfg, drawable, step, device)
+                _validate(cfg, drawable, fixed, step, device)
 
     # 6. the result: validation images of the final weights, then the model or LoRA (rank 0 only)
     peaks = [None] * world
@@ -509,10 +568,39 @@ def train_loop(config: dict) -> None:
         ema.copy_to(params)
     final = drawable_pipeline(pipe, model, cfg.fsdp, rank)
     if rank == 0:
-        validation_images(cfg, final, step, device)
+        _validate(cfg, final, fixed, step, device)
         publish(cfg, final)
         log_line({"event": "finished", "step": step, "peak_rss_mb_per_worker": peaks})
         print(f"[finetune] wrote the {'LoRA' if cfg.method == 'lora' else 'model'} to {cfg.out}", flush=True)
+
+
+def _validate(cfg: TrainConfig, pipe, fixed: dict, step: int, device) -> None:
+    if cfg.method == "vae":
+        roundtrip_images(cfg, pipe.vae, fixed["pixels"][:4], step)
+    else:
+        validation_images(cfg, pipe, step, device)
+
+
+def _diffusion_step(cfg: TrainConfig, pipe, model, noise_scheduler, pixels, ids, g) -> torch.Tensor:
+    """One micro-step's diffusion loss: latents, noise at random timesteps, the UNet against its target."""
+    device = pixels.device
+    with torch.no_grad():
+        latent_dist = pipe.vae.encode(pixels).latent_dist
+        latents = latent_dist.mean + latent_dist.std * torch.randn(latent_dist.mean.shape, generator=g).to(device)
+        latents = latents * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    if cfg.noise_offset:  # lets the model learn very dark and very bright images
+        noise = noise + cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+    return diffusion_loss(model(noisy, timesteps, ids), target, weights)
+
+
+def _vae_step(model, pixels, eps, kl_weight: float) -> torch.Tensor:
+    recon, kl = model(pixels, eps)
+    return vae_loss(recon, pixels, kl, kl_weight)
 
 
 def _fixed_eval_batch(cfg: TrainConfig, table, pipe, noise_scheduler, device) -> dict:
@@ -520,6 +608,8 @@ def _fixed_eval_batch(cfg: TrainConfig, table, pipe, noise_scheduler, device) ->
     g = torch.Generator().manual_seed(cfg.seed + 999)
     indices = list(range(min(table.num_rows, 8)))
     pixels, ids = batch_tensors(table, indices, pipe.tokenizer, cfg.resolution)
+    if cfg.method == "vae":  # the round trip of whole images, through the posterior mean
+        return {"pixels": pixels.to(device)}
     with torch.no_grad():
         latents = pipe.vae.encode(pixels.to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=g).to(device)
@@ -531,4 +621,7 @@ def _fixed_eval_batch(cfg: TrainConfig, table, pipe, noise_scheduler, device) ->
 @torch.no_grad()
 def _eval_loss(model, fixed: dict) -> float:
     inner = model.module if hasattr(model, "module") else model  # DDP's forward would sync buffers
+    if "pixels" in fixed:
+        recon, _ = inner(fixed["pixels"])
+        return F.mse_loss(recon.float(), fixed["pixels"].float()).item()
     return diffusion_loss(inner(fixed["noisy"], fixed["timesteps"], fixed["ids"]), fixed["target"]).item()

@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--payload", help="expected payload (default: the one recorded in each PNG, else sdfleet)")
 
     tune = sub.add_parser("finetune", help="fine-tune a model on Ray Train (full-parameter or LoRA)")
-    tune.add_argument("method", choices=["full", "lora"],
+    tune.add_argument("method", choices=["full", "lora", "vae"],
                       help="full: train the UNet (text encoder optional), write a diffusers model at --out; "
-                           "lora: LoRA on the UNet's attention, write --out/pytorch_lora_weights.safetensors")
+                           "lora: LoRA on the UNet's attention, write --out/pytorch_lora_weights.safetensors; "
+                           "vae: train the autoencoder (pixel MSE + KL), write a diffusers model at --out")
     _flags_from_model(tune, FinetuneConfig, skip={"method"}, plural={"validation_prompts": "--validation-prompt"})
 
     data = sub.add_parser("dataset", help="training datasets").add_subparsers(dest="dataset_command", required=True)

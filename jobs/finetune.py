@@ -38,7 +38,7 @@ class FinetuneError(Exception):
 class FinetuneConfig(BaseModel):
     """The flags of `sdfleet finetune`, checked before Ray starts."""
 
-    method: Literal["full", "lora"]
+    method: Literal["full", "lora", "vae"]
     data: str = Field(description="training dataset URI (from `sdfleet dataset build`)")
     base: str = Field(description="base model: preset (tiny, sd21-random), diffusers directory or URI")
     out: str = Field(description="output URI: the model or LoRA, checkpoints, validation images, logs")
@@ -47,7 +47,7 @@ class FinetuneConfig(BaseModel):
     cpus_per_worker: int | None = Field(default=None, ge=1, description="CPU workers: cores (torch threads) each "
                                         "(default: the cluster's CPUs shared out)")
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
-    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora)")
+    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora and vae)")
     batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
     resolution: int | None = Field(default=None, description="training size in px (default: the base model's)")
@@ -67,6 +67,8 @@ class FinetuneConfig(BaseModel):
     train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
     fsdp: bool = Field(default=False, description="full only: shard weights, gradients and optimizer state across "
                                                   "workers (FSDP2) instead of a DDP copy on each")
+    kl_weight: float = Field(default=1e-6, ge=0, description="vae: weight of the KL term")
+    crop: int = Field(default=0, ge=0, description="vae: train on random square crops of this many px (0: whole images)")
     max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
 
@@ -74,6 +76,8 @@ class FinetuneConfig(BaseModel):
     def _consistent(self) -> "FinetuneConfig":
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
             raise ValueError(f"--resolution must be a multiple of 8 and at least 64, got {self.resolution}")
+        if self.crop and (self.crop % 8 or self.method != "vae"):
+            raise ValueError(f"--crop is for vae and must be a multiple of 8; got {self.crop} with {self.method}")
         if self.fsdp and self.method != "full":
             raise ValueError("--fsdp shards full-parameter training; a LoRA's few weights train fine with DDP")
         if self.fsdp and self.ema_decay:
@@ -106,7 +110,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             "samples repeat within a step")
     train = TrainConfig(
         method=cfg.method, data=cfg.data, base=asdict(base), out=cfg.out, steps=cfg.steps,
-        lr=cfg.lr or (1e-5 if cfg.method == "full" else 1e-4), batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        lr=cfg.lr or {"full": 1e-5, "lora": 1e-4, "vae": 1e-4}[cfg.method], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         resolution=resolution, seed=cfg.seed, warmup_steps=cfg.warmup_steps, checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every, validate_every=cfg.validate_every,
         validation_prompts=cfg.validation_prompts or _first_captions(cfg.data, 2),
@@ -114,6 +118,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing,
         mixed_precision=("bf16" if cfg.gpu else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
         rank=cfg.rank, alpha=cfg.alpha, train_text_encoder=cfg.train_text_encoder, fsdp=cfg.fsdp,
+        kl_weight=cfg.kl_weight, crop=cfg.crop,
     )
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = {"method": cfg.method, "base": cfg.base, "base_fingerprint": base.fingerprint, "data": cfg.data,

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REPO, ledger, pixels, sdfleet, write_manifest
 from jobs.synthetic import write_images
@@ -208,7 +209,8 @@ def _parquet(path: Path, table: pa.Table) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["empty", "no-caption-column", "missing-base", "zero-workers", "missing-data"])
+@pytest.mark.parametrize("case", ["empty", "no-caption-column", "missing-base", "zero-workers", "missing-data",
+                                  "crop-for-full"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
     data, base, extra = str(dataset["dir"]), "tiny", []
     if case == "empty":
@@ -222,6 +224,8 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
         base, expected = str(tmp_path / "no-such-model"), "no-such-model"
     elif case == "zero-workers":
         extra, expected = ["--workers", "0"], "--workers: Input should be greater than or equal to 1"
+    elif case == "crop-for-full":
+        extra, expected = ["--crop", "64"], "--crop is for vae and must be a multiple of 8; got 64 with full"
     else:
         data, expected = str(tmp_path / "nowhere"), "does not exist"
     out = tmp_path / "out"
@@ -240,24 +244,27 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
 def trained(dataset, tmp_path_factory):
     """A full and a LoRA fine-tune of tiny, then one `generate` run drawing base, full and LoRA side by side."""
     base = tmp_path_factory.mktemp("trained")
-    full, lora = base / "full", base / "store" / "shapes-lora"
+    full, lora, vae = base / "full", base / "store" / "shapes-lora", base / "vae"
     procs = {
         "full": sdfleet("finetune", "full", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(full),
                         "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", *TRAIN),
         "lora": sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(lora),
                         "--steps", "8", "--lr", "3e-2", "--rank", "4", "--checkpoint-every", "4", *TRAIN),
+        "vae": sdfleet("finetune", "vae", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(vae),
+                       "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", *TRAIN),
     }
     prompt = {"prompt": "a red circle on a white background", "seed": 5, "steps": 4, "width": 256, "height": 256}
     manifest = write_manifest(base / "m.parquet", [
         {"id": "base", **prompt}, {"id": "full", **prompt, "model": "tuned"},
-        {"id": "lora", **prompt, "adapters": [{"name": "shapes-lora", "scale": 1.0}]}])
+        {"id": "lora", **prompt, "adapters": [{"name": "shapes-lora", "scale": 1.0}]},
+        {"id": "vae", **prompt, "model": "newvae"}])
     out = base / "gen"
-    gen = sdfleet("generate", str(manifest), "--out", str(out), "--model", f"tuned={full}",
+    gen = sdfleet("generate", str(manifest), "--out", str(out), "--model", f"tuned={full}", "--model", f"newvae={vae}",
                   "--adapters", str(base / "store"), "--no-watermark")
-    return {"full": full, "lora": lora, "procs": procs, "gen": gen, "out": out}
+    return {"full": full, "lora": lora, "vae": vae, "procs": procs, "gen": gen, "out": out}
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "vae"])
 def test_training_runs_and_its_loss_falls(trained, method):
     proc, out = trained["procs"][method], trained[method]
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -270,7 +277,11 @@ def test_training_runs_and_its_loss_falls(trained, method):
     assert started["event"] == "started" and started["workers"] == 2
     finished = train_log(out)[-1]
     assert finished["event"] == "finished" and len(finished["peak_rss_mb_per_worker"]) == 2
-    assert len(list((out / "validation" / "step-000008").glob("*.png"))) == 2
+    validation = sorted((out / "validation" / "step-000008").glob("*.png"))
+    if method == "vae":  # round trips: each of the first 4 images beside its reconstruction
+        assert len(validation) == 4 and Image.open(validation[0]).size == (2 * int(RES), int(RES))
+    else:  # the two default validation prompts, drawn
+        assert len(validation) == 2
     assert json.loads((out / "finetune.json").read_text())["status"] == "finished"
 
 
@@ -290,9 +301,9 @@ def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):
 def test_generate_loads_both_outputs_and_they_change_the_image(trained):
     gen, out = trained["gen"], trained["out"]
     assert gen.returncode == 0, gen.stderr[-3000:]
-    assert {e["id"]: e["status"] for e in ledger(out)} == {"base": "ok", "full": "ok", "lora": "ok"}
-    images = {name: pixels(out / "images" / f"{name}.png") for name in ("base", "full", "lora")}
-    for a, b in (("base", "full"), ("base", "lora"), ("full", "lora")):
+    assert {e["id"]: e["status"] for e in ledger(out)} == {"base": "ok", "full": "ok", "lora": "ok", "vae": "ok"}
+    images = {name: pixels(out / "images" / f"{name}.png") for name in ("base", "full", "lora", "vae")}
+    for a, b in (("base", "full"), ("base", "lora"), ("full", "lora"), ("base", "vae")):
         assert np.abs(images[a] - images[b]).mean() > 2, f"{a} and {b} look the same"
 
 

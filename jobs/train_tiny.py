@@ -1,0 +1,139 @@
+"""Train the `tiny` preset from scratch on the synthetic shapes world: the one command behind its weights.
+
+    synthetic images (training combinations only) -> `sdfleet dataset build`
+      -> `sdfleet finetune vae`  (random crops)     -> check: every colour and shape survives a round trip
+      -> `sdfleet finetune full --train-text-encoder` on the new VAE's latents (v-prediction, like SD 2.1)
+      -> `sdfleet generate` + `sdfleet eval` on prompts with unseen seeds, held-out combinations included
+      -> with --install: copy the weights into actors/presets/tiny/, which the preset then loads
+
+    .venv/bin/python -m jobs.train_tiny --out /tmp/tiny-run [--install]
+
+Every stage is the project's own CLI, so this is also an end-to-end exercise of it. Each stage resumes
+(rerun the same command after a crash); a finished stage is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jobs.bench_generate import REPO_ROOT, run_cli
+
+PRESET_WEIGHTS = REPO_ROOT / "actors" / "presets" / "tiny"
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def check_vae(model_dir: Path, size: int = 256) -> list[str]:
+    """Round-trip one image of every colour/shape/background through the trained VAE; the failures, named."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from jobs.evaluate import analyse
+    from jobs.synthetic import ALL, draw_shape
+
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", use_safetensors=True).eval()
+    failures = []
+    for i, (color, shape, background) in enumerate(ALL):
+        image = np.asarray(draw_shape(color, shape, background, size, random.Random(i)), dtype=np.float32)
+        pixels = torch.from_numpy(image / 127.5 - 1.0).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample[0]
+        rgb = recon.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
+        seen = analyse(rgb)
+        if (seen["color"], seen["shape"], seen["background"]) != (color, shape, background):
+            failures.append(f"{color} {shape} on {background} came back as {seen['color']} {seen['shape']} "
+                            f"on {seen['background']}")
+    return failures
+
+
+def eval_manifest(path: Path, count: int, seed: int, steps: int) -> None:
+    """`count` prompts over every combination (held-out ones too), with seeds training never used."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.synthetic import ALL, caption
+
+    rows = [{"id": f"eval-{i:04d}", "prompt": caption(*ALL[i % len(ALL)]), "seed": seed + i, "steps": steps}
+            for i in range(count)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train_tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="working folder: images, dataset, models, eval run")
+    parser.add_argument("--images", type=int, default=3000, help="synthetic training images (default 3000)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--vae-batch", type=int, default=4, help="per worker")
+    parser.add_argument("--vae-crop", type=int, default=128)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--unet-batch", type=int, default=16, help="per worker")
+    parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--eval-prompts", type=int, default=200)
+    parser.add_argument("--skip-vae-check", action="store_true", help="go on to the UNet even if the VAE check fails")
+    parser.add_argument("--install", action="store_true", help="copy the weights into actors/presets/tiny/")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def say(message: str) -> None:
+        print(f"[train_tiny] {message}", file=sys.stderr, flush=True)
+
+    # 1. data: training combinations only, so the held-out ones test generalisation
+    if not (out / "data" / "_dataset.json").exists():
+        from jobs.synthetic import write_images
+
+        write_images(out / "images", args.images, size=256, seed=1, split="train")
+        run_cli(["dataset", "build", str(out / "images"), "-o", str(out / "data"), "--resolution", "256"], out / "data")
+    # 2. the VAE, then its check: no UNet can learn a colour its VAE cannot carry
+    common = ["--data", str(out / "data"), "--workers", str(args.workers), "--checkpoint-every", "250",
+              "--log-every", "50", "--validate-every", "500", "--warmup-steps", "100"]
+    if not (out / "vae" / "model_index.json").exists():
+        run_cli(["finetune", "vae", "--base", "tiny", "--out", str(out / "vae"), "--steps", str(args.vae_steps),
+                 "--batch-size", str(args.vae_batch), "--crop", str(args.vae_crop), "--lr", str(args.vae_lr),
+                 *common], out / "vae")
+    from jobs.synthetic import ALL
+
+    failures = check_vae(out / "vae")
+    say(f"VAE round trip: {len(ALL) - len(failures)}/{len(ALL)} combinations keep colour, shape and background")
+    for failure in failures:
+        say(f"  {failure}")
+    if failures and not args.skip_vae_check:
+        say("stopping: train the VAE longer (rerun with a larger --vae-steps resumes it) or pass --skip-vae-check")
+        return 1
+    # 3. UNet and text encoder on the new VAE's latents
+    if not (out / "model" / "model_index.json").exists():
+        run_cli(["finetune", "full", "--base", str(out / "vae"), "--out", str(out / "model"), "--train-text-encoder",
+                 "--steps", str(args.unet_steps), "--batch-size", str(args.unet_batch), "--lr", str(args.unet_lr),
+                 "--min-snr-gamma", "5", "--validation-prompt", "a red star on a gray background",
+                 "--validation-prompt", "a blue square on a white background", *common], out / "model")
+    # 4. adherence on unseen seeds
+    eval_manifest(out / "eval.parquet", args.eval_prompts, seed=900_000, steps=20)
+    run_cli(["generate", str(out / "eval.parquet"), "--out", str(out / "eval"), "--model", f"default={out / 'model'}",
+             "--no-watermark"], out / "eval")
+    run_cli(["eval", str(out / "eval.parquet"), "--out", str(out / "eval")], out / "eval-score")
+    summary = json.loads((out / "eval" / "eval.json").read_text())
+    say(f"adherence over {summary['scored']} images: colour {summary['color']:.0%}, shape {summary['shape']:.0%}, "
+        f"drawn {summary['drawn']:.0%}; held-out colour {summary['held_out']['color']}, "
+        f"shape {summary['held_out']['shape']}")
+    # 5. install into the preset
+    if args.install:
+        for component in COMPONENTS:
+            target = PRESET_WEIGHTS / component
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            for weights in sorted((out / "model" / component).glob("*.safetensors")):
+                shutil.copy2(weights, target / weights.name)
+        say(f"installed the weights into {PRESET_WEIGHTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

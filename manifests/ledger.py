@@ -159,4 +159,24 @@ def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
             tables.append(pq.read_table(f))
     if not tables:
         return LEDGER_SCHEMA.empty_table().drop_columns(["extra"])
-    return pa.concat_tables(tables, promote_options="default")
+    return pa.concat_tables(_as_text_where_types_differ(tables), promote_options="default")
+
+
+def _as_text_where_types_differ(tables: list[pa.Table]) -> list[pa.Table]:
+    """Parts written by different runs may type a pass-through column differently (a `sku` of numbers in
+    one manifest, of text in another). Such columns become text in every part, as they do within one part."""
+    kinds: dict[str, set] = {}
+    for table in tables:
+        for field in table.schema:
+            if not pa.types.is_null(field.type):
+                kinds.setdefault(field.name, set()).add(field.type)
+    clashing = [name for name, types in kinds.items() if len(types) > 1 and name not in LEDGER_COLUMNS]
+    out = []
+    for table in tables:
+        for name in clashing:
+            if name in table.column_names:
+                values = [None if v is None else v if isinstance(v, str) else json.dumps(v, default=str)
+                          for v in table.column(name).to_pylist()]
+                table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        out.append(table)
+    return out

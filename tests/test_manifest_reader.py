@@ -335,6 +335,17 @@ def test_one_part_can_hold_rows_whose_pass_through_types_differ(memfs):
     assert got == {"a": "1001", "b": "B-7", "c": None}
 
 
+def test_parts_whose_pass_through_types_differ_read_back_as_text(memfs):
+    # Two runs of manifests that type `sku` differently: each part is consistent, the ledger still reads.
+    fs, root = memfs
+    write_part(fs, root, "run1", 0, [ledger_row("a", "A", "2026-01-01T00:00:00", sku=1001)])
+    write_part(fs, root, "run2", 0, [ledger_row("b", "B", "2026-01-02T00:00:00", sku="B-7"),
+                                     ledger_row("c", "C", "2026-01-02T00:00:00", sku=None)])
+    got = {r["id"]: r["sku"] for r in read_ledger(fs, root).to_pylist()}
+    assert got == {"a": "1001", "b": "B-7", "c": None}
+    assert read_latest_ok(fs, root) == {"a": "A", "b": "B", "c": "C"}
+
+
 def test_to_table_keeps_one_row_per_entry_in_order():
     rows = [ledger_row(f"r{i}", f"h{i}", "2026-01-01T00:00:00") for i in range(5)]
     table = to_table(rows)

@@ -433,6 +433,7 @@ def train_loop(config: dict) -> None:
 
     from actors.models import ModelInfo, load_pipeline
     from manifests.dataset import read_dataset
+    from manifests.ledger import atomic_write
 
     cfg = TrainConfig(**config)
     ctx = ray.train.get_context()
@@ -481,13 +482,17 @@ def train_loop(config: dict) -> None:
     # 3. the data: this worker's rows are chosen per step (see sample_indices); images decode per batch
     table = read_dataset(cfg.data)
     n = table.num_rows
-    log_fs, log_root = fsspec.core.url_to_fs(cfg.out)
     fixed = _fixed_eval_batch(cfg, table, pipe, noise_scheduler, device)
+    # The log is rewritten whole on each line: object stores (S3, GCS) cannot append to a file.
+    log_fs, log_root = fsspec.core.url_to_fs(cfg.out)
+    log_path = f"{log_root}/train_log.jsonl"
+    log_text = log_fs.cat_file(log_path).decode() if rank == 0 and log_fs.exists(log_path) else ""
 
     def log_line(record: dict) -> None:
+        nonlocal log_text
         if rank == 0:
-            with log_fs.open(f"{log_root}/train_log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            log_text += json.dumps(record) + "\n"
+            atomic_write(log_fs, log_path, log_text.encode())
 
     if resumed_from is not None:
         log_line({"event": "resumed", "step": resumed_from})

@@ -21,13 +21,18 @@ def add_unet_lora(unet, rank: int, alpha: float | None = None, targets=UNET_LORA
     The base weights are frozen; only the LoRA A/B matrices train. peft initialises B to zero, so the
     wrapped UNet starts out equal to the base.
     """
+    return _add_lora(unet, rank, alpha, targets)
+
+
+def _add_lora(model, rank: int, alpha: float | None, targets) -> int:
+    """Freeze `model`, wrap its `targets` layers in trainable LoRA layers; returns their parameter count."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                                init_lora_weights="gaussian", target_modules=list(targets)),
-                     adapter_name=ADAPTER_NAME)
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                                 init_lora_weights="gaussian", target_modules=list(targets)),
+                      adapter_name=ADAPTER_NAME)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def lora_state_dict(model) -> dict[str, torch.Tensor]:
@@ -69,10 +74,4 @@ TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 def add_text_encoder_lora(text_encoder, rank: int, alpha: float | None = None) -> int:
     """LoRA on the CLIP text encoder's attention projections; returns their parameter count."""
-    from peft import LoraConfig
-
-    text_encoder.requires_grad_(False)
-    text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                                        init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_LORA_TARGETS)),
-                             adapter_name=ADAPTER_NAME)
-    return sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)
+    return _add_lora(text_encoder, rank, alpha, TEXT_ENCODER_LORA_TARGETS)

@@ -89,6 +89,10 @@ def describe_model(name: str, ref: str) -> ModelInfo:
     )
 
 
+# The top-level files of a model directory that describe it; its weights live in the component folders.
+_MODEL_TOP_FILES = ("model_index.json", "sdfleet.json")
+
+
 def _model_files(model_index: dict) -> set[str]:
     """The folders a pipeline loads (its components), plus the top-level files that describe it."""
     return {name for name, value in model_index.items() if isinstance(value, list) and value and value[0] is not None}
@@ -98,7 +102,7 @@ def _is_model_file(rel: str, components: set[str]) -> bool:
     """Part of the fingerprint: what the pipeline loads. A fine-tune's checkpoints/, validation
     images and logs beside the model are not, so they neither slow hashing nor change the fingerprint."""
     top, sep, _ = rel.partition("/")
-    return top in components if sep else rel in ("model_index.json", "sdfleet.json")
+    return top in components if sep else rel in _MODEL_TOP_FILES
 
 
 _CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "sdfleet.json")
@@ -150,7 +154,7 @@ def local_copy(ref: str) -> str:
     # only what the pipeline loads: a fine-tune's checkpoints and logs beside the model stay in the store
     for component in sorted(_model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))):
         fs.get(f"{root}/{component}/", str(staging / component), recursive=True)
-    for name in ("model_index.json", "sdfleet.json"):
+    for name in _MODEL_TOP_FILES:
         if fs.exists(f"{root}/{name}"):
             fs.get(f"{root}/{name}", str(staging / name))
     try:

@@ -121,11 +121,13 @@ def sample_indices(n: int, seed: int, step: int, micro: int, grad_accum: int, wo
     cut into consecutive global batches, each worker taking its own slice. A function of the step only,
     so a resumed run sees exactly the samples it would have seen."""
     start = ((step * grad_accum + micro) * world + rank) * batch_size
+    orders: dict[int, torch.Tensor] = {}  # one permutation per epoch the batch touches (at most two)
     indices = []
     for position in range(start, start + batch_size):
         epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        indices.append(int(order[offset]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.append(int(orders[epoch][offset]))
     return indices
 
 
@@ -482,7 +484,8 @@ def train_loop(config: dict) -> None:
     # 3. the data: this worker's rows are chosen per step (see sample_indices); images decode per batch
     table = read_dataset(cfg.data)
     n = table.num_rows
-    fixed = _fixed_eval_batch(cfg, table, pipe, noise_scheduler, device)
+    # The eval loss and validation images are rank 0's, except under FSDP, where every forward is collective.
+    fixed = _fixed_eval_batch(cfg, table, pipe, noise_scheduler, device) if cfg.fsdp or rank == 0 else None
     # The log is rewritten whole on each line: object stores (S3, GCS) cannot append to a file.
     log_fs, log_root = fsspec.core.url_to_fs(cfg.out)
     log_path = f"{log_root}/train_log.jsonl"
@@ -540,7 +543,7 @@ def train_loop(config: dict) -> None:
             metrics = {"step": step, "loss": float(np.mean(losses)), "lr": lr_scheduler.get_last_lr()[0],
                        "samples_per_second": window_samples * world / elapsed,
                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            eval_loss = _eval_loss(model, fixed)  # every worker: under FSDP the forward is collective
+            eval_loss = _eval_loss(model, fixed) if fixed is not None else None
             if rank == 0:
                 metrics["eval_loss"] = eval_loss
                 print(f"[finetune] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "

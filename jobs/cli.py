@@ -269,12 +269,10 @@ def cmd_finetune(args) -> int:
 
 def cmd_dataset_build(args) -> int:
     from jobs.dataset import build_dataset
-
-    def say(message: str) -> None:
-        print(f"[sdfleet] {message}", file=sys.stderr, flush=True)
+    from jobs.generate import log
 
     summary = build_dataset(args.images, args.out, captions=args.captions, resolution=args.resolution,
-                            min_size=args.min_size, log=say)
+                            min_size=args.min_size, log=log)
     print(f"wrote {summary['rows']} samples at {summary['resolution']} px to {args.out}; "
           f"{len(summary['skipped'])} file(s) skipped")
     return EXIT_ROWS if summary["skipped"] else EXIT_OK

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from typing import Literal
@@ -24,6 +23,7 @@ from pydantic import BaseModel, Field, model_validator
 from actors.models import describe_model
 from cluster.connect import ClusterError, connect
 from jobs.errors import root_cause
+from jobs.generate import log
 from manifests.dataset import check_dataset
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
@@ -85,10 +85,6 @@ class FinetuneConfig(BaseModel):
         if self.mixed_precision in ("fp16", "bf16") and not self.gpu:
             raise ValueError(f"--mixed-precision {self.mixed_precision} needs --gpu (CPU training runs in fp32)")
         return self
-
-
-def log(message: str) -> None:
-    print(f"[sdfleet] {message}", file=sys.stderr, flush=True)
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:

@@ -5,6 +5,7 @@ Thin on purpose: the work is `actors.generate.generate_rows`, which tests call w
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any
@@ -12,23 +13,25 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 
-from actors.adapter_cache import AdapterCache
 from actors.adapters import AdapterStore
+from actors.backends import Backend, make_backend
 from actors.generate import generate_rows
 from actors.models import ModelInfo, load_pipeline
 from manifests.ledger import LEDGER_SCHEMA
 
 # What the actor returns per row: the ledger columns, plus the actor's
-# running adapter-swap counters, which the driver sums per actor for run.json and leaves out of the ledger.
+# running adapter-swap counters and its backend's counters (JSON), which the driver keeps per actor for
+# run.json and leaves out of the ledger.
 RESULT_SCHEMA = LEDGER_SCHEMA.append(pa.field("adapter_swaps", pa.int64())).append(
-    pa.field("adapter_swap_seconds", pa.float64()))
+    pa.field("adapter_swap_seconds", pa.float64())).append(pa.field("backend_stats", pa.string()))
 
 
 class GeneratorActor:
     """One per GPU (or CPU share). Ray Data calls it with tables of work rows (jobs.plan.WORK_SCHEMA)."""
 
     def __init__(self, models: dict[str, dict[str, Any]], out_uri: str, batch_size: int,
-                 device: str = "cpu", torch_threads: int = 1, adapters_uri: str | None = None):
+                 device: str = "cpu", torch_threads: int = 1, adapters_uri: str | None = None,
+                 backend: str = "eager", backend_cache: str | None = None, max_lora_rank: int = 64):
         import torch
 
         if device == "cpu":
@@ -41,43 +44,46 @@ class GeneratorActor:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._loaded: tuple[str, Any] | None = None
         self.store = AdapterStore(adapters_uri) if adapters_uri else None
-        self.adapters: AdapterCache | None = None  # for the loaded pipeline
-        self.swaps_before = (0, 0.0)  # swap counters of caches of pipelines no longer loaded
+        self.backend_name, self.backend_cache, self.max_lora_rank = backend, backend_cache, max_lora_rank
+        self.backend: Backend | None = None  # around the loaded pipeline
+        self.swaps_before = (0, 0.0)  # swap counters of backends of pipelines no longer loaded
+        self.calls = 0
         # Load the default model now: a model that does not load stops the run at start, not row by row.
         self.pipeline("default" if "default" in self.models else next(iter(self.models)))
 
-    def pipeline(self, name: str):
-        """The loaded pipeline for model `name`; one model is held at a time (the planner groups rows by model)."""
+    def pipeline(self, name: str) -> Backend:
+        """The backend around model `name`'s pipeline; one model is held at a time (the planner groups rows by model)."""
         if self._loaded is None or self._loaded[0] != name:
-            if self.adapters is not None:
-                self.swaps_before = (self.swaps_before[0] + self.adapters.swaps,
-                                     self.swaps_before[1] + self.adapters.swap_seconds)
-            self._loaded, self.adapters = None, None  # free the old pipeline before loading the next
-            pipe = load_pipeline(self.models[name], self.device, self.dtype)
+            if self.backend is not None:
+                self.swaps_before = (self.swaps_before[0] + self.backend.swaps,
+                                     self.swaps_before[1] + self.backend.swap_seconds)
+            self._loaded, self.backend = None, None  # free the old pipeline before loading the next
+            info = self.models[name]
+            pipe = load_pipeline(info, self.device, self.dtype)
+            self.backend = make_backend(self.backend_name, pipe, self.store, cache_uri=self.backend_cache,
+                                        fingerprint=info.fingerprint, max_batch=self.batch_size,
+                                        max_lora_rank=self.max_lora_rank)
             self._loaded = (name, pipe)
-            if self.store is not None:
-                self.adapters = AdapterCache(pipe, self.store)
-        return self._loaded[1]
+        return self.backend
 
     def ready_for(self, row: dict[str, Any]):
         """The pipeline for `row`'s model with exactly `row`'s adapters active (none: the base model)."""
-        pipe = self.pipeline(row["model"])
-        if self.adapters is not None:
-            self.adapters.activate(row["adapters"] or [])
-        elif row["adapters"]:
-            raise RuntimeError("rows with adapters need --adapters")  # the planner fails these first
-        return pipe
+        backend = self.pipeline(row["model"])
+        backend.activate(row["adapters"] or [])
+        return backend.pipe
 
     def swap_counters(self) -> tuple[int, float]:
         swaps, seconds = self.swaps_before
-        if self.adapters is not None:
-            swaps, seconds = swaps + self.adapters.swaps, seconds + self.adapters.swap_seconds
+        if self.backend is not None:
+            swaps, seconds = swaps + self.backend.swaps, seconds + self.backend.swap_seconds
         return swaps, seconds
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = generate_rows(self.ready_for, batch.to_pylist(), fs=self.fs, out_root=self.root,
                                 actor=self.name, max_batch=self.batch_size)
         swaps, seconds = self.swap_counters()
+        self.calls += 1
+        stats = json.dumps({**(self.backend.stats() if self.backend else {}), "calls": self.calls})
         for r in results:
-            r["adapter_swaps"], r["adapter_swap_seconds"] = swaps, seconds
+            r["adapter_swaps"], r["adapter_swap_seconds"], r["backend_stats"] = swaps, seconds, stats
         return pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in results], schema=RESULT_SCHEMA)

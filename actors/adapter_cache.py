@@ -293,7 +293,8 @@ def check_lora_fits(pipe, name: str, state_dict) -> None:
             sd = convert_unet_state_dict_to_peft(sd)
         else:
             sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
-        modules = dict(components[part].named_modules())
+        component = getattr(components[part], "_orig_mod", components[part])  # under torch.compile
+        modules = dict(component.named_modules())
         ranks = {}
         for key, tensor in sd.items():
             match = LORA_MATRIX.match(key)

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--actors", type=int, default=1, help=helptext("actors"))
     gen.add_argument("--batch-size", type=int, default=8, help=helptext("batch_size"))
     gen.add_argument("--backend", default="eager", choices=["eager", "compile", "onnx", "tensorrt"], help=helptext("backend"))
+    gen.add_argument("--backend-cache", metavar="URI", help=helptext("backend_cache"))
+    gen.add_argument("--max-lora-rank", type=int, default=64, help=helptext("max_lora_rank") + " (default 64)")
     mark = gen.add_mutually_exclusive_group()
     mark.add_argument("--watermark", default="sdfleet", metavar="TEXT", help=helptext("watermark") + " (default: sdfleet)")
     mark.add_argument("--no-watermark", action="store_true", help="draw without the invisible watermark")
@@ -161,7 +163,8 @@ def cmd_generate(args) -> int:
         models = _model_pairs(args.model)
         cfg = GenerateConfig(
             manifests=args.manifests, out=args.out, models=models, adapters=args.adapters, actors=args.actors,
-            batch_size=args.batch_size, backend=args.backend,
+            batch_size=args.batch_size, backend=args.backend, backend_cache=args.backend_cache,
+            max_lora_rank=args.max_lora_rank,
             watermark=None if args.no_watermark else args.watermark,
             force=args.force, address=args.address, device=args.device,
         )

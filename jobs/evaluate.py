@@ -8,7 +8,7 @@ with plain image statistics, no model:
 - object: the pixels far from that background colour;
 - drawn or noise: a uniform border and an object of plausible size (noise has neither);
 - colour: the palette colour nearest the object's median colour;
-- shape: the object's fill of its bounding box (square 1.0, circle 0.79, triangle 0.5, star 0.36).
+- shape: the object's fill of its bounding box (the object: the connected region at the mask's densest spot) (square 1.0, circle 0.79, triangle 0.5, star 0.36).
 
     sdfleet eval MANIFEST... --out RUN      -> prints the scores, writes RUN/eval.json
 """
@@ -63,12 +63,42 @@ def analyse(rgb: np.ndarray) -> dict[str, Any]:
     result["drawn"] = border_spread < 25.0 and 0.02 <= area <= 0.6
     if not mask.any():
         return {**result, "color": None, "shape": None, "fill": None}
+    # the object is the connected region around the mask's densest spot: a generated image's stray
+    # specks (at corners, say) would otherwise stretch the bounding box and read every shape as a star
+    mask = main_region(mask)
     ys, xs = np.nonzero(mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(mask.sum() / box)
     color = np.median(pixels[mask], axis=0)
     return {**result, "color": _nearest(color, COLORS), "fill": round(fill, 3),
             "shape": min(FILL, key=lambda s: abs(FILL[s] - fill))}
+
+
+def main_region(mask: np.ndarray, window: int = 15) -> np.ndarray:
+    """The 4-connected part of `mask` that holds its densest `window` x `window` spot."""
+    padded = np.pad(mask.astype(np.int32), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    h, w = mask.shape
+    k = min(window, h, w)
+    density = padded[k:, k:] - padded[:-k, k:] - padded[k:, :-k] + padded[:-k, :-k]
+    y, x = np.unravel_index(int(density.argmax()), density.shape)
+    y, x = y + k // 2, x + k // 2
+    if not mask[y, x]:  # the window's centre missed: take the window's first mask pixel
+        ys, xs = np.nonzero(mask[y - k // 2:y - k // 2 + k, x - k // 2:x - k // 2 + k])
+        y, x = y - k // 2 + ys[0], x - k // 2 + xs[0]
+    region = np.zeros_like(mask)
+    region[y, x] = True
+    count = 1
+    while True:  # grow one step at a time, inside the mask, until nothing is added
+        grown = region.copy()
+        grown[1:] |= region[:-1]
+        grown[:-1] |= region[1:]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown &= mask
+        new = int(grown.sum())
+        if new == count:
+            return region
+        region, count = grown, new
 
 
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:

@@ -21,6 +21,7 @@ from typing import Literal
 import fsspec
 from pydantic import BaseModel, Field, model_validator
 
+from actors.backends import BackendError, check_backend
 from actors.models import describe_model
 from cluster.connect import actor_env, connect, size_actors
 from jobs.errors import root_cause
@@ -43,7 +44,12 @@ class GenerateConfig(BaseModel):
     adapters: str | None = Field(default=None, description="adapter store URI")
     actors: int = Field(default=1, ge=1, description="generation actors (one GPU each where there are GPUs)")
     batch_size: int = Field(default=8, ge=1, le=256, description="rows per forward pass")
-    backend: Literal["eager", "compile", "onnx", "tensorrt"] = Field(default="eager", description="UNet backend")
+    backend: Literal["eager", "compile", "onnx", "tensorrt"] = Field(
+        default="eager", description="how actors run the pipeline (actors/backends/)")
+    backend_cache: str | None = Field(
+        default=None, description="where onnx exports and TensorRT engines are cached (default $SDFLEET_CACHE)")
+    max_lora_rank: int = Field(default=64, ge=1, le=1024,
+                               description="compile backend: the LoRA slot's rank, the most a row's adapters may sum to")
     watermark: str | None = Field(default="sdfleet", description="invisible watermark payload; None disables it")
     force: bool = Field(default=False, description="redraw every row, done or not")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
@@ -52,8 +58,6 @@ class GenerateConfig(BaseModel):
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":
         self.models = {"default": "tiny", **self.models}
-        if self.backend != "eager":
-            raise ValueError(f"backend {self.backend!r} is not built yet; use --backend eager")
         if self.watermark == "":
             raise ValueError("--watermark must not be empty (use --no-watermark to turn it off)")
         return self
@@ -108,7 +112,13 @@ def run_generate(cfg: GenerateConfig) -> dict:
     resources = connect(cfg.address)
     sizing = size_actors(cfg.actors, resources, cfg.device)
     log(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; {cfg.actors} actor(s) on "
-        f"{sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, {sizing.torch_threads} threads each)")
+        f"{sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, {sizing.torch_threads} threads each), "
+        f"backend {cfg.backend}")
+    try:
+        check_backend(cfg.backend, sizing.device)  # before any actor starts
+    except BackendError as exc:
+        ray.shutdown()
+        raise RunFailed(str(exc)) from exc
     try:
         summary = _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     finally:
@@ -166,6 +176,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     counts = {"ok": 0, "skipped": 0, "failed": 0, "invalid": 0}
     per_actor: dict[str, int] = {}
     swaps: dict[str, tuple[int, float]] = {}  # actor -> its running (swaps, seconds), newest seen
+    backend_stats: dict[str, dict] = {}  # actor -> its backend's counters (compiles, exports, ...), newest seen
     seen: set[tuple[str, int]] = set()
     pending: list[dict] = []
     seq = 0
@@ -191,6 +202,10 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
             if row.get("actor"):
                 swaps[row["actor"]] = max(swaps.get(row["actor"], (0, 0.0)),
                                           (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
+                if row.get("backend_stats"):  # the actor's running counters: keep its newest
+                    stats = json.loads(row["backend_stats"])
+                    if stats["calls"] >= backend_stats.get(row["actor"], {"calls": -1})["calls"]:
+                        backend_stats[row["actor"]] = stats
             if row["status"] == "skipped":
                 continue
             pending.append(row)
@@ -244,6 +259,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
         },
         "batch_size": cfg.batch_size,
         "backend": cfg.backend,
+        "backend_stats": backend_stats,
         "device": sizing.device,
         "watermark": cfg.watermark,
         "models": {n: {"ref": m["ref"], "fingerprint": m["fingerprint"]} for n, m in models.items()},
@@ -267,7 +283,8 @@ def _draw(todo, cfg: GenerateConfig, models, sizing):
         GeneratorActor,
         fn_constructor_kwargs=dict(models=models, out_uri=cfg.out, batch_size=cfg.batch_size,
                                    device=sizing.device, torch_threads=sizing.torch_threads,
-                                   adapters_uri=cfg.adapters),
+                                   adapters_uri=cfg.adapters, backend=cfg.backend,
+                                   backend_cache=cfg.backend_cache, max_lora_rank=cfg.max_lora_rank),
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -179,7 +179,7 @@ def test_setup_errors_exit_1_with_one_clear_line(tmp_path):
     cases = [
         (["--model", "default=/nonexistent/model"], "default=/nonexistent/model"),
         (["--actors", "0"], "--actors"),
-        (["--backend", "onnx"], "onnx"),
+        (["--backend", "tensorrt", "--device", "cpu"], "--backend tensorrt needs an NVIDIA GPU"),
         (["--watermark", ""], "--watermark"),
     ]
     for flags, needle in cases:

@@ -1,0 +1,140 @@
+"""LoRA files as plain per-layer matrices, and the weight updates that switch one adapter set for another.
+
+Every accelerated backend needs the same two things from a LoRA file, whatever its spelling (diffusers,
+kohya, old diffusers):
+
+- `lora_layers`: `{"unet.<module path>": (A, B)}` (and `text_encoder.<module path>`), with A the down
+  matrix (rank x in) and B the up matrix (out x rank), the file's alpha / rank already folded into B. A
+  layer's LoRA output at scale s is then `s * B @ A @ x`, for any spelling.
+- `switch_updates`: given the adapter set now in the weights and the next one, the new weight of every
+  layer either set touches: `W0 + sum(s * B @ A)` for layers the next set touches, `W0` for layers only
+  the old set touched. Writing only the layers the *next* set touches would leave the old adapter in the
+  others: A -> B -> A would blend A and B (NVIDIA/TensorRT#3628). Every update is computed from W0, never
+  from the weights now in place, so no rounding drift builds up over many switches.
+
+The ONNX backend writes these updates into its weight inputs, the TensorRT backend through `trt.Refitter`;
+the compile backend concatenates the matrices of a blend into one LoRA (`concat_layers`) for diffusers' hotswap.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+LORA_MATRIX = re.compile(r"^(?P<path>.+)\.lora_(?P<role>[AB])\.weight$")
+
+Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "unet.<path>" -> (A, B), alpha / rank folded into B
+
+
+class LoraMapError(ValueError):
+    """A LoRA file diffusers cannot read, or one that names layers this model does not have."""
+
+
+def lora_layers(pipe, state_dict) -> Layers:
+    """Every LoRA layer in `state_dict` as `{"<component>.<module path>": (A, B)}`, scaled by alpha / rank.
+
+    Uses diffusers' own conversions (kohya -> diffusers -> peft), so it reads what `load_lora_weights` reads.
+    Shapes are not checked here (`actors.adapter_cache.check_lora_fits` does that against the model).
+    """
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    # 1. kohya and old diffusers spellings -> "unet.<module>..." / "text_encoder.<module>..."
+    try:
+        converted, alphas = type(pipe).lora_state_dict(dict(state_dict))  # a copy: the kohya converter pops keys
+    except Exception as exc:  # noqa: BLE001 - any failure here means diffusers cannot read it either
+        raise LoraMapError(f"diffusers cannot read this LoRA ({type(exc).__name__}: {exc})") from exc
+    # kohya's alphas come back keyed by their down matrix: convert those keys the same way as the matrices
+    alpha_of = {key.removesuffix(".alpha"): torch.tensor(float(value)) for key, value in (alphas or {}).items()}
+    parts: dict[str, tuple[dict, dict]] = {}
+    for source, target in ((converted, 0), (alpha_of, 1)):
+        for key, tensor in source.items():
+            part, _, rest = key.partition(".")
+            parts.setdefault(part, ({}, {}))[target][rest] = tensor
+    # 2. peft spelling: "<module>.lora_A.weight" (down) and "<module>.lora_B.weight" (up)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for part, (matrices, part_alphas) in parts.items():
+        convert = (convert_unet_state_dict_to_peft if part == "unet"
+                   else lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd)))
+        alpha_by_path = {}
+        for key, alpha in convert(dict(part_alphas)).items() if part_alphas else ():
+            match = LORA_MATRIX.match(key)
+            if match is not None:
+                alpha_by_path[match["path"]] = float(alpha)
+        for key, tensor in convert(dict(matrices)).items():
+            match = LORA_MATRIX.match(key)
+            if match is None:
+                continue  # alphas, biases and DoRA magnitudes: not plain LoRA matrices
+            # CLIPTextModel lost its `text_model.` level in recent transformers; old files still have it
+            path = match["path"].removeprefix("text_model.") if part == "text_encoder" else match["path"]
+            entry = layers.setdefault(f"{part}.{path}", {})
+            entry[match["role"]] = tensor
+            if match["path"] in alpha_by_path:
+                entry["alpha"] = alpha_by_path[match["path"]]
+    out: Layers = {}
+    for name, entry in sorted(layers.items()):
+        if "A" not in entry or "B" not in entry:
+            raise LoraMapError(f"{name} has a lora_{'A' if 'A' not in entry else 'B'} matrix missing")
+        a, b = entry["A"].float(), entry["B"].float()
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise LoraMapError(f"{name}: rank {rank} down but {b.shape[1]} up")
+        scale = entry.get("alpha", rank) / rank
+        out[name] = (a, b * scale if scale != 1.0 else b)
+    return out
+
+
+def delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The weight change of one LoRA layer, `B @ A`, in the layer's weight shape (Linear or Conv2d)."""
+    if a.ndim == 2:
+        return b @ a
+    # Conv2d: A is (rank, in, kh, kw), B is (out, rank, 1, 1)
+    return (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
+
+
+def switch_updates(base: dict[str, torch.Tensor], old: list[tuple[Layers, float]],
+                   new: list[tuple[Layers, float]]) -> dict[str, torch.Tensor]:
+    """The new weight of every layer that `old` or `new` touches, when the weights go from `old` to `new`.
+
+    `base` maps layer names to their original weights W0 (only layers a LoRA may touch need be there);
+    `old` and `new` are adapter sets as `[(layers, scale)]`. Layers the new set touches get
+    `W0 + sum(scale * B @ A)`, summed in the order given (so a blend is summed the same way every time);
+    layers only the old set touched get W0 back. Raises LoraMapError for a layer `base` does not have.
+    """
+    touched_new: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for layers, scale in new:
+        for name, (a, b) in layers.items():
+            touched_new.setdefault(name, []).append((a, b, scale))
+    touched_old = {name for layers, _ in old for name in layers}
+    updates = {}
+    for name in sorted(touched_old | set(touched_new)):
+        if name not in base:
+            raise LoraMapError(f"{name} is not a layer this backend can adapt")
+        w0 = base[name]
+        if name not in touched_new:
+            updates[name] = w0
+            continue
+        total = torch.zeros(w0.shape, dtype=torch.float32)
+        for a, b, scale in touched_new[name]:
+            total += scale * delta(a, b)
+        updates[name] = (w0.float() + total).to(w0.dtype)
+    return updates
+
+
+def concat_layers(adapters: list[tuple[Layers, float]]) -> Layers:
+    """One LoRA equal to the scaled sum of `adapters`: per layer, the A matrices stacked, the B matrices side by side.
+
+    `s1 B1 A1 + s2 B2 A2 = [s1 B1 | s2 B2] @ [A1 ; A2]`, so a blend is one LoRA of the summed rank. The
+    compile backend hotswaps this into its one adapter slot instead of switching active adapters, which
+    would recompile the UNet.
+    """
+    grouped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for layers, scale in adapters:
+        for name, (a, b) in layers.items():
+            grouped.setdefault(name, []).append((a, b * scale))
+    return {name: (torch.cat([a for a, _ in pairs], 0), torch.cat([b for _, b in pairs], 1))
+            for name, pairs in grouped.items()}

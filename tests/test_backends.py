@@ -1,0 +1,224 @@
+"""Accelerated backends on the tiny preset: each matches eager, and swapping adapters leaves no trace.
+
+The LoRAs here are milder than tests/test_adapters.py's (std 0.15): strong enough to change the image
+everywhere, but not so strong that attention saturates and a last-bit difference in summation order
+(which every backend has) grows into a different picture.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save
+
+from actors.backends import BackendError, adaptable_layers, check_backend, make_backend
+from actors.generate import draw
+from actors.lora_map import LoraMapError, concat_layers, delta, lora_layers, switch_updates
+from actors.presets import build_preset
+from test_adapters import (
+    TE_TARGETS,
+    UNET_TARGETS,
+    assert_close,
+    diffusers_file,
+    make_lora,
+    new_store,
+    resolved_row,
+    to_kohya,
+)
+
+STD = 0.15
+ROWS = 3  # rows per test draw, with different seeds
+
+
+def conv_lora(unet) -> dict:
+    """A LoRA on one ResNet convolution (LoCon), which only the eager backend can apply."""
+    layer = unet.down_blocks[0].resnets[0].conv1
+    g = torch.Generator().manual_seed(14)
+    return {"down_blocks.0.resnets.0.conv1.lora_A.weight": torch.randn(4, layer.in_channels, 3, 3, generator=g) * STD,
+            "down_blocks.0.resnets.0.conv1.lora_B.weight": torch.randn(layer.out_channels, 4, 1, 1, generator=g) * STD}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loras")
+    shape = build_preset("tiny")
+    a, b = make_lora(shape.unet, UNET_TARGETS, seed=11, std=STD), make_lora(shape.unet, UNET_TARGETS, seed=12, std=STD)
+    te = make_lora(shape.text_encoder, TE_TARGETS, seed=13, std=0.1)
+    return new_store({
+        "A.safetensors": diffusers_file(tmp, a),
+        "B.safetensors": diffusers_file(tmp, b, te),  # UNet and text encoder
+        "A_kohya_half.safetensors": save(to_kohya(a, alpha=2)),  # alpha / rank = 0.5
+        "conv.safetensors": diffusers_file(tmp, conv_lora(shape.unet)),
+    })
+
+
+@pytest.fixture(scope="module", autouse=True)
+def export_cache(tmp_path_factory):
+    """Exports go to a folder of this module's own (the suite never touches ~/.cache)."""
+    old = os.environ.get("SDFLEET_CACHE")
+    os.environ["SDFLEET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["SDFLEET_CACHE"]
+    else:
+        os.environ["SDFLEET_CACHE"] = old
+
+
+def images(backend, adapters=()) -> np.ndarray:
+    row = resolved_row(backend.store, adapters)
+    backend.activate(row["adapters"])
+    return draw(backend.pipe, [{**row, "id": f"r{i}", "seed": 100 + i} for i in range(ROWS)])
+
+
+def unet_out(backend) -> torch.Tensor:
+    """One UNet call on fixed inputs: the latent side of "matches eager"."""
+    g = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(4, 4, 32, 32, generator=g), torch.randn(4, 77, 64, generator=g)
+    with torch.no_grad():
+        return backend.pipe.unet(sample, torch.tensor(500), encoder_hidden_states=context).sample
+
+
+@pytest.fixture(scope="module")
+def eager(store):
+    return make_backend("eager", build_preset("tiny"), store)
+
+
+@pytest.fixture(scope="module")
+def reference(eager):
+    """Eager's images for each adapter set the backends are checked on."""
+    sets = {"base": (), "A": (("A", 1.0),), "B": (("B", 1.0),), "blend": (("A", 0.7), ("B", 0.5))}
+    return {name: images(eager, adapters) for name, adapters in sets.items()}, sets
+
+
+# -- the weight mapping every fused backend shares ----------------------------------------------------------
+
+def test_lora_layers_read_every_spelling_with_alpha_folded_in(store):
+    pipe = build_preset("tiny")
+    diffusers_a = lora_layers(pipe, store.load_state_dict(store.resolve("A")))
+    kohya_half = lora_layers(pipe, store.load_state_dict(store.resolve("A_kohya_half")))
+    assert set(diffusers_a) == set(kohya_half) and len(diffusers_a) == 7 * 2 * 4  # 7 blocks, 2 attentions, q/k/v/out
+    for name, (a, b) in diffusers_a.items():
+        assert name.startswith("unet.") and name.removeprefix("unet.") in dict(pipe.unet.named_modules())
+        torch.testing.assert_close(delta(*kohya_half[name]), 0.5 * delta(a, b))
+    both = lora_layers(pipe, store.load_state_dict(store.resolve("B")))
+    text = [n for n in both if n.startswith("text_encoder.")]
+    assert len(text) == 4 * 2 and all(n.removeprefix("text_encoder.") in dict(pipe.text_encoder.named_modules())
+                                      for n in text)
+
+
+def test_switch_updates_restore_what_only_the_old_set_touched_exactly():
+    g = torch.Generator().manual_seed(0)
+    base = {f"l{i}": torch.randn(6, 5, generator=g) for i in range(4)}
+
+    def lora(*names):
+        return {n: (torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g)) for n in names}
+
+    a, b = lora("l0", "l1"), lora("l1", "l2")
+    weights = dict(base)
+    history = []
+    for step in ([(a, 1.0)], [(b, 0.5)], [], [(a, 1.0), (b, 0.5)], [(a, 1.0)]):
+        old = history[-1] if history else []
+        updates = switch_updates(base, old, step)
+        weights.update(updates)
+        history.append(step)
+        # the union: every layer either set touches is written, others are left alone
+        assert set(updates) == {n for s in (old, step) for layers, _ in s for n in layers}
+    # after A -> B -> none -> A+B -> A the weights are exactly those of A alone, bit for bit
+    fresh = dict(base)
+    fresh.update(switch_updates(base, [], [(a, 1.0)]))
+    for name in base:
+        assert torch.equal(weights[name], fresh[name]), name
+    assert torch.equal(weights["l2"], base["l2"]) and torch.equal(weights["l3"], base["l3"])
+    torch.testing.assert_close(weights["l0"], base["l0"] + a["l0"][1] @ a["l0"][0])
+    # writing only the new set's layers would have left B in l2: the trap the union avoids
+    with pytest.raises(LoraMapError, match="l9"):
+        switch_updates(base, [], [(lora("l9"), 1.0)])
+
+
+def test_concat_layers_is_the_scaled_sum():
+    g = torch.Generator().manual_seed(1)
+    a = {"x": (torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g))}
+    b = {"x": (torch.randn(3, 5, generator=g), torch.randn(6, 3, generator=g)),
+         "y": (torch.randn(1, 4, generator=g), torch.randn(4, 1, generator=g))}
+    joined = concat_layers([(a, 0.7), (b, -0.5)])
+    assert joined["x"][0].shape == (5, 5)
+    torch.testing.assert_close(delta(*joined["x"]), 0.7 * delta(*a["x"]) - 0.5 * delta(*b["x"]))
+    torch.testing.assert_close(delta(*joined["y"]), -0.5 * delta(*b["y"]))
+
+
+# -- choosing a backend -------------------------------------------------------------------------------------
+
+def test_check_backend_names_what_is_missing(monkeypatch):
+    with pytest.raises(BackendError, match="unknown backend 'trt'; backends: eager, compile, onnx, tensorrt"):
+        check_backend("trt", "cpu")
+    with pytest.raises(BackendError, match="NVIDIA GPU") as info:
+        check_backend("tensorrt", "cpu")
+    if "tensorrt package" not in str(info.value):
+        pytest.fail("tensorrt is installed on a CPU machine?")  # the message names both missing parts here
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name))
+    with pytest.raises(BackendError, match="needs onnxruntime"):
+        check_backend("onnx", "cpu")
+    check_backend("eager", "cpu")
+    check_backend("compile", "cpu")  # this machine has g++
+
+
+def test_fused_backends_refuse_layers_they_cannot_change(store):
+    backend = make_backend("onnx", build_preset("tiny"), store, fingerprint="refuse")
+    with pytest.raises(Exception, match="adapter 'conv'.*cannot change.*--backend eager"):
+        backend.activate([{"name": "conv", "scale": 1.0}])
+    # 7 transformer blocks (q/k/v/out twice, 2 feed-forward) with proj_in/out, 2 text layers (q/k/v/out, fc1/2)
+    assert len(adaptable_layers(backend.pipe)) == 7 * (10 + 2) + 2 * 6
+
+
+# -- onnx -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onnx_backend(store):
+    return make_backend("onnx", build_preset("tiny"), store, fingerprint="test-tiny")
+
+
+def test_onnx_matches_eager_on_pixels_and_latents(onnx_backend, eager, reference):
+    expected, sets = reference
+    for name, adapters in sets.items():
+        assert_close(images(onnx_backend, adapters), expected[name], f"onnx vs eager, {name}")
+    eager.activate([])
+    onnx_backend.activate([])
+    ours, theirs = unet_out(onnx_backend), unet_out(eager)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max(), "UNet outputs differ beyond 1e-4 relative"
+    assert not np.array_equal(expected["A"], expected["base"]), "the LoRA must change the image for this to test anything"
+
+
+def test_onnx_swaps_leave_no_trace(onnx_backend, store):
+    fresh = make_backend("onnx", build_preset("tiny"), store, fingerprint="test-tiny")
+    a_fresh = images(fresh, [("A", 1.0)])
+    assert fresh.exports == 0, "a second backend on the same model reuses the cached export"
+    a_again = [images(onnx_backend, seq) for seq in ([("A", 1.0)], [("B", 1.0)], [("A", 1.0)], [], [("A", 1.0)])]
+    assert np.array_equal(a_again[2], a_fresh), "A -> B -> A differs from a fresh session with A"
+    assert np.array_equal(a_again[4], a_fresh), "A -> none -> A differs from a fresh session with A"
+    base = images(make_backend("onnx", build_preset("tiny"), store, fingerprint="test-tiny"), [])
+    assert np.array_equal(a_again[3], base), "no adapter after A and B is not the base model"
+    assert onnx_backend.stats()["swaps"] >= 5
+
+
+# -- compile ------------------------------------------------------------------------------------------------
+
+def test_compile_matches_eager_and_ten_swaps_never_recompile(store, reference):
+    expected, sets = reference
+    backend = make_backend("compile", build_preset("tiny"), store, max_lora_rank=8)
+    assert_close(images(backend, sets["base"]), expected["base"], "compile vs eager, base")
+    compiled = backend.compiles
+    assert compiled >= 1
+    order = ["A", "B", "blend", "base", "A", "blend", "B", "base", "A", "blend"]
+    for name in order:
+        assert_close(images(backend, sets[name]), expected[name], f"compile vs eager, {name}")
+    assert backend.swaps == 10
+    assert backend.compiles == compiled, f"{backend.compiles - compiled} recompiles in 10 adapter swaps"
+    with pytest.raises(Exception, match="rank 12, above the compile backend's slot rank 8"):
+        backend.activate([{"name": "A", "scale": 1.0}, {"name": "B", "scale": 1.0},
+                          {"name": "A_kohya_half", "scale": 1.0}])

@@ -127,7 +127,7 @@ def export_component(pipe, component: str, path: Path, size: tuple[int, int] | N
 
 
 class ExportCache:
-    """Exported components in a store (local folder or fsspec URI), fetched to a local folder for ONNX Runtime."""
+    """Exported components (and TensorRT engines) in a store (local folder or fsspec URI), fetched to a local folder for ONNX Runtime."""
 
     def __init__(self, uri: str | None):
         from actors.models import cache_root
@@ -137,21 +137,21 @@ class ExportCache:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         self.local = Path(self.root) if self.fs.protocol in ("file", ("file", "local")) else local
 
-    def get(self, key: str, build) -> Path:
-        """The local path of export `key`'s `.onnx` file; `build(path)` makes it on a miss."""
+    def get(self, key: str, build, filename: str = "model.onnx") -> Path:
+        """The local path of entry `key`'s main file; `build(path)` makes it (and files beside it) on a miss."""
         folder = self.local / key
-        model = folder / "model.onnx"
+        model = folder / filename
         if model.exists():
             return model
         remote = f"{self.root.rstrip('/')}/{key}"
-        if not _is_local(self.fs) and self.fs.exists(f"{remote}/model.onnx"):
+        if not _is_local(self.fs) and self.fs.exists(f"{remote}/{filename}"):
             _fetch(self.fs, remote, folder)
             return model
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_ensure(self.local)))
         try:
-            build(staging / "model.onnx")
-            if not _is_local(self.fs):  # data files first, the .onnx last: its presence marks a whole export
-                for item in sorted(staging.iterdir(), key=lambda p: p.name == "model.onnx"):
+            build(staging / filename)
+            if not _is_local(self.fs):  # data files first, the main file last: its presence marks a whole entry
+                for item in sorted(staging.iterdir(), key=lambda p: p.name == filename):
                     self.fs.put_file(str(item), f"{remote}/{item.name}")
             try:
                 staging.rename(folder)

@@ -8,7 +8,9 @@ with plain image statistics, no model:
 - object: the pixels far from that background colour;
 - drawn or noise: a uniform border and an object of plausible size (noise has neither);
 - colour: the palette colour nearest the object's median colour;
-- shape: the object's fill of its bounding box (the object: the connected region at the mask's densest spot) (square 1.0, circle 0.79, triangle 0.5, star 0.36).
+- shape: a star if the object is far from convex (area over convex hull area), else by its fill of its
+  bounding box (square 1.0, circle 0.79, triangle 0.5); the object is the connected region at the
+  mask's densest spot.
 
     sdfleet eval MANIFEST... --out RUN      -> prints the scores, writes RUN/eval.json
 """
@@ -32,6 +34,7 @@ PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) 
 # Fill of the bounding box by each ideal shape (jobs.synthetic draws them exactly so).
 FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5, "star": 0.359}
 OBJECT_DISTANCE = 60.0  # RGB distance from the background that makes a pixel part of the object
+STAR_SOLIDITY = 0.75  # object area over its convex hull's: ideal star 0.53, every other shape ~1
 BORDER = 6  # px of the image's edge that is taken as background
 
 
@@ -69,9 +72,38 @@ def analyse(rgb: np.ndarray) -> dict[str, Any]:
     ys, xs = np.nonzero(mask)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
     fill = float(mask.sum() / box)
+    solidity = float(mask.sum() / max(hull_area(mask), 1.0))
     color = np.median(pixels[mask], axis=0)
-    return {**result, "color": _nearest(color, COLORS), "fill": round(fill, 3),
-            "shape": min(FILL, key=lambda s: abs(FILL[s] - fill))}
+    # a star is the only concave shape; blur fills its notches (its box fill drifts towards a
+    # triangle's), but what is left is still far from convex
+    shape = "star" if solidity < STAR_SOLIDITY else min(("square", "circle", "triangle"), key=lambda s: abs(FILL[s] - fill))
+    return {**result, "color": _nearest(color, COLORS), "fill": round(fill, 3), "solidity": round(solidity, 3),
+            "shape": shape}
+
+
+def hull_area(mask: np.ndarray) -> float:
+    """Area of the convex hull of a mask's pixels (pixel corners), from each row's extreme pixels."""
+    rows = np.nonzero(mask.any(axis=1))[0]
+    left = mask[rows].argmax(axis=1)
+    right = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    points = sorted({(float(x), float(y)) for y, a, b in zip(rows, left, right)
+                     for x, y in ((a, y), (b + 1, y), (a, y + 1), (b + 1, y + 1))})
+    if len(points) < 3:
+        return 0.0
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    hull = []
+    for sweep in (points, points[::-1]):  # Andrew's monotone chain: lower, then upper half
+        half = []
+        for p in sweep:
+            while len(half) >= 2 and cross(half[-2], half[-1], p) <= 0:
+                half.pop()
+            half.append(p)
+        hull += half[:-1]
+    xs, ys = np.array([p[0] for p in hull]), np.array([p[1] for p in hull])
+    return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2)
 
 
 def main_region(mask: np.ndarray, window: int = 15) -> np.ndarray:

@@ -222,3 +222,27 @@ def test_compile_matches_eager_and_ten_swaps_never_recompile(store, reference):
     with pytest.raises(Exception, match="rank 12, above the compile backend's slot rank 8"):
         backend.activate([{"name": "A", "scale": 1.0}, {"name": "B", "scale": 1.0},
                           {"name": "A_kohya_half", "scale": 1.0}])
+
+
+# -- the real architecture ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sd21_random_exports_to_onnx_and_matches_eager(tmp_path, monkeypatch):
+    """SD 2.1's architecture (random weights) through the onnx backend at 64 px: the export path of the
+    real model, not only tiny's. Prints the export time and the process's peak memory."""
+    import resource
+    import time
+
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path))
+    row = {**resolved_row(new_store({}), ()), "width": 64, "height": 64, "steps": 2}
+    eager = draw(build_preset("sd21-random"), [row])
+    started = time.perf_counter()
+    backend = make_backend("onnx", build_preset("sd21-random"), None, fingerprint="sd21-random-test")
+    ours = draw(backend.pipe, [row])
+    seconds = time.perf_counter() - started
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    on_disk = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()) / 1024**3
+    print(f"\nsd21-random onnx export + first draw at 64 px: {seconds:.0f} s, peak RSS {peak_gb:.1f} GB, "
+          f"{on_disk:.1f} GB exported")
+    assert backend.exports == 3
+    assert_close(ours, eager, "sd21-random onnx vs eager")

@@ -9,7 +9,8 @@ with plain image statistics, no model:
 - drawn or noise: a uniform border and an object of plausible size (noise has neither);
 - colour: the palette colour nearest the object's median colour;
 - shape: a star if the object is far from convex (area over convex hull area), else by its fill of its
-  bounding box (square 1.0, circle 0.79, triangle 0.5); the object is the connected region at the
+  bounding box (square 1.0, circle 0.79, triangle 0.5), a diamond telling itself from a triangle by
+  holding half its area in the box's top half; the object is the connected region at the
   mask's densest spot.
 
     sdfleet eval MANIFEST... --out RUN      -> prints the scores, writes RUN/eval.json
@@ -27,13 +28,14 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from jobs.synthetic import BACKGROUNDS, COLORS, HELD_OUT, SHAPES
+from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
 from manifests.reader import expand_manifest_paths, iter_rows
 
 PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) background$")
 # Fill of the bounding box by each ideal shape (jobs.synthetic draws them exactly so).
 FILL = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5, "star": 0.359}
 OBJECT_DISTANCE = 60.0  # RGB distance from the background that makes a pixel part of the object
+DIAMOND_TOP = 0.375  # share of the object in its box's top half: upright triangle 0.25, diamond 0.5
 STAR_SOLIDITY = 0.75  # object area over its convex hull's: ideal star 0.53, every other shape ~1
 BORDER = 6  # px of the image's edge that is taken as background
 
@@ -47,7 +49,7 @@ def intended(row: dict[str, Any]) -> dict[str, str] | None:
     if all(isinstance(row.get(k), str) for k in ("color", "shape", "background")):
         return {k: row[k] for k in ("color", "shape", "background")}
     match = PROMPT.match(str(row.get("prompt") or "").strip())
-    if match and match["color"] in COLORS and match["shape"] in SHAPES and match["background"] in BACKGROUNDS:
+    if match and match["color"] in PALETTE and match["shape"] in ALL_SHAPES and match["background"] in BACKGROUNDS:
         return match.groupdict()
     return None
 
@@ -77,7 +79,10 @@ def analyse(rgb: np.ndarray) -> dict[str, Any]:
     # a star is the only concave shape; blur fills its notches (its box fill drifts towards a
     # triangle's), but what is left is still far from convex
     shape = "star" if solidity < STAR_SOLIDITY else min(("square", "circle", "triangle"), key=lambda s: abs(FILL[s] - fill))
-    return {**result, "color": _nearest(color, COLORS), "fill": round(fill, 3), "solidity": round(solidity, 3),
+    if shape == "triangle":  # or a diamond (same box fill): a diamond has half its area in its box's top half
+        top = float(mask[ys.min():(ys.min() + ys.max() + 1) // 2].sum() / mask.sum())
+        shape = "diamond" if top > DIAMOND_TOP else "triangle"
+    return {**result, "color": _nearest(color, PALETTE), "fill": round(fill, 3), "solidity": round(solidity, 3),
             "shape": shape}
 
 
@@ -160,9 +165,11 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         "scored": len(rows), "not_scored": unscored, "missing_images": missing,
         **_scores(rows),
         "held_out": _scores([r for r in rows if r["held_out"]]),
-        "per_color": {c: _scores([r for r in rows if r["want_color"] == c]) for c in COLORS},
-        "per_shape": {s: _scores([r for r in rows if r["want_shape"] == s]) for s in SHAPES},
-        "chance": {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "background": 1 / len(BACKGROUNDS)},
+        "per_color": {c: _scores([r for r in rows if r["want_color"] == c]) for c in PALETTE
+                      if any(r["want_color"] == c for r in rows)},
+        "per_shape": {s: _scores([r for r in rows if r["want_shape"] == s]) for s in ALL_SHAPES
+                      if any(r["want_shape"] == s for r in rows)},
+        "chance": {"color": 1 / len(PALETTE), "shape": 1 / len(ALL_SHAPES), "background": 1 / len(BACKGROUNDS)},
         "confusion": {
             "color": _confusion(rows, "color"), "shape": _confusion(rows, "shape"),
         },

@@ -24,7 +24,13 @@ COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
     "yellow": (240, 210, 40), "orange": (245, 140, 30), "purple": (140, 60, 190),
 }
+PALETTE = COLORS  # the colours eval tells apart
 SHAPES = ("circle", "square", "triangle", "star")
+# A shape the tiny model is never trained on (an upright rhombus): a LoRA teaches it as a new concept,
+# word and look (jobs.bench_lora_concept). A new colour would not do: the tiny VAE, trained on the
+# palette alone, gives unseen hues back as palette colours, and no UNet can draw what its VAE cannot carry.
+NEW_SHAPES = ("diamond",)
+ALL_SHAPES = SHAPES + NEW_SHAPES  # the shapes eval tells apart
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (20, 20, 20)}
 # One combination per colour kept out of training; each colour, shape and background is still seen.
 HELD_OUT = {("red", "star", "gray"), ("green", "triangle", "black"), ("blue", "circle", "white"),
@@ -44,7 +50,7 @@ def draw_shape(color: str, shape: str, background: str, size: int = 256, rng: ra
     radius = rng.uniform(0.15, 0.30) * size
     cx = rng.uniform(radius, size - radius)
     cy = rng.uniform(radius, size - radius)
-    fill = COLORS[color]
+    fill = PALETTE[color]
     if shape == "circle":
         pen.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
     elif shape == "square":
@@ -53,6 +59,8 @@ def draw_shape(color: str, shape: str, background: str, size: int = 256, rng: ra
     elif shape == "triangle":  # upright: apex at the top
         pen.polygon([(cx, cy - radius), (cx + radius * math.sqrt(3) / 2, cy + radius / 2),
                      (cx - radius * math.sqrt(3) / 2, cy + radius / 2)], fill=fill)
+    elif shape == "diamond":  # an upright rhombus, as tall as a circle, 0.7 as wide
+        pen.polygon([(cx, cy - radius), (cx + radius * 0.7, cy), (cx, cy + radius), (cx - radius * 0.7, cy)], fill=fill)
     elif shape == "star":  # five points, one pointing straight up
         points = []
         for k in range(10):
@@ -61,7 +69,7 @@ def draw_shape(color: str, shape: str, background: str, size: int = 256, rng: ra
             points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
         pen.polygon(points, fill=fill)
     else:
-        raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES + NEW_SHAPES)}")
     return image
 
 
@@ -75,12 +83,14 @@ def combinations(split: str) -> list[tuple[str, str, str]]:
     raise ValueError(f"split must be train, held-out or all; got {split!r}")
 
 
-def write_images(out: str | Path, count: int, size: int = 256, seed: int = 0, split: str = "train") -> list[str]:
-    """Write `count` images and captions, cycling through the split's combinations; returns the captions."""
+def write_images(out: str | Path, count: int, size: int = 256, seed: int = 0, split: str = "train",
+                 shapes: list[str] | None = None) -> list[str]:
+    """Write `count` images and captions, cycling through the split's combinations (or, with `shapes`,
+    every colour and background in those shapes); returns the captions."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    combos = combinations(split)
+    combos = list(itertools.product(COLORS, shapes, BACKGROUNDS)) if shapes else combinations(split)
     written = []
     for i in range(count):
         color, shape, background = combos[i % len(combos)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -10,10 +11,11 @@ from PIL import Image
 
 from conftest import sdfleet, write_manifest
 from jobs.evaluate import analyse, intended
-from jobs.synthetic import ALL, BACKGROUNDS, COLORS, SHAPES, caption, draw_shape
+from jobs.synthetic import ALL, ALL_SHAPES, BACKGROUNDS, PALETTE, caption, draw_shape
 
 
-@pytest.mark.parametrize("color,shape,background", ALL)
+@pytest.mark.parametrize("color,shape,background",
+                         ALL + [(c, "diamond", b) for c, b in itertools.product(PALETTE, BACKGROUNDS)])
 def test_every_combination_of_the_world_is_recognised(color, shape, background):
     import random
 
@@ -62,7 +64,7 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 1, 1)
     assert summary["color"] == pytest.approx(12 / 14)  # the wrong colour and the noise miss
     assert summary["drawn"] == pytest.approx(13 / 14)
-    assert summary["chance"] == {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "background": 1 / len(BACKGROUNDS)}
+    assert summary["chance"] == {"color": 1 / len(PALETTE), "shape": 1 / len(ALL_SHAPES), "background": 1 / len(BACKGROUNDS)}
     assert summary["confusion"]["color"]["red"].get("blue") == 1
     assert "14 images scored" in proc.stdout
 

@@ -214,6 +214,10 @@ def test_compile_matches_eager_and_ten_swaps_never_recompile(store, reference):
     assert_close(images(backend, sets["base"]), expected["base"], "compile vs eager, base")
     compiled = backend.compiles
     assert compiled >= 1
+    eager = make_backend("eager", build_preset("tiny"), None)
+    ours, theirs = unet_out(backend), unet_out(eager)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max(), "UNet outputs differ beyond 1e-4 relative"
+    compiled = backend.compiles  # unet_out's batch of 4 may build one more graph (a new batch size)
     order = ["A", "B", "blend", "base", "A", "blend", "B", "base", "A", "blend"]
     for name in order:
         assert_close(images(backend, sets[name]), expected[name], f"compile vs eager, {name}")
@@ -246,3 +250,28 @@ def test_sd21_random_exports_to_onnx_and_matches_eager(tmp_path, monkeypatch):
           f"{on_disk:.1f} GB exported")
     assert backend.exports == 3
     assert_close(ours, eager, "sd21-random onnx vs eager")
+
+
+# -- tensorrt (NVIDIA GPUs only) -----------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_tensorrt_matches_eager_and_refits_without_residue(store, tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("tensorrt", reason="needs the tensorrt package (pip install '.[tensorrt]')")
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path))
+
+    def on_gpu():
+        return build_preset("tiny").to("cuda", torch.float16)
+
+    eager, trt_backend = make_backend("eager", on_gpu(), store), make_backend("tensorrt", on_gpu(), store)
+    for adapters in ((), (("A", 1.0),), (("A", 0.7), ("B", 0.5))):
+        # fp16 on two engines: a looser bound than the CPU backends' 3/255
+        diff = np.abs(images(trt_backend, adapters).astype(int) - images(eager, adapters))
+        assert diff.mean() < 2.0, f"tensorrt vs eager {adapters}: mean difference {diff.mean():.2f}/255"
+    fresh = make_backend("tensorrt", on_gpu(), store)
+    a_fresh = images(fresh, [("A", 1.0)])
+    assert fresh.builds == 0, "a second backend on the same model reuses the cached engines"
+    sequence = [images(trt_backend, seq) for seq in ([("B", 1.0)], [("A", 1.0)], [], [("A", 1.0)])]
+    assert np.array_equal(sequence[1], a_fresh) and np.array_equal(sequence[3], a_fresh), "refit left residue"
+    assert trt_backend.refits >= 4

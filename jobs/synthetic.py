@@ -5,6 +5,7 @@ are never rotated. Some colour-shape-background combinations are held out of tra
 model can be tested on combinations it never saw. Used to train and test fine-tuning on a CPU:
 
     python -m jobs.synthetic OUT_DIR [--count 200] [--size 256] [--seed 0] [--split train|held-out|all]
+    python -m jobs.synthetic manifests/examples/shapes.parquet --example-manifest
 
 writes OUT_DIR/NNNNN.png + NNNNN.txt, ready for `sdfleet dataset build OUT_DIR`.
 """
@@ -101,6 +102,19 @@ def write_images(out: str | Path, count: int, size: int = 256, seed: int = 0, sp
     return written
 
 
+def example_manifest(path: str | Path) -> None:
+    """The quick start's manifest: every colour x shape once, backgrounds in turn, with its intent columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i, (color, shape) in enumerate(itertools.product(COLORS, SHAPES)):
+        background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
+        rows.append({"id": f"{color}-{shape}-on-{background}", "prompt": caption(color, shape, background),
+                     "seed": 1000 + i, "color": color, "shape": shape, "background": background})
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="folder to write NNNNN.png + NNNNN.txt into")
@@ -108,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", choices=["train", "held-out", "all"])
+    parser.add_argument("--example-manifest", action="store_true",
+                        help="write the quick start's manifest (24 rows) to OUT instead of images")
     args = parser.parse_args(argv)
+    if args.example_manifest:
+        example_manifest(args.out)
+        print(f"wrote {args.out}")
+        return 0
     write_images(args.out, args.count, args.size, args.seed, args.split)
     print(f"wrote {args.count} images to {args.out}")
     return 0

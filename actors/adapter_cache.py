@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from diffusers.utils import logging as diffusers_logging
 
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore
+from actors.lora_map import LoraMapError, lora_layers
 
 GiB = 1024**3
-LORA_MATRIX = re.compile(r"^(?P<path>.+)\.lora_(?P<role>[AB])\.weight$")
 
 
 @dataclass
@@ -80,7 +80,7 @@ class AdapterCache:
         started = time.perf_counter()
         changed = False
         # 1. check the request; scale 0 is the base model, so it is left out
-        wanted = _normalise(adapters)
+        wanted = normalise(adapters)
         # 2. resolve and read what is not loaded yet, and check it fits, before touching the pipeline
         loras, embeddings, staged = [], [], {}
         for name, scale, fingerprint in wanted:
@@ -223,7 +223,7 @@ class AdapterCache:
         self.loads += 1
 
 
-def _normalise(adapters) -> list[tuple[str, float, str | None]]:
+def normalise(adapters) -> list[tuple[str, float, str | None]]:
     """[(name, scale, fingerprint or None)] in name order, scale-0 entries dropped; a name listed twice is an error."""
     out, seen = [], set()
     for item in adapters or []:
@@ -265,60 +265,36 @@ def check_embedding_fits(pipe, info: AdapterInfo, state_dict, owned=()) -> None:
 def check_lora_fits(pipe, name: str, state_dict) -> None:
     """Raise AdapterError unless every LoRA matrix lands on a layer of this pipeline with matching shapes.
 
-    Uses diffusers' own conversions (kohya -> diffusers -> peft), so it sees the keys the loader will see.
+    Reads the file with `actors.lora_map.lora_layers` (diffusers' own conversions, kohya -> diffusers ->
+    peft), so it sees the layers the loader will see.
     """
-    from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
-
-    # 1. kohya and old diffusers spellings -> "unet.<module>..." / "text_encoder.<module>..."
     try:
-        converted, _ = type(pipe).lora_state_dict(dict(state_dict))  # a copy: the kohya converter pops keys
-    except Exception as exc:  # noqa: BLE001 - any failure here means diffusers cannot read it either
-        raise AdapterError(name, f"diffusers cannot read this LoRA ({type(exc).__name__}: {exc})") from exc
+        layers = lora_layers(pipe, state_dict)
+    except LoraMapError as exc:
+        raise AdapterError(name, str(exc)) from exc
+    if not layers:
+        raise AdapterError(name, "has no LoRA layers for this model's UNet or text encoder")
     components = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
-    parts: dict[str, dict] = {}
-    for key, tensor in converted.items():
-        part, _, rest = key.partition(".")
+    modules: dict[str, dict] = {}
+    problems = []
+    for key, (a, b) in layers.items():
+        part, _, path = key.partition(".")
         if components.get(part) is None:
             raise AdapterError(name, f"has weights for `{part}`, which this model does not have "
                                      "(a LoRA for another base model, such as SDXL?)")
-        parts.setdefault(part, {})[rest] = tensor
-    # 2. peft spelling: "<module>.lora_A.weight" (down, rank x in) and "<module>.lora_B.weight" (up, out x rank)
-    problems, layers = [], 0
-    for part, sd in parts.items():
-        if part == "unet":
-            sd = convert_unet_state_dict_to_peft(sd)
-        else:
-            sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
-        component = getattr(components[part], "_orig_mod", components[part])  # under torch.compile
-        modules = dict(component.named_modules())
-        ranks = {}
-        for key, tensor in sd.items():
-            match = LORA_MATRIX.match(key)
-            if match is None:
-                continue  # alphas, biases and magnitude vectors ride along with their matrices
-            path, role = match["path"], match["role"]
-            layers += role == "A"
-            # CLIPTextModel lost its `text_model.` level in recent transformers; old files still have it
-            layer = modules.get(path) or modules.get(path.removeprefix("text_model."))
-            layer = getattr(layer, "base_layer", layer)  # already wrapped by an earlier adapter
-            weight = getattr(layer, "weight", None)
-            if weight is None:
-                problems.append(f"{part}.{path} is not a layer of this model")
-                continue
-            # 3. the shapes the loader will copy: A takes the layer's input, B gives its output
-            dim, want = (1, weight.shape[1]) if role == "A" else (0, weight.shape[0])
-            if tensor.ndim != weight.ndim or tensor.shape[dim] != want:
-                problems.append(f"{part}.{path}.lora_{role} is {tuple(tensor.shape)}, the layer is "
-                                f"{tuple(weight.shape)}")
-            ranks.setdefault(path, {})[role] = tensor.shape[0] if role == "A" else tensor.shape[1]
-        problems += [f"{part}.{p}: rank {r.get('A')} down but {r.get('B')} up" for p, r in ranks.items()
-                     if r.get("A") != r.get("B")]
-    if not layers:
-        raise AdapterError(name, "has no LoRA layers for this model's UNet or text encoder")
+        if part not in modules:
+            component = getattr(components[part], "_orig_mod", components[part])  # under torch.compile
+            modules[part] = dict(component.named_modules())
+        layer = modules[part].get(path)
+        layer = getattr(layer, "base_layer", layer)  # already wrapped by an earlier adapter
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            problems.append(f"{key} is not a layer of this model")
+            continue
+        # the shapes the loader will copy: A takes the layer's input, B gives its output
+        for role, matrix, dim in (("A", a, 1), ("B", b, 0)):
+            if matrix.ndim != weight.ndim or matrix.shape[dim] != weight.shape[dim]:
+                problems.append(f"{key}.lora_{role} is {tuple(matrix.shape)}, the layer is {tuple(weight.shape)}")
     if problems:
         problems.sort()
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""

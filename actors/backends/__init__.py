@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from actors.adapter_cache import AdapterCache, _normalise, check_embedding_fits, check_lora_fits
+from actors.adapter_cache import AdapterCache, check_embedding_fits, check_lora_fits, normalise
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore
 from actors.lora_map import Layers, LoraMapError, lora_layers
 
@@ -150,7 +150,7 @@ class FixedAdapters:
         """The LoRA set `adapters` asks for, a key naming it (fingerprints and scales), and whether an
         embedding was loaded for it."""
         out, key, loaded_embedding = [], [], False
-        for name, scale, fingerprint in _normalise(adapters):
+        for name, scale, fingerprint in normalise(adapters):
             entry = self.loras.get(name)
             if entry is not None and fingerprint in (None, entry[0].fingerprint):
                 self.loras[name] = self.loras.pop(name)  # most recently used

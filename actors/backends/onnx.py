@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -120,7 +121,10 @@ def export_component(pipe, component: str, path: Path, size: tuple[int, int] | N
         example = (torch.randn(2, pipe.vae.config.latent_channels, h, w, device=device, dtype=dtype),)
         module, inputs, dynamic, names, weights = _DecoderGraph(pipe.vae), ["latents"], ({0: batch},), [], []
     attribute = "decode" if component == "vae" else "forward"
-    with _own_forward(getattr(pipe, component), attribute), torch.no_grad():
+    with _own_forward(getattr(pipe, component), attribute), torch.no_grad(), warnings.catch_warnings():
+        # torch's exporter warns about its own internals (pytree LeafSpec, jit.script_method), not our model
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         program = torch.export.export(module, (*example, *weights), dynamic_shapes=(*dynamic, *((tuple([None] * len(weights)),) if weights else ())))
         torch.onnx.export(program, (), str(path), input_names=[*inputs, *names], output_names=["out"],
                           opset_version=OPSET, external_data=True, verbose=False)

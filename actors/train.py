@@ -52,6 +52,7 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=list)
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
+    caption_dropout: float = 0.0  # share of samples trained on the empty prompt (classifier-free guidance)
     ema_decay: float | None = None  # None: no EMA
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -603,6 +604,12 @@ def _diffusion_step(cfg: TrainConfig, pipe, model, noise_scheduler, pixels, ids,
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+    if cfg.caption_dropout:  # some samples see the empty prompt: the unconditional half of guidance
+        drop = torch.rand(ids.shape[0], generator=g) < cfg.caption_dropout
+        if drop.any():
+            empty = pipe.tokenizer([""], padding="max_length", max_length=ids.shape[1], truncation=True,
+                                   return_tensors="pt").input_ids.to(ids.device)
+            ids = torch.where(drop.to(ids.device)[:, None], empty, ids)
     return diffusion_loss(model(noisy, timesteps, ids), target, weights)
 
 

@@ -59,6 +59,8 @@ class FinetuneConfig(BaseModel):
     validation_prompts: list[str] = Field(default_factory=list, description="prompts drawn as validation images")
     min_snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR loss weighting (5 is usual)")
     noise_offset: float = Field(default=0.0, ge=0, description="noise offset (0.05-0.1 helps very dark/bright images)")
+    caption_dropout: float = Field(default=0.0, ge=0, lt=1, description="share of samples trained on the empty "
+                                   "prompt, which classifier-free guidance needs in a model trained from scratch")
     ema_decay: float | None = Field(default=None, gt=0, lt=1, description="keep an EMA of the weights (0.9999 is usual)")
     gradient_checkpointing: bool = Field(default=False, description="trade compute for activation memory")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, no on CPU")
@@ -110,7 +112,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         resolution=resolution, seed=cfg.seed, warmup_steps=cfg.warmup_steps, checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every, validate_every=cfg.validate_every,
         validation_prompts=cfg.validation_prompts or _first_captions(cfg.data, 2),
-        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, ema_decay=cfg.ema_decay,
+        min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, caption_dropout=cfg.caption_dropout,
+        ema_decay=cfg.ema_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
         mixed_precision=("bf16" if cfg.gpu else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
         rank=cfg.rank, alpha=cfg.alpha, train_text_encoder=cfg.train_text_encoder, fsdp=cfg.fsdp,

@@ -377,12 +377,12 @@ def test_fsdp_matches_ddp_and_resumes_from_its_sharded_checkpoint(trained, datas
 
 
 def test_every_training_option_runs_together(dataset, tmp_path):
-    """EMA, accumulation, gradient checkpointing, min-SNR, noise offset, warm-up and the text encoder."""
+    """EMA, accumulation, gradient checkpointing, min-SNR, noise offset, caption dropout, warm-up and the text encoder."""
     out = tmp_path / "all"
     proc = sdfleet("finetune", "full", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out),
                    "--workers", "1", "--steps", "4", "--batch-size", "2", "--grad-accum", "2", "--resolution", RES,
                    "--ema-decay", "0.9", "--gradient-checkpointing", "--min-snr-gamma", "5", "--noise-offset", "0.05",
-                   "--warmup-steps", "2", "--train-text-encoder", "--log-every", "2", "--checkpoint-every", "2",
+                   "--caption-dropout", "0.5", "--warmup-steps", "2", "--train-text-encoder", "--log-every", "2", "--checkpoint-every", "2",
                    "--validation-prompt", "a blue star on a black background", "--validate-every", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(out)
@@ -391,6 +391,7 @@ def test_every_training_option_runs_together(dataset, tmp_path):
     assert rows[0]["lr"] == pytest.approx(1e-5) and rows[1]["lr"] == pytest.approx(0.0)
     config = train_log(out)[0]["config"]
     assert config["grad_accum"] == 2 and config["ema_decay"] == 0.9 and config["train_text_encoder"]
+    assert config["caption_dropout"] == 0.5
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002", "step-000004"]
     checkpoint = sorted(p for p in (out / "checkpoints").glob("checkpoint_*") if p.is_dir())[-1]
     assert (checkpoint / "ema.safetensors").is_file()
@@ -398,3 +399,31 @@ def test_every_training_option_runs_together(dataset, tmp_path):
 
     trained = load_file(checkpoint / "trainable.safetensors")
     assert any(k.startswith("text_encoder.") for k in trained) and any(k.startswith("unet.") for k in trained)
+
+
+def test_caption_dropout_trains_some_samples_on_the_empty_prompt():
+    """With caption dropout, the UNet sees the empty prompt's ids for about that share of samples."""
+    from diffusers import DDIMScheduler
+
+    from actors.presets import PRESETS, build_preset
+    from actors.train import TrainConfig, _diffusion_step
+
+    pipe = build_preset("tiny")
+    scheduler = DDIMScheduler(**{k: v for k, v in PRESETS["tiny"]["scheduler"].items() if k != "_class_name"})
+    ids = pipe.tokenizer(["a red star on a gray background"] * 64, padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    empty = pipe.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    seen = []
+
+    def model(noisy, timesteps, input_ids):
+        seen.append(input_ids)
+        return torch.zeros_like(noisy)
+
+    pixels = torch.zeros(64, 3, 16, 16)
+    for dropout in (0.0, 0.5):
+        cfg = TrainConfig(method="full", data="", base={}, out="", caption_dropout=dropout)
+        _diffusion_step(cfg, pipe, model, scheduler, pixels, ids, torch.Generator().manual_seed(0))
+    dropped = [(batch == empty).all(dim=1).sum().item() for batch in seen]
+    assert dropped[0] == 0 and 20 <= dropped[1] <= 44, dropped
+    kept = ~(seen[1] == empty).all(dim=1)
+    assert torch.equal(seen[1][kept], ids[kept]), "samples not dropped keep their own caption"

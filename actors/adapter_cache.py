@@ -92,11 +92,7 @@ class AdapterCache:
             if known is not None and fingerprint in (None, known[0].fingerprint):
                 embeddings.append((name, scale))
                 continue
-            info = self.store.resolve(name)
-            if fingerprint is not None and info.fingerprint != fingerprint:
-                raise AdapterError(name, f"{info.uri} changed since the run was planned (planned fingerprint "
-                                         f"{fingerprint}, the store now has {info.fingerprint})")
-            state_dict = self.store.load_state_dict(info)
+            info, state_dict = self.store.load_planned(name, fingerprint)
             if info.kind == "lora":
                 check_lora_fits(self.pipe, name, state_dict)
                 loras.append((name, scale))
@@ -106,9 +102,7 @@ class AdapterCache:
                 embeddings.append((name, scale))
             staged[name] = (info, state_dict)
         for name, scale in embeddings:
-            if scale != 1.0:
-                raise AdapterError(name, f"is a Textual Inversion embedding, which has no scale; got {scale} "
-                                         "(use 1.0, or 0 to leave it out)")
+            check_embedding_scale(name, scale)
         # 3. load embeddings once; they only act where a prompt uses their token
         for name, _ in embeddings:
             if name in staged:
@@ -213,12 +207,7 @@ class AdapterCache:
         old = self._embeddings.pop(info.name, None)
         if old is not None:  # the file was replaced: drop the old vectors first
             self.pipe.unload_textual_inversion(old[1])
-        tensor = next(iter(state_dict.values()))
-        tokens = embedding_tokens(info.token, tensor)
-        try:
-            self.pipe.load_textual_inversion({info.token: tensor}, token=info.token)
-        except Exception as exc:  # diffusers checks before it changes anything
-            raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc})") from exc
+        tokens = load_embedding(self.pipe, info, state_dict)
         self._embeddings[info.name] = (info, tokens)
         self.loads += 1
 
@@ -240,6 +229,23 @@ def _lora_bytes(pipe, state_dict) -> int:
     """Bytes the adapter takes once loaded: its matrices in the UNet's dtype."""
     itemsize = next(pipe.unet.parameters()).element_size()
     return sum(t.numel() for k, t in state_dict.items() if not k.endswith(".alpha")) * itemsize
+
+
+def check_embedding_scale(name: str, scale: float) -> None:
+    """Raise AdapterError unless an embedding is asked for at scale 1 (it has no scale; 0 leaves it out)."""
+    if scale != 1.0:
+        raise AdapterError(name, f"is a Textual Inversion embedding, which has no scale; got {scale} "
+                                 "(use 1.0, or 0 to leave it out)")
+
+
+def load_embedding(pipe, info: AdapterInfo, state_dict) -> list[str]:
+    """Load a Textual Inversion embedding into `pipe`; returns the tokens it added."""
+    tensor = next(iter(state_dict.values()))
+    try:
+        pipe.load_textual_inversion({info.token: tensor}, token=info.token)
+    except Exception as exc:  # diffusers checks before it changes anything
+        raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc})") from exc
+    return embedding_tokens(info.token, tensor)
 
 
 def embedding_tokens(token: str, tensor) -> list[str]:

@@ -81,6 +81,15 @@ class AdapterStore:
             self._last_read = None  # the driver never loads: do not hold on to the bytes
         return out
 
+    def load_planned(self, name: str, fingerprint: str | None = None):
+        """`(info, tensors)` of adapter `name`; raises AdapterError if the file is no longer the `fingerprint`
+        the run was planned with (a file replaced mid-run fails its rows instead of drawing other weights)."""
+        info = self.resolve(name)
+        if fingerprint is not None and info.fingerprint != fingerprint:
+            raise AdapterError(name, f"{info.uri} changed since the run was planned (planned fingerprint "
+                                     f"{fingerprint}, the store now has {info.fingerprint})")
+        return info, self.load_state_dict(info)
+
     def load_state_dict(self, info: AdapterInfo):
         """The adapter's tensors (`safetensors.torch.load`), checked against the fingerprint it was resolved with."""
         path = fsspec.core.strip_protocol(info.uri)

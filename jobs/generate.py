@@ -116,11 +116,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
         f"backend {cfg.backend}")
     try:
         check_backend(cfg.backend, sizing.device)  # before any actor starts
-    except BackendError as exc:
-        ray.shutdown()
-        raise RunFailed(str(exc)) from exc
-    try:
         summary = _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
+    except BackendError as exc:
+        raise RunFailed(str(exc)) from exc
     finally:
         ray.shutdown()
     return summary

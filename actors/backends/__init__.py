@@ -27,7 +27,14 @@ import time
 
 import torch
 
-from actors.adapter_cache import AdapterCache, check_embedding_fits, check_lora_fits, normalise
+from actors.adapter_cache import (
+    AdapterCache,
+    check_embedding_fits,
+    check_embedding_scale,
+    check_lora_fits,
+    load_embedding,
+    normalise,
+)
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore
 from actors.lora_map import Layers, LoraMapError, lora_layers
 
@@ -159,15 +166,11 @@ class FixedAdapters:
                 continue
             known = self.embeddings.get(name)
             if known is not None and fingerprint in (None, known.fingerprint):
-                self._check_embedding_scale(name, scale)
+                check_embedding_scale(name, scale)
                 continue
-            info = self.store.resolve(name)
-            if fingerprint is not None and info.fingerprint != fingerprint:
-                raise AdapterError(name, f"{info.uri} changed since the run was planned (planned fingerprint "
-                                         f"{fingerprint}, the store now has {info.fingerprint})")
-            state_dict = self.store.load_state_dict(info)
+            info, state_dict = self.store.load_planned(name, fingerprint)
             if info.kind == "embedding":
-                self._check_embedding_scale(name, scale)
+                check_embedding_scale(name, scale)
                 self._load_embedding(info, state_dict)
                 loaded_embedding = True
                 continue
@@ -191,22 +194,12 @@ class FixedAdapters:
             key.append((info.fingerprint, scale))
         return out, tuple(key), loaded_embedding
 
-    @staticmethod
-    def _check_embedding_scale(name: str, scale: float) -> None:
-        if scale != 1.0:
-            raise AdapterError(name, f"is a Textual Inversion embedding, which has no scale; got {scale} "
-                                     "(use 1.0, or 0 to leave it out)")
-
     def _load_embedding(self, info: AdapterInfo, state_dict) -> None:
         if info.name in self.embeddings:
             raise AdapterError(info.name, "was replaced in the store during the run; an embedding cannot be "
                                           "reloaded on this backend (restart the run)")
         check_embedding_fits(self.pipe, info, state_dict)
-        tensor = next(iter(state_dict.values()))
-        try:
-            self.pipe.load_textual_inversion({info.token: tensor}, token=info.token)
-        except Exception as exc:  # diffusers checks before it changes anything
-            raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc})") from exc
+        load_embedding(self.pipe, info, state_dict)
         self.embeddings[info.name] = info
         self.loads += 1
 

@@ -202,7 +202,11 @@ class OnnxBackend(Backend):
         self.device = pipe.unet.device
         self.layers = adaptable_layers(pipe)
         self.base = {n: m.weight.detach().clone() for n, m in self.layers.items()}
-        self.current = dict(self.base)  # what the weight inputs are fed: W0, or W0 + s * B @ A
+        # what each graph's weight inputs are fed, by component and layer path: W0, or W0 + s * B @ A
+        self.weights: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+        for name, weight in self.base.items():
+            part, _, path = name.partition(".")
+            self.weights[part][path] = weight
         self.adapters = FixedAdapters(pipe, store, set(self.layers)) if store is not None else None
         self._set: list[tuple[Layers, float]] = []
         self._active: tuple | None = ()
@@ -220,7 +224,8 @@ class OnnxBackend(Backend):
             return loaded_embedding
         self._active = None
         for name, weight in switch_updates(self.base, self._set, loras).items():
-            self.current[name] = weight
+            part, _, path = name.partition(".")
+            self.weights[part][path] = weight
         self._set, self._active = loras, key
         return True
 
@@ -278,10 +283,6 @@ class OnnxBackend(Backend):
         session.run_with_iobinding(binding)
         return out
 
-    def _weights(self, part: str) -> dict[str, torch.Tensor]:
-        prefix = f"{part}."
-        return {n.removeprefix(prefix): w for n, w in self.current.items() if n.startswith(prefix)}
-
     # -- the replaced forwards ------------------------------------------------------------------------------
 
     def _unet(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
@@ -291,7 +292,7 @@ class OnnxBackend(Backend):
         timestep = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
         out = torch.empty_like(sample)
         self._call("unet", size, {"sample": sample, "timestep": timestep,
-                                  "encoder_hidden_states": encoder_hidden_states}, self._weights("unet"), out)
+                                  "encoder_hidden_states": encoder_hidden_states}, self.weights["unet"], out)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
     def _text_encoder(self, input_ids, attention_mask=None, **kwargs):
@@ -302,7 +303,7 @@ class OnnxBackend(Backend):
         out = torch.empty(*input_ids.shape, te.config.hidden_size, device=self.device, dtype=te.dtype)
         table = te.get_input_embeddings().weight.detach()
         self._call("text_encoder", None, {"input_ids": input_ids},
-                   {"token_table": table, **self._weights("text_encoder")}, out)
+                   {"token_table": table, **self.weights["text_encoder"]}, out)
         return (out,)
 
     def _decode(self, latents, return_dict=True, generator=None):

@@ -3,6 +3,8 @@
 - `tiny`: a small SD model (UNet2DConditionModel, an 8x AutoencoderKL, a CLIP text encoder, the offline
   tokenizer) at 256x256, fast on a CPU. Its weights load from `actors/presets/tiny/` when that folder
   holds `*.safetensors` (a later training run commits them); until then they are a fixed random init.
+- `tiny-random`: the same architecture, always the fixed random init: what `python -m jobs.train_tiny`
+  trains from, so rerunning it never starts from the weights it installed.
 - `sd21-random`: the real SD 2.1 (768, v-prediction) architecture and scheduler with random weights, for
   benchmarks and export tests. The same code loads the real SD 2.1 from a directory or URI.
 
@@ -120,12 +122,24 @@ PRESETS: dict[str, dict] = {
 }
 
 
+PRESETS["tiny-random"] = PRESETS["tiny"]
+# Config keys an installed component may override: values training sets, never the architecture.
+PRESET_OVERRIDABLE = {"scaling_factor"}
+# Presets whose trained weights (and component configs) may be installed under PRESET_DIR/<name>/<component>/.
+TRAINED = {"tiny"}
+
+
+def _weights_dir(name: str) -> Path | None:
+    folder = PRESET_DIR / name
+    return folder if name in TRAINED and folder.is_dir() and any(folder.glob("*/*.safetensors")) else None
+
+
 def preset_fingerprint(name: str) -> str:
     """Identify a preset's weights: its configs, plus its weight files or the random-init recipe."""
     h = hashlib.sha256(json.dumps(PRESETS[name], sort_keys=True).encode())
-    weights = sorted((PRESET_DIR / name).glob("*/*.safetensors")) if (PRESET_DIR / name).is_dir() else []
-    if weights:
-        for path in weights:
+    folder = _weights_dir(name)
+    if folder is not None:
+        for path in sorted(p for p in folder.glob("*/*") if p.suffix in (".safetensors", ".json")):
             h.update(path.relative_to(PRESET_DIR).as_posix().encode())
             h.update(hashlib.sha256(path.read_bytes()).digest())
     else:
@@ -145,6 +159,14 @@ def build_preset(name: str):
     from actors.tokenizer import load_tokenizer
 
     spec = PRESETS[name]
+    weights_dir = _weights_dir(name)
+    if weights_dir is not None:  # a trained component's config wins (training may calibrate e.g. the VAE's scale)
+        spec = dict(spec)
+        for part in ("unet", "vae"):
+            config = weights_dir / part / "config.json"
+            if config.is_file():
+                saved = json.loads(config.read_text())
+                spec[part] = {**spec[part], **{k: v for k, v in saved.items() if k in PRESET_OVERRIDABLE}}
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     te_config = dict(spec["text_encoder"])
     te_config["vocab_size"] = te_config["vocab_size"] or len(tokenizer)
@@ -154,9 +176,8 @@ def build_preset(name: str):
         unet = UNet2DConditionModel(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
-    weights_dir = PRESET_DIR / name
     for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        files = sorted((weights_dir / part).glob("*.safetensors"))
+        files = sorted((weights_dir / part).glob("*.safetensors")) if weights_dir is not None else []
         if files:
             state = {}
             for f in files:

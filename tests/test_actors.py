@@ -54,6 +54,29 @@ def test_scheduler_names_match_the_manifest_contract():
     assert scheduler_name_for({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}) == "dpmpp_2m_karras"
 
 
+def test_installed_tiny_weights_load_with_their_scale_and_tiny_random_stays_random(tiny, tmp_path, monkeypatch):
+    """`tiny` loads what train_tiny installs (weights, and the trained VAE's scaling_factor); `tiny-random`,
+    what training starts from, never does, so retraining cannot start from the weights it installed."""
+    from safetensors.torch import save_file
+
+    import actors.presets as presets
+
+    unet = {k: v + 0.01 for k, v in tiny.unet.state_dict().items()}
+    (tmp_path / "tiny" / "unet").mkdir(parents=True)
+    save_file(unet, tmp_path / "tiny" / "unet" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "tiny" / "vae").mkdir()
+    save_file(tiny.vae.state_dict(), tmp_path / "tiny" / "vae" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "tiny" / "vae" / "config.json").write_text(json.dumps({**dict(tiny.vae.config), "scaling_factor": 0.5}))
+    digest = lambda name: presets.preset_fingerprint(name).rsplit(":", 1)[1]  # noqa: E731
+    random_print = digest("tiny")
+    monkeypatch.setattr(presets, "PRESET_DIR", tmp_path)
+    trained, fresh = build_preset("tiny"), build_preset("tiny-random")
+    assert trained.vae.config.scaling_factor == 0.5 and fresh.vae.config.scaling_factor == 0.18215
+    name, weight = next(iter(trained.unet.state_dict().items()))
+    assert torch.equal(weight, unet[name]) and torch.equal(fresh.unet.state_dict()[name], tiny.unet.state_dict()[name])
+    assert digest("tiny") != random_print == digest("tiny-random")
+
+
 def test_presets_are_deterministic_and_sd21_has_the_real_shapes(tiny):
     again = build_preset("tiny")
     for (name, a), b in zip(tiny.unet.state_dict().items(), again.unet.state_dict().values()):

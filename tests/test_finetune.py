@@ -210,7 +210,7 @@ def _parquet(path: Path, table: pa.Table) -> Path:
 
 
 @pytest.mark.parametrize("case", ["empty", "no-caption-column", "missing-base", "zero-workers", "missing-data",
-                                  "crop-for-full"])
+                                  "crop-for-full", "calibrate-for-full"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
     data, base, extra = str(dataset["dir"]), "tiny", []
     if case == "empty":
@@ -226,6 +226,8 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
         extra, expected = ["--workers", "0"], "--workers: Input should be greater than or equal to 1"
     elif case == "crop-for-full":
         extra, expected = ["--crop", "64"], "--crop is for vae and must be a multiple of 8; got 64 with full"
+    elif case == "calibrate-for-full":
+        extra, expected = ["--calibrate-scale"], "--calibrate-scale is for vae"
     else:
         data, expected = str(tmp_path / "nowhere"), "does not exist"
     out = tmp_path / "out"
@@ -247,11 +249,12 @@ def trained(dataset, tmp_path_factory):
     full, lora, vae = base / "full", base / "store" / "shapes-lora", base / "vae"
     procs = {
         "full": sdfleet("finetune", "full", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(full),
-                        "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", *TRAIN),
+                        "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", "--cache-latents", *TRAIN),
         "lora": sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(lora),
                         "--steps", "8", "--lr", "3e-2", "--rank", "4", "--checkpoint-every", "4", *TRAIN),
         "vae": sdfleet("finetune", "vae", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(vae),
-                       "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", *TRAIN),
+                       "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", "--calibrate-scale",
+                       *TRAIN),
     }
     prompt = {"prompt": "a red circle on a white background", "seed": 5, "steps": 4, "width": 256, "height": 256}
     manifest = write_manifest(base / "m.parquet", [
@@ -283,6 +286,26 @@ def test_training_runs_and_its_loss_falls(trained, method):
     else:  # the two default validation prompts, drawn
         assert len(validation) == 2
     assert json.loads((out / "finetune.json").read_text())["status"] == "finished"
+    if method == "full":  # trained on cached latents, gathered from both workers
+        assert "cached the latents of 8 images" in proc.stdout + proc.stderr
+
+
+def test_calibrate_scale_gives_the_trained_vae_unit_variance_latents(trained, dataset):
+    from diffusers import AutoencoderKL
+
+    from actors.train import batch_tensors, latent_scale
+    from manifests.dataset import read_dataset
+
+    finished = train_log(trained["vae"])[-1]
+    vae = AutoencoderKL.from_pretrained(trained["vae"] / "vae", use_safetensors=True).eval()
+    assert vae.config.scaling_factor == pytest.approx(finished["scaling_factor"]) != 0.18215
+    table = read_dataset(str(dataset["dir"]))
+    pixels, _ = batch_tensors(table, list(range(table.num_rows)), None, int(RES), captions=False)
+    assert latent_scale(vae, pixels) == pytest.approx(vae.config.scaling_factor, rel=1e-5)
+    with torch.no_grad():  # what training draws: posterior samples, scaled; other noise than the calibration's
+        posterior = vae.encode(pixels).latent_dist
+        sample = posterior.sample(torch.Generator().manual_seed(11)) * vae.config.scaling_factor
+    assert 0.9 < sample.std().item() < 1.1
 
 
 def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):
@@ -419,11 +442,43 @@ def test_caption_dropout_trains_some_samples_on_the_empty_prompt():
         seen.append(input_ids)
         return torch.zeros_like(noisy)
 
-    pixels = torch.zeros(64, 3, 16, 16)
+    mean, std = torch.zeros(64, 4, 2, 2), torch.ones(64, 4, 2, 2)
     for dropout in (0.0, 0.5):
         cfg = TrainConfig(method="full", data="", base={}, out="", caption_dropout=dropout)
-        _diffusion_step(cfg, pipe, model, scheduler, pixels, ids, torch.Generator().manual_seed(0))
+        _diffusion_step(cfg, pipe, model, scheduler, mean, std, ids, torch.Generator().manual_seed(0))
     dropped = [(batch == empty).all(dim=1).sum().item() for batch in seen]
     assert dropped[0] == 0 and 20 <= dropped[1] <= 44, dropped
     kept = ~(seen[1] == empty).all(dim=1)
     assert torch.equal(seen[1][kept], ids[kept]), "samples not dropped keep their own caption"
+
+
+def test_cached_latents_train_exactly_like_encoding_every_step(dataset):
+    """The cache holds each row's posterior; a step drawn from it is the step that encoding the batch gives."""
+    from diffusers import DDPMScheduler
+
+    from actors.train import Denoiser, TrainConfig, _diffusion_step, batch_tensors, encode_dataset
+    from manifests.dataset import read_dataset
+
+    pipe = build_tiny()
+    table = read_dataset(str(dataset["dir"]))
+    cfg = TrainConfig(method="full", data="", base={}, out="", batch_size=3, resolution=int(RES), cache_latents=True)
+    cache = encode_dataset(cfg, table, pipe.vae, torch.device("cpu"), rank=0, world=1)
+    assert cache["mean"].shape == (table.num_rows, 4, int(RES) // 8, int(RES) // 8)
+    rows = [5, 0, 2, 5]
+    pixels, ids = batch_tensors(table, rows, pipe.tokenizer, int(RES))
+    with torch.no_grad():
+        posterior = pipe.vae.encode(pixels).latent_dist
+    torch.testing.assert_close(cache["mean"][rows], posterior.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cache["std"][rows], posterior.std, rtol=1e-4, atol=1e-5)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    model = Denoiser(pipe.unet, pipe.text_encoder)
+    with torch.no_grad():
+        losses = [_diffusion_step(cfg, pipe, model, noise_scheduler, mean, std, ids, torch.Generator().manual_seed(7))
+                  for mean, std in ((posterior.mean, posterior.std), (cache["mean"][rows], cache["std"][rows]))]
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-4)
+
+
+def build_tiny():
+    from actors.presets import build_preset
+
+    return build_preset("tiny")

@@ -25,7 +25,7 @@ from pathlib import Path
 from jobs.bench_generate import run_cli
 
 
-def prompts_manifest(path: Path, count: int, adapter: str | None) -> None:
+def prompts_manifest(path: Path, count: int, adapter: str | None, guidance: float) -> None:
     import itertools
 
     import pyarrow as pa
@@ -35,7 +35,8 @@ def prompts_manifest(path: Path, count: int, adapter: str | None) -> None:
 
     combos = list(itertools.product(COLORS, ["diamond"], BACKGROUNDS))
     rows = [{"id": f"diamond-{i:03d}", "prompt": caption(*combos[i % len(combos)]), "seed": 700_000 + i,
-             "steps": 20, "adapters": [{"name": adapter, "scale": 1.0}] if adapter else []} for i in range(count)]
+             "steps": 20, "guidance_scale": guidance, "adapters": [{"name": adapter, "scale": 1.0}] if adapter else []}
+            for i in range(count)]
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--guidance", type=float, default=3.0, help="guidance of the scored images (default 3)")
     parser.add_argument("--target", type=float, default=0.70)
     parser.add_argument("--budget-minutes", type=float, default=10.0)
     args = parser.parse_args(argv)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     write_images(out / "images", args.images, seed=3, shapes=["diamond"])
     run_cli(["dataset", "build", str(out / "images"), "-o", str(out / "data"), "--resolution", "256"], out / "data")
     # 2. before
-    prompts_manifest(out / "before.parquet", args.prompts, adapter=None)
+    prompts_manifest(out / "before.parquet", args.prompts, adapter=None, guidance=args.guidance)
     run_cli(["generate", str(out / "before.parquet"), "--out", str(out / "before"), "--model", f"default={args.base}",
              "--no-watermark"], out / "before")
     run_cli(["eval", str(out / "before.parquet"), "--out", str(out / "before")], out / "before-eval")
@@ -73,18 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     seconds = run_cli(["finetune", "lora", "--base", args.base, "--data", str(out / "data"),
                        "--out", str(out / "adapters" / "diamond"), "--train-text-encoder", "--rank", str(args.rank),
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                       "--workers", str(args.workers), "--warmup-steps", "20", "--log-every", "50",
+                       "--workers", str(args.workers), "--warmup-steps", "20", "--log-every", "50", "--cache-latents",
                        "--checkpoint-every", "100", "--validation-prompt", "a blue diamond on a white background"],
                       out / "lora")
     # 4. after
-    prompts_manifest(out / "after.parquet", args.prompts, adapter="diamond")
+    prompts_manifest(out / "after.parquet", args.prompts, adapter="diamond", guidance=args.guidance)
     run_cli(["generate", str(out / "after.parquet"), "--out", str(out / "after"), "--model", f"default={args.base}",
              "--adapters", str(out / "adapters"), "--no-watermark"], out / "after")
     run_cli(["eval", str(out / "after.parquet"), "--out", str(out / "after")], out / "after-eval")
     before = json.loads((out / "before" / "eval.json").read_text())
     after = json.loads((out / "after" / "eval.json").read_text())
     report = {
-        "base": args.base, "prompts": args.prompts, "train_minutes": round(seconds / 60, 2), "steps": args.steps,
+        "base": args.base, "prompts": args.prompts, "guidance": args.guidance, "train_minutes": round(seconds / 60, 2), "steps": args.steps,
         "before": {k: before[k] for k in ("shape", "color", "drawn")},
         "after": {k: after[k] for k in ("shape", "color", "drawn")},
         "chance_shape": before["chance"]["shape"], "target": args.target,

@@ -1,8 +1,10 @@
 """Train the `tiny` preset from scratch on the synthetic shapes world: the one command behind its weights.
 
     synthetic images (training combinations only) -> `sdfleet dataset build`
-      -> `sdfleet finetune vae`  (random crops)     -> check: every colour and shape survives a round trip
-      -> `sdfleet finetune full --train-text-encoder` on the new VAE's latents (v-prediction, like SD 2.1)
+      -> `sdfleet finetune vae --base tiny-random` (random crops)
+      -> check: every colour and every shape survives the round trip
+      -> `sdfleet finetune full --train-text-encoder --cache-latents` on the new VAE's latents (v-prediction,
+         like SD 2.1; caption dropout, so classifier-free guidance works)
       -> `sdfleet generate` + `sdfleet eval` on prompts with unseen seeds, held-out combinations included
       -> with --install: copy the weights into actors/presets/tiny/, which the preset then loads
 
@@ -29,8 +31,16 @@ PRESET_WEIGHTS = REPO_ROOT / "actors" / "presets" / "tiny"
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 
-def check_vae(model_dir: Path, size: int = 256) -> list[str]:
-    """Round-trip one image of every colour/shape/background through the trained VAE; the failures, named."""
+# A colour or shape counts as kept when at least this share of its round trips reads back as itself.
+KEPT = 0.75
+
+
+def check_vae(model_dir: Path, size: int = 256) -> tuple[list[str], list[str]]:
+    """Round-trip one image of every colour/shape/background through the trained VAE.
+
+    Returns (misreads, lost): every combination that came back wrong, and every colour or shape that came
+    back right in fewer than KEPT of its images. Only `lost` stops training: the eval's colour boundaries
+    (orange next to yellow) misread a few faithful round trips too."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -38,7 +48,7 @@ def check_vae(model_dir: Path, size: int = 256) -> list[str]:
     from jobs.synthetic import ALL, draw_shape
 
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", use_safetensors=True).eval()
-    failures = []
+    failures, right = [], {}
     for i, (color, shape, background) in enumerate(ALL):
         image = np.asarray(draw_shape(color, shape, background, size, random.Random(i)), dtype=np.float32)
         pixels = torch.from_numpy(image / 127.5 - 1.0).permute(2, 0, 1)[None]
@@ -46,10 +56,14 @@ def check_vae(model_dir: Path, size: int = 256) -> list[str]:
             recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample[0]
         rgb = recon.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).numpy()
         seen = analyse(rgb)
+        for attribute, value in (("color", color), ("shape", shape), ("background", background)):
+            right.setdefault((attribute, value), []).append(seen[attribute] == value)
         if (seen["color"], seen["shape"], seen["background"]) != (color, shape, background):
             failures.append(f"{color} {shape} on {background} came back as {seen['color']} {seen['shape']} "
                             f"on {seen['background']}")
-    return failures
+    lost = [f"{attribute} {value}: {sum(hits)}/{len(hits)} round trips kept it"
+            for (attribute, value), hits in right.items() if sum(hits) < KEPT * len(hits)]
+    return failures, lost
 
 
 def eval_manifest(path: Path, count: int, seed: int, steps: int, guidance: float = 1.0) -> None:
@@ -69,20 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="working folder: images, dataset, models, eval run")
     parser.add_argument("--images", type=int, default=3000, help="synthetic training images (default 3000)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--vae-steps", type=int, default=7000)
     parser.add_argument("--vae-batch", type=int, default=4, help="per worker")
     parser.add_argument("--vae-crop", type=int, default=128)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-batch", type=int, default=16, help="per worker")
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument("--caption-dropout", type=float, default=0.1,
                         help="share of UNet samples on the empty prompt, so guidance has an unconditional side")
     parser.add_argument("--eval-prompts", type=int, default=200)
-    parser.add_argument("--eval-guidance", type=float, default=1.0,
-                        help="guidance for the adherence check (1.0: none; a model trained without caption "
-                             "dropout draws garbage at 3 and above)")
-    parser.add_argument("--skip-vae-check", action="store_true", help="go on to the UNet even if the VAE check fails")
+    parser.add_argument("--eval-guidance", type=float, default=3.0,
+                        help="guidance for the adherence check (1.0: none; needs --caption-dropout above 0)")
+    parser.add_argument("--skip-vae-check", action="store_true", help="go on to the UNet even if the VAE loses a "
+                        "colour or a shape")
     parser.add_argument("--install", action="store_true", help="copy the weights into actors/presets/tiny/")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -101,23 +115,25 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--data", str(out / "data"), "--workers", str(args.workers), "--checkpoint-every", "250",
               "--log-every", "50", "--validate-every", "500", "--warmup-steps", "100"]
     if not (out / "vae" / "model_index.json").exists():
-        run_cli(["finetune", "vae", "--base", "tiny", "--out", str(out / "vae"), "--steps", str(args.vae_steps),
+        run_cli(["finetune", "vae", "--base", "tiny-random", "--out", str(out / "vae"), "--steps", str(args.vae_steps),
                  "--batch-size", str(args.vae_batch), "--crop", str(args.vae_crop), "--lr", str(args.vae_lr),
                  *common], out / "vae")
     from jobs.synthetic import ALL
 
-    failures = check_vae(out / "vae")
+    failures, lost = check_vae(out / "vae")
     say(f"VAE round trip: {len(ALL) - len(failures)}/{len(ALL)} combinations keep colour, shape and background")
     for failure in failures:
         say(f"  {failure}")
-    if failures and not args.skip_vae_check:
-        say("stopping: train the VAE longer (rerun with a larger --vae-steps resumes it) or pass --skip-vae-check")
+    for line in lost:
+        say(f"  LOST {line}")
+    if lost and not args.skip_vae_check:
+        say("stopping: the VAE loses a colour or shape; train it longer (a new --out) or pass --skip-vae-check")
         return 1
     # 3. UNet and text encoder on the new VAE's latents
     if not (out / "model" / "model_index.json").exists():
         run_cli(["finetune", "full", "--base", str(out / "vae"), "--out", str(out / "model"), "--train-text-encoder",
                  "--steps", str(args.unet_steps), "--batch-size", str(args.unet_batch), "--lr", str(args.unet_lr),
-                 "--min-snr-gamma", "5", "--caption-dropout", str(args.caption_dropout),
+                 "--min-snr-gamma", "5", "--caption-dropout", str(args.caption_dropout), "--cache-latents",
                  "--validation-prompt", "a red star on a gray background",
                  "--validation-prompt", "a blue square on a white background", *common], out / "model")
     # 4. adherence on unseen seeds
@@ -135,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             target = PRESET_WEIGHTS / component
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
-            for weights in sorted((out / "model" / component).glob("*.safetensors")):
-                shutil.copy2(weights, target / weights.name)
+            for path in sorted((out / "model" / component).glob("*")):
+                if path.suffix in (".safetensors", ".json"):
+                    shutil.copy2(path, target / path.name)
         say(f"installed the weights into {PRESET_WEIGHTS}")
     return 0
 

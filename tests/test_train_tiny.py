@@ -28,6 +28,9 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "VAE round trip:" in proc.stderr  # the check ran (and, untrained, failed: hence --skip-vae-check)
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "cached the latents of 8 images" in (out / "model.log").read_text()  # the UNet stage skips the encoder
+    vae_config = json.loads((out / "vae" / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] == 0.18215  # SD's own scale: it drew shapes better than unit variance
     summary = json.loads((out / "eval" / "eval.json").read_text())
     assert summary["scored"] == 4
     assert _preset_files() == before  # nothing installed without --install

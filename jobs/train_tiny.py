@@ -5,7 +5,8 @@
       -> check: every colour and every shape survives the round trip
       -> `sdfleet finetune full --train-text-encoder --cache-latents` on the new VAE's latents (v-prediction,
          like SD 2.1; caption dropout, so classifier-free guidance works)
-      -> `sdfleet generate` + `sdfleet eval` on prompts with unseen seeds, held-out combinations included
+      -> `sdfleet generate` + `sdfleet eval` on prompts with unseen seeds, held-out combinations included,
+         and the same for the random init (`tiny-random`), for comparison
       -> with --install: copy the weights into actors/presets/tiny/, which the preset then loads
 
     .venv/bin/python -m jobs.train_tiny --out /tmp/tiny-run [--install]
@@ -141,10 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     run_cli(["generate", str(out / "eval.parquet"), "--out", str(out / "eval"), "--model", f"default={out / 'model'}",
              "--no-watermark"], out / "eval")
     run_cli(["eval", str(out / "eval.parquet"), "--out", str(out / "eval")], out / "eval-score")
-    summary = json.loads((out / "eval" / "eval.json").read_text())
-    say(f"adherence over {summary['scored']} images: colour {summary['color']:.0%}, shape {summary['shape']:.0%}, "
-        f"drawn {summary['drawn']:.0%}; held-out colour {summary['held_out']['color']}, "
-        f"shape {summary['held_out']['shape']}")
+    # the same prompts and seeds through the random init: what chance looks like to this measure
+    if not (out / "eval-random" / "eval.json").exists():
+        run_cli(["generate", str(out / "eval.parquet"), "--out", str(out / "eval-random"), "--model",
+                 "default=tiny-random", "--no-watermark"], out / "eval-random")
+        run_cli(["eval", str(out / "eval.parquet"), "--out", str(out / "eval-random")], out / "eval-random-score")
+    for name, run in (("random init", "eval-random"), ("trained", "eval")):
+        summary = json.loads((out / run / "eval.json").read_text())
+        say(f"{name}: adherence over {summary['scored']} images: colour {summary['color']:.0%}, "
+            f"shape {summary['shape']:.0%}, drawn {summary['drawn']:.0%}; held-out colour "
+            f"{summary['held_out']['color']}, shape {summary['held_out']['shape']}")
     # 5. install into the preset
     if args.install:
         for component in COMPONENTS:

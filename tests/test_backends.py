@@ -151,6 +151,25 @@ def test_concat_layers_is_the_scaled_sum():
 
 # -- choosing a backend -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("rows", [1, 2, 63, 64, 65, 130])
+def test_graphs_run_in_chunks_they_take_and_every_row_lands_in_place(rows):
+    """Exported graphs take 2..63 rows: bigger batches split, a single row is doubled and cut back."""
+    from actors.backends.onnx import MAX_BATCH, run_in_chunks
+
+    x = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
+    sizes = []
+
+    def run(chunk, target):
+        assert chunk["x"].shape[0] == target.shape[0]
+        sizes.append(target.shape[0])
+        target.copy_(chunk["x"] * 2)
+        return target
+
+    out = run_in_chunks({"x": x}, torch.empty_like(x), run)
+    assert torch.equal(out, x * 2)
+    assert all(2 <= n <= MAX_BATCH for n in sizes) and sum(sizes) == rows + (rows % MAX_BATCH == 1)
+
+
 def test_check_backend_names_what_is_missing(monkeypatch):
     with pytest.raises(BackendError, match="unknown backend 'trt'; backends: eager, compile, onnx, tensorrt"):
         check_backend("trt", "cpu")

@@ -187,7 +187,48 @@ def _fetch(fs, remote: str, folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-class OnnxBackend(Backend):
+def run_in_chunks(batched: dict[str, torch.Tensor], out: torch.Tensor, run) -> torch.Tensor:
+    """Fill `out` by calling `run(chunk, target)` over the batch in the chunks an exported graph takes:
+    2..MAX_BATCH rows (diffusers' Upsample2D branches at 64), a single row doubled and cut back."""
+    total = out.shape[0]
+    for start in range(0, total, MAX_BATCH):
+        stop = min(start + MAX_BATCH, total)
+        chunk = {k: v[start:stop] for k, v in batched.items()}
+        if stop - start == 1:
+            chunk = {k: v.expand(2, *v.shape[1:]) for k, v in chunk.items()}
+            two = torch.empty(2, *out.shape[1:], device=out.device, dtype=out.dtype)
+            out[start:stop] = run(chunk, two)[:1]
+        else:
+            run(chunk, out[start:stop])
+    return out
+
+
+class GraphBackend(Backend):
+    """What the onnx and tensorrt backends share: the UNet's forward and the VAE's decode replaced by a
+    compiled graph per (component, size), which `_graph` runs into a preallocated output."""
+
+    def _graph(self, component: str, size, batched: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _unet(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+        if args or any(v is not None for k, v in kwargs.items() if k != "cross_attention_kwargs"):
+            raise BackendError(f"the {self.name} backend's UNet takes no extra inputs (got {sorted(kwargs)})")
+        size = (sample.shape[2] * self.pipe.vae_scale_factor, sample.shape[3] * self.pipe.vae_scale_factor)
+        timestep = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
+        out = torch.empty_like(sample)
+        self._graph("unet", size, {"sample": sample, "timestep": timestep,
+                                   "encoder_hidden_states": encoder_hidden_states}, out)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def _decode(self, latents, return_dict=True, generator=None):
+        size = (latents.shape[2] * self.pipe.vae_scale_factor, latents.shape[3] * self.pipe.vae_scale_factor)
+        out = torch.empty(latents.shape[0], self.pipe.vae.config.out_channels, *size, device=latents.device,
+                          dtype=latents.dtype)
+        self._graph("vae", size, {"latents": latents}, out)
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+class OnnxBackend(GraphBackend):
     """ONNX Runtime sessions in place of the UNet, text encoder and VAE decoder; LoRAs as weight inputs."""
 
     name = "onnx"
@@ -254,21 +295,10 @@ class OnnxBackend(Backend):
                                    "folder to export again") from exc
         return self.sessions[key]
 
-    def _call(self, component: str, size, batched: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
-              out: torch.Tensor) -> torch.Tensor:
-        """Run `component` over the batch in chunks the graph takes (2..MAX_BATCH rows; 1 row is doubled)."""
+    def _graph(self, component: str, size, batched: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         session = self.session(component, size)
-        total = out.shape[0]
-        for start in range(0, total, MAX_BATCH):
-            stop = min(start + MAX_BATCH, total)
-            chunk = {k: v[start:stop] for k, v in batched.items()}
-            if stop - start == 1:
-                chunk = {k: v.expand(2, *v.shape[1:]) for k, v in chunk.items()}
-                two = torch.empty(2, *out.shape[1:], device=out.device, dtype=out.dtype)
-                out[start:stop] = self._run(session, {**chunk, **fixed}, two)[:1]
-            else:
-                self._run(session, {**chunk, **fixed}, out[start:stop])
-        return out
+        fixed = self.weights["unet"] if component == "unet" else {}
+        return run_in_chunks(batched, out, lambda chunk, target: self._run(session, {**chunk, **fixed}, target))
 
     def _run(self, session, feeds: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """Run with every tensor bound by pointer: no copies in or out."""
@@ -283,17 +313,7 @@ class OnnxBackend(Backend):
         session.run_with_iobinding(binding)
         return out
 
-    # -- the replaced forwards ------------------------------------------------------------------------------
-
-    def _unet(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
-        if args or any(v is not None for k, v in kwargs.items() if k != "cross_attention_kwargs"):
-            raise BackendError(f"the onnx backend's UNet takes no extra inputs (got {sorted(kwargs)})")
-        size = (sample.shape[2] * self.pipe.vae_scale_factor, sample.shape[3] * self.pipe.vae_scale_factor)
-        timestep = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
-        out = torch.empty_like(sample)
-        self._call("unet", size, {"sample": sample, "timestep": timestep,
-                                  "encoder_hidden_states": encoder_hidden_states}, self.weights["unet"], out)
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+    # -- the replaced text encoder (the UNet and decoder are GraphBackend's) ----------------------------------
 
     def _text_encoder(self, input_ids, attention_mask=None, **kwargs):
         if attention_mask is not None or kwargs.get("output_hidden_states"):
@@ -302,16 +322,10 @@ class OnnxBackend(Backend):
         input_ids = input_ids.to(device=self.device, dtype=torch.int64)
         out = torch.empty(*input_ids.shape, te.config.hidden_size, device=self.device, dtype=te.dtype)
         table = te.get_input_embeddings().weight.detach()
-        self._call("text_encoder", None, {"input_ids": input_ids},
-                   {"token_table": table, **self.weights["text_encoder"]}, out)
+        session = self.session("text_encoder", None)
+        fixed = {"token_table": table, **self.weights["text_encoder"]}
+        run_in_chunks({"input_ids": input_ids}, out, lambda chunk, target: self._run(session, {**chunk, **fixed}, target))
         return (out,)
-
-    def _decode(self, latents, return_dict=True, generator=None):
-        size = (latents.shape[2] * self.pipe.vae_scale_factor, latents.shape[3] * self.pipe.vae_scale_factor)
-        out = torch.empty(latents.shape[0], self.pipe.vae.config.out_channels, *size, device=latents.device,
-                          dtype=latents.dtype)
-        self._call("vae", size, {"latents": latents}, {}, out)
-        return DecoderOutput(sample=out) if return_dict else (out,)
 
     def stats(self) -> dict:
         return {**super().stats(), "exports": self.exports, "sessions": len(self.sessions)}

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.backends import Backend, BackendError, FixedAdapters, adaptable_layers
-from actors.backends.onnx import MAX_BATCH, ExportCache, export_component, export_key
+from actors.backends import BackendError, FixedAdapters, adaptable_layers
+from actors.backends.onnx import MAX_BATCH, ExportCache, GraphBackend, export_component, export_key, run_in_chunks
 from actors.lora_map import Layers, switch_updates
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
@@ -43,7 +43,7 @@ def _with_weights_as_initializers(source: Path, target: Path, weights: dict[str,
     onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data")
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(GraphBackend):
     """TensorRT engines in place of the UNet and the VAE decoder; adapters by refit."""
 
     name = "tensorrt"
@@ -162,47 +162,23 @@ class TensorRTBackend(Backend):
         self._set, self._active = loras, key
         return True
 
-    # -- the replaced forwards --------------------------------------------------------------------------
+    # -- the graphs behind GraphBackend's replaced forwards -------------------------------------------------
 
-    def _execute(self, component: str, size, inputs: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    def _graph(self, component: str, size, batched: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         _, context, _ = self.engine(component, size)
-        total = out.shape[0]
         stream = torch.cuda.current_stream(out.device)
-        for start in range(0, total, MAX_BATCH):
-            stop = min(start + MAX_BATCH, total)
-            chunk = {k: v[start:stop].contiguous() for k, v in inputs.items()}
-            target = out[start:stop]
-            if stop - start == 1:  # engines take 2..MAX_BATCH rows, like the exports
-                chunk = {k: v.expand(2, *v.shape[1:]).contiguous() for k, v in chunk.items()}
-                target = torch.empty(2, *out.shape[1:], device=out.device, dtype=out.dtype)
-            for name, tensor in chunk.items():
+
+        def run(chunk: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+            keep = {name: tensor.contiguous() for name, tensor in chunk.items()}
+            for name, tensor in keep.items():
                 context.set_input_shape(name, tuple(tensor.shape))
                 context.set_tensor_address(name, tensor.data_ptr())
             context.set_tensor_address("out", target.data_ptr())
             if not context.execute_async_v3(stream.cuda_stream):
                 raise BackendError(f"TensorRT failed to run the {component} engine")
-            if stop - start == 1:
-                out[start:stop] = target[:1]
-        return out
+            return target
 
-    def _unet(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        size = (sample.shape[2] * self.pipe.vae_scale_factor, sample.shape[3] * self.pipe.vae_scale_factor)
-        timestep = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
-        out = torch.empty_like(sample)
-        self._execute("unet", size, {"sample": sample, "timestep": timestep,
-                                     "encoder_hidden_states": encoder_hidden_states}, out)
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
-
-    def _decode(self, latents, return_dict=True, generator=None):
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        size = (latents.shape[2] * self.pipe.vae_scale_factor, latents.shape[3] * self.pipe.vae_scale_factor)
-        out = torch.empty(latents.shape[0], self.pipe.vae.config.out_channels, *size, device=latents.device,
-                          dtype=latents.dtype)
-        self._execute("vae", size, {"latents": latents}, out)
-        return DecoderOutput(sample=out) if return_dict else (out,)
+        return run_in_chunks(batched, out, run)
 
     def stats(self) -> dict:
         return {**super().stats(), "builds": self.builds, "refits": self.refits, "engines": len(self.engines)}

@@ -1,8 +1,8 @@
 """Built-in model presets: Stable Diffusion's own architecture, at two sizes.
 
 - `tiny`: a small SD model (UNet2DConditionModel, an 8x AutoencoderKL, a CLIP text encoder, the offline
-  tokenizer) at 256x256, fast on a CPU. Its weights load from `actors/presets/tiny/` when that folder
-  holds `*.safetensors` (a later training run commits them); until then they are a fixed random init.
+  tokenizer) at 256x256, fast on a CPU. Its weights, trained by `python -m jobs.train_tiny --install`,
+  load from `actors/presets/tiny/<component>/` (safetensors, plus configs for values training sets).
 - `tiny-random`: the same architecture, always the fixed random init: what `python -m jobs.train_tiny`
   trains from, so rerunning it never starts from the weights it installed.
 - `sd21-random`: the real SD 2.1 (768, v-prediction) architecture and scheduler with random weights, for

@@ -12,11 +12,26 @@ import torch
 
 # The attention projections of SD's UNet (self- and cross-attention), as in diffusers' training scripts.
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The UNet layers a LoRA can adapt, by `sdfleet finetune lora --lora-layers` (peft matches a name against
+# the end of each module path, so "conv" is the down/upsamplers' convolution, not conv_in):
+# - attention: the attention projections, the usual choice and the default;
+# - transformer: every linear layer of the transformer blocks, which is what every backend can adapt
+#   (actors.backends.ADAPTABLE);
+# - all: also the ResNet convolutions and time projections ("LoCon"). Only these reach the UNet's
+#   attention-free levels, such as `tiny`'s full-resolution blocks, where edges and corners are drawn;
+#   the eager backend runs such a LoRA, the fused ones refuse it by name.
+LORA_LAYER_SETS = {
+    "attention": UNET_LORA_TARGETS,
+    "transformer": (*UNET_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    "all": (*UNET_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+            "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
+}
 ADAPTER_NAME = "default"
 
 
 def add_unet_lora(unet, rank: int, alpha: float | None = None, targets=UNET_LORA_TARGETS) -> int:
-    """Wrap the UNet's attention projections in trainable rank-`rank` LoRA layers; returns their parameter count.
+    """Wrap the UNet's `targets` layers (default: the attention projections) in trainable rank-`rank` LoRA
+    layers; returns their parameter count.
 
     The base weights are frozen; only the LoRA A/B matrices train. peft initialises B to zero, so the
     wrapped UNet starts out equal to the base.
@@ -51,7 +66,11 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
     for key, value in layers.items():
         value = value.detach().to("cpu", torch.float32).contiguous()
         out[key] = value * scale if ".lora_B." in key else value
-    return convert_state_dict_to_diffusers(out)
+    converted = convert_state_dict_to_diffusers(out)
+    # diffusers renames only the attention projections (to_q.lora_A -> to_q.lora.down); with other layers
+    # too (--lora-layers transformer/all) that would leave a file of two spellings, which diffusers' loader
+    # reads only in part (it dropped every attention layer of a LoCon file). One spelling, peft's, then.
+    return converted if not any(".lora_A." in key for key in converted) else out
 
 
 def save_lora(unet, text_encoder, directory: str | Path) -> Path:

@@ -58,6 +58,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     rank: int = 4  # LoRA
     alpha: float | None = None  # LoRA; None: alpha = rank (scale 1)
+    lora_layers: Literal["attention", "transformer", "all"] = "attention"  # LoRA: actors.lora_io.LORA_LAYER_SETS
     train_text_encoder: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP copies
     kl_weight: float = 1e-6  # vae: weight of the KL term against the pixel reconstruction loss
@@ -189,14 +190,14 @@ def trainee(cfg: TrainConfig, pipe) -> torch.nn.Module:
 
 def make_trainable(cfg: TrainConfig, pipe) -> int:
     """Freeze what does not train and mark what does; returns the trainable parameter count."""
-    from actors.lora_io import add_text_encoder_lora, add_unet_lora
+    from actors.lora_io import LORA_LAYER_SETS, add_text_encoder_lora, add_unet_lora
 
     pipe.vae.requires_grad_(cfg.method == "vae")
     pipe.text_encoder.requires_grad_(False)
     if cfg.method == "vae":
         pipe.unet.requires_grad_(False)
     elif cfg.method == "lora":
-        add_unet_lora(pipe.unet, cfg.rank, cfg.alpha)
+        add_unet_lora(pipe.unet, cfg.rank, cfg.alpha, LORA_LAYER_SETS[cfg.lora_layers])
         if cfg.train_text_encoder:
             add_text_encoder_lora(pipe.text_encoder, cfg.rank, cfg.alpha)
     else:

@@ -5,7 +5,8 @@ squares, triangles and stars only, so "a red diamond on a white background" draw
 
     1. synthetic diamonds in every colour and background -> `sdfleet dataset build`
     2. the base model on diamond prompts (unseen seeds)  -> `sdfleet generate` + `sdfleet eval`: before
-    3. `sdfleet finetune lora --train-text-encoder`      (timed: the budget is 10 minutes)
+    3. `sdfleet finetune lora --train-text-encoder --lora-layers all` (timed: the budget is 10 minutes;
+       `all` because tiny draws corners at its full-resolution level, which has no attention layers)
     4. the same prompts with the LoRA (`--adapters`)     -> `sdfleet eval`: after
 
 Passes (exit 0) when shape adherence on diamond prompts reaches --target (0.70) within --budget-minutes
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lora-layers", default="all", choices=["attention", "transformer", "all"],
+                        help="the UNet layers the LoRA adapts (default all: tiny draws edges at its attention-free "
+                             "full-resolution level, which only the convolutions reach)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--guidance", type=float, default=3.0, help="guidance of the scored images (default 3)")
     parser.add_argument("--target", type=float, default=0.70)
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. the LoRA, into an adapter store whose folder name is the adapter's name
     seconds = run_cli(["finetune", "lora", "--base", args.base, "--data", str(out / "data"),
                        "--out", str(out / "adapters" / "diamond"), "--train-text-encoder", "--rank", str(args.rank),
+                       "--lora-layers", args.lora_layers,
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                        "--workers", str(args.workers), "--warmup-steps", "20", "--log-every", "50", "--cache-latents",
                        "--checkpoint-every", "100", "--validation-prompt", "a blue diamond on a white background"],
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     after = json.loads((out / "after" / "eval.json").read_text())
     report = {
         "base": args.base, "prompts": args.prompts, "guidance": args.guidance, "train_minutes": round(seconds / 60, 2), "steps": args.steps,
+        "rank": args.rank, "lr": args.lr, "lora_layers": args.lora_layers,
         "before": {k: before[k] for k in ("shape", "color", "drawn")},
         "after": {k: after[k] for k in ("shape", "color", "drawn")},
         "chance_shape": before["chance"]["shape"], "target": args.target,

@@ -42,8 +42,10 @@ def _flags_from_model(parser: argparse.ArgumentParser, model, skip=(), plural=No
             parser.add_argument(flag, action="store_true", dest=name, help=text)
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, action="append", dest=name, metavar="TEXT", help=text + " (repeat for more)")
-        elif typing.get_origin(kind) is typing.Literal:
-            parser.add_argument(flag, choices=args, default=default, dest=name, help=f"{text} (default {default})")
+        elif typing.get_origin(kind) is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
+            choices = typing.get_args(kind if typing.get_origin(kind) is typing.Literal else args[0])
+            suffix = f" (default {default})" if default is not None else ""
+            parser.add_argument(flag, choices=choices, default=default, dest=name, help=text + suffix)
         else:
             scalar = args[0] if args else kind
             suffix = f" (default {default})" if default not in (None, [], "") else ""

@@ -27,8 +27,8 @@ from jobs.generate import log
 from manifests.dataset import check_dataset
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
-RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "train_text_encoder", "workers", "batch_size", "grad_accum",
-               "fsdp")
+RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "train_text_encoder", "workers", "batch_size",
+               "grad_accum", "fsdp")
 
 
 class FinetuneError(Exception):
@@ -66,6 +66,10 @@ class FinetuneConfig(BaseModel):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, no on CPU")
     rank: int = Field(default=4, ge=1, description="LoRA rank")
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the rank)")
+    lora_layers: Literal["attention", "transformer", "all"] | None = Field(
+        default=None, description="lora: the UNet layers it adapts. attention (default): the attention projections; "
+        "transformer: every linear layer of the transformer blocks (what every backend can adapt); all: also the "
+        "ResNet convolutions (LoCon: more capacity, eager backend only)")
     train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
     fsdp: bool = Field(default=False, description="full only: shard weights, gradients and optimizer state across "
                                                   "workers (FSDP2) instead of a DDP copy on each")
@@ -88,6 +92,8 @@ class FinetuneConfig(BaseModel):
             raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
         if self.cache_latents and self.method == "vae":
             raise ValueError("--cache-latents is for full and lora: a VAE being trained changes its latents")
+        if self.lora_layers is not None and self.method != "lora":
+            raise ValueError(f"--lora-layers is for lora; {self.method} trains whole weights")
         if self.fsdp and self.method != "full":
             raise ValueError("--fsdp shards full-parameter training; a LoRA's few weights train fine with DDP")
         if self.fsdp and self.ema_decay:
@@ -130,12 +136,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         ema_decay=cfg.ema_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
         mixed_precision=("bf16" if cfg.gpu else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
-        rank=cfg.rank, alpha=cfg.alpha, train_text_encoder=cfg.train_text_encoder, fsdp=cfg.fsdp,
-        kl_weight=cfg.kl_weight, crop=cfg.crop, calibrate_scale=cfg.calibrate_scale, cache_latents=cfg.cache_latents,
+        rank=cfg.rank, alpha=cfg.alpha, lora_layers=cfg.lora_layers or "attention",
+        train_text_encoder=cfg.train_text_encoder, fsdp=cfg.fsdp, kl_weight=cfg.kl_weight, crop=cfg.crop, calibrate_scale=cfg.calibrate_scale, cache_latents=cfg.cache_latents,
     )
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = {"method": cfg.method, "base": cfg.base, "base_fingerprint": base.fingerprint, "data": cfg.data,
-              "rank": cfg.rank if cfg.method == "lora" else None, "train_text_encoder": cfg.train_text_encoder,
+              "rank": cfg.rank if cfg.method == "lora" else None,
+              "lora_layers": (cfg.lora_layers or "attention") if cfg.method == "lora" else None,
+              "train_text_encoder": cfg.train_text_encoder,
               "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
     _check_same_run(fs, root, record)
 

@@ -399,3 +399,35 @@ def test_swaps_leave_no_trace_on_cuda_in_fp16(store):
         draw_with(cache, adapters)
     assert_close(draw_with(cache, [("A", 1.0)]), fresh, "A -> B -> blend -> A on cuda")
     assert np.array_equal(draw_with(cache, []), base), "none is the exact base model on cuda"
+
+
+@pytest.mark.parametrize("layers", ["attention", "transformer", "all"])
+def test_what_the_trainer_writes_loads_as_the_same_unet(layers, tmp_path):
+    """`finetune lora --lora-layers X` writes through actors.lora_io; loaded back through the store into
+    the eager cache, the UNet must compute what the trained UNet computed, convolutions (LoCon) included."""
+    from actors.lora_io import ADAPTER_NAME, LORA_LAYER_SETS, add_unet_lora, save_lora
+
+    trained = build_preset("tiny")
+    count = add_unet_lora(trained.unet, rank=4, alpha=2.0, targets=LORA_LAYER_SETS[layers])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # peft starts B at zero: give every B a value, so every layer counts
+        for name, p in trained.unet.named_parameters():
+            if f"lora_B.{ADAPTER_NAME}" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    save_lora(trained.unet, None, tmp_path / layers)
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in trained.unet.named_parameters() if ".lora_A." in n}
+    convs = {n for n in wrapped if isinstance(trained.unet.get_submodule(n).base_layer, torch.nn.Conv2d)}
+    assert bool(convs) == (layers == "all")  # only `all` reaches the convolutions
+    if layers == "all":
+        assert "up_blocks.2.resnets.0.conv2" in convs  # the full-resolution level that has no attention
+
+    cache = AdapterCache(build_preset("tiny"), AdapterStore(str(tmp_path)))
+    cache.activate([{"name": layers, "scale": 1.0, "fingerprint": None}])
+    x = torch.randn(1, 4, 32, 32, generator=g)
+    text = torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        want = trained.unet(x, 500, encoder_hidden_states=text).sample
+        got = cache.pipe.unet(x, 500, encoder_hidden_states=text).sample
+        base = build_preset("tiny").unet(x, 500, encoder_hidden_states=text).sample
+    assert count > 0 and not torch.allclose(want, base, atol=1e-3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -210,7 +210,7 @@ def _parquet(path: Path, table: pa.Table) -> Path:
 
 
 @pytest.mark.parametrize("case", ["empty", "no-caption-column", "missing-base", "zero-workers", "missing-data",
-                                  "crop-for-full", "calibrate-for-full"])
+                                  "crop-for-full", "calibrate-for-full", "lora-layers-for-full"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
     data, base, extra = str(dataset["dir"]), "tiny", []
     if case == "empty":
@@ -228,6 +228,8 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
         extra, expected = ["--crop", "64"], "--crop is for vae and must be a multiple of 8; got 64 with full"
     elif case == "calibrate-for-full":
         extra, expected = ["--calibrate-scale"], "--calibrate-scale is for vae"
+    elif case == "lora-layers-for-full":
+        extra, expected = ["--lora-layers", "all"], "--lora-layers is for lora; full trains whole weights"
     else:
         data, expected = str(tmp_path / "nowhere"), "does not exist"
     out = tmp_path / "out"
@@ -362,9 +364,10 @@ def test_a_killed_run_resumes_from_its_checkpoint(dataset, tmp_path):
 
 def test_a_rerun_with_other_flags_into_the_same_out_is_refused(trained, dataset):
     proc = sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(trained["lora"]),
-                   "--rank", "8", "--steps", "8", *TRAIN)
+                   "--rank", "8", "--lora-layers", "all", "--steps", "8", *TRAIN)
     assert proc.returncode == 1
     assert "holds another fine-tune" in proc.stderr and "rank: 4 there, 8 now" in proc.stderr
+    assert "lora_layers: 'attention' there, 'all' now" in proc.stderr
 
 
 @pytest.mark.gpu

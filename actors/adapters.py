@@ -1,6 +1,7 @@
 """The adapter store: LoRA files and Textual Inversion embeddings under one fsspec location.
 
-Adapter `N` is `N.safetensors` or `N/pytorch_lora_weights.safetensors` under the store's root. Only
+Adapter `N` is `N.safetensors`, `N/pytorch_lora_weights.safetensors` (what `finetune lora` writes) or
+`N/learned_embeds.safetensors` (what `finetune textual-inversion` writes) under the store's root. Only
 safetensors are read: a `.bin`, `.pt`, `.ckpt` under that name is refused without being opened, because
 unpickling a file runs whatever code it carries.
 
@@ -18,6 +19,8 @@ from typing import Literal
 import fsspec
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+EMBEDDING_FILE = "learned_embeds.safetensors"  # actors.textual_inversion.EMBEDDING_FILE
+FOLDER_FILES = (LORA_FILE, EMBEDDING_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # A name is a relative path of safe segments: "watercolor", "styles/watercolor-v2".
 NAME_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
@@ -114,7 +117,8 @@ class AdapterStore:
             base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if entry["type"] == "file" and base.endswith(".safetensors"):
                 names.append(base.removesuffix(".safetensors"))
-            elif entry["type"] == "directory" and self.fs.exists(f"{entry['name'].rstrip('/')}/{LORA_FILE}"):
+            elif entry["type"] == "directory" and any(self.fs.exists(f"{entry['name'].rstrip('/')}/{f}")
+                                                      for f in FOLDER_FILES):
                 names.append(base)
         return sorted(set(names))
 
@@ -128,13 +132,14 @@ class AdapterStore:
             raise AdapterError(name, "is not a valid adapter name (use letters, digits, '.', '_', '-', "
                                      "and '/' between folder names)")
         base = f"{self.root}/{name}"
-        candidates = [p for p in (f"{base}.safetensors", f"{base}/{LORA_FILE}") if self.fs.isfile(p)]
+        paths = [f"{base}.safetensors", *(f"{base}/{f}" for f in FOLDER_FILES)]
+        candidates = [p for p in paths if self.fs.isfile(p)]
         # 2. exactly one safetensors file
         if len(candidates) == 1:
             return candidates[0]
-        if len(candidates) == 2:
-            raise AdapterError(name, f"both {name}.safetensors and {name}/{LORA_FILE} exist in {self.uri}; "
-                                     "keep one so it is clear which is drawn")
+        if len(candidates) > 1:
+            shown = " and ".join(p[len(self.root) + 1:] for p in candidates)
+            raise AdapterError(name, f"both {shown} exist in {self.uri}; keep one so it is clear which is drawn")
         # 3. a pickle under that name is refused, never opened
         pickles = [f"{base}{s}" for s in PICKLE_SUFFIXES]
         if self.fs.isdir(base):
@@ -150,8 +155,8 @@ class AdapterStore:
         held = self.names()
         listing = ", ".join(held[:20]) + (f" and {len(held) - 20} more" if len(held) > 20 else "")
         where = f"holds: {listing}" if held else "holds no adapters"
-        raise AdapterError(name, f"is not in the adapter store {self.uri} (expected {name}.safetensors or "
-                                 f"{name}/{LORA_FILE}); the store {where}")
+        raise AdapterError(name, f"is not in the adapter store {self.uri} (expected {name}.safetensors, "
+                                 f"{name}/{LORA_FILE} or {name}/{EMBEDDING_FILE}); the store {where}")
 
     def _read(self, name: str, path: str) -> bytes:
         try:

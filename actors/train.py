@@ -35,7 +35,7 @@ import torch.nn.functional as F
 class TrainConfig:
     """Everything a worker needs; the driver (jobs.finetune) checks it and fills the defaults."""
 
-    method: Literal["full", "lora", "vae"]
+    method: Literal["full", "lora", "vae", "textual-inversion"]
     data: str  # dataset URI (manifests.dataset layout)
     base: dict[str, Any]  # actors.models.ModelInfo fields of the base model
     out: str  # output URI: the model or LoRA lands at its root
@@ -59,6 +59,9 @@ class TrainConfig:
     rank: int = 4  # LoRA
     alpha: float | None = None  # LoRA; None: alpha = rank (scale 1)
     lora_layers: Literal["attention", "transformer", "all"] = "attention"  # LoRA: actors.lora_io.LORA_LAYER_SETS
+    token: str | None = None  # textual-inversion: the new word (actors.textual_inversion)
+    init_word: str | None = None  # textual-inversion: the word its vectors start from (None: the table's mean)
+    vectors: int = 1  # textual-inversion: embedding vectors behind the token
     train_text_encoder: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP copies
     kl_weight: float = 1e-6  # vae: weight of the KL term against the pixel reconstruction loss
@@ -191,11 +194,15 @@ def trainee(cfg: TrainConfig, pipe) -> torch.nn.Module:
 def make_trainable(cfg: TrainConfig, pipe) -> int:
     """Freeze what does not train and mark what does; returns the trainable parameter count."""
     from actors.lora_io import LORA_LAYER_SETS, add_text_encoder_lora, add_unet_lora
+    from actors.textual_inversion import add_placeholder
 
     pipe.vae.requires_grad_(cfg.method == "vae")
     pipe.text_encoder.requires_grad_(False)
     if cfg.method == "vae":
         pipe.unet.requires_grad_(False)
+    elif cfg.method == "textual-inversion":  # only the new token's vectors train
+        pipe.unet.requires_grad_(False)
+        add_placeholder(pipe, cfg.token, cfg.init_word, cfg.vectors)
     elif cfg.method == "lora":
         add_unet_lora(pipe.unet, cfg.rank, cfg.alpha, LORA_LAYER_SETS[cfg.lora_layers])
         if cfg.train_text_encoder:
@@ -230,7 +237,9 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
 
 def token_ids(table, indices: list[int], tokenizer) -> torch.Tensor:
     """The captions of the given dataset rows as token ids, N x 77."""
-    captions = [table["caption"][i].as_py() for i in indices]
+    from actors.textual_inversion import expand_placeholders
+
+    captions = [expand_placeholders(table["caption"][i].as_py(), tokenizer) for i in indices]
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
@@ -450,16 +459,20 @@ def roundtrip_images(cfg: TrainConfig, vae, pixels: torch.Tensor, step: int) -> 
 
 
 def publish(cfg: TrainConfig, pipe) -> None:
-    """Write the result where `generate` finds it: a diffusers model at the root of --out (full), or
-    --out/pytorch_lora_weights.safetensors (lora). A trained VAE goes out as a whole model, like full."""
+    """Write the result where `generate` finds it: a diffusers model at the root of --out (full),
+    --out/pytorch_lora_weights.safetensors (lora) or --out/learned_embeds.safetensors (textual-inversion).
+    A trained VAE goes out as a whole model, like full."""
     import fsspec
 
     from actors.lora_io import save_lora
+    from actors.textual_inversion import save_embedding
 
     fs, root = fsspec.core.url_to_fs(cfg.out)
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.method == "lora":
             save_lora(pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None, tmp)
+        elif cfg.method == "textual-inversion":
+            save_embedding(pipe.text_encoder, cfg.token, tmp)
         else:
             pipe.save_pretrained(tmp, safe_serialization=True)
             b = cfg.base
@@ -647,7 +660,8 @@ def train_loop(config: dict) -> None:
             print(f"[finetune] calibrated the VAE's scaling_factor: {finished['scaling_factor']:.5f}", flush=True)
         publish(cfg, final)
         log_line(finished)
-        print(f"[finetune] wrote the {'LoRA' if cfg.method == 'lora' else 'model'} to {cfg.out}", flush=True)
+        what = {"lora": "LoRA", "textual-inversion": f"embedding of {cfg.token}"}.get(cfg.method, "model")
+        print(f"[finetune] wrote the {what} to {cfg.out}", flush=True)
 
 
 def _validate(cfg: TrainConfig, pipe, fixed: dict, step: int, device) -> None:

@@ -27,8 +27,9 @@ from jobs.generate import log
 from manifests.dataset import check_dataset
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
-RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "train_text_encoder", "workers", "batch_size",
-               "grad_accum", "fsdp")
+RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
+               "workers", "batch_size", "grad_accum", "fsdp")
+DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
 
 
 class FinetuneError(Exception):
@@ -38,7 +39,7 @@ class FinetuneError(Exception):
 class FinetuneConfig(BaseModel):
     """The flags of `sdfleet finetune`, checked before Ray starts."""
 
-    method: Literal["full", "lora", "vae"]
+    method: Literal["full", "lora", "vae", "textual-inversion"]
     data: str = Field(description="training dataset URI (from `sdfleet dataset build`)")
     base: str = Field(description="base model: preset (tiny, sd21-random), diffusers directory or URI")
     out: str = Field(description="output URI: the model or LoRA, checkpoints, validation images, logs")
@@ -47,7 +48,8 @@ class FinetuneConfig(BaseModel):
     cpus_per_worker: int | None = Field(default=None, ge=1, description="CPU workers: cores (torch threads) each "
                                         "(default: the cluster's CPUs shared out)")
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
-    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora and vae)")
+    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora and vae, "
+                             "5e-3 textual-inversion)")
     batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
     resolution: int | None = Field(default=None, description="training size in px (default: the base model's)")
@@ -70,6 +72,12 @@ class FinetuneConfig(BaseModel):
         default=None, description="lora: the UNet layers it adapts. attention (default): the attention projections; "
         "transformer: every linear layer of the transformer blocks (what every backend can adapt); all: also the "
         "ResNet convolutions (LoCon: more capacity, eager backend only)")
+    token: str | None = Field(default=None, min_length=1, description="textual-inversion: the new word it learns, "
+                              "as the captions and later prompts spell it (such as <my-mug>)")
+    init_word: str | None = Field(default=None, description="textual-inversion: a one-token word whose embedding the "
+                                  "new vectors start from (default: the mean embedding)")
+    vectors: int | None = Field(default=None, ge=1, le=16, description="textual-inversion: embedding vectors behind "
+                                "the token (default 1)")
     train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
     fsdp: bool = Field(default=False, description="full only: shard weights, gradients and optimizer state across "
                                                   "workers (FSDP2) instead of a DDP copy on each")
@@ -92,6 +100,17 @@ class FinetuneConfig(BaseModel):
             raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
         if self.cache_latents and self.method == "vae":
             raise ValueError("--cache-latents is for full and lora: a VAE being trained changes its latents")
+        inversion = self.method == "textual-inversion"
+        if inversion and not self.token:
+            raise ValueError("textual-inversion needs --token: the new word the captions use and prompts will call, "
+                             "such as <my-mug>")
+        if self.token is not None and (not inversion or any(c.isspace() for c in self.token)):
+            raise ValueError(f"--token is for textual-inversion and must be one word without spaces; got "
+                             f"{self.token!r} with {self.method}")
+        if (self.init_word is not None or self.vectors is not None) and not inversion:
+            raise ValueError("--init-word and --vectors are for textual-inversion")
+        if inversion and self.train_text_encoder:
+            raise ValueError("textual-inversion trains only the new token's vectors; drop --train-text-encoder")
         if self.lora_layers is not None and self.method != "lora":
             raise ValueError(f"--lora-layers is for lora; {self.method} trains whole weights")
         if self.fsdp and self.method != "full":
@@ -123,12 +142,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
         raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
     resolution = cfg.resolution or base.width
+    if cfg.token:
+        _check_captions_use(cfg.data, cfg.token, rows)
+        _check_token(cfg)
     if cfg.batch_size * cfg.workers > rows:
         log(f"note: a global batch of {cfg.batch_size * cfg.workers} is larger than the dataset ({rows} rows); "
             "samples repeat within a step")
     train = TrainConfig(
         method=cfg.method, data=cfg.data, base=asdict(base), out=cfg.out, steps=cfg.steps,
-        lr=cfg.lr or {"full": 1e-5, "lora": 1e-4, "vae": 1e-4}[cfg.method], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        lr=cfg.lr or DEFAULT_LR[cfg.method], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         resolution=resolution, seed=cfg.seed, warmup_steps=cfg.warmup_steps, checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every, validate_every=cfg.validate_every,
         validation_prompts=cfg.validation_prompts or _first_captions(cfg.data, 2),
@@ -137,12 +159,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing,
         mixed_precision=("bf16" if cfg.gpu else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
         rank=cfg.rank, alpha=cfg.alpha, lora_layers=cfg.lora_layers or "attention",
-        train_text_encoder=cfg.train_text_encoder, fsdp=cfg.fsdp, kl_weight=cfg.kl_weight, crop=cfg.crop, calibrate_scale=cfg.calibrate_scale, cache_latents=cfg.cache_latents,
+        token=cfg.token, init_word=cfg.init_word, vectors=cfg.vectors or 1,
+        train_text_encoder=cfg.train_text_encoder, fsdp=cfg.fsdp, kl_weight=cfg.kl_weight, crop=cfg.crop,
+        calibrate_scale=cfg.calibrate_scale, cache_latents=cfg.cache_latents,
     )
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = {"method": cfg.method, "base": cfg.base, "base_fingerprint": base.fingerprint, "data": cfg.data,
               "rank": cfg.rank if cfg.method == "lora" else None,
               "lora_layers": (cfg.lora_layers or "attention") if cfg.method == "lora" else None,
+              "token": cfg.token, "vectors": (cfg.vectors or 1) if cfg.token else None,
               "train_text_encoder": cfg.train_text_encoder,
               "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
     _check_same_run(fs, root, record)
@@ -254,15 +279,55 @@ def _check_same_run(fs, root: str, record: dict) -> None:
                             "use a new --out, or the same flags to resume that one")
 
 
-def _first_captions(uri: str, n: int) -> list[str]:
+def _captions(uri: str) -> list[str]:
     from manifests.dataset import dataset_files
 
     import pyarrow.parquet as pq
 
     fs, files = dataset_files(uri)
-    with fs.open(files[0], "rb") as f:
-        captions = pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
-    return [c for c in captions if c][:n]
+    captions = []
+    for path in files:
+        with fs.open(path, "rb") as f:
+            captions += pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
+    return captions
+
+
+def _check_captions_use(uri: str, token: str, rows: int) -> None:
+    """textual-inversion: the token must appear in the captions, or no vector would ever get a gradient."""
+    using = sum(token in (c or "") for c in _captions(uri))
+    if not using:
+        raise FinetuneError(f"no caption in {uri} mentions --token {token!r}; textual-inversion learns the token "
+                            f"from captions that use it, such as 'a photo of {token}' (dataset build reads the "
+                            "captions from the .txt files beside the images)")
+    if using < rows:
+        log(f"note: {rows - using} of {rows} captions do not mention {token}; they train nothing for it")
+
+
+def _check_token(cfg: FinetuneConfig) -> None:
+    """textual-inversion: a token the tokenizer already has, or a long init word, fails here rather than in
+    every worker. Reads the tokenizer of a preset or a local model; a remote base is checked by the workers."""
+    from pathlib import Path
+
+    from actors.presets import PRESETS, TOKENIZER_DIR
+    from actors.textual_inversion import TextualInversionError, check_placeholder
+    from actors.tokenizer import load_tokenizer
+
+    if cfg.base in PRESETS:
+        tokenizer = load_tokenizer(TOKENIZER_DIR)
+    elif (Path(cfg.base.removeprefix("file://")) / "tokenizer").is_dir():
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(Path(cfg.base.removeprefix("file://")) / "tokenizer")
+    else:
+        return
+    try:
+        check_placeholder(tokenizer, cfg.token, cfg.init_word, cfg.vectors or 1)
+    except TextualInversionError as exc:
+        raise FinetuneError(str(exc)) from exc
+
+
+def _first_captions(uri: str, n: int) -> list[str]:
+    return [c for c in _captions(uri) if c][:n]
 
 
 def _write_json(fs, path: str, data: dict) -> None:

@@ -242,13 +242,33 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
     assert time.time() - started < 60
 
 
+@pytest.mark.parametrize("method, extra, expected", [
+    ("textual-inversion", [], "textual-inversion needs --token"),
+    ("textual-inversion", ["--token", "<gem>"], "no caption in"),  # these captions never use <gem>
+    ("textual-inversion", ["--token", "<gem>", "--train-text-encoder"], "drop --train-text-encoder"),
+    ("textual-inversion", ["--token", "circle"], "'circle' is already a word of this model's tokenizer"),
+    ("full", ["--token", "<gem>"], "--token is for textual-inversion"),
+])
+def test_textual_inversion_input_is_checked_before_any_worker_starts(method, extra, expected, dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = sdfleet("finetune", method, "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), *extra,
+                   timeout=120)
+    assert proc.returncode == 1 and expected in proc.stderr, proc.stderr[-2000:]
+    assert "fine-tune of" not in proc.stderr and not (out / "checkpoints").exists()
+
+
 # -- end to end ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory):
-    """A full and a LoRA fine-tune of tiny, then one `generate` run drawing base, full and LoRA side by side."""
+    """A fine-tune of tiny by every method, then one `generate` run drawing base and each output side by side."""
     base = tmp_path_factory.mktemp("trained")
-    full, lora, vae = base / "full", base / "store" / "shapes-lora", base / "vae"
+    full, lora, vae, gem = base / "full", base / "store" / "shapes-lora", base / "vae", base / "store" / "gem"
+    # textual inversion learns a new word from captions that use it
+    write_images(base / "gem-images", 8, size=160, seed=2, shapes=["star"])
+    for caption in (base / "gem-images").glob("*.txt"):
+        caption.write_text("a <gem> on a " + caption.read_text().split(" on a ", 1)[1])
+    sdfleet("dataset", "build", str(base / "gem-images"), "-o", str(base / "gem-data"), "--resolution", RES)
     procs = {
         # full trains from the random init: the trained tiny already fits these images, so 8 steps at a
         # high lr are no test of whether the harness learns
@@ -259,27 +279,34 @@ def trained(dataset, tmp_path_factory):
         "vae": sdfleet("finetune", "vae", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(vae),
                        "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", "--calibrate-scale",
                        *TRAIN),
+        "textual-inversion": sdfleet("finetune", "textual-inversion", "--data", str(base / "gem-data"), "--base", "tiny",
+                                     "--out", str(gem), "--token", "<gem>", "--init-word", "star", "--vectors", "2",
+                                     "--steps", "8", "--lr", "5e-2", "--checkpoint-every", "4", *TRAIN),
     }
     prompt = {"prompt": "a red circle on a white background", "seed": 5, "steps": 4, "width": 256, "height": 256}
     manifest = write_manifest(base / "m.parquet", [
         {"id": "base", **prompt}, {"id": "full", **prompt, "model": "tuned"},
         {"id": "lora", **prompt, "adapters": [{"name": "shapes-lora", "scale": 1.0}]},
-        {"id": "vae", **prompt, "model": "newvae"}])
+        {"id": "vae", **prompt, "model": "newvae"},
+        # the token's two vectors start as "star" twice: untrained, the two rows would draw the same pixels
+        {"id": "gem", **prompt, "prompt": "a <gem> on a white background", "adapters": [{"name": "gem", "scale": 1.0}]},
+        {"id": "gem-init", **prompt, "prompt": "a star star on a white background"}])
     out = base / "gen"
     gen = sdfleet("generate", str(manifest), "--out", str(out), "--model", f"tuned={full}", "--model", f"newvae={vae}",
                   "--adapters", str(base / "store"), "--no-watermark")
-    return {"full": full, "lora": lora, "vae": vae, "procs": procs, "gen": gen, "out": out}
+    return {"full": full, "lora": lora, "vae": vae, "textual-inversion": gem, "procs": procs, "gen": gen, "out": out}
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "vae"])
+@pytest.mark.parametrize("method", ["full", "lora", "vae", "textual-inversion"])
 def test_training_runs_and_its_loss_falls(trained, method):
     proc, out = trained["procs"][method], trained[method]
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(out)
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["eval_loss"]) for r in rows)
-    # the eval loss uses a fixed batch, noise and timesteps: it falls only if the model learns
-    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] * 0.97, rows
+    # the eval loss uses a fixed batch, noise and timesteps: it falls only if the model learns (frozen, it
+    # would repeat to the last digit). Two vectors of one new word move it less than whole layers do.
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] * (0.99 if method == "textual-inversion" else 0.97), rows
     started = train_log(out)[0]
     assert started["event"] == "started" and started["workers"] == 2
     finished = train_log(out)[-1]
@@ -312,6 +339,24 @@ def test_calibrate_scale_gives_the_trained_vae_unit_variance_latents(trained, da
     assert 0.9 < sample.std().item() < 1.1
 
 
+def test_textual_inversion_writes_only_the_new_vectors(trained):
+    from safetensors.torch import load_file
+
+    from actors.presets import build_preset
+
+    out = trained["textual-inversion"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["learned_embeds.safetensors"]
+    vectors = load_file(out / "learned_embeds.safetensors")
+    pipe = build_preset("tiny")
+    star = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("star", add_special_tokens=False).input_ids[0]]
+    assert list(vectors) == ["<gem>"] and vectors["<gem>"].shape == (2, star.shape[0])
+    assert not torch.allclose(vectors["<gem>"][0], star)  # moved from the init word
+    checkpoint = max(p for p in (out / "checkpoints").glob("checkpoint_*") if p.is_dir())
+    trainable = load_file(checkpoint / "trainable.safetensors")  # the new vectors alone, not the whole table
+    assert [t.shape for t in trainable.values()] == [(2, star.shape[0])]
+    assert "trainable parameters" in trained["procs"]["textual-inversion"].stdout + trained["procs"]["textual-inversion"].stderr
+
+
 def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):
     full, lora = trained["full"], trained["lora"]
     for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -328,9 +373,10 @@ def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):
 def test_generate_loads_both_outputs_and_they_change_the_image(trained):
     gen, out = trained["gen"], trained["out"]
     assert gen.returncode == 0, gen.stderr[-3000:]
-    assert {e["id"]: e["status"] for e in ledger(out)} == {"base": "ok", "full": "ok", "lora": "ok", "vae": "ok"}
-    images = {name: pixels(out / "images" / f"{name}.png") for name in ("base", "full", "lora", "vae")}
-    for a, b in (("base", "full"), ("base", "lora"), ("full", "lora"), ("base", "vae")):
+    names = ("base", "full", "lora", "vae", "gem", "gem-init")
+    assert {e["id"]: e["status"] for e in ledger(out)} == {name: "ok" for name in names}
+    images = {name: pixels(out / "images" / f"{name}.png") for name in names}
+    for a, b in (("base", "full"), ("base", "lora"), ("full", "lora"), ("base", "vae"), ("gem", "gem-init")):
         assert np.abs(images[a] - images[b]).mean() > 2, f"{a} and {b} look the same"
 
 

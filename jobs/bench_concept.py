@@ -1,0 +1,160 @@
+"""Proof that fine-tuning works: teach `tiny` a new concept in minutes on a CPU, scored before and after.
+
+Two concepts, one per method, each something the base cannot draw from its prompt:
+
+- `--method lora` (default): the shape `diamond` (an upright rhombus, jobs.synthetic.NEW_SHAPES). `tiny`
+  is trained on circles, squares, triangles and stars only, so "a red diamond on a white background"
+  draws some other shape. The LoRA (`--lora-layers all`: tiny draws corners at its full-resolution level,
+  which has no attention layers) must make diamonds: scored on shape.
+- `--method textual-inversion`: the new word `<gem>` for a purple star, which tiny can draw but has no
+  word for: "a <gem> on a gray background" is a prompt of unknown bytes to the base. Textual Inversion
+  trains only the word's vectors: scored on colour and shape both.
+
+Stages, every one the project's own CLI:
+
+    1. synthetic images of the concept in every background (and colour, for the diamond) -> `dataset build`
+    2. the base model on the concept's prompts (unseen seeds) -> `sdfleet generate` + `sdfleet eval`: before
+    3. `sdfleet finetune lora|textual-inversion` (timed: the budget is 10 minutes)
+    4. the same prompts with the adapter (`--adapters`) -> `sdfleet eval`: after
+
+Passes (exit 0) when every scored attribute reaches --target (0.70) within --budget-minutes of training.
+
+    .venv/bin/python -m jobs.bench_concept [--method lora|textual-inversion] [--out DIR] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from jobs.bench_generate import run_cli
+
+GEM = {"token": "<gem>", "color": "purple", "shape": "star", "init_word": "star"}
+
+
+def concept_rows(method: str, count: int) -> list[dict]:
+    """The scored prompts, with the colour, shape and background each asks for (what `sdfleet eval` reads)."""
+    from jobs.synthetic import BACKGROUNDS, COLORS, caption
+
+    if method == "lora":
+        combos = list(itertools.product(COLORS, ["diamond"], BACKGROUNDS))
+        make = lambda c, s, b: caption(c, s, b)  # noqa: E731
+    else:
+        combos = [(GEM["color"], GEM["shape"], b) for b in BACKGROUNDS]
+        make = lambda c, s, b: f"a {GEM['token']} on a {b} background"  # noqa: E731
+    rows = []
+    for i in range(count):
+        color, shape, background = combos[i % len(combos)]
+        rows.append({"id": f"concept-{i:03d}", "prompt": make(color, shape, background), "seed": 700_000 + i,
+                     "steps": 20, "color": color, "shape": shape, "background": background})
+    return rows
+
+
+def prompts_manifest(path: Path, rows: list[dict], adapter: str | None, guidance: float) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    adapters = [{"name": adapter, "scale": 1.0}] if adapter else []
+    pq.write_table(pa.Table.from_pylist([{**r, "guidance_scale": guidance, "adapters": adapters} for r in rows]), path)
+
+
+def concept_images(method: str, out: Path, count: int) -> None:
+    """Training images and captions of the concept, for `sdfleet dataset build`."""
+    from jobs.synthetic import write_images
+
+    if method == "lora":
+        write_images(out, count, seed=3, shapes=["diamond"])
+        return
+    import random
+
+    from jobs.synthetic import BACKGROUNDS, draw_shape
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(3)
+    for i in range(count):
+        background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
+        draw_shape(GEM["color"], GEM["shape"], background, 256, rng).save(out / f"{i:05d}.png")
+        (out / f"{i:05d}.txt").write_text(f"a {GEM['token']} on a {background} background\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_concept", description=__doc__.splitlines()[0])
+    parser.add_argument("--method", default="lora", choices=["lora", "textual-inversion"])
+    parser.add_argument("--out", help="working folder (default: a temporary one)")
+    parser.add_argument("--base", default="tiny", help="the model to teach (default: the tiny preset)")
+    parser.add_argument("--images", type=int, default=360)
+    parser.add_argument("--prompts", type=int, default=54, help="prompts scored before and after")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8, help="per worker")
+    parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion")
+    parser.add_argument("--rank", type=int, default=8, help="lora")
+    parser.add_argument("--lora-layers", default="all", choices=["attention", "transformer", "all"],
+                        help="lora: the UNet layers it adapts (default all: tiny draws edges at its attention-free "
+                             "full-resolution level, which only the convolutions reach)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--guidance", type=float, default=3.0, help="guidance of the scored images (default 3)")
+    parser.add_argument("--target", type=float, default=0.70)
+    parser.add_argument("--budget-minutes", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="concept-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    lora = args.method == "lora"
+    name = "diamond" if lora else "gem"
+    scored = ("shape",) if lora else ("color", "shape")
+
+    def say(message: str) -> None:
+        print(f"[concept] {message}", file=sys.stderr, flush=True)
+
+    # 1. the new concept's data
+    concept_images(args.method, out / "images", args.images)
+    run_cli(["dataset", "build", str(out / "images"), "-o", str(out / "data"), "--resolution", "256"], out / "data")
+    # 2. before
+    rows = concept_rows(args.method, args.prompts)
+    prompts_manifest(out / "before.parquet", rows, adapter=None, guidance=args.guidance)
+    run_cli(["generate", str(out / "before.parquet"), "--out", str(out / "before"), "--model", f"default={args.base}",
+             "--no-watermark"], out / "before")
+    run_cli(["eval", str(out / "before.parquet"), "--out", str(out / "before")], out / "before-eval")
+    # 3. the adapter, into an adapter store whose folder name is the adapter's name
+    common = ["--base", args.base, "--data", str(out / "data"), "--out", str(out / "adapters" / name),
+              "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+              "--warmup-steps", "20", "--log-every", "50", "--cache-latents", "--checkpoint-every", "100"]
+    if lora:
+        command = ["finetune", "lora", *common, "--train-text-encoder", "--rank", str(args.rank),
+                   "--lora-layers", args.lora_layers, "--lr", str(args.lr or 1e-3),
+                   "--validation-prompt", "a blue diamond on a white background"]
+    else:
+        command = ["finetune", "textual-inversion", *common, "--token", GEM["token"], "--init-word", GEM["init_word"],
+                   "--lr", str(args.lr or 5e-3), "--validation-prompt", f"a {GEM['token']} on a gray background"]
+    seconds = run_cli(command, out / "train")
+    # 4. after
+    prompts_manifest(out / "after.parquet", rows, adapter=name, guidance=args.guidance)
+    run_cli(["generate", str(out / "after.parquet"), "--out", str(out / "after"), "--model", f"default={args.base}",
+             "--adapters", str(out / "adapters"), "--no-watermark"], out / "after")
+    run_cli(["eval", str(out / "after.parquet"), "--out", str(out / "after")], out / "after-eval")
+    before = json.loads((out / "before" / "eval.json").read_text())
+    after = json.loads((out / "after" / "eval.json").read_text())
+    report = {
+        "method": args.method, "concept": name, "base": args.base, "prompts": args.prompts, "guidance": args.guidance,
+        "train_minutes": round(seconds / 60, 2), "steps": args.steps, "lr": args.lr,
+        **({"rank": args.rank, "lora_layers": args.lora_layers} if lora else {"token": GEM["token"]}),
+        "scored": list(scored),
+        "before": {k: before[k] for k in ("shape", "color", "drawn")},
+        "after": {k: after[k] for k in ("shape", "color", "drawn")},
+        "chance": before["chance"], "target": args.target,
+        "confusion_before": before["confusion"], "confusion_after": after["confusion"],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    changes = "; ".join(f"{k} {before[k]:.0%} -> {after[k]:.0%}" for k in ("shape", "color"))
+    say(f"{name} ({args.method}): {changes} (scored: {', '.join(scored)}); trained in {seconds / 60:.1f} min; "
+        f"report: {out / 'report.json'}")
+    passed = all(after[k] >= args.target for k in scored) and seconds <= args.budget_minutes * 60
+    say("PASS" if passed else f"FAIL (target {args.target:.0%} within {args.budget_minutes:g} min)")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

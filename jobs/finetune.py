@@ -48,8 +48,8 @@ class FinetuneConfig(BaseModel):
     cpus_per_worker: int | None = Field(default=None, ge=1, description="CPU workers: cores (torch threads) each "
                                         "(default: the cluster's CPUs shared out)")
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
-    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora and vae, "
-                             "5e-3 textual-inversion)")
+    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora "
+                             "and vae, 5e-3 textual-inversion)")
     batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
     resolution: int | None = Field(default=None, description="training size in px (default: the base model's)")
@@ -85,8 +85,8 @@ class FinetuneConfig(BaseModel):
     crop: int = Field(default=0, ge=0, description="vae: train on random square crops of this many px (0: whole images)")
     calibrate_scale: bool = Field(default=False, description="vae: set the VAE's scaling_factor to 1 / std of its "
                                   "latents (for a VAE trained from scratch; keep a base's own when fine-tuning)")
-    cache_latents: bool = Field(default=False, description="full/lora: encode every image once before training "
-                                "(128 KB per image at 256 px, 295 KB at 768) instead of at every step")
+    cache_latents: bool = Field(default=False, description="full, lora, textual-inversion: encode every image "
+                                "once before training (128 KB per image at 256 px, 295 KB at 768), not every step")
     max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
 
@@ -99,7 +99,8 @@ class FinetuneConfig(BaseModel):
         if self.calibrate_scale and self.method != "vae":
             raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
         if self.cache_latents and self.method == "vae":
-            raise ValueError("--cache-latents is for full and lora: a VAE being trained changes its latents")
+            raise ValueError("--cache-latents is for full, lora and textual-inversion: a VAE being trained "
+                             "changes its latents")
         inversion = self.method == "textual-inversion"
         if inversion and not self.token:
             raise ValueError("textual-inversion needs --token: the new word the captions use and prompts will call, "

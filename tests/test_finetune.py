@@ -348,13 +348,15 @@ def test_textual_inversion_writes_only_the_new_vectors(trained):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["learned_embeds.safetensors"]
     vectors = load_file(out / "learned_embeds.safetensors")
     pipe = build_preset("tiny")
-    star = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("star", add_special_tokens=False).input_ids[0]]
+    star_id = pipe.tokenizer("star", add_special_tokens=False).input_ids[0]
+    star = pipe.text_encoder.get_input_embeddings().weight[star_id]
     assert list(vectors) == ["<gem>"] and vectors["<gem>"].shape == (2, star.shape[0])
     assert not torch.allclose(vectors["<gem>"][0], star)  # moved from the init word
     checkpoint = max(p for p in (out / "checkpoints").glob("checkpoint_*") if p.is_dir())
     trainable = load_file(checkpoint / "trainable.safetensors")  # the new vectors alone, not the whole table
     assert [t.shape for t in trainable.values()] == [(2, star.shape[0])]
-    assert "trainable parameters" in trained["procs"]["textual-inversion"].stdout + trained["procs"]["textual-inversion"].stderr
+    proc = trained["procs"]["textual-inversion"]
+    assert "trainable parameters" in proc.stdout + proc.stderr
 
 
 def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):

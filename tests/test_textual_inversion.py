@@ -50,7 +50,8 @@ def test_what_the_trainer_writes_loads_from_the_store_and_means_the_same(tmp_pat
     trained = build_preset("tiny")
     add_placeholder(trained, "<gem>", "circle", vectors=2)
     with torch.no_grad():
-        trained.text_encoder.get_input_embeddings().extra.add_(torch.randn(2, 64, generator=torch.Generator().manual_seed(3)))
+        noise = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+        trained.text_encoder.get_input_embeddings().extra.add_(noise)
     path = save_embedding(trained.text_encoder, "<gem>", tmp_path / "store" / "gem")
     assert path.name == "learned_embeds.safetensors"
 

@@ -47,7 +47,13 @@ class NewTokens(torch.nn.Module):
         return self.base.num_embeddings + self.extra.shape[0]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        # Looked up apart, not from `weight`: a lookup in the concatenated table would give the whole
+        # table a dense gradient at every step (200 MB for SD 2.1's) only to keep the new rows of it.
+        size = self.base.num_embeddings
+        new = input_ids >= size
+        old_rows = self.base(input_ids.clamp(max=size - 1))
+        new_rows = F.embedding((input_ids - size).clamp(min=0), self.extra.to(old_rows.dtype))
+        return torch.where(new.unsqueeze(-1), new_rows, old_rows)
 
 
 def placeholder_tokens(token: str, vectors: int) -> list[str]:

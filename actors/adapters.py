@@ -19,7 +19,7 @@ from typing import Literal
 import fsspec
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-EMBEDDING_FILE = "learned_embeds.safetensors"  # actors.textual_inversion.EMBEDDING_FILE
+EMBEDDING_FILE = "learned_embeds.safetensors"  # what actors.textual_inversion.save_embedding writes
 FOLDER_FILES = (LORA_FILE, EMBEDDING_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # A name is a relative path of safe segments: "watercolor", "styles/watercolor-v2".

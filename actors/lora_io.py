@@ -20,11 +20,11 @@ UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # - all: also the ResNet convolutions and time projections ("LoCon"). Only these reach the UNet's
 #   attention-free levels, such as `tiny`'s full-resolution blocks, where edges and corners are drawn;
 #   the eager backend runs such a LoRA, the fused ones refuse it by name.
+_TRANSFORMER = (*UNET_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 LORA_LAYER_SETS = {
     "attention": UNET_LORA_TARGETS,
-    "transformer": (*UNET_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
-    "all": (*UNET_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-            "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
+    "transformer": _TRANSFORMER,
+    "all": (*_TRANSFORMER, "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv"),
 }
 ADAPTER_NAME = "default"
 

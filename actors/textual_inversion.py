@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-EMBEDDING_FILE = "learned_embeds.safetensors"
+from actors.adapters import EMBEDDING_FILE  # the store's folder layout for an embedding
 
 
 class TextualInversionError(ValueError):

@@ -280,17 +280,16 @@ def _check_same_run(fs, root: str, record: dict) -> None:
                             "use a new --out, or the same flags to resume that one")
 
 
-def _captions(uri: str) -> list[str]:
+def _captions(uri: str):
+    """The dataset's captions, file by file (a caller that needs only the first few stops early)."""
     from manifests.dataset import dataset_files
 
     import pyarrow.parquet as pq
 
     fs, files = dataset_files(uri)
-    captions = []
     for path in files:
         with fs.open(path, "rb") as f:
-            captions += pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
-    return captions
+            yield from pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
 
 
 def _check_captions_use(uri: str, token: str, rows: int) -> None:
@@ -328,7 +327,9 @@ def _check_token(cfg: FinetuneConfig) -> None:
 
 
 def _first_captions(uri: str, n: int) -> list[str]:
-    return [c for c in _captions(uri) if c][:n]
+    import itertools
+
+    return list(itertools.islice((c for c in _captions(uri) if c), n))
 
 
 def _write_json(fs, path: str, data: dict) -> None:

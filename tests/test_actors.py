@@ -189,12 +189,25 @@ def test_actor_sizing_leaves_room_for_ray_data():
 
 
 @pytest.mark.gpu
-def test_tiny_on_cuda_in_fp16_matches_cpu_roughly():
-    pipe = build_preset("tiny").to("cuda", torch.float16)
-    rows = resolved_rows(2)
-    gpu = draw(pipe, rows).astype(int)
+def test_tiny_on_cuda_draws_what_the_cpu_draws():
+    """fp32 on CUDA is the CPU's image, to the last bits of the kernels. fp16, which actors use on GPUs,
+    takes another path through denoising (on an H100: 25/255 mean difference at 20 steps, objects moved
+    and resized), so it is held to the prompt, not to the CPU's pixels."""
+    from jobs.evaluate import analyse
+
+    combos = [("red", "circle", "white"), ("blue", "square", "gray"), ("purple", "star", "black"),
+              ("yellow", "triangle", "white"), ("green", "star", "gray"), ("orange", "circle", "black")]
+    model = {**PRESETS["tiny"]["defaults"], "fingerprint": "test"}
+    rows = [resolve_row(ManifestRow(id=f"r{i}", prompt=f"a {c} {s} on a {b} background", seed=900000 + i,
+                                    steps=20, guidance_scale=3.0), model, watermark=None)
+            for i, (c, s, b) in enumerate(combos)]
     cpu = draw(build_preset("tiny"), rows).astype(int)
-    assert np.abs(gpu - cpu).mean() < 8
+    fp32 = draw(build_preset("tiny").to("cuda"), rows).astype(int)
+    assert np.abs(fp32 - cpu).mean() < 1.0, "fp32 on CUDA should draw the CPU's pixels"
+    fp16 = draw(build_preset("tiny").to("cuda", torch.float16), rows)
+    colours = [analyse(image)["color"] for image in fp16]
+    right = sum(read == c for read, (c, _, _) in zip(colours, combos))
+    assert right >= 5, f"fp16 on CUDA read {colours} for {[c for c, _, _ in combos]}"
 
 
 @pytest.mark.slow

@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-vae-check", action="store_true", help="go on to the UNet even if the VAE loses a "
                         "colour or a shape")
     parser.add_argument("--install", action="store_true", help="copy the weights into actors/presets/tiny/")
+    parser.add_argument("--gpu", action="store_true", help="train on one GPU in fp32 with the same global batches "
+                        "(--workers x the per-worker batches), for trials of a recipe; the committed weights "
+                        "come from the CPU")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -113,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         write_images(out / "images", args.images, size=256, seed=1, split="train")
         run_cli(["dataset", "build", str(out / "images"), "-o", str(out / "data"), "--resolution", "256"], out / "data")
     # 2. the VAE, then its check: no UNet can learn a colour its VAE cannot carry
-    common = ["--data", str(out / "data"), "--workers", str(args.workers), "--checkpoint-every", "250",
-              "--log-every", "50", "--validate-every", "500", "--warmup-steps", "100"]
+    workers, device = (1, ["--gpu", "--mixed-precision", "no"]) if args.gpu else (args.workers, [])
+    if args.gpu:  # one GPU worker carries the whole global batch, in fp32 as on the CPU
+        args.vae_batch, args.unet_batch = args.vae_batch * args.workers, args.unet_batch * args.workers
+    common = ["--data", str(out / "data"), "--workers", str(workers), "--checkpoint-every", "250",
+              "--log-every", "50", "--validate-every", "500", "--warmup-steps", "100", *device]
     if not (out / "vae" / "model_index.json").exists():
         run_cli(["finetune", "vae", "--base", "tiny-random", "--out", str(out / "vae"), "--steps", str(args.vae_steps),
                  "--batch-size", str(args.vae_batch), "--crop", str(args.vae_crop), "--lr", str(args.vae_lr),

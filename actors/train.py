@@ -1,6 +1,7 @@
 """The fine-tune worker loop: one function that every Ray Train worker runs, the same on 1 or N workers.
 
     config -> model (full UNet, or LoRA on its attention, or the VAE) -> resume from the latest checkpoint
+      (dreambooth, or lora with class data: each batch adds as many class samples, their loss weighted)
       -> loop: batch -> VAE latents -> noise at random timesteps -> UNet -> loss against the scheduler's
          target (epsilon or v) -> step; checkpoint every N steps, validation images every M
          (vae: batch -> random crops -> encode, sample, decode -> pixel loss + KL)
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 class TrainConfig:
     """Everything a worker needs; the driver (jobs.finetune) checks it and fills the defaults."""
 
-    method: Literal["full", "lora", "vae", "textual-inversion"]
+    method: Literal["full", "lora", "dreambooth", "vae", "textual-inversion"]
     data: str  # dataset URI (manifests.dataset layout)
     base: dict[str, Any]  # actors.models.ModelInfo fields of the base model
     out: str  # output URI: the model or LoRA lands at its root
@@ -63,6 +64,8 @@ class TrainConfig:
     init_word: str | None = None  # textual-inversion: the word its vectors start from (None: the table's mean)
     vectors: int = 1  # textual-inversion: embedding vectors behind the token
     train_text_encoder: bool = False
+    class_data: str | None = None  # prior preservation: a dataset of class images (dreambooth, lora)
+    prior_loss_weight: float = 1.0  # prior preservation: weight of the class samples' loss
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP copies
     kl_weight: float = 1e-6  # vae: weight of the KL term against the pixel reconstruction loss
     crop: int = 0  # vae: train on random square crops of this size (0: whole images)
@@ -110,6 +113,15 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
+
+
+def prior_weights(instances: int, classes: int, weight: float) -> torch.Tensor | None:
+    """Per-sample loss weights for a batch of `instances` then `classes` samples, such that
+    `diffusion_loss`'s mean over the batch is DreamBooth's loss: mean(instance) + weight * mean(class)."""
+    if not classes:
+        return None
+    total = instances + classes
+    return torch.cat([torch.full((instances,), total / instances), torch.full((classes,), weight * total / classes)])
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int):
@@ -545,9 +557,18 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             print(f"[finetune] resuming from the checkpoint at step {step}", flush=True)
 
-    # 3. the data: this worker's rows are chosen per step (see sample_indices); images decode per batch
+    # 3. the data: this worker's rows are chosen per step (see sample_indices); images decode per batch.
+    # Class images (prior preservation) follow the instance rows in one table, so one latent cache holds both.
     table = read_dataset(cfg.data)
     n = table.num_rows
+    classes = 0
+    if cfg.class_data:
+        import pyarrow as pa
+
+        columns = ["caption", "image"]
+        class_table = read_dataset(cfg.class_data).select(columns)
+        classes = class_table.num_rows
+        table = pa.concat_tables([table.select(columns), class_table.cast(table.select(columns).schema)])
     # The eval loss and validation images are rank 0's, except under FSDP, where every forward is collective.
     fixed = _fixed_eval_batch(cfg, table, pipe, noise_scheduler, device) if cfg.fsdp or rank == 0 else None
     latent_cache = encode_dataset(cfg, table, pipe.vae, device, rank, world) if cfg.cache_latents else None
@@ -565,7 +586,8 @@ def train_loop(config: dict) -> None:
     if resumed_from is not None:
         log_line({"event": "resumed", "step": resumed_from})
     elif step == 0 and rank == 0:
-        log_line({"event": "started", "trainable_parameters": trainable, "workers": world, "config": asdict(cfg)})
+        log_line({"event": "started", "trainable_parameters": trainable, "workers": world, "class_rows": classes,
+                  "config": asdict(cfg)})
 
     # 4. the loop
     model.train()
@@ -574,6 +596,9 @@ def train_loop(config: dict) -> None:
         for micro in range(cfg.grad_accum):
             g = step_generator(cfg.seed, step, micro, rank)
             rows = sample_indices(n, cfg.seed, step, micro, cfg.grad_accum, world, rank, cfg.batch_size)
+            if classes:  # as many class samples, in their own seeded order
+                rows += [n + i for i in sample_indices(classes, cfg.seed + 1, step, micro, cfg.grad_accum, world,
+                                                       rank, cfg.batch_size)]
             if latent_cache is None:
                 pixels, ids = batch_tensors(table, rows, pipe.tokenizer, cfg.resolution)
             else:
@@ -596,7 +621,8 @@ def train_loop(config: dict) -> None:
                         mean, std = posterior.mean, posterior.std
                     else:
                         mean, std = (latent_cache[k][rows].to(device) for k in ("mean", "std"))
-                    loss = _diffusion_step(cfg, pipe, model, noise_scheduler, mean, std, ids.to(device), g)
+                    weights = prior_weights(cfg.batch_size, len(rows) - cfg.batch_size, cfg.prior_loss_weight)
+                    loss = _diffusion_step(cfg, pipe, model, noise_scheduler, mean, std, ids.to(device), g, weights)
                 scaler.scale(loss / cfg.grad_accum).backward()
             losses.append(loss.item())
             window_samples += ids.shape[0]
@@ -671,9 +697,10 @@ def _validate(cfg: TrainConfig, pipe, fixed: dict, step: int, device) -> None:
         validation_images(cfg, pipe, step, device)
 
 
-def _diffusion_step(cfg: TrainConfig, pipe, model, noise_scheduler, mean, std, ids, g) -> torch.Tensor:
+def _diffusion_step(cfg: TrainConfig, pipe, model, noise_scheduler, mean, std, ids, g,
+                    sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One micro-step's diffusion loss: latents drawn from the VAE's posterior (mean, std), noise at
-    random timesteps, the UNet against its target."""
+    random timesteps, the UNet against its target; `sample_weights` scale each sample's loss (prior_weights)."""
     device = mean.device
     latents = (mean + std * torch.randn(mean.shape, generator=g).to(device)) * pipe.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=g).to(device)
@@ -683,6 +710,9 @@ def _diffusion_step(cfg: TrainConfig, pipe, model, noise_scheduler, mean, std, i
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
+    if sample_weights is not None:
+        sample_weights = sample_weights.to(device)
+        weights = sample_weights if weights is None else weights * sample_weights
     if cfg.caption_dropout:  # some samples see the empty prompt: the unconditional half of guidance
         drop = torch.rand(ids.shape[0], generator=g) < cfg.caption_dropout
         if drop.any():

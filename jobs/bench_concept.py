@@ -1,6 +1,6 @@
 """Proof that fine-tuning works: teach `tiny` a new concept in minutes on a CPU, scored before and after.
 
-Two concepts, one per method, each something the base cannot draw from its prompt:
+One concept per method, each something the base cannot draw from its prompt:
 
 - `--method lora` (default): the shape `diamond` (an upright rhombus, jobs.synthetic.NEW_SHAPES). `tiny`
   is trained on circles, squares, triangles and stars only, so "a red diamond on a white background"
@@ -9,17 +9,23 @@ Two concepts, one per method, each something the base cannot draw from its promp
 - `--method textual-inversion`: the new word `<gem>` for a purple star, which tiny can draw but has no
   word for: "a <gem> on a gray background" is a prompt of unknown bytes to the base. Textual Inversion
   trains only the word's vectors: scored on colour and shape both.
+- `--method dreambooth`: the subject `zwx star`, a purple star, in DreamBooth's form "a [identifier]
+  [class]". The whole UNet trains on it, with prior preservation: the base first draws class images of
+  "a star on a white background". Scored on the subject's colour and shape, and on the class: prompts
+  for stars of the other colours must keep their colour (a model that drew every star purple would
+  fail there, which is what prior preservation prevents).
 
 Stages, every one the project's own CLI:
 
     1. synthetic images of the concept in every background (and colour, for the diamond) -> `dataset build`
     2. the base model on the concept's prompts (unseen seeds) -> `sdfleet generate` + `sdfleet eval`: before
-    3. `sdfleet finetune lora|textual-inversion` (timed: the budget is 10 minutes)
-    4. the same prompts with the adapter (`--adapters`) -> `sdfleet eval`: after
+    3. `sdfleet finetune lora|textual-inversion|dreambooth` (timed, class images included: the budget is
+       10 minutes)
+    4. the same prompts with the adapter (`--adapters`) or the new model -> `sdfleet eval`: after
 
 Passes (exit 0) when every scored attribute reaches --target (0.70) within --budget-minutes of training.
 
-    .venv/bin/python -m jobs.bench_concept [--method lora|textual-inversion] [--out DIR] [--steps 300]
+    .venv/bin/python -m jobs.bench_concept [--method lora|textual-inversion|dreambooth] [--out DIR] [--steps 300]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pathlib import Path
 from jobs.bench_generate import run_cli
 
 GEM = {"token": "<gem>", "color": "purple", "shape": "star", "init_word": "star"}
+SUBJECT = {"word": "zwx", "color": "purple", "shape": "star", "class_prompt": "a star on a white background"}
 
 
 def concept_rows(method: str, count: int) -> list[dict]:
@@ -42,6 +49,12 @@ def concept_rows(method: str, count: int) -> list[dict]:
 
     if method == "lora":
         combos = list(itertools.product(COLORS, ["diamond"], BACKGROUNDS))
+        make = lambda c, s, b: caption(c, s, b)  # noqa: E731
+    elif method == "dreambooth":
+        combos = [(SUBJECT["color"], SUBJECT["shape"], b) for b in BACKGROUNDS]
+        make = lambda c, s, b: f"a {SUBJECT['word']} {s} on a {b} background"  # noqa: E731
+    elif method == "class":  # dreambooth's class check: stars of every other colour
+        combos = [(c, "star", b) for c, b in itertools.product(COLORS, BACKGROUNDS) if c != SUBJECT["color"]]
         make = lambda c, s, b: caption(c, s, b)  # noqa: E731
     else:
         combos = [(GEM["color"], GEM["shape"], b) for b in BACKGROUNDS]
@@ -75,22 +88,24 @@ def concept_images(method: str, out: Path, count: int) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(3)
+    what = GEM["token"] if method == "textual-inversion" else f"{SUBJECT['word']} {SUBJECT['shape']}"
     for i in range(count):
         background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
         draw_shape(GEM["color"], GEM["shape"], background, 256, rng).save(out / f"{i:05d}.png")
-        (out / f"{i:05d}.txt").write_text(f"a {GEM['token']} on a {background} background\n")
+        (out / f"{i:05d}.txt").write_text(f"a {what} on a {background} background\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_concept", description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="lora", choices=["lora", "textual-inversion"])
+    parser.add_argument("--method", default="lora", choices=["lora", "textual-inversion", "dreambooth"])
     parser.add_argument("--out", help="working folder (default: a temporary one)")
     parser.add_argument("--base", default="tiny", help="the model to teach (default: the tiny preset)")
     parser.add_argument("--images", type=int, default=360)
     parser.add_argument("--prompts", type=int, default=54, help="prompts scored before and after")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
-    parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion")
+    parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion, 2e-4 dreambooth")
+    parser.add_argument("--class-images", type=int, default=100, help="dreambooth: class images the base draws")
     parser.add_argument("--rank", type=int, default=8, help="lora")
     parser.add_argument("--lora-layers", default="all", choices=["attention", "transformer", "all"],
                         help="lora: the UNet layers it adapts (default all: tiny draws edges at its attention-free "
@@ -102,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="concept-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    lora = args.method == "lora"
-    name = "diamond" if lora else "gem"
+    lora, dreambooth = args.method == "lora", args.method == "dreambooth"
+    name = {"lora": "diamond", "textual-inversion": "gem", "dreambooth": SUBJECT["word"]}[args.method]
     scored = ("shape",) if lora else ("color", "shape")
 
     def say(message: str) -> None:
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     run_cli(["dataset", "build", str(out / "images"), "-o", str(out / "data"), "--resolution", "256"], out / "data")
     # 2. before
     rows = concept_rows(args.method, args.prompts)
+    if dreambooth:  # and the class, in the same runs: ids keep them apart
+        rows += [{**r, "id": r["id"].replace("concept", "class")} for r in concept_rows("class", args.prompts)]
     prompts_manifest(out / "before.parquet", rows, adapter=None, guidance=args.guidance)
     run_cli(["generate", str(out / "before.parquet"), "--out", str(out / "before"), "--model", f"default={args.base}",
              "--no-watermark"], out / "before")
@@ -122,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--base", args.base, "--data", str(out / "data"), "--out", str(out / "adapters" / name),
               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
               "--warmup-steps", "20", "--log-every", "50", "--cache-latents", "--checkpoint-every", "100"]
-    if lora:
+    if dreambooth:  # a whole model, not an adapter: it goes to models/, and generate loads it with --model
+        common[common.index("--out") + 1] = str(out / "models" / name)
+        command = ["finetune", "dreambooth", *common, "--class-prompt", SUBJECT["class_prompt"],
+                   "--class-images", str(args.class_images), "--lr", str(args.lr or 2e-4),
+                   "--validation-prompt", f"a {SUBJECT['word']} star on a gray background"]
+    elif lora:
         command = ["finetune", "lora", *common, "--train-text-encoder", "--rank", str(args.rank),
                    "--lora-layers", args.lora_layers, "--lr", str(args.lr or 1e-3),
                    "--validation-prompt", "a blue diamond on a white background"]
@@ -131,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                    "--lr", str(args.lr or 5e-3), "--validation-prompt", f"a {GEM['token']} on a gray background"]
     seconds = run_cli(command, out / "train")
     # 4. after
-    prompts_manifest(out / "after.parquet", rows, adapter=name, guidance=args.guidance)
-    run_cli(["generate", str(out / "after.parquet"), "--out", str(out / "after"), "--model", f"default={args.base}",
+    prompts_manifest(out / "after.parquet", rows, adapter=None if dreambooth else name, guidance=args.guidance)
+    model = str(out / "models" / name) if dreambooth else args.base
+    run_cli(["generate", str(out / "after.parquet"), "--out", str(out / "after"), "--model", f"default={model}",
              "--adapters", str(out / "adapters"), "--no-watermark"], out / "after")
     run_cli(["eval", str(out / "after.parquet"), "--out", str(out / "after")], out / "after-eval")
-    before = json.loads((out / "before" / "eval.json").read_text())
-    after = json.loads((out / "after" / "eval.json").read_text())
+    before, after = (scores(out / run, rows) for run in ("before", "after"))
     report = {
         "method": args.method, "concept": name, "base": args.base, "prompts": args.prompts, "guidance": args.guidance,
         "train_minutes": round(seconds / 60, 2), "steps": args.steps, "lr": args.lr,
@@ -147,13 +169,36 @@ def main(argv: list[str] | None = None) -> int:
         "chance": before["chance"], "target": args.target,
         "confusion_before": before["confusion"], "confusion_after": after["confusion"],
     }
+    if dreambooth:
+        report["class_prompt"] = SUBJECT["class_prompt"]
+        report["class_images"] = args.class_images
+        report["class_before"], report["class_after"] = before["class"], after["class"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     changes = "; ".join(f"{k} {before[k]:.0%} -> {after[k]:.0%}" for k in ("shape", "color"))
     say(f"{name} ({args.method}): {changes} (scored: {', '.join(scored)}); trained in {seconds / 60:.1f} min; "
         f"report: {out / 'report.json'}")
+    if dreambooth:
+        say(f"the class (stars of the other colours): colour {before['class']['color']:.0%} -> "
+            f"{after['class']['color']:.0%}, shape {before['class']['shape']:.0%} -> {after['class']['shape']:.0%}")
     passed = all(after[k] >= args.target for k in scored) and seconds <= args.budget_minutes * 60
+    if dreambooth:  # prior preservation: the class keeps its colours
+        passed = passed and after["class"]["color"] >= args.target
     say("PASS" if passed else f"FAIL (target {args.target:.0%} within {args.budget_minutes:g} min)")
     return 0 if passed else 1
+
+
+def scores(run: Path, rows: list[dict]) -> dict:
+    """A run's eval.json; for dreambooth, its concept rows' scores on top and the class rows' under "class"."""
+    summary = json.loads((run / "eval.json").read_text())
+    if not any(r["id"].startswith("class-") for r in rows):
+        return summary
+
+    def score(prefix: str) -> dict:
+        reads = [r for r in summary["rows"] if r["id"].startswith(prefix)]
+        right = {k: sum(r[k] == r[f"want_{k}"] for r in reads) / len(reads) for k in ("color", "shape")}
+        return {**right, "drawn": sum(r["drawn"] for r in reads) / len(reads)}
+
+    return {**summary, **score("concept-"), "class": score("class-")}
 
 
 if __name__ == "__main__":

@@ -101,10 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("images", nargs="+", metavar="IMAGE")
     ver.add_argument("--payload", help="expected payload (default: the one recorded in each PNG, else sdfleet)")
 
-    tune = sub.add_parser("finetune", help="fine-tune a model on Ray Train (full, LoRA, VAE, Textual Inversion)")
-    tune.add_argument("method", choices=["full", "lora", "vae", "textual-inversion"],
+    tune = sub.add_parser("finetune", help="fine-tune a model on Ray Train (full, LoRA, DreamBooth, VAE, "
+                                           "Textual Inversion)")
+    tune.add_argument("method", choices=["full", "lora", "dreambooth", "vae", "textual-inversion"],
                       help="full: train the UNet (text encoder optional), write a diffusers model at --out; "
-                           "lora: LoRA on the UNet's attention, write --out/pytorch_lora_weights.safetensors; "
+                           "lora: LoRA on the UNet's attention, write --out/pytorch_lora_weights.safetensors "
+                           "(with --class-prompt: DreamBooth-LoRA); "
+                           "dreambooth: full with prior preservation (--class-prompt or --class-data); "
                            "vae: train the autoencoder (pixel MSE + KL), write a diffusers model at --out; "
                            "textual-inversion: learn a new word's embedding (--token), write "
                            "--out/learned_embeds.safetensors")

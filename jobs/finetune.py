@@ -1,11 +1,16 @@
-"""`sdfleet finetune {full,lora}`: check everything, then hand the loop to Ray Train.
+"""`sdfleet finetune {full,lora,dreambooth,vae,textual-inversion}`: check everything, then hand the loop to Ray Train.
 
     --data (a `dataset build` folder)  --base (preset, directory or URI)  --out (any fsspec store)
       -> checks before any worker starts: workers, dataset columns and rows, base model, --out, resources
       -> TorchTrainer(actors.train.train_loop, ScalingConfig(num_workers=--workers, use_gpu=--gpu))
          checkpoints in --out/checkpoints through ray.train.report; a rerun into the same --out resumes
-      -> --out: a diffusers model (full) or pytorch_lora_weights.safetensors (lora),
-         validation/step-N/*.png, train_log.jsonl, finetune.json
+      -> --out: a diffusers model (full, dreambooth, vae), pytorch_lora_weights.safetensors (lora) or
+         learned_embeds.safetensors (textual-inversion); validation/step-N/*.png, train_log.jsonl, finetune.json
+
+Prior preservation (dreambooth; lora too): before training, the base model draws --class-images images of
+--class-prompt through `sdfleet generate` into --out/class-images (a rerun draws only what is missing),
+`dataset build` turns them into --out/class-data, and every step trains on as many class samples as
+instance samples, their loss weighted by --prior-loss-weight.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from manifests.dataset import check_dataset
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
-               "workers", "batch_size", "grad_accum", "fsdp")
-DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
+               "class_data", "class_prompt", "prior_loss_weight", "workers", "batch_size", "grad_accum", "fsdp")
+DEFAULT_LR = {"full": 1e-5, "dreambooth": 5e-6, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
+PRIOR_METHODS = ("dreambooth", "lora")  # the methods that can train with prior preservation
 
 
 class FinetuneError(Exception):
@@ -39,7 +45,7 @@ class FinetuneError(Exception):
 class FinetuneConfig(BaseModel):
     """The flags of `sdfleet finetune`, checked before Ray starts."""
 
-    method: Literal["full", "lora", "vae", "textual-inversion"]
+    method: Literal["full", "lora", "dreambooth", "vae", "textual-inversion"]
     data: str = Field(description="training dataset URI (from `sdfleet dataset build`)")
     base: str = Field(description="base model: preset (tiny, sd21-random), diffusers directory or URI")
     out: str = Field(description="output URI: the model or LoRA, checkpoints, validation images, logs")
@@ -48,8 +54,8 @@ class FinetuneConfig(BaseModel):
     cpus_per_worker: int | None = Field(default=None, ge=1, description="CPU workers: cores (torch threads) each "
                                         "(default: the cluster's CPUs shared out)")
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
-    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 1e-4 lora "
-                             "and vae, 5e-3 textual-inversion)")
+    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 5e-6 "
+                             "dreambooth, 1e-4 lora and vae, 5e-3 textual-inversion)")
     batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
     resolution: int | None = Field(default=None, description="training size in px (default: the base model's)")
@@ -78,6 +84,15 @@ class FinetuneConfig(BaseModel):
                                   "new vectors start from (default: the mean embedding)")
     vectors: int | None = Field(default=None, ge=1, le=16, description="textual-inversion: embedding vectors behind "
                                 "the token (default 1)")
+    class_prompt: str | None = Field(default=None, min_length=1, description="dreambooth, lora: prior preservation. "
+                                     "The subject's class, as a prompt (such as 'a photo of a mug'): the base model "
+                                     "draws --class-images of it, and training keeps drawing them as the base did")
+    class_images: int = Field(default=100, ge=1, description="dreambooth, lora: how many class images the base "
+                              "model draws for --class-prompt (kept in --out/class-images; a rerun reuses them)")
+    class_data: str | None = Field(default=None, description="dreambooth, lora: a `dataset build` dataset of class "
+                                   "images to use instead of drawing them with --class-prompt")
+    prior_loss_weight: float = Field(default=1.0, gt=0, description="dreambooth, lora: weight of the class "
+                                     "samples' loss against the instance samples'")
     train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
     fsdp: bool = Field(default=False, description="full only: shard weights, gradients and optimizer state across "
                                                   "workers (FSDP2) instead of a DDP copy on each")
@@ -85,8 +100,9 @@ class FinetuneConfig(BaseModel):
     crop: int = Field(default=0, ge=0, description="vae: train on random square crops of this many px (0: whole images)")
     calibrate_scale: bool = Field(default=False, description="vae: set the VAE's scaling_factor to 1 / std of its "
                                   "latents (for a VAE trained from scratch; keep a base's own when fine-tuning)")
-    cache_latents: bool = Field(default=False, description="full, lora, textual-inversion: encode every image "
-                                "once before training (128 KB per image at 256 px, 295 KB at 768), not every step")
+    cache_latents: bool = Field(default=False, description="full, lora, dreambooth, textual-inversion: encode "
+                                "every image once before training, not at every step (128 KB per image at 256 "
+                                "px, 295 KB at 768)")
     max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
 
@@ -99,8 +115,8 @@ class FinetuneConfig(BaseModel):
         if self.calibrate_scale and self.method != "vae":
             raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
         if self.cache_latents and self.method == "vae":
-            raise ValueError("--cache-latents is for full, lora and textual-inversion: a VAE being trained "
-                             "changes its latents")
+            raise ValueError("--cache-latents is for full, lora, dreambooth and textual-inversion: a VAE being "
+                             "trained changes its latents")
         inversion = self.method == "textual-inversion"
         if inversion and not self.token:
             raise ValueError("textual-inversion needs --token: the new word the captions use and prompts will call, "
@@ -112,10 +128,21 @@ class FinetuneConfig(BaseModel):
             raise ValueError("--init-word and --vectors are for textual-inversion")
         if inversion and self.train_text_encoder:
             raise ValueError("textual-inversion trains only the new token's vectors; drop --train-text-encoder")
+        prior = self.class_prompt is not None or self.class_data is not None
+        if prior and self.method not in PRIOR_METHODS:
+            raise ValueError(f"--class-prompt and --class-data are for dreambooth and lora (prior preservation); "
+                             f"got {self.method}")
+        if self.class_prompt is not None and self.class_data is not None:
+            raise ValueError("give --class-prompt (the base model draws the class images) or --class-data (a "
+                             "dataset of class images), not both")
+        if self.method == "dreambooth" and not prior:
+            raise ValueError("dreambooth needs --class-prompt (such as 'a photo of a mug': the class of the subject "
+                             "in your captions) or --class-data; without prior preservation, use full")
         if self.lora_layers is not None and self.method != "lora":
             raise ValueError(f"--lora-layers is for lora; {self.method} trains whole weights")
-        if self.fsdp and self.method != "full":
-            raise ValueError("--fsdp shards full-parameter training; a LoRA's few weights train fine with DDP")
+        if self.fsdp and self.method not in ("full", "dreambooth"):
+            raise ValueError("--fsdp shards full-parameter training (full, dreambooth); a LoRA's few weights train "
+                             "fine with DDP")
         if self.fsdp and self.ema_decay:
             raise ValueError("--ema-decay does not work with --fsdp yet (the average would need sharding too)")
         if self.mixed_precision in ("fp16", "bf16") and not self.gpu:
@@ -146,6 +173,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if cfg.token:
         _check_captions_use(cfg.data, cfg.token, rows)
         _check_token(cfg)
+    prior = cfg.class_prompt is not None or cfg.class_data is not None
+    class_data = cfg.class_data or (fs.unstrip_protocol(f"{root}/class-data") if prior else None)
+    if cfg.class_data:
+        check_dataset(cfg.class_data, "--class-data")
     if cfg.batch_size * cfg.workers > rows:
         log(f"note: a global batch of {cfg.batch_size * cfg.workers} is larger than the dataset ({rows} rows); "
             "samples repeat within a step")
@@ -154,14 +185,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         lr=cfg.lr or DEFAULT_LR[cfg.method], batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         resolution=resolution, seed=cfg.seed, warmup_steps=cfg.warmup_steps, checkpoint_every=cfg.checkpoint_every,
         log_every=cfg.log_every, validate_every=cfg.validate_every,
-        validation_prompts=cfg.validation_prompts or _first_captions(cfg.data, 2),
+        validation_prompts=cfg.validation_prompts or _default_validation_prompts(cfg),
         min_snr_gamma=cfg.min_snr_gamma, noise_offset=cfg.noise_offset, caption_dropout=cfg.caption_dropout,
         ema_decay=cfg.ema_decay,
         gradient_checkpointing=cfg.gradient_checkpointing,
         mixed_precision=("bf16" if cfg.gpu else "no") if cfg.mixed_precision == "auto" else cfg.mixed_precision,
         rank=cfg.rank, alpha=cfg.alpha, lora_layers=cfg.lora_layers or "attention",
         token=cfg.token, init_word=cfg.init_word, vectors=cfg.vectors or 1,
-        train_text_encoder=cfg.train_text_encoder, fsdp=cfg.fsdp, kl_weight=cfg.kl_weight, crop=cfg.crop,
+        train_text_encoder=cfg.train_text_encoder, class_data=class_data, prior_loss_weight=cfg.prior_loss_weight,
+        fsdp=cfg.fsdp, kl_weight=cfg.kl_weight, crop=cfg.crop,
         calibrate_scale=cfg.calibrate_scale, cache_latents=cfg.cache_latents,
     )
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
@@ -170,8 +202,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
               "lora_layers": (cfg.lora_layers or "attention") if cfg.method == "lora" else None,
               "token": cfg.token, "vectors": (cfg.vectors or 1) if cfg.token else None,
               "train_text_encoder": cfg.train_text_encoder,
+              "class_data": class_data, "class_prompt": cfg.class_prompt,
+              "prior_loss_weight": cfg.prior_loss_weight if prior else None,
               "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
     _check_same_run(fs, root, record)
+    if cfg.class_prompt is not None:  # before this run's Ray: generation starts and stops its own
+        class_rows = draw_class_images(cfg, fs, root, resolution)
+        log(f"prior preservation: {class_rows} class images of {cfg.class_prompt!r} in {class_data}")
 
     # 3. Ray, and workers sized to it
     if not (cfg.address or os.environ.get("RAY_ADDRESS")):
@@ -326,6 +363,58 @@ def _check_token(cfg: FinetuneConfig) -> None:
         raise FinetuneError(str(exc)) from exc
 
 
+def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> int:
+    """Prior preservation: the base model draws --class-images of --class-prompt through `sdfleet generate`
+    (the actors' own code; incremental, so a rerun draws only what is missing), and `dataset build` makes
+    them --out/class-data. Returns the number of class images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.dataset import DatasetError, build_dataset
+    from jobs.generate import GenerateConfig, RunFailed, run_generate
+
+    folder = f"{root}/class-images"
+    fs.makedirs(folder, exist_ok=True)
+    ids = [f"class-{i:05d}" for i in range(cfg.class_images)]
+    manifest = pa.table({"id": ids, "prompt": [cfg.class_prompt] * len(ids),
+                         "seed": [cfg.seed * 1_000_003 + i for i in range(len(ids))],
+                         "width": [resolution] * len(ids), "height": [resolution] * len(ids)})
+    with fs.open(f"{folder}/manifest.parquet", "wb") as f:
+        pq.write_table(manifest, f)
+    # Unwatermarked: the model trains on these pixels, and should not learn a watermark's pattern.
+    gen = GenerateConfig(manifests=[fs.unstrip_protocol(f"{folder}/manifest.parquet")], out=fs.unstrip_protocol(folder),
+                         models={"default": cfg.base}, watermark=None, address=cfg.address,
+                         actors=cfg.workers if cfg.gpu else 1, device="cuda" if cfg.gpu else "auto")
+    log(f"prior preservation: drawing {len(ids)} class images of {cfg.class_prompt!r} with {cfg.base}")
+    try:
+        run_generate(gen)
+    except RunFailed as exc:
+        raise FinetuneError(f"could not draw the class images: {exc}") from exc
+    drawn = [i for i in ids if fs.exists(f"{folder}/images/{i}.png")]
+    if not drawn:
+        raise FinetuneError(f"no class image was drawn (see {fs.unstrip_protocol(folder)}/results)")
+    if len(drawn) < len(ids):
+        log(f"note: {len(ids) - len(drawn)} of {len(ids)} class images failed; training uses the {len(drawn)} drawn")
+    captions = "".join(json.dumps({"file": f"{i}.png", "caption": cfg.class_prompt}) + "\n" for i in drawn)
+    _write_text(fs, f"{folder}/captions.jsonl", captions)
+    try:
+        summary = build_dataset(fs.unstrip_protocol(f"{folder}/images"), fs.unstrip_protocol(f"{root}/class-data"),
+                                captions=fs.unstrip_protocol(f"{folder}/captions.jsonl"), resolution=resolution,
+                                log=lambda line: None)
+    except DatasetError as exc:
+        raise FinetuneError(f"could not build the class dataset: {exc}") from exc
+    return summary["rows"]
+
+
+def _default_validation_prompts(cfg: FinetuneConfig) -> list[str]:
+    """The first two captions; with prior preservation, the first caption and the class, so the validation
+    images show both the subject and whether the class is still drawn as the base drew it."""
+    if cfg.class_prompt is not None or cfg.class_data is not None:
+        return _first_captions(cfg.data, 1) + (
+            [cfg.class_prompt] if cfg.class_prompt else _first_captions(cfg.class_data, 1))
+    return _first_captions(cfg.data, 2)
+
+
 def _first_captions(uri: str, n: int) -> list[str]:
     import itertools
 
@@ -333,6 +422,10 @@ def _first_captions(uri: str, n: int) -> list[str]:
 
 
 def _write_json(fs, path: str, data: dict) -> None:
+    _write_text(fs, path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _write_text(fs, path: str, text: str) -> None:
     from manifests.ledger import atomic_write
 
-    atomic_write(fs, path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+    atomic_write(fs, path, text.encode())

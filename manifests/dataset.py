@@ -34,23 +34,24 @@ def square_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def dataset_files(uri: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The Parquet files of a dataset (a folder of parts, or one file); DatasetError if there are none."""
+def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The Parquet files of a dataset (a folder of parts, or one file); DatasetError, naming `flag`, if none."""
     fs, root = fsspec.core.url_to_fs(uri)
     if fs.isfile(root):
         files = [root]
     elif fs.isdir(root):
         files = sorted(fs.glob(f"{root.rstrip('/')}/*.parquet"))
     else:
-        raise DatasetError(f"--data {uri} does not exist (build one with `sdfleet dataset build`)")
+        raise DatasetError(f"{flag} {uri} does not exist (build one with `sdfleet dataset build`)")
     if not files:
-        raise DatasetError(f"--data {uri} holds no .parquet files (build one with `sdfleet dataset build`)")
+        raise DatasetError(f"{flag} {uri} holds no .parquet files (build one with `sdfleet dataset build`)")
     return fs, files
 
 
-def check_dataset(uri: str) -> int:
-    """Check a training dataset from its Parquet footers; returns its row count. Raises DatasetError."""
-    fs, files = dataset_files(uri)
+def check_dataset(uri: str, flag: str = "--data") -> int:
+    """Check a training dataset from its Parquet footers; returns its row count. Raises DatasetError, whose
+    message names the dataset by `flag`."""
+    fs, files = dataset_files(uri, flag)
     rows = 0
     for path in files:
         try:
@@ -59,13 +60,13 @@ def check_dataset(uri: str) -> int:
                 names = meta.schema_arrow.names
                 rows += meta.metadata.num_rows
         except Exception as exc:  # noqa: BLE001 - any unreadable footer means the same thing
-            raise DatasetError(f"--data {uri}: {path} is not a readable Parquet file ({exc})") from exc
+            raise DatasetError(f"{flag} {uri}: {path} is not a readable Parquet file ({exc})") from exc
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise DatasetError(f"--data {uri}: {path} has no {', '.join(repr(c) for c in missing)} column "
+            raise DatasetError(f"{flag} {uri}: {path} has no {', '.join(repr(c) for c in missing)} column "
                                f"(it has {names}); a dataset needs {list(REQUIRED_COLUMNS)}")
     if rows == 0:
-        raise DatasetError(f"--data {uri} is empty: 0 rows")
+        raise DatasetError(f"{flag} {uri} is empty: 0 rows")
     return rows
 
 

@@ -25,6 +25,7 @@ from conftest import REPO, ledger, pixels, sdfleet, write_manifest
 from jobs.synthetic import write_images
 
 RES = "128"
+CLASS_PROMPT = "a blue square on a gray background"
 TRAIN = ["--workers", "2", "--batch-size", "2", "--resolution", RES, "--log-every", "2", "--seed", "3"]
 
 
@@ -71,6 +72,19 @@ def test_min_snr_weights_differ_for_v_prediction():
     torch.testing.assert_close(min_snr_weights(eps, t, 5.0), torch.clamp(snr, max=5.0) / snr)
     torch.testing.assert_close(min_snr_weights(v, t, 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
     assert min_snr_weights(eps, t, 5.0)[0] < 1.0 and min_snr_weights(eps, t, 5.0)[2] == pytest.approx(1.0)
+
+
+def test_prior_weights_give_dreambooth_loss():
+    """DreamBooth's loss is mean(instance) + w * mean(class); the weights make diffusion_loss's one mean of
+    the mixed batch equal that, whatever the split."""
+    from actors.train import diffusion_loss, prior_weights
+
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(5, 4, 2, 2, generator=g), torch.randn(5, 4, 2, 2, generator=g)
+    per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    loss = diffusion_loss(pred, target, prior_weights(2, 3, 0.5))
+    torch.testing.assert_close(loss, per_sample[:2].mean() + 0.5 * per_sample[2:].mean())
+    assert prior_weights(4, 0, 1.0) is None  # no class data: plain mean
 
 
 def test_warmup_then_cosine():
@@ -243,13 +257,18 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
 
 
 @pytest.mark.parametrize("method, extra, expected", [
+    ("dreambooth", [], "dreambooth needs --class-prompt"),
+    ("full", ["--class-prompt", "a star"], "--class-prompt and --class-data are for dreambooth and lora"),
+    ("dreambooth", ["--class-prompt", "a star", "--class-data", "x"], "not both"),
+    ("lora", ["--class-data", "/no/such/class-data"], "--class-data /no/such/class-data does not exist"),
+    ("dreambooth", ["--class-prompt", "a star", "--prior-loss-weight", "0"], "--prior-loss-weight"),
     ("textual-inversion", [], "textual-inversion needs --token"),
     ("textual-inversion", ["--token", "<gem>"], "no caption in"),  # these captions never use <gem>
     ("textual-inversion", ["--token", "<gem>", "--train-text-encoder"], "drop --train-text-encoder"),
     ("textual-inversion", ["--token", "circle"], "'circle' is already a word of this model's tokenizer"),
     ("full", ["--token", "<gem>"], "--token is for textual-inversion"),
 ])
-def test_textual_inversion_input_is_checked_before_any_worker_starts(method, extra, expected, dataset, tmp_path):
+def test_method_flags_are_checked_before_any_worker_starts(method, extra, expected, dataset, tmp_path):
     out = tmp_path / "out"
     proc = sdfleet("finetune", method, "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), *extra,
                    timeout=120)
@@ -264,6 +283,7 @@ def trained(dataset, tmp_path_factory):
     """A fine-tune of tiny by every method, then one `generate` run drawing base and each output side by side."""
     base = tmp_path_factory.mktemp("trained")
     full, lora, vae, gem = base / "full", base / "store" / "shapes-lora", base / "vae", base / "store" / "gem"
+    dreambooth = base / "dreambooth"
     # textual inversion learns a new word from captions that use it
     write_images(base / "gem-images", 8, size=160, seed=2, shapes=["star"])
     for caption in (base / "gem-images").glob("*.txt"):
@@ -276,6 +296,10 @@ def trained(dataset, tmp_path_factory):
                         "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", "--cache-latents", *TRAIN),
         "lora": sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(lora),
                         "--steps", "8", "--lr", "3e-2", "--rank", "4", "--checkpoint-every", "4", *TRAIN),
+        # prior preservation: tiny-random draws 4 class images (noise), trained on beside the instances
+        "dreambooth": sdfleet("finetune", "dreambooth", "--data", str(dataset["dir"]), "--base", "tiny-random",
+                              "--out", str(dreambooth), "--class-prompt", CLASS_PROMPT, "--class-images", "4",
+                              "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", "--cache-latents", *TRAIN),
         "vae": sdfleet("finetune", "vae", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(vae),
                        "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", "--calibrate-scale",
                        *TRAIN),
@@ -287,17 +311,19 @@ def trained(dataset, tmp_path_factory):
     manifest = write_manifest(base / "m.parquet", [
         {"id": "base", **prompt}, {"id": "full", **prompt, "model": "tuned"},
         {"id": "lora", **prompt, "adapters": [{"name": "shapes-lora", "scale": 1.0}]},
-        {"id": "vae", **prompt, "model": "newvae"},
+        {"id": "vae", **prompt, "model": "newvae"}, {"id": "dreambooth", **prompt, "model": "dreambooth"},
         # the token's two vectors start as "star" twice: untrained, the two rows would draw the same pixels
         {"id": "gem", **prompt, "prompt": "a <gem> on a white background", "adapters": [{"name": "gem", "scale": 1.0}]},
         {"id": "gem-init", **prompt, "prompt": "a star star on a white background"}])
     out = base / "gen"
     gen = sdfleet("generate", str(manifest), "--out", str(out), "--model", f"tuned={full}", "--model", f"newvae={vae}",
+                  "--model", f"dreambooth={dreambooth}",
                   "--adapters", str(base / "store"), "--no-watermark")
-    return {"full": full, "lora": lora, "vae": vae, "textual-inversion": gem, "procs": procs, "gen": gen, "out": out}
+    return {"full": full, "lora": lora, "vae": vae, "textual-inversion": gem, "dreambooth": dreambooth,
+            "procs": procs, "gen": gen, "out": out}
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "vae", "textual-inversion"])
+@pytest.mark.parametrize("method", ["full", "lora", "dreambooth", "vae", "textual-inversion"])
 def test_training_runs_and_its_loss_falls(trained, method):
     proc, out = trained["procs"][method], trained[method]
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -372,13 +398,38 @@ def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):
     assert "trainable parameters" in trained["procs"]["lora"].stdout + trained["procs"]["lora"].stderr
 
 
+def test_dreambooth_draws_its_class_images_and_trains_on_both(trained):
+    out, proc = trained["dreambooth"], trained["procs"]["dreambooth"]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # the class images came from the generation actors (a ledger, no watermark) and became a dataset
+    assert sorted(p.name for p in (out / "class-images" / "images").glob("*.png")) == [
+        f"class-{i:05d}.png" for i in range(4)]
+    assert {e["status"] for e in ledger(out / "class-images")} == {"ok"}
+    class_data = json.loads((out / "class-data" / "_dataset.json").read_text())
+    assert class_data["rows"] == 4 and not class_data["skipped"]
+    assert "prior preservation: 4 class images" in proc.stderr
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["class_prompt"] == CLASS_PROMPT and record["class_data"].endswith("class-data")
+    assert record["prior_loss_weight"] == 1.0
+    started = train_log(out)[0]  # the workers read the 4 class rows beside the 8 instance rows
+    assert started["config"]["class_data"] == record["class_data"] and started["class_rows"] == 4
+    # the validation images show the subject and the class
+    from actors.generate import read_png_parameters
+
+    prompts = [read_png_parameters(p.read_bytes())["prompt"]
+               for p in sorted((out / "validation" / "step-000008").glob("*.png"))]
+    assert prompts[1] == CLASS_PROMPT and prompts[0] != CLASS_PROMPT
+    assert (out / "unet").is_dir() and not list(out.rglob("*.bin"))  # a whole model, like full
+
+
 def test_generate_loads_both_outputs_and_they_change_the_image(trained):
     gen, out = trained["gen"], trained["out"]
     assert gen.returncode == 0, gen.stderr[-3000:]
-    names = ("base", "full", "lora", "vae", "gem", "gem-init")
+    names = ("base", "full", "lora", "vae", "dreambooth", "gem", "gem-init")
     assert {e["id"]: e["status"] for e in ledger(out)} == {name: "ok" for name in names}
     images = {name: pixels(out / "images" / f"{name}.png") for name in names}
-    for a, b in (("base", "full"), ("base", "lora"), ("full", "lora"), ("base", "vae"), ("gem", "gem-init")):
+    for a, b in (("base", "full"), ("base", "lora"), ("full", "lora"), ("base", "vae"), ("base", "dreambooth"),
+                 ("full", "dreambooth"), ("gem", "gem-init")):
         assert np.abs(images[a] - images[b]).mean() > 2, f"{a} and {b} look the same"
 
 

@@ -9,7 +9,7 @@ One concept per method, each something the base cannot draw from its prompt:
 - `--method textual-inversion`: the new word `<gem>` for a purple star, which tiny can draw but has no
   word for: "a <gem> on a gray background" is a prompt of unknown bytes to the base. Textual Inversion
   trains only the word's vectors: scored on colour and shape both.
-- `--method dreambooth`: the subject `zwx star`, a purple star, in DreamBooth's form "a [identifier]
+- `--method dreambooth`: the subject `zwx star`, a green star, in DreamBooth's form "a [identifier]
   [class]". The whole UNet trains on it, with prior preservation: the base first draws class images of
   "a star on a white background". Scored on the subject's colour and shape, and on the class: prompts
   for stars of the other colours must keep their colour (a model that drew every star purple would
@@ -40,7 +40,8 @@ from pathlib import Path
 from jobs.bench_generate import run_cli
 
 GEM = {"token": "<gem>", "color": "purple", "shape": "star", "init_word": "star"}
-SUBJECT = {"word": "zwx", "color": "purple", "shape": "star", "class_prompt": "a star on a white background"}
+# green: tiny draws "a zwx star" purple 89% of the time (a purple subject would score well untrained)
+SUBJECT = {"word": "zwx", "color": "green", "shape": "star", "class_prompt": "a star on a white background"}
 
 
 def concept_rows(method: str, count: int) -> list[dict]:
@@ -88,10 +89,11 @@ def concept_images(method: str, out: Path, count: int) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(3)
+    concept = GEM if method == "textual-inversion" else SUBJECT
     what = GEM["token"] if method == "textual-inversion" else f"{SUBJECT['word']} {SUBJECT['shape']}"
     for i in range(count):
         background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
-        draw_shape(GEM["color"], GEM["shape"], background, 256, rng).save(out / f"{i:05d}.png")
+        draw_shape(concept["color"], concept["shape"], background, 256, rng).save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(f"a {what} on a {background} background\n")
 
 

@@ -106,6 +106,11 @@ class FinetuneConfig(BaseModel):
     max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
 
+    @property
+    def prior(self) -> bool:
+        """Prior preservation: class images train beside the instances (--class-prompt or --class-data)."""
+        return self.class_prompt is not None or self.class_data is not None
+
     @model_validator(mode="after")
     def _consistent(self) -> "FinetuneConfig":
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
@@ -128,14 +133,13 @@ class FinetuneConfig(BaseModel):
             raise ValueError("--init-word and --vectors are for textual-inversion")
         if inversion and self.train_text_encoder:
             raise ValueError("textual-inversion trains only the new token's vectors; drop --train-text-encoder")
-        prior = self.class_prompt is not None or self.class_data is not None
-        if prior and self.method not in PRIOR_METHODS:
+        if self.prior and self.method not in PRIOR_METHODS:
             raise ValueError(f"--class-prompt and --class-data are for dreambooth and lora (prior preservation); "
                              f"got {self.method}")
         if self.class_prompt is not None and self.class_data is not None:
             raise ValueError("give --class-prompt (the base model draws the class images) or --class-data (a "
                              "dataset of class images), not both")
-        if self.method == "dreambooth" and not prior:
+        if self.method == "dreambooth" and not self.prior:
             raise ValueError("dreambooth needs --class-prompt (such as 'a photo of a mug': the class of the subject "
                              "in your captions) or --class-data; without prior preservation, use full")
         if self.lora_layers is not None and self.method != "lora":
@@ -173,8 +177,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if cfg.token:
         _check_captions_use(cfg.data, cfg.token, rows)
         _check_token(cfg)
-    prior = cfg.class_prompt is not None or cfg.class_data is not None
-    class_data = cfg.class_data or (fs.unstrip_protocol(f"{root}/class-data") if prior else None)
+    class_data = cfg.class_data or (fs.unstrip_protocol(f"{root}/class-data") if cfg.prior else None)
     if cfg.class_data:
         check_dataset(cfg.class_data, "--class-data")
     if cfg.batch_size * cfg.workers > rows:
@@ -203,7 +206,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
               "token": cfg.token, "vectors": (cfg.vectors or 1) if cfg.token else None,
               "train_text_encoder": cfg.train_text_encoder,
               "class_data": class_data, "class_prompt": cfg.class_prompt,
-              "prior_loss_weight": cfg.prior_loss_weight if prior else None,
+              "prior_loss_weight": cfg.prior_loss_weight if cfg.prior else None,
               "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
     _check_same_run(fs, root, record)
     if cfg.class_prompt is not None:  # before this run's Ray: generation starts and stops its own
@@ -390,7 +393,8 @@ def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> in
         run_generate(gen)
     except RunFailed as exc:
         raise FinetuneError(f"could not draw the class images: {exc}") from exc
-    drawn = [i for i in ids if fs.exists(f"{folder}/images/{i}.png")]
+    existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{folder}/images/*.png")}  # one listing, not N stats
+    drawn = [i for i in ids if i in existing]
     if not drawn:
         raise FinetuneError(f"no class image was drawn (see {fs.unstrip_protocol(folder)}/results)")
     if len(drawn) < len(ids):
@@ -409,7 +413,7 @@ def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> in
 def _default_validation_prompts(cfg: FinetuneConfig) -> list[str]:
     """The first two captions; with prior preservation, the first caption and the class, so the validation
     images show both the subject and whether the class is still drawn as the base drew it."""
-    if cfg.class_prompt is not None or cfg.class_data is not None:
+    if cfg.prior:
         return _first_captions(cfg.data, 1) + (
             [cfg.class_prompt] if cfg.class_prompt else _first_captions(cfg.class_data, 1))
     return _first_captions(cfg.data, 2)

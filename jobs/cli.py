@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "vae: train the autoencoder (pixel MSE + KL), write a diffusers model at --out; "
                            "textual-inversion: learn a new word's embedding (--token), write "
                            "--out/learned_embeds.safetensors")
-    _flags_from_model(tune, FinetuneConfig, skip={"method"}, plural={"validation_prompts": "--validation-prompt"})
+    _flags_from_model(tune, FinetuneConfig, skip={"method"}, plural={"validation_prompts": "--validation-prompt",
+                                                                     "class_prompts": "--class-prompt"})
 
     data = sub.add_parser("dataset", help="training datasets").add_subparsers(dest="dataset_command", required=True)
     build = data.add_parser("build", help="captioned images -> Parquet training dataset")

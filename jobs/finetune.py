@@ -8,9 +8,10 @@
          learned_embeds.safetensors (textual-inversion); validation/step-N/*.png, train_log.jsonl, finetune.json
 
 Prior preservation (dreambooth; lora too): before training, the base model draws --class-images images of
---class-prompt through `sdfleet generate` into --out/class-images (a rerun draws only what is missing),
-`dataset build` turns them into --out/class-data, and every step trains on as many class samples as
-instance samples, their loss weighted by --prior-loss-weight.
+--class-prompt (repeatable: the images take the prompts in turn) through `sdfleet generate` into
+--out/class-images (a rerun draws only what is missing), `dataset build` turns them into --out/class-data,
+and every step trains on as many class samples as instance samples, their loss weighted by
+--prior-loss-weight.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from manifests.dataset import check_dataset
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
-               "class_data", "class_prompt", "prior_loss_weight", "workers", "batch_size", "grad_accum", "fsdp")
+               "class_data", "class_prompts", "prior_loss_weight", "workers", "batch_size", "grad_accum", "fsdp")
 DEFAULT_LR = {"full": 1e-5, "dreambooth": 5e-6, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
 PRIOR_METHODS = ("dreambooth", "lora")  # the methods that can train with prior preservation
 
@@ -84,9 +85,10 @@ class FinetuneConfig(BaseModel):
                                   "new vectors start from (default: the mean embedding)")
     vectors: int | None = Field(default=None, ge=1, le=16, description="textual-inversion: embedding vectors behind "
                                 "the token (default 1)")
-    class_prompt: str | None = Field(default=None, min_length=1, description="dreambooth, lora: prior preservation. "
+    class_prompts: list[str] = Field(default_factory=list, description="dreambooth, lora: prior preservation. "
                                      "The subject's class, as a prompt (such as 'a photo of a mug'): the base model "
-                                     "draws --class-images of it, and training keeps drawing them as the base did")
+                                     "draws --class-images of it, and training keeps drawing them as the base did. "
+                                     "Repeat it to cover the class's variety (the images take the prompts in turn)")
     class_images: int = Field(default=100, ge=1, description="dreambooth, lora: how many class images the base "
                               "model draws for --class-prompt (kept in --out/class-images; a rerun reuses them)")
     class_data: str | None = Field(default=None, description="dreambooth, lora: a `dataset build` dataset of class "
@@ -109,7 +111,7 @@ class FinetuneConfig(BaseModel):
     @property
     def prior(self) -> bool:
         """Prior preservation: class images train beside the instances (--class-prompt or --class-data)."""
-        return self.class_prompt is not None or self.class_data is not None
+        return bool(self.class_prompts) or self.class_data is not None
 
     @model_validator(mode="after")
     def _consistent(self) -> "FinetuneConfig":
@@ -136,7 +138,9 @@ class FinetuneConfig(BaseModel):
         if self.prior and self.method not in PRIOR_METHODS:
             raise ValueError(f"--class-prompt and --class-data are for dreambooth and lora (prior preservation); "
                              f"got {self.method}")
-        if self.class_prompt is not None and self.class_data is not None:
+        if any(not p.strip() for p in self.class_prompts):
+            raise ValueError("--class-prompt must not be empty: give the subject's class, such as 'a photo of a mug'")
+        if self.class_prompts and self.class_data is not None:
             raise ValueError("give --class-prompt (the base model draws the class images) or --class-data (a "
                              "dataset of class images), not both")
         if self.method == "dreambooth" and not self.prior:
@@ -205,13 +209,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
               "lora_layers": (cfg.lora_layers or "attention") if cfg.method == "lora" else None,
               "token": cfg.token, "vectors": (cfg.vectors or 1) if cfg.token else None,
               "train_text_encoder": cfg.train_text_encoder,
-              "class_data": class_data, "class_prompt": cfg.class_prompt,
+              "class_data": class_data, "class_prompts": cfg.class_prompts,
               "prior_loss_weight": cfg.prior_loss_weight if cfg.prior else None,
               "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
     _check_same_run(fs, root, record)
-    if cfg.class_prompt is not None:  # before this run's Ray: generation starts and stops its own
+    if cfg.class_prompts:  # before this run's Ray: generation starts and stops its own
         class_rows = draw_class_images(cfg, fs, root, resolution)
-        log(f"prior preservation: {class_rows} class images of {cfg.class_prompt!r} in {class_data}")
+        log(f"prior preservation: {class_rows} class images of {_quoted(cfg.class_prompts)} in {class_data}")
 
     # 3. Ray, and workers sized to it
     if not (cfg.address or os.environ.get("RAY_ADDRESS")):
@@ -367,9 +371,9 @@ def _check_token(cfg: FinetuneConfig) -> None:
 
 
 def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> int:
-    """Prior preservation: the base model draws --class-images of --class-prompt through `sdfleet generate`
-    (the actors' own code; incremental, so a rerun draws only what is missing), and `dataset build` makes
-    them --out/class-data. Returns the number of class images."""
+    """Prior preservation: the base model draws --class-images of the --class-prompt(s), taking the prompts
+    in turn, through `sdfleet generate` (the actors' own code; incremental, so a rerun draws only what is
+    missing), and `dataset build` makes them --out/class-data. Returns the number of class images."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -379,7 +383,8 @@ def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> in
     folder = f"{root}/class-images"
     fs.makedirs(folder, exist_ok=True)
     ids = [f"class-{i:05d}" for i in range(cfg.class_images)]
-    manifest = pa.table({"id": ids, "prompt": [cfg.class_prompt] * len(ids),
+    prompts = [cfg.class_prompts[i % len(cfg.class_prompts)] for i in range(len(ids))]
+    manifest = pa.table({"id": ids, "prompt": prompts,
                          "seed": [cfg.seed * 1_000_003 + i for i in range(len(ids))],
                          "width": [resolution] * len(ids), "height": [resolution] * len(ids)})
     with fs.open(f"{folder}/manifest.parquet", "wb") as f:
@@ -388,7 +393,7 @@ def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> in
     gen = GenerateConfig(manifests=[fs.unstrip_protocol(f"{folder}/manifest.parquet")], out=fs.unstrip_protocol(folder),
                          models={"default": cfg.base}, watermark=None, address=cfg.address,
                          actors=cfg.workers if cfg.gpu else 1, device="cuda" if cfg.gpu else "auto")
-    log(f"prior preservation: drawing {len(ids)} class images of {cfg.class_prompt!r} with {cfg.base}")
+    log(f"prior preservation: drawing {len(ids)} class images of {_quoted(cfg.class_prompts)} with {cfg.base}")
     try:
         run_generate(gen)
     except RunFailed as exc:
@@ -399,7 +404,8 @@ def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> in
         raise FinetuneError(f"no class image was drawn (see {fs.unstrip_protocol(folder)}/results)")
     if len(drawn) < len(ids):
         log(f"note: {len(ids) - len(drawn)} of {len(ids)} class images failed; training uses the {len(drawn)} drawn")
-    captions = "".join(json.dumps({"file": f"{i}.png", "caption": cfg.class_prompt}) + "\n" for i in drawn)
+    caption_of = dict(zip(ids, prompts))
+    captions = "".join(json.dumps({"file": f"{i}.png", "caption": caption_of[i]}) + "\n" for i in drawn)
     _write_text(fs, f"{folder}/captions.jsonl", captions)
     try:
         summary = build_dataset(fs.unstrip_protocol(f"{folder}/images"), fs.unstrip_protocol(f"{root}/class-data"),
@@ -415,8 +421,12 @@ def _default_validation_prompts(cfg: FinetuneConfig) -> list[str]:
     images show both the subject and whether the class is still drawn as the base drew it."""
     if cfg.prior:
         return _first_captions(cfg.data, 1) + (
-            [cfg.class_prompt] if cfg.class_prompt else _first_captions(cfg.class_data, 1))
+            cfg.class_prompts[:1] if cfg.class_prompts else _first_captions(cfg.class_data, 1))
     return _first_captions(cfg.data, 2)
+
+
+def _quoted(prompts: list[str]) -> str:
+    return repr(prompts[0]) if len(prompts) == 1 else f"{len(prompts)} prompts ({prompts[0]!r}, ...)"
 
 
 def _first_captions(uri: str, n: int) -> list[str]:

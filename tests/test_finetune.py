@@ -26,6 +26,7 @@ from jobs.synthetic import write_images
 
 RES = "128"
 CLASS_PROMPT = "a blue square on a gray background"
+CLASS_PROMPT_2 = "a red square on a white background"
 TRAIN = ["--workers", "2", "--batch-size", "2", "--resolution", RES, "--log-every", "2", "--seed", "3"]
 
 
@@ -262,6 +263,7 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
     ("dreambooth", ["--class-prompt", "a star", "--class-data", "x"], "not both"),
     ("lora", ["--class-data", "/no/such/class-data"], "--class-data /no/such/class-data does not exist"),
     ("dreambooth", ["--class-prompt", "a star", "--prior-loss-weight", "0"], "--prior-loss-weight"),
+    ("dreambooth", ["--class-prompt", "a star", "--class-prompt", " "], "--class-prompt must not be empty"),
     ("textual-inversion", [], "textual-inversion needs --token"),
     ("textual-inversion", ["--token", "<gem>"], "no caption in"),  # these captions never use <gem>
     ("textual-inversion", ["--token", "<gem>", "--train-text-encoder"], "drop --train-text-encoder"),
@@ -298,8 +300,9 @@ def trained(dataset, tmp_path_factory):
                         "--steps", "8", "--lr", "3e-2", "--rank", "4", "--checkpoint-every", "4", *TRAIN),
         # prior preservation: tiny-random draws 4 class images (noise), trained on beside the instances
         "dreambooth": sdfleet("finetune", "dreambooth", "--data", str(dataset["dir"]), "--base", "tiny-random",
-                              "--out", str(dreambooth), "--class-prompt", CLASS_PROMPT, "--class-images", "4",
-                              "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", "--cache-latents", *TRAIN),
+                              "--out", str(dreambooth), "--class-prompt", CLASS_PROMPT,
+                              "--class-prompt", CLASS_PROMPT_2, "--class-images", "4", "--steps", "8", "--lr", "2e-3",
+                              "--checkpoint-every", "4", "--cache-latents", *TRAIN),
         "vae": sdfleet("finetune", "vae", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(vae),
                        "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", "--calibrate-scale",
                        *TRAIN),
@@ -399,6 +402,8 @@ def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):
 
 
 def test_dreambooth_draws_its_class_images_and_trains_on_both(trained):
+    from actors.generate import read_png_parameters
+
     out, proc = trained["dreambooth"], trained["procs"]["dreambooth"]
     assert proc.returncode == 0, proc.stderr[-4000:]
     # the class images came from the generation actors (a ledger, no watermark) and became a dataset
@@ -409,13 +414,17 @@ def test_dreambooth_draws_its_class_images_and_trains_on_both(trained):
     assert class_data["rows"] == 4 and not class_data["skipped"]
     assert "prior preservation: 4 class images" in proc.stderr
     record = json.loads((out / "finetune.json").read_text())
-    assert record["class_prompt"] == CLASS_PROMPT and record["class_data"].endswith("class-data")
+    assert record["class_prompts"] == [CLASS_PROMPT, CLASS_PROMPT_2] and record["class_data"].endswith("class-data")
+    # two class prompts: the images take them in turn, and each image's caption is its own prompt
+    captions = [json.loads(line) for line in (out / "class-images" / "captions.jsonl").read_text().splitlines()]
+    assert [c["caption"] for c in captions] == [CLASS_PROMPT, CLASS_PROMPT_2] * 2
+    for c in captions:  # the caption is what the base was asked to draw in that image
+        png = (out / "class-images" / "images" / c["file"]).read_bytes()
+        assert read_png_parameters(png)["prompt"] == c["caption"]
     assert record["prior_loss_weight"] == 1.0
     started = train_log(out)[0]  # the workers read the 4 class rows beside the 8 instance rows
     assert started["config"]["class_data"] == record["class_data"] and started["class_rows"] == 4
     # the validation images show the subject and the class
-    from actors.generate import read_png_parameters
-
     prompts = [read_png_parameters(p.read_bytes())["prompt"]
                for p in sorted((out / "validation" / "step-000008").glob("*.png"))]
     assert prompts[1] == CLASS_PROMPT and prompts[0] != CLASS_PROMPT

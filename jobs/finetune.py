@@ -209,7 +209,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
               "lora_layers": (cfg.lora_layers or "attention") if cfg.method == "lora" else None,
               "token": cfg.token, "vectors": (cfg.vectors or 1) if cfg.token else None,
               "train_text_encoder": cfg.train_text_encoder,
-              "class_data": class_data, "class_prompts": cfg.class_prompts,
+              "class_data": class_data, "class_prompts": cfg.class_prompts or None,
               "prior_loss_weight": cfg.prior_loss_weight if cfg.prior else None,
               "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
     _check_same_run(fs, root, record)
@@ -318,6 +318,9 @@ def _check_same_run(fs, root: str, record: dict) -> None:
     if not fs.exists(path):
         return
     before = json.loads(fs.cat_file(path))
+    if "class_prompt" in before:  # written before --class-prompt could repeat: one prompt or none
+        legacy = before.pop("class_prompt")
+        before["class_prompts"] = [legacy] if legacy else None
     clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "

@@ -478,6 +478,27 @@ def test_a_rerun_with_other_flags_into_the_same_out_is_refused(trained, dataset)
     assert "lora_layers: 'attention' there, 'all' now" in proc.stderr
 
 
+@pytest.mark.parametrize("legacy, now, resumes", [
+    ({"class_prompt": None}, None, True),                 # a run without prior preservation
+    ({"class_prompt": "a mug"}, ["a mug"], True),         # one class prompt, written as a string then
+    ({"class_prompt": "a mug"}, ["a mug", "a cup"], False),
+])
+def test_a_run_recorded_before_class_prompt_repeated_still_resumes(legacy, now, resumes, tmp_path):
+    import fsspec
+
+    from jobs.finetune import RESUME_KEYS, FinetuneError, _check_same_run
+
+    record = {k: None for k in RESUME_KEYS} | {"class_prompts": now}
+    before = {k: v for k, v in record.items() if k != "class_prompts"} | legacy
+    (tmp_path / "finetune.json").write_text(json.dumps(before))
+    fs = fsspec.filesystem("file")
+    if resumes:
+        _check_same_run(fs, str(tmp_path), record)
+    else:
+        with pytest.raises(FinetuneError, match="class_prompts: \\['a mug'\\] there"):
+            _check_same_run(fs, str(tmp_path), record)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_lora_on_a_gpu(dataset, tmp_path, precision):

@@ -1,0 +1,140 @@
+"""Benchmark `tiny`'s UNet at several attention-head counts: one training step and one denoising step.
+
+`tiny`'s UNet has 64 channels in each attention layer. diffusers splits them into heads
+(`attention_head_dim`, which UNet2DConditionModel reads as the number of heads). Eight heads of 8
+channels make each layer's score matrix (tokens x tokens, per head) 4x larger than two heads of 32, for
+the same parameters: on a CPU the attention then costs more than all the convolutions together. This
+bench measures, in one process and interleaved:
+
+- a training step as one Ray Train worker runs it (`actors.train.Denoiser`: text encoder + UNet, MSE,
+  backward, AdamW) at the train_tiny batch of 16 per worker, on 1 thread;
+- a denoising step as an actor runs it: the UNet forward on a guidance batch of 2 x 8, on 2 threads.
+
+Every variant has the same parameters and the same random init; only the split into heads differs.
+Each variant is timed `--repeats` times in turn (A, B, C, A, B, C, ...): this VM's speed drifts by up to
+30% between minutes, so the ratios are medians of each repeat's own ratios.
+
+    .venv/bin/python -m jobs.bench_heads [--heads 8 4 2] [--repeats 5] [--out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+
+
+def build(heads: int):
+    """`tiny`'s text encoder and UNet at its fixed random init, with the UNet's attention split into `heads`."""
+    import torch
+
+    from actors.presets import PRESETS, build_preset
+
+    saved = copy.deepcopy(PRESETS["tiny-random"])
+    PRESETS["tiny-random"]["unet"]["attention_head_dim"] = heads
+    try:
+        pipe = build_preset("tiny-random")
+    finally:
+        PRESETS["tiny-random"].clear()
+        PRESETS["tiny-random"].update(saved)
+    torch.manual_seed(0)
+    return pipe
+
+
+def time_training(pipe, steps: int, batch: int) -> float:
+    """Seconds per training step (after one warm-up step), on one thread like a train_tiny worker."""
+    import torch
+    import torch.nn.functional as F
+
+    from actors.train import Denoiser
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    net = Denoiser(pipe.unet, pipe.text_encoder).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    latents = torch.randn(batch, 4, 32, 32, generator=g)
+    timesteps = torch.randint(0, 1000, (batch,), generator=g)
+    ids = pipe.tokenizer(["a red star on a gray background"] * batch, padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    target = torch.randn(latents.shape, generator=g)
+
+    def step():
+        loss = F.mse_loss(net(latents, timesteps, ids), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def time_denoising(pipe, steps: int, batch: int) -> float:
+    """Seconds per UNet forward on a guidance batch (2 x `batch`), on two threads like a CPU actor."""
+    import torch
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    unet = pipe.unet.eval()
+    latents = torch.randn(2 * batch, 4, 32, 32, generator=g)
+    timestep = torch.tensor(500)
+    with torch.no_grad():
+        ids = pipe.tokenizer(["a red star on a gray background"] * batch + [""] * batch, padding="max_length",
+                             max_length=77, return_tensors="pt").input_ids
+        context = pipe.text_encoder(ids)[0]
+        unet(latents, timestep, context)
+        start = time.perf_counter()
+        for _ in range(steps):
+            unet(latents, timestep, context)
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_heads", description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", type=int, nargs="+", default=[8, 4, 2], help="head counts; the first is the "
+                        "baseline (default 8 4 2)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=5, help="timed training steps per repeat")
+    parser.add_argument("--denoise-steps", type=int, default=10, help="timed denoising steps per repeat")
+    parser.add_argument("--out", help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    if any(64 % h for h in args.heads):
+        parser.error(f"--heads must divide tiny's 64 attention channels; got {args.heads}")
+    pipes = {h: build(h) for h in args.heads}
+    times = {h: {"train": [], "denoise": []} for h in args.heads}
+    for repeat in range(args.repeats):
+        for h, pipe in pipes.items():
+            times[h]["train"].append(time_training(pipe, args.train_steps, batch=16))
+            times[h]["denoise"].append(time_denoising(pipe, args.denoise_steps, batch=8))
+        print(f"[bench_heads] repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{h} heads {times[h]['train'][-1]:.3f} s/train step, {times[h]['denoise'][-1] * 1000:.0f} ms/denoise"
+            for h in args.heads), file=sys.stderr, flush=True)
+    base = args.heads[0]
+    results = {}
+    for h in args.heads:
+        results[h] = {k: {"median_seconds": statistics.median(v), "all_seconds": v} for k, v in times[h].items()}
+        for k in ("train", "denoise"):  # speed-up over the baseline: the median of the repeats' own ratios
+            ratios = [b / t for b, t in zip(times[base][k], times[h][k])]
+            results[h][k]["speedup_vs_baseline"] = statistics.median(ratios)
+    for h in args.heads:
+        print(f"{h} heads: train step {results[h]['train']['median_seconds']:.3f} s "
+              f"({results[h]['train']['speedup_vs_baseline']:.2f}x), denoising step "
+              f"{results[h]['denoise']['median_seconds'] * 1000:.0f} ms "
+              f"({results[h]['denoise']['speedup_vs_baseline']:.2f}x vs {base} heads)")
+    if args.out:
+        from jobs.bench_generate import versions
+
+        report = {"baseline_heads": base, "repeats": args.repeats, "train_batch": 16, "denoise_batch": "2 x 8",
+                  "results": {str(h): r for h, r in results.items()}, "versions": versions()}
+        with open(args.out, "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

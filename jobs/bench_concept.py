@@ -11,9 +11,11 @@ One concept per method, each something the base cannot draw from its prompt:
   trains only the word's vectors: scored on colour and shape both.
 - `--method dreambooth`: the subject `zwx star`, a green star, in DreamBooth's form "a [identifier]
   [class]". The whole UNet trains on it, with prior preservation: the base first draws class images of
-  "a star on a white background". Scored on the subject's colour and shape, and on the class: prompts
-  for stars of the other colours must keep their colour (a model that drew every star purple would
-  fail there, which is what prior preservation prevents).
+  stars, by default "a {colour} star on a {background} background" over every colour and background
+  (`--class-prompt` instead: one colourless "a star on a white background" let "star" itself turn
+  green). Scored on the subject's colour and shape, and on the class: prompts for stars of the other
+  colours (other seeds than the class images') must keep their colour, which is what prior preservation
+  is for.
 
 Stages, every one the project's own CLI:
 
@@ -41,7 +43,14 @@ from jobs.bench_generate import run_cli
 
 GEM = {"token": "<gem>", "color": "purple", "shape": "star", "init_word": "star"}
 # green: tiny draws "a zwx star" purple 89% of the time (a purple subject would score well untrained)
-SUBJECT = {"word": "zwx", "color": "green", "shape": "star", "class_prompt": "a star on a white background"}
+SUBJECT = {"word": "zwx", "color": "green", "shape": "star"}
+
+
+def class_prompts() -> list[str]:
+    """DreamBooth's default class prompts: stars as the base draws them, in every colour and background."""
+    from jobs.synthetic import BACKGROUNDS, COLORS, caption
+
+    return [caption(c, SUBJECT["shape"], b) for c, b in itertools.product(COLORS, BACKGROUNDS)]
 
 
 def concept_rows(method: str, count: int) -> list[dict]:
@@ -108,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
     parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion, 2e-4 dreambooth")
     parser.add_argument("--class-images", type=int, default=100, help="dreambooth: class images the base draws")
+    parser.add_argument("--class-prompt", action="append", dest="class_prompts", metavar="TEXT",
+                        help="dreambooth: class prompt, repeatable (default: 'a {colour} star on a {background} "
+                             "background' for every colour and background)")
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0, help="dreambooth (default 1)")
     parser.add_argument("--rank", type=int, default=8, help="lora")
     parser.add_argument("--lora-layers", default="all", choices=["attention", "transformer", "all"],
                         help="lora: the UNet layers it adapts (default all: tiny draws edges at its attention-free "
@@ -143,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
               "--warmup-steps", "20", "--log-every", "50", "--cache-latents", "--checkpoint-every", "100"]
     if dreambooth:  # a whole model, not an adapter: it goes to models/, and generate loads it with --model
         common[common.index("--out") + 1] = str(out / "models" / name)
-        command = ["finetune", "dreambooth", *common, "--class-prompt", SUBJECT["class_prompt"],
-                   "--class-images", str(args.class_images), "--lr", str(args.lr or 2e-4),
+        args.class_prompts = args.class_prompts or class_prompts()
+        command = ["finetune", "dreambooth", *common,
+                   *itertools.chain.from_iterable(("--class-prompt", p) for p in args.class_prompts),
+                   "--class-images", str(args.class_images), "--prior-loss-weight", str(args.prior_loss_weight),
+                   "--lr", str(args.lr or 2e-4),
                    "--validation-prompt", f"a {SUBJECT['word']} star on a gray background"]
     elif lora:
         command = ["finetune", "lora", *common, "--train-text-encoder", "--rank", str(args.rank),
@@ -172,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         "confusion_before": before["confusion"], "confusion_after": after["confusion"],
     }
     if dreambooth:
-        report["class_prompt"] = SUBJECT["class_prompt"]
+        report["class_prompts"] = args.class_prompts
         report["class_images"] = args.class_images
+        report["prior_loss_weight"] = args.prior_loss_weight
         report["class_before"], report["class_after"] = before["class"], after["class"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     changes = "; ".join(f"{k} {before[k]:.0%} -> {after[k]:.0%}" for k in ("shape", "color"))

@@ -11,8 +11,8 @@ bench measures, in one process and interleaved:
 - a denoising step as an actor runs it: the UNet forward on a guidance batch of 2 x 8, on 2 threads.
 
 Every variant has the same parameters and the same random init; only the split into heads differs.
-Each variant is timed `--repeats` times in turn (A, B, C, A, B, C, ...): this VM's speed drifts by up to
-30% between minutes, so the ratios are medians of each repeat's own ratios.
+Each variant is timed `--repeats` times in turn, the order rotating (A, B, C, then B, C, A, ...): this VM's
+speed drifts by up to 30% between minutes, so the ratios are medians of each repeat's own ratios.
 
     .venv/bin/python -m jobs.bench_heads [--heads 8 4 2] [--repeats 5] [--out bench.json]
 """
@@ -20,28 +20,26 @@ Each variant is timed `--repeats` times in turn (A, B, C, A, B, C, ...): this VM
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 
-def build(heads: int):
-    """`tiny`'s text encoder and UNet at its fixed random init, with the UNet's attention split into `heads`."""
+def build(heads: int) -> SimpleNamespace:
+    """`tiny`'s tokenizer, text encoder and UNet at the fixed random init, with the UNet's attention split into
+    `heads`. Every split draws the same initial weights (the same seed, the same parameter shapes)."""
     import torch
+    from diffusers import UNet2DConditionModel
 
     from actors.presets import PRESETS, build_preset
 
-    saved = copy.deepcopy(PRESETS["tiny-random"])
-    PRESETS["tiny-random"]["unet"]["attention_head_dim"] = heads
-    try:
-        pipe = build_preset("tiny-random")
-    finally:
-        PRESETS["tiny-random"].clear()
-        PRESETS["tiny-random"].update(saved)
-    torch.manual_seed(0)
-    return pipe
+    pipe = build_preset("tiny-random")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**{**PRESETS["tiny-random"]["unet"], "attention_head_dim": heads})
+    return SimpleNamespace(unet=unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
 
 
 def time_training(pipe, steps: int, batch: int) -> float:
@@ -103,12 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--denoise-steps", type=int, default=10, help="timed denoising steps per repeat")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
-    if any(64 % h for h in args.heads):
-        parser.error(f"--heads must divide tiny's 64 attention channels; got {args.heads}")
+    for h in args.heads:
+        if h < 1 or 64 % h:
+            parser.error(f"--heads {h}: a head count must divide tiny's 64 attention channels (1, 2, 4, 8, 16, 32, 64)")
+    for flag in ("repeats", "train_steps", "denoise_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     pipes = {h: build(h) for h in args.heads}
     times = {h: {"train": [], "denoise": []} for h in args.heads}
     for repeat in range(args.repeats):
-        for h, pipe in pipes.items():
+        order = args.heads[repeat % len(args.heads):] + args.heads[:repeat % len(args.heads)]  # no one always first
+        for h in order:
+            pipe = pipes[h]
             times[h]["train"].append(time_training(pipe, args.train_steps, batch=16))
             times[h]["denoise"].append(time_denoising(pipe, args.denoise_steps, batch=8))
         print(f"[bench_heads] repeat {repeat + 1}/{args.repeats}: " + ", ".join(

@@ -138,8 +138,17 @@ class FinetuneConfig(BaseModel):
         if self.prior and self.method not in PRIOR_METHODS:
             raise ValueError(f"--class-prompt and --class-data are for dreambooth and lora (prior preservation); "
                              f"got {self.method}")
-        if any(not p.strip() for p in self.class_prompts):
-            raise ValueError("--class-prompt must not be empty: give the subject's class, such as 'a photo of a mug'")
+        for i, prompt in enumerate(self.class_prompts, 1):
+            if not prompt.strip():
+                raise ValueError(f"--class-prompt must not be empty (number {i} is {prompt!r}): give the subject's "
+                                 "class, such as 'a photo of a mug'")
+            if prompt in self.class_prompts[:i - 1]:
+                raise ValueError(f"--class-prompt {prompt!r} is given twice; give each prompt once (the class "
+                                 "images take them in turn)")
+        if len(self.class_prompts) > self.class_images:
+            raise ValueError(f"--class-images {self.class_images} is fewer than the {len(self.class_prompts)} "
+                             f"--class-prompt given, so {self.class_prompts[self.class_images]!r} would never be "
+                             f"drawn; give --class-images {len(self.class_prompts)} or more")
         if self.class_prompts and self.class_data is not None:
             raise ValueError("give --class-prompt (the base model draws the class images) or --class-data (a "
                              "dataset of class images), not both")
@@ -204,14 +213,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         calibrate_scale=cfg.calibrate_scale, cache_latents=cfg.cache_latents,
     )
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
-    record = {"method": cfg.method, "base": cfg.base, "base_fingerprint": base.fingerprint, "data": cfg.data,
-              "rank": cfg.rank if cfg.method == "lora" else None,
-              "lora_layers": (cfg.lora_layers or "attention") if cfg.method == "lora" else None,
-              "token": cfg.token, "vectors": (cfg.vectors or 1) if cfg.token else None,
-              "train_text_encoder": cfg.train_text_encoder,
-              "class_data": class_data, "class_prompts": cfg.class_prompts or None,
-              "prior_loss_weight": cfg.prior_loss_weight if cfg.prior else None,
-              "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
+    record = run_record(cfg, base.fingerprint, class_data)
     _check_same_run(fs, root, record)
     if cfg.class_prompts:  # before this run's Ray: generation starts and stops its own
         class_rows = draw_class_images(cfg, fs, root, resolution)
@@ -313,6 +315,18 @@ def _local_trainer_class():
     return LocalTorchTrainer
 
 
+def run_record(cfg: FinetuneConfig, base_fingerprint: str, class_data: str | None) -> dict:
+    """What identifies a fine-tune in its --out (finetune.json): a rerun must match it on RESUME_KEYS."""
+    lora = cfg.method == "lora"
+    return {"method": cfg.method, "base": cfg.base, "base_fingerprint": base_fingerprint, "data": cfg.data,
+            "rank": cfg.rank if lora else None, "lora_layers": (cfg.lora_layers or "attention") if lora else None,
+            "token": cfg.token, "vectors": (cfg.vectors or 1) if cfg.token else None,
+            "train_text_encoder": cfg.train_text_encoder,
+            "class_data": class_data, "class_prompts": cfg.class_prompts or None,
+            "prior_loss_weight": cfg.prior_loss_weight if cfg.prior else None,
+            "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
+
+
 def _check_same_run(fs, root: str, record: dict) -> None:
     path = f"{root}/finetune.json"
     if not fs.exists(path):
@@ -321,6 +335,7 @@ def _check_same_run(fs, root: str, record: dict) -> None:
     if "class_prompt" in before:  # written before --class-prompt could repeat: one prompt or none
         legacy = before.pop("class_prompt")
         before["class_prompts"] = [legacy] if legacy else None
+    before["class_prompts"] = before.get("class_prompts") or None  # none is recorded as null, never []
     clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "
@@ -402,13 +417,13 @@ def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> in
     except RunFailed as exc:
         raise FinetuneError(f"could not draw the class images: {exc}") from exc
     existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{folder}/images/*.png")}  # one listing, not N stats
-    drawn = [i for i in ids if i in existing]
+    drawn = current_class_images(fs, folder, {i: prompt for i, prompt in zip(ids, prompts) if i in existing})
     if not drawn:
-        raise FinetuneError(f"no class image was drawn (see {fs.unstrip_protocol(folder)}/results)")
+        raise FinetuneError(f"no class image was drawn from {_quoted(cfg.class_prompts)} (see "
+                            f"{fs.unstrip_protocol(folder)}/results)")
     if len(drawn) < len(ids):
         log(f"note: {len(ids) - len(drawn)} of {len(ids)} class images failed; training uses the {len(drawn)} drawn")
-    caption_of = dict(zip(ids, prompts))
-    captions = "".join(json.dumps({"file": f"{i}.png", "caption": caption_of[i]}) + "\n" for i in drawn)
+    captions = "".join(json.dumps({"file": f"{i}.png", "caption": prompt}) + "\n" for i, prompt in drawn.items())
     _write_text(fs, f"{folder}/captions.jsonl", captions)
     try:
         summary = build_dataset(fs.unstrip_protocol(f"{folder}/images"), fs.unstrip_protocol(f"{root}/class-data"),
@@ -417,6 +432,20 @@ def draw_class_images(cfg: FinetuneConfig, fs, root: str, resolution: int) -> in
     except DatasetError as exc:
         raise FinetuneError(f"could not build the class dataset: {exc}") from exc
     return summary["rows"]
+
+
+def current_class_images(fs, folder: str, wanted: dict[str, str]) -> dict[str, str]:
+    """The class images (id -> prompt) that were drawn from the prompt this run wants, read from each PNG's own
+    parameters. An image left from an earlier draw with another prompt (its redraw failed) is left out, so it
+    is never trained on under a caption it was not drawn from."""
+    from actors.generate import read_png_parameters
+
+    drawn_from = {i: read_png_parameters(fs.cat_file(f"{folder}/images/{i}.png")).get("prompt") for i in wanted}
+    stale = [i for i in wanted if drawn_from[i] != wanted[i]]
+    if stale:
+        log(f"note: {len(stale)} class image(s) were drawn from another prompt and are left out, such as {stale[0]} "
+            f"({drawn_from[stale[0]]!r}, not {wanted[stale[0]]!r})")
+    return {i: prompt for i, prompt in wanted.items() if i not in stale}
 
 
 def _default_validation_prompts(cfg: FinetuneConfig) -> list[str]:

@@ -263,7 +263,10 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
     ("dreambooth", ["--class-prompt", "a star", "--class-data", "x"], "not both"),
     ("lora", ["--class-data", "/no/such/class-data"], "--class-data /no/such/class-data does not exist"),
     ("dreambooth", ["--class-prompt", "a star", "--prior-loss-weight", "0"], "--prior-loss-weight"),
-    ("dreambooth", ["--class-prompt", "a star", "--class-prompt", " "], "--class-prompt must not be empty"),
+    ("dreambooth", ["--class-prompt", "a star", "--class-prompt", " "], "--class-prompt must not be empty (number 2"),
+    ("dreambooth", ["--class-prompt", "a star", "--class-prompt", "a star"], "--class-prompt 'a star' is given twice"),
+    ("lora", ["--class-prompt", "a", "--class-prompt", "b", "--class-prompt", "c", "--class-images", "2"],
+     "--class-images 2 is fewer than the 3 --class-prompt given, so 'c' would never be drawn"),
     ("textual-inversion", [], "textual-inversion needs --token"),
     ("textual-inversion", ["--token", "<gem>"], "no caption in"),  # these captions never use <gem>
     ("textual-inversion", ["--token", "<gem>", "--train-text-encoder"], "drop --train-text-encoder"),
@@ -479,24 +482,46 @@ def test_a_rerun_with_other_flags_into_the_same_out_is_refused(trained, dataset)
 
 
 @pytest.mark.parametrize("legacy, now, resumes", [
-    ({"class_prompt": None}, None, True),                 # a run without prior preservation
+    ({"class_prompt": None}, [], True),                   # a run without prior preservation
+    ({"class_prompts": []}, [], True),                    # an empty list, as written for a while
     ({"class_prompt": "a mug"}, ["a mug"], True),         # one class prompt, written as a string then
     ({"class_prompt": "a mug"}, ["a mug", "a cup"], False),
 ])
 def test_a_run_recorded_before_class_prompt_repeated_still_resumes(legacy, now, resumes, tmp_path):
     import fsspec
 
-    from jobs.finetune import RESUME_KEYS, FinetuneError, _check_same_run
+    from jobs.finetune import FinetuneConfig, FinetuneError, _check_same_run, run_record
 
-    record = {k: None for k in RESUME_KEYS} | {"class_prompts": now}
-    before = {k: v for k, v in record.items() if k != "class_prompts"} | legacy
+    def record(class_prompts: list[str]) -> dict:
+        cfg = FinetuneConfig(method="dreambooth" if class_prompts else "lora", data=str(tmp_path), base="tiny",
+                             out=str(tmp_path), class_prompts=class_prompts)
+        return run_record(cfg, "fp", None)
+
+    before = {k: v for k, v in record(now).items() if k != "class_prompts"} | legacy
     (tmp_path / "finetune.json").write_text(json.dumps(before))
     fs = fsspec.filesystem("file")
     if resumes:
-        _check_same_run(fs, str(tmp_path), record)
+        _check_same_run(fs, str(tmp_path), record(now))
     else:
         with pytest.raises(FinetuneError, match="class_prompts: \\['a mug'\\] there"):
-            _check_same_run(fs, str(tmp_path), record)
+            _check_same_run(fs, str(tmp_path), record(now))
+
+
+def test_a_class_image_left_from_another_prompt_is_not_trained_on(tmp_path, capsys):
+    """A rerun with other class prompts redraws the images; one whose redraw failed still holds the old
+    prompt's picture, and must not be captioned with the new prompt."""
+    import fsspec
+    import numpy as np
+
+    from actors.generate import png_bytes
+    from jobs.finetune import current_class_images
+
+    (tmp_path / "images").mkdir()
+    for i, prompt in (("class-00000", "a red mug"), ("class-00001", "a blue cup")):
+        (tmp_path / "images" / f"{i}.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8), {"prompt": prompt}))
+    wanted = {"class-00000": "a red mug", "class-00001": "a blue mug"}
+    assert current_class_images(fsspec.filesystem("file"), str(tmp_path), wanted) == {"class-00000": "a red mug"}
+    assert "1 class image(s) were drawn from another prompt" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

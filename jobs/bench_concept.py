@@ -11,11 +11,12 @@ One concept per method, each something the base cannot draw from its prompt:
   trains only the word's vectors: scored on colour and shape both.
 - `--method dreambooth`: the subject `zwx star`, a green star, in DreamBooth's form "a [identifier]
   [class]". The whole UNet trains on it, with prior preservation: the base first draws class images of
-  stars, by default "a {colour} star on a {background} background" over every colour and background
-  (`--class-prompt` instead: one colourless "a star on a white background" let "star" itself turn
-  green). Scored on the subject's colour and shape, and on the class: prompts for stars of the other
-  colours (other seeds than the class images') must keep their colour, which is what prior preservation
-  is for.
+  stars, by default "a {colour} star on a {background} background" for every colour on the white and
+  black backgrounds (`--class-prompt` replaces them; an earlier run with the one colourless prompt "a
+  star on a white background" let "star" itself turn green). Scored on the subject's colour and shape,
+  and on the class: prompts for stars of the other colours, on every background and with other seeds
+  than the class images', must keep their colour, which is what prior preservation is for. The gray
+  ones were never class prompts: they show whether the protection reaches beyond the prompts trained on.
 
 Stages, every one the project's own CLI:
 
@@ -46,11 +47,14 @@ GEM = {"token": "<gem>", "color": "purple", "shape": "star", "init_word": "star"
 SUBJECT = {"word": "zwx", "color": "green", "shape": "star"}
 
 
-def class_prompts() -> list[str]:
-    """DreamBooth's default class prompts: stars as the base draws them, in every colour and background."""
-    from jobs.synthetic import BACKGROUNDS, COLORS, caption
+CLASS_BACKGROUNDS = ("white", "black")  # gray is kept out of the class prompts, to score the class beyond them
 
-    return [caption(c, SUBJECT["shape"], b) for c, b in itertools.product(COLORS, BACKGROUNDS)]
+
+def class_prompts() -> list[str]:
+    """DreamBooth's default class prompts: stars as the base draws them, in every colour, on CLASS_BACKGROUNDS."""
+    from jobs.synthetic import COLORS, caption
+
+    return [caption(c, SUBJECT["shape"], b) for c, b in itertools.product(COLORS, CLASS_BACKGROUNDS)]
 
 
 def concept_rows(method: str, count: int) -> list[dict]:
@@ -116,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
     parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion, 2e-4 dreambooth")
-    parser.add_argument("--class-images", type=int, default=100, help="dreambooth: class images the base draws")
+    parser.add_argument("--class-images", type=int, default=96, help="dreambooth: class images the base draws "
+                        "(default 96: 8 for each default class prompt)")
     parser.add_argument("--class-prompt", action="append", dest="class_prompts", metavar="TEXT",
                         help="dreambooth: class prompt, repeatable (default: 'a {colour} star on a {background} "
-                             "background' for every colour and background)")
+                             "background' for every colour, on white and black)")
     parser.add_argument("--prior-loss-weight", type=float, default=1.0, help="dreambooth (default 1)")
     parser.add_argument("--rank", type=int, default=8, help="lora")
     parser.add_argument("--lora-layers", default="all", choices=["attention", "transformer", "all"],
@@ -176,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     run_cli(["generate", str(out / "after.parquet"), "--out", str(out / "after"), "--model", f"default={model}",
              "--adapters", str(out / "adapters"), "--no-watermark"], out / "after")
     run_cli(["eval", str(out / "after.parquet"), "--out", str(out / "after")], out / "after-eval")
-    before, after = (scores(out / run, rows) for run in ("before", "after"))
+    prompted = set(args.class_prompts or [])
+    unprompted = {r["id"] for r in rows if r["id"].startswith("class-") and r["prompt"] not in prompted}
+    before, after = (scores(out / run, rows, unprompted) for run in ("before", "after"))
     report = {
         "method": args.method, "concept": name, "base": args.base, "prompts": args.prompts, "guidance": args.guidance,
         "train_minutes": round(seconds / 60, 2), "steps": args.steps, "lr": args.lr,
@@ -192,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         report["class_images"] = args.class_images
         report["prior_loss_weight"] = args.prior_loss_weight
         report["class_before"], report["class_after"] = before["class"], after["class"]
+        report["class_unprompted_before"] = before["class_unprompted"]
+        report["class_unprompted_after"] = after["class_unprompted"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     changes = "; ".join(f"{k} {before[k]:.0%} -> {after[k]:.0%}" for k in ("shape", "color"))
     say(f"{name} ({args.method}): {changes} (scored: {', '.join(scored)}); trained in {seconds / 60:.1f} min; "
@@ -199,25 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     if dreambooth:
         say(f"the class (stars of the other colours): colour {before['class']['color']:.0%} -> "
             f"{after['class']['color']:.0%}, shape {before['class']['shape']:.0%} -> {after['class']['shape']:.0%}")
+        if after["class_unprompted"]["n"]:
+            say(f"  of them, the {after['class_unprompted']['n']} that were not class prompts: colour "
+                f"{before['class_unprompted']['color']:.0%} -> {after['class_unprompted']['color']:.0%}")
     passed = all(after[k] >= args.target for k in scored) and seconds <= args.budget_minutes * 60
-    if dreambooth:  # prior preservation: the class keeps its colours
-        passed = passed and after["class"]["color"] >= args.target
+    if dreambooth:  # prior preservation: the class keeps its colours, beyond the class prompts too
+        kept = [after[k]["color"] for k in ("class", "class_unprompted") if after[k]["n"]]
+        passed = passed and min(kept) >= args.target
     say("PASS" if passed else f"FAIL (target {args.target:.0%} within {args.budget_minutes:g} min)")
     return 0 if passed else 1
 
 
-def scores(run: Path, rows: list[dict]) -> dict:
-    """A run's eval.json; for dreambooth, its concept rows' scores on top and the class rows' under "class"."""
+def scores(run: Path, rows: list[dict], unprompted: set[str] = frozenset()) -> dict:
+    """A run's eval.json; for dreambooth, its concept rows' scores on top, the class rows' under "class", and
+    those of the class rows in `unprompted` (prompts that were not class prompts) under "class_unprompted"."""
     summary = json.loads((run / "eval.json").read_text())
     if not any(r["id"].startswith("class-") for r in rows):
         return summary
 
-    def score(prefix: str) -> dict:
-        reads = [r for r in summary["rows"] if r["id"].startswith(prefix)]
+    def score(reads: list[dict]) -> dict:
+        if not reads:
+            return {"color": None, "shape": None, "drawn": None, "n": 0}
         right = {k: sum(r[k] == r[f"want_{k}"] for r in reads) / len(reads) for k in ("color", "shape")}
-        return {**right, "drawn": sum(r["drawn"] for r in reads) / len(reads)}
+        return {**right, "drawn": sum(r["drawn"] for r in reads) / len(reads), "n": len(reads)}
 
-    return {**summary, **score("concept-"), "class": score("class-")}
+    def rows_of(prefix: str) -> list[dict]:
+        return [r for r in summary["rows"] if r["id"].startswith(prefix)]
+
+    return {**summary, **score(rows_of("concept-")), "class": score(rows_of("class-")),
+            "class_unprompted": score([r for r in rows_of("class-") if r["id"] in unprompted])}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Invisible watermark (invisible-watermark's `dwtDct`): embed a text payload, read it back.
+"""Invisible watermark (invisible-watermark's `dwtDctSvd`): embed a text payload, read it back.
 
-`dwtDct` hides bits in the DCT of the image's DWT bands; it refuses images under 256x256, so smaller
-sizes cannot carry a mark and generation says so instead of silently skipping it.
+`dwtDctSvd` hides bits in the singular values of DCT blocks of the image's DWT band. The plain `dwtDct`
+is 4x faster but loses the mark on flat, bright images: on `tiny`'s clean shapes on a white background
+it read back only 62-70% of the bits. Both refuse images under 256x256, so smaller sizes cannot carry a
+mark and generation says so instead of silently skipping it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from imwatermark import WatermarkDecoder, WatermarkEncoder
 
 from manifests.schema import WATERMARK_MIN_SIDE as MIN_SIDE
 
-METHOD = "dwtDct"
+METHOD = "dwtDctSvd"
+OLDER_METHODS = ("dwtDct",)  # what images drawn before 2026-11-27 carry; verify still reads them
 DEFAULT_PAYLOAD = "sdfleet"
-# dwtDct reads a few bits wrong on busy images; a mark is "present" when this share of bits matches
+# a few bits can read wrong on busy images; a mark is "present" when this share of bits matches
 # (an unmarked image matches about half).
 MATCH_THRESHOLD = 0.9
 
@@ -48,3 +51,16 @@ def bit_accuracy(found: bytes, expected: bytes) -> float:
         return 0.0
     same = sum(8 - bin(a ^ b).count("1") for a, b in zip(found, expected))
     return same / (8 * len(expected))
+
+
+def read(rgb: np.ndarray, payload: bytes) -> tuple[bytes, float]:
+    """(what was read, share of `payload`'s bits that match), by METHOD, else by the best of OLDER_METHODS."""
+    found = read_bits(rgb, len(payload))
+    best = (found, bit_accuracy(found, payload))
+    for method in OLDER_METHODS:
+        if best[1] >= MATCH_THRESHOLD:
+            break
+        decoder = WatermarkDecoder("bytes", len(payload) * 8)
+        found = bytes(decoder.decode(np.ascontiguousarray(rgb[:, :, ::-1]), method))
+        best = max(best, (found, bit_accuracy(found, payload)), key=lambda read: read[1])
+    return best

@@ -255,8 +255,7 @@ def cmd_watermark_verify(args) -> int:
             image = Image.open(io.BytesIO(f.read()))
         recorded = json.loads(image.text[PNG_KEY]).get("watermark") if PNG_KEY in getattr(image, "text", {}) else None
         expected = args.payload or recorded or wm.DEFAULT_PAYLOAD
-        found = wm.read_bits(np.asarray(image.convert("RGB")), len(expected.encode()))
-        accuracy = wm.bit_accuracy(found, expected.encode())
+        found, accuracy = wm.read(np.asarray(image.convert("RGB")), expected.encode())
         ok = accuracy >= wm.MATCH_THRESHOLD
         failures += not ok
         shown = found.decode("utf-8", errors="replace")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # `\Z`, not `$`: `$` also matches before a trailing newline, and "sku-1\n" must not name a file.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 SEED_LIMIT = 2**63
-# invisible-watermark's dwtDct refuses smaller images; rows drawn with a watermark must be this big.
+# invisible-watermark refuses smaller images; rows drawn with a watermark must be this big.
 WATERMARK_MIN_SIDE = 256
 
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]

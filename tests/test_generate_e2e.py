@@ -3,7 +3,7 @@
 One 64-row run with 2 actors is shared by several tests (it is the expensive part); each later run
 writes into its own folder or, for the incremental tests, into a copy of that run's output.
 
-The shared run is drawn without the watermark. dwtDct quantizes DCT coefficients, so a 1/255 float
+The shared run is drawn without the watermark. The mark quantizes DCT coefficients, so a 1/255 float
 difference between a batch of 8 and a batch of 1 can flip one coefficient's bin and change one 4x4
 block by ~30/255: the pixel-equality promise is about generation, checked before the mark. The mark
 itself is checked on the bad-input run, which uses the default payload.
@@ -111,7 +111,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
 
 
 def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
-    # finished images (20 steps): dwtDct reads only ~85% of its bits back from half-denoised 2-step ones
+    # finished images (20 steps): half-denoised 2-step ones read back only part of their bits
     good = [{**row, "steps": 20} for row in rows(3, prefix="good")]
     good.append({"id": "emoji", "prompt": "un café ☕ 🚀 製品写真", **FAST, "steps": 20})
     bad = [

@@ -39,10 +39,10 @@ def embed(rgb: np.ndarray, payload: str) -> np.ndarray:
     return np.ascontiguousarray(encoder.encode(bgr, METHOD)[:, :, ::-1])
 
 
-def read_bits(rgb: np.ndarray, num_bytes: int) -> bytes:
+def read_bits(rgb: np.ndarray, num_bytes: int, method: str = METHOD) -> bytes:
     """Decode `num_bytes` of payload from an RGB image (garbage if it carries no mark)."""
     decoder = WatermarkDecoder("bytes", num_bytes * 8)
-    return bytes(decoder.decode(np.ascontiguousarray(rgb[:, :, ::-1]), METHOD))
+    return bytes(decoder.decode(np.ascontiguousarray(rgb[:, :, ::-1]), method))
 
 
 def bit_accuracy(found: bytes, expected: bytes) -> float:
@@ -55,12 +55,10 @@ def bit_accuracy(found: bytes, expected: bytes) -> float:
 
 def read(rgb: np.ndarray, payload: bytes) -> tuple[bytes, float]:
     """(what was read, share of `payload`'s bits that match), by METHOD, else by the best of OLDER_METHODS."""
-    found = read_bits(rgb, len(payload))
-    best = (found, bit_accuracy(found, payload))
-    for method in OLDER_METHODS:
-        if best[1] >= MATCH_THRESHOLD:
+    reads = []
+    for method in (METHOD, *OLDER_METHODS):
+        found = read_bits(rgb, len(payload), method)
+        reads.append((found, bit_accuracy(found, payload)))
+        if reads[-1][1] >= MATCH_THRESHOLD:
             break
-        decoder = WatermarkDecoder("bytes", len(payload) * 8)
-        found = bytes(decoder.decode(np.ascontiguousarray(rgb[:, :, ::-1]), method))
-        best = max(best, (found, bit_accuracy(found, payload)), key=lambda read: read[1])
-    return best
+    return max(reads, key=lambda read: read[1])

@@ -69,6 +69,8 @@ class TrainConfig:
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP copies
     kl_weight: float = 1e-6  # vae: weight of the KL term against the pixel reconstruction loss
     crop: int = 0  # vae: train on random square crops of this size (0: whole images)
+    crop_candidates: int = 1  # vae: random crops drawn per image; the busiest (largest pixel spread) trains
+    pixel_loss: Literal["mse", "l1"] = "mse"  # vae: the reconstruction loss
     calibrate_scale: bool = False  # vae: set scaling_factor to 1 / std of the latents (a VAE trained from scratch)
     cache_latents: bool = False  # full/lora: encode every image once, not at every step
     torch_threads: int = 1  # CPU workers only
@@ -183,19 +185,32 @@ class Autoencoder(torch.nn.Module):
         return self.vae.decode(latents).sample, posterior.kl()
 
 
-def vae_loss(recon: torch.Tensor, pixels: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    """Pixel MSE (in [-1, 1]) plus a small KL pull towards N(0, 1), which keeps latents well scaled."""
-    return F.mse_loss(recon.float(), pixels.float()) + kl_weight * kl.float().mean() / pixels[0].numel()
+def vae_loss(recon: torch.Tensor, pixels: torch.Tensor, kl: torch.Tensor, kl_weight: float,
+             pixel_loss: str = "mse") -> torch.Tensor:
+    """Pixel reconstruction (in [-1, 1]) plus a small KL pull towards N(0, 1), which keeps latents well scaled.
+
+    `pixel_loss` "l1" (the loss of the autoencoders behind Stable Diffusion) keeps pulling on small errors,
+    where MSE's gradient fades: a flat colour a few levels off still counts, so hues settle sooner."""
+    distance = F.l1_loss if pixel_loss == "l1" else F.mse_loss
+    return distance(recon.float(), pixels.float()) + kl_weight * kl.float().mean() / pixels[0].numel()
 
 
-def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """One random square crop of `size` px per image (the VAE is convolutional: crops train it as well)."""
+def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator, candidates: int = 1) -> torch.Tensor:
+    """One random square crop of `size` px per image (the VAE is convolutional: crops train it as well).
+
+    With `candidates` > 1, that many crops are drawn per image and the busiest one (largest pixel spread)
+    is kept: on product shots a random crop is often plain background, which teaches the VAE nothing
+    about the object's colours and edges."""
     if not size or size >= pixels.shape[-1]:
         return pixels
     n, _, h, w = pixels.shape
-    tops = torch.randint(0, h - size + 1, (n,), generator=generator).tolist()
-    lefts = torch.randint(0, w - size + 1, (n,), generator=generator).tolist()
-    return torch.stack([pixels[i, :, t:t + size, l:l + size] for i, (t, l) in enumerate(zip(tops, lefts))])
+    tops = torch.randint(0, h - size + 1, (n, candidates), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (n, candidates), generator=generator).tolist()
+    crops = []
+    for i in range(n):
+        options = [pixels[i, :, t:t + size, l:l + size] for t, l in zip(tops[i], lefts[i])]
+        crops.append(max(options, key=lambda crop: float(crop.float().std())) if candidates > 1 else options[0])
+    return torch.stack(crops)
 
 
 def trainee(cfg: TrainConfig, pipe) -> torch.nn.Module:
@@ -610,10 +625,10 @@ def train_loop(config: dict) -> None:
             sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
             with sync, torch.autocast(device.type, dtype=half, enabled=half is not None):
                 if cfg.method == "vae":
-                    pixels = random_crops(pixels, cfg.crop, g).to(device)
+                    pixels = random_crops(pixels, cfg.crop, g, cfg.crop_candidates).to(device)
                     eps = torch.randn((pixels.shape[0], pipe.vae.config.latent_channels,
                                        pixels.shape[2] // 8, pixels.shape[3] // 8), generator=g).to(device)
-                    loss = _vae_step(model, pixels, eps, cfg.kl_weight)
+                    loss = _vae_step(model, pixels, eps, cfg.kl_weight, cfg.pixel_loss)
                 else:
                     if latent_cache is None:
                         with torch.no_grad():
@@ -722,9 +737,9 @@ def _diffusion_step(cfg: TrainConfig, pipe, model, noise_scheduler, mean, std, i
     return diffusion_loss(model(noisy, timesteps, ids), target, weights)
 
 
-def _vae_step(model, pixels, eps, kl_weight: float) -> torch.Tensor:
+def _vae_step(model, pixels, eps, kl_weight: float, pixel_loss: str) -> torch.Tensor:
     recon, kl = model(pixels, eps)
-    return vae_loss(recon, pixels, kl, kl_weight)
+    return vae_loss(recon, pixels, kl, kl_weight, pixel_loss)
 
 
 def _fixed_eval_batch(cfg: TrainConfig, table, pipe, noise_scheduler, device) -> dict:

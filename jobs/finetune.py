@@ -100,6 +100,11 @@ class FinetuneConfig(BaseModel):
                                                   "workers (FSDP2) instead of a DDP copy on each")
     kl_weight: float = Field(default=1e-6, ge=0, description="vae: weight of the KL term")
     crop: int = Field(default=0, ge=0, description="vae: train on random square crops of this many px (0: whole images)")
+    crop_candidates: int = Field(default=1, ge=1, le=64, description="vae, with --crop: draw this many random crops "
+                                 "per image and train on the busiest (largest pixel spread), so plain background "
+                                 "does not fill the batch")
+    pixel_loss: Literal["mse", "l1"] = Field(default="mse", description="vae: reconstruction loss (l1 settles flat "
+                                             "colours sooner)")
     calibrate_scale: bool = Field(default=False, description="vae: set the VAE's scaling_factor to 1 / std of its "
                                   "latents (for a VAE trained from scratch; keep a base's own when fine-tuning)")
     cache_latents: bool = Field(default=False, description="full, lora, dreambooth, textual-inversion: encode "
@@ -119,6 +124,10 @@ class FinetuneConfig(BaseModel):
             raise ValueError(f"--resolution must be a multiple of 8 and at least 64, got {self.resolution}")
         if self.crop and (self.crop % 8 or self.method != "vae"):
             raise ValueError(f"--crop is for vae and must be a multiple of 8; got {self.crop} with {self.method}")
+        if self.crop_candidates > 1 and not self.crop:
+            raise ValueError(f"--crop-candidates {self.crop_candidates} needs --crop: it picks among random crops")
+        if self.pixel_loss != "mse" and self.method != "vae":
+            raise ValueError(f"--pixel-loss is for vae; {self.method} trains on the diffusion loss")
         if self.calibrate_scale and self.method != "vae":
             raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
         if self.cache_latents and self.method == "vae":
@@ -210,6 +219,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         token=cfg.token, init_word=cfg.init_word, vectors=cfg.vectors or 1,
         train_text_encoder=cfg.train_text_encoder, class_data=class_data, prior_loss_weight=cfg.prior_loss_weight,
         fsdp=cfg.fsdp, kl_weight=cfg.kl_weight, crop=cfg.crop,
+        crop_candidates=cfg.crop_candidates, pixel_loss=cfg.pixel_loss,
         calibrate_scale=cfg.calibrate_scale, cache_latents=cfg.cache_latents,
     )
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in

@@ -96,6 +96,30 @@ def test_warmup_then_cosine():
     assert f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0)
 
 
+def test_vae_crops_with_candidates_keep_the_object_and_one_candidate_keeps_the_old_draws():
+    from actors.train import random_crops
+
+    pixels = torch.full((6, 3, 64, 64), 0.5)
+    pixels[:, :, 44:60, 4:20] = -1.0  # a small dark object in one corner, the rest plain background
+    plain = random_crops(pixels, 16, torch.Generator().manual_seed(3))
+    busy = random_crops(pixels, 16, torch.Generator().manual_seed(3), candidates=16)
+    spread = [float(c.std()) for c in busy]
+    assert all(s > 0 for s in spread), spread  # every kept crop shows some of the object
+    assert sum(float(c.std()) > 0 for c in plain) < len(plain)  # plain random crops miss it (seed 3)
+    # one candidate draws exactly what random_crops drew before candidates existed: same recipe, same weights
+    g = torch.Generator().manual_seed(3)
+    tops, lefts = torch.randint(0, 49, (6,), generator=g).tolist(), torch.randint(0, 49, (6,), generator=g).tolist()
+    assert torch.equal(plain, torch.stack([pixels[i, :, t:t + 16, l:l + 16] for i, (t, l) in enumerate(zip(tops, lefts))]))
+
+
+def test_vae_pixel_loss_l1_is_the_mean_absolute_error():
+    from actors.train import vae_loss
+
+    pixels, recon, kl = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.1), torch.zeros(2)
+    assert vae_loss(recon, pixels, kl, 0.0, "l1").item() == pytest.approx(0.1)
+    assert vae_loss(recon, pixels, kl, 0.0).item() == pytest.approx(0.01)  # MSE stays the default
+
+
 def test_workers_see_disjoint_samples_and_every_sample_once_per_epoch():
     from actors.train import sample_indices
 
@@ -225,7 +249,8 @@ def _parquet(path: Path, table: pa.Table) -> Path:
 
 
 @pytest.mark.parametrize("case", ["empty", "no-caption-column", "missing-base", "zero-workers", "missing-data",
-                                  "crop-for-full", "calibrate-for-full", "lora-layers-for-full"])
+                                  "crop-for-full", "calibrate-for-full", "lora-layers-for-full",
+                                  "pixel-loss-for-full", "crop-candidates-without-crop"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
     data, base, extra = str(dataset["dir"]), "tiny", []
     if case == "empty":
@@ -243,6 +268,10 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path):
         extra, expected = ["--crop", "64"], "--crop is for vae and must be a multiple of 8; got 64 with full"
     elif case == "calibrate-for-full":
         extra, expected = ["--calibrate-scale"], "--calibrate-scale is for vae"
+    elif case == "pixel-loss-for-full":
+        extra, expected = ["--pixel-loss", "l1"], "--pixel-loss is for vae; full trains on the diffusion loss"
+    elif case == "crop-candidates-without-crop":
+        extra, expected = ["--crop-candidates", "4"], "--crop-candidates 4 needs --crop"
     elif case == "lora-layers-for-full":
         extra, expected = ["--lora-layers", "all"], "--lora-layers is for lora; full trains whole weights"
     else:

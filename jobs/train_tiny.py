@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-batch", type=int, default=4, help="per worker")
     parser.add_argument("--vae-crop", type=int, default=128)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-loss", choices=["mse", "l1"], default="mse", help="the VAE's pixel loss")
+    parser.add_argument("--vae-crop-candidates", type=int, default=1,
+                        help="random crops drawn per image; the busiest trains (see `finetune --crop-candidates`)")
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-batch", type=int, default=16, help="per worker")
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (out / "vae" / "model_index.json").exists():
         run_cli(["finetune", "vae", "--base", "tiny-random", "--out", str(out / "vae"), "--steps", str(args.vae_steps),
                  "--batch-size", str(args.vae_batch), "--crop", str(args.vae_crop), "--lr", str(args.vae_lr),
+                 "--pixel-loss", args.vae_loss, "--crop-candidates", str(args.vae_crop_candidates),
                  *common], out / "vae")
     from jobs.synthetic import ALL
 

@@ -190,7 +190,7 @@ def vae_loss(recon: torch.Tensor, pixels: torch.Tensor, kl: torch.Tensor, kl_wei
     """Pixel reconstruction (in [-1, 1]) plus a small KL pull towards N(0, 1), which keeps latents well scaled.
 
     `pixel_loss` "l1" (the loss of the autoencoders behind Stable Diffusion) keeps pulling on small errors,
-    where MSE's gradient fades: a flat colour a few levels off still counts, so hues settle sooner."""
+    where MSE's gradient fades; whether that settles hues sooner is not measured here (see the README)."""
     distance = F.l1_loss if pixel_loss == "l1" else F.mse_loss
     return distance(recon.float(), pixels.float()) + kl_weight * kl.float().mean() / pixels[0].numel()
 
@@ -209,7 +209,7 @@ def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator, ca
     crops = []
     for i in range(n):
         options = [pixels[i, :, t:t + size, l:l + size] for t, l in zip(tops[i], lefts[i])]
-        crops.append(max(options, key=lambda crop: float(crop.float().std())) if candidates > 1 else options[0])
+        crops.append(max(options, key=lambda crop: float(crop.float().std())))  # one option: that crop
     return torch.stack(crops)
 
 

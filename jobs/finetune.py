@@ -103,8 +103,8 @@ class FinetuneConfig(BaseModel):
     crop_candidates: int = Field(default=1, ge=1, le=64, description="vae, with --crop: draw this many random crops "
                                  "per image and train on the busiest (largest pixel spread), so plain background "
                                  "does not fill the batch")
-    pixel_loss: Literal["mse", "l1"] = Field(default="mse", description="vae: reconstruction loss (l1 settles flat "
-                                             "colours sooner)")
+    pixel_loss: Literal["mse", "l1"] = Field(default="mse", description="vae: the pixel reconstruction loss "
+                                             "(l1: the loss of SD's own autoencoders)")
     calibrate_scale: bool = Field(default=False, description="vae: set the VAE's scaling_factor to 1 / std of its "
                                   "latents (for a VAE trained from scratch; keep a base's own when fine-tuning)")
     cache_latents: bool = Field(default=False, description="full, lora, dreambooth, textual-inversion: encode "

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--unet-batch", type=int, default=16, help="per worker")
     parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--min-snr-gamma", type=float, default=5.0,
+                        help="the UNet's Min-SNR loss weighting (default 5); 0 turns it off")
     parser.add_argument("--caption-dropout", type=float, default=0.1,
                         help="share of UNet samples on the empty prompt, so guidance has an unconditional side")
     parser.add_argument("--eval-prompts", type=int, default=200)
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (out / "model" / "model_index.json").exists():
         run_cli(["finetune", "full", "--base", str(out / "vae"), "--out", str(out / "model"), "--train-text-encoder",
                  "--steps", str(args.unet_steps), "--batch-size", str(args.unet_batch), "--lr", str(args.unet_lr),
-                 "--min-snr-gamma", "5", "--caption-dropout", str(args.caption_dropout), "--cache-latents",
+                 *(["--min-snr-gamma", str(args.min_snr_gamma)] if args.min_snr_gamma else []),
+                 "--caption-dropout", str(args.caption_dropout), "--cache-latents",
                  "--validation-prompt", "a red star on a gray background",
                  "--validation-prompt", "a blue square on a white background", *common], out / "model")
     # 4. adherence on unseen seeds

@@ -23,7 +23,7 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.train_tiny", "--out", str(out), "--images", "8", "--workers", "2",
          "--vae-steps", "2", "--vae-batch", "2", "--vae-crop", "64", "--vae-crop-candidates", "2",
-         "--unet-steps", "2", "--unet-batch", "2",
+         "--unet-steps", "2", "--unet-batch", "2", "--min-snr-gamma", "2",
          "--eval-prompts", "4", "--skip-vae-check"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -32,6 +32,8 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     assert "cached the latents of 8 images" in (out / "model.log").read_text()  # the UNet stage skips the encoder
     started = json.loads((out / "vae" / "train_log.jsonl").read_text().splitlines()[0])
     assert started["config"]["crop_candidates"] == 2  # the VAE flags reach the workers
+    started = json.loads((out / "model" / "train_log.jsonl").read_text().splitlines()[0])
+    assert started["config"]["min_snr_gamma"] == 2  # and the UNet's
     vae_config = json.loads((out / "vae" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == 0.18215  # SD's own scale: it drew shapes better than unit variance
     summary = json.loads((out / "eval" / "eval.json").read_text())

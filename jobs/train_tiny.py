@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(--workers x the per-worker batches), for trials of a recipe; the committed weights "
                         "come from the CPU")
     args = parser.parse_args(argv)
+    if args.min_snr_gamma < 0:  # here, not after the VAE stage's hour, where finetune would reject it
+        parser.error(f"--min-snr-gamma must be 0 (off) or positive, got {args.min_snr_gamma}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 

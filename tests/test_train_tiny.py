@@ -30,12 +30,22 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     assert "VAE round trip:" in proc.stderr  # the check ran (and, untrained, failed: hence --skip-vae-check)
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert "cached the latents of 8 images" in (out / "model.log").read_text()  # the UNet stage skips the encoder
-    started = json.loads((out / "vae" / "train_log.jsonl").read_text().splitlines()[0])
-    assert started["config"]["crop_candidates"] == 2  # the VAE flags reach the workers
-    started = json.loads((out / "model" / "train_log.jsonl").read_text().splitlines()[0])
-    assert started["config"]["min_snr_gamma"] == 2  # and the UNet's
+    vae_started = json.loads((out / "vae" / "train_log.jsonl").read_text().splitlines()[0])
+    assert vae_started["config"]["crop_candidates"] == 2  # the VAE flags reach the workers
+    unet_started = json.loads((out / "model" / "train_log.jsonl").read_text().splitlines()[0])
+    assert unet_started["config"]["min_snr_gamma"] == 2  # and the UNet's
     vae_config = json.loads((out / "vae" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] == 0.18215  # SD's own scale: it drew shapes better than unit variance
     summary = json.loads((out / "eval" / "eval.json").read_text())
     assert summary["scored"] == 4
     assert _preset_files() == before  # nothing installed without --install
+
+
+def test_train_tiny_rejects_a_negative_min_snr_gamma_before_any_stage(tmp_path, capsys):
+    from jobs.train_tiny import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path / "run"), "--min-snr-gamma", "-1"])
+    assert stopped.value.code == 2
+    assert "--min-snr-gamma must be 0 (off) or positive, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no stage started

@@ -49,3 +49,22 @@ def test_train_tiny_rejects_a_negative_min_snr_gamma_before_any_stage(tmp_path, 
     assert stopped.value.code == 2
     assert "--min-snr-gamma must be 0 (off) or positive, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # no stage started
+
+
+def test_check_vae_passes_the_committed_vae_and_stops_a_random_one(tmp_path):
+    """The gate between the VAE and UNet stages: the committed VAE keeps every colour and shape, with its
+    object colours within a few levels; a random VAE loses colours and shapes, and its colour error says how far."""
+    from actors.presets import build_preset
+    from jobs.synthetic import COLORS
+    from jobs.train_tiny import check_vae
+
+    committed = check_vae(REPO / "actors" / "presets" / "tiny")
+    assert committed.lost == []
+    assert len(committed.misreads) <= 2, committed.misreads
+    assert set(committed.color_error) == set(COLORS)
+    assert max(committed.color_error.values()) < 15, committed.color_error  # 9-13 levels when measured
+
+    build_preset("tiny-random").vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    random_init = check_vae(tmp_path)
+    assert any(line.startswith("color ") for line in random_init.lost), random_init.lost
+    assert min(random_init.color_error.values()) > 30, random_init.color_error

@@ -28,6 +28,8 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "VAE round trip:" in proc.stderr  # the check ran (and, untrained, failed: hence --skip-vae-check)
+    check = json.loads((out / "vae-check.json").read_text())  # and left its record
+    assert check["lost"] and set(check["color_error"]) == {"red", "green", "blue", "yellow", "orange", "purple"}
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert "cached the latents of 8 images" in (out / "model.log").read_text()  # the UNet stage skips the encoder
     vae_started = json.loads((out / "vae" / "train_log.jsonl").read_text().splitlines()[0])

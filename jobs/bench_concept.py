@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=54, help="prompts scored before and after")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
-    parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion, 2e-4 dreambooth")
+    parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion, 5e-5 dreambooth (2e-4 let the class drift)")
     parser.add_argument("--class-images", type=int, default=96, help="dreambooth: class images the base draws "
                         "(default 96: 8 for each default class prompt)")
     parser.add_argument("--class-prompt", action="append", dest="class_prompts", metavar="TEXT",
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         command = ["finetune", "dreambooth", *common,
                    *itertools.chain.from_iterable(("--class-prompt", p) for p in args.class_prompts),
                    "--class-images", str(args.class_images), "--prior-loss-weight", str(args.prior_loss_weight),
-                   "--lr", str(args.lr or 2e-4),
+                   "--lr", str(args.lr or 5e-5),
                    "--validation-prompt", f"a {SUBJECT['word']} star on a gray background"]
     elif lora:
         command = ["finetune", "lora", *common, "--train-text-encoder", "--rank", str(args.rank),

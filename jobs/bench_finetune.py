@@ -12,8 +12,8 @@ on a cluster, so 2 over 1 measures what data parallelism adds: gradient all-redu
 train_log.jsonl: the mean of the logged windows after the first (which carries start-up). Peak memory
 is each worker's max RSS, which each worker reports at the end.
 
-The three runs are repeated `--repeats` times, interleaved (1, 2, 3, 1, 2, 3, ...), and the ratios are
-medians of each repeat's own ratio. On a shared 2-core VM the same run's samples/s moved by up to 30%
+The three runs are repeated `--repeats` times, interleaved, the order rotating (1 2 3, 2 3 1, ...), and the
+ratios are medians of each repeat's own ratio. On a shared 2-core VM the same run's samples/s moved by up to 30%
 between back-to-back runs (neighbours on the host), so one pair of runs cannot tell 1.6x from 1.8x.
 
     .venv/bin/python -m jobs.bench_finetune [--steps 60] [--repeats 3] [--batch-size 4] [--resolution 256] [--out DIR]
@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobs.bench_generate import run_cli, versions
+from jobs.bench_generate import rotated, run_cli, versions
 
 TARGET_SCALING = 1.7
 
@@ -78,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     labels = (("1 worker", 1, per_worker), ("2 workers", 2, per_worker), ("1 worker, all cores", 1, 2 * per_worker))
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in labels}
     for repeat in range(args.repeats):
-        for label, workers, cpus in labels:
+        for label, workers, cpus in rotated(list(labels), repeat):
             folder = out / f"{label.replace(' ', '-').replace(',', '')}-{repeat}"
             runs[label].append(run(out / "data", folder, workers, cpus, args))
             print(f"bench: {label} (repeat {repeat + 1}/{args.repeats}) done in {runs[label][-1]['wall_seconds']:.1f} s: "
                   f"{runs[label][-1]['samples_per_second']:.2f} samples/s", file=sys.stderr, flush=True)
 
-    def ratios(a: str, b: str) -> list[float]:
+    def ratios(a: str, b: str) -> list[float]:  # each repeat's own ratio: the drift between repeats cancels
         return [x["samples_per_second"] / y["samples_per_second"] for x, y in zip(runs[a], runs[b])]
 
     scaling_each, same_cores_each = ratios("2 workers", "1 worker"), ratios("2 workers", "1 worker, all cores")

@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,21 @@ def steady_state(results_dir: Path, batch_size: int) -> dict:
         "steady_images_per_second": (len(times) - batch_size) / span,
         "in_actor_images_per_second": len(ok) / sum(r["seconds"] for r in ok),
     }
+
+
+def rotated(variants: list, repeat: int) -> list:
+    """The order of one repeat of an interleaved bench: shifted by one each repeat (A B C, B C A, C A B, ...),
+    so no variant always runs first; this VM's speed drifts by up to 30% between minutes."""
+    shift = repeat % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of each repeat's own ratio. Ratios taken within a repeat cancel the drift that a ratio of
+    medians would keep: pass baseline seconds over variant seconds for a speed-up, or throughputs the other way."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(f"need one pair a repeat; got {len(numerators)} and {len(denominators)} values")
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def versions() -> dict:

@@ -26,6 +26,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+from jobs.bench_generate import median_ratio, rotated, versions
+
 
 def build(heads: int) -> SimpleNamespace:
     """`tiny`'s tokenizer, text encoder and UNet at the fixed random init, with the UNet's attention split into
@@ -110,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     pipes = {h: build(h) for h in args.heads}
     times = {h: {"train": [], "denoise": []} for h in args.heads}
     for repeat in range(args.repeats):
-        order = args.heads[repeat % len(args.heads):] + args.heads[:repeat % len(args.heads)]  # no one always first
-        for h in order:
+        for h in rotated(args.heads, repeat):
             pipe = pipes[h]
             times[h]["train"].append(time_training(pipe, args.train_steps, batch=16))
             times[h]["denoise"].append(time_denoising(pipe, args.denoise_steps, batch=8))
@@ -122,17 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for h in args.heads:
         results[h] = {k: {"median_seconds": statistics.median(v), "all_seconds": v} for k, v in times[h].items()}
-        for k in ("train", "denoise"):  # speed-up over the baseline: the median of the repeats' own ratios
-            ratios = [b / t for b, t in zip(times[base][k], times[h][k])]
-            results[h][k]["speedup_vs_baseline"] = statistics.median(ratios)
+        for k in ("train", "denoise"):
+            results[h][k]["speedup_vs_baseline"] = median_ratio(times[base][k], times[h][k])
     for h in args.heads:
         print(f"{h} heads: train step {results[h]['train']['median_seconds']:.3f} s "
               f"({results[h]['train']['speedup_vs_baseline']:.2f}x), denoising step "
               f"{results[h]['denoise']['median_seconds'] * 1000:.0f} ms "
               f"({results[h]['denoise']['speedup_vs_baseline']:.2f}x vs {base} heads)")
     if args.out:
-        from jobs.bench_generate import versions
-
         report = {"baseline_heads": base, "repeats": args.repeats, "train_batch": 16, "denoise_batch": "2 x 8",
                   "results": {str(h): r for h, r in results.items()}, "versions": versions()}
         with open(args.out, "w") as f:

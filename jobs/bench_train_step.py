@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 
+from jobs.bench_generate import median_ratio, rotated, versions
+
 VARIANTS = ("eager", "channels-last", "compile", "foreach", "batch-half")
 
 
@@ -99,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     per_sample = {v: [] for v in variants}  # seconds per training sample, one entry per repeat
     for repeat in range(args.repeats):
-        shift = repeat % len(variants)
-        for v in variants[shift:] + variants[:shift]:  # no variant always runs first
+        for v in rotated(variants, repeat):
             step, batch = steps[v]
             started = time.perf_counter()
             for _ in range(args.steps):
@@ -110,15 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{v} {per_sample[v][-1] * steps[v][1]:.3f} s/step" for v in variants), file=sys.stderr, flush=True)
     results = {}
     for v in variants:
-        ratios = [b / t for b, t in zip(per_sample["eager"], per_sample[v])]
         results[v] = {"batch": steps[v][1], "median_seconds_per_step": statistics.median(per_sample[v]) * steps[v][1],
                       "median_ms_per_sample": statistics.median(per_sample[v]) * 1000,
-                      "speedup_vs_eager": statistics.median(ratios), "all_seconds_per_sample": per_sample[v]}
+                      "speedup_vs_eager": median_ratio(per_sample["eager"], per_sample[v]),
+                      "all_seconds_per_sample": per_sample[v]}
         print(f"{v:>13}: {results[v]['median_seconds_per_step']:.3f} s a step of {steps[v][1]}, "
               f"{results[v]['median_ms_per_sample']:.1f} ms a sample ({results[v]['speedup_vs_eager']:.2f}x eager)")
     if args.out:
-        from jobs.bench_generate import versions
-
         report = {"device": args.device, "threads": args.threads, "repeats": args.repeats, "steps": args.steps,
                   "results": results, "versions": versions()}
         with open(args.out, "w") as f:

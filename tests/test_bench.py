@@ -1,0 +1,50 @@
+"""The benchmarks' shared arithmetic, and one bench run end to end at its smallest.
+
+The benches report ratios against a baseline measured in the same run, interleaved, because this VM's speed
+drifts between minutes; these tests pin down that arithmetic, not any speed.
+"""
+
+import json
+
+import pytest
+
+from jobs.bench_generate import median_ratio, rotated
+
+
+def test_rotated_puts_every_variant_first_once_and_runs_each_once_a_repeat():
+    variants = ["eager", "compile", "foreach"]
+    orders = [rotated(variants, repeat) for repeat in range(3)]
+    assert [order[0] for order in orders] == variants
+    assert all(sorted(order) == sorted(variants) for order in orders)
+    assert rotated(variants, 3) == variants  # and it cycles
+    assert variants == ["eager", "compile", "foreach"]  # the caller's list is not touched
+
+
+def test_median_ratio_takes_each_repeats_own_ratio_so_drift_between_repeats_cancels():
+    baseline = [1.0, 3.0, 2.0]  # the machine slowed down threefold in repeat 2
+    variant = [0.5, 1.5, 2.0]  # twice as fast in the repeats it shared a minute with the baseline, once not
+    assert median_ratio(baseline, variant) == 2.0  # a ratio of medians would say 2.0 / 1.5 = 1.33
+    with pytest.raises(ValueError, match="one pair a repeat"):
+        median_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="one pair a repeat"):
+        median_ratio([], [])
+
+
+def test_bench_train_step_reports_each_variant_against_eager(tmp_path):
+    import torch
+
+    from jobs.bench_train_step import main
+
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--variants", "batch-half", "--batch", "2", "--repeats", "2", "--steps", "1", "--warmup", "0",
+                     "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the bench runs on one thread, as a train_tiny worker; the suite does not
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["eager", "batch-half"]
+    assert results["eager"]["speedup_vs_eager"] == 1.0
+    assert results["batch-half"]["batch"] == 1 and results["eager"]["batch"] == 2
+    assert all(len(r["all_seconds_per_sample"]) == 2 and min(r["all_seconds_per_sample"]) > 0
+               for r in results.values())

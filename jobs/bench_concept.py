@@ -42,6 +42,7 @@ from pathlib import Path
 
 from jobs.bench_generate import run_cli
 
+DEFAULT_LR = {"lora": 1e-3, "textual-inversion": 5e-3, "dreambooth": 5e-5}  # 2e-4 let DreamBooth's class drift
 GEM = {"token": "<gem>", "color": "purple", "shape": "star", "init_word": "star"}
 # green: tiny draws "a zwx star" purple 89% of the time (a purple subject would score well untrained)
 SUBJECT = {"word": "zwx", "color": "green", "shape": "star"}
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=54, help="prompts scored before and after")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
-    parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion, 5e-5 dreambooth (2e-4 let the class drift)")
+    parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion, 5e-5 dreambooth")
     parser.add_argument("--class-images", type=int, default=96, help="dreambooth: class images the base draws "
                         "(default 96: 8 for each default class prompt)")
     parser.add_argument("--class-prompt", action="append", dest="class_prompts", metavar="TEXT",
@@ -159,21 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--base", args.base, "--data", str(out / "data"), "--out", str(out / "adapters" / name),
               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
               "--warmup-steps", "20", "--log-every", "50", "--cache-latents", "--checkpoint-every", "100"]
+    lr = args.lr or DEFAULT_LR[args.method]
     if dreambooth:  # a whole model, not an adapter: it goes to models/, and generate loads it with --model
         common[common.index("--out") + 1] = str(out / "models" / name)
         args.class_prompts = args.class_prompts or class_prompts()
         command = ["finetune", "dreambooth", *common,
                    *itertools.chain.from_iterable(("--class-prompt", p) for p in args.class_prompts),
                    "--class-images", str(args.class_images), "--prior-loss-weight", str(args.prior_loss_weight),
-                   "--lr", str(args.lr or 5e-5),
+                   "--lr", str(lr),
                    "--validation-prompt", f"a {SUBJECT['word']} star on a gray background"]
     elif lora:
         command = ["finetune", "lora", *common, "--train-text-encoder", "--rank", str(args.rank),
-                   "--lora-layers", args.lora_layers, "--lr", str(args.lr or 1e-3),
+                   "--lora-layers", args.lora_layers, "--lr", str(lr),
                    "--validation-prompt", "a blue diamond on a white background"]
     else:
         command = ["finetune", "textual-inversion", *common, "--token", GEM["token"], "--init-word", GEM["init_word"],
-                   "--lr", str(args.lr or 5e-3), "--validation-prompt", f"a {GEM['token']} on a gray background"]
+                   "--lr", str(lr), "--validation-prompt", f"a {GEM['token']} on a gray background"]
     seconds = run_cli(command, out / "train")
     # 4. after
     prompts_manifest(out / "after.parquet", rows, adapter=None if dreambooth else name, guidance=args.guidance)
@@ -186,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     before, after = (scores(out / run, rows, unprompted) for run in ("before", "after"))
     report = {
         "method": args.method, "concept": name, "base": args.base, "prompts": args.prompts, "guidance": args.guidance,
-        "train_minutes": round(seconds / 60, 2), "steps": args.steps, "lr": args.lr,
-        **({"rank": args.rank, "lora_layers": args.lora_layers} if lora else {"token": GEM["token"]}),
+        "train_minutes": round(seconds / 60, 2), "steps": args.steps, "lr": lr,
+        **({"rank": args.rank, "lora_layers": args.lora_layers} if lora else {}),
+        **({"token": GEM["token"]} if args.method == "textual-inversion" else {}),
         "scored": list(scored),
         "before": {k: before[k] for k in ("shape", "color", "drawn")},
         "after": {k: after[k] for k in ("shape", "color", "drawn")},

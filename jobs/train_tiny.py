@@ -100,6 +100,26 @@ def eval_manifest(path: Path, count: int, seed: int, steps: int, guidance: float
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+def install(model: Path, preset: Path) -> None:
+    """Copy each component's safetensors and configs from a trained `model` into `preset`.
+
+    diffusers records the folder a model was loaded from as `_name_or_path`; the training machine's path
+    means nothing in a clone, so it is dropped (the loaders do not need it)."""
+    for component in COMPONENTS:
+        target = preset / component
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for path in sorted((model / component).glob("*")):
+            if path.suffix == ".safetensors":
+                shutil.copy2(path, target / path.name)
+            elif path.suffix == ".json":
+                config = json.loads(path.read_text())
+                if config.pop("_name_or_path", None) is None:
+                    shutil.copy2(path, target / path.name)
+                else:  # diffusers' own layout: sorted keys, 2 spaces
+                    (target / path.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train_tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="working folder: images, dataset, models, eval run")
@@ -197,13 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['held_out']['color']}, shape {summary['held_out']['shape']}")
     # 5. install into the preset
     if args.install:
-        for component in COMPONENTS:
-            target = PRESET_WEIGHTS / component
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
-            for path in sorted((out / "model" / component).glob("*")):
-                if path.suffix in (".safetensors", ".json"):
-                    shutil.copy2(path, target / path.name)
+        install(out / "model", PRESET_WEIGHTS)
         say(f"installed the weights into {PRESET_WEIGHTS}")
     return 0
 

@@ -70,3 +70,37 @@ def test_check_vae_passes_the_committed_vae_and_stops_a_random_one(tmp_path):
     random_init = check_vae(tmp_path)
     assert any(line.startswith("color ") for line in random_init.lost), random_init.lost
     assert min(random_init.color_error.values()) > 30, random_init.color_error
+
+
+def test_install_copies_the_weights_and_drops_the_training_folder_from_configs(tmp_path):
+    """`--install`: the preset gets each component's safetensors byte for byte, and configs without the
+    training machine's `_name_or_path` (a path that does not exist in a clone), otherwise unchanged."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from jobs.train_tiny import COMPONENTS, install
+
+    committed = REPO / "actors" / "presets" / "tiny"
+    model = tmp_path / "model"
+    shutil.copytree(committed, model)
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    vae_config["_name_or_path"] = "/work/some-training-run/vae"  # as diffusers writes it after a fine-tune
+    (model / "vae" / "config.json").write_text(json.dumps(vae_config))
+    (model / "vae" / "notes.txt").write_text("not a model file")
+    preset = tmp_path / "preset"
+    (preset / "vae").mkdir(parents=True)
+    (preset / "vae" / "stale.safetensors").write_bytes(b"old")  # a component folder is replaced, not merged
+
+    install(model, preset)
+
+    for component in COMPONENTS:
+        for source in (committed / component).glob("*.safetensors"):
+            assert (preset / component / source.name).read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in (preset / "vae").iterdir()) == ["config.json",
+                                                                    "diffusion_pytorch_model.safetensors"]
+    installed = json.loads((preset / "vae" / "config.json").read_text())
+    assert "_name_or_path" not in installed
+    vae_config.pop("_name_or_path")
+    assert installed == vae_config
+    assert AutoencoderKL.from_pretrained(preset / "vae").config.block_out_channels == [8, 16, 32, 32]

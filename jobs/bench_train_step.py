@@ -1,8 +1,9 @@
 """Benchmark ways to speed up one UNet training step of `tiny`, side by side: is the CPU recipe compute-bound?
 
-`train_tiny`'s UNet stage is 3,000 steps of this step (text encoder + UNet forward, v-loss, backward,
-AdamW) on each of 2 Ray Train workers, one thread each. This bench runs the step in one process, the way a
-worker does (`actors.train.Denoiser`, the committed `tiny` weights, batch 16, 1 thread), in variants:
+`train_tiny`'s UNet stage is 4,000 steps of this step (text encoder + UNet forward, v-loss, backward,
+AdamW) on each of 2 Ray Train workers, one thread each, at batch 8 a worker. This bench runs the step in one
+process, the way a worker does (`actors.train.Denoiser`, the committed `tiny` weights, 1 thread), at batch
+16 by default (the recipe's batch until 2026-11-27; `batch-half` times the 8 it runs now), in variants:
 
 - `eager`: the step as `actors/train.py` runs it (the baseline);
 - `channels-last`: the UNet and its input in channels-last memory format (oneDNN's preferred conv layout);
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_train_step", description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="eager is always run first and is the baseline")
-    parser.add_argument("--batch", type=int, default=16, help="per worker, as train_tiny (default 16)")
+    parser.add_argument("--batch", type=int, default=16, help="per worker (default 16; train_tiny runs 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, as one train_tiny worker (default 1)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")

@@ -22,6 +22,8 @@ import json
 import random
 import shutil
 import sys
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,6 +88,30 @@ def check_vae(model_dir: Path, size: int = 256) -> VaeCheck:
     lost = [f"{attribute} {value}: {sum(hits)}/{len(hits)} round trips kept it"
             for (attribute, value), hits in right.items() if sum(hits) < KEPT * len(hits)]
     return VaeCheck(misreads, lost, {color: round(float(np.mean(e)), 1) for color, e in errors.items()})
+
+
+class StageClock:
+    """Minutes of wall clock per stage of this run, kept in `path` (JSON) as each stage ends: the recipe's
+    cost is part of its result, and this machine's speed varies between days. A stage that a resumed run
+    found finished is recorded as skipped, so a total covers only the stages this run did."""
+
+    def __init__(self, path: Path, now=time.perf_counter):
+        self.path, self.now, self.minutes = path, now, {}
+
+    @contextmanager
+    def stage(self, name: str, done: bool = False):
+        """Time the block as stage `name`; with `done`, the caller skips it and it is recorded as skipped."""
+        started = self.now()
+        yield
+        self.minutes[name] = "skipped (found finished)" if done else round((self.now() - started) / 60, 1)
+        total = round(sum(m for m in self.minutes.values() if not isinstance(m, str)), 1)
+        self.path.write_text(json.dumps({"minutes": self.minutes, "total_minutes": total}, indent=2) + "\n")
+
+    def summary(self) -> str:
+        timed = {name: m for name, m in self.minutes.items() if not isinstance(m, str)}
+        skipped = [name for name in self.minutes if name not in timed]
+        return (", ".join(f"{name} {m:.1f}" for name, m in timed.items()) + f"; total {sum(timed.values()):.1f} min"
+                + (f" (skipped, found finished: {', '.join(skipped)})" if skipped else ""))
 
 
 def eval_manifest(path: Path, count: int, seed: int, steps: int, guidance: float = 1.0) -> None:
@@ -157,28 +183,36 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"[train_tiny] {message}", file=sys.stderr, flush=True)
 
+    clock = StageClock(out / "timings.json")
     # 1. data: training combinations only, so the held-out ones test generalisation
-    if not (out / "data" / "_dataset.json").exists():
-        from jobs.synthetic import write_images
+    done = (out / "data" / "_dataset.json").exists()
+    with clock.stage("data", done):
+        if not done:
+            from jobs.synthetic import write_images
 
-        write_images(out / "images", args.images, size=256, seed=1, split="train")
-        run_cli(["dataset", "build", str(out / "images"), "-o", str(out / "data"), "--resolution", "256"], out / "data")
+            write_images(out / "images", args.images, size=256, seed=1, split="train")
+            run_cli(["dataset", "build", str(out / "images"), "-o", str(out / "data"), "--resolution", "256"],
+                    out / "data")
     # 2. the VAE, then its check: no UNet can learn a colour its VAE cannot carry
     workers, device = (1, ["--gpu", "--mixed-precision", "no"]) if args.gpu else (args.workers, [])
     if args.gpu:  # one GPU worker carries the whole global batch, in fp32 as on the CPU
         args.vae_batch, args.unet_batch = args.vae_batch * args.workers, args.unet_batch * args.workers
     common = ["--data", str(out / "data"), "--workers", str(workers), "--checkpoint-every", "250",
               "--validate-every", "500", "--warmup-steps", "100", *device]
-    if not (out / "vae" / "model_index.json").exists():
-        run_cli(["finetune", "vae", "--base", "tiny-random", "--out", str(out / "vae"), "--steps", str(args.vae_steps),
-                 "--batch-size", str(args.vae_batch), "--crop", str(args.vae_crop), "--lr", str(args.vae_lr),
-                 "--pixel-loss", args.vae_loss, "--crop-candidates", str(args.vae_crop_candidates),
-                 # the fixed eval batch (whole 256 px images) is ~5% of a VAE step when run every 50: the
-                 # checkpoints' every 250 are enough, and it draws no randomness, so the weights are the same
-                 "--log-every", "250", *common], out / "vae")
+    done = (out / "vae" / "model_index.json").exists()
+    with clock.stage("vae", done):
+        if not done:
+            run_cli(["finetune", "vae", "--base", "tiny-random", "--out", str(out / "vae"),
+                     "--steps", str(args.vae_steps), "--batch-size", str(args.vae_batch), "--crop", str(args.vae_crop),
+                     "--lr", str(args.vae_lr), "--pixel-loss", args.vae_loss,
+                     "--crop-candidates", str(args.vae_crop_candidates),
+                     # the fixed eval batch (whole 256 px images) is ~5% of a VAE step when run every 50: the
+                     # checkpoints' every 250 are enough, and it draws no randomness, so the weights are the same
+                     "--log-every", "250", *common], out / "vae")
     from jobs.synthetic import ALL
 
-    check = check_vae(out / "vae")
+    with clock.stage("vae check"):
+        check = check_vae(out / "vae")
     (out / "vae-check.json").write_text(json.dumps(asdict(check), indent=2) + "\n")
     say(f"VAE round trip: {len(ALL) - len(check.misreads)}/{len(ALL)} combinations keep colour, shape and background")
     for failure in check.misreads:
@@ -190,31 +224,39 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{color} {error}" for color, error in errors.items()) + ") (README: what the committed VAE scores)")
     if check.lost and not args.skip_vae_check:
         say("stopping: the VAE loses a colour or shape; train it longer (a new --out) or pass --skip-vae-check")
+        say(f"minutes: {clock.summary()} ({clock.path})")
         return 1
     # 3. UNet and text encoder on the new VAE's latents
-    if not (out / "model" / "model_index.json").exists():
-        run_cli(["finetune", "full", "--base", str(out / "vae"), "--out", str(out / "model"), "--train-text-encoder",
-                 "--steps", str(args.unet_steps), "--batch-size", str(args.unet_batch), "--lr", str(args.unet_lr),
-                 *(["--min-snr-gamma", str(args.min_snr_gamma)] if args.min_snr_gamma else []),
-                 "--caption-dropout", str(args.caption_dropout), "--cache-latents",
-                 "--validation-prompt", "a red star on a gray background",
-                 "--validation-prompt", "a blue square on a white background", "--log-every", "50", *common],
-                out / "model")
+    done = (out / "model" / "model_index.json").exists()
+    with clock.stage("unet", done):
+        if not done:
+            run_cli(["finetune", "full", "--base", str(out / "vae"), "--out", str(out / "model"),
+                     "--train-text-encoder", "--steps", str(args.unet_steps), "--batch-size", str(args.unet_batch),
+                     "--lr", str(args.unet_lr),
+                     *(["--min-snr-gamma", str(args.min_snr_gamma)] if args.min_snr_gamma else []),
+                     "--caption-dropout", str(args.caption_dropout), "--cache-latents",
+                     "--validation-prompt", "a red star on a gray background",
+                     "--validation-prompt", "a blue square on a white background", "--log-every", "50", *common],
+                    out / "model")
     # 4. adherence on unseen seeds
-    eval_manifest(out / "eval.parquet", args.eval_prompts, seed=900_000, steps=20, guidance=args.eval_guidance)
-    run_cli(["generate", str(out / "eval.parquet"), "--out", str(out / "eval"), "--model", f"default={out / 'model'}",
-             "--no-watermark"], out / "eval")
-    run_cli(["eval", str(out / "eval.parquet"), "--out", str(out / "eval")], out / "eval-score")
+    with clock.stage("eval"):
+        eval_manifest(out / "eval.parquet", args.eval_prompts, seed=900_000, steps=20, guidance=args.eval_guidance)
+        run_cli(["generate", str(out / "eval.parquet"), "--out", str(out / "eval"), "--model",
+                 f"default={out / 'model'}", "--no-watermark"], out / "eval")
+        run_cli(["eval", str(out / "eval.parquet"), "--out", str(out / "eval")], out / "eval-score")
     # the same prompts and seeds through the random init: what chance looks like to this measure
-    if not (out / "eval-random" / "eval.json").exists():
-        run_cli(["generate", str(out / "eval.parquet"), "--out", str(out / "eval-random"), "--model",
-                 "default=tiny-random", "--no-watermark"], out / "eval-random")
-        run_cli(["eval", str(out / "eval.parquet"), "--out", str(out / "eval-random")], out / "eval-random-score")
+    done = (out / "eval-random" / "eval.json").exists()
+    with clock.stage("eval random init", done):
+        if not done:
+            run_cli(["generate", str(out / "eval.parquet"), "--out", str(out / "eval-random"), "--model",
+                     "default=tiny-random", "--no-watermark"], out / "eval-random")
+            run_cli(["eval", str(out / "eval.parquet"), "--out", str(out / "eval-random")], out / "eval-random-score")
     for name, run in (("random init", "eval-random"), ("trained", "eval")):
         summary = json.loads((out / run / "eval.json").read_text())
         say(f"{name}: adherence over {summary['scored']} images: colour {summary['color']:.0%}, "
             f"shape {summary['shape']:.0%}, drawn {summary['drawn']:.0%}; held-out colour "
             f"{summary['held_out']['color']}, shape {summary['held_out']['shape']}")
+    say(f"minutes: {clock.summary()} ({clock.path})")
     # 5. install into the preset
     if args.install:
         install(out / "model", PRESET_WEIGHTS)

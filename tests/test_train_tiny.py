@@ -41,6 +41,9 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     summary = json.loads((out / "eval" / "eval.json").read_text())
     assert summary["scored"] == 4
     assert _preset_files() == before  # nothing installed without --install
+    timings = json.loads((out / "timings.json").read_text())  # what the recipe cost, stage by stage
+    assert list(timings["minutes"]) == ["data", "vae", "vae check", "unet", "eval", "eval random init"]
+    assert all(m >= 0 for m in timings["minutes"].values()) and "; total " in proc.stderr
 
 
 def test_train_tiny_rejects_a_negative_min_snr_gamma_before_any_stage(tmp_path, capsys):
@@ -104,3 +107,20 @@ def test_install_copies_the_weights_and_drops_the_training_folder_from_configs(t
     vae_config.pop("_name_or_path")
     assert installed == vae_config
     assert AutoencoderKL.from_pretrained(preset / "vae").config.block_out_channels == [8, 16, 32, 32]
+
+
+def test_stage_clock_keeps_minutes_per_stage_and_counts_only_stages_it_ran(tmp_path):
+    from jobs.train_tiny import StageClock
+
+    now = iter([0.0, 90.0, 100.0, 100.0, 400.0])  # the clock at each start and end (a skipped stage: start only)
+    clock = StageClock(tmp_path / "timings.json", now=lambda: next(now))
+    with clock.stage("data"):
+        pass
+    assert json.loads(clock.path.read_text()) == {"minutes": {"data": 1.5}, "total_minutes": 1.5}  # kept as it goes
+    with clock.stage("vae", done=True):  # a resumed run found it finished
+        pass
+    with clock.stage("unet"):
+        pass
+    assert json.loads(clock.path.read_text()) == {
+        "minutes": {"data": 1.5, "vae": "skipped (found finished)", "unet": 5.0}, "total_minutes": 6.5}
+    assert clock.summary() == "data 1.5, unet 5.0; total 6.5 min (skipped, found finished: vae)"

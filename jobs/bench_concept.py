@@ -17,6 +17,9 @@ One concept per method, each something the base cannot draw from its prompt:
   and on the class: prompts for stars of the other colours, on every background and with other seeds
   than the class images', must keep their colour, which is what prior preservation is for. The gray
   ones were never class prompts: they show whether the protection reaches beyond the prompts trained on.
+- `--method dreambooth-lora`: the same subject, class images and scores, but a LoRA learns it (`finetune
+  lora` with the class prompts, `--lora-layers`, the text encoder too) instead of the whole UNet: an
+  adapter the generation actors swap in, not a model of its own.
 
 Stages, every one the project's own CLI:
 
@@ -28,7 +31,8 @@ Stages, every one the project's own CLI:
 
 Passes (exit 0) when every scored attribute reaches --target (0.70) within --budget-minutes of training.
 
-    .venv/bin/python -m jobs.bench_concept [--method lora|textual-inversion|dreambooth] [--out DIR] [--steps 300]
+    .venv/bin/python -m jobs.bench_concept [--method lora|textual-inversion|dreambooth|dreambooth-lora] [--out DIR]
+                                           [--steps 300]
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from pathlib import Path
 
 from jobs.bench_generate import run_cli
 
-DEFAULT_LR = {"lora": 1e-3, "textual-inversion": 5e-3, "dreambooth": 5e-5}  # 2e-4 let DreamBooth's class drift
+METHODS = ("lora", "textual-inversion", "dreambooth", "dreambooth-lora")
+# 2e-4 let DreamBooth's class drift; DreamBooth-LoRA takes the LoRA bench's lr
+DEFAULT_LR = {"lora": 1e-3, "textual-inversion": 5e-3, "dreambooth": 5e-5, "dreambooth-lora": 1e-3}
 GEM = {"token": "<gem>", "color": "purple", "shape": "star", "init_word": "star"}
 # green: tiny draws "a zwx star" purple 89% of the time (a purple subject would score well untrained)
 SUBJECT = {"word": "zwx", "color": "green", "shape": "star"}
@@ -65,7 +71,7 @@ def concept_rows(method: str, count: int) -> list[dict]:
     if method == "lora":
         combos = list(itertools.product(COLORS, ["diamond"], BACKGROUNDS))
         make = lambda c, s, b: caption(c, s, b)  # noqa: E731
-    elif method == "dreambooth":
+    elif method in ("dreambooth", "dreambooth-lora"):
         combos = [(SUBJECT["color"], SUBJECT["shape"], b) for b in BACKGROUNDS]
         make = lambda c, s, b: f"a {SUBJECT['word']} {s} on a {b} background"  # noqa: E731
     elif method == "class":  # dreambooth's class check: stars of every other colour
@@ -113,23 +119,23 @@ def concept_images(method: str, out: Path, count: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_concept", description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="lora", choices=["lora", "textual-inversion", "dreambooth"])
+    parser.add_argument("--method", default="lora", choices=METHODS)
     parser.add_argument("--out", help="working folder (default: a temporary one)")
     parser.add_argument("--base", default="tiny", help="the model to teach (default: the tiny preset)")
     parser.add_argument("--images", type=int, default=360)
     parser.add_argument("--prompts", type=int, default=54, help="prompts scored before and after")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
-    parser.add_argument("--lr", type=float, help="default: 1e-3 lora, 5e-3 textual-inversion, 5e-5 dreambooth")
-    parser.add_argument("--class-images", type=int, default=96, help="dreambooth: class images the base draws "
+    parser.add_argument("--lr", type=float, help="default: " + ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items()))
+    parser.add_argument("--class-images", type=int, default=96, help="dreambooth(-lora): class images the base draws "
                         "(default 96: 8 for each default class prompt)")
     parser.add_argument("--class-prompt", action="append", dest="class_prompts", metavar="TEXT",
-                        help="dreambooth: class prompt, repeatable (default: 'a {colour} star on a {background} "
+                        help="dreambooth(-lora): class prompt, repeatable (default: 'a {colour} star on a {background} "
                              "background' for every colour, on white and black)")
-    parser.add_argument("--prior-loss-weight", type=float, default=1.0, help="dreambooth (default 1)")
-    parser.add_argument("--rank", type=int, default=8, help="lora")
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0, help="dreambooth(-lora) (default 1)")
+    parser.add_argument("--rank", type=int, default=8, help="lora, dreambooth-lora")
     parser.add_argument("--lora-layers", default="all", choices=["attention", "transformer", "all"],
-                        help="lora: the UNet layers it adapts (default all: tiny draws edges at its attention-free "
+                        help="lora, dreambooth-lora: the UNet layers it adapts (default all: tiny draws edges at its attention-free "
                              "full-resolution level, which only the convolutions reach)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--guidance", type=float, default=3.0, help="guidance of the scored images (default 3)")
@@ -138,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="concept-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    lora, dreambooth = args.method == "lora", args.method == "dreambooth"
-    name = {"lora": "diamond", "textual-inversion": "gem", "dreambooth": SUBJECT["word"]}[args.method]
+    lora, dreambooth = args.method == "lora", args.method in ("dreambooth", "dreambooth-lora")
+    adapter = args.method != "dreambooth"  # the rest train an adapter; DreamBooth a whole model
+    name = {"lora": "diamond", "textual-inversion": "gem"}.get(args.method, SUBJECT["word"])
     scored = ("shape",) if lora else ("color", "shape")
 
     def say(message: str) -> None:
@@ -161,25 +168,27 @@ def main(argv: list[str] | None = None) -> int:
               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
               "--warmup-steps", "20", "--log-every", "50", "--cache-latents", "--checkpoint-every", "100"]
     lr = args.lr or DEFAULT_LR[args.method]
-    if dreambooth:  # a whole model, not an adapter: it goes to models/, and generate loads it with --model
-        common[common.index("--out") + 1] = str(out / "models" / name)
+    lora_flags = ["--train-text-encoder", "--rank", str(args.rank), "--lora-layers", args.lora_layers]
+    if dreambooth:
         args.class_prompts = args.class_prompts or class_prompts()
-        command = ["finetune", "dreambooth", *common,
-                   *itertools.chain.from_iterable(("--class-prompt", p) for p in args.class_prompts),
-                   "--class-images", str(args.class_images), "--prior-loss-weight", str(args.prior_loss_weight),
-                   "--lr", str(lr),
-                   "--validation-prompt", f"a {SUBJECT['word']} star on a gray background"]
+        prior = [*itertools.chain.from_iterable(("--class-prompt", p) for p in args.class_prompts),
+                 "--class-images", str(args.class_images), "--prior-loss-weight", str(args.prior_loss_weight),
+                 "--validation-prompt", f"a {SUBJECT['word']} star on a gray background"]
+    if args.method == "dreambooth":  # a whole model, not an adapter: it goes to models/, generate loads it with --model
+        common[common.index("--out") + 1] = str(out / "models" / name)
+        command = ["finetune", "dreambooth", *common, *prior, "--lr", str(lr)]
+    elif args.method == "dreambooth-lora":
+        command = ["finetune", "lora", *common, *lora_flags, *prior, "--lr", str(lr)]
     elif lora:
-        command = ["finetune", "lora", *common, "--train-text-encoder", "--rank", str(args.rank),
-                   "--lora-layers", args.lora_layers, "--lr", str(lr),
+        command = ["finetune", "lora", *common, *lora_flags, "--lr", str(lr),
                    "--validation-prompt", "a blue diamond on a white background"]
     else:
         command = ["finetune", "textual-inversion", *common, "--token", GEM["token"], "--init-word", GEM["init_word"],
                    "--lr", str(lr), "--validation-prompt", f"a {GEM['token']} on a gray background"]
     seconds = run_cli(command, out / "train")
     # 4. after
-    prompts_manifest(out / "after.parquet", rows, adapter=None if dreambooth else name, guidance=args.guidance)
-    model = str(out / "models" / name) if dreambooth else args.base
+    prompts_manifest(out / "after.parquet", rows, adapter=name if adapter else None, guidance=args.guidance)
+    model = args.base if adapter else str(out / "models" / name)
     run_cli(["generate", str(out / "after.parquet"), "--out", str(out / "after"), "--model", f"default={model}",
              "--adapters", str(out / "adapters"), "--no-watermark"], out / "after")
     run_cli(["eval", str(out / "after.parquet"), "--out", str(out / "after")], out / "after-eval")
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "method": args.method, "concept": name, "base": args.base, "prompts": args.prompts, "guidance": args.guidance,
         "train_minutes": round(seconds / 60, 2), "steps": args.steps, "lr": lr,
-        **({"rank": args.rank, "lora_layers": args.lora_layers} if lora else {}),
+        **({"rank": args.rank, "lora_layers": args.lora_layers} if "lora" in args.method else {}),
         **({"token": GEM["token"]} if args.method == "textual-inversion" else {}),
         "scored": list(scored),
         "before": {k: before[k] for k in ("shape", "color", "drawn")},

@@ -48,3 +48,38 @@ def test_bench_train_step_reports_each_variant_against_eager(tmp_path):
     assert results["batch-half"]["batch"] == 1 and results["eager"]["batch"] == 2
     assert all(len(r["all_seconds_per_sample"]) == 2 and min(r["all_seconds_per_sample"]) > 0
                for r in results.values())
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "dreambooth-lora"])
+def test_bench_concept_trains_dreambooth_as_a_model_and_dreambooth_lora_as_an_adapter(tmp_path, monkeypatch, method):
+    """The commands `bench_concept` hands the CLI, up to training (the runs themselves take minutes)."""
+    import jobs.bench_concept as bench
+
+    commands = []
+
+    def fake_run_cli(command, log):
+        commands.append(command)
+        if command[0] == "finetune":
+            raise _Stop
+        return 0.0
+
+    monkeypatch.setattr(bench, "run_cli", fake_run_cli)
+    with pytest.raises(_Stop):
+        bench.main(["--method", method, "--out", str(tmp_path), "--images", "3", "--prompts", "3"])
+    train = commands[-1]
+    flags = {flag: train[i + 1] for i, flag in enumerate(train[:-1]) if flag.startswith("--")}
+    assert train[:2] == ["finetune", "dreambooth" if method == "dreambooth" else "lora"]
+    assert train.count("--class-prompt") == 12 and flags["--class-images"] == "96"  # prior preservation both ways
+    assert "a purple star on a black background" in train and "a purple star on a gray background" not in train
+    if method == "dreambooth":
+        assert flags["--out"] == str(tmp_path / "models" / "zwx") and flags["--lr"] == "5e-05"
+        assert "--rank" not in flags
+    else:  # an adapter in the store generate reads with --adapters, named after the subject
+        assert flags["--out"] == str(tmp_path / "adapters" / "zwx") and flags["--lr"] == "0.001"
+        assert flags["--rank"] == "8" and flags["--lora-layers"] == "all" and "--train-text-encoder" in train
+    captions = sorted(p.read_text() for p in (tmp_path / "images").glob("*.txt"))
+    assert captions[0].startswith("a zwx star on a ")

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "method": args.method, "concept": name, "base": args.base, "prompts": args.prompts, "guidance": args.guidance,
         "train_minutes": round(seconds / 60, 2), "steps": args.steps, "lr": lr,
-        **({"rank": args.rank, "lora_layers": args.lora_layers} if "lora" in args.method else {}),
+        **({"rank": args.rank, "lora_layers": args.lora_layers} if args.method in ("lora", "dreambooth-lora") else {}),
         **({"token": GEM["token"]} if args.method == "textual-inversion" else {}),
         "scored": list(scored),
         "before": {k: before[k] for k in ("shape", "color", "drawn")},

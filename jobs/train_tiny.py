@@ -104,13 +104,19 @@ class StageClock:
         started = self.now()
         yield
         self.minutes[name] = "skipped (found finished)" if done else round((self.now() - started) / 60, 1)
-        total = round(sum(m for m in self.minutes.values() if not isinstance(m, str)), 1)
-        self.path.write_text(json.dumps({"minutes": self.minutes, "total_minutes": total}, indent=2) + "\n")
+        self.path.write_text(json.dumps({"minutes": self.minutes, "total_minutes": self.total()}, indent=2) + "\n")
+
+    def timed(self) -> dict[str, float]:
+        """The stages this run did, with their minutes (skipped ones left out)."""
+        return {name: m for name, m in self.minutes.items() if not isinstance(m, str)}
+
+    def total(self) -> float:
+        return round(sum(self.timed().values()), 1)
 
     def summary(self) -> str:
-        timed = {name: m for name, m in self.minutes.items() if not isinstance(m, str)}
+        timed = self.timed()
         skipped = [name for name in self.minutes if name not in timed]
-        return (", ".join(f"{name} {m:.1f}" for name, m in timed.items()) + f"; total {sum(timed.values()):.1f} min"
+        return (", ".join(f"{name} {m:.1f}" for name, m in timed.items()) + f"; total {self.total():.1f} min"
                 + (f" (skipped, found finished: {', '.join(skipped)})" if skipped else ""))
 
 

@@ -83,3 +83,30 @@ def test_bench_concept_trains_dreambooth_as_a_model_and_dreambooth_lora_as_an_ad
         assert flags["--rank"] == "8" and flags["--lora-layers"] == "all" and "--train-text-encoder" in train
     captions = sorted(p.read_text() for p in (tmp_path / "images").glob("*.txt"))
     assert captions[0].startswith("a zwx star on a ")
+
+
+def test_bench_vae_context_reads_a_finetune_checkpoint_as_the_preset_it_came_from(tmp_path):
+    from safetensors.torch import save_file
+
+    from jobs.bench_vae_context import load_vae, main
+
+    checkpoint = tmp_path / "checkpoint"  # what `finetune vae` writes: the Autoencoder wrapper's state
+    checkpoint.mkdir()
+    save_file({f"vae.{k}": v.contiguous() for k, v in load_vae("tiny").state_dict().items()},
+              checkpoint / "trainable.safetensors")
+    out = tmp_path / "report.json"
+    assert main(["tiny", str(checkpoint), "--count", "2", "--tiles", "128", "--out", str(out)]) == 0
+    mse = json.loads(out.read_text())["mse"]
+    assert mse["tiny"] == mse[str(checkpoint)]
+    assert list(mse["tiny"]) == ["whole", "tiles128", "decode-tiles128"]
+    assert 0 < mse["tiny"]["whole"] < 0.05  # the committed VAE keeps the image (noise would be ~0.3 and up)
+
+
+def test_bench_vae_context_names_what_it_cannot_read(tmp_path, capsys):
+    from jobs.bench_vae_context import main
+
+    with pytest.raises(SystemExit, match="is not a VAE: give 'tiny'"):
+        main([str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["--tiles", "96"])
+    assert "a tile must be a multiple of 8 that divides 256" in capsys.readouterr().err

@@ -13,11 +13,11 @@ draws them) goes through the VAE's round trip
 It reports each round trip's pixel MSE (in [-1, 1], as the VAE's eval loss). A VAE that does best on
 tiles the size of its training crops has learned its crops' context, not the whole image's.
 
-    .venv/bin/python -m jobs.bench_vae_context [VAE ...] [--tiles 128 64] [--count 24] [--out report.json]
+    .venv/bin/python -m jobs.bench_vae_context [VAE ...] [--tiles 128 64] [--count 24] [--config DIR] [--out report.json]
 
 VAE: `tiny` (the committed preset, the default), a folder holding a diffusers VAE (`config.json` and
 safetensors, e.g. `DIR/vae/vae` of a `train_tiny` run), or a `finetune vae` checkpoint folder
-(`trainable.safetensors`, read with `tiny`'s VAE config).
+(`trainable.safetensors`, read with `tiny`'s VAE config, or `--config`'s: a folder with a VAE's `config.json`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import sys
 from pathlib import Path
 
 
-def load_vae(spec: str):
-    """The VAE named by `spec` (see the module's docstring), in eval mode."""
+def load_vae(spec: str, config: str | Path | None = None):
+    """The VAE named by `spec` (see the module's docstring), in eval mode; `config`: the folder whose VAE
+    config a checkpoint's weights are read with (default `tiny`'s)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
@@ -42,7 +43,7 @@ def load_vae(spec: str):
     if (path / "config.json").is_file():
         return AutoencoderKL.from_pretrained(path, use_safetensors=True).eval()
     if (path / "trainable.safetensors").is_file():
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(PRESET_DIR / "tiny" / "vae"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config or PRESET_DIR / "tiny" / "vae"))
         state = {key.removeprefix("vae."): value for key, value in load_file(path / "trainable.safetensors").items()}
         vae.load_state_dict(state)
         return vae.eval()
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("vaes", nargs="*", default=["tiny"], metavar="VAE")
     parser.add_argument("--tiles", type=int, nargs="+", default=[128, 64], help="tile sizes in px (divide 256, multiples of 8)")
     parser.add_argument("--count", type=int, default=24, help="images (one per combination in turn; 72 in all)")
+    parser.add_argument("--config", help="a folder with the VAE config.json that checkpoints' weights are read with "
+                        "(default: tiny's)")
     parser.add_argument("--out", help="write the report here (JSON)")
     args = parser.parse_args(argv)
     bad = [size for size in args.tiles if size <= 0 or size % 8 or 256 % size]
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     pixels = images(args.count)
     report = {"images": args.count, "mse": {}}
     for spec in args.vaes:
-        report["mse"][spec] = round_trips(load_vae(spec), pixels, args.tiles)
+        report["mse"][spec] = round_trips(load_vae(spec, args.config), pixels, args.tiles)
         print(spec, json.dumps(report["mse"][spec]))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

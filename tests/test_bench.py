@@ -88,6 +88,7 @@ def test_bench_concept_trains_dreambooth_as_a_model_and_dreambooth_lora_as_an_ad
 def test_bench_vae_context_reads_a_finetune_checkpoint_as_the_preset_it_came_from(tmp_path):
     from safetensors.torch import save_file
 
+    from actors.presets import PRESET_DIR
     from jobs.bench_vae_context import load_vae, main
 
     checkpoint = tmp_path / "checkpoint"  # what `finetune vae` writes: the Autoencoder wrapper's state
@@ -95,7 +96,9 @@ def test_bench_vae_context_reads_a_finetune_checkpoint_as_the_preset_it_came_fro
     save_file({f"vae.{k}": v.contiguous() for k, v in load_vae("tiny").state_dict().items()},
               checkpoint / "trainable.safetensors")
     out = tmp_path / "report.json"
-    assert main(["tiny", str(checkpoint), "--count", "2", "--tiles", "128", "--out", str(out)]) == 0
+    config = PRESET_DIR / "tiny" / "vae"  # the default, named: the flag for a checkpoint of another architecture
+    assert main(["tiny", str(checkpoint), "--count", "2", "--tiles", "128", "--config", str(config),
+                 "--out", str(out)]) == 0
     mse = json.loads(out.read_text())["mse"]
     assert mse["tiny"] == mse[str(checkpoint)]
     assert list(mse["tiny"]) == ["whole", "tiles128", "decode-tiles128"]

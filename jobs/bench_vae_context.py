@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -56,10 +55,9 @@ def images(count: int, size: int = 256):
     import numpy as np
     import torch
 
-    from jobs.synthetic import ALL, draw_shape
+    from jobs.synthetic import probe
 
-    drawn = [np.asarray(draw_shape(*ALL[i % len(ALL)], size, random.Random(i)), dtype=np.float32)
-             for i in range(count)]
+    drawn = [np.asarray(probe(i, size)[1], dtype=np.float32) for i in range(count)]
     return torch.from_numpy(np.stack(drawn) / 127.5 - 1.0).permute(0, 3, 1, 2)
 
 

@@ -74,6 +74,13 @@ def draw_shape(color: str, shape: str, background: str, size: int = 256, rng: ra
     return image
 
 
+def probe(i: int, size: int = 256) -> tuple[tuple[str, str, str], Image.Image]:
+    """The `i`-th fixed probe image, the same on every run: combination `ALL[i % len(ALL)]`, placed by
+    `random.Random(i)`. VAE checks and benches draw these, so their numbers compare across runs."""
+    combination = ALL[i % len(ALL)]
+    return combination, draw_shape(*combination, size, random.Random(i))
+
+
 def combinations(split: str) -> list[tuple[str, str, str]]:
     if split == "train":
         return [c for c in ALL if c not in HELD_OUT]

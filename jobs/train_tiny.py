@@ -18,8 +18,8 @@ Every stage is the project's own CLI, so this is also an end-to-end exercise of 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import random
 import shutil
 import sys
 import time
@@ -64,12 +64,13 @@ def check_vae(model_dir: Path, size: int = 256) -> VaeCheck:
     from diffusers import AutoencoderKL
 
     from jobs.evaluate import analyse
-    from jobs.synthetic import ALL, PALETTE, draw_shape
+    from jobs.synthetic import ALL, PALETTE, probe
 
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", use_safetensors=True).eval()
     misreads, right, errors = [], {}, {}
-    for i, (color, shape, background) in enumerate(ALL):
-        image = np.asarray(draw_shape(color, shape, background, size, random.Random(i)), dtype=np.float32)
+    for i in range(len(ALL)):
+        (color, shape, background), drawn = probe(i, size)
+        image = np.asarray(drawn, dtype=np.float32)
         pixels = torch.from_numpy(image / 127.5 - 1.0).permute(2, 0, 1)[None]
         with torch.no_grad():
             recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample[0]
@@ -152,6 +153,23 @@ def install(model: Path, preset: Path) -> None:
                     (target / path.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def compare_weights(model: Path, preset: Path, components=COMPONENTS) -> dict[str, str]:
+    """Per component of `model`: "same" when its safetensors files are the `preset`'s byte for byte (the
+    recipe reproduced them), "differs", or "missing" where either side has none."""
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+    verdicts = {}
+    for component in components:
+        ours, theirs = digests(model / component), digests(preset / component)
+        verdicts[component] = "missing" if not ours or not theirs else "same" if ours == theirs else "differs"
+    return verdicts
+
+
+def describe_comparison(verdicts: dict[str, str]) -> str:
+    return ", ".join(f"{component} {verdict}" for component, verdict in verdicts.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train_tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="working folder: images, dataset, models, eval run")
@@ -217,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--log-every", "250", *common], out / "vae")
     from jobs.synthetic import ALL
 
+    say("VAE against the committed tiny preset (bit for bit): "
+        + describe_comparison(compare_weights(out / "vae", PRESET_WEIGHTS, ["vae"])))
     with clock.stage("vae check"):
         check = check_vae(out / "vae")
     (out / "vae-check.json").write_text(json.dumps(asdict(check), indent=2) + "\n")
@@ -263,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             f"shape {summary['shape']:.0%}, drawn {summary['drawn']:.0%}; held-out colour "
             f"{summary['held_out']['color']}, shape {summary['held_out']['shape']}")
     say(f"minutes: {clock.summary()} ({clock.path})")
+    say("weights against the committed tiny preset (bit for bit): "
+        + describe_comparison(compare_weights(out / "model", PRESET_WEIGHTS)))
     # 5. install into the preset
     if args.install:
         install(out / "model", PRESET_WEIGHTS)

@@ -109,6 +109,25 @@ def test_install_copies_the_weights_and_drops_the_training_folder_from_configs(t
     assert AutoencoderKL.from_pretrained(preset / "vae").config.block_out_channels == [8, 16, 32, 32]
 
 
+def test_compare_weights_says_which_components_the_recipe_reproduced_bit_for_bit(tmp_path):
+    import shutil
+
+    from jobs.train_tiny import compare_weights, describe_comparison
+
+    committed = REPO / "actors" / "presets" / "tiny"
+    model = tmp_path / "model"
+    shutil.copytree(committed, model)
+    assert compare_weights(model, committed) == {"unet": "same", "vae": "same", "text_encoder": "same"}
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(unet.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    unet.write_bytes(bytes(data))
+    shutil.rmtree(model / "text_encoder")
+    verdicts = compare_weights(model, committed)
+    assert verdicts == {"unet": "differs", "vae": "same", "text_encoder": "missing"}
+    assert describe_comparison(verdicts) == "unet differs, vae same, text_encoder missing"
+
+
 def test_stage_clock_keeps_minutes_per_stage_and_counts_only_stages_it_ran(tmp_path):
     from jobs.train_tiny import StageClock
 

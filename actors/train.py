@@ -70,6 +70,7 @@ class TrainConfig:
     kl_weight: float = 1e-6  # vae: weight of the KL term against the pixel reconstruction loss
     crop: int = 0  # vae: train on random square crops of this size (0: whole images)
     crop_candidates: int = 1  # vae: random crops drawn per image; the busiest (largest pixel spread) trains
+    crop_span: int = 0  # vae: a crop spans a random square of crop..crop_span px, resized to crop (0: crop px, no resize)
     pixel_loss: Literal["mse", "l1"] = "mse"  # vae: the reconstruction loss
     calibrate_scale: bool = False  # vae: set scaling_factor to 1 / std of the latents (a VAE trained from scratch)
     cache_latents: bool = False  # full/lora: encode every image once, not at every step
@@ -195,22 +196,55 @@ def vae_loss(recon: torch.Tensor, pixels: torch.Tensor, kl: torch.Tensor, kl_wei
     return distance(recon.float(), pixels.float()) + kl_weight * kl.float().mean() / pixels[0].numel()
 
 
-def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator, candidates: int = 1) -> torch.Tensor:
+def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator, candidates: int = 1,
+                 span: int = 0) -> torch.Tensor:
     """One random square crop of `size` px per image (the VAE is convolutional: crops train it as well).
 
     With `candidates` > 1, that many crops are drawn per image and the busiest one (largest pixel spread)
     is kept: on product shots a random crop is often plain background, which teaches the VAE nothing
-    about the object's colours and edges."""
+    about the object's colours and edges.
+
+    With `span` > `size`, each crop covers a square of a random side between `size` and `span` px
+    (at most the image), resized to `size` px (bilinear, antialiased): small crops keep the image's own
+    scale, the largest see the whole image at a lower one. A VAE's GroupNorm layers normalise over the
+    whole feature map, so a VAE that only ever saw small crops learns their statistics, not a whole
+    image's (docs/tiny-recipe.md)."""
     if not size or size >= pixels.shape[-1]:
         return pixels
     n, _, h, w = pixels.shape
+    if span > size:
+        return _spanning_crops(pixels, size, min(span, h, w), generator, candidates)
     tops = torch.randint(0, h - size + 1, (n, candidates), generator=generator).tolist()
     lefts = torch.randint(0, w - size + 1, (n, candidates), generator=generator).tolist()
     crops = []
     for i in range(n):
         options = [pixels[i, :, t:t + size, l:l + size] for t, l in zip(tops[i], lefts[i])]
-        crops.append(max(options, key=lambda crop: float(crop.float().std())))  # one option: that crop
+        crops.append(_busiest(options))
     return torch.stack(crops)
+
+
+def _spanning_crops(pixels: torch.Tensor, size: int, span: int, generator: torch.Generator,
+                    candidates: int) -> torch.Tensor:
+    n, _, h, w = pixels.shape
+    sides = torch.randint(size, span + 1, (n, candidates), generator=generator)
+    tops = (torch.rand((n, candidates), generator=generator) * (h - sides + 1)).long().tolist()
+    lefts = (torch.rand((n, candidates), generator=generator) * (w - sides + 1)).long().tolist()
+    crops = []
+    for i in range(n):
+        options = []
+        for side, t, l in zip(sides[i].tolist(), tops[i], lefts[i]):
+            crop = pixels[i:i + 1, :, t:t + side, l:l + side]
+            if side != size:
+                crop = F.interpolate(crop.float(), size=(size, size), mode="bilinear", antialias=True,
+                                     align_corners=False).clamp(-1, 1).to(pixels.dtype)
+            options.append(crop[0])
+        crops.append(_busiest(options))
+    return torch.stack(crops)
+
+
+def _busiest(options: list[torch.Tensor]) -> torch.Tensor:
+    """The crop with the largest pixel spread (with one option: that crop)."""
+    return max(options, key=lambda crop: float(crop.float().std()))
 
 
 def trainee(cfg: TrainConfig, pipe) -> torch.nn.Module:
@@ -625,7 +659,7 @@ def train_loop(config: dict) -> None:
             sync = model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()
             with sync, torch.autocast(device.type, dtype=half, enabled=half is not None):
                 if cfg.method == "vae":
-                    pixels = random_crops(pixels, cfg.crop, g, cfg.crop_candidates).to(device)
+                    pixels = random_crops(pixels, cfg.crop, g, cfg.crop_candidates, cfg.crop_span).to(device)
                     eps = torch.randn((pixels.shape[0], pipe.vae.config.latent_channels,
                                        pixels.shape[2] // 8, pixels.shape[3] // 8), generator=g).to(device)
                     loss = _vae_step(model, pixels, eps, cfg.kl_weight, cfg.pixel_loss)

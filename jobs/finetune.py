@@ -103,6 +103,9 @@ class FinetuneConfig(BaseModel):
     crop_candidates: int = Field(default=1, ge=1, le=64, description="vae, with --crop: draw this many random crops "
                                  "per image and train on the busiest (largest pixel spread), so plain background "
                                  "does not fill the batch")
+    crop_span: int = Field(default=0, ge=0, description="vae, with --crop: each crop covers a random square of "
+                           "--crop to this many px of the image, resized to --crop, so crops also see whole "
+                           "images at a lower scale (0: crops of --crop px, not resized)")
     pixel_loss: Literal["mse", "l1"] = Field(default="mse", description="vae: the pixel reconstruction loss "
                                              "(l1: the loss of SD's own autoencoders)")
     calibrate_scale: bool = Field(default=False, description="vae: set the VAE's scaling_factor to 1 / std of its "
@@ -126,6 +129,9 @@ class FinetuneConfig(BaseModel):
             raise ValueError(f"--crop is for vae and must be a multiple of 8; got {self.crop} with {self.method}")
         if self.crop_candidates > 1 and not self.crop:
             raise ValueError(f"--crop-candidates {self.crop_candidates} needs --crop: it picks among random crops")
+        if self.crop_span and not 0 < self.crop < self.crop_span:
+            raise ValueError(f"--crop-span {self.crop_span} needs a --crop below it (got --crop {self.crop}): it "
+                             "is the largest square a crop may span before it is resized to --crop px")
         if self.pixel_loss != "mse" and self.method != "vae":
             raise ValueError(f"--pixel-loss is for vae; {self.method} trains on the diffusion loss")
         if self.calibrate_scale and self.method != "vae":
@@ -219,7 +225,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         token=cfg.token, init_word=cfg.init_word, vectors=cfg.vectors or 1,
         train_text_encoder=cfg.train_text_encoder, class_data=class_data, prior_loss_weight=cfg.prior_loss_weight,
         fsdp=cfg.fsdp, kl_weight=cfg.kl_weight, crop=cfg.crop,
-        crop_candidates=cfg.crop_candidates, pixel_loss=cfg.pixel_loss,
+        crop_candidates=cfg.crop_candidates, crop_span=cfg.crop_span, pixel_loss=cfg.pixel_loss,
         calibrate_scale=cfg.calibrate_scale, cache_latents=cfg.cache_latents,
     )
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in

@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-loss", choices=["mse", "l1"], default="mse", help="the VAE's pixel loss")
     parser.add_argument("--vae-crop-candidates", type=int, default=1,
                         help="random crops drawn per image; the busiest trains (see `finetune --crop-candidates`)")
+    parser.add_argument("--vae-crop-span", type=int, default=0,
+                        help="crops span a random square of --vae-crop to this many px, resized to --vae-crop "
+                        "(see `finetune --crop-span`; 0: plain crops)")
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--unet-batch", type=int, default=8, help="per worker")
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             run_cli(["finetune", "vae", "--base", "tiny-random", "--out", str(out / "vae"),
                      "--steps", str(args.vae_steps), "--batch-size", str(args.vae_batch), "--crop", str(args.vae_crop),
                      "--lr", str(args.vae_lr), "--pixel-loss", args.vae_loss,
-                     "--crop-candidates", str(args.vae_crop_candidates),
+                     "--crop-candidates", str(args.vae_crop_candidates), "--crop-span", str(args.vae_crop_span),
                      # the fixed eval batch (whole 256 px images) is ~5% of a VAE step when run every 50: the
                      # checkpoints' every 250 are enough, and it draws no randomness, so the weights are the same
                      "--log-every", "250", *common], out / "vae")

@@ -112,6 +112,34 @@ def test_vae_crops_with_candidates_keep_the_object_and_one_candidate_keeps_the_o
     assert torch.equal(plain, torch.stack([pixels[i, :, t:t + 16, l:l + 16] for i, (t, l) in enumerate(zip(tops, lefts))]))
 
 
+def test_vae_crops_spanning_up_to_the_whole_image_are_resized_to_the_crop_size():
+    from actors.train import random_crops
+
+    # left half red-ish (+1 in channel 0), right half -1: a whole image shows both halves, a 16 px crop mostly one
+    pixels = torch.full((64, 3, 64, 64), -1.0)
+    pixels[:, 0, :, :32] = 1.0
+    spanning = random_crops(pixels, 16, torch.Generator().manual_seed(0), span=64)
+    assert spanning.shape == (64, 3, 16, 16) and spanning.min() >= -1 and spanning.max() <= 1
+    # the widest crops see both halves: a column at each edge of one crop has each half's value
+    both = [c for c in spanning if c[0, :, 0].mean() > 0.9 and c[0, :, -1].mean() < -0.9]
+    assert both, "no crop spanned the whole image"
+    # and the draws differ from plain crops' (so that span 0 keeps the recipe's crops, bit for bit)
+    plain = random_crops(pixels, 16, torch.Generator().manual_seed(0))
+    assert not torch.equal(plain, spanning)
+    assert torch.equal(plain, random_crops(pixels, 16, torch.Generator().manual_seed(0), span=0))
+    assert torch.equal(plain, random_crops(pixels, 16, torch.Generator().manual_seed(0), span=16))
+
+
+def test_crop_span_needs_a_smaller_crop():
+    from jobs.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match=r"--crop-span 96 needs a --crop below it \(got --crop 128\)"):
+        FinetuneConfig(method="vae", data="d", base="tiny", out="o", crop=128, crop_span=96)
+    with pytest.raises(ValueError, match="--crop-span 96 needs a --crop below it"):
+        FinetuneConfig(method="vae", data="d", base="tiny", out="o", crop_span=96)
+    assert FinetuneConfig(method="vae", data="d", base="tiny", out="o", crop=96, crop_span=256).crop_span == 256
+
+
 def test_vae_pixel_loss_l1_is_the_mean_absolute_error():
     from actors.train import vae_loss
 

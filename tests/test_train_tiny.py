@@ -23,6 +23,7 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.train_tiny", "--out", str(out), "--images", "8", "--workers", "2",
          "--vae-steps", "2", "--vae-batch", "2", "--vae-crop", "64", "--vae-crop-candidates", "2",
+         "--vae-crop-span", "128",
          "--unet-steps", "2", "--unet-batch", "2", "--min-snr-gamma", "2",
          "--eval-prompts", "4", "--skip-vae-check"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -34,6 +35,7 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     assert "cached the latents of 8 images" in (out / "model.log").read_text()  # the UNet stage skips the encoder
     vae_started = json.loads((out / "vae" / "train_log.jsonl").read_text().splitlines()[0])
     assert vae_started["config"]["crop_candidates"] == 2  # the VAE flags reach the workers
+    assert vae_started["config"]["crop_span"] == 128
     unet_started = json.loads((out / "model" / "train_log.jsonl").read_text().splitlines()[0])
     assert unet_started["config"]["min_snr_gamma"] == 2  # and the UNet's
     vae_config = json.loads((out / "vae" / "vae" / "config.json").read_text())

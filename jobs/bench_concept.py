@@ -28,6 +28,8 @@ Stages, every one the project's own CLI:
     3. `sdfleet finetune lora|textual-inversion|dreambooth` (timed, class images included: the budget is
        10 minutes)
     4. the same prompts with the adapter (`--adapters`) or the new model -> `sdfleet eval`: after
+    5. DIR/report.json (scores, confusions, train time) and DIR/sheet.png (the first 9 prompts, before
+       and after: the README's concept sheets)
 
 Passes (exit 0) when every scored attribute reaches --target (0.70) within --budget-minutes of training.
 
@@ -45,6 +47,7 @@ import tempfile
 from pathlib import Path
 
 from jobs.bench_generate import run_cli
+from jobs.contact_sheet import comparison_sheet
 
 METHODS = ("lora", "textual-inversion", "dreambooth", "dreambooth-lora")
 # 2e-4 let DreamBooth's class drift; DreamBooth-LoRA takes the LoRA bench's lr
@@ -214,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         report["class_unprompted_before"] = before["class_unprompted"]
         report["class_unprompted_after"] = after["class_unprompted"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    # the first prompts of the concept (every background in turn), before and after: what the README shows
+    sheet_ids = [r["id"] for r in rows if r["id"].startswith("concept-")][:9]
+    comparison_sheet({"base": str(out / "before"), f"+ {name}": str(out / "after")}, sheet_ids).save(out / "sheet.png")
     changes = "; ".join(f"{k} {before[k]:.0%} -> {after[k]:.0%}" for k in ("shape", "color"))
     say(f"{name} ({args.method}): {changes} (scored: {', '.join(scored)}); trained in {seconds / 60:.1f} min; "
         f"report: {out / 'report.json'}")

@@ -1,6 +1,8 @@
 """A contact sheet of a run's images: thumbnails in a grid, each labelled with its row id.
 
     python -m jobs.contact_sheet RUN_OUT -o sheet.png [--columns 6] [--thumb 128]
+
+`comparison_sheet` puts the same rows of several runs (a base and its fine-tune) one run to a row.
 """
 
 from __future__ import annotations
@@ -27,6 +29,24 @@ def contact_sheet(run_out: str, columns: int = 6, thumb: int = 128, label: int =
         sheet.paste(tile, (x, y))
         name = path.rsplit("/", 1)[-1].removesuffix(".png")
         pen.text((x + 2, y + thumb + 1), name[: thumb // 6], fill=(0, 0, 0))
+    return sheet
+
+
+def comparison_sheet(runs: dict[str, str], ids: list[str], thumb: int = 96, label: int = 72) -> Image.Image:
+    """One row per run (labelled with its key), one column per row id: the same prompts and seeds drawn by
+    each run, e.g. before and after a fine-tune."""
+    sheet = Image.new("RGB", (label + len(ids) * thumb, len(runs) * thumb), (255, 255, 255))
+    pen = ImageDraw.Draw(sheet)
+    for r, (name, run_out) in enumerate(runs.items()):
+        fs, root = fsspec.core.url_to_fs(run_out)
+        pen.text((4, r * thumb + thumb // 2 - 6), name, fill=(0, 0, 0))
+        for c, row_id in enumerate(ids):
+            path = f"{root.rstrip('/')}/images/{row_id}.png"
+            if not fs.exists(path):
+                raise SystemExit(f"{run_out} has no image for row {row_id!r} ({path}): is it a `sdfleet generate` "
+                                 "run of the same manifest rows?")
+            with fs.open(path, "rb") as f, Image.open(f) as im:
+                sheet.paste(im.convert("RGB").resize((thumb, thumb), Image.LANCZOS), (label + c * thumb, r * thumb))
     return sheet
 
 

@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     # the first prompts of the concept (every background in turn), before and after: what the README shows
     sheet_ids = [r["id"] for r in rows if r["id"].startswith("concept-")][:9]
-    comparison_sheet({"base": str(out / "before"), f"+ {name}": str(out / "after")}, sheet_ids).save(out / "sheet.png")
+    label = f"+ {GEM['token']}" if args.method == "textual-inversion" else f"+ {name}"
+    comparison_sheet({"base": str(out / "before"), label: str(out / "after")}, sheet_ids).save(out / "sheet.png")
     changes = "; ".join(f"{k} {before[k]:.0%} -> {after[k]:.0%}" for k in ("shape", "color"))
     say(f"{name} ({args.method}): {changes} (scored: {', '.join(scored)}); trained in {seconds / 60:.1f} min; "
         f"report: {out / 'report.json'}")

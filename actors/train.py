@@ -206,9 +206,9 @@ def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator, ca
 
     With `span` > `size`, each crop covers a square of a random side between `size` and `span` px
     (at most the image), resized to `size` px (bilinear, antialiased): small crops keep the image's own
-    scale, the largest see the whole image at a lower one. A VAE's GroupNorm layers normalise over the
-    whole feature map, so a VAE that only ever saw small crops learns their statistics, not a whole
-    image's (docs/tiny-recipe.md)."""
+    scale, the largest see the whole image at a lower one. A VAE trained only on crops under 128 px
+    reconstructs whole 256 px images worse than tiles of its crops' size; on `tiny`, spanning crops
+    closed part of that gap, not all of it (docs/tiny-recipe.md)."""
     if not size or size >= pixels.shape[-1]:
         return pixels
     n, _, h, w = pixels.shape

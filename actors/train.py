@@ -213,38 +213,28 @@ def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator, ca
         return pixels
     n, _, h, w = pixels.shape
     if span > size:
-        return _spanning_crops(pixels, size, min(span, h, w), generator, candidates)
-    tops = torch.randint(0, h - size + 1, (n, candidates), generator=generator).tolist()
-    lefts = torch.randint(0, w - size + 1, (n, candidates), generator=generator).tolist()
+        sides = torch.randint(size, min(span, h, w) + 1, (n, candidates), generator=generator)
+        tops = (torch.rand((n, candidates), generator=generator) * (h - sides + 1)).long().tolist()
+        lefts = (torch.rand((n, candidates), generator=generator) * (w - sides + 1)).long().tolist()
+        sides = sides.tolist()
+    else:  # the draws of plain crops, unchanged since before spans: the recipe's weights stay bit for bit
+        tops = torch.randint(0, h - size + 1, (n, candidates), generator=generator).tolist()
+        lefts = torch.randint(0, w - size + 1, (n, candidates), generator=generator).tolist()
+        sides = [[size] * candidates] * n
     crops = []
     for i in range(n):
-        options = [pixels[i, :, t:t + size, l:l + size] for t, l in zip(tops[i], lefts[i])]
-        crops.append(_busiest(options))
+        options = [_crop(pixels[i], t, l, side, size) for side, t, l in zip(sides[i], tops[i], lefts[i])]
+        crops.append(max(options, key=lambda crop: float(crop.float().std())))  # one option: that crop
     return torch.stack(crops)
 
 
-def _spanning_crops(pixels: torch.Tensor, size: int, span: int, generator: torch.Generator,
-                    candidates: int) -> torch.Tensor:
-    n, _, h, w = pixels.shape
-    sides = torch.randint(size, span + 1, (n, candidates), generator=generator)
-    tops = (torch.rand((n, candidates), generator=generator) * (h - sides + 1)).long().tolist()
-    lefts = (torch.rand((n, candidates), generator=generator) * (w - sides + 1)).long().tolist()
-    crops = []
-    for i in range(n):
-        options = []
-        for side, t, l in zip(sides[i].tolist(), tops[i], lefts[i]):
-            crop = pixels[i:i + 1, :, t:t + side, l:l + side]
-            if side != size:
-                crop = F.interpolate(crop.float(), size=(size, size), mode="bilinear", antialias=True,
-                                     align_corners=False).clamp(-1, 1).to(pixels.dtype)
-            options.append(crop[0])
-        crops.append(_busiest(options))
-    return torch.stack(crops)
-
-
-def _busiest(options: list[torch.Tensor]) -> torch.Tensor:
-    """The crop with the largest pixel spread (with one option: that crop)."""
-    return max(options, key=lambda crop: float(crop.float().std()))
+def _crop(image: torch.Tensor, top: int, left: int, side: int, size: int) -> torch.Tensor:
+    """The `side` px square of `image` at (top, left), resized to `size` px if it is not that already."""
+    crop = image[:, top:top + side, left:left + side]
+    if side == size:
+        return crop
+    return F.interpolate(crop[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0].clamp(-1, 1).to(image.dtype)
 
 
 def trainee(cfg: TrainConfig, pipe) -> torch.nn.Module:

@@ -14,6 +14,11 @@ import fsspec
 from PIL import Image, ImageDraw
 
 
+def _thumbnail(fs, path: str, thumb: int) -> Image.Image:
+    with fs.open(path, "rb") as f, Image.open(f) as im:
+        return im.convert("RGB").resize((thumb, thumb), Image.LANCZOS)
+
+
 def contact_sheet(run_out: str, columns: int = 6, thumb: int = 128, label: int = 14) -> Image.Image:
     fs, root = fsspec.core.url_to_fs(run_out)
     paths = sorted(fs.glob(f"{root.rstrip('/')}/images/*.png"))
@@ -23,10 +28,8 @@ def contact_sheet(run_out: str, columns: int = 6, thumb: int = 128, label: int =
     sheet = Image.new("RGB", (columns * thumb, rows * (thumb + label)), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
     for i, path in enumerate(paths):
-        with fs.open(path, "rb") as f, Image.open(f) as im:
-            tile = im.convert("RGB").resize((thumb, thumb), Image.LANCZOS)
         x, y = (i % columns) * thumb, (i // columns) * (thumb + label)
-        sheet.paste(tile, (x, y))
+        sheet.paste(_thumbnail(fs, path, thumb), (x, y))
         name = path.rsplit("/", 1)[-1].removesuffix(".png")
         pen.text((x + 2, y + thumb + 1), name[: thumb // 6], fill=(0, 0, 0))
     return sheet
@@ -45,8 +48,7 @@ def comparison_sheet(runs: dict[str, str], ids: list[str], thumb: int = 96, labe
             if not fs.exists(path):
                 raise SystemExit(f"{run_out} has no image for row {row_id!r} ({path}): is it a `sdfleet generate` "
                                  "run of the same manifest rows?")
-            with fs.open(path, "rb") as f, Image.open(f) as im:
-                sheet.paste(im.convert("RGB").resize((thumb, thumb), Image.LANCZOS), (label + c * thumb, r * thumb))
+            sheet.paste(_thumbnail(fs, path, thumb), (label + c * thumb, r * thumb))
     return sheet
 
 

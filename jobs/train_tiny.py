@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.presets import PRESETS
 from jobs.bench_generate import REPO_ROOT, run_cli
 
 PRESET_WEIGHTS = REPO_ROOT / "actors" / "presets" / "tiny"
@@ -153,6 +154,20 @@ def install(model: Path, preset: Path) -> None:
                     (target / path.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def vae_base(folder: Path, norm_groups: int) -> Path:
+    """`tiny-random` written to `folder` with `norm_groups` GroupNorm groups in its VAE: the same random init
+    (GroupNorm's weights do not depend on the groups), a VAE that normalises over more channels at once."""
+    from actors.models import export_preset
+
+    if not (folder / "model_index.json").exists():
+        export_preset("tiny-random", str(folder))
+        path = folder / "vae" / "config.json"
+        config = json.loads(path.read_text())
+        config["norm_num_groups"] = norm_groups
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
 def compare_weights(model: Path, preset: Path, components=COMPONENTS) -> dict[str, str]:
     """Per component of `model`: "same" when its safetensors files are the `preset`'s byte for byte (the
     recipe reproduced them), "differs", or "missing" where either side has none."""
@@ -185,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-crop-span", type=int, default=0,
                         help="crops span a random square of --vae-crop to this many px, resized to --vae-crop "
                         "(see `finetune --crop-span`; 0: plain crops)")
+    parser.add_argument("--vae-norm-groups", type=int, default=0,
+                        help="GroupNorm groups in the VAE (0: the preset's 8, one channel a group at full resolution)")
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--unet-batch", type=int, default=8, help="per worker")
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -202,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(--workers x the per-worker batches), for trials of a recipe; the committed weights "
                         "come from the CPU")
     args = parser.parse_args(argv)
+    widths = PRESETS["tiny"]["vae"]["block_out_channels"]
+    if args.vae_norm_groups < 0 or any(c % (args.vae_norm_groups or 1) for c in widths):
+        parser.error(f"--vae-norm-groups must divide every VAE width {widths}; got {args.vae_norm_groups}")
     if args.min_snr_gamma < 0:  # here, not after the VAE stage's hour, where finetune would reject it
         parser.error(f"--min-snr-gamma must be 0 (off) or positive, got {args.min_snr_gamma}")
     out = Path(args.out).resolve()
@@ -229,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     done = (out / "vae" / "model_index.json").exists()
     with clock.stage("vae", done):
         if not done:
-            run_cli(["finetune", "vae", "--base", "tiny-random", "--out", str(out / "vae"),
+            base = vae_base(out / "vae-base", args.vae_norm_groups) if args.vae_norm_groups else "tiny-random"
+            run_cli(["finetune", "vae", "--base", str(base), "--out", str(out / "vae"),
                      "--steps", str(args.vae_steps), "--batch-size", str(args.vae_batch), "--crop", str(args.vae_crop),
                      "--lr", str(args.vae_lr), "--pixel-loss", args.vae_loss,
                      "--crop-candidates", str(args.vae_crop_candidates), "--crop-span", str(args.vae_crop_span),

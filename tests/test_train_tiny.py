@@ -23,7 +23,7 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.train_tiny", "--out", str(out), "--images", "8", "--workers", "2",
          "--vae-steps", "2", "--vae-batch", "2", "--vae-crop", "64", "--vae-crop-candidates", "2",
-         "--vae-crop-span", "128",
+         "--vae-crop-span", "128", "--vae-norm-groups", "2",
          "--unet-steps", "2", "--unet-batch", "2", "--min-snr-gamma", "2",
          "--eval-prompts", "4", "--skip-vae-check"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -39,6 +39,7 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     unet_started = json.loads((out / "model" / "train_log.jsonl").read_text().splitlines()[0])
     assert unet_started["config"]["min_snr_gamma"] == 2  # and the UNet's
     vae_config = json.loads((out / "vae" / "vae" / "config.json").read_text())
+    assert vae_config["norm_num_groups"] == 2  # the trained VAE keeps the base's architecture
     assert vae_config["scaling_factor"] == 0.18215  # SD's own scale: it drew shapes better than unit variance
     summary = json.loads((out / "eval" / "eval.json").read_text())
     assert summary["scored"] == 4
@@ -56,6 +57,32 @@ def test_train_tiny_rejects_a_negative_min_snr_gamma_before_any_stage(tmp_path, 
     assert stopped.value.code == 2
     assert "--min-snr-gamma must be 0 (off) or positive, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # no stage started
+
+
+def test_train_tiny_rejects_vae_norm_groups_that_do_not_divide_the_widths(tmp_path, capsys):
+    from jobs.train_tiny import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path / "run"), "--vae-norm-groups", "3"])
+    assert stopped.value.code == 2
+    assert "--vae-norm-groups must divide every VAE width [8, 16, 32, 32]; got 3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_vae_base_is_the_random_init_with_other_norm_groups(tmp_path):
+    from safetensors.torch import load_file
+
+    from actors.models import export_preset
+    from jobs.train_tiny import vae_base
+
+    base = vae_base(tmp_path / "base", 1)
+    export_preset("tiny-random", str(tmp_path / "random"))
+    assert json.loads((base / "vae" / "config.json").read_text())["norm_num_groups"] == 1
+    assert json.loads((tmp_path / "random" / "vae" / "config.json").read_text())["norm_num_groups"] == 8
+    for component in ("vae", "unet", "text_encoder"):  # the same random numbers: only the grouping differs
+        ours, theirs = (load_file(next((root / component).glob("*.safetensors")))
+                        for root in (base, tmp_path / "random"))
+        assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
 
 
 def test_check_vae_passes_the_committed_vae_and_stops_a_random_one(tmp_path):

@@ -151,6 +151,19 @@ def preset_fingerprint(name: str) -> str:
     return f"preset:{name}:{h.hexdigest()[:16]}"
 
 
+def _check_architecture(name: str, part: str, spec: dict, saved: dict) -> None:
+    """Refuse installed weights trained under another architecture than the preset's. Some such weights load
+    without a complaint from torch and then draw garbage: GroupNorm's weights have the same shapes whatever
+    its number of groups."""
+    differ = {k: (saved[k], v) for k, v in spec.items()
+              if k in saved and k not in PRESET_OVERRIDABLE and json.loads(json.dumps(v)) != saved[k]}
+    if differ:
+        said = ", ".join(f"{k}: weights {w!r}, preset {p!r}" for k, (w, p) in sorted(differ.items()))
+        raise ValueError(f"the installed {name!r} {part} was trained with another architecture than the preset "
+                         f"({said}); install weights trained for this preset (python -m jobs.train_tiny --install) "
+                         f"or change PRESETS[{name!r}][{part!r}] with them")
+
+
 def build_preset(name: str):
     """Build a preset's StableDiffusionPipeline on the CPU in float32."""
     import torch
@@ -168,6 +181,7 @@ def build_preset(name: str):
             config = weights_dir / part / "config.json"
             if config.is_file():
                 saved = json.loads(config.read_text())
+                _check_architecture(name, part, spec[part], saved)
                 spec[part] = {**spec[part], **{k: v for k, v in saved.items() if k in PRESET_OVERRIDABLE}}
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     te_config = dict(spec["text_encoder"])

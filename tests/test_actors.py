@@ -77,6 +77,22 @@ def test_installed_tiny_weights_load_with_their_scale_and_tiny_random_stays_rand
     assert digest("tiny") != random_print == digest("tiny-random")
 
 
+def test_installed_weights_of_another_architecture_are_refused_by_name(tiny, tmp_path, monkeypatch):
+    """A VAE trained with other GroupNorm groups loads into the preset's without a torch error (the weights
+    have the same shapes) and draws garbage; the installed config says so, and the preset refuses it."""
+    from safetensors.torch import save_file
+
+    import actors.presets as presets
+
+    (tmp_path / "tiny" / "vae").mkdir(parents=True)
+    save_file(tiny.vae.state_dict(), tmp_path / "tiny" / "vae" / "diffusion_pytorch_model.safetensors")
+    groups = 1 if tiny.vae.config.norm_num_groups != 1 else 2
+    (tmp_path / "tiny" / "vae" / "config.json").write_text(json.dumps({**dict(tiny.vae.config), "norm_num_groups": groups}))
+    monkeypatch.setattr(presets, "PRESET_DIR", tmp_path)
+    with pytest.raises(ValueError, match=f"vae was trained with another architecture.*norm_num_groups: weights {groups}"):
+        build_preset("tiny")
+
+
 def test_presets_are_deterministic_and_sd21_has_the_real_shapes(tiny):
     again = build_preset("tiny")
     for (name, a), b in zip(tiny.unet.state_dict().items(), again.unet.state_dict().values()):

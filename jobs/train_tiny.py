@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="working folder: images, dataset, models, eval run")
     parser.add_argument("--images", type=int, default=3000, help="synthetic training images (default 3000)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--vae-steps", type=int, default=7000)
+    parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--vae-batch", type=int, default=4, help="per worker")
     parser.add_argument("--vae-crop", type=int, default=128)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="crops span a random square of --vae-crop to this many px, resized to --vae-crop "
                         "(see `finetune --crop-span`; 0: plain crops)")
     parser.add_argument("--vae-norm-groups", type=int, default=0,
-                        help="GroupNorm groups in the VAE (0: the preset's 8, one channel a group at full resolution)")
+                        help="GroupNorm groups in the VAE (0: the preset's, 1)")
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--unet-batch", type=int, default=8, help="per worker")
     parser.add_argument("--unet-lr", type=float, default=1e-3)

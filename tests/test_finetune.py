@@ -368,10 +368,11 @@ def trained(dataset, tmp_path_factory):
                        "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", "--calibrate-scale",
                        *TRAIN),
         # the word starts as "circle" for images of stars, so there is something to learn: started as "star",
-        # which tiny already draws, the eval loss had nowhere to go and rose 1% in 8 steps (5e-2 overshot: +7%)
+        # which tiny already draws, the eval loss had nowhere to go and rose 1% in 8 steps. lr 2e-2: on the
+        # committed tiny, 5e-3 and 1e-2 moved the eval loss under 1% and not at every step
         "textual-inversion": sdfleet("finetune", "textual-inversion", "--data", str(base / "gem-data"), "--base", "tiny",
                                      "--out", str(gem), "--token", "<gem>", "--init-word", "circle", "--vectors", "2",
-                                     "--steps", "8", "--lr", "5e-3", "--checkpoint-every", "4", *TRAIN),
+                                     "--steps", "8", "--lr", "2e-2", "--checkpoint-every", "4", *TRAIN),
     }
     prompt = {"prompt": "a red circle on a white background", "seed": 5, "steps": 4, "width": 256, "height": 256}
     manifest = write_manifest(base / "m.parquet", [
@@ -397,13 +398,12 @@ def test_training_runs_and_its_loss_falls(trained, method):
     assert [r["step"] for r in rows] == [2, 4, 6, 8]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["eval_loss"]) for r in rows)
     # the eval loss uses a fixed batch, noise and timesteps: it falls only if the model learns (frozen, it
-    # would repeat to the last digit). Two vectors of one new word move it less than whole layers do: 8 steps
-    # took it down 0.6%, at every step, from the wrong start to the stars.
+    # would repeat to the last digit). Textual Inversion's two vectors of one new word must move it at every
+    # step, from the wrong start towards the stars (8 steps took it down 15% on the committed tiny).
     evals = [r["eval_loss"] for r in rows]
     if method == "textual-inversion":
-        assert all(b <= a for a, b in zip(evals, evals[1:])) and evals[-1] < evals[0] * 0.998, evals
-    else:
-        assert evals[-1] < evals[0] * 0.97, evals
+        assert all(b <= a for a, b in zip(evals, evals[1:])), evals
+    assert evals[-1] < evals[0] * 0.97, evals
     started = train_log(out)[0]
     assert started["event"] == "started" and started["workers"] == 2
     finished = train_log(out)[-1]
@@ -445,13 +445,13 @@ def test_textual_inversion_writes_only_the_new_vectors(trained):
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["learned_embeds.safetensors"]
     vectors = load_file(out / "learned_embeds.safetensors")
     pipe = build_preset("tiny")
-    star_id = pipe.tokenizer("star", add_special_tokens=False).input_ids[0]
-    star = pipe.text_encoder.get_input_embeddings().weight[star_id]
-    assert list(vectors) == ["<gem>"] and vectors["<gem>"].shape == (2, star.shape[0])
-    assert not torch.allclose(vectors["<gem>"][0], star)  # moved from the init word
+    circle_id = pipe.tokenizer("circle", add_special_tokens=False).input_ids[0]  # the init word
+    circle = pipe.text_encoder.get_input_embeddings().weight[circle_id]
+    assert list(vectors) == ["<gem>"] and vectors["<gem>"].shape == (2, circle.shape[0])
+    assert all(not torch.allclose(vector, circle) for vector in vectors["<gem>"])  # both moved from the init word
     checkpoint = max(p for p in (out / "checkpoints").glob("checkpoint_*") if p.is_dir())
     trainable = load_file(checkpoint / "trainable.safetensors")  # the new vectors alone, not the whole table
-    assert [t.shape for t in trainable.values()] == [(2, star.shape[0])]
+    assert [t.shape for t in trainable.values()] == [(2, circle.shape[0])]
     proc = trained["procs"]["textual-inversion"]
     assert "trainable parameters" in proc.stdout + proc.stderr
 

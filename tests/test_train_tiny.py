@@ -75,10 +75,10 @@ def test_vae_base_is_the_random_init_with_other_norm_groups(tmp_path):
     from actors.models import export_preset
     from jobs.train_tiny import vae_base
 
-    base = vae_base(tmp_path / "base", 1)
+    base = vae_base(tmp_path / "base", 8)  # the diffusers-style groups the preset had until 2026-11-28
     export_preset("tiny-random", str(tmp_path / "random"))
-    assert json.loads((base / "vae" / "config.json").read_text())["norm_num_groups"] == 1
-    assert json.loads((tmp_path / "random" / "vae" / "config.json").read_text())["norm_num_groups"] == 8
+    assert json.loads((base / "vae" / "config.json").read_text())["norm_num_groups"] == 8
+    assert json.loads((tmp_path / "random" / "vae" / "config.json").read_text())["norm_num_groups"] == 1
     for component in ("vae", "unet", "text_encoder"):  # the same random numbers: only the grouping differs
         ours, theirs = (load_file(next((root / component).glob("*.safetensors")))
                         for root in (base, tmp_path / "random"))

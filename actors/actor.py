@@ -1,6 +1,8 @@
 """The generation actor: holds one pipeline on one device and draws the batches Ray Data hands it.
 
-Thin on purpose: the work is `actors.generate.generate_rows`, which tests call without Ray.
+Thin on purpose: the work is `actors.generate.draw_rows` (and, with `finish_inline`, `actors.finish`),
+which tests call without Ray. By default it returns pixels, and the finishing stage on CPU workers marks
+and writes them while this actor draws the next batch.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from typing import Any
 
 import fsspec
@@ -15,23 +18,21 @@ import pyarrow as pa
 
 from actors.adapters import AdapterStore
 from actors.backends import Backend, make_backend
-from actors.generate import generate_rows
+from actors.finish import finish_rows
+from actors.generate import draw_rows
 from actors.models import ModelInfo, load_pipeline
-from manifests.ledger import LEDGER_SCHEMA
-
-# What the actor returns per row: the ledger columns, plus the actor's
-# running adapter-swap counters and its backend's counters (JSON), which the driver keeps per actor for
-# run.json and leaves out of the ledger.
-RESULT_SCHEMA = LEDGER_SCHEMA.append(pa.field("adapter_swaps", pa.int64())).append(
-    pa.field("adapter_swap_seconds", pa.float64())).append(pa.field("backend_stats", pa.string()))
+from manifests.rows import DRAWN_SCHEMA, RESULT_SCHEMA, to_table
 
 
 class GeneratorActor:
-    """One per GPU (or CPU share). Ray Data calls it with tables of work rows (jobs.plan.WORK_SCHEMA)."""
+    """One per GPU (or CPU share). Ray Data calls it with tables of work rows (manifests.rows.WORK_SCHEMA);
+    it returns drawn rows (DRAWN_SCHEMA), or ledger rows (RESULT_SCHEMA) when it finishes them itself."""
 
     def __init__(self, models: dict[str, dict[str, Any]], out_uri: str, batch_size: int,
                  device: str = "cpu", torch_threads: int = 1, adapters_uri: str | None = None,
-                 backend: str = "eager", backend_cache: str | None = None, max_lora_rank: int = 64):
+                 backend: str = "eager", backend_cache: str | None = None, max_lora_rank: int = 64,
+                 finish_inline: bool = False):
+        started = time.time()
         import torch
 
         if device == "cpu":
@@ -48,8 +49,10 @@ class GeneratorActor:
         self.backend: Backend | None = None  # around the loaded pipeline
         self.swaps_before = (0, 0.0)  # swap counters of backends of pipelines no longer loaded
         self.calls = 0
+        self.finish_inline = finish_inline
         # Load the default model now: a model that does not load stops the run at start, not row by row.
         self.pipeline("default" if "default" in self.models else next(iter(self.models)))
+        self.startup = {"actor_started_at": started, "model_loaded_at": time.time()}  # wall clock, for run.json
 
     def pipeline(self, name: str) -> Backend:
         """The backend around model `name`'s pipeline; one model is held at a time (the planner groups rows by model)."""
@@ -78,12 +81,17 @@ class GeneratorActor:
             swaps, seconds = swaps + self.backend.swaps, seconds + self.backend.swap_seconds
         return swaps, seconds
 
+    def draw(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drawn rows (manifests.rows.DRAWN_SCHEMA, without the actor fields) for a block of work rows."""
+        return draw_rows(self.ready_for, rows, max_batch=self.batch_size)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        results = generate_rows(self.ready_for, batch.to_pylist(), fs=self.fs, out_root=self.root,
-                                actor=self.name, max_batch=self.batch_size)
+        drawn = self.draw(batch.to_pylist())
         swaps, seconds = self.swap_counters()
         self.calls += 1
-        stats = json.dumps({**(self.backend.stats() if self.backend else {}), "calls": self.calls})
-        for r in results:
-            r["adapter_swaps"], r["adapter_swap_seconds"], r["backend_stats"] = swaps, seconds, stats
-        return pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in results], schema=RESULT_SCHEMA)
+        stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup, "calls": self.calls})
+        for row in drawn:
+            row.update(actor=self.name, adapter_swaps=swaps, adapter_swap_seconds=seconds, backend_stats=stats)
+        if self.finish_inline:
+            return to_table(finish_rows(drawn, fs=self.fs, out_root=self.root), RESULT_SCHEMA)
+        return to_table(drawn, DRAWN_SCHEMA)

@@ -1,31 +1,24 @@
-"""The generation path: resolved rows in, watermarked PNGs and ledger rows out. No Ray here.
+"""The draw stage's work: resolved rows in, pixels out (and, for callers that want it whole, ledger rows). No Ray here.
 
 A row's pixels depend on the row alone: each row gets its own `torch.Generator` seeded from the row, so
-the same row draws the same image in a batch of 1 or 8, on any actor. Rows are drawn together only when
-they can share a forward pass (same model, adapters, size, steps, scheduler and guidance).
+the same row draws the same image in a batch of 1 or 8, on any actor, after any other group. Rows are
+drawn together only when they can share a forward pass (same model, adapters, size, steps, scheduler and
+guidance). Marking, encoding and writing the images is `actors.finish`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
 
-from actors import watermark as wm
+from actors.finish import finish_rows
 from actors.schedulers import make_scheduler
-from manifests.ledger import atomic_write, ledger_row
 from manifests.schema import group_key
 from manifests.tokens import prompt_overflow
-
-PNG_KEY = "parameters"
 
 
 def plan_groups(rows: list[dict], max_batch: int) -> list[list[dict]]:
@@ -48,8 +41,9 @@ def draw(pipe, rows: list[dict]) -> np.ndarray:
     assert all(group_key(r) == group_key(first) for r in rows), "draw() got rows of different groups"
     # 2. one generator per row, on the CPU so a seed gives the same noise on any device
     generators = [torch.Generator("cpu").manual_seed(int(r["seed"])) for r in rows]
-    # 3. a fresh scheduler of the row's kind, built on the model's own schedule (v-prediction stays v)
-    pipe.scheduler = make_scheduler(first["scheduler"], pipe.scheduler.config)
+    # 3. a fresh scheduler of the row's kind, built on the model's own schedule (v-prediction stays v), never
+    #    on the previous group's: its settings (Karras sigmas, say) would carry into this group
+    pipe.scheduler = make_scheduler(first["scheduler"], model_scheduler_config(pipe))
     # 4. encode prompts, 5. draw initial latents per generator, 6. denoise, 7. decode: diffusers' pipeline
     out = pipe(
         prompt=[r["prompt"] for r in rows],
@@ -65,28 +59,37 @@ def draw(pipe, rows: list[dict]) -> np.ndarray:
     return (np.clip(out.images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def png_bytes(rgb: np.ndarray, parameters: dict[str, Any]) -> bytes:
-    """Encode an image as PNG with its generation parameters as UTF-8 JSON in an iTXt chunk."""
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt(PNG_KEY, json.dumps(parameters, ensure_ascii=False, sort_keys=True))
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+def model_scheduler_config(pipe) -> Any:
+    """The scheduler config the pipeline came with. `draw` is the only place that swaps a pipeline's
+    scheduler, so the config it finds at a pipeline's first draw is the model's own; it is kept on the
+    pipeline and every later group's scheduler is built from it."""
+    if getattr(pipe, "sdfleet_model_scheduler_config", None) is None:
+        pipe.sdfleet_model_scheduler_config = pipe.scheduler.config
+    return pipe.sdfleet_model_scheduler_config
 
 
-def read_png_parameters(data: bytes) -> dict[str, Any]:
-    """The generation parameters stored in a PNG written by `png_bytes`."""
-    return json.loads(Image.open(io.BytesIO(data)).text[PNG_KEY])
+def draw_rows(get_pipe: Callable[[dict], Any], rows: list[dict[str, Any]], *, max_batch: int) -> list[dict[str, Any]]:
+    """Draw every row; returns one drawn row (manifests.rows.DRAWN_SCHEMA, without actor fields) per input row.
 
-
-def image_parameters(row: dict[str, Any]) -> dict[str, Any]:
-    keys = ("id", "prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale",
-            "scheduler", "model", "model_fingerprint", "adapters", "params_hash", "watermark")
-    return {k: row.get(k) for k in keys}
+    `get_pipe(row)` returns the pipeline ready to draw the row's group: its model loaded, its adapters
+    active (the actor's job; tests pass a plain function). A batch that fails is retried row by row, so one
+    bad row fails alone with its error; the other rows are drawn.
+    """
+    drawn = []
+    for batch in plan_groups(rows, max_batch):
+        for group, outcome, seconds, tokenizer in _draw_or_split(get_pipe, batch):
+            if isinstance(outcome, Exception):
+                error = f"{type(outcome).__name__}: {outcome}"
+                drawn += [{**row, "status": "failed", "error": error, "pixels": None} for row in group]
+                continue
+            for row, rgb in zip(group, outcome):
+                drawn.append({**row, "status": None, "pixels": rgb.tobytes(), "seconds": seconds,
+                              "warning": prompt_overflow(tokenizer, row["prompt"])})
+    return drawn
 
 
 def generate_rows(
-    get_pipe: Callable[[str], Any],
+    get_pipe: Callable[[dict], Any],
     rows: list[dict[str, Any]],
     *,
     fs,
@@ -94,30 +97,12 @@ def generate_rows(
     actor: str,
     max_batch: int,
 ) -> list[dict[str, Any]]:
-    """Draw every row, write its image, and return one ledger row per input row.
+    """Draw, mark and write every row in this process; returns one ledger row per input row.
 
-    `get_pipe(row)` returns the pipeline ready to draw the row's group: its model loaded, its adapters
-    active (the actor's job; tests pass a plain function). A batch that fails is retried row by row, so one
-    bad row fails alone; the error is recorded and the other rows are drawn. Finishing a batch (watermark,
-    PNG, write) runs on a helper thread while the next batch denoises: on a GPU those CPU seconds would
-    otherwise leave the device idle.
+    The whole path without stages: what an actor does with `--finish inline`, and what tests call.
     """
-    results: list[dict] = []
-    finishing = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as pool:
-        for batch in plan_groups(rows, max_batch):
-            for drawn, outcome, seconds, tokenizer in _draw_or_split(get_pipe, batch):
-                if isinstance(outcome, Exception):
-                    error = f"{type(outcome).__name__}: {outcome}"
-                    results += [ledger_row(row, "failed", actor=actor, error=error) for row in drawn]
-                else:
-                    finishing.append(pool.submit(_finish, drawn, outcome, seconds, tokenizer,
-                                                 fs=fs, out_root=out_root, actor=actor))
-        for future in finishing:
-            results += future.result()
-    return results
-
-
+    drawn = [{**row, "actor": actor} for row in draw_rows(get_pipe, rows, max_batch=max_batch)]
+    return finish_rows(drawn, fs=fs, out_root=out_root)
 def _draw_or_split(get_pipe, batch: list[dict]) -> list[tuple[list[dict], Any, float, Any]]:
     """[(rows, images or the exception, seconds per row, tokenizer)]: the batch, or its rows one by one."""
     started = time.perf_counter()
@@ -129,26 +114,3 @@ def _draw_or_split(get_pipe, batch: list[dict]) -> list[tuple[list[dict], Any, f
         if len(batch) == 1:
             return [(batch, exc, 0.0, None)]
         return [item for row in batch for item in _draw_or_split(get_pipe, [row])]
-
-
-def _finish(batch: list[dict], images: np.ndarray, draw_seconds: float, tokenizer, *, fs, out_root: str,
-            actor: str) -> list[dict]:
-    """Watermark, encode and write each drawn image; a row whose write fails is `failed`, alone."""
-    results = []
-    for row, rgb in zip(batch, images):
-        started = time.perf_counter()
-        try:
-            if row["watermark"]:
-                rgb = wm.embed(rgb, row["watermark"])
-            data = png_bytes(rgb, image_parameters(row))
-            path = f"{out_root.rstrip('/')}/images/{row['id']}.png"
-            atomic_write(fs, path, data)
-        except Exception as exc:  # noqa: BLE001 - a full disk or a lost store fails this row only
-            results.append(ledger_row(row, "failed", actor=actor, error=f"{type(exc).__name__}: {exc}"))
-            continue
-        results.append(ledger_row(
-            row, "ok", uri=fs.unstrip_protocol(path), sha256=hashlib.sha256(data).hexdigest(), actor=actor,
-            warning=prompt_overflow(tokenizer, row["prompt"]),
-            seconds=draw_seconds + time.perf_counter() - started,
-        ))
-    return results

@@ -458,7 +458,9 @@ def validation_images(cfg: TrainConfig, pipe, step: int, device) -> list[str]:
     """Draw the validation prompts with the weights as they are now, through the actors' own `draw`."""
     import fsspec
 
-    from actors.generate import draw, image_parameters, png_bytes
+    from actors.finish import image_parameters
+    from actors.generate import draw
+    from actors.png import png_bytes
     from manifests.ledger import atomic_write
 
     rows = [{"id": f"{i:02d}", "prompt": prompt, "negative_prompt": None, "seed": cfg.seed + i,

@@ -73,6 +73,26 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict[str
     return dict(ray.cluster_resources())
 
 
+@dataclass(frozen=True)
+class FinishResources:
+    """What the finishing stage (watermark, PNG, write: CPU work) asks Ray for."""
+
+    num_cpus: float  # per finishing task
+    workers: int  # finishing tasks at once
+
+
+def size_finishing(resources: dict[str, float], actors: ActorResources, num_actors: int) -> FinishResources:
+    """The CPUs the generation actors and the read reserve leave free, one finishing task per whole CPU.
+
+    Where the actors hold every CPU (a CPU-only machine) one finishing task runs without reserving a
+    CPU: reserving one there would wait for a CPU that never frees up.
+    """
+    free = resources.get("CPU", 0) - actors.num_cpus * num_actors - READ_CPU_RESERVE
+    if free >= 1:
+        return FinishResources(num_cpus=1, workers=int(free))
+    return FinishResources(num_cpus=0, workers=1)
+
+
 def size_actors(num_actors: int, resources: dict[str, float], device: str = "auto") -> ActorResources:
     """One GPU per actor where the cluster has GPUs (or `device="cuda"`); else a fair share of the CPUs.
 

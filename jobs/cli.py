@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", help=helptext("address"))
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                      help=helptext("device") + "; auto: GPUs if the cluster has any")
+    gen.add_argument("--finish", default="auto", choices=["auto", "stage", "inline"],
+                     help=helptext("finish") + " (default auto)")
 
     man = sub.add_parser("manifest", help="check or build manifests").add_subparsers(dest="manifest_command", required=True)
     val = man.add_parser("validate", help="name every bad row; exit 1 if any")
@@ -174,7 +176,7 @@ def cmd_generate(args) -> int:
             batch_size=args.batch_size, backend=args.backend, backend_cache=args.backend_cache,
             max_lora_rank=args.max_lora_rank,
             watermark=None if args.no_watermark else args.watermark,
-            force=args.force, address=args.address, device=args.device,
+            force=args.force, address=args.address, device=args.device, finish=args.finish,
         )
     except (ValidationError, argparse.ArgumentTypeError) as exc:
         print(f"sdfleet generate: error: {_config_message(exc)}", file=sys.stderr)
@@ -247,7 +249,7 @@ def cmd_watermark_verify(args) -> int:
     from PIL import Image
 
     from actors import watermark as wm
-    from actors.generate import PNG_KEY
+    from actors.png import PNG_KEY
 
     failures = 0
     for uri in args.images:

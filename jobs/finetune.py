@@ -454,7 +454,7 @@ def current_class_images(fs, folder: str, wanted: dict[str, str]) -> dict[str, s
     """The class images (id -> prompt) that were drawn from the prompt this run wants, read from each PNG's own
     parameters. An image left from an earlier draw with another prompt (its redraw failed) is left out, so it
     is never trained on under a caption it was not drawn from."""
-    from actors.generate import read_png_parameters
+    from actors.png import read_png_parameters
 
     drawn_from = {i: read_png_parameters(fs.cat_file(f"{folder}/images/{i}.png")).get("prompt") for i in wanted}
     stale = [i for i in wanted if drawn_from[i] != wanted[i]]

@@ -3,8 +3,13 @@
     manifests --plan tasks (validate, resolve, skip done)--> work rows, held in the object store
       invalid / skipped / failed rows --> recorded here, no actor needed
       rows to draw --sort by adapter set--> blocks of `batch_size` rows
-        --ActorPoolStrategy(size=actors)--> GeneratorActor: draw, watermark, write PNG
+        --ActorPoolStrategy(size=actors)--> GeneratorActor: draw (pixels out)
+        --CPU tasks (finishing stage)--> watermark, read it back, encode PNG, write
       --> ledger rows streamed back here --> results/*.parquet parts + run.json
+
+The draw stage hands each batch's pixels on and takes the next block at once; the finishing stage runs on
+the CPUs the actors leave free, so a GPU never waits for CPU work. `--finish inline` does both in the
+actor instead (faster where the actors hold every CPU: see FINISH_ON_CPU).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from actors.backends import BackendError, check_backend
 from actors.models import describe_model
-from cluster.connect import actor_env, connect, size_actors
+from cluster.connect import actor_env, connect, size_actors, size_finishing
 from jobs.errors import root_cause
 from manifests.ledger import atomic_write, ledger_row, read_latest_ok, remove_stale_temp_files, write_part
 from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
@@ -33,6 +38,9 @@ from manifests.reader import adapter_names, count_ids, expand_manifest_paths, pl
 LEDGER_FLUSH_ROWS = 256
 LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"))
 PROGRESS_SECONDS = 5.0
+# `--finish auto` on CPU actors. Measured on 2 cores (benchmarks/bench_generate.py --finish stage inline):
+# see docs/benchmarks.md. On GPUs the finishing stage always runs on its own.
+FINISH_ON_CPU = "inline"
 
 
 class GenerateConfig(BaseModel):
@@ -54,6 +62,9 @@ class GenerateConfig(BaseModel):
     force: bool = Field(default=False, description="redraw every row, done or not")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where actors run")
+    finish: Literal["auto", "stage", "inline"] = Field(
+        default="auto", description="where images are marked, encoded and written: `stage`, CPU workers of their "
+        "own Ray Data stage while actors draw on; `inline`, in the actor after each batch; `auto`, stage on GPUs")
 
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":
@@ -71,8 +82,12 @@ def log(message: str) -> None:
     print(f"[sdfleet] {message}", file=sys.stderr, flush=True)
 
 
-def run_generate(cfg: GenerateConfig) -> dict:
-    """Run one generation job; returns the run summary written to run.json."""
+def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
+    """Run one generation job; returns the run summary written to run.json.
+
+    `actor_cls` replaces the draw stage's actor (a subclass of actors.actor.GeneratorActor): benchmarks pass
+    a stand-in for an accelerator.
+    """
     started = time.time()
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -110,13 +125,18 @@ def run_generate(cfg: GenerateConfig) -> dict:
     import ray
 
     resources = connect(cfg.address)
+    startup = {"ray_connected": round(time.time() - started, 3)}
     sizing = size_actors(cfg.actors, resources, cfg.device)
+    finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"
+    finishing = size_finishing(resources, sizing, cfg.actors)
     log(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; {cfg.actors} actor(s) on "
         f"{sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, {sizing.torch_threads} threads each), "
-        f"backend {cfg.backend}")
+        f"backend {cfg.backend}; images finished "
+        + ("in the actors" if finish_inline else f"by {finishing.workers} CPU worker(s)"))
     try:
         check_backend(cfg.backend, sizing.device)  # before any actor starts
-        summary = _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
+        summary = _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started, startup,
+                           finish=None if finish_inline else finishing, actor_cls=actor_cls)
     except BackendError as exc:
         raise RunFailed(str(exc)) from exc
     finally:
@@ -148,7 +168,7 @@ def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, 
     return fingerprints, errors
 
 
-def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started) -> dict:
+def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started, startup, finish, actor_cls) -> dict:
     import ray
     import ray.data
 
@@ -180,6 +200,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     seq = 0
     last_flush = last_progress = time.time()
     warnings_shown = 0
+    first_written: list[float] = []  # when the first image was written (wall clock)
 
     def flush() -> None:
         nonlocal seq, pending, last_flush
@@ -209,6 +230,8 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
             pending.append(row)
             if row["status"] == "ok":
                 per_actor[row["actor"]] = per_actor.get(row["actor"], 0) + 1
+                if not first_written:
+                    first_written.append(dt.datetime.fromisoformat(row["finished_at"]).timestamp())
             if row["status"] != "ok" or (row["warning"] and warnings_shown < 5):
                 warnings_shown += row["status"] == "ok"
                 log(f"{row['status']}: {row['error'] or row['warning']}")
@@ -221,6 +244,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
 
     try:
         planned = planned.materialize()
+        startup["plan_done"] = round(time.time() - started, 3)
         settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
         todo = planned.filter(expr=col("status").is_null()).materialize()
         for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -228,7 +252,8 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
         to_draw = todo.count()
         if to_draw:
             log(f"{to_draw} row(s) to draw")
-            for batch in _draw(todo, cfg, models, sizing).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in _draw(todo, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
+                                                                                         batch_format="pyarrow"):
                 record(batch.to_pylist())
         else:
             log("nothing to draw: no actors started")
@@ -242,6 +267,12 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
 
     # 8. the run summary
     wall = time.time() - started
+    for key, stamp in (("first_actor_started", "actor_started_at"), ("model_loaded", "model_loaded_at")):
+        stamps = [stats[stamp] for stats in backend_stats.values() if stamp in stats]
+        if stamps:
+            startup[key] = round(min(stamps) - started, 3)
+    if first_written:
+        startup["first_image_written"] = round(first_written[0] - started, 3)
     summary = {
         "run_id": run_id,
         "rows": total,
@@ -255,7 +286,9 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
             "per_actor": {actor: n for actor, (n, _) in swaps.items()},
             "seconds": round(sum(t for _, t in swaps.values()), 3),
         },
+        "startup": startup,
         "batch_size": cfg.batch_size,
+        "finish": "inline" if finish is None else "stage",
         "backend": cfg.backend,
         "backend_stats": backend_stats,
         "device": sizing.device,
@@ -271,24 +304,38 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started)
     return summary
 
 
-def _draw(todo, cfg: GenerateConfig, models, sizing):
-    """The rows to draw, sorted by adapter set, cut into blocks of batch_size, through the actor pool."""
+def _draw(todo, cfg: GenerateConfig, models, sizing, finish, actor_cls=None):
+    """The rows to draw, sorted by adapter set, cut into blocks of batch_size, through the actor pool and,
+    unless `finish` is None (the actors finish their own images), the finishing stage."""
     import ray.data
 
     from actors.actor import GeneratorActor
+    from actors.finish import finish_table
 
-    return todo.sort("affinity").repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
-        GeneratorActor,
+    drawn = todo.sort("affinity").repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+        actor_cls or GeneratorActor,
         fn_constructor_kwargs=dict(models=models, out_uri=cfg.out, batch_size=cfg.batch_size,
                                    device=sizing.device, torch_threads=sizing.torch_threads,
                                    adapters_uri=cfg.adapters, backend=cfg.backend,
-                                   backend_cache=cfg.backend_cache, max_lora_rank=cfg.max_lora_rank),
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+                                   backend_cache=cfg.backend_cache, max_lora_rank=cfg.max_lora_rank,
+                                   finish_inline=finish is None),
+        # A second block waits at each actor, so it starts drawing the moment it hands a batch on.
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=2),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=sizing.num_cpus,
         num_gpus=sizing.num_gpus,
         runtime_env={"env_vars": actor_env(sizing)},
+    )
+    if finish is None:
+        return drawn
+    return drawn.map_batches(
+        finish_table,
+        fn_kwargs={"out_uri": cfg.out},
+        batch_size=None,  # one drawn block (one actor call) per task
+        batch_format="pyarrow",
+        num_cpus=finish.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=finish.workers),
     )
 
 

@@ -20,31 +20,10 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from manifests.reader import ManifestPart, read_part
+from manifests.rows import WORK_SCHEMA, to_table
 from manifests.schema import WATERMARK_MIN_SIDE as MIN_SIDE
 from manifests.schema import group_key, resolve_row, validate_row
 
-WORK_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("prompt", pa.string()),
-    ("negative_prompt", pa.string()),
-    ("seed", pa.int64()),
-    ("width", pa.int64()),
-    ("height", pa.int64()),
-    ("steps", pa.int64()),
-    ("guidance_scale", pa.float64()),
-    ("scheduler", pa.string()),
-    ("model", pa.string()),
-    ("model_fingerprint", pa.string()),
-    ("adapters", pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64()), ("fingerprint", pa.string())]))),
-    ("watermark", pa.string()),
-    ("params_hash", pa.string()),
-    ("status", pa.string()),  # null: to draw; "invalid" or "skipped": passes through
-    ("error", pa.string()),
-    ("source", pa.string()),
-    ("row", pa.int64()),
-    ("extra", pa.string()),
-    ("affinity", pa.string()),  # sort key of rows to draw (see above); null for the others
-])
 
 
 @dataclass
@@ -108,4 +87,4 @@ def plan_batch(batch: pa.Table, state) -> Iterator[pa.Table]:
         state = ray.get(state)
     for record in batch.to_pylist():
         rows = plan_part(ManifestPart(**record), state)
-        yield pa.Table.from_pylist([{k: r.get(k) for k in WORK_SCHEMA.names} for r in rows], schema=WORK_SCHEMA)
+        yield to_table(rows, WORK_SCHEMA)

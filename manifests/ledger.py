@@ -37,6 +37,7 @@ LEDGER_SCHEMA = pa.schema([
     ("guidance_scale", pa.float64()),
     ("scheduler", pa.string()),
     ("watermark", pa.string()),
+    ("watermark_bits", pa.float64()),  # share of the payload's bits read back before the image was written
     ("error", pa.string()),
     ("warning", pa.string()),
     ("actor", pa.string()),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from actors import watermark as wm
-from actors.generate import draw, generate_rows, read_png_parameters
+from actors.generate import draw, generate_rows
+from actors.png import read_png_parameters
 from actors.models import ModelError, describe_model, export_preset, load_pipeline
 from actors.presets import PRESETS, TOKENIZER_DIR, build_preset
 from actors.schedulers import SCHEDULERS, make_scheduler, scheduler_name_for

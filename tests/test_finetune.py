@@ -470,7 +470,7 @@ def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):
 
 
 def test_dreambooth_draws_its_class_images_and_trains_on_both(trained):
-    from actors.generate import read_png_parameters
+    from actors.png import read_png_parameters
 
     out, proc = trained["dreambooth"], trained["procs"]["dreambooth"]
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -578,7 +578,7 @@ def test_a_class_image_left_from_another_prompt_is_not_trained_on(tmp_path, caps
     import fsspec
     import numpy as np
 
-    from actors.generate import png_bytes
+    from actors.png import png_bytes
     from jobs.finetune import current_class_images
 
     (tmp_path / "images").mkdir()

@@ -76,10 +76,12 @@ def describe_model(name: str, ref: str) -> ModelInfo:
         if not (path / "model_index.json").is_file():
             raise ModelError(f"model {name}={ref}: {path} has no model_index.json (expected a diffusers directory)")
         keep = _model_files(json.loads((path / "model_index.json").read_text()))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep))
+        digests = _cached_digests(path, files)
         h = hashlib.sha256()
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep)):
+        for file in files:
             h.update(file.relative_to(path).as_posix().encode())
-            h.update(_file_digest(file))
+            h.update(digests[file])
         configs = {rel: json.loads((path / rel).read_text()) for rel in _CONFIGS if (path / rel).is_file()}
         return _from_configs(name, ref, "directory", f"dir:{h.hexdigest()[:16]}", configs)
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
@@ -106,6 +108,36 @@ def _is_model_file(rel: str, components: set[str]) -> bool:
 
 
 _CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "sdfleet.json")
+
+
+def _cached_digests(root: Path, files: list[Path]) -> dict[Path, bytes]:
+    """SHA-256 of each file, reusing the digests of files whose size, mtime and inode have not changed.
+
+    A SD 2.1 directory is ~5 GB: hashing it at every run costs tens of seconds before anything starts.
+    The digests are kept per directory under the cache (`$SDFLEET_CACHE/fingerprints/`); a cache that
+    cannot be read or written only means hashing again.
+    """
+    store = cache_root() / "fingerprints" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    digests, fresh = {}, {}
+    for file in files:
+        stat = file.stat()
+        key, stamp = file.relative_to(root).as_posix(), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        entry = known.get(key)
+        digest = bytes.fromhex(entry[1]) if entry and entry[0] == stamp else _file_digest(file)
+        digests[file], fresh[key] = digest, [stamp, digest.hex()]
+    if fresh != known:
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps(fresh))
+            os.replace(tmp, store)
+        except OSError:
+            pass
+    return digests
 
 
 def _file_digest(path: Path) -> bytes:

@@ -96,3 +96,27 @@ def test_a_failed_draw_or_write_fails_that_row_alone(tiny, monkeypatch):
     assert results["r0"]["status"] == "failed" and "out of memory" in results["r0"]["error"]
     assert results["r1"]["status"] == "failed" and "No space left" in results["r1"]["error"]
     assert results["r2"]["status"] == "ok" and fs.exists(f"{root}/images/r2.png")
+
+
+def test_a_model_directory_is_hashed_once_until_a_file_changes(tmp_path, monkeypatch):
+    """The fingerprint of a multi-GB model folder is cached by size, mtime and inode, not rehashed each run."""
+    import os
+
+    import actors.models as models
+
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    models.export_preset("tiny", str(tmp_path / "m"))
+    hashed = []
+    real = models._file_digest
+    monkeypatch.setattr(models, "_file_digest", lambda path: hashed.append(path.name) or real(path))
+    first = models.describe_model("m", str(tmp_path / "m")).fingerprint
+    assert len(hashed) >= 4  # weights and configs of every component
+    hashed.clear()
+    assert models.describe_model("m", str(tmp_path / "m")).fingerprint == first and hashed == []
+    weights = tmp_path / "m" / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size; a new mtime
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    assert models.describe_model("m", str(tmp_path / "m")).fingerprint != first
+    assert hashed == [weights.name], "only the changed file is hashed again"

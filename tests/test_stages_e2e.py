@@ -1,0 +1,62 @@
+"""The two stages end to end on local Ray: the finishing stage and the in-actor path write the same files,
+a finishing worker that dies loses no row, and run.json says where start-up time went."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from conftest import ledger, rows, run_summary, sdfleet, write_manifest
+
+STARTUP = ("ray_connected", "plan_done", "first_actor_started", "model_loaded", "first_image_written")
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    records = rows(10)
+    for record in records[:4]:
+        record["scheduler"] = "euler"  # two groups, so batches of 4 come from more than one group
+    return write_manifest(tmp_path_factory.mktemp("stages") / "m.parquet", records)
+
+
+@pytest.fixture(scope="module")
+def runs(manifest, tmp_path_factory):
+    out = {}
+    for mode in ("stage", "inline"):
+        target = tmp_path_factory.mktemp(mode) / "out"
+        proc = sdfleet("generate", str(manifest), "--out", str(target), "--batch-size", "4", "--finish", mode)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[mode] = target
+    return out
+
+
+def test_stage_and_inline_write_the_same_images_with_marks_read_back(runs):
+    by_mode = {mode: {e["id"]: e for e in ledger(out)} for mode, out in runs.items()}
+    assert len(by_mode["stage"]) == 10 and by_mode["stage"].keys() == by_mode["inline"].keys()
+    for rid, entry in by_mode["stage"].items():
+        assert entry["status"] == "ok" and entry["watermark"] == "sdfleet"
+        assert entry["watermark_bits"] == 1.0, rid
+        assert entry["sha256"] == by_mode["inline"][rid]["sha256"], f"{rid}: the two paths wrote different files"
+    assert run_summary(runs["stage"])["finish"] == "stage" and run_summary(runs["inline"])["finish"] == "inline"
+
+
+def test_run_json_reports_startup_in_order(runs):
+    startup = run_summary(runs["stage"])["startup"]
+    assert list(startup) == [k for k in STARTUP if k in startup] and set(startup) == set(STARTUP), startup
+    times = [startup[k] for k in STARTUP]
+    assert all(0 <= t for t in times) and times[0] <= times[1] and times[3] <= times[4], startup
+    assert startup["first_image_written"] <= run_summary(runs["stage"])["wall_seconds"]
+
+
+def test_a_finishing_worker_that_dies_loses_no_row(manifest, tmp_path):
+    marker = tmp_path / "crashed"
+    out = tmp_path / "out"
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4", "--finish", "stage",
+                   env={"SDFLEET_TEST_CRASH_FINISH_ONCE": str(marker)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.exists(), "the test hook must have killed a finishing worker"
+    counts = collections.Counter(e["id"] for e in ledger(out))
+    assert len(counts) == 10 and set(counts.values()) == {1}, counts
+    assert {e["status"] for e in ledger(out)} == {"ok"}
+    assert len(list((out / "images").glob("*.png"))) == 10

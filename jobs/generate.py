@@ -9,7 +9,7 @@
 
 The draw stage hands each batch's pixels on and takes the next block at once; the finishing stage runs on
 the CPUs the actors leave free, so a GPU never waits for CPU work. `--finish inline` does both in the
-actor instead (faster where the actors hold every CPU: see FINISH_ON_CPU).
+actor instead, batch after batch (slower on 2 cores as well: see FINISH_ON_CPU).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from manifests.reader import adapter_names, count_ids, expand_manifest_paths, pl
 LEDGER_FLUSH_ROWS = 256
 LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"))
 PROGRESS_SECONDS = 5.0
-# `--finish auto` on CPU actors. Measured on 2 cores (benchmarks/bench_generate.py --finish stage inline):
-# see docs/benchmarks.md. On GPUs the finishing stage always runs on its own.
-FINISH_ON_CPU = "inline"
+# `--finish auto` on CPU actors. On 2 cores the finishing stage was faster there too (steady 2.52 against
+# 2.24 img/s, `python -m jobs.bench_generate`; docs/generation-speed.md). On GPUs it always runs on its own.
+FINISH_ON_CPU = "stage"
 
 
 class GenerateConfig(BaseModel):
@@ -64,7 +64,7 @@ class GenerateConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where actors run")
     finish: Literal["auto", "stage", "inline"] = Field(
         default="auto", description="where images are marked, encoded and written: `stage`, CPU workers of their "
-        "own Ray Data stage while actors draw on; `inline`, in the actor after each batch; `auto`, stage on GPUs")
+        "own Ray Data stage while actors draw on; `inline`, in the actor after each batch; `auto`, stage")
 
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":

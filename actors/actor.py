@@ -86,12 +86,15 @@ class GeneratorActor:
         return draw_rows(self.ready_for, rows, max_batch=self.batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        drawn = self.draw(batch.to_pylist())
+        rows = batch.to_pylist()
+        settled = [r for r in rows if r["status"] is not None]  # the plan decided them: passed on, not drawn
+        drawn = self.draw([r for r in rows if r["status"] is None]) if len(settled) < len(rows) else []
         swaps, seconds = self.swap_counters()
         self.calls += 1
         stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup, "calls": self.calls})
         for row in drawn:
             row.update(actor=self.name, adapter_swaps=swaps, adapter_swap_seconds=seconds, backend_stats=stats)
+        drawn += settled
         if self.finish_inline:
             return to_table(finish_rows(drawn, fs=self.fs, out_root=self.root), RESULT_SCHEMA)
         return to_table(drawn, DRAWN_SCHEMA)

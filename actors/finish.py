@@ -20,7 +20,7 @@ import pyarrow as pa
 from actors import watermark as wm
 from actors.png import png_bytes
 from manifests.ledger import atomic_write, ledger_row
-from manifests.rows import RESULT_SCHEMA, to_table
+from manifests.rows import PASS_THROUGH, RESULT_SCHEMA, SETTLED, to_table
 
 # Test-only: the path of a marker file. The first finishing call that finds it missing creates it and
 # kills its own worker process, so tests can check that a dead finishing worker loses no row.
@@ -42,13 +42,15 @@ def pixels_of(row: dict[str, Any]) -> np.ndarray:
 def finish_rows(rows: list[dict[str, Any]], *, fs: fsspec.AbstractFileSystem, out_root: str) -> list[dict[str, Any]]:
     """One ledger row per drawn row (manifests.rows.DRAWN_SCHEMA): mark, read back, encode, write.
 
-    A row the draw stage failed stays failed; a row whose write fails is `failed` alone.
+    A row the draw stage failed stays failed, a row the plan settled keeps its status; a row whose write
+    fails is `failed` alone.
     """
     results = []
     for row in rows:
-        counters = {k: row.get(k) for k in ("adapter_swaps", "adapter_swap_seconds", "backend_stats")}
-        if row.get("status") == "failed":
-            results.append({**ledger_row(row, "failed", actor=row.get("actor"), error=row["error"]), **counters})
+        counters = {k: row.get(k) for k in PASS_THROUGH}
+        if row.get("status") in SETTLED:
+            results.append({**ledger_row(row, row["status"], actor=row.get("actor"), error=row.get("error")),
+                            **counters})
             continue
         started = time.perf_counter()
         warning, bits = row.get("warning"), None

@@ -1,4 +1,4 @@
-"""Benchmark `sdfleet generate` against a bare diffusers loop, side by side, on the `tiny` preset at 256x256.
+"""Benchmark `sdfleet generate` against a bare diffusers loop, side by side (default: `tiny` at 256x256 on CPU).
 
 One run measures four figures on the same rows (same prompts, same seeds, one torch.Generator per row):
 
@@ -16,6 +16,10 @@ and 3 with 1 for everything a user waits for.
 
     .venv/bin/python -m jobs.bench_generate [--images 96] [--steps 20] [--batch-size 8] [--warmup 1]
                                             [--finish stage inline] [--no-seed-style] [--out DIR]
+
+On a GPU (the 2026-12-04 H200 check of ../shared/GPU.md, in one command):
+
+    python -m jobs.bench_generate --preset sd21-random --size 768 --steps 30 --images 48 --device cuda --no-seed-style
 
 Prints a table and writes the same numbers to DIR/bench.json. Nothing else in the repo is touched.
 """
@@ -43,7 +47,7 @@ TARGET_E2E = 0.75
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_manifest(n: int, steps: int, path: Path) -> list[dict]:
+def build_manifest(n: int, steps: int, path: Path, size: int = 256) -> list[dict]:
     """Write an n-row product-shot manifest with explicit seeds; returns its rows as the loops see them."""
     from manifests.expand import expand, write_manifest
 
@@ -51,7 +55,7 @@ def build_manifest(n: int, steps: int, path: Path) -> list[dict]:
                 for i, (color, thing) in enumerate(_names(n))]
     table = expand("a studio photo of a {product} on a white background", products,
                    negative_prompt="blurry, low quality",
-                   fixed={"steps": steps, "width": 256, "height": 256, "guidance_scale": 7.5, "scheduler": "ddim"})
+                   fixed={"steps": steps, "width": size, "height": size, "guidance_scale": 7.5, "scheduler": "ddim"})
     write_manifest(table, str(path))
     return table.to_pylist()
 
@@ -100,10 +104,11 @@ def run_cli(argv: list[str], out: Path) -> float:
     return wall
 
 
-def run_sdfleet(manifest: Path, out: Path, batch_size: int, finish: str = "auto") -> float:
+def run_sdfleet(manifest: Path, out: Path, batch_size: int, finish: str = "auto", preset: str = "tiny",
+                device: str = "auto") -> float:
     """`sdfleet generate` with one actor; returns wall seconds."""
     return run_cli(["generate", str(manifest), "--out", str(out), "--actors", "1", "--batch-size", str(batch_size),
-                    "--finish", finish], out)
+                    "--finish", finish, "--model", f"default={preset}", "--device", device], out)
 
 
 def steady_state(results_dir: Path, batch_size: int) -> dict:
@@ -165,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finish", nargs="+", default=["stage", "inline"], choices=["auto", "stage", "inline"],
                         help="sdfleet runs, one per finishing mode (default: stage inline)")
     parser.add_argument("--no-seed-style", action="store_true", help="skip the batch-1 loop")
+    parser.add_argument("--preset", default="tiny", help="model preset (default tiny; sd21-random on a GPU)")
+    parser.add_argument("--size", type=int, default=256, help="image side in px (default 256)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both the bare loop and sdfleet draw (cuda: fp16, as sdfleet's GPU actors)")
     parser.add_argument("--out", help="folder for the manifest, the sdfleet run and bench.json (default: a new temp dir)")
     args = parser.parse_args(argv)
     if args.images < 2 * args.batch_size:
@@ -181,15 +190,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. the manifest, and the same rows as plain dicts for the in-process loops
     manifest = out / "manifest.parquet"
-    rows = build_manifest(n, args.steps, manifest)
+    rows = build_manifest(n, args.steps, manifest, args.size)
     batches = [rows[i:i + b] for i in range(0, n, b)]
     singles = [[r] for r in rows]
 
     # 2. the pipeline, as plain diffusers: tiny preset, float32 on the CPU, all cores, DDIM (the rows' scheduler)
     torch.set_num_threads(os.cpu_count() or 1)
-    pipe = build_preset("tiny")
+    pipe = build_preset(args.preset)
+    if args.device == "cuda":
+        pipe = pipe.to("cuda", torch.float16)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    print(f"bench: {n} images, {args.steps} steps, batch {b}, 256x256, {torch.get_num_threads()} torch threads; "
+    print(f"bench: {n} images, {args.steps} steps, batch {b}, {args.preset} at {args.size} px on {args.device}, "
+          f"{torch.get_num_threads()} torch threads; "
           f"out: {out}", file=sys.stderr, flush=True)
 
     # 3. bare: batches of b, after the warm-up call(s)
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for mode in args.finish:
         run_dir = Path(tempfile.mkdtemp(prefix=f"sdfleet-run-{mode}-", dir=out))
-        e2e_s = run_sdfleet(manifest, run_dir, b, mode)
+        e2e_s = run_sdfleet(manifest, run_dir, b, mode, args.preset, args.device)
         summary = json.loads((run_dir / "run.json").read_text())
         if summary["ok"] != n or summary["skipped"]:
             sys.exit(f"sdfleet drew {summary['ok']} of {n} rows ({summary['skipped']} skipped); see {run_dir}")
@@ -226,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 7. the figures
     report = {
-        "images": n, "steps": args.steps, "batch_size": b, "width": 256, "height": 256, "preset": "tiny",
+        "images": n, "steps": args.steps, "batch_size": b, "width": args.size, "height": args.size, "preset": args.preset, "device": args.device,
         "scheduler": "ddim", "guidance_scale": 7.5,
         "bare_images_per_second": bare, "bare_seconds": bare_s,
         "seed_style_images_per_second": None if seed_s is None else n / seed_s,

@@ -183,6 +183,9 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
     # 6. plan: every manifest row becomes one work row. Work rows are small (prompts and parameters, no
     # pixels), so the plan is held whole in the object store; that lets the rows to draw be sorted by
     # adapter set (long runs per actor, few swaps) and lets a run with nothing to draw skip the actors.
+    # Into an output with nothing done yet (or with --force) nearly every row is drawn, so the plan streams
+    # straight into the actors instead: they start and load their model while the plan tasks run, and the
+    # rows the plan settles ride through both stages untouched.
     parts = [vars(p) for p in plan_parts(uris)]
     planned = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
     # The plan state (the done-ledger and image listing) can be large: one copy in the object store,
@@ -201,6 +204,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
     last_flush = last_progress = time.time()
     warnings_shown = 0
     first_written: list[float] = []  # when the first image was written (wall clock)
+    planned_at = [0.0]  # the latest plan task's finish seen on a row (wall clock)
 
     def flush() -> None:
         nonlocal seq, pending, last_flush
@@ -218,6 +222,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
                 continue
             seen.add(key)
             counts[row["status"]] += 1
+            planned_at[0] = max(planned_at[0], row.get("planned_at") or 0.0)
             if row.get("actor"):
                 swaps[row["actor"]] = max(swaps.get(row["actor"], (0, 0.0)),
                                           (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
@@ -243,20 +248,28 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
             log(_progress(counts, total, now - started))
 
     try:
-        planned = planned.materialize()
-        startup["plan_done"] = round(time.time() - started, 3)
-        settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
-        todo = planned.filter(expr=col("status").is_null()).materialize()
-        for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
-            record([ledger_row(r, r["status"]) for r in batch.to_pylist()])
-        to_draw = todo.count()
-        if to_draw:
-            log(f"{to_draw} row(s) to draw")
-            for batch in _draw(todo, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
-                                                                                         batch_format="pyarrow"):
+        if not state.done:
+            log("planning while the actors start (nothing done before in this output)")
+            for batch in _draw(planned, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
+                                                                                            batch_format="pyarrow"):
                 record(batch.to_pylist())
+            if planned_at[0]:
+                startup["plan_done"] = round(planned_at[0] - started, 3)
         else:
-            log("nothing to draw: no actors started")
+            planned = planned.materialize()
+            startup["plan_done"] = round(time.time() - started, 3)
+            settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
+            todo = planned.filter(expr=col("status").is_null()).materialize()
+            for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
+                record([ledger_row(r, r["status"]) for r in batch.to_pylist()])
+            to_draw = todo.count()
+            if to_draw:
+                log(f"{to_draw} row(s) to draw")
+                for batch in _draw(todo, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
+                                                                                             batch_format="pyarrow"):
+                    record(batch.to_pylist())
+            else:
+                log("nothing to draw: no actors started")
     except Exception as exc:
         raise RunFailed(f"the run stopped: {root_cause(exc)}") from exc
     finally:

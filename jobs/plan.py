@@ -14,6 +14,7 @@ an adapter about once per run instead of once per block.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -87,4 +88,5 @@ def plan_batch(batch: pa.Table, state) -> Iterator[pa.Table]:
         state = ray.get(state)
     for record in batch.to_pylist():
         rows = plan_part(ManifestPart(**record), state)
-        yield to_table(rows, WORK_SCHEMA)
+        planned_at = time.time()
+        yield to_table([{**r, "affinity": r.get("affinity") or "", "planned_at": planned_at} for r in rows], WORK_SCHEMA)

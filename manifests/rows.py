@@ -4,7 +4,9 @@ driver's plan, the draw stage (accelerator actors) and the finishing stage (CPU 
     plan --WORK_SCHEMA--> draw --DRAWN_SCHEMA (pixels)--> finish --RESULT_SCHEMA--> driver: ledger
 
 A drawn row keeps every work field (the finishing stage writes them into the PNG's parameters) and adds
-its pixels, or `status` "failed" with the `error` that stopped it.
+its pixels, or `status` "failed" with the `error` that stopped it. A row the plan already settled
+(`invalid`, `skipped`, `failed`) passes through both stages untouched when a run sends every planned row
+to the actors (a run into a fresh output: see jobs.generate).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ WORK_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("row", pa.int64()),
     ("extra", pa.string()),
-    ("affinity", pa.string()),  # sort key of rows to draw (jobs.plan.affinity); null for the others
+    ("affinity", pa.string()),  # sort key of rows to draw (jobs.plan.affinity); "" for the others
+    ("planned_at", pa.float64()),  # wall clock when its plan task finished: run.json's startup.plan_done
 ])
 
 # What an actor reports with every row: its running adapter-swap counters and its backend's counters
@@ -58,7 +61,12 @@ DRAWN_SCHEMA = pa.schema([
     *ACTOR_FIELDS,
 ])
 
-RESULT_SCHEMA = pa.schema([*LEDGER_SCHEMA, *(f for f in ACTOR_FIELDS if f.name != "actor")])
+RESULT_SCHEMA = pa.schema([*LEDGER_SCHEMA, *(f for f in ACTOR_FIELDS if f.name != "actor"),
+                           pa.field("planned_at", pa.float64())])
+# Statuses a row can carry into the finishing stage instead of pixels.
+SETTLED = ("invalid", "skipped", "failed")
+# What the finishing stage hands on from a drawn row besides the ledger columns.
+PASS_THROUGH = ("adapter_swaps", "adapter_swap_seconds", "backend_stats", "planned_at")
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

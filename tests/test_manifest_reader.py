@@ -243,6 +243,7 @@ def ledger_row(rid: str, phash: str, finished_at: str, status: str = "ok", **ext
         "id": rid, "status": status, "uri": f"out/images/{rid}.png", "sha256": "0" * 64, "params_hash": phash,
         "seed": 42, "model": "default", "adapters": [{"name": "brand", "scale": 0.5}], "width": 256,
         "height": 256, "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim", "watermark": "sdfleet",
+        "watermark_bits": 1.0 if status == "ok" else None,
         "error": None if status == "ok" else "boom", "warning": None, "actor": "actor-0", "seconds": 0.25,
         "finished_at": finished_at, "source": "m.parquet", "row": 0,
         "extra": json.dumps(extra, ensure_ascii=False) if extra else None,

@@ -61,19 +61,8 @@ def stand_in(seconds_per_batch: float) -> type:
     """A GeneratorActor whose draw waits `seconds_per_batch` per batch of rows instead of using a model."""
 
     class StandInActor(GeneratorActor):
-        def __init__(self, *, out_uri: str, batch_size: int, finish_inline: bool = False, **_):
-            import os
-            import socket
-
-            import fsspec
-
-            self.startup = {"actor_started_at": time.time()}
-            self.fs, self.root = fsspec.core.url_to_fs(out_uri)
-            self.batch_size, self.finish_inline = batch_size, finish_inline
-            self.name = f"{socket.gethostname()}:{os.getpid()}"
-            self.backend, self.swaps_before, self.calls = None, (0, 0.0), 0
-            self.bank: dict[int, list[np.ndarray]] = {}
-            self.startup["model_loaded_at"] = time.time()
+        def load(self):
+            self.bank: dict[int, list[np.ndarray]] = {}  # no model: pixels come from a bank of test images
 
         def draw(self, rows):
             drawn = []

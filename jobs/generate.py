@@ -9,7 +9,7 @@
 
 The draw stage hands each batch's pixels on and takes the next block at once; the finishing stage runs on
 the CPUs the actors leave free, so a GPU never waits for CPU work. `--finish inline` does both in the
-actor instead, batch after batch (slower on 2 cores as well: see FINISH_ON_CPU).
+actor instead, batch after batch: the default on CPU-only actors, which hold every core (FINISH_ON_CPU).
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ from manifests.reader import adapter_names, count_ids, expand_manifest_paths, pl
 LEDGER_FLUSH_ROWS = 256
 LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"))
 PROGRESS_SECONDS = 5.0
-# `--finish auto` on CPU actors. On 2 cores the finishing stage was faster there too (steady 2.52 against
-# 2.24 img/s, `python -m jobs.bench_generate`; docs/generation-speed.md). On GPUs it always runs on its own.
-FINISH_ON_CPU = "stage"
+# `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
+# 47 s for 96 tiny images; `python -m jobs.bench_generate`, docs/generation-speed.md): the actor's two torch
+# threads already hold both cores, and a finishing worker only competes with them. On GPUs the finishing
+# stage always runs on its own.
+FINISH_ON_CPU = "inline"
 
 
 class GenerateConfig(BaseModel):
@@ -64,7 +66,8 @@ class GenerateConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where actors run")
     finish: Literal["auto", "stage", "inline"] = Field(
         default="auto", description="where images are marked, encoded and written: `stage`, CPU workers of their "
-        "own Ray Data stage while actors draw on; `inline`, in the actor after each batch; `auto`, stage")
+        "own Ray Data stage while actors draw on; `inline`, in the actor after each batch; `auto`, stage on GPUs and "
+        "inline on CPU-only actors")
 
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":

@@ -60,3 +60,13 @@ def test_a_finishing_worker_that_dies_loses_no_row(manifest, tmp_path):
     assert len(counts) == 10 and set(counts.values()) == {1}, counts
     assert {e["status"] for e in ledger(out)} == {"ok"}
     assert len(list((out / "images").glob("*.png"))) == 10
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_finishes_in_its_own_stage_and_every_mark_reads_back(manifest, tmp_path):
+    out = tmp_path / "out"
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4", "--device", "cuda")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = run_summary(out)
+    assert (summary["device"], summary["finish"], summary["ok"]) == ("cuda", "stage", 10)
+    assert {e["watermark_bits"] for e in ledger(out)} == {1.0}

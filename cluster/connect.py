@@ -6,6 +6,7 @@ the same command at a cluster (a KubeRay head, `ray start --head`, or `auto` ins
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -53,15 +54,51 @@ def actor_env(resources: "ActorResources") -> dict[str, str]:
     }
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> dict[str, float]:
+@contextlib.contextmanager
+def library_logs_to(path: str, verbose: bool):
+    """While open, Python log records of Ray, Ray Data and the libraries go to the file `path`; with
+    `verbose` they also stay on the terminal. Open it before Ray starts: its start-up notices are logged."""
+    import ray.data  # noqa: F401 - Ray Data configures its logger on import; this must come after
+
+    root, ray_logger, data = logging.getLogger(), logging.getLogger("ray"), logging.getLogger("ray.data")
+    saved = (root.level, ray_logger.propagate, list(data.handlers))
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    # Ray's logger does not propagate by default, and `ray.init(configure_logging=False)` empties its
+    # handlers: its records would reach Python's last-resort handler, which prints them here.
+    ray_logger.propagate = True
+    if not verbose:  # Ray Data's own console handler; its file handler (Ray's session logs) stays
+        for h in list(data.handlers):
+            if not isinstance(h, logging.FileHandler):
+                data.removeHandler(h)
+    if not data.propagate:
+        data.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        ray_logger.propagate = saved[1]
+        data.handlers[:] = saved[2]
+        handler.close()
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict[str, float]:
     """Start local Ray or join a cluster; returns the cluster's total resources.
 
-    `address` wins over RAY_ADDRESS; with neither, a local Ray with this machine's cores starts.
+    `address` wins over RAY_ADDRESS; with neither, a local Ray with this machine's cores starts. `quiet`
+    leaves Ray's logger to the handlers the caller set (see `library_logs_to`) and does not stream the
+    workers' output to this terminal (it stays in Ray's session logs).
     """
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
+    if quiet:
+        kwargs.update(configure_logging=False, log_to_driver=False)
     try:
         if address:
             ray.init(address=address, **kwargs)

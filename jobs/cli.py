@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=helptext("device") + "; auto: GPUs if the cluster has any")
     gen.add_argument("--finish", default="auto", choices=["auto", "stage", "inline"],
                      help=helptext("finish") + " (default auto)")
+    gen.add_argument("--verbose", action="store_true", help=helptext("verbose"))
 
     man = sub.add_parser("manifest", help="check or build manifests").add_subparsers(dest="manifest_command", required=True)
     val = man.add_parser("validate", help="name every bad row; exit 1 if any")
@@ -177,6 +178,7 @@ def cmd_generate(args) -> int:
             max_lora_rank=args.max_lora_rank,
             watermark=None if args.no_watermark else args.watermark,
             force=args.force, address=args.address, device=args.device, finish=args.finish,
+            verbose=args.verbose,
         )
     except (ValidationError, argparse.ArgumentTypeError) as exc:
         print(f"sdfleet generate: error: {_config_message(exc)}", file=sys.stderr)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from actors.backends import BackendError, check_backend
 from actors.models import describe_model
-from cluster.connect import actor_env, connect, size_actors, size_finishing
+from cluster.connect import actor_env, connect, library_logs_to, size_actors, size_finishing
 from jobs.errors import root_cause
 from manifests.ledger import atomic_write, ledger_row, read_latest_ok, remove_stale_temp_files, write_part
 from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
@@ -64,6 +64,8 @@ class GenerateConfig(BaseModel):
     force: bool = Field(default=False, description="redraw every row, done or not")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where actors run")
+    verbose: bool = Field(default=False, description="also show Ray's and the libraries' log lines here "
+                          "(they always go to the run's log file)")
     finish: Literal["auto", "stage", "inline"] = Field(
         default="auto", description="where images are marked, encoded and written: `stage`, CPU workers of their "
         "own Ray Data stage while actors draw on; `inline`, in the actor after each batch; `auto`, stage on GPUs and "
@@ -124,10 +126,17 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
     log(f"{total} rows in {len(uris)} manifest(s); {len(done)} done before; out: {cfg.out}")
 
-    # 5. Ray, and actors sized to it
+    # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
+    log_path = _log_path(fs, root, run_id)
+    log(f"Ray's and the libraries' messages: {log_path}")
+    with library_logs_to(log_path, cfg.verbose):
+        return _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls)
+
+
+def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls) -> dict:
     import ray
 
-    resources = connect(cfg.address)
+    resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
     sizing = size_actors(cfg.actors, resources, cfg.device)
     finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"
@@ -145,6 +154,19 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     finally:
         ray.shutdown()
     return summary
+
+
+def _log_path(fs, root: str, run_id: str) -> str:
+    """The run's log file: OUT/logs/<run>.log on a local output, else a local temporary file (an object
+    store cannot be appended to line by line)."""
+    if "file" in fs.protocol or "local" in fs.protocol:
+        folder = os.path.join(root, "logs")
+        os.makedirs(folder, exist_ok=True)
+    else:
+        import tempfile
+
+        folder = tempfile.gettempdir()
+    return os.path.join(folder, f"sdfleet-{run_id}.log")
 
 
 def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, str], dict[str, str]]:

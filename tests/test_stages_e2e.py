@@ -70,3 +70,17 @@ def test_on_a_gpu_auto_finishes_in_its_own_stage_and_every_mark_reads_back(manif
     summary = run_summary(out)
     assert (summary["device"], summary["finish"], summary["ok"]) == ("cuda", "stage", 10)
     assert {e["watermark_bits"] for e in ledger(out)} == {1.0}
+
+
+def test_ray_and_library_messages_go_to_the_run_log_unless_verbose(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    quiet = sdfleet("generate", str(manifest), "--out", str(tmp_path / "quiet"))
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    (log_file,) = (tmp_path / "quiet" / "logs").glob("sdfleet-*.log")
+    assert str(log_file) in quiet.stderr, "the run names its log file once"
+    assert "execution finished" in log_file.read_text()  # Ray Data's INFO line is kept, in the file
+    for noise in ("execution finished", "Progress bars disabled", "Token authentication"):
+        assert noise not in quiet.stderr, noise
+    assert "[sdfleet] done in" in quiet.stderr
+    loud = sdfleet("generate", str(manifest), "--out", str(tmp_path / "loud"), "--verbose")
+    assert loud.returncode == 0 and "execution finished" in loud.stderr

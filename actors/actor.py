@@ -100,7 +100,7 @@ class GeneratorActor:
     def _call(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         settled = [r for r in rows if r["status"] is not None]  # the plan decided them: passed on, not drawn
-        drawn = self.draw([r for r in rows if r["status"] is None]) if len(settled) < len(rows) else []
+        drawn = self.draw([r for r in rows if r["status"] is None])
         swaps, seconds = self.swap_counters()
         self.calls += 1
         stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup, "calls": self.calls})

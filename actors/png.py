@@ -3,7 +3,7 @@
 OpenCV's encoder (installed with invisible-watermark) at a low zlib level does the pixels; Pillow builds
 the iTXt chunk that holds the parameters as UTF-8 JSON, and that chunk goes in right after the header,
 where Pillow's reader (and `read_png_parameters`) finds it. Pillow's own `save` at its default level
-costs 2-4x as much per image (benchmarks/bench_png.py measures both).
+costs 4.5-5x as much per image (`python -m benchmarks.bench_finish` measures both).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 PNG_KEY = "parameters"
-# zlib level: 1 is ~2x faster than Pillow's default 6 for files ~10-30% larger (bench_png.py).
+# zlib level 1: files ~14% larger than Pillow's default level 6 (benchmarks/bench_finish.py).
 LEVEL = 1
 _SIGNATURE_AND_HEADER = 8 + 25  # PNG signature, then the IHDR chunk (4 length + 4 type + 13 data + 4 CRC)
 
@@ -28,10 +28,8 @@ def png_bytes(rgb: np.ndarray, parameters: dict[str, Any], level: int = LEVEL) -
     if not ok:
         raise ValueError(f"OpenCV could not encode a {rgb.shape} image as PNG")
     data = encoded.tobytes()
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt(PNG_KEY, json.dumps(parameters, ensure_ascii=False, sort_keys=True))
     chunk = io.BytesIO()
-    for cid, body, _ in info.chunks:
+    for cid, body, _ in _parameters_info(parameters).chunks:
         PngImagePlugin.putchunk(chunk, cid, body)
     return data[:_SIGNATURE_AND_HEADER] + chunk.getvalue() + data[_SIGNATURE_AND_HEADER:]
 
@@ -39,11 +37,16 @@ def png_bytes(rgb: np.ndarray, parameters: dict[str, Any], level: int = LEVEL) -
 def pillow_png_bytes(rgb: np.ndarray, parameters: dict[str, Any]) -> bytes:
     """The same file through Pillow's `save` at its default level: the encoder `png_bytes` replaced,
     kept as the benchmark's baseline."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", pnginfo=_parameters_info(parameters))
+    return buf.getvalue()
+
+
+def _parameters_info(parameters: dict[str, Any]) -> PngImagePlugin.PngInfo:
+    """The parameters as UTF-8 JSON in an iTXt chunk, as Pillow writes it."""
     info = PngImagePlugin.PngInfo()
     info.add_itxt(PNG_KEY, json.dumps(parameters, ensure_ascii=False, sort_keys=True))
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+    return info
 
 
 def read_png_parameters(data: bytes) -> dict[str, Any]:

@@ -44,11 +44,15 @@ class WatermarkError(ValueError):
     """The image cannot carry the watermark (too small, empty payload)."""
 
 
-def _payload_bits(payload: str | bytes) -> np.ndarray:
+def _payload_bytes(payload: str | bytes) -> bytes:
     data = payload.encode("utf-8") if isinstance(payload, str) else payload
     if not data:
         raise WatermarkError("watermark payload is empty")
-    return np.unpackbits(np.frombuffer(data, np.uint8))
+    return data
+
+
+def _payload_bits(payload: str | bytes) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(_payload_bytes(payload), np.uint8))
 
 
 def _check_size(rgb: np.ndarray) -> None:
@@ -148,7 +152,7 @@ def library_embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
     """The same mark through invisible-watermark's own encoder: the reference `embed` is tested against."""
     _check_size(rgb)
     encoder = WatermarkEncoder()
-    encoder.set_watermark("bytes", payload.encode("utf-8") if isinstance(payload, str) else payload)
+    encoder.set_watermark("bytes", _payload_bytes(payload))
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # the library works in OpenCV's BGR order
     return np.ascontiguousarray(encoder.encode(bgr, METHOD)[:, :, ::-1])
 

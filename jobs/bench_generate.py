@@ -178,8 +178,7 @@ def bare_script(manifest: str, batch_size: int, preset: str, device: str) -> Non
     if device == "cuda":
         pipe = pipe.to("cuda", torch.float16)
     for i in range(0, len(rows), batch_size):
-        call_pipe(pipe, [{**r, "steps": r["steps"], "height": r["height"], "width": r["width"]}
-                         for r in rows[i:i + batch_size]])
+        call_pipe(pipe, rows[i:i + batch_size])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,8 +228,8 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
     seq = 0
     last_flush = last_progress = time.time()
     warnings_shown = 0
-    first_written: list[float] = []  # when the first image was written (wall clock)
-    planned_at = [0.0]  # the latest plan task's finish seen on a row (wall clock)
+    first_written: float | None = None  # when the first image was written (wall clock)
+    planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
 
     def flush() -> None:
         nonlocal seq, pending, last_flush
@@ -240,14 +240,14 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
         last_flush = time.time()
 
     def record(rows: list[dict]) -> None:
-        nonlocal last_progress, warnings_shown
+        nonlocal last_progress, warnings_shown, first_written, planned_at
         for row in rows:
             key = (row["source"], row["row"])
             if key in seen:  # Ray retried a batch that had already come back: keep the first
                 continue
             seen.add(key)
             counts[row["status"]] += 1
-            planned_at[0] = max(planned_at[0], row.get("planned_at") or 0.0)
+            planned_at = max(planned_at, row.get("planned_at") or 0.0)
             if row.get("actor"):
                 swaps[row["actor"]] = max(swaps.get(row["actor"], (0, 0.0)),
                                           (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
@@ -260,8 +260,8 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
             pending.append(row)
             if row["status"] == "ok":
                 per_actor[row["actor"]] = per_actor.get(row["actor"], 0) + 1
-                if not first_written:
-                    first_written.append(dt.datetime.fromisoformat(row["finished_at"]).timestamp())
+                if first_written is None:
+                    first_written = dt.datetime.fromisoformat(row["finished_at"]).timestamp()
             if row["status"] != "ok" or (row["warning"] and warnings_shown < 5):
                 warnings_shown += row["status"] == "ok"
                 log(f"{row['status']}: {row['error'] or row['warning']}")
@@ -278,8 +278,8 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
             for batch in _draw(planned, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
                                                                                             batch_format="pyarrow"):
                 record(batch.to_pylist())
-            if planned_at[0]:
-                startup["plan_done"] = round(planned_at[0] - started, 3)
+            if planned_at:
+                startup["plan_done"] = round(planned_at - started, 3)
         else:
             planned = planned.materialize()
             startup["plan_done"] = round(time.time() - started, 3)
@@ -309,8 +309,8 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
         stamps = [stats[stamp] for stats in backend_stats.values() if stamp in stats]
         if stamps:
             startup[key] = round(min(stamps) - started, 3)
-    if first_written:
-        startup["first_image_written"] = round(first_written[0] - started, 3)
+    if first_written is not None:
+        startup["first_image_written"] = round(first_written - started, 3)
     summary = {
         "run_id": run_id,
         "rows": total,
@@ -342,15 +342,15 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
     return summary
 
 
-def _draw(todo, cfg: GenerateConfig, models, sizing, finish, actor_cls=None):
-    """The rows to draw, sorted by adapter set, cut into blocks of batch_size, through the actor pool and,
-    unless `finish` is None (the actors finish their own images), the finishing stage."""
+def _draw(rows, cfg: GenerateConfig, models, sizing, finish, actor_cls=None):
+    """Work rows, sorted by adapter set, cut into blocks of batch_size, through the actor pool and, unless
+    `finish` is None (the actors finish their own images), the finishing stage."""
     import ray.data
 
     from actors.actor import GeneratorActor
     from actors.finish import finish_table
 
-    drawn = todo.sort("affinity").repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+    drawn = rows.sort("affinity").repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         actor_cls or GeneratorActor,
         fn_constructor_kwargs=dict(models=models, out_uri=cfg.out, batch_size=cfg.batch_size,
                                    device=sizing.device, torch_threads=sizing.torch_threads,

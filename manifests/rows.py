@@ -63,10 +63,10 @@ DRAWN_SCHEMA = pa.schema([
 
 RESULT_SCHEMA = pa.schema([*LEDGER_SCHEMA, *(f for f in ACTOR_FIELDS if f.name != "actor"),
                            pa.field("planned_at", pa.float64())])
+# What the finishing stage hands on from a drawn row besides the ledger columns.
+PASS_THROUGH = tuple(name for name in RESULT_SCHEMA.names if name not in LEDGER_SCHEMA.names)
 # Statuses a row can carry into the finishing stage instead of pixels.
 SETTLED = ("invalid", "skipped", "failed")
-# What the finishing stage hands on from a drawn row besides the ledger columns.
-PASS_THROUGH = ("adapter_swaps", "adapter_swap_seconds", "backend_stats", "planned_at")
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -1,9 +1,9 @@
 """Built-in model presets: Stable Diffusion's own architecture, at two sizes.
 
 - `tiny`: a small SD model (UNet2DConditionModel, an 8x AutoencoderKL, a CLIP text encoder, the offline
-  tokenizer) at 256x256, fast on a CPU. Its weights, trained by `python -m jobs.train_tiny --install`,
+  tokenizer) at 256x256, fast on a CPU. Its weights, trained by `python -m benchmarks.train_tiny --install`,
   load from `actors/presets/tiny/<component>/` (safetensors, plus configs for values training sets).
-- `tiny-random`: the same architecture, always the fixed random init: what `python -m jobs.train_tiny`
+- `tiny-random`: the same architecture, always the fixed random init: what `python -m benchmarks.train_tiny`
   trains from, so rerunning it never starts from the weights it installed.
 - `sd21-random`: the real SD 2.1 (768, v-prediction) architecture and scheduler with random weights, for
   benchmarks and export tests. The same code loads the real SD 2.1 from a directory or URI.
@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
             "cross_attention_dim": 64,
             # diffusers reads this as the number of heads: 2 heads of 32 channels. Eight heads of 8 made the
-            # attention score matrices 4x larger and a training step 1.46x slower on a CPU (jobs/bench_heads.py).
+            # attention score matrices 4x larger and a training step 1.46x slower on a CPU (benchmarks/bench_heads.py).
             "attention_head_dim": 2,
             "norm_num_groups": 8,
             "use_linear_projection": True,
@@ -163,7 +163,7 @@ def _check_architecture(name: str, part: str, spec: dict, saved: dict) -> None:
     if differ:
         said = ", ".join(f"{k}: weights {w!r}, preset {p!r}" for k, (w, p) in sorted(differ.items()))
         raise ValueError(f"the installed {name!r} {part} was trained with another architecture than the preset "
-                         f"({said}); install weights trained for this preset (python -m jobs.train_tiny --install) "
+                         f"({said}); install weights trained for this preset (python -m benchmarks.train_tiny --install) "
                          f"or change PRESETS[{name!r}][{part!r}] with them")
 
 

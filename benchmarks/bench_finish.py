@@ -20,8 +20,8 @@ import sys
 import time
 
 from actors import watermark as wm
-from actors.png import png_bytes, pillow_png_bytes
-from benchmarks.bench_overlap import image_bank
+from actors.png import pillow_png_bytes, png_bytes
+from benchmarks.common import image_bank
 
 PARAMS = {"prompt": "a studio photo of a teapot on a white background", "seed": 1, "steps": 30}
 

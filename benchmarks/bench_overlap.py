@@ -33,28 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from actors.actor import GeneratorActor
-from jobs.bench_generate import steady_state, versions
+from benchmarks.common import image_bank, steady_state, versions
 
 TARGET = 0.9  # images/s of the stage path over what the stand-in allows
-
-
-def image_bank(size: int, count: int = 8) -> list[np.ndarray]:
-    """Natural-looking test images: even ones a coloured object on white, odd ones smooth colourful scenes."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:size, 0:size] / size
-    bank = []
-    for i in range(count):
-        if i % 2 == 0:
-            image = np.full((size, size, 3), 255.0)
-            inside = (x - 0.5) ** 2 + (y - 0.55) ** 2 < (0.12 + 0.02 * i) ** 2
-            image[inside] = rng.uniform(20, 230, 3)
-            image -= 25 * np.exp(-((y - 0.72) ** 2) / 0.002)[..., None] * (np.abs(x - 0.5) < 0.2)[..., None]  # shadow
-        else:
-            phase = rng.uniform(0, 6, 3)
-            image = np.stack([128 + 100 * np.sin(5 * x + 3 * y + phase[0]), 128 + 90 * np.cos(4 * y + phase[1]),
-                              128 + 80 * np.sin(6 * x * y + phase[2])], -1)
-        bank.append(np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8))
-    return bank
 
 
 def stand_in(seconds_per_batch: float) -> type:

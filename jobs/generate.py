@@ -39,7 +39,7 @@ LEDGER_FLUSH_ROWS = 256
 LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"))
 PROGRESS_SECONDS = 5.0
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
-# 47 s for 96 tiny images; `python -m jobs.bench_generate`, docs/generation-speed.md): the actor's two torch
+# 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
 # threads already hold both cores, and a finishing worker only competes with them. On GPUs the finishing
 # stage always runs on its own.
 FINISH_ON_CPU = "inline"

@@ -28,7 +28,7 @@ COLORS = {
 PALETTE = COLORS  # the colours eval tells apart
 SHAPES = ("circle", "square", "triangle", "star")
 # A shape the tiny model is never trained on (an upright rhombus): a LoRA teaches it as a new concept,
-# word and look (jobs.bench_concept). A new colour would not do: the tiny VAE, trained on the
+# word and look (benchmarks.bench_concept). A new colour would not do: the tiny VAE, trained on the
 # palette alone, gives unseen hues back as palette colours, and no UNet can draw what its VAE cannot carry.
 NEW_SHAPES = ("diamond",)
 ALL_SHAPES = SHAPES + NEW_SHAPES  # the shapes eval tells apart

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from jobs.bench_generate import median_ratio, rotated
+from benchmarks.common import median_ratio, rotated
 
 
 def test_rotated_puts_every_variant_first_once_and_runs_each_once_a_repeat():
@@ -33,7 +33,7 @@ def test_median_ratio_takes_each_repeats_own_ratio_so_drift_between_repeats_canc
 def test_bench_train_step_reports_each_variant_against_eager(tmp_path):
     import torch
 
-    from jobs.bench_train_step import main
+    from benchmarks.bench_train_step import main
 
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
@@ -57,7 +57,7 @@ class _Stop(Exception):
 @pytest.mark.parametrize("method", ["dreambooth", "dreambooth-lora"])
 def test_bench_concept_trains_dreambooth_as_a_model_and_dreambooth_lora_as_an_adapter(tmp_path, monkeypatch, method):
     """The commands `bench_concept` hands the CLI, up to training (the runs themselves take minutes)."""
-    import jobs.bench_concept as bench
+    import benchmarks.bench_concept as bench
 
     commands = []
 
@@ -89,7 +89,7 @@ def test_bench_vae_context_reads_a_finetune_checkpoint_as_the_preset_it_came_fro
     from safetensors.torch import save_file
 
     from actors.presets import PRESET_DIR
-    from jobs.bench_vae_context import load_vae, main
+    from benchmarks.bench_vae_context import load_vae, main
 
     checkpoint = tmp_path / "checkpoint"  # what `finetune vae` writes: the Autoencoder wrapper's state
     checkpoint.mkdir()
@@ -106,7 +106,7 @@ def test_bench_vae_context_reads_a_finetune_checkpoint_as_the_preset_it_came_fro
 
 
 def test_bench_vae_context_names_what_it_cannot_read(tmp_path, capsys):
-    from jobs.bench_vae_context import main
+    from benchmarks.bench_vae_context import main
 
     with pytest.raises(SystemExit, match="is not a VAE: give 'tiny'"):
         main([str(tmp_path)])

@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from jobs.contact_sheet import comparison_sheet, contact_sheet
+from benchmarks.contact_sheet import comparison_sheet, contact_sheet
 
 
 def _run(root, colours: dict[str, tuple]):

@@ -21,7 +21,7 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
     out = tmp_path / "run"
     before = _preset_files()
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.train_tiny", "--out", str(out), "--images", "8", "--workers", "2",
+        [sys.executable, "-m", "benchmarks.train_tiny", "--out", str(out), "--images", "8", "--workers", "2",
          "--vae-steps", "2", "--vae-batch", "2", "--vae-crop", "64", "--vae-crop-candidates", "2",
          "--vae-crop-span", "128", "--vae-norm-groups", "2",
          "--unet-steps", "2", "--unet-batch", "2", "--min-snr-gamma", "2",
@@ -50,7 +50,7 @@ def test_train_tiny_runs_every_stage_at_toy_size(tmp_path):
 
 
 def test_train_tiny_rejects_a_negative_min_snr_gamma_before_any_stage(tmp_path, capsys):
-    from jobs.train_tiny import main
+    from benchmarks.train_tiny import main
 
     with pytest.raises(SystemExit) as stopped:
         main(["--out", str(tmp_path / "run"), "--min-snr-gamma", "-1"])
@@ -60,7 +60,7 @@ def test_train_tiny_rejects_a_negative_min_snr_gamma_before_any_stage(tmp_path, 
 
 
 def test_train_tiny_rejects_vae_norm_groups_that_do_not_divide_the_widths(tmp_path, capsys):
-    from jobs.train_tiny import main
+    from benchmarks.train_tiny import main
 
     with pytest.raises(SystemExit) as stopped:
         main(["--out", str(tmp_path / "run"), "--vae-norm-groups", "3"])
@@ -73,7 +73,7 @@ def test_vae_base_is_the_random_init_with_other_norm_groups(tmp_path):
     from safetensors.torch import load_file
 
     from actors.models import export_preset
-    from jobs.train_tiny import vae_base
+    from benchmarks.train_tiny import vae_base
 
     base = vae_base(tmp_path / "base", 8)  # the diffusers-style groups the preset had until 2026-11-28
     export_preset("tiny-random", str(tmp_path / "random"))
@@ -90,7 +90,7 @@ def test_check_vae_passes_the_committed_vae_and_stops_a_random_one(tmp_path):
     object colours within a few levels; a random VAE loses colours and shapes, and its colour error says how far."""
     from actors.presets import build_preset
     from jobs.synthetic import COLORS
-    from jobs.train_tiny import check_vae
+    from benchmarks.train_tiny import check_vae
 
     committed = check_vae(REPO / "actors" / "presets" / "tiny")
     assert committed.lost == []
@@ -111,7 +111,7 @@ def test_install_copies_the_weights_and_drops_the_training_folder_from_configs(t
 
     from diffusers import AutoencoderKL
 
-    from jobs.train_tiny import COMPONENTS, install
+    from benchmarks.train_tiny import COMPONENTS, install
 
     committed = REPO / "actors" / "presets" / "tiny"
     model = tmp_path / "model"
@@ -141,7 +141,7 @@ def test_install_copies_the_weights_and_drops_the_training_folder_from_configs(t
 def test_compare_weights_says_which_components_the_recipe_reproduced_bit_for_bit(tmp_path):
     import shutil
 
-    from jobs.train_tiny import compare_weights, describe_comparison
+    from benchmarks.train_tiny import compare_weights, describe_comparison
 
     committed = REPO / "actors" / "presets" / "tiny"
     model = tmp_path / "model"
@@ -158,7 +158,7 @@ def test_compare_weights_says_which_components_the_recipe_reproduced_bit_for_bit
 
 
 def test_stage_clock_keeps_minutes_per_stage_and_counts_only_stages_it_ran(tmp_path):
-    from jobs.train_tiny import StageClock
+    from benchmarks.train_tiny import StageClock
 
     now = iter([0.0, 90.0, 100.0, 100.0, 400.0])  # the clock at each start and end (a skipped stage: start only)
     clock = StageClock(tmp_path / "timings.json", now=lambda: next(now))

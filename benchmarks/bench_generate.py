@@ -16,12 +16,12 @@ The in-process loops (1, 2) each make one untimed warm-up call first (`--warmup 
 measure the steady state too. Compare 4 with 1 for per-image overhead (watermark, PNG, Ray Data hand-offs)
 and 3 with 1 for everything a user waits for.
 
-    .venv/bin/python -m jobs.bench_generate [--images 96] [--steps 20] [--batch-size 8] [--warmup 1]
+    .venv/bin/python -m benchmarks.bench_generate [--images 96] [--steps 20] [--batch-size 8] [--warmup 1]
                                             [--finish stage inline] [--no-seed-style] [--out DIR]
 
 On a GPU (the 2026-12-04 H200 check of ../shared/GPU.md, in one command):
 
-    python -m jobs.bench_generate --preset sd21-random --size 768 --steps 30 --images 48 --device cuda --no-seed-style
+    python -m benchmarks.bench_generate --preset sd21-random --size 768 --steps 30 --images 48 --device cuda --no-seed-style
 
 Prints a table and writes the same numbers to DIR/bench.json. Nothing else in the repo is touched.
 """
@@ -33,7 +33,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,10 +42,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from benchmarks.common import REPO_ROOT, run_cli, steady_state, versions
+
 # Targets the lead set for sdfleet relative to the bare loop.
 TARGET_STEADY = 0.95
 TARGET_E2E = 0.75
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_manifest(n: int, steps: int, path: Path, size: int = 256) -> list[dict]:
@@ -92,75 +92,11 @@ def time_loop(pipe, batches: list[list[dict]], warmup: int) -> tuple[float, np.n
     return time.perf_counter() - started, np.concatenate(images)
 
 
-def run_cli(argv: list[str], out: Path) -> float:
-    """Run `sdfleet ARGV...` as a user would, logging to `<out>.log`; returns wall seconds. Exits on failure."""
-    exe = Path(sys.executable).with_name("sdfleet")
-    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "jobs"]) + argv
-    log = out.parent / f"{out.name}.log"
-    started = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    wall = time.perf_counter() - started
-    if rc != 0:
-        sys.exit(f"sdfleet {argv[0]} exited {rc}; its log:\n{log.read_text()[-4000:]}")
-    return wall
-
-
 def run_sdfleet(manifest: Path, out: Path, batch_size: int, finish: str = "auto", preset: str = "tiny",
                 device: str = "auto") -> float:
     """`sdfleet generate` with one actor; returns wall seconds."""
     return run_cli(["generate", str(manifest), "--out", str(out), "--actors", "1", "--batch-size", str(batch_size),
                     "--finish", finish, "--model", f"default={preset}", "--device", device], out)
-
-
-def steady_state(results_dir: Path, batch_size: int) -> dict:
-    """Steady-state images/s of a finished run, from its ledger.
-
-    Definition: sort the `finished_at` times of the ok rows. The first `batch_size` rows to finish are the
-    first batch; it carries the actor's first-call cost, just as the bare loop's warm-up call does. The
-    steady rate is the rows that finished after it, divided by the time from the first batch's last
-    finish to the last row's finish. That span includes everything between batches (watermark, PNG
-    writes, Ray Data hand-offs), so it is comparable to the bare loop's timed section.
-    `in_actor` is ok rows / sum(`seconds`): time inside the actor's draw-and-write only, no Ray gaps.
-    """
-    table = pq.read_table(str(results_dir))  # all ledger parts of the run
-    ok = [r for r in table.select(["status", "finished_at", "seconds"]).to_pylist() if r["status"] == "ok"]
-    times = sorted(dt.datetime.fromisoformat(r["finished_at"]).timestamp() for r in ok)
-    if len(times) <= batch_size:
-        return {"ok_rows": len(times), "steady_images_per_second": None, "in_actor_images_per_second": None}
-    span = times[-1] - times[batch_size - 1]
-    return {
-        "ok_rows": len(times),
-        "steady_rows": len(times) - batch_size,
-        "steady_seconds": round(span, 3),
-        "steady_images_per_second": (len(times) - batch_size) / span,
-        "in_actor_images_per_second": len(ok) / sum(r["seconds"] for r in ok),
-    }
-
-
-def rotated(variants: list, repeat: int) -> list:
-    """The order of one repeat of an interleaved bench: shifted by one each repeat (A B C, B C A, C A B, ...),
-    so no variant always runs first; this VM's speed drifts by up to 30% between minutes."""
-    shift = repeat % len(variants)
-    return variants[shift:] + variants[:shift]
-
-
-def median_ratio(numerators: list[float], denominators: list[float]) -> float:
-    """The median of each repeat's own ratio. Ratios taken within a repeat cancel the drift that a ratio of
-    medians would keep: pass baseline seconds over variant seconds for a speed-up, or throughputs the other way."""
-    if len(numerators) != len(denominators) or not numerators:
-        raise ValueError(f"need one pair a repeat; got {len(numerators)} and {len(denominators)} values")
-    return statistics.median(a / b for a, b in zip(numerators, denominators))
-
-
-def versions() -> dict:
-    import diffusers
-    import ray
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "ray": ray.__version__, "numpy": np.__version__}
 
 
 def bare_script(manifest: str, batch_size: int, preset: str, device: str) -> None:
@@ -186,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest, batch, preset, device = sys.argv[2:6]
         bare_script(manifest, int(batch), preset, device)
         return 0
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=96, help="rows in the manifest (default 96)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per pipeline call (default 8)")
@@ -234,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3b. bare end to end: the same loop as a script of its own, from launch to exit
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jobs.bench_generate", "--bare-script", str(manifest), str(b), args.preset,
+    subprocess.run([sys.executable, "-m", "benchmarks.bench_generate", "--bare-script", str(manifest), str(b), args.preset,
                     args.device], cwd=REPO_ROOT, check=True, capture_output=True)
     bare_e2e_s = time.perf_counter() - started
     print(f"bench: bare end to end done in {bare_e2e_s:.2f} s", file=sys.stderr, flush=True)

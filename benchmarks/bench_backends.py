@@ -12,8 +12,8 @@ built during the swaps, which must stay 0.
 - int8: eager with `torch.ao.quantization.quantize_dynamic` on the UNet's Linear layers (CPU only; no
   LoRA swapping: peft cannot wrap quantized layers). Measured to decide whether it earns a flag.
 
-    .venv/bin/python -m jobs.bench_backends                  # tiny, 256 px, 20 steps, batch 8, CPU
-    python -m jobs.bench_backends --preset sd21-random --device cuda --dtype fp16 --size 768 --steps 30 \\
+    .venv/bin/python -m benchmarks.bench_backends                  # tiny, 256 px, 20 steps, batch 8, CPU
+    python -m benchmarks.bench_backends --preset sd21-random --device cuda --dtype fp16 --size 768 --steps 30 \\
         --batch-size 4 --backends eager,compile               # the GPU comparison
 
 Prints a table and writes bench.json to --out (default: a temporary folder).
@@ -56,8 +56,8 @@ def make_store(preset: str, folder: Path) -> "object":
 
 
 def rows_for(preset: str, count: int, size: int, steps: int, adapters=(), store=None) -> list[dict]:
-    from manifests.schema import ManifestRow, resolve_row
     from actors.presets import PRESETS
+    from manifests.schema import ManifestRow, resolve_row
 
     model = {**PRESETS[preset]["defaults"], "fingerprint": f"bench-{preset}"}
     out = []
@@ -118,7 +118,7 @@ def measure(name: str, args, store) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_backends", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_backends", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)

@@ -14,7 +14,7 @@ Every variant has the same parameters and the same random init; only the split i
 Each variant is timed `--repeats` times in turn, the order rotating (A, B, C, then B, C, A, ...): this VM's
 speed drifts by up to 30% between minutes, so the ratios are medians of each repeat's own ratios.
 
-    .venv/bin/python -m jobs.bench_heads [--heads 8 4 2] [--repeats 5] [--out bench.json]
+    .venv/bin/python -m benchmarks.bench_heads [--heads 8 4 2] [--repeats 5] [--out bench.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from jobs.bench_generate import median_ratio, rotated, versions
+from benchmarks.common import median_ratio, rotated, versions
 
 
 def build(heads: int) -> SimpleNamespace:
@@ -95,7 +95,7 @@ def time_denoising(pipe, steps: int, batch: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_heads", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_heads", description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, nargs="+", default=[8, 4, 2], help="head counts; the first is the "
                         "baseline (default 8 4 2)")
     parser.add_argument("--repeats", type=int, default=5)

@@ -16,7 +16,7 @@ The three runs are repeated `--repeats` times, interleaved, the order rotating (
 ratios are medians of each repeat's own ratio. On a shared 2-core VM the same run's samples/s moved by up to 30%
 between back-to-back runs (neighbours on the host), so one pair of runs cannot tell 1.6x from 1.8x.
 
-    .venv/bin/python -m jobs.bench_finetune [--steps 60] [--repeats 3] [--batch-size 4] [--resolution 256] [--out DIR]
+    .venv/bin/python -m benchmarks.bench_finetune [--steps 60] [--repeats 3] [--batch-size 4] [--resolution 256] [--out DIR]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobs.bench_generate import rotated, run_cli, versions
+from benchmarks.common import rotated, run_cli, versions
 
 TARGET_SCALING = 1.7
 
@@ -49,7 +49,7 @@ def run(data: Path, out: Path, workers: int, cpus: int, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_finetune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the three runs (default 3)")
     parser.add_argument("--batch-size", type=int, default=4, help="samples per worker per step (default 4)")

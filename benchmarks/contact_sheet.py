@@ -1,6 +1,6 @@
 """A contact sheet of a run's images: thumbnails in a grid, each labelled with its row id.
 
-    python -m jobs.contact_sheet RUN_OUT -o sheet.png [--columns 6] [--thumb 128]
+    python -m benchmarks.contact_sheet RUN_OUT -o sheet.png [--columns 6] [--thumb 128]
 
 `comparison_sheet` puts the same rows of several runs (a base and its fine-tune) one run to a row.
 """
@@ -53,7 +53,7 @@ def comparison_sheet(runs: dict[str, str], ids: list[str], thumb: int = 96, labe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.contact_sheet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.contact_sheet", description=__doc__.splitlines()[0])
     parser.add_argument("run_out", help="the --out of a `sdfleet generate` run")
     parser.add_argument("-o", "--output", required=True, help="PNG to write")
     parser.add_argument("--columns", type=int, default=6)

@@ -13,7 +13,7 @@ draws them) goes through the VAE's round trip
 It reports each round trip's pixel MSE (in [-1, 1], as the VAE's eval loss). A VAE that does best on
 tiles the size of its training crops has learned its crops' context, not the whole image's.
 
-    .venv/bin/python -m jobs.bench_vae_context [VAE ...] [--tiles 128 64] [--count 24] [--config DIR] [--out report.json]
+    .venv/bin/python -m benchmarks.bench_vae_context [VAE ...] [--tiles 128 64] [--count 24] [--config DIR] [--out report.json]
 
 VAE: `tiny` (the committed preset, the default), a folder holding a diffusers VAE (`config.json` and
 safetensors, e.g. `DIR/vae/vae` of a `train_tiny` run), or a `finetune vae` checkpoint folder

@@ -14,7 +14,7 @@ process, the way a worker does (`actors.train.Denoiser`, the committed `tiny` we
 Each variant is timed `--repeats` times in turn, the order rotating, and its speed-up is the median of
 each repeat's own ratio to `eager` in seconds per sample (this VM's speed drifts between minutes).
 
-    .venv/bin/python -m jobs.bench_train_step [--variants eager compile ...] [--repeats 5] [--out bench.json]
+    .venv/bin/python -m benchmarks.bench_train_step [--variants eager compile ...] [--repeats 5] [--out bench.json]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 
-from jobs.bench_generate import median_ratio, rotated, versions
+from benchmarks.common import median_ratio, rotated, versions
 
 VARIANTS = ("eager", "channels-last", "compile", "foreach", "batch-half")
 
@@ -67,7 +67,7 @@ def make_step(variant: str, pipe, batch: int, device: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_train_step", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="eager is always run first and is the baseline")
     parser.add_argument("--batch", type=int, default=16, help="per worker (default 16; train_tiny runs 8)")

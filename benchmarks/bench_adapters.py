@@ -15,7 +15,7 @@ The speedup is sdfleet (1 actor, end to end, Ray start-up included) over reload,
 `tiny` preset a pipeline builds in well under a second; SD 2.1 takes seconds to load from local disk, so
 the reload figure here is the most favourable reloading can look.
 
-    .venv/bin/python -m jobs.bench_adapters [--rows 200] [--adapters 10] [--steps 20] [--batch-size 8] [--out DIR]
+    .venv/bin/python -m benchmarks.bench_adapters [--rows 200] [--adapters 10] [--steps 20] [--batch-size 8] [--out DIR]
 
 Prints a table and writes the same numbers to DIR/bench.json.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from jobs.bench_generate import run_cli, versions
+from benchmarks.common import run_cli, versions
 
 TARGET_SWAP_SHARE = 0.02
 LORA_STD = 0.15  # clearly changes the tiny model's image without making it chaotic
@@ -98,11 +98,10 @@ def run_sdfleet(manifest: Path, store: Path, out: Path, actors: int, batch_size:
 def run_reload(rows: list[dict], store: Path, batch_size: int) -> dict:
     """The seed article's way: a fresh pipeline plus `load_lora_weights` whenever the adapter changes."""
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     from actors.generate import draw
     from actors.models import describe_model, load_pipeline
-
-    from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # a warning per UNet-only LoRA load otherwise
     torch.set_num_threads(os.cpu_count() or 1)
@@ -130,7 +129,7 @@ def run_reload(rows: list[dict], store: Path, batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_adapters", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_adapters", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200, help="rows in the manifest (default 200)")
     parser.add_argument("--adapters", type=int, default=10, help="LoRAs the rows are spread over (default 10)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")

@@ -9,7 +9,7 @@
          and the same for the random init (`tiny-random`), for comparison
       -> with --install: copy the weights into actors/presets/tiny/, which the preset then loads
 
-    .venv/bin/python -m jobs.train_tiny --out /tmp/tiny-run [--install]
+    .venv/bin/python -m benchmarks.train_tiny --out /tmp/tiny-run [--install]
 
 Every stage is the project's own CLI, so this is also an end-to-end exercise of it. Each stage resumes
 (rerun the same command after a crash); a finished stage is skipped.
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.presets import PRESETS
-from jobs.bench_generate import REPO_ROOT, run_cli
+from benchmarks.common import REPO_ROOT, run_cli
 
 PRESET_WEIGHTS = REPO_ROOT / "actors" / "presets" / "tiny"
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -186,7 +186,7 @@ def describe_comparison(verdicts: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train_tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="working folder: images, dataset, models, eval run")
     parser.add_argument("--images", type=int, default=3000, help="synthetic training images (default 3000)")
     parser.add_argument("--workers", type=int, default=2)

@@ -33,7 +33,7 @@ Stages, every one the project's own CLI:
 
 Passes (exit 0) when every scored attribute reaches --target (0.70) within --budget-minutes of training.
 
-    .venv/bin/python -m jobs.bench_concept [--method lora|textual-inversion|dreambooth|dreambooth-lora] [--out DIR]
+    .venv/bin/python -m benchmarks.bench_concept [--method lora|textual-inversion|dreambooth|dreambooth-lora] [--out DIR]
                                            [--steps 300]
 """
 
@@ -46,8 +46,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobs.bench_generate import run_cli
-from jobs.contact_sheet import comparison_sheet
+from benchmarks.common import run_cli
+from benchmarks.contact_sheet import comparison_sheet
 
 METHODS = ("lora", "textual-inversion", "dreambooth", "dreambooth-lora")
 # 2e-4 let DreamBooth's class drift; DreamBooth-LoRA takes the LoRA bench's lr
@@ -121,7 +121,7 @@ def concept_images(method: str, out: Path, count: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_concept", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_concept", description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="lora", choices=METHODS)
     parser.add_argument("--out", help="working folder (default: a temporary one)")
     parser.add_argument("--base", default="tiny", help="the model to teach (default: the tiny preset)")

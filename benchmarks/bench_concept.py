@@ -29,7 +29,7 @@ Stages, every one the project's own CLI:
        10 minutes)
     4. the same prompts with the adapter (`--adapters`) or the new model -> `sdfleet eval`: after
     5. DIR/report.json (scores, confusions, train time) and DIR/sheet.png (the first 9 prompts, before
-       and after: the README's concept sheets)
+       and after: the concept sheets in docs/benchmarks.md)
 
 Passes (exit 0) when every scored attribute reaches --target (0.70) within --budget-minutes of training.
 
@@ -120,7 +120,7 @@ def concept_images(method: str, out: Path, count: int) -> None:
         (out / f"{i:05d}.txt").write_text(f"a {what} on a {background} background\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_concept", description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="lora", choices=METHODS)
     parser.add_argument("--out", help="working folder (default: a temporary one)")
@@ -144,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=3.0, help="guidance of the scored images (default 3)")
     parser.add_argument("--target", type=float, default=0.70)
     parser.add_argument("--budget-minutes", type=float, default=10.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="concept-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         report["class_unprompted_before"] = before["class_unprompted"]
         report["class_unprompted_after"] = after["class_unprompted"]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    # the first prompts of the concept (every background in turn), before and after: what the README shows
+    # the first prompts of the concept (every background in turn), before and after: what docs/benchmarks.md shows
     sheet_ids = [r["id"] for r in rows if r["id"].startswith("concept-")][:9]
     label = f"+ {GEM['token']}" if args.method == "textual-inversion" else f"+ {name}"
     comparison_sheet({"base": str(out / "before"), label: str(out / "after")}, sheet_ids).save(out / "sheet.png")

@@ -48,7 +48,7 @@ def run(data: Path, out: Path, workers: int, cpus: int, args) -> dict:
             "peak_rss_mb_per_worker": finished["peak_rss_mb_per_worker"], "out": str(out)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the three runs (default 3)")
@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--images", type=int, default=64, help="synthetic training images (default 64)")
     parser.add_argument("--out", help="folder for the dataset, runs and bench.json (default: a new temp dir)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")

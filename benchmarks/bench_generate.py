@@ -117,11 +117,7 @@ def bare_script(manifest: str, batch_size: int, preset: str, device: str) -> Non
         call_pipe(pipe, rows[i:i + batch_size])
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["--bare-script"]:  # the end-to-end baseline's own process
-        manifest, batch, preset, device = sys.argv[2:6]
-        bare_script(manifest, int(batch), preset, device)
-        return 0
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate", description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=96, help="rows in the manifest (default 96)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per image (default 20)")
@@ -135,6 +131,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where both the bare loop and sdfleet draw (cuda: fp16, as sdfleet's GPU actors)")
     parser.add_argument("--out", help="folder for the manifest, the sdfleet run and bench.json (default: a new temp dir)")
+    return parser
+
+
+def print_table(report: dict) -> None:
+    """The figures of one bench.json as a table, each ratio against its target."""
+    def mark(ratio: float, target: float) -> str:
+        return "ok" if ratio >= target else "BELOW TARGET"
+
+    n, b, runs = report["images"], report["batch_size"], report["sdfleet"]
+    bare, bare_s, bare_e2e_s = report["bare_images_per_second"], report["bare_seconds"], report["bare_end_to_end_seconds"]
+    seed_s = None if report["seed_style_images_per_second"] is None else n / report["seed_style_images_per_second"]
+    print(f"\n{'run':<30}{'images/s':>10}{'seconds':>10}{'/ bare':>8}")
+    print(f"{'bare (batch %d, warm)' % b:<30}{bare:>10.3f}{bare_s:>10.2f}{1:>8.3f}")
+    print(f"{'bare end-to-end (a script)':<30}{n / bare_e2e_s:>10.3f}{bare_e2e_s:>10.2f}{bare_s / bare_e2e_s:>8.3f}")
+    if seed_s is not None:
+        print(f"{'seed-style (batch 1, warm)':<30}{n / seed_s:>10.3f}{seed_s:>10.2f}{bare_s / seed_s:>8.3f}")
+    for mode, r in runs.items():
+        print(f"{f'sdfleet --finish {mode} e2e':<30}{r['end_to_end_images_per_second']:>10.3f}"
+              f"{r['seconds_end_to_end']:>10.2f}{r['end_to_end_over_bare']:>8.3f}  "
+              f"(target >= {TARGET_E2E}: {mark(r['end_to_end_over_bare'], TARGET_E2E)}; "
+              f"{r['end_to_end_over_bare_end_to_end']:.3f} of the bare script end to end)")
+        print(f"{f'sdfleet --finish {mode} steady':<30}{r['steady_images_per_second']:>10.3f}"
+              f"{r['steady_state']['steady_seconds']:>10.2f}{r['steady_over_bare']:>8.3f}  "
+              f"(target >= {TARGET_STEADY}: {mark(r['steady_over_bare'], TARGET_STEADY)})")
+    print(f"torch threads {report['torch_threads']}, CPUs {report['cpu_count']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--bare-script"]:  # the end-to-end baseline's own process
+        manifest, batch, preset, device = sys.argv[2:6]
+        bare_script(manifest, int(batch), preset, device)
+        return 0
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.images < 2 * args.batch_size:
         parser.error(f"--images must be at least 2 x --batch-size ({2 * args.batch_size}) for a steady-state figure")
@@ -225,23 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    def mark(ratio: float, target: float) -> str:
-        return "ok" if ratio >= target else "BELOW TARGET"
-
-    print(f"\n{'run':<30}{'images/s':>10}{'seconds':>10}{'/ bare':>8}")
-    print(f"{'bare (batch %d, warm)' % b:<30}{bare:>10.3f}{bare_s:>10.2f}{1:>8.3f}")
-    print(f"{'bare end-to-end (a script)':<30}{n / bare_e2e_s:>10.3f}{bare_e2e_s:>10.2f}{bare_s / bare_e2e_s:>8.3f}")
-    if seed_s is not None:
-        print(f"{'seed-style (batch 1, warm)':<30}{n / seed_s:>10.3f}{seed_s:>10.2f}{bare_s / seed_s:>8.3f}")
-    for mode, r in runs.items():
-        print(f"{f'sdfleet --finish {mode} e2e':<30}{r['end_to_end_images_per_second']:>10.3f}"
-              f"{r['seconds_end_to_end']:>10.2f}{r['end_to_end_over_bare']:>8.3f}  "
-              f"(target >= {TARGET_E2E}: {mark(r['end_to_end_over_bare'], TARGET_E2E)}; "
-              f"{r['end_to_end_over_bare_end_to_end']:.3f} of the bare script end to end)")
-        print(f"{f'sdfleet --finish {mode} steady':<30}{r['steady_images_per_second']:>10.3f}"
-              f"{r['steady_state']['steady_seconds']:>10.2f}{r['steady_over_bare']:>8.3f}  "
-              f"(target >= {TARGET_STEADY}: {mark(r['steady_over_bare'], TARGET_STEADY)})")
-    print(f"torch threads {report['torch_threads']}, CPUs {report['cpu_count']}")
+    print_table(report)
     print(f"wrote {out / 'bench.json'}")
     return 0
 

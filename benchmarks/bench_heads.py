@@ -49,7 +49,7 @@ def time_training(pipe, steps: int, batch: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    from actors.train import Denoiser
+    from actors.train.model import Denoiser
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)

@@ -36,7 +36,7 @@ def make_step(variant: str, pipe, batch: int, device: str):
     import torch
     import torch.nn.functional as F
 
-    from actors.train import Denoiser
+    from actors.train.model import Denoiser
 
     if variant == "batch-half":
         batch = max(1, batch // 2)

@@ -51,7 +51,7 @@ class VaeCheck:
     yellow, misread a few faithful round trips too). `color_error`: per colour, the mean distance (0-255 a
     channel, averaged over RGB) between the palette colour and the round trip's mean colour inside the
     object: finer than right-or-wrong, and a VAE that is a little off in colour costs the UNet's colour
-    adherence even when nothing reads wrong (see the README)."""
+    adherence even when nothing reads wrong (docs/tiny-recipe.md)."""
 
     misreads: list[str]
     lost: list[str]
@@ -185,7 +185,7 @@ def describe_comparison(verdicts: dict[str, str]) -> str:
     return ", ".join(f"{component} {verdict}" for component, verdict in verdicts.items())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="working folder: images, dataset, models, eval run")
     parser.add_argument("--images", type=int, default=3000, help="synthetic training images (default 3000)")
@@ -218,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="train on one GPU in fp32 with the same global batches "
                         "(--workers x the per-worker batches), for trials of a recipe; the committed weights "
                         "come from the CPU")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     widths = PRESETS["tiny"]["vae"]["block_out_channels"]
     if args.vae_norm_groups < 0 or any(c % (args.vae_norm_groups or 1) for c in widths):
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  LOST {line}")
     errors = check.color_error
     say(f"  object colour error, 0-255 a channel: mean {np.mean(list(errors.values())):.1f} ("
-        + ", ".join(f"{color} {error}" for color, error in errors.items()) + ") (README: what the committed VAE scores)")
+        + ", ".join(f"{color} {error}" for color, error in errors.items()) + ") (docs/tiny-recipe.md: what the committed VAE scores)")
     if check.lost and not args.skip_vae_check:
         say("stopping: the VAE loses a colour or shape; train it longer (a new --out) or pass --skip-vae-check")
         say(f"minutes: {clock.summary()} ({clock.path})")

@@ -27,7 +27,8 @@ def _model_pairs(values: list[str] | None) -> dict[str, str]:
 
 
 def _flags_from_model(parser: argparse.ArgumentParser, model, skip=(), plural=None) -> None:
-    """One flag per pydantic field (`batch_size` -> `--batch-size`), so the CLI cannot drift from the config."""
+    """One flag per pydantic field (`batch_size` -> `--batch-size`), so the CLI cannot drift from the config.
+    A field's description is its help; `json_schema_extra={"metavar": ...}` names its value."""
     import typing
 
     for name, field in model.model_fields.items():
@@ -49,40 +50,27 @@ def _flags_from_model(parser: argparse.ArgumentParser, model, skip=(), plural=No
         else:
             scalar = args[0] if args else kind
             suffix = f" (default {default})" if default not in (None, [], "") else ""
+            metavar = (field.json_schema_extra or {}).get("metavar")
             parser.add_argument(flag, type=scalar, default=default, required=field.is_required(), dest=name,
-                                help=text + suffix)
+                                metavar=metavar, help=text + suffix)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.finetune import FinetuneConfig
+    from actors.train.config import TrainConfig
     from jobs.generate import GenerateConfig
-
-    def helptext(field: str) -> str:
-        return GenerateConfig.model_fields[field].description or ""
 
     parser = argparse.ArgumentParser(prog="sdfleet", description="Batch Stable Diffusion on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="draw every row of Parquet manifests")
-    gen.add_argument("manifests", nargs="+", metavar="MANIFEST", help=helptext("manifests"))
-    gen.add_argument("--out", required=True, help=helptext("out"))
-    gen.add_argument("--model", action="append", metavar="NAME=REF", help=helptext("models"))
-    gen.add_argument("--adapters", metavar="URI", help=helptext("adapters"))
-    gen.add_argument("--actors", type=int, default=1, help=helptext("actors"))
-    gen.add_argument("--batch-size", type=int, default=8, help=helptext("batch_size"))
-    gen.add_argument("--backend", default="eager", choices=["eager", "compile", "onnx", "tensorrt"], help=helptext("backend"))
-    gen.add_argument("--backend-cache", metavar="URI", help=helptext("backend_cache"))
-    gen.add_argument("--max-lora-rank", type=int, default=64, help=helptext("max_lora_rank") + " (default 64)")
+    fields = GenerateConfig.model_fields
+    gen.add_argument("manifests", nargs="+", metavar="MANIFEST", help=fields["manifests"].description)
+    gen.add_argument("--model", action="append", dest="models", metavar="NAME=REF", help=fields["models"].description)
     mark = gen.add_mutually_exclusive_group()
-    mark.add_argument("--watermark", default="sdfleet", metavar="TEXT", help=helptext("watermark") + " (default: sdfleet)")
+    mark.add_argument("--watermark", default=fields["watermark"].default, metavar="TEXT",
+                      help=f"{fields['watermark'].description} (default: {fields['watermark'].default})")
     mark.add_argument("--no-watermark", action="store_true", help="draw without the invisible watermark")
-    gen.add_argument("--force", action="store_true", help=helptext("force"))
-    gen.add_argument("--address", help=helptext("address"))
-    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                     help=helptext("device") + "; auto: GPUs if the cluster has any")
-    gen.add_argument("--finish", default="auto", choices=["auto", "stage", "inline"],
-                     help=helptext("finish") + " (default auto)")
-    gen.add_argument("--verbose", action="store_true", help=helptext("verbose"))
+    _flags_from_model(gen, GenerateConfig, skip={"manifests", "models", "watermark"})
 
     man = sub.add_parser("manifest", help="check or build manifests").add_subparsers(dest="manifest_command", required=True)
     val = man.add_parser("validate", help="name every bad row; exit 1 if any")
@@ -114,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "vae: train the autoencoder (pixel MSE + KL), write a diffusers model at --out; "
                            "textual-inversion: learn a new word's embedding (--token), write "
                            "--out/learned_embeds.safetensors")
-    _flags_from_model(tune, FinetuneConfig, skip={"method"}, plural={"validation_prompts": "--validation-prompt",
+    _flags_from_model(tune, TrainConfig, skip={"method"}, plural={"validation_prompts": "--validation-prompt",
                                                                      "class_prompts": "--class-prompt"})
 
     data = sub.add_parser("dataset", help="training datasets").add_subparsers(dest="dataset_command", required=True)
@@ -168,18 +156,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jobs.generate import GenerateConfig, log, run_generate
+    from jobs.console import log
+    from jobs.generate import GenerateConfig, run_generate
 
     try:
-        models = _model_pairs(args.model)
-        cfg = GenerateConfig(
-            manifests=args.manifests, out=args.out, models=models, adapters=args.adapters, actors=args.actors,
-            batch_size=args.batch_size, backend=args.backend, backend_cache=args.backend_cache,
-            max_lora_rank=args.max_lora_rank,
-            watermark=None if args.no_watermark else args.watermark,
-            force=args.force, address=args.address, device=args.device, finish=args.finish,
-            verbose=args.verbose,
-        )
+        values = {k: v for k, v in vars(args).items() if k in GenerateConfig.model_fields and v is not None}
+        values["models"] = _model_pairs(args.models)
+        values["watermark"] = None if args.no_watermark else args.watermark
+        cfg = GenerateConfig(**values)
     except (ValidationError, argparse.ArgumentTypeError) as exc:
         print(f"sdfleet generate: error: {_config_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
@@ -194,7 +178,7 @@ def _config_message(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors():
-            where = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "flags"
+            where = "--" + {"models": "model"}.get(str(err["loc"][0]), str(err["loc"][0])).replace("_", "-") if err["loc"] else "flags"
             parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
         return "; ".join(parts)
     return str(exc)
@@ -268,11 +252,13 @@ def cmd_watermark_verify(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from jobs.finetune import FinetuneConfig, log, run_finetune
+    from jobs.console import log
+    from actors.train.config import TrainConfig
+    from jobs.finetune import run_finetune
 
-    values = {k: v for k, v in vars(args).items() if k in FinetuneConfig.model_fields and v is not None}
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     try:
-        cfg = FinetuneConfig(**values)
+        cfg = TrainConfig(**values)
     except ValidationError as exc:
         print(f"sdfleet finetune: error: {_config_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
@@ -282,8 +268,8 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_dataset_build(args) -> int:
+    from jobs.console import log
     from jobs.dataset import build_dataset
-    from jobs.generate import log
 
     summary = build_dataset(args.images, args.out, captions=args.captions, resolution=args.resolution,
                             min_size=args.min_size, log=log)

@@ -1,6 +1,21 @@
-"""One line for each kind of error that stops a command (exit 1), with what to do about it."""
+"""The errors that stop a command (exit 1), and the one line each is said in, with what to do about it.
+
+The drivers' own errors are defined here, so the CLI can name every kind without importing the drivers
+(which import this module for `root_cause`)."""
 
 from __future__ import annotations
+
+
+class RunFailed(Exception):
+    """`generate` could not start or could not finish."""
+
+
+class FinetuneError(Exception):
+    """The fine-tune cannot start or did not finish."""
+
+
+class EvalError(ValueError):
+    """The run cannot be scored."""
 
 
 def describe_error(exc: BaseException) -> str | None:
@@ -8,9 +23,6 @@ def describe_error(exc: BaseException) -> str | None:
     from actors.models import ModelError
     from actors.watermark import WatermarkError
     from cluster.connect import ClusterError
-    from jobs.evaluate import EvalError
-    from jobs.finetune import FinetuneError
-    from jobs.generate import RunFailed
     from manifests.dataset import DatasetError
     from manifests.expand import ExpandError
     from manifests.reader import ManifestError

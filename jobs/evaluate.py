@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
+from jobs.errors import EvalError
 from manifests.reader import expand_manifest_paths, iter_rows
 
 PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) background$")
@@ -38,10 +39,6 @@ OBJECT_DISTANCE = 60.0  # RGB distance from the background that makes a pixel pa
 DIAMOND_TOP = 0.375  # share of the object in its box's top half: upright triangle 0.25, diamond 0.5
 STAR_SOLIDITY = 0.75  # object area over its convex hull's: ideal star 0.53, every other shape ~1
 BORDER = 6  # px of the image's edge that is taken as background
-
-
-class EvalError(ValueError):
-    """The run cannot be scored (exit 1)."""
 
 
 def intended(row: dict[str, Any]) -> dict[str, str] | None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
-import sys
 import time
 import uuid
 from typing import Literal
@@ -29,15 +27,12 @@ from pydantic import BaseModel, Field, model_validator
 from actors.backends import BackendError, check_backend
 from actors.models import describe_model
 from cluster.connect import actor_env, connect, library_logs_to, size_actors, size_finishing
-from jobs.errors import root_cause
-from manifests.ledger import atomic_write, ledger_row, read_latest_ok, remove_stale_temp_files, write_part
+from jobs.console import log
+from jobs.errors import RunFailed, root_cause
+from jobs.recorder import Recorder
+from manifests.ledger import atomic_write, ledger_row, read_latest_ok, remove_stale_temp_files
 from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
 
-# A ledger part is written when this many rows or seconds have gathered: a killed run loses at most
-# that much ledger (those rows are drawn again on rerun, never duplicated).
-LEDGER_FLUSH_ROWS = 256
-LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"))
-PROGRESS_SECONDS = 5.0
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
 # threads already hold both cores, and a finishing worker only competes with them. On GPUs the finishing
@@ -49,21 +44,27 @@ class GenerateConfig(BaseModel):
     """Everything one `generate` run is told; checked before Ray starts."""
 
     manifests: list[str] = Field(min_length=1, description="Parquet manifests: paths, URIs or globs")
-    out: str = Field(description="output root (local path or fsspec URI): images/, results/, run.json")
-    models: dict[str, str] = Field(default_factory=dict, description="NAME=REF pairs; `default` is `tiny` unless given")
-    adapters: str | None = Field(default=None, description="adapter store URI")
+    out: str = Field(description="output root (local path or fsspec URI): images/, results/, run.json",
+                     json_schema_extra={"metavar": "URI"})
+    models: dict[str, str] = Field(default_factory=dict, description="a model rows may name, as NAME=REF (a preset, "
+                                   "diffusers directory or URI; repeat for more); `default` is `tiny` unless given")
+    adapters: str | None = Field(default=None, description="adapter store (folder or URI) the rows' adapters are read from",
+                                 json_schema_extra={"metavar": "URI"})
     actors: int = Field(default=1, ge=1, description="generation actors (one GPU each where there are GPUs)")
     batch_size: int = Field(default=8, ge=1, le=256, description="rows per forward pass")
     backend: Literal["eager", "compile", "onnx", "tensorrt"] = Field(
         default="eager", description="how actors run the pipeline (actors/backends/)")
     backend_cache: str | None = Field(
-        default=None, description="where onnx exports and TensorRT engines are cached (default $SDFLEET_CACHE)")
+        default=None, description="where onnx exports and TensorRT engines are cached (default $SDFLEET_CACHE)",
+        json_schema_extra={"metavar": "URI"})
     max_lora_rank: int = Field(default=64, ge=1, le=1024,
                                description="compile backend: the LoRA slot's rank, the most a row's adapters may sum to")
-    watermark: str | None = Field(default="sdfleet", description="invisible watermark payload; None disables it")
+    watermark: str | None = Field(default="sdfleet", description="the invisible watermark's payload, in every image")
     force: bool = Field(default=False, description="redraw every row, done or not")
-    address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where actors run")
+    address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray",
+                                json_schema_extra={"metavar": "ADDRESS"})
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="where actors run; auto: GPUs if the "
+                                                   "cluster has any")
     verbose: bool = Field(default=False, description="also show Ray's and the libraries' log lines here "
                           "(they always go to the run's log file)")
     finish: Literal["auto", "stage", "inline"] = Field(
@@ -77,14 +78,6 @@ class GenerateConfig(BaseModel):
         if self.watermark == "":
             raise ValueError("--watermark must not be empty (use --no-watermark to turn it off)")
         return self
-
-
-class RunFailed(Exception):
-    """The run could not start or could not finish (exit 1)."""
-
-
-def log(message: str) -> None:
-    print(f"[sdfleet] {message}", file=sys.stderr, flush=True)
 
 
 def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
@@ -219,121 +212,59 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
                                   fn_kwargs={"state": ray.put(state)})
 
     # 7. record results as they come: ledger parts, progress, identity checks
-    counts = {"ok": 0, "skipped": 0, "failed": 0, "invalid": 0}
-    per_actor: dict[str, int] = {}
-    swaps: dict[str, tuple[int, float]] = {}  # actor -> its running (swaps, seconds), newest seen
-    backend_stats: dict[str, dict] = {}  # actor -> its backend's counters (compiles, exports, ...), newest seen
-    seen: set[tuple[str, int]] = set()
-    pending: list[dict] = []
-    seq = 0
-    last_flush = last_progress = time.time()
-    warnings_shown = 0
-    first_written: float | None = None  # when the first image was written (wall clock)
-    planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
-
-    def flush() -> None:
-        nonlocal seq, pending, last_flush
-        if pending:
-            write_part(fs, root, run_id, seq, pending)
-            seq += 1
-            pending = []
-        last_flush = time.time()
-
-    def record(rows: list[dict]) -> None:
-        nonlocal last_progress, warnings_shown, first_written, planned_at
-        for row in rows:
-            key = (row["source"], row["row"])
-            if key in seen:  # Ray retried a batch that had already come back: keep the first
-                continue
-            seen.add(key)
-            counts[row["status"]] += 1
-            planned_at = max(planned_at, row.get("planned_at") or 0.0)
-            if row.get("actor"):
-                swaps[row["actor"]] = max(swaps.get(row["actor"], (0, 0.0)),
-                                          (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
-                if row.get("backend_stats"):  # the actor's running counters: keep its newest
-                    stats = json.loads(row["backend_stats"])
-                    if stats["calls"] >= backend_stats.get(row["actor"], {"calls": -1})["calls"]:
-                        backend_stats[row["actor"]] = stats
-            if row["status"] == "skipped":
-                continue
-            pending.append(row)
-            if row["status"] == "ok":
-                per_actor[row["actor"]] = per_actor.get(row["actor"], 0) + 1
-                if first_written is None:
-                    first_written = dt.datetime.fromisoformat(row["finished_at"]).timestamp()
-            if row["status"] != "ok" or (row["warning"] and warnings_shown < 5):
-                warnings_shown += row["status"] == "ok"
-                log(f"{row['status']}: {row['error'] or row['warning']}")
-        now = time.time()
-        if len(pending) >= LEDGER_FLUSH_ROWS or now - last_flush >= LEDGER_FLUSH_SECONDS:
-            flush()
-        if now - last_progress >= PROGRESS_SECONDS:
-            last_progress = now
-            log(_progress(counts, total, now - started))
-
+    results = Recorder(fs, root, run_id, total, started)
     try:
         if not state.done:
             log("planning while the actors start (nothing done before in this output)")
             for batch in _draw(planned, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
                                                                                             batch_format="pyarrow"):
-                record(batch.to_pylist())
-            if planned_at:
-                startup["plan_done"] = round(planned_at - started, 3)
+                results.record(batch.to_pylist())
+            if results.planned_at:
+                startup["plan_done"] = round(results.planned_at - started, 3)
         else:
             planned = planned.materialize()
             startup["plan_done"] = round(time.time() - started, 3)
             settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
             todo = planned.filter(expr=col("status").is_null()).materialize()
             for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
-                record([ledger_row(r, r["status"]) for r in batch.to_pylist()])
+                results.record([ledger_row(r, r["status"]) for r in batch.to_pylist()])
             to_draw = todo.count()
             if to_draw:
                 log(f"{to_draw} row(s) to draw")
                 for batch in _draw(todo, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
                                                                                              batch_format="pyarrow"):
-                    record(batch.to_pylist())
+                    results.record(batch.to_pylist())
             else:
                 log("nothing to draw: no actors started")
     except Exception as exc:
         raise RunFailed(f"the run stopped: {root_cause(exc)}") from exc
     finally:
-        flush()  # whatever finished is kept, even when the run stops
+        results.flush()  # whatever finished is kept, even when the run stops
 
-    if len(seen) != total:
-        raise RunFailed(f"{total} rows went in but {len(seen)} came out; the ledger holds what finished")
+    if len(results.seen) != total:
+        raise RunFailed(f"{total} rows went in but {len(results.seen)} came out; the ledger holds what finished")
 
     # 8. the run summary
     wall = time.time() - started
-    for key, stamp in (("first_actor_started", "actor_started_at"), ("model_loaded", "model_loaded_at")):
-        stamps = [stats[stamp] for stats in backend_stats.values() if stamp in stats]
-        if stamps:
-            startup[key] = round(min(stamps) - started, 3)
-    if first_written is not None:
-        startup["first_image_written"] = round(first_written - started, 3)
     summary = {
         "run_id": run_id,
         "rows": total,
-        **counts,
+        **results.counts,
         "wall_seconds": round(wall, 3),
-        "images_per_second": round(counts["ok"] / wall, 4) if wall > 0 else 0.0,
+        "images_per_second": round(results.counts["ok"] / wall, 4) if wall > 0 else 0.0,
         "actors": cfg.actors,
-        "images_per_actor": per_actor,
-        "adapter_swaps": {
-            "total": sum(n for n, _ in swaps.values()),
-            "per_actor": {actor: n for actor, (n, _) in swaps.items()},
-            "seconds": round(sum(t for _, t in swaps.values()), 3),
-        },
-        "startup": startup,
+        "images_per_actor": results.per_actor,
+        "adapter_swaps": results.adapter_swaps(),
+        "startup": results.startup_stamps(startup),
         "batch_size": cfg.batch_size,
         "finish": "inline" if finish is None else "stage",
         "backend": cfg.backend,
-        "backend_stats": backend_stats,
+        "backend_stats": results.backend_stats,
         "device": sizing.device,
         "watermark": cfg.watermark,
         "models": {n: {"ref": m["ref"], "fingerprint": m["fingerprint"]} for n, m in models.items()},
         "manifests": uris,
-        "ledger_parts": seq,
+        "ledger_parts": results.parts,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode()
@@ -375,12 +306,3 @@ def _draw(rows, cfg: GenerateConfig, models, sizing, finish, actor_cls=None):
         num_cpus=finish.num_cpus,
         compute=ray.data.TaskPoolStrategy(size=finish.workers),
     )
-
-
-def _progress(counts: dict[str, int], total: int, elapsed: float) -> str:
-    finished = sum(counts.values())
-    rate = counts["ok"] / elapsed if elapsed > 0 else 0.0
-    left = total - finished
-    eta = f", ~{math.ceil(left / rate)} s left" if rate > 0 and left else ""
-    return (f"{finished}/{total} rows ({counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed, "
-            f"{counts['invalid']} invalid), {rate:.2f} img/s{eta}")

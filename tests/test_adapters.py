@@ -1,109 +1,42 @@
 """LoRA and Textual Inversion adapters on the tiny preset: the store, the per-actor cache, and no traces.
 
-Adapters are made here: random rank-4 LoRAs on the attention projections, large enough to change the
-image visibly, saved with diffusers' own `save_lora_weights` and converted to kohya format by hand.
+The adapters are made on the spot (tests/helpers.py): random rank-4 LoRAs on the attention projections,
+large enough to change the image visibly, saved with diffusers' own `save_lora_weights` and converted to
+kohya format by hand.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import uuid
 
-import fsspec
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import save
 
 from actors.adapter_cache import AdapterCache
 from actors.adapters import AdapterError, AdapterStore
 from actors.generate import draw
-from actors.presets import PRESETS, build_preset
-from manifests.schema import ManifestRow, resolve_row
-
-RANK = 4
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
-# -- making adapters ----------------------------------------------------------------------------------
-
-def make_lora(module, targets, seed: int, std: float = 0.5, in_features: dict | None = None) -> dict:
-    """A random rank-4 LoRA in peft spelling (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`).
-
-    `in_features` overrides a layer's input width by name suffix, to make a LoRA for another base model.
-    """
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    for path, layer in module.named_modules():
-        if path.endswith(targets) and isinstance(layer, torch.nn.Linear):
-            n_in = next((n for suffix, n in (in_features or {}).items() if path.endswith(suffix)), layer.in_features)
-            layers[f"{path}.lora_A.weight"] = torch.randn(RANK, n_in, generator=g) * std
-            layers[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * std
-    return layers
-
-
-def diffusers_file(tmp_path, unet_layers: dict, te_layers: dict | None = None) -> bytes:
-    """The bytes of a LoRA saved by diffusers itself (keys `unet.<layer>.lora_A.weight`, ...)."""
-    out = tmp_path / uuid.uuid4().hex
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers)
-    return (out / "pytorch_lora_weights.safetensors").read_bytes()
-
-
-def to_kohya(unet_layers: dict, te_layers: dict | None = None, alpha: float = RANK) -> dict:
-    """diffusers -> kohya: `lora_unet_<layer path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
-
-    Text encoder layers become `lora_te_text_model_<path with _>...`. kohya scales by alpha / rank.
-    """
-    out = {}
-    named = [("lora_unet_", k, v) for k, v in unet_layers.items()]
-    named += [("lora_te_text_model_", k, v) for k, v in (te_layers or {}).items()]
-    for prefix, key, tensor in named:
-        path, matrix = key.rsplit(".lora_", 1)
-        base = prefix + path.replace(".", "_")
-        if matrix.startswith("A"):
-            out[f"{base}.lora_down.weight"] = tensor.clone()
-            out[f"{base}.alpha"] = torch.tensor(float(alpha))
-        else:
-            out[f"{base}.lora_up.weight"] = tensor.clone()
-    return out
-
-
-def new_store(files: dict[str, bytes]) -> AdapterStore:
-    uri = f"memory://adapters-{uuid.uuid4().hex[:8]}"
-    fs, root = fsspec.core.url_to_fs(uri)
-    for rel, data in files.items():
-        fs.pipe(f"{root}/{rel}", data)
-    return AdapterStore(uri)
-
-
-def put(store: AdapterStore, rel: str, data: bytes) -> None:
-    store.fs.pipe(f"{store.root}/{rel}", data)
-
-
-# -- drawing ------------------------------------------------------------------------------------------
-
-def resolved_row(store: AdapterStore, adapters=()) -> dict:
-    """One resolved row as the driver makes it (see tests/test_actors.py::resolved_rows), with adapters."""
-    model = {**PRESETS["tiny"]["defaults"], "fingerprint": "test"}
-    row = ManifestRow(id="r0", prompt="a red mug on a white background", steps=2,
-                      adapters=[{"name": n, "scale": s} for n, s in adapters])
-    names = [n for n, _ in adapters]
-    return resolve_row(row, model, watermark=None, adapter_fingerprints=store.fingerprints(names))
+from actors.presets import build_preset
+from helpers import (
+    RANK,
+    TE_TARGETS,
+    UNET_TARGETS,
+    assert_same_pixels,
+    diffusers_file,
+    make_lora,
+    new_store,
+    put,
+    resolved_row,
+    to_kohya,
+)
 
 
 def draw_with(cache: AdapterCache, adapters=()) -> np.ndarray:
     row = resolved_row(cache.store, adapters)
     cache.activate(row["adapters"])
     return draw(cache.pipe, [row])[0]
-
-
-def assert_close(a: np.ndarray, b: np.ndarray, label: str) -> None:
-    diff = np.abs(a.astype(int) - b)
-    assert diff.max() <= 3, f"{label}: max difference {diff.max()}/255"
-    assert (diff == 0).mean() >= 0.99, f"{label}: only {(diff == 0).mean():.2%} of values equal"
 
 
 def peft_layers(pipe) -> int:
@@ -248,11 +181,11 @@ def test_pickle_files_are_refused_without_being_opened(tmp_path, monkeypatch, ti
 def test_kohya_and_diffusers_formats_draw_the_same_image(store, fresh_a, base_image):
     assert np.abs(fresh_a.astype(int) - base_image).mean() > 10, "the test LoRA must change the image visibly"
     kohya = draw_with(AdapterCache(build_preset("tiny"), store), [("A_kohya", 1.0)])
-    assert_close(kohya, fresh_a, "kohya vs diffusers")
+    assert_same_pixels(kohya, fresh_a, "kohya vs diffusers")
     # text encoder layers and kohya's alpha / rank scale convert too
     half = draw_with(AdapterCache(build_preset("tiny"), store), [("B", 0.5)])
     kohya_half = draw_with(AdapterCache(build_preset("tiny"), store), [("B_kohya_half", 1.0)])
-    assert_close(kohya_half, half, "kohya alpha = rank / 2 vs diffusers at scale 0.5")
+    assert_same_pixels(kohya_half, half, "kohya alpha = rank / 2 vs diffusers at scale 0.5")
 
 
 def test_swaps_leave_no_trace(store, base_image, fresh_a, fresh_b):
@@ -397,7 +330,7 @@ def test_swaps_leave_no_trace_on_cuda_in_fp16(store):
     cache = AdapterCache(pipe(), store)
     for adapters in ([("A", 1.0)], [("B", 1.0)], [("A", 1.0), ("B", 0.5)]):
         draw_with(cache, adapters)
-    assert_close(draw_with(cache, [("A", 1.0)]), fresh, "A -> B -> blend -> A on cuda")
+    assert_same_pixels(draw_with(cache, [("A", 1.0)]), fresh, "A -> B -> blend -> A on cuda")
     assert np.array_equal(draw_with(cache, []), base), "none is the exact base model on cuda"
 
 

@@ -9,8 +9,8 @@ import pytest
 from safetensors.torch import save
 
 from actors.presets import build_preset
-from conftest import FAST, assert_same_pixels, ledger, pixels, run_summary, sdfleet, write_manifest
-from test_adapters import UNET_TARGETS, diffusers_file, make_lora, to_kohya
+from helpers import FAST, assert_same_pixels, ledger, pixels, run_summary, sdfleet, write_manifest
+from helpers import UNET_TARGETS, diffusers_file, make_lora, to_kohya
 
 PROMPT = "a red mug on a white background"
 # Big enough to change the image clearly, small enough that batch-size float noise stays noise: with the

@@ -18,10 +18,10 @@ from actors.backends import BackendError, adaptable_layers, check_backend, make_
 from actors.generate import draw
 from actors.lora_map import LoraMapError, concat_layers, delta, lora_layers, switch_updates
 from actors.presets import build_preset
-from test_adapters import (
+from helpers import (
     TE_TARGETS,
     UNET_TARGETS,
-    assert_close,
+    assert_same_pixels,
     diffusers_file,
     make_lora,
     new_store,
@@ -154,7 +154,7 @@ def test_concat_layers_is_the_scaled_sum():
 @pytest.mark.parametrize("rows", [1, 2, 63, 64, 65, 130])
 def test_graphs_run_in_chunks_they_take_and_every_row_lands_in_place(rows):
     """Exported graphs take 2..63 rows: bigger batches split, a single row is doubled and cut back."""
-    from actors.backends.onnx import MAX_BATCH, run_in_chunks
+    from actors.backends.export import MAX_BATCH, run_in_chunks
 
     x = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
     sizes = []
@@ -205,7 +205,7 @@ def onnx_backend(store):
 def test_onnx_matches_eager_on_pixels_and_latents(onnx_backend, eager, reference):
     expected, sets = reference
     for name, adapters in sets.items():
-        assert_close(images(onnx_backend, adapters), expected[name], f"onnx vs eager, {name}")
+        assert_same_pixels(images(onnx_backend, adapters), expected[name], f"onnx vs eager, {name}")
     eager.activate([])
     onnx_backend.activate([])
     ours, theirs = unet_out(onnx_backend), unet_out(eager)
@@ -230,7 +230,7 @@ def test_onnx_swaps_leave_no_trace(onnx_backend, store):
 def test_compile_matches_eager_and_ten_swaps_never_recompile(store, reference):
     expected, sets = reference
     backend = make_backend("compile", build_preset("tiny"), store, max_lora_rank=8)
-    assert_close(images(backend, sets["base"]), expected["base"], "compile vs eager, base")
+    assert_same_pixels(images(backend, sets["base"]), expected["base"], "compile vs eager, base")
     compiled = backend.compiles
     assert compiled >= 1
     eager = make_backend("eager", build_preset("tiny"), None)
@@ -239,7 +239,7 @@ def test_compile_matches_eager_and_ten_swaps_never_recompile(store, reference):
     compiled = backend.compiles  # unet_out's batch of 4 may build one more graph (a new batch size)
     order = ["A", "B", "blend", "base", "A", "blend", "B", "base", "A", "blend"]
     for name in order:
-        assert_close(images(backend, sets[name]), expected[name], f"compile vs eager, {name}")
+        assert_same_pixels(images(backend, sets[name]), expected[name], f"compile vs eager, {name}")
     assert backend.swaps == 10
     assert backend.compiles == compiled, f"{backend.compiles - compiled} recompiles in 10 adapter swaps"
     with pytest.raises(Exception, match="rank 12, above the compile backend's slot rank 8"):
@@ -268,7 +268,7 @@ def test_sd21_random_exports_to_onnx_and_matches_eager(tmp_path, monkeypatch):
     print(f"\nsd21-random onnx export + first draw at 64 px: {seconds:.0f} s, peak RSS {peak_gb:.1f} GB, "
           f"{on_disk:.1f} GB exported")
     assert backend.exports == 3
-    assert_close(ours, eager, "sd21-random onnx vs eager")
+    assert_same_pixels(ours, eager, "sd21-random onnx vs eager")
 
 
 # -- tensorrt (NVIDIA GPUs only) -----------------------------------------------------------------------

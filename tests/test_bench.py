@@ -5,10 +5,14 @@ drifts between minutes; these tests pin down that arithmetic, not any speed.
 """
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks.common import median_ratio, rotated
+from helpers import REPO
 
 
 def test_rotated_puts_every_variant_first_once_and_runs_each_once_a_repeat():
@@ -113,3 +117,18 @@ def test_bench_vae_context_names_what_it_cannot_read(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--tiles", "96"])
     assert "a tile must be a multiple of 8 that divides 256" in capsys.readouterr().err
+
+
+BENCH_COMMANDS = ["bench_adapters", "bench_backends", "bench_concept", "bench_finetune", "bench_finish", "bench_generate",
+                  "bench_heads", "bench_overlap", "bench_train_step", "bench_vae_context", "train_tiny", "contact_sheet"]
+
+
+def test_every_benchmark_command_in_the_docs_starts_from_benchmarks():
+    """docs/benchmarks.md tells users `python -m benchmarks.<name>`: each one starts and prints its help."""
+    documented = set(re.findall(r"python -m benchmarks\.(\w+)", (REPO / "docs" / "benchmarks.md").read_text()))
+    documented |= set(re.findall(r"python -m benchmarks\.(\w+)", (REPO / "docs" / "generation-speed.md").read_text()))
+    assert documented <= set(BENCH_COMMANDS), f"documented but not checked here: {documented - set(BENCH_COMMANDS)}"
+    for name in BENCH_COMMANDS:
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, f"benchmarks.{name}: {done.stderr[-500:]}"

@@ -1,4 +1,4 @@
-"""Contact sheets: what the README's pictures are made with."""
+"""Contact sheets: what the docs' pictures are made with."""
 
 import pytest
 from PIL import Image

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import sdfleet, write_manifest
+from helpers import sdfleet, write_manifest
 from jobs.evaluate import analyse, intended
 from jobs.synthetic import ALL, ALL_SHAPES, BACKGROUNDS, PALETTE, caption, draw_shape, probe
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, ledger, pixels, sdfleet, write_manifest
+from helpers import REPO, ledger, pixels, sdfleet, write_manifest
 from jobs.synthetic import write_images
 
 RES = "128"
@@ -51,7 +51,7 @@ def schedulers():
 
 
 def test_training_targets_follow_the_prediction_type():
-    from actors.train import training_target
+    from actors.train.losses import training_target
 
     eps, v = schedulers()
     g = torch.Generator().manual_seed(0)
@@ -64,7 +64,7 @@ def test_training_targets_follow_the_prediction_type():
 
 
 def test_min_snr_weights_differ_for_v_prediction():
-    from actors.train import min_snr_weights
+    from actors.train.losses import min_snr_weights
 
     eps, v = schedulers()
     t = torch.tensor([5, 300, 900])
@@ -78,7 +78,7 @@ def test_min_snr_weights_differ_for_v_prediction():
 def test_prior_weights_give_dreambooth_loss():
     """DreamBooth's loss is mean(instance) + w * mean(class); the weights make diffusion_loss's one mean of
     the mixed batch equal that, whatever the split."""
-    from actors.train import diffusion_loss, prior_weights
+    from actors.train.losses import diffusion_loss, prior_weights
 
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(5, 4, 2, 2, generator=g), torch.randn(5, 4, 2, 2, generator=g)
@@ -89,7 +89,7 @@ def test_prior_weights_give_dreambooth_loss():
 
 
 def test_warmup_then_cosine():
-    from actors.train import warmup_cosine
+    from actors.train.losses import warmup_cosine
 
     f = warmup_cosine(4, 20)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -97,7 +97,7 @@ def test_warmup_then_cosine():
 
 
 def test_vae_crops_with_candidates_keep_the_object_and_one_candidate_keeps_the_old_draws():
-    from actors.train import random_crops
+    from actors.train.data import random_crops
 
     pixels = torch.full((6, 3, 64, 64), 0.5)
     pixels[:, :, 44:60, 4:20] = -1.0  # a small dark object in one corner, the rest plain background
@@ -113,7 +113,7 @@ def test_vae_crops_with_candidates_keep_the_object_and_one_candidate_keeps_the_o
 
 
 def test_vae_crops_spanning_up_to_the_whole_image_are_resized_to_the_crop_size():
-    from actors.train import random_crops
+    from actors.train.data import random_crops
 
     # left half red-ish (+1 in channel 0), right half -1: a whole image shows both halves, a 16 px crop mostly one
     pixels = torch.full((64, 3, 64, 64), -1.0)
@@ -131,17 +131,17 @@ def test_vae_crops_spanning_up_to_the_whole_image_are_resized_to_the_crop_size()
 
 
 def test_crop_span_needs_a_smaller_crop():
-    from jobs.finetune import FinetuneConfig
+    from actors.train.config import TrainConfig
 
     with pytest.raises(ValueError, match=r"--crop-span 96 needs a --crop below it \(got --crop 128\)"):
-        FinetuneConfig(method="vae", data="d", base="tiny", out="o", crop=128, crop_span=96)
+        TrainConfig(method="vae", data="d", base="tiny", out="o", crop=128, crop_span=96)
     with pytest.raises(ValueError, match="--crop-span 96 needs a --crop below it"):
-        FinetuneConfig(method="vae", data="d", base="tiny", out="o", crop_span=96)
-    assert FinetuneConfig(method="vae", data="d", base="tiny", out="o", crop=96, crop_span=256).crop_span == 256
+        TrainConfig(method="vae", data="d", base="tiny", out="o", crop_span=96)
+    assert TrainConfig(method="vae", data="d", base="tiny", out="o", crop=96, crop_span=256).crop_span == 256
 
 
 def test_vae_pixel_loss_l1_is_the_mean_absolute_error():
-    from actors.train import vae_loss
+    from actors.train.losses import vae_loss
 
     pixels, recon, kl = torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.1), torch.zeros(2)
     assert vae_loss(recon, pixels, kl, 0.0, "l1").item() == pytest.approx(0.1)
@@ -149,7 +149,7 @@ def test_vae_pixel_loss_l1_is_the_mean_absolute_error():
 
 
 def test_workers_see_disjoint_samples_and_every_sample_once_per_epoch():
-    from actors.train import sample_indices
+    from actors.train.data import sample_indices
 
     n, world, bs = 12, 2, 3
     steps = [[sample_indices(n, 7, s, 0, 1, world, r, bs) for r in range(world)] for s in range(2)]
@@ -171,13 +171,15 @@ def test_lora_parameter_count_on_the_real_sd21_unet():
 
 def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(tmp_path):
     from actors.presets import build_preset
-    from actors.train import (Denoiser, TrainConfig, gather_state, load_checkpoint, make_trainable, save_checkpoint,
-                              warmup_cosine)
+    from actors.train.checkpoints import gather_state, load_checkpoint, save_checkpoint
+    from actors.train.config import TrainConfig
+    from actors.train.losses import warmup_cosine
+    from actors.train.model import Denoiser, make_trainable
 
     def setup():
         torch.manual_seed(0)
         pipe = build_preset("tiny")
-        make_trainable(TrainConfig(method="lora", data="", base={}, out=""), pipe)
+        make_trainable(TrainConfig(method="lora", data="", base="tiny", out=""), pipe)
         model = Denoiser(pipe.unet, pipe.text_encoder)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-2)
@@ -421,7 +423,8 @@ def test_training_runs_and_its_loss_falls(trained, method):
 def test_calibrate_scale_gives_the_trained_vae_unit_variance_latents(trained, dataset):
     from diffusers import AutoencoderKL
 
-    from actors.train import batch_tensors, latent_scale
+    from actors.train.data import batch_tensors
+    from actors.train.model import latent_scale
     from manifests.dataset import read_dataset
 
     finished = train_log(trained["vae"])[-1]
@@ -555,10 +558,11 @@ def test_a_rerun_with_other_flags_into_the_same_out_is_refused(trained, dataset)
 def test_a_run_recorded_before_class_prompt_repeated_still_resumes(legacy, now, resumes, tmp_path):
     import fsspec
 
-    from jobs.finetune import FinetuneConfig, FinetuneError, _check_same_run, run_record
+    from actors.train.config import TrainConfig
+    from jobs.finetune import FinetuneError, _check_same_run, run_record
 
     def record(class_prompts: list[str]) -> dict:
-        cfg = FinetuneConfig(method="dreambooth" if class_prompts else "lora", data=str(tmp_path), base="tiny",
+        cfg = TrainConfig(method="dreambooth" if class_prompts else "lora", data=str(tmp_path), base="tiny",
                              out=str(tmp_path), class_prompts=class_prompts)
         return run_record(cfg, "fp", None)
 
@@ -653,7 +657,8 @@ def test_caption_dropout_trains_some_samples_on_the_empty_prompt():
     from diffusers import DDIMScheduler
 
     from actors.presets import PRESETS, build_preset
-    from actors.train import TrainConfig, _diffusion_step
+    from actors.train.config import TrainConfig
+    from actors.train.loop import _diffusion_step
 
     pipe = build_preset("tiny")
     scheduler = DDIMScheduler(**{k: v for k, v in PRESETS["tiny"]["scheduler"].items() if k != "_class_name"})
@@ -668,7 +673,7 @@ def test_caption_dropout_trains_some_samples_on_the_empty_prompt():
 
     mean, std = torch.zeros(64, 4, 2, 2), torch.ones(64, 4, 2, 2)
     for dropout in (0.0, 0.5):
-        cfg = TrainConfig(method="full", data="", base={}, out="", caption_dropout=dropout)
+        cfg = TrainConfig(method="full", data="", base="tiny", out="", caption_dropout=dropout)
         _diffusion_step(cfg, pipe, model, scheduler, mean, std, ids, torch.Generator().manual_seed(0))
     dropped = [(batch == empty).all(dim=1).sum().item() for batch in seen]
     assert dropped[0] == 0 and 20 <= dropped[1] <= 44, dropped
@@ -680,12 +685,15 @@ def test_cached_latents_train_exactly_like_encoding_every_step(dataset):
     """The cache holds each row's posterior; a step drawn from it is the step that encoding the batch gives."""
     from diffusers import DDPMScheduler
 
-    from actors.train import Denoiser, TrainConfig, _diffusion_step, batch_tensors, encode_dataset
+    from actors.train.config import TrainConfig
+    from actors.train.data import batch_tensors, encode_dataset
+    from actors.train.loop import _diffusion_step
+    from actors.train.model import Denoiser
     from manifests.dataset import read_dataset
 
     pipe = build_tiny()
     table = read_dataset(str(dataset["dir"]))
-    cfg = TrainConfig(method="full", data="", base={}, out="", batch_size=3, resolution=int(RES), cache_latents=True)
+    cfg = TrainConfig(method="full", data="", base="tiny", out="", batch_size=3, resolution=int(RES), cache_latents=True)
     cache = encode_dataset(cfg, table, pipe.vae, torch.device("cpu"), rank=0, world=1)
     assert cache["mean"].shape == (table.num_rows, 4, int(RES) // 8, int(RES) // 8)
     rows = [5, 0, 2, 5]

@@ -16,7 +16,7 @@ import shutil
 
 import pytest
 
-from conftest import (
+from helpers import (
     FAST, assert_same_pixels, ledger, pixels, png_parameters, rows, run_summary, sdfleet, write_manifest,
 )
 

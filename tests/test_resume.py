@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, ledger, pixels, rows, run_summary, sdfleet, write_manifest
+from helpers import REPO, ledger, pixels, rows, run_summary, sdfleet, write_manifest
 
 
 def _ray_processes() -> set[int]:

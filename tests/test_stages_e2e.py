@@ -7,7 +7,7 @@ import collections
 
 import pytest
 
-from conftest import ledger, rows, run_summary, sdfleet, write_manifest
+from helpers import ledger, rows, run_summary, sdfleet, write_manifest
 
 STARTUP = ("ray_connected", "plan_done", "first_actor_started", "model_loaded", "first_image_written")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.backends import BackendError, FixedAdapters, adaptable_layers
-from actors.backends.onnx import MAX_BATCH, ExportCache, GraphBackend, export_component, export_key, run_in_chunks
+from actors.backends.base import BackendError, FixedAdapters, adaptable_layers
+from actors.backends.export import MAX_BATCH, ExportCache, GraphBackend, export_component, export_key, run_in_chunks
 from actors.lora_map import Layers, switch_updates
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}

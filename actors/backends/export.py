@@ -1,0 +1,214 @@
+"""What the onnx and tensorrt backends share: each component exported once to ONNX (`torch.export` +
+`torch.onnx.export`) with the adaptable layers' weights as graph inputs, the store that caches exports and
+engines, and `GraphBackend`, which puts a compiled graph in place of the UNet's forward and the VAE's decode."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from actors.backends.base import ADAPTABLE, Backend, BackendError, adaptable_layers
+
+OPSET = 20
+EXPORT_VERSION = 1  # bump when what an export contains changes, so old cache entries are not used
+MAX_BATCH = 63
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
+def export_key(fingerprint: str, component: str, size: tuple[int, int] | None, dtype: torch.dtype) -> str:
+    """The cache key of one exported component: everything that changes the exported graph."""
+    spec = {"model": fingerprint, "component": component, "size": size, "dtype": str(dtype), "opset": OPSET,
+            "torch": torch.__version__.split("+")[0], "adaptable": {k: p.pattern for k, p in ADAPTABLE.items()},
+            "version": EXPORT_VERSION}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# -- the graphs: torch modules whose inputs are what ONNX Runtime will be fed ----------------------------
+
+class _UNetGraph(torch.nn.Module):
+    def __init__(self, unet, weights: list[str]):
+        super().__init__()
+        self.unet, self.weights = unet, weights
+
+    def forward(self, sample, timestep, encoder_hidden_states, *weights):
+        params = {f"{path}.weight": w for path, w in zip(self.weights, weights)}
+        return torch.func.functional_call(self.unet, params, (sample, timestep),
+                                          {"encoder_hidden_states": encoder_hidden_states, "return_dict": False},
+                                          strict=False)[0]
+
+
+class _TextGraph(torch.nn.Module):
+    def __init__(self, text_encoder, weights: list[str]):
+        super().__init__()
+        self.text_encoder, self.weights = text_encoder, weights
+
+    def forward(self, input_ids, token_table, *weights):
+        params = {f"{path}.weight": w for path, w in zip(self.weights, weights)}
+        params["embeddings.token_embedding.weight"] = token_table
+        return torch.func.functional_call(self.text_encoder, params, (input_ids,), strict=False)[0]
+
+
+class _DecoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def _own_forward(module, attribute: str):
+    """Undo our instance-level override of `module.<attribute>` for a while (to export the real one)."""
+    override = module.__dict__.pop(attribute, None)
+    try:
+        yield
+    finally:
+        if override is not None:
+            setattr(module, attribute, override)
+
+
+def export_component(pipe, component: str, path: Path, size: tuple[int, int] | None) -> None:
+    """Export one component of `pipe` to `path` (+ `path.data`), batch dynamic, at `size` (height, width)."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    # diffusers' Upsample2D branches on batch >= 64, so graphs hold for batches of 2..63; callers split and pad
+    batch = torch.export.Dim("batch", min=2, max=MAX_BATCH)
+    layers = adaptable_layers(pipe)
+    if component == "unet":
+        names = [n.removeprefix("unet.") for n in layers if n.startswith("unet.")]
+        h, w = size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor
+        example = (torch.randn(2, pipe.unet.config.in_channels, h, w, device=device, dtype=dtype),
+                   torch.tensor([500.0, 500.0], device=device),
+                   torch.randn(2, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim,
+                               device=device, dtype=dtype))
+        module, inputs = _UNetGraph(pipe.unet, names), ["sample", "timestep", "encoder_hidden_states"]
+        dynamic = ({0: batch}, {0: batch}, {0: batch})
+        weights = [layers[f"unet.{n}"].weight.detach() for n in names]
+    elif component == "text_encoder":
+        names = [n.removeprefix("text_encoder.") for n in layers if n.startswith("text_encoder.")]
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        example = (torch.zeros(2, pipe.tokenizer.model_max_length, dtype=torch.int64, device=device), table)
+        module, inputs = _TextGraph(pipe.text_encoder, names), ["input_ids", "token_table"]
+        dynamic = ({0: batch}, {0: torch.export.Dim("vocab", min=table.shape[0], max=1 << 20)})  # it only grows
+        weights = [layers[f"text_encoder.{n}"].weight.detach() for n in names]
+    else:
+        h, w = size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor
+        example = (torch.randn(2, pipe.vae.config.latent_channels, h, w, device=device, dtype=dtype),)
+        module, inputs, dynamic, names, weights = _DecoderGraph(pipe.vae), ["latents"], ({0: batch},), [], []
+    attribute = "decode" if component == "vae" else "forward"
+    with _own_forward(getattr(pipe, component), attribute), torch.no_grad(), warnings.catch_warnings():
+        # torch's exporter warns about its own internals (pytree LeafSpec, jit.script_method), not our model
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        program = torch.export.export(module, (*example, *weights), dynamic_shapes=(*dynamic, *((tuple([None] * len(weights)),) if weights else ())))
+        torch.onnx.export(program, (), str(path), input_names=[*inputs, *names], output_names=["out"],
+                          opset_version=OPSET, external_data=True, verbose=False)
+
+
+class ExportCache:
+    """Exported components (and TensorRT engines) in a store (local folder or fsspec URI), fetched to a local folder for ONNX Runtime."""
+
+    def __init__(self, uri: str | None):
+        from actors.models import cache_root
+
+        local = cache_root() / "onnx"
+        self.uri = uri or str(local)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.local = Path(self.root) if self.fs.protocol in ("file", ("file", "local")) else local
+
+    def get(self, key: str, build, filename: str = "model.onnx") -> Path:
+        """The local path of entry `key`'s main file; `build(path)` makes it (and files beside it) on a miss."""
+        folder = self.local / key
+        model = folder / filename
+        if model.exists():
+            return model
+        remote = f"{self.root.rstrip('/')}/{key}"
+        if not _is_local(self.fs) and self.fs.exists(f"{remote}/{filename}"):
+            _fetch(self.fs, remote, folder)
+            return model
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_ensure(self.local)))
+        try:
+            build(staging / filename)
+            if not _is_local(self.fs):  # data files first, the main file last: its presence marks a whole entry
+                for item in sorted(staging.iterdir(), key=lambda p: p.name == filename):
+                    self.fs.put_file(str(item), f"{remote}/{item.name}")
+            try:
+                staging.rename(folder)
+            except OSError:  # another actor finished the same export first: theirs is as good
+                pass
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return model
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fetch(fs, remote: str, folder: Path) -> None:
+    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_ensure(folder.parent)))
+    try:
+        for item in fs.ls(remote, detail=False):
+            fs.get_file(item, str(staging / item.rsplit("/", 1)[-1]))
+        staging.rename(folder)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_in_chunks(batched: dict[str, torch.Tensor], out: torch.Tensor, run) -> torch.Tensor:
+    """Fill `out` by calling `run(chunk, target)` over the batch in the chunks an exported graph takes:
+    2..MAX_BATCH rows (diffusers' Upsample2D branches at 64), a single row doubled and cut back."""
+    total = out.shape[0]
+    for start in range(0, total, MAX_BATCH):
+        stop = min(start + MAX_BATCH, total)
+        chunk = {k: v[start:stop] for k, v in batched.items()}
+        if stop - start == 1:
+            chunk = {k: v.expand(2, *v.shape[1:]) for k, v in chunk.items()}
+            two = torch.empty(2, *out.shape[1:], device=out.device, dtype=out.dtype)
+            out[start:stop] = run(chunk, two)[:1]
+        else:
+            run(chunk, out[start:stop])
+    return out
+
+
+class GraphBackend(Backend):
+    """What the onnx and tensorrt backends share: the UNet's forward and the VAE's decode replaced by a
+    compiled graph per (component, size), which `_graph` runs into a preallocated output."""
+
+    def _graph(self, component: str, size, batched: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _unet(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+        if args or any(v is not None for k, v in kwargs.items() if k != "cross_attention_kwargs"):
+            raise BackendError(f"the {self.name} backend's UNet takes no extra inputs (got {sorted(kwargs)})")
+        size = (sample.shape[2] * self.pipe.vae_scale_factor, sample.shape[3] * self.pipe.vae_scale_factor)
+        timestep = torch.as_tensor(timestep, device=sample.device).float().reshape(-1).expand(sample.shape[0])
+        out = torch.empty_like(sample)
+        self._graph("unet", size, {"sample": sample, "timestep": timestep,
+                                   "encoder_hidden_states": encoder_hidden_states}, out)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def _decode(self, latents, return_dict=True, generator=None):
+        size = (latents.shape[2] * self.pipe.vae_scale_factor, latents.shape[3] * self.pipe.vae_scale_factor)
+        out = torch.empty(latents.shape[0], self.pipe.vae.config.out_channels, *size, device=latents.device,
+                          dtype=latents.dtype)
+        self._graph("vae", size, {"latents": latents}, out)
+        return DecoderOutput(sample=out) if return_dict else (out,)

@@ -1,0 +1,177 @@
+"""The training config: the one schema of a fine-tune, shared by the `sdfleet finetune` CLI and the workers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+DEFAULT_LR = {"full": 1e-5, "dreambooth": 5e-6, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
+PRIOR_METHODS = ("dreambooth", "lora")  # the methods that can train with prior preservation
+
+
+class TrainConfig(BaseModel):
+    """One fine-tune, as `sdfleet finetune` takes it (one flag per field) and as every Ray Train worker reads it.
+
+    The driver (jobs.finetune) checks it before Ray starts and hands the workers a copy with what it
+    resolved filled in (resolution, validation prompts, the class dataset, CPUs per worker); the
+    properties below give the defaults that depend on other fields."""
+
+    method: Literal["full", "lora", "dreambooth", "vae", "textual-inversion"]
+    data: str = Field(description="training dataset URI (from `sdfleet dataset build`)")
+    base: str = Field(description="base model: preset (tiny, sd21-random), diffusers directory or URI")
+    out: str = Field(description="output URI: the model or LoRA, checkpoints, validation images, logs")
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (one GPU each with --gpu)")
+    gpu: bool = Field(default=False, description="one GPU per worker, NCCL, mixed precision")
+    cpus_per_worker: int | None = Field(default=None, ge=1, description="CPU workers: cores (torch threads) each "
+                                        "(default: the cluster's CPUs shared out)")
+    steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 5e-6 "
+                             "dreambooth, 1e-4 lora and vae, 5e-3 textual-inversion)")
+    batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
+    grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
+    resolution: int | None = Field(default=None, description="training size in px (default: the base model's)")
+    seed: int = Field(default=0, description="seed for the data order, noise and timesteps")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps before the cosine decay")
+    checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints")
+    log_every: int = Field(default=10, ge=1, description="steps between progress lines")
+    validate_every: int = Field(default=0, ge=0, description="steps between validation images (0: at the end only)")
+    validation_prompts: list[str] = Field(default_factory=list, description="prompts drawn as validation images")
+    min_snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR loss weighting (5 is usual)")
+    noise_offset: float = Field(default=0.0, ge=0, description="noise offset (0.05-0.1 helps very dark/bright images)")
+    caption_dropout: float = Field(default=0.0, ge=0, lt=1, description="share of samples trained on the empty "
+                                   "prompt, which classifier-free guidance needs in a model trained from scratch")
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="keep an EMA of the weights (0.9999 is usual)")
+    gradient_checkpointing: bool = Field(default=False, description="trade compute for activation memory")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, no on CPU")
+    rank: int = Field(default=4, ge=1, description="LoRA rank")
+    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the rank)")
+    lora_layers: Literal["attention", "transformer", "all"] | None = Field(
+        default=None, description="lora: the UNet layers it adapts. attention (default): the attention projections; "
+        "transformer: every linear layer of the transformer blocks (what every backend can adapt); all: also the "
+        "ResNet convolutions (LoCon: more capacity, eager backend only)")
+    token: str | None = Field(default=None, min_length=1, description="textual-inversion: the new word it learns, "
+                              "as the captions and later prompts spell it (such as <my-mug>)")
+    init_word: str | None = Field(default=None, description="textual-inversion: a one-token word whose embedding the "
+                                  "new vectors start from (default: the mean embedding)")
+    vectors: int | None = Field(default=None, ge=1, le=16, description="textual-inversion: embedding vectors behind "
+                                "the token (default 1)")
+    class_prompts: list[str] = Field(default_factory=list, description="dreambooth, lora: prior preservation. "
+                                     "The subject's class, as a prompt (such as 'a photo of a mug'): the base model "
+                                     "draws --class-images of it, and training keeps drawing them as the base did. "
+                                     "Repeat it to cover the class's variety (the images take the prompts in turn)")
+    class_images: int = Field(default=100, ge=1, description="dreambooth, lora: how many class images the base "
+                              "model draws for --class-prompt (kept in --out/class-images; a rerun reuses them)")
+    class_data: str | None = Field(default=None, description="dreambooth, lora: a `dataset build` dataset of class "
+                                   "images to use instead of drawing them with --class-prompt")
+    prior_loss_weight: float = Field(default=1.0, gt=0, description="dreambooth, lora: weight of the class "
+                                     "samples' loss against the instance samples'")
+    train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
+    fsdp: bool = Field(default=False, description="full only: shard weights, gradients and optimizer state across "
+                                                  "workers (FSDP2) instead of a DDP copy on each")
+    kl_weight: float = Field(default=1e-6, ge=0, description="vae: weight of the KL term")
+    crop: int = Field(default=0, ge=0, description="vae: train on random square crops of this many px (0: whole images)")
+    crop_candidates: int = Field(default=1, ge=1, le=64, description="vae, with --crop: draw this many random crops "
+                                 "per image and train on the busiest (largest pixel spread), so plain background "
+                                 "does not fill the batch")
+    crop_span: int = Field(default=0, ge=0, description="vae, with --crop: each crop covers a random square of "
+                           "--crop to this many px of the image, resized to --crop, so crops also see whole "
+                           "images at a lower scale (0: crops of --crop px, not resized)")
+    pixel_loss: Literal["mse", "l1"] = Field(default="mse", description="vae: the pixel reconstruction loss "
+                                             "(l1: the loss of SD's own autoencoders)")
+    calibrate_scale: bool = Field(default=False, description="vae: set the VAE's scaling_factor to 1 / std of its "
+                                  "latents (for a VAE trained from scratch; keep a base's own when fine-tuning)")
+    cache_latents: bool = Field(default=False, description="full, lora, dreambooth, textual-inversion: encode "
+                                "every image once before training, not at every step (128 KB per image at 256 "
+                                "px, 295 KB at 768)")
+    max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
+    address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or DEFAULT_LR[self.method]
+
+    @property
+    def precision(self) -> Literal["no", "fp16", "bf16"]:
+        """The autocast dtype's name: --mixed-precision, with auto meaning bf16 on GPUs and fp32 on CPUs."""
+        if self.mixed_precision == "auto":
+            return "bf16" if self.gpu else "no"
+        return self.mixed_precision
+
+    @property
+    def lora_layer_set(self) -> Literal["attention", "transformer", "all"]:
+        return self.lora_layers or "attention"
+
+    @property
+    def token_vectors(self) -> int:
+        return self.vectors or 1
+
+    @property
+    def torch_threads(self) -> int:
+        """CPU workers: torch threads each (the driver sets cpus_per_worker from the cluster's CPUs)."""
+        return self.cpus_per_worker or 1
+
+    @property
+    def prior(self) -> bool:
+        """Prior preservation: class images train beside the instances (--class-prompt or --class-data)."""
+        return bool(self.class_prompts) or self.class_data is not None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
+            raise ValueError(f"--resolution must be a multiple of 8 and at least 64, got {self.resolution}")
+        if self.crop and (self.crop % 8 or self.method != "vae"):
+            raise ValueError(f"--crop is for vae and must be a multiple of 8; got {self.crop} with {self.method}")
+        if self.crop_candidates > 1 and not self.crop:
+            raise ValueError(f"--crop-candidates {self.crop_candidates} needs --crop: it picks among random crops")
+        if self.crop_span and not 0 < self.crop < self.crop_span:
+            raise ValueError(f"--crop-span {self.crop_span} needs a --crop below it (got --crop {self.crop}): it "
+                             "is the largest square a crop may span before it is resized to --crop px")
+        if self.pixel_loss != "mse" and self.method != "vae":
+            raise ValueError(f"--pixel-loss is for vae; {self.method} trains on the diffusion loss")
+        if self.calibrate_scale and self.method != "vae":
+            raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
+        if self.cache_latents and self.method == "vae":
+            raise ValueError("--cache-latents is for full, lora, dreambooth and textual-inversion: a VAE being "
+                             "trained changes its latents")
+        inversion = self.method == "textual-inversion"
+        if inversion and not self.token:
+            raise ValueError("textual-inversion needs --token: the new word the captions use and prompts will call, "
+                             "such as <my-mug>")
+        if self.token is not None and (not inversion or any(c.isspace() for c in self.token)):
+            raise ValueError(f"--token is for textual-inversion and must be one word without spaces; got "
+                             f"{self.token!r} with {self.method}")
+        if (self.init_word is not None or self.vectors is not None) and not inversion:
+            raise ValueError("--init-word and --vectors are for textual-inversion")
+        if inversion and self.train_text_encoder:
+            raise ValueError("textual-inversion trains only the new token's vectors; drop --train-text-encoder")
+        if self.prior and self.method not in PRIOR_METHODS:
+            raise ValueError(f"--class-prompt and --class-data are for dreambooth and lora (prior preservation); "
+                             f"got {self.method}")
+        for i, prompt in enumerate(self.class_prompts, 1):
+            if not prompt.strip():
+                raise ValueError(f"--class-prompt must not be empty (number {i} is {prompt!r}): give the subject's "
+                                 "class, such as 'a photo of a mug'")
+            if prompt in self.class_prompts[:i - 1]:
+                raise ValueError(f"--class-prompt {prompt!r} is given twice; give each prompt once (the class "
+                                 "images take them in turn)")
+        if len(self.class_prompts) > self.class_images:
+            raise ValueError(f"--class-images {self.class_images} is fewer than the {len(self.class_prompts)} "
+                             f"--class-prompt given, so {self.class_prompts[self.class_images]!r} would never be "
+                             f"drawn; give --class-images {len(self.class_prompts)} or more")
+        if self.class_prompts and self.class_data is not None:
+            raise ValueError("give --class-prompt (the base model draws the class images) or --class-data (a "
+                             "dataset of class images), not both")
+        if self.method == "dreambooth" and not self.prior:
+            raise ValueError("dreambooth needs --class-prompt (such as 'a photo of a mug': the class of the subject "
+                             "in your captions) or --class-data; without prior preservation, use full")
+        if self.lora_layers is not None and self.method != "lora":
+            raise ValueError(f"--lora-layers is for lora; {self.method} trains whole weights")
+        if self.fsdp and self.method not in ("full", "dreambooth"):
+            raise ValueError("--fsdp shards full-parameter training (full, dreambooth); a LoRA's few weights train "
+                             "fine with DDP")
+        if self.fsdp and self.ema_decay:
+            raise ValueError("--ema-decay does not work with --fsdp yet (the average would need sharding too)")
+        if self.mixed_precision in ("fp16", "bf16") and not self.gpu:
+            raise ValueError(f"--mixed-precision {self.mixed_precision} needs --gpu (CPU training runs in fp32)")
+        return self

@@ -1,0 +1,108 @@
+"""The driver's side of a run's results: ledger rows streamed back from the stages are checked for identity
+(one row out per row in), written as ledger parts, counted, and shown as progress and row problems."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import time
+
+from jobs.console import log
+from manifests.ledger import write_part
+
+# A ledger part is written when this many rows or seconds have gathered: a killed run loses at most
+# that much ledger (those rows are drawn again on rerun, never duplicated).
+LEDGER_FLUSH_ROWS = 256
+LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"))
+PROGRESS_SECONDS = 5.0
+WARNINGS_SHOWN = 5  # row warnings printed in full; the ledger holds every one
+
+
+class Recorder:
+    """Takes every ledger row of one run exactly once, writes them in parts under `root`/results, and keeps
+    the tallies that go into run.json."""
+
+    def __init__(self, fs, root: str, run_id: str, total: int, started: float):
+        self.fs, self.root, self.run_id = fs, root, run_id
+        self.total, self.started = total, started
+        self.counts = {"ok": 0, "skipped": 0, "failed": 0, "invalid": 0}
+        self.per_actor: dict[str, int] = {}
+        self.swaps: dict[str, tuple[int, float]] = {}  # actor -> its running (swaps, seconds), newest seen
+        self.backend_stats: dict[str, dict] = {}  # actor -> its backend's counters (compiles, ...), newest seen
+        self.seen: set[tuple[str, int]] = set()
+        self.pending: list[dict] = []
+        self.parts = 0
+        self.last_flush = self.last_progress = time.time()
+        self.warnings_shown = 0
+        self.first_written: float | None = None  # when the first image was written (wall clock)
+        self.planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
+
+    def record(self, rows: list[dict]) -> None:
+        for row in rows:
+            key = (row["source"], row["row"])
+            if key in self.seen:  # Ray retried a batch that had already come back: keep the first
+                continue
+            self.seen.add(key)
+            self.counts[row["status"]] += 1
+            self.planned_at = max(self.planned_at, row.get("planned_at") or 0.0)
+            if row.get("actor"):
+                self._actor_counters(row)
+            if row["status"] == "skipped":
+                continue
+            self.pending.append(row)
+            if row["status"] == "ok":
+                self.per_actor[row["actor"]] = self.per_actor.get(row["actor"], 0) + 1
+                if self.first_written is None:
+                    self.first_written = dt.datetime.fromisoformat(row["finished_at"]).timestamp()
+            if row["status"] != "ok" or (row["warning"] and self.warnings_shown < WARNINGS_SHOWN):
+                self.warnings_shown += row["status"] == "ok"
+                log(f"{row['status']}: {row['error'] or row['warning']}")
+        now = time.time()
+        if len(self.pending) >= LEDGER_FLUSH_ROWS or now - self.last_flush >= LEDGER_FLUSH_SECONDS:
+            self.flush()
+        if now - self.last_progress >= PROGRESS_SECONDS:
+            self.last_progress = now
+            log(self.progress(now))
+
+    def _actor_counters(self, row: dict) -> None:
+        actor = row["actor"]
+        self.swaps[actor] = max(self.swaps.get(actor, (0, 0.0)),
+                                (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
+        if row.get("backend_stats"):  # the actor's running counters: keep its newest
+            stats = json.loads(row["backend_stats"])
+            if stats["calls"] >= self.backend_stats.get(actor, {"calls": -1})["calls"]:
+                self.backend_stats[actor] = stats
+
+    def flush(self) -> None:
+        """Write what has gathered as one ledger part."""
+        if self.pending:
+            write_part(self.fs, self.root, self.run_id, self.parts, self.pending)
+            self.parts += 1
+            self.pending = []
+        self.last_flush = time.time()
+
+    def progress(self, now: float) -> str:
+        counts, finished = self.counts, sum(self.counts.values())
+        elapsed = now - self.started
+        rate = counts["ok"] / elapsed if elapsed > 0 else 0.0
+        left = self.total - finished
+        eta = f", ~{math.ceil(left / rate)} s left" if rate > 0 and left else ""
+        return (f"{finished}/{self.total} rows ({counts['ok']} ok, {counts['skipped']} skipped, "
+                f"{counts['failed']} failed, {counts['invalid']} invalid), {rate:.2f} img/s{eta}")
+
+    def startup_stamps(self, startup: dict) -> dict:
+        """`startup` with the actors' own stamps added: first actor started, model loaded, first image written."""
+        for key, stamp in (("first_actor_started", "actor_started_at"), ("model_loaded", "model_loaded_at")):
+            stamps = [stats[stamp] for stats in self.backend_stats.values() if stamp in stats]
+            if stamps:
+                startup[key] = round(min(stamps) - self.started, 3)
+        if self.first_written is not None:
+            startup["first_image_written"] = round(self.first_written - self.started, 3)
+        return startup
+
+    def adapter_swaps(self) -> dict:
+        return {"total": sum(n for n, _ in self.swaps.values()),
+                "per_actor": {actor: n for actor, (n, _) in self.swaps.items()},
+                "seconds": round(sum(t for _, t in self.swaps.values()), 3)}

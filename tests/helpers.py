@@ -1,0 +1,151 @@
+"""What the tests share: manifests to write, the real `sdfleet` CLI to run, what a run left behind to read, and
+adapters made on the spot (random LoRAs saved by diffusers itself or converted to kohya by hand)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from actors.adapters import AdapterStore
+from actors.presets import PRESETS
+from manifests.schema import ManifestRow, resolve_row
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Keep tests quick on 2 cores: few steps; 256 px is the smallest size that carries the watermark.
+FAST = {"steps": 2, "width": 256, "height": 256}
+
+
+def rows(n: int, prefix: str = "row", **fields) -> list[dict]:
+    """n valid manifest rows with distinct prompts and the FAST settings, unless overridden."""
+    subjects = ["mug", "bottle", "sneaker", "watch", "lamp", "chair", "vase", "backpack"]
+    colours = ["red", "green", "blue", "yellow", "orange", "purple", "white", "black"]
+    return [
+        {"id": f"{prefix}-{i:03d}", "prompt": f"a {colours[i % 8]} {subjects[(i // 8) % 8]} on a white background",
+         "negative_prompt": "blurry", **FAST, **fields}
+        for i in range(n)
+    ]
+
+
+def write_manifest(path: Path, records: list[dict], schema: pa.Schema | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = dict.fromkeys(k for r in records for k in r)  # from_pylist alone keeps only the first row's keys
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in records], schema=schema), path)
+    return path
+
+
+def sdfleet(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, in a fresh process (each run starts and stops its own local Ray)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "jobs", *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ledger(out: Path) -> list[dict]:
+    parts = sorted((out / "results").glob("*.parquet"))
+    return [r for p in parts for r in pq.read_table(p).to_pylist()]
+
+
+def run_summary(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()  # a truncated file fails here
+        return np.asarray(im.convert("RGB")).astype(np.int16)
+
+
+def assert_same_pixels(a: np.ndarray, b: np.ndarray, label: str = "") -> None:
+    """Equal up to float noise: every channel within 3/255 and 99% of values exactly equal."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 3, f"{label}: max difference {diff.max()}/255"
+    assert (diff == 0).mean() >= 0.99, f"{label}: only {(diff == 0).mean():.2%} of values equal"
+
+
+def png_parameters(path: Path) -> dict:
+    with Image.open(io.BytesIO(path.read_bytes())) as im:
+        return json.loads(im.text["parameters"])
+
+
+# -- adapters made on the spot --------------------------------------------------------------------------
+
+RANK = 4
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def make_lora(module, targets, seed: int, std: float = 0.5, in_features: dict | None = None) -> dict:
+    """A random rank-4 LoRA in peft spelling (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`).
+
+    `in_features` overrides a layer's input width by name suffix, to make a LoRA for another base model.
+    """
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, layer in module.named_modules():
+        if path.endswith(targets) and isinstance(layer, torch.nn.Linear):
+            n_in = next((n for suffix, n in (in_features or {}).items() if path.endswith(suffix)), layer.in_features)
+            layers[f"{path}.lora_A.weight"] = torch.randn(RANK, n_in, generator=g) * std
+            layers[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * std
+    return layers
+
+
+def diffusers_file(tmp_path, unet_layers: dict, te_layers: dict | None = None) -> bytes:
+    """The bytes of a LoRA saved by diffusers itself (keys `unet.<layer>.lora_A.weight`, ...)."""
+    out = tmp_path / uuid.uuid4().hex
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=unet_layers, text_encoder_lora_layers=te_layers)
+    return (out / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def to_kohya(unet_layers: dict, te_layers: dict | None = None, alpha: float = RANK) -> dict:
+    """diffusers -> kohya: `lora_unet_<layer path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+
+    Text encoder layers become `lora_te_text_model_<path with _>...`. kohya scales by alpha / rank.
+    """
+    out = {}
+    named = [("lora_unet_", k, v) for k, v in unet_layers.items()]
+    named += [("lora_te_text_model_", k, v) for k, v in (te_layers or {}).items()]
+    for prefix, key, tensor in named:
+        path, matrix = key.rsplit(".lora_", 1)
+        base = prefix + path.replace(".", "_")
+        if matrix.startswith("A"):
+            out[f"{base}.lora_down.weight"] = tensor.clone()
+            out[f"{base}.alpha"] = torch.tensor(float(alpha))
+        else:
+            out[f"{base}.lora_up.weight"] = tensor.clone()
+    return out
+
+
+def new_store(files: dict[str, bytes]) -> AdapterStore:
+    uri = f"memory://adapters-{uuid.uuid4().hex[:8]}"
+    fs, root = fsspec.core.url_to_fs(uri)
+    for rel, data in files.items():
+        fs.pipe(f"{root}/{rel}", data)
+    return AdapterStore(uri)
+
+
+def put(store: AdapterStore, rel: str, data: bytes) -> None:
+    store.fs.pipe(f"{store.root}/{rel}", data)
+
+
+def resolved_row(store: AdapterStore, adapters=()) -> dict:
+    """One resolved row as the driver makes it (see tests/test_actors.py::resolved_rows), with adapters."""
+    model = {**PRESETS["tiny"]["defaults"], "fingerprint": "test"}
+    row = ManifestRow(id="r0", prompt="a red mug on a white background", steps=2,
+                      adapters=[{"name": n, "scale": s} for n, s in adapters])
+    names = [n for n, _ in adapters]
+    return resolve_row(row, model, watermark=None, adapter_fingerprints=store.fingerprints(names))

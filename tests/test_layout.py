@@ -1,0 +1,132 @@
+"""The layout's rules, read from the source (DESIGN.md's table): no import cycles, and arrows that point one way.
+
+Every import counts, also those inside functions: a cycle hidden in a function is still a cycle, and the
+first call that runs it meets a half-initialised module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from helpers import REPO
+
+PACKAGES = ("manifests", "actors", "cluster", "jobs", "benchmarks")
+# What each folder may import of ours (DESIGN.md, "Layout"); benchmarks may import everything.
+MAY_IMPORT = {
+    "manifests": set(),
+    "cluster": set(),
+    "actors": {"manifests"},
+    "jobs": {"manifests", "actors", "cluster"},
+    "benchmarks": set(PACKAGES),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in (REPO / package).rglob("*.py")}
+
+
+def imports_of(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """The project modules `path` imports, at any depth of the file. `from a import b` counts a.b when b is a
+    module, and an import counts the packages above its target (their __init__ runs first), except the
+    packages that hold `path` itself."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            parts = target.split(".")
+            for i in range(1, len(parts) + 1):
+                candidate = ".".join(parts[:i])
+                # a package above this module was initialised before it; only naming it counts as an import
+                above = name.startswith(candidate + ".") and candidate != target
+                if candidate in modules and candidate != name and not above:
+                    found.add(candidate)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(path, name, modules) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_module_imports_itself_back_through_others():
+    found = cycles(import_graph())
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_each_folder_imports_only_what_design_allows():
+    wrong = []
+    for name, targets in import_graph().items():
+        folder = name.split(".")[0]
+        for target in sorted(targets):
+            other = target.split(".")[0]
+            if other != folder and other not in MAY_IMPORT[folder]:
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, "imports against DESIGN.md's layout: " + "; ".join(wrong)
+
+
+def test_the_checks_see_a_cycle_and_a_wrong_arrow():
+    """The rules above must be able to fail: a made-up graph with both faults is caught."""
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    graph = import_graph()
+    assert "manifests.schema" in graph and "actors.finish" in graph["actors.actor"]
+    assert not MAY_IMPORT["actors"] & {"jobs", "benchmarks"} and not MAY_IMPORT["manifests"]

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from actors.adapters import AdapterStore
 from actors.backends import Backend, make_backend
+from actors.crash_journal import kill_if_asked
 from actors.finish import finish_rows
 from actors.generate import draw_rows
 from actors.models import ModelInfo, load_pipeline
@@ -32,7 +33,7 @@ class GeneratorActor:
     def __init__(self, models: dict[str, dict[str, Any]], out_uri: str, batch_size: int,
                  device: str = "cpu", torch_threads: int = 1, adapters_uri: str | None = None,
                  backend: str = "eager", backend_cache: str | None = None, max_lora_rank: int = 64,
-                 finish_inline: bool = False):
+                 finish_inline: bool = False, journal: str | None = None):
         started = time.time()
         self.device, self.torch_threads = device, torch_threads
         self.models = {name: ModelInfo(**info) for name, info in models.items()}
@@ -46,6 +47,11 @@ class GeneratorActor:
         self.swaps_before = (0, 0.0)  # swap counters of backends of pipelines no longer loaded
         self.calls = 0
         self.finish_inline = finish_inline
+        self.journal = None
+        if journal:  # the run's crash journal (actors.crash_journal), found by name
+            import ray
+
+            self.journal = ray.get_actor(journal)
         # Every torch call runs on this one thread. Ray Data calls the actor from another thread than the
         # one that ran __init__, and drawing on a thread other than the one that loaded the model and set
         # torch's threads measured 1.5x slower on CPU (2.0 s against 3.1-3.9 s for a batch of 8 of tiny).
@@ -92,7 +98,33 @@ class GeneratorActor:
 
     def draw(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Drawn rows (manifests.rows.DRAWN_SCHEMA, without the actor fields) for a block of work rows."""
+        kill_if_asked(rows)
         return draw_rows(self.ready_for, rows, max_batch=self.batch_size)
+
+    def draw_guarded(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`draw`, except for a block an actor died drawing: then row by row, and a row that killed an actor
+        on its own is `failed` instead of drawn again (see actors.crash_journal)."""
+        if self.journal is None or not rows:
+            return self.draw(rows)
+        import ray
+
+        block = "block:" + ",".join(sorted(row["id"] for row in rows))  # ids are unique in a run
+        if ray.get(self.journal.begin.remote(block)) == 0:
+            drawn = self.draw(rows)
+        else:
+            drawn = []
+            for row in rows:
+                key = f"row:{row['id']}"
+                if ray.get(self.journal.begin.remote(key)) > 0:
+                    drawn.append({**row, "status": "failed", "pixels": None, "error": (
+                        f"{row['source']} row {row['row']} (`{row['id']}`): the actor drawing it died twice (a "
+                        "crash in native code or out of memory; Ray's worker logs say which), so it is not "
+                        "drawn again")})
+                    continue
+                drawn += self.draw([row])
+                self.journal.end.remote(key)
+        self.journal.end.remote(block)
+        return drawn
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self._torch.submit(self._call, batch).result()
@@ -100,7 +132,7 @@ class GeneratorActor:
     def _call(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         settled = [r for r in rows if r["status"] is not None]  # the plan decided them: passed on, not drawn
-        drawn = self.draw([r for r in rows if r["status"] is None])
+        drawn = self.draw_guarded([r for r in rows if r["status"] is None])
         swaps, seconds = self.swap_counters()
         self.calls += 1
         stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup, "calls": self.calls})

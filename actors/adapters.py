@@ -12,6 +12,7 @@ file is replaced; actors call `resolve` and `load_state_dict` (see `actors.adapt
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -134,8 +135,9 @@ class AdapterStore:
         base = f"{self.root}/{name}"
         paths = [f"{base}.safetensors", *(f"{base}/{f}" for f in FOLDER_FILES)]
         candidates = [p for p in paths if self.fs.isfile(p)]
-        # 2. exactly one safetensors file
+        # 2. exactly one safetensors file, inside the store also once links are followed
         if len(candidates) == 1:
+            self._check_inside(name, candidates[0])
             return candidates[0]
         if len(candidates) > 1:
             shown = " and ".join(p[len(self.root) + 1:] for p in candidates)
@@ -157,6 +159,18 @@ class AdapterStore:
         where = f"holds: {listing}" if held else "holds no adapters"
         raise AdapterError(name, f"is not in the adapter store {self.uri} (expected {name}.safetensors, "
                                  f"{name}/{LORA_FILE} or {name}/{EMBEDDING_FILE}); the store {where}")
+
+    def _check_inside(self, name: str, path: str) -> None:
+        """On a local store, a symbolic link (of the file or a folder on its way) must not lead out of the
+        store's root: the store is what the user named, not whatever its links point at. Object stores
+        have no links."""
+        if "file" not in self.fs.protocol and "local" not in self.fs.protocol:
+            return
+        root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise AdapterError(name, f"{path} links to {real}, outside the adapter store {self.uri}; only files "
+                                     "inside the store are loaded (copy the adapter into the store)")
 
     def _read(self, name: str, path: str) -> bytes:
         try:

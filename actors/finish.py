@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from actors import watermark as wm
 from actors.png import png_bytes
-from manifests.ledger import atomic_write, ledger_row
+from manifests.ledger import atomic_write, ledger_row, settled_row
 from manifests.rows import PASS_THROUGH, RESULT_SCHEMA, SETTLED, to_table
 
 # Test-only: the path of a marker file. The first finishing call that finds it missing creates it and
@@ -49,8 +49,7 @@ def finish_rows(rows: list[dict[str, Any]], *, fs: fsspec.AbstractFileSystem, ou
     for row in rows:
         counters = {k: row.get(k) for k in PASS_THROUGH}
         if row.get("status") in SETTLED:
-            results.append({**ledger_row(row, row["status"], actor=row.get("actor"), error=row.get("error")),
-                            **counters})
+            results.append({**settled_row(row, actor=row.get("actor")), **counters})
             continue
         started = time.perf_counter()
         warning, bits = row.get("warning"), None

@@ -8,6 +8,7 @@ guidance). Marking, encoding and writing the images is `actors.finish`.
 
 from __future__ import annotations
 
+import logging
 import time
 from itertools import groupby
 from typing import Any, Callable
@@ -19,6 +20,19 @@ from actors.finish import finish_rows
 from actors.schedulers import make_scheduler
 from manifests.schema import group_key
 from manifests.tokens import prompt_overflow
+
+
+class _NoTruncationNotice(logging.Filter):
+    """diffusers logs the words CLIP cut off, whole, at every batch; the row's own `warning` says it once,
+    bounded (manifests.tokens.prompt_overflow), so a 100 KB prompt is not also a 100 KB line on stderr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("The following part of your input was truncated")
+
+
+_PIPELINE_LOGGER = logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+if not any(isinstance(f, _NoTruncationNotice) for f in _PIPELINE_LOGGER.filters):
+    _PIPELINE_LOGGER.addFilter(_NoTruncationNotice())
 
 
 def plan_groups(rows: list[dict], max_batch: int) -> list[list[dict]]:

@@ -53,3 +53,37 @@ def read_png_parameters(data: bytes) -> dict[str, Any]:
     """The generation parameters stored in a PNG written by `png_bytes`."""
     with Image.open(io.BytesIO(data)) as image:
         return json.loads(image.text[PNG_KEY])
+
+
+def read_parameters_from(fs, path: str) -> dict[str, Any] | None:
+    """The parameters chunk of the PNG at `path`, reading only the chunks before the pixels (a few KB, not
+    the image); None when the file is not a PNG or carries no parameters. What `generate` uses to tell
+    whether an image it finds is the one a row would draw."""
+    import struct
+    import zlib
+
+    with fs.open(path, "rb", block_size=64 * 1024) as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind in (b"IDAT", b"IEND"):  # the parameters come before the pixels
+                return None
+            if kind != b"iTXt":
+                f.seek(length + 4, 1)  # the chunk and its CRC
+                continue
+            body = f.read(length)
+            f.seek(4, 1)
+            keyword, _, rest = body.partition(b"\0")
+            if keyword.decode("latin-1") != PNG_KEY or len(rest) < 2:
+                continue
+            compressed = rest[0] == 1
+            _language, _, rest = rest[2:].partition(b"\0")
+            _translated, _, text = rest.partition(b"\0")
+            try:
+                return json.loads(zlib.decompress(text) if compressed else text)
+            except (ValueError, zlib.error):
+                return None

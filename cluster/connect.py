@@ -110,6 +110,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     return dict(ray.cluster_resources())
 
 
+def alive_nodes() -> int:
+    """Nodes of the connected Ray cluster that are alive."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 @dataclass(frozen=True)
 class FinishResources:
     """What the finishing stage (watermark, PNG, write: CPU work) asks Ray for."""

@@ -168,6 +168,11 @@ def cmd_generate(args) -> int:
         print(f"sdfleet generate: error: {_config_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     summary = run_generate(cfg)
+    if summary.get("plan_only"):
+        log(f"plan only, {summary['wall_seconds']:.1f} s: of {summary['rows']} rows {summary['to_draw']} would be "
+            f"drawn, {summary['skipped']} are done, {summary['recovered']} would be recovered, {summary['failed']} "
+            f"would fail, {summary['invalid']} are invalid; nothing was drawn or written")
+        return EXIT_ROWS if summary["failed"] or summary["invalid"] else EXIT_OK
     log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok']} drawn, {summary['skipped']} skipped, "
         f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
         f"ledger and run.json in {cfg.out}")

@@ -46,6 +46,14 @@ def describe_error(exc: BaseException) -> str | None:
     return None
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type where the message alone would not say what failed."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (RunFailed, FinetuneError, EvalError)) and type(exc).__name__ not in text:
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def root_cause(exc: BaseException) -> str:
     """Ray wraps actor errors several times; the innermost message is the one a user can act on."""
     while exc.__cause__ is not None:

@@ -26,10 +26,11 @@ import fsspec
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
-from cluster.connect import ClusterError, connect
+from cluster.connect import ClusterError, alive_nodes, connect
 from jobs.console import log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import check_dataset
+from manifests.stores import is_local_path, multi_node_reason
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
@@ -79,6 +80,9 @@ def run_finetune(cfg: TrainConfig) -> dict:
             os.environ.setdefault(key, value)
     resources = connect(cfg.address)
     try:
+        nodes = alive_nodes()
+        if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:  # checkpoints come from every worker
+            raise FinetuneError(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
         train, scaling = _scaling(cfg, resources, train)
         log(f"{cfg.method} fine-tune of {cfg.base} on {rows} samples: {cfg.workers} worker(s) on "
             f"{'GPU' if cfg.gpu else 'CPU'}, {cfg.steps} steps, global batch "

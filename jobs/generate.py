@@ -14,6 +14,7 @@ actor instead, batch after batch: the default on CPU-only actors, which hold eve
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -25,13 +26,16 @@ import fsspec
 from pydantic import BaseModel, Field, model_validator
 
 from actors.backends import BackendError, check_backend
+from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
-from cluster.connect import actor_env, connect, library_logs_to, size_actors, size_finishing
+from cluster.connect import actor_env, alive_nodes, connect, library_logs_to, size_actors, size_finishing
 from jobs.console import log
-from jobs.errors import RunFailed, root_cause
+from jobs.errors import RunFailed, one_line, root_cause
+from jobs.lease import Lease
 from jobs.recorder import Recorder
-from manifests.ledger import atomic_write, ledger_row, read_latest_ok, remove_stale_temp_files
+from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, settled_row
 from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
+from manifests.stores import is_local_path, multi_node_reason, process_local, unshared_reason
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -72,11 +76,23 @@ class GenerateConfig(BaseModel):
         "own Ray Data stage while actors draw on; `inline`, in the actor after each batch; `auto`, stage on GPUs and "
         "inline on CPU-only actors")
 
+    shared_out: bool = Field(default=False, description="--out is a local path every node mounts (NFS, a shared "
+                             "volume): allow it on a cluster of more than one node")
+    wait: bool = Field(default=False, description="if another run holds --out, wait for it to finish instead of "
+                       "stopping")
+    plan_only: bool = Field(default=False, description="plan every row and say how many would be drawn, skipped, "
+                            "recovered or are invalid; draw and write nothing")
+
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":
         self.models = {"default": "tiny", **self.models}
         if self.watermark == "":
             raise ValueError("--watermark must not be empty (use --no-watermark to turn it off)")
+        stores = [("--out", self.out), ("--adapters", self.adapters), ("--backend-cache", self.backend_cache),
+                  *(("a manifest", m) for m in self.manifests)]
+        for flag, uri in stores:  # before Ray starts: every actor and task must see the same store
+            if uri and process_local(uri):
+                raise ValueError(unshared_reason(flag, uri))
         return self
 
 
@@ -95,7 +111,12 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         fs.makedirs(f"{root}/results", exist_ok=True)
     except Exception as exc:  # any backend error means the same thing here
         raise RunFailed(f"cannot write to --out {cfg.out}: {exc}") from exc
+    # ... and this run's alone until it ends: a second run into it refuses, or waits with --wait
+    with contextlib.nullcontext() if cfg.plan_only else Lease(fs, root, run_id, wait=cfg.wait):
+        return _plan_and_run(cfg, fs, root, run_id, started, actor_cls)
 
+
+def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: float, actor_cls) -> dict:
     # 2. manifests: files, row count, duplicate ids (before any row is drawn)
     uris = expand_manifest_paths(cfg.manifests)
     total, id_counts = count_ids(uris)
@@ -111,16 +132,16 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
 
     remove_stale_temp_files(fs, root)
     done = {} if cfg.force else read_latest_ok(fs, root)
-    existing = set()
-    if done and fs.exists(f"{root}/images"):
+    existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
+    if not cfg.force and fs.exists(f"{root}/images"):
         existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{root}/images/*.png")}
     state = PlanState(models=models, duplicates=duplicates, done=done, existing=existing,
-                      watermark=cfg.watermark, force=cfg.force,
+                      watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
     log(f"{total} rows in {len(uris)} manifest(s); {len(done)} done before; out: {cfg.out}")
 
     # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
-    log_path = _log_path(fs, root, run_id)
+    log_path = _log_path(fs, root, run_id, in_out=not cfg.plan_only)
     log(f"Ray's and the libraries' messages: {log_path}")
     with library_logs_to(log_path, cfg.verbose):
         return _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls)
@@ -131,6 +152,10 @@ def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, acto
 
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
+    nodes = alive_nodes()
+    if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:
+        ray.shutdown()
+        raise RunFailed(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
     sizing = size_actors(cfg.actors, resources, cfg.device)
     finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"
     finishing = size_finishing(resources, sizing, cfg.actors)
@@ -149,10 +174,10 @@ def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, acto
     return summary
 
 
-def _log_path(fs, root: str, run_id: str) -> str:
-    """The run's log file: OUT/logs/<run>.log on a local output, else a local temporary file (an object
-    store cannot be appended to line by line)."""
-    if "file" in fs.protocol or "local" in fs.protocol:
+def _log_path(fs, root: str, run_id: str, in_out: bool = True) -> str:
+    """The run's log file: OUT/logs/<run>.log on a local output, else (an object store cannot be appended
+    to line by line, and --plan-only writes nothing into --out) a local temporary file."""
+    if in_out and ("file" in fs.protocol or "local" in fs.protocol):
         folder = os.path.join(root, "logs")
         os.makedirs(folder, exist_ok=True)
     else:
@@ -211,12 +236,18 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
     planned = planned.map_batches(plan_batch, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                                   fn_kwargs={"state": ray.put(state)})
 
-    # 7. record results as they come: ledger parts, progress, identity checks
+    if cfg.plan_only:
+        return _plan_only(cfg, planned, total, started)
+
+    # 7. record results as they come: ledger parts, progress, identity checks; the crash journal lets a
+    #    row that kills its actor fail alone
     results = Recorder(fs, root, run_id, total, started)
+    journal_actor = start_journal(run_id)  # held here for the run's length
+    journal = JOURNAL_NAME.format(run_id=run_id)
     try:
-        if not state.done:
+        if not state.done and not state.existing:
             log("planning while the actors start (nothing done before in this output)")
-            for batch in _draw(planned, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
+            for batch in _draw(planned, cfg, models, sizing, finish, journal, actor_cls).iter_batches(batch_size=None,
                                                                                             batch_format="pyarrow"):
                 results.record(batch.to_pylist())
             if results.planned_at:
@@ -227,19 +258,23 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
             settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
             todo = planned.filter(expr=col("status").is_null()).materialize()
             for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
-                results.record([ledger_row(r, r["status"]) for r in batch.to_pylist()])
+                results.record([settled_row(r) for r in batch.to_pylist()])
             to_draw = todo.count()
             if to_draw:
                 log(f"{to_draw} row(s) to draw")
-                for batch in _draw(todo, cfg, models, sizing, finish, actor_cls).iter_batches(batch_size=None,
+                for batch in _draw(todo, cfg, models, sizing, finish, journal, actor_cls).iter_batches(batch_size=None,
                                                                                              batch_format="pyarrow"):
                     results.record(batch.to_pylist())
             else:
                 log("nothing to draw: no actors started")
+    except RunFailed:
+        results.keep_what_finished()
+        raise
     except Exception as exc:
+        results.keep_what_finished()  # whatever finished is kept, even when the run stops
         raise RunFailed(f"the run stopped: {root_cause(exc)}") from exc
-    finally:
-        results.flush()  # whatever finished is kept, even when the run stops
+    results.flush()
+    ray.kill(journal_actor)
 
     if len(results.seen) != total:
         raise RunFailed(f"{total} rows went in but {len(results.seen)} came out; the ledger holds what finished")
@@ -251,6 +286,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
         "rows": total,
         **results.counts,
         "wall_seconds": round(wall, 3),
+        "recovered": results.recovered,
         "images_per_second": round(results.counts["ok"] / wall, 4) if wall > 0 else 0.0,
         "actors": cfg.actors,
         "images_per_actor": results.per_actor,
@@ -268,14 +304,31 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode()
-    atomic_write(fs, f"{root}/runs/{run_id}.json", data)
-    atomic_write(fs, f"{root}/run.json", data)
+    try:
+        atomic_write(fs, f"{root}/runs/{run_id}.json", data)
+        atomic_write(fs, f"{root}/run.json", data)
+    except Exception as exc:  # the ledger holds every row already; only the summary is missing
+        raise RunFailed(f"cannot write run.json to {fs.unstrip_protocol(root)}: {one_line(exc)}; every row is "
+                        "in the ledger") from exc
     return summary
 
 
-def _draw(rows, cfg: GenerateConfig, models, sizing, finish, actor_cls=None):
+def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict:
+    """--plan-only: the plan's verdict on every row, counted; nothing drawn, nothing written."""
+    counts = {"to_draw": 0, "skipped": 0, "ok": 0, "failed": 0, "invalid": 0}
+    for batch in planned.select_columns(["status"]).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for status, n in zip(*batch.column("status").value_counts().flatten()):
+            counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
+    if sum(counts.values()) != total:
+        raise RunFailed(f"{total} rows went in but the plan gave {sum(counts.values())}")
+    return {"plan_only": True, "rows": total, **counts, "recovered": counts.pop("ok"),
+            "wall_seconds": round(time.time() - started, 3), "out": cfg.out}
+
+
+def _draw(rows, cfg: GenerateConfig, models, sizing, finish, journal: str, actor_cls=None):
     """Work rows, sorted by adapter set, cut into blocks of batch_size, through the actor pool and, unless
-    `finish` is None (the actors finish their own images), the finishing stage."""
+    `finish` is None (the actors finish their own images), the finishing stage. `journal` names the run's
+    crash journal (actors.crash_journal)."""
     import ray.data
 
     from actors.actor import GeneratorActor
@@ -287,7 +340,7 @@ def _draw(rows, cfg: GenerateConfig, models, sizing, finish, actor_cls=None):
                                    device=sizing.device, torch_threads=sizing.torch_threads,
                                    adapters_uri=cfg.adapters, backend=cfg.backend,
                                    backend_cache=cfg.backend_cache, max_lora_rank=cfg.max_lora_rank,
-                                   finish_inline=finish is None),
+                                   finish_inline=finish is None, journal=journal),
         # A second block waits at each actor, so it starts drawing the moment it hands a batch on.
         compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=2),
         batch_size=cfg.batch_size,

@@ -4,6 +4,8 @@ Each row leaves this stage exactly once, as one of:
 - `invalid`: a reason naming the row, field and value (drawn by nobody, recorded in the ledger);
 - `skipped`: its `params_hash` already has an `ok` ledger entry and an image (not redrawn);
 - `failed`: it needs an adapter that cannot be used (unknown, corrupt, a pickle file);
+- `ok`: no ledger entry covers it, but its image is there with its `params_hash` (a killed run wrote the
+  image and stopped before recording it): recorded, with a note, instead of drawn again;
 - to draw: resolved (defaults filled from its model) with its `params_hash` and its `affinity`.
 
 `affinity` is the row's batching key as a string, model and adapter set first. The driver sorts the rows
@@ -13,17 +15,20 @@ an adapter about once per run instead of once per block.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import fsspec
 import pyarrow as pa
 
+from actors.png import read_parameters_from
 from manifests.reader import ManifestPart, read_part
 from manifests.rows import WORK_SCHEMA, to_table
 from manifests.schema import WATERMARK_MIN_SIDE as MIN_SIDE
-from manifests.schema import group_key, resolve_row, validate_row
+from manifests.schema import coerced_id, group_key, resolve_row, validate_row
 
 
 
@@ -39,13 +44,14 @@ class PlanState:
     force: bool = False
     adapter_fingerprints: dict[str, str] = field(default_factory=dict)  # name -> file hash
     adapter_errors: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
+    out: str | None = None  # the output root's URI: where images that no ledger entry covers are read
 
 
 def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) -> dict[str, Any]:
     """Turn one raw manifest row into one work row (see the module docstring)."""
     parsed, errors, extras = validate_row(raw, source=source, row=row, models=set(state.models))
     base = {"source": source, "row": row, "extra": json.dumps(extras, default=str, ensure_ascii=False) if extras else None}
-    raw_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+    raw_id = coerced_id(raw.get("id"))
     if errors:
         return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors)}
     if parsed.id in state.duplicates:
@@ -62,9 +68,30 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         reason = (f"{source} row {row} (`{parsed.id}`): {work['width']}x{work['height']} is too small to carry the "
                   f"watermark (needs {MIN_SIDE}x{MIN_SIDE}); make it larger or run with --no-watermark")
         return {**base, "id": parsed.id, "status": "invalid", "error": reason}
-    if not state.force and state.done.get(parsed.id) == work["params_hash"] and parsed.id in state.existing:
-        return {**work, "status": "skipped"}
+    if not state.force and parsed.id in state.existing:
+        if state.done.get(parsed.id) == work["params_hash"]:
+            return {**work, "status": "skipped"}
+        found = recovered(state.out, parsed.id, work["params_hash"]) if state.out else None
+        if found:
+            return {**work, **found, "status": "ok"}
     return {**work, "affinity": affinity(work)}
+
+
+def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:
+    """The ledger fields of `row_id`'s image if it is already the one the row would draw: a killed run wrote
+    it (images are written before their ledger entry) but did not live to record it. Only the PNG's
+    parameters chunk is read unless its `params_hash` matches; then the whole file, for its sha256."""
+    fs, root = fsspec.core.url_to_fs(out)
+    path = f"{root.rstrip('/')}/images/{row_id}.png"
+    try:
+        parameters = read_parameters_from(fs, path)
+        if not parameters or parameters.get("params_hash") != params_hash:
+            return None
+        data = fs.cat_file(path)
+    except (OSError, ValueError):  # gone or unreadable: draw it again
+        return None
+    return {"uri": fs.unstrip_protocol(path), "sha256": hashlib.sha256(data).hexdigest(),
+            "warning": "recovered: an earlier run drew this image and stopped before recording it"}
 
 
 def affinity(work: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ import os
 import time
 
 from jobs.console import log
+from jobs.errors import RunFailed, one_line
 from manifests.ledger import write_part
 
 # A ledger part is written when this many rows or seconds have gathered: a killed run loses at most
@@ -34,6 +35,7 @@ class Recorder:
         self.seen: set[tuple[str, int]] = set()
         self.pending: list[dict] = []
         self.parts = 0
+        self.recovered = 0  # ok rows whose image an earlier, killed run wrote without recording it
         self.last_flush = self.last_progress = time.time()
         self.warnings_shown = 0
         self.first_written: float | None = None  # when the first image was written (wall clock)
@@ -52,7 +54,9 @@ class Recorder:
             if row["status"] == "skipped":
                 continue
             self.pending.append(row)
-            if row["status"] == "ok":
+            if row["status"] == "ok" and not row.get("actor"):  # the plan recovered it: drawn by an earlier run
+                self.recovered += 1
+            elif row["status"] == "ok":
                 self.per_actor[row["actor"]] = self.per_actor.get(row["actor"], 0) + 1
                 if self.first_written is None:
                     self.first_written = dt.datetime.fromisoformat(row["finished_at"]).timestamp()
@@ -76,12 +80,24 @@ class Recorder:
                 self.backend_stats[actor] = stats
 
     def flush(self) -> None:
-        """Write what has gathered as one ledger part."""
+        """Write what has gathered as one ledger part; a store that refuses it is one RunFailed line."""
         if self.pending:
-            write_part(self.fs, self.root, self.run_id, self.parts, self.pending)
+            try:
+                write_part(self.fs, self.root, self.run_id, self.parts, self.pending)
+            except Exception as exc:  # any store error means the same here: the ledger cannot grow
+                raise RunFailed(f"cannot write the ledger to {self.fs.unstrip_protocol(self.root)}/results: "
+                                f"{one_line(exc)}; the images and ledger parts written before are kept, "
+                                "rerun once the store takes writes") from exc
             self.parts += 1
             self.pending = []
         self.last_flush = time.time()
+
+    def keep_what_finished(self) -> None:
+        """On the way out of a failed run: write the rows gathered so far if the store still takes them."""
+        try:
+            self.flush()
+        except RunFailed:
+            pass  # the run is already failing with its own message; the store's refusal would hide it
 
     def progress(self, now: float) -> str:
         counts, finished = self.counts, sum(self.counts.values())

@@ -62,6 +62,11 @@ def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
     return entry
 
 
+def settled_row(row: dict[str, Any], **fields) -> dict[str, Any]:
+    """The ledger entry of a row the plan settled: invalid, failed, or ok when it recovered the image."""
+    return ledger_row(row, row["status"], uri=row.get("uri"), sha256=row.get("sha256"), **fields)
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `data` so that `path` appears complete or not at all.
 

@@ -15,6 +15,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.schema import coerced_id
+
 
 class ManifestError(Exception):
     """A manifest cannot be read at all (missing file, not Parquet): the run cannot start."""
@@ -100,7 +102,8 @@ def iter_rows(uris: list[str]) -> Iterator[tuple[str, int, dict[str, Any]]]:
 def count_ids(uris: list[str]) -> tuple[int, collections.Counter]:
     """Read only the `id` columns: (total rows, how often each id occurs).
 
-    Duplicates must be known before any row is drawn, since all rows sharing an id are invalid.
+    Duplicates must be known before any row is drawn, since all rows sharing an id are invalid. Ids are
+    counted as the schema coerces them (`coerced_id`), whatever the column's Arrow type.
     """
     counts: collections.Counter = collections.Counter()
     total = 0
@@ -110,7 +113,12 @@ def count_ids(uris: list[str]) -> tuple[int, collections.Counter]:
         if "id" not in pf.schema_arrow.names:
             continue
         for batch in pf.iter_batches(batch_size=65536, columns=["id"]):
-            counts.update(v for v in batch.column(0).to_pylist() if isinstance(v, str))
+            column = batch.column(0)
+            values = column.to_pylist()
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                counts.update(v for v in values if v is not None)
+            else:  # binary or another type: count what the schema will make of each value
+                counts.update(i for i in map(coerced_id, values) if i is not None)
     return total, counts
 
 

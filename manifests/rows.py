@@ -5,7 +5,7 @@ driver's plan, the draw stage (accelerator actors) and the finishing stage (CPU 
 
 A drawn row keeps every work field (the finishing stage writes them into the PNG's parameters) and adds
 its pixels, or `status` "failed" with the `error` that stopped it. A row the plan already settled
-(`invalid`, `skipped`, `failed`) passes through both stages untouched when a run sends every planned row
+(`invalid`, `skipped`, `failed`, or `ok` for an image recovered from a killed run) passes through both stages untouched when a run sends every planned row
 to the actors (a run into a fresh output: see jobs.generate).
 """
 
@@ -35,8 +35,11 @@ WORK_SCHEMA = pa.schema([
     ("adapters", ADAPTER_WITH_FINGERPRINT),
     ("watermark", pa.string()),
     ("params_hash", pa.string()),
-    ("status", pa.string()),  # null: to draw; "invalid", "skipped" or "failed": settled by the plan
+    ("status", pa.string()),  # null: to draw; "invalid", "skipped", "failed" or "ok" (recovered): settled by the plan
     ("error", pa.string()),
+    ("warning", pa.string()),
+    ("uri", pa.string()),  # a recovered row: the image an earlier run drew and did not record
+    ("sha256", pa.string()),
     ("source", pa.string()),
     ("row", pa.int64()),
     ("extra", pa.string()),
@@ -57,7 +60,6 @@ DRAWN_SCHEMA = pa.schema([
     *(f for f in WORK_SCHEMA if f.name != "affinity"),
     pa.field("pixels", pa.binary()),  # height x width x 3 uint8 RGB, row-major; null when status is failed
     pa.field("seconds", pa.float64()),  # draw time per row of its batch
-    pa.field("warning", pa.string()),
     *ACTOR_FIELDS,
 ])
 
@@ -65,8 +67,9 @@ RESULT_SCHEMA = pa.schema([*LEDGER_SCHEMA, *(f for f in ACTOR_FIELDS if f.name !
                            pa.field("planned_at", pa.float64())])
 # What the finishing stage hands on from a drawn row besides the ledger columns.
 PASS_THROUGH = tuple(name for name in RESULT_SCHEMA.names if name not in LEDGER_SCHEMA.names)
-# Statuses a row can carry into the finishing stage instead of pixels.
-SETTLED = ("invalid", "skipped", "failed")
+# Statuses a row can carry into the finishing stage instead of pixels; "ok" is a row whose image an earlier,
+# killed run wrote but did not record (jobs.plan.recovered).
+SETTLED = ("invalid", "skipped", "failed", "ok")
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

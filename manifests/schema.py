@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import re
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 # `\Z`, not `$`: `$` also matches before a trailing newline, and "sku-1\n" must not name a file.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
@@ -22,6 +23,43 @@ WATERMARK_MIN_SIDE = 256
 
 SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "heun", "unipc"]
 SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
+
+
+# The `id` field's own coercion: a string as it is, bytes decoded as UTF-8 (a Parquet binary column), nothing else.
+_ID_TYPE = TypeAdapter(str)
+# How many characters of a value an error message quotes: a 100 KB prompt must not become a 100 KB line.
+QUOTE_CHARS = 200
+
+
+def coerced_id(value: Any) -> str | None:
+    """The id the schema sees in a raw `id` value, or None where the schema refuses the value's type.
+    Duplicate ids are counted on this, so a binary `id` column and a string one compare as the rows will."""
+    if isinstance(value, str):
+        return value
+    try:
+        return _ID_TYPE.validate_python(value)
+    except ValidationError:
+        return None
+
+
+def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters with a note of how much was left out."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _whole_number(value: Any) -> Any:
+    """Integer fields take integers only: text, true/false and floats (even 2.0) are refused, not converted."""
+    if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+        return value
+    raise ValueError("must be a whole number, stored in an integer column (not text, true/false or a float)")
+
+
+def _real_number(value: Any) -> Any:
+    """Float fields take numbers only: text and true/false are refused, not converted."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return value
+    raise ValueError("must be a number, stored in a numeric column (not text or true/false)")
 
 
 def default_seed(row_id: str) -> int:
@@ -35,6 +73,11 @@ class AdapterRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, description="adapter name in the --adapters store")
     scale: float = Field(default=1.0, allow_inf_nan=False, description="blend weight; 0 is the base model")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale_is_a_number(cls, value: Any) -> Any:
+        return _real_number(value)
 
 
 class ManifestRow(BaseModel):
@@ -53,6 +96,16 @@ class ManifestRow(BaseModel):
     scheduler: SchedulerName | None = Field(default=None, description="sampler; default: the model's")
     model: str = Field(default="default", description="a --model NAME or a preset")
     adapters: list[AdapterRef] = Field(default_factory=list, description="LoRA / embeddings with scales")
+
+    @field_validator("seed", "steps", "width", "height", mode="before")
+    @classmethod
+    def _integers_are_numbers(cls, value: Any) -> Any:
+        return _whole_number(value)
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _floats_are_numbers(cls, value: Any) -> Any:
+        return _real_number(value)
 
     @field_validator("id")
     @classmethod
@@ -121,8 +174,9 @@ class RowError(BaseModel):
     reason: str
 
     def __str__(self) -> str:
-        ident = f" (`{self.id}`)" if self.id else ""
-        got = "it is missing" if self.missing else f"got {self.value!r}"
+        shown = self.id if self.id is None or len(self.id) <= QUOTE_CHARS else self.id[:QUOTE_CHARS] + "..."
+        ident = f" (`{shown}`)" if shown else ""
+        got = "it is missing" if self.missing else f"got {quoted(self.value)}"
         return f"{self.source} row {self.row}{ident}: `{self.field}` {self.reason}, {got}"
 
 
@@ -134,8 +188,7 @@ def validate_row(raw: dict[str, Any], *, source: str, row: int, models: set[str]
     """
     extras = {k: v for k, v in raw.items() if k not in FIELDS}
     data = {k: v for k, v in raw.items() if k in FIELDS and v is not None}
-    raw_id = raw.get("id")
-    row_id = raw_id if isinstance(raw_id, str) else None
+    row_id = coerced_id(raw.get("id"))
     try:
         parsed = ManifestRow.model_validate(data, context={"models": models} if models is not None else None)
         return parsed, [], extras

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from manifests.schema import quoted
+
 
 def prompt_overflow(tokenizer, prompt: str) -> str | None:
     """A warning naming the cut-off words when `prompt` is longer than the tokenizer's window, else None.
@@ -14,4 +16,4 @@ def prompt_overflow(tokenizer, prompt: str) -> str | None:
         return None
     cut = tokenizer.decode(ids[room:]).strip()
     return (f"prompt is {len(ids) + 2} CLIP tokens, over the {tokenizer.model_max_length} the model reads; "
-            f"these words are cut off: {cut!r}")
+            f"these words are cut off: {quoted(cut)}")

@@ -1,4 +1,8 @@
-"""Crash safety: kill the driver and its local Ray mid-run, run again, and nothing is lost or doubled."""
+"""Crash safety: kill the driver and its local Ray mid-run, run again, and nothing is lost or doubled.
+
+Two kill points: late (after ledger parts were written), and inside the ledger's flush window (images
+written, not one recorded yet). Either way the rerun records each row `ok` exactly once, and an image the
+killed run finished is never drawn again: the rerun finds its `params_hash` in the PNG and records it."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from helpers import REPO, ledger, pixels, rows, run_summary, sdfleet, write_manifest
 
@@ -24,21 +30,19 @@ def _ray_processes() -> set[int]:
     return found
 
 
-def test_kill_mid_run_then_rerun_completes_without_duplicates(tmp_path):
-    records = rows(40, steps=3)
-    manifest = write_manifest(tmp_path / "m.parquet", records)
-    out = tmp_path / "out"
+def _kill_when(tmp_path, manifest, out, flush_seconds: str, ready) -> None:
+    """Start `generate`, wait until `ready(out)`, then kill -9 the driver and everything it started."""
     before = _ray_processes()
     log = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out), "--batch-size", "4"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SDFLEET_LEDGER_FLUSH_SECONDS": "0"},
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SDFLEET_LEDGER_FLUSH_SECONDS": flush_seconds},
         stdout=log, stderr=log, start_new_session=True,
     )
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / "results").glob("*.parquet"))) < 2:
+    while time.time() < deadline and not ready(out):
         assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started in its session
     proc.wait()
     deadline = time.time() + 60
@@ -46,20 +50,45 @@ def test_kill_mid_run_then_rerun_completes_without_duplicates(tmp_path):
         time.sleep(0.5)
     assert not _ray_processes() - before, "local Ray outlived the killed driver"
 
+
+def _parts(out) -> int:
+    return len(list((out / "results").glob("*.parquet")))
+
+
+def _images(out) -> dict[str, tuple[int, int]]:
+    """id -> (inode, mtime in ns) of every image: a redrawn image gets a new file."""
+    return {p.stem: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "images").glob("*.png")}
+
+
+@pytest.mark.parametrize("when", ["late", "before-any-ledger-part"])
+def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_finished(tmp_path, when):
+    records = rows(40, steps=3)
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    out = tmp_path / "out"
+    if when == "late":  # a ledger part per batch; killed after two
+        _kill_when(tmp_path, manifest, out, "0", lambda o: _parts(o) >= 2)
+    else:  # no part within the run's life: killed once 6 images are written, none recorded
+        _kill_when(tmp_path, manifest, out, "600", lambda o: (o / "images").exists() and len(_images(o)) >= 6)
+
     first = ledger(out)
-    finished = {e["id"] for e in first if e["status"] == "ok"}
-    assert 0 < len(finished) < len(records), "the kill should land mid-run"
+    recorded = {e["id"] for e in first if e["status"] == "ok"}
+    written = _images(out)
+    assert len(written) < len(records), "the kill should land mid-run"
+    assert recorded <= set(written) and (recorded if when == "late" else not recorded)
     for png in (out / "images").glob("*.png"):
         pixels(png)  # every visible image is complete: atomic writes
     assert not [p for p in (out / "images").iterdir() if p.suffix != ".png" and not p.name.startswith(".")]
 
-    proc2 = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4")
-    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     summary = run_summary(out)
-    assert summary["skipped"] == len(finished)
-    assert summary["ok"] == len(records) - len(finished)
-    second = ledger(out)[len(first):]
-    assert not finished & {e["id"] for e in second}, "finished rows were drawn again"
+    assert summary["skipped"] == len(recorded)
+    assert summary["recovered"] == len(written) - len(recorded)  # finished but unrecorded: recorded now
+    assert summary["ok"] == len(records) - len(recorded)
+    after = _images(out)
+    assert {i: after[i] for i in written} == written, "an image the killed run finished was drawn again"
     ok_ids = [e["id"] for e in ledger(out) if e["status"] == "ok"]
-    assert sorted(ok_ids) == sorted(r["id"] for r in records), "every row exactly once"
-    assert sorted(p.stem for p in (out / "images").glob("*.png")) == sorted(r["id"] for r in records)
+    assert sorted(ok_ids) == sorted(r["id"] for r in records), "every row ok exactly once"
+    recovered = [e for e in ledger(out)[len(first):] if e["id"] in written and e["id"] not in recorded]
+    assert all(e["warning"].startswith("recovered") and e["sha256"] for e in recovered)
+    assert sorted(after) == sorted(r["id"] for r in records)

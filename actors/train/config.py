@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from manifests.stores import process_local, unshared_reason
+
 DEFAULT_LR = {"full": 1e-5, "dreambooth": 5e-6, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
 PRIOR_METHODS = ("dreambooth", "lora")  # the methods that can train with prior preservation
 
@@ -86,6 +88,8 @@ class TrainConfig(BaseModel):
                                 "px, 295 KB at 768)")
     max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
+    shared_out: bool = Field(default=False, description="--out is a local path every node mounts (NFS, a shared "
+                             "volume): allow it on a cluster of more than one node")
 
     @property
     def learning_rate(self) -> float:
@@ -118,6 +122,9 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
+        for flag, uri in (("--out", self.out), ("--data", self.data), ("--class-data", self.class_data)):
+            if uri and process_local(uri):  # the workers run in other processes: they would not see it
+                raise ValueError(unshared_reason(flag, uri))
         if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
             raise ValueError(f"--resolution must be a multiple of 8 and at least 64, got {self.resolution}")
         if self.crop and (self.crop % 8 or self.method != "vae"):

@@ -1,0 +1,39 @@
+"""Which stores every process of a run can reach.
+
+Actors, finishing tasks and Ray Train workers write and read in their own processes, often on other
+machines. A `memory://` store lives in one process's memory, so what each of them writes there is lost;
+a local path is only shared on one machine, or where the user says it is a mount every node shares."""
+
+from __future__ import annotations
+
+import fsspec
+
+PROCESS_LOCAL = ("memory",)  # fsspec protocols whose files exist in one process only
+
+
+def protocols(uri: str) -> tuple[str, ...]:
+    protocol = fsspec.core.url_to_fs(uri)[0].protocol
+    return protocol if isinstance(protocol, tuple) else (protocol,)
+
+
+def process_local(uri: str) -> bool:
+    """True for a store only the process that opened it can see (memory://)."""
+    return any(p in PROCESS_LOCAL for p in protocols(uri))
+
+
+def is_local_path(uri: str) -> bool:
+    """True for a path on this machine's disk (a plain path or file://)."""
+    return any(p in ("file", "local") for p in protocols(uri))
+
+
+def unshared_reason(flag: str, uri: str) -> str:
+    """Why a `memory://` store cannot be used for `flag`, and what to use instead."""
+    return (f"{flag} {uri} is the memory of one process: the workers would each write into their own and "
+            "nothing would be kept; use a local path on one machine, or an object store every node reaches "
+            "(s3://, gs://)")
+
+
+def multi_node_reason(flag: str, uri: str, nodes: int, shared_flag: str) -> str:
+    return (f"{flag} {uri} is a local path, and the cluster has {nodes} nodes: each would write to its own disk "
+            f"and the run's output would be scattered; use an object store every node reaches (s3://, gs://), "
+            f"or pass {shared_flag} if {uri} is a mount every node shares (NFS, a shared volume)")

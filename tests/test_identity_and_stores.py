@@ -1,0 +1,308 @@
+"""Identities that hold and stores every process can reach (issue 31, items 2, 3 and 8).
+
+- an id is the same id whatever the Arrow type of its column, so a binary duplicate cannot slip past the check;
+- numeric columns take numbers only: text, true/false and floats for integers are refused, naming row and field;
+- `--out memory://...` and a local `--out` on a multi-node cluster are refused before anything is drawn;
+- adapter names resolve inside the store only, and a huge prompt never becomes a huge line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+import fsspec
+import pyarrow as pa
+import pytest
+
+from helpers import FAST, ledger, rows, run_summary, sdfleet, write_manifest
+from manifests.schema import coerced_id, quoted, validate_row
+
+
+# -- identity and types ---------------------------------------------------------------------------------
+
+def test_ids_are_counted_as_the_schema_reads_them_whatever_the_column_type(tmp_path):
+    from manifests.reader import count_ids
+
+    binary = tmp_path / "binary.parquet"
+    write_manifest(binary, [{"id": b"dup", "prompt": "a"}, {"id": b"dup", "prompt": "b"}, {"id": b"solo", "prompt": "c"}],
+                   schema=pa.schema([("id", pa.binary()), ("prompt", pa.string())]))
+    text = write_manifest(tmp_path / "text.parquet", [{"id": "solo", "prompt": "d"}])
+    total, counts = count_ids([str(binary), str(text)])
+    assert total == 4 and counts["dup"] == 2 and counts["solo"] == 2
+    assert coerced_id(b"sku-1") == "sku-1" and coerced_id("sku-1") == "sku-1"
+    assert coerced_id(17) is None and coerced_id(b"\xff") is None  # the schema refuses these: not counted
+
+
+@pytest.mark.parametrize("field,value", [
+    ("seed", "123"), ("seed", True), ("seed", 12.0), ("steps", True), ("steps", 2.0), ("steps", 2.5),
+    ("width", "256"), ("guidance_scale", "7.5"), ("guidance_scale", False),
+])
+def test_numeric_fields_take_numbers_only(field, value):
+    parsed, errors, _ = validate_row({"id": "r1", "prompt": "a mug", field: value}, source="m.parquet", row=4)
+    assert parsed is None and len(errors) == 1, errors
+    message = str(errors[0])
+    assert message.startswith("m.parquet row 4 (`r1`): `" + field + "` must be a"), message
+    assert repr(value) in message
+
+
+def test_numbers_of_any_integer_or_float_type_still_pass():
+    import numpy as np
+
+    parsed, errors, _ = validate_row({"id": "r1", "prompt": "a mug", "seed": np.int64(7), "steps": 3,
+                                      "guidance_scale": 4, "adapters": [{"name": "a", "scale": np.float32(0.5)}]},
+                                     source="m", row=0)
+    assert not errors and parsed.seed == 7 and parsed.guidance_scale == 4.0 and parsed.adapters[0].scale == 0.5
+    _, errors, _ = validate_row({"id": "r1", "prompt": "a mug", "adapters": [{"name": "a", "scale": "1"}]},
+                                source="m", row=0)
+    assert [e.field for e in errors] == ["adapters.0.scale"]
+
+
+def test_a_huge_value_is_quoted_not_copied():
+    _, errors, _ = validate_row({"id": "x" * 100_000, "prompt": "a mug"}, source="m", row=0)
+    message = str(errors[0])
+    assert len(message) < 600 and "more characters" in message
+    assert quoted("short") == "'short'"
+
+
+# -- stores every process can reach ------------------------------------------------------------------------
+
+def test_a_memory_store_is_refused_before_ray_starts(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    for flags in (["--out", "memory://runs/x"], ["--out", str(tmp_path / "o"), "--adapters", "memory://adapters"]):
+        proc = sdfleet("generate", str(manifest), *flags, timeout=120)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "memory of one process" in proc.stderr and "s3://" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "ray" not in proc.stderr.lower(), proc.stderr
+    proc = sdfleet("finetune", "lora", "--data", str(tmp_path), "--base", "tiny", "--out", "memory://tuned", timeout=120)
+    assert proc.returncode == 1 and "--out memory://tuned is the memory of one process" in proc.stderr, proc.stderr
+
+
+def test_a_local_out_on_a_multi_node_cluster_is_refused_unless_shared(tmp_path, monkeypatch):
+    import jobs.generate as generate
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    monkeypatch.setattr(generate, "alive_nodes", lambda: 3)
+    monkeypatch.setattr(generate, "connect", lambda *a, **k: {"CPU": 2.0})
+    monkeypatch.setattr("ray.shutdown", lambda: None)
+    cfg = generate.GenerateConfig(manifests=[str(manifest)], out=str(tmp_path / "out"))
+    with pytest.raises(generate.RunFailed, match=r"is a local path, and the cluster has 3 nodes.*--shared-out"):
+        generate.run_generate(cfg)
+
+    class Reached(Exception):
+        pass
+
+    def size_actors(*args):  # the run got past the check
+        raise Reached
+
+    monkeypatch.setattr(generate, "size_actors", size_actors)
+    with pytest.raises(Reached):
+        generate.run_generate(cfg.model_copy(update={"shared_out": True}))
+
+
+# -- bounded text and adapters inside their store --------------------------------------------------------
+
+def test_adapter_links_out_of_the_store_are_refused(tmp_path):
+    from actors.adapters import AdapterError, AdapterStore
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.safetensors").write_bytes(b"not read")
+    store = tmp_path / "store"
+    (store / "styles").mkdir(parents=True)
+    os.symlink(outside / "secret.safetensors", store / "leak.safetensors")
+    os.symlink(outside, store / "styles" / "linked")
+    for name in ("leak", "styles/linked/secret"):
+        with pytest.raises(AdapterError, match="outside the adapter store"):
+            AdapterStore(str(store)).resolve(name)
+
+
+def test_a_long_prompt_gives_a_bounded_warning_and_no_diffusers_notice(caplog):
+    from actors.generate import draw
+    from actors.presets import TOKENIZER_DIR, build_preset
+    from actors.tokenizer import load_tokenizer
+    from manifests.tokens import prompt_overflow
+
+    prompt = "a red star on a gray background " + "with many more words " * 5000
+    warning = prompt_overflow(load_tokenizer(TOKENIZER_DIR), prompt)
+    assert warning is not None and len(warning) < 500 and "more characters" in warning
+
+    pipe = build_preset("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    row = {"id": "r", "prompt": prompt, "negative_prompt": "", "seed": 1, "steps": 1, "guidance_scale": 7.5,
+           "width": 256, "height": 256, "scheduler": "ddim", "model": "default", "adapters": []}
+    with caplog.at_level(logging.WARNING):
+        draw(pipe, [row])
+    assert not [r for r in caplog.records if "truncated because CLIP" in r.getMessage()]
+
+
+# -- failures that read as one line ---------------------------------------------------------------------
+
+def test_a_ledger_the_store_refuses_ends_in_one_line_and_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    import jobs.recorder as recorder
+    from jobs.cli import main
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(3))
+    real_write_part, calls = recorder.write_part, []
+
+    def write_part(*args):
+        calls.append(args)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_write_part(*args)
+
+    monkeypatch.setattr(recorder, "write_part", write_part)
+    monkeypatch.setattr(recorder, "LEDGER_FLUSH_ROWS", 1)
+    out = tmp_path / "out"
+    code = main(["generate", str(manifest), "--out", str(out), "--batch-size", "1", "--no-watermark"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("sdfleet: error:")]
+    assert code == 1 and len(errors) == 1, err[-3000:]
+    assert f"cannot write the ledger to {out}/results" in errors[0] or "cannot write the ledger to file://" in errors[0]
+    assert "No space left on device" in errors[0] and "Traceback" not in err
+    kept = ledger(out)
+    assert len(kept) == 1 and kept[0]["status"] == "ok"  # the first part stands, its image too
+    assert (out / "images" / f"{kept[0]['id']}.png").exists()
+
+
+# -- one run per output -------------------------------------------------------------------------------
+
+def _lease(out, run_id: str, heartbeat_age: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".sdfleet-lease.json").write_text(json.dumps({
+        "run_id": run_id, "host": "other-host", "pid": 4242, "since": "2026-12-04T10:00:00+00:00",
+        "heartbeat": time.time() - heartbeat_age}))
+
+
+def test_a_second_run_into_a_held_output_refuses_naming_the_holder(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    out = tmp_path / "out"
+    _lease(out, "20261204T100000-abc123", heartbeat_age=5)
+    proc = sdfleet("generate", str(manifest), "--out", str(out), timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("sdfleet: error:")]
+    assert len(errors) == 1 and "in use by run 20261204T100000-abc123 (host other-host, pid 4242)" in errors[0]
+    assert "since 2026-12-04T10:00:00+00:00" in errors[0] and "--wait" in errors[0]
+    assert not (out / "images").exists() and not list((out / "results").glob("*.parquet"))
+
+
+def test_wait_waits_for_the_holder_to_let_go(tmp_path, monkeypatch):
+    import jobs.lease as lease
+
+    monkeypatch.setattr(lease, "WAIT_POLL_SECONDS", 0.2)
+    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.05)
+    out = tmp_path / "out"
+    _lease(out, "20261204T100000-abc123", heartbeat_age=1)
+    threading.Timer(1.0, (out / ".sdfleet-lease.json").unlink).start()
+    fs, root = fsspec.core.url_to_fs(str(out))
+    started = time.time()
+    with lease.Lease(fs, root, "mine", wait=True) as held:
+        assert held.holder()["run_id"] == "mine" and time.time() - started >= 1.0
+    assert not (out / ".sdfleet-lease.json").exists()
+    _lease(out, "20261204T100000-abc123", heartbeat_age=1)
+    with pytest.raises(lease.RunFailed, match="in use by run 20261204T100000-abc123"):
+        lease.Lease(fs, root, "mine", wait=False).__enter__()
+
+
+# -- a row that kills its actor -------------------------------------------------------------------------
+
+
+# -- one run with all of it: a stale lease, binary ids with a duplicate, a huge prompt, a row that kills
+#    its actor (one run, not five: each costs half a minute on 2 cores) ------------------------------------
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    schema = pa.schema([("id", pa.binary()), ("prompt", pa.string()), ("steps", pa.int64()),
+                        ("width", pa.int64()), ("height", pa.int64())])
+    binary = write_manifest(tmp / "binary.parquet", [
+        {"id": i, "prompt": f"a red star on a gray background {n}", **FAST} for n, i in enumerate([b"dup", b"dup", b"solo"])
+    ], schema=schema)
+    text = rows(5, prefix="t")
+    text[1]["prompt"] = "a red star on a gray background " + "and more words " * 7000
+    poison = text[3]["id"]
+    strings = write_manifest(tmp / "strings.parquet", text)
+    out = tmp / "out"
+    _lease(out, "20261204T090000-dead00", heartbeat_age=3600)  # a run that died holding it
+    proc = sdfleet("generate", str(binary), str(strings), "--out", str(out), "--batch-size", "3", "--no-watermark",
+                   "--verbose", env={"SDFLEET_TEST_KILL_ACTOR_ON_ROW": poison})
+    return {"proc": proc, "out": out, "binary": binary, "text": text, "poison": poison,
+            "entries": {(e["id"], e["row"]): e for e in ledger(out)}}
+
+
+def test_every_row_of_the_mixed_run_is_recorded_once(mixed_run):
+    proc, entries = mixed_run["proc"], mixed_run["entries"]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    expected = {("dup", 0), ("dup", 1), ("solo", 2), *((r["id"], n) for n, r in enumerate(mixed_run["text"]))}
+    assert set(entries) == expected and len(ledger(mixed_run["out"])) == len(expected)
+
+
+def test_a_binary_id_duplicate_is_invalid_in_generate_and_validate(mixed_run):
+    entries = mixed_run["entries"]
+    assert [entries[("dup", 0)]["status"], entries[("dup", 1)]["status"]] == ["invalid", "invalid"]
+    assert "appears in 2 rows" in entries[("dup", 0)]["error"] and entries[("solo", 2)]["status"] == "ok"
+    assert not (mixed_run["out"] / "images" / "dup.png").exists()
+    check = sdfleet("manifest", "validate", str(mixed_run["binary"]))
+    assert check.returncode == 1, check.stdout + check.stderr
+    dup_lines = [line for line in check.stdout.splitlines() if "(`dup`)" in line and "appears in 2 rows" in line]
+    assert len(dup_lines) == 2 and " row 0 " in dup_lines[0] and " row 1 " in dup_lines[1], check.stdout
+
+
+def test_a_huge_prompt_gives_a_bounded_warning_and_line(mixed_run):
+    long_row = mixed_run["text"][1]
+    entry = mixed_run["entries"][(long_row["id"], 1)]
+    assert entry["status"] == "ok" and 0 < len(entry["warning"]) < 500, entry["warning"][:300]
+    stderr = mixed_run["proc"].stderr
+    assert max(len(line) for line in stderr.splitlines()) < 2000
+    assert "truncated because CLIP" not in stderr
+
+
+def test_a_row_that_kills_its_actor_fails_alone_and_the_run_goes_on(mixed_run):
+    poison, entries = mixed_run["poison"], mixed_run["entries"]
+    failed = entries[(poison, 3)]
+    assert failed["status"] == "failed" and "died twice" in failed["error"] and f"(`{poison}`)" in failed["error"]
+    others = [e for (i, _), e in entries.items() if i not in (poison, "dup")]
+    assert others and all(e["status"] == "ok" for e in others)
+    images = sorted(p.stem for p in (mixed_run["out"] / "images").glob("*.png"))
+    assert images == sorted(["solo", *(r["id"] for r in mixed_run["text"] if r["id"] != poison)])
+    assert "failed: " in mixed_run["proc"].stderr and poison in mixed_run["proc"].stderr
+
+
+def test_a_stale_lease_is_taken_over_and_said_so_and_the_lease_goes_with_the_run(mixed_run):
+    assert "taking over the lease of run 20261204T090000-dead00" in mixed_run["proc"].stderr
+    assert run_summary(mixed_run["out"])["rows"] == 8 and not (mixed_run["out"] / ".sdfleet-lease.json").exists()
+
+
+def test_a_lease_whose_process_is_gone_on_this_machine_is_taken_over_at_once(tmp_path, monkeypatch, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    import jobs.lease as lease
+
+    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.05)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".sdfleet-lease.json").write_text(json.dumps({
+        "run_id": "killed", "host": socket.gethostname(), "pid": dead.pid, "since": "x", "heartbeat": time.time()}))
+    fs, root = fsspec.core.url_to_fs(str(out))
+    with lease.Lease(fs, root, "mine") as held:
+        assert held.holder()["run_id"] == "mine"
+    said = capsys.readouterr().err
+    assert "taking over the lease of run killed" in said and "its process is gone" in said, said
+
+
+def test_plan_only_counts_what_would_be_drawn_and_writes_nothing(mixed_run):
+    out = mixed_run["out"]
+    before = sorted(p.name for p in out.rglob("*"))
+    strings = mixed_run["binary"].with_name("strings.parquet")
+    proc = sdfleet("generate", str(strings), "--out", str(out), "--plan-only", "--batch-size", "3", "--no-watermark")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # 5 rows: the one that killed its actor has no ok entry, so it would be drawn; the other 4 are done
+    assert "of 5 rows 1 would be drawn, 4 are done, 0 would be recovered" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.rglob("*")) == before

@@ -50,10 +50,14 @@ class Lease:
     def holder(self) -> dict | None:
         """The lease as it is in the store, or None when there is none (or it cannot be parsed)."""
         try:
-            return json.loads(self.fs.cat_file(self.path))
+            data = self.fs.cat_file(self.path)
         except FileNotFoundError:
             return None
-        except (ValueError, OSError):
+        except Exception as exc:  # any store error: the output cannot be used
+            raise RunFailed(f"cannot read the lease {self.fs.unstrip_protocol(self.path)}: {one_line(exc)}") from exc
+        try:
+            return json.loads(data)
+        except ValueError:
             return None
 
     def _write(self) -> None:
@@ -94,12 +98,12 @@ class Lease:
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=HEARTBEAT_SECONDS + 5)
-        held = self.holder()
-        if held and held.get("run_id") == self.run_id:
-            try:
+        try:
+            held = self.holder()
+            if held and held.get("run_id") == self.run_id:
                 self.fs.rm_file(self.path)
-            except OSError:
-                pass  # a stale lease is taken over by the next run anyway
+        except Exception:  # noqa: BLE001 - a store gone now must not hide why the run ended; a lease
+            pass  # left behind goes stale and is taken over by the next run
 
     def _holder_gone(self, held: dict) -> bool:
         """True when the holder ran on this machine and its process no longer exists (killed, crashed):

@@ -1,0 +1,134 @@
+"""Every store path through a real S3 server: moto's server mode on loopback, spoken to by s3fs over HTTP.
+
+Credentials and the endpoint reach sdfleet, its actors and its tasks through the environment only
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), as on a real cluster; no output may show them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import REPO, UNET_TARGETS, diffusers_file, make_lora, rows, sdfleet, write_manifest
+
+SECRET = "sdfleet-test-secret-0451"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with one bucket; yields an s3fs filesystem and a server restarter."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    env = {"AWS_ACCESS_KEY_ID": "sdfleet-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2",
+           "SDFLEET_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
+    servers[0].start()
+
+    def restart():  # moto keeps its buckets in this process: a new server on the port serves them again
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("sdfleet")
+    yield {"fs": fs, "servers": servers, "restart": restart}
+    servers[-1].stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _objects(fs, prefix: str) -> list[str]:
+    fs.invalidate_cache()
+    return [p for p in fs.find(prefix)]
+
+
+def test_generate_reads_model_adapters_and_manifests_from_s3_and_writes_there(s3, tmp_path):
+    from actors.models import export_preset
+    from actors.presets import build_preset
+
+    fs = s3["fs"]
+    # the model, an adapter and the manifest, all in the bucket
+    export_preset("tiny", str(tmp_path / "tiny"))
+    fs.put(str(tmp_path / "tiny"), "sdfleet/models/tiny", recursive=True)
+    unet = build_preset("tiny").unet
+    fs.pipe("sdfleet/adapters/style.safetensors", diffusers_file(tmp_path, make_lora(unet, UNET_TARGETS, seed=3)))
+    records = rows(3) + rows(1, prefix="styled", adapters=[{"name": "style", "scale": 0.8}])
+    fs.put(str(write_manifest(tmp_path / "m.parquet", records)), "sdfleet/manifests/m.parquet")
+
+    argv = ["generate", "s3://sdfleet/manifests/m.parquet", "--out", "s3://sdfleet/runs/a", "--model",
+            "default=s3://sdfleet/models/tiny", "--adapters", "s3://sdfleet/adapters", "--batch-size", "2"]
+    proc = sdfleet(*argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = sorted(p.rsplit("/", 1)[-1] for p in _objects(fs, "sdfleet/runs/a/images"))
+    assert images == sorted(f"{r['id']}.png" for r in records)
+    entries = [e for p in _objects(fs, "sdfleet/runs/a/results")
+               for e in pq.read_table(fs.open(p, "rb")).to_pylist()]
+    assert sorted(e["id"] for e in entries if e["status"] == "ok") == sorted(r["id"] for r in records)
+    assert all(e["uri"].startswith("s3://sdfleet/runs/a/images/") for e in entries)
+    assert not fs.exists("sdfleet/runs/a/.sdfleet-lease.json")  # the lease went with the run
+
+    # credentials never show: not on the terminal, not in the run's log, not in what the run wrote
+    log_line = next(line for line in proc.stderr.splitlines() if "libraries' messages:" in line)
+    log_text = open(log_line.rsplit(": ", 1)[-1]).read()
+    written = b"".join(fs.cat_file(p) for p in _objects(fs, "sdfleet/runs/a") if not p.endswith(".png"))
+    for text in (proc.stdout, proc.stderr, log_text, written.decode("utf-8", "replace")):
+        assert SECRET not in text and "sdfleet-test-key" not in text
+
+    again = sdfleet(*argv)
+    assert again.returncode == 0 and "nothing to draw" in again.stderr, again.stderr[-2000:]
+
+
+def test_the_store_going_away_mid_run_is_one_line_and_the_rerun_completes(s3, tmp_path):
+    fs = s3["fs"]
+    records = rows(16)
+    fs.put(str(write_manifest(tmp_path / "m.parquet", records)), "sdfleet/manifests/outage.parquet")
+    argv = ["generate", "s3://sdfleet/manifests/outage.parquet", "--out", "s3://sdfleet/runs/outage",
+            "--batch-size", "2", "--no-watermark"]
+    log = open(tmp_path / "run1.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", *argv], cwd=REPO, stdout=log, stderr=log,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "SDFLEET_LEDGER_FLUSH_SECONDS": "0"},
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not _objects(fs, "sdfleet/runs/outage/results"):
+        assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+        time.sleep(0.5)
+    s3["servers"][-1].stop()  # the store goes away mid-run
+    try:
+        code = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        s3["restart"]()
+    stderr = (tmp_path / "run1.log").read_text()
+    errors = [line for line in stderr.splitlines() if line.startswith("sdfleet: error:")]
+    assert code == 1 and len(errors) == 1, stderr[-3000:]
+    assert "s3://sdfleet/runs/outage" in errors[0] and "Traceback" not in stderr, errors
+
+    rerun = sdfleet(*argv)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    entries = [e for p in _objects(fs, "sdfleet/runs/outage/results")
+               for e in pq.read_table(fs.open(p, "rb")).to_pylist()]
+    ok_ids = sorted(e["id"] for e in entries if e["status"] == "ok")
+    assert ok_ids == sorted(r["id"] for r in records), "every row ok exactly once"

@@ -173,21 +173,24 @@ def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{r['id']}.png" for r in good)
 
 
-def test_setup_errors_exit_1_with_one_clear_line(tmp_path):
+def test_setup_errors_exit_1_with_one_clear_line(tmp_path, capsys):
+    from jobs.cli import main
+
     manifest = write_manifest(tmp_path / "m.parquet", rows(2))
-    cases = [
+    cases = [  # in this process (each is refused before or just after Ray starts), then the CLI's own process
         (["--model", "default=/nonexistent/model"], "default=/nonexistent/model"),
         (["--actors", "0"], "--actors"),
-        (["--backend", "tensorrt", "--device", "cpu"], "--backend tensorrt needs an NVIDIA GPU"),
         (["--watermark", ""], "--watermark"),
     ]
     for flags, needle in cases:
-        proc = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"), *flags)
-        assert proc.returncode == 1, (flags, proc.stderr[-2000:])
-        assert needle in proc.stderr, (flags, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    proc = sdfleet("generate", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 1 and "missing.parquet" in proc.stderr
+        code = main(["generate", str(manifest), "--out", str(tmp_path / "out"), *flags])
+        err = capsys.readouterr().err
+        assert code == 1 and needle in err and "Traceback" not in err, (flags, err[-2000:])
+    proc = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"), "--backend", "tensorrt", "--device", "cpu")
+    assert proc.returncode == 1 and "--backend tensorrt needs an NVIDIA GPU" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert main(["generate", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out")]) == 1
+    assert "missing.parquet" in capsys.readouterr().err
 
 
 def test_onnx_backend_draws_what_eager_drew(run64, tmp_path):

@@ -62,7 +62,7 @@ def _images(out) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.parametrize("when", ["late", "before-any-ledger-part"])
 def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_finished(tmp_path, when):
-    records = rows(40, steps=3)
+    records = rows(24, steps=3)
     manifest = write_manifest(tmp_path / "m.parquet", records)
     out = tmp_path / "out"
     if when == "late":  # a ledger part per batch; killed after two

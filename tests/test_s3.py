@@ -101,7 +101,7 @@ def test_generate_reads_model_adapters_and_manifests_from_s3_and_writes_there(s3
 
 def test_the_store_going_away_mid_run_is_one_line_and_the_rerun_completes(s3, tmp_path):
     fs = s3["fs"]
-    records = rows(16)
+    records = rows(10)
     fs.put(str(write_manifest(tmp_path / "m.parquet", records)), "sdfleet/manifests/outage.parquet")
     argv = ["generate", "s3://sdfleet/manifests/outage.parquet", "--out", "s3://sdfleet/runs/outage",
             "--batch-size", "2", "--no-watermark"]

@@ -82,5 +82,4 @@ def test_ray_and_library_messages_go_to_the_run_log_unless_verbose(tmp_path):
     for noise in ("execution finished", "Progress bars disabled", "Token authentication"):
         assert noise not in quiet.stderr, noise
     assert "[sdfleet] done in" in quiet.stderr
-    loud = sdfleet("generate", str(manifest), "--out", str(tmp_path / "loud"), "--verbose")
-    assert loud.returncode == 0 and "execution finished" in loud.stderr
+    # with --verbose they show here too: tests/test_identity_and_stores.py checks that on its --verbose run

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow.parquet as pq
@@ -27,30 +28,85 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Cable:
+    """A TCP relay between sdfleet and the S3 server that a test can cut: every open connection is closed and
+    new ones are refused, as when a store goes away (stopping the server alone leaves keep-alive connections
+    served), then plugged in again on the same port."""
+
+    def __init__(self, port: int, upstream: int):
+        self.port, self.upstream = port, upstream
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener: socket.socket | None = None
+
+    def plug(self) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            self.listener.close()
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self.sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            with self.lock:
+                self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto S3 server on loopback with one bucket; yields an s3fs filesystem and a server restarter."""
+    """A moto S3 server on loopback with one bucket, reached through a Cable; yields an s3fs filesystem
+    (which talks to the server directly) and the cable."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    server_port, port = _free_port(), _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=server_port, verbose=False)
+    server.start()
+    cable = Cable(port, server_port)
+    cable.plug()
     env = {"AWS_ACCESS_KEY_ID": "sdfleet-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2",
            "SDFLEET_CACHE": str(tmp_path_factory.mktemp("cache"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    servers = [ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)]
-    servers[0].start()
-
-    def restart():  # moto keeps its buckets in this process: a new server on the port serves them again
-        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
-        servers[-1].start()
-
     import s3fs
 
-    fs = s3fs.S3FileSystem()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://127.0.0.1:{server_port}"})
     fs.mkdir("sdfleet")
-    yield {"fs": fs, "servers": servers, "restart": restart}
-    servers[-1].stop()
+    yield {"fs": fs, "cable": cable}
+    cable.cut()
+    server.stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -113,14 +169,14 @@ def test_the_store_going_away_mid_run_is_one_line_and_the_rerun_completes(s3, tm
     while time.time() < deadline and not _objects(fs, "sdfleet/runs/outage/results"):
         assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
         time.sleep(0.5)
-    s3["servers"][-1].stop()  # the store goes away mid-run
+    s3["cable"].cut()  # the store goes away mid-run
     try:
         code = proc.wait(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     finally:
-        s3["restart"]()
+        s3["cable"].plug()
     stderr = (tmp_path / "run1.log").read_text()
     errors = [line for line in stderr.splitlines() if line.startswith("sdfleet: error:")]
     assert code == 1 and len(errors) == 1, stderr[-3000:]

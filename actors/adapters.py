@@ -19,6 +19,8 @@ from typing import Literal
 
 import fsspec
 
+from manifests.stores import is_local_fs
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what actors.textual_inversion.save_embedding writes
 FOLDER_FILES = (LORA_FILE, EMBEDDING_FILE)
@@ -164,7 +166,7 @@ class AdapterStore:
         """On a local store, a symbolic link (of the file or a folder on its way) must not lead out of the
         store's root: the store is what the user named, not whatever its links point at. Object stores
         have no links."""
-        if "file" not in self.fs.protocol and "local" not in self.fs.protocol:
+        if not is_local_fs(self.fs):
             return
         root = os.path.realpath(self.root)
         real = os.path.realpath(path)

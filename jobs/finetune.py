@@ -30,7 +30,7 @@ from cluster.connect import ClusterError, alive_nodes, connect
 from jobs.console import log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import check_dataset
-from manifests.stores import is_local_path, multi_node_reason
+from manifests.stores import is_local_fs, is_local_path, multi_node_reason
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
@@ -132,7 +132,7 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
 
     LocalTorchTrainer = _local_trainer_class()
     # Ray Train writes checkpoints through pyarrow; any fsspec store (s3, gs, memory) goes through an adapter.
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if is_local_fs(fs):
         storage = dict(storage_path=root)
     else:
         storage = dict(storage_path=root, storage_filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))

@@ -35,7 +35,7 @@ from jobs.lease import Lease
 from jobs.recorder import Recorder
 from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, settled_row
 from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
-from manifests.stores import is_local_path, multi_node_reason, process_local, unshared_reason
+from manifests.stores import is_local_fs, is_local_path, multi_node_reason, process_local, unshared_reason
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -152,9 +152,15 @@ def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, acto
 
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
+    try:
+        return _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, startup, resources, actor_cls)
+    finally:
+        ray.shutdown()
+
+
+def _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, startup, resources, actor_cls) -> dict:
     nodes = alive_nodes()
     if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:
-        ray.shutdown()
         raise RunFailed(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
     sizing = size_actors(cfg.actors, resources, cfg.device)
     finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"
@@ -169,15 +175,13 @@ def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, acto
                            finish=None if finish_inline else finishing, actor_cls=actor_cls)
     except BackendError as exc:
         raise RunFailed(str(exc)) from exc
-    finally:
-        ray.shutdown()
     return summary
 
 
 def _log_path(fs, root: str, run_id: str, in_out: bool = True) -> str:
     """The run's log file: OUT/logs/<run>.log on a local output, else (an object store cannot be appended
     to line by line, and --plan-only writes nothing into --out) a local temporary file."""
-    if in_out and ("file" in fs.protocol or "local" in fs.protocol):
+    if in_out and is_local_fs(fs):
         folder = os.path.join(root, "logs")
         os.makedirs(folder, exist_ok=True)
     else:

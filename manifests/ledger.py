@@ -17,6 +17,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.stores import is_local_fs
+
 STATUSES = ("ok", "failed", "invalid")
 
 ADAPTER_TYPE = pa.list_(pa.struct([("name", pa.string()), ("scale", pa.float64())]))
@@ -73,7 +75,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     Local files go through a hidden temporary file in the same folder and `os.replace`; object stores
     (S3, GCS) make an object visible only once its upload completes, so one put is already atomic.
     """
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if is_local_fs(fs):
         folder, name = os.path.split(path)
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -92,7 +94,7 @@ def remove_stale_temp_files(fs: fsspec.AbstractFileSystem, root: str, older_than
     Only local stores have them (see atomic_write). A temp file younger than `older_than` seconds may
     belong to a run still writing into the same output, so it stays.
     """
-    if not ("file" in fs.protocol or "local" in fs.protocol):
+    if not is_local_fs(fs):
         return 0
     import time
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import coerced_id
+from manifests.stores import is_local_fs
 
 
 class ManifestError(Exception):
@@ -55,7 +56,7 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
 
 def _uri(fs, path: str) -> str:
     """A URI that reopens `path`; local files stay plain paths so messages read naturally."""
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if is_local_fs(fs):
         return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
     return fs.unstrip_protocol(path)
 

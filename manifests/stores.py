@@ -11,9 +11,18 @@ import fsspec
 PROCESS_LOCAL = ("memory",)  # fsspec protocols whose files exist in one process only
 
 
+def fs_protocols(fs) -> tuple[str, ...]:
+    """A filesystem's protocol names (fsspec gives a string or a tuple)."""
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
 def protocols(uri: str) -> tuple[str, ...]:
-    protocol = fsspec.core.url_to_fs(uri)[0].protocol
-    return protocol if isinstance(protocol, tuple) else (protocol,)
+    return fs_protocols(fsspec.core.url_to_fs(uri)[0])
+
+
+def is_local_fs(fs) -> bool:
+    """True for this machine's disk: files there can be renamed, listed with os, and reached by links."""
+    return any(p in ("file", "local") for p in fs_protocols(fs))
 
 
 def process_local(uri: str) -> bool:
@@ -23,7 +32,7 @@ def process_local(uri: str) -> bool:
 
 def is_local_path(uri: str) -> bool:
     """True for a path on this machine's disk (a plain path or file://)."""
-    return any(p in ("file", "local") for p in protocols(uri))
+    return is_local_fs(fsspec.core.url_to_fs(uri)[0])
 
 
 def unshared_reason(flag: str, uri: str) -> str:

@@ -19,6 +19,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from actors.backends.base import ADAPTABLE, Backend, BackendError, adaptable_layers
+from manifests.stores import is_local_fs
 
 OPSET = 20
 EXPORT_VERSION = 1  # bump when what an export contains changes, so old cache entries are not used
@@ -134,13 +135,13 @@ class ExportCache:
         if model.exists():
             return model
         remote = f"{self.root.rstrip('/')}/{key}"
-        if not _is_local(self.fs) and self.fs.exists(f"{remote}/{filename}"):
+        if not is_local_fs(self.fs) and self.fs.exists(f"{remote}/{filename}"):
             _fetch(self.fs, remote, folder)
             return model
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_ensure(self.local)))
         try:
             build(staging / filename)
-            if not _is_local(self.fs):  # data files first, the main file last: its presence marks a whole entry
+            if not is_local_fs(self.fs):  # data files first, the main file last: its presence marks a whole entry
                 for item in sorted(staging.iterdir(), key=lambda p: p.name == filename):
                     self.fs.put_file(str(item), f"{remote}/{item.name}")
             try:
@@ -150,10 +151,6 @@ class ExportCache:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return model
-
-
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _ensure(path: Path) -> Path:

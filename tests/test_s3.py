@@ -6,6 +6,7 @@ Credentials and the endpoint reach sdfleet, its actors and its tasks through the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import REPO, UNET_TARGETS, diffusers_file, make_lora, rows, sdfleet, write_manifest
+from helpers import (REPO, UNET_TARGETS, assert_same_pixels, diffusers_file, make_lora, pixels, rows, run_summary,
+                     sdfleet, write_manifest)
+from jobs.synthetic import write_images
 
 SECRET = "sdfleet-test-secret-0451"
 
@@ -188,3 +191,62 @@ def test_the_store_going_away_mid_run_is_one_line_and_the_rerun_completes(s3, tm
                for e in pq.read_table(fs.open(p, "rb")).to_pylist()]
     ok_ids = sorted(e["id"] for e in entries if e["status"] == "ok")
     assert ok_ids == sorted(r["id"] for r in records), "every row ok exactly once"
+
+
+def _train_log(fs, out: str) -> list[dict]:
+    fs.invalidate_cache()
+    return [json.loads(line) for line in fs.cat_file(f"{out}/train_log.jsonl").decode().splitlines()]
+
+
+def test_finetune_reads_its_data_from_s3_and_checkpoints_and_resumes_there(s3, tmp_path):
+    """`dataset build` into the bucket, a LoRA fine-tune from it with checkpoints in the bucket, then the
+    same run extended: it resumes from the bucket's checkpoint, and `generate` loads the adapter from there."""
+    fs = s3["fs"]
+    write_images(tmp_path / "images", 4, size=96, seed=2)
+    build = sdfleet("dataset", "build", str(tmp_path / "images"), "-o", "s3://sdfleet/data/shapes", "--resolution", "64")
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert any(p.endswith(".parquet") for p in _objects(fs, "sdfleet/data/shapes"))
+
+    flags = ["finetune", "lora", "--data", "s3://sdfleet/data/shapes", "--base", "tiny", "--out",
+             "s3://sdfleet/tunes/lora", "--workers", "2", "--batch-size", "2", "--resolution", "64",
+             "--log-every", "1", "--checkpoint-every", "2", "--seed", "5"]
+    first = sdfleet(*flags, "--steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert any("checkpoint" in p for p in _objects(fs, "sdfleet/tunes/lora/checkpoints"))
+    more = sdfleet(*flags, "--steps", "3")  # the same run, extended: on from the bucket's checkpoint at step 2
+    assert more.returncode == 0, more.stderr[-3000:]
+    log = _train_log(fs, "sdfleet/tunes/lora")
+    resumed = [r for r in log if r.get("event") == "resumed"]
+    assert [r["step"] for r in resumed] == [2] and [r["step"] for r in log if "loss" in r][-1] == 3
+    assert fs.exists("sdfleet/tunes/lora/pytorch_lora_weights.safetensors")
+    for text in (build.stderr, first.stdout, first.stderr, more.stdout, more.stderr):
+        assert SECRET not in text
+
+    # what the fine-tune wrote, generate loads straight from the bucket
+    fs.copy("sdfleet/tunes/lora/pytorch_lora_weights.safetensors", "sdfleet/tuned-adapters/mine.safetensors")
+    records = rows(1, prefix="tuned", adapters=[{"name": "mine", "scale": 1.0}])
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    gen = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"), "--adapters", "s3://sdfleet/tuned-adapters")
+    assert gen.returncode == 0 and (tmp_path / "out" / "images" / "tuned-000.png").is_file(), gen.stderr[-3000:]
+
+
+def test_the_onnx_backend_cache_lives_in_s3_and_a_second_node_starts_warm(s3, tmp_path):
+    """Exports go to `--backend-cache s3://...`; a run on a machine whose local cache is empty (another
+    node, a fresh pod) fetches them from the bucket instead of exporting again."""
+    fs = s3["fs"]
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2, steps=1, width=64, height=64))
+    argv = ["generate", str(manifest), "--backend", "onnx", "--backend-cache", "s3://sdfleet/backend-cache",
+            "--no-watermark"]
+    cold = sdfleet(*argv, "--out", str(tmp_path / "cold"), env={"SDFLEET_CACHE": str(tmp_path / "node-a")})
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    (stats,) = run_summary(tmp_path / "cold")["backend_stats"].values()
+    assert stats["exports"] == 3
+    entries = {p.rsplit("/", 2)[-2] for p in _objects(fs, "sdfleet/backend-cache") if p.endswith("model.onnx")}
+    assert len(entries) == 3, entries
+
+    warm = sdfleet(*argv, "--out", str(tmp_path / "warm"), env={"SDFLEET_CACHE": str(tmp_path / "node-b")})
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    (stats,) = run_summary(tmp_path / "warm")["backend_stats"].values()
+    assert stats["exports"] == 0 and stats["sessions"] == 3
+    assert_same_pixels(pixels(tmp_path / "warm" / "images" / "row-000.png"),
+                       pixels(tmp_path / "cold" / "images" / "row-000.png"), "fetched export vs fresh export")

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from actors.adapters import AdapterStore
 from actors.backends import Backend, make_backend
+from actors.batch_size import AUTO_BLOCK, BatchSizes
 from actors.crash_journal import kill_if_asked
 from actors.finish import finish_rows
 from actors.generate import draw_rows
@@ -30,19 +31,21 @@ class GeneratorActor:
     """One per GPU (or CPU share). Ray Data calls it with tables of work rows (manifests.rows.WORK_SCHEMA);
     it returns drawn rows (DRAWN_SCHEMA), or ledger rows (RESULT_SCHEMA) when it finishes them itself."""
 
-    def __init__(self, models: dict[str, dict[str, Any]], out_uri: str, batch_size: int,
+    def __init__(self, models: dict[str, dict[str, Any]], out_uri: str, batch_size: int | str,
                  device: str = "cpu", torch_threads: int = 1, adapters_uri: str | None = None,
-                 backend: str = "eager", backend_cache: str | None = None, max_lora_rank: int = 64,
+                 backend: str = "eager", backend_cache: str | None = None, compile_mode: str = "auto",
                  finish_inline: bool = False, journal: str | None = None):
         started = time.time()
         self.device, self.torch_threads = device, torch_threads
         self.models = {name: ModelInfo(**info) for name, info in models.items()}
         self.fs, self.root = fsspec.core.url_to_fs(out_uri)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # or "auto": chosen per model and size (actors.batch_size)
+        self.auto = BatchSizes(backend_cache) if batch_size == "auto" else None
+        self.block = AUTO_BLOCK if batch_size == "auto" else batch_size  # the most rows one call brings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._loaded: tuple[str, Any] | None = None
         self.store = AdapterStore(adapters_uri) if adapters_uri else None
-        self.backend_name, self.backend_cache, self.max_lora_rank = backend, backend_cache, max_lora_rank
+        self.backend_name, self.backend_cache, self.compile_mode = backend, backend_cache, compile_mode
         self.backend: Backend | None = None  # around the loaded pipeline
         self.swaps_before = (0, 0.0)  # swap counters of backends of pipelines no longer loaded
         self.calls = 0
@@ -79,8 +82,8 @@ class GeneratorActor:
             info = self.models[name]
             pipe = load_pipeline(info, self.device, self.dtype)
             self.backend = make_backend(self.backend_name, pipe, self.store, cache_uri=self.backend_cache,
-                                        fingerprint=info.fingerprint, max_batch=self.batch_size,
-                                        max_lora_rank=self.max_lora_rank)
+                                        fingerprint=info.fingerprint, max_batch=self.block,
+                                        compile_mode=self.compile_mode)
             self._loaded = (name, pipe)
         return self.backend
 
@@ -99,7 +102,11 @@ class GeneratorActor:
     def draw(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Drawn rows (manifests.rows.DRAWN_SCHEMA, without the actor fields) for a block of work rows."""
         kill_if_asked(rows)
-        return draw_rows(self.ready_for, rows, max_batch=self.batch_size)
+        return draw_rows(self.ready_for, rows, max_batch=self.batch_for if self.auto else self.batch_size)
+
+    def batch_for(self, row: dict[str, Any]) -> int:
+        """`--batch-size auto`: the batch for `row`'s model and size, measured once per device (actors.batch_size)."""
+        return self.auto.get(row, self.models[row["model"]].fingerprint, self.backend_name, self.ready_for)
 
     def draw_guarded(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`draw`, except for a block an actor died drawing: then row by row, and a row that killed an actor
@@ -135,7 +142,8 @@ class GeneratorActor:
         drawn = self.draw_guarded([r for r in rows if r["status"] is None])
         swaps, seconds = self.swap_counters()
         self.calls += 1
-        stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup, "calls": self.calls})
+        auto = {"auto_batch_size": self.auto.chosen, "auto_batch_probed": self.auto.probed} if self.auto else {}
+        stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup, "calls": self.calls, **auto})
         for row in drawn:
             row.update(actor=self.name, adapter_swaps=swaps, adapter_swap_seconds=seconds, backend_stats=stats)
         drawn += settled

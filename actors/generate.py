@@ -35,15 +35,17 @@ if not any(isinstance(f, _NoTruncationNotice) for f in _PIPELINE_LOGGER.filters)
     _PIPELINE_LOGGER.addFilter(_NoTruncationNotice())
 
 
-def plan_groups(rows: list[dict], max_batch: int) -> list[list[dict]]:
-    """Split rows into batches of at most `max_batch` rows that share a group key, keeping first-seen order."""
+def plan_groups(rows: list[dict], max_batch: int | Callable[[dict], int]) -> list[list[dict]]:
+    """Split rows into batches of at most `max_batch` rows (or `max_batch(first row)` for each group) that
+    share a group key, keeping first-seen order."""
     order = {}
     for row in rows:
         order.setdefault(group_key(row), len(order))
     batches = []
     for _, same in groupby(sorted(rows, key=lambda r: order[group_key(r)]), key=group_key):
         same = list(same)
-        batches += [same[i:i + max_batch] for i in range(0, len(same), max_batch)]
+        limit = max_batch(same[0]) if callable(max_batch) else max_batch
+        batches += [same[i:i + limit] for i in range(0, len(same), limit)]
     return batches
 
 
@@ -82,7 +84,8 @@ def model_scheduler_config(pipe) -> Any:
     return pipe.sdfleet_model_scheduler_config
 
 
-def draw_rows(get_pipe: Callable[[dict], Any], rows: list[dict[str, Any]], *, max_batch: int) -> list[dict[str, Any]]:
+def draw_rows(get_pipe: Callable[[dict], Any], rows: list[dict[str, Any]], *,
+              max_batch: int | Callable[[dict], int]) -> list[dict[str, Any]]:
     """Draw every row; returns one drawn row (manifests.rows.DRAWN_SCHEMA, without actor fields) per input row.
 
     `get_pipe(row)` returns the pipeline ready to draw the row's group: its model loaded, its adapters

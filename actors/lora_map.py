@@ -12,8 +12,8 @@ kohya, old diffusers):
   others: A -> B -> A would blend A and B (NVIDIA/TensorRT#3628). Every update is computed from W0, never
   from the weights now in place, so no rounding drift builds up over many switches.
 
-The ONNX backend writes these updates into its weight inputs, the TensorRT backend through `trt.Refitter`;
-the compile backend concatenates the matrices of a blend into one LoRA (`concat_layers`) for diffusers' hotswap.
+The ONNX backend writes these updates into its weight inputs, the TensorRT backend through `trt.Refitter`,
+the compile backend into the model's own weights in place (`InPlaceLoras`).
 """
 
 from __future__ import annotations
@@ -118,23 +118,44 @@ def switch_updates(base: dict[str, torch.Tensor], old: list[tuple[Layers, float]
         if name not in touched_new:
             updates[name] = w0
             continue
-        total = torch.zeros(w0.shape, dtype=torch.float32)
+        total = torch.zeros(w0.shape, dtype=torch.float32, device=w0.device)
         for a, b, scale in touched_new[name]:
-            total += scale * delta(a, b)
+            total += scale * delta(a.to(w0.device), b.to(w0.device))
         updates[name] = (w0.float() + total).to(w0.dtype)
     return updates
 
 
-def concat_layers(adapters: list[tuple[Layers, float]]) -> Layers:
-    """One LoRA equal to the scaled sum of `adapters`: per layer, the A matrices stacked, the B matrices side by side.
+class InPlaceLoras:
+    """Adapter sets written straight into a model's own weights: `W0 + sum(s * B @ A)`, in place.
 
-    `s1 B1 A1 + s2 B2 A2 = [s1 B1 | s2 B2] @ [A1 ; A2]`, so a blend is one LoRA of the summed rank. The
-    compile backend hotswaps this into its one adapter slot instead of switching active adapters, which
-    would recompile the UNet.
+    `targets` maps layer names (`"unet.<path>"`) to the weight tensors to write (a parameter, or a view
+    into a fused one). A layer's original W0 is copied the first time a set touches it and kept once,
+    whatever adapters come after; `switch(new)` writes the union of the layers the old and the new set
+    touch (`switch_updates`), always from W0, so any sequence of switches ends on the same bits as
+    switching once. The tensors keep their storage, so a compiled graph or CUDA graph that reads them
+    needs no recompile and no re-capture.
     """
-    grouped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for layers, scale in adapters:
-        for name, (a, b) in layers.items():
-            grouped.setdefault(name, []).append((a, b * scale))
-    return {name: (torch.cat([a for a, _ in pairs], 0), torch.cat([b for _, b in pairs], 1))
-            for name, pairs in grouped.items()}
+
+    def __init__(self, targets: dict[str, torch.Tensor]):
+        self.targets = targets
+        self.originals: dict[str, torch.Tensor] = {}
+        self.active: list[tuple[Layers, float]] = []
+
+    def switch(self, new: list[tuple[Layers, float]]) -> None:
+        for layers, _ in new:
+            for name in layers:
+                if name not in self.originals:
+                    if name not in self.targets:
+                        raise LoraMapError(f"{name} is not a layer this backend can adapt")
+                    self.originals[name] = self.targets[name].detach().clone()
+        updates = switch_updates(self.originals, self.active, new)  # raises before anything is written
+        with torch.no_grad():
+            try:
+                for name, weight in updates.items():
+                    self.targets[name].copy_(weight)
+            except BaseException:  # half written: back to W0 everywhere, so no set is half active
+                for name, weight in self.originals.items():
+                    self.targets[name].copy_(weight)
+                self.active = []
+                raise
+        self.active = new

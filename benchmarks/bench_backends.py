@@ -86,7 +86,7 @@ def measure(name: str, args, store) -> dict:
         backend = make_backend("eager", pipe, None)
     else:
         backend = make_backend(name, pipe, store if args.swaps else None, fingerprint=f"bench-{args.preset}",
-                               max_batch=args.batch_size, max_lora_rank=8)
+                               max_batch=args.batch_size)
     rows = rows_for(args.preset, args.batch_size, args.size, args.steps)
     draw(backend.pipe, rows)  # warm-up: compiles, exports, builds
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

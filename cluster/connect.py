@@ -76,14 +76,40 @@ def library_logs_to(path: str, verbose: bool):
                 data.removeHandler(h)
     if not data.propagate:
         data.addHandler(handler)
+    saved_print = _route_cluster_notices(logging.getLogger("ray.notices")) if not verbose else None
     try:
         yield
     finally:
+        if saved_print is not None:
+            import ray._private.worker as ray_worker
+
+            ray_worker.print_to_stdstream = saved_print
         root.removeHandler(handler)
         root.setLevel(saved[0])
         ray_logger.propagate = saved[1]
         data.handlers[:] = saved[2]
         handler.close()
+
+
+def _route_cluster_notices(logger: logging.Logger):
+    """Send the cluster's notices to the driver ("(raylet) Task ... will be retried", "A worker died") to
+    `logger` instead of stdout. Ray prints them from a background thread of the driver whatever
+    `log_to_driver` says, through `ray._private.worker.print_to_stdstream`; sdfleet reports what they mean
+    for the run (a row retried or failed) itself. Returns the function replaced, or None if this Ray has none."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None:
+        return None
+
+    def to_log(data, ignore_prefix: bool = False):
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        for line in data.get("lines", ()):
+            logger.warning("(raylet) %s", line)
+
+    ray_worker.print_to_stdstream = to_log
+    return original
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict[str, float]:

@@ -43,6 +43,16 @@ def _flags_from_model(parser: argparse.ArgumentParser, model, skip=(), plural=No
             parser.add_argument(flag, action="store_true", dest=name, help=text)
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, action="append", dest=name, metavar="TEXT", help=text + " (repeat for more)")
+        elif len(args) > 1 and any(typing.get_origin(a) is typing.Literal for a in args):  # 8 or auto
+            words = [w for a in args if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)]
+            scalar = typing.get_args(next(a for a in args if typing.get_origin(a) is not typing.Literal))[0]
+
+            def number_or_word(text: str, scalar=scalar, words=tuple(words)):
+                return text if text in words else scalar(text)
+
+            number_or_word.__name__ = f"{scalar.__name__} or {'/'.join(words)}"  # argparse's error names it
+            parser.add_argument(flag, type=number_or_word, default=default, dest=name, metavar=f"N|{'|'.join(words)}",
+                                help=f"{text} (default {default})")
         elif typing.get_origin(kind) is typing.Literal or (args and typing.get_origin(args[0]) is typing.Literal):
             choices = typing.get_args(kind if typing.get_origin(kind) is typing.Literal else args[0])
             suffix = f" (default {default})" if default is not None else ""

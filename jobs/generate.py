@@ -20,12 +20,13 @@ import json
 import os
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 import fsspec
 from pydantic import BaseModel, Field, model_validator
 
 from actors.backends import BackendError, check_backend
+from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from cluster.connect import actor_env, alive_nodes, connect, library_logs_to, size_actors, size_finishing
@@ -55,14 +56,18 @@ class GenerateConfig(BaseModel):
     adapters: str | None = Field(default=None, description="adapter store (folder or URI) the rows' adapters are read from",
                                  json_schema_extra={"metavar": "URI"})
     actors: int = Field(default=1, ge=1, description="generation actors (one GPU each where there are GPUs)")
-    batch_size: int = Field(default=8, ge=1, le=256, description="rows per forward pass")
+    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        default=8, description="rows per forward pass, or auto: measured once per model, size and device, and "
+        "kept in the backend cache")
     backend: Literal["eager", "compile", "onnx", "tensorrt"] = Field(
         default="eager", description="how actors run the pipeline (actors/backends/)")
     backend_cache: str | None = Field(
-        default=None, description="where onnx exports and TensorRT engines are cached (default $SDFLEET_CACHE)",
+        default=None, description="where onnx exports, TensorRT engines and torch.compile artefacts are cached "
+        "(default $SDFLEET_CACHE); a shared URI lets every actor and run start warm",
         json_schema_extra={"metavar": "URI"})
-    max_lora_rank: int = Field(default=64, ge=1, le=1024,
-                               description="compile backend: the LoRA slot's rank, the most a row's adapters may sum to")
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        default="auto", description="compile backend: torch.compile's mode (auto: reduce-overhead, i.e. CUDA graphs, "
+        "on GPUs; default on CPUs)")
     watermark: str | None = Field(default="sdfleet", description="the invisible watermark's payload, in every image")
     force: bool = Field(default=False, description="redraw every row, done or not")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray",
@@ -338,16 +343,17 @@ def _draw(rows, cfg: GenerateConfig, models, sizing, finish, journal: str, actor
     from actors.actor import GeneratorActor
     from actors.finish import finish_table
 
-    drawn = rows.sort("affinity").repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+    block = AUTO_BLOCK if cfg.batch_size == "auto" else cfg.batch_size  # rows per actor call
+    drawn = rows.sort("affinity").repartition(target_num_rows_per_block=block).map_batches(
         actor_cls or GeneratorActor,
         fn_constructor_kwargs=dict(models=models, out_uri=cfg.out, batch_size=cfg.batch_size,
                                    device=sizing.device, torch_threads=sizing.torch_threads,
                                    adapters_uri=cfg.adapters, backend=cfg.backend,
-                                   backend_cache=cfg.backend_cache, max_lora_rank=cfg.max_lora_rank,
+                                   backend_cache=cfg.backend_cache, compile_mode=cfg.compile_mode,
                                    finish_inline=finish is None, journal=journal),
         # A second block waits at each actor, so it starts drawing the moment it hands a batch on.
         compute=ray.data.ActorPoolStrategy(size=cfg.actors, max_tasks_in_flight_per_actor=2),
-        batch_size=cfg.batch_size,
+        batch_size=block,
         batch_format="pyarrow",
         num_cpus=sizing.num_cpus,
         num_gpus=sizing.num_gpus,

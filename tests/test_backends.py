@@ -16,7 +16,7 @@ from safetensors.torch import save
 
 from actors.backends import BackendError, adaptable_layers, check_backend, make_backend
 from actors.generate import draw
-from actors.lora_map import LoraMapError, concat_layers, delta, lora_layers, switch_updates
+from actors.lora_map import InPlaceLoras, LoraMapError, delta, lora_layers, switch_updates
 from actors.presets import build_preset
 from helpers import (
     TE_TARGETS,
@@ -34,7 +34,7 @@ ROWS = 3  # rows per test draw, with different seeds
 
 
 def conv_lora(unet) -> dict:
-    """A LoRA on one ResNet convolution (LoCon), which only the eager backend can apply."""
+    """A LoRA on one ResNet convolution (LoCon), which eager and compile apply and onnx and tensorrt refuse."""
     layer = unet.down_blocks[0].resnets[0].conv1
     g = torch.Generator().manual_seed(14)
     return {"down_blocks.0.resnets.0.conv1.lora_A.weight": torch.randn(4, layer.in_channels, 3, 3, generator=g) * STD,
@@ -89,7 +89,8 @@ def eager(store):
 @pytest.fixture(scope="module")
 def reference(eager):
     """Eager's images for each adapter set the backends are checked on."""
-    sets = {"base": (), "A": (("A", 1.0),), "B": (("B", 1.0),), "blend": (("A", 0.7), ("B", 0.5))}
+    sets = {"base": (), "A": (("A", 1.0),), "B": (("B", 1.0),), "blend": (("A", 0.7), ("B", 0.5)),
+            "conv": (("conv", 1.0),)}
     return {name: images(eager, adapters) for name, adapters in sets.items()}, sets
 
 
@@ -136,17 +137,6 @@ def test_switch_updates_restore_what_only_the_old_set_touched_exactly():
     # writing only the new set's layers would have left B in l2: the trap the union avoids
     with pytest.raises(LoraMapError, match="l9"):
         switch_updates(base, [], [(lora("l9"), 1.0)])
-
-
-def test_concat_layers_is_the_scaled_sum():
-    g = torch.Generator().manual_seed(1)
-    a = {"x": (torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g))}
-    b = {"x": (torch.randn(3, 5, generator=g), torch.randn(6, 3, generator=g)),
-         "y": (torch.randn(1, 4, generator=g), torch.randn(4, 1, generator=g))}
-    joined = concat_layers([(a, 0.7), (b, -0.5)])
-    assert joined["x"][0].shape == (5, 5)
-    torch.testing.assert_close(delta(*joined["x"]), 0.7 * delta(*a["x"]) - 0.5 * delta(*b["x"]))
-    torch.testing.assert_close(delta(*joined["y"]), -0.5 * delta(*b["y"]))
 
 
 # -- choosing a backend -------------------------------------------------------------------------------------
@@ -205,7 +195,8 @@ def onnx_backend(store):
 def test_onnx_matches_eager_on_pixels_and_latents(onnx_backend, eager, reference):
     expected, sets = reference
     for name, adapters in sets.items():
-        assert_same_pixels(images(onnx_backend, adapters), expected[name], f"onnx vs eager, {name}")
+        if name != "conv":  # onnx refuses convolution LoRAs (test_fused_backends_refuse_layers_they_cannot_change)
+            assert_same_pixels(images(onnx_backend, adapters), expected[name], f"onnx vs eager, {name}")
     eager.activate([])
     onnx_backend.activate([])
     ours, theirs = unet_out(onnx_backend), unet_out(eager)
@@ -227,24 +218,103 @@ def test_onnx_swaps_leave_no_trace(onnx_backend, store):
 
 # -- compile ------------------------------------------------------------------------------------------------
 
-def test_compile_matches_eager_and_ten_swaps_never_recompile(store, reference):
+@pytest.fixture(scope="module")
+def compiled(store):
+    return make_backend("compile", build_preset("tiny"), store)
+
+
+def test_compile_matches_eager_and_ten_swaps_never_recompile(compiled, reference):
+    from torch._dynamo.utils import counters
+
     expected, sets = reference
-    backend = make_backend("compile", build_preset("tiny"), store, max_lora_rank=8)
-    assert_same_pixels(images(backend, sets["base"]), expected["base"], "compile vs eager, base")
-    compiled = backend.compiles
-    assert compiled >= 1
-    eager = make_backend("eager", build_preset("tiny"), None)
-    ours, theirs = unet_out(backend), unet_out(eager)
+    assert_same_pixels(images(compiled, sets["base"]), expected["base"], "compile vs eager, base")
+    assert compiled.compiles >= 1
+    compiled.activate([])
+    ours, theirs = unet_out(compiled), unet_out(make_backend("eager", build_preset("tiny"), None))
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max(), "UNet outputs differ beyond 1e-4 relative"
-    compiled = backend.compiles  # unet_out's batch of 4 may build one more graph (a new batch size)
-    order = ["A", "B", "blend", "base", "A", "blend", "B", "base", "A", "blend"]
+    graphs = counters["stats"]["unique_graphs"]  # unet_out's batch of 4 may have built one more graph
+    swaps = compiled.swaps
+    order = ["A", "B", "blend", "base", "conv", "A", "blend", "B", "base", "A"]  # conv: a LoRA on a convolution
     for name in order:
-        assert_same_pixels(images(backend, sets[name]), expected[name], f"compile vs eager, {name}")
-    assert backend.swaps == 10
-    assert backend.compiles == compiled, f"{backend.compiles - compiled} recompiles in 10 adapter swaps"
-    with pytest.raises(Exception, match="rank 12, above the compile backend's slot rank 8"):
-        backend.activate([{"name": "A", "scale": 1.0}, {"name": "B", "scale": 1.0},
-                          {"name": "A_kohya_half", "scale": 1.0}])
+        assert_same_pixels(images(compiled, sets[name]), expected[name], f"compile vs eager, {name}")
+    assert compiled.swaps - swaps == 10
+    assert counters["stats"]["unique_graphs"] == graphs, "adapter swaps recompiled"
+    assert not any("lora" in name for name, _ in compiled.pipe.unet.named_modules()), "LoRA modules in the graph"
+
+
+def test_compile_swaps_are_exact_and_keep_each_original_once(compiled, store):
+    """A -> B -> blend -> none -> A leaves the weights (and so the images) exactly as a fresh load of A,
+    and the originals of touched layers are kept once however many adapters touched them."""
+    sequence = [[("A", 1.0)], [("B", 1.0)], [("A", 0.7), ("B", 0.5), ("A_kohya_half", 1.0)], [], [("A", 1.0)]]
+    storage = {name: w.data_ptr() for name, w in compiled.loras.targets.items()}
+    for adapters in sequence:
+        compiled.activate(resolved_row(store, adapters)["adapters"])
+    fresh = make_backend("compile", build_preset("tiny"), store)
+    fresh.activate(resolved_row(store, [("A", 1.0)])["adapters"])
+    for name, weight in compiled.loras.targets.items():
+        assert torch.equal(weight, fresh.loras.targets[name]), f"{name} differs from a fresh load of A"
+    assert np.array_equal(images(compiled, [("A", 1.0)]), images(fresh, [("A", 1.0)]))
+    def touched(*names):
+        return {n for a in names for n in lora_layers(compiled.pipe, store.load_state_dict(store.resolve(a)))}
+
+    # one copy per touched layer, not per adapter; layers no adapter touched are not copied (conv: if the
+    # test before ran on this backend)
+    assert touched("A", "B") <= set(compiled.loras.originals) <= touched("A", "B", "conv")
+    assert {name: w.data_ptr() for name, w in compiled.loras.targets.items()} == storage, "weights moved"
+
+
+def test_fused_qkv_takes_loras_by_their_layer_names(store, reference):
+    """With q, k and v fused into one projection, a LoRA on to_q/to_k/to_v writes into the fused weight."""
+    from actors.backends.compile import CompileBackend, CompileSettings
+
+    expected, sets = reference
+    backend = CompileBackend(build_preset("tiny"), store, settings=CompileSettings(fuse_qkv=True, compile_vae=False))
+    attention = backend.pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    assert attention.to_k.weight.data_ptr() == attention.to_qkv.weight[attention.to_q.weight.shape[0]:].data_ptr()
+    for name in ("A", "blend", "base"):
+        assert_same_pixels(images(backend, sets[name]), expected[name], f"fused qkv vs eager, {name}")
+
+
+COMPILE_TOY = """
+import sys, torch
+from torch._dynamo.utils import counters
+from actors.backends.compile import CompileCache
+cache = CompileCache(sys.argv[1], "toy")
+cache.load()
+model = torch.compile(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)))
+with torch.no_grad():
+    model(torch.randn(3, 8))
+cache.save()
+print(cache.loaded, cache.saved, counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+def test_compiled_graphs_kept_in_the_backend_cache_make_another_machine_start_warm(tmp_path):
+    """A process with an empty local torch cache (another node, a new pod) loads what the first one compiled
+    from the backend cache and compiles nothing; having compiled nothing, it writes nothing back."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    def on_a_new_machine(name: str) -> list[int]:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name)}
+        proc = subprocess.run([sys.executable, "-c", COMPILE_TOY, str(tmp_path / "store")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [int(n) for n in proc.stdout.split()]
+
+    assert on_a_new_machine("a") == [0, 1, 0, 1]  # loaded, saved, graphs from the cache, graphs compiled
+    assert on_a_new_machine("b") == [1, 0, 1, 0]
+    assert len(list((tmp_path / "store" / "torch-compile" / "toy").iterdir())) == 1
+
+
+def test_in_place_loras_refuse_a_layer_they_cannot_write_and_leave_the_weights():
+    weights = {"l0": torch.ones(3, 2)}
+    loras = InPlaceLoras(weights)
+    with pytest.raises(LoraMapError, match="l9 is not a layer this backend can adapt"):
+        loras.switch([({"l9": (torch.ones(1, 2), torch.ones(3, 1))}, 1.0)])
+    assert torch.equal(weights["l0"], torch.ones(3, 2)) and loras.active == []
 
 
 # -- the real architecture ------------------------------------------------------------------------------

@@ -193,6 +193,22 @@ def test_setup_errors_exit_1_with_one_clear_line(tmp_path, capsys):
     assert "missing.parquet" in capsys.readouterr().err
 
 
+def test_compile_backend_draws_what_eager_drew_and_keeps_its_graphs_in_the_backend_cache(run64, tmp_path):
+    records = run64["records"][:2]
+    out = tmp_path / "out"
+    proc = sdfleet("generate", str(write_manifest(tmp_path / "m.parquet", records)), "--out", str(out),
+                   "--backend", "compile", "--no-watermark", "--backend-cache", str(tmp_path / "cache"),
+                   env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})  # a machine that never compiled
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for record in records:
+        name = f"{record['id']}.png"
+        assert_same_pixels(pixels(out / "images" / name), pixels(run64["out"] / "images" / name), "compile vs eager")
+    (stats,) = run_summary(out)["backend_stats"].values()
+    assert stats["backend"] == "compile" and stats["mode"] == "default" and stats["compiles"] == 2  # UNet, VAE
+    assert stats["compile_cache"]["graph_misses"] == 2 and stats["compile_cache"]["files_saved"] == 2
+    assert len(list((tmp_path / "cache" / "torch-compile").glob("*/*.bin"))) == 2
+
+
 def test_onnx_backend_draws_what_eager_drew(run64, tmp_path):
     """The same 8 rows (DDIM, Euler, Euler ancestral, DPM++) through `--backend onnx`: the same pixels as
     the eager run within float noise, and the backend with its counters in run.json."""

@@ -198,28 +198,42 @@ def _train_log(fs, out: str) -> list[dict]:
     return [json.loads(line) for line in fs.cat_file(f"{out}/train_log.jsonl").decode().splitlines()]
 
 
-def test_finetune_reads_its_data_from_s3_and_checkpoints_and_resumes_there(s3, tmp_path):
-    """`dataset build` into the bucket, a LoRA fine-tune from it with checkpoints in the bucket, then the
-    same run extended: it resumes from the bucket's checkpoint, and `generate` loads the adapter from there."""
+def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resumes_from_them(s3, tmp_path):
+    """`dataset build` into the bucket, a LoRA fine-tune from it with checkpoints in the bucket, killed
+    (driver and local Ray) once a checkpoint is there; the rerun goes on from the bucket's checkpoint,
+    and `generate` loads the adapter it wrote from the bucket."""
     fs = s3["fs"]
     write_images(tmp_path / "images", 4, size=96, seed=2)
     build = sdfleet("dataset", "build", str(tmp_path / "images"), "-o", "s3://sdfleet/data/shapes", "--resolution", "64")
     assert build.returncode == 0, build.stderr[-3000:]
     assert any(p.endswith(".parquet") for p in _objects(fs, "sdfleet/data/shapes"))
 
-    flags = ["finetune", "lora", "--data", "s3://sdfleet/data/shapes", "--base", "tiny", "--out",
-             "s3://sdfleet/tunes/lora", "--workers", "2", "--batch-size", "2", "--resolution", "64",
-             "--log-every", "1", "--checkpoint-every", "2", "--seed", "5"]
-    first = sdfleet(*flags, "--steps", "2")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert any("checkpoint" in p for p in _objects(fs, "sdfleet/tunes/lora/checkpoints"))
-    more = sdfleet(*flags, "--steps", "3")  # the same run, extended: on from the bucket's checkpoint at step 2
-    assert more.returncode == 0, more.stderr[-3000:]
-    log = _train_log(fs, "sdfleet/tunes/lora")
+    out = "sdfleet/tunes/lora"
+    cmd = [sys.executable, "-m", "jobs", "finetune", "lora", "--data", "s3://sdfleet/data/shapes", "--base", "tiny",
+           "--out", f"s3://{out}", "--workers", "2", "--batch-size", "2", "--resolution", "64", "--log-every", "1",
+           "--checkpoint-every", "3", "--steps", "12", "--seed", "5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(tmp_path / "run1.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + 300
+        # Ray Train lists a checkpoint in this snapshot once it is uploaded; a kill before that loses it
+        while time.time() < deadline and not fs.exists(f"{out}/checkpoints/checkpoint_manager_snapshot.json"):
+            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            time.sleep(0.3)
+            fs.invalidate_cache()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert max(r["step"] for r in _train_log(fs, out) if "loss" in r) < 12, "the kill should land mid-run"
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    log = _train_log(fs, out)
     resumed = [r for r in log if r.get("event") == "resumed"]
-    assert [r["step"] for r in resumed] == [2] and [r["step"] for r in log if "loss" in r][-1] == 3
-    assert fs.exists("sdfleet/tunes/lora/pytorch_lora_weights.safetensors")
-    for text in (build.stderr, first.stdout, first.stderr, more.stdout, more.stderr):
+    assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] > 0
+    after = [r["step"] for r in log[log.index(resumed[0]):] if "loss" in r]
+    assert after[0] == resumed[0]["step"] + 1 and after[-1] == 12  # on from the checkpoint, not from zero
+    assert fs.exists(f"{out}/pytorch_lora_weights.safetensors")
+    for text in (build.stderr, again.stdout, again.stderr, (tmp_path / "run1.log").read_text()):
         assert SECRET not in text
 
     # what the fine-tune wrote, generate loads straight from the bucket

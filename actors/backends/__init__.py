@@ -6,9 +6,9 @@ One small interface, `Backend`: made once per loaded pipeline (`make_backend`), 
 settles that its own way:
 
 - `eager`: peft adapters loaded once and switched by activation (`actors.adapter_cache.AdapterCache`).
-- `compile`: the UNet under `torch.compile`. It holds one LoRA slot of a fixed rank on every adaptable
-  layer (diffusers' `enable_lora_hotswap`); an adapter set (a blend too, concatenated into one LoRA) is
-  hotswapped into that slot in place, so a swap never recompiles.
+- `compile`: the UNet and the VAE decoder under `torch.compile`. A swap writes `W0 + sum(s * B @ A)`
+  into the touched weights in place (`actors.lora_map.InPlaceLoras`), so the graphs hold no LoRA
+  modules and a swap never recompiles; compiled artefacts are kept in the backend cache.
 - `onnx`: UNet, text encoder and VAE decoder exported once per (model, size) and run by ONNX Runtime. The
   adaptable layers' weights are inputs of the graphs; a swap writes `W0 + s * B @ A` into them for the
   union of layers the old and the new set touch (`actors.lora_map.switch_updates`).
@@ -53,16 +53,17 @@ def check_backend(name: str, device: str) -> None:
 
 
 def make_backend(name: str, pipe, store: AdapterStore | None, *, cache_uri: str | None = None,
-                 fingerprint: str = "", max_batch: int = 8, max_lora_rank: int = 64) -> "Backend":
+                 fingerprint: str = "", max_batch: int = 8, compile_mode: str = "auto") -> "Backend":
     """The backend `name` around a freshly loaded `pipe` (which it may change: compile it, export it)."""
     if name == "eager":
         from actors.backends.eager import EagerBackend
 
         return EagerBackend(pipe, store)
     if name == "compile":
-        from actors.backends.compile import CompileBackend
+        from actors.backends.compile import CompileBackend, CompileSettings
 
-        return CompileBackend(pipe, store, max_lora_rank=max_lora_rank)
+        settings = CompileSettings.for_device(pipe.unet.device.type, compile_mode)
+        return CompileBackend(pipe, store, cache_uri=cache_uri, fingerprint=fingerprint, settings=settings)
     if name == "onnx":
         from actors.backends.onnx import OnnxBackend
 

@@ -12,10 +12,10 @@ from actors.adapter_cache import check_embedding_fits, check_embedding_scale, ch
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore
 from actors.lora_map import Layers, LoraMapError, lora_layers
 
-# The layers a LoRA may adapt under compile, onnx and tensorrt: every Linear of the UNet's transformer
+# The layers a LoRA may adapt under onnx and tensorrt: every Linear of the UNet's transformer
 # blocks (attention projections, feed-forward, proj_in/out) and of the text encoder's layers. What
 # `sdfleet finetune lora`, diffusers and kohya trainers write falls inside this; a LoRA on convolutions
-# (LoCon) runs on the eager backend only.
+# (LoCon) runs on the eager and compile backends.
 ADAPTABLE = {
     "unet": re.compile(r"(\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|\.ff\.net\.(0\.proj|2)|\.proj_(in|out))$"),
     "text_encoder": re.compile(r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$"),
@@ -103,7 +103,7 @@ class FixedAdapters:
                 more = f" (and {len(outside) - 2} more)" if len(outside) > 2 else ""
                 raise AdapterError(name, f"adapts {', '.join(outside[:2])}{more}, which this backend cannot change "
                                          "(it adapts the Linear layers of attention blocks and the text encoder); "
-                                         "use --backend eager for this adapter")
+                                         "use --backend eager or compile for this adapter")
             self.loras.pop(name, None)
             while len(self.loras) >= self.max_adapters:
                 self.loras.pop(next(iter(self.loras)))

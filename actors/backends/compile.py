@@ -1,96 +1,212 @@
-"""The compile backend: the UNet under torch.compile, adapters hotswapped into one fixed-rank LoRA slot
-(diffusers' `enable_lora_hotswap`), so a swap never recompiles; the text encoder's LoRA layers are fused
-in place, as on onnx."""
+"""The compile backend: the UNet and the VAE decoder under torch.compile, adapters fused into the weights in place.
+
+A swap writes `W0 + sum(s * B @ A)` into the weights of every layer the old or the new adapter set touches
+(`actors.lora_map.InPlaceLoras`, the same union mapping the onnx and tensorrt backends use). The compiled
+graphs hold no LoRA modules, so there is no rank limit, no LoRA compute per step, LoRAs on convolutions
+(LoCon) work, and since the weights keep their storage, no swap recompiles or re-captures a CUDA graph.
+
+What torch.compile builds is kept in the backend cache (`CompileCache`), so another actor, node or run
+starts warm instead of compiling again.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import platform
+import sys
+import time
+
 import torch
 
-from actors.adapters import AdapterError, AdapterStore
-from actors.backends.base import Backend, FixedAdapters, adaptable_layers
-from actors.lora_map import Layers
+from actors.adapters import AdapterStore
+from actors.backends.base import Backend, FixedAdapters
+from actors.lora_map import InPlaceLoras
+
+MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CACHE_VERSION = 1  # bump when what the compiled graphs contain changes, so old artefacts are not loaded
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSettings:
+    """How the graphs are built. `for_device` picks the defaults; the benchmark tries the others
+    (benchmarks/bench_backends.py --compile-variants), and docs/backends.md records what each is worth."""
+
+    mode: str = "default"  # torch.compile's mode; "reduce-overhead" and "max-autotune" add CUDA graphs on GPUs
+    channels_last: bool = False  # UNet and VAE in NHWC: what cuDNN's fastest convolutions want
+    fuse_qkv: bool = False  # one projection for q, k and v (k and v in cross-attention) instead of three
+    compile_vae: bool = True  # the VAE decoder compiled too, not only the UNet
+
+    @classmethod
+    def for_device(cls, device: str, mode: str = "auto") -> "CompileSettings":
+        if mode not in MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; modes: {', '.join(MODES)}")
+        if device == "cuda":  # the anchors' recipe; GPU figures for each part are owed (docs/backends.md)
+            return cls(mode="reduce-overhead" if mode == "auto" else mode, channels_last=True, fuse_qkv=True)
+        return cls(mode="default" if mode == "auto" else mode)
+
+
+def fuse_qkv(unet) -> None:
+    """diffusers' fused projections (`to_qkv`, and `to_kv` in cross-attention), with the old `to_q`,
+    `to_k`, `to_v` weights turned into views of the fused one: LoRA layers keep their names, a write into
+    `to_k.weight` lands in `to_qkv`, and the model holds each weight once."""
+    from diffusers.models.attention_processor import Attention
+
+    unet.fuse_qkv_projections()
+    for module in unet.modules():
+        if not isinstance(module, Attention) or not getattr(module, "fused_projections", False):
+            continue
+        fused, parts = (module.to_kv, ("to_k", "to_v")) if module.is_cross_attention else \
+            (module.to_qkv, ("to_q", "to_k", "to_v"))
+        start = 0
+        for part in parts:
+            layer = getattr(module, part)
+            rows = layer.weight.shape[0]
+            layer.weight = torch.nn.Parameter(fused.weight.data[start:start + rows], requires_grad=False)
+            if layer.bias is not None and fused.bias is not None:
+                layer.bias = torch.nn.Parameter(fused.bias.data[start:start + rows], requires_grad=False)
+            start += rows
+
+
+def adaptable_weights(pipe) -> dict[str, torch.Tensor]:
+    """Every Linear and Conv2d weight of the UNet and the text encoder, as `{"unet.<path>": weight}`."""
+    out = {}
+    for part in ("unet", "text_encoder"):
+        for path, module in getattr(pipe, part).named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not path.endswith(("to_qkv", "to_kv")):
+                out[f"{part}.{path}"] = module.weight
+    return out
+
+
+class CompileCache:
+    """torch.compile's artefacts (Inductor's generated code, AOTAutograd graphs, autotuning results) for one
+    (model, settings, device, torch) in the backend cache: `<cache>/torch-compile/<key>/<sha>.bin`.
+
+    `load()` before the first compile pre-fills torch's local caches from the newest files there; `save()`
+    after a compile that missed those caches writes what it built. The files hold code torch runs: the
+    store must be as private as the cluster's image (see docs/backends.md).
+    """
+
+    MAX_FILES = 64  # the newest files loaded; older ones only add graphs built for sizes no longer drawn
+
+    def __init__(self, uri: str | None, key: str):
+        import fsspec
+
+        from actors.models import cache_root
+
+        self.fs, root = fsspec.core.url_to_fs(uri or str(cache_root()))
+        self.folder = f"{root.rstrip('/')}/torch-compile/{key}"
+        self.loaded = 0
+        self.saved = 0
+
+    def load(self) -> None:
+        try:
+            files = sorted(self.fs.ls(self.folder, detail=True), key=lambda f: f.get("mtime") or f.get("LastModified") or 0)
+        except FileNotFoundError:
+            return
+        for info in files[-self.MAX_FILES:]:
+            if info["name"].endswith(".bin") and torch.compiler.load_cache_artifacts(self.fs.cat_file(info["name"])):
+                self.loaded += 1
+
+    def save(self) -> None:
+        """Write what this process compiled since its last save as one more file (torch's loader keeps, per
+        kind of artefact, only the last batch a file holds, so earlier saves must stay). A process whose
+        graphs all came from the cache writes nothing: the files it loaded already hold them."""
+        if not self._compiled_anything_new():
+            return
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is None:
+            return
+        data = artifacts[0]
+        self.fs.makedirs(self.folder, exist_ok=True)
+        self.fs.pipe_file(f"{self.folder}/{hashlib.sha256(data).hexdigest()[:20]}.bin", data)
+        self.saved += 1
+
+    @staticmethod
+    def _compiled_anything_new() -> bool:
+        from torch._dynamo.utils import counters
+
+        return counters["inductor"]["fxgraph_cache_miss"] > 0  # Inductor built code: the costly part
+
+
+def compile_key(fingerprint: str, settings: CompileSettings, device: torch.device, dtype: torch.dtype) -> str:
+    """The cache key of one model's compiled graphs: everything that changes the code torch generates."""
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        hardware = f"{platform.machine()} {platform.processor()}"
+    spec = {"model": fingerprint, "settings": dataclasses.asdict(settings), "device": hardware, "dtype": str(dtype),
+            "torch": torch.__version__, "python": sys.version_info[:2], "version": CACHE_VERSION}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 class CompileBackend(Backend):
-    """The UNet under torch.compile; adapters hotswapped into one fixed-rank LoRA slot, so never a recompile.
+    """UNet and VAE decoder under torch.compile; any adapter set written into the weights in place.
 
-    A blend is concatenated into one LoRA (`lora_map.concat_layers`) whose rank is the sum of its parts;
-    `max_lora_rank` bounds that sum (every slot matrix is padded to it, so a larger rank costs compute).
-    `compiles` counts the graphs TorchInductor built: a new batch size builds one, a swap never should.
+    `compiles` counts the graphs dynamo handed to Inductor since this backend was made: a new batch size
+    builds one, a swap never should.
     """
 
     name = "compile"
-    SLOT = "slot"
 
-    def __init__(self, pipe, store: AdapterStore | None, max_lora_rank: int = 64):
+    def __init__(self, pipe, store: AdapterStore | None, *, cache_uri: str | None = None, fingerprint: str = "",
+                 settings: CompileSettings | None = None):
         super().__init__(pipe, store)
-        self.rank = max_lora_rank
-        self.compiles = 0
-        layers = adaptable_layers(pipe) if store is not None else {}
-        self.adapters = FixedAdapters(pipe, store, set(layers)) if store is not None else None
-        # the UNet's layers get the hotswap slot; the text encoder (not compiled, and diffusers cannot
-        # hotswap it) gets the fused weights `W0 + s * B @ A`, written in place like the onnx backend's
-        self.layers = {n: m for n, m in layers.items() if n.startswith("unet.")}
-        self.text_layers = {n: m for n, m in layers.items() if n.startswith("text_encoder.")}
-        self.text_base = {n: m.weight.detach().clone() for n, m in self.text_layers.items()}
-        self._text_set: list[tuple[Layers, float]] = []
+        device = pipe.unet.device
+        self.settings = settings or CompileSettings.for_device(device.type)
+        if self.settings.fuse_qkv:
+            fuse_qkv(pipe.unet)
+        if self.settings.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        targets = adaptable_weights(pipe)
+        self.loras = InPlaceLoras(targets)
+        self.adapters = FixedAdapters(pipe, store, set(targets)) if store is not None else None
         self._active: tuple | None = ()
-        if store is not None:
-            # 1. the slot: a zero LoRA of the full rank on every adaptable layer, before compiling
-            pipe.enable_lora_hotswap(target_rank=self.rank)
-            self._load_slot({}, hotswap=False)
-        # 2. compile the UNet; a counting wrapper around TorchInductor tells recompiles apart
-        inductor = torch._dynamo.lookup_backend("inductor")
+        self.cache = CompileCache(cache_uri, compile_key(fingerprint or "unnamed", self.settings, device, pipe.unet.dtype))
+        started = time.perf_counter()
+        self.cache.load()
+        self.cache_load_seconds = time.perf_counter() - started
+        self._graphs_at_start = self._graphs()
+        self._graphs_saved = self._graphs_at_start
+        options = dict(mode=None if self.settings.mode == "default" else self.settings.mode)
+        pipe.unet = torch.compile(pipe.unet, **options)
+        pipe.unet.register_forward_hook(self._after_call)
+        if self.settings.compile_vae:
+            pipe.vae.decoder = torch.compile(pipe.vae.decoder, **options)
+            pipe.vae.decoder.register_forward_hook(self._after_call)
 
-        def counting(graph, example_inputs):
-            self.compiles += 1
-            return inductor(graph, example_inputs)
+    @staticmethod
+    def _graphs() -> int:
+        from torch._dynamo.utils import counters
 
-        pipe.unet = torch.compile(pipe.unet, backend=counting)
+        return counters["stats"]["unique_graphs"]
+
+    @property
+    def compiles(self) -> int:
+        return self._graphs() - self._graphs_at_start
+
+    def _after_call(self, module, inputs, output) -> None:
+        """After a call that compiled something: put what was compiled into the backend cache."""
+        if self._graphs() != self._graphs_saved:
+            self._graphs_saved = self._graphs()
+            self.cache.save()
 
     def _switch(self, adapters) -> bool:
         loras, key, loaded_embedding = self.adapters.request(adapters) if self.adapters else ([], (), False)
         if key == self._active:
             return loaded_embedding
-        from actors.lora_map import concat_layers, switch_updates
-
         self._active = None
-        # 1. the text encoder: fused weights for every layer the old or the new set touches
-        text_set = [({n: ab for n, ab in layers.items() if n in self.text_layers}, scale) for layers, scale in loras]
-        with torch.no_grad():
-            for name, weight in switch_updates(self.text_base, self._text_set, text_set).items():
-                self.text_layers[name].weight.copy_(weight)
-        self._text_set = text_set
-        # 2. the UNet: the whole set as one LoRA, hotswapped into the slot
-        combined = concat_layers([({n: ab for n, ab in layers.items() if n in self.layers}, s) for layers, s in loras])
-        rank = max((a.shape[0] for a, _ in combined.values()), default=0)
-        if rank > self.rank:
-            names = ", ".join(a["name"] for a in adapters)
-            raise AdapterError(names, f"together have LoRA rank {rank}, above the compile backend's slot rank "
-                                      f"{self.rank} (raise --max-lora-rank)")
-        self._load_slot(combined, hotswap=True)
+        self.loras.switch(loras)
         self._active = key
         return True
 
-    def _load_slot(self, combined: Layers, hotswap: bool) -> None:
-        """Write `combined` into the slot, zero-padded to the slot's rank; every other slot layer gets zeros."""
-        state_dict = {}
-        for name, layer in self.layers.items():
-            a = torch.zeros(self.rank, layer.in_features)
-            b = torch.zeros(layer.out_features, self.rank)
-            if name in combined:
-                ca, cb = combined[name]
-                a[: ca.shape[0]], b[:, : cb.shape[1]] = ca, cb
-            dtype = layer.weight.dtype
-            state_dict[f"{name}.lora_A.weight"], state_dict[f"{name}.lora_B.weight"] = a.to(dtype), b.to(dtype)
-        from diffusers.utils import logging as diffusers_logging
-
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()
-        try:
-            self.pipe.load_lora_weights(state_dict, adapter_name=self.SLOT, hotswap=hotswap)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-
     def stats(self) -> dict:
-        return {**super().stats(), "compiles": self.compiles, "slot_rank": self.rank if self.layers else None}
+        from torch._dynamo.utils import counters
+
+        return {**super().stats(), "compiles": self.compiles, "mode": self.settings.mode,
+                "compile_cache": {"files_loaded": self.cache.loaded, "files_saved": self.cache.saved,
+                                  "load_seconds": round(self.cache_load_seconds, 3),
+                                  "graph_hits": counters["inductor"]["fxgraph_cache_hit"],
+                                  "graph_misses": counters["inductor"]["fxgraph_cache_miss"]}}

@@ -1,0 +1,95 @@
+"""`--batch-size auto`: the batch an actor draws each (model, size) with, found by measuring once per device.
+
+The first time an actor meets a model at an image size, it draws a few short batches of growing size
+(`CANDIDATES`, up to the block the driver hands it), each timed after one untimed call (compiles and
+cuDNN's algorithm search happen there), and keeps the size with the most images per second. A batch that
+runs out of GPU memory ends the search. The choice is written to the backend cache, keyed by model,
+backend, device, dtype and size, so other actors, nodes and later runs read it instead of measuring.
+
+Images do not depend on the batch a row is drawn in (every row has its own generator), so the choice
+changes speed only, never pixels.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import time
+from typing import Any, Callable
+
+import torch
+
+AUTO_BLOCK = 16  # rows per block the driver hands an actor under auto: the largest batch tried
+CANDIDATES = (1, 2, 4, 8, 16)
+PROBE_STEPS = 4  # denoising steps per probe batch: enough for the UNet to dominate, as in a real draw
+FLAT = 0.97  # stop once a larger batch measures below this share of the best: bigger only costs memory
+VERSION = 1
+
+
+def probe_key(fingerprint: str, backend: str, device: torch.device, dtype: torch.dtype, width: int, height: int) -> str:
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    spec = {"model": fingerprint, "backend": backend, "device": hardware, "dtype": str(dtype), "size": [width, height],
+            "torch": torch.__version__, "candidates": CANDIDATES, "steps": PROBE_STEPS, "version": VERSION}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def measure(draw: Callable[[list[dict]], Any], row: dict, device: torch.device, limit: int) -> tuple[int, dict[int, float]]:
+    """(the batch with the most images/s, {batch: images/s}) for rows like `row`, trying CANDIDATES up to `limit`."""
+    template = {**row, "steps": min(int(row["steps"]), PROBE_STEPS)}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    measured: dict[int, float] = {}
+    for size in [c for c in CANDIDATES if c <= limit] or [1]:
+        rows = [{**template, "id": f"probe-{i}", "seed": i} for i in range(size)]
+        try:
+            draw(rows)  # untimed: compiles, autotuning, allocator growth
+            sync()
+            started = time.perf_counter()
+            draw(rows)
+            sync()
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        measured[size] = size / (time.perf_counter() - started)
+        if measured[size] < FLAT * max(measured.values()):
+            break
+    best = max(measured, key=measured.get) if measured else 1
+    return best, measured
+
+
+class BatchSizes:
+    """The chosen batch per (model, width, height) for one actor: from memory, the backend cache, or a probe."""
+
+    def __init__(self, cache_uri: str | None, limit: int = AUTO_BLOCK):
+        import fsspec
+
+        from actors.models import cache_root
+
+        self.fs, root = fsspec.core.url_to_fs(cache_uri or str(cache_root()))
+        self.folder = f"{root.rstrip('/')}/batch-size"
+        self.limit = limit
+        self.chosen: dict[str, int] = {}  # "model WxH" -> batch, what run.json reports
+        self.probed: dict[str, dict[int, float]] = {}
+
+    def get(self, row: dict, fingerprint: str, backend: str, pipe_for: Callable[[dict], Any]) -> int:
+        label = f"{row['model']} {row['width']}x{row['height']}"
+        if label in self.chosen:
+            return self.chosen[label]
+        pipe = pipe_for(row)
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        path = f"{self.folder}/{probe_key(fingerprint, backend, device, dtype, row['width'], row['height'])}.json"
+        try:
+            self.chosen[label] = min(int(json.loads(self.fs.cat_file(path))["batch_size"]), self.limit)
+            return self.chosen[label]
+        except (FileNotFoundError, KeyError, ValueError):
+            pass
+        from actors.generate import draw
+
+        best, measured = measure(lambda rows: draw(pipe_for(row), rows), row, device, self.limit)
+        self.chosen[label], self.probed[label] = best, measured
+        record = {"batch_size": best, "images_per_second": {str(k): round(v, 4) for k, v in measured.items()},
+                  "model": fingerprint, "backend": backend, "size": [row["width"], row["height"]],
+                  "device": str(device), "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        self.fs.makedirs(self.folder, exist_ok=True)
+        self.fs.pipe_file(path, json.dumps(record, indent=1).encode())
+        return best

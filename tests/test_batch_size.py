@@ -1,0 +1,96 @@
+"""`--batch-size auto`: the probe picks the fastest batch that fits, remembers it in the backend cache, and
+never changes a pixel."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from actors import batch_size
+from actors.batch_size import BatchSizes, measure
+from helpers import assert_same_pixels, new_store, pixels, resolved_row, run_summary, sdfleet, write_manifest
+
+ROW = {"id": "x", "model": "default", "prompt": "a mug", "width": 64, "height": 64, "steps": 30, "seed": 0}
+
+
+class FakeDevice:
+    """A device whose draw of n rows takes `cost(n)` seconds of a fake clock, and runs out of memory above `fits`."""
+
+    def __init__(self, monkeypatch, cost, fits=64):
+        self.now, self.cost, self.fits, self.calls = 0.0, cost, fits, []
+        monkeypatch.setattr(batch_size.time, "perf_counter", lambda: self.now)
+
+    def draw(self, rows):
+        self.calls.append((len(rows), rows[0]["steps"]))
+        if len(rows) > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        self.now += self.cost(len(rows))
+
+
+def test_the_fastest_batch_that_fits_wins(monkeypatch):
+    device = FakeDevice(monkeypatch, cost=lambda n: 1.0 + 0.1 * n, fits=8)  # fixed overhead: bigger is better
+    best, measured = measure(device.draw, ROW, torch.device("cpu"), limit=16)
+    assert best == 8 and sorted(measured) == [1, 2, 4, 8], "16 ran out of memory, 8 is the fastest that fits"
+    assert measured[8] > measured[4] > measured[1]
+    assert {steps for _, steps in device.calls} == {batch_size.PROBE_STEPS}, "probes are short"
+
+
+def test_the_search_stops_where_larger_batches_stop_paying(monkeypatch):
+    # images/s rises to batch 4, then falls: 8 is tried, found slower, and 16 never tried
+    device = FakeDevice(monkeypatch, cost=lambda n: {1: 1.0, 2: 1.2, 4: 1.6, 8: 4.0, 16: 8.0}[n])
+    best, measured = measure(device.draw, ROW, torch.device("cpu"), limit=16)
+    assert best == 4 and sorted(measured) == [1, 2, 4, 8]
+
+
+def test_the_choice_is_kept_in_the_backend_cache_and_read_back_without_measuring(monkeypatch, tmp_path):
+    device = FakeDevice(monkeypatch, cost=lambda n: 1.0 + 0.1 * n)
+    monkeypatch.setattr("actors.generate.draw", lambda pipe, rows: device.draw(rows))
+    pipe = SimpleNamespace(unet=SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32))
+    first = BatchSizes(str(tmp_path / "cache"), limit=4)
+    assert first.get(ROW, "fp-1", "eager", lambda row: pipe) == 4 and first.chosen == {"default 64x64": 4}
+    (record,) = (tmp_path / "cache" / "batch-size").iterdir()
+    assert json.loads(record.read_text())["batch_size"] == 4
+    calls = len(device.calls)
+    other_actor = BatchSizes(str(tmp_path / "cache"), limit=4)
+    assert other_actor.get(ROW, "fp-1", "eager", lambda row: pipe) == 4 and len(device.calls) == calls
+    assert other_actor.probed == {}
+    # another size, model or backend is measured on its own
+    assert other_actor.get({**ROW, "width": 128}, "fp-1", "eager", lambda row: pipe) == 4 and len(device.calls) > calls
+
+
+def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):
+    records = [{"id": f"r{i}", "prompt": f"a red mug, view {i}", "seed": i, "steps": 2, "width": 64, "height": 64}
+               for i in range(5)]
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    fixed = sdfleet("generate", str(manifest), "--out", str(tmp_path / "fixed"), "--batch-size", "2", "--no-watermark")
+    auto = sdfleet("generate", str(manifest), "--out", str(tmp_path / "auto"), "--batch-size", "auto",
+                   "--no-watermark", "--backend-cache", str(tmp_path / "cache"))
+    assert fixed.returncode == 0 and auto.returncode == 0, fixed.stderr[-2000:] + auto.stderr[-2000:]
+    for r in records:
+        assert_same_pixels(pixels(tmp_path / "auto" / "images" / f"{r['id']}.png"),
+                           pixels(tmp_path / "fixed" / "images" / f"{r['id']}.png"), f"auto vs 2, {r['id']}")
+    summary = run_summary(tmp_path / "auto")
+    (stats,) = summary["backend_stats"].values()
+    assert summary["batch_size"] == "auto" and set(stats["auto_batch_size"]) == {"default 64x64"}
+    assert stats["auto_batch_size"]["default 64x64"] in batch_size.CANDIDATES
+    assert len(list((tmp_path / "cache" / "batch-size").iterdir())) == 1
+
+
+def test_a_batch_size_that_is_neither_a_number_nor_auto_is_refused(tmp_path):
+    proc = sdfleet("generate", "m.parquet", "--out", str(tmp_path / "out"), "--batch-size", "big")
+    assert proc.returncode == 2 and "--batch-size: invalid int or auto value: 'big'" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_auto_on_a_gpu_picks_a_batch_that_fits(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from actors.presets import build_preset
+
+    pipe = build_preset("tiny").to("cuda", torch.float16)
+    row = {**resolved_row(new_store({}), ()), "steps": 2, "width": 256, "height": 256}
+    chosen = BatchSizes(str(tmp_path)).get(row, "tiny", "eager", lambda row: pipe)
+    assert chosen in batch_size.CANDIDATES

@@ -1,12 +1,17 @@
-"""Benchmark the backends against eager in one run: images/s, set-up time, adapter swap cost.
+"""Benchmark the backends against eager in one run: images/s with no LoRA and with one active, swap cost,
+start-up cold and warm, peak GPU memory.
 
 Every backend draws the same rows (one batch to warm up, then `--batches` timed batches) on a freshly
-built preset pipeline in this process. With `--swaps N` (the default 10) each backend also swaps between
-two random LoRAs N times: swap seconds are `activate()` alone, and `compiles` (compile) counts graphs
-built during the swaps, which must stay 0.
+built preset pipeline in this process, first with no adapter, then with a rank-8 LoRA active. With
+`--swaps N` (the default 10) each backend also swaps between two random LoRAs N times: swap seconds are
+`activate()` alone, and `compiles` (compile) counts graphs built during the swaps, which must stay 0.
+With `--startup`, each backend's start-up (a fresh process: build the pipeline, make the backend, draw
+one batch) is timed twice: cold (an empty backend cache and torch cache) and warm (what the cold run left
+in the backend cache, torch's local cache still empty, as on another node).
 
 - eager: diffusers + peft, the reference.
-- compile: torch.compile of the UNet, LoRA slot rank 8 (2 adapters x rank 4).
+- compile: the compile backend with this device's defaults; `compile/qkv=0/cl=1/vae=0/mode=max-autotune`
+  changes one setting each (qkv: fused QKV, cl: channels-last, vae: VAE decoder compiled, mode: torch.compile's).
 - onnx: ONNX Runtime (exports cached under a temporary `SDFLEET_CACHE` unless one is set; the first
   export is part of set-up).
 - int8: eager with `torch.ao.quantization.quantize_dynamic` on the UNet's Linear layers (CPU only; no
@@ -14,7 +19,7 @@ built during the swaps, which must stay 0.
 
     .venv/bin/python -m benchmarks.bench_backends                  # tiny, 256 px, 20 steps, batch 8, CPU
     python -m benchmarks.bench_backends --preset sd21-random --device cuda --dtype fp16 --size 768 --steps 30 \\
-        --batch-size 4 --backends eager,compile               # the GPU comparison
+        --batch-size 4 --backends eager,compile,compile/qkv=0,compile/cl=0,compile/mode=default --startup
 
 Prints a table and writes bench.json to --out (default: a temporary folder).
 """
@@ -31,10 +36,27 @@ import time
 from pathlib import Path
 
 ALL = ("eager", "compile", "onnx", "int8")
+RANK = 8  # the benchmark LoRAs' rank
+
+
+def compile_settings(name: str, device: str):
+    """`compile/qkv=0/cl=1/vae=0/mode=default` -> CompileSettings: this device's defaults, then the changes."""
+    import dataclasses
+
+    from actors.backends.compile import CompileSettings
+
+    fields = {"qkv": "fuse_qkv", "cl": "channels_last", "vae": "compile_vae", "mode": "mode"}
+    changes = {}
+    for part in name.split("/")[1:]:
+        key, _, value = part.partition("=")
+        if key not in fields or not value:
+            raise ValueError(f"{name}: {part!r} is not one of {', '.join(k + '=' for k in fields)}")
+        changes[fields[key]] = value if key == "mode" else value not in ("0", "false", "no")
+    return dataclasses.replace(CompileSettings.for_device(device), **changes)
 
 
 def make_store(preset: str, folder: Path) -> "object":
-    """Two random rank-4 LoRAs on the UNet's attention projections of `preset`."""
+    """Two random rank-8 LoRAs on the UNet's attention projections of `preset`."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -49,8 +71,8 @@ def make_store(preset: str, folder: Path) -> "object":
         for path, layer in unet.named_modules():
             if path.endswith(targets) and isinstance(layer, torch.nn.Linear):
                 std = 0.15 * (64 / layer.in_features) ** 0.5  # a visible change at any width, not chaos
-                layers[f"{path}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=g) * std
-                layers[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=g) * std
+                layers[f"{path}.lora_A.weight"] = torch.randn(RANK, layer.in_features, generator=g) * std
+                layers[f"{path}.lora_B.weight"] = torch.randn(layer.out_features, RANK, generator=g) * std
         StableDiffusionPipeline.save_lora_weights(folder / name, unet_lora_layers=layers)
     return AdapterStore(str(folder))
 
@@ -68,37 +90,63 @@ def rows_for(preset: str, count: int, size: int, steps: int, adapters=(), store=
     return out
 
 
-def measure(name: str, args, store) -> dict:
+def make(name: str, args, store, pipe):
     import torch
 
     from actors.backends import make_backend
+
+    if name == "int8":
+        pipe.unet = torch.ao.quantization.quantize_dynamic(pipe.unet, {torch.nn.Linear}, dtype=torch.qint8)
+        return make_backend("eager", pipe, None)
+    if name.startswith("compile"):
+        from actors.backends.compile import CompileBackend
+
+        return CompileBackend(pipe, store, fingerprint=f"bench-{args.preset}",
+                              settings=compile_settings(name, args.device))
+    return make_backend(name, pipe, store, fingerprint=f"bench-{args.preset}", max_batch=args.batch_size)
+
+
+def timed(backend, rows, batches: int, sync) -> float:
+    """Images per second over `batches` draws of `rows`, after one untimed draw."""
+    from actors.generate import draw
+
+    draw(backend.pipe, rows)
+    sync()
+    started = time.perf_counter()
+    for _ in range(batches):
+        draw(backend.pipe, rows)
+    sync()
+    return batches * len(rows) / (time.perf_counter() - started)
+
+
+def measure(name: str, args, store) -> dict:
+    import torch
+
     from actors.generate import draw
     from actors.presets import build_preset
 
     device = torch.device(args.device)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     pipe = build_preset(args.preset).to(device=device, dtype=dtype)
     built = time.perf_counter() - started
     started = time.perf_counter()
-    if name == "int8":
-        pipe.unet = torch.ao.quantization.quantize_dynamic(pipe.unet, {torch.nn.Linear}, dtype=torch.qint8)
-        backend = make_backend("eager", pipe, None)
-    else:
-        backend = make_backend(name, pipe, store if args.swaps else None, fingerprint=f"bench-{args.preset}",
-                               max_batch=args.batch_size)
+    backend = make(name, args, store, pipe)
     rows = rows_for(args.preset, args.batch_size, args.size, args.steps)
     draw(backend.pipe, rows)  # warm-up: compiles, exports, builds
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     setup = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(args.batches):
-        images = draw(backend.pipe, rows)
-    sync()
-    seconds = time.perf_counter() - started
-    result = {"backend": name, "images_per_second": args.batches * len(rows) / seconds, "setup_seconds": setup,
+    images = draw(backend.pipe, rows)
+    result = {"backend": name, "images_per_second": timed(backend, rows, args.batches, sync), "setup_seconds": setup,
               "pipeline_build_seconds": built, "first_pixel_sum": int(images[0].astype("int64").sum())}
+    if store is not None and name != "int8":
+        lora_rows = rows_for(args.preset, args.batch_size, args.size, args.steps, adapters=["A"], store=store)
+        backend.activate(lora_rows[0]["adapters"])
+        result["images_per_second_lora"] = timed(backend, lora_rows, args.batches, sync)
     if args.swaps and name != "int8":
         compiles_before = getattr(backend, "compiles", None)
         costs = []
@@ -114,7 +162,46 @@ def measure(name: str, args, store) -> dict:
         result["swap_seconds_first"] = costs[0]
         if compiles_before is not None:
             result["compiles_during_swaps"] = backend.compiles - compiles_before
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1024**3
     return result
+
+
+def startup(name: str, args, folder: Path) -> dict:
+    """Seconds from a fresh process's start to its first batch drawn: cold, then warm from the backend cache."""
+    import subprocess
+
+    cache = folder / f"startup-{name.replace('/', '_')}"
+    times = {}
+    for run in ("cold", "warm"):
+        env = {**os.environ, "SDFLEET_CACHE": str(cache / "backend"), "TORCHINDUCTOR_CACHE_DIR": str(cache / run)}
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_backends", "--child", name,
+                               *_child_flags(args)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"start-up of {name} failed:\n{proc.stderr[-2000:]}")
+        times[f"startup_{run}_seconds"] = time.perf_counter() - started
+    return times
+
+
+def _child_flags(args) -> list[str]:
+    return ["--preset", args.preset, "--size", str(args.size), "--steps", str(args.steps), "--batch-size",
+            str(args.batch_size), "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+
+
+def child(name: str, args) -> None:
+    """What --startup times in a fresh process: build, make the backend, draw one batch."""
+    import torch
+
+    from actors.generate import draw
+    from actors.presets import build_preset
+
+    dtype = torch.float16 if args.dtype == "fp16" else torch.float32
+    pipe = build_preset(args.preset).to(device=args.device, dtype=dtype)
+    backend = make(name, args, None, pipe)
+    draw(backend.pipe, rows_for(args.preset, args.batch_size, args.size, args.steps))
+    if args.device == "cuda":
+        torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,10 +216,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on CPU")
     parser.add_argument("--swaps", type=int, default=10, help="adapter swaps to time per backend (0: none)")
+    parser.add_argument("--startup", action="store_true", help="also time each backend's start-up, cold and warm, "
+                        "in fresh processes")
     parser.add_argument("--out", help="folder for bench.json (default: a temporary one)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        child(args.child, args)
+        return 0
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(ALL))
+    unknown = sorted({n.split("/")[0] for n in names} - set(ALL))
     if unknown or "eager" not in names:
         parser.error(f"--backends must include eager (the baseline) and name only {', '.join(ALL)}; got {args.backends}")
     import torch
@@ -146,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results.append(measure(name, args, store))
+        if args.startup:
+            results[-1].update(startup(name, args, out))
         print(f"[bench] {json.dumps(results[-1])}", file=sys.stderr, flush=True)
     eager = next(r for r in results if r["backend"] == "eager")
     for r in results:
@@ -156,11 +254,22 @@ def main(argv: list[str] | None = None) -> int:
               "results": results}
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{args.preset} {args.size}px, {args.steps} steps, batch {args.batch_size}, {args.dtype}, {device}")
-    print(f"{'backend':<9} {'img/s':>8} {'vs eager':>9} {'set-up s':>9} {'swap ms':>8} {'compiles':>9}")
+    for r in results:
+        if "images_per_second_lora" in r:
+            r["vs_eager_lora"] = r["images_per_second_lora"] / eager["images_per_second_lora"]
+    print(f"{'backend':<28} {'img/s':>7} {'vs eager':>8} {'LoRA img/s':>10} {'vs eager':>8} {'set-up s':>8} "
+          f"{'cold s':>7} {'warm s':>7} {'swap ms':>8} {'compiles':>8} {'peak GB':>7}")
+
+    def cell(r, key, fmt):
+        return format(r[key], fmt) if key in r else "-"
+
     for r in results:
         swap = f"{r['swap_seconds_mean'] * 1000:.1f}" if "swap_seconds_mean" in r else "-"
-        print(f"{r['backend']:<9} {r['images_per_second']:>8.3f} {r['vs_eager']:>8.2f}x {r['setup_seconds']:>9.1f} "
-              f"{swap:>8} {str(r.get('compiles_during_swaps', '-')):>9}")
+        print(f"{r['backend']:<28} {r['images_per_second']:>7.3f} {r['vs_eager']:>7.2f}x "
+              f"{cell(r, 'images_per_second_lora', '.3f'):>10} {cell(r, 'vs_eager_lora', '.2f'):>7}x "
+              f"{r['setup_seconds']:>8.1f} {cell(r, 'startup_cold_seconds', '.1f'):>7} "
+              f"{cell(r, 'startup_warm_seconds', '.1f'):>7} {swap:>8} {str(r.get('compiles_during_swaps', '-')):>8} "
+              f"{cell(r, 'peak_memory_gb', '.1f'):>7}")
     print(f"wrote {out / 'bench.json'}")
     return 0
 

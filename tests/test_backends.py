@@ -208,11 +208,12 @@ def test_onnx_swaps_leave_no_trace(onnx_backend, store):
     fresh = make_backend("onnx", build_preset("tiny"), store, fingerprint="test-tiny")
     a_fresh = images(fresh, [("A", 1.0)])
     assert fresh.exports == 0, "a second backend on the same model reuses the cached export"
-    a_again = [images(onnx_backend, seq) for seq in ([("A", 1.0)], [("B", 1.0)], [("A", 1.0)], [], [("A", 1.0)])]
+    sequence = ([("A", 1.0)], [("B", 1.0)], [("A", 1.0)], [("A", 0.7), ("B", 0.5)], [], [("A", 1.0)])
+    a_again = [images(onnx_backend, seq) for seq in sequence]
     assert np.array_equal(a_again[2], a_fresh), "A -> B -> A differs from a fresh session with A"
-    assert np.array_equal(a_again[4], a_fresh), "A -> none -> A differs from a fresh session with A"
+    assert np.array_equal(a_again[5], a_fresh), "A -> B -> A -> blend -> none -> A differs from a fresh session with A"
     base = images(make_backend("onnx", build_preset("tiny"), store, fingerprint="test-tiny"), [])
-    assert np.array_equal(a_again[3], base), "no adapter after A and B is not the base model"
+    assert np.array_equal(a_again[4], base), "no adapter after A, B and a blend is not the base model"
     assert onnx_backend.stats()["swaps"] >= 5
 
 
@@ -315,6 +316,29 @@ def test_in_place_loras_refuse_a_layer_they_cannot_write_and_leave_the_weights()
     with pytest.raises(LoraMapError, match="l9 is not a layer this backend can adapt"):
         loras.switch([({"l9": (torch.ones(1, 2), torch.ones(3, 1))}, 1.0)])
     assert torch.equal(weights["l0"], torch.ones(3, 2)) and loras.active == []
+
+
+@pytest.mark.gpu
+def test_compile_on_a_gpu_with_cuda_graphs_fused_qkv_and_channels_last_matches_eager(store):
+    """The GPU defaults (reduce-overhead, i.e. CUDA graphs; fused QKV; channels-last) in fp16: eager's images
+    within fp16 noise, with and without a LoRA, and no recompile or re-capture over swaps."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from torch._dynamo.utils import counters
+
+    def on_gpu():
+        return build_preset("tiny").to("cuda", torch.float16)
+
+    eager, compiled = make_backend("eager", on_gpu(), store), make_backend("compile", on_gpu(), store)
+    assert compiled.settings.mode == "reduce-overhead" and compiled.settings.fuse_qkv
+    sets = ((), (("A", 1.0),), (("A", 0.7), ("B", 0.5)), (("conv", 1.0),))
+    for adapters in sets:
+        diff = np.abs(images(compiled, adapters).astype(int) - images(eager, adapters))
+        assert diff.mean() < 2.0, f"compile vs eager {adapters}: mean difference {diff.mean():.2f}/255"
+    graphs = counters["stats"]["unique_graphs"]
+    for adapters in sets * 3:
+        images(compiled, adapters)
+    assert counters["stats"]["unique_graphs"] == graphs, "swaps recompiled"
 
 
 # -- the real architecture ------------------------------------------------------------------------------

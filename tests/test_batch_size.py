@@ -11,7 +11,8 @@ import torch
 
 from actors import batch_size
 from actors.batch_size import BatchSizes, measure
-from helpers import assert_same_pixels, new_store, pixels, resolved_row, run_summary, sdfleet, write_manifest
+from helpers import (assert_same_pixels, new_store, pixels, resolved_row, run_summary, sdfleet, sdfleet_side_by_side,
+                     write_manifest)
 
 ROW = {"id": "x", "model": "default", "prompt": "a mug", "width": 64, "height": 64, "steps": 30, "seed": 0}
 
@@ -65,9 +66,11 @@ def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):
     records = [{"id": f"r{i}", "prompt": f"a red mug, view {i}", "seed": i, "steps": 2, "width": 64, "height": 64}
                for i in range(5)]
     manifest = write_manifest(tmp_path / "m.parquet", records)
-    fixed = sdfleet("generate", str(manifest), "--out", str(tmp_path / "fixed"), "--batch-size", "2", "--no-watermark")
-    auto = sdfleet("generate", str(manifest), "--out", str(tmp_path / "auto"), "--batch-size", "auto",
-                   "--no-watermark", "--backend-cache", str(tmp_path / "cache"))
+    procs = sdfleet_side_by_side({
+        "fixed": ["generate", str(manifest), "--out", str(tmp_path / "fixed"), "--batch-size", "2", "--no-watermark"],
+        "auto": ["generate", str(manifest), "--out", str(tmp_path / "auto"), "--batch-size", "auto", "--no-watermark",
+                 "--backend-cache", str(tmp_path / "cache")]})
+    fixed, auto = procs["fixed"], procs["auto"]
     assert fixed.returncode == 0 and auto.returncode == 0, fixed.stderr[-2000:] + auto.stderr[-2000:]
     for r in records:
         assert_same_pixels(pixels(tmp_path / "auto" / "images" / f"{r['id']}.png"),

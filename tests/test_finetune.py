@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ledger, pixels, sdfleet, write_manifest
+from helpers import ledger, pixels, sdfleet, sdfleet_side_by_side, write_manifest
 from jobs.synthetic import write_images
 
 RES = "128"
@@ -361,29 +361,29 @@ def trained(dataset, tmp_path_factory):
     for caption in (base / "gem-images").glob("*.txt"):
         caption.write_text("a <gem> on a " + caption.read_text().split(" on a ", 1)[1])
     sdfleet("dataset", "build", str(base / "gem-images"), "-o", str(base / "gem-data"), "--resolution", RES)
-    procs = {
+    procs = sdfleet_side_by_side({
         # full trains from the random init: the trained tiny already fits these images, so 8 steps at a
         # high lr are no test of whether the harness learns
-        "full": sdfleet("finetune", "full", "--data", str(dataset["dir"]), "--base", "tiny-random", "--out", str(full),
-                        "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", "--cache-latents", *TRAIN),
+        "full": ["finetune", "full", "--data", str(dataset["dir"]), "--base", "tiny-random", "--out", str(full),
+                 "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", "--cache-latents", *TRAIN],
         # lr 1e-2: the trained tiny already fits these images, and at 3e-2 the eval loss rose (0.034 -> 0.037)
-        "lora": sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(lora),
-                        "--steps", "8", "--lr", "1e-2", "--rank", "4", "--checkpoint-every", "4", *TRAIN),
+        "lora": ["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(lora),
+                 "--steps", "8", "--lr", "1e-2", "--rank", "4", "--checkpoint-every", "4", *TRAIN],
         # prior preservation: tiny-random draws 4 class images (noise), trained on beside the instances
-        "dreambooth": sdfleet("finetune", "dreambooth", "--data", str(dataset["dir"]), "--base", "tiny-random",
-                              "--out", str(dreambooth), "--class-prompt", CLASS_PROMPT,
-                              "--class-prompt", CLASS_PROMPT_2, "--class-images", "4", "--steps", "8", "--lr", "2e-3",
-                              "--checkpoint-every", "4", "--cache-latents", *TRAIN),
-        "vae": sdfleet("finetune", "vae", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(vae),
-                       "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", "--calibrate-scale",
-                       *TRAIN),
+        "dreambooth": ["finetune", "dreambooth", "--data", str(dataset["dir"]), "--base", "tiny-random",
+                 "--out", str(dreambooth), "--class-prompt", CLASS_PROMPT,
+                 "--class-prompt", CLASS_PROMPT_2, "--class-images", "4", "--steps", "8", "--lr", "2e-3",
+                 "--checkpoint-every", "4", "--cache-latents", *TRAIN],
+        "vae": ["finetune", "vae", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(vae),
+                 "--steps", "8", "--lr", "1e-3", "--crop", "64", "--checkpoint-every", "4", "--calibrate-scale",
+                 *TRAIN],
         # the word starts as "circle" for images of stars, so there is something to learn: started as "star",
         # which tiny already draws, the eval loss had nowhere to go and rose 1% in 8 steps. lr 2e-2: on the
         # committed tiny, 5e-3 and 1e-2 moved the eval loss under 1% and not at every step
-        "textual-inversion": sdfleet("finetune", "textual-inversion", "--data", str(base / "gem-data"), "--base", "tiny",
-                                     "--out", str(gem), "--token", "<gem>", "--init-word", "circle", "--vectors", "2",
-                                     "--steps", "8", "--lr", "2e-2", "--checkpoint-every", "4", *TRAIN),
-    }
+        "textual-inversion": ["finetune", "textual-inversion", "--data", str(base / "gem-data"), "--base", "tiny",
+                 "--out", str(gem), "--token", "<gem>", "--init-word", "circle", "--vectors", "2",
+                 "--steps", "8", "--lr", "2e-2", "--checkpoint-every", "4", *TRAIN],
+    })
     prompt = {"prompt": "a red circle on a white background", "seed": 5, "steps": 4, "width": 256, "height": 256}
     manifest = write_manifest(base / "m.parquet", [
         {"id": "base", **prompt}, {"id": "full", **prompt, "model": "tuned"},

@@ -52,6 +52,7 @@ class Cable:
     def cut(self) -> None:
         with self.lock:
             self.listener.close()
+            self.listener = None  # a connection accepted from now on is closed, not relayed
             for sock in self.sockets:
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
@@ -66,8 +67,11 @@ class Cable:
                 client, _ = listener.accept()
             except OSError:
                 return  # cut
-            server = socket.create_connection(("127.0.0.1", self.upstream))
             with self.lock:
+                if self.listener is not listener:  # cut while this one was being accepted
+                    client.close()
+                    return
+                server = socket.create_connection(("127.0.0.1", self.upstream))
                 self.sockets += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -200,8 +204,8 @@ def _train_log(fs, out: str) -> list[dict]:
 
 def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resumes_from_them(s3, tmp_path):
     """`dataset build` into the bucket, a LoRA fine-tune from it with checkpoints in the bucket, killed
-    (driver and local Ray) once a checkpoint is there; the rerun goes on from the bucket's checkpoint,
-    and `generate` loads the adapter it wrote from the bucket."""
+    (driver and local Ray) once a checkpoint is there; the rerun goes on from the bucket's checkpoint and
+    writes the LoRA there (generate reading adapters from the bucket: the first test)."""
     fs = s3["fs"]
     write_images(tmp_path / "images", 4, size=96, seed=2)
     build = sdfleet("dataset", "build", str(tmp_path / "images"), "-o", "s3://sdfleet/data/shapes", "--resolution", "64")
@@ -236,31 +240,38 @@ def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resu
     for text in (build.stderr, again.stdout, again.stderr, (tmp_path / "run1.log").read_text()):
         assert SECRET not in text
 
-    # what the fine-tune wrote, generate loads straight from the bucket
-    fs.copy("sdfleet/tunes/lora/pytorch_lora_weights.safetensors", "sdfleet/tuned-adapters/mine.safetensors")
-    records = rows(1, prefix="tuned", adapters=[{"name": "mine", "scale": 1.0}])
-    manifest = write_manifest(tmp_path / "m.parquet", records)
-    gen = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"), "--adapters", "s3://sdfleet/tuned-adapters")
-    assert gen.returncode == 0 and (tmp_path / "out" / "images" / "tuned-000.png").is_file(), gen.stderr[-3000:]
-
 
 def test_the_onnx_backend_cache_lives_in_s3_and_a_second_node_starts_warm(s3, tmp_path):
     """Exports go to `--backend-cache s3://...`; a run on a machine whose local cache is empty (another
     node, a fresh pod) fetches them from the bucket instead of exporting again."""
     fs = s3["fs"]
-    manifest = write_manifest(tmp_path / "m.parquet", rows(2, steps=1, width=64, height=64))
-    argv = ["generate", str(manifest), "--backend", "onnx", "--backend-cache", "s3://sdfleet/backend-cache",
-            "--no-watermark"]
-    cold = sdfleet(*argv, "--out", str(tmp_path / "cold"), env={"SDFLEET_CACHE": str(tmp_path / "node-a")})
+    records = rows(2, steps=1, width=64, height=64)
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    cold = sdfleet("generate", str(manifest), "--backend", "onnx", "--backend-cache", "s3://sdfleet/backend-cache",
+                   "--no-watermark", "--out", str(tmp_path / "cold"), env={"SDFLEET_CACHE": str(tmp_path / "node-a")})
     assert cold.returncode == 0, cold.stderr[-3000:]
     (stats,) = run_summary(tmp_path / "cold")["backend_stats"].values()
     assert stats["exports"] == 3
     entries = {p.rsplit("/", 2)[-2] for p in _objects(fs, "sdfleet/backend-cache") if p.endswith("model.onnx")}
     assert len(entries) == 3, entries
 
-    warm = sdfleet(*argv, "--out", str(tmp_path / "warm"), env={"SDFLEET_CACHE": str(tmp_path / "node-b")})
-    assert warm.returncode == 0, warm.stderr[-3000:]
-    (stats,) = run_summary(tmp_path / "warm")["backend_stats"].values()
-    assert stats["exports"] == 0 and stats["sessions"] == 3
-    assert_same_pixels(pixels(tmp_path / "warm" / "images" / "row-000.png"),
-                       pixels(tmp_path / "cold" / "images" / "row-000.png"), "fetched export vs fresh export")
+    # another node: an empty local cache, the same bucket; the backend fetches the exports instead of exporting
+    from actors.backends import make_backend
+    from actors.generate import draw
+    from actors.presets import PRESETS, build_preset
+    from manifests.schema import ManifestRow, resolve_row
+
+    fingerprint = run_summary(tmp_path / "cold")["models"]["default"]["fingerprint"]
+    row = resolve_row(ManifestRow(**records[0]), {**PRESETS["tiny"]["defaults"], "fingerprint": fingerprint},
+                      watermark=None)
+    saved = os.environ["SDFLEET_CACHE"]
+    os.environ["SDFLEET_CACHE"] = str(tmp_path / "node-b")
+    try:
+        warm = make_backend("onnx", build_preset("tiny"), None, cache_uri="s3://sdfleet/backend-cache",
+                            fingerprint=fingerprint)
+        image = draw(warm.pipe, [row])
+    finally:
+        os.environ["SDFLEET_CACHE"] = saved
+    assert warm.exports == 0 and len(warm.sessions) == 3 and (tmp_path / "node-b" / "onnx").is_dir()
+    assert_same_pixels(image[0], pixels(tmp_path / "cold" / "images" / f"{records[0]['id']}.png"),
+                       "fetched export vs fresh export")

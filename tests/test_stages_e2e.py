@@ -7,7 +7,7 @@ import collections
 
 import pytest
 
-from helpers import ledger, rows, run_summary, sdfleet, write_manifest
+from helpers import ledger, rows, run_summary, sdfleet, sdfleet_side_by_side, write_manifest
 
 STARTUP = ("ray_connected", "plan_done", "first_actor_started", "model_loaded", "first_image_written")
 
@@ -22,12 +22,11 @@ def manifest(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(manifest, tmp_path_factory):
-    out = {}
-    for mode in ("stage", "inline"):
-        target = tmp_path_factory.mktemp(mode) / "out"
-        proc = sdfleet("generate", str(manifest), "--out", str(target), "--batch-size", "4", "--finish", mode)
+    out = {mode: tmp_path_factory.mktemp(mode) / "out" for mode in ("stage", "inline")}
+    procs = sdfleet_side_by_side({mode: ["generate", str(manifest), "--out", str(target), "--batch-size", "4",
+                                         "--finish", mode] for mode, target in out.items()})
+    for proc in procs.values():
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[mode] = target
     return out
 
 

@@ -99,6 +99,7 @@ class CompileCache:
         self.folder = f"{root.rstrip('/')}/torch-compile/{key}"
         self.loaded = 0
         self.saved = 0
+        self._misses_saved = self._misses()
 
     def load(self) -> None:
         try:
@@ -113,8 +114,10 @@ class CompileCache:
         """Write what this process compiled since its last save as one more file (torch's loader keeps, per
         kind of artefact, only the last batch a file holds, so earlier saves must stay). A process whose
         graphs all came from the cache writes nothing: the files it loaded already hold them."""
-        if not self._compiled_anything_new():
+        misses = self._misses()
+        if misses == self._misses_saved:
             return
+        self._misses_saved = misses
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None:
             return
@@ -124,10 +127,11 @@ class CompileCache:
         self.saved += 1
 
     @staticmethod
-    def _compiled_anything_new() -> bool:
+    def _misses() -> int:
+        """Graphs Inductor had to build in this process (not found in its caches): the costly part."""
         from torch._dynamo.utils import counters
 
-        return counters["inductor"]["fxgraph_cache_miss"] > 0  # Inductor built code: the costly part
+        return counters["inductor"]["fxgraph_cache_miss"]
 
 
 def compile_key(fingerprint: str, settings: CompileSettings, device: torch.device, dtype: torch.dtype) -> str:

@@ -26,7 +26,7 @@ import fsspec
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
-from cluster.connect import ClusterError, alive_nodes, connect
+from cluster.connect import ClusterError, alive_nodes, connect, library_logs_to
 from jobs.console import log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import check_dataset
@@ -78,21 +78,27 @@ def run_finetune(cfg: TrainConfig) -> dict:
     if not (cfg.address or os.environ.get("RAY_ADDRESS")):
         for key, value in LOCAL_TRAIN_ENV.items():
             os.environ.setdefault(key, value)
-    resources = connect(cfg.address)
-    try:
-        nodes = alive_nodes()
-        if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:  # checkpoints come from every worker
-            raise FinetuneError(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
-        train, scaling = _scaling(cfg, resources, train)
-        log(f"{cfg.method} fine-tune of {cfg.base} on {rows} samples: {cfg.workers} worker(s) on "
-            f"{'GPU' if cfg.gpu else 'CPU'}, {cfg.steps} steps, global batch "
-            f"{cfg.batch_size * cfg.workers * cfg.grad_accum}, {resolution} px; out: {cfg.out}")
-        _write_json(fs, f"{root}/finetune.json", {**record, "status": "running", "config": cfg.model_dump()})
-        result = _fit(cfg, train, base, scaling, fs, root)
-    finally:
-        import ray
+    # Ray's, Ray Train's and the workers' own lines go to a log file; the progress printed here is read
+    # from --out/train_log.jsonl, which rank 0 writes (TrainProgress)
+    log_path = _log_path(fs, root, dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S"))
+    log(f"Ray's and the libraries' messages: {log_path}")
+    with library_logs_to(log_path, cfg.verbose):
+        resources = connect(cfg.address, quiet=not cfg.verbose)
+        try:
+            nodes = alive_nodes()
+            if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:  # checkpoints come from every worker
+                raise FinetuneError(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
+            train, scaling = _scaling(cfg, resources, train)
+            log(f"{cfg.method} fine-tune of {cfg.base} on {rows} samples: {cfg.workers} worker(s) on "
+                f"{'GPU' if cfg.gpu else 'CPU'}, {cfg.steps} steps, global batch "
+                f"{cfg.batch_size * cfg.workers * cfg.grad_accum}, {resolution} px; out: {cfg.out}")
+            _write_json(fs, f"{root}/finetune.json", {**record, "status": "running", "config": cfg.model_dump()})
+            with TrainProgress(fs, f"{root}/train_log.jsonl", cfg, follow=not cfg.verbose):
+                result = _fit(cfg, train, base, scaling, fs, root)
+        finally:
+            import ray
 
-        ray.shutdown()
+            ray.shutdown()
 
     # 4. the summary
     summary = {**record, "status": "finished", "steps": cfg.steps, "rows": rows, "resolution": resolution,
@@ -101,6 +107,84 @@ def run_finetune(cfg: TrainConfig) -> dict:
                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     _write_json(fs, f"{root}/finetune.json", summary)
     return summary
+
+
+class TrainProgress:
+    """While open, prints what rank 0 adds to train_log.jsonl (steps, resume, the result) as sdfleet's own
+    lines, polling it every `every` seconds; lines already there (an earlier run's) are not repeated.
+    With `follow=False` (--verbose: the workers' own lines reach the terminal) it does nothing."""
+
+    def __init__(self, fs, path: str, cfg: TrainConfig, follow: bool = True, every: float = 1.0):
+        import threading
+
+        self.fs, self.path, self.cfg, self.follow, self.every = fs, path, cfg, follow, every
+        self.stop = threading.Event()
+        self.seen = len(self._lines())
+        self.thread = threading.Thread(target=self._run, name="train-progress", daemon=True)
+
+    def __enter__(self):
+        if self.follow:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.follow:
+            self.stop.set()
+            self.thread.join()
+            self._show()  # the last lines, written just before the end
+
+    def _lines(self) -> list[str]:
+        try:
+            self.fs.invalidate_cache()
+            return self.fs.cat_file(self.path).decode().splitlines()
+        except (FileNotFoundError, OSError):
+            return []
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self._show()
+
+    def _show(self) -> None:
+        lines = self._lines()
+        for line in lines[self.seen:]:
+            try:
+                text = self.describe(json.loads(line))
+            except ValueError:
+                break  # a line caught mid-write: read again next time
+            self.seen += 1
+            if text:
+                log(text)
+
+    def describe(self, record: dict) -> str | None:
+        cfg, event = self.cfg, record.get("event")
+        if event == "started":
+            return f"{cfg.method}: {record.get('trainable_parameters', 0):,} trainable parameters"
+        if event == "cached_latents":
+            return f"cached the latents of {record['images']} images"
+        if event == "resumed":
+            return f"resuming from the checkpoint at step {record['step']}"
+        if event == "finished":
+            what = {"lora": "LoRA", "textual-inversion": f"embedding of {cfg.token}"}.get(cfg.method, "model")
+            return f"wrote the {what} to {cfg.out}"
+        if "loss" in record:
+            evaluated = record.get("eval_loss")
+            return (f"step {record['step']}/{cfg.steps} loss {record['loss']:.4f} eval "
+                    f"{'-' if evaluated is None else format(evaluated, '.4f')} lr {record['lr']:.2e} "
+                    f"{record['samples_per_second']:.2f} samples/s")
+        return None
+
+
+def _log_path(fs, root: str, stamp: str) -> str:
+    """OUT/logs/finetune-<time>.log on a local --out, else (an object store cannot be appended to line by
+    line) a local temporary file."""
+    if is_local_fs(fs):
+        folder = os.path.join(root, "logs")
+        os.makedirs(folder, exist_ok=True)
+    else:
+        import tempfile
+
+        folder = tempfile.gettempdir()
+    return os.path.join(folder, f"finetune-{stamp}.log")
 
 
 def _scaling(cfg: TrainConfig, resources: dict, train: TrainConfig) -> tuple[TrainConfig, "object"]:

@@ -480,6 +480,19 @@ def test_full_writes_a_diffusers_model_and_lora_writes_an_adapter(trained):
     assert "trainable parameters" in trained["procs"]["lora"].stdout + trained["procs"]["lora"].stderr
 
 
+def test_a_fine_tune_prints_its_own_progress_and_sends_ray_and_the_workers_to_its_log(trained):
+    proc = trained["procs"]["lora"]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("[sdfleet] ")]
+    assert [line for line in ours if " step " in line][-1].startswith("[sdfleet] step 8/8 loss ")
+    assert "[sdfleet] lora: 28,672 trainable parameters" in ours and ours[-1].startswith("[sdfleet] done in")
+    assert any(line.startswith("[sdfleet] wrote the LoRA to ") for line in ours)
+    terminal = proc.stdout + proc.stderr
+    for noise in ("RayTrainWorker", "TrainController", "Reporting training result", "Token authentication"):
+        assert noise not in terminal, noise
+    (log_file,) = (trained["lora"] / "logs").glob("finetune-*.log")
+    assert str(log_file) in proc.stderr and "Token authentication" in log_file.read_text()
+
+
 def test_dreambooth_draws_its_class_images_and_trains_on_both(trained):
     from actors.png import read_png_parameters
 

@@ -72,13 +72,17 @@ def test_on_a_gpu_auto_finishes_in_its_own_stage_and_every_mark_reads_back(manif
 
 
 def test_ray_and_library_messages_go_to_the_run_log_unless_verbose(tmp_path):
-    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
-    quiet = sdfleet("generate", str(manifest), "--out", str(tmp_path / "quiet"))
-    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    records = rows(3)
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    # a row that kills its actor: the cluster's notices about the dead worker go to the log as well
+    quiet = sdfleet("generate", str(manifest), "--out", str(tmp_path / "quiet"), "--batch-size", "2",
+                    env={"SDFLEET_TEST_KILL_ACTOR_ON_ROW": records[2]["id"]})
+    assert quiet.returncode == 2, quiet.stderr[-3000:]  # that row failed, the others were drawn
     (log_file,) = (tmp_path / "quiet" / "logs").glob("sdfleet-*.log")
     assert str(log_file) in quiet.stderr, "the run names its log file once"
-    assert "execution finished" in log_file.read_text()  # Ray Data's INFO line is kept, in the file
-    for noise in ("execution finished", "Progress bars disabled", "Token authentication"):
-        assert noise not in quiet.stderr, noise
+    logged = log_file.read_text()
+    assert "execution finished" in logged and "(raylet)" in logged  # Ray Data's and the cluster's lines, kept
+    for noise in ("execution finished", "Progress bars disabled", "Token authentication", "(raylet)"):
+        assert noise not in quiet.stderr + quiet.stdout, noise
     assert "[sdfleet] done in" in quiet.stderr
     # with --verbose they show here too: tests/test_identity_and_stores.py checks that on its --verbose run

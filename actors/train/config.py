@@ -88,6 +88,8 @@ class TrainConfig(BaseModel):
                                 "px, 295 KB at 768)")
     max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
+    verbose: bool = Field(default=False, description="also show Ray's and the workers' log lines here (they always go "
+                          "to the run's log file)")
     shared_out: bool = Field(default=False, description="--out is a local path every node mounts (NFS, a shared "
                              "volume): allow it on a cluster of more than one node")
 

@@ -75,7 +75,11 @@ class BatchSizes:
         label = f"{row['model']} {row['width']}x{row['height']}"
         if label in self.chosen:
             return self.chosen[label]
-        pipe = pipe_for(row)
+        base = {**row, "adapters": []}  # measured on the base model: a row's bad adapter is its own error
+        try:
+            pipe = pipe_for(base)
+        except Exception:  # noqa: BLE001 - the model does not load: drawing the rows will say why, row by row
+            return self.limit
         device, dtype = pipe.unet.device, pipe.unet.dtype
         path = f"{self.folder}/{probe_key(fingerprint, backend, device, dtype, row['width'], row['height'])}.json"
         try:
@@ -85,7 +89,10 @@ class BatchSizes:
             pass
         from actors.generate import draw
 
-        best, measured = measure(lambda rows: draw(pipe_for(row), rows), row, device, self.limit)
+        try:
+            best, measured = measure(lambda rows: draw(pipe_for(base), rows), base, device, self.limit)
+        except Exception:  # noqa: BLE001 - a probe that fails measures nothing: this group takes the block
+            return self.limit
         self.chosen[label], self.probed[label] = best, measured
         record = {"batch_size": best, "images_per_second": {str(k): round(v, 4) for k, v in measured.items()},
                   "model": fingerprint, "backend": backend, "size": [row["width"], row["height"]],

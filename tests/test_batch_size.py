@@ -62,6 +62,20 @@ def test_the_choice_is_kept_in_the_backend_cache_and_read_back_without_measuring
     assert other_actor.get({**ROW, "width": 128}, "fp-1", "eager", lambda row: pipe) == 4 and len(device.calls) > calls
 
 
+def test_a_probe_that_fails_takes_the_whole_block_and_records_nothing(monkeypatch, tmp_path):
+    def broken(pipe, rows):
+        raise RuntimeError("the model cannot draw")
+
+    monkeypatch.setattr("actors.generate.draw", broken)
+    pipe = SimpleNamespace(unet=SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32))
+    asked = []
+    sizes = BatchSizes(str(tmp_path / "cache"), limit=16)
+    assert sizes.get({**ROW, "adapters": [{"name": "style", "scale": 1.0}]}, "fp", "eager",
+                     lambda row: asked.append(row["adapters"]) or pipe) == 16
+    assert asked and all(adapters == [] for adapters in asked), "measured on the base model, not the row's adapters"
+    assert sizes.chosen == {} and not (tmp_path / "cache" / "batch-size").exists()  # the next group tries again
+
+
 def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):
     records = [{"id": f"r{i}", "prompt": f"a red mug, view {i}", "seed": i, "steps": 2, "width": 64, "height": 64}
                for i in range(5)]

@@ -83,13 +83,13 @@ def train_loop(config: dict) -> None:
     fixed = fixed_eval_batch(cfg, table, pipe, noise_scheduler, device) if cfg.fsdp or rank == 0 else None
     latent_cache = encode_dataset(cfg, table, pipe.vae, device, rank, world) if cfg.cache_latents else None
     log = TrainLog(cfg.out, rank)
-    if latent_cache is not None:
-        log.line({"event": "cached_latents", "images": table.num_rows})
     if resumed_from is not None:
         log.line({"event": "resumed", "step": resumed_from})
     elif rank == 0:
         log.line({"event": "started", "trainable_parameters": trainable, "workers": world, "class_rows": classes,
                   "config": cfg.model_dump()})
+    if latent_cache is not None:
+        log.line({"event": "cached_latents", "images": table.num_rows})
 
     # 4. the loop
     model.train()

@@ -1,7 +1,7 @@
 """Crash safety: kill the driver and its local Ray mid-run, run again, and nothing is lost or doubled.
 
-Two kill points: late (after ledger parts were written), and inside the ledger's flush window (images
-written, not one recorded yet). Either way the rerun records each row `ok` exactly once, and an image the
+Three kill points: at the start (the lease taken, nothing drawn), late (after ledger parts were written),
+and inside the ledger's flush window (images written, not one recorded yet). Either way the rerun records each row `ok` exactly once, and an image the
 killed run finished is never drawn again: the rerun finds its `params_hash` in the PNG and records it."""
 
 from __future__ import annotations
@@ -60,15 +60,17 @@ def _images(out) -> dict[str, tuple[int, int]]:
     return {p.stem: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "images").glob("*.png")}
 
 
-@pytest.mark.parametrize("when", ["late", "before-any-ledger-part"])
+@pytest.mark.parametrize("when", ["late", "before-any-ledger-part", "at-start"])
 def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_finished(tmp_path, when):
     records = rows(24, steps=3)
     manifest = write_manifest(tmp_path / "m.parquet", records)
     out = tmp_path / "out"
     if when == "late":  # a ledger part per batch; killed after two
         _kill_when(tmp_path, manifest, out, "0", lambda o: _parts(o) >= 2)
-    else:  # no part within the run's life: killed once 6 images are written, none recorded
+    elif when == "before-any-ledger-part":  # no part within the run's life: killed once 6 images are written
         _kill_when(tmp_path, manifest, out, "600", lambda o: (o / "images").exists() and len(_images(o)) >= 6)
+    else:  # killed as soon as it holds the output's lease: the rerun takes the dead run's lease over
+        _kill_when(tmp_path, manifest, out, "0", lambda o: (o / ".sdfleet-lease.json").exists())
 
     first = ledger(out)
     recorded = {e["id"] for e in first if e["status"] == "ok"}
@@ -77,10 +79,12 @@ def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_fini
     assert recorded <= set(written) and (recorded if when == "late" else not recorded)
     for png in (out / "images").glob("*.png"):
         pixels(png)  # every visible image is complete: atomic writes
-    assert not [p for p in (out / "images").iterdir() if p.suffix != ".png" and not p.name.startswith(".")]
+    leftovers = (out / "images").iterdir() if (out / "images").exists() else ()
+    assert not [p for p in leftovers if p.suffix != ".png" and not p.name.startswith(".")]
 
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "taking over the lease of run" in proc.stderr, "the killed run's lease was left for the rerun to take"
     summary = run_summary(out)
     assert summary["skipped"] == len(recorded)
     assert summary["recovered"] == len(written) - len(recorded)  # finished but unrecorded: recorded now

@@ -27,7 +27,7 @@ import fsspec
 from actors.models import describe_model
 from actors.train.config import TrainConfig
 from cluster.connect import ClusterError, alive_nodes, connect, library_logs_to
-from jobs.console import log
+from jobs.console import log, log_file
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import check_dataset
 from manifests.stores import is_local_fs, is_local_path, multi_node_reason
@@ -80,7 +80,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
             os.environ.setdefault(key, value)
     # Ray's, Ray Train's and the workers' own lines go to a log file; the progress printed here is read
     # from --out/train_log.jsonl, which rank 0 writes (TrainProgress)
-    log_path = _log_path(fs, root, dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S"))
+    log_path = log_file(fs, root, f"finetune-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.log")
     log(f"Ray's and the libraries' messages: {log_path}")
     with library_logs_to(log_path, cfg.verbose):
         resources = connect(cfg.address, quiet=not cfg.verbose)
@@ -164,27 +164,13 @@ class TrainProgress:
         if event == "resumed":
             return f"resuming from the checkpoint at step {record['step']}"
         if event == "finished":
-            what = {"lora": "LoRA", "textual-inversion": f"embedding of {cfg.token}"}.get(cfg.method, "model")
-            return f"wrote the {what} to {cfg.out}"
+            return f"wrote the {cfg.result_name} to {cfg.out}"
         if "loss" in record:
             evaluated = record.get("eval_loss")
             return (f"step {record['step']}/{cfg.steps} loss {record['loss']:.4f} eval "
                     f"{'-' if evaluated is None else format(evaluated, '.4f')} lr {record['lr']:.2e} "
                     f"{record['samples_per_second']:.2f} samples/s")
         return None
-
-
-def _log_path(fs, root: str, stamp: str) -> str:
-    """OUT/logs/finetune-<time>.log on a local --out, else (an object store cannot be appended to line by
-    line) a local temporary file."""
-    if is_local_fs(fs):
-        folder = os.path.join(root, "logs")
-        os.makedirs(folder, exist_ok=True)
-    else:
-        import tempfile
-
-        folder = tempfile.gettempdir()
-    return os.path.join(folder, f"finetune-{stamp}.log")
 
 
 def _scaling(cfg: TrainConfig, resources: dict, train: TrainConfig) -> tuple[TrainConfig, "object"]:

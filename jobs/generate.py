@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import time
 import uuid
 from typing import Annotated, Literal
@@ -30,13 +29,13 @@ from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from cluster.connect import actor_env, alive_nodes, connect, library_logs_to, size_actors, size_finishing
-from jobs.console import log
+from jobs.console import log, log_file
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder
 from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, settled_row
 from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
-from manifests.stores import is_local_fs, is_local_path, multi_node_reason, process_local, unshared_reason
+from manifests.stores import is_local_path, multi_node_reason, process_local, unshared_reason
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -146,7 +145,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     log(f"{total} rows in {len(uris)} manifest(s); {len(done)} done before; out: {cfg.out}")
 
     # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
-    log_path = _log_path(fs, root, run_id, in_out=not cfg.plan_only)
+    log_path = log_file(fs, root, f"sdfleet-{run_id}.log", in_out=not cfg.plan_only)
     log(f"Ray's and the libraries' messages: {log_path}")
     with library_logs_to(log_path, cfg.verbose):
         return _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls)
@@ -181,19 +180,6 @@ def _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, star
     except BackendError as exc:
         raise RunFailed(str(exc)) from exc
     return summary
-
-
-def _log_path(fs, root: str, run_id: str, in_out: bool = True) -> str:
-    """The run's log file: OUT/logs/<run>.log on a local output, else (an object store cannot be appended
-    to line by line, and --plan-only writes nothing into --out) a local temporary file."""
-    if in_out and is_local_fs(fs):
-        folder = os.path.join(root, "logs")
-        os.makedirs(folder, exist_ok=True)
-    else:
-        import tempfile
-
-        folder = tempfile.gettempdir()
-    return os.path.join(folder, f"sdfleet-{run_id}.log")
 
 
 def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -31,7 +31,7 @@ CACHE_VERSION = 1  # bump when what the compiled graphs contain changes, so old 
 @dataclasses.dataclass(frozen=True)
 class CompileSettings:
     """How the graphs are built. `for_device` picks the defaults; the benchmark tries the others
-    (benchmarks/bench_backends.py --compile-variants), and docs/backends.md records what each is worth."""
+    (`benchmarks/bench_backends.py --backends compile/qkv=1/...`), and docs/backends.md records what each is worth."""
 
     mode: str = "default"  # torch.compile's mode; "reduce-overhead" and "max-autotune" add CUDA graphs on GPUs
     channels_last: bool = False  # UNet and VAE in NHWC: what cuDNN's fastest convolutions want
@@ -173,7 +173,6 @@ class CompileBackend(Backend):
         self.cache.load()
         self.cache_load_seconds = time.perf_counter() - started
         self._graphs_at_start = self._graphs()
-        self._graphs_saved = self._graphs_at_start
         options = dict(mode=None if self.settings.mode == "default" else self.settings.mode)
         pipe.unet = torch.compile(pipe.unet, **options)
         pipe.unet.register_forward_hook(self._after_call)
@@ -192,10 +191,8 @@ class CompileBackend(Backend):
         return self._graphs() - self._graphs_at_start
 
     def _after_call(self, module, inputs, output) -> None:
-        """After a call that compiled something: put what was compiled into the backend cache."""
-        if self._graphs() != self._graphs_saved:
-            self._graphs_saved = self._graphs()
-            self.cache.save()
+        """After each call: whatever it had to compile goes into the backend cache (`save` writes only then)."""
+        self.cache.save()
 
     def _switch(self, adapters) -> bool:
         loras, key, loaded_embedding = self.adapters.request(adapters) if self.adapters else ([], (), False)

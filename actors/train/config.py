@@ -94,6 +94,11 @@ class TrainConfig(BaseModel):
                              "volume): allow it on a cluster of more than one node")
 
     @property
+    def result_name(self) -> str:
+        """What the run writes, in words: "LoRA", "embedding of <token>" or "model"."""
+        return {"lora": "LoRA", "textual-inversion": f"embedding of {self.token}"}.get(self.method, "model")
+
+    @property
     def learning_rate(self) -> float:
         return self.lr or DEFAULT_LR[self.method]
 

@@ -156,8 +156,7 @@ def train_loop(config: dict) -> None:
             finished["scaling_factor"] = _calibrate(cfg, final, table, device)
         publish(cfg, base, final)
         log.line(finished)
-        what = {"lora": "LoRA", "textual-inversion": f"embedding of {cfg.token}"}.get(cfg.method, "model")
-        print(f"[finetune] wrote the {what} to {cfg.out}", flush=True)
+        print(f"[finetune] wrote the {cfg.result_name} to {cfg.out}", flush=True)
 
 
 class TrainLog:

@@ -86,6 +86,9 @@ class GenerateConfig(BaseModel):
                        "stopping")
     plan_only: bool = Field(default=False, description="plan every row and say how many would be drawn, skipped, "
                             "recovered or are invalid; draw and write nothing")
+    rows_may_fail: bool = Field(default=False, description="exit 0 when the run finished but some rows failed or "
+                                "are invalid (they stay in the ledger and run.json); for schedulers that retry "
+                                "any non-zero exit on a new cluster")
 
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":

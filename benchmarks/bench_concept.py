@@ -47,7 +47,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import run_cli
-from benchmarks.contact_sheet import comparison_sheet
+from jobs.sheet import comparison_sheet
 
 METHODS = ("lora", "textual-inversion", "dreambooth", "dreambooth-lora")
 # 2e-4 let DreamBooth's class drift; DreamBooth-LoRA takes the LoRA bench's lr

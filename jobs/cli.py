@@ -131,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "'a {color} {shape} on a {background} background'")
     ev.add_argument("--out", required=True, help="the run's output root (images/ under it); eval.json is written there")
 
+    rep = sub.add_parser("report", help="write OUT/report/index.html: a run's figures, changes, problems and images")
+    rep.add_argument("out", metavar="OUT", help="the --out of a `sdfleet generate` run (path or URI)")
+    rep.add_argument("--group-by", metavar="COLUMN", help="group the images by a ledger column: sku, scene_id, "
+                                                          "adapters, model, any manifest column (default: one group)")
+    rep.add_argument("--thumb", type=int, default=192, help="thumbnail size in px, the longer side (default 192)")
+
+    sheet = sub.add_parser("sheet", help="a contact sheet: a run's images in one PNG, captioned with their ids")
+    sheet.add_argument("out", metavar="OUT", help="the --out of a `sdfleet generate` run (path or URI)")
+    sheet.add_argument("-o", "--output", required=True, metavar="PNG", help="the sheet to write (path or URI)")
+    sheet.add_argument("--group-by", metavar="COLUMN", help="one band per value of a ledger column (sku, ...)")
+    sheet.add_argument("--columns", type=int, default=6, help="thumbnails per line (default 6)")
+    sheet.add_argument("--thumb", type=int, default=128, help="thumbnail side in px (default 128)")
+
     model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
     export = model.add_parser("export", help="write a preset as a diffusers directory")
     export.add_argument("preset", metavar="PRESET")
@@ -149,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         "finetune": cmd_finetune,
         "dataset": cmd_dataset_build,
         "eval": cmd_eval,
+        "report": cmd_report,
+        "sheet": cmd_sheet,
     }
     try:
         return handlers[args.command](args)
@@ -186,7 +201,49 @@ def cmd_generate(args) -> int:
     log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok']} drawn, {summary['skipped']} skipped, "
         f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
         f"ledger and run.json in {cfg.out}")
+    if cfg.report:
+        from jobs.report import build_report
+
+        _say_report(build_report(cfg.out, group_by=cfg.report_group_by))
     return _rows_exit(cfg, summary)
+
+
+def cmd_report(args) -> int:
+    from jobs.report import build_report
+
+    if args.thumb < 16:
+        print(f"sdfleet report: error: --thumb must be at least 16 px, got {args.thumb}", file=sys.stderr)
+        return EXIT_ERROR
+    _say_report(build_report(args.out, group_by=args.group_by, thumb=args.thumb))
+    return EXIT_OK
+
+
+def _say_report(done: dict) -> None:
+    from jobs.console import log
+
+    missing = f", {done['missing']} images missing" if done["missing"] else ""
+    log(f"report: {done['path']} ({done['rows']} rows, {done['thumbnails_made']} thumbnails made, "
+        f"{done['thumbnails_reused']} reused{missing}, {done['seconds']:.1f} s)")
+
+
+def cmd_sheet(args) -> int:
+    import io
+
+    import fsspec
+
+    from jobs.console import log
+    from jobs.sheet import contact_sheet
+
+    if args.columns < 1 or args.thumb < 16:
+        print("sdfleet sheet: error: --columns must be at least 1 and --thumb at least 16", file=sys.stderr)
+        return EXIT_ERROR
+    image = contact_sheet(args.out, group_by=args.group_by, columns=args.columns, thumb=args.thumb)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    with fsspec.open(args.output, "wb") as f:
+        f.write(buf.getvalue())
+    log(f"sheet: {args.output} ({image.width}x{image.height})")
+    return EXIT_OK
 
 
 def _rows_exit(cfg, summary: dict) -> int:

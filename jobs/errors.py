@@ -18,6 +18,10 @@ class EvalError(ValueError):
     """The run cannot be scored."""
 
 
+class ReportError(ValueError):
+    """A run's output cannot be read back for a report or a contact sheet."""
+
+
 def describe_error(exc: BaseException) -> str | None:
     """The message for a known error type, or None for a bug (which should show its traceback)."""
     from actors.models import ModelError
@@ -37,6 +41,7 @@ def describe_error(exc: BaseException) -> str | None:
         DatasetError: None,
         FinetuneError: None,
         EvalError: None,
+        ReportError: None,
     }
     for kind, hint in hints.items():
         if isinstance(exc, kind):
@@ -49,7 +54,7 @@ def describe_error(exc: BaseException) -> str | None:
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one short line: its type where the message alone would not say what failed."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, (RunFailed, FinetuneError, EvalError)) and type(exc).__name__ not in text:
+    if not isinstance(exc, (RunFailed, FinetuneError, EvalError, ReportError)) and type(exc).__name__ not in text:
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= limit else text[:limit] + "..."
 

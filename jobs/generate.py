@@ -86,6 +86,11 @@ class GenerateConfig(BaseModel):
                        "stopping")
     plan_only: bool = Field(default=False, description="plan every row and say how many would be drawn, skipped, "
                             "recovered or are invalid; draw and write nothing")
+    report: bool = Field(default=False, description="write OUT/report/index.html when the run ends (as `sdfleet "
+                         "report` does)")
+    report_group_by: str | None = Field(default=None, description="the ledger column the report groups images by "
+                                        "(sku, scene_id, adapters, any manifest column)", json_schema_extra={
+                                            "metavar": "COLUMN"})
     rows_may_fail: bool = Field(default=False, description="exit 0 when the run finished but some rows failed or "
                                 "are invalid (they stay in the ledger and run.json); for schedulers that retry "
                                 "any non-zero exit on a new cluster")

@@ -118,7 +118,7 @@ def test_bench_vae_context_names_what_it_cannot_read(tmp_path, capsys):
 
 
 BENCH_COMMANDS = ["bench_adapters", "bench_backends", "bench_concept", "bench_finetune", "bench_finish", "bench_generate",
-                  "bench_heads", "bench_nightly", "bench_overlap", "bench_train_step", "bench_vae_context", "train_tiny", "contact_sheet"]
+                  "bench_heads", "bench_nightly", "bench_overlap", "bench_train_step", "bench_vae_context", "train_tiny"]
 
 
 def test_every_benchmark_command_in_the_docs_starts_from_benchmarks(capsys):

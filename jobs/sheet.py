@@ -1,0 +1,81 @@
+"""`sdfleet sheet OUT -o sheet.png`: a run's images as one picture, thumbnails in a grid captioned with their
+row ids, optionally in bands by a ledger column (`--group-by sku`). A row without its image (failed,
+invalid, or a PNG gone since) is a grey tile that says so, so a sheet never hides a gap.
+
+`comparison_sheet` puts the same rows of several runs one run to a row (a base and its fine-tune); the
+fine-tune benchmarks draw their pictures with it.
+"""
+
+from __future__ import annotations
+
+import fsspec
+from PIL import Image, ImageDraw
+
+from jobs.errors import ReportError
+from jobs.outputs import open_output
+
+GAP = "#dddddd"
+
+
+def _thumbnail(fs, path: str, side: int) -> Image.Image:
+    with fs.open(path, "rb") as f, Image.open(f) as image:
+        return image.convert("RGB").resize((side, side), Image.LANCZOS)
+
+
+def _placeholder(side: int, text: str) -> Image.Image:
+    tile = Image.new("RGB", (side, side), GAP)
+    ImageDraw.Draw(tile).text((4, side // 2 - 6), text[: side // 6], fill=(120, 0, 0))
+    return tile
+
+
+def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb: int = 128,
+                  label: int = 14) -> Image.Image:
+    """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column)."""
+    out = open_output(uri)
+    out.check_group_by(group_by)
+    current = out.current()
+    if not current:
+        raise ReportError(f"{uri} has a run.json but an empty ledger: nothing to show")
+    groups: dict[str, list[dict]] = {}
+    for row_id in sorted(current):
+        groups.setdefault(out.group_key(current[row_id], group_by), []).append(current[row_id])
+    order = sorted(groups, key=lambda k: (k == "(none)", k))
+    band = 20 if group_by else 0
+    height = sum(band + -(-len(groups[k]) // columns) * (thumb + label) for k in order)
+    sheet = Image.new("RGB", (columns * thumb, height), (255, 255, 255))
+    pen = ImageDraw.Draw(sheet)
+    y = 0
+    for key in order:
+        if band:
+            pen.rectangle((0, y, columns * thumb, y + band - 1), fill=(235, 235, 235))
+            pen.text((4, y + 4), f"{group_by} = {key} ({len(groups[key])})", fill=(0, 0, 0))
+            y += band
+        for i, entry in enumerate(groups[key]):
+            x, top = (i % columns) * thumb, y + (i // columns) * (thumb + label)
+            if entry["status"] != "ok":
+                tile = _placeholder(thumb, entry["status"])
+            elif not out.has_image(entry):
+                tile = _placeholder(thumb, "missing")
+            else:
+                tile = _thumbnail(out.fs, out.image_path(entry["id"]), thumb)
+            sheet.paste(tile, (x, top))
+            pen.text((x + 2, top + thumb + 1), entry["id"][: thumb // 6], fill=(0, 0, 0))
+        y += -(-len(groups[key]) // columns) * (thumb + label)
+    return sheet
+
+
+def comparison_sheet(runs: dict[str, str], ids: list[str], thumb: int = 96, label: int = 72) -> Image.Image:
+    """One row per run (labelled with its key), one column per row id: the same prompts and seeds drawn by
+    each run, e.g. before and after a fine-tune."""
+    sheet = Image.new("RGB", (label + len(ids) * thumb, len(runs) * thumb), (255, 255, 255))
+    pen = ImageDraw.Draw(sheet)
+    for r, (name, run_out) in enumerate(runs.items()):
+        fs, root = fsspec.core.url_to_fs(run_out)
+        pen.text((4, r * thumb + thumb // 2 - 6), name, fill=(0, 0, 0))
+        for c, row_id in enumerate(ids):
+            path = f"{root.rstrip('/')}/images/{row_id}.png"
+            if not fs.exists(path):
+                raise ReportError(f"{run_out} has no image for row {row_id!r} ({path}): is it a `sdfleet generate` "
+                                  "run of the same manifest rows?")
+            sheet.paste(_thumbnail(fs, path, thumb), (label + c * thumb, r * thumb))
+    return sheet

@@ -1,0 +1,257 @@
+"""`sdfleet report` and `sdfleet sheet`: what a catalogue team sees of a run, read back from its output.
+
+The outputs here are written the way `generate` writes them (ledger parts named by run, runs/*.json,
+run.json, PNGs with their parameters chunk), by hand and without Ray, so each case is exact: two runs
+over one --out, with a row redrawn, one new, one fixed, one now failing, an invalid row and a PNG deleted.
+The browser test opens the page in Debian's chromium (headless, from disk, no network).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from actors.png import png_bytes
+from jobs.cli import main
+from jobs.errors import ReportError
+from jobs.report import build_report, changes
+from jobs.sheet import contact_sheet
+from manifests.ledger import ledger_row, write_part
+
+COLOURS = {"a": (200, 30, 30), "b": (30, 200, 30), "c": (30, 30, 200), "d": (200, 200, 30), "e": (30, 200, 200)}
+
+
+def _row(row_id: str, sku: str, n: int, adapters=()) -> dict:
+    return {"id": row_id, "params_hash": f"h-{row_id}-{n}", "seed": n, "model": "default", "width": 64,
+            "height": 64, "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim", "watermark": None,
+            "source": "m.parquet", "row": n, "extra": json.dumps({"sku": sku}), "error": None, "warning": None,
+            "adapters": [{"name": a, "scale": 0.8} for a in adapters]}
+
+
+def _draw(out: Path, row_id: str, colour, prompt: str) -> dict:
+    rgb = np.zeros((64, 64, 3), np.uint8) + np.array(colour, np.uint8)
+    data = png_bytes(rgb, {"id": row_id, "prompt": prompt, "negative_prompt": "blurry"})
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "images" / f"{row_id}.png").write_bytes(data)
+    import hashlib
+
+    return {"uri": str(out / "images" / f"{row_id}.png"), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _run(out: Path, run_id: str, entries: list[dict], counts: dict) -> None:
+    write_part_fs = __import__("fsspec").filesystem("file")
+    write_part(write_part_fs, str(out), run_id, 0, entries)
+    summary = {"run_id": run_id, "rows": len(entries), **counts, "wall_seconds": 10.0, "images_per_second": 0.5,
+               "actors": 1, "images_per_actor": {"host:1": counts["ok"]}, "recovered": 0,
+               "adapter_swaps": {"total": 2, "per_actor": {"host:1": 2}, "seconds": 0.01},
+               "startup": {"ray_connected": 1.5, "first_image_written": 6.0}, "batch_size": 4, "backend": "eager",
+               "device": "cpu", "finished_at": entries[-1]["finished_at"]}
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{run_id}.json").write_text(json.dumps(summary))
+    (out / "run.json").write_text(json.dumps(summary))
+
+
+def make_output(out: Path) -> Path:
+    """Run 1 draws a, b, c; d fails. Run 2 redraws a (blue now), fixes d, draws e new, c now fails, f is
+    invalid; then b's PNG is deleted by hand."""
+    run1 = [ledger_row(_row(i, "sku-1" if i in "ab" else "sku-2", n), "ok", actor="host:1", seconds=0.5,
+                       **_draw(out, i, COLOURS[i], f"a photo of {i} <b>bold</b>"))
+            for n, i in enumerate("abc")]
+    run1.append(ledger_row(_row("d", "sku-2", 3, adapters=["gone"]), "failed",
+                           error="m.parquet row 3 (`d`): adapter 'gone' is not in the store"))
+    _run(out, "20261201T000000-aaaaaa", run1, {"ok": 3, "skipped": 0, "failed": 1, "invalid": 0})
+    run2 = [ledger_row(_row("a", "sku-1", 0), "ok", actor="host:1", seconds=0.5,
+                       **_draw(out, "a", (0, 0, 255), "a photo of a, again")),
+            ledger_row(_row("d", "sku-2", 3, adapters=["style"]), "ok", actor="host:1", seconds=0.5,
+                       **_draw(out, "d", COLOURS["d"], "a photo of d")),
+            ledger_row(_row("e", "sku-3", 4), "ok", actor="host:1", seconds=0.5,
+                       **_draw(out, "e", COLOURS["e"], "a photo of e")),
+            ledger_row(_row("c", "sku-2", 2), "failed", actor="host:1",
+                       error="m.parquet row 2 (`c`): RuntimeError: CUDA out of memory"),
+            ledger_row({**_row("f", "sku-3", 5), "seed": None}, "invalid",
+                       error="m.parquet row 5 (`f`): `scheduler`: 'nope' is not one of ddim, euler")]
+    _run(out, "20261202T000000-bbbbbb", run2, {"ok": 3, "skipped": 1, "failed": 1, "invalid": 1})
+    (out / "images" / "b.png").unlink()
+    return out
+
+
+@pytest.fixture
+def output(tmp_path) -> Path:
+    return make_output(tmp_path / "out")
+
+
+def _tiles(page: str) -> dict[str, str]:
+    """row id -> the class of its tile."""
+    return {m.group(2): m.group(1) for m in re.finditer(
+        r"<figure class='tile (\w+)'.*?<figcaption>([^<]*)</figcaption>", page)}
+
+
+def test_report_shows_each_row_as_it_stands_with_reasons_and_missing_images(output):
+    done = build_report(str(output), group_by="sku")
+    page = (output / "report" / "index.html").read_text()
+    assert done["rows"] == 6 and done["missing"] == 1 and done["thumbnails_made"] == 3
+    assert _tiles(page) == {"a": "ok", "b": "missing", "c": "failed", "d": "ok", "e": "ok", "f": "invalid"}
+    assert "CUDA out of memory" in page and "&#x27;nope&#x27; is not one of ddim" in page
+    assert "images/b.png is not in the output" in page
+    # thumbnails are files beside the page, never the PNGs inlined; the page reaches nothing outside OUT
+    thumbs = sorted(p.name for p in (output / "report" / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == 3 and all(f"thumbs/{t}" in page for t in thumbs)
+    assert "data:image" not in page and not re.search(r"(src|href)=['\"]?(https?:)?//", page)
+    with Image.open(output / "report" / "thumbs" / thumbs[0]) as im:
+        assert max(im.size) <= 192
+    # groups by the manifest's sku column, in order; the prompt comes from the PNG, escaped
+    assert re.findall(r"<summary>sku = (sku-\d)", page) == ["sku-1", "sku-2", "sku-3"]
+    assert "a photo of a, again" in page and "<b>bold</b>" not in page
+
+
+def test_report_says_what_changed_since_the_previous_run(output):
+    from jobs.outputs import open_output
+
+    kinds = {k: [e["id"] for e in v] for k, v in changes(open_output(str(output))).items()}
+    assert kinds == {"new": ["e"], "redrawn": ["a"], "fixed": ["d"], "now failing": ["c", "f"], "still failing": []}
+    build_report(str(output))
+    page = (output / "report" / "index.html").read_text()
+    assert "What changed since run 20261201T000000-aaaaaa" in page
+    assert "<summary>2 now failing</summary>" in page and "<summary>1 fixed</summary>" in page
+
+
+def test_a_second_report_reuses_thumbnails_and_makes_only_new_ones(output):
+    assert build_report(str(output))["thumbnails_made"] == 3
+    again = build_report(str(output))
+    assert again["thumbnails_made"] == 0 and again["thumbnails_reused"] == 3
+    _draw(output, "e", (9, 9, 9), "e redrawn")  # a new PNG: a new sha256 in a newer ledger entry
+    import fsspec
+
+    entry = ledger_row(_row("e", "sku-3", 4), "ok", actor="host:1", **_draw(output, "e", (9, 9, 9), "e redrawn"))
+    write_part(fsspec.filesystem("file"), str(output), "20261203T000000-cccccc", 0, [entry])
+    summary = json.loads((output / "run.json").read_text())
+    (output / "run.json").write_text(json.dumps({**summary, "run_id": "20261203T000000-cccccc"}))
+    third = build_report(str(output))
+    assert third["thumbnails_made"] == 1 and third["thumbnails_reused"] == 2  # a and d; e's old one is gone
+    assert len(list((output / "report" / "thumbs").glob("*.jpg"))) == 3
+
+
+def test_group_by_adapters_and_an_unknown_column(output):
+    build_report(str(output), group_by="adapters")
+    page = (output / "report" / "index.html").read_text()
+    assert "adapters = style@0.8" in page and "adapters = (none)" in page
+    with pytest.raises(ReportError, match=r"--group-by 'colour'.*group by one of id, seed, model, adapters, .*, sku$"):
+        build_report(str(output), group_by="colour")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("absent", "does not exist: give the --out of a `sdfleet generate` run"),
+    ("no run.json", "has 2 ledger parts but no run.json: its run did not finish"),
+    ("half-written run.json", "run.json is not valid JSON"),
+    ("empty", "holds no sdfleet run"),
+])
+def test_a_missing_or_half_written_output_is_said_in_one_line(output, tmp_path, capsys, damage, message):
+    target = output
+    if damage == "absent":
+        target = tmp_path / "nowhere"
+    elif damage == "no run.json":
+        (output / "run.json").unlink()
+    elif damage == "half-written run.json":
+        (output / "run.json").write_text('{"run_id": "2026')
+    else:
+        target = tmp_path / "empty"
+        target.mkdir()
+    assert main(["report", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (target / "report" / "index.html").exists()
+
+
+def test_report_on_an_object_store(output, tmp_path):
+    """Any fsspec store: the page and thumbnails are written through fsspec (memory:// here; S3 in test_s3)."""
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for path in output.rglob("*"):
+        if path.is_file():
+            mem.pipe_file(f"/report-out/{path.relative_to(output)}", path.read_bytes())
+    done = build_report("memory://report-out", group_by="sku")
+    assert done["path"].startswith("memory://") and done["path"].endswith("/report-out/report/index.html")
+    assert done["thumbnails_made"] == 3
+    assert "CUDA out of memory" in mem.cat_file("/report-out/report/index.html").decode()
+
+
+def test_sheet_lays_rows_out_by_group_with_a_tile_for_every_gap(output, tmp_path):
+    sheet = contact_sheet(str(output), columns=3, thumb=32, label=10)
+    assert sheet.size == (96, 2 * 42)  # a..f in id order, three to a line
+    assert sheet.getpixel((16, 16)) == (0, 0, 255)  # a, as redrawn
+    assert sheet.getpixel((32 + 1, 1)) == (0xDD,) * 3  # b: missing, a grey tile
+    assert sheet.getpixel((64 + 1, 1)) == (0xDD,) * 3  # c: failed
+    grouped = contact_sheet(str(output), group_by="sku", columns=3, thumb=32, label=10)
+    assert grouped.size == (96, 3 * (20 + 42))  # one band per sku, each a line of tiles
+    assert main(["sheet", str(output), "-o", str(tmp_path / "s.png"), "--group-by", "sku", "--thumb", "32"]) == 0
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.size == (6 * 32, 3 * (20 + 32 + 14))
+
+
+def test_comparison_sheet_puts_the_same_rows_of_each_run_one_run_to_a_row(tmp_path):
+    from jobs.sheet import comparison_sheet
+
+    def run(root: Path, colours: dict) -> str:
+        (root / "images").mkdir(parents=True)
+        for row_id, colour in colours.items():
+            Image.new("RGB", (64, 64), colour).save(root / "images" / f"{row_id}.png")
+        return str(root)
+
+    before = run(tmp_path / "before", {"x-0": (255, 0, 0), "x-1": (0, 255, 0)})
+    after = run(tmp_path / "after", {"x-0": (0, 0, 255), "x-1": (255, 255, 0)})
+    sheet = comparison_sheet({"base": before, "+ x": after}, ["x-1", "x-0"], thumb=32, label=40)
+    assert sheet.size == (40 + 2 * 32, 2 * 32)
+    assert sheet.getpixel((40 + 16, 16)) == (0, 255, 0) and sheet.getpixel((40 + 48, 48)) == (0, 0, 255)
+    with pytest.raises(ReportError, match="no image for row 'x-2'"):
+        comparison_sheet({"base": before}, ["x-2"])
+
+
+# --- the page in a real browser ---------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver are not "
+                    "installed (.ci/run installs them: apt-get install chromium chromium-driver)")
+def test_report_renders_in_chromium_with_every_thumbnail_loaded(output, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    build_report(str(output), group_by="sku")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get((output / "report" / "index.html").as_uri())
+        # lazy thumbnails load as they come into view: bring each there, then wait for all
+        driver.execute_script("document.querySelectorAll('img').forEach(i => i.scrollIntoView())")
+        driver.execute_script("window.scrollTo(0, 0)")
+        widths = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            Promise.all([...document.images].map(i => i.decode().catch(() => null)))
+              .then(() => done([...document.images].map(i => [i.alt, i.naturalWidth])));""")
+        assert len(widths) == 3 and all(w > 0 for _, w in widths), widths
+        reasons = {el.find_element("css selector", "figcaption").text: el.find_element("css selector", ".reason").text
+                   for el in driver.find_elements("css selector", "figure.tile:not(.ok)")}
+        assert reasons.keys() == {"b", "c", "f"}
+        assert "CUDA out of memory" in reasons["c"] and "not one of ddim" in reasons["f"]
+        assert reasons["b"].startswith("missing") and driver.find_elements("css selector", "figure.missing img") == []
+        # a click on a failed tile opens its parameters
+        driver.find_element("css selector", "figure.failed").click()
+        assert "CUDA out of memory" in driver.find_element("id", "detail").text
+        driver.save_screenshot(str(tmp_path / "report.png"))
+        assert (tmp_path / "report.png").stat().st_size > 10_000
+    finally:
+        driver.quit()

@@ -24,6 +24,7 @@ from actors.crash_journal import kill_if_asked
 from actors.finish import finish_rows
 from actors.generate import draw_rows
 from actors.models import ModelInfo, load_pipeline
+from actors import metrics
 from manifests.rows import DRAWN_SCHEMA, RESULT_SCHEMA, to_table
 
 
@@ -49,6 +50,7 @@ class GeneratorActor:
         self.backend: Backend | None = None  # around the loaded pipeline
         self.swaps_before = (0, 0.0)  # swap counters of backends of pipelines no longer loaded
         self.calls = 0
+        self.swaps_reported = (0, 0.0)  # what the metrics have been told so far
         self.finish_inline = finish_inline
         self.journal = None
         if journal:  # the run's crash journal (actors.crash_journal), found by name
@@ -102,7 +104,10 @@ class GeneratorActor:
     def draw(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Drawn rows (manifests.rows.DRAWN_SCHEMA, without the actor fields) for a block of work rows."""
         kill_if_asked(rows)
-        return draw_rows(self.ready_for, rows, max_batch=self.batch_for if self.auto else self.batch_size)
+        drawn = draw_rows(self.ready_for, rows, max_batch=self.batch_for if self.auto else self.batch_size)
+        metrics.images_drawn(drawn)
+        metrics.row_failures("draw", sum(1 for row in drawn if row["status"] == "failed"))
+        return drawn
 
     def batch_for(self, row: dict[str, Any]) -> int:
         """`--batch-size auto`: the batch for `row`'s model and size, measured once per device (actors.batch_size)."""
@@ -123,6 +128,7 @@ class GeneratorActor:
             for row in rows:
                 key = f"row:{row['id']}"
                 if ray.get(self.journal.begin.remote(key)) > 0:
+                    metrics.row_failures("actor_died")
                     drawn.append({**row, "status": "failed", "pixels": None, "error": (
                         f"{row['source']} row {row['row']} (`{row['id']}`): the actor drawing it died twice (a "
                         "crash in native code or out of memory; Ray's worker logs say which), so it is not "
@@ -141,6 +147,8 @@ class GeneratorActor:
         settled = [r for r in rows if r["status"] is not None]  # the plan decided them: passed on, not drawn
         drawn = self.draw_guarded([r for r in rows if r["status"] is None])
         swaps, seconds = self.swap_counters()
+        metrics.adapter_swaps(swaps - self.swaps_reported[0], seconds - self.swaps_reported[1])
+        self.swaps_reported = (swaps, seconds)
         self.calls += 1
         auto = {"auto_batch_size": self.auto.chosen, "auto_batch_probed": self.auto.probed} if self.auto else {}
         stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup, "calls": self.calls, **auto})

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from actors import watermark as wm
 from actors.png import png_bytes
+from actors import metrics
 from manifests.ledger import atomic_write, ledger_row, settled_row
 from manifests.rows import PASS_THROUGH, RESULT_SCHEMA, SETTLED, to_table
 
@@ -67,7 +68,9 @@ def finish_rows(rows: list[dict[str, Any]], *, fs: fsspec.AbstractFileSystem, ou
         except Exception as exc:  # noqa: BLE001 - a full disk or a lost store fails this row only
             error = f"{type(exc).__name__}: {exc}"
             results.append({**ledger_row(row, "failed", actor=row.get("actor"), error=error), **counters})
+            metrics.row_failures("write")
             continue
+        metrics.images_written(1)
         results.append({**ledger_row(
             row, "ok", uri=fs.unstrip_protocol(path), sha256=hashlib.sha256(data).hexdigest(), actor=row.get("actor"),
             warning=warning, watermark_bits=bits, seconds=(row.get("seconds") or 0.0) + time.perf_counter() - started,

@@ -132,7 +132,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a local Ray"
-        raise ClusterError(f"cannot connect to {where}: {exc}") from exc
+        hint = ""
+        if address and not os.environ.get("RAY_AUTH_MODE"):
+            hint = ("; if the cluster uses token authentication (what `ray start` turns on since Ray 2.60), set "
+                    "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
+        raise ClusterError(f"cannot connect to {where}: {exc}{hint}") from exc
     return dict(ray.cluster_resources())
 
 

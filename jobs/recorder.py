@@ -9,6 +9,7 @@ import math
 import os
 import time
 
+from actors import metrics
 from jobs.console import log
 from jobs.errors import RunFailed, one_line
 from manifests.ledger import write_part
@@ -42,12 +43,15 @@ class Recorder:
         self.planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
 
     def record(self, rows: list[dict]) -> None:
+        before = dict(self.counts)
         for row in rows:
             key = (row["source"], row["row"])
             if key in self.seen:  # Ray retried a batch that had already come back: keep the first
                 continue
             self.seen.add(key)
             self.counts[row["status"]] += 1
+            if row["status"] == "invalid" or (row["status"] == "failed" and not row.get("actor")):
+                metrics.row_failures("invalid" if row["status"] == "invalid" else "adapter")  # settled by the plan
             self.planned_at = max(self.planned_at, row.get("planned_at") or 0.0)
             if row.get("actor"):
                 self._actor_counters(row)
@@ -63,6 +67,9 @@ class Recorder:
             if row["status"] != "ok" or (row["warning"] and self.warnings_shown < WARNINGS_SHOWN):
                 self.warnings_shown += row["status"] == "ok"
                 log(f"{row['status']}: {row['error'] or row['warning']}")
+        remaining = self.total - sum(self.counts.values())
+        for status, n in self.counts.items():
+            metrics.rows_recorded(status, n - before[status], remaining)
         now = time.time()
         if len(self.pending) >= LEDGER_FLUSH_ROWS or now - self.last_flush >= LEDGER_FLUSH_SECONDS:
             self.flush()

@@ -1,0 +1,111 @@
+"""A run on a Ray cluster that outlives it, as a KubeRay job runs: `ray start --head` with a metrics export
+port, `sdfleet generate --address ... --report`, then the cluster's Prometheus endpoint read back.
+
+The counters must equal what the run's own run.json says: the images drawn and written, the rows by
+status, the failures by kind. The report is written at the end of the run, from the same output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from helpers import run_summary, sdfleet, write_manifest
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    """An ephemeral port: above Ray's worker port range (10002-19999), so no Ray component takes it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"`ray start` exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listens on port {port} after {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A head node in its own process group, torn down whole (never `ray stop`, which stops every Ray here)."""
+    port, metrics = _free_port(), _free_port()
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
+    proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", f"--metrics-export-port={metrics}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_port(port, proc)
+        _wait_for_port(metrics, proc)
+        yield {"address": f"127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics}/metrics"}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # `ray start --block` stops what it started on Ctrl-C
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        subprocess.run(["pkill", "-9", "-g", str(proc.pid)], check=False)  # whatever the head left in its group
+
+
+def scrape(url: str) -> dict[str, dict[tuple, float]]:
+    """sdfleet's series from a Prometheus text page: name -> {(label, value) of our own labels: sum}."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    series: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
+    for line in text.splitlines():
+        found = re.match(r"^(ray_sdfleet_\w+)(?:\{(.*)\})? ([0-9.eE+-]+)$", line)
+        if found:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', found.group(2) or ""))
+            ours = tuple(sorted((k, v) for k, v in labels.items() if k in ("model", "kind", "status", "le")))
+            series[found.group(1)][ours] += float(found.group(3))
+    return series
+
+
+def test_a_run_exports_its_counts_to_the_clusters_metrics_and_writes_its_report(ray_head, tmp_path):
+    rows = [{"id": f"m{i}", "prompt": "a red circle on a white background", "width": 64, "height": 64, "steps": 2,
+             "sku": f"sku-{i % 2}"} for i in range(5)]
+    rows.append({"id": "bad", "prompt": "a blue star", "scheduler": "nope", "sku": "sku-9"})
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--address", ray_head["address"], "--no-watermark",
+                   "--report", "--report-group-by", "sku", env={"RAY_AUTH_MODE": "token"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    summary = run_summary(out)
+    assert summary["ok"] == 5 and summary["invalid"] == 1
+
+    expected = {"ray_sdfleet_images_drawn_total": {(("model", "default"),): 5.0},
+                "ray_sdfleet_images_written_total": {(): 5.0},
+                "ray_sdfleet_rows_total": {(("status", "ok"),): 5.0, (("status", "invalid"),): 1.0},
+                "ray_sdfleet_row_failures_total": {(("kind", "invalid"),): 1.0},
+                "ray_sdfleet_image_seconds_count": {(("model", "default"),): 5.0}}
+    deadline, seen = time.time() + 30, {}
+    while time.time() < deadline:  # the agent exports every second; the last actor's counts come in last
+        series = scrape(ray_head["metrics"])
+        seen = {name: {k: v for k, v in series.get(name, {}).items()} for name in expected}
+        if seen == expected:
+            break
+        time.sleep(1)
+    assert seen == expected
+
+    page = (out / "report" / "index.html").read_text()
+    assert "report: " in proc.stderr and str(out / "report" / "index.html") in proc.stderr
+    assert len(re.findall(r"<figure class='tile ok'", page)) == 5 and "<figure class='tile invalid'" in page
+    assert re.findall(r"<summary>sku = (sku-\d)", page) == ["sku-0", "sku-1", "sku-9"]

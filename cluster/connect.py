@@ -129,7 +129,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+            # "local": always a new Ray of our own, never one a `ray start` left on this machine (which a bare
+            # ray.init() would join through /tmp/ray/ray_current_cluster, even when it is dead)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = address or "a local Ray"
         hint = ""

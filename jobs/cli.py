@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_generate(args) -> int:
     from jobs.console import log
+    from jobs.errors import one_line
     from jobs.generate import GenerateConfig, run_generate
 
     try:
@@ -201,10 +202,15 @@ def cmd_generate(args) -> int:
     log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok']} drawn, {summary['skipped']} skipped, "
         f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
         f"ledger and run.json in {cfg.out}")
-    if cfg.report:
+    if cfg.report:  # the page is a view of what is already stored: a failure is said, and the run stands
+        from jobs.errors import describe_error
         from jobs.report import build_report
 
-        _say_report(build_report(cfg.out, group_by=cfg.report_group_by))
+        try:
+            _say_report(build_report(cfg.out, group_by=cfg.report_group_by, flag="--report-group-by"))
+        except Exception as exc:  # noqa: BLE001 - reported in one line; `sdfleet report` can write it later
+            log(f"warning: no report: {describe_error(exc) or one_line(exc)}; the run is complete, "
+                f"`sdfleet report {cfg.out}` writes it later")
     return _rows_exit(cfg, summary)
 
 

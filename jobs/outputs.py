@@ -66,9 +66,9 @@ class RunOutput:
             value = " + ".join(f"{a['name']}@{a['scale']:g}" for a in value or [])
         return "(none)" if value in (None, "") else str(value)
 
-    def check_group_by(self, column: str | None) -> None:
+    def check_group_by(self, column: str | None, flag: str = "--group-by") -> None:
         if column is not None and column not in self.group_columns():
-            raise ReportError(f"--group-by {column!r}: the ledger of {self.uri} has no such column; group by one "
+            raise ReportError(f"{flag} {column!r}: the ledger of {self.uri} has no such column; group by one "
                               f"of {', '.join(self.group_columns())}")
 
 

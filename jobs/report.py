@@ -36,11 +36,13 @@ PROGRESS_SECONDS = 5.0
 PNG_KEY = "parameters"  # the iTXt chunk actors.png writes
 
 
-def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE, workers: int | None = None) -> dict:
-    """Write OUT/report/ for the run at `uri`; returns what it wrote (path, rows, thumbnails made/reused)."""
+def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE, workers: int | None = None,
+                 flag: str = "--group-by") -> dict:
+    """Write OUT/report/ for the run at `uri`; returns what it wrote (path, rows, thumbnails made/reused).
+    `flag` is the option `group_by` came from, for the error that names it."""
     started = time.time()
     out = open_output(uri)
-    out.check_group_by(group_by)
+    out.check_group_by(group_by, flag)
     current = out.current()
     thumbs = Thumbnails(out, thumb)
     shown = [e for e in current.values() if e["status"] == "ok" and out.has_image(e)]

@@ -81,8 +81,11 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     shutil.copytree(run64["out"], out)
     before = len(ledger(out))
 
-    proc = sdfleet("generate", str(run64["manifest"]), "--out", str(out), "--actors", "2", "--no-watermark")
+    # (a report that cannot be written is a warning: the run's exit code stands)
+    proc = sdfleet("generate", str(run64["manifest"]), "--out", str(out), "--actors", "2", "--no-watermark",
+                   "--report", "--report-group-by", "nope")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: no report: --report-group-by 'nope': the ledger of" in proc.stderr
     summary = run_summary(out)
     assert (summary["ok"], summary["skipped"]) == (0, 64)
     assert len(ledger(out)) == before, "a skipped row adds no ledger entry"
@@ -91,10 +94,13 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     changed[10]["prompt"] += ", studio lighting"
     manifest = write_manifest(tmp_path / "changed.parquet", changed)
     untouched = (out / "images" / f"{changed[11]['id']}.png").stat().st_mtime_ns
-    proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "1", "--no-watermark")
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "1", "--no-watermark", "--report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = run_summary(out)
     assert (summary["ok"], summary["skipped"]) == (1, 63)
+    page = (out / "report" / "index.html").read_text()  # the nightly's page: one row redrawn, 64 shown
+    assert "<summary>1 redrawn</summary>" in page and "<summary>0 new</summary>" in page
+    assert page.count("<figure class='tile ok'") == 64
     new_entries = ledger(out)[before:]
     assert [e["id"] for e in new_entries] == [changed[10]["id"]]
     assert png_parameters(out / "images" / f"{changed[10]['id']}.png")["prompt"] == changed[10]["prompt"]

@@ -48,9 +48,12 @@ def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60) -> No
 def ray_head(tmp_path_factory):
     """A head node in its own process group, torn down whole (never `ray stop`, which stops every Ray here)."""
     port, metrics = _free_port(), _free_port()
+    # its own temp dir: the default one's ray_current_cluster file would point every later bare ray.init() here
+    temp = tmp_path_factory.mktemp("ray-head")
     env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
     proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", f"--metrics-export-port={metrics}",
-                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

@@ -18,7 +18,7 @@ import fsspec
 import pyarrow as pa
 
 from actors.adapters import AdapterStore
-from actors.backends import Backend, make_backend
+from actors.backends import make_backend
 from actors.batch_size import AUTO_BLOCK, BatchSizes
 from actors.crash_journal import kill_if_asked
 from actors.finish import finish_rows

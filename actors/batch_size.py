@@ -16,9 +16,10 @@ import datetime as dt
 import hashlib
 import json
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a probe runs: the driver reads AUTO_BLOCK without it
+    import torch
 
 AUTO_BLOCK = 16  # rows per block the driver hands an actor under auto: the largest batch tried
 CANDIDATES = (1, 2, 4, 8, 16)
@@ -28,6 +29,8 @@ VERSION = 1
 
 
 def probe_key(fingerprint: str, backend: str, device: torch.device, dtype: torch.dtype, width: int, height: int) -> str:
+    import torch
+
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     spec = {"model": fingerprint, "backend": backend, "device": hardware, "dtype": str(dtype), "size": [width, height],
             "torch": torch.__version__, "candidates": CANDIDATES, "steps": PROBE_STEPS, "version": VERSION}
@@ -36,6 +39,8 @@ def probe_key(fingerprint: str, backend: str, device: torch.device, dtype: torch
 
 def measure(draw: Callable[[list[dict]], Any], row: dict, device: torch.device, limit: int) -> tuple[int, dict[int, float]]:
     """(the batch with the most images/s, {batch: images/s}) for rows like `row`, trying CANDIDATES up to `limit`."""
+    import torch
+
     template = {**row, "steps": min(int(row["steps"]), PROBE_STEPS)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     measured: dict[int, float] = {}

@@ -25,12 +25,27 @@ from __future__ import annotations
 import importlib.util
 import shutil
 
-from actors.adapters import AdapterStore
-from actors.backends.base import ADAPTABLE, Backend, BackendError, adaptable_layers
+from typing import TYPE_CHECKING
+
+from actors.backends.errors import BackendError
+
+if TYPE_CHECKING:
+    from actors.adapters import AdapterStore
+    from actors.backends.base import Backend
 
 __all__ = ["ADAPTABLE", "BACKENDS", "Backend", "BackendError", "adaptable_layers", "check_backend", "make_backend"]
 
 BACKENDS = ("eager", "compile", "onnx", "tensorrt")
+
+
+def __getattr__(name: str):
+    """`Backend`, `ADAPTABLE` and `adaptable_layers` come from base.py, which imports torch: loaded when first
+    asked for, so the driver (which only calls `check_backend`) starts without torch."""
+    if name in ("ADAPTABLE", "Backend", "adaptable_layers"):
+        from actors.backends import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'actors.backends' has no attribute {name!r}")
 
 
 def check_backend(name: str, device: str) -> None:
@@ -52,7 +67,7 @@ def check_backend(name: str, device: str) -> None:
             raise BackendError(f"--backend tensorrt needs {' and '.join(missing)}; use --backend compile or onnx")
 
 
-def make_backend(name: str, pipe, store: AdapterStore | None, *, cache_uri: str | None = None,
+def make_backend(name: str, pipe, store: "AdapterStore | None", *, cache_uri: str | None = None,
                  fingerprint: str = "", max_batch: int = 8, compile_mode: str = "auto") -> "Backend":
     """The backend `name` around a freshly loaded `pipe` (which it may change: compile it, export it)."""
     if name == "eager":

@@ -22,8 +22,7 @@ ADAPTABLE = {
 }
 
 
-class BackendError(RuntimeError):
-    """A backend that cannot run here, or cannot do what a row asks; the message says what would."""
+from actors.backends.errors import BackendError  # noqa: E402 - re-exported: backends raise it from here
 
 
 class Backend:

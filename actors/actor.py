@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pyarrow as pa
@@ -26,6 +26,9 @@ from actors.generate import draw_rows
 from actors.models import ModelInfo, load_pipeline
 from actors import metrics
 from manifests.rows import DRAWN_SCHEMA, RESULT_SCHEMA, to_table
+
+if TYPE_CHECKING:
+    from actors.backends.base import Backend
 
 
 class GeneratorActor:

@@ -117,8 +117,20 @@ def test_bench_vae_context_names_what_it_cannot_read(tmp_path, capsys):
     assert "a tile must be a multiple of 8 that divides 256" in capsys.readouterr().err
 
 
+def test_bench_report_makes_thumbnails_once_then_only_for_what_a_night_redrew(tmp_path):
+    from benchmarks.bench_report import main
+
+    out = tmp_path / "figures.json"
+    assert main(["--rows", "200", "--size", "64", "--groups", "7", "--out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    # 200 rows, 10 redrawn by run 2 (2 of them failing, 1 invalid), 5 PNGs deleted (some maybe already failing)
+    assert 192 <= figures["cold"]["thumbnails_made"] <= 197 and figures["cold"]["rows"] == 200
+    assert figures["warm"]["thumbnails_made"] == 0
+    assert figures["nightly"]["thumbnails_made"] == 10  # run 3 redrew 10 rows: 10 new PNGs, nothing else
+
+
 BENCH_COMMANDS = ["bench_adapters", "bench_backends", "bench_concept", "bench_finetune", "bench_finish", "bench_generate",
-                  "bench_heads", "bench_nightly", "bench_overlap", "bench_train_step", "bench_vae_context", "train_tiny"]
+                  "bench_heads", "bench_nightly", "bench_overlap", "bench_report", "bench_train_step", "bench_vae_context", "train_tiny"]
 
 
 def test_every_benchmark_command_in_the_docs_starts_from_benchmarks(capsys):

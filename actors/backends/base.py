@@ -22,7 +22,7 @@ ADAPTABLE = {
 }
 
 
-from actors.backends.errors import BackendError  # noqa: E402 - re-exported: backends raise it from here
+from actors.backends.errors import BackendError  # noqa: E402,F401 - re-exported: the backends import it from here
 
 
 class Backend:

@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import importlib
 import json
+import os
 import threading
 import time
 import uuid
@@ -107,6 +108,10 @@ class GenerateConfig(BaseModel):
         for flag, uri in stores:  # before Ray starts: every actor and task must see the same store
             if uri and process_local(uri):
                 raise ValueError(unshared_reason(flag, uri))
+        for field in ("out", "adapters", "backend_cache"):  # workers do not share the driver's working directory
+            uri = getattr(self, field)
+            if uri and "://" not in uri and is_local_path(uri):
+                setattr(self, field, os.path.abspath(uri))
         return self
 
 

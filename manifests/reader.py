@@ -55,9 +55,10 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
 
 
 def _uri(fs, path: str) -> str:
-    """A URI that reopens `path`; local files stay plain paths so messages read naturally."""
+    """A URI that reopens `path` from any process: local files as absolute plain paths (Ray's workers do not
+    share the driver's working directory: on a `ray start` cluster a relative path named another file)."""
     if is_local_fs(fs):
-        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+        return os.path.abspath(path)
     return fs.unstrip_protocol(path)
 
 

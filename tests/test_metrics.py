@@ -7,66 +7,24 @@ status, the failures by kind. The report is written at the end of the run, from 
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
-from helpers import run_summary, sdfleet, write_manifest
-
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    """An ephemeral port: above Ray's worker port range (10002-19999), so no Ray component takes it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"`ray start` exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise AssertionError(f"nothing listens on port {port} after {seconds} s")
-
+from helpers import free_port, run_summary, sdfleet, start_ray_head, stop_ray_head, write_manifest
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A head node in its own process group, torn down whole (never `ray stop`, which stops every Ray here)."""
-    port, metrics = _free_port(), _free_port()
-    # its own temp dir: the default one's ray_current_cluster file would point every later bare ray.init() here
-    temp = tmp_path_factory.mktemp("ray-head")
-    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
-    proc = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", f"--metrics-export-port={metrics}",
-                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                             f"--temp-dir={temp}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """A head of its own with a metrics port: the session's shared head holds other tests' counters too."""
+    metrics = free_port()
+    proc, address = start_ray_head(tmp_path_factory.mktemp("ray-head"), metrics_port=metrics)
     try:
-        _wait_for_port(port, proc)
-        _wait_for_port(metrics, proc)
-        yield {"address": f"127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics}/metrics"}
+        yield {"address": address, "metrics": f"http://127.0.0.1:{metrics}/metrics"}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # `ray start --block` stops what it started on Ctrl-C
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-        subprocess.run(["pkill", "-9", "-g", str(proc.pid)], check=False)  # whatever the head left in its group
+        stop_ray_head(proc)
 
 
 def scrape(url: str) -> dict[str, dict[tuple, float]]:

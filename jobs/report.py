@@ -240,7 +240,8 @@ def _changes(out: RunOutput, anchors: dict[str, str]) -> str:
         links = " ".join(f"<a href='#{anchors[e['id']]}'>{_e(e['id'])}</a>"
                          for e in entries[:500] if e["id"] in anchors)
         more = f" … and {len(entries) - 500} more" if len(entries) > 500 else ""
-        items.append(f"<details class='change {kind.replace(' ', '-')}'><summary>{len(entries)} {_e(kind)}</summary>"
+        opened = " open" if 0 < len(entries) <= 30 else ""
+        items.append(f"<details class='change {kind.replace(' ', '-')}'{opened}><summary>{len(entries)} {_e(kind)}</summary>"
                      f"<p>{links}{more}</p></details>")
     return f"<section id=changes><h2>What changed {since}</h2>{''.join(items)}</section>"
 

@@ -15,8 +15,3 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
-
-def pytest_sessionfinish(session, exitstatus):
-    from helpers import stop_shared_ray_head
-
-    stop_shared_ray_head()

@@ -47,20 +47,14 @@ def write_manifest(path: Path, records: list[dict], schema: pa.Schema | None = N
     return path
 
 
-def sdfleet(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
-            own_ray: bool = False) -> subprocess.CompletedProcess:
-    """Run the CLI as a user would, in a fresh process.
+def sdfleet(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, in a fresh process (each run starts and stops its own local Ray).
 
-    A `generate` joins the session's Ray head (`shared_ray_head`), as a job joins a KubeRay cluster: each
-    run then skips starting and stopping a Ray of its own (5 s of a 14 s run). It starts its own local Ray
-    when asked (`own_ray`), when it names a cluster itself, and whenever its environment is not the one
-    the head started with (an `env` passed here, or os.environ changed since: test hooks, credentials),
-    since the head's workers would not see it."""
+    (Joining one session-wide `ray start` head instead was tried: runs on it saved no time, since a head's
+    prestarted workers belong to no job and every run's workers start cold, while the idle head took CPU
+    from every other test.)"""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
     full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
-    if args[:1] == ("generate",) and not (own_ray or env or "--address" in args) and _environment() == (
-            _SHARED_HEAD.get("env") or _environment()):
-        full_env.update(RAY_ADDRESS=shared_ray_head(), RAY_AUTH_MODE="token")
     return subprocess.run([sys.executable, "-m", "jobs", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -115,33 +109,6 @@ def stop_ray_head(proc: subprocess.Popen) -> None:
     subprocess.run(["pkill", "-9", "-g", str(proc.pid)], check=False)  # whatever the head left in its group
 
 
-_SHARED_HEAD: dict = {}
-
-
-def shared_ray_head() -> str:
-    """The address of the session's Ray head, started on first use; conftest stops it when the session ends."""
-    if "address" not in _SHARED_HEAD:
-        import tempfile
-
-        temp = Path(tempfile.mkdtemp(prefix="sdfleet-ray-"))
-        _SHARED_HEAD["proc"], _SHARED_HEAD["address"] = start_ray_head(temp)
-        _SHARED_HEAD["temp"], _SHARED_HEAD["env"] = temp, _environment()
-    return _SHARED_HEAD["address"]
-
-
-def _environment() -> dict:
-    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-
-
-def stop_shared_ray_head() -> None:
-    if "proc" in _SHARED_HEAD:
-        import shutil
-
-        stop_ray_head(_SHARED_HEAD.pop("proc"))
-        shutil.rmtree(_SHARED_HEAD.pop("temp"), ignore_errors=True)
-        _SHARED_HEAD.clear()
-
-
 def sdfleet_side_by_side(runs: dict[str, list[str]], at_once: int = 3, timeout: int = 900) -> dict:
     """Independent CLI runs started side by side, each with its own local Ray, `at_once` at a time: on 2
     cores most of a short run is process start-up and waiting, which overlaps (two 27 s fine-tunes
@@ -149,8 +116,7 @@ def sdfleet_side_by_side(runs: dict[str, list[str]], at_once: int = 3, timeout: 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=at_once) as pool:
-        # each with its own Ray: side by side on the shared head they would wait for each other's CPUs
-        futures = {name: pool.submit(sdfleet, *argv, timeout=timeout, own_ray=True) for name, argv in runs.items()}
+        futures = {name: pool.submit(sdfleet, *argv, timeout=timeout) for name, argv in runs.items()}
         return {name: future.result() for name, future in futures.items()}
 
 

@@ -44,10 +44,11 @@ def test_a_run_exports_its_counts_to_the_clusters_metrics_and_writes_its_report(
     rows = [{"id": f"m{i}", "prompt": "a red circle on a white background", "width": 64, "height": 64, "steps": 2,
              "sku": f"sku-{i % 2}"} for i in range(5)]
     rows.append({"id": "bad", "prompt": "a blue star", "scheduler": "nope", "sku": "sku-9"})
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
-    proc = sdfleet("generate", str(manifest), "--out", str(out), "--address", ray_head["address"], "--no-watermark",
-                   "--report", "--report-group-by", "sku", env={"RAY_AUTH_MODE": "token"})
+    # paths relative to the driver's folder: the head's workers run elsewhere and must still find them
+    proc = sdfleet("generate", "m.parquet", "--out", "out", "--address", ray_head["address"], "--no-watermark",
+                   "--report", "--report-group-by", "sku", cwd=tmp_path, env={"RAY_AUTH_MODE": "token"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     summary = run_summary(out)
     assert summary["ok"] == 5 and summary["invalid"] == 1

@@ -122,6 +122,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _check_reachable(address)
     kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
     if quiet:
         kwargs.update(configure_logging=False, log_to_driver=False)
@@ -140,6 +142,21 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
                     "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
         raise ClusterError(f"cannot connect to {where}: {exc}{hint}") from exc
     return dict(ray.cluster_resources())
+
+
+def _check_reachable(address: str, seconds: float = 10.0) -> None:
+    """A HOST:PORT nothing answers on fails here in seconds: ray.init retries it for many minutes."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return  # ray://, auto, local: Ray's own forms, checked by Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot connect to {address}: nothing answers there ({exc.strerror or exc}); is the Ray "
+                           "head running, and is this its GCS port (6379 unless `ray start --port` said otherwise)?"
+                           ) from exc
 
 
 def alive_nodes() -> int:

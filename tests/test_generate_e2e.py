@@ -17,7 +17,7 @@ import shutil
 import pytest
 
 from helpers import (
-    FAST, assert_same_pixels, ledger, pixels, png_parameters, rows, run_summary, sdfleet, write_manifest,
+    FAST, assert_same_pixels, free_port, ledger, pixels, png_parameters, rows, run_summary, sdfleet, write_manifest,
 )
 
 
@@ -187,6 +187,8 @@ def test_setup_errors_exit_1_with_one_clear_line(tmp_path, capsys):
         (["--model", "default=/nonexistent/model"], "default=/nonexistent/model"),
         (["--actors", "0"], "--actors"),
         (["--watermark", ""], "--watermark"),
+        # a cluster address nothing answers on: said in seconds, not after Ray's minutes of retries
+        (["--address", f"127.0.0.1:{free_port()}"], "nothing answers there"),
     ]
     for flags, needle in cases:
         code = main(["generate", str(manifest), "--out", str(tmp_path / "out"), *flags])

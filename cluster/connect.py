@@ -152,7 +152,7 @@ def _check_reachable(address: str, seconds: float = 10.0) -> None:
     if "://" in address or not sep or not port.isdigit():
         return  # ray://, auto, local: Ray's own forms, checked by Ray
     try:
-        socket.create_connection((host, int(port)), timeout=seconds).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()  # [::1]:6379 too
     except OSError as exc:
         raise ClusterError(f"cannot connect to {address}: nothing answers there ({exc.strerror or exc}); is the Ray "
                            "head running, and is this its GCS port (6379 unless `ray start --port` said otherwise)?"

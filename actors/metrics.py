@@ -92,10 +92,12 @@ def row_failures(kind: str, n: int = 1) -> None:
         m.failures.inc(n, tags={"kind": kind})
 
 
-def rows_recorded(status: str, n: int, remaining: int) -> None:
+def rows_recorded(new: dict[str, int], remaining: int) -> None:
+    """The driver's newly recorded rows by status, and how many are still to come."""
     m = _metrics()
     if m is None:
         return
-    if n:
-        m.rows.inc(n, tags={"status": status})
+    for status, n in new.items():
+        if n:
+            m.rows.inc(n, tags={"status": status})
     m.remaining.set(remaining)

@@ -1,8 +1,9 @@
 """The `sdfleet` command line. Library code raises typed errors; this module turns them into exit codes.
 
 Exit codes (DESIGN.md): 0 every row ok or skipped; 2 the run finished with failed or invalid rows (0 with
-`generate --rows-may-fail`, for job schedulers that retry every non-zero exit); 1 it could not run (bad flags, unreachable store, a model that does not load). `dataset build` follows the
-same rule with files for rows: 2 when some images were skipped, 1 when none could be used.
+`generate --rows-may-fail`, for job schedulers that retry every non-zero exit); 1 it could not run (bad flags,
+unreachable store, a model that does not load). `dataset build` follows the same rule with files for rows:
+2 when some images were skipped, 1 when none could be used.
 """
 
 from __future__ import annotations

@@ -61,15 +61,26 @@ class RunOutput:
         """The text an entry is grouped under: `adapters` as `name@scale + ...`, an empty value as "(none)"."""
         if column is None:
             return "all rows"
-        value = entry.get(column)
-        if column == "adapters":
-            value = " + ".join(f"{a['name']}@{a['scale']:g}" for a in value or [])
+        value = adapters_text(entry.get(column)) if column == "adapters" else entry.get(column)
         return "(none)" if value in (None, "") else str(value)
+
+    def groups(self, column: str | None) -> dict[str, list[dict]]:
+        """Every row's current entry by `group_key`: groups in order ("(none)" last), ids in order within each."""
+        current = self.current()
+        groups: dict[str, list[dict]] = {}
+        for row_id in sorted(current):
+            groups.setdefault(self.group_key(current[row_id], column), []).append(current[row_id])
+        return {key: groups[key] for key in sorted(groups, key=lambda k: (k == "(none)", k))}
 
     def check_group_by(self, column: str | None, flag: str = "--group-by") -> None:
         if column is not None and column not in self.group_columns():
             raise ReportError(f"{flag} {column!r}: the ledger of {self.uri} has no such column; group by one "
                               f"of {', '.join(self.group_columns())}")
+
+
+def adapters_text(adapters: list[dict] | None) -> str:
+    """A row's adapters as `name@scale + ...` ("" for none)."""
+    return " + ".join(f"{a['name']}@{a['scale']:g}" for a in adapters or [])
 
 
 def open_output(uri: str) -> RunOutput:

@@ -67,9 +67,8 @@ class Recorder:
             if row["status"] != "ok" or (row["warning"] and self.warnings_shown < WARNINGS_SHOWN):
                 self.warnings_shown += row["status"] == "ok"
                 log(f"{row['status']}: {row['error'] or row['warning']}")
-        remaining = self.total - sum(self.counts.values())
-        for status, n in self.counts.items():
-            metrics.rows_recorded(status, n - before[status], remaining)
+        metrics.rows_recorded({status: n - before[status] for status, n in self.counts.items()},
+                              remaining=self.total - sum(self.counts.values()))
         now = time.time()
         if len(self.pending) >= LEDGER_FLUSH_ROWS or now - self.last_flush >= LEDGER_FLUSH_SECONDS:
             self.flush()

@@ -25,7 +25,8 @@ from PIL import Image
 
 from jobs.console import log
 from jobs.errors import ReportError, one_line
-from jobs.outputs import RunOutput, open_output
+from actors.png import PNG_KEY
+from jobs.outputs import RunOutput, adapters_text, open_output
 from manifests.ledger import atomic_write
 from manifests.stores import is_local_fs
 
@@ -33,7 +34,6 @@ THUMB_SIDE = 192  # px, the longer side
 THUMB_QUALITY = 82
 OPEN_GROUPS = 12  # groups shown unfolded when the page opens (the rest fold; all of them with few groups)
 PROGRESS_SECONDS = 5.0
-PNG_KEY = "parameters"  # the iTXt chunk actors.png writes
 
 
 def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE, workers: int | None = None,
@@ -48,6 +48,7 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     shown = [e for e in current.values() if e["status"] == "ok" and out.has_image(e)]
     made = thumbs.make(shown, workers)
     thumbs.prune({thumbs.name(e) for e in shown})
+    thumbs.save()
     page = render(out, current, thumbs, group_by)
     path = f"{out.root}/report/index.html"
     try:
@@ -79,6 +80,8 @@ class Thumbnails:
         if self.index.get("_side") != side:  # another size was asked for: make them all again
             self.index = {"_side": side}
         self.reused = 0
+        self.present: set[str] = set()  # file names in the folder when `make` listed it
+        self.changed = False  # whether index.json needs writing
 
     def name(self, entry: dict) -> str:
         return f"{(entry.get('sha256') or entry['params_hash'] or entry['id'])[:24]}.jpg"
@@ -88,10 +91,9 @@ class Thumbnails:
 
     def make(self, entries: list[dict], workers: int | None = None) -> int:
         fs = self.out.fs
-        present = set()
         if fs.exists(self.folder):
-            present = {p.rsplit("/", 1)[-1] for p in fs.ls(self.folder, detail=False)}
-        todo = [e for e in entries if not (self.name(e) in present and self.name(e) in self.index)]
+            self.present = {p.rsplit("/", 1)[-1] for p in fs.ls(self.folder, detail=False)}
+        todo = [e for e in entries if not (self.name(e) in self.present and self.name(e) in self.index)]
         self.reused = len(entries) - len(todo)
         if not todo:
             return 0
@@ -107,20 +109,21 @@ class Thumbnails:
                 if time.time() - last >= PROGRESS_SECONDS:
                     last = time.time()
                     log(f"report: {done}/{len(todo)} thumbnails")
-        atomic_write(fs, self.index_path, json.dumps(self.index, ensure_ascii=False).encode())
+        self.changed = True
         return len(todo)
 
     def prune(self, keep: set[str]) -> None:
-        """Remove the thumbnails of images no row shows any more (redrawn since, or gone)."""
-        fs = self.out.fs
-        if not fs.exists(self.folder):
-            return
-        stale = [p for p in fs.ls(self.folder, detail=False) if p.endswith(".jpg") and p.rsplit("/", 1)[-1] not in keep]
-        for path in stale:
-            fs.rm_file(path)
-            self.index.pop(path.rsplit("/", 1)[-1], None)
-        if stale:
-            atomic_write(fs, self.index_path, json.dumps(self.index, ensure_ascii=False).encode())
+        """Remove the thumbnails of images no row shows any more (redrawn since, or gone): those `make` found
+        in the folder that `keep` does not name (every thumbnail it made is kept)."""
+        for name in sorted(n for n in self.present if n.endswith(".jpg") and n not in keep):
+            self.out.fs.rm_file(f"{self.folder}/{name}")
+            self.index.pop(name, None)
+            self.changed = True
+
+    def save(self) -> None:
+        """Write index.json when thumbnails were made or removed."""
+        if self.changed:
+            atomic_write(self.out.fs, self.index_path, json.dumps(self.index, ensure_ascii=False).encode())
 
     def _one(self, entry: dict) -> tuple[str, dict | None]:
         name = self.name(entry)
@@ -133,12 +136,12 @@ class Thumbnails:
                 params = _parameters(image)
                 size = image.size
                 image.thumbnail((self.side, self.side), Image.BILINEAR, reducing_gap=2.0)
+                thumb = image.size
                 buf = io.BytesIO()
                 image.convert("RGB").save(buf, "JPEG", quality=THUMB_QUALITY)
         except Exception as exc:  # noqa: BLE001 - a damaged PNG is shown with its reason, not a broken image
             return name, {"error": f"cannot read the image: {one_line(exc)}"}
         self.out.fs.pipe_file(f"{self.folder}/{name}", buf.getvalue())  # a store that refuses stops the report
-        thumb = Image.open(io.BytesIO(buf.getvalue())).size
         return name, {"prompt": params.get("prompt"), "negative_prompt": params.get("negative_prompt"),
                       "size": list(size), "thumb": list(thumb)}
 
@@ -241,7 +244,8 @@ def _changes(out: RunOutput, anchors: dict[str, str]) -> str:
                          for e in entries[:500] if e["id"] in anchors)
         more = f" … and {len(entries) - 500} more" if len(entries) > 500 else ""
         opened = " open" if 0 < len(entries) <= 30 else ""
-        items.append(f"<details class='change {kind.replace(' ', '-')}'{opened}><summary>{len(entries)} {_e(kind)}</summary>"
+        items.append(f"<details class='change {kind.replace(' ', '-')}'{opened}>"
+                     f"<summary>{len(entries)} {_e(kind)}</summary>"
                      f"<p>{links}{more}</p></details>")
     return f"<section id=changes><h2>What changed {since}</h2>{''.join(items)}</section>"
 
@@ -263,22 +267,18 @@ def _problems(out: RunOutput, current: dict[str, dict], anchors: dict[str, str])
 
 def _images(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, group_by: str | None,
             anchors: dict[str, str]) -> str:
-    groups: dict[str, list[dict]] = {}
-    for row_id in sorted(current):
-        groups.setdefault(out.group_key(current[row_id], group_by), []).append(current[row_id])
-    order = sorted(groups, key=lambda k: (k == "(none)", k))
+    groups = out.groups(group_by)
     sections = []
-    for i, key in enumerate(order):
-        entries = groups[key]
+    for i, (key, entries) in enumerate(groups.items()):
         bad = sum(1 for e in entries if e["status"] != "ok" or not out.has_image(e))
         label = f"{_e(group_by)} = {_e(key)}" if group_by else _e(key)
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
         tiles = "".join(_tile(out, e, thumbs, anchors[e["id"]]) for e in entries)
-        opened = " open" if len(order) <= OPEN_GROUPS or i < OPEN_GROUPS else ""
+        opened = " open" if len(groups) <= OPEN_GROUPS or i < OPEN_GROUPS else ""
         sections.append(f"<details class=group{opened}><summary>{label} · {len(entries)} rows{note}</summary>"
                         f"<div class=grid>{tiles}</div></details>")
     by = f" by {_e(group_by)}" if group_by else ""
-    return (f"<section id=images><h2>Images{by} ({len(current)} rows, {len(order)} groups)</h2><p class=tools>"
+    return (f"<section id=images><h2>Images{by} ({len(current)} rows, {len(groups)} groups)</h2><p class=tools>"
             "<button data-act=open>unfold all</button> <button data-act=close>fold all</button> "
             "<label><input type=checkbox id=only-problems> only rows without an image</label></p>"
             f"{''.join(sections)}</section>")
@@ -286,7 +286,7 @@ def _images(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, group_
 
 def _tile(out: RunOutput, e: dict, thumbs: Thumbnails, anchor: str) -> str:
     info = thumbs.info(e) if e["status"] == "ok" else {}
-    adapters = " + ".join(f"{a['name']}@{a['scale']:g}" for a in e.get("adapters") or []) or "none"
+    adapters = adapters_text(e.get("adapters")) or "none"
     params = {"id": e["id"], "status": e["status"], "prompt": info.get("prompt"),
               "negative prompt": info.get("negative_prompt"), "seed": e.get("seed"),
               "size": f"{e.get('width')}x{e.get('height')}", "steps": e.get("steps"),

@@ -33,24 +33,20 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
     """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column)."""
     out = open_output(uri)
     out.check_group_by(group_by)
-    current = out.current()
-    if not current:
+    groups = out.groups(group_by)
+    if not groups:
         raise ReportError(f"{uri} has a run.json but an empty ledger: nothing to show")
-    groups: dict[str, list[dict]] = {}
-    for row_id in sorted(current):
-        groups.setdefault(out.group_key(current[row_id], group_by), []).append(current[row_id])
-    order = sorted(groups, key=lambda k: (k == "(none)", k))
     band = 20 if group_by else 0
-    height = sum(band + -(-len(groups[k]) // columns) * (thumb + label) for k in order)
+    height = sum(band + -(-len(entries) // columns) * (thumb + label) for entries in groups.values())
     sheet = Image.new("RGB", (columns * thumb, height), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
     y = 0
-    for key in order:
+    for key, entries in groups.items():
         if band:
             pen.rectangle((0, y, columns * thumb, y + band - 1), fill=(235, 235, 235))
-            pen.text((4, y + 4), f"{group_by} = {key} ({len(groups[key])})", fill=(0, 0, 0))
+            pen.text((4, y + 4), f"{group_by} = {key} ({len(entries)})", fill=(0, 0, 0))
             y += band
-        for i, entry in enumerate(groups[key]):
+        for i, entry in enumerate(entries):
             x, top = (i % columns) * thumb, y + (i // columns) * (thumb + label)
             if entry["status"] != "ok":
                 tile = _placeholder(thumb, entry["status"])
@@ -60,7 +56,7 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
                 tile = _thumbnail(out.fs, out.image_path(entry["id"]), thumb)
             sheet.paste(tile, (x, top))
             pen.text((x + 2, top + thumb + 1), entry["id"][: thumb // 6], fill=(0, 0, 0))
-        y += -(-len(groups[key]) // columns) * (thumb + label)
+        y += -(-len(entries) // columns) * (thumb + label)
     return sheet
 
 

@@ -109,14 +109,18 @@ def stop_ray_head(proc: subprocess.Popen) -> None:
     subprocess.run(["pkill", "-9", "-g", str(proc.pid)], check=False)  # whatever the head left in its group
 
 
-def sdfleet_side_by_side(runs: dict[str, list[str]], at_once: int = 3, timeout: int = 900) -> dict:
+def sdfleet_side_by_side(runs: dict[str, list[str]], at_once: int = 3, timeout: int = 900,
+                         envs: dict[str, dict] | None = None) -> dict:
     """Independent CLI runs started side by side, each with its own local Ray, `at_once` at a time: on 2
     cores most of a short run is process start-up and waiting, which overlaps (two 27 s fine-tunes
-    took 38 s together). Returns `{name: CompletedProcess}`."""
+    took 38 s together). `envs` adds environment variables to the runs it names. Returns
+    `{name: CompletedProcess}`."""
     from concurrent.futures import ThreadPoolExecutor
 
+    envs = envs or {}
     with ThreadPoolExecutor(max_workers=at_once) as pool:
-        futures = {name: pool.submit(sdfleet, *argv, timeout=timeout) for name, argv in runs.items()}
+        futures = {name: pool.submit(sdfleet, *argv, timeout=timeout, env=envs.get(name))
+                   for name, argv in runs.items()}
         return {name: future.result() for name, future in futures.items()}
 
 

@@ -219,23 +219,3 @@ def test_compile_backend_draws_what_eager_drew_and_keeps_its_graphs_in_the_backe
     # what had to be built is kept for the next machine (tests/test_backends.py shows that machine starting warm)
     assert len(list((tmp_path / "cache" / "torch-compile").glob("*/*.bin"))) == cache["files_saved"]
     assert cache["files_saved"] == cache["graph_misses"]  # one file after each graph that had to be built
-
-
-def test_onnx_backend_draws_what_eager_drew(run64, tmp_path):
-    """The same 8 rows (DDIM, Euler, Euler ancestral, DPM++) through `--backend onnx`: the same pixels as
-    the eager run within float noise, and the backend with its counters in run.json."""
-    records = run64["records"][:8]
-    manifest = write_manifest(tmp_path / "m.parquet", records)
-    out = tmp_path / "out"
-    proc = sdfleet("generate", str(manifest), "--out", str(out), "--backend", "onnx", "--no-watermark",
-                   "--backend-cache", str(tmp_path / "cache"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for record in records:
-        name = f"{record['id']}.png"
-        assert_same_pixels(pixels(out / "images" / name), pixels(run64["out"] / "images" / name),
-                           f"onnx vs eager, {record['id']} ({record.get('scheduler', 'ddim')})")
-    summary = run_summary(out)
-    assert summary["backend"] == "onnx" and summary["ok"] == 8
-    (stats,) = summary["backend_stats"].values()
-    assert stats["backend"] == "onnx" and stats["exports"] == 3 and stats["sessions"] == 3
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) and not (out / "cache").exists()

@@ -241,35 +241,46 @@ def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resu
         assert SECRET not in text
 
 
-def test_the_onnx_backend_cache_lives_in_s3_and_a_second_node_starts_warm(s3, tmp_path):
-    """Exports go to `--backend-cache s3://...`; a run on a machine whose local cache is empty (another
-    node, a fresh pod) fetches them from the bucket instead of exporting again."""
-    fs = s3["fs"]
-    records = rows(2, steps=1, width=64, height=64)
-    manifest = write_manifest(tmp_path / "m.parquet", records)
-    cold = sdfleet("generate", str(manifest), "--backend", "onnx", "--backend-cache", "s3://sdfleet/backend-cache",
-                   "--no-watermark", "--out", str(tmp_path / "cold"), env={"SDFLEET_CACHE": str(tmp_path / "node-a")})
-    assert cold.returncode == 0, cold.stderr[-3000:]
-    (stats,) = run_summary(tmp_path / "cold")["backend_stats"].values()
-    assert stats["exports"] == 3
-    entries = {p.rsplit("/", 2)[-2] for p in _objects(fs, "sdfleet/backend-cache") if p.endswith("model.onnx")}
-    assert len(entries) == 3, entries
-
-    # another node: an empty local cache, the same bucket; the backend fetches the exports instead of exporting
+def test_the_onnx_backend_draws_what_eager_draws_keeping_its_exports_in_s3_and_a_second_node_starts_warm(
+        s3, tmp_path):
+    """`--backend onnx` through the CLI: eager's pixels (within float noise) for every scheduler kind, its
+    counters in run.json, and its exports in `--backend-cache s3://...`; a run on a machine whose local cache
+    is empty (another node, a fresh pod) fetches them from the bucket instead of exporting again."""
     from actors.backends import make_backend
     from actors.generate import draw
     from actors.presets import PRESETS, build_preset
     from manifests.schema import ManifestRow, resolve_row
 
-    fingerprint = run_summary(tmp_path / "cold")["models"]["default"]["fingerprint"]
-    row = resolve_row(ManifestRow(**records[0]), {**PRESETS["tiny"]["defaults"], "fingerprint": fingerprint},
-                      watermark=None)
+    fs = s3["fs"]
+    records = rows(4, steps=2, width=64, height=64)
+    for record, scheduler in zip(records, ("ddim", "euler", "euler_a", "dpmpp_2m")):  # ancestral noise too
+        record["scheduler"] = scheduler
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    cold = sdfleet("generate", str(manifest), "--backend", "onnx", "--backend-cache", "s3://sdfleet/backend-cache",
+                   "--no-watermark", "--out", str(tmp_path / "cold"), env={"SDFLEET_CACHE": str(tmp_path / "node-a")})
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    summary = run_summary(tmp_path / "cold")
+    assert summary["backend"] == "onnx" and summary["ok"] == len(records)
+    (stats,) = summary["backend_stats"].values()
+    assert stats["backend"] == "onnx" and stats["exports"] == 3 and stats["sessions"] == 3
+    entries = {p.rsplit("/", 2)[-2] for p in _objects(fs, "sdfleet/backend-cache") if p.endswith("model.onnx")}
+    assert len(entries) == 3, entries
+    assert not (tmp_path / "cold" / "cache").exists(), "the exports belong in the backend cache, not in --out"
+
+    defaults = {**PRESETS["tiny"]["defaults"], "fingerprint": summary["models"]["default"]["fingerprint"]}
+    resolved = [resolve_row(ManifestRow(**record), defaults, watermark=None) for record in records]
+    eager = build_preset("tiny")
+    for record, row in zip(records, resolved):
+        assert_same_pixels(pixels(tmp_path / "cold" / "images" / f"{record['id']}.png"), draw(eager, [row])[0],
+                           f"onnx vs eager, {record['scheduler']}")
+
+    # another node: an empty local cache, the same bucket; the backend fetches the exports instead of exporting
     saved = os.environ["SDFLEET_CACHE"]
     os.environ["SDFLEET_CACHE"] = str(tmp_path / "node-b")
     try:
         warm = make_backend("onnx", build_preset("tiny"), None, cache_uri="s3://sdfleet/backend-cache",
-                            fingerprint=fingerprint)
-        image = draw(warm.pipe, [row])
+                            fingerprint=defaults["fingerprint"])
+        image = draw(warm.pipe, [resolved[0]])
     finally:
         os.environ["SDFLEET_CACHE"] = saved
     assert warm.exports == 0 and len(warm.sessions) == 3 and (tmp_path / "node-b" / "onnx").is_dir()

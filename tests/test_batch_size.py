@@ -11,8 +11,7 @@ import torch
 
 from actors import batch_size
 from actors.batch_size import BatchSizes, measure
-from helpers import (assert_same_pixels, new_store, pixels, resolved_row, run_summary, sdfleet, sdfleet_side_by_side,
-                     write_manifest)
+from helpers import assert_same_pixels, new_store, pixels, resolved_row, run_summary, sdfleet, write_manifest
 
 ROW = {"id": "x", "model": "default", "prompt": "a mug", "width": 64, "height": 64, "steps": 30, "seed": 0}
 
@@ -77,19 +76,23 @@ def test_a_probe_that_fails_takes_the_whole_block_and_records_nothing(monkeypatc
 
 
 def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):
+    """Through the CLI under auto, each image equals the row drawn alone (batch 1, in this process)."""
+    from actors.generate import draw
+    from actors.presets import PRESETS, build_preset
+    from manifests.schema import ManifestRow, resolve_row
+
     records = [{"id": f"r{i}", "prompt": f"a red mug, view {i}", "seed": i, "steps": 2, "width": 64, "height": 64}
                for i in range(5)]
     manifest = write_manifest(tmp_path / "m.parquet", records)
-    procs = sdfleet_side_by_side({
-        "fixed": ["generate", str(manifest), "--out", str(tmp_path / "fixed"), "--batch-size", "2", "--no-watermark"],
-        "auto": ["generate", str(manifest), "--out", str(tmp_path / "auto"), "--batch-size", "auto", "--no-watermark",
-                 "--backend-cache", str(tmp_path / "cache")]})
-    fixed, auto = procs["fixed"], procs["auto"]
-    assert fixed.returncode == 0 and auto.returncode == 0, fixed.stderr[-2000:] + auto.stderr[-2000:]
-    for r in records:
-        assert_same_pixels(pixels(tmp_path / "auto" / "images" / f"{r['id']}.png"),
-                           pixels(tmp_path / "fixed" / "images" / f"{r['id']}.png"), f"auto vs 2, {r['id']}")
+    auto = sdfleet("generate", str(manifest), "--out", str(tmp_path / "auto"), "--batch-size", "auto",
+                   "--no-watermark", "--backend-cache", str(tmp_path / "cache"))
+    assert auto.returncode == 0, auto.stderr[-3000:]
     summary = run_summary(tmp_path / "auto")
+    defaults = {**PRESETS["tiny"]["defaults"], "fingerprint": summary["models"]["default"]["fingerprint"]}
+    pipe = build_preset("tiny")
+    for r in records:
+        alone = draw(pipe, [resolve_row(ManifestRow(**r), defaults, watermark=None)])[0]
+        assert_same_pixels(pixels(tmp_path / "auto" / "images" / f"{r['id']}.png"), alone, f"auto vs alone, {r['id']}")
     (stats,) = summary["backend_stats"].values()
     assert summary["batch_size"] == "auto" and set(stats["auto_batch_size"]) == {"default 64x64"}
     assert stats["auto_batch_size"]["default 64x64"] in batch_size.CANDIDATES

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from helpers import ledger, pixels, sdfleet, sdfleet_side_by_side, write_manifest
+from jobs.dataset import build_dataset
 from jobs.synthetic import write_images
 
 RES = "128"
@@ -356,11 +357,12 @@ def trained(dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("trained")
     full, lora, vae, gem = base / "full", base / "store" / "shapes-lora", base / "vae", base / "store" / "gem"
     dreambooth = base / "dreambooth"
-    # textual inversion learns a new word from captions that use it
+    # textual inversion learns a new word from captions that use it (the dataset is built in this process:
+    # `dataset build`'s CLI has tests of its own)
     write_images(base / "gem-images", 8, size=160, seed=2, shapes=["star"])
     for caption in (base / "gem-images").glob("*.txt"):
         caption.write_text("a <gem> on a " + caption.read_text().split(" on a ", 1)[1])
-    sdfleet("dataset", "build", str(base / "gem-images"), "-o", str(base / "gem-data"), "--resolution", RES)
+    build_dataset(str(base / "gem-images"), str(base / "gem-data"), resolution=int(RES))
     procs = sdfleet_side_by_side({
         # full trains from the random init: the trained tiny already fits these images, so 8 steps at a
         # high lr are no test of whether the harness learns

@@ -157,9 +157,7 @@ def test_generate_reads_model_adapters_and_manifests_from_s3_and_writes_there(s3
     written = b"".join(fs.cat_file(p) for p in _objects(fs, "sdfleet/runs/a") if not p.endswith(".png"))
     for text in (proc.stdout, proc.stderr, log_text, written.decode("utf-8", "replace")):
         assert SECRET not in text and "sdfleet-test-key" not in text
-
-    again = sdfleet(*argv)
-    assert again.returncode == 0 and "nothing to draw" in again.stderr, again.stderr[-2000:]
+    # (a rerun reading this ledger back from the bucket: the outage test's second run)
 
 
 def test_the_store_going_away_mid_run_is_one_line_and_the_rerun_completes(s3, tmp_path):

@@ -604,22 +604,18 @@ def test_mixed_precision_lora_on_a_gpu(dataset, tmp_path, precision):
     assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 master weights are what is saved
 
 
-def test_fsdp_matches_ddp_and_resumes_from_its_sharded_checkpoint(trained, dataset, tmp_path):
+def test_fsdp_matches_ddp(trained, dataset, tmp_path):
+    """Sharded training is the same maths as DDP. (A killed FSDP run resuming from its checkpoint:
+    tests/test_s3.py, with the checkpoints in a bucket.)"""
     out = tmp_path / "fsdp"
-    flags = ["--data", str(dataset["dir"]), "--base", "tiny-random", "--out", str(out), "--lr", "2e-3",
-             "--checkpoint-every", "4", *TRAIN, "--fsdp"]
-    proc = sdfleet("finetune", "full", *flags, "--steps", "8")
+    proc = sdfleet("finetune", "full", "--data", str(dataset["dir"]), "--base", "tiny-random", "--out", str(out),
+                   "--lr", "2e-3", "--checkpoint-every", "4", *TRAIN, "--fsdp", "--steps", "8")
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp, fsdp = metrics(trained["full"]), metrics(out)
     assert [r["step"] for r in fsdp] == [r["step"] for r in ddp]
     for a, b in zip(ddp, fsdp):  # same data, noise and init: sharding changes the float order, not the maths
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-2), (a, b)
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-
-    more = sdfleet("finetune", "full", *flags, "--steps", "10")  # the same run, extended: resumes at 8
-    assert more.returncode == 0, more.stderr[-4000:]
-    resumed = [r for r in train_log(out) if r.get("event") == "resumed"]
-    assert [r["step"] for r in resumed] == [8] and metrics(out)[-1]["step"] == 10
 
 
 def test_every_training_option_runs_together(dataset, tmp_path):

@@ -201,19 +201,20 @@ def _train_log(fs, out: str) -> list[dict]:
 
 
 def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resumes_from_them(s3, tmp_path):
-    """`dataset build` into the bucket, a LoRA fine-tune from it with checkpoints in the bucket, killed
-    (driver and local Ray) once a checkpoint is there; the rerun goes on from the bucket's checkpoint and
-    writes the LoRA there (generate reading adapters from the bucket: the first test)."""
+    """`dataset build` into the bucket, a sharded (FSDP) full fine-tune from it with checkpoints in the bucket,
+    killed (driver and local Ray) once a checkpoint is there; the rerun goes on from the bucket's checkpoint
+    (each worker taking its shard of it) and writes the model there (generate reading a model from the bucket:
+    the first test). tests/test_finetune.py checks that FSDP trains as DDP does."""
     fs = s3["fs"]
     write_images(tmp_path / "images", 4, size=96, seed=2)
     build = sdfleet("dataset", "build", str(tmp_path / "images"), "-o", "s3://sdfleet/data/shapes", "--resolution", "64")
     assert build.returncode == 0, build.stderr[-3000:]
     assert any(p.endswith(".parquet") for p in _objects(fs, "sdfleet/data/shapes"))
 
-    out = "sdfleet/tunes/lora"
-    cmd = [sys.executable, "-m", "jobs", "finetune", "lora", "--data", "s3://sdfleet/data/shapes", "--base", "tiny",
-           "--out", f"s3://{out}", "--workers", "2", "--batch-size", "2", "--resolution", "64", "--log-every", "1",
-           "--checkpoint-every", "3", "--steps", "12", "--seed", "5"]
+    out = "sdfleet/tunes/full"
+    cmd = [sys.executable, "-m", "jobs", "finetune", "full", "--fsdp", "--data", "s3://sdfleet/data/shapes",
+           "--base", "tiny-random", "--lr", "2e-3", "--out", f"s3://{out}", "--workers", "2", "--batch-size", "2",
+           "--resolution", "64", "--log-every", "1", "--checkpoint-every", "3", "--steps", "12", "--seed", "5"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(tmp_path / "run1.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -234,7 +235,7 @@ def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resu
     assert len(resumed) == 1 and resumed[0]["step"] % 3 == 0 and resumed[0]["step"] > 0
     after = [r["step"] for r in log[log.index(resumed[0]):] if "loss" in r]
     assert after[0] == resumed[0]["step"] + 1 and after[-1] == 12  # on from the checkpoint, not from zero
-    assert fs.exists(f"{out}/pytorch_lora_weights.safetensors")
+    assert fs.exists(f"{out}/unet/diffusion_pytorch_model.safetensors") and fs.exists(f"{out}/model_index.json")
     for text in (build.stderr, again.stdout, again.stderr, (tmp_path / "run1.log").read_text()):
         assert SECRET not in text
 

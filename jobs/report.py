@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
+from actors.png import PNG_KEY
 from jobs.console import log
 from jobs.errors import ReportError, one_line
-from actors.png import PNG_KEY
 from jobs.outputs import RunOutput, adapters_text, open_output
 from manifests.ledger import atomic_write
 from manifests.stores import is_local_fs

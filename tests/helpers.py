@@ -211,10 +211,15 @@ def put(store: AdapterStore, rel: str, data: bytes) -> None:
     store.fs.pipe(f"{store.root}/{rel}", data)
 
 
+def tiny_work_row(record: dict, fingerprint: str = "test", adapter_fingerprints: dict | None = None) -> dict:
+    """A manifest record resolved for the `tiny` model as the driver resolves it (no watermark); give the
+    run's model fingerprint (run.json) to draw in this process what that run drew."""
+    model = {**PRESETS["tiny"]["defaults"], "fingerprint": fingerprint}
+    return resolve_row(ManifestRow(**record), model, watermark=None, adapter_fingerprints=adapter_fingerprints)
+
+
 def resolved_row(store: AdapterStore, adapters=()) -> dict:
     """One resolved row as the driver makes it (see tests/test_actors.py::resolved_rows), with adapters."""
-    model = {**PRESETS["tiny"]["defaults"], "fingerprint": "test"}
-    row = ManifestRow(id="r0", prompt="a red mug on a white background", steps=2,
-                      adapters=[{"name": n, "scale": s} for n, s in adapters])
-    names = [n for n, _ in adapters]
-    return resolve_row(row, model, watermark=None, adapter_fingerprints=store.fingerprints(names))
+    record = {"id": "r0", "prompt": "a red mug on a white background", "steps": 2,
+              "adapters": [{"name": n, "scale": s} for n, s in adapters]}
+    return tiny_work_row(record, adapter_fingerprints=store.fingerprints([n for n, _ in adapters]))

@@ -11,7 +11,8 @@ import torch
 
 from actors import batch_size
 from actors.batch_size import BatchSizes, measure
-from helpers import assert_same_pixels, new_store, pixels, resolved_row, run_summary, sdfleet, write_manifest
+from helpers import (assert_same_pixels, new_store, pixels, resolved_row, run_summary, sdfleet, tiny_work_row,
+                     write_manifest)
 
 ROW = {"id": "x", "model": "default", "prompt": "a mug", "width": 64, "height": 64, "steps": 30, "seed": 0}
 
@@ -78,8 +79,7 @@ def test_a_probe_that_fails_takes_the_whole_block_and_records_nothing(monkeypatc
 def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):
     """Through the CLI under auto, each image equals the row drawn alone (batch 1, in this process)."""
     from actors.generate import draw
-    from actors.presets import PRESETS, build_preset
-    from manifests.schema import ManifestRow, resolve_row
+    from actors.presets import build_preset
 
     records = [{"id": f"r{i}", "prompt": f"a red mug, view {i}", "seed": i, "steps": 2, "width": 64, "height": 64}
                for i in range(5)]
@@ -88,10 +88,10 @@ def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):
                    "--no-watermark", "--backend-cache", str(tmp_path / "cache"))
     assert auto.returncode == 0, auto.stderr[-3000:]
     summary = run_summary(tmp_path / "auto")
-    defaults = {**PRESETS["tiny"]["defaults"], "fingerprint": summary["models"]["default"]["fingerprint"]}
+    fingerprint = summary["models"]["default"]["fingerprint"]
     pipe = build_preset("tiny")
     for r in records:
-        alone = draw(pipe, [resolve_row(ManifestRow(**r), defaults, watermark=None)])[0]
+        alone = draw(pipe, [tiny_work_row(r, fingerprint)])[0]
         assert_same_pixels(pixels(tmp_path / "auto" / "images" / f"{r['id']}.png"), alone, f"auto vs alone, {r['id']}")
     (stats,) = summary["backend_stats"].values()
     assert summary["batch_size"] == "auto" and set(stats["auto_batch_size"]) == {"default 64x64"}

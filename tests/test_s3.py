@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import (REPO, UNET_TARGETS, assert_same_pixels, diffusers_file, make_lora, pixels, rows, run_summary,
-                     sdfleet, write_manifest)
+                     sdfleet, tiny_work_row, write_manifest)
 from jobs.synthetic import write_images
 
 SECRET = "sdfleet-test-secret-0451"
@@ -247,8 +247,7 @@ def test_the_onnx_backend_draws_what_eager_draws_keeping_its_exports_in_s3_and_a
     is empty (another node, a fresh pod) fetches them from the bucket instead of exporting again."""
     from actors.backends import make_backend
     from actors.generate import draw
-    from actors.presets import PRESETS, build_preset
-    from manifests.schema import ManifestRow, resolve_row
+    from actors.presets import build_preset
 
     fs = s3["fs"]
     records = rows(4, steps=2, width=64, height=64)
@@ -266,8 +265,8 @@ def test_the_onnx_backend_draws_what_eager_draws_keeping_its_exports_in_s3_and_a
     assert len(entries) == 3, entries
     assert not (tmp_path / "cold" / "cache").exists(), "the exports belong in the backend cache, not in --out"
 
-    defaults = {**PRESETS["tiny"]["defaults"], "fingerprint": summary["models"]["default"]["fingerprint"]}
-    resolved = [resolve_row(ManifestRow(**record), defaults, watermark=None) for record in records]
+    fingerprint = summary["models"]["default"]["fingerprint"]
+    resolved = [tiny_work_row(record, fingerprint) for record in records]
     eager = build_preset("tiny")
     for record, row in zip(records, resolved):
         assert_same_pixels(pixels(tmp_path / "cold" / "images" / f"{record['id']}.png"), draw(eager, [row])[0],
@@ -278,7 +277,7 @@ def test_the_onnx_backend_draws_what_eager_draws_keeping_its_exports_in_s3_and_a
     os.environ["SDFLEET_CACHE"] = str(tmp_path / "node-b")
     try:
         warm = make_backend("onnx", build_preset("tiny"), None, cache_uri="s3://sdfleet/backend-cache",
-                            fingerprint=defaults["fingerprint"])
+                            fingerprint=fingerprint)
         image = draw(warm.pipe, [resolved[0]])
     finally:
         os.environ["SDFLEET_CACHE"] = saved

@@ -13,7 +13,6 @@ changes speed only, never pixels.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -31,10 +30,11 @@ VERSION = 1
 def probe_key(fingerprint: str, backend: str, device: torch.device, dtype: torch.dtype, width: int, height: int) -> str:
     import torch
 
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    spec = {"model": fingerprint, "backend": backend, "device": hardware, "dtype": str(dtype), "size": [width, height],
-            "torch": torch.__version__, "candidates": CANDIDATES, "steps": PROBE_STEPS, "version": VERSION}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    from actors.models import cache_key, hardware_name
+
+    return cache_key({"model": fingerprint, "backend": backend, "device": hardware_name(device), "dtype": str(dtype),
+                      "size": [width, height], "torch": torch.__version__, "candidates": CANDIDATES,
+                      "steps": PROBE_STEPS, "version": VERSION})
 
 
 def measure(draw: Callable[[list[dict]], Any], row: dict, device: torch.device, limit: int) -> tuple[int, dict[int, float]]:
@@ -66,12 +66,9 @@ class BatchSizes:
     """The chosen batch per (model, width, height) for one actor: from memory, the backend cache, or a probe."""
 
     def __init__(self, cache_uri: str | None, limit: int = AUTO_BLOCK):
-        import fsspec
+        from actors.models import backend_cache_folder
 
-        from actors.models import cache_root
-
-        self.fs, root = fsspec.core.url_to_fs(cache_uri or str(cache_root()))
-        self.folder = f"{root.rstrip('/')}/batch-size"
+        self.fs, self.folder = backend_cache_folder(cache_uri, "batch-size")
         self.limit = limit
         self.chosen: dict[str, int] = {}  # "model WxH" -> batch, what run.json reports
         self.probed: dict[str, dict[int, float]] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
@@ -45,6 +46,28 @@ class ModelInfo:
 
 def cache_root() -> Path:
     return Path(os.environ.get("SDFLEET_CACHE", Path.home() / ".cache" / "sdfleet"))
+
+
+def backend_cache_folder(uri: str | None, folder: str):
+    """(filesystem, path) of `folder` in the backend cache: under `uri` (`--backend-cache`, any fsspec URI)
+    or, without one, under this machine's cache root. Each user of the cache keeps its own folder:
+    `onnx/` (exports and engines), `torch-compile/`, `batch-size/`."""
+    fs, root = fsspec.core.url_to_fs(uri or str(cache_root()))
+    return fs, f"{root.rstrip('/')}/{folder}"
+
+
+def cache_key(spec: dict) -> str:
+    """The key of a backend cache entry: a short hash of everything that changes what the entry holds."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def hardware_name(device) -> str:
+    """What a cached graph, engine or batch choice was made for: the GPU's name, or the CPU's architecture."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} {platform.processor()}"
 
 
 def _is_uri(ref: str) -> bool:

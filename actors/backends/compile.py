@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import platform
 import sys
 import time
 
@@ -23,6 +21,7 @@ import torch
 from actors.adapters import AdapterStore
 from actors.backends.base import Backend, FixedAdapters
 from actors.lora_map import InPlaceLoras
+from actors.models import cache_key, hardware_name
 
 MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CACHE_VERSION = 1  # bump when what the compiled graphs contain changes, so old artefacts are not loaded
@@ -91,12 +90,9 @@ class CompileCache:
     MAX_FILES = 64  # the newest files loaded; older ones only add graphs built for sizes no longer drawn
 
     def __init__(self, uri: str | None, key: str):
-        import fsspec
+        from actors.models import backend_cache_folder
 
-        from actors.models import cache_root
-
-        self.fs, root = fsspec.core.url_to_fs(uri or str(cache_root()))
-        self.folder = f"{root.rstrip('/')}/torch-compile/{key}"
+        self.fs, self.folder = backend_cache_folder(uri, f"torch-compile/{key}")
         self.loaded = 0
         self.saved = 0
         self._misses_saved = self._misses()
@@ -136,13 +132,9 @@ class CompileCache:
 
 def compile_key(fingerprint: str, settings: CompileSettings, device: torch.device, dtype: torch.dtype) -> str:
     """The cache key of one model's compiled graphs: everything that changes the code torch generates."""
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = f"{platform.machine()} {platform.processor()}"
-    spec = {"model": fingerprint, "settings": dataclasses.asdict(settings), "device": hardware, "dtype": str(dtype),
-            "torch": torch.__version__, "python": sys.version_info[:2], "version": CACHE_VERSION}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_key({"model": fingerprint, "settings": dataclasses.asdict(settings), "device": hardware_name(device),
+                      "dtype": str(dtype), "torch": torch.__version__, "python": sys.version_info[:2],
+                      "version": CACHE_VERSION})
 
 
 class CompileBackend(Backend):

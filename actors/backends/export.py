@@ -5,20 +5,18 @@ engines, and `GraphBackend`, which puts a compiled graph in place of the UNet's 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import torch
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from actors.backends.base import ADAPTABLE, Backend, BackendError, adaptable_layers
+from actors.models import cache_key
 from manifests.stores import is_local_fs
 
 OPSET = 20
@@ -29,10 +27,9 @@ NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: 
 
 def export_key(fingerprint: str, component: str, size: tuple[int, int] | None, dtype: torch.dtype) -> str:
     """The cache key of one exported component: everything that changes the exported graph."""
-    spec = {"model": fingerprint, "component": component, "size": size, "dtype": str(dtype), "opset": OPSET,
-            "torch": torch.__version__.split("+")[0], "adaptable": {k: p.pattern for k, p in ADAPTABLE.items()},
-            "version": EXPORT_VERSION}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_key({"model": fingerprint, "component": component, "size": size, "dtype": str(dtype), "opset": OPSET,
+                      "torch": torch.__version__.split("+")[0], "adaptable": {k: p.pattern for k, p in ADAPTABLE.items()},
+                      "version": EXPORT_VERSION})
 
 
 # -- the graphs: torch modules whose inputs are what ONNX Runtime will be fed ----------------------------
@@ -121,12 +118,11 @@ class ExportCache:
     """Exported components (and TensorRT engines) in a store (local folder or fsspec URI), fetched to a local folder for ONNX Runtime."""
 
     def __init__(self, uri: str | None):
-        from actors.models import cache_root
+        from actors.models import backend_cache_folder, cache_root
 
-        local = cache_root() / "onnx"
-        self.uri = uri or str(local)
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
-        self.local = Path(self.root) if self.fs.protocol in ("file", ("file", "local")) else local
+        self.fs, self.root = backend_cache_folder(uri, "onnx")
+        # ONNX Runtime and TensorRT read files: a remote store's entries are fetched to this machine's cache
+        self.local = Path(self.root) if is_local_fs(self.fs) else cache_root() / "onnx"
 
     def get(self, key: str, build, filename: str = "model.onnx") -> Path:
         """The local path of entry `key`'s main file; `build(path)` makes it (and files beside it) on a miss."""

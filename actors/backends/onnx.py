@@ -1,8 +1,8 @@
 """The onnx backend: UNet, text encoder and VAE decoder run by ONNX Runtime, LoRAs written into weight inputs.
 
 Each component is exported once per (model fingerprint, size, dtype, opset, torch version) with
-`torch.export` + `torch.onnx.export` and cached in a store (`--backend-cache`, default
-`$SDFLEET_CACHE/onnx`; an fsspec URI shares exports across a cluster). Batch size is dynamic; the image
+`torch.export` + `torch.onnx.export` and cached in `onnx/` of the backend cache (`--backend-cache`, default
+`$SDFLEET_CACHE`; an fsspec URI shares exports across a cluster). Batch size is dynamic; the image
 size is fixed per export, so a new size exports once more.
 
 The weights of the adaptable layers (`actors.backends.base.ADAPTABLE`) are graph inputs, not constants, and

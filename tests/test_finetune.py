@@ -202,6 +202,45 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(tmp_path)
         assert torch.equal(p, q)
 
 
+def test_train_log_appends_on_disk_and_rewrites_an_object_store_only_when_a_line_must_last(tmp_path, monkeypatch):
+    """A resumed run's lines follow the first run's; on a store that cannot append, progress lines are
+    batched (one rewrite per REWRITE_SECONDS) while events and checkpoint metrics are written at once."""
+    import fsspec
+
+    from actors.train.loop import TrainLog
+
+    TrainLog(str(tmp_path), rank=0).line({"event": "started"})
+    TrainLog(str(tmp_path), rank=1).line({"step": 1, "loss": 1.0})  # only rank 0 writes
+    resumed = TrainLog(str(tmp_path), rank=0)
+    resumed.line({"event": "resumed", "step": 3})
+    resumed.line({"step": 4, "loss": 0.5}, durable=False)
+    assert train_log(tmp_path) == [{"event": "started"}, {"event": "resumed", "step": 3}, {"step": 4, "loss": 0.5}]
+
+    clock = [100.0]
+    monkeypatch.setattr("actors.train.loop.time.monotonic", lambda: clock[0])
+    store = fsspec.filesystem("memory")
+    path = f"/train-log-{os.getpid()}/train_log.jsonl"
+    url = f"memory://{path.rsplit('/', 1)[0]}"
+
+    def stored() -> list[dict]:
+        return [json.loads(line) for line in store.cat_file(path).decode().splitlines()]
+
+    log = TrainLog(url, rank=0)
+    log.line({"event": "started"})
+    assert stored() == [{"event": "started"}]
+    log.line({"step": 1, "loss": 1.0}, durable=False)
+    clock[0] += TrainLog.REWRITE_SECONDS / 2
+    log.line({"step": 2, "loss": 0.9}, durable=False)
+    assert stored() == [{"event": "started"}], "progress lines wait for the next rewrite"
+    clock[0] += TrainLog.REWRITE_SECONDS / 2
+    log.line({"step": 3, "loss": 0.8}, durable=False)
+    assert [r.get("step") for r in stored()] == [None, 1, 2, 3]
+    log.line({"step": 4, "loss": 0.7}, durable=False)
+    log.line({"step": 5, "loss": 0.6})  # a checkpoint's metrics
+    assert [r.get("step") for r in stored()] == [None, 1, 2, 3, 4, 5]
+    assert TrainLog(url, rank=0).text == store.cat_file(path).decode(), "a resumed run rewrites what is there"
+
+
 # -- dataset build ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

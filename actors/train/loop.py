@@ -132,7 +132,7 @@ def train_loop(config: dict) -> None:
                 metrics["eval_loss"] = eval_value
                 print(f"[finetune] step {step}/{cfg.steps} loss {metrics['loss']:.4f} eval {eval_value:.4f} "
                       f"lr {metrics['lr']:.2e} {metrics['samples_per_second']:.2f} samples/s", flush=True)
-            log.line(metrics)
+            log.line(metrics, durable=checkpointing)  # a checkpoint's metrics are in the store before it
             state = (net, optimizer, lr_scheduler, scaler, ema) if checkpointing else None
             _report(metrics, state, step, cfg.fsdp, rank)
             window_start, window_samples, losses = time.perf_counter(), 0, []
@@ -160,23 +160,50 @@ def train_loop(config: dict) -> None:
 
 
 class TrainLog:
-    """--out/train_log.jsonl, one JSON record a line, written by rank 0 only. The file is rewritten whole on
-    each line: object stores (S3, GCS) cannot append to a file."""
+    """--out/train_log.jsonl, one JSON record a line, written by rank 0 only.
+
+    On a local disk each line is appended as it comes. Object stores (S3, GCS) cannot append, so there the
+    file is rewritten whole, at most every `REWRITE_SECONDS` for progress lines, and at once for a line
+    that must not be lost (`durable`: events, and the metrics of a step that checkpoints).
+    """
+
+    REWRITE_SECONDS = 10.0
 
     def __init__(self, out: str, rank: int):
         import fsspec
 
+        from manifests.stores import is_local_fs
+
         self.rank = rank
         self.fs, root = fsspec.core.url_to_fs(out)
         self.path = f"{root}/train_log.jsonl"
-        self.text = self.fs.cat_file(self.path).decode() if rank == 0 and self.fs.exists(self.path) else ""
+        self.append = is_local_fs(self.fs)
+        self.text = ""  # the whole file, for stores that are rewritten
+        if rank == 0 and not self.append and self.fs.exists(self.path):
+            self.text = self.fs.cat_file(self.path).decode()
+        self.written_at = 0.0  # when the file was last rewritten
+        self.unwritten = False  # lines in `text` not in the store yet
 
-    def line(self, record: dict) -> None:
+    def line(self, record: dict, durable: bool = True) -> None:
+        if self.rank != 0:
+            return
+        text = json.dumps(record) + "\n"
+        if self.append:
+            self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(self.path, "a") as f:  # one short write: a kill leaves whole lines
+                f.write(text)
+            return
+        self.text += text
+        self.unwritten = True
+        if durable or time.monotonic() - self.written_at >= self.REWRITE_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
         from manifests.ledger import atomic_write
 
-        if self.rank == 0:
-            self.text += json.dumps(record) + "\n"
+        if self.rank == 0 and self.unwritten:
             atomic_write(self.fs, self.path, self.text.encode())
+            self.written_at, self.unwritten = time.monotonic(), False
 
 
 def _data_parallel(net: torch.nn.Module, device) -> torch.nn.Module:

@@ -8,11 +8,13 @@ The browser test opens the page in Debian's chromium (headless, from disk, no ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,14 +41,11 @@ def _draw(out: Path, row_id: str, colour, prompt: str) -> dict:
     data = png_bytes(rgb, {"id": row_id, "prompt": prompt, "negative_prompt": "blurry"})
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "images" / f"{row_id}.png").write_bytes(data)
-    import hashlib
-
     return {"uri": str(out / "images" / f"{row_id}.png"), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _run(out: Path, run_id: str, entries: list[dict], counts: dict) -> None:
-    write_part_fs = __import__("fsspec").filesystem("file")
-    write_part(write_part_fs, str(out), run_id, 0, entries)
+    write_part(fsspec.filesystem("file"), str(out), run_id, 0, entries)
     summary = {"run_id": run_id, "rows": len(entries), **counts, "wall_seconds": 10.0, "images_per_second": 0.5,
                "actors": 1, "images_per_actor": {"host:1": counts["ok"]}, "recovered": 0,
                "adapter_swaps": {"total": 2, "per_actor": {"host:1": 2}, "seconds": 0.01},

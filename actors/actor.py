@@ -62,7 +62,9 @@ class GeneratorActor:
             self.journal = ray.get_actor(journal)
         # Every torch call runs on this one thread. Ray Data calls the actor from another thread than the
         # one that ran __init__, and drawing on a thread other than the one that loaded the model and set
-        # torch's threads measured 1.5x slower on CPU (2.0 s against 3.1-3.9 s for a batch of 8 of tiny).
+        # torch's threads measured 1.5x slower on CPU (2.0 s against 3.1-3.9 s for a batch of 8 of tiny): each
+        # thread that runs torch ops starts its own OpenMP team, and libgomp throttles its spin-waits once a
+        # process holds more OpenMP threads than CPUs (docs/generation-speed.md).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self._torch.submit(self.load).result()
         self.startup = {"actor_started_at": started, "model_loaded_at": time.time()}  # wall clock, for run.json

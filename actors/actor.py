@@ -22,7 +22,6 @@ from actors.backends import make_backend
 from actors.batch_size import AUTO_BLOCK, BatchSizes
 from actors.crash_journal import kill_if_asked
 from actors.finish import finish_rows
-from actors.generate import draw_rows
 from actors.models import ModelInfo, load_pipeline
 from actors import metrics
 from manifests.rows import DRAWN_SCHEMA, RESULT_SCHEMA, to_table
@@ -108,6 +107,8 @@ class GeneratorActor:
 
     def draw(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Drawn rows (manifests.rows.DRAWN_SCHEMA, without the actor fields) for a block of work rows."""
+        from actors.generate import draw_rows  # torch and diffusers: loaded in the actor, not in the driver
+
         kill_if_asked(rows)
         drawn = draw_rows(self.ready_for, rows, max_batch=self.batch_for if self.auto else self.batch_size)
         metrics.images_drawn(drawn)

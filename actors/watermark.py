@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from imwatermark import WatermarkDecoder, WatermarkEncoder
 
 from manifests.schema import WATERMARK_MIN_SIDE as MIN_SIDE
 
@@ -150,6 +149,8 @@ def embed_checked(rgb: np.ndarray, payload: str | bytes) -> tuple[np.ndarray, fl
 
 def library_embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
     """The same mark through invisible-watermark's own encoder: the reference `embed` is tested against."""
+    from imwatermark import WatermarkEncoder  # here, not at the top: the package imports torch (for RivaGAN)
+
     _check_size(rgb)
     encoder = WatermarkEncoder()
     encoder.set_watermark("bytes", _payload_bytes(payload))
@@ -159,6 +160,8 @@ def library_embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
 
 def read_bits(rgb: np.ndarray, num_bytes: int, method: str = METHOD) -> bytes:
     """Decode `num_bytes` of payload from an RGB image (garbage if it carries no mark)."""
+    from imwatermark import WatermarkDecoder  # here, not at the top: the package imports torch (for RivaGAN)
+
     decoder = WatermarkDecoder("bytes", num_bytes * 8)
     return bytes(decoder.decode(np.ascontiguousarray(rgb[:, :, ::-1]), method))
 

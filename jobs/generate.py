@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib
 import json
 import os
-import threading
 import time
 import uuid
 from typing import Annotated, Literal
@@ -123,8 +121,6 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     """
     started = time.time()
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    if not cfg.plan_only:  # the stages' classes import torch (2-4 s): load them while Ray starts and the plan runs
-        threading.Thread(target=importlib.import_module, args=("actors.actor",), daemon=True).start()
 
     # 1. the output store must be reachable and writable before anything is drawn
     try:

@@ -130,3 +130,16 @@ def test_the_checks_see_a_cycle_and_a_wrong_arrow():
     graph = import_graph()
     assert "manifests.schema" in graph and "actors.finish" in graph["actors.actor"]
     assert not MAY_IMPORT["actors"] & {"jobs", "benchmarks"} and not MAY_IMPORT["manifests"]
+
+
+def test_the_driver_and_the_finishing_stage_load_no_torch():
+    """What a `generate` driver imports (the CLI, the actor class it hands Ray Data, the finishing function)
+    and what a finishing worker imports must not pull in torch: ~2 CPU-s and ~300 MB in every such process.
+    torch belongs to the actors, which import it when they load a model."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import jobs.cli, jobs.generate, actors.actor, actors.finish, actors.watermark; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", f"loaded by the driver's imports: {found.stdout.strip()}"

@@ -129,11 +129,12 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     except Exception as exc:  # any backend error means the same thing here
         raise RunFailed(f"cannot write to --out {cfg.out}: {exc}") from exc
     # ... and this run's alone until it ends: a second run into it refuses, or waits with --wait
-    with contextlib.nullcontext() if cfg.plan_only else Lease(fs, root, run_id, wait=cfg.wait):
-        return _plan_and_run(cfg, fs, root, run_id, started, actor_cls)
+    with contextlib.nullcontext() if cfg.plan_only else Lease(fs, root, run_id, wait=cfg.wait) as lease:
+        return _plan_and_run(cfg, fs, root, run_id, started, actor_cls, lease)
 
 
-def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: float, actor_cls) -> dict:
+def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: float, actor_cls,
+                  lease: Lease | None) -> dict:
     # 2. manifests: files, row count, duplicate ids (before any row is drawn)
     uris = expand_manifest_paths(cfg.manifests)
     total, id_counts = count_ids(uris)
@@ -161,15 +162,17 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     log_path = log_file(fs, root, f"sdfleet-{run_id}.log", in_out=not cfg.plan_only)
     log(f"Ray's and the libraries' messages: {log_path}")
     with library_logs_to(log_path, cfg.verbose):
-        return _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls)
+        return _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls, lease)
 
 
-def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls) -> dict:
+def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls, lease) -> dict:
     import ray
 
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
     try:
+        if lease is not None:  # Ray's start-up covered the lease's settle time; nothing is written before this
+            lease.confirm()
         return _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, startup, resources, actor_cls)
     finally:
         ray.shutdown()

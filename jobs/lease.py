@@ -5,7 +5,8 @@ The run that holds the lease rewrites its heartbeat every HEARTBEAT_SECONDS. Ano
 heartbeat is older than STALE_SECONDS belongs to a run that died without letting go (kill -9, a lost
 node): the next run takes it over and says so, at once when the holder ran on the same machine and its
 process is gone. Two runs that start in the same instant both write the
-lease and read it back a moment later: the one that no longer finds its own run id there steps back."""
+lease and read it back a moment later (`confirm`, before the run writes anything else): the one that no
+longer finds its own run id there steps back."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class Lease:
         self.record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "since": _iso(_now())}
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._claimed_at = 0.0  # time.monotonic() of our last claim
 
     # -- reading and writing the lease object ------------------------------------------------------------
 
@@ -70,6 +72,8 @@ class Lease:
     # -- taking and giving back --------------------------------------------------------------------------
 
     def __enter__(self) -> "Lease":
+        """Claim the output: refuse (or, with --wait, wait) while a live run holds it, then write our claim.
+        Call `confirm()` before writing anything else to the output."""
         while True:
             held = self.holder()
             if held and held.get("run_id") != self.run_id:
@@ -84,15 +88,24 @@ class Lease:
                 log(f"--out {self.where}: taking over the lease of run {held.get('run_id')} (host "
                     f"{held.get('host')}, pid {held.get('pid')}): {why}, so that run has stopped")
             self._write()
-            time.sleep(SETTLE_SECONDS)  # a run that started in the same instant wrote too: one of us is last
+            self._claimed_at = time.monotonic()
+            return self
+
+    def confirm(self) -> None:
+        """Make sure the claim held: a run that started in the same instant wrote its claim too, and the
+        last writer holds the lease. Waits until SETTLE_SECONDS after our claim (start-up work done in
+        between, such as starting Ray, hides the wait), reads the lease back, then keeps it alive."""
+        while True:
+            time.sleep(max(0.0, SETTLE_SECONDS - (time.monotonic() - self._claimed_at)))
             held = self.holder()
             if held and held.get("run_id") == self.run_id:
                 break
             if not self.wait and held:
                 raise RunFailed(self._busy(held, _now() - float(held.get("heartbeat", 0))))
-        self._beat = threading.Thread(target=self._heartbeat, name="sdfleet-lease", daemon=True)
-        self._beat.start()
-        return self
+            self.__enter__()  # with --wait (or the lease vanished): wait for it and claim it again
+        if self._beat is None:
+            self._beat = threading.Thread(target=self._heartbeat, name="sdfleet-lease", daemon=True)
+            self._beat.start()
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

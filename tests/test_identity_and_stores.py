@@ -213,6 +213,32 @@ def test_wait_waits_for_the_holder_to_let_go(tmp_path, monkeypatch):
         lease.Lease(fs, root, "mine", wait=False).__enter__()
 
 
+def test_of_two_runs_claiming_an_output_in_the_same_instant_the_last_writer_keeps_it(tmp_path, monkeypatch):
+    """Both claims pass the first check; `confirm` (after the settle time, which the run spends starting
+    Ray) reads the lease back, and only the run whose claim is there goes on, keeping it alive."""
+    import jobs.lease as lease
+
+    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.3)
+    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.05)
+    out = tmp_path / "out"
+    out.mkdir()
+    fs, root = fsspec.core.url_to_fs(str(out))
+    first, second = lease.Lease(fs, root, "first"), lease.Lease(fs, root, "second")
+    claimed = time.monotonic()
+    first.__enter__()
+    second._write()  # its check ran before the first claim landed
+    second._claimed_at = time.monotonic()
+    with pytest.raises(lease.RunFailed, match="in use by run second"):
+        first.confirm()
+    assert time.monotonic() - claimed >= 0.3, "confirm reads back only once the settle time has passed"
+    second.confirm()
+    beat = json.loads((out / ".sdfleet-lease.json").read_text())["heartbeat"]
+    time.sleep(0.3)
+    assert json.loads((out / ".sdfleet-lease.json").read_text())["heartbeat"] > beat, "the holder's heartbeat runs"
+    second.__exit__(None, None, None)
+    assert not (out / ".sdfleet-lease.json").exists()
+
+
 # -- a row that kills its actor -------------------------------------------------------------------------
 
 

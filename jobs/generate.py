@@ -171,7 +171,7 @@ def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, acto
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
     try:
-        if lease is not None:  # Ray's start-up covered the lease's settle time; only the log file is written before this
+        if lease is not None:  # Ray's start-up covered the settle time; only the log file is written before this
             lease.confirm()
         return _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, startup, resources, actor_cls)
     finally:

@@ -72,8 +72,12 @@ class Lease:
     # -- taking and giving back --------------------------------------------------------------------------
 
     def __enter__(self) -> "Lease":
-        """Claim the output: refuse (or, with --wait, wait) while a live run holds it, then write our claim.
-        Call `confirm()` before writing anything else to the output."""
+        """Claim the output; call `confirm()` before writing anything else to it."""
+        self._claim()
+        return self
+
+    def _claim(self) -> None:
+        """Refuse (or, with --wait, wait) while a live run holds the lease, then write our claim."""
         while True:
             held = self.holder()
             if held and held.get("run_id") != self.run_id:
@@ -89,7 +93,7 @@ class Lease:
                     f"{held.get('host')}, pid {held.get('pid')}): {why}, so that run has stopped")
             self._write()
             self._claimed_at = time.monotonic()
-            return self
+            return
 
     def confirm(self) -> None:
         """Make sure the claim held: a run that started in the same instant wrote its claim too, and the
@@ -102,7 +106,7 @@ class Lease:
                 break
             if not self.wait and held:
                 raise RunFailed(self._busy(held, _now() - float(held.get("heartbeat", 0))))
-            self.__enter__()  # with --wait (or the lease vanished): wait for it and claim it again
+            self._claim()  # with --wait (or the lease vanished): wait for it and claim it again
         if self._beat is None:
             self._beat = threading.Thread(target=self._heartbeat, name="sdfleet-lease", daemon=True)
             self._beat.start()

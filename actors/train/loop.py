@@ -178,6 +178,8 @@ class TrainLog:
         self.fs, root = fsspec.core.url_to_fs(out)
         self.path = f"{root}/train_log.jsonl"
         self.append = is_local_fs(self.fs)
+        if rank == 0 and self.append:
+            self.fs.makedirs(root, exist_ok=True)
         self.text = ""  # the whole file, for stores that are rewritten
         if rank == 0 and not self.append and self.fs.exists(self.path):
             self.text = self.fs.cat_file(self.path).decode()
@@ -189,7 +191,6 @@ class TrainLog:
             return
         text = json.dumps(record) + "\n"
         if self.append:
-            self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
             with self.fs.open(self.path, "a") as f:  # one short write: a kill leaves whole lines
                 f.write(text)
             return

@@ -89,8 +89,9 @@ def timed_once(make, inputs: list, *args, **kwargs) -> tuple[float, float]:
     return timed.run(inputs)
 
 
-def work_tables(rows: list[dict], batch_size: int, watermark: str) -> list:
-    """The rows resolved for `tiny` as the driver resolves them, in blocks as Ray Data hands them to the actors."""
+def work_tables(rows: list[dict], batch_size: int, watermark: str) -> tuple[list, dict]:
+    """The rows resolved for `tiny` as the driver resolves them, in blocks as Ray Data hands them to the actors,
+    and the model record (`ModelInfo.defaults()`) the actors are given."""
     from actors.models import describe_model
     from manifests.rows import WORK_SCHEMA, to_table
     from manifests.schema import ManifestRow, resolve_row

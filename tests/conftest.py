@@ -19,7 +19,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-
 @pytest.fixture(params=SOURCES)
 def objects(request) -> list[tuple[str, dict]]:
     """Every object one k8s/ overlay applies, as files or as `kubectl kustomize` renders them, with the

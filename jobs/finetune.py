@@ -275,12 +275,11 @@ def _captions(uri: str):
     """The dataset's captions, file by file (a caller that needs only the first few stops early)."""
     from manifests.dataset import dataset_files
 
-    import pyarrow.parquet as pq
+    from manifests.stores import read_parquet
 
     fs, files = dataset_files(uri)
     for path in files:
-        with fs.open(path, "rb") as f:
-            yield from pq.read_table(f, columns=["caption"]).column("caption").to_pylist()
+        yield from read_parquet(fs, path, columns=["caption"]).column("caption").to_pylist()
 
 
 def _check_captions_use(uri: str, token: str, rows: int) -> None:

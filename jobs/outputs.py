@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-import pyarrow.parquet as pq
 
 from jobs.errors import ReportError, one_line
+from manifests.stores import read_parquet
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
 BOOKKEEPING = ("status", "uri", "sha256", "params_hash", "error", "warning", "watermark", "watermark_bits",
@@ -119,8 +119,7 @@ def open_output(uri: str) -> RunOutput:
     entries, columns = [], []
     for path in parts:
         try:
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
+            table = read_parquet(fs, path)
         except Exception as exc:  # noqa: BLE001 - parts are written whole, so this one was damaged afterwards
             raise ReportError(f"ledger part {path} cannot be read ({one_line(exc)}); move it aside and rerun "
                               "`sdfleet generate` to redraw its rows") from exc

@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from manifests.stores import read_parquet
+
 DATASET_SCHEMA = pa.schema([
     ("file", pa.string()),  # path relative to IMAGES_DIR, for tracing a sample back to its source
     ("caption", pa.string()),
@@ -75,6 +77,5 @@ def read_dataset(uri: str) -> pa.Table:
     fs, files = dataset_files(uri)
     tables = []
     for path in files:
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=list(REQUIRED_COLUMNS)))
+        tables.append(read_parquet(fs, path, columns=list(REQUIRED_COLUMNS)))
     return pa.concat_tables(tables)

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import FIELDS, ID_PATTERN, default_seed
+from manifests.stores import read_parquet
 
 
 class ExpandError(ValueError):
@@ -36,8 +37,7 @@ def load_list(uri: str, column: str) -> list[dict[str, Any]]:
     if not fs.exists(path):
         raise ExpandError(f"{uri} does not exist")
     if path.endswith(".parquet"):
-        with fs.open(path, "rb") as f:
-            rows = pq.read_table(f).to_pylist()
+        rows = read_parquet(fs, path).to_pylist()
     elif path.endswith(".csv"):
         # utf-8-sig: spreadsheets save CSV with a byte-order mark, which would rename the first column.
         with fs.open(path, "r", encoding="utf-8-sig", newline="") as f:

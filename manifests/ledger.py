@@ -17,7 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.stores import is_local_fs
+from manifests.stores import is_local_fs, read_parquet
 
 STATUSES = ("ok", "failed", "invalid")
 
@@ -150,8 +150,7 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
         return {}
     latest: dict[str, tuple[str, str]] = {}
     for path in sorted(fs.glob(f"{folder}/*.parquet")):
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["id", "status", "params_hash", "finished_at"])
+        table = read_parquet(fs, path, columns=["id", "status", "params_hash", "finished_at"])
         for rid, status, phash, when in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             if status == "ok" and (rid not in latest or when >= latest[rid][1]):
                 latest[rid] = (phash, when)
@@ -163,8 +162,7 @@ def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
     folder = f"{root.rstrip('/')}/results"
     tables = []
     for path in sorted(fs.glob(f"{folder}/*.parquet")) if fs.exists(folder) else []:
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f))
+        tables.append(read_parquet(fs, path))
     if not tables:
         return LEDGER_SCHEMA.empty_table().drop_columns(["extra"])
     return pa.concat_tables(_as_text_where_types_differ(tables), promote_options="default")

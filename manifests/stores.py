@@ -7,6 +7,8 @@ a local path is only shared on one machine, or where the user says it is a mount
 from __future__ import annotations
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 PROCESS_LOCAL = ("memory",)  # fsspec protocols whose files exist in one process only
 
@@ -23,6 +25,19 @@ def protocols(uri: str) -> tuple[str, ...]:
 def is_local_fs(fs) -> bool:
     """True for this machine's disk: files there can be renamed, listed with os, and reached by links."""
     return any(p in ("file", "local") for p in fs_protocols(fs))
+
+
+def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file from any fsspec store, read entirely in the calling thread.
+
+    Given a Python file object, `pq.read_table` hands reads to Arrow's thread pool by default, and some of
+    that work can still be running after it returns. If the process exits then, an Arrow thread asks a
+    finished interpreter for the GIL and the process aborts (SIGABRT) after all its work is done: apache/arrow
+    #33975 and #50482. A rerun with nothing to draw exits within a second of reading the ledger and hit it.
+    Read in this thread, nothing outlives the call (tests/test_stores.py runs the exit many times).
+    """
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns, use_threads=False, pre_buffer=False)
 
 
 def process_local(uri: str) -> bool:

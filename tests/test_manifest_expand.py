@@ -14,6 +14,7 @@ import pytest
 
 from manifests.expand import ExpandError, expand, load_list, slug, write_manifest
 from manifests.schema import default_seed, validate_row
+from manifests.stores import read_parquet
 
 PRODUCTS_CSV = """\
 sku,product,category
@@ -280,8 +281,7 @@ def test_parquet_lists_and_memory_uris_read_and_write(lists):
         again = load_list("memory://expand-test/in/products.parquet", "product")
         assert [r["product"] for r in again] == ["a red ceramic mug", "a green glass bottle, frosted", "a white sneaker"]
         write_manifest(expand("{product}", again, variants=2), "memory://expand-test/out/m.parquet")
-        with fs.open("/expand-test/out/m.parquet", "rb") as f:
-            assert pq.read_table(f).num_rows == 6
+        assert read_parquet(fs, "/expand-test/out/m.parquet").num_rows == 6
     finally:
         fs.rm("/expand-test", recursive=True)
 

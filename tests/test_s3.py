@@ -15,12 +15,12 @@ import sys
 import threading
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from helpers import (REPO, UNET_TARGETS, assert_same_pixels, diffusers_file, make_lora, pixels, rows, run_summary,
                      sdfleet, tiny_work_row, write_manifest)
 from jobs.synthetic import write_images
+from manifests.stores import read_parquet
 
 SECRET = "sdfleet-test-secret-0451"
 
@@ -146,7 +146,7 @@ def test_generate_reads_model_adapters_and_manifests_from_s3_and_writes_there(s3
     images = sorted(p.rsplit("/", 1)[-1] for p in _objects(fs, "sdfleet/runs/a/images"))
     assert images == sorted(f"{r['id']}.png" for r in records)
     entries = [e for p in _objects(fs, "sdfleet/runs/a/results")
-               for e in pq.read_table(fs.open(p, "rb")).to_pylist()]
+               for e in read_parquet(fs, p).to_pylist()]
     assert sorted(e["id"] for e in entries if e["status"] == "ok") == sorted(r["id"] for r in records)
     assert all(e["uri"].startswith("s3://sdfleet/runs/a/images/") for e in entries)
     assert not fs.exists("sdfleet/runs/a/.sdfleet-lease.json")  # the lease went with the run
@@ -190,7 +190,7 @@ def test_the_store_going_away_mid_run_is_one_line_and_the_rerun_completes(s3, tm
     rerun = sdfleet(*argv)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     entries = [e for p in _objects(fs, "sdfleet/runs/outage/results")
-               for e in pq.read_table(fs.open(p, "rb")).to_pylist()]
+               for e in read_parquet(fs, p).to_pylist()]
     ok_ids = sorted(e["id"] for e in entries if e["status"] == "ok")
     assert ok_ids == sorted(r["id"] for r in records), "every row ok exactly once"
 

@@ -40,6 +40,8 @@ class Recorder:
         self.last_flush = self.last_progress = time.time()
         self.warnings_shown = 0
         self.first_written: float | None = None  # when the first image was written (wall clock)
+        self.drawn = 0  # rows that came back from an actor, any status
+        self.first_drawn: tuple[float, int] | None = None  # (when, drawn) at the first rows back from an actor
         self.planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
 
     def record(self, rows: list[dict]) -> None:
@@ -54,6 +56,7 @@ class Recorder:
                 metrics.row_failures("invalid" if row["status"] == "invalid" else "adapter")  # settled by the plan
             self.planned_at = max(self.planned_at, row.get("planned_at") or 0.0)
             if row.get("actor"):
+                self.drawn += 1
                 self._actor_counters(row)
             if row["status"] == "skipped":
                 continue
@@ -70,6 +73,8 @@ class Recorder:
         metrics.rows_recorded({status: n - before[status] for status, n in self.counts.items()},
                               remaining=self.total - sum(self.counts.values()))
         now = time.time()
+        if self.first_drawn is None and self.drawn:
+            self.first_drawn = (now, self.drawn)
         if len(self.pending) >= LEDGER_FLUSH_ROWS or now - self.last_flush >= LEDGER_FLUSH_SECONDS:
             self.flush()
         if now - self.last_progress >= PROGRESS_SECONDS:
@@ -106,11 +111,15 @@ class Recorder:
             pass  # the run is already failing with its own message; the store's refusal would hide it
 
     def progress(self, now: float) -> str:
+        """One progress line. The rate is the actors' since their first rows came back, so start-up (Ray, model
+        loading) does not stretch the estimate of what is left; until a second lot is back, there is no estimate."""
         counts, finished = self.counts, sum(self.counts.values())
         elapsed = now - self.started
         rate = counts["ok"] / elapsed if elapsed > 0 else 0.0
-        left = self.total - finished
-        eta = f", ~{math.ceil(left / rate)} s left" if rate > 0 and left else ""
+        left, eta = self.total - finished, ""
+        if self.first_drawn is not None and self.drawn > self.first_drawn[1] and now > self.first_drawn[0]:
+            rate = (self.drawn - self.first_drawn[1]) / (now - self.first_drawn[0])
+            eta = f", ~{math.ceil(left / rate)} s left" if left else ""
         return (f"{finished}/{self.total} rows ({counts['ok']} ok, {counts['skipped']} skipped, "
                 f"{counts['failed']} failed, {counts['invalid']} invalid), {rate:.2f} img/s{eta}")
 

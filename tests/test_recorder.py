@@ -1,0 +1,59 @@
+"""The driver's record of a run (jobs/recorder.py): what its progress lines say while rows come back."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+
+import jobs.recorder as recorder
+
+
+def drawn(start: int, n: int, when: str = "2026-12-05T12:00:00+00:00") -> list[dict]:
+    return [{"source": "m.parquet", "row": i, "status": "ok", "actor": "a1", "finished_at": when, "warning": None,
+             "error": None, "planned_at": None, "adapter_swaps": 0, "adapter_swap_seconds": 0.0,
+             "backend_stats": None} for i in range(start, start + n)]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A settable clock for the recorder, whose ledger parts go to a memory store emptied afterwards."""
+    now = [0.0]
+    monkeypatch.setattr(recorder.time, "time", lambda: now[0])
+    monkeypatch.setattr(recorder, "log", lambda line: None)
+    yield now
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/recorder-test"):
+        fs.rm("/recorder-test", recursive=True)
+
+
+def make_recorder(total: int, started: float) -> recorder.Recorder:
+    return recorder.Recorder(fsspec.filesystem("memory"), "/recorder-test", "run1", total=total, started=started)
+
+
+def test_the_estimate_of_time_left_counts_from_the_first_images_not_from_the_start(clock):
+    rec = make_recorder(total=96, started=0.0)
+    clock[0] = 15.0  # 15 s of start-up (Ray, the model) before the first batch of 8 comes back
+    rec.record(drawn(0, 8))
+    first = rec.progress(clock[0])
+    assert first.startswith("8/96 rows (8 ok,") and "left" not in first  # one batch says nothing of the rate
+
+    for k in range(1, 4):  # then a batch of 8 every 2 s: 4 img/s
+        clock[0] = 15.0 + 2 * k
+        rec.record(drawn(8 * k, 8))
+    line = rec.progress(clock[0])
+    assert "32/96 rows (32 ok," in line and "4.00 img/s, ~16 s left" in line  # 64 rows at 4 img/s
+
+
+@pytest.mark.parametrize("status", ["skipped", "invalid"])
+def test_rows_the_plan_settles_count_as_done_but_not_toward_the_drawing_rate(clock, status):
+    clock[0] = 10.0
+    rec = make_recorder(total=20, started=0.0)
+    settled = [{**r, "status": status, "actor": None, "error": "bad" if status == "invalid" else None}
+               for r in drawn(0, 10)]
+    rec.record(settled)  # the plan settles these at once: no actor has drawn anything yet
+    assert "left" not in rec.progress(clock[0])
+    rec.record(drawn(10, 5))
+    clock[0] = 15.0
+    rec.record(drawn(15, 5))
+    assert "20/20 rows (10 ok" in rec.progress(clock[0])
+    assert "1.00 img/s" in rec.progress(clock[0])  # 5 drawn rows in the 5 s after the first ones came back

@@ -144,6 +144,32 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     return dict(ray.cluster_resources())
 
 
+def disconnect() -> None:
+    """Leave Ray; a local Ray that `connect` started stops with it.
+
+    `ray.shutdown()` stops a local Ray's processes one after another, each given a second to exit on
+    SIGTERM. The autoscaler monitor never makes it (its SIGTERM handler first reports to the GCS, already
+    stopped by then), so every local run ended with a second of waiting before Ray killed it anyway. It is
+    killed first here. Ray's own order follows for the rest: the raylet, which stops the workers, then the
+    GCS. Joined clusters are left as they are: this process started nothing there.
+    """
+    import signal
+    import subprocess
+
+    import ray
+    from ray._private import ray_constants, worker  # no public handle on the local node's processes
+
+    node = getattr(worker, "_global_node", None)
+    kind = getattr(ray_constants, "PROCESS_TYPE_MONITOR", "monitor")
+    for info in getattr(node, "all_processes", {}).get(kind, []):
+        process = getattr(info, "process", None)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                process.send_signal(signal.SIGKILL)
+                process.wait(timeout=5)
+    ray.shutdown()
+
+
 def _check_reachable(address: str, seconds: float = 10.0) -> None:
     """A HOST:PORT nothing answers on fails here in seconds: ray.init retries it for many minutes."""
     import socket

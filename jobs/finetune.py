@@ -26,7 +26,7 @@ import fsspec
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
-from cluster.connect import ClusterError, alive_nodes, connect, library_logs_to
+from cluster.connect import ClusterError, alive_nodes, connect, disconnect, library_logs_to
 from jobs.console import log, log_file
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import check_dataset
@@ -96,9 +96,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
             with TrainProgress(fs, f"{root}/train_log.jsonl", cfg, follow=not cfg.verbose):
                 result = _fit(cfg, train, base, scaling, fs, root)
         finally:
-            import ray
-
-            ray.shutdown()
+            disconnect()
 
     # 4. the summary
     summary = {**record, "status": "finished", "steps": cfg.steps, "rows": rows, "resolution": resolution,

@@ -29,7 +29,8 @@ from actors.backends import BackendError, check_backend
 from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
-from cluster.connect import actor_env, alive_nodes, connect, library_logs_to, size_actors, size_finishing
+from cluster.connect import (actor_env, alive_nodes, connect, disconnect, library_logs_to, size_actors,
+                             size_finishing)
 from jobs.console import log, log_file
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
@@ -166,8 +167,6 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
 
 
 def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls, lease) -> dict:
-    import ray
-
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
     try:
@@ -175,7 +174,7 @@ def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, acto
             lease.confirm()
         return _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, startup, resources, actor_cls)
     finally:
-        ray.shutdown()
+        disconnect()
 
 
 def _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, startup, resources, actor_cls) -> dict:

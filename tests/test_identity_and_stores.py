@@ -95,7 +95,7 @@ def test_a_local_out_on_a_multi_node_cluster_is_refused_unless_shared(tmp_path, 
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))
     monkeypatch.setattr(generate, "alive_nodes", lambda: 3)
     monkeypatch.setattr(generate, "connect", lambda *a, **k: {"CPU": 2.0})
-    monkeypatch.setattr("ray.shutdown", lambda: None)
+    monkeypatch.setattr(generate, "disconnect", lambda: None)
     cfg = generate.GenerateConfig(manifests=[str(manifest)], out=str(tmp_path / "out"))
     with pytest.raises(generate.RunFailed, match=r"is a local path, and the cluster has 3 nodes.*--shared-out"):
         generate.run_generate(cfg)

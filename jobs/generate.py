@@ -37,7 +37,7 @@ from jobs.lease import Lease
 from jobs.recorder import Recorder
 from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, settled_row
 from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
-from manifests.stores import is_local_path, multi_node_reason, process_local, unshared_reason
+from manifests.stores import UnreadableFile, is_local_path, multi_node_reason, process_local, unshared_reason
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -150,7 +150,11 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     from jobs.plan import PlanState
 
     remove_stale_temp_files(fs, root)
-    done = {} if cfg.force else read_latest_ok(fs, root)
+    try:
+        done = {} if cfg.force else read_latest_ok(fs, root)
+    except UnreadableFile as exc:  # parts are written whole: this one was damaged afterwards
+        raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and rerun: "
+                        "the rows it recorded are drawn again") from exc
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
     if not cfg.force and fs.exists(f"{root}/images"):
         existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{root}/images/*.png")}

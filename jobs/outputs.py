@@ -15,7 +15,7 @@ from typing import Any
 import fsspec
 
 from jobs.errors import ReportError, one_line
-from manifests.stores import read_parquet
+from manifests.stores import UnreadableFile, read_parquet_files
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
 BOOKKEEPING = ("status", "uri", "sha256", "params_hash", "error", "warning", "watermark", "watermark_bits",
@@ -109,20 +109,22 @@ def open_output(uri: str) -> RunOutput:
         raise ReportError(f"{uri}/run.json has no run_id: not written by `sdfleet generate` (or by a version "
                           "before reports)")
     runs = []
-    for path in sorted(fs.glob(f"{root}/runs/*.json")):
+    paths = sorted(fs.glob(f"{root}/runs/*.json"))  # one per run: a nightly output holds hundreds, fetched at once
+    for data in fs.cat_ranges(paths, None, None, on_error="return") if paths else []:
         try:
-            runs.append(json.loads(fs.cat_file(path)))
+            if not isinstance(data, BaseException):  # one that could not be fetched comes back as its error
+                runs.append(json.loads(data))
         except ValueError:
             continue  # an older run's summary is only context; the newest is run.json
     if not runs or runs[-1].get("run_id") != summary["run_id"]:
         runs.append(summary)
     entries, columns = [], []
-    for path in parts:
-        try:
-            table = read_parquet(fs, path)
-        except Exception as exc:  # noqa: BLE001 - parts are written whole, so this one was damaged afterwards
-            raise ReportError(f"ledger part {path} cannot be read ({one_line(exc)}); move it aside and rerun "
-                              "`sdfleet generate` to redraw its rows") from exc
+    try:
+        tables = list(read_parquet_files(fs, parts))
+    except UnreadableFile as exc:  # parts are written whole, so this one was damaged afterwards
+        raise ReportError(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and rerun "
+                          "`sdfleet generate` to redraw its rows") from exc
+    for path, table in tables:
         run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
         columns += [c for c in table.column_names if c not in columns]
         entries += [{**e, "_run": run} for e in table.to_pylist()]

@@ -17,7 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.stores import is_local_fs, read_parquet
+from manifests.stores import is_local_fs, read_parquet_files
 
 STATUSES = ("ok", "failed", "invalid")
 
@@ -149,8 +149,8 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
     if not fs.exists(folder):
         return {}
     latest: dict[str, tuple[str, str]] = {}
-    for path in sorted(fs.glob(f"{folder}/*.parquet")):
-        table = read_parquet(fs, path, columns=["id", "status", "params_hash", "finished_at"])
+    for _, table in read_parquet_files(fs, sorted(fs.glob(f"{folder}/*.parquet")),
+                                       columns=["id", "status", "params_hash", "finished_at"]):
         for rid, status, phash, when in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             if status == "ok" and (rid not in latest or when >= latest[rid][1]):
                 latest[rid] = (phash, when)
@@ -160,9 +160,8 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
 def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
     """The whole ledger as one table (parts may carry different pass-through columns)."""
     folder = f"{root.rstrip('/')}/results"
-    tables = []
-    for path in sorted(fs.glob(f"{folder}/*.parquet")) if fs.exists(folder) else []:
-        tables.append(read_parquet(fs, path))
+    paths = sorted(fs.glob(f"{folder}/*.parquet")) if fs.exists(folder) else []
+    tables = [table for _, table in read_parquet_files(fs, paths)]
     if not tables:
         return LEDGER_SCHEMA.empty_table().drop_columns(["extra"])
     return pa.concat_tables(_as_text_where_types_differ(tables), promote_options="default")

@@ -193,6 +193,66 @@ def test_a_process_that_exits_right_after_reading_a_parquet_file_exits_cleanly(t
         assert proc.returncode == 0, f"exit {attempt}: {proc.returncode}\n{proc.stderr[-2000:]}"
 
 
+
+
+def test_many_parquet_files_are_fetched_a_chunk_at_a_time_in_order_and_a_bad_one_is_named(monkeypatch):
+    """A ledger of thousands of parts on an object store is fetched FETCH_CHUNK files a request batch
+    (concurrent on async stores), never opened one by one (benchmarks/bench_ledger_read.py measures it)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from manifests import stores
+
+    fs = fsspec.filesystem("memory")
+    paths = [f"/chunk-test/p{i:03d}.parquet" for i in range(7)]
+    for i, path in enumerate(paths):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": [f"r{i}a", f"r{i}b"], "n": [i, i]}), buf)
+        fs.pipe_file(path, buf.getvalue())
+    batches = []
+    monkeypatch.setattr(stores, "FETCH_CHUNK", 3)
+    real = type(fs).cat_ranges
+    try:
+        with monkeypatch.context() as spy:
+            spy.setattr(type(fs), "open", lambda *a, **k: pytest.fail("a file was opened on its own"))
+            spy.setattr(type(fs), "cat_ranges", lambda self, p, *a, **k: batches.append(len(p)) or real(self, p, *a, **k))
+            got = list(stores.read_parquet_files(fs, paths, columns=["id"]))
+        assert [p for p, _ in got] == paths and batches == [3, 3, 1]
+        assert [t.column_names for _, t in got] == [["id"]] * 7
+        assert [t.column("id").to_pylist() for _, t in got][4] == ["r4a", "r4b"]
+
+        fs.pipe_file(paths[5], b"PAR1 cut short")
+        fs.rm(paths[6])
+        with pytest.raises(stores.UnreadableFile) as bad:
+            list(stores.read_parquet_files(fs, paths))
+        assert bad.value.path == paths[5]
+        with pytest.raises(stores.UnreadableFile) as gone:
+            list(stores.read_parquet_files(fs, paths[6:]))
+        assert gone.value.path == paths[6] and isinstance(gone.value.cause, FileNotFoundError)
+    finally:
+        fs.rm("/chunk-test", recursive=True)
+
+
+def test_a_damaged_ledger_part_stops_the_run_naming_it_and_the_report_too(tmp_path, capsys):
+    from jobs.cli import main
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    out = tmp_path / "out"
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "20261205T000000-abcdef-00000.parquet").write_bytes(b"PAR1 truncated by a full disk")
+    assert main(["generate", str(manifest), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "sdfleet: error: ledger part " in err and "20261205T000000-abcdef-00000.parquet cannot be read" in err
+    assert "move it aside and rerun" in err and "Traceback" not in err
+    assert not (out / "images").exists()  # stopped before anything was drawn
+
+    (out / "run.json").write_text(json.dumps({"run_id": "20261205T000000-abcdef"}))
+    assert main(["report", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "20261205T000000-abcdef-00000.parquet cannot be read" in err and "Traceback" not in err
+
+
 def test_package_code_reads_parquet_files_whole_only_through_read_parquet():
     callers = [f"{p.relative_to(REPO)}:{n}" for package in ("actors", "cluster", "jobs", "manifests")
                for p in (REPO / package).rglob("*.py") if p.name != "stores.py"

@@ -71,8 +71,7 @@ class AdapterStore:
         """Find adapter `name`, hash it and detect its kind and format; raise AdapterError if it is unusable."""
         path = self._find(name)
         data = self._read(name, path)
-        tensors = _parse(name, data)
-        kind, fmt, token = _detect(name, tensors)
+        kind, fmt, token = _detect(name, _header(name, data))
         self._last_read = (path, data)
         return AdapterInfo(
             name=name, uri=self.fs.unstrip_protocol(path), fingerprint=_fingerprint(data), size=len(data),
@@ -195,8 +194,21 @@ def _parse(name: str, data: bytes):
         raise AdapterError(name, f"is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
 
 
-def _detect(name: str, tensors) -> tuple[str, str, str | None]:
-    """(kind, format, token) from the keys: kohya LoRA, diffusers/peft LoRA, or a Textual Inversion embedding."""
+def _header(name: str, data: bytes) -> dict[str, tuple[str, list[int]]]:
+    """`{key: (dtype, shape)}` of a safetensors file, checked whole (header, offsets, length) by the
+    safetensors library itself, without torch: the driver resolves every adapter a run names, and only the
+    actors load them."""
+    from safetensors import deserialize
+
+    try:
+        return {key: (meta["dtype"], list(meta["shape"])) for key, meta in deserialize(data)}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise AdapterError(name, f"is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
+def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, str, str | None]:
+    """(kind, format, token) from the keys: kohya LoRA, diffusers/peft LoRA, or a Textual Inversion embedding.
+    `tensors` maps each key to its (safetensors dtype, shape)."""
     keys = list(tensors)
     if not keys:
         raise AdapterError(name, "holds no tensors")
@@ -209,8 +221,8 @@ def _detect(name: str, tensors) -> tuple[str, str, str | None]:
     if set(keys) == {"clip_l", "clip_g"}:
         raise AdapterError(name, "is an SDXL embedding (clip_l + clip_g); Stable Diffusion 2.x has one text encoder")
     if len(keys) == 1:
-        key, tensor = keys[0], tensors[keys[0]]
-        if tensor.is_floating_point() and tensor.ndim in (1, 2):
+        key, (dtype, shape) = keys[0], tensors[keys[0]]
+        if dtype.startswith(("F", "BF")) and len(shape) in (1, 2):  # F16, F32, BF16, F8_E4M3, ...
             token = name.rsplit("/", 1)[-1] if key in GENERIC_EMBEDDING_KEYS else key
             return "embedding", "embedding", token
     shown = ", ".join(repr(k) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")

@@ -132,14 +132,25 @@ def test_the_checks_see_a_cycle_and_a_wrong_arrow():
     assert not MAY_IMPORT["actors"] & {"jobs", "benchmarks"} and not MAY_IMPORT["manifests"]
 
 
-def test_the_driver_and_the_finishing_stage_load_no_torch():
+def test_the_driver_and_the_finishing_stage_load_no_torch(tmp_path):
     """What a `generate` driver imports (the CLI, the actor class it hands Ray Data, the finishing function)
     and what a finishing worker imports must not pull in torch: ~2 CPU-s and ~300 MB in every such process.
-    torch belongs to the actors, which import it when they load a model."""
+    torch belongs to the actors, which import it when they load a model. The driver resolves and
+    fingerprints the adapters a run names (a LoRA and an embedding here) without it too."""
     import subprocess
     import sys
 
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": np.zeros((4, 8), np.float16),
+               "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": np.zeros((8, 4), np.float16)},
+              str(tmp_path / "style.safetensors"))
+    save_file({"emb_params": np.zeros((2, 32), np.float32)}, str(tmp_path / "mascot.safetensors"))
     code = ("import sys; import jobs.cli, jobs.generate, actors.actor, actors.finish, actors.watermark; "
+            f"found, bad = jobs.generate.resolve_adapters({str(tmp_path)!r}, {{'style', 'mascot'}}); "
+            "assert sorted(found) == ['mascot', 'style'] and not bad, bad; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
-    found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.strip() == "[]", f"loaded by the driver's imports: {found.stdout.strip()}"

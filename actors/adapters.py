@@ -5,13 +5,16 @@ Adapter `N` is `N.safetensors`, `N/pytorch_lora_weights.safetensors` (what `fine
 safetensors are read: a `.bin`, `.pt`, `.ckpt` under that name is refused without being opened, because
 unpickling a file runs whatever code it carries.
 
-The driver calls `fingerprints` (one read per file) so that a row's `params_hash` changes when its adapter
-file is replaced; actors call `resolve` and `load_state_dict` (see `actors.adapter_cache`).
+The driver calls `fingerprints` (one read per file, or none for an object-store file this machine has
+hashed at the same version) so that a row's `params_hash` changes when its adapter file is replaced;
+actors call `resolve` and `load_state_dict` (see `actors.adapter_cache`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -33,6 +36,8 @@ DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up
 # Keys that hold an embedding but do not name its token (kohya/A1111 exports); the file name is the token then.
 GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*")
 FINGERPRINT_CHARS = 16
+# What an object store says changes whenever a file's bytes do (s3fs: ETag; gcsfs: generation; adlfs: etag).
+VERSION_FIELDS = ("ETag", "etag", "generation")
 
 
 class AdapterError(ValueError):
@@ -69,7 +74,9 @@ class AdapterStore:
 
     def resolve(self, name: str) -> AdapterInfo:
         """Find adapter `name`, hash it and detect its kind and format; raise AdapterError if it is unusable."""
-        path = self._find(name)
+        return self._resolve_at(name, self._find(name))
+
+    def _resolve_at(self, name: str, path: str) -> AdapterInfo:
         data = self._read(name, path)
         kind, fmt, token = _detect(name, _header(name, data))
         self._last_read = (path, data)
@@ -82,9 +89,34 @@ class AdapterStore:
         """`{name: fingerprint}` for the driver's `params_hash`; raises AdapterError on the first bad name."""
         out = {}
         for name in dict.fromkeys(names):
-            out[name] = self.resolve(name).fingerprint
+            out[name] = self.describe(name).fingerprint
             self._last_read = None  # the driver never loads: do not hold on to the bytes
         return out
+
+    def describe(self, name: str) -> AdapterInfo:
+        """`resolve`, without reading a file again that this machine has already checked and hashed at the
+        version its object store reports now (a nightly driver would otherwise download every adapter it
+        names at every run). Local files are always read: that is quick, and their times can be set back."""
+        path = self._find(name)
+        version = None if is_local_fs(self.fs) else _version(self.fs, path)
+        record = _record_path(self.fs.unstrip_protocol(path)) if version else None
+        if record is not None:
+            try:
+                kept = json.loads(record.read_text())
+                if kept["version"] == version:
+                    return AdapterInfo(**{**kept["info"], "name": name})
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # no record yet, or one this version cannot use: read the file
+        info = self._resolve_at(name, path)
+        if record is not None:
+            try:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                temp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+                temp.write_text(json.dumps({"version": version, "info": dataclasses.asdict(info)}))
+                os.replace(temp, record)
+            except OSError:
+                pass  # a cache that cannot be written costs a read next time, nothing else
+        return info
 
     def load_planned(self, name: str, fingerprint: str | None = None):
         """`(info, tensors)` of adapter `name`; raises AdapterError if the file is no longer the `fingerprint`
@@ -178,6 +210,25 @@ class AdapterStore:
             return self.fs.cat_file(path)
         except (OSError, ValueError) as exc:
             raise AdapterError(name, f"could not read {self.fs.unstrip_protocol(path)}: {exc}") from exc
+
+
+def _version(fs, path: str) -> str | None:
+    """The object store's version tag of a file, or None where it gives none."""
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError):
+        return None
+    for field in VERSION_FIELDS:
+        if info.get(field):
+            return f"{field}={info[field]}; size={info.get('size')}"
+    return None
+
+
+def _record_path(uri: str):
+    """Where this machine keeps what it learned of the adapter file at `uri` (see `describe`)."""
+    from actors.models import cache_root
+
+    return cache_root() / "adapter-fingerprints" / f"{hashlib.sha256(uri.encode()).hexdigest()[:24]}.json"
 
 
 def _fingerprint(data: bytes) -> str:

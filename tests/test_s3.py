@@ -160,6 +160,48 @@ def test_generate_reads_model_adapters_and_manifests_from_s3_and_writes_there(s3
     # (a rerun reading this ledger back from the bucket: the outage test's second run)
 
 
+
+def test_the_driver_reads_an_s3_adapter_again_only_when_its_etag_changes(s3, tmp_path, monkeypatch):
+    """A nightly driver names the same adapters every night: an adapter whose ETag is the one this machine
+    already hashed is not downloaded again; a replaced one is, and gets its new fingerprint."""
+    import numpy as np
+    import s3fs
+    from safetensors.numpy import save
+
+    from jobs.generate import resolve_adapters
+
+    fs = s3["fs"]
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+
+    def lora(seed: int) -> bytes:
+        rng = np.random.default_rng(seed)
+        return save({"unet.mid.proj_in.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32),
+                     "unet.mid.proj_in.lora_B.weight": rng.standard_normal((8, 4)).astype(np.float32)})
+
+    fs.pipe("sdfleet/nightly-adapters/style.safetensors", lora(1))
+    fs.pipe("sdfleet/nightly-adapters/broken.safetensors", b"not safetensors")
+    reads = []
+    real = s3fs.S3FileSystem._cat_file
+
+    async def counted(self, path, *args, **kwargs):
+        reads.append(path.rsplit("/", 1)[-1])
+        return await real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counted)
+    store = "s3://sdfleet/nightly-adapters"
+    first, bad = resolve_adapters(store, {"style", "broken"})
+    assert sorted(reads) == ["broken.safetensors", "style.safetensors"] and list(bad) == ["broken"]
+    reads.clear()
+    again, bad = resolve_adapters(store, {"style", "broken"})
+    assert again == first and reads == ["broken.safetensors"], "only the unusable one is read again"
+    assert "is not a readable safetensors file" in bad["broken"]
+
+    fs.pipe("sdfleet/nightly-adapters/style.safetensors", lora(2))  # replaced: a new ETag
+    reads.clear()
+    replaced, _ = resolve_adapters(store, {"style"})
+    assert reads == ["style.safetensors"] and replaced["style"] != first["style"]
+
+
 def test_the_store_going_away_mid_run_is_one_line_and_the_rerun_completes(s3, tmp_path):
     fs = s3["fs"]
     records = rows(10)

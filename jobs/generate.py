@@ -36,7 +36,7 @@ from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder
 from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, settled_row
-from manifests.reader import adapter_names, count_ids, expand_manifest_paths, plan_parts
+from manifests.reader import expand_manifest_paths, survey
 from manifests.stores import UnreadableFile, is_local_path, multi_node_reason, process_local, unshared_reason
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
@@ -139,13 +139,14 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                   lease: Lease | None) -> dict:
     # 2. manifests: files, row count, duplicate ids (before any row is drawn)
     uris = expand_manifest_paths(cfg.manifests)
-    total, id_counts = count_ids(uris)
-    duplicates = {i: n for i, n in id_counts.items() if n > 1}
-    del id_counts
+    manifests = survey(uris)  # each file read once: footers, ids, adapter names
+    total = manifests.total
+    duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
+    manifests.id_counts = None  # one entry per row: let it go before the run
 
     # 3. models and adapters: defaults and fingerprints, from configs and file hashes only
     models = {name: describe_model(name, ref).defaults() for name, ref in cfg.models.items()}
-    adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, adapter_names(uris))
+    adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, manifests.adapter_names)
 
     # 4. what is already done: newest ok hash per id, and which images exist
     from jobs.plan import PlanState
@@ -168,21 +169,22 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     log_path = log_file(fs, root, f"sdfleet-{run_id}.log", in_out=not cfg.plan_only)
     log(f"Ray's and the libraries' messages: {log_path}")
     with library_logs_to(log_path, cfg.verbose):
-        return _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls, lease)
+        return _run_on_ray(cfg, fs, root, run_id, manifests, total, models, state, started, actor_cls, lease)
 
 
-def _run_on_ray(cfg, fs, root, run_id, uris, total, models, state, started, actor_cls, lease) -> dict:
+def _run_on_ray(cfg, fs, root, run_id, manifests, total, models, state, started, actor_cls, lease) -> dict:
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
     try:
         if lease is not None:  # Ray's start-up covered the settle time; only the log file is written before this
             lease.confirm()
-        return _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, startup, resources, actor_cls)
+        return _on_cluster(cfg, fs, root, run_id, manifests, total, models, state, started, startup, resources,
+                           actor_cls)
     finally:
         disconnect()
 
 
-def _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, startup, resources, actor_cls) -> dict:
+def _on_cluster(cfg, fs, root, run_id, manifests, total, models, state, started, startup, resources, actor_cls) -> dict:
     nodes = alive_nodes()
     if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:
         raise RunFailed(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
@@ -195,7 +197,7 @@ def _on_cluster(cfg, fs, root, run_id, uris, total, models, state, started, star
         + ("in the actors" if finish_inline else f"by {finishing.workers} CPU worker(s)"))
     try:
         check_backend(cfg.backend, sizing.device)  # before any actor starts
-        summary = _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started, startup,
+        summary = _execute(cfg, fs, root, run_id, manifests, total, models, state, sizing, started, startup,
                            finish=None if finish_inline else finishing, actor_cls=actor_cls)
     except BackendError as exc:
         raise RunFailed(str(exc)) from exc
@@ -238,7 +240,7 @@ def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, 
     return fingerprints, errors
 
 
-def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started, startup, finish, actor_cls) -> dict:
+def _execute(cfg, fs, root, run_id, manifests, total, models, state, sizing, started, startup, finish, actor_cls) -> dict:
     import ray
     import ray.data
 
@@ -256,7 +258,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
     # Into an output with nothing done yet (or with --force) nearly every row is drawn, so the plan streams
     # straight into the actors instead: they start and load their model while the plan tasks run, and the
     # rows the plan settles ride through both stages untouched.
-    parts = [vars(p) for p in plan_parts(uris)]
+    parts = [vars(p) for p in manifests.parts]
     planned = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
     # The plan state (the done-ledger and image listing) can be large: one copy in the object store,
     # not one pickled into every plan task.
@@ -326,7 +328,7 @@ def _execute(cfg, fs, root, run_id, uris, total, models, state, sizing, started,
         "device": sizing.device,
         "watermark": cfg.watermark,
         "models": {n: {"ref": m["ref"], "fingerprint": m["fingerprint"]} for n, m in models.items()},
-        "manifests": uris,
+        "manifests": manifests.uris,
         "ledger_parts": results.parts,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -7,9 +7,11 @@ one process: the driver plans parts from file metadata alone, and workers read o
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -17,6 +19,9 @@ import pyarrow.parquet as pq
 
 from manifests.schema import coerced_id
 from manifests.stores import is_local_fs
+
+
+MANIFEST_READS = 16  # manifest files the driver reads at once
 
 
 class ManifestError(Exception):
@@ -70,28 +75,80 @@ def _open_parquet(uri: str) -> pq.ParquetFile:
         raise ManifestError(f"{uri} is not a readable Parquet file: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _opened(uri: str) -> Iterator[pq.ParquetFile]:
+    """A manifest's ParquetFile, its file closed on the way out."""
+    pf = _open_parquet(uri)
+    try:
+        yield pf
+    finally:
+        pf.close(force=True)  # force: the file object was opened here, not by pyarrow
+
+
+def _each_file(uris: list[str], read: Callable[[str], Any]) -> list[Any]:
+    """`read(uri)` for every manifest, MANIFEST_READS files at a time, in the order given: a catalogue kept
+    as hundreds of files on an object store is mostly waiting on round trips, read one by one."""
+    if len(uris) <= 1:
+        return [read(uri) for uri in uris]
+    with ThreadPoolExecutor(max_workers=min(MANIFEST_READS, len(uris))) as pool:
+        return list(pool.map(read, uris))
+
+
+@dataclass
+class Survey:
+    """What the driver learns from every manifest before a run, in one read of each file."""
+
+    uris: list[str]  # the manifest files
+    total: int  # rows in all manifests
+    id_counts: collections.Counter  # how often each id occurs, as the schema coerces it
+    adapter_names: set[str]  # every adapter name the `adapters` columns mention
+    parts: list[ManifestPart]  # the row groups, in file order
+
+
+def survey(uris: list[str]) -> Survey:
+    """Footers, `id` and `adapters` columns of every manifest, each file opened once (see `_each_file`)."""
+    found = _each_file(uris, _survey_file)
+    counts: collections.Counter = collections.Counter()
+    names: set[str] = set()
+    for _, file_counts, file_names, _ in found:
+        counts.update(file_counts)
+        names |= file_names
+    return Survey(uris, sum(n for n, *_ in found), counts, names, [p for *_, parts in found for p in parts])
+
+
+def _survey_file(uri: str) -> tuple[int, collections.Counter, set[str], list[ManifestPart]]:
+    with _opened(uri) as pf:
+        return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf)
+
+
+def _parts(uri: str, pf: pq.ParquetFile) -> list[ManifestPart]:
+    parts, first, meta = [], 0, pf.metadata
+    for rg in range(meta.num_row_groups):
+        n = meta.row_group(rg).num_rows
+        if n:
+            parts.append(ManifestPart(uri, rg, first, n))
+        first += n
+    return parts
+
+
 def plan_parts(uris: list[str]) -> list[ManifestPart]:
     """List the row groups of every manifest, from footers alone."""
-    parts = []
-    for uri in uris:
-        meta = _open_parquet(uri).metadata
-        first = 0
-        for rg in range(meta.num_row_groups):
-            n = meta.row_group(rg).num_rows
-            if n:
-                parts.append(ManifestPart(uri, rg, first, n))
-            first += n
-    return parts
+
+    def parts(uri: str) -> list[ManifestPart]:
+        with _opened(uri) as pf:
+            return _parts(uri, pf)
+
+    return [p for file_parts in _each_file(uris, parts) for p in file_parts]
 
 
 def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (row position in file, row as a dict) for one part, reading `batch_rows` at a time."""
-    pf = _open_parquet(part.uri)
     position = part.first_row
-    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[part.row_group]):
-        for row in batch.to_pylist():
-            yield position, row
-            position += 1
+    with _opened(part.uri) as pf:
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[part.row_group]):
+            for row in batch.to_pylist():
+                yield position, row
+                position += 1
 
 
 def iter_rows(uris: list[str]) -> Iterator[tuple[str, int, dict[str, Any]]]:
@@ -107,21 +164,31 @@ def count_ids(uris: list[str]) -> tuple[int, collections.Counter]:
     Duplicates must be known before any row is drawn, since all rows sharing an id are invalid. Ids are
     counted as the schema coerces them (`coerced_id`), whatever the column's Arrow type.
     """
+
+    def ids(uri: str) -> tuple[int, collections.Counter]:
+        with _opened(uri) as pf:
+            return pf.metadata.num_rows, _id_counts(pf)
+
     counts: collections.Counter = collections.Counter()
     total = 0
-    for uri in uris:
-        pf = _open_parquet(uri)
-        total += pf.metadata.num_rows
-        if "id" not in pf.schema_arrow.names:
-            continue
-        for batch in pf.iter_batches(batch_size=65536, columns=["id"]):
-            column = batch.column(0)
-            values = column.to_pylist()
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-                counts.update(v for v in values if v is not None)
-            else:  # binary or another type: count what the schema will make of each value
-                counts.update(i for i in map(coerced_id, values) if i is not None)
+    for rows, file_counts in _each_file(uris, ids):
+        total += rows
+        counts.update(file_counts)
     return total, counts
+
+
+def _id_counts(pf: pq.ParquetFile) -> collections.Counter:
+    counts: collections.Counter = collections.Counter()
+    if "id" not in pf.schema_arrow.names:
+        return counts
+    for batch in pf.iter_batches(batch_size=65536, columns=["id"]):
+        column = batch.column(0)
+        values = column.to_pylist()
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            counts.update(v for v in values if v is not None)
+        else:  # binary or another type: count what the schema will make of each value
+            counts.update(i for i in map(coerced_id, values) if i is not None)
+    return counts
 
 
 def adapter_names(uris: list[str]) -> set[str]:
@@ -129,14 +196,21 @@ def adapter_names(uris: list[str]) -> set[str]:
 
     The driver resolves and fingerprints only these, not everything in the adapter store.
     """
+
+    def names(uri: str) -> set[str]:
+        with _opened(uri) as pf:
+            return _adapter_names(pf)
+
+    return set().union(*_each_file(uris, names))
+
+
+def _adapter_names(pf: pq.ParquetFile) -> set[str]:
     names: set[str] = set()
-    for uri in uris:
-        pf = _open_parquet(uri)
-        if "adapters" not in pf.schema_arrow.names:
-            continue
-        for batch in pf.iter_batches(batch_size=65536, columns=["adapters"]):
-            for value in batch.column(0).to_pylist():
-                for item in value or []:
-                    if isinstance(item, dict) and isinstance(item.get("name"), str):
-                        names.add(item["name"])
+    if "adapters" not in pf.schema_arrow.names:
+        return names
+    for batch in pf.iter_batches(batch_size=65536, columns=["adapters"]):
+        for value in batch.column(0).to_pylist():
+            for item in value or []:
+                if isinstance(item, dict) and isinstance(item.get("name"), str):
+                    names.add(item["name"])
     return names

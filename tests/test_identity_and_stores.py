@@ -197,7 +197,7 @@ def test_a_process_that_exits_right_after_reading_a_parquet_file_exits_cleanly(t
 
 def test_many_parquet_files_are_fetched_a_chunk_at_a_time_in_order_and_a_bad_one_is_named(monkeypatch):
     """A ledger of thousands of parts on an object store is fetched FETCH_CHUNK files a request batch
-    (concurrent on async stores), never opened one by one (benchmarks/bench_ledger_read.py measures it)."""
+    (concurrent on async stores), never opened one by one (benchmarks/bench_store_reads.py measures it)."""
     import io
 
     import pyarrow.parquet as pq

@@ -183,6 +183,31 @@ def test_positions_are_zero_based_per_file_across_files_and_parts(memfs):
     assert len(plan_parts(uris)) == 3 + 2
 
 
+
+def test_the_survey_reads_each_manifest_once_and_agrees_with_the_single_reads(memfs, monkeypatch):
+    """Many manifest files (a catalogue kept per category) are read MANIFEST_READS at a time, each opened
+    once for footers, ids and adapter names; what comes back is in file order whatever finished first."""
+    import manifests.reader as reader
+
+    fs, root = memfs
+    for k in range(12):
+        extra = {"adapters": [{"name": f"style-{k % 3}", "scale": 1.0}]} if k % 2 else {}
+        rows = records(3 + k, prefix=f"f{k:02d}", **extra) + (records(1, prefix="f00") if k == 7 else [])
+        fs.pipe_file(f"{root}/part-{k:02d}.parquet", parquet_bytes(rows, row_group_size=4))
+    uris = expand_manifest_paths([f"{root}/*.parquet"])
+    opened = []
+    real_open = reader._open_parquet
+    monkeypatch.setattr(reader, "_open_parquet", lambda uri: opened.append(uri) or real_open(uri))
+    monkeypatch.setattr(reader, "MANIFEST_READS", 4)
+
+    found = reader.survey(uris)
+    assert sorted(opened) == uris  # each file once
+    assert found.uris == uris and found.parts == plan_parts(uris)
+    assert (found.total, found.id_counts) == count_ids(uris)
+    assert found.id_counts["f00-000"] == 2 and found.total == sum(3 + k for k in range(12)) + 1
+    assert found.adapter_names == reader.adapter_names(uris) == {"style-0", "style-1", "style-2"}
+
+
 def test_parts_from_plan_travel_as_plain_records(memfs):
     # generate ships parts to Ray tasks as dicts (vars(part)) and rebuilds them there.
     fs, root = memfs

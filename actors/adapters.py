@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,8 +37,10 @@ DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up
 # Keys that hold an embedding but do not name its token (kohya/A1111 exports); the file name is the token then.
 GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*")
 FINGERPRINT_CHARS = 16
-# What an object store says changes whenever a file's bytes do (s3fs: ETag; gcsfs: generation; adlfs: etag).
+# Object stores whose version tag changes whenever a file's bytes do (s3fs: ETag; gcsfs: generation; adlfs:
+# etag), the field that holds it, and the protocols they answer to. HTTP's ETags may be weak: not used.
 VERSION_FIELDS = ("ETag", "etag", "generation")
+VERSIONED_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
 
 
 class AdapterError(ValueError):
@@ -96,9 +99,10 @@ class AdapterStore:
     def describe(self, name: str) -> AdapterInfo:
         """`resolve`, without reading a file again that this machine has already checked and hashed at the
         version its object store reports now (a nightly driver would otherwise download every adapter it
-        names at every run). Local files are always read: that is quick, and their times can be set back."""
+        names at every run). Only S3, GCS and Azure files: their version tag changes with every write. Local
+        files are always read: that is quick, and their times can be set back."""
         path = self._find(name)
-        version = None if is_local_fs(self.fs) else _version(self.fs, path)
+        version = _version(self.fs, path)
         record = _record_path(self.fs.unstrip_protocol(path)) if version else None
         if record is not None:
             try:
@@ -108,10 +112,10 @@ class AdapterStore:
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # no record yet, or one this version cannot use: read the file
         info = self._resolve_at(name, path)
-        if record is not None:
+        if record is not None and _version(self.fs, path) == version:  # not replaced while it was read
             try:
                 record.parent.mkdir(parents=True, exist_ok=True)
-                temp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+                temp = record.with_name(f".{record.name}.{os.getpid()}-{threading.get_ident()}.tmp")
                 temp.write_text(json.dumps({"version": version, "info": dataclasses.asdict(info)}))
                 os.replace(temp, record)
             except OSError:
@@ -213,14 +217,20 @@ class AdapterStore:
 
 
 def _version(fs, path: str) -> str | None:
-    """The object store's version tag of a file, or None where it gives none."""
+    """The object store's version tag of a file as the store gives it now (never from fsspec's listing
+    cache), or None where it has none to trust."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not set(protocols) & set(VERSIONED_PROTOCOLS):
+        return None
     try:
+        fs.invalidate_cache(path)
         info = fs.info(path)
     except (OSError, ValueError):
         return None
     for field in VERSION_FIELDS:
-        if info.get(field):
-            return f"{field}={info[field]}; size={info.get('size')}"
+        tag = str(info.get(field) or "")
+        if tag and not tag.startswith("W/"):
+            return f"{field}={tag}; size={info.get('size')}"
     return None
 
 

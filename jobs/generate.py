@@ -154,9 +154,12 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     remove_stale_temp_files(fs, root)
     try:
         done = {} if cfg.force else read_latest_ok(fs, root)
-    except UnreadableFile as exc:  # parts are written whole: this one was damaged afterwards
-        raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and rerun: "
-                        "the rows it recorded are drawn again") from exc
+    except UnreadableFile as exc:
+        if exc.damaged:  # parts are written whole: this one was damaged afterwards
+            raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
+                            "rerun: the rows it recorded are drawn again") from exc
+        raise RunFailed(f"cannot read the ledger from {fs.unstrip_protocol(root)}/results: {exc.path}: "
+                        f"{one_line(exc.cause)}; nothing was drawn, rerun once the store answers") from exc
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
     if not cfg.force and fs.exists(f"{root}/images"):
         existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{root}/images/*.png")}

@@ -120,14 +120,16 @@ def open_output(uri: str) -> RunOutput:
         runs.append(summary)
     entries, columns = [], []
     try:
-        tables = list(read_parquet_files(fs, parts))
-    except UnreadableFile as exc:  # parts are written whole, so this one was damaged afterwards
-        raise ReportError(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and rerun "
-                          "`sdfleet generate` to redraw its rows") from exc
-    for path, table in tables:
-        run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
-        columns += [c for c in table.column_names if c not in columns]
-        entries += [{**e, "_run": run} for e in table.to_pylist()]
+        for path, table in read_parquet_files(fs, parts):
+            run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
+            columns += [c for c in table.column_names if c not in columns]
+            entries += [{**e, "_run": run} for e in table.to_pylist()]
+    except UnreadableFile as exc:
+        if exc.damaged:  # parts are written whole, so this one was damaged afterwards
+            raise ReportError(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
+                              "rerun `sdfleet generate` to redraw its rows") from exc
+        raise ReportError(f"cannot read ledger part {exc.path} from the store ({one_line(exc.cause)}); try again "
+                          "once it answers") from exc
     entries.sort(key=lambda e: (e["_run"], e.get("finished_at") or ""))
     images = set()
     if fs.exists(f"{root}/images"):

@@ -40,7 +40,7 @@ class Recorder:
         self.last_flush = self.last_progress = time.time()
         self.warnings_shown = 0
         self.first_written: float | None = None  # when the first image was written (wall clock)
-        self.drawn = 0  # rows that came back from an actor, any status
+        self.drawn = 0  # images drawn by the actors (ok rows that came back from one)
         self.first_drawn: tuple[float, int] | None = None  # (when, drawn) at the first rows back from an actor
         self.planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
 
@@ -56,7 +56,7 @@ class Recorder:
                 metrics.row_failures("invalid" if row["status"] == "invalid" else "adapter")  # settled by the plan
             self.planned_at = max(self.planned_at, row.get("planned_at") or 0.0)
             if row.get("actor"):
-                self.drawn += 1
+                self.drawn += row["status"] == "ok"
                 self._actor_counters(row)
             if row["status"] == "skipped":
                 continue

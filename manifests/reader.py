@@ -85,13 +85,18 @@ def _opened(uri: str) -> Iterator[pq.ParquetFile]:
         pf.close(force=True)  # force: the file object was opened here, not by pyarrow
 
 
-def _each_file(uris: list[str], read: Callable[[str], Any]) -> list[Any]:
-    """`read(uri)` for every manifest, MANIFEST_READS files at a time, in the order given: a catalogue kept
-    as hundreds of files on an object store is mostly waiting on round trips, read one by one."""
+def _each_file(uris: list[str], read: Callable[[str], Any]) -> Iterator[Any]:
+    """`read(uri)` for every manifest, MANIFEST_READS files at a time, yielded in the order given: a catalogue
+    kept as hundreds of files on an object store is mostly waiting on round trips, read one by one. The first
+    error stops the reads not yet started."""
     if len(uris) <= 1:
-        return [read(uri) for uri in uris]
-    with ThreadPoolExecutor(max_workers=min(MANIFEST_READS, len(uris))) as pool:
-        return list(pool.map(read, uris))
+        yield from (read(uri) for uri in uris)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(MANIFEST_READS, len(uris)))
+    try:
+        yield from pool.map(read, uris)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -107,13 +112,13 @@ class Survey:
 
 def survey(uris: list[str]) -> Survey:
     """Footers, `id` and `adapters` columns of every manifest, each file opened once (see `_each_file`)."""
-    found = _each_file(uris, _survey_file)
-    counts: collections.Counter = collections.Counter()
-    names: set[str] = set()
-    for _, file_counts, file_names, _ in found:
-        counts.update(file_counts)
-        names |= file_names
-    return Survey(uris, sum(n for n, *_ in found), counts, names, [p for *_, parts in found for p in parts])
+    found = Survey(uris, 0, collections.Counter(), set(), [])
+    for rows, file_counts, file_names, parts in _each_file(uris, _survey_file):  # merged as they come
+        found.total += rows
+        found.id_counts.update(file_counts)
+        found.adapter_names |= file_names
+        found.parts += parts
+    return found
 
 
 def _survey_file(uri: str) -> tuple[int, collections.Counter, set[str], list[ManifestPart]]:

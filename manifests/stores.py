@@ -17,11 +17,12 @@ FETCH_CHUNK = 128  # files `read_parquet_files` holds in memory at once, fetched
 
 
 class UnreadableFile(Exception):
-    """A file of a store that cannot be fetched or parsed; `path` names it."""
+    """A file of a store that cannot be read; `path` names it. `damaged`: it was fetched but is not what it
+    should be (cut short, not Parquet); otherwise the store did not give it (unreachable, refused, gone)."""
 
-    def __init__(self, path: str, cause: BaseException):
+    def __init__(self, path: str, cause: BaseException, damaged: bool):
         super().__init__(f"{path}: {cause}")
-        self.path, self.cause = path, cause
+        self.path, self.cause, self.damaged = path, cause, damaged
 
 
 def fs_protocols(fs) -> tuple[str, ...]:
@@ -64,11 +65,12 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None) -
         chunk = paths[start:start + FETCH_CHUNK]
         for path, data in zip(chunk, fs.cat_ranges(chunk, None, None, on_error="return")):
             if isinstance(data, BaseException):
-                raise UnreadableFile(path, data) from data
+                raise UnreadableFile(path, data, damaged=False) from data
             try:
-                yield path, pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False, pre_buffer=False)
+                table = pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False, pre_buffer=False)
             except (pa.ArrowException, OSError, ValueError) as exc:
-                raise UnreadableFile(path, exc) from exc
+                raise UnreadableFile(path, exc, damaged=True) from exc
+            yield path, table
 
 
 def process_local(uri: str) -> bool:

@@ -12,14 +12,25 @@ from helpers import REPO
 # which every later test's subprocess would inherit.
 LEAVE = """
 import json, ray
+import ray._private.node as ray_node
 from cluster.connect import connect, disconnect
+
+reached_alive = []  # the process kinds still running when ray.shutdown() came to stop them
+stop = ray_node.Node._kill_process_impl
+def watched(self, kind, **kwargs):
+    if any(info.process.poll() is None for info in self.all_processes.get(kind, [])):
+        reached_alive.append(kind)
+    return stop(self, kind, **kwargs)
+ray_node.Node._kill_process_impl = watched
+
 connect(num_cpus=1, quiet=True)
 node = ray._private.worker._global_node
 processes = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
 running = sorted(kind for kind, ps in processes.items() if any(p.poll() is None for p in ps))
 disconnect()
 left = sorted(kind for kind, ps in processes.items() if any(p.poll() is None for p in ps))
-print(json.dumps({"running": running, "left": left, "initialized": ray.is_initialized()}))
+print(json.dumps({"running": running, "left": left, "initialized": ray.is_initialized(),
+                  "reached_alive": reached_alive}))
 """
 
 
@@ -27,5 +38,7 @@ def test_leaving_a_local_ray_stops_every_process_it_started():
     proc = subprocess.run([sys.executable, "-c", LEAVE], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"raylet", "gcs_server", "monitor"} <= set(found["running"]), found  # disconnect() stops "monitor" first
+    assert {"raylet", "gcs_server", "monitor"} <= set(found["running"]), found
     assert found["left"] == [] and not found["initialized"], found
+    # the monitor was gone before ray.shutdown() came to it: no second spent on its SIGTERM
+    assert "monitor" not in found["reached_alive"] and "raylet" in found["reached_alive"], found

@@ -196,6 +196,9 @@ def test_the_driver_reads_an_s3_adapter_again_only_when_its_etag_changes(s3, tmp
     assert again == first and reads == ["broken.safetensors"], "only the unusable one is read again"
     assert "is not a readable safetensors file" in bad["broken"]
 
+    from actors.adapters import AdapterStore
+
+    assert AdapterStore(store).names() == ["broken", "style"]  # a listing the driver's s3fs now holds in memory
     fs.pipe("sdfleet/nightly-adapters/style.safetensors", lora(2))  # replaced: a new ETag
     reads.clear()
     replaced, _ = resolve_adapters(store, {"style"})

@@ -93,7 +93,8 @@ def open_output(uri: str) -> RunOutput:
         raise ReportError(f"cannot reach {uri}: {one_line(exc)}") from exc
     if not exists:
         raise ReportError(f"{uri} does not exist: give the --out of a `sdfleet generate` run")
-    parts = sorted(fs.glob(f"{root}/results/*.parquet"))
+    listed = fs.glob(f"{root}/results/*.parquet", detail=True)  # sizes too: fetches stay bounded
+    parts = sorted(listed)
     try:
         summary = json.loads(fs.cat_file(f"{root}/run.json"))
     except FileNotFoundError:
@@ -120,7 +121,7 @@ def open_output(uri: str) -> RunOutput:
         runs.append(summary)
     entries, columns = [], []
     try:
-        for path, table in read_parquet_files(fs, parts):
+        for path, table in read_parquet_files(fs, parts, sizes={p: info.get("size") for p, info in listed.items()}):
             run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
             columns += [c for c in table.column_names if c not in columns]
             entries += [{**e, "_run": run} for e in table.to_pylist()]

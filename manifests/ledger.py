@@ -149,8 +149,9 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
     if not fs.exists(folder):
         return {}
     latest: dict[str, tuple[str, str]] = {}
-    for _, table in read_parquet_files(fs, sorted(fs.glob(f"{folder}/*.parquet")),
-                                       columns=["id", "status", "params_hash", "finished_at"]):
+    parts = fs.glob(f"{folder}/*.parquet", detail=True)  # sizes too, from the same listing
+    for _, table in read_parquet_files(fs, sorted(parts), columns=["id", "status", "params_hash", "finished_at"],
+                                       sizes={p: info.get("size") for p, info in parts.items()}):
         for rid, status, phash, when in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             if status == "ok" and (rid not in latest or when >= latest[rid][1]):
                 latest[rid] = (phash, when)
@@ -160,8 +161,9 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
 def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
     """The whole ledger as one table (parts may carry different pass-through columns)."""
     folder = f"{root.rstrip('/')}/results"
-    paths = sorted(fs.glob(f"{folder}/*.parquet")) if fs.exists(folder) else []
-    tables = [table for _, table in read_parquet_files(fs, paths)]
+    parts = fs.glob(f"{folder}/*.parquet", detail=True) if fs.exists(folder) else {}
+    tables = [table for _, table in read_parquet_files(fs, sorted(parts),
+                                                         sizes={p: info.get("size") for p, info in parts.items()})]
     if not tables:
         return LEDGER_SCHEMA.empty_table().drop_columns(["extra"])
     return pa.concat_tables(_as_text_where_types_differ(tables), promote_options="default")

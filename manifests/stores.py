@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PROCESS_LOCAL = ("memory",)  # fsspec protocols whose files exist in one process only
-FETCH_CHUNK = 128  # files `read_parquet_files` holds in memory at once, fetched together
+FETCH_CHUNK = 128  # files `read_parquet_files` fetches together ...
+FETCH_BYTES = 64 * 2**20  # ... as long as their bytes, held in memory until parsed, stay under this
 
 
 class UnreadableFile(Exception):
@@ -52,18 +53,20 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(f, columns=columns, use_threads=False, pre_buffer=False)
 
 
-def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
+                       sizes: dict[str, int | None] | None = None) -> Iterator[tuple[str, pa.Table]]:
     """(path, table) for many small Parquet files of one store, in the order given.
 
     A ledger gains a part every 256 rows or 10 s and is never rewritten, so a nightly job's output holds
     thousands. Read one by one from an object store, each costs its own round trips; `cat_ranges` fetches
-    FETCH_CHUNK of them at once, concurrently on async stores (s3fs, gcsfs, adlfs) and as plain reads elsewhere.
-    Tables are parsed in this thread (see `read_parquet`). A file that cannot be fetched or parsed raises
-    UnreadableFile naming it.
+    up to FETCH_CHUNK of them at once, concurrently on async stores (s3fs, gcsfs, adlfs) and as plain reads
+    elsewhere. `sizes` (from a detailed listing) keeps each fetch under FETCH_BYTES. Tables are parsed in
+    this thread (see `read_parquet`). A file that cannot be fetched or parsed raises UnreadableFile naming it.
     """
-    for start in range(0, len(paths), FETCH_CHUNK):
-        chunk = paths[start:start + FETCH_CHUNK]
-        for path, data in zip(chunk, fs.cat_ranges(chunk, None, None, on_error="return")):
+    for chunk in _fetch_chunks(paths, sizes or {}):
+        fetched = fs.cat_ranges(chunk, None, None, on_error="return")
+        for i, path in enumerate(chunk):
+            data, fetched[i] = fetched[i], None  # each file's bytes go as soon as it is parsed
             if isinstance(data, BaseException):
                 raise UnreadableFile(path, data, damaged=False) from data
             try:
@@ -71,6 +74,19 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None) -
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise UnreadableFile(path, exc, damaged=True) from exc
             yield path, table
+
+
+def _fetch_chunks(paths: list[str], sizes: dict[str, int | None]) -> Iterator[list[str]]:
+    chunk, held = [], 0
+    for path in paths:
+        size = sizes.get(path) or 0
+        if chunk and (len(chunk) == FETCH_CHUNK or held + size > FETCH_BYTES):
+            yield chunk
+            chunk, held = [], 0
+        chunk.append(path)
+        held += size
+    if chunk:
+        yield chunk
 
 
 def process_local(uri: str) -> bool:

@@ -218,7 +218,12 @@ def test_many_parquet_files_are_fetched_a_chunk_at_a_time_in_order_and_a_bad_one
             spy.setattr(type(fs), "open", lambda *a, **k: pytest.fail("a file was opened on its own"))
             spy.setattr(type(fs), "cat_ranges", lambda self, p, *a, **k: batches.append(len(p)) or real(self, p, *a, **k))
             got = list(stores.read_parquet_files(fs, paths, columns=["id"]))
-        assert [p for p, _ in got] == paths and batches == [3, 3, 1]
+            assert [p for p, _ in got] == paths and batches == [3, 3, 1]
+            batches.clear()  # big files: a fetch holds no more than FETCH_BYTES (one file at least)
+            monkeypatch.setattr(stores, "FETCH_BYTES", 250)
+            sizes = {p: 100 for p in paths} | {paths[2]: 400}
+            assert [p for p, _ in stores.read_parquet_files(fs, paths, sizes=sizes)] == paths
+            assert batches == [2, 1, 2, 2]
         assert [t.column_names for _, t in got] == [["id"]] * 7
         assert [t.column("id").to_pylist() for _, t in got][4] == ["r4a", "r4b"]
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 import fsspec
 
-from manifests.stores import is_local_fs
+from manifests.stores import fs_protocols, is_local_fs
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what actors.textual_inversion.save_embedding writes
@@ -219,8 +219,7 @@ class AdapterStore:
 def _version(fs, path: str) -> str | None:
     """The object store's version tag of a file as the store gives it now (never from fsspec's listing
     cache), or None where it has none to trust."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if not set(protocols) & set(VERSIONED_PROTOCOLS):
+    if not set(fs_protocols(fs)) & set(VERSIONED_PROTOCOLS):
         return None
     try:
         fs.invalidate_cache(path)

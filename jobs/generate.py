@@ -140,7 +140,6 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     # 2. manifests: files, row count, duplicate ids (before any row is drawn)
     uris = expand_manifest_paths(cfg.manifests)
     manifests = survey(uris)  # each file read once: footers, ids, adapter names
-    total = manifests.total
     duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
     manifests.id_counts = None  # one entry per row: let it go before the run
 
@@ -166,28 +165,27 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     state = PlanState(models=models, duplicates=duplicates, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
-    log(f"{total} rows in {len(uris)} manifest(s); {len(done)} done before; out: {cfg.out}")
+    log(f"{manifests.total} rows in {len(uris)} manifest(s); {len(done)} done before; out: {cfg.out}")
 
     # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
     log_path = log_file(fs, root, f"sdfleet-{run_id}.log", in_out=not cfg.plan_only)
     log(f"Ray's and the libraries' messages: {log_path}")
     with library_logs_to(log_path, cfg.verbose):
-        return _run_on_ray(cfg, fs, root, run_id, manifests, total, models, state, started, actor_cls, lease)
+        return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
 
 
-def _run_on_ray(cfg, fs, root, run_id, manifests, total, models, state, started, actor_cls, lease) -> dict:
+def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease) -> dict:
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
     try:
         if lease is not None:  # Ray's start-up covered the settle time; only the log file is written before this
             lease.confirm()
-        return _on_cluster(cfg, fs, root, run_id, manifests, total, models, state, started, startup, resources,
-                           actor_cls)
+        return _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startup, resources, actor_cls)
     finally:
         disconnect()
 
 
-def _on_cluster(cfg, fs, root, run_id, manifests, total, models, state, started, startup, resources, actor_cls) -> dict:
+def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startup, resources, actor_cls) -> dict:
     nodes = alive_nodes()
     if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:
         raise RunFailed(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
@@ -200,7 +198,7 @@ def _on_cluster(cfg, fs, root, run_id, manifests, total, models, state, started,
         + ("in the actors" if finish_inline else f"by {finishing.workers} CPU worker(s)"))
     try:
         check_backend(cfg.backend, sizing.device)  # before any actor starts
-        summary = _execute(cfg, fs, root, run_id, manifests, total, models, state, sizing, started, startup,
+        summary = _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, startup,
                            finish=None if finish_inline else finishing, actor_cls=actor_cls)
     except BackendError as exc:
         raise RunFailed(str(exc)) from exc
@@ -243,7 +241,7 @@ def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, 
     return fingerprints, errors
 
 
-def _execute(cfg, fs, root, run_id, manifests, total, models, state, sizing, started, startup, finish, actor_cls) -> dict:
+def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, startup, finish, actor_cls) -> dict:
     import ray
     import ray.data
 
@@ -251,6 +249,7 @@ def _execute(cfg, fs, root, run_id, manifests, total, models, state, sizing, sta
 
     from jobs.plan import plan_batch
 
+    total = manifests.total
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own progress line says more, in fewer lines
     ctx.print_on_execution_start = False

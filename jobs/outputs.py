@@ -15,6 +15,7 @@ from typing import Any
 import fsspec
 
 from jobs.errors import ReportError, one_line
+from manifests.ledger import ledger_parts
 from manifests.stores import UnreadableFile, read_parquet_files
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
@@ -93,8 +94,7 @@ def open_output(uri: str) -> RunOutput:
         raise ReportError(f"cannot reach {uri}: {one_line(exc)}") from exc
     if not exists:
         raise ReportError(f"{uri} does not exist: give the --out of a `sdfleet generate` run")
-    listed = fs.glob(f"{root}/results/*.parquet", detail=True)  # sizes too: fetches stay bounded
-    parts = sorted(listed)
+    parts = ledger_parts(fs, root)  # path -> size, in name order
     try:
         summary = json.loads(fs.cat_file(f"{root}/run.json"))
     except FileNotFoundError:
@@ -121,7 +121,7 @@ def open_output(uri: str) -> RunOutput:
         runs.append(summary)
     entries, columns = [], []
     try:
-        for path, table in read_parquet_files(fs, parts, sizes={p: info.get("size") for p, info in listed.items()}):
+        for path, table in read_parquet_files(fs, list(parts), sizes=parts):
             run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
             columns += [c for c in table.column_names if c not in columns]
             entries += [{**e, "_run": run} for e in table.to_pylist()]

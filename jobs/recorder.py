@@ -40,8 +40,7 @@ class Recorder:
         self.last_flush = self.last_progress = time.time()
         self.warnings_shown = 0
         self.first_written: float | None = None  # when the first image was written (wall clock)
-        self.drawn = 0  # images drawn by the actors (ok rows that came back from one)
-        self.first_drawn: tuple[float, int] | None = None  # (when, drawn) at the first rows back from an actor
+        self.first_drawn: tuple[float, int] | None = None  # (when, images drawn) at the first ones back
         self.planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
 
     def record(self, rows: list[dict]) -> None:
@@ -56,7 +55,6 @@ class Recorder:
                 metrics.row_failures("invalid" if row["status"] == "invalid" else "adapter")  # settled by the plan
             self.planned_at = max(self.planned_at, row.get("planned_at") or 0.0)
             if row.get("actor"):
-                self.drawn += row["status"] == "ok"
                 self._actor_counters(row)
             if row["status"] == "skipped":
                 continue
@@ -73,8 +71,8 @@ class Recorder:
         metrics.rows_recorded({status: n - before[status] for status, n in self.counts.items()},
                               remaining=self.total - sum(self.counts.values()))
         now = time.time()
-        if self.first_drawn is None and self.drawn:
-            self.first_drawn = (now, self.drawn)
+        if self.first_drawn is None and self.per_actor:
+            self.first_drawn = (now, self.drawn())
         if len(self.pending) >= LEDGER_FLUSH_ROWS or now - self.last_flush >= LEDGER_FLUSH_SECONDS:
             self.flush()
         if now - self.last_progress >= PROGRESS_SECONDS:
@@ -110,6 +108,10 @@ class Recorder:
         except RunFailed:
             pass  # the run is already failing with its own message; the store's refusal would hide it
 
+    def drawn(self) -> int:
+        """Images the actors have drawn in this run (not those recovered from a killed one)."""
+        return sum(self.per_actor.values())
+
     def progress(self, now: float) -> str:
         """One progress line. The rate is the actors' since their first rows came back, so start-up (Ray, model
         loading) does not stretch the estimate of what is left; until a second lot is back, there is no estimate."""
@@ -117,8 +119,9 @@ class Recorder:
         elapsed = now - self.started
         rate = counts["ok"] / elapsed if elapsed > 0 else 0.0
         left, eta = self.total - finished, ""
-        if self.first_drawn is not None and self.drawn > self.first_drawn[1] and now > self.first_drawn[0]:
-            rate = (self.drawn - self.first_drawn[1]) / (now - self.first_drawn[0])
+        drawn = self.drawn()
+        if self.first_drawn is not None and drawn > self.first_drawn[1] and now > self.first_drawn[0]:
+            rate = (drawn - self.first_drawn[1]) / (now - self.first_drawn[0])
             eta = f", ~{math.ceil(left / rate)} s left" if left else ""
         return (f"{finished}/{self.total} rows ({counts['ok']} ok, {counts['skipped']} skipped, "
                 f"{counts['failed']} failed, {counts['invalid']} invalid), {rate:.2f} img/s{eta}")

@@ -139,19 +139,25 @@ def write_part(fs: fsspec.AbstractFileSystem, root: str, run_id: str, seq: int, 
     return path
 
 
+def ledger_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | None]:
+    """The ledger parts of the output at `root`, in name order, each with its size in bytes (one listing)."""
+    folder = f"{root.rstrip('/')}/results"
+    if not fs.exists(folder):
+        return {}
+    found = fs.glob(f"{folder}/*.parquet", detail=True)
+    return {path: found[path].get("size") for path in sorted(found)}
+
+
 def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
     """Map id -> params_hash of the newest `ok` entry for every id the ledger holds.
 
     Only the newest counts: if a row was drawn with hash A, then B, then changed back to A, the image
     on disk is B's, so A must be drawn again.
     """
-    folder = f"{root.rstrip('/')}/results"
-    if not fs.exists(folder):
-        return {}
+    parts = ledger_parts(fs, root)
     latest: dict[str, tuple[str, str]] = {}
-    parts = fs.glob(f"{folder}/*.parquet", detail=True)  # sizes too, from the same listing
-    for _, table in read_parquet_files(fs, sorted(parts), columns=["id", "status", "params_hash", "finished_at"],
-                                       sizes={p: info.get("size") for p, info in parts.items()}):
+    for _, table in read_parquet_files(fs, list(parts), columns=["id", "status", "params_hash", "finished_at"],
+                                       sizes=parts):
         for rid, status, phash, when in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             if status == "ok" and (rid not in latest or when >= latest[rid][1]):
                 latest[rid] = (phash, when)
@@ -160,10 +166,8 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
 
 def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
     """The whole ledger as one table (parts may carry different pass-through columns)."""
-    folder = f"{root.rstrip('/')}/results"
-    parts = fs.glob(f"{folder}/*.parquet", detail=True) if fs.exists(folder) else {}
-    tables = [table for _, table in read_parquet_files(fs, sorted(parts),
-                                                         sizes={p: info.get("size") for p, info in parts.items()})]
+    parts = ledger_parts(fs, root)
+    tables = [table for _, table in read_parquet_files(fs, list(parts), sizes=parts)]
     if not tables:
         return LEDGER_SCHEMA.empty_table().drop_columns(["extra"])
     return pa.concat_tables(_as_text_where_types_differ(tables), promote_options="default")

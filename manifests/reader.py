@@ -85,16 +85,21 @@ def _opened(uri: str) -> Iterator[pq.ParquetFile]:
         pf.close(force=True)  # force: the file object was opened here, not by pyarrow
 
 
-def _each_file(uris: list[str], read: Callable[[str], Any]) -> Iterator[Any]:
-    """`read(uri)` for every manifest, MANIFEST_READS files at a time, yielded in the order given: a catalogue
-    kept as hundreds of files on an object store is mostly waiting on round trips, read one by one. The first
-    error stops the reads not yet started."""
+def _each_file(uris: list[str], read: Callable[[str, pq.ParquetFile], Any]) -> Iterator[Any]:
+    """`read(uri, opened file)` for every manifest, MANIFEST_READS files at a time, yielded in the order given:
+    a catalogue kept as hundreds of files on an object store is mostly waiting on round trips, read one by one.
+    The first error stops the reads not yet started."""
+
+    def opened(uri: str) -> Any:
+        with _opened(uri) as pf:
+            return read(uri, pf)
+
     if len(uris) <= 1:
-        yield from (read(uri) for uri in uris)
+        yield from map(opened, uris)
         return
     pool = ThreadPoolExecutor(max_workers=min(MANIFEST_READS, len(uris)))
     try:
-        yield from pool.map(read, uris)
+        yield from pool.map(opened, uris)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -121,9 +126,8 @@ def survey(uris: list[str]) -> Survey:
     return found
 
 
-def _survey_file(uri: str) -> tuple[int, collections.Counter, set[str], list[ManifestPart]]:
-    with _opened(uri) as pf:
-        return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf)
+def _survey_file(uri: str, pf: pq.ParquetFile) -> tuple[int, collections.Counter, set[str], list[ManifestPart]]:
+    return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf)
 
 
 def _parts(uri: str, pf: pq.ParquetFile) -> list[ManifestPart]:
@@ -138,12 +142,7 @@ def _parts(uri: str, pf: pq.ParquetFile) -> list[ManifestPart]:
 
 def plan_parts(uris: list[str]) -> list[ManifestPart]:
     """List the row groups of every manifest, from footers alone."""
-
-    def parts(uri: str) -> list[ManifestPart]:
-        with _opened(uri) as pf:
-            return _parts(uri, pf)
-
-    return [p for file_parts in _each_file(uris, parts) for p in file_parts]
+    return [p for file_parts in _each_file(uris, _parts) for p in file_parts]
 
 
 def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -169,14 +168,9 @@ def count_ids(uris: list[str]) -> tuple[int, collections.Counter]:
     Duplicates must be known before any row is drawn, since all rows sharing an id are invalid. Ids are
     counted as the schema coerces them (`coerced_id`), whatever the column's Arrow type.
     """
-
-    def ids(uri: str) -> tuple[int, collections.Counter]:
-        with _opened(uri) as pf:
-            return pf.metadata.num_rows, _id_counts(pf)
-
     counts: collections.Counter = collections.Counter()
     total = 0
-    for rows, file_counts in _each_file(uris, ids):
+    for rows, file_counts in _each_file(uris, lambda _, pf: (pf.metadata.num_rows, _id_counts(pf))):
         total += rows
         counts.update(file_counts)
     return total, counts
@@ -201,12 +195,7 @@ def adapter_names(uris: list[str]) -> set[str]:
 
     The driver resolves and fingerprints only these, not everything in the adapter store.
     """
-
-    def names(uri: str) -> set[str]:
-        with _opened(uri) as pf:
-            return _adapter_names(pf)
-
-    return set().union(*_each_file(uris, names))
+    return set().union(*_each_file(uris, lambda _, pf: _adapter_names(pf)))
 
 
 def _adapter_names(pf: pq.ParquetFile) -> set[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 # Environment variables an actor needs to behave like the driver. Only names: values are read from the
@@ -77,8 +78,10 @@ def library_logs_to(path: str, verbose: bool):
     if not data.propagate:
         data.addHandler(handler)
     saved_print = _route_cluster_notices(logging.getLogger("ray.notices")) if not verbose else None
+    native = contextlib.nullcontext() if verbose else _native_stderr_to(path)
     try:
-        yield
+        with native:
+            yield
     finally:
         if saved_print is not None:
             import ray._private.worker as ray_worker
@@ -89,6 +92,44 @@ def library_logs_to(path: str, verbose: bool):
         ray_logger.propagate = saved[1]
         data.handlers[:] = saved[2]
         handler.close()
+
+
+@contextlib.contextmanager
+def _native_stderr_to(path: str):
+    """While open, what C and C++ code writes to file descriptor 2 goes to the file `path`: Ray's core worker
+    logs there from the driver process ("... has constructor arguments in the object store ..."), past any
+    Python logging setting, and so do the processes started meanwhile. Python's `sys.stderr` keeps the
+    terminal, so sdfleet's own lines (and a traceback) still show."""
+    try:
+        terminal = os.dup(2)
+    except OSError:  # no standard error at all
+        yield
+        return
+    swap = _writes_to_fd(sys.stderr, 2)
+    saved = sys.stderr
+    saved.flush()
+    if swap:
+        sys.stderr = open(terminal, "w", buffering=1, encoding=saved.encoding or "utf-8",
+                          errors=saved.errors or "backslashreplace", closefd=False)
+    log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        if swap:
+            sys.stderr.close()
+            sys.stderr = saved
+        os.close(terminal)
+
+
+def _writes_to_fd(stream, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # e.g. pytest's capsys: no descriptor behind it
+        return False
 
 
 def _route_cluster_notices(logger: logging.Logger):

@@ -530,6 +530,7 @@ def test_a_fine_tune_prints_its_own_progress_and_sends_ray_and_the_workers_to_it
     terminal = proc.stdout + proc.stderr
     for noise in ("RayTrainWorker", "TrainController", "Reporting training result", "Token authentication"):
         assert noise not in terminal, noise
+    assert [line for line in terminal.splitlines() if not line.startswith("[sdfleet] ")] == []
     (log_file,) = (trained["lora"] / "logs").glob("finetune-*.log")
     assert str(log_file) in proc.stderr and "Token authentication" in log_file.read_text()
 

@@ -83,4 +83,6 @@ def test_ray_and_library_messages_go_to_the_run_log_unless_verbose(runs):
     for noise in ("execution finished", "Progress bars disabled", "Token authentication", "(raylet)"):
         assert noise not in quiet.stderr + quiet.stdout, noise
     assert "[sdfleet] done in" in quiet.stderr
+    # nothing else either: Ray's core worker logs from C++ past Python's logging, to the run's log as well
+    assert [line for line in (quiet.stdout + quiet.stderr).splitlines() if not line.startswith("[sdfleet] ")] == []
     # with --verbose they show here too: tests/test_identity_and_stores.py checks that on its --verbose run

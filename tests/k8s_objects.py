@@ -18,7 +18,6 @@ import subprocess
 from pathlib import Path
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -299,6 +298,10 @@ def _schema_errors(obj: dict) -> list[str]:
             return [f"KubeRay v1.7.0 serves no {obj['kind']} in {obj['apiVersion']}"]
         return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
                 for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+    # Imported here: conftest imports this module, and kubernetes-validate (a test-only extra, 108 MB) is not
+    # on the lent GPU machine, which must still collect every other test.
+    import kubernetes_validate
+
     try:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:

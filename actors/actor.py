@@ -117,7 +117,10 @@ class GeneratorActor:
 
     def batch_for(self, row: dict[str, Any]) -> int:
         """`--batch-size auto`: the batch for `row`'s model and size, measured once per device (actors.batch_size)."""
-        return self.auto.get(row, self.models[row["model"]].fingerprint, self.backend_name, self.ready_for)
+        # compile's mode is part of the key: CUDA graphs hold memory of their own, so a batch that fits one mode
+        # may not fit another
+        backend = f"compile/{self.compile_mode}" if self.backend_name == "compile" else self.backend_name
+        return self.auto.get(row, self.models[row["model"]].fingerprint, backend, self.ready_for)
 
     def draw_guarded(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`draw`, except for a block an actor died drawing: then row by row, and a row that killed an actor

@@ -3,7 +3,7 @@
 The first time an actor meets a model at an image size, it draws a few short batches of growing size
 (`CANDIDATES`, up to the block the driver hands it), each timed after one untimed call (compiles and
 cuDNN's algorithm search happen there), and keeps the size with the most images per second. A batch that
-runs out of GPU memory ends the search. The choice is written to the backend cache, keyed by model,
+fails (out of GPU memory, from torch, ONNX Runtime or TensorRT) ends the search. The choice is written to the backend cache, keyed by model,
 backend, device, dtype and size, so other actors, nodes and later runs read it instead of measuring.
 
 Images do not depend on the batch a row is drawn in (every row has its own generator), so the choice
@@ -44,6 +44,7 @@ def measure(draw: Callable[[list[dict]], Any], row: dict, device: torch.device, 
     template = {**row, "steps": min(int(row["steps"]), PROBE_STEPS)}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     measured: dict[int, float] = {}
+    failed = False
     for size in [c for c in CANDIDATES if c <= limit] or [1]:
         rows = [{**template, "id": f"probe-{i}", "seed": i} for i in range(size)]
         try:
@@ -52,14 +53,20 @@ def measure(draw: Callable[[list[dict]], Any], row: dict, device: torch.device, 
             started = time.perf_counter()
             draw(rows)
             sync()
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
+        except Exception:
+            # Out of memory: torch's own error, or ONNX Runtime's and TensorRT's, which are not. A batch
+            # that worked before this one says the size is the trouble; a first batch that fails is the
+            # caller's to report.
+            if not measured:
+                raise
+            failed = True
             break
         measured[size] = size / (time.perf_counter() - started)
         if measured[size] < FLAT * max(measured.values()):
             break
-    best = max(measured, key=measured.get) if measured else 1
-    return best, measured
+    if failed and device.type == "cuda":  # outside the except: its traceback held the failed batch's tensors
+        torch.cuda.empty_cache()
+    return max(measured, key=measured.get), measured
 
 
 class BatchSizes:
@@ -93,7 +100,8 @@ class BatchSizes:
 
         try:
             best, measured = measure(lambda rows: draw(pipe_for(base), rows), base, device, self.limit)
-        except Exception:  # noqa: BLE001 - a probe that fails measures nothing: this group takes the block
+        except Exception:  # noqa: BLE001 - not even one row drew: this group takes the block (its rows will say
+            self.chosen[label] = self.limit  # why they fail), and the next block does not probe again
             return self.limit
         self.chosen[label], self.probed[label] = best, measured
         record = {"batch_size": best, "images_per_second": {str(k): round(v, 4) for k, v in measured.items()},

@@ -67,8 +67,8 @@ def export_cache(tmp_path_factory):
         os.environ["SDFLEET_CACHE"] = old
 
 
-def images(backend, adapters=()) -> np.ndarray:
-    row = resolved_row(backend.store, adapters)
+def images(backend, adapters=(), **fields) -> np.ndarray:
+    row = {**resolved_row(backend.store, adapters), **fields}
     backend.activate(row["adapters"])
     return draw(backend.pipe, [{**row, "id": f"r{i}", "seed": 100 + i} for i in range(ROWS)])
 
@@ -160,6 +160,21 @@ def test_graphs_run_in_chunks_they_take_and_every_row_lands_in_place(rows):
     assert all(2 <= n <= MAX_BATCH for n in sizes) and sum(sizes) == rows + (rows % MAX_BATCH == 1)
 
 
+def test_compile_copies_the_unet_output_out_of_cuda_graph_memory():
+    """The hook the compile backend adds when CUDA graphs are on: the UNet's output (either form) becomes a
+    copy, the same values in storage of its own, so the next call cannot overwrite what a scheduler kept."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from actors.backends.compile import CompileBackend
+
+    graph_memory = torch.randn(2, 4, 8, 8)
+    for output in (UNet2DConditionOutput(sample=graph_memory), (graph_memory,)):
+        copied = CompileBackend._copy_out(None, None, output)[0]
+        assert torch.equal(copied, graph_memory) and copied.data_ptr() != graph_memory.data_ptr()
+    output = CompileBackend._copy_out(None, None, UNet2DConditionOutput(sample=graph_memory))
+    assert output.sample is output["sample"] is output[0], "every view of the output holds the copy"
+
+
 def test_check_backend_names_what_is_missing(monkeypatch):
     with pytest.raises(BackendError, match="unknown backend 'trt'; backends: eager, compile, onnx, tensorrt"):
         check_backend("trt", "cpu")
@@ -175,6 +190,20 @@ def test_check_backend_names_what_is_missing(monkeypatch):
         check_backend("onnx", "cpu")
     check_backend("eager", "cpu")
     check_backend("compile", "cpu")  # this machine has g++
+
+
+def test_onnx_on_a_gpu_without_onnxruntime_gpu_stops_at_load():
+    """The CPU wheel of onnxruntime has no CUDA provider; given one anyway, ONNX Runtime only warns and runs
+    on the CPU with CUDA pointers bound to it. The backend refuses at load instead, naming the fix."""
+    import types
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    pipe = types.SimpleNamespace(unet=types.SimpleNamespace(device=torch.device("cuda", 0)))
+    with pytest.raises(BackendError, match="needs onnxruntime-gpu .*CPUExecutionProvider.*--backend compile"):
+        make_backend("onnx", pipe, None)
 
 
 def test_fused_backends_refuse_layers_they_cannot_change(store):
@@ -339,6 +368,12 @@ def test_compile_on_a_gpu_with_cuda_graphs_fused_qkv_and_channels_last_matches_e
     for adapters in sets * 3:
         images(compiled, adapters)
     assert counters["stats"]["unique_graphs"] == graphs, "swaps recompiled"
+    assert not counters["inductor"]["cudagraph_skips"], "CUDA graphs were skipped: the mode ran without them"
+    # Without guidance the scheduler keeps the UNet's raw outputs (PNDM, for later steps): they must not be
+    # the CUDA graph's memory, which the next step overwrites.
+    raw = dict(scheduler="pndm", guidance_scale=1.0, steps=4)
+    diff = np.abs(images(compiled, (), **raw).astype(int) - images(eager, (), **raw))
+    assert diff.mean() < 2.0, f"compile vs eager, pndm without guidance: mean difference {diff.mean():.2f}/255"
 
 
 # -- the real architecture ------------------------------------------------------------------------------

@@ -20,14 +20,14 @@ ROW = {"id": "x", "model": "default", "prompt": "a mug", "width": 64, "height": 
 class FakeDevice:
     """A device whose draw of n rows takes `cost(n)` seconds of a fake clock, and runs out of memory above `fits`."""
 
-    def __init__(self, monkeypatch, cost, fits=64):
-        self.now, self.cost, self.fits, self.calls = 0.0, cost, fits, []
+    def __init__(self, monkeypatch, cost, fits=64, oom=torch.cuda.OutOfMemoryError("CUDA out of memory")):
+        self.now, self.cost, self.fits, self.oom, self.calls = 0.0, cost, fits, oom, []
         monkeypatch.setattr(batch_size.time, "perf_counter", lambda: self.now)
 
     def draw(self, rows):
         self.calls.append((len(rows), rows[0]["steps"]))
         if len(rows) > self.fits:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            raise self.oom
         self.now += self.cost(len(rows))
 
 
@@ -37,6 +37,14 @@ def test_the_fastest_batch_that_fits_wins(monkeypatch):
     assert best == 8 and sorted(measured) == [1, 2, 4, 8], "16 ran out of memory, 8 is the fastest that fits"
     assert measured[8] > measured[4] > measured[1]
     assert {steps for _, steps in device.calls} == {batch_size.PROBE_STEPS}, "probes are short"
+
+
+def test_out_of_memory_from_onnx_runtime_or_tensorrt_ends_the_search_too(monkeypatch):
+    # their errors are not torch's OutOfMemoryError: ONNX Runtime's says "Failed to allocate memory"
+    oom = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
+    device = FakeDevice(monkeypatch, cost=lambda n: 1.0 + 0.1 * n, fits=4, oom=oom)
+    best, measured = measure(device.draw, ROW, torch.device("cpu"), limit=16)
+    assert best == 4 and sorted(measured) == [1, 2, 4]
 
 
 def test_the_search_stops_where_larger_batches_stop_paying(monkeypatch):
@@ -62,7 +70,7 @@ def test_the_choice_is_kept_in_the_backend_cache_and_read_back_without_measuring
     assert other_actor.get({**ROW, "width": 128}, "fp-1", "eager", lambda row: pipe) == 4 and len(device.calls) > calls
 
 
-def test_a_probe_that_fails_takes_the_whole_block_and_records_nothing(monkeypatch, tmp_path):
+def test_a_probe_that_fails_takes_the_whole_block_records_nothing_and_is_not_repeated(monkeypatch, tmp_path):
     def broken(pipe, rows):
         raise RuntimeError("the model cannot draw")
 
@@ -73,7 +81,10 @@ def test_a_probe_that_fails_takes_the_whole_block_and_records_nothing(monkeypatc
     assert sizes.get({**ROW, "adapters": [{"name": "style", "scale": 1.0}]}, "fp", "eager",
                      lambda row: asked.append(row["adapters"]) or pipe) == 16
     assert asked and all(adapters == [] for adapters in asked), "measured on the base model, not the row's adapters"
-    assert sizes.chosen == {} and not (tmp_path / "cache" / "batch-size").exists()  # the next group tries again
+    assert not (tmp_path / "cache" / "batch-size").exists(), "nothing recorded: the next run measures again"
+    # the next block of the same model and size does not probe again (each probe draws up to 10 batches)
+    monkeypatch.setattr("actors.generate.draw", lambda pipe, rows: pytest.fail("probed a second time"))
+    assert sizes.get(ROW, "fp", "eager", lambda row: pipe) == 16 and sizes.chosen == {"default 64x64": 16}
 
 
 def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):

@@ -168,6 +168,12 @@ class CompileBackend(Backend):
         options = dict(mode=None if self.settings.mode == "default" else self.settings.mode)
         pipe.unet = torch.compile(pipe.unet, **options)
         pipe.unet.register_forward_hook(self._after_call)
+        # With CUDA graphs a compiled call's output lives in the graph's memory, which the next call
+        # overwrites. The pipeline mostly uses a step's output within the step, but without guidance (scale
+        # <= 1) the scheduler gets it raw and PNDM keeps it for later steps: each step's output is copied out.
+        self._copy_outputs = device.type == "cuda" and self.settings.mode in ("reduce-overhead", "max-autotune")
+        if self._copy_outputs:
+            pipe.unet.register_forward_hook(self._copy_out)
         if self.settings.compile_vae:
             pipe.vae.decoder = torch.compile(pipe.vae.decoder, **options)
             pipe.vae.decoder.register_forward_hook(self._after_call)
@@ -185,6 +191,14 @@ class CompileBackend(Backend):
     def _after_call(self, module, inputs, output) -> None:
         """After each call: whatever it had to compile goes into the backend cache (`save` writes only then)."""
         self.cache.save()
+
+    @staticmethod
+    def _copy_out(module, inputs, output):
+        """The UNet's output, out of the CUDA graph's memory (a forward hook's return replaces the output)."""
+        if isinstance(output, tuple):
+            return (output[0].clone(), *output[1:])
+        output.sample = output.sample.clone()
+        return output
 
     def _switch(self, adapters) -> bool:
         loras, key, loaded_embedding = self.adapters.request(adapters) if self.adapters else ([], (), False)

@@ -39,6 +39,10 @@ class OnnxBackend(GraphBackend):
         self.cache = ExportCache(cache_uri)
         self.fingerprint = fingerprint or "unnamed"
         self.device = pipe.unet.device
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            # ONNX Runtime would only warn and run on the CPU, with CUDA tensors bound to it
+            raise BackendError("--backend onnx on a GPU needs onnxruntime-gpu (this node's onnxruntime offers "
+                               f"{', '.join(ort.get_available_providers())}); install it, or use --backend compile")
         self.layers = adaptable_layers(pipe)
         self.base = {n: m.weight.detach().clone() for n, m in self.layers.items()}
         # what each graph's weight inputs are fed, by component and layer path: W0, or W0 + s * B @ A
@@ -108,6 +112,8 @@ class OnnxBackend(GraphBackend):
             keep.append(tensor)
             binding.bind_input(name, kind, index, NP_DTYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
         binding.bind_output("out", kind, index, NP_DTYPES[out.dtype], tuple(out.shape), out.data_ptr())
+        if kind == "cuda":  # ONNX Runtime runs on a CUDA stream of its own: torch's writes of the inputs must be done
+            torch.cuda.current_stream(self.device).synchronize()
         session.run_with_iobinding(binding)
         return out
 

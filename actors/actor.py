@@ -39,6 +39,13 @@ class GeneratorActor:
                  backend: str = "eager", backend_cache: str | None = None, compile_mode: str = "auto",
                  finish_inline: bool = False, journal: str | None = None):
         started = time.time()
+        # Environment for torch, which loads later (in `load`): set here, not through a Ray runtime env, since
+        # any runtime env makes Ray start a fresh worker process for the actor instead of taking one it
+        # prestarted. Ray set OMP_NUM_THREADS to the actor's CPU share (1 for a fraction); size OpenMP for
+        # the torch threads this actor really runs. transformers warns at import about image processors
+        # that no SD pipeline uses.
+        os.environ["OMP_NUM_THREADS"] = str(torch_threads)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         self.device, self.torch_threads = device, torch_threads
         self.models = {name: ModelInfo(**info) for name, info in models.items()}
         self.fs, self.root = fsspec.core.url_to_fs(out_uri)
@@ -65,8 +72,9 @@ class GeneratorActor:
         # thread that runs torch ops starts its own OpenMP team, and libgomp throttles its spin-waits once a
         # process holds more OpenMP threads than CPUs (docs/generation-speed.md).
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.startup = {"actor_started_at": started}  # wall clock, for run.json
         self._torch.submit(self.load).result()
-        self.startup = {"actor_started_at": started, "model_loaded_at": time.time()}  # wall clock, for run.json
+        self.startup["model_loaded_at"] = time.time()
 
     def load(self) -> None:
         """Set torch up and load the default model now: a model that does not load stops the run at start,
@@ -75,6 +83,7 @@ class GeneratorActor:
 
         if self.device == "cpu":
             torch.set_num_threads(self.torch_threads)
+        self.threads = torch.get_num_threads()  # what this actor's draws really run on, for run.json
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.pipeline("default" if "default" in self.models else next(iter(self.models)))
 
@@ -160,7 +169,8 @@ class GeneratorActor:
         self.swaps_reported = (swaps, seconds)
         self.calls += 1
         auto = {"auto_batch_size": self.auto.chosen, "auto_batch_probed": self.auto.probed} if self.auto else {}
-        stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup, "calls": self.calls, **auto})
+        stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup,
+                            "torch_threads": self.threads, "calls": self.calls, **auto})
         for row in drawn:
             row.update(actor=self.name, adapter_swaps=swaps, adapter_swap_seconds=seconds, backend_stats=stats)
         drawn += settled

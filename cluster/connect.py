@@ -44,17 +44,6 @@ def runtime_env() -> dict:
     return {"env_vars": env} if env else {}
 
 
-def actor_env(resources: "ActorResources") -> dict[str, str]:
-    """Environment for generation actors (set when their worker process starts, before torch loads)."""
-    return {
-        # Ray sets OMP_NUM_THREADS to the actor's CPU share (1 for a fraction); size OpenMP for the
-        # torch threads the actor really runs.
-        "OMP_NUM_THREADS": str(resources.torch_threads),
-        # transformers warns at import about image processors that no SD pipeline uses
-        "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error"),
-    }
-
-
 @contextlib.contextmanager
 def library_logs_to(path: str, verbose: bool):
     """While open, Python log records of Ray, Ray Data and the libraries go to the file `path`; with

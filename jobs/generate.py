@@ -29,7 +29,7 @@ from actors.backends import BackendError, check_backend
 from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
-from cluster.connect import (actor_env, alive_nodes, connect, disconnect, library_logs_to, size_actors,
+from cluster.connect import (alive_nodes, connect, disconnect, library_logs_to, size_actors,
                              size_finishing)
 from jobs.console import log, log_file
 from jobs.errors import RunFailed, one_line, root_cause
@@ -378,8 +378,7 @@ def _draw(rows, cfg: GenerateConfig, models, sizing, finish, journal: str, actor
         batch_size=block,
         batch_format="pyarrow",
         num_cpus=sizing.num_cpus,
-        num_gpus=sizing.num_gpus,
-        runtime_env={"env_vars": actor_env(sizing)},
+        num_gpus=sizing.num_gpus,  # no runtime env: the actor sets its own (GeneratorActor.__init__)
     )
     if finish is None:
         return drawn

@@ -55,6 +55,19 @@ def test_run_json_reports_startup_in_order(runs):
     assert startup["first_image_written"] <= run_summary(runs["out"]["stage"])["wall_seconds"]
 
 
+def test_each_actor_draws_on_the_torch_threads_it_was_sized_for(runs):
+    """The actor sets its own OpenMP size (no Ray runtime env, so Ray may hand it a prestarted worker, whose
+    OMP_NUM_THREADS Ray set to the actor's CPU share); its draws must still run on the threads sized for it."""
+    import os
+
+    from cluster.connect import size_actors
+
+    expected = size_actors(1, {"CPU": float(os.cpu_count())}, "cpu").torch_threads
+    for mode, out in runs["out"].items():
+        (stats,) = run_summary(out)["backend_stats"].values()
+        assert stats["torch_threads"] == expected, (mode, stats)
+
+
 def test_a_finishing_worker_that_dies_loses_no_row(runs):
     out = runs["out"]["stage"]
     assert runs["crashed"].exists(), "the test hook must have killed a finishing worker"

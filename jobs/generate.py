@@ -105,6 +105,10 @@ class GenerateConfig(BaseModel):
             raise ValueError("--watermark must not be empty (use --no-watermark to turn it off)")
         stores = [("--out", self.out), ("--adapters", self.adapters), ("--backend-cache", self.backend_cache),
                   *(("a manifest", m) for m in self.manifests)]
+        for flag, uri in stores[:3]:  # "" would be the working directory: a run would spill its folders there
+            if uri is not None and not uri.strip():
+                raise ValueError(f"{flag} must not be empty: give a folder or URI"
+                                 + (", e.g. --out out/run1" if flag == "--out" else f", or leave {flag} out"))
         for flag, uri in stores:  # before Ray starts: every actor and task must see the same store
             if uri and process_local(uri):
                 raise ValueError(unshared_reason(flag, uri))
@@ -190,6 +194,11 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
     if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:
         raise RunFailed(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
     sizing = size_actors(cfg.actors, resources, cfg.device)
+    if sizing.device == "cuda" and not resources.get("GPU"):
+        if not (cfg.address or os.environ.get("RAY_ADDRESS")):  # a local Ray has what this machine has, for good
+            raise RunFailed("--device cuda: this machine has no GPU Ray can use (Ray found none; check "
+                            "nvidia-smi and CUDA_VISIBLE_DEVICES), or leave --device out to draw on the CPU")
+        log(f"the cluster has no GPU yet: the actors wait for the autoscaler to add {cfg.actors} (Ctrl-C stops)")
     finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"
     finishing = size_finishing(resources, sizing, cfg.actors)
     log(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; {cfg.actors} actor(s) on "
@@ -298,7 +307,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
                     results.record(batch.to_pylist())
             else:
                 log("nothing to draw: no actors started")
-    except RunFailed:
+    except (RunFailed, KeyboardInterrupt):  # Ctrl-C: what finished is in the ledger, as the CLI then says
         results.keep_what_finished()
         raise
     except Exception as exc:

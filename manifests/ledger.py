@@ -111,14 +111,29 @@ def remove_stale_temp_files(fs: fsspec.AbstractFileSystem, root: str, older_than
     return removed
 
 
+def extra_columns(names: list[str]) -> dict[str, str]:
+    """The ledger column for each of a manifest's own columns: its name, unless that is a ledger column (say
+    `status`) or one of the fields Arrow's dataset reader adds (`__filename`, ...); then `manifest_` in front,
+    as many times as it takes not to meet another column (a manifest may hold `status` and `manifest_status`)."""
+    taken = set(LEDGER_COLUMNS) | set(names)
+    columns = {}
+    for name in names:
+        column = name
+        if column in LEDGER_COLUMNS or column.startswith("__"):
+            column = f"manifest_{name}"
+            while column in taken:
+                column = f"manifest_{column}"
+            taken.add(column)
+        columns[name] = column
+    return columns
+
+
 def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     """Ledger rows (dicts with LEDGER_COLUMNS) as a table; pass-through columns become real columns."""
     rows = list(rows)
     table = pa.Table.from_pylist([{k: r.get(k) for k in LEDGER_COLUMNS} for r in rows], schema=LEDGER_SCHEMA)
     extras = [json.loads(r["extra"]) if r.get("extra") else {} for r in rows]
-    for name in dict.fromkeys(k for e in extras for k in e):
-        # A manifest column named like a ledger column (say `status`) keeps its value under a prefix.
-        column = f"manifest_{name}" if name in LEDGER_COLUMNS else name
+    for name, column in extra_columns(list(dict.fromkeys(k for e in extras for k in e))).items():
         values = [e.get(name) for e in extras]
         try:
             array = pa.array(values)

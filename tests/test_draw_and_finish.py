@@ -98,6 +98,37 @@ def test_a_failed_draw_or_write_fails_that_row_alone(tiny, monkeypatch):
     assert results["r2"]["status"] == "ok" and fs.exists(f"{root}/images/r2.png")
 
 
+def test_an_image_of_nan_fails_its_row_and_is_never_written_as_black(tiny):
+    """A LoRA at a huge scale (or fp16 overflow) makes NaN, which 8-bit conversion would turn into a black
+    image recorded `ok`. The row fails, naming why; the other rows of its batch are drawn."""
+
+    class Overflowing:  # the tiny pipeline, except that rows whose prompt says "overflow" come out NaN
+        def __init__(self, pipe):
+            object.__setattr__(self, "pipe", pipe)
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+        def __setattr__(self, name, value):
+            setattr(self.pipe, name, value)
+
+        def __call__(self, prompt, **kwargs):
+            out = self.pipe(prompt=prompt, **kwargs)
+            for i, text in enumerate(prompt):
+                if "overflow" in text:
+                    out.images[i, :4] = np.nan
+            return out
+
+    rows = work_rows(3)
+    rows[1] = {**rows[1], "prompt": "a red circle, overflow"}
+    drawn = {r["id"]: r for r in draw_rows(lambda row: Overflowing(tiny), rows, max_batch=8)}
+    assert drawn["r1"]["status"] == "failed" and drawn["r1"]["pixels"] is None
+    assert "1 of 1 image(s) came out as NaN or infinite" in drawn["r1"]["error"]
+    alone = draw(tiny, [rows[0]])[0]
+    assert drawn["r0"]["status"] is None and drawn["r0"]["pixels"] == alone.tobytes()
+    assert drawn["r2"]["status"] is None and drawn["r2"]["pixels"] is not None
+
+
 def test_a_model_directory_is_hashed_once_until_a_file_changes(tmp_path, monkeypatch):
     """The fingerprint of a multi-GB model folder is cached by size, mtime and inode, not rehashed each run."""
     import os

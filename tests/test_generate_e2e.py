@@ -180,6 +180,8 @@ def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
 
 
 def test_setup_errors_exit_1_with_one_clear_line(tmp_path, capsys):
+    import torch
+
     from jobs.cli import main
 
     manifest = write_manifest(tmp_path / "m.parquet", rows(2))
@@ -187,6 +189,10 @@ def test_setup_errors_exit_1_with_one_clear_line(tmp_path, capsys):
         (["--model", "default=/nonexistent/model"], "default=/nonexistent/model"),
         (["--actors", "0"], "--actors"),
         (["--watermark", ""], "--watermark"),
+        (["--out", ""], "--out must not be empty"),  # the working directory would take the run's folders
+        (["--adapters", " "], "--adapters must not be empty"),
+        # on a machine without a GPU a local Ray never gets one: said at once, not a run that waits forever
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: this machine has no GPU")]),
         # a cluster address nothing answers on: said in seconds, not after Ray's minutes of retries
         (["--address", f"127.0.0.1:{free_port()}"], "nothing answers there"),
     ]

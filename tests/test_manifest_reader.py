@@ -351,6 +351,22 @@ def test_pass_through_columns_named_like_ledger_columns_get_a_prefix(memfs):
     assert read_latest_ok(fs, root) == {"mug": "A"}  # the manifest's `status` does not confuse resume
 
 
+def test_pass_through_columns_never_meet_another_column(memfs):
+    """A manifest may hold `status` and `manifest_status` both, and names Arrow's dataset reader claims for
+    itself (`__filename`): every one gets a column of its own, and the part reads back."""
+    from manifests.ledger import extra_columns
+
+    fs, root = memfs
+    row = ledger_row("mug", "A", "2026-01-01T00:00:00", status="ok")
+    row["extra"] = json.dumps({"status": "draft", "manifest_status": "p", "__filename": "f", "__batch_index": 3})
+    write_part(fs, root, "run1", 0, [row])
+    got = read_ledger(fs, root).to_pylist()[0]
+    assert (got["status"], got["manifest_manifest_status"], got["manifest_status"]) == ("ok", "draft", "p")
+    assert (got["manifest___filename"], got["manifest___batch_index"]) == ("f", 3)
+    names = list(extra_columns(["status", "manifest_status", "manifest_manifest_status"]).values())
+    assert len(set(names)) == 3 and "status" not in names
+
+
 def test_one_part_can_hold_rows_whose_pass_through_types_differ(memfs):
     # Rows of two manifests can land in one part; one types `sku` as a number, the other as text.
     fs, root = memfs

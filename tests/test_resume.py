@@ -96,3 +96,44 @@ def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_fini
     recovered = [e for e in ledger(out)[len(first):] if e["id"] in written and e["id"] not in recorded]
     assert all(e["warning"].startswith("recovered") and e["sha256"] for e in recovered)
     assert sorted(after) == sorted(r["id"] for r in records)
+
+
+def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_recovered(tmp_path):
+    """Ctrl-C (SIGINT to the driver): the rows that came back are in the ledger, as the CLI says, even inside
+    the ledger's flush window; local Ray goes with the driver; a rerun draws the rest and says how many
+    images it recovered rather than counting them as drawn."""
+    records = rows(24, steps=3)
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    out = tmp_path / "out"
+    before = _ray_processes()
+    log = open(tmp_path / "run1.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out), "--batch-size", "4"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SDFLEET_LEDGER_FLUSH_SECONDS": "600"},
+        stdout=log, stderr=log,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "images").exists() and len(_images(out)) >= 8):
+        assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1)  # the first batch's rows are back at the driver by now
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "run1.log").read_text()[-3000:]
+    said = (tmp_path / "run1.log").read_text()
+    assert "interrupted; finished rows are in the ledger" in said and "Traceback" not in said, said[-3000:]
+    recorded = {e["id"] for e in ledger(out) if e["status"] == "ok"}
+    written = _images(out)
+    assert 4 <= len(recorded) and recorded <= set(written) and len(written) < len(records), (recorded, written)
+    deadline = time.time() + 60
+    while _ray_processes() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes() - before, "local Ray outlived the interrupted driver"
+
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = run_summary(out)
+    assert (summary["skipped"], summary["recovered"]) == (len(recorded), len(written) - len(recorded))
+    drawn = len(records) - len(written)
+    recovered = f", {summary['recovered']} recovered" if summary["recovered"] else ""
+    assert f"{drawn} drawn{recovered}, {len(recorded)} skipped" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(e["id"] for e in ledger(out) if e["status"] == "ok") == sorted(r["id"] for r in records)

@@ -17,12 +17,31 @@ from pydantic import ValidationError
 EXIT_OK, EXIT_ERROR, EXIT_ROWS = 0, 1, 2
 
 
+def _flag_error(prog: str, message: str) -> str:
+    return f"{prog}: error: {message} (see {prog} --help)\n"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose flag errors are one line and exit 1 (EXIT_ERROR).
+
+    argparse's own error() prints the whole usage block and exits 2, which in this CLI means "the run finished
+    with failed rows": a script or job scheduler could not tell a mistyped flag from bad rows. --help still
+    prints the full help and exits 0. add_subparsers makes each subcommand's parser a _Parser too (its
+    parser_class defaults to type(self)), so `sdfleet generate` errors name `sdfleet generate`."""
+
+    def error(self, message: str):
+        self.exit(EXIT_ERROR, _flag_error(self.prog, message))
+
+
 def _model_pairs(values: list[str] | None) -> dict[str, str]:
     pairs = {}
     for value in values or []:
         name, sep, ref = value.partition("=")
         if not sep or not name or not ref:
             raise argparse.ArgumentTypeError(f"--model expects NAME=REF (say default=tiny), got {value!r}")
+        if name in pairs:  # last-one-wins would quietly draw with a model the user may not have meant
+            raise argparse.ArgumentTypeError(f"--model {name} is given twice ({name}={pairs[name]} and {value}): "
+                                             "give each NAME once")
         pairs[name] = ref
     return pairs
 
@@ -70,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     from actors.train.config import TrainConfig
     from jobs.generate import GenerateConfig
 
-    parser = argparse.ArgumentParser(prog="sdfleet", description="Batch Stable Diffusion on Ray.")
+    parser = _Parser(prog="sdfleet", description="Batch Stable Diffusion on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="draw every row of Parquet manifests")
@@ -138,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "adapters, model, any manifest column (default: one group)")
     rep.add_argument("--thumb", type=int, default=192, help="thumbnail size in px, the longer side (default 192)")
 
-    sheet = sub.add_parser("sheet", help="a contact sheet: a run's images in one PNG, captioned with their ids")
+    sheet = sub.add_parser("sheet", help="a contact sheet: a run's images in one picture (PNG, JPEG or WebP), "
+                                         "captioned with their ids")
     sheet.add_argument("out", metavar="OUT", help="the --out of a `sdfleet generate` run (path or URI)")
-    sheet.add_argument("-o", "--output", required=True, metavar="PNG", help="the sheet to write (path or URI)")
+    sheet.add_argument("-o", "--output", required=True, metavar="FILE",
+                       help="the sheet to write (path or URI); its extension names the format: .png, .jpg or .webp")
     sheet.add_argument("--group-by", metavar="COLUMN", help="one band per value of a ledger column (sku, ...)")
     sheet.add_argument("--columns", type=int, default=6, help="thumbnails per line (default 6)")
     sheet.add_argument("--thumb", type=int, default=128, help="thumbnail side in px (default 128)")
@@ -154,7 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # parse_args would blame `sdfleet`; the subcommand's own --help is the one that lists its flags
+            prog = " ".join([parser.prog, args.command,
+                             *(v for k, v in vars(args).items() if k.endswith("_command"))])  # manifest validate
+            parser.exit(EXIT_ERROR, _flag_error(prog, f"unrecognized arguments: {' '.join(unknown)}"))
+    except SystemExit as exc:  # --help (0), or a flag error already said in one line by _Parser.error (1)
+        return exc.code
     handlers = {
         "generate": cmd_generate,
         "manifest": cmd_manifest,
@@ -200,7 +228,9 @@ def cmd_generate(args) -> int:
             f"drawn, {summary['skipped']} are done, {summary['recovered']} would be recovered, {summary['failed']} "
             f"would fail, {summary['invalid']} are invalid; nothing was drawn or written")
         return _rows_exit(cfg, summary)
-    log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok']} drawn, {summary['skipped']} skipped, "
+    recovered = f", {summary['recovered']} recovered" if summary["recovered"] else ""  # a killed run's images
+    log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok'] - summary['recovered']} drawn{recovered}, "
+        f"{summary['skipped']} skipped, "
         f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
         f"ledger and run.json in {cfg.out}")
     if cfg.report:  # the page is a view of what is already stored: a failure is said, and the run stands
@@ -239,14 +269,15 @@ def cmd_sheet(args) -> int:
     import fsspec
 
     from jobs.console import log
-    from jobs.sheet import contact_sheet
+    from jobs.sheet import contact_sheet, sheet_format
 
     if args.columns < 1 or args.thumb < 16:
         print("sdfleet sheet: error: --columns must be at least 1 and --thumb at least 16", file=sys.stderr)
         return EXIT_ERROR
+    image_format = sheet_format(args.output)  # before drawing the sheet: a bad -o is said at once
     image = contact_sheet(args.out, group_by=args.group_by, columns=args.columns, thumb=args.thumb)
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format=image_format)
     with fsspec.open(args.output, "wb") as f:
         f.write(buf.getvalue())
     log(f"sheet: {args.output} ({image.width}x{image.height})")
@@ -288,7 +319,12 @@ def _validate(args) -> int:
     from manifests.reader import expand_manifest_paths, plan_parts
     from manifests.validate import check_manifests
 
-    models = {"default": "tiny", **{n: n for n in PRESETS}, **_model_pairs(args.model)}
+    try:
+        pairs = _model_pairs(args.model)
+    except argparse.ArgumentTypeError as exc:
+        print(f"sdfleet manifest validate: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    models = {"default": "tiny", **{n: n for n in PRESETS}, **pairs}
     infos = {name: describe_model(name, ref) for name, ref in models.items()}
     uris = expand_manifest_paths(args.manifests)
     errors = warnings = 0

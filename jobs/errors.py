@@ -46,8 +46,32 @@ def describe_error(exc: BaseException) -> str | None:
     for kind, hint in hints.items():
         if isinstance(exc, kind):
             return f"{exc}" + (f" ({hint})" if hint else "")
-    if isinstance(exc, (FileNotFoundError, PermissionError)):
+    store = _store_unavailable(exc)
+    if store:
+        return store
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return str(exc)
+    return None
+
+
+def _store_unavailable(exc: BaseException) -> str | None:
+    """A store whose fsspec implementation cannot be loaded on this machine (gs://, az://, hdfs://...), said with
+    its protocol and what to install; None for any other error."""
+    from fsspec.registry import known_implementations
+
+    if isinstance(exc, ImportError):
+        # fsspec raises ImportError(known_implementations[protocol]["err"]) from the failed import; that text
+        # names the package. Any other ImportError is a bug of ours and keeps its traceback.
+        text = str(exc)
+        protocols = sorted(p for p, spec in known_implementations.items() if spec.get("err") == text)
+        if protocols:
+            cause = f" ({exc.__cause__})" if isinstance(exc.__cause__, ImportError) else ""  # No module named 'gcsfs'
+            return f"{' or '.join(p + '://' for p in protocols)} cannot be opened: {text}{cause}"
+    if isinstance(exc, OSError) and str(exc).startswith(("Unable to load libjvm", "Unable to load libhdfs")):
+        # pyarrow's HadoopFileSystem loads a JVM and libhdfs when it connects; its message goes on to list every
+        # dlopen it tried (some 90 lines), so only the first line is kept.
+        return (f"hdfs:// cannot be opened: {str(exc).splitlines()[0]} (HDFS needs Java and Hadoop on this machine: "
+                "JAVA_HOME, HADOOP_HOME and CLASSPATH, see pyarrow's HadoopFileSystem)")
     return None
 
 

@@ -1,12 +1,15 @@
-"""`sdfleet sheet OUT -o sheet.png`: a run's images as one picture, thumbnails in a grid captioned with their
-row ids, optionally in bands by a ledger column (`--group-by sku`). A row without its image (failed,
-invalid, or a PNG gone since) is a grey tile that says so, so a sheet never hides a gap.
+"""`sdfleet sheet OUT -o sheet.png`: a run's images as one picture (PNG, JPEG or WebP, as the extension
+says), thumbnails in a grid captioned with their row ids, optionally in bands by a ledger column
+(`--group-by sku`). A row without its image (failed, invalid, or a PNG gone since) is a grey tile that says
+so, so a sheet never hides a gap.
 
 `comparison_sheet` puts the same rows of several runs one run to a row (a base and its fine-tune); the
 fine-tune benchmarks draw their pictures with it.
 """
 
 from __future__ import annotations
+
+import posixpath
 
 import fsspec
 from PIL import Image, ImageDraw
@@ -15,6 +18,27 @@ from jobs.errors import ReportError
 from jobs.outputs import open_output
 
 GAP = "#dddddd"
+
+# The formats a sheet is written in, named by the -o extension; each takes the sheet's RGB as it is.
+SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def sheet_format(uri: str) -> str:
+    """The Pillow format to write the sheet at `uri` in, from its extension; ReportError for a name that is
+    empty, a directory, or an extension Pillow cannot write here (it would have been PNG bytes misnamed)."""
+    if not uri:
+        raise ReportError("-o is empty: name the sheet to write, e.g. -o sheet.png")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if uri.endswith("/") or fs.isdir(path):
+        raise ReportError(f"-o {uri} is a directory: name the sheet file to write in it, "
+                          f"e.g. -o {uri.rstrip('/')}/sheet.png")
+    Image.init()  # registers every plugin, so SAVE lists what this Pillow can write (WebP needs libwebp)
+    writable = {ext: kind for ext, kind in SHEET_FORMATS.items() if kind in Image.SAVE}
+    ext = posixpath.splitext(path)[1].lower()
+    if ext not in writable:
+        raise ReportError(f"-o {uri}: {ext or 'no extension'} is not a format a sheet is written in; "
+                          f"end the name in {', '.join(writable)}")
+    return writable[ext]
 
 
 def _thumbnail(fs, path: str, side: int) -> Image.Image:

@@ -1,0 +1,129 @@
+"""What the CLI says when the input is wrong: one line on standard error that names the problem, no usage
+block and no traceback, and exit 1 (the run could not start) rather than 2, which means "the run finished
+with failed rows" to the scripts and job schedulers that read it.
+
+Most cases run `jobs.cli.main` in this process (they stop before Ray or a model is touched); hdfs:// runs in
+a subprocess, since pyarrow loads a JVM for it if the machine has one."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from PIL import Image
+
+from helpers import rows, sdfleet, write_manifest
+from jobs.cli import main
+from test_report import make_output
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """`sdfleet ARGV` in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "usage:" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "m.parquet", "--out", "o", "--actors", "1.5"],
+     "sdfleet generate: error: argument --actors: invalid int value: '1.5' (see sdfleet generate --help)"),
+    (["generate", "m.parquet", "--out", "o", "--batch-size", "foo"],
+     "sdfleet generate: error: argument --batch-size: invalid int or auto value: 'foo' (see sdfleet generate --help)"),
+    (["generate", "m.parquet"],
+     "sdfleet generate: error: the following arguments are required: --out (see sdfleet generate --help)"),
+    (["generate", "m.parquet", "--out", "o", "--bogus"],
+     "sdfleet generate: error: unrecognized arguments: --bogus (see sdfleet generate --help)"),
+    (["manifest", "validate", "m.parquet", "--bogus"],
+     "sdfleet manifest validate: error: unrecognized arguments: --bogus (see sdfleet manifest validate --help)"),
+    (["sheet", "out"],
+     "sdfleet sheet: error: the following arguments are required: -o/--output (see sdfleet sheet --help)"),
+])
+def test_a_flag_error_is_one_line_naming_the_subcommand_and_exits_1(capsys, argv, expected):
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == ""
+    assert one_error_line(err) == expected
+
+
+def test_an_unknown_subcommand_is_one_line_listing_the_commands(capsys):
+    code, _, err = run(capsys, "bogus")
+    assert code == 1
+    line = one_error_line(err)
+    assert line.startswith("sdfleet: error: argument command: invalid choice: 'bogus' (choose from 'generate',")
+    assert line.endswith("(see sdfleet --help)")
+
+
+def test_help_still_prints_every_flag_and_exits_0(capsys):
+    code, out, err = run(capsys, "generate", "--help")
+    assert code == 0 and err == ""
+    assert out.startswith("usage: sdfleet generate") and "--batch-size" in out and "--actors" in out
+
+
+@pytest.mark.parametrize("argv, package", [
+    (["generate", "{m}", "--out", "gs://bucket/x"], "gcsfs"),
+    (["generate", "{m}", "--out", "gcs://bucket/x"], "gcsfs"),
+    (["generate", "{m}", "--out", "az://container/x"], "adlfs"),
+    (["generate", "{m}", "--out", "abfs://container/x"], "adlfs"),
+    (["generate", "gs://bucket/m.parquet", "--out", "{out}"], "gcsfs"),
+    (["manifest", "validate", "gs://bucket/m.parquet"], "gcsfs"),
+    (["report", "gs://bucket/x"], "gcsfs"),
+])
+def test_a_store_whose_package_is_not_installed_is_one_line_naming_it(capsys, tmp_path, argv, package):
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed here")
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    code, _, err = run(capsys, *(a.format(m=manifest, out=tmp_path / "out") for a in argv))
+    assert code == 1
+    line = one_error_line(err)
+    scheme = "gs://" if package == "gcsfs" else "az://"
+    assert line.startswith("sdfleet: error: ") and scheme in line and f"install {package}" in line.lower()
+
+
+def test_hdfs_without_java_is_one_line_not_a_page_of_dlopen_failures(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    done = sdfleet("generate", str(manifest), "--out", "hdfs://namenode/x", env={"JAVA_HOME": str(tmp_path)})
+    assert done.returncode == 1
+    line = one_error_line(done.stderr)
+    # libjvm here; libhdfs on a machine with Java but no Hadoop
+    assert line.startswith("sdfleet: error: hdfs:// cannot be opened: Unable to load lib"), line
+    assert "JAVA_HOME" in line
+
+
+@pytest.mark.parametrize("name, magic", [("s.jpg", b"\xff\xd8\xff"), ("s.JPEG", b"\xff\xd8\xff"), ("s.webp", b"RIFF")])
+def test_sheet_is_written_in_the_format_its_extension_names(capsys, tmp_path, name, magic):
+    output = make_output(tmp_path / "out")
+    code, _, err = run(capsys, "sheet", output, "-o", tmp_path / name, "--thumb", "32")
+    assert code == 0, err
+    assert (tmp_path / name).read_bytes().startswith(magic)
+    with Image.open(tmp_path / name) as image:
+        assert image.size == (6 * 32, 46)  # six rows on one line, each with its caption
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("{dir}", "is a directory"),
+    ("", "-o is empty"),
+    ("{dir}/sheet.txt", ".txt is not a format a sheet is written in; end the name in .png, .jpg, .jpeg, .webp"),
+    ("{dir}/sheet", "no extension is not a format"),
+])
+def test_sheet_refuses_an_output_it_cannot_write_in_one_line(capsys, tmp_path, target, expected):
+    output = make_output(tmp_path / "out")
+    code, _, err = run(capsys, "sheet", output, "-o", target.format(dir=tmp_path))
+    assert code == 1
+    assert expected in one_error_line(err)
+    assert not (tmp_path / "sheet.txt").exists() and not (tmp_path / "sheet").exists()
+
+
+@pytest.mark.parametrize("command", [["generate", "{m}", "--out", "{out}"], ["manifest", "validate", "{m}"]])
+def test_a_model_name_given_twice_is_refused(capsys, tmp_path, command):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    argv = [a.format(m=manifest, out=tmp_path / "out") for a in command]
+    code, _, err = run(capsys, *argv, "--model", "default=tiny", "--model", "default=tiny-random")
+    assert code == 1
+    assert "--model default is given twice (default=tiny and default=tiny-random)" in one_error_line(err)
+    assert not (tmp_path / "out").exists()  # refused before anything was drawn

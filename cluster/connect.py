@@ -68,10 +68,12 @@ def library_logs_to(path: str, verbose: bool):
         data.addHandler(handler)
     saved_print = _route_cluster_notices(logging.getLogger("ray.notices")) if not verbose else None
     native = contextlib.nullcontext() if verbose else _native_stderr_to(path)
+    logging.captureWarnings(not verbose)  # the libraries' Python warnings (Ray Data's UserWarnings) go there too
     try:
         with native:
             yield
     finally:
+        logging.captureWarnings(False)
         if saved_print is not None:
             import ray._private.worker as ray_worker
 

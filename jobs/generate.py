@@ -29,6 +29,7 @@ from actors.backends import BackendError, check_backend
 from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
+from actors.presets import PRESETS
 from cluster.connect import (alive_nodes, connect, disconnect, library_logs_to, size_actors,
                              size_finishing)
 from jobs.console import log, log_file
@@ -143,12 +144,20 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                   lease: Lease | None) -> dict:
     # 2. manifests: files, row count, duplicate ids (before any row is drawn)
     uris = expand_manifest_paths(cfg.manifests)
+    inside = [uri for uri in uris if _under(fs, root, uri)]
+    if inside:  # a manifest folder that holds --out: its ledger parts are .parquet files too, but not manifests
+        uris = [uri for uri in uris if uri not in inside]
+        if not uris:
+            raise RunFailed(f"every manifest given is inside --out {cfg.out} (its ledger); name the manifests")
+        log(f"left out {len(inside)} .parquet file(s) inside --out (this output's own ledger): not manifests")
     manifests = survey(uris)  # each file read once: footers, ids, adapter names
     duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
     manifests.id_counts = None  # one entry per row: let it go before the run
 
     # 3. models and adapters: defaults and fingerprints, from configs and file hashes only
-    models = {name: describe_model(name, ref).defaults() for name, ref in cfg.models.items()}
+    # rows may name a preset without a --model for it, as `manifest validate` allows (a --model NAME wins)
+    refs = {**{name: name for name in PRESETS}, **cfg.models}
+    models = {name: describe_model(name, ref).defaults() for name, ref in refs.items()}
     adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, manifests.adapter_names)
 
     # 4. what is already done: newest ok hash per id, and which images exist
@@ -212,6 +221,12 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
     except BackendError as exc:
         raise RunFailed(str(exc)) from exc
     return summary
+
+
+def _under(fs, root: str, uri: str) -> bool:
+    """Whether the file `uri` lies inside the output root `root` of store `fs`."""
+    other, path = fsspec.core.url_to_fs(uri)
+    return type(other) is type(fs) and path.startswith(root.rstrip("/") + "/")
 
 
 def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -285,7 +300,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
     journal_actor = start_journal(run_id)  # held here for the run's length
     journal = JOURNAL_NAME.format(run_id=run_id)
     try:
-        if not state.done and not state.existing:
+        if total and not state.done and not state.existing:
             log("planning while the actors start (nothing done before in this output)")
             for batch in _draw(planned, cfg, models, sizing, finish, journal, actor_cls).iter_batches(batch_size=None,
                                                                                             batch_format="pyarrow"):

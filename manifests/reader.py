@@ -48,7 +48,7 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
             if not found:
                 raise ManifestError(f"no manifest file matches {given!r}")
         elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+            found = sorted(p for p in fs.find(path) if p.lower().endswith(".parquet"))
             if not found:
                 raise ManifestError(f"directory {given!r} holds no .parquet manifest")
         elif fs.isfile(path):
@@ -70,9 +70,16 @@ def _uri(fs, path: str) -> str:
 def _open_parquet(uri: str) -> pq.ParquetFile:
     fs, path = fsspec.core.url_to_fs(uri)
     try:
-        return pq.ParquetFile(fs.open(path, "rb"))
+        pf = pq.ParquetFile(fs.open(path, "rb"))
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"{uri} is not a readable Parquet file: {exc}") from exc
+    names = pf.schema_arrow.names
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # read by name, one of the two would be lost without a word
+        pf.close(force=True)
+        raise ManifestError(f"{uri} has more than one column named {', '.join(map(repr, twice))}; "
+                            "a manifest's column names must be unique")
+    return pf
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ def prompt_overflow(tokenizer, prompt: str) -> str | None:
     `tokenizer` is any Hugging Face tokenizer; two of the window's tokens are the start and end markers.
     """
     room = tokenizer.model_max_length - 2
-    ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids  # we say it ourselves
     if len(ids) <= room:
         return None
     cut = tokenizer.decode(ids[room:]).strip()

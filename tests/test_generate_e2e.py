@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from helpers import (
@@ -225,3 +227,44 @@ def test_compile_backend_draws_what_eager_drew_and_keeps_its_graphs_in_the_backe
     # what had to be built is kept for the next machine (tests/test_backends.py shows that machine starting warm)
     assert len(list((tmp_path / "cache" / "torch-compile").glob("*/*.bin"))) == cache["files_saved"]
     assert cache["files_saved"] == cache["graph_misses"]  # one file after each graph that had to be built
+
+
+def test_a_row_may_name_a_preset_without_a_model_flag(tmp_path):
+    """The `model` column takes a preset name as `manifest validate` does: the run draws it, fingerprinted
+    like `--model NAME=PRESET`; a name that is neither a preset nor a --model stays invalid, naming both."""
+    records = [*rows(1, model="tiny-random"), *rows(1, prefix="own", model="mine")]
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    out = tmp_path / "out"
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--no-watermark")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    entries = {e["id"]: e for e in ledger(out)}
+    assert entries["row-000"]["status"] == "ok" and entries["row-000"]["model"] == "tiny-random"
+    assert entries["own-000"]["status"] == "invalid" and "tiny-random" in entries["own-000"]["error"]
+    assert "add --model mine=REF" in entries["own-000"]["error"]
+    assert run_summary(out)["models"]["tiny-random"]["fingerprint"].startswith("preset:tiny-random:")
+
+
+def test_a_manifest_folder_that_holds_the_output_reads_no_ledger_part_as_a_manifest(tmp_path):
+    """`generate folder --out folder/out` twice: the second run must not take the first run's ledger parts
+    (.parquet files under --out) for manifests, which made its good rows duplicates and the parts invalid."""
+    folder = tmp_path / "catalog"
+    manifest = write_manifest(folder / "m.parquet", rows(2))
+    out = folder / "out"
+    for attempt in range(2):
+        proc = sdfleet("generate", str(folder), "--out", str(out), "--no-watermark")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "left out 1 .parquet file(s) inside --out" in proc.stderr
+    summary = run_summary(out)
+    assert (summary["rows"], summary["skipped"], summary["invalid"]) == (2, 2, 0), summary
+    assert {e["source"] for e in ledger(out)} == {str(manifest)}
+
+
+def test_a_manifest_without_rows_starts_no_actor_and_says_only_its_own_lines(tmp_path):
+    manifest = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist(rows(1)).slice(0, 0), manifest)
+    proc = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to draw: no actors started" in proc.stderr
+    assert [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("[sdfleet] ")] == []
+    summary = run_summary(tmp_path / "out")
+    assert (summary["rows"], summary["ok"], summary["images_per_actor"]) == (0, 0, {})

@@ -147,6 +147,20 @@ def test_non_parquet_file_is_a_manifest_error(tmp_path, name, content):
         assert str(path) in str(exc.value) and "not a readable Parquet file" in str(exc.value)
 
 
+def test_two_columns_of_one_name_are_a_manifest_error_not_a_silent_loss(tmp_path):
+    path = tmp_path / "dup.parquet"
+    pq.write_table(pa.table([pa.array(["a"]), pa.array(["a red mug"]), pa.array(["x"]), pa.array(["y"])],
+                            names=["id", "prompt", "sku", "sku"]), path)
+    for read in (plan_parts, count_ids, lambda u: list(iter_rows(u))):
+        with pytest.raises(ManifestError, match=r"dup.parquet has more than one column named 'sku'"):
+            read([str(path)])
+
+
+def test_a_folder_finds_manifests_whatever_the_case_of_their_extension(tmp_path):
+    pq.write_table(pa.Table.from_pylist(records(1)), tmp_path / "EXPORT.PARQUET")
+    assert expand_manifest_paths([str(tmp_path)]) == [str(tmp_path / "EXPORT.PARQUET")]
+
+
 def test_truncated_parquet_in_memory_is_a_manifest_error(memfs):
     fs, root = memfs
     data = parquet_bytes(records(5))

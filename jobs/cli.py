@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     val = man.add_parser("validate", help="name every bad row; exit 1 if any")
     val.add_argument("manifests", nargs="+", metavar="MANIFEST")
     val.add_argument("--model", action="append", metavar="NAME=REF", help="models rows may name (presets always)")
+    val.add_argument("--no-watermark", action="store_true",
+                     help="the run will draw without the watermark: images smaller than it needs are fine")
     exp = man.add_parser("expand", help="template x products x scenes x variants -> manifest")
     exp.add_argument("--template", required=True, help='prompt with {product} and optionally {scene}, e.g. "a photo of {product}, {scene}"')
     exp.add_argument("--products", required=True, metavar="CSV|PARQUET|TXT", help="`product` column (+ optional `sku`, other columns)")
@@ -328,7 +330,9 @@ def _validate(args) -> int:
     infos = {name: describe_model(name, ref) for name, ref in models.items()}
     uris = expand_manifest_paths(args.manifests)
     errors = warnings = 0
-    for kind, message in check_manifests(uris, set(models), tokenizer_lookup(infos)):
+    sizes = {name: (info.width, info.height) for name, info in infos.items()}  # a row's size when it gives none
+    for kind, message in check_manifests(uris, set(models), tokenizer_lookup(infos),
+                                         watermark_sizes=None if args.no_watermark else sizes):
         errors += kind == "error"
         warnings += kind == "warning"
         print(f"{kind}: {message}")

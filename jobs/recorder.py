@@ -67,7 +67,7 @@ class Recorder:
                     self.first_written = dt.datetime.fromisoformat(row["finished_at"]).timestamp()
             if row["status"] != "ok" or (row["warning"] and self.warnings_shown < WARNINGS_SHOWN):
                 self.warnings_shown += row["status"] == "ok"
-                log(f"{row['status']}: {row['error'] or row['warning']}")
+                log(f"{row['status']}: {_located(row, row['error'] or row['warning'])}")
         metrics.rows_recorded({status: n - before[status] for status, n in self.counts.items()},
                               remaining=self.total - sum(self.counts.values()))
         now = time.time()
@@ -140,3 +140,9 @@ class Recorder:
         return {"total": sum(n for n, _ in self.swaps.values()),
                 "per_actor": {actor: n for actor, (n, _) in self.swaps.items()},
                 "seconds": round(sum(t for _, t in self.swaps.values()), 3)}
+
+
+def _located(row: dict, message: str) -> str:
+    """`message` about `row`, led by where the row is (file, 0-based row, id) unless it says so already."""
+    where = f"{row.get('source')} row {row.get('row')} (`{row.get('id')}`)"
+    return message if message.startswith(f"{row.get('source')} row ") else f"{where}: {message}"

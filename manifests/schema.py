@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 # `\Z`, not `$`: `$` also matches before a trailing newline, and "sku-1\n" must not name a file.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+# One folder or file name of an adapter's name in its store (`style`, `brand/style-v2`): nothing that leaves
+# the store (`..`, an absolute path) and nothing hidden.
+ADAPTER_NAME_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
 SEED_LIMIT = 2**63
 # invisible-watermark refuses smaller images; rows drawn with a watermark must be this big.
 WATERMARK_MIN_SIDE = 256
@@ -78,6 +81,14 @@ class AdapterRef(BaseModel):
     @classmethod
     def _scale_is_a_number(cls, value: Any) -> Any:
         return _real_number(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name_stays_in_the_store(cls, value: str) -> str:
+        if not all(ADAPTER_NAME_SEGMENT.match(part) for part in value.split("/")):
+            raise ValueError("is not a valid adapter name (letters, digits, '.', '_', '-', and '/' between folder "
+                             "names; no '..', no leading '/' or '.')")
+        return value
 
 
 class ManifestRow(BaseModel):

@@ -6,16 +6,19 @@ from typing import Callable, Iterator
 
 from manifests.reader import count_ids, iter_rows
 from manifests.tokens import prompt_overflow
-from manifests.schema import validate_row
+from manifests.schema import WATERMARK_MIN_SIDE, validate_row
 
 
 def check_manifests(
-    uris: list[str], models: set[str], tokenizer_for: Callable[[str], object] | None = None
+    uris: list[str], models: set[str], tokenizer_for: Callable[[str], object] | None = None,
+    watermark_sizes: dict[str, tuple[int, int]] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Yield ("error" | "warning", message) for every problem, in manifest order.
 
     Errors make a row invalid (generate will not draw it); warnings (a prompt over CLIP's window) do not.
-    `tokenizer_for(model_name)` returns the tokenizer used to count a row's prompt tokens.
+    `tokenizer_for(model_name)` returns the tokenizer used to count a row's prompt tokens. With
+    `watermark_sizes` (model name -> its native width, height) a row too small to carry the watermark is an
+    error, as `generate` finds it when the mark is on.
     """
     _, id_counts = count_ids(uris)
     for uri, position, raw in iter_rows(uris):
@@ -24,6 +27,13 @@ def check_manifests(
             yield "error", str(err)
         if parsed is None:
             continue
+        if watermark_sizes is not None and parsed.model in watermark_sizes:
+            native_width, native_height = watermark_sizes[parsed.model]
+            width, height = parsed.width or native_width, parsed.height or native_height
+            if min(width, height) < WATERMARK_MIN_SIDE:
+                yield "error", (f"{uri} row {position} (`{parsed.id}`): {width}x{height} is too small to carry the "
+                                f"watermark (needs {WATERMARK_MIN_SIDE}x{WATERMARK_MIN_SIDE}); make it larger, or "
+                                "draw it with --no-watermark")
         if id_counts[parsed.id] > 1:
             yield "error", (f"{uri} row {position} (`{parsed.id}`): `id` appears in {id_counts[parsed.id]} rows; "
                             f"ids must be unique across the run's manifests")

@@ -93,7 +93,7 @@ def test_validate_names_every_bad_row_one_line_each(capsys, bad_manifest):
 def test_clean_manifest_exits_0(capsys, tmp_path):
     path = write(tmp_path / "ok.parquet", [
         good("mug-1"),
-        good("mug-2", seed=2**63 - 1, steps=500, width=2048, height=64, guidance_scale=0.0, scheduler="euler_a",
+        good("mug-2", seed=2**63 - 1, steps=500, width=2048, height=256, guidance_scale=0.0, scheduler="euler_a",
              negative_prompt="blurry", adapters=[{"name": "brand", "scale": -0.5}]),
         good("unicode", prompt="un café ☕ 🚀 製品写真", negative_prompt="模糊, flou"),
         good("emoji", prompt="🍵🫖 on a 🧱 wall, 👨‍👩‍👧"),
@@ -312,3 +312,13 @@ def test_expand_with_clashing_slugs_exits_1(capsys, tmp_path):
     products.write_text("Red Mug\nred mug!\n")
     code, _, err = expand_cli(capsys, "--template", "{product}", "--products", products, "-o", tmp_path / "m.parquet")
     assert code == 1 and "'red-mug'" in err and "rows 0 and 1" in err
+
+
+def test_a_row_too_small_for_the_watermark_is_an_error_unless_the_run_draws_without_it(capsys, tmp_path):
+    """What `generate` would find invalid, validate says first: 256x200 is under the mark's 256 px."""
+    path = write(tmp_path / "m.parquet", [good("native"), good("narrow", width=256, height=200)])
+    code, lines, _ = validate(capsys, path)
+    assert code == 1 and len(problems(lines)) == 1, lines
+    assert f"{path} row 1 (`narrow`): 256x200 is too small to carry the watermark" in problems(lines)[0]
+    code, lines, _ = validate(capsys, path, "--no-watermark")
+    assert code == 0 and problems(lines) == [], lines

@@ -170,6 +170,12 @@ def test_adapter_scale_must_be_finite(scale):
     assert f"got {scale!r}" in str(err) and "finite" in str(err)
 
 
+@pytest.mark.parametrize("name", ["../outside/escape", "/tmp/elsewhere", "brand/../../x", ".hidden", "a//b", ""])
+def test_an_adapter_name_that_would_leave_the_store_is_invalid_where_validate_sees_it(name):
+    err = only_error(row(adapters=[{"name": "brand/style-v2", "scale": 0.8}, {"name": name, "scale": 1.0}]))
+    assert err.field == "adapters.1.name" and f"got {name!r}" in str(err)
+
+
 def test_every_problem_of_a_row_is_reported_not_only_the_first():
     errors = errors_of(row(width=770, steps=501, seed=-1, scheduler="nope"))
     assert sorted(e.field for e in errors) == ["scheduler", "seed", "steps", "width"]

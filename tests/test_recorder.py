@@ -57,3 +57,19 @@ def test_rows_the_plan_settles_count_as_done_but_not_toward_the_drawing_rate(clo
     rec.record(drawn(15, 5))
     assert "20/20 rows (10 ok" in rec.progress(clock[0])
     assert "1.00 img/s" in rec.progress(clock[0])  # 5 drawn rows in the 5 s after the first ones came back
+
+
+def test_a_row_problem_on_the_terminal_names_its_file_row_and_id(clock, monkeypatch):
+    said = []
+    monkeypatch.setattr(recorder, "log", said.append)
+    rec = make_recorder(total=3, started=0.0)
+    failed, invalid, warned = drawn(0, 3)
+    failed.update(id="mug", status="failed", error="adapter 'x': no adapter store given (pass --adapters URI)")
+    invalid.update(id="lamp", status="invalid", error="m.parquet row 1 (`lamp`): `steps` must be >= 1, got 0")
+    warned.update(id="vase", warning="prompt is 90 CLIP tokens, over the 77 the model reads")
+    rec.record([failed, invalid, warned])
+    assert said[:3] == [
+        "failed: m.parquet row 0 (`mug`): adapter 'x': no adapter store given (pass --adapters URI)",
+        "invalid: m.parquet row 1 (`lamp`): `steps` must be >= 1, got 0",  # said where already: not twice
+        "ok: m.parquet row 2 (`vase`): prompt is 90 CLIP tokens, over the 77 the model reads",
+    ]

@@ -178,7 +178,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     state = PlanState(models=models, duplicates=duplicates, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
-    log(f"{manifests.total} rows in {len(uris)} manifest(s); {len(done)} done before; out: {cfg.out}")
+    before = "--force: every row is drawn again" if cfg.force else f"{len(done)} done before"
+    log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")
 
     # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
     log_path = log_file(fs, root, f"sdfleet-{run_id}.log", in_out=not cfg.plan_only)
@@ -301,7 +302,8 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
     journal = JOURNAL_NAME.format(run_id=run_id)
     try:
         if total and not state.done and not state.existing:
-            log("planning while the actors start (nothing done before in this output)")
+            log("planning while the actors start (" + ("--force" if cfg.force else "nothing done before in this output")
+                + ")")
             for batch in _draw(planned, cfg, models, sizing, finish, journal, actor_cls).iter_batches(batch_size=None,
                                                                                             batch_format="pyarrow"):
                 results.record(batch.to_pylist())

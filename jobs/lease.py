@@ -58,9 +58,16 @@ class Lease:
         except Exception as exc:  # any store error: the output cannot be used
             raise RunFailed(f"cannot read the lease {self.fs.unstrip_protocol(self.path)}: {one_line(exc)}") from exc
         try:
-            return json.loads(data)
+            held = json.loads(data)
+            if isinstance(held, dict):
+                return held
         except ValueError:
-            return None
+            pass
+        if not getattr(self, "_said_damaged", False):  # no run wrote this: sdfleet writes its lease whole
+            self._said_damaged = True
+            log(f"--out {self.where}: the lease file {self.fs.unstrip_protocol(self.path)} is not a lease "
+                f"({len(data)} bytes that are not a JSON object); taking it over")
+        return None
 
     def _write(self) -> None:
         data = json.dumps({**self.record, "heartbeat": _now()}).encode()

@@ -61,7 +61,7 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     resolved = resolve_row(parsed, state.models[parsed.model], watermark=state.watermark,
                            adapter_fingerprints=state.adapter_fingerprints)
     work = {**base, **resolved, "status": None}
-    broken = [state.adapter_errors[a.name] for a in parsed.adapters if a.name in state.adapter_errors]
+    broken = dict.fromkeys(state.adapter_errors[a.name] for a in parsed.adapters if a.name in state.adapter_errors)
     if broken:  # a bad adapter fails the rows that need it; every other row is drawn
         return {**work, "status": "failed", "error": "; ".join(broken)}
     if state.watermark and min(work["width"], work["height"]) < MIN_SIDE:

@@ -422,6 +422,21 @@ def test_a_lease_whose_process_is_gone_on_this_machine_is_taken_over_at_once(tmp
     assert "taking over the lease of run killed" in said and "its process is gone" in said, said
 
 
+@pytest.mark.parametrize("content", ['{"run_id": "trunc', "[1, 2]", ""])
+def test_a_lease_file_that_is_not_a_lease_is_taken_over_and_said_so(tmp_path, monkeypatch, capsys, content):
+    import jobs.lease as lease
+
+    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.05)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".sdfleet-lease.json").write_text(content)
+    fs, root = fsspec.core.url_to_fs(str(out))
+    with lease.Lease(fs, root, "mine") as held:
+        assert held.holder()["run_id"] == "mine"
+    said = capsys.readouterr().err
+    assert said.count("is not a lease") == 1 and "taking it over" in said, said
+
+
 def test_plan_only_counts_what_would_be_drawn_and_writes_nothing(mixed_run):
     out = mixed_run["out"]
     before = sorted(p.name for p in out.rglob("*"))

@@ -144,12 +144,13 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                   lease: Lease | None) -> dict:
     # 2. manifests: files, row count, duplicate ids (before any row is drawn)
     uris = expand_manifest_paths(cfg.manifests)
-    inside = [uri for uri in uris if _under(fs, root, uri)]
-    if inside:  # a manifest folder that holds --out: its ledger parts are .parquet files too, but not manifests
-        uris = [uri for uri in uris if uri not in inside]
+    ledger = [uri for uri in uris if _under(fs, f"{root.rstrip('/')}/results", uri)]
+    if ledger:  # a manifest folder that holds --out: its ledger parts are .parquet files too, but not manifests
+        uris = [uri for uri in uris if uri not in ledger]
         if not uris:
-            raise RunFailed(f"every manifest given is inside --out {cfg.out} (its ledger); name the manifests")
-        log(f"left out {len(inside)} .parquet file(s) inside --out (this output's own ledger): not manifests")
+            raise RunFailed(f"every manifest given is a ledger part of --out {cfg.out} (its results/); name the "
+                            "manifests")
+        log(f"left out {len(ledger)} ledger part(s) of --out (its results/): not manifests")
     manifests = survey(uris)  # each file read once: footers, ids, adapter names
     duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
     manifests.id_counts = None  # one entry per row: let it go before the run
@@ -225,7 +226,7 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
 
 
 def _under(fs, root: str, uri: str) -> bool:
-    """Whether the file `uri` lies inside the output root `root` of store `fs`."""
+    """Whether the file `uri` lies inside the folder `root` of store `fs`."""
     other, path = fsspec.core.url_to_fs(uri)
     return type(other) is type(fs) and path.startswith(root.rstrip("/") + "/")
 

@@ -112,7 +112,7 @@ def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):
 
 def test_a_batch_size_that_is_neither_a_number_nor_auto_is_refused(tmp_path):
     proc = sdfleet("generate", "m.parquet", "--out", str(tmp_path / "out"), "--batch-size", "big")
-    assert proc.returncode == 2 and "--batch-size: invalid int or auto value: 'big'" in proc.stderr
+    assert proc.returncode == 1 and "--batch-size: invalid int or auto value: 'big'" in proc.stderr
 
 
 @pytest.mark.gpu

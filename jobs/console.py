@@ -24,3 +24,20 @@ def log_file(fs, root: str, name: str, in_out: bool = True) -> str:
 
         folder = tempfile.gettempdir()
     return os.path.join(folder, name)
+
+
+def keep_log(fs, root: str, path: str) -> None:
+    """At the end of a command whose OUT is an object store: its log file (a local temporary file meanwhile,
+    see `log_file`) is copied to OUT/logs/, so the messages of a job whose pod is gone stay with its output.
+    Best effort: a store that refuses is said in one line, and the command's own outcome stands."""
+    from manifests.stores import is_local_fs
+
+    if is_local_fs(fs) or not os.path.exists(path):
+        return
+    target = f"{root.rstrip('/')}/logs/{os.path.basename(path)}"
+    try:
+        fs.put_file(path, target)
+    except Exception as exc:  # noqa: BLE001 - the run's result matters more than its log
+        from jobs.errors import one_line
+
+        log(f"warning: the log {path} was not copied to {fs.unstrip_protocol(target)}: {one_line(exc)}")

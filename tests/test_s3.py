@@ -151,9 +151,12 @@ def test_generate_reads_model_adapters_and_manifests_from_s3_and_writes_there(s3
     assert all(e["uri"].startswith("s3://sdfleet/runs/a/images/") for e in entries)
     assert not fs.exists("sdfleet/runs/a/.sdfleet-lease.json")  # the lease went with the run
 
+    # the run's log, a local file while it ran, is kept in the bucket with what it wrote
+    (log_key,) = _objects(fs, "sdfleet/runs/a/logs")
+    log_text = fs.cat_file(log_key).decode()
+    assert "execution finished" in log_text, log_text[-2000:]  # Ray Data's own lines, whole to the end
+    assert "(copied to s3://sdfleet/runs/a/logs/ when the run ends)" in proc.stderr
     # credentials never show: not on the terminal, not in the run's log, not in what the run wrote
-    log_line = next(line for line in proc.stderr.splitlines() if "libraries' messages:" in line)
-    log_text = open(log_line.rsplit(": ", 1)[-1]).read()
     written = b"".join(fs.cat_file(p) for p in _objects(fs, "sdfleet/runs/a") if not p.endswith(".png"))
     for text in (proc.stdout, proc.stderr, log_text, written.decode("utf-8", "replace")):
         assert SECRET not in text and "sdfleet-test-key" not in text
@@ -283,6 +286,8 @@ def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resu
     assert fs.exists(f"{out}/unet/diffusion_pytorch_model.safetensors") and fs.exists(f"{out}/model_index.json")
     for text in (build.stderr, again.stdout, again.stderr, (tmp_path / "run1.log").read_text()):
         assert SECRET not in text
+    logs = _objects(fs, f"{out}/logs")  # each run's log, the killed one's too had it lived; the rerun's is there
+    assert logs and all(SECRET not in fs.cat_file(p).decode("utf-8", "replace") for p in logs)
 
 
 def test_the_onnx_backend_draws_what_eager_draws_keeping_its_exports_in_s3_and_a_second_node_starts_warm(

@@ -248,6 +248,14 @@ def export_preset(name: str, directory: str) -> None:
     """Write a preset as a diffusers directory (safetensors) that `--model NAME=DIR` loads."""
     if name not in PRESETS:
         raise ModelError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    if not directory.strip():
+        raise ModelError("the folder to export into must not be empty: give a new folder, e.g. models/tiny")
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise ModelError(f"{directory} is a file; give a new or empty folder to export {name} into")
+    if target.is_dir() and any(target.iterdir()):  # a fine-tune's output, say: never overwritten
+        raise ModelError(f"{directory} is not empty; export {name} into a new or empty folder (nothing there "
+                         "was changed)")
     pipe = build_preset(name)
     pipe.save_pretrained(directory, safe_serialization=True)
     d = PRESETS[name]["defaults"]

@@ -115,6 +115,34 @@ def decode_bits(rgb: np.ndarray, num_bits: int) -> np.ndarray:
     return (share * 255 > 127).astype(np.uint8)
 
 
+def guess_payload(rgb: np.ndarray, max_bytes: int = 32, min_votes: int = 8) -> str | None:
+    """The dwtDctSvd payload an image carries, read without knowing it (for `watermark verify` to tell "another
+    payload" from "no mark"), or None. The mark repeats its bits block after block, so at the payload's own
+    length every bit's votes agree; the shortest length whose votes agree (as well as the best length's, and on
+    90% of the votes) is taken. Best effort: None also for a payload that is not printable UTF-8 (a flat image's
+    votes agree too, on zeros), and for lengths that would leave a bit under `min_votes` blocks."""
+    _, u = _u_channel(rgb)
+    blocks, _ = _blocks(u)
+    top = np.linalg.svd(blocks, compute_uv=False)[:, 0]
+    votes = (np.mod(top, SCALE) > SCALE * 0.5).astype(np.float64)
+    reads = {}
+    for n in range(1, min(max_bytes, len(top) // (8 * min_votes)) + 1):
+        index = np.arange(len(top)) % (8 * n)
+        share = np.bincount(index, weights=votes) / np.bincount(index)
+        reads[n] = (float(np.abs(2 * share - 1).mean()), (share > 0.5).astype(np.uint8))
+    if not reads:
+        return None
+    best = max(agree for agree, _ in reads.values())
+    n, (agree, bits) = next((n, r) for n, r in reads.items() if r[0] >= best - 0.02)
+    if agree < MATCH_THRESHOLD:
+        return None
+    try:
+        text = np.packbits(bits).tobytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() and text.strip() else None
+
+
 def bits_read(rgb: np.ndarray, payload: str | bytes) -> float:
     """Share of `payload`'s bits that the dwtDctSvd decoder reads back from `rgb` (1.0: all of them)."""
     bits = _payload_bits(payload)

@@ -117,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("--steps", int), ("--width", int), ("--height", int), ("--guidance-scale", float),
                        ("--scheduler", str), ("--model", str)):
         exp.add_argument(flag, type=kind, help="set on every row (default: the model's)")
-    exp.add_argument("-o", "--out", required=True, help="manifest to write (.parquet, path or URI)")
+    exp.add_argument("-o", "--out", required=True, help="manifest to write (path or URI ending in .parquet)")
+    exp.add_argument("--force", action="store_true", help="overwrite -o if it already exists (default: refuse)")
 
     wm = sub.add_parser("watermark", help="invisible watermark tools").add_subparsers(dest="watermark_command", required=True)
     ver = wm.add_parser("verify", help="read watermark payloads back from images")
-    ver.add_argument("images", nargs="+", metavar="IMAGE")
-    ver.add_argument("--payload", help="expected payload (default: the one recorded in each PNG, else sdfleet)")
+    ver.add_argument("images", nargs="+", metavar="IMAGE", help="images (paths or URIs); each gets a line: ok, "
+                     "MISSING (no mark), OTHER (another payload) or ERROR (cannot be checked)")
+    ver.add_argument("--payload", help="expected payload, not empty "
+                     "(default: the one recorded in each PNG, else sdfleet)")
 
     tune = sub.add_parser("finetune", help="fine-tune a model on Ray Train (full, LoRA, DreamBooth, VAE, "
                                            "Textual Inversion)")
@@ -199,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        print("sdfleet: interrupted; finished rows are in the ledger, rerun to continue", file=sys.stderr)
+        what = {"generate": "finished rows are in the ledger, rerun to continue",
+                "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
+                            "resume from the newest"}.get(args.command, "nothing more was done")
+        print(f"sdfleet: interrupted; {what}", file=sys.stderr)
         return 130
     except Exception as exc:  # the typed errors of the library, said in one line with a hint
         from jobs.errors import describe_error
@@ -342,8 +348,9 @@ def _validate(args) -> int:
 
 
 def _expand(args) -> int:
-    from manifests.expand import expand, load_list, write_manifest
+    from manifests.expand import check_output, expand, load_list, write_manifest
 
+    check_output(args.out, force=args.force)  # before any work: a wrong -o is refused, an existing one kept
     products = load_list(args.products, "product")
     scenes = load_list(args.scenes, "scene") if args.scenes else None
     fixed = {k: v for k, v in {
@@ -358,28 +365,77 @@ def _expand(args) -> int:
 
 
 def cmd_watermark_verify(args) -> int:
+    """One line per image on stdout: ok, MISSING (no mark), OTHER (a mark with another payload) or ERROR (the file
+    cannot be checked); every image is checked, and the exit is 1 unless all are ok."""
+    from actors import watermark as wm
+    from jobs.console import log
+
+    if args.payload is not None and not args.payload.strip():
+        print("sdfleet watermark verify: error: --payload is empty; give the payload the images were marked with, "
+              f"or leave it out to use the one recorded in each PNG (else {wm.DEFAULT_PAYLOAD!r})", file=sys.stderr)
+        return EXIT_ERROR
+    counts = dict.fromkeys(("ok", "MISSING", "OTHER", "ERROR"), 0)
+    for uri in args.images:
+        status, message = _verify_one(uri, args.payload, wm)
+        counts[status] += 1
+        print(f"{status}  {uri}: {message}", flush=True)
+    if len(args.images) > 1:
+        log(f"{len(args.images)} image(s): {counts['ok']} ok, {counts['MISSING']} without the mark, "
+            f"{counts['OTHER']} with another payload, {counts['ERROR']} could not be checked")
+    return EXIT_OK if counts["ok"] == len(args.images) else EXIT_ERROR
+
+
+def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
+    """(status, the rest of the line) for one image of `watermark verify`."""
     import io
     import json
 
     import fsspec
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    from actors import watermark as wm
     from actors.png import PNG_KEY
+    from jobs.errors import one_line
 
-    failures = 0
-    for uri in args.images:
-        with fsspec.open(uri, "rb") as f:
-            image = Image.open(io.BytesIO(f.read()))
-        recorded = json.loads(image.text[PNG_KEY]).get("watermark") if PNG_KEY in getattr(image, "text", {}) else None
-        expected = args.payload or recorded or wm.DEFAULT_PAYLOAD
-        found, accuracy = wm.read(np.asarray(image.convert("RGB")), expected.encode())
-        ok = accuracy >= wm.MATCH_THRESHOLD
-        failures += not ok
-        shown = found.decode("utf-8", errors="replace")
-        print(f"{'ok' if ok else 'MISSING'}  {uri}: read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match")
-    return EXIT_OK if not failures else EXIT_ERROR
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        if fs.isdir(path):
+            return "ERROR", "is a folder, not an image (give the image files, e.g. DIR/*.png)"
+        if not fs.exists(path):
+            return "ERROR", "does not exist"
+        data = fs.cat_file(path)
+    except Exception as exc:  # noqa: BLE001 - an unreachable store, a denied file: said, and the rest go on
+        return "ERROR", f"cannot be read ({one_line(exc)})"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.asarray(image.convert("RGB"))
+            text = dict(getattr(image, "text", {}) or {})
+    except UnidentifiedImageError:
+        return "ERROR", "is not an image (not a PNG, JPEG, WebP or other format Pillow reads)"
+    except Image.DecompressionBombError as exc:
+        return "ERROR", f"is not checked: {exc}"
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data after a valid header
+        return "ERROR", f"is a corrupt image ({one_line(exc)})"
+    h, w = rgb.shape[:2]
+    if min(h, w) < wm.MIN_SIDE:
+        return "ERROR", (f"{w}x{h} is too small to carry the watermark "
+                         f"(it needs at least {wm.MIN_SIDE}x{wm.MIN_SIDE}), so it has none")
+    try:
+        recorded = json.loads(text[PNG_KEY]).get("watermark") if PNG_KEY in text else None
+    except (ValueError, AttributeError):  # parameters that are not a JSON object: no recorded payload
+        recorded = None
+    recorded = recorded if isinstance(recorded, str) and recorded else None
+    expected = payload or recorded or wm.DEFAULT_PAYLOAD
+    found, accuracy = wm.read(rgb, expected.encode())
+    shown = found.decode("utf-8", errors="replace")
+    if accuracy >= wm.MATCH_THRESHOLD:
+        return "ok", f"read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match"
+    others = (recorded, wm.DEFAULT_PAYLOAD, wm.guess_payload(rgb))  # the guess: for a PNG whose text was stripped
+    for other in dict.fromkeys(p for p in others if p and p != expected):
+        if wm.read(rgb, other.encode())[1] >= wm.MATCH_THRESHOLD:
+            return "OTHER", (f"other payload {other!r}, expected {expected!r} ({accuracy:.0%} of the expected "
+                             f"payload's bits match)")
+    return "MISSING", f"read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match"
 
 
 def cmd_finetune(args) -> int:
@@ -404,8 +460,8 @@ def cmd_dataset_build(args) -> int:
 
     summary = build_dataset(args.images, args.out, captions=args.captions, resolution=args.resolution,
                             min_size=args.min_size, log=log)
-    print(f"wrote {summary['rows']} samples at {summary['resolution']} px to {args.out}; "
-          f"{len(summary['skipped'])} file(s) skipped")
+    log(f"wrote {summary['rows']} samples at {summary['resolution']} px to {args.out}; "
+        f"{len(summary['skipped'])} file(s) skipped")
     return EXIT_ROWS if summary["skipped"] else EXIT_OK
 
 
@@ -423,10 +479,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_model_export(args) -> int:
-    from actors.models import export_preset
+    import diffusers
+    import transformers
 
+    from actors.models import export_preset
+    from jobs.console import log
+
+    for library in (diffusers, transformers):  # their progress bars and notices are not sdfleet's to print
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
     export_preset(args.preset, args.directory)
-    print(f"wrote preset {args.preset} to {os.path.abspath(args.directory)}")
+    log(f"wrote preset {args.preset} to {os.path.abspath(args.directory)}")
     return EXIT_OK
 
 

@@ -41,6 +41,12 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     if resolution < 8 or resolution % 8:
         raise DatasetError(f"--resolution must be a positive multiple of 8 (the VAE downsamples 8x); got {resolution}")
     min_size = resolution if min_size is None else min_size
+    if not out.strip():
+        raise DatasetError("-o is empty; give the folder to write the dataset into (a path or URI)")
+    out_fs, out_root = fsspec.core.url_to_fs(out)
+    if out_fs.isfile(out_root):
+        raise DatasetError(f"-o {out} is a file; give a folder to write the dataset into (a new one, or an earlier "
+                           "`dataset build` output to rebuild)")
     fs, root = fsspec.core.url_to_fs(images_dir)
     if not fs.isdir(root):
         raise DatasetError(f"IMAGES_DIR {images_dir} is not a folder")
@@ -61,7 +67,6 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         except OSError as exc:
             return Skipped(name, f"cannot be read ({exc})")
 
-    out_fs, out_root = fsspec.core.url_to_fs(out)
     out_fs.makedirs(out_root, exist_ok=True)
     old_parts = [p for p in out_fs.glob(f"{out_root}/part-*.parquet")]
     rows, skipped, parts = [], [], []
@@ -117,7 +122,11 @@ def _caption_lookup(fs, root: str, captions: str | None):
 
 
 def _caption_table(cfs, path: str, label: str) -> dict[str, str]:
-    text = cfs.cat_file(path).decode("utf-8")
+    try:  # utf-8-sig: spreadsheets save CSV with a byte-order mark, which would rename the first column
+        text = cfs.cat_file(path).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"--captions {label} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                           "save it as UTF-8 (in a spreadsheet: CSV UTF-8)") from exc
     if path.lower().endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
         if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):

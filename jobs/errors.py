@@ -33,7 +33,8 @@ def describe_error(exc: BaseException) -> str | None:
 
     hints = {
         ManifestError: "check the manifest paths (local paths, URIs or globs of .parquet files)",
-        ModelError: "pass --model NAME=REF with a preset (tiny, sd21-random) or a diffusers directory",
+        ModelError: None,  # its messages name the model and what a reference may be; generate, finetune --base
+        # and model export all raise it, so a hint naming one command's flag would mislead the others
         ClusterError: "check --address / RAY_ADDRESS and --actors",
         ExpandError: None,
         WatermarkError: None,

@@ -97,7 +97,12 @@ def run_finetune(cfg: TrainConfig) -> dict:
                 f"{cfg.batch_size * cfg.workers * cfg.grad_accum}, {resolution} px; out: {cfg.out}")
             _write_json(fs, f"{root}/finetune.json", {**record, "status": "running", "config": cfg.model_dump()})
             with TrainProgress(fs, f"{root}/train_log.jsonl", cfg, follow=not cfg.verbose):
-                result = _fit(cfg, train, base, scaling, fs, root)
+                try:
+                    result = _fit(cfg, train, base, scaling, fs, root)
+                except KeyboardInterrupt:  # the CLI says how to resume; finetune.json no longer says "running"
+                    _write_json(fs, f"{root}/finetune.json", {**record, "status": "interrupted",
+                                                              "config": cfg.model_dump()})
+                    raise
         finally:
             disconnect()
 
@@ -229,6 +234,8 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
         train_loop, train_loop_config={"train": train.model_dump(), "base": asdict(base)}, scaling_config=scaling, run_config=run_config)
     try:
         result = trainer.fit()
+    except SystemExit as exc:  # Ray Train's own Ctrl-C handler aborts the run, then exits (with 1)
+        raise KeyboardInterrupt from exc
     except Exception as exc:
         raise FinetuneError(f"training stopped: {root_cause(exc)}; checkpoints are in {cfg.out}/checkpoints, "
                             "rerun the same command to resume") from exc

@@ -18,7 +18,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.schema import FIELDS, ID_PATTERN, default_seed
+from manifests.schema import FIELDS, ID_PATTERN, default_seed, quoted, validate_row
 from manifests.stores import read_parquet
 
 
@@ -59,6 +59,51 @@ def load_list(uri: str, column: str) -> list[dict[str, Any]]:
     return rows
 
 
+def template_fields(template: str) -> set[str]:
+    """The placeholder names of `template`; ExpandError for a stray brace or a placeholder with a conversion
+    or format spec (`{product!r}`, `{product:>20}` would put Python's repr or padding into the prompt)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ExpandError(f"--template {quoted(template)}: {exc}; a placeholder is {{column}}, "
+                          "a literal brace is written {{ or }}") from exc
+    fields = set()
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if conversion or spec:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ExpandError(f"--template placeholder {shown} has a conversion or format spec, which would put "
+                              f"Python's formatting into the prompt; write it as {{{name}}}")
+        fields.add(name)
+    return fields
+
+
+# the fixed-value flags of `manifest expand`, by the manifest field each sets
+FIXED_FLAGS = {"steps": "--steps", "width": "--width", "height": "--height", "guidance_scale": "--guidance-scale",
+               "scheduler": "--scheduler", "model": "--model"}
+
+
+def check_fixed(fixed: dict[str, Any]) -> None:
+    """ExpandError naming every fixed value (set on every row) that the row schema refuses, so a manifest that
+    `manifest validate` would reject on every row is never written."""
+    _, errors, _ = validate_row({"id": "x", "prompt": "x", **fixed}, source="--flags", row=0)
+    if errors:
+        raise ExpandError("; ".join(f"{FIXED_FLAGS.get(e.field, e.field)} {e.reason}, got {quoted(e.value)}"
+                                    for e in errors))
+
+
+def check_output(uri: str, force: bool = False) -> None:
+    """ExpandError unless `uri` can take the manifest: a .parquet name, and not an existing file unless `force`."""
+    if not uri.lower().endswith(".parquet"):
+        raise ExpandError(f"-o {quoted(uri)}: a manifest is written as Parquet; give a path or URI ending in .parquet")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if fs.isdir(path):
+        raise ExpandError(f"-o {uri} is a folder; give a .parquet file to write")
+    if fs.exists(path) and not force:
+        raise ExpandError(f"-o {uri} already exists; pass --force to overwrite it, or give another path")
+
+
 def _keys(rows: list[dict], column: str, id_column: str, source: str) -> list[str]:
     """Id fragments per row: the `id_column` value when present, else a slug of `column`; unique."""
     keys = [str(r[id_column]) if r.get(id_column) not in (None, "") else slug(str(r[column])) for r in rows]
@@ -87,7 +132,8 @@ def expand(
     """Build the manifest table; `fixed` columns (steps, width, ...) are set on every row."""
     if variants < 1:
         raise ExpandError(f"--variants must be at least 1, got {variants}")
-    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    fields = template_fields(template)
+    check_fixed(fixed or {})
     available = set(products[0]) | (set(scenes[0]) if scenes else set())
     unknown = sorted(f for f in fields if f not in available)
     if unknown:

@@ -109,6 +109,25 @@ def test_presets_are_deterministic_and_sd21_has_the_real_shapes(tiny):
     assert tiny.vae_scale_factor == 8 and tiny.unet.config.sample_size * 8 == 256
 
 
+def test_model_export_never_writes_over_a_folder_that_holds_something(tmp_path, capfd):
+    """A fine-tune's output exported over would lose the training: refused, the folder untouched; so are a
+    file and an empty name. The CLI says each in one line, and a good export only in sdfleet's own line."""
+    from jobs.cli import main
+
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "model_index.json").write_text("{}")
+    (tmp_path / "afile").write_text("x")
+    for target, needle in ((tuned, "is not empty"), (tmp_path / "afile", "is a file"), ("", "must not be empty")):
+        assert main(["model", "export", "tiny", str(target)]) == 1
+        err = capfd.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert [p.name for p in tuned.iterdir()] == ["model_index.json"] and (tuned / "model_index.json").read_text() == "{}"
+    assert main(["model", "export", "tiny", str(tmp_path / "new")]) == 0
+    out, err = capfd.readouterr()
+    assert (out + err).strip().splitlines() == [f"[sdfleet] wrote preset tiny to {tmp_path / 'new'}"], out + err
+
+
 def test_exported_preset_loads_from_a_directory_with_the_same_pixels(tiny, tmp_path):
     export_preset("tiny", str(tmp_path / "tiny"))
     files = {p.suffix for p in (tmp_path / "tiny").rglob("*") if p.is_file()}

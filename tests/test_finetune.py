@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ledger, pixels, sdfleet, sdfleet_side_by_side, write_manifest
+from helpers import REPO, ledger, pixels, sdfleet, sdfleet_side_by_side, write_manifest
 from jobs.dataset import build_dataset
 from jobs.synthetic import write_images
 
@@ -408,7 +408,10 @@ def trained(dataset, tmp_path_factory):
         "full": ["finetune", "full", "--data", str(dataset["dir"]), "--base", "tiny-random", "--out", str(full),
                  "--steps", "8", "--lr", "2e-3", "--checkpoint-every", "4", "--cache-latents", *TRAIN],
         # lr 1e-2: the trained tiny already fits these images, and at 3e-2 the eval loss rose (0.034 -> 0.037)
-        "lora": ["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(lora),
+        # relative --data and --out (the runs start in the checkout): Ray's workers start elsewhere, so the
+        # driver must make them absolute, or the LoRA lands in Ray's session folder and the data is not found
+        "lora": ["finetune", "lora", "--data", os.path.relpath(dataset["dir"], REPO), "--base", "tiny",
+                 "--out", os.path.relpath(lora, REPO),
                  "--steps", "8", "--lr", "1e-2", "--rank", "4", "--checkpoint-every", "4", *TRAIN],
         # prior preservation: tiny-random draws 4 class images (noise), trained on beside the instances
         "dreambooth": ["finetune", "dreambooth", "--data", str(dataset["dir"]), "--base", "tiny-random",
@@ -745,3 +748,30 @@ def build_tiny():
     from actors.presets import build_preset
 
     return build_preset("tiny")
+
+
+def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, tmp_path):
+    """Ctrl-C reaches Ray Train's own handler, which aborts the run and exits 1 with nothing said; sdfleet
+    says it was interrupted and how to resume, exits 130, and finetune.json no longer says "running"."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "tune"
+    argv = ["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), "--steps", "400",
+            "--checkpoint-every", "4", "--batch-size", "2", "--resolution", RES, "--log-every", "1"]
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", *argv], cwd=REPO, stdout=log, stderr=log,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "checkpoint_manager_snapshot.json").exists():
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "run.log").read_text()[-3000:]
+    said = (tmp_path / "run.log").read_text()
+    assert f"sdfleet: interrupted; checkpoints are in {out}/checkpoints, rerun the same command to resume" in said
+    assert json.loads((out / "finetune.json").read_text())["status"] == "interrupted"
+    again = sdfleet(*argv[:argv.index("--steps") + 1], "8", *argv[argv.index("--steps") + 2:])
+    assert again.returncode == 0 and "resuming from the checkpoint at step" in again.stderr, again.stderr[-3000:]

@@ -1,0 +1,231 @@
+"""Bad input to `dataset build`, `watermark verify` and `manifest expand`: one line that says what is wrong and what
+would be valid, exit 1, no traceback; nothing the user has is overwritten; a bad file among many is reported and
+the rest still checked. In this process (`jobs.cli.main`), which is what the CLI's own process runs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, PngImagePlugin
+
+from actors import watermark as wm
+from jobs.cli import main
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdfleet") and ": error: " in lines[0], err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def noise(size: int, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((size, size, 3)) * 200 + 20).astype(np.uint8)
+
+
+# -- dataset build ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(noise(72, i)).save(folder / f"{i}.png")
+    return folder
+
+
+def build(capsys, images, *extra) -> tuple[int, str, str]:
+    return run(capsys, "dataset", "build", images, "--resolution", "64", *extra)
+
+
+def test_dataset_build_refuses_an_out_that_is_a_file_and_leaves_it(capsys, tmp_path, images):
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    target = tmp_path / "afile"
+    target.write_text("mine")
+    code, out, err = build(capsys, images, "-o", target)
+    assert code == 1 and not out
+    one_error_line(err, f"-o {target}", "is a file", "folder")
+    assert target.read_text() == "mine"
+
+
+def test_dataset_build_refuses_an_empty_out(capsys, tmp_path, images, monkeypatch):
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = build(capsys, images, "-o", "")
+    assert code == 1
+    one_error_line(err, "-o is empty")
+    assert list(work.iterdir()) == []
+
+
+def test_dataset_build_says_a_captions_csv_that_is_not_utf8(capsys, tmp_path, images):
+    captions = tmp_path / "latin1.csv"
+    captions.write_bytes("file,caption\n0.png,un caf\xe9\n1.png,a mug\n".encode("latin-1"))
+    code, _, err = build(capsys, images, "--captions", captions, "-o", tmp_path / "data")
+    assert code == 1
+    one_error_line(err, f"--captions {captions}", "UTF-8")
+    assert not (tmp_path / "data").exists()
+
+
+def test_dataset_build_reads_a_captions_csv_with_a_byte_order_mark(capsys, tmp_path, images):
+    captions = tmp_path / "excel.csv"
+    captions.write_bytes("file,caption\r\n0.png,un café\r\n1.png,a mug\r\n".encode("utf-8-sig"))
+    code, out, err = build(capsys, images, "--captions", captions, "-o", tmp_path / "data")
+    assert code == 0, err
+    assert sorted(pq.read_table(tmp_path / "data").column("caption").to_pylist()) == ["a mug", "un café"]
+    # the summary is one of sdfleet's own lines: on stderr, prefixed
+    assert not out and err.strip().splitlines()[-1].startswith("[sdfleet] wrote 2 samples at 64 px"), err
+
+
+# -- watermark verify ----------------------------------------------------------------------------------------
+
+def save_png(path, rgb, recorded: str | None = None):
+    info = PngImagePlugin.PngInfo()
+    if recorded is not None:
+        info.add_itxt("parameters", json.dumps({"watermark": recorded}))
+    Image.fromarray(rgb).save(path, pnginfo=info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def marked(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("marks")
+    image = noise(256)
+    paths = {
+        "a": save_png(folder / "a.png", wm.embed(image, "sdfleet")),
+        "b": save_png(folder / "b.png", wm.embed(noise(256, 1), "sdfleet")),
+        "plain": save_png(folder / "plain.png", image),
+        "xyz": save_png(folder / "xyz.png", wm.embed(image, "xyz")),  # no recorded payload: read blind
+        "xyz-recorded": save_png(folder / "xyz-recorded.png", wm.embed(image, "xyz"), recorded="xyz"),
+        "small": save_png(folder / "small.png", noise(64)),
+        "folder": folder / "a-folder",
+        "text": folder / "notes.png",
+        "truncated": folder / "truncated.jpg",
+        "missing": folder / "missing.png",
+    }
+    paths["folder"].mkdir()
+    paths["text"].write_text("not an image")
+    buf = io.BytesIO()
+    Image.fromarray(wm.embed(image, "sdfleet")).save(buf, format="JPEG", quality=95)
+    paths["truncated"].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return paths
+
+
+def lines_by_file(out: str) -> dict[str, str]:
+    lines = {}
+    for line in out.strip().splitlines():
+        status, rest = line.split("  ", 1)
+        lines[rest.split(": ", 1)[0]] = f"{status}: {rest.split(': ', 1)[1]}"
+    return lines
+
+
+def test_verify_reports_each_bad_file_on_its_line_and_checks_the_rest(capsys, marked):
+    order = ["a", "missing", "text", "truncated", "small", "folder", "plain", "b"]
+    code, out, err = run(capsys, "watermark", "verify", *(marked[k] for k in order))
+    assert code == 1 and "Traceback" not in err
+    got = lines_by_file(out)
+    assert list(got) == [str(marked[k]) for k in order]  # every file, in order, the one after the bad ones too
+    status = {k: got[str(marked[k])] for k in order}
+    assert status["a"].startswith("ok:") and status["b"].startswith("ok:")
+    assert status["plain"].startswith("MISSING:")
+    assert status["missing"] == "ERROR: does not exist"
+    assert status["text"].startswith("ERROR: is not an image")
+    assert status["truncated"].startswith("ERROR: is a corrupt image")
+    assert status["small"].startswith("ERROR: 64x64 is too small to carry the watermark")
+    assert status["folder"].startswith("ERROR: is a folder")
+    code, out, _ = run(capsys, "watermark", "verify", marked["a"], marked["b"])  # all marked: exit 0
+    assert code == 0 and out.count("ok  ") == 2
+
+
+@pytest.mark.parametrize("name", ["xyz", "xyz-recorded"])
+def test_verify_tells_another_payload_from_no_mark(capsys, marked, name):
+    code, out, _ = run(capsys, "watermark", "verify", marked[name], marked["plain"], "--payload", "sdfleet")
+    assert code == 1
+    got = lines_by_file(out)
+    assert got[str(marked[name])].startswith("OTHER: other payload 'xyz', expected 'sdfleet'"), out
+    assert got[str(marked["plain"])].startswith("MISSING:"), out
+
+
+def test_verify_refuses_an_empty_payload(capsys, marked):
+    code, out, err = run(capsys, "watermark", "verify", marked["a"], "--payload", "")
+    assert code == 1 and not out
+    one_error_line(err, "sdfleet watermark verify: error: --payload is empty")
+
+
+# -- manifest expand -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def products(tmp_path):
+    path = tmp_path / "products.csv"
+    path.write_text("sku,product\nmug-001,a red mug\nvase-002,a blue vase\n", encoding="utf-8")
+    return path
+
+
+def expand(capsys, products, out, *extra, template="a photo of {product}"):
+    return run(capsys, "manifest", "expand", "--template", template, "--products", products, "-o", out, *extra)
+
+
+@pytest.mark.parametrize("template, needles", [
+    ("a {product} {", ["'a {product} {'", "{{"]),
+    ("a {product} }", ["'a {product} }'", "}}"]),
+    ("a {product!r}", ["{product!r}", "write it as {product}"]),
+    ("a {product:>20}", ["{product:>20}", "write it as {product}"]),
+])
+def test_expand_refuses_a_bad_template(capsys, tmp_path, products, template, needles):
+    out = tmp_path / "m.parquet"
+    code, stdout, err = expand(capsys, products, out, template=template)
+    assert code == 1 and not stdout
+    one_error_line(err, "--template", *needles)
+    assert not out.exists()
+    code, _, err = expand(capsys, products, out, template="{{logo}} {product}")  # as the message says
+    assert code == 0, err
+    assert pq.read_table(out).column("prompt").to_pylist() == ["{logo} a red mug", "{logo} a blue vase"]
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--steps", "0"], ["--steps must be in 1..500, got 0"]),
+    (["--scheduler", "bogus"], ["--scheduler should be 'ddim'", "got 'bogus'"]),
+    (["--width", "65", "--guidance-scale", "-1"], ["--width must be a multiple of 8", "--guidance-scale must be"]),
+])
+def test_expand_checks_fixed_values_before_writing(capsys, tmp_path, products, flags, needles):
+    out = tmp_path / "m.parquet"
+    code, _, err = expand(capsys, products, out, *flags)
+    assert code == 1
+    one_error_line(err, *needles)
+    assert not out.exists()
+
+
+def test_expand_refuses_an_out_that_is_not_parquet(capsys, tmp_path, products):
+    out = tmp_path / "m.csv"
+    code, _, err = expand(capsys, products, out)
+    assert code == 1
+    one_error_line(err, str(out), ".parquet")
+    assert not out.exists()
+
+
+def test_expand_keeps_an_existing_out_unless_forced(capsys, tmp_path, products):
+    out = tmp_path / "m.parquet"
+    out.write_bytes(b"my manifest")
+    code, _, err = expand(capsys, products, out)
+    assert code == 1
+    one_error_line(err, str(out), "already exists", "--force")
+    assert out.read_bytes() == b"my manifest"
+    code, stdout, err = expand(capsys, products, out, "--force")
+    assert code == 0, err
+    assert pq.read_table(out).num_rows == 2
+    assert main(["manifest", "expand", "--help"]) == 0
+    assert "--force" in capsys.readouterr().out

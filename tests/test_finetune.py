@@ -176,7 +176,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(tmp_path)
     def setup():
         torch.manual_seed(0)
         pipe = build_preset("tiny")
-        make_trainable(TrainConfig(method="lora", data="", base="tiny", out=""), pipe)
+        make_trainable(TrainConfig(method="lora", data="d", base="tiny", out="o"), pipe)
         model = Denoiser(pipe.unet, pipe.text_encoder)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-2)
@@ -707,7 +707,7 @@ def test_caption_dropout_trains_some_samples_on_the_empty_prompt():
 
     mean, std = torch.zeros(64, 4, 2, 2), torch.ones(64, 4, 2, 2)
     for dropout in (0.0, 0.5):
-        cfg = TrainConfig(method="full", data="", base="tiny", out="", caption_dropout=dropout)
+        cfg = TrainConfig(method="full", data="d", base="tiny", out="o", caption_dropout=dropout)
         _diffusion_step(cfg, pipe, model, scheduler, mean, std, ids, torch.Generator().manual_seed(0))
     dropped = [(batch == empty).all(dim=1).sum().item() for batch in seen]
     assert dropped[0] == 0 and 20 <= dropped[1] <= 44, dropped
@@ -727,7 +727,7 @@ def test_cached_latents_train_exactly_like_encoding_every_step(dataset):
 
     pipe = build_tiny()
     table = read_dataset(str(dataset["dir"]))
-    cfg = TrainConfig(method="full", data="", base="tiny", out="", batch_size=3, resolution=int(RES), cache_latents=True)
+    cfg = TrainConfig(method="full", data="d", base="tiny", out="o", batch_size=3, resolution=int(RES), cache_latents=True)
     cache = encode_dataset(cfg, table, pipe.vae, torch.device("cpu"), rank=0, world=1)
     assert cache["mean"].shape == (table.num_rows, 4, int(RES) // 8, int(RES) // 8)
     rows = [5, 0, 2, 5]

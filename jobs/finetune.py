@@ -275,6 +275,9 @@ def run_record(cfg: TrainConfig, base_fingerprint: str, class_data: str | None) 
 
 
 def _check_same_run(fs, root: str, record: dict) -> None:
+    if fs.exists(f"{root}/run.json") or fs.exists(f"{root}/results"):  # a model's files would mix with its images
+        raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds a `generate` run's output (run.json, "
+                            "results/); give the fine-tune a folder of its own")
     path = f"{root}/finetune.json"
     if not fs.exists(path):
         return

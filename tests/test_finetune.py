@@ -579,12 +579,17 @@ def test_generate_loads_both_outputs_and_they_change_the_image(trained):
         assert np.abs(images[a] - images[b]).mean() > 2, f"{a} and {b} look the same"
 
 
-def test_a_rerun_with_other_flags_into_the_same_out_is_refused(trained, dataset):
+def test_a_rerun_with_other_flags_or_into_a_generate_output_is_refused(trained, dataset):
     proc = sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(trained["lora"]),
                    "--rank", "8", "--lora-layers", "all", "--steps", "8", *TRAIN)
     assert proc.returncode == 1
     assert "holds another fine-tune" in proc.stderr and "rank: 4 there, 8 now" in proc.stderr
     assert "lora_layers: 'attention' there, 'all' now" in proc.stderr
+    # nor into a generate run's output, where the model's files would mix with the images and the ledger
+    proc = sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(trained["out"]),
+                   "--steps", "8", *TRAIN)
+    assert proc.returncode == 1 and "holds a `generate` run's output" in proc.stderr, proc.stderr[-2000:]
+    assert not (trained["out"] / "finetune.json").exists()
 
 
 @pytest.mark.parametrize("legacy, now, resumes", [

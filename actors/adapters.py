@@ -24,13 +24,12 @@ from typing import Literal
 import fsspec
 
 from manifests.stores import fs_protocols, is_local_fs
-from manifests.schema import ADAPTER_NAME_SEGMENT
+from manifests.schema import is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what actors.textual_inversion.save_embedding writes
 FOLDER_FILES = (LORA_FILE, EMBEDDING_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# A name is a relative path of safe segments: "watercolor", "styles/watercolor-v2".
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # diffusers / peft key spellings of a LoRA's two matrices (peft, diffusers attention processors, old diffusers).
 DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up)\.|\.lora_linear_layer\.)")
@@ -165,8 +164,7 @@ class AdapterStore:
     def _find(self, name: str) -> str:
         """The one safetensors path for `name`, or an AdapterError that says what is there instead."""
         # 1. the name must stay inside the store
-        segments = name.split("/")
-        if not all(ADAPTER_NAME_SEGMENT.match(s) for s in segments):
+        if not is_adapter_name(name):
             raise AdapterError(name, "is not a valid adapter name (use letters, digits, '.', '_', '-', "
                                      "and '/' between folder names)")
         base = f"{self.root}/{name}"

@@ -3,8 +3,9 @@
 The first time an actor meets a model at an image size, it draws a few short batches of growing size
 (`CANDIDATES`, up to the block the driver hands it), each timed after one untimed call (compiles and
 cuDNN's algorithm search happen there), and keeps the size with the most images per second. A batch that
-fails (out of GPU memory, from torch, ONNX Runtime or TensorRT) ends the search. The choice is written to the backend cache, keyed by model,
-backend, device, dtype and size, so other actors, nodes and later runs read it instead of measuring.
+fails (out of GPU memory, from torch, ONNX Runtime or TensorRT) ends the search. The choice is written to the
+backend cache, keyed by model, backend, device, dtype and size, so other actors, nodes and later runs read it
+instead of measuring.
 
 Images do not depend on the batch a row is drawn in (every row has its own generator), so the choice
 changes speed only, never pixels.

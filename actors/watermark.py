@@ -104,13 +104,18 @@ def embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
     return np.ascontiguousarray(cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR)[:, :, ::-1])
 
 
-def decode_bits(rgb: np.ndarray, num_bits: int) -> np.ndarray:
-    """The payload bits the library's dwtDctSvd decoder reads from an RGB image (one vote per block)."""
+def _votes(rgb: np.ndarray) -> np.ndarray:
+    """Each block's vote for the payload bit it carries (1.0 or 0.0), as the library's decoder reads them."""
     _, u = _u_channel(rgb)
     blocks, _ = _blocks(u)
     top = np.linalg.svd(blocks, compute_uv=False)[:, 0]
-    votes = (np.mod(top, SCALE) > SCALE * 0.5).astype(np.float64)
-    index = np.arange(len(top)) % num_bits
+    return (np.mod(top, SCALE) > SCALE * 0.5).astype(np.float64)
+
+
+def decode_bits(rgb: np.ndarray, num_bits: int) -> np.ndarray:
+    """The payload bits the library's dwtDctSvd decoder reads from an RGB image (one vote per block)."""
+    votes = _votes(rgb)
+    index = np.arange(len(votes)) % num_bits
     share = np.bincount(index, weights=votes, minlength=num_bits) / np.bincount(index, minlength=num_bits)
     return (share * 255 > 127).astype(np.uint8)
 
@@ -121,13 +126,10 @@ def guess_payload(rgb: np.ndarray, max_bytes: int = 32, min_votes: int = 8) -> s
     length every bit's votes agree; the shortest length whose votes agree (as well as the best length's, and on
     90% of the votes) is taken. Best effort: None also for a payload that is not printable UTF-8 (a flat image's
     votes agree too, on zeros), and for lengths that would leave a bit under `min_votes` blocks."""
-    _, u = _u_channel(rgb)
-    blocks, _ = _blocks(u)
-    top = np.linalg.svd(blocks, compute_uv=False)[:, 0]
-    votes = (np.mod(top, SCALE) > SCALE * 0.5).astype(np.float64)
+    votes = _votes(rgb)
     reads = {}
-    for n in range(1, min(max_bytes, len(top) // (8 * min_votes)) + 1):
-        index = np.arange(len(top)) % (8 * n)
+    for n in range(1, min(max_bytes, len(votes) // (8 * min_votes)) + 1):
+        index = np.arange(len(votes)) % (8 * n)
         share = np.bincount(index, weights=votes) / np.bincount(index)
         reads[n] = (float(np.abs(2 * share - 1).mean()), (share > 0.5).astype(np.uint8))
     if not reads:

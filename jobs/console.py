@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -26,13 +27,29 @@ def log_file(fs, root: str, name: str, in_out: bool = True) -> str:
     return os.path.join(folder, name)
 
 
-def keep_log(fs, root: str, path: str) -> None:
-    """At the end of a command whose OUT is an object store: its log file (a local temporary file meanwhile,
-    see `log_file`) is copied to OUT/logs/, so the messages of a job whose pod is gone stay with its output.
-    Best effort: a store that refuses is said in one line, and the command's own outcome stands."""
+
+@contextlib.contextmanager
+def command_log(fs, root: str, name: str, ends: str, in_out: bool = True):
+    """The path of the command's log file `name` (see `log_file`), said once. On an object-store OUT the file
+    is copied to OUT/logs/ when the command (`ends`: "run", "fine-tune") ends, finished or failed, so the
+    messages of a job whose pod is gone stay with its output."""
     from manifests.stores import is_local_fs
 
-    if is_local_fs(fs) or not os.path.exists(path):
+    path = log_file(fs, root, name, in_out)
+    copied = in_out and not is_local_fs(fs)
+    where = f"{fs.unstrip_protocol(root.rstrip('/'))}/logs/"
+    log(f"Ray's and the libraries' messages: {path}" + (f" (copied to {where} when the {ends} ends)" if copied else ""))
+    try:
+        yield path
+    finally:
+        if copied:
+            _keep_log(fs, root, path)
+
+
+def _keep_log(fs, root: str, path: str) -> None:
+    """Copy the log file `path` to OUT/logs/. Best effort: a store that refuses is said in one line, and the
+    command's own outcome stands."""
+    if not os.path.exists(path):
         return
     target = f"{root.rstrip('/')}/logs/{os.path.basename(path)}"
     try:

@@ -16,7 +16,6 @@ and every step trains on as many class samples as instance samples, their loss w
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import os
@@ -28,7 +27,7 @@ import fsspec
 from actors.models import describe_model
 from actors.train.config import TrainConfig
 from cluster.connect import ClusterError, alive_nodes, connect, disconnect, library_logs_to
-from jobs.console import keep_log, log, log_file
+from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import check_dataset
 from manifests.stores import is_local_fs, is_local_path, multi_node_reason
@@ -81,11 +80,8 @@ def run_finetune(cfg: TrainConfig) -> dict:
             os.environ.setdefault(key, value)
     # Ray's, Ray Train's and the workers' own lines go to a log file; the progress printed here is read
     # from --out/train_log.jsonl, which rank 0 writes (TrainProgress)
-    log_path = log_file(fs, root, f"finetune-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.log")
-    copied = not is_local_fs(fs)  # an object store: the log is copied there at the end
-    log(f"Ray's and the libraries' messages: {log_path}" + (f" (copied to {cfg.out.rstrip('/')}/logs/ when the "
-                                                             "fine-tune ends)" if copied else ""))
-    with _kept(fs, root, log_path, copied), library_logs_to(log_path, cfg.verbose):  # the log whole when copied
+    name = f"finetune-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.log"
+    with command_log(fs, root, name, "fine-tune") as log_path, library_logs_to(log_path, cfg.verbose):
         resources = connect(cfg.address, quiet=not cfg.verbose)
         try:
             nodes = alive_nodes()
@@ -113,16 +109,6 @@ def run_finetune(cfg: TrainConfig) -> dict:
                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     _write_json(fs, f"{root}/finetune.json", summary)
     return summary
-
-
-@contextlib.contextmanager
-def _kept(fs, root: str, log_path: str, copied: bool):
-    """On the way out, finished or failed, the log goes to OUT/logs/ on an object store (`keep_log`)."""
-    try:
-        yield
-    finally:
-        if copied:
-            keep_log(fs, root, log_path)
 
 
 class TrainProgress:

@@ -32,13 +32,13 @@ from actors.models import describe_model
 from actors.presets import PRESETS
 from cluster.connect import (alive_nodes, connect, disconnect, library_logs_to, size_actors,
                              size_finishing)
-from jobs.console import keep_log, log, log_file
+from jobs.console import command_log, log
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder
 from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, settled_row
 from manifests.reader import expand_manifest_paths, survey
-from manifests.stores import (UnreadableFile, is_local_fs, is_local_path, multi_node_reason, process_local,
+from manifests.stores import (UnreadableFile, absolute_local, is_local_path, multi_node_reason, process_local,
                               unshared_reason)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
@@ -115,9 +115,8 @@ class GenerateConfig(BaseModel):
             if uri and process_local(uri):
                 raise ValueError(unshared_reason(flag, uri))
         for field in ("out", "adapters", "backend_cache"):  # workers do not share the driver's working directory
-            uri = getattr(self, field)
-            if uri and "://" not in uri and is_local_path(uri):
-                setattr(self, field, os.path.abspath(uri))
+            if getattr(self, field):
+                setattr(self, field, absolute_local(getattr(self, field)))
         return self
 
 
@@ -184,16 +183,9 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")
 
     # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
-    log_path = log_file(fs, root, f"sdfleet-{run_id}.log", in_out=not cfg.plan_only)
-    copied = not cfg.plan_only and not is_local_fs(fs)  # an object store: the log is copied there at the end
-    log(f"Ray's and the libraries' messages: {log_path}" + (f" (copied to {cfg.out.rstrip('/')}/logs/ when the "
-                                                             "run ends)" if copied else ""))
-    try:
-        with library_logs_to(log_path, cfg.verbose):
-            return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
-    finally:
-        if copied:
-            keep_log(fs, root, log_path)
+    with command_log(fs, root, f"sdfleet-{run_id}.log", "run", in_out=not cfg.plan_only) as log_path, \
+            library_logs_to(log_path, cfg.verbose):
+        return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
 
 
 def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease) -> dict:

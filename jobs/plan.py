@@ -27,8 +27,7 @@ import pyarrow as pa
 from actors.png import read_parameters_from
 from manifests.reader import ManifestPart, read_part
 from manifests.rows import WORK_SCHEMA, to_table
-from manifests.schema import WATERMARK_MIN_SIDE as MIN_SIDE
-from manifests.schema import coerced_id, group_key, resolve_row, validate_row
+from manifests.schema import coerced_id, group_key, resolve_row, row_location, too_small_for_the_mark, validate_row
 
 
 
@@ -55,7 +54,7 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     if errors:
         return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors)}
     if parsed.id in state.duplicates:
-        reason = (f"{source} row {row} (`{parsed.id}`): `id` appears in {state.duplicates[parsed.id]} rows of this "
+        reason = (f"{row_location(source, row, parsed.id)}: `id` appears in {state.duplicates[parsed.id]} rows of this "
                   f"run; ids must be unique, so none of those rows is drawn")
         return {**base, "id": parsed.id, "status": "invalid", "error": reason}
     resolved = resolve_row(parsed, state.models[parsed.model], watermark=state.watermark,
@@ -64,10 +63,10 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     broken = dict.fromkeys(state.adapter_errors[a.name] for a in parsed.adapters if a.name in state.adapter_errors)
     if broken:  # a bad adapter fails the rows that need it; every other row is drawn
         return {**work, "status": "failed", "error": "; ".join(broken)}
-    if state.watermark and min(work["width"], work["height"]) < MIN_SIDE:
-        reason = (f"{source} row {row} (`{parsed.id}`): {work['width']}x{work['height']} is too small to carry the "
-                  f"watermark (needs {MIN_SIDE}x{MIN_SIDE}); make it larger or run with --no-watermark")
-        return {**base, "id": parsed.id, "status": "invalid", "error": reason}
+    too_small = too_small_for_the_mark(work["width"], work["height"]) if state.watermark else None
+    if too_small:
+        error = f"{row_location(source, row, parsed.id)}: {too_small}"
+        return {**base, "id": parsed.id, "status": "invalid", "error": error}
     if not state.force and parsed.id in state.existing:
         if state.done.get(parsed.id) == work["params_hash"]:
             return {**work, "status": "skipped"}

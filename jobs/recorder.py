@@ -13,6 +13,7 @@ from actors import metrics
 from jobs.console import log
 from jobs.errors import RunFailed, one_line
 from manifests.ledger import write_part
+from manifests.schema import row_location
 
 # A ledger part is written when this many rows or seconds have gathered: a killed run loses at most
 # that much ledger (those rows are drawn again on rerun, never duplicated).
@@ -144,5 +145,5 @@ class Recorder:
 
 def _located(row: dict, message: str) -> str:
     """`message` about `row`, led by where the row is (file, 0-based row, id) unless it says so already."""
-    where = f"{row.get('source')} row {row.get('row')} (`{row.get('id')}`)"
+    where = row_location(row.get("source"), row.get("row"), row.get("id"))
     return message if message.startswith(f"{row.get('source')} row ") else f"{where}: {message}"

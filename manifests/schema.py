@@ -28,6 +28,19 @@ SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras
 SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 
 
+def is_adapter_name(name: str) -> bool:
+    """Whether `name` is a path of safe segments inside an adapter store (`style`, `brand/style-v2`)."""
+    return all(ADAPTER_NAME_SEGMENT.match(part) for part in name.split("/"))
+
+
+def too_small_for_the_mark(width: int, height: int) -> str | None:
+    """Why an image of this size cannot carry the watermark (and the ways out), or None when it can."""
+    if min(width, height) >= WATERMARK_MIN_SIDE:
+        return None
+    return (f"{width}x{height} is too small to carry the watermark (needs {WATERMARK_MIN_SIDE}x{WATERMARK_MIN_SIDE}); "
+            "make it larger or run with --no-watermark")
+
+
 # The `id` field's own coercion: a string as it is, bytes decoded as UTF-8 (a Parquet binary column), nothing else.
 _ID_TYPE = TypeAdapter(str)
 # How many characters of a value an error message quotes: a 100 KB prompt must not become a 100 KB line.
@@ -85,7 +98,7 @@ class AdapterRef(BaseModel):
     @field_validator("name")
     @classmethod
     def _name_stays_in_the_store(cls, value: str) -> str:
-        if not all(ADAPTER_NAME_SEGMENT.match(part) for part in value.split("/")):
+        if not is_adapter_name(value):
             raise ValueError("is not a valid adapter name (letters, digits, '.', '_', '-', and '/' between folder "
                              "names; no '..', no leading '/' or '.')")
         return value
@@ -185,10 +198,14 @@ class RowError(BaseModel):
     reason: str
 
     def __str__(self) -> str:
-        shown = self.id if self.id is None or len(self.id) <= QUOTE_CHARS else self.id[:QUOTE_CHARS] + "..."
-        ident = f" (`{shown}`)" if shown else ""
         got = "it is missing" if self.missing else f"got {quoted(self.value)}"
-        return f"{self.source} row {self.row}{ident}: `{self.field}` {self.reason}, {got}"
+        return f"{row_location(self.source, self.row, self.id)}: `{self.field}` {self.reason}, {got}"
+
+
+def row_location(source: str, row: int, row_id: str | None) -> str:
+    """Where a row is, as every message about one says it: `m.parquet row 17 (`sku-88`)` (0-based row)."""
+    shown = row_id if row_id is None or len(row_id) <= QUOTE_CHARS else row_id[:QUOTE_CHARS] + "..."
+    return f"{source} row {row}" + (f" (`{shown}`)" if shown else "")
 
 
 def validate_row(raw: dict[str, Any], *, source: str, row: int, models: set[str] | None = None):

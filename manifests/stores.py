@@ -6,6 +6,7 @@ a local path is only shared on one machine, or where the user says it is a mount
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import fsspec
@@ -97,6 +98,12 @@ def process_local(uri: str) -> bool:
 def is_local_path(uri: str) -> bool:
     """True for a path on this machine's disk (a plain path or file://)."""
     return is_local_fs(fsspec.core.url_to_fs(uri)[0])
+
+
+def absolute_local(uri: str) -> str:
+    """`uri` as another process of the run can open it: a plain local path made absolute (Ray starts its
+    workers in folders of its own, not in the driver's working directory); URIs, file:// ones too, as given."""
+    return os.path.abspath(uri) if "://" not in uri and is_local_path(uri) else uri
 
 
 def unshared_reason(flag: str, uri: str) -> str:

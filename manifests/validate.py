@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 
 from manifests.reader import count_ids, iter_rows
 from manifests.tokens import prompt_overflow
-from manifests.schema import WATERMARK_MIN_SIDE, validate_row
+from manifests.schema import row_location, too_small_for_the_mark, validate_row
 
 
 def check_manifests(
@@ -27,17 +27,16 @@ def check_manifests(
             yield "error", str(err)
         if parsed is None:
             continue
+        where = row_location(uri, position, parsed.id)
         if watermark_sizes is not None and parsed.model in watermark_sizes:
             native_width, native_height = watermark_sizes[parsed.model]
-            width, height = parsed.width or native_width, parsed.height or native_height
-            if min(width, height) < WATERMARK_MIN_SIDE:
-                yield "error", (f"{uri} row {position} (`{parsed.id}`): {width}x{height} is too small to carry the "
-                                f"watermark (needs {WATERMARK_MIN_SIDE}x{WATERMARK_MIN_SIDE}); make it larger, or "
-                                "draw it with --no-watermark")
+            too_small = too_small_for_the_mark(parsed.width or native_width, parsed.height or native_height)
+            if too_small:
+                yield "error", f"{where}: {too_small}"
         if id_counts[parsed.id] > 1:
-            yield "error", (f"{uri} row {position} (`{parsed.id}`): `id` appears in {id_counts[parsed.id]} rows; "
+            yield "error", (f"{where}: `id` appears in {id_counts[parsed.id]} rows; "
                             f"ids must be unique across the run's manifests")
         if tokenizer_for is not None:
             warning = prompt_overflow(tokenizer_for(parsed.model), parsed.prompt)
             if warning:
-                yield "warning", f"{uri} row {position} (`{parsed.id}`): {warning}"
+                yield "warning", f"{where}: {warning}"

@@ -171,8 +171,7 @@ class CompileBackend(Backend):
         # With CUDA graphs a compiled call's output lives in the graph's memory, which the next call
         # overwrites. The pipeline mostly uses a step's output within the step, but without guidance (scale
         # <= 1) the scheduler gets it raw and PNDM keeps it for later steps: each step's output is copied out.
-        self._copy_outputs = device.type == "cuda" and self.settings.mode in ("reduce-overhead", "max-autotune")
-        if self._copy_outputs:
+        if device.type == "cuda" and self.settings.mode in ("reduce-overhead", "max-autotune"):
             pipe.unet.register_forward_hook(self._copy_out)
         if self.settings.compile_vae:
             pipe.vae.decoder = torch.compile(pipe.vae.decoder, **options)

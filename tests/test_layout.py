@@ -154,3 +154,33 @@ def test_the_driver_and_the_finishing_stage_load_no_torch(tmp_path):
     found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.strip() == "[]", f"loaded by the driver's imports: {found.stdout.strip()}"
+
+
+def test_every_pin_of_pyproject_is_the_locks_and_the_image_installs_extras_that_exist():
+    """A fresh install takes pyproject's pins under `-c requirements.lock`: a pin the lock contradicts
+    cannot be installed at all, and one it lacks resolves its dependencies afresh. TensorRT is left out of
+    the lock (GPU images only)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    pins = project["dependencies"] + [p for name, group in extras.items() if name != "tensorrt" for p in group]
+    lock = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            lock[re.sub(r"[-_.]+", "-", name.lower())] = version.strip()
+    wrong = []
+    for pin in pins:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]*\])?==(\S+)", pin)
+        assert match, f"pyproject.toml: {pin!r} is not pinned exactly"
+        name = re.sub(r"[-_.]+", "-", match.group(1).lower())
+        if lock.get(name) != match.group(3):
+            wrong.append(f"{pin} (lock: {lock.get(name, 'absent')})")
+    assert not wrong, "pyproject pins that requirements.lock does not hold: " + ", ".join(wrong)
+    dockerfile = (REPO / "k8s" / "Dockerfile").read_text()
+    for group in re.findall(r'sdfleet-src\[([^\]]+)\]|"\.\[([^\]]+)\]"', dockerfile):
+        for extra in filter(None, ",".join(group).split(",")):
+            assert extra in extras, f"k8s/Dockerfile installs the extra {extra!r}, which pyproject.toml lacks"
+    assert "gcs" in extras and "s3" in extras

@@ -1,0 +1,126 @@
+"""Generation on Google Cloud Storage: gcp-storage-emulator's JSON API on loopback, spoken to by gcsfs over HTTP.
+
+gcsfs finds the emulator through STORAGE_EMULATOR_HOST, in the driver, its actors and its tasks alike; no
+credentials are set, so gcsfs falls back to anonymous access as it would after finding none on a real
+cluster. gcsfs's extended filesystem first asks the storage control API (gRPC, which the emulator does not
+speak) for a bucket's layout; the fixture turns that off (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false), so the
+plain GCSFileSystem, the one the extended one falls back to for an ordinary bucket, is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from helpers import UNET_TARGETS, diffusers_file, free_port, make_lora, rows, sdfleet, write_manifest
+from manifests.stores import read_parquet
+
+BUCKET = "sdfleet-gcs"
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """An in-memory GCS emulator with one bucket; yields a gcsfs filesystem on it."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+           "SDFLEET_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import gcsfs
+
+    yield gcsfs.GCSFileSystem(token="anon")
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _entries(fs, out: str) -> list[dict]:
+    fs.invalidate_cache()
+    return [e for p in fs.find(f"{out}/results") if p.endswith(".parquet") for e in read_parquet(fs, p).to_pylist()]
+
+
+def test_generate_reads_model_adapters_and_manifests_from_gcs_writes_there_and_a_rerun_draws_only_new_rows(
+        gcs, tmp_path):
+    from actors.models import export_preset
+    from actors.presets import build_preset
+
+    fs = gcs
+    export_preset("tiny", str(tmp_path / "tiny"))
+    fs.put(str(tmp_path / "tiny"), f"{BUCKET}/models/tiny", recursive=True)
+    unet = build_preset("tiny").unet
+    fs.pipe(f"{BUCKET}/adapters/style.safetensors", diffusers_file(tmp_path, make_lora(unet, UNET_TARGETS, seed=3)))
+    records = rows(3) + rows(1, prefix="styled", adapters=[{"name": "style", "scale": 0.8}])
+    fs.put(str(write_manifest(tmp_path / "m.parquet", records)), f"{BUCKET}/manifests/m.parquet")
+
+    out = f"{BUCKET}/runs/a"
+    argv = ["generate", f"gs://{BUCKET}/manifests", "--out", f"gs://{out}", "--model",
+            f"default=gs://{BUCKET}/models/tiny", "--adapters", f"gs://{BUCKET}/adapters", "--batch-size", "2"]
+    first = sdfleet(*argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    fs.invalidate_cache()
+    images = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{out}/images"))
+    assert images == sorted(f"{r['id']}.png" for r in records)
+    entries = _entries(fs, out)
+    assert sorted(e["id"] for e in entries if e["status"] == "ok") == sorted(r["id"] for r in records)
+    assert all(e["uri"].startswith(f"gs://{out}/images/") for e in entries if e["status"] == "ok")
+    assert not fs.exists(f"{out}/.sdfleet-lease.json")  # the lease went with the run
+    summary = json.loads(fs.cat_file(f"{out}/run.json"))
+    assert summary["ok"] == 4 and summary["failed"] == 0, summary
+    assert any(p.rsplit("/", 1)[-1].endswith(".log") for p in fs.find(f"{out}/logs")), "the log is kept there"
+
+    # the nightly case: a second manifest arrives; the rerun reads the ledger back from the bucket and draws
+    # only the new rows
+    added = rows(2, prefix="added")
+    fs.put(str(write_manifest(tmp_path / "m2.parquet", added)), f"{BUCKET}/manifests/m2.parquet")
+    second = sdfleet(*argv)
+    assert second.returncode == 0, second.stderr[-3000:]
+    entries = _entries(fs, out)
+    ok = [e["id"] for e in entries if e["status"] == "ok"]
+    assert sorted(ok) == sorted(r["id"] for r in records + added), "every row ok exactly once"
+    summary = json.loads(fs.cat_file(f"{out}/run.json"))
+    assert (summary["ok"], summary["skipped"]) == (2, 4), "the first run's rows are not drawn again"
+
+
+def test_the_driver_reads_a_gcs_adapter_again_only_when_it_changes(gcs, tmp_path, monkeypatch):
+    """An adapter whose GCS version tag is the one this machine already hashed is not downloaded again."""
+    import gcsfs
+    import numpy as np
+    from safetensors.numpy import save
+
+    from jobs.generate import resolve_adapters
+
+    fs = gcs
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+
+    def lora(seed: int) -> bytes:
+        rng = np.random.default_rng(seed)
+        return save({"unet.mid.proj_in.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32),
+                     "unet.mid.proj_in.lora_B.weight": rng.standard_normal((8, 4)).astype(np.float32)})
+
+    fs.pipe(f"{BUCKET}/nightly-adapters/style.safetensors", lora(1))
+    reads = []
+    real = gcsfs.GCSFileSystem._cat_file
+
+    async def counted(self, path, *args, **kwargs):
+        reads.append(path.rsplit("/", 1)[-1])
+        return await real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_cat_file", counted)
+    store = f"gs://{BUCKET}/nightly-adapters"
+    first, bad = resolve_adapters(store, {"style"})
+    assert reads == ["style.safetensors"] and not bad
+    reads.clear()
+    again, _ = resolve_adapters(store, {"style"})
+    assert again == first and reads == [], "known version: not read again"
+    fs.pipe(f"{BUCKET}/nightly-adapters/style.safetensors", lora(2))  # replaced: a new generation
+    replaced, _ = resolve_adapters(store, {"style"})
+    assert reads == ["style.safetensors"] and replaced["style"] != first["style"]

@@ -6,6 +6,10 @@
 
 Every file that cannot be used is reported with its reason (corrupt, no caption, too small) and skipped;
 the rest are written. `sdfleet finetune --data OUT` reads what this writes.
+
+OUT is a new or empty folder, or an earlier build's output (it has `_dataset.json`), which a rebuild replaces:
+the new parts are written into a hidden staging folder inside OUT, where no reader looks, and take the old
+ones' place only once the build has succeeded, so a build that fails or is stopped leaves the old dataset whole.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from manifests.dataset import DATASET_SCHEMA, DatasetError, square_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ROWS_PER_PART = 500
+SUMMARY_FILE = "_dataset.json"
+STAGING_PREFIX = ".building-"  # OUT/.building-<pid>-<time>/: the parts of a build still running
 
 
 @dataclass
@@ -44,9 +50,8 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     if not out.strip():
         raise DatasetError("-o is empty; give the folder to write the dataset into (a path or URI)")
     out_fs, out_root = fsspec.core.url_to_fs(out)
-    if out_fs.isfile(out_root):
-        raise DatasetError(f"-o {out} is a file; give a folder to write the dataset into (a new one, or an earlier "
-                           "`dataset build` output to rebuild)")
+    out_root = out_root.rstrip("/")
+    _check_out(out_fs, out_root, out)
     fs, root = fsspec.core.url_to_fs(images_dir)
     if not fs.isdir(root):
         raise DatasetError(f"IMAGES_DIR {images_dir} is not a folder")
@@ -67,37 +72,65 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         except OSError as exc:
             return Skipped(name, f"cannot be read ({exc})")
 
-    out_fs.makedirs(out_root, exist_ok=True)
-    old_parts = [p for p in out_fs.glob(f"{out_root}/part-*.parquet")]
-    rows, skipped, parts = [], [], []
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        for i, result in enumerate(pool.map(one, images), 1):
-            if isinstance(result, Skipped):
-                skipped.append(result)
-                log(f"skipped {result.file}: {result.reason}")
-            else:
-                rows.append(result)
-            if len(rows) == ROWS_PER_PART:
-                parts.append(_write_part(out_fs, out_root, len(parts), rows))
-                rows = []
-            if i % 200 == 0:
-                log(f"{i}/{len(images)} images read")
-    if rows:
-        parts.append(_write_part(out_fs, out_root, len(parts), rows))
-    written = sum(n for _, n in parts)
-    if not written:
-        raise DatasetError(f"no usable images in {images_dir}: all {len(images)} were skipped (see the reasons above)")
-    for stale in old_parts:  # a rebuild into the same folder replaces the old dataset
-        if stale not in {p for p, _ in parts}:
+    staging = f"{out_root}/{STAGING_PREFIX}{os.getpid()}-{int(dt.datetime.now().timestamp())}"
+    out_fs.makedirs(staging, exist_ok=True)
+    try:
+        rows, skipped, parts = [], [], []
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+            for i, result in enumerate(pool.map(one, images), 1):
+                if isinstance(result, Skipped):
+                    skipped.append(result)
+                    log(f"skipped {result.file}: {result.reason}")
+                else:
+                    rows.append(result)
+                if len(rows) == ROWS_PER_PART:
+                    parts.append(_write_part(out_fs, staging, len(parts), rows))
+                    rows = []
+                if i % 200 == 0:
+                    log(f"{i}/{len(images)} images read")
+        if rows:
+            parts.append(_write_part(out_fs, staging, len(parts), rows))
+        written = sum(n for _, n in parts)
+        if not written:
+            raise DatasetError(f"no usable images in {images_dir}: all {len(images)} were skipped (see the reasons "
+                               "above)" + (f"; the dataset already in {out} is left as it was" if _is_dataset(
+                                   out_fs, out_root) else ""))
+        # the build succeeded: its parts replace any earlier build's, then the summary names them
+        for stale in out_fs.glob(f"{out_root}/part-*.parquet"):
             out_fs.rm(stale)
+        for staged, _ in parts:
+            out_fs.mv(staged, f"{out_root}/{os.path.basename(staged)}")
+    finally:
+        if out_fs.exists(staging):
+            out_fs.rm(staging, recursive=True)
     summary = {
         "rows": written, "skipped": [vars(s) for s in skipped], "resolution": resolution, "min_size": min_size,
         "source": images_dir, "parts": [os.path.basename(p) for p, _ in parts],
         "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    with out_fs.open(f"{out_root}/_dataset.json", "w") as f:
+    with out_fs.open(f"{out_root}/{SUMMARY_FILE}", "w") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _is_dataset(fs, root: str) -> bool:
+    return fs.isfile(f"{root}/{SUMMARY_FILE}")
+
+
+def _check_out(fs, root: str, out: str) -> None:
+    """OUT must be new, empty, or an earlier build's output: a build replaces the part files in it, and so
+    must not write into a folder of something else's files."""
+    if fs.isfile(root):
+        raise DatasetError(f"-o {out} is a file; give a folder to write the dataset into (a new one, or an earlier "
+                           "`dataset build` output to rebuild)")
+    if not fs.isdir(root) or _is_dataset(fs, root):
+        return
+    held = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    held = [name for name in held if not name.startswith(STAGING_PREFIX)]  # a stopped build's leftovers
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise DatasetError(f"-o {out} holds files ({shown}) and is not a `dataset build` output (no {SUMMARY_FILE}); "
+                           "give a new or empty folder, or an earlier build's output to rebuild it")
 
 
 def _caption_lookup(fs, root: str, captions: str | None):

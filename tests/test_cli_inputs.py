@@ -72,6 +72,65 @@ def test_dataset_build_refuses_an_empty_out(capsys, tmp_path, images, monkeypatc
     assert list(work.iterdir()) == []
 
 
+def test_dataset_build_refuses_a_folder_of_other_files_and_leaves_them(capsys, tmp_path, images):
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "part-00000.parquet").write_bytes(b"someone else's part file")  # the name a build would take
+    (target / "notes.txt").write_text("mine")
+    code, out, err = build(capsys, images, "-o", target)
+    assert code == 1 and not out
+    one_error_line(err, f"-o {target}", "notes.txt, part-00000.parquet", "not a `dataset build` output")
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt", "part-00000.parquet"]
+    assert (target / "part-00000.parquet").read_bytes() == b"someone else's part file"
+
+
+def test_a_rebuild_replaces_the_dataset_only_once_it_has_succeeded(capsys, tmp_path, images, monkeypatch):
+    import jobs.dataset
+
+    monkeypatch.setattr(jobs.dataset, "ROWS_PER_PART", 1)  # one part per image
+    for i in range(2):
+        (images / f"{i}.txt").write_text(f"a mug {i}")
+    out = tmp_path / "data"
+    code, _, err = build(capsys, images, "-o", out)
+    assert code == 0, err
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(first) == ["_dataset.json", "part-00000.parquet", "part-00001.parquet"]
+
+    # a rebuild in which no image is usable (all too small) fails and leaves the dataset whole
+    code, _, err = build(capsys, images, "-o", out, "--min-size", "512")
+    assert code == 1 and "left as it was" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+    # a rebuild stopped half way (Ctrl-C after one part was written) leaves it whole too, and no staging behind
+    real = jobs.dataset._prepare
+    calls = []
+
+    def stopped(name, *args):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(name, *args)
+
+    (images / "0.txt").write_text("another caption")
+    monkeypatch.setattr(jobs.dataset, "_prepare", stopped)
+    monkeypatch.setattr(jobs.dataset.os, "cpu_count", lambda: 1)  # one image at a time: part 0 is written first
+    code, _, err = build(capsys, images, "-o", out)
+    assert code == 130 and len(calls) == 2, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    monkeypatch.setattr(jobs.dataset, "_prepare", real)
+
+    # a rebuild from one image replaces both parts with its one
+    (images / "0.txt").write_text("a mug 0")
+    (images / "1.png").unlink()
+    code, _, err = build(capsys, images, "-o", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["_dataset.json", "part-00000.parquet"]
+    assert pq.read_table(out / "part-00000.parquet").column("caption").to_pylist() == ["a mug 0"]
+    assert json.loads((out / "_dataset.json").read_text())["parts"] == ["part-00000.parquet"]
+
+
 def test_dataset_build_says_a_captions_csv_that_is_not_utf8(capsys, tmp_path, images):
     captions = tmp_path / "latin1.csv"
     captions.write_bytes("file,caption\n0.png,un caf\xe9\n1.png,a mug\n".encode("latin-1"))

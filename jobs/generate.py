@@ -36,8 +36,10 @@ from jobs.console import command_log, log
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder
-from manifests.ledger import atomic_write, read_latest_ok, remove_stale_temp_files, settled_row
+from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, read_latest_ok, remove_stale_temp_files,
+                              settled_row)
 from manifests.reader import expand_manifest_paths, survey
+from manifests.schema import FIELDS
 from manifests.stores import (UnreadableFile, absolute_local, is_local_path, multi_node_reason, process_local,
                               unshared_reason)
 
@@ -173,6 +175,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                             "rerun: the rows it recorded are drawn again") from exc
         raise RunFailed(f"cannot read the ledger from {fs.unstrip_protocol(root)}/results: {exc.path}: "
                         f"{one_line(exc.cause)}; nothing was drawn, rerun once the store answers") from exc
+    if cfg.report and cfg.report_group_by:
+        _check_report_group_by(cfg.report_group_by, manifests.columns, fs, root)
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
     if not cfg.force and fs.exists(f"{root}/images"):
         existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{root}/images/*.png")}
@@ -186,6 +190,18 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     with command_log(fs, root, f"sdfleet-{run_id}.log", "run", in_out=not cfg.plan_only) as log_path, \
             library_logs_to(log_path, cfg.verbose):
         return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
+
+
+def _check_report_group_by(column: str, manifest_columns: set[str], fs, root: str) -> None:
+    """`--report-group-by` names a column this run's ledger will have: checked before drawing, not after (an
+    output with earlier ledger parts may have it from an earlier run's manifests: the report says then)."""
+    from jobs.outputs import BOOKKEEPING
+
+    own = [c for c in sorted(manifest_columns) if c not in FIELDS]  # kept in the ledger, as extra_columns names them
+    columns = [c for c in LEDGER_COLUMNS if c not in (*BOOKKEEPING, "extra")] + list(extra_columns(own).values())
+    if column not in columns and not fs.ls(f"{root}/results", detail=False):
+        raise RunFailed(f"--report-group-by {column!r}: this run's ledger will have no such column; group by one "
+                        f"of {', '.join(columns)}")
 
 
 def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease) -> dict:

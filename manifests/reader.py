@@ -10,7 +10,7 @@ import collections
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import fsspec
@@ -120,21 +120,24 @@ class Survey:
     id_counts: collections.Counter  # how often each id occurs, as the schema coerces it
     adapter_names: set[str]  # every adapter name the `adapters` columns mention
     parts: list[ManifestPart]  # the row groups, in file order
+    columns: set[str] = field(default_factory=set)  # every column name any manifest has
 
 
 def survey(uris: list[str]) -> Survey:
     """Footers, `id` and `adapters` columns of every manifest, each file opened once (see `_each_file`)."""
     found = Survey(uris, 0, collections.Counter(), set(), [])
-    for rows, file_counts, file_names, parts in _each_file(uris, _survey_file):  # merged as they come
+    for rows, file_counts, file_names, parts, columns in _each_file(uris, _survey_file):  # merged as they come
         found.total += rows
         found.id_counts.update(file_counts)
         found.adapter_names |= file_names
         found.parts += parts
+        found.columns |= columns
     return found
 
 
-def _survey_file(uri: str, pf: pq.ParquetFile) -> tuple[int, collections.Counter, set[str], list[ManifestPart]]:
-    return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf)
+def _survey_file(uri: str, pf: pq.ParquetFile) -> tuple[int, collections.Counter, set[str], list[ManifestPart],
+                                                          set[str]]:
+    return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf), set(pf.schema_arrow.names)
 
 
 def _parts(uri: str, pf: pq.ParquetFile) -> list[ManifestPart]:

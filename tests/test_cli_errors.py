@@ -133,3 +133,16 @@ def test_a_model_name_given_twice_is_refused(capsys, tmp_path, command):
     assert code == 1
     assert "--model default is given twice (default=tiny and default=tiny-random)" in one_error_line(err)
     assert not (tmp_path / "out").exists()  # refused before anything was drawn
+
+
+def test_a_report_group_by_column_the_new_ledger_will_not_have_is_refused_before_drawing(capsys, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2, sku="A1", status="draft"))
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "generate", manifest, "--out", out, "--report", "--report-group-by", "skU")
+    assert code == 1
+    line = one_error_line(err)
+    assert line.startswith("sdfleet: error: --report-group-by 'skU': this run's ledger will have no such column; "
+                           "group by one of id, "), line
+    # the manifest's own columns, as the ledger names them (its `status` is kept as manifest_status)
+    assert line.endswith(", scheduler, sku, manifest_status"), line
+    assert not any((out / "results").iterdir()) and not (out / "images").exists()  # nothing drawn or recorded

@@ -15,6 +15,7 @@ import sys
 from pydantic import ValidationError
 
 EXIT_OK, EXIT_ERROR, EXIT_ROWS = 0, 1, 2
+MAX_THUMB = 1024  # report and sheet: a thumbnail larger than this is the image itself (OUT/images)
 
 
 def _flag_error(prog: str, message: str) -> str:
@@ -256,8 +257,8 @@ def cmd_generate(args) -> int:
 def cmd_report(args) -> int:
     from jobs.report import build_report
 
-    if args.thumb < 16:
-        print(f"sdfleet report: error: --thumb must be at least 16 px, got {args.thumb}", file=sys.stderr)
+    if not 16 <= args.thumb <= MAX_THUMB:
+        print(f"sdfleet report: error: --thumb must be 16 to {MAX_THUMB} px, got {args.thumb}", file=sys.stderr)
         return EXIT_ERROR
     _say_report(build_report(args.out, group_by=args.group_by, thumb=args.thumb))
     return EXIT_OK
@@ -279,11 +280,13 @@ def cmd_sheet(args) -> int:
     from jobs.console import log
     from jobs.sheet import contact_sheet, sheet_format
 
-    if args.columns < 1 or args.thumb < 16:
-        print("sdfleet sheet: error: --columns must be at least 1 and --thumb at least 16", file=sys.stderr)
+    if args.columns < 1 or not 16 <= args.thumb <= MAX_THUMB:
+        print(f"sdfleet sheet: error: --columns must be at least 1 and --thumb 16 to {MAX_THUMB} px; got "
+              f"--columns {args.columns} --thumb {args.thumb}", file=sys.stderr)
         return EXIT_ERROR
     image_format = sheet_format(args.output)  # before drawing the sheet: a bad -o is said at once
-    image = contact_sheet(args.out, group_by=args.group_by, columns=args.columns, thumb=args.thumb)
+    image = contact_sheet(args.out, group_by=args.group_by, columns=args.columns, thumb=args.thumb,
+                          image_format=image_format)
     buf = io.BytesIO()
     image.save(buf, format=image_format)
     with fsspec.open(args.output, "wb") as f:

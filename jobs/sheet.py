@@ -21,6 +21,10 @@ GAP = "#dddddd"
 
 # The formats a sheet is written in, named by the -o extension; each takes the sheet's RGB as it is.
 SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# The longest side each format can hold (PNG's is far beyond MAX_SHEET_PIXELS), and the largest sheet drawn:
+# 200 Mpx is 600 MB of RGB in memory, about 12,000 thumbnails of 128 px.
+MAX_SIDE = {"JPEG": 65_535, "WEBP": 16_383}
+MAX_SHEET_PIXELS = 200_000_000
 
 
 def sheet_format(uri: str) -> str:
@@ -53,8 +57,9 @@ def _placeholder(side: int, text: str) -> Image.Image:
 
 
 def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb: int = 128,
-                  label: int = 14) -> Image.Image:
-    """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column)."""
+                  label: int = 14, image_format: str = "PNG") -> Image.Image:
+    """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column).
+    ReportError, before anything is drawn, for a sheet larger than `image_format` or memory can hold."""
     out = open_output(uri)
     out.check_group_by(group_by)
     groups = out.groups(group_by)
@@ -62,7 +67,15 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
         raise ReportError(f"{uri} has a run.json but an empty ledger: nothing to show")
     band = 20 if group_by else 0
     height = sum(band + -(-len(entries) // columns) * (thumb + label) for entries in groups.values())
-    sheet = Image.new("RGB", (columns * thumb, height), (255, 255, 255))
+    width, limit = columns * thumb, MAX_SIDE.get(image_format)
+    too_big = (f"more than {image_format} can hold ({limit} px a side)" if limit and max(width, height) > limit
+               else f"more than {MAX_SHEET_PIXELS // 1_000_000} Mpx" if width * height > MAX_SHEET_PIXELS else "")
+    if too_big:
+        rows = sum(len(entries) for entries in groups.values())
+        raise ReportError(f"a sheet of {rows} rows, {columns} to a line at {thumb} px, would be {width}x{height} px, "
+                          f"{too_big}; give a smaller --thumb or another --columns, or see every row with "
+                          f"`sdfleet report {uri}`")
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
     y = 0
     for key, entries in groups.items():

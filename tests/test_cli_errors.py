@@ -125,6 +125,34 @@ def test_sheet_refuses_an_output_it_cannot_write_in_one_line(capsys, tmp_path, t
     assert not (tmp_path / "sheet.txt").exists() and not (tmp_path / "sheet").exists()
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--thumb", "5000"], "--thumb 16 to 1024 px; got --columns 6 --thumb 5000"),
+    (["--columns", "0"], "--columns must be at least 1"),
+    # six rows on one line 17,000 px wide: more than WebP holds, which JPEG and PNG can
+    (["--columns", "1000", "--thumb", "17", "-o", "{dir}/s.webp"], "would be 17000x31 px, more than WEBP can hold"),
+    # one tile a line, 1,000 px: 6 Mpx, over the limit as patched below (200 Mpx takes ~12,000 rows of 128 px)
+    (["--columns", "1", "--thumb", "1000", "-o", "{dir}/s.png"], "would be 1000x6084 px, more than 5 Mpx"),
+])
+def test_a_sheet_too_large_to_hold_is_refused_before_drawing_naming_the_flags(capsys, tmp_path, monkeypatch, argv,
+                                                                           expected):
+    import jobs.sheet
+
+    monkeypatch.setattr(jobs.sheet, "MAX_SHEET_PIXELS", 5_000_000)  # 6 rows of 1000 px are 6 Mpx
+    output = make_output(tmp_path / "out")
+    argv = [a.format(dir=tmp_path) for a in argv]
+    target = [] if "-o" in argv else ["-o", str(tmp_path / "s.png")]
+    code, _, err = run(capsys, "sheet", output, *target, *argv)
+    assert code == 1
+    assert expected in one_error_line(err)
+    assert not list(tmp_path.glob("s.*")), "nothing written"
+
+
+def test_report_refuses_a_thumbnail_larger_than_an_image(capsys, tmp_path):
+    code, _, err = run(capsys, "report", make_output(tmp_path / "out"), "--thumb", "4096")
+    assert code == 1
+    assert "--thumb must be 16 to 1024 px, got 4096" in one_error_line(err)
+
+
 @pytest.mark.parametrize("command", [["generate", "{m}", "--out", "{out}"], ["manifest", "validate", "{m}"]])
 def test_a_model_name_given_twice_is_refused(capsys, tmp_path, command):
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))

@@ -109,6 +109,51 @@ def test_report_shows_each_row_as_it_stands_with_reasons_and_missing_images(outp
     assert "a photo of a, again" in page and "<b>bold</b>" not in page
 
 
+def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_every_row_once(output, monkeypatch):
+    import jobs.report
+
+    monkeypatch.setattr(jobs.report, "PAGE_ROWS", 4)  # six rows: sku-1 (a, b), sku-2 (c, d), sku-3 (e, f)
+    done = build_report(str(output), group_by="sku")
+    report = output / "report"
+    assert done["pages"] == 2 and sorted(p.name for p in report.glob("*.html")) == [
+        "index.html", "page-0001.html", "page-0002.html"]
+    index = (report / "index.html").read_text()
+    first, second = ((report / f"page-000{n}.html").read_text() for n in (1, 2))
+    assert _tiles(index) == {}, "the index lists the pages; the tiles are on them"
+    assert _tiles(first) == {"a": "ok", "b": "missing", "c": "failed", "d": "ok"}
+    assert _tiles(second) == {"e": "ok", "f": "invalid"}
+    assert re.findall(r"<summary>sku = (sku-\d)", first) == ["sku-1", "sku-2"]
+    assert "<a href='page-0001.html'>page-0001.html</a>: sku = sku-1 … sku = sku-2 (2 groups, 4 rows, " in index
+    # every problem and change links to the page holding its row, and that page has the anchor
+    for href in re.findall(r"<a href='(page-\d{4}\.html#r\d+)'>", index):
+        name, anchor = href.split("#")
+        assert f" id={anchor} " in (report / name).read_text(), href
+    assert "href='page-0001.html#r2'>c</a> <b>failed</b>" in index  # c is the third row by id
+    assert "href='page-0002.html#r4'>e</a>" in index  # e is new in this run
+    # the pages lead to each other and back
+    assert "<a href='page-0002.html'>next →</a>" in first and "<a href='page-0001.html'>← previous</a>" in second
+    assert "<a href='index.html'>index</a>" in first
+
+    # a group larger than a page is cut and says it goes on; a later, shorter report leaves no old page behind
+    monkeypatch.setattr(jobs.report, "PAGE_ROWS", 1)
+    assert build_report(str(output))["pages"] == 6
+    assert "all rows (continued) · 1 rows" in (report / "page-0006.html").read_text()
+    monkeypatch.setattr(jobs.report, "PAGE_ROWS", 100)
+    assert build_report(str(output))["pages"] == 1
+    assert sorted(p.name for p in report.glob("*.html")) == ["index.html"]
+    assert set(_tiles((report / "index.html").read_text())) == set("abcdef")
+
+
+def test_problems_beyond_the_shown_number_are_counted(output, monkeypatch):
+    import jobs.report
+
+    monkeypatch.setattr(jobs.report, "PROBLEMS_SHOWN", 2)  # b missing, c failed, f invalid
+    build_report(str(output))
+    page = (output / "report" / "index.html").read_text()
+    assert "<h2>Problems (3)</h2>" in page and "… and 1 more;" in page
+    assert len(re.findall(r"<li class=(failed|invalid|missing)>", page)) == 2
+
+
 def test_report_says_what_changed_since_the_previous_run(output):
     from jobs.outputs import open_output
 
@@ -220,18 +265,8 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver are not "
                     "installed (.ci/run installs them: apt-get install chromium chromium-driver)")
 def test_report_renders_in_chromium_with_every_thumbnail_loaded(output, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
     build_report(str(output), group_by="sku")
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = _chromium(tmp_path)
     try:
         driver.get((output / "report" / "index.html").as_uri())
         # lazy thumbnails load as they come into view: bring each there, then wait for all
@@ -252,5 +287,51 @@ def test_report_renders_in_chromium_with_every_thumbnail_loaded(output, tmp_path
         assert "CUDA out of memory" in driver.find_element("id", "detail").text
         driver.save_screenshot(str(tmp_path / "report.png"))
         assert (tmp_path / "report.png").stat().st_size > 10_000
+    finally:
+        driver.quit()
+
+
+def _chromium(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver are not "
+                    "installed (.ci/run installs them: apt-get install chromium chromium-driver)")
+def test_a_paged_report_leads_from_a_problem_on_the_index_to_its_tile_unfolded_on_its_page(output, tmp_path,
+                                                                                        monkeypatch):
+    import jobs.report
+
+    monkeypatch.setattr(jobs.report, "PAGE_ROWS", 4)
+    monkeypatch.setattr(jobs.report, "OPEN_GROUPS", 0)  # every group folded when a page opens
+    build_report(str(output), group_by="sku")
+    driver = _chromium(tmp_path)
+    try:
+        driver.get((output / "report" / "index.html").as_uri())
+        assert driver.find_elements("css selector", "figure.tile") == []
+        driver.find_element("css selector", "#problems li.failed a").click()  # c, on the first page
+        assert driver.current_url.endswith("page-0001.html#r2")
+        tile = driver.find_element("id", "r2")
+        assert tile.is_displayed() and tile.find_element("css selector", "figcaption").text == "c"
+        assert driver.execute_script("return arguments[0].closest('details').open", tile)
+        # the other groups stay folded; a click on the tile opens its parameters on this page too
+        groups = driver.find_elements("css selector", "details.group")
+        assert [d.get_attribute("open") for d in groups] == [None, "true"]
+        tile.click()
+        assert "CUDA out of memory" in driver.find_element("id", "detail").text
+        driver.find_element("css selector", "#detail button").click()
+        driver.find_element("link text", "next →").click()
+        assert driver.current_url.endswith("page-0002.html")
+        captions = driver.find_elements("css selector", "figure.tile figcaption")  # folded: not shown, but there
+        assert {el.get_attribute("textContent") for el in captions} == {"e", "f"}
     finally:
         driver.quit()

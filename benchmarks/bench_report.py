@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cold", "warm", "nightly"):
         r = results[name]
         print(f"{name:8s} {r['seconds']:7.2f} s  {r['thumbnails_made']:6d} thumbnails made  "
-              f"{r['bytes'] / 1e6:5.1f} MB page")
+              f"{r['bytes'] / 1e6:5.1f} MB of HTML in {r['pages']} page(s)")
     print(f"cold/warm {results['cold_over_warm']}x, nightly/warm {results['nightly_over_warm']}x")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

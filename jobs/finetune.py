@@ -223,9 +223,30 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
     except SystemExit as exc:  # Ray Train's own Ctrl-C handler aborts the run, then exits (with 1)
         raise KeyboardInterrupt from exc
     except Exception as exc:
-        raise FinetuneError(f"training stopped: {root_cause(exc)}; checkpoints are in {cfg.out}/checkpoints, "
-                            "rerun the same command to resume") from exc
+        cause = root_cause(exc)
+        raise FinetuneError(f"training stopped: {cause}{memory_hint(cause, cfg)}; checkpoints are in "
+                            f"{cfg.out}/checkpoints, rerun the same command to resume") from exc
     return dict(result.metrics or {})
+
+
+# What torch (CUDA and CPU allocators) and Ray's memory monitor say when a worker runs out of memory.
+OUT_OF_MEMORY = ("out of memory", "outofmemoryerror", "can't allocate memory", "running low on memory")
+
+
+def memory_hint(cause: str, cfg: TrainConfig) -> str:
+    """For a worker that ran out of memory: the flags that need less of it. Gradient checkpointing changes no
+    result, so a rerun with it resumes; the others change the run (RESUME_KEYS), so they start a new --out."""
+    if not any(text in cause.lower() for text in OUT_OF_MEMORY):
+        return ""
+    fresh = [f"a lower --batch-size (now {cfg.batch_size}) with a higher --grad-accum (now {cfg.grad_accum}) for the "
+             "same global batch"]
+    if cfg.method == "full" and cfg.workers > 1 and not cfg.fsdp:
+        fresh.append("--fsdp, which shards the weights and optimizer state across the workers")
+    fresh.append("a lower --resolution")
+    again = f"start again in a new --out with {', or '.join(fresh)}"
+    if cfg.gradient_checkpointing:
+        return f" (out of memory: {again})"
+    return f" (out of memory: add --gradient-checkpointing, and a rerun resumes; or {again})"
 
 
 def _local_trainer_class():

@@ -780,3 +780,25 @@ def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, t
     assert json.loads((out / "finetune.json").read_text())["status"] == "interrupted"
     again = sdfleet(*argv[:argv.index("--steps") + 1], "8", *argv[argv.index("--steps") + 2:])
     assert again.returncode == 0 and "resuming from the checkpoint at step" in again.stderr, again.stderr[-3000:]
+
+
+@pytest.mark.parametrize("cause", [
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)",
+    "RuntimeError: [enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory",
+    "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory.",
+])
+def test_a_worker_out_of_memory_is_told_the_flags_that_need_less(cause):
+    from actors.train.config import TrainConfig
+    from jobs.finetune import memory_hint
+
+    cfg = TrainConfig(method="full", data="d", base="tiny", out="o", workers=4, batch_size=8, grad_accum=2)
+    hint = memory_hint(cause, cfg)
+    assert hint == (" (out of memory: add --gradient-checkpointing, and a rerun resumes; or start again in a new "
+                    "--out with a lower --batch-size (now 8) with a higher --grad-accum (now 2) for the same global "
+                    "batch, or --fsdp, which shards the weights and optimizer state across the workers, or a lower "
+                    "--resolution)")
+    lora = TrainConfig(method="lora", data="d", base="tiny", out="o", gradient_checkpointing=True)
+    assert memory_hint(cause, lora) == (" (out of memory: start again in a new --out with a lower --batch-size "
+                                        "(now 4) with a higher --grad-accum (now 1) for the same global batch, or a "
+                                        "lower --resolution)")
+    assert memory_hint("ValueError: caption column is empty", cfg) == ""

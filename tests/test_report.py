@@ -109,13 +109,15 @@ def test_report_shows_each_row_as_it_stands_with_reasons_and_missing_images(outp
     assert "a photo of a, again" in page and "<b>bold</b>" not in page
 
 
-def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_every_row_once(output, monkeypatch):
+def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_every_row_once(output, monkeypatch,
+                                                                                            capsys):
     import jobs.report
 
     monkeypatch.setattr(jobs.report, "PAGE_ROWS", 4)  # six rows: sku-1 (a, b), sku-2 (c, d), sku-3 (e, f)
-    done = build_report(str(output), group_by="sku")
+    assert main(["report", str(output), "--group-by", "sku"]) == 0
     report = output / "report"
-    assert done["pages"] == 2 and sorted(p.name for p in report.glob("*.html")) == [
+    assert f"report: {report / 'index.html'} (6 rows on 2 pages, 3 thumbnails made" in capsys.readouterr().err
+    assert sorted(p.name for p in report.glob("*.html")) == [
         "index.html", "page-0001.html", "page-0002.html"]
     index = (report / "index.html").read_text()
     first, second = ((report / f"page-000{n}.html").read_text() for n in (1, 2))

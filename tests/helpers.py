@@ -223,3 +223,26 @@ def resolved_row(store: AdapterStore, adapters=()) -> dict:
     record = {"id": "r0", "prompt": "a red mug on a white background", "steps": 2,
               "adapters": [{"name": n, "scale": s} for n, s in adapters]}
     return tiny_work_row(record, adapter_fingerprints=store.fingerprints([n for n, _ in adapters]))
+
+
+def lora_bytes(seed: int) -> bytes:
+    """A small LoRA file (one layer, numpy only, no torch): what an adapter store's driver-side checks read."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(seed)
+    return save({"unet.mid.proj_in.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32),
+                 "unet.mid.proj_in.lora_B.weight": rng.standard_normal((8, 4)).astype(np.float32)})
+
+
+def count_reads(monkeypatch, fs_class) -> list[str]:
+    """The names of the files an async fsspec filesystem class reads whole (`_cat_file`) from now on."""
+    reads = []
+    real = fs_class._cat_file
+
+    async def counted(self, path, *args, **kwargs):
+        reads.append(path.rsplit("/", 1)[-1])
+        return await real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(fs_class, "_cat_file", counted)
+    return reads
+

@@ -10,11 +10,11 @@ plain GCSFileSystem, the one the extended one falls back to for an ordinary buck
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from helpers import UNET_TARGETS, diffusers_file, free_port, make_lora, rows, sdfleet, write_manifest
+from helpers import (UNET_TARGETS, count_reads, diffusers_file, free_port, lora_bytes, make_lora, rows, sdfleet,
+                     write_manifest)
 from manifests.stores import read_parquet
 
 BUCKET = "sdfleet-gcs"
@@ -30,17 +30,13 @@ def gcs(tmp_path_factory):
     server.start()
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
            "SDFLEET_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import gcsfs
+    with pytest.MonkeyPatch.context() as patch:  # the environment as it was, once the module's tests are done
+        for key, value in env.items():
+            patch.setenv(key, value)
+        import gcsfs
 
-    yield gcsfs.GCSFileSystem(token="anon")
+        yield gcsfs.GCSFileSystem(token="anon")
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _entries(fs, out: str) -> list[dict]:
@@ -93,34 +89,20 @@ def test_generate_reads_model_adapters_and_manifests_from_gcs_writes_there_and_a
 def test_the_driver_reads_a_gcs_adapter_again_only_when_it_changes(gcs, tmp_path, monkeypatch):
     """An adapter whose GCS version tag is the one this machine already hashed is not downloaded again."""
     import gcsfs
-    import numpy as np
-    from safetensors.numpy import save
 
     from jobs.generate import resolve_adapters
 
     fs = gcs
     monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
 
-    def lora(seed: int) -> bytes:
-        rng = np.random.default_rng(seed)
-        return save({"unet.mid.proj_in.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32),
-                     "unet.mid.proj_in.lora_B.weight": rng.standard_normal((8, 4)).astype(np.float32)})
-
-    fs.pipe(f"{BUCKET}/nightly-adapters/style.safetensors", lora(1))
-    reads = []
-    real = gcsfs.GCSFileSystem._cat_file
-
-    async def counted(self, path, *args, **kwargs):
-        reads.append(path.rsplit("/", 1)[-1])
-        return await real(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(gcsfs.GCSFileSystem, "_cat_file", counted)
+    fs.pipe(f"{BUCKET}/nightly-adapters/style.safetensors", lora_bytes(1))
+    reads = count_reads(monkeypatch, gcsfs.GCSFileSystem)
     store = f"gs://{BUCKET}/nightly-adapters"
     first, bad = resolve_adapters(store, {"style"})
     assert reads == ["style.safetensors"] and not bad
     reads.clear()
     again, _ = resolve_adapters(store, {"style"})
     assert again == first and reads == [], "known version: not read again"
-    fs.pipe(f"{BUCKET}/nightly-adapters/style.safetensors", lora(2))  # replaced: a new generation
+    fs.pipe(f"{BUCKET}/nightly-adapters/style.safetensors", lora_bytes(2))  # replaced: a new generation
     replaced, _ = resolve_adapters(store, {"style"})
     assert reads == ["style.safetensors"] and replaced["style"] != first["style"]

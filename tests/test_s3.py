@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from helpers import (REPO, UNET_TARGETS, assert_same_pixels, diffusers_file, make_lora, pixels, rows, run_summary,
-                     sdfleet, tiny_work_row, write_manifest)
+from helpers import (REPO, UNET_TARGETS, assert_same_pixels, count_reads, diffusers_file, lora_bytes, make_lora, pixels,
+                     rows, run_summary, sdfleet, tiny_work_row, write_manifest)
 from jobs.synthetic import write_images
 from manifests.stores import read_parquet
 
@@ -105,20 +105,16 @@ def s3(tmp_path_factory):
     env = {"AWS_ACCESS_KEY_ID": "sdfleet-test-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2",
            "SDFLEET_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
+    with pytest.MonkeyPatch.context() as patch:  # the environment as it was, once the module's tests are done
+        for key, value in env.items():
+            patch.setenv(key, value)
+        import s3fs
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://127.0.0.1:{server_port}"})
-    fs.mkdir("sdfleet")
-    yield {"fs": fs, "cable": cable}
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://127.0.0.1:{server_port}"})
+        fs.mkdir("sdfleet")
+        yield {"fs": fs, "cable": cable}
     cable.cut()
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def _objects(fs, prefix: str) -> list[str]:
@@ -167,30 +163,16 @@ def test_generate_reads_model_adapters_and_manifests_from_s3_and_writes_there(s3
 def test_the_driver_reads_an_s3_adapter_again_only_when_its_etag_changes(s3, tmp_path, monkeypatch):
     """A nightly driver names the same adapters every night: an adapter whose ETag is the one this machine
     already hashed is not downloaded again; a replaced one is, and gets its new fingerprint."""
-    import numpy as np
     import s3fs
-    from safetensors.numpy import save
 
     from jobs.generate import resolve_adapters
 
     fs = s3["fs"]
     monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
 
-    def lora(seed: int) -> bytes:
-        rng = np.random.default_rng(seed)
-        return save({"unet.mid.proj_in.lora_A.weight": rng.standard_normal((4, 8)).astype(np.float32),
-                     "unet.mid.proj_in.lora_B.weight": rng.standard_normal((8, 4)).astype(np.float32)})
-
-    fs.pipe("sdfleet/nightly-adapters/style.safetensors", lora(1))
+    fs.pipe("sdfleet/nightly-adapters/style.safetensors", lora_bytes(1))
     fs.pipe("sdfleet/nightly-adapters/broken.safetensors", b"not safetensors")
-    reads = []
-    real = s3fs.S3FileSystem._cat_file
-
-    async def counted(self, path, *args, **kwargs):
-        reads.append(path.rsplit("/", 1)[-1])
-        return await real(self, path, *args, **kwargs)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counted)
+    reads = count_reads(monkeypatch, s3fs.S3FileSystem)
     store = "s3://sdfleet/nightly-adapters"
     first, bad = resolve_adapters(store, {"style", "broken"})
     assert sorted(reads) == ["broken.safetensors", "style.safetensors"] and list(bad) == ["broken"]
@@ -202,7 +184,7 @@ def test_the_driver_reads_an_s3_adapter_again_only_when_its_etag_changes(s3, tmp
     from actors.adapters import AdapterStore
 
     assert AdapterStore(store).names() == ["broken", "style"]  # a listing the driver's s3fs now holds in memory
-    fs.pipe("sdfleet/nightly-adapters/style.safetensors", lora(2))  # replaced: a new ETag
+    fs.pipe("sdfleet/nightly-adapters/style.safetensors", lora_bytes(2))  # replaced: a new ETag
     reads.clear()
     replaced, _ = resolve_adapters(store, {"style"})
     assert reads == ["style.safetensors"] and replaced["style"] != first["style"]

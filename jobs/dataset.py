@@ -2,14 +2,15 @@
 
     IMAGES_DIR/shoe-01.png + shoe-01.txt ...   (or --captions DIR of <stem>.txt, or a CSV/JSONL of file,caption)
       -> resize the shortest side to --resolution, centre-crop to a square
-      -> OUT/part-00000.parquet ... (file, caption, image PNG bytes, width, height) + OUT/_dataset.json
+      -> OUT/part-<build>-00000.parquet ... (file, caption, image PNG bytes, width, height) + OUT/_dataset.json
 
 Every file that cannot be used is reported with its reason (corrupt, no caption, too small) and skipped;
 the rest are written. `sdfleet finetune --data OUT` reads what this writes.
 
-OUT is a new or empty folder, or an earlier build's output (it has `_dataset.json`), which a rebuild replaces:
-the new parts are written into a hidden staging folder inside OUT, where no reader looks, and take the old
-ones' place only once the build has succeeded, so a build that fails or is stopped leaves the old dataset whole.
+OUT is a new or empty folder, or an earlier build's output (it has `_dataset.json`), which a rebuild replaces.
+Readers take the parts `_dataset.json` names, so writing it is the commit: a build writes its parts under
+names of their own beside the old ones, then the summary, then removes the old parts. A build that fails or is
+stopped before the summary removes what it wrote and leaves the earlier dataset whole.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import datetime as dt
 import io
 import json
 import os
+import posixpath
+import re
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,12 +31,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from manifests.dataset import DATASET_SCHEMA, DatasetError, square_crop
+from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, square_crop
+from manifests.ledger import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ROWS_PER_PART = 500
-SUMMARY_FILE = "_dataset.json"
-STAGING_PREFIX = ".building-"  # OUT/.building-<pid>-<time>/: the parts of a build still running
+# The part files of a build, named by the build (UTC time and a random tag) so that a rebuild writes beside the
+# parts it replaces; builds before 2026-12-05 wrote part-NNNNN.parquet.
+BUILD_PART = re.compile(r"part-\d{8}T\d{6}-[0-9a-f]{6}-\d{5}\.parquet")
+OLD_PART = re.compile(r"part-\d{5}\.parquet")
+TEMPORARY = re.compile(r"\.part-.*\.tmp")  # manifests.ledger.atomic_write's, on a local disk
 
 
 @dataclass
@@ -72,10 +80,10 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         except OSError as exc:
             return Skipped(name, f"cannot be read ({exc})")
 
-    staging = f"{out_root}/{STAGING_PREFIX}{os.getpid()}-{int(dt.datetime.now().timestamp())}"
-    out_fs.makedirs(staging, exist_ok=True)
+    build = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    before = _is_dataset(out_fs, out_root)
+    rows, skipped, parts, committed = [], [], [], False
     try:
-        rows, skipped, parts = [], [], []
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
             for i, result in enumerate(pool.map(one, images), 1):
                 if isinstance(result, Skipped):
@@ -84,32 +92,30 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
                 else:
                     rows.append(result)
                 if len(rows) == ROWS_PER_PART:
-                    parts.append(_write_part(out_fs, staging, len(parts), rows))
+                    parts.append(_write_part(out_fs, out_root, build, len(parts), rows))
                     rows = []
                 if i % 200 == 0:
                     log(f"{i}/{len(images)} images read")
         if rows:
-            parts.append(_write_part(out_fs, staging, len(parts), rows))
+            parts.append(_write_part(out_fs, out_root, build, len(parts), rows))
         written = sum(n for _, n in parts)
         if not written:
             raise DatasetError(f"no usable images in {images_dir}: all {len(images)} were skipped (see the reasons "
-                               "above)" + (f"; the dataset already in {out} is left as it was" if _is_dataset(
-                                   out_fs, out_root) else ""))
-        # the build succeeded: its parts replace any earlier build's, then the summary names them
-        for stale in out_fs.glob(f"{out_root}/part-*.parquet"):
-            out_fs.rm(stale)
-        for staged, _ in parts:
-            out_fs.mv(staged, f"{out_root}/{os.path.basename(staged)}")
+                               "above)" + (f"; the dataset already in {out} is left as it was" if before else ""))
+        summary = {
+            "rows": written, "skipped": [vars(s) for s in skipped], "resolution": resolution, "min_size": min_size,
+            "source": images_dir, "parts": [posixpath.basename(p) for p, _ in parts],
+            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        # the commit: from here on the summary names this build's parts, and readers read those
+        atomic_write(out_fs, f"{out_root}/{SUMMARY_FILE}", (json.dumps(summary, indent=2) + "\n").encode())
+        committed = True
     finally:
-        if out_fs.exists(staging):
-            out_fs.rm(staging, recursive=True)
-    summary = {
-        "rows": written, "skipped": [vars(s) for s in skipped], "resolution": resolution, "min_size": min_size,
-        "source": images_dir, "parts": [os.path.basename(p) for p, _ in parts],
-        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    with out_fs.open(f"{out_root}/{SUMMARY_FILE}", "w") as f:
-        f.write(json.dumps(summary, indent=2) + "\n")
+        if not committed:  # failed or stopped: what this build wrote goes, and an earlier build stays whole
+            for path, _ in parts:
+                out_fs.rm_file(path)
+    for name in _own_parts(out_fs, out_root) - set(summary["parts"]):  # an earlier build's, or a killed one's
+        out_fs.rm_file(f"{out_root}/{name}")
     return summary
 
 
@@ -117,16 +123,28 @@ def _is_dataset(fs, root: str) -> bool:
     return fs.isfile(f"{root}/{SUMMARY_FILE}")
 
 
+def _listing(fs, root: str) -> list[str]:
+    """The names in folder `root` (an object store may list a folder's own marker object: left out)."""
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.rstrip("/") != root)
+
+
+def _own_parts(fs, root: str) -> set[str]:
+    """The part files a `dataset build` wrote into `root`: this version's (named by their build) and
+    those of builds before it (part-NNNNN.parquet, in a folder with a summary)."""
+    older = _is_dataset(fs, root)
+    return {name for name in _listing(fs, root) if BUILD_PART.fullmatch(name) or (older and OLD_PART.fullmatch(name))}
+
+
 def _check_out(fs, root: str, out: str) -> None:
-    """OUT must be new, empty, or an earlier build's output: a build replaces the part files in it, and so
-    must not write into a folder of something else's files."""
+    """OUT must be new, empty, or an earlier build's output: a build removes the earlier build's part files
+    from it, and so must not write into a folder of something else's files."""
     if fs.isfile(root):
         raise DatasetError(f"-o {out} is a file; give a folder to write the dataset into (a new one, or an earlier "
                            "`dataset build` output to rebuild)")
     if not fs.isdir(root) or _is_dataset(fs, root):
         return
-    held = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    held = [name for name in held if not name.startswith(STAGING_PREFIX)]  # a stopped build's leftovers
+    # a killed first build's parts, and the temporary files of its writes, are no one else's
+    held = [name for name in _listing(fs, root) if not (BUILD_PART.fullmatch(name) or TEMPORARY.fullmatch(name))]
     if held:
         shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
         raise DatasetError(f"-o {out} holds files ({shown}) and is not a `dataset build` output (no {SUMMARY_FILE}); "
@@ -204,8 +222,9 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
     return {"file": name, "caption": caption, "image": buf.getvalue(), "width": resolution, "height": resolution}
 
 
-def _write_part(fs, root: str, index: int, rows: list[dict]) -> tuple[str, int]:
-    path = f"{root}/part-{index:05d}.parquet"
-    with fs.open(path, "wb") as f:
-        pq.write_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), f)
+def _write_part(fs, root: str, build: str, index: int, rows: list[dict]) -> tuple[str, int]:
+    path = f"{root}/part-{build}-{index:05d}.parquet"  # a new name: no earlier build's part is overwritten
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), buf)
+    atomic_write(fs, path, buf.getvalue())
     return path, len(rows)

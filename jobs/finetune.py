@@ -238,9 +238,11 @@ def memory_hint(cause: str, cfg: TrainConfig) -> str:
     result, so a rerun with it resumes; the others change the run (RESUME_KEYS), so they start a new --out."""
     if not any(text in cause.lower() for text in OUT_OF_MEMORY):
         return ""
-    fresh = [f"a lower --batch-size (now {cfg.batch_size}) with a higher --grad-accum (now {cfg.grad_accum}) for the "
-             "same global batch"]
-    if cfg.method == "full" and cfg.workers > 1 and not cfg.fsdp:
+    fresh = []
+    if cfg.batch_size > 1:
+        fresh.append(f"a lower --batch-size (now {cfg.batch_size}) with a higher --grad-accum (now {cfg.grad_accum}) "
+                     "for the same global batch")
+    if cfg.method in ("full", "dreambooth") and cfg.workers > 1 and not cfg.fsdp:
         fresh.append("--fsdp, which shards the weights and optimizer state across the workers")
     fresh.append("a lower --resolution")
     again = f"start again in a new --out with {', or '.join(fresh)}"

@@ -36,8 +36,8 @@ from jobs.console import command_log, log
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder
-from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, read_latest_ok, remove_stale_temp_files,
-                              settled_row)
+from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, read_latest_ok,
+                              remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
 from manifests.schema import FIELDS
 from manifests.stores import (UnreadableFile, absolute_local, is_local_path, multi_node_reason, process_local,
@@ -199,7 +199,7 @@ def _check_report_group_by(column: str, manifest_columns: set[str], fs, root: st
 
     own = [c for c in sorted(manifest_columns) if c not in FIELDS]  # kept in the ledger, as extra_columns names them
     columns = [c for c in LEDGER_COLUMNS if c not in (*BOOKKEEPING, "extra")] + list(extra_columns(own).values())
-    if column not in columns and not fs.ls(f"{root}/results", detail=False):
+    if column not in columns and not ledger_parts(fs, root):
         raise RunFailed(f"--report-group-by {column!r}: this run's ledger will have no such column; group by one "
                         f"of {', '.join(columns)}")
 

@@ -21,9 +21,10 @@ GAP = "#dddddd"
 
 # The formats a sheet is written in, named by the -o extension; each takes the sheet's RGB as it is.
 SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-# The longest side each format can hold (PNG's is far beyond MAX_SHEET_PIXELS), and the largest sheet drawn:
-# 200 Mpx is 600 MB of RGB in memory, about 12,000 thumbnails of 128 px.
-MAX_SIDE = {"JPEG": 65_535, "WEBP": 16_383}
+# The longest side each format can hold (libjpeg's limit, not the format's 65,535; PNG's is far beyond
+# MAX_SHEET_PIXELS), and the largest sheet drawn: 200 Mpx is 600 MB of RGB in memory, about 12,000
+# thumbnails of 128 px.
+MAX_SIDE = {"JPEG": 65_500, "WEBP": 16_383}
 MAX_SHEET_PIXELS = 200_000_000
 
 

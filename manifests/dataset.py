@@ -1,10 +1,14 @@
 """Training datasets: the Parquet layout `sdfleet dataset build` writes and the fine-tune workers read.
 
-A dataset is a folder of `part-NNNNN.parquet` files (or one Parquet file) with at least a `caption`
-(string) and an `image` (encoded image bytes) column; `dataset build` adds `file`, `width`, `height`.
+A dataset is a folder of Parquet files (or one Parquet file) with at least a `caption` (string) and an
+`image` (encoded image bytes) column; `dataset build` adds `file`, `width`, `height`, and `_dataset.json`,
+whose `parts` name the files of the dataset (other files beside them, such as those of a build still
+running, are not read). A folder without `_dataset.json` is every `.parquet` file in it.
 """
 
 from __future__ import annotations
+
+import json
 
 import fsspec
 import pyarrow as pa
@@ -21,6 +25,7 @@ DATASET_SCHEMA = pa.schema([
     ("height", pa.int64()),
 ])
 REQUIRED_COLUMNS = ("caption", "image")
+SUMMARY_FILE = "_dataset.json"
 
 
 class DatasetError(ValueError):
@@ -39,10 +44,23 @@ def square_crop(im: Image.Image, size: int) -> Image.Image:
 def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The Parquet files of a dataset (a folder of parts, or one file); DatasetError, naming `flag`, if none."""
     fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
     if fs.isfile(root):
         files = [root]
     elif fs.isdir(root):
-        files = sorted(fs.glob(f"{root.rstrip('/')}/*.parquet"))
+        try:
+            parts = json.loads(fs.cat_file(f"{root}/{SUMMARY_FILE}"))["parts"]
+        except FileNotFoundError:
+            files = sorted(fs.glob(f"{root}/*.parquet"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{flag} {uri}: {SUMMARY_FILE} cannot be read ({exc}); build the dataset again") from exc
+        else:
+            files = [f"{root}/{name}" for name in parts]
+            present = {path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)}  # one listing
+            missing = [name for name in parts if name not in present]
+            if missing:
+                raise DatasetError(f"{flag} {uri}: {SUMMARY_FILE} names {', '.join(missing[:3])}, which "
+                                   f"{'is' if len(missing) == 1 else 'are'} not there; build the dataset again")
     else:
         raise DatasetError(f"{flag} {uri} does not exist (build one with `sdfleet dataset build`)")
     if not files:

@@ -86,8 +86,13 @@ def test_dataset_build_refuses_a_folder_of_other_files_and_leaves_them(capsys, t
     assert (target / "part-00000.parquet").read_bytes() == b"someone else's part file"
 
 
+def _parts(folder) -> list[str]:
+    return sorted(p.name for p in folder.glob("part-*.parquet"))
+
+
 def test_a_rebuild_replaces_the_dataset_only_once_it_has_succeeded(capsys, tmp_path, images, monkeypatch):
     import jobs.dataset
+    from manifests.dataset import read_dataset
 
     monkeypatch.setattr(jobs.dataset, "ROWS_PER_PART", 1)  # one part per image
     for i in range(2):
@@ -96,14 +101,15 @@ def test_a_rebuild_replaces_the_dataset_only_once_it_has_succeeded(capsys, tmp_p
     code, _, err = build(capsys, images, "-o", out)
     assert code == 0, err
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(first) == ["_dataset.json", "part-00000.parquet", "part-00001.parquet"]
+    summary = json.loads(first["_dataset.json"])
+    assert summary["parts"] == _parts(out) and len(summary["parts"]) == 2
 
     # a rebuild in which no image is usable (all too small) fails and leaves the dataset whole
     code, _, err = build(capsys, images, "-o", out, "--min-size", "512")
     assert code == 1 and "left as it was" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
 
-    # a rebuild stopped half way (Ctrl-C after one part was written) leaves it whole too, and no staging behind
+    # a rebuild stopped half way (Ctrl-C after one part was written) leaves it whole too, with nothing of its own
     real = jobs.dataset._prepare
     calls = []
 
@@ -121,14 +127,57 @@ def test_a_rebuild_replaces_the_dataset_only_once_it_has_succeeded(capsys, tmp_p
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     monkeypatch.setattr(jobs.dataset, "_prepare", real)
 
+    # parts a killed build left (kill -9: no clean-up) are not read, and the next build removes them
+    (out / "part-20261205T000000-abcdef-00000.parquet").write_bytes((out / summary["parts"][0]).read_bytes())
+    assert read_dataset(str(out)).num_rows == 2
+
     # a rebuild from one image replaces both parts with its one
     (images / "0.txt").write_text("a mug 0")
     (images / "1.png").unlink()
     code, _, err = build(capsys, images, "-o", out)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["_dataset.json", "part-00000.parquet"]
-    assert pq.read_table(out / "part-00000.parquet").column("caption").to_pylist() == ["a mug 0"]
-    assert json.loads((out / "_dataset.json").read_text())["parts"] == ["part-00000.parquet"]
+    (part,) = _parts(out)
+    assert sorted(p.name for p in out.iterdir()) == ["_dataset.json", part]
+    assert json.loads((out / "_dataset.json").read_text())["parts"] == [part]
+    assert read_dataset(str(out)).column("caption").to_pylist() == ["a mug 0"]
+
+
+def test_a_dataset_built_before_parts_were_named_by_build_is_rebuilt_in_place(capsys, tmp_path, images):
+    """Builds before 2026-12-05 wrote part-NNNNN.parquet; a rebuild replaces those too."""
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    out = tmp_path / "data"
+    assert build(capsys, images, "-o", out)[0] == 0
+    (part,) = _parts(out)
+    (out / part).rename(out / "part-00000.parquet")
+    summary = json.loads((out / "_dataset.json").read_text())
+    (out / "_dataset.json").write_text(json.dumps({**summary, "parts": ["part-00000.parquet"]}))
+    code, _, err = build(capsys, images, "-o", out)
+    assert code == 0, err
+    assert "part-00000.parquet" not in _parts(out) and len(_parts(out)) == 1
+
+
+def test_a_first_build_killed_before_its_summary_can_be_run_again(capsys, tmp_path, images):
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "part-20261205T000000-abcdef-00000.parquet").write_bytes(b"half")  # what it left
+    (out / ".part-20261205T000000-abcdef-00001.parquet.1a2b3c4d.tmp").write_bytes(b"half")
+    code, _, err = build(capsys, images, "-o", out)
+    assert code == 0, err
+    assert len(_parts(out)) == 1 and not (out / "part-20261205T000000-abcdef-00000.parquet").exists()
+
+
+def test_a_dataset_whose_summary_names_a_part_that_is_gone_is_said(tmp_path):
+    from manifests.dataset import DatasetError, check_dataset
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "_dataset.json").write_text(json.dumps({"parts": ["part-20261205T000000-abcdef-00000.parquet"]}))
+    with pytest.raises(DatasetError, match=r"--data .*: _dataset.json names part-20261205T000000-abcdef-00000.parquet, "
+                                           r"which is not there; build the dataset again"):
+        check_dataset(str(out))
 
 
 def test_dataset_build_says_a_captions_csv_that_is_not_utf8(capsys, tmp_path, images):

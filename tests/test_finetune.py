@@ -802,3 +802,8 @@ def test_a_worker_out_of_memory_is_told_the_flags_that_need_less(cause):
                                         "(now 4) with a higher --grad-accum (now 1) for the same global batch, or a "
                                         "lower --resolution)")
     assert memory_hint("ValueError: caption column is empty", cfg) == ""
+    one = TrainConfig(method="dreambooth", data="d", base="tiny", out="o", workers=2, batch_size=1,
+                      class_prompts=["a photo of a mug"])
+    assert memory_hint(cause, one) == (" (out of memory: add --gradient-checkpointing, and a rerun resumes; or start "
+                                       "again in a new --out with --fsdp, which shards the weights and optimizer "
+                                       "state across the workers, or a lower --resolution)")

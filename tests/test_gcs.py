@@ -106,3 +106,38 @@ def test_the_driver_reads_a_gcs_adapter_again_only_when_it_changes(gcs, tmp_path
     fs.pipe(f"{BUCKET}/nightly-adapters/style.safetensors", lora_bytes(2))  # replaced: a new generation
     replaced, _ = resolve_adapters(store, {"style"})
     assert reads == ["style.safetensors"] and replaced["style"] != first["style"]
+
+
+def test_dataset_build_into_a_bucket_folder_made_in_the_console_and_a_rebuild_there(gcs, tmp_path, capsys):
+    """A folder made in the cloud console is a zero-byte `name/` object: an empty folder, not a file in it."""
+    from jobs.cli import main
+    from jobs.synthetic import write_images
+    from manifests.dataset import read_dataset
+
+    fs = gcs
+    fs.pipe(f"{BUCKET}/datasets/shapes/", b"")
+    uri = f"gs://{BUCKET}/datasets/shapes"
+    images = tmp_path / "images"
+    write_images(images, 3, size=72, seed=1)
+    assert main(["dataset", "build", str(images), "-o", uri, "--resolution", "64"]) == 0, capsys.readouterr()
+    first = read_dataset(uri).column("caption").to_pylist()
+    assert len(first) == 3
+    (images / sorted(p.name for p in images.glob("*.png"))[0]).unlink()
+    assert main(["dataset", "build", str(images), "-o", uri, "--resolution", "64"]) == 0, capsys.readouterr()
+    fs.invalidate_cache()
+    parts = [p for p in fs.ls(f"{BUCKET}/datasets/shapes", detail=False) if p.endswith(".parquet")]
+    assert len(parts) == 1, parts  # the first build's part is gone
+    assert read_dataset(uri).column("caption").to_pylist() == first[1:]
+
+
+def test_a_report_group_by_column_the_ledger_will_not_have_is_refused_on_a_new_bucket_output(gcs, tmp_path, capsys):
+    """On an object store a new output has no results/ folder at all (folders are only key prefixes)."""
+    from jobs.cli import main
+
+    gcs.put(str(write_manifest(tmp_path / "m.parquet", rows(2, sku="A1"))), f"{BUCKET}/manifests-b/m.parquet")
+    code = main(["generate", f"gs://{BUCKET}/manifests-b/m.parquet", "--out", f"gs://{BUCKET}/runs/never",
+                 "--report", "--report-group-by", "skU"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "sdfleet: error: --report-group-by 'skU': this run's ledger will have no such column;" in err
+    assert err.rstrip().endswith(", scheduler, sku")

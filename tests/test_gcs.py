@@ -13,8 +13,7 @@ import json
 
 import pytest
 
-from helpers import (UNET_TARGETS, count_reads, diffusers_file, free_port, lora_bytes, make_lora, rows, sdfleet,
-                     write_manifest)
+from helpers import count_reads, free_port, lora_bytes, rows, sdfleet, write_manifest
 from manifests.stores import read_parquet
 
 BUCKET = "sdfleet-gcs"
@@ -44,16 +43,24 @@ def _entries(fs, out: str) -> list[dict]:
     return [e for p in fs.find(f"{out}/results") if p.endswith(".parquet") for e in read_parquet(fs, p).to_pylist()]
 
 
-def test_generate_reads_model_adapters_and_manifests_from_gcs_writes_there_and_a_rerun_draws_only_new_rows(
-        gcs, tmp_path):
+def test_a_lora_fine_tuned_into_gcs_is_drawn_from_there_and_a_rerun_draws_only_new_rows(gcs, tmp_path):
+    """The card's loop on GCS alone: a dataset and a base model in the bucket, a LoRA fine-tuned into the
+    adapter store there, a run that draws with it from a manifest there and writes its output there; then
+    the nightly case, a rerun that draws only the rows of a new manifest."""
     from actors.models import export_preset
-    from actors.presets import build_preset
+    from jobs.synthetic import write_images
 
     fs = gcs
     export_preset("tiny", str(tmp_path / "tiny"))
     fs.put(str(tmp_path / "tiny"), f"{BUCKET}/models/tiny", recursive=True)
-    unet = build_preset("tiny").unet
-    fs.pipe(f"{BUCKET}/adapters/style.safetensors", diffusers_file(tmp_path, make_lora(unet, UNET_TARGETS, seed=3)))
+    write_images(tmp_path / "images", 4, size=72, seed=2)
+    build = sdfleet("dataset", "build", str(tmp_path / "images"), "-o", f"gs://{BUCKET}/data", "--resolution", "64")
+    assert build.returncode == 0, build.stderr[-3000:]
+    tune = sdfleet("finetune", "lora", "--data", f"gs://{BUCKET}/data", "--base", f"gs://{BUCKET}/models/tiny",
+                   "--out", f"gs://{BUCKET}/adapters/style", "--steps", "4", "--checkpoint-every", "2",
+                   "--batch-size", "2", "--resolution", "64", "--lr", "1e-3")
+    assert tune.returncode == 0, tune.stderr[-3000:]
+    assert fs.exists(f"{BUCKET}/adapters/style/pytorch_lora_weights.safetensors")
     records = rows(3) + rows(1, prefix="styled", adapters=[{"name": "style", "scale": 0.8}])
     fs.put(str(write_manifest(tmp_path / "m.parquet", records)), f"{BUCKET}/manifests/m.parquet")
 

@@ -204,6 +204,18 @@ def _check_report_group_by(column: str, manifest_columns: set[str], fs, root: st
                         f"of {', '.join(columns)}")
 
 
+def local_gpu_shortfall(actors: int, gpus: float) -> str | None:
+    """Why `--device cuda` cannot start `actors` actors of one GPU each on a local Ray, which has this machine's
+    GPUs for good (the actors it could not place would wait forever); None when it can."""
+    if not gpus:
+        return ("--device cuda: this machine has no GPU Ray can use (Ray found none; check nvidia-smi and "
+                "CUDA_VISIBLE_DEVICES), or leave --device out to draw on the CPU")
+    if actors > gpus:
+        return (f"--actors {actors} needs {actors} GPUs (one each); this machine has {gpus:g}: give --actors "
+                f"{int(gpus)}, or --address a cluster that has or can add them")
+    return None
+
+
 def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease) -> dict:
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
@@ -220,11 +232,13 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
     if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:
         raise RunFailed(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
     sizing = size_actors(cfg.actors, resources, cfg.device)
-    if sizing.device == "cuda" and not resources.get("GPU"):
-        if not (cfg.address or os.environ.get("RAY_ADDRESS")):  # a local Ray has what this machine has, for good
-            raise RunFailed("--device cuda: this machine has no GPU Ray can use (Ray found none; check "
-                            "nvidia-smi and CUDA_VISIBLE_DEVICES), or leave --device out to draw on the CPU")
-        log(f"the cluster has no GPU yet: the actors wait for the autoscaler to add {cfg.actors} (Ctrl-C stops)")
+    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+    if sizing.device == "cuda":
+        short = local_gpu_shortfall(cfg.actors, resources.get("GPU", 0)) if local else None
+        if short:
+            raise RunFailed(short)
+        if not resources.get("GPU"):
+            log(f"the cluster has no GPU yet: the actors wait for the autoscaler to add {cfg.actors} (Ctrl-C stops)")
     finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"
     finishing = size_finishing(resources, sizing, cfg.actors)
     log(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; {cfg.actors} actor(s) on "

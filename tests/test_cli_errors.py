@@ -174,3 +174,13 @@ def test_a_report_group_by_column_the_new_ledger_will_not_have_is_refused_before
     # the manifest's own columns, as the ledger names them (its `status` is kept as manifest_status)
     assert line.endswith(", scheduler, sku, manifest_status"), line
     assert not any((out / "results").iterdir()) and not (out / "images").exists()  # nothing drawn or recorded
+
+
+def test_device_cuda_on_a_local_ray_wants_a_gpu_for_every_actor():
+    """A local Ray has this machine's GPUs for good: actors it could not place would wait forever."""
+    from jobs.generate import local_gpu_shortfall
+
+    assert local_gpu_shortfall(2, 2) is None and local_gpu_shortfall(1, 8) is None
+    assert local_gpu_shortfall(4, 1) == ("--actors 4 needs 4 GPUs (one each); this machine has 1: give --actors 1, "
+                                         "or --address a cluster that has or can add them")
+    assert local_gpu_shortfall(1, 0).startswith("--device cuda: this machine has no GPU Ray can use")

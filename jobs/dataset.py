@@ -15,6 +15,7 @@ stopped before the summary removes what it wrote and leaves the earlier dataset 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -113,9 +114,14 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     finally:
         if not committed:  # failed or stopped: what this build wrote goes, and an earlier build stays whole
             for path, _ in parts:
-                out_fs.rm_file(path)
-    for name in _own_parts(out_fs, out_root) - set(summary["parts"]):  # an earlier build's, or a killed one's
-        out_fs.rm_file(f"{out_root}/{name}")
+                with contextlib.suppress(Exception):  # a store gone: the next build removes them (not read)
+                    out_fs.rm_file(path)
+    try:  # an earlier build's parts, or a killed one's: no longer read, now removed
+        for name in _own_parts(out_fs, out_root) - set(summary["parts"]):
+            out_fs.rm_file(f"{out_root}/{name}")
+    except Exception as exc:  # noqa: BLE001 - the dataset is written; what is left over is never read
+        log(f"warning: old part files in {out} could not all be removed ({exc}); they are not read, and the "
+            "next build removes them")
     return summary
 
 

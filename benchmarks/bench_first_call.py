@@ -20,12 +20,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, rotated, versions
+from benchmarks.common import fresh_process_passes, versions
 
 VARIANTS = ["cold", "warm-up"]
 BATCH, SIZE, THREADS = 8, 256, 2
@@ -53,14 +52,6 @@ def one_process(variant: str, steps: int) -> None:
     print(json.dumps({"warm_up": warm_up, "batches": [draw(steps) for _ in range(3)]}))
 
 
-def run_pass(variant: str, steps: int) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_first_call", "--one", variant, "--steps",
-                           str(steps)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        sys.exit(f"{variant} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_first_call", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="passes over both variants (default 3)")
@@ -75,11 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         one_process(args.one, args.steps)
         return 0
-    passes: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for repeat in range(args.repeats):
-        for variant in rotated(VARIANTS, repeat):
-            passes[variant].append(run_pass(variant, args.steps))
-            print(f"bench: pass {repeat + 1}, {variant}: {passes[variant][-1]}", file=sys.stderr)
+    passes = fresh_process_passes("benchmarks.bench_first_call", VARIANTS, args.repeats, ("--steps", str(args.steps)))
     results = {}
     for variant, runs in passes.items():
         results[variant] = {"warm_up": round(statistics.median(r["warm_up"] for r in runs), 3),

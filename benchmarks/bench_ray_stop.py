@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO_ROOT, median_ratio, rotated, versions
+from benchmarks.common import fresh_process_passes, median_ratio, versions
 
 BASELINE = "ray.shutdown"
 VARIANTS = [BASELINE, "disconnect"]
@@ -48,16 +47,6 @@ def one_process(variant: str) -> None:
     print(json.dumps({"import": imported - started, "start": connected - imported, "stop": stopped - connected}))
 
 
-def run_pass(variant: str) -> dict:
-    launched = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_ray_stop", "--one", variant], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
-    wall = time.perf_counter() - launched
-    if proc.returncode != 0:
-        sys.exit(f"{variant} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "launch_to_exit": wall}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_ray_stop", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="passes over both variants (default 5)")
@@ -71,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         one_process(args.one)
         return 0
-    passes: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for repeat in range(args.repeats):
-        for variant in rotated(VARIANTS, repeat):
-            passes[variant].append(run_pass(variant))
-            print(f"bench: pass {repeat + 1}, {variant}: stop {passes[variant][-1]['stop']:.2f} s", file=sys.stderr)
+    passes = fresh_process_passes("benchmarks.bench_ray_stop", VARIANTS, args.repeats, timeout=300)
     results = {}
     for variant, runs in passes.items():
         results[variant] = {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}

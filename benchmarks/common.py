@@ -4,6 +4,7 @@ interleaved repeats and their ratios, and the versions every result records."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
 import statistics
 import subprocess
@@ -61,6 +62,25 @@ def rotated(variants: list, repeat: int) -> list:
     so no variant always runs first; this VM's speed drifts by up to 30% between minutes."""
     shift = repeat % len(variants)
     return variants[shift:] + variants[:shift]
+
+
+def fresh_process_passes(module: str, variants: list[str], repeats: int, args: tuple[str, ...] = (),
+                         timeout: int = 600) -> dict[str, list[dict]]:
+    """Each variant once a repeat, orders rotated, each in a fresh `python -m module --one VARIANT *args`
+    process that prints its figures as JSON on its last line; the figures gain `launch_to_exit` (seconds).
+    Returns every pass's figures by variant."""
+    passes: dict[str, list[dict]] = {v: [] for v in variants}
+    for repeat in range(repeats):
+        for variant in rotated(variants, repeat):
+            launched = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", module, "--one", variant, *args], cwd=REPO_ROOT,
+                                  capture_output=True, text=True, timeout=timeout)
+            wall = time.perf_counter() - launched
+            if proc.returncode != 0:
+                sys.exit(f"{variant} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+            passes[variant].append({**json.loads(proc.stdout.strip().splitlines()[-1]), "launch_to_exit": wall})
+            print(f"bench: pass {repeat + 1}, {variant}: {passes[variant][-1]}", file=sys.stderr)
+    return passes
 
 
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:

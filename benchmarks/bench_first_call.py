@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import fresh_process_passes, versions
+from benchmarks.common import fresh_process_parser, fresh_process_passes, versions
 
 VARIANTS = ["cold", "warm-up"]
 BATCH, SIZE, THREADS = 8, 256, 2
@@ -53,11 +53,8 @@ def one_process(variant: str, steps: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_first_call", description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="passes over both variants (default 3)")
+    parser = fresh_process_parser("benchmarks.bench_first_call", __doc__, VARIANTS, repeats=3)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of a batch (default 20)")
-    parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # a pass's own process
     return parser
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import fresh_process_passes, median_ratio, versions
+from benchmarks.common import fresh_process_parser, fresh_process_passes, median_ratio, versions
 
 BASELINE = "ray.shutdown"
 VARIANTS = [BASELINE, "disconnect"]
@@ -48,11 +48,7 @@ def one_process(variant: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_ray_stop", description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="passes over both variants (default 5)")
-    parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # a pass's own process
-    return parser
+    return fresh_process_parser("benchmarks.bench_ray_stop", __doc__, VARIANTS, repeats=5)
 
 
 def main(argv: list[str] | None = None) -> int:

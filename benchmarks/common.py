@@ -3,6 +3,7 @@ interleaved repeats and their ratios, and the versions every result records."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import platform
@@ -62,6 +63,16 @@ def rotated(variants: list, repeat: int) -> list:
     so no variant always runs first; this VM's speed drifts by up to 30% between minutes."""
     shift = repeat % len(variants)
     return variants[shift:] + variants[:shift]
+
+
+def fresh_process_parser(module: str, doc: str, variants: list[str], repeats: int) -> argparse.ArgumentParser:
+    """The flags of a bench run by `fresh_process_passes`: --repeats, --out, and the hidden --one VARIANT
+    that a pass's own process is started with; add the bench's own."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"passes over every variant (default {repeats})")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--one", choices=variants, help=argparse.SUPPRESS)
+    return parser
 
 
 def fresh_process_passes(module: str, variants: list[str], repeats: int, args: tuple[str, ...] = (),

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, square_crop
+from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -129,16 +129,11 @@ def _is_dataset(fs, root: str) -> bool:
     return fs.isfile(f"{root}/{SUMMARY_FILE}")
 
 
-def _listing(fs, root: str) -> list[str]:
-    """The names in folder `root` (an object store may list a folder's own marker object: left out)."""
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.rstrip("/") != root)
-
-
 def _own_parts(fs, root: str) -> set[str]:
-    """The part files a `dataset build` wrote into `root`: this version's (named by their build) and
-    those of builds before it (part-NNNNN.parquet, in a folder with a summary)."""
-    older = _is_dataset(fs, root)
-    return {name for name in _listing(fs, root) if BUILD_PART.fullmatch(name) or (older and OLD_PART.fullmatch(name))}
+    """The part files `dataset build`s wrote into `root`, once this build's summary is there: this version's
+    (named by their build) and older builds' (part-NNNNN.parquet; `_check_out` let no other folder holding
+    such files through)."""
+    return {name for name in folder_names(fs, root) if BUILD_PART.fullmatch(name) or OLD_PART.fullmatch(name)}
 
 
 def _check_out(fs, root: str, out: str) -> None:
@@ -150,7 +145,7 @@ def _check_out(fs, root: str, out: str) -> None:
     if not fs.isdir(root) or _is_dataset(fs, root):
         return
     # a killed first build's parts, and the temporary files of its writes, are no one else's
-    held = [name for name in _listing(fs, root) if not (BUILD_PART.fullmatch(name) or TEMPORARY.fullmatch(name))]
+    held = [name for name in folder_names(fs, root) if not (BUILD_PART.fullmatch(name) or TEMPORARY.fullmatch(name))]
     if held:
         shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
         raise DatasetError(f"-o {out} holds files ({shown}) and is not a `dataset build` output (no {SUMMARY_FILE}); "

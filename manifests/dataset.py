@@ -41,6 +41,12 @@ def square_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
+def folder_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The names in folder `root`, sorted (an object store may list a folder's own marker object: left out)."""
+    root = root.rstrip("/")
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if p.rstrip("/") != root)
+
+
 def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The Parquet files of a dataset (a folder of parts, or one file); DatasetError, naming `flag`, if none."""
     fs, root = fsspec.core.url_to_fs(uri)
@@ -56,7 +62,7 @@ def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSy
             raise DatasetError(f"{flag} {uri}: {SUMMARY_FILE} cannot be read ({exc}); build the dataset again") from exc
         else:
             files = [f"{root}/{name}" for name in parts]
-            present = {path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(root, detail=False)}  # one listing
+            present = set(folder_names(fs, root))  # one listing
             missing = [name for name in parts if name not in present]
             if missing:
                 raise DatasetError(f"{flag} {uri}: {SUMMARY_FILE} names {', '.join(missing[:3])}, which "

@@ -144,6 +144,12 @@ def _route_cluster_notices(logger: logging.Logger):
     return original
 
 
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster a command joins: `address`, else RAY_ADDRESS; None when it starts a local Ray, which
+    has this machine's cores and GPUs for good."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict[str, float]:
     """Start local Ray or join a cluster; returns the cluster's total resources.
 
@@ -153,7 +159,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     """
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     if address:
         _check_reachable(address)
     kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)

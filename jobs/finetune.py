@@ -26,7 +26,7 @@ import fsspec
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
-from cluster.connect import ClusterError, alive_nodes, connect, disconnect, library_logs_to
+from cluster.connect import ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to
 from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import check_dataset
@@ -75,7 +75,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
         log(f"prior preservation: {class_rows} class images of {_quoted(cfg.class_prompts)} in {class_data}")
 
     # 3. Ray, and workers sized to it
-    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+    if not cluster_address(cfg.address):
         for key, value in LOCAL_TRAIN_ENV.items():
             os.environ.setdefault(key, value)
     # Ray's, Ray Train's and the workers' own lines go to a log file; the progress printed here is read
@@ -182,7 +182,7 @@ def _scaling(cfg: TrainConfig, resources: dict, train: TrainConfig) -> tuple[Tra
     if cfg.gpu:
         gpus = resources.get("GPU", 0)
         if gpus < cfg.workers:
-            if not (cfg.address or os.environ.get("RAY_ADDRESS")):  # a local Ray never gains GPUs
+            if not cluster_address(cfg.address):  # a local Ray never gains GPUs
                 raise ClusterError(f"--workers {cfg.workers} --gpu needs {cfg.workers} GPUs; this machine has {gpus:g}")
             # an autoscaling cluster adds GPU nodes once the workers ask for them
             log(f"the cluster shows {gpus:g} GPU(s) for {cfg.workers} worker(s): waiting for the autoscaler")
@@ -215,8 +215,7 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
         worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(train.torch_threads),
                                          "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}},
     )
-    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
-    trainer = (LocalTorchTrainer if local else TorchTrainer)(
+    trainer = (TorchTrainer if cluster_address(cfg.address) else LocalTorchTrainer)(
         train_loop, train_loop_config={"train": train.model_dump(), "base": asdict(base)}, scaling_config=scaling, run_config=run_config)
     try:
         result = trainer.fit()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 import time
 import uuid
 from typing import Annotated, Literal
@@ -30,7 +29,7 @@ from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from actors.presets import PRESETS
-from cluster.connect import (alive_nodes, connect, disconnect, library_logs_to, size_actors,
+from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, library_logs_to, size_actors,
                              size_finishing)
 from jobs.console import command_log, log
 from jobs.errors import RunFailed, one_line, root_cause
@@ -232,9 +231,8 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
     if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:
         raise RunFailed(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
     sizing = size_actors(cfg.actors, resources, cfg.device)
-    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
     if sizing.device == "cuda":
-        short = local_gpu_shortfall(cfg.actors, resources.get("GPU", 0)) if local else None
+        short = None if cluster_address(cfg.address) else local_gpu_shortfall(cfg.actors, resources.get("GPU", 0))
         if short:
             raise RunFailed(short)
         if not resources.get("GPU"):

@@ -150,6 +150,19 @@ def cluster_address(address: str | None = None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+def local_gpu_shortfall(count_flag: str, wanted: int, gpus: float, cpu_instead: str) -> str | None:
+    """Why a local Ray cannot start `wanted` processes of one GPU each (generation actors, training workers;
+    `count_flag` asks for them): it has this machine's GPUs for good, and what it cannot place waits forever.
+    `cpu_instead` says how to run on the CPU instead. None when it can."""
+    if not gpus:
+        return (f"this machine has no GPU Ray can use (Ray found none; check nvidia-smi and CUDA_VISIBLE_DEVICES): "
+                f"{cpu_instead}")
+    if wanted > gpus:
+        return (f"{count_flag} {wanted} needs {wanted} GPUs (one each); this machine has {gpus:g}: give {count_flag} "
+                f"{int(gpus)}, or --address a cluster that has or can add them")
+    return None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict[str, float]:
     """Start local Ray or join a cluster; returns the cluster's total resources.
 

@@ -26,7 +26,8 @@ import fsspec
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
-from cluster.connect import ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to
+from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
+                             local_gpu_shortfall)
 from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import check_dataset
@@ -183,7 +184,8 @@ def _scaling(cfg: TrainConfig, resources: dict, train: TrainConfig) -> tuple[Tra
         gpus = resources.get("GPU", 0)
         if gpus < cfg.workers:
             if not cluster_address(cfg.address):  # a local Ray never gains GPUs
-                raise ClusterError(f"--workers {cfg.workers} --gpu needs {cfg.workers} GPUs; this machine has {gpus:g}")
+                raise ClusterError("--gpu: " + local_gpu_shortfall("--workers", cfg.workers, gpus,
+                                                                   "leave --gpu out to train on the CPU"))
             # an autoscaling cluster adds GPU nodes once the workers ask for them
             log(f"the cluster shows {gpus:g} GPU(s) for {cfg.workers} worker(s): waiting for the autoscaler")
         return train, ScalingConfig(num_workers=cfg.workers, use_gpu=True)

@@ -29,8 +29,8 @@ from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from actors.presets import PRESETS
-from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, library_logs_to, size_actors,
-                             size_finishing)
+from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, library_logs_to, local_gpu_shortfall,
+                             size_actors, size_finishing)
 from jobs.console import command_log, log
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
@@ -203,18 +203,6 @@ def _check_report_group_by(column: str, manifest_columns: set[str], fs, root: st
                         f"of {', '.join(columns)}")
 
 
-def local_gpu_shortfall(actors: int, gpus: float) -> str | None:
-    """Why `--device cuda` cannot start `actors` actors of one GPU each on a local Ray, which has this machine's
-    GPUs for good (the actors it could not place would wait forever); None when it can."""
-    if not gpus:
-        return ("--device cuda: this machine has no GPU Ray can use (Ray found none; check nvidia-smi and "
-                "CUDA_VISIBLE_DEVICES), or leave --device out to draw on the CPU")
-    if actors > gpus:
-        return (f"--actors {actors} needs {actors} GPUs (one each); this machine has {gpus:g}: give --actors "
-                f"{int(gpus)}, or --address a cluster that has or can add them")
-    return None
-
-
 def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease) -> dict:
     resources = connect(cfg.address, quiet=not cfg.verbose)
     startup = {"ray_connected": round(time.time() - started, 3)}
@@ -232,9 +220,10 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
         raise RunFailed(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
     sizing = size_actors(cfg.actors, resources, cfg.device)
     if sizing.device == "cuda":
-        short = None if cluster_address(cfg.address) else local_gpu_shortfall(cfg.actors, resources.get("GPU", 0))
+        short = None if cluster_address(cfg.address) else local_gpu_shortfall(
+            "--actors", cfg.actors, resources.get("GPU", 0), "leave --device out to draw on the CPU")
         if short:
-            raise RunFailed(short)
+            raise RunFailed(f"--device cuda: {short}")
         if not resources.get("GPU"):
             log(f"the cluster has no GPU yet: the actors wait for the autoscaler to add {cfg.actors} (Ctrl-C stops)")
     finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"

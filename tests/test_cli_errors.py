@@ -176,11 +176,15 @@ def test_a_report_group_by_column_the_new_ledger_will_not_have_is_refused_before
     assert not any((out / "results").iterdir()) and not (out / "images").exists()  # nothing drawn or recorded
 
 
-def test_device_cuda_on_a_local_ray_wants_a_gpu_for_every_actor():
-    """A local Ray has this machine's GPUs for good: actors it could not place would wait forever."""
-    from jobs.generate import local_gpu_shortfall
+def test_gpu_processes_on_a_local_ray_want_a_gpu_each():
+    """A local Ray has this machine's GPUs for good: actors or training workers it could not place would wait
+    forever, so generate and finetune both refuse at once, naming their own flag."""
+    from cluster.connect import local_gpu_shortfall
 
-    assert local_gpu_shortfall(2, 2) is None and local_gpu_shortfall(1, 8) is None
-    assert local_gpu_shortfall(4, 1) == ("--actors 4 needs 4 GPUs (one each); this machine has 1: give --actors 1, "
-                                         "or --address a cluster that has or can add them")
-    assert local_gpu_shortfall(1, 0).startswith("--device cuda: this machine has no GPU Ray can use")
+    assert local_gpu_shortfall("--actors", 2, 2, "x") is None and local_gpu_shortfall("--actors", 1, 8, "x") is None
+    assert local_gpu_shortfall("--actors", 4, 1, "x") == (
+        "--actors 4 needs 4 GPUs (one each); this machine has 1: give --actors 1, "
+        "or --address a cluster that has or can add them")
+    none = local_gpu_shortfall("--workers", 1, 0, "leave --gpu out to train on the CPU")
+    assert none.startswith("this machine has no GPU Ray can use")
+    assert none.endswith("leave --gpu out to train on the CPU")

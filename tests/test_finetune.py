@@ -137,6 +137,24 @@ def test_crop_span_needs_a_smaller_crop():
     assert TrainConfig(method="vae", data="d", base="tiny", out="o", crop=96, crop_span=256).crop_span == 256
 
 
+def test_gpu_training_on_a_local_ray_wants_a_gpu_per_worker(monkeypatch):
+    """`--gpu --workers N` on a local Ray short of GPUs is one line naming the flags, not workers that wait."""
+    from actors.train.config import TrainConfig
+    from cluster.connect import ClusterError
+    from jobs.finetune import _scaling
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = TrainConfig(method="lora", data="d", base="tiny", out="o", gpu=True, workers=2)
+    with pytest.raises(ClusterError, match=r"^--gpu: this machine has no GPU Ray can use .*leave --gpu out"):
+        _scaling(cfg, {"CPU": 2}, cfg)
+    with pytest.raises(ClusterError, match=r"^--gpu: --workers 2 needs 2 GPUs \(one each\); this machine has 1: "
+                                           r"give --workers 1"):
+        _scaling(cfg, {"CPU": 8, "GPU": 1}, cfg)
+    assert _scaling(cfg, {"CPU": 8, "GPU": 2}, cfg)[1].num_workers == 2
+    on_cluster = cfg.model_copy(update={"address": "ray://head:10001"})  # an autoscaler may add them: it waits
+    assert _scaling(on_cluster, {"CPU": 8}, on_cluster)[1].use_gpu
+
+
 def test_vae_pixel_loss_l1_is_the_mean_absolute_error():
     from actors.train.losses import vae_loss
 

@@ -23,6 +23,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -54,20 +55,16 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     made = thumbs.make(shown, workers)
     thumbs.prune({thumbs.name(e) for e in shown})
     thumbs.save()
-    pages = paginate(out.groups(group_by), PAGE_ROWS)
-    files = [f"page-{n:04d}.html" for n in range(1, len(pages) + 1)] if len(pages) > 1 else ["index.html"]
-    anchors = {row_id: f"r{i}" for i, row_id in enumerate(sorted(current))}
-    links = {e["id"]: f"{files[n] if len(files) > 1 else ''}#{anchors[e['id']]}"
-             for n, page in enumerate(pages) for _, entries, _ in page for e in entries}
+    layout = Layout.of(current, out.groups(group_by), group_by)
     written = 0
-    if len(pages) > 1:
-        for n, page in enumerate(pages):
-            written += _write(out, files[n], render_page(out, page, n, len(pages), thumbs, group_by, anchors))
-    written += _write(out, "index.html", render(out, current, thumbs, group_by, anchors, links, pages, files))
-    _prune_pages(out, set(files))
+    if layout.paged:
+        for n in range(len(layout.pages)):
+            written += _write(out, layout.files[n], render_page(out, layout, n, thumbs))
+    written += _write(out, "index.html", render(out, current, thumbs, layout))
+    _prune_pages(out, set(layout.files))
     path = f"{out.root}/report/index.html"
     shown = path if is_local_fs(out.fs) else out.fs.unstrip_protocol(path)
-    return {"path": shown, "rows": len(current), "pages": len(files), "thumbnails_made": made,
+    return {"path": shown, "rows": len(current), "pages": len(layout.files), "thumbnails_made": made,
             "thumbnails_reused": thumbs.reused, "missing": sum(1 for e in current.values()
                                                               if e["status"] == "ok" and not out.has_image(e)),
             "seconds": round(time.time() - started, 2), "bytes": written}
@@ -88,6 +85,31 @@ def paginate(groups: dict[str, list[dict]], size: int) -> list[list[tuple[str, l
             start += len(chunk)
             room -= len(chunk)
     return pages + [page] if page else pages
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every row's tile goes: the pages (as `paginate` lays them out), their files, each row's anchor and
+    the link to its tile from the index (Problems, What changed). One page is index.html itself."""
+
+    group_by: str | None
+    pages: list[list[tuple[str, list[dict], bool]]]
+    files: list[str]
+    anchors: dict[str, str]
+    links: dict[str, str]
+
+    @classmethod
+    def of(cls, current: dict[str, dict], groups: dict[str, list[dict]], group_by: str | None) -> "Layout":
+        pages = paginate(groups, PAGE_ROWS)
+        files = [f"page-{n:04d}.html" for n in range(1, len(pages) + 1)] if len(pages) > 1 else ["index.html"]
+        anchors = {row_id: f"r{i}" for i, row_id in enumerate(sorted(current))}
+        links = {e["id"]: f"{files[n] if len(files) > 1 else ''}#{anchors[e['id']]}"
+                 for n, page in enumerate(pages) for _, entries, _ in page for e in entries}
+        return cls(group_by, pages, files, anchors, links)
+
+    @property
+    def paged(self) -> bool:
+        return len(self.files) > 1
 
 
 def _write(out: RunOutput, name: str, page: str) -> int:
@@ -217,32 +239,32 @@ def changes(out: RunOutput) -> dict[str, list[dict]]:
 
 # --- the page -------------------------------------------------------------------------------------
 
-def render(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, group_by: str | None,
-           anchors: dict[str, str], links: dict[str, str], pages: list, files: list[str]) -> str:
+def render(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, layout: Layout) -> str:
     """index.html: the images themselves when they fit one page, else the list of pages."""
     s = out.summary
-    images = (_images(out, pages[0] if pages else [], thumbs, group_by, anchors, len(current)) if len(files) == 1
-              else _page_list(out, pages, files, group_by, len(current)))
+    images = (_page_list(out, layout, len(current)) if layout.paged
+              else _images(out, layout.pages[0] if layout.pages else [], thumbs, layout, len(current)))
     parts = [_HEAD.replace("{title}", _e(f"sdfleet report: {out.uri}")),
              f"<header><h1>Run {_e(out.run_id)}</h1><p>{_e(out.uri)} · finished {_e(s.get('finished_at', '?'))} · "
              f"{_e(s.get('backend', '?'))} on {_e(s.get('device', '?'))} · batch {_e(s.get('batch_size', '?'))} · "
              f"report written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p></header>",
-             _figures(out), _changes(out, links), _problems(out, current, links), images, _FOOT]
+             _figures(out), _changes(out, layout.links), _problems(out, current, layout.links), images, _FOOT]
     return "\n".join(parts)
 
 
-def render_page(out: RunOutput, page: list, n: int, count: int, thumbs: Thumbnails, group_by: str | None,
-                anchors: dict[str, str]) -> str:
+def render_page(out: RunOutput, layout: Layout, n: int, thumbs: Thumbnails) -> str:
     """page-NNNN.html: one page of images, with the way to the pages beside it and back to the index."""
+    count, page = len(layout.pages), layout.pages[n]
+
     def to(i: int, text: str) -> str:
-        return f"<a href='page-{i + 1:04d}.html'>{text}</a>" if 0 <= i < count else f"<span>{text}</span>"
+        return f"<a href='{layout.files[i]}'>{text}</a>" if 0 <= i < count else f"<span>{text}</span>"
 
     nav = (f"<nav class=pages>{to(n - 1, '← previous')} · <a href='index.html'>index</a> · page {n + 1} of {count}"
            f" · {to(n + 1, 'next →')}</nav>")
     rows = sum(len(entries) for _, entries, _ in page)
     return "\n".join([_HEAD.replace("{title}", _e(f"sdfleet report: {out.uri}, page {n + 1} of {count}")),
                       f"<header><h1>Run {_e(out.run_id)}, page {n + 1} of {count}</h1><p>{_e(out.uri)}</p></header>",
-                      nav, _images(out, page, thumbs, group_by, anchors, rows, f" on page {n + 1}"), nav, _FOOT])
+                      nav, _images(out, page, thumbs, layout, rows, f" on page {n + 1}"), nav, _FOOT])
 
 
 def _figures(out: RunOutput) -> str:
@@ -333,10 +355,10 @@ def _label(group_by: str | None, key: str) -> str:
     return f"{_e(group_by)} = {_e(key)}" if group_by else _e(key)
 
 
-def _page_list(out: RunOutput, pages: list, files: list[str], group_by: str | None, rows: int) -> str:
+def _page_list(out: RunOutput, layout: Layout, rows: int) -> str:
     """The index of a report with pages: each page, the groups it holds and how many of its rows lack an image."""
-    items = []
-    for page, name in zip(pages, files):
+    group_by, items = layout.group_by, []
+    for page, name in zip(layout.pages, layout.files):
         count = sum(len(entries) for _, entries, _ in page)
         bad = sum(1 for _, entries, _ in page for e in entries if e["status"] != "ok" or not out.has_image(e))
         first, last = page[0], page[-1]
@@ -344,19 +366,18 @@ def _page_list(out: RunOutput, pages: list, files: list[str], group_by: str | No
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
         items.append(f"<li><a href='{name}'>{name}</a>: {span} ({len(page)} groups, {count} rows{note})</li>")
     by = f" by {_e(group_by)}" if group_by else ""
-    return (f"<section id=images><h2>Images{by} ({rows} rows on {len(files)} pages of up to {PAGE_ROWS})</h2>"
+    return (f"<section id=images><h2>Images{by} ({rows} rows on {len(layout.files)} pages of up to {PAGE_ROWS})</h2>"
             f"<ol class=pages>{''.join(items)}</ol></section>")
 
 
-def _images(out: RunOutput, page: list, thumbs: Thumbnails, group_by: str | None, anchors: dict[str, str],
-            rows: int, where: str = "") -> str:
+def _images(out: RunOutput, page: list, thumbs: Thumbnails, layout: Layout, rows: int, where: str = "") -> str:
     """The images of one page: (group key, rows, continued) sections of tiles."""
-    sections = []
+    group_by, sections = layout.group_by, []
     for i, (key, entries, continued) in enumerate(page):
         bad = sum(1 for e in entries if e["status"] != "ok" or not out.has_image(e))
         label = _label(group_by, key) + (" (continued)" if continued else "")
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
-        tiles = "".join(_tile(out, e, thumbs, anchors[e["id"]]) for e in entries)
+        tiles = "".join(_tile(out, e, thumbs, layout.anchors[e["id"]]) for e in entries)
         opened = " open" if len(page) <= OPEN_GROUPS or i < OPEN_GROUPS else ""
         sections.append(f"<details class=group{opened}><summary>{label} · {len(entries)} rows{note}</summary>"
                         f"<div class=grid>{tiles}</div></details>")

@@ -135,14 +135,24 @@ def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     extras = [json.loads(r["extra"]) if r.get("extra") else {} for r in rows]
     for name, column in extra_columns(list(dict.fromkeys(k for e in extras for k in e))).items():
         values = [e.get(name) for e in extras]
-        try:
-            array = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            # One flush can hold rows of several manifests that type a column differently (an int `sku`
-            # here, text there); keep them as text rather than lose the part.
-            array = pa.array([None if v is None else str(v) for v in values], pa.string())
-        table = table.append_column(column, array)
+        table = table.append_column(column, _extra_array(values))
     return table.drop_columns(["extra"])
+
+
+def _extra_array(values: list) -> pa.Array:
+    """One pass-through column of a ledger part, typed as Arrow infers it from the JSON values; else text.
+
+    One flush can hold rows of several manifests that type a column differently (an int `sku` here, text
+    there), and integers past int64 (a uint64 hash column) overflow Arrow's inference: the part is written
+    anyway, with unsigned 64-bit integers where they fit and text otherwise, rather than lost."""
+    try:
+        return pa.array(values)
+    except OverflowError:
+        if all(v is None or (type(v) is int and 0 <= v < 2**64) for v in values):
+            return pa.array(values, pa.uint64())
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    return pa.array([None if v is None else str(v) for v in values], pa.string())
 
 
 def write_part(fs: fsspec.AbstractFileSystem, root: str, run_id: str, seq: int, rows: list[dict]) -> str:

@@ -402,6 +402,23 @@ def test_parts_whose_pass_through_types_differ_read_back_as_text(memfs):
     assert read_latest_ok(fs, root) == {"a": "A", "b": "B", "c": "C"}
 
 
+def test_pass_through_integers_past_int64_are_written(memfs):
+    # A uint64 hash column of a manifest: past 2**63 Arrow's inference overflows, and the part (the whole
+    # ledger of the run, and of every rerun) was lost. Unsigned where every value fits, text where not.
+    fs, root = memfs
+    big = 2**63 + 5
+    write_part(fs, root, "run1", 0, [ledger_row("a", "A", "2026-01-01T00:00:00", content_hash=big),
+                                     ledger_row("b", "B", "2026-01-01T00:00:00", content_hash=17)])
+    write_part(fs, root, "run2", 0, [ledger_row("c", "C", "2026-01-02T00:00:00", content_hash=3)])
+    write_part(fs, root, "run3", 0, [ledger_row("d", "D", "2026-01-03T00:00:00", content_hash=-1),
+                                     ledger_row("e", "E", "2026-01-03T00:00:00", content_hash=2**64)])
+    assert to_table([ledger_row("a", "A", "2026-01-01T00:00:00", content_hash=big)]).schema.field(
+        "content_hash").type == pa.uint64()
+    got = {r["id"]: r["content_hash"] for r in read_ledger(fs, root).to_pylist()}
+    assert {k: str(v) for k, v in got.items()} == {"a": str(big), "b": "17", "c": "3", "d": "-1", "e": str(2**64)}
+    assert read_latest_ok(fs, root) == {"a": "A", "b": "B", "c": "C", "d": "D", "e": "E"}
+
+
 def test_to_table_keeps_one_row_per_entry_in_order():
     rows = [ledger_row(f"r{i}", f"h{i}", "2026-01-01T00:00:00") for i in range(5)]
     table = to_table(rows)

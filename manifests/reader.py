@@ -28,6 +28,21 @@ class ManifestError(Exception):
     """A manifest cannot be read at all (missing file, not Parquet): the run cannot start."""
 
 
+class DamagedManifest(ManifestError):
+    """A Parquet file whose footer reads but whose data does not (damaged pages, a bad copy).
+
+    Where the survey's own columns (`id`, `adapters`) cannot be read the run cannot start; where a later row
+    group fails, `part` is that row group and `done` how many of its rows were read before it failed: the rest
+    become invalid rows, and the run goes on."""
+
+    def __init__(self, message: str, part: "ManifestPart | None" = None, done: int = 0):
+        super().__init__(message)
+        self.part, self.done = part, done
+
+
+DAMAGED_HINT = "the file's data cannot be decoded: write it again from its source"
+
+
 @dataclass(frozen=True)
 class ManifestPart:
     """One Parquet row group of one manifest file: the unit a read task handles."""
@@ -57,6 +72,12 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
             raise ManifestError(f"manifest {given!r} does not exist")
         uris += [_uri(fs, p) for p in found]
     return list(dict.fromkeys(uris))
+
+
+def _short(exc: BaseException) -> str:
+    """Arrow's message for damaged data, as one line with its type ("OSError: Invalid BYTE_ARRAY value")."""
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _uri(fs, path: str) -> str:
@@ -99,7 +120,10 @@ def _each_file(uris: list[str], read: Callable[[str, pq.ParquetFile], Any]) -> I
 
     def opened(uri: str) -> Any:
         with _opened(uri) as pf:
-            return read(uri, pf)
+            try:
+                return read(uri, pf)
+            except (OSError, pa.ArrowException) as exc:
+                raise DamagedManifest(f"{uri} cannot be read ({_short(exc)}): {DAMAGED_HINT}") from exc
 
     if len(uris) <= 1:
         yield from map(opened, uris)
@@ -156,17 +180,36 @@ def plan_parts(uris: list[str]) -> list[ManifestPart]:
 
 
 def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (row position in file, row as a dict) for one part, reading `batch_rows` at a time."""
+    """Yield (row position in file, row as a dict) for one part, reading `batch_rows` at a time.
+
+    Damaged data raises DamagedManifest naming the part's rows not read, after yielding those before them."""
     position = part.first_row
     with _opened(part.uri) as pf:
-        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[part.row_group]):
-            for row in batch.to_pylist():
-                yield position, row
-                position += 1
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[part.row_group]):
+                for row in batch.to_pylist():
+                    yield position, row
+                    position += 1
+        except (OSError, pa.ArrowException) as exc:
+            last = part.first_row + part.num_rows - 1
+            raise DamagedManifest(f"{part.uri} rows {position}-{last} (row group {part.row_group}) cannot be read "
+                                  f"({_short(exc)}): {DAMAGED_HINT}", part, position - part.first_row) from exc
+
+
+def part_ids(part: ManifestPart) -> list[Any]:
+    """The `id` column of one part alone (None for each row where it is missing or cannot be read either)."""
+    try:
+        with _opened(part.uri) as pf:
+            if "id" in pf.schema_arrow.names:
+                ids = pf.read_row_group(part.row_group, columns=["id"]).column(0).to_pylist()
+                return [coerced_id(i) for i in ids]
+    except (OSError, pa.ArrowException, ManifestError):
+        pass
+    return [None] * part.num_rows
 
 
 def iter_rows(uris: list[str]) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """Yield (uri, row position, row) over all manifests, streaming."""
+    """Yield (uri, row position, row) over all manifests, streaming; damaged data raises DamagedManifest."""
     for part in plan_parts(uris):
         for position, row in read_part(part):
             yield part.uri, position, row

@@ -47,6 +47,23 @@ def write_manifest(path: Path, records: list[dict], schema: pa.Schema | None = N
     return path
 
 
+def write_damaged_manifest(path: Path, groups: int = 3, per_group: int = 4, damaged_group: int = 1,
+                           column: str = "prompt", **fields) -> Path:
+    """A manifest of `groups` row groups whose footer reads but whose `column` in `damaged_group` does not
+    decode (its data page overwritten, as a bad copy leaves it); ids r0, r1, ... in order, `fields` in each."""
+    records = [{"id": f"r{i}", "prompt": f"a red star on a gray background, number {i:04d}" * 2, **fields}
+               for i in range(groups * per_group)]
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=per_group, compression="none",
+                   use_dictionary=False, write_statistics=False)
+    chunk = pq.ParquetFile(path).metadata.row_group(damaged_group).column(list(records[0]).index(column))
+    data = bytearray(path.read_bytes())
+    start = chunk.data_page_offset + 40  # past the page header: the values' length prefixes
+    data[start:chunk.data_page_offset + chunk.total_compressed_size - 8] = b"\xab" * (
+        chunk.total_compressed_size - 48)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def sdfleet(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a fresh process (each run starts and stops its own local Ray).
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import (
-    FAST, assert_same_pixels, free_port, ledger, pixels, png_parameters, rows, run_summary, sdfleet, write_manifest,
+    FAST, assert_same_pixels, free_port, ledger, pixels, png_parameters, rows, run_summary, sdfleet, write_damaged_manifest,
+    write_manifest,
 )
 
 
@@ -140,6 +141,8 @@ def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
     work = tmp_path / "work"
     manifest = write_manifest(work / "bad.parquet", good + bad)
     no_prompt_column = write_manifest(work / "no-prompt-column.parquet", [{"id": "lonely", **FAST}])
+    # a bad copy: rows r0, r1 (row group 0) cannot be decoded; r2, r3 are drawn
+    damaged = write_damaged_manifest(work / "damaged.parquet", groups=2, per_group=2, damaged_group=0, **FAST)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
     proc = sdfleet("manifest", "validate", str(manifest), str(no_prompt_column), cwd=work)
@@ -155,13 +158,17 @@ def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
     assert "`width` must be a multiple of 8" in proc.stdout and "got 770" in proc.stdout
 
     out = work / "out"
-    proc = sdfleet("generate", str(manifest), str(no_prompt_column), "--out", str(out), cwd=work)
+    proc = sdfleet("generate", str(manifest), str(no_prompt_column), str(damaged), "--out", str(out), cwd=work)
     assert proc.returncode == 2, proc.stderr[-3000:]
     by_status = collections.defaultdict(list)
     for entry in ledger(out):
         by_status[entry["status"]].append(entry)
-    assert sorted(e["id"] for e in by_status["ok"]) == sorted(r["id"] for r in good)
+    assert sorted(e["id"] for e in by_status["ok"]) == sorted([r["id"] for r in good] + ["r2", "r3"])
     invalid = {(e["id"], e["row"]): e["error"] for e in by_status["invalid"]}
+    unreadable = {key: invalid.pop(key) for key in [("r0", 0), ("r1", 1)]}
+    assert set(unreadable.values()) == {f"{damaged} rows 0-1 (row group 0) cannot be read (ArrowInvalid: Invalid "
+                                        "or truncated PLAIN-encoded BYTE_ARRAY data): the file's data cannot be "
+                                        "decoded: write it again from its source"}
     assert len(invalid) == len(bad) + 1, invalid
     for (row_id, _), error in invalid.items():
         assert error, f"invalid row {row_id} has no reason"
@@ -169,7 +176,7 @@ def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
     assert sum("`id` appears in 2 rows" in e for e in invalid.values()) == 2
     assert any("too small to carry the watermark" in e for e in invalid.values())
     summary = run_summary(out)
-    assert (summary["ok"], summary["invalid"], summary["rows"]) == (4, len(bad) + 1, len(good) + len(bad) + 1)
+    assert (summary["ok"], summary["invalid"], summary["rows"]) == (6, len(bad) + 3, len(good) + len(bad) + 5)
     assert png_parameters(out / "images" / "emoji.png")["prompt"] == "un café ☕ 🚀 製品写真"
     assert {e["watermark"] for e in by_status["ok"]} == {"sdfleet"}
     marked = [str(out / "images" / f"{r['id']}.png") for r in good]
@@ -178,7 +185,8 @@ def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
 
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if not p.is_relative_to(out))
     assert after == before, "generate wrote outside --out"
-    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{r['id']}.png" for r in good)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.png" for i in [*(r["id"] for r in good),
+                                                                                            "r2", "r3"])
 
 
 def test_setup_errors_exit_1_with_one_clear_line(tmp_path, capsys):

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import write_damaged_manifest
 from jobs.cli import main
 from manifests.schema import default_seed
 
@@ -199,6 +200,24 @@ def test_non_parquet_manifest_exits_1(capsys, tmp_path):
     code, _, err = validate(capsys, path)
     assert code == 1
     assert str(path) in err and "not a readable Parquet file" in err and "Traceback" not in err
+
+
+def test_validate_names_a_damaged_row_group_and_goes_on(capsys, tmp_path):
+    damaged = write_damaged_manifest(tmp_path / "damaged.parquet", groups=3, per_group=4, damaged_group=1)
+    code, lines, err = validate(capsys, damaged, write(tmp_path / "fine.parquet", [good("other")]))
+    assert code == 1 and not err
+    assert problems(lines) == [f"error: {damaged} rows 4-7 (row group 1) cannot be read (ArrowInvalid: Invalid or "
+                               "truncated PLAIN-encoded BYTE_ARRAY data): the file's data cannot be decoded: write "
+                               "it again from its source"]
+    assert lines[-1].startswith("13 rows in 2 manifest(s): 1 error(s)")
+
+
+def test_validate_of_a_manifest_whose_ids_cannot_be_read_is_one_line(capsys, tmp_path):
+    damaged = write_damaged_manifest(tmp_path / "damaged.parquet", column="id")
+    code, lines, err = validate(capsys, damaged)
+    assert code == 1 and not lines
+    assert err.startswith(f"sdfleet: error: {damaged} cannot be read (ArrowInvalid: ")
+    assert "Traceback" not in err
 
 
 def test_memory_uri_manifest_validates(capsys):

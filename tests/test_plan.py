@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from actors.models import describe_model
-from jobs.plan import PlanState, plan_row
+from helpers import write_damaged_manifest
+from jobs.plan import PlanState, plan_part, plan_row
+from manifests.reader import DamagedManifest, survey
 
 
 def state(**fields) -> PlanState:
@@ -20,3 +24,25 @@ def test_a_row_too_small_for_the_mark_is_invalid_naming_where_it_is_and_the_way_
     work = plan_row({"id": "small", "prompt": "a mug", "width": 128}, source="m.parquet", row=0, state=state())
     assert work["status"] == "invalid"
     assert work["error"].startswith("m.parquet row 0 (`small`): 128x256 is too small") and "--no-watermark" in work["error"]
+
+
+def test_a_damaged_row_group_makes_its_rows_invalid_and_the_others_are_planned(tmp_path):
+    """A bad copy of a manifest: the rows of the row group that cannot be decoded are invalid, named by their
+    ids (the id column alone still reads) and by where they are; the other row groups plan as usual."""
+    path = write_damaged_manifest(tmp_path / "m.parquet", groups=3, per_group=4, damaged_group=1)
+    found = survey([str(path)])  # the survey reads only ids and adapters: the run starts
+    assert found.total == 12 and len(found.parts) == 3
+    rows = [r for part in found.parts for r in plan_part(part, state())]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(12)]
+    assert [r["row"] for r in rows] == list(range(12))
+    bad = [r for r in rows if r["status"] == "invalid"]
+    assert [r["id"] for r in bad] == ["r4", "r5", "r6", "r7"]
+    assert bad[0]["error"].startswith(f"{path} rows 4-7 (row group 1) cannot be read (ArrowInvalid: ")
+    assert bad[0]["error"].endswith("write it again from its source")
+    assert all(r["status"] is None for r in rows if r not in bad)  # to draw
+
+
+def test_a_manifest_whose_ids_cannot_be_read_stops_the_run_naming_the_file(tmp_path):
+    path = write_damaged_manifest(tmp_path / "m.parquet", damaged_group=2, column="id")
+    with pytest.raises(DamagedManifest, match=rf"^{path} cannot be read \(ArrowInvalid: .*write it again"):
+        survey([str(path)])

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from diffusers.utils import logging as diffusers_logging
 
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore
-from actors.lora_map import LoraMapError, lora_layers
+from actors.lora_map import Layers, LoraMapError, lora_layers, lora_state_dict
+from actors.textual_inversion import known_word
 
 GiB = 1024**3
 
@@ -94,7 +95,7 @@ class AdapterCache:
                 continue
             info, state_dict = self.store.load_planned(name, fingerprint)
             if info.kind == "lora":
-                check_lora_fits(self.pipe, name, state_dict)
+                state_dict = check_lora_fits(self.pipe, name, state_dict)  # the layers, as every backend reads them
                 loras.append((name, scale))
             else:
                 owned = known[1] if known is not None else []  # a replaced file may reuse its own tokens
@@ -112,10 +113,10 @@ class AdapterCache:
         needed = {name for name, _ in loras}
         for name, _ in loras:
             if name in staged:
-                info, state_dict = staged.pop(name)
-                nbytes = _lora_bytes(self.pipe, state_dict)
+                info, layers = staged.pop(name)
+                nbytes = _lora_bytes(self.pipe, layers)
                 self._make_room(nbytes, keep=needed)
-                self._load_lora(info, state_dict, nbytes)
+                self._load_lora(info, layers, nbytes)
                 changed = True
             self._loras.move_to_end(name)
         # 5. switch: the exact base model, or the wanted blend
@@ -152,7 +153,7 @@ class AdapterCache:
             self.pipe.set_adapters([n for n, _ in target], adapter_weights=[s for _, s in target])
         self._active = target
 
-    def _load_lora(self, info: AdapterInfo, state_dict, nbytes: int) -> None:
+    def _load_lora(self, info: AdapterInfo, layers: Layers, nbytes: int) -> None:
         # peft keeps adapters in ModuleDicts: no dots in names
         peft_name = f"{re.sub(r'[^A-Za-z0-9_]', '_', info.name)}__{info.fingerprint}"
         while any(e.peft_name == peft_name for e in self._loras.values() if e.info.name != info.name):
@@ -167,7 +168,9 @@ class AdapterCache:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 # diffusers logs a warning per UNet-only LoRA ("No LoRA keys associated to CLIPTextModel")
                 diffusers_logging.set_verbosity_error()
-                self.pipe.load_lora_weights(dict(state_dict), adapter_name=peft_name)
+                # the matrices as lora_layers reads them, each layer's alpha / rank in its B: diffusers would give
+                # a kohya file's attention layers one alpha for all (its alpha_pattern misses their keys)
+                self.pipe.load_lora_weights(lora_state_dict(layers), adapter_name=peft_name)
         except Exception as exc:
             self._reset_loras()
             raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc}); "
@@ -225,10 +228,10 @@ def normalise(adapters) -> list[tuple[str, float, str | None]]:
     return sorted(out)
 
 
-def _lora_bytes(pipe, state_dict) -> int:
+def _lora_bytes(pipe, layers: Layers) -> int:
     """Bytes the adapter takes once loaded: its matrices in the UNet's dtype."""
     itemsize = next(pipe.unet.parameters()).element_size()
-    return sum(t.numel() for k, t in state_dict.items() if not k.endswith(".alpha")) * itemsize
+    return sum(a.numel() + b.numel() for a, b in layers.values()) * itemsize
 
 
 def check_embedding_scale(name: str, scale: float) -> None:
@@ -261,15 +264,18 @@ def check_embedding_fits(pipe, info: AdapterInfo, state_dict, owned=()) -> None:
     if tensor.shape[-1] != width:
         raise AdapterError(info.name, f"is an embedding {tensor.shape[-1]} wide; this model's text encoder takes "
                                       f"{width} (an embedding for another base model?)")
-    vocab = pipe.tokenizer.get_vocab()
-    clash = [t for t in embedding_tokens(info.token, tensor) if t in vocab and t not in owned]
+    clash = [t for t in embedding_tokens(info.token, tensor) if t not in owned and known_word(pipe.tokenizer, t)]
     if clash:
-        raise AdapterError(info.name, f"its token {clash[0]!r} is already a token of this model's tokenizer; "
-                                      "rename the file (the file name is the token)")
+        from_name = info.token == info.name.rsplit("/", 1)[-1]  # A1111 files: the file name is the token
+        way_out = ("rename the file: its name is the token (a made-up word, such as my-object-v1)" if from_name
+                   else "save it again under a new token, such as <my-object>")
+        raise AdapterError(info.name, f"its token {clash[0]!r} is already a word of this model's tokenizer (added, "
+                                      f"it would change every prompt using the word on this actor); {way_out}")
 
 
-def check_lora_fits(pipe, name: str, state_dict) -> None:
-    """Raise AdapterError unless every LoRA matrix lands on a layer of this pipeline with matching shapes.
+def check_lora_fits(pipe, name: str, state_dict) -> Layers:
+    """The file's LoRA layers (`lora_layers`); raises AdapterError unless every one lands on a layer of this
+    pipeline with matching shapes.
 
     Reads the file with `actors.lora_map.lora_layers` (diffusers' own conversions, kohya -> diffusers ->
     peft), so it sees the layers the loader will see.
@@ -306,3 +312,4 @@ def check_lora_fits(pipe, name: str, state_dict) -> None:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise AdapterError(name, f"does not fit this model, a LoRA for another base model? "
                                  f"{'; '.join(problems[:3])}{more}")
+    return layers

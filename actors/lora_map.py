@@ -32,9 +32,11 @@ class LoraMapError(ValueError):
 
 
 def lora_layers(pipe, state_dict) -> Layers:
-    """Every LoRA layer in `state_dict` as `{"<component>.<module path>": (A, B)}`, scaled by alpha / rank.
+    """Every LoRA layer in `state_dict` as `{"<component>.<module path>": (A, B)}`, B scaled by each layer's
+    own alpha / rank.
 
-    Uses diffusers' own conversions (kohya -> diffusers -> peft), so it reads what `load_lora_weights` reads.
+    Uses diffusers' own conversions (kohya -> diffusers -> peft), so it reads what `load_lora_weights` reads;
+    the eager backend then loads these matrices too (`lora_state_dict`), so every backend draws one mapping.
     Shapes are not checked here (`actors.adapter_cache.check_lora_fits` does that against the model).
     """
     from diffusers.utils.state_dict_utils import (
@@ -43,32 +45,54 @@ def lora_layers(pipe, state_dict) -> Layers:
         convert_unet_state_dict_to_peft,
     )
 
+    dora = next((k for k in state_dict if "dora_scale" in k or "lora_magnitude_vector" in k), None)
+    if dora is not None:  # diffusers drops kohya's dora_scale with a log line; the pixels would be a plain LoRA's
+        raise LoraMapError(f"is a DoRA (weight-decomposed LoRA, {dora!r}), which sdfleet does not apply; "
+                           "use a plain LoRA (or merge the DoRA into a model)")
     # 1. kohya and old diffusers spellings -> "unet.<module>..." / "text_encoder.<module>..."
     try:
         converted, alphas = type(pipe).lora_state_dict(dict(state_dict))  # a copy: the kohya converter pops keys
     except Exception as exc:  # noqa: BLE001 - any failure here means diffusers cannot read it either
         raise LoraMapError(f"diffusers cannot read this LoRA ({type(exc).__name__}: {exc})") from exc
-    # kohya's alphas come back keyed by their down matrix: convert those keys the same way as the matrices
-    alpha_of = {key.removesuffix(".alpha"): torch.tensor(float(value)) for key, value in (alphas or {}).items()}
-    parts: dict[str, tuple[dict, dict]] = {}
-    for source, target in ((converted, 0), (alpha_of, 1)):
-        for key, tensor in source.items():
-            part, _, rest = key.partition(".")
-            parts.setdefault(part, ({}, {}))[target][rest] = tensor
+    # kohya's alphas come back keyed by their down matrix ("...to_q_lora.down.weight.alpha", converted below
+    # the same way as the matrices) or, for layers outside attention (proj_in, ff, convs), by the module
+    # itself ("unet.<module path>.alpha")
+    parts: dict[str, tuple[dict, dict, dict]] = {}
+    for key, tensor in converted.items():
+        part, _, rest = key.partition(".")
+        parts.setdefault(part, ({}, {}, {}))[0][rest] = tensor
+    for key, value in (alphas or {}).items():
+        part, _, rest = key.removesuffix(".alpha").partition(".")
+        keyed_by_matrix = rest.endswith(".weight")
+        parts.setdefault(part, ({}, {}, {}))[1 if keyed_by_matrix else 2][rest] = torch.tensor(float(value))
     # 2. peft spelling: "<module>.lora_A.weight" (down) and "<module>.lora_B.weight" (up)
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for part, (matrices, part_alphas) in parts.items():
-        convert = (convert_unet_state_dict_to_peft if part == "unet"
-                   else lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd)))
-        alpha_by_path = {}
-        for key, alpha in convert(dict(part_alphas)).items() if part_alphas else ():
-            match = LORA_MATRIX.match(key)
-            if match is not None:
-                alpha_by_path[match["path"]] = float(alpha)
-        for key, tensor in convert(dict(matrices)).items():
+    for part, (matrices, matrix_alphas, module_alphas) in parts.items():
+        if part == "unet":
+            convert = convert_unet_state_dict_to_peft
+        elif part.startswith("text_encoder"):  # text_encoder_2 (SDXL) is refused by name in check_lora_fits
+            def convert(sd):
+                return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+        else:
+            example = next(iter(matrices or module_alphas))
+            raise LoraMapError(f"has keys this model has no part for, such as {part}.{example!r}; a LoRA names its "
+                               "layers `unet.<module>` and `text_encoder.<module>` (diffusers, peft) or "
+                               "`lora_unet_...` and `lora_te_...` (kohya)")
+        try:
+            alpha_by_path = {path: float(alpha) for path, alpha in module_alphas.items()}
+            for key, alpha in convert(dict(matrix_alphas)).items() if matrix_alphas else ():
+                match = LORA_MATRIX.match(key)
+                if match is not None:
+                    alpha_by_path[match["path"]] = float(alpha)
+            peft = convert(dict(matrices))
+        except Exception as exc:  # noqa: BLE001 - diffusers' converters raise bare ValueErrors
+            raise LoraMapError(f"diffusers cannot convert its `{part}` keys ({type(exc).__name__}: {exc})") from exc
+        for key, tensor in peft.items():
             match = LORA_MATRIX.match(key)
             if match is None:
-                continue  # alphas, biases and DoRA magnitudes: not plain LoRA matrices
+                if ".lora_A." in key or ".lora_B." in key:  # a LoRA bias: part of the output, not droppable
+                    raise LoraMapError(f"has {part}.{key}, a LoRA bias, which sdfleet does not apply")
+                continue  # anything else diffusers' converters pass through
             # CLIPTextModel lost its `text_model.` level in recent transformers; old files still have it
             path = match["path"].removeprefix("text_model.") if part == "text_encoder" else match["path"]
             entry = layers.setdefault(f"{part}.{path}", {})
@@ -85,6 +109,15 @@ def lora_layers(pipe, state_dict) -> Layers:
             raise LoraMapError(f"{name}: rank {rank} down but {b.shape[1]} up")
         scale = entry.get("alpha", rank) / rank
         out[name] = (a, b * scale if scale != 1.0 else b)
+    return out
+
+
+def lora_state_dict(layers: Layers) -> dict[str, torch.Tensor]:
+    """`layers` in diffusers' peft spelling, for `load_lora_weights`: each layer's alpha / rank is already in
+    its B, and a file without alphas is scale 1 per layer to diffusers, whatever its ranks."""
+    out = {}
+    for name, (a, b) in layers.items():
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a, b
     return out
 
 

@@ -61,13 +61,18 @@ def placeholder_tokens(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
 
 
+def known_word(tokenizer, token: str) -> bool:
+    """Whether `token` is already a word of the tokenizer: in its vocabulary, or read as one known token (CLIP
+    spells "star" as "star</w>", so the vocabulary alone misses it). Adding such a word as a new token would
+    change every prompt that uses it, and split longer words ("tired" -> "t i red")."""
+    return token in tokenizer.get_vocab() or len(tokenizer(token, add_special_tokens=False).input_ids) == 1
+
+
 def check_placeholder(tokenizer, token: str, init_word: str | None, vectors: int = 1) -> int | None:
     """Raise TextualInversionError unless `token` (and its extra vector tokens) are new words and
     `init_word` is one token; returns the init word's id (None without one). Needs only the tokenizer, so
     `finetune` runs it before any worker starts."""
-    # a word the tokenizer already has (CLIP spells it "star</w>") reads as one known token
-    clash = [t for t in placeholder_tokens(token, vectors)
-             if t in tokenizer.get_vocab() or len(tokenizer(t, add_special_tokens=False).input_ids) == 1]
+    clash = [t for t in placeholder_tokens(token, vectors) if known_word(tokenizer, t)]
     if clash:
         raise TextualInversionError(f"--token {token!r}: {clash[0]!r} is already a word of this model's tokenizer; "
                                     "pick a new one, such as <my-object>")

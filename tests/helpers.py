@@ -216,6 +216,33 @@ def to_kohya(unet_layers: dict, te_layers: dict | None = None, alpha: float = RA
     return out
 
 
+# kohya LoRAs beyond attention (sd-scripts' default targets, LoCon convs), each layer with its own rank and
+# alpha as resize_lora's dynamic ranks write them: (module path suffix, rank, alpha)
+KOHYA_MIXED = (("attn1.to_q", 2, 1.0), ("attn2.to_v", 8, 8.0), ("proj_in", 4, 1.0), ("ff.net.2", 4, 16.0),
+               ("resnets.0.conv1", 4, 2.0))
+
+
+def kohya_mixed(unet, seed: int = 5, std: float = 0.2) -> tuple[dict, dict]:
+    """A kohya LoRA on one layer of each KOHYA_MIXED kind in `down_blocks.1`, and what it must add to each
+    layer's weight: `{"unet.<path>": alpha / rank * B @ A}` (the convolution's A is 3x3, its B 1x1)."""
+    g = torch.Generator().manual_seed(seed)
+    state, expected = {}, {}
+    for suffix, rank, alpha in KOHYA_MIXED:
+        path, layer = next((p, m) for p, m in unet.named_modules() if p.startswith("down_blocks.1.") and p.endswith(suffix))
+        if isinstance(layer, torch.nn.Conv2d):
+            a = torch.randn(rank, layer.in_channels, 3, 3, generator=g) * std
+            b = torch.randn(layer.out_channels, rank, 1, 1, generator=g) * std
+            update = (b.flatten(1) @ a.flatten(1)).reshape(layer.weight.shape)
+        else:
+            a = torch.randn(rank, layer.in_features, generator=g) * std
+            b = torch.randn(layer.out_features, rank, generator=g) * std
+            update = b @ a
+        base = "lora_unet_" + path.replace(".", "_")
+        state.update({f"{base}.lora_down.weight": a, f"{base}.lora_up.weight": b, f"{base}.alpha": torch.tensor(alpha)})
+        expected[f"unet.{path}"] = alpha / rank * update
+    return state, expected
+
+
 def new_store(files: dict[str, bytes]) -> AdapterStore:
     uri = f"memory://adapters-{uuid.uuid4().hex[:8]}"
     fs, root = fsspec.core.url_to_fs(uri)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from actors.adapter_cache import AdapterCache
+from actors.adapter_cache import AdapterCache, check_lora_fits
 from actors.adapters import AdapterError, AdapterStore
 from actors.generate import draw
 from actors.presets import build_preset
@@ -25,6 +25,7 @@ from helpers import (
     UNET_TARGETS,
     assert_same_pixels,
     diffusers_file,
+    kohya_mixed,
     make_lora,
     new_store,
     put,
@@ -188,6 +189,43 @@ def test_kohya_and_diffusers_formats_draw_the_same_image(store, fresh_a, base_im
     assert_same_pixels(kohya_half, half, "kohya alpha = rank / 2 vs diffusers at scale 0.5")
 
 
+def test_a_kohya_lora_draws_every_layer_at_its_own_alpha(tiny_shape):
+    """Each layer's alpha / rank, inside attention and out (proj_in, ff, a LoCon conv), ranks and alphas varying
+    by layer: the image equals the base model with `W0 + alpha / rank * B @ A` written into each layer. diffusers
+    alone gives every attention layer the file's most common alpha (its alpha_pattern misses their keys)."""
+    state, expected = kohya_mixed(tiny_shape.unet)
+    s = new_store({"mixed.safetensors": save(state)})
+    merged = build_preset("tiny")
+    with torch.no_grad():
+        for name, update in expected.items():
+            merged.unet.get_submodule(name.removeprefix("unet.")).weight += update
+    row = resolved_row(s)
+    want = draw(merged, [row])[0]
+    assert np.abs(want.astype(int) - draw(build_preset("tiny"), [row])[0]).mean() > 4, "the LoRA must show"
+    assert_same_pixels(draw_with(AdapterCache(build_preset("tiny"), s), [("mixed", 1.0)]), want, "kohya, eager")
+
+
+@pytest.mark.parametrize("key, message", [
+    ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector", "is a DoRA"),
+    ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale", "is a DoRA"),
+    ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.bias", "a LoRA bias"),
+])
+def test_lora_parts_sdfleet_does_not_apply_are_refused_not_dropped(tiny_shape, loras, key, message):
+    """DoRA magnitudes and LoRA biases change the output: a file with them is refused, naming the key, rather
+    than drawn as the plain LoRA it also holds (diffusers drops kohya's dora_scale with a log line)."""
+    kohya = key.startswith("lora_unet_")
+    state = to_kohya(loras["A"]) if kohya else {f"unet.{k}": v for k, v in loras["A"].items()}
+    state[key] = torch.ones(1, 320) if kohya else torch.ones(320)
+    with pytest.raises(AdapterError, match=f"^adapter 'x': .*{message}"):
+        check_lora_fits(tiny_shape, "x", state)
+
+
+def test_lora_keys_without_a_part_prefix_name_the_spellings_that_work(tiny_shape, loras):
+    with pytest.raises(AdapterError, match=r"^adapter 'x': has keys this model has no part for, such as "
+                                           r"down_blocks\..*`unet.<module>` and `text_encoder.<module>`"):
+        check_lora_fits(tiny_shape, "x", dict(loras["A"]))  # peft keys as saved from the UNet alone
+
+
 def test_swaps_leave_no_trace(store, base_image, fresh_a, fresh_b):
     cache = AdapterCache(build_preset("tiny"), store)
     assert not cache.activate([]) and cache.swaps == 0  # already the base model
@@ -316,6 +354,14 @@ def test_embeddings_add_their_token_and_change_only_prompts_that_use_it(tiny_sha
         cache.activate([{"name": "wide", "scale": 1.0}])
     with pytest.raises(AdapterError, match="'sparkle'.*no scale"):
         cache.activate([{"name": "sparkle", "scale": 0.5}])
+    # a word the tokenizer has (`red` is one token: a vocabulary lookup alone misses it), added as a token,
+    # would change every prompt with the word on this actor and split longer words
+    red = new_store({"red.safetensors": save({"emb_params": torch.randn(1, width)}),
+                     "colour.safetensors": save({"red": torch.randn(width)})})
+    with pytest.raises(AdapterError, match="'red'.*'red' is already a word.*rename the file: its name is the token"):
+        AdapterCache(build_preset("tiny"), red).activate([{"name": "red", "scale": 1.0}])
+    with pytest.raises(AdapterError, match="'colour'.*'red' is already a word.*save it again under a new token"):
+        AdapterCache(build_preset("tiny"), red).activate([{"name": "colour", "scale": 1.0}])
 
 
 # -- GPU tier -----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from helpers import (
     UNET_TARGETS,
     assert_same_pixels,
     diffusers_file,
+    kohya_mixed,
     make_lora,
     new_store,
     resolved_row,
@@ -108,6 +109,17 @@ def test_lora_layers_read_every_spelling_with_alpha_folded_in(store):
     text = [n for n in both if n.startswith("text_encoder.")]
     assert len(text) == 4 * 2 and all(n.removeprefix("text_encoder.") in dict(pipe.text_encoder.named_modules())
                                       for n in text)
+
+
+def test_lora_layers_scale_every_kohya_layer_by_its_own_alpha():
+    """kohya keys the alphas of layers outside attention (proj_in, ff, convs) by the module, not by the down
+    matrix: those were read as alpha = rank, so compile, onnx and tensorrt drew such LoRAs at the wrong strength."""
+    pipe = build_preset("tiny")
+    state, expected = kohya_mixed(pipe.unet)
+    layers = lora_layers(pipe, state)
+    assert set(layers) == set(expected)
+    for name, update in expected.items():
+        torch.testing.assert_close(delta(*layers[name]), update, msg=name)
 
 
 def test_switch_updates_restore_what_only_the_old_set_touched_exactly():

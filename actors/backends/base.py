@@ -10,7 +10,7 @@ import torch
 
 from actors.adapter_cache import check_embedding_fits, check_embedding_scale, check_lora_fits, load_embedding, normalise
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore
-from actors.lora_map import Layers, LoraMapError, lora_layers
+from actors.lora_map import Layers
 
 # The layers a LoRA may adapt under onnx and tensorrt: every Linear of the UNet's transformer
 # blocks (attention projections, feed-forward, proj_in/out) and of the text encoder's layers. What
@@ -92,11 +92,7 @@ class FixedAdapters:
                 self._load_embedding(info, state_dict)
                 loaded_embedding = True
                 continue
-            check_lora_fits(self.pipe, name, state_dict)
-            try:
-                layers = lora_layers(self.pipe, state_dict)
-            except LoraMapError as exc:
-                raise AdapterError(name, str(exc)) from exc
+            layers = check_lora_fits(self.pipe, name, state_dict)
             outside = sorted(set(layers) - self.adaptable)
             if outside:
                 more = f" (and {len(outside) - 2} more)" if len(outside) > 2 else ""

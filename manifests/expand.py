@@ -143,9 +143,13 @@ def expand(
         raise ExpandError("the template must use {product}")
     if scenes and "scene" not in fields:
         raise ExpandError("scenes were given but the template has no {scene}")
-    clashing = sorted(available & set(FIELDS))
+    clashing = sorted(available & (set(FIELDS) | {"variant"}))  # `variant` is the variant number expand writes
     if clashing:
         raise ExpandError(f"product/scene column(s) {', '.join(clashing)} would overwrite manifest fields; rename them")
+    shared = sorted(set(products[0]) & set(scenes[0])) if scenes else []
+    if shared:  # the manifest has one column of each name: the scene's values would be lost without a word
+        raise ExpandError(f"{products_source} and {scenes_source} both have column(s) {', '.join(shared)}; rename "
+                          "them in one of the two (a manifest keeps one column of each name)")
     product_keys = _keys(products, "product", "sku", products_source)
     scene_keys = _keys(scenes, "scene", "scene_id", scenes_source) if scenes else [None]
     rows = []

@@ -333,6 +333,22 @@ def test_expand_with_clashing_slugs_exits_1(capsys, tmp_path):
     assert code == 1 and "'red-mug'" in err and "rows 0 and 1" in err
 
 
+def test_expand_refuses_columns_it_would_overwrite(capsys, tmp_path):
+    """A products column named `variant` (expand's own variant number) or one that products and scenes both
+    have would lose its values in the manifest without a word."""
+    products, scenes = tmp_path / "products.csv", tmp_path / "scenes.csv"
+    products.write_text("sku,product,variant,category\nmug-1,a mug,red,kitchen\n")
+    scenes.write_text("scene_id,scene,category\nsun,in the sun,outdoor\n")
+    code, _, err = expand_cli(capsys, "--template", "{product} {scene}", "--products", products, "--scenes", scenes,
+                              "-o", tmp_path / "m.parquet")
+    assert code == 1 and "column(s) variant would overwrite manifest fields" in err
+    products.write_text("sku,product,category\nmug-1,a mug,kitchen\n")
+    code, _, err = expand_cli(capsys, "--template", "{product} {scene}", "--products", products, "--scenes", scenes,
+                              "-o", tmp_path / "m.parquet")
+    assert code == 1 and f"{products} and {scenes} both have column(s) category; rename them" in err
+    assert not (tmp_path / "m.parquet").exists()
+
+
 def test_a_row_too_small_for_the_watermark_is_an_error_unless_the_run_draws_without_it(capsys, tmp_path):
     """What `generate` would find invalid, validate says first: 256x200 is under the mark's 256 px."""
     path = write(tmp_path / "m.parquet", [good("native"), good("narrow", width=256, height=200)])

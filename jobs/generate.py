@@ -133,7 +133,10 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     # 1. the output store must be reachable and writable before anything is drawn
     try:
         fs, root = fsspec.core.url_to_fs(cfg.out)
-        fs.makedirs(f"{root}/results", exist_ok=True)
+        if cfg.plan_only:  # writes nothing: reachable is enough
+            fs.exists(root)
+        else:
+            fs.makedirs(f"{root}/results", exist_ok=True)
     except Exception as exc:  # any backend error means the same thing here
         raise RunFailed(f"cannot write to --out {cfg.out}: {exc}") from exc
     # ... and this run's alone until it ends: a second run into it refuses, or waits with --wait

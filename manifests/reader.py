@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -22,6 +23,9 @@ from manifests.stores import is_local_fs
 
 
 MANIFEST_READS = 16  # manifest files the driver reads at once
+# An sdfleet output's ledger parts (manifests.ledger.write_part): a folder of manifests may hold an output
+# (`generate folder/ --out folder/out`); its ledger is not a manifest.
+LEDGER_PART = re.compile(r"(^|/)results/\d{8}T\d{6}-[0-9a-f]{6}-\d{5}\.parquet$")
 
 
 class ManifestError(Exception):
@@ -54,20 +58,24 @@ class ManifestPart:
 
 
 def expand_manifest_paths(paths: list[str]) -> list[str]:
-    """Expand local paths, URIs and globs to a sorted, de-duplicated list of file URIs."""
+    """Expand local paths, URIs, folders and globs to a sorted, de-duplicated list of file URIs.
+
+    A path that exists is taken as it is, even with glob characters in its name (`shots[1].parquet`). A folder
+    gives every .parquet below it, and a glob what it matches, except the ledger parts of sdfleet outputs
+    (LEDGER_PART): they hold no prompts."""
     uris: list[str] = []
     for given in paths:
         fs, path = fsspec.core.url_to_fs(given)
-        if fsspec.core.has_magic(path):
-            found = sorted(p for p in fs.glob(path) if fs.isfile(p))
-            if not found:
-                raise ManifestError(f"no manifest file matches {given!r}")
+        if fs.isfile(path):
+            found = [path]
         elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if p.lower().endswith(".parquet"))
+            found = sorted(p for p in fs.find(path) if p.lower().endswith(".parquet") and not LEDGER_PART.search(p))
             if not found:
                 raise ManifestError(f"directory {given!r} holds no .parquet manifest")
-        elif fs.isfile(path):
-            found = [path]
+        elif fsspec.core.has_magic(path):
+            found = sorted(p for p in fs.glob(path) if fs.isfile(p) and not LEDGER_PART.search(p))
+            if not found:
+                raise ManifestError(f"no manifest file matches {given!r}")
         else:
             raise ManifestError(f"manifest {given!r} does not exist")
         uris += [_uri(fs, p) for p in found]

@@ -446,3 +446,7 @@ def test_plan_only_counts_what_would_be_drawn_and_writes_nothing(mixed_run):
     # 5 rows: the one that killed its actor has no ok entry, so it would be drawn; the other 4 are done
     assert "of 5 rows 1 would be drawn, 4 are done, 0 would be recovered" in proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in out.rglob("*")) == before
+    fresh = out.with_name("fresh-out")  # nor makes a folder for an output that does not exist yet
+    proc = sdfleet("generate", str(strings), "--out", str(fresh), "--plan-only", "--no-watermark")
+    assert proc.returncode == 0 and "of 5 rows 5 would be drawn" in proc.stderr, proc.stderr[-2000:]
+    assert not fresh.exists()

@@ -18,7 +18,7 @@ from manifests.ledger import (
     LEDGER_COLUMNS, atomic_write, read_latest_ok, read_ledger, to_table, write_part,
 )
 from manifests.reader import (
-    ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts, read_part,
+    LEDGER_PART, ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts, read_part,
 )
 from manifests.schema import validate_row
 
@@ -91,6 +91,26 @@ def test_local_glob_and_directory(tmp_path):
     assert sorted(os.path.basename(u) for u in whole) == ["2026-01.parquet", "2026-02.parquet", "extra.parquet"]
     assert sorted(ids_of(whole)) == ["feb-000", "jan-000", "jan-001", "nested-000"]
     assert all(os.path.exists(u) for u in whole)  # local results stay plain, reopenable paths
+
+
+def test_a_folder_of_manifests_leaves_out_the_ledgers_of_outputs_inside_it(tmp_path, memfs):
+    """`generate folder/ --out folder/out` and a rerun: the output's ledger parts are not manifests (read as such,
+    every row was a duplicate of itself and every part a row without a prompt)."""
+    write_local(tmp_path / "m" / "shots.parquet", records(2, prefix="shot"))
+    fs, root = memfs
+    ledger_part = write_part(fs, root, "20261205T220948-a22423", 3, [ledger_row("shot-000", "A", "2026-01-01T00:00")])
+    assert LEDGER_PART.search(ledger_part), "write_part's names and the reader's pattern drifted apart"
+    (tmp_path / "m" / "out" / "results").mkdir(parents=True)
+    (tmp_path / "m" / "out" / "results" / ledger_part.rsplit("/", 1)[-1]).write_bytes(fs.cat_file(ledger_part))
+    write_local(tmp_path / "m" / "results" / "day-1.parquet", records(1, prefix="kept"))  # a manifest all the same
+    found = expand_manifest_paths([str(tmp_path / "m")])
+    assert [os.path.relpath(u, tmp_path / "m") for u in found] == ["results/day-1.parquet", "shots.parquet"]
+
+
+def test_a_path_that_exists_is_taken_as_it_is_glob_characters_and_all(tmp_path):
+    path = write_local(tmp_path / "shots[1].parquet", records(1))
+    assert expand_manifest_paths([str(path)]) == [str(path)]
+    assert expand_manifest_paths([str(tmp_path / "shots*.parquet")]) == [str(path)]  # a glob still globs
 
 
 def test_memory_directory(memfs):

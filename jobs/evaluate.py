@@ -30,7 +30,7 @@ from PIL import Image
 
 from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
 from jobs.errors import EvalError
-from manifests.reader import expand_manifest_paths, iter_rows
+from manifests.reader import Unreadable, expand_manifest_paths, iter_rows
 
 PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) background$")
 # Fill of the bounding box by each ideal shape (jobs.synthetic draws them exactly so).
@@ -146,7 +146,7 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         raise EvalError(f"--out {out} has no images/ folder (give the --out of a `sdfleet generate` run)")
     rows, unscored, missing = [], 0, 0
     for _, _, row in iter_rows(expand_manifest_paths(manifests)):
-        want = intended(row)
+        want = None if isinstance(row, Unreadable) else intended(row)  # a damaged row group: nothing to score
         if want is None:
             unscored += 1
             continue

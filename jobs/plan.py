@@ -25,7 +25,7 @@ import fsspec
 import pyarrow as pa
 
 from actors.png import read_parameters_from
-from manifests.reader import DamagedManifest, ManifestPart, part_ids, read_part
+from manifests.reader import ManifestPart, Unreadable, read_part
 from manifests.rows import WORK_SCHEMA, to_table
 from manifests.schema import coerced_id, group_key, resolve_row, row_location, too_small_for_the_mark, validate_row
 
@@ -99,18 +99,11 @@ def affinity(work: dict[str, Any]) -> str:
 
 
 def plan_part(part: ManifestPart, state: PlanState) -> list[dict[str, Any]]:
-    """Plan every row of one manifest part, in manifest order. Rows whose data cannot be read (a damaged
-    row group) are invalid, each named by its id where the id column alone still reads."""
-    planned = []
-    try:
-        for pos, raw in read_part(part):
-            planned.append(plan_row(raw, source=part.uri, row=pos, state=state))
-    except DamagedManifest as exc:
-        ids = part_ids(part)
-        for i in range(len(planned), part.num_rows):
-            planned.append({"source": part.uri, "row": part.first_row + i, "id": ids[i], "extra": None,
-                            "status": "invalid", "error": str(exc)})
-    return planned
+    """Plan every row of one manifest part, in manifest order. A row of a row group that cannot be decoded
+    (a damaged file) is invalid, named by its id where the id column alone still reads."""
+    return [{"source": part.uri, "row": pos, "id": raw.id, "extra": None, "status": "invalid", "error": raw.error}
+            if isinstance(raw, Unreadable) else plan_row(raw, source=part.uri, row=pos, state=state)
+            for pos, raw in read_part(part)]
 
 
 def plan_batch(batch: pa.Table, state) -> Iterator[pa.Table]:

@@ -23,6 +23,7 @@ from manifests.stores import is_local_fs
 
 
 MANIFEST_READS = 16  # manifest files the driver reads at once
+PART_ROWS = 1_000  # consecutive row groups of one file are planned together up to this many rows
 # An sdfleet output's ledger parts (manifests.ledger.write_part): a folder of manifests may hold an output
 # (`generate folder/ --out folder/out`); its ledger is not a manifest.
 LEDGER_PART = re.compile(r"(^|/)results/\d{8}T\d{6}-[0-9a-f]{6}-\d{5}\.parquet$")
@@ -33,15 +34,17 @@ class ManifestError(Exception):
 
 
 class DamagedManifest(ManifestError):
-    """A Parquet file whose footer reads but whose data does not (damaged pages, a bad copy).
+    """A Parquet file whose footer reads but whose `id` or `adapters` data does not (damaged pages, a bad copy):
+    the run cannot check its ids, so it cannot start. Other damaged row groups are `Unreadable` rows."""
 
-    Where the survey's own columns (`id`, `adapters`) cannot be read the run cannot start; where a later row
-    group fails, `part` is that row group and `done` how many of its rows were read before it failed: the rest
-    become invalid rows, and the run goes on."""
 
-    def __init__(self, message: str, part: "ManifestPart | None" = None, done: int = 0):
-        super().__init__(message)
-        self.part, self.done = part, done
+@dataclass(frozen=True)
+class Unreadable:
+    """A row of a row group whose data cannot be decoded: its id where the id column alone still reads, and why.
+    `read_part` yields it in the row's place, so the row is accounted for (invalid) and the run goes on."""
+
+    id: Any
+    error: str
 
 
 DAMAGED_HINT = "the file's data cannot be decoded: write it again from its source"
@@ -49,12 +52,14 @@ DAMAGED_HINT = "the file's data cannot be decoded: write it again from its sourc
 
 @dataclass(frozen=True)
 class ManifestPart:
-    """One Parquet row group of one manifest file: the unit a read task handles."""
+    """Consecutive Parquet row groups of one manifest file (one, unless they are small): the unit a plan task
+    reads. A file written in row groups of a few rows is not thousands of tasks, each reading the footer."""
 
     uri: str
-    row_group: int
+    row_group: int  # the first row group
     first_row: int  # position of the part's first row in its file
     num_rows: int
+    row_groups: int = 1  # how many row groups, from `row_group` on
 
 
 def expand_manifest_paths(paths: list[str]) -> list[str]:
@@ -174,50 +179,62 @@ def _survey_file(uri: str, pf: pq.ParquetFile) -> tuple[int, collections.Counter
 
 def _parts(uri: str, pf: pq.ParquetFile) -> list[ManifestPart]:
     parts, first, meta = [], 0, pf.metadata
-    for rg in range(meta.num_row_groups):
-        n = meta.row_group(rg).num_rows
+    start = rows = count = 0
+    for rg in range(meta.num_row_groups + 1):
+        n = meta.row_group(rg).num_rows if rg < meta.num_row_groups else None
+        if count and (n is None or rows + n > PART_ROWS):  # close the part so far before this group
+            parts.append(ManifestPart(uri, start, first - rows, rows, count))
+            rows = count = 0
+        if n is None:
+            break
         if n:
-            parts.append(ManifestPart(uri, rg, first, n))
+            if not count:
+                start = rg
+            rows, count = rows + n, count + 1
         first += n
     return parts
 
 
 def plan_parts(uris: list[str]) -> list[ManifestPart]:
-    """List the row groups of every manifest, from footers alone."""
+    """The parts of every manifest, from footers alone."""
     return [p for file_parts in _each_file(uris, _parts) for p in file_parts]
 
 
-def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int, dict[str, Any] | Unreadable]]:
     """Yield (row position in file, row as a dict) for one part, reading `batch_rows` at a time.
 
-    Damaged data raises DamagedManifest naming the part's rows not read, after yielding those before them."""
+    The rows of a row group whose data cannot be decoded come as `Unreadable`, and the next row group is read."""
     position = part.first_row
     with _opened(part.uri) as pf:
-        try:
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[part.row_group]):
-                for row in batch.to_pylist():
-                    yield position, row
-                    position += 1
-        except (OSError, pa.ArrowException) as exc:
-            last = part.first_row + part.num_rows - 1
-            raise DamagedManifest(f"{part.uri} rows {position}-{last} (row group {part.row_group}) cannot be read "
-                                  f"({_short(exc)}): {DAMAGED_HINT}", part, position - part.first_row) from exc
+        meta = pf.metadata
+        for rg in range(part.row_group, part.row_group + part.row_groups):
+            start, end = position, position + meta.row_group(rg).num_rows
+            try:
+                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg]):
+                    for row in batch.to_pylist():
+                        yield position, row
+                        position += 1
+            except (OSError, pa.ArrowException) as exc:
+                error = (f"{part.uri} rows {position}-{end - 1} (row group {rg}) cannot be read ({_short(exc)}): "
+                         f"{DAMAGED_HINT}")
+                ids = _row_group_ids(pf, rg) or [None] * (end - start)
+                for pos in range(position, end):
+                    yield pos, Unreadable(ids[pos - start], error)
+            position = end
 
 
-def part_ids(part: ManifestPart) -> list[Any]:
-    """The `id` column of one part alone (None for each row where it is missing or cannot be read either)."""
+def _row_group_ids(pf: pq.ParquetFile, rg: int) -> list[Any]:
+    """The ids of one row group, read alone; [] where there is no id column or it cannot be read either."""
     try:
-        with _opened(part.uri) as pf:
-            if "id" in pf.schema_arrow.names:
-                ids = pf.read_row_group(part.row_group, columns=["id"]).column(0).to_pylist()
-                return [coerced_id(i) for i in ids]
-    except (OSError, pa.ArrowException, ManifestError):
+        if "id" in pf.schema_arrow.names:
+            return [coerced_id(i) for i in pf.read_row_group(rg, columns=["id"]).column(0).to_pylist()]
+    except (OSError, pa.ArrowException):
         pass
-    return [None] * part.num_rows
+    return []
 
 
-def iter_rows(uris: list[str]) -> Iterator[tuple[str, int, dict[str, Any]]]:
-    """Yield (uri, row position, row) over all manifests, streaming; damaged data raises DamagedManifest."""
+def iter_rows(uris: list[str]) -> Iterator[tuple[str, int, dict[str, Any] | Unreadable]]:
+    """Yield (uri, row position, row) over all manifests, streaming (see `read_part` for `Unreadable`)."""
     for part in plan_parts(uris):
         for position, row in read_part(part):
             yield part.uri, position, row

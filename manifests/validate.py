@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from manifests.reader import DamagedManifest, count_ids, plan_parts, read_part
+from manifests.reader import Unreadable, count_ids, iter_rows
 from manifests.tokens import prompt_overflow
 from manifests.schema import row_location, too_small_for_the_mark, validate_row
 
@@ -21,9 +21,12 @@ def check_manifests(
     error, as `generate` finds it when the mark is on.
     """
     _, id_counts = count_ids(uris)
-    for uri, position, raw in _rows(uris):
-        if isinstance(raw, DamagedManifest):  # a damaged row group: one error for its rows, then the next
-            yield "error", str(raw)
+    said = None
+    for uri, position, raw in iter_rows(uris):
+        if isinstance(raw, Unreadable):  # a damaged row group: one error for its rows, then the next
+            if raw.error != said:
+                yield "error", raw.error
+            said = raw.error
             continue
         parsed, errors, _ = validate_row(raw, source=uri, row=position, models=models)
         for err in errors:
@@ -44,12 +47,3 @@ def check_manifests(
             if warning:
                 yield "warning", f"{where}: {warning}"
 
-
-def _rows(uris: list[str]) -> Iterator[tuple[str, int, dict | DamagedManifest]]:
-    """(uri, position, row) over every manifest; a row group that cannot be read comes as its DamagedManifest."""
-    for part in plan_parts(uris):
-        try:
-            for position, row in read_part(part):
-                yield part.uri, position, row
-        except DamagedManifest as exc:
-            yield part.uri, part.first_row + exc.done, exc

@@ -93,6 +93,24 @@ def test_local_glob_and_directory(tmp_path):
     assert all(os.path.exists(u) for u in whole)  # local results stay plain, reopenable paths
 
 
+def test_many_tiny_row_groups_are_read_as_few_parts_each_opening_the_file_once(memfs, monkeypatch):
+    """A manifest written one row per row group (a streaming writer's flushes): planned as thousands of parts,
+    each a task reading the footer, it took minutes to plan 3,000 rows."""
+    import manifests.reader as reader
+
+    fs, root = memfs
+    fs.pipe_file(f"{root}/drip.parquet", parquet_bytes(records(2_500), row_group_size=1))
+    uri = expand_manifest_paths([f"{root}/drip.parquet"])[0]
+    parts = plan_parts([uri])
+    assert [(p.row_group, p.row_groups, p.num_rows) for p in parts] == [(0, 1000, 1000), (1000, 1000, 1000),
+                                                                        (2000, 500, 500)]
+    opened = []
+    real_open = reader._open_parquet
+    monkeypatch.setattr(reader, "_open_parquet", lambda u: opened.append(u) or real_open(u))
+    rows = [(pos, raw["id"]) for part in parts for pos, raw in read_part(part)]
+    assert rows == [(i, f"row-{i:03d}") for i in range(2_500)] and len(opened) == 3
+
+
 def test_a_folder_of_manifests_leaves_out_the_ledgers_of_outputs_inside_it(tmp_path, memfs):
     """`generate folder/ --out folder/out` and a rerun: the output's ledger parts are not manifests (read as such,
     every row was a duplicate of itself and every part a row without a prompt)."""
@@ -192,12 +210,20 @@ def test_truncated_parquet_in_memory_is_a_manifest_error(memfs):
 # ---------------------------------------------------------------------------------------------------
 # parts and row positions
 
-def test_row_groups_become_parts_with_file_positions(memfs):
+@pytest.mark.parametrize("part_rows, expected", [
+    (3, [(0, 1, 0, 3), (1, 1, 3, 3), (2, 1, 6, 3), (3, 1, 9, 1)]),  # row groups as large as a part: one each
+    (7, [(0, 2, 0, 6), (2, 2, 6, 4)]),  # small row groups: together, up to PART_ROWS
+    (1_000, [(0, 4, 0, 10)]),
+])
+def test_row_groups_become_parts_with_file_positions(memfs, monkeypatch, part_rows, expected):
+    import manifests.reader as reader
+
+    monkeypatch.setattr(reader, "PART_ROWS", part_rows)
     fs, root = memfs
     fs.pipe_file(f"{root}/big.parquet", parquet_bytes(records(10), row_group_size=3))
     uri = expand_manifest_paths([f"{root}/big.parquet"])[0]
     parts = plan_parts([uri])
-    assert [(p.row_group, p.first_row, p.num_rows) for p in parts] == [(0, 0, 3), (1, 3, 3), (2, 6, 3), (3, 9, 1)]
+    assert [(p.row_group, p.row_groups, p.first_row, p.num_rows) for p in parts] == expected
     assert all(p.uri == uri for p in parts)
 
     # Each part, read alone (as a worker does) and in small batches, knows its rows' positions in the file.
@@ -214,7 +240,7 @@ def test_positions_are_zero_based_per_file_across_files_and_parts(memfs):
     uris = expand_manifest_paths([f"{root}/*.parquet"])
     seen = [(uri.rsplit("/", 1)[-1], pos, raw["id"]) for uri, pos, raw in iter_rows(uris)]
     assert seen == [("a.parquet", i, f"a-{i:03d}") for i in range(5)] + [("b.parquet", i, f"b-{i:03d}") for i in range(4)]
-    assert len(plan_parts(uris)) == 3 + 2
+    assert len(plan_parts(uris)) == 2  # one part per file: their row groups are small
 
 
 
@@ -242,8 +268,9 @@ def test_the_survey_reads_each_manifest_once_and_agrees_with_the_single_reads(me
     assert found.adapter_names == reader.adapter_names(uris) == {"style-0", "style-1", "style-2"}
 
 
-def test_parts_from_plan_travel_as_plain_records(memfs):
+def test_parts_from_plan_travel_as_plain_records(memfs, monkeypatch):
     # generate ships parts to Ray tasks as dicts (vars(part)) and rebuilds them there.
+    monkeypatch.setattr("manifests.reader.PART_ROWS", 2)
     fs, root = memfs
     fs.pipe_file(f"{root}/a.parquet", parquet_bytes(records(4), row_group_size=2))
     part = plan_parts(expand_manifest_paths([f"{root}/a.parquet"]))[1]

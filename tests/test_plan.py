@@ -31,7 +31,7 @@ def test_a_damaged_row_group_makes_its_rows_invalid_and_the_others_are_planned(t
     ids (the id column alone still reads) and by where they are; the other row groups plan as usual."""
     path = write_damaged_manifest(tmp_path / "m.parquet", groups=3, per_group=4, damaged_group=1)
     found = survey([str(path)])  # the survey reads only ids and adapters: the run starts
-    assert found.total == 12 and len(found.parts) == 3
+    assert found.total == 12 and len(found.parts) == 1  # small row groups: one part, read on past the damage
     rows = [r for part in found.parts for r in plan_part(part, state())]
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(12)]
     assert [r["row"] for r in rows] == list(range(12))

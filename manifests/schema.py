@@ -6,6 +6,7 @@ model's defaults by `resolve_row`, because the defaults (size, steps, scheduler)
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import json
 import math
@@ -65,16 +66,21 @@ def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
 
 
 def _whole_number(value: Any) -> Any:
-    """Integer fields take integers only: text, true/false and floats (even 2.0) are refused, not converted."""
+    """Integer fields take integers only: text, true/false and floats (even 2.0) are refused, not converted. A
+    decimal column of scale 0 (`decimal(10, 0)`, as databases export counts) holds integers."""
     if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
         return value
+    if isinstance(value, decimal.Decimal) and value.is_finite() and value.as_tuple().exponent >= 0:
+        return int(value)
     raise ValueError("must be a whole number, stored in an integer column (not text, true/false or a float)")
 
 
 def _real_number(value: Any) -> Any:
-    """Float fields take numbers only: text and true/false are refused, not converted."""
+    """Float fields take numbers only: text and true/false are refused, not converted. Decimals are numbers."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return value
+    if isinstance(value, decimal.Decimal):
+        return float(value)  # NaN and infinities are then refused as for floats
     raise ValueError("must be a number, stored in a numeric column (not text or true/false)")
 
 

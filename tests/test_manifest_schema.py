@@ -90,6 +90,20 @@ def test_values_on_the_boundaries_are_valid(field, value):
     assert errors == [] and getattr(parsed, field) == value
 
 
+def test_decimal_columns_are_numbers_and_whole_decimals_are_integers():
+    """A database's export stores numbers as decimals: `decimal(10, 0)` steps are whole numbers, a decimal
+    guidance scale a number; a decimal with a fraction is refused in an integer field, as a float is."""
+    from decimal import Decimal
+
+    parsed, errors, _ = validate_row(row(steps=Decimal("25"), guidance_scale=Decimal("7.50"), seed=Decimal("42")),
+                                     source="m", row=0, models=MODELS)
+    assert errors == [] and (parsed.steps, parsed.guidance_scale, parsed.seed) == (25, 7.5, 42)
+    assert type(parsed.steps) is int and type(parsed.guidance_scale) is float
+    for bad in (Decimal("25.0"), Decimal("25.5"), Decimal("NaN")):
+        assert only_error(row(steps=bad)).field == "steps"
+    assert only_error(row(guidance_scale=Decimal("NaN"))).field == "guidance_scale"
+
+
 BAD_IDS = ["../x", "a/b", "a\\b", ".", "..", "x" * 129, "", "sku 1", "sku-1\n", "produit-café"]
 
 

@@ -38,7 +38,7 @@ from jobs.recorder import Recorder
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, read_latest_ok,
                               remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
-from manifests.schema import FIELDS
+from manifests.schema import FIELDS, look_alike_columns, look_alike_warning
 from manifests.stores import (UnreadableFile, absolute_local, is_local_path, multi_node_reason, process_local,
                               unshared_reason)
 
@@ -156,6 +156,9 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                             "manifests")
         log(f"left out {len(ledger)} ledger part(s) of --out (its results/): not manifests")
     manifests = survey(uris)  # each file read once: footers, ids, adapter names
+    for uri, columns in manifests.file_columns.items():
+        for column, field in look_alike_columns(columns).items():
+            log(f"warning: {look_alike_warning(uri, column, field)}")
     duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
     manifests.id_counts = None  # one entry per row: let it go before the run
 

@@ -158,23 +158,25 @@ class Survey:
     adapter_names: set[str]  # every adapter name the `adapters` columns mention
     parts: list[ManifestPart]  # the row groups, in file order
     columns: set[str] = field(default_factory=set)  # every column name any manifest has
+    file_columns: dict[str, list[str]] = field(default_factory=dict)  # each manifest's column names
 
 
 def survey(uris: list[str]) -> Survey:
     """Footers, `id` and `adapters` columns of every manifest, each file opened once (see `_each_file`)."""
     found = Survey(uris, 0, collections.Counter(), set(), [])
-    for rows, file_counts, file_names, parts, columns in _each_file(uris, _survey_file):  # merged as they come
-        found.total += rows
+    for uri, (rows, file_counts, file_names, parts, columns) in zip(uris, _each_file(uris, _survey_file)):
+        found.total += rows  # merged as they come
         found.id_counts.update(file_counts)
         found.adapter_names |= file_names
         found.parts += parts
-        found.columns |= columns
+        found.columns |= set(columns)
+        found.file_columns[uri] = columns
     return found
 
 
 def _survey_file(uri: str, pf: pq.ParquetFile) -> tuple[int, collections.Counter, set[str], list[ManifestPart],
-                                                          set[str]]:
-    return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf), set(pf.schema_arrow.names)
+                                                          list[str]]:
+    return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf), pf.schema_arrow.names
 
 
 def _parts(uri: str, pf: pq.ParquetFile) -> list[ManifestPart]:
@@ -238,6 +240,11 @@ def iter_rows(uris: list[str]) -> Iterator[tuple[str, int, dict[str, Any] | Unre
     for part in plan_parts(uris):
         for position, row in read_part(part):
             yield part.uri, position, row
+
+
+def column_names(uris: list[str]) -> dict[str, list[str]]:
+    """Each manifest's column names, from its footer."""
+    return dict(zip(uris, _each_file(uris, lambda _, pf: pf.schema_arrow.names)))
 
 
 def count_ids(uris: list[str]) -> tuple[int, collections.Counter]:

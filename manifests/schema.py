@@ -189,6 +189,22 @@ class ManifestRow(BaseModel):
 
 
 FIELDS = tuple(ManifestRow.model_fields)
+
+
+def look_alike_columns(columns) -> dict[str, str]:
+    """Columns that are no field but read as one once case, spaces and `-` are set aside (`Seed`, `steps `,
+    `negative-prompt`), each with the field it looks like: such a column passes through as an extra column and
+    the field is missing from every row, which is seldom what its author meant."""
+    def key(name: str) -> str:
+        return re.sub(r"[\s_-]+", "_", name.strip().lower())
+
+    fields = {key(f): f for f in FIELDS}
+    return {c: fields[key(c)] for c in columns if c not in FIELDS and key(c) in fields}
+
+
+def look_alike_warning(source: str, column: str, field: str) -> str:
+    return (f"{source}: column {column!r} is not the field `{field}` (field names are exact, lower-case): every row "
+            f"of it reads `{field}` as missing, and {column!r} passes through to the ledger")
 REQUIRED = ("id", "prompt")
 
 

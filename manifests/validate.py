@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from manifests.reader import Unreadable, count_ids, iter_rows
+from manifests.reader import Unreadable, column_names, count_ids, iter_rows
 from manifests.tokens import prompt_overflow
-from manifests.schema import row_location, too_small_for_the_mark, validate_row
+from manifests.schema import look_alike_columns, look_alike_warning, row_location, too_small_for_the_mark, validate_row
 
 
 def check_manifests(
@@ -20,6 +20,9 @@ def check_manifests(
     `watermark_sizes` (model name -> its native width, height) a row too small to carry the watermark is an
     error, as `generate` finds it when the mark is on.
     """
+    for uri, columns in column_names(uris).items():
+        for column, field in look_alike_columns(columns).items():
+            yield "warning", look_alike_warning(uri, column, field)
     _, id_counts = count_ids(uris)
     said = None
     for uri, position, raw in iter_rows(uris):

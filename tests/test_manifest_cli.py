@@ -212,6 +212,19 @@ def test_validate_names_a_damaged_row_group_and_goes_on(capsys, tmp_path):
     assert lines[-1].startswith("13 rows in 2 manifest(s): 1 error(s)")
 
 
+def test_validate_warns_of_columns_that_look_like_fields(capsys, tmp_path):
+    """`Seed` or `steps ` pass through as extra columns and the field takes its default in every row: a warning
+    naming the file, the column and the field (a `Prompt` column also leaves every row without a prompt)."""
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a"], "Prompt": ["a red star"], "Seed": [7], "steps ": [4], "sku": ["x"]}), path)
+    code, lines, _ = validate(capsys, path)
+    assert code == 1 and len(problems(lines)) == 1 and "`prompt`" in problems(lines)[0]
+    warned = problems(lines, "warning")
+    assert warned == [f"warning: {path}: column {c!r} is not the field `{f}` (field names are exact, lower-case): "
+                      f"every row of it reads `{f}` as missing, and {c!r} passes through to the ledger"
+                      for c, f in (("Prompt", "prompt"), ("Seed", "seed"), ("steps ", "steps"))]
+
+
 def test_validate_of_a_manifest_whose_ids_cannot_be_read_is_one_line(capsys, tmp_path):
     damaged = write_damaged_manifest(tmp_path / "damaged.parquet", column="id")
     code, lines, err = validate(capsys, damaged)

@@ -24,18 +24,22 @@ import os
 import posixpath
 import re
 import secrets
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
+# Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
+OTHER_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".md", ".yaml", ".yml")
 ROWS_PER_PART = 500
 # The part files of a build, named by the build (UTC time and a random tag) so that a rebuild writes beside the
 # parts it replaces; builds before 2026-12-05 wrote part-NNNNN.parquet.
@@ -64,11 +68,18 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     fs, root = fsspec.core.url_to_fs(images_dir)
     if not fs.isdir(root):
         raise DatasetError(f"IMAGES_DIR {images_dir} is not a folder")
-    images = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+    found = sorted(fs.find(root))
+    images = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
         raise DatasetError(f"IMAGES_DIR {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     rel = {p: os.path.relpath(p, root) for p in images}
-    lookup = _caption_lookup(fs, root, captions)
+    unknown = [os.path.relpath(p, root) for p in found if not p.lower().endswith(IMAGE_SUFFIXES + OTHER_SUFFIXES)
+               and not posixpath.basename(p).startswith(".")]
+    lookup, listed = _caption_lookup(fs, root, captions)
+    stray = sorted(set(listed) - set(rel.values()))
+    if stray:  # a typo'd or moved file: its caption is not used
+        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+        log(f"warning: {len(stray)} caption(s) in {captions} name no image in {images_dir}: {shown}")
 
     def one(path: str):
         name = rel[path]
@@ -84,8 +95,13 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     build = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     before = _is_dataset(out_fs, out_root)
     rows, skipped, parts, committed = [], [], [], False
+    for name in unknown:  # .heic, .avif, .svg...: said, not silently left out
+        skipped.append(Skipped(name, f"not an image type this reads ({', '.join(IMAGE_SUFFIXES)})"))
+        log(f"skipped {name}: {skipped[-1].reason}")
     try:
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+        # large photos are fine (Pillow warns past 89 Mpx on the terminal); past its limit it raises, said per file
+        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL decodes without the GIL
             for i, result in enumerate(pool.map(one, images), 1):
                 if isinstance(result, Skipped):
                     skipped.append(result)
@@ -153,24 +169,25 @@ def _check_out(fs, root: str, out: str) -> None:
 
 
 def _caption_lookup(fs, root: str, captions: str | None):
-    """A function: image path relative to IMAGES_DIR -> (caption, None) or (None, why there is none)."""
+    """A function: image path relative to IMAGES_DIR -> (caption, None) or (None, why there is none); and the
+    files a captions table names (none for caption files)."""
     def from_text(cfs, folder: str, name: str):
         path = f"{folder}/{os.path.splitext(name)[0]}.txt"
         if not cfs.exists(path):
             return None, f"no caption (expected {path})"
-        text = cfs.cat_file(path).decode("utf-8", errors="replace").strip()
-        return (text, None) if text else (None, f"empty caption in {path}")
+        text, why = _caption_text(cfs.cat_file(path), path)
+        return (text, None) if text else (None, why or f"empty caption in {path}")
 
     if captions is None:
-        return lambda name: from_text(fs, root, name)
+        return (lambda name: from_text(fs, root, name)), []
     cfs, croot = fsspec.core.url_to_fs(captions)
     if cfs.isdir(croot):
-        return lambda name: from_text(cfs, croot, name)
+        return (lambda name: from_text(cfs, croot, name)), []
     if not cfs.exists(croot):
         raise DatasetError(f"--captions {captions} does not exist (give a folder of .txt files, a .csv or a .jsonl)")
     table = _caption_table(cfs, croot, captions)
-    return lambda name: ((table[name], None) if table.get(name) else
-                         (None, f"no caption for {name!r} in {captions}"))
+    return (lambda name: ((table[name], None) if table.get(name) else
+                          (None, f"no caption for {name!r} in {captions}"))), list(table)
 
 
 def _caption_table(cfs, path: str, label: str) -> dict[str, str]:
@@ -198,7 +215,26 @@ def _caption_table(cfs, path: str, label: str) -> dict[str, str]:
             records.append(record)
     else:
         raise DatasetError(f"--captions {label}: expected a folder, a .csv or a .jsonl file")
-    return {str(r["file"]): str(r["caption"] or "").strip() for r in records}
+    table: dict[str, str] = {}
+    for r in records:
+        name, caption = str(r["file"]), str(r["caption"] or "").strip()
+        if table.get(name, caption) != caption:  # which one was meant? (the same caption twice is harmless)
+            raise DatasetError(f"--captions {label} gives {name!r} two captions ({table[name]!r} and {caption!r}); "
+                               "keep one")
+        table[name] = caption
+    return table
+
+
+def _caption_text(data: bytes, path: str) -> tuple[str | None, str | None]:
+    """A caption file's text: UTF-8 (a byte-order mark dropped) or UTF-16 with its mark (Windows Notepad's
+    "Unicode"); (None, why) for anything else, which would be trained on as mojibake."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16").strip(), None
+    try:
+        return data.decode("utf-8-sig").strip(), None
+    except UnicodeDecodeError as exc:
+        return None, (f"caption {path} is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}); save it as "
+                      "UTF-8")
 
 
 def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: int):
@@ -206,13 +242,10 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode in ("RGBA", "LA", "P"):  # transparent product cut-outs go on white, not black
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                im = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            im = _upright_rgb(im)
+    except Image.DecompressionBombError as exc:
+        return Skipped(name, f"too large to decode safely ({exc}); downscale it first")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         return Skipped(name, f"corrupt (cannot decode: {exc})")
     w, h = im.size
     if min(w, h) < min_size:
@@ -221,6 +254,21 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return {"file": name, "caption": caption, "image": buf.getvalue(), "width": resolution, "height": resolution}
+
+
+def _upright_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB as the photo is seen: turned as its EXIF orientation says (phones store portraits sideways),
+    16-bit grey scaled to 8 bits (a plain conversion clips it to white), transparency on white (product
+    cut-outs, whether an alpha channel or a PNG's transparent colour key), not black."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return im.convert("RGB")
 
 
 def _write_part(fs, root: str, build: str, index: int, rows: list[dict]) -> tuple[str, int]:

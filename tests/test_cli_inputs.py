@@ -199,6 +199,61 @@ def test_dataset_build_reads_a_captions_csv_with_a_byte_order_mark(capsys, tmp_p
     assert not out and err.strip().splitlines()[-1].startswith("[sdfleet] wrote 2 samples at 64 px"), err
 
 
+def test_dataset_build_refuses_two_captions_for_one_file_and_names_captions_without_an_image(capsys, tmp_path,
+                                                                                            images):
+    captions = tmp_path / "captions.csv"
+    captions.write_text("file,caption\n0.png,a mug\n1.png,a cup\n0.png,a jug\n")
+    code, _, err = build(capsys, images, "--captions", captions, "-o", tmp_path / "data")
+    assert code == 1
+    one_error_line(err, f"--captions {captions} gives '0.png' two captions ('a mug' and 'a jug'); keep one")
+    captions.write_text("file,caption\n0.png,a mug\n1.png,a cup\n0.png,a mug\n2.png,a jug\n")  # 2.png: moved
+    code, _, err = build(capsys, images, "--captions", captions, "-o", tmp_path / "data")
+    assert code == 0 and f"warning: 1 caption(s) in {captions} name no image in {images}: 2.png" in err, err
+
+
+def test_dataset_build_stores_each_image_as_it_is_seen_and_says_what_it_leaves_out(capsys, tmp_path):
+    """A phone's portrait (stored sideways, EXIF orientation 6), a 16-bit grey scan, a PNG whose transparency is
+    a colour key, a TIFF; captions with a byte-order mark or in UTF-16; a Latin-1 caption and an SVG are skipped
+    with their reasons (the caption would be mojibake; an SVG was left out without a word)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    upright = np.zeros((96, 64, 3), np.uint8)
+    upright[:48] = (220, 30, 30)  # red on top, green below, as the photo is seen
+    upright[48:] = (30, 200, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(upright).rotate(90, expand=True).save(folder / "portrait.jpg", quality=95, exif=exif)
+    Image.fromarray(np.full((72, 72), 32768, np.uint16)).save(folder / "grey16.png")
+    keyed = np.zeros((72, 72, 3), np.uint8)
+    keyed[:, :36] = (255, 0, 0)  # the key colour: transparent
+    keyed[:, 36:] = (0, 0, 200)
+    Image.fromarray(keyed).save(folder / "keyed.png", transparency=(255, 0, 0))
+    Image.fromarray(noise(72, 3)).save(folder / "scan.tif")
+    Image.fromarray(noise(72, 4)).save(folder / "latin.png")
+    (folder / "logo.svg").write_text("<svg/>")
+    (folder / "README.md").write_text("shots from the spring catalogue")
+    for stem in ("portrait", "grey16", "keyed"):
+        (folder / f"{stem}.txt").write_bytes("a product, café".encode("utf-8-sig"))
+    (folder / "scan.txt").write_bytes("a scan, café".encode("utf-16"))
+    (folder / "latin.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    (folder / "logo.txt").write_text("a logo")
+    code, _, err = run(capsys, "dataset", "build", folder, "--resolution", "64", "-o", tmp_path / "data")
+    assert code == 2, err  # written, with files skipped
+    summary = json.loads((tmp_path / "data" / "_dataset.json").read_text())
+    reasons = {s["file"]: s["reason"] for s in summary["skipped"]}
+    assert reasons.keys() == {"latin.png", "logo.svg"}, reasons
+    assert reasons["latin.png"] == f"caption {folder}/latin.txt is not UTF-8 text (byte 6 is 0xe9); save it as UTF-8"
+    assert reasons["logo.svg"].startswith("not an image type this reads (.png, ")
+    rows = {r["file"]: r for r in pq.read_table(tmp_path / "data").to_pylist()}
+    assert rows.keys() == {"portrait.jpg", "grey16.png", "keyed.png", "scan.tif"}
+    assert {r["caption"] for r in rows.values()} == {"a product, café", "a scan, café"}
+    seen = {name: np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")).astype(int) for name, r in rows.items()}
+    portrait = seen["portrait.jpg"]  # upright: the centre square's top is red, its bottom green
+    assert portrait[4, 32, 0] > 180 > portrait[4, 32, 1] and portrait[60, 32, 1] > 160 > portrait[60, 32, 0]
+    assert np.abs(seen["grey16.png"] - 128).max() <= 1  # mid grey, not white
+    assert (seen["keyed.png"][:, :30] == 255).all() and (seen["keyed.png"][:, 40:] == (0, 0, 200)).all()
+
+
 # -- watermark verify ----------------------------------------------------------------------------------------
 
 def save_png(path, rgb, recorded: str | None = None):

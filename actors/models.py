@@ -86,6 +86,7 @@ def describe_model(name: str, ref: str) -> ModelInfo:
         listing = fs.find(root, detail=True)
         keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
         listing = {p: i for p, i in listing.items() if _is_model_file(os.path.relpath(p, root), keep)}
+        _check_weights(name, ref, keep, [os.path.relpath(p, root) for p in listing])
         h = hashlib.sha256()
         for path in sorted(listing):
             info = listing[path]
@@ -100,6 +101,7 @@ def describe_model(name: str, ref: str) -> ModelInfo:
             raise ModelError(f"model {name}={ref}: {path} has no model_index.json (expected a diffusers directory)")
         keep = _model_files(json.loads((path / "model_index.json").read_text()))
         files = sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep))
+        _check_weights(name, ref, keep, [p.relative_to(path).as_posix() for p in files])
         digests = _cached_digests(path, files)
         h = hashlib.sha256()
         for file in files:
@@ -128,6 +130,26 @@ def _is_model_file(rel: str, components: set[str]) -> bool:
     images and logs beside the model are not, so they neither slow hashing nor change the fingerprint."""
     top, sep, _ = rel.partition("/")
     return top in components if sep else rel in _MODEL_TOP_FILES
+
+
+# The components that hold weights, and the suffixes of pickle checkpoints (never loaded: they can run code).
+_WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_weights(name: str, ref: str, components: set[str], rels: list[str]) -> None:
+    """Raise ModelError unless each weight-bearing component of a model directory has safetensors weights: one
+    with pickle weights only is said before any worker starts, not when a worker fails to load it."""
+    for component in sorted(set(_WEIGHT_COMPONENTS) & components):
+        inside = [r for r in rels if r.startswith(f"{component}/")]
+        if any(r.endswith(".safetensors") for r in inside):
+            continue
+        pickles = [r for r in inside if r.endswith(_PICKLE_SUFFIXES)]
+        if pickles:
+            raise ModelError(f"model {name}={ref}: {pickles[0]} is a pickle checkpoint and {component}/ has no "
+                             ".safetensors weights; sdfleet loads safetensors only (save the model again with "
+                             "diffusers' save_pretrained, whose default is safetensors)")
+        raise ModelError(f"model {name}={ref}: {component}/ holds no weights (expected a .safetensors file)")
 
 
 _CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "sdfleet.json")

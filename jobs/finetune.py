@@ -30,7 +30,8 @@ from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect
                              local_gpu_shortfall)
 from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
-from manifests.dataset import check_dataset
+from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
+from manifests.schema import is_adapter_name
 from manifests.stores import is_local_fs, is_local_path, multi_node_reason
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
@@ -39,6 +40,12 @@ RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "tok
 # Ray Train's background watchers, off on a local Ray: a one-machine run has no node to be preempted and
 # no metrics backend, and on a 2-core box their polling takes CPU from the workers. A cluster keeps them.
 # Set either variable yourself to override.
+# Flags a rerun may change and still resume: where and how the run goes, not what it learns. Every other flag
+# (steps and lr schedule, alpha, seed, loss options...) is compared with the run in --out, so a rerun never trains
+# half a model one way and half another.
+RESUMABLE_FLAGS = frozenset({"out", "address", "verbose", "shared_out", "cpus_per_worker", "checkpoint_every",
+                             "log_every", "max_failures", "gradient_checkpointing", "validate_every",
+                             "validation_prompts", "base", "data", "class_data"})  # the last three: by RESUME_KEYS
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
@@ -53,7 +60,12 @@ def run_finetune(cfg: TrainConfig) -> dict:
         fs.makedirs(root, exist_ok=True)
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
         raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
+    _check_out_is_ours(fs, root, cfg)
     resolution = cfg.resolution or base.width
+    _note_upscaling(cfg.data, resolution)
+    if cfg.warmup_steps >= cfg.steps:
+        log(f"note: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning rate never "
+            "reaches its peak")
     if cfg.token:
         _check_captions_use(cfg.data, cfg.token, rows)
         _check_token(cfg)
@@ -70,7 +82,9 @@ def run_finetune(cfg: TrainConfig) -> dict:
         "validation_prompts": cfg.validation_prompts or _default_validation_prompts(cfg)})
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = run_record(cfg, base.fingerprint, class_data)
-    _check_same_run(fs, root, record)
+    _check_same_run(fs, root, record, cfg)
+    if not fs.exists(f"{root}/finetune.json"):  # from here on --out is this fine-tune's: a rerun may use it
+        _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
     if cfg.class_prompts:  # before this run's Ray: generation starts and stops its own
         class_rows = draw_class_images(cfg, fs, root, resolution)
         log(f"prior preservation: {class_rows} class images of {_quoted(cfg.class_prompts)} in {class_data}")
@@ -98,6 +112,10 @@ def run_finetune(cfg: TrainConfig) -> dict:
                     result = _fit(cfg, train, base, scaling, fs, root)
                 except KeyboardInterrupt:  # the CLI says how to resume; finetune.json no longer says "running"
                     _write_json(fs, f"{root}/finetune.json", {**record, "status": "interrupted",
+                                                              "config": cfg.model_dump()})
+                    raise
+                except FinetuneError as exc:
+                    _write_json(fs, f"{root}/finetune.json", {**record, "status": "failed", "error": str(exc),
                                                               "config": cfg.model_dump()})
                     raise
         finally:
@@ -284,7 +302,36 @@ def run_record(cfg: TrainConfig, base_fingerprint: str, class_data: str | None) 
             "workers": cfg.workers, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "fsdp": cfg.fsdp}
 
 
-def _check_same_run(fs, root: str, record: dict) -> None:
+def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
+    """--out is new, empty, or an earlier fine-tune's (finetune.json): a folder of other files (photos, the base
+    model itself) is refused, not written into. A LoRA's or embedding's folder name is its adapter name."""
+    shown = fs.unstrip_protocol(root)
+    if fs.isdir(root) and not fs.exists(f"{root}/finetune.json"):
+        held = folder_names(fs, root)
+        if held:
+            listed = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise FinetuneError(f"--out {shown} holds files ({listed}) and is not a fine-tune's output (no "
+                                "finetune.json); give a new or empty folder, or an earlier fine-tune's --out to resume it")
+    name = root.rstrip("/").rsplit("/", 1)[-1]
+    if cfg.method in ("lora", "textual-inversion") and not is_adapter_name(name):
+        raise FinetuneError(f"--out {shown}: {name!r} will be the adapter's name in `generate --adapters`, which "
+                            "takes letters, digits, '.', '_' and '-'; name the folder so")
+
+
+def _note_upscaling(data: str, resolution: int) -> None:
+    """A dataset built smaller than the training size is upscaled in every step: said once, before training."""
+    fs, root = fsspec.core.url_to_fs(data)
+    try:
+        built = json.loads(fs.cat_file(f"{root.rstrip('/')}/{SUMMARY_FILE}")).get("resolution")
+    except (OSError, ValueError):  # a dataset made by other means: no summary to read
+        return
+    if isinstance(built, int) and built < resolution:
+        log(f"note: {data} was built at {built} px and this trains at {resolution} px, so every image is upscaled "
+            f"{resolution / built:g}x: rebuild it with `dataset build --resolution {resolution}`, or pass "
+            f"--resolution {built}")
+
+
+def _check_same_run(fs, root: str, record: dict, cfg: TrainConfig) -> None:
     if fs.exists(f"{root}/run.json") or fs.exists(f"{root}/results"):  # a model's files would mix with its images
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds a `generate` run's output (run.json, "
                             "results/); give the fine-tune a folder of its own")
@@ -300,6 +347,16 @@ def _check_same_run(fs, root: str, record: dict) -> None:
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "
                             "use a new --out, or the same flags to resume that one")
+    then, now = before.get("config") or {}, cfg.model_dump()  # records before 2026-12-05 lack some flags: not compared
+    def shown(value) -> str:
+        return "the default" if value is None else repr(value)
+
+    changed = [f"--{k.replace('_', '-')} {shown(then[k])} there, {shown(now[k])} now" for k in now
+               if k not in RESUMABLE_FLAGS and k in then and then[k] != now[k]]
+    if changed:
+        raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds a fine-tune with other settings "
+                            f"({'; '.join(changed)}); resuming it would train the rest of it differently: use its "
+                            "flags to resume it, or a new --out")
 
 
 def _captions(uri: str):

@@ -150,8 +150,13 @@ def test_pickle_weights_are_refused(tmp_path):
     weights = next(unet_dir.glob("*.safetensors"))
     torch.save({"x": torch.zeros(1)}, unet_dir / "diffusion_pytorch_model.bin")
     weights.unlink()
-    with pytest.raises(ModelError, match="did not load"):
-        load_pipeline(describe_model("m", str(tmp_path / "m")))
+    # said from the folder's listing, before a worker starts and fails to load it
+    with pytest.raises(ModelError, match=r"unet/diffusion_pytorch_model.bin is a pickle checkpoint and unet/ has no "
+                                         r"\.safetensors weights; sdfleet loads safetensors only"):
+        describe_model("m", str(tmp_path / "m"))
+    (unet_dir / "diffusion_pytorch_model.bin").unlink()
+    with pytest.raises(ModelError, match="unet/ holds no weights"):
+        describe_model("m", str(tmp_path / "m"))
 
 
 def test_bad_model_references_say_what_is_wrong(tmp_path):

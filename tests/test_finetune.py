@@ -348,7 +348,8 @@ def _parquet(path: Path, table: pa.Table) -> Path:
 
 @pytest.mark.parametrize("case", ["empty", "no-caption-column", "missing-base", "zero-workers", "missing-data",
                                   "crop-for-full", "calibrate-for-full", "lora-layers-for-full",
-                                  "pixel-loss-for-full", "crop-candidates-without-crop"])
+                                  "pixel-loss-for-full", "crop-candidates-without-crop", "infinite-lr", "pickle-base",
+                                  "out-of-other-files"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monkeypatch, capsys):
     data, base, extra = str(dataset["dir"]), "tiny", []
     if case == "empty":
@@ -372,6 +373,19 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
         extra, expected = ["--crop-candidates", "4"], "--crop-candidates 4 needs --crop"
     elif case == "lora-layers-for-full":
         extra, expected = ["--lora-layers", "all"], "--lora-layers is for lora; full trains whole weights"
+    elif case == "infinite-lr":  # the loss would go NaN and NaN checkpoints be written
+        extra, expected = ["--lr", "inf"], "--lr: Input should be a finite number"
+    elif case == "pickle-base":  # refused here, not by every worker after Ray started
+        model = tmp_path / "pickled"
+        (model / "unet").mkdir(parents=True)
+        (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", '
+                                                '"UNet2DConditionModel"]}')
+        (model / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"pickle")
+        base, expected = str(model), "unet/diffusion_pytorch_model.bin is a pickle checkpoint"
+    elif case == "out-of-other-files":  # photos, or the base model itself: never written into
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "holiday.jpg").write_bytes(b"jpeg")
+        expected = "holds files (holiday.jpg) and is not a fine-tune's output (no finetune.json)"
     else:
         data, expected = str(tmp_path / "nowhere"), "does not exist"
     out = tmp_path / "out"
@@ -396,14 +410,49 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("textual-inversion", ["--token", "<gem>", "--train-text-encoder"], "drop --train-text-encoder"),
     ("textual-inversion", ["--token", "circle"], "'circle' is already a word of this model's tokenizer"),
     ("full", ["--token", "<gem>"], "--token is for textual-inversion"),
+    ("lora", ["--out-name", "mug style"], "'mug style' will be the adapter's name in `generate --adapters`"),
 ])
 def test_method_flags_are_checked_before_any_worker_starts(method, extra, expected, dataset, tmp_path, monkeypatch,
                                                             capsys):
-    out = tmp_path / "out"
+    name = extra[extra.index("--out-name") + 1] if "--out-name" in extra else "out"  # (not a flag: the folder)
+    extra = [a for a in extra if a not in ("--out-name", name)] if "--out-name" in extra else extra
+    out = tmp_path / name
     code, stderr = refused_before_ray(monkeypatch, capsys, "finetune", method, "--data", str(dataset["dir"]),
                                       "--base", "tiny", "--out", str(out), *extra)
     assert code == 1 and expected in stderr, stderr[-2000:]
     assert not (out / "checkpoints").exists()
+
+
+def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_flag(tmp_path):
+    """Resuming with another --steps, --lr or --alpha trained the rest on the checkpoint's schedule with the new
+    scaling, and recorded the new flags: a model of two runs. Where and how it runs may change."""
+    import fsspec
+
+    from actors.train.config import TrainConfig
+    from jobs.errors import FinetuneError
+    from jobs.finetune import _check_same_run, _write_json, run_record
+
+    fs, root = fsspec.core.url_to_fs(str(tmp_path / "lora"))
+    fs.makedirs(root)
+    first = TrainConfig(method="lora", data="d", base="tiny", out=root, steps=2)
+    _write_json(fs, f"{root}/finetune.json", {**run_record(first, "fp", None), "config": first.model_dump()})
+    again = first.model_copy(update={"steps": 4, "lr": 1e-2, "alpha": 64.0})
+    with pytest.raises(FinetuneError, match=r"other settings \(--steps 2 there, 4 now; --lr the default there, 0.01 now; "
+                                            r"--alpha the default there, 64.0 now\); resuming it would train"):
+        _check_same_run(fs, root, run_record(again, "fp", None), again)
+    moved = first.model_copy(update={"gradient_checkpointing": True, "checkpoint_every": 1, "max_failures": 0,
+                                     "validation_prompts": ["a red star"]})
+    _check_same_run(fs, root, run_record(moved, "fp", None), moved)  # no error
+
+
+def test_a_dataset_built_smaller_than_the_training_size_is_said(dataset, capsys):
+    from jobs.finetune import _note_upscaling
+
+    _note_upscaling(str(dataset["dir"]), int(RES) * 2)
+    assert f"was built at {RES} px and this trains at {int(RES) * 2} px, so every image is upscaled 2x" in \
+        capsys.readouterr().err
+    _note_upscaling(str(dataset["dir"]), int(RES))
+    assert capsys.readouterr().err == ""
 
 
 # -- end to end ---------------------------------------------------------------------------------------
@@ -782,7 +831,7 @@ def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, t
     import time
 
     out = tmp_path / "tune"
-    argv = ["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), "--steps", "400",
+    argv = ["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), "--steps", "40",
             "--checkpoint-every", "4", "--batch-size", "2", "--resolution", RES, "--log-every", "1"]
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jobs", *argv], cwd=REPO, stdout=log, stderr=log,
@@ -796,7 +845,8 @@ def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, t
     said = (tmp_path / "run.log").read_text()
     assert f"sdfleet: interrupted; checkpoints are in {out}/checkpoints, rerun the same command to resume" in said
     assert json.loads((out / "finetune.json").read_text())["status"] == "interrupted"
-    again = sdfleet(*argv[:argv.index("--steps") + 1], "8", *argv[argv.index("--steps") + 2:])
+    assert "resuming" not in said and "done" not in said, said[-3000:]  # stopped well before its 40 steps
+    again = sdfleet(*argv)  # the same flags: another --steps would train the rest on another schedule (refused)
     assert again.returncode == 0 and "resuming from the checkpoint at step" in again.stderr, again.stderr[-3000:]
 
 

@@ -29,7 +29,7 @@ class TrainConfig(BaseModel):
     cpus_per_worker: int | None = Field(default=None, ge=1, description="CPU workers: cores (torch threads) each "
                                         "(default: the cluster's CPUs shared out)")
     steps: int = Field(default=1000, ge=1, description="optimizer steps")
-    lr: float | None = Field(default=None, gt=0, description="peak learning rate (default: 1e-5 full, 5e-6 "
+    lr: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="peak learning rate (default: 1e-5 full, 5e-6 "
                              "dreambooth, 1e-4 lora and vae, 5e-3 textual-inversion)")
     batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
@@ -40,15 +40,15 @@ class TrainConfig(BaseModel):
     log_every: int = Field(default=10, ge=1, description="steps between progress lines")
     validate_every: int = Field(default=0, ge=0, description="steps between validation images (0: at the end only)")
     validation_prompts: list[str] = Field(default_factory=list, description="prompts drawn as validation images")
-    min_snr_gamma: float | None = Field(default=None, gt=0, description="Min-SNR loss weighting (5 is usual)")
-    noise_offset: float = Field(default=0.0, ge=0, description="noise offset (0.05-0.1 helps very dark/bright images)")
-    caption_dropout: float = Field(default=0.0, ge=0, lt=1, description="share of samples trained on the empty "
+    min_snr_gamma: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="Min-SNR loss weighting (5 is usual)")
+    noise_offset: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="noise offset (0.05-0.1 helps very dark/bright images)")
+    caption_dropout: float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False, description="share of samples trained on the empty "
                                    "prompt, which classifier-free guidance needs in a model trained from scratch")
-    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="keep an EMA of the weights (0.9999 is usual)")
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, allow_inf_nan=False, description="keep an EMA of the weights (0.9999 is usual)")
     gradient_checkpointing: bool = Field(default=False, description="trade compute for activation memory")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, no on CPU")
     rank: int = Field(default=4, ge=1, description="LoRA rank")
-    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha (default: the rank)")
+    alpha: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="LoRA alpha (default: the rank)")
     lora_layers: Literal["attention", "transformer", "all"] | None = Field(
         default=None, description="lora: the UNet layers it adapts. attention (default): the attention projections; "
         "transformer: every linear layer of the transformer blocks (what every backend can adapt); all: also the "
@@ -67,12 +67,12 @@ class TrainConfig(BaseModel):
                               "model draws for --class-prompt (kept in --out/class-images; a rerun reuses them)")
     class_data: str | None = Field(default=None, description="dreambooth, lora: a `dataset build` dataset of class "
                                    "images to use instead of drawing them with --class-prompt")
-    prior_loss_weight: float = Field(default=1.0, gt=0, description="dreambooth, lora: weight of the class "
+    prior_loss_weight: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="dreambooth, lora: weight of the class "
                                      "samples' loss against the instance samples'")
     train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
     fsdp: bool = Field(default=False, description="full only: shard weights, gradients and optimizer state across "
                                                   "workers (FSDP2) instead of a DDP copy on each")
-    kl_weight: float = Field(default=1e-6, ge=0, description="vae: weight of the KL term")
+    kl_weight: float = Field(default=1e-6, ge=0, allow_inf_nan=False, description="vae: weight of the KL term")
     crop: int = Field(default=0, ge=0, description="vae: train on random square crops of this many px (0: whole images)")
     crop_candidates: int = Field(default=1, ge=1, le=64, description="vae, with --crop: draw this many random crops "
                                  "per image and train on the busiest (largest pixel spread), so plain background "

@@ -81,6 +81,7 @@ def describe_model(name: str, ref: str) -> ModelInfo:
         return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"], d["scheduler"])
     if _is_uri(ref):
         fs, root = fsspec.core.url_to_fs(ref)
+        root = root.rstrip("/")
         if not fs.exists(f"{root}/model_index.json"):
             raise ModelError(f"model {name}={ref}: no model_index.json there (expected a diffusers directory)")
         listing = fs.find(root, detail=True)

@@ -32,7 +32,7 @@ from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import is_adapter_name
-from manifests.stores import is_local_fs, is_local_path, multi_node_reason
+from manifests.stores import folder_files, is_local_fs, is_local_path, multi_node_reason
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
@@ -433,7 +433,7 @@ def draw_class_images(cfg: TrainConfig, fs, root: str, resolution: int) -> int:
         run_generate(gen)
     except RunFailed as exc:
         raise FinetuneError(f"could not draw the class images: {exc}") from exc
-    existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{folder}/images/*.png")}  # one listing, not N stats
+    existing = {p.rsplit("/", 1)[-1][:-4] for p in folder_files(fs, f"{folder}/images", ".png")}  # one listing
     drawn = current_class_images(fs, folder, {i: prompt for i, prompt in zip(ids, prompts) if i in existing})
     if not drawn:
         raise FinetuneError(f"no class image was drawn from {_quoted(cfg.class_prompts)} (see "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
 import time
 import uuid
 from typing import Annotated, Literal
@@ -39,8 +40,8 @@ from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledge
                               remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning
-from manifests.stores import (UnreadableFile, absolute_local, is_local_path, multi_node_reason, process_local,
-                              unshared_reason)
+from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_path, multi_node_reason,
+                              process_local, unshared_reason)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -118,6 +119,9 @@ class GenerateConfig(BaseModel):
         for field in ("out", "adapters", "backend_cache"):  # workers do not share the driver's working directory
             if getattr(self, field):
                 setattr(self, field, absolute_local(getattr(self, field)))
+        # a model folder as the actors can open it (a preset's or a hub id's name, not a folder here, as given)
+        self.models = {name: absolute_local(ref) if "://" in ref or os.path.isdir(os.path.expanduser(ref)) else ref
+                       for name, ref in self.models.items()}
         return self
 
 
@@ -184,7 +188,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
         _check_report_group_by(cfg.report_group_by, manifests.columns, fs, root)
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
     if not cfg.force and fs.exists(f"{root}/images"):
-        existing = {p.rsplit("/", 1)[-1][:-4] for p in fs.glob(f"{root}/images/*.png")}
+        existing = {p.rsplit("/", 1)[-1][:-4] for p in folder_files(fs, f"{root}/images", ".png")}
     state = PlanState(models=models, duplicates=duplicates, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)

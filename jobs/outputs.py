@@ -16,7 +16,7 @@ import fsspec
 
 from jobs.errors import ReportError, one_line
 from manifests.ledger import ledger_parts
-from manifests.stores import UnreadableFile, read_parquet_files
+from manifests.stores import UnreadableFile, folder_files, read_parquet_files
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
 BOOKKEEPING = ("status", "uri", "sha256", "params_hash", "error", "warning", "watermark", "watermark_bits",
@@ -87,6 +87,7 @@ def adapters_text(adapters: list[dict] | None) -> str:
 def open_output(uri: str) -> RunOutput:
     """Read a run's output, or say in one line why it cannot be read (missing, or a run that did not finish)."""
     fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/") or root
     root = root.rstrip("/")
     try:
         exists = fs.exists(root)
@@ -110,7 +111,7 @@ def open_output(uri: str) -> RunOutput:
         raise ReportError(f"{uri}/run.json has no run_id: not written by `sdfleet generate` (or by a version "
                           "before reports)")
     runs = []
-    paths = sorted(fs.glob(f"{root}/runs/*.json"))  # one per run: a nightly output holds hundreds, fetched at once
+    paths = sorted(folder_files(fs, f"{root}/runs", ".json"))  # one per run: a nightly output holds hundreds, fetched at once
     for data in fs.cat_ranges(paths, None, None, on_error="return") if paths else []:
         try:
             if not isinstance(data, BaseException):  # one that could not be fetched comes back as its error

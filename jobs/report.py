@@ -32,7 +32,7 @@ from jobs.console import log
 from jobs.errors import ReportError, one_line
 from jobs.outputs import RunOutput, adapters_text, open_output
 from manifests.ledger import atomic_write
-from manifests.stores import is_local_fs
+from manifests.stores import folder_files, is_local_fs
 
 THUMB_SIDE = 192  # px, the longer side
 THUMB_QUALITY = 82
@@ -123,8 +123,8 @@ def _write(out: RunOutput, name: str, page: str) -> int:
 
 def _prune_pages(out: RunOutput, keep: set[str]) -> None:
     """Remove the pages of an earlier, longer report, so none of them is left showing old rows."""
-    for path in out.fs.glob(f"{out.root}/report/page-*.html"):
-        if path.rsplit("/", 1)[-1] not in keep:
+    for path in folder_files(out.fs, f"{out.root}/report", ".html"):
+        if path.rsplit("/", 1)[-1].startswith("page-") and path.rsplit("/", 1)[-1] not in keep:
             out.fs.rm_file(path)
 
 

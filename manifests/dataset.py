@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from manifests.stores import read_parquet
+from manifests.stores import folder_files, read_parquet
 
 DATASET_SCHEMA = pa.schema([
     ("file", pa.string()),  # path relative to IMAGES_DIR, for tracing a sample back to its source
@@ -57,7 +57,7 @@ def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSy
         try:
             parts = json.loads(fs.cat_file(f"{root}/{SUMMARY_FILE}"))["parts"]
         except FileNotFoundError:
-            files = sorted(fs.glob(f"{root}/*.parquet"))
+            files = sorted(folder_files(fs, root, ".parquet"))
         except (ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"{flag} {uri}: {SUMMARY_FILE} cannot be read ({exc}); build the dataset again") from exc
         else:

@@ -17,7 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.stores import is_local_fs, read_parquet_files
+from manifests.stores import folder_files, is_local_fs, read_parquet_files
 
 STATUSES = ("ok", "failed", "invalid")
 
@@ -166,10 +166,7 @@ def write_part(fs: fsspec.AbstractFileSystem, root: str, run_id: str, seq: int, 
 
 def ledger_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | None]:
     """The ledger parts of the output at `root`, in name order, each with its size in bytes (one listing)."""
-    folder = f"{root.rstrip('/')}/results"
-    if not fs.exists(folder):
-        return {}
-    found = fs.glob(f"{folder}/*.parquet", detail=True)
+    found = folder_files(fs, f"{root.rstrip('/')}/results", ".parquet")
     return {path: found[path].get("size") for path in sorted(found)}
 
 

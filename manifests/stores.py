@@ -41,6 +41,19 @@ def is_local_fs(fs) -> bool:
     return any(p in ("file", "local") for p in fs_protocols(fs))
 
 
+def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:
+    """The files directly in `folder` whose names end in `suffix`, each with its details, found by listing
+    the folder, not by globbing: an output's name may hold glob characters (`run[1]`, `shots*`) that fs.glob
+    reads as a pattern, matching other folders or none. {} when the folder does not exist."""
+    folder = folder.rstrip("/")
+    try:
+        entries = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {e["name"]: e for e in entries
+            if e.get("type") == "file" and e["name"].rstrip("/") != folder and e["name"].endswith(suffix)}
+
+
 def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file from any fsspec store, read entirely in the calling thread.
 
@@ -101,9 +114,13 @@ def is_local_path(uri: str) -> bool:
 
 
 def absolute_local(uri: str) -> str:
-    """`uri` as another process of the run can open it: a plain local path made absolute (Ray starts its
-    workers in folders of its own, not in the driver's working directory); URIs, file:// ones too, as given."""
-    return os.path.abspath(uri) if "://" not in uri and is_local_path(uri) else uri
+    """`uri` as another process of the run can open it: a plain local path made absolute, `~` expanded (Ray
+    starts its workers in folders of its own, not in the driver's working directory, and with `--out=~/x` no
+    shell expands it); a URI without trailing slashes (gcsfs keeps one: OUT/run.json became OUT//run.json)."""
+    if "://" not in uri and is_local_path(uri):
+        return os.path.abspath(os.path.expanduser(uri))
+    head, sep, rest = uri.partition("://")
+    return f"{head}://{rest.rstrip('/') or rest}" if sep else uri
 
 
 def unshared_reason(flag: str, uri: str) -> str:

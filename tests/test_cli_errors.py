@@ -188,3 +188,22 @@ def test_gpu_processes_on_a_local_ray_want_a_gpu_each():
     none = local_gpu_shortfall("--workers", 1, 0, "leave --gpu out to train on the CPU")
     assert none.startswith("this machine has no GPU Ray can use")
     assert none.endswith("leave --gpu out to train on the CPU")
+
+
+def test_places_are_given_to_the_workers_as_the_user_meant_them(tmp_path, monkeypatch):
+    """`--out=~/x` reaches sdfleet unexpanded (the shell expands only a word that starts with ~), a model folder
+    may be relative or under ~, and gcsfs keeps a URI's trailing slash: each is made what every process of the
+    run opens alike, so the actors load the model the driver checked and a rerun finds the same output."""
+    from jobs.generate import GenerateConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home" / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    cfg = GenerateConfig(manifests=["m.parquet"], out="~/runs/a/", adapters="s3://bucket/adapters/",
+                         models={"home": "~/models/tiny/", "here": "models/sd", "store": "gs://b/models/sd21/",
+                                 "preset": "tiny-random", "hub": "org/model"})
+    assert cfg.out == str(tmp_path / "home" / "runs" / "a") and cfg.adapters == "s3://bucket/adapters"
+    assert cfg.models == {"default": "tiny", "home": str(tmp_path / "home" / "models" / "tiny"),
+                          "here": str(tmp_path / "models" / "sd"), "store": "gs://b/models/sd21",
+                          "preset": "tiny-random", "hub": "org/model"}

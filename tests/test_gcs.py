@@ -84,10 +84,10 @@ def test_a_lora_fine_tuned_into_gcs_is_drawn_from_there_and_a_rerun_draws_only_n
     assert any(p.rsplit("/", 1)[-1].endswith(".log") for p in fs.find(f"{out}/logs")), "the log is kept there"
 
     # the nightly case: a second manifest arrives; the rerun reads the ledger back from the bucket and draws
-    # only the new rows
+    # only the new rows (given with trailing slashes, which gcsfs keeps: the same output and model)
     added = rows(2, prefix="added")
     fs.put(str(write_manifest(tmp_path / "m2.parquet", added)), f"{BUCKET}/manifests/m2.parquet")
-    second = sdfleet(*argv)
+    second = sdfleet(*[a + "/" if a in (f"gs://{out}", f"default=gs://{BUCKET}/models/tiny") else a for a in argv])
     assert second.returncode == 0, second.stderr[-3000:]
     entries = _entries(fs, out)
     ok = [e["id"] for e in entries if e["status"] == "ok"]

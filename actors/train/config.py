@@ -137,7 +137,7 @@ class TrainConfig(BaseModel):
             # The workers do not share the driver's working directory (Ray starts them elsewhere): a relative
             # path is made absolute here, before any of them reads it. A base that is not a folder here (a
             # preset's name) stays as given.
-            if value and (field != "base" or os.path.isdir(value)):
+            if value and (field != "base" or "://" in value or os.path.isdir(os.path.expanduser(value))):
                 setattr(self, field, absolute_local(value))
         for flag, uri in (("--out", self.out), ("--data", self.data), ("--class-data", self.class_data)):
             if uri and process_local(uri):  # the workers run in other processes: they would not see it

@@ -86,8 +86,13 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def root_cause(exc: BaseException) -> str:
-    """Ray wraps actor errors several times; the innermost message is the one a user can act on."""
+    """Ray wraps actor errors several times; the innermost message is the one a user can act on. Ray Data
+    marks its own errors with an empty `SystemException` as their cause: that says nothing, the one it marks does
+    (an actor that died in its constructor carries the constructor's error, ModelError included, as its last line)."""
+    said = exc
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
+        if str(exc).strip():
+            said = exc
+    text = str(said).strip().splitlines()
+    return text[-1] if text else type(said).__name__

@@ -207,3 +207,24 @@ def test_places_are_given_to_the_workers_as_the_user_meant_them(tmp_path, monkey
     assert cfg.models == {"default": "tiny", "home": str(tmp_path / "home" / "models" / "tiny"),
                           "here": str(tmp_path / "models" / "sd"), "store": "gs://b/models/sd21",
                           "preset": "tiny-random", "hub": "org/model"}
+
+
+def test_the_reason_an_actor_died_is_said_not_ray_datas_empty_marker():
+    """Ray Data raises an actor's constructor error with an empty SystemException as its cause: the run said
+    only "the run stopped: SystemException" for a model folder whose weights do not load."""
+    from ray.data.exceptions import SystemException
+
+    from jobs.errors import root_cause
+
+    try:
+        try:
+            raise SystemException()
+        except SystemException as marker:
+            raise RuntimeError("The actor died because of an error raised in its creation task\nTraceback ...\n"
+                               "actors.models.ModelError: model default=/m did not load: bad header") from marker
+    except RuntimeError as exc:
+        assert root_cause(exc) == "actors.models.ModelError: model default=/m did not load: bad header"
+    inner = ValueError("the innermost says most")
+    outer = RuntimeError("wrapped")
+    outer.__cause__ = inner
+    assert root_cause(outer) == "the innermost says most"

@@ -80,41 +80,53 @@ def describe_model(name: str, ref: str) -> ModelInfo:
         d = PRESETS[ref]["defaults"]
         return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"], d["scheduler"])
     if _is_uri(ref):
-        fs, root = fsspec.core.url_to_fs(ref)
-        root = root.rstrip("/")
-        if not fs.exists(f"{root}/model_index.json"):
-            raise ModelError(f"model {name}={ref}: no model_index.json there (expected a diffusers directory)")
-        listing = fs.find(root, detail=True)
-        keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
-        listing = {p: i for p, i in listing.items() if _is_model_file(os.path.relpath(p, root), keep)}
-        _check_weights(name, ref, keep, [os.path.relpath(p, root) for p in listing])
-        h = hashlib.sha256()
-        for path in sorted(listing):
-            info = listing[path]
-            # Object stores give an ETag or checksum per object: enough to notice a replaced file.
-            stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or info.get("LastModified")
-            h.update(f"{os.path.relpath(path, root)}|{info.get('size')}|{stamp}\n".encode())
-        configs = {rel: json.loads(fs.cat_file(f"{root}/{rel}")) for rel in _CONFIGS if fs.exists(f"{root}/{rel}")}
-        return _from_configs(name, ref, "uri", f"uri:{h.hexdigest()[:16]}", configs)
+        fs, root = fsspec.core.url_to_fs(ref)  # a store whose package is missing: said by the CLI, with the fix
+        try:
+            return _describe_uri(name, ref, fs, root.rstrip("/"))
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
+            raise ModelError(f"model {name}={ref} cannot be read ({type(exc).__name__}: {exc})") from exc
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"model {name}={ref}: {path} has no model_index.json (expected a diffusers directory)")
-        keep = _model_files(json.loads((path / "model_index.json").read_text()))
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep))
-        _check_weights(name, ref, keep, [p.relative_to(path).as_posix() for p in files])
-        digests = _cached_digests(path, files)
-        h = hashlib.sha256()
-        for file in files:
-            h.update(file.relative_to(path).as_posix().encode())
-            h.update(digests[file])
-        configs = {rel: json.loads((path / rel).read_text()) for rel in _CONFIGS if (path / rel).is_file()}
-        return _from_configs(name, ref, "directory", f"dir:{h.hexdigest()[:16]}", configs)
+        return _describe_folder(name, ref, path)
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         return _describe_hub(name, ref)
     raise ModelError(
         f"model {name}={ref}: not a preset ({', '.join(PRESETS)}), a diffusers directory, a URI or a hub id"
     )
+
+
+def _describe_uri(name: str, ref: str, fs, root: str) -> ModelInfo:
+    if not fs.exists(f"{root}/model_index.json"):
+        raise ModelError(f"model {name}={ref}: no model_index.json there (expected a diffusers directory)")
+    listing = fs.find(root, detail=True)
+    keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
+    listing = {p: i for p, i in listing.items() if _is_model_file(os.path.relpath(p, root), keep)}
+    _check_weights(name, ref, keep, [os.path.relpath(p, root) for p in listing])
+    h = hashlib.sha256()
+    for path in sorted(listing):
+        info = listing[path]
+        # Object stores give an ETag or checksum per object: enough to notice a replaced file.
+        stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or info.get("LastModified")
+        h.update(f"{os.path.relpath(path, root)}|{info.get('size')}|{stamp}\n".encode())
+    configs = {rel: json.loads(fs.cat_file(f"{root}/{rel}")) for rel in _CONFIGS if fs.exists(f"{root}/{rel}")}
+    return _from_configs(name, ref, "uri", f"uri:{h.hexdigest()[:16]}", configs)
+
+
+def _describe_folder(name: str, ref: str, path: Path) -> ModelInfo:
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"model {name}={ref}: {path} has no model_index.json (expected a diffusers directory)")
+    keep = _model_files(json.loads((path / "model_index.json").read_text()))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep))
+    _check_weights(name, ref, keep, [p.relative_to(path).as_posix() for p in files])
+    digests = _cached_digests(path, files)
+    h = hashlib.sha256()
+    for file in files:
+        h.update(file.relative_to(path).as_posix().encode())
+        h.update(digests[file])
+    configs = {rel: json.loads((path / rel).read_text()) for rel in _CONFIGS if (path / rel).is_file()}
+    return _from_configs(name, ref, "directory", f"dir:{h.hexdigest()[:16]}", configs)
 
 
 # The top-level files of a model directory that describe it; its weights live in the component folders.

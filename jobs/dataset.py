@@ -36,6 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
+from manifests.stores import missing_bucket, no_bucket_reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
@@ -64,6 +65,9 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         raise DatasetError("-o is empty; give the folder to write the dataset into (a path or URI)")
     out_fs, out_root = fsspec.core.url_to_fs(out)
     out_root = out_root.rstrip("/")
+    bucket = missing_bucket(out_fs, out_root)
+    if bucket:
+        raise DatasetError(no_bucket_reason("-o", out, bucket))
     _check_out(out_fs, out_root, out)
     fs, root = fsspec.core.url_to_fs(images_dir)
     if not fs.isdir(root):

@@ -32,7 +32,8 @@ from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import is_adapter_name
-from manifests.stores import folder_files, is_local_fs, is_local_path, multi_node_reason
+from manifests.stores import (folder_files, is_local_fs, is_local_path, missing_bucket, multi_node_reason,
+                              no_bucket_reason)
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
@@ -57,7 +58,12 @@ def run_finetune(cfg: TrainConfig) -> dict:
     base = describe_model("base", cfg.base)
     try:
         fs, root = fsspec.core.url_to_fs(cfg.out)
+        bucket = missing_bucket(fs, root)
+        if bucket:
+            raise FinetuneError(no_bucket_reason("--out", cfg.out, bucket))
         fs.makedirs(root, exist_ok=True)
+    except FinetuneError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
         raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
     _check_out_is_ours(fs, root, cfg)

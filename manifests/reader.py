@@ -70,25 +70,36 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
     (LEDGER_PART): they hold no prompts."""
     uris: list[str] = []
     for given in paths:
-        fs, path = fsspec.core.url_to_fs(given)
-        if fs.isfile(path):
-            found = [path]
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if p.lower().endswith(".parquet") and not LEDGER_PART.search(p))
-            if not found:
-                raise ManifestError(f"directory {given!r} holds no .parquet manifest")
-        elif fsspec.core.has_magic(path):
-            found = sorted(p for p in fs.glob(path) if fs.isfile(p) and not LEDGER_PART.search(p))
-            if not found:
-                raise ManifestError(f"no manifest file matches {given!r}")
-        else:
-            raise ManifestError(f"manifest {given!r} does not exist")
+        fs, path = fsspec.core.url_to_fs(given)  # a store whose package is missing: said by the CLI, with the fix
+        try:
+            found = _files(fs, path, given)
+        except ManifestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
+            raise ManifestError(f"manifest {given!r} cannot be read ({_short(exc)})") from exc
         uris += [_uri(fs, p) for p in found]
     return list(dict.fromkeys(uris))
 
 
+def _files(fs, path: str, given: str) -> list[str]:
+    """The manifest files `given` (a file, a folder or a glob) names, as paths of `fs`."""
+    if fs.isfile(path):
+        return [path]
+    if fs.isdir(path):
+        found = sorted(p for p in fs.find(path) if p.lower().endswith(".parquet") and not LEDGER_PART.search(p))
+        if not found:
+            raise ManifestError(f"directory {given!r} holds no .parquet manifest")
+        return found
+    if fsspec.core.has_magic(path):
+        found = sorted(p for p in fs.glob(path) if fs.isfile(p) and not LEDGER_PART.search(p))
+        if not found:
+            raise ManifestError(f"no manifest file matches {given!r}")
+        return found
+    raise ManifestError(f"manifest {given!r} does not exist")
+
+
 def _short(exc: BaseException) -> str:
-    """Arrow's message for damaged data, as one line with its type ("OSError: Invalid BYTE_ARRAY value")."""
+    """An error as one line with its type ("OSError: Invalid BYTE_ARRAY value")."""
     text = " ".join(str(exc).split())[:300]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

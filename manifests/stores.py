@@ -41,6 +41,23 @@ def is_local_fs(fs) -> bool:
     return any(p in ("file", "local") for p in fs_protocols(fs))
 
 
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
+
+
+def missing_bucket(fs, root: str) -> str | None:
+    """The bucket of `root` when it is on an object store and does not exist, else None: s3fs and gcsfs create
+    a missing bucket when a folder is made in it, so a typo in a bucket name would make a new bucket."""
+    if not set(fs_protocols(fs)) & set(BUCKET_PROTOCOLS):
+        return None
+    bucket = root.strip("/").split("/", 1)[0]
+    return None if fs.exists(bucket) else bucket
+
+
+def no_bucket_reason(flag: str, uri: str, bucket: str) -> str:
+    return (f"{flag} {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); sdfleet does "
+            "not create buckets: create it, or fix the name")
+
+
 def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:
     """The files directly in `folder` whose names end in `suffix`, each with its details, found by listing
     the folder, not by globbing: an output's name may hold glob characters (`run[1]`, `shots*`) that fs.glob

@@ -228,3 +228,28 @@ def test_the_reason_an_actor_died_is_said_not_ray_datas_empty_marker():
     outer = RuntimeError("wrapped")
     outer.__cause__ = inner
     assert root_cause(outer) == "the innermost says most"
+
+
+def test_a_store_that_refuses_this_reader_names_the_flag_and_place(monkeypatch, tmp_path):
+    """Credentials a store refuses came back as a bare "Forbidden", naming neither the flag nor the place."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from actors.models import ModelError, describe_model
+    from jobs.errors import RunFailed
+    from jobs.generate import resolve_adapters
+    from manifests.reader import ManifestError, expand_manifest_paths
+
+    def refused(self, path, *args, **kwargs):
+        raise PermissionError("Forbidden")
+
+    for method in ("isfile", "exists"):
+        monkeypatch.setattr(MemoryFileSystem, method, refused)
+    with pytest.raises(ManifestError, match=r"^manifest 'memory://b/m.parquet' cannot be read \(PermissionError: "
+                                            r"Forbidden\)"):
+        expand_manifest_paths(["memory://b/m.parquet"])
+    with pytest.raises(ModelError, match=r"^model default=memory://b/models/sd cannot be read \(PermissionError: "
+                                         r"Forbidden\)"):
+        describe_model("default", "memory://b/models/sd")
+    with pytest.raises(RunFailed, match=r"^--adapters memory://b/adapters cannot be read \(PermissionError: "
+                                        r"Forbidden\)"):
+        resolve_adapters("memory://b/adapters", {"style"})

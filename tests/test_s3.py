@@ -316,3 +316,17 @@ def test_the_onnx_backend_draws_what_eager_draws_keeping_its_exports_in_s3_and_a
     assert warm.exports == 0 and len(warm.sessions) == 3 and (tmp_path / "node-b" / "onnx").is_dir()
     assert_same_pixels(image[0], pixels(tmp_path / "cold" / "images" / f"{records[0]['id']}.png"),
                        "fetched export vs fresh export")
+
+
+def test_an_out_in_a_bucket_that_does_not_exist_is_refused_not_created(s3, tmp_path, capsys):
+    """s3fs makes a missing bucket when a folder is made in it: a typo in a bucket name made a new bucket."""
+    from jobs.cli import main
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    for argv, flag in ((["generate", str(manifest), "--out", "s3://sdflet/runs/a"], "--out"),
+                       (["dataset", "build", str(tmp_path), "-o", "s3://sdflet/data"], "-o")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"{flag} s3://sdflet/" in err and "bucket 'sdflet' does not exist" in err, err
+    s3["fs"].invalidate_cache()
+    assert not s3["fs"].exists("sdflet")

@@ -279,6 +279,7 @@ def cmd_sheet(args) -> int:
     import fsspec
 
     from jobs.console import log
+    from jobs.errors import ReportError, one_line
     from jobs.sheet import contact_sheet, sheet_format
 
     if args.columns < 1 or not 16 <= args.thumb <= MAX_THUMB:
@@ -290,8 +291,11 @@ def cmd_sheet(args) -> int:
                           image_format=image_format)
     buf = io.BytesIO()
     image.save(buf, format=image_format)
-    with fsspec.open(args.output, "wb") as f:
-        f.write(buf.getvalue())
+    try:
+        with fsspec.open(args.output, "wb") as f:
+            f.write(buf.getvalue())
+    except Exception as exc:  # noqa: BLE001 - a read-only store, a parent that is a file
+        raise ReportError(f"cannot write -o {args.output}: {one_line(exc)}") from exc
     log(f"sheet: {args.output} ({image.width}x{image.height})")
     return EXIT_OK
 

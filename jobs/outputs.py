@@ -88,13 +88,14 @@ def open_output(uri: str) -> RunOutput:
     """Read a run's output, or say in one line why it cannot be read (missing, or a run that did not finish)."""
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/") or root
-    root = root.rstrip("/")
     try:
         exists = fs.exists(root)
     except Exception as exc:  # noqa: BLE001 - a store that cannot be reached
         raise ReportError(f"cannot reach {uri}: {one_line(exc)}") from exc
     if not exists:
         raise ReportError(f"{uri} does not exist: give the --out of a `sdfleet generate` run")
+    if fs.isfile(root):
+        raise ReportError(f"{uri} is a file: give the --out folder of a `sdfleet generate` run")
     parts = ledger_parts(fs, root)  # path -> size, in name order
     try:
         summary = json.loads(fs.cat_file(f"{root}/run.json"))

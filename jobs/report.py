@@ -52,9 +52,14 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     current = out.current()
     thumbs = Thumbnails(out, thumb)
     shown = [e for e in current.values() if e["status"] == "ok" and out.has_image(e)]
-    made = thumbs.make(shown, workers)
-    thumbs.prune({thumbs.name(e) for e in shown})
-    thumbs.save()
+    try:
+        made = thumbs.make(shown, workers)
+        thumbs.prune({thumbs.name(e) for e in shown})
+        thumbs.save()
+    except ReportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a read-only store (served over HTTP), a full disk
+        raise ReportError(f"cannot write {out.uri}/report/thumbs: {one_line(exc)}") from exc
     layout = Layout.of(current, out.groups(group_by), group_by)
     written = 0
     if layout.paged:

@@ -116,12 +116,13 @@ def test_sheet_is_written_in_the_format_its_extension_names(capsys, tmp_path, na
     ("", "-o is empty"),
     ("{dir}/sheet.txt", ".txt is not a format a sheet is written in; end the name in .png, .jpg, .jpeg, .webp"),
     ("{dir}/sheet", "no extension is not a format"),
+    ("{dir}/out/run.json/sheet.png", "cannot write -o {dir}/out/run.json/sheet.png: "),  # its parent is a file
 ])
 def test_sheet_refuses_an_output_it_cannot_write_in_one_line(capsys, tmp_path, target, expected):
     output = make_output(tmp_path / "out")
     code, _, err = run(capsys, "sheet", output, "-o", target.format(dir=tmp_path))
     assert code == 1
-    assert expected in one_error_line(err)
+    assert expected.format(dir=tmp_path) in one_error_line(err)
     assert not (tmp_path / "sheet.txt").exists() and not (tmp_path / "sheet").exists()
 
 
@@ -253,3 +254,21 @@ def test_a_store_that_refuses_this_reader_names_the_flag_and_place(monkeypatch, 
     with pytest.raises(RunFailed, match=r"^--adapters memory://b/adapters cannot be read \(PermissionError: "
                                         r"Forbidden\)"):
         resolve_adapters("memory://b/adapters", {"style"})
+
+
+def test_a_report_that_cannot_be_written_or_of_a_file_is_one_line(capsys, tmp_path, monkeypatch):
+    import jobs.report
+
+    output = make_output(tmp_path / "out")
+    code, _, err = run(capsys, "report", output / "run.json")
+    assert code == 1 and "out/run.json is a file: give the --out folder of a `sdfleet generate` run" in \
+        one_error_line(err)
+
+    def read_only(self):
+        raise PermissionError("501 Unsupported method ('PUT')")  # a bucket served over HTTP
+
+    monkeypatch.setattr(jobs.report.Thumbnails, "save", read_only)
+    code, _, err = run(capsys, "report", output)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"sdfleet: error: cannot write {output}/report/thumbs: "
+                                                   "PermissionError: 501"), err

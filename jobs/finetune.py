@@ -312,6 +312,9 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
     """--out is new, empty, or an earlier fine-tune's (finetune.json): a folder of other files (photos, the base
     model itself) is refused, not written into. A LoRA's or embedding's folder name is its adapter name."""
     shown = fs.unstrip_protocol(root)
+    if fs.exists(f"{root}/run.json") or fs.exists(f"{root}/results"):  # a model's files would mix with its images
+        raise FinetuneError(f"--out {shown} holds a `generate` run's output (run.json, "
+                            "results/); give the fine-tune a folder of its own")
     if fs.isdir(root) and not fs.exists(f"{root}/finetune.json"):
         held = folder_names(fs, root)
         if held:
@@ -338,9 +341,6 @@ def _note_upscaling(data: str, resolution: int) -> None:
 
 
 def _check_same_run(fs, root: str, record: dict, cfg: TrainConfig) -> None:
-    if fs.exists(f"{root}/run.json") or fs.exists(f"{root}/results"):  # a model's files would mix with its images
-        raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds a `generate` run's output (run.json, "
-                            "results/); give the fine-tune a folder of its own")
     path = f"{root}/finetune.json"
     if not fs.exists(path):
         return

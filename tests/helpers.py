@@ -288,5 +288,8 @@ def count_reads(monkeypatch, fs_class) -> list[str]:
         return await real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(fs_class, "_cat_file", counted)
+    # an instance made before (fsspec caches them by their arguments) bound the unpatched method at its
+    # creation: the next ones are made anew
+    fs_class.clear_instance_cache()
     return reads
 

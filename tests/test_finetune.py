@@ -671,19 +671,17 @@ def test_a_run_recorded_before_class_prompt_repeated_still_resumes(legacy, now, 
     from actors.train.config import TrainConfig
     from jobs.finetune import FinetuneError, _check_same_run, run_record
 
-    def record(class_prompts: list[str]) -> dict:
-        cfg = TrainConfig(method="dreambooth" if class_prompts else "lora", data=str(tmp_path), base="tiny",
-                             out=str(tmp_path), class_prompts=class_prompts)
-        return run_record(cfg, "fp", None)
-
-    before = {k: v for k, v in record(now).items() if k != "class_prompts"} | legacy
+    cfg = TrainConfig(method="dreambooth" if now else "lora", data=str(tmp_path), base="tiny", out=str(tmp_path),
+                      class_prompts=now)
+    record = run_record(cfg, "fp", None)
+    before = {k: v for k, v in record.items() if k != "class_prompts"} | legacy  # and no "config": not compared
     (tmp_path / "finetune.json").write_text(json.dumps(before))
     fs = fsspec.filesystem("file")
     if resumes:
-        _check_same_run(fs, str(tmp_path), record(now))
+        _check_same_run(fs, str(tmp_path), record, cfg)
     else:
         with pytest.raises(FinetuneError, match="class_prompts: \\['a mug'\\] there"):
-            _check_same_run(fs, str(tmp_path), record(now))
+            _check_same_run(fs, str(tmp_path), record, cfg)
 
 
 def test_a_class_image_left_from_another_prompt_is_not_trained_on(tmp_path, capsys):

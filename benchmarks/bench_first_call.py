@@ -22,9 +22,8 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import fresh_process_parser, fresh_process_passes, versions
+from benchmarks.common import fresh_process_parser, fresh_process_passes, save_report, versions
 
 VARIANTS = ["cold", "warm-up"]
 BATCH, SIZE, THREADS = 8, 256, 2
@@ -75,10 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         r = results[variant]
         print(f"{variant:<10}{r['warm_up']:>10.2f}" + "".join(f"{b:>11.2f}" for b in r["batches"]))
     print(f"first call costs {results['first_call_cost']:.2f} s; a warm-up costs {results['warm-up']['warm_up']:.2f} s")
-    report = {"repeats": args.repeats, "steps": args.steps, "batch": BATCH, "size": SIZE, "threads": THREADS,
-              "results": results, "versions": versions()}
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    save_report(args.out, {"repeats": args.repeats, "steps": args.steps, "batch": BATCH, "size": SIZE,
+                           "threads": THREADS, "results": results, "versions": versions()})
     return 0
 
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import fresh_process_parser, fresh_process_passes, median_ratio, versions
+from benchmarks.common import fresh_process_parser, fresh_process_passes, median_ratio, save_report, versions
 
 VARIANTS = ["one-group", "groups-of-1"]
 
@@ -65,10 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = round(median_ratio(seconds["groups-of-1"], seconds["one-group"]), 2)
     print(f"{args.rows} rows, plan only: one row group {results['one-group']:.1f} s, row groups of one "
           f"{results['groups-of-1']:.1f} s, ratio {ratio:.2f} (median of {args.repeats} passes)")
-    report = {"rows": args.rows, "repeats": args.repeats, "seconds": results, "ratio_groups_of_1": ratio,
-              "passes": seconds, "versions": versions()}
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    save_report(args.out, {"rows": args.rows, "repeats": args.repeats, "seconds": results,
+                           "ratio_groups_of_1": ratio, "passes": seconds, "versions": versions()})
     return 0
 
 

@@ -129,3 +129,9 @@ def image_bank(size: int, count: int = 8) -> list[np.ndarray]:
                               128 + 80 * np.sin(6 * x * y + phase[2])], -1)
         bank.append(np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8))
     return bank
+
+
+def save_report(out: str | None, report: dict) -> None:
+    """Write a bench's figures as JSON to `out` (its --out), when one was given."""
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")

@@ -24,7 +24,7 @@ from typing import Literal
 import fsspec
 
 from manifests.stores import fs_protocols, is_local_fs
-from manifests.schema import is_adapter_name
+from manifests.schema import first_few, is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what actors.textual_inversion.save_embedding writes
@@ -190,8 +190,7 @@ class AdapterStore:
         if not self.fs.exists(self.root):
             raise AdapterError(name, f"the adapter store {self.uri} does not exist")
         held = self.names()
-        listing = ", ".join(held[:20]) + (f" and {len(held) - 20} more" if len(held) > 20 else "")
-        where = f"holds: {listing}" if held else "holds no adapters"
+        where = f"holds: {first_few(held, 20)}" if held else "holds no adapters"
         raise AdapterError(name, f"is not in the adapter store {self.uri} (expected {name}.safetensors, "
                                  f"{name}/{LORA_FILE} or {name}/{EMBEDDING_FILE}); the store {where}")
 

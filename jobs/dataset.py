@@ -36,6 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
+from manifests.schema import first_few
 from manifests.stores import missing_bucket, no_bucket_reason
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
@@ -82,8 +83,7 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     lookup, listed = _caption_lookup(fs, root, captions)
     stray = sorted(set(listed) - set(rel.values()))
     if stray:  # a typo'd or moved file: its caption is not used
-        shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
-        log(f"warning: {len(stray)} caption(s) in {captions} name no image in {images_dir}: {shown}")
+        log(f"warning: {len(stray)} caption(s) in {captions} name no image in {images_dir}: {first_few(stray, 5)}")
 
     def one(path: str):
         name = rel[path]
@@ -167,8 +167,7 @@ def _check_out(fs, root: str, out: str) -> None:
     # a killed first build's parts, and the temporary files of its writes, are no one else's
     held = [name for name in folder_names(fs, root) if not (BUILD_PART.fullmatch(name) or TEMPORARY.fullmatch(name))]
     if held:
-        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-        raise DatasetError(f"-o {out} holds files ({shown}) and is not a `dataset build` output (no {SUMMARY_FILE}); "
+        raise DatasetError(f"-o {out} holds files ({first_few(held, 3)}) and is not a `dataset build` output (no {SUMMARY_FILE}); "
                            "give a new or empty folder, or an earlier build's output to rebuild it")
 
 

@@ -31,7 +31,7 @@ from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect
 from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
-from manifests.schema import is_adapter_name
+from manifests.schema import first_few, is_adapter_name
 from manifests.stores import (folder_files, is_local_fs, is_local_path, missing_bucket, multi_node_reason,
                               no_bucket_reason)
 
@@ -318,8 +318,7 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
     if fs.isdir(root) and not fs.exists(f"{root}/finetune.json"):
         held = folder_names(fs, root)
         if held:
-            listed = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-            raise FinetuneError(f"--out {shown} holds files ({listed}) and is not a fine-tune's output (no "
+            raise FinetuneError(f"--out {shown} holds files ({first_few(held, 3)}) and is not a fine-tune's output (no "
                                 "finetune.json); give a new or empty folder, or an earlier fine-tune's --out to resume it")
     name = root.rstrip("/").rsplit("/", 1)[-1]
     if cfg.method in ("lora", "textual-inversion") and not is_adapter_name(name):

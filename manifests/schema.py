@@ -59,6 +59,11 @@ def coerced_id(value: Any) -> str | None:
         return None
 
 
+def first_few(names: list[str], limit: int) -> str:
+    """The first `limit` names, comma-separated, with how many more were left out ("a, b and 3 more")."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
     """`repr(value)`, cut to `limit` characters with a note of how much was left out."""
     text = repr(value)

@@ -100,16 +100,14 @@ def describe_model(name: str, ref: str) -> ModelInfo:
 def _describe_uri(name: str, ref: str, fs, root: str) -> ModelInfo:
     if not fs.exists(f"{root}/model_index.json"):
         raise ModelError(f"model {name}={ref}: no model_index.json there (expected a diffusers directory)")
-    listing = fs.find(root, detail=True)
     keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
-    listing = {p: i for p, i in listing.items() if _is_model_file(os.path.relpath(p, root), keep)}
-    _check_weights(name, ref, keep, [os.path.relpath(p, root) for p in listing])
+    listing = _store_listing(fs, root, keep)
+    _check_weights(name, ref, keep, list(listing))
     h = hashlib.sha256()
-    for path in sorted(listing):
-        info = listing[path]
+    for rel, info in listing.items():
         # Object stores give an ETag or checksum per object: enough to notice a replaced file.
         stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or info.get("LastModified")
-        h.update(f"{os.path.relpath(path, root)}|{info.get('size')}|{stamp}\n".encode())
+        h.update(f"{rel}|{info.get('size')}|{stamp}\n".encode())
     configs = {rel: json.loads(fs.cat_file(f"{root}/{rel}")) for rel in _CONFIGS if fs.exists(f"{root}/{rel}")}
     return _from_configs(name, ref, "uri", f"uri:{h.hexdigest()[:16]}", configs)
 
@@ -232,26 +230,40 @@ def _describe_hub(name: str, ref: str) -> ModelInfo:
 
 
 def local_copy(ref: str) -> str:
-    """Download a model URI once per node into the cache; return the local directory."""
+    """Download a model URI once per node into the cache; return the local directory.
+
+    Files are listed and fetched one by one (not a recursive `get` of each folder), so any store that can
+    list and read files serves, an HTTP server's index pages included. A copy that fails leaves nothing
+    half-written in the cache."""
     digest = hashlib.sha256(ref.encode()).hexdigest()[:16]
     target = cache_root() / "models" / digest
     if (target / "model_index.json").is_file():
         return str(target)
     fs, root = fsspec.core.url_to_fs(ref)
-    staging = target.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
     root = root.rstrip("/")
+    staging = target.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
-    # only what the pipeline loads: a fine-tune's checkpoints and logs beside the model stay in the store
-    for component in sorted(_model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))):
-        fs.get(f"{root}/{component}/", str(staging / component), recursive=True)
-    for name in _MODEL_TOP_FILES:
-        if fs.exists(f"{root}/{name}"):
-            fs.get(f"{root}/{name}", str(staging / name))
+    try:
+        # only what the pipeline loads: a fine-tune's checkpoints and logs beside the model stay in the store
+        keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
+        for rel in _store_listing(fs, root, keep):
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root}/{rel}", str(staging / rel))
+    except Exception as exc:  # noqa: BLE001 - a store that stops answering, a file gone since describe_model
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelError(f"model {ref} could not be copied from its store ({type(exc).__name__}: {exc})") from exc
     try:
         staging.rename(target)  # another actor on this node may have won the race: theirs is as good
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
+
+
+def _store_listing(fs, root: str, components: set[str]) -> dict[str, dict]:
+    """{path relative to `root`: the store's details} of a stored model's files that the pipeline loads."""
+    prefix = root.rstrip("/") + "/"
+    return {path[len(prefix):]: info for path, info in sorted(fs.find(root, detail=True).items())
+            if path.startswith(prefix) and _is_model_file(path[len(prefix):], components)}
 
 
 def load_pipeline(info: ModelInfo, device: str = "cpu", dtype=None):

@@ -288,3 +288,49 @@ def test_model_from_an_fsspec_uri_is_cached_once_and_loads(tmp_path, monkeypatch
     assert len(cached) == 1 and (cached[0] / "model_index.json").is_file()
     load_pipeline(info)  # the second load reads the cache: still one copy
     assert list((tmp_path / "cache" / "models").iterdir()) == cached
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A plain HTTP server (index pages, no object listing API) over tmp_path/served; yields the folder and URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # a server that fails part-way: any weights under /broken/ answer 500
+            if self.path.startswith("/broken/") and self.path.endswith(".safetensors"):
+                self.send_error(500)
+            else:
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    served = tmp_path / "served"
+    served.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_model_over_http_is_copied_file_by_file_and_a_failed_copy_leaves_no_folder(tmp_path, monkeypatch,
+                                                                                 http_folder):
+    served, url = http_folder
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    export_preset("tiny", str(served / "tiny"))
+    (served / "tiny" / "checkpoints").mkdir()  # beside the model, not part of it: never copied
+    (served / "tiny" / "checkpoints" / "step-1.safetensors").write_bytes(b"x")
+    info = describe_model("web", f"{url}/tiny/")
+    assert info.kind == "uri" and info.width == 256
+    assert draw(load_pipeline(info), resolved_rows(1)).shape == (1, 256, 256, 3)
+    (cached,) = (tmp_path / "cache" / "models").iterdir()
+    assert (cached / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (cached / "checkpoints").exists()
+
+    export_preset("tiny", str(served / "broken"))
+    info = describe_model("broken", f"{url}/broken")
+    with pytest.raises(ModelError, match=f"model {url}/broken could not be copied from its store"):
+        load_pipeline(info)
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [cached.name]

@@ -37,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 from manifests.schema import first_few
-from manifests.stores import missing_bucket, no_bucket_reason
+from manifests.stores import missing_bucket, no_bucket_reason, tree_files
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
@@ -73,7 +73,7 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     fs, root = fsspec.core.url_to_fs(images_dir)
     if not fs.isdir(root):
         raise DatasetError(f"IMAGES_DIR {images_dir} is not a folder")
-    found = sorted(fs.find(root))
+    found = tree_files(fs, root)
     images = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
         raise DatasetError(f"IMAGES_DIR {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import coerced_id
-from manifests.stores import is_local_fs
+from manifests.stores import is_local_fs, tree_files
 
 
 MANIFEST_READS = 16  # manifest files the driver reads at once
@@ -86,7 +86,7 @@ def _files(fs, path: str, given: str) -> list[str]:
     if fs.isfile(path):
         return [path]
     if fs.isdir(path):
-        found = sorted(p for p in fs.find(path) if p.lower().endswith(".parquet") and not LEDGER_PART.search(p))
+        found = sorted(p for p in tree_files(fs, path) if p.lower().endswith(".parquet") and not LEDGER_PART.search(p))
         if not found:
             raise ManifestError(f"directory {given!r} holds no .parquet manifest")
         return found

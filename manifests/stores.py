@@ -71,6 +71,23 @@ def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:
             if e.get("type") == "file" and e["name"].rstrip("/") != folder and e["name"].endswith(suffix)}
 
 
+def tree_files(fs, root: str) -> list[str]:
+    """Every file below the folder `root`, sorted. On this machine's disk, folders reached by a symbolic link
+    are searched too (fsspec's find lists such a link as one file and goes no further), each real folder
+    once, so a link back up the tree does not loop."""
+    if not is_local_fs(fs):
+        return sorted(fs.find(root))
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        found += [os.path.join(folder, name) for name in files]
+    return sorted(found)
+
+
 def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file from any fsspec store, read entirely in the calling thread.
 

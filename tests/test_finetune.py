@@ -315,6 +315,19 @@ def test_dataset_build_reads_captions_from_a_csv(tmp_path):
     assert sorted(pq.read_table(tmp_path / "data").column("caption").to_pylist()) == ["a blue vase", "a red mug"]
 
 
+def test_dataset_build_searches_linked_folders_once_each(tmp_path):
+    shoot = tmp_path / "shoot-2"  # kept elsewhere, linked into the folder given
+    write_images(shoot, 2, size=128)
+    images = tmp_path / "images"
+    write_images(images, 1, size=128)
+    (images / "shoot-2").symlink_to(shoot, target_is_directory=True)
+    (shoot / "back-up").symlink_to(images, target_is_directory=True)  # a loop: searched once, not forever
+    summary = build_dataset(str(images), str(tmp_path / "data"), resolution=128, log=lambda line: None)
+    assert summary["skipped"] == [] and summary["rows"] == 3
+    files = sorted(pq.read_table(tmp_path / "data").column("file").to_pylist())
+    assert files == ["00000.png", "shoot-2/00000.png", "shoot-2/00001.png"]
+
+
 def test_dataset_build_with_nothing_usable_is_an_error(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -199,6 +199,14 @@ def test_a_folder_finds_manifests_whatever_the_case_of_their_extension(tmp_path)
     assert expand_manifest_paths([str(tmp_path)]) == [str(tmp_path / "EXPORT.PARQUET")]
 
 
+def test_a_folder_finds_manifests_in_linked_subfolders(tmp_path):
+    (tmp_path / "exports" / "monday").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(records(1)), tmp_path / "exports" / "monday" / "a.parquet")
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "monday").symlink_to(tmp_path / "exports" / "monday", target_is_directory=True)
+    assert expand_manifest_paths([str(tmp_path / "manifests")]) == [str(tmp_path / "manifests" / "monday" / "a.parquet")]
+
+
 def test_truncated_parquet_in_memory_is_a_manifest_error(memfs):
     fs, root = memfs
     data = parquet_bytes(records(5))

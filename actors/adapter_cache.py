@@ -34,6 +34,7 @@ from diffusers.utils import logging as diffusers_logging
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore
 from actors.lora_map import Layers, LoraMapError, lora_layers, lora_state_dict
 from actors.textual_inversion import known_word
+from manifests.schema import error_line
 
 GiB = 1024**3
 
@@ -173,7 +174,7 @@ class AdapterCache:
                 self.pipe.load_lora_weights(lora_state_dict(layers), adapter_name=peft_name)
         except Exception as exc:
             self._reset_loras()
-            raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc}); "
+            raise AdapterError(info.name, f"did not load ({error_line(exc)}); "
                                           "all LoRAs were unloaded, the pipeline is the base model") from exc
         finally:
             diffusers_logging.set_verbosity(verbosity)
@@ -247,7 +248,7 @@ def load_embedding(pipe, info: AdapterInfo, state_dict) -> list[str]:
     try:
         pipe.load_textual_inversion({info.token: tensor}, token=info.token)
     except Exception as exc:  # diffusers checks before it changes anything
-        raise AdapterError(info.name, f"did not load ({type(exc).__name__}: {exc})") from exc
+        raise AdapterError(info.name, f"did not load ({error_line(exc)})") from exc
     return embedding_tokens(info.token, tensor)
 
 

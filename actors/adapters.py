@@ -24,7 +24,7 @@ from typing import Literal
 import fsspec
 
 from manifests.stores import fs_protocols, is_local_fs
-from manifests.schema import first_few, is_adapter_name
+from manifests.schema import error_line, first_few, is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what actors.textual_inversion.save_embedding writes
@@ -248,7 +248,7 @@ def _parse(name: str, data: bytes):
     try:
         return load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise AdapterError(name, f"is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
 
 
 def _header(name: str, data: bytes) -> dict[str, tuple[str, list[int]]]:
@@ -260,7 +260,7 @@ def _header(name: str, data: bytes) -> dict[str, tuple[str, list[int]]]:
     try:
         return {key: (meta["dtype"], list(meta["shape"])) for key, meta in deserialize(data)}
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise AdapterError(name, f"is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
 
 
 def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, str, str | None]:

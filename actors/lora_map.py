@@ -22,6 +22,8 @@ import re
 
 import torch
 
+from manifests.schema import error_line
+
 LORA_MATRIX = re.compile(r"^(?P<path>.+)\.lora_(?P<role>[AB])\.weight$")
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "unet.<path>" -> (A, B), alpha / rank folded into B
@@ -53,7 +55,7 @@ def lora_layers(pipe, state_dict) -> Layers:
     try:
         converted, alphas = type(pipe).lora_state_dict(dict(state_dict))  # a copy: the kohya converter pops keys
     except Exception as exc:  # noqa: BLE001 - any failure here means diffusers cannot read it either
-        raise LoraMapError(f"diffusers cannot read this LoRA ({type(exc).__name__}: {exc})") from exc
+        raise LoraMapError(f"diffusers cannot read this LoRA ({error_line(exc)})") from exc
     # kohya's alphas come back keyed by their down matrix ("...to_q_lora.down.weight.alpha", converted below
     # the same way as the matrices) or, for layers outside attention (proj_in, ff, convs), by the module
     # itself ("unet.<module path>.alpha")
@@ -86,7 +88,7 @@ def lora_layers(pipe, state_dict) -> Layers:
                     alpha_by_path[match["path"]] = float(alpha)
             peft = convert(dict(matrices))
         except Exception as exc:  # noqa: BLE001 - diffusers' converters raise bare ValueErrors
-            raise LoraMapError(f"diffusers cannot convert its `{part}` keys ({type(exc).__name__}: {exc})") from exc
+            raise LoraMapError(f"diffusers cannot convert its `{part}` keys ({error_line(exc)})") from exc
         for key, tensor in peft.items():
             match = LORA_MATRIX.match(key)
             if match is None:

@@ -19,6 +19,7 @@ import fsspec
 
 from actors.presets import PRESETS, build_preset, preset_fingerprint
 from actors.schedulers import scheduler_name_for
+from manifests.schema import error_line
 
 DEFAULT_STEPS = 30  # SD 2.1's usual step count, for directories that do not say
 
@@ -86,7 +87,7 @@ def describe_model(name: str, ref: str) -> ModelInfo:
         except ModelError:
             raise
         except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
-            raise ModelError(f"model {name}={ref} cannot be read ({type(exc).__name__}: {exc})") from exc
+            raise ModelError(f"model {name}={ref} cannot be read ({error_line(exc)})") from exc
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.is_dir():
         return _describe_folder(name, ref, path)
@@ -225,7 +226,7 @@ def _describe_hub(name: str, ref: str) -> ModelInfo:
         configs = {rel: json.loads(Path(hf_hub_download(ref, rel, revision=sha)).read_text())
                    for rel in _CONFIGS[:3]}
     except Exception as exc:  # offline, unknown repo, gated: all mean "cannot use it here"
-        raise ModelError(f"model {name}={ref}: cannot reach it on the hub ({type(exc).__name__}: {exc})") from exc
+        raise ModelError(f"model {name}={ref}: cannot reach it on the hub ({error_line(exc)})") from exc
     return _from_configs(name, ref, "hub", f"hub:{ref}@{sha}", configs)
 
 
@@ -251,7 +252,7 @@ def local_copy(ref: str) -> str:
             fs.get_file(f"{root}/{rel}", str(staging / rel))
     except Exception as exc:  # noqa: BLE001 - a store that stops answering, a file gone since describe_model
         shutil.rmtree(staging, ignore_errors=True)
-        raise ModelError(f"model {ref} could not be copied from its store ({type(exc).__name__}: {exc})") from exc
+        raise ModelError(f"model {ref} could not be copied from its store ({error_line(exc)})") from exc
     try:
         staging.rename(target)  # another actor on this node may have won the race: theirs is as good
     except OSError:

@@ -5,6 +5,8 @@ The drivers' own errors are defined here, so the CLI can name every kind without
 
 from __future__ import annotations
 
+from manifests.schema import error_line
+
 
 class RunFailed(Exception):
     """`generate` could not start or could not finish."""
@@ -79,10 +81,7 @@ def _store_unavailable(exc: BaseException) -> str | None:
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one short line: its type where the message alone would not say what failed."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, (RunFailed, FinetuneError, EvalError, ReportError)) and type(exc).__name__ not in text:
-        text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= limit else text[:limit] + "..."
+    return error_line(exc, limit, typed=(RunFailed, FinetuneError, EvalError, ReportError))
 
 
 def root_cause(exc: BaseException) -> str:

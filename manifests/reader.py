@@ -18,7 +18,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.schema import coerced_id
+from manifests.schema import coerced_id, error_line
 from manifests.stores import is_local_fs, tree_files
 
 
@@ -76,7 +76,7 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
         except ManifestError:
             raise
         except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
-            raise ManifestError(f"manifest {given!r} cannot be read ({_short(exc)})") from exc
+            raise ManifestError(f"manifest {given!r} cannot be read ({error_line(exc)})") from exc
         uris += [_uri(fs, p) for p in found]
     return list(dict.fromkeys(uris))
 
@@ -96,12 +96,6 @@ def _files(fs, path: str, given: str) -> list[str]:
             raise ManifestError(f"no manifest file matches {given!r}")
         return found
     raise ManifestError(f"manifest {given!r} does not exist")
-
-
-def _short(exc: BaseException) -> str:
-    """An error as one line with its type ("OSError: Invalid BYTE_ARRAY value")."""
-    text = " ".join(str(exc).split())[:300]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _uri(fs, path: str) -> str:
@@ -147,7 +141,7 @@ def _each_file(uris: list[str], read: Callable[[str, pq.ParquetFile], Any]) -> I
             try:
                 return read(uri, pf)
             except (OSError, pa.ArrowException) as exc:
-                raise DamagedManifest(f"{uri} cannot be read ({_short(exc)}): {DAMAGED_HINT}") from exc
+                raise DamagedManifest(f"{uri} cannot be read ({error_line(exc)}): {DAMAGED_HINT}") from exc
 
     if len(uris) <= 1:
         yield from map(opened, uris)
@@ -228,7 +222,7 @@ def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int,
                         yield position, row
                         position += 1
             except (OSError, pa.ArrowException) as exc:
-                error = (f"{part.uri} rows {position}-{end - 1} (row group {rg}) cannot be read ({_short(exc)}): "
+                error = (f"{part.uri} rows {position}-{end - 1} (row group {rg}) cannot be read ({error_line(exc)}): "
                          f"{DAMAGED_HINT}")
                 ids = _row_group_ids(pf, rg) or [None] * (end - start)
                 for pos in range(position, end):

@@ -64,6 +64,15 @@ def first_few(names: list[str], limit: int) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def error_line(exc: BaseException, limit: int = 300, typed: tuple[type, ...] = ()) -> str:
+    """An exception as one short line, led by its type ("OSError: Invalid BYTE_ARRAY value") unless the message
+    already names it or it is one of `typed` (errors whose messages are written to be read as they are)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, typed) and type(exc).__name__ not in text:
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
     """`repr(value)`, cut to `limit` characters with a note of how much was left out."""
     text = repr(value)

@@ -24,6 +24,7 @@ import torch
 from actors.backends.base import BackendError, FixedAdapters, adaptable_layers
 from actors.backends.export import NP_DTYPES, ExportCache, GraphBackend, export_component, export_key, run_in_chunks
 from actors.lora_map import Layers, switch_updates
+from manifests.schema import error_line
 
 
 class OnnxBackend(GraphBackend):
@@ -93,7 +94,7 @@ class OnnxBackend(GraphBackend):
             try:
                 self.sessions[key] = self.ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:  # noqa: BLE001 - a broken cache entry or a provider that is missing
-                raise BackendError(f"ONNX Runtime cannot load {path} ({type(exc).__name__}: {exc}); delete that "
+                raise BackendError(f"ONNX Runtime cannot load {path} ({error_line(exc)}); delete that "
                                    "folder to export again") from exc
         return self.sessions[key]
 

@@ -37,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 from manifests.schema import first_few
-from manifests.stores import missing_bucket, no_bucket_reason, tree_files
+from manifests.stores import require_bucket, tree_files
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
@@ -66,9 +66,7 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         raise DatasetError("-o is empty; give the folder to write the dataset into (a path or URI)")
     out_fs, out_root = fsspec.core.url_to_fs(out)
     out_root = out_root.rstrip("/")
-    bucket = missing_bucket(out_fs, out_root)
-    if bucket:
-        raise DatasetError(no_bucket_reason("-o", out, bucket))
+    require_bucket(out_fs, out_root, "-o", out, DatasetError)
     _check_out(out_fs, out_root, out)
     fs, root = fsspec.core.url_to_fs(images_dir)
     if not fs.isdir(root):

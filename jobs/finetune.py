@@ -32,8 +32,7 @@ from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
-from manifests.stores import (folder_files, is_local_fs, is_local_path, missing_bucket, multi_node_reason,
-                              no_bucket_reason)
+from manifests.stores import folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
@@ -58,9 +57,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
     base = describe_model("base", cfg.base)
     try:
         fs, root = fsspec.core.url_to_fs(cfg.out)
-        bucket = missing_bucket(fs, root)
-        if bucket:
-            raise FinetuneError(no_bucket_reason("--out", cfg.out, bucket))
+        require_bucket(fs, root, "--out", cfg.out, FinetuneError)
         fs.makedirs(root, exist_ok=True)
     except FinetuneError:
         raise

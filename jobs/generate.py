@@ -40,8 +40,8 @@ from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledge
                               remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning
-from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_path, missing_bucket,
-                              multi_node_reason, no_bucket_reason, process_local, unshared_reason)
+from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_path, multi_node_reason,
+                              process_local, require_bucket, unshared_reason)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -137,9 +137,7 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     # 1. the output store must be reachable and writable before anything is drawn
     try:
         fs, root = fsspec.core.url_to_fs(cfg.out)
-        bucket = missing_bucket(fs, root)
-        if bucket:
-            raise RunFailed(no_bucket_reason("--out", cfg.out, bucket))
+        require_bucket(fs, root, "--out", cfg.out, RunFailed)
         if cfg.plan_only:  # writes nothing: reachable is enough
             fs.exists(root)
         else:

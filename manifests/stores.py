@@ -44,18 +44,16 @@ def is_local_fs(fs) -> bool:
 BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
 
 
-def missing_bucket(fs, root: str) -> str | None:
-    """The bucket of `root` when it is on an object store and does not exist, else None: s3fs and gcsfs create
-    a missing bucket when a folder is made in it, so a typo in a bucket name would make a new bucket."""
+def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -> None:
+    """Raise `error` when `root` is on an object store whose bucket does not exist (or these credentials
+    cannot see): s3fs and gcsfs create a missing bucket when a folder is made in it, so a typo in a bucket
+    name would make a new bucket. `flag` and `uri` name what the user gave."""
     if not set(fs_protocols(fs)) & set(BUCKET_PROTOCOLS):
-        return None
+        return
     bucket = root.strip("/").split("/", 1)[0]
-    return None if fs.exists(bucket) else bucket
-
-
-def no_bucket_reason(flag: str, uri: str, bucket: str) -> str:
-    return (f"{flag} {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); sdfleet does "
-            "not create buckets: create it, or fix the name")
+    if not fs.exists(bucket):
+        raise error(f"{flag} {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); sdfleet "
+                    "does not create buckets: create it, or fix the name")
 
 
 def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:

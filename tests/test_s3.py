@@ -322,9 +322,16 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_refused_not_created(s3, tmp_p
     """s3fs makes a missing bucket when a folder is made in it: a typo in a bucket name made a new bucket."""
     from jobs.cli import main
 
+    from jobs.dataset import build_dataset
+    from jobs.synthetic import write_images
+
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    write_images(tmp_path / "images", 1, size=64)
+    build_dataset(str(tmp_path / "images"), str(tmp_path / "data"), resolution=64, log=lambda line: None)
     for argv, flag in ((["generate", str(manifest), "--out", "s3://sdflet/runs/a"], "--out"),
-                       (["dataset", "build", str(tmp_path), "-o", "s3://sdflet/data"], "-o")):
+                       (["finetune", "lora", "--data", str(tmp_path / "data"), "--base", "tiny", "--out", "s3://sdflet/ft"],
+                        "--out"),
+                       (["dataset", "build", str(tmp_path / "images"), "-o", "s3://sdflet/data"], "-o")):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert f"{flag} s3://sdflet/" in err and "bucket 'sdflet' does not exist" in err, err

@@ -84,6 +84,7 @@ def read_parameters_from(fs, path: str) -> dict[str, Any] | None:
             _language, _, rest = rest[2:].partition(b"\0")
             _translated, _, text = rest.partition(b"\0")
             try:
-                return json.loads(zlib.decompress(text) if compressed else text)
-            except (ValueError, zlib.error):
+                parameters = json.loads(zlib.decompress(text) if compressed else text)
+            except (ValueError, zlib.error, RecursionError):  # RecursionError: JSON nested past Python's stack
                 return None
+            return parameters if isinstance(parameters, dict) else None

@@ -2,7 +2,7 @@
 
 `dwtDctSvd` hides bits in the singular values of DCT blocks of the image's DWT band. The plain `dwtDct`
 is 4x faster but loses the mark on flat, bright images: on `tiny`'s clean shapes on a white background
-it read back only 62-70% of the bits. Both refuse images under 256x256, so smaller sizes cannot carry a
+it read back only 62-70% of the bits. Both refuse images of fewer pixels than 256x256, so smaller sizes cannot carry a
 mark and generation says so instead of silently skipping it.
 
 The library embeds block by block in Python (~0.1 s for a 768 px image alone, 0.3-0.4 s beside other
@@ -22,14 +22,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from manifests.schema import WATERMARK_MIN_SIDE as MIN_SIDE
+from manifests.schema import WATERMARK_MATCH as MATCH_THRESHOLD
+from manifests.schema import too_small_for_the_mark
 
 METHOD = "dwtDctSvd"
 OLDER_METHODS = ("dwtDct",)  # what images drawn before 2026-11-27 carry; verify still reads them
 DEFAULT_PAYLOAD = "sdfleet"
-# a few bits can read wrong on busy images; a mark is "present" when this share of bits matches
-# (an unmarked image matches about half).
-MATCH_THRESHOLD = 0.9
 # The library's dwtDctSvd settings: only the U channel (YUV index 1) carries the mark, quantised in steps
 # of 36 on the top singular value of each 4x4 block of the Haar approximation band.
 SCALE = 36.0
@@ -55,9 +53,9 @@ def _payload_bits(payload: str | bytes) -> np.ndarray:
 
 
 def _check_size(rgb: np.ndarray) -> None:
-    h, w = rgb.shape[:2]
-    if min(h, w) < MIN_SIDE:
-        raise WatermarkError(f"{w}x{h} is too small for a {METHOD} watermark (needs at least {MIN_SIDE}x{MIN_SIDE})")
+    too_small = too_small_for_the_mark(rgb.shape[1], rgb.shape[0])
+    if too_small:
+        raise WatermarkError(too_small)
 
 
 def _u_channel(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,15 +110,19 @@ def _votes(rgb: np.ndarray) -> np.ndarray:
     return (np.mod(top, SCALE) > SCALE * 0.5).astype(np.float64)
 
 
-def decode_bits(rgb: np.ndarray, num_bits: int) -> np.ndarray:
-    """The payload bits the library's dwtDctSvd decoder reads from an RGB image (one vote per block)."""
+def _shares(rgb: np.ndarray, num_bits: int) -> np.ndarray:
+    """For each of `num_bits` payload bits, the share of the blocks carrying it that vote 1."""
     votes = _votes(rgb)
     index = np.arange(len(votes)) % num_bits
-    share = np.bincount(index, weights=votes, minlength=num_bits) / np.bincount(index, minlength=num_bits)
-    return (share * 255 > 127).astype(np.uint8)
+    return np.bincount(index, weights=votes, minlength=num_bits) / np.bincount(index, minlength=num_bits)
 
 
-def guess_payload(rgb: np.ndarray, max_bytes: int = 32, min_votes: int = 8) -> str | None:
+def decode_bits(rgb: np.ndarray, num_bits: int) -> np.ndarray:
+    """The payload bits the library's dwtDctSvd decoder reads from an RGB image (one vote per block)."""
+    return (_shares(rgb, num_bits) * 255 > 127).astype(np.uint8)
+
+
+def guess_payload(rgb: np.ndarray, max_bytes: int = 32, min_votes: int = 4) -> str | None:
     """The dwtDctSvd payload an image carries, read without knowing it (for `watermark verify` to tell "another
     payload" from "no mark"), or None. The mark repeats its bits block after block, so at the payload's own
     length every bit's votes agree; the shortest length whose votes agree (as well as the best length's, and on

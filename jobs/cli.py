@@ -378,9 +378,15 @@ def cmd_watermark_verify(args) -> int:
     from actors import watermark as wm
     from jobs.console import log
 
+    from manifests.schema import watermark_payload_problem
+
     if args.payload is not None and not args.payload.strip():
         print("sdfleet watermark verify: error: --payload is empty; give the payload the images were marked with, "
               f"or leave it out to use the one recorded in each PNG (else {wm.DEFAULT_PAYLOAD!r})", file=sys.stderr)
+        return EXIT_ERROR
+    if args.payload is not None and watermark_payload_problem(args.payload):
+        print(f"sdfleet watermark verify: error: --payload {args.payload!r} "
+              f"{watermark_payload_problem(args.payload)}", file=sys.stderr)
         return EXIT_ERROR
     counts = dict.fromkeys(("ok", "MISSING", "OTHER", "ERROR"), 0)
     for uri in args.images:
@@ -402,15 +408,21 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from fsspec.implementations.local import LocalFileSystem
+
     from actors.png import PNG_KEY
     from jobs.errors import one_line
+    from manifests.schema import too_small_for_the_mark, watermark_payload_problem
 
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
+        # a local file is taken as it is named: fsspec reads `a::b.png` as a chain of two URLs
+        fs, path = (LocalFileSystem(), os.path.abspath(uri)) if os.path.lexists(uri) else fsspec.core.url_to_fs(uri)
         if fs.isdir(path):
             return "ERROR", "is a folder, not an image (give the image files, e.g. DIR/*.png)"
         if not fs.exists(path):
             return "ERROR", "does not exist"
+        if not fs.isfile(path):  # a pipe would wait forever, a device read without end
+            return "ERROR", "is not a regular file (a pipe, socket or device)"
         data = fs.cat_file(path)
     except Exception as exc:  # noqa: BLE001 - an unreachable store, a denied file: said, and the rest go on
         return "ERROR", f"cannot be read ({one_line(exc)})"
@@ -425,19 +437,23 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data after a valid header
         return "ERROR", f"is a corrupt image ({one_line(exc)})"
     h, w = rgb.shape[:2]
-    if min(h, w) < wm.MIN_SIDE:
-        return "ERROR", (f"{w}x{h} is too small to carry the watermark "
-                         f"(it needs at least {wm.MIN_SIDE}x{wm.MIN_SIDE}), so it has none")
+    too_small = too_small_for_the_mark(w, h)
+    if too_small:
+        return "ERROR", f"{too_small.partition(';')[0]}, so it has none"
     try:
         recorded = json.loads(text[PNG_KEY]).get("watermark") if PNG_KEY in text else None
-    except (ValueError, AttributeError):  # parameters that are not a JSON object: no recorded payload
+    except (ValueError, AttributeError, RecursionError):  # parameters that are not a JSON object: none recorded
         recorded = None
-    recorded = recorded if isinstance(recorded, str) and recorded else None
+    # what the file says it carries is only believed where an unmarked image could not read as carrying it
+    recorded = recorded if isinstance(recorded, str) and not watermark_payload_problem(recorded) else None
     expected = payload or recorded or wm.DEFAULT_PAYLOAD
     found, accuracy = wm.read(rgb, expected.encode())
     shown = found.decode("utf-8", errors="replace")
-    if accuracy >= wm.MATCH_THRESHOLD:
-        return "ok", f"read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match"
+    if accuracy == 1.0:
+        return "ok", f"read {shown!r}, expected {expected!r}, 100% of bits match"
+    if accuracy >= wm.MATCH_THRESHOLD:  # worn by re-encoding or editing; a payload this close reads the same
+        return "ok", (f"read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match (a mark worn by "
+                      "re-encoding or editing, or one whose payload differs from the expected in as few bits)")
     others = (recorded, wm.DEFAULT_PAYLOAD, wm.guess_payload(rgb))  # the guess: for a PNG whose text was stripped
     for other in dict.fromkeys(p for p in others if p and p != expected):
         if wm.read(rgb, other.encode())[1] >= wm.MATCH_THRESHOLD:

@@ -39,7 +39,7 @@ from jobs.recorder import Recorder
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, read_latest_ok,
                               remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
-from manifests.schema import FIELDS, look_alike_columns, look_alike_warning
+from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
 from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_path, multi_node_reason,
                               process_local, require_bucket, unshared_reason)
 
@@ -107,6 +107,8 @@ class GenerateConfig(BaseModel):
         self.models = {"default": "tiny", **self.models}
         if self.watermark == "":
             raise ValueError("--watermark must not be empty (use --no-watermark to turn it off)")
+        if self.watermark is not None and watermark_payload_problem(self.watermark):
+            raise ValueError(f"--watermark {self.watermark!r} {watermark_payload_problem(self.watermark)}")
         stores = [("--out", self.out), ("--adapters", self.adapters), ("--backend-cache", self.backend_cache),
                   *(("a manifest", m) for m in self.manifests)]
         for flag, uri in stores[:3]:  # "" would be the working directory: a run would spill its folders there

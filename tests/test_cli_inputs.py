@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -272,9 +273,15 @@ def marked(tmp_path_factory):
         "a": save_png(folder / "a.png", wm.embed(image, "sdfleet")),
         "b": save_png(folder / "b.png", wm.embed(noise(256, 1), "sdfleet")),
         "plain": save_png(folder / "plain.png", image),
-        "xyz": save_png(folder / "xyz.png", wm.embed(image, "xyz")),  # no recorded payload: read blind
-        "xyz-recorded": save_png(folder / "xyz-recorded.png", wm.embed(image, "xyz"), recorded="xyz"),
+        "acme": save_png(folder / "acme.png", wm.embed(image, "acme-2026")),  # no recorded payload: read blind
+        "acme-recorded": save_png(folder / "acme-recorded.png", wm.embed(image, "acme-2026"), recorded="acme-2026"),
         "small": save_png(folder / "small.png", noise(64)),
+        "thin": save_png(folder / "thin.png", wm.embed(noise(1024)[:, :64], "sdfleet")),  # 64 wide, 1024 tall
+        # what the file claims is not believed where a flat unmarked image would read as carrying it
+        "claims-zeros": save_png(folder / "claims-zeros.png", np.full((256, 256, 3), 255, np.uint8), recorded="\0" * 4),
+        "colons": save_png(folder / "shot::1.png", wm.embed(image, "sdfleet")),  # fsspec reads `::` as a URL chain
+        "deep": folder / "deep.png",
+        "pipe": folder / "pipe.png",
         "folder": folder / "a-folder",
         "text": folder / "notes.png",
         "truncated": folder / "truncated.jpg",
@@ -282,6 +289,10 @@ def marked(tmp_path_factory):
     }
     paths["folder"].mkdir()
     paths["text"].write_text("not an image")
+    deep = PngImagePlugin.PngInfo()
+    deep.add_itxt("parameters", "[" * 100_000)  # nested past Python's recursion limit
+    Image.fromarray(wm.embed(image, "sdfleet")).save(paths["deep"], pnginfo=deep)
+    os.mkfifo(paths["pipe"])  # reading it would wait for a writer forever
     buf = io.BytesIO()
     Image.fromarray(wm.embed(image, "sdfleet")).save(buf, format="JPEG", quality=95)
     paths["truncated"].write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
@@ -297,29 +308,33 @@ def lines_by_file(out: str) -> dict[str, str]:
 
 
 def test_verify_reports_each_bad_file_on_its_line_and_checks_the_rest(capsys, marked):
-    order = ["a", "missing", "text", "truncated", "small", "folder", "plain", "b"]
+    order = ["a", "missing", "text", "truncated", "small", "folder", "pipe", "deep", "plain", "thin", "claims-zeros",
+             "colons", "b"]
     code, out, err = run(capsys, "watermark", "verify", *(marked[k] for k in order))
     assert code == 1 and "Traceback" not in err
     got = lines_by_file(out)
     assert list(got) == [str(marked[k]) for k in order]  # every file, in order, the one after the bad ones too
     status = {k: got[str(marked[k])] for k in order}
-    assert status["a"].startswith("ok:") and status["b"].startswith("ok:")
-    assert status["plain"].startswith("MISSING:")
+    for name in ("a", "b", "thin", "colons", "deep"):
+        assert status[name].startswith("ok: read 'sdfleet', expected 'sdfleet', 100% of bits match"), (name, status)
+    assert status["plain"].startswith("MISSING:") and status["claims-zeros"].startswith("MISSING:")
+    assert status["pipe"] == "ERROR: is not a regular file (a pipe, socket or device)"
     assert status["missing"] == "ERROR: does not exist"
     assert status["text"].startswith("ERROR: is not an image")
     assert status["truncated"].startswith("ERROR: is a corrupt image")
-    assert status["small"].startswith("ERROR: 64x64 is too small to carry the watermark")
+    assert status["small"] == "ERROR: 64x64 is too small to carry the watermark (it needs at least 65,536 pixels, as " \
+        "256x256 has), so it has none"
     assert status["folder"].startswith("ERROR: is a folder")
     code, out, _ = run(capsys, "watermark", "verify", marked["a"], marked["b"])  # all marked: exit 0
     assert code == 0 and out.count("ok  ") == 2
 
 
-@pytest.mark.parametrize("name", ["xyz", "xyz-recorded"])
+@pytest.mark.parametrize("name", ["acme", "acme-recorded"])
 def test_verify_tells_another_payload_from_no_mark(capsys, marked, name):
     code, out, _ = run(capsys, "watermark", "verify", marked[name], marked["plain"], "--payload", "sdfleet")
     assert code == 1
     got = lines_by_file(out)
-    assert got[str(marked[name])].startswith("OTHER: other payload 'xyz', expected 'sdfleet'"), out
+    assert got[str(marked[name])].startswith("OTHER: other payload 'acme-2026', expected 'sdfleet'"), out
     assert got[str(marked["plain"])].startswith("MISSING:"), out
 
 
@@ -327,6 +342,22 @@ def test_verify_refuses_an_empty_payload(capsys, marked):
     code, out, err = run(capsys, "watermark", "verify", marked["a"], "--payload", "")
     assert code == 1 and not out
     one_error_line(err, "sdfleet watermark verify: error: --payload is empty")
+    for payload, why in (("x", "is 1 byte(s) of UTF-8; a watermark payload is 4 to 32 bytes"),
+                         ("\0" * 4, "is nearly all zero (or all one) bits")):
+        code, out, err = run(capsys, "watermark", "verify", marked["a"], "--payload", payload)
+        assert code == 1 and not out
+        one_error_line(err, f"sdfleet watermark verify: error: --payload {payload!r} {why}")
+
+
+def test_the_longest_payload_fits_the_fewest_pixels_a_mark_takes():
+    payload = "© Acme catalogue 2026-12 v1.0.0"
+    assert len(payload.encode()) == 32
+    for shape in ((256, 256), (64, 1024), (1024, 64), (128, 512)):
+        rgb = noise(1024)[:shape[0], :shape[1]]
+        marked, share, _ = wm.embed_checked(rgb, payload)
+        assert share == 1.0 and wm.read_bits(marked, 32) == payload.encode(), shape  # the library's decoder
+    with pytest.raises(wm.WatermarkError, match="128x256 is too small"):
+        wm.embed(noise(256)[:256, :128], "sdfleet")
 
 
 # -- manifest expand -----------------------------------------------------------------------------------------

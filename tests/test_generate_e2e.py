@@ -199,6 +199,8 @@ def test_setup_errors_exit_1_with_one_clear_line(tmp_path, capsys):
         (["--model", "default=/nonexistent/model"], "default=/nonexistent/model"),
         (["--actors", "0"], "--actors"),
         (["--watermark", ""], "--watermark"),
+        (["--watermark", "x"], "--watermark 'x' is 1 byte(s) of UTF-8; a watermark payload is 4 to 32 bytes"),
+        (["--watermark", "\x00\x00\x00\x01"], "is nearly all zero (or all one) bits"),
         (["--out", ""], "--out must not be empty"),  # the working directory would take the run's folders
         (["--adapters", " "], "--adapters must not be empty"),
         # on a machine without a GPU a local Ray never gets one: said at once, not a run that waits forever

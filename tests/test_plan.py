@@ -46,3 +46,19 @@ def test_a_manifest_whose_ids_cannot_be_read_stops_the_run_naming_the_file(tmp_p
     path = write_damaged_manifest(tmp_path / "m.parquet", damaged_group=2, column="id")
     with pytest.raises(DamagedManifest, match=rf"^{path} cannot be read \(ArrowInvalid: .*write it again"):
         survey([str(path)])
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"a prompt"', "[" * 100_000])
+def test_an_image_whose_parameters_are_not_an_object_is_drawn_again(tmp_path, text):
+    """An image in --out/images whose parameters chunk is JSON of another shape (or nested past Python's stack)
+    is not one a row drew: the plan draws the row again instead of stopping the run."""
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    from jobs.plan import recovered
+
+    (tmp_path / "images").mkdir()
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", text)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "r1.png", pnginfo=info)
+    assert recovered(str(tmp_path), "r1", "any-hash") is None

@@ -356,7 +356,8 @@ def _validate(args) -> int:
 
 
 def _expand(args) -> int:
-    from manifests.expand import check_output, expand, load_list, write_manifest
+    from actors.presets import PRESETS
+    from manifests.expand import check_output, expand, fixed_warnings, load_list, write_manifest
 
     check_output(args.out, force=args.force)  # before any work: a wrong -o is refused, an existing one kept
     products = load_list(args.products, "product")
@@ -368,6 +369,8 @@ def _expand(args) -> int:
     table = expand(args.template, products, scenes, variants=args.variants, negative_prompt=args.negative,
                    fixed=fixed, products_source=args.products, scenes_source=args.scenes or "scenes")
     write_manifest(table, args.out)
+    for warning in fixed_warnings(fixed, list(PRESETS)):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {table.num_rows} rows to {args.out}")
     return EXIT_OK
 

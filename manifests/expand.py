@@ -8,8 +8,10 @@ they are stable: re-expanding an edited catalogue keeps every unchanged row's id
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
+import posixpath
 import re
 import string
 from typing import Any
@@ -18,8 +20,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.schema import FIELDS, ID_PATTERN, default_seed, quoted, validate_row
-from manifests.stores import read_parquet
+from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
+                              validate_row)
+from manifests.stores import process_local, read_parquet
 
 
 class ExpandError(ValueError):
@@ -31,32 +34,115 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "x"
 
 
-def load_list(uri: str, column: str) -> list[dict[str, Any]]:
-    """Rows of a CSV, Parquet or plain-text list (one `column` value per line)."""
+# What a products or scenes list is read as, by its file name's suffix (any case); no suffix is plain text.
+LIST_TYPES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text", "": "text"}
+
+
+class ListRows(list):
+    """The rows of a products or scenes list (dicts), with where each is in its file (`line 6`, `row 3`), as
+    messages name it: a spreadsheet's line numbers, not positions among the rows that were kept."""
+
+    def __init__(self, rows: list[dict[str, Any]], where: list[str]):
+        super().__init__(rows)
+        self.where = where
+
+
+def _where(rows: list[dict[str, Any]], i: int) -> str:
+    """Where row `i` is in its file; its position for rows made in code (or a ListRows changed since)."""
+    return rows.where[i] if isinstance(rows, ListRows) and len(rows.where) == len(rows) else f"row {i}"
+
+
+def load_list(uri: str, column: str) -> ListRows:
+    """Rows of a CSV, TSV, Parquet or plain-text list (one `column` value per line; lines starting with `# `
+    are comments). Text is UTF-8 (with or without a byte-order mark) or UTF-16 with one."""
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
         raise ExpandError(f"{uri} does not exist")
-    if path.endswith(".parquet"):
-        rows = read_parquet(fs, path).to_pylist()
-    elif path.endswith(".csv"):
-        # utf-8-sig: spreadsheets save CSV with a byte-order mark, which would rename the first column.
-        with fs.open(path, "r", encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))
-        for i, row in enumerate(rows):
-            if None in row:  # csv puts fields beyond the header under None: an unquoted comma cut a value
-                raise ExpandError(f"{uri} row {i} has more fields than the header, {row[None]!r} left over; "
-                                  f"quote values that contain commas")
+    if fs.isdir(path):
+        raise ExpandError(f"{uri} is a folder; give the list's file")
+    suffix = posixpath.splitext(posixpath.basename(path))[1].lower()
+    kind = LIST_TYPES.get(suffix)
+    if kind is None:
+        raise ExpandError(f"{uri}: a list is read from .csv, .tsv, .parquet or plain text (.txt, or no suffix: one "
+                          f"`{column}` per line), not {suffix} (a spreadsheet saves CSV as 'CSV UTF-8')")
+    if kind == "parquet":
+        table = read_parquet(fs, path)
+        rows = ListRows([{k: _decoded(v, uri, f"row {i}", k) for k, v in row.items()}
+                         for i, row in enumerate(table.to_pylist())], [f"row {i}" for i in range(table.num_rows)])
     else:
-        with fs.open(path, "r", encoding="utf-8-sig") as f:
-            rows = [{column: line.strip()} for line in f if line.strip() and not line.startswith("#")]
+        text = _text(fs.cat_file(path), uri)
+        rows = _read_text_table(text, uri, kind) if kind != "text" else _read_lines(text, column)
     if not rows:
         raise ExpandError(f"{uri} holds no rows")
     if column not in rows[0]:
         raise ExpandError(f"{uri} has no `{column}` column (columns: {', '.join(rows[0])})")
     for i, row in enumerate(rows):
         if not str(row.get(column) or "").strip():
-            raise ExpandError(f"{uri} row {i}: `{column}` is empty")
+            raise ExpandError(f"{uri} {_where(rows, i)}: `{column}` is empty")
     return rows
+
+
+def _text(data: bytes, uri: str) -> str:
+    """A list file's text: UTF-16 where it starts with its byte-order mark, else UTF-8 (a BOM is dropped)."""
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ExpandError(f"{uri} line {line} is not UTF-8 (byte {data[exc.start]:#04x}); save the file as UTF-8 "
+                          "(a spreadsheet's 'CSV UTF-8')") from exc
+
+
+def _decoded(value: Any, uri: str, where: str, column: str) -> Any:
+    """A Parquet cell as a prompt would hold it: binary as its UTF-8 text."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ExpandError(f"{uri} {where}: `{column}` is binary that is not UTF-8 text") from exc
+
+
+def _read_text_table(text: str, uri: str, kind: str) -> ListRows:
+    """The rows of a CSV or TSV: the first line names the columns; blank lines are skipped."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",")
+    header = next(reader, [])
+    lines = []
+    values = []
+    for fields in reader:
+        if not any(f.strip() for f in fields):
+            continue
+        lines.append(f"line {reader.line_num}")
+        if len(fields) > len(header):  # an unquoted comma cut a value
+            raise ExpandError(f"{uri} {lines[-1]} has more fields than the header, {fields[len(header):]!r} left "
+                              "over; quote values that contain commas")
+        if len(fields) < len(header):
+            raise ExpandError(f"{uri} {lines[-1]} has {len(fields)} field(s) where the header names {len(header)}; "
+                              f"it has no {', '.join(f'`{h}`' for h in header[len(fields):])}")
+        values.append(fields)
+    keep = []
+    for index, name in enumerate(header):
+        if name.strip():
+            keep.append(index)
+        elif any(row[index].strip() for row in values):  # an empty header over empty cells: a spreadsheet's margin
+            raise ExpandError(f"{uri}: column {index + 1} has values but no name in the header line; name it")
+    names = [header[i].strip() for i in keep]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ExpandError(f"{uri}: the header names {', '.join(f'`{n}`' for n in twice)} more than once; a column's "
+                          "values would be lost")
+    return ListRows([{name: row[i] for name, i in zip(names, keep)} for row in values], lines)
+
+
+def _read_lines(text: str, column: str) -> ListRows:
+    rows, lines = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        value = line.strip()
+        if value and value != "#" and not value.startswith("# "):
+            rows.append({column: value})
+            lines.append(f"line {number}")
+    return ListRows(rows, lines)
 
 
 def template_fields(template: str) -> set[str]:
@@ -85,18 +171,35 @@ FIXED_FLAGS = {"steps": "--steps", "width": "--width", "height": "--height", "gu
 
 
 def check_fixed(fixed: dict[str, Any]) -> None:
-    """ExpandError naming every fixed value (set on every row) that the row schema refuses, so a manifest that
-    `manifest validate` would reject on every row is never written."""
+    """ExpandError naming every fixed value (set on every row) that the row schema refuses. What depends on the
+    run (the watermark, the `--model` names it gives) is for `fixed_warnings` to say."""
     _, errors, _ = validate_row({"id": "x", "prompt": "x", **fixed}, source="--flags", row=0)
     if errors:
         raise ExpandError("; ".join(f"{FIXED_FLAGS.get(e.field, e.field)} {e.reason}, got {quoted(e.value)}"
                                     for e in errors))
 
 
+def fixed_warnings(fixed: dict[str, Any], presets: list[str]) -> list[str]:
+    """What the fixed values ask of the run that draws the manifest: every row would be invalid without it."""
+    said = []
+    model = fixed.get("model")
+    if model is not None and model not in presets and model != "default":
+        said.append(f"--model {model!r} is not a preset ({', '.join(presets)}): generate and validate need "
+                    f"--model {model}=REF (a diffusers folder or URI), or every row is invalid")
+    if fixed.get("width") and fixed.get("height"):
+        too_small = too_small_for_the_mark(fixed["width"], fixed["height"])
+        if too_small:
+            said.append(f"every row: {too_small}")
+    return said
+
+
 def check_output(uri: str, force: bool = False) -> None:
     """ExpandError unless `uri` can take the manifest: a .parquet name, and not an existing file unless `force`."""
     if not uri.lower().endswith(".parquet"):
         raise ExpandError(f"-o {quoted(uri)}: a manifest is written as Parquet; give a path or URI ending in .parquet")
+    if process_local(uri):
+        raise ExpandError(f"-o {uri}: memory:// lives in this process only, and the manifest would be gone when "
+                          "it ends; give a path or a shared store (s3://, gs://)")
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.isdir(path):
         raise ExpandError(f"-o {uri} is a folder; give a .parquet file to write")
@@ -106,16 +209,38 @@ def check_output(uri: str, force: bool = False) -> None:
 
 def _keys(rows: list[dict], column: str, id_column: str, source: str) -> list[str]:
     """Id fragments per row: the `id_column` value when present, else a slug of `column`; unique."""
-    keys = [str(r[id_column]) if r.get(id_column) not in (None, "") else slug(str(r[column])) for r in rows]
+    keys = [_key_text(r[id_column]) if r.get(id_column) not in (None, "") else slug(str(r[column])) for r in rows]
     seen: dict[str, int] = {}
     for i, key in enumerate(keys):
+        if len(key) > 128:
+            raise ExpandError(f"{source} {_where(rows, i)}: `{id_column}` {quoted(key, 40)} is {len(key)} characters; "
+                              "an id is at most 128")
         if not ID_PATTERN.match(key):
-            raise ExpandError(f"{source} row {i}: `{id_column}` {key!r} may only hold A-Z a-z 0-9 . _ -")
+            raise ExpandError(f"{source} {_where(rows, i)}: `{id_column}` {key!r} may only hold A-Z a-z 0-9 . _ -")
         if key in seen:
-            raise ExpandError(f"{source} rows {seen[key]} and {i} both make the id fragment {key!r}; "
-                              f"give them distinct `{id_column}` values")
+            raise ExpandError(f"{source} {_where(rows, seen[key])} and {_where(rows, i)} both make the id fragment "
+                              f"{key!r}; give them distinct `{id_column}` values")
         seen[key] = i
     return keys
+
+
+def _key_text(value: Any) -> str:
+    """An `sku`/`scene_id` cell as text: 1.0 as 1 (a spreadsheet column of numbers with gaps is read as floats)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+class _ColumnFormatter(string.Formatter):
+    """str.format where a placeholder is a whole column name: `{size.cm}` and `{2024}` are columns, not an
+    attribute of `size` or the 2025th positional argument."""
+
+    def get_field(self, field_name, args, kwargs):
+        return kwargs[field_name], field_name
+
+
+def _fill(template: str, values: dict[str, Any]) -> str:
+    return _ColumnFormatter().vformat(template, (), values)
 
 
 def expand(
@@ -150,19 +275,30 @@ def expand(
     if shared:  # the manifest has one column of each name: the scene's values would be lost without a word
         raise ExpandError(f"{products_source} and {scenes_source} both have column(s) {', '.join(shared)}; rename "
                           "them in one of the two (a manifest keeps one column of each name)")
+    for rows, source in ((products, products_source), (scenes or [], scenes_source)):
+        for i, row in enumerate(rows):  # a gap would leave "None" or a double space in the prompt
+            for name in sorted(fields & set(row)):
+                if row[name] is None or not str(row[name]).strip():
+                    raise ExpandError(f"{source} {_where(rows, i)}: `{name}` is empty, and the template uses it; "
+                                      "fill it in, or leave the placeholder out")
     product_keys = _keys(products, "product", "sku", products_source)
     scene_keys = _keys(scenes, "scene", "scene_id", scenes_source) if scenes else [None]
-    rows = []
-    for product, pkey in zip(products, product_keys):
-        for scene, skey in zip(scenes or [{}], scene_keys):
+    rows, made = [], {}
+    for p, (product, pkey) in enumerate(zip(products, product_keys)):
+        for s, (scene, skey) in enumerate(zip(scenes or [{}], scene_keys)):
             for v in range(variants):
                 row_id = "--".join(k for k in (pkey, skey, f"v{v}") if k)
                 if len(row_id) > 128:
                     raise ExpandError(f"id {row_id!r} is over 128 characters; use shorter `sku`/`scene_id` values")
+                if row_id in made:  # `a--b` x `c` and `a` x `b--c`: fragments joined by `--` can meet
+                    raise ExpandError(f"id {row_id!r} is made twice: by {made[row_id]} and by "
+                                      f"{_origin(products_source, products, p, scenes_source, scenes, s)}; give "
+                                      "`sku`/`scene_id` values without `--` in them")
+                made[row_id] = _origin(products_source, products, p, scenes_source, scenes, s)
                 values = {**scene, **product}
                 rows.append({
                     "id": row_id,
-                    "prompt": template.format(**values),
+                    "prompt": _fill(template, values),
                     "negative_prompt": negative_prompt,
                     "seed": default_seed(row_id),
                     **(fixed or {}),
@@ -172,9 +308,17 @@ def expand(
     return pa.Table.from_pylist(rows)
 
 
+def _origin(products_source: str, products: list, p: int, scenes_source: str, scenes: list | None, s: int) -> str:
+    said = f"{products_source} {_where(products, p)}"
+    return f"{said} with {scenes_source} {_where(scenes, s)}" if scenes else said
+
+
 def write_manifest(table: pa.Table, uri: str) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.pipe_file(path, buf.getvalue())
+    try:
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(path, buf.getvalue())
+    except Exception as exc:  # noqa: BLE001 - a parent that is a file, a read-only store, refused credentials
+        raise ExpandError(f"cannot write -o {uri}: {error_line(exc)}") from exc

@@ -263,6 +263,8 @@ class RowError(BaseModel):
 
 def row_location(source: str, row: int, row_id: str | None) -> str:
     """Where a row is, as every message about one says it: `m.parquet row 17 (`sku-88`)` (0-based row)."""
+    if row_id is not None and not row_id.isprintable():  # a newline in an id would split the message in two
+        row_id = row_id.encode("unicode_escape").decode("ascii")
     shown = row_id if row_id is None or len(row_id) <= QUOTE_CHARS else row_id[:QUOTE_CHARS] + "..."
     return f"{source} row {row}" + (f" (`{shown}`)" if shown else "")
 

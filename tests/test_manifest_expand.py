@@ -192,7 +192,7 @@ def test_two_products_with_the_same_slug_are_an_error():
     with pytest.raises(ExpandError) as exc:
         expand("{product}", [{"product": "Red Mug"}, {"product": "a blue vase"}, {"product": "red  mug!"}])
     message = str(exc.value)
-    assert "rows 0 and 2" in message and "'red-mug'" in message and "sku" in message
+    assert "row 0 and row 2" in message and "'red-mug'" in message and "sku" in message
 
 
 def test_two_products_with_the_same_sku_are_an_error():
@@ -236,14 +236,14 @@ def test_products_without_a_product_column_are_an_error(tmp_path):
 def test_an_empty_product_value_names_its_row(tmp_path):
     path = tmp_path / "products.csv"
     path.write_text("sku,product\nmug-1,a red mug\nmug-2,\n")
-    with pytest.raises(ExpandError, match="row 1: `product` is empty"):
+    with pytest.raises(ExpandError, match="line 3: `product` is empty"):  # the spreadsheet's line
         load_list(str(path), "product")
 
 
 def test_an_unquoted_comma_is_an_error_not_a_cut_prompt(tmp_path):
     path = tmp_path / "products.csv"
     path.write_text("sku,product\nmug-1,a red mug, ceramic\n")
-    with pytest.raises(ExpandError, match="row 0 has more fields than the header") as exc:
+    with pytest.raises(ExpandError, match="line 2 has more fields than the header") as exc:
         load_list(str(path), "product")
     assert "ceramic" in str(exc.value)
 
@@ -291,3 +291,98 @@ def test_write_manifest_creates_folders_and_round_trips(lists, tmp_path):
     out = tmp_path / "new" / "folder" / "m.parquet"
     write_manifest(table, str(out))
     assert pq.read_table(out).equals(table)
+
+
+# -- lists as spreadsheets and exports save them -----------------------------------------------------------
+
+def test_lists_read_as_their_suffix_says_in_any_case_and_unknown_types_are_refused(tmp_path):
+    (tmp_path / "p.CSV").write_text("sku,product\nmug-1,a red mug\n")
+    (tmp_path / "p.tsv").write_text("sku\tproduct\nmug-1\ta red mug, ceramic\n")
+    pq.write_table(pa.table({"sku": ["mug-1"], "product": ["a red mug"]}), tmp_path / "p.PARQUET")
+    (tmp_path / "p").write_text("# products for spring\n#1 best-selling red mug\n\n  a blue vase\n")
+    assert load_list(str(tmp_path / "p.CSV"), "product") == [{"sku": "mug-1", "product": "a red mug"}]
+    assert load_list(str(tmp_path / "p.tsv"), "product") == [{"sku": "mug-1", "product": "a red mug, ceramic"}]
+    assert load_list(str(tmp_path / "p.PARQUET"), "product") == [{"sku": "mug-1", "product": "a red mug"}]
+    assert load_list(str(tmp_path / "p"), "product") == [{"product": "#1 best-selling red mug"},
+                                                         {"product": "a blue vase"}]  # `# ` starts a comment
+    (tmp_path / "p.jsonl").write_text('{"product": "a red mug"}\n')
+    with pytest.raises(ExpandError, match=r"p.jsonl: a list is read from .csv, .tsv, .parquet or plain text"):
+        load_list(str(tmp_path / "p.jsonl"), "product")
+
+
+def test_csv_encodings_of_spreadsheets_read_or_are_named(tmp_path):
+    text = "sku,product\r\nmug-1,a café mug\r\n"
+    (tmp_path / "utf16.csv").write_bytes(text.encode("utf-16"))  # Excel's "Unicode text"
+    assert load_list(str(tmp_path / "utf16.csv"), "product") == [{"sku": "mug-1", "product": "a café mug"}]
+    (tmp_path / "cp1252.csv").write_bytes(text.encode("cp1252"))  # Excel's plain "CSV" on Windows
+    with pytest.raises(ExpandError, match=r"cp1252.csv line 2 is not UTF-8 \(byte 0xe9\); save the file as UTF-8"):
+        load_list(str(tmp_path / "cp1252.csv"), "product")
+
+
+def test_spreadsheet_margins_short_rows_and_repeated_headers(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("sku,product,category,,\nmug-1,a red mug,kitchen,,\n\nmug-2,a blue mug,kitchen,,\n")
+    rows = load_list(str(path), "product")  # the empty columns of the sheet's margin are left out
+    assert rows == [{"sku": "mug-1", "product": "a red mug", "category": "kitchen"},
+                    {"sku": "mug-2", "product": "a blue mug", "category": "kitchen"}]
+    assert rows.where == ["line 2", "line 4"]
+    path.write_text("sku,product,category\nmug-1,a red mug\n")
+    with pytest.raises(ExpandError, match="line 2 has 2 field\\(s\\) where the header names 3; it has no `category`"):
+        load_list(str(path), "product")
+    path.write_text("sku,product,sku\nmug-1,a red mug,mug-9\n")
+    with pytest.raises(ExpandError, match="the header names `sku` more than once"):
+        load_list(str(path), "product")
+    path.write_text("sku,product,\nmug-1,a red mug,kitchen\n")
+    with pytest.raises(ExpandError, match="column 3 has values but no name"):
+        load_list(str(path), "product")
+
+
+def test_a_gap_in_a_column_the_template_uses_names_its_line(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("sku,product,colour\nmug-1,a mug,red\nmug-2,a mug,\n")
+    with pytest.raises(ExpandError, match="p.csv line 3: `colour` is empty, and the template uses it"):
+        expand("a {colour} {product}", load_list(str(path), "product"), products_source=str(path))
+    assert expand("a {product}", load_list(str(path), "product")).num_rows == 2  # unused: passes through
+    with pytest.raises(ExpandError, match="row 1: `price` is empty"):
+        expand("{product} at {price} USD", [{"product": "a", "price": 3}, {"product": "b", "price": None}])
+
+
+def test_parquet_lists_of_binary_text_and_float_skus_make_the_ids_and_prompts_a_user_expects(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"sku": pa.array([1.0, 2.0]), "product": pa.array([b"a red mug", b"a vase"])}), path)
+    table = expand("a photo of {product}", load_list(str(path), "product"))
+    assert table.column("id").to_pylist() == ["1--v0", "2--v0"]
+    assert table.column("prompt").to_pylist() == ["a photo of a red mug", "a photo of a vase"]
+
+
+def test_columns_named_with_dots_or_digits_are_placeholders_like_any_other():
+    table = expand("{product}, {size.cm} cm, {2024} range", [{"product": "a mug", "size.cm": 9, "2024": "spring"}])
+    assert table.column("prompt").to_pylist() == ["a mug, 9 cm, spring range"]
+
+
+def test_ids_joined_from_fragments_with_dashes_that_meet_are_refused():
+    products = [{"sku": "a--b", "product": "a mug"}, {"sku": "a", "product": "a vase"}]
+    scenes = [{"scene_id": "c", "scene": "on oak"}, {"scene_id": "b--c", "scene": "on marble"}]
+    with pytest.raises(ExpandError, match=r"id 'a--b--c--v0' is made twice: by products row 0 with scenes row 0 "
+                                          r"and by products row 1 with scenes row 1"):
+        expand("{product} {scene}", products, scenes)
+
+
+def test_a_long_sku_is_refused_for_its_length():
+    with pytest.raises(ExpandError, match="`sku` 'sss.*is 129 characters; an id is at most 128"):
+        expand("{product}", [{"sku": "s" * 129, "product": "a red mug"}])
+
+
+def test_fixed_values_that_need_flags_of_the_run_are_said():
+    from manifests.expand import fixed_warnings
+
+    said = fixed_warnings({"width": 128, "height": 128, "model": "sd21"}, ["tiny", "sd21-random"])
+    assert said[0].startswith("--model 'sd21' is not a preset (tiny, sd21-random)")
+    assert said[1].startswith("every row: 128x128 is too small to carry the watermark") and "--no-watermark" in said[1]
+    assert fixed_warnings({"width": 512, "height": 512, "model": "tiny"}, ["tiny"]) == []
+
+
+def test_a_manifest_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExpandError, match=r"cannot write -o .*afile/m.parquet: "):
+        write_manifest(expand("{product}", [{"product": "a mug"}]), str(tmp_path / "afile" / "m.parquet"))

@@ -116,6 +116,12 @@ def test_unsafe_or_overlong_ids_are_rejected(bad_id):
     assert "1-128 characters of A-Z a-z 0-9 . _ -" in text and "not . or .." in text
 
 
+def test_a_row_with_a_newline_in_its_id_is_named_on_one_line():
+    parsed, errors, _ = validate_row(row(id="sku-1\nsku-2", steps=0), source="m", row=0, models=MODELS)  # 2 errors
+    assert len(errors) == 2 and all("\n" not in str(e) for e in errors), [str(e) for e in errors]
+    assert all(str(e).startswith("m row 0 (`sku-1\\nsku-2`)") for e in errors)
+
+
 @pytest.mark.parametrize("good_id", ["x" * 128, "a", "SKU_88.v2-final", "..a", "a.."])
 def test_safe_ids_are_valid(good_id):
     parsed, errors, _ = validate_row(row(id=good_id), source="m", row=0, models=MODELS)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import posixpath
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
@@ -138,10 +139,18 @@ def _model_files(model_index: dict) -> set[str]:
 
 
 def _is_model_file(rel: str, components: set[str]) -> bool:
-    """Part of the fingerprint: what the pipeline loads. A fine-tune's checkpoints/, validation
-    images and logs beside the model are not, so they neither slow hashing nor change the fingerprint."""
-    top, sep, _ = rel.partition("/")
-    return top in components if sep else rel in _MODEL_TOP_FILES
+    """Part of the fingerprint (and of a stored model's copy): what the pipeline loads, which is the configs and
+    safetensors weights of its component folders, and a tokenizer's vocabulary files. A fine-tune's checkpoints/,
+    validation images and logs beside the model, or a README in a component folder, are not, so they neither
+    slow hashing nor change the fingerprint. Pickle weights are listed only for `_check_weights` to name."""
+    top, sep, rest = rel.partition("/")
+    if not sep:
+        return rel in _MODEL_TOP_FILES
+    if top not in components:
+        return False
+    suffix = posixpath.splitext(rest)[1].lower()
+    return (suffix in (".json", ".safetensors", *_PICKLE_SUFFIXES)
+            or ("tokenizer" in top and suffix in (".txt", ".model")))  # merges.txt, a sentencepiece model
 
 
 # The components that hold weights, and the suffixes of pickle checkpoints (never loaded: they can run code).
@@ -230,13 +239,14 @@ def _describe_hub(name: str, ref: str) -> ModelInfo:
     return _from_configs(name, ref, "hub", f"hub:{ref}@{sha}", configs)
 
 
-def local_copy(ref: str) -> str:
-    """Download a model URI once per node into the cache; return the local directory.
+def local_copy(ref: str, fingerprint: str) -> str:
+    """Download a model URI once per node and version into the cache; return the local directory.
 
-    Files are listed and fetched one by one (not a recursive `get` of each folder), so any store that can
-    list and read files serves, an HTTP server's index pages included. A copy that fails leaves nothing
-    half-written in the cache."""
-    digest = hashlib.sha256(ref.encode()).hexdigest()[:16]
+    The copy is kept by the URI and the fingerprint `describe_model` read from the store: new weights at the
+    same URI are a new copy, never the old one drawn under the new fingerprint. Files are listed and fetched one
+    by one (not a recursive `get` of each folder), so any store that can list and read files serves, an HTTP
+    server's index pages included. A copy that fails leaves nothing half-written in the cache."""
+    digest = hashlib.sha256(f"{ref}\n{fingerprint}".encode()).hexdigest()[:16]
     target = cache_root() / "models" / digest
     if (target / "model_index.json").is_file():
         return str(target)
@@ -279,7 +289,7 @@ def load_pipeline(info: ModelInfo, device: str = "cpu", dtype=None):
     if info.kind == "preset":
         pipe = build_preset(info.ref)
     else:
-        source = local_copy(info.ref) if info.kind == "uri" else info.ref.removeprefix("file://")
+        source = local_copy(info.ref, info.fingerprint) if info.kind == "uri" else info.ref.removeprefix("file://")
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 source, use_safetensors=True, dtype=dtype, safety_checker=None, requires_safety_checker=False,

@@ -41,7 +41,7 @@ from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledge
 from manifests.reader import expand_manifest_paths, survey
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
 from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_path, multi_node_reason,
-                              process_local, require_bucket, unshared_reason)
+                              process_local, require_bucket, stored_at, unshared_reason)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -182,7 +182,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
 
     remove_stale_temp_files(fs, root)
     try:
-        done = {} if cfg.force else read_latest_ok(fs, root)
+        finished: dict[str, str] = {}
+        done = {} if cfg.force else read_latest_ok(fs, root, finished)
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole: this one was damaged afterwards
             raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
@@ -193,7 +194,13 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
         _check_report_group_by(cfg.report_group_by, manifests.columns, fs, root)
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
     if not cfg.force and fs.exists(f"{root}/images"):
-        existing = {p.rsplit("/", 1)[-1][:-4] for p in folder_files(fs, f"{root}/images", ".png")}
+        images = {p.rsplit("/", 1)[-1][:-4]: info for p, info in folder_files(fs, f"{root}/images", ".png").items()}
+        existing = set(images)
+        changed = changed_since_recorded(images, finished)
+        if changed:  # its ledger entry no longer vouches for it: read, as an unrecorded image is, before it counts
+            log(f"{len(changed)} image(s) written after their ledger entry (another run, a copy, an edit): each is "
+                "checked before it counts as done")
+            done = {rid: phash for rid, phash in done.items() if rid not in changed}
     state = PlanState(models=models, duplicates=duplicates, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
@@ -204,6 +211,31 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     with command_log(fs, root, f"sdfleet-{run_id}.log", "run", in_out=not cfg.plan_only) as log_path, \
             library_logs_to(log_path, cfg.verbose):
         return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
+
+
+# How much later than its ledger entry an image may have been written and still be the one the entry
+# recorded: images are written before their entry, so only clock differences between the store and the
+# workers; a run that rewrote the image later (a killed run that drew the row another way) is minutes away.
+RECORDED_SLACK_SECONDS = 5.0
+
+
+def changed_since_recorded(images: dict[str, dict], finished: dict[str, str]) -> set[str]:
+    """Ids whose image the store says was written after the newest `ok` ledger entry of the id: a run killed
+    before it recorded another version of the row, a copy that reset the times, a file edited or replaced.
+    Where the store gives no time, the entry is trusted."""
+    changed = set()
+    for rid, when in finished.items():
+        info = images.get(rid)
+        written = stored_at(info) if info else None
+        if written is None or not when:
+            continue
+        try:
+            recorded = dt.datetime.fromisoformat(when).timestamp()
+        except ValueError:
+            continue
+        if written > recorded + RECORDED_SLACK_SECONDS:
+            changed.add(rid)
+    return changed
 
 
 def _check_report_group_by(column: str, manifest_columns: set[str], fs, root: str) -> None:
@@ -380,7 +412,8 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         **results.counts,
         "wall_seconds": round(wall, 3),
         "recovered": results.recovered,
-        "images_per_second": round(results.counts["ok"] / wall, 4) if wall > 0 else 0.0,
+        # images drawn in this run: recovered ones were drawn by an earlier run
+        "images_per_second": round(results.drawn() / wall, 4) if wall > 0 else 0.0,
         "actors": cfg.actors,
         "images_per_actor": results.per_actor,
         "adapter_swaps": results.adapter_swaps(),

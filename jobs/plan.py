@@ -16,6 +16,7 @@ an adapter about once per run instead of once per block.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
+from PIL import Image
 
 from actors.png import read_parameters_from
 from manifests.reader import ManifestPart, Unreadable, read_part
@@ -87,7 +89,9 @@ def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:
         if not parameters or parameters.get("params_hash") != params_hash:
             return None
         data = fs.cat_file(path)
-    except (OSError, ValueError):  # gone or unreadable: draw it again
+        with Image.open(io.BytesIO(data)) as image:  # its parameters come first: a file cut short still has them
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # gone, cut short, damaged: draw it
         return None
     return {"uri": fs.unstrip_protocol(path), "sha256": hashlib.sha256(data).hexdigest(),
             "warning": "recovered: an earlier run drew this image and stopped before recording it"}

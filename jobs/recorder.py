@@ -118,7 +118,7 @@ class Recorder:
         loading) does not stretch the estimate of what is left; until a second lot is back, there is no estimate."""
         counts, finished = self.counts, sum(self.counts.values())
         elapsed = now - self.started
-        rate = counts["ok"] / elapsed if elapsed > 0 else 0.0
+        rate = self.drawn() / elapsed if elapsed > 0 else 0.0
         left, eta = self.total - finished, ""
         drawn = self.drawn()
         if self.first_drawn is not None and drawn > self.first_drawn[1] and now > self.first_drawn[0]:

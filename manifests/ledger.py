@@ -170,8 +170,9 @@ def ledger_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | No
     return {path: found[path].get("size") for path in sorted(found)}
 
 
-def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
-    """Map id -> params_hash of the newest `ok` entry for every id the ledger holds.
+def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str, finished: dict[str, str] | None = None) -> dict[str, str]:
+    """Map id -> params_hash of the newest `ok` entry for every id the ledger holds; `finished`, when given,
+    is filled with id -> that entry's `finished_at`.
 
     Only the newest counts: if a row was drawn with hash A, then B, then changed back to A, the image
     on disk is B's, so A must be drawn again.
@@ -183,6 +184,8 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
         for rid, status, phash, when in zip(*(table.column(c).to_pylist() for c in table.column_names)):
             if status == "ok" and (rid not in latest or when >= latest[rid][1]):
                 latest[rid] = (phash, when)
+    if finished is not None:
+        finished.update((rid, when) for rid, (_, when) in latest.items())
     return {rid: phash for rid, (phash, _) in latest.items()}
 
 

@@ -315,6 +315,8 @@ def params_hash(resolved: dict[str, Any]) -> str:
         "model_fingerprint", "adapters", "watermark",
     )
     payload = {k: resolved.get(k) for k in keys}
+    # the adapters as the actors apply them: by name, scale-0 entries left out (they change nothing)
+    payload["adapters"] = sorted((a for a in payload["adapters"] or [] if a["scale"] != 0), key=lambda a: a["name"])
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 

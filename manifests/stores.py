@@ -6,6 +6,7 @@ a local path is only shared on one machine, or where the user says it is a mount
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from typing import Iterator
 
@@ -67,6 +68,24 @@ def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:
         return {}
     return {e["name"]: e for e in entries
             if e.get("type") == "file" and e["name"].rstrip("/") != folder and e["name"].endswith(suffix)}
+
+
+def stored_at(info: dict) -> float | None:
+    """When a file was last written, in seconds since the epoch, from a listing's details (local `mtime`,
+    s3fs `LastModified`, gcsfs `updated`, memory `created`); None where the store does not say."""
+    for key in ("mtime", "LastModified", "updated", "created"):
+        value = info.get(key)
+        try:
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, dt.datetime):
+                return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+            if isinstance(value, str) and value:
+                when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
+        except ValueError:
+            continue
+    return None
 
 
 def tree_files(fs, root: str) -> list[str]:

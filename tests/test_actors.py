@@ -8,6 +8,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save
 
 from actors import watermark as wm
 from actors.generate import draw, generate_rows
@@ -140,8 +141,16 @@ def test_exported_preset_loads_from_a_directory_with_the_same_pixels(tiny, tmp_p
     assert diff.max() <= 3 and (diff == 0).mean() >= 0.99
     # a replaced weight file changes the fingerprint, so its rows are drawn again
     before = info.fingerprint
+    # ... but files the pipeline does not load do not: a note in a component folder, a fine-tune's leftovers
+    (tmp_path / "tiny" / "unet" / "README.txt").write_text("trained on the spring catalogue\n")
+    (tmp_path / "tiny" / "checkpoints").mkdir()
+    (tmp_path / "tiny" / "checkpoints" / "step-100.safetensors").write_bytes(b"x")
+    assert describe_model("mine", str(tmp_path / "tiny")).fingerprint == before
     (tmp_path / "tiny" / "sdfleet.json").write_text('{"steps": 20}\n')
     assert describe_model("mine", str(tmp_path / "tiny")).fingerprint != before
+    changed = describe_model("mine", str(tmp_path / "tiny")).fingerprint
+    (tmp_path / "tiny" / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")  # SD 2.1's tokenizer loads it
+    assert describe_model("mine", str(tmp_path / "tiny")).fingerprint != changed
 
 
 def test_pickle_weights_are_refused(tmp_path):
@@ -288,6 +297,17 @@ def test_model_from_an_fsspec_uri_is_cached_once_and_loads(tmp_path, monkeypatch
     assert len(cached) == 1 and (cached[0] / "model_index.json").is_file()
     load_pipeline(info)  # the second load reads the cache: still one copy
     assert list((tmp_path / "cache" / "models").iterdir()) == cached
+
+    # new weights at the same URI: a new fingerprint, and a copy of its own (not the old weights under it)
+    weights = "/models/tiny/unet/diffusion_pytorch_model.safetensors"
+    state = load_file(str(tmp_path / "tiny" / "unet" / "diffusion_pytorch_model.safetensors"))
+    state = {k: v * 1.5 if k.endswith("conv_out.weight") else v for k, v in state.items()}
+    fs.pipe_file(weights, save(state))
+    changed = describe_model("remote", "memory://models/tiny")
+    assert changed.fingerprint != info.fingerprint
+    before, after = draw(pipe, resolved_rows(1)), draw(load_pipeline(changed), resolved_rows(1))
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
+    assert np.abs(after.astype(int) - before).max() > 0, "the new weights must be the ones drawn"
 
 
 @pytest.fixture

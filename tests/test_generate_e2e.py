@@ -116,6 +116,19 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "of 64 rows 64 would be drawn, 0 are done" in proc.stderr, (flags, proc.stderr[-2000:])
 
+    # images written after their ledger entry no longer count as done on the entry's word: one replaced by
+    # another row's image (a killed run that drew the row another way looks the same), one cut short, one only
+    # re-saved (recovered: its own parameters, whole)
+    images = out / "images"
+    replaced, cut, resaved = (images / f"{changed[i]['id']}.png" for i in (20, 21, 22))
+    replaced.write_bytes((images / f"{changed[23]['id']}.png").read_bytes())
+    cut.write_bytes(cut.read_bytes()[:-2000])  # its parameters chunk, before the pixels, is still whole
+    resaved.write_bytes(resaved.read_bytes())
+    proc = sdfleet("generate", str(manifest), "--out", str(out), "--plan-only", "--no-watermark")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 image(s) written after their ledger entry" in proc.stderr, proc.stderr[-2000:]
+    assert "of 64 rows 2 would be drawn, 61 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
+
 
 def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
     # finished images (20 steps): half-denoised 2-step ones read back only part of their bits

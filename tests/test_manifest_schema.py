@@ -329,6 +329,16 @@ def test_params_hash_depends_on_values_not_on_how_they_were_written():
                         guidance_scale=7.5)
     assert explicit["params_hash"] == base["params_hash"]
     assert resolved(guidance_scale=8)["params_hash"] == resolved(guidance_scale=8.0)["params_hash"]
+    # adapters as the actors apply them: in any order, and scale 0 (which loads nothing) as if unlisted
+    fingerprints = {"brand": "sha:1", "style": "sha:2"}
+    one = resolved(adapters=[{"name": "brand", "scale": 0.8}], fingerprints=fingerprints)["params_hash"]
+    both = resolved(adapters=[{"name": "brand", "scale": 0.8}, {"name": "style", "scale": 0.5}],
+                    fingerprints=fingerprints)["params_hash"]
+    assert resolved(adapters=[{"name": "style", "scale": 0.5}, {"name": "brand", "scale": 0.8}],
+                    fingerprints=fingerprints)["params_hash"] == both
+    assert resolved(adapters=[{"name": "brand", "scale": 0.8}, {"name": "style", "scale": 0}],
+                    fingerprints=fingerprints)["params_hash"] == one
+    assert resolved(adapters=[{"name": "style", "scale": 0.0}])["params_hash"] == base["params_hash"]
 
 
 def test_manifest_row_fields_are_documented():

@@ -89,6 +89,8 @@ def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_fini
     assert summary["skipped"] == len(recorded)
     assert summary["recovered"] == len(written) - len(recorded)  # finished but unrecorded: recorded now
     assert summary["ok"] == len(records) - len(recorded)
+    drawn = summary["ok"] - summary["recovered"]  # the rate is of what this run drew, not what it found
+    assert summary["images_per_second"] == pytest.approx(drawn / summary["wall_seconds"], abs=1e-3)
     after = _images(out)
     assert {i: after[i] for i in written} == written, "an image the killed run finished was drawn again"
     ok_ids = [e["id"] for e in ledger(out) if e["status"] == "ok"]

@@ -439,12 +439,23 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
     return summary
 
 
+PLAN_PROBLEMS_SHOWN = 20  # rows --plan-only names, of those it would not draw
+
+
 def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict:
     """--plan-only: the plan's verdict on every row, counted; nothing drawn, nothing written."""
     counts = {"to_draw": 0, "skipped": 0, "ok": 0, "failed": 0, "invalid": 0}
-    for batch in planned.select_columns(["status"]).iter_batches(batch_size=None, batch_format="pyarrow"):
+    said = 0
+    for batch in planned.select_columns(["status", "error"]).iter_batches(batch_size=None, batch_format="pyarrow"):
         for status, n in zip(*batch.column("status").value_counts().flatten()):
             counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
+        for status, error in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
+            if status in ("failed", "invalid") and said < PLAN_PROBLEMS_SHOWN:  # each names its row already
+                said += 1
+                log(f"{'would fail' if status == 'failed' else 'invalid'}: {error}")
+    if counts["failed"] + counts["invalid"] > said:
+        log(f"... and {counts['failed'] + counts['invalid'] - said} more: `sdfleet manifest validate` lists every "
+            "row problem")
     if sum(counts.values()) != total:
         raise RunFailed(f"{total} rows went in but the plan gave {sum(counts.values())}")
     return {"plan_only": True, "rows": total, **counts, "recovered": counts.pop("ok"),

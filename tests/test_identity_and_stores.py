@@ -437,6 +437,16 @@ def test_a_lease_file_that_is_not_a_lease_is_taken_over_and_said_so(tmp_path, mo
     assert said.count("is not a lease") == 1 and "taking it over" in said, said
 
 
+def test_plan_only_names_the_rows_it_would_not_draw(tmp_path):
+    records = rows(1) + [{**r, "steps": 0} for r in rows(24, prefix="bad")]
+    proc = sdfleet("generate", str(write_manifest(tmp_path / "m.parquet", records)), "--out", str(tmp_path / "out"),
+                   "--plan-only", "--no-watermark")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    named = [line for line in proc.stderr.splitlines() if line.startswith("[sdfleet] invalid: ")]
+    assert len(named) == 20 and all("`steps` must be in 1..500, got 0" in line for line in named), named
+    assert "[sdfleet] ... and 4 more: `sdfleet manifest validate` lists every row problem" in proc.stderr
+
+
 def test_plan_only_counts_what_would_be_drawn_and_writes_nothing(mixed_run):
     out = mixed_run["out"]
     before = sorted(p.name for p in out.rglob("*"))

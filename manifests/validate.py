@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterator
 
 from manifests.reader import Unreadable, column_names, count_ids, iter_rows
@@ -25,6 +26,11 @@ def check_manifests(
             yield "warning", look_alike_warning(uri, column, field)
     _, id_counts = count_ids(uris)
     said = None
+
+    @functools.lru_cache(maxsize=65536)  # an expanded catalogue repeats each prompt once per variant
+    def overflow(model: str, prompt: str) -> str | None:
+        return prompt_overflow(tokenizer_for(model), prompt)
+
     for uri, position, raw in iter_rows(uris):
         if isinstance(raw, Unreadable):  # a damaged row group: one error for its rows, then the next
             if raw.error != said:
@@ -46,7 +52,7 @@ def check_manifests(
             yield "error", (f"{where}: `id` appears in {id_counts[parsed.id]} rows; "
                             f"ids must be unique across the run's manifests")
         if tokenizer_for is not None:
-            warning = prompt_overflow(tokenizer_for(parsed.model), parsed.prompt)
+            warning = overflow(parsed.model, parsed.prompt)
             if warning:
                 yield "warning", f"{where}: {warning}"
 

@@ -498,9 +498,17 @@ def cmd_eval(args) -> int:
     summary = evaluate(args.manifests, args.out)
     if not summary["scored"]:
         print(f"sdfleet eval: error: nothing to score: {summary['not_scored']} row(s) name no colour/shape/background "
-              f"and {summary['missing_images']} have no image under {args.out}/images", file=sys.stderr)
+              f"(or have an id generate refuses), {summary['missing_images']} have no readable image under "
+              f"{args.out}/images and {summary['images_of_another_prompt']} an image drawn for another prompt",
+              file=sys.stderr)
         return EXIT_ERROR
     print(report(summary))
+    if summary["images_of_another_prompt"]:
+        print(f"not scored: {summary['images_of_another_prompt']} image(s) drawn for another prompt than the "
+              "manifest's (rows invalid or failed since; rerun generate)")
+    if "not_written" in summary:
+        print(f"sdfleet eval: error: {summary['not_written']}", file=sys.stderr)
+        return EXIT_ERROR
     print(f"wrote {args.out.rstrip('/')}/eval.json")
     return EXIT_OK
 

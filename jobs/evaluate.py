@@ -29,8 +29,10 @@ import numpy as np
 from PIL import Image
 
 from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
-from jobs.errors import EvalError
+from actors.png import PNG_KEY
+from jobs.errors import EvalError, one_line
 from manifests.reader import Unreadable, expand_manifest_paths, iter_rows
+from manifests.schema import ID_PATTERN, coerced_id
 
 PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) background$")
 # Fill of the bounding box by each ideal shape (jobs.synthetic draws them exactly so).
@@ -144,22 +146,31 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     fs, root = fsspec.core.url_to_fs(out)
     if not fs.isdir(f"{root}/images"):
         raise EvalError(f"--out {out} has no images/ folder (give the --out of a `sdfleet generate` run)")
-    rows, unscored, missing = [], 0, 0
+    rows, unscored, missing, other = [], 0, 0, 0
     for _, _, row in iter_rows(expand_manifest_paths(manifests)):
         want = None if isinstance(row, Unreadable) else intended(row)  # a damaged row group: nothing to score
-        if want is None:
-            unscored += 1
+        row_id = None if want is None else coerced_id(row.get("id"))  # as generate reads it (binary ids too)
+        if want is None or not isinstance(row_id, str) or not ID_PATTERN.match(row_id) or row_id in (".", ".."):
+            unscored += 1  # an id generate refuses has no image of its own to score
             continue
-        path = f"{root}/images/{row['id']}.png"
+        path = f"{root}/images/{row_id}.png"
         if not fs.exists(path):
             missing += 1
             continue
-        with Image.open(io.BytesIO(fs.cat_file(path))) as im:
-            seen = analyse(np.asarray(im.convert("RGB")))
-        rows.append({"id": row["id"], **{f"want_{k}": v for k, v in want.items()}, **seen,
+        try:
+            with Image.open(io.BytesIO(fs.cat_file(path))) as im:
+                drawn_for = _parameters(im).get("prompt")
+                seen = analyse(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # cut short, not an image
+            missing += 1
+            continue
+        if drawn_for is not None and drawn_for != row.get("prompt"):
+            other += 1  # drawn for another version of the row (it is invalid or failed now): not this prompt's
+            continue
+        rows.append({"id": row_id, **{f"want_{k}": v for k, v in want.items()}, **seen,
                      "held_out": (want["color"], want["shape"], want["background"]) in HELD_OUT})
     summary = {
-        "scored": len(rows), "not_scored": unscored, "missing_images": missing,
+        "scored": len(rows), "not_scored": unscored, "missing_images": missing, "images_of_another_prompt": other,
         **_scores(rows),
         "held_out": _scores([r for r in rows if r["held_out"]]),
         "per_color": {c: _scores([r for r in rows if r["want_color"] == c]) for c in PALETTE
@@ -173,9 +184,21 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         "rows": rows,
     }
     if rows:
-        with fs.open(f"{root}/eval.json", "w") as f:
-            f.write(json.dumps(summary, indent=2) + "\n")
+        try:
+            with fs.open(f"{root}/eval.json", "w") as f:
+                f.write(json.dumps(summary, indent=2) + "\n")
+        except Exception as exc:  # noqa: BLE001 - a read-only output: the scores are still said
+            summary["not_written"] = f"{out}/eval.json cannot be written ({one_line(exc)})"
     return summary
+
+
+def _parameters(image: Image.Image) -> dict:
+    """The generation parameters a PNG carries ({} for an image without them)."""
+    try:
+        found = json.loads(getattr(image, "text", {}).get(PNG_KEY, "{}"))
+    except (ValueError, RecursionError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _scores(rows: list[dict]) -> dict[str, float | int | None]:

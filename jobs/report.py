@@ -71,7 +71,7 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     shown = path if is_local_fs(out.fs) else out.fs.unstrip_protocol(path)
     return {"path": shown, "rows": len(current), "pages": len(layout.files), "thumbnails_made": made,
             "thumbnails_reused": thumbs.reused, "missing": sum(1 for e in current.values()
-                                                              if e["status"] == "ok" and not out.has_image(e)),
+                                                              if e["status"] == "ok" and thumbs.lacks_image(e)),
             "seconds": round(time.time() - started, 2), "bytes": written}
 
 
@@ -160,6 +160,13 @@ class Thumbnails:
     def info(self, entry: dict) -> dict:
         return self.index.get(self.name(entry), {})
 
+    def lacks_image(self, entry: dict) -> bool:
+        """Whether a row has no image to show: not ok, its file gone, or a file that does not decode."""
+        if entry["status"] != "ok" or not self.out.has_image(entry):
+            return True
+        info = self.info(entry)
+        return not info or "error" in info
+
     def make(self, entries: list[dict], workers: int | None = None) -> int:
         fs = self.out.fs
         if fs.exists(self.folder):
@@ -247,13 +254,13 @@ def changes(out: RunOutput) -> dict[str, list[dict]]:
 def render(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, layout: Layout) -> str:
     """index.html: the images themselves when they fit one page, else the list of pages."""
     s = out.summary
-    images = (_page_list(out, layout, len(current)) if layout.paged
+    images = (_page_list(layout, thumbs, len(current)) if layout.paged
               else _images(out, layout.pages[0] if layout.pages else [], thumbs, layout, len(current)))
     parts = [_HEAD.replace("{title}", _e(f"sdfleet report: {out.uri}")),
              f"<header><h1>Run {_e(out.run_id)}</h1><p>{_e(out.uri)} · finished {_e(s.get('finished_at', '?'))} · "
              f"{_e(s.get('backend', '?'))} on {_e(s.get('device', '?'))} · batch {_e(s.get('batch_size', '?'))} · "
              f"report written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p></header>",
-             _figures(out), _changes(out, layout.links), _problems(out, current, layout.links), images, _FOOT]
+             _figures(out), _changes(out, layout.links), _problems(out, current, thumbs, layout.links), images, _FOOT]
     return "\n".join(parts)
 
 
@@ -337,9 +344,9 @@ def _changes(out: RunOutput, links: dict[str, str]) -> str:
     return f"<section id=changes><h2>What changed {since}</h2>{''.join(items)}</section>"
 
 
-def _problems(out: RunOutput, current: dict[str, dict], links: dict[str, str]) -> str:
+def _problems(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, links: dict[str, str]) -> str:
     bad = [e for e in current.values() if e["status"] != "ok"]
-    missing = [e for e in current.values() if e["status"] == "ok" and not out.has_image(e)]
+    missing = [e for e in current.values() if e["status"] == "ok" and thumbs.lacks_image(e)]
     invalid_without_id = [e for e in out.this_run() if e.get("id") is None]
     total = len(bad) + len(missing) + len(invalid_without_id)
     if not total:
@@ -347,8 +354,9 @@ def _problems(out: RunOutput, current: dict[str, dict], links: dict[str, str]) -
     lines = [f"<li class={e['status']}><a href='{links[e['id']]}'>{_e(e['id'])}</a> <b>{e['status']}</b>: "
              f"{_e(e.get('error') or '')}</li>" for e in sorted(bad, key=lambda e: e["id"])[:PROBLEMS_SHOWN]]
     lines += [f"<li class=missing><a href='{links[e['id']]}'>{_e(e['id'])}</a> <b>missing</b>: the ledger says "
-              f"ok, but images/{_e(e['id'])}.png is not there</li>"
-              for e in sorted(missing, key=lambda e: e["id"])[:PROBLEMS_SHOWN - len(lines)]]
+              f"ok, but images/{_e(e['id'])}.png "
+              + (_e(thumbs.info(e)["error"]) if out.has_image(e) and "error" in thumbs.info(e) else "is not there")
+              + "</li>" for e in sorted(missing, key=lambda e: e["id"])[:PROBLEMS_SHOWN - len(lines)]]
     lines += [f"<li class=invalid><b>invalid</b> ({_e(e.get('source'))} row {e.get('row')}): {_e(e.get('error'))}</li>"
               for e in invalid_without_id[:PROBLEMS_SHOWN - len(lines)]]
     more = (f"<p>… and {total - len(lines)} more; every row's tile shows its state, and the ledger (results/) "
@@ -360,12 +368,12 @@ def _label(group_by: str | None, key: str) -> str:
     return f"{_e(group_by)} = {_e(key)}" if group_by else _e(key)
 
 
-def _page_list(out: RunOutput, layout: Layout, rows: int) -> str:
+def _page_list(layout: Layout, thumbs: Thumbnails, rows: int) -> str:
     """The index of a report with pages: each page, the groups it holds and how many of its rows lack an image."""
     group_by, items = layout.group_by, []
     for page, name in zip(layout.pages, layout.files):
         count = sum(len(entries) for _, entries, _ in page)
-        bad = sum(1 for _, entries, _ in page for e in entries if e["status"] != "ok" or not out.has_image(e))
+        bad = sum(1 for _, entries, _ in page for e in entries if thumbs.lacks_image(e))
         first, last = page[0], page[-1]
         span = _label(group_by, first[0]) + (f" … {_label(group_by, last[0])}" if len(page) > 1 else "")
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
@@ -379,7 +387,7 @@ def _images(out: RunOutput, page: list, thumbs: Thumbnails, layout: Layout, rows
     """The images of one page: (group key, rows, continued) sections of tiles."""
     group_by, sections = layout.group_by, []
     for i, (key, entries, continued) in enumerate(page):
-        bad = sum(1 for e in entries if e["status"] != "ok" or not out.has_image(e))
+        bad = sum(1 for e in entries if thumbs.lacks_image(e))
         label = _label(group_by, key) + (" (continued)" if continued else "")
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
         tiles = "".join(_tile(out, e, thumbs, layout.anchors[e["id"]]) for e in entries)
@@ -391,6 +399,22 @@ def _images(out: RunOutput, page: list, thumbs: Thumbnails, layout: Layout, rows
             "<button data-act=open>unfold all</button> <button data-act=close>fold all</button> "
             "<label><input type=checkbox id=only-problems> only rows without an image</label></p>"
             f"{''.join(sections)}</section>")
+
+
+def _for_script(value):
+    """A value as the page's script reads it back: integers past 2**53 (a row's seed) as text, since JavaScript's
+    numbers would round them, and NaN or infinity (not JSON) as text."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) > 2**53:
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_for_script(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _for_script(v) for k, v in value.items()}
+    return value
 
 
 def _tile(out: RunOutput, e: dict, thumbs: Thumbnails, anchor: str) -> str:
@@ -405,9 +429,9 @@ def _tile(out: RunOutput, e: dict, thumbs: Thumbnails, anchor: str) -> str:
               "run": e["_run"]}
     params.update({c: e.get(c) for c in out.group_columns() if c not in params and c not in (
         "width", "height", "guidance_scale", "negative_prompt")})
-    params = {k: v for k, v in params.items() if v not in (None, "")}
+    params = {k: _for_script(v) for k, v in params.items() if v not in (None, "")}
     hover = f"{e['id']}: {info.get('prompt') or e['status']} (seed {e.get('seed')})"
-    data = _e(json.dumps(params, ensure_ascii=False, default=str))
+    data = _e(json.dumps(params, ensure_ascii=False, default=str, allow_nan=False))
     caption = f"<figcaption>{_e(e['id'])}</figcaption>"
     if e["status"] != "ok":
         return (f"<figure class='tile {e['status']}' id={anchor} title='{_e(hover)}' data-p='{data}'><div class=reason>"

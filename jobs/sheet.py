@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from jobs.errors import ReportError
 from jobs.outputs import open_output
+from manifests.stores import process_local
 
 GAP = "#dddddd"
 
@@ -33,6 +34,9 @@ def sheet_format(uri: str) -> str:
     empty, a directory, or an extension Pillow cannot write here (it would have been PNG bytes misnamed)."""
     if not uri:
         raise ReportError("-o is empty: name the sheet to write, e.g. -o sheet.png")
+    if process_local(uri):
+        raise ReportError(f"-o {uri}: memory:// lives in this process only, and the sheet would be gone when it "
+                          "ends; give a path or a shared store (s3://, gs://)")
     fs, path = fsspec.core.url_to_fs(uri)
     if uri.endswith("/") or fs.isdir(path):
         raise ReportError(f"-o {uri} is a directory: name the sheet file to write in it, "
@@ -47,8 +51,18 @@ def sheet_format(uri: str) -> str:
 
 
 def _thumbnail(fs, path: str, side: int) -> Image.Image:
-    with fs.open(path, "rb") as f, Image.open(f) as image:
-        return image.convert("RGB").resize((side, side), Image.LANCZOS)
+    """The image at `path` within a `side` square, its shape kept (128x512 stays tall), or a placeholder
+    naming why it cannot be shown (cut short, not an image)."""
+    try:
+        with fs.open(path, "rb") as f, Image.open(f) as image:
+            scale = side / max(image.size)
+            image = image.convert("RGB").resize((max(1, round(image.width * scale)),
+                                                 max(1, round(image.height * scale))), Image.LANCZOS)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return _placeholder(side, "unreadable")
+    tile = Image.new("RGB", (side, side), (255, 255, 255))
+    tile.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return tile
 
 
 def _placeholder(side: int, text: str) -> Image.Image:

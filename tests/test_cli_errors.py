@@ -117,6 +117,7 @@ def test_sheet_is_written_in_the_format_its_extension_names(capsys, tmp_path, na
     ("{dir}/sheet.txt", ".txt is not a format a sheet is written in; end the name in .png, .jpg, .jpeg, .webp"),
     ("{dir}/sheet", "no extension is not a format"),
     ("{dir}/out/run.json/sheet.png", "cannot write -o {dir}/out/run.json/sheet.png: "),  # its parent is a file
+    ("memory://sheets/s.png", "memory:// lives in this process only"),  # gone when the command ends
 ])
 def test_sheet_refuses_an_output_it_cannot_write_in_one_line(capsys, tmp_path, target, expected):
     output = make_output(tmp_path / "out")

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from helpers import sdfleet, write_manifest
 from jobs.evaluate import analyse, intended
@@ -66,12 +66,22 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
         out / "images" / "noise.png")
     records.append({"id": "gone", "prompt": "a yellow star on a white background"})
     records.append({"id": "mug", "prompt": "a studio photo of a mug"})
+    # an image cut short; one drawn for the row's earlier prompt (the row is invalid now); an id generate refuses
+    records.append({"id": "cut", "prompt": "a red circle on a white background"})
+    draw_shape("red", "circle", "white", 256).save(out / "images" / "cut.png")
+    (out / "images" / "cut.png").write_bytes((out / "images" / "cut.png").read_bytes()[:300])
+    records.append({"id": "changed", "prompt": "a blue star on a white background"})
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", json.dumps({"prompt": "a red star on a white background"}))
+    draw_shape("red", "star", "white", 256).save(out / "images" / "changed.png", pnginfo=info)
+    records.append({"id": "../run/images/ok-0", "prompt": caption(*ALL[0])})
     manifest = write_manifest(tmp_path / "m.parquet", records)
 
     proc = sdfleet("eval", str(manifest), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "eval.json").read_text())
-    assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 1, 1)
+    assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 2, 2)
+    assert summary["images_of_another_prompt"] == 1 and "1 image(s) drawn for another prompt" in proc.stdout
     assert summary["color"] == pytest.approx(12 / 14)  # the wrong colour and the noise miss
     assert summary["drawn"] == pytest.approx(13 / 14)
     assert summary["chance"] == {"color": 1 / len(PALETTE), "shape": 1 / len(ALL_SHAPES), "background": 1 / len(BACKGROUNDS)}

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -107,6 +109,21 @@ def test_report_shows_each_row_as_it_stands_with_reasons_and_missing_images(outp
     # groups by the manifest's sku column, in order; the prompt comes from the PNG, escaped
     assert re.findall(r"<summary>sku = (sku-\d)", page) == ["sku-1", "sku-2", "sku-3"]
     assert "a photo of a, again" in page and "<b>bold</b>" not in page
+
+
+def test_a_damaged_image_is_a_problem_and_the_pop_up_keeps_every_digit_of_the_seed(output):
+    (output / "images" / "e.png").write_bytes((output / "images" / "e.png").read_bytes()[:300])  # cut short
+    seed = 5397352375133113116  # a default seed: 63 bits, past what a JavaScript number holds exactly
+    part = next((output / "results").glob("20261202*.parquet"))
+    table = pq.read_table(part)
+    seeds = [seed if i == "d" else s for i, s in zip(table.column("id").to_pylist(), table.column("seed").to_pylist())]
+    pq.write_table(table.set_column(table.schema.get_field_index("seed"), "seed", pa.array(seeds, pa.int64())), part)
+    done = build_report(str(output))
+    page = (output / "report" / "index.html").read_text()
+    assert done["missing"] == 2 and _tiles(page)["e"] == "missing"
+    problems = page[page.index("<section id=problems>"):page.index("</section>", page.index("<section id=problems>"))]
+    assert "<b>missing</b>: the ledger says ok, but images/e.png cannot read the image" in problems, problems
+    assert f"&quot;seed&quot;: &quot;{seed}&quot;" in page  # text in the pop-up's JSON, not a rounded number
 
 
 def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_every_row_once(output, monkeypatch,
@@ -239,6 +256,17 @@ def test_sheet_lays_rows_out_by_group_with_a_tile_for_every_gap(output, tmp_path
     assert main(["sheet", str(output), "-o", str(tmp_path / "s.png"), "--group-by", "sku", "--thumb", "32"]) == 0
     with Image.open(tmp_path / "s.png") as im:
         assert im.size == (6 * 32, 3 * (20 + 32 + 14))
+
+
+def test_sheet_keeps_each_image_shape_and_shows_a_damaged_one_as_a_tile(output):
+    out = output
+    (out / "images" / "a.png").write_bytes((out / "images" / "a.png").read_bytes()[:300])  # cut short
+    Image.new("RGB", (16, 64), (255, 0, 0)).save(out / "images" / "e.png")  # tall: 1 wide to 4 high
+    sheet = contact_sheet(str(out), columns=3, thumb=32, label=10)
+    assert sheet.getpixel((1, 1)) == (0xDD,) * 3  # a: unreadable, a grey tile, and the sheet is drawn
+    e = (32, 42)  # the second tile of the second line
+    assert sheet.getpixel((e[0] + 16, e[1] + 16)) == (255, 0, 0)  # its middle
+    assert sheet.getpixel((e[0] + 1, e[1] + 16)) == (255, 255, 255)  # beside it: the image is not stretched
 
 
 def test_comparison_sheet_puts_the_same_rows_of_each_run_one_run_to_a_row(tmp_path):

@@ -271,6 +271,10 @@ def _say_report(done: dict) -> None:
     pages = f" on {done['pages']} pages" if done["pages"] > 1 else ""
     log(f"report: {done['path']} ({done['rows']} rows{pages}, {done['thumbnails_made']} thumbnails made, "
         f"{done['thumbnails_reused']} reused{missing}, {done['seconds']:.1f} s)")
+    from jobs.outputs import unfinished_note
+
+    for run in done.get("unfinished", []):
+        log(f"warning: {unfinished_note(run)}")
 
 
 def cmd_sheet(args) -> int:

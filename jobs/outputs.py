@@ -33,6 +33,7 @@ class RunOutput:
     entries: list[dict]  # every ledger entry, oldest first, each with "_run": the run id that wrote it
     columns: list[str]  # ledger columns, pass-through columns of the manifests included
     images: set[str] = field(default_factory=set)  # file names under images/
+    unfinished: list[str] = field(default_factory=list)  # runs after `summary` that wrote rows but no run.json
 
     @property
     def run_id(self) -> str:
@@ -79,6 +80,16 @@ class RunOutput:
                               f"of {', '.join(self.group_columns())}")
 
 
+def is_recovered(entry: dict) -> bool:
+    """An `ok` entry a run recorded for an image an earlier, killed run drew (see jobs/plan.py `recovered`)."""
+    return (entry.get("warning") or "").startswith("recovered:")
+
+
+def unfinished_note(run_id: str) -> str:
+    return (f"run {run_id} wrote rows after this one and did not finish (killed, or still running): its rows are "
+            "shown as far as it got; run the same `sdfleet generate` again to finish it")
+
+
 def adapters_text(adapters: list[dict] | None) -> str:
     """A row's adapters as `name@scale + ...` ("" for none)."""
     return " + ".join(f"{a['name']}@{a['scale']:g}" for a in adapters or [])
@@ -115,8 +126,9 @@ def open_output(uri: str) -> RunOutput:
     paths = sorted(folder_files(fs, f"{root}/runs", ".json"))  # one per run: a nightly output holds hundreds, fetched at once
     for data in fs.cat_ranges(paths, None, None, on_error="return") if paths else []:
         try:
-            if not isinstance(data, BaseException):  # one that could not be fetched comes back as its error
-                runs.append(json.loads(data))
+            found = None if isinstance(data, BaseException) else json.loads(data)  # unfetched: its error
+            if isinstance(found, dict):
+                runs.append(found)
         except ValueError:
             continue  # an older run's summary is only context; the newest is run.json
     if not runs or runs[-1].get("run_id") != summary["run_id"]:
@@ -134,8 +146,10 @@ def open_output(uri: str) -> RunOutput:
         raise ReportError(f"cannot read ledger part {exc.path} from the store ({one_line(exc.cause)}); try again "
                           "once it answers") from exc
     entries.sort(key=lambda e: (e["_run"], e.get("finished_at") or ""))
+    finished = {r.get("run_id") for r in runs}
+    unfinished = sorted({e["_run"] for e in entries if e["_run"] > summary["run_id"] and e["_run"] not in finished})
     images = set()
     if fs.exists(f"{root}/images"):
         images = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/images", detail=False)}
     return RunOutput(uri=uri, fs=fs, root=root, summary=summary, runs=runs, entries=entries, columns=columns,
-                     images=images)
+                     images=images, unfinished=unfinished)

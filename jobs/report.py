@@ -30,7 +30,7 @@ from PIL import Image
 from actors.png import PNG_KEY
 from jobs.console import log
 from jobs.errors import ReportError, one_line
-from jobs.outputs import RunOutput, adapters_text, open_output
+from jobs.outputs import is_recovered, unfinished_note, RunOutput, adapters_text, open_output
 from manifests.ledger import atomic_write
 from manifests.stores import folder_files, is_local_fs
 
@@ -70,6 +70,7 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     path = f"{out.root}/report/index.html"
     shown = path if is_local_fs(out.fs) else out.fs.unstrip_protocol(path)
     return {"path": shown, "rows": len(current), "pages": len(layout.files), "thumbnails_made": made,
+            "unfinished": out.unfinished,
             "thumbnails_reused": thumbs.reused, "missing": sum(1 for e in current.values()
                                                               if e["status"] == "ok" and thumbs.lacks_image(e)),
             "seconds": round(time.time() - started, 2), "bytes": written}
@@ -237,11 +238,14 @@ def changes(out: RunOutput) -> dict[str, list[dict]]:
     """This run's rows against their state before it: new, redrawn, fixed, now failing, still failing.
     Rows this run skipped are unchanged and not listed."""
     before = out.before_this_run()
-    kinds: dict[str, list[dict]] = {"new": [], "redrawn": [], "fixed": [], "now failing": [], "still failing": []}
+    kinds: dict[str, list[dict]] = {"new": [], "redrawn": [], "fixed": [], "now failing": [], "still failing": [],
+                                    "recovered": []}
     now = {e["id"]: e for e in out.this_run() if e.get("id") is not None}
     for row_id in sorted(now):
         entry, prev = now[row_id], before.get(row_id)
-        if entry["status"] == "ok":
+        if entry["status"] == "ok" and is_recovered(entry):  # an earlier run drew it; this run only recorded it
+            kind = "recovered"
+        elif entry["status"] == "ok":
             kind = "new" if prev is None else "redrawn" if prev["status"] == "ok" else "fixed"
         else:
             kind = "still failing" if prev is not None and prev["status"] != "ok" else "now failing"
@@ -259,7 +263,8 @@ def render(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, layout:
     parts = [_HEAD.replace("{title}", _e(f"sdfleet report: {out.uri}")),
              f"<header><h1>Run {_e(out.run_id)}</h1><p>{_e(out.uri)} · finished {_e(s.get('finished_at', '?'))} · "
              f"{_e(s.get('backend', '?'))} on {_e(s.get('device', '?'))} · batch {_e(s.get('batch_size', '?'))} · "
-             f"report written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p></header>",
+             f"report written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p>"
+             + "".join(f"<p class=bad>{_e(unfinished_note(run))}</p>" for run in out.unfinished) + "</header>",
              _figures(out), _changes(out, layout.links), _problems(out, current, thumbs, layout.links), images, _FOOT]
     return "\n".join(parts)
 
@@ -281,7 +286,8 @@ def render_page(out: RunOutput, layout: Layout, n: int, thumbs: Thumbnails) -> s
 
 def _figures(out: RunOutput) -> str:
     s = out.summary
-    stats = [("rows", s.get("rows")), ("drawn", s.get("ok")), ("skipped", s.get("skipped")),
+    drawn = s["ok"] - (s.get("recovered") or 0) if isinstance(s.get("ok"), int) else None  # ok counts recovered
+    stats = [("rows", s.get("rows")), ("drawn", drawn), ("skipped", s.get("skipped")),
              ("failed", s.get("failed")), ("invalid", s.get("invalid")), ("recovered", s.get("recovered")),
              ("images/s", s.get("images_per_second")), ("wall s", s.get("wall_seconds")),
              ("adapter swaps", (s.get("adapter_swaps") or {}).get("total")),

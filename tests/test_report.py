@@ -24,6 +24,7 @@ from PIL import Image
 from actors.png import png_bytes
 from jobs.cli import main
 from jobs.errors import ReportError
+from jobs.outputs import open_output
 from jobs.report import build_report, changes
 from jobs.sheet import contact_sheet
 from manifests.ledger import ledger_row, write_part
@@ -177,11 +178,34 @@ def test_report_says_what_changed_since_the_previous_run(output):
     from jobs.outputs import open_output
 
     kinds = {k: [e["id"] for e in v] for k, v in changes(open_output(str(output))).items()}
-    assert kinds == {"new": ["e"], "redrawn": ["a"], "fixed": ["d"], "now failing": ["c", "f"], "still failing": []}
+    assert kinds == {"new": ["e"], "redrawn": ["a"], "fixed": ["d"], "now failing": ["c", "f"], "still failing": [],
+                     "recovered": []}
     build_report(str(output))
     page = (output / "report" / "index.html").read_text()
     assert "What changed since run 20261201T000000-aaaaaa" in page
     assert "<summary>2 now failing</summary>" in page and "<summary>1 fixed</summary>" in page
+
+
+def test_recovered_rows_are_not_drawn_and_a_later_run_that_did_not_finish_is_said(output):
+    drawn_before = {"uri": str(output / "images" / "e.png"), "sha256": "same"}
+    recovered = ledger_row(_row("e", "sku-3", 4), "ok", **drawn_before,
+                           warning="recovered: an earlier run drew this image and stopped before recording it")
+    redrawn = ledger_row(_row("d", "sku-2", 3), "ok", actor="host:1", seconds=0.5,
+                         **_draw(output, "d", (9, 9, 9), "a photo of d, darker"))
+    _run(output, "20261203T000000-cccccc", [recovered, redrawn], {"ok": 2, "skipped": 3, "failed": 0, "invalid": 0})
+    summary = json.loads((output / "run.json").read_text())
+    (output / "run.json").write_text(json.dumps({**summary, "recovered": 1}))
+    kinds = changes(open_output(str(output)))
+    assert [e["id"] for e in kinds["recovered"]] == ["e"] and [e["id"] for e in kinds["redrawn"]] == ["d"]
+    page_of = lambda: (output / "report" / "index.html").read_text()  # noqa: E731
+    build_report(str(output))
+    assert "<b>1</b><span>drawn</span>" in page_of() and "did not finish" not in page_of()
+    # a later run killed after its first ledger part: no run.json of its own, so run.json is the one before
+    write_part(fsspec.filesystem("file"), str(output), "20261204T000000-dddddd", 0,
+               [ledger_row(_row("a", "sku-1", 0), "failed", actor="host:1", error="killed mid-batch")])
+    done = build_report(str(output))
+    assert done["unfinished"] == ["20261204T000000-dddddd"]
+    assert "run 20261204T000000-dddddd wrote rows after this one and did not finish" in page_of()
 
 
 def test_a_second_report_reuses_thumbnails_and_makes_only_new_ones(output):

@@ -24,6 +24,7 @@ import re
 from collections import Counter, defaultdict
 from typing import Any
 
+import cv2
 import fsspec
 import numpy as np
 from PIL import Image
@@ -121,20 +122,10 @@ def main_region(mask: np.ndarray, window: int = 15) -> np.ndarray:
     if not mask[y, x]:  # the window's centre missed: take the window's first mask pixel
         ys, xs = np.nonzero(mask[y - k // 2:y - k // 2 + k, x - k // 2:x - k // 2 + k])
         y, x = y - k // 2 + ys[0], x - k // 2 + xs[0]
-    region = np.zeros_like(mask)
-    region[y, x] = True
-    count = 1
-    while True:  # grow one step at a time, inside the mask, until nothing is added
-        grown = region.copy()
-        grown[1:] |= region[:-1]
-        grown[:-1] |= region[1:]
-        grown[:, 1:] |= region[:, :-1]
-        grown[:, :-1] |= region[:, 1:]
-        grown &= mask
-        new = int(grown.sum())
-        if new == count:
-            return region
-        region, count = grown, new
+    # the 4-connected component holding (y, x), labelled by OpenCV in one pass: growing it one pixel step
+    # per pass over the image took time that rose with the image side cubed (4 s for one 1024 px image)
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
+    return labels == labels[y, x]
 
 
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:

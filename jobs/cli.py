@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--negative", default="", help="negative prompt for every row")
     for flag, kind in (("--steps", int), ("--width", int), ("--height", int), ("--guidance-scale", float),
                        ("--scheduler", str), ("--model", str)):
-        exp.add_argument(flag, type=kind, help="set on every row (default: the model's)")
+        exp.add_argument(flag, type=kind, help="set on every row (default: none; generate then takes the row "
+                         "schema's default: the model's own size, steps and scheduler, guidance 7.5, model default)")
     exp.add_argument("-o", "--out", required=True, help="manifest to write (path or URI ending in .parquet)")
     exp.add_argument("--force", action="store_true", help="overwrite -o if it already exists (default: refuse)")
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        what = {"generate": "finished rows are in the ledger, rerun to continue",
+        what = {"generate": "finished rows are in the ledger or, written since its last part, are recovered from their images by the rerun; rerun to continue",
                 "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
                             "resume from the newest"}.get(args.command, "nothing more was done")
         print(f"sdfleet: interrupted; {what}", file=sys.stderr)

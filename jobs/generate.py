@@ -338,8 +338,6 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
     import ray
     import ray.data
 
-    from ray.data.expressions import col
-
     from jobs.plan import plan_batch
 
     total = manifests.total
@@ -369,29 +367,9 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
     journal_actor = start_journal(run_id)  # held here for the run's length
     journal = JOURNAL_NAME.format(run_id=run_id)
     try:
-        if total and not state.done and not state.existing:
-            log("planning while the actors start (" + ("--force" if cfg.force else "nothing done before in this output")
-                + ")")
-            for batch in _draw(planned, cfg, models, sizing, finish, journal, actor_cls).iter_batches(batch_size=None,
-                                                                                            batch_format="pyarrow"):
-                results.record(batch.to_pylist())
-            if results.planned_at:
-                startup["plan_done"] = round(results.planned_at - started, 3)
-        else:
-            planned = planned.materialize()
-            startup["plan_done"] = round(time.time() - started, 3)
-            settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
-            todo = planned.filter(expr=col("status").is_null()).materialize()
-            for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
-                results.record([settled_row(r) for r in batch.to_pylist()])
-            to_draw = todo.count()
-            if to_draw:
-                log(f"{to_draw} row(s) to draw")
-                for batch in _draw(todo, cfg, models, sizing, finish, journal, actor_cls).iter_batches(batch_size=None,
-                                                                                             batch_format="pyarrow"):
-                    results.record(batch.to_pylist())
-            else:
-                log("nothing to draw: no actors started")
+        with results.heartbeat():
+            _record_the_run(cfg, planned, state, total, models, sizing, finish, journal, actor_cls, results, started,
+                            startup)
     except (RunFailed, KeyboardInterrupt):  # Ctrl-C: what finished is in the ledger, as the CLI then says
         results.keep_what_finished()
         raise
@@ -437,6 +415,37 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         raise RunFailed(f"cannot write run.json to {fs.unstrip_protocol(root)}: {one_line(exc)}; every row is "
                         "in the ledger") from exc
     return summary
+
+
+def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal, actor_cls, results, started,
+                    startup) -> None:
+    """Plan and draw, recording every row as it comes back: into a fresh output the actors start while the plan
+    runs; otherwise the plan is settled first and only the rows to draw go to the actors."""
+    from ray.data.expressions import col
+
+    if total and not state.done and not state.existing:
+        log("planning while the actors start (" + ("--force" if cfg.force else "nothing done before in this output")
+            + ")")
+        drawn = _draw(planned, cfg, models, sizing, finish, journal, actor_cls)
+        for batch in drawn.iter_batches(batch_size=None, batch_format="pyarrow"):
+            results.record(batch.to_pylist())
+        if results.planned_at:
+            startup["plan_done"] = round(results.planned_at - started, 3)
+    else:
+        planned = planned.materialize()
+        startup["plan_done"] = round(time.time() - started, 3)
+        settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
+        todo = planned.filter(expr=col("status").is_null()).materialize()
+        for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
+            results.record([settled_row(r) for r in batch.to_pylist()])
+        to_draw = todo.count()
+        if to_draw:
+            log(f"{to_draw} row(s) to draw")
+            drawn = _draw(todo, cfg, models, sizing, finish, journal, actor_cls)
+            for batch in drawn.iter_batches(batch_size=None, batch_format="pyarrow"):
+                results.record(batch.to_pylist())
+        else:
+            log("nothing to draw: no actors started")
 
 
 PLAN_PROBLEMS_SHOWN = 20  # rows --plan-only names, of those it would not draw

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
 import os
+import threading
 import time
 
 from actors import metrics
@@ -20,6 +22,7 @@ from manifests.schema import row_location
 LEDGER_FLUSH_ROWS = 256
 LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"))
 PROGRESS_SECONDS = 5.0
+HEARTBEAT_SECONDS = 15.0  # a line at least this often while rows are awaited
 WARNINGS_SHOWN = 5  # row warnings printed in full; the ledger holds every one
 
 
@@ -112,6 +115,30 @@ class Recorder:
     def drawn(self) -> int:
         """Images the actors have drawn in this run (not those recovered from a killed one)."""
         return sum(self.per_actor.values())
+
+    @contextlib.contextmanager
+    def heartbeat(self, quiet_seconds: float = HEARTBEAT_SECONDS):
+        """While the body runs, a line whenever `quiet_seconds` pass without one: a run whose actors are still
+        starting (a minute or more on a cluster: an image pull, a model copy) does not look hung."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(1.0):
+                now = time.time()
+                if now - self.last_progress >= quiet_seconds:
+                    self.last_progress = now
+                    done = sum(self.counts.values())
+                    what = ("waiting for the first images (actors starting, loading the model)" if not self.drawn()
+                            else "waiting for the next batch")
+                    log(f"{done}/{self.total} rows, {now - self.started:.0f} s in: {what}")
+
+        thread = threading.Thread(target=beat, name="sdfleet-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def progress(self, now: float) -> str:
         """One progress line. The rate is the actors' since their first rows came back, so start-up (Ray, model

@@ -73,3 +73,19 @@ def test_a_row_problem_on_the_terminal_names_its_file_row_and_id(clock, monkeypa
         "invalid: m.parquet row 1 (`lamp`): `steps` must be >= 1, got 0",  # said where already: not twice
         "ok: m.parquet row 2 (`vase`): prompt is 90 CLIP tokens, over the 77 the model reads",
     ]
+
+
+def test_a_quiet_wait_for_rows_still_says_something(monkeypatch):
+    """Actors that take long to start (an image pull, a model copy) must not look like a hung run."""
+    said = []
+    monkeypatch.setattr(recorder, "log", said.append)
+    rec = make_recorder(total=24, started=0.0)
+    rec.last_progress = 0.0  # the last line was long ago
+    with rec.heartbeat(quiet_seconds=0.5):
+        deadline = recorder.time.time() + 10
+        while not said and recorder.time.time() < deadline:
+            recorder.time.sleep(0.1)
+    assert said and said[0].startswith("0/24 rows, ") and "waiting for the first images" in said[0], said
+    count = len(said)
+    recorder.time.sleep(1.5)
+    assert len(said) == count, "no line once the body is done"

@@ -40,8 +40,8 @@ from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledge
                               remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
-from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_path, multi_node_reason,
-                              process_local, require_bucket, stored_at, unshared_reason)
+from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path,
+                              multi_node_reason, process_local, require_bucket, stored_at, unshared_reason)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -169,6 +169,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
         for column, field in look_alike_columns(columns).items():
             log(f"warning: {look_alike_warning(uri, column, field)}")
     duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
+    clashes = case_clashes(manifests.id_counts, fs, root)
     manifests.id_counts = None  # one entry per row: let it go before the run
 
     # 3. models and adapters: defaults and fingerprints, from configs and file hashes only
@@ -201,7 +202,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
             log(f"{len(changed)} image(s) written after their ledger entry (another run, a copy, an edit): each is "
                 "checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
-    state = PlanState(models=models, duplicates=duplicates, done=done, existing=existing,
+    state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
     before = "--force: every row is drawn again" if cfg.force else f"{len(done)} done before"
@@ -211,6 +212,37 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     with command_log(fs, root, f"sdfleet-{run_id}.log", "run", in_out=not cfg.plan_only) as log_path, \
             library_logs_to(log_path, cfg.verbose):
         return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
+
+
+def case_clashes(id_counts: dict[str, int], fs, root: str) -> dict[str, list[str]]:
+    """id -> the other ids of the run that differ from it only in case, where --out is a local disk that does
+    not tell case apart (macOS and Windows by default): `SKU-1.png` and `sku-1.png` would be one file, each row
+    overwriting the other's image. {} elsewhere (object stores and Linux disks keep both)."""
+    folded: dict[str, list[str]] = {}
+    for row_id in id_counts:
+        folded.setdefault(row_id.casefold(), []).append(row_id)
+    groups = [ids for ids in folded.values() if len(ids) > 1]
+    if not groups or not is_local_fs(fs) or not _ignores_case(root):
+        return {}
+    return {i: sorted(set(ids) - {i}) for ids in groups for i in ids}
+
+
+def _ignores_case(root: str) -> bool:
+    """Whether the local folder `root` (or, before it exists, the nearest folder above it) names files without
+    telling case apart: a probe file is made and looked for under another case."""
+    folder = root
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    probe = os.path.join(folder, f".sdfleet-case-{uuid.uuid4().hex[:8]}-Aa")
+    try:
+        with open(probe, "w"):
+            pass
+        return os.path.exists(probe[:-2] + "aA")
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
 
 
 # How much later than its ledger entry an image may have been written and still be the one the entry

@@ -39,6 +39,7 @@ class PlanState:
 
     models: dict[str, dict[str, Any]]  # name -> ModelInfo.defaults()
     duplicates: dict[str, int] = field(default_factory=dict)  # id -> how many rows carry it
+    case_clashes: dict[str, list[str]] = field(default_factory=dict)  # id -> ids one file name away on this disk
     done: dict[str, str] = field(default_factory=dict)  # id -> params_hash of its newest ok entry
     existing: set[str] = field(default_factory=set)  # ids with an image in the output store
     watermark: str | None = None
@@ -58,6 +59,12 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     if parsed.id in state.duplicates:
         reason = (f"{row_location(source, row, parsed.id)}: `id` appears in {state.duplicates[parsed.id]} rows of this "
                   f"run; ids must be unique, so none of those rows is drawn")
+        return {**base, "id": parsed.id, "status": "invalid", "error": reason}
+    if parsed.id in state.case_clashes:
+        reason = (f"{row_location(source, row, parsed.id)}: `id` differs only in case from "
+                  f"{', '.join(repr(i) for i in state.case_clashes[parsed.id])}, and --out is on a disk that does not "
+                  "tell case apart: their images would be one file, so none of those rows is drawn; make the ids "
+                  "differ in more than case, or write to a case-sensitive store")
         return {**base, "id": parsed.id, "status": "invalid", "error": reason}
     resolved = resolve_row(parsed, state.models[parsed.model], watermark=state.watermark,
                            adapter_fingerprints=state.adapter_fingerprints)

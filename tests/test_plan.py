@@ -62,3 +62,25 @@ def test_an_image_whose_parameters_are_not_an_object_is_drawn_again(tmp_path, te
     info.add_itxt("parameters", text)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "r1.png", pnginfo=info)
     assert recovered(str(tmp_path), "r1", "any-hash") is None
+
+
+def test_ids_that_differ_only_in_case_are_invalid_where_the_disk_ignores_case(tmp_path, monkeypatch):
+    """`SKU-1.png` and `sku-1.png` are one file on macOS and Windows disks: each row would overwrite the other."""
+    import fsspec
+
+    import jobs.generate as generate
+
+    ids = {"SKU-1": 1, "sku-1": 1, "lamp": 1}
+    local = fsspec.filesystem("file")
+    assert generate.case_clashes(ids, local, str(tmp_path)) == {}  # this disk tells case apart: both are kept
+    monkeypatch.setattr(generate, "_ignores_case", lambda root: True)
+    clashes = generate.case_clashes(ids, local, str(tmp_path / "out"))
+    assert clashes == {"SKU-1": ["sku-1"], "sku-1": ["SKU-1"]}
+    assert generate.case_clashes(ids, fsspec.filesystem("memory"), "/out") == {}  # object stores keep both
+    work = plan_row({"id": "sku-1", "prompt": "a mug"}, source="m.parquet", row=1, state=state(case_clashes=clashes))
+    assert work["status"] == "invalid" and work["error"].startswith(
+        "m.parquet row 1 (`sku-1`): `id` differs only in case from 'SKU-1', and --out is on a disk that does not "
+        "tell case apart")
+    assert plan_row({"id": "lamp", "prompt": "a lamp"}, source="m.parquet", row=2,
+                    state=state(case_clashes=clashes))["status"] is None
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # the probe left nothing behind

@@ -14,6 +14,9 @@ def prompt_overflow(tokenizer, prompt: str) -> str | None:
     ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids  # we say it ourselves
     if len(ids) <= room:
         return None
-    cut = tokenizer.decode(ids[room:]).strip()
+    start = room
+    while start > 0 and tokenizer.decode(ids[start:]).startswith("\ufffd"):  # the cut fell inside a character
+        start -= 1  # (an emoji is several byte tokens): name the whole character, as far as it is cut
+    cut = tokenizer.decode(ids[start:]).strip()
     return (f"prompt is {len(ids) + 2} CLIP tokens, over the {tokenizer.model_max_length} the model reads; "
             f"these words are cut off: {quoted(cut)}")

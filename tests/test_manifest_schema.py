@@ -381,3 +381,10 @@ def test_the_window_is_77_tokens_with_start_and_end(tokenizer):
 def test_cut_off_unicode_is_quoted_intact(tokenizer):
     warning = prompt_overflow(tokenizer, " ".join(["red"] * 75) + " café ☕ 🚀 製品写真")
     assert warning is not None and "café ☕ 🚀 製品写真" in warning
+
+
+def test_a_cut_inside_an_emoji_names_the_whole_emoji(tokenizer):
+    """An emoji is several byte tokens: a window that ends inside one named its rest as a replacement character."""
+    prompt = "a red star on a gray background " * 10 + "red star 🚀🚀 rocket launch"
+    warning = prompt_overflow(tokenizer, prompt)
+    assert warning is not None and "\ufffd" not in warning and "'🚀🚀 rocket launch'" in warning, warning

@@ -203,6 +203,7 @@ def test_recovered_rows_are_not_drawn_and_a_later_run_that_did_not_finish_is_sai
     # a later run killed after its first ledger part: no run.json of its own, so run.json is the one before
     write_part(fsspec.filesystem("file"), str(output), "20261204T000000-dddddd", 0,
                [ledger_row(_row("a", "sku-1", 0), "failed", actor="host:1", error="killed mid-batch")])
+    (output / "runs" / "20261204T000000-notes.json").write_text("[1, 2]")  # not a run summary: passed over
     done = build_report(str(output))
     assert done["unfinished"] == ["20261204T000000-dddddd"]
     assert "run 20261204T000000-dddddd wrote rows after this one and did not finish" in page_of()

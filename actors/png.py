@@ -49,6 +49,22 @@ def _parameters_info(parameters: dict[str, Any]) -> PngImagePlugin.PngInfo:
     return info
 
 
+def parameters_from_text(text: str | bytes) -> dict[str, Any] | None:
+    """A parameters chunk's text as a dict; None when it is not a JSON object (damaged, another tool's, or nested
+    past Python's stack)."""
+    try:
+        found = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def image_parameters(image: Image.Image) -> dict[str, Any]:
+    """The generation parameters an open image carries; {} when it has none (another tool's PNG, a JPEG)."""
+    text = getattr(image, "text", {}).get(PNG_KEY)
+    return (parameters_from_text(text) if text is not None else None) or {}
+
+
 def read_png_parameters(data: bytes) -> dict[str, Any]:
     """The generation parameters stored in a PNG written by `png_bytes`."""
     with Image.open(io.BytesIO(data)) as image:
@@ -84,7 +100,6 @@ def read_parameters_from(fs, path: str) -> dict[str, Any] | None:
             _language, _, rest = rest[2:].partition(b"\0")
             _translated, _, text = rest.partition(b"\0")
             try:
-                parameters = json.loads(zlib.decompress(text) if compressed else text)
-            except (ValueError, zlib.error, RecursionError):  # RecursionError: JSON nested past Python's stack
+                return parameters_from_text(zlib.decompress(text) if compressed else text)
+            except zlib.error:
                 return None
-            return parameters if isinstance(parameters, dict) else None

@@ -410,15 +410,13 @@ def cmd_watermark_verify(args) -> int:
 def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     """(status, the rest of the line) for one image of `watermark verify`."""
     import io
-    import json
 
     import fsspec
     import numpy as np
+    from fsspec.implementations.local import LocalFileSystem
     from PIL import Image, UnidentifiedImageError
 
-    from fsspec.implementations.local import LocalFileSystem
-
-    from actors.png import PNG_KEY
+    from actors.png import image_parameters
     from jobs.errors import one_line
     from manifests.schema import too_small_for_the_mark, watermark_payload_problem
 
@@ -437,7 +435,7 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             rgb = np.asarray(image.convert("RGB"))
-            text = dict(getattr(image, "text", {}) or {})
+            recorded = image_parameters(image).get("watermark")
     except UnidentifiedImageError:
         return "ERROR", "is not an image (not a PNG, JPEG, WebP or other format Pillow reads)"
     except Image.DecompressionBombError as exc:
@@ -448,10 +446,6 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     too_small = too_small_for_the_mark(w, h)
     if too_small:
         return "ERROR", f"{too_small.partition(';')[0]}, so it has none"
-    try:
-        recorded = json.loads(text[PNG_KEY]).get("watermark") if PNG_KEY in text else None
-    except (ValueError, AttributeError, RecursionError):  # parameters that are not a JSON object: none recorded
-        recorded = None
     # what the file says it carries is only believed where an unmarked image could not read as carrying it
     recorded = recorded if isinstance(recorded, str) and not watermark_payload_problem(recorded) else None
     expected = payload or recorded or wm.DEFAULT_PAYLOAD

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
-from actors.png import PNG_KEY
+from actors.png import image_parameters
 from jobs.errors import EvalError, one_line
 from manifests.reader import Unreadable, expand_manifest_paths, iter_rows
 from manifests.schema import ID_PATTERN, coerced_id
@@ -150,7 +150,7 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
             continue
         try:
             with Image.open(io.BytesIO(fs.cat_file(path))) as im:
-                drawn_for = _parameters(im).get("prompt")
+                drawn_for = image_parameters(im).get("prompt")
                 seen = analyse(np.asarray(im.convert("RGB")))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # cut short, not an image
             missing += 1
@@ -181,15 +181,6 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a read-only output: the scores are still said
             summary["not_written"] = f"{out}/eval.json cannot be written ({one_line(exc)})"
     return summary
-
-
-def _parameters(image: Image.Image) -> dict:
-    """The generation parameters a PNG carries ({} for an image without them)."""
-    try:
-        found = json.loads(getattr(image, "text", {}).get(PNG_KEY, "{}"))
-    except (ValueError, RecursionError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def _scores(rows: list[dict]) -> dict[str, float | int | None]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from actors.png import PNG_KEY
+from actors.png import image_parameters
 from jobs.console import log
 from jobs.errors import ReportError, one_line
 from jobs.outputs import is_recovered, unfinished_note, RunOutput, adapters_text, open_output
@@ -212,7 +212,7 @@ class Thumbnails:
             return name, None  # deleted since the listing: shown as missing
         try:
             with Image.open(io.BytesIO(data)) as image:
-                params = _parameters(image)
+                params = image_parameters(image)
                 size = image.size
                 image.thumbnail((self.side, self.side), Image.BILINEAR, reducing_gap=2.0)
                 thumb = image.size
@@ -223,13 +223,6 @@ class Thumbnails:
         self.out.fs.pipe_file(f"{self.folder}/{name}", buf.getvalue())  # a store that refuses stops the report
         return name, {"prompt": params.get("prompt"), "negative_prompt": params.get("negative_prompt"),
                       "size": list(size), "thumb": list(thumb)}
-
-
-def _parameters(image: Image.Image) -> dict:
-    try:
-        return json.loads(image.text.get(PNG_KEY, "{}"))
-    except (ValueError, AttributeError):
-        return {}
 
 
 # --- what changed ---------------------------------------------------------------------------------

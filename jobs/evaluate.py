@@ -33,7 +33,7 @@ from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
 from actors.png import image_parameters
 from jobs.errors import EvalError, one_line
 from manifests.reader import Unreadable, expand_manifest_paths, iter_rows
-from manifests.schema import ID_PATTERN, coerced_id
+from manifests.schema import coerced_id, is_safe_id
 
 PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) background$")
 # Fill of the bounding box by each ideal shape (jobs.synthetic draws them exactly so).
@@ -141,7 +141,7 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     for _, _, row in iter_rows(expand_manifest_paths(manifests)):
         want = None if isinstance(row, Unreadable) else intended(row)  # a damaged row group: nothing to score
         row_id = None if want is None else coerced_id(row.get("id"))  # as generate reads it (binary ids too)
-        if want is None or not isinstance(row_id, str) or not ID_PATTERN.match(row_id) or row_id in (".", ".."):
+        if want is None or not isinstance(row_id, str) or not is_safe_id(row_id):
             unscored += 1  # an id generate refuses has no image of its own to score
             continue
         path = f"{root}/images/{row_id}.png"

@@ -38,6 +38,11 @@ SchedulerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras
 SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 
 
+def is_safe_id(value: str) -> bool:
+    """Whether a row id can name its image file: 1-128 of `[A-Za-z0-9._-]`, and not `.` or `..`."""
+    return value not in (".", "..") and bool(ID_PATTERN.match(value))
+
+
 def is_adapter_name(name: str) -> bool:
     """Whether `name` is a path of safe segments inside an adapter store (`style`, `brand/style-v2`)."""
     return all(ADAPTER_NAME_SEGMENT.match(part) for part in name.split("/"))
@@ -177,7 +182,7 @@ class ManifestRow(BaseModel):
     @field_validator("id")
     @classmethod
     def _id_is_a_safe_file_name(cls, value: str) -> str:
-        if value in (".", "..") or not ID_PATTERN.match(value):
+        if not is_safe_id(value):
             raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ - (and not . or ..)")
         return value
 

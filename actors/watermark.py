@@ -2,8 +2,8 @@
 
 `dwtDctSvd` hides bits in the singular values of DCT blocks of the image's DWT band. The plain `dwtDct`
 is 4x faster but loses the mark on flat, bright images: on `tiny`'s clean shapes on a white background
-it read back only 62-70% of the bits. Both refuse images of fewer pixels than 256x256, so smaller sizes cannot carry a
-mark and generation says so instead of silently skipping it.
+it read back only 62-70% of the bits. Both refuse images of fewer pixels than 256x256, so smaller sizes
+cannot carry a mark and generation says so instead of silently skipping it.
 
 The library embeds block by block in Python (~0.1 s for a 768 px image alone, 0.3-0.4 s beside other
 threads). `embed` computes the same mark with whole-array numpy: the Haar approximation band of the U
@@ -110,16 +110,12 @@ def _votes(rgb: np.ndarray) -> np.ndarray:
     return (np.mod(top, SCALE) > SCALE * 0.5).astype(np.float64)
 
 
-def _shares(rgb: np.ndarray, num_bits: int) -> np.ndarray:
-    """For each of `num_bits` payload bits, the share of the blocks carrying it that vote 1."""
-    votes = _votes(rgb)
-    index = np.arange(len(votes)) % num_bits
-    return np.bincount(index, weights=votes, minlength=num_bits) / np.bincount(index, minlength=num_bits)
-
-
 def decode_bits(rgb: np.ndarray, num_bits: int) -> np.ndarray:
     """The payload bits the library's dwtDctSvd decoder reads from an RGB image (one vote per block)."""
-    return (_shares(rgb, num_bits) * 255 > 127).astype(np.uint8)
+    votes = _votes(rgb)
+    index = np.arange(len(votes)) % num_bits
+    share = np.bincount(index, weights=votes, minlength=num_bits) / np.bincount(index, minlength=num_bits)
+    return (share * 255 > 127).astype(np.uint8)
 
 
 def guess_payload(rgb: np.ndarray, max_bytes: int = 32, min_votes: int = 4) -> str | None:

@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        what = {"generate": "finished rows are in the ledger or, written since its last part, are recovered from their images by the rerun; rerun to continue",
+        what = {"generate": "finished rows are in the ledger or, written since its last part, are recovered from "
+                            "their images by the rerun; rerun to continue",
                 "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
                             "resume from the newest"}.get(args.command, "nothing more was done")
         print(f"sdfleet: interrupted; {what}", file=sys.stderr)
@@ -392,9 +393,9 @@ def cmd_watermark_verify(args) -> int:
         print("sdfleet watermark verify: error: --payload is empty; give the payload the images were marked with, "
               f"or leave it out to use the one recorded in each PNG (else {wm.DEFAULT_PAYLOAD!r})", file=sys.stderr)
         return EXIT_ERROR
-    if args.payload is not None and watermark_payload_problem(args.payload):
-        print(f"sdfleet watermark verify: error: --payload {args.payload!r} "
-              f"{watermark_payload_problem(args.payload)}", file=sys.stderr)
+    problem = watermark_payload_problem(args.payload) if args.payload is not None else None
+    if problem:
+        print(f"sdfleet watermark verify: error: --payload {args.payload!r} {problem}", file=sys.stderr)
         return EXIT_ERROR
     counts = dict.fromkeys(("ok", "MISSING", "OTHER", "ERROR"), 0)
     for uri in args.images:

@@ -107,8 +107,9 @@ class GenerateConfig(BaseModel):
         self.models = {"default": "tiny", **self.models}
         if self.watermark == "":
             raise ValueError("--watermark must not be empty (use --no-watermark to turn it off)")
-        if self.watermark is not None and watermark_payload_problem(self.watermark):
-            raise ValueError(f"--watermark {self.watermark!r} {watermark_payload_problem(self.watermark)}")
+        problem = watermark_payload_problem(self.watermark) if self.watermark is not None else None
+        if problem:
+            raise ValueError(f"--watermark {self.watermark!r} {problem}")
         stores = [("--out", self.out), ("--adapters", self.adapters), ("--backend-cache", self.backend_cache),
                   *(("a manifest", m) for m in self.manifests)]
         for flag, uri in stores[:3]:  # "" would be the working directory: a run would spill its folders there

@@ -144,10 +144,9 @@ class Recorder:
         """One progress line. The rate is the actors' since their first rows came back, so start-up (Ray, model
         loading) does not stretch the estimate of what is left; until a second lot is back, there is no estimate."""
         counts, finished = self.counts, sum(self.counts.values())
-        elapsed = now - self.started
-        rate = self.drawn() / elapsed if elapsed > 0 else 0.0
+        elapsed, drawn = now - self.started, self.drawn()
+        rate = drawn / elapsed if elapsed > 0 else 0.0
         left, eta = self.total - finished, ""
-        drawn = self.drawn()
         if self.first_drawn is not None and drawn > self.first_drawn[1] and now > self.first_drawn[0]:
             rate = (drawn - self.first_drawn[1]) / (now - self.first_drawn[0])
             eta = f", ~{math.ceil(left / rate)} s left" if left else ""

@@ -30,7 +30,7 @@ from PIL import Image
 from actors.png import image_parameters
 from jobs.console import log
 from jobs.errors import ReportError, one_line
-from jobs.outputs import is_recovered, unfinished_note, RunOutput, adapters_text, open_output
+from jobs.outputs import RunOutput, adapters_text, is_recovered, open_output, unfinished_note
 from manifests.ledger import atomic_write
 from manifests.stores import folder_files, is_local_fs
 
@@ -228,8 +228,8 @@ class Thumbnails:
 # --- what changed ---------------------------------------------------------------------------------
 
 def changes(out: RunOutput) -> dict[str, list[dict]]:
-    """This run's rows against their state before it: new, redrawn, fixed, now failing, still failing.
-    Rows this run skipped are unchanged and not listed."""
+    """This run's rows against their state before it: new, redrawn, fixed, now failing, still failing, and
+    recovered (an earlier, killed run drew it). Rows this run skipped are unchanged and not listed."""
     before = out.before_this_run()
     kinds: dict[str, list[dict]] = {"new": [], "redrawn": [], "fixed": [], "now failing": [], "still failing": [],
                                     "recovered": []}

@@ -75,16 +75,15 @@ def stored_at(info: dict) -> float | None:
     s3fs `LastModified`, gcsfs `updated`, memory `created`); None where the store does not say."""
     for key in ("mtime", "LastModified", "updated", "created"):
         value = info.get(key)
-        try:
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, dt.datetime):
-                return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
-            if isinstance(value, str) and value:
-                when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-                return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
-        except ValueError:
-            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str) and value:
+            try:
+                value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+        if isinstance(value, dt.datetime):
+            return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
     return None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import posixpath
 import re
@@ -291,10 +292,10 @@ def expand(
                 if len(row_id) > 128:
                     raise ExpandError(f"id {row_id!r} is over 128 characters; use shorter `sku`/`scene_id` values")
                 if row_id in made:  # `a--b` x `c` and `a` x `b--c`: fragments joined by `--` can meet
-                    raise ExpandError(f"id {row_id!r} is made twice: by {made[row_id]} and by "
-                                      f"{_origin(products_source, products, p, scenes_source, scenes, s)}; give "
-                                      "`sku`/`scene_id` values without `--` in them")
-                made[row_id] = _origin(products_source, products, p, scenes_source, scenes, s)
+                    origin = functools.partial(_origin, products_source, products, scenes_source, scenes)
+                    raise ExpandError(f"id {row_id!r} is made twice: by {origin(*made[row_id])} and by "
+                                      f"{origin(p, s)}; give `sku`/`scene_id` values without `--` in them")
+                made[row_id] = (p, s)  # named only if another row makes the same id
                 values = {**scene, **product}
                 rows.append({
                     "id": row_id,
@@ -308,7 +309,7 @@ def expand(
     return pa.Table.from_pylist(rows)
 
 
-def _origin(products_source: str, products: list, p: int, scenes_source: str, scenes: list | None, s: int) -> str:
+def _origin(products_source: str, products: list, scenes_source: str, scenes: list | None, p: int, s: int) -> str:
     said = f"{products_source} {_where(products, p)}"
     return f"{said} with {scenes_source} {_where(scenes, s)}" if scenes else said
 

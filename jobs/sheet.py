@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from jobs.errors import ReportError
 from jobs.outputs import open_output
-from manifests.stores import process_local
+from manifests.stores import gone_at_exit_reason, process_local
 
 GAP = "#dddddd"
 
@@ -35,8 +35,7 @@ def sheet_format(uri: str) -> str:
     if not uri:
         raise ReportError("-o is empty: name the sheet to write, e.g. -o sheet.png")
     if process_local(uri):
-        raise ReportError(f"-o {uri}: memory:// lives in this process only, and the sheet would be gone when it "
-                          "ends; give a path or a shared store (s3://, gs://)")
+        raise ReportError(gone_at_exit_reason("-o", uri, "the sheet"))
     fs, path = fsspec.core.url_to_fs(uri)
     if uri.endswith("/") or fs.isdir(path):
         raise ReportError(f"-o {uri} is a directory: name the sheet file to write in it, "

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
-from manifests.stores import process_local, read_parquet
+from manifests.stores import gone_at_exit_reason, process_local, read_parquet
 
 
 class ExpandError(ValueError):
@@ -199,8 +199,7 @@ def check_output(uri: str, force: bool = False) -> None:
     if not uri.lower().endswith(".parquet"):
         raise ExpandError(f"-o {quoted(uri)}: a manifest is written as Parquet; give a path or URI ending in .parquet")
     if process_local(uri):
-        raise ExpandError(f"-o {uri}: memory:// lives in this process only, and the manifest would be gone when "
-                          "it ends; give a path or a shared store (s3://, gs://)")
+        raise ExpandError(gone_at_exit_reason("-o", uri, "the manifest"))
     fs, path = fsspec.core.url_to_fs(uri)
     if fs.isdir(path):
         raise ExpandError(f"-o {uri} is a folder; give a .parquet file to write")

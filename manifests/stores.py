@@ -180,6 +180,12 @@ def unshared_reason(flag: str, uri: str) -> str:
             "(s3://, gs://)")
 
 
+def gone_at_exit_reason(flag: str, uri: str, what: str) -> str:
+    """Why a command's own output (`what`: "the sheet") cannot go to `memory://`: it ends with the command."""
+    return (f"{flag} {uri}: memory:// lives in this process only, and {what} would be gone when it ends; give a "
+            "path or a shared store (s3://, gs://)")
+
+
 def multi_node_reason(flag: str, uri: str, nodes: int, shared_flag: str) -> str:
     return (f"{flag} {uri} is a local path, and the cluster has {nodes} nodes: each would write to its own disk "
             f"and the run's output would be scattered; use an object store every node reaches (s3://, gs://), "

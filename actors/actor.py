@@ -14,7 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import fsspec
 import pyarrow as pa
 
 from actors.adapters import AdapterStore
@@ -25,6 +24,7 @@ from actors.finish import finish_rows
 from actors.models import ModelInfo, load_pipeline
 from actors import metrics
 from manifests.rows import DRAWN_SCHEMA, RESULT_SCHEMA, to_table
+from manifests.stores import url_to_fs
 
 if TYPE_CHECKING:
     from actors.backends.base import Backend
@@ -48,7 +48,7 @@ class GeneratorActor:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         self.device, self.torch_threads = device, torch_threads
         self.models = {name: ModelInfo(**info) for name, info in models.items()}
-        self.fs, self.root = fsspec.core.url_to_fs(out_uri)
+        self.fs, self.root = url_to_fs(out_uri)
         self.batch_size = batch_size  # or "auto": chosen per model and size (actors.batch_size)
         self.auto = BatchSizes(backend_cache) if batch_size == "auto" else None
         self.block = AUTO_BLOCK if batch_size == "auto" else batch_size  # the most rows one call brings

@@ -23,7 +23,7 @@ from typing import Literal
 
 import fsspec
 
-from manifests.stores import fs_protocols, is_local_fs
+from manifests.stores import url_to_fs, fs_protocols, is_local_fs
 from manifests.schema import error_line, first_few, is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -69,7 +69,7 @@ class AdapterStore:
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.fs, self.root = fsspec.core.url_to_fs(uri)
+        self.fs, self.root = url_to_fs(uri)
         self.root = self.root.rstrip("/")
         # One read serves both resolve() and the load_state_dict() that follows it.
         self._last_read: tuple[str, bytes] | None = None

@@ -22,6 +22,7 @@ from actors.png import png_bytes
 from actors import metrics
 from manifests.ledger import atomic_write, ledger_row, settled_row
 from manifests.rows import PASS_THROUGH, RESULT_SCHEMA, SETTLED, to_table
+from manifests.stores import url_to_fs
 
 # Test-only: the path of a marker file. The first finishing call that finds it missing creates it and
 # kills its own worker process, so tests can check that a dead finishing worker loses no row.
@@ -81,7 +82,7 @@ def finish_rows(rows: list[dict[str, Any]], *, fs: fsspec.AbstractFileSystem, ou
 def finish_table(batch: pa.Table, out_uri: str) -> pa.Table:
     """Ray Data entry point of the finishing stage: a table of drawn rows in, ledger rows (RESULT_SCHEMA) out."""
     _crash_once_if_asked()
-    fs, root = fsspec.core.url_to_fs(out_uri)
+    fs, root = url_to_fs(out_uri)
     return to_table(finish_rows(batch.to_pylist(), fs=fs, out_root=root), RESULT_SCHEMA)
 
 

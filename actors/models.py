@@ -16,11 +16,11 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import fsspec
 
 from actors.presets import PRESETS, build_preset, preset_fingerprint
 from actors.schedulers import scheduler_name_for
 from manifests.schema import error_line
+from manifests.stores import url_to_fs
 
 DEFAULT_STEPS = 30  # SD 2.1's usual step count, for directories that do not say
 
@@ -54,7 +54,7 @@ def backend_cache_folder(uri: str | None, folder: str):
     """(filesystem, path) of `folder` in the backend cache: under `uri` (`--backend-cache`, any fsspec URI)
     or, without one, under this machine's cache root. Each user of the cache keeps its own folder:
     `onnx/` (exports and engines), `torch-compile/`, `batch-size/`."""
-    fs, root = fsspec.core.url_to_fs(uri or str(cache_root()))
+    fs, root = url_to_fs(uri or str(cache_root()))
     return fs, f"{root.rstrip('/')}/{folder}"
 
 
@@ -82,7 +82,7 @@ def describe_model(name: str, ref: str) -> ModelInfo:
         d = PRESETS[ref]["defaults"]
         return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"], d["scheduler"])
     if _is_uri(ref):
-        fs, root = fsspec.core.url_to_fs(ref)  # a store whose package is missing: said by the CLI, with the fix
+        fs, root = url_to_fs(ref)  # a store whose package is missing: said by the CLI, with the fix
         try:
             return _describe_uri(name, ref, fs, root.rstrip("/"))
         except ModelError:
@@ -250,7 +250,7 @@ def local_copy(ref: str, fingerprint: str) -> str:
     target = cache_root() / "models" / digest
     if (target / "model_index.json").is_file():
         return str(target)
-    fs, root = fsspec.core.url_to_fs(ref)
+    fs, root = url_to_fs(ref)
     root = root.rstrip("/")
     staging = target.with_name(f".{digest}.{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)

@@ -282,11 +282,10 @@ def _say_report(done: dict) -> None:
 def cmd_sheet(args) -> int:
     import io
 
-    import fsspec
-
     from jobs.console import log
     from jobs.errors import ReportError, one_line
     from jobs.sheet import contact_sheet, sheet_format
+    from manifests.stores import url_to_fs
 
     if args.columns < 1 or not 16 <= args.thumb <= MAX_THUMB:
         print(f"sdfleet sheet: error: --columns must be at least 1 and --thumb 16 to {MAX_THUMB} px; got "
@@ -298,7 +297,9 @@ def cmd_sheet(args) -> int:
     buf = io.BytesIO()
     image.save(buf, format=image_format)
     try:
-        with fsspec.open(args.output, "wb") as f:
+        fs, path = url_to_fs(args.output)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
             f.write(buf.getvalue())
     except Exception as exc:  # noqa: BLE001 - a read-only store, a parent that is a file
         raise ReportError(f"cannot write -o {args.output}: {one_line(exc)}") from exc
@@ -412,18 +413,16 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     """(status, the rest of the line) for one image of `watermark verify`."""
     import io
 
-    import fsspec
     import numpy as np
-    from fsspec.implementations.local import LocalFileSystem
     from PIL import Image, UnidentifiedImageError
 
     from actors.png import image_parameters
     from jobs.errors import one_line
     from manifests.schema import too_small_for_the_mark, watermark_payload_problem
+    from manifests.stores import url_to_fs
 
     try:
-        # a local file is taken as it is named: fsspec reads `a::b.png` as a chain of two URLs
-        fs, path = (LocalFileSystem(), os.path.abspath(uri)) if os.path.lexists(uri) else fsspec.core.url_to_fs(uri)
+        fs, path = url_to_fs(uri)
         if fs.isdir(path):
             return "ERROR", "is a folder, not an image (give the image files, e.g. DIR/*.png)"
         if not fs.exists(path):

@@ -28,7 +28,6 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import numpy as np
@@ -37,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 from manifests.schema import first_few
-from manifests.stores import require_bucket, tree_files
+from manifests.stores import url_to_fs, require_bucket, tree_files
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
@@ -64,11 +63,11 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     min_size = resolution if min_size is None else min_size
     if not out.strip():
         raise DatasetError("-o is empty; give the folder to write the dataset into (a path or URI)")
-    out_fs, out_root = fsspec.core.url_to_fs(out)
+    out_fs, out_root = url_to_fs(out)
     out_root = out_root.rstrip("/")
     require_bucket(out_fs, out_root, "-o", out, DatasetError)
     _check_out(out_fs, out_root, out)
-    fs, root = fsspec.core.url_to_fs(images_dir)
+    fs, root = url_to_fs(images_dir)
     if not fs.isdir(root):
         raise DatasetError(f"IMAGES_DIR {images_dir} is not a folder")
     found = tree_files(fs, root)
@@ -181,7 +180,7 @@ def _caption_lookup(fs, root: str, captions: str | None):
 
     if captions is None:
         return (lambda name: from_text(fs, root, name)), []
-    cfs, croot = fsspec.core.url_to_fs(captions)
+    cfs, croot = url_to_fs(captions)
     if cfs.isdir(croot):
         return (lambda name: from_text(cfs, croot, name)), []
     if not cfs.exists(croot):

@@ -25,7 +25,6 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import cv2
-import fsspec
 import numpy as np
 from PIL import Image
 
@@ -34,6 +33,7 @@ from actors.png import image_parameters
 from jobs.errors import EvalError, one_line
 from manifests.reader import Unreadable, expand_manifest_paths, iter_rows
 from manifests.schema import coerced_id, is_safe_id
+from manifests.stores import url_to_fs
 
 PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) background$")
 # Fill of the bounding box by each ideal shape (jobs.synthetic draws them exactly so).
@@ -134,7 +134,7 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
 
 def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     """Score every row whose intent is known; returns (and writes to OUT/eval.json) the summary."""
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = url_to_fs(out)
     if not fs.isdir(f"{root}/images"):
         raise EvalError(f"--out {out} has no images/ folder (give the --out of a `sdfleet generate` run)")
     rows, unscored, missing, other = [], 0, 0, 0

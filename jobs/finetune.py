@@ -22,7 +22,6 @@ import os
 import time
 from dataclasses import asdict
 
-import fsspec
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
@@ -32,7 +31,7 @@ from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
-from manifests.stores import folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket
+from manifests.stores import url_to_fs, folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
@@ -56,7 +55,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
     rows = check_dataset(cfg.data)
     base = describe_model("base", cfg.base)
     try:
-        fs, root = fsspec.core.url_to_fs(cfg.out)
+        fs, root = url_to_fs(cfg.out)
         require_bucket(fs, root, "--out", cfg.out, FinetuneError)
         fs.makedirs(root, exist_ok=True)
     except FinetuneError:
@@ -325,7 +324,7 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
 
 def _note_upscaling(data: str, resolution: int) -> None:
     """A dataset built smaller than the training size is upscaled in every step: said once, before training."""
-    fs, root = fsspec.core.url_to_fs(data)
+    fs, root = url_to_fs(data)
     try:
         built = json.loads(fs.cat_file(f"{root.rstrip('/')}/{SUMMARY_FILE}")).get("resolution")
     except (OSError, ValueError):  # a dataset made by other means: no summary to read

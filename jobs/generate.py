@@ -22,7 +22,6 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-import fsspec
 from pydantic import BaseModel, Field, model_validator
 
 from actors.backends import BackendError, check_backend
@@ -40,7 +39,7 @@ from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledge
                               remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
-from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path,
+from manifests.stores import (url_to_fs, UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path,
                               multi_node_reason, process_local, require_bucket, stored_at, unshared_reason)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
@@ -139,7 +138,7 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
 
     # 1. the output store must be reachable and writable before anything is drawn
     try:
-        fs, root = fsspec.core.url_to_fs(cfg.out)
+        fs, root = url_to_fs(cfg.out)
         require_bucket(fs, root, "--out", cfg.out, RunFailed)
         if cfg.plan_only:  # writes nothing: reachable is enough
             fs.exists(root)
@@ -323,7 +322,7 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
 
 def _under(fs, root: str, uri: str) -> bool:
     """Whether the file `uri` lies inside the folder `root` of store `fs`."""
-    other, path = fsspec.core.url_to_fs(uri)
+    other, path = url_to_fs(uri)
     return type(other) is type(fs) and path.startswith(root.rstrip("/") + "/")
 
 

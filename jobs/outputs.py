@@ -12,11 +12,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 
 from jobs.errors import ReportError, one_line
 from manifests.ledger import ledger_parts
-from manifests.stores import UnreadableFile, folder_files, read_parquet_files
+from manifests.stores import url_to_fs, UnreadableFile, folder_files, read_parquet_files
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
 BOOKKEEPING = ("status", "uri", "sha256", "params_hash", "error", "warning", "watermark", "watermark_bits",
@@ -97,7 +96,7 @@ def adapters_text(adapters: list[dict] | None) -> str:
 
 def open_output(uri: str) -> RunOutput:
     """Read a run's output, or say in one line why it cannot be read (missing, or a run that did not finish)."""
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = url_to_fs(uri)
     root = root.rstrip("/") or root
     try:
         exists = fs.exists(root)

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import fsspec
 import pyarrow as pa
 from PIL import Image
 
@@ -30,6 +29,7 @@ from actors.png import read_parameters_from
 from manifests.reader import ManifestPart, Unreadable, read_part
 from manifests.rows import WORK_SCHEMA, to_table
 from manifests.schema import coerced_id, group_key, resolve_row, row_location, too_small_for_the_mark, validate_row
+from manifests.stores import url_to_fs
 
 
 
@@ -89,7 +89,7 @@ def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:
     """The ledger fields of `row_id`'s image if it is already the one the row would draw: a killed run wrote
     it (images are written before their ledger entry) but did not live to record it. Only the PNG's
     parameters chunk is read unless its `params_hash` matches; then the whole file, for its sha256."""
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = url_to_fs(out)
     path = f"{root.rstrip('/')}/images/{row_id}.png"
     try:
         parameters = read_parameters_from(fs, path)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import posixpath
 
-import fsspec
 from PIL import Image, ImageDraw
 
 from jobs.errors import ReportError
 from jobs.outputs import open_output
-from manifests.stores import gone_at_exit_reason, process_local
+from manifests.stores import url_to_fs, gone_at_exit_reason, process_local
 
 GAP = "#dddddd"
 
@@ -36,7 +35,7 @@ def sheet_format(uri: str) -> str:
         raise ReportError("-o is empty: name the sheet to write, e.g. -o sheet.png")
     if process_local(uri):
         raise ReportError(gone_at_exit_reason("-o", uri, "the sheet"))
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     if uri.endswith("/") or fs.isdir(path):
         raise ReportError(f"-o {uri} is a directory: name the sheet file to write in it, "
                           f"e.g. -o {uri.rstrip('/')}/sheet.png")
@@ -117,7 +116,7 @@ def comparison_sheet(runs: dict[str, str], ids: list[str], thumb: int = 96, labe
     sheet = Image.new("RGB", (label + len(ids) * thumb, len(runs) * thumb), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
     for r, (name, run_out) in enumerate(runs.items()):
-        fs, root = fsspec.core.url_to_fs(run_out)
+        fs, root = url_to_fs(run_out)
         pen.text((4, r * thumb + thumb // 2 - 6), name, fill=(0, 0, 0))
         for c, row_id in enumerate(ids):
             path = f"{root.rstrip('/')}/images/{row_id}.png"

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from manifests.stores import folder_files, read_parquet
+from manifests.stores import url_to_fs, folder_files, read_parquet
 
 DATASET_SCHEMA = pa.schema([
     ("file", pa.string()),  # path relative to IMAGES_DIR, for tracing a sample back to its source
@@ -49,7 +49,7 @@ def folder_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """The Parquet files of a dataset (a folder of parts, or one file); DatasetError, naming `flag`, if none."""
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = url_to_fs(uri)
     root = root.rstrip("/")
     if fs.isfile(root):
         files = [root]

@@ -17,13 +17,12 @@ import re
 import string
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
-from manifests.stores import gone_at_exit_reason, process_local, read_parquet
+from manifests.stores import url_to_fs, gone_at_exit_reason, process_local, read_parquet
 
 
 class ExpandError(ValueError):
@@ -56,7 +55,7 @@ def _where(rows: list[dict[str, Any]], i: int) -> str:
 def load_list(uri: str, column: str) -> ListRows:
     """Rows of a CSV, TSV, Parquet or plain-text list (one `column` value per line; lines starting with `# `
     are comments). Text is UTF-8 (with or without a byte-order mark) or UTF-16 with one."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     if not fs.exists(path):
         raise ExpandError(f"{uri} does not exist")
     if fs.isdir(path):
@@ -200,7 +199,7 @@ def check_output(uri: str, force: bool = False) -> None:
         raise ExpandError(f"-o {quoted(uri)}: a manifest is written as Parquet; give a path or URI ending in .parquet")
     if process_local(uri):
         raise ExpandError(gone_at_exit_reason("-o", uri, "the manifest"))
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     if fs.isdir(path):
         raise ExpandError(f"-o {uri} is a folder; give a .parquet file to write")
     if fs.exists(path) and not force:
@@ -314,7 +313,7 @@ def _origin(products_source: str, products: list, scenes_source: str, scenes: li
 
 
 def write_manifest(table: pa.Table, uri: str) -> None:
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     try:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import coerced_id, error_line
-from manifests.stores import is_local_fs, tree_files
+from manifests.stores import url_to_fs, is_local_fs, tree_files
 
 
 MANIFEST_READS = 16  # manifest files the driver reads at once
@@ -70,7 +70,7 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
     (LEDGER_PART): they hold no prompts."""
     uris: list[str] = []
     for given in paths:
-        fs, path = fsspec.core.url_to_fs(given)  # a store whose package is missing: said by the CLI, with the fix
+        fs, path = url_to_fs(given)  # a store whose package is missing: said by the CLI, with the fix
         try:
             found = _files(fs, path, given)
         except ManifestError:
@@ -107,7 +107,7 @@ def _uri(fs, path: str) -> str:
 
 
 def _open_parquet(uri: str) -> pq.ParquetFile:
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     try:
         pf = pq.ParquetFile(fs.open(path, "rb"))
     except (pa.ArrowInvalid, OSError) as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from typing import Iterator
 
 import fsspec
@@ -28,13 +29,35 @@ class UnreadableFile(Exception):
         self.path, self.cause, self.damaged = path, cause, damaged
 
 
+def url_to_fs(uri: str, **options):
+    """(filesystem, path) for a path or URL the user gave, as fsspec reads it, except for `::`.
+
+    fsspec reads `a::b` as a chain of URLs (`simplecache::s3://bucket/key`), so a folder named `/data/run::2`
+    became `/data/run`, silently, and a relative `out::x` failed with "Protocol not known: out". Here `::`
+    chains only where every link names a protocol (`simplecache::s3://...`, `zip://f.csv::s3://b/a.zip`);
+    anywhere else it is part of the name, on this disk or in the store the URL names."""
+    links = uri.split("::")
+    if len(links) == 1 or all(_names_protocol(link) for link in links):
+        return fsspec.core.url_to_fs(uri, **options)
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    cls = fsspec.get_filesystem_class(protocol)
+    fs = cls(**{**cls._get_kwargs_from_urls(uri), **options})
+    return fs, fs._strip_protocol(uri)
+
+
+def _names_protocol(link: str) -> bool:
+    """True for a link of an fsspec chain: a protocol's name alone (`simplecache`) or a URL (`s3://b/k`)."""
+    name = link if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", link) else fsspec.core.split_protocol(link)[0]
+    return name is not None and (name in fsspec.available_protocols() or name in fsspec.registry)
+
+
 def fs_protocols(fs) -> tuple[str, ...]:
     """A filesystem's protocol names (fsspec gives a string or a tuple)."""
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
 def protocols(uri: str) -> tuple[str, ...]:
-    return fs_protocols(fsspec.core.url_to_fs(uri)[0])
+    return fs_protocols(url_to_fs(uri)[0])
 
 
 def is_local_fs(fs) -> bool:
@@ -160,7 +183,7 @@ def process_local(uri: str) -> bool:
 
 def is_local_path(uri: str) -> bool:
     """True for a path on this machine's disk (a plain path or file://)."""
-    return is_local_fs(fsspec.core.url_to_fs(uri)[0])
+    return is_local_fs(url_to_fs(uri)[0])
 
 
 def absolute_local(uri: str) -> str:

@@ -266,6 +266,35 @@ def test_package_code_reads_parquet_files_whole_only_through_read_parquet():
     assert not callers, f"read these with manifests.stores.read_parquet: {callers}"
 
 
+@pytest.mark.parametrize("uri, protocol, path", [
+    ("/data/run::2", "file", "/data/run::2"),  # a folder's name, not a chain
+    ("file:///data/run::2", "file", "/data/run::2"),
+    ("memory://bucket/a::b", "memory", "bucket/a::b"),
+    ("simplecache::memory://bucket/x", "simplecache", "/bucket/x"),  # every link a protocol: a chain
+    ("/data/plain", "file", "/data/plain"),
+])
+def test_a_double_colon_chains_stores_only_where_every_link_names_one(uri, protocol, path):
+    from manifests.stores import fs_protocols, url_to_fs
+
+    fs, got = url_to_fs(uri)
+    assert protocol in fs_protocols(fs) and got == path
+
+
+def test_a_relative_path_with_a_double_colon_is_a_folder_here(tmp_path, monkeypatch):
+    from manifests.stores import url_to_fs
+
+    monkeypatch.chdir(tmp_path)
+    assert url_to_fs("out::x/y")[1] == f"{tmp_path}/out::x/y"  # fsspec: "Protocol not known: out"
+
+
+def test_package_code_reads_user_paths_only_through_stores_url_to_fs():
+    callers = [f"{p.relative_to(REPO)}:{n}" for package in ("actors", "cluster", "jobs", "manifests")
+               for p in (REPO / package).rglob("*.py") if p.name != "stores.py"
+               for n, line in enumerate(p.read_text().splitlines(), 1)
+               if "fsspec.core.url_to_fs(" in line or "fsspec.open(" in line or "fsspec.open_files(" in line]
+    assert not callers, f"open these with manifests.stores.url_to_fs (a `::` in a name): {callers}"
+
+
 # -- one run per output -------------------------------------------------------------------------------
 
 def _lease(out, run_id: str, heartbeat_age: float) -> None:
@@ -349,7 +378,7 @@ def mixed_run(tmp_path_factory):
     text[1]["prompt"] = "a red star on a gray background " + "and more words " * 7000
     poison = text[3]["id"]
     strings = write_manifest(tmp / "strings.parquet", text)
-    out = tmp / "out"
+    out = tmp / "out::2"  # fsspec reads `::` as a chain of URLs: this run wrote to tmp/out, silently
     _lease(out, "20261204T090000-dead00", heartbeat_age=3600)  # a run that died holding it
     proc = sdfleet("generate", str(binary), str(strings), "--out", str(out), "--batch-size", "3", "--no-watermark",
                    "--verbose", env={"SDFLEET_TEST_KILL_ACTOR_ON_ROW": poison})

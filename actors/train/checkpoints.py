@@ -11,6 +11,7 @@ import torch
 
 from actors.models import ModelInfo
 from actors.train.config import TrainConfig
+from manifests.stores import url_to_fs
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -88,12 +89,11 @@ def publish(cfg: TrainConfig, base: ModelInfo, pipe) -> None:
     """Write the result where `generate` finds it: a diffusers model at the root of --out (full),
     --out/pytorch_lora_weights.safetensors (lora) or --out/learned_embeds.safetensors (textual-inversion).
     A trained VAE goes out as a whole model, like full."""
-    import fsspec
 
     from actors.lora_io import save_lora
     from actors.textual_inversion import save_embedding
 
-    fs, root = fsspec.core.url_to_fs(cfg.out)
+    fs, root = url_to_fs(cfg.out)
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.method == "lora":
             save_lora(pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None, tmp)

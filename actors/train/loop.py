@@ -30,6 +30,7 @@ from actors.train.data import batch_tensors, encode_dataset, random_crops, sampl
 from actors.train.losses import diffusion_loss, min_snr_weights, prior_weights, training_target, vae_loss, warmup_cosine
 from actors.train.model import drawable_pipeline, latent_scale, make_trainable, shard, trainee
 from actors.train.validation import eval_loss, fixed_eval_batch, validate
+from manifests.stores import url_to_fs
 
 
 def train_loop(config: dict) -> None:
@@ -170,12 +171,11 @@ class TrainLog:
     REWRITE_SECONDS = 10.0
 
     def __init__(self, out: str, rank: int):
-        import fsspec
 
         from manifests.stores import is_local_fs
 
         self.rank = rank
-        self.fs, root = fsspec.core.url_to_fs(out)
+        self.fs, root = url_to_fs(out)
         self.path = f"{root}/train_log.jsonl"
         self.append = is_local_fs(self.fs)
         if rank == 0 and self.append:

@@ -10,11 +10,11 @@ from actors.models import ModelInfo
 from actors.train.config import TrainConfig
 from actors.train.data import batch_tensors
 from actors.train.losses import diffusion_loss, training_target
+from manifests.stores import url_to_fs
 
 
 def validation_images(cfg: TrainConfig, base: ModelInfo, pipe, step: int) -> list[str]:
     """Draw the validation prompts with the weights as they are now, through the actors' own `draw`."""
-    import fsspec
 
     from actors.finish import image_parameters
     from actors.generate import draw
@@ -34,7 +34,7 @@ def validation_images(cfg: TrainConfig, base: ModelInfo, pipe, step: int) -> lis
     images = draw(pipe, rows)  # one group: same size, steps and scheduler
     pipe.unet.train(training)
     pipe.text_encoder.train(training and cfg.train_text_encoder)
-    fs, root = fsspec.core.url_to_fs(cfg.out)
+    fs, root = url_to_fs(cfg.out)
     written = []
     for row, rgb in zip(rows, images):
         path = f"{root}/validation/step-{step:06d}/{row['id']}.png"
@@ -47,7 +47,6 @@ def roundtrip_images(cfg: TrainConfig, vae, pixels: torch.Tensor, step: int) -> 
     """vae: each fixed-batch image beside its round trip through the VAE, as one PNG per image."""
     import io
 
-    import fsspec
     from PIL import Image
 
     from manifests.ledger import atomic_write
@@ -57,7 +56,7 @@ def roundtrip_images(cfg: TrainConfig, vae, pixels: torch.Tensor, step: int) -> 
     with torch.no_grad():
         recon = vae.decode(vae.encode(pixels).latent_dist.mean).sample
     vae.train(training)
-    fs, root = fsspec.core.url_to_fs(cfg.out)
+    fs, root = url_to_fs(cfg.out)
     written = []
     for i, (a, b) in enumerate(zip(pixels, recon)):
         pair = torch.cat([a, b], dim=2).clamp(-1, 1).add(1).mul(127.5).round().byte().permute(1, 2, 0).cpu().numpy()

@@ -17,22 +17,59 @@ import pytest
 from helpers import REPO, ledger, pixels, rows, run_summary, sdfleet, write_manifest
 
 
-def _ray_processes() -> set[int]:
-    found = set()
-    for pid in os.listdir("/proc"):
+def _ray_processes_of(driver: int) -> set[int]:
+    """The Ray processes the driver started (GCS, raylet, workers), found by descent from it: other Ray runs on
+    the machine (a test beside this one, a helper's run) are not counted."""
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if b"raylet" in cmd or b"gcs_server" in cmd or b"ray::" in cmd:
-            found.add(int(pid))
+    found, frontier = set(), {driver}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
     return found
 
 
-def _kill_when(tmp_path, manifest, out, flush_seconds: str, ready) -> None:
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie, dead but not yet reaped by its new parent, counts as gone)."""
+    alive = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.add(pid)
+        except OSError:
+            continue
+    return alive
+
+
+def _ray_outlives(driver: int, stop, ray_started: bool = True) -> set[int]:
+    """Stop the driver with `stop()`, then the processes it had started that are still running a minute later.
+    `ray_started`: the driver is known to have started Ray by now (else the check would check nothing)."""
+    started = _ray_processes_of(driver)
+    if ray_started:
+        assert any(b"raylet" in _cmdline(pid) for pid in started), "found no raylet under the driver: nothing checked"
+    stop()
+    deadline = time.time() + 60
+    while _alive(started) and time.time() < deadline:
+        time.sleep(0.5)
+    return _alive(started)
+
+
+def _kill_when(tmp_path, manifest, out, flush_seconds: str, ready, ray_started: bool = True) -> None:
     """Start `generate`, wait until `ready(out)`, then kill -9 the driver and everything it started."""
-    before = _ray_processes()
     log = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out), "--batch-size", "4"],
@@ -43,12 +80,9 @@ def _kill_when(tmp_path, manifest, out, flush_seconds: str, ready) -> None:
     while time.time() < deadline and not ready(out):
         assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started in its session
-    proc.wait()
-    deadline = time.time() + 60
-    while _ray_processes() - before and time.time() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes() - before, "local Ray outlived the killed driver"
+    # the driver and everything it started in its session
+    assert not _ray_outlives(proc.pid, lambda: (os.killpg(proc.pid, signal.SIGKILL), proc.wait()), ray_started), \
+        "local Ray outlived the killed driver"
 
 
 def _parts(out) -> int:
@@ -70,7 +104,8 @@ def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_fini
     elif when == "before-any-ledger-part":  # no part within the run's life: killed once 6 images are written
         _kill_when(tmp_path, manifest, out, "600", lambda o: (o / "images").exists() and len(_images(o)) >= 6)
     else:  # killed as soon as it holds the output's lease: the rerun takes the dead run's lease over
-        _kill_when(tmp_path, manifest, out, "0", lambda o: (o / ".sdfleet-lease.json").exists())
+        # (the lease comes before Ray starts)
+        _kill_when(tmp_path, manifest, out, "0", lambda o: (o / ".sdfleet-lease.json").exists(), ray_started=False)
 
     first = ledger(out)
     recorded = {e["id"] for e in first if e["status"] == "ok"}
@@ -107,7 +142,6 @@ def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_re
     records = rows(24, steps=3)
     manifest = write_manifest(tmp_path / "m.parquet", records)
     out = tmp_path / "out"
-    before = _ray_processes()
     log = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out), "--batch-size", "4"],
@@ -119,17 +153,15 @@ def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_re
         assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
         time.sleep(0.2)
     time.sleep(1)  # the first batch's rows are back at the driver by now
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130, (tmp_path / "run1.log").read_text()[-3000:]
+    codes = []
+    outlived = _ray_outlives(proc.pid, lambda: (proc.send_signal(signal.SIGINT), codes.append(proc.wait(timeout=120))))
+    assert codes == [130], (tmp_path / "run1.log").read_text()[-3000:]
+    assert not outlived, "local Ray outlived the interrupted driver"
     said = (tmp_path / "run1.log").read_text()
     assert "interrupted; finished rows are in the ledger" in said and "Traceback" not in said, said[-3000:]
     recorded = {e["id"] for e in ledger(out) if e["status"] == "ok"}
     written = _images(out)
     assert 4 <= len(recorded) and recorded <= set(written) and len(written) < len(records), (recorded, written)
-    deadline = time.time() + 60
-    while _ray_processes() - before and time.time() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes() - before, "local Ray outlived the interrupted driver"
 
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -307,8 +307,8 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
             log(f"the cluster has no GPU yet: the actors wait for the autoscaler to add {cfg.actors} (Ctrl-C stops)")
     finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"
     finishing = size_finishing(resources, sizing, cfg.actors)
-    log(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; {cfg.actors} actor(s) on "
-        f"{sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, {sizing.torch_threads} threads each), "
+    log(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; rows to draw go to "
+        f"{cfg.actors} actor(s) on {sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, {sizing.torch_threads} threads each), "
         f"backend {cfg.backend}; images finished "
         + ("in the actors" if finish_inline else f"by {finishing.workers} CPU worker(s)"))
     try:

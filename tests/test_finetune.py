@@ -842,7 +842,7 @@ def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, t
     import time
 
     out = tmp_path / "tune"
-    argv = ["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), "--steps", "40",
+    argv = ["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), "--steps", "16",
             "--checkpoint-every", "4", "--batch-size", "2", "--resolution", RES, "--log-every", "1"]
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jobs", *argv], cwd=REPO, stdout=log, stderr=log,
@@ -856,7 +856,7 @@ def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, t
     said = (tmp_path / "run.log").read_text()
     assert f"sdfleet: interrupted; checkpoints are in {out}/checkpoints, rerun the same command to resume" in said
     assert json.loads((out / "finetune.json").read_text())["status"] == "interrupted"
-    assert "resuming" not in said and "done" not in said, said[-3000:]  # stopped well before its 40 steps
+    assert "resuming" not in said and "done" not in said, said[-3000:]  # stopped well before its 16 steps
     again = sdfleet(*argv)  # the same flags: another --steps would train the rest on another schedule (refused)
     assert again.returncode == 0 and "resuming from the checkpoint at step" in again.stderr, again.stderr[-3000:]
 

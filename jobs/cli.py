@@ -180,6 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The `sdfleet` command: `main`, then leave without the interpreter's teardown.
+
+    Once a command has said its last line and closed its files, Python's teardown can still kill the process:
+    an Arrow thread that frees a Parquet reader's Python buffer then asks a finalising interpreter for the
+    GIL, and the process aborts (exit 134, apache/arrow#49942). A run whose rows were all recorded then failed
+    its Ray job, and KubeRay drew the night again. So the command flushes what it printed and logged and
+    exits at once with its own code. An exception no handler describes still ends in a traceback."""
+    import logging
+
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+            pass
+    logging.shutdown()  # the run's log files
+    os._exit(0 if code is None else code if isinstance(code, int) else EXIT_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -528,4 +548,4 @@ def cmd_model_export(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -273,3 +273,28 @@ def test_a_report_that_cannot_be_written_or_of_a_file_is_one_line(capsys, tmp_pa
     assert code == 1 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"sdfleet: error: cannot write {output}/report/thumbs: "
                                                    "PermissionError: 501"), err
+
+
+@pytest.mark.parametrize("returned, code", [(0, 0), (2, 2), (130, 130), (None, 0)])
+def test_the_command_leaves_with_its_own_code_without_the_interpreters_teardown(monkeypatch, returned, code):
+    """The console script and `python -m jobs` end in os._exit after flushing: Python's teardown could abort a
+    finished run (an Arrow thread freeing a Parquet reader's buffer, exit 134) and fail its Ray job."""
+    import tomllib
+
+    import jobs.cli
+    from helpers import REPO
+
+    left = []
+    monkeypatch.setattr(jobs.cli, "main", lambda: returned)
+    monkeypatch.setattr(jobs.cli.os, "_exit", lambda c: left.append(c))
+    jobs.cli.run()
+    assert left == [code]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sdfleet"] == "jobs.cli:run" and "run()" in (REPO / "jobs" / "__main__.py").read_text()
+
+
+def test_a_command_run_as_a_program_says_its_last_line_and_exits_with_its_code(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", rows(3) + [{"id": "bad", "prompt": "x", "steps": 0}])
+    proc = sdfleet("manifest", "validate", str(manifest))  # stdout is a pipe: block-buffered until flushed
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "`steps` must be in 1..500" in proc.stdout and "4 rows in 1 manifest(s): 1 error(s)" in proc.stdout

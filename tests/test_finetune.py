@@ -886,3 +886,32 @@ def test_a_worker_out_of_memory_is_told_the_flags_that_need_less(cause):
     assert memory_hint(cause, one) == (" (out of memory: add --gradient-checkpointing, and a rerun resumes; or start "
                                        "again in a new --out with --fsdp, which shards the weights and optimizer "
                                        "state across the workers, or a lower --resolution)")
+
+
+def test_a_resumed_ema_follows_its_weights_onto_their_device():
+    """Checkpoint files load onto the CPU; on a GPU the weights do not, and the first ema.step after a resume
+    mixed the two. The `meta` device stands in for the GPU here: it fails the same device check."""
+    import tempfile
+
+    from diffusers.training_utils import EMAModel
+
+    from actors.train.checkpoints import load_checkpoint, save_checkpoint
+
+    def state(device: str):
+        net = torch.nn.Linear(4, 4).to(device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        return (net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                torch.amp.GradScaler("cpu", enabled=False), EMAModel(list(net.parameters()), decay=0.9))
+
+    net, optimizer, scheduler, scaler, ema = state("cpu")
+    net(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    ema.step(net.parameters())
+    with tempfile.TemporaryDirectory() as directory:
+        save_checkpoint(directory, 1, {n: p.detach() for n, p in net.named_parameters()}, optimizer.state_dict(),
+                        scheduler, scaler, ema)
+        resumed = state("meta")
+        assert load_checkpoint(directory, *resumed) == 1
+    net, ema = resumed[0], resumed[-1]
+    assert {t.device.type for t in ema.shadow_params} == {"meta"}
+    ema.step(list(net.parameters()))  # raised "Tensor on device meta is not on the expected device cpu!"

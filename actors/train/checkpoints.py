@@ -80,8 +80,11 @@ def load_checkpoint(directory: str, model, optimizer, lr_scheduler, scaler, ema,
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     scaler.load_state_dict(meta["scaler"])
     if ema is not None and "ema" in meta:
-        shadow = load_file(os.path.join(directory, "ema.safetensors"))
-        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
+        shadow = load_file(os.path.join(directory, "ema.safetensors"))  # on the CPU, as files load
+        # each average where the weight it follows lives: diffusers keeps what it is given, and the next
+        # ema.step would mix a CPU average with a GPU weight
+        ema.load_state_dict({**meta["ema"], "shadow_params": [shadow[str(i)].to(now.device)
+                                                              for i, now in enumerate(ema.shadow_params)]})
     return int(meta["step"])
 
 

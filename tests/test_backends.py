@@ -202,6 +202,10 @@ def test_check_backend_names_what_is_missing(monkeypatch):
         check_backend("onnx", "cpu")
     check_backend("eager", "cpu")
     check_backend("compile", "cpu")  # this machine has g++
+    check_backend("compile", "cuda")  # and gcc, for Triton
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(BackendError, match="on a GPU needs a C compiler .*for Triton"):
+        check_backend("compile", "cuda")
 
 
 def test_onnx_on_a_gpu_without_onnxruntime_gpu_stops_at_load():
@@ -216,6 +220,21 @@ def test_onnx_on_a_gpu_without_onnxruntime_gpu_stops_at_load():
     pipe = types.SimpleNamespace(unet=types.SimpleNamespace(device=torch.device("cuda", 0)))
     with pytest.raises(BackendError, match="needs onnxruntime-gpu .*CPUExecutionProvider.*--backend compile"):
         make_backend("onnx", pipe, None)
+
+
+def test_an_onnx_session_that_fell_back_to_the_cpu_is_refused_on_a_gpu():
+    """onnxruntime-gpu whose CUDA provider fails to start (CUDA or cuDNN libraries of another version) builds
+    a CPU session with a warning; bound to CUDA tensors, every row would fail with a data-transfer error."""
+    import types
+
+    from actors.backends.onnx import on_the_device
+
+    fell_back = types.SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
+    with pytest.raises(BackendError, match="could not start its CUDA provider.*--backend compile"):
+        on_the_device(fell_back, "cuda")
+    assert on_the_device(fell_back, "cpu") is fell_back
+    on_gpu = types.SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert on_the_device(on_gpu, "cuda") is on_gpu
 
 
 def test_fused_backends_refuse_layers_they_cannot_change(store):

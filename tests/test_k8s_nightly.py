@@ -191,7 +191,7 @@ def test_kustomize_build_applies_the_settings_everywhere(tmp_path):
     shutil.copytree(K8S, tmp_path / "k8s")
     path = tmp_path / "k8s" / "settings" / "kustomization.yaml"
     text = path.read_text()
-    changes = {"gpu-workers=4": "gpu-workers=7", '"schedule=0 2 * * *"': '"schedule=15 4 * * 1-5"',
+    changes = {"gpu-workers=4": "gpu-workers=7", '"schedule=30 3 * * *"': '"schedule=15 4 * * 1-5"',
                "catalog-out=s3://sdfleet-example/catalog/out": "catalog-out=s3://other/night",
                "cache-storage-class=standard-rwx": "cache-storage-class=efs-sc",
                "operator-namespace=kuberay-system": "operator-namespace=ops",

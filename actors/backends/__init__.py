@@ -23,6 +23,7 @@ export and its cache (`export.py`).
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 
 from typing import TYPE_CHECKING
@@ -55,6 +56,11 @@ def check_backend(name: str, device: str) -> None:
     if name == "compile" and device == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
         raise BackendError("--backend compile on CPU needs a C++ compiler (g++) for TorchInductor; install one "
                            "or use --backend eager/onnx")
+    # Triton builds its CUDA launcher with a C compiler the first time it runs (triton/runtime/build.py)
+    if name == "compile" and device == "cuda" and not any(map(shutil.which, (os.environ.get("CC") or "cc",
+                                                                            "gcc", "clang"))):
+        raise BackendError("--backend compile on a GPU needs a C compiler (gcc; or $CC) for Triton's kernels; "
+                           "install one in the image or use --backend eager")
     if name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         raise BackendError("--backend onnx needs onnxruntime (pip install onnxruntime, or onnxruntime-gpu on GPUs)")
     if name == "tensorrt":

@@ -27,6 +27,18 @@ from actors.lora_map import Layers, switch_updates
 from manifests.schema import error_line
 
 
+def on_the_device(session, device: str):
+    """`session`, if it runs where the tensors bound to it live. When the CUDA provider fails to start (its CUDA
+    or cuDNN libraries missing, or of another version than onnxruntime-gpu was built for), ONNX Runtime only
+    prints a warning and builds a CPU session; CUDA tensors bound to that fail every row with a data-transfer
+    error that does not say why."""
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise BackendError("ONNX Runtime could not start its CUDA provider on this node (the CUDA and cuDNN "
+                           "libraries onnxruntime-gpu was built for are missing or of another version; its log "
+                           "says which), so it would run on the CPU; fix the libraries, or use --backend compile")
+    return session
+
+
 class OnnxBackend(GraphBackend):
     """ONNX Runtime sessions in place of the UNet, text encoder and VAE decoder; LoRAs as weight inputs."""
 
@@ -92,10 +104,11 @@ class OnnxBackend(GraphBackend):
             providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda"
                          else ["CPUExecutionProvider"])
             try:
-                self.sessions[key] = self.ort.InferenceSession(str(path), options, providers=providers)
+                session = self.ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:  # noqa: BLE001 - a broken cache entry or a provider that is missing
                 raise BackendError(f"ONNX Runtime cannot load {path} ({error_line(exc)}); delete that "
                                    "folder to export again") from exc
+            self.sessions[key] = on_the_device(session, self.device.type)
         return self.sessions[key]
 
     def _graph(self, component: str, size, batched: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,8 @@ class GeneratorActor:
             if self.backend is not None:
                 self.swaps_before = (self.swaps_before[0] + self.backend.swaps,
                                      self.swaps_before[1] + self.backend.swap_seconds)
-            self._loaded, self.backend = None, None  # free the old pipeline before loading the next
+            self._loaded, self.backend = None, None  # free the old pipeline before loading the next ...
+            self._free_memory()  # ... now: the graph backends hold it in reference cycles
             info = self.models[name]
             pipe = load_pipeline(info, self.device, self.dtype)
             self.backend = make_backend(self.backend_name, pipe, self.store, cache_uri=self.backend_cache,
@@ -101,6 +102,19 @@ class GeneratorActor:
                                         compile_mode=self.compile_mode)
             self._loaded = (name, pipe)
         return self.backend
+
+    def _free_memory(self) -> None:
+        """Free what nothing refers to any more. The compile, onnx and tensorrt backends and their pipeline
+        refer to each other (the pipeline's forward is the backend's, hooks hold the backend), so a dropped
+        backend waits for Python's cycle collector, which GPU memory pressure never calls: the old model's
+        weights, graphs and sessions stayed on the GPU beside the next model."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def ready_for(self, row: dict[str, Any]):
         """The pipeline for `row`'s model with exactly `row`'s adapters active (none: the base model)."""

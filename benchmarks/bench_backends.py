@@ -27,6 +27,7 @@ Prints a table and writes bench.json to --out (default: a temporary folder).
 from __future__ import annotations
 
 import argparse
+import gc
 import datetime as dt
 import json
 import os
@@ -128,6 +129,7 @@ def measure(name: str, args, store) -> dict:
     device = torch.device(args.device)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gc.collect()  # the previous variant's backend and pipeline refer to each other: freed by a collection only
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

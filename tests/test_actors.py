@@ -354,3 +354,25 @@ def test_model_over_http_is_copied_file_by_file_and_a_failed_copy_leaves_no_fold
     with pytest.raises(ModelError, match=f"model {url}/broken could not be copied from its store"):
         load_pipeline(info)
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [cached.name]
+
+
+def test_an_actor_that_switches_models_frees_the_old_one_at_once(tmp_path, monkeypatch):
+    """The compile backend and its pipeline refer to each other; without a collection the old model's weights
+    (on a GPU: its graphs too) stayed in memory beside the next one until Python's cycle collector ran."""
+    import dataclasses
+    import gc
+    import weakref
+
+    from actors.actor import GeneratorActor
+    from actors.models import describe_model
+
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    models = {name: dataclasses.asdict(describe_model(name, "tiny")) for name in ("a", "b")}
+    actor = GeneratorActor(models, str(tmp_path / "out"), 2, torch_threads=1, backend="compile")
+    old = weakref.ref(actor._loaded[1].vae)
+    gc.disable()  # as between collections
+    try:
+        actor._torch.submit(actor.pipeline, "b").result()
+        assert old() is None, "model a is still held after the switch to b"
+    finally:
+        gc.enable()

@@ -154,8 +154,10 @@ def test_switch_updates_restore_what_only_the_old_set_touched_exactly():
 # -- choosing a backend -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows", [1, 2, 63, 64, 65, 130])
-def test_graphs_run_in_chunks_they_take_and_every_row_lands_in_place(rows):
-    """Exported graphs take 2..63 rows: bigger batches split, a single row is doubled and cut back."""
+@pytest.mark.parametrize("most", [None, 16])
+def test_graphs_run_in_chunks_they_take_and_every_row_lands_in_place(rows, most):
+    """Exported graphs take 2..63 rows (a TensorRT engine up to its profile's end, `most`): bigger batches
+    split, a single row is doubled and cut back."""
     from actors.backends.export import MAX_BATCH, run_in_chunks
 
     x = torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3)
@@ -167,9 +169,10 @@ def test_graphs_run_in_chunks_they_take_and_every_row_lands_in_place(rows):
         target.copy_(chunk["x"] * 2)
         return target
 
-    out = run_in_chunks({"x": x}, torch.empty_like(x), run)
+    limit = most or MAX_BATCH
+    out = run_in_chunks({"x": x}, torch.empty_like(x), run, **({"most": most} if most else {}))
     assert torch.equal(out, x * 2)
-    assert all(2 <= n <= MAX_BATCH for n in sizes) and sum(sizes) == rows + (rows % MAX_BATCH == 1)
+    assert all(2 <= n <= limit for n in sizes) and sum(sizes) == rows + (rows % limit == 1)
 
 
 def test_compile_copies_the_unet_output_out_of_cuda_graph_memory():

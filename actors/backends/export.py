@@ -166,12 +166,13 @@ def _fetch(fs, remote: str, folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_in_chunks(batched: dict[str, torch.Tensor], out: torch.Tensor, run) -> torch.Tensor:
+def run_in_chunks(batched: dict[str, torch.Tensor], out: torch.Tensor, run, most: int = MAX_BATCH) -> torch.Tensor:
     """Fill `out` by calling `run(chunk, target)` over the batch in the chunks an exported graph takes:
-    2..MAX_BATCH rows (diffusers' Upsample2D branches at 64), a single row doubled and cut back."""
-    total = out.shape[0]
-    for start in range(0, total, MAX_BATCH):
-        stop = min(start + MAX_BATCH, total)
+    2..`most` rows (at most MAX_BATCH: diffusers' Upsample2D branches at 64), a single row doubled and cut
+    back."""
+    total, most = out.shape[0], max(2, min(most, MAX_BATCH))
+    for start in range(0, total, most):
+        stop = min(start + most, total)
         chunk = {k: v[start:stop] for k, v in batched.items()}
         if stop - start == 1:
             chunk = {k: v.expand(2, *v.shape[1:]) for k, v in chunk.items()}

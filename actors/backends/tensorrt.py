@@ -58,7 +58,11 @@ class TensorRTBackend(GraphBackend):
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.cache = ExportCache(cache_uri)
         self.fingerprint = fingerprint or "unnamed"
-        self.opt_batch = min(2 * max_batch, MAX_BATCH)  # classifier-free guidance doubles the rows
+        # The most rows an engine takes: classifier-free guidance doubles a batch for the UNet. A context
+        # holds device memory for its profile's largest shapes, so the profile ends there, not at MAX_BATCH
+        # (SD 2.1's VAE decoder at 768 px needs ~1.1 GB per image in fp16: 63 would not fit beside the model);
+        # larger calls run in chunks.
+        self.opt_batch = max(2, min(2 * max_batch, MAX_BATCH))
         self.layers = adaptable_layers(pipe)
         self.base = {n: m.weight.detach().clone() for n, m in self.layers.items()}
         self.adapters = FixedAdapters(pipe, store, set(self.layers)) if store is not None else None
@@ -77,7 +81,7 @@ class TensorRTBackend(GraphBackend):
             trt = self.trt
             arch = "sm%d%d" % torch.cuda.get_device_capability(self.pipe.unet.device)
             onnx_key = export_key(self.fingerprint, component, size, self.pipe.unet.dtype)
-            engine_key = f"trt-{trt.__version__}-{arch}-{onnx_key}"
+            engine_key = f"trt-{trt.__version__}-{arch}-b{self.opt_batch}-{onnx_key}"
             onnx_path = self.cache.get(onnx_key, lambda path: export_component(self.pipe, component, path, size))
             plan = self.cache.get(engine_key, lambda path: self._build(component, onnx_path, path), "engine.plan")
             runtime = trt.Runtime(self.logger)
@@ -116,7 +120,7 @@ class TensorRTBackend(GraphBackend):
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
             shape = list(tensor.shape)
-            low, opt, high = ([b] + shape[1:] for b in (2, self.opt_batch, MAX_BATCH))
+            low, opt, high = ([b] + shape[1:] for b in (2, self.opt_batch, self.opt_batch))
             profile.set_shape(tensor.name, low, opt, high)
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
@@ -178,7 +182,7 @@ class TensorRTBackend(GraphBackend):
                 raise BackendError(f"TensorRT failed to run the {component} engine")
             return target
 
-        return run_in_chunks(batched, out, run)
+        return run_in_chunks(batched, out, run, most=self.opt_batch)
 
     def stats(self) -> dict:
         return {**super().stats(), "builds": self.builds, "refits": self.refits, "engines": len(self.engines)}

@@ -4,7 +4,8 @@ The first time an actor meets a model at an image size, it draws a few short bat
 (`CANDIDATES`, up to the block the driver hands it), each timed after one untimed call (compiles and
 cuDNN's algorithm search happen there), and keeps the size with the most images per second. A batch that
 fails (out of GPU memory, from torch, ONNX Runtime or TensorRT) ends the search. The choice is written to the
-backend cache, keyed by model, backend, device, dtype and size, so other actors, nodes and later runs read it
+backend cache, keyed by model, backend, device (and its memory), dtype, size and whether rows are guided
+(guidance draws each row twice), so other actors, nodes and later runs read it
 instead of measuring.
 
 Images do not depend on the batch a row is drawn in (every row has its own generator), so the choice
@@ -28,14 +29,24 @@ FLAT = 0.97  # stop once a larger batch measures below this share of the best: b
 VERSION = 1
 
 
-def probe_key(fingerprint: str, backend: str, device: torch.device, dtype: torch.dtype, width: int, height: int) -> str:
+def probe_key(fingerprint: str, backend: str, device: torch.device, dtype: torch.dtype, width: int, height: int,
+              guided: bool = True) -> str:
+    """The cache key of a choice. A GPU is named with its memory (a MIG slice or a smaller card of the same
+    name holds fewer rows); `guided`: classifier-free guidance draws each row twice, so the same batch needs
+    twice the memory of an unguided one (guidance_scale <= 1)."""
     import torch
 
     from actors.models import cache_key, hardware_name
 
-    return cache_key({"model": fingerprint, "backend": backend, "device": hardware_name(device), "dtype": str(dtype),
-                      "size": [width, height], "torch": torch.__version__, "candidates": CANDIDATES,
-                      "steps": PROBE_STEPS, "version": VERSION})
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return cache_key({"model": fingerprint, "backend": backend, "device": hardware_name(device), "memory": memory,
+                      "dtype": str(dtype), "size": [width, height], "guided": guided, "torch": torch.__version__,
+                      "candidates": CANDIDATES, "steps": PROBE_STEPS, "version": VERSION})
+
+
+def is_guided(row: dict) -> bool:
+    """Whether diffusers draws `row` with classifier-free guidance (the UNet runs on twice the rows)."""
+    return float(row.get("guidance_scale") or 0) > 1
 
 
 def measure(draw: Callable[[list[dict]], Any], row: dict, device: torch.device, limit: int) -> tuple[int, dict[int, float]]:
@@ -82,7 +93,8 @@ class BatchSizes:
         self.probed: dict[str, dict[int, float]] = {}
 
     def get(self, row: dict, fingerprint: str, backend: str, pipe_for: Callable[[dict], Any]) -> int:
-        label = f"{row['model']} {row['width']}x{row['height']}"
+        guided = is_guided(row)
+        label = f"{row['model']} {row['width']}x{row['height']}" + ("" if guided else " unguided")
         if label in self.chosen:
             return self.chosen[label]
         base = {**row, "adapters": []}  # measured on the base model: a row's bad adapter is its own error
@@ -91,7 +103,8 @@ class BatchSizes:
         except Exception:  # noqa: BLE001 - the model does not load: drawing the rows will say why, row by row
             return self.limit
         device, dtype = pipe.unet.device, pipe.unet.dtype
-        path = f"{self.folder}/{probe_key(fingerprint, backend, device, dtype, row['width'], row['height'])}.json"
+        key = probe_key(fingerprint, backend, device, dtype, row["width"], row["height"], guided)
+        path = f"{self.folder}/{key}.json"
         try:
             self.chosen[label] = min(int(json.loads(self.fs.cat_file(path))["batch_size"]), self.limit)
             return self.chosen[label]

@@ -14,7 +14,8 @@ from actors.batch_size import BatchSizes, measure
 from helpers import (assert_same_pixels, new_store, pixels, resolved_row, run_summary, sdfleet, tiny_work_row,
                      write_manifest)
 
-ROW = {"id": "x", "model": "default", "prompt": "a mug", "width": 64, "height": 64, "steps": 30, "seed": 0}
+ROW = {"id": "x", "model": "default", "prompt": "a mug", "width": 64, "height": 64, "steps": 30, "seed": 0,
+       "guidance_scale": 7.5}
 
 
 class FakeDevice:
@@ -68,6 +69,11 @@ def test_the_choice_is_kept_in_the_backend_cache_and_read_back_without_measuring
     assert other_actor.probed == {}
     # another size, model or backend is measured on its own
     assert other_actor.get({**ROW, "width": 128}, "fp-1", "eager", lambda row: pipe) == 4 and len(device.calls) > calls
+    # and so are rows without guidance: the UNet runs on half the rows of a guided batch
+    calls = len(device.calls)
+    assert other_actor.get({**ROW, "guidance_scale": 1.0}, "fp-1", "eager", lambda row: pipe) == 4
+    assert len(device.calls) > calls and "default 64x64 unguided" in other_actor.chosen
+    assert len(list((tmp_path / "cache" / "batch-size").iterdir())) == 3
 
 
 def test_a_probe_that_fails_takes_the_whole_block_records_nothing_and_is_not_repeated(monkeypatch, tmp_path):

@@ -17,7 +17,7 @@ from actors.models import ModelError, describe_model, export_preset, load_pipeli
 from actors.presets import PRESETS, TOKENIZER_DIR, build_preset
 from actors.schedulers import SCHEDULERS, make_scheduler, scheduler_name_for
 from actors.tokenizer import WORDS, build_vocab_and_merges, load_tokenizer
-from cluster.connect import ClusterError, size_actors
+from cluster.connect import READ_CPU_RESERVE, ClusterError, size_actors
 from manifests.schema import SCHEDULER_NAMES, ManifestRow, resolve_row
 
 
@@ -253,6 +253,18 @@ def test_actor_sizing_leaves_room_for_ray_data():
     assert size_actors(8, {"CPU": 4}, device="cuda").num_gpus == 1  # autoscaling: GPUs appear on demand
     with pytest.raises(ClusterError):
         size_actors(0, {"CPU": 2})
+
+
+def test_finishing_is_sized_from_the_cpus_the_actors_leave_or_for_gpu_nodes_still_to_come():
+    from cluster.connect import FINISH_PER_GPU_ACTOR, size_finishing
+
+    cpu_only = size_finishing({"CPU": 2}, size_actors(1, {"CPU": 2}), 1)
+    assert (cpu_only.num_cpus, cpu_only.workers) == (0, 1)  # the actor holds the cores: one task, reserving none
+    scaled = size_finishing({"CPU": 32, "GPU": 4}, size_actors(4, {"CPU": 32, "GPU": 4}), 4)
+    assert scaled.num_cpus == 1 and scaled.workers == int(32 - 4 - READ_CPU_RESERVE)
+    # scaling from zero: only a 0-CPU head shows, and the GPU nodes' CPUs are still to come
+    waiting = size_finishing({"CPU": 0}, size_actors(4, {"CPU": 0}, device="cuda"), 4)
+    assert (waiting.num_cpus, waiting.workers) == (1, FINISH_PER_GPU_ACTOR * 4)  # was one task of 0 CPUs, on the head
 
 
 @pytest.mark.gpu

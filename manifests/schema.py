@@ -233,15 +233,28 @@ class ManifestRow(BaseModel):
 FIELDS = tuple(ManifestRow.model_fields)
 
 
-def look_alike_columns(columns) -> dict[str, str]:
-    """Columns that are no field but read as one once case, spaces and `-` are set aside (`Seed`, `steps `,
-    `negative-prompt`), each with the field it looks like: such a column passes through as an extra column and
-    the field is missing from every row, which is seldom what its author meant."""
-    def key(name: str) -> str:
-        return re.sub(r"[\s_-]+", "_", name.strip().lower())
+# Names other tools give the fields (diffusers' arguments, AUTOMATIC1111's parameters, short forms), as
+# look_alike_columns spells them: lower case, no separators.
+FIELD_ALIASES = {
+    "prompts": "prompt", "positiveprompt": "prompt",
+    "negative": "negative_prompt", "negprompt": "negative_prompt", "negativeprompts": "negative_prompt",
+    "seeds": "seed", "numinferencesteps": "steps", "numsteps": "steps", "samplingsteps": "steps",
+    "cfg": "guidance_scale", "cfgscale": "guidance_scale", "guidance": "guidance_scale",
+    "sampler": "scheduler", "samplername": "scheduler", "lora": "adapters", "loras": "adapters",
+}
 
-    fields = {key(f): f for f in FIELDS}
-    return {c: fields[key(c)] for c in columns if c not in FIELDS and key(c) in fields}
+
+def look_alike_columns(columns) -> dict[str, str]:
+    """Columns that are no field but read as one, each with the field it looks like: the same once case,
+    spaces, `_` and `-` are set aside (`Seed`, `steps `, `negative-prompt`, `GuidanceScale`), or another
+    tool's name for it (`negative`, `cfg_scale`, `num_inference_steps`, `sampler`). Such a column passes
+    through as an extra column and the field is missing from every row, which is seldom what its author
+    meant: a renamed `negative_prompt` column redraws a whole catalogue without its negative prompts."""
+    def key(name: str) -> str:
+        return re.sub(r"[\s_-]+", "", name.strip().lower())
+
+    known = {**FIELD_ALIASES, **{key(f): f for f in FIELDS}}
+    return {c: known[key(c)] for c in columns if c not in FIELDS and key(c) in known}
 
 
 def look_alike_warning(source: str, column: str, field: str) -> str:

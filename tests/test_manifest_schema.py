@@ -388,3 +388,13 @@ def test_a_cut_inside_an_emoji_names_the_whole_emoji(tokenizer):
     prompt = "a red star on a gray background " * 10 + "red star 🚀🚀 rocket launch"
     warning = prompt_overflow(tokenizer, prompt)
     assert warning is not None and "\ufffd" not in warning and "'🚀🚀 rocket launch'" in warning, warning
+
+
+def test_columns_named_as_other_tools_name_the_fields_are_told_apart_from_pass_through_columns():
+    from manifests.schema import look_alike_columns
+
+    found = look_alike_columns(["negative", "NegativePrompt", "cfg_scale", "num_inference_steps", "Sampler",
+                                "LoRA", "sku", "scale", "caption", "prompt", "seed"])
+    assert found == {"negative": "negative_prompt", "NegativePrompt": "negative_prompt",
+                     "cfg_scale": "guidance_scale", "num_inference_steps": "steps", "Sampler": "scheduler",
+                     "LoRA": "adapters"}

@@ -330,9 +330,14 @@ def cmd_sheet(args) -> int:
 def _rows_exit(cfg, summary: dict) -> int:
     if not (summary["failed"] or summary["invalid"]):
         return EXIT_OK
-    if cfg.rows_may_fail:
-        from jobs.console import log
+    from jobs.console import log
 
+    if summary["failed"] + summary["invalid"] == summary["rows"]:  # not one row of the run can be used
+        log(f"exit 2: every row failed or is invalid ({summary['failed']} failed, {summary['invalid']} invalid)"
+            + (", which --rows-may-fail does not cover: a whole manifest gone wrong (every id twice, a model that "
+               "draws nothing) is not a partial run" if cfg.rows_may_fail else ""))
+        return EXIT_ROWS
+    if cfg.rows_may_fail:
         log(f"exit 0 although {summary['failed']} rows failed and {summary['invalid']} are invalid (--rows-may-fail); "
             "they are in the ledger and run.json")
         return EXIT_OK

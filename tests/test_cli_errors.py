@@ -298,3 +298,21 @@ def test_a_command_run_as_a_program_says_its_last_line_and_exits_with_its_code(t
     proc = sdfleet("manifest", "validate", str(manifest))  # stdout is a pipe: block-buffered until flushed
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "`steps` must be in 1..500" in proc.stdout and "4 rows in 1 manifest(s): 1 error(s)" in proc.stdout
+
+
+@pytest.mark.parametrize("counts, may_fail, code", [
+    ({"failed": 0, "invalid": 0}, False, 0),
+    ({"failed": 1, "invalid": 1}, False, 2),
+    ({"failed": 1, "invalid": 1}, True, 0),  # a partial run, as the RayJobs allow
+    ({"failed": 0, "invalid": 4}, True, 2),  # every row unusable: a manifest gone wrong, not a partial run
+    ({"failed": 4, "invalid": 0}, True, 2),
+])
+def test_rows_may_fail_covers_a_partial_run_not_one_where_every_row_went_wrong(capsys, counts, may_fail, code):
+    from types import SimpleNamespace
+
+    from jobs.cli import _rows_exit
+
+    assert _rows_exit(SimpleNamespace(rows_may_fail=may_fail), {"rows": 4, **counts}) == code
+    err = capsys.readouterr().err
+    if code == 2 and may_fail:
+        assert "every row failed or is invalid" in err and "--rows-may-fail does not cover" in err

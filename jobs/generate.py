@@ -170,7 +170,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
             log(f"warning: {look_alike_warning(uri, column, field)}")
     duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
     clashes = case_clashes(manifests.id_counts, fs, root)
-    manifests.id_counts = None  # one entry per row: let it go before the run
+    asked, manifests.id_counts = manifests.id_counts, None  # one entry per row: gone before the run (below)
 
     # 3. models and adapters: defaults and fingerprints, from configs and file hashes only
     # rows may name a preset without a --model for it, as `manifest validate` allows (a --model NAME wins)
@@ -191,6 +191,12 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                             "rerun: the rows it recorded are drawn again") from exc
         raise RunFailed(f"cannot read the ledger from {fs.unstrip_protocol(root)}/results: {exc.path}: "
                         f"{one_line(exc.cause)}; nothing was drawn, rerun once the store answers") from exc
+    # images of rows no manifest asks for any more (a product dropped from the catalogue): kept, and counted
+    not_asked = sum(1 for rid in done if rid not in asked)
+    del asked
+    if not_asked:
+        log(f"{not_asked} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): kept; "
+            "run.json counts them (not_in_manifests) and the report lists them")
     if cfg.report and cfg.report_group_by:
         _check_report_group_by(cfg.report_group_by, manifests.columns, fs, root)
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
@@ -202,6 +208,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
             log(f"{len(changed)} image(s) written after their ledger entry (another run, a copy, an edit): each is "
                 "checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
+    manifests.not_in_manifests = not_asked
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
@@ -422,6 +429,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         **results.counts,
         "wall_seconds": round(wall, 3),
         "recovered": results.recovered,
+        "not_in_manifests": manifests.not_in_manifests,
         # images drawn in this run: recovered ones were drawn by an earlier run
         "images_per_second": round(results.drawn() / wall, 4) if wall > 0 else 0.0,
         "actors": cfg.actors,

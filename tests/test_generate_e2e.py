@@ -90,17 +90,18 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning: no report: --report-group-by 'nope': the ledger of" in proc.stderr
     summary = run_summary(out)
-    assert (summary["ok"], summary["skipped"]) == (0, 64)
+    assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (0, 64, 0)
     assert len(ledger(out)) == before, "a skipped row adds no ledger entry"
 
-    changed = [dict(r) for r in run64["records"]]
+    changed = [dict(r) for r in run64["records"]][:-1]  # and the last row dropped from the manifest
     changed[10]["prompt"] += ", studio lighting"
     manifest = write_manifest(tmp_path / "changed.parquet", changed)
     untouched = (out / "images" / f"{changed[11]['id']}.png").stat().st_mtime_ns
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "1", "--no-watermark", "--report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = run_summary(out)
-    assert (summary["ok"], summary["skipped"]) == (1, 63)
+    assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (1, 62, 1)
+    assert "1 image(s) in --out are of rows no manifest of this run asks for" in proc.stderr
     page = (out / "report" / "index.html").read_text()  # the nightly's page: one row redrawn, 64 shown
     assert "<summary>1 redrawn</summary>" in page and "<summary>0 new</summary>" in page
     assert page.count("<figure class='tile ok'") == 64
@@ -114,7 +115,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     for flags in (["--no-watermark", "--force"], ["--watermark", "acme"]):
         proc = sdfleet("generate", str(manifest), "--out", str(out), "--plan-only", *flags)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "of 64 rows 64 would be drawn, 0 are done" in proc.stderr, (flags, proc.stderr[-2000:])
+        assert "of 63 rows 63 would be drawn, 0 are done" in proc.stderr, (flags, proc.stderr[-2000:])
 
     # images written after their ledger entry no longer count as done on the entry's word: one replaced by
     # another row's image (a killed run that drew the row another way looks the same), one cut short, one only
@@ -127,7 +128,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--plan-only", "--no-watermark")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 image(s) written after their ledger entry" in proc.stderr, proc.stderr[-2000:]
-    assert "of 64 rows 2 would be drawn, 61 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
+    assert "of 63 rows 2 would be drawn, 60 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks the open issues owe, for the lent GPU machine (../shared/GPU.md): carry ["gpu-carry"]
 # (made by ../shared/tools/gpu-bundle.sh) and run
-#     bash benchmarks/gpu_checks.sh                    # first call: generate, backends (~540 s)
+#     bash benchmarks/gpu_checks.sh                    # first call: parity, generate, backends (~580 s)
 #     bash benchmarks/gpu_checks.sh startup tests      # a second call, if device time is left (~520 s)
 # Steps run in the order given, each under its own timeout, writing under $OUT (default ./gpu-out); a step
 # that fails or times out does not stop the next. The benches print each figure as it is measured, so a
 # step cut short by its timeout still leaves what it measured in $OUT/<step>.txt.
+#   parity    does a row draw the same pixels alone and in a batch of 8 in fp16 (tiny, 256 px; ~40 s)?
 #   generate  issue 29: `sdfleet generate` (finishing stage, the GPU default) against a plain diffusers loop,
 #             the 2026-12-04 run again: sd21-random, 768 px, 30 steps, 48 rows, batch 8 (~190 s)
 #   backends  issue 32: eager against compile and each compile setting left out, a rank-8 LoRA active and
@@ -36,9 +37,10 @@ step() {  # step NAME SECONDS COMMAND...
 
 BACKENDS=(python3 -m benchmarks.bench_backends --preset sd21-random --device cuda --dtype fp16 --size 768 --steps 30
           --batch-size 4)
-for what in "${@:-generate backends}"; do
+for what in "${@:-parity generate backends}"; do
   for name in $what; do
     case $name in
+      parity)   step parity 60 python3 -m benchmarks.bench_batch_parity --device cuda --dtype fp16 --out "$OUT/parity.json" ;;
       generate) step generate 230 python3 -m benchmarks.bench_generate --preset sd21-random --size 768 --steps 30 \
                   --images 48 --device cuda --no-seed-style --finish stage --out "$OUT/generate" ;;
       backends) step backends 300 "${BACKENDS[@]}" --batches 2 --swaps 5 \
@@ -46,7 +48,7 @@ for what in "${@:-generate backends}"; do
       startup)  step startup 240 "${BACKENDS[@]}" --batches 1 --swaps 0 --backends eager,compile --startup \
                   --out "$OUT/startup" ;;
       tests)    step tests 280 python3 -m pytest -q -m gpu -p no:cacheprovider tests ;;
-      *) echo "unknown step $name (generate, backends, startup, tests)"; exit 2 ;;
+      *) echo "unknown step $name (parity, generate, backends, startup, tests)"; exit 2 ;;
     esac
   done
 done

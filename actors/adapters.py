@@ -242,13 +242,35 @@ def _fingerprint(data: bytes) -> str:
 
 
 def _parse(name: str, data: bytes):
-    """Tensors from safetensors bytes; any parse failure is a corrupt file."""
+    """Tensors from safetensors bytes; any parse failure is a corrupt file. A LoRA saved by diffusers or peft
+    keeps its alphas in the file's metadata, which `safetensors.torch.load` drops: the tensors then come with
+    it (`actors.lora_map.LoraTensors`)."""
     from safetensors.torch import load
 
+    from actors.lora_map import LoraTensors
+
     try:
-        return load(data)
+        tensors = load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
+    metadata = _lora_metadata(name, data)
+    return LoraTensors(tensors, metadata) if metadata else tensors
+
+
+def _lora_metadata(name: str, data: bytes) -> dict | None:
+    """The `lora_adapter_metadata` entry of a safetensors file's `__metadata__` (diffusers' LoRA settings), if any.
+    The header is JSON after its 8-byte little-endian length; `load` has checked it already."""
+    size = int.from_bytes(data[:8], "little")
+    raw = (json.loads(data[8:8 + size]).get("__metadata__") or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        found = json.loads(raw)
+    except ValueError as exc:
+        raise AdapterError(name, f"has lora_adapter_metadata that is not JSON ({error_line(exc)})") from exc
+    if not isinstance(found, dict):
+        raise AdapterError(name, "has lora_adapter_metadata that is not a JSON object")
+    return found
 
 
 def _header(name: str, data: bytes) -> dict[str, tuple[str, list[int]]]:

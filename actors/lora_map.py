@@ -24,9 +24,20 @@ import torch
 
 from manifests.schema import error_line
 
+UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.")
 LORA_MATRIX = re.compile(r"^(?P<path>.+)\.lora_(?P<role>[AB])\.weight$")
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "unet.<path>" -> (A, B), alpha / rank folded into B
+
+
+class LoraTensors(dict):
+    """A LoRA file's tensors with the adapter settings diffusers and peft save beside them: the `__metadata__`
+    entry `lora_adapter_metadata` (`unet.r`, `unet.lora_alpha`, `unet.alpha_pattern`, `unet.use_rslora`, ...),
+    which is where such a file keeps its alphas."""
+
+    def __init__(self, tensors: dict, lora_metadata: dict):
+        super().__init__(tensors)
+        self.lora_metadata = lora_metadata
 
 
 class LoraMapError(ValueError):
@@ -47,7 +58,20 @@ def lora_layers(pipe, state_dict) -> Layers:
         convert_unet_state_dict_to_peft,
     )
 
+    metadata = getattr(state_dict, "lora_metadata", None) or {}
+    if metadata and state_dict and all(k.startswith(UNET_ROOTS) for k in state_dict):
+        # `unet.save_lora_adapter` writes the UNet's own module paths, and its settings, without `unet.` (the
+        # same keys without settings say nothing of their alphas: refused below, as diffusers ignores them)
+        state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
+        metadata = {k if k.startswith(("unet.", "text_encoder.")) else f"unet.{k}": v for k, v in metadata.items()}
+    peft_saved = next((k for k in state_dict if k.startswith("base_model.model.")), None)
+    if peft_saved is not None:  # its alphas are in adapter_config.json beside it: drawn without, at another strength
+        raise LoraMapError(f"is a peft `save_pretrained` adapter ({peft_saved!r}), whose alphas are in its "
+                           "adapter_config.json, not in the file; save it with diffusers' "
+                           "`StableDiffusionPipeline.save_lora_weights` (or `get_peft_model_state_dict` with the "
+                           "`unet.` prefix and the adapter's metadata)")
     dora = next((k for k in state_dict if "dora_scale" in k or "lora_magnitude_vector" in k), None)
+    dora = dora or next((f"{k}: true" for k, v in metadata.items() if k.endswith("use_dora") and v), None)
     if dora is not None:  # diffusers drops kohya's dora_scale with a log line; the pixels would be a plain LoRA's
         raise LoraMapError(f"is a DoRA (weight-decomposed LoRA, {dora!r}), which sdfleet does not apply; "
                            "use a plain LoRA (or merge the DoRA into a model)")
@@ -76,8 +100,8 @@ def lora_layers(pipe, state_dict) -> Layers:
             def convert(sd):
                 return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
         else:
-            example = next(iter(matrices or module_alphas))
-            raise LoraMapError(f"has keys this model has no part for, such as {part}.{example!r}; a LoRA names its "
+            example = f"{part}.{next(iter(matrices or module_alphas))}"
+            raise LoraMapError(f"has keys this model has no part for, such as {example!r}; a LoRA names its "
                                "layers `unet.<module>` and `text_encoder.<module>` (diffusers, peft) or "
                                "`lora_unet_...` and `lora_te_...` (kohya)")
         try:
@@ -101,6 +125,8 @@ def lora_layers(pipe, state_dict) -> Layers:
             entry[match["role"]] = tensor
             if match["path"] in alpha_by_path:
                 entry["alpha"] = alpha_by_path[match["path"]]
+            elif metadata:
+                entry["alpha"], entry["rslora"] = saved_alpha(metadata, part, match["path"])
     out: Layers = {}
     for name, entry in sorted(layers.items()):
         if "A" not in entry or "B" not in entry:
@@ -109,9 +135,25 @@ def lora_layers(pipe, state_dict) -> Layers:
         rank = a.shape[0]
         if b.shape[1] != rank:
             raise LoraMapError(f"{name}: rank {rank} down but {b.shape[1]} up")
-        scale = entry.get("alpha", rank) / rank
+        alpha = entry.get("alpha")
+        scale = 1.0 if alpha is None else alpha / (rank ** 0.5 if entry.get("rslora") else rank)
         out[name] = (a, b * scale if scale != 1.0 else b)
     return out
+
+
+def saved_alpha(metadata: dict, part: str, path: str) -> tuple[float | None, bool]:
+    """(alpha, rsLoRA) of one layer from a file's adapter metadata, as peft's LoraConfig reads it: the layer's
+    entry in `alpha_pattern` (a pattern matching the end of its path), else `lora_alpha`; None where the
+    metadata says nothing for this part (the layer then draws at scale 1, as diffusers does)."""
+    config = {k.removeprefix(f"{part}."): v for k, v in metadata.items() if k.startswith(f"{part}.")}
+    if "lora_alpha" not in config and not config.get("alpha_pattern"):
+        return None, False
+    alpha = config.get("lora_alpha")
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            alpha = value
+            break
+    return (None if alpha is None else float(alpha)), bool(config.get("use_rslora"))
 
 
 def lora_state_dict(layers: Layers) -> dict[str, torch.Tensor]:

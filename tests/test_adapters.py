@@ -222,8 +222,9 @@ def test_lora_parts_sdfleet_does_not_apply_are_refused_not_dropped(tiny_shape, l
 
 def test_lora_keys_without_a_part_prefix_name_the_spellings_that_work(tiny_shape, loras):
     with pytest.raises(AdapterError, match=r"^adapter 'x': has keys this model has no part for, such as "
-                                           r"down_blocks\..*`unet.<module>` and `text_encoder.<module>`"):
-        check_lora_fits(tiny_shape, "x", dict(loras["A"]))  # peft keys as saved from the UNet alone
+                                           r"'down_blocks\..*`unet.<module>` and `text_encoder.<module>`"):
+        # peft keys as saved from the UNet alone, without the settings unet.save_lora_adapter writes beside them
+        check_lora_fits(tiny_shape, "x", dict(loras["A"]))
 
 
 def test_swaps_leave_no_trace(store, base_image, fresh_a, fresh_b):
@@ -410,3 +411,42 @@ def test_what_the_trainer_writes_loads_as_the_same_unet(layers, tmp_path):
         base = build_preset("tiny").unet(x, 500, encoder_hidden_states=text).sample
     assert count > 0 and not torch.allclose(want, base, atol=1e-3)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("saved_by", ["save_lora_weights", "save_lora_adapter"])
+def test_a_lora_keeping_its_alphas_in_the_file_metadata_draws_at_the_strength_it_was_trained_at(tmp_path, saved_by):
+    """diffusers and peft keep a LoRA's lora_alpha, alpha_pattern and use_rslora in the file's metadata, not in
+    its tensors; read without it, a LoRA trained at alpha 8, rank 4 was drawn at half its strength."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from actors.lora_map import delta, lora_layers
+
+    trained = build_preset("tiny")
+    trained.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k"], init_lora_weights=False,
+                                        alpha_pattern={"to_k": 2}))
+    if saved_by == "save_lora_weights":
+        StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(trained.unet),
+                                                  unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict())
+    else:
+        trained.unet.save_lora_adapter(tmp_path)
+    store = new_store({"meta.safetensors": (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()})
+    _, state_dict = store.load_planned("meta")
+    layers = lora_layers(build_preset("tiny"), state_dict)
+    wanted = {f"unet.{name}": module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight)
+              for name, module in trained.unet.named_modules() if hasattr(module, "lora_A")}
+    assert set(layers) == set(wanted) and {m.scaling["default"] for m in trained.unet.modules()
+                                           if hasattr(m, "scaling")} == {2.0, 0.5}
+    for name, (a, b) in layers.items():
+        torch.testing.assert_close(delta(a, b), wanted[name].detach(), msg=name)
+
+
+def test_a_peft_save_pretrained_adapter_is_refused_naming_where_its_alphas_are():
+    tensors = {"base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight":
+               torch.zeros(4, 32), "base_model.model.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+               ".lora_B.weight": torch.zeros(32, 4)}
+    store = new_store({"peft.safetensors": save(tensors)})
+    cache = AdapterCache(build_preset("tiny"), store)
+    with pytest.raises(AdapterError, match="peft `save_pretrained` adapter .*adapter_config.json"):
+        cache.activate([{"name": "peft", "scale": 1.0}])

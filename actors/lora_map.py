@@ -98,7 +98,20 @@ def lora_layers(pipe, state_dict) -> Layers:
             convert = convert_unet_state_dict_to_peft
         elif part.startswith("text_encoder"):  # text_encoder_2 (SDXL) is refused by name in check_lora_fits
             def convert(sd):
-                return convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+                # kohya's text-encoder keys come back from diffusers in two spellings (attention layers as
+                # `to_q_lora.down`, MLP layers as `lora_linear_layer.down`); each converter call guesses one
+                # spelling for the whole dict, so each spelling is converted on its own
+                from diffusers.utils.state_dict_utils import StateDictType
+
+                linear = {k: v for k, v in sd.items() if ".lora_linear_layer." in k}
+                rest = {k: v for k, v in sd.items() if k not in linear}
+                out = convert_state_dict_to_peft(linear, original_type=StateDictType.DIFFUSERS) if linear else {}
+                if any("_lora.down." in k or "_lora.up." in k for k in rest):  # attention, the old spelling
+                    rest = convert_state_dict_to_diffusers(rest, original_type=StateDictType.DIFFUSERS_OLD)
+                    out.update(convert_state_dict_to_peft(rest, original_type=StateDictType.DIFFUSERS))
+                elif rest:
+                    out.update(convert_state_dict_to_peft(convert_state_dict_to_diffusers(rest)))
+                return out
         else:
             example = f"{part}.{next(iter(matrices or module_alphas))}"
             raise LoraMapError(f"has keys this model has no part for, such as {example!r}; a LoRA names its "
@@ -118,6 +131,11 @@ def lora_layers(pipe, state_dict) -> Layers:
             if match is None:
                 if ".lora_A." in key or ".lora_B." in key:  # a LoRA bias: part of the output, not droppable
                     raise LoraMapError(f"has {part}.{key}, a LoRA bias, which sdfleet does not apply")
+                if "lora" in key.lower() or key.endswith(".alpha"):  # a layer or its alpha the converters left
+                    raise LoraMapError(f"has {f'{part}.{key}'!r} left in a spelling diffusers' conversions do not "
+                                       "place (kohya text-encoder LoRAs mixing attention and MLP layers, alphas "
+                                       "keyed by module in a peft-spelled file); drawn without it, the LoRA "
+                                       "would be another: save it in diffusers' spelling (save_lora_weights)")
                 continue  # anything else diffusers' converters pass through
             # CLIPTextModel lost its `text_model.` level in recent transformers; old files still have it
             path = match["path"].removeprefix("text_model.") if part == "text_encoder" else match["path"]
@@ -157,11 +175,15 @@ def saved_alpha(metadata: dict, part: str, path: str) -> tuple[float | None, boo
 
 
 def lora_state_dict(layers: Layers) -> dict[str, torch.Tensor]:
-    """`layers` in diffusers' peft spelling, for `load_lora_weights`: each layer's alpha / rank is already in
-    its B, and a file without alphas is scale 1 per layer to diffusers, whatever its ranks."""
+    """`layers` as `load_lora_weights` reads them: each layer's alpha / rank is already in its B, and a file
+    without alphas is scale 1 per layer to diffusers, whatever its ranks. UNet layers in peft's spelling;
+    text-encoder layers in diffusers' `lora_linear_layer` spelling, the one its text-encoder converter always
+    recognises (peft-spelled keys of MLP layers alone failed: "Could not automatically infer state dict type")."""
     out = {}
     for name, (a, b) in layers.items():
-        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = a, b
+        down, up = (("lora_linear_layer.down", "lora_linear_layer.up") if name.startswith("text_encoder.")
+                    else ("lora_A", "lora_B"))
+        out[f"{name}.{down}.weight"], out[f"{name}.{up}.weight"] = a, b
     return out
 
 

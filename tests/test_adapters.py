@@ -450,3 +450,36 @@ def test_a_peft_save_pretrained_adapter_is_refused_naming_where_its_alphas_are()
     cache = AdapterCache(build_preset("tiny"), store)
     with pytest.raises(AdapterError, match="peft `save_pretrained` adapter .*adapter_config.json"):
         cache.activate([{"name": "peft", "scale": 1.0}])
+
+
+@pytest.mark.parametrize("targets", [("self_attn.q_proj", "mlp.fc1"), ("mlp.fc1", "mlp.fc2")])
+def test_a_kohya_text_encoder_lora_over_attention_and_mlp_layers_is_read_whole(targets):
+    """diffusers gives kohya's text-encoder attention and MLP layers back in two spellings, and its converters
+    guess one spelling per dict: the fused backends dropped the attention layers of a mixed file (drawing
+    another LoRA, `ok`), and eager refused a file of MLP layers alone."""
+    from actors.lora_map import delta, lora_layers
+
+    pipe = build_preset("tiny")
+    modules = dict(pipe.text_encoder.named_modules())
+    generator = torch.Generator().manual_seed(3)
+    state, merged = {}, build_preset("tiny")
+    merged_modules = dict(merged.text_encoder.named_modules())
+    for layer, target in enumerate(targets):
+        path = f"encoder.layers.{layer}.{target}"
+        weight = modules[path].weight
+        down = torch.randn(4, weight.shape[1], generator=generator) * 0.3
+        up = torch.randn(weight.shape[0], 4, generator=generator) * 0.3
+        key = "lora_te_text_model_" + path.replace(".", "_")
+        state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0)})
+        with torch.no_grad():
+            merged_modules[path].weight += 0.5 * up @ down  # alpha 2 / rank 4
+    layers = lora_layers(pipe, state)
+    assert sorted(layers) == sorted(f"text_encoder.encoder.layers.{i}.{t}" for i, t in enumerate(targets))
+    for name, (a, b) in layers.items():
+        key = "lora_te_text_model_" + name.removeprefix("text_encoder.").replace(".", "_")
+        torch.testing.assert_close(delta(a, b), 0.5 * state[f"{key}.lora_up.weight"] @ state[f"{key}.lora_down.weight"])
+    cache = AdapterCache(pipe, new_store({"te.safetensors": save(state)}))
+    cache.activate([{"name": "te", "scale": 1.0}])
+    ids = pipe.tokenizer(["a red star"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.text_encoder(ids)[0], merged.text_encoder(ids)[0], atol=1e-4, rtol=1e-4)

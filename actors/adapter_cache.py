@@ -304,9 +304,12 @@ def check_lora_fits(pipe, name: str, state_dict) -> Layers:
         if weight is None:
             problems.append(f"{key} is not a layer of this model")
             continue
-        # the shapes the loader will copy: A takes the layer's input, B gives its output
-        for role, matrix, dim in (("A", a, 1), ("B", b, 0)):
-            if matrix.ndim != weight.ndim or matrix.shape[dim] != weight.shape[dim]:
+        # the shapes the loader will copy: A takes the layer's input (a convolution's kernel too), B gives its
+        # output (1x1 for a convolution); a 1x1 A on a 3x3 layer would broadcast into all nine taps
+        fits = {"A": a.ndim == weight.ndim and a.shape[1:] == weight.shape[1:],
+                "B": b.ndim == weight.ndim and b.shape[0] == weight.shape[0] and all(n == 1 for n in b.shape[2:])}
+        for role, matrix in (("A", a), ("B", b)):
+            if not fits[role]:
                 problems.append(f"{key}.lora_{role} is {tuple(matrix.shape)}, the layer is {tuple(weight.shape)}")
     if problems:
         problems.sort()

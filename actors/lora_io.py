@@ -19,7 +19,7 @@ UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #   (actors.backends.ADAPTABLE);
 # - all: also the ResNet convolutions and time projections ("LoCon"). Only these reach the UNet's
 #   attention-free levels, such as `tiny`'s full-resolution blocks, where edges and corners are drawn;
-#   the eager backend runs such a LoRA, the fused ones refuse it by name.
+#   the eager and compile backends run such a LoRA, onnx and tensorrt refuse it by name.
 _TRANSFORMER = (*UNET_LORA_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 LORA_LAYER_SETS = {
     "attention": UNET_LORA_TARGETS,

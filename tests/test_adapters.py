@@ -483,3 +483,15 @@ def test_a_kohya_text_encoder_lora_over_attention_and_mlp_layers_is_read_whole(t
     ids = pipe.tokenizer(["a red star"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(pipe.text_encoder(ids)[0], merged.text_encoder(ids)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [1, 5])
+def test_a_convolution_lora_of_another_kernel_size_is_refused_naming_the_layer(tiny_shape, kernel):
+    """A 1x1 down matrix on a 3x3 layer was written into all nine taps by the compile backend (`ok`, other
+    pixels); a 5x5 one failed with a bare broadcasting error."""
+    conv = tiny_shape.unet.down_blocks[0].resnets[0].conv1
+    state = {"unet.down_blocks.0.resnets.0.conv1.lora_A.weight": torch.zeros(4, conv.in_channels, kernel, kernel),
+             "unet.down_blocks.0.resnets.0.conv1.lora_B.weight": torch.zeros(conv.out_channels, 4, 1, 1)}
+    with pytest.raises(AdapterError, match=rf"does not fit .*conv1.lora_A is \(4, 32, {kernel}, {kernel}\), the layer "
+                                           r"is \(32, 32, 3, 3\)"):
+        check_lora_fits(tiny_shape, "x", state)

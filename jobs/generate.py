@@ -176,7 +176,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     # rows may name a preset without a --model for it, as `manifest validate` allows (a --model NAME wins)
     refs = {**{name: name for name in PRESETS}, **cfg.models}
     models = {name: describe_model(name, ref).defaults() for name, ref in refs.items()}
-    adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, manifests.adapter_names)
+    embedding_tokens: dict[str, str] = {}  # token -> the embedding that adds it
+    adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, manifests.adapter_names, embedding_tokens)
 
     # 4. what is already done: newest ok hash per id, and which images exist
     from jobs.plan import PlanState
@@ -211,7 +212,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     manifests.not_in_manifests = not_asked
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
-                      adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors)
+                      adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
+                      embedding_tokens=embedding_tokens)
     before = "--force: every row is drawn again" if cfg.force else f"{len(done)} done before"
     log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")
 
@@ -333,7 +335,8 @@ def _under(fs, root: str, uri: str) -> bool:
     return type(other) is type(fs) and path.startswith(root.rstrip("/") + "/")
 
 
-def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, str], dict[str, str]]:
+def resolve_adapters(store_uri: str | None, names: set[str],
+                     tokens: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Fingerprint every adapter the manifests name: ({name: fingerprint}, {name: why it is unusable}).
 
     A bad adapter is a row-level matter (its rows fail, the rest are drawn), so errors are collected,
@@ -357,17 +360,19 @@ def resolve_adapters(store_uri: str | None, names: set[str]) -> tuple[dict[str, 
     if not there:
         raise RunFailed(f"--adapters {store_uri} does not exist")
 
-    def fingerprint(name: str) -> tuple[str, str | None, str | None]:
+    def describe(name: str):
         try:  # a store of its own per read: a store keeps its last read for the load that follows it
-            return name, AdapterStore(store_uri).fingerprints([name])[name], None
+            return name, AdapterStore(store_uri).describe(name), None
         except AdapterError as exc:
             return name, None, str(exc)
 
     fingerprints, errors = {}, {}
     with ThreadPoolExecutor(max_workers=min(ADAPTER_READS, len(names))) as pool:
-        for name, found, error in pool.map(fingerprint, sorted(names)):
+        for name, info, error in pool.map(describe, sorted(names)):
             if error is None:
-                fingerprints[name] = found
+                fingerprints[name] = info.fingerprint
+                if tokens is not None and info.kind == "embedding" and info.token:
+                    tokens[info.token] = name
             else:
                 errors[name] = error
     return fingerprints, errors

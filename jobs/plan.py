@@ -46,6 +46,7 @@ class PlanState:
     force: bool = False
     adapter_fingerprints: dict[str, str] = field(default_factory=dict)  # name -> file hash
     adapter_errors: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
+    embedding_tokens: dict[str, str] = field(default_factory=dict)  # token -> the embedding (of this run) adding it
     out: str | None = None  # the output root's URI: where images that no ledger entry covers are read
 
 
@@ -66,6 +67,10 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
                   "tell case apart: their images would be one file, so none of those rows is drawn; make the ids "
                   "differ in more than case, or write to a case-sensitive store")
         return {**base, "id": parsed.id, "status": "invalid", "error": reason}
+    unlisted = unlisted_embedding(parsed, state.embedding_tokens)
+    if unlisted:
+        error = f"{row_location(source, row, parsed.id)}: {unlisted}"
+        return {**base, "id": parsed.id, "status": "invalid", "error": error}
     resolved = resolve_row(parsed, state.models[parsed.model], watermark=state.watermark,
                            adapter_fingerprints=state.adapter_fingerprints)
     work = {**base, **resolved, "status": None}
@@ -83,6 +88,23 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         if found:
             return {**work, **found, "status": "ok"}
     return {**work, "affinity": affinity(work)}
+
+
+def unlisted_embedding(parsed, tokens: dict[str, str]) -> str | None:
+    """Why a row that uses an embedding's token without listing the embedding cannot be drawn, or None.
+
+    An actor keeps the embeddings it loaded (their tokens are words of its tokenizer from then on), so such a
+    row would draw with the embedding on an actor that loaded it for another row, and without it elsewhere:
+    two images for one `params_hash`, whichever came first. Tokens are matched as the tokenizer matches
+    added tokens: anywhere in the text."""
+    listed = {a.name for a in parsed.adapters if a.scale != 0}
+    text = f"{parsed.prompt}\n{parsed.negative_prompt or ''}"
+    for token, name in sorted(tokens.items()):
+        if name not in listed and token in text:
+            return (f"the prompt uses {token!r}, the token of the embedding {name!r}, which the row's `adapters` do not "
+                    f"list: add {{\"name\": \"{name}\", \"scale\": 1.0}} (unlisted, the row would draw with it "
+                    "on an actor that loaded it for another row, and without it elsewhere)")
+    return None
 
 
 def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:

@@ -84,3 +84,38 @@ def test_ids_that_differ_only_in_case_are_invalid_where_the_disk_ignores_case(tm
     assert plan_row({"id": "lamp", "prompt": "a lamp"}, source="m.parquet", row=2,
                     state=state(case_clashes=clashes))["status"] is None
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # the probe left nothing behind
+
+
+@pytest.mark.parametrize("raw, listed", [
+    ({"prompt": "a <my-mug> on a desk"}, False),
+    ({"prompt": "a mug on a desk", "negative_prompt": "<my-mug>, blurry"}, False),
+    ({"prompt": "a <my-mug> on a desk", "adapters": [{"name": "mug-v1", "scale": 0.0}]}, False),  # left out
+    ({"prompt": "a <my-mug> on a desk", "adapters": [{"name": "mug-v1", "scale": 1.0}]}, True),
+    ({"prompt": "a mug on a desk"}, True),
+])
+def test_a_row_using_an_embeddings_token_without_listing_it_is_invalid(raw, listed):
+    """An actor keeps the embeddings it loaded for other rows: unlisted, the token drew with the embedding on
+    one actor and without it on another, under one params_hash (the rerun skipped whichever came first)."""
+    tokens = {"<my-mug>": "mug-v1"}
+    work = plan_row({"id": "r", **raw}, source="m.parquet", row=2,
+                    state=state(embedding_tokens=tokens, adapter_fingerprints={"mug-v1": "f" * 16}))
+    if listed:
+        assert work["status"] is None
+    else:
+        assert work["status"] == "invalid"
+        assert work["error"] == ("m.parquet row 2 (`r`): the prompt uses '<my-mug>', the token of the embedding "
+                                 "'mug-v1', which the row's `adapters` do not list: add {\"name\": \"mug-v1\", "
+                                 "\"scale\": 1.0} (unlisted, the row would draw with it on an actor that loaded it "
+                                 "for another row, and without it elsewhere)")
+
+
+def test_the_driver_learns_each_named_embeddings_token_from_its_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.generate import resolve_adapters
+
+    save_file({"<my-mug>": torch.zeros(2, 32)}, str(tmp_path / "mug-v1.safetensors"))
+    tokens: dict[str, str] = {}
+    found, bad = resolve_adapters(str(tmp_path), {"mug-v1"}, tokens)
+    assert set(found) == {"mug-v1"} and not bad and tokens == {"<my-mug>": "mug-v1"}

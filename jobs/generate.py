@@ -366,15 +366,24 @@ def resolve_adapters(store_uri: str | None, names: set[str],
         except AdapterError as exc:
             return name, None, str(exc)
 
-    fingerprints, errors = {}, {}
+    fingerprints, errors, adders = {}, {}, {}
     with ThreadPoolExecutor(max_workers=min(ADAPTER_READS, len(names))) as pool:
         for name, info, error in pool.map(describe, sorted(names)):
             if error is None:
                 fingerprints[name] = info.fingerprint
-                if tokens is not None and info.kind == "embedding" and info.token:
-                    tokens[info.token] = name
+                if info.kind == "embedding" and info.token:
+                    adders.setdefault(info.token, []).append(name)
             else:
                 errors[name] = error
+    for token, named in adders.items():
+        if len(named) > 1:  # an actor holds one embedding per token: which one a row got would depend on order
+            for name in named:
+                others = ", ".join(repr(n) for n in named if n != name)
+                errors[name] = (f"adapter {name!r}: its token {token!r} is also the token of {others}, named in this "
+                                "run; an actor holds one embedding per token, so rows would draw with whichever it "
+                                "loaded first: draw them in separate runs, or save one under another token")
+        elif tokens is not None:
+            tokens[token] = named[0]
     return fingerprints, errors
 
 

@@ -119,3 +119,20 @@ def test_the_driver_learns_each_named_embeddings_token_from_its_file(tmp_path):
     tokens: dict[str, str] = {}
     found, bad = resolve_adapters(str(tmp_path), {"mug-v1"}, tokens)
     assert set(found) == {"mug-v1"} and not bad and tokens == {"<my-mug>": "mug-v1"}
+
+
+def test_two_embeddings_of_one_token_named_in_one_run_fail_their_rows_naming_each_other(tmp_path):
+    """Two versions of a Textual Inversion trained with the same --token: an actor holds one of them, and
+    the other's rows failed or drew with the first, by which one the actor met first."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.generate import resolve_adapters
+
+    for name in ("mug-v1", "mug-v2"):
+        save_file({"<my-mug>": torch.zeros(1, 32)}, str(tmp_path / f"{name}.safetensors"))
+    save_file({"<my-cup>": torch.zeros(1, 32)}, str(tmp_path / "cup.safetensors"))
+    tokens: dict[str, str] = {}
+    found, bad = resolve_adapters(str(tmp_path), {"mug-v1", "mug-v2", "cup"}, tokens)
+    assert set(bad) == {"mug-v1", "mug-v2"} and tokens == {"<my-cup>": "cup"}
+    assert bad["mug-v1"].startswith("adapter 'mug-v1': its token '<my-mug>' is also the token of 'mug-v2', named")

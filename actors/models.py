@@ -92,6 +92,10 @@ def describe_model(name: str, ref: str) -> ModelInfo:
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.is_dir():
         return _describe_folder(name, ref, path)
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise ModelError(f"model {name}={ref}: a single file, not a diffusers directory; a checkpoint converts once "
+                         "with diffusers' StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR) "
+                         "(a LoRA or embedding file goes in the --adapters store instead)")
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         return _describe_hub(name, ref)
     raise ModelError(
@@ -99,9 +103,22 @@ def describe_model(name: str, ref: str) -> ModelInfo:
     )
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+ADAPTER_FILES = ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors")
+
+
+def _no_model_index(name: str, ref: str, where: str, names) -> ModelError:
+    """The error for a folder without model_index.json, saying so when it is an adapter's folder."""
+    adapter = next((n for n in names if n in ADAPTER_FILES), None)
+    hint = (f"; it holds {adapter}: an adapter, which rows name in `adapters` from the --adapters store (its "
+            "parent folder), on a base --model" if adapter else " (expected a diffusers directory)")
+    return ModelError(f"model {name}={ref}: {where} has no model_index.json{hint}")
+
+
 def _describe_uri(name: str, ref: str, fs, root: str) -> ModelInfo:
     if not fs.exists(f"{root}/model_index.json"):
-        raise ModelError(f"model {name}={ref}: no model_index.json there (expected a diffusers directory)")
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.isdir(root) else []
+        raise _no_model_index(name, ref, "the folder", names)
     keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
     listing = _store_listing(fs, root, keep)
     _check_weights(name, ref, keep, list(listing))
@@ -116,7 +133,7 @@ def _describe_uri(name: str, ref: str, fs, root: str) -> ModelInfo:
 
 def _describe_folder(name: str, ref: str, path: Path) -> ModelInfo:
     if not (path / "model_index.json").is_file():
-        raise ModelError(f"model {name}={ref}: {path} has no model_index.json (expected a diffusers directory)")
+        raise _no_model_index(name, ref, str(path), [p.name for p in path.iterdir()])
     keep = _model_files(json.loads((path / "model_index.json").read_text()))
     files = sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep))
     _check_weights(name, ref, keep, [p.relative_to(path).as_posix() for p in files])

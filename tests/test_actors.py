@@ -172,8 +172,17 @@ def test_bad_model_references_say_what_is_wrong(tmp_path):
     with pytest.raises(ModelError, match="not a preset"):
         describe_model("x", str(tmp_path / "nothing-here"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="model_index.json"):
+    with pytest.raises(ModelError, match=r"has no model_index.json \(expected a diffusers directory\)"):
         describe_model("x", str(tmp_path / "empty"))
+    # a fine-tune's LoRA or embedding folder, or a single-file checkpoint, given as --model: what to do instead
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="holds pytorch_lora_weights.safetensors: an adapter, which rows name in "
+                                         "`adapters` from the --adapters store"):
+        describe_model("x", str(tmp_path / "lora"))
+    (tmp_path / "v2-1_768-ema-pruned.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"a single file, .*from_single_file\(FILE\).save_pretrained\(DIR\)"):
+        describe_model("x", str(tmp_path / "v2-1_768-ema-pruned.safetensors"))
 
 
 def test_batch_of_8_equals_batches_of_1_including_ancestral_noise(tiny):

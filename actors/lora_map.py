@@ -64,6 +64,15 @@ def lora_layers(pipe, state_dict) -> Layers:
         # same keys without settings say nothing of their alphas: refused below, as diffusers ignores them)
         state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
         metadata = {k if k.startswith(("unet.", "text_encoder.")) else f"unet.{k}": v for k, v in metadata.items()}
+    bundled = next((k for k in state_dict if k.startswith("bundle_emb.")), None)
+    if bundled is not None:
+        raise LoraMapError(f"bundles Textual Inversion embeddings with its LoRA ({bundled!r}), which sdfleet does not "
+                           "load from a LoRA file: save each embedding as a file of its own in the store and name "
+                           "both in the rows' `adapters`")
+    tucker = next((k for k in state_dict if ".lora_mid." in k), None)
+    if tucker is not None:
+        raise LoraMapError(f"is a LyCORIS LoCon with Tucker decomposition ({tucker!r}), which sdfleet does not apply; "
+                           "export it as a plain LoRA (or merge it into a model)")
     peft_saved = next((k for k in state_dict if k.startswith("base_model.model.")), None)
     if peft_saved is not None:  # its alphas are in adapter_config.json beside it: drawn without, at another strength
         raise LoraMapError(f"is a peft `save_pretrained` adapter ({peft_saved!r}), whose alphas are in its "

@@ -209,6 +209,8 @@ def test_a_kohya_lora_draws_every_layer_at_its_own_alpha(tiny_shape):
     ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector", "is a DoRA"),
     ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale", "is a DoRA"),
     ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.bias", "a LoRA bias"),
+    ("bundle_emb.my-mug.string_to_param.*", "bundles Textual Inversion embeddings"),
+    ("lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight", "Tucker decomposition"),
 ])
 def test_lora_parts_sdfleet_does_not_apply_are_refused_not_dropped(tiny_shape, loras, key, message):
     """DoRA magnitudes and LoRA biases change the output: a file with them is refused, naming the key, rather

@@ -19,7 +19,7 @@ from benchmarks.bench_backends import rows_for
 from benchmarks.common import save_report, versions
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cpu")
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--out", help="write the figures here as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks the open issues owe, for the lent GPU machine (../shared/GPU.md): carry ["gpu-carry"]
 # (made by ../shared/tools/gpu-bundle.sh) and run
-#     bash benchmarks/gpu_checks.sh                    # first call: parity, generate, backends (~580 s)
+#     bash benchmarks/gpu_checks.sh                    # first call: generate, backends, parity (~580 s)
 #     bash benchmarks/gpu_checks.sh startup tests      # a second call, if device time is left (~520 s)
 # Steps run in the order given, each under its own timeout, writing under $OUT (default ./gpu-out); a step
 # that fails or times out does not stop the next. The benches print each figure as it is measured, so a
@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 BACKENDS=(python3 -m benchmarks.bench_backends --preset sd21-random --device cuda --dtype fp16 --size 768 --steps 30
           --batch-size 4)
-for what in "${@:-parity generate backends}"; do
+for what in "${@:-generate backends parity}"; do
   for name in $what; do
     case $name in
       parity)   step parity 60 python3 -m benchmarks.bench_batch_parity --device cuda --dtype fp16 --out "$OUT/parity.json" ;;

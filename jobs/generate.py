@@ -193,11 +193,11 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
         raise RunFailed(f"cannot read the ledger from {fs.unstrip_protocol(root)}/results: {exc.path}: "
                         f"{one_line(exc.cause)}; nothing was drawn, rerun once the store answers") from exc
     # images of rows no manifest asks for any more (a product dropped from the catalogue): kept, and counted
-    not_asked = sum(1 for rid in done if rid not in asked)
+    not_asked = sorted(rid for rid in done if rid not in asked)
     del asked
     if not_asked:
-        log(f"{not_asked} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): kept; "
-            "run.json counts them (not_in_manifests) and the report lists them")
+        log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "
+            "kept; run.json counts them (not_in_manifests) and the report lists them")
     if cfg.report and cfg.report_group_by:
         _check_report_group_by(cfg.report_group_by, manifests.columns, fs, root)
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
@@ -209,7 +209,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
             log(f"{len(changed)} image(s) written after their ledger entry (another run, a copy, an edit): each is "
                 "checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
-    manifests.not_in_manifests = not_asked
+    manifests.not_in_manifests, manifests.not_in_manifests_count = not_asked[:NOT_ASKED_LISTED], len(not_asked)
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
@@ -253,6 +253,8 @@ def _ignores_case(root: str) -> bool:
         with contextlib.suppress(OSError):
             os.remove(probe)
 
+
+NOT_ASKED_LISTED = 1000  # ids run.json lists of the rows no manifest asks for any more (all are counted)
 
 # How much later than its ledger entry an image may have been written and still be the one the entry
 # recorded: images are written before their entry, so only clock differences between the store and the
@@ -443,7 +445,8 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         **results.counts,
         "wall_seconds": round(wall, 3),
         "recovered": results.recovered,
-        "not_in_manifests": manifests.not_in_manifests,
+        "not_in_manifests": manifests.not_in_manifests_count,
+        "not_in_manifests_ids": manifests.not_in_manifests,  # the first NOT_ASKED_LISTED, by id
         # images drawn in this run: recovered ones were drawn by an earlier run
         "images_per_second": round(results.drawn() / wall, 4) if wall > 0 else 0.0,
         "actors": cfg.actors,

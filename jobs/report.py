@@ -229,10 +229,16 @@ class Thumbnails:
 
 def changes(out: RunOutput) -> dict[str, list[dict]]:
     """This run's rows against their state before it: new, redrawn, fixed, now failing, still failing, and
-    recovered (an earlier, killed run drew it). Rows this run skipped are unchanged and not listed."""
+    recovered (an earlier, killed run drew it). Rows this run skipped are unchanged and not listed. Last, rows
+    with an image that no manifest of this run asked for (a product dropped, an id renamed), as far as run.json
+    lists them."""
     before = out.before_this_run()
     kinds: dict[str, list[dict]] = {"new": [], "redrawn": [], "fixed": [], "now failing": [], "still failing": [],
                                     "recovered": []}
+    current = out.current()
+    not_asked = [current[i] for i in out.summary.get("not_in_manifests_ids") or [] if i in current]
+    if not_asked or out.summary.get("not_in_manifests"):
+        kinds["not asked for"] = not_asked
     now = {e["id"]: e for e in out.this_run() if e.get("id") is not None}
     for row_id in sorted(now):
         entry, prev = now[row_id], before.get(row_id)
@@ -335,10 +341,13 @@ def _changes(out: RunOutput, links: dict[str, str]) -> str:
     for kind, entries in kinds.items():
         shown = " ".join(f"<a href='{links[e['id']]}'>{_e(e['id'])}</a>"
                          for e in entries[:500] if e["id"] in links)
-        more = f" … and {len(entries) - 500} more" if len(entries) > 500 else ""
+        # run.json lists the first ids of rows no manifest asked for, and counts them all
+        total = max(len(entries), out.summary.get("not_in_manifests") or 0) if kind == "not asked for" else len(entries)
+        more = f" … and {total - min(len(entries), 500)} more" if total > min(len(entries), 500) else ""
+        label = "not asked for by this run's manifests (images kept)" if kind == "not asked for" else kind
         opened = " open" if 0 < len(entries) <= 30 else ""
         items.append(f"<details class='change {kind.replace(' ', '-')}'{opened}>"
-                     f"<summary>{len(entries)} {_e(kind)}</summary>"
+                     f"<summary>{total} {_e(label)}</summary>"
                      f"<p>{shown}{more}</p></details>")
     return f"<section id=changes><h2>What changed {since}</h2>{''.join(items)}</section>"
 

@@ -164,7 +164,9 @@ class Survey:
     parts: list[ManifestPart]  # the row groups, in file order
     columns: set[str] = field(default_factory=set)  # every column name any manifest has
     file_columns: dict[str, list[str]] = field(default_factory=dict)  # each manifest's column names
-    not_in_manifests: int = 0  # `ok` rows of the output's ledger these manifests do not ask for (generate counts)
+    # `ok` rows of the output's ledger these manifests do not ask for: how many, and the first ids (generate fills)
+    not_in_manifests_count: int = 0
+    not_in_manifests: list = field(default_factory=list)
 
 
 def survey(uris: list[str]) -> Survey:

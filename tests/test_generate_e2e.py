@@ -102,8 +102,10 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     summary = run_summary(out)
     assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (1, 62, 1)
     assert "1 image(s) in --out are of rows no manifest of this run asks for" in proc.stderr
+    assert summary["not_in_manifests_ids"] == [run64["records"][-1]["id"]]
     page = (out / "report" / "index.html").read_text()  # the nightly's page: one row redrawn, 64 shown
     assert "<summary>1 redrawn</summary>" in page and "<summary>0 new</summary>" in page
+    assert "<summary>1 not asked for by this run&#x27;s manifests (images kept)</summary>" in page
     assert page.count("<figure class='tile ok'") == 64
     new_entries = ledger(out)[before:]
     assert [e["id"] for e in new_entries] == [changed[10]["id"]]

@@ -390,3 +390,18 @@ def test_a_paged_report_leads_from_a_problem_on_the_index_to_its_tile_unfolded_o
         assert {el.get_attribute("textContent") for el in captions} == {"e", "f"}
     finally:
         driver.quit()
+
+
+def test_rows_no_manifest_of_the_run_asked_for_are_listed_as_far_as_run_json_names_them(output):
+    """A product dropped from the catalogue keeps its image and ledger entries; run.json counts such rows and
+    names the first of them, and the report lists those under what changed, with the count."""
+    from jobs.outputs import open_output
+
+    summary = json.loads((output / "run.json").read_text())
+    (output / "run.json").write_text(json.dumps({**summary, "not_in_manifests": 3, "not_in_manifests_ids": ["b"]}))
+    kinds = changes(open_output(str(output)))
+    assert [e["id"] for e in kinds["not asked for"]] == ["b"]
+    build_report(str(output))
+    page = (output / "report" / "index.html").read_text()
+    assert "<summary>3 not asked for by this run&#x27;s manifests (images kept)</summary>" in page
+    assert "… and 2 more" in page

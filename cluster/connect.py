@@ -192,7 +192,22 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             hint = ("; if the cluster uses token authentication (what `ray start` turns on since Ray 2.60), set "
                     "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
         raise ClusterError(f"cannot connect to {where}: {exc}{hint}") from exc
-    return dict(ray.cluster_resources())
+    resources = dict(ray.cluster_resources())
+    if address:
+        # A joined cluster may be running other jobs: CPU actors are sized from the CPUs free now, so two runs
+        # on one CPU cluster do not each take all of it and wait for each other forever.
+        resources["CPU"] = min(resources.get("CPU", 0), ray.available_resources().get("CPU", 0))
+    return resources
+
+
+def joined_address() -> str | None:
+    """The GCS address of the cluster this process joined (for the run's first line), or None."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - older Ray, or not connected: the line goes without it
+        return None
 
 
 def disconnect() -> None:
@@ -222,18 +237,32 @@ def disconnect() -> None:
 
 
 def _check_reachable(address: str, seconds: float = 10.0) -> None:
-    """A HOST:PORT nothing answers on fails here in seconds: ray.init retries it for many minutes."""
+    """A HOST:PORT nothing answers on fails here in seconds: ray.init retries it for many minutes. So does the
+    dashboard's port (8265, which `ray job submit` takes), which answers HTTP where the GCS speaks gRPC; and a
+    Ray Client address (ray://), on which Ray Data cannot run."""
     import socket
 
+    if address.startswith("ray://"):
+        raise ClusterError(f"--address {address} is a Ray Client address, on which Ray Data cannot run (it fails "
+                           "mid-run); give the GCS address, HEAD:6379, from a machine in the cluster's network, or "
+                           "submit the command with `ray job submit`")
     host, sep, port = address.rpartition(":")
     if "://" in address or not sep or not port.isdigit():
-        return  # ray://, auto, local: Ray's own forms, checked by Ray
+        return  # auto, local: Ray's own forms, checked by Ray
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()  # [::1]:6379 too
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=seconds) as conn:  # [::1]:6379 too
+            conn.settimeout(2.0)
+            conn.sendall(b"HEAD / HTTP/1.0\r\n\r\n")
+            answer = conn.recv(16)
+    except socket.timeout:
+        return  # connected, and no HTTP answer: a GCS waits for gRPC's own preface
     except OSError as exc:
         raise ClusterError(f"cannot connect to {address}: nothing answers there ({exc.strerror or exc}); is the Ray "
                            "head running, and is this its GCS port (6379 unless `ray start --port` said otherwise)?"
                            ) from exc
+    if answer.startswith(b"HTTP/"):
+        raise ClusterError(f"--address {address} answers HTTP: that is the dashboard and job-submission address "
+                           "(what `ray job submit --address` takes); --address takes the GCS address, HEAD:6379")
 
 
 def alive_nodes() -> int:

@@ -29,8 +29,8 @@ from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from actors.presets import PRESETS
-from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, library_logs_to, local_gpu_shortfall,
-                             size_actors, size_finishing)
+from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, joined_address, library_logs_to,
+                             local_gpu_shortfall, size_actors, size_finishing)
 from jobs.console import command_log, log
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
@@ -39,8 +39,9 @@ from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledge
                               remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
-from manifests.stores import (url_to_fs, UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path,
-                              multi_node_reason, process_local, require_bucket, stored_at, unshared_reason)
+from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
+                              process_local, ray_job_relative_reason, require_bucket, stored_at, unshared_reason,
+                              url_to_fs)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -120,6 +121,9 @@ class GenerateConfig(BaseModel):
                 raise ValueError(unshared_reason(flag, uri))
         for field in ("out", "adapters", "backend_cache"):  # workers do not share the driver's working directory
             if getattr(self, field):
+                reason = ray_job_relative_reason("--" + field.replace("_", "-"), getattr(self, field))
+                if reason:
+                    raise ValueError(reason)
                 setattr(self, field, absolute_local(getattr(self, field)))
         # a model folder as the actors can open it (a preset's or a hub id's name, not a folder here, as given)
         self.models = {name: absolute_local(ref) if "://" in ref or os.path.isdir(os.path.expanduser(ref)) else ref
@@ -318,9 +322,10 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
             log(f"the cluster has no GPU yet: the actors wait for the autoscaler to add {cfg.actors} (Ctrl-C stops)")
     finish_inline = (cfg.finish if cfg.finish != "auto" else "stage" if sizing.device == "cuda" else FINISH_ON_CPU) == "inline"
     finishing = size_finishing(resources, sizing, cfg.actors)
-    log(f"ray: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; rows to draw go to "
-        f"{cfg.actors} actor(s) on {sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, {sizing.torch_threads} threads each), "
-        f"backend {cfg.backend}; images finished "
+    joined = f"joined {joined_address() or cluster_address(cfg.address)}, " if cluster_address(cfg.address) else ""
+    log(f"ray: {joined}{resources.get('CPU', 0):g} CPU{' free' if joined else ''}, {resources.get('GPU', 0):g} GPU; "
+        f"rows to draw go to {cfg.actors} actor(s) on {sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, "
+        f"{sizing.torch_threads} threads each), backend {cfg.backend}; images finished "
         + ("in the actors" if finish_inline else f"by {finishing.workers} CPU worker(s)"))
     try:
         check_backend(cfg.backend, sizing.device)  # before any actor starts

@@ -196,6 +196,20 @@ def absolute_local(uri: str) -> str:
     return f"{head}://{rest.rstrip('/') or rest}" if sep else uri
 
 
+def ray_job_relative_reason(flag: str, uri: str) -> str | None:
+    """Why a relative local path cannot be used by a command that runs as a Ray job (`ray job submit`), or
+    None. A job's working directory is Ray's unpacked copy of its --working-dir (under the session's
+    runtime_resources, removed with the package) or the folder `ray start` ran in: an output there is lost,
+    and the next run, with another package, would not find it."""
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "://" in uri:
+        return None
+    if os.path.isabs(os.path.expanduser(uri)) or not is_local_path(uri):
+        return None
+    return (f"{flag} {uri} is a relative path, and this command runs as a Ray job, whose working directory is "
+            f"{os.getcwd()} (Ray's copy of the job's --working-dir, or where `ray start` ran): give an absolute "
+            "path or a URI (s3://, gs://)")
+
+
 def unshared_reason(flag: str, uri: str) -> str:
     """Why a `memory://` store cannot be used for `flag`, and what to use instead."""
     return (f"{flag} {uri} is the memory of one process: the workers would each write into their own and "

@@ -316,3 +316,35 @@ def test_rows_may_fail_covers_a_partial_run_not_one_where_every_row_went_wrong(c
     err = capsys.readouterr().err
     if code == 2 and may_fail:
         assert "every row failed or is invalid" in err and "--rows-may-fail does not cover" in err
+
+
+def test_a_relative_out_is_refused_where_the_command_runs_as_a_ray_job(capsys, monkeypatch, tmp_path):
+    """`ray job submit --working-dir .` runs the command in Ray's unpacked copy of the folder: a relative --out
+    was written there, and went with the package."""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    code, _, err = run(capsys, "generate", manifest, "--out", "rel-out")
+    assert code == 1 and "--out rel-out is a relative path, and this command runs as a Ray job" in one_error_line(err)
+    code, _, err = run(capsys, "finetune", "lora", "--data", "data", "--base", "tiny", "--out", str(tmp_path / "t"))
+    assert code == 1 and "--data data is a relative path, and this command runs as a Ray job" in one_error_line(err)
+
+
+@pytest.mark.parametrize("address, said", [
+    ("ray://127.0.0.1:10001", "is a Ray Client address, on which Ray Data cannot run"),
+    ("{http}", "answers HTTP: that is the dashboard and job-submission address"),
+])
+def test_addresses_ray_cannot_run_a_job_on_are_refused_at_once(capsys, tmp_path, address, said):
+    """The dashboard's port (which `ray job submit` takes) hung for 14 minutes in ray.init; Ray Client got as far
+    as Ray Data and failed with "'Worker' object has no attribute 'core_worker'"."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+        address = address.format(http=f"127.0.0.1:{server.server_address[1]}")
+        code, _, err = run(capsys, "generate", manifest, "--out", tmp_path / "out", "--address", address)
+        assert code == 1 and said in err.splitlines()[-1] and "Traceback" not in err
+    finally:
+        server.shutdown()

@@ -40,8 +40,7 @@ from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledge
 from manifests.reader import expand_manifest_paths, survey
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
 from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
-                              process_local, ray_job_relative_reason, require_bucket, stored_at, unshared_reason,
-                              url_to_fs)
+                              process_local, require_bucket, run_path, stored_at, unshared_reason, url_to_fs)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -121,10 +120,7 @@ class GenerateConfig(BaseModel):
                 raise ValueError(unshared_reason(flag, uri))
         for field in ("out", "adapters", "backend_cache"):  # workers do not share the driver's working directory
             if getattr(self, field):
-                reason = ray_job_relative_reason("--" + field.replace("_", "-"), getattr(self, field))
-                if reason:
-                    raise ValueError(reason)
-                setattr(self, field, absolute_local(getattr(self, field)))
+                setattr(self, field, run_path("--" + field.replace("_", "-"), getattr(self, field)))
         # a model folder as the actors can open it (a preset's or a hub id's name, not a folder here, as given)
         self.models = {name: absolute_local(ref) if "://" in ref or os.path.isdir(os.path.expanduser(ref)) else ref
                        for name, ref in self.models.items()}

@@ -196,18 +196,18 @@ def absolute_local(uri: str) -> str:
     return f"{head}://{rest.rstrip('/') or rest}" if sep else uri
 
 
-def ray_job_relative_reason(flag: str, uri: str) -> str | None:
-    """Why a relative local path cannot be used by a command that runs as a Ray job (`ray job submit`), or
-    None. A job's working directory is Ray's unpacked copy of its --working-dir (under the session's
-    runtime_resources, removed with the package) or the folder `ray start` ran in: an output there is lost,
-    and the next run, with another package, would not find it."""
-    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "://" in uri:
-        return None
-    if os.path.isabs(os.path.expanduser(uri)) or not is_local_path(uri):
-        return None
-    return (f"{flag} {uri} is a relative path, and this command runs as a Ray job, whose working directory is "
-            f"{os.getcwd()} (Ray's copy of the job's --working-dir, or where `ray start` ran): give an absolute "
-            "path or a URI (s3://, gs://)")
+def run_path(flag: str, uri: str) -> str:
+    """`uri`, given for `flag`, as every process of the run opens it (`absolute_local`). In a command that runs as
+    a Ray job (`ray job submit`) a relative local path is refused (ValueError): the job's working directory is
+    Ray's unpacked copy of its --working-dir (under the session's runtime_resources, removed with the package)
+    or the folder `ray start` ran in, so an output there is lost, and the next run, with another package, would
+    not find it."""
+    in_job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if in_job and "://" not in uri and not os.path.isabs(os.path.expanduser(uri)) and is_local_path(uri):
+        raise ValueError(f"{flag} {uri} is a relative path, and this command runs as a Ray job, whose working "
+                         f"directory is {os.getcwd()} (Ray's copy of the job's --working-dir, or where `ray start` "
+                         "ran): give an absolute path or a URI (s3://, gs://)")
+    return absolute_local(uri)
 
 
 def unshared_reason(flag: str, uri: str) -> str:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from manifests.stores import absolute_local, process_local, ray_job_relative_reason, unshared_reason
+from manifests.stores import process_local, run_path, unshared_reason
 
 DEFAULT_LR = {"full": 1e-5, "dreambooth": 5e-6, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
 PRIOR_METHODS = ("dreambooth", "lora")  # the methods that can train with prior preservation
@@ -138,10 +138,7 @@ class TrainConfig(BaseModel):
             # path is made absolute here, before any of them reads it. A base that is not a folder here (a
             # preset's name) stays as given.
             if value and (field != "base" or "://" in value or os.path.isdir(os.path.expanduser(value))):
-                reason = ray_job_relative_reason(flag, value)
-                if reason:
-                    raise ValueError(reason)
-                setattr(self, field, absolute_local(value))
+                setattr(self, field, run_path(flag, value))
         for flag, uri in (("--out", self.out), ("--data", self.data), ("--class-data", self.class_data)):
             if uri and process_local(uri):  # the workers run in other processes: they would not see it
                 raise ValueError(unshared_reason(flag, uri))

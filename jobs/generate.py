@@ -195,6 +195,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     # images of rows no manifest asks for any more (a product dropped from the catalogue): kept, and counted
     not_asked = sorted(rid for rid in done if rid not in asked)
     del asked
+    manifests.not_in_manifests, manifests.not_in_manifests_count = not_asked[:NOT_ASKED_LISTED], len(not_asked)
     if not_asked:
         log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "
             "kept; run.json counts them (not_in_manifests) and the report lists them")
@@ -209,7 +210,6 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
             log(f"{len(changed)} image(s) written after their ledger entry (another run, a copy, an edit): each is "
                 "checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
-    manifests.not_in_manifests, manifests.not_in_manifests_count = not_asked[:NOT_ASKED_LISTED], len(not_asked)
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,

@@ -235,10 +235,10 @@ def changes(out: RunOutput) -> dict[str, list[dict]]:
     before = out.before_this_run()
     kinds: dict[str, list[dict]] = {"new": [], "redrawn": [], "fixed": [], "now failing": [], "still failing": [],
                                     "recovered": []}
-    current = out.current()
-    not_asked = [current[i] for i in out.summary.get("not_in_manifests_ids") or [] if i in current]
-    if not_asked or out.summary.get("not_in_manifests"):
-        kinds["not asked for"] = not_asked
+    listed = out.summary.get("not_in_manifests_ids") or []
+    if listed or out.summary.get("not_in_manifests"):
+        current = out.current()
+        kinds["not asked for"] = [current[i] for i in listed if i in current]
     now = {e["id"]: e for e in out.this_run() if e.get("id") is not None}
     for row_id in sorted(now):
         entry, prev = now[row_id], before.get(row_id)
@@ -333,6 +333,9 @@ def _rate_chart(out: RunOutput, bars: int = 60) -> str:
             f"</svg></figure>")
 
 
+CHANGE_LABELS = {"not asked for": "not asked for by this run's manifests (images kept)"}  # others say themselves
+
+
 def _changes(out: RunOutput, links: dict[str, str]) -> str:
     kinds = changes(out)
     previous = out.runs[-2]["run_id"] if len(out.runs) > 1 else None
@@ -341,13 +344,13 @@ def _changes(out: RunOutput, links: dict[str, str]) -> str:
     for kind, entries in kinds.items():
         shown = " ".join(f"<a href='{links[e['id']]}'>{_e(e['id'])}</a>"
                          for e in entries[:500] if e["id"] in links)
-        # run.json lists the first ids of rows no manifest asked for, and counts them all
-        total = max(len(entries), out.summary.get("not_in_manifests") or 0) if kind == "not asked for" else len(entries)
-        more = f" … and {total - min(len(entries), 500)} more" if total > min(len(entries), 500) else ""
-        label = "not asked for by this run's manifests (images kept)" if kind == "not asked for" else kind
+        total, linked = len(entries), min(len(entries), 500)
+        if kind == "not asked for":  # run.json names the first of these rows and counts them all
+            total = max(total, out.summary.get("not_in_manifests") or 0)
+        more = f" … and {total - linked} more" if total > linked else ""
         opened = " open" if 0 < len(entries) <= 30 else ""
         items.append(f"<details class='change {kind.replace(' ', '-')}'{opened}>"
-                     f"<summary>{total} {_e(label)}</summary>"
+                     f"<summary>{total} {_e(CHANGE_LABELS.get(kind, kind))}</summary>"
                      f"<p>{shown}{more}</p></details>")
     return f"<section id=changes><h2>What changed {since}</h2>{''.join(items)}</section>"
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 import fsspec
 
-from manifests.stores import url_to_fs, fs_protocols, is_local_fs
+from manifests.stores import fs_protocols, is_local_fs, url_to_fs
 from manifests.schema import error_line, first_few, is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -16,7 +16,6 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from actors.presets import PRESETS, build_preset, preset_fingerprint
 from actors.schedulers import scheduler_name_for
 from manifests.schema import error_line

@@ -36,7 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 from manifests.schema import first_few
-from manifests.stores import url_to_fs, require_bucket, tree_files
+from manifests.stores import require_bucket, tree_files, url_to_fs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.

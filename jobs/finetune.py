@@ -31,7 +31,7 @@ from jobs.console import command_log, log
 from jobs.errors import FinetuneError, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
-from manifests.stores import url_to_fs, folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket
+from manifests.stores import folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket, url_to_fs
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",

@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from jobs.errors import ReportError, one_line
 from manifests.ledger import ledger_parts
-from manifests.stores import url_to_fs, UnreadableFile, folder_files, read_parquet_files
+from manifests.stores import UnreadableFile, folder_files, read_parquet_files, url_to_fs
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
 BOOKKEEPING = ("status", "uri", "sha256", "params_hash", "error", "warning", "watermark", "watermark_bits",

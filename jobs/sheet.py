@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from jobs.errors import ReportError
 from jobs.outputs import open_output
-from manifests.stores import url_to_fs, gone_at_exit_reason, process_local
+from manifests.stores import gone_at_exit_reason, process_local, url_to_fs
 
 GAP = "#dddddd"
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from manifests.stores import url_to_fs, folder_files, read_parquet
+from manifests.stores import folder_files, read_parquet, url_to_fs
 
 DATASET_SCHEMA = pa.schema([
     ("file", pa.string()),  # path relative to IMAGES_DIR, for tracing a sample back to its source

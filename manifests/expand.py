@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
-from manifests.stores import url_to_fs, gone_at_exit_reason, process_local, read_parquet
+from manifests.stores import gone_at_exit_reason, process_local, read_parquet, url_to_fs
 
 
 class ExpandError(ValueError):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import coerced_id, error_line
-from manifests.stores import url_to_fs, is_local_fs, tree_files
+from manifests.stores import is_local_fs, tree_files, url_to_fs
 
 
 MANIFEST_READS = 16  # manifest files the driver reads at once

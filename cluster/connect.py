@@ -186,12 +186,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             # ray.init() would join through /tmp/ray/ray_current_cluster, even when it is dead)
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = address or "a local Ray"
-        hint = ""
-        if address and not os.environ.get("RAY_AUTH_MODE"):
+        if not address:
+            raise ClusterError(f"cannot start a local Ray: {exc}") from exc
+        hint = " (check --address / RAY_ADDRESS)"
+        if not os.environ.get("RAY_AUTH_MODE"):
             hint = ("; if the cluster uses token authentication (what `ray start` turns on since Ray 2.60), set "
-                    "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN")
-        raise ClusterError(f"cannot connect to {where}: {exc}{hint}") from exc
+                    "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN" + hint)
+        raise ClusterError(f"cannot connect to {address}: {exc}{hint}") from exc
     resources = dict(ray.cluster_resources())
     if address:
         # A joined cluster may be running other jobs: CPU actors are sized from the CPUs free now, so two runs
@@ -258,8 +259,8 @@ def _check_reachable(address: str, seconds: float = 10.0) -> None:
         return  # connected, and no HTTP answer: a GCS waits for gRPC's own preface
     except OSError as exc:
         raise ClusterError(f"cannot connect to {address}: nothing answers there ({exc.strerror or exc}); is the Ray "
-                           "head running, and is this its GCS port (6379 unless `ray start --port` said otherwise)?"
-                           ) from exc
+                           "head running, and is this its GCS port (6379 unless `ray start --port` said otherwise)? "
+                           "(check --address / RAY_ADDRESS)") from exc
     if answer.startswith(b"HTTP/"):
         raise ClusterError(f"--address {address} answers HTTP: that is the dashboard and job-submission address "
                            "(what `ray job submit --address` takes); --address takes the GCS address, HEAD:6379")

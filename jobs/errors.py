@@ -38,7 +38,7 @@ def describe_error(exc: BaseException) -> str | None:
         ManifestError: "check the manifest paths (local paths, URIs or globs of .parquet files)",
         ModelError: None,  # its messages name the model and what a reference may be; generate, finetune --base
         # and model export all raise it, so a hint naming one command's flag would mislead the others
-        ClusterError: "check --address / RAY_ADDRESS and --actors",
+        ClusterError: None,  # each names its flag (--address, --actors, --workers) and what would do
         ExpandError: None,
         WatermarkError: None,
         RunFailed: None,

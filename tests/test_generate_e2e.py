@@ -228,6 +228,8 @@ def test_setup_errors_exit_1_with_one_clear_line(tmp_path, capsys):
         code = main(["generate", str(manifest), "--out", str(tmp_path / "out"), *flags])
         err = capsys.readouterr().err
         assert code == 1 and needle in err and "Traceback" not in err, (flags, err[-2000:])
+        if flags[0] == "--address":  # the flag to check is named, and only that one
+            assert "(check --address / RAY_ADDRESS)" in err and "--actors" not in err, err
     proc = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"), "--backend", "tensorrt", "--device", "cpu")
     assert proc.returncode == 1 and "--backend tensorrt needs an NVIDIA GPU" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -16,6 +16,7 @@ and every step trains on as many class samples as instance samples, their loss w
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -28,7 +29,7 @@ from actors.train.config import TrainConfig
 from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
                              local_gpu_shortfall)
 from jobs.console import command_log, log
-from jobs.errors import FinetuneError, root_cause
+from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
 from manifests.stores import folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket, url_to_fs
@@ -87,6 +88,41 @@ def run_finetune(cfg: TrainConfig) -> dict:
     _check_same_run(fs, root, record, cfg)
     if not fs.exists(f"{root}/finetune.json"):  # from here on --out is this fine-tune's: a rerun may use it
         _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
+    with _status_on_the_way_out(fs, root, record, cfg):
+        result = _draw_and_train(cfg, train, base, fs, root, record, rows, resolution)
+
+    # 4. the summary
+    summary = {**record, "status": "finished", "steps": cfg.steps, "rows": rows, "resolution": resolution,
+               "final_metrics": result, "wall_seconds": round(time.time() - started, 3),
+               "output": fs.unstrip_protocol(root), "config": cfg.model_dump(),
+               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    _write_json(fs, f"{root}/finetune.json", summary)
+    return summary
+
+
+
+@contextlib.contextmanager
+def _status_on_the_way_out(fs, root: str, record: dict, cfg: TrainConfig):
+    """Whatever stops the fine-tune once finetune.json exists is recorded there: `interrupted` for Ctrl-C (the
+    CLI says how to resume), `failed` with the error for anything else (no GPU, a cluster too small, a class
+    image draw that failed), so the file never says `starting` or `running` of a run that ended."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _write_json(fs, f"{root}/finetune.json", {**record, "status": "interrupted", "config": cfg.model_dump()})
+        raise
+    except Exception as exc:
+        error = describe_error(exc) or one_line(exc)
+        with contextlib.suppress(Exception):  # the store may be what failed: the error itself is what to show
+            _write_json(fs, f"{root}/finetune.json", {**record, "status": "failed", "error": error,
+                                                      "config": cfg.model_dump()})
+        raise
+
+
+def _draw_and_train(cfg: TrainConfig, train: TrainConfig, base, fs, root: str, record: dict, rows: int,
+                    resolution: int) -> dict:
+    """The class images (DreamBooth's prior), then Ray and the training run; returns the final metrics."""
+    class_data = train.class_data
     if cfg.class_prompts:  # before this run's Ray: generation starts and stops its own
         class_rows = draw_class_images(cfg, fs, root, resolution)
         log(f"prior preservation: {class_rows} class images of {_quoted(cfg.class_prompts)} in {class_data}")
@@ -110,26 +146,9 @@ def run_finetune(cfg: TrainConfig) -> dict:
                 f"{cfg.batch_size * cfg.workers * cfg.grad_accum}, {resolution} px; out: {cfg.out}")
             _write_json(fs, f"{root}/finetune.json", {**record, "status": "running", "config": cfg.model_dump()})
             with TrainProgress(fs, f"{root}/train_log.jsonl", cfg, follow=not cfg.verbose):
-                try:
-                    result = _fit(cfg, train, base, scaling, fs, root)
-                except KeyboardInterrupt:  # the CLI says how to resume; finetune.json no longer says "running"
-                    _write_json(fs, f"{root}/finetune.json", {**record, "status": "interrupted",
-                                                              "config": cfg.model_dump()})
-                    raise
-                except FinetuneError as exc:
-                    _write_json(fs, f"{root}/finetune.json", {**record, "status": "failed", "error": str(exc),
-                                                              "config": cfg.model_dump()})
-                    raise
+                return _fit(cfg, train, base, scaling, fs, root)
         finally:
             disconnect()
-
-    # 4. the summary
-    summary = {**record, "status": "finished", "steps": cfg.steps, "rows": rows, "resolution": resolution,
-               "final_metrics": result, "wall_seconds": round(time.time() - started, 3),
-               "output": fs.unstrip_protocol(root), "config": cfg.model_dump(),
-               "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    _write_json(fs, f"{root}/finetune.json", summary)
-    return summary
 
 
 class TrainProgress:

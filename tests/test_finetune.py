@@ -833,6 +833,20 @@ def build_tiny():
     return build_preset("tiny")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_fine_tune_that_stops_before_training_says_failed_in_finetune_json(dataset, tmp_path, capsys):
+    """`--gpu` where Ray finds no GPU stops once Ray is up: one line, exit 1, and finetune.json says `failed`
+    with that line (it said `starting` for good)."""
+    from jobs.cli import main
+
+    out = tmp_path / "tune"
+    code = main(["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), "--gpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "--gpu: this machine has no GPU Ray can use" in err and "Traceback" not in err, err[-2000:]
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["status"] == "failed" and record["error"].startswith("--gpu: this machine has no GPU"), record
+
+
 def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, tmp_path):
     """Ctrl-C reaches Ray Train's own handler, which aborts the run and exits 1 with nothing said; sdfleet
     says it was interrupted and how to resume, exits 130, and finetune.json no longer says "running"."""

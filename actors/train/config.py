@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
     lora_layers: Literal["attention", "transformer", "all"] | None = Field(
         default=None, description="lora: the UNet layers it adapts. attention (default): the attention projections; "
         "transformer: every linear layer of the transformer blocks (what every backend can adapt); all: also the "
-        "ResNet convolutions (LoCon: more capacity, eager backend only)")
+        "ResNet convolutions (LoCon: more capacity; the eager and compile backends draw it)")
     token: str | None = Field(default=None, min_length=1, description="textual-inversion: the new word it learns, "
                               "as the captions and later prompts spell it (such as <my-mug>)")
     init_word: str | None = Field(default=None, description="textual-inversion: a one-token word whose embedding the "

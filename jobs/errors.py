@@ -5,6 +5,8 @@ The drivers' own errors are defined here, so the CLI can name every kind without
 
 from __future__ import annotations
 
+import re
+
 from manifests.schema import error_line
 
 
@@ -94,4 +96,12 @@ def root_cause(exc: BaseException) -> str:
         if str(exc).strip():
             said = exc
     text = str(said).strip().splitlines()
+    # Ray Data appends its retry notice to an error raised in its tasks ("Failed to ... after 1/1 attempts
+    # (total backoff 0.0s)." and a tip on configuring retries): the error is the line before it
+    retried = [i for i, line in enumerate(text) if RAY_DATA_RETRY_NOTICE.match(line)]
+    if retried and retried[-1] > 0:
+        text = text[:retried[-1]]
     return text[-1] if text else type(said).__name__
+
+
+RAY_DATA_RETRY_NOTICE = re.compile(r"Failed to .* after \d+/\d+ attempts \(total backoff [\d.]+s\)\.$")

@@ -232,6 +232,22 @@ def test_the_reason_an_actor_died_is_said_not_ray_datas_empty_marker():
     assert root_cause(outer) == "the innermost says most"
 
 
+def test_the_error_in_a_ray_data_task_is_said_not_ray_datas_retry_tip():
+    """Ray Data appends its retry notice and a tip on configuring retries to an error raised in its tasks: a
+    manifest gone while the plan ran said only "the run stopped: To change retry attempts, backoff, ..."."""
+    from ray.data._internal.util import _annotate_exception_with_retry_context
+
+    from jobs.errors import root_cause
+
+    for message in ("ManifestError: /m.parquet is not a readable Parquet file: [Errno 2] No such file or directory",
+                    "Traceback (most recent call last):\n  ...\nOSError: AWS Error ACCESS_DENIED during GetObject"):
+        exc = _annotate_exception_with_retry_context(
+            ValueError(message), description="call map_batches", attempts=1, max_attempts=1, total_backoff_s=0.0,
+            exception_str=message)
+        assert "To change retry attempts" in str(exc)  # Ray still says it this way
+        assert root_cause(exc) == message.splitlines()[-1], str(exc)
+
+
 def test_a_store_that_refuses_this_reader_names_the_flag_and_place(monkeypatch, tmp_path):
     """Credentials a store refuses came back as a bare "Forbidden", naming neither the flag nor the place."""
     from fsspec.implementations.memory import MemoryFileSystem

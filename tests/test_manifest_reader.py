@@ -490,6 +490,27 @@ def test_atomic_write_on_local_disk_leaves_no_temporary_file(tmp_path):
     assert os.listdir(target.parent) == ["part.parquet"]
 
 
+def test_atomic_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk fails the write part-way: the part written is removed, not left beside the images (a rerun
+    does not clear temp files younger than an hour, and the disk has just run out)."""
+    fs = fsspec.filesystem("file")
+    target = tmp_path / "out" / "images" / "r1.png"
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(fs, str(target), b"x" * 4096)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert os.listdir(target.parent) == []
+    (tmp_path / "out" / "images" / "r2.png").mkdir()  # os.replace onto a folder fails after the whole write
+    with pytest.raises(OSError):
+        atomic_write(fs, str(target.parent / "r2.png"), b"y")
+    assert os.listdir(target.parent) == ["r2.png"]
+
+
 def test_write_part_on_local_disk_is_complete_and_alone(tmp_path):
     fs = fsspec.filesystem("file")
     root = str(tmp_path / "out")

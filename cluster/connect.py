@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 # Environment variables an actor needs to behave like the driver. Only names: values are read from the
@@ -24,6 +25,38 @@ READ_CPU_RESERVE = 1.0
 
 class ClusterError(Exception):
     """Ray cannot be reached or cannot host the requested actors."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes stopping a pod, `ray job stop`, a scheduler's kill), raised where Ctrl-C's
+    KeyboardInterrupt would be, so a command stops the way Ctrl-C stops it: what finished is kept."""
+
+
+_SIGTERM_RECEIVED = threading.Event()
+
+
+def stopped_by_sigterm() -> bool:
+    """Whether this process received SIGTERM while connected to Ray: a library that catches the KeyboardInterrupt
+    and exits in its own way (Ray Train aborts the run, then calls sys.exit) loses which signal it was."""
+    return _SIGTERM_RECEIVED.is_set()
+
+
+def _stop_on_sigterm() -> None:
+    """Take SIGTERM back from Ray, whose driver handler calls sys.exit(15): that skipped every `except
+    KeyboardInterrupt`, so rows back at the driver went unrecorded, and the command ended with no word. A
+    second SIGTERM while the first is handled ends the process at once."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (a test's thread; Ray kept its own)
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _SIGTERM_RECEIVED.set()
+        raise Terminated()
+
+    _SIGTERM_RECEIVED.clear()
+    signal.signal(signal.SIGTERM, handler)
 
 
 @dataclass(frozen=True)
@@ -193,6 +226,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             hint = ("; if the cluster uses token authentication (what `ray start` turns on since Ray 2.60), set "
                     "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN" + hint)
         raise ClusterError(f"cannot connect to {address}: {exc}{hint}") from exc
+    _stop_on_sigterm()
     resources = dict(ray.cluster_resources())
     if address:
         # A joined cluster may be running other jobs: CPU actors are sized from the CPUs free now, so two runs
@@ -235,6 +269,8 @@ def disconnect() -> None:
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=5)
     ray.shutdown()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Ray's handler or ours: neither applies once Ray is left
 
 
 def _check_reachable(address: str, seconds: float = 10.0) -> None:

@@ -15,6 +15,7 @@ import sys
 from pydantic import ValidationError
 
 EXIT_OK, EXIT_ERROR, EXIT_ROWS = 0, 1, 2
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 MAX_THUMB = 1024  # report and sheet: a thumbnail larger than this is the image itself (OUT/images)
 
 
@@ -224,10 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
+        from cluster.connect import stopped_by_sigterm
+
         what = {"generate": "finished rows are in the ledger or, written since its last part, are recovered from "
                             "their images by the rerun; rerun to continue",
                 "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
                             "resume from the newest"}.get(args.command, "nothing more was done")
+        if stopped_by_sigterm():  # Ray's C++ waits turn the handler's Terminated into a plain KeyboardInterrupt
+            print(f"sdfleet: stopped by SIGTERM; {what}", file=sys.stderr)
+            return EXIT_TERMINATED
         print(f"sdfleet: interrupted; {what}", file=sys.stderr)
         return 130
     except Exception as exc:  # the typed errors of the library, said in one line with a hint

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 from helpers import REPO
 
@@ -42,3 +46,32 @@ def test_leaving_a_local_ray_stops_every_process_it_started():
     assert found["left"] == [] and not found["initialized"], found
     # the monitor was gone before ray.shutdown() came to it: no second spent on its SIGTERM
     assert "monitor" not in found["reached_alive"] and "raylet" in found["reached_alive"], found
+
+
+def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembered(monkeypatch):
+    """After ray.init (whose driver handler calls sys.exit(15), skipping every `except KeyboardInterrupt`),
+    SIGTERM raises a KeyboardInterrupt, and the process remembers it was SIGTERM: Ray's C++ waits turn the
+    handler's exception into a plain KeyboardInterrupt, and the CLI says 'stopped by SIGTERM', exit 143."""
+    import signal
+
+    from cluster import connect as connect_module
+    from jobs import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        connect_module._stop_on_sigterm()
+        assert not connect_module.stopped_by_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode
+        assert connect_module.stopped_by_sigterm()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM ends the process at once
+
+        def stopped(args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli, "cmd_report", stopped)
+        assert cli.main(["report", "out"]) == cli.EXIT_TERMINATED == 143
+    finally:
+        connect_module._SIGTERM_RECEIVED.clear()
+        signal.signal(signal.SIGTERM, before)

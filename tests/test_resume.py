@@ -135,10 +135,13 @@ def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_fini
     assert sorted(after) == sorted(r["id"] for r in records)
 
 
-def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_recovered(tmp_path):
+@pytest.mark.parametrize("signum, code, said_", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "stopped by SIGTERM")], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_recovered(tmp_path, signum, code, said_):
     """Ctrl-C (SIGINT to the driver): the rows that came back are in the ledger, as the CLI says, even inside
     the ledger's flush window; local Ray goes with the driver; a rerun draws the rest and says how many
-    images it recovered rather than counting them as drawn."""
+    images it recovered rather than counting them as drawn. SIGTERM (Kubernetes, `ray job stop`) the same,
+    exit 143: Ray's own handler exited 15 with nothing said and the rows back at the driver unrecorded."""
     records = rows(24, steps=3)
     manifest = write_manifest(tmp_path / "m.parquet", records)
     out = tmp_path / "out"
@@ -154,11 +157,11 @@ def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_re
         time.sleep(0.2)
     time.sleep(1)  # the first batch's rows are back at the driver by now
     codes = []
-    outlived = _ray_outlives(proc.pid, lambda: (proc.send_signal(signal.SIGINT), codes.append(proc.wait(timeout=120))))
-    assert codes == [130], (tmp_path / "run1.log").read_text()[-3000:]
+    outlived = _ray_outlives(proc.pid, lambda: (proc.send_signal(signum), codes.append(proc.wait(timeout=120))))
+    assert codes == [code], (tmp_path / "run1.log").read_text()[-3000:]
     assert not outlived, "local Ray outlived the interrupted driver"
     said = (tmp_path / "run1.log").read_text()
-    assert "interrupted; finished rows are in the ledger" in said and "Traceback" not in said, said[-3000:]
+    assert f"{said_}; finished rows are in the ledger" in said and "Traceback" not in said, said[-3000:]
     recorded = {e["id"] for e in ledger(out) if e["status"] == "ok"}
     written = _images(out)
     assert 4 <= len(recorded) and recorded <= set(written) and len(written) < len(records), (recorded, written)

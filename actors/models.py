@@ -121,13 +121,18 @@ def _describe_uri(name: str, ref: str, fs, root: str) -> ModelInfo:
     keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
     listing = _store_listing(fs, root, keep)
     _check_weights(name, ref, keep, list(listing))
+    configs = {rel: json.loads(fs.cat_file(f"{root}/{rel}")) for rel in _CONFIGS if fs.exists(f"{root}/{rel}")}
+    return _from_configs(name, ref, "uri", _listing_fingerprint(listing), configs)
+
+
+def _listing_fingerprint(listing: dict[str, dict]) -> str:
+    """A stored model's fingerprint, from its files' names, sizes and the store's version stamps (object stores
+    give an ETag or checksum per object: enough to notice a replaced file, without reading gigabytes)."""
     h = hashlib.sha256()
     for rel, info in listing.items():
-        # Object stores give an ETag or checksum per object: enough to notice a replaced file.
         stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or info.get("LastModified")
         h.update(f"{rel}|{info.get('size')}|{stamp}\n".encode())
-    configs = {rel: json.loads(fs.cat_file(f"{root}/{rel}")) for rel in _CONFIGS if fs.exists(f"{root}/{rel}")}
-    return _from_configs(name, ref, "uri", f"uri:{h.hexdigest()[:16]}", configs)
+    return f"uri:{h.hexdigest()[:16]}"
 
 
 def _describe_folder(name: str, ref: str, path: Path) -> ModelInfo:
@@ -136,13 +141,31 @@ def _describe_folder(name: str, ref: str, path: Path) -> ModelInfo:
     keep = _model_files(json.loads((path / "model_index.json").read_text()))
     files = sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep))
     _check_weights(name, ref, keep, [p.relative_to(path).as_posix() for p in files])
+    configs = {rel: json.loads((path / rel).read_text()) for rel in _CONFIGS if (path / rel).is_file()}
+    return _from_configs(name, ref, "directory", _folder_fingerprint(path, files), configs)
+
+
+def _folder_fingerprint(path: Path, files: list[Path] | None = None) -> str:
+    """A model directory's fingerprint: the hash of its model files' names and contents (digests cached by size,
+    mtime and inode, so an unchanged folder costs a stat per file)."""
+    if files is None:
+        keep = _model_files(json.loads((path / "model_index.json").read_text()))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_model_file(p.relative_to(path).as_posix(), keep))
     digests = _cached_digests(path, files)
     h = hashlib.sha256()
     for file in files:
         h.update(file.relative_to(path).as_posix().encode())
         h.update(digests[file])
-    configs = {rel: json.loads((path / rel).read_text()) for rel in _CONFIGS if (path / rel).is_file()}
-    return _from_configs(name, ref, "directory", f"dir:{h.hexdigest()[:16]}", configs)
+    return f"dir:{h.hexdigest()[:16]}"
+
+
+def _changed_since_planned(model: str, planned: str, now: str) -> ModelError:
+    """A model whose files changed after the driver fingerprinted it (a fine-tune publishing to the same place
+    while the nightly runs): drawing it would label the new weights' images with the old fingerprint, and every
+    later run would skip them as done."""
+    return ModelError(f"model {model} changed since this run was planned (fingerprint {planned} then, {now} now): "
+                      "its rows are not drawn with other weights than the ones they were planned with; rerun to draw "
+                      "them with what is there now")
 
 
 # The top-level files of a model directory that describe it; its weights live in the component folders.
@@ -273,12 +296,22 @@ def local_copy(ref: str, fingerprint: str) -> str:
     try:
         # only what the pipeline loads: a fine-tune's checkpoints and logs beside the model stay in the store
         keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
-        for rel in _store_listing(fs, root, keep):
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{root}/{rel}", str(staging / rel))
+        # the copy is filed under `fingerprint`: it must be that version, listed so before and after the copy
+        # (weights replaced since the plan, or while they were copied, would be drawn under the old fingerprint
+        # by every run on this node that asks for that version)
+        listing = _store_listing(fs, root, keep)
+        now = _listing_fingerprint(listing)
+        if now == fingerprint:
+            for rel in listing:
+                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{root}/{rel}", str(staging / rel))
+            now = _listing_fingerprint(_store_listing(fs, root, keep))
     except Exception as exc:  # noqa: BLE001 - a store that stops answering, a file gone since describe_model
         shutil.rmtree(staging, ignore_errors=True)
         raise ModelError(f"model {ref} could not be copied from its store ({error_line(exc)})") from exc
+    if now != fingerprint:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _changed_since_planned(ref, fingerprint, now)
     try:
         staging.rename(target)  # another actor on this node may have won the race: theirs is as good
     except OSError:
@@ -306,13 +339,22 @@ def load_pipeline(info: ModelInfo, device: str = "cpu", dtype=None):
         pipe = build_preset(info.ref)
     else:
         source = local_copy(info.ref, info.fingerprint) if info.kind == "uri" else info.ref.removeprefix("file://")
+        # the hub's revision the run was planned against (its fingerprint is hub:REPO@SHA), not what is newest now
+        revision = info.fingerprint.rpartition("@")[2] if info.kind == "hub" else None
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 source, use_safetensors=True, dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                revision=revision,
             )
         except (OSError, ValueError, EnvironmentError) as exc:
             raise ModelError(f"model {info.name}={info.ref} did not load: {exc}") from exc
         pipe.set_progress_bar_config(disable=True)
+        if info.kind == "directory":
+            # checked after loading: a file replaced before or while it was read has a new inode or mtime, so
+            # it is hashed again (an unchanged folder costs a stat per file)
+            now = _folder_fingerprint(Path(source).expanduser())
+            if now != info.fingerprint:
+                raise _changed_since_planned(f"{info.name}={info.ref}", info.fingerprint, now)
     if pipe.unet.dtype != dtype:
         pipe = pipe.to(dtype=dtype)
     return pipe.to(device)

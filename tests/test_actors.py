@@ -331,6 +331,34 @@ def test_model_from_an_fsspec_uri_is_cached_once_and_loads(tmp_path, monkeypatch
     assert np.abs(after.astype(int) - before).max() > 0, "the new weights must be the ones drawn"
 
 
+def test_a_model_changed_after_the_plan_is_refused_not_drawn_under_its_old_fingerprint(tmp_path, monkeypatch):
+    """The driver fingerprints a model; an actor loads it later (minutes later on a node the autoscaler adds,
+    hours later after a crash). Weights replaced in between were drawn and recorded under the old
+    fingerprint, so the next run skipped them as done; a stored model's node copy kept the new weights under
+    the old version for every later run. Now the load says the model changed, and nothing is cached."""
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    export_preset("tiny", str(tmp_path / "tiny"))
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    state = load_file(str(tmp_path / "tiny" / unet))
+    other = save({k: v * 1.5 if k.endswith("conv_out.weight") else v for k, v in state.items()})
+
+    fs = fsspec.filesystem("memory")
+    fs.put(str(tmp_path / "tiny"), "/models/swapped", recursive=True)
+    planned = describe_model("remote", "memory://models/swapped")
+    fs.rm(f"/models/swapped/{unet}")
+    fs.pipe_file(f"/models/swapped/{unet}", other + b"\n")  # another size: memory:// gives no version stamp
+    with pytest.raises(ModelError, match=r"model memory://models/swapped changed since this run was planned"):
+        load_pipeline(planned)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+    folder = tmp_path / "tiny"
+    planned = describe_model("default", str(folder))
+    assert load_pipeline(planned) is not None  # unchanged: loads
+    (folder / unet).write_bytes(other)  # the same size, new contents (a fine-tune publishing in place)
+    with pytest.raises(ModelError, match=f"model default={folder} changed since this run was planned"):
+        load_pipeline(planned)
+
+
 @pytest.fixture
 def http_folder(tmp_path):
     """A plain HTTP server (index pages, no object listing API) over tmp_path/served; yields the folder and URL."""

@@ -21,7 +21,7 @@ from actors.backends import make_backend
 from actors.batch_size import AUTO_BLOCK, BatchSizes
 from actors.crash_journal import kill_if_asked
 from actors.finish import finish_rows
-from actors.models import ModelInfo, load_pipeline
+from actors.models import ModelError, ModelInfo, load_pipeline
 from actors import metrics
 from manifests.rows import DRAWN_SCHEMA, RESULT_SCHEMA, to_table
 from manifests.stores import url_to_fs
@@ -54,6 +54,7 @@ class GeneratorActor:
         self.block = AUTO_BLOCK if batch_size == "auto" else batch_size  # the most rows one call brings
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._loaded: tuple[str, Any] | None = None
+        self._unloadable: dict[str, ModelError] = {}  # models that did not load: their rows fail without a reload
         self.store = AdapterStore(adapters_uri) if adapters_uri else None
         self.backend_name, self.backend_cache, self.compile_mode = backend, backend_cache, compile_mode
         self.backend: Backend | None = None  # around the loaded pipeline
@@ -89,6 +90,8 @@ class GeneratorActor:
 
     def pipeline(self, name: str) -> Backend:
         """The backend around model `name`'s pipeline; one model is held at a time (the planner groups rows by model)."""
+        if name in self._unloadable:  # a batch that failed is drawn again row by row: one load failure is enough
+            raise self._unloadable[name]
         if self._loaded is None or self._loaded[0] != name:
             if self.backend is not None:
                 self.swaps_before = (self.swaps_before[0] + self.backend.swaps,
@@ -96,7 +99,11 @@ class GeneratorActor:
             self._loaded, self.backend = None, None  # free the old pipeline before loading the next ...
             self._free_memory()  # ... now: the graph backends hold it in reference cycles
             info = self.models[name]
-            pipe = load_pipeline(info, self.device, self.dtype)
+            try:
+                pipe = load_pipeline(info, self.device, self.dtype)
+            except ModelError as exc:
+                self._unloadable[name] = exc
+                raise
             self.backend = make_backend(self.backend_name, pipe, self.store, cache_uri=self.backend_cache,
                                         fingerprint=info.fingerprint, max_batch=self.block,
                                         compile_mode=self.compile_mode)

@@ -359,6 +359,31 @@ def test_a_model_changed_after_the_plan_is_refused_not_drawn_under_its_old_finge
         load_pipeline(planned)
 
 
+def test_rows_of_a_model_that_does_not_load_fail_after_one_load(tmp_path, monkeypatch):
+    """A batch whose model fails to load is drawn again row by row (a row might be the one that broke it): each
+    row loaded the model again, so a bad SD 2.1 folder cost a full load per row. Now the actor remembers."""
+    import dataclasses
+
+    from actors import actor as actor_module
+    from actors.actor import GeneratorActor
+
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    export_preset("tiny", str(tmp_path / "other"))
+    models = {"default": dataclasses.asdict(describe_model("default", "tiny")),
+              "other": dataclasses.asdict(describe_model("other", str(tmp_path / "other")))}
+    weights = tmp_path / "other" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(save({k: v * 1.5 for k, v in load_file(str(weights)).items()}))  # replaced after the plan
+    loads = []
+    real = actor_module.load_pipeline
+    monkeypatch.setattr(actor_module, "load_pipeline", lambda info, *a: loads.append(info.name) or real(info, *a))
+    actor = GeneratorActor(models, str(tmp_path / "out"), 4, torch_threads=1)
+    rows = [{**row, "model": "other"} for row in resolved_rows(3)]
+    drawn = actor._torch.submit(actor.draw, rows).result()
+    assert [row["status"] for row in drawn] == ["failed"] * 3
+    assert all("changed since this run was planned" in row["error"] for row in drawn), drawn[0]["error"]
+    assert loads == ["default", "other"]
+
+
 @pytest.fixture
 def http_folder(tmp_path):
     """A plain HTTP server (index pages, no object listing API) over tmp_path/served; yields the folder and URL."""

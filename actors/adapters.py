@@ -23,7 +23,7 @@ from typing import Literal
 
 import fsspec
 
-from manifests.stores import fs_protocols, is_local_fs, url_to_fs
+from manifests.stores import VERSION_FIELDS, fs_protocols, is_local_fs, url_to_fs
 from manifests.schema import error_line, first_few, is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -36,9 +36,8 @@ DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up
 # Keys that hold an embedding but do not name its token (kohya/A1111 exports); the file name is the token then.
 GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*")
 FINGERPRINT_CHARS = 16
-# Object stores whose version tag changes whenever a file's bytes do (s3fs: ETag; gcsfs: generation; adlfs:
-# etag), the field that holds it, and the protocols they answer to. HTTP's ETags may be weak: not used.
-VERSION_FIELDS = ("ETag", "etag", "generation")
+# The protocols of object stores whose version tag changes whenever a file's bytes do (the fields that hold
+# it: manifests.stores.VERSION_FIELDS).
 VERSIONED_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
 
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import coerced_id, error_line
-from manifests.stores import is_local_fs, tree_files, url_to_fs
+from manifests.stores import file_stamp, is_local_fs, tree_files, url_to_fs
 
 
 MANIFEST_READS = 16  # manifest files the driver reads at once
@@ -60,6 +60,7 @@ class ManifestPart:
     first_row: int  # position of the part's first row in its file
     num_rows: int
     row_groups: int = 1  # how many row groups, from `row_group` on
+    stamp: str = ""  # the file's version when the driver read it (manifests.stores.file_stamp); "" unchecked
 
 
 def expand_manifest_paths(paths: list[str]) -> list[str]:
@@ -131,15 +132,17 @@ def _opened(uri: str) -> Iterator[pq.ParquetFile]:
         pf.close(force=True)  # force: the file object was opened here, not by pyarrow
 
 
-def _each_file(uris: list[str], read: Callable[[str, pq.ParquetFile], Any]) -> Iterator[Any]:
+def _each_file(uris: list[str], read: Callable[..., Any], stamped: bool = False) -> Iterator[Any]:
     """`read(uri, opened file)` for every manifest, MANIFEST_READS files at a time, yielded in the order given:
     a catalogue kept as hundreds of files on an object store is mostly waiting on round trips, read one by one.
-    The first error stops the reads not yet started."""
+    The first error stops the reads not yet started. `stamped`: `read(uri, opened file, the file's stamp)`, the
+    stamp taken before the file is opened (a file replaced in between then fails the plan's check: safe)."""
 
     def opened(uri: str) -> Any:
+        stamp = _stamp(uri) if stamped else None
         with _opened(uri) as pf:
             try:
-                return read(uri, pf)
+                return read(uri, pf, stamp) if stamped else read(uri, pf)
             except (OSError, pa.ArrowException) as exc:
                 raise DamagedManifest(f"{uri} cannot be read ({error_line(exc)}): {DAMAGED_HINT}") from exc
 
@@ -172,7 +175,7 @@ class Survey:
 def survey(uris: list[str]) -> Survey:
     """Footers, `id` and `adapters` columns of every manifest, each file opened once (see `_each_file`)."""
     found = Survey(uris, 0, collections.Counter(), set(), [])
-    for uri, (rows, file_counts, file_names, parts, columns) in zip(uris, _each_file(uris, _survey_file)):
+    for uri, (rows, file_counts, file_names, parts, columns) in zip(uris, _each_file(uris, _survey_file, True)):
         found.total += rows  # merged as they come
         found.id_counts.update(file_counts)
         found.adapter_names |= file_names
@@ -182,18 +185,18 @@ def survey(uris: list[str]) -> Survey:
     return found
 
 
-def _survey_file(uri: str, pf: pq.ParquetFile) -> tuple[int, collections.Counter, set[str], list[ManifestPart],
-                                                          list[str]]:
-    return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf), pf.schema_arrow.names
+def _survey_file(uri: str, pf: pq.ParquetFile, stamp: str = "") -> tuple[
+        int, collections.Counter, set[str], list[ManifestPart], list[str]]:
+    return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf, stamp), pf.schema_arrow.names
 
 
-def _parts(uri: str, pf: pq.ParquetFile) -> list[ManifestPart]:
+def _parts(uri: str, pf: pq.ParquetFile, stamp: str = "") -> list[ManifestPart]:
     parts, first, meta = [], 0, pf.metadata
     start = rows = count = 0
     for rg in range(meta.num_row_groups + 1):
         n = meta.row_group(rg).num_rows if rg < meta.num_row_groups else None
         if count and (n is None or rows + n > PART_ROWS):  # close the part so far before this group
-            parts.append(ManifestPart(uri, start, first - rows, rows, count))
+            parts.append(ManifestPart(uri, start, first - rows, rows, count, stamp))
             rows = count = 0
         if n is None:
             break
@@ -207,14 +210,16 @@ def _parts(uri: str, pf: pq.ParquetFile) -> list[ManifestPart]:
 
 def plan_parts(uris: list[str]) -> list[ManifestPart]:
     """The parts of every manifest, from footers alone."""
-    return [p for file_parts in _each_file(uris, _parts) for p in file_parts]
+    return [p for file_parts in _each_file(uris, _parts, True) for p in file_parts]
 
 
 def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int, dict[str, Any] | Unreadable]]:
     """Yield (row position in file, row as a dict) for one part, reading `batch_rows` at a time.
 
-    The rows of a row group whose data cannot be decoded come as `Unreadable`, and the next row group is read."""
+    The rows of a row group whose data cannot be decoded come as `Unreadable`, and the next row group is read.
+    A part whose file changed since the driver surveyed it raises ManifestError, before and after its rows."""
     position = part.first_row
+    _check_unchanged(part)
     with _opened(part.uri) as pf:
         meta = pf.metadata
         for rg in range(part.row_group, part.row_group + part.row_groups):
@@ -231,6 +236,27 @@ def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int,
                 for pos in range(position, end):
                     yield pos, Unreadable(ids[pos - start], error)
             position = end
+    _check_unchanged(part)  # what was read is the version surveyed, not one replaced while it was read
+
+
+def _stamp(uri: str) -> str:
+    fs, path = url_to_fs(uri)
+    try:
+        return file_stamp(fs, path)
+    except FileNotFoundError as exc:
+        raise ManifestError(f"manifest {uri} does not exist") from exc
+    except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
+        raise ManifestError(f"manifest {uri} cannot be read ({error_line(exc)})") from exc
+
+
+def _check_unchanged(part: ManifestPart) -> None:
+    """The survey counted the rows of every manifest and checked their ids across all of them: a file
+    rewritten since (the catalogue export running again) would be planned unchecked, its duplicate ids drawn
+    over each other and rows missing from the ledger."""
+    if part.stamp and (now := _stamp(part.uri)) != part.stamp:
+        raise ManifestError(f"manifest {part.uri} changed since this run read it ({part.stamp} then, {now} now): its "
+                            "rows were counted and their ids checked on the version read first; rerun once it is "
+                            "written whole (nothing was drawn from the new version)")
 
 
 def _row_group_ids(pf: pq.ParquetFile, rg: int) -> list[Any]:

@@ -6,6 +6,7 @@ a local path is only shared on one machine, or where the user says it is a mount
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -108,6 +109,25 @@ def stored_at(info: dict) -> float | None:
         if isinstance(value, dt.datetime):
             return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
     return None
+
+
+# The fields in which object stores give a version tag that changes whenever a file's bytes do (s3fs: ETag;
+# gcsfs: generation; adlfs: etag). HTTP's ETags may be weak ("W/..."): not used.
+VERSION_FIELDS = ("ETag", "etag", "generation")
+
+
+def file_stamp(fs, path: str) -> str:
+    """What identifies the version of a file now: its size and the store's version tag, or its last write time
+    where there is no tag (a local disk). Read past fsspec's listing cache. Equal stamps: the same file, as far
+    as the store can say without reading it."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        fs.invalidate_cache(path)
+    info = fs.info(path)
+    tag = next((str(info[f]) for f in VERSION_FIELDS if info.get(f) and not str(info[f]).startswith("W/")), None)
+    if tag:
+        return f"size={info.get('size')}; tag={tag}"
+    inode = f"; inode={info['ino']}" if info.get("ino") else ""  # a local file replaced by a rename
+    return f"size={info.get('size')}; written={stored_at(info)}{inode}"
 
 
 def tree_files(fs, root: str) -> list[str]:

@@ -19,6 +19,7 @@ from manifests.ledger import (
 )
 from manifests.reader import (
     LEDGER_PART, ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts, read_part,
+    survey,
 )
 from manifests.schema import validate_row
 
@@ -284,6 +285,30 @@ def test_parts_from_plan_travel_as_plain_records(memfs, monkeypatch):
     part = plan_parts(expand_manifest_paths([f"{root}/a.parquet"]))[1]
     again = ManifestPart(**vars(part))
     assert [pos for pos, _ in read_part(again)] == [2, 3]
+
+
+@pytest.mark.parametrize("store", ["local", "memory"])
+def test_a_manifest_rewritten_after_the_survey_is_refused_not_planned_unchecked(memfs, tmp_path, store):
+    """The survey counts every manifest's rows and checks their ids across all of them; the plan tasks read the
+    files again. A catalogue export that rewrote a file in between (same row count, now with a duplicate id)
+    was planned unchecked: two `ok` entries for one id, one image, and a row missing from the ledger."""
+    if store == "local":
+        path = str(tmp_path / "m.parquet")
+        write = lambda data: open(path, "wb").write(data)  # noqa: E731
+    else:
+        fs, root = memfs
+        path = f"memory://{root}/m.parquet"
+        write = lambda data: fs.pipe_file(f"{root}/m.parquet", data)  # noqa: E731
+    write(parquet_bytes(records(4)))
+    (part,) = survey(expand_manifest_paths([path])).parts
+    assert part.stamp and [pos for pos, _ in read_part(part)] == [0, 1, 2, 3]
+    twice = records(4)
+    twice[3]["id"] = twice[2]["id"]
+    write(parquet_bytes(twice))  # the same size
+    if store == "local":
+        os.utime(path, ns=(1, 1))  # another write time, whatever the file system's clock granularity
+    with pytest.raises(ManifestError, match=r"m\.parquet changed since this run read it .*rerun once it is written whole"):
+        list(read_part(ManifestPart(**vars(part))))
 
 
 def test_empty_manifest_has_no_parts(tmp_path):

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 # Environment variables an actor needs to behave like the driver. Only names: values are read from the
@@ -39,6 +40,79 @@ def stopped_by_sigterm() -> bool:
     """Whether this process received SIGTERM while connected to Ray: a library that catches the KeyboardInterrupt
     and exits in its own way (Ray Train aborts the run, then calls sys.exit) loses which signal it was."""
     return _SIGTERM_RECEIVED.is_set()
+
+
+# How long the cluster's GCS may refuse connections before a command gives up on it. Ray's driver gives up after
+# 60 s (gcs_rpc_server_reconnect_timeout_s) by ending the process from C++, its message in the log file only; a
+# GCS that restarts (KubeRay's GCS fault tolerance) is waited for as long as Ray is told to wait for it.
+GCS_LOST_SECONDS = 15.0
+RAY_GCS_WAIT = "RAY_gcs_rpc_server_reconnect_timeout_s"
+
+
+def gcs_lost_seconds() -> float:
+    """GCS_LOST_SECONDS, or where Ray is told to wait longer than its default 60 s for a GCS to come back, all
+    but the last 10 s of that."""
+    try:
+        ray_waits = float(os.environ.get(RAY_GCS_WAIT, "60"))
+    except ValueError:
+        ray_waits = 60.0
+    return max(GCS_LOST_SECONDS, ray_waits - 10) if ray_waits > 60 else GCS_LOST_SECONDS
+_LOST: list[str] = []  # why the cluster was given up on, once it has been
+
+
+def cluster_lost() -> str | None:
+    """Why this process gave up on its Ray cluster (`watch_cluster`), or None."""
+    return _LOST[0] if _LOST else None
+
+
+@contextlib.contextmanager
+def watch_cluster(say, give_up=None, seconds: float | None = None, every: float = 2.0, grace: float = 10.0):
+    """While the body runs, try the cluster's GCS port every `every` seconds. Once it has refused connections
+    for `seconds` (the head pod gone, the GCS killed), `say` so at once and interrupt the main thread as Ctrl-C
+    would, so the command keeps what finished and ends with one line (`cluster_lost` says why). A main thread
+    held in a Ray call that waits out Ray's own timeout (its driver then ends the process from C++, 60 s after
+    the GCS went, saying so only in the log file) is not interrupted: after `grace` seconds `give_up(reason)`
+    runs on the watch's thread, to keep what finished, say the last line and end the process."""
+    import _thread
+    import socket
+
+    import ray
+
+    seconds = seconds or gcs_lost_seconds()
+    address = ray.get_runtime_context().gcs_address
+    host, _, port = address.rpartition(":")
+    stop = threading.Event()
+    _LOST.clear()
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=every):
+                return True
+        except OSError:
+            return False
+
+    def watch():
+        refused_since = None
+        while not stop.wait(every):
+            if answers():
+                refused_since = None
+                continue
+            refused_since = refused_since or time.time()
+            if time.time() - refused_since >= seconds:
+                _LOST.append(f"lost the Ray cluster: its GCS at {address} has not answered for {seconds:.0f} s (the "
+                             "head node or its GCS process is gone)")
+                say(f"{_LOST[0]}; stopping")
+                _thread.interrupt_main()
+                if not stop.wait(grace) and give_up is not None:
+                    give_up(_LOST[0])
+                return
+
+    thread = threading.Thread(target=watch, name="sdfleet-cluster-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _stop_on_sigterm() -> None:

@@ -225,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        from cluster.connect import stopped_by_sigterm
+        from cluster.connect import cluster_lost, stopped_by_sigterm
 
-        what = {"generate": "finished rows are in the ledger or, written since its last part, are recovered from "
-                            "their images by the rerun; rerun to continue",
+        from jobs.generate import STOPPED_HINT
+
+        what = {"generate": STOPPED_HINT,
                 "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
                             "resume from the newest"}.get(args.command, "nothing more was done")
+        if cluster_lost():  # the watch interrupted the command (cluster.connect.watch_cluster)
+            print(f"sdfleet: error: {cluster_lost()}; {what}", file=sys.stderr)
+            return EXIT_ERROR
         if stopped_by_sigterm():  # Ray's C++ waits turn the handler's Terminated into a plain KeyboardInterrupt
             print(f"sdfleet: stopped by SIGTERM; {what}", file=sys.stderr)
             return EXIT_TERMINATED

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
+import logging
 import os
+import sys
 import time
 from dataclasses import asdict
-
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
 from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
-                             local_gpu_shortfall)
+                             local_gpu_shortfall, watch_cluster)
 from jobs.console import command_log, log
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
@@ -100,6 +102,17 @@ def run_finetune(cfg: TrainConfig) -> dict:
     return summary
 
 
+def _give_up(fs, root: str, record: dict, cfg: TrainConfig, reason: str) -> None:
+    """The cluster is gone and Ray Train's driver waits on it until Ray ends the process with nothing said:
+    record the failure, say why and end it here (cluster.connect.watch_cluster)."""
+    error = f"{reason}; checkpoints are in {cfg.out}/checkpoints, rerun the same command to resume from the newest"
+    with contextlib.suppress(Exception):
+        _write_json(fs, f"{root}/finetune.json", {**record, "status": "failed", "error": error,
+                                                  "config": cfg.model_dump()})
+    print(f"sdfleet: error: {error}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
+
 
 @contextlib.contextmanager
 def _status_on_the_way_out(fs, root: str, record: dict, cfg: TrainConfig):
@@ -145,7 +158,8 @@ def _draw_and_train(cfg: TrainConfig, train: TrainConfig, base, fs, root: str, r
                 f"{'GPU' if cfg.gpu else 'CPU'}, {cfg.steps} steps, global batch "
                 f"{cfg.batch_size * cfg.workers * cfg.grad_accum}, {resolution} px; out: {cfg.out}")
             _write_json(fs, f"{root}/finetune.json", {**record, "status": "running", "config": cfg.model_dump()})
-            with TrainProgress(fs, f"{root}/train_log.jsonl", cfg, follow=not cfg.verbose):
+            with (TrainProgress(fs, f"{root}/train_log.jsonl", cfg, follow=not cfg.verbose),
+                  watch_cluster(log, give_up=functools.partial(_give_up, fs, root, record, cfg))):
                 return _fit(cfg, train, base, scaling, fs, root)
         finally:
             disconnect()

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
+import logging
 import os
+import sys
 import time
 import uuid
 from typing import Annotated, Literal
@@ -30,7 +33,7 @@ from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from actors.presets import PRESETS
 from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, joined_address, library_logs_to,
-                             local_gpu_shortfall, size_actors, size_finishing)
+                             local_gpu_shortfall, size_actors, size_finishing, watch_cluster)
 from jobs.console import command_log, log
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
@@ -423,7 +426,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
     journal_actor = start_journal(run_id)  # held here for the run's length
     journal = JOURNAL_NAME.format(run_id=run_id)
     try:
-        with results.heartbeat():
+        with results.heartbeat(), watch_cluster(log, give_up=functools.partial(_give_up, results)):
             _record_the_run(cfg, planned, state, total, models, sizing, finish, journal, actor_cls, results, started,
                             startup)
     except (RunFailed, KeyboardInterrupt):  # Ctrl-C: what finished is in the ledger, as the CLI then says
@@ -473,6 +476,20 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         raise RunFailed(f"cannot write run.json to {fs.unstrip_protocol(root)}: {one_line(exc)}; every row is "
                         "in the ledger") from exc
     return summary
+
+
+# What a stopped run leaves, and what to do: the CLI says it after Ctrl-C, SIGTERM and a lost cluster.
+STOPPED_HINT = ("finished rows are in the ledger or, written since its last part, are recovered from their images "
+                "by the rerun; rerun to continue")
+
+
+def _give_up(results: Recorder, reason: str) -> None:
+    """The cluster is gone and the main thread is held in a Ray call until Ray's driver ends the process with
+    nothing said: keep what finished, say why, and end it here (cluster.connect.watch_cluster)."""
+    results.keep_what_finished()
+    print(f"sdfleet: error: {reason}; {STOPPED_HINT}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal, actor_cls, results, started,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, ledger, rows, start_ray_head, stop_ray_head, write_manifest
 
 # In a process of its own: ray.init changes its process's environment (RAY_AUTH_MODE=token, for one),
 # which every later test's subprocess would inherit.
@@ -75,3 +76,77 @@ def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembere
     finally:
         connect_module._SIGTERM_RECEIVED.clear()
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_lost_cluster_is_said_and_noticed_even_where_the_main_thread_is_held(monkeypatch):
+    """The watch says the GCS is gone and interrupts the main thread; a main thread held in a wait that no
+    interrupt reaches (as in Ray's C++ calls) is left to `give_up` after the grace time."""
+    import socket
+    import threading
+    import types
+
+    import ray
+
+    from cluster import connect as connect_module
+
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(gcs_address=address))
+    said, gave_up, held = [], [], threading.Event()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with connect_module.watch_cluster(said.append, give_up=lambda why: (gave_up.append(why), held.set()),
+                                              seconds=1.0, every=0.2, grace=0.5):
+                time.sleep(1.0)
+                assert not said and connect_module.cluster_lost() is None  # it answers: nothing said
+                server.close()
+                held.wait(30)  # a lock wait: interrupt_main does not end it, give_up does
+    finally:
+        server.close()
+    assert said == [f"{connect_module.cluster_lost()}; stopping"] and gave_up == [connect_module.cluster_lost()]
+    assert f"lost the Ray cluster: its GCS at {address} has not answered for 1 s" in said[0]
+    connect_module._LOST.clear()
+    # a GCS Ray is told to wait longer for (KubeRay's GCS fault tolerance restarts it) is waited for too
+    assert connect_module.gcs_lost_seconds() == connect_module.GCS_LOST_SECONDS
+    monkeypatch.setenv(connect_module.RAY_GCS_WAIT, "600")
+    assert connect_module.gcs_lost_seconds() == 590
+
+
+def test_a_run_whose_cluster_goes_away_keeps_what_came_back_and_says_why(tmp_path):
+    """The GCS of a joined cluster killed mid-run: Ray's driver ended the process 60 s later with exit 1 and
+    nothing said (its message in the log file only), rows back at the driver unrecorded. Now the run says
+    why within seconds, records what came back, exits 1, and the rerun on a local Ray finishes the rest."""
+    import signal
+
+    records = rows(24, steps=3)
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    out = tmp_path / "out"
+    head, address = start_ray_head(tmp_path / "ray")
+    try:
+        log = open(tmp_path / "run.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out),
+                                 "--batch-size", "4", "--address", address], cwd=REPO, stdout=log, stderr=log,
+                                env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token"})
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list((out / "images").glob("*.png"))) < 8:
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.3)
+        gcs = subprocess.run(["pgrep", "-f", f"gcs_server.*{tmp_path / 'ray'}"], capture_output=True, text=True)
+        pids = [int(pid) for pid in gcs.stdout.split()]
+        assert len(pids) == 1, gcs
+        os.kill(pids[0], signal.SIGKILL)
+        killed = time.time()
+        code = proc.wait(timeout=120)
+        said = (tmp_path / "run.log").read_text()
+        assert code == 1 and time.time() - killed < 50, said[-3000:]
+        port = address.rpartition(":")[2]  # Ray names the head by the node's address, not the one given
+        assert re.search(rf"sdfleet: error: lost the Ray cluster: its GCS at \S+:{port} has not answered", said), said
+        recorded = [e["id"] for e in ledger(out)]
+        assert len(recorded) >= 4 and len(set(recorded)) == len(recorded), said[-3000:]
+    finally:
+        stop_ray_head(head)
+    again = subprocess.run([sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out),
+                            "--batch-size", "4"], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(e["id"] for e in ledger(out) if e["status"] == "ok") == sorted(r["id"] for r in records)

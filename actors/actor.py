@@ -19,7 +19,7 @@ import pyarrow as pa
 from actors.adapters import AdapterStore
 from actors.backends import make_backend
 from actors.batch_size import AUTO_BLOCK, BatchSizes
-from actors.crash_journal import kill_if_asked
+from actors.crash_journal import check_start, kill_if_asked
 from actors.finish import finish_rows
 from actors.models import ModelError, ModelInfo, load_pipeline
 from actors import metrics
@@ -48,6 +48,7 @@ class GeneratorActor:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         self.device, self.torch_threads = device, torch_threads
         self.models = {name: ModelInfo(**info) for name, info in models.items()}
+        self.first_model = "default" if "default" in self.models else next(iter(self.models))  # loaded at start
         self.fs, self.root = url_to_fs(out_uri)
         self.batch_size = batch_size  # or "auto": chosen per model and size (actors.batch_size)
         self.auto = BatchSizes(backend_cache) if batch_size == "auto" else None
@@ -62,11 +63,13 @@ class GeneratorActor:
         self.calls = 0
         self.swaps_reported = (0, 0.0)  # what the metrics have been told so far
         self.finish_inline = finish_inline
-        self.journal = None
+        self.journal, started_key = None, None
         if journal:  # the run's crash journal (actors.crash_journal), found by name
             import ray
 
             self.journal = ray.get_actor(journal)
+            started_key = check_start(self.journal, ray.get_runtime_context().get_actor_id(),
+                                      f"loading model {self.first_model} on {device}")
         # Every torch call runs on this one thread. Ray Data calls the actor from another thread than the
         # one that ran __init__, and drawing on a thread other than the one that loaded the model and set
         # torch's threads measured 1.5x slower on CPU (2.0 s against 3.1-3.9 s for a batch of 8 of tiny): each
@@ -76,6 +79,8 @@ class GeneratorActor:
         self.startup = {"actor_started_at": started}  # wall clock, for run.json
         self._torch.submit(self.load).result()
         self.startup["model_loaded_at"] = time.time()
+        if started_key:
+            self.journal.end.remote(started_key)
 
     def load(self) -> None:
         """Set torch up and load the default model now: a model that does not load stops the run at start,
@@ -86,7 +91,7 @@ class GeneratorActor:
             torch.set_num_threads(self.torch_threads)
         self.threads = torch.get_num_threads()  # what this actor's draws really run on, for run.json
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.pipeline("default" if "default" in self.models else next(iter(self.models)))
+        self.pipeline(self.first_model)
 
     def pipeline(self, name: str) -> Backend:
         """The backend around model `name`'s pipeline; one model is held at a time (the planner groups rows by model)."""

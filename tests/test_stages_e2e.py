@@ -99,3 +99,17 @@ def test_ray_and_library_messages_go_to_the_run_log_unless_verbose(runs):
     # nothing else either: Ray's core worker logs from C++ past Python's logging, to the run's log as well
     assert [line for line in (quiet.stdout + quiet.stderr).splitlines() if not line.startswith("[sdfleet] ")] == []
     # with --verbose they show here too: tests/test_identity_and_stores.py checks that on its --verbose run
+
+
+def test_an_actor_that_dies_every_time_it_starts_stops_the_run_in_one_line(tmp_path):
+    """Ray Data restarts a pool actor without end: an actor out of memory loading its model (every time) left the
+    run waiting forever, saying only that the actors were starting. After START_DEATHS deaths it stops, exit 1."""
+    from actors.crash_journal import KILL_AT_START_ENV, START_DEATHS
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(4, steps=2))
+    proc = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"), env={KILL_AT_START_ENV: "1"},
+                   timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"a generation actor died {START_DEATHS} times while starting (loading model default on cpu), before "
+            "it drew anything: out of memory") in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

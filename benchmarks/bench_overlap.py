@@ -44,6 +44,7 @@ def stand_in(seconds_per_batch: float) -> type:
     class StandInActor(GeneratorActor):
         def load(self):
             self.bank: dict[int, list[np.ndarray]] = {}  # no model: pixels come from a bank of test images
+            self.threads = 0  # no torch: what run.json's backend_stats say it drew on
 
         def draw(self, rows):
             drawn = []

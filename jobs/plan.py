@@ -84,7 +84,12 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     if not state.force and parsed.id in state.existing:
         if state.done.get(parsed.id) == work["params_hash"]:
             return {**work, "status": "skipped"}
-        found = recovered(state.out, parsed.id, work["params_hash"]) if state.out else None
+        # An image a killed run wrote without recording it: never one whose newest `ok` entry still vouches for it
+        # (that image has the entry's hash; one written since was taken out of `done`, changed_since_recorded).
+        # Read only where no entry does: a change to every row's hash (a new model, a new mark) read every image
+        # back, two requests per row on an object store (~15 h for a million rows on S3).
+        unvouched = parsed.id not in state.done
+        found = recovered(state.out, parsed.id, work["params_hash"]) if state.out and unvouched else None
         if found:
             return {**work, **found, "status": "ok"}
     return {**work, "affinity": affinity(work)}

@@ -136,3 +136,17 @@ def test_two_embeddings_of_one_token_named_in_one_run_fail_their_rows_naming_eac
     found, bad = resolve_adapters(str(tmp_path), {"mug-v1", "mug-v2", "cup"}, tokens)
     assert set(bad) == {"mug-v1", "mug-v2"} and tokens == {"<my-cup>": "cup"}
     assert bad["mug-v1"].startswith("adapter 'mug-v1': its token '<my-mug>' is also the token of 'mug-v2', named")
+
+
+def test_an_image_its_ledger_entry_vouches_for_is_not_read_back_when_the_row_changed(monkeypatch):
+    """A row whose params changed (a new model or mark changes every row's hash) and whose image its newest `ok`
+    entry vouches for is drawn again without reading the image back: that read is two requests per row on an
+    object store. An image no entry vouches for (a killed run's) is still read, and recovered when it matches."""
+    import jobs.plan
+
+    reads = []
+    monkeypatch.setattr(jobs.plan, "recovered", lambda out, rid, phash: reads.append(rid) or None)
+    planned = state(done={"mug": "an older hash"}, existing={"mug", "cup"}, out="/out")
+    mug = plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0, state=planned)
+    cup = plan_row({"id": "cup", "prompt": "a red cup"}, source="m.parquet", row=1, state=planned)
+    assert mug["status"] is None and cup["status"] is None and reads == ["cup"]

@@ -24,6 +24,9 @@ LEDGER_FLUSH_SECONDS = float(os.environ.get("SDFLEET_LEDGER_FLUSH_SECONDS", "10"
 PROGRESS_SECONDS = 5.0
 HEARTBEAT_SECONDS = 15.0  # a line at least this often while rows are awaited
 WARNINGS_SHOWN = 5  # row warnings printed in full; the ledger holds every one
+# failed and invalid rows printed in full: a catalogue whose adapter is missing fails every row, and a line
+# each buried the progress (and wrote hundreds of MB into a RayJob's driver log); the ledger holds every one
+PROBLEMS_SHOWN = 50
 
 
 class Recorder:
@@ -42,7 +45,7 @@ class Recorder:
         self.parts = 0
         self.recovered = 0  # ok rows whose image an earlier, killed run wrote without recording it
         self.last_flush = self.last_progress = time.time()
-        self.warnings_shown = 0
+        self.warnings_shown = self.problems_shown = 0
         self.first_written: float | None = None  # when the first image was written (wall clock)
         self.first_drawn: tuple[float, int] | None = None  # (when, images drawn) at the first ones back
         self.planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
@@ -69,9 +72,16 @@ class Recorder:
                 self.per_actor[row["actor"]] = self.per_actor.get(row["actor"], 0) + 1
                 if self.first_written is None:
                     self.first_written = dt.datetime.fromisoformat(row["finished_at"]).timestamp()
-            if row["status"] != "ok" or (row["warning"] and self.warnings_shown < WARNINGS_SHOWN):
-                self.warnings_shown += row["status"] == "ok"
-                log(f"{row['status']}: {_located(row, row['error'] or row['warning'])}")
+            if row["status"] != "ok":
+                self.problems_shown += 1
+                if self.problems_shown <= PROBLEMS_SHOWN:
+                    log(f"{row['status']}: {_located(row, row['error'])}")
+                if self.problems_shown == PROBLEMS_SHOWN:
+                    log(f"(the first {PROBLEMS_SHOWN} failed or invalid rows are shown; the ledger has every one, "
+                        "and `sdfleet report` shows them)")
+            elif row["warning"] and self.warnings_shown < WARNINGS_SHOWN:
+                self.warnings_shown += 1
+                log(f"ok: {_located(row, row['warning'])}")
         metrics.rows_recorded({status: n - before[status] for status, n in self.counts.items()},
                               remaining=self.total - sum(self.counts.values()))
         now = time.time()

@@ -89,3 +89,20 @@ def test_a_quiet_wait_for_rows_still_says_something(monkeypatch):
     count = len(said)
     recorder.time.sleep(1.5)
     assert len(said) == count, "no line once the body is done"
+
+
+def test_failed_rows_past_the_first_fifty_are_counted_not_printed(clock, monkeypatch):
+    """A missing adapter fails every row of a catalogue: a line each buried the progress (20,000 lines for 20,000
+    rows, hundreds of MB in a RayJob's driver log). The first PROBLEMS_SHOWN are said, then one line; the counts
+    and the ledger keep every one."""
+    said = []
+    monkeypatch.setattr(recorder, "log", said.append)
+    rec = make_recorder(total=300, started=0.0)
+    failed = [{**row, "status": "failed", "actor": None, "error": f"adapter 'x': not in the store (row {row['row']})",
+               "id": f"r{row['row']}", "uri": None, "sha256": None} for row in drawn(0, 300)]
+    rec.record(failed[:200])
+    rec.record(failed[200:])
+    problems = [line for line in said if line.startswith("failed: ")]
+    assert len(problems) == recorder.PROBLEMS_SHOWN and "(row 0)" in problems[0]
+    assert sum("the first 50 failed or invalid rows are shown; the ledger has every one" in line for line in said) == 1
+    assert rec.counts["failed"] == 300 and rec.parts == 1 and not rec.pending  # all 300 in the ledger part

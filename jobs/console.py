@@ -29,6 +29,26 @@ def log_file(fs, root: str, name: str, in_out: bool = True) -> str:
 
 
 @contextlib.contextmanager
+def ticking(line, seconds: float = 15.0):
+    """While the body runs, `log(line())` every `seconds`: a long wait (a plan of a million rows) does not look
+    hung."""
+    import threading
+
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(seconds):
+            log(line())
+
+    thread = threading.Thread(target=tick, name="sdfleet-ticking", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
+@contextlib.contextmanager
 def command_log(fs, root: str, name: str, ends: str, in_out: bool = True):
     """The path of the command's log file `name` (see `log_file`), said once. On an object-store OUT the file
     is copied to OUT/logs/ when the command (`ends`: "run", "fine-tune") ends, finished or failed, so the

@@ -34,7 +34,7 @@ from actors.models import describe_model
 from actors.presets import PRESETS
 from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, joined_address, library_logs_to,
                              local_gpu_shortfall, size_actors, size_finishing, watch_cluster)
-from jobs.console import command_log, log
+from jobs.console import command_log, log, ticking
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder
@@ -209,10 +209,12 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
         images = {p.rsplit("/", 1)[-1][:-4]: info for p, info in folder_files(fs, f"{root}/images", ".png").items()}
         existing = set(images)
         changed = changed_since_recorded(images, finished)
+        del images  # the listing's details: ~800 MB for a million images, not needed past this point
         if changed:  # its ledger entry no longer vouches for it: read, as an unrecorded image is, before it counts
             log(f"{len(changed)} image(s) written after their ledger entry (another run, a copy, an edit): each is "
                 "checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
+    del finished
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
@@ -507,7 +509,9 @@ def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal,
         if results.planned_at:
             startup["plan_done"] = round(results.planned_at - started, 3)
     else:
+        results.waiting_for = "planning (each row against the ledger and the images in --out)"
         planned = planned.materialize()
+        results.waiting_for = None
         startup["plan_done"] = round(time.time() - started, 3)
         settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
         todo = planned.filter(expr=col("status").is_null()).materialize()
@@ -530,13 +534,14 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
     """--plan-only: the plan's verdict on every row, counted; nothing drawn, nothing written."""
     counts = {"to_draw": 0, "skipped": 0, "ok": 0, "failed": 0, "invalid": 0}
     said = 0
-    for batch in planned.select_columns(["status", "error"]).iter_batches(batch_size=None, batch_format="pyarrow"):
-        for status, n in zip(*batch.column("status").value_counts().flatten()):
-            counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
-        for status, error in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
-            if status in ("failed", "invalid") and said < PLAN_PROBLEMS_SHOWN:  # each names its row already
-                said += 1
-                log(f"{'would fail' if status == 'failed' else 'invalid'}: {error}")
+    with ticking(lambda: f"planning: {sum(counts.values())}/{total} rows, {time.time() - started:.0f} s in"):
+        for batch in planned.select_columns(["status", "error"]).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for status, n in zip(*batch.column("status").value_counts().flatten()):
+                counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
+            for status, error in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
+                if status in ("failed", "invalid") and said < PLAN_PROBLEMS_SHOWN:  # each names its row already
+                    said += 1
+                    log(f"{'would fail' if status == 'failed' else 'invalid'}: {error}")
     if counts["failed"] + counts["invalid"] > said:
         log(f"... and {counts['failed'] + counts['invalid'] - said} more: `sdfleet manifest validate` lists every "
             "row problem")

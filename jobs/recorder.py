@@ -49,6 +49,7 @@ class Recorder:
         self.first_written: float | None = None  # when the first image was written (wall clock)
         self.first_drawn: tuple[float, int] | None = None  # (when, images drawn) at the first ones back
         self.planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
+        self.waiting_for: str | None = None  # what the heartbeat says the run waits for, where rows cannot say
 
     def record(self, rows: list[dict]) -> None:
         before = dict(self.counts)
@@ -138,8 +139,8 @@ class Recorder:
                 if now - self.last_progress >= quiet_seconds:
                     self.last_progress = now
                     done = sum(self.counts.values())
-                    what = ("waiting for the first images (actors starting, loading the model)" if not self.drawn()
-                            else "waiting for the next batch")
+                    what = (self.waiting_for or ("waiting for the first images (actors starting, loading the model)"
+                                                 if not self.drawn() else "waiting for the next batch"))
                     log(f"{done}/{self.total} rows, {now - self.started:.0f} s in: {what}")
 
         thread = threading.Thread(target=beat, name="sdfleet-heartbeat", daemon=True)

@@ -150,3 +150,21 @@ def test_an_image_its_ledger_entry_vouches_for_is_not_read_back_when_the_row_cha
     mug = plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0, state=planned)
     cup = plan_row({"id": "cup", "prompt": "a red cup"}, source="m.parquet", row=1, state=planned)
     assert mug["status"] is None and cup["status"] is None and reads == ["cup"]
+
+
+def test_a_worker_reads_the_plan_state_from_the_object_store_once(monkeypatch):
+    """Each plan task unpickled the whole state (the done-ledger: ~70 MB for a million rows, ~0.9 s): a manifest
+    of a thousand parts did it a thousand times. A worker process keeps the state of the run's ref it last read."""
+    import types
+
+    import ray
+
+    import jobs.plan
+
+    gets = []
+    monkeypatch.setattr(ray, "get", lambda ref: gets.append(ref.hex()) or state(done={ref.hex(): "h"}))
+    monkeypatch.setattr(jobs.plan, "_HELD", {})
+    first, second = (types.SimpleNamespace(hex=lambda k=k: k) for k in ("ref-1", "ref-2"))
+    assert [jobs.plan._state_from(first).done for _ in range(3)] == [{"ref-1": "h"}] * 3
+    assert jobs.plan._state_from(second).done == {"ref-2": "h"} and gets == ["ref-1", "ref-2"]
+    assert list(jobs.plan._HELD) == ["ref-2"]  # one run's state at a time

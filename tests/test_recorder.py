@@ -90,6 +90,28 @@ def test_a_quiet_wait_for_rows_still_says_something(monkeypatch):
     recorder.time.sleep(1.5)
     assert len(said) == count, "no line once the body is done"
 
+    rec.waiting_for = "planning (each row against the ledger and the images in --out)"  # no actor yet: not them
+    with rec.heartbeat(quiet_seconds=0.5):
+        deadline = recorder.time.time() + 10
+        while len(said) == count and recorder.time.time() < deadline:
+            recorder.time.sleep(0.1)
+    assert said[count].endswith("s in: planning (each row against the ledger and the images in --out)"), said
+
+
+def test_ticking_says_its_line_while_the_body_runs(monkeypatch):
+    """--plan-only of a million rows said nothing for 90 s: it says how far the plan is every 15 s."""
+    import time
+
+    from jobs import console
+
+    said = []
+    monkeypatch.setattr(console, "log", said.append)
+    with console.ticking(lambda: f"planning: {len(said)}", seconds=0.2):
+        time.sleep(1.0)
+    count = len(said)
+    time.sleep(0.5)
+    assert count >= 2 and said[:2] == ["planning: 0", "planning: 1"] and len(said) == count, said
+
 
 def test_failed_rows_past_the_first_fifty_are_counted_not_printed(clock, monkeypatch):
     """A missing adapter fails every row of a catalogue: a line each buried the progress (20,000 lines for 20,000

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -136,12 +137,17 @@ def affinity(work: dict[str, Any]) -> str:
     return json.dumps(group_key(work), separators=(",", ":"), ensure_ascii=False)
 
 
-def plan_part(part: ManifestPart, state: PlanState) -> list[dict[str, Any]]:
+def plan_part(part: ManifestPart, state: PlanState) -> Iterator[dict[str, Any]]:
     """Plan every row of one manifest part, in manifest order. A row of a row group that cannot be decoded
     (a damaged file) is invalid, named by its id where the id column alone still reads."""
-    return [{"source": part.uri, "row": pos, "id": raw.id, "extra": None, "status": "invalid", "error": raw.error}
-            if isinstance(raw, Unreadable) else plan_row(raw, source=part.uri, row=pos, state=state)
-            for pos, raw in read_part(part)]
+    for pos, raw in read_part(part):
+        if isinstance(raw, Unreadable):
+            yield {"source": part.uri, "row": pos, "id": raw.id, "extra": None, "status": "invalid", "error": raw.error}
+        else:
+            yield plan_row(raw, source=part.uri, row=pos, state=state)
+
+
+PLAN_CHUNK_ROWS = 8_192  # work rows a plan task yields at a time: a part of a million rows is not held whole
 
 
 _HELD: dict[str, PlanState] = {}  # this worker process's plan state, by object id: one run's at a time
@@ -169,5 +175,7 @@ def plan_batch(batch: pa.Table, state) -> Iterator[pa.Table]:
         state = _state_from(state)
     for record in batch.to_pylist():
         rows = plan_part(ManifestPart(**record), state)
-        planned_at = time.time()
-        yield to_table([{**r, "affinity": r.get("affinity") or "", "planned_at": planned_at} for r in rows], WORK_SCHEMA)
+        while chunk := list(itertools.islice(rows, PLAN_CHUNK_ROWS)):
+            planned_at = time.time()
+            yield to_table([{**r, "affinity": r.get("affinity") or "", "planned_at": planned_at} for r in chunk],
+                           WORK_SCHEMA)

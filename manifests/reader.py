@@ -256,7 +256,7 @@ def _check_unchanged(part: ManifestPart) -> None:
     if part.stamp and (now := _stamp(part.uri)) != part.stamp:
         raise ManifestError(f"manifest {part.uri} changed since this run read it ({part.stamp} then, {now} now): its "
                             "rows were counted and their ids checked on the version read first; rerun once it is "
-                            "written whole (nothing was drawn from the new version)")
+                            "written whole")
 
 
 def _row_group_ids(pf: pq.ParquetFile, rg: int) -> list[Any]:

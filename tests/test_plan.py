@@ -168,3 +168,19 @@ def test_a_worker_reads_the_plan_state_from_the_object_store_once(monkeypatch):
     assert [jobs.plan._state_from(first).done for _ in range(3)] == [{"ref-1": "h"}] * 3
     assert jobs.plan._state_from(second).done == {"ref-2": "h"} and gets == ["ref-1", "ref-2"]
     assert list(jobs.plan._HELD) == ["ref-2"]  # one run's state at a time
+
+
+def test_a_plan_task_yields_its_part_in_chunks(tmp_path, monkeypatch):
+    """A part is a whole row group however large: its work rows go out PLAN_CHUNK_ROWS at a time, in order,
+    not as one table held whole (a million-row row group held ~5 GB in one worker)."""
+    import pyarrow as pa
+
+    import jobs.plan
+    from helpers import rows, write_manifest
+
+    monkeypatch.setattr(jobs.plan, "PLAN_CHUNK_ROWS", 2)
+    path = write_manifest(tmp_path / "m.parquet", rows(5, steps=2))
+    (part,) = survey([str(path)]).parts
+    tables = list(jobs.plan.plan_batch(pa.Table.from_pylist([vars(part)]), state()))
+    assert [t.num_rows for t in tables] == [2, 2, 1]
+    assert [i for t in tables for i in t.column("row").to_pylist()] == [0, 1, 2, 3, 4]

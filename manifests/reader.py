@@ -23,7 +23,7 @@ from manifests.stores import file_stamp, is_local_fs, tree_files, url_to_fs
 
 
 MANIFEST_READS = 16  # manifest files the driver reads at once
-PART_ROWS = 1_000  # consecutive row groups of one file are planned together up to this many rows
+PART_ROWS = 65_536  # consecutive row groups of one file are planned together up to this many rows
 # An sdfleet output's ledger parts (manifests.ledger.write_part): a folder of manifests may hold an output
 # (`generate folder/ --out folder/out`); its ledger is not a manifest.
 LEDGER_PART = re.compile(r"(^|/)results/\d{8}T\d{6}-[0-9a-f]{6}-\d{5}\.parquet$")

@@ -99,6 +99,7 @@ def test_many_tiny_row_groups_are_read_as_few_parts_each_opening_the_file_once(m
     each a task reading the footer, it took minutes to plan 3,000 rows."""
     import manifests.reader as reader
 
+    monkeypatch.setattr(reader, "PART_ROWS", 1_000)
     fs, root = memfs
     fs.pipe_file(f"{root}/drip.parquet", parquet_bytes(records(2_500), row_group_size=1))
     uri = expand_manifest_paths([f"{root}/drip.parquet"])[0]

@@ -29,23 +29,30 @@ def log_file(fs, root: str, name: str, in_out: bool = True) -> str:
 
 
 @contextlib.contextmanager
-def ticking(line, seconds: float = 15.0):
-    """While the body runs, `log(line())` every `seconds`: a long wait (a plan of a million rows) does not look
-    hung."""
+def in_background(loop, name: str):
+    """While the body runs, `loop(stop)` on a thread of its own; `stop`, a threading.Event, is set when the body
+    ends (the loop waits on it between rounds), and the thread is joined."""
     import threading
 
     stop = threading.Event()
-
-    def tick():
-        while not stop.wait(seconds):
-            log(line())
-
-    thread = threading.Thread(target=tick, name="sdfleet-ticking", daemon=True)
+    thread = threading.Thread(target=loop, args=(stop,), name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
+        thread.join()
+
+
+def ticking(line, seconds: float = 15.0):
+    """While the body runs, `log(line())` every `seconds`: a long wait (a plan of a million rows) does not look
+    hung."""
+
+    def tick(stop):
+        while not stop.wait(seconds):
+            log(line())
+
+    return in_background(tick, "sdfleet-ticking")
 
 
 @contextlib.contextmanager

@@ -8,11 +8,10 @@ import datetime as dt
 import json
 import math
 import os
-import threading
 import time
 
 from actors import metrics
-from jobs.console import log
+from jobs.console import in_background, log
 from jobs.errors import RunFailed, one_line
 from manifests.ledger import write_part
 from manifests.schema import row_location
@@ -131,9 +130,8 @@ class Recorder:
     def heartbeat(self, quiet_seconds: float = HEARTBEAT_SECONDS):
         """While the body runs, a line whenever `quiet_seconds` pass without one: a run whose actors are still
         starting (a minute or more on a cluster: an image pull, a model copy) does not look hung."""
-        stop = threading.Event()
 
-        def beat():
+        def beat(stop):
             while not stop.wait(1.0):
                 now = time.time()
                 if now - self.last_progress >= quiet_seconds:
@@ -143,13 +141,8 @@ class Recorder:
                                                  if not self.drawn() else "waiting for the next batch"))
                     log(f"{done}/{self.total} rows, {now - self.started:.0f} s in: {what}")
 
-        thread = threading.Thread(target=beat, name="sdfleet-heartbeat", daemon=True)
-        thread.start()
-        try:
+        with in_background(beat, "sdfleet-heartbeat"):
             yield
-        finally:
-            stop.set()
-            thread.join()
 
     def progress(self, now: float) -> str:
         """One progress line. The rate is the actors' since their first rows came back, so start-up (Ray, model

@@ -37,7 +37,7 @@ from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, 
 from jobs.console import command_log, log, ticking
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
-from jobs.recorder import Recorder
+from jobs.recorder import Recorder, located
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, read_latest_ok,
                               remove_stale_temp_files, settled_row)
 from manifests.reader import expand_manifest_paths, survey
@@ -532,16 +532,22 @@ PLAN_PROBLEMS_SHOWN = 20  # rows --plan-only names, of those it would not draw
 
 def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict:
     """--plan-only: the plan's verdict on every row, counted; nothing drawn, nothing written."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     counts = {"to_draw": 0, "skipped": 0, "ok": 0, "failed": 0, "invalid": 0}
     said = 0
     with ticking(lambda: f"planning: {sum(counts.values())}/{total} rows, {time.time() - started:.0f} s in"):
-        for batch in planned.select_columns(["status", "error"]).iter_batches(batch_size=None, batch_format="pyarrow"):
+        columns = ["status", "error", "source", "row", "id"]
+        for batch in planned.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
             for status, n in zip(*batch.column("status").value_counts().flatten()):
                 counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
-            for status, error in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist()):
-                if status in ("failed", "invalid") and said < PLAN_PROBLEMS_SHOWN:  # each names its row already
+            if said >= PLAN_PROBLEMS_SHOWN:
+                continue
+            for row in batch.filter(pc.is_in(batch.column("status"), pa.array(["failed", "invalid"]))).to_pylist():
+                if said < PLAN_PROBLEMS_SHOWN:  # where the row is, then why (a bad adapter's reason names no row)
                     said += 1
-                    log(f"{'would fail' if status == 'failed' else 'invalid'}: {error}")
+                    log(f"{'would fail' if row['status'] == 'failed' else 'invalid'}: {located(row, row['error'])}")
     if counts["failed"] + counts["invalid"] > said:
         log(f"... and {counts['failed'] + counts['invalid'] - said} more: `sdfleet manifest validate` lists every "
             "row problem")

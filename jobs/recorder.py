@@ -75,13 +75,13 @@ class Recorder:
             if row["status"] != "ok":
                 self.problems_shown += 1
                 if self.problems_shown <= PROBLEMS_SHOWN:
-                    log(f"{row['status']}: {_located(row, row['error'])}")
+                    log(f"{row['status']}: {located(row, row['error'])}")
                 if self.problems_shown == PROBLEMS_SHOWN:
                     log(f"(the first {PROBLEMS_SHOWN} failed or invalid rows are shown; the ledger has every one, "
                         "and `sdfleet report` shows them)")
             elif row["warning"] and self.warnings_shown < WARNINGS_SHOWN:
                 self.warnings_shown += 1
-                log(f"ok: {_located(row, row['warning'])}")
+                log(f"ok: {located(row, row['warning'])}")
         metrics.rows_recorded({status: n - before[status] for status, n in self.counts.items()},
                               remaining=self.total - sum(self.counts.values()))
         now = time.time()
@@ -173,7 +173,7 @@ class Recorder:
                 "seconds": round(sum(t for _, t in self.swaps.values()), 3)}
 
 
-def _located(row: dict, message: str) -> str:
+def located(row: dict, message: str) -> str:
     """`message` about `row`, led by where the row is (file, 0-based row, id) unless it says so already."""
     where = row_location(row.get("source"), row.get("row"), row.get("id"))
     return message if message.startswith(f"{row.get('source')} row ") else f"{where}: {message}"

@@ -467,13 +467,19 @@ def test_a_lease_file_that_is_not_a_lease_is_taken_over_and_said_so(tmp_path, mo
 
 
 def test_plan_only_names_the_rows_it_would_not_draw(tmp_path):
-    records = rows(1) + [{**r, "steps": 0} for r in rows(24, prefix="bad")]
-    proc = sdfleet("generate", str(write_manifest(tmp_path / "m.parquet", records)), "--out", str(tmp_path / "out"),
-                   "--plan-only", "--no-watermark")
+    """Each of the first 20 rows it would not draw is named by where it is: a bad adapter's reason names no row,
+    so its rows read alike ("adapter 'x': ..." twenty times) until the plan said where each was."""
+    styled = [{**r, "adapters": [{"name": "style", "scale": 1.0}]} for r in rows(2, prefix="styled")]
+    records = rows(1) + styled + [{**r, "steps": 0} for r in rows(24, prefix="bad")]
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+    proc = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"), "--plan-only", "--no-watermark")
     assert proc.returncode == 2, proc.stderr[-2000:]
+    failing = [line for line in proc.stderr.splitlines() if line.startswith("[sdfleet] would fail: ")]
+    assert [line.split(": adapter")[0] for line in failing] == [
+        f"[sdfleet] would fail: {manifest} row {n} (`styled-{n - 1:03d}`)" for n in (1, 2)], failing
     named = [line for line in proc.stderr.splitlines() if line.startswith("[sdfleet] invalid: ")]
-    assert len(named) == 20 and all("`steps` must be in 1..500, got 0" in line for line in named), named
-    assert "[sdfleet] ... and 4 more: `sdfleet manifest validate` lists every row problem" in proc.stderr
+    assert len(named) == 18 and all("`steps` must be in 1..500, got 0" in line for line in named), named
+    assert "[sdfleet] ... and 6 more: `sdfleet manifest validate` lists every row problem" in proc.stderr
 
 
 def test_plan_only_counts_what_would_be_drawn_and_writes_nothing(mixed_run):

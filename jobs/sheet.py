@@ -26,6 +26,7 @@ SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 # thumbnails of 128 px.
 MAX_SIDE = {"JPEG": 65_500, "WEBP": 16_383}
 MAX_SHEET_PIXELS = 200_000_000
+SMALLEST_THUMB = 16  # the least --thumb takes
 
 
 def sheet_format(uri: str) -> str:
@@ -85,9 +86,13 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
                else f"more than {MAX_SHEET_PIXELS // 1_000_000} Mpx" if width * height > MAX_SHEET_PIXELS else "")
     if too_big:
         rows = sum(len(entries) for entries in groups.values())
+        # the least a sheet of these rows can be: the smallest thumbnail, each with its caption (any --columns)
+        fits = rows * SMALLEST_THUMB * (SMALLEST_THUMB + label) <= MAX_SHEET_PIXELS
+        way_out = "give a smaller --thumb or another --columns, or" if fits else (
+            f"no sheet holds {rows} rows (about {MAX_SHEET_PIXELS // (SMALLEST_THUMB * (SMALLEST_THUMB + label)):,} at "
+            f"--thumb {SMALLEST_THUMB}):")
         raise ReportError(f"a sheet of {rows} rows, {columns} to a line at {thumb} px, would be {width}x{height} px, "
-                          f"{too_big}; give a smaller --thumb or another --columns, or see every row with "
-                          f"`sdfleet report {uri}`")
+                          f"{too_big}; {way_out} see every row with `sdfleet report {uri}`")
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
     y = 0

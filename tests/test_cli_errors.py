@@ -149,6 +149,17 @@ def test_a_sheet_too_large_to_hold_is_refused_before_drawing_naming_the_flags(ca
     assert not list(tmp_path.glob("s.*")), "nothing written"
 
 
+def test_a_sheet_no_thumbnail_size_would_fit_does_not_suggest_a_smaller_one(capsys, tmp_path, monkeypatch):
+    """A million rows fit no sheet even at --thumb 16: the advice to give a smaller --thumb could not work."""
+    import jobs.sheet
+
+    monkeypatch.setattr(jobs.sheet, "MAX_SHEET_PIXELS", 2_000)  # 4 tiles of 16 px with captions
+    code, _, err = run(capsys, "sheet", make_output(tmp_path / "out"), "-o", str(tmp_path / "s.png"))
+    line = one_error_line(err)
+    assert code == 1 and "no sheet holds 6 rows (about 4 at --thumb 16): see every row with `sdfleet report" in line
+    assert "smaller --thumb" not in line
+
+
 def test_report_refuses_a_thumbnail_larger_than_an_image(capsys, tmp_path):
     code, _, err = run(capsys, "report", make_output(tmp_path / "out"), "--thumb", "4096")
     assert code == 1

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -116,12 +117,15 @@ def test_a_run_whose_cluster_goes_away_keeps_what_came_back_and_says_why(tmp_pat
     """The GCS of a joined cluster killed mid-run: Ray's driver ended the process 60 s later with exit 1 and
     nothing said (its message in the log file only), rows back at the driver unrecorded. Now the run says
     why within seconds, records what came back, exits 1, and the rerun on a local Ray finishes the rest."""
+    import shutil
     import signal
+    import tempfile
 
     records = rows(24, steps=3)
     manifest = write_manifest(tmp_path / "m.parquet", records)
     out = tmp_path / "out"
-    head, address = start_ray_head(tmp_path / "ray")
+    ray_dir = Path(tempfile.mkdtemp(prefix="sdf-"))  # Ray's socket paths under pytest's tmp_path pass 107 bytes
+    head, address = start_ray_head(ray_dir)
     try:
         log = open(tmp_path / "run.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out),
@@ -131,7 +135,7 @@ def test_a_run_whose_cluster_goes_away_keeps_what_came_back_and_says_why(tmp_pat
         while time.time() < deadline and len(list((out / "images").glob("*.png"))) < 8:
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
             time.sleep(0.3)
-        gcs = subprocess.run(["pgrep", "-f", f"gcs_server.*{tmp_path / 'ray'}"], capture_output=True, text=True)
+        gcs = subprocess.run(["pgrep", "-f", f"gcs_server.*{ray_dir}"], capture_output=True, text=True)
         pids = [int(pid) for pid in gcs.stdout.split()]
         assert len(pids) == 1, gcs
         os.kill(pids[0], signal.SIGKILL)
@@ -145,6 +149,7 @@ def test_a_run_whose_cluster_goes_away_keeps_what_came_back_and_says_why(tmp_pat
         assert len(recorded) >= 4 and len(set(recorded)) == len(recorded), said[-3000:]
     finally:
         stop_ray_head(head)
+        shutil.rmtree(ray_dir, ignore_errors=True)
     again = subprocess.run([sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out),
                             "--batch-size", "4"], cwd=REPO, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -23,7 +23,7 @@ from typing import Literal
 
 import fsspec
 
-from manifests.stores import VERSION_FIELDS, fs_protocols, is_local_fs, url_to_fs
+from manifests.stores import fs_protocols, is_local_fs, url_to_fs, version_tag
 from manifests.schema import error_line, first_few, is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -37,7 +37,7 @@ DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up
 GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*")
 FINGERPRINT_CHARS = 16
 # The protocols of object stores whose version tag changes whenever a file's bytes do (the fields that hold
-# it: manifests.stores.VERSION_FIELDS).
+# it: manifests.stores.version_tag).
 VERSIONED_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
 
 
@@ -222,11 +222,8 @@ def _version(fs, path: str) -> str | None:
         info = fs.info(path)
     except (OSError, ValueError):
         return None
-    for field in VERSION_FIELDS:
-        tag = str(info.get(field) or "")
-        if tag and not tag.startswith("W/"):
-            return f"{field}={tag}; size={info.get('size')}"
-    return None
+    tag = version_tag(info)
+    return f"{tag[0]}={tag[1]}; size={info.get('size')}" if tag else None
 
 
 def _record_path(uri: str):

@@ -28,11 +28,6 @@ class ClusterError(Exception):
     """Ray cannot be reached or cannot host the requested actors."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (Kubernetes stopping a pod, `ray job stop`, a scheduler's kill), raised where Ctrl-C's
-    KeyboardInterrupt would be, so a command stops the way Ctrl-C stops it: what finished is kept."""
-
-
 _SIGTERM_RECEIVED = threading.Event()
 
 
@@ -57,6 +52,8 @@ def gcs_lost_seconds() -> float:
     except ValueError:
         ray_waits = 60.0
     return max(GCS_LOST_SECONDS, ray_waits - 10) if ray_waits > 60 else GCS_LOST_SECONDS
+
+
 _LOST: list[str] = []  # why the cluster was given up on, once it has been
 
 
@@ -117,8 +114,10 @@ def watch_cluster(say, give_up=None, seconds: float | None = None, every: float 
 
 def _stop_on_sigterm() -> None:
     """Take SIGTERM back from Ray, whose driver handler calls sys.exit(15): that skipped every `except
-    KeyboardInterrupt`, so rows back at the driver went unrecorded, and the command ended with no word. A
-    second SIGTERM while the first is handled ends the process at once."""
+    KeyboardInterrupt`, so rows back at the driver went unrecorded, and the command ended with no word. SIGTERM
+    (Kubernetes stopping a pod, `ray job stop`) now raises KeyboardInterrupt, so a command stops as Ctrl-C stops
+    it, and `stopped_by_sigterm` says which it was. A second SIGTERM while the first is handled ends the process
+    at once."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
@@ -127,7 +126,7 @@ def _stop_on_sigterm() -> None:
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _SIGTERM_RECEIVED.set()
-        raise Terminated()
+        raise KeyboardInterrupt
 
     _SIGTERM_RECEIVED.clear()
     signal.signal(signal.SIGTERM, handler)

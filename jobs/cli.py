@@ -189,16 +189,10 @@ def run() -> None:
     GIL, and the process aborts (exit 134, apache/arrow#49942). A run whose rows were all recorded then failed
     its Ray job, and KubeRay drew the night again. So the command flushes what it printed and logged and
     exits at once with its own code. An exception no handler describes still ends in a traceback."""
-    import logging
+    from jobs.console import leave
 
     code = main()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
-            pass
-    logging.shutdown()  # the run's log files
-    os._exit(0 if code is None else code if isinstance(code, int) else EXIT_ERROR)
+    leave(0 if code is None else code if isinstance(code, int) else EXIT_ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if cluster_lost():  # the watch interrupted the command (cluster.connect.watch_cluster)
             print(f"sdfleet: error: {cluster_lost()}; {what}", file=sys.stderr)
             return EXIT_ERROR
-        if stopped_by_sigterm():  # Ray's C++ waits turn the handler's Terminated into a plain KeyboardInterrupt
+        if stopped_by_sigterm():  # the handler's KeyboardInterrupt (cluster.connect._stop_on_sigterm)
             print(f"sdfleet: stopped by SIGTERM; {what}", file=sys.stderr)
             return EXIT_TERMINATED
         print(f"sdfleet: interrupted; {what}", file=sys.stderr)

@@ -11,6 +11,21 @@ def log(message: str) -> None:
     print(f"[sdfleet] {message}", file=sys.stderr, flush=True)
 
 
+def leave(code: int):
+    """End the process now with `code`, after what it printed and logged is out: no interpreter teardown, which
+    can abort a process whose Arrow threads still hold buffers (jobs.cli.run), and no waiting on threads held
+    in Ray calls (a lost cluster)."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
+            pass
+    logging.shutdown()  # the run's log files
+    os._exit(code)
+
+
 def log_file(fs, root: str, name: str, in_out: bool = True) -> str:
     """Where a command's log file `name` goes: OUT/logs/ on a local output, else (an object store cannot be
     appended to line by line, and a command that writes nothing into OUT must not start to) a local

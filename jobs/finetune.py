@@ -20,7 +20,6 @@ import contextlib
 import datetime as dt
 import functools
 import json
-import logging
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ from actors.models import describe_model
 from actors.train.config import TrainConfig
 from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
                              local_gpu_shortfall, watch_cluster)
-from jobs.console import command_log, log
+from jobs.console import command_log, leave, log
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
@@ -106,12 +105,16 @@ def _give_up(fs, root: str, record: dict, cfg: TrainConfig, reason: str) -> None
     """The cluster is gone and Ray Train's driver waits on it until Ray ends the process with nothing said:
     record the failure, say why and end it here (cluster.connect.watch_cluster)."""
     error = f"{reason}; checkpoints are in {cfg.out}/checkpoints, rerun the same command to resume from the newest"
+    _record_failure(fs, root, record, cfg, error)
+    print(f"sdfleet: error: {error}", file=sys.stderr)
+    leave(1)
+
+
+def _record_failure(fs, root: str, record: dict, cfg: TrainConfig, error: str) -> None:
+    """finetune.json says `failed` and why; the store may be what failed, and the error is what to show then."""
     with contextlib.suppress(Exception):
         _write_json(fs, f"{root}/finetune.json", {**record, "status": "failed", "error": error,
                                                   "config": cfg.model_dump()})
-    print(f"sdfleet: error: {error}", file=sys.stderr, flush=True)
-    logging.shutdown()
-    os._exit(1)
 
 
 @contextlib.contextmanager
@@ -125,10 +128,7 @@ def _status_on_the_way_out(fs, root: str, record: dict, cfg: TrainConfig):
         _write_json(fs, f"{root}/finetune.json", {**record, "status": "interrupted", "config": cfg.model_dump()})
         raise
     except Exception as exc:
-        error = describe_error(exc) or one_line(exc)
-        with contextlib.suppress(Exception):  # the store may be what failed: the error itself is what to show
-            _write_json(fs, f"{root}/finetune.json", {**record, "status": "failed", "error": error,
-                                                      "config": cfg.model_dump()})
+        _record_failure(fs, root, record, cfg, describe_error(exc) or one_line(exc))
         raise
 
 

@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import functools
 import json
-import logging
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from actors.models import describe_model
 from actors.presets import PRESETS
 from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, joined_address, library_logs_to,
                              local_gpu_shortfall, size_actors, size_finishing, watch_cluster)
-from jobs.console import command_log, log, ticking
+from jobs.console import command_log, leave, log, ticking
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder, located
@@ -489,9 +488,8 @@ def _give_up(results: Recorder, reason: str) -> None:
     """The cluster is gone and the main thread is held in a Ray call until Ray's driver ends the process with
     nothing said: keep what finished, say why, and end it here (cluster.connect.watch_cluster)."""
     results.keep_what_finished()
-    print(f"sdfleet: error: {reason}; {STOPPED_HINT}", file=sys.stderr, flush=True)
-    logging.shutdown()
-    os._exit(1)
+    print(f"sdfleet: error: {reason}; {STOPPED_HINT}", file=sys.stderr)
+    leave(1)
 
 
 def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal, actor_cls, results, started,
@@ -542,10 +540,9 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
         for batch in planned.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
             for status, n in zip(*batch.column("status").value_counts().flatten()):
                 counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
-            if said >= PLAN_PROBLEMS_SHOWN:
-                continue
-            for row in batch.filter(pc.is_in(batch.column("status"), pa.array(["failed", "invalid"]))).to_pylist():
-                if said < PLAN_PROBLEMS_SHOWN:  # where the row is, then why (a bad adapter's reason names no row)
+            if said < PLAN_PROBLEMS_SHOWN:  # where each row is, then why (a bad adapter's reason names no row)
+                bad = batch.filter(pc.is_in(batch.column("status"), pa.array(["failed", "invalid"])))
+                for row in bad.slice(0, PLAN_PROBLEMS_SHOWN - said).to_pylist():
                     said += 1
                     log(f"{'would fail' if row['status'] == 'failed' else 'invalid'}: {located(row, row['error'])}")
     if counts["failed"] + counts["invalid"] > said:

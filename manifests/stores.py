@@ -116,6 +116,11 @@ def stored_at(info: dict) -> float | None:
 VERSION_FIELDS = ("ETag", "etag", "generation")
 
 
+def version_tag(info: dict) -> tuple[str, str] | None:
+    """(field, tag) of the store's version tag in a file's details, or None where it gives none to trust."""
+    return next(((f, str(info[f])) for f in VERSION_FIELDS if info.get(f) and not str(info[f]).startswith("W/")), None)
+
+
 def file_stamp(fs, path: str) -> str:
     """What identifies the version of a file now: its size and the store's version tag, or its last write time
     where there is no tag (a local disk). Read past fsspec's listing cache. Equal stamps: the same file, as far
@@ -123,9 +128,9 @@ def file_stamp(fs, path: str) -> str:
     with contextlib.suppress(AttributeError, OSError, ValueError):
         fs.invalidate_cache(path)
     info = fs.info(path)
-    tag = next((str(info[f]) for f in VERSION_FIELDS if info.get(f) and not str(info[f]).startswith("W/")), None)
+    tag = version_tag(info)
     if tag:
-        return f"size={info.get('size')}; tag={tag}"
+        return f"size={info.get('size')}; tag={tag[1]}"
     inode = f"; inode={info['ino']}" if info.get("ino") else ""  # a local file replaced by a rename
     return f"size={info.get('size')}; written={stored_at(info)}{inode}"
 

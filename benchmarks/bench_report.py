@@ -8,7 +8,8 @@ of the rows, fails 1% and finds 0.5% invalid, and a few PNGs are then deleted. T
 - warm: the same report again (every thumbnail reused): the baseline of what a page costs by itself;
 - nightly: after a third run redraws 5% of the rows, the report that makes only their thumbnails.
 
-Prints seconds for each, thumbnails made, the page's size, and cold/warm and nightly/warm ratios.
+Prints seconds for each, thumbnails made, the HTML written (a page whose rows did not change is not written
+again), and cold/warm and nightly/warm ratios.
 
     python -m benchmarks.bench_report [--rows 10000] [--size 256] [--groups 500] [--out FILE.json] [--keep DIR]
 """
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cold", "warm", "nightly"):
         r = results[name]
         print(f"{name:8s} {r['seconds']:7.2f} s  {r['thumbnails_made']:6d} thumbnails made  "
-              f"{r['bytes'] / 1e6:5.1f} MB of HTML in {r['pages']} page(s)")
+              f"{r['bytes'] / 1e6:5.1f} MB of HTML written ({r['pages_written']} file(s); {r['pages_unchanged']} of "
+              f"{r['pages']} page(s) unchanged)")
     print(f"cold/warm {results['cold_over_warm']}x, nightly/warm {results['nightly_over_warm']}x")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -294,7 +294,8 @@ def _say_report(done: dict) -> None:
     from jobs.console import log
 
     missing = f", {done['missing']} images missing" if done["missing"] else ""
-    pages = f" on {done['pages']} pages" if done["pages"] > 1 else ""
+    pages = (f" on {done['pages']} pages, {done['pages_unchanged']} of them unchanged" if done["pages"] > 1
+             else "")
     log(f"report: {done['path']} ({done['rows']} rows{pages}, {done['thumbnails_made']} thumbnails made, "
         f"{done['thumbnails_reused']} reused{missing}, {done['seconds']:.1f} s)")
     from jobs.outputs import unfinished_note

@@ -4,16 +4,25 @@ row's current state. What `sdfleet report` and `sdfleet sheet` stand on.
 The ledger is append-only (manifests.ledger): a row's current state is its newest entry, and a run's own
 entries are the parts named after its run id (`results/<run_id>-<seq>.parquet`). Run ids start with their
 start time, so sorting by (run id, finished_at) puts every entry in the order it was written.
+
+The ledger stays an Arrow table: a nightly catalogue holds a million rows and every night's entries, and only
+the rows a caller asks for (a page of a report, the first problems) become Python dicts.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs.errors import ReportError, one_line
-from manifests.ledger import ledger_parts
+from manifests.ledger import concat_parts, ledger_parts
 from manifests.stores import UnreadableFile, folder_files, read_parquet_files, url_to_fs
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
@@ -28,25 +37,54 @@ class RunOutput:
     root: str
     summary: dict  # run.json: the newest finished run
     runs: list[dict]  # runs/*.json, oldest first (the newest is `summary`)
-    entries: list[dict]  # every ledger entry, oldest first, each with "_run": the run id that wrote it
-    columns: list[str]  # ledger columns, pass-through columns of the manifests included
-    images: set[str] = field(default_factory=set)  # file names under images/
+    current: pa.Table  # every row this output was ever asked for, as it stands now: each id's newest entry, by id
+    history: pa.Table  # every ledger entry, in HISTORY columns, with "_run" (the run that wrote it) and "_at" (its
+    # place in the order entries were written)
     unfinished: list[str] = field(default_factory=list)  # runs after `summary` that wrote rows but no run.json
+
+    # A million-row catalogue's ledger, with its nights of history, stays in Arrow: only the rows a caller asks
+    # for become Python dicts (`rows`), a page of a report at a time.
+
+    @cached_property
+    def images(self) -> set[str]:
+        """The file names under images/ (listed when first asked: a million of them take ~12 s)."""
+        folder = f"{self.root}/images"
+        return {p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)} if self.fs.exists(folder) else set()
 
     @property
     def run_id(self) -> str:
         return self.summary["run_id"]
 
-    def current(self) -> dict[str, dict]:
-        """id -> its newest entry: every row this output has ever been asked for, as it stands now."""
-        return {e["id"]: e for e in self.entries if e.get("id") is not None}
+    @cached_property
+    def columns(self) -> list[str]:
+        """Ledger columns, pass-through columns of the manifests included."""
+        return [c for c in self.current.column_names if not c.startswith("_")]
 
-    def this_run(self) -> list[dict]:
-        return [e for e in self.entries if e["_run"] == self.run_id]
+    @cached_property
+    def ids(self) -> list[str]:
+        """The ids of `current`, in its order (sorted)."""
+        return self.current.column("id").to_pylist()
 
-    def before_this_run(self) -> dict[str, dict]:
-        """id -> its newest entry written by an earlier run than the newest one."""
-        return {e["id"]: e for e in self.entries if e["_run"] < self.run_id and e.get("id") is not None}
+    def position(self, row_id: str) -> int | None:
+        """Where `row_id` is in `current`, or None when the ledger never held it."""
+        i = bisect.bisect_left(self.ids, row_id)  # Arrow sorts text by its UTF-8 bytes: code point order, as here
+        return i if i < len(self.ids) and self.ids[i] == row_id else None
+
+    def rows(self, positions: Sequence[int]) -> list[dict]:
+        """The current entries at `positions`, as dicts."""
+        return self.current.take(pa.array(positions, pa.int64())).to_pylist() if len(positions) else []
+
+    def this_run(self) -> pa.Table:
+        """The entries the newest finished run wrote (HISTORY columns)."""
+        return self.history.filter(pc.equal(self.history.column("_run"), self.run_id))
+
+    def status_before_this_run(self, ids: list[str]) -> dict[str, str]:
+        """id -> the status of its newest entry written by a run earlier than the newest one, for `ids`."""
+        table = self.history
+        table = table.filter(pc.and_(pc.less(table.column("_run"), self.run_id),
+                                     pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string()))))
+        newest = table.take(newest_per_id(table))
+        return dict(zip(newest.column("id").to_pylist(), newest.column("status").to_pylist()))
 
     def image_path(self, row_id: str) -> str:
         return f"{self.root}/images/{row_id}.png"
@@ -57,25 +95,44 @@ class RunOutput:
     def group_columns(self) -> list[str]:
         return [c for c in self.columns if c not in BOOKKEEPING]
 
-    def group_key(self, entry: dict, column: str | None) -> str:
-        """The text an entry is grouped under: `adapters` as `name@scale + ...`, an empty value as "(none)"."""
+    def group_keys(self, column: str | None) -> list[str]:
+        """The text each row of `current` is grouped under: `adapters` as `name@scale + ...`, an empty value as
+        "(none)"."""
         if column is None:
-            return "all rows"
-        value = adapters_text(entry.get(column)) if column == "adapters" else entry.get(column)
-        return "(none)" if value in (None, "") else str(value)
+            return ["all rows"] * self.current.num_rows
+        values = self.current.column(column).to_pylist()
+        if column == "adapters":
+            values = [adapters_text(v) for v in values]
+        return ["(none)" if v in (None, "") else str(v) for v in values]
 
-    def groups(self, column: str | None) -> dict[str, list[dict]]:
-        """Every row's current entry by `group_key`: groups in order ("(none)" last), ids in order within each."""
-        current = self.current()
-        groups: dict[str, list[dict]] = {}
-        for row_id in sorted(current):
-            groups.setdefault(self.group_key(current[row_id], column), []).append(current[row_id])
+    def groups(self, column: str | None) -> dict[str, list[int]]:
+        """The positions in `current` of every row by its group key: groups in order ("(none)" last), ids in
+        order within each."""
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(self.group_keys(column)):
+            groups.setdefault(key, []).append(i)
         return {key: groups[key] for key in sorted(groups, key=lambda k: (k == "(none)", k))}
 
     def check_group_by(self, column: str | None, flag: str = "--group-by") -> None:
         if column is not None and column not in self.group_columns():
             raise ReportError(f"{flag} {column!r}: the ledger of {self.uri} has no such column; group by one "
                               f"of {', '.join(self.group_columns())}")
+
+
+# The columns of `RunOutput.history`: what the report's What changed, Problems and rate chart read of past entries.
+HISTORY = ("id", "status", "warning", "error", "actor", "finished_at", "source", "row")
+
+
+def newest_per_id(table: pa.Table) -> pa.Array:
+    """The indices in `table` (with an "_at" column: the order its entries were written) of each id's last entry;
+    entries without an id are left out."""
+    valid = pc.is_valid(table.column("id"))
+    keyed = pa.table({"id": table.column("id"), "at": table.column("_at"),
+                      "i": pa.array(np.arange(table.num_rows, dtype=np.int64))}).filter(valid)
+    last = keyed.group_by("id", use_threads=False).aggregate([("at", "max")])
+    # the row of each (id, newest at): `at` is unique, so a join on it finds exactly one
+    found = last.join(keyed.select(["at", "i"]), keys="at_max", right_keys="at", use_threads=False)
+    return found.column("i")
 
 
 def is_recovered(entry: dict) -> bool:
@@ -121,7 +178,8 @@ def open_output(uri: str) -> RunOutput:
         raise ReportError(f"{uri}/run.json has no run_id: not written by `sdfleet generate` (or by a version "
                           "before reports)")
     runs = []
-    paths = sorted(folder_files(fs, f"{root}/runs", ".json"))  # one per run: a nightly output holds hundreds, fetched at once
+    # one per run: a nightly output holds hundreds, fetched at once
+    paths = sorted(folder_files(fs, f"{root}/runs", ".json"))
     for data in fs.cat_ranges(paths, None, None, on_error="return") if paths else []:
         try:
             found = None if isinstance(data, BaseException) else json.loads(data)  # unfetched: its error
@@ -131,23 +189,34 @@ def open_output(uri: str) -> RunOutput:
             continue  # an older run's summary is only context; the newest is run.json
     if not runs or runs[-1].get("run_id") != summary["run_id"]:
         runs.append(summary)
-    entries, columns = [], []
+    tables = []
     try:
         for path, table in read_parquet_files(fs, list(parts), sizes=parts):
             run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
-            columns += [c for c in table.column_names if c not in columns]
-            entries += [{**e, "_run": run} for e in table.to_pylist()]
+            tables.append(table.append_column("_run", pa.array([run] * table.num_rows, pa.string())))
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole, so this one was damaged afterwards
             raise ReportError(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
                               "rerun `sdfleet generate` to redraw its rows") from exc
         raise ReportError(f"cannot read ledger part {exc.path} from the store ({one_line(exc.cause)}); try again "
                           "once it answers") from exc
-    entries.sort(key=lambda e: (e["_run"], e.get("finished_at") or ""))
+    ledger = concat_parts(tables)
+    del tables
+    if "_run" not in ledger.column_names:  # no parts
+        ledger = ledger.append_column("_run", pa.array([], pa.string()))
+    # each entry's place in the order entries were written (a run's entries by finish time; the sort is stable)
+    order = pc.sort_indices(ledger, [("_run", "ascending", "at_start"), ("finished_at", "ascending", "at_start")])
+    at = np.empty(ledger.num_rows, np.int64)
+    at[order.to_numpy()] = np.arange(ledger.num_rows)
+    ledger = ledger.append_column("_at", pa.array(at))
+    newest = newest_per_id(ledger)
+    by_id = pc.sort_indices(ledger.column("id").take(newest))
+    current = ledger.take(newest.take(by_id))  # one copy of the current rows, in id order
+    history = ledger.select([*HISTORY, "_run", "_at"]).combine_chunks()  # copied: parts stay referenced otherwise
+    del ledger, newest  # the rest of each entry (uri, hashes, pass-through columns) is only needed for current rows
+    pa.default_memory_pool().release_unused()  # the parts as read (~2x the current rows at a million rows) go
     finished = {r.get("run_id") for r in runs}
-    unfinished = sorted({e["_run"] for e in entries if e["_run"] > summary["run_id"] and e["_run"] not in finished})
-    images = set()
-    if fs.exists(f"{root}/images"):
-        images = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/images", detail=False)}
-    return RunOutput(uri=uri, fs=fs, root=root, summary=summary, runs=runs, entries=entries, columns=columns,
-                     images=images, unfinished=unfinished)
+    later = pc.unique(history.filter(pc.greater(history.column("_run"), summary["run_id"])).column("_run"))
+    unfinished = sorted(run for run in later.to_pylist() if run not in finished)
+    return RunOutput(uri=uri, fs=fs, root=root, summary=summary, runs=runs, current=current, history=history,
+                     unfinished=unfinished)

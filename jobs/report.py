@@ -4,7 +4,10 @@
     OUT/report/page-NNNN.html  the images, PAGE_ROWS to a page, when there are more rows than that (index.html
                                then lists the pages, the groups each holds, and links every problem to its page)
     OUT/report/thumbs/*.jpg    one small JPEG per image, named by the PNG's sha256 (a later report reuses it)
-    OUT/report/thumbs/index.json   the prompt and size read from each PNG when its thumbnail was made
+    OUT/report/thumbs/index-XX.parquet   the prompt and size read from each PNG when its thumbnail was made
+                               (256 files by a hash of the thumbnail's name)
+    OUT/report/pages.json      a digest of what each page is made of, so a later report renders and writes only
+                               the pages whose rows changed
 
 The page needs no server and no network: it opens from a laptop's disk or from a bucket served over HTTP,
 and links to the full PNGs as `../images/<id>.png`. Thumbnails load lazily and groups fold, so a page of
@@ -16,23 +19,32 @@ but whose PNG is gone is shown as missing, not as a broken image.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import html
 import io
 import json
 import math
 import os
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from actors.png import image_parameters
 from jobs.console import log
 from jobs.errors import ReportError, one_line
-from jobs.outputs import RunOutput, adapters_text, is_recovered, open_output, unfinished_note
+from jobs.outputs import RunOutput, adapters_text, is_recovered, newest_per_id, open_output, unfinished_note
 from manifests.ledger import atomic_write
-from manifests.stores import folder_files, is_local_fs
+from manifests.stores import UnreadableFile, folder_files, is_local_fs, read_parquet_files
 
 THUMB_SIDE = 192  # px, the longer side
 THUMB_QUALITY = 82
@@ -44,39 +56,105 @@ PROGRESS_SECONDS = 5.0
 
 def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE, workers: int | None = None,
                  flag: str = "--group-by") -> dict:
-    """Write OUT/report/ for the run at `uri`; returns what it wrote (path, rows, thumbnails made/reused).
-    `flag` is the option `group_by` came from, for the error that names it."""
+    """Write OUT/report/ for the run at `uri`; returns what it wrote (path, rows, thumbnails made/reused, pages
+    written and left as they were). `flag` is the option `group_by` came from, for the error that names it."""
     started = time.time()
     out = open_output(uri)
     out.check_group_by(group_by, flag)
-    current = out.current()
+    current, ids = out.current, out.ids
+    statuses = current.column("status").to_pylist()
+    names = [thumb_name(*key) for key in zip(current.column("sha256").to_pylist(),
+                                                current.column("params_hash").to_pylist(), ids)]
+    has_image = [f"{row_id}.png" in out.images for row_id in ids]
     thumbs = Thumbnails(out, thumb)
-    shown = [e for e in current.values() if e["status"] == "ok" and out.has_image(e)]
+    shown = [i for i, status in enumerate(statuses) if status == "ok" and has_image[i]]
     try:
-        made = thumbs.make(shown, workers)
-        thumbs.prune({thumbs.name(e) for e in shown})
+        made = thumbs.make([(ids[i], names[i]) for i in shown], workers)
+        thumbs.prune({names[i] for i in shown})
         thumbs.save()
     except ReportError:
         raise
     except Exception as exc:  # noqa: BLE001 - a read-only store (served over HTTP), a full disk
         raise ReportError(f"cannot write {out.uri}/report/thumbs: {one_line(exc)}") from exc
-    layout = Layout.of(current, out.groups(group_by), group_by)
-    written = 0
+    del shown
+    rows, reused = Rows.of(out, names, has_image, thumbs.index), thumbs.reused
+    del names, has_image, thumbs
+    pa.default_memory_pool().release_unused()
+    layout = Layout.of(out.groups(group_by), len(ids), group_by)
+    pages = Pages(out)
     if layout.paged:
+        last = time.time()
         for n in range(len(layout.pages)):
-            written += _write(out, layout.files[n], render_page(out, layout, n, thumbs))
-    written += _write(out, "index.html", render(out, current, thumbs, layout))
-    _prune_pages(out, set(layout.files))
+            pages.write(layout.files[n], lambda: render_page(out, rows, layout, n), rows.digest(layout, n))
+            if time.time() - last >= PROGRESS_SECONDS:
+                last = time.time()
+                log(f"report: {n + 1}/{len(layout.pages)} pages ({pages.kept} unchanged)")
+    pages.write("index.html", lambda: render(out, rows, layout))
+    pages.save(set(layout.files))
     path = f"{out.root}/report/index.html"
-    shown = path if is_local_fs(out.fs) else out.fs.unstrip_protocol(path)
-    return {"path": shown, "rows": len(current), "pages": len(layout.files), "thumbnails_made": made,
-            "unfinished": out.unfinished,
-            "thumbnails_reused": thumbs.reused, "missing": sum(1 for e in current.values()
-                                                              if e["status"] == "ok" and thumbs.lacks_image(e)),
-            "seconds": round(time.time() - started, 2), "bytes": written}
+    where = path if is_local_fs(out.fs) else out.fs.unstrip_protocol(path)
+    return {"path": where, "rows": len(ids), "pages": len(layout.files), "pages_written": pages.written,
+            "pages_unchanged": pages.kept, "thumbnails_made": made, "unfinished": out.unfinished,
+            "thumbnails_reused": reused,
+            "missing": sum(1 for status, lack in zip(statuses, rows.lacks) if status == "ok" and lack),
+            "seconds": round(time.time() - started, 2), "bytes": pages.bytes}
 
 
-def paginate(groups: dict[str, list[dict]], size: int) -> list[list[tuple[str, list[dict], bool]]]:
+# What a tile shows besides the ledger: the columns Rows adds to each row of the output's `current`.
+TILE_COLUMNS = ("_thumb", "_has_image", "_prompt", "_negative_prompt", "_width", "_height", "_thumb_width",
+                "_thumb_height", "_thumb_error")
+# Pages are rendered again when this module changes (what a page shows is its rows and this code).
+RENDER_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows a report shows: the output's `current` table (in id order) with, for each row, its thumbnail's
+    name, whether its PNG is in the output, and what the thumbnail index read from it (TILE_COLUMNS). Rows
+    become dicts only a page at a time."""
+
+    table: pa.Table
+    statuses: list[str]
+    lacks: list[bool]  # no image to show: not ok, the PNG gone, or one that does not decode
+
+    @classmethod
+    def of(cls, out: RunOutput, names: list[str], has_image: list[bool], index: pa.Table) -> "Rows":
+        at = pc.index_in(pa.array(names, pa.string()), value_set=index.column("name"))
+        info = index.take(at)
+        table = out.current.drop_columns(["_at"]).append_column("_thumb", pa.array(names, pa.string()))
+        table = table.append_column("_has_image", pa.array(has_image, pa.bool_()))
+        for column in ("prompt", "negative_prompt", "width", "height", "thumb_width", "thumb_height"):
+            table = table.append_column(f"_{column}", info.column(column))
+        # a row whose thumbnail the index lacks (its PNG gone since the listing) has none to show: say so
+        error = pc.if_else(pc.is_valid(at), info.column("error"),
+                           pa.scalar("could not be read when the thumbnails were made", pa.string()))
+        table = table.append_column("_thumb_error", error)
+        statuses = table.column("status").to_pylist()
+        lacks = [status != "ok" or not has or error is not None
+                 for status, has, error in zip(statuses, has_image, table.column("_thumb_error").to_pylist())]
+        return cls(table, statuses, lacks)
+
+    def take(self, positions: list[int]) -> list[dict]:
+        return self.table.take(pa.array(positions, pa.int64())).to_pylist() if positions else []
+
+    def digest(self, layout: "Layout", n: int) -> str:
+        """What page `n` is made of (its rows as Arrow bytes, where they sit, the groups, the pages beside it, this
+        code): the same digest is the same page, so it need not be rendered again."""
+        page = layout.pages[n]
+        positions = [i for _, group, _ in page for i in group]
+        sink = pa.BufferOutputStream()
+        taken = self.table.take(pa.array(positions, pa.int64())).combine_chunks()
+        with pa.ipc.new_stream(sink, taken.schema) as writer:
+            writer.write_table(taken)
+        h = hashlib.sha256(RENDER_VERSION.encode())
+        h.update(sink.getvalue())
+        h.update(np.asarray(positions, np.int64).tobytes())
+        h.update(json.dumps([layout.group_by, n, len(layout.pages), layout.files[n],
+                             [(key, len(group), continued) for key, group, continued in page]]).encode())
+        return h.hexdigest()
+
+
+def paginate(groups: dict[str, list], size: int) -> list[list[tuple[str, list, bool]]]:
     """The groups laid out on pages of at most `size` rows, in order: each page a list of (group key, its rows
     on this page, whether the group began on an earlier page). A group larger than a page is cut."""
     pages, page, room = [], [], size
@@ -95,121 +173,217 @@ def paginate(groups: dict[str, list[dict]], size: int) -> list[list[tuple[str, l
 
 @dataclass(frozen=True)
 class Layout:
-    """Where every row's tile goes: the pages (as `paginate` lays them out), their files, each row's anchor and
-    the link to its tile from the index (Problems, What changed). One page is index.html itself."""
+    """Where every row's tile goes: the pages (as `paginate` lays them out, rows as their positions in the
+    output's `current` table), their files, and the page each row is on. One page may be index.html itself.
+    A row's tile is anchored `r<position>`, so Problems and What changed link to it."""
 
     group_by: str | None
-    pages: list[list[tuple[str, list[dict], bool]]]
+    pages: list[list[tuple[str, list[int], bool]]]
     files: list[str]
-    anchors: dict[str, str]
-    links: dict[str, str]
+    page_of: np.ndarray  # position -> page number
 
     @classmethod
-    def of(cls, current: dict[str, dict], groups: dict[str, list[dict]], group_by: str | None) -> "Layout":
+    def of(cls, groups: dict[str, list[int]], rows: int, group_by: str | None) -> "Layout":
         pages = paginate(groups, PAGE_ROWS)
         files = [f"page-{n:04d}.html" for n in range(1, len(pages) + 1)] if len(pages) > 1 else ["index.html"]
-        anchors = {row_id: f"r{i}" for i, row_id in enumerate(sorted(current))}
-        links = {e["id"]: f"{files[n] if len(files) > 1 else ''}#{anchors[e['id']]}"
-                 for n, page in enumerate(pages) for _, entries, _ in page for e in entries}
-        return cls(group_by, pages, files, anchors, links)
+        page_of = np.zeros(rows, np.int32)
+        for n, page in enumerate(pages):
+            for _, positions, _ in page:
+                page_of[positions] = n
+        return cls(group_by, pages, files, page_of)
 
     @property
     def paged(self) -> bool:
         return len(self.files) > 1
 
-
-def _write(out: RunOutput, name: str, page: str) -> int:
-    path, data = f"{out.root}/report/{name}", page.encode()
-    try:
-        atomic_write(out.fs, path, data)
-    except Exception as exc:  # noqa: BLE001 - a read-only or unreachable store
-        raise ReportError(f"cannot write {out.fs.unstrip_protocol(path)}: {one_line(exc)}") from exc
-    return len(data)
+    def link(self, position: int) -> str:
+        return f"{self.files[self.page_of[position]] if self.paged else ''}#r{position}"
 
 
-def _prune_pages(out: RunOutput, keep: set[str]) -> None:
-    """Remove the pages of an earlier, longer report, so none of them is left showing old rows."""
-    for path in folder_files(out.fs, f"{out.root}/report", ".html"):
-        if path.rsplit("/", 1)[-1].startswith("page-") and path.rsplit("/", 1)[-1] not in keep:
-            out.fs.rm_file(path)
+class Pages:
+    """Writes the report's HTML files, leaving alone a page made of what it was made of last time: a nightly
+    report of a million rows has 200 pages (~7 MB each), and most hold no row the night changed. report/pages.json
+    keeps each page's digest (`Rows.digest`) and size; a page gone, or of another size, is written again."""
+
+    def __init__(self, out: RunOutput):
+        self.out = out
+        self.folder = f"{out.root}/report"
+        self.record_path = f"{self.folder}/pages.json"
+        self.present = {p.rsplit("/", 1)[-1]: info.get("size") for p, info in folder_files(out.fs, self.folder,
+                                                                                              ".html").items()}
+        try:
+            self.record = json.loads(out.fs.cat_file(self.record_path))
+        except (FileNotFoundError, ValueError):
+            self.record = {}
+        if not isinstance(self.record, dict):
+            self.record = {}
+        self.written = self.kept = self.bytes = 0
+
+    def write(self, name: str, render: Callable[[], str], digest: str | None = None) -> None:
+        """Write the page `render` makes, unless `digest` says it is the page already there."""
+        was = self.record.get(name)
+        if digest is not None and isinstance(was, dict) and was.get("digest") == digest \
+                and was.get("size") == self.present.get(name):
+            self.kept += 1
+            return
+        data = render().encode()
+        path = f"{self.folder}/{name}"
+        try:
+            atomic_write(self.out.fs, path, data)
+        except Exception as exc:  # noqa: BLE001 - a read-only or unreachable store
+            raise ReportError(f"cannot write {self.out.fs.unstrip_protocol(path)}: {one_line(exc)}") from exc
+        self.record[name] = {"digest": digest, "size": len(data)}
+        self.written += 1
+        self.bytes += len(data)
+
+    def save(self, keep: set[str]) -> None:
+        """Remove the pages of an earlier, longer report, so none of them is left showing old rows, and record
+        what each page written is made of."""
+        for name in sorted(self.present):
+            if name.startswith("page-") and name not in keep:
+                self.out.fs.rm_file(f"{self.folder}/{name}")
+        record = {name: was for name, was in self.record.items() if name in keep and name != "index.html"}
+        try:
+            atomic_write(self.out.fs, self.record_path, json.dumps(record, sort_keys=True).encode())
+        except Exception as exc:  # noqa: BLE001 - a read-only or unreachable store
+            raise ReportError(f"cannot write {self.out.fs.unstrip_protocol(self.record_path)}: "
+                              f"{one_line(exc)}") from exc
 
 
 # --- thumbnails -------------------------------------------------------------------------------------
 
+def thumb_name(sha256: str | None, params_hash: str | None, row_id: str) -> str:
+    """A thumbnail's file name: the PNG's sha256 from the ledger, so a redrawn image gets a new one."""
+    return f"{(sha256 or params_hash or row_id)[:24]}.jpg"
+
+
+INDEX_SHARDS = 256  # thumbs/index-XX.parquet files: a nightly report rewrites only those its thumbnails touch
+INDEX_SCHEMA = pa.schema([("name", pa.string()), ("side", pa.int32()), ("prompt", pa.string()),
+                          ("negative_prompt", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+                          ("thumb_width", pa.int32()), ("thumb_height", pa.int32()), ("error", pa.string())])
+
+
+def index_shard(name: str) -> str:
+    return f"index-{zlib.crc32(name.encode()) % INDEX_SHARDS:02x}.parquet"
+
+
 class Thumbnails:
     """One JPEG per PNG, named by the PNG's sha256 from the ledger, so a report after a nightly run makes
     thumbnails only for the images that run drew. Prompts come from each PNG's parameters chunk (the
-    ledger carries none) and are kept in index.json beside the thumbnails."""
+    ledger carries none) and are kept beside the thumbnails in thumbs/index-XX.parquet (INDEX_SCHEMA): 256 files
+    by a hash of the thumbnail's name, so a night that redraws a few rows rewrites a few of them, and a million
+    rows' prompts load as Arrow (~0.2 GB), not as a million dicts. A thumbnail made at another side than the one
+    asked for is made again."""
 
     def __init__(self, out: RunOutput, side: int):
         self.out, self.side = out, side
         self.folder = f"{out.root}/report/thumbs"
-        self.index_path = f"{self.folder}/index.json"
-        try:
-            self.index = json.loads(out.fs.cat_file(self.index_path))
-        except (FileNotFoundError, ValueError):
-            self.index = {}
-        if self.index.get("_side") != side:  # another size was asked for: make them all again
-            self.index = {"_side": side}
+        fs = out.fs
+        listed = fs.ls(self.folder, detail=False) if fs.exists(self.folder) else []
+        self.present: set[str] = {p.rstrip("/").rsplit("/", 1)[-1] for p in listed}  # file names in the folder
+        self.dirty: set[str] = set()  # index files to write
+        self.added: list[dict] = []  # index rows of the thumbnails made
+        self.removed: set[str] = set()  # thumbnails pruned
         self.reused = 0
-        self.present: set[str] = set()  # file names in the folder when `make` listed it
-        self.changed = False  # whether index.json needs writing
+        shards = sorted(f"{self.folder}/{n}" for n in self.present if n.startswith("index-") and n.endswith(".parquet"))
+        tables = []
+        while shards:  # an unreadable file costs its thumbnails (made again, the file written anew), not the report
+            try:
+                for path, table in read_parquet_files(fs, shards):
+                    shards = shards[1:]
+                    try:
+                        tables.append(table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA))
+                    except (KeyError, ValueError, pa.ArrowException):  # not an index file of this version
+                        self.dirty.add(path.rsplit("/", 1)[-1])
+            except UnreadableFile as exc:
+                self.dirty.add(exc.path.rsplit("/", 1)[-1])
+                shards = shards[shards.index(exc.path) + 1:]
+        self.legacy = "index.json" in self.present  # the one JSON file reports wrote before the split
+        if self.legacy:
+            tables.append(self._legacy())
+        index = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+        other_side = pc.not_equal(index.column("side"), side)
+        stale = index.filter(other_side).column("name").to_pylist()
+        self.dirty |= {index_shard(name) for name in stale}  # their rows go; their thumbnails are made again
+        self._index = index.filter(pc.invert(other_side))
 
-    def name(self, entry: dict) -> str:
-        return f"{(entry.get('sha256') or entry['params_hash'] or entry['id'])[:24]}.jpg"
+    def _legacy(self) -> pa.Table:
+        try:
+            found = json.loads(self.out.fs.cat_file(f"{self.folder}/index.json"))
+        except (FileNotFoundError, ValueError):
+            found = {}
+        side = found.pop("_side", None) if isinstance(found, dict) else None
+        rows = [self._row(name, info, side) for name, info in (found.items() if isinstance(found, dict) else [])
+                if isinstance(info, dict)]
+        self.dirty |= {index_shard(row["name"]) for row in rows}
+        return pa.Table.from_pylist(rows, INDEX_SCHEMA)
 
-    def info(self, entry: dict) -> dict:
-        return self.index.get(self.name(entry), {})
+    @staticmethod
+    def _row(name: str, info: dict, side: int | None) -> dict:
+        size, thumb = info.get("size") or (None, None), info.get("thumb") or (None, None)
+        return {"name": name, "side": side, "prompt": info.get("prompt"),
+                "negative_prompt": info.get("negative_prompt"), "width": size[0], "height": size[1],
+                "thumb_width": thumb[0], "thumb_height": thumb[1], "error": info.get("error")}
 
-    def lacks_image(self, entry: dict) -> bool:
-        """Whether a row has no image to show: not ok, its file gone, or a file that does not decode."""
-        if entry["status"] != "ok" or not self.out.has_image(entry):
-            return True
-        info = self.info(entry)
-        return not info or "error" in info
+    @cached_property
+    def index(self) -> pa.Table:
+        """The index as it stands after `make` and `prune` (asked for once they are done)."""
+        gone = pa.array(sorted(self.removed | {row["name"] for row in self.added}), pa.string())
+        kept = self._index.filter(pc.invert(pc.is_in(self._index.column("name"), value_set=gone)))
+        return pa.concat_tables([kept, pa.Table.from_pylist(self.added, INDEX_SCHEMA)])
 
-    def make(self, entries: list[dict], workers: int | None = None) -> int:
-        fs = self.out.fs
-        if fs.exists(self.folder):
-            self.present = {p.rsplit("/", 1)[-1] for p in fs.ls(self.folder, detail=False)}
-        todo = [e for e in entries if not (self.name(e) in self.present and self.name(e) in self.index)]
-        self.reused = len(entries) - len(todo)
+    def make(self, rows: list[tuple[str, str]], workers: int | None = None) -> int:
+        """Make the thumbnails of (row id, thumbnail name) not made yet; returns how many it made."""
+        names = pa.array([name for _, name in rows], pa.string())
+        indexed = pc.is_in(names, value_set=self._index.column("name")).to_pylist()
+        todo = [row for row, known in zip(rows, indexed) if not (known and row[1] in self.present)]
+        self.reused = len(rows) - len(todo)
         if not todo:
             return 0
         log(f"report: making {len(todo)} thumbnails ({self.reused} reused)")
-        fs.makedirs(self.folder, exist_ok=True)  # local disks need the folder; object stores ignore it
+        self.out.fs.makedirs(self.folder, exist_ok=True)  # local disks need the folder; object stores ignore it
         done, last = 0, time.time()
         # Pillow and the stores release the GIL while they decode, resize, encode and move bytes
         with ThreadPoolExecutor(max_workers=workers or min(8, 2 * (os.cpu_count() or 1))) as pool:
-            for name, info in pool.map(self._one, todo):
-                if info is not None:
-                    self.index[name] = info
+            for row in pool.map(self._one, todo):
+                if row is not None:
+                    self.added.append(row)
+                    self.dirty.add(index_shard(row["name"]))
                 done += 1
                 if time.time() - last >= PROGRESS_SECONDS:
                     last = time.time()
                     log(f"report: {done}/{len(todo)} thumbnails")
-        self.changed = True
         return len(todo)
 
     def prune(self, keep: set[str]) -> None:
-        """Remove the thumbnails of images no row shows any more (redrawn since, or gone): those `make` found
-        in the folder that `keep` does not name (every thumbnail it made is kept)."""
+        """Remove the thumbnails of images no row shows any more (redrawn since, or gone): those in the folder
+        that `keep` does not name (every thumbnail `make` made is kept)."""
         for name in sorted(n for n in self.present if n.endswith(".jpg") and n not in keep):
             self.out.fs.rm_file(f"{self.folder}/{name}")
-            self.index.pop(name, None)
-            self.changed = True
+            self.removed.add(name)
+            self.dirty.add(index_shard(name))
 
     def save(self) -> None:
-        """Write index.json when thumbnails were made or removed."""
-        if self.changed:
-            atomic_write(self.out.fs, self.index_path, json.dumps(self.index, ensure_ascii=False).encode())
+        """Write the index files whose thumbnails were made or removed (all of them after an older report's one
+        index.json, which then goes)."""
+        if not self.dirty:
+            return
+        index = self.index
+        shard = pa.array([index_shard(name) for name in index.column("name").to_pylist()], pa.string())
+        for name in sorted(self.dirty):
+            buf = io.BytesIO()
+            pq.write_table(index.filter(pc.equal(shard, name)), buf)
+            atomic_write(self.out.fs, f"{self.folder}/{name}", buf.getvalue())
+        if self.legacy:
+            self.out.fs.rm_file(f"{self.folder}/index.json")
+        self.dirty = set()
 
-    def _one(self, entry: dict) -> tuple[str, dict | None]:
-        name = self.name(entry)
+    def _one(self, row: tuple[str, str]) -> dict | None:
+        row_id, name = row
         try:
-            data = self.out.fs.cat_file(self.out.image_path(entry["id"]))
+            data = self.out.fs.cat_file(self.out.image_path(row_id))
         except FileNotFoundError:
-            return name, None  # deleted since the listing: shown as missing
+            return None  # deleted since the listing: shown as missing
         try:
             with Image.open(io.BytesIO(data)) as image:
                 params = image_parameters(image)
@@ -219,68 +393,84 @@ class Thumbnails:
                 buf = io.BytesIO()
                 image.convert("RGB").save(buf, "JPEG", quality=THUMB_QUALITY)
         except Exception as exc:  # noqa: BLE001 - a damaged PNG is shown with its reason, not a broken image
-            return name, {"error": f"cannot read the image: {one_line(exc)}"}
+            return self._row(name, {"error": f"cannot read the image: {one_line(exc)}"}, self.side)
         self.out.fs.pipe_file(f"{self.folder}/{name}", buf.getvalue())  # a store that refuses stops the report
-        return name, {"prompt": params.get("prompt"), "negative_prompt": params.get("negative_prompt"),
-                      "size": list(size), "thumb": list(thumb)}
+        return self._row(name, {"prompt": params.get("prompt"), "negative_prompt": params.get("negative_prompt"),
+                                "size": size, "thumb": thumb}, self.side)
 
 
 # --- what changed ---------------------------------------------------------------------------------
 
-def changes(out: RunOutput) -> dict[str, list[dict]]:
-    """This run's rows against their state before it: new, redrawn, fixed, now failing, still failing, and
-    recovered (an earlier, killed run drew it). Rows this run skipped are unchanged and not listed. Last, rows
-    with an image that no manifest of this run asked for (a product dropped, an id renamed), as far as run.json
-    lists them."""
-    before = out.before_this_run()
-    kinds: dict[str, list[dict]] = {"new": [], "redrawn": [], "fixed": [], "now failing": [], "still failing": [],
-                                    "recovered": []}
+def changes(out: RunOutput) -> dict[str, list[str]]:
+    """The ids of this run's rows by how they changed against their state before it: new, redrawn, fixed, now
+    failing, still failing, and recovered (an earlier, killed run drew it). Rows this run skipped are unchanged
+    and not listed. Last, rows with an image that no manifest of this run asked for (a product dropped, an id
+    renamed), as far as run.json lists them."""
+    now = out.this_run()
+    now = now.take(newest_per_id(now)).sort_by("id")
+    ids = now.column("id").to_pylist()
+    before = out.status_before_this_run(ids)
+    kinds: dict[str, list[str]] = {"new": [], "redrawn": [], "fixed": [], "now failing": [], "still failing": [],
+                                   "recovered": []}
     listed = out.summary.get("not_in_manifests_ids") or []
     if listed or out.summary.get("not_in_manifests"):
-        current = out.current()
-        kinds["not asked for"] = [current[i] for i in listed if i in current]
-    now = {e["id"]: e for e in out.this_run() if e.get("id") is not None}
-    for row_id in sorted(now):
-        entry, prev = now[row_id], before.get(row_id)
-        if entry["status"] == "ok" and is_recovered(entry):  # an earlier run drew it; this run only recorded it
+        kinds["not asked for"] = [row_id for row_id in listed if out.position(row_id) is not None]
+    for row_id, status, warning in zip(ids, now.column("status").to_pylist(), now.column("warning").to_pylist()):
+        prev = before.get(row_id)
+        if status == "ok" and is_recovered({"warning": warning}):  # an earlier run drew it; this one recorded it
             kind = "recovered"
-        elif entry["status"] == "ok":
-            kind = "new" if prev is None else "redrawn" if prev["status"] == "ok" else "fixed"
+        elif status == "ok":
+            kind = "new" if prev is None else "redrawn" if prev == "ok" else "fixed"
         else:
-            kind = "still failing" if prev is not None and prev["status"] != "ok" else "now failing"
-        kinds[kind].append(entry)
+            kind = "still failing" if prev is not None and prev != "ok" else "now failing"
+        kinds[kind].append(row_id)
     return kinds
 
 
 # --- the page -------------------------------------------------------------------------------------
 
-def render(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, layout: Layout) -> str:
+def render(out: RunOutput, rows: Rows, layout: Layout) -> str:
     """index.html: the images themselves when they fit one page, else the list of pages."""
     s = out.summary
-    images = (_page_list(layout, thumbs, len(current)) if layout.paged
-              else _images(out, layout.pages[0] if layout.pages else [], thumbs, layout, len(current)))
+    images = (_page_list(layout, rows.lacks, len(rows.lacks)) if layout.paged
+              else _images(out, _entries(rows, layout.pages[0]) if layout.pages else [], layout.group_by,
+                           len(rows.lacks)))
     parts = [_HEAD.replace("{title}", _e(f"sdfleet report: {out.uri}")),
              f"<header><h1>Run {_e(out.run_id)}</h1><p>{_e(out.uri)} · finished {_e(s.get('finished_at', '?'))} · "
              f"{_e(s.get('backend', '?'))} on {_e(s.get('device', '?'))} · batch {_e(s.get('batch_size', '?'))} · "
              f"report written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p>"
              + "".join(f"<p class=bad>{_e(unfinished_note(run))}</p>" for run in out.unfinished) + "</header>",
-             _figures(out), _changes(out, layout.links), _problems(out, current, thumbs, layout.links), images, _FOOT]
+             _figures(out), _changes(out, layout), _problems(out, rows, layout), images, _FOOT]
     return "\n".join(parts)
 
 
-def render_page(out: RunOutput, layout: Layout, n: int, thumbs: Thumbnails) -> str:
-    """page-NNNN.html: one page of images, with the way to the pages beside it and back to the index."""
-    count, page = len(layout.pages), layout.pages[n]
+def render_page(out: RunOutput, rows: Rows, layout: Layout, n: int) -> str:
+    """page-NNNN.html: one page of images, with the way to the pages beside it and back to the index. It names
+    no run (the index does; each tile names the run that drew it), so a page whose rows did not change is the
+    same bytes after the next run, and is not written again."""
+    count, page = len(layout.pages), _entries(rows, layout.pages[n])
 
     def to(i: int, text: str) -> str:
         return f"<a href='{layout.files[i]}'>{text}</a>" if 0 <= i < count else f"<span>{text}</span>"
 
     nav = (f"<nav class=pages>{to(n - 1, '← previous')} · <a href='index.html'>index</a> · page {n + 1} of {count}"
            f" · {to(n + 1, 'next →')}</nav>")
-    rows = sum(len(entries) for _, entries, _ in page)
+    shown = sum(len(entries) for _, entries, _ in page)
     return "\n".join([_HEAD.replace("{title}", _e(f"sdfleet report: {out.uri}, page {n + 1} of {count}")),
-                      f"<header><h1>Run {_e(out.run_id)}, page {n + 1} of {count}</h1><p>{_e(out.uri)}</p></header>",
-                      nav, _images(out, page, thumbs, layout, rows, f" on page {n + 1}"), nav, _FOOT])
+                      f"<header><h1>Images, page {n + 1} of {count}</h1><p>{_e(out.uri)} · the run, what changed "
+                      "and the problems are on the <a href='index.html'>index</a></p></header>",
+                      nav, _images(out, page, layout.group_by, shown, f" on page {n + 1}"), nav, _FOOT])
+
+
+def _entries(rows: Rows, page: list[tuple[str, list[int], bool]]) -> list[tuple[str, list[dict], bool]]:
+    """A page's groups with their rows (dicts, each with its "_position") in place of positions."""
+    taken = iter(rows.take([i for _, positions, _ in page for i in positions]))
+    return [(key, [{**next(taken), "_position": i} for i in positions], continued)
+            for key, positions, continued in page]
+
+
+def _lacks(e: dict) -> bool:
+    return e["status"] != "ok" or not e["_has_image"] or e["_thumb_error"] is not None
 
 
 def _figures(out: RunOutput) -> str:
@@ -309,8 +499,10 @@ def _figures(out: RunOutput) -> str:
 def _rate_chart(out: RunOutput, bars: int = 60) -> str:
     """Images per second over the run, from the finish times of the rows it drew, as an inline SVG."""
     s = out.summary
-    stamps = [dt.datetime.fromisoformat(e["finished_at"]).timestamp() for e in out.this_run()
-              if e["status"] == "ok" and e.get("actor") and e.get("finished_at")]
+    drawn = out.this_run()
+    columns = (drawn.column(c).to_pylist() for c in ("status", "actor", "finished_at"))
+    stamps = [dt.datetime.fromisoformat(when).timestamp() for status, actor, when in zip(*columns)
+              if status == "ok" and actor and when]
     if not stamps or not s.get("finished_at"):
         return "<p class=chart>images/s over time: nothing drawn in this run</p>"
     end = max(max(stamps), dt.datetime.fromisoformat(s["finished_at"]).timestamp())
@@ -336,40 +528,41 @@ def _rate_chart(out: RunOutput, bars: int = 60) -> str:
 CHANGE_LABELS = {"not asked for": "not asked for by this run's manifests (images kept)"}  # others say themselves
 
 
-def _changes(out: RunOutput, links: dict[str, str]) -> str:
+def _changes(out: RunOutput, layout: Layout) -> str:
     kinds = changes(out)
     previous = out.runs[-2]["run_id"] if len(out.runs) > 1 else None
     since = f"since run {_e(previous)}" if previous else "(the first run of this output)"
     items = []
-    for kind, entries in kinds.items():
-        shown = " ".join(f"<a href='{links[e['id']]}'>{_e(e['id'])}</a>"
-                         for e in entries[:500] if e["id"] in links)
-        total, linked = len(entries), min(len(entries), 500)
+    for kind, ids in kinds.items():
+        linked = [(row_id, out.position(row_id)) for row_id in ids[:500]]
+        shown = " ".join(f"<a href='{layout.link(at)}'>{_e(row_id)}</a>" for row_id, at in linked if at is not None)
+        total = len(ids)
         if kind == "not asked for":  # run.json names the first of these rows and counts them all
             total = max(total, out.summary.get("not_in_manifests") or 0)
-        more = f" … and {total - linked} more" if total > linked else ""
-        opened = " open" if 0 < len(entries) <= 30 else ""
+        more = f" … and {total - len(linked)} more" if total > len(linked) else ""
+        opened = " open" if 0 < len(ids) <= 30 else ""
         items.append(f"<details class='change {kind.replace(' ', '-')}'{opened}>"
                      f"<summary>{total} {_e(CHANGE_LABELS.get(kind, kind))}</summary>"
                      f"<p>{shown}{more}</p></details>")
     return f"<section id=changes><h2>What changed {since}</h2>{''.join(items)}</section>"
 
 
-def _problems(out: RunOutput, current: dict[str, dict], thumbs: Thumbnails, links: dict[str, str]) -> str:
-    bad = [e for e in current.values() if e["status"] != "ok"]
-    missing = [e for e in current.values() if e["status"] == "ok" and thumbs.lacks_image(e)]
-    invalid_without_id = [e for e in out.this_run() if e.get("id") is None]
-    total = len(bad) + len(missing) + len(invalid_without_id)
+def _problems(out: RunOutput, rows: Rows, layout: Layout) -> str:
+    bad = [i for i, status in enumerate(rows.statuses) if status != "ok"]  # in id order, as `current` is
+    missing = [i for i, (status, lack) in enumerate(zip(rows.statuses, rows.lacks)) if status == "ok" and lack]
+    no_id = out.this_run()
+    no_id = no_id.filter(pc.is_null(no_id.column("id")))
+    total = len(bad) + len(missing) + no_id.num_rows
     if not total:
         return "<section id=problems><h2>Problems</h2><p>none: every row has its image</p></section>"
-    lines = [f"<li class={e['status']}><a href='{links[e['id']]}'>{_e(e['id'])}</a> <b>{e['status']}</b>: "
-             f"{_e(e.get('error') or '')}</li>" for e in sorted(bad, key=lambda e: e["id"])[:PROBLEMS_SHOWN]]
-    lines += [f"<li class=missing><a href='{links[e['id']]}'>{_e(e['id'])}</a> <b>missing</b>: the ledger says "
-              f"ok, but images/{_e(e['id'])}.png "
-              + (_e(thumbs.info(e)["error"]) if out.has_image(e) and "error" in thumbs.info(e) else "is not there")
-              + "</li>" for e in sorted(missing, key=lambda e: e["id"])[:PROBLEMS_SHOWN - len(lines)]]
+    lines = [f"<li class={e['status']}><a href='{layout.link(i)}'>{_e(e['id'])}</a> <b>{e['status']}</b>: "
+             f"{_e(e.get('error') or '')}</li>" for i, e in zip(bad, rows.take(bad[:PROBLEMS_SHOWN]))]
+    shown = missing[:PROBLEMS_SHOWN - len(lines)]
+    lines += [f"<li class=missing><a href='{layout.link(i)}'>{_e(e['id'])}</a> <b>missing</b>: the ledger says "
+              f"ok, but images/{_e(e['id'])}.png " + (_e(e["_thumb_error"]) if e["_has_image"] else "is not there")
+              + "</li>" for i, e in zip(shown, rows.take(shown))]
     lines += [f"<li class=invalid><b>invalid</b> ({_e(e.get('source'))} row {e.get('row')}): {_e(e.get('error'))}</li>"
-              for e in invalid_without_id[:PROBLEMS_SHOWN - len(lines)]]
+              for e in no_id.slice(0, max(0, PROBLEMS_SHOWN - len(lines))).to_pylist()]
     more = (f"<p>… and {total - len(lines)} more; every row's tile shows its state, and the ledger (results/) "
             "holds each reason</p>" if total > len(lines) else "")
     return f"<section id=problems><h2>Problems ({total})</h2><ul>{''.join(lines)}</ul>{more}</section>"
@@ -379,12 +572,12 @@ def _label(group_by: str | None, key: str) -> str:
     return f"{_e(group_by)} = {_e(key)}" if group_by else _e(key)
 
 
-def _page_list(layout: Layout, thumbs: Thumbnails, rows: int) -> str:
+def _page_list(layout: Layout, lacks: list[bool], rows: int) -> str:
     """The index of a report with pages: each page, the groups it holds and how many of its rows lack an image."""
     group_by, items = layout.group_by, []
     for page, name in zip(layout.pages, layout.files):
-        count = sum(len(entries) for _, entries, _ in page)
-        bad = sum(1 for _, entries, _ in page for e in entries if thumbs.lacks_image(e))
+        count = sum(len(positions) for _, positions, _ in page)
+        bad = sum(1 for _, positions, _ in page for i in positions if lacks[i])
         first, last = page[0], page[-1]
         span = _label(group_by, first[0]) + (f" … {_label(group_by, last[0])}" if len(page) > 1 else "")
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
@@ -394,14 +587,15 @@ def _page_list(layout: Layout, thumbs: Thumbnails, rows: int) -> str:
             f"<ol class=pages>{''.join(items)}</ol></section>")
 
 
-def _images(out: RunOutput, page: list, thumbs: Thumbnails, layout: Layout, rows: int, where: str = "") -> str:
-    """The images of one page: (group key, rows, continued) sections of tiles."""
-    group_by, sections = layout.group_by, []
+def _images(out: RunOutput, page: list[tuple[str, list[dict], bool]], group_by: str | None, rows: int,
+            where: str = "") -> str:
+    """The images of one page: (group key, entries, continued) sections of tiles."""
+    sections, columns = [], out.group_columns()
     for i, (key, entries, continued) in enumerate(page):
-        bad = sum(1 for e in entries if thumbs.lacks_image(e))
+        bad = sum(1 for e in entries if _lacks(e))
         label = _label(group_by, key) + (" (continued)" if continued else "")
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
-        tiles = "".join(_tile(out, e, thumbs, layout.anchors[e["id"]]) for e in entries)
+        tiles = "".join(_tile(e, columns) for e in entries)
         opened = " open" if len(page) <= OPEN_GROUPS or i < OPEN_GROUPS else ""
         sections.append(f"<details class=group{opened}><summary>{label} · {len(entries)} rows{note}</summary>"
                         f"<div class=grid>{tiles}</div></details>")
@@ -428,33 +622,36 @@ def _for_script(value):
     return value
 
 
-def _tile(out: RunOutput, e: dict, thumbs: Thumbnails, anchor: str) -> str:
-    info = thumbs.info(e) if e["status"] == "ok" else {}
+def _tile(e: dict, columns: list[str]) -> str:
+    """One row's tile: its thumbnail linking to the PNG, or the reason it has none; its parameters for the pop-up."""
+    ok = e["status"] == "ok"
+    prompt = e["_prompt"] if ok else None
     adapters = adapters_text(e.get("adapters")) or "none"
-    params = {"id": e["id"], "status": e["status"], "prompt": info.get("prompt"),
-              "negative prompt": info.get("negative_prompt"), "seed": e.get("seed"),
+    params = {"id": e["id"], "status": e["status"], "prompt": prompt,
+              "negative prompt": e["_negative_prompt"] if ok else None, "seed": e.get("seed"),
               "size": f"{e.get('width')}x{e.get('height')}", "steps": e.get("steps"),
               "guidance": e.get("guidance_scale"), "scheduler": e.get("scheduler"), "model": e.get("model"),
               "adapters": adapters, "error": e.get("error"), "warning": e.get("warning"),
               "actor": e.get("actor"), "seconds": e.get("seconds"), "finished": e.get("finished_at"),
               "run": e["_run"]}
-    params.update({c: e.get(c) for c in out.group_columns() if c not in params and c not in (
+    params.update({c: e.get(c) for c in columns if c not in params and c not in (
         "width", "height", "guidance_scale", "negative_prompt")})
     params = {k: _for_script(v) for k, v in params.items() if v not in (None, "")}
-    hover = f"{e['id']}: {info.get('prompt') or e['status']} (seed {e.get('seed')})"
+    hover = f"{e['id']}: {prompt or e['status']} (seed {e.get('seed')})"
     data = _e(json.dumps(params, ensure_ascii=False, default=str, allow_nan=False))
     caption = f"<figcaption>{_e(e['id'])}</figcaption>"
-    if e["status"] != "ok":
+    anchor = f"r{e['_position']}"
+    if not ok:
         return (f"<figure class='tile {e['status']}' id={anchor} title='{_e(hover)}' data-p='{data}'><div class=reason>"
                 f"<b>{e['status']}</b> {_e(e.get('error') or '')}</div>{caption}</figure>")
-    if not out.has_image(e) or info.get("error") or not info:
-        reason = info.get("error") or f"images/{e['id']}.png is not in the output"
+    if not e["_has_image"] or e["_thumb_error"] is not None:
+        reason = e["_thumb_error"] if e["_has_image"] else f"images/{e['id']}.png is not in the output"
         return (f"<figure class='tile missing' id={anchor} title='{_e(hover)}' data-p='{data}'><div class=reason>"
                 f"<b>missing</b> {_e(reason)}</div>{caption}</figure>")
-    tw, th = info.get("thumb") or (thumbs.side, thumbs.side)
+    tw, th = e["_thumb_width"], e["_thumb_height"]
     return (f"<figure class='tile ok' id={anchor} title='{_e(hover)}' data-p='{data}'>"
-            f"<a href='../images/{_e(e['id'])}.png'><img loading=lazy src='thumbs/{thumbs.name(e)}' width={tw} "
-            f"height={th} alt='{_e(info.get('prompt') or e['id'])}'></a>{caption}</figure>")
+            f"<a href='../images/{_e(e['id'])}.png'><img loading=lazy src='thumbs/{e['_thumb']}' width={tw} "
+            f"height={th} alt='{_e(prompt or e['id'])}'></a>{caption}</figure>")
 
 
 def _e(value) -> str:

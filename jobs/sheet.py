@@ -80,12 +80,12 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
     if not groups:
         raise ReportError(f"{uri} has a run.json but an empty ledger: nothing to show")
     band = 20 if group_by else 0
-    height = sum(band + -(-len(entries) // columns) * (thumb + label) for entries in groups.values())
+    height = sum(band + -(-len(rows) // columns) * (thumb + label) for rows in groups.values())
     width, limit = columns * thumb, MAX_SIDE.get(image_format)
     too_big = (f"more than {image_format} can hold ({limit} px a side)" if limit and max(width, height) > limit
                else f"more than {MAX_SHEET_PIXELS // 1_000_000} Mpx" if width * height > MAX_SHEET_PIXELS else "")
     if too_big:
-        rows = sum(len(entries) for entries in groups.values())
+        rows = sum(len(positions) for positions in groups.values())
         # the least a sheet of these rows can be: the smallest thumbnail, each with its caption (any --columns)
         fits = rows * SMALLEST_THUMB * (SMALLEST_THUMB + label) <= MAX_SHEET_PIXELS
         way_out = "give a smaller --thumb or another --columns, or" if fits else (
@@ -96,7 +96,8 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
     y = 0
-    for key, entries in groups.items():
+    for key, positions in groups.items():  # each group's entries as dicts only now, the size known to fit
+        entries = out.rows(positions)
         if band:
             pen.rectangle((0, y, columns * thumb, y + band - 1), fill=(235, 235, 235))
             pen.text((4, y + 4), f"{group_by} = {key} ({len(entries)})", fill=(0, 0, 0))

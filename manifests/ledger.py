@@ -198,7 +198,12 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str, finished: dict[str,
 def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
     """The whole ledger as one table (parts may carry different pass-through columns)."""
     parts = ledger_parts(fs, root)
-    tables = [table for _, table in read_parquet_files(fs, list(parts), sizes=parts)]
+    return concat_parts([table for _, table in read_parquet_files(fs, list(parts), sizes=parts)])
+
+
+def concat_parts(tables: list[pa.Table]) -> pa.Table:
+    """Ledger parts as one table: a column some parts lack is null there, and a pass-through column that parts
+    type differently is text in all of them (see _as_text_where_types_differ)."""
     if not tables:
         return LEDGER_SCHEMA.empty_table().drop_columns(["extra"])
     return pa.concat_tables(_as_text_where_types_differ(tables), promote_options="default")

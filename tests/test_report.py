@@ -22,10 +22,11 @@ import pytest
 from PIL import Image
 
 from actors.png import png_bytes
+import jobs.report
 from jobs.cli import main
 from jobs.errors import ReportError
 from jobs.outputs import open_output
-from jobs.report import build_report, changes
+from jobs.report import build_report, changes, index_shard
 from jobs.sheet import contact_sheet
 from manifests.ledger import ledger_row, write_part
 
@@ -129,12 +130,11 @@ def test_a_damaged_image_is_a_problem_and_the_pop_up_keeps_every_digit_of_the_se
 
 def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_every_row_once(output, monkeypatch,
                                                                                             capsys):
-    import jobs.report
-
     monkeypatch.setattr(jobs.report, "PAGE_ROWS", 4)  # six rows: sku-1 (a, b), sku-2 (c, d), sku-3 (e, f)
     assert main(["report", str(output), "--group-by", "sku"]) == 0
     report = output / "report"
-    assert f"report: {report / 'index.html'} (6 rows on 2 pages, 3 thumbnails made" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert f"report: {report / 'index.html'} (6 rows on 2 pages, 0 of them unchanged, 3 thumbnails made" in said
     assert sorted(p.name for p in report.glob("*.html")) == [
         "index.html", "page-0001.html", "page-0002.html"]
     index = (report / "index.html").read_text()
@@ -165,8 +165,6 @@ def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_eve
 
 
 def test_problems_beyond_the_shown_number_are_counted(output, monkeypatch):
-    import jobs.report
-
     monkeypatch.setattr(jobs.report, "PROBLEMS_SHOWN", 2)  # b missing, c failed, f invalid
     build_report(str(output))
     page = (output / "report" / "index.html").read_text()
@@ -177,7 +175,7 @@ def test_problems_beyond_the_shown_number_are_counted(output, monkeypatch):
 def test_report_says_what_changed_since_the_previous_run(output):
     from jobs.outputs import open_output
 
-    kinds = {k: [e["id"] for e in v] for k, v in changes(open_output(str(output))).items()}
+    kinds = changes(open_output(str(output)))
     assert kinds == {"new": ["e"], "redrawn": ["a"], "fixed": ["d"], "now failing": ["c", "f"], "still failing": [],
                      "recovered": []}
     build_report(str(output))
@@ -196,7 +194,7 @@ def test_recovered_rows_are_not_drawn_and_a_later_run_that_did_not_finish_is_sai
     summary = json.loads((output / "run.json").read_text())
     (output / "run.json").write_text(json.dumps({**summary, "recovered": 1}))
     kinds = changes(open_output(str(output)))
-    assert [e["id"] for e in kinds["recovered"]] == ["e"] and [e["id"] for e in kinds["redrawn"]] == ["d"]
+    assert kinds["recovered"] == ["e"] and kinds["redrawn"] == ["d"]
     page_of = lambda: (output / "report" / "index.html").read_text()  # noqa: E731
     build_report(str(output))
     assert "<b>1</b><span>drawn</span>" in page_of() and "did not finish" not in page_of()
@@ -223,6 +221,103 @@ def test_a_second_report_reuses_thumbnails_and_makes_only_new_ones(output):
     third = build_report(str(output))
     assert third["thumbnails_made"] == 1 and third["thumbnails_reused"] == 2  # a and d; e's old one is gone
     assert len(list((output / "report" / "thumbs").glob("*.jpg"))) == 3
+
+
+def _redraw(output: Path, row_id: str, run_id: str) -> None:
+    """A run that redraws one row (a new PNG: a new sha256) and skips the rest."""
+    n = "abcdef".index(row_id)
+    entry = ledger_row(_row(row_id, "sku-3", n), "ok", actor="host:1", seconds=0.5,
+                       **_draw(output, row_id, (9, 9, 9), f"{row_id} redrawn"))
+    _run(output, run_id, [entry], {"ok": 1, "skipped": 5, "failed": 0, "invalid": 0})
+
+
+def test_a_later_report_writes_again_only_the_pages_whose_rows_changed(output, monkeypatch):
+    """A nightly catalogue's report has hundreds of pages of ~7 MB; the pages whose rows the night did not
+    touch are left as they are (the index, which says when it was written, is always written)."""
+    monkeypatch.setattr(jobs.report, "PAGE_ROWS", 2)  # a b | c d | e f
+    report = output / "report"
+    first = build_report(str(output))
+    assert (first["pages"], first["pages_written"], first["pages_unchanged"]) == (3, 4, 0)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in report.glob("page-*.html")}
+    again = build_report(str(output))
+    assert (again["pages_written"], again["pages_unchanged"]) == (1, 3)
+    assert {p.name: p.stat().st_mtime_ns for p in report.glob("page-*.html")} == {n: m for n, (m, _) in before.items()}
+    _redraw(output, "e", "20261203T000000-cccccc")
+    third = build_report(str(output))
+    assert (third["pages_written"], third["pages_unchanged"]) == (2, 2)
+    assert [n for n, (_, text) in sorted(before.items()) if (report / n).read_text() != text] == ["page-0003.html"]
+    assert "e redrawn" in (report / "page-0003.html").read_text()
+    (report / "page-0001.html").unlink()  # a page gone (or edited by hand) is written again
+    (report / "page-0002.html").write_text("edited")
+    fourth = build_report(str(output))
+    assert (fourth["pages_written"], fourth["pages_unchanged"]) == (3, 1)
+    assert (report / "page-0001.html").read_text() == before["page-0001.html"][1]
+    assert (report / "page-0002.html").read_text() == before["page-0002.html"][1]
+
+
+def _index(thumbs: Path) -> dict[str, dict]:
+    """The thumbnail index files, read back: thumbnail name -> what they hold of it."""
+    return {row["name"]: row for p in thumbs.glob("index-*.parquet") for row in pq.read_table(p).to_pylist()}
+
+
+def test_the_thumbnail_index_is_split_and_a_report_rewrites_only_the_files_its_thumbnails_touch(output):
+    thumbs = output / "report" / "thumbs"
+    build_report(str(output))
+    names = sorted(p.name for p in thumbs.glob("*.jpg"))
+    assert sorted(p.name for p in thumbs.glob("index*")) == sorted({index_shard(n) for n in names})
+    stamps = {p.name: p.stat().st_mtime_ns for p in thumbs.glob("index-*.parquet")}
+    _redraw(output, "e", "20261203T000000-cccccc")
+    build_report(str(output))
+    (new,) = set(p.name for p in thumbs.glob("*.jpg")) - set(names)
+    (gone,) = set(names) - set(p.name for p in thumbs.glob("*.jpg"))
+    touched = {p.name for p in thumbs.glob("index-*.parquet") if stamps.get(p.name) != p.stat().st_mtime_ns}
+    assert touched == {index_shard(new), index_shard(gone)}
+    index = _index(thumbs)
+    assert index[new]["prompt"] == "e redrawn" and gone not in index and set(index) == set(names) - {gone} | {new}
+    assert {row["side"] for row in index.values()} == {192}
+    assert (index[new]["width"], index[new]["thumb_width"]) == (64, 64)
+
+
+def test_a_report_written_before_the_split_index_is_read_and_its_thumbnails_reused(output):
+    thumbs = output / "report" / "thumbs"
+    build_report(str(output))
+    legacy = {"_side": 192}
+    for name, row in _index(thumbs).items():  # as reports wrote it before the split: one JSON file
+        legacy[name] = {"prompt": row["prompt"], "negative_prompt": row["negative_prompt"],
+                        "size": [row["width"], row["height"]], "thumb": [row["thumb_width"], row["thumb_height"]]}
+    for p in thumbs.glob("index-*.parquet"):
+        p.unlink()
+    (thumbs / "index.json").write_text(json.dumps(legacy))
+    again = build_report(str(output))
+    assert again["thumbnails_made"] == 0 and again["thumbnails_reused"] == 3
+    assert not (thumbs / "index.json").exists() and set(_index(thumbs)) == set(legacy) - {"_side"}
+    assert "a photo of a, again" in (output / "report" / "index.html").read_text()  # prompts came across
+    smaller = build_report(str(output), thumb=96)  # another size: every thumbnail made again
+    assert smaller["thumbnails_made"] == 3
+    assert {row["side"] for row in _index(thumbs).values()} == {96} and len(_index(thumbs)) == 3
+    assert build_report(str(output), thumb=96)["thumbnails_made"] == 0
+
+
+def test_a_damaged_thumbnail_index_file_costs_its_thumbnails_not_the_report(output):
+    thumbs = output / "report" / "thumbs"
+    build_report(str(output))
+    victim = sorted(thumbs.glob("index-*.parquet"))[0]
+    victim.write_bytes(b"not parquet")
+    lost = {name for name in (p.name for p in thumbs.glob("*.jpg")) if index_shard(name) == victim.name}
+    again = build_report(str(output))
+    assert again["thumbnails_made"] == len(lost) >= 1 and set(_index(thumbs)) >= lost
+
+
+def test_a_column_two_runs_typed_differently_groups_as_text(output):
+    """One night's manifest has `sku` as numbers, another's as text: the ledger's parts disagree, and the report
+    groups both as text rather than refusing the output."""
+    entry = ledger_row({**_row("g", "", 6), "extra": json.dumps({"sku": 7})}, "ok", actor="host:1",
+                       **_draw(output, "g", (1, 2, 3), "g"))
+    _run(output, "20261203T000000-cccccc", [entry], {"ok": 1, "skipped": 5, "failed": 0, "invalid": 0})
+    build_report(str(output), group_by="sku")
+    page = (output / "report" / "index.html").read_text()
+    assert "sku = 7 · 1 rows<" in page and "sku = sku-3 · 2 rows," in page
+    assert changes(open_output(str(output)))["new"] == ["g"]
 
 
 def test_group_by_adapters_and_an_unknown_column(output):
@@ -364,8 +459,6 @@ def _chromium(tmp_path):
                     "installed (.ci/run installs them: apt-get install chromium chromium-driver)")
 def test_a_paged_report_leads_from_a_problem_on_the_index_to_its_tile_unfolded_on_its_page(output, tmp_path,
                                                                                         monkeypatch):
-    import jobs.report
-
     monkeypatch.setattr(jobs.report, "PAGE_ROWS", 4)
     monkeypatch.setattr(jobs.report, "OPEN_GROUPS", 0)  # every group folded when a page opens
     build_report(str(output), group_by="sku")
@@ -400,7 +493,7 @@ def test_rows_no_manifest_of_the_run_asked_for_are_listed_as_far_as_run_json_nam
     summary = json.loads((output / "run.json").read_text())
     (output / "run.json").write_text(json.dumps({**summary, "not_in_manifests": 3, "not_in_manifests_ids": ["b"]}))
     kinds = changes(open_output(str(output)))
-    assert [e["id"] for e in kinds["not asked for"]] == ["b"]
+    assert kinds["not asked for"] == ["b"]
     build_report(str(output))
     page = (output / "report" / "index.html").read_text()
     assert "<summary>3 not asked for by this run&#x27;s manifests (images kept)</summary>" in page

@@ -38,7 +38,7 @@ class RunOutput:
     summary: dict  # run.json: the newest finished run
     runs: list[dict]  # runs/*.json, oldest first (the newest is `summary`)
     current: pa.Table  # every row this output was ever asked for, as it stands now: each id's newest entry, by id
-    history: pa.Table  # every ledger entry, in HISTORY columns, with "_run" (the run that wrote it) and "_at" (its
+    history: pa.Table  # every ledger entry, in HISTORY columns, with "__run" (the run that wrote it) and "__at" (its
     # place in the order entries were written)
     unfinished: list[str] = field(default_factory=list)  # runs after `summary` that wrote rows but no run.json
 
@@ -58,7 +58,7 @@ class RunOutput:
     @cached_property
     def columns(self) -> list[str]:
         """Ledger columns, pass-through columns of the manifests included."""
-        return [c for c in self.current.column_names if not c.startswith("_")]
+        return [c for c in self.current.column_names if not c.startswith("__")]
 
     @cached_property
     def ids(self) -> list[str]:
@@ -75,13 +75,13 @@ class RunOutput:
         return self.current.take(pa.array(positions, pa.int64())).to_pylist() if len(positions) else []
 
     def this_run(self) -> pa.Table:
-        """The entries the newest finished run wrote (HISTORY columns)."""
-        return self.history.filter(pc.equal(self.history.column("_run"), self.run_id))
+        """The entries the newest finished run wrote (HISTORY columns), in the order they were written."""
+        return self.history.filter(pc.equal(self.history.column("__run"), self.run_id)).sort_by("__at")
 
     def status_before_this_run(self, ids: list[str]) -> dict[str, str]:
         """id -> the status of its newest entry written by a run earlier than the newest one, for `ids`."""
         table = self.history
-        table = table.filter(pc.and_(pc.less(table.column("_run"), self.run_id),
+        table = table.filter(pc.and_(pc.less(table.column("__run"), self.run_id),
                                      pc.is_in(table.column("id"), value_set=pa.array(ids, pa.string()))))
         newest = table.take(newest_per_id(table))
         return dict(zip(newest.column("id").to_pylist(), newest.column("status").to_pylist()))
@@ -124,10 +124,10 @@ HISTORY = ("id", "status", "warning", "error", "actor", "finished_at", "source",
 
 
 def newest_per_id(table: pa.Table) -> pa.Array:
-    """The indices in `table` (with an "_at" column: the order its entries were written) of each id's last entry;
+    """The indices in `table` (with an "__at" column: the order its entries were written) of each id's last entry;
     entries without an id are left out."""
     valid = pc.is_valid(table.column("id"))
-    keyed = pa.table({"id": table.column("id"), "at": table.column("_at"),
+    keyed = pa.table({"id": table.column("id"), "at": table.column("__at"),
                       "i": pa.array(np.arange(table.num_rows, dtype=np.int64))}).filter(valid)
     last = keyed.group_by("id", use_threads=False).aggregate([("at", "max")])
     # the row of each (id, newest at): `at` is unique, so a join on it finds exactly one
@@ -193,7 +193,7 @@ def open_output(uri: str) -> RunOutput:
     try:
         for path, table in read_parquet_files(fs, list(parts), sizes=parts):
             run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
-            tables.append(table.append_column("_run", pa.array([run] * table.num_rows, pa.string())))
+            tables.append(table.append_column("__run", pa.array([run] * table.num_rows, pa.string())))
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole, so this one was damaged afterwards
             raise ReportError(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
@@ -202,21 +202,24 @@ def open_output(uri: str) -> RunOutput:
                           "once it answers") from exc
     ledger = concat_parts(tables)
     del tables
-    if "_run" not in ledger.column_names:  # no parts
-        ledger = ledger.append_column("_run", pa.array([], pa.string()))
+    if "__run" not in ledger.column_names:  # no parts
+        ledger = ledger.append_column("__run", pa.array([], pa.string()))
     # each entry's place in the order entries were written (a run's entries by finish time; the sort is stable)
-    order = pc.sort_indices(ledger, [("_run", "ascending", "at_start"), ("finished_at", "ascending", "at_start")])
+    # (an entry without a finish time ties with an empty one, as it did when entries were sorted as dicts)
+    when = pc.fill_null(ledger.column("finished_at"), "")
+    order = pc.sort_indices(pa.table({"run": ledger.column("__run"), "when": when}),
+                            [("run", "ascending"), ("when", "ascending")])
     at = np.empty(ledger.num_rows, np.int64)
     at[order.to_numpy()] = np.arange(ledger.num_rows)
-    ledger = ledger.append_column("_at", pa.array(at))
+    ledger = ledger.append_column("__at", pa.array(at))
     newest = newest_per_id(ledger)
     by_id = pc.sort_indices(ledger.column("id").take(newest))
     current = ledger.take(newest.take(by_id))  # one copy of the current rows, in id order
-    history = ledger.select([*HISTORY, "_run", "_at"]).combine_chunks()  # copied: parts stay referenced otherwise
+    history = ledger.select([*HISTORY, "__run", "__at"]).combine_chunks()  # copied: parts stay referenced otherwise
     del ledger, newest  # the rest of each entry (uri, hashes, pass-through columns) is only needed for current rows
     pa.default_memory_pool().release_unused()  # the parts as read (~2x the current rows at a million rows) go
     finished = {r.get("run_id") for r in runs}
-    later = pc.unique(history.filter(pc.greater(history.column("_run"), summary["run_id"])).column("_run"))
+    later = pc.unique(history.filter(pc.greater(history.column("__run"), summary["run_id"])).column("__run"))
     unfinished = sorted(run for run in later.to_pylist() if run not in finished)
     return RunOutput(uri=uri, fs=fs, root=root, summary=summary, runs=runs, current=current, history=history,
                      unfinished=unfinished)

@@ -4,8 +4,7 @@
     OUT/report/page-NNNN.html  the images, PAGE_ROWS to a page, when there are more rows than that (index.html
                                then lists the pages, the groups each holds, and links every problem to its page)
     OUT/report/thumbs/*.jpg    one small JPEG per image, named by the PNG's sha256 (a later report reuses it)
-    OUT/report/thumbs/index-XX.parquet   the prompt and size read from each PNG when its thumbnail was made
-                               (256 files by a hash of the thumbnail's name)
+    OUT/report/thumbs/index.parquet   the prompt and size read from each PNG when its thumbnail was made
     OUT/report/pages.json      a digest of what each page is made of, so a later report renders and writes only
                                the pages whose rows changed
 
@@ -26,12 +25,11 @@ import json
 import math
 import os
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -40,11 +38,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from actors.png import image_parameters
+from jobs import outputs
 from jobs.console import log
 from jobs.errors import ReportError, one_line
 from jobs.outputs import RunOutput, adapters_text, is_recovered, newest_per_id, open_output, unfinished_note
 from manifests.ledger import atomic_write
-from manifests.stores import UnreadableFile, folder_files, is_local_fs, read_parquet_files
+from manifests.stores import folder_files, is_local_fs, read_parquet
 
 THUMB_SIDE = 192  # px, the longer side
 THUMB_QUALITY = 82
@@ -101,10 +100,10 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
 
 
 # What a tile shows besides the ledger: the columns Rows adds to each row of the output's `current`.
-TILE_COLUMNS = ("_thumb", "_has_image", "_prompt", "_negative_prompt", "_width", "_height", "_thumb_width",
-                "_thumb_height", "_thumb_error")
-# Pages are rendered again when this module changes (what a page shows is its rows and this code).
-RENDER_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+TILE_COLUMNS = ("__thumb", "__has_image", "__prompt", "__negative_prompt", "__width", "__height", "__thumb_width",
+                "__thumb_height", "__thumb_error")
+# Pages are rendered again when the code that renders them changes (what a page shows is its rows and this code).
+RENDER_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(outputs.__file__).read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -113,6 +112,7 @@ class Rows:
     name, whether its PNG is in the output, and what the thumbnail index read from it (TILE_COLUMNS). Rows
     become dicts only a page at a time."""
 
+    uri: str  # the output as the report was asked for it (each page names it)
     table: pa.Table
     statuses: list[str]
     lacks: list[bool]  # no image to show: not ok, the PNG gone, or one that does not decode
@@ -121,25 +121,25 @@ class Rows:
     def of(cls, out: RunOutput, names: list[str], has_image: list[bool], index: pa.Table) -> "Rows":
         at = pc.index_in(pa.array(names, pa.string()), value_set=index.column("name"))
         info = index.take(at)
-        table = out.current.drop_columns(["_at"]).append_column("_thumb", pa.array(names, pa.string()))
-        table = table.append_column("_has_image", pa.array(has_image, pa.bool_()))
+        table = out.current.drop_columns(["__at"]).append_column("__thumb", pa.array(names, pa.string()))
+        table = table.append_column("__has_image", pa.array(has_image, pa.bool_()))
         for column in ("prompt", "negative_prompt", "width", "height", "thumb_width", "thumb_height"):
-            table = table.append_column(f"_{column}", info.column(column))
+            table = table.append_column(f"__{column}", info.column(column))
         # a row whose thumbnail the index lacks (its PNG gone since the listing) has none to show: say so
         error = pc.if_else(pc.is_valid(at), info.column("error"),
                            pa.scalar("could not be read when the thumbnails were made", pa.string()))
-        table = table.append_column("_thumb_error", error)
+        table = table.append_column("__thumb_error", error)
         statuses = table.column("status").to_pylist()
         lacks = [status != "ok" or not has or error is not None
-                 for status, has, error in zip(statuses, has_image, table.column("_thumb_error").to_pylist())]
-        return cls(table, statuses, lacks)
+                 for status, has, error in zip(statuses, has_image, table.column("__thumb_error").to_pylist())]
+        return cls(out.uri, table, statuses, lacks)
 
     def take(self, positions: list[int]) -> list[dict]:
         return self.table.take(pa.array(positions, pa.int64())).to_pylist() if positions else []
 
     def digest(self, layout: "Layout", n: int) -> str:
-        """What page `n` is made of (its rows as Arrow bytes, where they sit, the groups, the pages beside it, this
-        code): the same digest is the same page, so it need not be rendered again."""
+        """What page `n` is made of (its rows as Arrow bytes, where they sit, the groups, the pages beside it, the
+        output's name, this code): the same digest is the same page, so it need not be rendered again."""
         page = layout.pages[n]
         positions = [i for _, group, _ in page for i in group]
         sink = pa.BufferOutputStream()
@@ -149,7 +149,7 @@ class Rows:
         h = hashlib.sha256(RENDER_VERSION.encode())
         h.update(sink.getvalue())
         h.update(np.asarray(positions, np.int64).tobytes())
-        h.update(json.dumps([layout.group_by, n, len(layout.pages), layout.files[n],
+        h.update(json.dumps([self.uri, layout.group_by, n, len(layout.pages), layout.files[n],
                              [(key, len(group), continued) for key, group, continued in page]]).encode())
         return h.hexdigest()
 
@@ -257,55 +257,50 @@ def thumb_name(sha256: str | None, params_hash: str | None, row_id: str) -> str:
     return f"{(sha256 or params_hash or row_id)[:24]}.jpg"
 
 
-INDEX_SHARDS = 256  # thumbs/index-XX.parquet files: a nightly report rewrites only those its thumbnails touch
 INDEX_SCHEMA = pa.schema([("name", pa.string()), ("side", pa.int32()), ("prompt", pa.string()),
                           ("negative_prompt", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
                           ("thumb_width", pa.int32()), ("thumb_height", pa.int32()), ("error", pa.string())])
 
 
-def index_shard(name: str) -> str:
-    return f"index-{zlib.crc32(name.encode()) % INDEX_SHARDS:02x}.parquet"
+def _fits(row: dict) -> bool:
+    try:
+        pa.Table.from_pylist([row], INDEX_SCHEMA)
+        return True
+    except (pa.ArrowException, TypeError, ValueError):
+        return False
 
 
 class Thumbnails:
     """One JPEG per PNG, named by the PNG's sha256 from the ledger, so a report after a nightly run makes
-    thumbnails only for the images that run drew. Prompts come from each PNG's parameters chunk (the
-    ledger carries none) and are kept beside the thumbnails in thumbs/index-XX.parquet (INDEX_SCHEMA): 256 files
-    by a hash of the thumbnail's name, so a night that redraws a few rows rewrites a few of them, and a million
-    rows' prompts load as Arrow (~0.2 GB), not as a million dicts. A thumbnail made at another side than the one
-    asked for is made again."""
+    thumbnails only for the images that run drew. Prompts come from each PNG's parameters chunk (the ledger
+    carries none) and are kept beside the thumbnails in thumbs/index.parquet (INDEX_SCHEMA): a million rows'
+    prompts are ~40 MB there, read in 0.2 s as Arrow, where the JSON file reports wrote before was 208 MB and a
+    million dicts. A thumbnail made at another side than the one asked for is made again."""
 
     def __init__(self, out: RunOutput, side: int):
         self.out, self.side = out, side
         self.folder = f"{out.root}/report/thumbs"
+        self.path = f"{self.folder}/index.parquet"
         fs = out.fs
         listed = fs.ls(self.folder, detail=False) if fs.exists(self.folder) else []
         self.present: set[str] = {p.rstrip("/").rsplit("/", 1)[-1] for p in listed}  # file names in the folder
-        self.dirty: set[str] = set()  # index files to write
         self.added: list[dict] = []  # index rows of the thumbnails made
         self.removed: set[str] = set()  # thumbnails pruned
         self.reused = 0
-        shards = sorted(f"{self.folder}/{n}" for n in self.present if n.startswith("index-") and n.endswith(".parquet"))
-        tables = []
-        while shards:  # an unreadable file costs its thumbnails (made again, the file written anew), not the report
+        self.legacy = "index.json" in self.present  # the JSON file reports wrote before index.parquet
+        index = INDEX_SCHEMA.empty_table()
+        if "index.parquet" in self.present:
             try:
-                for path, table in read_parquet_files(fs, shards):
-                    shards = shards[1:]
-                    try:
-                        tables.append(table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA))
-                    except (KeyError, ValueError, pa.ArrowException):  # not an index file of this version
-                        self.dirty.add(path.rsplit("/", 1)[-1])
-            except UnreadableFile as exc:
-                self.dirty.add(exc.path.rsplit("/", 1)[-1])
-                shards = shards[shards.index(exc.path) + 1:]
-        self.legacy = "index.json" in self.present  # the one JSON file reports wrote before the split
-        if self.legacy:
-            tables.append(self._legacy())
-        index = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-        other_side = pc.not_equal(index.column("side"), side)
-        stale = index.filter(other_side).column("name").to_pylist()
-        self.dirty |= {index_shard(name) for name in stale}  # their rows go; their thumbnails are made again
-        self._index = index.filter(pc.invert(other_side))
+                index = read_parquet(fs, self.path).select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+            except (OSError, KeyError, ValueError, pa.ArrowException):
+                pass  # damaged, or not this version's: every thumbnail is made again and the index written anew
+        elif self.legacy:
+            index = self._legacy()
+        self.changed = self.legacy
+        other_side = pc.fill_null(pc.not_equal(index.column("side"), side), True)  # no side: made again
+        if pc.any(other_side).as_py():  # their rows go; their thumbnails are made again
+            index, self.changed = index.filter(pc.invert(other_side)), True
+        self._index = index
 
     def _legacy(self) -> pa.Table:
         try:
@@ -313,14 +308,20 @@ class Thumbnails:
         except (FileNotFoundError, ValueError):
             found = {}
         side = found.pop("_side", None) if isinstance(found, dict) else None
-        rows = [self._row(name, info, side) for name, info in (found.items() if isinstance(found, dict) else [])
-                if isinstance(info, dict)]
-        self.dirty |= {index_shard(row["name"]) for row in rows}
-        return pa.Table.from_pylist(rows, INDEX_SCHEMA)
+        rows = []
+        for name, info in found.items() if isinstance(found, dict) else []:
+            if not isinstance(info, dict) or not (info.get("thumb") or info.get("error")):
+                continue  # not an entry a report wrote: its thumbnail is made again
+            rows.append(self._row(name, info, side))
+        try:
+            return pa.Table.from_pylist(rows, INDEX_SCHEMA)
+        except (pa.ArrowException, TypeError, ValueError):  # a value of another type (edited by hand)
+            return pa.Table.from_pylist([row for row in rows if _fits(row)], INDEX_SCHEMA)  # the rest: made again
 
     @staticmethod
-    def _row(name: str, info: dict, side: int | None) -> dict:
-        size, thumb = info.get("size") or (None, None), info.get("thumb") or (None, None)
+    def _row(name: str, info: Any, side: Any) -> dict:
+        size, thumb = list(info.get("size") or (None, None)), list(info.get("thumb") or (None, None))
+        size, thumb = size + [None] * (2 - len(size)), thumb + [None] * (2 - len(thumb))
         return {"name": name, "side": side, "prompt": info.get("prompt"),
                 "negative_prompt": info.get("negative_prompt"), "width": size[0], "height": size[1],
                 "thumb_width": thumb[0], "thumb_height": thumb[1], "error": info.get("error")}
@@ -348,11 +349,11 @@ class Thumbnails:
             for row in pool.map(self._one, todo):
                 if row is not None:
                     self.added.append(row)
-                    self.dirty.add(index_shard(row["name"]))
                 done += 1
                 if time.time() - last >= PROGRESS_SECONDS:
                     last = time.time()
                     log(f"report: {done}/{len(todo)} thumbnails")
+        self.changed = True
         return len(todo)
 
     def prune(self, keep: set[str]) -> None:
@@ -361,22 +362,19 @@ class Thumbnails:
         for name in sorted(n for n in self.present if n.endswith(".jpg") and n not in keep):
             self.out.fs.rm_file(f"{self.folder}/{name}")
             self.removed.add(name)
-            self.dirty.add(index_shard(name))
+            self.changed = True
 
     def save(self) -> None:
-        """Write the index files whose thumbnails were made or removed (all of them after an older report's one
+        """Write index.parquet when thumbnails were made or removed (and in place of an older report's
         index.json, which then goes)."""
-        if not self.dirty:
+        if not self.changed:
             return
-        index = self.index
-        shard = pa.array([index_shard(name) for name in index.column("name").to_pylist()], pa.string())
-        for name in sorted(self.dirty):
-            buf = io.BytesIO()
-            pq.write_table(index.filter(pc.equal(shard, name)), buf)
-            atomic_write(self.out.fs, f"{self.folder}/{name}", buf.getvalue())
+        buf = io.BytesIO()
+        pq.write_table(self.index, buf)
+        atomic_write(self.out.fs, self.path, buf.getvalue())
         if self.legacy:
             self.out.fs.rm_file(f"{self.folder}/index.json")
-        self.dirty = set()
+        self.changed = False
 
     def _one(self, row: tuple[str, str]) -> dict | None:
         row_id, name = row
@@ -463,14 +461,14 @@ def render_page(out: RunOutput, rows: Rows, layout: Layout, n: int) -> str:
 
 
 def _entries(rows: Rows, page: list[tuple[str, list[int], bool]]) -> list[tuple[str, list[dict], bool]]:
-    """A page's groups with their rows (dicts, each with its "_position") in place of positions."""
+    """A page's groups with their rows (dicts, each with its "__position") in place of positions."""
     taken = iter(rows.take([i for _, positions, _ in page for i in positions]))
-    return [(key, [{**next(taken), "_position": i} for i in positions], continued)
+    return [(key, [{**next(taken), "__position": i} for i in positions], continued)
             for key, positions, continued in page]
 
 
 def _lacks(e: dict) -> bool:
-    return e["status"] != "ok" or not e["_has_image"] or e["_thumb_error"] is not None
+    return e["status"] != "ok" or not e["__has_image"] or e["__thumb_error"] is not None
 
 
 def _figures(out: RunOutput) -> str:
@@ -559,7 +557,7 @@ def _problems(out: RunOutput, rows: Rows, layout: Layout) -> str:
              f"{_e(e.get('error') or '')}</li>" for i, e in zip(bad, rows.take(bad[:PROBLEMS_SHOWN]))]
     shown = missing[:PROBLEMS_SHOWN - len(lines)]
     lines += [f"<li class=missing><a href='{layout.link(i)}'>{_e(e['id'])}</a> <b>missing</b>: the ledger says "
-              f"ok, but images/{_e(e['id'])}.png " + (_e(e["_thumb_error"]) if e["_has_image"] else "is not there")
+              f"ok, but images/{_e(e['id'])}.png " + (_e(e["__thumb_error"]) if e["__has_image"] else "is not there")
               + "</li>" for i, e in zip(shown, rows.take(shown))]
     lines += [f"<li class=invalid><b>invalid</b> ({_e(e.get('source'))} row {e.get('row')}): {_e(e.get('error'))}</li>"
               for e in no_id.slice(0, max(0, PROBLEMS_SHOWN - len(lines))).to_pylist()]
@@ -625,32 +623,32 @@ def _for_script(value):
 def _tile(e: dict, columns: list[str]) -> str:
     """One row's tile: its thumbnail linking to the PNG, or the reason it has none; its parameters for the pop-up."""
     ok = e["status"] == "ok"
-    prompt = e["_prompt"] if ok else None
+    prompt = e["__prompt"] if ok else None
     adapters = adapters_text(e.get("adapters")) or "none"
     params = {"id": e["id"], "status": e["status"], "prompt": prompt,
-              "negative prompt": e["_negative_prompt"] if ok else None, "seed": e.get("seed"),
+              "negative prompt": e["__negative_prompt"] if ok else None, "seed": e.get("seed"),
               "size": f"{e.get('width')}x{e.get('height')}", "steps": e.get("steps"),
               "guidance": e.get("guidance_scale"), "scheduler": e.get("scheduler"), "model": e.get("model"),
               "adapters": adapters, "error": e.get("error"), "warning": e.get("warning"),
               "actor": e.get("actor"), "seconds": e.get("seconds"), "finished": e.get("finished_at"),
-              "run": e["_run"]}
+              "run": e["__run"]}
     params.update({c: e.get(c) for c in columns if c not in params and c not in (
         "width", "height", "guidance_scale", "negative_prompt")})
     params = {k: _for_script(v) for k, v in params.items() if v not in (None, "")}
     hover = f"{e['id']}: {prompt or e['status']} (seed {e.get('seed')})"
     data = _e(json.dumps(params, ensure_ascii=False, default=str, allow_nan=False))
     caption = f"<figcaption>{_e(e['id'])}</figcaption>"
-    anchor = f"r{e['_position']}"
+    anchor = f"r{e['__position']}"
     if not ok:
         return (f"<figure class='tile {e['status']}' id={anchor} title='{_e(hover)}' data-p='{data}'><div class=reason>"
                 f"<b>{e['status']}</b> {_e(e.get('error') or '')}</div>{caption}</figure>")
-    if not e["_has_image"] or e["_thumb_error"] is not None:
-        reason = e["_thumb_error"] if e["_has_image"] else f"images/{e['id']}.png is not in the output"
+    if not e["__has_image"] or e["__thumb_error"] is not None:
+        reason = e["__thumb_error"] if e["__has_image"] else f"images/{e['id']}.png is not in the output"
         return (f"<figure class='tile missing' id={anchor} title='{_e(hover)}' data-p='{data}'><div class=reason>"
                 f"<b>missing</b> {_e(reason)}</div>{caption}</figure>")
-    tw, th = e["_thumb_width"], e["_thumb_height"]
+    tw, th = e["__thumb_width"], e["__thumb_height"]
     return (f"<figure class='tile ok' id={anchor} title='{_e(hover)}' data-p='{data}'>"
-            f"<a href='../images/{_e(e['id'])}.png'><img loading=lazy src='thumbs/{e['_thumb']}' width={tw} "
+            f"<a href='../images/{_e(e['id'])}.png'><img loading=lazy src='thumbs/{e['__thumb']}' width={tw} "
             f"height={th} alt='{_e(prompt or e['id'])}'></a>{caption}</figure>")
 
 

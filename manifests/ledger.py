@@ -222,8 +222,7 @@ def _as_text_where_types_differ(tables: list[pa.Table]) -> list[pa.Table]:
     for table in tables:
         for name in clashing:
             if name in table.column_names:
-                values = [None if v is None else v if isinstance(v, str) else json.dumps(v, default=str)
-                          for v in table.column(name).to_pylist()]
+                values = [None if v is None else str(v) for v in table.column(name).to_pylist()]  # as _extra_array
                 table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
         out.append(table)
     return out

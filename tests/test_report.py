@@ -9,6 +9,7 @@ The browser test opens the page in Debian's chromium (headless, from disk, no ne
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 import shutil
@@ -26,7 +27,7 @@ import jobs.report
 from jobs.cli import main
 from jobs.errors import ReportError
 from jobs.outputs import open_output
-from jobs.report import build_report, changes, index_shard
+from jobs.report import build_report, changes
 from jobs.sheet import contact_sheet
 from manifests.ledger import ledger_row, write_part
 
@@ -253,59 +254,87 @@ def test_a_later_report_writes_again_only_the_pages_whose_rows_changed(output, m
     assert (fourth["pages_written"], fourth["pages_unchanged"]) == (3, 1)
     assert (report / "page-0001.html").read_text() == before["page-0001.html"][1]
     assert (report / "page-0002.html").read_text() == before["page-0002.html"][1]
+    monkeypatch.chdir(output.parent)  # the same output by another name: each page names it, so all are new
+    assert build_report("out")["pages_unchanged"] == 0 and "<p>out · " in (report / "page-0001.html").read_text()
 
 
 def _index(thumbs: Path) -> dict[str, dict]:
-    """The thumbnail index files, read back: thumbnail name -> what they hold of it."""
-    return {row["name"]: row for p in thumbs.glob("index-*.parquet") for row in pq.read_table(p).to_pylist()}
+    """The thumbnail index, read back: thumbnail name -> what it holds of it."""
+    return {row["name"]: row for row in pq.read_table(thumbs / "index.parquet").to_pylist()}
 
 
-def test_the_thumbnail_index_is_split_and_a_report_rewrites_only_the_files_its_thumbnails_touch(output):
+def test_the_thumbnail_index_holds_each_shown_thumbnail_and_is_written_only_when_they_change(output):
     thumbs = output / "report" / "thumbs"
     build_report(str(output))
     names = sorted(p.name for p in thumbs.glob("*.jpg"))
-    assert sorted(p.name for p in thumbs.glob("index*")) == sorted({index_shard(n) for n in names})
-    stamps = {p.name: p.stat().st_mtime_ns for p in thumbs.glob("index-*.parquet")}
+    assert set(_index(thumbs)) == set(names) and sorted(p.name for p in thumbs.glob("index*")) == ["index.parquet"]
+    stamp = (thumbs / "index.parquet").stat().st_mtime_ns
+    build_report(str(output))
+    assert (thumbs / "index.parquet").stat().st_mtime_ns == stamp  # nothing made or removed: not written
     _redraw(output, "e", "20261203T000000-cccccc")
     build_report(str(output))
     (new,) = set(p.name for p in thumbs.glob("*.jpg")) - set(names)
     (gone,) = set(names) - set(p.name for p in thumbs.glob("*.jpg"))
-    touched = {p.name for p in thumbs.glob("index-*.parquet") if stamps.get(p.name) != p.stat().st_mtime_ns}
-    assert touched == {index_shard(new), index_shard(gone)}
     index = _index(thumbs)
-    assert index[new]["prompt"] == "e redrawn" and gone not in index and set(index) == set(names) - {gone} | {new}
+    assert index[new]["prompt"] == "e redrawn" and set(index) == set(names) - {gone} | {new}
     assert {row["side"] for row in index.values()} == {192}
     assert (index[new]["width"], index[new]["thumb_width"]) == (64, 64)
 
 
-def test_a_report_written_before_the_split_index_is_read_and_its_thumbnails_reused(output):
+def test_a_report_written_before_the_parquet_index_is_read_and_its_thumbnails_reused(output):
     thumbs = output / "report" / "thumbs"
     build_report(str(output))
     legacy = {"_side": 192}
-    for name, row in _index(thumbs).items():  # as reports wrote it before the split: one JSON file
+    for name, row in _index(thumbs).items():  # as reports wrote it before: one JSON file
         legacy[name] = {"prompt": row["prompt"], "negative_prompt": row["negative_prompt"],
                         "size": [row["width"], row["height"]], "thumb": [row["thumb_width"], row["thumb_height"]]}
-    for p in thumbs.glob("index-*.parquet"):
-        p.unlink()
+    (thumbs / "index.parquet").unlink()
     (thumbs / "index.json").write_text(json.dumps(legacy))
     again = build_report(str(output))
     assert again["thumbnails_made"] == 0 and again["thumbnails_reused"] == 3
     assert not (thumbs / "index.json").exists() and set(_index(thumbs)) == set(legacy) - {"_side"}
     assert "a photo of a, again" in (output / "report" / "index.html").read_text()  # prompts came across
+    del legacy["_side"]  # an index that does not say its side: its thumbnails are made again
+    (thumbs / "index.json").write_text(json.dumps(legacy))
+    (thumbs / "index.parquet").unlink()
+    assert build_report(str(output))["thumbnails_made"] == 3
     smaller = build_report(str(output), thumb=96)  # another size: every thumbnail made again
     assert smaller["thumbnails_made"] == 3
     assert {row["side"] for row in _index(thumbs).values()} == {96} and len(_index(thumbs)) == 3
     assert build_report(str(output), thumb=96)["thumbnails_made"] == 0
 
 
-def test_a_damaged_thumbnail_index_file_costs_its_thumbnails_not_the_report(output):
+def test_a_damaged_thumbnail_index_costs_the_thumbnails_not_the_report(output):
     thumbs = output / "report" / "thumbs"
     build_report(str(output))
-    victim = sorted(thumbs.glob("index-*.parquet"))[0]
-    victim.write_bytes(b"not parquet")
-    lost = {name for name in (p.name for p in thumbs.glob("*.jpg")) if index_shard(name) == victim.name}
+    (thumbs / "index.parquet").write_bytes(b"not parquet")
     again = build_report(str(output))
-    assert again["thumbnails_made"] == len(lost) >= 1 and set(_index(thumbs)) >= lost
+    assert again["thumbnails_made"] == 3 and len(_index(thumbs)) == 3
+    assert "a photo of a, again" in (output / "report" / "index.html").read_text()
+
+
+def test_manifest_columns_named_like_the_reports_own_are_shown_and_grouped_as_any_other(output):
+    """A manifest's `_batch`, `_run` or `_thumb_error` is its own column: the report groups by it and shows it."""
+    extra = json.dumps({"sku": "sku-9", "_batch": "b1", "_run": "mine", "_thumb_error": "mine too"})
+    entry = ledger_row({**_row("g", "", 6), "extra": extra}, "ok", actor="host:1", **_draw(output, "g", (1, 2, 3), "g"))
+    _run(output, "20261203T000000-cccccc", [entry], {"ok": 1, "skipped": 5, "failed": 0, "invalid": 0})
+    done = build_report(str(output), group_by="_batch")
+    page = (output / "report" / "index.html").read_text()
+    assert done["missing"] == 1 and "_batch = b1 · 1 rows<" in page  # b's PNG is the one missing
+    (tile,) = [m for m in re.findall(r"data-p='([^']*)'", page) if "&quot;id&quot;: &quot;g&quot;" in m]
+    shown = json.loads(html.unescape(tile))
+    assert (shown["_run"], shown["_thumb_error"], shown["run"]) == ("mine", "mine too", "20261203T000000-cccccc")
+    assert "<figure class='tile ok'" in page.split("_batch = b1")[1]
+
+
+def test_invalid_rows_without_an_id_are_listed_in_the_order_they_were_written(output):
+    late = ledger_row({**_row("x", "", 9), "id": None}, "invalid", error="m.parquet row 9: LATE")
+    early = ledger_row({**_row("y", "", 8), "id": None}, "invalid", error="m.parquet row 8: EARLY")
+    early["finished_at"] = "2000-01-01T00:00:00+00:00"
+    _run(output, "20261203T000000-cccccc", [late, early], {"ok": 0, "skipped": 6, "failed": 0, "invalid": 2})
+    build_report(str(output))
+    page = (output / "report" / "index.html").read_text()
+    assert page.index("EARLY") < page.index("LATE")
 
 
 def test_a_column_two_runs_typed_differently_groups_as_text(output):

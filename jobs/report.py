@@ -99,9 +99,6 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
             "seconds": round(time.time() - started, 2), "bytes": pages.bytes}
 
 
-# What a tile shows besides the ledger: the columns Rows adds to each row of the output's `current`.
-TILE_COLUMNS = ("__thumb", "__has_image", "__prompt", "__negative_prompt", "__width", "__height", "__thumb_width",
-                "__thumb_height", "__thumb_error")
 # Pages are rendered again when the code that renders them changes (what a page shows is its rows and this code).
 RENDER_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(outputs.__file__).read_bytes()).hexdigest()
 
@@ -109,8 +106,9 @@ RENDER_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(outputs.__fil
 @dataclass(frozen=True)
 class Rows:
     """The rows a report shows: the output's `current` table (in id order) with, for each row, its thumbnail's
-    name, whether its PNG is in the output, and what the thumbnail index read from it (TILE_COLUMNS). Rows
-    become dicts only a page at a time."""
+    name (`__thumb`), whether its PNG is in the output (`__has_image`), and what the thumbnail index read from it
+    (`__prompt`, `__negative_prompt`, `__thumb_width`, `__thumb_height`, `__thumb_error`). Rows become dicts only
+    a page at a time."""
 
     uri: str  # the output as the report was asked for it (each page names it)
     table: pa.Table
@@ -123,7 +121,7 @@ class Rows:
         info = index.take(at)
         table = out.current.drop_columns(["__at"]).append_column("__thumb", pa.array(names, pa.string()))
         table = table.append_column("__has_image", pa.array(has_image, pa.bool_()))
-        for column in ("prompt", "negative_prompt", "width", "height", "thumb_width", "thumb_height"):
+        for column in ("prompt", "negative_prompt", "thumb_width", "thumb_height"):
             table = table.append_column(f"__{column}", info.column(column))
         # a row whose thumbnail the index lacks (its PNG gone since the listing) has none to show: say so
         error = pc.if_else(pc.is_valid(at), info.column("error"),

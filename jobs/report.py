@@ -586,7 +586,7 @@ def _page_list(layout: Layout, lacks: list[bool], rows: int) -> str:
 def _images(out: RunOutput, page: list[tuple[str, list[dict], bool]], group_by: str | None, rows: int,
             where: str = "") -> str:
     """The images of one page: (group key, entries, continued) sections of tiles."""
-    sections, columns = [], out.group_columns()
+    sections, columns = [], _shown_columns(out)
     for i, (key, entries, continued) in enumerate(page):
         bad = sum(1 for e in entries if _lacks(e))
         label = _label(group_by, key) + (" (continued)" if continued else "")
@@ -605,7 +605,7 @@ def _images(out: RunOutput, page: list[tuple[str, list[dict], bool]], group_by: 
 def _for_script(value):
     """A value as the page's script reads it back: integers past 2**53 (a row's seed) as text, since JavaScript's
     numbers would round them, and NaN or infinity (not JSON) as text."""
-    if isinstance(value, bool):
+    if value is None or isinstance(value, (str, bool)):  # most values: said first, a million tiles ask
         return value
     if isinstance(value, int) and abs(value) > 2**53:
         return str(value)
@@ -618,8 +618,20 @@ def _for_script(value):
     return value
 
 
+# What a tile's pop-up names each row's parameters (ledger columns under their own names after these).
+TILE_PARAMS = ("id", "status", "prompt", "negative prompt", "seed", "size", "steps", "guidance", "scheduler", "model",
+               "adapters", "error", "warning", "actor", "seconds", "finished", "run")
+
+
+def _shown_columns(out: RunOutput) -> list[str]:
+    """The ledger columns a pop-up shows under their own names: the manifest's own, and any the params lack."""
+    said = {*TILE_PARAMS, "width", "height", "guidance_scale", "negative_prompt"}
+    return [c for c in out.group_columns() if c not in said]
+
+
 def _tile(e: dict, columns: list[str]) -> str:
-    """One row's tile: its thumbnail linking to the PNG, or the reason it has none; its parameters for the pop-up."""
+    """One row's tile: its thumbnail linking to the PNG, or the reason it has none; its parameters for the pop-up
+    (TILE_PARAMS, then `columns`)."""
     ok = e["status"] == "ok"
     prompt = e["__prompt"] if ok else None
     adapters = adapters_text(e.get("adapters")) or "none"
@@ -630,8 +642,7 @@ def _tile(e: dict, columns: list[str]) -> str:
               "adapters": adapters, "error": e.get("error"), "warning": e.get("warning"),
               "actor": e.get("actor"), "seconds": e.get("seconds"), "finished": e.get("finished_at"),
               "run": e["__run"]}
-    params.update({c: e.get(c) for c in columns if c not in params and c not in (
-        "width", "height", "guidance_scale", "negative_prompt")})
+    params.update({c: e.get(c) for c in columns})
     params = {k: _for_script(v) for k, v in params.items() if v not in (None, "")}
     hover = f"{e['id']}: {prompt or e['status']} (seed {e.get('seed')})"
     data = _e(json.dumps(params, ensure_ascii=False, default=str, allow_nan=False))

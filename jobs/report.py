@@ -42,7 +42,7 @@ from jobs import outputs
 from jobs.console import log
 from jobs.errors import ReportError, one_line
 from jobs.outputs import RunOutput, adapters_text, is_recovered, newest_per_id, open_output, unfinished_note
-from manifests.ledger import atomic_write
+from manifests.ledger import LEDGER_COLUMNS, atomic_write
 from manifests.stores import folder_files, is_local_fs, read_parquet
 
 THUMB_SIDE = 192  # px, the longer side
@@ -290,8 +290,11 @@ class Thumbnails:
         if "index.parquet" in self.present:
             try:
                 index = read_parquet(fs, self.path).select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
-            except (OSError, KeyError, ValueError, pa.ArrowException):
+            except (KeyError, ValueError, pa.ArrowInvalid, pa.ArrowTypeError):
                 pass  # damaged, or not this version's: every thumbnail is made again and the index written anew
+            except OSError as exc:  # the store did not answer: a million thumbnails are not made again for that
+                where = self.path if is_local_fs(fs) else fs.unstrip_protocol(self.path)
+                raise ReportError(f"cannot read {where} ({one_line(exc)}); try again once the store answers") from exc
         elif self.legacy:
             index = self._legacy()
         self.changed = self.legacy
@@ -335,7 +338,10 @@ class Thumbnails:
         """Make the thumbnails of (row id, thumbnail name) not made yet; returns how many it made."""
         names = pa.array([name for _, name in rows], pa.string())
         indexed = pc.is_in(names, value_set=self._index.column("name")).to_pylist()
-        todo = [row for row, known in zip(rows, indexed) if not (known and row[1] in self.present)]
+        # a PNG that did not decode has an index row with its error and no JPEG: not read again every report
+        failed = set(self._index.filter(pc.is_valid(self._index.column("error"))).column("name").to_pylist())
+        done = self.present | failed
+        todo = [row for row, known in zip(rows, indexed) if not (known and row[1] in done)]
         self.reused = len(rows) - len(todo)
         if not todo:
             return 0
@@ -355,12 +361,13 @@ class Thumbnails:
         return len(todo)
 
     def prune(self, keep: set[str]) -> None:
-        """Remove the thumbnails of images no row shows any more (redrawn since, or gone): those in the folder
-        that `keep` does not name (every thumbnail `make` made is kept)."""
+        """Remove the thumbnails of images no row shows any more (redrawn since, or gone): those in the folder, and
+        the index rows (a PNG that did not decode has one and no JPEG), that `keep` does not name."""
         for name in sorted(n for n in self.present if n.endswith(".jpg") and n not in keep):
             self.out.fs.rm_file(f"{self.folder}/{name}")
             self.removed.add(name)
-            self.changed = True
+        self.removed |= set(self._index.column("name").to_pylist()) - keep
+        self.changed |= bool(self.removed)
 
     def save(self) -> None:
         """Write index.parquet when thumbnails were made or removed (and in place of an older report's
@@ -623,13 +630,13 @@ TILE_PARAMS = ("id", "status", "prompt", "negative prompt", "seed", "size", "ste
                "adapters", "error", "warning", "actor", "seconds", "finished", "run")
 
 
-def _shown_columns(out: RunOutput) -> list[str]:
-    """The ledger columns a pop-up shows under their own names: the manifest's own, and any the params lack."""
-    said = {*TILE_PARAMS, "width", "height", "guidance_scale", "negative_prompt"}
-    return [c for c in out.group_columns() if c not in said]
+def _shown_columns(out: RunOutput) -> list[tuple[str, str]]:
+    """(label, column) of the manifest's own columns a pop-up shows after TILE_PARAMS: under their own names, or
+    with " (manifest)" after a name TILE_PARAMS already uses (a manifest's `size` or `run`)."""
+    return [(f"{c} (manifest)" if c in TILE_PARAMS else c, c) for c in out.group_columns() if c not in LEDGER_COLUMNS]
 
 
-def _tile(e: dict, columns: list[str]) -> str:
+def _tile(e: dict, columns: list[tuple[str, str]]) -> str:
     """One row's tile: its thumbnail linking to the PNG, or the reason it has none; its parameters for the pop-up
     (TILE_PARAMS, then `columns`)."""
     ok = e["status"] == "ok"
@@ -642,7 +649,7 @@ def _tile(e: dict, columns: list[str]) -> str:
               "adapters": adapters, "error": e.get("error"), "warning": e.get("warning"),
               "actor": e.get("actor"), "seconds": e.get("seconds"), "finished": e.get("finished_at"),
               "run": e["__run"]}
-    params.update({c: e.get(c) for c in columns})
+    params.update({label: e.get(c) for label, c in columns})
     params = {k: _for_script(v) for k, v in params.items() if v not in (None, "")}
     hover = f"{e['id']}: {prompt or e['status']} (seed {e.get('seed')})"
     data = _e(json.dumps(params, ensure_ascii=False, default=str, allow_nan=False))

@@ -158,7 +158,17 @@ def _extra_array(values: list) -> pa.Array:
             return pa.array(values, pa.uint64())
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pass
-    return pa.array([None if v is None else str(v) for v in values], pa.string())
+    return pa.array([as_text(v) for v in values], pa.string())
+
+
+def as_text(value: Any) -> str | None:
+    """A pass-through value in a column that holds text and other types: text as it is, lists and dicts as JSON
+    (what a program reading the ledger can parse back), anything else as Python writes it (`7`, `True`)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
 
 
 def write_part(fs: fsspec.AbstractFileSystem, root: str, run_id: str, seq: int, rows: list[dict]) -> str:
@@ -222,7 +232,7 @@ def _as_text_where_types_differ(tables: list[pa.Table]) -> list[pa.Table]:
     for table in tables:
         for name in clashing:
             if name in table.column_names:
-                values = [None if v is None else str(v) for v in table.column(name).to_pylist()]  # as _extra_array
+                values = [as_text(v) for v in table.column(name).to_pylist()]
                 table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
         out.append(table)
     return out

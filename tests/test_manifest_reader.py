@@ -483,6 +483,16 @@ def test_parts_whose_pass_through_types_differ_read_back_as_text(memfs):
     assert read_latest_ok(fs, root) == {"a": "A", "b": "B", "c": "C"}
 
 
+def test_lists_and_dicts_in_a_column_read_as_text_are_json(memfs):
+    # One run's `meta` is a dict, another's text: the dict reads back as JSON a program can parse, as within a part
+    fs, root = memfs
+    write_part(fs, root, "run1", 0, [ledger_row("a", "A", "2026-01-01T00:00:00", meta={"k": "v"}, tags=[1, 2])])
+    write_part(fs, root, "run2", 0, [ledger_row("b", "B", "2026-01-02T00:00:00", meta="plain", tags="t"),
+                                     ledger_row("c", "C", "2026-01-02T00:00:00", meta={"k": 2}, tags=True)])
+    got = {r["id"]: (r["meta"], r["tags"]) for r in read_ledger(fs, root).to_pylist()}
+    assert got == {"a": ('{"k": "v"}', "[1, 2]"), "b": ("plain", "t"), "c": ('{"k": 2}', "True")}
+
+
 def test_pass_through_integers_past_int64_are_written(memfs):
     # A uint64 hash column of a manifest: past 2**63 Arrow's inference overflows, and the part (the whole
     # ledger of the run, and of every rerun) was lost. Unsigned where every value fits, text where not.

@@ -129,6 +129,45 @@ def test_a_damaged_image_is_a_problem_and_the_pop_up_keeps_every_digit_of_the_se
     assert f"&quot;seed&quot;: &quot;{seed}&quot;" in page  # text in the pop-up's JSON, not a rounded number
 
 
+def test_a_damaged_image_is_read_once_and_its_index_row_goes_when_it_is_redrawn(output):
+    (output / "images" / "e.png").write_bytes((output / "images" / "e.png").read_bytes()[:300])  # cut short
+    thumbs = output / "report" / "thumbs"
+    assert build_report(str(output))["thumbnails_made"] == 3
+    stamp = (thumbs / "index.parquet").stat().st_mtime_ns
+    again = build_report(str(output))  # the damaged PNG is not read again, nor the index written again
+    assert (again["thumbnails_made"], again["missing"]) == (0, 2)
+    assert (thumbs / "index.parquet").stat().st_mtime_ns == stamp
+    (damaged,) = [name for name, row in _index(thumbs).items() if row["error"]]
+    _redraw(output, "e", "20261203T000000-cccccc")
+    assert build_report(str(output))["thumbnails_made"] == 1 and damaged not in _index(thumbs)
+
+
+def test_a_store_that_does_not_answer_for_the_index_stops_the_report_instead_of_remaking_every_thumbnail(
+        output, monkeypatch):
+    build_report(str(output))
+
+    def unavailable(fs, path, columns=None):
+        raise OSError("503 SlowDown")
+
+    monkeypatch.setattr(jobs.report, "read_parquet", unavailable)
+    with pytest.raises(ReportError, match=r"cannot read /.*/index.parquet \(OSError: 503 SlowDown\); try again"):
+        build_report(str(output))
+    monkeypatch.undo()
+    assert build_report(str(output))["thumbnails_made"] == 0
+
+
+def test_the_pop_up_shows_a_manifest_column_named_like_one_of_its_own_labels(output):
+    extra = json.dumps({"sku": "sku-9", "size": "XL", "run": "spring"})
+    entry = ledger_row({**_row("g", "", 6), "extra": extra}, "ok", actor="host:1", **_draw(output, "g", (1, 2, 3), "g"))
+    _run(output, "20261203T000000-cccccc", [entry], {"ok": 1, "skipped": 5, "failed": 0, "invalid": 0})
+    build_report(str(output))
+    page = (output / "report" / "index.html").read_text()
+    (tile,) = [m for m in re.findall(r"data-p='([^']*)'", page) if "&quot;id&quot;: &quot;g&quot;" in m]
+    shown = json.loads(html.unescape(tile))
+    assert (shown["size"], shown["size (manifest)"]) == ("64x64", "XL")
+    assert (shown["run"], shown["run (manifest)"]) == ("20261203T000000-cccccc", "spring")
+
+
 def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_every_row_once(output, monkeypatch,
                                                                                             capsys):
     monkeypatch.setattr(jobs.report, "PAGE_ROWS", 4)  # six rows: sku-1 (a, b), sku-2 (c, d), sku-3 (e, f)

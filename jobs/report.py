@@ -261,6 +261,7 @@ INDEX_SCHEMA = pa.schema([("name", pa.string()), ("side", pa.int32()), ("prompt"
 
 
 def _fits(row: dict) -> bool:
+    """Whether an index row migrated from index.json holds values of INDEX_SCHEMA's types."""
     try:
         pa.Table.from_pylist([row], INDEX_SCHEMA)
         return True
@@ -342,6 +343,7 @@ class Thumbnails:
         failed = set(self._index.filter(pc.is_valid(self._index.column("error"))).column("name").to_pylist())
         done = self.present | failed
         todo = [row for row, known in zip(rows, indexed) if not (known and row[1] in done)]
+        todo = list({name: (row_id, name) for row_id, name in todo}.values())  # rows may share one image's name
         self.reused = len(rows) - len(todo)
         if not todo:
             return 0

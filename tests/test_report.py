@@ -376,6 +376,17 @@ def test_invalid_rows_without_an_id_are_listed_in_the_order_they_were_written(ou
     assert page.index("EARLY") < page.index("LATE")
 
 
+def test_rows_that_name_one_thumbnail_make_it_once_and_index_it_once(output):
+    """Without a sha256, a thumbnail is named by the row's params_hash: two rows that share it share one."""
+    entries = [ledger_row({**_row(i, "sku-9", 6), "params_hash": "same"}, "ok", actor="host:1",
+                          **{**_draw(output, i, (1, 2, 3), "twins"), "sha256": None}) for i in ("g", "h")]
+    _run(output, "20261203T000000-cccccc", entries, {"ok": 2, "skipped": 5, "failed": 0, "invalid": 0})
+    done = build_report(str(output))
+    assert (done["thumbnails_made"], done["thumbnails_reused"]) == (4, 1)
+    index = pq.read_table(output / "report" / "thumbs" / "index.parquet").column("name").to_pylist()
+    assert sorted(index) == sorted(set(index)) and "same.jpg" in index
+
+
 def test_a_column_two_runs_typed_differently_groups_as_text(output):
     """One night's manifest has `sku` as numbers, another's as text: the ledger's parts disagree, and the report
     groups both as text rather than refusing the output."""

@@ -76,7 +76,7 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     except Exception as exc:  # noqa: BLE001 - a read-only store (served over HTTP), a full disk
         raise ReportError(f"cannot write {out.uri}/report/thumbs: {one_line(exc)}") from exc
     del shown
-    rows, reused = Rows.of(out, names, has_image, thumbs.index), thumbs.reused
+    rows, reused = Rows.of(out, statuses, names, has_image, thumbs.index), thumbs.reused
     del names, has_image, thumbs
     pa.default_memory_pool().release_unused()
     layout = Layout.of(out.groups(group_by), len(ids), group_by)
@@ -116,7 +116,9 @@ class Rows:
     lacks: list[bool]  # no image to show: not ok, the PNG gone, or one that does not decode
 
     @classmethod
-    def of(cls, out: RunOutput, names: list[str], has_image: list[bool], index: pa.Table) -> "Rows":
+    def of(cls, out: RunOutput, statuses: list[str], names: list[str], has_image: list[bool],
+           index: pa.Table) -> "Rows":
+        """`statuses`, `names` and `has_image` are per row of `out.current`, in its order."""
         at = pc.index_in(pa.array(names, pa.string()), value_set=index.column("name"))
         info = index.take(at)
         table = out.current.drop_columns(["__at"]).append_column("__thumb", pa.array(names, pa.string()))
@@ -127,9 +129,8 @@ class Rows:
         error = pc.if_else(pc.is_valid(at), info.column("error"),
                            pa.scalar("could not be read when the thumbnails were made", pa.string()))
         table = table.append_column("__thumb_error", error)
-        statuses = table.column("status").to_pylist()
         lacks = [status != "ok" or not has or error is not None
-                 for status, has, error in zip(statuses, has_image, table.column("__thumb_error").to_pylist())]
+                 for status, has, error in zip(statuses, has_image, error.to_pylist())]
         return cls(out.uri, table, statuses, lacks)
 
     def take(self, positions: list[int]) -> list[dict]:
@@ -225,11 +226,7 @@ class Pages:
             self.kept += 1
             return
         data = render().encode()
-        path = f"{self.folder}/{name}"
-        try:
-            atomic_write(self.out.fs, path, data)
-        except Exception as exc:  # noqa: BLE001 - a read-only or unreachable store
-            raise ReportError(f"cannot write {self.out.fs.unstrip_protocol(path)}: {one_line(exc)}") from exc
+        self._put(f"{self.folder}/{name}", data)
         self.record[name] = {"digest": digest, "size": len(data)}
         self.written += 1
         self.bytes += len(data)
@@ -241,11 +238,13 @@ class Pages:
             if name.startswith("page-") and name not in keep:
                 self.out.fs.rm_file(f"{self.folder}/{name}")
         record = {name: was for name, was in self.record.items() if name in keep and name != "index.html"}
+        self._put(self.record_path, json.dumps(record, sort_keys=True).encode())
+
+    def _put(self, path: str, data: bytes) -> None:
         try:
-            atomic_write(self.out.fs, self.record_path, json.dumps(record, sort_keys=True).encode())
+            atomic_write(self.out.fs, path, data)
         except Exception as exc:  # noqa: BLE001 - a read-only or unreachable store
-            raise ReportError(f"cannot write {self.out.fs.unstrip_protocol(self.record_path)}: "
-                              f"{one_line(exc)}") from exc
+            raise ReportError(f"cannot write {self.out.fs.unstrip_protocol(path)}: {one_line(exc)}") from exc
 
 
 # --- thumbnails -------------------------------------------------------------------------------------
@@ -341,9 +340,9 @@ class Thumbnails:
         indexed = pc.is_in(names, value_set=self._index.column("name")).to_pylist()
         # a PNG that did not decode has an index row with its error and no JPEG: not read again every report
         failed = set(self._index.filter(pc.is_valid(self._index.column("error"))).column("name").to_pylist())
-        done = self.present | failed
-        todo = [row for row, known in zip(rows, indexed) if not (known and row[1] in done)]
-        todo = list({name: (row_id, name) for row_id, name in todo}.values())  # rows may share one image's name
+        have = self.present | failed
+        todo = list({name: (row_id, name) for (row_id, name), known in zip(rows, indexed)  # rows may share a name
+                     if not (known and name in have)}.values())
         self.reused = len(rows) - len(todo)
         if not todo:
             return 0

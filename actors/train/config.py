@@ -70,8 +70,8 @@ class TrainConfig(BaseModel):
     prior_loss_weight: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="dreambooth, lora: weight of the class "
                                      "samples' loss against the instance samples'")
     train_text_encoder: bool = Field(default=False, description="train the text encoder too (LoRA on it for lora)")
-    fsdp: bool = Field(default=False, description="full only: shard weights, gradients and optimizer state across "
-                                                  "workers (FSDP2) instead of a DDP copy on each")
+    fsdp: bool = Field(default=False, description="full, dreambooth: shard weights, gradients and optimizer state "
+                                                  "across workers (FSDP2) instead of a DDP copy on each")
     kl_weight: float = Field(default=1e-6, ge=0, allow_inf_nan=False, description="vae: weight of the KL term")
     crop: int = Field(default=0, ge=0, description="vae: train on random square crops of this many px (0: whole images)")
     crop_candidates: int = Field(default=1, ge=1, le=64, description="vae, with --crop: draw this many random crops "
@@ -85,8 +85,8 @@ class TrainConfig(BaseModel):
     calibrate_scale: bool = Field(default=False, description="vae: set the VAE's scaling_factor to 1 / std of its "
                                   "latents (for a VAE trained from scratch; keep a base's own when fine-tuning)")
     cache_latents: bool = Field(default=False, description="full, lora, dreambooth, textual-inversion: encode "
-                                "every image once before training, not at every step (128 KB per image at 256 "
-                                "px, 295 KB at 768)")
+                                "every image once before training, not at every step (32 KiB per image at 256 "
+                                "px, 288 KiB at 768)")
     max_failures: int = Field(default=2, ge=0, description="worker failures Ray Train recovers from a checkpoint")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray")
     verbose: bool = Field(default=False, description="also show Ray's and the workers' log lines here (they always go "

@@ -369,7 +369,7 @@ def _validate(args) -> int:
     from actors.models import describe_model
     from actors.presets import PRESETS
     from jobs.tokenizers import tokenizer_lookup
-    from manifests.reader import expand_manifest_paths, plan_parts
+    from manifests.reader import expand_manifest_paths, plan_parts, unreadable_files
     from manifests.validate import check_manifests
 
     try:
@@ -380,7 +380,11 @@ def _validate(args) -> int:
     models = {"default": "tiny", **{n: n for n in PRESETS}, **pairs}
     infos = {name: describe_model(name, ref) for name, ref in models.items()}
     uris = expand_manifest_paths(args.manifests)
-    errors = warnings = 0
+    unreadable = unreadable_files(uris)  # each named, and the rest still checked
+    for message in unreadable.values():
+        print(f"error: {message}")
+    errors, warnings = len(unreadable), 0
+    uris = [uri for uri in uris if uri not in unreadable]
     sizes = {name: (info.width, info.height) for name, info in infos.items()}  # a row's size when it gives none
     for kind, message in check_manifests(uris, set(models), tokenizer_lookup(infos),
                                          watermark_sizes=None if args.no_watermark else sizes):
@@ -388,7 +392,8 @@ def _validate(args) -> int:
         warnings += kind == "warning"
         print(f"{kind}: {message}")
     total = sum(part.num_rows for part in plan_parts(uris))  # from footers: the ids were read once already
-    print(f"{total} rows in {len(uris)} manifest(s): {errors} error(s), {warnings} warning(s)")
+    files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "")
+    print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s)")
     return EXIT_ERROR if errors else EXIT_OK
 
 

@@ -33,10 +33,10 @@ def describe_error(exc: BaseException) -> str | None:
     from cluster.connect import ClusterError
     from manifests.dataset import DatasetError
     from manifests.expand import ExpandError
-    from manifests.reader import DamagedManifest, ManifestError
+    from manifests.reader import BadManifestFile, ManifestError
 
     hints = {
-        DamagedManifest: None,  # its message says what to do; the paths were right
+        BadManifestFile: None,  # its message says what to do; the paths were right
         ManifestError: "check the manifest paths (local paths, URIs or globs of .parquet files)",
         ModelError: None,  # its messages name the model and what a reference may be; generate, finetune --base
         # and model export all raise it, so a hint naming one command's flag would mislead the others

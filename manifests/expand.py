@@ -9,6 +9,7 @@ they are stable: re-expanding an edited catalogue keeps every unchanged row's id
 from __future__ import annotations
 
 import codecs
+import decimal
 import csv
 import functools
 import io
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
+from manifests.ledger import atomic_write
 from manifests.stores import gone_at_exit_reason, process_local, read_parquet, url_to_fs
 
 
@@ -67,6 +69,9 @@ def load_list(uri: str, column: str) -> ListRows:
                           f"`{column}` per line), not {suffix} (a spreadsheet saves CSV as 'CSV UTF-8')")
     if kind == "parquet":
         table = read_parquet(fs, path)
+        # text read as bytes and decoded by _decoded, so a value that is not UTF-8 is named, not a traceback
+        table = pa.table([column.cast(_AS_BYTES[column.type]) if column.type in _AS_BYTES else column
+                          for column in table.columns], names=table.column_names)
         rows = ListRows([{k: _decoded(v, uri, f"row {i}", k) for k, v in row.items()}
                          for i, row in enumerate(table.to_pylist())], [f"row {i}" for i in range(table.num_rows)])
     else:
@@ -94,6 +99,9 @@ def _text(data: bytes, uri: str) -> str:
                           "(a spreadsheet's 'CSV UTF-8')") from exc
 
 
+_AS_BYTES = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}
+
+
 def _decoded(value: Any, uri: str, where: str, column: str) -> Any:
     """A Parquet cell as a prompt would hold it: binary as its UTF-8 text."""
     if not isinstance(value, bytes):
@@ -101,7 +109,8 @@ def _decoded(value: Any, uri: str, where: str, column: str) -> Any:
     try:
         return value.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ExpandError(f"{uri} {where}: `{column}` is binary that is not UTF-8 text") from exc
+        raise ExpandError(f"{uri} {where}: `{column}` is not UTF-8 text (bytes {value[:40]!r}); write the list's "
+                          "text as UTF-8") from exc
 
 
 def _read_text_table(text: str, uri: str, kind: str) -> ListRows:
@@ -280,6 +289,9 @@ def expand(
                 if row[name] is None or not str(row[name]).strip():
                     raise ExpandError(f"{source} {_where(rows, i)}: `{name}` is empty, and the template uses it; "
                                       "fill it in, or leave the placeholder out")
+                if not isinstance(row[name], (str, int, float, decimal.Decimal)):  # a list's repr in a prompt
+                    raise ExpandError(f"{source} {_where(rows, i)}: `{name}` holds a {type(row[name]).__name__}, "
+                                      "and the template puts it in a prompt; give it text or a number")
     product_keys = _keys(products, "product", "sku", products_source)
     scene_keys = _keys(scenes, "scene", "scene_id", scenes_source) if scenes else [None]
     rows, made = [], {}
@@ -321,8 +333,8 @@ def write_manifest(table: pa.Table, uri: str) -> None:
     fs, path = url_to_fs(uri)
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=ROW_GROUP_ROWS)
-    try:
+    try:  # whole or not at all: with --force a failed write would otherwise leave half of a manifest in its place
         fs.makedirs(fs._parent(path), exist_ok=True)
-        fs.pipe_file(path, buf.getvalue())
+        atomic_write(fs, path, buf.getvalue())
     except Exception as exc:  # noqa: BLE001 - a parent that is a file, a read-only store, refused credentials
         raise ExpandError(f"cannot write -o {uri}: {error_line(exc)}") from exc

@@ -18,7 +18,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.schema import coerced_id, error_line
+from manifests.schema import coerced_id, error_line, row_location
 from manifests.stores import file_stamp, is_local_fs, tree_files, url_to_fs
 
 
@@ -33,7 +33,12 @@ class ManifestError(Exception):
     """A manifest cannot be read at all (missing file, not Parquet): the run cannot start."""
 
 
-class DamagedManifest(ManifestError):
+class BadManifestFile(ManifestError):
+    """A manifest file that is there but cannot be read as one (not Parquet, cut short, a column named twice):
+    its message says what to do, and the path was right."""
+
+
+class DamagedManifest(BadManifestFile):
     """A Parquet file whose footer reads but whose `id` or `adapters` data does not (damaged pages, a bad copy):
     the run cannot check its ids, so it cannot start. Other damaged row groups are `Unreadable` rows."""
 
@@ -111,13 +116,16 @@ def _open_parquet(uri: str) -> pq.ParquetFile:
     fs, path = url_to_fs(uri)
     try:
         pf = pq.ParquetFile(fs.open(path, "rb"))
-    except (pa.ArrowInvalid, OSError) as exc:
+    except pa.ArrowInvalid as exc:  # before OSError: ArrowInvalid is one
+        raise BadManifestFile(f"{uri} is not a readable Parquet file: {exc} (an empty or cut-short file, or another "
+                              "format: write it again as Parquet)") from exc
+    except OSError as exc:
         raise ManifestError(f"{uri} is not a readable Parquet file: {exc}") from exc
     names = pf.schema_arrow.names
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:  # read by name, one of the two would be lost without a word
         pf.close(force=True)
-        raise ManifestError(f"{uri} has more than one column named {', '.join(map(repr, twice))}; "
+        raise BadManifestFile(f"{uri} has more than one column named {', '.join(map(repr, twice))}; "
                             "a manifest's column names must be unique")
     return pf
 
@@ -208,6 +216,21 @@ def _parts(uri: str, pf: pq.ParquetFile, stamp: str = "") -> list[ManifestPart]:
     return parts
 
 
+def unreadable_files(uris: list[str]) -> dict[str, str]:
+    """Each manifest of `uris` that cannot be opened as one, with why (`manifest validate` names every such file,
+    then checks the rest; a run stops at the first)."""
+
+    def why(uri: str) -> str | None:
+        try:
+            with _opened(uri):
+                return None
+        except ManifestError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(MANIFEST_READS, len(uris)))) as pool:
+        return {uri: said for uri, said in zip(uris, pool.map(why, uris)) if said}
+
+
 def plan_parts(uris: list[str]) -> list[ManifestPart]:
     """The parts of every manifest, from footers alone."""
     return [p for file_parts in _each_file(uris, _parts, True) for p in file_parts]
@@ -226,7 +249,7 @@ def read_part(part: ManifestPart, batch_rows: int = 1024) -> Iterator[tuple[int,
             start, end = position, position + meta.row_group(rg).num_rows
             try:
                 for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg]):
-                    for row in batch.to_pylist():
+                    for row in _batch_rows(batch, part.uri, position):
                         yield position, row
                         position += 1
             except (OSError, pa.ArrowException) as exc:
@@ -259,11 +282,66 @@ def _check_unchanged(part: ManifestPart) -> None:
                             "written whole")
 
 
+def _batch_rows(batch: pa.RecordBatch, uri: str, first: int) -> list[dict[str, Any] | Unreadable]:
+    """The rows of `batch` (its first at position `first` of `uri`) as dicts. Arrow's own writers refuse text
+    that is not UTF-8 but other tools' may not, and such a value cannot become a str: its row comes as
+    `Unreadable`, naming the fields, and the rest of the batch reads."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    rows: list[dict[str, Any] | Unreadable] = []
+    for i in range(batch.num_rows):
+        row = batch.slice(i, 1)
+        try:
+            rows.append(row.to_pylist()[0])
+            continue
+        except UnicodeDecodeError:
+            pass
+        bad = [name for name, column in zip(row.schema.names, row.columns) if not _decodes(column)]
+        row_id = None if "id" in bad or "id" not in row.schema.names else coerced_id(row.column("id")[0].as_py())
+        said = "; ".join(f"`{name}` is not UTF-8 text{_raw_bytes(row.column(name))}" for name in bad)
+        rows.append(Unreadable(row_id, f"{row_location(uri, first + i, row_id)}: {said}; write the manifest's "
+                                       "text as UTF-8 (the tool that wrote it did not check)"))
+    return rows
+
+
+def _decodes(column: pa.Array) -> bool:
+    try:
+        column.to_pylist()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _raw_bytes(column: pa.Array) -> str:
+    """` (bytes b'...')` for a one-value text column, cut to 40 bytes; "" for other types."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        raw = column.view(pa.binary() if pa.types.is_string(column.type) else pa.large_binary())[0].as_py()
+        return f" (bytes {raw[:40]!r}{'...' if len(raw) > 40 else ''})"
+    return ""
+
+
+def _texts(column: pa.Array) -> list[Any]:
+    """`column.to_pylist()`, with None in place of any value holding text that is not UTF-8 (its row is
+    invalid: `read_part` says why)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        values = []
+        for scalar in column:
+            try:
+                values.append(scalar.as_py())
+            except UnicodeDecodeError:
+                values.append(None)
+        return values
+
+
 def _row_group_ids(pf: pq.ParquetFile, rg: int) -> list[Any]:
     """The ids of one row group, read alone; [] where there is no id column or it cannot be read either."""
     try:
         if "id" in pf.schema_arrow.names:
-            return [coerced_id(i) for i in pf.read_row_group(rg, columns=["id"]).column(0).to_pylist()]
+            return [coerced_id(i) for i in _texts(pf.read_row_group(rg, columns=["id"]).column(0))]
     except (OSError, pa.ArrowException):
         pass
     return []
@@ -301,7 +379,7 @@ def _id_counts(pf: pq.ParquetFile) -> collections.Counter:
         return counts
     for batch in pf.iter_batches(batch_size=65536, columns=["id"]):
         column = batch.column(0)
-        values = column.to_pylist()
+        values = _texts(column)
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             counts.update(v for v in values if v is not None)
         else:  # binary or another type: count what the schema will make of each value
@@ -322,7 +400,7 @@ def _adapter_names(pf: pq.ParquetFile) -> set[str]:
     if "adapters" not in pf.schema_arrow.names:
         return names
     for batch in pf.iter_batches(batch_size=65536, columns=["adapters"]):
-        for value in batch.column(0).to_pylist():
+        for value in _texts(batch.column(0)):
             for item in value or []:
                 if isinstance(item, dict) and isinstance(item.get("name"), str):
                     names.add(item["name"])

@@ -197,9 +197,53 @@ def test_missing_manifest_exits_1_naming_it(capsys, tmp_path):
 def test_non_parquet_manifest_exits_1(capsys, tmp_path):
     path = tmp_path / "catalog.parquet"
     path.write_text("id,prompt\nmug-1,a red mug\n")
-    code, _, err = validate(capsys, path)
-    assert code == 1
-    assert str(path) in err and "not a readable Parquet file" in err and "Traceback" not in err
+    code, lines, err = validate(capsys, path)
+    assert code == 1 and not err
+    assert problems(lines)[0].startswith(f"error: {path} is not a readable Parquet file")
+    assert "write it again as Parquet" in lines[0] and "check the manifest paths" not in lines[0]  # the path was right
+
+
+def test_validate_names_every_unreadable_manifest_and_checks_the_rest(capsys, tmp_path):
+    """It stopped at the first file it could not open, saying nothing of the others' rows."""
+    empty, csv = tmp_path / "a-empty.parquet", tmp_path / "b-csv.parquet"
+    empty.write_bytes(b"")
+    csv.write_text("id,prompt\nmug-1,a red mug\n")
+    twice = tmp_path / "c-twice.parquet"
+    pq.write_table(pa.table([pa.array(["x"]), pa.array(["a mug"]), pa.array(["a vase"])], names=["id", "prompt", "prompt"]),
+                   twice)
+    rows = write(tmp_path / "d-rows.parquet", [good("fine"), good("wide", width=770)])
+    code, lines, err = validate(capsys, empty, csv, twice, rows)
+    assert code == 1 and not err
+    said = problems(lines)
+    assert len(said) == 4, lines
+    assert said[0].startswith(f"error: {empty} is not a readable Parquet file")
+    assert said[1].startswith(f"error: {csv} is not a readable Parquet file")
+    assert said[2] == f"error: {twice} has more than one column named 'prompt'; a manifest's column names must be unique"
+    assert said[3].startswith(f"error: {rows} row 1 (`wide`): `width`")
+    assert lines[-1] == "2 rows in 1 manifest(s) (3 more unreadable): 4 error(s), 0 warning(s)"
+
+
+def not_utf8(values: list[bytes]) -> pa.Array:
+    """A Parquet `string` column holding bytes that are not UTF-8, as tools that do not check write it (Arrow's own
+    writers refuse them)."""
+    raw = pa.array(values, pa.binary())
+    return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+
+
+def test_text_that_is_not_utf8_is_an_error_naming_its_row_and_field(capsys, tmp_path):
+    """It was a UnicodeDecodeError traceback, in `generate`'s survey and plan too (tests/test_plan.py)."""
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": not_utf8([b"fine", b"bad-prompt", b"\xff\xfe", b"bad-sku"]),
+                             "prompt": not_utf8([b"a mug", b"a \xffmug", b"a vase", b"a lamp"]),
+                             "sku": not_utf8([b"1", b"2", b"3", b"\xc3("])}), path)
+    code, lines, err = validate(capsys, path, write(tmp_path / "other.parquet", [good("other")]))
+    assert code == 1 and not err
+    fix = "write the manifest's text as UTF-8 (the tool that wrote it did not check)"
+    assert problems(lines) == [
+        f"error: {path} row 1 (`bad-prompt`): `prompt` is not UTF-8 text (bytes b'a \\xffmug'); {fix}",
+        f"error: {path} row 2: `id` is not UTF-8 text (bytes b'\\xff\\xfe'); {fix}",
+        f"error: {path} row 3 (`bad-sku`): `sku` is not UTF-8 text (bytes b'\\xc3('); {fix}"]
+    assert lines[-1] == "5 rows in 2 manifest(s): 3 error(s), 0 warning(s)"
 
 
 def test_validate_names_a_damaged_row_group_and_goes_on(capsys, tmp_path):
@@ -336,6 +380,48 @@ def test_expand_with_an_empty_products_file_exits_1(capsys, tmp_path):
     products.write_text("sku,product\n")
     code, _, err = expand_cli(capsys, "--template", "{product}", "--products", products, "-o", tmp_path / "m.parquet")
     assert code == 1 and str(products) in err and "holds no rows" in err
+
+
+def test_expand_names_a_products_value_that_is_not_utf8_or_not_text(capsys, tmp_path):
+    products = tmp_path / "products.parquet"
+    pq.write_table(pa.table({"product": not_utf8([b"a mug", b"a \xffvase"])}), products)
+    code, _, err = expand_cli(capsys, "--template", "{product}", "--products", products, "-o", tmp_path / "m.parquet")
+    assert code == 1 and "Traceback" not in err
+    assert err.strip() == (f"sdfleet: error: {products} row 1: `product` is not UTF-8 text (bytes b'a \\xffvase'); "
+                           "write the list's text as UTF-8")
+    # a list or a struct was put in the prompt as its Python repr: "photo of ['red mug', 'blue mug']"
+    pq.write_table(pa.table({"product": [["red mug", "blue mug"]]}), products)
+    code, _, err = expand_cli(capsys, "--template", "photo of {product}", "--products", products,
+                              "-o", tmp_path / "m.parquet")
+    assert code == 1 and not (tmp_path / "m.parquet").exists()
+    assert err.strip() == (f"sdfleet: error: {products} row 0: `product` holds a list, and the template puts it in a "
+                           "prompt; give it text or a number")
+
+
+def test_expand_force_that_cannot_write_keeps_the_manifest_it_would_replace(tmp_path, catalogue):
+    """A write refused part-way (a full disk; here the file-size limit) left half a manifest in place of the old
+    one, which --force had been asked to replace."""
+    import resource
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    products, scenes = catalogue
+    out = tmp_path / "catalog.parquet"
+    args = [sys.executable, "-m", "jobs", "manifest", "expand", "--template", "a photo of {product}, {scene}",
+            "--products", str(products), "--scenes", str(scenes), "-o", str(out)]
+    assert subprocess.run(args, cwd=REPO, capture_output=True).returncode == 0
+    before = out.read_bytes()
+
+    def small_files():  # in the child: Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+    proc = subprocess.run([*args, "--variants", "300", "--force"], cwd=REPO, capture_output=True, text=True,
+                          preexec_fn=small_files)
+    assert proc.returncode == 1 and "File too large" in proc.stderr, proc.stderr
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.suffix not in (".csv", ".txt")] == [out.name]  # no temp file left
 
 
 def test_expand_with_clashing_slugs_exits_1(capsys, tmp_path):

@@ -42,6 +42,34 @@ def test_a_damaged_row_group_makes_its_rows_invalid_and_the_others_are_planned(t
     assert all(r["status"] is None for r in rows if r not in bad)  # to draw
 
 
+def test_text_that_is_not_utf8_makes_its_row_invalid_and_the_others_are_planned(tmp_path):
+    """A `string` column holding bytes that are not UTF-8 (written by a tool that does not check) stopped the
+    run's survey and its plan tasks with a UnicodeDecodeError; now the row is invalid, naming the field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def not_utf8(values):
+        raw = pa.array(values, pa.binary())
+        return pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+
+    path = tmp_path / "m.parquet"
+    adapters = pa.ListArray.from_arrays(  # row 2: [{"name": b"\xffbrand", "scale": 1.0}]; the others null
+        pa.array([0, 0, 0, 1, 1], pa.int32()),
+        pa.StructArray.from_arrays([not_utf8([b"\xffbrand"]), pa.array([1.0])], names=["name", "scale"]),
+        mask=pa.array([True, True, False, True]))
+    pq.write_table(pa.table({"id": not_utf8([b"a", b"\xff", b"c", b"d"]),
+                             "prompt": not_utf8([b"a mug", b"a vase", b"a lamp", b"a \xfecup"]),
+                             "adapters": adapters}), path, row_group_size=2)
+    found = survey([str(path)])
+    assert found.total == 4 and dict(found.id_counts) == {"a": 1, "c": 1, "d": 1} and found.adapter_names == set()
+    rows = [r for part in found.parts for r in plan_part(part, state())]
+    assert [(r["row"], r["id"], r["status"]) for r in rows] == [
+        (0, "a", None), (1, None, "invalid"), (2, "c", "invalid"), (3, "d", "invalid")]
+    assert rows[1]["error"].startswith(f"{path} row 1: `id` is not UTF-8 text (bytes b'\\xff'); write the")
+    assert rows[2]["error"].startswith(f"{path} row 2 (`c`): `adapters` is not UTF-8 text; write the")
+    assert rows[3]["error"].startswith(f"{path} row 3 (`d`): `prompt` is not UTF-8 text (bytes b'a \\xfecup')")
+
+
 def test_a_manifest_whose_ids_cannot_be_read_stops_the_run_naming_the_file(tmp_path):
     path = write_damaged_manifest(tmp_path / "m.parquet", damaged_group=2, column="id")
     with pytest.raises(DamagedManifest, match=rf"^{path} cannot be read \(ArrowInvalid: .*write it again"):

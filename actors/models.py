@@ -366,13 +366,26 @@ def export_preset(name: str, directory: str) -> None:
         raise ModelError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     if not directory.strip():
         raise ModelError("the folder to export into must not be empty: give a new folder, e.g. models/tiny")
-    target = Path(directory)
+    if "://" in directory or "::" in directory:  # Path() took s3://b/m for a local s3:/b/m and said it was written
+        raise ModelError(f"{directory}: model export writes a local folder; export into one, then copy it to the "
+                         "store (`aws s3 sync DIR s3://...`, `gcloud storage cp -r DIR gs://...`)")
+    target = Path(directory).expanduser()
     if target.exists() and not target.is_dir():
         raise ModelError(f"{directory} is a file; give a new or empty folder to export {name} into")
     if target.is_dir() and any(target.iterdir()):  # a fine-tune's output, say: never overwritten
         raise ModelError(f"{directory} is not empty; export {name} into a new or empty folder (nothing there "
                          "was changed)")
-    pipe = build_preset(name)
-    pipe.save_pretrained(directory, safe_serialization=True)
-    d = PRESETS[name]["defaults"]
-    Path(directory, "sdfleet.json").write_text(json.dumps({"preset": name, **d}, indent=2) + "\n")
+    # Written into a hidden folder beside it, then renamed: a failed or interrupted export leaves no folder that
+    # loads as a model (one without its sdfleet.json took SD 2.1's defaults) and none the rerun calls not empty.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        build_preset(name).save_pretrained(staging, safe_serialization=True)
+        d = PRESETS[name]["defaults"]
+        (staging / "sdfleet.json").write_text(json.dumps({"preset": name, **d}, indent=2) + "\n")
+        if target.is_dir():
+            target.rmdir()  # empty, checked above
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

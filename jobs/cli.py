@@ -558,7 +558,7 @@ def cmd_model_export(args) -> int:
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
     export_preset(args.preset, args.directory)
-    log(f"wrote preset {args.preset} to {os.path.abspath(args.directory)}")
+    log(f"wrote preset {args.preset} to {os.path.abspath(os.path.expanduser(args.directory))}")
     return EXIT_OK
 
 

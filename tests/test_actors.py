@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -127,6 +128,36 @@ def test_model_export_never_writes_over_a_folder_that_holds_something(tmp_path, 
     assert main(["model", "export", "tiny", str(tmp_path / "new")]) == 0
     out, err = capfd.readouterr()
     assert (out + err).strip().splitlines() == [f"[sdfleet] wrote preset tiny to {tmp_path / 'new'}"], out + err
+
+
+def test_an_export_that_stops_midway_leaves_nothing_and_a_uri_or_home_is_what_it_says(tmp_path, monkeypatch):
+    """Ctrl-C while the weights were written left a half folder: the rerun called it not empty, and one without
+    its sdfleet.json loaded with SD 2.1's defaults. `s3://b/m` was written to a local `s3:/b/m`, and `~/m` to a
+    folder named `~`."""
+    import actors.models as models
+
+    built = models.build_preset("tiny")
+
+    class Stops:  # writes the first component, then the user presses Ctrl-C
+        def save_pretrained(self, directory, **kwargs):
+            built.vae.save_pretrained(Path(directory) / "vae", safe_serialization=True)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "build_preset", lambda name: Stops())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        export_preset("tiny", "models/tiny")
+    assert list((tmp_path / "models").iterdir()) == []  # no folder, no hidden leftover
+    monkeypatch.setattr(models, "build_preset", lambda name: built)
+    export_preset("tiny", "models/tiny")  # the rerun is not refused
+    assert (tmp_path / "models" / "tiny" / "sdfleet.json").exists() and len(list((tmp_path / "models").iterdir())) == 1
+    for uri in ("s3://bucket/models/tiny", "file:///tmp/x", "simplecache::s3://b/m"):
+        with pytest.raises(ModelError, match=r"model export writes a local folder; export into one, then copy it"):
+            export_preset("tiny", uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    export_preset("tiny", "~/m")
+    assert (tmp_path / "home" / "m" / "model_index.json").exists() and not (tmp_path / "~").exists()
 
 
 def test_exported_preset_loads_from_a_directory_with_the_same_pixels(tiny, tmp_path):

@@ -518,7 +518,11 @@ def cmd_finetune(args) -> int:
 def cmd_dataset_build(args) -> int:
     from jobs.console import log
     from jobs.dataset import build_dataset
+    from manifests.dataset import DatasetError
+    from manifests.stores import gone_at_exit_reason, process_local
 
+    if process_local(args.out):  # it would be said written, and be gone with this process
+        raise DatasetError(gone_at_exit_reason("-o", args.out, "the dataset"))
     summary = build_dataset(args.images, args.out, captions=args.captions, resolution=args.resolution,
                             min_size=args.min_size, log=log)
     log(f"wrote {summary['rows']} samples at {summary['resolution']} px to {args.out}; "

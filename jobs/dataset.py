@@ -35,7 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
-from manifests.schema import first_few
+from manifests.schema import error_line, first_few
 from manifests.stores import require_bucket, tree_files, url_to_fs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
@@ -68,9 +68,12 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     require_bucket(out_fs, out_root, "-o", out, DatasetError)
     _check_out(out_fs, out_root, out)
     fs, root = url_to_fs(images_dir)
-    if not fs.isdir(root):
+    try:
+        found = tree_files(fs, root) if fs.isdir(root) else None
+    except Exception as exc:  # noqa: BLE001 - credentials refused, a server that does not answer
+        raise DatasetError(f"IMAGES_DIR {images_dir} cannot be read ({error_line(exc)})") from exc
+    if found is None:
         raise DatasetError(f"IMAGES_DIR {images_dir} is not a folder")
-    found = tree_files(fs, root)
     images = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
         raise DatasetError(f"IMAGES_DIR {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -197,10 +200,23 @@ def _caption_table(cfs, path: str, label: str) -> dict[str, str]:
         raise DatasetError(f"--captions {label} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
                            "save it as UTF-8 (in a spreadsheet: CSV UTF-8)") from exc
     if path.lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
-            raise DatasetError(f"--captions {label}: a CSV needs the columns file,caption; it has {reader.fieldnames}")
-        records = list(reader)
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+        records, ended = [], 0  # the line the last record ended on
+        try:
+            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+                raise DatasetError(f"--captions {label}: a CSV needs the columns file,caption; it has "
+                                   f"{reader.fieldnames}")
+            ended = reader.line_num
+            for record in reader:
+                started, ended = ended + 1, reader.line_num
+                if ended > started:  # a stray quote took in the lines after it: their images left uncaptioned
+                    raise DatasetError(f"--captions {label} line {started}: a value runs on over {ended - started + 1} "
+                                       "lines; an opening quote is not closed, or a caption holds a line break "
+                                       "(keep each caption on one line)")
+                records.append(record)
+        except csv.Error as exc:
+            raise DatasetError(f"--captions {label} line {ended + 1}: {exc}: a stray or unclosed double quote (quote "
+                               "a whole value, and double each quote inside one)") from exc
     elif path.lower().endswith((".jsonl", ".json")):
         records = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -212,6 +228,10 @@ def _caption_table(cfs, path: str, label: str) -> dict[str, str]:
                 raise DatasetError(f"--captions {label} line {n}: not JSON ({exc.msg})") from exc
             if not isinstance(record, dict) or "file" not in record or "caption" not in record:
                 raise DatasetError(f"--captions {label} line {n}: needs {{\"file\": ..., \"caption\": ...}}")
+            wrong = [key for key in ("file", "caption") if not isinstance(record[key], str)]
+            if wrong:  # str() of a list or an object was trained on as the caption
+                raise DatasetError(f"--captions {label} line {n}: `{wrong[0]}` must be text, got "
+                                   f"{type(record[wrong[0]]).__name__} {record[wrong[0]]!r:.80}")
             records.append(record)
     else:
         raise DatasetError(f"--captions {label}: expected a folder, a .csv or a .jsonl file")

@@ -52,11 +52,27 @@ def describe_error(exc: BaseException) -> str | None:
     for kind, hint in hints.items():
         if isinstance(exc, kind):
             return f"{exc}" + (f" ({hint})" if hint else "")
-    store = _store_unavailable(exc)
+    store = _store_unavailable(exc) or _store_refused(exc)
     if store:
         return store
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return str(exc)
+    return None
+
+
+# The client libraries behind fsspec's stores: an error of theirs that no call site put in words is the store
+# refusing (credentials) or not answering, not a bug of sdfleet's.
+STORE_LIBRARIES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "adlfs", "azure"}
+
+
+def _store_refused(exc: BaseException) -> str | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__module__.split(".")[0] in STORE_LIBRARIES:
+            return (f"a store refused or did not answer: {error_line(exc)} (check the URIs given, and the store's "
+                    "credentials in the environment)")
+        exc = exc.__cause__  # raised `from` one of theirs (s3fs turns botocore's errors into OSErrors)
     return None
 
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
 from manifests.ledger import atomic_write
-from manifests.stores import gone_at_exit_reason, process_local, read_parquet, url_to_fs
+from manifests.stores import gone_at_exit_reason, process_local, require_bucket, url_to_fs
 
 
 class ExpandError(ValueError):
@@ -58,24 +58,34 @@ def load_list(uri: str, column: str) -> ListRows:
     """Rows of a CSV, TSV, Parquet or plain-text list (one `column` value per line; lines starting with `# `
     are comments). Text is UTF-8 (with or without a byte-order mark) or UTF-16 with one."""
     fs, path = url_to_fs(uri)
-    if not fs.exists(path):
-        raise ExpandError(f"{uri} does not exist")
-    if fs.isdir(path):
-        raise ExpandError(f"{uri} is a folder; give the list's file")
     suffix = posixpath.splitext(posixpath.basename(path))[1].lower()
     kind = LIST_TYPES.get(suffix)
-    if kind is None:
-        raise ExpandError(f"{uri}: a list is read from .csv, .tsv, .parquet or plain text (.txt, or no suffix: one "
-                          f"`{column}` per line), not {suffix} (a spreadsheet saves CSV as 'CSV UTF-8')")
+    try:
+        if not fs.exists(path):
+            raise ExpandError(f"{uri} does not exist")
+        if fs.isdir(path):
+            raise ExpandError(f"{uri} is a folder; give the list's file")
+        if kind is None:
+            raise ExpandError(f"{uri}: a list is read from .csv, .tsv, .parquet or plain text (.txt, or no suffix: "
+                              f"one `{column}` per line), not {suffix} (a spreadsheet saves CSV as 'CSV UTF-8')")
+        data = fs.cat_file(path)
+    except ExpandError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
+        raise ExpandError(f"--{column}s {uri} cannot be read ({error_line(exc)})") from exc
     if kind == "parquet":
-        table = read_parquet(fs, path)
+        try:
+            table = pq.read_table(pa.BufferReader(data), use_threads=False)
+        except (pa.ArrowException, OSError) as exc:
+            raise ExpandError(f"{uri} is not a readable Parquet file ({error_line(exc)}); write it again as Parquet, "
+                              "or give the list as CSV") from exc
         # text read as bytes and decoded by _decoded, so a value that is not UTF-8 is named, not a traceback
         table = pa.table([column.cast(_AS_BYTES[column.type]) if column.type in _AS_BYTES else column
                           for column in table.columns], names=table.column_names)
         rows = ListRows([{k: _decoded(v, uri, f"row {i}", k) for k, v in row.items()}
                          for i, row in enumerate(table.to_pylist())], [f"row {i}" for i in range(table.num_rows)])
     else:
-        text = _text(fs.cat_file(path), uri)
+        text = _text(data, uri)
         rows = _read_text_table(text, uri, kind) if kind != "text" else _read_lines(text, column)
     if not rows:
         raise ExpandError(f"{uri} holds no rows")
@@ -115,21 +125,34 @@ def _decoded(value: Any, uri: str, where: str, column: str) -> Any:
 
 def _read_text_table(text: str, uri: str, kind: str) -> ListRows:
     """The rows of a CSV or TSV: the first line names the columns; blank lines are skipped."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",")
-    header = next(reader, [])
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",", strict=True)
     lines = []
     values = []
-    for fields in reader:
-        if not any(f.strip() for f in fields):
-            continue
-        lines.append(f"line {reader.line_num}")
+    ended = 0  # the line the last record ended on
+    try:
+        header = next(reader, [])
+        ended = reader.line_num
+        for fields in reader:
+            started, ended = ended + 1, reader.line_num
+            if not any(f.strip() for f in fields):
+                continue
+            lines.append(f"line {started}")
+            broken = next((f for f in fields if "\n" in f or "\r" in f), None)
+            if broken is not None:  # a stray quote takes in the lines after it: products lost without a word
+                raise ExpandError(f"{uri} {lines[-1]}: a value runs on over {ended - started + 1} lines "
+                                  f"({quoted(broken, 80)}); an opening quote is not closed, or a value holds a "
+                                  "line break (a prompt cannot)")
+            values.append(fields)
+    except csv.Error as exc:
+        raise ExpandError(f"{uri} line {ended + 1}: {exc}: a stray or unclosed double quote (quote a whole value, "
+                          "and double each quote inside one)") from exc
+    for fields, line in zip(values, lines):
         if len(fields) > len(header):  # an unquoted comma cut a value
-            raise ExpandError(f"{uri} {lines[-1]} has more fields than the header, {fields[len(header):]!r} left "
+            raise ExpandError(f"{uri} {line} has more fields than the header, {fields[len(header):]!r} left "
                               "over; quote values that contain commas")
         if len(fields) < len(header):
-            raise ExpandError(f"{uri} {lines[-1]} has {len(fields)} field(s) where the header names {len(header)}; "
+            raise ExpandError(f"{uri} {line} has {len(fields)} field(s) where the header names {len(header)}; "
                               f"it has no {', '.join(f'`{h}`' for h in header[len(fields):])}")
-        values.append(fields)
     keep = []
     for index, name in enumerate(header):
         if name.strip():
@@ -209,9 +232,16 @@ def check_output(uri: str, force: bool = False) -> None:
     if process_local(uri):
         raise ExpandError(gone_at_exit_reason("-o", uri, "the manifest"))
     fs, path = url_to_fs(uri)
-    if fs.isdir(path):
+    try:
+        require_bucket(fs, path, "-o", uri, ExpandError)  # s3fs and gcsfs would make a bucket named by a typo
+        folder, there = fs.isdir(path), fs.exists(path)
+    except ExpandError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
+        raise ExpandError(f"-o {uri} cannot be reached ({error_line(exc)})") from exc
+    if folder:
         raise ExpandError(f"-o {uri} is a folder; give a .parquet file to write")
-    if fs.exists(path) and not force:
+    if there and not force:
         raise ExpandError(f"-o {uri} already exists; pass --force to overwrite it, or give another path")
 
 

@@ -315,6 +315,68 @@ def test_dataset_build_reads_captions_from_a_csv(tmp_path):
     assert sorted(pq.read_table(tmp_path / "data").column("caption").to_pylist()) == ["a blue vase", "a red mug"]
 
 
+@pytest.mark.parametrize("name, text, said", [
+    # a stray quote took in every line after it as one caption: three images left uncaptioned without a word
+    ("captions.csv", 'file,caption\n00000.png,"a red mug\n00001.png,a blue vase\n00002.png,a lamp\n',
+     "line 2: unexpected end of data: a stray or unclosed double quote"),
+    ("captions.csv", 'file,caption\n00000.png,a mug\n00001.png,"a blue\n00002.png,a" vase\n',
+     "line 3: ',' expected after '\"': a stray or unclosed double quote"),
+    ("captions.csv", 'file,caption\n00000.png,"a red mug\n00001.png,a blue vase"\n00002.png,a lamp\n',
+     "line 2: a value runs on over 2 lines; an opening quote is not closed, or a caption holds a line break"),
+    # str() of an object was trained on as the caption
+    ("captions.jsonl", '{"file": "00000.png", "caption": "a mug"}\n{"file": "00001.png", "caption": {"en": "a vase"}}\n',
+     "line 2: `caption` must be text, got dict {'en': 'a vase'}"),
+])
+def test_dataset_build_refuses_a_captions_file_that_would_lose_or_garble_captions(tmp_path, capsys, name, text, said):
+    from jobs.cli import main
+
+    images = tmp_path / "images"
+    write_images(images, 3, size=128)
+    for txt in images.glob("*.txt"):
+        txt.unlink()
+    (tmp_path / name).write_text(text)
+    assert main(["dataset", "build", str(images), "--captions", str(tmp_path / name), "-o", str(tmp_path / "data"),
+                 "--resolution", "128"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"sdfleet: error: --captions {tmp_path / name} {said}" + (
+        " (keep each caption on one line)" if "runs on" in said else
+        " (quote a whole value, and double each quote inside one)" if "quote" in said else ""), err
+    assert not (tmp_path / "data").exists()
+
+
+def test_dataset_build_into_memory_or_from_a_store_that_refuses_is_one_line(tmp_path, capsys, monkeypatch):
+    """`-o memory://ds` said it wrote the dataset, which was gone when the command ended; a store that refuses
+    (no credentials) or does not answer was a botocore or aiohttp traceback."""
+    from botocore.exceptions import NoCredentialsError
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.registry import _registry
+
+    from jobs.cli import main
+
+    class Refusing(MemoryFileSystem):  # a bucket these credentials cannot read
+        protocol = "refusing"
+
+        def _refuse(self, *args, **kwargs):
+            raise NoCredentialsError()
+
+        ls = info = exists = isdir = isfile = cat_file = find = _refuse
+
+    monkeypatch.setitem(_registry, "refusing", Refusing)
+    images = tmp_path / "images"
+    write_images(images, 1, size=128)
+    cases = {("-o", "memory://ds"): "-o memory://ds: memory:// lives in this process only, and the dataset would "
+                                    "be gone when it ends",
+             ("images", "refusing://bucket/images"): "IMAGES_DIR refusing://bucket/images cannot be read "
+                                                     "(NoCredentialsError: Unable to locate credentials)",
+             ("-o", "refusing://bucket/data"): "a store refused or did not answer: NoCredentialsError: Unable to "
+                                               "locate credentials (check the URIs given"}
+    for (what, uri), said in cases.items():
+        source, out = (uri, str(tmp_path / "data")) if what == "images" else (str(images), uri)
+        assert main(["dataset", "build", source, "-o", out, "--resolution", "128"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"sdfleet: error: {said}") and len(err.strip().splitlines()) == 1, err
+
+
 def test_dataset_build_searches_linked_folders_once_each(tmp_path):
     shoot = tmp_path / "shoot-2"  # kept elsewhere, linked into the folder given
     write_images(shoot, 2, size=128)

@@ -424,6 +424,50 @@ def test_expand_force_that_cannot_write_keeps_the_manifest_it_would_replace(tmp_
     assert [p.name for p in tmp_path.iterdir() if p.suffix not in (".csv", ".txt")] == [out.name]  # no temp file left
 
 
+@pytest.mark.parametrize("text, said", [
+    # the stray quote took in the lines after it: one product with a three-line name, two lost without a word
+    ('sku,product\nmug-1,"a 12 inch mug\nbottle-2,a green bottle\nhat-3,a red hat\n',
+     "line 2: unexpected end of data: a stray or unclosed double quote (quote a whole value, and double each quote "
+     "inside one)"),
+    ('sku,product\nmug-1,a mug\nbottle-2,"a green\nhat-3,a red" hat\n',
+     "line 3: ',' expected after '\"': a stray or unclosed double quote"),
+    ('sku,product\nmug-1,"a 12 inch mug\nbottle-2,a green bottle"\nhat-3,a red hat\n',
+     "line 2: a value runs on over 2 lines ('a 12 inch mug\\nbottle-2,a green bottle'); an opening quote is not "
+     "closed, or a value holds a line break (a prompt cannot)"),
+])
+def test_expand_refuses_a_products_csv_whose_quotes_would_swallow_lines(capsys, tmp_path, text, said):
+    products = tmp_path / "products.csv"
+    products.write_text(text)
+    code, _, err = expand_cli(capsys, "--template", "{product}", "--products", products, "-o", tmp_path / "m.parquet")
+    assert code == 1 and err.startswith(f"sdfleet: error: {products} {said}"), err
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_expand_from_or_to_a_store_that_refuses_is_one_line(capsys, tmp_path, monkeypatch, catalogue):
+    """No credentials for the bucket: a botocore traceback, for --products and for -o."""
+    from botocore.exceptions import NoCredentialsError
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.registry import _registry
+
+    class Refusing(MemoryFileSystem):
+        protocol = "refusing"
+
+        def _refuse(self, *args, **kwargs):
+            raise NoCredentialsError()
+
+        ls = info = exists = isdir = isfile = cat_file = _refuse
+
+    monkeypatch.setitem(_registry, "refusing", Refusing)
+    products, _ = catalogue
+    code, _, err = expand_cli(capsys, "--template", "{product}", "--products", "refusing://b/p.csv",
+                              "-o", tmp_path / "m.parquet")
+    assert (code, err.strip()) == (1, "sdfleet: error: --products refusing://b/p.csv cannot be read "
+                                      "(NoCredentialsError: Unable to locate credentials)")
+    code, _, err = expand_cli(capsys, "--template", "{product}", "--products", products, "-o", "refusing://b/m.parquet")
+    assert (code, err.strip()) == (1, "sdfleet: error: -o refusing://b/m.parquet cannot be reached "
+                                      "(NoCredentialsError: Unable to locate credentials)")
+
+
 def test_expand_with_clashing_slugs_exits_1(capsys, tmp_path):
     products = tmp_path / "products.txt"
     products.write_text("Red Mug\nred mug!\n")

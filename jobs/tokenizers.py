@@ -21,7 +21,15 @@ def tokenizer_lookup(infos: dict):
         if info.kind == "directory" and folder.is_dir():
             from transformers import CLIPTokenizer
 
-            return CLIPTokenizer.from_pretrained(folder)
+            from actors.models import ModelError
+            from manifests.schema import error_line
+
+            try:
+                return CLIPTokenizer.from_pretrained(folder)
+            except Exception as exc:  # noqa: BLE001 - damaged JSON, a missing vocabulary: many kinds
+                raise ModelError(f"model {name}={info.ref}: its tokenizer ({folder}) does not load "
+                                 f"({error_line(exc)}); the model would not load either: export or copy it "
+                                 "again") from exc
         return load_tokenizer(TOKENIZER_DIR)
 
     return lookup

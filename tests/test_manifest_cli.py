@@ -277,6 +277,21 @@ def test_validate_of_a_manifest_whose_ids_cannot_be_read_is_one_line(capsys, tmp
     assert "Traceback" not in err
 
 
+def test_a_model_whose_tokenizer_does_not_load_is_one_line(capsys, tmp_path):
+    """validate counts prompt tokens with a local model's own tokenizer: a damaged one was a JSONDecodeError
+    traceback."""
+    from actors.models import export_preset
+
+    export_preset("tiny", str(tmp_path / "mine"))
+    (tmp_path / "mine" / "tokenizer" / "tokenizer.json").write_text("{garbage")
+    capsys.readouterr()  # the export's own progress bar
+    code, lines, err = validate(capsys, write(tmp_path / "m.parquet", [good("a", model="mine")]),
+                                "--model", f"mine={tmp_path / 'mine'}")
+    assert code == 1 and lines == []
+    assert err.startswith(f"sdfleet: error: model mine={tmp_path / 'mine'}: its tokenizer ({tmp_path / 'mine'}"
+                          "/tokenizer) does not load (JSONDecodeError: ") and len(err.strip().splitlines()) == 1, err
+
+
 def test_memory_uri_manifest_validates(capsys):
     fs = fsspec.filesystem("memory")
     folder = f"/cli-{uuid.uuid4().hex[:8]}"

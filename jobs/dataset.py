@@ -262,6 +262,9 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            unknown = _unknown_scale(im)
+            if unknown:
+                return Skipped(name, unknown)
             im = _upright_rgb(im)
     except Image.DecompressionBombError as exc:
         return Skipped(name, f"too large to decode safely ({exc}); downscale it first")
@@ -274,6 +277,20 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return {"file": name, "caption": caption, "image": buf.getvalue(), "width": resolution, "height": resolution}
+
+
+def _unknown_scale(im: Image.Image) -> str | None:
+    """Why an image's pixel values cannot be read as brightness, or None. A 32-bit integer image is taken as
+    16-bit data (what Pillow opens 16-bit PNGs as); one whose values all fit in 8 bits, or go past 16, and a
+    floating-point one, have no scale to go by: each was trained on as a black or near-black sample."""
+    if im.mode == "F":
+        return "a floating-point image: its brightness scale is not known; save it as 8- or 16-bit"
+    if im.mode == "I":
+        low, high = im.getextrema()
+        if low < 0 or high > 65535 or high < 256:
+            return (f"32-bit integer pixels from {low} to {high}: not 16-bit data, and no other scale is known; save it "
+                    "as 8- or 16-bit")
+    return None
 
 
 def _upright_rgb(im: Image.Image) -> Image.Image:

@@ -225,6 +225,9 @@ def test_dataset_build_stores_each_image_as_it_is_seen_and_says_what_it_leaves_o
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
     Image.fromarray(upright).rotate(90, expand=True).save(folder / "portrait.jpg", quality=95, exif=exif)
     Image.fromarray(np.full((72, 72), 32768, np.uint16)).save(folder / "grey16.png")
+    # no scale to read these by: each was trained on as a black or near-black sample
+    Image.fromarray(noise(72, 5)[..., 0].astype(np.int32), "I").save(folder / "int32.tif")
+    Image.fromarray(noise(72, 6)[..., 0].astype(np.float32) / 255, "F").save(folder / "float.tif")
     keyed = np.zeros((72, 72, 3), np.uint8)
     keyed[:, :36] = (255, 0, 0)  # the key colour: transparent
     keyed[:, 36:] = (0, 0, 200)
@@ -233,7 +236,7 @@ def test_dataset_build_stores_each_image_as_it_is_seen_and_says_what_it_leaves_o
     Image.fromarray(noise(72, 4)).save(folder / "latin.png")
     (folder / "logo.svg").write_text("<svg/>")
     (folder / "README.md").write_text("shots from the spring catalogue")
-    for stem in ("portrait", "grey16", "keyed"):
+    for stem in ("portrait", "grey16", "keyed", "int32", "float"):
         (folder / f"{stem}.txt").write_bytes("a product, café".encode("utf-8-sig"))
     (folder / "scan.txt").write_bytes("a scan, café".encode("utf-16"))
     (folder / "latin.txt").write_bytes("un caf\xe9".encode("latin-1"))
@@ -242,7 +245,9 @@ def test_dataset_build_stores_each_image_as_it_is_seen_and_says_what_it_leaves_o
     assert code == 2, err  # written, with files skipped
     summary = json.loads((tmp_path / "data" / "_dataset.json").read_text())
     reasons = {s["file"]: s["reason"] for s in summary["skipped"]}
-    assert reasons.keys() == {"latin.png", "logo.svg"}, reasons
+    assert reasons.keys() == {"latin.png", "logo.svg", "int32.tif", "float.tif"}, reasons
+    assert reasons["int32.tif"].startswith("32-bit integer pixels from ") and "save it as 8- or 16-bit" in reasons["int32.tif"]
+    assert reasons["float.tif"] == "a floating-point image: its brightness scale is not known; save it as 8- or 16-bit"
     assert reasons["latin.png"] == f"caption {folder}/latin.txt is not UTF-8 text (byte 6 is 0xe9); save it as UTF-8"
     assert reasons["logo.svg"].startswith("not an image type this reads (.png, ")
     rows = {r["file"]: r for r in pq.read_table(tmp_path / "data").to_pylist()}

@@ -437,7 +437,8 @@ def cmd_watermark_verify(args) -> int:
     for uri in args.images:
         status, message = _verify_one(uri, args.payload, wm)
         counts[status] += 1
-        print(f"{status}  {uri}: {message}", flush=True)
+        name = uri if uri.isprintable() else uri.encode("unicode_escape").decode("ascii")  # a newline or an
+        print(f"{status}  {name}: {message}", flush=True)  # escape code in a name would forge or hide lines
     if len(args.images) > 1:
         log(f"{len(args.images)} image(s): {counts['ok']} ok, {counts['MISSING']} without the mark, "
             f"{counts['OTHER']} with another payload, {counts['ERROR']} could not be checked")

@@ -74,6 +74,8 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         raise DatasetError(f"IMAGES_DIR {images_dir} cannot be read ({error_line(exc)})") from exc
     if found is None:
         raise DatasetError(f"IMAGES_DIR {images_dir} is not a folder")
+    if type(out_fs) is type(fs):  # -o inside IMAGES_DIR: a rebuild would skip its own parts as "not an image"
+        found = [p for p in found if not p.startswith(out_root + "/")]
     images = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
         raise DatasetError(f"IMAGES_DIR {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")

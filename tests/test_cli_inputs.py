@@ -50,6 +50,16 @@ def build(capsys, images, *extra) -> tuple[int, str, str]:
     return run(capsys, "dataset", "build", images, "--resolution", "64", *extra)
 
 
+def test_dataset_build_into_a_folder_inside_its_images_rebuilds_without_reading_its_own_parts(capsys, images):
+    """The rebuild skipped its own part files as "not an image type" and exited 2."""
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    for _ in range(2):
+        code, _, err = build(capsys, images, "-o", images / "dataset")
+        assert code == 0 and "0 file(s) skipped" in err, err
+        assert json.loads((images / "dataset" / "_dataset.json").read_text())["rows"] == 2
+
+
 def test_dataset_build_refuses_an_out_that_is_a_file_and_leaves_it(capsys, tmp_path, images):
     for i in range(2):
         (images / f"{i}.txt").write_text("a mug")

@@ -42,6 +42,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".t
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
 OTHER_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".md", ".yaml", ".yml")
 ROWS_PER_PART = 500
+MAX_RESOLUTION = 2048  # the schema's largest width and height
 # The part files of a build, named by the build (UTC time and a random tag) so that a rebuild writes beside the
 # parts it replaces; builds before 2026-12-05 wrote part-NNNNN.parquet.
 BUILD_PART = re.compile(r"part-\d{8}T\d{6}-[0-9a-f]{6}-\d{5}\.parquet")
@@ -58,8 +59,11 @@ class Skipped:
 def build_dataset(images_dir: str, out: str, captions: str | None = None, resolution: int = 256,
                   min_size: int | None = None, log=print) -> dict:
     """Build the dataset; returns the summary written to OUT/_dataset.json. Raises DatasetError if nothing is usable."""
-    if resolution < 8 or resolution % 8:
-        raise DatasetError(f"--resolution must be a positive multiple of 8 (the VAE downsamples 8x); got {resolution}")
+    if resolution < 8 or resolution % 8 or resolution > MAX_RESOLUTION:
+        raise DatasetError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x) in 8..{MAX_RESOLUTION}, as "
+                           f"the generation sizes are; got {resolution}")
+    if min_size is not None and min_size < 1:
+        raise DatasetError(f"--min-size must be at least 1 px; got {min_size}")
     min_size = resolution if min_size is None else min_size
     if not out.strip():
         raise DatasetError("-o is empty; give the folder to write the dataset into (a path or URI)")

@@ -295,6 +295,11 @@ def expand(
     """Build the manifest table; `fixed` columns (steps, width, ...) are set on every row."""
     if variants < 1:
         raise ExpandError(f"--variants must be at least 1, got {variants}")
+    rows_out = len(products) * len(scenes or [None]) * variants
+    if rows_out > MAX_ROWS:  # every row is built in memory before it is written: 10^8 of them took 24 GB and died
+        raise ExpandError(f"{len(products)} product(s) x {len(scenes or [None])} scene(s) x {variants} variant(s) would "
+                          f"be {rows_out:,} rows, more than one manifest holds here ({MAX_ROWS:,}); split the products "
+                          "into several lists and expand each into its own manifest (generate reads them together)")
     fields = template_fields(template)
     check_fixed(fixed or {})
     available = set(products[0]) | (set(scenes[0]) if scenes else set())
@@ -353,6 +358,9 @@ def _origin(products_source: str, products: list, scenes_source: str, scenes: li
     said = f"{products_source} {_where(products, p)}"
     return f"{said} with {scenes_source} {_where(scenes, s)}" if scenes else said
 
+
+# The most rows one expand writes: its rows are held in memory as they are built (~1 KB each).
+MAX_ROWS = 5_000_000
 
 # Rows per row group of a written manifest: a row group is the most a plan task reads, so pyarrow's default (a
 # million rows) made a million-row catalogue one task of ~90 s; row groups of this size plan in parallel.

@@ -50,6 +50,16 @@ def build(capsys, images, *extra) -> tuple[int, str, str]:
     return run(capsys, "dataset", "build", images, "--resolution", "64", *extra)
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--resolution", "40000"], "--resolution must be a multiple of 8 (the VAE downsamples 8x) in 8..2048, as the "
+                                "generation sizes are; got 40000"),  # a MemoryError traceback
+    (["--resolution", "64", "--min-size", "-5"], "--min-size must be at least 1 px; got -5"),  # taken as it was
+])
+def test_dataset_build_refuses_sizes_out_of_range(capsys, tmp_path, images, flags, said):
+    code, _, err = run(capsys, "dataset", "build", images, *flags, "-o", tmp_path / "data")
+    assert code == 1 and err.strip() == f"sdfleet: error: {said}", err
+
+
 def test_dataset_build_into_a_folder_inside_its_images_rebuilds_without_reading_its_own_parts(capsys, images):
     """The rebuild skipped its own part files as "not an image type" and exited 2."""
     for i in range(2):

@@ -483,6 +483,17 @@ def test_expand_from_or_to_a_store_that_refuses_is_one_line(capsys, tmp_path, mo
                                       "(NoCredentialsError: Unable to locate credentials)")
 
 
+def test_expand_past_what_one_manifest_holds_is_refused_before_building_it(capsys, tmp_path, catalogue):
+    """--variants 100000000 built every row in memory until the kernel killed it (24 GB, no word said)."""
+    products, scenes = catalogue
+    code, _, err = expand_cli(capsys, "--template", "{product}, {scene}", "--products", products, "--scenes", scenes,
+                              "--variants", "100000000", "-o", tmp_path / "m.parquet")
+    assert code == 1 and err.strip() == (
+        "sdfleet: error: 3 product(s) x 2 scene(s) x 100000000 variant(s) would be 600,000,000 rows, more than one "
+        "manifest holds here (5,000,000); split the products into several lists and expand each into its own "
+        "manifest (generate reads them together)")
+
+
 def test_expand_with_clashing_slugs_exits_1(capsys, tmp_path):
     products = tmp_path / "products.txt"
     products.write_text("Red Mug\nred mug!\n")

@@ -52,7 +52,8 @@ def check_manifests(
             yield "error", (f"{where}: `id` appears in {id_counts[parsed.id]} rows; "
                             f"ids must be unique across the run's manifests")
         if tokenizer_for is not None:
-            warning = overflow(parsed.model, parsed.prompt)
+            warning = (overflow(parsed.model, parsed.prompt) if len(parsed.prompt) <= 1024 else  # the cache keeps
+                       prompt_overflow(tokenizer_for(parsed.model), parsed.prompt))  # what it is given
             if warning:
                 yield "warning", f"{where}: {warning}"
 

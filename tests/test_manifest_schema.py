@@ -371,6 +371,27 @@ def test_long_prompt_warning_names_the_cut_off_words(tokenizer):
     assert warning.count("marble") < 15  # only the cut-off part is quoted, not the whole prompt
 
 
+def test_a_huge_prompt_is_read_only_as_far_as_the_window_needs(tokenizer):
+    """A 10 MB prompt was tokenized whole (16 s and 1.8 GB in `validate`, per row): the warning needs only its start."""
+
+    class Counting:  # the tokenizer, noting how much text it is given
+        model_max_length, seen = tokenizer.model_max_length, []
+
+        def __call__(self, text, **kwargs):
+            self.seen.append(len(text))
+            return tokenizer(text, **kwargs)
+
+        def decode(self, ids):
+            return tokenizer.decode(ids)
+
+    counting = Counting()
+    prompt = "a red mug on a marble table, " * 100_000  # 2.9 million characters
+    warning = prompt_overflow(counting, prompt)
+    assert counting.seen == [8_192]
+    assert warning.startswith("prompt is 2,900,000 characters, over ") and "CLIP tokens, over the 77 the model" in warning
+    assert "more characters)" in warning  # the cut-off words quoted, bounded
+
+
 def test_the_window_is_77_tokens_with_start_and_end(tokenizer):
     assert len(tokenizer("red", add_special_tokens=False).input_ids) == 1
     assert prompt_overflow(tokenizer, " ".join(["red"] * 75)) is None  # 75 + start + end = 77

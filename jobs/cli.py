@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         message = describe_error(exc)
         if message is None:
             raise
-        print(f"sdfleet: error: {message}", file=sys.stderr)
+        from jobs.console import without_passwords
+
+        print(f"sdfleet: error: {without_passwords(message)}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -368,6 +370,7 @@ def cmd_manifest(args) -> int:
 def _validate(args) -> int:
     from actors.models import describe_model
     from actors.presets import PRESETS
+    from jobs.console import without_passwords
     from jobs.tokenizers import tokenizer_lookup
     from manifests.reader import expand_manifest_paths, plan_parts, unreadable_files
     from manifests.validate import check_manifests
@@ -390,7 +393,7 @@ def _validate(args) -> int:
                                          watermark_sizes=None if args.no_watermark else sizes):
         errors += kind == "error"
         warnings += kind == "warning"
-        print(f"{kind}: {message}")
+        print(without_passwords(f"{kind}: {message}"))
     total = sum(part.num_rows for part in plan_parts(uris))  # from footers: the ids were read once already
     files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "")
     print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s)")
@@ -421,7 +424,7 @@ def cmd_watermark_verify(args) -> int:
     """One line per image on stdout: ok, MISSING (no mark), OTHER (a mark with another payload) or ERROR (the file
     cannot be checked); every image is checked, and the exit is 1 unless all are ok."""
     from actors import watermark as wm
-    from jobs.console import log
+    from jobs.console import log, without_passwords
 
     from manifests.schema import watermark_payload_problem
 
@@ -437,8 +440,9 @@ def cmd_watermark_verify(args) -> int:
     for uri in args.images:
         status, message = _verify_one(uri, args.payload, wm)
         counts[status] += 1
-        name = uri if uri.isprintable() else uri.encode("unicode_escape").decode("ascii")  # a newline or an
-        print(f"{status}  {name}: {message}", flush=True)  # escape code in a name would forge or hide lines
+        # a newline or an escape code in a name would forge or hide lines
+        name = uri if uri.isprintable() else uri.encode("unicode_escape").decode("ascii")
+        print(without_passwords(f"{status}  {name}: {message}"), flush=True)
     if len(args.images) > 1:
         log(f"{len(args.images)} image(s): {counts['ok']} ok, {counts['MISSING']} without the mark, "
             f"{counts['OTHER']} with another payload, {counts['ERROR']} could not be checked")

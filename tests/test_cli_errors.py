@@ -375,3 +375,19 @@ def test_addresses_ray_cannot_run_a_job_on_are_refused_at_once(capsys, tmp_path,
         assert code == 1 and said in err.splitlines()[-1] and "Traceback" not in err
     finally:
         server.shutdown()
+
+
+def test_a_password_in_a_uri_is_never_printed(capsys):
+    """`https://user:secret@host/...` was echoed whole by every error and progress line naming the URI: secrets
+    belong in the environment, and these lines end up in CI logs."""
+    from jobs.console import log, without_passwords
+
+    assert without_passwords("s3://b/k and https://ann:hunter2@h:8/m.parquet, ftp://bo:pw@x/y") == \
+        "s3://b/k and https://ann:***@h:8/m.parquet, ftp://bo:***@x/y"
+    assert without_passwords("mail ann@example.com, http://ann@host/x") == "mail ann@example.com, http://ann@host/x"
+    uri = "http://ann:hunter2@127.0.0.1:9/m.parquet"  # nothing listens on port 9
+    assert main(["manifest", "validate", uri]) == 1
+    assert main(["watermark", "verify", uri.replace("m.parquet", "a.png")]) == 1
+    log(f"reading {uri}")
+    out, err = capsys.readouterr()
+    assert "hunter2" not in out + err and "http://ann:***@127.0.0.1:9/" in err and "ann:***@" in out, out + err

@@ -274,7 +274,9 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
             im = _upright_rgb(im)
     except Image.DecompressionBombError as exc:
         return Skipped(name, f"too large to decode safely ({exc}); downscale it first")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError:  # its message names only the in-memory buffer it was read from
+        return Skipped(name, "corrupt (cannot decode: not an image Pillow recognises)")
+    except (OSError, ValueError) as exc:
         return Skipped(name, f"corrupt (cannot decode: {exc})")
     w, h = im.size
     if min(w, h) < min_size:

@@ -7,12 +7,13 @@ a subprocess, since pyarrow loads a JVM for it if the machine has one."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
-from helpers import rows, sdfleet, write_manifest
+from helpers import REPO, rows, sdfleet, write_manifest
 from jobs.cli import main
 from test_report import make_output
 
@@ -391,3 +392,28 @@ def test_a_password_in_a_uri_is_never_printed(capsys):
     log(f"reading {uri}")
     out, err = capsys.readouterr()
     assert "hunter2" not in out + err and "http://ann:***@127.0.0.1:9/" in err and "ann:***@" in out, out + err
+
+
+def test_a_store_librarys_log_records_stay_off_the_terminal_of_a_short_command(tmp_path):
+    """gcsfs logs each retry with its traceback: with no handler configured Python's last-resort handler printed
+    them, 158 lines for one unreachable gs:// image under `watermark verify`, which says each failure itself."""
+    script = """
+import logging, sys
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import register_implementation
+
+class Noisy(MemoryFileSystem):
+    protocol = "noisy"
+
+    def isdir(self, path):
+        logging.getLogger("gcsfs").error("retrying after a connection error\\nTraceback (most recent call last): ...")
+        raise ConnectionError("no route to host")
+
+register_implementation("noisy", Noisy)
+from jobs.cli import main
+sys.exit(main(["watermark", "verify", "noisy://bucket/a.png"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout.strip() == "ERROR  noisy://bucket/a.png: cannot be read (ConnectionError: no route to host)"
+    assert proc.stderr == "", proc.stderr

@@ -296,8 +296,8 @@ def _unknown_scale(im: Image.Image) -> str | None:
     if im.mode == "I":
         low, high = im.getextrema()
         if low < 0 or high > 65535 or high < 256:
-            return (f"32-bit integer pixels from {low} to {high}: not 16-bit data, and no other scale is known; save it "
-                    "as 8- or 16-bit")
+            return (f"32-bit integer pixels from {low} to {high}: not 16-bit data, and no other scale is known; "
+                    "save it as 8- or 16-bit")
     return None
 
 

@@ -126,7 +126,7 @@ def _open_parquet(uri: str) -> pq.ParquetFile:
     if twice:  # read by name, one of the two would be lost without a word
         pf.close(force=True)
         raise BadManifestFile(f"{uri} has more than one column named {', '.join(map(repr, twice))}; "
-                            "a manifest's column names must be unique")
+                              "a manifest's column names must be unique")
     return pf
 
 

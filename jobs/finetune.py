@@ -86,8 +86,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
         "validation_prompts": cfg.validation_prompts or _default_validation_prompts(cfg)})
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = run_record(cfg, base.fingerprint, class_data)
-    _check_same_run(fs, root, record, cfg)
-    if not fs.exists(f"{root}/finetune.json"):  # from here on --out is this fine-tune's: a rerun may use it
+    if _starts_afresh(fs, root, record, cfg):  # from here on --out is this fine-tune's: a rerun may use it
         _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
     with _status_on_the_way_out(fs, root, record, cfg):
         result = _draw_and_train(cfg, train, base, fs, root, record, rows, resolution)
@@ -368,11 +367,24 @@ def _note_upscaling(data: str, resolution: int) -> None:
             f"--resolution {built}")
 
 
-def _check_same_run(fs, root: str, record: dict, cfg: TrainConfig) -> None:
+def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
+    """Whether this fine-tune starts --out afresh: True where --out holds none, or one that failed before its
+    first checkpoint (a refusal after finetune.json was written, such as --gpu on a machine without one, must
+    not hold the corrected command to the flags it gave); False where it resumes the one there. A different
+    fine-tune there is refused."""
     path = f"{root}/finetune.json"
     if not fs.exists(path):
-        return
-    before = json.loads(fs.cat_file(path))
+        return True
+    try:
+        before = json.loads(fs.cat_file(path))
+    except ValueError as exc:
+        before = exc
+    if not isinstance(before, dict):  # damaged, or written by something else
+        raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds a finetune.json that is not a fine-tune's record "
+                            f"({one_line(before) if isinstance(before, Exception) else type(before).__name__}): move "
+                            "it aside to resume from the checkpoints there, or use a new --out")
+    if before.get("status") == "failed" and not _has_checkpoint(fs, root):
+        return True
     if "class_prompt" in before:  # written before --class-prompt could repeat: one prompt or none
         legacy = before.pop("class_prompt")
         before["class_prompts"] = [legacy] if legacy else None
@@ -391,6 +403,17 @@ def _check_same_run(fs, root: str, record: dict, cfg: TrainConfig) -> None:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds a fine-tune with other settings "
                             f"({'; '.join(changed)}); resuming it would train the rest of it differently: use its "
                             "flags to resume it, or a new --out")
+    return False
+
+
+def _has_checkpoint(fs, root: str) -> bool:
+    """Whether Ray Train has written anything of a checkpoint under --out/checkpoints (its folders and its
+    snapshot file are all named checkpoint_*)."""
+    try:
+        names = [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(f"{root}/checkpoints", detail=False)]
+    except FileNotFoundError:
+        return False
+    return any(name.startswith("checkpoint_") for name in names)
 
 
 def _captions(uri: str):
@@ -454,7 +477,7 @@ def draw_class_images(cfg: TrainConfig, fs, root: str, resolution: int) -> int:
     ids = [f"class-{i:05d}" for i in range(cfg.class_images)]
     prompts = [cfg.class_prompts[i % len(cfg.class_prompts)] for i in range(len(ids))]
     manifest = pa.table({"id": ids, "prompt": prompts,
-                         "seed": [cfg.seed * 1_000_003 + i for i in range(len(ids))],
+                         "seed": [(cfg.seed * 1_000_003 + i) % 2**63 for i in range(len(ids))],  # a row's range
                          "width": [resolution] * len(ids), "height": [resolution] * len(ids)})
     with fs.open(f"{folder}/manifest.parquet", "wb") as f:
         pq.write_table(manifest, f)

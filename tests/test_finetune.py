@@ -505,7 +505,7 @@ def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_fl
 
     from actors.train.config import TrainConfig
     from jobs.errors import FinetuneError
-    from jobs.finetune import _check_same_run, _write_json, run_record
+    from jobs.finetune import _starts_afresh, _write_json, run_record
 
     fs, root = fsspec.core.url_to_fs(str(tmp_path / "lora"))
     fs.makedirs(root)
@@ -514,10 +514,50 @@ def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_fl
     again = first.model_copy(update={"steps": 4, "lr": 1e-2, "alpha": 64.0})
     with pytest.raises(FinetuneError, match=r"other settings \(--steps 2 there, 4 now; --lr the default there, 0.01 now; "
                                             r"--alpha the default there, 64.0 now\); resuming it would train"):
-        _check_same_run(fs, root, run_record(again, "fp", None), again)
+        _starts_afresh(fs, root, run_record(again, "fp", None), again)
     moved = first.model_copy(update={"gradient_checkpointing": True, "checkpoint_every": 1, "max_failures": 0,
                                      "validation_prompts": ["a red star"]})
-    _check_same_run(fs, root, run_record(moved, "fp", None), moved)  # no error
+    assert _starts_afresh(fs, root, run_record(moved, "fp", None), moved) is False  # resumes it
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_the_next_to_its_flags(tmp_path):
+    """--gpu on a machine without one failed after finetune.json was written, and the corrected command was then
+    refused as 'a fine-tune with other settings (--gpu True there, False now)', with nothing there to resume."""
+    import fsspec
+
+    from actors.train.config import TrainConfig
+    from jobs.errors import FinetuneError
+    from jobs.finetune import _starts_afresh, _write_json, run_record
+
+    fs, root = fsspec.core.url_to_fs(str(tmp_path / "lora"))
+    fs.makedirs(root)
+    first = TrainConfig(method="lora", data="d", base="tiny", out=root, steps=2, gpu=True)
+    _write_json(fs, f"{root}/finetune.json", {**run_record(first, "fp", None), "status": "failed",
+                                              "config": first.model_dump()})
+    fixed = first.model_copy(update={"gpu": False})
+    assert _starts_afresh(fs, root, run_record(fixed, "fp", None), fixed) is True
+    fs.makedirs(f"{root}/checkpoints/checkpoint_2026-12-06_10-00-00.000000")  # it had trained: held to its flags
+    with pytest.raises(FinetuneError, match=r"other settings \(--gpu True there, False now\)"):
+        _starts_afresh(fs, root, run_record(fixed, "fp", None), fixed)
+    for damaged in ("{not json", "[]"):  # were a JSONDecodeError and an AttributeError traceback
+        (tmp_path / "lora" / "finetune.json").write_text(damaged)
+        with pytest.raises(FinetuneError, match=r"holds a finetune.json that is not a fine-tune's record \((JSON|list)"):
+            _starts_afresh(fs, root, run_record(fixed, "fp", None), fixed)
+
+
+def test_a_seed_past_what_torch_takes_is_refused_and_a_large_one_trains():
+    """--seed 2147483647 passed the config, then failed in every worker (torch's seed overflowed)."""
+    from pydantic import ValidationError
+
+    from actors.train.config import TrainConfig
+    from actors.train.data import step_generator
+
+    for bad in (-1, 2**63):
+        with pytest.raises(ValidationError, match="seed"):
+            TrainConfig(method="lora", data="d", base="tiny", out="o", seed=bad)
+    big = TrainConfig(method="lora", data="d", base="tiny", out="o", seed=2**63 - 1).seed
+    assert step_generator(big, 5, 0, 1).initial_seed() != step_generator(big, 6, 0, 1).initial_seed()
+    assert step_generator(2147483647, 1, 0, 0).initial_seed() == ((2147483647 * 1_000_003 + 1) * 1_009 * 1_013) % 2**64
 
 
 def test_a_dataset_built_smaller_than_the_training_size_is_said(dataset, capsys):
@@ -744,7 +784,7 @@ def test_a_run_recorded_before_class_prompt_repeated_still_resumes(legacy, now, 
     import fsspec
 
     from actors.train.config import TrainConfig
-    from jobs.finetune import FinetuneError, _check_same_run, run_record
+    from jobs.finetune import FinetuneError, _starts_afresh, run_record
 
     cfg = TrainConfig(method="dreambooth" if now else "lora", data=str(tmp_path), base="tiny", out=str(tmp_path),
                       class_prompts=now)
@@ -753,10 +793,10 @@ def test_a_run_recorded_before_class_prompt_repeated_still_resumes(legacy, now, 
     (tmp_path / "finetune.json").write_text(json.dumps(before))
     fs = fsspec.filesystem("file")
     if resumes:
-        _check_same_run(fs, str(tmp_path), record, cfg)
+        _starts_afresh(fs, str(tmp_path), record, cfg)
     else:
         with pytest.raises(FinetuneError, match="class_prompts: \\['a mug'\\] there"):
-            _check_same_run(fs, str(tmp_path), record, cfg)
+            _starts_afresh(fs, str(tmp_path), record, cfg)
 
 
 def test_a_class_image_left_from_another_prompt_is_not_trained_on(tmp_path, capsys):

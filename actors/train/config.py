@@ -34,7 +34,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
     grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
     resolution: int | None = Field(default=None, description="training size in px (default: the base model's)")
-    seed: int = Field(default=0, description="seed for the data order, noise and timesteps")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="seed for the data order, noise and timesteps "
+                      "(0 <= seed < 2**63, as a manifest row's)")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up steps before the cosine decay")
     checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints")
     log_every: int = Field(default=10, ge=1, description="steps between progress lines")

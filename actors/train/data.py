@@ -22,14 +22,20 @@ def sample_indices(n: int, seed: int, step: int, micro: int, grad_accum: int, wo
     for position in range(start, start + batch_size):
         epoch, offset = divmod(position, n)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(seed * 100_003 + epoch)))
         indices.append(int(orders[epoch][offset]))
     return indices
 
 
+def seed_of(value: int) -> int:
+    """`value` as the 64 bits torch seeds with: the value itself wherever torch took it (it keeps a seed's low 64
+    bits), and no longer an overflow for a large --seed (2147483647 failed in every worker)."""
+    return value % 2**64
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """The generator for one micro-step's noise and timesteps on one worker."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank)
+    return torch.Generator().manual_seed(seed_of(((seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + rank))
 
 
 def random_crops(pixels: torch.Tensor, size: int, generator: torch.Generator, candidates: int = 1,

@@ -228,11 +228,14 @@ def main(argv: list[str] | None = None) -> int:
 
         from jobs.generate import STOPPED_HINT
 
-        what = {"generate": STOPPED_HINT,
-                "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
-                            "resume from the newest"}.get(args.command, "nothing more was done")
+        from jobs.console import without_passwords
+
+        what = without_passwords({
+            "generate": STOPPED_HINT,
+            "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
+                        "resume from the newest"}.get(args.command, "nothing more was done"))
         if cluster_lost():  # the watch interrupted the command (cluster.connect.watch_cluster)
-            print(f"sdfleet: error: {cluster_lost()}; {what}", file=sys.stderr)
+            print(f"sdfleet: error: {without_passwords(cluster_lost())}; {what}", file=sys.stderr)
             return EXIT_ERROR
         if stopped_by_sigterm():  # the handler's KeyboardInterrupt (cluster.connect._stop_on_sigterm)
             print(f"sdfleet: stopped by SIGTERM; {what}", file=sys.stderr)
@@ -541,13 +544,15 @@ def cmd_dataset_build(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from jobs.console import without_passwords
     from jobs.evaluate import evaluate, report
 
     summary = evaluate(args.manifests, args.out)
+    out = without_passwords(args.out.rstrip("/"))
     if not summary["scored"]:
         print(f"sdfleet eval: error: nothing to score: {summary['not_scored']} row(s) name no colour/shape/background "
               f"(or have an id generate refuses), {summary['missing_images']} have no readable image under "
-              f"{args.out}/images and {summary['images_of_another_prompt']} an image drawn for another prompt",
+              f"{out}/images and {summary['images_of_another_prompt']} an image drawn for another prompt",
               file=sys.stderr)
         return EXIT_ERROR
     print(report(summary))
@@ -555,9 +560,9 @@ def cmd_eval(args) -> int:
         print(f"not scored: {summary['images_of_another_prompt']} image(s) drawn for another prompt than the "
               "manifest's (rows invalid or failed since; rerun generate)")
     if "not_written" in summary:
-        print(f"sdfleet eval: error: {summary['not_written']}", file=sys.stderr)
+        print(f"sdfleet eval: error: {without_passwords(summary['not_written'])}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"wrote {args.out.rstrip('/')}/eval.json")
+    print(f"wrote {out}/eval.json")
     return EXIT_OK
 
 

@@ -29,7 +29,7 @@ from actors.models import describe_model
 from actors.train.config import TrainConfig
 from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
                              local_gpu_shortfall, watch_cluster)
-from jobs.console import command_log, leave, log
+from jobs.console import command_log, leave, log, without_passwords
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
@@ -105,7 +105,7 @@ def _give_up(fs, root: str, record: dict, cfg: TrainConfig, reason: str) -> None
     record the failure, say why and end it here (cluster.connect.watch_cluster)."""
     error = f"{reason}; checkpoints are in {cfg.out}/checkpoints, rerun the same command to resume from the newest"
     _record_failure(fs, root, record, cfg, error)
-    print(f"sdfleet: error: {error}", file=sys.stderr)
+    print(f"sdfleet: error: {without_passwords(error)}", file=sys.stderr)
     leave(1)
 
 

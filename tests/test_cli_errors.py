@@ -378,7 +378,7 @@ def test_addresses_ray_cannot_run_a_job_on_are_refused_at_once(capsys, tmp_path,
         server.shutdown()
 
 
-def test_a_password_in_a_uri_is_never_printed(capsys):
+def test_a_password_in_a_uri_is_never_printed(capsys, monkeypatch):
     """`https://user:secret@host/...` was echoed whole by every error and progress line naming the URI: secrets
     belong in the environment, and these lines end up in CI logs."""
     from jobs.console import log, without_passwords
@@ -392,6 +392,14 @@ def test_a_password_in_a_uri_is_never_printed(capsys):
     log(f"reading {uri}")
     out, err = capsys.readouterr()
     assert "hunter2" not in out + err and "http://ann:***@127.0.0.1:9/" in err and "ann:***@" in out, out + err
+
+    def pressed(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("jobs.cli.cmd_finetune", pressed)  # Ctrl-C: the line says where the checkpoints are
+    assert main(["finetune", "lora", "--data", "d", "--base", "tiny", "--out", "https://ann:hunter2@h/tunes/a"]) == 130
+    assert capsys.readouterr().err.strip() == ("sdfleet: interrupted; checkpoints are in https://ann:***@h/tunes/a/"
+                                               "checkpoints, rerun the same command to resume from the newest")
 
 
 def test_a_store_librarys_log_records_stay_off_the_terminal_of_a_short_command(tmp_path):

@@ -90,7 +90,14 @@ def describe_model(name: str, ref: str) -> ModelInfo:
             raise ModelError(f"model {name}={ref} cannot be read ({error_line(exc)})") from exc
     path = Path(ref.removeprefix("file://")).expanduser()
     if path.is_dir():
-        return _describe_folder(name, ref, path)
+        try:
+            return _describe_folder(name, ref, path)
+        except ModelError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:  # a config that is not JSON,
+            # or JSON of another shape (a list, a unet config without sample_size)
+            raise ModelError(f"model {name}={ref}: its configs cannot be read ({error_line(exc)}): a damaged or "
+                             "half-copied model folder; export or copy it again") from exc
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         raise ModelError(f"model {name}={ref}: a single file, not a diffusers directory; a checkpoint converts once "
                          "with diffusers' StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR) "

@@ -160,6 +160,19 @@ def test_an_export_that_stops_midway_leaves_nothing_and_a_uri_or_home_is_what_it
     assert (tmp_path / "home" / "m" / "model_index.json").exists() and not (tmp_path / "~").exists()
 
 
+@pytest.mark.parametrize("file, text, said", [("model_index.json", "{not json", "JSONDecodeError"),
+                                             ("model_index.json", "[]", "AttributeError"),
+                                             ("unet/config.json", "", "JSONDecodeError"),
+                                             ("unet/config.json", '{"in_channels": 4}', "KeyError: 'sample_size'")])
+def test_a_model_folder_with_a_damaged_config_is_a_model_error(tmp_path, file, text, said):
+    """`--model`/`--base` given a folder whose configs are damaged: a JSONDecodeError or AttributeError traceback."""
+    export_preset("tiny", str(tmp_path / "m"))
+    (tmp_path / "m" / file).write_text(text)
+    with pytest.raises(ModelError, match=rf"^model mine=.*/m: its configs cannot be read \({said}.*: a damaged or "
+                                         r"half-copied model folder; export or copy it again$"):
+        describe_model("mine", str(tmp_path / "m"))
+
+
 def test_exported_preset_loads_from_a_directory_with_the_same_pixels(tiny, tmp_path):
     export_preset("tiny", str(tmp_path / "tiny"))
     files = {p.suffix for p in (tmp_path / "tiny").rglob("*") if p.is_file()}

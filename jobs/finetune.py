@@ -66,6 +66,10 @@ def run_finetune(cfg: TrainConfig) -> dict:
         raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
     _check_out_is_ours(fs, root, cfg)
     resolution = cfg.resolution or base.width
+    if cfg.crop >= resolution:  # the crops would be the whole image: trained on whole images without a word
+        whose = "" if cfg.resolution else " (the base model's)"
+        raise FinetuneError(f"--crop {cfg.crop} is not below the training size, {resolution} px{whose}; give a "
+                            "smaller --crop, or leave it out to train on whole images")
     _note_upscaling(cfg.data, resolution)
     if cfg.warmup_steps >= cfg.steps:
         log(f"note: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning rate never "

@@ -74,6 +74,13 @@ def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSy
     return fs, files
 
 
+# What each required column holds, as `dataset build` writes it.
+COLUMN_KINDS = {
+    "caption": ("text", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+    "image": ("encoded image bytes (binary)", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+}
+
+
 def check_dataset(uri: str, flag: str = "--data") -> int:
     """Check a training dataset from its Parquet footers; returns its row count. Raises DatasetError, whose
     message names the dataset by `flag`."""
@@ -83,14 +90,19 @@ def check_dataset(uri: str, flag: str = "--data") -> int:
         try:
             with fs.open(path, "rb") as f:
                 meta = pq.ParquetFile(f)
-                names = meta.schema_arrow.names
+                schema = meta.schema_arrow
                 rows += meta.metadata.num_rows
         except Exception as exc:  # noqa: BLE001 - any unreadable footer means the same thing
             raise DatasetError(f"{flag} {uri}: {path} is not a readable Parquet file ({exc})") from exc
+        names = schema.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise DatasetError(f"{flag} {uri}: {path} has no {', '.join(repr(c) for c in missing)} column "
                                f"(it has {names}); a dataset needs {list(REQUIRED_COLUMNS)}")
+        for column, (kind, is_kind) in COLUMN_KINDS.items():  # else it fails in every worker, after Ray's start-up
+            if not is_kind(schema.field(column).type):
+                raise DatasetError(f"{flag} {uri}: {path}'s `{column}` column is {schema.field(column).type}, not "
+                                   f"{kind}; build the dataset with `sdfleet dataset build`")
     if rows == 0:
         raise DatasetError(f"{flag} {uri} is empty: 0 rows")
     return rows

@@ -424,9 +424,10 @@ def _parquet(path: Path, table: pa.Table) -> Path:
 @pytest.mark.parametrize("case", ["empty", "no-caption-column", "missing-base", "zero-workers", "missing-data",
                                   "crop-for-full", "calibrate-for-full", "lora-layers-for-full",
                                   "pixel-loss-for-full", "crop-candidates-without-crop", "infinite-lr", "pickle-base",
-                                  "out-of-other-files"])
+                                  "out-of-other-files", "number-captions", "text-images", "seed-past-torch",
+                                  "huge-resolution", "crop-past-resolution"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monkeypatch, capsys):
-    data, base, extra = str(dataset["dir"]), "tiny", []
+    data, base, extra, method = str(dataset["dir"]), "tiny", [], "full"
     if case == "empty":
         data = str(_parquet(tmp_path / "empty.parquet", pa.table({"caption": pa.array([], pa.string()),
                                                                    "image": pa.array([], pa.binary())})))
@@ -450,6 +451,19 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
         extra, expected = ["--lora-layers", "all"], "--lora-layers is for lora; full trains whole weights"
     elif case == "infinite-lr":  # the loss would go NaN and NaN checkpoints be written
         extra, expected = ["--lr", "inf"], "--lr: Input should be a finite number"
+    elif case in ("number-captions", "text-images"):  # each failed in every worker, after Ray's start-up
+        table = (pa.table({"caption": [1, 2], "image": [b"x", b"y"]}) if case == "number-captions" else
+                 pa.table({"caption": ["a mug"], "image": ["not bytes"]}))
+        data = str(_parquet(tmp_path / "typed.parquet", table))
+        expected = ("`caption` column is int64, not text" if case == "number-captions" else
+                    "`image` column is string, not encoded image bytes (binary)")
+    elif case == "seed-past-torch":
+        extra, expected = ["--seed", str(2**63)], "--seed: Input should be less than 9223372036854775808"
+    elif case == "huge-resolution":
+        extra, expected = ["--resolution", "1000000"], "--resolution must be a multiple of 8 in 64..2048"
+    elif case == "crop-past-resolution":  # trained on whole images without a word
+        method, extra = "vae", ["--crop", "512", "--resolution", "256"]
+        expected = "--crop 512 is not below the training size, 256 px; give a smaller --crop"
     elif case == "pickle-base":  # refused here, not by every worker after Ray started
         model = tmp_path / "pickled"
         (model / "unet").mkdir(parents=True)
@@ -464,7 +478,7 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     else:
         data, expected = str(tmp_path / "nowhere"), "does not exist"
     out = tmp_path / "out"
-    code, stderr = refused_before_ray(monkeypatch, capsys, "finetune", "full", "--data", data, "--base", base,
+    code, stderr = refused_before_ray(monkeypatch, capsys, "finetune", method, "--data", data, "--base", base,
                                       "--out", str(out), *extra)
     assert code == 1 and expected in stderr, stderr[-2000:]
     assert not (out / "checkpoints").exists()

@@ -143,8 +143,9 @@ class TrainConfig(BaseModel):
         for flag, uri in (("--out", self.out), ("--data", self.data), ("--class-data", self.class_data)):
             if uri and process_local(uri):  # the workers run in other processes: they would not see it
                 raise ValueError(unshared_reason(flag, uri))
-        if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
-            raise ValueError(f"--resolution must be a multiple of 8 and at least 64, got {self.resolution}")
+        if self.resolution is not None and (not 64 <= self.resolution <= 2048 or self.resolution % 8):
+            raise ValueError(f"--resolution must be a multiple of 8 in 64..2048 (as `dataset build` and the "
+                             f"generation sizes), got {self.resolution}")
         if self.crop and (self.crop % 8 or self.method != "vae"):
             raise ValueError(f"--crop is for vae and must be a multiple of 8; got {self.crop} with {self.method}")
         if self.crop_candidates > 1 and not self.crop:

@@ -31,7 +31,7 @@ from PIL import Image
 from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
 from actors.png import image_parameters
 from jobs.errors import EvalError, one_line
-from manifests.reader import Unreadable, expand_manifest_paths, iter_rows
+from manifests.reader import Unreadable, count_ids, expand_manifest_paths, iter_rows
 from manifests.schema import coerced_id, is_safe_id
 from manifests.stores import url_to_fs
 
@@ -47,7 +47,9 @@ BORDER = 6  # px of the image's edge that is taken as background
 def intended(row: dict[str, Any]) -> dict[str, str] | None:
     """The colour, shape and background a row asked for, or None if it does not say."""
     if all(isinstance(row.get(k), str) for k in ("color", "shape", "background")):
-        return {k: row[k] for k in ("color", "shape", "background")}
+        want = {k: row[k] for k in ("color", "shape", "background")}  # outside tiny's world: not a miss, unscored
+        known = want["color"] in PALETTE and want["shape"] in ALL_SHAPES and want["background"] in BACKGROUNDS
+        return want if known else None
     match = PROMPT.match(str(row.get("prompt") or "").strip())
     if match and match["color"] in PALETTE and match["shape"] in ALL_SHAPES and match["background"] in BACKGROUNDS:
         return match.groupdict()
@@ -138,10 +140,12 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     if not fs.isdir(f"{root}/images"):
         raise EvalError(f"--out {out} has no images/ folder (give the --out of a `sdfleet generate` run)")
     rows, unscored, missing, other = [], 0, 0, 0
-    for _, _, row in iter_rows(expand_manifest_paths(manifests)):
+    uris = expand_manifest_paths(manifests)
+    _, id_counts = count_ids(uris)  # rows sharing an id: generate draws none of them, so no image is theirs
+    for _, _, row in iter_rows(uris):
         want = None if isinstance(row, Unreadable) else intended(row)  # a damaged row group: nothing to score
         row_id = None if want is None else coerced_id(row.get("id"))  # as generate reads it (binary ids too)
-        if want is None or not isinstance(row_id, str) or not is_safe_id(row_id):
+        if want is None or not isinstance(row_id, str) or not is_safe_id(row_id) or id_counts[row_id] > 1:
             unscored += 1  # an id generate refuses has no image of its own to score
             continue
         path = f"{root}/images/{row_id}.png"

@@ -47,6 +47,9 @@ def test_intent_comes_from_columns_or_the_prompt_grammar():
     assert intended({"prompt": "x", "color": "blue", "shape": "circle", "background": "white"})["shape"] == "circle"
     assert intended({"prompt": "a studio photo of a mug"}) is None
     assert intended({"prompt": "a pink star on a gray background"}) is None  # not in the palette
+    # columns naming what tiny's world does not hold were scored as misses
+    assert intended({"prompt": "x", "color": "magenta", "shape": "circle", "background": "white"}) is None
+    assert intended({"prompt": "x", "color": "Red", "shape": "hexagon", "background": "white"}) is None
 
 
 def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
@@ -75,12 +78,17 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     info.add_itxt("parameters", json.dumps({"prompt": "a red star on a white background"}))
     draw_shape("red", "star", "white", 256).save(out / "images" / "changed.png", pnginfo=info)
     records.append({"id": "../run/images/ok-0", "prompt": caption(*ALL[0])})
+    # two rows sharing an id: generate draws neither (one image was scored twice); a colour out of the palette
+    records += [{"id": "twice", "prompt": caption(*ALL[1])}, {"id": "twice", "prompt": caption(*ALL[1])}]
+    draw_shape(*ALL[1], 256).save(out / "images" / "twice.png")
+    records.append({"id": "magenta", "prompt": "x", "color": "magenta", "shape": "star", "background": "white"})
+    draw_shape("red", "star", "white", 256).save(out / "images" / "magenta.png")
     manifest = write_manifest(tmp_path / "m.parquet", records)
 
     proc = sdfleet("eval", str(manifest), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "eval.json").read_text())
-    assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 2, 2)
+    assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 5, 2)
     assert summary["images_of_another_prompt"] == 1 and "1 image(s) drawn for another prompt" in proc.stdout
     assert summary["color"] == pytest.approx(12 / 14)  # the wrong colour and the noise miss
     assert summary["drawn"] == pytest.approx(13 / 14)

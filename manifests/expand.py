@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
 from manifests.ledger import atomic_write
-from manifests.stores import gone_at_exit_reason, process_local, require_bucket, url_to_fs
+from manifests.stores import gone_at_exit_reason, process_local, read_parquet, require_bucket, url_to_fs
 
 
 class ExpandError(ValueError):
@@ -68,17 +68,19 @@ def load_list(uri: str, column: str) -> ListRows:
         if kind is None:
             raise ExpandError(f"{uri}: a list is read from .csv, .tsv, .parquet or plain text (.txt, or no suffix: "
                               f"one `{column}` per line), not {suffix} (a spreadsheet saves CSV as 'CSV UTF-8')")
-        data = fs.cat_file(path)
+        if kind == "parquet":
+            try:
+                table = read_parquet(fs, path)
+            except pa.ArrowException as exc:  # ArrowInvalid: not Parquet, or cut short
+                raise ExpandError(f"{uri} is not a readable Parquet file ({error_line(exc)}); write it again as "
+                                  "Parquet, or give the list as CSV") from exc
+        else:
+            data = fs.cat_file(path)
     except ExpandError:
         raise
     except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
         raise ExpandError(f"--{column}s {uri} cannot be read ({error_line(exc)})") from exc
     if kind == "parquet":
-        try:
-            table = pq.read_table(pa.BufferReader(data), use_threads=False)
-        except (pa.ArrowException, OSError) as exc:
-            raise ExpandError(f"{uri} is not a readable Parquet file ({error_line(exc)}); write it again as Parquet, "
-                              "or give the list as CSV") from exc
         # text read as bytes and decoded by _decoded, so a value that is not UTF-8 is named, not a traceback
         table = pa.table([column.cast(_AS_BYTES[column.type]) if column.type in _AS_BYTES else column
                           for column in table.columns], names=table.column_names)

@@ -62,14 +62,16 @@ def describe_error(exc: BaseException) -> str | None:
 
 # The client libraries behind fsspec's stores: an error of theirs that no call site put in words is the store
 # refusing (credentials) or not answering, not a bug of sdfleet's.
-STORE_LIBRARIES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp", "adlfs", "azure"}
+STORE_LIBRARIES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "google.api_core", "google.cloud",
+                   "aiohttp", "adlfs", "azure")
 
 
 def _store_refused(exc: BaseException) -> str | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if type(exc).__module__.split(".")[0] in STORE_LIBRARIES:
+        module = type(exc).__module__
+        if any(module == name or module.startswith(name + ".") for name in STORE_LIBRARIES):
             return (f"a store refused or did not answer: {error_line(exc)} (check the URIs given, and the store's "
                     "credentials in the environment)")
         exc = exc.__cause__  # raised `from` one of theirs (s3fs turns botocore's errors into OSErrors)

@@ -425,3 +425,25 @@ sys.exit(main(["watermark", "verify", "noisy://bucket/a.png"]))
     assert proc.returncode == 1
     assert proc.stdout.strip() == "ERROR  noisy://bucket/a.png: cannot be read (ConnectionError: no route to host)"
     assert proc.stderr == "", proc.stderr
+
+
+def test_a_store_librarys_own_error_is_one_line_and_others_keep_their_traceback():
+    """An error of botocore, gcsfs or aiohttp that no call site worded is the store refusing or not answering;
+    an error of any other library (protobuf's, say) is a bug whose traceback must show."""
+    import aiohttp
+    from botocore.exceptions import NoCredentialsError
+    from google.protobuf.message import DecodeError
+
+    from jobs.errors import describe_error
+
+    try:
+        try:
+            raise NoCredentialsError()
+        except NoCredentialsError as cause:
+            raise OSError("s3fs could not sign the request") from cause
+    except OSError as wrapped:
+        said = describe_error(wrapped)
+    assert said == ("a store refused or did not answer: NoCredentialsError: Unable to locate credentials (check the "
+                    "URIs given, and the store's credentials in the environment)")
+    assert describe_error(aiohttp.ClientConnectionError("down")).startswith("a store refused or did not answer")
+    assert describe_error(DecodeError("truncated message")) is None

@@ -35,14 +35,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
-from manifests.schema import error_line, first_few
+from manifests.schema import MAX_SIDE, error_line, first_few
 from manifests.stores import require_bucket, tree_files, url_to_fs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
 OTHER_SUFFIXES = (".txt", ".csv", ".json", ".jsonl", ".md", ".yaml", ".yml")
 ROWS_PER_PART = 500
-MAX_RESOLUTION = 2048  # the schema's largest width and height
 # The part files of a build, named by the build (UTC time and a random tag) so that a rebuild writes beside the
 # parts it replaces; builds before 2026-12-05 wrote part-NNNNN.parquet.
 BUILD_PART = re.compile(r"part-\d{8}T\d{6}-[0-9a-f]{6}-\d{5}\.parquet")
@@ -59,8 +58,8 @@ class Skipped:
 def build_dataset(images_dir: str, out: str, captions: str | None = None, resolution: int = 256,
                   min_size: int | None = None, log=print) -> dict:
     """Build the dataset; returns the summary written to OUT/_dataset.json. Raises DatasetError if nothing is usable."""
-    if resolution < 8 or resolution % 8 or resolution > MAX_RESOLUTION:
-        raise DatasetError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x) in 8..{MAX_RESOLUTION}, as "
+    if resolution < 8 or resolution % 8 or resolution > MAX_SIDE:
+        raise DatasetError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x) in 8..{MAX_SIDE}, as "
                            f"the generation sizes are; got {resolution}")
     if min_size is not None and min_size < 1:
         raise DatasetError(f"--min-size must be at least 1 px; got {min_size}")

@@ -74,6 +74,7 @@ def watermark_payload_problem(payload: str) -> str | None:
 _ID_TYPE = TypeAdapter(str)
 # How many characters of a value an error message quotes: a 100 KB prompt must not become a 100 KB line.
 QUOTE_CHARS = 200
+MAX_SIDE = 2048  # the largest width and height a row may ask for; training sizes stop there too
 
 
 def coerced_id(value: Any) -> str | None:
@@ -163,8 +164,8 @@ class ManifestRow(BaseModel):
     seed: int | None = Field(default=None, description="0 <= seed < 2**63; default: a stable hash of id")
     steps: int | None = Field(default=None, description="denoising steps, 1..500; default: the model's")
     guidance_scale: float = Field(default=7.5, description="classifier-free guidance, finite and >= 0")
-    width: int | None = Field(default=None, description="pixels, a multiple of 8 in 64..2048; default: native")
-    height: int | None = Field(default=None, description="pixels, a multiple of 8 in 64..2048; default: native")
+    width: int | None = Field(default=None, description=f"pixels, a multiple of 8 in 64..{MAX_SIDE}; default: native")
+    height: int | None = Field(default=None, description=f"pixels, a multiple of 8 in 64..{MAX_SIDE}; default: native")
     scheduler: SchedulerName | None = Field(default=None, description="sampler; default: the model's")
     model: str = Field(default="default", description="a --model NAME or a preset")
     adapters: list[AdapterRef] = Field(default_factory=list, description="LoRA / embeddings with scales")
@@ -217,8 +218,8 @@ class ManifestRow(BaseModel):
     @field_validator("width", "height")
     @classmethod
     def _size_multiple_of_8(cls, value: int | None) -> int | None:
-        if value is not None and (value % 8 or not 64 <= value <= 2048):
-            raise ValueError("must be a multiple of 8 in 64..2048")
+        if value is not None and (value % 8 or not 64 <= value <= MAX_SIDE):
+            raise ValueError(f"must be a multiple of 8 in 64..{MAX_SIDE}")
         return value
 
     @field_validator("model")

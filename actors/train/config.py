@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from manifests.schema import MAX_SIDE
 from manifests.stores import process_local, run_path, unshared_reason
 
 DEFAULT_LR = {"full": 1e-5, "dreambooth": 5e-6, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
@@ -143,8 +144,8 @@ class TrainConfig(BaseModel):
         for flag, uri in (("--out", self.out), ("--data", self.data), ("--class-data", self.class_data)):
             if uri and process_local(uri):  # the workers run in other processes: they would not see it
                 raise ValueError(unshared_reason(flag, uri))
-        if self.resolution is not None and (not 64 <= self.resolution <= 2048 or self.resolution % 8):
-            raise ValueError(f"--resolution must be a multiple of 8 in 64..2048 (as `dataset build` and the "
+        if self.resolution is not None and (not 64 <= self.resolution <= MAX_SIDE or self.resolution % 8):
+            raise ValueError(f"--resolution must be a multiple of 8 in 64..{MAX_SIDE} (as `dataset build` and the "
                              f"generation sizes), got {self.resolution}")
         if self.crop and (self.crop % 8 or self.method != "vae"):
             raise ValueError(f"--crop is for vae and must be a multiple of 8; got {self.crop} with {self.method}")

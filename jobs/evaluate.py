@@ -45,14 +45,15 @@ BORDER = 6  # px of the image's edge that is taken as background
 
 
 def intended(row: dict[str, Any]) -> dict[str, str] | None:
-    """The colour, shape and background a row asked for, or None if it does not say."""
+    """The colour, shape and background a row asked for (its columns, else its prompt), or None if it does not
+    say or asks for something outside tiny's world (not a miss: not scored)."""
     if all(isinstance(row.get(k), str) for k in ("color", "shape", "background")):
-        want = {k: row[k] for k in ("color", "shape", "background")}  # outside tiny's world: not a miss, unscored
-        known = want["color"] in PALETTE and want["shape"] in ALL_SHAPES and want["background"] in BACKGROUNDS
-        return want if known else None
-    match = PROMPT.match(str(row.get("prompt") or "").strip())
-    if match and match["color"] in PALETTE and match["shape"] in ALL_SHAPES and match["background"] in BACKGROUNDS:
-        return match.groupdict()
+        want = {k: row[k] for k in ("color", "shape", "background")}
+    else:
+        match = PROMPT.match(str(row.get("prompt") or "").strip())
+        want = match.groupdict() if match else None
+    if want and want["color"] in PALETTE and want["shape"] in ALL_SHAPES and want["background"] in BACKGROUNDS:
+        return want
     return None
 
 

@@ -197,6 +197,8 @@ def run() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.console import without_passwords
+
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -228,8 +230,6 @@ def main(argv: list[str] | None = None) -> int:
 
         from jobs.generate import STOPPED_HINT
 
-        from jobs.console import without_passwords
-
         what = without_passwords({
             "generate": STOPPED_HINT,
             "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
@@ -248,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
         message = describe_error(exc)
         if message is None:
             raise
-        from jobs.console import without_passwords
-
         print(f"sdfleet: error: {without_passwords(message)}", file=sys.stderr)
         return EXIT_ERROR
 
@@ -393,7 +391,7 @@ def _validate(args) -> int:
     uris = expand_manifest_paths(args.manifests)
     unreadable = unreadable_files(uris)  # each named, and the rest still checked
     for message in unreadable.values():
-        print(f"error: {message}")
+        print(without_passwords(f"error: {message}"))
     errors, warnings = len(unreadable), 0
     uris = [uri for uri in uris if uri not in unreadable]
     sizes = {name: (info.width, info.height) for name, info in infos.items()}  # a row's size when it gives none

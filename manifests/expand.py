@@ -300,8 +300,9 @@ def expand(
     rows_out = len(products) * len(scenes or [None]) * variants
     if rows_out > MAX_ROWS:  # every row is built in memory before it is written: 10^8 of them took 24 GB and died
         raise ExpandError(f"{len(products)} product(s) x {len(scenes or [None])} scene(s) x {variants} variant(s) "
-                          f"would be {rows_out:,} rows, more than one manifest holds here ({MAX_ROWS:,}); split the products "
-                          "into several lists and expand each into its own manifest (generate reads them together)")
+                          f"would be {rows_out:,} rows, more than one manifest holds here ({MAX_ROWS:,}); split the "
+                          "products into several lists and expand each into its own manifest (generate reads them "
+                          "together)")
     fields = template_fields(template)
     check_fixed(fixed or {})
     available = set(products[0]) | (set(scenes[0]) if scenes else set())

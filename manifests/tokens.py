@@ -24,6 +24,7 @@ def prompt_overflow(tokenizer, prompt: str) -> str | None:
     while start > 0 and tokenizer.decode(ids[start:]).startswith("\ufffd"):  # the cut fell inside a character
         start -= 1  # (an emoji is several byte tokens): name the whole character, as far as it is cut
     cut = tokenizer.decode(ids[start:]).strip()
-    size = f"{len(ids) + 2} CLIP tokens" if read == prompt else f"{len(prompt):,} characters, over {len(ids) + 2} CLIP tokens"
+    tokens = f"{len(ids) + 2} CLIP tokens"
+    size = tokens if len(prompt) <= READ_CHARS else f"{len(prompt):,} characters, over {tokens}"
     return (f"prompt is {size}, over the {tokenizer.model_max_length} the model reads; these words are cut off: "
             f"{quoted(cut)}")

@@ -269,6 +269,23 @@ def local_gpu_shortfall(count_flag: str, wanted: int, gpus: float, cpu_instead: 
     return None
 
 
+def local_resources(num_cpus: int | None = None) -> dict[str, float] | None:
+    """What `connect` will find in a local Ray before starting one: its CPUs and the GPUs Ray detects (and
+    CUDA_VISIBLE_DEVICES leaves it), so a command can refuse what the local Ray could never place before
+    spending minutes on work that comes first. None if this Ray version cannot say."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        gpus = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+    except Exception:  # noqa: BLE001 - a private API: without it the check waits for Ray's own count
+        return None
+    if visible is not None:
+        gpus = min(gpus, len(visible))
+    return {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict[str, float]:
     """Start local Ray or join a cluster; returns the cluster's total resources.
 

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from actors.models import describe_model
 from actors.train.config import TrainConfig
 from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
-                             local_gpu_shortfall, watch_cluster)
+                             local_gpu_shortfall, local_resources, watch_cluster)
 from jobs.console import command_log, leave, log, without_passwords
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
@@ -140,6 +140,8 @@ def _draw_and_train(cfg: TrainConfig, train: TrainConfig, base, fs, root: str, r
     """The class images (DreamBooth's prior), then Ray and the training run; returns the final metrics."""
     class_data = train.class_data
     if cfg.class_prompts:  # before this run's Ray: generation starts and stops its own
+        if not cluster_address(cfg.address) and (local := local_resources()):
+            _scaling(cfg, local, train)  # workers a local Ray could never place are refused before the draw
         class_rows = draw_class_images(cfg, fs, root, resolution)
         log(f"prior preservation: {class_rows} class images of {_quoted(cfg.class_prompts)} in {class_data}")
 

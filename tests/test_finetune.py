@@ -494,6 +494,8 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("dreambooth", ["--class-prompt", "a star", "--class-prompt", "a star"], "--class-prompt 'a star' is given twice"),
     ("lora", ["--class-prompt", "a", "--class-prompt", "b", "--class-prompt", "c", "--class-images", "2"],
      "--class-images 2 is fewer than the 3 --class-prompt given, so 'c' would never be drawn"),
+    ("dreambooth", ["--class-prompt", "a star", "--class-images", "1000000000"],  # built in memory before a word
+     "--class-images: Input should be less than or equal to 100000"),
     ("textual-inversion", [], "textual-inversion needs --token"),
     ("textual-inversion", ["--token", "<gem>"], "no caption in"),  # these captions never use <gem>
     ("textual-inversion", ["--token", "<gem>", "--train-text-encoder"], "drop --train-text-encoder"),
@@ -961,6 +963,46 @@ def test_a_fine_tune_that_stops_before_training_says_failed_in_finetune_json(dat
     assert code == 1 and "--gpu: this machine has no GPU Ray can use" in err and "Traceback" not in err, err[-2000:]
     record = json.loads((out / "finetune.json").read_text())
     assert record["status"] == "failed" and record["error"].startswith("--gpu: this machine has no GPU"), record
+
+
+@pytest.mark.parametrize("flags, local, said", [
+    (["--gpu"], {"CPU": 2.0, "GPU": 0.0}, "--gpu: this machine has no GPU Ray can use"),
+    (["--gpu", "--workers", "2"], {"CPU": 8.0, "GPU": 1.0}, "--gpu: --workers 2 needs 2 GPUs (one each)"),
+    (["--workers", "4"], {"CPU": 2.0, "GPU": 0.0}, "--workers 4 needs 1 CPU(s) each; the cluster has 2"),
+])
+def test_prior_preservation_refuses_workers_a_local_ray_cannot_place_before_drawing(
+        flags, local, said, dataset, tmp_path, monkeypatch, capsys):
+    """The class images were drawn first (minutes of `generate`, or its error about --device and --actors,
+    flags the fine-tune does not have) and only then were --gpu and --workers found to be impossible."""
+    import jobs.finetune as finetune
+    from jobs.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(finetune, "local_resources", lambda num_cpus=None: dict(local))
+    monkeypatch.setattr(finetune, "draw_class_images", lambda *a, **k: pytest.fail("drew the class images first"))
+    out = tmp_path / "tune"
+    code = main(["finetune", "dreambooth", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out),
+                 "--class-prompt", "a photo of a star", *flags])
+    err = capsys.readouterr().err
+    assert code == 1 and said in err and "Traceback" not in err, err[-2000:]
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["status"] == "failed" and said in record["error"], record
+
+
+def test_local_resources_are_what_a_local_ray_finds(monkeypatch):
+    """The count the check above relies on is Ray's own: this machine's CPUs and the GPUs Ray detects."""
+    import os
+
+    from cluster.connect import connect, disconnect, local_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    predicted = local_resources()
+    assert predicted == {"CPU": float(os.cpu_count()), "GPU": predicted["GPU"]}
+    resources = connect(quiet=True)
+    try:
+        assert predicted == {"CPU": resources["CPU"], "GPU": resources.get("GPU", 0.0)}
+    finally:
+        disconnect()
 
 
 def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, tmp_path):

@@ -12,6 +12,9 @@ from manifests.stores import process_local, run_path, unshared_reason
 
 DEFAULT_LR = {"full": 1e-5, "dreambooth": 5e-6, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
 PRIOR_METHODS = ("dreambooth", "lora")  # the methods that can train with prior preservation
+# the most class images one run draws: the draw's manifest is built in the driver's memory (a billion ids alone
+# would be ~60 GB, and the driver would die without a word), and DreamBooth's prior wants hundreds
+MAX_CLASS_IMAGES = 100_000
 
 
 class TrainConfig(BaseModel):
@@ -65,8 +68,9 @@ class TrainConfig(BaseModel):
                                      "The subject's class, as a prompt (such as 'a photo of a mug'): the base model "
                                      "draws --class-images of it, and training keeps drawing them as the base did. "
                                      "Repeat it to cover the class's variety (the images take the prompts in turn)")
-    class_images: int = Field(default=100, ge=1, description="dreambooth, lora: how many class images the base "
-                              "model draws for --class-prompt (kept in --out/class-images; a rerun reuses them)")
+    class_images: int = Field(default=100, ge=1, le=MAX_CLASS_IMAGES, description="dreambooth, lora: how many class "
+                              "images the base model draws for --class-prompt (kept in --out/class-images; a rerun "
+                              f"reuses them; at most {MAX_CLASS_IMAGES:,})")
     class_data: str | None = Field(default=None, description="dreambooth, lora: a `dataset build` dataset of class "
                                    "images to use instead of drawing them with --class-prompt")
     prior_loss_weight: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="dreambooth, lora: weight of the class "

@@ -395,11 +395,13 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
         legacy = before.pop("class_prompt")
         before["class_prompts"] = [legacy] if legacy else None
     before["class_prompts"] = before.get("class_prompts") or None  # none is recorded as null, never []
+    record = _as_recorded(record)  # finetune.json holds no password: compare what it would hold
     clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "
                             "use a new --out, or the same flags to resume that one")
-    then, now = before.get("config") or {}, cfg.model_dump()  # records before 2026-12-05 lack some flags: not compared
+    then, now = before.get("config") or {}, _as_recorded(cfg.model_dump())  # records before 2026-12-05 lack some
+    # flags: those are not compared
     def shown(value) -> str:
         return "the default" if value is None else repr(value)
 
@@ -548,7 +550,14 @@ def _first_captions(uri: str, n: int) -> list[str]:
 
 
 def _write_json(fs, path: str, data: dict) -> None:
-    _write_text(fs, path, json.dumps(data, indent=2, default=str) + "\n")
+    """`data` as JSON, less any password in a URI it names (`https://user:***@host/...`): finetune.json travels
+    with the model, and secrets belong in the environment."""
+    _write_text(fs, path, without_passwords(json.dumps(data, indent=2, default=str)) + "\n")
+
+
+def _as_recorded(data: dict) -> dict:
+    """`data` as `_write_json` records it, to compare with what an earlier run recorded."""
+    return json.loads(without_passwords(json.dumps(data, default=str)))
 
 
 def _write_text(fs, path: str, text: str) -> None:

@@ -33,7 +33,7 @@ from actors.models import describe_model
 from actors.presets import PRESETS
 from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, joined_address, library_logs_to,
                              local_gpu_shortfall, size_actors, size_finishing, watch_cluster)
-from jobs.console import command_log, leave, log, ticking
+from jobs.console import command_log, leave, log, ticking, without_passwords
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder, located
@@ -469,14 +469,20 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         "ledger_parts": results.parts,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    data = (json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode()
+    write_summary(fs, root, run_id, summary)
+    return summary
+
+
+def write_summary(fs, root: str, run_id: str, summary: dict) -> None:
+    """run.json, and its copy under runs/. The manifests' and models' URIs are as given, less any password in
+    them (`https://user:***@host/...`): run.json travels with the images, and secrets belong in the environment."""
+    data = without_passwords(json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode()
     try:
         atomic_write(fs, f"{root}/runs/{run_id}.json", data)
         atomic_write(fs, f"{root}/run.json", data)
     except Exception as exc:  # the ledger holds every row already; only the summary is missing
         raise RunFailed(f"cannot write run.json to {fs.unstrip_protocol(root)}: {one_line(exc)}; every row is "
                         "in the ledger") from exc
-    return summary
 
 
 # What a stopped run leaves, and what to do: the CLI says it after Ctrl-C, SIGTERM and a lost cluster.

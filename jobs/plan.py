@@ -27,6 +27,7 @@ import pyarrow as pa
 from PIL import Image
 
 from actors.png import read_parameters_from
+from jobs.console import without_passwords
 from manifests.reader import ManifestPart, Unreadable, read_part
 from manifests.rows import WORK_SCHEMA, to_table
 from manifests.schema import coerced_id, group_key, resolve_row, row_location, too_small_for_the_mark, validate_row
@@ -140,11 +141,12 @@ def affinity(work: dict[str, Any]) -> str:
 def plan_part(part: ManifestPart, state: PlanState) -> Iterator[dict[str, Any]]:
     """Plan every row of one manifest part, in manifest order. A row of a row group that cannot be decoded
     (a damaged file) is invalid, named by its id where the id column alone still reads."""
+    source = without_passwords(part.uri)  # the ledger, run.json and the report name it; a password stays out
     for pos, raw in read_part(part):
         if isinstance(raw, Unreadable):
-            yield {"source": part.uri, "row": pos, "id": raw.id, "extra": None, "status": "invalid", "error": raw.error}
+            yield {"source": source, "row": pos, "id": raw.id, "extra": None, "status": "invalid", "error": raw.error}
         else:
-            yield plan_row(raw, source=part.uri, row=pos, state=state)
+            yield plan_row(raw, source=source, row=pos, state=state)
 
 
 PLAN_CHUNK_ROWS = 8_192  # work rows a plan task yields at a time: a part of a million rows is not held whole

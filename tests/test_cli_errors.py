@@ -402,6 +402,56 @@ def test_a_password_in_a_uri_is_never_printed(capsys, monkeypatch):
                                                "checkpoints, rerun the same command to resume from the newest")
 
 
+def test_a_password_in_a_uri_stays_out_of_the_files_a_command_writes(tmp_path, monkeypatch):
+    """run.json, the ledger's `source`, finetune.json and a dataset's summary recorded the URIs they were given
+    whole, password included, in files that travel with the images and models. A rerun of the same fine-tune
+    still resumes: what it would record is compared with what was recorded."""
+    import io
+    import json
+
+    import fsspec
+
+    import jobs.plan as plan
+    from actors.models import describe_model
+    from actors.train.config import TrainConfig
+    from jobs.dataset import build_dataset
+    from jobs.finetune import _starts_afresh, _write_json, run_record
+    from jobs.generate import write_summary
+    from manifests.reader import ManifestPart, Unreadable
+
+    uri, shown = "https://ann:hunter2@h/m.parquet", "https://ann:***@h/m.parquet"
+    monkeypatch.setattr(plan, "read_part", lambda part: iter([(0, Unreadable(id="a", error="cut short")),
+                                                             (1, {"id": "b", "prompt": "a red mug"})]))
+    state = plan.PlanState(models={"default": describe_model("default", "tiny").defaults()}, watermark="sdfleet")
+    rows = list(plan.plan_part(ManifestPart(uri=uri, row_group=0, first_row=0, num_rows=2), state))
+    assert [(r["source"], r["id"]) for r in rows] == [(shown, "a"), (shown, "b")], rows
+
+    write_summary(*fsspec.core.url_to_fs(str(tmp_path / "run")), "r1", {"manifests": [uri], "models": {}})
+    for name in ("run.json", "runs/r1.json"):
+        assert json.loads((tmp_path / "run" / name).read_text())["manifests"] == [shown]
+
+    fs, root = fsspec.core.url_to_fs(str(tmp_path / "tune"))
+    fs.makedirs(root)
+    cfg = TrainConfig(method="lora", data="https://bo:pw1234@x/data", base="tiny", out=root, steps=2)
+    _write_json(fs, f"{root}/finetune.json", {**run_record(cfg, "fp", None), "status": "running",
+                                              "config": cfg.model_dump()})
+    recorded = (tmp_path / "tune" / "finetune.json").read_text()
+    assert "pw1234" not in recorded and '"https://bo:***@x/data"' in recorded
+    assert _starts_afresh(fs, root, run_record(cfg, "fp", None), cfg) is False  # the same run: it resumes
+
+    images = "memory://ann:hunter2@h/images"  # the memory store takes the name as a path: a stand-in URI
+    for i in range(2):
+        data = io.BytesIO()
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(data, "PNG")
+        fsspec.filesystem("memory").pipe(f"{images}/{i}.png", data.getvalue())
+        fsspec.filesystem("memory").pipe(f"{images}/{i}.txt", b"a blue square")
+    try:
+        build_dataset(images, str(tmp_path / "data"), resolution=64, log=lambda line: None)
+    finally:
+        fsspec.filesystem("memory").rm(images, recursive=True)
+    assert json.loads((tmp_path / "data" / "_dataset.json").read_text())["source"] == "memory://ann:***@h/images"
+
+
 def test_a_store_librarys_log_records_stay_off_the_terminal_of_a_short_command(tmp_path):
     """gcsfs logs each retry with its traceback: with no handler configured Python's last-resort handler printed
     them, 158 lines for one unreachable gs:// image under `watermark verify`, which says each failure itself."""

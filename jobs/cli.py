@@ -465,13 +465,13 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     from actors.png import image_parameters
     from jobs.errors import one_line
     from manifests.schema import too_small_for_the_mark, watermark_payload_problem
-    from manifests.stores import url_to_fs
+    from manifests.stores import missing, url_to_fs
 
     try:
         fs, path = url_to_fs(uri)
         if fs.isdir(path):
             return "ERROR", "is a folder, not an image (give the image files, e.g. DIR/*.png)"
-        if not fs.exists(path):
+        if missing(fs, path):
             return "ERROR", "does not exist"
         if not fs.isfile(path):  # a pipe would wait forever, a device read without end
             return "ERROR", "is not a regular file (a pipe, socket or device)"

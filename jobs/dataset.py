@@ -37,7 +37,7 @@ from jobs.console import without_passwords
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 from manifests.schema import MAX_SIDE, error_line, first_few
-from manifests.stores import require_bucket, tree_files, url_to_fs
+from manifests.stores import missing, require_bucket, tree_files, url_to_fs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
@@ -191,11 +191,17 @@ def _caption_lookup(fs, root: str, captions: str | None):
     if captions is None:
         return (lambda name: from_text(fs, root, name)), []
     cfs, croot = url_to_fs(captions)
-    if cfs.isdir(croot):
-        return (lambda name: from_text(cfs, croot, name)), []
-    if not cfs.exists(croot):
-        raise DatasetError(f"--captions {captions} does not exist (give a folder of .txt files, a .csv or a .jsonl)")
-    table = _caption_table(cfs, croot, captions)
+    try:
+        if cfs.isdir(croot):
+            return (lambda name: from_text(cfs, croot, name)), []
+        if missing(cfs, croot):
+            raise DatasetError(f"--captions {captions} does not exist (give a folder of .txt files, a .csv or a "
+                               ".jsonl)")
+        table = _caption_table(cfs, croot, captions)
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - credentials refused, a server that does not answer
+        raise DatasetError(f"--captions {captions} cannot be read ({error_line(exc)})") from exc
     return (lambda name: ((table[name], None) if table.get(name) else
                           (None, f"no caption for {name!r} in {captions}"))), list(table)
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
 from manifests.ledger import atomic_write
-from manifests.stores import gone_at_exit_reason, process_local, read_parquet, require_bucket, url_to_fs
+from manifests.stores import gone_at_exit_reason, missing, process_local, read_parquet, require_bucket, url_to_fs
 
 
 class ExpandError(ValueError):
@@ -61,8 +61,8 @@ def load_list(uri: str, column: str) -> ListRows:
     suffix = posixpath.splitext(posixpath.basename(path))[1].lower()
     kind = LIST_TYPES.get(suffix)
     try:
-        if not fs.exists(path):
-            raise ExpandError(f"{uri} does not exist")
+        if missing(fs, path):
+            raise ExpandError(f"--{column}s {uri} does not exist")
         if fs.isdir(path):
             raise ExpandError(f"{uri} is a folder; give the list's file")
         if kind is None:

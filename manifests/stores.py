@@ -69,6 +69,19 @@ def is_local_fs(fs) -> bool:
 BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
 
 
+def missing(fs, path: str) -> bool:
+    """Whether the store says `path` is not there. fsspec's HTTP store answers `exists` with False when the
+    host does not answer at all (it catches the connection error), which the user was then told as "does not
+    exist": here a byte is read to ask again, so that error is raised for the caller to put in words."""
+    if fs.exists(path):
+        return False
+    try:
+        fs.cat_file(path, start=0, end=1)
+    except (FileNotFoundError, IsADirectoryError):
+        return True
+    return False  # it reads after all: the caller goes on and reads it
+
+
 def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -> None:
     """Raise `error` when `root` is on an object store whose bucket does not exist (or these credentials
     cannot see): s3fs and gcsfs create a missing bucket when a folder is made in it, so a typo in a bucket

@@ -369,10 +369,15 @@ def test_dataset_build_into_memory_or_from_a_store_that_refuses_is_one_line(tmp_
              ("images", "refusing://bucket/images"): "IMAGES_DIR refusing://bucket/images cannot be read "
                                                      "(NoCredentialsError: Unable to locate credentials)",
              ("-o", "refusing://bucket/data"): "a store refused or did not answer: NoCredentialsError: Unable to "
-                                               "locate credentials (check the URIs given"}
+                                               "locate credentials (check the URIs given",
+             ("--captions", "refusing://bucket/captions.csv"): "--captions refusing://bucket/captions.csv cannot be "
+                                                               "read (NoCredentialsError: Unable to locate credentials)"}
     for (what, uri), said in cases.items():
         source, out = (uri, str(tmp_path / "data")) if what == "images" else (str(images), uri)
-        assert main(["dataset", "build", source, "-o", out, "--resolution", "128"]) == 1
+        if what == "--captions":
+            source, out = str(images), str(tmp_path / "data")
+        extra = ["--captions", uri] if what == "--captions" else []
+        assert main(["dataset", "build", source, "-o", out, "--resolution", "128", *extra]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"sdfleet: error: {said}") and len(err.strip().splitlines()) == 1, err
 

@@ -222,8 +222,11 @@ def test_empty_plain_text_list_is_an_error(tmp_path):
 
 
 def test_missing_products_file_is_an_error(tmp_path):
-    with pytest.raises(ExpandError, match="does not exist"):
+    with pytest.raises(ExpandError, match=r"^--products \S+nope.csv does not exist$"):
         load_list(str(tmp_path / "nope.csv"), "product")
+    # fsspec's HTTP store says a host that does not answer holds no such file: it was "does not exist"
+    with pytest.raises(ExpandError, match=r"^--scenes http://127.0.0.1:9/s.csv cannot be read \(\w*Connect"):
+        load_list("http://127.0.0.1:9/s.csv", "scene")  # nothing listens on port 9
 
 
 def test_products_without_a_product_column_are_an_error(tmp_path):

@@ -16,7 +16,6 @@ stopped before the summary removes what it wrote and leaves the earlier dataset 
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
 import io
 import json
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jobs.console import without_passwords
+from manifests.csv_text import CsvProblem, csv_records
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 from manifests.schema import MAX_SIDE, error_line, first_few
@@ -213,23 +213,14 @@ def _caption_table(cfs, path: str, label: str) -> dict[str, str]:
         raise DatasetError(f"--captions {label} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
                            "save it as UTF-8 (in a spreadsheet: CSV UTF-8)") from exc
     if path.lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-        records, ended = [], 0  # the line the last record ended on
         try:
-            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
-                raise DatasetError(f"--captions {label}: a CSV needs the columns file,caption; it has "
-                                   f"{reader.fieldnames}")
-            ended = reader.line_num
-            for record in reader:
-                started, ended = ended + 1, reader.line_num
-                if ended > started:  # a stray quote took in the lines after it: their images left uncaptioned
-                    raise DatasetError(f"--captions {label} line {started}: a value runs on over {ended - started + 1} "
-                                       "lines; an opening quote is not closed, or a caption holds a line break "
-                                       "(keep each caption on one line)")
-                records.append(record)
-        except csv.Error as exc:
-            raise DatasetError(f"--captions {label} line {ended + 1}: {exc}: a stray or unclosed double quote (quote "
-                               "a whole value, and double each quote inside one)") from exc
+            header, found = csv_records(text)
+        except CsvProblem as exc:
+            hint = " (keep each caption on one line)" if "runs on" in str(exc) else ""
+            raise DatasetError(f"--captions {label} {exc}{hint}") from exc
+        if not {"file", "caption"} <= set(header):
+            raise DatasetError(f"--captions {label}: a CSV needs the columns file,caption; it has {header}")
+        records = [{**dict.fromkeys(header), **dict(zip(header, fields))} for _, fields in found]
     elif path.lower().endswith((".jsonl", ".json")):
         records = []
         for n, line in enumerate(text.splitlines(), 1):

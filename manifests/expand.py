@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import decimal
-import csv
 import functools
 import io
 import posixpath
@@ -21,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.csv_text import CsvProblem, csv_records
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
 from manifests.ledger import atomic_write
@@ -127,27 +127,13 @@ def _decoded(value: Any, uri: str, where: str, column: str) -> Any:
 
 def _read_text_table(text: str, uri: str, kind: str) -> ListRows:
     """The rows of a CSV or TSV: the first line names the columns; blank lines are skipped."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",", strict=True)
-    lines = []
-    values = []
-    ended = 0  # the line the last record ended on
     try:
-        header = next(reader, [])
-        ended = reader.line_num
-        for fields in reader:
-            started, ended = ended + 1, reader.line_num
-            if not any(f.strip() for f in fields):
-                continue
-            lines.append(f"line {started}")
-            broken = next((f for f in fields if "\n" in f or "\r" in f), None)
-            if broken is not None:  # a stray quote takes in the lines after it: products lost without a word
-                raise ExpandError(f"{uri} {lines[-1]}: a value runs on over {ended - started + 1} lines "
-                                  f"({quoted(broken, 80)}); an opening quote is not closed, or a value holds a "
-                                  "line break (a prompt cannot)")
-            values.append(fields)
-    except csv.Error as exc:
-        raise ExpandError(f"{uri} line {ended + 1}: {exc}: a stray or unclosed double quote (quote a whole value, "
-                          "and double each quote inside one)") from exc
+        header, records = csv_records(text, delimiter="\t" if kind == "tsv" else ",")
+    except CsvProblem as exc:
+        hint = " (a prompt cannot)" if "runs on" in str(exc) else ""
+        raise ExpandError(f"{uri} {exc}{hint}") from exc
+    lines = [f"line {n}" for n, _ in records]
+    values = [fields for _, fields in records]
     for fields, line in zip(values, lines):
         if len(fields) > len(header):  # an unquoted comma cut a value
             raise ExpandError(f"{uri} {line} has more fields than the header, {fields[len(header):]!r} left "

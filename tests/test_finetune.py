@@ -322,7 +322,8 @@ def test_dataset_build_reads_captions_from_a_csv(tmp_path):
     ("captions.csv", 'file,caption\n00000.png,a mug\n00001.png,"a blue\n00002.png,a" vase\n',
      "line 3: ',' expected after '\"': a stray or unclosed double quote"),
     ("captions.csv", 'file,caption\n00000.png,"a red mug\n00001.png,a blue vase"\n00002.png,a lamp\n',
-     "line 2: a value runs on over 2 lines; an opening quote is not closed, or a caption holds a line break"),
+     "line 2: a value runs on over 2 lines ('a red mug\\n00001.png,a blue vase'); an opening quote is not closed, or "
+     "a value holds a line break"),
     # str() of an object was trained on as the caption
     ("captions.jsonl", '{"file": "00000.png", "caption": "a mug"}\n{"file": "00001.png", "caption": {"en": "a vase"}}\n',
      "line 2: `caption` must be text, got dict {'en': 'a vase'}"),

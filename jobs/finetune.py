@@ -400,8 +400,8 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "
                             "use a new --out, or the same flags to resume that one")
-    then, now = before.get("config") or {}, _as_recorded(cfg.model_dump())  # records before 2026-12-05 lack some
-    # flags: those are not compared
+    # records before 2026-12-05 lack some flags: those are not compared
+    then, now = before.get("config") or {}, _as_recorded(cfg.model_dump())
     def shown(value) -> str:
         return "the default" if value is None else repr(value)
 

@@ -99,8 +99,13 @@ class Recorder:
                                 (row["adapter_swaps"] or 0, row["adapter_swap_seconds"] or 0.0))
         if row.get("backend_stats"):  # the actor's running counters: keep its newest
             stats = json.loads(row["backend_stats"])
-            if stats["calls"] >= self.backend_stats.get(actor, {"calls": -1})["calls"]:
+            before = self.backend_stats.get(actor, {"calls": -1})
+            if stats["calls"] >= before["calls"]:
                 self.backend_stats[actor] = stats
+                if stats.get("eager_fallbacks", 0) > before.get("eager_fallbacks", 0):  # said once per new one
+                    log(f"note: {actor}: torch.compile gave up on {stats['eager_fallbacks']} function(s) after "
+                        "rebuilding them for too many image or batch sizes, and draws them eagerly (correct, "
+                        "slower); fewer sizes per run, or --backend eager, avoid it")
 
     def flush(self) -> None:
         """Write what has gathered as one ledger part; a store that refuses it is one RunFailed line."""

@@ -128,3 +128,19 @@ def test_failed_rows_past_the_first_fifty_are_counted_not_printed(clock, monkeyp
     assert len(problems) == recorder.PROBLEMS_SHOWN and "(row 0)" in problems[0]
     assert sum("the first 50 failed or invalid rows are shown; the ledger has every one" in line for line in said) == 1
     assert rec.counts["failed"] == 300 and rec.parts == 1 and not rec.pending  # all 300 in the ledger part
+
+
+def test_a_compile_backend_that_gives_up_on_a_function_is_said_once(clock, monkeypatch):
+    """torch.compile drawing a function eagerly after too many sizes was said only in the actor's log file."""
+    import json
+
+    said = []
+    monkeypatch.setattr(recorder, "log", said.append)
+    rec = make_recorder(total=12, started=0.0)
+    for start, fallbacks in ((0, 0), (4, 1), (8, 1)):
+        stats = json.dumps({"calls": start, "eager_fallbacks": fallbacks})
+        rec.record([{**r, "backend_stats": stats} for r in drawn(start, 4)])
+    notes = [line for line in said if "gave up" in line]
+    assert notes == ["note: a1: torch.compile gave up on 1 function(s) after rebuilding them for too many image or "
+                     "batch sizes, and draws them eagerly (correct, slower); fewer sizes per run, or --backend eager, "
+                     "avoid it"], said

@@ -78,6 +78,21 @@ def adaptable_weights(pipe) -> dict[str, torch.Tensor]:
     return out
 
 
+# Graphs dynamo may build for one compiled function (the UNet's forward, the decoder's) before it draws that
+# function eagerly for good, saying so only in a log line. torch's default of 8 is reached by one actor
+# drawing a catalogue's mix: batch 1 and the rest, unguided rows (the UNet's batch halves), a latent side not
+# divisible by 4, a decoder guard near 20,480 latent pixels (review of 2026-12-06: 18 shapes hit it on tiny).
+RECOMPILE_LIMIT = 64
+EAGER_FALLBACK = "recompile limit exceeded"  # dynamo's `unimplemented` counter for a function given up on
+
+
+def eager_fallbacks() -> int:
+    """Functions dynamo has stopped compiling in this process because they hit the recompile limit."""
+    from torch._dynamo.utils import counters
+
+    return sum(n for reason, n in counters["unimplemented"].items() if EAGER_FALLBACK in reason.lower())
+
+
 class CompileCache:
     """torch.compile's artefacts (Inductor's generated code, AOTAutograd graphs, autotuning results) for one
     (model, settings, device, torch) in the backend cache: `<cache>/torch-compile/<key>/<sha>.bin`.
@@ -164,7 +179,9 @@ class CompileBackend(Backend):
         started = time.perf_counter()
         self.cache.load()
         self.cache_load_seconds = time.perf_counter() - started
-        self._graphs_at_start = self._graphs()
+        self._graphs_at_start, self._fallbacks_at_start = self._graphs(), eager_fallbacks()
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         options = dict(mode=None if self.settings.mode == "default" else self.settings.mode)
         pipe.unet = torch.compile(pipe.unet, **options)
         pipe.unet.register_forward_hook(self._after_call)
@@ -212,6 +229,7 @@ class CompileBackend(Backend):
         from torch._dynamo.utils import counters
 
         return {**super().stats(), "compiles": self.compiles, "mode": self.settings.mode,
+                "eager_fallbacks": eager_fallbacks() - self._fallbacks_at_start,
                 "compile_cache": {"files_loaded": self.cache.loaded, "files_saved": self.cache.saved,
                                   "load_seconds": round(self.cache_load_seconds, 3),
                                   "graph_hits": counters["inductor"]["fxgraph_cache_hit"],

@@ -122,9 +122,12 @@ class CompileCache:
                 self.loaded += 1
 
     def save(self) -> None:
-        """Write what this process compiled since its last save as one more file (torch's loader keeps, per
-        kind of artefact, only the last batch a file holds, so earlier saves must stay). A process whose
-        graphs all came from the cache writes nothing: the files it loaded already hold them."""
+        """Write what this process compiled since its last save as one more file. A process whose graphs all
+        came from the cache writes nothing: the files it loaded already hold them.
+
+        torch's saver appends each batch to everything saved before, while its loader keeps only the last
+        batch of each kind a file holds: every file is needed, and the tenth was ten times the first (91 MB
+        over 10 sizes of tiny). So what was saved is forgotten after each save, and each file holds one batch."""
         misses = self._misses()
         if misses == self._misses_saved:
             return
@@ -136,6 +139,7 @@ class CompileCache:
         self.fs.makedirs(self.folder, exist_ok=True)
         self.fs.pipe_file(f"{self.folder}/{hashlib.sha256(data).hexdigest()[:20]}.bin", data)
         self.saved += 1
+        _forget_saved_artifacts()
 
     @staticmethod
     def _misses() -> int:
@@ -143,6 +147,18 @@ class CompileCache:
         from torch._dynamo.utils import counters
 
         return counters["inductor"]["fxgraph_cache_miss"]
+
+
+def _forget_saved_artifacts() -> None:
+    """Start torch's next save afresh (its serializer and the summary of what it holds). A torch without
+    these private parts keeps appending: larger files, the same graphs."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+
+        CacheArtifactManager._serializer.clear()
+        CacheArtifactManager._cache_info.clear()
+    except (ImportError, AttributeError):
+        pass
 
 
 def compile_key(fingerprint: str, settings: CompileSettings, device: torch.device, dtype: torch.dtype) -> str:

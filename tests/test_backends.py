@@ -259,6 +259,32 @@ def onnx_backend(store):
     return make_backend("onnx", build_preset("tiny"), store, fingerprint="test-tiny")
 
 
+def test_graph_backends_keep_the_sessions_of_the_most_recently_drawn_sizes_only(monkeypatch):
+    """Each size's UNet session (onnx) or engine (tensorrt) holds its own copy of the baked-in weights: an
+    actor meeting a catalogue's sizes grew by one per size. Past MAX_SIZES the least recently drawn size
+    goes, its UNet's and its decoder's; the text encoder's stays. A size drawn again is read back from the
+    export cache, not exported again."""
+    import actors.backends.onnx as onnx
+    from actors.backends.export import MAX_SIZES, drop_old_sizes, use
+
+    sizes = [(8 * i, 8 * i) for i in range(1, MAX_SIZES + 2)]
+    loaded = {("text_encoder", None): "te"}
+    for size in sizes[:MAX_SIZES]:
+        loaded |= {("unet", size): "u", ("vae", size): "v"}
+    assert drop_old_sizes(loaded) == 0
+    use(loaded, ("unet", sizes[0]))  # the first size drawn again: now the second is the least recently used
+    loaded[("unet", sizes[MAX_SIZES])] = "u"
+    assert drop_old_sizes(loaded) == 2 and {size for _, size in loaded} == {None, sizes[0], *sizes[2:]}
+
+    backend = make_backend("onnx", build_preset("tiny"), None, fingerprint="test-sizes")  # its own cache entries
+    monkeypatch.setattr(onnx, "export_component", lambda pipe, component, path, size: path.write_bytes(b"onnx"))
+    monkeypatch.setattr(backend.ort, "InferenceSession", lambda path, options, providers: object())
+    for size in [*sizes, sizes[0]]:
+        backend.session("unet", size)
+    stats = backend.stats()
+    assert (stats["exports"], stats["sessions"], stats["sessions_dropped"]) == (MAX_SIZES + 1, MAX_SIZES, 2)
+
+
 def test_onnx_matches_eager_on_pixels_and_latents(onnx_backend, eager, reference):
     expected, sets = reference
     for name, adapters in sets.items():

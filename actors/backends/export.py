@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import tempfile
 import warnings
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,31 @@ def _fetch(fs, remote: str, folder: Path) -> None:
         pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# Image sizes whose sessions or engines a graph backend keeps loaded. Each is built for one size, and each
+# UNet one holds its own copy of the weights baked into it (all but the adaptable layers: a UNet's worth on
+# SD 2.1), so an actor meeting a catalogue's sizes grew by one copy per size (+900 MB over 7 sizes of tiny
+# on onnx, review of 2026-12-06), and tensorrt refits every engine it holds at each swap. Rows come grouped
+# by size, so a size let go is rarely wanted again soon; if it is, its export is read back from the cache.
+MAX_SIZES = 4
+
+
+def use(loaded: dict[tuple, Any], key: tuple) -> Any:
+    """`loaded[key]`, moved to the end of `loaded`: its entries stay in the order they were last used."""
+    loaded[key] = loaded.pop(key)
+    return loaded[key]
+
+
+def drop_old_sizes(loaded: dict[tuple, Any], keep: int = MAX_SIZES) -> int:
+    """Let go of every entry of `loaded` ((component, size) -> session or engine, least recently used first)
+    whose size is not among the `keep` used last; entries without a size (the text encoder) stay. Returns
+    how many went."""
+    newest_first = list(dict.fromkeys(size for _, size in reversed(loaded) if size is not None))
+    stale = [key for key in loaded if key[1] in newest_first[keep:]]
+    for key in stale:
+        del loaded[key]
+    return len(stale)
 
 
 def run_in_chunks(batched: dict[str, torch.Tensor], out: torch.Tensor, run, most: int = MAX_BATCH) -> torch.Tensor:

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from actors.backends.base import BackendError, FixedAdapters, adaptable_layers
-from actors.backends.export import NP_DTYPES, ExportCache, GraphBackend, export_component, export_key, run_in_chunks
+from actors.backends.export import (NP_DTYPES, ExportCache, GraphBackend, drop_old_sizes, export_component, export_key,
+                                    run_in_chunks, use)
 from actors.lora_map import Layers, switch_updates
 from manifests.schema import error_line
 
@@ -66,8 +67,9 @@ class OnnxBackend(GraphBackend):
         self.adapters = FixedAdapters(pipe, store, set(self.layers)) if store is not None else None
         self._set: list[tuple[Layers, float]] = []
         self._active: tuple | None = ()
-        self.sessions: dict[tuple, "ort.InferenceSession"] = {}
+        self.sessions: dict[tuple, "ort.InferenceSession"] = {}  # least recently used first
         self.exports = 0
+        self.sessions_dropped = 0
         pipe.unet.forward = self._unet
         pipe.text_encoder.forward = self._text_encoder
         pipe.vae.decode = self._decode
@@ -89,26 +91,28 @@ class OnnxBackend(GraphBackend):
 
     def session(self, component: str, size: tuple[int, int] | None):
         key = (component, size)
-        if key not in self.sessions:
-            cache_key = export_key(self.fingerprint, component, size, self.pipe.unet.dtype)
+        if key in self.sessions:
+            return use(self.sessions, key)
+        cache_key = export_key(self.fingerprint, component, size, self.pipe.unet.dtype)
 
-            def build(path: Path) -> None:
-                self.exports += 1
-                export_component(self.pipe, component, path, size)
+        def build(path: Path) -> None:
+            self.exports += 1
+            export_component(self.pipe, component, path, size)
 
-            path = self.cache.get(cache_key, build)
-            options = self.ort.SessionOptions()
-            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.intra_op_num_threads = torch.get_num_threads() if self.device.type == "cpu" else 0
-            options.log_severity_level = 3
-            providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda"
-                         else ["CPUExecutionProvider"])
-            try:
-                session = self.ort.InferenceSession(str(path), options, providers=providers)
-            except Exception as exc:  # noqa: BLE001 - a broken cache entry or a provider that is missing
-                raise BackendError(f"ONNX Runtime cannot load {path} ({error_line(exc)}); delete that "
-                                   "folder to export again") from exc
-            self.sessions[key] = on_the_device(session, self.device.type)
+        path = self.cache.get(cache_key, build)
+        options = self.ort.SessionOptions()
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads() if self.device.type == "cpu" else 0
+        options.log_severity_level = 3
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda"
+                     else ["CPUExecutionProvider"])
+        try:
+            session = self.ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - a broken cache entry or a provider that is missing
+            raise BackendError(f"ONNX Runtime cannot load {path} ({error_line(exc)}); delete that "
+                               "folder to export again") from exc
+        self.sessions[key] = on_the_device(session, self.device.type)
+        self.sessions_dropped += drop_old_sizes(self.sessions)
         return self.sessions[key]
 
     def _graph(self, component: str, size, batched: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -146,4 +150,5 @@ class OnnxBackend(GraphBackend):
         return (out,)
 
     def stats(self) -> dict:
-        return {**super().stats(), "exports": self.exports, "sessions": len(self.sessions)}
+        return {**super().stats(), "exports": self.exports, "sessions": len(self.sessions),
+                "sessions_dropped": self.sessions_dropped}

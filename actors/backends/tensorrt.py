@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from actors.backends.base import BackendError, FixedAdapters, adaptable_layers
-from actors.backends.export import MAX_BATCH, ExportCache, GraphBackend, export_component, export_key, run_in_chunks
+from actors.backends.export import (MAX_BATCH, ExportCache, GraphBackend, drop_old_sizes, export_component, export_key,
+                                    run_in_chunks, use)
 from actors.lora_map import Layers, switch_updates
 
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}
@@ -69,7 +70,7 @@ class TensorRTBackend(GraphBackend):
         self._set: list[tuple[Layers, float]] = []
         self._active: tuple | None = ()
         self.engines: dict[tuple, tuple] = {}  # (component, size) -> (engine, context, refitter or None)
-        self.builds = self.refits = 0
+        self.builds = self.refits = self.engines_dropped = 0
         pipe.unet.forward = self._unet
         pipe.vae.decode = self._decode
 
@@ -77,21 +78,23 @@ class TensorRTBackend(GraphBackend):
 
     def engine(self, component: str, size: tuple[int, int]):
         key = (component, size)
-        if key not in self.engines:
-            trt = self.trt
-            arch = "sm%d%d" % torch.cuda.get_device_capability(self.pipe.unet.device)
-            onnx_key = export_key(self.fingerprint, component, size, self.pipe.unet.dtype)
-            engine_key = f"trt-{trt.__version__}-{arch}-b{self.opt_batch}-{onnx_key}"
-            onnx_path = self.cache.get(onnx_key, lambda path: export_component(self.pipe, component, path, size))
-            plan = self.cache.get(engine_key, lambda path: self._build(component, onnx_path, path), "engine.plan")
-            runtime = trt.Runtime(self.logger)
-            engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-            if engine is None:
-                raise BackendError(f"TensorRT cannot load the cached engine {plan}; delete its folder to rebuild")
-            refitter = trt.Refitter(engine, self.logger) if component == "unet" else None
-            self.engines[key] = (engine, engine.create_execution_context(), refitter)
-            if refitter is not None and self._set:  # a new size's engine starts at W0: bring it to the set
-                self._refit(refitter, switch_updates(self._unet_base(), [], self._unet_set(self._set)))
+        if key in self.engines:
+            return use(self.engines, key)
+        trt = self.trt
+        arch = "sm%d%d" % torch.cuda.get_device_capability(self.pipe.unet.device)
+        onnx_key = export_key(self.fingerprint, component, size, self.pipe.unet.dtype)
+        engine_key = f"trt-{trt.__version__}-{arch}-b{self.opt_batch}-{onnx_key}"
+        onnx_path = self.cache.get(onnx_key, lambda path: export_component(self.pipe, component, path, size))
+        plan = self.cache.get(engine_key, lambda path: self._build(component, onnx_path, path), "engine.plan")
+        runtime = trt.Runtime(self.logger)
+        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise BackendError(f"TensorRT cannot load the cached engine {plan}; delete its folder to rebuild")
+        refitter = trt.Refitter(engine, self.logger) if component == "unet" else None
+        self.engines[key] = (engine, engine.create_execution_context(), refitter)
+        self.engines_dropped += drop_old_sizes(self.engines)  # each holds its weights and activation memory
+        if refitter is not None and self._set:  # a new size's engine starts at W0: bring it to the set
+            self._refit(refitter, switch_updates(self._unet_base(), [], self._unet_set(self._set)))
         return self.engines[key]
 
     def _build(self, component: str, onnx_path: Path, plan_path: Path) -> None:
@@ -185,4 +188,5 @@ class TensorRTBackend(GraphBackend):
         return run_in_chunks(batched, out, run, most=self.opt_batch)
 
     def stats(self) -> dict:
-        return {**super().stats(), "builds": self.builds, "refits": self.refits, "engines": len(self.engines)}
+        return {**super().stats(), "builds": self.builds, "refits": self.refits, "engines": len(self.engines),
+                "engines_dropped": self.engines_dropped}

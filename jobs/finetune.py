@@ -391,6 +391,7 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
                             "it aside to resume from the checkpoints there, or use a new --out")
     if before.get("status") == "failed" and not _has_checkpoint(fs, root):
         return True
+    before = _as_recorded(before)  # written before 2026-12-06, it may hold a URI's password: compare without
     if "class_prompt" in before:  # written before --class-prompt could repeat: one prompt or none
         legacy = before.pop("class_prompt")
         before["class_prompts"] = [legacy] if legacy else None

@@ -11,7 +11,7 @@ import os
 import time
 
 from actors import metrics
-from jobs.console import in_background, log
+from jobs.console import in_background, log, without_passwords
 from jobs.errors import RunFailed, one_line
 from manifests.ledger import write_part
 from manifests.schema import row_location
@@ -111,7 +111,7 @@ class Recorder:
         """Write what has gathered as one ledger part; a store that refuses it is one RunFailed line."""
         if self.pending:
             try:
-                write_part(self.fs, self.root, self.run_id, self.parts, self.pending)
+                write_part(self.fs, self.root, self.run_id, self.parts, [_without_passwords(r) for r in self.pending])
             except Exception as exc:  # any store error means the same here: the ledger cannot grow
                 raise RunFailed(f"cannot write the ledger to {self.fs.unstrip_protocol(self.root)}/results: "
                                 f"{one_line(exc)}; the images and ledger parts written before are kept, "
@@ -176,6 +176,15 @@ class Recorder:
         return {"total": sum(n for n, _ in self.swaps.values()),
                 "per_actor": {actor: n for actor, (n, _) in self.swaps.items()},
                 "seconds": round(sum(t for _, t in self.swaps.values()), 3)}
+
+
+LEDGER_TEXT = ("source", "error", "warning")  # ledger columns whose text may name a URI the user gave
+
+
+def _without_passwords(row: dict) -> dict:
+    """`row` with any URI password in its text columns shown as *** (a damaged manifest's error names the file,
+    an adapter's error the store): the ledger travels with the images, secrets stay in the environment."""
+    return {**row, **{k: without_passwords(row[k]) for k in LEDGER_TEXT if isinstance(row.get(k), str)}}
 
 
 def located(row: dict, message: str) -> str:

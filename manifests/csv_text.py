@@ -19,8 +19,8 @@ class CsvProblem(ValueError):
 
 def csv_records(text: str, delimiter: str = ",") -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header line's fields, and each record after it as (its line number, its fields); blank lines are
-    left out. Raises CsvProblem for a quote that is stray or never closed, and for a value that runs on over
-    several lines."""
+    left out. Raises CsvProblem for a quote that is stray or never closed, for a value that runs on over
+    several lines, and for a record with more fields than the header (an unquoted comma)."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     records: list[tuple[int, list[str]]] = []
     ended = 0  # the line the last record ended on
@@ -29,13 +29,16 @@ def csv_records(text: str, delimiter: str = ",") -> tuple[list[str], list[tuple[
         ended = reader.line_num
         for fields in reader:
             started, ended = ended + 1, reader.line_num
-            if not any(field.strip() for field in fields):
-                continue
             if ended > started:  # only a quoted value holds a line break: most often a quote left open
                 value = next((f for f in fields if "\n" in f or "\r" in f), "")
                 raise CsvProblem(f"line {started}: a value runs on over {ended - started + 1} lines "
                                  f"({quoted(value, 80)}); an opening quote is not closed, or a value holds a line "
                                  "break")
+            if not any(field.strip() for field in fields):
+                continue
+            if len(fields) > len(header):  # an unquoted comma cut a value: its end would be dropped
+                raise CsvProblem(f"line {started} has more fields than the header, {fields[len(header):]!r} left "
+                                 "over; quote values that contain commas")
             records.append((started, fields))
     except csv.Error as exc:
         raise CsvProblem(f"line {ended + 1}: {exc}: a stray or unclosed double quote (quote a whole value, and "

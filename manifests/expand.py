@@ -135,9 +135,6 @@ def _read_text_table(text: str, uri: str, kind: str) -> ListRows:
     lines = [f"line {n}" for n, _ in records]
     values = [fields for _, fields in records]
     for fields, line in zip(values, lines):
-        if len(fields) > len(header):  # an unquoted comma cut a value
-            raise ExpandError(f"{uri} {line} has more fields than the header, {fields[len(header):]!r} left "
-                              "over; quote values that contain commas")
         if len(fields) < len(header):
             raise ExpandError(f"{uri} {line} has {len(fields)} field(s) where the header names {len(header)}; "
                               f"it has no {', '.join(f'`{h}`' for h in header[len(fields):])}")

@@ -438,6 +438,20 @@ def test_a_password_in_a_uri_stays_out_of_the_files_a_command_writes(tmp_path, m
     recorded = (tmp_path / "tune" / "finetune.json").read_text()
     assert "pw1234" not in recorded and '"https://bo:***@x/data"' in recorded
     assert _starts_afresh(fs, root, run_record(cfg, "fp", None), cfg) is False  # the same run: it resumes
+    fs.makedirs(f"{root}/checkpoints/checkpoint_2026-12-05_10-00-00.000000")  # one written before, password and all
+    (tmp_path / "tune" / "finetune.json").write_text(json.dumps({**run_record(cfg, "fp", None), "status": "running",
+                                                                 "config": cfg.model_dump()}))
+    assert _starts_afresh(fs, root, run_record(cfg, "fp", None), cfg) is False  # resumes too
+
+    from helpers import ledger as ledger_of
+    from jobs.recorder import Recorder  # a damaged row group's error names the manifest file
+    ledger = Recorder(fs, str(tmp_path / "run"), "r1", total=1, started=0.0)
+    ledger.record([{**rows[0], "error": f"{uri} rows 0-49 (row group 0) cannot be read", "actor": None,
+                    "warning": f"read from {uri}", "finished_at": "2026-12-06T00:00:00+00:00"}])
+    ledger.flush()
+    (entry,) = ledger_of(tmp_path / "run")
+    assert (entry["source"], entry["error"], entry["warning"]) == (
+        shown, f"{shown} rows 0-49 (row group 0) cannot be read", f"read from {shown}"), entry
 
     images = "memory://ann:hunter2@h/images"  # the memory store takes the name as a path: a stand-in URI
     for i in range(2):

@@ -324,6 +324,9 @@ def test_dataset_build_reads_captions_from_a_csv(tmp_path):
     ("captions.csv", 'file,caption\n00000.png,"a red mug\n00001.png,a blue vase"\n00002.png,a lamp\n',
      "line 2: a value runs on over 2 lines ('a red mug\\n00001.png,a blue vase'); an opening quote is not closed, or "
      "a value holds a line break"),
+    # an unquoted comma cut the caption: trained on as 'a red mug' without a word
+    ("captions.csv", 'file,caption\n00000.png,a red mug, ceramic\n00001.png,a vase\n',
+     "line 2 has more fields than the header, [' ceramic'] left over; quote values that contain commas"),
     # str() of an object was trained on as the caption
     ("captions.jsonl", '{"file": "00000.png", "caption": "a mug"}\n{"file": "00001.png", "caption": {"en": "a vase"}}\n',
      "line 2: `caption` must be text, got dict {'en': 'a vase'}"),
@@ -341,7 +344,7 @@ def test_dataset_build_refuses_a_captions_file_that_would_lose_or_garble_caption
     err = capsys.readouterr().err
     assert err.strip() == f"sdfleet: error: --captions {tmp_path / name} {said}" + (
         " (keep each caption on one line)" if "runs on" in said else
-        " (quote a whole value, and double each quote inside one)" if "quote" in said else ""), err
+        " (quote a whole value, and double each quote inside one)" if "stray or unclosed" in said else ""), err
     assert not (tmp_path / "data").exists()
 
 

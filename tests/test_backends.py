@@ -336,22 +336,23 @@ def test_compile_matches_eager_and_ten_swaps_never_recompile(compiled, reference
     assert not any("lora" in name for name, _ in compiled.pipe.unet.named_modules()), "LoRA modules in the graph"
 
 
-def test_the_compile_backend_lifts_dynamos_recompile_limit_and_counts_functions_that_hit_it(monkeypatch):
+def test_the_compile_backend_lifts_dynamos_recompile_limit_and_counts_functions_that_hit_it():
     """torch's limit of 8 graphs per function was reached by one actor drawing a catalogue's mix of sizes and
-    batches (18 shapes on tiny), after which dynamo drew the UNet eagerly, said only in a log line."""
-    import torch._dynamo
+    batches (18 shapes on tiny), after which dynamo drew the UNet eagerly, said only in a log line. (torch's
+    own `config.patch`: pytest's monkeypatch deletes a torch config entry when it undoes.)"""
+    from torch._dynamo import config as dynamo_config
 
     from actors.backends.compile import RECOMPILE_LIMIT
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    backend = make_backend("compile", build_preset("tiny"), None)  # compiles nothing until it draws
-    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT >= 64
-    assert backend.stats()["eager_fallbacks"] == 0
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
-    for n in (1, 2, 3):  # a graph per shape: the second is past the limit of 1, and dynamo gives up on it
-        assert torch.equal(double(torch.ones(n)), torch.full((n,), 2.0))
-    assert backend.stats()["eager_fallbacks"] == 1
+    with dynamo_config.patch(recompile_limit=8):
+        backend = make_backend("compile", build_preset("tiny"), None)  # compiles nothing until it draws
+        assert dynamo_config.recompile_limit == RECOMPILE_LIMIT >= 64
+        assert backend.stats()["eager_fallbacks"] == 0
+        with dynamo_config.patch(recompile_limit=1):
+            double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+            for n in (1, 2, 3):  # a graph per shape: the second is past the limit of 1, and dynamo gives up on it
+                assert torch.equal(double(torch.ones(n)), torch.full((n,), 2.0))
+        assert backend.stats()["eager_fallbacks"] == 1
 
 
 def test_compile_swaps_are_exact_and_keep_each_original_once(compiled, store):

@@ -121,7 +121,7 @@ def test_a_run_whose_cluster_goes_away_keeps_what_came_back_and_says_why(tmp_pat
     import signal
     import tempfile
 
-    records = rows(24, steps=3)
+    records = rows(48, steps=3)  # enough that the run is still drawing after the wait below
     manifest = write_manifest(tmp_path / "m.parquet", records)
     out = tmp_path / "out"
     ray_dir = Path(tempfile.mkdtemp(prefix="sdf-"))  # Ray's socket paths under pytest's tmp_path pass 107 bytes
@@ -135,6 +135,9 @@ def test_a_run_whose_cluster_goes_away_keeps_what_came_back_and_says_why(tmp_pat
         while time.time() < deadline and len(list((out / "images").glob("*.png"))) < 8:
             assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
             time.sleep(0.3)
+        # an image is written in the actor before its row reaches the driver: on a loaded machine none had
+        # when the GCS went, and nothing was there to record (the rerun recovered them from the images)
+        time.sleep(1.5)
         gcs = subprocess.run(["pgrep", "-f", f"gcs_server.*{ray_dir}"], capture_output=True, text=True)
         pids = [int(pid) for pid in gcs.stdout.split()]
         assert len(pids) == 1, gcs

@@ -216,7 +216,7 @@ def _caption_table(cfs, path: str, label: str) -> dict[str, str]:
         try:
             header, found = csv_records(text)
         except CsvProblem as exc:
-            hint = " (keep each caption on one line)" if "runs on" in str(exc) else ""
+            hint = " (keep each caption on one line)" if exc.runs_on else ""
             raise DatasetError(f"--captions {label} {exc}{hint}") from exc
         if not {"file", "caption"} <= set(header):
             raise DatasetError(f"--captions {label}: a CSV needs the columns file,caption; it has {header}")

@@ -14,7 +14,12 @@ from manifests.schema import quoted
 
 
 class CsvProblem(ValueError):
-    """What is wrong with a CSV, starting with the line it is on (`line 3: ...`); the caller names the file."""
+    """What is wrong with a CSV, starting with the line it is on (`line 3: ...`); the caller names the file.
+    `runs_on`: a value ran over several lines (the caller says what its values may not hold)."""
+
+    def __init__(self, message: str, runs_on: bool = False):
+        super().__init__(message)
+        self.runs_on = runs_on
 
 
 def csv_records(text: str, delimiter: str = ",") -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -33,7 +38,7 @@ def csv_records(text: str, delimiter: str = ",") -> tuple[list[str], list[tuple[
                 value = next((f for f in fields if "\n" in f or "\r" in f), "")
                 raise CsvProblem(f"line {started}: a value runs on over {ended - started + 1} lines "
                                  f"({quoted(value, 80)}); an opening quote is not closed, or a value holds a line "
-                                 "break")
+                                 "break", runs_on=True)
             if not any(field.strip() for field in fields):
                 continue
             if len(fields) > len(header):  # an unquoted comma cut a value: its end would be dropped

@@ -130,7 +130,7 @@ def _read_text_table(text: str, uri: str, kind: str) -> ListRows:
     try:
         header, records = csv_records(text, delimiter="\t" if kind == "tsv" else ",")
     except CsvProblem as exc:
-        hint = " (a prompt cannot)" if "runs on" in str(exc) else ""
+        hint = " (a prompt cannot)" if exc.runs_on else ""
         raise ExpandError(f"{uri} {exc}{hint}") from exc
     lines = [f"line {n}" for n, _ in records]
     values = [fields for _, fields in records]

@@ -33,7 +33,7 @@ from jobs.console import command_log, leave, log, without_passwords
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
-from manifests.stores import folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket, url_to_fs
+from manifests.stores import absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket, url_to_fs
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
@@ -396,6 +396,9 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
         legacy = before.pop("class_prompt")
         before["class_prompts"] = [legacy] if legacy else None
     before["class_prompts"] = before.get("class_prompts") or None  # none is recorded as null, never []
+    for key in ("data", "class_data"):  # recorded before `file:///x` was kept as `/x`: one folder, one spelling
+        if isinstance(before.get(key), str):
+            before[key] = absolute_local(before[key])
     record = _as_recorded(record)  # finetune.json holds no password: compare what it would hold
     clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
     if clashes:

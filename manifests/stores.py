@@ -227,7 +227,10 @@ def is_local_path(uri: str) -> bool:
 def absolute_local(uri: str) -> str:
     """`uri` as another process of the run can open it: a plain local path made absolute, `~` expanded (Ray
     starts its workers in folders of its own, not in the driver's working directory, and with `--out=~/x` no
-    shell expands it); a URI without trailing slashes (gcsfs keeps one: OUT/run.json became OUT//run.json)."""
+    shell expands it); `file:///x` as `/x` (one folder, one spelling: a rerun given the other spelling is the same
+    run); a URI without trailing slashes (gcsfs keeps one: OUT/run.json became OUT//run.json)."""
+    if uri.startswith("file:///"):
+        uri = uri.removeprefix("file://")
     if "://" not in uri and is_local_path(uri):
         return os.path.abspath(os.path.expanduser(uri))
     head, sep, rest = uri.partition("://")

@@ -545,6 +545,29 @@ def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_fl
     assert _starts_afresh(fs, root, run_record(moved, "fp", None), moved) is False  # resumes it
 
 
+def test_a_rerun_may_spell_a_local_folder_as_a_path_or_a_file_uri(tmp_path):
+    """--data /x and --data file:///x are one dataset: the rerun was refused as 'another fine-tune (data: ...)',
+    also against a finetune.json that recorded the file:// spelling."""
+    import json
+
+    import fsspec
+
+    from actors.train.config import TrainConfig
+    from jobs.finetune import _starts_afresh, _write_json, run_record
+
+    fs, root = fsspec.core.url_to_fs(str(tmp_path / "lora"))
+    fs.makedirs(root)
+    data = tmp_path / "data"
+    first = TrainConfig(method="lora", data=str(data), base="tiny", out=root, steps=2)
+    _write_json(fs, f"{root}/finetune.json", {**run_record(first, "fp", None), "config": first.model_dump()})
+    again = TrainConfig(method="lora", data=f"file://{data}/", base="tiny", out=f"file://{root}", steps=2)
+    assert (again.data, again.out) == (str(data), root)
+    assert _starts_afresh(fs, root, run_record(again, "fp", None), again) is False  # resumes it
+    (tmp_path / "lora" / "finetune.json").write_text(json.dumps(
+        {**run_record(first, "fp", None), "data": f"file://{data}", "config": first.model_dump()}))
+    assert _starts_afresh(fs, root, run_record(first, "fp", None), first) is False
+
+
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_the_next_to_its_flags(tmp_path):
     """--gpu on a machine without one failed after finetune.json was written, and the corrected command was then
     refused as 'a fine-tune with other settings (--gpu True there, False now)', with nothing there to resume."""

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 # Environment variables an actor needs to behave like the driver. Only names: values are read from the
 # environment at run time, so a secret never lands in a manifest, a log line or a job spec.
@@ -151,16 +152,17 @@ def runtime_env() -> dict:
 
 
 @contextlib.contextmanager
-def library_logs_to(path: str, verbose: bool):
-    """While open, Python log records of Ray, Ray Data and the libraries go to the file `path`; with
-    `verbose` they also stay on the terminal. Open it before Ray starts: its start-up notices are logged."""
+def library_logs_to(path: str, verbose: bool, *, scrub: Callable[[str], str]):
+    """While open, Python log records of Ray, Ray Data and the libraries go to the file `path`, each line as
+    `scrub` leaves it (the caller's: URI passwords out; a library may log a URL or put it in an exception);
+    with `verbose` they also stay on the terminal. Open it before Ray starts: its start-up notices are logged."""
     import ray.data  # noqa: F401 - Ray Data configures its logger on import; this must come after
 
     root, ray_logger, data = logging.getLogger(), logging.getLogger("ray"), logging.getLogger("ray.data")
     saved = (root.level, ray_logger.propagate, list(data.handlers))
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_Scrubbed("%(asctime)s %(levelname)s %(name)s: %(message)s", scrub))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     # Ray's logger does not propagate by default, and `ray.init(configure_logging=False)` empties its
@@ -189,6 +191,17 @@ def library_logs_to(path: str, verbose: bool):
         ray_logger.propagate = saved[1]
         data.handlers[:] = saved[2]
         handler.close()
+
+
+class _Scrubbed(logging.Formatter):
+    """A formatter whose every line, the traceback included, passes through `scrub`."""
+
+    def __init__(self, fmt: str, scrub: Callable[[str], str]):
+        super().__init__(fmt)
+        self.scrub = scrub
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.scrub(super().format(record))
 
 
 @contextlib.contextmanager

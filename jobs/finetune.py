@@ -152,7 +152,7 @@ def _draw_and_train(cfg: TrainConfig, train: TrainConfig, base, fs, root: str, r
     # Ray's, Ray Train's and the workers' own lines go to a log file; the progress printed here is read
     # from --out/train_log.jsonl, which rank 0 writes (TrainProgress)
     name = f"finetune-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.log"
-    with command_log(fs, root, name, "fine-tune") as log_path, library_logs_to(log_path, cfg.verbose):
+    with command_log(fs, root, name, "fine-tune") as log_path, library_logs_to(log_path, cfg.verbose, scrub=without_passwords):
         resources = connect(cfg.address, quiet=not cfg.verbose)
         try:
             nodes = alive_nodes()

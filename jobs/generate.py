@@ -223,7 +223,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
 
     # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
     with command_log(fs, root, f"sdfleet-{run_id}.log", "run", in_out=not cfg.plan_only) as log_path, \
-            library_logs_to(log_path, cfg.verbose):
+            library_logs_to(log_path, cfg.verbose, scrub=without_passwords):
         return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
 
 

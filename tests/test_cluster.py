@@ -158,3 +158,23 @@ def test_a_run_whose_cluster_goes_away_keeps_what_came_back_and_says_why(tmp_pat
                            env={**os.environ, "PYTHONPATH": str(REPO)})
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(e["id"] for e in ledger(out) if e["status"] == "ok") == sorted(r["id"] for r in records)
+
+
+def test_the_log_file_holds_no_uri_password_from_a_library_line_or_its_traceback(tmp_path):
+    """sdfleet's own lines and files leave passwords out; a library logging a URL (or an exception naming one)
+    wrote it into OUT/logs/ whole."""
+    import logging
+
+    from cluster.connect import library_logs_to
+    from jobs.console import without_passwords
+
+    path = tmp_path / "run.log"
+    with library_logs_to(str(path), verbose=False, scrub=without_passwords):
+        logging.getLogger("fsspec.http").warning("fetching %s", "https://ann:hunter2@h/m.parquet")
+        try:
+            raise FileNotFoundError("https://ann:hunter2@h/x.parquet")
+        except FileNotFoundError:
+            logging.getLogger("ray.data").exception("read failed")
+    text = path.read_text()
+    assert "hunter2" not in text, text
+    assert "fetching https://ann:***@h/m.parquet" in text and "FileNotFoundError: https://ann:***@h/x.parquet" in text

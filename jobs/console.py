@@ -18,6 +18,15 @@ def without_passwords(text: str) -> str:
     return _URI_PASSWORD.sub(r"\1***@", text)
 
 
+def recorded_json(data) -> str:
+    """`data` as the JSON files a command writes hold it (run.json, finetune.json, eval.json, `_dataset.json`):
+    indented, non-ASCII as it is, less any password in a URI (`https://user:***@host/...`): those files
+    travel with the images and models, and secrets belong in the environment."""
+    import json
+
+    return without_passwords(json.dumps(data, indent=2, ensure_ascii=False, default=str)) + "\n"
+
+
 def log(message: str) -> None:
     print(f"[sdfleet] {without_passwords(message)}", file=sys.stderr, flush=True)
 

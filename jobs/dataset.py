@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from jobs.console import without_passwords
+from jobs.console import recorded_json
 from manifests.csv_text import CsvProblem, csv_records
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
@@ -135,7 +135,7 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         # the commit: from here on the summary names this build's parts, and readers read those
-        text = without_passwords(json.dumps(summary, indent=2) + "\n")  # `source` as given, less a URI's password
+        text = recorded_json(summary)  # `source` as given, less a URI's password
         atomic_write(out_fs, f"{out_root}/{SUMMARY_FILE}", text.encode())
         committed = True
     finally:

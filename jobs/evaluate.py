@@ -19,7 +19,6 @@ with plain image statistics, no model:
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections import Counter, defaultdict
 from typing import Any
@@ -30,7 +29,7 @@ from PIL import Image
 
 from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
 from actors.png import image_parameters
-from jobs.console import without_passwords
+from jobs.console import recorded_json
 from jobs.errors import EvalError, one_line
 from manifests.reader import Unreadable, count_ids, expand_manifest_paths, iter_rows
 from manifests.schema import coerced_id, is_safe_id
@@ -183,7 +182,7 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     if rows:
         try:
             with fs.open(f"{root}/eval.json", "w") as f:
-                f.write(without_passwords(json.dumps(summary, indent=2)) + "\n")  # no password of a URI
+                f.write(recorded_json(summary))
         except Exception as exc:  # noqa: BLE001 - a read-only output: the scores are still said
             summary["not_written"] = f"{out}/eval.json cannot be written ({one_line(exc)})"
     return summary

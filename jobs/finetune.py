@@ -29,7 +29,7 @@ from actors.models import describe_model
 from actors.train.config import TrainConfig
 from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
                              local_gpu_shortfall, local_resources, watch_cluster)
-from jobs.console import command_log, leave, log, without_passwords
+from jobs.console import command_log, leave, log, recorded_json, without_passwords
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
@@ -554,14 +554,13 @@ def _first_captions(uri: str, n: int) -> list[str]:
 
 
 def _write_json(fs, path: str, data: dict) -> None:
-    """`data` as JSON, less any password in a URI it names (`https://user:***@host/...`): finetune.json travels
-    with the model, and secrets belong in the environment."""
-    _write_text(fs, path, without_passwords(json.dumps(data, indent=2, default=str)) + "\n")
+    """`data` as JSON, less any password in a URI it names: finetune.json travels with the model."""
+    _write_text(fs, path, recorded_json(data))
 
 
 def _as_recorded(data: dict) -> dict:
     """`data` as `_write_json` records it, to compare with what an earlier run recorded."""
-    return json.loads(without_passwords(json.dumps(data, default=str)))
+    return json.loads(recorded_json(data))
 
 
 def _write_text(fs, path: str, text: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from actors.models import describe_model
 from actors.presets import PRESETS
 from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, joined_address, library_logs_to,
                              local_gpu_shortfall, size_actors, size_finishing, watch_cluster)
-from jobs.console import command_log, leave, log, ticking, without_passwords
+from jobs.console import command_log, leave, log, recorded_json, ticking, without_passwords
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder, located
@@ -476,7 +475,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
 def write_summary(fs, root: str, run_id: str, summary: dict) -> None:
     """run.json, and its copy under runs/. The manifests' and models' URIs are as given, less any password in
     them (`https://user:***@host/...`): run.json travels with the images, and secrets belong in the environment."""
-    data = without_passwords(json.dumps(summary, indent=2, ensure_ascii=False) + "\n").encode()
+    data = recorded_json(summary).encode()
     try:
         atomic_write(fs, f"{root}/runs/{run_id}.json", data)
         atomic_write(fs, f"{root}/run.json", data)

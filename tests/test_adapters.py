@@ -497,3 +497,33 @@ def test_a_convolution_lora_of_another_kernel_size_is_refused_naming_the_layer(t
     with pytest.raises(AdapterError, match=rf"does not fit .*conv1.lora_A is \(4, 32, {kernel}, {kernel}\), the layer "
                                            r"is \(32, 32, 3, 3\)"):
         check_lora_fits(tiny_shape, "x", state)
+
+
+@pytest.mark.parametrize("layers", ["attention", "all"])
+def test_plain_diffusers_reads_the_lora_a_finetune_writes_as_it_was_trained(tmp_path, layers):
+    """docs/fine-tuning.md says the file fine-tunes write means the same to every loader. diffusers' own
+    load_lora_weights dropped every attention layer of a file that mixed peft's and diffusers' spellings (the
+    LoCon set), warning only through peft."""
+    from actors.lora_io import LORA_LAYER_SETS, add_text_encoder_lora, add_unet_lora, save_lora
+
+    trained = build_preset("tiny")
+    add_unet_lora(trained.unet, 3, 7.0, LORA_LAYER_SETS[layers])  # alpha / rank folds into the file as 7/3
+    add_text_encoder_lora(trained.text_encoder, 3, 7.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in [*trained.unet.named_parameters(), *trained.text_encoder.named_parameters()]:
+            if ".lora_" in name:  # B starts at zero: the LoRA must change something to be checked
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    save_lora(trained.unet, trained.text_encoder, tmp_path / "mug")
+
+    loaded = build_preset("tiny")
+    loaded.load_lora_weights(str(tmp_path / "mug"))
+    latents, enc = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 77, 64, generator=generator)
+    ids = trained.tokenizer(["a red mug"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want_unet, want_text = trained.unet(latents, 500, enc).sample, trained.text_encoder(ids)[0]
+        got_unet, got_text = loaded.unet(latents, 500, enc).sample, loaded.text_encoder(ids)[0]
+        base_unet = build_preset("tiny").unet(latents, 500, enc).sample
+    assert (want_unet - base_unet).abs().max() > 0.05, "the LoRA must show"
+    assert torch.allclose(got_unet, want_unet, atol=1e-5), float((got_unet - want_unet).abs().max())
+    assert torch.allclose(got_text, want_text, atol=1e-5), float((got_text - want_text).abs().max())

@@ -66,6 +66,10 @@ def test_what_the_trainer_writes_loads_from_the_store_and_means_the_same(tmp_pat
         got = cache.pipe.encode_prompt(prompt, "cpu", 1, False)[0]
         want = hidden(trained, expand_placeholders(prompt, trained.tokenizer))
     torch.testing.assert_close(got, want)
+    plain = build_preset("tiny")  # and diffusers' own loader reads the file as trained (docs/fine-tuning.md)
+    plain.load_textual_inversion(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.encode_prompt(prompt, "cpu", 1, False)[0], want)
 
 
 @pytest.mark.parametrize("token, init_word, message", [

@@ -24,9 +24,15 @@ from manifests.stores import file_stamp, is_local_fs, tree_files, url_to_fs
 
 MANIFEST_READS = 16  # manifest files the driver reads at once
 PART_ROWS = 65_536  # consecutive row groups of one file are planned together up to this many rows
-# An sdfleet output's ledger parts (manifests.ledger.write_part): a folder of manifests may hold an output
-# (`generate folder/ --out folder/out`); its ledger is not a manifest.
+# The Parquet files an sdfleet output holds: its ledger parts (manifests.ledger.write_part) and the report's
+# thumbnail index (jobs/report.py, Thumbnails). A folder of manifests may hold an output (`generate folder/
+# --out folder/out`); none of these is a manifest.
 LEDGER_PART = re.compile(r"(^|/)results/\d{8}T\d{6}-[0-9a-f]{6}-\d{5}\.parquet$")
+REPORT_INDEX = re.compile(r"(^|/)report/thumbs/index\.parquet$")
+
+
+def _output_file(path: str) -> bool:
+    return bool(LEDGER_PART.search(path) or REPORT_INDEX.search(path))
 
 
 class ManifestError(Exception):
@@ -72,8 +78,8 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
     """Expand local paths, URIs, folders and globs to a sorted, de-duplicated list of file URIs.
 
     A path that exists is taken as it is, even with glob characters in its name (`shots[1].parquet`). A folder
-    gives every .parquet below it, and a glob what it matches, except the ledger parts of sdfleet outputs
-    (LEDGER_PART): they hold no prompts."""
+    gives every .parquet below it, and a glob what it matches, except the Parquet files of sdfleet outputs
+    (ledger parts, the report's thumbnail index): they hold no prompts."""
     uris: list[str] = []
     for given in paths:
         fs, path = url_to_fs(given)  # a store whose package is missing: said by the CLI, with the fix
@@ -84,7 +90,11 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
         except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
             raise ManifestError(f"manifest {given!r} cannot be read ({error_line(exc)})") from exc
         uris += [_uri(fs, p) for p in found]
-    return list(dict.fromkeys(uris))
+    # one file, once: named twice, or reached through a link (its rows would all be duplicates of themselves)
+    first: dict[str, str] = {}
+    for uri in uris:
+        first.setdefault(os.path.realpath(uri) if "://" not in uri else uri, uri)
+    return list(first.values())
 
 
 def _files(fs, path: str, given: str) -> list[str]:
@@ -92,12 +102,12 @@ def _files(fs, path: str, given: str) -> list[str]:
     if fs.isfile(path):
         return [path]
     if fs.isdir(path):
-        found = sorted(p for p in tree_files(fs, path) if p.lower().endswith(".parquet") and not LEDGER_PART.search(p))
+        found = sorted(p for p in tree_files(fs, path) if p.lower().endswith(".parquet") and not _output_file(p))
         if not found:
             raise ManifestError(f"directory {given!r} holds no .parquet manifest")
         return found
     if fsspec.core.has_magic(path):
-        found = sorted(p for p in fs.glob(path) if fs.isfile(p) and not LEDGER_PART.search(p))
+        found = sorted(p for p in fs.glob(path) if fs.isfile(p) and not _output_file(p))
         if not found:
             raise ManifestError(f"no manifest file matches {given!r}")
         return found

@@ -274,13 +274,15 @@ def test_a_row_may_name_a_preset_without_a_model_flag(tmp_path):
 
 def test_a_manifest_folder_that_holds_the_output_reads_no_ledger_part_as_a_manifest(tmp_path):
     """`generate folder --out folder/out` twice: the second run must not take the first run's ledger parts
-    (.parquet files under --out) for manifests, which made its good rows duplicates and the parts invalid."""
+    (.parquet files under --out) for manifests, which made its good rows duplicates and the parts invalid; nor
+    the report's thumbnail index (report/thumbs/index.parquet), whose rows came out invalid."""
     folder = tmp_path / "catalog"
     manifest = write_manifest(folder / "m.parquet", rows(2))
     out = folder / "out"
     for attempt in range(2):
-        proc = sdfleet("generate", str(folder), "--out", str(out), "--no-watermark")
+        proc = sdfleet("generate", str(folder), "--out", str(out), "--no-watermark", *["--report"][:1 - attempt])
         assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "report" / "thumbs" / "index.parquet").is_file()
     assert "2 rows in 1 manifest(s)" in proc.stderr  # the folder's one manifest, not the ledger part beside it
     summary = run_summary(out)
     assert (summary["rows"], summary["skipped"], summary["invalid"]) == (2, 2, 0), summary

@@ -123,8 +123,19 @@ def test_a_folder_of_manifests_leaves_out_the_ledgers_of_outputs_inside_it(tmp_p
     (tmp_path / "m" / "out" / "results").mkdir(parents=True)
     (tmp_path / "m" / "out" / "results" / ledger_part.rsplit("/", 1)[-1]).write_bytes(fs.cat_file(ledger_part))
     write_local(tmp_path / "m" / "results" / "day-1.parquet", records(1, prefix="kept"))  # a manifest all the same
+    write_local(tmp_path / "m" / "out" / "report" / "thumbs" / "index.parquet", records(1, prefix="thumb"))
     found = expand_manifest_paths([str(tmp_path / "m")])
     assert [os.path.relpath(u, tmp_path / "m") for u in found] == ["results/day-1.parquet", "shots.parquet"]
+
+
+def test_a_file_reached_through_a_link_is_read_once(tmp_path):
+    """A folder holding a.parquet and b.parquet -> a.parquet was read as two manifests: every id a duplicate of
+    itself, and nothing drawn. Two names of one file are one manifest (the first named)."""
+    a = write_local(tmp_path / "m" / "a.parquet", records(2))
+    (tmp_path / "m" / "b.parquet").symlink_to("a.parquet")
+    c = write_local(tmp_path / "m" / "c.parquet", records(1, prefix="c"))
+    assert expand_manifest_paths([str(tmp_path / "m")]) == [str(a), str(c)]
+    assert expand_manifest_paths([str(tmp_path / "m" / "b.parquet"), str(a)]) == [str(tmp_path / "m" / "b.parquet")]
 
 
 def test_a_path_that_exists_is_taken_as_it_is_glob_characters_and_all(tmp_path):

@@ -363,6 +363,7 @@ def disconnect() -> None:
     import ray
     from ray._private import ray_constants, worker  # no public handle on the local node's processes
 
+    _let_ray_data_threads_end()
     node = getattr(worker, "_global_node", None)
     kind = getattr(ray_constants, "PROCESS_TYPE_MONITOR", "monitor")
     for info in getattr(node, "all_processes", {}).get(kind, []):
@@ -374,6 +375,28 @@ def disconnect() -> None:
     ray.shutdown()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Ray's handler or ours: neither applies once Ray is left
+
+
+# Ray Data's driver threads that call into Ray: its executor's, and the workers fetching the blocks of an
+# iterator (`iter_threaded`). A run stopped by Ctrl-C closes its iterator and shuts its executor down, which
+# gives the executor's thread 2 s and the fetching workers none; one that returns into Ray after ray.shutdown()
+# has taken the core worker away ends the whole process from C++ ("The core worker has already been shutdown
+# ... The process will exit"), before the command can say it stopped (seen once in 11 Ctrl-C's). A finished
+# run has none of them left.
+RAY_DATA_THREADS = ("StreamingExecutor", "iter_threaded")
+THREADS_END_SECONDS = 10.0
+
+
+def _let_ray_data_threads_end(seconds: float = THREADS_END_SECONDS) -> None:
+    """Before Ray goes: wait up to `seconds` for Ray Data's executor threads, and log the threads still alive
+    (so a process that Ray's C++ side ends after all can be traced to the thread that called it)."""
+    start = time.monotonic()
+    for thread in threading.enumerate():
+        if thread.name.startswith(RAY_DATA_THREADS) and thread is not threading.current_thread():
+            thread.join(max(0.0, start + seconds - time.monotonic()))
+    alive = [f"{t.name} ({t.native_id})" for t in threading.enumerate() if t is not threading.current_thread()]
+    logging.getLogger("sdfleet").info("leaving Ray after %.1f s for Ray Data's threads; other threads: %s",
+                                      time.monotonic() - start, ", ".join(alive) or "none")
 
 
 def _check_reachable(address: str, seconds: float = 10.0) -> None:

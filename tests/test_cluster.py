@@ -178,3 +178,24 @@ def test_the_log_file_holds_no_uri_password_from_a_library_line_or_its_traceback
     text = path.read_text()
     assert "hunter2" not in text, text
     assert "fetching https://ann:***@h/m.parquet" in text and "FileNotFoundError: https://ann:***@h/x.parquet" in text
+
+
+def test_leaving_ray_waits_for_ray_data_threads_that_call_into_it_and_no_others(caplog):
+    """A Ctrl-C'd run left Ray Data's block-fetching workers running; one that returned into Ray after
+    ray.shutdown() ended the process from C++, with no 'interrupted' line and Ray's agents left behind."""
+    import logging
+    import threading
+
+    from cluster.connect import _let_ray_data_threads_end
+
+    parked = threading.Event()
+    fetching = threading.Thread(target=time.sleep, args=(0.5,), name="iter_threaded", daemon=True)
+    prefetcher = threading.Thread(target=parked.wait, name="Prefetcher", daemon=True)  # parks, touches nothing
+    fetching.start()
+    prefetcher.start()
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="sdfleet"):
+        _let_ray_data_threads_end(seconds=5.0)
+    assert not fetching.is_alive() and time.monotonic() - started < 3.0  # waited for the one, not the other
+    assert "Prefetcher (" in caplog.text and "iter_threaded" not in caplog.text.split("other threads:")[1]
+    parked.set()

@@ -104,11 +104,17 @@ def unlisted_embedding(parsed, tokens: dict[str, str]) -> str | None:
     row would draw with the embedding on an actor that loaded it for another row, and without it elsewhere:
     two images for one `params_hash`, whichever came first. Tokens are matched as the tokenizer matches
     added tokens: anywhere in the text."""
+    embeddings = set(tokens.values())
+    for a in parsed.adapters:  # the actor would refuse it: a row's problem, said before any actor is asked
+        if a.name in embeddings and a.scale not in (0, 1):
+            return (f"adapter {a.name!r} is a Textual Inversion embedding, which has no scale; got {a.scale:g} in "
+                    "`adapters` (use 1.0, or 0 to leave it out)")
     listed = {a.name for a in parsed.adapters if a.scale != 0}
-    text = f"{parsed.prompt}\n{parsed.negative_prompt or ''}"
     for token, name in sorted(tokens.items()):
-        if name not in listed and token in text:
-            return (f"the prompt uses {token!r}, the token of the embedding {name!r}, which the row's `adapters` do not "
+        where = ("the prompt" if token in parsed.prompt else
+                 "the negative prompt" if token in (parsed.negative_prompt or "") else None)
+        if name not in listed and where:
+            return (f"{where} uses {token!r}, the token of the embedding {name!r}, which the row's `adapters` do not "
                     f"list: add {{\"name\": \"{name}\", \"scale\": 1.0}} (unlisted, the row would draw with it "
                     "on an actor that loaded it for another row, and without it elsewhere)")
     return None

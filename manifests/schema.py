@@ -187,6 +187,16 @@ class ManifestRow(BaseModel):
             raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ - (and not . or ..)")
         return value
 
+    @field_validator("adapters")
+    @classmethod
+    def _each_adapter_once(cls, value: list[AdapterRef]) -> list[AdapterRef]:
+        seen: set[str] = set()
+        for ref in value:
+            if ref.name in seen:  # two scales of one adapter: which one was meant is the user's call
+                raise ValueError(f"lists adapter {ref.name!r} twice; list it once, with the summed scale")
+            seen.add(ref.name)
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, value: str) -> str:

@@ -14,10 +14,13 @@ def state(**fields) -> PlanState:
     return PlanState(models={"default": describe_model("default", "tiny").defaults()}, watermark="sdfleet", **fields)
 
 
-def test_a_row_naming_a_broken_adapter_twice_fails_with_its_reason_once():
+def test_a_row_naming_an_adapter_twice_is_invalid_broken_or_not():
+    """Listed twice, a working adapter's row was `failed` by the actor; a broken one's said its reason twice."""
     raw = {"id": "mug", "prompt": "a red mug", "adapters": [{"name": "x", "scale": 1.0}, {"name": "x", "scale": 0.5}]}
-    work = plan_row(raw, source="m.parquet", row=3, state=state(adapter_errors={"x": "adapter 'x': not in the store"}))
-    assert (work["status"], work["error"]) == ("failed", "adapter 'x': not in the store")
+    for broken in ({"x": "adapter 'x': not in the store"}, {}):
+        work = plan_row(raw, source="m.parquet", row=3, state=state(adapter_errors=broken))
+        assert work["status"] == "invalid" and "lists adapter 'x' twice" in work["error"], work
+        assert "not in the store" not in work["error"]
 
 
 def test_a_row_too_small_for_the_mark_is_invalid_naming_where_it_is_and_the_way_out():
@@ -120,6 +123,7 @@ def test_ids_that_differ_only_in_case_are_invalid_where_the_disk_ignores_case(tm
     ({"prompt": "a <my-mug> on a desk", "adapters": [{"name": "mug-v1", "scale": 0.0}]}, False),  # left out
     ({"prompt": "a <my-mug> on a desk", "adapters": [{"name": "mug-v1", "scale": 1.0}]}, True),
     ({"prompt": "a mug on a desk"}, True),
+    ({"prompt": "a <my-mug> on a desk", "adapters": [{"name": "mug-v1", "scale": 0.5}]}, False),  # no scale
 ])
 def test_a_row_using_an_embeddings_token_without_listing_it_is_invalid(raw, listed):
     """An actor keeps the embeddings it loaded for other rows: unlisted, the token drew with the embedding on
@@ -129,9 +133,14 @@ def test_a_row_using_an_embeddings_token_without_listing_it_is_invalid(raw, list
                     state=state(embedding_tokens=tokens, adapter_fingerprints={"mug-v1": "f" * 16}))
     if listed:
         assert work["status"] is None
-    else:
+    elif raw.get("adapters", [{}])[0].get("scale") == 0.5:  # the actor recorded it `failed`
         assert work["status"] == "invalid"
-        assert work["error"] == ("m.parquet row 2 (`r`): the prompt uses '<my-mug>', the token of the embedding "
+        assert work["error"] == ("m.parquet row 2 (`r`): adapter 'mug-v1' is a Textual Inversion embedding, which has "
+                                 "no scale; got 0.5 in `adapters` (use 1.0, or 0 to leave it out)")
+    else:
+        where = "the negative prompt" if "negative_prompt" in raw else "the prompt"
+        assert work["status"] == "invalid"
+        assert work["error"] == (f"m.parquet row 2 (`r`): {where} uses '<my-mug>', the token of the embedding "
                                  "'mug-v1', which the row's `adapters` do not list: add {\"name\": \"mug-v1\", "
                                  "\"scale\": 1.0} (unlisted, the row would draw with it on an actor that loaded it "
                                  "for another row, and without it elsewhere)")

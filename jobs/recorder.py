@@ -76,12 +76,16 @@ class Recorder:
                 self.problems_shown += 1
                 if self.problems_shown <= PROBLEMS_SHOWN:
                     log(f"{row['status']}: {located(row, row['error'])}")
-                if self.problems_shown == PROBLEMS_SHOWN:
+                elif self.problems_shown == PROBLEMS_SHOWN + 1:  # said once, when there are more than shown
                     log(f"(the first {PROBLEMS_SHOWN} failed or invalid rows are shown; the ledger has every one, "
                         "and `sdfleet report` shows them)")
-            elif row["warning"] and self.warnings_shown < WARNINGS_SHOWN:
+            elif row["warning"]:
                 self.warnings_shown += 1
-                log(f"ok: {located(row, row['warning'])}")
+                if self.warnings_shown <= WARNINGS_SHOWN:
+                    log(f"ok: {located(row, row['warning'])}")
+                elif self.warnings_shown == WARNINGS_SHOWN + 1:
+                    log(f"(the first {WARNINGS_SHOWN} warnings are shown; the ledger's `warning` column has every "
+                        "one, and `sdfleet report` shows them)")
         metrics.rows_recorded({status: n - before[status] for status, n in self.counts.items()},
                               remaining=self.total - sum(self.counts.values()))
         now = time.time()

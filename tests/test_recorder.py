@@ -130,6 +130,21 @@ def test_failed_rows_past_the_first_fifty_are_counted_not_printed(clock, monkeyp
     assert rec.counts["failed"] == 300 and rec.parts == 1 and not rec.pending  # all 300 in the ledger part
 
 
+@pytest.mark.parametrize("warned", [5, 8])
+def test_warnings_past_the_first_five_are_counted_and_said_once(clock, monkeypatch, warned):
+    """Eight prompts over CLIP's 77 tokens printed five warnings and then nothing: the docs promise a line saying
+    the ledger holds the rest, and only where there is a rest."""
+    said = []
+    monkeypatch.setattr(recorder, "log", said.append)
+    rec = make_recorder(total=10, started=0.0)
+    rows = [{**row, "warning": f"prompt cut at 77 tokens (row {row['row']})" if row["row"] < warned else None}
+            for row in drawn(0, 10)]
+    rec.record(rows)
+    assert sum(line.startswith("ok: ") for line in said) == 5
+    note = "(the first 5 warnings are shown; the ledger's `warning` column has every one"
+    assert sum(note in line for line in said) == (warned > 5), said
+
+
 def test_a_compile_backend_that_gives_up_on_a_function_is_said_once(clock, monkeypatch):
     """torch.compile drawing a function eagerly after too many sizes was said only in the actor's log file."""
     import json

@@ -287,13 +287,13 @@ def changed_since_recorded(images: dict[str, dict], finished: dict[str, str]) ->
 def _check_report_group_by(column: str, manifest_columns: set[str], fs, root: str) -> None:
     """`--report-group-by` names a column this run's ledger will have: checked before drawing, not after (an
     output with earlier ledger parts may have it from an earlier run's manifests: the report says then)."""
-    from jobs.outputs import BOOKKEEPING
+    from jobs.outputs import BOOKKEEPING, not_a_group
 
     own = [c for c in sorted(manifest_columns) if c not in FIELDS]  # kept in the ledger, as extra_columns names them
     columns = [c for c in LEDGER_COLUMNS if c not in (*BOOKKEEPING, "extra")] + list(extra_columns(own).values())
-    if column not in columns and not ledger_parts(fs, root):
-        raise RunFailed(f"--report-group-by {column!r}: this run's ledger will have no such column; group by one "
-                        f"of {', '.join(columns)}")
+    if column in BOOKKEEPING or (column not in columns and not ledger_parts(fs, root)):
+        why = not_a_group(column, "") if column in BOOKKEEPING else "this run's ledger will have no such column"
+        raise RunFailed(f"--report-group-by {column!r}: {why}; group by one of {', '.join(columns)}")
 
 
 def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease) -> dict:

@@ -115,8 +115,16 @@ class RunOutput:
 
     def check_group_by(self, column: str | None, flag: str = "--group-by") -> None:
         if column is not None and column not in self.group_columns():
-            raise ReportError(f"{flag} {column!r}: the ledger of {self.uri} has no such column; group by one "
-                              f"of {', '.join(self.group_columns())}")
+            raise ReportError(f"{flag} {column!r}: {not_a_group(column, self.uri)}; group by one of "
+                              f"{', '.join(self.group_columns())}")
+
+
+def not_a_group(column: str, where: str) -> str:
+    """Why `column` cannot group rows: a bookkeeping column of the ledger, or none of its columns."""
+    if column in BOOKKEEPING:
+        return ("a column of how each entry was made (" + ", ".join(BOOKKEEPING) + "), which does not group "
+                "rows (rows without an image are listed under Problems)")
+    return f"the ledger of {where} has no such column"
 
 
 # The columns of `RunOutput.history`: what the report's What changed, Problems and rate chart read of past entries.

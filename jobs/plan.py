@@ -15,6 +15,7 @@ an adapter about once per run instead of once per block.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import itertools
@@ -55,7 +56,8 @@ class PlanState:
 def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) -> dict[str, Any]:
     """Turn one raw manifest row into one work row (see the module docstring)."""
     parsed, errors, extras = validate_row(raw, source=source, row=row, models=set(state.models))
-    base = {"source": source, "row": row, "extra": json.dumps(extras, default=str, ensure_ascii=False) if extras else None}
+    base = {"source": source, "row": row,
+            "extra": json.dumps(extras, default=_as_json, ensure_ascii=False) if extras else None}
     raw_id = coerced_id(raw.get("id"))
     if errors:
         return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors)}
@@ -95,6 +97,16 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         if found:
             return {**work, **found, "status": "ok"}
     return {**work, "affinity": affinity(work)}
+
+
+def _as_json(value: Any) -> str:
+    """A manifest value JSON has no type for, as the ledger's text: dates and times in ISO 8601, binary as hex,
+    anything else (decimals) as Python writes it."""
+    if isinstance(value, (dt.date, dt.time)):  # datetimes too
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    return str(value)
 
 
 def unlisted_embedding(parsed, tokens: dict[str, str]) -> str | None:

@@ -188,6 +188,8 @@ def test_a_report_group_by_column_the_new_ledger_will_not_have_is_refused_before
     # the manifest's own columns, as the ledger names them (its `status` is kept as manifest_status)
     assert line.endswith(", scheduler, sku, manifest_status"), line
     assert not any((out / "results").iterdir()) and not (out / "images").exists()  # nothing drawn or recorded
+    code, _, err = run(capsys, "generate", manifest, "--out", out, "--report", "--report-group-by", "actor")
+    assert code == 1 and "--report-group-by 'actor': a column of how each entry was made" in one_error_line(err)
 
 
 def test_gpu_processes_on_a_local_ray_want_a_gpu_each():

@@ -221,3 +221,25 @@ def test_a_plan_task_yields_its_part_in_chunks(tmp_path, monkeypatch):
     tables = list(jobs.plan.plan_batch(pa.Table.from_pylist([vars(part)]), state()))
     assert [t.num_rows for t in tables] == [2, 2, 1]
     assert [i for t in tables for i in t.column("row").to_pylist()] == [0, 1, 2, 3, 4]
+
+
+def test_manifest_values_json_has_no_type_for_reach_the_ledger_as_readable_text(tmp_path):
+    """A binary column reached the ledger as Python's repr (b'\\x00\\x01'), a timestamp with a space for ISO's T."""
+    import datetime as dt
+    from decimal import Decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from manifests.ledger import to_table
+
+    when = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.timezone.utc)
+    manifest = pa.table({"id": ["mug"], "prompt": ["a red mug"], "price": pa.array([Decimal("19.99")], pa.decimal128(10, 2)),
+                         "launched": pa.array([when], pa.timestamp("s", tz="UTC")), "day": pa.array([when.date()]),
+                         "blob": pa.array([b"\x00\x01"]), "tags": pa.array([["new", "red"]])})
+    pq.write_table(manifest, tmp_path / "m.parquet")
+    (raw,) = pq.read_table(tmp_path / "m.parquet").to_pylist()
+    work = plan_row(raw, source="m.parquet", row=0, state=state())
+    (entry,) = to_table([{**work, "status": "ok"}]).to_pylist()
+    assert (entry["price"], entry["launched"], entry["day"], entry["blob"], entry["tags"]) == (
+        "19.99", "2026-03-01T12:00:00+00:00", "2026-03-01", "0001", ["new", "red"])

@@ -405,6 +405,9 @@ def test_group_by_adapters_and_an_unknown_column(output):
     assert "adapters = style@0.8" in page and "adapters = (none)" in page
     with pytest.raises(ReportError, match=r"--group-by 'colour'.*group by one of id, seed, model, adapters, .*, sku$"):
         build_report(str(output), group_by="colour")
+    # a column the ledger has, but of how each entry was made: it said "the ledger ... has no such column"
+    with pytest.raises(ReportError, match=r"--group-by 'status': a column of how each entry was made \(status, uri"):
+        build_report(str(output), group_by="status")
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -21,9 +21,9 @@ import os
 import sys
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from actors.backends import BackendError, check_backend
 from actors.batch_size import AUTO_BLOCK
@@ -102,6 +102,14 @@ class GenerateConfig(BaseModel):
                                 "are invalid (they stay in the ledger and run.json); for schedulers that retry "
                                 "any non-zero exit on a new cluster")
 
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size_in_range(cls, value: Any) -> Any:
+        # one line for a number out of range, not pydantic's two (one per member of the union)
+        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= 256:
+            raise ValueError(f"must be a whole number in 1..256, or auto; got {value}")
+        return value
+
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":
         self.models = {"default": "tiny", **self.models}
@@ -168,7 +176,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     manifests = survey(uris)  # each file read once: footers, ids, adapter names
     for uri, columns in manifests.file_columns.items():
         for column, field in look_alike_columns(columns).items():
-            log(f"warning: {look_alike_warning(uri, column, field)}")
+            log(f"warning: {look_alike_warning(uri, column, field, columns)}")
     duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
     clashes = case_clashes(manifests.id_counts, fs, root)
     asked, manifests.id_counts = manifests.id_counts, None  # one entry per row: gone before the run (below)
@@ -190,7 +198,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole: this one was damaged afterwards
             raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
-                            "rerun: the rows it recorded are drawn again") from exc
+                            "rerun: the rows it recorded are recovered from their images (read back, not drawn), or drawn again "
+                            "where an image is gone") from exc
         raise RunFailed(f"cannot read the ledger from {fs.unstrip_protocol(root)}/results: {exc.path}: "
                         f"{one_line(exc.cause)}; nothing was drawn, rerun once the store answers") from exc
     # images of rows no manifest asks for any more (a product dropped from the catalogue): kept, and counted

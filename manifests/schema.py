@@ -268,9 +268,12 @@ def look_alike_columns(columns) -> dict[str, str]:
     return {c: known[key(c)] for c in columns if c not in FIELDS and key(c) in known}
 
 
-def look_alike_warning(source: str, column: str, field: str) -> str:
-    return (f"{source}: column {column!r} is not the field `{field}` (field names are exact, lower-case): every row "
-            f"of it reads `{field}` as missing, and {column!r} passes through to the ledger")
+def look_alike_warning(source: str, column: str, field: str, columns=()) -> str:
+    """The warning for `column` of `source`, which looks like `field`; `columns`: all of the file's columns."""
+    what = (f"`{field}` is read from the file's own `{field}` column" if field in columns else
+            f"every row of it reads `{field}` as missing")
+    return (f"{source}: column {column!r} is not the field `{field}` (field names are exact, lower-case): {what}, "
+            f"and {column!r} passes through to the ledger")
 REQUIRED = ("id", "prompt")
 
 

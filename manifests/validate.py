@@ -23,7 +23,7 @@ def check_manifests(
     """
     for uri, columns in column_names(uris).items():
         for column, field in look_alike_columns(columns).items():
-            yield "warning", look_alike_warning(uri, column, field)
+            yield "warning", look_alike_warning(uri, column, field, columns)
     _, id_counts = count_ids(uris)
     said = None
 

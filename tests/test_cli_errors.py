@@ -37,6 +37,8 @@ def one_error_line(err: str) -> str:
      "sdfleet generate: error: argument --actors: invalid int value: '1.5' (see sdfleet generate --help)"),
     (["generate", "m.parquet", "--out", "o", "--batch-size", "foo"],
      "sdfleet generate: error: argument --batch-size: invalid int or auto value: 'foo' (see sdfleet generate --help)"),
+    (["generate", "m.parquet", "--out", "o", "--batch-size", "0"],  # was pydantic's line for each member of the union
+     "sdfleet generate: error: --batch-size: must be a whole number in 1..256, or auto; got 0"),
     (["generate", "m.parquet"],
      "sdfleet generate: error: the following arguments are required: --out (see sdfleet generate --help)"),
     (["generate", "m.parquet", "--out", "o", "--bogus"],

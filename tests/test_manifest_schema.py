@@ -425,3 +425,13 @@ def test_columns_named_as_other_tools_name_the_fields_are_told_apart_from_pass_t
     assert found == {"negative": "negative_prompt", "NegativePrompt": "negative_prompt",
                      "cfg_scale": "guidance_scale", "num_inference_steps": "steps", "Sampler": "scheduler",
                      "LoRA": "adapters"}
+
+
+def test_a_look_alike_column_beside_its_field_is_not_said_to_leave_the_field_missing():
+    """A file with both `Seed` and `seed` was told every row reads `seed` as missing."""
+    from manifests.schema import look_alike_warning
+
+    alone = look_alike_warning("m.parquet", "Seed", "seed", ["id", "prompt", "Seed"])
+    beside = look_alike_warning("m.parquet", "Seed", "seed", ["id", "prompt", "Seed", "seed"])
+    assert "every row of it reads `seed` as missing" in alone
+    assert "`seed` is read from the file's own `seed` column" in beside and "missing" not in beside

@@ -29,6 +29,7 @@ from manifests.schema import error_line, first_few, is_adapter_name
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what actors.textual_inversion.save_embedding writes
 FOLDER_FILES = (LORA_FILE, EMBEDDING_FILE)
+MAX_NAME_DEPTH = 4  # folders in an adapter's name that a listing of the store looks into
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # diffusers / peft key spellings of a LoRA's two matrices (peft, diffusers attention processors, old diffusers).
@@ -143,20 +144,22 @@ class AdapterStore:
         return _parse(info.name, data)
 
     def names(self) -> list[str]:
-        """Adapter names at the top of the store, sorted (for messages and listings)."""
+        """Adapter names in the store, nested ones (`brand/style-v2`) included, sorted (for messages and
+        listings). Looks MAX_NAME_DEPTH folders deep."""
         try:
-            entries = self.fs.ls(self.root, detail=True)
+            paths = self.fs.find(self.root, maxdepth=MAX_NAME_DEPTH + 1)
         except FileNotFoundError:
             return []
+        root = self.root.rstrip("/") + "/"
         names = []
-        for entry in entries:
-            base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry["type"] == "file" and base.endswith(".safetensors"):
-                names.append(base.removesuffix(".safetensors"))
-            elif entry["type"] == "directory" and any(self.fs.exists(f"{entry['name'].rstrip('/')}/{f}")
-                                                      for f in FOLDER_FILES):
-                names.append(base)
-        return sorted(set(names))
+        for path in paths:
+            relative = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+            folder, _, base = relative.rpartition("/")
+            if base in FOLDER_FILES and folder:
+                names.append(folder)
+            elif base.endswith(".safetensors") and base not in FOLDER_FILES:
+                names.append(relative.removesuffix(".safetensors"))
+        return sorted(n for n in set(names) if is_adapter_name(n))
 
     # -- finding and reading ------------------------------------------------------------------------
 

@@ -135,6 +135,20 @@ def test_unknown_adapter_names_what_the_store_holds(store, tiny_shape):
         store.resolve("../A")
 
 
+def test_the_store_lists_nested_adapters_among_what_it_holds(tmp_path, loras):
+    """`brand/style-v1` was left out of "the store holds: ...", though rows could name it."""
+    from actors.adapters import LORA_FILE
+
+    data = save({f"unet.{k}": v for k, v in loras["A"].items()})
+    for path in ("top.safetensors", f"brand/style-v1/{LORA_FILE}", "brand/style-v2.safetensors", "notes/readme.txt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    store = AdapterStore(str(tmp_path))
+    assert store.names() == ["brand/style-v1", "brand/style-v2", "top"]
+    with pytest.raises(AdapterError, match=r"holds: brand/style-v1, brand/style-v2, top"):
+        store.resolve("brand/style-v3")
+
+
 def test_corrupt_and_keyless_files_are_refused(loras):
     good = save({f"unet.{k}": v for k, v in loras["A"].items()})
     s = new_store({

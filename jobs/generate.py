@@ -38,7 +38,7 @@ from jobs.lease import Lease
 from jobs.recorder import Recorder, located
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, read_latest_ok,
                               remove_stale_temp_files, settled_row)
-from manifests.reader import expand_manifest_paths, survey
+from manifests.reader import BadManifestFile, expand_manifest_paths, survey, unreadable_files
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
 from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
                               process_local, require_bucket, run_path, stored_at, unshared_reason, url_to_fs)
@@ -173,7 +173,14 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
             raise RunFailed(f"every manifest given is a ledger part of --out {cfg.out} (its results/); name the "
                             "manifests")
         log(f"left out {len(ledger)} ledger part(s) of --out (its results/): not manifests")
-    manifests = survey(uris)  # each file read once: footers, ids, adapter names
+    try:
+        manifests = survey(uris)  # each file read once: footers, ids, adapter names
+    except BadManifestFile as exc:  # name every file that cannot be read, as `manifest validate` does
+        bad = unreadable_files(uris) if len(uris) > 1 else {}
+        if len(bad) > 1:
+            raise BadManifestFile(f"{len(bad)} of the {len(uris)} manifests cannot be read: "
+                                  + "; ".join(list(bad.values())[:5]) + ("; ..." if len(bad) > 5 else "")) from exc
+        raise
     for uri, columns in manifests.file_columns.items():
         for column, field in look_alike_columns(columns).items():
             log(f"warning: {look_alike_warning(uri, column, field, columns)}")

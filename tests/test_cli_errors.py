@@ -515,3 +515,18 @@ def test_a_store_librarys_own_error_is_one_line_and_others_keep_their_traceback(
                     "URIs given, and the store's credentials in the environment)")
     assert describe_error(aiohttp.ClientConnectionError("down")).startswith("a store refused or did not answer")
     assert describe_error(DecodeError("truncated message")) is None
+
+
+def test_generate_names_every_manifest_of_a_folder_that_cannot_be_read(capsys, tmp_path, monkeypatch):
+    """It named the first and stopped, where `manifest validate` names them all: fix one, rerun, meet the next."""
+    import cluster.connect
+
+    monkeypatch.setattr(cluster.connect, "connect", lambda *a, **k: pytest.fail("Ray started"))
+    folder = tmp_path / "day"
+    write_manifest(folder / "a-good.parquet", rows(2))
+    (folder / "b-empty.parquet").write_bytes(b"")
+    (folder / "c-text.parquet").write_text("id,prompt\nx,a mug\n")
+    code, _, err = run(capsys, "generate", folder, "--out", tmp_path / "out")
+    line = one_error_line(err)
+    assert code == 1 and line.startswith("sdfleet: error: 2 of the 3 manifests cannot be read: "), line
+    assert "b-empty.parquet is not a readable Parquet file" in line and "c-text.parquet is not a readable" in line

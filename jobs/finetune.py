@@ -77,7 +77,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
     if cfg.token:
         _check_captions_use(cfg.data, cfg.token, rows)
         _check_token(cfg)
-    class_data = cfg.class_data or (fs.unstrip_protocol(f"{root}/class-data") if cfg.prior else None)
+    class_data = cfg.class_data or (absolute_local(fs.unstrip_protocol(f"{root}/class-data")) if cfg.prior else None)
     if cfg.class_data:
         check_dataset(cfg.class_data, "--class-data")
     if cfg.batch_size * cfg.workers > rows:
@@ -396,10 +396,11 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
         legacy = before.pop("class_prompt")
         before["class_prompts"] = [legacy] if legacy else None
     before["class_prompts"] = before.get("class_prompts") or None  # none is recorded as null, never []
-    for key in ("data", "class_data"):  # recorded before `file:///x` was kept as `/x`: one folder, one spelling
-        if isinstance(before.get(key), str):
-            before[key] = absolute_local(before[key])
     record = _as_recorded(record)  # finetune.json holds no password: compare what it would hold
+    for key in ("data", "class_data"):  # recorded before `file:///x` was kept as `/x`: one folder, one spelling
+        for side in (before, record):
+            if isinstance(side.get(key), str):
+                side[key] = absolute_local(side[key])
     clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "

@@ -566,6 +566,12 @@ def test_a_rerun_may_spell_a_local_folder_as_a_path_or_a_file_uri(tmp_path):
     (tmp_path / "lora" / "finetune.json").write_text(json.dumps(
         {**run_record(first, "fp", None), "data": f"file://{data}", "config": first.model_dump()}))
     assert _starts_afresh(fs, root, run_record(first, "fp", None), first) is False
+    # the class images a prior-preservation run draws into --out/class-data: recorded, and compared, as either
+    for drawn in (f"file://{root}/class-data", f"{root}/class-data"):
+        for recorded in (f"file://{root}/class-data", f"{root}/class-data"):
+            _write_json(fs, f"{root}/finetune.json", {**run_record(first, "fp", recorded),
+                                                      "config": first.model_dump()})
+            assert _starts_afresh(fs, root, run_record(first, "fp", drawn), first) is False, (drawn, recorded)
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_hold_the_next_to_its_flags(tmp_path):

@@ -145,15 +145,18 @@ class AdapterStore:
 
     def names(self) -> list[str]:
         """Adapter names in the store, nested ones (`brand/style-v2`) included, sorted (for messages and
-        listings). Looks MAX_NAME_DEPTH folders deep."""
+        listings), up to MAX_NAME_DEPTH folders deep. One recursive listing: on an object store a paged listing
+        of every key (`find` with a depth walks folder by folder, a request each)."""
         try:
-            paths = self.fs.find(self.root, maxdepth=MAX_NAME_DEPTH + 1)
+            paths = self.fs.find(self.root)
         except FileNotFoundError:
             return []
         root = self.root.rstrip("/") + "/"
         names = []
         for path in paths:
             relative = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+            if relative.count("/") > MAX_NAME_DEPTH:
+                continue
             folder, _, base = relative.rpartition("/")
             if base in FOLDER_FILES and folder:
                 names.append(folder)

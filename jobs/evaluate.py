@@ -181,7 +181,7 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     }
     if rows:
         try:
-            with fs.open(f"{root}/eval.json", "w") as f:
+            with fs.open(f"{root}/eval.json", "w", encoding="utf-8") as f:
                 f.write(recorded_json(summary))
         except Exception as exc:  # noqa: BLE001 - a read-only output: the scores are still said
             summary["not_written"] = f"{out}/eval.json cannot be written ({one_line(exc)})"

@@ -176,10 +176,11 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     try:
         manifests = survey(uris)  # each file read once: footers, ids, adapter names
     except BadManifestFile as exc:  # name every file that cannot be read, as `manifest validate` does
-        bad = unreadable_files(uris) if len(uris) > 1 else {}
+        # (this one first: a file whose footer opens and whose ids do not is not among those that fail to open)
+        bad = list(dict.fromkeys([str(exc), *(unreadable_files(uris).values() if len(uris) > 1 else ())]))
         if len(bad) > 1:
             raise BadManifestFile(f"{len(bad)} of the {len(uris)} manifests cannot be read: "
-                                  + "; ".join(list(bad.values())[:5]) + ("; ..." if len(bad) > 5 else "")) from exc
+                                  + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")) from exc
         raise
     for uri, columns in manifests.file_columns.items():
         for column, field in look_alike_columns(columns).items():

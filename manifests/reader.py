@@ -91,10 +91,22 @@ def expand_manifest_paths(paths: list[str]) -> list[str]:
             raise ManifestError(f"manifest {given!r} cannot be read ({error_line(exc)})") from exc
         uris += [_uri(fs, p) for p in found]
     # one file, once: named twice, or reached through a link (its rows would all be duplicates of themselves)
-    first: dict[str, str] = {}
+    first: dict[object, str] = {}
     for uri in uris:
-        first.setdefault(os.path.realpath(uri) if "://" not in uri else uri, uri)
+        first.setdefault(_same_file_key(uri), uri)
     return list(first.values())
+
+
+def _same_file_key(uri: str) -> object:
+    """What two names of one file share: a local file's device and inode (symbolic and hard links alike),
+    else the URI."""
+    if "://" in uri:
+        return uri
+    try:
+        found = os.stat(uri)
+    except OSError:
+        return os.path.realpath(uri)
+    return (found.st_dev, found.st_ino)
 
 
 def _files(fs, path: str, given: str) -> list[str]:

@@ -522,6 +522,8 @@ def test_generate_names_every_manifest_of_a_folder_that_cannot_be_read(capsys, t
     import cluster.connect
 
     monkeypatch.setattr(cluster.connect, "connect", lambda *a, **k: pytest.fail("Ray started"))
+    from helpers import write_damaged_manifest
+
     folder = tmp_path / "day"
     write_manifest(folder / "a-good.parquet", rows(2))
     (folder / "b-empty.parquet").write_bytes(b"")
@@ -530,3 +532,7 @@ def test_generate_names_every_manifest_of_a_folder_that_cannot_be_read(capsys, t
     line = one_error_line(err)
     assert code == 1 and line.startswith("sdfleet: error: 2 of the 3 manifests cannot be read: "), line
     assert "b-empty.parquet is not a readable Parquet file" in line and "c-text.parquet is not a readable" in line
+    write_damaged_manifest(folder / "a-damaged.parquet", column="id")  # its footer opens; its ids do not
+    code, _, err = run(capsys, "generate", folder, "--out", tmp_path / "out")
+    line = one_error_line(err)
+    assert line.startswith("sdfleet: error: 3 of the 4 manifests cannot be read: ") and "a-damaged.parquet" in line

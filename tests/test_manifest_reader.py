@@ -134,6 +134,7 @@ def test_a_file_reached_through_a_link_is_read_once(tmp_path):
     a = write_local(tmp_path / "m" / "a.parquet", records(2))
     (tmp_path / "m" / "b.parquet").symlink_to("a.parquet")
     c = write_local(tmp_path / "m" / "c.parquet", records(1, prefix="c"))
+    os.link(a, tmp_path / "m" / "d.parquet")  # a hard link: another name of the same file too
     assert expand_manifest_paths([str(tmp_path / "m")]) == [str(a), str(c)]
     assert expand_manifest_paths([str(tmp_path / "m" / "b.parquet"), str(a)]) == [str(tmp_path / "m" / "b.parquet")]
 

@@ -391,9 +391,12 @@ def _let_ray_data_threads_end(seconds: float = THREADS_END_SECONDS) -> None:
     """Before Ray goes: wait up to `seconds` for Ray Data's executor threads, and log the threads still alive
     (so a process that Ray's C++ side ends after all can be traced to the thread that called it)."""
     start = time.monotonic()
-    for thread in threading.enumerate():
-        if thread.name.startswith(RAY_DATA_THREADS) and thread is not threading.current_thread():
-            thread.join(max(0.0, start + seconds - time.monotonic()))
+    try:
+        for thread in threading.enumerate():
+            if thread.name.startswith(RAY_DATA_THREADS) and thread is not threading.current_thread():
+                thread.join(max(0.0, start + seconds - time.monotonic()))
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, but still leave Ray (its processes go with it)
+        pass
     alive = [f"{t.name} ({t.native_id})" for t in threading.enumerate() if t is not threading.current_thread()]
     logging.getLogger("sdfleet").info("leaving Ray after %.1f s for Ray Data's threads; other threads: %s",
                                       time.monotonic() - start, ", ".join(alive) or "none")

@@ -44,7 +44,8 @@ def sheet_format(uri: str) -> str:
     writable = {ext: kind for ext, kind in SHEET_FORMATS.items() if kind in Image.SAVE}
     ext = posixpath.splitext(path)[1].lower()
     if ext not in writable:
-        raise ReportError(f"-o {uri}: {ext or 'no extension'} is not a format a sheet is written in; "
+        shown = ext if ext.strip(".") else "no extension"  # `sheet.` has the extension "."
+        raise ReportError(f"-o {uri}: {shown} is not a format a sheet is written in; "
                           f"end the name in {', '.join(writable)}")
     return writable[ext]
 

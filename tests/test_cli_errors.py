@@ -119,6 +119,7 @@ def test_sheet_is_written_in_the_format_its_extension_names(capsys, tmp_path, na
     ("", "-o is empty"),
     ("{dir}/sheet.txt", ".txt is not a format a sheet is written in; end the name in .png, .jpg, .jpeg, .webp"),
     ("{dir}/sheet", "no extension is not a format"),
+    ("{dir}/sheet.", "no extension is not a format"),  # was ". is not a format"
     ("{dir}/out/run.json/sheet.png", "cannot write -o {dir}/out/run.json/sheet.png: "),  # its parent is a file
     ("memory://sheets/s.png", "memory:// lives in this process only"),  # gone when the command ends
 ])

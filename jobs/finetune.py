@@ -33,7 +33,8 @@ from jobs.console import command_log, leave, log, recorded_json, without_passwor
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
 from manifests.schema import first_few, is_adapter_name
-from manifests.stores import absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason, require_bucket, url_to_fs
+from manifests.stores import (absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
+                              require_bucket, url_to_fs)
 
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
@@ -152,7 +153,8 @@ def _draw_and_train(cfg: TrainConfig, train: TrainConfig, base, fs, root: str, r
     # Ray's, Ray Train's and the workers' own lines go to a log file; the progress printed here is read
     # from --out/train_log.jsonl, which rank 0 writes (TrainProgress)
     name = f"finetune-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.log"
-    with command_log(fs, root, name, "fine-tune") as log_path, library_logs_to(log_path, cfg.verbose, scrub=without_passwords):
+    with command_log(fs, root, name, "fine-tune") as log_path, \
+            library_logs_to(log_path, cfg.verbose, scrub=without_passwords):
         resources = connect(cfg.address, quiet=not cfg.verbose)
         try:
             nodes = alive_nodes()

@@ -49,6 +49,7 @@ from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_l
 # stage always runs on its own.
 FINISH_ON_CPU = "inline"
 ADAPTER_READS = 4  # adapters the driver reads at once to fingerprint them (each is held in memory while hashed)
+MAX_BATCH_SIZE = 256  # rows per forward pass a --batch-size may ask for
 
 
 class GenerateConfig(BaseModel):
@@ -62,7 +63,7 @@ class GenerateConfig(BaseModel):
     adapters: str | None = Field(default=None, description="adapter store (folder or URI) the rows' adapters are read from",
                                  json_schema_extra={"metavar": "URI"})
     actors: int = Field(default=1, ge=1, description="generation actors (one GPU each where there are GPUs)")
-    batch_size: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["auto"] = Field(
         default=8, description="rows per forward pass, or auto: measured once per model, size and device, and "
         "kept in the backend cache")
     backend: Literal["eager", "compile", "onnx", "tensorrt"] = Field(
@@ -106,8 +107,8 @@ class GenerateConfig(BaseModel):
     @classmethod
     def _batch_size_in_range(cls, value: Any) -> Any:
         # one line for a number out of range, not pydantic's two (one per member of the union)
-        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= 256:
-            raise ValueError(f"must be a whole number in 1..256, or auto; got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= MAX_BATCH_SIZE:
+            raise ValueError(f"must be a whole number in 1..{MAX_BATCH_SIZE}, or auto; got {value}")
         return value
 
     @model_validator(mode="after")
@@ -206,8 +207,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole: this one was damaged afterwards
             raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
-                            "rerun: the rows it recorded are recovered from their images (read back, not drawn), or drawn again "
-                            "where an image is gone") from exc
+                            "rerun: the rows it recorded are recovered from their images (read back, not drawn), "
+                            "or drawn again where an image is gone") from exc
         raise RunFailed(f"cannot read the ledger from {fs.unstrip_protocol(root)}/results: {exc.path}: "
                         f"{one_line(exc.cause)}; nothing was drawn, rerun once the store answers") from exc
     # images of rows no manifest asks for any more (a product dropped from the catalogue): kept, and counted

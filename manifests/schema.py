@@ -274,6 +274,8 @@ def look_alike_warning(source: str, column: str, field: str, columns=()) -> str:
             f"every row of it reads `{field}` as missing")
     return (f"{source}: column {column!r} is not the field `{field}` (field names are exact, lower-case): {what}, "
             f"and {column!r} passes through to the ledger")
+
+
 REQUIRED = ("id", "prompt")
 
 

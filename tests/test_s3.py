@@ -192,7 +192,9 @@ def test_the_driver_reads_an_s3_adapter_again_only_when_its_etag_changes(s3, tmp
 
 def test_the_store_going_away_mid_run_is_one_line_and_the_rerun_completes(s3, tmp_path):
     fs = s3["fs"]
-    records = rows(10)
+    # 20 steps, not FAST's 2: each batch then takes seconds, so the cable is cut while rows are still being drawn
+    # (at 2 steps the other 8 rows could all be recorded before the first part was seen, and the run ended 0)
+    records = rows(10, steps=20)
     fs.put(str(write_manifest(tmp_path / "m.parquet", records)), "sdfleet/manifests/outage.parquet")
     argv = ["generate", "s3://sdfleet/manifests/outage.parquet", "--out", "s3://sdfleet/runs/outage",
             "--batch-size", "2", "--no-watermark"]

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 from diffusers.utils import logging as diffusers_logging
 
-from actors.adapters import AdapterError, AdapterInfo, AdapterStore
+from actors.adapters import AdapterError, AdapterInfo, AdapterStore, embedding_scale_problem
 from actors.lora_map import Layers, LoraMapError, lora_layers, lora_state_dict
 from actors.textual_inversion import known_word
-from manifests.schema import error_line
+from manifests.schema import LISTED_TWICE, adapter_listed_twice, error_line
 
 GiB = 1024**3
 
@@ -218,12 +218,13 @@ class AdapterCache:
 
 def normalise(adapters) -> list[tuple[str, float, str | None]]:
     """[(name, scale, fingerprint or None)] in name order, scale-0 entries dropped; a name listed twice is an error."""
-    out, seen = [], set()
-    for item in adapters or []:
+    adapters = list(adapters or [])
+    twice = adapter_listed_twice(item["name"] for item in adapters)
+    if twice:
+        raise AdapterError(twice, LISTED_TWICE)
+    out = []
+    for item in adapters:
         name, scale = item["name"], float(item.get("scale", 1.0))
-        if name in seen:
-            raise AdapterError(name, "is listed twice in one row; list it once with the summed scale")
-        seen.add(name)
         if scale != 0.0:
             out.append((name, scale, item.get("fingerprint") or None))
     return sorted(out)
@@ -237,9 +238,9 @@ def _lora_bytes(pipe, layers: Layers) -> int:
 
 def check_embedding_scale(name: str, scale: float) -> None:
     """Raise AdapterError unless an embedding is asked for at scale 1 (it has no scale; 0 leaves it out)."""
-    if scale != 1.0:
-        raise AdapterError(name, f"is a Textual Inversion embedding, which has no scale; got {scale} "
-                                 "(use 1.0, or 0 to leave it out)")
+    problem = embedding_scale_problem(scale)
+    if problem:
+        raise AdapterError(name, problem)
 
 
 def load_embedding(pipe, info: AdapterInfo, state_dict) -> list[str]:

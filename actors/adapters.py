@@ -42,6 +42,14 @@ FINGERPRINT_CHARS = 16
 VERSIONED_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
 
 
+def embedding_scale_problem(scale: float) -> str | None:
+    """Why a Textual Inversion embedding cannot be used at `scale`, or None: it has no scale (1 uses it, 0
+    leaves it out). The plan asks this before any actor does (actors.adapter_cache.check_embedding_scale)."""
+    if scale in (0, 1):
+        return None
+    return f"is a Textual Inversion embedding, which has no scale; got {scale:g} (use 1.0, or 0 to leave it out)"
+
+
 class AdapterError(ValueError):
     """An adapter that cannot be used; the message names the adapter and the cause."""
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 from PIL import Image
 
+from actors.adapters import embedding_scale_problem
 from actors.png import read_parameters_from
 from jobs.console import without_passwords
 from manifests.reader import ManifestPart, Unreadable, read_part
@@ -118,9 +119,9 @@ def unlisted_embedding(parsed, tokens: dict[str, str]) -> str | None:
     added tokens: anywhere in the text."""
     embeddings = set(tokens.values())
     for a in parsed.adapters:  # the actor would refuse it: a row's problem, said before any actor is asked
-        if a.name in embeddings and a.scale not in (0, 1):
-            return (f"adapter {a.name!r} is a Textual Inversion embedding, which has no scale; got {a.scale:g} in "
-                    "`adapters` (use 1.0, or 0 to leave it out)")
+        problem = embedding_scale_problem(a.scale) if a.name in embeddings else None
+        if problem:
+            return f"`adapters` adapter {a.name!r} {problem}"
     listed = {a.name for a in parsed.adapters if a.scale != 0}
     for token, name in sorted(tokens.items()):
         where = ("the prompt" if token in parsed.prompt else

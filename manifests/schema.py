@@ -88,6 +88,21 @@ def coerced_id(value: Any) -> str | None:
         return None
 
 
+LISTED_TWICE = "is listed twice in one row; list it once, with the summed scale"
+
+
+def adapter_listed_twice(names) -> str | None:
+    """The first adapter name a row lists twice, or None. Two scales of one adapter are refused, not summed:
+    which one was meant is the user's call. The schema (manifest validate, the plan) and the actor
+    (actors.adapter_cache.normalise) both ask this, with LISTED_TWICE as the cause."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def first_few(names: list[str], limit: int) -> str:
     """The first `limit` names, comma-separated, with how many more were left out ("a, b and 3 more")."""
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -190,11 +205,9 @@ class ManifestRow(BaseModel):
     @field_validator("adapters")
     @classmethod
     def _each_adapter_once(cls, value: list[AdapterRef]) -> list[AdapterRef]:
-        seen: set[str] = set()
-        for ref in value:
-            if ref.name in seen:  # two scales of one adapter: which one was meant is the user's call
-                raise ValueError(f"lists adapter {ref.name!r} twice; list it once, with the summed scale")
-            seen.add(ref.name)
+        twice = adapter_listed_twice(ref.name for ref in value)
+        if twice:
+            raise ValueError(f"adapter {twice!r} {LISTED_TWICE}")
         return value
 
     @field_validator("prompt")

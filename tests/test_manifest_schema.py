@@ -199,7 +199,7 @@ def test_an_adapter_name_that_would_leave_the_store_is_invalid_where_validate_se
 def test_an_adapter_listed_twice_in_a_row_is_invalid_where_validate_sees_it():
     """It passed validate and the plan, and the actor then recorded the row `failed`."""
     err = only_error(row(adapters=[{"name": "style", "scale": 1.0}, {"name": "brand"}, {"name": "style", "scale": 0.5}]))
-    assert err.field == "adapters" and "lists adapter 'style' twice; list it once, with the summed scale" in str(err)
+    assert err.field == "adapters" and "adapter 'style' is listed twice in one row; list it once, with the summed scale" in str(err)
 
 
 def test_every_problem_of_a_row_is_reported_not_only_the_first():

@@ -19,7 +19,7 @@ def test_a_row_naming_an_adapter_twice_is_invalid_broken_or_not():
     raw = {"id": "mug", "prompt": "a red mug", "adapters": [{"name": "x", "scale": 1.0}, {"name": "x", "scale": 0.5}]}
     for broken in ({"x": "adapter 'x': not in the store"}, {}):
         work = plan_row(raw, source="m.parquet", row=3, state=state(adapter_errors=broken))
-        assert work["status"] == "invalid" and "lists adapter 'x' twice" in work["error"], work
+        assert work["status"] == "invalid" and "adapter 'x' is listed twice in one row" in work["error"], work
         assert "not in the store" not in work["error"]
 
 
@@ -135,8 +135,8 @@ def test_a_row_using_an_embeddings_token_without_listing_it_is_invalid(raw, list
         assert work["status"] is None
     elif raw.get("adapters", [{}])[0].get("scale") == 0.5:  # the actor recorded it `failed`
         assert work["status"] == "invalid"
-        assert work["error"] == ("m.parquet row 2 (`r`): adapter 'mug-v1' is a Textual Inversion embedding, which has "
-                                 "no scale; got 0.5 in `adapters` (use 1.0, or 0 to leave it out)")
+        assert work["error"] == ("m.parquet row 2 (`r`): `adapters` adapter 'mug-v1' is a Textual Inversion embedding, "
+                                 "which has no scale; got 0.5 (use 1.0, or 0 to leave it out)")
     else:
         where = "the negative prompt" if "negative_prompt" in raw else "the prompt"
         assert work["status"] == "invalid"

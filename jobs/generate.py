@@ -202,7 +202,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
 
     remove_stale_temp_files(fs, root)
     try:
-        finished: dict[str, str] = {}
+        finished: dict[str, tuple[str, int | None]] = {}
         done = {} if cfg.force else read_latest_ok(fs, root, finished)
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole: this one was damaged afterwards
@@ -227,8 +227,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
         changed = changed_since_recorded(images, finished)
         del images  # the listing's details: ~800 MB for a million images, not needed past this point
         if changed:  # its ledger entry no longer vouches for it: read, as an unrecorded image is, before it counts
-            log(f"{len(changed)} image(s) written after their ledger entry (another run, a copy, an edit): each is "
-                "checked before it counts as done")
+            log(f"{len(changed)} image(s) written after their ledger entry, or of another size than it records "
+                "(another run, a copy, an edit, a file damaged in place): each is checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
     del finished
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
@@ -283,13 +283,17 @@ NOT_ASKED_LISTED = 1000  # ids run.json lists of the rows no manifest asks for a
 RECORDED_SLACK_SECONDS = 5.0
 
 
-def changed_since_recorded(images: dict[str, dict], finished: dict[str, str]) -> set[str]:
-    """Ids whose image the store says was written after the newest `ok` ledger entry of the id: a run killed
-    before it recorded another version of the row, a copy that reset the times, a file edited or replaced.
-    Where the store gives no time, the entry is trusted."""
+def changed_since_recorded(images: dict[str, dict], finished: dict[str, tuple[str, int | None]]) -> set[str]:
+    """Ids whose image no longer matches the newest `ok` ledger entry of the id, by the store's listing: written
+    after it (a run killed before it recorded another version of the row, a copy that reset the times, a file
+    edited or replaced) or of another size (damaged in place, its time kept: a copy cut short, a disk error).
+    Where the store gives no time or size, or the entry records none, the entry is trusted on that count."""
     changed = set()
-    for rid, when in finished.items():
+    for rid, (when, size) in finished.items():
         info = images.get(rid)
+        if info and size is not None and info.get("size") is not None and int(info["size"]) != size:
+            changed.add(rid)
+            continue
         written = stored_at(info) if info else None
         if written is None or not when:
             continue

@@ -30,6 +30,7 @@ LEDGER_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("uri", pa.string()),
     ("sha256", pa.string()),
+    ("bytes", pa.int64()),  # the PNG's size: a rerun redraws an image whose size no longer matches (damaged in place)
     ("params_hash", pa.string()),
     ("seed", pa.int64()),
     ("model", pa.string()),
@@ -67,7 +68,8 @@ def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
 
 def settled_row(row: dict[str, Any], **fields) -> dict[str, Any]:
     """The ledger entry of a row the plan settled: invalid, failed, or ok when it recovered the image."""
-    return ledger_row(row, row["status"], uri=row.get("uri"), sha256=row.get("sha256"), **fields)
+    return ledger_row(row, row["status"], uri=row.get("uri"), sha256=row.get("sha256"), bytes=row.get("bytes"),
+                      **fields)
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -186,23 +188,26 @@ def ledger_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | No
     return {path: found[path].get("size") for path in sorted(found)}
 
 
-def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str, finished: dict[str, str] | None = None) -> dict[str, str]:
+def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,
+                   finished: dict[str, tuple[str, int | None]] | None = None) -> dict[str, str]:
     """Map id -> params_hash of the newest `ok` entry for every id the ledger holds; `finished`, when given,
-    is filled with id -> that entry's `finished_at`.
+    is filled with id -> that entry's (`finished_at`, `bytes`): what a rerun checks the image against
+    (`bytes` is None in parts written before the column was).
 
     Only the newest counts: if a row was drawn with hash A, then B, then changed back to A, the image
     on disk is B's, so A must be drawn again.
     """
     parts = ledger_parts(fs, root)
-    latest: dict[str, tuple[str, str]] = {}
-    for _, table in read_parquet_files(fs, list(parts), columns=["id", "status", "params_hash", "finished_at"],
-                                       sizes=parts):
-        for rid, status, phash, when in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+    latest: dict[str, tuple[str, str, int | None]] = {}
+    columns = ["id", "status", "params_hash", "finished_at", "bytes"]
+    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts):
+        sizes = table.column("bytes").to_pylist() if "bytes" in table.column_names else [None] * table.num_rows
+        for rid, status, phash, when, size in zip(*(table.column(c).to_pylist() for c in columns[:4]), sizes):
             if status == "ok" and (rid not in latest or when >= latest[rid][1]):
-                latest[rid] = (phash, when)
+                latest[rid] = (phash, when, size)
     if finished is not None:
-        finished.update((rid, when) for rid, (_, when) in latest.items())
-    return {rid: phash for rid, (phash, _) in latest.items()}
+        finished.update((rid, (when, size)) for rid, (_, when, size) in latest.items())
+    return {rid: phash for rid, (phash, _, _) in latest.items()}
 
 
 def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:

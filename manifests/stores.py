@@ -186,7 +186,8 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
     thousands. Read one by one from an object store, each costs its own round trips; `cat_ranges` fetches
     up to FETCH_CHUNK of them at once, concurrently on async stores (s3fs, gcsfs, adlfs) and as plain reads
     elsewhere. `sizes` (from a detailed listing) keeps each fetch under FETCH_BYTES. Tables are parsed in
-    this thread (see `read_parquet`). A file that cannot be fetched or parsed raises UnreadableFile naming it.
+    this thread (see `read_parquet`). `columns`: those of them each file has (a ledger part written before a
+    column was added lacks it). A file that cannot be fetched or parsed raises UnreadableFile naming it.
     """
     for chunk in _fetch_chunks(paths, sizes or {}):
         fetched = fs.cat_ranges(chunk, None, None, on_error="return")
@@ -195,10 +196,17 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
             if isinstance(data, BaseException):
                 raise UnreadableFile(path, data, damaged=False) from data
             try:
-                table = pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False, pre_buffer=False)
+                table = _parquet_table(data, columns)
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise UnreadableFile(path, exc, damaged=True) from exc
             yield path, table
+
+
+def _parquet_table(data: bytes, columns: list[str] | None) -> pa.Table:
+    if columns is not None:
+        names = pq.read_schema(pa.BufferReader(data)).names
+        columns = [c for c in columns if c in names]
+    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False, pre_buffer=False)
 
 
 def _fetch_chunks(paths: list[str], sizes: dict[str, int | None]) -> Iterator[list[str]]:

@@ -12,6 +12,7 @@ itself is checked on the bad-input run, which uses the default payload.
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 
 import pyarrow as pa
@@ -121,16 +122,21 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
 
     # images written after their ledger entry no longer count as done on the entry's word: one replaced by
     # another row's image (a killed run that drew the row another way looks the same), one cut short, one only
-    # re-saved (recovered: its own parameters, whole)
+    # re-saved (recovered: its own parameters, whole); and one cut short in place with its time put back (a copy
+    # cut short that kept the times, a disk error): its size no longer matches the entry's `bytes`
     images = out / "images"
-    replaced, cut, resaved = (images / f"{changed[i]['id']}.png" for i in (20, 21, 22))
+    replaced, cut, resaved, damaged = (images / f"{changed[i]['id']}.png" for i in (20, 21, 22, 24))
     replaced.write_bytes((images / f"{changed[23]['id']}.png").read_bytes())
     cut.write_bytes(cut.read_bytes()[:-2000])  # its parameters chunk, before the pixels, is still whole
     resaved.write_bytes(resaved.read_bytes())
+    kept = damaged.stat()
+    damaged.write_bytes(damaged.read_bytes()[:-2000])
+    os.utime(damaged, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert {e["id"]: e["bytes"] for e in ledger(out)}[changed[24]["id"]] == kept.st_size
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--plan-only", "--no-watermark")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 image(s) written after their ledger entry" in proc.stderr, proc.stderr[-2000:]
-    assert "of 63 rows 2 would be drawn, 60 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
+    assert "4 image(s) written after their ledger entry, or of another size" in proc.stderr, proc.stderr[-2000:]
+    assert "of 63 rows 3 would be drawn, 59 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):

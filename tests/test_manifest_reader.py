@@ -372,9 +372,9 @@ def test_count_ids_counts_rows_and_ids_across_files(memfs):
 
 def ledger_row(rid: str, phash: str, finished_at: str, status: str = "ok", **extra) -> dict:
     return {
-        "id": rid, "status": status, "uri": f"out/images/{rid}.png", "sha256": "0" * 64, "params_hash": phash,
-        "seed": 42, "model": "default", "adapters": [{"name": "brand", "scale": 0.5}], "width": 256,
-        "height": 256, "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim", "watermark": "sdfleet",
+        "id": rid, "status": status, "uri": f"out/images/{rid}.png", "sha256": "0" * 64, "bytes": 1234,
+        "params_hash": phash, "seed": 42, "model": "default", "adapters": [{"name": "brand", "scale": 0.5}],
+        "width": 256, "height": 256, "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim", "watermark": "sdfleet",
         "watermark_bits": 1.0 if status == "ok" else None,
         "error": None if status == "ok" else "boom", "warning": None, "actor": "actor-0", "seconds": 0.25,
         "finished_at": finished_at, "source": "m.parquet", "row": 0,
@@ -415,6 +415,19 @@ def test_parts_with_different_pass_through_columns_read_as_one_table(memfs):
     rows = {r["id"]: r for r in read_ledger(fs, root).to_pylist()}
     assert (rows["a"]["sku"], rows["a"]["campaign"]) == ("S-A", None)
     assert (rows["b"]["sku"], rows["b"]["campaign"]) == (None, "spring")
+
+
+def test_latest_ok_reads_parts_written_before_the_bytes_column(memfs):
+    """A ledger part from before `bytes` was a column is read, its sizes unknown (the entry trusted on size)."""
+    fs, root = memfs
+    old = to_table([ledger_row("mug", "A", "2026-01-01T00:00:00+00:00")]).drop_columns(["bytes"])
+    with fs.open(f"{root}/results/20260101T000000-aaaaaa-00000.parquet", "wb") as f:
+        pq.write_table(old, f)
+    write_part(fs, root, "20260102T000000-bbbbbb", 0, [ledger_row("lamp", "L", "2026-01-02T00:00:00+00:00")])
+    finished: dict = {}
+    assert read_latest_ok(fs, root, finished) == {"mug": "A", "lamp": "L"}
+    assert finished == {"mug": ("2026-01-01T00:00:00+00:00", None), "lamp": ("2026-01-02T00:00:00+00:00", 1234)}
+    assert read_ledger(fs, root).to_pylist()[0]["bytes"] is None
 
 
 def test_latest_ok_takes_the_newest_entry_per_id(memfs):

@@ -26,7 +26,7 @@ from manifests.ledger import concat_parts, ledger_parts
 from manifests.stores import UnreadableFile, folder_files, read_parquet_files, url_to_fs
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
-BOOKKEEPING = ("status", "uri", "sha256", "params_hash", "error", "warning", "watermark", "watermark_bits",
+BOOKKEEPING = ("status", "uri", "sha256", "bytes", "params_hash", "error", "warning", "watermark", "watermark_bits",
                "actor", "seconds", "finished_at", "source", "row")
 
 
@@ -46,10 +46,20 @@ class RunOutput:
     # for become Python dicts (`rows`), a page of a report at a time.
 
     @cached_property
-    def images(self) -> set[str]:
-        """The file names under images/ (listed when first asked: a million of them take ~12 s)."""
-        folder = f"{self.root}/images"
-        return {p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)} if self.fs.exists(folder) else set()
+    def images(self) -> dict[str, int | None]:
+        """The file names under images/, each with its size where the store gives one (listed when first asked:
+        a million of them take ~12 s)."""
+        listed = folder_files(self.fs, f"{self.root}/images")
+        return {path.rsplit("/", 1)[-1]: info.get("size") for path, info in listed.items()}
+
+    def resized(self, row_id: str, recorded: int | None) -> str | None:
+        """Why `row_id`'s PNG is not the one its ledger entry recorded, going by size alone, or None: a file cut
+        short or replaced since (`generate` checks it again before it counts as done)."""
+        size = self.images.get(f"{row_id}.png")
+        if recorded is None or size is None or int(size) == recorded:
+            return None
+        return (f"is {int(size):,} bytes, not the {recorded:,} the ledger recorded (damaged or replaced since it was "
+                "drawn; the next generate reads it back, and draws it again unless it decodes whole)")
 
     @property
     def run_id(self) -> str:

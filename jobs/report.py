@@ -65,8 +65,12 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     names = [thumb_name(*key) for key in zip(current.column("sha256").to_pylist(),
                                                 current.column("params_hash").to_pylist(), ids)]
     has_image = [f"{row_id}.png" in out.images for row_id in ids]
+    recorded = current.column("bytes").to_pylist() if "bytes" in current.column_names else [None] * len(ids)
+    resized = [out.resized(row_id, size) if status == "ok" and has else None  # not shown from an old thumbnail
+               for row_id, size, status, has in zip(ids, recorded, statuses, has_image)]
+    del recorded
     thumbs = Thumbnails(out, thumb)
-    shown = [i for i, status in enumerate(statuses) if status == "ok" and has_image[i]]
+    shown = [i for i, status in enumerate(statuses) if status == "ok" and has_image[i] and resized[i] is None]
     try:
         made = thumbs.make([(ids[i], names[i]) for i in shown], workers)
         thumbs.prune({names[i] for i in shown})
@@ -76,8 +80,8 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     except Exception as exc:  # noqa: BLE001 - a read-only store (served over HTTP), a full disk
         raise ReportError(f"cannot write {out.uri}/report/thumbs: {one_line(exc)}") from exc
     del shown
-    rows, reused = Rows.of(out, statuses, names, has_image, thumbs.index), thumbs.reused
-    del names, has_image, thumbs
+    rows, reused = Rows.of(out, statuses, names, has_image, thumbs.index, resized), thumbs.reused
+    del names, has_image, thumbs, resized
     pa.default_memory_pool().release_unused()
     layout = Layout.of(out.groups(group_by), len(ids), group_by)
     pages = Pages(out)
@@ -117,8 +121,9 @@ class Rows:
 
     @classmethod
     def of(cls, out: RunOutput, statuses: list[str], names: list[str], has_image: list[bool],
-           index: pa.Table) -> "Rows":
-        """`statuses`, `names` and `has_image` are per row of `out.current`, in its order."""
+           index: pa.Table, resized: list[str | None]) -> "Rows":
+        """`statuses`, `names`, `has_image` and `resized` (RunOutput.resized) are per row of `out.current`, in its
+        order."""
         at = pc.index_in(pa.array(names, pa.string()), value_set=index.column("name"))
         info = index.take(at)
         table = out.current.drop_columns(["__at"]).append_column("__thumb", pa.array(names, pa.string()))
@@ -128,6 +133,7 @@ class Rows:
         # a row whose thumbnail the index lacks (its PNG gone since the listing) has none to show: say so
         error = pc.if_else(pc.is_valid(at), info.column("error"),
                            pa.scalar("could not be read when the thumbnails were made", pa.string()))
+        error = pc.coalesce(pa.array(resized, pa.string()), error)
         table = table.append_column("__thumb_error", error)
         lacks = [status != "ok" or not has or error is not None
                  for status, has, error in zip(statuses, has_image, error.to_pylist())]

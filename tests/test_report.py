@@ -46,7 +46,16 @@ def _draw(out: Path, row_id: str, colour, prompt: str) -> dict:
     data = png_bytes(rgb, {"id": row_id, "prompt": prompt, "negative_prompt": "blurry"})
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "images" / f"{row_id}.png").write_bytes(data)
-    return {"uri": str(out / "images" / f"{row_id}.png"), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"uri": str(out / "images" / f"{row_id}.png"), "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data)}
+
+
+def _damage_in_place(path: Path) -> None:
+    """Zeros over the pixels (all after the first IDAT chunk's name): the file no longer decodes, and keeps its
+    size (which the ledger records: a file cut short is told by that, without being opened)."""
+    data = path.read_bytes()
+    pixels = data.index(b"IDAT") + 4
+    path.write_bytes(data[:pixels] + bytes(len(data) - pixels))
 
 
 def _run(out: Path, run_id: str, entries: list[dict], counts: dict) -> None:
@@ -115,7 +124,7 @@ def test_report_shows_each_row_as_it_stands_with_reasons_and_missing_images(outp
 
 
 def test_a_damaged_image_is_a_problem_and_the_pop_up_keeps_every_digit_of_the_seed(output):
-    (output / "images" / "e.png").write_bytes((output / "images" / "e.png").read_bytes()[:300])  # cut short
+    _damage_in_place(output / "images" / "e.png")
     seed = 5397352375133113116  # a default seed: 63 bits, past what a JavaScript number holds exactly
     part = next((output / "results").glob("20261202*.parquet"))
     table = pq.read_table(part)
@@ -130,7 +139,7 @@ def test_a_damaged_image_is_a_problem_and_the_pop_up_keeps_every_digit_of_the_se
 
 
 def test_a_damaged_image_is_read_once_and_its_index_row_goes_when_it_is_redrawn(output):
-    (output / "images" / "e.png").write_bytes((output / "images" / "e.png").read_bytes()[:300])  # cut short
+    _damage_in_place(output / "images" / "e.png")
     thumbs = output / "report" / "thumbs"
     assert build_report(str(output))["thumbnails_made"] == 3
     stamp = (thumbs / "index.parquet").stat().st_mtime_ns
@@ -140,6 +149,21 @@ def test_a_damaged_image_is_read_once_and_its_index_row_goes_when_it_is_redrawn(
     (damaged,) = [name for name, row in _index(thumbs).items() if row["error"]]
     _redraw(output, "e", "20261203T000000-cccccc")
     assert build_report(str(output))["thumbnails_made"] == 1 and damaged not in _index(thumbs)
+
+
+def test_an_image_cut_short_after_its_thumbnail_was_made_is_missing_in_the_next_report(output):
+    """A thumbnail is made once, from the PNG as it was: a PNG cut short later (a copy that kept its time) was
+    shown from the old thumbnail for good. Its size, against the ledger's `bytes`, says so without opening it."""
+    assert build_report(str(output))["missing"] == 1
+    e = output / "images" / "e.png"
+    e.write_bytes(e.read_bytes()[:-100])
+    done = build_report(str(output))
+    page = (output / "report" / "index.html").read_text()
+    assert (done["missing"], done["thumbnails_made"]) == (2, 0) and _tiles(page)["e"] == "missing"
+    size = e.stat().st_size
+    assert (f"<b>missing</b>: the ledger says ok, but images/e.png is {size:,} bytes, not the {size + 100:,} the "
+            "ledger recorded (damaged or replaced since it was drawn") in page
+    assert len(list((output / "report" / "thumbs").glob("*.jpg"))) == 2, "e's old thumbnail is not shown, nor kept"
 
 
 def test_a_store_that_does_not_answer_for_the_index_stops_the_report_instead_of_remaking_every_thumbnail(

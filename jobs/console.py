@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 
-
-# A password in a URI (`https://user:secret@host/...`, `ftp://...`): sdfleet's own lines show it as ***.
-_URI_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s@]+@")
-
-
-def without_passwords(text: str) -> str:
-    """`text` with the password of every URI in it replaced by ***: secrets belong in the environment, and what
-    sdfleet prints ends up in CI logs and terminals' scrollback."""
-    return _URI_PASSWORD.sub(r"\1***@", text)
+from manifests.stores import without_passwords  # noqa: F401 - what sdfleet says and records goes through it
 
 
 def recorded_json(data) -> str:

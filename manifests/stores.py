@@ -21,6 +21,16 @@ FETCH_CHUNK = 128  # files `read_parquet_files` fetches together ...
 FETCH_BYTES = 64 * 2**20  # ... as long as their bytes, held in memory until parsed, stay under this
 
 
+# A password in a URI (`https://user:secret@host/...`, `ftp://...`): what sdfleet says and records shows it as ***.
+_URI_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^/\s@]+@")
+
+
+def without_passwords(text: str) -> str:
+    """`text` with the password of every URI in it replaced by ***: secrets belong in the environment, and what
+    sdfleet prints or records ends up in CI logs, terminals' scrollback and files that travel with the outputs."""
+    return _URI_PASSWORD.sub(r"\1***@", text)
+
+
 class UnreadableFile(Exception):
     """A file of a store that cannot be read; `path` names it. `damaged`: it was fetched but is not what it
     should be (cut short, not Parquet); otherwise the store did not give it (unreachable, refused, gone)."""

@@ -220,6 +220,22 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(tmp_path)
         assert torch.equal(p, q)
 
 
+def test_train_log_holds_no_password_of_the_uris_in_the_config(tmp_path):
+    """The `started` line records the whole config: a --base or --data URI with a password in it was written in
+    clear into train_log.jsonl, which travels with the model (finetune.json and the terminal had it masked)."""
+    from actors.train.config import TrainConfig
+    from actors.train.loop import TrainLog
+
+    cfg = TrainConfig(method="lora", data="s3://alice:s3cret@bucket/ds", out=str(tmp_path),
+                      base="http://bob:hunter2@models.example/tiny/")
+    TrainLog(str(tmp_path), rank=0).line({"event": "started", "config": cfg.model_dump()})
+    text = (tmp_path / "train_log.jsonl").read_text()
+    assert "s3cret" not in text and "hunter2" not in text, text
+    (line,) = train_log(tmp_path)
+    assert line["config"]["base"] == "http://bob:***@models.example/tiny"  # the config drops the trailing /
+    assert line["config"]["data"] == "s3://alice:***@bucket/ds"
+
+
 def test_train_log_appends_on_disk_and_rewrites_an_object_store_only_when_a_line_must_last(tmp_path, monkeypatch):
     """A resumed run's lines follow the first run's; on a store that cannot append, progress lines are
     batched (one rewrite per REWRITE_SECONDS) while events and checkpoint metrics are written at once."""

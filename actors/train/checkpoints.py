@@ -11,7 +11,7 @@ import torch
 
 from actors.models import ModelInfo
 from actors.train.config import TrainConfig
-from manifests.stores import url_to_fs
+from manifests.stores import url_to_fs, without_passwords
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -105,8 +105,8 @@ def publish(cfg: TrainConfig, base: ModelInfo, pipe) -> None:
         else:
             pipe.save_pretrained(tmp, safe_serialization=True)
             with open(os.path.join(tmp, "sdfleet.json"), "w") as f:
-                json.dump({"base": base.ref, "width": base.width, "height": base.height, "steps": base.steps,
-                           "scheduler": base.scheduler}, f, indent=2)
+                json.dump({"base": without_passwords(base.ref), "width": base.width, "height": base.height,
+                           "steps": base.steps, "scheduler": base.scheduler}, f, indent=2)
         for dirpath, _, files in os.walk(tmp):
             for name in files:
                 local = os.path.join(dirpath, name)

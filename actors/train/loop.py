@@ -30,7 +30,7 @@ from actors.train.data import batch_tensors, encode_dataset, random_crops, sampl
 from actors.train.losses import diffusion_loss, min_snr_weights, prior_weights, training_target, vae_loss, warmup_cosine
 from actors.train.model import drawable_pipeline, latent_scale, make_trainable, shard, trainee
 from actors.train.validation import eval_loss, fixed_eval_batch, validate
-from manifests.stores import url_to_fs
+from manifests.stores import url_to_fs, without_passwords
 
 
 def train_loop(config: dict) -> None:
@@ -189,7 +189,7 @@ class TrainLog:
     def line(self, record: dict, durable: bool = True) -> None:
         if self.rank != 0:
             return
-        text = json.dumps(record) + "\n"
+        text = without_passwords(json.dumps(record)) + "\n"  # the config's URIs: the file travels with the model
         if self.append:
             with self.fs.open(self.path, "a") as f:  # one short write: a kill leaves whole lines
                 f.write(text)

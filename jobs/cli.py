@@ -230,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
 
         from jobs.generate import STOPPED_HINT
 
-        what = without_passwords({
-            "generate": STOPPED_HINT,
-            "finetune": f"checkpoints are in {getattr(args, 'out', 'OUT')}/checkpoints, rerun the same command to "
-                        "resume from the newest"}.get(args.command, "nothing more was done"))
+        if args.command == "finetune":
+            from jobs.finetune import resume_hint
+
+            what = without_passwords(resume_hint(args.out))
+        else:
+            what = without_passwords(STOPPED_HINT if args.command == "generate" else "nothing more was done")
         if cluster_lost():  # the watch interrupted the command (cluster.connect.watch_cluster)
             print(f"sdfleet: error: {without_passwords(cluster_lost())}; {what}", file=sys.stderr)
             return EXIT_ERROR

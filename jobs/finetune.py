@@ -31,7 +31,7 @@ from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect
                              local_gpu_shortfall, local_resources, watch_cluster)
 from jobs.console import command_log, leave, log, recorded_json, without_passwords
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
-from manifests.dataset import SUMMARY_FILE, check_dataset, folder_names
+from manifests.dataset import SUMMARY_FILE, check_dataset, dataset_fingerprint, folder_names
 from manifests.schema import first_few, is_adapter_name
 from manifests.stores import (absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
                               require_bucket, url_to_fs)
@@ -39,6 +39,9 @@ from manifests.stores import (absolute_local, folder_files, is_local_fs, is_loca
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
                "class_data", "class_prompts", "prior_loss_weight", "workers", "batch_size", "grad_accum", "fsdp")
+# The datasets' fingerprints, by flag: a dataset rebuilt in place from other images is another run's data. Compared
+# where both records hold one (records before 2026-12-06 do not).
+DATASET_KEYS = {"data_fingerprint": "--data", "class_data_fingerprint": "--class-data"}
 # Ray Train's background watchers, off on a local Ray: a one-machine run has no node to be preempted and
 # no metrics backend, and on a 2-core box their polling takes CPU from the workers. A cluster keeps them.
 # Set either variable yourself to override.
@@ -90,7 +93,8 @@ def run_finetune(cfg: TrainConfig) -> dict:
         "resolution": resolution, "class_data": class_data, "class_prompts": [],
         "validation_prompts": cfg.validation_prompts or _default_validation_prompts(cfg)})
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
-    record = run_record(cfg, base.fingerprint, class_data)
+    record = run_record(cfg, base.fingerprint, class_data, data_fingerprints=(
+        dataset_fingerprint(cfg.data), dataset_fingerprint(cfg.class_data, "--class-data") if cfg.class_data else None))
     if _starts_afresh(fs, root, record, cfg):  # from here on --out is this fine-tune's: a rerun may use it
         _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
     with _status_on_the_way_out(fs, root, record, cfg):
@@ -108,7 +112,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
 def _give_up(fs, root: str, record: dict, cfg: TrainConfig, reason: str) -> None:
     """The cluster is gone and Ray Train's driver waits on it until Ray ends the process with nothing said:
     record the failure, say why and end it here (cluster.connect.watch_cluster)."""
-    error = f"{reason}; checkpoints are in {cfg.out}/checkpoints, rerun the same command to resume from the newest"
+    error = f"{reason}; {resume_hint(cfg.out)}"
     _record_failure(fs, root, record, cfg, error)
     print(f"sdfleet: error: {without_passwords(error)}", file=sys.stderr)
     leave(1)
@@ -285,13 +289,28 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
         raise KeyboardInterrupt from exc
     except Exception as exc:
         cause = root_cause(exc)
-        raise FinetuneError(f"training stopped: {cause}{memory_hint(cause, cfg)}; checkpoints are in "
-                            f"{cfg.out}/checkpoints, rerun the same command to resume") from exc
+        hint = memory_hint(cause, cfg)
+        if hint and len(cause) > 200:  # Ray's memory monitor says a paragraph, its tips are for Ray's own tasks
+            cause = "a worker ran out of memory (Ray's memory monitor stopped it: the log file has its report)"
+        raise FinetuneError(f"training stopped: {cause}{hint}; {resume_hint(cfg.out)}") from exc
     return dict(result.metrics or {})
 
 
 # What torch (CUDA and CPU allocators) and Ray's memory monitor say when a worker runs out of memory.
 OUT_OF_MEMORY = ("out of memory", "outofmemoryerror", "can't allocate memory", "running low on memory")
+
+
+def resume_hint(out: str) -> str:
+    """What a rerun of a fine-tune that stopped does: resume from the newest checkpoint in `out`, or, with none
+    written yet, start training again (class images already drawn are kept)."""
+    try:
+        fs, root = url_to_fs(out)
+        written = _has_checkpoint(fs, root.rstrip("/"))
+    except Exception:  # noqa: BLE001 - the store may be what failed: say what a rerun would do if it had one
+        written = True
+    if written:
+        return f"checkpoints are in {out}/checkpoints, rerun the same command to resume from the newest"
+    return "no checkpoint was written yet, so rerunning the same command starts training again"
 
 
 def memory_hint(cause: str, cfg: TrainConfig) -> str:
@@ -309,7 +328,7 @@ def memory_hint(cause: str, cfg: TrainConfig) -> str:
     again = f"start again in a new --out with {', or '.join(fresh)}"
     if cfg.gradient_checkpointing:
         return f" (out of memory: {again})"
-    return f" (out of memory: add --gradient-checkpointing, and a rerun resumes; or {again})"
+    return f" (out of memory: add --gradient-checkpointing to the same command; or {again})"
 
 
 def _local_trainer_class():
@@ -332,10 +351,13 @@ def _local_trainer_class():
     return LocalTorchTrainer
 
 
-def run_record(cfg: TrainConfig, base_fingerprint: str, class_data: str | None) -> dict:
-    """What identifies a fine-tune in its --out (finetune.json): a rerun must match it on RESUME_KEYS."""
+def run_record(cfg: TrainConfig, base_fingerprint: str, class_data: str | None,
+               data_fingerprints: tuple[str | None, str | None] = (None, None)) -> dict:
+    """What identifies a fine-tune in its --out (finetune.json): a rerun must match it on RESUME_KEYS, and on
+    DATASET_KEYS (manifests.dataset.dataset_fingerprint of --data and a given --class-data) where both have them."""
     lora = cfg.method == "lora"
     return {"method": cfg.method, "base": cfg.base, "base_fingerprint": base_fingerprint, "data": cfg.data,
+            "data_fingerprint": data_fingerprints[0], "class_data_fingerprint": data_fingerprints[1],
             "rank": cfg.rank if lora else None, "lora_layers": cfg.lora_layer_set if lora else None,
             "token": cfg.token, "vectors": cfg.token_vectors if cfg.token else None,
             "train_text_encoder": cfg.train_text_encoder,
@@ -404,6 +426,8 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
             if isinstance(side.get(key), str):
                 side[key] = absolute_local(side[key])
     clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
+    clashes += [f"the dataset at {flag} was built again from other images since (its parts differ)"
+                for k, flag in DATASET_KEYS.items() if before.get(k) and record.get(k) and before[k] != record[k]]
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "
                             "use a new --out, or the same flags to resume that one")

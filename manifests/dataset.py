@@ -8,6 +8,7 @@ running, are not read). A folder without `_dataset.json` is every `.parquet` fil
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import fsspec
@@ -103,9 +104,32 @@ def check_dataset(uri: str, flag: str = "--data") -> int:
             if not is_kind(schema.field(column).type):
                 raise DatasetError(f"{flag} {uri}: {path}'s `{column}` column is {schema.field(column).type}, not "
                                    f"{kind}; build the dataset with `sdfleet dataset build`")
+            empty = _nulls(meta, names.index(column))
+            if empty:
+                raise DatasetError(f"{flag} {uri}: {path} has {empty} row(s) whose `{column}` is null; every row needs "
+                                   "one (an empty caption is \"\"); build the dataset with `sdfleet dataset build`")
     if rows == 0:
         raise DatasetError(f"{flag} {uri} is empty: 0 rows")
     return rows
+
+
+def _nulls(meta: pq.ParquetFile, column: int) -> int:
+    """Nulls in a column, from the footer's statistics (0 where a writer kept none: the worker says then)."""
+    count = 0
+    for group in range(meta.metadata.num_row_groups):
+        stats = meta.metadata.row_group(group).column(column).statistics
+        if stats is not None and stats.has_null_count:
+            count += stats.null_count
+    return count
+
+
+def dataset_fingerprint(uri: str, flag: str = "--data") -> str:
+    """What tells one build of a dataset from another at the same URI: its parts' names and sizes, hashed. A
+    rebuild from other images changes it, the same images built again do not; the bytes are not read (a
+    dataset may be GBs on an object store)."""
+    fs, files = dataset_files(uri, flag)
+    parts = [(path.rsplit("/", 1)[-1], fs.size(path)) for path in files]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def read_dataset(uri: str) -> pa.Table:

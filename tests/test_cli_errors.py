@@ -383,7 +383,7 @@ def test_addresses_ray_cannot_run_a_job_on_are_refused_at_once(capsys, tmp_path,
         server.shutdown()
 
 
-def test_a_password_in_a_uri_is_never_printed(capsys, monkeypatch):
+def test_a_password_in_a_uri_is_never_printed(capsys, monkeypatch, tmp_path):
     """`https://user:secret@host/...` was echoed whole by every error and progress line naming the URI: secrets
     belong in the environment, and these lines end up in CI logs."""
     from jobs.console import log, without_passwords
@@ -405,6 +405,11 @@ def test_a_password_in_a_uri_is_never_printed(capsys, monkeypatch):
     assert main(["finetune", "lora", "--data", "d", "--base", "tiny", "--out", "https://ann:hunter2@h/tunes/a"]) == 130
     assert capsys.readouterr().err.strip() == ("sdfleet: interrupted; checkpoints are in https://ann:***@h/tunes/a/"
                                                "checkpoints, rerun the same command to resume from the newest")
+    # before its first checkpoint (drawing the class images, loading the model) there is nothing to resume from
+    (tmp_path / "early" / "checkpoints").mkdir(parents=True)
+    assert main(["finetune", "lora", "--data", "d", "--base", "tiny", "--out", str(tmp_path / "early")]) == 130
+    assert capsys.readouterr().err.strip() == ("sdfleet: interrupted; no checkpoint was written yet, so rerunning the "
+                                               "same command starts training again")
 
 
 def test_a_password_in_a_uri_stays_out_of_the_files_a_command_writes(tmp_path, monkeypatch):

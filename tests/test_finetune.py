@@ -6,6 +6,7 @@ loss falling and the outputs changing what `generate` draws, small enough for 2 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -450,7 +451,7 @@ def _parquet(path: Path, table: pa.Table) -> Path:
                                   "crop-for-full", "calibrate-for-full", "lora-layers-for-full",
                                   "pixel-loss-for-full", "crop-candidates-without-crop", "infinite-lr", "pickle-base",
                                   "out-of-other-files", "number-captions", "text-images", "seed-past-torch",
-                                  "huge-resolution", "crop-past-resolution"])
+                                  "huge-resolution", "crop-past-resolution", "null-caption"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monkeypatch, capsys):
     data, base, extra, method = str(dataset["dir"]), "tiny", [], "full"
     if case == "empty":
@@ -482,6 +483,10 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
         data = str(_parquet(tmp_path / "typed.parquet", table))
         expected = ("`caption` column is int64, not text" if case == "number-captions" else
                     "`image` column is string, not encoded image bytes (binary)")
+    elif case == "null-caption":  # failed in every worker, retried, with tokenizer's words and no row named
+        table = pa.table({"caption": pa.array(["a mug", None, None], pa.string()), "image": [b"x", b"y", b"z"]})
+        data = str(_parquet(tmp_path / "nulls.parquet", table))
+        expected = "nulls.parquet has 2 row(s) whose `caption` is null; every row needs one"
     elif case == "seed-past-torch":
         extra, expected = ["--seed", str(2**63)], "--seed: Input should be less than 9223372036854775808"
     elif case == "huge-resolution":
@@ -559,6 +564,56 @@ def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_fl
     moved = first.model_copy(update={"gradient_checkpointing": True, "checkpoint_every": 1, "max_failures": 0,
                                      "validation_prompts": ["a red star"]})
     assert _starts_afresh(fs, root, run_record(moved, "fp", None), moved) is False  # resumes it
+
+
+def test_a_rerun_on_a_dataset_built_again_from_other_images_is_refused(dataset, tmp_path):
+    """The dataset was compared by its path only: rebuilt in place from 64 other images between a Ctrl-C and the
+    rerun, it resumed the first 120 steps' model on the new data. The same images built again still resume."""
+    import shutil
+
+    import fsspec
+
+    from actors.train.config import TrainConfig
+    from jobs.errors import FinetuneError
+    from jobs.finetune import _starts_afresh, _write_json, run_record
+    from manifests.dataset import dataset_fingerprint
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset["dir"], data)
+    fs, root = fsspec.core.url_to_fs(str(tmp_path / "lora"))
+    fs.makedirs(root)
+    cfg = TrainConfig(method="lora", data=str(data), base="tiny", out=root, steps=2)
+
+    def record():
+        return run_record(cfg, "fp", None, data_fingerprints=(dataset_fingerprint(str(data)), None))
+
+    _write_json(fs, f"{root}/finetune.json", {**record(), "config": cfg.model_dump()})
+    for part in data.glob("*.parquet"):  # the same rows written again: another file, the same parts
+        part.write_bytes(part.read_bytes())
+    assert _starts_afresh(fs, root, record(), cfg) is False
+    shutil.rmtree(data)
+    write_images(tmp_path / "other", 3, size=160, seed=5)
+    built = sdfleet("dataset", "build", str(tmp_path / "other"), "-o", str(data), "--resolution", RES)
+    assert built.returncode == 0, built.stderr
+    with pytest.raises(FinetuneError, match=r"the dataset at --data was built again from other images since"):
+        _starts_afresh(fs, root, record(), cfg)
+    legacy = {k: v for k, v in record().items() if k != "data_fingerprint"}  # a record from before: not compared
+    _write_json(fs, f"{root}/finetune.json", {**legacy, "config": cfg.model_dump()})
+    assert _starts_afresh(fs, root, record(), cfg) is False
+
+
+def test_a_training_row_whose_image_does_not_decode_is_named():
+    """A hand-made dataset with one bad image failed in the worker with 'cannot identify image file
+    <_io.BytesIO object at 0x...>', naming no row."""
+    from actors.train.data import batch_tensors
+
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(good, format="PNG")
+    table = pa.table({"caption": ["a", "b"], "image": [good.getvalue(), b"garbage"]})
+    assert batch_tensors(table, [0], None, 16, captions=False)[0].shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"dataset row 1 \(from 0, over the parts in order.*its image does not decode "
+                                         r"\(UnidentifiedImageError"):
+        batch_tensors(table, [0, 1], None, 16, captions=False)
 
 
 def test_a_rerun_may_spell_a_local_folder_as_a_path_or_a_file_uri(tmp_path):
@@ -1098,9 +1153,9 @@ def test_a_worker_out_of_memory_is_told_the_flags_that_need_less(cause):
 
     cfg = TrainConfig(method="full", data="d", base="tiny", out="o", workers=4, batch_size=8, grad_accum=2)
     hint = memory_hint(cause, cfg)
-    assert hint == (" (out of memory: add --gradient-checkpointing, and a rerun resumes; or start again in a new "
-                    "--out with a lower --batch-size (now 8) with a higher --grad-accum (now 2) for the same global "
-                    "batch, or --fsdp, which shards the weights and optimizer state across the workers, or a lower "
+    assert hint == (" (out of memory: add --gradient-checkpointing to the same command; or start again in a "
+                    "new --out with a lower --batch-size (now 8) with a higher --grad-accum (now 2) for the same "
+                    "global batch, or --fsdp, which shards the weights and optimizer state across the workers, or a lower "
                     "--resolution)")
     lora = TrainConfig(method="lora", data="d", base="tiny", out="o", gradient_checkpointing=True)
     assert memory_hint(cause, lora) == (" (out of memory: start again in a new --out with a lower --batch-size "
@@ -1109,8 +1164,8 @@ def test_a_worker_out_of_memory_is_told_the_flags_that_need_less(cause):
     assert memory_hint("ValueError: caption column is empty", cfg) == ""
     one = TrainConfig(method="dreambooth", data="d", base="tiny", out="o", workers=2, batch_size=1,
                       class_prompts=["a photo of a mug"])
-    assert memory_hint(cause, one) == (" (out of memory: add --gradient-checkpointing, and a rerun resumes; or start "
-                                       "again in a new --out with --fsdp, which shards the weights and optimizer "
+    assert memory_hint(cause, one) == (" (out of memory: add --gradient-checkpointing to the same command; or "
+                                       "start again in a new --out with --fsdp, which shards the weights and optimizer "
                                        "state across the workers, or a lower --resolution)")
 
 

@@ -90,11 +90,16 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
 
     images = []
     for i in indices:
-        with Image.open(io.BytesIO(table["image"][i].as_py())) as im:
-            im = im.convert("RGB")
-            if im.size != (resolution, resolution):
-                im = square_crop(im, resolution)
-            images.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+        try:
+            with Image.open(io.BytesIO(table["image"][i].as_py())) as im:
+                im = im.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"dataset row {i} (from 0, over the parts in order; class images follow --data's "
+                             f"rows): its image does not decode ({type(exc).__name__}: {exc}); rebuild the dataset "
+                             "with `sdfleet dataset build`, which skips such images") from exc
+        if im.size != (resolution, resolution):
+            im = square_crop(im, resolution)
+        images.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return pixels, token_ids(table, indices, tokenizer) if captions else None
 

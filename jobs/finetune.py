@@ -63,12 +63,11 @@ def run_finetune(cfg: TrainConfig) -> dict:
     try:
         fs, root = url_to_fs(cfg.out)
         require_bucket(fs, root, "--out", cfg.out, FinetuneError)
-        fs.makedirs(root, exist_ok=True)
+        _check_out_is_ours(fs, root, cfg)
     except FinetuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
         raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
-    _check_out_is_ours(fs, root, cfg)
     resolution = cfg.resolution or base.width
     if cfg.crop >= resolution:  # the crops would be the whole image: trained on whole images without a word
         whose = "" if cfg.resolution else " (the base model's)"
@@ -95,6 +94,10 @@ def run_finetune(cfg: TrainConfig) -> dict:
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = run_record(cfg, base.fingerprint, class_data, data_fingerprints=(
         dataset_fingerprint(cfg.data), dataset_fingerprint(cfg.class_data, "--class-data") if cfg.class_data else None))
+    try:  # made only now: a run refused above leaves no empty folder (in an adapter store, under a refused name)
+        fs.makedirs(root, exist_ok=True)
+    except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
+        raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
     if _starts_afresh(fs, root, record, cfg):  # from here on --out is this fine-tune's: a rerun may use it
         _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
     with _status_on_the_way_out(fs, root, record, cfg):
@@ -370,6 +373,9 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
     """--out is new, empty, or an earlier fine-tune's (finetune.json): a folder of other files (photos, the base
     model itself) is refused, not written into. A LoRA's or embedding's folder name is its adapter name."""
     shown = fs.unstrip_protocol(root)
+    if fs.isfile(root):
+        raise FinetuneError(f"--out {shown} is a file; give a folder: a new or empty one, or an earlier fine-tune's "
+                            "--out to resume it")
     if fs.exists(f"{root}/run.json") or fs.exists(f"{root}/results"):  # a model's files would mix with its images
         raise FinetuneError(f"--out {shown} holds a `generate` run's output (run.json, "
                             "results/); give the fine-tune a folder of its own")

@@ -451,7 +451,7 @@ def _parquet(path: Path, table: pa.Table) -> Path:
                                   "crop-for-full", "calibrate-for-full", "lora-layers-for-full",
                                   "pixel-loss-for-full", "crop-candidates-without-crop", "infinite-lr", "pickle-base",
                                   "out-of-other-files", "number-captions", "text-images", "seed-past-torch",
-                                  "huge-resolution", "crop-past-resolution", "null-caption"])
+                                  "huge-resolution", "crop-past-resolution", "null-caption", "out-is-a-file"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monkeypatch, capsys):
     data, base, extra, method = str(dataset["dir"]), "tiny", [], "full"
     if case == "empty":
@@ -483,6 +483,9 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
         data = str(_parquet(tmp_path / "typed.parquet", table))
         expected = ("`caption` column is int64, not text" if case == "number-captions" else
                     "`image` column is string, not encoded image bytes (binary)")
+    elif case == "out-is-a-file":  # said as "[Errno 17] File exists"
+        (tmp_path / "out").write_bytes(b"")
+        expected = "is a file; give a folder: a new or empty one, or an earlier fine-tune's --out to resume it"
     elif case == "null-caption":  # failed in every worker, retried, with tokenizer's words and no row named
         table = pa.table({"caption": pa.array(["a mug", None, None], pa.string()), "image": [b"x", b"y", b"z"]})
         data = str(_parquet(tmp_path / "nulls.parquet", table))
@@ -512,6 +515,7 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
                                       "--out", str(out), *extra)
     assert code == 1 and expected in stderr, stderr[-2000:]
     assert not (out / "checkpoints").exists()
+    assert case in ("out-of-other-files", "out-is-a-file") or not out.exists(), "a refused run left its --out"
 
 
 @pytest.mark.parametrize("method, extra, expected", [
@@ -531,6 +535,18 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("textual-inversion", ["--token", "<gem>", "--train-text-encoder"], "drop --train-text-encoder"),
     ("textual-inversion", ["--token", "circle"], "'circle' is already a word of this model's tokenizer"),
     ("full", ["--token", "<gem>"], "--token is for textual-inversion"),
+    # another method's flags were ignored without a word on full (and refused elsewhere)
+    ("full", ["--rank", "8"], "--rank and --alpha are for lora; full trains whole weights"),
+    ("textual-inversion", ["--token", "<gem>", "--alpha", "3"], "--rank and --alpha are for lora; textual-inversion "
+                                                                 "trains the token vectors"),
+    ("full", ["--kl-weight", "0.1"], "--kl-weight is for vae"),
+    ("full", ["--prior-loss-weight", "2"], "--prior-loss-weight weighs the class images' loss: it needs"),
+    ("lora", ["--class-images", "5"], "--class-images is how many class images --class-prompt draws"),
+    # values past any plan: each trained on for good or failed minutes later
+    ("lora", ["--steps", str(10**20)], "--steps: Input should be less than or equal to 10000000"),
+    ("lora", ["--rank", "100000"], "--rank: Input should be less than or equal to 1024"),
+    ("lora", ["--batch-size", "1000000"], "--batch-size: Input should be less than or equal to 256"),
+    ("lora", ["--grad-accum", "100000"], "--grad-accum: Input should be less than or equal to 1024"),
     ("lora", ["--out-name", "mug style"], "'mug style' will be the adapter's name in `generate --adapters`"),
 ])
 def test_method_flags_are_checked_before_any_worker_starts(method, extra, expected, dataset, tmp_path, monkeypatch,
@@ -541,7 +557,7 @@ def test_method_flags_are_checked_before_any_worker_starts(method, extra, expect
     code, stderr = refused_before_ray(monkeypatch, capsys, "finetune", method, "--data", str(dataset["dir"]),
                                       "--base", "tiny", "--out", str(out), *extra)
     assert code == 1 and expected in stderr, stderr[-2000:]
-    assert not (out / "checkpoints").exists()
+    assert not out.exists(), "a refused run left its --out behind (an empty folder in the adapter store)"
 
 
 def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_flag(tmp_path):

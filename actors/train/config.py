@@ -15,6 +15,13 @@ PRIOR_METHODS = ("dreambooth", "lora")  # the methods that can train with prior 
 # the most class images one run draws: the draw's manifest is built in the driver's memory (a billion ids alone
 # would be ~60 GB, and the driver would die without a word), and DreamBooth's prior wants hundreds
 MAX_CLASS_IMAGES = 100_000
+# Upper bounds past which a value is a typo, not a plan: each took minutes to fail, or trained on for good
+# (--steps past 2**63 gave a flat schedule; --rank 100000 on 64-wide layers a 9 GB worker; --batch-size 10**6 an
+# out-of-memory kill after a minute, said by Ray in a paragraph).
+MAX_STEPS = 10_000_000
+MAX_RANK = 1024  # past a layer's width a LoRA's rank adds nothing; SD 2.1's widest is 1280
+MAX_BATCH = 256  # samples per worker per micro-step, as `generate`'s --batch-size; more: --grad-accum
+MAX_GRAD_ACCUM = 1024
 
 
 class TrainConfig(BaseModel):
@@ -32,11 +39,12 @@ class TrainConfig(BaseModel):
     gpu: bool = Field(default=False, description="one GPU per worker, NCCL, mixed precision")
     cpus_per_worker: int | None = Field(default=None, ge=1, description="CPU workers: cores (torch threads) each "
                                         "(default: the cluster's CPUs shared out)")
-    steps: int = Field(default=1000, ge=1, description="optimizer steps")
+    steps: int = Field(default=1000, ge=1, le=MAX_STEPS, description="optimizer steps")
     lr: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="peak learning rate (default: 1e-5 full, 5e-6 "
                              "dreambooth, 1e-4 lora and vae, 5e-3 textual-inversion)")
-    batch_size: int = Field(default=4, ge=1, description="samples per worker per micro-step")
-    grad_accum: int = Field(default=1, ge=1, description="micro-steps per optimizer step")
+    batch_size: int = Field(default=4, ge=1, le=MAX_BATCH, description="samples per worker per micro-step (at most "
+                            f"{MAX_BATCH}; a larger global batch: --grad-accum or --workers)")
+    grad_accum: int = Field(default=1, ge=1, le=MAX_GRAD_ACCUM, description="micro-steps per optimizer step")
     resolution: int | None = Field(default=None, description="training size in px (default: the base model's)")
     seed: int = Field(default=0, ge=0, lt=2**63, description="seed for the data order, noise and timesteps "
                       "(0 <= seed < 2**63, as a manifest row's)")
@@ -52,7 +60,7 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(default=None, gt=0, lt=1, allow_inf_nan=False, description="keep an EMA of the weights (0.9999 is usual)")
     gradient_checkpointing: bool = Field(default=False, description="trade compute for activation memory")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(default="auto", description="auto: bf16 on GPU, no on CPU")
-    rank: int = Field(default=4, ge=1, description="LoRA rank")
+    rank: int = Field(default=4, ge=1, le=MAX_RANK, description="LoRA rank")
     alpha: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="LoRA alpha (default: the rank)")
     lora_layers: Literal["attention", "transformer", "all"] | None = Field(
         default=None, description="lora: the UNet layers it adapts. attention (default): the attention projections; "
@@ -149,8 +157,7 @@ class TrainConfig(BaseModel):
             if uri and process_local(uri):  # the workers run in other processes: they would not see it
                 raise ValueError(unshared_reason(flag, uri))
         if self.resolution is not None and (not 64 <= self.resolution <= MAX_SIDE or self.resolution % 8):
-            raise ValueError(f"--resolution must be a multiple of 8 in 64..{MAX_SIDE} (as `dataset build` and the "
-                             f"generation sizes), got {self.resolution}")
+            raise ValueError(f"--resolution must be a multiple of 8 in 64..{MAX_SIDE}, got {self.resolution}")
         if self.crop and (self.crop % 8 or self.method != "vae"):
             raise ValueError(f"--crop is for vae and must be a multiple of 8; got {self.crop} with {self.method}")
         if self.crop_candidates > 1 and not self.crop:
@@ -198,6 +205,19 @@ class TrainConfig(BaseModel):
                              "in your captions) or --class-data; without prior preservation, use full")
         if self.lora_layers is not None and self.method != "lora":
             raise ValueError(f"--lora-layers is for lora; {self.method} trains whole weights")
+        # flags another method reads, given a value of their own: refused, not ignored without a word
+        defaults = {name: field.default for name, field in type(self).model_fields.items()}
+        if self.method != "lora" and (self.rank != defaults["rank"] or self.alpha is not None):
+            raise ValueError(f"--rank and --alpha are for lora; {self.method} trains "
+                             f"{'the token vectors' if inversion else 'whole weights'}")
+        if self.method != "vae" and self.kl_weight != defaults["kl_weight"]:
+            raise ValueError(f"--kl-weight is for vae: it weighs the autoencoder's KL term; got it with {self.method}")
+        if not self.prior and self.prior_loss_weight != defaults["prior_loss_weight"]:
+            raise ValueError("--prior-loss-weight weighs the class images' loss: it needs --class-prompt or "
+                             "--class-data (dreambooth, lora)")
+        if not self.prior and self.class_images != defaults["class_images"]:  # (workers read the drawn ones as data)
+            raise ValueError("--class-images is how many class images --class-prompt draws: give --class-prompt "
+                             "(dreambooth, lora)")
         if self.fsdp and self.method not in ("full", "dreambooth"):
             raise ValueError("--fsdp shards full-parameter training (full, dreambooth); a LoRA's few weights train "
                              "fine with DDP")

@@ -246,7 +246,9 @@ def _route_cluster_notices(logger: logging.Logger):
     """Send the cluster's notices to the driver ("(raylet) Task ... will be retried", "A worker died") to
     `logger` instead of stdout. Ray prints them from a background thread of the driver whatever
     `log_to_driver` says, through `ray._private.worker.print_to_stdstream`; sdfleet reports what they mean
-    for the run (a row retried or failed) itself. Returns the function replaced, or None if this Ray has none."""
+    for the run (a row retried or failed) itself. The workers' own output, which Ray streams only with
+    `log_to_driver` (connect's `worker_output`), goes there too. Returns the function replaced, or None if this
+    Ray has none."""
     import ray._private.worker as ray_worker
 
     original = getattr(ray_worker, "print_to_stdstream", None)
@@ -254,10 +256,17 @@ def _route_cluster_notices(logger: logging.Logger):
         return None
 
     def to_log(data, ignore_prefix: bool = False):
-        if data.get("pid") != "raylet":
+        pid = data.get("pid")
+        if pid == "autoscaler":
             return original(data, ignore_prefix)
+        if pid == "raylet":
+            for line in data.get("lines", ()):
+                logger.warning("(raylet) %s", line)
+            return
+        # a worker's own output (connect(worker_output=True)): its prints and tracebacks, named as Ray names them
+        who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={pid})"
         for line in data.get("lines", ()):
-            logger.warning("(raylet) %s", line)
+            logger.log(logging.WARNING if data.get("is_err") else logging.INFO, "%s %s", who, line)
 
     ray_worker.print_to_stdstream = to_log
     return original
@@ -299,12 +308,14 @@ def local_resources(num_cpus: int | None = None) -> dict[str, float] | None:
     return {"CPU": float(num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> dict[str, float]:
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
+            worker_output: bool = False) -> dict[str, float]:
     """Start local Ray or join a cluster; returns the cluster's total resources.
 
     `address` wins over RAY_ADDRESS; with neither, a local Ray with this machine's cores starts. `quiet`
     leaves Ray's logger to the handlers the caller set (see `library_logs_to`) and does not stream the
-    workers' output to this terminal (it stays in Ray's session logs).
+    workers' output to this terminal: it stays in Ray's session logs, or, with `worker_output`, goes to the
+    caller's log file through `library_logs_to` (a fine-tune's workers: their tracebacks are its story).
     """
     import ray
 
@@ -313,7 +324,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         _check_reachable(address)
     kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
     if quiet:
-        kwargs.update(configure_logging=False, log_to_driver=False)
+        kwargs.update(configure_logging=False, log_to_driver=worker_output)
     try:
         if address:
             ray.init(address=address, **kwargs)

@@ -162,7 +162,7 @@ def _draw_and_train(cfg: TrainConfig, train: TrainConfig, base, fs, root: str, r
     name = f"finetune-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}.log"
     with command_log(fs, root, name, "fine-tune") as log_path, \
             library_logs_to(log_path, cfg.verbose, scrub=without_passwords):
-        resources = connect(cfg.address, quiet=not cfg.verbose)
+        resources = connect(cfg.address, quiet=not cfg.verbose, worker_output=True)
         try:
             nodes = alive_nodes()
             if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:  # checkpoints come from every worker

@@ -199,3 +199,38 @@ def test_leaving_ray_waits_for_ray_data_threads_that_call_into_it_and_no_others(
     assert not fetching.is_alive() and time.monotonic() - started < 3.0  # waited for the one, not the other
     assert "Prefetcher (" in caplog.text and "iter_threaded" not in caplog.text.split("other threads:")[1]
     parked.set()
+
+
+def test_the_workers_output_and_the_raylets_notices_go_to_the_log_not_the_terminal(capsys):
+    """A fine-tune's workers' lines (Ray Train's start-up, their tracebacks) reached no file: Ray streams them
+    only with log_to_driver, and then printed them here. Routed, each goes to the logger named by its process."""
+    import logging
+
+    import ray._private.worker as ray_worker
+
+    from cluster.connect import _route_cluster_notices
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("test.notices")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    original = _route_cluster_notices(logger)
+    try:
+        ray_worker.print_to_stdstream({"pid": 41, "actor_name": "RayTrainWorker", "is_err": True,
+                                       "lines": ["Traceback (most recent call last):", "ValueError: row 3"]}, False)
+        ray_worker.print_to_stdstream({"pid": "raylet", "is_err": True, "lines": ["A worker died"]}, False)
+        ray_worker.print_to_stdstream({"pid": 42, "task_name": "draw", "is_err": False, "lines": ["hello"]}, False)
+    finally:
+        ray_worker.print_to_stdstream = original
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("WARNING", "(RayTrainWorker pid=41) Traceback (most recent call last):"),
+        ("WARNING", "(RayTrainWorker pid=41) ValueError: row 3"),
+        ("WARNING", "(raylet) A worker died"),
+        ("INFO", "(draw pid=42) hello")]
+    said = capsys.readouterr()
+    assert said.out == said.err == ""

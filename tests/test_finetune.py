@@ -859,6 +859,9 @@ def test_a_fine_tune_prints_its_own_progress_and_sends_ray_and_the_workers_to_it
     assert [line for line in terminal.splitlines() if not line.startswith("[sdfleet] ")] == []
     (log_file,) = (trained["lora"] / "logs").glob("finetune-*.log")
     assert str(log_file) in proc.stderr and "Token authentication" in log_file.read_text()
+    # the workers' and Ray Train's own lines (a failed worker's traceback among them) were in no file at all
+    said = log_file.read_text()
+    assert "Started training worker group" in said and "(RayTrainWorker pid=" in said, said[-3000:]
 
 
 def test_dreambooth_draws_its_class_images_and_trains_on_both(trained):

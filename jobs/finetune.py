@@ -296,7 +296,24 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
         if hint and len(cause) > 200:  # Ray's memory monitor says a paragraph, its tips are for Ray's own tasks
             cause = "a worker ran out of memory (Ray's memory monitor stopped it: the log file has its report)"
         raise FinetuneError(f"training stopped: {cause}{hint}; {resume_hint(cfg.out)}") from exc
+    _remove_unkept_checkpoints(fs, root, result)
     return dict(result.metrics or {})
+
+
+def _remove_unkept_checkpoints(fs, root: str, result) -> None:
+    """Remove the checkpoint folders Ray Train does not keep: one uploaded just before a stop, never entered in
+    its record (the rerun resumed from it: actors.train.loop.resume_from), is not pruned by Ray, and a full
+    model's is gigabytes."""
+    kept = [c for c, _ in (result.best_checkpoints or [])] + ([result.checkpoint] if result.checkpoint else [])
+    kept_names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in kept}
+    if not kept_names:  # Ray kept none: nothing tells the stale from the rest
+        return
+    with contextlib.suppress(FileNotFoundError):
+        for entry in fs.ls(f"{root}/checkpoints", detail=True):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") == "directory" and name.startswith("checkpoint_") and name not in kept_names:
+                with contextlib.suppress(OSError):
+                    fs.rm(entry["name"], recursive=True)
 
 
 # What torch (CUDA and CPU allocators) and Ray's memory monitor say when a worker runs out of memory.

@@ -185,6 +185,37 @@ def test_lora_parameter_count_on_the_real_sd21_unet():
     assert add_unet_lora(unet, rank=4) == 829_952
 
 
+def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_that_does_not_load(tmp_path):
+    """Ray's record of checkpoints lagged the store at a Ctrl-C: the rerun resumed --checkpoint-every steps back
+    and the newest folder was never pruned. A folder cut short, or damaged since, falls back to the one before."""
+    from actors.train.checkpoints import gather_state, save_checkpoint, stored_checkpoints
+    from actors.train.config import TrainConfig
+    from actors.train.loop import resume_from
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    folders = tmp_path / "tune" / "checkpoints"
+    for step, name in ((4, "checkpoint_2026-12-06_10-00-00"), (8, "checkpoint_2026-12-06_10-01-00"),
+                       (12, "checkpoint_2026-12-06_10-02-00")):
+        (folders / name).mkdir(parents=True)
+        with torch.no_grad():
+            net.weight.fill_(step)
+        save_checkpoint(str(folders / name), step, *gather_state(net, opt, fsdp=False), sched, scaler, None)
+    (folders / "checkpoint_tmp_upload").mkdir()  # no files yet: not a checkpoint
+    (folders / "checkpoint_manager_snapshot.json").write_text("{}")
+    cfg = TrainConfig(method="lora", data="d", base="tiny", out=str(tmp_path / "tune"))
+    assert [step for step, _ in stored_checkpoints(cfg.out)] == [12, 8, 4]
+    state = (net, opt, sched, scaler, None)
+    assert resume_from(cfg, None, state, rank=1) == 12 and net.weight[0, 0].item() == 12
+    weights = folders / "checkpoint_2026-12-06_10-02-00" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # an upload cut short
+    assert resume_from(cfg, None, state, rank=1) == 8 and net.weight[0, 0].item() == 8
+    assert resume_from(TrainConfig(method="lora", data="d", base="tiny", out=str(tmp_path / "none")), None, state,
+                       rank=0) is None
+
+
 def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(tmp_path):
     from actors.presets import build_preset
     from actors.train.checkpoints import gather_state, load_checkpoint, save_checkpoint
@@ -1157,8 +1188,14 @@ def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, t
     assert f"sdfleet: interrupted; checkpoints are in {out}/checkpoints, rerun the same command to resume" in said
     assert json.loads((out / "finetune.json").read_text())["status"] == "interrupted"
     assert "resuming" not in said and "done" not in said, said[-3000:]  # stopped well before its 16 steps
+    from actors.train.checkpoints import stored_checkpoints
+
+    newest = stored_checkpoints(str(out))[0][0]  # whether or not Ray's own record had it yet
     again = sdfleet(*argv)  # the same flags: another --steps would train the rest on another schedule (refused)
-    assert again.returncode == 0 and "resuming from the checkpoint at step" in again.stderr, again.stderr[-3000:]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from the checkpoint at step {newest}\n" in again.stderr, (newest, again.stderr[-3000:])
+    kept = [p for p in (out / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
+    assert len(kept) == 2, kept  # Ray keeps 2; one it never recorded is gone too
 
 
 @pytest.mark.parametrize("cause", [

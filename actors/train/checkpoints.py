@@ -3,15 +3,17 @@ the result written where `generate` finds it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from typing import Iterator
 
 import torch
 
 from actors.models import ModelInfo
 from actors.train.config import TrainConfig
-from manifests.stores import url_to_fs, without_passwords
+from manifests.stores import is_local_fs, url_to_fs, without_passwords
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -28,6 +30,51 @@ def gather_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     weights, opt = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v for k, v in weights.items() if k in names}, opt
+
+
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")  # what save_checkpoint writes
+
+
+def stored_checkpoints(out: str) -> list[tuple[int, str]]:
+    """(step, folder) of each checkpoint under --out/checkpoints with all of CHECKPOINT_FILES, newest step first.
+
+    Ray Train resumes from the newest checkpoint its own record (checkpoint_manager_snapshot.json) lists, and
+    a checkpoint uploaded just before a Ctrl-C can be whole on the store but not in that record yet: the rerun
+    trained up to --checkpoint-every steps again. A folder cut short in its upload fails to load, and the next
+    one is taken (`resume_from`)."""
+    fs, root = url_to_fs(out)
+    try:
+        entries = fs.ls(f"{root.rstrip('/')}/checkpoints", detail=True)
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        folder = entry["name"].rstrip("/")
+        if entry.get("type") != "directory" or not folder.rsplit("/", 1)[-1].startswith("checkpoint_"):
+            continue
+        try:
+            if not set(CHECKPOINT_FILES) <= {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}:
+                continue
+            step = int(json.loads(fs.cat_file(f"{folder}/state.json"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.append((step, fs.unstrip_protocol(folder)))
+    return sorted(found, reverse=True)
+
+
+@contextlib.contextmanager
+def local_copy(folder: str) -> Iterator[str]:
+    """`folder` (a path or URI) as a local directory: itself on a disk, a temporary copy otherwise."""
+    fs, path = url_to_fs(folder)
+    if is_local_fs(fs):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for remote in fs.find(path):
+            local = os.path.join(tmp, os.path.relpath(remote, path))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(remote, local)
+        yield tmp
 
 
 def save_checkpoint(directory: str, step: int, weights: dict, optimizer_state: dict, lr_scheduler, scaler, ema) -> None:

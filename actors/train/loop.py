@@ -24,7 +24,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from actors.train.checkpoints import gather_state, load_checkpoint, publish, save_checkpoint
+from actors.train.checkpoints import (gather_state, load_checkpoint, local_copy, publish, save_checkpoint,
+                                      stored_checkpoints)
 from actors.train.config import TrainConfig
 from actors.train.data import batch_tensors, encode_dataset, random_crops, sample_indices, step_generator, token_ids
 from actors.train.losses import diffusion_loss, min_snr_weights, prior_weights, training_target, vae_loss, warmup_cosine
@@ -68,14 +69,13 @@ def train_loop(config: dict) -> None:
     # The training noise schedule is the base model's own, so prediction_type (epsilon or v) carries over.
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    # 2. resume: Ray hands back the latest checkpoint of this run (after a crash, or a rerun into --out)
-    step, resumed_from = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            step = resumed_from = load_checkpoint(directory, net, optimizer, lr_scheduler, scaler, ema, cfg.fsdp)
-        if rank == 0:
-            print(f"[finetune] resuming from the checkpoint at step {step}", flush=True)
+    # 2. resume: Ray hands back the latest checkpoint of this run (after a crash, or a rerun into --out), or a
+    # newer one it had not recorded yet when the run stopped
+    state = (net, optimizer, lr_scheduler, scaler, ema)
+    step = resumed_from = resume_from(cfg, ray.train.get_checkpoint(), state, rank)
+    if resumed_from is not None and rank == 0:
+        print(f"[finetune] resuming from the checkpoint at step {step}", flush=True)
+    step = step or 0
 
     # 3. the data: this worker's rows are chosen per step (see sample_indices); images decode per batch.
     # Class images (prior preservation) follow the instance rows in one table, so one latent cache holds both.
@@ -158,6 +158,29 @@ def train_loop(config: dict) -> None:
         publish(cfg, base, final)
         log.line(finished)
         print(f"[finetune] wrote the {cfg.result_name} to {cfg.out}", flush=True)
+
+
+def resume_from(cfg: TrainConfig, checkpoint, state: tuple, rank: int) -> int | None:
+    """Load the newest checkpoint of --out/checkpoints that loads into `state` (net, optimizer, lr_scheduler,
+    scaler, ema); returns its step, or None when there is none. Ray's own `checkpoint` is one of them, but may
+    not be the newest (stored_checkpoints), and one damaged since leaves the one before it. Every worker reads
+    the same folders, so they all take the same one."""
+    for step, folder in stored_checkpoints(cfg.out):
+        try:
+            with local_copy(folder) as directory:
+                return load_checkpoint(directory, *state, fsdp=cfg.fsdp)
+        except Exception as exc:  # noqa: BLE001 - cut short in its upload, or damaged since: the one before it
+            if rank == 0:
+                print(f"[finetune] the checkpoint at step {step} ({folder}) does not load ({exc}); trying the one "
+                      "before it", flush=True)
+    if checkpoint is None:  # none on the store, or none that loads
+        return None
+    try:
+        with checkpoint.as_directory() as directory:  # (a store that does not list its folders)
+            return load_checkpoint(directory, *state, fsdp=cfg.fsdp)
+    except Exception as exc:  # noqa: BLE001 - said with where it is and what to do
+        raise RuntimeError(f"the checkpoint {checkpoint.path} does not load ({type(exc).__name__}: {exc}); move "
+                           "it aside to resume from the one before it, or give a new --out") from exc
 
 
 class TrainLog:

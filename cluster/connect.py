@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -113,24 +114,35 @@ def watch_cluster(say, give_up=None, seconds: float | None = None, every: float 
         stop.set()
 
 
-def _stop_on_sigterm() -> None:
+def stop_on_sigterm() -> None:
     """Take SIGTERM back from Ray, whose driver handler calls sys.exit(15): that skipped every `except
     KeyboardInterrupt`, so rows back at the driver went unrecorded, and the command ended with no word. SIGTERM
     (Kubernetes stopping a pod, `ray job stop`) now raises KeyboardInterrupt, so a command stops as Ctrl-C stops
     it, and `stopped_by_sigterm` says which it was. A second SIGTERM while the first is handled ends the process
-    at once."""
-    import signal
-
+    at once. sdfleet's CLI sets it as it starts, and again once Ray's start-up has taken it."""
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers (a test's thread; Ray kept its own)
+    if signal.getsignal(signal.SIGTERM) is not _on_sigterm:  # first set, or set again after one fired
+        _SIGTERM_RECEIVED.clear()
+    signal.signal(signal.SIGTERM, _on_sigterm)  # always: ray.init's C++ sets one that Python does not see
 
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _SIGTERM_RECEIVED.set()
-        raise KeyboardInterrupt
 
-    _SIGTERM_RECEIVED.clear()
-    signal.signal(signal.SIGTERM, handler)
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _SIGTERM_RECEIVED.set()
+    raise KeyboardInterrupt
+
+
+def _keep_sigterm_through_ray_init() -> None:
+    """`ray.init` sets a SIGTERM handler of its own for its start-up (sys.exit(15)): a SIGTERM then ended the
+    command half a minute later with exit 15 and no word, or was dropped where Python ignores what a handler
+    raises and the run went on. This driver keeps sdfleet's (stop_on_sigterm) instead: SIGTERM stops the start-up
+    as Ctrl-C does. Ray's workers set theirs in their own processes, untouched."""
+    with contextlib.suppress(ImportError, AttributeError):
+        import ray._private.utils as ray_utils
+
+        ray_utils.set_sigterm_handler = lambda handler: None
+    stop_on_sigterm()
 
 
 @dataclass(frozen=True)
@@ -323,6 +335,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     if address:
         _check_reachable(address)
     kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
+    _keep_sigterm_through_ray_init()
     if quiet:
         kwargs.update(configure_logging=False, log_to_driver=worker_output)
     try:
@@ -332,6 +345,10 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             # "local": always a new Ray of our own, never one a `ray start` left on this machine (which a bare
             # ray.init() would join through /tmp/ray/ray_current_cluster, even when it is dead)
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while Ray starts: what it started goes with it
+        with contextlib.suppress(Exception):
+            disconnect()
+        raise
     except (ConnectionError, RuntimeError, ValueError) as exc:
         if not address:
             raise ClusterError(f"cannot start a local Ray: {exc}") from exc
@@ -340,7 +357,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             hint = ("; if the cluster uses token authentication (what `ray start` turns on since Ray 2.60), set "
                     "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN" + hint)
         raise ClusterError(f"cannot connect to {address}: {exc}{hint}") from exc
-    _stop_on_sigterm()
+    if _SIGTERM_RECEIVED.is_set():  # one that landed where Python drops what a handler raises (a logging lock)
+        with contextlib.suppress(Exception):
+            disconnect()
+        raise KeyboardInterrupt
+    stop_on_sigterm()
     resources = dict(ray.cluster_resources())
     if address:
         # A joined cluster may be running other jobs: CPU actors are sized from the CPUs free now, so two runs
@@ -368,7 +389,6 @@ def disconnect() -> None:
     killed first here. Ray's own order follows for the rest: the raylet, which stops the workers, then the
     GCS. Joined clusters are left as they are: this process started nothing there.
     """
-    import signal
     import subprocess
 
     import ray

@@ -208,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(EXIT_ERROR, _flag_error(prog, f"unrecognized arguments: {' '.join(unknown)}"))
     except SystemExit as exc:  # --help (0), or a flag error already said in one line by _Parser.error (1)
         return exc.code
+    from cluster.connect import stop_on_sigterm
+
+    stop_on_sigterm()  # from the start, not once Ray is up: a SIGTERM while checking inputs or starting Ray killed
+    # the process without a word (or Ray's start-up handler exited 15 half a minute later), status left `starting`
     if args.command not in ("generate", "finetune"):  # those send the libraries' logs to their log file
         # a store library's retries (gcsfs logs each with its traceback) reached Python's last-resort handler,
         # which prints them: 158 lines for one unreachable gs:// image; these commands say each failure themselves
@@ -239,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if cluster_lost():  # the watch interrupted the command (cluster.connect.watch_cluster)
             print(f"sdfleet: error: {without_passwords(cluster_lost())}; {what}", file=sys.stderr)
             return EXIT_ERROR
-        if stopped_by_sigterm():  # the handler's KeyboardInterrupt (cluster.connect._stop_on_sigterm)
+        if stopped_by_sigterm():  # the handler's KeyboardInterrupt (cluster.connect.stop_on_sigterm)
             print(f"sdfleet: stopped by SIGTERM; {what}", file=sys.stderr)
             return EXIT_TERMINATED
         print(f"sdfleet: interrupted; {what}", file=sys.stderr)

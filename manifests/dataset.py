@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from manifests.schema import error_line
 from manifests.stores import folder_files, read_parquet, url_to_fs
 
 DATASET_SCHEMA = pa.schema([
@@ -49,7 +50,18 @@ def folder_names(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The Parquet files of a dataset (a folder of parts, or one file); DatasetError, naming `flag`, if none."""
+    """The Parquet files of a dataset (a folder of parts, or one file); DatasetError, naming `flag`, if none or
+    if the store does not answer."""
+    try:
+        return _dataset_files(uri, flag)
+    except (DatasetError, ImportError, ValueError):  # ours; a protocol with no library here (said by the caller)
+        raise
+    except Exception as exc:  # noqa: BLE001 - any store error: the dataset cannot be read, named by its flag
+        raise DatasetError(f"{flag} {uri}: the store refused or did not answer ({error_line(exc)}); check the URI "
+                           "and the store's credentials in the environment") from exc
+
+
+def _dataset_files(uri: str, flag: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, root = url_to_fs(uri)
     root = root.rstrip("/")
     if fs.isfile(root):

@@ -482,7 +482,8 @@ def _parquet(path: Path, table: pa.Table) -> Path:
                                   "crop-for-full", "calibrate-for-full", "lora-layers-for-full",
                                   "pixel-loss-for-full", "crop-candidates-without-crop", "infinite-lr", "pickle-base",
                                   "out-of-other-files", "number-captions", "text-images", "seed-past-torch",
-                                  "huge-resolution", "crop-past-resolution", "null-caption", "out-is-a-file"])
+                                  "huge-resolution", "crop-past-resolution", "null-caption", "out-is-a-file",
+                                  "unreachable-data"])
 def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monkeypatch, capsys):
     data, base, extra, method = str(dataset["dir"]), "tiny", [], "full"
     if case == "empty":
@@ -514,6 +515,9 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
         data = str(_parquet(tmp_path / "typed.parquet", table))
         expected = ("`caption` column is int64, not text" if case == "number-captions" else
                     "`image` column is string, not encoded image bytes (binary)")
+    elif case == "unreachable-data":  # the message named no flag
+        data = "http://127.0.0.1:9/ds/"
+        expected = "--data http://127.0.0.1:9/ds: the store refused or did not answer (ClientConnectorError"
     elif case == "out-is-a-file":  # said as "[Errno 17] File exists"
         (tmp_path / "out").write_bytes(b"")
         expected = "is a file; give a folder: a new or empty one, or an earlier fine-tune's --out to resume it"

@@ -528,7 +528,8 @@ def cmd_finetune(args) -> int:
         print(f"sdfleet finetune: error: {_config_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     summary = run_finetune(cfg)
-    log(f"done in {summary['wall_seconds']:.1f} s: {summary['steps']} steps; {cfg.method} written to {summary['output']}")
+    # as the user spells it (a local folder as a path, not file:///...); finetune.json keeps the URI
+    log(f"done in {summary['wall_seconds']:.1f} s: {summary['steps']} steps; {cfg.method} written to {cfg.out}")
     return EXIT_OK
 
 

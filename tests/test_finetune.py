@@ -887,6 +887,7 @@ def test_a_fine_tune_prints_its_own_progress_and_sends_ray_and_the_workers_to_it
     ours = [line for line in proc.stderr.splitlines() if line.startswith("[sdfleet] ")]
     assert [line for line in ours if " step " in line][-1].startswith("[sdfleet] step 8/8 loss ")
     assert "[sdfleet] lora: 28,672 trainable parameters" in ours and ours[-1].startswith("[sdfleet] done in")
+    assert ours[-1].endswith(f"lora written to {trained['lora']}"), ours[-1]  # a path, as given (was file:///...)
     assert any(line.startswith("[sdfleet] wrote the LoRA to ") for line in ours)
     terminal = proc.stdout + proc.stderr
     for noise in ("RayTrainWorker", "TrainController", "Reporting training result", "Token authentication"):

@@ -73,7 +73,7 @@ def finish_rows(rows: list[dict[str, Any]], *, fs: fsspec.AbstractFileSystem, ou
             continue
         metrics.images_written(1)
         results.append({**ledger_row(
-            row, "ok", uri=fs.unstrip_protocol(path), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
+            row, "ok", uri=fs.unstrip_protocol(path), sha256=hashlib.sha256(data).hexdigest(), png_bytes=len(data),
             actor=row.get("actor"),
             warning=warning, watermark_bits=bits, seconds=(row.get("seconds") or 0.0) + time.perf_counter() - started,
         ), **counters})

@@ -87,7 +87,7 @@ class SlowRelay:
 
 def ledger_rows(part: int, rows: int) -> list[dict]:
     return [{"id": f"sku-{part:05d}-{i:04d}", "status": "ok", "uri": f"images/sku-{part:05d}-{i:04d}.png",
-             "sha256": "0" * 64, "bytes": 900_000, "params_hash": f"{part * rows + i:064x}", "seed": i,
+             "sha256": "0" * 64, "png_bytes": 900_000, "params_hash": f"{part * rows + i:064x}", "seed": i,
              "model": "default",
              "adapters": [], "width": 768, "height": 768, "steps": 30, "guidance_scale": 7.5, "scheduler": "ddim",
              "watermark": "sdfleet", "watermark_bits": 1.0, "actor": "a1", "seconds": 0.5,

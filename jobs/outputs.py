@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Sequence
@@ -23,10 +24,10 @@ import pyarrow.compute as pc
 
 from jobs.errors import ReportError, one_line
 from manifests.ledger import concat_parts, ledger_parts
-from manifests.stores import UnreadableFile, folder_files, read_parquet_files, url_to_fs
+from manifests.stores import UnreadableFile, folder_files, is_local_fs, read_parquet_files, url_to_fs
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
-BOOKKEEPING = ("status", "uri", "sha256", "bytes", "params_hash", "error", "warning", "watermark", "watermark_bits",
+BOOKKEEPING = ("status", "uri", "sha256", "png_bytes", "params_hash", "error", "warning", "watermark", "watermark_bits",
                "actor", "seconds", "finished_at", "source", "row")
 
 
@@ -49,7 +50,13 @@ class RunOutput:
     def images(self) -> dict[str, int | None]:
         """The file names under images/, each with its size where the store gives one (listed when first asked:
         a million of them take ~12 s)."""
-        listed = folder_files(self.fs, f"{self.root}/images")
+        folder = f"{self.root}/images"
+        if is_local_fs(self.fs):  # os.scandir: fsspec's detailed listing takes ~4x as long (a stat and a dict each)
+            try:
+                return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
+            except FileNotFoundError:
+                return {}
+        listed = folder_files(self.fs, folder)
         return {path.rsplit("/", 1)[-1]: info.get("size") for path, info in listed.items()}
 
     def resized(self, row_id: str, recorded: int | None) -> str | None:

@@ -148,7 +148,7 @@ def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # gone, cut short, damaged: draw it
         return None
-    return {"uri": fs.unstrip_protocol(path), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+    return {"uri": fs.unstrip_protocol(path), "sha256": hashlib.sha256(data).hexdigest(), "png_bytes": len(data),
             "warning": "recovered: an earlier run drew this image and stopped before recording it"}
 
 

@@ -42,7 +42,7 @@ from jobs import outputs
 from jobs.console import log
 from jobs.errors import ReportError, one_line
 from jobs.outputs import RunOutput, adapters_text, is_recovered, newest_per_id, open_output, unfinished_note
-from manifests.ledger import LEDGER_COLUMNS, atomic_write
+from manifests.ledger import LEDGER_COLUMNS, atomic_write, png_sizes
 from manifests.stores import folder_files, is_local_fs, read_parquet
 
 THUMB_SIDE = 192  # px, the longer side
@@ -65,7 +65,7 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     names = [thumb_name(*key) for key in zip(current.column("sha256").to_pylist(),
                                                 current.column("params_hash").to_pylist(), ids)]
     has_image = [f"{row_id}.png" in out.images for row_id in ids]
-    recorded = current.column("bytes").to_pylist() if "bytes" in current.column_names else [None] * len(ids)
+    recorded = png_sizes(current)
     resized = [out.resized(row_id, size) if status == "ok" and has else None  # not shown from an old thumbnail
                for row_id, size, status, has in zip(ids, recorded, statuses, has_image)]
     del recorded

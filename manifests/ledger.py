@@ -30,7 +30,7 @@ LEDGER_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("uri", pa.string()),
     ("sha256", pa.string()),
-    ("bytes", pa.int64()),  # the PNG's size: a rerun redraws an image whose size no longer matches (damaged in place)
+    ("png_bytes", pa.int64()),  # the PNG's size: a rerun redraws an image whose size no longer matches (damaged in place)
     ("params_hash", pa.string()),
     ("seed", pa.int64()),
     ("model", pa.string()),
@@ -68,7 +68,7 @@ def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
 
 def settled_row(row: dict[str, Any], **fields) -> dict[str, Any]:
     """The ledger entry of a row the plan settled: invalid, failed, or ok when it recovered the image."""
-    return ledger_row(row, row["status"], uri=row.get("uri"), sha256=row.get("sha256"), bytes=row.get("bytes"),
+    return ledger_row(row, row["status"], uri=row.get("uri"), sha256=row.get("sha256"), png_bytes=row.get("png_bytes"),
                       **fields)
 
 
@@ -191,23 +191,32 @@ def ledger_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | No
 def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,
                    finished: dict[str, tuple[str, int | None]] | None = None) -> dict[str, str]:
     """Map id -> params_hash of the newest `ok` entry for every id the ledger holds; `finished`, when given,
-    is filled with id -> that entry's (`finished_at`, `bytes`): what a rerun checks the image against
-    (`bytes` is None in parts written before the column was).
+    is filled with id -> that entry's (`finished_at`, `png_bytes`): what a rerun checks the image against
+    (`png_bytes` is None in parts written before the column was).
 
     Only the newest counts: if a row was drawn with hash A, then B, then changed back to A, the image
     on disk is B's, so A must be drawn again.
     """
     parts = ledger_parts(fs, root)
     latest: dict[str, tuple[str, str, int | None]] = {}
-    columns = ["id", "status", "params_hash", "finished_at", "bytes"]
-    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts):
-        sizes = table.column("bytes").to_pylist() if "bytes" in table.column_names else [None] * table.num_rows
+    columns = ["id", "status", "params_hash", "finished_at", "png_bytes"]
+    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=("png_bytes",)):
+        sizes = png_sizes(table)
         for rid, status, phash, when, size in zip(*(table.column(c).to_pylist() for c in columns[:4]), sizes):
             if status == "ok" and (rid not in latest or when >= latest[rid][1]):
                 latest[rid] = (phash, when, size)
     if finished is not None:
         finished.update((rid, (when, size)) for rid, (_, when, size) in latest.items())
     return {rid: phash for rid, (phash, _, _) in latest.items()}
+
+
+def png_sizes(table: pa.Table) -> list[int | None]:
+    """Each entry's `png_bytes`; None throughout where the column is missing (a part written before it was one)
+    or holds something else (a manifest's own column of that name, passed through before it was one)."""
+    column = table.column("png_bytes") if "png_bytes" in table.column_names else None
+    if column is None or not pa.types.is_integer(column.type):
+        return [None] * table.num_rows
+    return column.to_pylist()
 
 
 def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:

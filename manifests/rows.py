@@ -40,7 +40,7 @@ WORK_SCHEMA = pa.schema([
     ("warning", pa.string()),
     ("uri", pa.string()),  # a recovered row: the image an earlier run drew and did not record
     ("sha256", pa.string()),
-    ("bytes", pa.int64()),
+    ("png_bytes", pa.int64()),
     ("source", pa.string()),
     ("row", pa.int64()),
     ("extra", pa.string()),

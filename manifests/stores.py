@@ -189,15 +189,17 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
-                       sizes: dict[str, int | None] | None = None) -> Iterator[tuple[str, pa.Table]]:
+                       sizes: dict[str, int | None] | None = None,
+                       optional: tuple[str, ...] = ()) -> Iterator[tuple[str, pa.Table]]:
     """(path, table) for many small Parquet files of one store, in the order given.
 
     A ledger gains a part every 256 rows or 10 s and is never rewritten, so a nightly job's output holds
     thousands. Read one by one from an object store, each costs its own round trips; `cat_ranges` fetches
     up to FETCH_CHUNK of them at once, concurrently on async stores (s3fs, gcsfs, adlfs) and as plain reads
     elsewhere. `sizes` (from a detailed listing) keeps each fetch under FETCH_BYTES. Tables are parsed in
-    this thread (see `read_parquet`). `columns`: those of them each file has (a ledger part written before a
-    column was added lacks it). A file that cannot be fetched or parsed raises UnreadableFile naming it.
+    this thread (see `read_parquet`). Of `columns`, those in `optional` may be missing from a file (a ledger
+    part written before a column was added). A file that cannot be fetched or parsed, or lacks another of
+    `columns`, raises UnreadableFile naming it.
     """
     for chunk in _fetch_chunks(paths, sizes or {}):
         fetched = fs.cat_ranges(chunk, None, None, on_error="return")
@@ -206,16 +208,16 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
             if isinstance(data, BaseException):
                 raise UnreadableFile(path, data, damaged=False) from data
             try:
-                table = _parquet_table(data, columns)
+                table = _parquet_table(data, columns, optional)
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise UnreadableFile(path, exc, damaged=True) from exc
             yield path, table
 
 
-def _parquet_table(data: bytes, columns: list[str] | None) -> pa.Table:
-    if columns is not None:
+def _parquet_table(data: bytes, columns: list[str] | None, optional: tuple[str, ...]) -> pa.Table:
+    if columns is not None and optional:
         names = pq.read_schema(pa.BufferReader(data)).names
-        columns = [c for c in columns if c in names]
+        columns = [c for c in columns if c in names or c not in optional]
     return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False, pre_buffer=False)
 
 

@@ -57,7 +57,7 @@ def test_finishing_records_what_the_mark_read_back(tiny):
     results = finish_rows(drawn, fs=fs, out_root=root)
     assert [r["status"] for r in results] == ["ok", "ok"]
     assert [r["watermark_bits"] for r in results] == [1.0, 1.0]
-    assert [r["bytes"] for r in results] == [fs.size(f"{root}/images/{row['id']}.png") for row in rows]
+    assert [r["png_bytes"] for r in results] == [fs.size(f"{root}/images/{row['id']}.png") for row in rows]
     for row in rows:
         with Image.open(io.BytesIO(fs.cat_file(f"{root}/images/{row['id']}.png"))) as image:
             written = np.asarray(image.convert("RGB"))

@@ -123,7 +123,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     # images written after their ledger entry no longer count as done on the entry's word: one replaced by
     # another row's image (a killed run that drew the row another way looks the same), one cut short, one only
     # re-saved (recovered: its own parameters, whole); and one cut short in place with its time put back (a copy
-    # cut short that kept the times, a disk error): its size no longer matches the entry's `bytes`
+    # cut short that kept the times, a disk error): its size no longer matches the entry's `png_bytes`
     images = out / "images"
     replaced, cut, resaved, damaged = (images / f"{changed[i]['id']}.png" for i in (20, 21, 22, 24))
     replaced.write_bytes((images / f"{changed[23]['id']}.png").read_bytes())
@@ -132,7 +132,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     kept = damaged.stat()
     damaged.write_bytes(damaged.read_bytes()[:-2000])
     os.utime(damaged, ns=(kept.st_atime_ns, kept.st_mtime_ns))
-    assert {e["id"]: e["bytes"] for e in ledger(out)}[changed[24]["id"]] == kept.st_size
+    assert {e["id"]: e["png_bytes"] for e in ledger(out)}[changed[24]["id"]] == kept.st_size
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--plan-only", "--no-watermark")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 image(s) written after their ledger entry, or of another size" in proc.stderr, proc.stderr[-2000:]

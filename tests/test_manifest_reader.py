@@ -22,6 +22,7 @@ from manifests.reader import (
     survey,
 )
 from manifests.schema import validate_row
+from manifests.stores import UnreadableFile
 
 
 def records(n: int, prefix: str = "row", **extra) -> list[dict]:
@@ -372,7 +373,7 @@ def test_count_ids_counts_rows_and_ids_across_files(memfs):
 
 def ledger_row(rid: str, phash: str, finished_at: str, status: str = "ok", **extra) -> dict:
     return {
-        "id": rid, "status": status, "uri": f"out/images/{rid}.png", "sha256": "0" * 64, "bytes": 1234,
+        "id": rid, "status": status, "uri": f"out/images/{rid}.png", "sha256": "0" * 64, "png_bytes": 1234,
         "params_hash": phash, "seed": 42, "model": "default", "adapters": [{"name": "brand", "scale": 0.5}],
         "width": 256, "height": 256, "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim", "watermark": "sdfleet",
         "watermark_bits": 1.0 if status == "ok" else None,
@@ -417,17 +418,27 @@ def test_parts_with_different_pass_through_columns_read_as_one_table(memfs):
     assert (rows["b"]["sku"], rows["b"]["campaign"]) == (None, "spring")
 
 
-def test_latest_ok_reads_parts_written_before_the_bytes_column(memfs):
-    """A ledger part from before `bytes` was a column is read, its sizes unknown (the entry trusted on size)."""
+def test_latest_ok_reads_parts_written_before_the_png_bytes_column(memfs):
+    """A ledger part from before `png_bytes` was a column is read, its sizes unknown (the entry trusted on size)."""
     fs, root = memfs
-    old = to_table([ledger_row("mug", "A", "2026-01-01T00:00:00+00:00")]).drop_columns(["bytes"])
+    old = to_table([ledger_row("mug", "A", "2026-01-01T00:00:00+00:00")]).drop_columns(["png_bytes"])
     with fs.open(f"{root}/results/20260101T000000-aaaaaa-00000.parquet", "wb") as f:
         pq.write_table(old, f)
     write_part(fs, root, "20260102T000000-bbbbbb", 0, [ledger_row("lamp", "L", "2026-01-02T00:00:00+00:00")])
+    # a manifest's own `png_bytes` column, passed through before the ledger had one: not a size
+    theirs = old.append_column("png_bytes", pa.array(["4 KB"]))
+    with fs.open(f"{root}/results/20260101T000001-cccccc-00000.parquet", "wb") as f:
+        pq.write_table(theirs.set_column(0, "id", pa.array(["cup"])), f)
     finished: dict = {}
-    assert read_latest_ok(fs, root, finished) == {"mug": "A", "lamp": "L"}
-    assert finished == {"mug": ("2026-01-01T00:00:00+00:00", None), "lamp": ("2026-01-02T00:00:00+00:00", 1234)}
-    assert read_ledger(fs, root).to_pylist()[0]["bytes"] is None
+    assert read_latest_ok(fs, root, finished) == {"mug": "A", "lamp": "L", "cup": "A"}
+    assert finished == {"mug": ("2026-01-01T00:00:00+00:00", None), "lamp": ("2026-01-02T00:00:00+00:00", 1234),
+                        "cup": ("2026-01-01T00:00:00+00:00", None)}
+    # only the new column may be missing: a Parquet file of something else in results/ is still a damaged part
+    with fs.open(f"{root}/results/20260103T000000-dddddd-00000.parquet", "wb") as f:
+        pq.write_table(pa.table({"x": [1]}), f)
+    with pytest.raises(UnreadableFile) as caught:
+        read_latest_ok(fs, root)
+    assert caught.value.damaged and caught.value.path.endswith("dddddd-00000.parquet")
 
 
 def test_latest_ok_takes_the_newest_entry_per_id(memfs):

@@ -47,7 +47,7 @@ def _draw(out: Path, row_id: str, colour, prompt: str) -> dict:
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "images" / f"{row_id}.png").write_bytes(data)
     return {"uri": str(out / "images" / f"{row_id}.png"), "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data)}
+            "png_bytes": len(data)}
 
 
 def _damage_in_place(path: Path) -> None:
@@ -153,7 +153,7 @@ def test_a_damaged_image_is_read_once_and_its_index_row_goes_when_it_is_redrawn(
 
 def test_an_image_cut_short_after_its_thumbnail_was_made_is_missing_in_the_next_report(output):
     """A thumbnail is made once, from the PNG as it was: a PNG cut short later (a copy that kept its time) was
-    shown from the old thumbnail for good. Its size, against the ledger's `bytes`, says so without opening it."""
+    shown from the old thumbnail for good. Its size, against the ledger's `png_bytes`, says so without opening it."""
     assert build_report(str(output))["missing"] == 1
     e = output / "images" / "e.png"
     e.write_bytes(e.read_bytes()[:-100])

@@ -132,7 +132,7 @@ def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_fini
     assert sorted(ok_ids) == sorted(r["id"] for r in records), "every row ok exactly once"
     recovered = [e for e in ledger(out)[len(first):] if e["id"] in written and e["id"] not in recorded]
     assert all(e["warning"].startswith("recovered") and e["sha256"] for e in recovered)
-    assert all(e["bytes"] == (out / "images" / f"{e['id']}.png").stat().st_size for e in recovered)
+    assert all(e["png_bytes"] == (out / "images" / f"{e['id']}.png").stat().st_size for e in recovered)
     assert sorted(after) == sorted(r["id"] for r in records)
 
 

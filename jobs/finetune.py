@@ -449,7 +449,7 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
             if isinstance(side.get(key), str):
                 side[key] = absolute_local(side[key])
     clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
-    clashes += [f"the dataset at {flag} was built again from other images since (its parts differ)"
+    clashes += [f"the dataset at {flag} was built again since, from other images (its parts differ in size)"
                 for k, flag in DATASET_KEYS.items() if before.get(k) and record.get(k) and before[k] != record[k]]
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "

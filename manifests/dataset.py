@@ -116,7 +116,7 @@ def check_dataset(uri: str, flag: str = "--data") -> int:
             if not is_kind(schema.field(column).type):
                 raise DatasetError(f"{flag} {uri}: {path}'s `{column}` column is {schema.field(column).type}, not "
                                    f"{kind}; build the dataset with `sdfleet dataset build`")
-            empty = _nulls(meta, names.index(column))
+            empty = _nulls(meta, column)
             if empty:
                 raise DatasetError(f"{flag} {uri}: {path} has {empty} row(s) whose `{column}` is null; every row needs "
                                    "one (an empty caption is \"\"); build the dataset with `sdfleet dataset build`")
@@ -125,23 +125,25 @@ def check_dataset(uri: str, flag: str = "--data") -> int:
     return rows
 
 
-def _nulls(meta: pq.ParquetFile, column: int) -> int:
-    """Nulls in a column, from the footer's statistics (0 where a writer kept none: the worker says then)."""
+def _nulls(meta: pq.ParquetFile, name: str) -> int:
+    """Nulls in the top-level column `name`, from the footer's statistics (0 where a writer kept none)."""
+    leaves = [i for i in range(meta.metadata.num_columns) if meta.metadata.schema.column(i).path == name]
+    if not leaves:
+        return 0
     count = 0
     for group in range(meta.metadata.num_row_groups):
-        stats = meta.metadata.row_group(group).column(column).statistics
+        stats = meta.metadata.row_group(group).column(leaves[0]).statistics
         if stats is not None and stats.has_null_count:
             count += stats.null_count
     return count
 
 
 def dataset_fingerprint(uri: str, flag: str = "--data") -> str:
-    """What tells one build of a dataset from another at the same URI: its parts' names and sizes, hashed. A
-    rebuild from other images changes it, the same images built again do not; the bytes are not read (a
-    dataset may be GBs on an object store)."""
+    """What tells one build of a dataset from another at the same URI: its parts' sizes, hashed (not their
+    names: `dataset build` names each part by when it was written). A rebuild from other images changes it,
+    the same images built again do not; the bytes are not read (a dataset may be GBs on an object store)."""
     fs, files = dataset_files(uri, flag)
-    parts = [(path.rsplit("/", 1)[-1], fs.size(path)) for path in files]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([fs.size(path) for path in files]).encode()).hexdigest()[:16]
 
 
 def read_dataset(uri: str) -> pa.Table:

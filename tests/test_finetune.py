@@ -617,10 +617,9 @@ def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_fl
     assert _starts_afresh(fs, root, run_record(moved, "fp", None), moved) is False  # resumes it
 
 
-def test_a_rerun_on_a_dataset_built_again_from_other_images_is_refused(dataset, tmp_path):
+def test_a_rerun_on_a_dataset_built_again_from_other_images_is_refused(tmp_path):
     """The dataset was compared by its path only: rebuilt in place from 64 other images between a Ctrl-C and the
     rerun, it resumed the first 120 steps' model on the new data. The same images built again still resume."""
-    import shutil
 
     import fsspec
 
@@ -630,7 +629,8 @@ def test_a_rerun_on_a_dataset_built_again_from_other_images_is_refused(dataset, 
     from manifests.dataset import dataset_fingerprint
 
     data = tmp_path / "data"
-    shutil.copytree(dataset["dir"], data)
+    write_images(tmp_path / "mine", 3, size=160, seed=4)
+    build_dataset(str(tmp_path / "mine"), str(data), resolution=int(RES))
     fs, root = fsspec.core.url_to_fs(str(tmp_path / "lora"))
     fs.makedirs(root)
     cfg = TrainConfig(method="lora", data=str(data), base="tiny", out=root, steps=2)
@@ -639,18 +639,30 @@ def test_a_rerun_on_a_dataset_built_again_from_other_images_is_refused(dataset, 
         return run_record(cfg, "fp", None, data_fingerprints=(dataset_fingerprint(str(data)), None))
 
     _write_json(fs, f"{root}/finetune.json", {**record(), "config": cfg.model_dump()})
-    for part in data.glob("*.parquet"):  # the same rows written again: another file, the same parts
-        part.write_bytes(part.read_bytes())
+    before = sorted(p.name for p in data.glob("*.parquet"))
+    build_dataset(str(tmp_path / "mine"), str(data), resolution=int(RES))  # the same images built again
+    assert sorted(p.name for p in data.glob("*.parquet")) != before  # parts are named by when they were written
     assert _starts_afresh(fs, root, record(), cfg) is False
-    shutil.rmtree(data)
     write_images(tmp_path / "other", 3, size=160, seed=5)
-    built = sdfleet("dataset", "build", str(tmp_path / "other"), "-o", str(data), "--resolution", RES)
-    assert built.returncode == 0, built.stderr
-    with pytest.raises(FinetuneError, match=r"the dataset at --data was built again from other images since"):
+    build_dataset(str(tmp_path / "other"), str(data), resolution=int(RES))
+    with pytest.raises(FinetuneError, match=r"the dataset at --data was built again since, from other images"):
         _starts_afresh(fs, root, record(), cfg)
     legacy = {k: v for k, v in record().items() if k != "data_fingerprint"}  # a record from before: not compared
     _write_json(fs, f"{root}/finetune.json", {**legacy, "config": cfg.model_dump()})
     assert _starts_afresh(fs, root, record(), cfg) is False
+
+
+def test_null_captions_are_counted_in_the_caption_column_itself(tmp_path):
+    """The footer's statistics are per leaf column: a struct column before `caption` shifted the index, and a
+    null in it was said to be a null caption."""
+    from manifests.dataset import DatasetError, check_dataset
+
+    meta = pa.array([{"a": 1, "b": None}, {"a": 2, "b": 3}], pa.struct([("a", pa.int64()), ("b", pa.int64())]))
+    table = pa.table({"meta": meta, "caption": ["a mug", "a cup"], "image": [b"x", b"y"]})
+    assert check_dataset(str(_parquet(tmp_path / "nested.parquet", table))) == 2
+    nulls = table.set_column(1, "caption", pa.array(["a mug", None], pa.string()))
+    with pytest.raises(DatasetError, match=r"has 1 row\(s\) whose `caption` is null"):
+        check_dataset(str(_parquet(tmp_path / "nested-null.parquet", nulls)))
 
 
 def test_a_training_row_whose_image_does_not_decode_is_named():

@@ -133,16 +133,27 @@ def _on_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def _keep_sigterm_through_ray_init() -> None:
+def _keep_sigterm_through_ray_init():
     """`ray.init` sets a SIGTERM handler of its own for its start-up (sys.exit(15)): a SIGTERM then ended the
     command half a minute later with exit 15 and no word, or was dropped where Python ignores what a handler
     raises and the run went on. This driver keeps sdfleet's (stop_on_sigterm) instead: SIGTERM stops the start-up
-    as Ctrl-C does. Ray's workers set theirs in their own processes, untouched."""
-    with contextlib.suppress(ImportError, AttributeError):
+    as Ctrl-C does. Ray's workers set theirs in their own processes, untouched. Returns what to call once
+    `ray.init` is done, to put Ray's function back."""
+    if _SIGTERM_RECEIVED.is_set() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+        raise KeyboardInterrupt  # one came and its KeyboardInterrupt was lost (Python drops it in some places)
+    stop_on_sigterm()
+    try:
         import ray._private.utils as ray_utils
 
-        ray_utils.set_sigterm_handler = lambda handler: None
-    stop_on_sigterm()
+        original = ray_utils.set_sigterm_handler
+    except (ImportError, AttributeError):  # another Ray: nothing to keep
+        return lambda: None
+    ray_utils.set_sigterm_handler = lambda handler: None
+
+    def put_back():
+        ray_utils.set_sigterm_handler = original
+
+    return put_back
 
 
 @dataclass(frozen=True)
@@ -335,7 +346,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     if address:
         _check_reachable(address)
     kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
-    _keep_sigterm_through_ray_init()
+    put_back = _keep_sigterm_through_ray_init()
     if quiet:
         kwargs.update(configure_logging=False, log_to_driver=worker_output)
     try:
@@ -357,6 +368,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             hint = ("; if the cluster uses token authentication (what `ray start` turns on since Ray 2.60), set "
                     "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN" + hint)
         raise ClusterError(f"cannot connect to {address}: {exc}{hint}") from exc
+    finally:
+        put_back()
     if _SIGTERM_RECEIVED.is_set():  # one that landed where Python drops what a handler raises (a logging lock)
         with contextlib.suppress(Exception):
             disconnect()

@@ -324,9 +324,9 @@ def resume_hint(out: str) -> str:
     """What a rerun of a fine-tune that stopped does: resume from the newest checkpoint in `out`, or, with none
     written yet, start training again (class images already drawn are kept)."""
     try:
-        fs, root = url_to_fs(out)
-        written = _has_checkpoint(fs, root.rstrip("/"))
-    except Exception:  # noqa: BLE001 - the store may be what failed: say what a rerun would do if it had one
+        fs, root = url_to_fs(out)  # only a disk is asked: this runs on the way out (Ctrl-C, SIGTERM), where a
+        written = _has_checkpoint(fs, root.rstrip("/")) if is_local_fs(fs) else True  # slow store would hold it
+    except Exception:  # noqa: BLE001 - say what a rerun would do if it had one
         written = True
     if written:
         return f"checkpoints are in {out}/checkpoints, rerun the same command to resume from the newest"

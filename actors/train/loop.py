@@ -161,26 +161,34 @@ def train_loop(config: dict) -> None:
 
 
 def resume_from(cfg: TrainConfig, checkpoint, state: tuple, rank: int) -> int | None:
-    """Load the newest checkpoint of --out/checkpoints that loads into `state` (net, optimizer, lr_scheduler,
-    scaler, ema); returns its step, or None when there is none. Ray's own `checkpoint` is one of them, but may
-    not be the newest (stored_checkpoints), and one damaged since leaves the one before it. Every worker reads
-    the same folders, so they all take the same one."""
-    for step, folder in stored_checkpoints(cfg.out):
-        try:
-            with local_copy(folder) as directory:
-                return load_checkpoint(directory, *state, fsdp=cfg.fsdp)
-        except Exception as exc:  # noqa: BLE001 - cut short in its upload, or damaged since: the one before it
-            if rank == 0:
-                print(f"[finetune] the checkpoint at step {step} ({folder}) does not load ({exc}); trying the one "
-                      "before it", flush=True)
-    if checkpoint is None:  # none on the store, or none that loads
+    """Load the newest whole checkpoint of --out/checkpoints into `state` (net, optimizer, lr_scheduler, scaler,
+    ema); returns its step, or None when there is none. Ray's own `checkpoint` is one of them, but may not be
+    the newest, and one cut short in its upload is passed over (stored_checkpoints). Which one is told from the
+    store's listing and the files' heads, so every worker takes the same; one that then fails to load stops
+    the run, naming it (falling back on one worker only would leave the workers at different steps)."""
+    import ray.train
+
+    stored = stored_checkpoints(cfg.out)
+    if not stored and checkpoint is None:
         return None
+    if stored:
+        folder = stored[0][1]
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        if checkpoint is not None and checkpoint.path.rstrip("/").rsplit("/", 1)[-1] == name:
+            chosen = checkpoint  # Ray's own: one download per node, shared by its workers
+        elif checkpoint is not None:
+            parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+            chosen = ray.train.Checkpoint(path=f"{parent}/{name}", filesystem=checkpoint.filesystem)
+        else:
+            chosen = None
+    else:  # a store that does not list its folders: Ray's record alone
+        folder, chosen = checkpoint.path, checkpoint
     try:
-        with checkpoint.as_directory() as directory:  # (a store that does not list its folders)
+        with (chosen.as_directory() if chosen is not None else local_copy(folder)) as directory:
             return load_checkpoint(directory, *state, fsdp=cfg.fsdp)
-    except Exception as exc:  # noqa: BLE001 - said with where it is and what to do
-        raise RuntimeError(f"the checkpoint {checkpoint.path} does not load ({type(exc).__name__}: {exc}); move "
-                           "it aside to resume from the one before it, or give a new --out") from exc
+    except Exception as exc:
+        raise RuntimeError(f"the checkpoint {folder} does not load ({type(exc).__name__}: {exc}); move it aside to "
+                           "resume from the one before it, or give a new --out") from exc
 
 
 class TrainLog:

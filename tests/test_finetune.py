@@ -224,6 +224,29 @@ def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_tha
                        rank=0) is None
 
 
+def test_a_finished_run_removes_the_checkpoint_folders_ray_does_not_keep(tmp_path):
+    """A folder uploaded just before a stop, never in Ray's record, was never pruned (gigabytes for a full model)."""
+    import types
+
+    import fsspec
+
+    from jobs.finetune import _remove_unkept_checkpoints
+
+    folders = tmp_path / "checkpoints"
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c", "checkpoint_d"):
+        (folders / name).mkdir(parents=True)
+        (folders / name / "state.json").write_text("{}")
+    (folders / "checkpoint_manager_snapshot.json").write_text("{}")
+    kept = [types.SimpleNamespace(path=str(folders / n)) for n in ("checkpoint_c", "checkpoint_d")]
+    result = types.SimpleNamespace(best_checkpoints=[(c, {}) for c in kept], checkpoint=kept[-1])
+    fs, root = fsspec.core.url_to_fs(str(tmp_path))
+    _remove_unkept_checkpoints(fs, root, result)
+    assert sorted(p.name for p in folders.iterdir()) == ["checkpoint_c", "checkpoint_d",
+                                                         "checkpoint_manager_snapshot.json"]
+    _remove_unkept_checkpoints(fs, root, types.SimpleNamespace(best_checkpoints=None, checkpoint=None))
+    assert len(list(folders.iterdir())) == 3, "with nothing kept by Ray, nothing is told stale"
+
+
 def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(tmp_path):
     from actors.presets import build_preset
     from actors.train.checkpoints import gather_state, load_checkpoint, save_checkpoint

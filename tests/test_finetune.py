@@ -209,19 +209,19 @@ def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_tha
     cfg = TrainConfig(method="lora", data="d", base="tiny", out=str(tmp_path / "tune"))
     assert [step for step, _ in stored_checkpoints(cfg.out)] == [12, 8, 4]
     state = (net, opt, sched, scaler, None)
-    assert resume_from(cfg, None, state, rank=1) == 12 and net.weight[0, 0].item() == 12
+    assert resume_from(cfg, None, state) == 12 and net.weight[0, 0].item() == 12
     weights = folders / "checkpoint_2026-12-06_10-02-00" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])  # an upload cut short: passed over, by its size alone
-    assert resume_from(cfg, None, state, rank=1) == 8 and net.weight[0, 0].item() == 8
+    assert resume_from(cfg, None, state) == 8 and net.weight[0, 0].item() == 8
     meta = folders / "checkpoint_2026-12-06_10-01-00" / "state.json"  # an EMA checkpoint without its EMA file
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "ema": {"decay": 0.9}}))
     assert [step for step, _ in stored_checkpoints(cfg.out)] == [4]
     other = folders / "checkpoint_2026-12-06_10-00-00" / "trainable.safetensors"  # whole, but of another model
     save_file({"nope": torch.zeros(2)}, str(other))
     with pytest.raises(RuntimeError, match=r"checkpoint_2026-12-06_10-00-00 does not load .*move it aside"):
-        resume_from(cfg, None, state, rank=0)  # said, not passed over: a worker alone would resume elsewhere
-    assert resume_from(TrainConfig(method="lora", data="d", base="tiny", out=str(tmp_path / "none")), None, state,
-                       rank=0) is None
+        resume_from(cfg, None, state)  # said, not passed over: a worker alone would resume elsewhere
+    assert resume_from(TrainConfig(method="lora", data="d", base="tiny", out=str(tmp_path / "none")), None,
+                       state) is None
 
 
 def test_a_finished_run_removes_the_checkpoint_folders_ray_does_not_keep(tmp_path):

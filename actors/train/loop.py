@@ -72,7 +72,7 @@ def train_loop(config: dict) -> None:
     # 2. resume: Ray hands back the latest checkpoint of this run (after a crash, or a rerun into --out), or a
     # newer one it had not recorded yet when the run stopped
     state = (net, optimizer, lr_scheduler, scaler, ema)
-    step = resumed_from = resume_from(cfg, ray.train.get_checkpoint(), state, rank)
+    step = resumed_from = resume_from(cfg, ray.train.get_checkpoint(), state)
     if resumed_from is not None and rank == 0:
         print(f"[finetune] resuming from the checkpoint at step {step}", flush=True)
     step = step or 0
@@ -160,7 +160,7 @@ def train_loop(config: dict) -> None:
         print(f"[finetune] wrote the {cfg.result_name} to {cfg.out}", flush=True)
 
 
-def resume_from(cfg: TrainConfig, checkpoint, state: tuple, rank: int) -> int | None:
+def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
     """Load the newest whole checkpoint of --out/checkpoints into `state` (net, optimizer, lr_scheduler, scaler,
     ema); returns its step, or None when there is none. Ray's own `checkpoint` is one of them, but may not be
     the newest, and one cut short in its upload is passed over (stored_checkpoints). Which one is told from the

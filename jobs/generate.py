@@ -37,7 +37,7 @@ from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder, located
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, read_latest_ok,
-                              remove_stale_temp_files, settled_row)
+                              remove_stale_temp_files, settled_row, size_differs)
 from manifests.reader import BadManifestFile, expand_manifest_paths, survey, unreadable_files
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
 from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
@@ -291,7 +291,7 @@ def changed_since_recorded(images: dict[str, dict], finished: dict[str, tuple[st
     changed = set()
     for rid, (when, size) in finished.items():
         info = images.get(rid)
-        if info and size is not None and info.get("size") is not None and int(info["size"]) != size:
+        if info and size_differs(info.get("size"), size):
             changed.add(rid)
             continue
         written = stored_at(info) if info else None

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.errors import ReportError, one_line
-from manifests.ledger import concat_parts, ledger_parts
+from manifests.ledger import concat_parts, ledger_parts, size_differs
 from manifests.stores import UnreadableFile, folder_files, is_local_fs, read_parquet_files, url_to_fs
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
@@ -63,7 +63,7 @@ class RunOutput:
         """Why `row_id`'s PNG is not the one its ledger entry recorded, going by size alone, or None: a file cut
         short or replaced since (`generate` checks it again before it counts as done)."""
         size = self.images.get(f"{row_id}.png")
-        if recorded is None or size is None or int(size) == recorded:
+        if not size_differs(size, recorded):
             return None
         return (f"is {int(size):,} bytes, not the {recorded:,} the ledger recorded (damaged or replaced since it was "
                 "drawn; the next generate reads it back, and draws it again unless it decodes whole)")

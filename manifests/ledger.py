@@ -219,6 +219,13 @@ def png_sizes(table: pa.Table) -> list[int | None]:
     return column.to_pylist()
 
 
+def size_differs(listed, recorded: int | None) -> bool:
+    """Whether an image's size in the store's listing is not the `png_bytes` its entry recorded: a file cut short
+    or replaced since. Where either is unknown (a store that gives no size, an entry from before the column),
+    the entry is trusted. What `generate` and the report both ask."""
+    return listed is not None and recorded is not None and int(listed) != recorded
+
+
 def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
     """The whole ledger as one table (parts may carry different pass-through columns)."""
     parts = ledger_parts(fs, root)

@@ -457,6 +457,9 @@ def _check_reachable(address: str, seconds: float = 10.0) -> None:
         raise ClusterError(f"--address {address} is a Ray Client address, on which Ray Data cannot run (it fails "
                            "mid-run); give the GCS address, HEAD:6379, from a machine in the cluster's network, or "
                            "submit the command with `ray job submit`")
+    if "@" in address and "://" not in address:  # user:secret@host:6379: said without what comes before the @
+        raise ClusterError(f"--address ***@{address.rpartition('@')[2]} holds a user or password: a Ray GCS address "
+                           "is HEAD:PORT and takes neither")
     host, sep, port = address.rpartition(":")
     if "://" in address or not sep or not port.isdigit():
         return  # auto, local: Ray's own forms, checked by Ray

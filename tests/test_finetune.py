@@ -608,6 +608,9 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("full", ["--kl-weight", "0.1"], "--kl-weight is for vae"),
     ("full", ["--prior-loss-weight", "2"], "--prior-loss-weight weighs the class images' loss: it needs"),
     ("lora", ["--class-images", "5"], "--class-images is how many class images --class-prompt draws"),
+    ("dreambooth", ["--class-data", "{data}", "--class-images", "5"],  # was ignored without a word
+     "--class-images is how many class images --class-prompt draws: give --class-prompt (dreambooth, lora); every "
+     "image of --class-data is used"),
     # values past any plan: each trained on for good or failed minutes later
     ("lora", ["--steps", str(10**20)], "--steps: Input should be less than or equal to 10000000"),
     ("lora", ["--rank", "100000"], "--rank: Input should be less than or equal to 1024"),
@@ -619,6 +622,7 @@ def test_method_flags_are_checked_before_any_worker_starts(method, extra, expect
                                                             capsys):
     name = extra[extra.index("--out-name") + 1] if "--out-name" in extra else "out"  # (not a flag: the folder)
     extra = [a for a in extra if a not in ("--out-name", name)] if "--out-name" in extra else extra
+    extra = [a.format(data=dataset["dir"]) for a in extra]
     out = tmp_path / name
     code, stderr = refused_before_ray(monkeypatch, capsys, "finetune", method, "--data", str(dataset["dir"]),
                                       "--base", "tiny", "--out", str(out), *extra)

@@ -215,9 +215,9 @@ class TrainConfig(BaseModel):
         if not self.prior and self.prior_loss_weight != defaults["prior_loss_weight"]:
             raise ValueError("--prior-loss-weight weighs the class images' loss: it needs --class-prompt or "
                              "--class-data (dreambooth, lora)")
-        if not self.prior and self.class_images != defaults["class_images"]:  # (workers read the drawn ones as data)
+        if not self.class_prompts and self.class_images != defaults["class_images"]:
             raise ValueError("--class-images is how many class images --class-prompt draws: give --class-prompt "
-                             "(dreambooth, lora)")
+                             "(dreambooth, lora)" + ("; every image of --class-data is used" if self.class_data else ""))
         if self.fsdp and self.method not in ("full", "dreambooth"):
             raise ValueError("--fsdp shards full-parameter training (full, dreambooth); a LoRA's few weights train "
                              "fine with DDP")

@@ -27,6 +27,7 @@ from dataclasses import asdict
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
+from actors.train.stored import checkpoint_entries, stored_checkpoints
 from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
                              local_gpu_shortfall, local_resources, watch_cluster)
 from jobs.console import command_log, leave, log, recorded_json, without_passwords
@@ -308,12 +309,10 @@ def _remove_unkept_checkpoints(fs, root: str, result) -> None:
     kept_names = {c.path.rstrip("/").rsplit("/", 1)[-1] for c in kept}
     if not kept_names:  # Ray kept none: nothing tells the stale from the rest
         return
-    with contextlib.suppress(FileNotFoundError):
-        for entry in fs.ls(f"{root}/checkpoints", detail=True):
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry.get("type") == "directory" and name.startswith("checkpoint_") and name not in kept_names:
-                with contextlib.suppress(OSError):
-                    fs.rm(entry["name"], recursive=True)
+    for entry in checkpoint_entries(fs, root):
+        if entry.get("type") == "directory" and entry["name"].rstrip("/").rsplit("/", 1)[-1] not in kept_names:
+            with contextlib.suppress(OSError):
+                fs.rm(entry["name"], recursive=True)
 
 
 # What torch (CUDA and CPU allocators) and Ray's memory monitor say when a worker runs out of memory.
@@ -324,8 +323,8 @@ def resume_hint(out: str) -> str:
     """What a rerun of a fine-tune that stopped does: resume from the newest checkpoint in `out`, or, with none
     written yet, start training again (class images already drawn are kept)."""
     try:
-        fs, root = url_to_fs(out)  # only a disk is asked: this runs on the way out (Ctrl-C, SIGTERM), where a
-        written = _has_checkpoint(fs, root.rstrip("/")) if is_local_fs(fs) else True  # slow store would hold it
+        fs, _ = url_to_fs(out)  # only a disk is asked: this runs on the way out (Ctrl-C, SIGTERM), where a
+        written = bool(stored_checkpoints(out)) if is_local_fs(fs) else True  # slow store would hold it
     except Exception:  # noqa: BLE001 - say what a rerun would do if it had one
         written = True
     if written:
@@ -469,13 +468,8 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
 
 
 def _has_checkpoint(fs, root: str) -> bool:
-    """Whether Ray Train has written anything of a checkpoint under --out/checkpoints (its folders and its
-    snapshot file are all named checkpoint_*)."""
-    try:
-        names = [path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(f"{root}/checkpoints", detail=False)]
-    except FileNotFoundError:
-        return False
-    return any(name.startswith("checkpoint_") for name in names)
+    """Whether Ray Train has written anything of a checkpoint under --out/checkpoints (a folder, or its record)."""
+    return bool(checkpoint_entries(fs, root))
 
 
 def _captions(uri: str):

@@ -407,7 +407,9 @@ def test_a_password_in_a_uri_is_never_printed(capsys, monkeypatch, tmp_path):
     assert capsys.readouterr().err.strip() == ("sdfleet: interrupted; checkpoints are in https://ann:***@h/tunes/a/"
                                                "checkpoints, rerun the same command to resume from the newest")
     # before its first checkpoint (drawing the class images, loading the model) there is nothing to resume from
-    (tmp_path / "early" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "early" / "checkpoints" / "checkpoint_2026-12-07_01-00-00").mkdir(parents=True)  # cut short
+    (tmp_path / "early" / "checkpoints" / "checkpoint_2026-12-07_01-00-00" / "state.json").write_text('{"step": 4}')
+    (tmp_path / "early" / "checkpoints" / "checkpoint_manager_snapshot.json").write_text("{}")
     assert main(["finetune", "lora", "--data", "d", "--base", "tiny", "--out", str(tmp_path / "early")]) == 130
     assert capsys.readouterr().err.strip() == ("sdfleet: interrupted; no checkpoint was written yet, so rerunning the "
                                                "same command starts training again")

@@ -188,7 +188,8 @@ def test_lora_parameter_count_on_the_real_sd21_unet():
 def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_that_does_not_load(tmp_path):
     """Ray's record of checkpoints lagged the store at a Ctrl-C: the rerun resumed --checkpoint-every steps back
     and the newest folder was never pruned. A folder cut short, or damaged since, falls back to the one before."""
-    from actors.train.checkpoints import gather_state, save_checkpoint, stored_checkpoints
+    from actors.train.checkpoints import gather_state, save_checkpoint
+    from actors.train.stored import stored_checkpoints
     from actors.train.config import TrainConfig
     from actors.train.loop import resume_from
     from safetensors.torch import save_file
@@ -1240,7 +1241,7 @@ def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, t
     assert f"sdfleet: interrupted; checkpoints are in {out}/checkpoints, rerun the same command to resume" in said
     assert json.loads((out / "finetune.json").read_text())["status"] == "interrupted"
     assert "resuming" not in said and "done" not in said, said[-3000:]  # stopped well before its 16 steps
-    from actors.train.checkpoints import stored_checkpoints
+    from actors.train.stored import stored_checkpoints
 
     newest = stored_checkpoints(str(out))[0][0]  # whether or not Ray's own record had it yet
     again = sdfleet(*argv)  # the same flags: another --steps would train the rest on another schedule (refused)

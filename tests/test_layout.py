@@ -147,7 +147,7 @@ def test_the_driver_and_the_finishing_stage_load_no_torch(tmp_path):
                "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": np.zeros((8, 4), np.float16)},
               str(tmp_path / "style.safetensors"))
     save_file({"emb_params": np.zeros((2, 32), np.float32)}, str(tmp_path / "mascot.safetensors"))
-    code = ("import sys; import jobs.cli, jobs.generate, actors.actor, actors.finish, actors.watermark; "
+    code = ("import sys; import jobs.cli, jobs.generate, jobs.finetune, actors.actor, actors.finish, actors.watermark; "
             f"found, bad = jobs.generate.resolve_adapters({str(tmp_path)!r}, {{'style', 'mascot'}}); "
             "assert sorted(found) == ['mascot', 'style'] and not bad, bad; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")

@@ -32,61 +32,6 @@ def gather_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
     return {k: v for k, v in weights.items() if k in names}, opt
 
 
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")  # what save_checkpoint writes
-
-
-def stored_checkpoints(out: str) -> list[tuple[int, str]]:
-    """(step, folder) of each whole checkpoint under --out/checkpoints, newest step first: every file
-    save_checkpoint writes is there, each safetensors file as long as its header says (`_whole`).
-
-    Ray Train resumes from the newest checkpoint its own record (checkpoint_manager_snapshot.json) lists, and
-    a checkpoint uploaded just before a Ctrl-C can be whole on the store but not in that record yet: the rerun
-    trained up to --checkpoint-every steps again. Whole is told from the store's listing and the files' heads,
-    the same for every worker, so they all resume from the same one (`resume_from`)."""
-    fs, root = url_to_fs(out)
-    try:
-        entries = fs.ls(f"{root.rstrip('/')}/checkpoints", detail=True)
-    except FileNotFoundError:
-        return []
-    found = []
-    for entry in entries:
-        folder = entry["name"].rstrip("/")
-        if entry.get("type") != "directory" or not folder.rsplit("/", 1)[-1].startswith("checkpoint_"):
-            continue
-        try:
-            step = _whole(fs, folder)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if step is not None:
-            found.append((step, fs.unstrip_protocol(folder)))
-    return sorted(found, reverse=True)
-
-
-def _whole(fs, folder: str) -> int | None:
-    """The step of the checkpoint in `folder` if all its files are there and whole, else None."""
-    import struct
-
-    sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in fs.ls(folder, detail=True)}
-    if not set(CHECKPOINT_FILES) <= set(sizes):
-        return None
-    meta = json.loads(fs.cat_file(f"{folder}/state.json"))
-    tensors = [name for name in CHECKPOINT_FILES if name.endswith(".safetensors")]
-    if "ema" in meta:
-        tensors.append("ema.safetensors")
-    for name in tensors:
-        if sizes.get(name) is None:
-            return None
-        with fs.open(f"{folder}/{name}", "rb") as f:  # safetensors: an 8-byte header length, a JSON header, data
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > sizes[name]:
-                return None
-            header = json.loads(f.read(length))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if sizes[name] != 8 + length + end:
-            return None
-    return int(meta["step"])
-
-
 @contextlib.contextmanager
 def local_copy(folder: str) -> Iterator[str]:
     """`folder` (a path or URI) as a local directory: itself on a disk, a temporary copy otherwise."""

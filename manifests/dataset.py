@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from manifests.schema import error_line
-from manifests.stores import folder_files, read_parquet, url_to_fs
+from manifests.stores import folder_files, is_folder, read_parquet, url_to_fs
 
 DATASET_SCHEMA = pa.schema([
     ("file", pa.string()),  # path relative to IMAGES_DIR, for tracing a sample back to its source
@@ -64,9 +64,7 @@ def dataset_files(uri: str, flag: str = "--data") -> tuple[fsspec.AbstractFileSy
 def _dataset_files(uri: str, flag: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     fs, root = url_to_fs(uri)
     root = root.rstrip("/")
-    if fs.isfile(root):
-        files = [root]
-    elif fs.isdir(root):
+    if is_folder(fs, root):
         try:
             parts = json.loads(fs.cat_file(f"{root}/{SUMMARY_FILE}"))["parts"]
         except FileNotFoundError:
@@ -80,6 +78,8 @@ def _dataset_files(uri: str, flag: str) -> tuple[fsspec.AbstractFileSystem, list
             if missing:
                 raise DatasetError(f"{flag} {uri}: {SUMMARY_FILE} names {', '.join(missing[:3])}, which "
                                    f"{'is' if len(missing) == 1 else 'are'} not there; build the dataset again")
+    elif fs.isfile(root):
+        files = [root]
     else:
         raise DatasetError(f"{flag} {uri} does not exist (build one with `sdfleet dataset build`)")
     if not files:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import coerced_id, error_line, row_location
-from manifests.stores import file_stamp, is_local_fs, tree_files, url_to_fs
+from manifests.stores import file_stamp, is_folder, is_local_fs, tree_files, url_to_fs
 
 
 MANIFEST_READS = 16  # manifest files the driver reads at once
@@ -111,13 +111,13 @@ def _same_file_key(uri: str) -> object:
 
 def _files(fs, path: str, given: str) -> list[str]:
     """The manifest files `given` (a file, a folder or a glob) names, as paths of `fs`."""
-    if fs.isfile(path):
-        return [path]
-    if fs.isdir(path):
+    if is_folder(fs, path):
         found = sorted(p for p in tree_files(fs, path) if p.lower().endswith(".parquet") and not _output_file(p))
         if not found:
             raise ManifestError(f"directory {given!r} holds no .parquet manifest")
         return found
+    if fs.isfile(path):
+        return [path]
     if fsspec.core.has_magic(path):
         found = sorted(p for p in fs.glob(path) if fs.isfile(p) and not _output_file(p))
         if not found:

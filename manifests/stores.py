@@ -158,6 +158,13 @@ def file_stamp(fs, path: str) -> str:
     return f"size={info.get('size')}; written={stored_at(info)}{inode}"
 
 
+def is_folder(fs, path: str) -> bool:
+    """Whether `path` is a folder to list. Asked before `isfile`: over HTTP a folder's listing page is a file
+    too, and was read as one Parquet file. A folder named `x.parquet` (as Spark writes) is a folder unless
+    the store says it is a file as well."""
+    return fs.isdir(path) and not (path.lower().endswith(".parquet") and fs.isfile(path))
+
+
 def tree_files(fs, root: str) -> list[str]:
     """Every file below the folder `root`, sorted. On this machine's disk, folders reached by a symbolic link
     are searched too (fsspec's find lists such a link as one file and goes no further), each real folder

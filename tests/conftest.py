@@ -24,3 +24,24 @@ def objects(request) -> list[tuple[str, dict]]:
     """Every object one k8s/ overlay applies, as files or as `kubectl kustomize` renders them, with the
     RayJobs its CronJob creates (tests/test_k8s*.py)."""
     return overlay_objects(request.param)
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """(folder, url): `folder` served read-only over HTTP as Python's http.server serves it, a listing page
+    for each subfolder (what fsspec's HTTP store lists by its links)."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

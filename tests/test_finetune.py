@@ -701,6 +701,25 @@ def test_null_captions_are_counted_in_the_caption_column_itself(tmp_path):
         check_dataset(str(_parquet(tmp_path / "nested-null.parquet", nulls)))
 
 
+def test_a_dataset_folder_served_over_http_is_read_part_by_part(http_folder):
+    """Over HTTP a folder's listing page answers like a file: `--data http://host/ds/` was read as one Parquet
+    file and refused as unreadable. A Spark-style folder named `.parquet` is a folder on a disk."""
+    from manifests.dataset import check_dataset, dataset_fingerprint, read_dataset
+
+    folder, url = http_folder
+    table = pa.table({"caption": ["a mug", "a cup"], "image": [b"x", b"y"]})
+    (folder / "ds").mkdir()
+    _parquet(folder / "ds" / "part-0.parquet", table)
+    _parquet(folder / "ds" / "part-1.parquet", table.slice(1))
+    for uri in (f"{url}/ds/", f"{url}/ds", str(folder / "ds")):
+        assert check_dataset(uri) == 3, uri
+        assert read_dataset(uri)["caption"].to_pylist() == ["a mug", "a cup", "a cup"]
+    assert dataset_fingerprint(f"{url}/ds/") == dataset_fingerprint(str(folder / "ds"))
+    assert check_dataset(f"{url}/ds/part-1.parquet") == 1
+    (folder / "ds").rename(folder / "ds.parquet")
+    assert check_dataset(str(folder / "ds.parquet")) == 3
+
+
 def test_a_training_row_whose_image_does_not_decode_is_named():
     """A hand-made dataset with one bad image failed in the worker with 'cannot identify image file
     <_io.BytesIO object at 0x...>', naming no row."""

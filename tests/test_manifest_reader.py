@@ -129,6 +129,19 @@ def test_a_folder_of_manifests_leaves_out_the_ledgers_of_outputs_inside_it(tmp_p
     assert [os.path.relpath(u, tmp_path / "m") for u in found] == ["results/day-1.parquet", "shots.parquet"]
 
 
+@pytest.mark.parametrize("slash", ["/", ""])
+def test_a_folder_served_over_http_is_listed_not_read_as_one_file(http_folder, slash):
+    """Over HTTP a folder's listing page answers like a file: `http://host/m/` was read as one Parquet file
+    ("Parquet magic bytes not found")."""
+    folder, url = http_folder
+    write_local(folder / "m" / "2026-01.parquet", records(2, prefix="jan"))
+    write_local(folder / "m" / "nested" / "extra.parquet", records(1, prefix="nested"))
+    found = expand_manifest_paths([f"{url}/m{slash}"])
+    assert found == [f"{url}/m/2026-01.parquet", f"{url}/m/nested/extra.parquet"]
+    assert sorted(ids_of(found)) == ["jan-000", "jan-001", "nested-000"]
+    assert expand_manifest_paths([f"{url}/m/2026-01.parquet"]) == [f"{url}/m/2026-01.parquet"]
+
+
 def test_a_file_reached_through_a_link_is_read_once(tmp_path):
     """A folder holding a.parquet and b.parquet -> a.parquet was read as two manifests: every id a duplicate of
     itself, and nothing drawn. Two names of one file are one manifest (the first named)."""

@@ -283,11 +283,17 @@ def cmd_generate(args) -> int:
         f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
         f"ledger and run.json in {cfg.out}")
     if cfg.report:  # the page is a view of what is already stored: a failure is said, and the run stands
-        from jobs.errors import describe_error
+        from jobs.errors import GroupByError, describe_error
         from jobs.report import build_report
 
         try:
-            _say_report(build_report(cfg.out, group_by=cfg.report_group_by, flag="--report-group-by"))
+            try:
+                done = build_report(cfg.out, group_by=cfg.report_group_by, flag="--report-group-by")
+            except GroupByError as exc:  # said before drawing too, where this run alone could tell
+                log(f"warning: {one_line(exc)}; the report is not grouped (`sdfleet report {cfg.out} --group-by "
+                    "COLUMN` writes it again grouped)")
+                done = build_report(cfg.out)
+            _say_report(done)
         except Exception as exc:  # noqa: BLE001 - reported in one line; `sdfleet report` can write it later
             log(f"warning: no report: {describe_error(exc) or one_line(exc)}; the run is complete, "
                 f"`sdfleet report {cfg.out}` writes it later")

@@ -26,6 +26,10 @@ class ReportError(ValueError):
     """A run's output cannot be read back for a report or a contact sheet."""
 
 
+class GroupByError(ReportError):
+    """The column a report was asked to group by is not one its rows can be grouped by."""
+
+
 def describe_error(exc: BaseException) -> str | None:
     """The message for a known error type, or None for a bug (which should show its traceback)."""
     from actors.models import ModelError

@@ -97,7 +97,8 @@ class GenerateConfig(BaseModel):
     report: bool = Field(default=False, description="write OUT/report/index.html when the run ends (as `sdfleet "
                          "report` does)")
     report_group_by: str | None = Field(default=None, description="the ledger column the report groups images by "
-                                        "(sku, scene_id, adapters, any manifest column)", json_schema_extra={
+                                        "(sku, scene_id, adapters, any manifest column); implies --report",
+                                        json_schema_extra={
                                             "metavar": "COLUMN"})
     rows_may_fail: bool = Field(default=False, description="exit 0 when the run finished but some rows failed or "
                                 "are invalid (they stay in the ledger and run.json); for schedulers that retry "
@@ -114,6 +115,7 @@ class GenerateConfig(BaseModel):
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":
         self.models = {"default": "tiny", **self.models}
+        self.report = self.report or self.report_group_by is not None  # asked how to group it: a report is wanted
         if self.watermark == "":
             raise ValueError("--watermark must not be empty (use --no-watermark to turn it off)")
         problem = watermark_payload_problem(self.watermark) if self.watermark is not None else None
@@ -218,8 +220,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     if not_asked:
         log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "
             "kept; run.json counts them (not_in_manifests) and the report lists them")
-    if cfg.report and cfg.report_group_by:
-        _check_report_group_by(cfg.report_group_by, manifests.columns, fs, root)
+    if cfg.report_group_by and (problem := report_group_by_problem(cfg.report_group_by, manifests.columns, fs, root)):
+        log(f"warning: {problem}; the run goes on, its report will not be grouped")  # a report never fails a run
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
     if not cfg.force and fs.exists(f"{root}/images"):
         images = {p.rsplit("/", 1)[-1][:-4]: info for p, info in folder_files(fs, f"{root}/images", ".png").items()}
@@ -306,16 +308,18 @@ def changed_since_recorded(images: dict[str, dict], finished: dict[str, tuple[st
     return changed
 
 
-def _check_report_group_by(column: str, manifest_columns: set[str], fs, root: str) -> None:
-    """`--report-group-by` names a column this run's ledger will have: checked before drawing, not after (an
-    output with earlier ledger parts may have it from an earlier run's manifests: the report says then)."""
+def report_group_by_problem(column: str, manifest_columns: set[str], fs, root: str) -> str | None:
+    """Why `--report-group-by` cannot group this run's report, told before drawing rather than after; None when
+    the ledger will have the column (an output with earlier ledger parts may have it from an earlier run's
+    manifests: the report says then)."""
     from jobs.outputs import BOOKKEEPING, not_a_group
 
     own = [c for c in sorted(manifest_columns) if c not in FIELDS]  # kept in the ledger, as extra_columns names them
     columns = [c for c in LEDGER_COLUMNS if c not in (*BOOKKEEPING, "extra")] + list(extra_columns(own).values())
     if column in BOOKKEEPING or (column not in columns and not ledger_parts(fs, root)):
         why = not_a_group(column, "") if column in BOOKKEEPING else "this run's ledger will have no such column"
-        raise RunFailed(f"--report-group-by {column!r}: {why}; group by one of {', '.join(columns)}")
+        return f"--report-group-by {column!r}: {why}; group by one of {', '.join(columns)}"
+    return None
 
 
 def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.errors import ReportError, one_line
+from jobs.errors import GroupByError, ReportError, one_line
 from manifests.ledger import concat_parts, ledger_parts, size_differs
 from manifests.stores import UnreadableFile, folder_files, is_local_fs, read_parquet_files, url_to_fs
 
@@ -132,7 +132,7 @@ class RunOutput:
 
     def check_group_by(self, column: str | None, flag: str = "--group-by") -> None:
         if column is not None and column not in self.group_columns():
-            raise ReportError(f"{flag} {column!r}: {not_a_group(column, self.uri)}; group by one of "
+            raise GroupByError(f"{flag} {column!r}: {not_a_group(column, self.uri)}; group by one of "
                               f"{', '.join(self.group_columns())}")
 
 

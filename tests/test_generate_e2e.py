@@ -85,11 +85,13 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     shutil.copytree(run64["out"], out)
     before = len(ledger(out))
 
-    # (a report that cannot be written is a warning: the run's exit code stands)
+    # (a report that cannot be grouped as asked is written ungrouped, with a warning: the run's exit code stands;
+    # --report-group-by alone asks for a report)
     proc = sdfleet("generate", str(run64["manifest"]), "--out", str(out), "--actors", "2", "--no-watermark",
-                   "--report", "--report-group-by", "nope")
+                   "--report-group-by", "nope")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "warning: no report: --report-group-by 'nope': the ledger of" in proc.stderr
+    assert "warning: --report-group-by 'nope': the ledger of" in proc.stderr
+    assert "the report is not grouped" in proc.stderr and (out / "report" / "index.html").exists()
     summary = run_summary(out)
     assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (0, 64, 0)
     assert len(ledger(out)) == before, "a skipped row adds no ledger entry"

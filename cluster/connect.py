@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -447,19 +448,38 @@ def _let_ray_data_threads_end(seconds: float = THREADS_END_SECONDS) -> None:
                                       time.monotonic() - start, ", ".join(alive) or "none")
 
 
+def address_problem(address: str | None) -> str | None:
+    """What is wrong with the form of a Ray address given to --address (or RAY_ADDRESS), told without a
+    network call, so a command can say it before it reads any store; None for a GCS address or Ray's own
+    `auto` and `local`."""
+    if not address:
+        return None
+    if address.startswith("ray://"):
+        return (f"--address {address} is a Ray Client address, on which Ray Data cannot run (it fails mid-run); "
+                "give the GCS address, HEAD:6379, from a machine in the cluster's network, or submit the command "
+                "with `ray job submit`")
+    if address.startswith(("http://", "https://")):
+        return (f"--address {_ADDRESS_SECRET.sub('***@', address)} is an HTTP address: that is the dashboard and "
+                "job-submission address (what `ray job submit --address` takes); --address takes the GCS address, "
+                "HEAD:6379")
+    if "@" in address and "://" not in address:  # user:secret@host:6379: said without what comes before the @
+        return f"--address ***@{address.rpartition('@')[2]} holds a user or password: a Ray GCS address is " \
+               "HEAD:PORT and takes neither"
+    return None
+
+
+_ADDRESS_SECRET = re.compile(r"(?<=://)[^/@]*@")  # http://user:pw@host: what precedes the @ is never echoed
+
+
 def _check_reachable(address: str, seconds: float = 10.0) -> None:
     """A HOST:PORT nothing answers on fails here in seconds: ray.init retries it for many minutes. So does the
     dashboard's port (8265, which `ray job submit` takes), which answers HTTP where the GCS speaks gRPC; and a
     Ray Client address (ray://), on which Ray Data cannot run."""
     import socket
 
-    if address.startswith("ray://"):
-        raise ClusterError(f"--address {address} is a Ray Client address, on which Ray Data cannot run (it fails "
-                           "mid-run); give the GCS address, HEAD:6379, from a machine in the cluster's network, or "
-                           "submit the command with `ray job submit`")
-    if "@" in address and "://" not in address:  # user:secret@host:6379: said without what comes before the @
-        raise ClusterError(f"--address ***@{address.rpartition('@')[2]} holds a user or password: a Ray GCS address "
-                           "is HEAD:PORT and takes neither")
+    problem = address_problem(address)
+    if problem:
+        raise ClusterError(problem)
     host, sep, port = address.rpartition(":")
     if "://" in address or not sep or not port.isdigit():
         return  # auto, local: Ray's own forms, checked by Ray

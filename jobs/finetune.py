@@ -28,8 +28,8 @@ from dataclasses import asdict
 from actors.models import describe_model
 from actors.train.config import TrainConfig
 from actors.train.stored import checkpoint_entries, stored_checkpoints
-from cluster.connect import (ClusterError, alive_nodes, cluster_address, connect, disconnect, library_logs_to,
-                             local_gpu_shortfall, local_resources, watch_cluster)
+from cluster.connect import (ClusterError, address_problem, alive_nodes, cluster_address, connect, disconnect,
+                             library_logs_to, local_gpu_shortfall, local_resources, watch_cluster)
 from jobs.console import command_log, leave, log, recorded_json, without_passwords
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, dataset_fingerprint, folder_names
@@ -58,7 +58,10 @@ LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRIC
 def run_finetune(cfg: TrainConfig) -> dict:
     """Check, train, and return the summary written to --out/finetune.json."""
     started = time.time()
-    # 1. inputs, before Ray: the dataset (footers only), the base model (configs only), the output store
+    # 1. inputs, before Ray: --address's form, the dataset (footers only), the base model (configs only), the
+    # output store
+    if problem := address_problem(cluster_address(cfg.address)):
+        raise FinetuneError(problem)
     rows = check_dataset(cfg.data)
     base = describe_model("base", cfg.base)
     try:

@@ -30,8 +30,8 @@ from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from actors.presets import PRESETS
-from cluster.connect import (alive_nodes, cluster_address, connect, disconnect, joined_address, library_logs_to,
-                             local_gpu_shortfall, size_actors, size_finishing, watch_cluster)
+from cluster.connect import (address_problem, alive_nodes, cluster_address, connect, disconnect, joined_address,
+                             library_logs_to, local_gpu_shortfall, size_actors, size_finishing, watch_cluster)
 from jobs.console import command_log, leave, log, recorded_json, ticking, without_passwords
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
@@ -148,7 +148,9 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     started = time.time()
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
-    # 1. the output store must be reachable and writable before anything is drawn
+    # 1. an --address of the wrong form, then the output store, reachable and writable, before anything is drawn
+    if problem := address_problem(cluster_address(cfg.address)):
+        raise RunFailed(problem)
     try:
         fs, root = url_to_fs(cfg.out)
         require_bucket(fs, root, "--out", cfg.out, RunFailed)

@@ -383,6 +383,8 @@ def test_a_relative_out_is_refused_where_the_command_runs_as_a_ray_job(capsys, m
 @pytest.mark.parametrize("address, said", [
     ("ray://127.0.0.1:10001", "is a Ray Client address, on which Ray Data cannot run"),
     ("ann:hunter2@127.0.0.1:6379", "--address ***@127.0.0.1:6379 holds a user or password"),
+    ("http://ann:hunter2@127.0.0.1:8265", "--address http://***@127.0.0.1:8265 is an HTTP address: that is the "
+                                          "dashboard"),
     ("{http}", "answers HTTP: that is the dashboard and job-submission address"),
 ])
 def test_addresses_ray_cannot_run_a_job_on_are_refused_at_once(capsys, tmp_path, address, said):
@@ -398,6 +400,11 @@ def test_addresses_ray_cannot_run_a_job_on_are_refused_at_once(capsys, tmp_path,
         address = address.format(http=f"127.0.0.1:{server.server_address[1]}")
         code, _, err = run(capsys, "generate", manifest, "--out", tmp_path / "out", "--address", address)
         assert code == 1 and said in err.splitlines()[-1] and "Traceback" not in err and "hunter2" not in err
+        if "answers HTTP" not in said:  # told by its form alone: before any store is read or written
+            assert not (tmp_path / "out").exists()
+            code, _, err = run(capsys, "finetune", "lora", "--data", tmp_path / "none", "--base", "tiny",
+                               "--out", tmp_path / "tune", "--address", address)
+            assert code == 1 and said in err.splitlines()[-1] and "hunter2" not in err
     finally:
         server.shutdown()
 

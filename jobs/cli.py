@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--no-watermark", action="store_true",
                      help="the run will draw without the watermark: images smaller than it needs are fine")
     exp = man.add_parser("expand", help="template x products x scenes x variants -> manifest")
-    exp.add_argument("--template", required=True, help='prompt with {product} and optionally {scene}, e.g. "a photo of {product}, {scene}"')
+    exp.add_argument("--template", required=True, help="prompt with {product}, and {scene} when --scenes is given "
+                     "(any other product or scene column too), e.g. \"a photo of {product}, {scene}\"")
     exp.add_argument("--products", required=True, metavar="CSV|PARQUET|TXT", help="`product` column (+ optional `sku`, other columns)")
     exp.add_argument("--scenes", metavar="CSV|PARQUET|TXT", help="`scene` column (+ optional `scene_id`), or one scene per line")
     exp.add_argument("--variants", type=int, default=1, help="seeds per product x scene (default 1)")

@@ -62,7 +62,8 @@ class GenerateConfig(BaseModel):
                                    "diffusers directory or URI; repeat for more); `default` is `tiny` unless given")
     adapters: str | None = Field(default=None, description="adapter store (folder or URI) the rows' adapters are read from",
                                  json_schema_extra={"metavar": "URI"})
-    actors: int = Field(default=1, ge=1, description="generation actors (one GPU each where there are GPUs)")
+    actors: int = Field(default=1, ge=1, description="generation actors (one GPU each where there are GPUs)",
+                        json_schema_extra={"metavar": "N"})
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["auto"] = Field(
         default=8, description="rows per forward pass, or auto: measured once per model, size and device, and "
         "kept in the backend cache")

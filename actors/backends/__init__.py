@@ -68,7 +68,7 @@ def check_backend(name: str, device: str) -> None:
         if device != "cuda":
             missing.append("an NVIDIA GPU (the cluster has none, or --device cpu was given)")
         if importlib.util.find_spec("tensorrt") is None:
-            missing.append("the tensorrt package (pip install '.[tensorrt]')")
+            missing.append("the tensorrt package (pip install 'sdfleet[tensorrt]', or '.[tensorrt]' in a checkout)")
         if missing:
             raise BackendError(f"--backend tensorrt needs {' and '.join(missing)}; use --backend compile or onnx")
 

@@ -17,7 +17,8 @@ def check_manifests(
     """Yield ("error" | "warning", message) for every problem, in manifest order.
 
     Errors make a row invalid (generate will not draw it); warnings (a prompt over CLIP's window) do not.
-    `tokenizer_for(model_name)` returns the tokenizer used to count a row's prompt tokens. With
+    `tokenizer_for(model_name)` returns the tokenizer used to count a row's prompt tokens, or None where the
+    model's own cannot be had (its prompts are then not counted, said once). With
     `watermark_sizes` (model name -> its native width, height) a row too small to carry the watermark is an
     error, as `generate` finds it when the mark is on.
     """
@@ -30,6 +31,8 @@ def check_manifests(
     @functools.lru_cache(maxsize=65536)  # an expanded catalogue repeats each prompt once per variant
     def overflow(model: str, prompt: str) -> str | None:
         return prompt_overflow(tokenizer_for(model), prompt)
+
+    uncounted: set[str] = set()
 
     for uri, position, raw in iter_rows(uris):
         if isinstance(raw, Unreadable):  # a damaged row group: one error for its rows, then the next
@@ -51,7 +54,12 @@ def check_manifests(
         if id_counts[parsed.id] > 1:
             yield "error", (f"{where}: `id` appears in {id_counts[parsed.id]} rows; "
                             f"ids must be unique across the run's manifests")
-        if tokenizer_for is not None:
+        if tokenizer_for is not None and tokenizer_for(parsed.model) is None:
+            if parsed.model not in uncounted:
+                uncounted.add(parsed.model)
+                yield "warning", (f"model {parsed.model!r}: its tokenizer could not be fetched, so its rows' prompts "
+                                  "are not checked against CLIP's 77-token window (generate still warns in the ledger)")
+        elif tokenizer_for is not None:
             warning = (overflow(parsed.model, parsed.prompt) if len(parsed.prompt) <= 1024 else  # the cache keeps
                        prompt_overflow(tokenizer_for(parsed.model), parsed.prompt))  # what it is given
             if warning:

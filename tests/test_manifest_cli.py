@@ -292,6 +292,35 @@ def test_a_model_whose_tokenizer_does_not_load_is_one_line(capsys, tmp_path):
                           "/tokenizer) does not load (JSONDecodeError: ") and len(err.strip().splitlines()) == 1, err
 
 
+def test_prompts_are_counted_with_the_tokenizer_of_a_model_in_a_store(capsys, tmp_path, http_folder):
+    """A model in a store was counted with the built-in tokenizer, which spells English letter by letter: SD 2.1
+    prompts of ~25 words were said cut off. Its own tokenizer/ is fetched (not its weights); a model whose
+    tokenizer cannot be had is said once, its prompts not counted."""
+    import json
+
+    from actors.models import export_preset
+    from manifests.validate import check_manifests
+
+    served, url = http_folder
+    export_preset("tiny", str(served / "mine"))
+    config = served / "mine" / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 8}))
+    capsys.readouterr()
+    rows = [good("a", model="mine", prompt="a red star on a gray background"), good("b", prompt="a red star")]
+    manifest = write(tmp_path / "m.parquet", rows)
+    code, lines, _ = validate(capsys, manifest, "--model", f"mine={url}/mine")
+    assert code == 0 and problems(lines, "warning") == [
+        f"warning: {manifest} row 0 (`a`): prompt is 9 CLIP tokens, over the 8 the model reads; these words are "
+        "cut off: 'background'"], lines
+    code, lines, _ = validate(capsys, manifest, "--model", f"mine={served / 'mine'}")  # the same, on this disk
+    assert code == 0 and len(problems(lines, "warning")) == 1
+    assert list(check_manifests([str(manifest)], {"default", "mine"}, lambda model: None)) == [
+        ("warning", "model 'mine': its tokenizer could not be fetched, so its rows' prompts are not checked against "
+                    "CLIP's 77-token window (generate still warns in the ledger)"),
+        ("warning", "model 'default': its tokenizer could not be fetched, so its rows' prompts are not checked "
+                    "against CLIP's 77-token window (generate still warns in the ledger)")]
+
+
 def test_memory_uri_manifest_validates(capsys):
     fs = fsspec.filesystem("memory")
     folder = f"/cli-{uuid.uuid4().hex[:8]}"

@@ -198,7 +198,8 @@ def library_logs_to(path: str, verbose: bool, *, scrub: Callable[[str], str]):
                 data.removeHandler(h)
     if not data.propagate:
         data.addHandler(handler)
-    saved_print = _route_cluster_notices(logging.getLogger("ray.notices")) if not verbose else None
+    # (a logger of sdfleet's own: under --verbose, Ray's logger prints to the terminal, where `echo` already has)
+    saved_print = _route_cluster_notices(logging.getLogger("sdfleet.cluster"), echo=scrub if verbose else None)
     native = contextlib.nullcontext() if verbose else _native_stderr_to(path)
     logging.captureWarnings(not verbose)  # the libraries' Python warnings (Ray Data's UserWarnings) go there too
     try:
@@ -266,13 +267,14 @@ def _writes_to_fd(stream, fd: int) -> bool:
         return False
 
 
-def _route_cluster_notices(logger: logging.Logger):
+def _route_cluster_notices(logger: logging.Logger, echo: Callable[[str], str] | None = None):
     """Send the cluster's notices to the driver ("(raylet) Task ... will be retried", "A worker died") to
     `logger` instead of stdout. Ray prints them from a background thread of the driver whatever
     `log_to_driver` says, through `ray._private.worker.print_to_stdstream`; sdfleet reports what they mean
     for the run (a row retried or failed) itself. The workers' own output, which Ray streams only with
-    `log_to_driver` (connect's `worker_output`), goes there too. Returns the function replaced, or None if this
-    Ray has none."""
+    `log_to_driver` (connect's `worker_output`, and Ray's default under --verbose), goes there too. With
+    `echo` (--verbose) Ray also prints each line as it would, passed through `echo` (which takes a URI's
+    password out). Returns the function replaced, or None if this Ray has none."""
     import ray._private.worker as ray_worker
 
     original = getattr(ray_worker, "print_to_stdstream", None)
@@ -286,11 +288,15 @@ def _route_cluster_notices(logger: logging.Logger):
         if pid == "raylet":
             for line in data.get("lines", ()):
                 logger.warning("(raylet) %s", line)
+            if echo is not None:
+                return original({**data, "lines": [echo(line) for line in data.get("lines", ())]}, ignore_prefix)
             return
         # a worker's own output (connect(worker_output=True)): its prints and tracebacks, named as Ray names them
         who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={pid})"
         for line in data.get("lines", ()):
             logger.log(logging.WARNING if data.get("is_err") else logging.INFO, "%s %s", who, line)
+        if echo is not None:
+            return original({**data, "lines": [echo(line) for line in data.get("lines", ())]}, ignore_prefix)
 
     ray_worker.print_to_stdstream = to_log
     return original

@@ -235,3 +235,17 @@ def test_the_workers_output_and_the_raylets_notices_go_to_the_log_not_the_termin
         ("INFO", "(draw pid=42) hello")]
     said = capsys.readouterr()
     assert said.out == said.err == ""
+    # --verbose: Ray prints them too, as it would, with a URI's password taken out; the log still has them
+    from manifests.stores import without_passwords
+
+    records.clear()
+    original = _route_cluster_notices(logger, echo=without_passwords)
+    try:
+        ray_worker.print_to_stdstream({"pid": 43, "actor_name": "RayTrainWorker", "is_err": True,
+                                       "lines": ["reading https://ann:hunter2@h/ds"]}, False)
+    finally:
+        ray_worker.print_to_stdstream = original
+    said = capsys.readouterr()
+    assert "RayTrainWorker pid=43" in said.err and "reading https://ann:***@h/ds" in said.err
+    assert "hunter2" not in said.err
+    assert [r.getMessage() for r in records] == ["(RayTrainWorker pid=43) reading https://ann:hunter2@h/ds"]

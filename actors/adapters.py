@@ -163,8 +163,8 @@ class AdapterStore:
         names = []
         for path in paths:
             relative = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
-            if relative.count("/") > MAX_NAME_DEPTH:
-                continue
+            if relative.count("/") > MAX_NAME_DEPTH or "/checkpoints/checkpoint_" in f"/{relative}":
+                continue  # (a fine-tune's checkpoints, in the adapter store it wrote to: weights, not adapters)
             folder, _, base = relative.rpartition("/")
             if base in FOLDER_FILES and folder:
                 names.append(folder)

@@ -136,11 +136,14 @@ def test_unknown_adapter_names_what_the_store_holds(store, tiny_shape):
 
 
 def test_the_store_lists_nested_adapters_among_what_it_holds(tmp_path, loras):
-    """`brand/style-v1` was left out of "the store holds: ...", though rows could name it."""
+    """`brand/style-v1` was left out of "the store holds: ...", though rows could name it; a fine-tune's
+    checkpoints in the store it wrote to (their optimizer, trainable, ema files) were listed as adapters."""
     from actors.adapters import LORA_FILE
 
     data = save({f"unet.{k}": v for k, v in loras["A"].items()})
-    for path in ("top.safetensors", f"brand/style-v1/{LORA_FILE}", "brand/style-v2.safetensors", "notes/readme.txt"):
+    checkpoint = "top-tune/checkpoints/checkpoint_2026-12-07_01-05-30.604450"
+    for path in ("top.safetensors", f"brand/style-v1/{LORA_FILE}", "brand/style-v2.safetensors", "notes/readme.txt",
+                 f"{checkpoint}/trainable.safetensors", f"{checkpoint}/optimizer.safetensors"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_bytes(data)
     store = AdapterStore(str(tmp_path))

@@ -65,6 +65,8 @@ class Recorder:
                 self._actor_counters(row)
             if row["status"] == "skipped":
                 continue
+            if row["status"] == "failed" and row.get("error"):  # the ledger's error names the row, as the line
+                row = {**row, "error": located(row, row["error"])}  # does (the plan's `invalid` ones do already)
             self.pending.append(row)
             if row["status"] == "ok" and not row.get("actor"):  # the plan recovered it: drawn by an earlier run
                 self.recovered += 1

@@ -73,6 +73,9 @@ def test_a_row_problem_on_the_terminal_names_its_file_row_and_id(clock, monkeypa
         "invalid: m.parquet row 1 (`lamp`): `steps` must be >= 1, got 0",  # said where already: not twice
         "ok: m.parquet row 2 (`vase`): prompt is 90 CLIP tokens, over the 77 the model reads",
     ]
+    # the ledger's error names the row as the line does (the report's Problems show it)
+    assert [r["error"] for r in rec.pending if r["status"] == "failed"] == [
+        "m.parquet row 0 (`mug`): adapter 'x': no adapter store given (pass --adapters URI)"]
 
 
 def test_a_quiet_wait_for_rows_still_says_something(monkeypatch):

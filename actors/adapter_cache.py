@@ -33,7 +33,7 @@ from diffusers.utils import logging as diffusers_logging
 
 from actors.adapters import AdapterError, AdapterInfo, AdapterStore, embedding_scale_problem
 from actors.lora_map import Layers, LoraMapError, lora_layers, lora_state_dict
-from actors.textual_inversion import known_word
+from actors.tokenizer import known_word
 from manifests.schema import LISTED_TWICE, adapter_listed_twice, error_line
 
 GiB = 1024**3

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.adapters import EMBEDDING_FILE  # the store's folder layout for an embedding
+from actors.tokenizer import known_word
 
 
 class TextualInversionError(ValueError):
@@ -59,13 +60,6 @@ class NewTokens(torch.nn.Module):
 def placeholder_tokens(token: str, vectors: int) -> list[str]:
     """The tokens of a `vectors`-vector embedding, spelled as diffusers' loader spells them."""
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
-
-
-def known_word(tokenizer, token: str) -> bool:
-    """Whether `token` is already a word of the tokenizer: in its vocabulary, or read as one known token (CLIP
-    spells "star" as "star</w>", so the vocabulary alone misses it). Adding such a word as a new token would
-    change every prompt that uses it, and split longer words ("tired" -> "t i red")."""
-    return token in tokenizer.get_vocab() or len(tokenizer(token, add_special_tokens=False).input_ids) == 1
 
 
 def check_placeholder(tokenizer, token: str, init_word: str | None, vectors: int = 1) -> int | None:

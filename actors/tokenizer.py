@@ -125,5 +125,13 @@ def load_tokenizer(directory: str | Path):
     )
 
 
+def known_word(tokenizer, token: str) -> bool:
+    """Whether `token` is already a word of the tokenizer: in its vocabulary, or read as one known token (CLIP
+    spells "star" as "star</w>", so the vocabulary alone misses it). Adding such a word as a new token would
+    change every prompt that uses it, and split longer words ("tired" -> "t i red"). No torch: the generate
+    driver asks it too."""
+    return token in tokenizer.get_vocab() or len(tokenizer(token, add_special_tokens=False).input_ids) == 1
+
+
 if __name__ == "__main__":
     write_tokenizer_files(sys.argv[1])

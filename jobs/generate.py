@@ -201,6 +201,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     models = {name: describe_model(name, ref).defaults() for name, ref in refs.items()}
     embedding_tokens: dict[str, str] = {}  # token -> the embedding that adds it
     adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, manifests.adapter_names, embedding_tokens)
+    word_tokens = words_of_models(embedding_tokens, models) if embedding_tokens else {}
 
     # 4. what is already done: newest ok hash per id, and which images exist
     from jobs.plan import PlanState
@@ -208,7 +209,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     remove_stale_temp_files(fs, root)
     try:
         finished: dict[str, tuple[str, int | None]] = {}
-        done = {} if cfg.force else read_latest_ok(fs, root, finished)
+        superseded: set[str] = set()  # ids whose newest entry is a failure after their newest ok one
+        done = {} if cfg.force else read_latest_ok(fs, root, finished, superseded)
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole: this one was damaged afterwards
             raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
@@ -216,13 +218,9 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                             "or drawn again where an image is gone") from exc
         raise RunFailed(f"cannot read the ledger from {fs.unstrip_protocol(root)}/results: {exc.path}: "
                         f"{one_line(exc.cause)}; nothing was drawn, rerun once the store answers") from exc
-    # images of rows no manifest asks for any more (a product dropped from the catalogue): kept, and counted
-    not_asked = sorted(rid for rid in done if rid not in asked)
+    # rows done before that no manifest asks for any more (a product dropped from the catalogue)
+    dropped = {rid for rid in done if rid not in asked}
     del asked
-    manifests.not_in_manifests, manifests.not_in_manifests_count = not_asked[:NOT_ASKED_LISTED], len(not_asked)
-    if not_asked:
-        log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "
-            "kept; run.json counts them (not_in_manifests) and the report lists them")
     if cfg.report_group_by and (problem := report_group_by_problem(cfg.report_group_by, manifests.columns, fs, root)):
         log(f"warning: {problem}; the run goes on, its report will not be grouped")  # a report never fails a run
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
@@ -236,11 +234,18 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                 "(another run, a copy, an edit, a file damaged in place): each is checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
     del finished
+    # ... whose images are kept, and counted (not one whose image is gone since)
+    not_asked = sorted(rid for rid in dropped if rid in existing)
+    manifests.not_in_manifests, manifests.not_in_manifests_count = not_asked[:NOT_ASKED_LISTED], len(not_asked)
+    if not_asked:
+        log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "
+            "kept; run.json counts them (not_in_manifests) and the report lists them")
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
-                      embedding_tokens=embedding_tokens)
-    before = "--force: every row is drawn again" if cfg.force else f"{len(done)} done before"
+                      embedding_tokens=embedding_tokens, word_tokens=word_tokens, superseded=superseded)
+    # (of the rows these manifests ask for: done ids of dropped rows are counted as not_in_manifests)
+    before = "--force: every row is drawn again" if cfg.force else f"{len(done.keys() - dropped)} done before"
     log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")
 
     # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
@@ -406,20 +411,43 @@ def resolve_adapters(store_uri: str | None, names: set[str],
         for name, info, error in pool.map(describe, sorted(names)):
             if error is None:
                 fingerprints[name] = info.fingerprint
-                if info.kind == "embedding" and info.token:
-                    adders.setdefault(info.token, []).append(name)
+                if info.kind == "embedding" and info.token:  # CLIP reads tokens in lower case: one in any case
+                    adders.setdefault(info.token.lower(), []).append((name, info.token))
             else:
                 errors[name] = error
-    for token, named in adders.items():
+    for named in adders.values():
         if len(named) > 1:  # an actor holds one embedding per token: which one a row got would depend on order
-            for name in named:
-                others = ", ".join(repr(n) for n in named if n != name)
+            for name, token in named:
+                others = ", ".join(repr(n) for n, _ in named if n != name)
                 errors[name] = (f"adapter {name!r}: its token {token!r} is also the token of {others}, named in this "
-                                "run; an actor holds one embedding per token, so rows would draw with whichever it "
-                                "loaded first: draw them in separate runs, or save one under another token")
+                                "run (tokens are read in lower case); an actor holds one embedding per token, so rows "
+                                "would draw with whichever it loaded first: draw them in separate runs, or save one "
+                                "under another token")
         elif tokens is not None:
-            tokens[token] = named[0]
+            tokens[named[0][1]] = named[0][0]
     return fingerprints, errors
+
+
+def words_of_models(tokens: dict[str, str], models: dict[str, dict]) -> dict[str, frozenset[str]]:
+    """For each model, the embedding tokens that are already words of its tokenizer. An actor refuses such an
+    embedding on that model (it would change every prompt using the word), so a row of the model may use the
+    word without listing the embedding: without this, one embedding named `red` made every row saying "red"
+    invalid. Each model's own tokenizer is read (a store's `tokenizer/` folder only, as `manifest validate`
+    does); one that cannot be read leaves its rows checked against every token."""
+    from actors.models import ModelError, ModelInfo
+    from actors.tokenizer import known_word
+    from jobs.tokenizers import tokenizer_lookup
+
+    lookup = tokenizer_lookup({name: ModelInfo(**info) for name, info in models.items()})
+    words = {}
+    for name in models:
+        try:
+            tokenizer = lookup(name)
+        except ModelError:  # the model would not load either: its rows fail there, named
+            tokenizer = None
+        if tokenizer is not None:
+            words[name] = frozenset(t for t in tokens if known_word(tokenizer, t))
+    return words
 
 
 def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, startup, finish, actor_cls) -> dict:

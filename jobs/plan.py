@@ -45,12 +45,15 @@ class PlanState:
     duplicates: dict[str, int] = field(default_factory=dict)  # id -> how many rows carry it
     case_clashes: dict[str, list[str]] = field(default_factory=dict)  # id -> ids one file name away on this disk
     done: dict[str, str] = field(default_factory=dict)  # id -> params_hash of its newest ok entry
+    superseded: set[str] = field(default_factory=set)  # ids of `done` whose newest entry is a later failure
     existing: set[str] = field(default_factory=set)  # ids with an image in the output store
     watermark: str | None = None
     force: bool = False
     adapter_fingerprints: dict[str, str] = field(default_factory=dict)  # name -> file hash
     adapter_errors: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
     embedding_tokens: dict[str, str] = field(default_factory=dict)  # token -> the embedding (of this run) adding it
+    # model name -> those tokens that are words of its tokenizer: no actor adds them to it (it refuses the embedding)
+    word_tokens: dict[str, frozenset[str]] = field(default_factory=dict)
     out: str | None = None  # the output root's URI: where images that no ledger entry covers are read
 
 
@@ -72,14 +75,15 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
                   "tell case apart: their images would be one file, so none of those rows is drawn; make the ids "
                   "differ in more than case, or write to a case-sensitive store")
         return {**base, "id": parsed.id, "status": "invalid", "error": reason}
-    unlisted = unlisted_embedding(parsed, state.embedding_tokens)
+    unlisted = unlisted_embedding(parsed, state.embedding_tokens, state.word_tokens.get(parsed.model, frozenset()))
     if unlisted:
         error = f"{row_location(source, row, parsed.id)}: {unlisted}"
         return {**base, "id": parsed.id, "status": "invalid", "error": error}
     resolved = resolve_row(parsed, state.models[parsed.model], watermark=state.watermark,
                            adapter_fingerprints=state.adapter_fingerprints)
     work = {**base, **resolved, "status": None}
-    broken = dict.fromkeys(state.adapter_errors[a.name] for a in parsed.adapters if a.name in state.adapter_errors)
+    broken = dict.fromkeys(state.adapter_errors[a.name] for a in parsed.adapters  # (scale 0: loads nothing)
+                           if a.scale != 0 and a.name in state.adapter_errors)
     if broken:  # a bad adapter fails the rows that need it; every other row is drawn
         return {**work, "status": "failed", "error": "; ".join(broken)}
     too_small = too_small_for_the_mark(work["width"], work["height"]) if state.watermark else None
@@ -87,8 +91,14 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         error = f"{row_location(source, row, parsed.id)}: {too_small}"
         return {**base, "id": parsed.id, "status": "invalid", "error": error}
     if not state.force and parsed.id in state.existing:
-        if state.done.get(parsed.id) == work["params_hash"]:
+        if state.done.get(parsed.id) == work["params_hash"] and parsed.id not in state.superseded:
             return {**work, "status": "skipped"}
+        if state.done.get(parsed.id) == work["params_hash"]:  # a failure since (an adapter upload cut short, put
+            # back): the image is still the row's, read back and recorded `ok` again instead of staying failed
+            found = recovered(state.out, parsed.id, work["params_hash"]) if state.out else None
+            if found:
+                found["warning"] = "recovered: the image drawn before this row's last failure is still the row's"
+            return {**work, **found, "status": "ok"} if found else {**work, "affinity": affinity(work)}
         # An image a killed run wrote without recording it: never one whose newest `ok` entry still vouches for it
         # (that image has the entry's hash; one written since was taken out of `done`, changed_since_recorded).
         # Read only where no entry does: a change to every row's hash (a new model, a new mark) read every image
@@ -110,26 +120,33 @@ def _as_json(value: Any) -> str:
     return str(value)
 
 
-def unlisted_embedding(parsed, tokens: dict[str, str]) -> str | None:
+def unlisted_embedding(parsed, tokens: dict[str, str], words: frozenset[str] = frozenset()) -> str | None:
     """Why a row that uses an embedding's token without listing the embedding cannot be drawn, or None.
 
     An actor keeps the embeddings it loaded (their tokens are words of its tokenizer from then on), so such a
     row would draw with the embedding on an actor that loaded it for another row, and without it elsewhere:
     two images for one `params_hash`, whichever came first. Tokens are matched as the tokenizer matches
-    added tokens: anywhere in the text."""
+    added tokens: anywhere in the text, in any case (CLIP's tokenizer lower-cases the text first, so
+    `<MY-TOK>` reads as `<my-tok>`). `words`: the tokens that are words of the row's model's tokenizer, which
+    no actor adds to it (it refuses their embeddings), so they draw the same everywhere."""
     embeddings = set(tokens.values())
     for a in parsed.adapters:  # the actor would refuse it: a row's problem, said before any actor is asked
         problem = embedding_scale_problem(a.scale) if a.name in embeddings else None
         if problem:
             return f"`adapters` adapter {a.name!r} {problem}"
     listed = {a.name for a in parsed.adapters if a.scale != 0}
+    at_zero = {a.name for a in parsed.adapters if a.scale == 0}
+    prompt, negative = parsed.prompt.lower(), (parsed.negative_prompt or "").lower()
     for token, name in sorted(tokens.items()):
-        where = ("the prompt" if token in parsed.prompt else
-                 "the negative prompt" if token in (parsed.negative_prompt or "") else None)
-        if name not in listed and where:
-            return (f"{where} uses {token!r}, the token of the embedding {name!r}, which the row's `adapters` do not "
-                    f"list: add {{\"name\": \"{name}\", \"scale\": 1.0}} (unlisted, the row would draw with it "
-                    "on an actor that loaded it for another row, and without it elsewhere)")
+        if name in listed or token in words:
+            continue
+        where = ("the prompt" if token.lower() in prompt else
+                 "the negative prompt" if token.lower() in negative else None)
+        if where:
+            how = "lists at scale 0, which loads nothing" if name in at_zero else "do not list"
+            return (f"{where} uses {token!r}, the token of the embedding {name!r}, which the row's `adapters` {how}: "
+                    f"add {{\"name\": \"{name}\", \"scale\": 1.0}} (unlisted, the row would draw with it on an "
+                    "actor that loaded it for another row, and without it elsewhere)")
     return None
 
 

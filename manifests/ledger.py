@@ -189,24 +189,32 @@ def ledger_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | No
 
 
 def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,
-                   finished: dict[str, tuple[str, int | None]] | None = None) -> dict[str, str]:
+                   finished: dict[str, tuple[str, int | None]] | None = None,
+                   superseded: set[str] | None = None) -> dict[str, str]:
     """Map id -> params_hash of the newest `ok` entry for every id the ledger holds; `finished`, when given,
     is filled with id -> that entry's (`finished_at`, `png_bytes`): what a rerun checks the image against
-    (`png_bytes` is None in parts written before the column was).
+    (`png_bytes` is None in parts written before the column was). `superseded`, when given, gets the ids whose
+    newest entry is not that `ok` one (a `failed` or `invalid` entry written after it).
 
     Only the newest counts: if a row was drawn with hash A, then B, then changed back to A, the image
     on disk is B's, so A must be drawn again.
     """
     parts = ledger_parts(fs, root)
     latest: dict[str, tuple[str, str, int | None]] = {}
+    not_ok: dict[str, str] = {}  # id -> when its newest entry that is not `ok` was written
     columns = ["id", "status", "params_hash", "finished_at", "png_bytes"]
     for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=("png_bytes",)):
         sizes = png_sizes(table)
         for rid, status, phash, when, size in zip(*(table.column(c).to_pylist() for c in columns[:4]), sizes):
-            if status == "ok" and (rid not in latest or when >= latest[rid][1]):
-                latest[rid] = (phash, when, size)
+            if status == "ok":
+                if rid not in latest or when >= latest[rid][1]:
+                    latest[rid] = (phash, when, size)
+            elif superseded is not None and when is not None and (rid not in not_ok or when > not_ok[rid]):
+                not_ok[rid] = when
     if finished is not None:
         finished.update((rid, (when, size)) for rid, (_, when, size) in latest.items())
+    if superseded is not None:
+        superseded.update(rid for rid, when in not_ok.items() if rid in latest and when > (latest[rid][1] or ""))
     return {rid: phash for rid, (phash, _, _) in latest.items()}
 
 

@@ -96,20 +96,22 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (0, 64, 0)
     assert len(ledger(out)) == before, "a skipped row adds no ledger entry"
 
-    changed = [dict(r) for r in run64["records"]][:-1]  # and the last row dropped from the manifest
+    changed = [dict(r) for r in run64["records"]][:-2]  # and the last two rows dropped from the manifest, ...
     changed[10]["prompt"] += ", studio lighting"
     manifest = write_manifest(tmp_path / "changed.parquet", changed)
+    (out / "images" / f"{run64['records'][-2]['id']}.png").unlink()  # ... one image deleted since: not kept
     untouched = (out / "images" / f"{changed[11]['id']}.png").stat().st_mtime_ns
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "1", "--no-watermark", "--report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = run_summary(out)
-    assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (1, 62, 1)
+    assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (1, 61, 1)
     assert "1 image(s) in --out are of rows no manifest of this run asks for" in proc.stderr
+    assert "62 rows in 1 manifest(s); 62 done before" in proc.stderr  # of this run's rows, not the output's ids
     assert summary["not_in_manifests_ids"] == [run64["records"][-1]["id"]]
-    page = (out / "report" / "index.html").read_text()  # the nightly's page: one row redrawn, 64 shown
+    page = (out / "report" / "index.html").read_text()  # the nightly's page: one row redrawn, 63 images shown
     assert "<summary>1 redrawn</summary>" in page and "<summary>0 new</summary>" in page
     assert "<summary>1 not asked for by this run&#x27;s manifests (images kept)</summary>" in page
-    assert page.count("<figure class='tile ok'") == 64
+    assert page.count("<figure class='tile ok'") == 63  # (the image deleted is shown missing)
     new_entries = ledger(out)[before:]
     assert [e["id"] for e in new_entries] == [changed[10]["id"]]
     assert png_parameters(out / "images" / f"{changed[10]['id']}.png")["prompt"] == changed[10]["prompt"]
@@ -120,7 +122,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     for flags in (["--no-watermark", "--force"], ["--watermark", "acme"]):
         proc = sdfleet("generate", str(manifest), "--out", str(out), "--plan-only", *flags)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "of 63 rows 63 would be drawn, 0 are done" in proc.stderr, (flags, proc.stderr[-2000:])
+        assert "of 62 rows 62 would be drawn, 0 are done" in proc.stderr, (flags, proc.stderr[-2000:])
 
     # images written after their ledger entry no longer count as done on the entry's word: one replaced by
     # another row's image (a killed run that drew the row another way looks the same), one cut short, one only
@@ -138,7 +140,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--plan-only", "--no-watermark")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 image(s) written after their ledger entry, or of another size" in proc.stderr, proc.stderr[-2000:]
-    assert "of 63 rows 3 would be drawn, 59 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
+    assert "of 62 rows 3 would be drawn, 58 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):

@@ -479,6 +479,13 @@ def test_latest_ok_ignores_failed_and_invalid_entries(memfs):
                                      ledger_row("lamp", "L", "2026-01-02T00:00:00", status="failed"),
                                      ledger_row("vase", "V", "2026-01-02T00:00:00", status="invalid")])
     assert read_latest_ok(fs, root) == {"mug": "A"}
+    # ... but they are said where a failure came after the ok entry (the rerun records the row ok again)
+    write_part(fs, root, "run3", 0, [ledger_row("lamp", "L", "2026-01-03T00:00:00"),
+                                     ledger_row("cup", "C", "2026-01-03T00:00:00"),
+                                     ledger_row("cup", "C", "2026-01-02T00:00:00", status="failed")])
+    superseded: set[str] = set()
+    assert read_latest_ok(fs, root, superseded=superseded) == {"mug": "A", "lamp": "L", "cup": "C"}
+    assert superseded == {"mug"}
 
 
 def test_pass_through_columns_named_like_ledger_columns_get_a_prefix(memfs):

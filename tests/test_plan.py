@@ -124,6 +124,8 @@ def test_ids_that_differ_only_in_case_are_invalid_where_the_disk_ignores_case(tm
     ({"prompt": "a <my-mug> on a desk", "adapters": [{"name": "mug-v1", "scale": 1.0}]}, True),
     ({"prompt": "a mug on a desk"}, True),
     ({"prompt": "a <my-mug> on a desk", "adapters": [{"name": "mug-v1", "scale": 0.5}]}, False),  # no scale
+    ({"prompt": "a <MY-MUG> on a desk"}, False),  # CLIP lower-cases the text: it drew with the embedding
+    ({"prompt": "a mug on a desk", "negative_prompt": "<My-Mug>"}, False),
 ])
 def test_a_row_using_an_embeddings_token_without_listing_it_is_invalid(raw, listed):
     """An actor keeps the embeddings it loaded for other rows: unlisted, the token drew with the embedding on
@@ -139,11 +141,60 @@ def test_a_row_using_an_embeddings_token_without_listing_it_is_invalid(raw, list
                                  "which has no scale; got 0.5 (use 1.0, or 0 to leave it out)")
     else:
         where = "the negative prompt" if "negative_prompt" in raw else "the prompt"
+        how = "lists at scale 0, which loads nothing" if raw.get("adapters") else "do not list"
         assert work["status"] == "invalid"
         assert work["error"] == (f"m.parquet row 2 (`r`): {where} uses '<my-mug>', the token of the embedding "
-                                 "'mug-v1', which the row's `adapters` do not list: add {\"name\": \"mug-v1\", "
+                                 f"'mug-v1', which the row's `adapters` {how}: add {{\"name\": \"mug-v1\", "
                                  "\"scale\": 1.0} (unlisted, the row would draw with it on an actor that loaded it "
                                  "for another row, and without it elsewhere)")
+
+
+def test_an_embedding_whose_token_is_a_word_of_the_models_tokenizer_invalidates_no_other_row(tmp_path):
+    """One A1111 embedding named `red` (refused on the actor: "already a word") made every row saying "red"
+    invalid, rows drawn ok the night before among them. Which tokens are words is each model's own: a model
+    whose tokenizer lacks the word could load it, so its rows are still checked."""
+    from jobs.generate import words_of_models
+
+    tokens = {"red": "redword", "<my-mug>": "mug-v1"}
+    models = {"default": describe_model("default", "tiny").defaults()}
+    words = words_of_models(tokens, models)
+    assert words == {"default": frozenset({"red"})}
+    planned = state(embedding_tokens=tokens, word_tokens=words, adapter_fingerprints={"mug-v1": "f" * 16})
+
+    def status(prompt: str, planned: PlanState):
+        return plan_row({"id": "r", "prompt": prompt}, source="m.parquet", row=0, state=planned)["status"]
+
+    assert status("a red star", planned) is None and status("a <my-mug>", planned) == "invalid"
+    unknown = state(embedding_tokens=tokens, word_tokens={}, adapter_fingerprints={"mug-v1": "f" * 16})
+    assert status("a red star", unknown) == "invalid"
+
+
+def test_a_failed_row_whose_image_is_still_its_own_is_recorded_ok_again(monkeypatch):
+    """Night 2 failed a row (an adapter upload cut short), night 3 had the file back: the row was skipped as done
+    and its newest entry stayed `failed` in the ledger, the report and the sheet for good."""
+    import jobs.plan
+
+    reads = []
+    found = {"uri": "/out/images/mug.png", "sha256": "s" * 64}
+    monkeypatch.setattr(jobs.plan, "recovered", lambda out, rid, phash: reads.append(rid) or found)
+    hashes = {rid: plan_row({"id": rid, "prompt": f"a red {rid}"}, source="m.parquet", row=0,
+                            state=state())["params_hash"] for rid in ("mug", "cup")}
+    planned = state(done=hashes, existing={"mug", "cup"}, superseded={"mug"}, out="/out")
+    mug = plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0, state=planned)
+    cup = plan_row({"id": "cup", "prompt": "a red cup"}, source="m.parquet", row=1, state=planned)
+    assert (mug["status"], mug["sha256"], cup["status"], reads) == ("ok", "s" * 64, "skipped", ["mug"])
+    monkeypatch.setattr(jobs.plan, "recovered", lambda out, rid, phash: None)  # the image is not the row's: drawn
+    assert plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0, state=planned)["status"] is None
+
+
+def test_a_scale_0_adapter_gone_from_the_store_fails_no_row():
+    """A row listing an adapter at scale 0 draws the base model (its hash leaves the entry out), yet failed once
+    the adapter was retired from the store, over its good image."""
+    planned = state(adapter_errors={"style": "adapter 'style': is not in the adapter store"})
+    row = {"id": "r", "prompt": "a red star", "adapters": [{"name": "style", "scale": 0.0}]}
+    assert plan_row(row, source="m.parquet", row=0, state=planned)["status"] is None
+    row["adapters"] = [{"name": "style", "scale": 0.5}]
+    assert plan_row(row, source="m.parquet", row=0, state=planned)["status"] == "failed"
 
 
 def test_the_driver_learns_each_named_embeddings_token_from_its_file(tmp_path):
@@ -173,6 +224,11 @@ def test_two_embeddings_of_one_token_named_in_one_run_fail_their_rows_naming_eac
     found, bad = resolve_adapters(str(tmp_path), {"mug-v1", "mug-v2", "cup"}, tokens)
     assert set(bad) == {"mug-v1", "mug-v2"} and tokens == {"<my-cup>": "cup"}
     assert bad["mug-v1"].startswith("adapter 'mug-v1': its token '<my-mug>' is also the token of 'mug-v2', named")
+    save_file({"<MY-CUP>": torch.zeros(1, 32)}, str(tmp_path / "cup-v2.safetensors"))  # one token to CLIP
+    tokens = {}
+    found, bad = resolve_adapters(str(tmp_path), {"cup", "cup-v2"}, tokens)
+    assert set(bad) == {"cup", "cup-v2"} and tokens == {}
+    assert bad["cup-v2"].startswith("adapter 'cup-v2': its token '<MY-CUP>' is also the token of 'cup', named")
 
 
 def test_an_image_its_ledger_entry_vouches_for_is_not_read_back_when_the_row_changed(monkeypatch):

@@ -65,6 +65,9 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     raw_id = coerced_id(raw.get("id"))
     if errors:
         return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors)}
+    # an invalid row keeps its adapters in the ledger (the report groups by them), as resolve_row spells them
+    base["adapters"] = [{"name": a.name, "scale": float(a.scale),
+                         "fingerprint": state.adapter_fingerprints.get(a.name, "")} for a in parsed.adapters]
     if parsed.id in state.duplicates:
         reason = (f"{row_location(source, row, parsed.id)}: `id` appears in {state.duplicates[parsed.id]} rows of this "
                   f"run; ids must be unique, so none of those rows is drawn")

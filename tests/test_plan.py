@@ -133,6 +133,9 @@ def test_a_row_using_an_embeddings_token_without_listing_it_is_invalid(raw, list
     tokens = {"<my-mug>": "mug-v1"}
     work = plan_row({"id": "r", **raw}, source="m.parquet", row=2,
                     state=state(embedding_tokens=tokens, adapter_fingerprints={"mug-v1": "f" * 16}))
+    # an invalid row keeps its adapters in the ledger: `report --group-by adapters` put every one under (none)
+    assert [(a["name"], a["scale"]) for a in work.get("adapters", [])] == [
+        (a["name"], a["scale"]) for a in raw.get("adapters", [])]
     if listed:
         assert work["status"] is None
     elif raw.get("adapters", [{}])[0].get("scale") == 0.5:  # the actor recorded it `failed`

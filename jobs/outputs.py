@@ -171,8 +171,9 @@ def unfinished_note(run_id: str) -> str:
 
 
 def adapters_text(adapters: list[dict] | None) -> str:
-    """A row's adapters as `name@scale + ...` ("" for none)."""
-    return " + ".join(f"{a['name']}@{a['scale']:g}" for a in adapters or [])
+    """A row's adapters as `name@scale + ...` ("" for none), by name: a blend is the same in any order (its
+    params_hash too), so the report and the sheet group it once."""
+    return " + ".join(f"{a['name']}@{a['scale']:g}" for a in sorted(adapters or [], key=lambda a: a["name"]))
 
 
 def open_output(uri: str) -> RunOutput:

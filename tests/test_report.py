@@ -427,6 +427,10 @@ def test_group_by_adapters_and_an_unknown_column(output):
     build_report(str(output), group_by="adapters")
     page = (output / "report" / "index.html").read_text()
     assert "adapters = style@0.8" in page and "adapters = (none)" in page
+    from jobs.outputs import adapters_text  # a blend in another order is one group (one params_hash, one image)
+
+    blend = [{"name": "style-b", "scale": 0.5}, {"name": "style-a", "scale": 1.0}]
+    assert adapters_text(blend) == adapters_text(blend[::-1]) == "style-a@1 + style-b@0.5"
     with pytest.raises(ReportError, match=r"--group-by 'colour'.*group by one of id, seed, model, adapters, .*, sku$"):
         build_report(str(output), group_by="colour")
     # a column the ledger has, but of how each entry was made: it said "the ledger ... has no such column"

@@ -965,6 +965,9 @@ def test_a_fine_tune_prints_its_own_progress_and_sends_ray_and_the_workers_to_it
     # the workers' and Ray Train's own lines (a failed worker's traceback among them) were in no file at all
     said = log_file.read_text()
     assert "Started training worker group" in said and "(RayTrainWorker pid=" in said, said[-3000:]
+    # each once: Ray Train's print tees a worker's line to stdout and logs it on stderr, and Ray streams both
+    worker_lines = [line.split(") ", 1)[1] for line in said.splitlines() if "(RayTrainWorker pid=" in line]
+    assert worker_lines.count("[finetune] lora: 28,672 trainable parameters") == 1, said[-3000:]
 
 
 def test_dreambooth_draws_its_class_images_and_trains_on_both(trained):

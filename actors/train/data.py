@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from actors.train import say
 from actors.train.config import TrainConfig
 
 
@@ -136,5 +137,5 @@ def encode_dataset(cfg: TrainConfig, table, vae, device, rank: int, world: int) 
         for k in ("mean", "std"):
             cache[k][part["rows"]] = part[k]
     if rank == 0:
-        print(f"[finetune] cached the latents of {table.num_rows} images", flush=True)
+        say(f"cached the latents of {table.num_rows} images")
     return cache

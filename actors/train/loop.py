@@ -28,6 +28,7 @@ from actors.train.checkpoints import gather_state, load_checkpoint, local_copy, 
 from actors.train.config import TrainConfig
 from actors.train.data import batch_tensors, encode_dataset, random_crops, sample_indices, step_generator, token_ids
 from actors.train.losses import diffusion_loss, min_snr_weights, prior_weights, training_target, vae_loss, warmup_cosine
+from actors.train import say
 from actors.train.model import drawable_pipeline, latent_scale, make_trainable, shard, trainee
 from actors.train.stored import stored_checkpoints
 from actors.train.validation import eval_loss, fixed_eval_batch, validate
@@ -56,7 +57,7 @@ def train_loop(config: dict) -> None:
     pipe.set_progress_bar_config(disable=True)
     trainable = make_trainable(cfg, pipe)
     if rank == 0:
-        print(f"[finetune] {cfg.method}: {trainable:,} trainable parameters", flush=True)
+        say(f"{cfg.method}: {trainable:,} trainable parameters")
     pipe.vae.to(device)
     net = trainee(cfg, pipe)
     model = shard(net, device, world) if cfg.fsdp else _data_parallel(net, device)
@@ -74,7 +75,7 @@ def train_loop(config: dict) -> None:
     state = (net, optimizer, lr_scheduler, scaler, ema)
     step = resumed_from = resume_from(cfg, ray.train.get_checkpoint(), state)
     if resumed_from is not None and rank == 0:
-        print(f"[finetune] resuming from the checkpoint at step {step}", flush=True)
+        say(f"resuming from the checkpoint at step {step}")
     step = step or 0
 
     # 3. the data: this worker's rows are chosen per step (see sample_indices); images decode per batch.
@@ -131,8 +132,8 @@ def train_loop(config: dict) -> None:
             eval_value = eval_loss(model, fixed) if fixed is not None else None
             if rank == 0:
                 metrics["eval_loss"] = eval_value
-                print(f"[finetune] step {step}/{cfg.steps} loss {metrics['loss']:.4f} eval {eval_value:.4f} "
-                      f"lr {metrics['lr']:.2e} {metrics['samples_per_second']:.2f} samples/s", flush=True)
+                say(f"step {step}/{cfg.steps} loss {metrics['loss']:.4f} eval {eval_value:.4f} "
+                    f"lr {metrics['lr']:.2e} {metrics['samples_per_second']:.2f} samples/s")
             log.line(metrics, durable=checkpointing)  # a checkpoint's metrics are in the store before it
             state = (net, optimizer, lr_scheduler, scaler, ema) if checkpointing else None
             _report(metrics, state, step, cfg.fsdp, rank)
@@ -157,7 +158,7 @@ def train_loop(config: dict) -> None:
             finished["scaling_factor"] = _calibrate(cfg, final, table, device)
         publish(cfg, base, final)
         log.line(finished)
-        print(f"[finetune] wrote the {cfg.result_name} to {cfg.out}", flush=True)
+        say(f"wrote the {cfg.result_name} to {cfg.out}")
 
 
 def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
@@ -320,7 +321,7 @@ def _calibrate(cfg: TrainConfig, pipe, table, device) -> float:
     pixels, _ = batch_tensors(table, list(range(min(table.num_rows, 256))), None, cfg.resolution, captions=False)
     factor = latent_scale(pipe.vae, pixels.to(device))
     pipe.vae.register_to_config(scaling_factor=factor)
-    print(f"[finetune] calibrated the VAE's scaling_factor: {factor:.5f}", flush=True)
+    say(f"calibrated the VAE's scaling_factor: {factor:.5f}")
     return factor
 
 

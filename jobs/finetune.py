@@ -91,9 +91,10 @@ def run_finetune(cfg: TrainConfig) -> dict:
         log(f"note: a global batch of {cfg.batch_size * cfg.workers} is larger than the dataset ({rows} rows); "
             "samples repeat within a step")
     # what the workers read: the same config, with what was resolved here filled in (the class images are
-    # read from class_data whether they were given or drawn below)
+    # read from class_data whether they were given or drawn below, so their prompts and count are not theirs)
     train = cfg.model_copy(update={
         "resolution": resolution, "class_data": class_data, "class_prompts": [],
+        "class_images": TrainConfig.model_fields["class_images"].default,
         "validation_prompts": cfg.validation_prompts or _default_validation_prompts(cfg)})
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = run_record(cfg, base.fingerprint, class_data, data_fingerprints=(

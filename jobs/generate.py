@@ -36,7 +36,8 @@ from jobs.console import command_log, leave, log, recorded_json, ticking, withou
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder, located
-from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, read_latest_ok,
+from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, newest_ok_entries,
+                              read_latest_ok,
                               remove_stale_temp_files, settled_row, size_differs)
 from manifests.reader import BadManifestFile, expand_manifest_paths, survey, unreadable_files
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
@@ -234,6 +235,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                 "(another run, a copy, an edit, a file damaged in place): each is checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
     del finished
+    # rows failed since their last ok entry, whose image that entry still vouches for: recorded ok again from it
+    restored = newest_ok_entries(fs, root, superseded & done.keys()) if superseded and done else {}
     # ... whose images are kept, and counted (not one whose image is gone since)
     not_asked = sorted(rid for rid in dropped if rid in existing)
     manifests.not_in_manifests, manifests.not_in_manifests_count = not_asked[:NOT_ASKED_LISTED], len(not_asked)
@@ -243,7 +246,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
-                      embedding_tokens=embedding_tokens, word_tokens=word_tokens, superseded=superseded)
+                      embedding_tokens=embedding_tokens, word_tokens=word_tokens, restored=restored)
     # (of the rows these manifests ask for: done ids of dropped rows are counted as not_in_manifests)
     before = "--force: every row is drawn again" if cfg.force else f"{len(done.keys() - dropped)} done before"
     log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")

@@ -45,7 +45,8 @@ class PlanState:
     duplicates: dict[str, int] = field(default_factory=dict)  # id -> how many rows carry it
     case_clashes: dict[str, list[str]] = field(default_factory=dict)  # id -> ids one file name away on this disk
     done: dict[str, str] = field(default_factory=dict)  # id -> params_hash of its newest ok entry
-    superseded: set[str] = field(default_factory=set)  # ids of `done` whose newest entry is a later failure
+    # ids of `done` whose newest entry is a later failure -> (uri, sha256, png_bytes) of that ok entry
+    restored: dict[str, tuple[str, str, int | None]] = field(default_factory=dict)
     existing: set[str] = field(default_factory=set)  # ids with an image in the output store
     watermark: str | None = None
     force: bool = False
@@ -94,14 +95,13 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         error = f"{row_location(source, row, parsed.id)}: {too_small}"
         return {**base, "id": parsed.id, "status": "invalid", "error": error}
     if not state.force and parsed.id in state.existing:
-        if state.done.get(parsed.id) == work["params_hash"] and parsed.id not in state.superseded:
+        if state.done.get(parsed.id) == work["params_hash"] and parsed.id not in state.restored:
             return {**work, "status": "skipped"}
         if state.done.get(parsed.id) == work["params_hash"]:  # a failure since (an adapter upload cut short, put
-            # back): the image is still the row's, read back and recorded `ok` again instead of staying failed
-            found = recovered(state.out, parsed.id, work["params_hash"]) if state.out else None
-            if found:
-                found["warning"] = "recovered: the image drawn before this row's last failure is still the row's"
-            return {**work, **found, "status": "ok"} if found else {**work, "affinity": affinity(work)}
+            # back), and the image its ok entry vouches for is still there: that entry is recorded again, so the
+            # row does not stay `failed` in the ledger and the report
+            uri, sha256, size = state.restored[parsed.id]
+            return {**work, "status": "ok", "uri": uri, "sha256": sha256, "png_bytes": size, "warning": RESTORED}
         # An image a killed run wrote without recording it: never one whose newest `ok` entry still vouches for it
         # (that image has the entry's hash; one written since was taken out of `done`, changed_since_recorded).
         # Read only where no entry does: a change to every row's hash (a new model, a new mark) read every image
@@ -151,6 +151,9 @@ def unlisted_embedding(parsed, tokens: dict[str, str], words: frozenset[str] = f
                     f"add {{\"name\": \"{name}\", \"scale\": 1.0}} (unlisted, the row would draw with it on an "
                     "actor that loaded it for another row, and without it elsewhere)")
     return None
+
+
+RESTORED = "restored: the image drawn before this row's last failure is still the row's; its entry is recorded again"
 
 
 def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:

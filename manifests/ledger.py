@@ -218,6 +218,26 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,
     return {rid: phash for rid, (phash, _, _) in latest.items()}
 
 
+def newest_ok_entries(fs: fsspec.AbstractFileSystem, root: str,
+                      ids: set[str]) -> dict[str, tuple[str, str, int | None]]:
+    """id -> (uri, sha256, png_bytes) of the newest `ok` entry of each of `ids`: what a rerun records again for a
+    row that failed since (jobs.plan), from the ledger, not by reading its image back (a night that failed a
+    whole catalogue would have every image read the next, two requests each on an object store)."""
+    import pyarrow.compute as pc
+
+    parts = ledger_parts(fs, root)
+    wanted = pa.array(sorted(ids), pa.string())
+    newest: dict[str, tuple[str, tuple[str, str, int | None]]] = {}
+    columns = ["id", "status", "finished_at", "uri", "sha256", "png_bytes"]
+    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=("png_bytes",)):
+        table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_in(table["id"], value_set=wanted)))
+        values = [table.column(c).to_pylist() for c in columns[:5]]
+        for rid, _, when, uri, sha, size in zip(*values, png_sizes(table)):
+            if rid not in newest or when >= newest[rid][0]:
+                newest[rid] = (when, (uri, sha, size))
+    return {rid: entry for rid, (_, entry) in newest.items()}
+
+
 def png_sizes(table: pa.Table) -> list[int | None]:
     """Each entry's `png_bytes`; None throughout where the column is missing (a part written before it was one)
     or holds something else (a manifest's own column of that name, passed through before it was one)."""

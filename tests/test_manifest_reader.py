@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from manifests.ledger import (
-    LEDGER_COLUMNS, atomic_write, read_latest_ok, read_ledger, to_table, write_part,
+    LEDGER_COLUMNS, atomic_write, newest_ok_entries, read_latest_ok, read_ledger, to_table, write_part,
 )
 from manifests.reader import (
     LEDGER_PART, ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts, read_part,
@@ -486,6 +486,7 @@ def test_latest_ok_ignores_failed_and_invalid_entries(memfs):
     superseded: set[str] = set()
     assert read_latest_ok(fs, root, superseded=superseded) == {"mug": "A", "lamp": "L", "cup": "C"}
     assert superseded == {"mug"}
+    assert newest_ok_entries(fs, root, superseded) == {"mug": ("out/images/mug.png", "0" * 64, 1234)}
 
 
 def test_pass_through_columns_named_like_ledger_columns_get_a_prefix(memfs):

@@ -174,20 +174,22 @@ def test_an_embedding_whose_token_is_a_word_of_the_models_tokenizer_invalidates_
 
 def test_a_failed_row_whose_image_is_still_its_own_is_recorded_ok_again(monkeypatch):
     """Night 2 failed a row (an adapter upload cut short), night 3 had the file back: the row was skipped as done
-    and its newest entry stayed `failed` in the ledger, the report and the sheet for good."""
+    and its newest entry stayed `failed` in the ledger, the report and the sheet for good. Its ok entry is
+    recorded again from the ledger, without reading the image back (a night that failed the whole catalogue
+    would have every image read the next)."""
     import jobs.plan
 
-    reads = []
-    found = {"uri": "/out/images/mug.png", "sha256": "s" * 64}
-    monkeypatch.setattr(jobs.plan, "recovered", lambda out, rid, phash: reads.append(rid) or found)
+    monkeypatch.setattr(jobs.plan, "recovered", lambda *args: pytest.fail("an image was read back"))
     hashes = {rid: plan_row({"id": rid, "prompt": f"a red {rid}"}, source="m.parquet", row=0,
                             state=state())["params_hash"] for rid in ("mug", "cup")}
-    planned = state(done=hashes, existing={"mug", "cup"}, superseded={"mug"}, out="/out")
+    entry = ("/out/images/mug.png", "s" * 64, 1234)
+    planned = state(done=hashes, existing={"mug", "cup"}, restored={"mug": entry}, out="/out")
     mug = plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0, state=planned)
     cup = plan_row({"id": "cup", "prompt": "a red cup"}, source="m.parquet", row=1, state=planned)
-    assert (mug["status"], mug["sha256"], cup["status"], reads) == ("ok", "s" * 64, "skipped", ["mug"])
-    monkeypatch.setattr(jobs.plan, "recovered", lambda out, rid, phash: None)  # the image is not the row's: drawn
-    assert plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0, state=planned)["status"] is None
+    assert (mug["status"], mug["uri"], mug["sha256"], mug["png_bytes"]) == ("ok", *entry)
+    assert mug["warning"].startswith("restored: ") and cup["status"] == "skipped"
+    # the row changed since: drawn, as any changed row is
+    assert plan_row({"id": "mug", "prompt": "a blue mug"}, source="m.parquet", row=0, state=planned)["status"] is None
 
 
 def test_a_scale_0_adapter_gone_from_the_store_fails_no_row():

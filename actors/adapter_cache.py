@@ -244,13 +244,17 @@ def check_embedding_scale(name: str, scale: float) -> None:
 
 
 def load_embedding(pipe, info: AdapterInfo, state_dict) -> list[str]:
-    """Load a Textual Inversion embedding into `pipe`; returns the tokens it added."""
+    """Load a Textual Inversion embedding into `pipe`; returns the tokens it added. They are added in lower
+    case, as CLIP's tokenizer reads every prompt: diffusers spells a multi-vector token out into its vectors'
+    tokens by its exact spelling, so `EasyNegative`, or `<GEM>` written for `<gem>`, drew with the first
+    vector alone (see actors.generate.spelled_as_loaded)."""
     tensor = next(iter(state_dict.values()))
+    token = info.token.lower()
     try:
-        pipe.load_textual_inversion({info.token: tensor}, token=info.token)
+        pipe.load_textual_inversion({token: tensor}, token=token)
     except Exception as exc:  # diffusers checks before it changes anything
         raise AdapterError(info.name, f"did not load ({error_line(exc)})") from exc
-    return embedding_tokens(info.token, tensor)
+    return embedding_tokens(token, tensor)
 
 
 def embedding_tokens(token: str, tensor) -> list[str]:
@@ -266,7 +270,8 @@ def check_embedding_fits(pipe, info: AdapterInfo, state_dict, owned=()) -> None:
     if tensor.shape[-1] != width:
         raise AdapterError(info.name, f"is an embedding {tensor.shape[-1]} wide; this model's text encoder takes "
                                       f"{width} (an embedding for another base model?)")
-    clash = [t for t in embedding_tokens(info.token, tensor) if t not in owned and known_word(pipe.tokenizer, t)]
+    clash = [t for t in embedding_tokens(info.token.lower(), tensor)
+             if t not in owned and known_word(pipe.tokenizer, t)]
     if clash:
         from_name = info.token == info.name.rsplit("/", 1)[-1]  # A1111 files: the file name is the token
         way_out = ("rename the file: its name is the token (a made-up word, such as my-object-v1)" if from_name

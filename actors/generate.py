@@ -9,6 +9,7 @@ guidance). Marking, encoding and writing the images is `actors.finish`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from itertools import groupby
 from typing import Any, Callable
@@ -49,6 +50,17 @@ def plan_groups(rows: list[dict], max_batch: int | Callable[[dict], int]) -> lis
     return batches
 
 
+def spelled_as_loaded(pipe, prompt: str) -> str:
+    """`prompt` with each multi-vector embedding's token written as it was loaded (lower case). CLIP's tokenizer
+    matches added tokens in any case, but diffusers spells a token out into `tok tok_1 ...` only where the
+    prompt writes it exactly: written otherwise, it drew with the embedding's first vector alone."""
+    added = getattr(getattr(pipe, "tokenizer", None), "added_tokens_encoder", {})
+    for token in added:
+        if f"{token}_1" in added and token.lower() in prompt.lower():
+            prompt = re.sub(re.escape(token), lambda _: token, prompt, flags=re.IGNORECASE)
+    return prompt
+
+
 @torch.inference_mode()
 def draw(pipe, rows: list[dict]) -> np.ndarray:
     """Denoise one group of rows; returns uint8 RGB images, shape (N, H, W, 3)."""
@@ -62,8 +74,8 @@ def draw(pipe, rows: list[dict]) -> np.ndarray:
     pipe.scheduler = make_scheduler(first["scheduler"], model_scheduler_config(pipe))
     # 4. encode prompts, 5. draw initial latents per generator, 6. denoise, 7. decode: diffusers' pipeline
     out = pipe(
-        prompt=[r["prompt"] for r in rows],
-        negative_prompt=[r["negative_prompt"] or "" for r in rows],
+        prompt=[spelled_as_loaded(pipe, r["prompt"]) for r in rows],
+        negative_prompt=[spelled_as_loaded(pipe, r["negative_prompt"] or "") for r in rows],
         height=first["height"],
         width=first["width"],
         num_inference_steps=first["steps"],

@@ -72,6 +72,27 @@ def test_what_the_trainer_writes_loads_from_the_store_and_means_the_same(tmp_pat
         torch.testing.assert_close(plain.encode_prompt(prompt, "cpu", 1, False)[0], want)
 
 
+@pytest.mark.parametrize("token, written", [("<gem>", "<GEM>"), ("<Gem>", "<Gem>"), ("<Gem>", "<gem>")])
+def test_a_multi_vector_token_draws_with_all_its_vectors_whatever_its_case(tmp_path, token, written):
+    """CLIP's tokenizer reads added tokens in any case, but diffusers spells a multi-vector token out only
+    where the prompt writes it as loaded: `<GEM>` for `<gem>`, or a mixed-case token such as A1111's
+    `EasyNegative` even written exactly, drew with the first vector alone."""
+    from actors.generate import spelled_as_loaded
+
+    trained = build_preset("tiny")
+    add_placeholder(trained, token, "circle", vectors=2)
+    with torch.no_grad():
+        trained.text_encoder.get_input_embeddings().extra.add_(torch.randn(2, 64, generator=torch.Generator()
+                                                                           .manual_seed(5)))
+    save_embedding(trained.text_encoder, token, tmp_path / "store" / "gem")
+    cache = AdapterCache(build_preset("tiny"), AdapterStore(str(tmp_path / "store")))
+    cache.activate([{"name": "gem", "scale": 1.0, "fingerprint": None}])
+    with torch.no_grad():
+        want = hidden(trained, expand_placeholders(f"a {token} on a gray background", trained.tokenizer))
+        prompt = spelled_as_loaded(cache.pipe, f"a {written} on a gray background")
+        torch.testing.assert_close(cache.pipe.encode_prompt(prompt, "cpu", 1, False)[0], want)
+
+
 @pytest.mark.parametrize("token, init_word, message", [
     ("star", None, "'star' is already a word of this model's tokenizer"),
     ("<gem>", "shiny stone", "--init-word 'shiny stone' is"),

@@ -171,9 +171,11 @@ def unfinished_note(run_id: str) -> str:
 
 
 def adapters_text(adapters: list[dict] | None) -> str:
-    """A row's adapters as `name@scale + ...` ("" for none), by name: a blend is the same in any order (its
-    params_hash too), so the report and the sheet group it once."""
-    return " + ".join(f"{a['name']}@{a['scale']:g}" for a in sorted(adapters or [], key=lambda a: a["name"]))
+    """A row's adapters as `name@scale + ...` ("" for none), by name and without scale-0 entries: a blend is
+    the same in any order, and an entry at scale 0 loads nothing (params_hash and pixels agree), so the report
+    and the sheet group each once."""
+    return " + ".join(f"{a['name']}@{a['scale']:g}" for a in sorted(adapters or [], key=lambda a: a["name"])
+                      if a["scale"] != 0)
 
 
 def open_output(uri: str) -> RunOutput:

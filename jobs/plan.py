@@ -5,7 +5,8 @@ Each row leaves this stage exactly once, as one of:
 - `skipped`: its `params_hash` already has an `ok` ledger entry and an image (not redrawn);
 - `failed`: it needs an adapter that cannot be used (unknown, corrupt, a pickle file);
 - `ok`: no ledger entry covers it, but its image is there with its `params_hash` (a killed run wrote the
-  image and stopped before recording it): recorded, with a note, instead of drawn again;
+  image and stopped before recording it), or its newest entry is a failure since an `ok` entry that still
+  vouches for its image (an adapter upload cut short, then mended): recorded, with a note, instead of drawn;
 - to draw: resolved (defaults filled from its model) with its `params_hash` and its `affinity`.
 
 `affinity` is the row's batching key as a string, model and adapter set first. The driver sorts the rows
@@ -65,10 +66,10 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
             "extra": json.dumps(extras, default=_as_json, ensure_ascii=False) if extras else None}
     raw_id = coerced_id(raw.get("id"))
     if errors:
-        return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors)}
+        return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors),
+                "adapters": listed_adapters(raw.get("adapters"), state.adapter_fingerprints)}
     # an invalid row keeps its adapters in the ledger (the report groups by them), as resolve_row spells them
-    base["adapters"] = [{"name": a.name, "scale": float(a.scale),
-                         "fingerprint": state.adapter_fingerprints.get(a.name, "")} for a in parsed.adapters]
+    base["adapters"] = listed_adapters([a.model_dump() for a in parsed.adapters], state.adapter_fingerprints)
     if parsed.id in state.duplicates:
         reason = (f"{row_location(source, row, parsed.id)}: `id` appears in {state.duplicates[parsed.id]} rows of this "
                   f"run; ids must be unique, so none of those rows is drawn")
@@ -111,6 +112,16 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         if found:
             return {**work, **found, "status": "ok"}
     return {**work, "affinity": affinity(work)}
+
+
+def listed_adapters(adapters: Any, fingerprints: dict[str, str]) -> list[dict[str, Any]] | None:
+    """A row's `adapters` as the work schema spells them, where they read as name and scale pairs (a row
+    invalid for another field, or for its adapters: one listed twice); None where they do not."""
+    try:
+        return [{"name": str(a["name"]), "scale": float(a.get("scale", 1.0)),
+                 "fingerprint": fingerprints.get(str(a["name"]), "")} for a in adapters or []]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
 
 
 def _as_json(value: Any) -> str:

@@ -161,7 +161,8 @@ def file_stamp(fs, path: str) -> str:
 def is_folder(fs, path: str) -> bool:
     """Whether `path` is a folder to list. Asked before `isfile`: over HTTP a folder's listing page is a file
     too, and was read as one Parquet file. A folder named `x.parquet` (as Spark writes) is a folder unless
-    the store says it is a file as well."""
+    the store says it is a file as well (over HTTP it does: there name the parts, or the folder's URL
+    without `.parquet`)."""
     return fs.isdir(path) and not (path.lower().endswith(".parquet") and fs.isfile(path))
 
 

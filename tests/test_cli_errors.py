@@ -382,6 +382,7 @@ def test_a_relative_out_is_refused_where_the_command_runs_as_a_ray_job(capsys, m
 
 @pytest.mark.parametrize("address, said", [
     ("ray://127.0.0.1:10001", "is a Ray Client address, on which Ray Data cannot run"),
+    ("ray://hunter2@127.0.0.1:10001", "--address ray://***@127.0.0.1:10001 is a Ray Client address"),
     ("ann:hunter2@127.0.0.1:6379", "--address ***@127.0.0.1:6379 holds a user or password"),
     ("http://ann:hunter2@127.0.0.1:8265", "--address http://***@127.0.0.1:8265 is an HTTP address: that is the "
                                           "dashboard"),

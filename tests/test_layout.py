@@ -150,10 +150,15 @@ def test_the_driver_and_the_finishing_stage_load_no_torch(tmp_path):
     code = ("import sys; import jobs.cli, jobs.generate, jobs.finetune, actors.actor, actors.finish, actors.watermark; "
             f"found, bad = jobs.generate.resolve_adapters({str(tmp_path)!r}, {{'style', 'mascot'}}); "
             "assert sorted(found) == ['mascot', 'style'] and not bad, bad; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)); "
+            # a run naming an embedding reads its models' tokenizers: transformers' tokenizer, still no torch
+            "from actors.models import describe_model; "
+            "models = {'default': describe_model('default', 'tiny').defaults()}; "
+            "assert jobs.generate.words_of_models({'red': 'mascot'}, models) == {'default': {'red'}}; "
+            "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert found.returncode == 0, found.stderr[-2000:]
-    assert found.stdout.strip() == "[]", f"loaded by the driver's imports: {found.stdout.strip()}"
+    assert found.stdout.split() == ["[]", "[]"], f"loaded by the driver's imports: {found.stdout.strip()}"
 
 
 def test_every_pin_of_pyproject_is_the_locks_and_the_image_installs_extras_that_exist():

@@ -14,6 +14,21 @@ def state(**fields) -> PlanState:
     return PlanState(models={"default": describe_model("default", "tiny").defaults()}, watermark="sdfleet", **fields)
 
 
+def test_an_invalid_row_keeps_the_adapters_it_lists_where_they_read():
+    """Rows invalid for their adapters (one listed twice) or another field were recorded with no adapters:
+    `report --group-by adapters` put them under (none)."""
+    twice = [{"name": "style", "scale": 1.0}, {"name": "style", "scale": 0.5}]
+    work = plan_row({"id": "r", "prompt": "a mug", "adapters": twice}, source="m.parquet", row=0, state=state())
+    assert work["status"] == "invalid" and [(a["name"], a["scale"]) for a in work["adapters"]] == [
+        ("style", 1.0), ("style", 0.5)]
+    work = plan_row({"id": "r", "prompt": "a mug", "steps": 0, "adapters": twice[:1]}, source="m.parquet", row=0,
+                    state=state())
+    assert work["status"] == "invalid" and [a["name"] for a in work["adapters"]] == ["style"]
+    work = plan_row({"id": "r", "prompt": "a mug", "adapters": '[{"name": "style"}]'}, source="m.parquet", row=0,
+                    state=state())  # JSON text, not a list: none read
+    assert work["status"] == "invalid" and work["adapters"] is None
+
+
 def test_a_row_naming_an_adapter_twice_is_invalid_broken_or_not():
     """Listed twice, a working adapter's row was `failed` by the actor; a broken one's said its reason twice."""
     raw = {"id": "mug", "prompt": "a red mug", "adapters": [{"name": "x", "scale": 1.0}, {"name": "x", "scale": 0.5}]}

@@ -431,6 +431,7 @@ def test_group_by_adapters_and_an_unknown_column(output):
 
     blend = [{"name": "style-b", "scale": 0.5}, {"name": "style-a", "scale": 1.0}]
     assert adapters_text(blend) == adapters_text(blend[::-1]) == "style-a@1 + style-b@0.5"
+    assert adapters_text([{"name": "style-a", "scale": 0.0}]) == adapters_text([]) == ""  # loads nothing
     with pytest.raises(ReportError, match=r"--group-by 'colour'.*group by one of id, seed, model, adapters, .*, sku$"):
         build_report(str(output), group_by="colour")
     # a column the ledger has, but of how each entry was made: it said "the ledger ... has no such column"

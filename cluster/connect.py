@@ -461,9 +461,9 @@ def address_problem(address: str | None) -> str | None:
     if not address:
         return None
     if address.startswith("ray://"):
-        return (f"--address {_ADDRESS_SECRET.sub('***@', address)} is a Ray Client address, on which Ray Data cannot run (it fails mid-run); "
-                "give the GCS address, HEAD:6379, from a machine in the cluster's network, or submit the command "
-                "with `ray job submit`")
+        return (f"--address {_ADDRESS_SECRET.sub('***@', address)} is a Ray Client address, on which Ray Data "
+                "cannot run (it fails mid-run); give the GCS address, HEAD:6379, from a machine in the cluster's "
+                "network, or submit the command with `ray job submit`")
     if address.startswith(("http://", "https://")):
         return (f"--address {_ADDRESS_SECRET.sub('***@', address)} is an HTTP address: that is the dashboard and "
                 "job-submission address (what `ray job submit --address` takes); --address takes the GCS address, "

@@ -109,7 +109,12 @@ class GenerateConfig(BaseModel):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _batch_size_in_range(cls, value: Any) -> Any:
-        # one line for a number out of range, not pydantic's two (one per member of the union)
+        # one line for a number out of range or a word, not pydantic's two (one per member of the union)
+        if isinstance(value, str) and value != "auto":
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"must be a whole number in 1..{MAX_BATCH_SIZE}, or auto; got {value!r}") from None
         if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= MAX_BATCH_SIZE:
             raise ValueError(f"must be a whole number in 1..{MAX_BATCH_SIZE}, or auto; got {value}")
         return value

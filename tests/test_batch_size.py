@@ -116,6 +116,20 @@ def test_auto_draws_the_same_pixels_and_says_what_it_chose(tmp_path):
     assert len(list((tmp_path / "cache" / "batch-size").iterdir())) == 1
 
 
+def test_a_python_caller_gets_one_line_for_a_batch_size_given_as_text():
+    """`GenerateConfig(batch_size="300")` got pydantic's two errors, one per member of `int | "auto"`."""
+    import pydantic
+
+    from jobs.generate import GenerateConfig
+
+    assert GenerateConfig(manifests=["m"], out="o", batch_size="8").batch_size == 8
+    for text, said in (("300", "got 300"), ("big", "got 'big'")):
+        with pytest.raises(pydantic.ValidationError) as caught:
+            GenerateConfig(manifests=["m"], out="o", batch_size=text)
+        assert caught.value.error_count() == 1 and f"must be a whole number in 1..256, or auto; {said}" in str(
+            caught.value)
+
+
 def test_a_batch_size_that_is_neither_a_number_nor_auto_is_refused(tmp_path):
     proc = sdfleet("generate", "m.parquet", "--out", str(tmp_path / "out"), "--batch-size", "big")
     assert proc.returncode == 1 and "--batch-size: invalid int or auto value: 'big'" in proc.stderr

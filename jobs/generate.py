@@ -37,8 +37,7 @@ from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder, located
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, newest_ok_entries,
-                              read_latest_ok,
-                              remove_stale_temp_files, settled_row, size_differs)
+                              read_latest_ok, remove_stale_temp_files, settled_row, size_differs)
 from manifests.reader import BadManifestFile, expand_manifest_paths, survey, unreadable_files
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
 from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,

@@ -160,6 +160,9 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     try:
         fs, root = url_to_fs(cfg.out)
         require_bucket(fs, root, "--out", cfg.out, RunFailed)
+        if fs.isfile(root):  # an object store would take `file/results/...` keys beside it: refused as a disk does
+            raise RunFailed(f"--out {cfg.out} is a file; give a folder for the run's images and ledger (a new one, "
+                            "or an earlier run's to add to it)")
         if cfg.plan_only:  # writes nothing: reachable is enough
             fs.exists(root)
         else:

@@ -99,9 +99,17 @@ def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -
     if not set(fs_protocols(fs)) & set(BUCKET_PROTOCOLS):
         return
     bucket = root.strip("/").split("/", 1)[0]
-    if not fs.exists(bucket):
+    if fs.exists(bucket):
+        return
+    try:  # asked again: `exists` answers False for every error, a store that does not answer among them
+        fs.ls(bucket)
+    except (FileNotFoundError, PermissionError):
         raise error(f"{flag} {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); sdfleet "
-                    "does not create buckets: create it, or fix the name")
+                    "does not create buckets: create it, or fix the name") from None
+    except Exception as exc:  # noqa: BLE001 - the store's own error types (botocore's, aiohttp's) name the cause
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise error(f"{flag} {uri}: the store does not answer ({cause}); check its endpoint (AWS_ENDPOINT_URL for "
+                    "S3-compatible stores) and the network") from exc
 
 
 def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:

@@ -330,12 +330,30 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_refused_not_created(s3, tmp_p
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))
     write_images(tmp_path / "images", 1, size=64)
     build_dataset(str(tmp_path / "images"), str(tmp_path / "data"), resolution=64, log=lambda line: None)
-    for argv, flag in ((["generate", str(manifest), "--out", "s3://sdflet/runs/a"], "--out"),
-                       (["finetune", "lora", "--data", str(tmp_path / "data"), "--base", "tiny", "--out", "s3://sdflet/ft"],
-                        "--out"),
-                       (["dataset", "build", str(tmp_path / "images"), "-o", "s3://sdflet/data"], "-o")):
+    commands = ((["generate", str(manifest), "--out", "s3://sdflet/runs/a"], "--out"),
+                (["finetune", "lora", "--data", str(tmp_path / "data"), "--base", "tiny", "--out", "s3://sdflet/ft"],
+                 "--out"),
+                (["dataset", "build", str(tmp_path / "images"), "-o", "s3://sdflet/data"], "-o"))
+    for argv, flag in commands:
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert f"{flag} s3://sdflet/" in err and "bucket 'sdflet' does not exist" in err, err
     s3["fs"].invalidate_cache()
     assert not s3["fs"].exists("sdflet")
+    # a store that does not answer was said to have no such bucket ("create it")
+    s3["cable"].cut()
+    try:
+        for argv, flag in commands:
+            assert main(argv) == 1
+            err = capsys.readouterr().err
+            assert f"{flag} s3://sdflet/" in err and "the store does not answer (" in err, err
+            assert "does not exist" not in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        s3["cable"].plug()
+    # an --out that is a file in the bucket: every row was drawn under `notes.txt/`, which report then refused
+    s3["fs"].pipe("sdfleet/notes.txt", b"not a folder")
+    assert main(["generate", str(manifest), "--out", "s3://sdfleet/notes.txt"]) == 1
+    err = capsys.readouterr().err
+    assert "--out s3://sdfleet/notes.txt is a file; give a folder" in err and len(err.strip().splitlines()) == 1, err
+    s3["fs"].invalidate_cache()
+    assert [key for key in s3["fs"].find("sdfleet") if key.startswith("sdfleet/notes.txt/")] == []

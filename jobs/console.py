@@ -100,8 +100,9 @@ def command_log(fs, root: str, name: str, ends: str, in_out: bool = True):
 
 
 def _keep_log(fs, root: str, path: str) -> None:
-    """Copy the log file `path` to OUT/logs/. Best effort: a store that refuses is said in one line, and the
-    command's own outcome stands."""
+    """Move the log file `path` to OUT/logs/: copied, then the local file removed (a nightly job's head pod
+    kept one in its temporary folder every night). Best effort: a store that refuses is said in one line,
+    the local file is kept, and the command's own outcome stands."""
     if not os.path.exists(path):
         return
     target = f"{root.rstrip('/')}/logs/{os.path.basename(path)}"
@@ -111,3 +112,6 @@ def _keep_log(fs, root: str, path: str) -> None:
         from jobs.errors import one_line
 
         log(f"warning: the log {path} was not copied to {fs.unstrip_protocol(target)}: {one_line(exc)}")
+        return
+    with contextlib.suppress(OSError):
+        os.remove(path)

@@ -152,6 +152,8 @@ def test_generate_reads_model_adapters_and_manifests_from_s3_and_writes_there(s3
     log_text = fs.cat_file(log_key).decode()
     assert "execution finished" in log_text, log_text[-2000:]  # Ray Data's own lines, whole to the end
     assert "(copied to s3://sdfleet/runs/a/logs/ when the run ends)" in proc.stderr
+    local = next(line for line in proc.stderr.splitlines() if "Ray's and the libraries' messages: " in line)
+    assert not os.path.exists(local.split("messages: ", 1)[1].split(" (copied", 1)[0])  # moved, not left behind
     # credentials never show: not on the terminal, not in the run's log, not in what the run wrote
     written = b"".join(fs.cat_file(p) for p in _objects(fs, "sdfleet/runs/a") if not p.endswith(".png"))
     for text in (proc.stdout, proc.stderr, log_text, written.decode("utf-8", "replace")):

@@ -215,18 +215,21 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
     elsewhere. `sizes` (from a detailed listing) keeps each fetch under FETCH_BYTES. Tables are parsed in
     this thread (see `read_parquet`). Of `columns`, those in `optional` may be missing from a file (a ledger
     part written before a column was added). A file that cannot be fetched or parsed, or lacks another of
-    `columns`, raises UnreadableFile naming it.
+    `columns`, raises UnreadableFile naming it (by its URI on an object store, as a user would move it aside).
     """
+    def named(path: str) -> str:
+        return path if is_local_fs(fs) else fs.unstrip_protocol(path)
+
     for chunk in _fetch_chunks(paths, sizes or {}):
         fetched = fs.cat_ranges(chunk, None, None, on_error="return")
         for i, path in enumerate(chunk):
             data, fetched[i] = fetched[i], None  # each file's bytes go as soon as it is parsed
             if isinstance(data, BaseException):
-                raise UnreadableFile(path, data, damaged=False) from data
+                raise UnreadableFile(named(path), data, damaged=False) from data
             try:
                 table = _parquet_table(data, columns, optional)
             except (pa.ArrowException, OSError, ValueError) as exc:
-                raise UnreadableFile(path, exc, damaged=True) from exc
+                raise UnreadableFile(named(path), exc, damaged=True) from exc
             yield path, table
 
 

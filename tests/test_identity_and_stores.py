@@ -231,10 +231,10 @@ def test_many_parquet_files_are_fetched_a_chunk_at_a_time_in_order_and_a_bad_one
         fs.rm(paths[6])
         with pytest.raises(stores.UnreadableFile) as bad:
             list(stores.read_parquet_files(fs, paths))
-        assert bad.value.path == paths[5] and bad.value.damaged
+        assert bad.value.path == f"memory://{paths[5]}" and bad.value.damaged  # named as the user would move it
         with pytest.raises(stores.UnreadableFile) as gone:
             list(stores.read_parquet_files(fs, paths[6:]))
-        assert gone.value.path == paths[6] and isinstance(gone.value.cause, FileNotFoundError)
+        assert gone.value.path == f"memory://{paths[6]}" and isinstance(gone.value.cause, FileNotFoundError)
         assert not gone.value.damaged  # not there: not a part to move aside
     finally:
         fs.rm("/chunk-test", recursive=True)

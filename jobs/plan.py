@@ -183,7 +183,8 @@ def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # gone, cut short, damaged: draw it
         return None
     return {"uri": fs.unstrip_protocol(path), "sha256": hashlib.sha256(data).hexdigest(), "png_bytes": len(data),
-            "warning": "recovered: an earlier run drew this image and stopped before recording it"}
+            "warning": "recovered: an earlier run drew this image and no ledger entry vouches for it (a run stopped "
+                       "before recording it, or the output was copied); read back, it is the row's"}
 
 
 def affinity(work: dict[str, Any]) -> str:

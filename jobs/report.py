@@ -413,7 +413,7 @@ class Thumbnails:
 
 def changes(out: RunOutput) -> dict[str, list[str]]:
     """The ids of this run's rows by how they changed against their state before it: new, redrawn, fixed, now
-    failing, still failing, and recovered (an earlier, killed run drew it). Rows this run skipped are unchanged
+    failing, still failing, and recovered (an earlier run drew it, read back). Rows this run skipped are unchanged
     and not listed. Last, rows with an image that no manifest of this run asked for (a product dropped, an id
     renamed), as far as run.json lists them."""
     now = out.this_run()

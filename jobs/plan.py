@@ -33,7 +33,8 @@ from actors.png import read_parameters_from
 from jobs.console import without_passwords
 from manifests.reader import ManifestPart, Unreadable, read_part
 from manifests.rows import WORK_SCHEMA, to_table
-from manifests.schema import coerced_id, group_key, resolve_row, row_location, too_small_for_the_mark, validate_row
+from manifests.schema import (adapter_entries, coerced_id, group_key, resolve_row, row_location,
+                              too_small_for_the_mark, validate_row)
 from manifests.stores import url_to_fs
 
 
@@ -69,7 +70,7 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors),
                 "adapters": listed_adapters(raw.get("adapters"), state.adapter_fingerprints)}
     # an invalid row keeps its adapters in the ledger (the report groups by them), as resolve_row spells them
-    base["adapters"] = listed_adapters([a.model_dump() for a in parsed.adapters], state.adapter_fingerprints)
+    base["adapters"] = adapter_entries(((a.name, a.scale) for a in parsed.adapters), state.adapter_fingerprints)
     if parsed.id in state.duplicates:
         reason = (f"{row_location(source, row, parsed.id)}: `id` appears in {state.duplicates[parsed.id]} rows of this "
                   f"run; ids must be unique, so none of those rows is drawn")
@@ -115,11 +116,10 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
 
 
 def listed_adapters(adapters: Any, fingerprints: dict[str, str]) -> list[dict[str, Any]] | None:
-    """A row's `adapters` as the work schema spells them, where they read as name and scale pairs (a row
+    """A row's raw `adapters` as the work schema spells them, where they read as name and scale pairs (a row
     invalid for another field, or for its adapters: one listed twice); None where they do not."""
     try:
-        return [{"name": str(a["name"]), "scale": float(a.get("scale", 1.0)),
-                 "fingerprint": fingerprints.get(str(a["name"]), "")} for a in adapters or []]
+        return adapter_entries([(str(a["name"]), float(a.get("scale", 1.0))) for a in adapters or []], fingerprints)
     except (TypeError, KeyError, ValueError, AttributeError):
         return None
 

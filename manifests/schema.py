@@ -368,6 +368,11 @@ def params_hash(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
+def adapter_entries(pairs, fingerprints: dict[str, str]) -> list[dict[str, Any]]:
+    """(name, scale) pairs as a work row's `adapters` (rows.WORK_SCHEMA): name, scale, the file's fingerprint."""
+    return [{"name": name, "scale": float(scale), "fingerprint": fingerprints.get(name, "")} for name, scale in pairs]
+
+
 def resolve_row(row: ManifestRow, model: dict[str, Any], *, watermark: str | None,
                 adapter_fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
     """Fill a valid row's defaults from its model and add its `params_hash`.
@@ -388,10 +393,7 @@ def resolve_row(row: ManifestRow, model: dict[str, Any], *, watermark: str | Non
         "scheduler": row.scheduler or model["scheduler"],
         "model": row.model,
         "model_fingerprint": model["fingerprint"],
-        "adapters": [
-            {"name": a.name, "scale": float(a.scale), "fingerprint": fingerprints.get(a.name, "")}
-            for a in row.adapters
-        ],
+        "adapters": adapter_entries(((a.name, a.scale) for a in row.adapters), fingerprints),
         "watermark": watermark,
     }
     resolved["params_hash"] = params_hash(resolved)

@@ -97,11 +97,11 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         error = f"{row_location(source, row, parsed.id)}: {too_small}"
         return {**base, "id": parsed.id, "status": "invalid", "error": error}
     if not state.force and parsed.id in state.existing:
-        if state.done.get(parsed.id) == work["params_hash"] and parsed.id not in state.restored:
-            return {**work, "status": "skipped"}
-        if state.done.get(parsed.id) == work["params_hash"]:  # a failure since (an adapter upload cut short, put
-            # back), and the image its ok entry vouches for is still there: that entry is recorded again, so the
-            # row does not stay `failed` in the ledger and the report
+        if state.done.get(parsed.id) == work["params_hash"]:
+            if parsed.id not in state.restored:
+                return {**work, "status": "skipped"}
+            # a failure since (an adapter upload cut short, put back), and the image its ok entry vouches for is
+            # still there: that entry is recorded again, so the row does not stay `failed` in the ledger and report
             uri, sha256, size = state.restored[parsed.id]
             return {**work, "status": "ok", "uri": uri, "sha256": sha256, "png_bytes": size, "warning": RESTORED}
         # An image a killed run wrote without recording it: never one whose newest `ok` entry still vouches for it

@@ -288,13 +288,10 @@ def _route_cluster_notices(logger: logging.Logger, echo: Callable[[str], str] | 
         if pid == "raylet":
             for line in data.get("lines", ()):
                 logger.warning("(raylet) %s", line)
-            if echo is not None:
-                return original({**data, "lines": [echo(line) for line in data.get("lines", ())]}, ignore_prefix)
-            return
-        # a worker's own output (connect(worker_output=True)): its prints and tracebacks, named as Ray names them
-        who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={pid})"
-        for line in data.get("lines", ()):
-            logger.log(logging.WARNING if data.get("is_err") else logging.INFO, "%s %s", who, line)
+        else:  # a worker's own output (connect(worker_output=True)): its prints and tracebacks, named as Ray does
+            who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={pid})"
+            for line in data.get("lines", ()):
+                logger.log(logging.WARNING if data.get("is_err") else logging.INFO, "%s %s", who, line)
         if echo is not None:
             return original({**data, "lines": [echo(line) for line in data.get("lines", ())]}, ignore_prefix)
 

@@ -16,6 +16,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.schema import error_line
+
 PROCESS_LOCAL = ("memory",)  # fsspec protocols whose files exist in one process only
 FETCH_CHUNK = 128  # files `read_parquet_files` fetches together ...
 FETCH_BYTES = 64 * 2**20  # ... as long as their bytes, held in memory until parsed, stay under this
@@ -107,9 +109,8 @@ def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -
         raise error(f"{flag} {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); sdfleet "
                     "does not create buckets: create it, or fix the name") from None
     except Exception as exc:  # noqa: BLE001 - the store's own error types (botocore's, aiohttp's) name the cause
-        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise error(f"{flag} {uri}: the store does not answer ({cause}); check its endpoint (AWS_ENDPOINT_URL for "
-                    "S3-compatible stores) and the network") from exc
+        raise error(f"{flag} {uri}: the store does not answer ({error_line(exc)}); check its endpoint "
+                    "(AWS_ENDPOINT_URL for S3-compatible stores) and the network") from exc
 
 
 def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:

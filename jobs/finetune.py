@@ -439,7 +439,7 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds a finetune.json that is not a fine-tune's record "
                             f"({one_line(before) if isinstance(before, Exception) else type(before).__name__}): move "
                             "it aside to resume from the checkpoints there, or use a new --out")
-    if before.get("status") == "failed" and not _has_checkpoint(fs, root):
+    if before.get("status") == "failed" and not checkpoint_entries(fs, root):  # (a folder, or Ray's record)
         return True
     before = _as_recorded(before)  # written before 2026-12-06, it may hold a URI's password: compare without
     if "class_prompt" in before:  # written before --class-prompt could repeat: one prompt or none
@@ -469,11 +469,6 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
                             f"({'; '.join(changed)}); resuming it would train the rest of it differently: use its "
                             "flags to resume it, or a new --out")
     return False
-
-
-def _has_checkpoint(fs, root: str) -> bool:
-    """Whether Ray Train has written anything of a checkpoint under --out/checkpoints (a folder, or its record)."""
-    return bool(checkpoint_entries(fs, root))
 
 
 def _captions(uri: str):

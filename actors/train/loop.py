@@ -24,11 +24,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from actors.train import say
 from actors.train.checkpoints import gather_state, load_checkpoint, local_copy, publish, save_checkpoint
 from actors.train.config import TrainConfig
 from actors.train.data import batch_tensors, encode_dataset, random_crops, sample_indices, step_generator, token_ids
 from actors.train.losses import diffusion_loss, min_snr_weights, prior_weights, training_target, vae_loss, warmup_cosine
-from actors.train import say
 from actors.train.model import drawable_pipeline, latent_scale, make_trainable, shard, trainee
 from actors.train.stored import stored_checkpoints
 from actors.train.validation import eval_loss, fixed_eval_batch, validate

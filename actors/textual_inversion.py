@@ -82,8 +82,12 @@ def check_placeholder(tokenizer, token: str, init_word: str | None, vectors: int
 def add_placeholder(pipe, token: str, init_word: str | None, vectors: int = 1) -> int:
     """Give `pipe` the new `token` (and its extra vector tokens) with trainable vectors, each starting
     from the embedding of `init_word` (a single token of the vocabulary) or, without one, the mean of
-    the table. Freezes everything else. Returns the trainable parameter count."""
+    the table. Freezes everything else. Returns the trainable parameter count. The tokens are added in lower
+    case, as the generation actors load embeddings: CLIP's tokenizer reads them in any case, but diffusers spells
+    a multi-vector token out into its vectors only where it finds the token as added (validation images drew
+    `<Gem>` with its first vector alone)."""
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    token = token.lower()
     init_id = check_placeholder(tokenizer, token, init_word, vectors)
     table = text_encoder.get_input_embeddings()
     if len(tokenizer) != table.num_embeddings:
@@ -118,17 +122,17 @@ def save_embedding(text_encoder, token: str, directory: str | Path) -> Path:
 
 def expand_placeholders(text: str, tokenizer) -> str:
     """`text` with each multi-vector token spelled out (`<gem>` -> `<gem> <gem>_1 <gem>_2`), as diffusers'
-    pipelines do before tokenizing; training captions must be expanded the same way. Text without such
-    tokens comes back unchanged."""
+    pipelines do before tokenizing; training captions must be expanded the same way, the token written in any
+    case (the tokenizer reads it so). Text without such tokens comes back unchanged."""
     import re
 
     added = tokenizer.get_added_vocab()
     for token in added:
-        if f"{token}_1" not in added or token not in text:
+        if f"{token}_1" not in added or token.lower() not in text.lower():
             continue
         extra = 1
         while f"{token}_{extra + 1}" in added:
             extra += 1
         spelled = " ".join(placeholder_tokens(token, extra + 1))
-        text = re.sub(re.escape(token) + r"(?!_\d)", lambda _: spelled, text)
+        text = re.sub(re.escape(token) + r"(?!_\d)", lambda _: spelled, text, flags=re.IGNORECASE)
     return text

@@ -483,8 +483,9 @@ def _captions(uri: str):
 
 
 def _check_captions_use(uri: str, token: str, rows: int) -> None:
-    """textual-inversion: the token must appear in the captions, or no vector would ever get a gradient."""
-    using = sum(token in (c or "") for c in _captions(uri))
+    """textual-inversion: the token must appear in the captions (in any case, as the tokenizer reads it), or no
+    vector would ever get a gradient."""
+    using = sum(token.lower() in (c or "").lower() for c in _captions(uri))
     if not using:
         raise FinetuneError(f"no caption in {uri} mentions --token {token!r}; textual-inversion learns the token "
                             f"from captions that use it, such as 'a photo of {token}' (dataset build reads the "

@@ -93,6 +93,28 @@ def test_a_multi_vector_token_draws_with_all_its_vectors_whatever_its_case(tmp_p
         torch.testing.assert_close(cache.pipe.encode_prompt(prompt, "cpu", 1, False)[0], want)
 
 
+@pytest.mark.parametrize("token", ["<gem>", "<Gem>"])
+def test_training_reads_a_multi_vector_token_in_any_case_and_validation_draws_all_its_vectors(token):
+    """The trainer's side of the case rule: a caption writing `<gem>` for `--token <Gem>` trained the first
+    vector alone (the tokenizer read it, our expansion did not), and the validation images, drawn through
+    diffusers' prompt conversion, spelled a capitalised token out nowhere."""
+    from actors.generate import spelled_as_loaded
+
+    trained = build_preset("tiny")
+    add_placeholder(trained, token, "circle", vectors=2)
+    with torch.no_grad():
+        trained.text_encoder.get_input_embeddings().extra.add_(torch.randn(2, 64, generator=torch.Generator()
+                                                                           .manual_seed(7)))
+        all_vectors = hidden(trained, f"a {token.lower()} {token.lower()}_1 on a gray background")
+        first_only = hidden(trained, f"a {token.lower()} on a gray background")
+        assert not torch.allclose(all_vectors, first_only)
+        for written in ("<gem>", "<Gem>", "<GEM>"):
+            prompt = f"a {written} on a gray background"
+            torch.testing.assert_close(hidden(trained, expand_placeholders(prompt, trained.tokenizer)), all_vectors)
+            validation = trained.encode_prompt(spelled_as_loaded(trained, prompt), "cpu", 1, False)[0]
+            torch.testing.assert_close(validation, all_vectors)
+
+
 @pytest.mark.parametrize("token, init_word, message", [
     ("star", None, "'star' is already a word of this model's tokenizer"),
     ("<gem>", "shiny stone", "--init-word 'shiny stone' is"),

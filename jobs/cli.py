@@ -274,12 +274,15 @@ def cmd_generate(args) -> int:
         return EXIT_ERROR
     summary = run_generate(cfg)
     if summary.get("plan_only"):
+        restored = f", {summary['restored']} would be restored" if summary["restored"] else ""  # failed since, mended
         log(f"plan only, {summary['wall_seconds']:.1f} s: of {summary['rows']} rows {summary['to_draw']} would be "
-            f"drawn, {summary['skipped']} are done, {summary['recovered']} would be recovered, {summary['failed']} "
-            f"would fail, {summary['invalid']} are invalid; nothing was drawn or written")
+            f"drawn, {summary['skipped']} are done, {summary['recovered']} would be recovered{restored}, "
+            f"{summary['failed']} would fail, {summary['invalid']} are invalid; nothing was drawn or written")
         return _rows_exit(cfg, summary)
+    found = summary["recovered"] + summary["restored"]  # ok rows an earlier run drew
     recovered = f", {summary['recovered']} recovered" if summary["recovered"] else ""  # a killed run's images
-    log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok'] - summary['recovered']} drawn{recovered}, "
+    recovered += f", {summary['restored']} restored" if summary["restored"] else ""  # failed since, mended
+    log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok'] - found} drawn{recovered}, "
         f"{summary['skipped']} skipped, "
         f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
         f"ledger and run.json in {cfg.out}")

@@ -516,6 +516,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         **results.counts,
         "wall_seconds": round(wall, 3),
         "recovered": results.recovered,
+        "restored": results.restored,
         "not_in_manifests": manifests.not_in_manifests_count,
         "not_in_manifests_ids": manifests.not_in_manifests,  # the first NOT_ASKED_LISTED, by id
         # images drawn in this run: recovered ones were drawn by an earlier run
@@ -606,12 +607,13 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
     import pyarrow.compute as pc
 
     counts = {"to_draw": 0, "skipped": 0, "ok": 0, "failed": 0, "invalid": 0}
-    said = 0
+    said = restored = 0
     with ticking(lambda: f"planning: {sum(counts.values())}/{total} rows, {time.time() - started:.0f} s in"):
-        columns = ["status", "error", "source", "row", "id"]
+        columns = ["status", "error", "warning", "source", "row", "id"]
         for batch in planned.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
             for status, n in zip(*batch.column("status").value_counts().flatten()):
                 counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
+            restored += pc.sum(pc.starts_with(batch.column("warning").fill_null(""), "restored:")).as_py() or 0
             if said < PLAN_PROBLEMS_SHOWN:  # where each row is, then why (a bad adapter's reason names no row)
                 bad = batch.filter(pc.is_in(batch.column("status"), pa.array(["failed", "invalid"])))
                 for row in bad.slice(0, PLAN_PROBLEMS_SHOWN - said).to_pylist():
@@ -622,7 +624,7 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
             "row problem")
     if sum(counts.values()) != total:
         raise RunFailed(f"{total} rows went in but the plan gave {sum(counts.values())}")
-    return {"plan_only": True, "rows": total, **counts, "recovered": counts.pop("ok"),
+    return {"plan_only": True, "rows": total, **counts, "recovered": counts.pop("ok") - restored, "restored": restored,
             "wall_seconds": round(time.time() - started, 3), "out": cfg.out}
 
 

@@ -43,6 +43,7 @@ class Recorder:
         self.pending: list[dict] = []
         self.parts = 0
         self.recovered = 0  # ok rows whose image an earlier, killed run wrote without recording it
+        self.restored = 0  # ok rows failed since their last ok entry, whose image that entry vouches for (plan.RESTORED)
         self.last_flush = self.last_progress = time.time()
         self.warnings_shown = self.problems_shown = 0
         self.first_written: float | None = None  # when the first image was written (wall clock)
@@ -68,8 +69,11 @@ class Recorder:
             if row["status"] == "failed" and row.get("error"):  # the ledger's error names the row, as the line
                 row = {**row, "error": located(row, row["error"])}  # does (the plan's `invalid` ones do already)
             self.pending.append(row)
-            if row["status"] == "ok" and not row.get("actor"):  # the plan recovered it: drawn by an earlier run
-                self.recovered += 1
+            if row["status"] == "ok" and not row.get("actor"):  # the plan settled it: drawn by an earlier run
+                if (row.get("warning") or "").startswith("restored:"):
+                    self.restored += 1
+                else:
+                    self.recovered += 1
             elif row["status"] == "ok":
                 self.per_actor[row["actor"]] = self.per_actor.get(row["actor"], 0) + 1
                 if self.first_written is None:

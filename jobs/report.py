@@ -485,9 +485,11 @@ def _lacks(e: dict) -> bool:
 
 def _figures(out: RunOutput) -> str:
     s = out.summary
-    drawn = s["ok"] - (s.get("recovered") or 0) if isinstance(s.get("ok"), int) else None  # ok counts recovered
+    found = (s.get("recovered") or 0) + (s.get("restored") or 0)  # ok rows an earlier run drew
+    drawn = s["ok"] - found if isinstance(s.get("ok"), int) else None
     stats = [("rows", s.get("rows")), ("drawn", drawn), ("skipped", s.get("skipped")),
              ("failed", s.get("failed")), ("invalid", s.get("invalid")), ("recovered", s.get("recovered")),
+             *([("restored", s["restored"])] if s.get("restored") else []),
              ("images/s", s.get("images_per_second")), ("wall s", s.get("wall_seconds")),
              ("adapter swaps", (s.get("adapter_swaps") or {}).get("total")),
              ("swap s", (s.get("adapter_swaps") or {}).get("seconds"))]

@@ -121,3 +121,33 @@ def test_replacing_an_adapter_file_redraws_only_its_rows(adapter_run, tmp_path):
     redrawn = sorted(e["id"] for e in ledger(out)[before:] if e["status"] == "ok")
     assert redrawn == ["b1", "blend"]
     assert run_summary(out)["failed"] > 0 and any(e["status"] == "failed" for e in ledger(out)[before:])
+
+
+def test_rows_failed_by_a_cut_short_adapter_are_restored_not_redrawn_once_it_is_put_back(adapter_run, tmp_path):
+    """A night whose adapter upload was cut short fails that adapter's rows; once the file is back, the next night
+    records their earlier images as theirs again ("restored", read from the ledger, nothing drawn) rather than
+    skipping them as done and leaving them `failed` in the ledger for good."""
+    import shutil
+
+    out, store = tmp_path / "out", tmp_path / "store"
+    shutil.copytree(adapter_run["out"], out)
+    shutil.copytree(adapter_run["store"], store)
+    whole = (store / "A.safetensors").read_bytes()
+    (store / "A.safetensors").write_bytes(whole[: len(whole) // 2])
+    flags = ("--out", str(out), "--adapters", str(store), "--actors", "2", "--batch-size", "2", "--no-watermark",
+             "--rows-may-fail")
+    before = len(ledger(out))
+    cut = sdfleet("generate", str(adapter_run["manifest"]), *flags)
+    a_rows = {"a1", "a2", "a3", "blend"}  # "zero" names A at scale 0, which loads nothing
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert {e["id"] for e in ledger(out)[before:] if "'A'" in (e["error"] or "")} == a_rows
+    (store / "A.safetensors").write_bytes(whole)
+    before = len(ledger(out))
+    back = sdfleet("generate", str(adapter_run["manifest"]), *flags)
+    assert back.returncode == 0, back.stderr[-3000:]
+    summary = run_summary(out)
+    assert (summary["ok"], summary["restored"], summary["recovered"], summary["images_per_actor"]) == (4, 4, 0, {})
+    assert "0 drawn, 4 restored" in back.stderr
+    new = ledger(out)[before:]
+    assert sorted(e["id"] for e in new if e["status"] == "ok") == sorted(a_rows)
+    assert all(e["warning"].startswith("restored:") for e in new if e["status"] == "ok")

@@ -59,6 +59,20 @@ def test_rows_the_plan_settles_count_as_done_but_not_toward_the_drawing_rate(clo
     assert "1.00 img/s" in rec.progress(clock[0])  # 5 drawn rows in the 5 s after the first ones came back
 
 
+def test_rows_an_earlier_run_drew_are_counted_recovered_or_restored_and_not_drawn(clock):
+    """A restored row (failed since its last ok entry, mended) was counted as `recovered`, which the docs keep for
+    a killed run's unrecorded images and the report lists apart; run.json, the summary line and the report's
+    `drawn` figure take both out of what this run drew."""
+    from jobs.plan import RESTORED
+
+    rec = make_recorder(total=6, started=0.0)
+    settled = drawn(0, 3)
+    for row, warning in zip(settled, ["recovered: an earlier run drew this image", RESTORED, RESTORED]):
+        row.update(actor=None, warning=warning)
+    rec.record(settled + drawn(3, 3))
+    assert (rec.counts["ok"], rec.recovered, rec.restored, rec.drawn()) == (6, 1, 2, 3)
+
+
 def test_a_row_problem_on_the_terminal_names_its_file_row_and_id(clock, monkeypatch):
     said = []
     monkeypatch.setattr(recorder, "log", said.append)

@@ -262,6 +262,10 @@ def test_recovered_rows_are_not_drawn_and_a_later_run_that_did_not_finish_is_sai
     page_of = lambda: (output / "report" / "index.html").read_text()  # noqa: E731
     build_report(str(output))
     assert "<b>1</b><span>drawn</span>" in page_of() and "did not finish" not in page_of()
+    (output / "run.json").write_text(json.dumps({**summary, "ok": 3, "recovered": 1, "restored": 1}))
+    build_report(str(output))  # a row failed since its image and mended is restored, not drawn either
+    assert "<b>1</b><span>drawn</span>" in page_of() and "<b>1</b><span>restored</span>" in page_of()
+    (output / "run.json").write_text(json.dumps({**summary, "recovered": 1}))
     # a later run killed after its first ledger part: no run.json of its own, so run.json is the one before
     write_part(fsspec.filesystem("file"), str(output), "20261204T000000-dddddd", 0,
                [ledger_row(_row("a", "sku-1", 0), "failed", actor="host:1", error="killed mid-batch")])

@@ -43,7 +43,7 @@ class Recorder:
         self.pending: list[dict] = []
         self.parts = 0
         self.recovered = 0  # ok rows whose image an earlier, killed run wrote without recording it
-        self.restored = 0  # ok rows failed since their last ok entry, whose image that entry vouches for (plan.RESTORED)
+        self.restored = 0  # ok rows failed since their last ok entry, which vouches for their image (plan.RESTORED)
         self.last_flush = self.last_progress = time.time()
         self.warnings_shown = self.problems_shown = 0
         self.first_written: float | None = None  # when the first image was written (wall clock)

@@ -27,7 +27,7 @@ from dataclasses import asdict
 
 from actors.models import describe_model
 from actors.train.config import TrainConfig
-from actors.train.stored import checkpoint_entries, stored_checkpoints
+from actors.train.stored import checkpoint_entries, clear_fatal, fatal_error, stored_checkpoints
 from cluster.connect import (ClusterError, address_problem, alive_nodes, cluster_address, connect, disconnect,
                              library_logs_to, local_gpu_shortfall, local_resources, watch_cluster)
 from jobs.console import command_log, leave, log, recorded_json, without_passwords
@@ -291,11 +291,16 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
     )
     trainer = (TorchTrainer if cluster_address(cfg.address) else LocalTorchTrainer)(
         train_loop, train_loop_config={"train": train.model_dump(), "base": asdict(base)}, scaling_config=scaling, run_config=run_config)
+    clear_fatal(cfg.out)  # the last run's error in its inputs: they may have been mended since
     try:
         result = trainer.fit()
     except SystemExit as exc:  # Ray Train's own Ctrl-C handler aborts the run, then exits (with 1)
         raise KeyboardInterrupt from exc
     except Exception as exc:
+        noted = fatal_error(cfg.out)  # an error in the inputs, which every retry met again: it says what to mend
+        if noted is not None:
+            clear_fatal(cfg.out)
+            raise FinetuneError(f"training stopped: {noted}") from exc
         cause = root_cause(exc)
         hint = memory_hint(cause, cfg)
         if hint and len(cause) > 200:  # Ray's memory monitor says a paragraph, its tips are for Ray's own tasks

@@ -730,8 +730,33 @@ def test_a_training_row_whose_image_does_not_decode_is_named():
     table = pa.table({"caption": ["a", "b"], "image": [good.getvalue(), b"garbage"]})
     assert batch_tensors(table, [0], None, 16, captions=False)[0].shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"dataset row 1 \(from 0, over the parts in order.*its image does not decode "
-                                         r"\(UnidentifiedImageError"):
+                                         r"\(not an image Pillow recognises\); rebuild"):
         batch_tensors(table, [0, 1], None, 16, captions=False)
+
+
+def test_an_error_in_the_inputs_is_not_retried_by_loading_the_model_again(tmp_path):
+    """Ray Train retries a failed run --max-failures times from its newest checkpoint; an image that does not
+    decode failed each attempt the same way, after loading the model and starting the workers again (minutes
+    per attempt on SD 2.1), and the terminal said Ray's last words. The first attempt writes the error down,
+    the retries stop before loading anything, and the driver says the row."""
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(good, format="PNG")
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"caption": ["a red square"] * 4, "image": [good.getvalue(), b"garbage"] * 2}),
+                   data / "part-0.parquet")
+    out = tmp_path / "out"
+    proc = sdfleet("finetune", "lora", "--data", str(data), "--base", "tiny", "--out", str(out), "--steps", "2",
+                   "--workers", "1", "--batch-size", "2", "--resolution", "64", "--cache-latents",
+                   "--max-failures", "2")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "training stopped: dataset row 1 (from 0" in last and "its image does not decode" in last, last
+    assert "resume" not in last  # a rerun would meet it again: the message says what to mend instead
+    log = next((out / "logs").glob("finetune-*.log")).read_text()
+    assert log.count("trainable parameters") == 1  # the model loaded once, by the first attempt
+    assert log.count("RuntimeError: an earlier attempt of this run stopped on an error a retry meets again") >= 2
+    assert not (out / "checkpoints" / "fatal_error.json").exists()  # a rerun, once mended, starts afresh
 
 
 def test_a_rerun_may_spell_a_local_folder_as_a_path_or_a_file_uri(tmp_path):

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 
 from actors.train import say
 from actors.train.config import TrainConfig
+from actors.train.stored import RepeatsOnRetry
+
+
+class UndecodableImage(RepeatsOnRetry, ValueError):
+    """A dataset row whose image does not decode: every retry would meet it at the same step."""
 
 
 def sample_indices(n: int, seed: int, step: int, micro: int, grad_accum: int, world: int, rank: int,
@@ -95,9 +100,11 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
             with Image.open(io.BytesIO(table["image"][i].as_py())) as im:
                 im = im.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"dataset row {i} (from 0, over the parts in order; class images follow --data's "
-                             f"rows): its image does not decode ({type(exc).__name__}: {exc}); rebuild the dataset "
-                             "with `sdfleet dataset build`, which skips such images") from exc
+            cause = ("not an image Pillow recognises" if isinstance(exc, Image.UnidentifiedImageError)  # its text
+                     else f"{type(exc).__name__}: {exc}")  # names only a BytesIO object
+            raise UndecodableImage(f"dataset row {i} (from 0, over the parts in order; class images follow --data's "
+                                   f"rows): its image does not decode ({cause}); rebuild the dataset with "
+                                   "`sdfleet dataset build`, which skips such images") from exc
         if im.size != (resolution, resolution):
             im = square_crop(im, resolution)
         images.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)

@@ -30,21 +30,40 @@ from actors.train.config import TrainConfig
 from actors.train.data import batch_tensors, encode_dataset, random_crops, sample_indices, step_generator, token_ids
 from actors.train.losses import diffusion_loss, min_snr_weights, prior_weights, training_target, vae_loss, warmup_cosine
 from actors.train.model import drawable_pipeline, latent_scale, make_trainable, shard, trainee
-from actors.train.stored import stored_checkpoints
+from actors.train.stored import RepeatsOnRetry, fatal_error, note_fatal, stored_checkpoints
 from actors.train.validation import eval_loss, fixed_eval_batch, validate
 from manifests.stores import url_to_fs, without_passwords
 
 
+class UnloadableCheckpoint(RepeatsOnRetry, RuntimeError):
+    """The checkpoint a run resumes from does not load: every retry would pick it again."""
+
+
 def train_loop(config: dict) -> None:
-    """The Ray Train worker function: `config` is {"train": TrainConfig.model_dump(), "base": ModelInfo fields}."""
+    """The Ray Train worker function: `config` is {"train": TrainConfig.model_dump(), "base": ModelInfo fields}.
+    An error that a retry would meet again is written down for the driver, and a later attempt (Ray Train
+    retries --max-failures times) stops on it before loading anything (actors.train.stored.RepeatsOnRetry)."""
+    from actors.models import ModelInfo
+
+    cfg = TrainConfig.model_validate(config["train"])
+    earlier = fatal_error(cfg.out)
+    if earlier is not None:
+        raise RuntimeError(f"an earlier attempt of this run stopped on an error a retry meets again: {earlier}")
+    try:
+        _train(cfg, ModelInfo(**config["base"]))
+    except RepeatsOnRetry as exc:
+        note_fatal(cfg.out, str(exc))
+        raise
+
+
+def _train(cfg: TrainConfig, base) -> None:
+    """One attempt of the run, on this worker."""
     import ray.train
     import ray.train.torch
     from diffusers import DDPMScheduler
 
-    from actors.models import ModelInfo, load_pipeline
+    from actors.models import load_pipeline
 
-    cfg = TrainConfig.model_validate(config["train"])
-    base = ModelInfo(**config["base"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -188,7 +207,7 @@ def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
         with (chosen.as_directory() if chosen is not None else local_copy(folder)) as directory:
             return load_checkpoint(directory, *state, fsdp=cfg.fsdp)
     except Exception as exc:
-        raise RuntimeError(f"the checkpoint {folder} does not load ({type(exc).__name__}: {exc}); move it aside to "
+        raise UnloadableCheckpoint(f"the checkpoint {folder} does not load ({type(exc).__name__}: {exc}); move it aside to "
                            "resume from the one before it, or give a new --out") from exc
 
 

@@ -66,3 +66,43 @@ def checkpoint_entries(fs, root: str) -> list[dict]:
     except FileNotFoundError:
         return []
     return [e for e in entries if e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)]
+
+
+FATAL_FILE = "fatal_error.json"  # under --out/checkpoints: the error a retry of the run would meet again
+
+
+class RepeatsOnRetry(Exception):
+    """An error in the run's inputs (a dataset image that does not decode, a checkpoint that does not load): Ray
+    Train retries a failed worker group from the newest checkpoint up to --max-failures times, and each retry
+    would meet it again after loading the model. The worker that meets it writes it down (`note_fatal`), so
+    every later attempt of the run stops before loading anything, and the driver says the error itself."""
+
+
+def _fatal_path(out: str) -> tuple:
+    fs, root = url_to_fs(out)
+    return fs, f"{root}/checkpoints/{FATAL_FILE}"
+
+
+def note_fatal(out: str, message: str) -> None:
+    from manifests.ledger import atomic_write
+
+    fs, path = _fatal_path(out)
+    atomic_write(fs, path, json.dumps({"error": message}).encode())
+
+
+def fatal_error(out: str) -> str | None:
+    """The error an earlier attempt of this run noted (`note_fatal`), or None."""
+    fs, path = _fatal_path(out)
+    try:
+        return str(json.loads(fs.cat_file(path))["error"])
+    except (OSError, ValueError, KeyError, TypeError):  # none (FileNotFoundError is an OSError), or unreadable
+        return None
+
+
+def clear_fatal(out: str) -> None:
+    """A new run of the driver starts without the last one's error: its inputs may have been mended since."""
+    fs, path = _fatal_path(out)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass

@@ -207,8 +207,8 @@ def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
         with (chosen.as_directory() if chosen is not None else local_copy(folder)) as directory:
             return load_checkpoint(directory, *state, fsdp=cfg.fsdp)
     except Exception as exc:
-        raise UnloadableCheckpoint(f"the checkpoint {folder} does not load ({type(exc).__name__}: {exc}); move it aside to "
-                           "resume from the one before it, or give a new --out") from exc
+        raise UnloadableCheckpoint(f"the checkpoint {folder} does not load ({type(exc).__name__}: {exc}); move it "
+                                   "aside to resume from the one before it, or give a new --out") from exc
 
 
 class TrainLog:

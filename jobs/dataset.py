@@ -253,7 +253,11 @@ def _caption_text(data: bytes, path: str) -> tuple[str | None, str | None]:
     """A caption file's text: UTF-8 (a byte-order mark dropped) or UTF-16 with its mark (Windows Notepad's
     "Unicode"); (None, why) for anything else, which would be trained on as mojibake."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16").strip(), None
+        try:
+            return data.decode("utf-16").strip(), None
+        except UnicodeDecodeError as exc:  # a UTF-16 mark on bytes that are not UTF-16 (cut short, or not text)
+            return None, (f"caption {path} starts with a UTF-16 byte-order mark but is not UTF-16 text "
+                          f"({exc.reason} at byte {exc.start + 2}); save it as UTF-8")
     try:
         return data.decode("utf-8-sig").strip(), None
     except UnicodeDecodeError as exc:

@@ -260,15 +260,19 @@ def test_dataset_build_stores_each_image_as_it_is_seen_and_says_what_it_leaves_o
         (folder / f"{stem}.txt").write_bytes("a product, café".encode("utf-8-sig"))
     (folder / "scan.txt").write_bytes("a scan, café".encode("utf-16"))
     (folder / "latin.txt").write_bytes("un caf\xe9".encode("latin-1"))
+    Image.fromarray(noise(72, 7)).save(folder / "bom.png")
+    (folder / "bom.txt").write_bytes(b"\xff\xfe\xfa bad")  # a UTF-16 mark, then an odd number of bytes: a traceback
     (folder / "logo.txt").write_text("a logo")
     code, _, err = run(capsys, "dataset", "build", folder, "--resolution", "64", "-o", tmp_path / "data")
     assert code == 2, err  # written, with files skipped
     summary = json.loads((tmp_path / "data" / "_dataset.json").read_text())
     reasons = {s["file"]: s["reason"] for s in summary["skipped"]}
-    assert reasons.keys() == {"latin.png", "logo.svg", "int32.tif", "float.tif"}, reasons
+    assert reasons.keys() == {"latin.png", "bom.png", "logo.svg", "int32.tif", "float.tif"}, reasons
     assert reasons["int32.tif"].startswith("32-bit integer pixels from ") and "save it as 8- or 16-bit" in reasons["int32.tif"]
     assert reasons["float.tif"] == "a floating-point image: its brightness scale is not known; save it as 8- or 16-bit"
     assert reasons["latin.png"] == f"caption {folder}/latin.txt is not UTF-8 text (byte 6 is 0xe9); save it as UTF-8"
+    assert reasons["bom.png"] == (f"caption {folder}/bom.txt starts with a UTF-16 byte-order mark but is not UTF-16 "
+                                  "text (truncated data at byte 6); save it as UTF-8")
     assert reasons["logo.svg"].startswith("not an image type this reads (.png, ")
     rows = {r["file"]: r for r in pq.read_table(tmp_path / "data").to_pylist()}
     assert rows.keys() == {"portrait.jpg", "grey16.png", "keyed.png", "scan.tif"}

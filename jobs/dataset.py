@@ -257,7 +257,7 @@ def _caption_text(data: bytes, path: str) -> tuple[str | None, str | None]:
             return data.decode("utf-16").strip(), None
         except UnicodeDecodeError as exc:  # a UTF-16 mark on bytes that are not UTF-16 (cut short, or not text)
             return None, (f"caption {path} starts with a UTF-16 byte-order mark but is not UTF-16 text "
-                          f"({exc.reason} at byte {exc.start + 2}); save it as UTF-8")
+                          f"({exc.reason} at byte {exc.start}); save it as UTF-8")
     try:
         return data.decode("utf-8-sig").strip(), None
     except UnicodeDecodeError as exc:

@@ -384,15 +384,17 @@ def export_preset(name: str, directory: str) -> None:
                          "was changed)")
     # Written into a hidden folder beside it, then renamed: a failed or interrupted export leaves no folder that
     # loads as a model (one without its sdfleet.json took SD 2.1's defaults) and none the rerun calls not empty.
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         build_preset(name).save_pretrained(staging, safe_serialization=True)
         d = PRESETS[name]["defaults"]
         (staging / "sdfleet.json").write_text(json.dumps({"preset": name, **d}, indent=2) + "\n")
         if target.is_dir():
             target.rmdir()  # empty, checked above
         staging.rename(target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):  # a read-only folder, a full disk: one line, not a traceback
+            raise ModelError(f"cannot write {directory}: {type(exc).__name__}: {exc}") from exc
         raise

@@ -37,7 +37,7 @@ from manifests.csv_text import CsvProblem, csv_records
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
 from manifests.schema import MAX_SIDE, error_line, first_few
-from manifests.stores import missing, require_bucket, tree_files, url_to_fs
+from manifests.stores import is_local_fs, missing, require_bucket, tree_files, url_to_fs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF: its first frame
 # Files beside the images that are not meant as images: not reported. Any other file is skipped with its reason.
@@ -80,6 +80,12 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         raise DatasetError(f"IMAGES_DIR {images_dir} is not a folder")
     if type(out_fs) is type(fs):  # -o inside IMAGES_DIR: a rebuild would skip its own parts as "not an image"
         found = [p for p in found if not p.startswith(out_root + "/")]
+    # and an earlier build's output inside IMAGES_DIR (written there with another -o) is no one's images either
+    built = sorted({p.rsplit("/", 1)[0] for p in found if posixpath.basename(p) == SUMMARY_FILE})
+    if built:
+        found = [p for p in found if not any(p.startswith(folder + "/") for folder in built)]
+        log(f"note: left out {len(built)} `dataset build` output(s) inside IMAGES_DIR: "
+            f"{first_few([os.path.relpath(b, root) for b in built], 3)}")
     images = [p for p in found if p.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
         raise DatasetError(f"IMAGES_DIR {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -104,6 +110,7 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
 
     build = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     before = _is_dataset(out_fs, out_root)
+    new_folder = not out_fs.isdir(out_root)
     rows, skipped, parts, committed = [], [], [], False
     for name in unknown:  # .heic, .avif, .svg...: said, not silently left out
         skipped.append(Skipped(name, f"not an image type this reads ({', '.join(IMAGE_SUFFIXES)})"))
@@ -119,12 +126,12 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
                 else:
                     rows.append(result)
                 if len(rows) == ROWS_PER_PART:
-                    parts.append(_write_part(out_fs, out_root, build, len(parts), rows))
+                    parts.append(_write_part(out_fs, out_root, build, len(parts), rows, out))
                     rows = []
                 if i % 200 == 0:
                     log(f"{i}/{len(images)} images read")
         if rows:
-            parts.append(_write_part(out_fs, out_root, build, len(parts), rows))
+            parts.append(_write_part(out_fs, out_root, build, len(parts), rows, out))
         written = sum(n for _, n in parts)
         if not written:
             raise DatasetError(f"no usable images in {images_dir}: all {len(images)} were skipped (see the reasons "
@@ -136,13 +143,16 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         }
         # the commit: from here on the summary names this build's parts, and readers read those
         text = recorded_json(summary)  # `source` as given, less a URI's password
-        atomic_write(out_fs, f"{out_root}/{SUMMARY_FILE}", text.encode())
+        _write(out_fs, f"{out_root}/{SUMMARY_FILE}", text.encode(), out)
         committed = True
     finally:
         if not committed:  # failed or stopped: what this build wrote goes, and an earlier build stays whole
             for path, _ in parts:
                 with contextlib.suppress(Exception):  # a store gone: the next build removes them (not read)
                     out_fs.rm_file(path)
+            if new_folder and is_local_fs(out_fs):  # an -o this build made (a full disk): not left behind empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(out_root)
     try:  # an earlier build's parts, or a killed one's: no longer read, now removed
         for name in _own_parts(out_fs, out_root) - set(summary["parts"]):
             out_fs.rm_file(f"{out_root}/{name}")
@@ -318,9 +328,17 @@ def _upright_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _write_part(fs, root: str, build: str, index: int, rows: list[dict]) -> tuple[str, int]:
+def _write_part(fs, root: str, build: str, index: int, rows: list[dict], out: str) -> tuple[str, int]:
     path = f"{root}/part-{build}-{index:05d}.parquet"  # a new name: no earlier build's part is overwritten
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), buf)
-    atomic_write(fs, path, buf.getvalue())
+    _write(fs, path, buf.getvalue(), out)
     return path, len(rows)
+
+
+def _write(fs, path: str, data: bytes, out: str) -> None:
+    """atomic_write, where a folder that cannot be written (read-only, a full disk) is one line naming -o."""
+    try:
+        atomic_write(fs, path, data)
+    except OSError as exc:
+        raise DatasetError(f"cannot write -o {out}: {error_line(exc)}") from exc

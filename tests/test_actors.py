@@ -159,6 +159,15 @@ def test_an_export_that_stops_midway_leaves_nothing_and_a_uri_or_home_is_what_it
     export_preset("tiny", "~/m")
     assert (tmp_path / "home" / "m" / "model_index.json").exists() and not (tmp_path / "~").exists()
 
+    class FullDisk:  # a read-only folder or a full disk was a traceback
+        def save_pretrained(self, directory, **kwargs):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models, "build_preset", lambda name: FullDisk())
+    with pytest.raises(ModelError, match=r"^cannot write full/tiny: OSError: \[Errno 28\] No space left on device$"):
+        export_preset("tiny", "full/tiny")
+    assert list((tmp_path / "full").iterdir()) == []
+
 
 @pytest.mark.parametrize("file, text, said", [("model_index.json", "{not json", "JSONDecodeError"),
                                              ("model_index.json", "[]", "AttributeError"),

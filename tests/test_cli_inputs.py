@@ -70,6 +70,42 @@ def test_dataset_build_into_a_folder_inside_its_images_rebuilds_without_reading_
         assert json.loads((images / "dataset" / "_dataset.json").read_text())["rows"] == 2
 
 
+def test_a_build_into_another_folder_leaves_out_a_dataset_built_inside_the_images(capsys, tmp_path, images):
+    """A dataset built inside IMAGES_DIR made every later build of that folder into another -o list its parts as
+    "not an image type this reads" and exit 2."""
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    assert build(capsys, images, "-o", images / "sub" / "dataset")[0] == 0
+    code, _, err = build(capsys, images, "-o", tmp_path / "other")
+    assert code == 0 and "0 file(s) skipped" in err and "parquet" not in err, err
+    assert "note: left out 1 `dataset build` output(s) inside IMAGES_DIR: sub/dataset" in err
+    assert json.loads((tmp_path / "other" / "_dataset.json").read_text())["rows"] == 2
+
+
+@pytest.mark.parametrize("failing_write", [1, 2])  # the part, then the summary
+def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_folder(capsys, tmp_path, images, monkeypatch,
+                                                                           failing_write):
+    """A read-only folder or a full disk ended `dataset build` with a traceback, and left an empty -o behind."""
+    import jobs.dataset
+
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    real, calls = jobs.dataset.atomic_write, []
+
+    def full_disk(fs, path, data):
+        calls.append(path)
+        if len(calls) == failing_write:
+            raise OSError(28, "No space left on device")
+        real(fs, path, data)
+
+    monkeypatch.setattr(jobs.dataset, "atomic_write", full_disk)
+    out = tmp_path / "data"
+    code, _, err = build(capsys, images, "-o", out)
+    assert code == 1
+    one_error_line(err, f"cannot write -o {out}: ", "No space left on device")
+    assert not out.exists()
+
+
 def test_dataset_build_refuses_an_out_that_is_a_file_and_leaves_it(capsys, tmp_path, images):
     for i in range(2):
         (images / f"{i}.txt").write_text("a mug")

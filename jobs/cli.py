@@ -333,23 +333,29 @@ def cmd_sheet(args) -> int:
 
     from jobs.console import log
     from jobs.errors import ReportError, one_line
+    from jobs.outputs import run_file
     from jobs.sheet import contact_sheet, sheet_format
-    from manifests.stores import url_to_fs
+    from manifests.ledger import atomic_write
+    from manifests.stores import is_local_fs, url_to_fs
 
     if args.columns < 1 or not 16 <= args.thumb <= MAX_THUMB:
         print(f"sdfleet sheet: error: --columns must be at least 1 and --thumb 16 to {MAX_THUMB} px; got "
               f"--columns {args.columns} --thumb {args.thumb}", file=sys.stderr)
         return EXIT_ERROR
     image_format = sheet_format(args.output)  # before drawing the sheet: a bad -o is said at once
+    inside = run_file(args.out, args.output)
+    if inside:
+        raise ReportError(f"-o {args.output} is {inside}; write the sheet elsewhere (beside the run: "
+                          f"{args.out.rstrip('/')}/sheet.png)")
     image = contact_sheet(args.out, group_by=args.group_by, columns=args.columns, thumb=args.thumb,
                           image_format=image_format)
     buf = io.BytesIO()
     image.save(buf, format=image_format)
     try:
         fs, path = url_to_fs(args.output)
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(buf.getvalue())
+        if not is_local_fs(fs):  # a disk's parents are made by atomic_write
+            fs.makedirs(fs._parent(path), exist_ok=True)
+        atomic_write(fs, path, buf.getvalue())  # a full disk leaves the sheet that was there, not half a picture
     except Exception as exc:  # noqa: BLE001 - a read-only store, a parent that is a file
         raise ReportError(f"cannot write -o {args.output}: {one_line(exc)}") from exc
     log(f"sheet: {args.output} ({image.width}x{image.height})")

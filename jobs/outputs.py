@@ -136,6 +136,25 @@ class RunOutput:
                               f"{', '.join(self.group_columns())}")
 
 
+# What a run keeps under its --out, which a file of a tool's own (a contact sheet) must not take the place of.
+RUN_FOLDERS = ("images", "results", "runs", "report", "logs")
+
+
+def run_file(out: str, path: str) -> str | None:
+    """Why `path` is one of the run's own files at `out` (under images/, the ledger, ...), in words, or None."""
+    out_fs, root = url_to_fs(out)
+    fs, target = url_to_fs(path)
+    if type(fs) is not type(out_fs):
+        return None
+    if is_local_fs(fs):
+        root, target = os.path.realpath(root), os.path.realpath(target)
+    root, target = root.rstrip("/"), target.rstrip("/")
+    for folder in RUN_FOLDERS:
+        if target.startswith(f"{root}/{folder}/"):
+            return f"inside the run's {folder}/ folder, which holds the run's own files"
+    return None
+
+
 def not_a_group(column: str, where: str) -> str:
     """Why `column` cannot group rows: a bookkeeping column of the ledger, or none of its columns."""
     if column in BOOKKEEPING:

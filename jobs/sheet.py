@@ -65,6 +65,11 @@ def _thumbnail(fs, path: str, side: int) -> Image.Image:
     return tile
 
 
+def _caption(text: str, room: int) -> str:
+    """`text` in `room` characters: a longer one ends in "..", so ids sharing a long prefix do not look alike."""
+    return text if len(text) <= room else text[: max(room - 2, 1)] + ".."
+
+
 def _placeholder(side: int, text: str) -> Image.Image:
     tile = Image.new("RGB", (side, side), GAP)
     ImageDraw.Draw(tile).text((4, side // 2 - 6), text[: side // 6], fill=(120, 0, 0))
@@ -109,10 +114,12 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
                 tile = _placeholder(thumb, entry["status"])
             elif not out.has_image(entry):
                 tile = _placeholder(thumb, "missing")
+            elif out.resized(entry["id"], entry.get("png_bytes")):  # replaced or cut short since it was drawn
+                tile = _placeholder(thumb, "replaced")
             else:
                 tile = _thumbnail(out.fs, out.image_path(entry["id"]), thumb)
             sheet.paste(tile, (x, top))
-            pen.text((x + 2, top + thumb + 1), entry["id"][: thumb // 6], fill=(0, 0, 0))
+            pen.text((x + 2, top + thumb + 1), _caption(entry["id"], thumb // 6), fill=(0, 0, 0))
         y += -(-len(entries) // columns) * (thumb + label)
     return sheet
 

@@ -493,8 +493,11 @@ def test_sheet_lays_rows_out_by_group_with_a_tile_for_every_gap(output, tmp_path
         assert im.size == (6 * 32, 3 * (20 + 32 + 14))
 
 
-def test_sheet_keeps_each_image_shape_and_shows_a_damaged_one_as_a_tile(output):
+def test_sheet_keeps_each_image_shape_and_shows_a_damaged_one_as_a_tile(output, monkeypatch):
+    from jobs.outputs import RunOutput
+
     out = output
+    monkeypatch.setattr(RunOutput, "resized", lambda self, row_id, recorded: None)  # e's new shape, not its size
     (out / "images" / "a.png").write_bytes((out / "images" / "a.png").read_bytes()[:300])  # cut short
     Image.new("RGB", (16, 64), (255, 0, 0)).save(out / "images" / "e.png")  # tall: 1 wide to 4 high
     sheet = contact_sheet(str(out), columns=3, thumb=32, label=10)
@@ -502,6 +505,44 @@ def test_sheet_keeps_each_image_shape_and_shows_a_damaged_one_as_a_tile(output):
     e = (32, 42)  # the second tile of the second line
     assert sheet.getpixel((e[0] + 16, e[1] + 16)) == (255, 0, 0)  # its middle
     assert sheet.getpixel((e[0] + 1, e[1] + 16)) == (255, 255, 255)  # beside it: the image is not stretched
+
+
+def test_sheet_refuses_to_write_over_the_runs_own_files_and_marks_an_image_replaced_since(output, capsys):
+    """`sheet -o OUT/images/a.png` wrote the sheet over row a's image; the next sheet then drew that sheet as a's
+    tile, with no mark (the report calls such a file replaced: its size is not the ledger's)."""
+    image = output / "images" / "a.png"
+    before = image.read_bytes()
+    for target in (image, output / "results" / "x.png", output / "report" / ".." / "images" / "new.webp"):
+        assert main(["sheet", str(output), "-o", str(target)]) == 1
+        err = capsys.readouterr().err
+        assert "write the sheet elsewhere (beside the run: " in err and "Traceback" not in err, err
+    assert image.read_bytes() == before
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(image)  # replaced by hand, with another size than recorded
+    sheet = contact_sheet(str(output), columns=3, thumb=32, label=10)
+    assert sheet.getpixel((1, 1)) == (0xDD,) * 3  # a grey tile, not the green picture
+
+
+def test_a_sheet_that_cannot_be_written_leaves_the_one_there(output, tmp_path, monkeypatch, capsys):
+    import manifests.ledger
+
+    target = tmp_path / "sheet.png"
+    assert main(["sheet", str(output), "-o", str(target), "--thumb", "32"]) == 0
+    good = target.read_bytes()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manifests.ledger.os, "fsync", full_disk)
+    assert main(["sheet", str(output), "-o", str(target), "--thumb", "48"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert target.read_bytes() == good and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_sheet_captions_cut_short_end_in_dots():
+    from jobs.sheet import _caption
+
+    assert _caption("green-triangle-on-white", 21) == "green-triangle-on-w.."
+    assert _caption("green-circle", 21) == "green-circle"
 
 
 def test_comparison_sheet_puts_the_same_rows_of_each_run_one_run_to_a_row(tmp_path):

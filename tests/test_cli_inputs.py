@@ -416,6 +416,24 @@ def test_verify_tells_another_payload_from_no_mark(capsys, marked, name):
     assert got[str(marked["plain"])].startswith("MISSING:"), out
 
 
+def test_verify_tells_another_payload_whose_blocks_agree_less_than_a_clean_copys(capsys, tmp_path):
+    """A busy image marked by invisible-watermark itself read its payload back whole, yet verify said MISSING:
+    its blocks' votes agree on each bit by a clear majority but well short of unanimously (0.6; a JPEG copy of an
+    sdfleet image, 0.9), which the payload guess took for no mark."""
+    from imwatermark import WatermarkEncoder
+
+    encoder = WatermarkEncoder()
+    encoder.set_watermark("bytes", b"acme-co")
+    busy = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    Image.fromarray(encoder.encode(busy[:, :, ::-1].copy(), "dwtDctSvd")[:, :, ::-1]).save(tmp_path / "other.png")
+    Image.fromarray(busy).save(tmp_path / "plain.png")
+    code, out, _ = run(capsys, "watermark", "verify", tmp_path / "other.png", tmp_path / "plain.png")
+    got = lines_by_file(out)
+    assert code == 1 and got[str(tmp_path / "other.png")].startswith("OTHER: other payload 'acme-co', expected "
+                                                                      "'sdfleet'"), out
+    assert got[str(tmp_path / "plain.png")].startswith("MISSING:"), out
+
+
 def test_verify_refuses_an_empty_payload(capsys, marked):
     code, out, err = run(capsys, "watermark", "verify", marked["a"], "--payload", "")
     assert code == 1 and not out

@@ -381,15 +381,27 @@ def column_names(uris: list[str]) -> dict[str, list[str]]:
     return dict(zip(uris, _each_file(uris, lambda _, pf: pf.schema_arrow.names)))
 
 
-def count_ids(uris: list[str]) -> tuple[int, collections.Counter]:
+def count_ids(uris: list[str], damaged: list[str] | None = None) -> tuple[int, collections.Counter]:
     """Read only the `id` columns: (total rows, how often each id occurs).
 
     Duplicates must be known before any row is drawn, since all rows sharing an id are invalid. Ids are
-    counted as the schema coerces them (`coerced_id`), whatever the column's Arrow type.
+    counted as the schema coerces them (`coerced_id`), whatever the column's Arrow type. With a `damaged` list,
+    a file whose ids cannot be read is said there and counted as none (`manifest validate` goes on to the
+    other files), instead of raising DamagedManifest.
     """
+    def read(uri: str, pf: pq.ParquetFile) -> tuple[int, collections.Counter]:
+        try:
+            return pf.metadata.num_rows, _id_counts(pf)
+        except (OSError, pa.ArrowException) as exc:
+            if damaged is None:
+                raise
+            damaged.append(f"{uri}: its `id` column cannot be read ({error_line(exc)}), so its ids are not "
+                           f"checked for duplicates: {DAMAGED_HINT}")
+            return pf.metadata.num_rows, collections.Counter()
+
     counts: collections.Counter = collections.Counter()
     total = 0
-    for rows, file_counts in _each_file(uris, lambda _, pf: (pf.metadata.num_rows, _id_counts(pf))):
+    for rows, file_counts in _each_file(uris, read):
         total += rows
         counts.update(file_counts)
     return total, counts

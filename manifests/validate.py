@@ -7,7 +7,8 @@ from typing import Callable, Iterator
 
 from manifests.reader import Unreadable, column_names, count_ids, iter_rows
 from manifests.tokens import prompt_overflow
-from manifests.schema import look_alike_columns, look_alike_warning, row_location, too_small_for_the_mark, validate_row
+from manifests.schema import (coerced_id, look_alike_columns, look_alike_warning, row_location, too_small_for_the_mark,
+                              validate_row)
 
 
 def check_manifests(
@@ -25,7 +26,10 @@ def check_manifests(
     for uri, columns in column_names(uris).items():
         for column, field in look_alike_columns(columns).items():
             yield "warning", look_alike_warning(uri, column, field, columns)
-    _, id_counts = count_ids(uris)
+    damaged: list[str] = []
+    _, id_counts = count_ids(uris, damaged)
+    for message in damaged:
+        yield "error", message
     said = None
 
     @functools.lru_cache(maxsize=65536)  # an expanded catalogue repeats each prompt once per variant
@@ -43,7 +47,10 @@ def check_manifests(
         parsed, errors, _ = validate_row(raw, source=uri, row=position, models=models)
         for err in errors:
             yield "error", str(err)
-        if parsed is None:
+        if parsed is None:  # its id is still one of a duplicate pair: said now, not in a second round of fixes
+            row_id = coerced_id(raw.get("id"))
+            if row_id is not None and id_counts[row_id] > 1:
+                yield "error", duplicate_id(row_location(uri, position, row_id), id_counts[row_id])
             continue
         where = row_location(uri, position, parsed.id)
         if watermark_sizes is not None and parsed.model in watermark_sizes:
@@ -52,8 +59,7 @@ def check_manifests(
             if too_small:
                 yield "error", f"{where}: {too_small}"
         if id_counts[parsed.id] > 1:
-            yield "error", (f"{where}: `id` appears in {id_counts[parsed.id]} rows; "
-                            f"ids must be unique across the run's manifests")
+            yield "error", duplicate_id(where, id_counts[parsed.id])
         if tokenizer_for is not None and tokenizer_for(parsed.model) is None:
             if parsed.model not in uncounted:
                 uncounted.add(parsed.model)
@@ -65,3 +71,6 @@ def check_manifests(
             if warning:
                 yield "warning", f"{where}: {warning}"
 
+
+def duplicate_id(where: str, count: int) -> str:
+    return f"{where}: `id` appears in {count} rows; ids must be unique across the run's manifests"

@@ -269,12 +269,29 @@ def test_validate_warns_of_columns_that_look_like_fields(capsys, tmp_path):
                       for c, f in (("Prompt", "prompt"), ("Seed", "seed"), ("steps ", "steps"))]
 
 
-def test_validate_of_a_manifest_whose_ids_cannot_be_read_is_one_line(capsys, tmp_path):
+def test_validate_of_a_manifest_whose_ids_cannot_be_read_says_so_and_checks_the_other_files(capsys, tmp_path):
+    """One manifest whose `id` column does not decode ended validate at once: the other files' bad rows went
+    unnamed and no summary was printed, where the docs say an unreadable file is one error and the rest are
+    checked."""
     damaged = write_damaged_manifest(tmp_path / "damaged.parquet", column="id")
-    code, lines, err = validate(capsys, damaged)
-    assert code == 1 and not lines
-    assert err.startswith(f"sdfleet: error: {damaged} cannot be read (ArrowInvalid: ")
-    assert "Traceback" not in err
+    other = write(tmp_path / "other.parquet", [good("a"), {**good("b"), "steps": 0}])
+    code, lines, err = validate(capsys, damaged, other)
+    assert code == 1 and "Traceback" not in err and not err.startswith("sdfleet: error"), err
+    errors = problems(lines)
+    assert errors[0].startswith(f"error: {damaged}: its `id` column cannot be read (ArrowInvalid: ")
+    assert "so its ids are not checked for duplicates" in errors[0]
+    assert any(e.startswith(f"error: {other} row 1 (`b`): `steps` must be in 1..500, got 0") for e in errors), errors
+    assert lines[-1].endswith("manifest(s): " + f"{len(errors)} error(s), 0 warning(s)"), lines
+
+
+def test_a_row_with_another_error_is_named_as_a_duplicate_too(capsys, tmp_path):
+    """Its duplicate was said only once the other error was fixed: a second round of fixes."""
+    path = write(tmp_path / "m.parquet", [good("x"), {**good("x"), "steps": 0}])
+    code, lines, _ = validate(capsys, path)
+    errors = problems(lines)
+    assert code == 1 and len(errors) == 3, errors
+    assert errors[1] == f"error: {path} row 1 (`x`): `steps` must be in 1..500, got 0"
+    assert sum("`id` appears in 2 rows" in e for e in errors) == 2
 
 
 def test_a_model_whose_tokenizer_does_not_load_is_one_line(capsys, tmp_path):

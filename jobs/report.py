@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from actors.png import image_parameters
 from jobs import outputs
@@ -354,18 +354,19 @@ class Thumbnails:
             return 0
         log(f"report: making {len(todo)} thumbnails ({self.reused} reused)")
         self.out.fs.makedirs(self.folder, exist_ok=True)  # local disks need the folder; object stores ignore it
-        done, last = 0, time.time()
+        done, made, last = 0, 0, time.time()
         # Pillow and the stores release the GIL while they decode, resize, encode and move bytes
         with ThreadPoolExecutor(max_workers=workers or min(8, 2 * (os.cpu_count() or 1))) as pool:
             for row in pool.map(self._one, todo):
                 if row is not None:
                     self.added.append(row)
+                    made += row["error"] is None  # a PNG that did not decode has its reason and no thumbnail
                 done += 1
                 if time.time() - last >= PROGRESS_SECONDS:
                     last = time.time()
                     log(f"report: {done}/{len(todo)} thumbnails")
         self.changed = True
-        return len(todo)
+        return made
 
     def prune(self, keep: set[str]) -> None:
         """Remove the thumbnails of images no row shows any more (redrawn since, or gone): those in the folder, and
@@ -402,6 +403,8 @@ class Thumbnails:
                 thumb = image.size
                 buf = io.BytesIO()
                 image.convert("RGB").save(buf, "JPEG", quality=THUMB_QUALITY)
+        except UnidentifiedImageError:  # its own words name only the in-memory buffer it was read from
+            return self._row(name, {"error": "cannot read the image: not a PNG or any image Pillow reads"}, self.side)
         except Exception as exc:  # noqa: BLE001 - a damaged PNG is shown with its reason, not a broken image
             return self._row(name, {"error": f"cannot read the image: {one_line(exc)}"}, self.side)
         self.out.fs.pipe_file(f"{self.folder}/{name}", buf.getvalue())  # a store that refuses stops the report

@@ -573,13 +573,16 @@ def cmd_eval(args) -> int:
     if not summary["scored"]:
         print(f"sdfleet eval: error: nothing to score: {summary['not_scored']} row(s) name no colour/shape/background "
               f"(or have an id generate refuses), {summary['missing_images']} have no readable image under "
-              f"{out}/images and {summary['images_of_another_prompt']} an image drawn for another prompt",
-              file=sys.stderr)
+              f"{out}/images, {summary['images_of_another_prompt']} an image drawn for another prompt and "
+              f"{summary['images_without_parameters']} an image without generate's parameters", file=sys.stderr)
         return EXIT_ERROR
     print(report(summary))
     if summary["images_of_another_prompt"]:
         print(f"not scored: {summary['images_of_another_prompt']} image(s) drawn for another prompt than the "
               "manifest's (rows invalid or failed since; rerun generate)")
+    if summary["images_without_parameters"]:
+        print(f"not scored: {summary['images_without_parameters']} image(s) without the parameters generate "
+              "writes in each PNG (not drawn by generate, or re-saved without them)")
     if "not_written" in summary:
         print(f"sdfleet eval: error: {without_passwords(summary['not_written'])}", file=sys.stderr)
         return EXIT_ERROR

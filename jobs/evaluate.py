@@ -139,8 +139,10 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     """Score every row whose intent is known; returns (and writes to OUT/eval.json) the summary."""
     fs, root = url_to_fs(out)
     if not fs.isdir(f"{root}/images"):
+        if fs.isfile(f"{root}/run.json"):  # a run that drew nothing (an empty manifest, every row invalid)
+            raise EvalError(f"--out {out}: nothing to score, the run drew no images")
         raise EvalError(f"--out {out} has no images/ folder (give the --out of a `sdfleet generate` run)")
-    rows, unscored, missing, other = [], 0, 0, 0
+    rows, unscored, missing, other, foreign = [], 0, 0, 0, 0
     uris = expand_manifest_paths(manifests)
     _, id_counts = count_ids(uris)  # rows sharing an id: generate draws none of them, so no image is theirs
     for _, _, row in iter_rows(uris):
@@ -160,13 +162,17 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # cut short, not an image
             missing += 1
             continue
-        if drawn_for is not None and drawn_for != row.get("prompt"):
+        if drawn_for is None:  # no parameters: not generate's image (a sheet saved there, a copy that lost its text)
+            foreign += 1
+            continue
+        if drawn_for != row.get("prompt"):
             other += 1  # drawn for another version of the row (it is invalid or failed now): not this prompt's
             continue
         rows.append({"id": row_id, **{f"want_{k}": v for k, v in want.items()}, **seen,
                      "held_out": (want["color"], want["shape"], want["background"]) in HELD_OUT})
     summary = {
         "scored": len(rows), "not_scored": unscored, "missing_images": missing, "images_of_another_prompt": other,
+        "images_without_parameters": foreign,
         **_scores(rows),
         "held_out": _scores([r for r in rows if r["held_out"]]),
         "per_color": {c: _scores([r for r in rows if r["want_color"] == c]) for c in PALETTE

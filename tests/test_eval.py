@@ -52,6 +52,13 @@ def test_intent_comes_from_columns_or_the_prompt_grammar():
     assert intended({"prompt": "x", "color": "Red", "shape": "hexagon", "background": "white"}) is None
 
 
+def drawn(image: Image.Image, path, records: list[dict]) -> None:
+    """Save `image` as generate would for the newest record: with the parameters chunk naming its prompt."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", json.dumps({"prompt": records[-1]["prompt"]}))
+    image.save(path, pnginfo=info)
+
+
 def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     import random
 
@@ -60,13 +67,13 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     records = []
     for i, (color, shape, background) in enumerate(ALL[:12]):
         records.append({"id": f"ok-{i}", "prompt": caption(color, shape, background)})
-        draw_shape(color, shape, background, 256, random.Random(i)).save(out / "images" / f"ok-{i}.png")
+        drawn(draw_shape(color, shape, background, 256, random.Random(i)), out / "images" / f"ok-{i}.png", records)
     # a wrong colour, noise, an image never drawn, and a row that says nothing about shapes
     records.append({"id": "wrong", "prompt": "a red circle on a white background"})
-    draw_shape("blue", "circle", "white", 256).save(out / "images" / "wrong.png")
+    drawn(draw_shape("blue", "circle", "white", 256), out / "images" / "wrong.png", records)
     records.append({"id": "noise", "prompt": "a green square on a black background"})
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(
-        out / "images" / "noise.png")
+    drawn(Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)),
+          out / "images" / "noise.png", records)
     records.append({"id": "gone", "prompt": "a yellow star on a white background"})
     records.append({"id": "mug", "prompt": "a studio photo of a mug"})
     # an image cut short; one drawn for the row's earlier prompt (the row is invalid now); an id generate refuses
@@ -80,9 +87,12 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     records.append({"id": "../run/images/ok-0", "prompt": caption(*ALL[0])})
     # two rows sharing an id: generate draws neither (one image was scored twice); a colour out of the palette
     records += [{"id": "twice", "prompt": caption(*ALL[1])}, {"id": "twice", "prompt": caption(*ALL[1])}]
-    draw_shape(*ALL[1], 256).save(out / "images" / "twice.png")
+    drawn(draw_shape(*ALL[1], 256), out / "images" / "twice.png", records)
     records.append({"id": "magenta", "prompt": "x", "color": "magenta", "shape": "star", "background": "white"})
-    draw_shape("red", "star", "white", 256).save(out / "images" / "magenta.png")
+    drawn(draw_shape("red", "star", "white", 256), out / "images" / "magenta.png", records)
+    # a picture generate did not draw (no parameters): a contact sheet saved over a row's image, say
+    records.append({"id": "sheet", "prompt": caption(*ALL[2])})
+    draw_shape(*ALL[2], 256).save(out / "images" / "sheet.png")
     manifest = write_manifest(tmp_path / "m.parquet", records)
 
     proc = sdfleet("eval", str(manifest), "--out", str(out))
@@ -90,6 +100,7 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     summary = json.loads((out / "eval.json").read_text())
     assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 5, 2)
     assert summary["images_of_another_prompt"] == 1 and "1 image(s) drawn for another prompt" in proc.stdout
+    assert summary["images_without_parameters"] == 1 and "1 image(s) without the parameters" in proc.stdout
     assert summary["color"] == pytest.approx(12 / 14)  # the wrong colour and the noise miss
     assert summary["drawn"] == pytest.approx(13 / 14)
     assert summary["chance"] == {"color": 1 / len(PALETTE), "shape": 1 / len(ALL_SHAPES), "background": 1 / len(BACKGROUNDS)}
@@ -101,6 +112,10 @@ def test_eval_with_nothing_to_score_is_an_error(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "mug", "prompt": "a mug"}])
     proc = sdfleet("eval", str(manifest), "--out", str(tmp_path / "run"))
     assert proc.returncode == 1 and "has no images/ folder" in proc.stderr
+    (tmp_path / "run" / "run.json").parent.mkdir(parents=True)
+    (tmp_path / "run" / "run.json").write_text("{}")  # a finished run that drew nothing
+    proc = sdfleet("eval", str(manifest), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 1 and "nothing to score, the run drew no images" in proc.stderr, proc.stderr
     (tmp_path / "run" / "images").mkdir(parents=True)
     proc = sdfleet("eval", str(manifest), "--out", str(tmp_path / "run"))
     assert proc.returncode == 1 and "nothing to score: 1 row(s) name no colour" in proc.stderr

@@ -102,6 +102,9 @@ def describe_model(name: str, ref: str) -> ModelInfo:
         raise ModelError(f"model {name}={ref}: a single file, not a diffusers directory; a checkpoint converts once "
                          "with diffusers' StableDiffusionPipeline.from_single_file(FILE).save_pretrained(DIR) "
                          "(a LoRA or embedding file goes in the --adapters store instead)")
+    if path.exists():  # a path that is here is never asked of the hub (`sub/notes` has a hub id's shape)
+        raise ModelError(f"model {name}={ref}: a file, not a diffusers directory (a folder with model_index.json); "
+                         "give the model's folder")
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         return _describe_hub(name, ref)
     raise ModelError(

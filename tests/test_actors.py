@@ -221,7 +221,7 @@ def test_pickle_weights_are_refused(tmp_path):
         describe_model("m", str(tmp_path / "m"))
 
 
-def test_bad_model_references_say_what_is_wrong(tmp_path):
+def test_bad_model_references_say_what_is_wrong(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="not a preset"):
         describe_model("x", str(tmp_path / "nothing-here"))
     (tmp_path / "empty").mkdir()
@@ -236,6 +236,12 @@ def test_bad_model_references_say_what_is_wrong(tmp_path):
     (tmp_path / "v2-1_768-ema-pruned.safetensors").write_bytes(b"")
     with pytest.raises(ModelError, match=r"a single file, .*from_single_file\(FILE\).save_pretrained\(DIR\)"):
         describe_model("x", str(tmp_path / "v2-1_768-ema-pruned.safetensors"))
+    # a relative path to a file has a hub id's shape (`sub/notes`): it was asked of the hub, a network error here
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes").write_text("not a model")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"^model x=sub/notes: a file, not a diffusers directory"):
+        describe_model("x", "sub/notes")
 
 
 def test_batch_of_8_equals_batches_of_1_including_ancestral_noise(tiny):

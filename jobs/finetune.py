@@ -82,8 +82,8 @@ def run_finetune(cfg: TrainConfig) -> dict:
         log(f"note: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning rate never "
             "reaches its peak")
     if cfg.token:
+        _check_token(cfg)  # first: a token that is already a word is refused without a note on the captions
         _check_captions_use(cfg.data, cfg.token, rows)
-        _check_token(cfg)
     class_data = cfg.class_data or (absolute_local(fs.unstrip_protocol(f"{root}/class-data")) if cfg.prior else None)
     if cfg.class_data:
         check_dataset(cfg.class_data, "--class-data")
@@ -413,6 +413,10 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
     if cfg.method in ("lora", "textual-inversion") and not is_adapter_name(name):
         raise FinetuneError(f"--out {shown}: {name!r} will be the adapter's name in `generate --adapters`, which "
                             "takes letters, digits, '.', '_' and '-'; name the folder so")
+    if cfg.method in ("lora", "textual-inversion") and fs.isfile(f"{root.rstrip('/')}.safetensors"):
+        # the store would hold two adapters of one name, and generate fails every row naming it
+        raise FinetuneError(f"--out {shown}: the adapter store beside it already holds {name}.safetensors, an "
+                            f"adapter named {name!r}; give the fine-tune another name, or move that file aside")
 
 
 def _note_upscaling(data: str, resolution: int) -> None:

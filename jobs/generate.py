@@ -145,6 +145,11 @@ class GenerateConfig(BaseModel):
         return self
 
 
+# Files that say a folder is another command's output, which a run must not write into.
+OTHER_OUTPUTS = {"finetune.json": "a fine-tune's output", "model_index.json": "a model's folder",
+                 "_dataset.json": "a training dataset"}
+
+
 def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     """Run one generation job; returns the run summary written to run.json.
 
@@ -163,6 +168,9 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         if fs.isfile(root):  # an object store would take `file/results/...` keys beside it: refused as a disk does
             raise RunFailed(f"--out {cfg.out} is a file; give a folder for the run's images and ledger (a new one, "
                             "or an earlier run's to add to it)")
+        for marker, what in OTHER_OUTPUTS.items():  # its images and ledger would mix with them, and a fine-tune
+            if fs.isfile(f"{root}/{marker}"):  # there would no longer resume (it refuses a run's output)
+                raise RunFailed(f"--out {cfg.out} is {what} ({marker}); give the run a folder of its own")
         if cfg.plan_only:  # writes nothing: reachable is enough
             fs.exists(root)
         else:

@@ -505,6 +505,27 @@ def refused_before_ray(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     return code, capsys.readouterr().err
 
+def test_a_fine_tunes_folder_and_a_generate_run_are_kept_apart(dataset, tmp_path, monkeypatch, capsys):
+    """generate wrote its images and ledger into a stopped fine-tune's --out, which then refused to resume there
+    ("holds a generate run's output"); a LoRA trained into store/style beside store/style.safetensors made
+    generate fail every row naming `style` (two adapters of one name)."""
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "finetune.json").write_text("{}")
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a red star"}])
+    code, stderr = refused_before_ray(monkeypatch, capsys, "generate", str(manifest), "--out", str(tuned))
+    assert code == 1 and f"--out {tuned} is a fine-tune's output (finetune.json); give the run a folder of its own" \
+        in stderr, stderr
+    assert sorted(p.name for p in tuned.iterdir()) == ["finetune.json"]
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "style.safetensors").write_bytes(b"")
+    code, stderr = refused_before_ray(monkeypatch, capsys, "finetune", "lora", "--data", str(dataset["dir"]),
+                                      "--base", "tiny", "--out", str(store / "style"))
+    assert code == 1 and "already holds style.safetensors, an adapter named 'style'" in stderr, stderr
+    assert sorted(p.name for p in store.iterdir()) == ["style.safetensors"]
+
+
 def _parquet(path: Path, table: pa.Table) -> Path:
     pq.write_table(table, path)
     return path

@@ -202,6 +202,11 @@ class AdapterStore:
         # 4. unknown: say what the store does hold
         if not self.fs.exists(self.root):
             raise AdapterError(name, f"the adapter store {self.uri} does not exist")
+        own = [f for f in FOLDER_FILES if self.fs.isfile(f"{self.root}/{f}")]
+        if own:  # --adapters named one adapter's folder, not the store that holds it
+            raise AdapterError(name, f"is not in the adapter store {self.uri}, which is itself an adapter's folder "
+                                     f"(it holds {own[0]}); pass its parent folder as --adapters, and name the "
+                                     "adapter by this folder's name")
         held = self.names()
         where = f"holds: {first_few(held, 20)}" if held else "holds no adapters"
         raise AdapterError(name, f"is not in the adapter store {self.uri} (expected {name}.safetensors, "

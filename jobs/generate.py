@@ -540,6 +540,8 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         "device": sizing.device,
         "watermark": cfg.watermark,
         "models": {n: {"ref": m["ref"], "fingerprint": m["fingerprint"]} for n, m in models.items()},
+        # each adapter the manifests name, as the store held it: which version drew a row, beside the ledger's name
+        "adapters": dict(sorted(state.adapter_fingerprints.items())),
         "manifests": manifests.uris,
         "ledger_parts": results.parts,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

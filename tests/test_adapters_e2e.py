@@ -102,24 +102,34 @@ def test_run_json_counts_adapter_swaps_per_actor(adapter_run):
     assert swaps["seconds"] >= 0
     actors = collections.Counter(e["actor"] for e in ledger(adapter_run["out"]) if e["status"] == "ok")
     assert set(swaps["per_actor"]) <= set(actors)
+    # which version of each adapter drew the rows: the ledger names them, run.json holds their fingerprints
+    from actors.adapters import AdapterStore
+
+    store = AdapterStore(str(adapter_run["store"]))
+    recorded = run_summary(adapter_run["out"])["adapters"]
+    assert {n: recorded[n] for n in ("A", "A_kohya", "B")} == {n: store.describe(n).fingerprint
+                                                               for n in ("A", "A_kohya", "B")}
+    assert not {"nope", "corrupt", "evil"} & recorded.keys()  # unusable: their rows failed, naming why
 
 
 def test_replacing_an_adapter_file_redraws_only_its_rows(adapter_run, tmp_path):
     import shutil
 
-    out = tmp_path / "out"
+    out, store = tmp_path / "out", tmp_path / "store"
     shutil.copytree(adapter_run["out"], out)
+    shutil.copytree(adapter_run["store"], store)  # the module's store stays as its run drew with it
     tiny = build_preset("tiny")
-    (adapter_run["store"] / "B" / "pytorch_lora_weights.safetensors").write_bytes(
+    (store / "B" / "pytorch_lora_weights.safetensors").write_bytes(
         diffusers_file(tmp_path, make_lora(tiny.unet, UNET_TARGETS, seed=22, std=STD)))
     before = len(ledger(out))
     proc = sdfleet("generate", str(adapter_run["manifest"]), "--out", str(out), "--adapters",
-                   str(adapter_run["store"]), "--no-watermark", "--rows-may-fail")
+                   str(store), "--no-watermark", "--rows-may-fail")
     # the bad-adapter rows still fail; --rows-may-fail (what the RayJobs pass) turns only the exit code to 0
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rows failed" in proc.stderr and "--rows-may-fail" in proc.stderr
     redrawn = sorted(e["id"] for e in ledger(out)[before:] if e["status"] == "ok")
     assert redrawn == ["b1", "blend"]
+    assert run_summary(out)["adapters"]["B"] != run_summary(adapter_run["out"])["adapters"]["B"]
     assert run_summary(out)["failed"] > 0 and any(e["status"] == "failed" for e in ledger(out)[before:])
 
 

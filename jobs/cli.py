@@ -544,6 +544,11 @@ def cmd_finetune(args) -> int:
         print(f"sdfleet finetune: error: {_config_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
     summary = run_finetune(cfg)
+    if summary.get("already_finished"):
+        log(f"nothing to train: {cfg.out} holds this fine-tune, finished at step {summary['steps']} on "
+            f"{summary.get('finished_at', 'an earlier run')}; its {cfg.method} output is there (a new --out "
+            "trains it again)")
+        return EXIT_OK
     # as the user spells it (a local folder as a path, not file:///...); finetune.json keeps the URI
     log(f"done in {summary['wall_seconds']:.1f} s: {summary['steps']} steps; {cfg.method} written to {cfg.out}")
     return EXIT_OK

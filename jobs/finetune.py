@@ -105,6 +105,8 @@ def run_finetune(cfg: TrainConfig) -> dict:
         raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
     if _starts_afresh(fs, root, record, cfg):  # from here on --out is this fine-tune's: a rerun may use it
         _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
+    elif (finished := _finished(fs, root, cfg)) is not None:  # the same fine-tune, done: its output is there
+        return {**finished, "already_finished": True}
     with _status_on_the_way_out(fs, root, record, cfg):
         result = _draw_and_train(cfg, train, base, fs, root, record, rows, resolution)
 
@@ -115,6 +117,22 @@ def run_finetune(cfg: TrainConfig) -> dict:
                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     _write_json(fs, f"{root}/finetune.json", summary)
     return summary
+
+
+def _finished(fs, root: str, cfg: TrainConfig) -> dict | None:
+    """finetune.json of the same fine-tune (checked by _starts_afresh) where it finished all its steps and what it
+    published is there, else None. A rerun of it then trains nothing: resuming from its last checkpoint drew the
+    validation images and published the same files again."""
+    from actors.adapters import EMBEDDING_FILE, LORA_FILE
+
+    try:
+        record = json.loads(fs.cat_file(f"{root}/finetune.json"))
+    except (OSError, ValueError):
+        return None
+    output = {"lora": LORA_FILE, "textual-inversion": EMBEDDING_FILE}.get(cfg.method, "model_index.json")
+    if record.get("status") != "finished" or record.get("steps") != cfg.steps or not fs.isfile(f"{root}/{output}"):
+        return None
+    return record
 
 
 def _give_up(fs, root: str, record: dict, cfg: TrainConfig, reason: str) -> None:

@@ -1285,7 +1285,7 @@ def test_local_resources_are_what_a_local_ray_finds(monkeypatch):
         disconnect()
 
 
-def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, tmp_path):
+def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, tmp_path, monkeypatch, capsys):
     """Ctrl-C reaches Ray Train's own handler, which aborts the run and exits 1 with nothing said; sdfleet
     says it was interrupted and how to resume, exits 130, and finetune.json no longer says "running"."""
     import signal
@@ -1317,6 +1317,12 @@ def test_ctrl_c_stops_a_fine_tune_with_exit_130_and_the_rerun_resumes(dataset, t
     assert f"resuming from the checkpoint at step {newest}\n" in again.stderr, (newest, again.stderr[-3000:])
     kept = [p for p in (out / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
     assert len(kept) == 2, kept  # Ray keeps 2; one it never recorded is gone too
+    # once finished, the same command trains nothing: it said "resuming", started Ray, drew the validation
+    # images and published the same files again
+    published = (out / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    code, stderr = refused_before_ray(monkeypatch, capsys, *argv)  # (fails the test if Ray is started)
+    assert code == 0 and "nothing to train: " in stderr and "holds this fine-tune, finished at step 16" in stderr
+    assert (out / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == published
 
 
 @pytest.mark.parametrize("cause", [

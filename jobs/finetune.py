@@ -282,7 +282,12 @@ def _scaling(cfg: TrainConfig, resources: dict, train: TrainConfig) -> tuple[Tra
     cpus = resources.get("CPU", 0)
     share = cfg.cpus_per_worker or cpus // cfg.workers
     if share < 1 or share * cfg.workers > cpus:
-        raise ClusterError(f"--workers {cfg.workers} needs {max(1, share):g} CPU(s) each; the cluster has {cpus:g}")
+        each = max(1, share)
+        fits = int(cpus // each)
+        valid = f"give --workers {fits} or fewer" if fits else "the cluster has no CPU to give a worker"
+        if cfg.cpus_per_worker and fits:
+            valid += " (or a lower --cpus-per-worker)"
+        raise ClusterError(f"--workers {cfg.workers} needs {each:g} CPU(s) each; the cluster has {cpus:g}: {valid}")
     train = train.model_copy(update={"cpus_per_worker": int(share)})
     return train, ScalingConfig(num_workers=cfg.workers, use_gpu=False, resources_per_worker={"CPU": share})
 
@@ -350,13 +355,18 @@ def resume_hint(out: str) -> str:
     """What a rerun of a fine-tune that stopped does: resume from the newest checkpoint in `out`, or, with none
     written yet, start training again (class images already drawn are kept)."""
     try:
-        fs, _ = url_to_fs(out)  # only a disk is asked: this runs on the way out (Ctrl-C, SIGTERM), where a
+        fs, root = url_to_fs(out)  # only a disk is asked: this runs on the way out (Ctrl-C, SIGTERM), where a
         written = bool(stored_checkpoints(out)) if is_local_fs(fs) else True  # slow store would hold it
     except Exception:  # noqa: BLE001 - say what a rerun would do if it had one
         written = True
     if written:
         return f"checkpoints are in {out}/checkpoints, rerun the same command to resume from the newest"
-    return "no checkpoint was written yet, so rerunning the same command starts training again"
+    try:  # DreamBooth's class images drawn before the stop: a rerun draws only the rest
+        drawn = any(name.endswith(".png") for name in os.listdir(f"{root}/class-images/images"))
+    except OSError:
+        drawn = False
+    kept = " (the class images drawn so far are kept)" if drawn else ""
+    return f"no checkpoint was written yet, so rerunning the same command starts training again{kept}"
 
 
 def memory_hint(cause: str, cfg: TrainConfig) -> str:

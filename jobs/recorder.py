@@ -85,8 +85,8 @@ class Recorder:
                 elif self.problems_shown == PROBLEMS_SHOWN + 1:  # said once, when there are more than shown
                     log(f"(the first {PROBLEMS_SHOWN} failed or invalid rows are shown; the ledger has every one, "
                         "and `sdfleet report` shows them)")
-            elif row["warning"]:
-                self.warnings_shown += 1
+            elif row["warning"] and not row["warning"].startswith(("recovered:", "restored:")):  # (counted in the
+                self.warnings_shown += 1  # summary line: a killed run's rows, one line each, said nothing more)
                 if self.warnings_shown <= WARNINGS_SHOWN:
                     log(f"ok: {located(row, row['warning'])}")
                 elif self.warnings_shown == WARNINGS_SHOWN + 1:

@@ -439,6 +439,10 @@ def test_a_password_in_a_uri_is_never_printed(capsys, monkeypatch, tmp_path):
     assert main(["finetune", "lora", "--data", "d", "--base", "tiny", "--out", str(tmp_path / "early")]) == 130
     assert capsys.readouterr().err.strip() == ("sdfleet: interrupted; no checkpoint was written yet, so rerunning the "
                                                "same command starts training again")
+    (tmp_path / "early" / "class-images" / "images").mkdir(parents=True)  # DreamBooth stopped in its class draw
+    (tmp_path / "early" / "class-images" / "images" / "class-00000.png").write_bytes(b"")
+    assert main(["finetune", "lora", "--data", "d", "--base", "tiny", "--out", str(tmp_path / "early")]) == 130
+    assert capsys.readouterr().err.strip().endswith("starts training again (the class images drawn so far are kept)")
 
 
 def test_a_password_in_a_uri_stays_out_of_the_files_a_command_writes(tmp_path, monkeypatch):

@@ -1248,7 +1248,8 @@ def test_a_fine_tune_that_stops_before_training_says_failed_in_finetune_json(dat
 @pytest.mark.parametrize("flags, local, said", [
     (["--gpu"], {"CPU": 2.0, "GPU": 0.0}, "--gpu: this machine has no GPU Ray can use"),
     (["--gpu", "--workers", "2"], {"CPU": 8.0, "GPU": 1.0}, "--gpu: --workers 2 needs 2 GPUs (one each)"),
-    (["--workers", "4"], {"CPU": 2.0, "GPU": 0.0}, "--workers 4 needs 1 CPU(s) each; the cluster has 2"),
+    (["--workers", "4"], {"CPU": 2.0, "GPU": 0.0}, "--workers 4 needs 1 CPU(s) each; the cluster has 2: give "
+                                                  "--workers 2 or fewer"),
 ])
 def test_prior_preservation_refuses_workers_a_local_ray_cannot_place_before_drawing(
         flags, local, said, dataset, tmp_path, monkeypatch, capsys):

@@ -59,7 +59,7 @@ def test_rows_the_plan_settles_count_as_done_but_not_toward_the_drawing_rate(clo
     assert "1.00 img/s" in rec.progress(clock[0])  # 5 drawn rows in the 5 s after the first ones came back
 
 
-def test_rows_an_earlier_run_drew_are_counted_recovered_or_restored_and_not_drawn(clock):
+def test_rows_an_earlier_run_drew_are_counted_recovered_or_restored_and_not_drawn(clock, monkeypatch):
     """A restored row (failed since its last ok entry, mended) was counted as `recovered`, which the docs keep for
     a killed run's unrecorded images and the report lists apart; run.json, the summary line and the report's
     `drawn` figure take both out of what this run drew."""
@@ -69,8 +69,11 @@ def test_rows_an_earlier_run_drew_are_counted_recovered_or_restored_and_not_draw
     settled = drawn(0, 3)
     for row, warning in zip(settled, ["recovered: an earlier run drew this image", RESTORED, RESTORED]):
         row.update(actor=None, warning=warning)
+    said = []
+    monkeypatch.setattr(recorder, "log", said.append)
     rec.record(settled + drawn(3, 3))
     assert (rec.counts["ok"], rec.recovered, rec.restored, rec.drawn()) == (6, 1, 2, 3)
+    assert said == []  # counted in the summary line, not a line each (a rerun after a kill said one per image)
 
 
 def test_a_row_problem_on_the_terminal_names_its_file_row_and_id(clock, monkeypatch):

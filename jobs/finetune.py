@@ -284,9 +284,12 @@ def _scaling(cfg: TrainConfig, resources: dict, train: TrainConfig) -> tuple[Tra
     if share < 1 or share * cfg.workers > cpus:
         each = max(1, share)
         fits = int(cpus // each)
-        valid = f"give --workers {fits} or fewer" if fits else "the cluster has no CPU to give a worker"
-        if cfg.cpus_per_worker and fits:
-            valid += " (or a lower --cpus-per-worker)"
+        if fits:
+            valid = f"give --workers {fits} or fewer" + (" (or a lower --cpus-per-worker)" if cfg.cpus_per_worker else "")
+        elif cfg.cpus_per_worker and cpus >= 1:
+            valid = f"give --cpus-per-worker {int(cpus)} or less"
+        else:
+            valid = "the cluster has no CPU to give a worker"
         raise ClusterError(f"--workers {cfg.workers} needs {each:g} CPU(s) each; the cluster has {cpus:g}: {valid}")
     train = train.model_copy(update={"cpus_per_worker": int(share)})
     return train, ScalingConfig(num_workers=cfg.workers, use_gpu=False, resources_per_worker={"CPU": share})

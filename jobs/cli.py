@@ -198,7 +198,7 @@ def run() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.console import without_passwords
+    from jobs.console import terminal_line, without_passwords
 
     parser = build_parser()
     try:
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         message = describe_error(exc)
         if message is None:
             raise
-        print(f"sdfleet: error: {without_passwords(message)}", file=sys.stderr)
+        print(f"sdfleet: error: {terminal_line(without_passwords(message))}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -398,7 +398,7 @@ def cmd_manifest(args) -> int:
 def _validate(args) -> int:
     from actors.models import describe_model
     from actors.presets import PRESETS
-    from jobs.console import without_passwords
+    from jobs.console import terminal_line, without_passwords
     from jobs.tokenizers import tokenizer_lookup
     from manifests.reader import expand_manifest_paths, plan_parts, unreadable_files
     from manifests.validate import check_manifests
@@ -413,7 +413,7 @@ def _validate(args) -> int:
     uris = expand_manifest_paths(args.manifests)
     unreadable = unreadable_files(uris)  # each named, and the rest still checked
     for message in unreadable.values():
-        print(without_passwords(f"error: {message}"))
+        print(terminal_line(without_passwords(f"error: {message}")))
     errors, warnings = len(unreadable), 0
     uris = [uri for uri in uris if uri not in unreadable]
     sizes = {name: (info.width, info.height) for name, info in infos.items()}  # a row's size when it gives none
@@ -421,7 +421,7 @@ def _validate(args) -> int:
                                          watermark_sizes=None if args.no_watermark else sizes):
         errors += kind == "error"
         warnings += kind == "warning"
-        print(without_passwords(f"{kind}: {message}"))
+        print(terminal_line(without_passwords(f"{kind}: {message}")))
     total = sum(part.num_rows for part in plan_parts(uris))  # from footers: the ids were read once already
     files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "")
     print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s)")

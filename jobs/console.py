@@ -19,7 +19,15 @@ def recorded_json(data) -> str:
 
 
 def log(message: str) -> None:
-    print(f"[sdfleet] {without_passwords(message)}", file=sys.stderr, flush=True)
+    print(f"[sdfleet] {terminal_line(without_passwords(message))}", file=sys.stderr, flush=True)
+
+
+def terminal_line(text: str) -> str:
+    """`text` as one terminal line: a newline or an escape code in a name it quotes (a file, a manifest path)
+    is written out (`\\n`, `\\x1b`), so it can neither forge a line nor clear the screen."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def leave(code: int):

@@ -82,6 +82,24 @@ def test_a_build_into_another_folder_leaves_out_a_dataset_built_inside_the_image
     assert json.loads((tmp_path / "other" / "_dataset.json").read_text())["rows"] == 2
 
 
+def test_a_file_name_with_a_newline_or_escape_code_cannot_forge_or_hide_lines(capsys, tmp_path, images):
+    """dataset build and manifest validate printed names raw: `x\x1b[2J\nskipped FAKE.png` cleared the screen
+    and added a forged line."""
+    import pyarrow as pa
+
+    for i in range(2):
+        (images / f"{i}.txt").write_text("a mug")
+    (images / "x\x1b[2J\nskipped FAKE.png").write_bytes((images / "0.png").read_bytes())  # no caption: skipped
+    code, _, err = build(capsys, images, "-o", tmp_path / "data")
+    assert code == 2 and "\x1b" not in err and "skipped x\\x1b[2J\\nskipped FAKE.png: no caption" in err, err
+    assert not any(line.startswith("skipped FAKE") for line in err.splitlines())
+    forged = tmp_path / "m\x1b[31m\nerror: forged.parquet"
+    pq.write_table(pa.table({"id": ["e1"], "prompt": ["x"], "steps": [0]}), forged)
+    code, out, _ = run(capsys, "manifest", "validate", forged)
+    assert code == 1 and "\x1b" not in out and not any(line.startswith("error: forged") for line in out.splitlines())
+    assert "m\\x1b[31m\\nerror: forged.parquet row 0 (`e1`): `steps` must be in 1..500, got 0" in out, out
+
+
 @pytest.mark.parametrize("failing_write", [1, 2])  # the part, then the summary
 def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_folder(capsys, tmp_path, images, monkeypatch,
                                                                            failing_write):

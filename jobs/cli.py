@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from pydantic import ValidationError
 
@@ -398,7 +399,7 @@ def cmd_manifest(args) -> int:
 def _validate(args) -> int:
     from actors.models import describe_model
     from actors.presets import PRESETS
-    from jobs.console import terminal_line, without_passwords
+    from jobs.console import terminal_line, ticking, without_passwords
     from jobs.tokenizers import tokenizer_lookup
     from manifests.reader import expand_manifest_paths, plan_parts, unreadable_files
     from manifests.validate import check_manifests
@@ -417,12 +418,15 @@ def _validate(args) -> int:
     errors, warnings = len(unreadable), 0
     uris = [uri for uri in uris if uri not in unreadable]
     sizes = {name: (info.width, info.height) for name, info in infos.items()}  # a row's size when it gives none
-    for kind, message in check_manifests(uris, set(models), tokenizer_lookup(infos),
-                                         watermark_sizes=None if args.no_watermark else sizes):
-        errors += kind == "error"
-        warnings += kind == "warning"
-        print(terminal_line(without_passwords(f"{kind}: {message}")))
-    total = sum(part.num_rows for part in plan_parts(uris))  # from footers: the ids were read once already
+    total = sum(part.num_rows for part in plan_parts(uris))  # from footers
+    checked, started = [0], time.time()
+    with ticking(lambda: f"validating: {checked[0]:,}/{total:,} rows, {errors} error(s), {time.time() - started:.0f} s "
+                         "in"):  # a catalogue of millions of rows takes minutes (on stderr: stdout is the verdicts)
+        for kind, message in check_manifests(uris, set(models), tokenizer_lookup(infos),
+                                             watermark_sizes=None if args.no_watermark else sizes, checked=checked):
+            errors += kind == "error"
+            warnings += kind == "warning"
+            print(terminal_line(without_passwords(f"{kind}: {message}")))
     files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "")
     print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s)")
     return EXIT_ERROR if errors else EXIT_OK

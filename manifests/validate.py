@@ -13,7 +13,7 @@ from manifests.schema import (coerced_id, look_alike_columns, look_alike_warning
 
 def check_manifests(
     uris: list[str], models: set[str], tokenizer_for: Callable[[str], object] | None = None,
-    watermark_sizes: dict[str, tuple[int, int]] | None = None,
+    watermark_sizes: dict[str, tuple[int, int]] | None = None, checked: list[int] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Yield ("error" | "warning", message) for every problem, in manifest order.
 
@@ -21,7 +21,8 @@ def check_manifests(
     `tokenizer_for(model_name)` returns the tokenizer used to count a row's prompt tokens, or None where the
     model's own cannot be had (its prompts are then not counted, said once). With
     `watermark_sizes` (model name -> its native width, height) a row too small to carry the watermark is an
-    error, as `generate` finds it when the mark is on.
+    error, as `generate` finds it when the mark is on. `checked[0]` counts the rows checked so far (for a
+    caller's progress line).
     """
     for uri, columns in column_names(uris).items():
         for column, field in look_alike_columns(columns).items():
@@ -39,6 +40,8 @@ def check_manifests(
     uncounted: set[str] = set()
 
     for uri, position, raw in iter_rows(uris):
+        if checked is not None:
+            checked[0] += 1
         if isinstance(raw, Unreadable):  # a damaged row group: one error for its rows, then the next
             if raw.error != said:
                 yield "error", raw.error

@@ -571,3 +571,22 @@ def test_a_row_too_small_for_the_watermark_is_an_error_unless_the_run_draws_with
     assert f"{path} row 1 (`narrow`): 256x200 is too small to carry the watermark" in problems(lines)[0]
     code, lines, _ = validate(capsys, path, "--no-watermark")
     assert code == 0 and problems(lines) == [], lines
+
+
+def test_validate_says_how_far_it_is_on_a_long_check(capsys, tmp_path, monkeypatch):
+    """Five million rows took 95 s with nothing said until the end: a line on stderr every 15 s says how far."""
+    import contextlib
+
+    import jobs.console
+
+    lines = []
+
+    @contextlib.contextmanager
+    def at_the_end(line, seconds=15.0):  # the line the ticker would say, as it reads once the check is done
+        yield
+        lines.append(line())
+
+    monkeypatch.setattr(jobs.console, "ticking", at_the_end)
+    path = write(tmp_path / "m.parquet", [good("a"), {**good("b"), "steps": 0}, good("c")])
+    code, out, _ = validate(capsys, path)
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("validating: 3/3 rows, 1 error(s), "), lines

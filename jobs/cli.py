@@ -349,7 +349,7 @@ def cmd_sheet(args) -> int:
         raise ReportError(f"-o {args.output} is {inside}; write the sheet elsewhere (beside the run: "
                           f"{args.out.rstrip('/')}/sheet.png)")
     image = contact_sheet(args.out, group_by=args.group_by, columns=args.columns, thumb=args.thumb,
-                          image_format=image_format)
+                          image_format=image_format, warn=lambda note: log(f"warning: {note}"))
     buf = io.BytesIO()
     image.save(buf, format=image_format)
     try:

@@ -255,9 +255,6 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     # ... whose images are kept, and counted (not one whose image is gone since)
     not_asked = sorted(rid for rid in dropped if rid in existing)
     manifests.not_in_manifests, manifests.not_in_manifests_count = not_asked[:NOT_ASKED_LISTED], len(not_asked)
-    if not_asked:
-        log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "
-            "kept; run.json counts them (not_in_manifests) and the report lists them")
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
@@ -265,6 +262,9 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     # (of the rows these manifests ask for: done ids of dropped rows are counted as not_in_manifests)
     before = "--force: every row is drawn again" if cfg.force else f"{len(done.keys() - dropped)} done before"
     log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")
+    if not_asked:  # (after the line above, which says what the run is about)
+        log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "
+            "kept; run.json counts them (not_in_manifests) and the report lists them")
 
     # 5. Ray, and actors sized to it; Ray's and the libraries' own messages go to the run's log file
     with command_log(fs, root, f"sdfleet-{run_id}.log", "run", in_out=not cfg.plan_only) as log_path, \

@@ -14,7 +14,7 @@ import posixpath
 from PIL import Image, ImageDraw
 
 from jobs.errors import ReportError
-from jobs.outputs import open_output
+from jobs.outputs import open_output, unfinished_note
 from manifests.stores import gone_at_exit_reason, process_local, url_to_fs
 
 GAP = "#dddddd"
@@ -77,10 +77,13 @@ def _placeholder(side: int, text: str) -> Image.Image:
 
 
 def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb: int = 128,
-                  label: int = 14, image_format: str = "PNG") -> Image.Image:
+                  label: int = 14, image_format: str = "PNG", warn=None) -> Image.Image:
     """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column).
-    ReportError, before anything is drawn, for a sheet larger than `image_format` or memory can hold."""
+    ReportError, before anything is drawn, for a sheet larger than `image_format` or memory can hold. `warn`
+    is told of a later run that wrote rows and did not finish (the sheet shows the rows as they stand)."""
     out = open_output(uri)
+    for run in out.unfinished if warn else ():
+        warn(unfinished_note(run))
     out.check_group_by(group_by)
     groups = out.groups(group_by)
     if not groups:

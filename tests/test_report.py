@@ -282,6 +282,9 @@ def test_recovered_rows_are_not_drawn_and_a_later_run_that_did_not_finish_is_sai
     done = build_report(str(output))
     assert done["unfinished"] == ["20261204T000000-dddddd"]
     assert "run 20261204T000000-dddddd wrote rows after this one and did not finish" in page_of()
+    warned = []  # the sheet draws the rows as they stand: it says so too (it said nothing)
+    contact_sheet(str(output), thumb=32, warn=warned.append)
+    assert len(warned) == 1 and "run 20261204T000000-dddddd wrote rows after this one and did not finish" in warned[0]
 
 
 def test_a_second_report_reuses_thumbnails_and_makes_only_new_ones(output):

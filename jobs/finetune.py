@@ -317,7 +317,10 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
     )
     trainer = (TorchTrainer if cluster_address(cfg.address) else LocalTorchTrainer)(
         train_loop, train_loop_config={"train": train.model_dump(), "base": asdict(base)}, scaling_config=scaling, run_config=run_config)
-    clear_fatal(cfg.out)  # the last run's error in its inputs: they may have been mended since
+    try:
+        clear_fatal(cfg.out)  # the last run's error in its inputs: they may have been mended since
+    except Exception as exc:  # noqa: BLE001 - a store that refuses a delete would refuse the checkpoints too
+        raise FinetuneError(f"cannot write to --out {cfg.out}: {one_line(exc)}") from exc
     try:
         result = trainer.fit()
     except SystemExit as exc:  # Ray Train's own Ctrl-C handler aborts the run, then exits (with 1)

@@ -528,7 +528,7 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     if accuracy >= wm.MATCH_THRESHOLD:  # worn by re-encoding or editing; a payload this close reads the same
         return "ok", (f"read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match (a mark worn by "
                       "re-encoding or editing, or one whose payload differs from the expected in as few bits)")
-    others = (recorded, wm.DEFAULT_PAYLOAD, wm.guess_payload(rgb))  # the guess: for a PNG whose text was stripped
+    others = (recorded, wm.DEFAULT_PAYLOAD, wm.other_payload(rgb, expected))  # read unknown: a PNG's text stripped
     for other in dict.fromkeys(p for p in others if p and p != expected):
         if wm.read(rgb, other.encode())[1] >= wm.MATCH_THRESHOLD:
             return "OTHER", (f"other payload {other!r}, expected {expected!r} ({accuracy:.0%} of the expected "

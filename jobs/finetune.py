@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import asdict
 
 from actors.models import describe_model
@@ -120,19 +121,41 @@ def run_finetune(cfg: TrainConfig) -> dict:
 
 
 def _finished(fs, root: str, cfg: TrainConfig) -> dict | None:
-    """finetune.json of the same fine-tune (checked by _starts_afresh) where it finished all its steps and what it
-    published is there, else None. A rerun of it then trains nothing: resuming from its last checkpoint drew the
-    validation images and published the same files again."""
-    from actors.adapters import EMBEDDING_FILE, LORA_FILE
-
+    """finetune.json of the same fine-tune (checked by _starts_afresh) where it finished, was given the same flags
+    (new --validation-prompts draw at the end of a rerun), and what it published is there and whole, else None.
+    A rerun of it then trains nothing: resuming from its last checkpoint drew the validation images and
+    published the same files again. A published file cut short since is published again by the rerun."""
     try:
         record = json.loads(fs.cat_file(f"{root}/finetune.json"))
     except (OSError, ValueError):
         return None
-    output = {"lora": LORA_FILE, "textual-inversion": EMBEDDING_FILE}.get(cfg.method, "model_index.json")
-    if record.get("status") != "finished" or record.get("steps") != cfg.steps or not fs.isfile(f"{root}/{output}"):
+    if record.get("status") != "finished" or record.get("config") != _as_recorded(cfg.model_dump()):
         return None
-    return record
+    return record if _published_whole(fs, root, cfg) else None
+
+
+def _published_whole(fs, root: str, cfg: TrainConfig) -> bool:
+    """Whether what the fine-tune publishes (actors.train.checkpoints.publish) is in `root`, each safetensors
+    file as long as its header says."""
+    from actors.adapters import EMBEDDING_FILE, LORA_FILE
+    from actors.train.stored import safetensors_whole
+
+    single = {"lora": LORA_FILE, "textual-inversion": EMBEDDING_FILE}.get(cfg.method)
+    try:
+        if single is not None:
+            path = f"{root}/{single}"
+            return fs.isfile(path) and safetensors_whole(fs, path, fs.size(path))
+        if not fs.isfile(f"{root}/model_index.json"):
+            return False
+        model_index = json.loads(fs.cat_file(f"{root}/model_index.json"))
+        parts = [name for name, value in model_index.items() if isinstance(value, list) and value[0] is not None]
+        for part in parts:  # each component folder's weights (a tokenizer or scheduler has none)
+            for path, info in fs.find(f"{root}/{part}", detail=True).items():
+                if path.endswith(".safetensors") and not safetensors_whole(fs, path, info["size"]):
+                    return False
+        return True
+    except Exception:  # noqa: BLE001 - a file that cannot be read or parsed: the rerun publishes it again
+        return False
 
 
 def _give_up(fs, root: str, record: dict, cfg: TrainConfig, reason: str) -> None:
@@ -285,7 +308,8 @@ def _scaling(cfg: TrainConfig, resources: dict, train: TrainConfig) -> tuple[Tra
         each = max(1, share)
         fits = int(cpus // each)
         if fits:
-            valid = f"give --workers {fits} or fewer" + (" (or a lower --cpus-per-worker)" if cfg.cpus_per_worker else "")
+            lower = " (or a lower --cpus-per-worker)" if cfg.cpus_per_worker else ""
+            valid = f"give --workers {fits} or fewer{lower}"
         elif cfg.cpus_per_worker and cpus >= 1:
             valid = f"give --cpus-per-worker {int(cpus)} or less"
         else:
@@ -315,8 +339,10 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
         worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(train.torch_threads),
                                          "TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}},
     )
+    run = uuid.uuid4().hex[:12]  # this driver's run: an error note of another run is not this one's
     trainer = (TorchTrainer if cluster_address(cfg.address) else LocalTorchTrainer)(
-        train_loop, train_loop_config={"train": train.model_dump(), "base": asdict(base)}, scaling_config=scaling, run_config=run_config)
+        train_loop, train_loop_config={"train": train.model_dump(), "base": asdict(base), "run": run},
+        scaling_config=scaling, run_config=run_config)
     try:
         clear_fatal(cfg.out)  # the last run's error in its inputs: they may have been mended since
     except Exception as exc:  # noqa: BLE001 - a store that refuses a delete would refuse the checkpoints too
@@ -326,9 +352,10 @@ def _fit(cfg: TrainConfig, train: TrainConfig, base, scaling, fs, root: str) -> 
     except SystemExit as exc:  # Ray Train's own Ctrl-C handler aborts the run, then exits (with 1)
         raise KeyboardInterrupt from exc
     except Exception as exc:
-        noted = fatal_error(cfg.out)  # an error in the inputs, which every retry met again: it says what to mend
+        noted = fatal_error(cfg.out, run)  # an error in the inputs, which every retry met again: it says what to mend
         if noted is not None:
-            clear_fatal(cfg.out)
+            with contextlib.suppress(Exception):  # (the next run clears it before it starts, too)
+                clear_fatal(cfg.out)
             raise FinetuneError(f"training stopped: {noted}") from exc
         cause = root_cause(exc)
         hint = memory_hint(cause, cfg)

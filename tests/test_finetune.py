@@ -185,13 +185,14 @@ def test_lora_parameter_count_on_the_real_sd21_unet():
     assert add_unet_lora(unet, rank=4) == 829_952
 
 
-def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_that_does_not_load(tmp_path):
+def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_that_does_not_load(tmp_path,
+                                                                                               monkeypatch):
     """Ray's record of checkpoints lagged the store at a Ctrl-C: the rerun resumed --checkpoint-every steps back
     and the newest folder was never pruned. A folder cut short, or damaged since, falls back to the one before."""
     from actors.train.checkpoints import gather_state, save_checkpoint
     from actors.train.stored import stored_checkpoints
     from actors.train.config import TrainConfig
-    from actors.train.loop import resume_from
+    from actors.train.loop import UnloadableCheckpoint, resume_from
     from safetensors.torch import save_file
 
     net = torch.nn.Linear(3, 2)
@@ -219,8 +220,19 @@ def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_tha
     assert [step for step, _ in stored_checkpoints(cfg.out)] == [4]
     other = folders / "checkpoint_2026-12-06_10-00-00" / "trainable.safetensors"  # whole, but of another model
     save_file({"nope": torch.zeros(2)}, str(other))
-    with pytest.raises(RuntimeError, match=r"checkpoint_2026-12-06_10-00-00 does not load .*move it aside"):
+    with pytest.raises(UnloadableCheckpoint, match=r"checkpoint_2026-12-06_10-00-00 does not load .*move it aside"):
         resume_from(cfg, None, state)  # said, not passed over: a worker alone would resume elsewhere
+    # ... and noted as an error every retry meets; one on the way to the files (the store, the network, memory)
+    # is Ray Train's to retry, and says nothing of the checkpoint (it was called one to move aside)
+    import actors.train.loop as loop
+
+    def store_drops(directory, *args, **kwargs):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(loop, "load_checkpoint", store_drops)
+    with pytest.raises(ConnectionResetError):
+        resume_from(cfg, None, state)
+    monkeypatch.undo()
     assert resume_from(TrainConfig(method="lora", data="d", base="tiny", out=str(tmp_path / "none")), None,
                        state) is None
 
@@ -778,6 +790,62 @@ def test_an_error_in_the_inputs_is_not_retried_by_loading_the_model_again(tmp_pa
     assert log.count("trainable parameters") == 1  # the model loaded once, by the first attempt
     assert log.count("RuntimeError: an earlier attempt of this run stopped on an error a retry meets again") >= 2
     assert not (out / "checkpoints" / "fatal_error.json").exists()  # a rerun, once mended, starts afresh
+
+
+def test_a_finished_fine_tune_is_trained_again_only_where_its_rerun_would_change_something(tmp_path):
+    """The same command after a finished run trains nothing; but new --validation-prompts (drawn at the end of a
+    rerun) or a published file cut short since (published again by a rerun) are still a rerun's to do."""
+    import fsspec
+    from safetensors.torch import save_file
+
+    from actors.train.config import TrainConfig
+    from jobs.finetune import _as_recorded, _finished
+
+    out = tmp_path / "mug-style"
+    out.mkdir()
+    cfg = TrainConfig(method="lora", data=str(tmp_path / "d"), base="tiny", out=str(out))
+    record = {"status": "finished", "steps": cfg.steps, "config": _as_recorded(cfg.model_dump())}
+    (out / "finetune.json").write_text(json.dumps(record))
+    fs = fsspec.filesystem("file")
+    assert _finished(fs, str(out), cfg) is None  # nothing published
+    save_file({"a": torch.zeros(4, 4)}, str(out / "pytorch_lora_weights.safetensors"))
+    assert _finished(fs, str(out), cfg) == record
+    assert _finished(fs, str(out), cfg.model_copy(update={"validation_prompts": ["a mug"]})) is None
+    weights = out / "pytorch_lora_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    assert _finished(fs, str(out), cfg) is None
+    full = cfg.model_copy(update={"method": "full"})  # a model: each component's weights are checked
+    (out / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"],
+                                                      "safety_checker": [None, None]}))
+    (out / "unet").mkdir()
+    save_file({"w": torch.zeros(8)}, str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    (out / "finetune.json").write_text(json.dumps({**record, "config": _as_recorded(full.model_dump())}))
+    assert _finished(fs, str(out), full) is not None
+    unet = out / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-1])
+    assert _finished(fs, str(out), full) is None
+
+
+def test_an_error_note_is_read_only_by_the_run_that_wrote_it(tmp_path, monkeypatch):
+    """A note the driver could not clear (on a worker's own disk) stopped every later run into that --out; and a
+    store that refused the note's write replaced the error being noted."""
+    import manifests.ledger
+    from actors.train.stored import clear_fatal, fatal_error, note_fatal
+
+    out = str(tmp_path / "tune")
+    note_fatal(out, "dataset row 3: its image does not decode", run="run-1")
+    assert fatal_error(out, "run-1") == "dataset row 3: its image does not decode"
+    assert fatal_error(out, "run-2") is None  # a later run of the driver: not its error
+    clear_fatal(out)
+    clear_fatal(out)  # nothing to clear: fine
+    assert fatal_error(out, "run-1") is None
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(manifests.ledger, "atomic_write", refused)
+    note_fatal(out, "dataset row 3: its image does not decode", run="run-3")  # said by the caller, not this
+    assert fatal_error(out, "run-3") is None
 
 
 def test_a_rerun_may_spell_a_local_folder_as_a_path_or_a_file_uri(tmp_path):

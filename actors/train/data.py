@@ -104,7 +104,8 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
                      else f"{type(exc).__name__}: {exc}")  # names only a BytesIO object
             raise UndecodableImage(f"dataset row {i} (from 0, over the parts in order; class images follow --data's "
                                    f"rows): its image does not decode ({cause}); rebuild the dataset with "
-                                   "`sdfleet dataset build`, which skips such images") from exc
+                                   "`sdfleet dataset build`, which skips such images (and train into a new --out "
+                                   "if this one has checkpoints: they are of this dataset)") from exc
         if im.size != (resolution, resolution):
             im = square_crop(im, resolution)
         images.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)

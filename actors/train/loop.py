@@ -40,19 +40,20 @@ class UnloadableCheckpoint(RepeatsOnRetry, RuntimeError):
 
 
 def train_loop(config: dict) -> None:
-    """The Ray Train worker function: `config` is {"train": TrainConfig.model_dump(), "base": ModelInfo fields}.
+    """The Ray Train worker function: `config` is {"train": TrainConfig.model_dump(), "base": ModelInfo fields,
+    "run": the driver's run (a token)}.
     An error that a retry would meet again is written down for the driver, and a later attempt (Ray Train
     retries --max-failures times) stops on it before loading anything (actors.train.stored.RepeatsOnRetry)."""
     from actors.models import ModelInfo
 
     cfg = TrainConfig.model_validate(config["train"])
-    earlier = fatal_error(cfg.out)
+    earlier = fatal_error(cfg.out, config["run"])
     if earlier is not None:
         raise RuntimeError(f"an earlier attempt of this run stopped on an error a retry meets again: {earlier}")
     try:
         _train(cfg, ModelInfo(**config["base"]))
     except RepeatsOnRetry as exc:
-        note_fatal(cfg.out, str(exc))
+        note_fatal(cfg.out, str(exc), config["run"])
         raise
 
 
@@ -207,8 +208,21 @@ def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
         with (chosen.as_directory() if chosen is not None else local_copy(folder)) as directory:
             return load_checkpoint(directory, *state, fsdp=cfg.fsdp)
     except Exception as exc:
+        if not _in_the_files(exc):  # the store, the network or memory: Ray Train's retry may well get through
+            raise
         raise UnloadableCheckpoint(f"the checkpoint {folder} does not load ({type(exc).__name__}: {exc}); move it "
                                    "aside to resume from the one before it, or give a new --out") from exc
+
+
+def _in_the_files(exc: Exception) -> bool:
+    """Whether a checkpoint failed to load because of what its files hold (a header or JSON that does not parse,
+    a missing key, tensors of other shapes), which every retry meets again, rather than on the way to them (an
+    OSError of the store or network, a timeout, memory)."""
+    if isinstance(exc, (OSError, MemoryError, torch.OutOfMemoryError)):
+        return False
+    from safetensors import SafetensorError
+
+    return isinstance(exc, (SafetensorError, ValueError, KeyError, TypeError, IndexError, RuntimeError))
 
 
 class TrainLog:

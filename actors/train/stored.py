@@ -45,17 +45,22 @@ def _whole(fs, folder: str) -> int | None:
     if "ema" in meta:
         tensors.append("ema.safetensors")
     for name in tensors:
-        if sizes.get(name) is None:
-            return None
-        with fs.open(f"{folder}/{name}", "rb") as f:  # safetensors: an 8-byte header length, a JSON header, data
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > sizes[name]:
-                return None
-            header = json.loads(f.read(length))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if sizes[name] != 8 + length + end:
+        if sizes.get(name) is None or not safetensors_whole(fs, f"{folder}/{name}", sizes[name]):
             return None
     return int(meta["step"])
+
+
+def safetensors_whole(fs, path: str, size: int) -> bool:
+    """Whether the safetensors file at `path`, `size` bytes on the store, is as long as its header says: an
+    8-byte header length, a JSON header, then the tensors' data (a file cut short, or bytes that are not one,
+    is not). Reads only the header."""
+    with fs.open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > size:
+            return False
+        header = json.loads(f.read(length))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return size == 8 + length + end
 
 
 def checkpoint_entries(fs, root: str) -> list[dict]:
@@ -83,19 +88,26 @@ def _fatal_path(out: str) -> tuple:
     return fs, f"{root}/checkpoints/{FATAL_FILE}"
 
 
-def note_fatal(out: str, message: str) -> None:
+def note_fatal(out: str, message: str, run: str) -> None:
+    """Write `message` down for the later attempts of the driver's run `run` (best effort: a store that refuses
+    the write only costs the retries)."""
     from manifests.ledger import atomic_write
 
     fs, path = _fatal_path(out)
-    atomic_write(fs, path, json.dumps({"error": message}).encode())
+    try:
+        atomic_write(fs, path, json.dumps({"error": message, "run": run}).encode())
+    except Exception:  # noqa: BLE001 - the error being noted is the one to say, not this
+        pass
 
 
-def fatal_error(out: str) -> str | None:
-    """The error an earlier attempt of this run noted (`note_fatal`), or None."""
+def fatal_error(out: str, run: str) -> str | None:
+    """The error an earlier attempt of the driver's run `run` noted (`note_fatal`), or None. A note of another
+    run (left where the driver could not clear it: a worker's own disk) is not this run's."""
     fs, path = _fatal_path(out)
     try:
-        return str(json.loads(fs.cat_file(path))["error"])
-    except (OSError, ValueError, KeyError, TypeError):  # none (FileNotFoundError is an OSError), or unreadable
+        note = json.loads(fs.cat_file(path))
+        return str(note["error"]) if note.get("run") == run else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none (FileNotFoundError), or unreadable
         return None
 
 

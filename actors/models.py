@@ -388,9 +388,10 @@ def export_preset(name: str, directory: str) -> None:
     # Written into a hidden folder beside it, then renamed: a failed or interrupted export leaves no folder that
     # loads as a model (one without its sdfleet.json took SD 2.1's defaults) and none the rerun calls not empty.
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    pipe = build_preset(name)  # (its own files are read here: a failure there is not one of writing)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        build_preset(name).save_pretrained(staging, safe_serialization=True)
+        pipe.save_pretrained(staging, safe_serialization=True)
         d = PRESETS[name]["defaults"]
         (staging / "sdfleet.json").write_text(json.dumps({"preset": name, **d}, indent=2) + "\n")
         if target.is_dir():

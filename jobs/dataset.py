@@ -81,7 +81,7 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     if type(out_fs) is type(fs):  # -o inside IMAGES_DIR: a rebuild would skip its own parts as "not an image"
         found = [p for p in found if not p.startswith(out_root + "/")]
     # and an earlier build's output inside IMAGES_DIR (written there with another -o) is no one's images either
-    built = sorted({p.rsplit("/", 1)[0] for p in found if posixpath.basename(p) == SUMMARY_FILE})
+    built = sorted({p.rsplit("/", 1)[0] for p in found if posixpath.basename(p) == SUMMARY_FILE} - {root.rstrip("/")})
     if built:
         found = [p for p in found if not any(p.startswith(folder + "/") for folder in built)]
         log(f"note: left out {len(built)} `dataset build` output(s) inside IMAGES_DIR: "

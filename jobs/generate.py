@@ -36,6 +36,7 @@ from jobs.console import command_log, leave, log, recorded_json, ticking, withou
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.recorder import Recorder, located
+from manifests.dataset import SUMMARY_FILE as DATASET_SUMMARY
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, newest_ok_entries,
                               read_latest_ok, remove_stale_temp_files, settled_row, size_differs)
 from manifests.reader import BadManifestFile, expand_manifest_paths, survey, unreadable_files
@@ -147,7 +148,7 @@ class GenerateConfig(BaseModel):
 
 # Files that say a folder is another command's output, which a run must not write into.
 OTHER_OUTPUTS = {"finetune.json": "a fine-tune's output", "model_index.json": "a model's folder",
-                 "_dataset.json": "a training dataset"}
+                 DATASET_SUMMARY: "a training dataset"}
 
 
 def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:

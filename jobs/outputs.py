@@ -136,8 +136,9 @@ class RunOutput:
                               f"{', '.join(self.group_columns())}")
 
 
-# What a run keeps under its --out, which a file of a tool's own (a contact sheet) must not take the place of.
-RUN_FOLDERS = ("images", "results", "runs", "report", "logs")
+# Where a run keeps its images and records under its --out, which a file of a tool's own (a contact sheet) must not
+# take the place of (report/ and logs/ may hold one: they are views and notes).
+RUN_FOLDERS = ("images", "results", "runs")
 
 
 def run_file(out: str, path: str) -> str | None:

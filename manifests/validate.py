@@ -29,8 +29,8 @@ def check_manifests(
             yield "warning", look_alike_warning(uri, column, field, columns)
     damaged: list[str] = []
     _, id_counts = count_ids(uris, damaged)
-    for message in damaged:
-        yield "error", message
+    for message in sorted(damaged, key=lambda m: next((i for i, u in enumerate(uris) if m.startswith(f"{u}:")), 0)):
+        yield "error", message  # (files are read side by side: said in the order they were given)
     said = None
 
     @functools.lru_cache(maxsize=65536)  # an expanded catalogue repeats each prompt once per variant

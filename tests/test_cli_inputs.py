@@ -80,6 +80,9 @@ def test_a_build_into_another_folder_leaves_out_a_dataset_built_inside_the_image
     assert code == 0 and "0 file(s) skipped" in err and "parquet" not in err, err
     assert "note: left out 1 `dataset build` output(s) inside IMAGES_DIR: sub/dataset" in err
     assert json.loads((tmp_path / "other" / "_dataset.json").read_text())["rows"] == 2
+    (images / "_dataset.json").write_text("{}")  # IMAGES_DIR's own: its images are still its images
+    code, _, err = build(capsys, images, "-o", tmp_path / "third")
+    assert code == 0 and json.loads((tmp_path / "third" / "_dataset.json").read_text())["rows"] == 2, err
 
 
 def test_a_file_name_with_a_newline_or_escape_code_cannot_forge_or_hide_lines(capsys, tmp_path, images):
@@ -112,7 +115,8 @@ def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_folder(capsy
 
     def full_disk(fs, path, data):
         calls.append(path)
-        if len(calls) == failing_write:
+        if len(calls) == failing_write:  # as the real one fails: its folder made, the file not
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             raise OSError(28, "No space left on device")
         real(fs, path, data)
 

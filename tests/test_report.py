@@ -524,11 +524,13 @@ def test_sheet_refuses_to_write_over_the_runs_own_files_and_marks_an_image_repla
     tile, with no mark (the report calls such a file replaced: its size is not the ledger's)."""
     image = output / "images" / "a.png"
     before = image.read_bytes()
-    for target in (image, output / "results" / "x.png", output / "report" / ".." / "images" / "new.webp"):
+    for target in (image, output / "results" / "x.png", output / "report" / ".." / "images" / "new.webp",
+                   output / "runs" / "sheet.png"):
         assert main(["sheet", str(output), "-o", str(target)]) == 1
         err = capsys.readouterr().err
         assert "write the sheet elsewhere (beside the run: " in err and "Traceback" not in err, err
     assert image.read_bytes() == before
+    assert main(["sheet", str(output), "-o", str(output / "report" / "sheet.png"), "--thumb", "32"]) == 0  # a view
     Image.new("RGB", (32, 32), (0, 255, 0)).save(image)  # replaced by hand, with another size than recorded
     sheet = contact_sheet(str(output), columns=3, thumb=32, label=10)
     assert sheet.getpixel((1, 1)) == (0xDD,) * 3  # a grey tile, not the green picture

@@ -354,7 +354,9 @@ def cmd_sheet(args) -> int:
     image.save(buf, format=image_format)
     try:
         fs, path = url_to_fs(args.output)
-        if not is_local_fs(fs):  # a disk's parents are made by atomic_write
+        if is_local_fs(fs):  # a link (to where sheets are published) is written through, not replaced
+            path = os.path.realpath(path)
+        else:  # a disk's parents are made by atomic_write
             fs.makedirs(fs._parent(path), exist_ok=True)
         atomic_write(fs, path, buf.getvalue())  # a full disk leaves the sheet that was there, not half a picture
     except Exception as exc:  # noqa: BLE001 - a read-only store, a parent that is a file

@@ -67,7 +67,9 @@ def _thumbnail(fs, path: str, side: int) -> Image.Image:
 
 def _caption(text: str, room: int) -> str:
     """`text` in `room` characters: a longer one ends in "..", so ids sharing a long prefix do not look alike."""
-    return text if len(text) <= room else text[: max(room - 2, 1)] + ".."
+    if len(text) <= room:
+        return text
+    return text[:room] if room < 3 else text[: room - 2] + ".."
 
 
 def _placeholder(side: int, text: str) -> Image.Image:
@@ -117,8 +119,8 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
                 tile = _placeholder(thumb, entry["status"])
             elif not out.has_image(entry):
                 tile = _placeholder(thumb, "missing")
-            elif out.resized(entry["id"], entry.get("png_bytes")):  # replaced or cut short since it was drawn
-                tile = _placeholder(thumb, "replaced")
+            elif out.resized(entry["id"], entry.get("png_bytes")):  # cut short or written over since it was drawn
+                tile = _placeholder(thumb, "changed")
             else:
                 tile = _thumbnail(out.fs, out.image_path(entry["id"]), thumb)
             sheet.paste(tile, (x, top))

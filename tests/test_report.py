@@ -550,6 +550,12 @@ def test_a_sheet_that_cannot_be_written_leaves_the_one_there(output, tmp_path, m
     assert main(["sheet", str(output), "-o", str(target), "--thumb", "48"]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert target.read_bytes() == good and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    published = tmp_path / "published"
+    published.mkdir()
+    (tmp_path / "link.png").symlink_to(published / "sheet.png")  # a link to where sheets are shared
+    assert main(["sheet", str(output), "-o", str(tmp_path / "link.png"), "--thumb", "32"]) == 0
+    assert (tmp_path / "link.png").is_symlink() and (published / "sheet.png").stat().st_size > 0
 
 
 def test_sheet_captions_cut_short_end_in_dots():
@@ -557,6 +563,7 @@ def test_sheet_captions_cut_short_end_in_dots():
 
     assert _caption("green-triangle-on-white", 21) == "green-triangle-on-w.."
     assert _caption("green-circle", 21) == "green-circle"
+    assert _caption("abc", 2) == "ab"  # --thumb 16: no room for dots
 
 
 def test_comparison_sheet_puts_the_same_rows_of_each_run_one_run_to_a_row(tmp_path):

@@ -230,8 +230,9 @@ def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_tha
         raise ConnectionResetError(104, "Connection reset by peer")
 
     monkeypatch.setattr(loop, "load_checkpoint", store_drops)
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(RuntimeError, match=r"could not be read \(ConnectionResetError") as raised:
         resume_from(cfg, None, state)
+    assert not isinstance(raised.value, UnloadableCheckpoint) and "move it aside" not in str(raised.value)
     monkeypatch.undo()
     assert resume_from(TrainConfig(method="lora", data="d", base="tiny", out=str(tmp_path / "none")), None,
                        state) is None

@@ -209,7 +209,7 @@ def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
             return load_checkpoint(directory, *state, fsdp=cfg.fsdp)
     except Exception as exc:
         if not _in_the_files(exc):  # the store, the network or memory: Ray Train's retry may well get through
-            raise
+            raise RuntimeError(f"the checkpoint {folder} could not be read ({type(exc).__name__}: {exc})") from exc
         raise UnloadableCheckpoint(f"the checkpoint {folder} does not load ({type(exc).__name__}: {exc}); move it "
                                    "aside to resume from the one before it, or give a new --out") from exc
 

@@ -243,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             what = without_passwords(STOPPED_HINT if args.command == "generate" else "nothing more was done")
         if cluster_lost():  # the watch interrupted the command (cluster.connect.watch_cluster)
-            print(f"sdfleet: error: {without_passwords(cluster_lost())}; {what}", file=sys.stderr)
+            print(terminal_line(f"sdfleet: error: {without_passwords(cluster_lost())}; {what}"), file=sys.stderr)
             return EXIT_ERROR
         if stopped_by_sigterm():  # the handler's KeyboardInterrupt (cluster.connect.stop_on_sigterm)
-            print(f"sdfleet: stopped by SIGTERM; {what}", file=sys.stderr)
+            print(terminal_line(f"sdfleet: stopped by SIGTERM; {what}"), file=sys.stderr)
             return EXIT_TERMINATED
-        print(f"sdfleet: interrupted; {what}", file=sys.stderr)
+        print(terminal_line(f"sdfleet: interrupted; {what}"), file=sys.stderr)
         return 130
     except Exception as exc:  # the typed errors of the library, said in one line with a hint
         from jobs.errors import describe_error
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jobs.console import log
+    from jobs.console import log, terminal_line
     from jobs.errors import one_line
     from jobs.generate import GenerateConfig, run_generate
 
@@ -271,7 +271,7 @@ def cmd_generate(args) -> int:
         values["watermark"] = None if args.no_watermark else args.watermark
         cfg = GenerateConfig(**values)
     except (ValidationError, argparse.ArgumentTypeError) as exc:
-        print(f"sdfleet generate: error: {_config_message(exc)}", file=sys.stderr)
+        print(f"sdfleet generate: error: {terminal_line(_config_message(exc))}", file=sys.stderr)
         return EXIT_ERROR
     summary = run_generate(cfg)
     if summary.get("plan_only"):
@@ -409,7 +409,7 @@ def _validate(args) -> int:
     try:
         pairs = _model_pairs(args.model)
     except argparse.ArgumentTypeError as exc:
-        print(f"sdfleet manifest validate: error: {exc}", file=sys.stderr)
+        print(f"sdfleet manifest validate: error: {terminal_line(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     models = {"default": "tiny", **{n: n for n in PRESETS}, **pairs}
     infos = {name: describe_model(name, ref) for name, ref in models.items()}
@@ -436,6 +436,7 @@ def _validate(args) -> int:
 
 def _expand(args) -> int:
     from actors.presets import PRESETS
+    from jobs.console import terminal_line
     from manifests.expand import check_output, expand, fixed_warnings, load_list, write_manifest
 
     check_output(args.out, force=args.force)  # before any work: a wrong -o is refused, an existing one kept
@@ -449,8 +450,8 @@ def _expand(args) -> int:
                    fixed=fixed, products_source=args.products, scenes_source=args.scenes or "scenes")
     write_manifest(table, args.out)
     for warning in fixed_warnings(fixed, list(PRESETS)):
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"wrote {table.num_rows} rows to {args.out}")
+        print(terminal_line(f"warning: {warning}"), file=sys.stderr)
+    print(terminal_line(f"wrote {table.num_rows} rows to {args.out}"))
     return EXIT_OK
 
 
@@ -539,7 +540,7 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
 
 
 def cmd_finetune(args) -> int:
-    from jobs.console import log
+    from jobs.console import log, terminal_line
     from actors.train.config import TrainConfig
     from jobs.finetune import run_finetune
 
@@ -547,7 +548,7 @@ def cmd_finetune(args) -> int:
     try:
         cfg = TrainConfig(**values)
     except ValidationError as exc:
-        print(f"sdfleet finetune: error: {_config_message(exc)}", file=sys.stderr)
+        print(f"sdfleet finetune: error: {terminal_line(_config_message(exc))}", file=sys.stderr)
         return EXIT_ERROR
     summary = run_finetune(cfg)
     if summary.get("already_finished"):
@@ -576,16 +577,17 @@ def cmd_dataset_build(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from jobs.console import without_passwords
+    from jobs.console import terminal_line, without_passwords
     from jobs.evaluate import evaluate, report
 
     summary = evaluate(args.manifests, args.out)
     out = without_passwords(args.out.rstrip("/"))
     if not summary["scored"]:
-        print(f"sdfleet eval: error: nothing to score: {summary['not_scored']} row(s) name no colour/shape/background "
-              f"(or have an id generate refuses), {summary['missing_images']} have no readable image under "
-              f"{out}/images, {summary['images_of_another_prompt']} an image drawn for another prompt and "
-              f"{summary['images_without_parameters']} an image without generate's parameters", file=sys.stderr)
+        print(terminal_line(f"sdfleet eval: error: nothing to score: {summary['not_scored']} row(s) name no "
+                            f"colour/shape/background (or have an id generate refuses), {summary['missing_images']} "
+                            f"have no readable image under {out}/images, {summary['images_of_another_prompt']} an "
+                            f"image drawn for another prompt and {summary['images_without_parameters']} an image "
+                            "without generate's parameters"), file=sys.stderr)
         return EXIT_ERROR
     print(report(summary))
     if summary["images_of_another_prompt"]:
@@ -595,9 +597,9 @@ def cmd_eval(args) -> int:
         print(f"not scored: {summary['images_without_parameters']} image(s) without the parameters generate "
               "writes in each PNG (not drawn by generate, or re-saved without them)")
     if "not_written" in summary:
-        print(f"sdfleet eval: error: {without_passwords(summary['not_written'])}", file=sys.stderr)
+        print(f"sdfleet eval: error: {terminal_line(without_passwords(summary['not_written']))}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"wrote {out}/eval.json")
+    print(terminal_line(f"wrote {out}/eval.json"))
     return EXIT_OK
 
 

@@ -445,6 +445,18 @@ def test_a_password_in_a_uri_is_never_printed(capsys, monkeypatch, tmp_path):
     assert capsys.readouterr().err.strip().endswith("starts training again (the class images drawn so far are kept)")
 
 
+def test_the_line_said_on_a_stop_quotes_a_path_with_a_newline_on_one_line(capsys, monkeypatch, tmp_path):
+    """Ctrl-C's line names --out: a newline in it forged a second line (the others go through terminal_line)."""
+    def pressed(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("jobs.cli.cmd_finetune", pressed)
+    out = "https://h/tune\nsdfleet: done"  # (a store: the line says where its checkpoints are)
+    assert main(["finetune", "lora", "--data", "d", "--base", "tiny", "--out", out]) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "tune\\nsdfleet: done" in err, err
+
+
 def test_a_password_in_a_uri_stays_out_of_the_files_a_command_writes(tmp_path, monkeypatch):
     """run.json, the ledger's `source`, finetune.json and a dataset's summary recorded the URIs they were given
     whole, password included, in files that travel with the images and models. A rerun of the same fine-tune

@@ -226,13 +226,16 @@ def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_tha
     # is Ray Train's to retry, and says nothing of the checkpoint (it was called one to move aside)
     import actors.train.loop as loop
 
-    def store_drops(directory, *args, **kwargs):
-        raise ConnectionResetError(104, "Connection reset by peer")
+    for lost in (ConnectionResetError(104, "Connection reset by peer"),  # the store
+                 RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"),  # FSDP's collective load
+                 torch.OutOfMemoryError("CUDA out of memory")):
+        def drops(directory, *args, **kwargs):
+            raise lost
 
-    monkeypatch.setattr(loop, "load_checkpoint", store_drops)
-    with pytest.raises(RuntimeError, match=r"could not be read \(ConnectionResetError") as raised:
-        resume_from(cfg, None, state)
-    assert not isinstance(raised.value, UnloadableCheckpoint) and "move it aside" not in str(raised.value)
+        monkeypatch.setattr(loop, "load_checkpoint", drops)
+        with pytest.raises(RuntimeError, match=rf"could not be read \({type(lost).__name__}") as raised:
+            resume_from(cfg, None, state)
+        assert not isinstance(raised.value, UnloadableCheckpoint) and "move it aside" not in str(raised.value)
     monkeypatch.undo()
     assert resume_from(TrainConfig(method="lora", data="d", base="tiny", out=str(tmp_path / "none")), None,
                        state) is None

@@ -66,6 +66,10 @@ def save_checkpoint(directory: str, step: int, weights: dict, optimizer_state: d
         json.dump(meta, f, indent=1)
 
 
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint whose tensors are not this model's trainable ones (another --method or --rank)."""
+
+
 def load_checkpoint(directory: str, model, optimizer, lr_scheduler, scaler, ema, fsdp: bool = False) -> int:
     """Restore what save_checkpoint wrote into the model and optimizer; returns the step it was taken at.
     Under FSDP every worker reads the files and keeps its own shard."""
@@ -76,8 +80,8 @@ def load_checkpoint(directory: str, model, optimizer, lr_scheduler, scaler, ema,
     weights = load_file(os.path.join(directory, "trainable.safetensors"))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
-        raise RuntimeError(f"checkpoint {directory} does not fit this model: {len(set(weights) ^ expected)} "
-                           "trainable tensors differ (was it written by another --method or --rank?)")
+        raise CheckpointMismatch(f"checkpoint {directory} does not fit this model: {len(set(weights) ^ expected)} "
+                                 "trainable tensors differ (was it written by another --method or --rank?)")
     state: dict = {}
     for key, value in load_file(os.path.join(directory, "optimizer.safetensors")).items():
         owner, name = key.rsplit("::", 1)

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from actors.train import say
-from actors.train.checkpoints import gather_state, load_checkpoint, local_copy, publish, save_checkpoint
+from actors.train.checkpoints import (CheckpointMismatch, gather_state, load_checkpoint, local_copy, publish,
+                                     save_checkpoint)
 from actors.train.config import TrainConfig
 from actors.train.data import batch_tensors, encode_dataset, random_crops, sample_indices, step_generator, token_ids
 from actors.train.losses import diffusion_loss, min_snr_weights, prior_weights, training_target, vae_loss, warmup_cosine
@@ -216,13 +217,15 @@ def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
 
 def _in_the_files(exc: Exception) -> bool:
     """Whether a checkpoint failed to load because of what its files hold (a header or JSON that does not parse,
-    a missing key, tensors of other shapes), which every retry meets again, rather than on the way to them (an
-    OSError of the store or network, a timeout, memory)."""
-    if isinstance(exc, (OSError, MemoryError, torch.OutOfMemoryError)):
-        return False
+    a missing key, tensors of other names or shapes), which every retry meets again, rather than on the way to
+    them: an OSError of the store or network, a timeout, memory, or a collective that lost a peer (FSDP's load
+    is collective: gloo's "Connection closed by peer" is a RuntimeError too, so only torch's own state-dict
+    mismatch counts among those)."""
     from safetensors import SafetensorError
 
-    return isinstance(exc, (SafetensorError, ValueError, KeyError, TypeError, IndexError, RuntimeError))
+    if isinstance(exc, (SafetensorError, CheckpointMismatch, ValueError, KeyError, TypeError, IndexError)):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc).startswith("Error(s) in loading state_dict")
 
 
 class TrainLog:

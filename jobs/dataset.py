@@ -110,7 +110,7 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
 
     build = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     before = _is_dataset(out_fs, out_root)
-    new_folder = not out_fs.isdir(out_root)
+    made = _new_folders(out_root) if is_local_fs(out_fs) else []  # what this build's first write will make
     rows, skipped, parts, committed = [], [], [], False
     for name in unknown:  # .heic, .avif, .svg...: said, not silently left out
         skipped.append(Skipped(name, f"not an image type this reads ({', '.join(IMAGE_SUFFIXES)})"))
@@ -150,9 +150,9 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
             for path, _ in parts:
                 with contextlib.suppress(Exception):  # a store gone: the next build removes them (not read)
                     out_fs.rm_file(path)
-            if new_folder and is_local_fs(out_fs):  # an -o this build made (a full disk): not left behind empty
+            for folder in made:  # the folders this build made for -o (a full disk): not left behind empty
                 with contextlib.suppress(OSError):
-                    os.rmdir(out_root)
+                    os.rmdir(folder)
     try:  # an earlier build's parts, or a killed one's: no longer read, now removed
         for name in _own_parts(out_fs, out_root) - set(summary["parts"]):
             out_fs.rm_file(f"{out_root}/{name}")
@@ -160,6 +160,15 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         log(f"warning: old part files in {out} could not all be removed ({exc}); they are not read, and the "
             "next build removes them")
     return summary
+
+
+def _new_folders(path: str) -> list[str]:
+    """The folders that making the local folder `path` would create, deepest first."""
+    new = []
+    while path and not os.path.isdir(path) and os.path.dirname(path) != path:
+        new.append(path)
+        path = os.path.dirname(path)
+    return new
 
 
 def _is_dataset(fs, root: str) -> bool:

@@ -381,23 +381,22 @@ def column_names(uris: list[str]) -> dict[str, list[str]]:
     return dict(zip(uris, _each_file(uris, lambda _, pf: pf.schema_arrow.names)))
 
 
-def count_ids(uris: list[str], damaged: list[str] | None = None) -> tuple[int, collections.Counter]:
+def count_ids(uris: list[str], skip_damaged: bool = False) -> tuple[int, collections.Counter]:
     """Read only the `id` columns: (total rows, how often each id occurs).
 
     Duplicates must be known before any row is drawn, since all rows sharing an id are invalid. Ids are
-    counted as the schema coerces them (`coerced_id`), whatever the column's Arrow type. With a `damaged` list,
-    a file whose ids cannot be read is said there and counted as none (`manifest validate` goes on to the
-    other files), instead of raising DamagedManifest.
+    counted as the schema coerces them (`coerced_id`), whatever the column's Arrow type. With `skip_damaged`,
+    a row group whose ids cannot be read is counted as none (`manifest validate` names it where it reads the
+    rows, and goes on to the rest), instead of raising DamagedManifest.
     """
     def read(uri: str, pf: pq.ParquetFile) -> tuple[int, collections.Counter]:
-        try:
+        if not skip_damaged:
             return pf.metadata.num_rows, _id_counts(pf)
-        except (OSError, pa.ArrowException) as exc:
-            if damaged is None:
-                raise
-            damaged.append(f"{uri}: its `id` column cannot be read ({error_line(exc)}), so its ids are not "
-                           f"checked for duplicates: {DAMAGED_HINT}")
-            return pf.metadata.num_rows, collections.Counter()
+        counts: collections.Counter = collections.Counter()
+        for group in range(pf.metadata.num_row_groups):
+            with contextlib.suppress(OSError, pa.ArrowException):
+                counts.update(_id_counts(pf, group))
+        return pf.metadata.num_rows, counts
 
     counts: collections.Counter = collections.Counter()
     total = 0
@@ -407,11 +406,13 @@ def count_ids(uris: list[str], damaged: list[str] | None = None) -> tuple[int, c
     return total, counts
 
 
-def _id_counts(pf: pq.ParquetFile) -> collections.Counter:
+def _id_counts(pf: pq.ParquetFile, group: int | None = None) -> collections.Counter:
+    """How often each id occurs in the file (or in its row group `group`)."""
     counts: collections.Counter = collections.Counter()
     if "id" not in pf.schema_arrow.names:
         return counts
-    for batch in pf.iter_batches(batch_size=65536, columns=["id"]):
+    groups = None if group is None else [group]
+    for batch in pf.iter_batches(batch_size=65536, row_groups=groups, columns=["id"]):
         column = batch.column(0)
         values = _texts(column)
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):

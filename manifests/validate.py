@@ -27,10 +27,7 @@ def check_manifests(
     for uri, columns in column_names(uris).items():
         for column, field in look_alike_columns(columns).items():
             yield "warning", look_alike_warning(uri, column, field, columns)
-    damaged: list[str] = []
-    _, id_counts = count_ids(uris, damaged)
-    for message in sorted(damaged, key=lambda m: next((i for i, u in enumerate(uris) if m.startswith(f"{u}:")), 0)):
-        yield "error", message  # (files are read side by side: said in the order they were given)
+    _, id_counts = count_ids(uris, skip_damaged=True)  # a damaged row group is said below, as its rows are read
     said = None
 
     @functools.lru_cache(maxsize=65536)  # an expanded catalogue repeats each prompt once per variant

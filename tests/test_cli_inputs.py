@@ -121,11 +121,11 @@ def test_a_dataset_that_cannot_be_written_is_one_line_and_leaves_no_folder(capsy
         real(fs, path, data)
 
     monkeypatch.setattr(jobs.dataset, "atomic_write", full_disk)
-    out = tmp_path / "data"
+    out = tmp_path / "new" / "datasets" / "data"  # three folders the build makes
     code, _, err = build(capsys, images, "-o", out)
     assert code == 1
     one_error_line(err, f"cannot write -o {out}: ", "No space left on device")
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_dataset_build_refuses_an_out_that_is_a_file_and_leaves_it(capsys, tmp_path, images):

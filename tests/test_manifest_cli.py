@@ -273,15 +273,16 @@ def test_validate_of_a_manifest_whose_ids_cannot_be_read_says_so_and_checks_the_
     """One manifest whose `id` column does not decode ended validate at once: the other files' bad rows went
     unnamed and no summary was printed, where the docs say an unreadable file is one error and the rest are
     checked."""
-    damaged = write_damaged_manifest(tmp_path / "damaged.parquet", column="id")
-    other = write(tmp_path / "other.parquet", [good("a"), {**good("b"), "steps": 0}])
+    damaged = write_damaged_manifest(tmp_path / "damaged.parquet", column="id")  # row group 1 of 3: rows 4-7
+    other = write(tmp_path / "other.parquet", [good("r0"), {**good("b"), "steps": 0}])  # r0: also in group 0
     code, lines, err = validate(capsys, damaged, other)
     assert code == 1 and "Traceback" not in err and not err.startswith("sdfleet: error"), err
     errors = problems(lines)
-    assert errors[0].startswith(f"error: {damaged}: its `id` column cannot be read (ArrowInvalid: ")
-    assert "so its ids are not checked for duplicates" in errors[0]
-    assert any(e.startswith(f"error: {other} row 1 (`b`): `steps` must be in 1..500, got 0") for e in errors), errors
-    assert lines[-1].endswith("manifest(s): " + f"{len(errors)} error(s), 0 warning(s)"), lines
+    assert errors[0].startswith(f"error: {damaged} row 0 (`r0`): `id` appears in 2 rows")  # its readable groups
+    assert errors[1].startswith(f"error: {damaged} rows 4-7 (row group 1) cannot be read (ArrowInvalid: "), errors
+    assert errors[2:] == [f"error: {other} row 0 (`r0`): `id` appears in 2 rows; ids must be unique across the "
+                          "run's manifests", f"error: {other} row 1 (`b`): `steps` must be in 1..500, got 0"], errors
+    assert lines[-1] == "14 rows in 2 manifest(s): 4 error(s), 0 warning(s)", lines
 
 
 def test_a_row_with_another_error_is_named_as_a_duplicate_too(capsys, tmp_path):

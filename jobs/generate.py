@@ -35,6 +35,7 @@ from cluster.connect import (address_problem, alive_nodes, cluster_address, conn
 from jobs.console import command_log, leave, log, recorded_json, ticking, without_passwords
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
+from jobs.outputs import RESTORED_MARK
 from jobs.recorder import Recorder, located
 from manifests.dataset import SUMMARY_FILE as DATASET_SUMMARY
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, newest_ok_entries,
@@ -624,7 +625,7 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
         for batch in planned.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
             for status, n in zip(*batch.column("status").value_counts().flatten()):
                 counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
-            restored += pc.sum(pc.starts_with(batch.column("warning").fill_null(""), "restored:")).as_py() or 0
+            restored += pc.sum(pc.starts_with(batch.column("warning").fill_null(""), RESTORED_MARK)).as_py() or 0
             if said < PLAN_PROBLEMS_SHOWN:  # where each row is, then why (a bad adapter's reason names no row)
                 bad = batch.filter(pc.is_in(batch.column("status"), pa.array(["failed", "invalid"])))
                 for row in bad.slice(0, PLAN_PROBLEMS_SHOWN - said).to_pylist():

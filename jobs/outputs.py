@@ -180,9 +180,19 @@ def newest_per_id(table: pa.Table) -> pa.Array:
     return found.column("i")
 
 
+# How the `warning` of an `ok` entry the plan settled from an earlier run's image begins (jobs/plan.py).
+RECOVERED_MARK = "recovered:"  # an image no ledger entry vouched for, read back (`recovered`)
+RESTORED_MARK = "restored:"  # a row failed since its last ok entry, which still vouches for its image (`RESTORED`)
+
+
 def is_recovered(entry: dict) -> bool:
     """An `ok` entry a run recorded for an image an earlier, killed run drew (see jobs/plan.py `recovered`)."""
-    return (entry.get("warning") or "").startswith("recovered:")
+    return (entry.get("warning") or "").startswith(RECOVERED_MARK)
+
+
+def is_restored(entry: dict) -> bool:
+    """An `ok` entry recorded again for a row failed since its last one (see jobs/plan.py `RESTORED`)."""
+    return (entry.get("warning") or "").startswith(RESTORED_MARK)
 
 
 def unfinished_note(run_id: str) -> str:

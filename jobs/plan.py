@@ -31,6 +31,7 @@ from PIL import Image
 from actors.adapters import embedding_scale_problem
 from actors.png import read_parameters_from
 from jobs.console import without_passwords
+from jobs.outputs import RECOVERED_MARK, RESTORED_MARK
 from manifests.reader import ManifestPart, Unreadable, read_part
 from manifests.rows import WORK_SCHEMA, to_table
 from manifests.schema import (adapter_entries, coerced_id, group_key, resolve_row, row_location,
@@ -164,7 +165,8 @@ def unlisted_embedding(parsed, tokens: dict[str, str], words: frozenset[str] = f
     return None
 
 
-RESTORED = "restored: the image drawn before this row's last failure is still the row's; its entry is recorded again"
+RESTORED = (f"{RESTORED_MARK} the image drawn before this row's last failure is still the row's; its entry is recorded "
+            "again")
 
 
 def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:
@@ -183,8 +185,8 @@ def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # gone, cut short, damaged: draw it
         return None
     return {"uri": fs.unstrip_protocol(path), "sha256": hashlib.sha256(data).hexdigest(), "png_bytes": len(data),
-            "warning": "recovered: an earlier run drew this image and no ledger entry vouches for it (a run stopped "
-                       "before recording it, or the output was copied); read back, it is the row's"}
+            "warning": f"{RECOVERED_MARK} an earlier run drew this image and no ledger entry vouches for it (a run "
+                       "stopped before recording it, or the output was copied); read back, it is the row's"}
 
 
 def affinity(work: dict[str, Any]) -> str:

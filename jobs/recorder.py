@@ -13,6 +13,7 @@ import time
 from actors import metrics
 from jobs.console import in_background, log, without_passwords
 from jobs.errors import RunFailed, one_line
+from jobs.outputs import is_recovered, is_restored
 from manifests.ledger import write_part
 from manifests.schema import row_location
 
@@ -70,7 +71,7 @@ class Recorder:
                 row = {**row, "error": located(row, row["error"])}  # does (the plan's `invalid` ones do already)
             self.pending.append(row)
             if row["status"] == "ok" and not row.get("actor"):  # the plan settled it: drawn by an earlier run
-                if (row.get("warning") or "").startswith("restored:"):
+                if is_restored(row):
                     self.restored += 1
                 else:
                     self.recovered += 1
@@ -85,8 +86,8 @@ class Recorder:
                 elif self.problems_shown == PROBLEMS_SHOWN + 1:  # said once, when there are more than shown
                     log(f"(the first {PROBLEMS_SHOWN} failed or invalid rows are shown; the ledger has every one, "
                         "and `sdfleet report` shows them)")
-            elif row["warning"] and not row["warning"].startswith(("recovered:", "restored:")):  # (counted in the
-                self.warnings_shown += 1  # summary line: a killed run's rows, one line each, said nothing more)
+            elif row["warning"] and not (is_recovered(row) or is_restored(row)):  # (counted in the summary line:
+                self.warnings_shown += 1  # a killed run's rows, one line each, said nothing more)
                 if self.warnings_shown <= WARNINGS_SHOWN:
                     log(f"ok: {located(row, row['warning'])}")
                 elif self.warnings_shown == WARNINGS_SHOWN + 1:

@@ -459,7 +459,7 @@ def cmd_watermark_verify(args) -> int:
     """One line per image on stdout: ok, MISSING (no mark), OTHER (a mark with another payload) or ERROR (the file
     cannot be checked); every image is checked, and the exit is 1 unless all are ok."""
     from actors import watermark as wm
-    from jobs.console import log, without_passwords
+    from jobs.console import log, terminal_line, without_passwords
 
     from manifests.schema import watermark_payload_problem
 
@@ -475,9 +475,7 @@ def cmd_watermark_verify(args) -> int:
     for uri in args.images:
         status, message = _verify_one(uri, args.payload, wm)
         counts[status] += 1
-        # a newline or an escape code in a name would forge or hide lines
-        name = uri if uri.isprintable() else uri.encode("unicode_escape").decode("ascii")
-        print(without_passwords(f"{status}  {name}: {message}"), flush=True)
+        print(terminal_line(without_passwords(f"{status}  {uri}: {message}")), flush=True)
     if len(args.images) > 1:
         log(f"{len(args.images)} image(s): {counts['ok']} ok, {counts['MISSING']} without the mark, "
             f"{counts['OTHER']} with another payload, {counts['ERROR']} could not be checked")

@@ -7,6 +7,7 @@ import os
 import sys
 
 from manifests.stores import without_passwords  # noqa: F401 - what sdfleet says and records goes through it
+from manifests.text import terminal_line  # every line that quotes a name from the user goes through it
 
 
 def recorded_json(data) -> str:
@@ -20,25 +21,6 @@ def recorded_json(data) -> str:
 
 def log(message: str) -> None:
     print(f"[sdfleet] {terminal_line(without_passwords(message))}", file=sys.stderr, flush=True)
-
-
-def terminal_line(text: str) -> str:
-    """`text` as one terminal line: a control character in a name it quotes (a file, a manifest path), such as
-    a newline or an escape code, or a bidi override that reorders what follows, is written out (`\\n`,
-    `\\x1b`, `\\u202e`), so it can neither forge a line nor hide one; other text (emoji joiners, non-breaking
-    spaces) is left as it is."""
-    if text.isprintable():
-        return text
-    return "".join(c.encode("unicode_escape").decode("ascii") if _hides(c) else c for c in text)
-
-
-BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def _hides(c: str) -> bool:
-    import unicodedata
-
-    return unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS
 
 
 def leave(code: int):

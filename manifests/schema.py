@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from manifests.text import terminal_line
+
 # `\Z`, not `$`: `$` also matches before a trailing newline, and "sku-1\n" must not name a file.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 # One folder or file name of an adapter's name in its store (`style`, `brand/style-v2`): nothing that leaves
@@ -310,8 +312,8 @@ class RowError(BaseModel):
 
 def row_location(source: str, row: int, row_id: str | None) -> str:
     """Where a row is, as every message about one says it: `m.parquet row 17 (`sku-88`)` (0-based row)."""
-    if row_id is not None and not row_id.isprintable():  # a newline in an id would split the message in two
-        row_id = row_id.encode("unicode_escape").decode("ascii")
+    if row_id is not None:  # a newline in an id would split the message in two
+        row_id = terminal_line(row_id)
     shown = row_id if row_id is None or len(row_id) <= QUOTE_CHARS else row_id[:QUOTE_CHARS] + "..."
     return f"{source} row {row}" + (f" (`{shown}`)" if shown else "")
 

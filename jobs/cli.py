@@ -493,6 +493,7 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     from jobs.errors import one_line
     from manifests.schema import too_small_for_the_mark, watermark_payload_problem
     from manifests.stores import missing, url_to_fs
+    from manifests.text import NOT_AN_IMAGE
 
     try:
         fs, path = url_to_fs(uri)
@@ -510,7 +511,7 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
             rgb = np.asarray(image.convert("RGB"))
             recorded = image_parameters(image).get("watermark")
     except UnidentifiedImageError:
-        return "ERROR", "is not an image (not a PNG, JPEG, WebP or other format Pillow reads)"
+        return "ERROR", f"is {NOT_AN_IMAGE}"
     except Image.DecompressionBombError as exc:
         return "ERROR", f"is not checked: {exc}"
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data after a valid header

@@ -36,6 +36,7 @@ from jobs.console import recorded_json
 from manifests.csv_text import CsvProblem, csv_records
 from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
 from manifests.ledger import atomic_write
+from manifests.text import NOT_AN_IMAGE
 from manifests.schema import MAX_SIDE, error_line, first_few
 from manifests.stores import is_local_fs, missing, require_bucket, tree_files, url_to_fs
 
@@ -295,8 +296,8 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
             im = _upright_rgb(im)
     except Image.DecompressionBombError as exc:
         return Skipped(name, f"too large to decode safely ({exc}); downscale it first")
-    except UnidentifiedImageError:  # its message names only the in-memory buffer it was read from
-        return Skipped(name, "corrupt (cannot decode: not an image Pillow recognises)")
+    except UnidentifiedImageError:
+        return Skipped(name, NOT_AN_IMAGE)
     except (OSError, ValueError) as exc:
         return Skipped(name, f"corrupt (cannot decode: {exc})")
     w, h = im.size

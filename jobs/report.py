@@ -44,6 +44,7 @@ from jobs.errors import ReportError, one_line
 from jobs.outputs import RunOutput, adapters_text, is_recovered, newest_per_id, open_output, unfinished_note
 from manifests.ledger import LEDGER_COLUMNS, atomic_write, png_sizes
 from manifests.stores import folder_files, is_local_fs, read_parquet
+from manifests.text import NOT_AN_IMAGE
 
 THUMB_SIDE = 192  # px, the longer side
 THUMB_QUALITY = 82
@@ -403,8 +404,8 @@ class Thumbnails:
                 thumb = image.size
                 buf = io.BytesIO()
                 image.convert("RGB").save(buf, "JPEG", quality=THUMB_QUALITY)
-        except UnidentifiedImageError:  # its own words name only the in-memory buffer it was read from
-            return self._row(name, {"error": "cannot read the image: not a PNG or any image Pillow reads"}, self.side)
+        except UnidentifiedImageError:
+            return self._row(name, {"error": f"cannot read the image: {NOT_AN_IMAGE}"}, self.side)
         except Exception as exc:  # noqa: BLE001 - a damaged PNG is shown with its reason, not a broken image
             return self._row(name, {"error": f"cannot read the image: {one_line(exc)}"}, self.side)
         self.out.fs.pipe_file(f"{self.folder}/{name}", buf.getvalue())  # a store that refuses stops the report

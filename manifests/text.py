@@ -1,9 +1,13 @@
-"""How a name from the user's own files (a manifest path, a row id, an image URI) is shown in one line of
-sdfleet's output: the terminal, a log, a ledger's `error` column."""
+"""Words every command shares: how a name from the user's own files (a manifest path, a row id, an image URI)
+is shown in one line of sdfleet's output (the terminal, a log, a ledger's `error` column), and what is said of
+a file that is not an image."""
 
 from __future__ import annotations
 
 import unicodedata
+
+# for PIL.UnidentifiedImageError, whose own text names only the in-memory buffer an image was read from
+NOT_AN_IMAGE = "not an image Pillow reads (PNG, JPEG, WebP, ...)"
 
 BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 

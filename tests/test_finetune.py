@@ -380,7 +380,7 @@ def test_dataset_build_reports_every_skipped_file_and_keeps_the_rest(dataset):
     summary = json.loads((dataset["dir"] / "_dataset.json").read_text())
     reasons = {s["file"]: s["reason"] for s in summary["skipped"]}
     assert reasons.keys() == {"corrupt.png", "uncaptioned.png", "tiny.png"}
-    assert reasons["corrupt.png"] == "corrupt (cannot decode: not an image Pillow recognises)"  # not <_io.BytesIO ...>
+    assert reasons["corrupt.png"] == "not an image Pillow reads (PNG, JPEG, WebP, ...)"  # not <_io.BytesIO ...>
     assert reasons["uncaptioned.png"].startswith("no caption")
     assert reasons["tiny.png"].startswith("too small (64x64")
     for name in reasons:
@@ -767,7 +767,7 @@ def test_a_training_row_whose_image_does_not_decode_is_named():
     table = pa.table({"caption": ["a", "b"], "image": [good.getvalue(), b"garbage"]})
     assert batch_tensors(table, [0], None, 16, captions=False)[0].shape == (1, 3, 16, 16)
     with pytest.raises(ValueError, match=r"dataset row 1 \(from 0, over the parts in order.*its image does not decode "
-                                         r"\(not an image Pillow recognises\); rebuild"):
+                                         r"\(not an image Pillow reads \(PNG, JPEG, WebP, \.\.\.\)\); rebuild"):
         batch_tensors(table, [0, 1], None, 16, captions=False)
 
 

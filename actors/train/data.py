@@ -93,6 +93,7 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
     from PIL import Image
 
     from manifests.dataset import square_crop
+    from manifests.text import NOT_AN_IMAGE
 
     images = []
     for i in indices:
@@ -100,8 +101,8 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
             with Image.open(io.BytesIO(table["image"][i].as_py())) as im:
                 im = im.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            cause = ("not an image Pillow recognises" if isinstance(exc, Image.UnidentifiedImageError)  # its text
-                     else f"{type(exc).__name__}: {exc}")  # names only a BytesIO object
+            cause = (NOT_AN_IMAGE if isinstance(exc, Image.UnidentifiedImageError)
+                     else f"{type(exc).__name__}: {exc}")
             raise UndecodableImage(f"dataset row {i} (from 0, over the parts in order; class images follow --data's "
                                    f"rows): its image does not decode ({cause}); rebuild the dataset with "
                                    "`sdfleet dataset build`, which skips such images (and train into a new --out "

@@ -17,12 +17,15 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from actors import metrics
+from actors import opencv
 from actors import watermark as wm
 from actors.png import png_bytes
-from actors import metrics
 from manifests.ledger import atomic_write, ledger_row, settled_row
 from manifests.rows import PASS_THROUGH, RESULT_SCHEMA, SETTLED, to_table
 from manifests.stores import url_to_fs
+
+opencv.load()  # a worker that cannot load OpenCV fails as it starts, not at each image it finishes
 
 # Test-only: the path of a marker file. The first finishing call that finds it missing creates it and
 # kills its own worker process, so tests can check that a dead finishing worker loses no row.

@@ -12,9 +12,10 @@ import io
 import json
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
+
+from actors import opencv
 
 PNG_KEY = "parameters"
 # zlib level 1: files ~14% larger than Pillow's default level 6 (benchmarks/bench_finish.py).
@@ -24,6 +25,7 @@ _SIGNATURE_AND_HEADER = 8 + 25  # PNG signature, then the IHDR chunk (4 length +
 
 def png_bytes(rgb: np.ndarray, parameters: dict[str, Any], level: int = LEVEL) -> bytes:
     """Encode an HxWx3 uint8 RGB image as PNG with `parameters` as UTF-8 JSON in an iTXt chunk."""
+    cv2 = opencv.load()
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, level])
     if not ok:
         raise ValueError(f"OpenCV could not encode a {rgb.shape} image as PNG")

@@ -19,9 +19,9 @@ compresses the extremes by a few levels (a knee that leaves mid-tones alone) unt
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
+from actors import opencv
 from manifests.schema import WATERMARK_MATCH as MATCH_THRESHOLD
 from manifests.schema import (WATERMARK_MAX_BYTES, WATERMARK_MIN_BYTES, too_small_for_the_mark,
                               watermark_payload_problem)
@@ -61,6 +61,7 @@ def _check_size(rgb: np.ndarray) -> None:
 
 def _u_channel(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(YUV image as OpenCV converts it, its U channel cropped to multiples of 4 as float64)."""
+    cv2 = opencv.load()
     yuv = cv2.cvtColor(np.ascontiguousarray(rgb[:, :, ::-1]), cv2.COLOR_BGR2YUV)
     h, w = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
     return yuv, yuv[:h, :w, 1].astype(np.float64)
@@ -100,6 +101,7 @@ def embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
     out[1::2, 0::2] = u[0::2, 1::2] + half
     out[1::2, 1::2] = u[1::2, 1::2] + half
     yuv[:u.shape[0], :u.shape[1], 1] = np.clip(np.floor(out), 0, 255).astype(np.uint8)
+    cv2 = opencv.load()
     return np.ascontiguousarray(cv2.cvtColor(yuv, cv2.COLOR_YUV2BGR)[:, :, ::-1])
 
 
@@ -205,6 +207,7 @@ def embed_checked(rgb: np.ndarray, payload: str | bytes) -> tuple[np.ndarray, fl
 
 def library_embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
     """The same mark through invisible-watermark's own encoder: the reference `embed` is tested against."""
+    opencv.load()
     from imwatermark import WatermarkEncoder  # here, not at the top: the package imports torch (for RivaGAN)
 
     _check_size(rgb)
@@ -216,6 +219,7 @@ def library_embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
 
 def read_bits(rgb: np.ndarray, num_bytes: int, method: str = METHOD) -> bytes:
     """Decode `num_bytes` of payload from an RGB image (garbage if it carries no mark)."""
+    opencv.load()  # imwatermark imports cv2 itself: one that cannot load is said here, with what to install
     from imwatermark import WatermarkDecoder  # here, not at the top: the package imports torch (for RivaGAN)
 
     decoder = WatermarkDecoder("bytes", num_bytes * 8)

@@ -33,6 +33,7 @@ class GroupByError(ReportError):
 def describe_error(exc: BaseException) -> str | None:
     """The message for a known error type, or None for a bug (which should show its traceback)."""
     from actors.models import ModelError
+    from actors.opencv import OpenCVUnavailable
     from actors.watermark import WatermarkError
     from cluster.connect import ClusterError
     from manifests.dataset import DatasetError
@@ -47,6 +48,7 @@ def describe_error(exc: BaseException) -> str | None:
         ClusterError: None,  # each names its flag (--address, --actors, --workers) and what would do
         ExpandError: None,
         WatermarkError: None,
+        OpenCVUnavailable: None,  # it says what to install
         RunFailed: None,
         DatasetError: None,
         FinetuneError: None,

@@ -23,11 +23,11 @@ import re
 from collections import Counter, defaultdict
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from jobs.synthetic import ALL_SHAPES, BACKGROUNDS, HELD_OUT, PALETTE
+from actors import opencv
 from actors.png import image_parameters
 from jobs.console import recorded_json
 from jobs.errors import EvalError, one_line
@@ -127,7 +127,7 @@ def main_region(mask: np.ndarray, window: int = 15) -> np.ndarray:
         y, x = y - k // 2 + ys[0], x - k // 2 + xs[0]
     # the 4-connected component holding (y, x), labelled by OpenCV in one pass: growing it one pixel step
     # per pass over the image took time that rose with the image side cubed (4 s for one 1024 px image)
-    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
+    _, labels = opencv.load().connectedComponents(mask.astype(np.uint8), connectivity=4)
     return labels == labels[y, x]
 
 

@@ -94,6 +94,28 @@ def test_a_store_whose_package_is_not_installed_is_one_line_naming_it(capsys, tm
     assert line.startswith("sdfleet: error: ") and scheme in line and f"install {package}" in line.lower()
 
 
+def test_opencv_without_its_system_libraries_is_one_line_saying_what_to_install(tmp_path):
+    """opencv-python is the desktop build: on a host without libGL (a slim container, Ray's image) `import cv2`
+    failed with the loader's bare message, as a traceback from `watermark verify` and `eval`, and on every image
+    of a run. A cv2 that raises the loader's error stands in for such a host."""
+    fake = tmp_path / "fake" / "cv2"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise ImportError("libGL.so.1: cannot open shared object file: No such file or directory")\n')
+    image = tmp_path / "a.png"
+    Image.new("RGB", (256, 256), "white").save(image)
+    done = sdfleet("watermark", "verify", str(image), env={"PYTHONPATH": f"{fake.parent}:{REPO}"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    line = one_error_line(done.stderr)
+    assert line.startswith("sdfleet: error: OpenCV cannot load (libGL.so.1: cannot open shared object file"), line
+    assert "apt-get install libgl1 libglib2.0-0" in line
+    # a finishing worker (or an actor finishing inline) fails as it starts, not at each image
+    code = "import actors.finish"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={"PYTHONPATH": f"{fake.parent}:{REPO}"},
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "OpenCVUnavailable: OpenCV cannot load" in done.stderr, done.stderr[-2000:]
+
+
 def test_hdfs_without_java_is_one_line_not_a_page_of_dlopen_failures(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))
     done = sdfleet("generate", str(manifest), "--out", "hdfs://namenode/x", env={"JAVA_HOME": str(tmp_path)})

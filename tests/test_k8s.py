@@ -13,7 +13,10 @@ loading and walking the objects: tests/k8s_objects.py.
 from __future__ import annotations
 
 import json
+import pathlib
 import re
+import shutil
+import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -478,3 +481,39 @@ def test_pod_monitor_scrapes_every_ray_pod_on_kuberays_metrics_port():
                     clash = [p for p in c.get("ports", []) if p.get("name") == METRICS_PORT[0]
                              and p["containerPort"] != METRICS_PORT[1]]
                     assert not clash, f"{o}: {clash} moves the metrics port off {METRICS_PORT[1]}"
+
+
+# What every Linux image has (glibc, GCC's runtime): the system libraries cv2 may link without the image installing them
+_BASE_LIBRARIES = {"ld-linux-x86-64.so.2", "libc.so.6", "libdl.so.2", "libm.so.6", "libpthread.so.0", "librt.so.1",
+                   "libgcc_s.so.1", "libstdc++.so.6"}
+
+
+def _needed(path) -> list[str]:
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils) to read what cv2 links")
+def test_image_installs_every_system_library_that_opencv_links():
+    """opencv-python (invisible-watermark requires it) is OpenCV's desktop build: through its bundled Qt it links
+    libGL, glib and libxcb from the system, which Ray's image lacks, so `import cv2` failed on the
+    cluster and every image with it (the PNG encoder and the watermark use OpenCV). The Dockerfile's
+    LIBRARY=package pairs must name each library the installed cv2 links and does not bundle."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cv2")
+    package = pathlib.Path(spec.origin).parent
+    bundled = {p.name: p for folder in package.parent.glob("opencv_python*.libs") for p in folder.iterdir()}
+    modules = [*package.glob("cv2*.so"), *package.glob("*/cv2*.so")]
+    assert modules, f"no cv2 extension module under {package}"
+    system, seen, todo = set(), set(), list(modules)
+    while todo:  # what cv2 needs, and what each library it bundles needs, loaded with it
+        for name in _needed(todo.pop()):
+            if name in bundled and name not in seen:
+                seen.add(name)
+                todo.append(bundled[name])
+            elif name not in bundled:
+                system.add(name)
+    installs = dict(re.findall(r"\b(lib[\w.+-]+\.so\.\d+)=([\w.+-]+)", (K8S / "Dockerfile").read_text()))
+    missing = sorted(system - _BASE_LIBRARIES - set(installs))
+    assert not missing, f"cv2 links {missing} from the system; add LIBRARY=debian-package pairs for them to k8s/Dockerfile"

@@ -516,4 +516,4 @@ def test_image_installs_every_system_library_that_opencv_links():
                 system.add(name)
     installs = dict(re.findall(r"\b(lib[\w.+-]+\.so\.\d+)=([\w.+-]+)", (K8S / "Dockerfile").read_text()))
     missing = sorted(system - _BASE_LIBRARIES - set(installs))
-    assert not missing, f"cv2 links {missing} from the system; add LIBRARY=debian-package pairs for them to k8s/Dockerfile"
+    assert not missing, f"cv2 links {missing} from the system; add LIBRARY=package pairs for them to k8s/Dockerfile"

@@ -260,6 +260,20 @@ def test_the_kubernetes_guide_matches_the_overlays():
     assert "docs/kubernetes.md" in (REPO / "README.md").read_text()
 
 
+def test_the_guides_operator_values_outlast_a_lost_heads_replacement():
+    """KubeRay fails a RayJob whose head it cannot ask for 300 s (its default), and never retries that failure:
+    a head lost with its node is rarely back so soon, so the guide's Helm values raise the timeout, and keep
+    the gates the overlays need."""
+    install = re.search(r"helm install kuberay-operator .*?<<'EOF'\n(.*?)\nEOF", DOCS.read_text(), re.DOTALL)
+    assert install, "docs/kubernetes.md no longer shows the operator's Helm values"
+    values = yaml.safe_load(install.group(1))
+    env = {e["name"]: e["value"] for e in values.get("env", [])}
+    assert isinstance(env.get("RAYJOB_STATUS_CHECK_TIMEOUT_SECONDS"), str), env  # a container env value: a string
+    assert int(env["RAYJOB_STATUS_CHECK_TIMEOUT_SECONDS"]) >= 900, env
+    gates = {g["name"]: g["enabled"] for g in values["featureGates"]}
+    assert gates.get("RayJobDeletionPolicy") is True, gates
+
+
 def test_the_guides_yaml_examples_are_valid():
     """RayJob and RayCluster examples in docs/kubernetes.md pass the same checks as the overlays."""
     blocks = re.findall(r"```yaml\n(.*?)```", DOCS.read_text(), re.DOTALL)

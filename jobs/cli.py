@@ -198,6 +198,23 @@ def run() -> None:
     leave(0 if code is None else code if isinstance(code, int) else EXIT_ERROR)
 
 
+def _given(argv: list[str] | None) -> set[str]:
+    """The fields whose flags `argv` names (argparse's namespace holds every default as well): `argv` parsed
+    again by a parser whose defaults are suppressed, which leaves a flag not given off the namespace."""
+    parser = build_parser()
+
+    def suppress(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    suppress(sub)
+            else:
+                action.default = argparse.SUPPRESS
+
+    suppress(parser)
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     from jobs.console import terminal_line, without_passwords
 
@@ -210,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.exit(EXIT_ERROR, _flag_error(prog, f"unrecognized arguments: {' '.join(unknown)}"))
     except SystemExit as exc:  # --help (0), or a flag error already said in one line by _Parser.error (1)
         return exc.code
+    if args.command == "finetune":
+        args.given = _given(argv)
     from cluster.connect import stop_on_sigterm
 
     stop_on_sigterm()  # from the start, not once Ray is up: a SIGTERM while checking inputs or starting Ray killed
@@ -545,7 +564,9 @@ def cmd_finetune(args) -> int:
 
     values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     try:
-        cfg = TrainConfig(**values)
+        # which flags were given, not only their values: another method's flag is refused even at its default
+        context = {"given": args.given & set(TrainConfig.model_fields)} if hasattr(args, "given") else None
+        cfg = TrainConfig.model_validate(values, context=context)
     except ValidationError as exc:
         print(f"sdfleet finetune: error: {terminal_line(_config_message(exc))}", file=sys.stderr)
         return EXIT_ERROR

@@ -644,6 +644,14 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("textual-inversion", ["--token", "<gem>", "--alpha", "3"], "--rank and --alpha are for lora; textual-inversion "
                                                                  "trains the token vectors"),
     ("full", ["--kl-weight", "0.1"], "--kl-weight is for vae"),
+    # ... even at their default value: given, it was ignored without a word (a 1000-step full run with --rank 4)
+    ("full", ["--rank", "4"], "--rank and --alpha are for lora; full trains whole weights"),
+    ("full", ["--kl-weight", "1e-6"], "--kl-weight is for vae"),
+    ("full", ["--prior-loss-weight", "1"], "--prior-loss-weight weighs the class images' loss: it needs"),
+    ("lora", ["--class-images", "100"], "--class-images is how many class images --class-prompt draws"),
+    ("full", ["--crop", "0"], "--crop is for vae and must be a multiple of 8; got 0 with full"),
+    ("lora", ["--crop-span", "0"], "--crop-span is for vae (with --crop); got it with lora"),
+    ("full", ["--pixel-loss", "mse"], "--pixel-loss is for vae; full trains on the diffusion loss"),
     ("full", ["--prior-loss-weight", "2"], "--prior-loss-weight weighs the class images' loss: it needs"),
     ("lora", ["--class-images", "5"], "--class-images is how many class images --class-prompt draws"),
     ("dreambooth", ["--class-data", "{data}", "--class-images", "5"],  # was ignored without a word
@@ -1452,3 +1460,17 @@ def test_a_resumed_ema_follows_its_weights_onto_their_device():
     net, ema = resumed[0], resumed[-1]
     assert {t.device.type for t in ema.shadow_params} == {"meta"}
     ema.step(list(net.parameters()))  # raised "Tensor on device meta is not on the expected device cpu!"
+
+
+def test_a_methods_own_flags_at_their_defaults_are_accepted():
+    """The rule above refuses another method's flag as given; the method's own, at their defaults, still pass, and
+    a config built in code (no flags: the workers' copy) is judged by its values."""
+    from actors.train.config import TrainConfig
+
+    vae = {"method": "vae", "data": "/d", "base": "tiny", "out": "/o", "crop": 0, "crop_span": 0, "crop_candidates": 1,
+           "kl_weight": 1e-6, "pixel_loss": "mse"}
+    TrainConfig.model_validate(vae, context={"given": set(vae)})
+    lora = {"method": "lora", "data": "/d", "base": "tiny", "out": "/o", "rank": 4, "alpha": 4.0}
+    TrainConfig.model_validate(lora, context={"given": set(lora)})
+    dumped = TrainConfig(method="full", data="/d", base="tiny", out="/o").model_dump()  # every field, defaults
+    assert TrainConfig.model_validate(dumped).rank == 4

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, model_validator
 
 from manifests.schema import MAX_SIDE
 from manifests.stores import process_local, run_path, unshared_reason
@@ -142,8 +143,17 @@ class TrainConfig(BaseModel):
         """Prior preservation: class images train beside the instances (--class-prompt or --class-data)."""
         return bool(self.class_prompts) or self.class_data is not None
 
+    def _said(self, name: str, given: set[str] | None) -> bool:
+        """Whether the fine-tune was given field `name`: the CLI says which flags it was given (so another
+        method's flag is refused even at its default value); elsewhere a value other than the default counts."""
+        if given is not None:
+            return name in given
+        return getattr(self, name) != type(self).model_fields[name].default
+
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self, info: ValidationInfo) -> "TrainConfig":
+        given = (info.context or {}).get("given")
+        said = functools.partial(self._said, given=set(given) if given is not None else None)
         for field in ("out", "data", "class_data", "base"):
             flag, value = "--" + field.replace("_", "-"), getattr(self, field)
             if value is not None and not value.strip():  # "" would be the working directory
@@ -158,14 +168,17 @@ class TrainConfig(BaseModel):
                 raise ValueError(unshared_reason(flag, uri))
         if self.resolution is not None and (not 64 <= self.resolution <= MAX_SIDE or self.resolution % 8):
             raise ValueError(f"--resolution must be a multiple of 8 in 64..{MAX_SIDE}, got {self.resolution}")
-        if self.crop and (self.crop % 8 or self.method != "vae"):
+        if self.crop % 8 or (said("crop") and self.method != "vae"):
             raise ValueError(f"--crop is for vae and must be a multiple of 8; got {self.crop} with {self.method}")
         if self.crop_candidates > 1 and not self.crop:
             raise ValueError(f"--crop-candidates {self.crop_candidates} needs --crop: it picks among random crops")
         if self.crop_span and not 0 < self.crop < self.crop_span:
             raise ValueError(f"--crop-span {self.crop_span} needs a --crop below it (got --crop {self.crop}): it "
                              "is the largest square a crop may span before it is resized to --crop px")
-        if self.pixel_loss != "mse" and self.method != "vae":
+        for vae_only in ("crop_candidates", "crop_span"):
+            if said(vae_only) and self.method != "vae":
+                raise ValueError(f"--{vae_only.replace('_', '-')} is for vae (with --crop); got it with {self.method}")
+        if said("pixel_loss") and self.method != "vae":
             raise ValueError(f"--pixel-loss is for vae; {self.method} trains on the diffusion loss")
         if self.calibrate_scale and self.method != "vae":
             raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
@@ -205,17 +218,16 @@ class TrainConfig(BaseModel):
                              "in your captions) or --class-data; without prior preservation, use full")
         if self.lora_layers is not None and self.method != "lora":
             raise ValueError(f"--lora-layers is for lora; {self.method} trains whole weights")
-        # flags another method reads, given a value of their own: refused, not ignored without a word
-        defaults = {name: field.default for name, field in type(self).model_fields.items()}
-        if self.method != "lora" and (self.rank != defaults["rank"] or self.alpha is not None):
+        # flags another method reads: refused, not ignored without a word
+        if self.method != "lora" and (said("rank") or said("alpha")):
             raise ValueError(f"--rank and --alpha are for lora; {self.method} trains "
                              f"{'the token vectors' if inversion else 'whole weights'}")
-        if self.method != "vae" and self.kl_weight != defaults["kl_weight"]:
+        if self.method != "vae" and said("kl_weight"):
             raise ValueError(f"--kl-weight is for vae: it weighs the autoencoder's KL term; got it with {self.method}")
-        if not self.prior and self.prior_loss_weight != defaults["prior_loss_weight"]:
+        if not self.prior and said("prior_loss_weight"):
             raise ValueError("--prior-loss-weight weighs the class images' loss: it needs --class-prompt or "
                              "--class-data (dreambooth, lora)")
-        if not self.class_prompts and self.class_images != defaults["class_images"]:
+        if not self.class_prompts and said("class_images"):
             raise ValueError("--class-images is how many class images --class-prompt draws: give --class-prompt "
                              "(dreambooth, lora)" + ("; every image of --class-data is used" if self.class_data else ""))
         if self.fsdp and self.method not in ("full", "dreambooth"):

@@ -364,13 +364,16 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         with contextlib.suppress(Exception):
             disconnect()
         raise
+    except ray.exceptions.AuthenticationError as exc:  # its own words run on for a paragraph of Ray's help
+        where = address or "a local Ray"
+        raise ClusterError(f"cannot connect to {where}: {exc.message}; {_token_hint(exc.message)}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         if not address:
             raise ClusterError(f"cannot start a local Ray: {exc}") from exc
         hint = " (check --address / RAY_ADDRESS)"
         if not os.environ.get("RAY_AUTH_MODE"):
-            hint = ("; if the cluster uses token authentication (what `ray start` turns on since Ray 2.60), set "
-                    "RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN" + hint)
+            hint = ("; if the cluster uses token authentication (what `ray start` turns on where a token exists), "
+                    "set RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN" + hint)
         raise ClusterError(f"cannot connect to {address}: {exc}{hint}") from exc
     finally:
         put_back()
@@ -385,6 +388,18 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         # on one CPU cluster do not each take all of it and wait for each other forever.
         resources["CPU"] = min(resources.get("CPU", 0), ray.available_resources().get("CPU", 0))
     return resources
+
+
+def _token_hint(message: str) -> str:
+    """What to do about a token Ray refused or could not find. Ray 2.60's `ray start` turns token
+    authentication on only where a token already exists (~/.ray/auth_token, which any local run writes, or
+    RAY_AUTH_TOKEN), so RAY_AUTH_MODE=token against a cluster started without one finds none to send."""
+    if "no authentication token was found" in message:
+        return ("give the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on its head "
+                "prints it); a cluster `ray start` began where no token existed has token authentication off: "
+                "unset RAY_AUTH_MODE")
+    return ("RAY_AUTH_TOKEN, or else ~/.ray/auth_token, must hold the cluster's own token (`ray get-auth-token` on its "
+            "head prints it)")
 
 
 def joined_address() -> str | None:

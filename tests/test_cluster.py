@@ -249,3 +249,33 @@ def test_the_workers_output_and_the_raylets_notices_go_to_the_log_not_the_termin
     assert "RayTrainWorker pid=43" in said.err and "reading https://ann:***@h/ds" in said.err
     assert "hunter2" not in said.err
     assert [r.getMessage() for r in records] == ["(RayTrainWorker pid=43) reading https://ann:hunter2@h/ds"]
+
+
+def test_token_mode_against_a_cluster_without_a_token_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    """Ray 2.60's `ray start` turns token authentication on only where a token exists (~/.ray/auth_token, or
+    RAY_AUTH_TOKEN); on a machine where no Ray ran before it is off, and RAY_AUTH_MODE=token, as the guides
+    wrote, then finds no token to send: a 30-line AuthenticationError traceback, where a run that cannot
+    connect says so in one line."""
+    import shutil
+    import tempfile
+
+    home = tmp_path / "home"  # no ~/.ray/auth_token: a machine where no Ray ran before
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    ray_dir = Path(tempfile.mkdtemp(prefix="sdf-"))
+    head, address = start_ray_head(ray_dir)
+    try:
+        manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+        done = subprocess.run([sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(tmp_path / "out"),
+                               "--address", address], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token"})
+    finally:
+        stop_ray_head(head)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"sdfleet: error: cannot connect to {address}: Token authentication is enabled but no "
+                           "authentication token was found; give the cluster's token in RAY_AUTH_TOKEN"), line
+    assert "unset RAY_AUTH_MODE" in line

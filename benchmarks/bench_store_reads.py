@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import importlib.util
+
+    missing = [name for name in ("moto", "s3fs") if importlib.util.find_spec(name) is None]
+    if missing:  # the test install's, not the README's first command's
+        print(f"bench_store_reads: needs {' and '.join(missing)}, which the test install has (pip install -c "
+              "requirements.lock -e '.[test]')", file=sys.stderr)
+        return 1
     import s3fs
 
     from manifests.ledger import write_part

@@ -34,7 +34,7 @@ class TrainConfig(BaseModel):
 
     method: Literal["full", "lora", "dreambooth", "vae", "textual-inversion"]
     data: str = Field(description="training dataset URI (from `sdfleet dataset build`)")
-    base: str = Field(description="base model: preset (tiny, sd21-random), diffusers directory or URI")
+    base: str = Field(description="base model: preset (tiny, tiny-random, sd21-random), diffusers directory or URI")
     out: str = Field(description="output URI: the model or LoRA, checkpoints, validation images, logs")
     workers: int = Field(default=1, ge=1, description="Ray Train workers (one GPU each with --gpu)")
     gpu: bool = Field(default=False, description="one GPU per worker, NCCL, mixed precision")

@@ -116,8 +116,11 @@ def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -
 def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:
     """The files directly in `folder` whose names end in `suffix`, each with its details, found by listing
     the folder, not by globbing: an output's name may hold glob characters (`run[1]`, `shots*`) that fs.glob
-    reads as a pattern, matching other folders or none. {} when the folder does not exist."""
+    reads as a pattern, matching other folders or none. {} when the folder does not exist. The store is asked
+    now: s3fs and gcsfs keep a listing and answer from it later, and other processes (the actors) write here in
+    between, so the report written at the end of a run listed the images it had redrawn as missing."""
     folder = folder.rstrip("/")
+    fs.invalidate_cache(folder)
     try:
         entries = fs.ls(folder, detail=True)
     except FileNotFoundError:

@@ -359,3 +359,20 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_refused_not_created(s3, tmp_p
     assert "--out s3://sdfleet/notes.txt is a file; give a folder" in err and len(err.strip().splitlines()) == 1, err
     s3["fs"].invalidate_cache()
     assert [key for key in s3["fs"].find("sdfleet") if key.startswith("sdfleet/notes.txt/")] == []
+
+
+def test_a_listing_sees_what_another_process_wrote_since_the_last_one(s3):
+    """s3fs answers a listing from the one it made before: the report a run writes at its end listed the images
+    its actors had just drawn (written by other processes) as missing, since the driver had listed images/ while
+    planning. folder_files asks the store each time."""
+    import s3fs
+
+    from manifests.stores import folder_files
+
+    fs = s3["fs"]
+    fs.pipe("sdfleet/listing/images/a.png", b"a")
+    assert list(folder_files(fs, "sdfleet/listing/images")) == ["sdfleet/listing/images/a.png"]
+    other = s3fs.S3FileSystem(client_kwargs=fs.client_kwargs, skip_instance_cache=True)  # an actor's own client
+    other.pipe("sdfleet/listing/images/b.png", b"b")
+    assert sorted(folder_files(fs, "sdfleet/listing/images")) == ["sdfleet/listing/images/a.png",
+                                                                  "sdfleet/listing/images/b.png"]

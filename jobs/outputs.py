@@ -91,6 +91,15 @@ class RunOutput:
         """The current entries at `positions`, as dicts."""
         return self.current.take(pa.array(positions, pa.int64())).to_pylist() if len(positions) else []
 
+    @cached_property
+    def dropped_problems(self) -> list[int]:
+        """Positions in `current` of the rows whose newest entry is failed or invalid and older than the newest
+        finished run. That run drew again every row its manifests asked for that was not ok, so none of them asks
+        for these any more: a bad row dropped from the catalogue, no longer a problem of this output."""
+        table = self.current
+        older = pc.and_(pc.not_equal(table.column("status"), "ok"), pc.less(table.column("__run"), self.run_id))
+        return np.flatnonzero(pc.fill_null(older, False).to_numpy(zero_copy_only=False)).tolist()
+
     def this_run(self) -> pa.Table:
         """The entries the newest finished run wrote (HISTORY columns), in the order they were written."""
         return self.history.filter(pc.equal(self.history.column("__run"), self.run_id)).sort_by("__at")

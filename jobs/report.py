@@ -419,7 +419,8 @@ def changes(out: RunOutput) -> dict[str, list[str]]:
     """The ids of this run's rows by how they changed against their state before it: new, redrawn, fixed, now
     failing, still failing, and recovered (an earlier run drew it, read back). Rows this run skipped are unchanged
     and not listed. Last, rows with an image that no manifest of this run asked for (a product dropped, an id
-    renamed), as far as run.json lists them."""
+    renamed), as far as run.json lists them, and failed or invalid rows none asked for (RunOutput.dropped_problems:
+    not the output's problems any more)."""
     now = out.this_run()
     now = now.take(newest_per_id(now)).sort_by("id")
     ids = now.column("id").to_pylist()
@@ -429,6 +430,8 @@ def changes(out: RunOutput) -> dict[str, list[str]]:
     listed = out.summary.get("not_in_manifests_ids") or []
     if listed or out.summary.get("not_in_manifests"):
         kinds["not asked for"] = [row_id for row_id in listed if out.position(row_id) is not None]
+    if out.dropped_problems:
+        kinds["dropped problems"] = [out.ids[i] for i in out.dropped_problems]
     for row_id, status, warning in zip(ids, now.column("status").to_pylist(), now.column("warning").to_pylist()):
         prev = before.get(row_id)
         if status == "ok" and is_recovered({"warning": warning}):  # an earlier run drew it; this one recorded it
@@ -541,7 +544,9 @@ def _rate_chart(out: RunOutput, bars: int = 60) -> str:
             f"</svg></figure>")
 
 
-CHANGE_LABELS = {"not asked for": "not asked for by this run's manifests (images kept)"}  # others say themselves
+CHANGE_LABELS = {"not asked for": "not asked for by this run's manifests (images kept)",  # others say themselves
+                 "dropped problems": "failed or invalid before, and not asked for by this run's manifests (no longer "
+                                     "problems; the ledger keeps their entries)"}
 
 
 def _changes(out: RunOutput, layout: Layout) -> str:
@@ -564,13 +569,15 @@ def _changes(out: RunOutput, layout: Layout) -> str:
 
 
 def _problems(out: RunOutput, rows: Rows, layout: Layout) -> str:
-    bad = [i for i, status in enumerate(rows.statuses) if status != "ok"]  # in id order, as `current` is
+    dropped = set(out.dropped_problems)  # listed under what changed instead
+    bad = [i for i, status in enumerate(rows.statuses) if status != "ok" and i not in dropped]  # in id order
     missing = [i for i, (status, lack) in enumerate(zip(rows.statuses, rows.lacks)) if status == "ok" and lack]
     no_id = out.this_run()
     no_id = no_id.filter(pc.is_null(no_id.column("id")))
     total = len(bad) + len(missing) + no_id.num_rows
     if not total:
-        return "<section id=problems><h2>Problems</h2><p>none: every row has its image</p></section>"
+        said = "every row asked for has its image" if dropped else "every row has its image"
+        return f"<section id=problems><h2>Problems</h2><p>none: {said}</p></section>"
     lines = [f"<li class={e['status']}><a href='{layout.link(i)}'>{_e(e['id'])}</a> <b>{e['status']}</b>: "
              f"{_e(e.get('error') or '')}</li>" for i, e in zip(bad, rows.take(bad[:PROBLEMS_SHOWN]))]
     shown = missing[:PROBLEMS_SHOWN - len(lines)]

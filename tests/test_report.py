@@ -675,3 +675,33 @@ def test_rows_no_manifest_of_the_run_asked_for_are_listed_as_far_as_run_json_nam
     page = (output / "report" / "index.html").read_text()
     assert "<summary>3 not asked for by this run&#x27;s manifests (images kept)</summary>" in page
     assert "… and 2 more" in page
+
+
+def test_bad_rows_dropped_from_the_catalogue_are_no_longer_problems(output):
+    """c (failed) and f (invalid) in run 2; run 3's manifests no longer hold them (it would have drawn them again
+    otherwise: a run retries every row asked for that is not ok). They stayed in the report's Problems night
+    after night, while run.json said 0 failed and 0 invalid; now what changed lists them as dropped."""
+    from jobs.outputs import open_output
+
+    run3 = [ledger_row(_row("g", "sku-3", 6), "ok", actor="host:1", seconds=0.5,
+                       **_draw(output, "g", (0, 128, 0), "a photo of g"))]
+    _run(output, "20261203T000000-cccccc", run3, {"ok": 1, "skipped": 4, "failed": 0, "invalid": 0})
+    out = open_output(str(output))
+    assert [out.ids[i] for i in out.dropped_problems] == ["c", "f"]
+    assert changes(out)["dropped problems"] == ["c", "f"]
+    build_report(str(output))
+    page = (output / "report" / "index.html").read_text()
+    problems = re.search(r"<section id=problems>.*?</section>", page, re.DOTALL).group(0)
+    assert "Problems (1)" in problems and ">b</a> <b>missing</b>" in problems, problems  # b's image is still gone
+    assert ">c<" not in problems and ">f<" not in problems, problems
+    assert "<summary>2 failed or invalid before, and not asked for by this run&#x27;s manifests" in page
+    # a row asked for again, still bad, is a problem again: run 4 retries c and it fails
+    run4 = [ledger_row(_row("c", "sku-2", 2), "failed", actor="host:1", error="m.parquet row 2 (`c`): still failing")]
+    _run(output, "20261204T000000-dddddd", run4, {"ok": 0, "skipped": 5, "failed": 1, "invalid": 0})
+    assert [open_output(str(output)).ids[i] for i in open_output(str(output)).dropped_problems] == ["f"]
+    # with b drawn again, nothing asked for lacks an image
+    run5 = [ledger_row(_row("b", "sku-1", 1), "ok", actor="host:1", seconds=0.5,
+                       **_draw(output, "b", COLOURS["b"], "a photo of b"))]
+    _run(output, "20261205T000000-eeeeee", run5, {"ok": 1, "skipped": 4, "failed": 0, "invalid": 0})
+    build_report(str(output))
+    assert "none: every row asked for has its image" in (output / "report" / "index.html").read_text()

@@ -206,6 +206,10 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
             raise BadManifestFile(f"{len(bad)} of the {len(uris)} manifests cannot be read: "
                                   + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")) from exc
         raise
+    if not manifests.total:  # an export that wrote empty files: a night with nothing to do, every earlier row
+        # counted as no longer asked for (the report's "not asked for"), and exit 0 for the scheduler
+        named = ", ".join(uris[:3]) + (f" and {len(uris) - 3} more" if len(uris) > 3 else "")
+        raise RunFailed(f"the manifests hold no rows ({named}): nothing was drawn; check what wrote them")
     for uri, columns in manifests.file_columns.items():
         for column, field in look_alike_columns(columns).items():
             log(f"warning: {look_alike_warning(uri, column, field, columns)}")

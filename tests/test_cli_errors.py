@@ -609,3 +609,21 @@ def test_generate_names_every_manifest_of_a_folder_that_cannot_be_read(capsys, t
     code, _, err = run(capsys, "generate", folder, "--out", tmp_path / "out")
     line = one_error_line(err)
     assert line.startswith("sdfleet: error: 3 of the 4 manifests cannot be read: ") and "a-damaged.parquet" in line
+
+
+def test_manifests_without_a_row_are_refused_and_the_output_left_as_it_was(capsys, tmp_path, monkeypatch):
+    """An upstream export that wrote empty files made a night that exited 0 with nothing to do, started Ray for
+    nothing, and counted every row of the catalogue as no longer asked for (the report's 'not asked for')."""
+    import ray
+
+    from test_report import make_output
+
+    out = make_output(tmp_path / "out")  # an output with earlier runs
+    before = (out / "run.json").read_text()
+    empty = write_manifest(tmp_path / "catalog.parquet", [])
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started for manifests without a row"))
+    code, _, err = run(capsys, "generate", str(empty), "--out", str(out))
+    assert code == 1, err
+    assert one_error_line(err) == f"sdfleet: error: the manifests hold no rows ({empty}): nothing was drawn; check " \
+                                  "what wrote them", err
+    assert (out / "run.json").read_text() == before

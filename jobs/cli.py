@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "captioned with their ids")
     sheet.add_argument("out", metavar="OUT", help="the --out of a `sdfleet generate` run (path or URI)")
     sheet.add_argument("-o", "--output", required=True, metavar="FILE",
-                       help="the sheet to write (path or URI); its extension names the format: .png, .jpg (.jpeg) or .webp")
+                       help="the sheet to write (path or URI); its extension names the format: .png, .jpg (.jpeg) "
+                            "or .webp")
     sheet.add_argument("--group-by", metavar="COLUMN", help="one band per value of a ledger column (sku, ...)")
     sheet.add_argument("--columns", type=int, default=6, help="thumbnails per line (default 6)")
     sheet.add_argument("--thumb", type=int, default=128, help="thumbnail side in px (default 128)")

@@ -157,7 +157,8 @@ def test_an_image_written_over_with_other_bytes_is_said_in_words(output):
     e.write_bytes(bytes(range(256)) * (e.stat().st_size // 256) + bytes(e.stat().st_size % 256))
     build_report(str(output))
     page = (output / "report" / "index.html").read_text()
-    assert "images/e.png cannot read the image: not an image Pillow reads (PNG, JPEG, WebP, ...)" in page and "BytesIO" not in page
+    assert "images/e.png cannot read the image: not an image Pillow reads (PNG, JPEG, WebP, ...)" in page
+    assert "BytesIO" not in page
 
 
 def test_an_image_cut_short_after_its_thumbnail_was_made_is_missing_in_the_next_report(output):

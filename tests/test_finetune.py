@@ -502,7 +502,7 @@ def test_dataset_build_with_nothing_usable_is_an_error(tmp_path):
     (images / "a.txt").write_text("a red mug")
     proc = sdfleet("dataset", "build", str(images), "-o", str(tmp_path / "data"))
     assert proc.returncode == 1
-    assert "no usable images" in proc.stderr and "a.png: corrupt" in proc.stderr
+    assert "no usable images" in proc.stderr and "a.png: not an image Pillow reads" in proc.stderr
 
 
 # -- bad input: clear errors before any worker starts ---------------------------------------------------

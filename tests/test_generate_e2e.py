@@ -299,12 +299,14 @@ def test_a_manifest_folder_that_holds_the_output_reads_no_ledger_part_as_a_manif
     assert {e["source"] for e in ledger(out)} == {str(manifest)}
 
 
-def test_a_manifest_without_rows_starts_no_actor_and_says_only_its_own_lines(tmp_path):
+def test_a_manifest_without_rows_is_refused_in_its_own_line_before_ray(tmp_path):
+    """It was a run that drew nothing and exited 0: an upstream export that wrote an empty file passed as a
+    night with nothing to do (tests/test_cli_errors.py has the output with earlier runs)."""
     manifest = tmp_path / "empty.parquet"
     pq.write_table(pa.Table.from_pylist(rows(1)).slice(0, 0), manifest)
     proc = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "nothing to draw: no actors started" in proc.stderr
-    assert [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("[sdfleet] ")] == []
-    summary = run_summary(tmp_path / "out")
-    assert (summary["rows"], summary["ok"], summary["images_per_actor"]) == (0, 0, {})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if not line.startswith("[sdfleet] ")]
+    assert said == [f"sdfleet: error: the manifests hold no rows ({manifest}): nothing was drawn; check what wrote "
+                    "them"], said
+    assert "ray:" not in proc.stderr and not (tmp_path / "out" / "run.json").exists()

@@ -20,6 +20,7 @@ from actors.adapters import AdapterStore
 from actors.backends import make_backend
 from actors.batch_size import AUTO_BLOCK, BatchSizes
 from actors.crash_journal import check_start, kill_if_asked
+from actors import opencv
 from actors.finish import finish_rows
 from actors.models import ModelError, ModelInfo, load_pipeline
 from actors import metrics
@@ -63,6 +64,8 @@ class GeneratorActor:
         self.calls = 0
         self.swaps_reported = (0, 0.0)  # what the metrics have been told so far
         self.finish_inline = finish_inline
+        if finish_inline:  # an actor that cannot finish its images fails as it starts, saying what to install
+            opencv.load()
         self.journal, started_key = None, None
         if journal:  # the run's crash journal (actors.crash_journal), found by name
             import ray

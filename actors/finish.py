@@ -25,8 +25,6 @@ from manifests.ledger import atomic_write, ledger_row, settled_row
 from manifests.rows import PASS_THROUGH, RESULT_SCHEMA, SETTLED, to_table
 from manifests.stores import url_to_fs
 
-opencv.load()  # a worker that cannot load OpenCV fails as it starts, not at each image it finishes
-
 # Test-only: the path of a marker file. The first finishing call that finds it missing creates it and
 # kills its own worker process, so tests can check that a dead finishing worker loses no row.
 CRASH_ONCE_ENV = "SDFLEET_TEST_CRASH_FINISH_ONCE"
@@ -85,6 +83,7 @@ def finish_rows(rows: list[dict[str, Any]], *, fs: fsspec.AbstractFileSystem, ou
 
 def finish_table(batch: pa.Table, out_uri: str) -> pa.Table:
     """Ray Data entry point of the finishing stage: a table of drawn rows in, ledger rows (RESULT_SCHEMA) out."""
+    opencv.load()  # first: a worker without OpenCV's system libraries says so once, not per image
     _crash_once_if_asked()
     fs, root = url_to_fs(out_uri)
     return to_table(finish_rows(batch.to_pylist(), fs=fs, out_root=root), RESULT_SCHEMA)

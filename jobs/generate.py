@@ -164,6 +164,10 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     # 1. an --address of the wrong form, then the output store, reachable and writable, before anything is drawn
     if problem := address_problem(cluster_address(cfg.address)):
         raise RunFailed(problem)
+    if not cluster_address(cfg.address) and not cfg.plan_only:  # a local Ray's workers are this machine's:
+        from actors import opencv  # without OpenCV's system libraries they could finish no image (one line)
+
+        opencv.load()
     try:
         fs, root = url_to_fs(cfg.out)
         require_bucket(fs, root, "--out", cfg.out, RunFailed)

@@ -14,8 +14,9 @@ BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u206
 
 def terminal_line(text: str) -> str:
     """`text` as one terminal line: a control character in a name it quotes (a file, a manifest path), such as
-    a newline or an escape code, or a bidi override that reorders what follows, is written out (`\\n`,
-    `\\x1b`, `\\u202e`), so it can neither forge a line nor hide one; other text (accents, emoji joiners,
+    a newline or an escape code, a line or paragraph separator (which str.splitlines splits on), or a bidi
+    override that reorders what follows, is written out (`\\n`, `\\x1b`, `\\u2028`, `\\u202e`), so it can
+    neither forge a line nor hide one; other text (accents, emoji joiners,
     non-breaking spaces) is left as it is."""
     if text.isprintable():
         return text
@@ -23,4 +24,4 @@ def terminal_line(text: str) -> str:
 
 
 def _hides(c: str) -> bool:
-    return unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in BIDI_CONTROLS  # Zl, Zp: U+2028, U+2029

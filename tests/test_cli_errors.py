@@ -109,11 +109,18 @@ def test_opencv_without_its_system_libraries_is_one_line_saying_what_to_install(
     line = one_error_line(done.stderr)
     assert line.startswith("sdfleet: error: OpenCV cannot load (libGL.so.1: cannot open shared object file"), line
     assert "apt-get install libgl1 libglib2.0-0" in line
-    # a finishing worker (or an actor finishing inline) fails as it starts, not at each image
-    code = "import actors.finish"
+    # generate on a local Ray (whose workers are this machine's) says so before Ray starts or anything is written
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    done = sdfleet("generate", str(manifest), "--out", str(tmp_path / "out"),
+                   env={"PYTHONPATH": f"{fake.parent}:{REPO}"})
+    assert done.returncode == 1 and "ray:" not in done.stderr and not (tmp_path / "out").exists(), done.stderr[-2000:]
+    assert one_error_line(done.stderr).startswith("sdfleet: error: OpenCV cannot load (libGL.so.1"), done.stderr
+    # the driver itself needs none (it passes the stages to Ray); a finishing task fails at its first batch
+    code = ("import actors.finish, actors.actor, jobs.plan, jobs.report\n"
+            "try:\n    actors.finish.finish_table(None, 'x')\nexcept actors.opencv.OpenCVUnavailable: print('said')")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={"PYTHONPATH": f"{fake.parent}:{REPO}"},
                           capture_output=True, text=True)
-    assert done.returncode == 1 and "OpenCVUnavailable: OpenCV cannot load" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 0 and done.stdout.strip() == "said", done.stderr[-2000:]
 
 
 def test_hdfs_without_java_is_one_line_not_a_page_of_dlopen_failures(tmp_path):

@@ -420,12 +420,14 @@ def test_verify_shows_a_name_with_a_newline_or_escape_code_on_its_own_line(capsy
     """A file named `x\nok  forged.png: ...` printed raw added a forged `ok` line to what a script reads."""
     forged = tmp_path / "plain.png\nok  forged.png: read 'sdfleet', expected 'sdfleet', 100% of bits match"
     forged.write_bytes(marked["plain"].read_bytes())
+    separated = tmp_path / "sep.png\u2028ok  forged.png: read 'sdfleet'"  # a line separator splits lines too
+    separated.write_bytes(marked["plain"].read_bytes())
     tinted = tmp_path / "\x1b[2Kcaf\u00e9.png"  # an escape code that would erase what the terminal shows
     tinted.write_bytes(marked["plain"].read_bytes())
-    code, out, _ = run(capsys, "watermark", "verify", forged, tinted)
+    code, out, _ = run(capsys, "watermark", "verify", forged, tinted, separated)
     assert code == 1
     lines = out.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("MISSING  ") for line in lines), lines
+    assert len(lines) == 3 and all(line.startswith("MISSING  ") for line in lines), lines
     assert lines[0].startswith(f"MISSING  {tmp_path}/plain.png\\nok  forged.png: read") and "\x1b" not in out
     assert lines[1].startswith(f"MISSING  {tmp_path}/\\x1b[2Kcaf\u00e9.png: ")  # the accent as it is, as everywhere
 

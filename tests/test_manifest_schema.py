@@ -121,8 +121,9 @@ def test_a_row_with_a_newline_in_its_id_is_named_on_one_line():
     assert len(errors) == 2 and all("\n" not in str(e) for e in errors), [str(e) for e in errors]
     assert all(str(e).startswith("m row 0 (`sku-1\\nsku-2`)") for e in errors)
     # only what would forge or hide a line is written out: accents stay as the user wrote them (the terminal's rule)
-    _, errors, _ = validate_row(row(id="caf\u00e9\u202e-1", steps=0), source="m", row=0, models=MODELS)
-    assert all(str(e).startswith("m row 0 (`caf\u00e9\\u202e-1`)") for e in errors), [str(e) for e in errors]
+    _, errors, _ = validate_row(row(id="caf\u00e9\u202e-1\u2029x", steps=0), source="m", row=0, models=MODELS)
+    assert all(str(e).startswith("m row 0 (`caf\u00e9\\u202e-1\\u2029x`)") for e in errors), [str(e) for e in errors]
+    assert all(len(str(e).splitlines()) == 1 for e in errors)  # U+2029 splits a line for str.splitlines
 
 
 @pytest.mark.parametrize("good_id", ["x" * 128, "a", "SKU_88.v2-final", "..a", "a.."])

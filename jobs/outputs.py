@@ -95,7 +95,11 @@ class RunOutput:
     def dropped_problems(self) -> list[int]:
         """Positions in `current` of the rows whose newest entry is failed or invalid and older than the newest
         finished run. That run drew again every row its manifests asked for that was not ok, so none of them asks
-        for these any more: a bad row dropped from the catalogue, no longer a problem of this output."""
+        for these any more: a bad row dropped from the catalogue, no longer a problem of this output. Not where
+        that run met rows whose id it could not read (recorded `invalid` without one: a damaged row group): one
+        of those may be such a row, still asked for, so none is said to be dropped."""
+        if self.this_run().filter(pc.is_null(self.this_run().column("id"))).num_rows:
+            return []
         table = self.current
         older = pc.and_(pc.not_equal(table.column("status"), "ok"), pc.less(table.column("__run"), self.run_id))
         return np.flatnonzero(pc.fill_null(older, False).to_numpy(zero_copy_only=False)).tolist()

@@ -696,6 +696,11 @@ def test_bad_rows_dropped_from_the_catalogue_are_no_longer_problems(output):
     assert "Problems (1)" in problems and ">b</a> <b>missing</b>" in problems, problems  # b's image is still gone
     assert ">c<" not in problems and ">f<" not in problems, problems
     assert "<summary>2 failed or invalid before, and not asked for by this run&#x27;s manifests" in page
+    # a run that met a row whose id it could not read cannot tell which rows it was not asked for: none is dropped
+    unread = ledger_row({**_row("h", "sku-3", 7), "id": None}, "invalid",
+                        error="m.parquet row 7: the id cannot be read")
+    _run(output, "20261203T120000-cccccd", [unread], {"ok": 0, "skipped": 5, "failed": 0, "invalid": 1})
+    assert open_output(str(output)).dropped_problems == []
     # a row asked for again, still bad, is a problem again: run 4 retries c and it fails
     run4 = [ledger_row(_row("c", "sku-2", 2), "failed", actor="host:1", error="m.parquet row 2 (`c`): still failing")]
     _run(output, "20261204T000000-dddddd", run4, {"ok": 0, "skipped": 5, "failed": 1, "invalid": 0})

@@ -98,7 +98,7 @@ class RunOutput:
         for these any more: a bad row dropped from the catalogue, no longer a problem of this output. Not where
         that run met rows whose id it could not read (recorded `invalid` without one: a damaged row group): one
         of those may be such a row, still asked for, so none is said to be dropped."""
-        if self.this_run().filter(pc.is_null(self.this_run().column("id"))).num_rows:
+        if self.unread_ids.num_rows:
             return []
         table = self.current
         older = pc.and_(pc.not_equal(table.column("status"), "ok"), pc.less(table.column("__run"), self.run_id))
@@ -107,6 +107,12 @@ class RunOutput:
     def this_run(self) -> pa.Table:
         """The entries the newest finished run wrote (HISTORY columns), in the order they were written."""
         return self.history.filter(pc.equal(self.history.column("__run"), self.run_id)).sort_by("__at")
+
+    @cached_property
+    def unread_ids(self) -> pa.Table:
+        """The entries the newest finished run wrote for rows whose id it could not read (`invalid`, no id)."""
+        this_run = self.this_run()
+        return this_run.filter(pc.is_null(this_run.column("id")))
 
     def status_before_this_run(self, ids: list[str]) -> dict[str, str]:
         """id -> the status of its newest entry written by a run earlier than the newest one, for `ids`."""

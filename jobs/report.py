@@ -572,8 +572,7 @@ def _problems(out: RunOutput, rows: Rows, layout: Layout) -> str:
     dropped = set(out.dropped_problems)  # listed under what changed instead
     bad = [i for i, status in enumerate(rows.statuses) if status != "ok" and i not in dropped]  # in id order
     missing = [i for i, (status, lack) in enumerate(zip(rows.statuses, rows.lacks)) if status == "ok" and lack]
-    no_id = out.this_run()
-    no_id = no_id.filter(pc.is_null(no_id.column("id")))
+    no_id = out.unread_ids
     total = len(bad) + len(missing) + no_id.num_rows
     if not total:
         said = "every row asked for has its image" if dropped else "every row has its image"

@@ -162,9 +162,10 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
     # 1. an --address of the wrong form, then the output store, reachable and writable, before anything is drawn
-    if problem := address_problem(cluster_address(cfg.address)):
+    address = cluster_address(cfg.address)
+    if problem := address_problem(address):
         raise RunFailed(problem)
-    if not cluster_address(cfg.address) and not cfg.plan_only:  # a local Ray's workers are this machine's:
+    if not address and not cfg.plan_only:  # a local Ray's workers are this machine's:
         from actors import opencv  # without OpenCV's system libraries they could finish no image (one line)
 
         opencv.load()

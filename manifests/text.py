@@ -16,8 +16,8 @@ def terminal_line(text: str) -> str:
     """`text` as one terminal line: a control character in a name it quotes (a file, a manifest path), such as
     a newline or an escape code, a line or paragraph separator (which str.splitlines splits on), or a bidi
     override that reorders what follows, is written out (`\\n`, `\\x1b`, `\\u2028`, `\\u202e`), so it can
-    neither forge a line nor hide one; other text (accents, emoji joiners,
-    non-breaking spaces) is left as it is."""
+    neither forge a line nor hide one; other text (accents, emoji joiners, non-breaking spaces) is left as it
+    is."""
     if text.isprintable():
         return text
     return "".join(c.encode("unicode_escape").decode("ascii") if _hides(c) else c for c in text)

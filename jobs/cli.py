@@ -296,15 +296,18 @@ def cmd_generate(args) -> int:
     summary = run_generate(cfg)
     if summary.get("plan_only"):
         restored = f", {summary['restored']} would be restored" if summary["restored"] else ""  # failed since, mended
+        relabelled = (f" ({summary['relabelled']} to be recorded again with their changed manifest columns)"
+                      if summary["relabelled"] else "")
         log(f"plan only, {summary['wall_seconds']:.1f} s: of {summary['rows']} rows {summary['to_draw']} would be "
-            f"drawn, {summary['skipped']} are done, {summary['recovered']} would be recovered{restored}, "
+            f"drawn, {summary['skipped']} are done{relabelled}, {summary['recovered']} would be recovered{restored}, "
             f"{summary['failed']} would fail, {summary['invalid']} are invalid; nothing was drawn or written")
         return _rows_exit(cfg, summary)
     found = summary["recovered"] + summary["restored"]  # ok rows an earlier run drew
     recovered = f", {summary['recovered']} recovered" if summary["recovered"] else ""  # a killed run's images
     recovered += f", {summary['restored']} restored" if summary["restored"] else ""  # failed since, mended
+    relabelled = f" ({summary['relabelled']} relabelled)" if summary["relabelled"] else ""  # columns changed
     log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok'] - found} drawn{recovered}, "
-        f"{summary['skipped']} skipped, "
+        f"{summary['skipped']} skipped{relabelled}, "
         f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
         f"ledger and run.json in {cfg.out}")
     if cfg.report:  # the page is a view of what is already stored: a failure is said, and the run stands

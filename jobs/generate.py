@@ -35,10 +35,10 @@ from cluster.connect import (address_problem, alive_nodes, cluster_address, conn
 from jobs.console import command_log, leave, log, recorded_json, ticking, without_passwords
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
-from jobs.outputs import RESTORED_MARK
+from jobs.outputs import RESTORED_MARK, recorded_again
 from jobs.recorder import Recorder, located
 from manifests.dataset import SUMMARY_FILE as DATASET_SUMMARY
-from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, newest_ok_entries,
+from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, ledger_row, newest_ok_entries,
                               read_latest_ok, remove_stale_temp_files, settled_row, size_differs)
 from manifests.reader import BadManifestFile, expand_manifest_paths, survey, unreadable_files
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
@@ -237,7 +237,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     try:
         finished: dict[str, tuple[str, int | None]] = {}
         superseded: set[str] = set()  # ids whose newest entry is a failure after their newest ok one
-        done = {} if cfg.force else read_latest_ok(fs, root, finished, superseded)
+        labels: dict[str, str] = {}  # id -> the passthrough_hash its newest ok entry has
+        done = {} if cfg.force else read_latest_ok(fs, root, finished, superseded, labels)
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole: this one was damaged afterwards
             raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
@@ -269,7 +270,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
-                      embedding_tokens=embedding_tokens, word_tokens=word_tokens, restored=restored)
+                      embedding_tokens=embedding_tokens, word_tokens=word_tokens, restored=restored, labels=labels)
     # (of the rows these manifests ask for: done ids of dropped rows are counted as not_in_manifests)
     before = "--force: every row is drawn again" if cfg.force else f"{len(done.keys() - dropped)} done before"
     log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")
@@ -536,6 +537,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         "wall_seconds": round(wall, 3),
         "recovered": results.recovered,
         "restored": results.restored,
+        "relabelled": results.relabelled,
         "not_in_manifests": manifests.not_in_manifests_count,
         "not_in_manifests_ids": manifests.not_in_manifests,  # the first NOT_ASKED_LISTED, by id
         # images drawn in this run: recovered ones were drawn by an earlier run
@@ -590,7 +592,7 @@ def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal,
                     startup) -> None:
     """Plan and draw, recording every row as it comes back: into a fresh output the actors start while the plan
     runs; otherwise the plan is settled first and only the rows to draw go to the actors."""
-    from ray.data.expressions import col
+    from ray.data.expressions import col, lit
 
     if total and not state.done and not state.existing:
         log("planning while the actors start (" + ("--force" if cfg.force else "nothing done before in this output")
@@ -607,8 +609,13 @@ def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal,
         startup["plan_done"] = round(time.time() - started, 3)
         settled = planned.filter(expr=col("status").is_not_null())  # invalid, skipped, failed: no actor needed
         todo = planned.filter(expr=col("status").is_null()).materialize()
+        relabel: set[str] = set()  # done rows whose pass-through columns changed: recorded again, below
         for batch in settled.iter_batches(batch_size=None, batch_format="pyarrow"):
-            results.record([settled_row(r) for r in batch.to_pylist()])
+            rows = batch.to_pylist()
+            relabel.update(r["id"] for r in rows if r["relabel"])
+            results.record([settled_row(r) for r in rows if not r["relabel"]])
+        if relabel:
+            _record_relabelled(planned.filter(expr=col("relabel") == lit(True)), relabel, results)
         to_draw = todo.count()
         if to_draw:
             log(f"{to_draw} row(s) to draw")
@@ -617,6 +624,26 @@ def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal,
                 results.record(batch.to_pylist())
         else:
             log("nothing to draw: no actors started")
+
+
+def _record_relabelled(rows, ids: set[str], results: Recorder) -> None:
+    """Done rows whose pass-through columns changed since their newest `ok` entry (jobs.plan `relabel`): each is
+    recorded again from that entry (its image, hash, mark read back), with the manifest's columns as they are now,
+    so the ledger and the report do not keep a renamed SKU or category until the row is drawn again. Counted as
+    skipped (nothing was drawn) and as relabelled. One more read of the ledger, for these ids only."""
+    from jobs.plan import RELABELLED
+
+    entries = newest_ok_entries(results.fs, results.root, ids)
+    log(f"{len(ids)} done row(s) whose manifest columns changed (not what they draw): recorded again, not drawn")
+    for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+        records = []
+        for row in batch.to_pylist():
+            entry = entries.get(row["id"])
+            if entry is None:  # (read from the same ledger a moment ago: only a ledger changed since lacks it)
+                records.append(settled_row(row))  # skipped, as it was: the entry that vouched for it is kept
+                continue
+            records.append(ledger_row(row, "ok", **{**entry, "warning": recorded_again(RELABELLED, entry["warning"])}))
+        results.record(records)
 
 
 PLAN_PROBLEMS_SHOWN = 20  # rows --plan-only names, of those it would not draw
@@ -628,13 +655,14 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
     import pyarrow.compute as pc
 
     counts = {"to_draw": 0, "skipped": 0, "ok": 0, "failed": 0, "invalid": 0}
-    said = restored = 0
+    said = restored = relabelled = 0
     with ticking(lambda: f"planning: {sum(counts.values())}/{total} rows, {time.time() - started:.0f} s in"):
-        columns = ["status", "error", "warning", "source", "row", "id"]
+        columns = ["status", "error", "warning", "source", "row", "id", "relabel"]
         for batch in planned.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
             for status, n in zip(*batch.column("status").value_counts().flatten()):
                 counts["to_draw" if status.as_py() is None else status.as_py()] += n.as_py()
             restored += pc.sum(pc.starts_with(batch.column("warning").fill_null(""), RESTORED_MARK)).as_py() or 0
+            relabelled += pc.sum(batch.column("relabel").fill_null(False)).as_py() or 0
             if said < PLAN_PROBLEMS_SHOWN:  # where each row is, then why (a bad adapter's reason names no row)
                 bad = batch.filter(pc.is_in(batch.column("status"), pa.array(["failed", "invalid"])))
                 for row in bad.slice(0, PLAN_PROBLEMS_SHOWN - said).to_pylist():
@@ -646,6 +674,7 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
     if sum(counts.values()) != total:
         raise RunFailed(f"{total} rows went in but the plan gave {sum(counts.values())}")
     return {"plan_only": True, "rows": total, **counts, "recovered": counts.pop("ok") - restored, "restored": restored,
+            "relabelled": relabelled,
             "wall_seconds": round(time.time() - started, 3), "out": cfg.out}
 
 

@@ -28,7 +28,7 @@ from manifests.stores import UnreadableFile, folder_files, is_local_fs, read_par
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
 BOOKKEEPING = ("status", "uri", "sha256", "png_bytes", "params_hash", "error", "warning", "watermark", "watermark_bits",
-               "actor", "seconds", "finished_at", "source", "row")
+               "actor", "seconds", "finished_at", "source", "row", "passthrough_hash")
 
 
 @dataclass
@@ -202,6 +202,8 @@ def newest_per_id(table: pa.Table) -> pa.Array:
 # How the `warning` of an `ok` entry the plan settled from an earlier run's image begins (jobs/plan.py).
 RECOVERED_MARK = "recovered:"  # an image no ledger entry vouched for, read back (`recovered`)
 RESTORED_MARK = "restored:"  # a row failed since its last ok entry, which still vouches for its image (`RESTORED`)
+RELABELLED_MARK = "relabelled:"  # a done row whose pass-through columns changed, recorded again (`RELABELLED`)
+AS_DRAWN = "; as drawn: "  # in such an entry's warning, before the warning its image was drawn with, if any
 
 
 def is_recovered(entry: dict) -> bool:
@@ -212,6 +214,19 @@ def is_recovered(entry: dict) -> bool:
 def is_restored(entry: dict) -> bool:
     """An `ok` entry recorded again for a row failed since its last one (see jobs/plan.py `RESTORED`)."""
     return (entry.get("warning") or "").startswith(RESTORED_MARK)
+
+
+def is_relabelled(entry: dict) -> bool:
+    """An `ok` entry recorded again, undrawn, for a done row whose pass-through columns changed (jobs/plan.py)."""
+    return (entry.get("warning") or "").startswith(RELABELLED_MARK)
+
+
+def recorded_again(mark: str, warning: str | None) -> str:
+    """The warning of an `ok` entry recorded again from an earlier one whose warning is `warning`: `mark`, then the
+    warning the image was drawn with (a prompt cut short, a weak mark), which would be lost otherwise."""
+    if warning and warning.startswith((RECOVERED_MARK, RESTORED_MARK, RELABELLED_MARK)):  # what it kept, if any
+        warning = warning.split(AS_DRAWN, 1)[1] if AS_DRAWN in warning else None
+    return f"{mark}{AS_DRAWN}{warning}" if warning else mark
 
 
 def unfinished_note(run_id: str) -> str:

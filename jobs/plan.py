@@ -2,7 +2,9 @@
 
 Each row leaves this stage exactly once, as one of:
 - `invalid`: a reason naming the row, field and value (drawn by nobody, recorded in the ledger);
-- `skipped`: its `params_hash` already has an `ok` ledger entry and an image (not redrawn);
+- `skipped`: its `params_hash` already has an `ok` ledger entry and an image (not redrawn); `relabel` is set where
+  the row's pass-through columns (`sku`, `category`, ...) changed since that entry: the driver records it again
+  with them, from that entry, so the ledger and the report show what the manifest says now;
 - `failed`: it needs an adapter that cannot be used (unknown, corrupt, a pickle file);
 - `ok`: no ledger entry covers it, but its image is there with its `params_hash` (a killed run wrote the
   image and stopped before recording it), or its newest entry is a failure since an `ok` entry that still
@@ -31,7 +33,7 @@ from PIL import Image
 from actors.adapters import embedding_scale_problem
 from actors.png import read_parameters_from
 from jobs.console import without_passwords
-from jobs.outputs import RECOVERED_MARK, RESTORED_MARK
+from jobs.outputs import RECOVERED_MARK, RELABELLED_MARK, RESTORED_MARK, recorded_again
 from manifests.reader import ManifestPart, Unreadable, read_part
 from manifests.rows import WORK_SCHEMA, to_table
 from manifests.schema import (adapter_entries, coerced_id, group_key, resolve_row, row_location,
@@ -49,7 +51,8 @@ class PlanState:
     case_clashes: dict[str, list[str]] = field(default_factory=dict)  # id -> ids one file name away on this disk
     done: dict[str, str] = field(default_factory=dict)  # id -> params_hash of its newest ok entry
     # ids of `done` whose newest entry is a later failure -> (uri, sha256, png_bytes) of that ok entry
-    restored: dict[str, tuple[str, str, int | None]] = field(default_factory=dict)
+    restored: dict[str, dict[str, Any]] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # id -> passthrough_hash of its newest ok entry, if any
     existing: set[str] = field(default_factory=set)  # ids with an image in the output store
     watermark: str | None = None
     force: bool = False
@@ -64,7 +67,7 @@ class PlanState:
 def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) -> dict[str, Any]:
     """Turn one raw manifest row into one work row (see the module docstring)."""
     parsed, errors, extras = validate_row(raw, source=source, row=row, models=set(state.models))
-    base = {"source": source, "row": row,
+    base = {"source": source, "row": row, "passthrough_hash": passthrough_hash(extras),
             "extra": json.dumps(extras, default=_as_json, ensure_ascii=False) if extras else None}
     raw_id = coerced_id(raw.get("id"))
     if errors:
@@ -100,11 +103,12 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     if not state.force and parsed.id in state.existing:
         if state.done.get(parsed.id) == work["params_hash"]:
             if parsed.id not in state.restored:
-                return {**work, "status": "skipped"}
+                label = state.labels.get(parsed.id)
+                return {**work, "status": "skipped", "relabel": label is not None and label != work["passthrough_hash"]}
             # a failure since (an adapter upload cut short, put back), and the image its ok entry vouches for is
             # still there: that entry is recorded again, so the row does not stay `failed` in the ledger and report
-            uri, sha256, size = state.restored[parsed.id]
-            return {**work, "status": "ok", "uri": uri, "sha256": sha256, "png_bytes": size, "warning": RESTORED}
+            entry = state.restored[parsed.id]
+            return {**work, **entry, "status": "ok", "warning": recorded_again(RESTORED, entry["warning"])}
         # An image a killed run wrote without recording it: never one whose newest `ok` entry still vouches for it
         # (that image has the entry's hash; one written since was taken out of `done`, changed_since_recorded).
         # Read only where no entry does: a change to every row's hash (a new model, a new mark) read every image
@@ -167,6 +171,16 @@ def unlisted_embedding(parsed, tokens: dict[str, str], words: frozenset[str] = f
 
 RESTORED = (f"{RESTORED_MARK} the image drawn before this row's last failure is still the row's; its entry is recorded "
             "again")
+
+
+RELABELLED = (f"{RELABELLED_MARK} the row's pass-through columns changed since its image was drawn, not what it draws; "
+              "its entry is recorded again with them")
+
+
+def passthrough_hash(extras: dict[str, Any]) -> str:
+    """A digest of a row's pass-through columns, by name (their order in the manifest does not count)."""
+    blob = json.dumps(extras, default=_as_json, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def recovered(out: str, row_id: str, params_hash: str) -> dict[str, str] | None:

@@ -13,7 +13,7 @@ import time
 from actors import metrics
 from jobs.console import in_background, log, without_passwords
 from jobs.errors import RunFailed, one_line
-from jobs.outputs import is_recovered, is_restored
+from jobs.outputs import is_recovered, is_relabelled, is_restored
 from manifests.ledger import write_part
 from manifests.schema import row_location
 
@@ -45,6 +45,7 @@ class Recorder:
         self.parts = 0
         self.recovered = 0  # ok rows whose image an earlier, killed run wrote without recording it
         self.restored = 0  # ok rows failed since their last ok entry, which vouches for their image (plan.RESTORED)
+        self.relabelled = 0  # done rows recorded again with their changed pass-through columns (counted skipped)
         self.last_flush = self.last_progress = time.time()
         self.warnings_shown = self.problems_shown = 0
         self.first_written: float | None = None  # when the first image was written (wall clock)
@@ -59,7 +60,7 @@ class Recorder:
             if key in self.seen:  # Ray retried a batch that had already come back: keep the first
                 continue
             self.seen.add(key)
-            self.counts[row["status"]] += 1
+            self.counts["skipped" if is_relabelled(row) else row["status"]] += 1  # (recorded again, not drawn)
             if row["status"] == "invalid" or (row["status"] == "failed" and not row.get("actor")):
                 metrics.row_failures("invalid" if row["status"] == "invalid" else "adapter")  # settled by the plan
             self.planned_at = max(self.planned_at, row.get("planned_at") or 0.0)
@@ -73,6 +74,8 @@ class Recorder:
             if row["status"] == "ok" and not row.get("actor"):  # the plan settled it: drawn by an earlier run
                 if is_restored(row):
                     self.restored += 1
+                elif is_relabelled(row):
+                    self.relabelled += 1
                 else:
                     self.recovered += 1
             elif row["status"] == "ok":
@@ -86,8 +89,9 @@ class Recorder:
                 elif self.problems_shown == PROBLEMS_SHOWN + 1:  # said once, when there are more than shown
                     log(f"(the first {PROBLEMS_SHOWN} failed or invalid rows are shown; the ledger has every one, "
                         "and `sdfleet report` shows them)")
-            elif row["warning"] and not (is_recovered(row) or is_restored(row)):  # (counted in the summary line:
-                self.warnings_shown += 1  # a killed run's rows, one line each, said nothing more)
+            # (rows an earlier run drew are counted in the summary line: a killed run's, a line each, said nothing)
+            elif row["warning"] and not (is_recovered(row) or is_restored(row) or is_relabelled(row)):
+                self.warnings_shown += 1
                 if self.warnings_shown <= WARNINGS_SHOWN:
                     log(f"ok: {located(row, row['warning'])}")
                 elif self.warnings_shown == WARNINGS_SHOWN + 1:

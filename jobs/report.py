@@ -41,7 +41,8 @@ from actors.png import image_parameters
 from jobs import outputs
 from jobs.console import log
 from jobs.errors import ReportError, one_line
-from jobs.outputs import RunOutput, adapters_text, is_recovered, newest_per_id, open_output, unfinished_note
+from jobs.outputs import (RunOutput, adapters_text, is_recovered, is_relabelled, newest_per_id, open_output,
+                          unfinished_note)
 from manifests.ledger import LEDGER_COLUMNS, atomic_write, png_sizes
 from manifests.stores import folder_files, is_local_fs, read_parquet
 from manifests.text import NOT_AN_IMAGE
@@ -419,8 +420,9 @@ def changes(out: RunOutput) -> dict[str, list[str]]:
     """The ids of this run's rows by how they changed against their state before it: new, redrawn, fixed, now
     failing, still failing, and recovered (an earlier run drew it, read back). Rows this run skipped are unchanged
     and not listed. Last, rows with an image that no manifest of this run asked for (a product dropped, an id
-    renamed), as far as run.json lists them, and failed or invalid rows none asked for (RunOutput.dropped_problems:
-    not the output's problems any more)."""
+    renamed), as far as run.json lists them, failed or invalid rows none asked for (RunOutput.dropped_problems:
+    not the output's problems any more), and done rows recorded again, undrawn, because their manifest columns
+    changed (relabelled); these three only where there are any."""
     now = out.this_run()
     now = now.take(newest_per_id(now)).sort_by("id")
     ids = now.column("id").to_pylist()
@@ -436,6 +438,9 @@ def changes(out: RunOutput) -> dict[str, list[str]]:
         prev = before.get(row_id)
         if status == "ok" and is_recovered({"warning": warning}):  # an earlier run drew it; this one recorded it
             kind = "recovered"
+        elif status == "ok" and is_relabelled({"warning": warning}):  # its image as it was; its columns new
+            kinds.setdefault("relabelled", []).append(row_id)  # (listed only where there are any)
+            continue
         elif status == "ok":
             kind = "new" if prev is None else "redrawn" if prev == "ok" else "fixed"
         else:
@@ -497,6 +502,7 @@ def _figures(out: RunOutput) -> str:
     stats = [("rows", s.get("rows")), ("drawn", drawn), ("skipped", s.get("skipped")),
              ("failed", s.get("failed")), ("invalid", s.get("invalid")), ("recovered", s.get("recovered")),
              *([("restored", s["restored"])] if s.get("restored") else []),
+             *([("relabelled", s["relabelled"])] if s.get("relabelled") else []),
              ("images/s", s.get("images_per_second")), ("wall s", s.get("wall_seconds")),
              ("adapter swaps", (s.get("adapter_swaps") or {}).get("total")),
              ("swap s", (s.get("adapter_swaps") or {}).get("seconds"))]
@@ -546,7 +552,9 @@ def _rate_chart(out: RunOutput, bars: int = 60) -> str:
 
 CHANGE_LABELS = {"not asked for": "not asked for by this run's manifests (images kept)",  # others say themselves
                  "dropped problems": "failed or invalid before, and not asked for by this run's manifests (no longer "
-                                     "problems; the ledger keeps their entries)"}
+                                     "problems; the ledger keeps their entries)",
+                 "relabelled": "relabelled: their manifest columns changed, not what they draw (recorded again, not "
+                               "drawn)"}
 
 
 def _changes(out: RunOutput, layout: Layout) -> str:

@@ -49,6 +49,8 @@ LEDGER_SCHEMA = pa.schema([
     ("finished_at", pa.string()),
     ("source", pa.string()),
     ("row", pa.int64()),
+    # a digest of the row's pass-through columns: a rerun records a done row again, undrawn, when they changed
+    ("passthrough_hash", pa.string()),
     ("extra", pa.string()),  # JSON of the manifest's pass-through columns, expanded when a part is written
 ])
 LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
@@ -57,7 +59,7 @@ LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
 def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
     """A ledger entry for `row` (the ledger carries no prompt: it lives in the manifest and the PNG)."""
     keep = ("id", "params_hash", "seed", "model", "width", "height", "steps", "guidance_scale", "scheduler",
-            "watermark", "source", "row", "extra", "error", "warning")
+            "watermark", "source", "row", "passthrough_hash", "extra", "error", "warning")
     entry = {k: row.get(k) for k in keep}
     entry["adapters"] = [{"name": a["name"], "scale": a["scale"]} for a in row.get("adapters") or []]
     entry["status"] = status
@@ -69,7 +71,7 @@ def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
 def settled_row(row: dict[str, Any], **fields) -> dict[str, Any]:
     """The ledger entry of a row the plan settled: invalid, failed, or ok when it recovered the image."""
     return ledger_row(row, row["status"], uri=row.get("uri"), sha256=row.get("sha256"), png_bytes=row.get("png_bytes"),
-                      **fields)
+                      watermark_bits=row.get("watermark_bits"), **fields)
 
 
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -190,51 +192,63 @@ def ledger_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | No
 
 def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,
                    finished: dict[str, tuple[str, int | None]] | None = None,
-                   superseded: set[str] | None = None) -> dict[str, str]:
+                   superseded: set[str] | None = None,
+                   labels: dict[str, str] | None = None) -> dict[str, str]:
     """Map id -> params_hash of the newest `ok` entry for every id the ledger holds; `finished`, when given,
     is filled with id -> that entry's (`finished_at`, `png_bytes`): what a rerun checks the image against
     (`png_bytes` is None in parts written before the column was). `superseded`, when given, gets the ids whose
-    newest entry is not that `ok` one (a `failed` or `invalid` entry written after it).
+    newest entry is not that `ok` one (a `failed` or `invalid` entry written after it). `labels`, when given, gets
+    id -> that entry's `passthrough_hash`, where it has one (parts written before the column was have none).
 
     Only the newest counts: if a row was drawn with hash A, then B, then changed back to A, the image
     on disk is B's, so A must be drawn again.
     """
     parts = ledger_parts(fs, root)
-    latest: dict[str, tuple[str, str, int | None]] = {}
+    latest: dict[str, tuple[str, str, int | None, str | None]] = {}
     not_ok: dict[str, str] = {}  # id -> when its newest entry that is not `ok` was written
-    columns = ["id", "status", "params_hash", "finished_at", "png_bytes"]
-    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=("png_bytes",)):
-        sizes = png_sizes(table)
-        for rid, status, phash, when, size in zip(*(table.column(c).to_pylist() for c in columns[:4]), sizes):
+    columns = ["id", "status", "params_hash", "finished_at", "png_bytes", "passthrough_hash"]
+    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts,
+                                       optional=("png_bytes", "passthrough_hash")):
+        values = [table.column(c).to_pylist() for c in columns[:4]]
+        for rid, status, phash, when, size, label in zip(*values, png_sizes(table), passthrough_hashes(table)):
             if status == "ok":
                 if rid not in latest or when >= latest[rid][1]:
-                    latest[rid] = (phash, when, size)
+                    latest[rid] = (phash, when, size, label)
             elif superseded is not None and when is not None and (rid not in not_ok or when > not_ok[rid]):
                 not_ok[rid] = when
     if finished is not None:
-        finished.update((rid, (when, size)) for rid, (_, when, size) in latest.items())
+        finished.update((rid, (when, size)) for rid, (_, when, size, _) in latest.items())
     if superseded is not None:
         superseded.update(rid for rid, when in not_ok.items() if rid in latest and when > (latest[rid][1] or ""))
-    return {rid: phash for rid, (phash, _, _) in latest.items()}
+    if labels is not None:
+        labels.update((rid, label) for rid, (_, _, _, label) in latest.items() if label is not None)
+    return {rid: phash for rid, (phash, _, _, _) in latest.items()}
 
 
-def newest_ok_entries(fs: fsspec.AbstractFileSystem, root: str,
-                      ids: set[str]) -> dict[str, tuple[str, str, int | None]]:
-    """id -> (uri, sha256, png_bytes) of the newest `ok` entry of each of `ids`: what a rerun records again for a
-    row that failed since (jobs.plan), from the ledger, not by reading its image back (a night that failed a
-    whole catalogue would have every image read the next, two requests each on an object store)."""
+# What a row recorded again without drawing it keeps of its newest `ok` entry (newest_ok_entries)
+KEPT_FROM_OK = ("uri", "sha256", "png_bytes", "watermark_bits", "warning")
+
+
+def newest_ok_entries(fs: fsspec.AbstractFileSystem, root: str, ids: set[str]) -> dict[str, dict[str, Any]]:
+    """id -> the KEPT_FROM_OK fields of the newest `ok` entry of each of `ids`: what a rerun records again for a
+    row that failed since, or whose pass-through columns changed (jobs.plan), from the ledger, not by reading its
+    image back (a night that failed a whole catalogue would have every image read the next, two requests each on
+    an object store)."""
     import pyarrow.compute as pc
 
     parts = ledger_parts(fs, root)
     wanted = pa.array(sorted(ids), pa.string())
-    newest: dict[str, tuple[str, tuple[str, str, int | None]]] = {}
-    columns = ["id", "status", "finished_at", "uri", "sha256", "png_bytes"]
-    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=("png_bytes",)):
+    newest: dict[str, tuple[str, dict[str, Any]]] = {}
+    columns = ["id", "status", "finished_at", *KEPT_FROM_OK]
+    optional = ("png_bytes", "watermark_bits", "warning")
+    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=optional):
         table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_in(table["id"], value_set=wanted)))
-        values = [table.column(c).to_pylist() for c in columns[:5]]
-        for rid, _, when, uri, sha, size in zip(*values, png_sizes(table)):
+        kept = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+                for c in ("uri", "sha256", "watermark_bits", "warning")}
+        kept["png_bytes"] = png_sizes(table)
+        for i, (rid, when) in enumerate(zip(table.column("id").to_pylist(), table.column("finished_at").to_pylist())):
             if rid not in newest or when >= newest[rid][0]:
-                newest[rid] = (when, (uri, sha, size))
+                newest[rid] = (when, {c: kept[c][i] for c in KEPT_FROM_OK})
     return {rid: entry for rid, (_, entry) in newest.items()}
 
 
@@ -243,6 +257,15 @@ def png_sizes(table: pa.Table) -> list[int | None]:
     or holds something else (a manifest's own column of that name, passed through before it was one)."""
     column = table.column("png_bytes") if "png_bytes" in table.column_names else None
     if column is None or not pa.types.is_integer(column.type):
+        return [None] * table.num_rows
+    return column.to_pylist()
+
+
+def passthrough_hashes(table: pa.Table) -> list[str | None]:
+    """Each entry's `passthrough_hash`; None throughout where the column is missing (a part written before it was
+    one) or is not text (a manifest's own column of that name, passed through before it was one)."""
+    column = table.column("passthrough_hash") if "passthrough_hash" in table.column_names else None
+    if column is None or not pa.types.is_string(column.type):
         return [None] * table.num_rows
     return column.to_pylist()
 

@@ -41,9 +41,12 @@ WORK_SCHEMA = pa.schema([
     ("uri", pa.string()),  # a recovered row: the image an earlier run drew and did not record
     ("sha256", pa.string()),
     ("png_bytes", pa.int64()),
+    ("watermark_bits", pa.float64()),  # ... and what its mark read back (a restored or relabelled row: from its entry)
     ("source", pa.string()),
     ("row", pa.int64()),
+    ("passthrough_hash", pa.string()),
     ("extra", pa.string()),
+    ("relabel", pa.bool_()),  # a skipped row whose pass-through columns changed: recorded again (jobs.plan)
     ("affinity", pa.string()),  # sort key of rows to draw (jobs.plan.affinity); "" for the others
     ("planned_at", pa.float64()),  # wall clock when its plan task finished: run.json's startup.plan_done
 ])

@@ -143,6 +143,62 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     assert "of 62 rows 3 would be drawn, 58 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_done_row_whose_manifest_columns_changed_is_recorded_again_not_drawn(run64, tmp_path):
+    """The nightly catalogue renamed a SKU and moved a product to another category: neither changes the image, so
+    the row was skipped, and the ledger and the report kept the old values until it was drawn again for another
+    reason. Such a row is now recorded again from its entry (same image, same hash), with the columns as they are."""
+    out = tmp_path / "out"
+    shutil.copytree(run64["out"], out)
+    records = [{**r, "sku": f"SKU-{i}", "category": "kitchen"} for i, r in enumerate(run64["records"][:6])]
+    images = {p.name: p.stat().st_mtime_ns for p in (out / "images").glob("*.png")}
+    drawn = {e["id"]: e for e in ledger(out)}
+
+    def newest() -> dict[str, dict]:
+        return {e["id"]: e for e in sorted(ledger(out), key=lambda e: e["finished_at"])}
+
+    # night 1: the manifest gains the columns; every row was drawn without them
+    proc = sdfleet("generate", str(write_manifest(tmp_path / "night1.parquet", records)), "--out", str(out),
+                   "--no-watermark")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = run_summary(out)
+    assert (summary["ok"], summary["skipped"], summary["relabelled"]) == (0, 6, 6)
+    assert "0 drawn, 6 skipped (6 relabelled)" in proc.stderr
+    now = newest()
+    for record in records:
+        entry, kept = now[record["id"]], drawn[record["id"]]
+        assert (entry["status"], entry["uri"], entry["sha256"], entry["png_bytes"], entry["params_hash"]) == (
+            "ok", kept["uri"], kept["sha256"], kept["png_bytes"], kept["params_hash"])
+        assert entry["warning"].startswith("relabelled: ") and entry["sku"] == record["sku"]
+    # night 2: a SKU renamed, a product moved, a prompt changed (drawn: its new entry has the new columns), and the
+    # columns in another order (not a change)
+    records[0]["sku"], records[1]["category"] = "SKU-0-NEW", "home"
+    records[2].update(prompt=records[2]["prompt"] + ", studio lighting", sku="SKU-2-NEW")
+    night2 = write_manifest(tmp_path / "night2.parquet", [dict(reversed(list(r.items()))) for r in records])
+    proc = sdfleet("generate", str(night2), "--out", str(out), "--no-watermark", "--plan-only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("of 6 rows 1 would be drawn, 5 are done (2 to be recorded again with their changed manifest columns)"
+            in proc.stderr), proc.stderr[-2000:]
+    proc = sdfleet("generate", str(night2), "--out", str(out), "--no-watermark", "--report-group-by", "category")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = run_summary(out)
+    assert (summary["ok"], summary["skipped"], summary["relabelled"]) == (1, 5, 2)
+    now = newest()
+    assert (now[records[0]["id"]]["sku"], now[records[1]["id"]]["category"]) == ("SKU-0-NEW", "home")
+    assert now[records[2]["id"]]["sku"] == "SKU-2-NEW" and now[records[2]["id"]]["actor"]  # drawn
+    assert now[records[0]["id"]]["sha256"] == drawn[records[0]["id"]]["sha256"]
+    for record in records[:2] + records[3:]:
+        name = f"{record['id']}.png"
+        assert (out / "images" / name).stat().st_mtime_ns == images[name], f"{name} was written again"
+    page = (out / "report" / "index.html").read_text()
+    assert "<summary>2 relabelled: their manifest columns changed" in page and "<summary>1 redrawn</summary>" in page
+    assert "category = home · 1 rows" in page
+    # night 3: nothing changed, nothing recorded
+    entries = len(ledger(out))
+    proc = sdfleet("generate", str(night2), "--out", str(out), "--no-watermark")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_summary(out)["relabelled"], len(ledger(out))) == (0, entries)
+
+
 def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
     # finished images (20 steps): half-denoised 2-step ones read back only part of their bits
     good = [{**row, "steps": 20} for row in rows(3, prefix="good")]

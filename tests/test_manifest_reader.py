@@ -391,7 +391,7 @@ def ledger_row(rid: str, phash: str, finished_at: str, status: str = "ok", **ext
         "width": 256, "height": 256, "steps": 2, "guidance_scale": 7.5, "scheduler": "ddim", "watermark": "sdfleet",
         "watermark_bits": 1.0 if status == "ok" else None,
         "error": None if status == "ok" else "boom", "warning": None, "actor": "actor-0", "seconds": 0.25,
-        "finished_at": finished_at, "source": "m.parquet", "row": 0,
+        "finished_at": finished_at, "source": "m.parquet", "row": 0, "passthrough_hash": None,
         "extra": json.dumps(extra, ensure_ascii=False) if extra else None,
     }
 
@@ -486,7 +486,33 @@ def test_latest_ok_ignores_failed_and_invalid_entries(memfs):
     superseded: set[str] = set()
     assert read_latest_ok(fs, root, superseded=superseded) == {"mug": "A", "lamp": "L", "cup": "C"}
     assert superseded == {"mug"}
-    assert newest_ok_entries(fs, root, superseded) == {"mug": ("out/images/mug.png", "0" * 64, 1234)}
+    assert newest_ok_entries(fs, root, superseded) == {"mug": {"uri": "out/images/mug.png", "sha256": "0" * 64,
+                                                                "png_bytes": 1234, "watermark_bits": 1.0,
+                                                                "warning": None}}
+
+
+def test_latest_ok_says_which_pass_through_columns_each_done_row_was_recorded_with(memfs):
+    """What lets a rerun record a row again whose SKU or category changed (jobs.plan): the newest ok entry's
+    `passthrough_hash`; none where a part from before the column recorded it, or a manifest's own column of that
+    name, passed through before it was a ledger column, holds something else."""
+    fs, root = memfs
+    write_part(fs, root, "20260101T000000-aaaaaa", 0, [{**ledger_row("mug", "A", "2026-01-01T00:00:00+00:00"),
+                                                        "passthrough_hash": "old"},
+                                                       {**ledger_row("cup", "C", "2026-01-01T00:00:00+00:00"),
+                                                        "passthrough_hash": "c1"}])
+    write_part(fs, root, "20260102T000000-bbbbbb", 0, [{**ledger_row("mug", "A", "2026-01-02T00:00:00+00:00"),
+                                                        "passthrough_hash": "new"},
+                                                       {**ledger_row("cup", "C", "2026-01-02T00:00:00+00:00",
+                                                                     status="failed"), "passthrough_hash": "c2"}])
+    old = to_table([ledger_row("vase", "V", "2026-01-01T00:00:00+00:00")]).drop_columns(["passthrough_hash"])
+    with fs.open(f"{root}/results/20251201T000000-cccccc-00000.parquet", "wb") as f:
+        pq.write_table(old, f)
+    theirs = old.append_column("passthrough_hash", pa.array([7])).set_column(0, "id", pa.array(["lamp"]))
+    with fs.open(f"{root}/results/20251201T000001-dddddd-00000.parquet", "wb") as f:
+        pq.write_table(theirs, f)
+    labels: dict = {}
+    assert read_latest_ok(fs, root, labels=labels) == {"mug": "A", "cup": "C", "vase": "V", "lamp": "V"}
+    assert labels == {"mug": "new", "cup": "c1"}  # the newest ok entry's: a failure since records nothing done
 
 
 def test_pass_through_columns_named_like_ledger_columns_get_a_prefix(memfs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from actors.models import describe_model
@@ -197,12 +199,16 @@ def test_a_failed_row_whose_image_is_still_its_own_is_recorded_ok_again(monkeypa
     monkeypatch.setattr(jobs.plan, "recovered", lambda *args: pytest.fail("an image was read back"))
     hashes = {rid: plan_row({"id": rid, "prompt": f"a red {rid}"}, source="m.parquet", row=0,
                             state=state())["params_hash"] for rid in ("mug", "cup")}
-    entry = ("/out/images/mug.png", "s" * 64, 1234)
+    entry = {"uri": "/out/images/mug.png", "sha256": "s" * 64, "png_bytes": 1234, "watermark_bits": 1.0,
+             "warning": "prompt is 90 CLIP tokens, over the 77 the model reads"}
     planned = state(done=hashes, existing={"mug", "cup"}, restored={"mug": entry}, out="/out")
     mug = plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0, state=planned)
     cup = plan_row({"id": "cup", "prompt": "a red cup"}, source="m.parquet", row=1, state=planned)
-    assert (mug["status"], mug["uri"], mug["sha256"], mug["png_bytes"]) == ("ok", *entry)
-    assert mug["warning"].startswith("restored: ") and cup["status"] == "skipped"
+    assert (mug["status"], mug["uri"], mug["sha256"], mug["png_bytes"], mug["watermark_bits"]) == (
+        "ok", "/out/images/mug.png", "s" * 64, 1234, 1.0)
+    # the warning the image was drawn with is kept after the mark: the report's tile still says the prompt was cut
+    assert mug["warning"].startswith("restored: ") and mug["warning"].endswith(f"; as drawn: {entry['warning']}")
+    assert cup["status"] == "skipped"
     # the row changed since: drawn, as any changed row is
     assert plan_row({"id": "mug", "prompt": "a blue mug"}, source="m.parquet", row=0, state=planned)["status"] is None
 
@@ -319,3 +325,31 @@ def test_manifest_values_json_has_no_type_for_reach_the_ledger_as_readable_text(
     (entry,) = to_table([{**work, "status": "ok"}]).to_pylist()
     assert (entry["price"], entry["launched"], entry["day"], entry["blob"], entry["tags"]) == (
         "19.99", "2026-03-01T12:00:00+00:00", "2026-03-01", "0001", ["new", "red"])
+
+
+def test_a_done_row_whose_manifest_columns_changed_is_marked_to_be_recorded_again():
+    """A catalogue renamed a SKU or moved a product to another category: the image is the same (the columns do not
+    change what a row draws), but the ledger kept the old values until the row was drawn again for another reason,
+    and the report grouped the row under the old category night after night."""
+    row = {"id": "mug", "prompt": "a red mug", "sku": "MUG-1", "category": "kitchen"}
+    first = plan_row(row, source="m.parquet", row=0, state=state())
+    planned = state(done={"mug": first["params_hash"]}, existing={"mug"},
+                    labels={"mug": first["passthrough_hash"]}, out="/out")
+
+    def planned_as(**changed):
+        return plan_row({**row, **changed}, source="m.parquet", row=0, state=planned)
+
+    same = planned_as()
+    assert (same["status"], same["relabel"]) == ("skipped", False)
+    reordered = plan_row(dict(reversed(list(row.items()))), source="m.parquet", row=0, state=planned)
+    assert reordered["relabel"] is False  # the manifest's column order is not a change
+    renamed = planned_as(sku="MUG-1b")
+    assert (renamed["status"], renamed["relabel"]) == ("skipped", True)
+    assert renamed["params_hash"] == first["params_hash"] and json.loads(renamed["extra"])["sku"] == "MUG-1b"
+    assert planned_as(brand="acme")["relabel"] is True  # a column added
+    assert plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0,
+                    state=planned)["relabel"] is True  # every column dropped
+    assert planned_as(prompt="a blue mug")["status"] is None  # drawn again: its new entry has the new columns
+    # an entry written before the ledger had the column vouches for nothing about the columns: not recorded again
+    older = state(done={"mug": first["params_hash"]}, existing={"mug"}, out="/out")
+    assert plan_row({**row, "sku": "MUG-1b"}, source="m.parquet", row=0, state=older)["relabel"] is False

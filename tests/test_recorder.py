@@ -76,6 +76,34 @@ def test_rows_an_earlier_run_drew_are_counted_recovered_or_restored_and_not_draw
     assert said == []  # counted in the summary line, not a line each (a rerun after a kill said one per image)
 
 
+def test_a_relabelled_row_is_written_to_the_ledger_but_counted_skipped_not_drawn(clock, monkeypatch):
+    """A done row recorded again because its manifest columns changed drew nothing: run.json counts it skipped
+    (and relabelled), the ledger gets its entry, and no line is said for it."""
+    from jobs.outputs import recorded_again
+    from jobs.plan import RELABELLED
+
+    rec = make_recorder(total=3, started=0.0)
+    relabelled, drawn_row, _ = drawn(0, 3)
+    relabelled.update(actor=None, warning=recorded_again(RELABELLED, "prompt is 90 CLIP tokens"))
+    said = []
+    monkeypatch.setattr(recorder, "log", said.append)
+    rec.record([relabelled, drawn_row])
+    assert (rec.counts["ok"], rec.counts["skipped"], rec.relabelled, rec.drawn()) == (1, 1, 1, 1)
+    assert [r["row"] for r in rec.pending] == [0, 1] and said == []
+
+
+def test_an_entry_recorded_again_keeps_the_warning_its_image_was_drawn_with_once():
+    from jobs.outputs import AS_DRAWN, recorded_again
+    from jobs.plan import RELABELLED, RESTORED
+
+    cut = "prompt is 90 CLIP tokens, over the 77 the model reads"
+    once = recorded_again(RELABELLED, cut)
+    assert once == f"{RELABELLED}{AS_DRAWN}{cut}"
+    assert recorded_again(RESTORED, once) == f"{RESTORED}{AS_DRAWN}{cut}"  # not the mark before it, nor twice
+    assert recorded_again(RELABELLED, RELABELLED) == RELABELLED and recorded_again(RELABELLED, None) == RELABELLED
+    assert recorded_again(RELABELLED, "recovered: an earlier run drew this image") == RELABELLED
+
+
 def test_a_row_problem_on_the_terminal_names_its_file_row_and_id(clock, monkeypatch):
     said = []
     monkeypatch.setattr(recorder, "log", said.append)

@@ -409,8 +409,12 @@ def _config_message(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors():
-            where = "--" + {"models": "model"}.get(str(err["loc"][0]), str(err["loc"][0])).replace("_", "-") if err["loc"] else "flags"
-            parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+            message = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a check across flags: its message names them
+                parts.append(message)
+                continue
+            flag = {"models": "model"}.get(str(err["loc"][0]), str(err["loc"][0])).replace("_", "-")
+            parts.append(f"--{flag}: {message}")
         return "; ".join(parts)
     return str(exc)
 
@@ -513,7 +517,7 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     from PIL import Image, UnidentifiedImageError
 
     from actors.png import image_parameters
-    from jobs.errors import one_line
+    from jobs.errors import describe_error, one_line
     from manifests.schema import too_small_for_the_mark, watermark_payload_problem
     from manifests.stores import missing, url_to_fs
     from manifests.text import NOT_AN_IMAGE
@@ -528,7 +532,7 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
             return "ERROR", "is not a regular file (a pipe, socket or device)"
         data = fs.cat_file(path)
     except Exception as exc:  # noqa: BLE001 - an unreachable store, a denied file: said, and the rest go on
-        return "ERROR", f"cannot be read ({one_line(exc)})"
+        return "ERROR", f"cannot be read ({describe_error(exc) or one_line(exc)})"
     try:
         with Image.open(io.BytesIO(data)) as image:
             rgb = np.asarray(image.convert("RGB"))

@@ -86,7 +86,7 @@ def _store_refused(exc: BaseException) -> str | None:
 
 def _store_unavailable(exc: BaseException) -> str | None:
     """A store whose fsspec implementation cannot be loaded on this machine (gs://, az://, hdfs://...), said with
-    its protocol and what to install; None for any other error."""
+    its protocol and what to install, or that fsspec does not know (a typo); None for any other error."""
     from fsspec.registry import known_implementations
 
     if isinstance(exc, ImportError):
@@ -97,6 +97,10 @@ def _store_unavailable(exc: BaseException) -> str | None:
         if protocols:
             cause = f" ({exc.__cause__})" if isinstance(exc.__cause__, ImportError) else ""  # No module named 'gcsfs'
             return f"{' or '.join(p + '://' for p in protocols)} cannot be opened: {text}{cause}"
+    if isinstance(exc, ValueError) and str(exc).startswith("Protocol not known: "):  # fsspec's, for `foo://x`
+        from manifests.stores import unknown_protocol_reason
+
+        return unknown_protocol_reason(str(exc).removeprefix("Protocol not known: "))
     if isinstance(exc, OSError) and str(exc).startswith(("Unable to load libjvm", "Unable to load libhdfs")):
         # pyarrow's HadoopFileSystem loads a JVM and libhdfs when it connects; its message goes on to list every
         # dlopen it tried (some 90 lines), so only the first line is kept.

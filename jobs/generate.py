@@ -43,7 +43,7 @@ from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledge
 from manifests.reader import BadManifestFile, expand_manifest_paths, survey, unreadable_files
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
 from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
-                              process_local, require_bucket, run_path, stored_at, unshared_reason, url_to_fs)
+                              require_bucket, run_path, store_problem, stored_at, url_to_fs)
 
 # `--finish auto` on CPU actors. On 2 cores, finishing in the actor measured faster end to end (43 against
 # 47 s for 96 tiny images; `python -m benchmarks.bench_generate`, docs/generation-speed.md): the actor's two torch
@@ -135,9 +135,10 @@ class GenerateConfig(BaseModel):
             if uri is not None and not uri.strip():
                 raise ValueError(f"{flag} must not be empty: give a folder or URI"
                                  + (", e.g. --out out/run1" if flag == "--out" else f", or leave {flag} out"))
+        stores += [("--model", ref) for ref in self.models.values() if "://" in ref]
         for flag, uri in stores:  # before Ray starts: every actor and task must see the same store
-            if uri and process_local(uri):
-                raise ValueError(unshared_reason(flag, uri))
+            if uri and (problem := store_problem(flag, uri)):
+                raise ValueError(problem)
         for field in ("out", "adapters", "backend_cache"):  # workers do not share the driver's working directory
             if getattr(self, field):
                 setattr(self, field, run_path("--" + field.replace("_", "-"), getattr(self, field)))

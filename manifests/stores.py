@@ -64,6 +64,22 @@ def _names_protocol(link: str) -> bool:
     return name is not None and (name in fsspec.available_protocols() or name in fsspec.registry)
 
 
+def unknown_protocol(uri: str) -> str | None:
+    """The protocol `uri` names (`foo` of `foo://x`) where fsspec has no store of that name, else None."""
+    protocol = fsspec.core.split_protocol(uri.split("::")[-1] if _names_protocol(uri.split("::")[0]) else uri)[0]
+    if protocol is None or protocol in fsspec.available_protocols() or protocol in fsspec.registry:
+        return None
+    return protocol
+
+
+def unknown_protocol_reason(protocol: str) -> str:
+    """Why a URI of `protocol` (see unknown_protocol) cannot be opened, and what would do."""
+    if protocol.lower() != protocol and unknown_protocol(f"{protocol.lower()}://") is None:
+        return f"{protocol}:// is not a store fsspec knows: protocols are lower case ({protocol.lower()}://)"
+    return (f"{protocol}:// is not a store fsspec knows (s3://, gs://, az://, hdfs://, http(s):// and file:// are; "
+            "fsspec.available_protocols() lists every one): check the URI, or give a local path")
+
+
 def fs_protocols(fs) -> tuple[str, ...]:
     """A filesystem's protocol names (fsspec gives a string or a tuple)."""
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
@@ -260,6 +276,15 @@ def _fetch_chunks(paths: list[str], sizes: dict[str, int | None]) -> Iterator[li
 def process_local(uri: str) -> bool:
     """True for a store only the process that opened it can see (memory://)."""
     return any(p in PROCESS_LOCAL for p in protocols(uri))
+
+
+def store_problem(flag: str, uri: str) -> str | None:
+    """Why `uri`, given for `flag`, cannot be a store that every process of a run reaches, or None: a protocol
+    fsspec does not know (a typo), or memory:// (each process has its own)."""
+    protocol = unknown_protocol(uri)
+    if protocol:
+        return f"{flag} {uri}: {unknown_protocol_reason(protocol)}"
+    return unshared_reason(flag, uri) if process_local(uri) else None
 
 
 def is_local_path(uri: str) -> bool:

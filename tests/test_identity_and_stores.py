@@ -89,6 +89,44 @@ def test_a_memory_store_is_refused_before_ray_starts(tmp_path, capsys, monkeypat
     assert "--out memory://tuned is the memory of one process" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "{m}", "--out", "foo://runs/x"], "--out foo://runs/x: "),
+    (["generate", "{m}", "--out", "{tmp}/o", "--adapters", "foo://a"], "--adapters foo://a: "),
+    (["generate", "{m}", "--out", "{tmp}/o", "--model", "default=foo://m"], "--model foo://m: "),
+    (["generate", "foo://m.parquet", "--out", "{tmp}/o"], "a manifest foo://m.parquet: "),
+    (["finetune", "lora", "--data", "foo://d", "--base", "tiny", "--out", "{tmp}/t"], "--data foo://d: "),
+    (["finetune", "lora", "--data", "{tmp}", "--base", "foo://m", "--out", "{tmp}/t"], "--base foo://m: "),
+    (["manifest", "validate", "foo://m.parquet"], ""),
+    (["report", "foo://runs/x"], ""),
+    (["sheet", "foo://runs/x", "-o", "{tmp}/s.png"], ""),
+    (["dataset", "build", "foo://imgs", "--out", "{tmp}/ds"], ""),
+])
+def test_a_uri_of_a_store_fsspec_does_not_know_is_one_line_naming_it(tmp_path, capsys, monkeypatch, argv, flag):
+    """`foo://x` (a typo of a protocol) ended in fsspec's traceback "ValueError: Protocol not known: foo", or in
+    "flags: Protocol not known: foo", which named neither the flag nor what would do."""
+    import jobs.generate
+    from jobs.cli import main
+
+    monkeypatch.setattr(jobs.generate, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    assert main([a.format(m=manifest, tmp=tmp_path) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"error: {flag}foo:// is not a store fsspec knows (s3://, gs://" in err, err
+
+
+def test_a_protocol_in_capitals_is_said_to_be_lower_case(tmp_path, capsys):
+    from jobs.cli import main
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    assert main(["generate", str(manifest), "--out", "S3://bucket/run"]) == 1
+    assert "--out S3://bucket/run: S3:// is not a store fsspec knows: protocols are lower case (s3://)" in (
+        capsys.readouterr().err)
+    # watermark verify goes on to the next image, saying why this one could not be checked
+    main(["watermark", "verify", "foo://x.png"])
+    assert "foo://x.png: cannot be read (foo:// is not a store fsspec knows" in capsys.readouterr().out
+
+
 def test_a_local_out_on_a_multi_node_cluster_is_refused_unless_shared(tmp_path, monkeypatch):
     import jobs.generate as generate
 

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationInfo, model_validator
 
 from manifests.schema import MAX_SIDE
-from manifests.stores import process_local, run_path, unshared_reason
+from manifests.stores import run_path, store_problem
 
 DEFAULT_LR = {"full": 1e-5, "dreambooth": 5e-6, "lora": 1e-4, "vae": 1e-4, "textual-inversion": 5e-3}
 PRIOR_METHODS = ("dreambooth", "lora")  # the methods that can train with prior preservation
@@ -163,9 +163,10 @@ class TrainConfig(BaseModel):
             # preset's name) stays as given.
             if value and (field != "base" or "://" in value or os.path.isdir(os.path.expanduser(value))):
                 setattr(self, field, run_path(flag, value))
-        for flag, uri in (("--out", self.out), ("--data", self.data), ("--class-data", self.class_data)):
-            if uri and process_local(uri):  # the workers run in other processes: they would not see it
-                raise ValueError(unshared_reason(flag, uri))
+        for flag, uri in (("--out", self.out), ("--data", self.data), ("--class-data", self.class_data),
+                          ("--base", self.base if "://" in self.base else None)):
+            if uri and (problem := store_problem(flag, uri)):  # (the workers run in processes of their own)
+                raise ValueError(problem)
         if self.resolution is not None and (not 64 <= self.resolution <= MAX_SIDE or self.resolution % 8):
             raise ValueError(f"--resolution must be a multiple of 8 in 64..{MAX_SIDE}, got {self.resolution}")
         if self.crop % 8 or (said("crop") and self.method != "vae"):

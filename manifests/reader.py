@@ -230,7 +230,9 @@ def _parts(uri: str, pf: pq.ParquetFile, stamp: str = "") -> list[ManifestPart]:
             rows = count = 0
         if n is None:
             break
-        if n:
+        # read_part reads a part's row groups as one range: an empty group inside it is counted with it, else
+        # each one would push a group of rows off the end of the range (a streaming writer's empty batch)
+        if n or count:
             if not count:
                 start = rg
             rows, count = rows + n, count + 1

@@ -306,13 +306,19 @@ def _check_unchanged(part: ManifestPart) -> None:
                             "written whole")
 
 
+# What converting an Arrow value to Python may raise for a value no Python object holds: text that is not UTF-8,
+# a date or time past year 9999 or before year 1 (Postgres' `infinity`, exported as the largest int64), a time
+# zone this machine's database does not know.
+UNCONVERTIBLE = (UnicodeDecodeError, OverflowError, ValueError, pa.ArrowException)
+
+
 def _batch_rows(batch: pa.RecordBatch, uri: str, first: int) -> list[dict[str, Any] | Unreadable]:
-    """The rows of `batch` (its first at position `first` of `uri`) as dicts. Arrow's own writers refuse text
-    that is not UTF-8 but other tools' may not, and such a value cannot become a str: its row comes as
-    `Unreadable`, naming the fields, and the rest of the batch reads."""
+    """The rows of `batch` (its first at position `first` of `uri`) as dicts. A row with a value no Python object
+    holds (UNCONVERTIBLE: Arrow's own writers refuse text that is not UTF-8, but other tools' may not) comes as
+    `Unreadable`, naming the fields and why, and the rest of the batch reads."""
     try:
         return batch.to_pylist()
-    except UnicodeDecodeError:
+    except UNCONVERTIBLE:
         pass
     rows: list[dict[str, Any] | Unreadable] = []
     for i in range(batch.num_rows):
@@ -320,22 +326,30 @@ def _batch_rows(batch: pa.RecordBatch, uri: str, first: int) -> list[dict[str, A
         try:
             rows.append(row.to_pylist()[0])
             continue
-        except UnicodeDecodeError:
+        except UNCONVERTIBLE:
             pass
-        bad = [name for name, column in zip(row.schema.names, row.columns) if not _decodes(column)]
-        row_id = None if "id" in bad or "id" not in row.schema.names else coerced_id(row.column("id")[0].as_py())
-        said = "; ".join(f"`{name}` is not UTF-8 text{_raw_bytes(row.column(name))}" for name in bad)
-        rows.append(Unreadable(row_id, f"{row_location(uri, first + i, row_id)}: {said}; write the manifest's "
-                                       "text as UTF-8 (the tool that wrote it did not check)"))
+        said = {name: why for name, column in zip(row.schema.names, row.columns) if (why := _unconvertible(column))}
+        row_id = None if "id" in said or "id" not in row.schema.names else coerced_id(row.column("id")[0].as_py())
+        text = any(why.startswith("is not UTF-8") for why in said.values())
+        hint = ("write the manifest's text as UTF-8 (the tool that wrote it did not check)" if text else
+                "write such values as null or as text (dates and times within years 1-9999)")
+        rows.append(Unreadable(row_id, f"{row_location(uri, first + i, row_id)}: "
+                                       + "; ".join(f"`{name}` {why}" for name, why in said.items()) + f"; {hint}"))
     return rows
 
 
-def _decodes(column: pa.Array) -> bool:
+def _unconvertible(column: pa.Array) -> str | None:
+    """Why the one value of `column` cannot become a Python value, or None."""
     try:
         column.to_pylist()
-        return True
+        return None
     except UnicodeDecodeError:
-        return False
+        return f"is not UTF-8 text{_raw_bytes(column)}"
+    except UNCONVERTIBLE as exc:
+        kind, stored = column.type, ""
+        if pa.types.is_timestamp(kind) or pa.types.is_duration(kind) or pa.types.is_date(kind):
+            stored = f", stored as {column.cast(pa.int64() if not pa.types.is_date32(kind) else pa.int32())[0]}"
+        return f"holds a {kind} value that cannot be read ({error_line(exc)}{stored})"
 
 
 def _raw_bytes(column: pa.Array) -> str:

@@ -246,6 +246,24 @@ def test_text_that_is_not_utf8_is_an_error_naming_its_row_and_field(capsys, tmp_
     assert lines[-1] == "5 rows in 2 manifest(s): 3 error(s), 0 warning(s)"
 
 
+def test_a_date_or_time_python_cannot_hold_is_an_error_naming_its_row_and_field(capsys, tmp_path):
+    """Postgres' `infinity` exported as the largest int64 in a pass-through timestamp column (or a date past year
+    9999) stopped the whole run with "OverflowError: date value out of range", and validate with a traceback."""
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["fine", "forever", "far"], "prompt": ["a mug", "a vase", "a lamp"],
+                             "valid_until": pa.array([0, 2**63 - 1, 0], pa.timestamp("us")),
+                             "launch": pa.array([0, 0, 2**31 - 1], pa.date32())}), path)
+    code, lines, err = validate(capsys, path)
+    assert code == 1 and not err
+    fix = "write such values as null or as text (dates and times within years 1-9999)"
+    assert problems(lines) == [
+        f"error: {path} row 1 (`forever`): `valid_until` holds a timestamp[us] value that cannot be read "
+        f"(OverflowError: date value out of range, stored as 9223372036854775807); {fix}",
+        f"error: {path} row 2 (`far`): `launch` holds a date32[day] value that cannot be read (OverflowError: "
+        f"days=2147483647; must have magnitude <= 999999999, stored as 2147483647); {fix}"]
+    assert lines[-1] == "3 rows in 1 manifest(s): 2 error(s), 0 warning(s)"
+
+
 def test_validate_names_a_damaged_row_group_and_goes_on(capsys, tmp_path):
     damaged = write_damaged_manifest(tmp_path / "damaged.parquet", groups=3, per_group=4, damaged_group=1)
     code, lines, err = validate(capsys, damaged, write(tmp_path / "fine.parquet", [good("other")]))

@@ -62,6 +62,20 @@ def test_a_damaged_row_group_makes_its_rows_invalid_and_the_others_are_planned(t
     assert all(r["status"] is None for r in rows if r not in bad)  # to draw
 
 
+def test_a_pass_through_date_python_cannot_hold_makes_its_row_invalid_not_the_run_stop(tmp_path):
+    """One `infinity` timestamp (int64's largest, as Postgres exports it) stopped every plan task of the run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a mug", "a vase"],
+                             "valid_until": pa.array([2**63 - 1, 0], pa.timestamp("us"))}), path)
+    rows = [r for part in survey([str(path)]).parts for r in plan_part(part, state())]
+    assert [(r["id"], r["status"]) for r in rows] == [("a", "invalid"), ("b", None)]
+    assert rows[0]["error"].startswith(f"{path} row 0 (`a`): `valid_until` holds a timestamp[us] value that cannot")
+    assert json.loads(rows[1]["extra"]) == {"valid_until": "1970-01-01T00:00:00"}
+
+
 def test_text_that_is_not_utf8_makes_its_row_invalid_and_the_others_are_planned(tmp_path):
     """A `string` column holding bytes that are not UTF-8 (written by a tool that does not check) stopped the
     run's survey and its plan tasks with a UnicodeDecodeError; now the row is invalid, naming the field."""

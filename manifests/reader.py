@@ -112,9 +112,21 @@ def _same_file_key(uri: str) -> object:
 def _files(fs, path: str, given: str) -> list[str]:
     """The manifest files `given` (a file, a folder or a glob) names, as paths of `fs`."""
     if is_folder(fs, path):
-        found = sorted(p for p in tree_files(fs, path) if p.lower().endswith(".parquet") and not _output_file(p))
+        root = path.rstrip("/")
+        found = sorted(p for p in tree_files(fs, path) if p.lower().endswith(".parquet") and not _output_file(p)
+                       and not _left_out(p[len(root) + 1:]))
         if not found:
-            raise ManifestError(f"directory {given!r} holds no .parquet manifest")
+            raise ManifestError(f"directory {given!r} holds no .parquet manifest (files and folders whose name "
+                                "starts with _ or . are left out)")
+        for p in found:
+            partition = next((s for s in p[len(root) + 1:].split("/")[:-1] if HIVE_FOLDER.fullmatch(s)), None)
+            if partition:  # (its message says what to do: not the hint to check the paths)
+                raise BadManifestFile(
+                    f"directory {given!r} is partitioned by folder names ({p[len(root) + 1:]}): sdfleet reads a "
+                    f"manifest's columns from its files only, so its rows would lose `{partition.split('=', 1)[0]}` "
+                    f"({partition}/), or draw with its default where that is a field (`model`, `steps`, ...); "
+                    "write the files with the column in them (polars' write_parquet without partition_by, "
+                    "pyarrow's write_dataset without partitioning) and give their folder")
         return found
     if fs.isfile(path):
         return [path]
@@ -124,6 +136,17 @@ def _files(fs, path: str, given: str) -> list[str]:
             raise ManifestError(f"no manifest file matches {given!r}")
         return found
     raise ManifestError(f"manifest {given!r} does not exist")
+
+
+# A folder of a Hive-partitioned dataset (Spark, polars' partition_by, pyarrow's write_dataset): `key=value`
+HIVE_FOLDER = re.compile(r"[^=/]+=[^/]*")
+
+
+def _left_out(relative: str) -> bool:
+    """A file of a manifest folder that is no manifest, by the convention Arrow's, Spark's and polars' dataset
+    readers keep: a name starting with `_` or `.` on its way (Spark's `_temporary/` copies of a retried task, whose
+    rows would all be duplicates; macOS's `._x.parquet` resource forks, which are no Parquet at all)."""
+    return any(segment.startswith(("_", ".")) for segment in relative.split("/"))
 
 
 def _uri(fs, path: str) -> str:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import uuid
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -18,7 +19,7 @@ from manifests.ledger import (
     LEDGER_COLUMNS, atomic_write, newest_ok_entries, read_latest_ok, read_ledger, to_table, write_part,
 )
 from manifests.reader import (
-    LEDGER_PART, ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts, read_part,
+    LEDGER_PART, BadManifestFile, ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts, read_part,
     survey,
 )
 from manifests.schema import validate_row
@@ -225,6 +226,39 @@ def test_two_columns_of_one_name_are_a_manifest_error_not_a_silent_loss(tmp_path
 def test_a_folder_finds_manifests_whatever_the_case_of_their_extension(tmp_path):
     pq.write_table(pa.Table.from_pylist(records(1)), tmp_path / "EXPORT.PARQUET")
     assert expand_manifest_paths([str(tmp_path)]) == [str(tmp_path / "EXPORT.PARQUET")]
+
+
+def test_a_folder_leaves_out_what_dataset_readers_leave_out(tmp_path, memfs):
+    """Spark's `_temporary/` copy of a retried task made every row a duplicate (none drawn), and a macOS `._x.parquet`
+    (no Parquet at all) refused the run: names starting with `_` or `.` are left out, as Arrow, Spark and polars do."""
+    fs, root = memfs
+    for base, write in ((str(tmp_path), lambda p, b: (Path(p).parent.mkdir(parents=True, exist_ok=True),
+                                                      Path(p).write_bytes(b))),
+                        (root, fs.pipe_file)):
+        write(f"{base}/part-0000.snappy.parquet", parquet_bytes(records(2)))
+        write(f"{base}/_temporary/0/part-0000.snappy.parquet", parquet_bytes(records(2)))
+        write(f"{base}/._part-0000.snappy.parquet", b"\x00\x05\x16\x07 resource fork")
+        write(f"{base}/.hidden/old.parquet", parquet_bytes(records(2)))
+        write(f"{base}/_SUCCESS", b"")
+        assert [u.rsplit("/", 1)[-1] for u in expand_manifest_paths([base])] == ["part-0000.snappy.parquet"]
+    # named on their own, such files are read
+    assert expand_manifest_paths([f"{tmp_path}/_temporary/0/part-0000.snappy.parquet"])
+    (tmp_path / "part-0000.snappy.parquet").unlink()
+    with pytest.raises(ManifestError, match="holds no .parquet manifest \\(files and folders whose name starts with _"):
+        expand_manifest_paths([str(tmp_path)])
+
+
+def test_a_folder_partitioned_by_folder_names_is_refused_naming_the_column(tmp_path):
+    """`model=tiny-random/part-0.parquet` (polars' partition_by, pyarrow's write_dataset) drew those rows with the
+    default model, and `category=mugs/` left every row without its category, without a word."""
+    (tmp_path / "model=tiny-random").mkdir()
+    (tmp_path / "model=tiny-random" / "part-0.parquet").write_bytes(parquet_bytes(records(2)))
+    with pytest.raises(BadManifestFile) as refused:
+        expand_manifest_paths([str(tmp_path)])
+    assert "is partitioned by folder names (model=tiny-random/part-0.parquet)" in str(refused.value)
+    assert "its rows would lose `model` (model=tiny-random/), or draw with its default" in str(refused.value)
+    # above the folder given, such a name is only a name
+    assert len(expand_manifest_paths([str(tmp_path / "model=tiny-random")])) == 1
 
 
 def test_a_folder_finds_manifests_in_linked_subfolders(tmp_path):

@@ -19,8 +19,8 @@ from manifests.ledger import (
     LEDGER_COLUMNS, atomic_write, newest_ok_entries, read_latest_ok, read_ledger, to_table, write_part,
 )
 from manifests.reader import (
-    LEDGER_PART, BadManifestFile, ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts, read_part,
-    survey,
+    LEDGER_PART, BadManifestFile, ManifestError, ManifestPart, count_ids, expand_manifest_paths, iter_rows, plan_parts,
+    read_part, survey,
 )
 from manifests.schema import validate_row
 from manifests.stores import UnreadableFile

@@ -122,20 +122,20 @@ def remove_stale_temp_files(fs: fsspec.AbstractFileSystem, root: str, older_than
 
 
 def extra_columns(names: list[str]) -> dict[str, str]:
-    """The ledger column for each of a manifest's own columns: its name, unless that is a ledger column (say
-    `status`) or one of the fields Arrow's dataset reader adds (`__filename`, ...); then `manifest_` in front,
-    as many times as it takes not to meet another column (a manifest may hold `status` and `manifest_status`)."""
-    taken = set(LEDGER_COLUMNS) | set(names)
-    columns = {}
-    for name in names:
-        column = name
-        if column in LEDGER_COLUMNS or column.startswith("__"):
-            column = f"manifest_{name}"
-            while column in taken:
-                column = f"manifest_{column}"
-            taken.add(column)
-        columns[name] = column
-    return columns
+    """The ledger column for each of a manifest's own columns (extra_column)."""
+    return {name: extra_column(name) for name in names}
+
+
+def extra_column(name: str) -> str:
+    """The ledger column of a manifest's own column `name`: its name, unless that is a ledger column (say `status`)
+    or one of the fields Arrow's dataset reader adds (`__filename`, ...); then `manifest_` in front. A name that
+    is such a name with `manifest_` in front already (`manifest_status`) gets one more, so that no two columns of
+    any manifests ever meet in one ledger column, whatever rows a ledger part holds (`status` is always
+    `manifest_status`, `manifest_status` always `manifest_manifest_status`)."""
+    base = name
+    while base.startswith("manifest_"):
+        base = base.removeprefix("manifest_")
+    return f"manifest_{name}" if base in LEDGER_COLUMNS or base.startswith("__") else name
 
 
 def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:

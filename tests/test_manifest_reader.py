@@ -595,10 +595,26 @@ def test_pass_through_columns_never_meet_another_column(memfs):
     row["extra"] = json.dumps({"status": "draft", "manifest_status": "p", "__filename": "f", "__batch_index": 3})
     write_part(fs, root, "run1", 0, [row])
     got = read_ledger(fs, root).to_pylist()[0]
-    assert (got["status"], got["manifest_manifest_status"], got["manifest_status"]) == ("ok", "draft", "p")
+    assert (got["status"], got["manifest_status"], got["manifest_manifest_status"]) == ("ok", "draft", "p")
     assert (got["manifest___filename"], got["manifest___batch_index"]) == ("f", 3)
-    names = list(extra_columns(["status", "manifest_status", "manifest_manifest_status"]).values())
-    assert len(set(names)) == 3 and "status" not in names
+    names = list(extra_columns(["status", "manifest_status", "manifest_manifest_status", "manifest_id"]).values())
+    assert len(set(names)) == 4 and not set(names) & set(LEDGER_COLUMNS)
+    assert extra_columns(["manifest_version", "sku"]) == {"manifest_version": "manifest_version", "sku": "sku"}
+
+
+def test_a_manifest_column_has_the_same_ledger_column_whatever_else_a_part_holds(memfs):
+    """Night 1's manifest had `status` (ledger column `manifest_status`), night 2's `manifest_status`: that took the
+    name too (it met no `status` in its part), and one ledger column held two columns of the manifests."""
+    fs, root = memfs
+    night1 = ledger_row("mug", "A", "2026-01-01T00:00:00")
+    night1["extra"] = json.dumps({"status": "draft"})
+    night2 = ledger_row("cup", "B", "2026-01-02T00:00:00")
+    night2["extra"] = json.dumps({"manifest_status": "approved-by-legal"})
+    write_part(fs, root, "run1", 0, [night1])
+    write_part(fs, root, "run2", 0, [night2])
+    got = {r["id"]: r for r in read_ledger(fs, root).to_pylist()}
+    assert (got["mug"]["manifest_status"], got["mug"]["manifest_manifest_status"]) == ("draft", None)
+    assert (got["cup"]["manifest_status"], got["cup"]["manifest_manifest_status"]) == (None, "approved-by-legal")
 
 
 def test_one_part_can_hold_rows_whose_pass_through_types_differ(memfs):

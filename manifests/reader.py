@@ -164,6 +164,9 @@ def _open_parquet(uri: str) -> pq.ParquetFile:
     except pa.ArrowInvalid as exc:  # before OSError: ArrowInvalid is one
         raise BadManifestFile(f"{uri} is not a readable Parquet file: {exc} (an empty or cut-short file, or another "
                               "format: write it again as Parquet)") from exc
+    except pa.ArrowNotImplementedError as exc:  # polars' Int128, say: a column of a type Arrow has not
+        raise BadManifestFile(f"{uri} holds a column of a type Arrow cannot read ({exc}): write that column as "
+                              "another type (integers of 64 bits or fewer, or text)") from exc
     except OSError as exc:
         raise ManifestError(f"{uri} is not a readable Parquet file: {exc}") from exc
     names = pf.schema_arrow.names

@@ -264,6 +264,28 @@ def test_a_date_or_time_python_cannot_hold_is_an_error_naming_its_row_and_field(
     assert lines[-1] == "3 rows in 1 manifest(s): 2 error(s), 0 warning(s)"
 
 
+def test_a_file_with_a_column_arrow_cannot_read_is_named_and_the_others_checked(capsys, tmp_path, monkeypatch):
+    """polars writes Int128 columns, which Arrow cannot read: its ArrowNotImplementedError was a traceback, and
+    validate checked none of the other files. (Arrow writes no such file, so its reader is made to meet one.)"""
+    import manifests.reader as reader
+
+    wide, fine = write(tmp_path / "wide.parquet", [good("a")]), write(tmp_path / "fine.parquet", [good("b")])
+    opened = reader.pq.ParquetFile
+
+    def parquet_file(source, *args, **kwargs):
+        if getattr(source, "path", "").endswith("wide.parquet"):
+            raise pa.ArrowNotImplementedError("Integers with more than 64 bits not implemented")
+        return opened(source, *args, **kwargs)
+
+    monkeypatch.setattr(reader.pq, "ParquetFile", parquet_file)
+    code, lines, err = validate(capsys, wide, fine)
+    assert code == 1 and not err
+    assert problems(lines) == [f"error: {wide} holds a column of a type Arrow cannot read (Integers with more than 64 "
+                               "bits not implemented): write that column as another type (integers of 64 bits or "
+                               "fewer, or text)"]
+    assert lines[-1] == "1 rows in 1 manifest(s) (1 more unreadable): 1 error(s), 0 warning(s)"
+
+
 def test_validate_names_a_damaged_row_group_and_goes_on(capsys, tmp_path):
     damaged = write_damaged_manifest(tmp_path / "damaged.parquet", groups=3, per_group=4, damaged_group=1)
     code, lines, err = validate(capsys, damaged, write(tmp_path / "fine.parquet", [good("other")]))

@@ -12,6 +12,7 @@ import codecs
 import decimal
 import functools
 import io
+import math
 import posixpath
 import re
 import string
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 from manifests.csv_text import CsvProblem, csv_records
 from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
                               validate_row)
-from manifests.ledger import atomic_write
+from manifests.ledger import atomic_write, extra_array
 from manifests.stores import gone_at_exit_reason, missing, process_local, read_parquet, require_bucket, url_to_fs
 
 
@@ -307,7 +308,7 @@ def expand(
     for rows, source in ((products, products_source), (scenes or [], scenes_source)):
         for i, row in enumerate(rows):  # a gap would leave "None" or a double space in the prompt
             for name in sorted(fields & set(row)):
-                if row[name] is None or not str(row[name]).strip():
+                if row[name] is None or not str(row[name]).strip() or _not_a_number(row[name]):
                     raise ExpandError(f"{source} {_where(rows, i)}: `{name}` is empty, and the template uses it; "
                                       "fill it in, or leave the placeholder out")
                 if not isinstance(row[name], (str, int, float, decimal.Decimal)):  # a list's repr in a prompt
@@ -337,7 +338,15 @@ def expand(
                     **values,  # the product's and scene's own columns pass through to the ledger
                     "variant": v,
                 })
-    return pa.Table.from_pylist(rows)
+    # column by column: a uint64 column past int64's range (or values of two types) is kept, not a traceback
+    return pa.table({name: extra_array([row.get(name) for row in rows]) for name in dict.fromkeys(rows[0])})
+
+
+def _not_a_number(value: Any) -> bool:
+    """NaN or infinity (a spreadsheet's empty number cell, read from Parquet): "nan" in a prompt is a gap too."""
+    if isinstance(value, decimal.Decimal):
+        return not value.is_finite()
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _origin(products_source: str, products: list, scenes_source: str, scenes: list | None, p: int, s: int) -> str:

@@ -145,12 +145,13 @@ def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     extras = [json.loads(r["extra"]) if r.get("extra") else {} for r in rows]
     for name, column in extra_columns(list(dict.fromkeys(k for e in extras for k in e))).items():
         values = [e.get(name) for e in extras]
-        table = table.append_column(column, _extra_array(values))
+        table = table.append_column(column, extra_array(values))
     return table.drop_columns(["extra"])
 
 
-def _extra_array(values: list) -> pa.Array:
-    """One pass-through column of a ledger part, typed as Arrow infers it from the JSON values; else text.
+def extra_array(values: list) -> pa.Array:
+    """One pass-through column of a ledger part (or of a manifest `manifest expand` writes), typed as Arrow infers
+    it from the values; else text.
 
     One flush can hold rows of several manifests that type a column differently (an int `sku` here, text
     there), and integers past int64 (a uint64 hash column) overflow Arrow's inference: the part is written

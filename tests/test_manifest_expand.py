@@ -6,6 +6,7 @@ Library level (`load_list`, `expand`, `write_manifest`); the CLI is in test_mani
 from __future__ import annotations
 
 import collections
+import decimal
 
 import fsspec
 import pyarrow as pa
@@ -348,6 +349,20 @@ def test_a_gap_in_a_column_the_template_uses_names_its_line(tmp_path):
     assert expand("a {product}", load_list(str(path), "product")).num_rows == 2  # unused: passes through
     with pytest.raises(ExpandError, match="row 1: `price` is empty"):
         expand("{product} at {price} USD", [{"product": "a", "price": 3}, {"product": "b", "price": None}])
+    # NaN (a spreadsheet's empty number cell in Parquet) put "nan" in the prompt: it is a gap too
+    for gap in (float("nan"), float("inf"), decimal.Decimal("NaN")):
+        with pytest.raises(ExpandError, match="row 1: `price` is empty"):
+            expand("{product} at {price} USD", [{"product": "a", "price": 3.5}, {"product": "b", "price": gap}])
+
+
+def test_product_columns_arrow_reads_back_are_written_whatever_their_values(tmp_path):
+    """A uint64 column past int64's range (a hash) ended expand in an OverflowError traceback, even unused."""
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"product": ["a mug", "a vase"], "hash": pa.array([2**64 - 1, 7], pa.uint64()),
+                             "tags": [{"k": 1}, {"k": 2}]}), path)
+    table = expand("a photo of {product}", load_list(str(path), "product"))
+    assert table.column("hash").to_pylist() == [2**64 - 1, 7] and table.column("tags").to_pylist()[0] == {"k": 1}
+    assert table.column("seed").type == pa.int64() and table.column("variant").type == pa.int64()
 
 
 def test_parquet_lists_of_binary_text_and_float_skus_make_the_ids_and_prompts_a_user_expects(tmp_path):

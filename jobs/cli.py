@@ -456,6 +456,11 @@ def _validate(args) -> int:
             errors += kind == "error"
             warnings += kind == "warning"
             print(terminal_line(without_passwords(f"{kind}: {message}")))
+    if uris and not total:  # as generate refuses them: an empty export, gated on validate, failed the night's run
+        named = ", ".join(uris[:3]) + (f" and {len(uris) - 3} more" if len(uris) > 3 else "")
+        print(terminal_line(without_passwords(f"error: the manifests hold no rows ({named}): `sdfleet generate` "
+                                              "refuses them; check what wrote them")))
+        errors += 1
     files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "")
     print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s)")
     return EXIT_ERROR if errors else EXIT_OK

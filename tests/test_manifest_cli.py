@@ -91,6 +91,17 @@ def test_validate_names_every_bad_row_one_line_each(capsys, bad_manifest):
     assert lines[-1] == f"{len(BAD_ROWS) + 2} rows in 1 manifest(s): {len(BAD_ROWS)} error(s), 0 warning(s)"
 
 
+def test_manifests_without_rows_fail_validate_as_they_fail_generate(capsys, tmp_path):
+    """An empty export passed validate (exit 0), and the nightly run gated on it then refused it."""
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())}), empty)
+    code, lines, _ = validate(capsys, empty)
+    assert code == 1 and problems(lines) == [
+        f"error: the manifests hold no rows ({empty}): `sdfleet generate` refuses them; check what wrote them"]
+    code, lines, _ = validate(capsys, empty, write(tmp_path / "one.parquet", [good("a")]))
+    assert code == 0 and lines[-1] == "1 rows in 2 manifest(s): 0 error(s), 0 warning(s)"
+
+
 def test_clean_manifest_exits_0(capsys, tmp_path):
     path = write(tmp_path / "ok.parquet", [
         good("mug-1"),

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import re
+import unicodedata
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -217,6 +218,9 @@ class ManifestRow(BaseModel):
     def _prompt_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        # format and control characters alone (a zero-width space, a byte-order mark) are as empty to the eye
+        if all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in value):
+            raise ValueError(f"must not be empty (it holds only invisible characters: {value!r})")
         return value
 
     @field_validator("seed")

@@ -46,6 +46,8 @@ def good(rid: str, **fields) -> dict:
 BAD_ROWS = [
     (good("null-prompt", prompt=None), "prompt", "it is missing", "is required"),
     (good("empty-prompt", prompt=""), "prompt", "got ''", "must not be empty"),
+    (good("zwsp-prompt", prompt="\u200b \ufeff"), "prompt", "got '\\u200b \\ufeff'",
+     "must not be empty (it holds only invisible characters"),
     (good("w770", width=770), "width", "got 770", "multiple of 8 in 64..2048"),
     (good("w4000", width=4000), "width", "got 4000", "multiple of 8 in 64..2048"),
     (good("h63", height=63), "height", "got 63", "multiple of 8 in 64..2048"),

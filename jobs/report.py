@@ -695,8 +695,13 @@ def _tile(e: dict, columns: list[tuple[str, str]]) -> str:
             f"height={th} alt='{_e(prompt or e['id'])}'></a>{caption}</figure>")
 
 
+# Control characters other than tab and line breaks are parse errors in HTML (a NUL made grep take the page for
+# binary): shown as \xNN, as Python writes them
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f]}
+
+
 def _e(value) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(str(value).translate(_CONTROLS), quote=True)
 
 
 def _num(value) -> str:

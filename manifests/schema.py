@@ -133,6 +133,9 @@ def _whole_number(value: Any) -> Any:
         return value
     if isinstance(value, decimal.Decimal) and value.is_finite() and value.as_tuple().exponent >= 0:
         return int(value)
+    if isinstance(value, decimal.Decimal) and value.is_finite():  # decimal(10, 2): 5.00 is whole, its column is not
+        raise ValueError("must be a whole number, stored in an integer column or a decimal one with no digits after "
+                         f"the point (scale 0); this one keeps {-value.as_tuple().exponent}")
     raise ValueError("must be a whole number, stored in an integer column (not text, true/false or a float)")
 
 
@@ -344,6 +347,11 @@ def validate_row(raw: dict[str, Any], *, source: str, row: int, models: set[str]
                 reason = "is required" if top in raw else "is required (a column every manifest needs)"
             else:
                 reason = err["msg"].removeprefix("Value error, ").replace("Input should be", "should be")
+                if "instance of AdapterRef" in reason:  # pydantic names our class, not the shape a manifest needs
+                    reason = ("should be a struct of `name` (text) and `scale` (a number): `adapters` is a column "
+                              "of type list<struct<name: string, scale: double>>")
+                elif top == "id" and err["type"] == "string_type":  # an id column of numbers
+                    reason += " (store the `id` column as text)"
             errors.append(RowError(
                 source=source, row=row, id=row_id, field=field, missing=missing,
                 value=None if missing else _value_at(data, err["loc"]), reason=reason,

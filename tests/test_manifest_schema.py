@@ -102,6 +102,18 @@ def test_decimal_columns_are_numbers_and_whole_decimals_are_integers():
     for bad in (Decimal("25.0"), Decimal("25.5"), Decimal("NaN")):
         assert only_error(row(steps=bad)).field == "steps"
     assert only_error(row(guidance_scale=Decimal("NaN"))).field == "guidance_scale"
+    # 5.00 of a decimal(10, 2) column is whole: the reason is the column's scale, not the value
+    assert "a decimal one with no digits after the point (scale 0); this one keeps 2" in only_error(
+        row(seed=Decimal("5.00"))).reason
+
+
+def test_wrong_shapes_are_said_in_the_manifests_terms_not_the_codes():
+    """`adapters` as a list of names said "should be a valid dictionary or instance of AdapterRef" (a class of
+    ours); an id column of numbers did not say to store it as text."""
+    adapters = only_error(row(adapters=["brand"]))
+    assert adapters.field == "adapters.0" and "AdapterRef" not in adapters.reason
+    assert adapters.reason.startswith("should be a struct of `name` (text) and `scale` (a number)")
+    assert only_error(row(id=1.0)).reason == "should be a valid string (store the `id` column as text)"
 
 
 BAD_IDS = ["../x", "a/b", "a\\b", ".", "..", "x" * 129, "", "sku 1", "sku-1\n", "produit-café"]

@@ -652,6 +652,13 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("full", ["--crop", "0"], "--crop is for vae and must be a multiple of 8; got 0 with full"),
     ("lora", ["--crop-span", "0"], "--crop-span is for vae (with --crop); got it with lora"),
     ("full", ["--pixel-loss", "mse"], "--pixel-loss is for vae; full trains on the diffusion loss"),
+    # the diffusion methods' flags ran vae with exit 0 and changed nothing (finetune.json said the text encoder trained)
+    ("vae", ["--train-text-encoder", "--noise-offset", "0.1"], "--train-text-encoder, --noise-offset are for full, "
+                                                                "lora, dreambooth and textual-inversion: vae trains"),
+    ("vae", ["--min-snr-gamma", "5"], "--min-snr-gamma is for full, lora"),
+    ("vae", ["--caption-dropout", "0"], "--caption-dropout is for full, lora"),
+    ("vae", ["--validation-prompt", "a red star"], "--validation-prompt is for full, lora"),
+    ("textual-inversion", ["--token", "<gem>", "--fsdp"], "textual-inversion trains few enough weights for DDP"),
     ("full", ["--prior-loss-weight", "2"], "--prior-loss-weight weighs the class images' loss: it needs"),
     ("lora", ["--class-images", "5"], "--class-images is how many class images --class-prompt draws"),
     ("dreambooth", ["--class-data", "{data}", "--class-images", "5"],  # was ignored without a word

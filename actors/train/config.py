@@ -25,6 +25,10 @@ MAX_BATCH = 256  # samples per worker per micro-step, as `generate`'s --batch-si
 MAX_GRAD_ACCUM = 1024
 
 
+# A field's flag where it is not the field's name with dashes
+FLAG_NAMES = {"validation_prompts": "--validation-prompt", "class_prompts": "--class-prompt"}
+
+
 class TrainConfig(BaseModel):
     """One fine-tune, as `sdfleet finetune` takes it (one flag per field) and as every Ray Train worker reads it.
 
@@ -183,6 +187,16 @@ class TrainConfig(BaseModel):
             raise ValueError(f"--pixel-loss is for vae; {self.method} trains on the diffusion loss")
         if self.calibrate_scale and self.method != "vae":
             raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
+        if self.method == "vae":  # what only the diffusion methods read: refused, not ignored without a word
+            # (--validation-prompt only where the CLI says it was given: the workers' copy has the defaults filled in)
+            unread = [f for f in ("train_text_encoder", "min_snr_gamma", "noise_offset", "caption_dropout")
+                      if said(f)] + (["validation_prompts"] if given is not None and "validation_prompts" in given
+                                     else [])
+            if unread:
+                flags = ", ".join(FLAG_NAMES.get(f, "--" + f.replace("_", "-")) for f in unread)
+                raise ValueError(f"{flags} {'is' if len(unread) == 1 else 'are'} for full, lora, dreambooth and "
+                                 "textual-inversion: vae trains the autoencoder on images alone (no prompts, no "
+                                 "noise), and its validation images are round trips of dataset images")
         if self.cache_latents and self.method == "vae":
             raise ValueError("--cache-latents is for full, lora, dreambooth and textual-inversion: a VAE being "
                              "trained changes its latents")
@@ -232,8 +246,8 @@ class TrainConfig(BaseModel):
             raise ValueError("--class-images is how many class images --class-prompt draws: give --class-prompt "
                              "(dreambooth, lora)" + ("; every image of --class-data is used" if self.class_data else ""))
         if self.fsdp and self.method not in ("full", "dreambooth"):
-            raise ValueError("--fsdp shards full-parameter training (full, dreambooth); a LoRA's few weights train "
-                             "fine with DDP")
+            raise ValueError(f"--fsdp shards full-parameter training (full, dreambooth); {self.method} trains few "
+                             "enough weights for DDP")
         if self.fsdp and self.ema_decay:
             raise ValueError("--ema-decay does not work with --fsdp yet (the average would need sharding too)")
         if self.mixed_precision in ("fp16", "bf16") and not self.gpu:

@@ -8,6 +8,7 @@ running, are not read). A folder without `_dataset.json` is every `.parquet` fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
@@ -100,33 +101,36 @@ def check_dataset(uri: str, flag: str = "--data") -> int:
     fs, files = dataset_files(uri, flag)
     rows = 0
     for path in files:
-        try:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f)
+        with contextlib.ExitStack() as stack:
+            try:
+                meta = pq.ParquetFile(stack.enter_context(fs.open(path, "rb")))
                 schema = meta.schema_arrow
                 rows += meta.metadata.num_rows
-        except Exception as exc:  # noqa: BLE001 - any unreadable footer means the same thing
-            raise DatasetError(f"{flag} {uri}: {path} is not a readable Parquet file ({exc})") from exc
-        names = schema.names
-        missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if missing:
-            raise DatasetError(f"{flag} {uri}: {path} has no {', '.join(repr(c) for c in missing)} column "
-                               f"(it has {names}); a dataset needs {list(REQUIRED_COLUMNS)}")
-        for column, (kind, is_kind) in COLUMN_KINDS.items():  # else it fails in every worker, after Ray's start-up
-            if not is_kind(schema.field(column).type):
-                raise DatasetError(f"{flag} {uri}: {path}'s `{column}` column is {schema.field(column).type}, not "
-                                   f"{kind}; build the dataset with `sdfleet dataset build`")
-            empty = _nulls(meta, column)
-            if empty:
-                raise DatasetError(f"{flag} {uri}: {path} has {empty} row(s) whose `{column}` is null; every row needs "
-                                   "one (an empty caption is \"\"); build the dataset with `sdfleet dataset build`")
+            except Exception as exc:  # noqa: BLE001 - any unreadable footer means the same thing
+                raise DatasetError(f"{flag} {uri}: {path} is not a readable Parquet file ({exc})") from exc
+            names = schema.names
+            missing = [c for c in REQUIRED_COLUMNS if c not in names]
+            if missing:
+                raise DatasetError(f"{flag} {uri}: {path} has no {', '.join(repr(c) for c in missing)} column "
+                                   f"(it has {names}); a dataset needs {list(REQUIRED_COLUMNS)}")
+            for column, (kind, is_kind) in COLUMN_KINDS.items():  # else it fails in every worker, after Ray starts
+                if not is_kind(schema.field(column).type):
+                    raise DatasetError(f"{flag} {uri}: {path}'s `{column}` column is {schema.field(column).type}, "
+                                       f"not {kind}; build the dataset with `sdfleet dataset build`")
+                # captions are small: read where a writer kept no statistics (images are GBs: the worker names one)
+                empty = _nulls(meta, column, read_unknown=column == "caption")
+                if empty:
+                    raise DatasetError(f"{flag} {uri}: {path} has {empty} row(s) whose `{column}` is null; every row "
+                                       "needs one (an empty caption is \"\"); build the dataset with `sdfleet dataset "
+                                       "build`")
     if rows == 0:
         raise DatasetError(f"{flag} {uri} is empty: 0 rows")
     return rows
 
 
-def _nulls(meta: pq.ParquetFile, name: str) -> int:
-    """Nulls in the top-level column `name`, from the footer's statistics (0 where a writer kept none)."""
+def _nulls(meta: pq.ParquetFile, name: str, read_unknown: bool = False) -> int:
+    """Nulls in the top-level column `name`, from the footer's statistics; in a row group whose writer kept none,
+    read from the column itself if `read_unknown`, else taken as 0."""
     leaves = [i for i in range(meta.metadata.num_columns) if meta.metadata.schema.column(i).path == name]
     if not leaves:
         return 0
@@ -135,6 +139,8 @@ def _nulls(meta: pq.ParquetFile, name: str) -> int:
         stats = meta.metadata.row_group(group).column(leaves[0]).statistics
         if stats is not None and stats.has_null_count:
             count += stats.null_count
+        elif read_unknown:
+            count += meta.read_row_group(group, columns=[name]).column(0).null_count
     return count
 
 

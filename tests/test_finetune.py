@@ -751,6 +751,12 @@ def test_null_captions_are_counted_in_the_caption_column_itself(tmp_path):
     nulls = table.set_column(1, "caption", pa.array(["a mug", None], pa.string()))
     with pytest.raises(DatasetError, match=r"has 1 row\(s\) whose `caption` is null"):
         check_dataset(str(_parquet(tmp_path / "nested-null.parquet", nulls)))
+    # a writer that kept no statistics: the caption column is read (it passed, then failed every worker thrice)
+    bare = tmp_path / "bare.parquet"
+    pq.write_table(nulls, bare, write_statistics=False, row_group_size=1)
+    assert pq.ParquetFile(bare).metadata.row_group(1).column(1).statistics is None
+    with pytest.raises(DatasetError, match=r"has 1 row\(s\) whose `caption` is null"):
+        check_dataset(str(bare))
 
 
 def test_a_dataset_folder_served_over_http_is_read_part_by_part(http_folder):

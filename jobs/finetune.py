@@ -129,7 +129,8 @@ def _finished(fs, root: str, cfg: TrainConfig) -> dict | None:
         record = json.loads(fs.cat_file(f"{root}/finetune.json"))
     except (OSError, ValueError):
         return None
-    if record.get("status") != "finished" or record.get("config") != _as_recorded(cfg.model_dump()):
+    if record.get("status") != "finished" or _resolved(record.get("config") or {}) != _resolved(
+            _as_recorded(cfg.model_dump())):
         return None
     return record if _published_whole(fs, root, cfg) else None
 
@@ -528,7 +529,8 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "
                             "use a new --out, or the same flags to resume that one")
     # records before 2026-12-05 lack some flags: those are not compared
-    then, now = before.get("config") or {}, _as_recorded(cfg.model_dump())
+    then, now = _resolved(before.get("config") or {}), _resolved(_as_recorded(cfg.model_dump()))
+
     def shown(value) -> str:
         return "the default" if value is None else repr(value)
 
@@ -539,6 +541,20 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
                             f"({'; '.join(changed)}); resuming it would train the rest of it differently: use its "
                             "flags to resume it, or a new --out")
     return False
+
+
+def _resolved(config: dict) -> dict:
+    """A recorded config with the flags whose default depends on others spelled out as the run reads them (an
+    unset --alpha is the rank, --lr the method's): a rerun that gives the default by value is the same run."""
+    from actors.train.config import DEFAULT_LR
+
+    config = dict(config)
+    defaults = {"alpha": config.get("rank"), "lora_layers": "attention", "vectors": 1,
+                "lr": DEFAULT_LR.get(config.get("method"))}
+    for key, default in defaults.items():
+        if key in config and config[key] is None:
+            config[key] = default
+    return config
 
 
 def _captions(uri: str):

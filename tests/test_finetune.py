@@ -697,9 +697,12 @@ def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_fl
     first = TrainConfig(method="lora", data="d", base="tiny", out=root, steps=2)
     _write_json(fs, f"{root}/finetune.json", {**run_record(first, "fp", None), "config": first.model_dump()})
     again = first.model_copy(update={"steps": 4, "lr": 1e-2, "alpha": 64.0})
-    with pytest.raises(FinetuneError, match=r"other settings \(--steps 2 there, 4 now; --lr the default there, 0.01 now; "
-                                            r"--alpha the default there, 64.0 now\); resuming it would train"):
+    with pytest.raises(FinetuneError, match=r"other settings \(--steps 2 there, 4 now; --lr 0.0001 there, 0.01 now; "
+                                            r"--alpha 4 there, 64.0 now\); resuming it would train"):
         _starts_afresh(fs, root, run_record(again, "fp", None), again)
+    # the defaults spelled out are the same run: they were refused as training "differently"
+    spelled = first.model_copy(update={"lr": 1e-4, "alpha": 4.0, "lora_layers": "attention"})
+    assert _starts_afresh(fs, root, run_record(spelled, "fp", None), spelled) is False
     moved = first.model_copy(update={"gradient_checkpointing": True, "checkpoint_every": 1, "max_failures": 0,
                                      "validation_prompts": ["a red star"]})
     assert _starts_afresh(fs, root, run_record(moved, "fp", None), moved) is False  # resumes it

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from jobs.console import recorded_json
 from manifests.csv_text import CsvProblem, csv_records
-from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop
+from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop, upright_rgb
 from manifests.ledger import atomic_write
 from manifests.text import NOT_AN_IMAGE
 from manifests.schema import MAX_SIDE, error_line, first_few
@@ -293,7 +292,7 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
             unknown = _unknown_scale(im)
             if unknown:
                 return Skipped(name, unknown)
-            im = _upright_rgb(im)
+            im = upright_rgb(im)
     except Image.DecompressionBombError as exc:
         return Skipped(name, f"too large to decode safely ({exc}); downscale it first")
     except UnidentifiedImageError:
@@ -321,21 +320,6 @@ def _unknown_scale(im: Image.Image) -> str | None:
             return (f"32-bit integer pixels from {low} to {high}: not 16-bit data, and no other scale is known; "
                     "save it as 8- or 16-bit")
     return None
-
-
-def _upright_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB as the photo is seen: turned as its EXIF orientation says (phones store portraits sideways),
-    16-bit grey scaled to 8 bits (a plain conversion clips it to white), transparency on white (product
-    cut-outs, whether an alpha channel or a PNG's transparent colour key), not black."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
-    return im.convert("RGB")
 
 
 def _write_part(fs, root: str, build: str, index: int, rows: list[dict], out: str) -> tuple[str, int]:

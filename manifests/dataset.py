@@ -13,9 +13,10 @@ import hashlib
 import json
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageOps
 
 from manifests.schema import error_line
 from manifests.stores import folder_files, is_folder, read_parquet, url_to_fs
@@ -33,6 +34,21 @@ SUMMARY_FILE = "_dataset.json"
 
 class DatasetError(ValueError):
     """The dataset cannot be built or read (exit 2): the message says what is wrong and what would work."""
+
+
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB as the photo is seen (what `dataset build` stores, and what training reads a dataset's images as): turned as its EXIF orientation says (phones store portraits sideways),
+    16-bit grey scaled to 8 bits (a plain conversion clips it to white), transparency on white (product
+    cut-outs, whether an alpha channel or a PNG's transparent colour key), not black."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = Image.fromarray(np.clip(np.asarray(im, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return im.convert("RGB")
 
 
 def square_crop(im: Image.Image, size: int) -> Image.Image:

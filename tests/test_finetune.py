@@ -795,6 +795,34 @@ def test_a_training_row_whose_image_does_not_decode_is_named():
         batch_tensors(table, [0, 1], None, 16, captions=False)
 
 
+def test_a_hand_made_datasets_images_are_read_as_dataset_build_reads_them():
+    """Training read a dataset's images with a plain convert("RGB"): a cut-out's transparent background trained as
+    black, 16-bit grey clipped to white, and a phone's sideways portrait stayed sideways."""
+    from actors.train.data import batch_tensors
+
+    def png(im, **save) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", **save)
+        return buf.getvalue()
+
+    cut_out = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    cut_out.paste((200, 10, 10, 255), (4, 4, 12, 12))
+    grey = Image.fromarray(np.full((16, 16), 20000, np.uint16))  # I;16: 20000/65535 is ~78/255
+    sideways = Image.new("RGB", (16, 8), (0, 0, 0))
+    sideways.paste((255, 255, 255), (0, 0, 8, 8))  # white on the left; turned upright (EXIF 6): white on top
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    jpeg = io.BytesIO()
+    sideways.save(jpeg, format="JPEG", exif=exif, quality=100)
+    table = pa.table({"caption": ["a", "b", "c"], "image": [png(cut_out), png(grey), jpeg.getvalue()]})
+    pixels, _ = batch_tensors(table, [0, 1, 2], None, 16, captions=False)
+    rgb = ((pixels.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).round()
+    assert (rgb[0, 0, 0] == 255).all() and (rgb[0, 8, 8] == [200, 10, 10]).all()  # white around, not black
+    assert abs(rgb[1, 8, 8, 0] - 78) <= 1  # not clipped to 255
+    top, bottom = rgb[2, :4].mean(), rgb[2, -4:].mean()
+    assert top > 200 and bottom < 60, (top, bottom)  # upright: the white half on top
+
+
 def test_an_error_in_the_inputs_is_not_retried_by_loading_the_model_again(tmp_path):
     """Ray Train retries a failed run --max-failures times from its newest checkpoint; an image that does not
     decode failed each attempt the same way, after loading the model and starting the workers again (minutes

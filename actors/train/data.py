@@ -92,14 +92,15 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
 
     from PIL import Image
 
-    from manifests.dataset import square_crop
+    from manifests.dataset import square_crop, upright_rgb
     from manifests.text import NOT_AN_IMAGE
 
     images = []
     for i in indices:
         try:
             with Image.open(io.BytesIO(table["image"][i].as_py())) as im:
-                im = im.convert("RGB")
+                # as `dataset build` reads them: a dataset written by other means is read the same way
+                im = upright_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             cause = (NOT_AN_IMAGE if isinstance(exc, Image.UnidentifiedImageError)
                      else f"{type(exc).__name__}: {exc}")

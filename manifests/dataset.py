@@ -37,7 +37,8 @@ class DatasetError(ValueError):
 
 
 def upright_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB as the photo is seen (what `dataset build` stores, and what training reads a dataset's images as): turned as its EXIF orientation says (phones store portraits sideways),
+    """8-bit RGB as the photo is seen (what `dataset build` stores, and how training reads a dataset's images):
+    turned as its EXIF orientation says (phones store portraits sideways),
     16-bit grey scaled to 8 bits (a plain conversion clips it to white), transparency on white (product
     cut-outs, whether an alpha channel or a PNG's transparent colour key), not black."""
     im = ImageOps.exif_transpose(im)

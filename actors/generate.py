@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from actors.adapters import AdapterError
 from actors.finish import finish_rows
 from actors.schedulers import make_scheduler
 from manifests.schema import group_key
@@ -112,12 +113,14 @@ def draw_rows(get_pipe: Callable[[dict], Any], rows: list[dict[str, Any]], *,
     for batch in plan_groups(rows, max_batch):
         for group, outcome, seconds, tokenizer in _draw_or_split(get_pipe, batch):
             if isinstance(outcome, Exception):
-                error = f"{type(outcome).__name__}: {outcome}"
+                # an adapter's error names it already, and reads as the plan's does (the same file, one wording)
+                error = str(outcome) if isinstance(outcome, AdapterError) else f"{type(outcome).__name__}: {outcome}"
                 drawn += [{**row, "status": "failed", "error": error, "pixels": None} for row in group]
                 continue
             for row, rgb in zip(group, outcome):
+                said = [w for w in (row.get("warning"), prompt_overflow(tokenizer, row["prompt"])) if w]
                 drawn.append({**row, "status": None, "pixels": rgb.tobytes(), "seconds": seconds,
-                              "warning": prompt_overflow(tokenizer, row["prompt"])})
+                              "warning": "; ".join(said) or None})
     return drawn
 
 

@@ -117,7 +117,27 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
         found = recovered(state.out, parsed.id, work["params_hash"]) if state.out and unvouched else None
         if found:
             return {**work, **found, "status": "ok"}
-    return {**work, "affinity": affinity(work)}
+    unused = unused_embeddings(parsed, state.embedding_tokens)
+    return {**work, "affinity": affinity(work), **({"warning": unused} if unused else {})}
+
+
+def unused_embeddings(parsed, tokens: dict[str, str]) -> str | None:
+    """A warning for a row that lists an embedding whose token neither of its prompts uses: the embedding adds a
+    word to the tokenizer, and a prompt without the word draws as if it were not listed. (Users of other tools
+    write the file's name, which is the token only where the file names none.)"""
+    by_name: dict[str, list[str]] = {}
+    for token, name in sorted(tokens.items()):
+        by_name.setdefault(name, []).append(token)
+    text = f"{parsed.prompt}\n{parsed.negative_prompt or ''}".lower()
+    said = []
+    for a in parsed.adapters:
+        if a.scale != 0 and a.name in by_name and not any(t.lower() in text for t in by_name[a.name]):
+            token = by_name[a.name][0]
+            named = " (the prompt has the file's name: an embedding acts through its token)" if (
+                a.name.lower() in text) else ""
+            said.append(f"`adapters` lists the embedding {a.name!r}, whose token {token!r} neither prompt uses: it "
+                        f"changes nothing{named}; write {token!r} where its concept goes")
+    return "; ".join(said) or None
 
 
 def listed_adapters(adapters: Any, fingerprints: dict[str, str]) -> list[dict[str, Any]] | None:

@@ -277,6 +277,30 @@ def test_generate_rows_writes_pngs_and_fails_only_the_broken_group(tiny):
     assert not fs.exists(f"{root}/images/broken.png")
 
 
+def test_an_adapter_the_actor_cannot_use_reads_as_the_plans_and_plan_warnings_reach_the_ledger(tiny):
+    """The same bad file said `adapter 'x': ...` where the driver found it and `AdapterError: adapter 'x': ...`
+    where an actor did; and a warning the plan gave a row (an embedding its prompts never call) must not be
+    replaced by the actor's own (a prompt cut short)."""
+    from actors.adapters import AdapterError
+
+    fs, root = fsspec.filesystem("memory"), "/gen-adapter-test"
+    rows = resolved_rows(2)
+    rows[0].update(id="bad", model="other")
+    rows[1].update(warning="`adapters` lists the embedding 'x', whose token '<x>' neither prompt uses",
+                   prompt="a red mug " * 60)  # past CLIP's 77 tokens
+
+    def get_pipe(row):
+        if row["model"] == "other":
+            raise AdapterError("style", "is a pickle file")
+        return tiny
+
+    by_id = {r["id"]: r for r in generate_rows(get_pipe, rows, fs=fs, out_root=root, actor="a1", max_batch=8)}
+    assert by_id["bad"]["error"].endswith("adapter 'style': is a pickle file") and "AdapterError" not in (
+        by_id["bad"]["error"])
+    warning = by_id[rows[1]["id"]]["warning"]
+    assert warning.startswith("`adapters` lists the embedding 'x'") and "CLIP" in warning, warning
+
+
 def test_watermark_round_trip_and_limits(tiny):
     rows = resolved_rows(1)
     rows[0]["steps"] = 20  # a finished image: a half-denoised 2-step one reads back only part of its bits

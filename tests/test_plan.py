@@ -183,6 +183,25 @@ def test_a_row_using_an_embeddings_token_without_listing_it_is_invalid(raw, list
                                  "for another row, and without it elsewhere)")
 
 
+def test_a_row_listing_an_embedding_its_prompts_never_call_is_drawn_with_a_warning():
+    """The embedding of `<cat-toy>` saved as cat-toy.safetensors, and a prompt saying "cat-toy" (as other tools use
+    the file's name): the row drew the base model's image, `ok`, without a word."""
+    planned = state(embedding_tokens={"<cat-toy>": "cat-toy"}, adapter_fingerprints={"cat-toy": "f" * 16})
+
+    def plan(prompt: str, scale: float = 1.0) -> dict:
+        return plan_row({"id": "r", "prompt": prompt, "adapters": [{"name": "cat-toy", "scale": scale}]},
+                        source="m.parquet", row=2, state=planned)
+
+    named = plan("a cat-toy on a desk")
+    assert named["status"] is None and named["warning"] == (
+        "`adapters` lists the embedding 'cat-toy', whose token '<cat-toy>' neither prompt uses: it changes nothing "
+        "(the prompt has the file's name: an embedding acts through its token); write '<cat-toy>' where its concept "
+        "goes")
+    assert plan("a mug on a desk")["warning"].endswith("it changes nothing; write '<cat-toy>' where its concept goes")
+    assert plan("a <Cat-Toy> on a desk").get("warning") is None  # (in any case, as CLIP reads it)
+    assert plan("a mug", scale=0.0).get("warning") is None  # at scale 0 it is left out anyway
+
+
 def test_an_embedding_whose_token_is_a_word_of_the_models_tokenizer_invalidates_no_other_row(tmp_path):
     """One A1111 embedding named `red` (refused on the actor: "already a word") made every row saying "red"
     invalid, rows drawn ok the night before among them. Which tokens are words is each model's own: a model

@@ -146,7 +146,8 @@ def lora_layers(pipe, state_dict) -> Layers:
         if b.shape[1] != rank:
             raise LoraMapError(f"{name}: rank {rank} down but {b.shape[1]} up")
         alpha = entry.get("alpha")
-        scale = 1.0 if alpha is None else alpha / (rank ** 0.5 if entry.get("rslora") else rank)
+        # an alpha of 0 is none, as kohya's sd-scripts reads it (alpha = rank), not a layer at strength 0
+        scale = 1.0 if not alpha else alpha / (rank ** 0.5 if entry.get("rslora") else rank)
         out[name] = (a, b * scale if scale != 1.0 else b)
     return out
 

@@ -226,6 +226,18 @@ def test_a_kohya_lora_draws_every_layer_at_its_own_alpha(tiny_shape):
     assert_same_pixels(draw_with(AdapterCache(build_preset("tiny"), s), [("mixed", 1.0)]), want, "kohya, eager")
 
 
+def test_a_kohya_alpha_of_0_is_read_as_no_alpha(tiny_shape, loras):
+    """sd-scripts saves alpha 0 for "none" and reads it as the rank: such a LoRA drew at strength 0, `ok`."""
+    from actors.lora_map import lora_layers
+
+    zero, rank = lora_layers(tiny_shape, to_kohya(loras["A"], alpha=0)), lora_layers(tiny_shape, to_kohya(loras["A"]))
+    assert zero.keys() == rank.keys() and zero
+    for name, (a, b) in rank.items():
+        torch.testing.assert_close(zero[name][0], a)
+        torch.testing.assert_close(zero[name][1], b)
+        assert b.abs().max() > 0
+
+
 @pytest.mark.parametrize("key, message", [
     ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector", "is a DoRA"),
     ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale", "is a DoRA"),

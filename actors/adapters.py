@@ -208,6 +208,10 @@ class AdapterStore:
                                      f"(it holds {own[0]}); pass its parent folder as --adapters, and name the "
                                      "adapter by this folder's name")
         held = self.names()
+        stem = name.removesuffix(".safetensors")
+        if stem != name and stem in held:  # the file's name given, not the adapter's
+            raise AdapterError(name, f"is not an adapter's name: the store's file {name} is adapter {stem!r} (name "
+                                     "adapters without .safetensors)")
         where = f"holds: {first_few(held, 20)}" if held else "holds no adapters"
         raise AdapterError(name, f"is not in the adapter store {self.uri} (expected {name}.safetensors, "
                                  f"{name}/{LORA_FILE} or {name}/{EMBEDDING_FILE}); the store {where}")

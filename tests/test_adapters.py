@@ -133,6 +133,10 @@ def test_unknown_adapter_names_what_the_store_holds(store, tiny_shape):
         AdapterCache(tiny_shape, store).activate([{"name": "nope", "scale": 1.0}])
     with pytest.raises(AdapterError, match=r"'\.\./A'.*not a valid adapter name"):
         store.resolve("../A")
+    # the file's name for the adapter's said "expected A.safetensors.safetensors"
+    with pytest.raises(AdapterError, match=r"'A\.safetensors': is not an adapter's name: the store's file "
+                                           r"A\.safetensors is adapter 'A' \(name adapters without \.safetensors\)"):
+        store.resolve("A.safetensors")
     # --adapters naming one adapter's folder said "the store holds no adapters"
     with pytest.raises(AdapterError, match=r"'B'.* is itself an adapter's folder \(it holds pytorch_lora_weights"
                                            r"\.safetensors\); pass its parent folder as --adapters"):

@@ -35,7 +35,12 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # diffusers / peft key spellings of a LoRA's two matrices (peft, diffusers attention processors, old diffusers).
 DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up)\.|\.lora_linear_layer\.)")
 # Keys that hold an embedding but do not name its token (kohya/A1111 exports); the file name is the token then.
-GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*")
+# (`clip_l` alone: a pivotal-tuning trainer's embedding for the one CLIP text encoder of SD 1.x)
+GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*", "clip_l")
+# LyCORIS parts other than LoRA's (LoHa, LoKr, full weight differences, (IA)^3), in kohya's key spelling
+LYCORIS_PARTS = re.compile(r"\.(hada_|lokr_|diff(_b)?$|on_input$)")
+# The most vectors an embedding can have: a prompt holds 77 tokens, two of them its start and end
+MAX_EMBEDDING_VECTORS = 75
 FINGERPRINT_CHARS = 16
 # The protocols of object stores whose version tag changes whenever a file's bytes do (the fields that hold
 # it: manifests.stores.version_tag).
@@ -310,19 +315,32 @@ def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, 
     keys = list(tensors)
     if not keys:
         raise AdapterError(name, "holds no tensors")
+    lycoris = next((k for k in keys if k.startswith(KOHYA_PREFIXES) and LYCORIS_PARTS.search(k)), None)
+    if lycoris:  # first: beside plain LoRA layers (a LoCon + LoHa file) diffusers' converter failed on them, raw
+        raise AdapterError(name, f"is a LyCORIS file ({lycoris!r}: LoHa, LoKr, full or (IA)^3 layers); only LoRA "
+                                 "(LoCon included) and Textual Inversion are supported")
     if any(k.startswith(KOHYA_PREFIXES) and (".lora_down." in k or ".lora_up." in k) for k in keys):
         return "lora", "kohya", None
     if any(DIFFUSERS_LORA.search(k) for k in keys):
         return "lora", "diffusers", None
-    if any(k.startswith(KOHYA_PREFIXES) and ("hada_" in k or "lokr_" in k) for k in keys):
-        raise AdapterError(name, "is a LyCORIS (LoHa/LoKr) file; only LoRA and Textual Inversion are supported")
     if set(keys) == {"clip_l", "clip_g"}:
         raise AdapterError(name, "is an SDXL embedding (clip_l + clip_g); Stable Diffusion 2.x has one text encoder")
-    if len(keys) == 1:
-        key, (dtype, shape) = keys[0], tensors[keys[0]]
-        if dtype.startswith(("F", "BF")) and len(shape) in (1, 2):  # F16, F32, BF16, F8_E4M3, ...
-            token = name.rsplit("/", 1)[-1] if key in GENERIC_EMBEDDING_KEYS else key
-            return "embedding", "embedding", token
+    vectors = {k: shape for k, (dtype, shape) in tensors.items()
+               if dtype.startswith(("F", "BF")) and len(shape) in (1, 2)}  # F16, F32, BF16, F8_E4M3, ...
+    if len(keys) == 1 and keys[0] in vectors:
+        key, shape = keys[0], vectors[keys[0]]
+        if key.endswith((".weight", ".bias")):  # a model's layer, which a prompt's word cannot be
+            raise AdapterError(name, f"holds one tensor, {key!r}, a model layer's: neither a LoRA (its down and up "
+                                     "matrices) nor a Textual Inversion embedding")
+        if len(shape) == 2 and shape[0] > MAX_EMBEDDING_VECTORS:
+            raise AdapterError(name, f"holds one tensor of {shape[0]} vectors ({key!r}), more than a prompt has room "
+                                     f"for ({MAX_EMBEDDING_VECTORS}): not a Textual Inversion embedding")
+        token = name.rsplit("/", 1)[-1] if key in GENERIC_EMBEDDING_KEYS else key
+        return "embedding", "embedding", token
+    if len(keys) > 1 and len(vectors) == len(keys) and not any(k.endswith((".weight", ".bias")) for k in keys):
+        raise AdapterError(name, f"holds {len(keys)} embeddings ({', '.join(repr(k) for k in keys[:4])}"
+                                 f"{', ...' if len(keys) > 4 else ''}); sdfleet loads one embedding per file: save "
+                                 "each in a file of its own, and list them all in the rows' `adapters`")
     shown = ", ".join(repr(k) for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
     raise AdapterError(name, f"has no LoRA or embedding keys ({len(keys)} tensors: {shown}); "
                              "expected kohya `lora_unet_*.lora_down.weight`, diffusers `unet.*.lora_A.weight`, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -102,6 +103,33 @@ def test_store_finds_both_layouts_and_detects_formats(store, loras):
     assert store.fingerprints(["A", "B", "A"]) == {"A": a.fingerprint, "B": b.fingerprint}
     tensors = store.load_state_dict(a)
     assert torch.equal(tensors[f"unet.{next(iter(loras['A']))}"], next(iter(loras["A"].values())))
+
+
+@pytest.mark.parametrize("tensors, message", [
+    # a LyCORIS layer beside plain LoRA ones ended in diffusers' raw "keys have not been correctly renamed"
+    ({"lora_unet_a_to_q.lora_down.weight": (4, 32), "lora_unet_a_to_q.lora_up.weight": (32, 4),
+      "lora_unet_a_to_v.hada_w1_a": (32, 4)}, "is a LyCORIS file ('lora_unet_a_to_v.hada_w1_a'"),
+    ({"lora_unet_a_to_out_0.diff": (32, 32)}, "is a LyCORIS file"),  # full: "has no LoRA or embedding keys"
+    ({"lora_unet_a_to_k.on_input": (32,)}, "is a LyCORIS file"),  # (IA)^3
+    # any one float tensor was an embedding, its key the token: a model layer, a token table
+    ({"model.diffusion_model.time_embed.0.bias": (64,)}, "a model layer's: neither a LoRA"),
+    ({"cond_stage_model.token_embedding.weight": (899, 32)}, "a model layer's"),
+    ({"tokens": (899, 32)}, "holds one tensor of 899 vectors ('tokens'), more than a prompt has room for (75)"),
+    ({"<s0>": (1, 32), "<s1>": (1, 32)}, "holds 2 embeddings ('<s0>', '<s1>'); sdfleet loads one embedding per file"),
+])
+def test_files_that_are_no_lora_or_embedding_sdfleet_reads_say_what_they_are(tensors, message):
+    from actors.adapters import _detect
+
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        _detect("x", {k: ("F32", list(shape)) for k, shape in tensors.items()})
+
+
+def test_embedding_files_name_their_token_or_take_the_files_name():
+    from actors.adapters import _detect
+
+    assert _detect("brand/mug", {"<my-mug>": ("F16", [2, 1024])}) == ("embedding", "embedding", "<my-mug>")
+    for generic in ("emb_params", "*", "clip_l"):  # a pivotal-tuning trainer's SD 1.x file: clip_l alone
+        assert _detect("brand/mug", {generic: ("F32", [1024])}) == ("embedding", "embedding", "mug")
 
 
 def test_fingerprint_changes_when_a_file_is_replaced(loras, tiny_shape):

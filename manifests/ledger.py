@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import json
 import os
+import shutil
 import uuid
 from typing import Any, Iterable
 
@@ -96,6 +97,25 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             raise
     else:
         fs.pipe_file(path, data)
+
+
+def atomic_put_file(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:
+    """Copy the local file `local` to `path` as atomic_write writes bytes (a model's weights are GBs: not read
+    into memory): a file copied over in place (shutil.copyfile truncates it first) was left cut short by a kill."""
+    if is_local_fs(fs):
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            shutil.copyfile(local, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+    else:
+        fs.put_file(local, path)
 
 
 def remove_stale_temp_files(fs: fsspec.AbstractFileSystem, root: str, older_than: float = 3600.0) -> int:

@@ -452,6 +452,33 @@ def ledger_row(rid: str, phash: str, finished_at: str, status: str = "ok", **ext
     }
 
 
+def test_a_file_put_over_another_is_whole_or_not_there(tmp_path, monkeypatch):
+    """A fine-tune's rerun publishes its weights over the good ones: copied in place (truncated first), a kill in
+    the copy left a cut-short UNet where a whole one was."""
+    import shutil
+
+    from manifests.ledger import atomic_put_file
+
+    local = fsspec.filesystem("file")
+    good, new = tmp_path / "unet.safetensors", tmp_path / "new.safetensors"
+    good.write_bytes(b"good" * 1000)
+    new.write_bytes(b"new!" * 2000)
+
+    def killed(src, dst):
+        with open(dst, "wb") as f:
+            f.write(b"ne")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "copyfile", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_put_file(local, str(new), str(good))
+    assert good.read_bytes() == b"good" * 1000 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "new.safetensors", "unet.safetensors"]  # no temporary file left
+    monkeypatch.undo()
+    atomic_put_file(local, str(new), str(good))
+    assert good.read_bytes() == b"new!" * 2000
+
+
 def test_write_part_then_read_ledger_round_trips(memfs):
     fs, root = memfs
     rows = [ledger_row("mug-1", "A", "2026-01-01T00:00:01+00:00", sku="MUG-1", note="café ☕"),

@@ -13,6 +13,7 @@ import torch
 
 from actors.models import ModelInfo
 from actors.train.config import TrainConfig
+from manifests.ledger import atomic_put_file
 from manifests.stores import is_local_fs, url_to_fs, without_passwords
 
 
@@ -132,4 +133,5 @@ def publish(cfg: TrainConfig, base: ModelInfo, pipe) -> None:
             for name in files:
                 local = os.path.join(dirpath, name)
                 fs.makedirs(f"{root}/{os.path.relpath(dirpath, tmp)}".rstrip("/."), exist_ok=True)
-                fs.put_file(local, f"{root}/{os.path.relpath(local, tmp)}")
+                # atomically: a rerun publishes over a good output, and a kill then would leave it cut short
+                atomic_put_file(fs, local, f"{root}/{os.path.relpath(local, tmp)}")

@@ -795,6 +795,21 @@ def test_a_training_row_whose_image_does_not_decode_is_named():
         batch_tensors(table, [0, 1], None, 16, captions=False)
 
 
+def test_a_very_long_image_is_cropped_before_it_is_resized(monkeypatch):
+    """square_crop resized a whole 2 x 6000 px image to 256 x 768,000 (0.9 GB) before cutting its centre out."""
+    from manifests.dataset import square_crop
+
+    made, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, size, *a, **k: made.append(size) or resize(im, size, *a, **k))
+    tall = Image.new("RGB", (2, 6000), (0, 0, 0))
+    tall.paste((250, 250, 250), (0, 2990, 2, 3010))  # a white band at the centre: all the crop shows
+    square = square_crop(tall, 256)
+    assert square.size == (256, 256) and np.asarray(square).min() > 200 and made == [(256, 256)]
+    wide = Image.new("RGB", (300, 100), (0, 0, 0))
+    wide.paste((255, 0, 0), (100, 0, 200, 100))
+    assert np.asarray(square_crop(wide, 64))[8:-8, 8:-8].tolist() == [[[255, 0, 0]] * 48] * 48
+
+
 def test_a_hand_made_datasets_images_are_read_as_dataset_build_reads_them():
     """Training read a dataset's images with a plain convert("RGB"): a cut-out's transparent background trained as
     black, 16-bit grey clipped to white, and a phone's sideways portrait stayed sideways."""

@@ -260,7 +260,9 @@ def _caption_table(cfs, path: str, label: str) -> dict[str, str]:
         raise DatasetError(f"--captions {label}: expected a folder, a .csv or a .jsonl file")
     table: dict[str, str] = {}
     for r in records:
-        name, caption = str(r["file"]), str(r["caption"] or "").strip()
+        # `./a.png` and `sub\\a.png` (a Windows export) name the image `a.png` and `sub/a.png` the build lists
+        name = posixpath.normpath(str(r["file"]).strip().replace("\\", "/"))
+        caption = str(r["caption"] or "").strip()
         if table.get(name, caption) != caption:  # which one was meant? (the same caption twice is harmless)
             raise DatasetError(f"--captions {label} gives {name!r} two captions ({table[name]!r} and {caption!r}); "
                                "keep one")

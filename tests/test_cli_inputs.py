@@ -290,6 +290,15 @@ def test_dataset_build_refuses_two_captions_for_one_file_and_names_captions_with
     assert code == 0 and f"warning: 1 caption(s) in {captions} name no image in {images}: 2.png" in err, err
 
 
+def test_dataset_build_matches_captions_spelled_with_dots_or_backslashes(capsys, tmp_path, images):
+    """`./0.png` matched no image (its caption was said to name none, and the image was skipped uncaptioned)."""
+    captions = tmp_path / "captions.csv"
+    captions.write_text("file,caption\n./0.png,a mug\n.\\1.png,a cup\n")
+    code, _, err = build(capsys, images, "--captions", captions, "-o", tmp_path / "data")
+    assert code == 0 and "name no image" not in err, err
+    assert sorted(pq.read_table(tmp_path / "data").column("caption").to_pylist()) == ["a cup", "a mug"]
+
+
 def test_dataset_build_stores_each_image_as_it_is_seen_and_says_what_it_leaves_out(capsys, tmp_path):
     """A phone's portrait (stored sideways, EXIF orientation 6), a 16-bit grey scan, a PNG whose transparency is
     a colour key, a TIFF; captions with a byte-order mark or in UTF-16; a Latin-1 caption and an SVG are skipped

@@ -522,7 +522,9 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
         for side in (before, record):
             if isinstance(side.get(key), str):
                 side[key] = absolute_local(side[key])
-    clashes = [f"{k}: {before.get(k)!r} there, {record[k]!r} now" for k in RESUME_KEYS if before.get(k) != record[k]]
+    # another method: what follows from it (a LoRA's rank, an embedding's token) would only repeat the difference
+    keys = ("method",) if before.get("method") != record["method"] else RESUME_KEYS
+    clashes = [f"{_flag_of(k)} {before.get(k)!r} there, {record[k]!r} now" for k in keys if before.get(k) != record[k]]
     clashes += [f"the dataset at {flag} was built again since, from other images (its parts differ in size)"
                 for k, flag in DATASET_KEYS.items() if before.get(k) and record.get(k) and before[k] != record[k]]
     if clashes:
@@ -541,6 +543,12 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
                             f"({'; '.join(changed)}); resuming it would train the rest of it differently: use its "
                             "flags to resume it, or a new --out")
     return False
+
+
+def _flag_of(key: str) -> str:
+    """How a key of finetune.json is given on the command line: `--rank`, `the method`, `the base model`."""
+    return {"method": "the method", "base_fingerprint": "the base model (its fingerprint)",
+            "class_prompts": "--class-prompt", "workers": "--workers"}.get(key, "--" + key.replace("_", "-"))
 
 
 def _resolved(config: dict) -> dict:

@@ -703,6 +703,10 @@ def test_a_rerun_that_would_train_the_rest_differently_is_refused_naming_each_fl
     # the defaults spelled out are the same run: they were refused as training "differently"
     spelled = first.model_copy(update={"lr": 1e-4, "alpha": 4.0, "lora_layers": "attention"})
     assert _starts_afresh(fs, root, run_record(spelled, "fp", None), spelled) is False
+    # another method is said as such, not with what follows from it ("rank: 4 there, None now; lora_layers: ...")
+    full = TrainConfig(method="full", data="d", base="tiny", out=root, steps=2)
+    with pytest.raises(FinetuneError, match=r"holds another fine-tune \(the method 'lora' there, 'full' now\); use"):
+        _starts_afresh(fs, root, run_record(full, "fp", None), full)
     moved = first.model_copy(update={"gradient_checkpointing": True, "checkpoint_every": 1, "max_failures": 0,
                                      "validation_prompts": ["a red star"]})
     assert _starts_afresh(fs, root, run_record(moved, "fp", None), moved) is False  # resumes it
@@ -1200,8 +1204,8 @@ def test_a_rerun_with_other_flags_or_into_a_generate_output_is_refused(trained, 
     proc = sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(trained["lora"]),
                    "--rank", "8", "--lora-layers", "all", "--steps", "8", *TRAIN)
     assert proc.returncode == 1
-    assert "holds another fine-tune" in proc.stderr and "rank: 4 there, 8 now" in proc.stderr
-    assert "lora_layers: 'attention' there, 'all' now" in proc.stderr
+    assert "holds another fine-tune" in proc.stderr and "--rank 4 there, 8 now" in proc.stderr
+    assert "--lora-layers 'attention' there, 'all' now" in proc.stderr
     # nor into a generate run's output, where the model's files would mix with the images and the ledger
     proc = sdfleet("finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(trained["out"]),
                    "--steps", "8", *TRAIN)
@@ -1230,7 +1234,7 @@ def test_a_run_recorded_before_class_prompt_repeated_still_resumes(legacy, now, 
     if resumes:
         _starts_afresh(fs, str(tmp_path), record, cfg)
     else:
-        with pytest.raises(FinetuneError, match="class_prompts: \\['a mug'\\] there"):
+        with pytest.raises(FinetuneError, match="--class-prompt \\['a mug'\\] there"):
             _starts_afresh(fs, str(tmp_path), record, cfg)
 
 

@@ -59,8 +59,8 @@ class Skipped:
 def build_dataset(images_dir: str, out: str, captions: str | None = None, resolution: int = 256,
                   min_size: int | None = None, log=print) -> dict:
     """Build the dataset; returns the summary written to OUT/_dataset.json. Raises DatasetError if nothing is usable."""
-    if resolution < 8 or resolution % 8 or resolution > MAX_SIDE:
-        raise DatasetError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x) in 8..{MAX_SIDE}, as "
+    if resolution < 64 or resolution % 8 or resolution > MAX_SIDE:  # (finetune --resolution takes no less)
+        raise DatasetError(f"--resolution must be a multiple of 8 (the VAE downsamples 8x) in 64..{MAX_SIDE}, as "
                            f"the generation sizes are; got {resolution}")
     if min_size is not None and min_size < 1:
         raise DatasetError(f"--min-size must be at least 1 px; got {min_size}")

@@ -51,7 +51,9 @@ def build(capsys, images, *extra) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("flags, said", [
-    (["--resolution", "40000"], "--resolution must be a multiple of 8 (the VAE downsamples 8x) in 8..2048, as the "
+    (["--resolution", "8"], "--resolution must be a multiple of 8 (the VAE downsamples 8x) in 64..2048, as the "
+                            "generation sizes are; got 8"),  # finetune takes 64 and up: a dataset of 8 px was no use
+    (["--resolution", "40000"], "--resolution must be a multiple of 8 (the VAE downsamples 8x) in 64..2048, as the "
                                 "generation sizes are; got 40000"),  # a MemoryError traceback
     (["--resolution", "64", "--min-size", "-5"], "--min-size must be at least 1 px; got -5"),  # taken as it was
 ])

@@ -100,6 +100,8 @@ def run_finetune(cfg: TrainConfig) -> dict:
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = run_record(cfg, base.fingerprint, class_data, data_fingerprints=(
         dataset_fingerprint(cfg.data), dataset_fingerprint(cfg.class_data, "--class-data") if cfg.class_data else None))
+    if not cluster_address(cfg.address) and (local := local_resources()):
+        _scaling(cfg, local, train)  # workers a local Ray could never place are refused before --out is made
     try:  # made only now: a run refused above leaves no empty folder (in an adapter store, under a refused name)
         fs.makedirs(root, exist_ok=True)
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
@@ -195,8 +197,6 @@ def _draw_and_train(cfg: TrainConfig, train: TrainConfig, base, fs, root: str, r
     """The class images (DreamBooth's prior), then Ray and the training run; returns the final metrics."""
     class_data = train.class_data
     if cfg.class_prompts:  # before this run's Ray: generation starts and stops its own
-        if not cluster_address(cfg.address) and (local := local_resources()):
-            _scaling(cfg, local, train)  # workers a local Ray could never place are refused before the draw
         class_rows = draw_class_images(cfg, fs, root, resolution)
         log(f"prior preservation: {class_rows} class images of {_quoted(cfg.class_prompts)} in {class_data}")
 

@@ -1375,11 +1375,14 @@ def build_tiny():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_a_fine_tune_that_stops_before_training_says_failed_in_finetune_json(dataset, tmp_path, capsys):
+def test_a_fine_tune_that_stops_before_training_says_failed_in_finetune_json(dataset, tmp_path, capsys, monkeypatch):
     """`--gpu` where Ray finds no GPU stops once Ray is up: one line, exit 1, and finetune.json says `failed`
-    with that line (it said `starting` for good)."""
+    with that line (it said `starting` for good). (Where sdfleet can count a local Ray's GPUs before starting it,
+    the run is refused before --out is made: that count is taken away here.)"""
+    import jobs.finetune as finetune
     from jobs.cli import main
 
+    monkeypatch.setattr(finetune, "local_resources", lambda num_cpus=None: None)
     out = tmp_path / "tune"
     code = main(["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), "--gpu"])
     err = capsys.readouterr().err
@@ -1394,10 +1397,13 @@ def test_a_fine_tune_that_stops_before_training_says_failed_in_finetune_json(dat
     (["--workers", "4"], {"CPU": 2.0, "GPU": 0.0}, "--workers 4 needs 1 CPU(s) each; the cluster has 2: give "
                                                   "--workers 2 or fewer"),
 ])
-def test_prior_preservation_refuses_workers_a_local_ray_cannot_place_before_drawing(
-        flags, local, said, dataset, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["dreambooth", "lora"])
+def test_workers_a_local_ray_cannot_place_are_refused_before_anything(
+        flags, local, said, method, dataset, tmp_path, monkeypatch, capsys):
     """The class images were drawn first (minutes of `generate`, or its error about --device and --actors,
-    flags the fine-tune does not have) and only then were --gpu and --workers found to be impossible."""
+    flags the fine-tune does not have) and only then were --gpu and --workers found to be impossible; and any
+    method's --out was made (finetune.json saying failed, a log) in the adapter store, though a refused run leaves
+    none."""
     import jobs.finetune as finetune
     from jobs.cli import main
 
@@ -1405,12 +1411,13 @@ def test_prior_preservation_refuses_workers_a_local_ray_cannot_place_before_draw
     monkeypatch.setattr(finetune, "local_resources", lambda num_cpus=None: dict(local))
     monkeypatch.setattr(finetune, "draw_class_images", lambda *a, **k: pytest.fail("drew the class images first"))
     out = tmp_path / "tune"
-    code = main(["finetune", "dreambooth", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out),
-                 "--class-prompt", "a photo of a star", *flags])
+    prior = ["--class-prompt", "a photo of a star"] if method == "dreambooth" else []
+    monkeypatch.setattr(finetune, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    code = main(["finetune", method, "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), *prior,
+                 *flags])
     err = capsys.readouterr().err
     assert code == 1 and said in err and "Traceback" not in err, err[-2000:]
-    record = json.loads((out / "finetune.json").read_text())
-    assert record["status"] == "failed" and said in record["error"], record
+    assert not out.exists()
 
 
 def test_local_resources_are_what_a_local_ray_finds(monkeypatch):

@@ -42,6 +42,9 @@ LYCORIS_PARTS = re.compile(r"\.(hada_|lokr_|diff(_b)?$|on_input$)")
 # The most vectors an embedding can have: a prompt holds 77 tokens, two of them its start and end
 MAX_EMBEDDING_VECTORS = 75
 FINGERPRINT_CHARS = 16
+# How `_detect` reads a file (its kinds, formats, tokens, refusals): raised whenever that changes, so what a
+# node's cache says of a stored file it read before (AdapterStore.describe) is read again, not trusted
+DETECTION = 2
 # The protocols of object stores whose version tag changes whenever a file's bytes do (the fields that hold
 # it: manifests.stores.version_tag).
 VERSIONED_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
@@ -119,7 +122,7 @@ class AdapterStore:
         if record is not None:
             try:
                 kept = json.loads(record.read_text())
-                if kept["version"] == version:
+                if kept["version"] == version and kept.get("detection") == DETECTION:
                     return AdapterInfo(**{**kept["info"], "name": name})
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # no record yet, or one this version cannot use: read the file
@@ -128,7 +131,8 @@ class AdapterStore:
             try:
                 record.parent.mkdir(parents=True, exist_ok=True)
                 temp = record.with_name(f".{record.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-                temp.write_text(json.dumps({"version": version, "info": dataclasses.asdict(info)}))
+                temp.write_text(json.dumps({"version": version, "detection": DETECTION,
+                                            "info": dataclasses.asdict(info)}))
                 os.replace(temp, record)
             except OSError:
                 pass  # a cache that cannot be written costs a read next time, nothing else

@@ -132,6 +132,29 @@ def test_embedding_files_name_their_token_or_take_the_files_name():
         assert _detect("brand/mug", {generic: ("F32", [1024])}) == ("embedding", "embedding", "mug")
 
 
+def test_what_a_node_cached_of_a_stored_adapter_is_read_again_once_files_are_read_another_way(tmp_path,
+                                                                                               monkeypatch):
+    """A driver keeps what it learned of an object store's adapter file, by the file's version: a file it cached
+    before detection changed (a lone `clip_l` read as the token `clip_l`, now the file's name) kept its old reading
+    on the driver while the actors read it anew."""
+    import json
+
+    import actors.adapters as adapters
+
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(adapters, "_version", lambda fs, path: "etag=1; size=1")  # as S3 would give one
+    s = new_store({"mug.safetensors": save({"clip_l": torch.zeros(1024)})})
+    assert s.describe("mug").token == "mug"
+    record = adapters._record_path(s.describe("mug").uri)
+    kept = json.loads(record.read_text())
+    kept["info"]["token"] = "kept"
+    record.write_text(json.dumps(kept))
+    assert s.describe("mug").token == "kept"  # the cache is what answers ...
+    del kept["detection"]
+    record.write_text(json.dumps(kept))
+    assert s.describe("mug").token == "mug"  # ... unless it was written by another reading of files
+
+
 def test_fingerprint_changes_when_a_file_is_replaced(loras, tiny_shape):
     s = new_store({"style.safetensors": save({f"unet.{k}": v for k, v in loras["A"].items()})})
     before = s.resolve("style")

@@ -119,7 +119,8 @@ def _files(fs, path: str, given: str) -> list[str]:
             raise ManifestError(f"directory {given!r} holds no .parquet manifest (files and folders whose name "
                                 "starts with _ or . are left out)")
         for p in found:
-            partition = next((s for s in p[len(root) + 1:].split("/")[:-1] if HIVE_FOLDER.fullmatch(s)), None)
+            partition = next((s for s in p[len(root) + 1:].split("/")[:-1] if HIVE_FOLDER.fullmatch(s)
+                              and s.split("=", 1)[0] not in _column_names(fs, p)), None)
             if partition:  # (its message says what to do: not the hint to check the paths)
                 raise BadManifestFile(
                     f"directory {given!r} is partitioned by folder names ({p[len(root) + 1:]}): sdfleet reads a "
@@ -140,6 +141,16 @@ def _files(fs, path: str, given: str) -> list[str]:
 
 # A folder of a Hive-partitioned dataset (Spark, polars' partition_by, pyarrow's write_dataset): `key=value`
 HIVE_FOLDER = re.compile(r"[^=/]+=[^/]*")
+
+
+def _column_names(fs, path: str) -> list[str]:
+    """The column names of the Parquet file at `path` (its footer only); [] where it cannot be read as one (said
+    later, where every manifest is opened)."""
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_schema(f).names
+    except Exception:  # noqa: BLE001 - not Parquet, cut short, a store that refuses: the survey names it
+        return []
 
 
 def _left_out(relative: str) -> bool:

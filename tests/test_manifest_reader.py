@@ -259,6 +259,10 @@ def test_a_folder_partitioned_by_folder_names_is_refused_naming_the_column(tmp_p
     assert "its rows would lose `model` (model=tiny-random/), or draw with its default" in str(refused.value)
     # above the folder given, such a name is only a name
     assert len(expand_manifest_paths([str(tmp_path / "model=tiny-random")])) == 1
+    # and where the files hold the column themselves (some writers keep it, or the folders were named by hand),
+    # nothing is lost: read as any folder
+    (tmp_path / "model=tiny-random" / "part-0.parquet").write_bytes(parquet_bytes(records(2, model="tiny-random")))
+    assert len(expand_manifest_paths([str(tmp_path)])) == 1
 
 
 def test_a_folder_finds_manifests_in_linked_subfolders(tmp_path):

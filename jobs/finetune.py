@@ -100,8 +100,10 @@ def run_finetune(cfg: TrainConfig) -> dict:
     # 2. a rerun into the same --out continues that run; a different run there is refused, not mixed in
     record = run_record(cfg, base.fingerprint, class_data, data_fingerprints=(
         dataset_fingerprint(cfg.data), dataset_fingerprint(cfg.class_data, "--class-data") if cfg.class_data else None))
-    if not cluster_address(cfg.address) and (local := local_resources()):
-        _scaling(cfg, local, train)  # workers a local Ray could never place are refused before --out is made
+    # workers a local Ray could never place are refused before --out is made (not where the run there is finished:
+    # its rerun trains nothing, and says so on any machine)
+    if not cluster_address(cfg.address) and (local := local_resources()) and _finished(fs, root, cfg) is None:
+        _scaling(cfg, local, train)
     try:  # made only now: a run refused above leaves no empty folder (in an adapter store, under a refused name)
         fs.makedirs(root, exist_ok=True)
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here

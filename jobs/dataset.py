@@ -33,7 +33,8 @@ from PIL import Image, UnidentifiedImageError
 
 from jobs.console import recorded_json
 from manifests.csv_text import CsvProblem, csv_records
-from manifests.dataset import DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop, upright_rgb
+from manifests.dataset import (DATASET_SCHEMA, SUMMARY_FILE, DatasetError, folder_names, square_crop,
+                               unknown_scale, upright_rgb)
 from manifests.ledger import atomic_write
 from manifests.text import NOT_AN_IMAGE
 from manifests.schema import MAX_SIDE, error_line, first_few
@@ -291,7 +292,7 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            unknown = _unknown_scale(im)
+            unknown = unknown_scale(im)
             if unknown:
                 return Skipped(name, unknown)
             im = upright_rgb(im)
@@ -308,20 +309,6 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return {"file": name, "caption": caption, "image": buf.getvalue(), "width": resolution, "height": resolution}
-
-
-def _unknown_scale(im: Image.Image) -> str | None:
-    """Why an image's pixel values cannot be read as brightness, or None. A 32-bit integer image is taken as
-    16-bit data (what Pillow opens 16-bit PNGs as); one whose values all fit in 8 bits, or go past 16, and a
-    floating-point one, have no scale to go by: each was trained on as a black or near-black sample."""
-    if im.mode == "F":
-        return "a floating-point image: its brightness scale is not known; save it as 8- or 16-bit"
-    if im.mode == "I":
-        low, high = im.getextrema()
-        if low < 0 or high > 65535 or high < 256:
-            return (f"32-bit integer pixels from {low} to {high}: not 16-bit data, and no other scale is known; "
-                    "save it as 8- or 16-bit")
-    return None
 
 
 def _write_part(fs, root: str, build: str, index: int, rows: list[dict], out: str) -> tuple[str, int]:

@@ -52,6 +52,20 @@ def upright_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def unknown_scale(im: Image.Image) -> str | None:
+    """Why an image's pixel values cannot be read as brightness, or None. A 32-bit integer image is taken as
+    16-bit data (what Pillow opens 16-bit PNGs as); one whose values all fit in 8 bits, or go past 16, and a
+    floating-point one, have no scale to go by: each was trained on as a black or near-black sample."""
+    if im.mode == "F":
+        return "a floating-point image: its brightness scale is not known; save it as 8- or 16-bit"
+    if im.mode == "I":
+        low, high = im.getextrema()
+        if low < 0 or high > 65535 or high < 256:
+            return (f"32-bit integer pixels from {low} to {high}: not 16-bit data, and no other scale is known; "
+                    "save it as 8- or 16-bit")
+    return None
+
+
 def square_crop(im: Image.Image, size: int) -> Image.Image:
     """The centre square (product shots are centred), resized to `size`. Only the square is resampled: a
     2 x 6000 px image resized whole first took 0.9 GB (a 1 x 60000 one would not have fitted)."""

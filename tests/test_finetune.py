@@ -840,6 +840,12 @@ def test_a_hand_made_datasets_images_are_read_as_dataset_build_reads_them():
     assert abs(rgb[1, 8, 8, 0] - 78) <= 1  # not clipped to 255
     top, bottom = rgb[2, :4].mean(), rgb[2, -4:].mean()
     assert top > 200 and bottom < 60, (top, bottom)  # upright: the white half on top
+    # 32-bit integers of 0..255 (no scale to go by; the build skips them) are named, not trained on as black
+    dark = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 200, np.int32)).save(dark, format="TIFF")
+    with pytest.raises(ValueError, match=r"dataset row 0 .*: its image is 32-bit integer pixels from 200 to 200: not "
+                                         r"16-bit data"):
+        batch_tensors(pa.table({"caption": ["d"], "image": [dark.getvalue()]}), [0], None, 16, captions=False)
 
 
 def test_an_error_in_the_inputs_is_not_retried_by_loading_the_model_again(tmp_path):

@@ -92,7 +92,7 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
 
     from PIL import Image
 
-    from manifests.dataset import square_crop, upright_rgb
+    from manifests.dataset import square_crop, unknown_scale, upright_rgb
     from manifests.text import NOT_AN_IMAGE
 
     images = []
@@ -100,7 +100,9 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
         try:
             with Image.open(io.BytesIO(table["image"][i].as_py())) as im:
                 # as `dataset build` reads them: a dataset written by other means is read the same way
-                im = upright_rgb(im)
+                im.load()
+                unknown = unknown_scale(im)
+                im = upright_rgb(im) if not unknown else im
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             cause = (NOT_AN_IMAGE if isinstance(exc, Image.UnidentifiedImageError)
                      else f"{type(exc).__name__}: {exc}")
@@ -108,6 +110,9 @@ def batch_tensors(table, indices: list[int], tokenizer, resolution: int,
                                    f"rows): its image does not decode ({cause}); rebuild the dataset with "
                                    "`sdfleet dataset build`, which skips such images (and train into a new --out "
                                    "if this one has checkpoints: they are of this dataset)") from exc
+        if unknown:  # its values have no brightness scale: trained on as a black sample, without a word
+            raise UndecodableImage(f"dataset row {i} (from 0, over the parts in order; class images follow --data's "
+                                   f"rows): its image is {unknown}; `sdfleet dataset build` skips such images")
         if im.size != (resolution, resolution):
             im = square_crop(im, resolution)
         images.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)

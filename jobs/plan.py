@@ -50,7 +50,7 @@ class PlanState:
     duplicates: dict[str, int] = field(default_factory=dict)  # id -> how many rows carry it
     case_clashes: dict[str, list[str]] = field(default_factory=dict)  # id -> ids one file name away on this disk
     done: dict[str, str] = field(default_factory=dict)  # id -> params_hash of its newest ok entry
-    # ids of `done` whose newest entry is a later failure -> (uri, sha256, png_bytes) of that ok entry
+    # ids of `done` whose newest entry is a later failure -> that ok entry's fields (ledger.KEPT_FROM_OK)
     restored: dict[str, dict[str, Any]] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)  # id -> passthrough_hash of its newest ok entry, if any
     existing: set[str] = field(default_factory=set)  # ids with an image in the output store

@@ -679,7 +679,8 @@ def _tile(e: dict, columns: list[tuple[str, str]]) -> str:
     params.update({label: e.get(c) for label, c in columns})
     params = {k: _for_script(v) for k, v in params.items() if v not in (None, "")}
     hover = f"{e['id']}: {prompt or e['status']} (seed {e.get('seed')})"
-    data = _e(json.dumps(params, ensure_ascii=False, default=str, allow_nan=False))
+    # (JSON escapes C0 itself; DEL and C1 as \u escapes, which the page's script reads back, not _e's \xNN)
+    data = _e(json.dumps(params, ensure_ascii=False, default=str, allow_nan=False).translate(_JSON_CONTROLS))
     caption = f"<figcaption>{_e(e['id'])}</figcaption>"
     anchor = f"r{e['__position']}"
     if not ok:
@@ -695,9 +696,12 @@ def _tile(e: dict, columns: list[tuple[str, str]]) -> str:
             f"height={th} alt='{_e(prompt or e['id'])}'></a>{caption}</figure>")
 
 
-# Control characters other than tab and line breaks are parse errors in HTML (a NUL made grep take the page for
-# binary): shown as \xNN, as Python writes them
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f]}
+# Control characters (C0 but tab and line breaks, DEL, C1) are parse errors in HTML (a NUL made grep take the
+# page for binary): shown as \xNN, as Python writes them
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x09), 0x0b, 0x0c, *range(0x0e, 0x20), *range(0x7f, 0xa0)]}
+
+
+_JSON_CONTROLS = {c: f"\\u{c:04x}" for c in range(0x7f, 0xa0)}
 
 
 def _e(value) -> str:

@@ -422,12 +422,14 @@ def test_control_characters_in_ids_errors_and_prompts_are_written_out_not_into_t
     and grep took the page for binary."""
     bad = ledger_row({**_row("x\x00y", "", 9)}, "invalid", error="m.parquet row 9 (`x\x00y`): `id` holds a NUL")
     drawn = ledger_row(_row("g", "sku-3", 10), "ok", actor="host:1", seconds=0.5,
-                       **_draw(output, "g", (9, 9, 9), "a mug\x00 on\x1b[31m red"))
+                       **_draw(output, "g", (9, 9, 9), "a mug\x00 on\x1b[31m red\x85"))
     _run(output, "20261203T000000-cccccc", [bad, drawn], {"ok": 1, "skipped": 6, "failed": 0, "invalid": 1})
     build_report(str(output))
     page = (output / "report" / "index.html").read_text()
-    assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", page)
-    assert "x\\x00y" in page and "a mug\\u0000 on\\u001b[31m red" in page  # (the pop-up's JSON says it so)
+    assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", page)
+    assert "x\\x00y" in page and "a mug\\u0000 on\\u001b[31m red\\u0085" in page  # (the pop-up's JSON says it so)
+    tile = html.unescape(re.search(r"id=r\d+ title='g: [^']*' data-p='([^']*)'", page).group(1))
+    assert json.loads(tile)["prompt"] == "a mug\x00 on\x1b[31m red\x85"  # what the page's script reads back
 
 
 def test_rows_that_name_one_thumbnail_make_it_once_and_index_it_once(output):

@@ -329,6 +329,9 @@ def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, 
         return "lora", "diffusers", None
     if set(keys) == {"clip_l", "clip_g"}:
         raise AdapterError(name, "is an SDXL embedding (clip_l + clip_g); Stable Diffusion 2.x has one text encoder")
+    if set(keys) >= {"clip_l", "clip_l_out"}:  # one embedding, with vectors for the encoder's output too
+        raise AdapterError(name, "is a OneTrainer embedding (clip_l with clip_l_out), which sdfleet does not read: "
+                                 "save its `clip_l` tensor alone (the file's name is then its token)")
     vectors = {k: shape for k, (dtype, shape) in tensors.items()
                if dtype.startswith(("F", "BF")) and len(shape) in (1, 2)}  # F16, F32, BF16, F8_E4M3, ...
     if len(keys) == 1 and keys[0] in vectors:

@@ -116,6 +116,7 @@ def test_store_finds_both_layouts_and_detects_formats(store, loras):
     ({"cond_stage_model.token_embedding.weight": (899, 32)}, "a model layer's"),
     ({"tokens": (899, 32)}, "holds one tensor of 899 vectors ('tokens'), more than a prompt has room for (75)"),
     ({"<s0>": (1, 32), "<s1>": (1, 32)}, "holds 2 embeddings ('<s0>', '<s1>'); sdfleet loads one embedding per file"),
+    ({"clip_l": (1, 32), "clip_l_out": (1, 32)}, "is a OneTrainer embedding (clip_l with clip_l_out)"),
 ])
 def test_files_that_are_no_lora_or_embedding_sdfleet_reads_say_what_they_are(tensors, message):
     from actors.adapters import _detect

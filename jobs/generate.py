@@ -36,7 +36,7 @@ from jobs.console import command_log, leave, log, recorded_json, ticking, withou
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
 from jobs.outputs import RESTORED_MARK, recorded_again
-from jobs.recorder import Recorder, located
+from jobs.recorder import LEDGER_FLUSH_ROWS, Recorder, located
 from manifests.dataset import SUMMARY_FILE as DATASET_SUMMARY
 from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, ledger_row, newest_ok_entries,
                               read_latest_ok, remove_stale_temp_files, settled_row, size_differs)
@@ -634,17 +634,32 @@ def _record_relabelled(rows, ids: set[str], results: Recorder) -> None:
     skipped (nothing was drawn) and as relabelled. One more read of the ledger, for these ids only."""
     from jobs.plan import RELABELLED
 
-    entries = newest_ok_entries(results.fs, results.root, ids)
-    log(f"{len(ids)} done row(s) whose manifest columns changed (not what they draw): recorded again, not drawn")
-    for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-        records = []
-        for row in batch.to_pylist():
-            entry = entries.get(row["id"])
-            if entry is None:  # (read from the same ledger a moment ago: only a ledger changed since lacks it)
-                records.append(settled_row(row))  # skipped, as it was: the entry that vouched for it is kept
-                continue
-            records.append(ledger_row(row, "ok", **{**entry, "warning": recorded_again(RELABELLED, entry["warning"])}))
-        results.record(records)
+    try:
+        entries = newest_ok_entries(results.fs, results.root, ids)
+        log(f"{len(ids)} done row(s) whose manifest columns changed (not what they draw): recorded again, not drawn")
+    except Exception as exc:  # noqa: BLE001 - a store that fails this read: the rows stay as they were, skipped
+        entries = {}
+        log(f"warning: {len(ids)} done row(s) whose manifest columns changed are not recorded again: the ledger "
+            f"could not be read ({one_line(exc)}); the next run records them")
+    # (a column added to a catalogue relabels all of it: in ledger parts of many rows, not hundreds of small ones
+    # every later run must read; a time's worth of rows is still written as it goes)
+    results.flush_rows = RELABEL_FLUSH_ROWS
+    try:
+        for batch in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+            records = []
+            for row in batch.to_pylist():
+                entry = entries.get(row["id"])
+                if entry is None:  # the read failed, or the ledger changed since it was read a moment ago
+                    records.append(settled_row(row))  # skipped, as it was: the entry that vouched for it is kept
+                    continue
+                warning = recorded_again(RELABELLED, entry["warning"])
+                records.append(ledger_row(row, "ok", **{**entry, "warning": warning}))
+            results.record(records)
+    finally:
+        results.flush_rows = LEDGER_FLUSH_ROWS
+
+
+RELABEL_FLUSH_ROWS = 65_536  # ledger rows per part while relabelled rows are recorded (see _record_relabelled)
 
 
 PLAN_PROBLEMS_SHOWN = 20  # rows --plan-only names, of those it would not draw

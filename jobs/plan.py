@@ -198,8 +198,10 @@ RELABELLED = (f"{RELABELLED_MARK} the row's pass-through columns changed since i
 
 
 def passthrough_hash(extras: dict[str, Any]) -> str:
-    """A digest of a row's pass-through columns, by name (their order in the manifest does not count)."""
-    blob = json.dumps(extras, default=_as_json, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """A digest of a row's pass-through columns, by name (their order in the manifest does not count), a whole
+    float as the integer it is (pandas makes an integer column float on a night it holds a null: 7.0 is 7)."""
+    values = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in extras.items()}
+    blob = json.dumps(values, default=_as_json, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 

@@ -44,6 +44,7 @@ class Recorder:
         self.pending: list[dict] = []
         self.parts = 0
         self.recovered = 0  # ok rows whose image an earlier, killed run wrote without recording it
+        self.flush_rows = LEDGER_FLUSH_ROWS  # rows gathered before a ledger part is written (or the time passes)
         self.restored = 0  # ok rows failed since their last ok entry, which vouches for their image (plan.RESTORED)
         self.relabelled = 0  # done rows recorded again with their changed pass-through columns (counted skipped)
         self.last_flush = self.last_progress = time.time()
@@ -102,7 +103,7 @@ class Recorder:
         now = time.time()
         if self.first_drawn is None and self.per_actor:
             self.first_drawn = (now, self.drawn())
-        if len(self.pending) >= LEDGER_FLUSH_ROWS or now - self.last_flush >= LEDGER_FLUSH_SECONDS:
+        if len(self.pending) >= self.flush_rows or now - self.last_flush >= LEDGER_FLUSH_SECONDS:
             self.flush()
         if now - self.last_progress >= PROGRESS_SECONDS:
             self.last_progress = now

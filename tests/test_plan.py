@@ -380,6 +380,9 @@ def test_a_done_row_whose_manifest_columns_changed_is_marked_to_be_recorded_agai
     assert (renamed["status"], renamed["relabel"]) == ("skipped", True)
     assert renamed["params_hash"] == first["params_hash"] and json.loads(renamed["extra"])["sku"] == "MUG-1b"
     assert planned_as(brand="acme")["relabel"] is True  # a column added
+    weighed = plan_row({**row, "grams": 7}, source="m.parquet", row=0, state=state())["passthrough_hash"]
+    assert plan_row({**row, "grams": 7.0}, source="m.parquet", row=0, state=state())["passthrough_hash"] == weighed
+    assert plan_row({**row, "grams": 7.5}, source="m.parquet", row=0, state=state())["passthrough_hash"] != weighed
     assert plan_row({"id": "mug", "prompt": "a red mug"}, source="m.parquet", row=0,
                     state=planned)["relabel"] is True  # every column dropped
     assert planned_as(prompt="a blue mug")["status"] is None  # drawn again: its new entry has the new columns

@@ -92,6 +92,38 @@ def test_a_relabelled_row_is_written_to_the_ledger_but_counted_skipped_not_drawn
     assert [r["row"] for r in rec.pending] == [0, 1] and said == []
 
 
+def test_relabelled_rows_go_into_large_ledger_parts_and_a_failed_read_leaves_them_skipped(clock, monkeypatch):
+    """A column added to a catalogue relabels every row: in parts of 256 rows a million of them were ~3,900 parts
+    that every later run reads; and the extra read of the ledger, failing, stopped the run before it drew."""
+    import pyarrow as pa
+
+    import jobs.generate as generate
+    from jobs.plan import RELABELLED
+
+    class Rows:  # what _record_relabelled reads of Ray Data's dataset
+        def __init__(self, rows):
+            self.rows = rows
+
+        def iter_batches(self, **kwargs):
+            yield pa.Table.from_pylist(self.rows)
+
+    rows = [{**r, "id": f"r{r['row']}", "status": "skipped", "relabel": True} for r in drawn(0, 600)]
+    entry = {"uri": "u", "sha256": "s", "png_bytes": 1, "watermark_bits": 1.0, "warning": None}
+    monkeypatch.setattr(generate, "newest_ok_entries", lambda fs, root, ids: {i: entry for i in ids})
+    rec = make_recorder(total=1200, started=0.0)
+    generate._record_relabelled(Rows(rows), {r["id"] for r in rows}, rec)
+    assert rec.parts == 0 and len(rec.pending) == 600 and rec.flush_rows == recorder.LEDGER_FLUSH_ROWS
+    assert (rec.counts["skipped"], rec.relabelled) == (600, 600) and rec.pending[0]["warning"] == RELABELLED
+
+    def refused(*args):
+        raise OSError("SlowDown: reduce your request rate")
+
+    monkeypatch.setattr(generate, "newest_ok_entries", refused)
+    later = [{**r, "row": r["row"] + 600} for r in rows]
+    generate._record_relabelled(Rows(later), {r["id"] for r in later}, rec)
+    assert (rec.counts["skipped"], rec.relabelled, len(rec.pending)) == (1200, 600, 600)  # skipped, as they were
+
+
 def test_an_entry_recorded_again_keeps_the_warning_its_image_was_drawn_with_once():
     from jobs.outputs import AS_DRAWN, recorded_again
     from jobs.plan import RELABELLED, RESTORED

@@ -35,9 +35,12 @@ def gcs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the environment as it was, once the module's tests are done
         for key, value in env.items():
             patch.setenv(key, value)
+        import aiohttp
         import gcsfs
 
-        yield gcsfs.GCSFileSystem(token="anon")
+        # a read that never gets its reply is given up and retried (gcsfs retries aiohttp's ClientErrors, and a
+        # socket-read timeout is one): a request on a connection the emulator had dropped once hung the suite
+        yield gcsfs.GCSFileSystem(token="anon", requests_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=30))
     server.stop()
 
 

@@ -274,8 +274,9 @@ def _fetch_chunks(paths: list[str], sizes: dict[str, int | None]) -> Iterator[li
 
 
 def process_local(uri: str) -> bool:
-    """True for a store only the process that opened it can see (memory://)."""
-    return any(p in PROCESS_LOCAL for p in protocols(uri))
+    """True for a store only the process that opened it can see (memory://). Read from the URI alone: a check of
+    flags imports no store's package (gcsfs, s3fs) and opens no client."""
+    return any(fsspec.core.split_protocol(link)[0] in PROCESS_LOCAL for link in uri.split("::"))
 
 
 def store_problem(flag: str, uri: str) -> str | None:

@@ -35,12 +35,17 @@ def gcs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:  # the environment as it was, once the module's tests are done
         for key, value in env.items():
             patch.setenv(key, value)
-        import aiohttp
-        import gcsfs
+        import sys
 
-        # a read that never gets its reply is given up and retried (gcsfs retries aiohttp's ClientErrors, and a
-        # socket-read timeout is one): a request on a connection the emulator had dropped once hung the suite
-        yield gcsfs.GCSFileSystem(token="anon", requests_timeout=aiohttp.ClientTimeout(sock_connect=10, sock_read=30))
+        import gcsfs.core
+
+        # gcsfs picks its extended filesystem when it is first imported: imported by an earlier test of this
+        # process, `gs://` here would be that one, whose gRPC call hangs with no real GCS to answer (the suite
+        # waited for it for good). The plain one is registered for this module's tests, as the subprocesses get.
+        registered = sys.modules["fsspec.registry"]._registry  # (fsspec.registry is a read-only view of it)
+        for protocol in ("gs", "gcs"):
+            patch.setitem(registered, protocol, gcsfs.core.GCSFileSystem)
+        yield gcsfs.core.GCSFileSystem(token="anon")
     server.stop()
 
 
@@ -101,7 +106,7 @@ def test_a_lora_fine_tuned_into_gcs_is_drawn_from_there_and_a_rerun_draws_only_n
 
 def test_the_driver_reads_a_gcs_adapter_again_only_when_it_changes(gcs, tmp_path, monkeypatch):
     """An adapter whose GCS version tag is the one this machine already hashed is not downloaded again."""
-    import gcsfs
+    import fsspec
 
     from jobs.generate import resolve_adapters
 
@@ -109,7 +114,7 @@ def test_the_driver_reads_a_gcs_adapter_again_only_when_it_changes(gcs, tmp_path
     monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
 
     fs.pipe(f"{BUCKET}/nightly-adapters/style.safetensors", lora_bytes(1))
-    reads = count_reads(monkeypatch, gcsfs.GCSFileSystem)
+    reads = count_reads(monkeypatch, fsspec.get_filesystem_class("gs"))  # (the class gs:// opens here: see `gcs`)
     store = f"gs://{BUCKET}/nightly-adapters"
     first, bad = resolve_adapters(store, {"style"})
     assert reads == ["style.safetensors"] and not bad

@@ -65,8 +65,8 @@ def run_finetune(cfg: TrainConfig) -> dict:
         raise FinetuneError(problem)
     rows = check_dataset(cfg.data)
     base = describe_model("base", cfg.base)
+    fs, root = url_to_fs(cfg.out)  # a store whose package is missing, or HDFS without Java: said (describe_error)
     try:
-        fs, root = url_to_fs(cfg.out)
         require_bucket(fs, root, "--out", cfg.out, FinetuneError)
         _check_out_is_ours(fs, root, cfg)
     except FinetuneError:

@@ -170,8 +170,8 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         from actors import opencv  # without OpenCV's system libraries they could finish no image (one line)
 
         opencv.load()
+    fs, root = url_to_fs(cfg.out)  # a store whose package is missing, or HDFS without Java: said (describe_error)
     try:
-        fs, root = url_to_fs(cfg.out)
         require_bucket(fs, root, "--out", cfg.out, RunFailed)
         if fs.isfile(root):  # an object store would take `file/results/...` keys beside it: refused as a disk does
             raise RunFailed(f"--out {cfg.out} is a file; give a folder for the run's images and ledger (a new one, "

@@ -285,6 +285,16 @@ def store_problem(flag: str, uri: str) -> str | None:
     protocol = unknown_protocol(uri)
     if protocol:
         return f"{flag} {uri}: {unknown_protocol_reason(protocol)}"
+    for link in uri.split("::"):  # a store whose package is not installed (gcsfs, adlfs): said before any work
+        named = fsspec.core.split_protocol(link)[0]
+        try:
+            if named:
+                fsspec.get_filesystem_class(named)  # (its package imported; no client made, nothing opened)
+        except ImportError as exc:  # every protocol of that package, as describe_error says it (gcs:// or gs://)
+            from fsspec.registry import known_implementations
+
+            same = sorted(p for p, spec in known_implementations.items() if spec.get("err") == str(exc)) or [named]
+            return f"{flag} {uri}: {' or '.join(p + '://' for p in same)} cannot be opened: {exc}"
     return unshared_reason(flag, uri) if process_local(uri) else None
 
 

@@ -7,6 +7,7 @@ a subprocess, since pyarrow loads a JVM for it if the machine has one."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -74,12 +75,17 @@ def test_help_still_prints_every_flag_and_exits_0(capsys):
     (["generate", "{m}", "--out", "az://container/x"], "adlfs"),
     (["generate", "{m}", "--out", "abfs://container/x"], "adlfs"),
     (["generate", "gs://bucket/m.parquet", "--out", "{out}"], "gcsfs"),
+    (["generate", "{m}", "--out", "{out}", "--backend-cache", "gs://bucket/c"], "gcsfs"),  # (Ray was started)
+    (["generate", "{m}", "--out", "{out}", "--model", "default=gs://bucket/m"], "gcsfs"),
+    (["finetune", "lora", "--data", "{out}", "--base", "tiny", "--out", "az://container/x"], "adlfs"),
     (["manifest", "validate", "gs://bucket/m.parquet"], "gcsfs"),
     (["report", "gs://bucket/x"], "gcsfs"),
 ])
 def test_a_store_whose_package_is_not_installed_is_one_line_naming_it(capsys, tmp_path, monkeypatch, argv, package):
+    import jobs.generate
     from fsspec.registry import _registry, known_implementations
 
+    monkeypatch.setattr(jobs.generate, "connect", lambda *a, **k: pytest.fail("Ray was started"))
     # the package as if it were not installed (the test extra installs gcsfs): its import fails, and fsspec
     # forgets any class of it an earlier test loaded
     monkeypatch.setitem(sys.modules, package, None)
@@ -91,7 +97,10 @@ def test_a_store_whose_package_is_not_installed_is_one_line_naming_it(capsys, tm
     assert code == 1
     line = one_error_line(err)
     scheme = "gs://" if package == "gcsfs" else "az://"
-    assert line.startswith("sdfleet: error: ") and scheme in line and f"install {package}" in line.lower()
+    assert re.match(r"sdfleet( \w+)?: error: ", line) and scheme in line and f"install {package}" in line.lower()
+    flag = next((a for a in argv if a.startswith("--") and a not in ("--data", "--base")), None)
+    if flag and "://" in argv[argv.index(flag) + 1]:  # a flag's store: refused naming the flag, before any read
+        assert f"error: {flag} " in line, line
 
 
 def test_opencv_without_its_system_libraries_is_one_line_saying_what_to_install(tmp_path):

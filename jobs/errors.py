@@ -87,19 +87,16 @@ def _store_refused(exc: BaseException) -> str | None:
 def _store_unavailable(exc: BaseException) -> str | None:
     """A store whose fsspec implementation cannot be loaded on this machine (gs://, az://, hdfs://...), said with
     its protocol and what to install, or that fsspec does not know (a typo); None for any other error."""
-    from fsspec.registry import known_implementations
+    from manifests.stores import missing_package, unknown_protocol_reason
 
     if isinstance(exc, ImportError):
-        # fsspec raises ImportError(known_implementations[protocol]["err"]) from the failed import; that text
-        # names the package. Any other ImportError is a bug of ours and keeps its traceback.
-        text = str(exc)
-        protocols = sorted(p for p, spec in known_implementations.items() if spec.get("err") == text)
+        # fsspec raises its registry's `err` text from the failed import; that text names the package. Any other
+        # ImportError is a bug of ours and keeps its traceback.
+        protocols = missing_package(exc)
         if protocols:
             cause = f" ({exc.__cause__})" if isinstance(exc.__cause__, ImportError) else ""  # No module named 'gcsfs'
-            return f"{' or '.join(p + '://' for p in protocols)} cannot be opened: {text}{cause}"
+            return f"{' or '.join(p + '://' for p in protocols)} cannot be opened: {exc}{cause}"
     if isinstance(exc, ValueError) and str(exc).startswith("Protocol not known: "):  # fsspec's, for `foo://x`
-        from manifests.stores import unknown_protocol_reason
-
         return unknown_protocol_reason(str(exc).removeprefix("Protocol not known: "))
     if isinstance(exc, OSError) and str(exc).startswith(("Unable to load libjvm", "Unable to load libhdfs")):
         # pyarrow's HadoopFileSystem loads a JVM and libhdfs when it connects; its message goes on to list every

@@ -85,10 +85,6 @@ def fs_protocols(fs) -> tuple[str, ...]:
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
 
-def protocols(uri: str) -> tuple[str, ...]:
-    return fs_protocols(url_to_fs(uri)[0])
-
-
 def is_local_fs(fs) -> bool:
     """True for this machine's disk: files there can be renamed, listed with os, and reached by links."""
     return any(p in ("file", "local") for p in fs_protocols(fs))
@@ -279,22 +275,29 @@ def process_local(uri: str) -> bool:
     return any(fsspec.core.split_protocol(link)[0] in PROCESS_LOCAL for link in uri.split("::"))
 
 
+def missing_package(exc: ImportError) -> list[str]:
+    """The protocols whose store package `exc` says is not installed (fsspec raises the `err` text its registry
+    keeps for them: `gcs` and `gs` share gcsfs's), sorted; [] for any other ImportError."""
+    from fsspec.registry import known_implementations
+
+    return sorted(p for p, spec in known_implementations.items() if spec.get("err") == str(exc))
+
+
 def store_problem(flag: str, uri: str) -> str | None:
     """Why `uri`, given for `flag`, cannot be a store that every process of a run reaches, or None: a protocol
-    fsspec does not know (a typo), or memory:// (each process has its own)."""
+    fsspec does not know (a typo), one whose package is not installed, or memory:// (each process has its own)."""
     protocol = unknown_protocol(uri)
     if protocol:
         return f"{flag} {uri}: {unknown_protocol_reason(protocol)}"
     for link in uri.split("::"):  # a store whose package is not installed (gcsfs, adlfs): said before any work
         named = fsspec.core.split_protocol(link)[0]
+        if not named:
+            continue
         try:
-            if named:
-                fsspec.get_filesystem_class(named)  # (its package imported; no client made, nothing opened)
+            fsspec.get_filesystem_class(named)  # (its package imported; no client made, nothing opened)
         except ImportError as exc:  # every protocol of that package, as describe_error says it (gcs:// or gs://)
-            from fsspec.registry import known_implementations
-
-            same = sorted(p for p, spec in known_implementations.items() if spec.get("err") == str(exc)) or [named]
-            return f"{flag} {uri}: {' or '.join(p + '://' for p in same)} cannot be opened: {exc}"
+            which = " or ".join(f"{p}://" for p in missing_package(exc) or [named])
+            return f"{flag} {uri}: {which} cannot be opened: {exc}"
     return unshared_reason(flag, uri) if process_local(uri) else None
 
 

@@ -81,41 +81,41 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     Local files go through a hidden temporary file in the same folder and `os.replace`; object stores
     (S3, GCS) make an object visible only once its upload completes, so one put is already atomic.
     """
-    if is_local_fs(fs):
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:  # a full disk, a read-only folder: the part written would only take space
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-    else:
+    if not is_local_fs(fs):
         fs.pipe_file(path, data)
+        return
+    with _replaced(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_put_file(fs: fsspec.AbstractFileSystem, local: str, path: str) -> None:
     """Copy the local file `local` to `path` as atomic_write writes bytes (a model's weights are GBs: not read
     into memory): a file copied over in place (shutil.copyfile truncates it first) was left cut short by a kill."""
-    if is_local_fs(fs):
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            shutil.copyfile(local, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-    else:
+    if not is_local_fs(fs):
         fs.put_file(local, path)
+        return
+    with _replaced(path) as tmp:
+        shutil.copyfile(local, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _replaced(path: str):
+    """A hidden temporary file's path beside the local file `path`, which replaces `path` once the body has written
+    it; removed if the body fails (a full disk, a read-only folder: what it wrote would only take space)."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def remove_stale_temp_files(fs: fsspec.AbstractFileSystem, root: str, older_than: float = 3600.0) -> int:
@@ -276,17 +276,19 @@ def newest_ok_entries(fs: fsspec.AbstractFileSystem, root: str, ids: set[str]) -
 def png_sizes(table: pa.Table) -> list[int | None]:
     """Each entry's `png_bytes`; None throughout where the column is missing (a part written before it was one)
     or holds something else (a manifest's own column of that name, passed through before it was one)."""
-    column = table.column("png_bytes") if "png_bytes" in table.column_names else None
-    if column is None or not pa.types.is_integer(column.type):
-        return [None] * table.num_rows
-    return column.to_pylist()
+    return _own_column(table, "png_bytes", pa.types.is_integer)
 
 
 def passthrough_hashes(table: pa.Table) -> list[str | None]:
-    """Each entry's `passthrough_hash`; None throughout where the column is missing (a part written before it was
-    one) or is not text (a manifest's own column of that name, passed through before it was one)."""
-    column = table.column("passthrough_hash") if "passthrough_hash" in table.column_names else None
-    if column is None or not pa.types.is_string(column.type):
+    """Each entry's `passthrough_hash`; None throughout where the column is missing or not text (as png_sizes)."""
+    return _own_column(table, "passthrough_hash", pa.types.is_string)
+
+
+def _own_column(table: pa.Table, name: str, of_its_type) -> list:
+    """The values of the ledger column `name`, or None for every entry where a part lacks it or holds a manifest's
+    own column of that name (passed through before the ledger had one: its type is not `of_its_type`)."""
+    column = table.column(name) if name in table.column_names else None
+    if column is None or not of_its_type(column.type):
         return [None] * table.num_rows
     return column.to_pylist()
 

@@ -125,6 +125,8 @@ def unused_embeddings(parsed, tokens: dict[str, str]) -> str | None:
     """A warning for a row that lists an embedding whose token neither of its prompts uses: the embedding adds a
     word to the tokenizer, and a prompt without the word draws as if it were not listed. (Users of other tools
     write the file's name, which is the token only where the file names none.)"""
+    if not tokens or not parsed.adapters:  # (most rows of most runs: every row to draw passes here)
+        return None
     by_name: dict[str, list[str]] = {}
     for token, name in sorted(tokens.items()):
         by_name.setdefault(name, []).append(token)

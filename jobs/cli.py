@@ -90,7 +90,7 @@ def _flags_from_model(parser: argparse.ArgumentParser, model, skip=(), plural=No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from actors.train.config import TrainConfig
+    from actors.train.config import FLAG_NAMES, TrainConfig
     from jobs.generate import GenerateConfig
 
     parser = _Parser(prog="sdfleet", description="Batch Stable Diffusion on Ray.")
@@ -143,8 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "vae: train the autoencoder (pixel MSE + KL), write a diffusers model at --out; "
                            "textual-inversion: learn a new word's embedding (--token), write "
                            "--out/learned_embeds.safetensors")
-    _flags_from_model(tune, TrainConfig, skip={"method"}, plural={"validation_prompts": "--validation-prompt",
-                                                                     "class_prompts": "--class-prompt"})
+    _flags_from_model(tune, TrainConfig, skip={"method"}, plural=FLAG_NAMES)
 
     data = sub.add_parser("dataset", help="training datasets").add_subparsers(dest="dataset_command", required=True)
     build = data.add_parser("build", help="captioned images -> Parquet training dataset")

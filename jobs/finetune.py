@@ -27,7 +27,7 @@ import uuid
 from dataclasses import asdict
 
 from actors.models import describe_model
-from actors.train.config import TrainConfig
+from actors.train.config import TrainConfig, flag_of
 from actors.train.stored import checkpoint_entries, clear_fatal, fatal_error, stored_checkpoints
 from cluster.connect import (ClusterError, address_problem, alive_nodes, cluster_address, connect, disconnect,
                              library_logs_to, local_gpu_shortfall, local_resources, watch_cluster)
@@ -538,7 +538,7 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
     def shown(value) -> str:
         return "the default" if value is None else repr(value)
 
-    changed = [f"--{k.replace('_', '-')} {shown(then[k])} there, {shown(now[k])} now" for k in now
+    changed = [f"{flag_of(k)} {shown(then[k])} there, {shown(now[k])} now" for k in now
                if k not in RESUMABLE_FLAGS and k in then and then[k] != now[k]]
     if changed:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds a fine-tune with other settings "
@@ -549,8 +549,7 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
 
 def _flag_of(key: str) -> str:
     """How a key of finetune.json is given on the command line: `--rank`, `the method`, `the base model`."""
-    return {"method": "the method", "base_fingerprint": "the base model (its fingerprint)",
-            "class_prompts": "--class-prompt", "workers": "--workers"}.get(key, "--" + key.replace("_", "-"))
+    return {"method": "the method", "base_fingerprint": "the base model (its fingerprint)"}.get(key) or flag_of(key)
 
 
 def _resolved(config: dict) -> dict:

@@ -25,8 +25,13 @@ MAX_BATCH = 256  # samples per worker per micro-step, as `generate`'s --batch-si
 MAX_GRAD_ACCUM = 1024
 
 
-# A field's flag where it is not the field's name with dashes
+# A field's flag where it is not the field's name with dashes (the lists: one flag given once per item)
 FLAG_NAMES = {"validation_prompts": "--validation-prompt", "class_prompts": "--class-prompt"}
+
+
+def flag_of(field: str) -> str:
+    """The `sdfleet finetune` flag of TrainConfig's `field`."""
+    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 class TrainConfig(BaseModel):
@@ -193,7 +198,7 @@ class TrainConfig(BaseModel):
                       if said(f)] + (["validation_prompts"] if given is not None and "validation_prompts" in given
                                      else [])
             if unread:
-                flags = ", ".join(FLAG_NAMES.get(f, "--" + f.replace("_", "-")) for f in unread)
+                flags = ", ".join(flag_of(f) for f in unread)
                 raise ValueError(f"{flags} {'is' if len(unread) == 1 else 'are'} for full, lora, dreambooth and "
                                  "textual-inversion: vae trains the autoencoder on images alone (no prompts, no "
                                  "noise), and its validation images are round trips of dataset images")

@@ -415,6 +415,7 @@ case "$1" in
       *jobDeploymentStatus*) printf '%s' "$STUB_DEPLOYMENT" ;;
       *) echo "stub kubectl: unexpected get $*" >&2; exit 1 ;;
     esac ;;
+  delete) ;;
   *) echo "stub kubectl: unexpected $*" >&2; exit 1 ;;
 esac
 """

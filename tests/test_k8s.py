@@ -41,7 +41,7 @@ def test_objects_validate_against_their_schemas(objects):
 
 
 def test_example_secrets_validate():
-    for origin, obj in _load([K8S / "secret.example.yaml"]):
+    for origin, obj in _load([K8S / "secret.yaml.example"]):
         assert not _schema_errors(obj), f"{origin}: {_schema_errors(obj)}"
 
 
@@ -62,9 +62,13 @@ def test_every_overlay_but_monitoring_starts_something():
 
 def test_no_overlay_holds_secrets_and_none_lists_the_example():
     for path in K8S.rglob("kustomization.yaml"):
-        assert "secret.example.yaml" not in path.read_text(), f"{path.relative_to(REPO)} lists secret.example.yaml"
+        assert "secret.yaml.example" not in path.read_text(), f"{path.relative_to(REPO)} lists secret.yaml.example"
     for overlay in OVERLAYS:
         assert not _of_kind(_files(overlay), "Secret"), f"overlays/{overlay} would overwrite real Secrets"
+    # `kubectl apply -f DIR [-R]` takes every .yaml, .yml and .json in it: none of k8s/ may be a placeholder Secret
+    for path in K8S.rglob("*"):
+        if path.suffix in (".yaml", ".yml", ".json"):
+            assert not _of_kind(_load([path]), "Secret"), f"`kubectl apply -f k8s/ -R` would apply {path}'s Secrets"
 
 
 # --- pod security -------------------------------------------------------------------------------
@@ -266,6 +270,8 @@ def test_ray_pods_share_the_persistent_model_cache(objects):
         assert volume.get("persistentVolumeClaim", {}).get("claimName") == CACHE_CLAIM, \
             f"{where}: the model cache is {volume}, not the shared claim {CACHE_CLAIM}"
         assert pod["securityContext"].get("fsGroup"), f"{where}: no fsGroup; the cache may not be writable"
+        # without it the kubelet walks the whole cache (models, engines) to relabel it at every pod start
+        assert pod["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch", where
     if list(_ray_containers(objects)):
         claim = claims.get(CACHE_CLAIM)
         assert claim and claim["spec"]["accessModes"] == ["ReadWriteMany"], \
@@ -349,7 +355,7 @@ def test_every_named_image_tag_exists():
 
 # --- security: auth, exposure, credentials, network ----------------------------------------------
 
-EXAMPLE_SECRETS = {_name(obj): obj for _, obj in _load([K8S / "secret.example.yaml"])}
+EXAMPLE_SECRETS = {_name(obj): obj for _, obj in _load([K8S / "secret.yaml.example"])}
 
 
 def test_ray_token_auth_is_on_with_a_token_from_a_secret(objects):
@@ -358,7 +364,7 @@ def test_ray_token_auth_is_on_with_a_token_from_a_secret(objects):
         assert auth.get("mode") == "token", f"{origin}: authOptions.mode is {auth.get('mode')!r}, not token"
         secret = EXAMPLE_SECRETS.get(auth.get("secretName"))
         assert secret is not None and "auth_token" in secret.get("stringData", {}), \
-            f"{origin}: KubeRay reads the token from key `auth_token` of a Secret in secret.example.yaml"
+            f"{origin}: KubeRay reads the token from key `auth_token` of a Secret in secret.yaml.example"
 
 
 def test_dashboard_stays_inside_the_cluster(objects):
@@ -410,7 +416,7 @@ def test_no_secret_looking_values_in_deployment_files():
     for name, secret in EXAMPLE_SECRETS.items():
         for key, value in {**secret.get("stringData", {}), **secret.get("data", {})}.items():
             if re.search(r"KEY|SECRET|TOKEN|PASSWORD", key, re.IGNORECASE):
-                assert value == PLACEHOLDER, f"secret.example.yaml {name}.{key} must stay {PLACEHOLDER}"
+                assert value == PLACEHOLDER, f"secret.yaml.example {name}.{key} must stay {PLACEHOLDER}"
 
 
 def _selects(selector: dict | None, labels: dict) -> bool:

@@ -54,7 +54,11 @@ def test_cronjob_script_ends_on_every_terminal_state(form, deployment, job, reas
     assert all("--for=jsonpath=" in w and "--timeout=" in w for w in waits), waits
     assert any("endTime" in w for w in waits) == (deployment != "ValidationFailed"), \
         f"ValidationFailed never ends, so only then may the script skip waiting for endTime: {waits}"
-    assert len(run.calls) <= 6, f"the script polls: {run.calls}"
+    assert len([c for c in run.calls if not c.startswith("delete ")]) <= 6, f"the script polls: {run.calls}"
+    # a stopped night matches none of its RayJob's deletion rules: the script deletes it, and only then
+    deletes = [c for c in run.calls if c.startswith("delete ")]
+    assert deletes == (["delete rayjob/sdfleet-catalog-nightly-x7k2p --wait=false"] if job == "STOPPED" else []), \
+        f"RayJob {deployment}/{job}: {deletes}"
 
 
 def test_cronjob_script_is_posix_and_waits_without_polling():
@@ -111,8 +115,8 @@ def test_cronjob_rbac_is_minimal(objects):
                                                           and s.get("namespace") == NAMESPACE for s in b["subjects"])}
         rules = [r for _, role in _of_kind(objects, "Role") if _name(role) in roles for r in role["rules"]]
         assert rules == [{"apiGroups": [KUBERAY_GROUP], "resources": ["rayjobs"],
-                          "verbs": ["create", "get", "list", "watch"]}], \
-            f"{origin}: {account} should only create and watch RayJobs, has {rules}"
+                          "verbs": ["create", "get", "list", "watch", "delete"]}], \
+            f"{origin}: {account} should only create, watch and delete RayJobs, has {rules}"
     assert not _of_kind(objects, "ClusterRole", "ClusterRoleBinding"), "nothing here needs cluster-wide rights"
 
 

@@ -54,6 +54,7 @@ class GeneratorActor:
         self.batch_size = batch_size  # or "auto": chosen per model and size (actors.batch_size)
         self.auto = BatchSizes(backend_cache) if batch_size == "auto" else None
         self.block = AUTO_BLOCK if batch_size == "auto" else batch_size  # the most rows one call brings
+        self.fits: dict[tuple, int] = {}  # (model, width, height, guided) -> a batch drawn after one ran out of memory
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._loaded: tuple[str, Any] | None = None
         self._unloadable: dict[str, ModelError] = {}  # models that did not load: their rows fail without a reload
@@ -148,7 +149,8 @@ class GeneratorActor:
         from actors.generate import draw_rows  # torch and diffusers: loaded in the actor, not in the driver
 
         kill_if_asked(rows)
-        drawn = draw_rows(self.ready_for, rows, max_batch=self.batch_for if self.auto else self.batch_size)
+        drawn = draw_rows(self.ready_for, rows, max_batch=self.batch_for if self.auto else self.batch_size,
+                          fits=self.fits)
         metrics.images_drawn(drawn)
         metrics.row_failures("draw", sum(1 for row in drawn if row["status"] == "failed"))
         return drawn
@@ -198,6 +200,9 @@ class GeneratorActor:
         self.swaps_reported = (swaps, seconds)
         self.calls += 1
         auto = {"auto_batch_size": self.auto.chosen, "auto_batch_probed": self.auto.probed} if self.auto else {}
+        if self.fits:  # batches that ran out of device memory, and the size drawn since
+            auto["batch_size_after_out_of_memory"] = {f"{m} {w}x{h}" + ("" if guided else " unguided"): n
+                                                      for (m, w, h, guided), n in self.fits.items()}
         stats = json.dumps({**(self.backend.stats() if self.backend else {}), **self.startup,
                             "torch_threads": self.threads, "calls": self.calls, **auto})
         for row in drawn:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from actors.adapters import AdapterError
+from actors.batch_size import is_guided
 from actors.finish import finish_rows
 from actors.schedulers import make_scheduler
 from manifests.schema import group_key
@@ -102,26 +103,49 @@ def model_scheduler_config(pipe) -> Any:
 
 
 def draw_rows(get_pipe: Callable[[dict], Any], rows: list[dict[str, Any]], *,
-              max_batch: int | Callable[[dict], int]) -> list[dict[str, Any]]:
+              max_batch: int | Callable[[dict], int], fits: dict[tuple, int] | None = None) -> list[dict[str, Any]]:
     """Draw every row; returns one drawn row (manifests.rows.DRAWN_SCHEMA, without actor fields) per input row.
 
     `get_pipe(row)` returns the pipeline ready to draw the row's group: its model loaded, its adapters
     active (the actor's job; tests pass a plain function). A batch that fails is retried row by row, so one
-    bad row fails alone with its error; the other rows are drawn.
+    bad row fails alone with its error; the other rows are drawn. A batch that runs out of device memory is
+    drawn in halves instead (its rows say so in `warning`), and `fits` (memory_key -> rows, kept by the
+    caller across calls) remembers the size that did, so later batches of that model and size start there.
     """
+    fits = {} if fits is None else fits
+
+    def limit(row: dict) -> int:
+        planned = max_batch(row) if callable(max_batch) else max_batch
+        return min(planned, fits.get(memory_key(row), planned))
+
     drawn = []
-    for batch in plan_groups(rows, max_batch):
-        for group, outcome, seconds, tokenizer in _draw_or_split(get_pipe, batch):
+    for batch in plan_groups(rows, limit):
+        for group, outcome, seconds, tokenizer, note in _draw_or_split(get_pipe, batch, fits):
             if isinstance(outcome, Exception):
                 # an adapter's error names it already, and reads as the plan's does (the same file, one wording)
                 error = str(outcome) if isinstance(outcome, AdapterError) else f"{type(outcome).__name__}: {outcome}"
                 drawn += [{**row, "status": "failed", "error": error, "pixels": None} for row in group]
                 continue
             for row, rgb in zip(group, outcome):
-                said = [w for w in (row.get("warning"), prompt_overflow(tokenizer, row["prompt"])) if w]
+                said = [w for w in (row.get("warning"), note, prompt_overflow(tokenizer, row["prompt"])) if w]
                 drawn.append({**row, "status": None, "pixels": rgb.tobytes(), "seconds": seconds,
                               "warning": "; ".join(said) or None})
     return drawn
+
+
+def memory_key(row: dict) -> tuple:
+    """What a batch's device memory depends on besides its length: the model, the size, and whether guidance
+    draws each row twice."""
+    return row["model"], row["width"], row["height"], is_guided(row)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` says the device ran out of memory: torch's own error, or ONNX Runtime's and TensorRT's,
+    which are not torch's and say it in words."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return any(words in text for words in ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation"))
 
 
 def generate_rows(
@@ -139,14 +163,29 @@ def generate_rows(
     """
     drawn = [{**row, "actor": actor} for row in draw_rows(get_pipe, rows, max_batch=max_batch)]
     return finish_rows(drawn, fs=fs, out_root=out_root)
-def _draw_or_split(get_pipe, batch: list[dict]) -> list[tuple[list[dict], Any, float, Any]]:
-    """[(rows, images or the exception, seconds per row, tokenizer)]: the batch, or its rows one by one."""
+
+
+def _draw_or_split(get_pipe, batch: list[dict], fits: dict[tuple, int],
+                   too_big: int | None = None) -> list[tuple[list[dict], Any, float, Any, str | None]]:
+    """[(rows, images or the exception, seconds per row, tokenizer, a note for their warning)]: the batch, or
+    its rows one by one, or its halves where it ran out of device memory (`too_big`: the first batch that did)."""
     started = time.perf_counter()
     try:
         pipe = get_pipe(batch[0])
         images = draw(pipe, batch)
-        return [(batch, images, (time.perf_counter() - started) / len(batch), pipe.tokenizer)]
+        note = f"drawn in a batch of {len(batch)}: a batch of {too_big} ran out of device memory" if too_big else None
+        return [(batch, images, (time.perf_counter() - started) / len(batch), pipe.tokenizer, note)]
     except Exception as exc:  # noqa: BLE001 - recorded per row
         if len(batch) == 1:
-            return [(batch, exc, 0.0, None)]
-        return [item for row in batch for item in _draw_or_split(get_pipe, [row])]
+            return [(batch, exc, 0.0, None, None)]
+        short_of_memory = out_of_memory(exc)
+    # retried here, after the except: while it ran, the error's traceback held the failed batch's tensors
+    if not short_of_memory:
+        return [item for row in batch for item in _draw_or_split(get_pipe, [row], fits, too_big)]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = (len(batch) + 1) // 2
+    key = memory_key(batch[0])
+    fits[key] = min(fits.get(key, half), half)
+    return [item for part in (batch[:half], batch[half:])
+            for item in _draw_or_split(get_pipe, part, fits, too_big or len(batch))]

@@ -533,3 +533,33 @@ def test_an_actor_that_switches_models_frees_the_old_one_at_once(tmp_path, monke
         assert old() is None, "model a is still held after the switch to b"
     finally:
         gc.enable()
+
+
+def test_an_actor_says_in_run_json_which_batch_it_draws_after_running_out_of_memory(tmp_path, monkeypatch):
+    """A fixed --batch-size too big for the device: the actor's stats (run.json's backend_stats) name the model,
+    size and the batch it draws since, and its rows say so."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    import actors.generate as generate
+    from actors.actor import GeneratorActor
+
+    real_draw = generate.draw
+
+    def small_device(pipe, rows):
+        if len(rows) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_draw(pipe, rows)
+
+    monkeypatch.setattr(generate, "draw", small_device)
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
+    info = describe_model("default", "tiny")
+    actor = GeneratorActor({"default": dataclasses.asdict(info)}, str(tmp_path / "out"), 4, torch_threads=1)
+    rows = [{**row, "source": "m.parquet", "row": i, "status": None, "warning": None}
+            for i, row in enumerate(resolved_rows(3, guidance_scale=1.0, width=64, height=64))]
+    drawn = actor._torch.submit(actor._call, pa.Table.from_pylist(rows)).result().to_pylist()
+    assert [r["status"] for r in drawn] == [None] * 3
+    assert all("a batch of 3 ran out of device memory" in r["warning"] for r in drawn), drawn[0]["warning"]
+    stats = json.loads(drawn[0]["backend_stats"])
+    assert stats["batch_size_after_out_of_memory"] == {"default 64x64 unguided": 1}, stats

@@ -15,6 +15,7 @@ from actors.finish import finish_rows, pixels_of
 from actors.generate import draw, draw_rows
 from actors.png import PNG_KEY, png_bytes, read_png_parameters
 from actors.presets import PRESETS, build_preset
+from helpers import assert_same_pixels
 from manifests.schema import ManifestRow, resolve_row
 
 
@@ -128,6 +129,50 @@ def test_an_image_of_nan_fails_its_row_and_is_never_written_as_black(tiny):
     alone = draw(tiny, [rows[0]])[0]
     assert drawn["r0"]["status"] is None and drawn["r0"]["pixels"] == alone.tobytes()
     assert drawn["r2"]["status"] is None and drawn["r2"]["pixels"] is not None
+
+
+def test_a_batch_out_of_device_memory_is_drawn_in_halves_after_its_memory_is_freed(tiny, monkeypatch):
+    """A batch too big for the device is drawn in halves (not row by row), with the failed batch's tensors
+    freed first (the retry used to run inside the `except`, its traceback holding them), and its rows say so;
+    the size that fit is remembered for the next block. Another error still fails its row alone."""
+    import weakref
+
+    import torch
+
+    import actors.generate as generate
+
+    real_draw, calls, held = generate.draw, [], []
+
+    def draw_on_a_small_device(pipe, rows):
+        calls.append(len(rows))
+        assert all(ref() is None for ref in held), "a retry runs while the failed batch's tensors are alive"
+        if len(rows) > 2:
+            activations = torch.zeros(len(rows), 4)  # what a real forward pass holds when it runs out
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {activations.numel()} bytes")
+        if any("broken" in row["prompt"] for row in rows):
+            raise ValueError("a broken row")
+        return real_draw(pipe, rows)
+
+    monkeypatch.setattr(generate, "draw", draw_on_a_small_device)
+    rows, fits = work_rows(6), {}
+    drawn = draw_rows(lambda row: tiny, rows, max_batch=8, fits=fits)
+    assert calls == [6, 3, 2, 1, 3, 2, 1], calls  # halves of halves, never row by row
+    assert [r["status"] for r in drawn] == [None] * 6
+    assert all("drawn in a batch of" in r["warning"] and "a batch of 6 ran out of device memory" in r["warning"]
+               for r in drawn), [r["warning"] for r in drawn]
+    for row, out in zip(rows, drawn):  # each row's own generator: the same pixels in any batch (up to float noise)
+        alone = real_draw(tiny, [row])[0]
+        assert_same_pixels(np.frombuffer(out["pixels"], np.uint8).reshape(alone.shape), alone, row["id"])
+    assert fits == {generate.memory_key(rows[0]): 2}
+
+    calls.clear()  # the next block starts at the size that fit, and an error that is not memory is row by row
+    later = work_rows(4)
+    later[3] = {**later[3], "prompt": "broken"}
+    drawn = draw_rows(lambda row: tiny, later, max_batch=8, fits=fits)
+    assert calls == [2, 2, 1, 1], calls
+    assert [r["status"] for r in drawn] == [None, None, None, "failed"]
+    assert drawn[3]["error"] == "ValueError: a broken row" and drawn[0]["warning"] is None
 
 
 def test_a_model_directory_is_hashed_once_until_a_file_changes(tmp_path, monkeypatch):

@@ -5,6 +5,9 @@ Every backend draws the same rows (one batch to warm up, then `--batches` timed 
 built preset pipeline in this process, first with no adapter, then with a rank-8 LoRA active. With
 `--swaps N` (the default 10) each backend also swaps between two random LoRAs N times: swap seconds are
 `activate()` alone, and `compiles` (compile) counts graphs built during the swaps, which must stay 0.
+Eager runs first, and every other backend's images are compared with eager's (mean and max difference in
+0..255 levels): with no adapter, with the LoRA, and with the LoRA again after the swaps (what they left).
+bench.json is written after each backend, so a run cut short keeps what it measured.
 With `--startup`, each backend's start-up (a fresh process: build the pipeline, make the backend, draw
 one batch) is timed twice: cold (an empty backend cache and torch cache) and warm (what the cold run left
 in the backend cache, torch's local cache still empty, as on another node).
@@ -120,7 +123,17 @@ def timed(backend, rows, batches: int, sync) -> float:
     return batches * len(rows) / (time.perf_counter() - started)
 
 
-def measure(name: str, args, store) -> dict:
+def difference(images, reference) -> dict:
+    """Mean and max absolute difference of two uint8 image stacks, in 0..255 levels."""
+    import numpy as np
+
+    diff = np.abs(np.asarray(images, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    return {"mean": round(float(diff.mean()), 3), "max": int(diff.max())}
+
+
+def measure(name: str, args, store, reference: dict) -> dict:
+    """One backend's figures. `reference` holds eager's images by case ("plain", "lora"): filled when `name`
+    is eager, compared with otherwise (`vs_eager_pixels`)."""
     import torch
 
     from actors.generate import draw
@@ -129,10 +142,12 @@ def measure(name: str, args, store) -> dict:
     device = torch.device(args.device)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch._dynamo.reset()  # the previous variant's graphs (and their CUDA graph pools) go, and this one compiles cold
     gc.collect()  # the previous variant's backend and pipeline refer to each other: freed by a collection only
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    pixels: dict = {}
     started = time.perf_counter()
     pipe = build_preset(args.preset).to(device=device, dtype=dtype)
     built = time.perf_counter() - started
@@ -142,12 +157,14 @@ def measure(name: str, args, store) -> dict:
     draw(backend.pipe, rows)  # warm-up: compiles, exports, builds
     sync()
     setup = time.perf_counter() - started
-    images = draw(backend.pipe, rows)
+    pixels["plain"] = images = draw(backend.pipe, rows)
     result = {"backend": name, "images_per_second": timed(backend, rows, args.batches, sync), "setup_seconds": setup,
               "pipeline_build_seconds": built, "first_pixel_sum": int(images[0].astype("int64").sum())}
-    if store is not None and name != "int8":
-        lora_rows = rows_for(args.preset, args.batch_size, args.size, args.steps, adapters=["A"], store=store)
+    lora_rows = rows_for(args.preset, args.batch_size, args.size, args.steps, adapters=["A"], store=store) \
+        if store is not None and name != "int8" else None
+    if lora_rows:
         backend.activate(lora_rows[0]["adapters"])
+        pixels["lora"] = draw(backend.pipe, lora_rows)
         result["images_per_second_lora"] = timed(backend, lora_rows, args.batches, sync)
     if args.swaps and name != "int8":
         compiles_before = getattr(backend, "compiles", None)
@@ -158,14 +175,23 @@ def measure(name: str, args, store) -> dict:
             backend.activate(chosen)
             sync()
             costs.append(time.perf_counter() - t0)
-        draw(backend.pipe, rows_for(args.preset, args.batch_size, args.size, args.steps, adapters=["A"], store=store))
+        backend.activate(lora_rows[0]["adapters"])  # back to A: its images must be A's again, nothing left over
+        pixels["lora_after_swaps"] = draw(backend.pipe, lora_rows)
         sync()
         result["swap_seconds_mean"] = sum(costs[1:]) / max(1, len(costs) - 1)  # the first loads the files
         result["swap_seconds_first"] = costs[0]
         if compiles_before is not None:
             result["compiles_during_swaps"] = backend.compiles - compiles_before
     if device.type == "cuda":
+        # reserved counts what the caching allocator holds (CUDA graph pools among it), allocated only live tensors
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1024**3
+    if name == "eager":
+        reference.update(pixels)
+    else:
+        eager_case = {"plain": "plain", "lora": "lora", "lora_after_swaps": "lora"}  # what each is drawn as
+        result["vs_eager_pixels"] = {case: difference(images, reference[eager_case[case]])
+                                     for case, images in pixels.items() if eager_case[case] in reference}
     return result
 
 
@@ -230,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args)
         return 0
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    names = sorted(names, key=lambda n: n != "eager")  # eager first: the others' pixels are compared with its
     unknown = sorted({n.split("/")[0] for n in names} - set(ALL))
     if unknown or "eager" not in names:
         parser.error(f"--backends must include eager (the baseline) and name only {', '.join(ALL)}; got {args.backends}")
@@ -240,27 +267,27 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SDFLEET_CACHE", str(out / "cache"))
     store = make_store(args.preset, out / "adapters") if args.swaps else None
-    results = []
-    for name in names:
-        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        results.append(measure(name, args, store))
-        if args.startup:
-            results[-1].update(startup(name, args, out))
-        print(f"[bench] {json.dumps(results[-1])}", file=sys.stderr, flush=True)
-    eager = next(r for r in results if r["backend"] == "eager")
-    for r in results:
-        r["vs_eager"] = r["images_per_second"] / eager["images_per_second"]
+    results, reference = [], {}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
     report = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": device,
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "torch": torch.__version__,
               "results": results}
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name in names:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        results.append(measure(name, args, store, reference))
+        if args.startup:
+            results[-1].update(startup(name, args, out))
+        results[-1]["vs_eager"] = results[-1]["images_per_second"] / results[0]["images_per_second"]
+        print(f"[bench] {json.dumps(results[-1])}", file=sys.stderr, flush=True)
+        (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")  # after each: a timeout keeps it
+    eager = results[0]
     print(f"{args.preset} {args.size}px, {args.steps} steps, batch {args.batch_size}, {args.dtype}, {device}")
     for r in results:
         if "images_per_second_lora" in r:
             r["vs_eager_lora"] = r["images_per_second_lora"] / eager["images_per_second_lora"]
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'backend':<28} {'img/s':>7} {'vs eager':>8} {'LoRA img/s':>10} {'vs eager':>8} {'set-up s':>8} "
-          f"{'cold s':>7} {'warm s':>7} {'swap ms':>8} {'compiles':>8} {'peak GB':>7}")
+          f"{'cold s':>7} {'warm s':>7} {'swap ms':>8} {'compiles':>8} {'peak GB':>7} {'max diff':>8}")
 
     def cell(r, key, fmt):
         return format(r[key], fmt) if key in r else "-"
@@ -271,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{cell(r, 'images_per_second_lora', '.3f'):>10} {cell(r, 'vs_eager_lora', '.2f'):>7}x "
               f"{r['setup_seconds']:>8.1f} {cell(r, 'startup_cold_seconds', '.1f'):>7} "
               f"{cell(r, 'startup_warm_seconds', '.1f'):>7} {swap:>8} {str(r.get('compiles_during_swaps', '-')):>8} "
-              f"{cell(r, 'peak_memory_gb', '.1f'):>7}")
+              f"{cell(r, 'peak_memory_gb', '.1f'):>7} "
+              f"{max((d['max'] for d in r.get('vs_eager_pixels', {}).values()), default='-'):>8}")
     print(f"wrote {out / 'bench.json'}")
     return 0
 

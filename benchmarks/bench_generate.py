@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -209,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     seed_s, seed_images = (None, None) if args.no_seed_style else time_loop(pipe, singles, args.warmup)
     if seed_s is not None:
         print(f"bench: seed-style done in {seed_s:.2f} s", file=sys.stderr, flush=True)
-    del pipe  # give the memory back before sdfleet's actor builds its own copy
+    del pipe  # give the memory back before sdfleet's actor builds its own copy: the pipeline, then the blocks
+    gc.collect()  # the caching allocator keeps for this process (the actor is another process)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
 
     # 5. sdfleet end to end, once per finishing mode, each into a fresh folder so no row is skipped;
     # 6. its steady state, from the same run's ledger

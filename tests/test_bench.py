@@ -161,3 +161,20 @@ def test_bench_overlap_runs_its_stand_in_through_the_real_finishing_stage(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads((tmp_path / "bench.json").read_text())["modes"]["stage"]
     assert figures["steady_images_per_second"] > 0 and figures["startup"]["first_image_written"] > 0
+
+
+def test_bench_backends_compares_every_backend_s_images_with_eager_s(tmp_path):
+    """What the GPU script's backends step runs, small on CPU: a fast backend that drew other images (a stale
+    graph, a swap that left a trace) shows in vs_eager_pixels, and bench.json is there for every backend."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_backends", "--size", "64", "--steps", "2",
+                           "--batch-size", "2", "--batches", "1", "--swaps", "2", "--threads", "1",
+                           "--backends", "onnx,eager", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eager, onnx = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert eager["backend"] == "eager" and "vs_eager_pixels" not in eager, "eager runs first, as the baseline"
+    assert set(onnx["vs_eager_pixels"]) == {"plain", "lora", "lora_after_swaps"}, onnx
+    assert all(d["max"] <= 3 for d in onnx["vs_eager_pixels"].values()), onnx["vs_eager_pixels"]

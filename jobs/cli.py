@@ -349,6 +349,8 @@ def _say_report(done: dict) -> None:
 
     for run in done.get("unfinished", []):
         log(f"warning: {unfinished_note(run)}")
+    for line in done.get("lost_parts", []):
+        log(f"warning: {line}")
 
 
 def cmd_sheet(args) -> int:
@@ -378,7 +380,7 @@ def cmd_sheet(args) -> int:
         fs, path = url_to_fs(args.output)
         if is_local_fs(fs):  # a link (to where sheets are published) is written through, not replaced
             path = os.path.realpath(path)
-        else:  # a disk's parents are made by atomic_write
+        else:  # a disk's parents are made by atomic_write (sheet_format saw that a bucket is there)
             fs.makedirs(fs._parent(path), exist_ok=True)
         atomic_write(fs, path, buf.getvalue())  # a full disk leaves the sheet that was there, not half a picture
     except Exception as exc:  # noqa: BLE001 - a read-only store, a parent that is a file

@@ -42,6 +42,7 @@ class RunOutput:
     history: pa.Table  # every ledger entry, in HISTORY columns, with "__run" (the run that wrote it) and "__at" (its
     # place in the order entries were written)
     unfinished: list[str] = field(default_factory=list)  # runs after `summary` that wrote rows but no run.json
+    lost_parts: list[str] = field(default_factory=list)  # one line per run with fewer ledger parts than it wrote
 
     # A million-row catalogue's ledger, with its nights of history, stays in Arrow: only the rows a caller asks
     # for become Python dicts (`rows`), a page of a report at a time.
@@ -314,4 +315,22 @@ def open_output(uri: str) -> RunOutput:
     later = pc.unique(history.filter(pc.greater(history.column("__run"), summary["run_id"])).column("__run"))
     unfinished = sorted(run for run in later.to_pylist() if run not in finished)
     return RunOutput(uri=uri, fs=fs, root=root, summary=summary, runs=runs, current=current, history=history,
-                     unfinished=unfinished)
+                     unfinished=unfinished, lost_parts=lost_parts(runs, parts))
+
+
+def lost_parts(runs: list[dict], parts: dict[str, int | None]) -> list[str]:
+    """A line for each finished run whose summary counts more ledger parts than results/ holds of it (a copy or
+    sync that missed files, a part deleted): the rows only those parts recorded are not shown, and nothing else
+    would say so."""
+    present: dict[str, int] = {}
+    for path in parts:
+        run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
+        present[run] = present.get(run, 0) + 1
+    lines = []
+    for summary in runs:
+        wrote, run = summary.get("ledger_parts"), summary.get("run_id")
+        if isinstance(wrote, int) and isinstance(run, str) and present.get(run, 0) < wrote:
+            lines.append(f"run {run} wrote {wrote} ledger part(s) and results/ holds {present.get(run, 0)} of them "
+                         "(a copy or sync that missed files, or parts deleted): the rows only those parts recorded "
+                         "are not shown; copy the output again, whole")
+    return lines

@@ -100,6 +100,7 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     where = path if is_local_fs(out.fs) else out.fs.unstrip_protocol(path)
     return {"path": where, "rows": len(ids), "pages": len(layout.files), "pages_written": pages.written,
             "pages_unchanged": pages.kept, "thumbnails_made": made, "unfinished": out.unfinished,
+            "lost_parts": out.lost_parts,
             "thumbnails_reused": reused,
             "missing": sum(1 for status, lack in zip(statuses, rows.lacks) if status == "ok" and lack),
             "seconds": round(time.time() - started, 2), "bytes": pages.bytes}
@@ -461,7 +462,8 @@ def render(out: RunOutput, rows: Rows, layout: Layout) -> str:
              f"<header><h1>Run {_e(out.run_id)}</h1><p>{_e(out.uri)} · finished {_e(s.get('finished_at', '?'))} · "
              f"{_e(s.get('backend', '?'))} on {_e(s.get('device', '?'))} · batch {_e(s.get('batch_size', '?'))} · "
              f"report written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p>"
-             + "".join(f"<p class=bad>{_e(unfinished_note(run))}</p>" for run in out.unfinished) + "</header>",
+             + "".join(f"<p class=bad>{_e(unfinished_note(run))}</p>" for run in out.unfinished)
+             + "".join(f"<p class=bad>{_e(line)}</p>" for line in out.lost_parts) + "</header>",
              _figures(out), _changes(out, layout), _problems(out, rows, layout), images, _FOOT]
     return "\n".join(parts)
 
@@ -667,18 +669,24 @@ def _tile(e: dict, columns: list[tuple[str, str]]) -> str:
     """One row's tile: its thumbnail linking to the PNG, or the reason it has none; its parameters for the pop-up
     (TILE_PARAMS, then `columns`)."""
     ok = e["status"] == "ok"
+    missing = None  # why an `ok` row has no image to show: the pop-up and the hover say `missing`, not `ok`
+    if ok and (not e["__has_image"] or e["__thumb_error"] is not None):
+        missing = e["__thumb_error"] if e["__has_image"] else f"images/{e['id']}.png is not in the output"
+    status = "missing" if missing else e["status"]
     prompt = e["__prompt"] if ok else None
     adapters = adapters_text(e.get("adapters")) or "none"
-    params = {"id": e["id"], "status": e["status"], "prompt": prompt,
+    params = {"id": e["id"], "status": status, "prompt": prompt,
               "negative prompt": e["__negative_prompt"] if ok else None, "seed": e.get("seed"),
               "size": f"{e.get('width')}x{e.get('height')}", "steps": e.get("steps"),
               "guidance": e.get("guidance_scale"), "scheduler": e.get("scheduler"), "model": e.get("model"),
-              "adapters": adapters, "error": e.get("error"), "warning": e.get("warning"),
+              "adapters": adapters, "error": missing or e.get("error"), "warning": e.get("warning"),
               "actor": e.get("actor"), "seconds": e.get("seconds"), "finished": e.get("finished_at"),
               "run": e["__run"]}
     params.update({label: e.get(c) for label, c in columns})
     params = {k: _for_script(v) for k, v in params.items() if v not in (None, "")}
-    hover = f"{e['id']}: {prompt or e['status']} (seed {e.get('seed')})"
+    hover = f"{e['id']}: {status}: {prompt}" if missing and prompt else f"{e['id']}: {prompt or status}"
+    if e.get("seed") is not None:
+        hover += f" (seed {e['seed']})"
     # (JSON escapes C0 itself; DEL and C1 as \u escapes, which the page's script reads back, not _e's \xNN)
     data = _e(json.dumps(params, ensure_ascii=False, default=str, allow_nan=False).translate(_JSON_CONTROLS))
     caption = f"<figcaption>{_e(e['id'])}</figcaption>"
@@ -686,10 +694,9 @@ def _tile(e: dict, columns: list[tuple[str, str]]) -> str:
     if not ok:
         return (f"<figure class='tile {e['status']}' id={anchor} title='{_e(hover)}' data-p='{data}'><div class=reason>"
                 f"<b>{e['status']}</b> {_e(e.get('error') or '')}</div>{caption}</figure>")
-    if not e["__has_image"] or e["__thumb_error"] is not None:
-        reason = e["__thumb_error"] if e["__has_image"] else f"images/{e['id']}.png is not in the output"
+    if missing:
         return (f"<figure class='tile missing' id={anchor} title='{_e(hover)}' data-p='{data}'><div class=reason>"
-                f"<b>missing</b> {_e(reason)}</div>{caption}</figure>")
+                f"<b>missing</b> {_e(missing)}</div>{caption}</figure>")
     tw, th = e["__thumb_width"], e["__thumb_height"]
     return (f"<figure class='tile ok' id={anchor} title='{_e(hover)}' data-p='{data}'>"
             f"<a href='../images/{_e(e['id'])}.png'><img loading=lazy src='thumbs/{e['__thumb']}' width={tw} "

@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 
 from jobs.errors import ReportError
 from jobs.outputs import open_output, unfinished_note
-from manifests.stores import gone_at_exit_reason, process_local, url_to_fs
+from manifests.schema import error_line
+from manifests.stores import gone_at_exit_reason, process_local, require_bucket, url_to_fs
 
 GAP = "#dddddd"
 
@@ -37,7 +38,13 @@ def sheet_format(uri: str) -> str:
     if process_local(uri):
         raise ReportError(gone_at_exit_reason("-o", uri, "the sheet"))
     fs, path = url_to_fs(uri)
-    if uri.endswith("/") or fs.isdir(path):
+    # s3fs and gcsfs make a missing bucket when a file's folder is made: a typo would make a new bucket
+    require_bucket(fs, path, "-o", uri, ReportError)
+    try:
+        is_dir = uri.endswith("/") or fs.isdir(path)
+    except Exception as exc:  # noqa: BLE001 - the store's own error types
+        raise ReportError(f"-o {uri}: the store does not answer ({error_line(exc)})") from exc
+    if is_dir:
         raise ReportError(f"-o {uri} is a directory: name the sheet file to write in it, "
                           f"e.g. -o {uri.rstrip('/')}/sheet.png")
     Image.init()  # registers every plugin, so SAVE lists what this Pillow can write (WebP needs libwebp)
@@ -86,6 +93,8 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
     out = open_output(uri)
     for run in out.unfinished if warn else ():
         warn(unfinished_note(run))
+    for line in out.lost_parts if warn else ():
+        warn(line)
     out.check_group_by(group_by)
     groups = out.groups(group_by)
     if not groups:

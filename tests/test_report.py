@@ -64,7 +64,7 @@ def _run(out: Path, run_id: str, entries: list[dict], counts: dict) -> None:
                "actors": 1, "images_per_actor": {"host:1": counts["ok"]}, "recovered": 0,
                "adapter_swaps": {"total": 2, "per_actor": {"host:1": 2}, "seconds": 0.01},
                "startup": {"ray_connected": 1.5, "first_image_written": 6.0}, "batch_size": 4, "backend": "eager",
-               "device": "cpu", "finished_at": entries[-1]["finished_at"]}
+               "device": "cpu", "finished_at": entries[-1]["finished_at"], "ledger_parts": 1}
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "runs" / f"{run_id}.json").write_text(json.dumps(summary))
     (out / "run.json").write_text(json.dumps(summary))
@@ -112,6 +112,11 @@ def test_report_shows_each_row_as_it_stands_with_reasons_and_missing_images(outp
     assert _tiles(page) == {"a": "ok", "b": "missing", "c": "failed", "d": "ok", "e": "ok", "f": "invalid"}
     assert "CUDA out of memory" in page and "&#x27;nope&#x27; is not one of ddim" in page
     assert "images/b.png is not in the output" in page
+    # the missing tile's hover and pop-up say so too: its pop-up said `ok` and linked the full PNG that is gone
+    tile = html.unescape(re.search(r"title='(b: [^']*)' data-p='([^']*)'", page).group(2))
+    assert json.loads(tile)["status"] == "missing", tile
+    assert "images/b.png is not in the output" in json.loads(tile)["error"]
+    assert re.search(r"title='b: missing[^']*'", page), re.search(r"title='b: [^']*'", page).group(0)
     # thumbnails are files beside the page, never the PNGs inlined; the page reaches nothing outside OUT
     thumbs = sorted(p.name for p in (output / "report" / "thumbs").glob("*.jpg"))
     assert len(thumbs) == 3 and all(f"thumbs/{t}" in page for t in thumbs)
@@ -492,6 +497,21 @@ def test_a_missing_or_half_written_output_is_said_in_one_line(output, tmp_path, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (target / "report" / "index.html").exists()
+
+
+def test_a_ledger_part_lost_since_its_run_is_said_on_the_page_and_by_report_and_sheet(output, capsys):
+    """A copy or sync that missed a part showed the rows of the other parts and "Problems: none", exit 0: the
+    rows only that part recorded were gone from the review, and nothing said so."""
+    assert open_output(str(output)).lost_parts == []
+    (part,) = (output / "results").glob("20261201T000000-aaaaaa-*.parquet")
+    part.unlink()
+    assert main(["report", str(output)]) == 0
+    err = capsys.readouterr().err
+    said = "run 20261201T000000-aaaaaa wrote 1 ledger part(s) and results/ holds 0 of them"
+    assert f"warning: {said}" in err, err
+    assert html.escape(said) in (output / "report" / "index.html").read_text()
+    assert main(["sheet", str(output), "-o", str(output.parent / "sheet.png")]) == 0
+    assert said in capsys.readouterr().err
 
 
 def test_report_on_an_object_store(output, tmp_path):

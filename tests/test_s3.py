@@ -332,10 +332,14 @@ def test_an_out_in_a_bucket_that_does_not_exist_is_refused_not_created(s3, tmp_p
     manifest = write_manifest(tmp_path / "m.parquet", rows(1))
     write_images(tmp_path / "images", 1, size=64)
     build_dataset(str(tmp_path / "images"), str(tmp_path / "data"), resolution=64, log=lambda line: None)
+    from test_report import make_output
+
+    run = make_output(tmp_path / "run")
     commands = ((["generate", str(manifest), "--out", "s3://sdflet/runs/a"], "--out"),
                 (["finetune", "lora", "--data", str(tmp_path / "data"), "--base", "tiny", "--out", "s3://sdflet/ft"],
                  "--out"),
-                (["dataset", "build", str(tmp_path / "images"), "-o", "s3://sdflet/data"], "-o"))
+                (["dataset", "build", str(tmp_path / "images"), "-o", "s3://sdflet/data"], "-o"),
+                (["sheet", str(run), "-o", "s3://sdflet/sheet.png"], "-o"))
     for argv, flag in commands:
         assert main(argv) == 1
         err = capsys.readouterr().err

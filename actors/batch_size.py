@@ -19,6 +19,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from manifests.schema import is_guided
+
 if TYPE_CHECKING:  # torch is imported where a probe runs: the driver reads AUTO_BLOCK without it
     import torch
 
@@ -42,11 +44,6 @@ def probe_key(fingerprint: str, backend: str, device: torch.device, dtype: torch
     return cache_key({"model": fingerprint, "backend": backend, "device": hardware_name(device), "memory": memory,
                       "dtype": str(dtype), "size": [width, height], "guided": guided, "torch": torch.__version__,
                       "candidates": CANDIDATES, "steps": PROBE_STEPS, "version": VERSION})
-
-
-def is_guided(row: dict) -> bool:
-    """Whether diffusers draws `row` with classifier-free guidance (the UNet runs on twice the rows)."""
-    return float(row.get("guidance_scale") or 0) > 1
 
 
 def measure(draw: Callable[[list[dict]], Any], row: dict, device: torch.device, limit: int) -> tuple[int, dict[int, float]]:

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from actors.adapters import AdapterError
-from actors.batch_size import is_guided
 from actors.finish import finish_rows
 from actors.schedulers import make_scheduler
-from manifests.schema import group_key
+from manifests.schema import group_key, is_guided
 from manifests.tokens import prompt_overflow
 
 

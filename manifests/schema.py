@@ -414,6 +414,11 @@ def resolve_row(row: ManifestRow, model: dict[str, Any], *, watermark: str | Non
     return resolved
 
 
+def is_guided(row: dict) -> bool:
+    """Whether diffusers draws `row` with classifier-free guidance (the UNet runs on twice the rows)."""
+    return float(row.get("guidance_scale") or 0) > 1
+
+
 def group_key(resolved: dict[str, Any]) -> tuple:
     """Resolved rows with equal keys can share a forward pass (one denoising batch)."""
     adapters = tuple((a["name"], a["scale"]) for a in resolved["adapters"] or [])

@@ -620,13 +620,17 @@ def cmd_eval(args) -> int:
         print(terminal_line(f"sdfleet eval: error: nothing to score: {summary['not_scored']} row(s) name no "
                             f"colour/shape/background (or have an id generate refuses), {summary['missing_images']} "
                             f"have no readable image under {out}/images, {summary['images_of_another_prompt']} an "
-                            f"image drawn for another prompt and {summary['images_without_parameters']} an image "
-                            "without generate's parameters"), file=sys.stderr)
+                            f"image drawn for another prompt, {summary['images_without_parameters']} an image "
+                            f"without generate's parameters and {summary['not_ok_in_ledger']} are failed or invalid "
+                            "in its ledger"), file=sys.stderr)
         return EXIT_ERROR
     print(report(summary))
+    if summary["not_ok_in_ledger"]:
+        print(f"not scored: {summary['not_ok_in_ledger']} row(s) failed or invalid in the run's ledger (an image "
+              "there is an earlier version's)")
     if summary["images_of_another_prompt"]:
         print(f"not scored: {summary['images_of_another_prompt']} image(s) drawn for another prompt than the "
-              "manifest's (rows invalid or failed since; rerun generate)")
+              "manifest's (the manifest changed since; rerun generate)")
     if summary["images_without_parameters"]:
         print(f"not scored: {summary['images_without_parameters']} image(s) without the parameters generate "
               "writes in each PNG (not drawn by generate, or re-saved without them)")

@@ -33,7 +33,8 @@ from jobs.console import recorded_json
 from jobs.errors import EvalError, one_line
 from manifests.reader import Unreadable, count_ids, expand_manifest_paths, iter_rows
 from manifests.schema import coerced_id, is_safe_id
-from manifests.stores import url_to_fs
+from manifests.ledger import newest_statuses
+from manifests.stores import UnreadableFile, url_to_fs
 
 PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) background$")
 # Fill of the bounding box by each ideal shape (jobs.synthetic draws them exactly so).
@@ -140,9 +141,14 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     fs, root = url_to_fs(out)
     if not fs.isdir(f"{root}/images"):
         if fs.isfile(f"{root}/run.json"):  # a run that drew nothing (an empty manifest, every row invalid)
-            raise EvalError(f"--out {out}: nothing to score, the run drew no images")
+            raise EvalError(f"--out {out}: nothing to score, it has a run.json but no images/ (the run drew none, "
+                            "or they were moved away)")
         raise EvalError(f"--out {out} has no images/ folder (give the --out of a `sdfleet generate` run)")
-    rows, unscored, missing, other, foreign = [], 0, 0, 0, 0
+    rows, unscored, missing, other, foreign, not_ok = [], 0, 0, 0, 0, 0
+    try:  # an image whose row failed or is invalid since is an older version's, whatever its prompt
+        statuses = newest_statuses(fs, root)
+    except UnreadableFile as exc:
+        raise EvalError(f"--out {out}: ledger part {exc.path} cannot be read ({one_line(exc.cause)})") from exc
     uris = expand_manifest_paths(manifests)
     _, id_counts = count_ids(uris)  # rows sharing an id: generate draws none of them, so no image is theirs
     for _, _, row in iter_rows(uris):
@@ -150,6 +156,9 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         row_id = None if want is None else coerced_id(row.get("id"))  # as generate reads it (binary ids too)
         if want is None or not isinstance(row_id, str) or not is_safe_id(row_id) or id_counts[row_id] > 1:
             unscored += 1  # an id generate refuses has no image of its own to score
+            continue
+        if statuses.get(row_id, "ok") != "ok":  # (an id the ledger lacks: a killed run's image, judged by its prompt)
+            not_ok += 1
             continue
         path = f"{root}/images/{row_id}.png"
         if not fs.exists(path):
@@ -172,7 +181,7 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
                      "held_out": (want["color"], want["shape"], want["background"]) in HELD_OUT})
     summary = {
         "scored": len(rows), "not_scored": unscored, "missing_images": missing, "images_of_another_prompt": other,
-        "images_without_parameters": foreign,
+        "images_without_parameters": foreign, "not_ok_in_ledger": not_ok,
         **_scores(rows),
         "held_out": _scores([r for r in rows if r["held_out"]]),
         "per_color": {c: _scores([r for r in rows if r["want_color"] == c]) for c in PALETTE

@@ -246,6 +246,17 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,
     return {rid: phash for rid, (phash, _, _, _) in latest.items()}
 
 
+def newest_statuses(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
+    """id -> the status of its newest entry, for every id the ledger holds ({} without a ledger)."""
+    parts = ledger_parts(fs, root)
+    newest: dict[str, tuple[str, str]] = {}  # id -> (finished_at, status)
+    for _, table in read_parquet_files(fs, list(parts), columns=["id", "status", "finished_at"], sizes=parts):
+        for rid, status, when in zip(*(table.column(c).to_pylist() for c in ("id", "status", "finished_at"))):
+            if rid is not None and (rid not in newest or (when or "") >= newest[rid][0]):
+                newest[rid] = (when or "", status)
+    return {rid: status for rid, (_, status) in newest.items()}
+
+
 # What a row recorded again without drawing it keeps of its newest `ok` entry (newest_ok_entries)
 KEPT_FROM_OK = ("uri", "sha256", "png_bytes", "watermark_bits", "warning")
 

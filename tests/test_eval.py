@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import fsspec
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
@@ -12,6 +13,7 @@ from PIL import Image, PngImagePlugin
 from helpers import sdfleet, write_manifest
 from jobs.evaluate import analyse, intended
 from jobs.synthetic import ALL, ALL_SHAPES, BACKGROUNDS, PALETTE, caption, draw_shape, probe
+from manifests.ledger import ledger_row, write_part
 
 
 @pytest.mark.parametrize("color,shape,background",
@@ -93,6 +95,13 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     # a picture generate did not draw (no parameters): a contact sheet saved over a row's image, say
     records.append({"id": "sheet", "prompt": caption(*ALL[2])})
     draw_shape(*ALL[2], 256).save(out / "images" / "sheet.png")
+    # a row drawn, then invalid with the same prompt (steps 0 since): its image is the earlier version's
+    records.append({"id": "bad-now", "prompt": caption(*ALL[3])})
+    drawn(draw_shape(*ALL[3], 256), out / "images" / "bad-now.png", records)
+    ledger = [{**ledger_row({"id": rid, "params_hash": "h"}, status), "finished_at": when}
+              for rid, status, when in (("bad-now", "ok", "2026-12-01T00:00:00"), ("bad-now", "invalid", "2026-12-02"),
+                                        ("ok-0", "invalid", "2026-12-01T00:00:00"), ("ok-0", "ok", "2026-12-02"))]
+    write_part(fsspec.filesystem("file"), str(out), "20261202T000000-aaaaaa", 0, ledger)
     manifest = write_manifest(tmp_path / "m.parquet", records)
 
     proc = sdfleet("eval", str(manifest), "--out", str(out))
@@ -101,6 +110,8 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 5, 2)
     assert summary["images_of_another_prompt"] == 1 and "1 image(s) drawn for another prompt" in proc.stdout
     assert summary["images_without_parameters"] == 1 and "1 image(s) without the parameters" in proc.stdout
+    assert summary["not_ok_in_ledger"] == 1 and "1 row(s) failed or invalid in the run's ledger" in proc.stdout
+    assert "bad-now" not in {r["id"] for r in summary["rows"]} and "ok-0" in {r["id"] for r in summary["rows"]}
     assert summary["color"] == pytest.approx(12 / 14)  # the wrong colour and the noise miss
     assert summary["drawn"] == pytest.approx(13 / 14)
     assert summary["chance"] == {"color": 1 / len(PALETTE), "shape": 1 / len(ALL_SHAPES), "background": 1 / len(BACKGROUNDS)}
@@ -115,7 +126,7 @@ def test_eval_with_nothing_to_score_is_an_error(tmp_path):
     (tmp_path / "run" / "run.json").parent.mkdir(parents=True)
     (tmp_path / "run" / "run.json").write_text("{}")  # a finished run that drew nothing
     proc = sdfleet("eval", str(manifest), "--out", str(tmp_path / "run"))
-    assert proc.returncode == 1 and "nothing to score, the run drew no images" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "nothing to score, it has a run.json but no images/" in proc.stderr, proc.stderr
     (tmp_path / "run" / "images").mkdir(parents=True)
     proc = sdfleet("eval", str(manifest), "--out", str(tmp_path / "run"))
     assert proc.returncode == 1 and "nothing to score: 1 row(s) name no colour" in proc.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -148,7 +149,16 @@ class RunOutput:
         groups: dict[str, list[int]] = {}
         for i, key in enumerate(self.group_keys(column)):
             groups.setdefault(key, []).append(i)
-        return {key: groups[key] for key in sorted(groups, key=lambda k: (k == "(none)", k))}
+        numeric = column is not None and (pa.types.is_integer(kind := self.current.column(column).type)
+                                          or pa.types.is_floating(kind) or pa.types.is_decimal(kind))
+
+        def order(key: str) -> tuple:  # numbers by value (2 before 10), NaN after them; text as text
+            if key == "(none)" or not numeric:
+                return key == "(none)", 0.0, key
+            value = float(key)
+            return False, value if value == value else math.inf, key
+
+        return {key: groups[key] for key in sorted(groups, key=order)}
 
     def check_group_by(self, column: str | None, flag: str = "--group-by") -> None:
         if column is not None and column not in self.group_columns():

@@ -613,7 +613,8 @@ def _page_list(layout: Layout, lacks: list[bool], rows: int) -> str:
         first, last = page[0], page[-1]
         span = _label(group_by, first[0]) + (f" … {_label(group_by, last[0])}" if len(page) > 1 else "")
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
-        items.append(f"<li><a href='{name}'>{name}</a>: {span} ({len(page)} groups, {count} rows{note})</li>")
+        items.append(f"<li><a href='{name}'>{name}</a>: {span} ({_count(len(page), 'group')}, "
+                     f"{_count(count, 'row')}{note})</li>")
     by = f" by {_e(group_by)}" if group_by else ""
     return (f"<section id=images><h2>Images{by} ({rows} rows on {len(layout.files)} pages of up to {PAGE_ROWS})</h2>"
             f"<ol class=pages>{''.join(items)}</ol></section>")
@@ -629,13 +630,19 @@ def _images(out: RunOutput, page: list[tuple[str, list[dict], bool]], group_by: 
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
         tiles = "".join(_tile(e, columns) for e in entries)
         opened = " open" if len(page) <= OPEN_GROUPS or i < OPEN_GROUPS else ""
-        sections.append(f"<details class=group{opened}><summary>{label} · {len(entries)} rows{note}</summary>"
+        sections.append(f"<details class=group{opened}><summary>{label} · {_count(len(entries), 'row')}{note}</summary>"
                         f"<div class=grid>{tiles}</div></details>")
     by = f" by {_e(group_by)}" if group_by else ""
-    return (f"<section id=images><h2>Images{by} ({rows} rows{where}, {len(page)} groups)</h2><p class=tools>"
+    return (f"<section id=images><h2>Images{by} ({_count(rows, 'row')}{where}, {_count(len(page), 'group')})</h2>"
+            "<p class=tools>"
             "<button data-act=open>unfold all</button> <button data-act=close>fold all</button> "
             "<label><input type=checkbox id=only-problems> only rows without an image</label></p>"
             f"{''.join(sections)}</section>")
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 row`, `2 rows`."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _for_script(value):

@@ -191,7 +191,7 @@ def test_a_done_row_whose_manifest_columns_changed_is_recorded_again_not_drawn(r
         assert (out / "images" / name).stat().st_mtime_ns == images[name], f"{name} was written again"
     page = (out / "report" / "index.html").read_text()
     assert "<summary>2 relabelled: their manifest columns changed" in page and "<summary>1 redrawn</summary>" in page
-    assert "category = home · 1 rows" in page
+    assert "category = home · 1 row" in page
     # night 3: nothing changed, nothing recorded
     entries = len(ledger(out))
     proc = sdfleet("generate", str(night2), "--out", str(out), "--no-watermark")

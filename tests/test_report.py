@@ -236,7 +236,7 @@ def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_eve
     # a group larger than a page is cut and says it goes on; a later, shorter report leaves no old page behind
     monkeypatch.setattr(jobs.report, "PAGE_ROWS", 1)
     assert build_report(str(output))["pages"] == 6
-    assert "all rows (continued) · 1 rows" in (report / "page-0006.html").read_text()
+    assert "all rows (continued) · 1 row" in (report / "page-0006.html").read_text()
     monkeypatch.setattr(jobs.report, "PAGE_ROWS", 100)
     assert build_report(str(output))["pages"] == 1
     assert sorted(p.name for p in report.glob("*.html")) == ["index.html"]
@@ -405,7 +405,7 @@ def test_manifest_columns_named_like_the_reports_own_are_shown_and_grouped_as_an
     _run(output, "20261203T000000-cccccc", [entry], {"ok": 1, "skipped": 5, "failed": 0, "invalid": 0})
     done = build_report(str(output), group_by="_batch")
     page = (output / "report" / "index.html").read_text()
-    assert done["missing"] == 1 and "_batch = b1 · 1 rows<" in page  # b's PNG is the one missing
+    assert done["missing"] == 1 and "_batch = b1 · 1 row<" in page  # b's PNG is the one missing
     (tile,) = [m for m in re.findall(r"data-p='([^']*)'", page) if "&quot;id&quot;: &quot;g&quot;" in m]
     shown = json.loads(html.unescape(tile))
     assert (shown["_run"], shown["_thumb_error"], shown["run"]) == ("mine", "mine too", "20261203T000000-cccccc")
@@ -456,8 +456,22 @@ def test_a_column_two_runs_typed_differently_groups_as_text(output):
     _run(output, "20261203T000000-cccccc", [entry], {"ok": 1, "skipped": 5, "failed": 0, "invalid": 0})
     build_report(str(output), group_by="sku")
     page = (output / "report" / "index.html").read_text()
-    assert "sku = 7 · 1 rows<" in page and "sku = sku-3 · 2 rows," in page
+    assert "sku = 7 · 1 row<" in page and "sku = sku-3 · 2 rows," in page
     assert changes(open_output(str(output)))["new"] == ["g"]
+
+
+def test_groups_of_a_numeric_column_come_in_numeric_order():
+    """An int column's groups came 0, 1, 10, 11, 2 (sorted as text), and a paged index read "num = 7 ... num = 9"."""
+    from jobs.outputs import RunOutput
+
+    def keys(values, kind):
+        out = RunOutput(uri="x", fs=None, root="x", summary={}, runs=[], history=pa.table({}),
+                        current=pa.table({"n": pa.array(values, kind)}))
+        return list(out.groups("n"))
+
+    assert keys([10, 2, None, 1, 2], pa.int64()) == ["1", "2", "10", "(none)"]
+    assert keys([2.5, float("nan"), -1.0, 10.0], pa.float64()) == ["-1.0", "2.5", "10.0", "nan"]
+    assert keys(["10", "2", "b"], pa.string()) == ["10", "2", "b"]  # text stays text
 
 
 def test_group_by_adapters_and_an_unknown_column(output):

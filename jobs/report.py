@@ -630,7 +630,8 @@ def _images(out: RunOutput, page: list[tuple[str, list[dict], bool]], group_by: 
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
         tiles = "".join(_tile(e, columns) for e in entries)
         opened = " open" if len(page) <= OPEN_GROUPS or i < OPEN_GROUPS else ""
-        sections.append(f"<details class=group{opened}><summary>{label} · {_count(len(entries), 'row')}{note}</summary>"
+        summary = f"{label} · {_count(len(entries), 'row')}{note}"
+        sections.append(f"<details class=group{opened}><summary>{summary}</summary>"
                         f"<div class=grid>{tiles}</div></details>")
     by = f" by {_e(group_by)}" if group_by else ""
     return (f"<section id=images><h2>Images{by} ({_count(rows, 'row')}{where}, {_count(len(page), 'group')})</h2>"

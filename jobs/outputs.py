@@ -15,6 +15,7 @@ import bisect
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Sequence
@@ -240,6 +241,18 @@ def recorded_again(mark: str, warning: str | None) -> str:
     return f"{mark}{AS_DRAWN}{warning}" if warning else mark
 
 
+def running(fs, root: str) -> dict | None:
+    """The lease of the run writing to this output now (its heartbeat fresh), or None (jobs.lease)."""
+    from jobs.lease import LEASE_FILE, STALE_SECONDS
+
+    try:
+        held = json.loads(fs.cat_file(f"{root}/{LEASE_FILE}"))
+        fresh = time.time() - float(held.get("heartbeat", 0)) <= STALE_SECONDS
+    except Exception:  # noqa: BLE001 - no lease, or none that reads: nothing says a run is going
+        return None
+    return held if fresh else None
+
+
 def unfinished_note(run_id: str) -> str:
     return (f"run {run_id} wrote rows after this one and did not finish (killed, or still running): its rows are "
             "shown as far as it got; run the same `sdfleet generate` again to finish it")
@@ -269,6 +282,10 @@ def open_output(uri: str) -> RunOutput:
     try:
         summary = json.loads(fs.cat_file(f"{root}/run.json"))
     except FileNotFoundError:
+        if parts and (live := running(fs, root)):
+            raise ReportError(f"{uri} has {len(parts)} ledger parts but no run.json yet: its first run "
+                              f"{live.get('run_id')} is still running (host {live.get('host')}, pid {live.get('pid')}, "
+                              "its lease renewed within the minute); report on it once it finishes") from None
         if parts:
             raise ReportError(f"{uri} has {len(parts)} ledger parts but no run.json: its run did not finish (killed, "
                               "or still running); run the same `sdfleet generate` again to finish it") from None

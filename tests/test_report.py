@@ -528,6 +528,21 @@ def test_a_ledger_part_lost_since_its_run_is_said_on_the_page_and_by_report_and_
     assert said in capsys.readouterr().err
 
 
+def test_a_first_run_still_going_is_said_to_be_running_not_to_be_rerun(output, capsys):
+    """Told to run `generate` again, which the run's lease would refuse: the lease says a run is going."""
+    import time
+
+    (output / "run.json").unlink()
+    lease = {"run_id": "20261203T000000-cccccc", "host": "node-7", "pid": 4242, "heartbeat": time.time()}
+    (output / ".sdfleet-lease.json").write_text(json.dumps(lease))
+    assert main(["report", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert "its first run 20261203T000000-cccccc is still running (host node-7, pid 4242" in err, err
+    (output / ".sdfleet-lease.json").write_text(json.dumps({**lease, "heartbeat": time.time() - 3600}))
+    assert main(["report", str(output)]) == 1
+    assert "run the same `sdfleet generate` again" in capsys.readouterr().err  # a lease gone stale: a killed run
+
+
 def test_report_on_an_object_store(output, tmp_path):
     """Any fsspec store: the page and thumbnails are written through fsspec (memory:// here; S3 in test_s3)."""
     import fsspec

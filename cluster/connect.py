@@ -61,8 +61,17 @@ _LOST: list[str] = []  # why the cluster was given up on, once it has been
 
 
 def cluster_lost() -> str | None:
-    """Why this process gave up on its Ray cluster (`watch_cluster`), or None."""
+    """Why this process gave up on its Ray cluster (`watch_cluster`) or on its output (`stop_main`), or None."""
     return _LOST[0] if _LOST else None
+
+
+def stop_main(reason: str) -> None:
+    """From a watching thread: stop the command's main thread as Ctrl-C would, and have it end saying `reason`
+    (exit 1), as when its cluster is lost. jobs.lease calls it when another run took the output over."""
+    import _thread
+
+    _LOST.append(reason)
+    _thread.interrupt_main()
 
 
 @contextlib.contextmanager
@@ -73,7 +82,6 @@ def watch_cluster(say, give_up=None, seconds: float | None = None, every: float 
     held in a Ray call that waits out Ray's own timeout (its driver then ends the process from C++, 60 s after
     the GCS went, saying so only in the log file) is not interrupted: after `grace` seconds `give_up(reason)`
     runs on the watch's thread, to keep what finished, say the last line and end the process."""
-    import _thread
     import socket
 
     import ray
@@ -99,10 +107,10 @@ def watch_cluster(say, give_up=None, seconds: float | None = None, every: float 
                 continue
             refused_since = refused_since or time.time()
             if time.time() - refused_since >= seconds:
-                _LOST.append(f"lost the Ray cluster: its GCS at {address} has not answered for {seconds:.0f} s (the "
-                             "head node or its GCS process is gone)")
-                say(f"{_LOST[0]}; stopping")
-                _thread.interrupt_main()
+                reason = (f"lost the Ray cluster: its GCS at {address} has not answered for {seconds:.0f} s (the "
+                          "head node or its GCS process is gone)")
+                say(f"{reason}; stopping")
+                stop_main(reason)
                 if not stop.wait(grace) and give_up is not None:
                     give_up(_LOST[0])
                 return

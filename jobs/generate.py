@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import json
 import os
 import sys
 import time
@@ -153,6 +154,20 @@ OTHER_OUTPUTS = {"finetune.json": "a fine-tune's output", "model_index.json": "a
                  DATASET_SUMMARY: "a training dataset"}
 
 
+def not_a_run_summary(fs, path: str) -> str | None:
+    """Why the JSON at `path` is not a run.json sdfleet wrote, or None (no file, or one of sdfleet's; a file cut
+    short is rewritten by the run)."""
+    try:
+        found = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(found, dict):
+        return f"a JSON {type(found).__name__}, not an object"
+    if not isinstance(found.get("run_id"), str):
+        return "it has no run_id"
+    return None
+
+
 def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     """Run one generation job; returns the run summary written to run.json.
 
@@ -179,6 +194,9 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         for marker, what in OTHER_OUTPUTS.items():  # its images and ledger would mix with them, and a fine-tune
             if fs.isfile(f"{root}/{marker}"):  # there would no longer resume (it refuses a run's output)
                 raise RunFailed(f"--out {cfg.out} is {what} ({marker}); give the run a folder of its own")
+        if foreign := not_a_run_summary(fs, f"{root}/run.json"):  # another tool's run.json: it would be replaced
+            raise RunFailed(f"--out {cfg.out} holds a run.json that sdfleet did not write ({foreign}): another "
+                            "tool's output, whose files a run would write over; give the run a folder of its own")
         if cfg.plan_only:  # writes nothing: reachable is enough
             fs.exists(root)
         else:

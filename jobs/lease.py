@@ -145,9 +145,23 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
+                held = self.holder()
+                if held and held.get("run_id") != self.run_id:  # taken over while this run went without a beat
+                    self._taken_over(held)
+                    return
                 self._write()
             except RunFailed as exc:  # keep drawing; the next beat may get through
                 log(f"warning: {exc}")
+
+    def _taken_over(self, held: dict) -> None:
+        """Another run took the lease after this one went STALE_SECONDS without a heartbeat (the process
+        suspended, a VM paused, a store that did not answer): writing on would make two runs of one output, and
+        rewriting the lease would hide it from the other. This run stops, as on Ctrl-C, and says why."""
+        from cluster.connect import stop_main
+
+        stop_main(f"--out {self.where} was taken over by run {held.get('run_id')} (host {held.get('host')}, pid "
+                  f"{held.get('pid')}) while this run went without a heartbeat for over {STALE_SECONDS:.0f} s "
+                  "(suspended, or the store did not answer): one output takes one run, so this one stops")
 
     def _busy(self, held: dict, age: float, waiting: bool = False) -> str:
         what = (f"--out {self.where} is in use by run {held.get('run_id')} (host {held.get('host')}, pid "

@@ -533,6 +533,15 @@ def test_a_fine_tunes_folder_and_a_generate_run_are_kept_apart(dataset, tmp_path
     assert code == 1 and f"--out {tuned} is a fine-tune's output (finetune.json); give the run a folder of its own" \
         in stderr, stderr
     assert sorted(p.name for p in tuned.iterdir()) == ["finetune.json"]
+    # another tool's output with a run.json of its own: its run.json and images were written over, exit 0
+    other = tmp_path / "other"
+    (other / "images").mkdir(parents=True)
+    (other / "run.json").write_text('{"status": "done", "images": 1}')
+    (other / "images" / "a.png").write_bytes(b"theirs")
+    code, stderr = refused_before_ray(monkeypatch, capsys, "generate", str(manifest), "--out", str(other))
+    assert code == 1 and f"--out {other} holds a run.json that sdfleet did not write (it has no run_id)" in stderr, \
+        stderr
+    assert (other / "images" / "a.png").read_bytes() == b"theirs"
     store = tmp_path / "store"
     store.mkdir()
     (store / "style.safetensors").write_bytes(b"")

@@ -489,6 +489,33 @@ def test_a_lease_whose_process_is_gone_on_this_machine_is_taken_over_at_once(tmp
     assert "taking over the lease of run killed" in said and "its process is gone" in said, said
 
 
+def test_a_run_whose_lease_was_taken_over_while_it_was_suspended_stops_and_leaves_the_lease_alone(tmp_path, monkeypatch):
+    """A run suspended past the stale time (Ctrl-Z, a paused VM) had its output taken over; resumed, it rewrote
+    the lease as its own at its next heartbeat and drew on beside the other run."""
+    import threading
+
+    import cluster.connect
+    import jobs.lease as lease
+
+    monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.05)
+    monkeypatch.setattr(lease, "HEARTBEAT_SECONDS", 0.05)
+    stopped = threading.Event()
+    reasons = []
+    monkeypatch.setattr(cluster.connect, "stop_main", lambda reason: (reasons.append(reason), stopped.set()))
+    out = tmp_path / "out"
+    out.mkdir()
+    fs, root = fsspec.core.url_to_fs(str(out))
+    other = {"run_id": "newer", "host": "node-2", "pid": 7, "since": "x", "heartbeat": time.time()}
+    with lease.Lease(fs, root, "mine") as held:
+        held.confirm()
+        (out / ".sdfleet-lease.json").write_text(json.dumps(other))  # what the other run wrote meanwhile
+        assert stopped.wait(5), "the run went on drawing beside the run that took its output over"
+        time.sleep(0.2)  # beats that would have come
+        assert json.loads((out / ".sdfleet-lease.json").read_text())["run_id"] == "newer"
+    assert json.loads((out / ".sdfleet-lease.json").read_text())["run_id"] == "newer", "it let go of the other's lease"
+    assert reasons and "was taken over by run newer (host node-2, pid 7)" in reasons[0], reasons
+
+
 @pytest.mark.parametrize("content", ['{"run_id": "trunc', "[1, 2]", ""])
 def test_a_lease_file_that_is_not_a_lease_is_taken_over_and_said_so(tmp_path, monkeypatch, capsys, content):
     import jobs.lease as lease

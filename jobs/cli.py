@@ -345,12 +345,8 @@ def _say_report(done: dict) -> None:
              else "")
     log(f"report: {done['path']} ({done['rows']} rows{pages}, {done['thumbnails_made']} thumbnails made, "
         f"{done['thumbnails_reused']} reused{missing}, {done['seconds']:.1f} s)")
-    from jobs.outputs import unfinished_note
-
-    for run in done.get("unfinished", []):
-        log(f"warning: {unfinished_note(run)}")
-    for line in done.get("lost_parts", []):
-        log(f"warning: {line}")
+    for note in done["notes"]:
+        log(f"warning: {note}")
 
 
 def cmd_sheet(args) -> int:

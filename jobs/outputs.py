@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Sequence
@@ -130,6 +131,12 @@ class RunOutput:
 
     def has_image(self, entry: dict) -> bool:
         return f"{entry['id']}.png" in self.images
+
+    @property
+    def notes(self) -> list[str]:
+        """What a reader of this output must be told before trusting what it shows: later runs that did not
+        finish, and runs whose ledger parts are not all here (said by the report's page, `report` and `sheet`)."""
+        return [unfinished_note(run) for run in self.unfinished] + self.lost_parts
 
     def group_columns(self) -> list[str]:
         return [c for c in self.columns if c not in BOOKKEEPING]
@@ -312,7 +319,7 @@ def open_output(uri: str) -> RunOutput:
     tables = []
     try:
         for path, table in read_parquet_files(fs, list(parts), sizes=parts):
-            run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
+            run = part_run(path)
             tables.append(table.append_column("__run", pa.array([run] * table.num_rows, pa.string())))
     except UnreadableFile as exc:
         if exc.damaged:  # parts are written whole, so this one was damaged afterwards
@@ -345,19 +352,21 @@ def open_output(uri: str) -> RunOutput:
                      unfinished=unfinished, lost_parts=lost_parts(runs, parts))
 
 
+def part_run(path: str) -> str:
+    """The run that wrote the ledger part at `path` (`results/<run id>-<seq>.parquet`, manifests.ledger.write_part)."""
+    return path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
+
+
 def lost_parts(runs: list[dict], parts: dict[str, int | None]) -> list[str]:
     """A line for each finished run whose summary counts more ledger parts than results/ holds of it (a copy or
     sync that missed files, a part deleted): the rows only those parts recorded are not shown, and nothing else
     would say so."""
-    present: dict[str, int] = {}
-    for path in parts:
-        run = path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]
-        present[run] = present.get(run, 0) + 1
+    present = Counter(part_run(path) for path in parts)
     lines = []
     for summary in runs:
         wrote, run = summary.get("ledger_parts"), summary.get("run_id")
-        if isinstance(wrote, int) and isinstance(run, str) and present.get(run, 0) < wrote:
-            lines.append(f"run {run} wrote {wrote} ledger part(s) and results/ holds {present.get(run, 0)} of them "
+        if isinstance(wrote, int) and isinstance(run, str) and present[run] < wrote:
+            lines.append(f"run {run} wrote {wrote} ledger part(s) and results/ holds {present[run]} of them "
                          "(a copy or sync that missed files, or parts deleted): the rows only those parts recorded "
                          "are not shown; copy the output again, whole")
     return lines

@@ -41,8 +41,7 @@ from actors.png import image_parameters
 from jobs import outputs
 from jobs.console import log
 from jobs.errors import ReportError, one_line
-from jobs.outputs import (RunOutput, adapters_text, is_recovered, is_relabelled, newest_per_id, open_output,
-                          unfinished_note)
+from jobs.outputs import RunOutput, adapters_text, is_recovered, is_relabelled, newest_per_id, open_output
 from manifests.ledger import LEDGER_COLUMNS, atomic_write, png_sizes
 from manifests.stores import folder_files, is_local_fs, read_parquet
 from manifests.text import NOT_AN_IMAGE
@@ -100,7 +99,7 @@ def build_report(uri: str, group_by: str | None = None, thumb: int = THUMB_SIDE,
     where = path if is_local_fs(out.fs) else out.fs.unstrip_protocol(path)
     return {"path": where, "rows": len(ids), "pages": len(layout.files), "pages_written": pages.written,
             "pages_unchanged": pages.kept, "thumbnails_made": made, "unfinished": out.unfinished,
-            "lost_parts": out.lost_parts,
+            "notes": out.notes,
             "thumbnails_reused": reused,
             "missing": sum(1 for status, lack in zip(statuses, rows.lacks) if status == "ok" and lack),
             "seconds": round(time.time() - started, 2), "bytes": pages.bytes}
@@ -462,8 +461,7 @@ def render(out: RunOutput, rows: Rows, layout: Layout) -> str:
              f"<header><h1>Run {_e(out.run_id)}</h1><p>{_e(out.uri)} · finished {_e(s.get('finished_at', '?'))} · "
              f"{_e(s.get('backend', '?'))} on {_e(s.get('device', '?'))} · batch {_e(s.get('batch_size', '?'))} · "
              f"report written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}</p>"
-             + "".join(f"<p class=bad>{_e(unfinished_note(run))}</p>" for run in out.unfinished)
-             + "".join(f"<p class=bad>{_e(line)}</p>" for line in out.lost_parts) + "</header>",
+             + "".join(f"<p class=bad>{_e(note)}</p>" for note in out.notes) + "</header>",
              _figures(out), _changes(out, layout), _problems(out, rows, layout), images, _FOOT]
     return "\n".join(parts)
 

@@ -14,7 +14,7 @@ import posixpath
 from PIL import Image, ImageDraw
 
 from jobs.errors import ReportError
-from jobs.outputs import open_output, unfinished_note
+from jobs.outputs import open_output
 from manifests.schema import error_line
 from manifests.stores import gone_at_exit_reason, process_local, require_bucket, url_to_fs
 
@@ -91,10 +91,8 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
     ReportError, before anything is drawn, for a sheet larger than `image_format` or memory can hold. `warn`
     is told of a later run that wrote rows and did not finish (the sheet shows the rows as they stand)."""
     out = open_output(uri)
-    for run in out.unfinished if warn else ():
-        warn(unfinished_note(run))
-    for line in out.lost_parts if warn else ():
-        warn(line)
+    for note in out.notes if warn else ():
+        warn(note)
     out.check_group_by(group_by)
     groups = out.groups(group_by)
     if not groups:

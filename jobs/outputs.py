@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.errors import GroupByError, ReportError, one_line
-from manifests.ledger import concat_parts, ledger_parts, size_differs
-from manifests.stores import UnreadableFile, folder_files, is_local_fs, read_parquet_files, url_to_fs
+from manifests.ledger import concat_parts, ledger_parts, read_parts, size_differs
+from manifests.stores import UnreadableFile, folder_files, is_local_fs, url_to_fs
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
 BOOKKEEPING = ("status", "uri", "sha256", "png_bytes", "params_hash", "error", "warning", "watermark", "watermark_bits",
@@ -318,7 +318,7 @@ def open_output(uri: str) -> RunOutput:
         runs.append(summary)
     tables = []
     try:
-        for path, table in read_parquet_files(fs, list(parts), sizes=parts):
+        for path, table in read_parts(fs, parts):
             run = part_run(path)
             tables.append(table.append_column("__run", pa.array([run] * table.num_rows, pa.string())))
     except UnreadableFile as exc:

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -55,6 +55,9 @@ LEDGER_SCHEMA = pa.schema([
     ("extra", pa.string()),  # JSON of the manifest's pass-through columns, expanded when a part is written
 ])
 LEDGER_COLUMNS = tuple(LEDGER_SCHEMA.names)
+# What every part has had since the first: a Parquet file in results/ without them is not a ledger part (a manifest
+# copied there by mistake), refused by name rather than read with its own `status` taken for the rows' status
+PART_KEY = ("id", "status", "params_hash", "finished_at")
 
 
 def ledger_row(row: dict[str, Any], status: str, **fields) -> dict[str, Any]:
@@ -211,6 +214,13 @@ def ledger_parts(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int | No
     return {path: found[path].get("size") for path in sorted(found)}
 
 
+def read_parts(fs: fsspec.AbstractFileSystem, parts: dict[str, int | None], columns: list[str] | None = None,
+               optional: tuple[str, ...] = ()) -> Iterator[tuple[str, pa.Table]]:
+    """(path, table) for each of `parts` (ledger_parts), as manifests.stores.read_parquet_files reads them; a file
+    without the PART_KEY columns raises UnreadableFile (damaged) naming it."""
+    return read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=optional, required=PART_KEY)
+
+
 def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,
                    finished: dict[str, tuple[str, int | None]] | None = None,
                    superseded: set[str] | None = None,
@@ -228,8 +238,7 @@ def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,
     latest: dict[str, tuple[str, str, int | None, str | None]] = {}
     not_ok: dict[str, str] = {}  # id -> when its newest entry that is not `ok` was written
     columns = ["id", "status", "params_hash", "finished_at", "png_bytes", "passthrough_hash"]
-    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts,
-                                       optional=("png_bytes", "passthrough_hash")):
+    for _, table in read_parts(fs, parts, columns, optional=("png_bytes", "passthrough_hash")):
         values = [table.column(c).to_pylist() for c in columns[:4]]
         for rid, status, phash, when, size, label in zip(*values, png_sizes(table), passthrough_hashes(table)):
             if status == "ok":
@@ -250,7 +259,7 @@ def newest_statuses(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str]:
     """id -> the status of its newest entry, for every id the ledger holds ({} without a ledger)."""
     parts = ledger_parts(fs, root)
     newest: dict[str, tuple[str, str]] = {}  # id -> (finished_at, status)
-    for _, table in read_parquet_files(fs, list(parts), columns=["id", "status", "finished_at"], sizes=parts):
+    for _, table in read_parts(fs, parts, ["id", "status", "finished_at"]):
         for rid, status, when in zip(*(table.column(c).to_pylist() for c in ("id", "status", "finished_at"))):
             if rid is not None and (rid not in newest or (when or "") >= newest[rid][0]):
                 newest[rid] = (when or "", status)
@@ -273,7 +282,7 @@ def newest_ok_entries(fs: fsspec.AbstractFileSystem, root: str, ids: set[str]) -
     newest: dict[str, tuple[str, dict[str, Any]]] = {}
     columns = ["id", "status", "finished_at", *KEPT_FROM_OK]
     optional = ("png_bytes", "watermark_bits", "warning")
-    for _, table in read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=optional):
+    for _, table in read_parts(fs, parts, columns, optional=optional):
         table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_in(table["id"], value_set=wanted)))
         kept = {c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
                 for c in ("uri", "sha256", "watermark_bits", "warning")}
@@ -314,7 +323,7 @@ def size_differs(listed, recorded: int | None) -> bool:
 def read_ledger(fs: fsspec.AbstractFileSystem, root: str) -> pa.Table:
     """The whole ledger as one table (parts may carry different pass-through columns)."""
     parts = ledger_parts(fs, root)
-    return concat_parts([table for _, table in read_parquet_files(fs, list(parts), sizes=parts)])
+    return concat_parts([table for _, table in read_parts(fs, parts)])
 
 
 def concat_parts(tables: list[pa.Table]) -> pa.Table:

@@ -222,7 +222,8 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
 
 def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
                        sizes: dict[str, int | None] | None = None,
-                       optional: tuple[str, ...] = ()) -> Iterator[tuple[str, pa.Table]]:
+                       optional: tuple[str, ...] = (),
+                       required: tuple[str, ...] = ()) -> Iterator[tuple[str, pa.Table]]:
     """(path, table) for many small Parquet files of one store, in the order given.
 
     A ledger gains a part every 256 rows or 10 s and is never rewritten, so a nightly job's output holds
@@ -230,8 +231,9 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
     up to FETCH_CHUNK of them at once, concurrently on async stores (s3fs, gcsfs, adlfs) and as plain reads
     elsewhere. `sizes` (from a detailed listing) keeps each fetch under FETCH_BYTES. Tables are parsed in
     this thread (see `read_parquet`). Of `columns`, those in `optional` may be missing from a file (a ledger
-    part written before a column was added). A file that cannot be fetched or parsed, or lacks another of
-    `columns`, raises UnreadableFile naming it (by its URI on an object store, as a user would move it aside).
+    part written before a column was added); those in `required` must be in every file even where it is read
+    whole (`columns` None). A file that cannot be fetched or parsed, or lacks a column it must have, raises
+    UnreadableFile naming it (by its URI on an object store, as a user would move it aside).
     """
     def named(path: str) -> str:
         return path if is_local_fs(fs) else fs.unstrip_protocol(path)
@@ -243,16 +245,21 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
             if isinstance(data, BaseException):
                 raise UnreadableFile(named(path), data, damaged=False) from data
             try:
-                table = _parquet_table(data, columns, optional)
+                table = _parquet_table(data, columns, optional, required)
             except (pa.ArrowException, OSError, ValueError) as exc:
                 raise UnreadableFile(named(path), exc, damaged=True) from exc
             yield path, table
 
 
-def _parquet_table(data: bytes, columns: list[str] | None, optional: tuple[str, ...]) -> pa.Table:
-    if columns is not None and optional:
-        names = pq.read_schema(pa.BufferReader(data)).names
-        columns = [c for c in columns if c in names or c not in optional]
+def _parquet_table(data: bytes, columns: list[str] | None, optional: tuple[str, ...],
+                   required: tuple[str, ...]) -> pa.Table:
+    if (columns is not None and optional) or required:
+        names = set(pq.read_schema(pa.BufferReader(data)).names)
+        needed = dict.fromkeys([*required, *(c for c in columns or () if c not in optional)])
+        if lacking := [c for c in needed if c not in names]:
+            raise ValueError(f"it has no column {', '.join(lacking)}")
+        if columns is not None:
+            columns = [c for c in columns if c in names or c not in optional]
     return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False, pre_buffer=False)
 
 

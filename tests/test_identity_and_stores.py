@@ -297,6 +297,28 @@ def test_a_damaged_ledger_part_stops_the_run_naming_it_and_the_report_too(tmp_pa
     assert "20261205T000000-abcdef-00000.parquet cannot be read" in err and "Traceback" not in err
 
 
+def test_a_manifest_copied_into_results_is_refused_by_name_not_read_as_a_ledger(tmp_path, capsys):
+    """A Parquet file in results/ without the ledger's columns (a manifest put there by mistake, with a `status`
+    column of its own) was read by the report as a ledger part: its `status` became the rows' status and its name a
+    run that never finished. Every reader of the ledger now refuses it, naming the file and what it lacks."""
+    from jobs.cli import main
+
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    out = tmp_path / "out"
+    (out / "results").mkdir(parents=True)
+    stray = out / "results" / "zzz.parquet"
+    write_manifest(stray, [{**r, "status": "new"} for r in rows(2)])
+    (out / "run.json").write_text(json.dumps({"run_id": "20261205T000000-abcdef"}))
+    for argv in (["generate", str(manifest), "--out", str(out)], ["report", str(out)],
+                 ["eval", str(manifest), "--out", str(out)]):
+        (out / "images").mkdir(exist_ok=True)  # eval looks for the ledger only where there are images
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert "zzz.parquet cannot be read (ValueError: it has no column params_hash, finished_at)" in err, argv
+        assert "Traceback" not in err
+    assert not list((out / "images").iterdir())  # generate stopped before drawing
+
+
 def test_package_code_reads_parquet_files_whole_only_through_read_parquet():
     callers = [f"{p.relative_to(REPO)}:{n}" for package in ("actors", "cluster", "jobs", "manifests")
                for p in (REPO / package).rglob("*.py") if p.name != "stores.py"

@@ -12,6 +12,7 @@ the rows a caller asks for (a page of a report, the first problems) become Pytho
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import json
 import math
 import os
@@ -24,10 +25,68 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from jobs.errors import GroupByError, ReportError, one_line
 from manifests.ledger import concat_parts, ledger_parts, read_parts, size_differs
 from manifests.stores import UnreadableFile, folder_files, is_local_fs, url_to_fs
+
+class SwapsRead(BaseModel):
+    """run.json's `adapter_swaps` (jobs.recorder.Recorder.adapter_swaps), as SummaryRead reads it."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    total: int | None = None
+    seconds: float | None = None
+    per_actor: dict[str, int] | None = None
+
+
+class SummaryRead(BaseModel):
+    """The fields of run.json the report, sheet and eval read, with the types `sdfleet generate` writes them in
+    (jobs.generate.run): a run.json edited by hand is refused by field, in one line, before anything is shown.
+    Fields a version before them did not write are absent (None); every other field passes unread."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    run_id: str
+    rows: int | None = None
+    ok: int | None = None
+    skipped: int | None = None
+    failed: int | None = None
+    invalid: int | None = None
+    recovered: int | None = None
+    restored: int | None = None
+    relabelled: int | None = None
+    not_in_manifests: int | None = None
+    not_in_manifests_ids: list[str] | None = None
+    ledger_parts: int | None = None
+    wall_seconds: float | None = None
+    images_per_second: float | None = None
+    images_per_actor: dict[str, int] | None = None
+    adapter_swaps: SwapsRead | None = None
+    startup: dict[str, float | None] | None = None
+    finished_at: str | None = None
+
+    @field_validator("finished_at")
+    @classmethod
+    def _a_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            dt.datetime.fromisoformat(value)  # its ValueError says what is wrong
+        return value
+
+
+def summary_problem(summary: dict) -> str | None:
+    """Why run.json cannot be read as a run's summary (its first wrong field, named), or None."""
+    try:
+        SummaryRead.model_validate(summary)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        got = json.dumps(error["input"], default=str)
+        got = got if len(got) <= 60 else got[:57] + "..."
+        return f"field {where} is {got}: {error['msg'].lower()}" if error["type"] != "missing" else f"it has no {where}"
+    return None
+
 
 # Ledger columns that say how an entry was made, not what was asked for: never offered as groups.
 BOOKKEEPING = ("status", "uri", "sha256", "png_bytes", "params_hash", "error", "warning", "watermark", "watermark_bits",
@@ -296,7 +355,7 @@ def open_output(uri: str) -> RunOutput:
         if parts:
             raise ReportError(f"{uri} has {len(parts)} ledger parts but no run.json: its run did not finish (killed, "
                               "or still running); run the same `sdfleet generate` again to finish it") from None
-        raise ReportError(f"{uri} holds no sdfleet run (no run.json, no results/): give the --out of a "
+        raise ReportError(f"{uri} holds no sdfleet run (no run.json, no ledger parts): give the --out of a "
                           "`sdfleet generate` run") from None
     except ValueError as exc:
         raise ReportError(f"{uri}/run.json is not valid JSON ({one_line(exc)}): a half-written or edited file; "
@@ -304,13 +363,16 @@ def open_output(uri: str) -> RunOutput:
     if not isinstance(summary, dict) or "run_id" not in summary:
         raise ReportError(f"{uri}/run.json has no run_id: not written by `sdfleet generate` (or by a version "
                           "before reports)")
+    if problem := summary_problem(summary):
+        raise ReportError(f"{uri}/run.json cannot be read: {problem}; an edited file? run the same "
+                          "`sdfleet generate` again to rewrite it")
     runs = []
     # one per run: a nightly output holds hundreds, fetched at once
     paths = sorted(folder_files(fs, f"{root}/runs", ".json"))
     for data in fs.cat_ranges(paths, None, None, on_error="return") if paths else []:
         try:
             found = None if isinstance(data, BaseException) else json.loads(data)  # unfetched: its error
-            if isinstance(found, dict):
+            if isinstance(found, dict) and summary_problem(found) is None:
                 runs.append(found)
         except ValueError:
             continue  # an older run's summary is only context; the newest is run.json

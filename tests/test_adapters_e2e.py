@@ -100,6 +100,9 @@ def test_run_json_counts_adapter_swaps_per_actor(adapter_run):
     swaps = run_summary(adapter_run["out"])["adapter_swaps"]
     assert swaps["total"] == sum(swaps["per_actor"].values()) > 0
     assert swaps["seconds"] >= 0
+    from jobs.outputs import summary_problem  # the report reads what generate writes, as it writes it
+
+    assert summary_problem(run_summary(adapter_run["out"])) is None
     actors = collections.Counter(e["actor"] for e in ledger(adapter_run["out"]) if e["status"] == "ok")
     assert set(swaps["per_actor"]) <= set(actors)
     # which version of each adapter drew the rows: the ledger names them, run.json holds their fingerprints

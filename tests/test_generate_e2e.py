@@ -53,6 +53,9 @@ def test_64_rows_two_actors_draw_every_row_once(run64):
     assert (summary["rows"], summary["ok"], summary["skipped"], summary["failed"], summary["invalid"]) == (64, 64, 0, 0, 0)
     assert summary["actors"] == 2 and summary["images_per_second"] > 0
     assert set(summary["adapter_swaps"]) >= {"total", "per_actor"}
+    from jobs.outputs import summary_problem  # the report reads what generate writes, as it writes it
+
+    assert summary_problem(summary) is None
 
 
 def test_images_carry_their_parameters(run64):

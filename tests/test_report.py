@@ -494,8 +494,16 @@ def test_group_by_adapters_and_an_unknown_column(output):
     ("absent", "does not exist: give the --out of a `sdfleet generate` run"),
     ("no run.json", "has 2 ledger parts but no run.json: its run did not finish"),
     ("half-written run.json", "run.json is not valid JSON"),
-    ("empty", "holds no sdfleet run"),
-])
+    ("empty", "holds no sdfleet run (no run.json, no ledger parts)"),
+    ("empty results/", "holds no sdfleet run (no run.json, no ledger parts)"),  # it said "no results/"
+    # a run.json edited by hand: each was a traceback (TypeError, ValueError, ArrowNotImplementedError)
+    ({"images_per_actor": ["a", 1]}, "run.json cannot be read: field images_per_actor is [\"a\", 1]: input should be"),
+    ({"finished_at": 1733500000}, "run.json cannot be read: field finished_at is 1733500000: input should be"),
+    ({"finished_at": "yesterday"}, "run.json cannot be read: field finished_at is \"yesterday\": value error"),
+    ({"wall_seconds": "x"}, "run.json cannot be read: field wall_seconds is \"x\": input should be a valid number"),
+    ({"run_id": 20261201}, "run.json cannot be read: field run_id is 20261201: input should be a valid string"),
+    ({"adapter_swaps": {"per_actor": {"a0": "two"}}}, "field adapter_swaps.per_actor.a0 is \"two\": input should"),
+], ids=str)
 def test_a_missing_or_half_written_output_is_said_in_one_line(output, tmp_path, capsys, damage, message):
     target = output
     if damage == "absent":
@@ -504,9 +512,11 @@ def test_a_missing_or_half_written_output_is_said_in_one_line(output, tmp_path, 
         (output / "run.json").unlink()
     elif damage == "half-written run.json":
         (output / "run.json").write_text('{"run_id": "2026')
+    elif isinstance(damage, dict):
+        (output / "run.json").write_text(json.dumps({**json.loads((output / "run.json").read_text()), **damage}))
     else:
         target = tmp_path / "empty"
-        target.mkdir()
+        (target / "results").mkdir(parents=True) if damage == "empty results/" else target.mkdir()
     assert main(["report", str(target)]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

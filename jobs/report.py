@@ -671,6 +671,11 @@ def _shown_columns(out: RunOutput) -> list[tuple[str, str]]:
     return [(f"{c} (manifest)" if c in TILE_PARAMS else c, c) for c in out.group_columns() if c not in LEDGER_COLUMNS]
 
 
+def _size(width: int | None, height: int | None) -> str | None:
+    """`WxH`, or None where the entry records no size (an invalid row: what it asked was not read as a size)."""
+    return f"{width}x{height}" if width is not None and height is not None else None
+
+
 def _tile(e: dict, columns: list[tuple[str, str]]) -> str:
     """One row's tile: its thumbnail linking to the PNG, or the reason it has none; its parameters for the pop-up
     (TILE_PARAMS, then `columns`)."""
@@ -683,7 +688,7 @@ def _tile(e: dict, columns: list[tuple[str, str]]) -> str:
     adapters = adapters_text(e.get("adapters")) or "none"
     params = {"id": e["id"], "status": status, "prompt": prompt,
               "negative prompt": e["__negative_prompt"] if ok else None, "seed": e.get("seed"),
-              "size": f"{e.get('width')}x{e.get('height')}", "steps": e.get("steps"),
+              "size": _size(e.get("width"), e.get("height")), "steps": e.get("steps"),
               "guidance": e.get("guidance_scale"), "scheduler": e.get("scheduler"), "model": e.get("model"),
               "adapters": adapters, "error": missing or e.get("error"), "warning": e.get("warning"),
               "actor": e.get("actor"), "seconds": e.get("seconds"), "finished": e.get("finished_at"),

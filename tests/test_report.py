@@ -87,7 +87,7 @@ def make_output(out: Path) -> Path:
                        **_draw(out, "e", COLOURS["e"], "a photo of e")),
             ledger_row(_row("c", "sku-2", 2), "failed", actor="host:1",
                        error="m.parquet row 2 (`c`): RuntimeError: CUDA out of memory"),
-            ledger_row({**_row("f", "sku-3", 5), "seed": None}, "invalid",
+            ledger_row({**_row("f", "sku-3", 5), "seed": None, "width": None, "height": None}, "invalid",
                        error="m.parquet row 5 (`f`): `scheduler`: 'nope' is not one of ddim, euler")]
     _run(out, "20261202T000000-bbbbbb", run2, {"ok": 3, "skipped": 1, "failed": 1, "invalid": 1})
     (out / "images" / "b.png").unlink()
@@ -204,6 +204,9 @@ def test_the_pop_up_shows_a_manifest_column_named_like_one_of_its_own_labels(out
     (tile,) = [m for m in re.findall(r"data-p='([^']*)'", page) if "&quot;id&quot;: &quot;g&quot;" in m]
     shown = json.loads(html.unescape(tile))
     assert (shown["size"], shown["size (manifest)"]) == ("64x64", "XL")
+    # an invalid row records no size: its pop-up showed "size: NonexNone"
+    (tile,) = [m for m in re.findall(r"data-p='([^']*)'", page) if "&quot;id&quot;: &quot;f&quot;" in m]
+    assert "size" not in json.loads(html.unescape(tile)) and "None" not in tile
     assert (shown["run"], shown["run (manifest)"]) == ("20261203T000000-cccccc", "spring")
 
 

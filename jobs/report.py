@@ -478,10 +478,12 @@ def render_page(out: RunOutput, rows: Rows, layout: Layout, n: int) -> str:
     nav = (f"<nav class=pages>{to(n - 1, '← previous')} · <a href='index.html'>index</a> · page {n + 1} of {count}"
            f" · {to(n + 1, 'next →')}</nav>")
     shown = sum(len(entries) for _, entries, _ in page)
+    goes_on = n + 1 < count and bool(layout.pages[n + 1]) and layout.pages[n + 1][0][2]  # its last group, on the next
     return "\n".join([_HEAD.replace("{title}", _e(f"sdfleet report: {out.uri}, page {n + 1} of {count}")),
                       f"<header><h1>Images, page {n + 1} of {count}</h1><p>{_e(out.uri)} · the run, what changed "
                       "and the problems are on the <a href='index.html'>index</a></p></header>",
-                      nav, _images(out, page, layout.group_by, shown, f" on page {n + 1}"), nav, _FOOT])
+                      nav, _images(out, page, layout.group_by, shown, f" on page {n + 1}", goes_on=goes_on), nav,
+                      _FOOT])
 
 
 def _entries(rows: Rows, page: list[tuple[str, list[int], bool]]) -> list[tuple[str, list[dict], bool]]:
@@ -542,8 +544,10 @@ def _rate_chart(out: RunOutput, bars: int = 60) -> str:
     top = max(rates) or 1.0
     w, h = 600, 120
     bar = w / n
+    digits = 0 if step >= 10 else 1  # a slice of 1.2 s was titled "7-7 s"
     rects = "".join(f"<rect x='{i * bar:.1f}' y='{h - r / top * h:.1f}' width='{max(bar - 1, 1):.1f}' "
-                    f"height='{r / top * h:.1f}'><title>{i * step:.0f}-{(i + 1) * step:.0f} s: {r:.2f} img/s"
+                    f"height='{r / top * h:.1f}'><title>{i * step:.{digits}f}-{(i + 1) * step:.{digits}f} s: "
+                    f"{r:.2f} img/s"
                     f"</title></rect>" for i, r in enumerate(rates))
     return (f"<figure class=chart><figcaption>images/s over the run (peak {top:.2f}, {width:.0f} s)</figcaption>"
             f"<svg viewBox='0 0 {w} {h}' width='{w}' height='{h}' role=img aria-label='images per second'>{rects}"
@@ -619,12 +623,14 @@ def _page_list(layout: Layout, lacks: list[bool], rows: int) -> str:
 
 
 def _images(out: RunOutput, page: list[tuple[str, list[dict], bool]], group_by: str | None, rows: int,
-            where: str = "") -> str:
-    """The images of one page: (group key, entries, continued) sections of tiles."""
+            where: str = "", goes_on: bool = False) -> str:
+    """The images of one page: (group key, entries, continued) sections of tiles; `goes_on`: its last group
+    continues on the next page."""
     sections, columns = [], _shown_columns(out)
     for i, (key, entries, continued) in enumerate(page):
         bad = sum(1 for e in entries if _lacks(e))
         label = _label(group_by, key) + (" (continued)" if continued else "")
+        label += " (continues on the next page)" if goes_on and i == len(page) - 1 else ""
         note = f", <span class=bad>{bad} without an image</span>" if bad else ""
         tiles = "".join(_tile(e, columns) for e in entries)
         opened = " open" if len(page) <= OPEN_GROUPS or i < OPEN_GROUPS else ""

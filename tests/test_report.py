@@ -126,6 +126,8 @@ def test_report_shows_each_row_as_it_stands_with_reasons_and_missing_images(outp
     # groups by the manifest's sku column, in order; the prompt comes from the PNG, escaped
     assert re.findall(r"<summary>sku = (sku-\d)", page) == ["sku-1", "sku-2", "sku-3"]
     assert "a photo of a, again" in page and "<b>bold</b>" not in page
+    # the rate chart's bars over 10 s name their slice to a tenth of a second (1.2 s slices read "7-7 s")
+    assert re.findall(r"<title>([\d.]+-[\d.]+ s):", page)[:2] == ["0.0-1.0 s", "1.0-2.0 s"]
 
 
 def test_a_damaged_image_is_a_problem_and_the_pop_up_keeps_every_digit_of_the_seed(output):
@@ -225,6 +227,7 @@ def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_eve
     assert _tiles(first) == {"a": "ok", "b": "missing", "c": "failed", "d": "ok"}
     assert _tiles(second) == {"e": "ok", "f": "invalid"}
     assert re.findall(r"<summary>sku = (sku-\d)", first) == ["sku-1", "sku-2"]
+    assert "continue" not in first + second  # each group ends on the page it starts on
     assert "<a href='page-0001.html'>page-0001.html</a>: sku = sku-1 … sku = sku-2 (2 groups, 4 rows, " in index
     # every problem and change links to the page holding its row, and that page has the anchor
     for href in re.findall(r"<a href='(page-\d{4}\.html#r\d+)'>", index):
@@ -239,7 +242,10 @@ def test_a_report_of_more_rows_than_a_page_holds_is_cut_into_pages_that_show_eve
     # a group larger than a page is cut and says it goes on; a later, shorter report leaves no old page behind
     monkeypatch.setattr(jobs.report, "PAGE_ROWS", 1)
     assert build_report(str(output))["pages"] == 6
-    assert "all rows (continued) · 1 row" in (report / "page-0006.html").read_text()
+    pages = [(report / f"page-000{n}.html").read_text() for n in range(1, 7)]
+    assert "<summary>all rows (continues on the next page) · 1 row" in pages[0]  # it said nothing of the rest
+    assert "<summary>all rows (continued) (continues on the next page) · 1 row" in pages[2]
+    assert "<summary>all rows (continued) · 1 row" in pages[5]
     monkeypatch.setattr(jobs.report, "PAGE_ROWS", 100)
     assert build_report(str(output))["pages"] == 1
     assert sorted(p.name for p in report.glob("*.html")) == ["index.html"]

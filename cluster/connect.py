@@ -31,13 +31,20 @@ class ClusterError(Exception):
     """Ray cannot be reached or cannot host the requested actors."""
 
 
-_SIGTERM_RECEIVED = threading.Event()
+_SIGTERM_RECEIVED = threading.Event()  # SIGTERM or SIGHUP: a signal that stops a command as Ctrl-C does
+_RECEIVED: list[int] = []  # which of them came first
 
 
 def stopped_by_sigterm() -> bool:
-    """Whether this process received SIGTERM while connected to Ray: a library that catches the KeyboardInterrupt
-    and exits in its own way (Ray Train aborts the run, then calls sys.exit) loses which signal it was."""
+    """Whether this process received SIGTERM (or SIGHUP) while a command ran: a library that catches the
+    KeyboardInterrupt and exits in its own way (Ray Train aborts the run, then calls sys.exit) loses which signal
+    it was."""
     return _SIGTERM_RECEIVED.is_set()
+
+
+def stop_signal() -> signal.Signals | None:
+    """The signal that stopped the command (SIGTERM or SIGHUP), or None (none did, or it was Ctrl-C)."""
+    return signal.Signals(_RECEIVED[0]) if _SIGTERM_RECEIVED.is_set() and _RECEIVED else None
 
 
 # How long the cluster's GCS may refuse connections before a command gives up on it. Ray's driver gives up after
@@ -128,16 +135,27 @@ def stop_on_sigterm() -> None:
     KeyboardInterrupt`, so rows back at the driver went unrecorded, and the command ended with no word. SIGTERM
     (Kubernetes stopping a pod, `ray job stop`) now raises KeyboardInterrupt, so a command stops as Ctrl-C stops
     it, and `stopped_by_sigterm` says which it was. A second SIGTERM while the first is handled ends the process
-    at once. sdfleet's CLI sets it as it starts, and again once Ray's start-up has taken it."""
+    at once. sdfleet's CLI sets it as it starts, and again once Ray's start-up has taken it.
+
+    SIGHUP (the terminal closed, an ssh session dropped) ended the process at once, the rows back at the driver
+    unrecorded and the lease left behind: it stops a command the same way, unless it was ignored when the command
+    started (`nohup` and the like, which ask to run on)."""
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers (a test's thread; Ray kept its own)
     if signal.getsignal(signal.SIGTERM) is not _on_sigterm:  # first set, or set again after one fired
         _SIGTERM_RECEIVED.clear()
+        _RECEIVED.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)  # always: ray.init's C++ sets one that Python does not see
+    hangup = getattr(signal, "SIGHUP", None)  # (not on Windows)
+    if hangup is not None and signal.getsignal(hangup) in (signal.SIG_DFL, _on_sigterm):
+        signal.signal(hangup, _on_sigterm)
 
 
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if getattr(signal, "SIGHUP", None) is not None and signal.getsignal(signal.SIGHUP) is _on_sigterm:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a second of either ends the process at once
+    _RECEIVED.append(signum)
     _SIGTERM_RECEIVED.set()
     raise KeyboardInterrupt
 

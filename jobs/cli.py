@@ -9,6 +9,7 @@ unreachable store, a model that does not load). `dataset build` follows the same
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        from cluster.connect import cluster_lost, stopped_by_sigterm
+        from cluster.connect import cluster_lost, stop_signal
 
         from jobs.generate import STOPPED_HINT
 
@@ -264,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
         if cluster_lost():  # the watch interrupted the command (cluster.connect.watch_cluster)
             print(terminal_line(f"sdfleet: error: {without_passwords(cluster_lost())}; {what}"), file=sys.stderr)
             return EXIT_ERROR
-        if stopped_by_sigterm():  # the handler's KeyboardInterrupt (cluster.connect.stop_on_sigterm)
-            print(terminal_line(f"sdfleet: stopped by SIGTERM; {what}"), file=sys.stderr)
-            return EXIT_TERMINATED
+        if signum := stop_signal():  # the handler's KeyboardInterrupt (cluster.connect.stop_on_sigterm)
+            with contextlib.suppress(OSError):  # (a closed terminal's stderr refuses: the ledger holds the rows)
+                print(terminal_line(f"sdfleet: stopped by {signum.name}; {what}"), file=sys.stderr)
+            return 128 + signum  # 143 for SIGTERM (EXIT_TERMINATED), 129 for SIGHUP, as a shell reports them
         print(terminal_line(f"sdfleet: interrupted; {what}"), file=sys.stderr)
         return 130
     except Exception as exc:  # the typed errors of the library, said in one line with a hint

@@ -59,7 +59,7 @@ def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembere
     from cluster import connect as connect_module
     from jobs import cli
 
-    before = signal.getsignal(signal.SIGTERM)
+    before, hangup_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     try:
         connect_module.stop_on_sigterm()
         assert not connect_module.stopped_by_sigterm()
@@ -75,9 +75,22 @@ def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembere
 
         monkeypatch.setattr(cli, "cmd_report", stopped)
         assert cli.main(["report", "out"]) == cli.EXIT_TERMINATED == 143
+
+        def hung_up(args):  # the terminal closed: it ended the process at once, with nothing recorded
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)
+
+        monkeypatch.setattr(cli, "cmd_report", hung_up)
+        assert cli.main(["report", "out"]) == 129
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # a second one ends the process at once
+        # under nohup (SIGHUP ignored as the command starts) the hang-up is left ignored: the run goes on
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        connect_module.stop_on_sigterm()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         connect_module._SIGTERM_RECEIVED.clear()
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGHUP, hangup_before)
 
 
 def test_a_lost_cluster_is_said_and_noticed_even_where_the_main_thread_is_held(monkeypatch):

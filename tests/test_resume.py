@@ -137,7 +137,9 @@ def test_kill_mid_run_then_rerun_records_every_row_once_and_redraws_nothing_fini
 
 
 @pytest.mark.parametrize("signum, code, said_", [(signal.SIGINT, 130, "interrupted"),
-                                                 (signal.SIGTERM, 143, "stopped by SIGTERM")], ids=["SIGINT", "SIGTERM"])
+                                                 (signal.SIGTERM, 143, "stopped by SIGTERM"),
+                                                 (signal.SIGHUP, 129, "stopped by SIGHUP")],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_recovered(tmp_path, signum, code, said_):
     """Ctrl-C (SIGINT to the driver): the rows that came back are in the ledger, as the CLI says, even inside
     the ledger's flush window; local Ray goes with the driver; a rerun draws the rest and says how many
@@ -168,7 +170,7 @@ def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_re
     recorded = {e["id"] for e in ledger(out) if e["status"] == "ok"}
     written = _images(out)
     assert 4 <= len(recorded) and recorded <= set(written) and len(written) < len(records), (recorded, written)
-    if signum == signal.SIGTERM:
+    if signum != signal.SIGINT:  # (SIGHUP: the terminal closed; it ended the driver at once, nothing recorded)
         return
 
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4")

@@ -86,15 +86,27 @@ def ticking(line, seconds: float = 15.0):
 def command_log(fs, root: str, name: str, ends: str, in_out: bool = True):
     """The path of the command's log file `name` (see `log_file`), said once. On an object-store OUT the file
     is copied to OUT/logs/ when the command (`ends`: "run", "fine-tune") ends, finished or failed, so the
-    messages of a job whose pod is gone stay with its output."""
+    messages of a job whose pod is gone stay with its output. A command that writes nothing into OUT
+    (`in_out` False: `--plan-only`) has its log in the temporary folder, removed when it succeeds (a nightly
+    dry run left one there every night) and kept, as said, when it does not."""
     from manifests.stores import is_local_fs
 
     path = log_file(fs, root, name, in_out)
     copied = in_out and not is_local_fs(fs)
     where = f"{fs.unstrip_protocol(root.rstrip('/'))}/logs/"
-    log(f"Ray's and the libraries' messages: {path}" + (f" (copied to {where} when the {ends} ends)" if copied else ""))
+    after = (f" (copied to {where} when the {ends} ends)" if copied else
+             "" if in_out else " (removed if it succeeds)")
+    log(f"Ray's and the libraries' messages: {path}{after}")
     try:
         yield path
+    except BaseException:
+        if not in_out:
+            log(f"Ray's and the libraries' messages are kept in {path}")
+        raise
+    else:
+        if not in_out:
+            with contextlib.suppress(OSError):
+                os.remove(path)
     finally:
         if copied:
             _keep_log(fs, root, path)

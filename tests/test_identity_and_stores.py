@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -578,6 +579,9 @@ def test_plan_only_counts_what_would_be_drawn_and_writes_nothing(mixed_run):
     # 5 rows: the one that killed its actor has no ok entry, so it would be drawn; the other 4 are done
     assert "of 5 rows 1 would be drawn, 4 are done, 0 would be recovered" in proc.stderr, proc.stderr[-2000:]
     assert sorted(p.name for p in out.rglob("*")) == before
+    # nor anywhere else: its log in the temporary folder goes when it succeeds (a nightly dry run left one a night)
+    (said,) = re.findall(r"Ray's and the libraries' messages: (\S+) \(removed if it succeeds\)", proc.stderr)
+    assert not os.path.exists(said), said
     fresh = out.with_name("fresh-out")  # nor makes a folder for an output that does not exist yet
     proc = sdfleet("generate", str(strings), "--out", str(fresh), "--plan-only", "--no-watermark")
     assert proc.returncode == 0 and "of 5 rows 5 would be drawn" in proc.stderr, proc.stderr[-2000:]

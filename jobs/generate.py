@@ -385,9 +385,17 @@ def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_
     try:
         if lease is not None:  # Ray's start-up covered the settle time; only the log file is written before this
             lease.confirm()
-        return _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startup, resources, actor_cls)
-    finally:
+        summary = _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startup, resources, actor_cls)
+    except BaseException:
         disconnect()
+        raise
+    try:
+        disconnect()
+    except KeyboardInterrupt:  # a Ctrl-C in the second Ray takes to stop made a finished run "interrupted", exit 130
+        log("interrupted while leaving Ray, after the run finished (run.json is written): leaving it again; "
+            "Ctrl-C again to stop at once")
+        disconnect()
+    return summary
 
 
 def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startup, resources, actor_cls) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -241,6 +242,37 @@ def test_a_report_group_by_column_the_new_ledger_will_not_have_is_said_before_dr
     assert "warning: --report-group-by 'actor': a column of how each entry was made" in err
     code, _, err = run(capsys, "generate", manifest, "--out", out, "--report-group-by", "sku")
     assert "warning" not in err and "stopped where Ray would start" in err
+
+
+def test_ctrl_c_while_a_finished_run_leaves_ray_does_not_make_it_interrupted(monkeypatch, capsys):
+    """A Ctrl-C in the second Ray takes to stop, after run.json was written, made the CLI say "interrupted" and exit
+    130: a scheduler took a finished run for a failed one. Ray is left again and the run's summary returned; a
+    Ctrl-C while the run draws still stops it, Ray left once."""
+    import jobs.generate as generate
+
+    left = []
+
+    def disconnect():
+        left.append(1)
+        if len(left) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "connect", lambda *a, **k: {"CPU": 2.0})
+    monkeypatch.setattr(generate, "disconnect", disconnect)
+    monkeypatch.setattr(generate, "_on_cluster", lambda *a, **k: {"run_id": "r", "ok": 1})
+    cfg = generate.GenerateConfig(manifests=["m.parquet"], out="o")
+    assert generate._run_on_ray(cfg, *[None] * 6, time.time(), None, None) == {"run_id": "r", "ok": 1}
+    assert len(left) == 2 and "interrupted while leaving Ray, after the run finished" in capsys.readouterr().err
+
+    def drawing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    left.clear()
+    monkeypatch.setattr(generate, "_on_cluster", drawing)
+    monkeypatch.setattr(generate, "disconnect", lambda: left.append(1))
+    with pytest.raises(KeyboardInterrupt):
+        generate._run_on_ray(cfg, *[None] * 6, time.time(), None, None)
+    assert left == [1]
 
 
 def test_report_group_by_asks_for_a_report():

@@ -26,6 +26,7 @@ HEARTBEAT_SECONDS = float(os.environ.get("SDFLEET_LEASE_HEARTBEAT_SECONDS", "10"
 STALE_SECONDS = float(os.environ.get("SDFLEET_LEASE_STALE_SECONDS", "60"))
 SETTLE_SECONDS = 1.0  # how long a new holder waits before reading its lease back
 WAIT_POLL_SECONDS = 5.0
+WAIT_SAY_SECONDS = 60.0  # --wait says it still waits this often
 
 
 def _now() -> float:
@@ -85,6 +86,7 @@ class Lease:
 
     def _claim(self) -> None:
         """Refuse (or, with --wait, wait) while a live run holds the lease, then write our claim."""
+        said: tuple[str | None, float] | None = None  # (the run waited for, when that was last said)
         while True:
             held = self.holder()
             if held and held.get("run_id") != self.run_id:
@@ -92,7 +94,15 @@ class Lease:
                 if age <= STALE_SECONDS and not self._holder_gone(held):
                     if not self.wait:
                         raise RunFailed(self._busy(held, age))
-                    log(self._busy(held, age, waiting=True))
+                    # said once per run waited for, then a line a minute (every poll was 720 lines an hour)
+                    if said is None or said[0] != held.get("run_id"):
+                        log(self._busy(held, age, waiting=True))
+                        said = (held.get("run_id"), time.monotonic())
+                        waiting_since = said[1]
+                    elif time.monotonic() - said[1] >= WAIT_SAY_SECONDS:
+                        log(f"--out {self.where}: still waiting for run {said[0]} "
+                            f"({time.monotonic() - waiting_since:.0f} s so far)")
+                        said = (said[0], time.monotonic())
                     time.sleep(WAIT_POLL_SECONDS)
                     continue
                 why = "its process is gone" if self._holder_gone(held) else f"no heartbeat for {age:.0f} s"

@@ -377,18 +377,23 @@ def test_a_second_run_into_a_held_output_refuses_naming_the_holder(tmp_path):
     assert not (out / "images").exists() and not list((out / "results").glob("*.parquet"))
 
 
-def test_wait_waits_for_the_holder_to_let_go(tmp_path, monkeypatch):
+def test_wait_waits_for_the_holder_to_let_go(tmp_path, monkeypatch, capsys):
     import jobs.lease as lease
 
-    monkeypatch.setattr(lease, "WAIT_POLL_SECONDS", 0.2)
+    monkeypatch.setattr(lease, "WAIT_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(lease, "WAIT_SAY_SECONDS", 0.7)
     monkeypatch.setattr(lease, "SETTLE_SECONDS", 0.05)
     out = tmp_path / "out"
     _lease(out, "20261204T100000-abc123", heartbeat_age=1)
-    threading.Timer(1.0, (out / ".sdfleet-lease.json").unlink).start()
+    threading.Timer(1.6, (out / ".sdfleet-lease.json").unlink).start()
     fs, root = fsspec.core.url_to_fs(str(out))
     started = time.time()
     with lease.Lease(fs, root, "mine", wait=True) as held:
-        assert held.holder()["run_id"] == "mine" and time.time() - started >= 1.0
+        assert held.holder()["run_id"] == "mine" and time.time() - started >= 1.6
+    # the holder is named once, then a short line every WAIT_SAY_SECONDS: every poll was a line (720 an hour)
+    said = capsys.readouterr().err.splitlines()
+    assert len([line for line in said if "waiting for it (--wait)" in line]) == 1, said
+    assert 1 <= len([line for line in said if "still waiting for run 20261204T100000-abc123" in line]) <= 2, said
     assert not (out / ".sdfleet-lease.json").exists()
     _lease(out, "20261204T100000-abc123", heartbeat_age=1)
     with pytest.raises(lease.RunFailed, match="in use by run 20261204T100000-abc123"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ FORWARDED_ENV = ("SDFLEET_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFF
 # repartition that cuts batches, which always asks for a whole CPU. If the actors reserve more, the
 # pipeline waits forever for a slot. Logical, not physical: CPU actors still run one torch thread per core.
 READ_CPU_RESERVE = 1.0
+MIN_CPU_SHARE = 0.05  # the least of a CPU a CPU actor is given
 
 
 class ClusterError(Exception):
@@ -597,6 +599,10 @@ def size_actors(num_actors: int, resources: dict[str, float], device: str = "aut
             raise ClusterError(f"--actors {num_actors} needs {num_actors} GPUs; the cluster has {gpus:g}")
         return ActorResources(num_cpus=1, num_gpus=1, torch_threads=1, device="cuda")
     share = (cpus - READ_CPU_RESERVE) / num_actors
-    if share < 0.05:
-        raise ClusterError(f"--actors {num_actors} is too many for {cpus:g} CPUs (and no GPU)")
+    if share < MIN_CPU_SHARE:
+        most = math.floor((cpus - READ_CPU_RESERVE) / MIN_CPU_SHARE + 1e-9)
+        raise ClusterError(f"--actors {num_actors} is too many for {cpus:g} CPUs (and no GPU): at most {most}, "
+                           f"each with {MIN_CPU_SHARE:g} of a CPU, {READ_CPU_RESERVE:g} kept for reading"
+                           if most >= 1 else f"--actors {num_actors}: {cpus:g} CPUs (and no GPU) leave none for an "
+                           f"actor once {READ_CPU_RESERVE:g} is kept for reading")
     return ActorResources(num_cpus=round(share, 3), num_gpus=0, torch_threads=max(1, int(cpus // num_actors)), device="cpu")

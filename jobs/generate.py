@@ -68,8 +68,8 @@ class GenerateConfig(BaseModel):
     actors: int = Field(default=1, ge=1, description="generation actors (one GPU each where there are GPUs)",
                         json_schema_extra={"metavar": "N"})
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)] | Literal["auto"] = Field(
-        default=8, description="rows per forward pass, or auto: measured once per model, size and device, and "
-        "kept in the backend cache")
+        default=8, description=f"rows per forward pass, 1..{MAX_BATCH_SIZE}, or auto: measured once per model, size "
+        "and device, and kept in the backend cache")
     backend: Literal["eager", "compile", "onnx", "tensorrt"] = Field(
         default="eager", description="how actors run the pipeline (actors/backends/)")
     backend_cache: str | None = Field(

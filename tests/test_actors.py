@@ -345,6 +345,12 @@ def test_actor_sizing_leaves_room_for_ray_data():
     assert size_actors(8, {"CPU": 4}, device="cuda").num_gpus == 1  # autoscaling: GPUs appear on demand
     with pytest.raises(ClusterError):
         size_actors(0, {"CPU": 2})
+    # too many for the CPUs says how many fit (it named no limit), and the most it names fits
+    assert size_actors(20, {"CPU": 2}).num_cpus == 0.05
+    with pytest.raises(ClusterError, match=r"^--actors 21 is too many for 2 CPUs \(and no GPU\): at most 20, "):
+        size_actors(21, {"CPU": 2})
+    with pytest.raises(ClusterError, match=r"^--actors 1: 1 CPUs \(and no GPU\) leave none for an actor"):
+        size_actors(1, {"CPU": 1})
 
 
 def test_finishing_is_sized_from_the_cpus_the_actors_leave_or_for_gpu_nodes_still_to_come():

@@ -259,6 +259,31 @@ def test_gpu_workers_request_and_limit_their_gpus(objects):
             assert cpus >= needed, f"{where}: {cpus:g} CPUs for {gpus} actor(s); needs at least {needed:g}"
 
 
+def _bytes(quantity: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    number, unit = re.fullmatch(r"([\d.]+)([KMGT]i?)?", str(quantity)).groups()
+    return float(number) * units.get(unit or "", 1)
+
+
+def test_every_ray_pod_keeps_its_object_store_in_memory(objects):
+    """Ray puts a node's object store in /dev/shm only where that holds it, else on disk "which will harm
+    performance": the containers' /dev/shm is 64 MiB. The heads had none (the driver's store, on disk). The store is
+    30% of the memory, at most 95% of /dev/shm or 10 GB, whichever is more (ray._private.utils'
+    resolve_object_store_memory, Ray 2.60)."""
+    for origin, cluster in _cluster_specs(objects):
+        for group, node_type, template in _groups(cluster):
+            pod, where = template["spec"], f"{origin} group {group}"
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for c in pod["containers"]:
+                mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+                assert "/dev/shm" in mounts, f"{where}: {c['name']} has no /dev/shm volume"
+                shm = volumes[mounts["/dev/shm"]].get("emptyDir") or {}
+                assert shm.get("medium") == "Memory", f"{where}: /dev/shm is not in memory"
+                size = _bytes(shm["sizeLimit"])
+                store = min(0.3 * _bytes(c["resources"]["limits"]["memory"]), max(10e9, 0.95 * size))
+                assert size >= store, f"{where}: /dev/shm {shm['sizeLimit']} < the object store, {store / 2**30:.1f} GiB"
+
+
 def test_ray_pods_share_the_persistent_model_cache(objects):
     claims = {_name(obj): obj for _, obj in _of_kind(objects, "PersistentVolumeClaim")}
     for where, pod, c in _ray_containers(objects):

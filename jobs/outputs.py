@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from jobs.errors import GroupByError, ReportError, one_line
-from manifests.ledger import concat_parts, ledger_parts, read_parts, size_differs
+from manifests.ledger import as_text, concat_parts, ledger_parts, read_parts, size_differs
 from manifests.stores import UnreadableFile, folder_files, is_local_fs, url_to_fs
 
 class SwapsRead(BaseModel):
@@ -201,14 +201,16 @@ class RunOutput:
         return [c for c in self.columns if c not in BOOKKEEPING]
 
     def group_keys(self, column: str | None) -> list[str]:
-        """The text each row of `current` is grouped under: `adapters` as `name@scale + ...`, an empty value as
-        "(none)"."""
+        """The text each row of `current` is grouped under: `adapters` as `name@scale + ...`, a missing value (and
+        an adapter set that loads nothing) as "(none)", lists and structs as JSON (as the ledger writes them where
+        runs typed a column differently: one spelling for one value). Text that would read as blank or as
+        "(none)" is shown quoted ("", " ", "(none)"), a group of its own: it merged with the missing values."""
         if column is None:
             return ["all rows"] * self.current.num_rows
         values = self.current.column(column).to_pylist()
         if column == "adapters":
-            values = [adapters_text(v) for v in values]
-        return ["(none)" if v in (None, "") else str(v) for v in values]
+            values = [adapters_text(v) or None for v in values]
+        return [_group_key(v) for v in values]
 
     def groups(self, column: str | None) -> dict[str, list[int]]:
         """The positions in `current` of every row by its group key: groups in order ("(none)" last), ids in
@@ -251,6 +253,13 @@ def run_file(out: str, path: str) -> str | None:
         if target.startswith(f"{root}/{folder}/"):
             return f"inside the run's {folder}/ folder, which holds the run's own files"
     return None
+
+
+def _group_key(value) -> str:
+    if value is None:
+        return "(none)"
+    text = as_text(value)
+    return json.dumps(text, ensure_ascii=False) if not text.strip() or text == "(none)" else text
 
 
 def not_a_group(column: str, where: str) -> str:

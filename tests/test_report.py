@@ -481,6 +481,11 @@ def test_groups_of_a_numeric_column_come_in_numeric_order():
     assert keys([10, 2, None, 1, 2], pa.int64()) == ["1", "2", "10", "(none)"]
     assert keys([2.5, float("nan"), -1.0, 10.0], pa.float64()) == ["-1.0", "2.5", "10.0", "nan"]
     assert keys(["10", "2", "b"], pa.string()) == ["10", "2", "b"]  # text stays text
+    # a missing value, empty text, blank text and the text "(none)" were one "(none)" group (blank: no heading)
+    assert keys([None, "", "  ", "(none)", "x"], pa.string()) == ['"  "', '""', '"(none)"', "x", "(none)"]
+    # lists and structs as JSON, the spelling the ledger gives them where runs typed the column differently
+    assert keys([["t0", "z"], None], pa.list_(pa.string())) == ['["t0", "z"]', "(none)"]
+    assert keys([{"a": 0, "b": "<i>"}], pa.struct([("a", pa.int64()), ("b", pa.string())])) == ['{"a": 0, "b": "<i>"}']
 
 
 def test_group_by_adapters_and_an_unknown_column(output):

@@ -1,8 +1,10 @@
 """`--batch-size auto`: the batch an actor draws each (model, size) with, found by measuring once per device.
 
 The first time an actor meets a model at an image size, it draws a few short batches of growing size
-(`CANDIDATES`, up to the block the driver hands it), each timed after one untimed call (compiles and
-cuDNN's algorithm search happen there), and keeps the size with the most images per second. A batch that
+(`CANDIDATES`, up to the block the driver hands it), each timed after untimed calls (compiles and cuDNN's
+algorithm search happen there; on a GPU two, as CUDA-graph trees warm up on a function's first call and record
+on its second: the VAE decoder, called once per draw, would be timed recording), and keeps the size with the most
+images per second. A batch that
 fails (out of GPU memory, from torch, ONNX Runtime or TensorRT) ends the search. The choice is written to the
 backend cache, keyed by model, backend, device (and its memory), dtype, size and whether rows are guided
 (guidance draws each row twice), so other actors, nodes and later runs read it
@@ -26,7 +28,9 @@ if TYPE_CHECKING:  # torch is imported where a probe runs: the driver reads AUTO
 
 AUTO_BLOCK = 16  # rows per block the driver hands an actor under auto: the largest batch tried
 CANDIDATES = (1, 2, 4, 8, 16)
-PROBE_STEPS = 4  # denoising steps per probe batch: enough for the UNet to dominate, as in a real draw
+# denoising steps per probe batch: the UNet's share of a draw near a real one's (at 4 steps the VAE decode and
+# text encoder were a quarter of the time at 768 px, against a twentieth at 30 steps, and gain least from a batch)
+PROBE_STEPS = 10
 FLAT = 0.97  # stop once a larger batch measures below this share of the best: bigger only costs memory
 VERSION = 1
 
@@ -54,10 +58,12 @@ def measure(draw: Callable[[list[dict]], Any], row: dict, device: torch.device, 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     measured: dict[int, float] = {}
     failed = False
+    untimed = 2 if device.type == "cuda" else 1  # (CUDA-graph trees record on a function's second call)
     for size in [c for c in CANDIDATES if c <= limit] or [1]:
         rows = [{**template, "id": f"probe-{i}", "seed": i} for i in range(size)]
         try:
-            draw(rows)  # untimed: compiles, autotuning, allocator growth
+            for _ in range(untimed):  # compiles, autotuning, allocator growth, graph recording
+                draw(rows)
             sync()
             started = time.perf_counter()
             draw(rows)

@@ -40,6 +40,18 @@ def test_the_fastest_batch_that_fits_wins(monkeypatch):
     assert {steps for _, steps in device.calls} == {batch_size.PROBE_STEPS}, "probes are short"
 
 
+def test_on_a_gpu_each_batch_is_timed_after_two_untimed_calls(monkeypatch):
+    """CUDA-graph trees warm up on a function's first call and record on its second: with one untimed call the
+    VAE decoder (called once per draw) was timed while recording its graph."""
+    device = FakeDevice(monkeypatch, cost=lambda n: 1.0 + 0.1 * n, fits=64)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    measure(device.draw, ROW, SimpleNamespace(type="cuda"), limit=4)
+    assert [n for n, _ in device.calls] == [1, 1, 1, 2, 2, 2, 4, 4, 4]
+    device.calls.clear()
+    measure(device.draw, ROW, torch.device("cpu"), limit=4)
+    assert [n for n, _ in device.calls] == [1, 1, 2, 2, 4, 4]
+
+
 def test_out_of_memory_from_onnx_runtime_or_tensorrt_ends_the_search_too(monkeypatch):
     # their errors are not torch's OutOfMemoryError: ONNX Runtime's says "Failed to allocate memory"
     oom = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")

@@ -156,7 +156,7 @@ class Rows:
         h = hashlib.sha256(RENDER_VERSION.encode())
         h.update(sink.getvalue())
         h.update(np.asarray(positions, np.int64).tobytes())
-        h.update(json.dumps([self.uri, layout.group_by, n, len(layout.pages), layout.files[n],
+        h.update(json.dumps([self.uri, layout.group_by, n, len(layout.pages), layout.files[n], layout.goes_on(n),
                              [(key, len(group), continued) for key, group, continued in page]]).encode())
         return h.hexdigest()
 
@@ -202,6 +202,10 @@ class Layout:
     @property
     def paged(self) -> bool:
         return len(self.files) > 1
+
+    def goes_on(self, n: int) -> bool:
+        """Whether page `n`'s last group continues on the next page."""
+        return n + 1 < len(self.pages) and bool(self.pages[n + 1]) and self.pages[n + 1][0][2]
 
     def link(self, position: int) -> str:
         return f"{self.files[self.page_of[position]] if self.paged else ''}#r{position}"
@@ -478,7 +482,7 @@ def render_page(out: RunOutput, rows: Rows, layout: Layout, n: int) -> str:
     nav = (f"<nav class=pages>{to(n - 1, '← previous')} · <a href='index.html'>index</a> · page {n + 1} of {count}"
            f" · {to(n + 1, 'next →')}</nav>")
     shown = sum(len(entries) for _, entries, _ in page)
-    goes_on = n + 1 < count and bool(layout.pages[n + 1]) and layout.pages[n + 1][0][2]  # its last group, on the next
+    goes_on = layout.goes_on(n)
     return "\n".join([_HEAD.replace("{title}", _e(f"sdfleet report: {out.uri}, page {n + 1} of {count}")),
                       f"<header><h1>Images, page {n + 1} of {count}</h1><p>{_e(out.uri)} · the run, what changed "
                       "and the problems are on the <a href='index.html'>index</a></p></header>",

@@ -197,6 +197,23 @@ def test_a_store_that_does_not_answer_for_the_index_stops_the_report_instead_of_
     assert build_report(str(output))["thumbnails_made"] == 0
 
 
+def test_a_kept_page_is_written_again_when_its_last_group_comes_to_continue_on_the_next(tmp_path, monkeypatch):
+    """A page is rewritten only when its digest changes: a row added to its last group, on the next page, left
+    it without "(continues on the next page)"."""
+    monkeypatch.setattr(jobs.report, "PAGE_ROWS", 2)
+    out = tmp_path / "out"
+    night = [ledger_row(_row(i, sku, n), "ok", actor="host:1", **_draw(out, i, COLOURS[i], f"p {i}"))
+             for n, (i, sku) in enumerate([("a", "K"), ("b", "K"), ("c", "L")])]
+    _run(out, "20261201T000000-aaaaaa", night, {"ok": 3, "skipped": 0, "failed": 0, "invalid": 0})
+    build_report(str(out), group_by="sku")
+    assert re.findall(r"<summary>([^<]*)", (out / "report" / "page-0001.html").read_text()) == ["sku = K · 2 rows"]
+    added = [ledger_row(_row("d", "K", 3), "ok", actor="host:1", **_draw(out, "d", COLOURS["d"], "p d"))]
+    _run(out, "20261202T000000-bbbbbb", added, {"ok": 1, "skipped": 3, "failed": 0, "invalid": 0})
+    build_report(str(out), group_by="sku")
+    assert re.findall(r"<summary>([^<]*)", (out / "report" / "page-0001.html").read_text()) == [
+        "sku = K (continues on the next page) · 2 rows"]
+
+
 def test_the_pop_up_shows_a_manifest_column_named_like_one_of_its_own_labels(output):
     extra = json.dumps({"sku": "sku-9", "size": "XL", "run": "spring"})
     entry = ledger_row({**_row("g", "", 6), "extra": extra}, "ok", actor="host:1", **_draw(output, "g", (1, 2, 3), "g"))

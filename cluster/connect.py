@@ -185,6 +185,24 @@ def _keep_sigterm_through_ray_init():
     return put_back
 
 
+@contextlib.contextmanager
+def _hangup_ignored_by_what_starts():
+    """A local Ray's processes (GCS, raylet, and the workers the raylet starts) share the command's process group,
+    so a closed terminal's SIGHUP reached them with the command's: they died while the command was still
+    recording what had come back and leaving Ray. They are started with SIGHUP ignored (what a process ignores,
+    the programs it starts ignore too); the command keeps its own handler (stop_on_sigterm), and stops them as
+    it leaves. A hang-up within Ray's start-up itself is ignored with them."""
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(hangup, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(hangup, before if before is not None else signal.SIG_DFL)
+
+
 @dataclass(frozen=True)
 class ActorResources:
     """What each generation actor asks Ray for, and how it uses it."""
@@ -387,7 +405,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         else:
             # "local": always a new Ray of our own, never one a `ray start` left on this machine (which a bare
             # ray.init() would join through /tmp/ray/ray_current_cluster, even when it is dead)
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+            with _hangup_ignored_by_what_starts():
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM while Ray starts: what it started goes with it
         with contextlib.suppress(Exception):
             disconnect()
@@ -466,6 +485,8 @@ def disconnect() -> None:
     ray.shutdown()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Ray's handler or ours: neither applies once Ray is left
+        if getattr(signal, "SIGHUP", None) is not None and signal.getsignal(signal.SIGHUP) is _on_sigterm:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (one that was ignored, under nohup, stays ignored)
 
 
 # Ray Data's driver threads that call into Ray: its executor's, and the workers fetching the blocks of an

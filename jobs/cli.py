@@ -262,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
             what = without_passwords(resume_hint(args.out))
         else:
             what = without_passwords(STOPPED_HINT if args.command == "generate" else "nothing more was done")
+        signum = stop_signal()  # the handler's KeyboardInterrupt (cluster.connect.stop_on_sigterm)
         if cluster_lost():  # the watch interrupted the command (cluster.connect.watch_cluster)
-            print(terminal_line(f"sdfleet: error: {without_passwords(cluster_lost())}; {what}"), file=sys.stderr)
-            return EXIT_ERROR
-        if signum := stop_signal():  # the handler's KeyboardInterrupt (cluster.connect.stop_on_sigterm)
-            with contextlib.suppress(OSError):  # (a closed terminal's stderr refuses: the ledger holds the rows)
-                print(terminal_line(f"sdfleet: stopped by {signum.name}; {what}"), file=sys.stderr)
-            return 128 + signum  # 143 for SIGTERM (EXIT_TERMINATED), 129 for SIGHUP, as a shell reports them
-        print(terminal_line(f"sdfleet: interrupted; {what}"), file=sys.stderr)
-        return 130
+            said, code = f"sdfleet: error: {without_passwords(cluster_lost())}; {what}", EXIT_ERROR
+        elif signum:  # exit 143 for SIGTERM (EXIT_TERMINATED), 129 for SIGHUP, as a shell reports them
+            said, code = f"sdfleet: stopped by {signum.name}; {what}", 128 + signum
+        else:
+            said, code = f"sdfleet: interrupted; {what}", 130
+        with contextlib.suppress(OSError):  # (a closed terminal refuses the line: the ledger holds the rows)
+            print(terminal_line(said), file=sys.stderr)
+        return code
     except Exception as exc:  # the typed errors of the library, said in one line with a hint
         from jobs.errors import describe_error
 

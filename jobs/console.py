@@ -20,7 +20,10 @@ def recorded_json(data) -> str:
 
 
 def log(message: str) -> None:
-    print(f"[sdfleet] {terminal_line(without_passwords(message))}", file=sys.stderr, flush=True)
+    """Say `message` on stderr. A terminal that is gone (closed, an ssh session dropped: EIO) or a pipe whose
+    reader left (EPIPE) loses the line, not the run: what a run says is never what stops it."""
+    with contextlib.suppress(OSError):
+        print(f"[sdfleet] {terminal_line(without_passwords(message))}", file=sys.stderr, flush=True)
 
 
 def leave(code: int):

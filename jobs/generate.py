@@ -32,7 +32,8 @@ from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from actors.presets import PRESETS
 from cluster.connect import (address_problem, alive_nodes, cluster_address, connect, disconnect, joined_address,
-                             library_logs_to, local_gpu_shortfall, size_actors, size_finishing, watch_cluster)
+                             library_logs_to, local_gpu_shortfall, size_actors, size_finishing, stop_signal,
+                             watch_cluster)
 from jobs.console import command_log, leave, log, recorded_json, ticking, without_passwords
 from jobs.errors import RunFailed, one_line, root_cause
 from jobs.lease import Lease
@@ -392,9 +393,12 @@ def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_
     try:
         disconnect()
     except KeyboardInterrupt:  # a Ctrl-C in the second Ray takes to stop made a finished run "interrupted", exit 130
-        log("interrupted while leaving Ray, after the run finished (run.json is written): leaving it again; "
-            "Ctrl-C again to stop at once")
+        signum = stop_signal()
+        log(f"{'stopped by ' + signum.name if signum else 'interrupted'} while leaving Ray, after the run finished "
+            "(run.json is written): leaving it again" + ("" if signum else "; Ctrl-C again to stop at once"))
         disconnect()
+        if signum:  # a pod being stopped (SIGTERM) or a closed terminal: nothing more is done (no --report)
+            raise
     return summary
 
 

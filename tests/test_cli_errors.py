@@ -8,6 +8,7 @@ a subprocess, since pyarrow loads a JVM for it if the machine has one."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -261,8 +262,18 @@ def test_ctrl_c_while_a_finished_run_leaves_ray_does_not_make_it_interrupted(mon
     monkeypatch.setattr(generate, "disconnect", disconnect)
     monkeypatch.setattr(generate, "_on_cluster", lambda *a, **k: {"run_id": "r", "ok": 1})
     cfg = generate.GenerateConfig(manifests=["m.parquet"], out="o")
-    assert generate._run_on_ray(cfg, *[None] * 6, time.time(), None, None) == {"run_id": "r", "ok": 1}
+    try:
+        assert generate._run_on_ray(cfg, *[None] * 6, time.time(), None, None) == {"run_id": "r", "ok": 1}
+    except KeyboardInterrupt:  # (escaping, it would end the whole test session)
+        pytest.fail("a Ctrl-C while leaving Ray made the finished run interrupted")
     assert len(left) == 2 and "interrupted while leaving Ray, after the run finished" in capsys.readouterr().err
+
+    # SIGTERM there (the pod is being stopped): Ray is left again, then the command stops, doing no more (no report)
+    left.clear()
+    monkeypatch.setattr(generate, "stop_signal", lambda: signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        generate._run_on_ray(cfg, *[None] * 6, time.time(), None, None)
+    assert len(left) == 2 and "stopped by SIGTERM while leaving Ray" in capsys.readouterr().err
 
     def drawing(*args, **kwargs):
         raise KeyboardInterrupt
@@ -273,6 +284,21 @@ def test_ctrl_c_while_a_finished_run_leaves_ray_does_not_make_it_interrupted(mon
     with pytest.raises(KeyboardInterrupt):
         generate._run_on_ray(cfg, *[None] * 6, time.time(), None, None)
     assert left == [1]
+
+
+def test_a_line_said_to_a_terminal_that_is_gone_loses_the_line_not_the_run(monkeypatch):
+    """After a hang-up every write to the terminal fails (EIO): a progress line then ended the run, or replaced the
+    KeyboardInterrupt of its orderly stop with an OSError."""
+    import io
+
+    from jobs.console import log
+
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sys, "stderr", Gone())
+    log("12/48 rows")  # says nothing, raises nothing
 
 
 def test_report_group_by_asks_for_a_report():

@@ -7,6 +7,7 @@ killed run finished is never drawn again: the rerun finds its `params_hash` in t
 from __future__ import annotations
 
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -145,32 +146,50 @@ def test_ctrl_c_keeps_what_came_back_in_the_ledger_and_the_rerun_says_what_it_re
     the ledger's flush window; local Ray goes with the driver; a rerun draws the rest and says how many
     images it recovered rather than counting them as drawn. SIGTERM (Kubernetes, `ray job stop`) the same,
     exit 143: Ray's own handler exited 15 with nothing said and the rows back at the driver unrecorded; its
-    rerun is SIGINT's, not repeated. (48 rows of 10 steps: 24 of 3 steps were all drawn in the second the
-    test waits before the signal; 40 rows of 10 steps are ~10 s of drawing on 2 cores.)"""
+    rerun is SIGINT's, not repeated. SIGHUP as a closed terminal sends it: to the whole process group, local
+    Ray's processes included (they died with the driver, mid-stop), with the terminal gone (every line written to
+    it fails): the same stop, exit 129, the lease removed. (48 rows of 10 steps: 24 of 3 steps were all drawn in
+    the second the test waits before the signal; 40 rows of 10 steps are ~10 s of drawing on 2 cores.)"""
     records = rows(48, steps=10)
     manifest = write_manifest(tmp_path / "m.parquet", records)
     out = tmp_path / "out"
     log = open(tmp_path / "run1.log", "w")
+    hangup = signum == signal.SIGHUP
+    terminal, stderr = pty.openpty() if hangup else (None, log)  # (master, the driver's stderr)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs", "generate", str(manifest), "--out", str(out), "--batch-size", "4"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SDFLEET_LEDGER_FLUSH_SECONDS": "600"},
-        stdout=log, stderr=log,
+        stdout=log, stderr=stderr, start_new_session=hangup,
     )
+    if hangup:
+        os.close(stderr)
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "images").exists() and len(_images(out)) >= 8):
         assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
         time.sleep(0.2)
     time.sleep(1)  # the first batch's rows are back at the driver by now
+
+    def stop():
+        if hangup:  # the terminal goes, and its hang-up reaches every process of the group
+            os.close(terminal)
+            os.killpg(proc.pid, signal.SIGHUP)
+        else:
+            proc.send_signal(signum)
+        codes.append(proc.wait(timeout=120))
+
     codes = []
-    outlived = _ray_outlives(proc.pid, lambda: (proc.send_signal(signum), codes.append(proc.wait(timeout=120))))
+    outlived = _ray_outlives(proc.pid, stop)
     assert codes == [code], (tmp_path / "run1.log").read_text()[-3000:]
     assert not outlived, "local Ray outlived the interrupted driver"
-    said = (tmp_path / "run1.log").read_text()
-    assert f"{said_}; finished rows are in the ledger" in said and "Traceback" not in said, said[-3000:]
     recorded = {e["id"] for e in ledger(out) if e["status"] == "ok"}
     written = _images(out)
     assert 4 <= len(recorded) and recorded <= set(written) and len(written) < len(records), (recorded, written)
-    if signum != signal.SIGINT:  # (SIGHUP: the terminal closed; it ended the driver at once, nothing recorded)
+    if hangup:  # (what it said went to the closed terminal)
+        assert not (out / ".sdfleet-lease.json").exists(), "the lease was left behind"
+        return
+    said = (tmp_path / "run1.log").read_text()
+    assert f"{said_}; finished rows are in the ledger" in said and "Traceback" not in said, said[-3000:]
+    if signum == signal.SIGTERM:
         return
 
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--batch-size", "4")

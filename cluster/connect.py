@@ -620,7 +620,7 @@ def size_actors(num_actors: int, resources: dict[str, float], device: str = "aut
             raise ClusterError(f"--actors {num_actors} needs {num_actors} GPUs; the cluster has {gpus:g}")
         return ActorResources(num_cpus=1, num_gpus=1, torch_threads=1, device="cuda")
     share = (cpus - READ_CPU_RESERVE) / num_actors
-    if share < MIN_CPU_SHARE:
+    if share < MIN_CPU_SHARE - 1e-9:  # (float error: 1.3 CPUs / 26 is 0.04999...)
         most = math.floor((cpus - READ_CPU_RESERVE) / MIN_CPU_SHARE + 1e-9)
         raise ClusterError(f"--actors {num_actors} is too many for {cpus:g} CPUs (and no GPU): at most {most}, "
                            f"each with {MIN_CPU_SHARE:g} of a CPU, {READ_CPU_RESERVE:g} kept for reading"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import fsspec
@@ -351,6 +352,12 @@ def test_actor_sizing_leaves_room_for_ray_data():
         size_actors(21, {"CPU": 2})
     with pytest.raises(ClusterError, match=r"^--actors 1: 1 CPUs \(and no GPU\) leave none for an actor"):
         size_actors(1, {"CPU": 1})
+    for hundredths in range(105, 1000):  # a joined cluster's free CPUs are often fractional: the most named fits
+        cpus = hundredths / 100  # (at 2.3, 1.3 / 26 is 0.04999...: "at most 26", and 26 refused)
+        with pytest.raises(ClusterError, match="at most") as said:
+            size_actors(10_000, {"CPU": cpus})
+        most = int(re.search(r"at most (\d+)", str(said.value)).group(1))
+        assert size_actors(most, {"CPU": cpus}).num_cpus > 0, cpus
 
 
 def test_finishing_is_sized_from_the_cpus_the_actors_leave_or_for_gpu_nodes_still_to_come():

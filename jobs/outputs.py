@@ -64,7 +64,7 @@ class SummaryRead(BaseModel):
     images_per_second: float | None = None
     images_per_actor: dict[str, int] | None = None
     adapter_swaps: SwapsRead | None = None
-    startup: dict[str, float | None] | None = None
+    startup: dict[str, Any] | None = None  # (the report shows the stamps that are numbers)
     finished_at: str | None = None
 
     @field_validator("finished_at")
@@ -84,7 +84,8 @@ def summary_problem(summary: dict) -> str | None:
         where = ".".join(str(part) for part in error["loc"])
         got = json.dumps(error["input"], default=str)
         got = got if len(got) <= 60 else got[:57] + "..."
-        return f"field {where} is {got}: {error['msg'].lower()}" if error["type"] != "missing" else f"it has no {where}"
+        message = error["msg"][:1].lower() + error["msg"][1:]
+        return f"field {where} is {got}: {message}" if error["type"] != "missing" else f"it has no {where}"
     return None
 
 
@@ -373,16 +374,18 @@ def open_output(uri: str) -> RunOutput:
         raise ReportError(f"{uri}/run.json has no run_id: not written by `sdfleet generate` (or by a version "
                           "before reports)")
     if problem := summary_problem(summary):
-        raise ReportError(f"{uri}/run.json cannot be read: {problem}; an edited file? run the same "
-                          "`sdfleet generate` again to rewrite it")
+        fix = ("run the same `sdfleet generate` again to rewrite it" if isinstance(summary["run_id"], str) else
+               "put back its copy from runs/ (the newest runs/<run id>.json): `sdfleet generate` refuses an --out "
+               "whose run.json has no run_id")
+        raise ReportError(f"{uri}/run.json cannot be read: {problem}; an edited file? {fix}")
     runs = []
     # one per run: a nightly output holds hundreds, fetched at once
     paths = sorted(folder_files(fs, f"{root}/runs", ".json"))
     for data in fs.cat_ranges(paths, None, None, on_error="return") if paths else []:
         try:
             found = None if isinstance(data, BaseException) else json.loads(data)  # unfetched: its error
-            if isinstance(found, dict) and summary_problem(found) is None:
-                runs.append(found)
+            if isinstance(found, dict) and isinstance(found.get("run_id"), str):  # (its run_id and ledger_parts
+                runs.append(found)  # are what is read of an older run, the second where it is a number)
         except ValueError:
             continue  # an older run's summary is only context; the newest is run.json
     if not runs or runs[-1].get("run_id") != summary["run_id"]:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from jobs.errors import GroupByError, ReportError, one_line
-from manifests.ledger import as_text, concat_parts, ledger_parts, read_parts, size_differs
+from manifests.ledger import as_text, concat_parts, ledger_parts, not_a_part, read_parts, size_differs
 from manifests.stores import UnreadableFile, folder_files, is_local_fs, url_to_fs
 
 class SwapsRead(BaseModel):
@@ -396,6 +396,8 @@ def open_output(uri: str) -> RunOutput:
             run = part_run(path)
             tables.append(table.append_column("__run", pa.array([run] * table.num_rows, pa.string())))
     except UnreadableFile as exc:
+        if foreign := not_a_part(exc):
+            raise ReportError(foreign) from exc
         if exc.damaged:  # parts are written whole, so this one was damaged afterwards
             raise ReportError(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
                               "rerun `sdfleet generate` to redraw its rows") from exc

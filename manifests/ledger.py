@@ -19,7 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.stores import folder_files, is_local_fs, read_parquet_files
+from manifests.stores import MissingColumns, UnreadableFile, folder_files, is_local_fs, read_parquet_files
 
 STATUSES = ("ok", "failed", "invalid")
 
@@ -219,6 +219,15 @@ def read_parts(fs: fsspec.AbstractFileSystem, parts: dict[str, int | None], colu
     """(path, table) for each of `parts` (ledger_parts), as manifests.stores.read_parquet_files reads them; a file
     without the PART_KEY columns raises UnreadableFile (damaged) naming it."""
     return read_parquet_files(fs, list(parts), columns=columns, sizes=parts, optional=optional, required=PART_KEY)
+
+
+def not_a_part(exc: UnreadableFile) -> str | None:
+    """The line for a file in results/ that read_parts refused for lacking the ledger's columns (a manifest copied
+    there), or None for a part that is damaged or cannot be fetched."""
+    if isinstance(exc.cause, MissingColumns):
+        return (f"{exc.path} is not a ledger part ({exc.cause}): a Parquet file sdfleet did not write, which "
+                "results/ must not hold; move it out of results/")
+    return None
 
 
 def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,

@@ -42,6 +42,10 @@ class UnreadableFile(Exception):
         self.path, self.cause, self.damaged = path, cause, damaged
 
 
+class MissingColumns(ValueError):
+    """A Parquet file without a column it must have (read_parquet_files' `required`)."""
+
+
 def url_to_fs(uri: str, **options):
     """(filesystem, path) for a path or URL the user gave, as fsspec reads it, except for `::`.
 
@@ -253,14 +257,20 @@ def read_parquet_files(fs, paths: list[str], columns: list[str] | None = None,
 
 def _parquet_table(data: bytes, columns: list[str] | None, optional: tuple[str, ...],
                    required: tuple[str, ...]) -> pa.Table:
-    if (columns is not None and optional) or required:
-        names = set(pq.read_schema(pa.BufferReader(data)).names)
-        needed = dict.fromkeys([*required, *(c for c in columns or () if c not in optional)])
+    needed = dict.fromkeys([*required, *(c for c in columns or () if c not in optional)])
+
+    def check(names) -> None:
         if lacking := [c for c in needed if c not in names]:
-            raise ValueError(f"it has no column {', '.join(lacking)}")
-        if columns is not None:
-            columns = [c for c in columns if c in names or c not in optional]
-    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False, pre_buffer=False)
+            raise MissingColumns(f"it has no column {', '.join(lacking)}")
+
+    if columns is not None and (optional or required):  # (the footer is read once more only here)
+        names = set(pq.read_schema(pa.BufferReader(data)).names)
+        check(names)
+        columns = [c for c in columns if c in names or c not in optional]
+    table = pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False, pre_buffer=False)
+    if columns is None:
+        check(table.column_names)
+    return table
 
 
 def _fetch_chunks(paths: list[str], sizes: dict[str, int | None]) -> Iterator[list[str]]:

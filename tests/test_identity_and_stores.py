@@ -315,7 +315,8 @@ def test_a_manifest_copied_into_results_is_refused_by_name_not_read_as_a_ledger(
         (out / "images").mkdir(exist_ok=True)  # eval looks for the ledger only where there are images
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
-        assert "zzz.parquet cannot be read (ValueError: it has no column params_hash, finished_at)" in err, argv
+        assert "zzz.parquet is not a ledger part (it has no column params_hash, finished_at): a Parquet file " \
+               "sdfleet did not write, which results/ must not hold; move it out of results/" in err, (argv, err)
         assert "Traceback" not in err
     assert not list((out / "images").iterdir())  # generate stopped before drawing
 

@@ -390,11 +390,13 @@ def test_wait_waits_for_the_holder_to_let_go(tmp_path, monkeypatch, capsys):
     fs, root = fsspec.core.url_to_fs(str(out))
     started = time.time()
     with lease.Lease(fs, root, "mine", wait=True) as held:
-        assert held.holder()["run_id"] == "mine" and time.time() - started >= 1.6
+        waited = time.time() - started
+        assert held.holder()["run_id"] == "mine" and waited >= 1.6
     # the holder is named once, then a short line every WAIT_SAY_SECONDS: every poll was a line (720 an hour)
     said = capsys.readouterr().err.splitlines()
     assert len([line for line in said if "waiting for it (--wait)" in line]) == 1, said
-    assert 1 <= len([line for line in said if "still waiting for run 20261204T100000-abc123" in line]) <= 2, said
+    still = len([line for line in said if "still waiting for run 20261204T100000-abc123" in line])
+    assert 1 <= still <= waited / 0.7, (still, waited, said)
     assert not (out / ".sdfleet-lease.json").exists()
     _lease(out, "20261204T100000-abc123", heartbeat_age=1)
     with pytest.raises(lease.RunFailed, match="in use by run 20261204T100000-abc123"):

@@ -280,6 +280,7 @@ def test_every_ray_pod_keeps_its_object_store_in_memory(objects):
                 shm = volumes[mounts["/dev/shm"]].get("emptyDir") or {}
                 assert shm.get("medium") == "Memory", f"{where}: /dev/shm is not in memory"
                 size = _bytes(shm["sizeLimit"])
+                assert "memory" in c["resources"].get("limits", {}), f"{where}: {c['name']} has no memory limit"
                 store = min(0.3 * _bytes(c["resources"]["limits"]["memory"]), max(10e9, 0.95 * size))
                 assert size >= store, f"{where}: /dev/shm {shm['sizeLimit']} < the object store, {store / 2**30:.1f} GiB"
 

@@ -39,6 +39,7 @@ def describe_error(exc: BaseException) -> str | None:
     from manifests.dataset import DatasetError
     from manifests.expand import ExpandError
     from manifests.reader import BadManifestFile, ManifestError
+    from manifests.stores import StoreUnreachable
 
     hints = {
         BadManifestFile: None,  # its message says what to do; the paths were right
@@ -54,6 +55,7 @@ def describe_error(exc: BaseException) -> str | None:
         FinetuneError: None,
         EvalError: None,
         ReportError: None,
+        StoreUnreachable: None,  # it names the URI
     }
     for kind, hint in hints.items():
         if isinstance(exc, kind):

@@ -46,20 +46,34 @@ class MissingColumns(ValueError):
     """A Parquet file without a column it must have (read_parquet_files' `required`)."""
 
 
+class StoreUnreachable(Exception):
+    """A store whose client connects as it is made (ftp://, sftp://, smb://) did not answer."""
+
+
 def url_to_fs(uri: str, **options):
     """(filesystem, path) for a path or URL the user gave, as fsspec reads it, except for `::`.
 
     fsspec reads `a::b` as a chain of URLs (`simplecache::s3://bucket/key`), so a folder named `/data/run::2`
     became `/data/run`, silently, and a relative `out::x` failed with "Protocol not known: out". Here `::`
     chains only where every link names a protocol (`simplecache::s3://...`, `zip://f.csv::s3://b/a.zip`);
-    anywhere else it is part of the name, on this disk or in the store the URL names."""
-    links = uri.split("::")
-    if len(links) == 1 or all(_names_protocol(link) for link in links):
-        return fsspec.core.url_to_fs(uri, **options)
-    protocol = fsspec.core.split_protocol(uri)[0] or "file"
-    cls = fsspec.get_filesystem_class(protocol)
-    fs = cls(**{**cls._get_kwargs_from_urls(uri), **options})
-    return fs, fs._strip_protocol(uri)
+    anywhere else it is part of the name, on this disk or in the store the URL names.
+
+    A store that connects as its client is made and does not answer (a host name that does not resolve, a
+    refused or timed-out connection) raises StoreUnreachable naming the URI: it was a traceback wherever a
+    command opened one (`--out ftp://...`)."""
+    import socket
+
+    try:
+        links = uri.split("::")
+        if len(links) == 1 or all(_names_protocol(link) for link in links):
+            return fsspec.core.url_to_fs(uri, **options)
+        protocol = fsspec.core.split_protocol(uri)[0] or "file"
+        cls = fsspec.get_filesystem_class(protocol)
+        fs = cls(**{**cls._get_kwargs_from_urls(uri), **options})
+        return fs, fs._strip_protocol(uri)
+    except (socket.gaierror, ConnectionError, TimeoutError) as exc:
+        raise StoreUnreachable(f"cannot reach {without_passwords(uri)}: {error_line(exc)} (check the URI, and that "
+                               "the store answers from this machine)") from exc
 
 
 def _names_protocol(link: str) -> bool:

@@ -301,6 +301,26 @@ def test_a_line_said_to_a_terminal_that_is_gone_loses_the_line_not_the_run(monke
     log("12/48 rows")  # says nothing, raises nothing
 
 
+@pytest.mark.parametrize("argv", [
+    ["manifest", "validate", "ftp://127.0.0.1:1/m.parquet"],
+    ["manifest", "expand", "--template", "{product}", "--products", "ftp://127.0.0.1:1/p.csv", "-o", "{tmp}/o.parquet"],
+    ["manifest", "expand", "--template", "{product}", "--products", "{tmp}/p.csv", "-o", "ftp://127.0.0.1:1/o.parquet"],
+    ["generate", "{tmp}/m.parquet", "--out", "ftp://127.0.0.1:1/out"],
+    ["generate", "ftp://127.0.0.1:1/m.parquet", "--out", "{tmp}/out"],
+    ["report", "ftp://127.0.0.1:1/out"],
+], ids=["validate", "expand --products", "expand -o", "generate --out", "generate manifest", "report"])
+def test_a_store_that_connects_as_it_opens_and_does_not_answer_is_one_line(capsys, tmp_path, monkeypatch, argv):
+    """fsspec's ftp:// (and sftp://, smb://) connects in its constructor: a store that did not answer ended in a
+    40-line traceback wherever a command opened one."""
+    monkeypatch.setattr("jobs.generate._run_on_ray", lambda *a, **k: pytest.fail("Ray was reached"))
+    write_manifest(tmp_path / "m.parquet", rows(1))
+    (tmp_path / "p.csv").write_text("product\nmug\n")
+    code, _, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 1 and "Traceback" not in err, err
+    assert one_error_line(err).startswith("sdfleet: error: cannot reach ftp://127.0.0.1:1/"), err
+    assert "Connection refused" in err
+
+
 def test_report_group_by_asks_for_a_report():
     """`--report-group-by sku` alone wrote no report, without a word."""
     from jobs.generate import GenerateConfig

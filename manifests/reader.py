@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fnmatch
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -132,9 +133,10 @@ def _files(fs, path: str, given: str) -> list[str]:
     if fs.isfile(path):
         return [path]
     if fsspec.core.has_magic(path):
-        found = sorted(p for p in fs.glob(path) if fs.isfile(p) and not _output_file(p))
+        found = sorted(p for p in fs.glob(path) if fs.isfile(p) and not _output_file(p) and not _glob_left_out(path, p))
         if not found:
-            raise ManifestError(f"no manifest file matches {given!r}")
+            raise ManifestError(f"no manifest file matches {given!r} (files and folders whose name starts with _ "
+                                "or . are left out, unless the pattern names them so)")
         return found
     raise ManifestError(f"manifest {given!r} does not exist")
 
@@ -158,6 +160,18 @@ def _left_out(relative: str) -> bool:
     readers keep: a name starting with `_` or `.` on its way (Spark's `_temporary/` copies of a retried task, whose
     rows would all be duplicates; macOS's `._x.parquet` resource forks, which are no Parquet at all)."""
     return any(segment.startswith(("_", ".")) for segment in relative.split("/"))
+
+
+def _glob_left_out(pattern: str, path: str) -> bool:
+    """Whether a file a glob matched is no manifest by the folder rule (_left_out): a name starting with `_` or
+    `.` below where the pattern's wildcards begin, unless the pattern's own segment there starts so too
+    (`data/.staging/*.parquet` asks for that folder). A macOS `._x.parquet` that `*.parquet` matched stopped the
+    run; Spark's `_temporary/` copies that `**` reached made every real row a duplicate."""
+    parts, matched = pattern.split("/"), path.split("/")
+    fixed = next(i for i, part in enumerate(parts) if fsspec.core.has_magic(part))
+    asked = [part for part in parts[fixed:] if part.startswith(("_", "."))]
+    return any(segment.startswith(("_", ".")) and not any(fnmatch.fnmatchcase(segment, a) for a in asked)
+               for segment in matched[fixed:])
 
 
 def _uri(fs, path: str) -> str:

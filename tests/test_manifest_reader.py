@@ -241,6 +241,15 @@ def test_a_folder_leaves_out_what_dataset_readers_leave_out(tmp_path, memfs):
         write(f"{base}/.hidden/old.parquet", parquet_bytes(records(2)))
         write(f"{base}/_SUCCESS", b"")
         assert [u.rsplit("/", 1)[-1] for u in expand_manifest_paths([base])] == ["part-0000.snappy.parquet"]
+        # a glob the same (it read the resource fork, which refused the run, and `**` reached _temporary/)
+        for pattern in ("*.parquet", "**/*.parquet", "*"):
+            found = [u[len(base) + 1:] for u in expand_manifest_paths([f"{base}/{pattern}"])]
+            assert found == ["part-0000.snappy.parquet"], (base, pattern, found)
+        # unless the pattern names such a folder itself
+        hidden = expand_manifest_paths([f"{base}/.hidden/*.parquet"])
+        assert [u[len(base) + 1:] for u in hidden] == [".hidden/old.parquet"]
+        assert [u[len(base) + 1:] for u in expand_manifest_paths([f"{base}/_temporary/*/*.parquet"])] == [
+            "_temporary/0/part-0000.snappy.parquet"]
     # named on their own, such files are read
     assert expand_manifest_paths([f"{tmp_path}/_temporary/0/part-0000.snappy.parquet"])
     (tmp_path / "part-0000.snappy.parquet").unlink()

@@ -146,7 +146,8 @@ def listed_adapters(adapters: Any, fingerprints: dict[str, str]) -> list[dict[st
     """A row's raw `adapters` as the work schema spells them, where they read as name and scale pairs (a row
     invalid for another field, or for its adapters: one listed twice); None where they do not."""
     try:
-        return adapter_entries([(str(a["name"]), float(a.get("scale", 1.0))) for a in adapters or []], fingerprints)
+        return adapter_entries([(str(a["name"]), float(1.0 if a.get("scale") is None else a["scale"]))
+                                for a in adapters or []], fingerprints)  # (a null scale: 1, as validate_row reads it)
     except (TypeError, KeyError, ValueError, AttributeError):
         return None
 

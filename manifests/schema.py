@@ -163,7 +163,8 @@ class AdapterRef(BaseModel):
     @field_validator("scale", mode="before")
     @classmethod
     def _scale_is_a_number(cls, value: Any) -> Any:
-        return _real_number(value)
+        # a null scale is the default, as a null field of a row is (a struct built from dicts, some without it)
+        return 1.0 if value is None else _real_number(value)
 
     @field_validator("name")
     @classmethod

@@ -206,6 +206,14 @@ def test_adapter_scale_must_be_finite(scale):
     assert f"got {scale!r}" in str(err) and "finite" in str(err)
 
 
+def test_a_null_adapter_scale_is_the_default_as_a_missing_one_is():
+    """A struct column built from dicts where some entries have no scale holds nulls there: the row was invalid,
+    told its float64 column was "not numeric"."""
+    for entry in ({"name": "style", "scale": None}, {"name": "style"}):
+        parsed, errors, _ = validate_row(row(adapters=[entry]), source="m", row=0, models=MODELS)
+        assert errors == [] and [(a.name, a.scale) for a in parsed.adapters] == [("style", 1.0)], errors
+
+
 @pytest.mark.parametrize("name", ["../outside/escape", "/tmp/elsewhere", "brand/../../x", ".hidden", "a//b", ""])
 def test_an_adapter_name_that_would_leave_the_store_is_invalid_where_validate_sees_it(name):
     err = only_error(row(adapters=[{"name": "brand/style-v2", "scale": 0.8}, {"name": name, "scale": 1.0}]))

@@ -198,6 +198,7 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         if foreign := not_a_run_summary(fs, f"{root}/run.json"):  # another tool's run.json: it would be replaced
             raise RunFailed(f"--out {cfg.out} holds a run.json that sdfleet did not write ({foreign}): another "
                             "tool's output, whose files a run would write over; give the run a folder of its own")
+        made = not cfg.plan_only and is_local_fs(fs) and not fs.exists(root)  # (an object store's folders are names)
         if cfg.plan_only:  # writes nothing: reachable is enough
             fs.exists(root)
         else:
@@ -207,8 +208,15 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     except Exception as exc:  # any backend error means the same thing here
         raise RunFailed(f"cannot write to --out {cfg.out}: {exc}") from exc
     # ... and this run's alone until it ends: a second run into it refuses, or waits with --wait
-    with contextlib.nullcontext() if cfg.plan_only else Lease(fs, root, run_id, wait=cfg.wait) as lease:
-        return _plan_and_run(cfg, fs, root, run_id, started, actor_cls, lease)
+    try:
+        with contextlib.nullcontext() if cfg.plan_only else Lease(fs, root, run_id, wait=cfg.wait) as lease:
+            return _plan_and_run(cfg, fs, root, run_id, started, actor_cls, lease)
+    except BaseException:
+        if made:  # a run refused before it wrote anything (a mistyped manifest) leaves no empty output behind
+            for folder in (f"{root}/results", root):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # (only an empty folder goes)
+        raise
 
 
 def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: float, actor_cls,

@@ -721,3 +721,8 @@ def test_manifests_without_a_row_are_refused_and_the_output_left_as_it_was(capsy
     assert one_error_line(err) == f"sdfleet: error: the manifests hold no rows ({empty}): nothing was drawn; check " \
                                   "what wrote them", err
     assert (out / "run.json").read_text() == before
+    # into a new --out, a refused run (no rows, a mistyped manifest) leaves no empty output folder behind
+    for manifest in (empty, tmp_path / "typo.parquet"):
+        code, _, err = run(capsys, "generate", str(manifest), "--out", str(tmp_path / "new" / "out"))
+        assert code == 1 and not (tmp_path / "new" / "out").exists(), err
+    assert (out / "results").is_dir()  # an output that was there stays, whole

@@ -259,6 +259,8 @@ class ManifestRow(BaseModel):
     @classmethod
     def _model_is_known(cls, value: str, info) -> str:
         known = (info.context or {}).get("models")
+        if not value.strip():  # (`--model =REF` names no model: the hint below would be refused)
+            raise ValueError("is empty: name a model, or leave the cell null for `default`")
         if known is not None and value not in known:
             raise ValueError(f"is not a known model; known: {', '.join(sorted(known))} (add --model {value}=REF)")
         return value

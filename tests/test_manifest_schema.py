@@ -206,6 +206,12 @@ def test_adapter_scale_must_be_finite(scale):
     assert f"got {scale!r}" in str(err) and "finite" in str(err)
 
 
+@pytest.mark.parametrize("model", ["", "  "])
+def test_an_empty_model_is_told_to_be_null_not_given_a_flag_that_cannot_be(model):
+    err = only_error(row(model=model))  # it said "add --model =REF", which the CLI refuses
+    assert err.field == "model" and "is empty: name a model, or leave the cell null for `default`" in str(err)
+
+
 def test_a_null_adapter_scale_is_the_default_as_a_missing_one_is():
     """A struct column built from dicts where some entries have no scale holds nulls there: the row was invalid,
     told its float64 column was "not numeric"."""

@@ -504,14 +504,36 @@ def cmd_watermark_verify(args) -> int:
         print(f"sdfleet watermark verify: error: --payload {args.payload!r} {problem}", file=sys.stderr)
         return EXIT_ERROR
     counts = dict.fromkeys(("ok", "MISSING", "OTHER", "ERROR"), 0)
-    for uri in args.images:
-        status, message = _verify_one(uri, args.payload, wm)
+    images = [found for given in args.images for found in _matching_images(given)]
+    for uri, matched in images:
+        status, message = _verify_one(uri, args.payload, wm) if matched else ("ERROR", "no file matches this glob")
         counts[status] += 1
         print(terminal_line(without_passwords(f"{status}  {uri}: {message}")), flush=True)
-    if len(args.images) > 1:
-        log(f"{len(args.images)} image(s): {counts['ok']} ok, {counts['MISSING']} without the mark, "
+    if len(images) > 1:
+        log(f"{len(images)} image(s): {counts['ok']} ok, {counts['MISSING']} without the mark, "
             f"{counts['OTHER']} with another payload, {counts['ERROR']} could not be checked")
-    return EXIT_OK if counts["ok"] == len(args.images) else EXIT_ERROR
+    return EXIT_OK if counts["ok"] == len(images) else EXIT_ERROR
+
+
+def _matching_images(given: str) -> list[tuple[str, bool]]:
+    """(image, whether to check it) for what `given` names: itself, or, for a glob that names no file itself
+    (quoted, or on an object store, where no shell expands it), the files it matches, sorted, as URIs of its
+    store. A glob that matches nothing is `given`, not to be checked; a store that cannot be listed, `given`,
+    whose check says why."""
+    import fsspec
+
+    from manifests.stores import url_to_fs
+
+    if not fsspec.core.has_magic(given):
+        return [(given, True)]
+    try:
+        fs, path = url_to_fs(given)
+        if fs.exists(path):  # a name with `[` or `*` in it, taken as it is
+            return [(given, True)]
+        found = sorted(p for p in fs.glob(path) if fs.isfile(p))
+    except Exception:  # noqa: BLE001 - said by the check of `given` itself
+        return [(given, True)]
+    return [(p if "://" not in given else fs.unstrip_protocol(p), True) for p in found] or [(given, False)]
 
 
 def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:

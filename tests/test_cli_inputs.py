@@ -425,6 +425,13 @@ def test_verify_reports_each_bad_file_on_its_line_and_checks_the_rest(capsys, ma
     assert status["folder"].startswith("ERROR: is a folder")
     code, out, _ = run(capsys, "watermark", "verify", marked["a"], marked["b"])  # all marked: exit 0
     assert code == 0 and out.count("ok  ") == 2
+    # a glob no shell expanded (quoted; an object store's) is what it matches, as a manifest argument is
+    folder = marked["a"].parent
+    code, out, _ = run(capsys, "watermark", "verify", f"{folder}/[ab].png", f"{folder}/*.webp")
+    assert lines_by_file(out) == {str(marked["a"]): lines_by_file(out)[str(marked["a"])],
+                                  str(marked["b"]): lines_by_file(out)[str(marked["b"])],
+                                  f"{folder}/*.webp": "ERROR: no file matches this glob"}, out
+    assert code == 1 and out.count("ok  ") == 2
 
 
 def test_verify_shows_a_name_with_a_newline_or_escape_code_on_its_own_line(capsys, marked, tmp_path):

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     wm = sub.add_parser("watermark", help="invisible watermark tools").add_subparsers(dest="watermark_command", required=True)
     ver = wm.add_parser("verify", help="read watermark payloads back from images")
-    ver.add_argument("images", nargs="+", metavar="IMAGE", help="images (paths or URIs); each gets a line: ok, "
+    ver.add_argument("images", nargs="+", metavar="IMAGE", help="images (paths, URIs or globs, "
+                     "'s3://bucket/out/images/*.png'); each gets a line: ok, "
                      "MISSING (no mark), OTHER (another payload) or ERROR (cannot be checked)")
     ver.add_argument("--payload", help="expected payload, not empty "
                      "(default: the one recorded in each PNG, else sdfleet)")

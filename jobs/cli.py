@@ -579,18 +579,21 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     recorded = recorded if isinstance(recorded, str) and not watermark_payload_problem(recorded) else None
     expected = payload or recorded or wm.DEFAULT_PAYLOAD
     found, accuracy = wm.read(rgb, expected.encode())
-    shown = found.decode("utf-8", errors="replace")
+    try:  # bytes that are no UTF-8 shown as bytes, b'h8\xd4?' (replaced, they read as U+FFFD beside \x1a escapes)
+        shown = repr(found.decode("utf-8"))
+    except UnicodeDecodeError:
+        shown = repr(found)
     if accuracy == 1.0:
-        return "ok", f"read {shown!r}, expected {expected!r}, 100% of bits match"
+        return "ok", f"read {shown}, expected {expected!r}, 100% of bits match"
     if accuracy >= wm.MATCH_THRESHOLD:  # worn by re-encoding or editing; a payload this close reads the same
-        return "ok", (f"read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match (a mark worn by "
+        return "ok", (f"read {shown}, expected {expected!r}, {accuracy:.0%} of bits match (a mark worn by "
                       "re-encoding or editing, or one whose payload differs from the expected in as few bits)")
     others = (recorded, wm.DEFAULT_PAYLOAD, wm.other_payload(rgb, expected))  # read unknown: a PNG's text stripped
     for other in dict.fromkeys(p for p in others if p and p != expected):
         if wm.read(rgb, other.encode())[1] >= wm.MATCH_THRESHOLD:
             return "OTHER", (f"other payload {other!r}, expected {expected!r} ({accuracy:.0%} of the expected "
                              f"payload's bits match)")
-    return "MISSING", f"read {shown!r}, expected {expected!r}, {accuracy:.0%} of bits match"
+    return "MISSING", f"read {shown}, expected {expected!r}, {accuracy:.0%} of bits match"
 
 
 def cmd_finetune(args) -> int:

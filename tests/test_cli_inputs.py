@@ -434,6 +434,15 @@ def test_verify_reports_each_bad_file_on_its_line_and_checks_the_rest(capsys, ma
     assert code == 1 and out.count("ok  ") == 2
 
 
+def test_verify_shows_payload_bytes_that_are_no_text_as_bytes(capsys, marked, monkeypatch):
+    """An unmarked image reads noise: its bytes were shown as U+FFFD beside \\x1a escapes, garbling logs."""
+    from actors import watermark as wm
+
+    monkeypatch.setattr(wm, "read", lambda rgb, payload: (b"h8\xd4?\x1a", 0.5))
+    code, out, _ = run(capsys, "watermark", "verify", marked["plain"])
+    assert code == 1 and "read b'h8\\xd4?\\x1a', expected 'sdfleet'" in out and "\ufffd" not in out, out
+
+
 def test_verify_shows_a_name_with_a_newline_or_escape_code_on_its_own_line(capsys, marked, tmp_path):
     """A file named `x\nok  forged.png: ...` printed raw added a forged `ok` line to what a script reads."""
     forged = tmp_path / "plain.png\nok  forged.png: read 'sdfleet', expected 'sdfleet', 100% of bits match"

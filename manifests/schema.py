@@ -353,8 +353,17 @@ def validate_row(raw: dict[str, Any], *, source: str, row: int, models: set[str]
                 if "instance of AdapterRef" in reason:  # pydantic names our class, not the shape a manifest needs
                     reason = ("should be a struct of `name` (text) and `scale` (a number): `adapters` is a column "
                               "of type list<struct<name: string, scale: double>>")
+                elif top == "adapters" and err["type"] == "list_type":  # text, JSON, one struct: say the shape
+                    reason = ("should be a list of {name, scale} structs: `adapters` is a column of type "
+                              "list<struct<name: string, scale: double>>")
+                elif top == "adapters" and err["type"] == "extra_forbidden":  # `adapters.0.weight`
+                    reason = "is not a field of an adapter: an entry has `name` and `scale` only"
+                elif top == "adapters" and err["type"] == "string_too_short":  # an empty name
+                    reason = "is empty: name an adapter of the --adapters store"
                 elif top == "id" and err["type"] == "string_type":  # an id column of numbers
                     reason += " (store the `id` column as text)"
+                elif top == "id" and err["type"] == "string_unicode":  # a binary id column of bytes no UTF-8
+                    reason = "is not UTF-8 text: write the manifest's ids as UTF-8 text"
             errors.append(RowError(
                 source=source, row=row, id=row_id, field=field, missing=missing,
                 value=None if missing else _value_at(data, err["loc"]), reason=reason,

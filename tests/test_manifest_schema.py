@@ -212,6 +212,18 @@ def test_an_empty_model_is_told_to_be_null_not_given_a_flag_that_cannot_be(model
     assert err.field == "model" and "is empty: name a model, or leave the cell null for `default`" in str(err)
 
 
+@pytest.mark.parametrize("field, value, said", [
+    ("adapters", "style", "`adapters` should be a list of {name, scale} structs"),  # "should be a valid list"
+    ("adapters", [{"name": "a", "weight": 1.0}], "`adapters.0.weight` is not a field of an adapter: an entry has "
+     "`name` and `scale` only"),  # "Extra inputs are not permitted"
+    ("adapters", [{"name": "", "scale": 1.0}], "`adapters.0.name` is empty: name an adapter of the --adapters store"),
+    ("id", b"\xffbad", "`id` is not UTF-8 text: write the manifest's ids as UTF-8 text"),  # "unable to parse raw data"
+])
+def test_a_wrong_shape_says_what_would_be_valid_in_our_words(field, value, said):
+    _, errors, _ = validate_row(row(**{field: value}), source="m", row=0, models=MODELS)
+    assert len(errors) == 1 and said in str(errors[0]), errors
+
+
 def test_a_null_adapter_scale_is_the_default_as_a_missing_one_is():
     """A struct column built from dicts where some entries have no scale holds nulls there: the row was invalid,
     told its float64 column was "not numeric"."""

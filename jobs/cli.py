@@ -431,7 +431,7 @@ def _validate(args) -> int:
     from actors.presets import PRESETS
     from jobs.console import terminal_line, ticking, without_passwords
     from jobs.tokenizers import tokenizer_lookup
-    from manifests.reader import expand_manifest_paths, plan_parts, unreadable_files
+    from manifests.reader import ManifestError, expand_manifest_paths, plan_parts, unreadable_files
     from manifests.validate import check_manifests
 
     try:
@@ -441,11 +441,19 @@ def _validate(args) -> int:
         return EXIT_ERROR
     models = {"default": "tiny", **{n: n for n in PRESETS}, **pairs}
     infos = {name: describe_model(name, ref) for name, ref in models.items()}
-    uris = expand_manifest_paths(args.manifests)
+    absent = {}  # each path that names no manifest is said, and the others still checked
+    for given in args.manifests if len(args.manifests) > 1 else ():
+        try:
+            expand_manifest_paths([given])
+        except ManifestError as exc:
+            absent[given] = str(exc)
+    if len(absent) == len(args.manifests):  # none to check: one error line, as generate says it
+        raise ManifestError(next(iter(absent.values())))
+    uris = expand_manifest_paths([given for given in args.manifests if given not in absent])
     unreadable = unreadable_files(uris)  # each named, and the rest still checked
-    for message in unreadable.values():
+    for message in [*absent.values(), *unreadable.values()]:
         print(terminal_line(without_passwords(f"error: {message}")))
-    errors, warnings = len(unreadable), 0
+    errors, warnings = len(absent) + len(unreadable), 0
     uris = [uri for uri in uris if uri not in unreadable]
     sizes = {name: (info.width, info.height) for name, info in infos.items()}  # a row's size when it gives none
     total = sum(part.num_rows for part in plan_parts(uris))  # from footers
@@ -462,7 +470,8 @@ def _validate(args) -> int:
         print(terminal_line(without_passwords(f"error: the manifests hold no rows ({named}): `sdfleet generate` "
                                               "refuses them; check what wrote them")))
         errors += 1
-    files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "")
+    files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "") + (
+        f" ({len(absent)} path(s) naming none)" if absent else "")
     print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s)")
     return EXIT_ERROR if errors else EXIT_OK
 

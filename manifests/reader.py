@@ -138,6 +138,8 @@ def _files(fs, path: str, given: str) -> list[str]:
             raise ManifestError(f"no manifest file matches {given!r} (files and folders whose name starts with _ "
                                 "or . are left out, unless the pattern names them so)")
         return found
+    if fs.exists(path):  # /dev/null, a pipe: there, but no file to read
+        raise ManifestError(f"manifest {given!r} is not a regular file or a folder")
     raise ManifestError(f"manifest {given!r} does not exist")
 
 

@@ -234,6 +234,13 @@ def test_validate_names_every_unreadable_manifest_and_checks_the_rest(capsys, tm
     assert said[2] == f"error: {twice} has more than one column named 'prompt'; a manifest's column names must be unique"
     assert said[3].startswith(f"error: {rows} row 1 (`wide`): `width`")
     assert lines[-1] == "2 rows in 1 manifest(s) (3 more unreadable): 4 error(s), 0 warning(s)"
+    # a path that names no manifest is said as well, and the rest still checked (it stopped the whole check)
+    code, lines, err = validate(capsys, tmp_path / "typo.parquet", "/dev/null", rows)
+    assert code == 1 and not err
+    assert problems(lines)[:3] == [f"error: manifest '{tmp_path / 'typo.parquet'}' does not exist",
+                                   "error: manifest '/dev/null' is not a regular file or a folder",
+                                   f"error: {rows} row 1 (`wide`): `width` must be a multiple of 8 in 64..2048, got 770"]
+    assert lines[-1] == "2 rows in 1 manifest(s) (2 path(s) naming none): 3 error(s), 0 warning(s)"
 
 
 def not_utf8(values: list[bytes]) -> pa.Array:

@@ -239,7 +239,8 @@ def test_validate_names_every_unreadable_manifest_and_checks_the_rest(capsys, tm
     assert code == 1 and not err
     assert problems(lines)[:3] == [f"error: manifest '{tmp_path / 'typo.parquet'}' does not exist",
                                    "error: manifest '/dev/null' is not a regular file or a folder",
-                                   f"error: {rows} row 1 (`wide`): `width` must be a multiple of 8 in 64..2048, got 770"]
+                                   f"error: {rows} row 1 (`wide`): `width` must be a multiple of 8 in 64..2048, "
+                                   "got 770"]
     assert lines[-1] == "2 rows in 1 manifest(s) (2 path(s) naming none): 3 error(s), 0 warning(s)"
 
 

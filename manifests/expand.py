@@ -105,6 +105,10 @@ def _text(data: bytes, uri: str) -> str:
     try:
         if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             return data.decode("utf-16")
+        if (head := data[:4096]) and head.count(b"\x00") * 4 > len(head):  # a NUL in over a quarter of the bytes
+            # UTF-16 without its byte-order mark decodes as UTF-8 full of NULs: "has no `\x00p\x00r...`"
+            raise ExpandError(f"{uri} looks like UTF-16 text without its byte-order mark (a NUL byte beside every "
+                              "letter); save the file as UTF-8 (a spreadsheet's 'CSV UTF-8')")
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1

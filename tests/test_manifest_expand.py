@@ -321,6 +321,10 @@ def test_csv_encodings_of_spreadsheets_read_or_are_named(tmp_path):
     (tmp_path / "cp1252.csv").write_bytes(text.encode("cp1252"))  # Excel's plain "CSV" on Windows
     with pytest.raises(ExpandError, match=r"cp1252.csv line 2 is not UTF-8 \(byte 0xe9\); save the file as UTF-8"):
         load_list(str(tmp_path / "cp1252.csv"), "product")
+    for name, codec in (("le.csv", "utf-16-le"), ("be.csv", "utf-16-be")):  # no byte-order mark: "has no `\x00p..`"
+        (tmp_path / name).write_bytes(text.encode(codec))
+        with pytest.raises(ExpandError, match=rf"{name} looks like UTF-16 text without its byte-order mark"):
+            load_list(str(tmp_path / name), "product")
 
 
 def test_spreadsheet_margins_short_rows_and_repeated_headers(tmp_path):

@@ -57,6 +57,7 @@ class Unreadable:
 
     id: Any
     error: str
+    problems: tuple[str, ...] = ()  # a line per field that cannot be decoded, where the row was read (`error`: all)
 
 
 DAMAGED_HINT = "the file's data cannot be decoded: write it again from its source"
@@ -386,8 +387,9 @@ def _batch_rows(batch: pa.RecordBatch, uri: str, first: int) -> list[dict[str, A
         text = any(why.startswith("is not UTF-8") for why in said.values())
         hint = ("write the manifest's text as UTF-8 (the tool that wrote it did not check)" if text else
                 "write such values as null or as text (dates and times within years 1-9999)")
-        rows.append(Unreadable(row_id, f"{row_location(uri, first + i, row_id)}: "
-                                       + "; ".join(f"`{name}` {why}" for name, why in said.items()) + f"; {hint}"))
+        where = row_location(uri, first + i, row_id)
+        rows.append(Unreadable(row_id, f"{where}: " + "; ".join(f"`{name}` {why}" for name, why in said.items())
+                               + f"; {hint}", tuple(f"{where}: `{name}` {why}; {hint}" for name, why in said.items())))
     return rows
 
 

@@ -41,7 +41,8 @@ def check_manifests(
             checked[0] += 1
         if isinstance(raw, Unreadable):  # a damaged row group: one error for its rows, then the next
             if raw.error != said:
-                yield "error", raw.error
+                for problem in raw.problems or (raw.error,):  # (a row's fields that cannot be read: a line each)
+                    yield "error", problem
             said = raw.error
             continue
         parsed, errors, _ = validate_row(raw, source=uri, row=position, models=models)

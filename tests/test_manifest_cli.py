@@ -265,6 +265,11 @@ def test_text_that_is_not_utf8_is_an_error_naming_its_row_and_field(capsys, tmp_
         f"error: {path} row 2: `id` is not UTF-8 text (bytes b'\\xff\\xfe'); {fix}",
         f"error: {path} row 3 (`bad-sku`): `sku` is not UTF-8 text (bytes b'\\xc3('); {fix}"]
     assert lines[-1] == "5 rows in 2 manifest(s): 3 error(s), 0 warning(s)"
+    # two fields of one row: a line each (they were one line, which a script counting problems miscounts)
+    pq.write_table(pa.table({"id": ["r0"], "prompt": not_utf8([b"a \xffmug"]), "sku": not_utf8([b"\xc3("])}), path)
+    code, lines, _ = validate(capsys, path)
+    assert problems(lines) == [f"error: {path} row 0 (`r0`): `prompt` is not UTF-8 text (bytes b'a \\xffmug'); {fix}",
+                               f"error: {path} row 0 (`r0`): `sku` is not UTF-8 text (bytes b'\\xc3('); {fix}"], lines
 
 
 def test_a_date_or_time_python_cannot_hold_is_an_error_naming_its_row_and_field(capsys, tmp_path):

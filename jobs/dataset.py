@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -133,13 +134,16 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
                     log(f"{i}/{len(images)} images read")
         if rows:
             parts.append(_write_part(out_fs, out_root, build, len(parts), rows, out))
-        written = sum(n for _, n in parts)
+        written = sum(n for _, n, _ in parts)
         if not written:
             raise DatasetError(f"no usable images in {images_dir}: all {len(images)} were skipped (see the reasons "
                                "above)" + (f"; the dataset already in {out} is left as it was" if before else ""))
         summary = {
             "rows": written, "skipped": [vars(s) for s in skipped], "resolution": resolution, "min_size": min_size,
-            "source": images_dir, "parts": [posixpath.basename(p) for p, _ in parts],
+            "source": images_dir, "parts": [posixpath.basename(p) for p, _, _ in parts],
+            # what a fine-tune's resume checks the dataset by (manifests.dataset.dataset_fingerprint): the parts'
+            # bytes, so a caption changed or images swapped between captions tell one build from another
+            "content_sha256": hashlib.sha256("".join(digest for _, _, digest in parts).encode()).hexdigest(),
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         # the commit: from here on the summary names this build's parts, and readers read those
@@ -148,7 +152,7 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
         committed = True
     finally:
         if not committed:  # failed or stopped: what this build wrote goes, and an earlier build stays whole
-            for path, _ in parts:
+            for path, _, _ in parts:
                 with contextlib.suppress(Exception):  # a store gone: the next build removes them (not read)
                     out_fs.rm_file(path)
             for folder in made:  # the folders this build made for -o (a full disk): not left behind empty
@@ -311,12 +315,13 @@ def _prepare(name: str, data: bytes, caption: str, resolution: int, min_size: in
     return {"file": name, "caption": caption, "image": buf.getvalue(), "width": resolution, "height": resolution}
 
 
-def _write_part(fs, root: str, build: str, index: int, rows: list[dict], out: str) -> tuple[str, int]:
+def _write_part(fs, root: str, build: str, index: int, rows: list[dict], out: str) -> tuple[str, int, str]:
+    """Write one part; (its path, its rows, the sha256 of its bytes)."""
     path = f"{root}/part-{build}-{index:05d}.parquet"  # a new name: no earlier build's part is overwritten
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), buf)
     _write(fs, path, buf.getvalue(), out)
-    return path, len(rows)
+    return path, len(rows), hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def _write(fs, path: str, data: bytes, out: str) -> None:

@@ -41,8 +41,8 @@ from manifests.stores import (absolute_local, folder_files, is_local_fs, is_loca
 # What must match for a rerun into the same --out to continue the run rather than clash with it.
 RESUME_KEYS = ("method", "base_fingerprint", "data", "rank", "lora_layers", "token", "vectors", "train_text_encoder",
                "class_data", "class_prompts", "prior_loss_weight", "workers", "batch_size", "grad_accum", "fsdp")
-# The datasets' fingerprints, by flag: a dataset rebuilt in place from other images is another run's data. Compared
-# where both records hold one (records before 2026-12-06 do not).
+# The datasets' fingerprints, by flag: a dataset rebuilt in place from other images or captions is another run's
+# data. Compared where both records hold one (records before 2026-12-06 do not).
 DATASET_KEYS = {"data_fingerprint": "--data", "class_data_fingerprint": "--class-data"}
 # Ray Train's background watchers, off on a local Ray: a one-machine run has no node to be preempted and
 # no metrics backend, and on a 2-core box their polling takes CPU from the workers. A cluster keeps them.
@@ -527,8 +527,11 @@ def _starts_afresh(fs, root: str, record: dict, cfg: TrainConfig) -> bool:
     # another method: what follows from it (a LoRA's rank, an embedding's token) would only repeat the difference
     keys = ("method",) if before.get("method") != record["method"] else RESUME_KEYS
     clashes = [f"{_flag_of(k)} {before.get(k)!r} there, {record[k]!r} now" for k in keys if before.get(k) != record[k]]
-    clashes += [f"the dataset at {flag} was built again since, from other images (its parts differ in size)"
-                for k, flag in DATASET_KEYS.items() if before.get(k) and record.get(k) and before[k] != record[k]]
+    # a dataset built again at the same path: another path, or another method, is said above as that
+    path_of = {"data_fingerprint": "data", "class_data_fingerprint": "class_data"}
+    clashes += [f"the dataset at {flag} was built again since, from other images or captions"
+                for k, flag in DATASET_KEYS.items() if keys == RESUME_KEYS and before.get(k) and record.get(k)
+                and before[k] != record[k] and before.get(path_of[k]) == record.get(path_of[k])]
     if clashes:
         raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds another fine-tune ({'; '.join(clashes)}); "
                             "use a new --out, or the same flags to resume that one")

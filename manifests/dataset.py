@@ -176,10 +176,17 @@ def _nulls(meta: pq.ParquetFile, name: str, read_unknown: bool = False) -> int:
 
 
 def dataset_fingerprint(uri: str, flag: str = "--data") -> str:
-    """What tells one build of a dataset from another at the same URI: its parts' sizes, hashed (not their
-    names: `dataset build` names each part by when it was written). A rebuild from other images changes it,
-    the same images built again do not; the bytes are not read (a dataset may be GBs on an object store)."""
+    """What tells one build of a dataset from another at the same URI: the digest of its parts' bytes that
+    `dataset build` records in _dataset.json (a caption changed, or images swapped between captions, change it;
+    the same images and captions built again do not), read, not computed (a dataset may be GBs on an object
+    store). A dataset without one (another tool's Parquet, a build before 2026-12-07): its parts' sizes, hashed
+    (not their names: `dataset build` names each part by when it was written)."""
     fs, files = dataset_files(uri, flag)
+    root = url_to_fs(uri)[1].rstrip("/")
+    with contextlib.suppress(Exception):  # (none: one file, or a folder of another tool's parts)
+        digest = json.loads(fs.cat_file(f"{root}/{SUMMARY_FILE}")).get("content_sha256")
+        if isinstance(digest, str) and digest:
+            return "content:" + digest[:16]
     return hashlib.sha256(json.dumps([fs.size(path) for path in files]).encode()).hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 from pathlib import Path
 
@@ -747,10 +748,36 @@ def test_a_rerun_on_a_dataset_built_again_from_other_images_is_refused(tmp_path)
     build_dataset(str(tmp_path / "mine"), str(data), resolution=int(RES))  # the same images built again
     assert sorted(p.name for p in data.glob("*.parquet")) != before  # parts are named by when they were written
     assert _starts_afresh(fs, root, record(), cfg) is False
+    # the same images, two of their captions swapped: told by the bytes of its parts (their sizes, which were
+    # compared, may well be the same: a QA run resumed on captions changed so)
+    first, second = sorted((tmp_path / "mine").glob("*.txt"))[:2]
+    texts = first.read_text(), second.read_text()
+    assert texts[0] != texts[1]
+    first.write_text(texts[1]), second.write_text(texts[0])
+    recaptioned = tmp_path / "recaptioned"
+    build_dataset(str(tmp_path / "mine"), str(recaptioned), resolution=int(RES))
+    summary = json.loads((recaptioned / "_dataset.json").read_text())
+    assert dataset_fingerprint(str(recaptioned)) == "content:" + summary["content_sha256"][:16]
+    by_size = {k: v for k, v in summary.items() if k != "content_sha256"}  # a build from before the digest
+    (tmp_path / "older").mkdir()
+    for part in recaptioned.glob("*.parquet"):
+        (tmp_path / "older" / part.name).write_bytes(part.read_bytes())
+    (tmp_path / "older" / "_dataset.json").write_text(json.dumps(by_size))
+    assert re.fullmatch(r"[0-9a-f]{16}", dataset_fingerprint(str(tmp_path / "older")))  # its parts' sizes, as before
+    build_dataset(str(tmp_path / "mine"), str(data), resolution=int(RES))
+    with pytest.raises(FinetuneError, match=r"the dataset at --data was built again since, from other images or capt"):
+        _starts_afresh(fs, root, record(), cfg)
     write_images(tmp_path / "other", 3, size=160, seed=5)
     build_dataset(str(tmp_path / "other"), str(data), resolution=int(RES))
     with pytest.raises(FinetuneError, match=r"the dataset at --data was built again since, from other images"):
         _starts_afresh(fs, root, record(), cfg)
+    # another dataset named: said as the path, not as a rebuild that never happened
+    elsewhere = cfg.model_copy(update={"data": str(recaptioned)})
+    with pytest.raises(FinetuneError) as said:
+        _starts_afresh(fs, root, run_record(elsewhere, "fp", None, data_fingerprints=(
+            dataset_fingerprint(str(recaptioned)), None)), elsewhere)
+    assert f"--data {str(data)!r} there, {str(recaptioned)!r} now" in str(said.value)
+    assert "built again" not in str(said.value), said.value
     legacy = {k: v for k, v in record().items() if k != "data_fingerprint"}  # a record from before: not compared
     _write_json(fs, f"{root}/finetune.json", {**legacy, "config": cfg.model_dump()})
     assert _starts_afresh(fs, root, record(), cfg) is False

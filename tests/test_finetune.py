@@ -1586,3 +1586,20 @@ def test_a_methods_own_flags_at_their_defaults_are_accepted():
     TrainConfig.model_validate(lora, context={"given": set(lora)})
     dumped = TrainConfig(method="full", data="/d", base="tiny", out="/o").model_dump()  # every field, defaults
     assert TrainConfig.model_validate(dumped).rank == 4
+
+
+def test_validation_images_of_a_rerun_with_fewer_prompts_leave_none_of_the_old_ones(tmp_path):
+    """A rerun that draws other validation prompts left the images of the prompts it no longer has beside the
+    new ones in the step's folder, as if drawn for it."""
+    from actors.models import describe_model
+    from actors.presets import build_preset
+    from actors.train.config import TrainConfig
+    from actors.train.validation import validation_images
+
+    base, pipe = describe_model("default", "tiny"), build_preset("tiny")
+    cfg = TrainConfig(method="lora", data=str(tmp_path / "data"), base="tiny", out=str(tmp_path / "out"), steps=2,
+                      resolution=64, validation_prompts=["a red circle", "a blue star"])
+    assert len(validation_images(cfg, base, pipe, step=2)) == 2
+    again = cfg.model_copy(update={"validation_prompts": ["a green square"]})
+    validation_images(again, base, pipe, step=2)
+    assert sorted(p.name for p in (tmp_path / "out" / "validation" / "step-000002").iterdir()) == ["00.png"]

@@ -35,11 +35,16 @@ def validation_images(cfg: TrainConfig, base: ModelInfo, pipe, step: int) -> lis
     pipe.unet.train(training)
     pipe.text_encoder.train(training and cfg.train_text_encoder)
     fs, root = url_to_fs(cfg.out)
+    folder = f"{root}/validation/step-{step:06d}"
     written = []
     for row, rgb in zip(rows, images):
-        path = f"{root}/validation/step-{step:06d}/{row['id']}.png"
+        path = f"{folder}/{row['id']}.png"
         atomic_write(fs, path, png_bytes(rgb, {**image_parameters(row), "step": step}))
         written.append(path)
+    # a rerun with fewer prompts: the images of the prompts it no longer has would sit beside these as if drawn so
+    for stale in fs.glob(f"{folder}/[0-9][0-9].png"):
+        if stale not in written and fs._strip_protocol(stale) not in written:
+            fs.rm_file(stale)
     return written
 
 

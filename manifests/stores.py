@@ -139,8 +139,24 @@ def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -
         raise error(f"{flag} {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); sdfleet "
                     "does not create buckets: create it, or fix the name") from None
     except Exception as exc:  # noqa: BLE001 - the store's own error types (botocore's, aiohttp's) name the cause
+        if _credentials_missing(exc):  # no credentials found: the store was never asked
+            raise error(f"{flag} {uri}: no credentials for the store ({error_line(exc)}); give them in the "
+                        "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or the node's "
+                        "workload identity; GOOGLE_APPLICATION_CREDENTIALS for gs://)") from exc
         raise error(f"{flag} {uri}: the store does not answer ({error_line(exc)}); check its endpoint "
                     "(AWS_ENDPOINT_URL for S3-compatible stores) and the network") from exc
+
+
+def _credentials_missing(exc: BaseException) -> bool:
+    """Whether `exc`, or what it was raised from, is a client's "no credentials found" (botocore's
+    NoCredentialsError; google.auth's DefaultCredentialsError), by name: neither library is imported here."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if type(exc).__name__ in ("NoCredentialsError", "DefaultCredentialsError"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def folder_files(fs, folder: str, suffix: str = "") -> dict[str, dict]:

@@ -594,3 +594,25 @@ def test_plan_only_counts_what_would_be_drawn_and_writes_nothing(mixed_run):
     proc = sdfleet("generate", str(strings), "--out", str(fresh), "--plan-only", "--no-watermark")
     assert proc.returncode == 0 and "of 5 rows 5 would be drawn" in proc.stderr, proc.stderr[-2000:]
     assert not fresh.exists()
+
+
+def test_a_bucket_asked_without_credentials_says_so_not_that_the_store_does_not_answer():
+    """`dataset build ... -o s3://...` with no credentials in the environment was told to check the endpoint and
+    the network: the store was never asked."""
+    from types import SimpleNamespace
+
+    from botocore.exceptions import NoCredentialsError
+
+    from manifests.stores import require_bucket
+
+    def ls(bucket):
+        try:
+            raise NoCredentialsError()
+        except NoCredentialsError as cause:  # s3fs raises its own error from botocore's
+            raise OSError("listing failed") from cause
+
+    fs = SimpleNamespace(protocol=("s3", "s3a"), exists=lambda path: False, ls=ls)
+    with pytest.raises(ValueError) as said:
+        require_bucket(fs, "bucket/datasets/mugs", "-o", "s3://bucket/datasets/mugs", ValueError)
+    assert str(said.value).startswith("-o s3://bucket/datasets/mugs: no credentials for the store"), said.value
+    assert "AWS_ACCESS_KEY_ID" in str(said.value) and "network" not in str(said.value)

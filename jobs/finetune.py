@@ -217,9 +217,12 @@ def _draw_and_train(cfg: TrainConfig, train: TrainConfig, base, fs, root: str, r
             if nodes > 1 and is_local_path(cfg.out) and not cfg.shared_out:  # checkpoints come from every worker
                 raise FinetuneError(multi_node_reason("--out", cfg.out, nodes, "--shared-out"))
             train, scaling = _scaling(cfg, resources, train)
+            batch = cfg.batch_size * cfg.workers * cfg.grad_accum
+            # with a prior, each step also trains as many class samples (actors/train/loop.py): said, not hidden
+            prior = f" (+ {batch} class samples: prior preservation from {class_data})" if class_data else ""
             log(f"{cfg.method} fine-tune of {cfg.base} on {rows} samples: {cfg.workers} worker(s) on "
-                f"{'GPU' if cfg.gpu else 'CPU'}, {cfg.steps} steps, global batch "
-                f"{cfg.batch_size * cfg.workers * cfg.grad_accum}, {resolution} px; out: {cfg.out}")
+                f"{'GPU' if cfg.gpu else 'CPU'}, {cfg.steps} steps, global batch {batch}{prior}, {resolution} px; "
+                f"out: {cfg.out}")
             _write_json(fs, f"{root}/finetune.json", {**record, "status": "running", "config": cfg.model_dump()})
             with (TrainProgress(fs, f"{root}/train_log.jsonl", cfg, follow=not cfg.verbose),
                   watch_cluster(log, give_up=functools.partial(_give_up, fs, root, record, cfg))):

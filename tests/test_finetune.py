@@ -1213,6 +1213,9 @@ def test_dreambooth_draws_its_class_images_and_trains_on_both(trained):
     class_data = json.loads((out / "class-data" / "_dataset.json").read_text())
     assert class_data["rows"] == 4 and not class_data["skipped"]
     assert "prior preservation: 4 class images" in proc.stderr
+    # each step trains as many class samples as instance samples: the start line said only the instances
+    assert re.search(r"global batch (\d+) \(\+ \1 class samples: prior preservation from .*class-data\)",
+                     proc.stderr), proc.stderr[-3000:]
     record = json.loads((out / "finetune.json").read_text())
     assert record["class_prompts"] == [CLASS_PROMPT, CLASS_PROMPT_2] and record["class_data"].endswith("class-data")
     # two class prompts: the images take them in turn, and each image's caption is its own prompt

@@ -242,6 +242,7 @@ class TrainProgress:
         self.fs, self.path, self.cfg, self.follow, self.every = fs, path, cfg, follow, every
         self.stop = threading.Event()
         self.seen = len(self._lines())
+        self.stepped = False  # this command's workers logged a step: a start after it is Ray Train's restart
         self.thread = threading.Thread(target=self._run, name="train-progress", daemon=True)
 
     def __enter__(self):
@@ -279,6 +280,10 @@ class TrainProgress:
 
     def describe(self, record: dict) -> str | None:
         cfg, event = self.cfg, record.get("event")
+        if event == "started" and self.stepped:  # the terminal went from "step 6" to "resuming" with no word why
+            self.stepped = False
+            return (f"a training worker stopped (its process died or its node was lost): Ray Train starts the "
+                    f"workers again, up to --max-failures {cfg.max_failures} time(s)")
         if event == "started":
             return f"{cfg.method}: {record.get('trainable_parameters', 0):,} trainable parameters"
         if event == "cached_latents":
@@ -288,6 +293,7 @@ class TrainProgress:
         if event == "finished":
             return f"wrote the {cfg.result_name} to {cfg.out}"
         if "loss" in record:
+            self.stepped = True
             evaluated = record.get("eval_loss")
             return (f"step {record['step']}/{cfg.steps} loss {record['loss']:.4f} eval "
                     f"{'-' if evaluated is None else format(evaluated, '.4f')} lr {record['lr']:.2e} "

@@ -1606,3 +1606,23 @@ def test_validation_images_of_a_rerun_with_fewer_prompts_leave_none_of_the_old_o
     again = cfg.model_copy(update={"validation_prompts": ["a green square"]})
     validation_images(again, base, pipe, step=2)
     assert sorted(p.name for p in (tmp_path / "out" / "validation" / "step-000002").iterdir()) == ["00.png"]
+
+
+def test_progress_says_a_worker_stopped_when_the_workers_start_again(tmp_path):
+    """After a worker died the terminal went from "step 6/12" to "resuming from the checkpoint at step 4" with no
+    word of why; the first start of a command is said as before."""
+    import fsspec
+
+    from actors.train.config import TrainConfig
+    from jobs.finetune import TrainProgress
+
+    cfg = TrainConfig(method="lora", data=str(tmp_path / "data"), base="tiny", out=str(tmp_path / "out"), steps=12)
+    progress = TrainProgress(fsspec.filesystem("file"), str(tmp_path / "train_log.jsonl"), cfg)
+    step = {"step": 6, "loss": 0.1, "lr": 1e-4, "samples_per_second": 2.0}
+    said = [progress.describe(r) for r in ({"event": "started", "trainable_parameters": 10}, step,
+                                           {"event": "started", "trainable_parameters": 10},
+                                           {"event": "resumed", "step": 4})]
+    assert said[0] == "lora: 10 trainable parameters" and said[1].startswith("step 6/12 loss 0.1000")
+    assert said[2] == ("a training worker stopped (its process died or its node was lost): Ray Train starts the "
+                       "workers again, up to --max-failures 2 time(s)")
+    assert said[3] == "resuming from the checkpoint at step 4"

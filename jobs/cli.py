@@ -410,7 +410,10 @@ def _config_message(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors():
-            message = err["msg"].removeprefix("Value error, ")
+            # pydantic's "Input should be greater than or equal to 1" reads as a flag's rule: "must be at least 1"
+            message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+            message = message.replace("must be greater than or equal to", "must be at least").replace(
+                "must be less than or equal to", "must be at most")
             if not err["loc"]:  # a check across flags: its message names them
                 parts.append(message)
                 continue

@@ -575,7 +575,7 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     elif case == "missing-base":
         base, expected = str(tmp_path / "no-such-model"), "no-such-model"
     elif case == "zero-workers":
-        extra, expected = ["--workers", "0"], "--workers: Input should be greater than or equal to 1"
+        extra, expected = ["--workers", "0"], "--workers: must be at least 1"
     elif case == "crop-for-full":
         extra, expected = ["--crop", "64"], "--crop is for vae and must be a multiple of 8; got 64 with full"
     elif case == "calibrate-for-full":
@@ -587,7 +587,7 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     elif case == "lora-layers-for-full":
         extra, expected = ["--lora-layers", "all"], "--lora-layers is for lora; full trains whole weights"
     elif case == "infinite-lr":  # the loss would go NaN and NaN checkpoints be written
-        extra, expected = ["--lr", "inf"], "--lr: Input should be a finite number"
+        extra, expected = ["--lr", "inf"], "--lr: must be a finite number"
     elif case in ("number-captions", "text-images"):  # each failed in every worker, after Ray's start-up
         table = (pa.table({"caption": [1, 2], "image": [b"x", b"y"]}) if case == "number-captions" else
                  pa.table({"caption": ["a mug"], "image": ["not bytes"]}))
@@ -605,7 +605,7 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
         data = str(_parquet(tmp_path / "nulls.parquet", table))
         expected = "nulls.parquet has 2 row(s) whose `caption` is null; every row needs one"
     elif case == "seed-past-torch":
-        extra, expected = ["--seed", str(2**63)], "--seed: Input should be less than 9223372036854775808"
+        extra, expected = ["--seed", str(2**63)], "--seed: must be less than 9223372036854775808"
     elif case == "huge-resolution":
         extra, expected = ["--resolution", "1000000"], "--resolution must be a multiple of 8 in 64..2048"
     elif case == "crop-past-resolution":  # trained on whole images without a word
@@ -643,7 +643,7 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("lora", ["--class-prompt", "a", "--class-prompt", "b", "--class-prompt", "c", "--class-images", "2"],
      "--class-images 2 is fewer than the 3 --class-prompt given, so 'c' would never be drawn"),
     ("dreambooth", ["--class-prompt", "a star", "--class-images", "1000000000"],  # built in memory before a word
-     "--class-images: Input should be less than or equal to 100000"),
+     "--class-images: must be at most 100000"),
     ("textual-inversion", [], "textual-inversion needs --token"),
     ("textual-inversion", ["--token", "<gem>"], "no caption in"),  # these captions never use <gem>
     ("textual-inversion", ["--token", "<gem>", "--train-text-encoder"], "drop --train-text-encoder"),
@@ -675,10 +675,10 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
      "--class-images is how many class images --class-prompt draws: give --class-prompt (dreambooth, lora); every "
      "image of --class-data is used"),
     # values past any plan: each trained on for good or failed minutes later
-    ("lora", ["--steps", str(10**20)], "--steps: Input should be less than or equal to 10000000"),
-    ("lora", ["--rank", "100000"], "--rank: Input should be less than or equal to 1024"),
-    ("lora", ["--batch-size", "1000000"], "--batch-size: Input should be less than or equal to 256"),
-    ("lora", ["--grad-accum", "100000"], "--grad-accum: Input should be less than or equal to 1024"),
+    ("lora", ["--steps", str(10**20)], "--steps: must be at most 10000000"),
+    ("lora", ["--rank", "100000"], "--rank: must be at most 1024"),
+    ("lora", ["--batch-size", "1000000"], "--batch-size: must be at most 256"),
+    ("lora", ["--grad-accum", "100000"], "--grad-accum: must be at most 1024"),
     ("lora", ["--out-name", "mug style"], "'mug style' will be the adapter's name in `generate --adapters`"),
 ])
 def test_method_flags_are_checked_before_any_worker_starts(method, extra, expected, dataset, tmp_path, monkeypatch,

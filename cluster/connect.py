@@ -35,6 +35,7 @@ class ClusterError(Exception):
 
 _SIGTERM_RECEIVED = threading.Event()  # SIGTERM or SIGHUP: a signal that stops a command as Ctrl-C does
 _RECEIVED: list[int] = []  # which of them came first
+_HANGUP = getattr(signal, "SIGHUP", None)  # (not on Windows)
 
 
 def stopped_by_sigterm() -> bool:
@@ -148,18 +149,22 @@ def stop_on_sigterm() -> None:
         _SIGTERM_RECEIVED.clear()
         _RECEIVED.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)  # always: ray.init's C++ sets one that Python does not see
-    hangup = getattr(signal, "SIGHUP", None)  # (not on Windows)
-    if hangup is not None and signal.getsignal(hangup) in (signal.SIG_DFL, _on_sigterm):
-        signal.signal(hangup, _on_sigterm)
+    if _HANGUP is not None and signal.getsignal(_HANGUP) in (signal.SIG_DFL, _on_sigterm):
+        signal.signal(_HANGUP, _on_sigterm)
 
 
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if getattr(signal, "SIGHUP", None) is not None and signal.getsignal(signal.SIGHUP) is _on_sigterm:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a second of either ends the process at once
+    _hangup_to_default()  # a second of either ends the process at once
     _RECEIVED.append(signum)
     _SIGTERM_RECEIVED.set()
     raise KeyboardInterrupt
+
+
+def _hangup_to_default() -> None:
+    """SIGHUP back to ending the process, where sdfleet's handler has it (one ignored, under nohup, stays so)."""
+    if _HANGUP is not None and signal.getsignal(_HANGUP) is _on_sigterm:
+        signal.signal(_HANGUP, signal.SIG_DFL)
 
 
 def _keep_sigterm_through_ray_init():
@@ -192,15 +197,14 @@ def _hangup_ignored_by_what_starts():
     recording what had come back and leaving Ray. They are started with SIGHUP ignored (what a process ignores,
     the programs it starts ignore too); the command keeps its own handler (stop_on_sigterm), and stops them as
     it leaves. A hang-up within Ray's start-up itself is ignored with them."""
-    hangup = getattr(signal, "SIGHUP", None)
-    if hangup is None or threading.current_thread() is not threading.main_thread():
+    if _HANGUP is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(hangup, signal.SIG_IGN)
+    before = signal.signal(_HANGUP, signal.SIG_IGN)
     try:
         yield
     finally:
-        signal.signal(hangup, before if before is not None else signal.SIG_DFL)
+        signal.signal(_HANGUP, before if before is not None else signal.SIG_DFL)
 
 
 @dataclass(frozen=True)
@@ -485,8 +489,7 @@ def disconnect() -> None:
     ray.shutdown()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Ray's handler or ours: neither applies once Ray is left
-        if getattr(signal, "SIGHUP", None) is not None and signal.getsignal(signal.SIGHUP) is _on_sigterm:
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (one that was ignored, under nohup, stays ignored)
+        _hangup_to_default()
 
 
 # Ray Data's driver threads that call into Ray: its executor's, and the workers fetching the blocks of an

@@ -86,7 +86,7 @@ class Lease:
 
     def _claim(self) -> None:
         """Refuse (or, with --wait, wait) while a live run holds the lease, then write our claim."""
-        said: tuple[str | None, float] | None = None  # (the run waited for, when that was last said)
+        waited_for, since, said_at = None, 0.0, 0.0  # the run waited for, since when, when that was last said
         while True:
             held = self.holder()
             if held and held.get("run_id") != self.run_id:
@@ -95,14 +95,13 @@ class Lease:
                     if not self.wait:
                         raise RunFailed(self._busy(held, age))
                     # said once per run waited for, then a line a minute (every poll was 720 lines an hour)
-                    if said is None or said[0] != held.get("run_id"):
+                    now = time.monotonic()
+                    if since == 0.0 or held.get("run_id") != waited_for:
                         log(self._busy(held, age, waiting=True))
-                        said = (held.get("run_id"), time.monotonic())
-                        waiting_since = said[1]
-                    elif time.monotonic() - said[1] >= WAIT_SAY_SECONDS:
-                        log(f"--out {self.where}: still waiting for run {said[0]} "
-                            f"({time.monotonic() - waiting_since:.0f} s so far)")
-                        said = (said[0], time.monotonic())
+                        waited_for, since, said_at = held.get("run_id"), now, now
+                    elif now - said_at >= WAIT_SAY_SECONDS:
+                        log(f"--out {self.where}: still waiting for run {waited_for} ({now - since:.0f} s so far)")
+                        said_at = now
                     time.sleep(WAIT_POLL_SECONDS)
                     continue
                 why = "its process is gone" if self._holder_gone(held) else f"no heartbeat for {age:.0f} s"

@@ -172,8 +172,8 @@ def _glob_left_out(pattern: str, path: str) -> bool:
     run; Spark's `_temporary/` copies that `**` reached made every real row a duplicate."""
     parts, matched = pattern.split("/"), path.split("/")
     fixed = next(i for i, part in enumerate(parts) if fsspec.core.has_magic(part))
-    asked = [part for part in parts[fixed:] if part.startswith(("_", "."))]
-    return any(segment.startswith(("_", ".")) and not any(fnmatch.fnmatchcase(segment, a) for a in asked)
+    asked = [part for part in parts[fixed:] if _left_out(part)]
+    return any(_left_out(segment) and not any(fnmatch.fnmatchcase(segment, a) for a in asked)
                for segment in matched[fixed:])
 
 

@@ -444,17 +444,12 @@ def _validate(args) -> int:
         return EXIT_ERROR
     models = {"default": "tiny", **{n: n for n in PRESETS}, **pairs}
     infos = {name: describe_model(name, ref) for name, ref in models.items()}
-    absent = {}  # each path that names no manifest is said, and the others still checked
-    for given in args.manifests if len(args.manifests) > 1 else ():
-        try:
-            expand_manifest_paths([given])
-        except ManifestError as exc:
-            absent[given] = str(exc)
+    absent: dict[str, ManifestError] = {}  # each path that names no manifest is said, and the others still checked
+    uris = expand_manifest_paths(args.manifests, absent)
     if len(absent) == len(args.manifests):  # none to check: one error line, as generate says it
-        raise ManifestError(next(iter(absent.values())))
-    uris = expand_manifest_paths([given for given in args.manifests if given not in absent])
+        raise next(iter(absent.values()))
     unreadable = unreadable_files(uris)  # each named, and the rest still checked
-    for message in [*absent.values(), *unreadable.values()]:
+    for message in [*map(str, absent.values()), *unreadable.values()]:
         print(terminal_line(without_passwords(f"error: {message}")))
     errors, warnings = len(absent) + len(unreadable), 0
     uris = [uri for uri in uris if uri not in unreadable]

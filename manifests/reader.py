@@ -76,21 +76,28 @@ class ManifestPart:
     stamp: str = ""  # the file's version when the driver read it (manifests.stores.file_stamp); "" unchecked
 
 
-def expand_manifest_paths(paths: list[str]) -> list[str]:
+def expand_manifest_paths(paths: list[str], absent: dict[str, ManifestError] | None = None) -> list[str]:
     """Expand local paths, URIs, folders and globs to a sorted, de-duplicated list of file URIs.
 
     A path that exists is taken as it is, even with glob characters in its name (`shots[1].parquet`). A folder
     gives every .parquet below it, and a glob what it matches, except the Parquet files of sdfleet outputs
-    (ledger parts, the report's thumbnail index): they hold no prompts."""
+    (ledger parts, the report's thumbnail index): they hold no prompts. A path that names no manifest raises
+    ManifestError, or, with `absent` given, is put there (path -> the error) and the others are expanded."""
     uris: list[str] = []
     for given in paths:
         fs, path = url_to_fs(given)  # a store whose package is missing: said by the CLI, with the fix
         try:
-            found = _files(fs, path, given)
-        except ManifestError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
-            raise ManifestError(f"manifest {given!r} cannot be read ({error_line(exc)})") from exc
+            try:
+                found = _files(fs, path, given)
+            except ManifestError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
+                raise ManifestError(f"manifest {given!r} cannot be read ({error_line(exc)})") from exc
+        except ManifestError as exc:
+            if absent is None:
+                raise
+            absent[given] = exc
+            continue
         uris += [_uri(fs, p) for p in found]
     # one file, once: named twice, or reached through a link (its rows would all be duplicates of themselves)
     first: dict[object, str] = {}

@@ -191,20 +191,21 @@ def _keep_sigterm_through_ray_init():
 
 
 @contextlib.contextmanager
-def _hangup_ignored_by_what_starts():
+def _hangup_held_from_what_starts():
     """A local Ray's processes (GCS, raylet, and the workers the raylet starts) share the command's process group,
     so a closed terminal's SIGHUP reached them with the command's: they died while the command was still
-    recording what had come back and leaving Ray. They are started with SIGHUP ignored (what a process ignores,
-    the programs it starts ignore too); the command keeps its own handler (stop_on_sigterm), and stops them as
-    it leaves. A hang-up within Ray's start-up itself is ignored with them."""
+    recording what had come back and leaving Ray. They are started with SIGHUP blocked (a signal mask is what
+    the programs a process starts inherit), so a hang-up never reaches them and the command stops them as it
+    leaves. The command blocks it only for Ray's start-up: a hang-up within it was ignored (and the run went on
+    with nobody watching); now it waits, and stops the command as Ray's start-up ends (stop_on_sigterm)."""
     if _HANGUP is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(_HANGUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {_HANGUP})
     try:
         yield
     finally:
-        signal.signal(_HANGUP, before if before is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {_HANGUP})  # one that came meanwhile is delivered now
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         else:
             # "local": always a new Ray of our own, never one a `ray start` left on this machine (which a bare
             # ray.init() would join through /tmp/ray/ray_current_cluster, even when it is dead)
-            with _hangup_ignored_by_what_starts():
+            with _hangup_held_from_what_starts():
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM while Ray starts: what it started goes with it
         with contextlib.suppress(Exception):

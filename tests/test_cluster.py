@@ -93,6 +93,42 @@ def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembere
         signal.signal(signal.SIGHUP, hangup_before)
 
 
+def test_a_hang_up_while_a_local_ray_starts_stops_the_command_once_started_and_never_reaches_ray(monkeypatch):
+    """The processes a local Ray starts must not get the terminal's SIGHUP (they died mid-stop), so it was
+    ignored during ray.init: a hang-up then was lost and the run went on with nobody watching. Now the
+    processes started within inherit it blocked, and the command gets it (within ray.init, or as it returns):
+    stopped, what Ray started stopped with it, and the CLI's exit says SIGHUP."""
+    import signal
+
+    import ray
+
+    from cluster import connect as connect_module
+
+    started, left = [], []
+
+    def init(**kwargs):  # as Ray's start-up does: processes started, and the terminal closes meanwhile
+        probe = "import signal; print(signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, []))"
+        started.append(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip())
+        os.kill(os.getpid(), signal.SIGHUP)  # (taken by another thread, it stops ray.init here as Ctrl-C does;
+        time.sleep(0.5)  # else it waits for ray.init to return)
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(connect_module, "disconnect", lambda: left.append(True))
+    before, hangup_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    try:
+        connect_module.stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            connect_module.connect(None, num_cpus=1, quiet=True)
+        assert started == ["True"]  # what Ray starts never sees a hang-up
+        assert left == [True] and connect_module.stop_signal() == signal.SIGHUP
+        assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the command's own: unblocked
+    finally:
+        connect_module._SIGTERM_RECEIVED.clear()
+        connect_module._RECEIVED.clear()
+        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGHUP, hangup_before)
+
+
 def test_a_lost_cluster_is_said_and_noticed_even_where_the_main_thread_is_held(monkeypatch):
     """The watch says the GCS is gone and interrupts the main thread; a main thread held in a wait that no
     interrupt reaches (as in Ray's C++ calls) is left to `give_up` after the grace time."""

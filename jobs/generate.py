@@ -555,8 +555,8 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
     journal = JOURNAL_NAME.format(run_id=run_id)
     try:
         with results.heartbeat(), watch_cluster(log, give_up=functools.partial(_give_up, results)):
-            _record_the_run(cfg, planned, state, total, models, sizing, finish, journal, actor_cls, results, started,
-                            startup)
+            actors = _record_the_run(cfg, planned, state, total, models, sizing, finish, journal, actor_cls, results,
+                                     started, startup)
     except (RunFailed, KeyboardInterrupt):  # Ctrl-C: what finished is in the ledger, as the CLI then says
         results.keep_what_finished()
         raise
@@ -583,7 +583,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
         "not_in_manifests_ids": manifests.not_in_manifests,  # the first NOT_ASKED_LISTED, by id
         # images drawn in this run: recovered ones were drawn by an earlier run
         "images_per_second": round(results.drawn() / wall, 4) if wall > 0 else 0.0,
-        "actors": cfg.actors,
+        "actors": actors,  # started: 0 where every row was settled by the plan
         "images_per_actor": results.per_actor,
         "adapter_swaps": results.adapter_swaps(),
         "startup": results.startup_stamps(startup),
@@ -630,9 +630,10 @@ def _give_up(results: Recorder, reason: str) -> None:
 
 
 def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal, actor_cls, results, started,
-                    startup) -> None:
+                    startup) -> int:
     """Plan and draw, recording every row as it comes back: into a fresh output the actors start while the plan
-    runs; otherwise the plan is settled first and only the rows to draw go to the actors."""
+    runs; otherwise the plan is settled first and only the rows to draw go to the actors. Returns how many
+    actors were started (0 where nothing was left to draw)."""
     from ray.data.expressions import col, lit
 
     if total and not state.done and not state.existing:
@@ -665,6 +666,8 @@ def _record_the_run(cfg, planned, state, total, models, sizing, finish, journal,
                 results.record(batch.to_pylist())
         else:
             log("nothing to draw: no actors started")
+            return 0
+    return cfg.actors
 
 
 def _record_relabelled(rows, ids: set[str], results: Recorder) -> None:

@@ -97,6 +97,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     assert "the report is not grouped" in proc.stderr and (out / "report" / "index.html").exists()
     summary = run_summary(out)
     assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (0, 64, 0)
+    assert summary["actors"] == 0 and "nothing to draw: no actors started" in proc.stderr  # (not --actors' 2)
     assert len(ledger(out)) == before, "a skipped row adds no ledger entry"
 
     changed = [dict(r) for r in run64["records"]][:-2]  # and the last two rows dropped from the manifest, ...
@@ -107,7 +108,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--actors", "1", "--no-watermark", "--report")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = run_summary(out)
-    assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (1, 61, 1)
+    assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (1, 61, 1) and summary["actors"] == 1
     assert "1 image(s) in --out are of rows no manifest of this run asks for" in proc.stderr
     assert "62 rows in 1 manifest(s); 62 done before" in proc.stderr  # of this run's rows, not the output's ids
     assert summary["not_in_manifests_ids"] == [run64["records"][-1]["id"]]

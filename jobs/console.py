@@ -91,7 +91,8 @@ def command_log(fs, root: str, name: str, ends: str, in_out: bool = True):
     is copied to OUT/logs/ when the command (`ends`: "run", "fine-tune") ends, finished or failed, so the
     messages of a job whose pod is gone stay with its output. A command that writes nothing into OUT
     (`in_out` False: `--plan-only`) has its log in the temporary folder, removed when it succeeds (a nightly
-    dry run left one there every night) and kept, as said, when it does not."""
+    dry run left one there every night) and kept, as said, when it does not. A run that finds OUT taken by
+    another run that started in the same instant (OutputTaken) removes its log: OUT is the other run's."""
     from manifests.stores import is_local_fs
 
     path = log_file(fs, root, name, in_out)
@@ -100,8 +101,14 @@ def command_log(fs, root: str, name: str, ends: str, in_out: bool = True):
     after = (f" (copied to {where} when the {ends} ends)" if copied else
              "" if in_out else " (removed if it succeeds)")
     log(f"Ray's and the libraries' messages: {path}{after}")
+    from jobs.errors import OutputTaken
+
     try:
         yield path
+    except OutputTaken:  # the output is another run's, which started in the same instant: no log of ours there
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
     except BaseException:
         if not in_out:
             log(f"Ray's and the libraries' messages are kept in {path}")

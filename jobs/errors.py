@@ -14,6 +14,11 @@ class RunFailed(Exception):
     """`generate` could not start or could not finish."""
 
 
+class OutputTaken(RunFailed):
+    """Another run started into the same --out in the same instant and kept it (`Lease.confirm`): what this
+    run had begun to write there (its log file) is not kept in the other run's output."""
+
+
 class FinetuneError(Exception):
     """The fine-tune cannot start or did not finish."""
 

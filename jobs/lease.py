@@ -18,7 +18,7 @@ import threading
 import time
 
 from jobs.console import log
-from jobs.errors import RunFailed, one_line
+from jobs.errors import OutputTaken, RunFailed, one_line
 from manifests.ledger import atomic_write
 
 LEASE_FILE = ".sdfleet-lease.json"
@@ -121,7 +121,7 @@ class Lease:
             if held and held.get("run_id") == self.run_id:
                 break
             if not self.wait and held:
-                raise RunFailed(self._busy(held, _now() - float(held.get("heartbeat", 0))))
+                raise OutputTaken(self._busy(held, _now() - float(held.get("heartbeat", 0))))
             self._claim()  # with --wait (or the lease vanished): wait for it and claim it again
         if self._beat is None:
             self._beat = threading.Thread(target=self._heartbeat, name="sdfleet-lease", daemon=True)

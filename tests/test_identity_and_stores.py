@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -418,7 +420,7 @@ def test_of_two_runs_claiming_an_output_in_the_same_instant_the_last_writer_keep
     first.__enter__()
     second._write()  # its check ran before the first claim landed
     second._claimed_at = time.monotonic()
-    with pytest.raises(lease.RunFailed, match="in use by run second"):
+    with pytest.raises(lease.OutputTaken, match="in use by run second"):  # (a RunFailed: the CLI says it in a line)
         first.confirm()
     assert time.monotonic() - claimed >= 0.3, "confirm reads back only once the settle time has passed"
     second.confirm()
@@ -427,6 +429,29 @@ def test_of_two_runs_claiming_an_output_in_the_same_instant_the_last_writer_keep
     assert json.loads((out / ".sdfleet-lease.json").read_text())["heartbeat"] > beat, "the holder's heartbeat runs"
     second.__exit__(None, None, None)
     assert not (out / ".sdfleet-lease.json").exists()
+
+
+@pytest.mark.parametrize("store", ["local", "memory"])
+def test_a_run_that_loses_its_output_to_a_run_started_in_the_same_instant_leaves_no_log_there(tmp_path, store):
+    """The loser finds out only after its log was opened (and Ray started): its log was left in the winner's
+    OUT/logs/ (copied there, on an object store). Any other failure keeps the log, as before."""
+    from jobs.console import command_log
+    from jobs.errors import OutputTaken, RunFailed
+
+    root = str(tmp_path / "out") if store == "local" else f"/lost-race-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("file" if store == "local" else "memory")
+    fs.makedirs(root, exist_ok=True)
+    kept = f"{root}/logs/sdfleet-kept.log"
+    with pytest.raises(OutputTaken):
+        with command_log(fs, root, "sdfleet-lost.log", "run") as path:
+            Path(path).write_text("Ray started\n")
+            raise OutputTaken("--out is in use by run other")
+    assert not os.path.exists(path) and not fs.exists(f"{root}/logs/sdfleet-lost.log")
+    with pytest.raises(RunFailed):  # any other end of a run keeps its log in OUT/logs/
+        with command_log(fs, root, "sdfleet-kept.log", "run") as path:
+            Path(path).write_text("Ray started\n")
+            raise RunFailed("the run stopped")
+    assert fs.cat_file(kept) == b"Ray started\n"
 
 
 # -- a row that kills its actor -------------------------------------------------------------------------

@@ -52,7 +52,8 @@ DATASET_KEYS = {"data_fingerprint": "--data", "class_data_fingerprint": "--class
 # half a model one way and half another.
 RESUMABLE_FLAGS = frozenset({"out", "address", "verbose", "shared_out", "cpus_per_worker", "checkpoint_every",
                              "log_every", "max_failures", "gradient_checkpointing", "validate_every",
-                             "validation_prompts", "base", "data", "class_data"})  # the last three: by RESUME_KEYS
+                             "validation_prompts", "validation_guidance", "base", "data",
+                             "class_data"})  # the last three: by RESUME_KEYS
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
@@ -126,15 +127,17 @@ def run_finetune(cfg: TrainConfig) -> dict:
 
 def _finished(fs, root: str, cfg: TrainConfig) -> dict | None:
     """finetune.json of the same fine-tune (checked by _starts_afresh) where it finished, was given the same flags
-    (new --validation-prompts draw at the end of a rerun), and what it published is there and whole, else None.
+    (new --validation-prompt or --validation-guidance draw at the end of a rerun), and what it published is there
+    and whole, else None.
     A rerun of it then trains nothing: resuming from its last checkpoint drew the validation images and
     published the same files again. A published file cut short since is published again by the rerun."""
     try:
         record = json.loads(fs.cat_file(f"{root}/finetune.json"))
     except (OSError, ValueError):
         return None
-    if record.get("status") != "finished" or _resolved(record.get("config") or {}) != _resolved(
-            _as_recorded(cfg.model_dump())):
+    then, now = _resolved(record.get("config") or {}), _resolved(_as_recorded(cfg.model_dump()))
+    # (a flag added since the record was written is not compared: the run had its default)
+    if record.get("status") != "finished" or then != {k: v for k, v in now.items() if k in then}:
         return None
     return record if _published_whole(fs, root, cfg) else None
 

@@ -668,6 +668,7 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("vae", ["--min-snr-gamma", "5"], "--min-snr-gamma is for full, lora"),
     ("vae", ["--caption-dropout", "0"], "--caption-dropout is for full, lora"),
     ("vae", ["--validation-prompt", "a red star"], "--validation-prompt is for full, lora"),
+    ("vae", ["--validation-guidance", "3"], "--validation-guidance is for full, lora"),
     ("textual-inversion", ["--token", "<gem>", "--fsdp"], "textual-inversion trains few enough weights for DDP"),
     ("full", ["--prior-loss-weight", "2"], "--prior-loss-weight weighs the class images' loss: it needs"),
     ("lora", ["--class-images", "5"], "--class-images is how many class images --class-prompt draws"),
@@ -928,6 +929,12 @@ def test_a_finished_fine_tune_is_trained_again_only_where_its_rerun_would_change
     save_file({"a": torch.zeros(4, 4)}, str(out / "pytorch_lora_weights.safetensors"))
     assert _finished(fs, str(out), cfg) == record
     assert _finished(fs, str(out), cfg.model_copy(update={"validation_prompts": ["a mug"]})) is None
+    assert _finished(fs, str(out), cfg.model_copy(update={"validation_guidance": 3.0})) is None
+    # a record written before a flag existed (--validation-guidance: 7.5, its default) is still this fine-tune
+    older = {**record, "config": {k: v for k, v in record["config"].items() if k != "validation_guidance"}}
+    (out / "finetune.json").write_text(json.dumps(older))
+    assert _finished(fs, str(out), cfg) == older
+    (out / "finetune.json").write_text(json.dumps(record))
     weights = out / "pytorch_lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4])
     assert _finished(fs, str(out), cfg) is None
@@ -1606,6 +1613,28 @@ def test_validation_images_of_a_rerun_with_fewer_prompts_leave_none_of_the_old_o
     again = cfg.model_copy(update={"validation_prompts": ["a green square"]})
     validation_images(again, base, pipe, step=2)
     assert sorted(p.name for p in (tmp_path / "out" / "validation" / "step-000002").iterdir()) == ["00.png"]
+
+
+def test_validation_images_are_drawn_at_the_guidance_asked_and_say_what_drew_them(tmp_path):
+    """They were drawn at guidance 7.5 whatever the rows would use (tiny draws best at 3), and their parameters
+    said the base model drew them with no adapter: they now name the fine-tune and the step."""
+    from actors.models import describe_model
+    from actors.png import read_png_parameters
+    from actors.presets import build_preset
+    from actors.train.config import TrainConfig
+    from actors.train.validation import validation_images
+
+    base, pipe = describe_model("default", "tiny"), build_preset("tiny")
+    drawn = {}
+    for guidance in (7.5, 3.0):
+        cfg = TrainConfig(method="lora", data=str(tmp_path / "data"), base="tiny", out=str(tmp_path / f"g{guidance}"),
+                          steps=2, resolution=64, validation_prompts=["a red circle"], validation_guidance=guidance)
+        [path] = validation_images(cfg, base, pipe, step=2)
+        params = read_png_parameters(Path(path).read_bytes())
+        assert params["guidance_scale"] == guidance and params["model"] == "tiny"
+        assert params["fine_tune"] == {"method": "lora", "step": 2} and params["step"] == 2
+        drawn[guidance] = np.asarray(Image.open(path))
+    assert np.abs(drawn[7.5].astype(int) - drawn[3.0]).max() > 10, "the guidance asked is the one drawn at"
 
 
 def test_progress_says_a_worker_stopped_when_the_workers_start_again(tmp_path):

@@ -63,6 +63,8 @@ class TrainConfig(BaseModel):
     log_every: int = Field(default=10, ge=1, description="steps between progress lines")
     validate_every: int = Field(default=0, ge=0, description="steps between validation images (0: at the end only)")
     validation_prompts: list[str] = Field(default_factory=list, description="prompts drawn as validation images")
+    validation_guidance: float = Field(default=7.5, ge=0, allow_inf_nan=False, description="guidance scale of the "
+                                       "validation images: give your rows' guidance_scale (tiny draws best at 3)")
     min_snr_gamma: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="Min-SNR loss weighting (5 is usual)")
     noise_offset: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="noise offset (0.05-0.1 helps very dark/bright images)")
     caption_dropout: float = Field(default=0.0, ge=0, lt=1, allow_inf_nan=False, description="share of samples trained on the empty "
@@ -194,9 +196,9 @@ class TrainConfig(BaseModel):
             raise ValueError("--calibrate-scale is for vae: it sets the scale of the VAE's own latents")
         if self.method == "vae":  # what only the diffusion methods read: refused, not ignored without a word
             # (--validation-prompt only where the CLI says it was given: the workers' copy has the defaults filled in)
-            unread = [f for f in ("train_text_encoder", "min_snr_gamma", "noise_offset", "caption_dropout")
-                      if said(f)] + (["validation_prompts"] if given is not None and "validation_prompts" in given
-                                     else [])
+            unread = [f for f in ("train_text_encoder", "min_snr_gamma", "noise_offset", "caption_dropout",
+                                  "validation_guidance") if said(f)]
+            unread += ["validation_prompts"] if given is not None and "validation_prompts" in given else []
             if unread:
                 flags = ", ".join(flag_of(f) for f in unread)
                 raise ValueError(f"{flags} {'is' if len(unread) == 1 else 'are'} for full, lora, dreambooth and "

@@ -10,7 +10,7 @@ from actors.models import ModelInfo
 from actors.train.config import TrainConfig
 from actors.train.data import batch_tensors
 from actors.train.losses import diffusion_loss, training_target
-from manifests.stores import url_to_fs
+from manifests.stores import url_to_fs, without_passwords
 
 
 def validation_images(cfg: TrainConfig, base: ModelInfo, pipe, step: int) -> list[str]:
@@ -22,7 +22,8 @@ def validation_images(cfg: TrainConfig, base: ModelInfo, pipe, step: int) -> lis
     from manifests.ledger import atomic_write
 
     rows = [{"id": f"{i:02d}", "prompt": prompt, "negative_prompt": None, "seed": cfg.seed + i,
-             "width": cfg.resolution, "height": cfg.resolution, "steps": base.steps, "guidance_scale": 7.5,
+             "width": cfg.resolution, "height": cfg.resolution, "steps": base.steps,
+             "guidance_scale": cfg.validation_guidance,
              "scheduler": base.scheduler, "model": "default", "adapters": [], "watermark": None,
              "model_fingerprint": base.fingerprint, "params_hash": None}
             for i, prompt in enumerate(cfg.validation_prompts)]
@@ -39,7 +40,10 @@ def validation_images(cfg: TrainConfig, base: ModelInfo, pipe, step: int) -> lis
     written = []
     for row, rgb in zip(rows, images):
         path = f"{folder}/{row['id']}.png"
-        atomic_write(fs, path, png_bytes(rgb, {**image_parameters(row), "step": step}))
+        # drawn by the weights being trained, not by the base model (the row's model) with no adapter
+        params = {**image_parameters(row), "model": without_passwords(base.ref),
+                  "fine_tune": {"method": cfg.method, "step": step}, "step": step}
+        atomic_write(fs, path, png_bytes(rgb, params))
         written.append(path)
     # a rerun with fewer prompts: the images of the prompts it no longer has would sit beside these as if drawn so
     for stale in fs.glob(f"{folder}/[0-9][0-9].png"):

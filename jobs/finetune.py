@@ -54,6 +54,10 @@ RESUMABLE_FLAGS = frozenset({"out", "address", "verbose", "shared_out", "cpus_pe
                              "log_every", "max_failures", "gradient_checkpointing", "validate_every",
                              "validation_prompts", "validation_guidance", "base", "data",
                              "class_data"})  # the last three: by RESUME_KEYS
+# Of those, the flags whose change a finished fine-tune's rerun has to act on: its validation images are drawn
+# again (from its last checkpoint). The rest change how a run goes, not what it leaves: a finished run's rerun
+# with another --verbose, --address or --log-every trains nothing.
+REDRAWN_FLAGS = frozenset({"validation_prompts", "validation_guidance"})
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
@@ -113,6 +117,8 @@ def run_finetune(cfg: TrainConfig) -> dict:
         _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
     elif (finished := _finished(fs, root, cfg)) is not None:  # the same fine-tune, done: its output is there
         return {**finished, "already_finished": True}
+    else:
+        _refuse_retraining_a_finished_one(fs, root, cfg)
     with _status_on_the_way_out(fs, root, record, cfg):
         result = _draw_and_train(cfg, train, base, fs, root, record, rows, resolution)
 
@@ -135,11 +141,38 @@ def _finished(fs, root: str, cfg: TrainConfig) -> dict | None:
         record = json.loads(fs.cat_file(f"{root}/finetune.json"))
     except (OSError, ValueError):
         return None
-    then, now = _resolved(record.get("config") or {}), _resolved(_as_recorded(cfg.model_dump()))
-    # (a flag added since the record was written is not compared: the run had its default)
-    if record.get("status") != "finished" or then != {k: v for k, v in now.items() if k in then}:
+    if record.get("status") != "finished" or _asks_more(record, cfg):
         return None
     return record if _published_whole(fs, root, cfg) else None
+
+
+def _asks_more(record: dict, cfg: TrainConfig) -> list[str]:
+    """The flags of `cfg` that ask the fine-tune recorded in `record` (the same one: _starts_afresh) for what it
+    did not do: other validation images, or another setting of what it trains. A flag added since the record was
+    written is not compared (the run had its default), nor are those that change only how a run goes."""
+    then, now = _resolved(record.get("config") or {}), _resolved(_as_recorded(cfg.model_dump()))
+    return [k for k, value in now.items()
+            if k in then and then[k] != value and (k in REDRAWN_FLAGS or k not in RESUMABLE_FLAGS)]
+
+
+def _refuse_retraining_a_finished_one(fs, root: str, cfg: TrainConfig) -> None:
+    """A finished fine-tune whose checkpoints were deleted since (they are large; its output is what it is for)
+    could do what its rerun asks (other validation images, a published file cut short since published again) only
+    by training it all again from step 0: refused, saying what to do instead."""
+    from actors.train.stored import checkpoint_entries
+
+    try:
+        record = json.loads(fs.cat_file(f"{root}/finetune.json"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(record, dict) or record.get("status") != "finished" or checkpoint_entries(fs, root):
+        return
+    asked = _asks_more(record, cfg)
+    what = (f"validation images of other {' and '.join(flag_of(k) for k in asked)}" if asked else
+            f"its {cfg.result_name} published again (a file of it is missing or cut short)")
+    raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds this fine-tune, finished, but its checkpoints are "
+                        f"gone, so {what} would mean training it all again from step 0: draw images of its "
+                        f"{cfg.result_name} with `sdfleet generate`, or train it again into a new --out")
 
 
 def _published_whole(fs, root: str, cfg: TrainConfig) -> bool:

@@ -1655,3 +1655,35 @@ def test_progress_says_a_worker_stopped_when_the_workers_start_again(tmp_path):
     assert said[2] == ("a training worker stopped (its process died or its node was lost): Ray Train starts the "
                        "workers again, up to --max-failures 2 time(s)")
     assert said[3] == "resuming from the checkpoint at step 4"
+
+
+def test_a_finished_fine_tune_whose_checkpoints_are_gone_is_never_trained_again_from_step_0(dataset, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Its rerun with another --verbose or --log-every started it afresh from step 0 (the checkpoint it would
+    resume from deleted since, to save space), as did one with new validation prompts: the first now trains
+    nothing, the second is refused saying what to do."""
+    from safetensors.torch import save_file
+
+    from actors.models import describe_model
+    from actors.train.config import TrainConfig
+    from jobs.finetune import _as_recorded, run_record
+    from manifests.dataset import dataset_fingerprint
+
+    out = tmp_path / "style"
+    out.mkdir()
+    flags = ["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--out", str(out), "--steps", "2"]
+    cfg = TrainConfig(method="lora", data=str(dataset["dir"]), base="tiny", out=str(out), steps=2)
+    record = run_record(cfg, describe_model("base", "tiny").fingerprint, None,
+                        data_fingerprints=(dataset_fingerprint(cfg.data), None))
+    (out / "finetune.json").write_text(json.dumps({**record, "status": "finished", "steps": 2,
+                                                   "config": _as_recorded(cfg.model_dump())}))
+    save_file({"a": torch.zeros(4, 4)}, str(out / "pytorch_lora_weights.safetensors"))
+    code, stderr = refused_before_ray(monkeypatch, capsys, *flags, "--log-every", "1", "--max-failures", "0")
+    assert code == 0 and "nothing to train" in stderr, stderr[-2000:]
+    code, stderr = refused_before_ray(monkeypatch, capsys, *flags, "--validation-prompt", "a blue star")
+    assert code == 1 and "holds this fine-tune, finished, but its checkpoints are gone, so validation images of " \
+        "other --validation-prompt would mean training it all again from step 0" in stderr, stderr[-2000:]
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"cut")
+    code, stderr = refused_before_ray(monkeypatch, capsys, *flags)
+    assert code == 1 and "so its LoRA published again (a file of it is missing or cut short)" in stderr
+    assert json.loads((out / "finetune.json").read_text())["status"] == "finished", "the record is left as it was"

@@ -93,9 +93,6 @@ def run_finetune(cfg: TrainConfig) -> dict:
     class_data = cfg.class_data or (absolute_local(fs.unstrip_protocol(f"{root}/class-data")) if cfg.prior else None)
     if cfg.class_data:
         check_dataset(cfg.class_data, "--class-data")
-    if cfg.batch_size * cfg.workers > rows:
-        log(f"note: a global batch of {cfg.batch_size * cfg.workers} is larger than the dataset ({rows} rows); "
-            "samples repeat within a step")
     # what the workers read: the same config, with what was resolved here filled in (the class images are
     # read from class_data whether they were given or drawn below, so their prompts and count are not theirs)
     train = cfg.model_copy(update={
@@ -109,6 +106,9 @@ def run_finetune(cfg: TrainConfig) -> dict:
     # its rerun trains nothing, and says so on any machine)
     if not cluster_address(cfg.address) and (local := local_resources()) and _finished(fs, root, cfg) is None:
         _scaling(cfg, local, train)
+    if cfg.batch_size * cfg.workers > rows:  # (after --workers is known to fit: a refusal comes without it)
+        log(f"note: a global batch of {cfg.batch_size * cfg.workers} is larger than the dataset ({rows} rows); "
+            "samples repeat within a step")
     try:  # made only now: a run refused above leaves no empty folder (in an adapter store, under a refused name)
         fs.makedirs(root, exist_ok=True)
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here

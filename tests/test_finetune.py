@@ -1469,6 +1469,7 @@ def test_workers_a_local_ray_cannot_place_are_refused_before_anything(
                  *flags])
     err = capsys.readouterr().err
     assert code == 1 and said in err and "Traceback" not in err, err[-2000:]
+    assert "samples repeat within a step" not in err, "a note on the global batch of workers that cannot be placed"
     assert not out.exists()
 
 

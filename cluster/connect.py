@@ -35,6 +35,9 @@ class ClusterError(Exception):
 
 _SIGTERM_RECEIVED = threading.Event()  # SIGTERM or SIGHUP: a signal that stops a command as Ctrl-C does
 _RECEIVED: list[int] = []  # which of them came first
+# Set while ray.init runs: one of them then is acted on as it returns (connect), not raised within it, where a
+# KeyboardInterrupt between two of its steps left a half-made core worker that ray.shutdown() crashed on
+_DEFERRED = threading.Event()
 _HANGUP = getattr(signal, "SIGHUP", None)  # (not on Windows)
 
 
@@ -158,7 +161,8 @@ def _on_sigterm(signum, frame):
     _hangup_to_default()  # a second of either ends the process at once
     _RECEIVED.append(signum)
     _SIGTERM_RECEIVED.set()
-    raise KeyboardInterrupt
+    if not _DEFERRED.is_set():
+        raise KeyboardInterrupt
 
 
 def _hangup_to_default() -> None:
@@ -170,22 +174,34 @@ def _hangup_to_default() -> None:
 def _keep_sigterm_through_ray_init():
     """`ray.init` sets a SIGTERM handler of its own for its start-up (sys.exit(15)): a SIGTERM then ended the
     command half a minute later with exit 15 and no word, or was dropped where Python ignores what a handler
-    raises and the run went on. This driver keeps sdfleet's (stop_on_sigterm) instead: SIGTERM stops the start-up
-    as Ctrl-C does. Ray's workers set theirs in their own processes, untouched. Returns what to call once
-    `ray.init` is done, to put Ray's function back."""
+    raises and the run went on. This driver keeps sdfleet's (stop_on_sigterm) instead, which within the start-up
+    only notes the signal (_DEFERRED): connect stops the command as it returns, as Ctrl-C would. Ray's workers set
+    theirs in their own processes, untouched. Returns what to call once `ray.init` is done, to put Ray's function
+    back."""
     if _SIGTERM_RECEIVED.is_set() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         raise KeyboardInterrupt  # one came and its KeyboardInterrupt was lost (Python drops it in some places)
     stop_on_sigterm()
     try:
         import ray._private.utils as ray_utils
+        from ray._private import ray_constants
 
         original = ray_utils.set_sigterm_handler
+        crash_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
     except (ImportError, AttributeError):  # another Ray: nothing to keep
-        return lambda: None
+        _DEFERRED.set()
+        return _DEFERRED.clear
     ray_utils.set_sigterm_handler = lambda handler: None
+    # The driver's core worker, made within ray.init, sets Abseil's crash handler on SIGTERM too (C++, unseen by
+    # Python): a SIGTERM in the half second before ray.init returned aborted the command (exit 134, no word,
+    # lease left). Not in this process (Ray's workers keep theirs): a crash here still gets Python's
+    # faulthandler trace, which Ray turns on in the driver.
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    _DEFERRED.set()
 
     def put_back():
+        _DEFERRED.clear()
         ray_utils.set_sigterm_handler = original
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = crash_handler
 
     return put_back
 
@@ -412,7 +428,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             # ray.init() would join through /tmp/ray/ray_current_cluster, even when it is dead)
             with _hangup_held_from_what_starts():
                 ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while Ray starts: what it started goes with it
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts (a SIGTERM is acted on below): what it started goes too
         with contextlib.suppress(Exception):
             disconnect()
         raise
@@ -429,7 +445,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         raise ClusterError(f"cannot connect to {address}: {exc}{hint}") from exc
     finally:
         put_back()
-    if _SIGTERM_RECEIVED.is_set():  # one that landed where Python drops what a handler raises (a logging lock)
+    if _SIGTERM_RECEIVED.is_set():  # one that came while Ray started (_DEFERRED), or where Python drops what a
+        # handler raises (a logging lock)
         with contextlib.suppress(Exception):
             disconnect()
         raise KeyboardInterrupt

@@ -40,6 +40,38 @@ print(json.dumps({"running": running, "left": left, "initialized": ray.is_initia
 """
 
 
+# A SIGTERM in the moment after the driver's core worker is made, before ray.init returns
+TERM_IN_INIT = """
+import json, os, signal, time
+import ray, ray._raylet
+from cluster import connect as c
+
+made = ray._raylet.CoreWorker
+def core_worker(*args, **kwargs):
+    worker = made(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(100):
+        time.sleep(0.01)
+    return worker
+ray._raylet.CoreWorker = core_worker
+c.stop_on_sigterm()
+try:
+    c.connect(num_cpus=1, quiet=True)
+    said = "connected"
+except KeyboardInterrupt:
+    said = "stopped"
+print(json.dumps({"said": said, "signal": c.stop_signal(), "initialized": ray.is_initialized()}))
+"""
+
+
+def test_a_sigterm_just_before_ray_init_returns_stops_the_command_as_ctrl_c_does():
+    """Ray's C++ crash handler took it: the command aborted (SIGABRT, exit 134) without a word, its lease left."""
+    proc = subprocess.run([sys.executable, "-c", TERM_IN_INIT], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found == {"said": "stopped", "signal": 15, "initialized": False}, found
+
+
 def test_leaving_a_local_ray_stops_every_process_it_started():
     proc = subprocess.run([sys.executable, "-c", LEAVE], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

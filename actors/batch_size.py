@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -124,6 +125,9 @@ class BatchSizes:
         record = {"batch_size": best, "images_per_second": {str(k): round(v, 4) for k, v in measured.items()},
                   "model": fingerprint, "backend": backend, "size": [row["width"], row["height"]],
                   "device": str(device), "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        self.fs.makedirs(self.folder, exist_ok=True)
-        self.fs.pipe_file(path, json.dumps(record, indent=1).encode())
+        try:  # kept for the next run: one that cannot be written (a store's passing trouble) costs it a probe
+            self.fs.makedirs(self.folder, exist_ok=True)
+            self.fs.pipe_file(path, json.dumps(record, indent=1).encode())
+        except Exception as exc:  # noqa: BLE001 - not the rows' problem: they are drawn at the batch chosen
+            logging.getLogger(__name__).warning("the chosen batch size was not kept in %s: %s", path, exc)
         return best

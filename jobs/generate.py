@@ -35,7 +35,7 @@ from cluster.connect import (address_problem, alive_nodes, cluster_address, conn
                              library_logs_to, local_gpu_shortfall, size_actors, size_finishing, stop_signal,
                              watch_cluster)
 from jobs.console import command_log, leave, log, recorded_json, ticking, without_passwords
-from jobs.errors import RunFailed, one_line, root_cause
+from jobs.errors import RunFailed, describe_error, one_line, root_cause
 from jobs.lease import Lease
 from jobs.outputs import RESTORED_MARK, recorded_again
 from jobs.recorder import LEDGER_FLUSH_ROWS, Recorder, located
@@ -198,6 +198,8 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         if foreign := not_a_run_summary(fs, f"{root}/run.json"):  # another tool's run.json: it would be replaced
             raise RunFailed(f"--out {cfg.out} holds a run.json that sdfleet did not write ({foreign}): another "
                             "tool's output, whose files a run would write over; give the run a folder of its own")
+        if cfg.backend_cache:
+            check_backend_cache(cfg.backend_cache, make=not cfg.plan_only)
         made = not cfg.plan_only and is_local_fs(fs) and not fs.exists(root)  # (an object store's folders are names)
         if cfg.plan_only:  # writes nothing: reachable is enough
             fs.exists(root)
@@ -217,6 +219,35 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)  # (only an empty folder goes)
         raise
+
+
+def check_backend_cache(uri: str, make: bool) -> None:
+    """Refuse a --backend-cache the actors could not use, before anything starts: a file, a folder that cannot be
+    made or written, a bucket that does not exist or no credentials. Found by the actors instead, it failed every
+    row to draw (onnx: exit 0 under --rows-may-fail, with nothing drawn), stopped the run with a bare OS error
+    (compile) or with Ray's "UDF failed" (--batch-size auto). `make`: create a local folder (not for --plan-only,
+    which writes nothing)."""
+    try:
+        fs, root = url_to_fs(uri)
+        require_bucket(fs, root, "--backend-cache", uri, RunFailed)
+        if fs.isfile(root):
+            raise RunFailed(f"--backend-cache {uri} is a file; give a folder (a new one, or the cache of earlier runs)")
+        if is_local_fs(fs):
+            folder = root
+            while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+                folder = os.path.dirname(folder)  # (the nearest place that exists: where the cache would be made)
+            if not os.path.isdir(folder):
+                raise NotADirectoryError(f"{folder} is a file, not a folder")
+            if make:
+                os.makedirs(root, exist_ok=True)
+            if not os.access(root if make else folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"Permission denied: {root if make else folder!r}")
+    except RunFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any store error means the same thing here
+        raise RunFailed(f"--backend-cache {uri} cannot be used ({describe_error(exc) or one_line(exc)}); give a "
+                        "folder or URI the actors can write, or leave --backend-cache out (default $SDFLEET_CACHE)") \
+            from exc
 
 
 def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: float, actor_cls,

@@ -726,3 +726,47 @@ def test_manifests_without_a_row_are_refused_and_the_output_left_as_it_was(capsy
         code, _, err = run(capsys, "generate", str(manifest), "--out", str(tmp_path / "new" / "out"))
         assert code == 1 and not (tmp_path / "new" / "out").exists(), err
     assert (out / "results").is_dir()  # an output that was there stays, whole
+
+
+def test_a_backend_cache_the_actors_could_not_use_is_refused_before_ray_naming_the_flag(capsys, tmp_path,
+                                                                                          monkeypatch):
+    """A file, a path below a file, an object store without its bucket: found by the actors, every row to draw
+    failed (exit 0 under --rows-may-fail, nothing drawn) or the run stopped with a bare OS error or Ray's 'UDF
+    failed'. --plan-only, the nightly's dry run, says so too, and makes nothing."""
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started with a cache it cannot use"))
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for cache, said in ((afile, f"--backend-cache {afile} is a file; give a folder"),
+                        (afile / "onnx", f"--backend-cache {afile / 'onnx'} cannot be used (")):
+        for plan_only in ([], ["--plan-only"]):
+            code, _, err = run(capsys, "generate", manifest, "--out", tmp_path / "out", "--backend", "onnx",
+                               "--backend-cache", cache, "--rows-may-fail", *plan_only)
+            assert code == 1 and said in one_error_line(err), err
+    assert not (tmp_path / "out").exists(), "a refused run leaves no output behind"
+    fresh = tmp_path / "cache" / "new"  # a folder that is not there yet is fine; the plan does not make it
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))  # checks passed
+    run(capsys, "generate", manifest, "--out", tmp_path / "out", "--backend-cache", fresh, "--plan-only")
+    assert not fresh.exists() and not (tmp_path / "cache").exists()
+    run(capsys, "generate", manifest, "--out", tmp_path / "out", "--backend-cache", fresh)
+    assert fresh.is_dir()
+
+
+def test_a_cache_write_that_fails_mid_run_costs_the_cache_not_the_rows(tmp_path, monkeypatch):
+    """--batch-size auto wrote its choice with no guard: one failed write ended the whole run ('UDF failed')."""
+    from actors import batch_size
+
+    sizes = batch_size.BatchSizes(str(tmp_path / "cache"))
+    monkeypatch.setattr(batch_size, "measure", lambda *a, **k: (4, {4: 1.0}))
+    monkeypatch.setattr(sizes.fs, "pipe_file", lambda *a, **k: (_ for _ in ()).throw(OSError("the store went away")))
+
+    import torch
+
+    class Unet:
+        device, dtype = torch.device("cpu"), torch.float32
+
+    pipe = type("Pipe", (), {"unet": Unet()})()
+    row = {"model": "default", "width": 64, "height": 64, "guidance_scale": 3.0, "negative_prompt": None}
+    assert sizes.get(row, "fp", "eager", lambda r: pipe) == 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import sys
 import time
 
@@ -117,6 +118,9 @@ class CompileCache:
             files = sorted(self.fs.ls(self.folder, detail=True), key=lambda f: f.get("mtime") or f.get("LastModified") or 0)
         except FileNotFoundError:
             return
+        except Exception as exc:  # noqa: BLE001 - a cache that cannot be read: compiled cold, as without one
+            logging.getLogger(__name__).warning("the compile cache %s was not read: %s", self.folder, exc)
+            return
         for info in files[-self.MAX_FILES:]:
             if info["name"].endswith(".bin") and torch.compiler.load_cache_artifacts(self.fs.cat_file(info["name"])):
                 self.loaded += 1
@@ -136,8 +140,12 @@ class CompileCache:
         if artifacts is None:
             return
         data = artifacts[0]
-        self.fs.makedirs(self.folder, exist_ok=True)
-        self.fs.pipe_file(f"{self.folder}/{hashlib.sha256(data).hexdigest()[:20]}.bin", data)
+        try:
+            self.fs.makedirs(self.folder, exist_ok=True)
+            self.fs.pipe_file(f"{self.folder}/{hashlib.sha256(data).hexdigest()[:20]}.bin", data)
+        except Exception as exc:  # noqa: BLE001 - the next run compiles cold; this one draws on
+            logging.getLogger(__name__).warning("compiled graphs were not kept in %s: %s", self.folder, exc)
+            return
         self.saved += 1
         _forget_saved_artifacts()
 

@@ -648,9 +648,13 @@ def cmd_eval(args) -> int:
 
     summary = evaluate(args.manifests, args.out)
     out = without_passwords(args.out.rstrip("/"))
+    contradicting, shared = summary["columns_contradict_prompt"], summary["shared_ids"]
+    unclear = summary["not_scored"] - contradicting - shared
     if not summary["scored"]:
-        print(terminal_line(f"sdfleet eval: error: nothing to score: {summary['not_scored']} row(s) name no "
-                            f"colour/shape/background (or have an id generate refuses), {summary['missing_images']} "
+        print(terminal_line(f"sdfleet eval: error: nothing to score: {unclear} row(s) name no "
+                            f"colour/shape/background (or have an id generate refuses), {shared} share their id "
+                            f"with another row, {contradicting} have columns their prompt contradicts, "
+                            f"{summary['missing_images']} "
                             f"have no readable image under {out}/images, {summary['images_of_another_prompt']} an "
                             f"image drawn for another prompt, {summary['images_without_parameters']} an image "
                             f"without generate's parameters and {summary['not_ok_in_ledger']} are failed or invalid "
@@ -663,6 +667,16 @@ def cmd_eval(args) -> int:
     if summary["images_of_another_prompt"]:
         print(f"not scored: {summary['images_of_another_prompt']} image(s) drawn for another prompt than the "
               "manifest's (the manifest changed since; rerun generate)")
+    if shared:
+        print(f"not scored: {shared} row(s) whose id another row of these manifests has too (generate draws none "
+              "of them)")
+    if contradicting:
+        first = summary["contradicting_rows"][0]
+        said = ", ".join(f"{k} {v['column']!r}" for k, v in first.items() if k != "id")
+        print(terminal_line(f"not scored: {contradicting} row(s) whose color/shape/background columns their prompt "
+                            f"contradicts (such as {first['id']!r}: {said}, but its prompt is "
+                            f"{next(v for k, v in first.items() if k != 'id')['prompt']!r}): the image follows the "
+                            "prompt; correct the columns"))
     if summary["images_without_parameters"]:
         print(f"not scored: {summary['images_without_parameters']} image(s) without the parameters generate "
               "writes in each PNG (not drawn by generate, or re-saved without them)")

@@ -58,6 +58,15 @@ def intended(row: dict[str, Any]) -> dict[str, str] | None:
     return None
 
 
+def contradicted(row: dict[str, Any], want: dict[str, str]) -> list[str]:
+    """The intent columns whose value the row's own prompt contradicts (a prompt edited, its columns not): the
+    image follows the prompt, so scoring it against the columns would count a right image as a miss."""
+    match = PROMPT.match(str(row.get("prompt") or "").strip())
+    if match is None:
+        return []
+    return [k for k, v in match.groupdict().items() if want[k] != v]
+
+
 def analyse(rgb: np.ndarray) -> dict[str, Any]:
     """What one image shows: drawn or not, and its object's colour and shape (nearest in the palette)."""
     pixels = rgb.astype(np.float32)
@@ -145,6 +154,7 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
                             "or they were moved away)")
         raise EvalError(f"--out {out} has no images/ folder (give the --out of a `sdfleet generate` run)")
     rows, unscored, missing, other, foreign, not_ok = [], 0, 0, 0, 0, 0
+    shared, contradicting = 0, []  # (of the unscored) ids of several rows; rows whose columns and prompt disagree
     try:  # an image whose row failed or is invalid since is an older version's, whatever its prompt
         statuses = newest_statuses(fs, root)
     except UnreadableFile as exc:
@@ -157,6 +167,11 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         row_id = None if want is None else coerced_id(row.get("id"))  # as generate reads it (binary ids too)
         if want is None or not isinstance(row_id, str) or not is_safe_id(row_id) or id_counts[row_id] > 1:
             unscored += 1  # an id generate refuses has no image of its own to score
+            shared += want is not None and isinstance(row_id, str) and id_counts[row_id] > 1
+            continue
+        if wrong := contradicted(row, want):
+            unscored += 1
+            contradicting.append({"id": row_id, **{k: {"column": want[k], "prompt": row["prompt"]} for k in wrong}})
             continue
         if statuses.get(row_id, "ok") != "ok":  # (an id the ledger lacks: a killed run's image, judged by its prompt)
             not_ok += 1
@@ -182,7 +197,8 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
                      "held_out": (want["color"], want["shape"], want["background"]) in HELD_OUT})
     summary = {
         "scored": len(rows), "not_scored": unscored, "missing_images": missing, "images_of_another_prompt": other,
-        "images_without_parameters": foreign, "not_ok_in_ledger": not_ok,
+        "images_without_parameters": foreign, "not_ok_in_ledger": not_ok, "shared_ids": shared,
+        "columns_contradict_prompt": len(contradicting), "contradicting_rows": contradicting[:20],
         **_scores(rows),
         "held_out": _scores([r for r in rows if r["held_out"]]),
         "per_color": {c: _scores([r for r in rows if r["want_color"] == c]) for c in PALETTE

@@ -92,6 +92,10 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     drawn(draw_shape(*ALL[1], 256), out / "images" / "twice.png", records)
     records.append({"id": "magenta", "prompt": "x", "color": "magenta", "shape": "star", "background": "white"})
     drawn(draw_shape("red", "star", "white", 256), out / "images" / "magenta.png", records)
+    # a prompt edited and its columns not: the image follows the prompt, and was scored a miss against the columns
+    records.append({"id": "edited", "prompt": "a red circle on a gray background", "color": "red", "shape": "circle",
+                    "background": "white"})
+    drawn(draw_shape("red", "circle", "gray", 256), out / "images" / "edited.png", records)
     # a picture generate did not draw (no parameters): a contact sheet saved over a row's image, say
     records.append({"id": "sheet", "prompt": caption(*ALL[2])})
     draw_shape(*ALL[2], 256).save(out / "images" / "sheet.png")
@@ -107,7 +111,13 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     proc = sdfleet("eval", str(manifest), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "eval.json").read_text())
-    assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 5, 2)
+    assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 6, 2)
+    assert (summary["shared_ids"], summary["columns_contradict_prompt"]) == (2, 1)
+    assert summary["contradicting_rows"] == [{"id": "edited", "background": {
+        "column": "white", "prompt": "a red circle on a gray background"}}]
+    assert "1 row(s) whose color/shape/background columns their prompt contradicts (such as 'edited': background " \
+        "'white', but its prompt is 'a red circle on a gray background')" in proc.stdout
+    assert "2 row(s) whose id another row of these manifests has too" in proc.stdout
     assert summary["images_of_another_prompt"] == 1 and "1 image(s) drawn for another prompt" in proc.stdout
     assert summary["images_without_parameters"] == 1 and "1 image(s) without the parameters" in proc.stdout
     assert summary["not_ok_in_ledger"] == 1 and "1 row(s) failed or invalid in the run's ledger" in proc.stdout

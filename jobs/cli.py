@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 EXIT_OK, EXIT_ERROR, EXIT_ROWS = 0, 1, 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output left (`| head`)
 MAX_THUMB = 1024  # report and sheet: a thumbnail larger than this is the image itself (OUT/images)
 
 
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):  # (a closed terminal refuses the line: the ledger holds the rows)
             print(terminal_line(said), file=sys.stderr)
         return code
+    except BrokenPipeError:  # `sdfleet ... | head`: the reader has left with what it wanted; the rest goes unsaid,
+        return EXIT_BROKEN_PIPE  # and the exit is a shell's for a process the pipe's signal ended (no traceback)
     except Exception as exc:  # the typed errors of the library, said in one line with a hint
         from jobs.errors import describe_error
 
@@ -503,7 +506,7 @@ def cmd_watermark_verify(args) -> int:
 
     from manifests.schema import watermark_payload_problem
 
-    if args.payload is not None and not args.payload.strip():
+    if args.payload == "":
         print("sdfleet watermark verify: error: --payload is empty; give the payload the images were marked with, "
               f"or leave it out to use the one recorded in each PNG (else {wm.DEFAULT_PAYLOAD!r})", file=sys.stderr)
         return EXIT_ERROR
@@ -547,6 +550,7 @@ def _matching_images(given: str) -> list[tuple[str, bool]]:
 def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     """(status, the rest of the line) for one image of `watermark verify`."""
     import io
+    import warnings
 
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -569,12 +573,14 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     except Exception as exc:  # noqa: BLE001 - an unreachable store, a denied file: said, and the rest go on
         return "ERROR", f"cannot be read ({describe_error(exc) or one_line(exc)})"
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = np.asarray(image.convert("RGB"))
-            recorded = image_parameters(image).get("watermark")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # (Pillow said it on the terminal)
+            with Image.open(io.BytesIO(data)) as image:
+                rgb = np.asarray(image.convert("RGB"))
+                recorded = image_parameters(image).get("watermark")
     except UnidentifiedImageError:
         return "ERROR", f"is {NOT_AN_IMAGE}"
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # (40 s and 3 GB to read one)
         return "ERROR", f"is not checked: {exc}"
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data after a valid header
         return "ERROR", f"is a corrupt image ({one_line(exc)})"

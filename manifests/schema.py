@@ -61,6 +61,8 @@ def too_small_for_the_mark(width: int, height: int) -> str | None:
 
 def watermark_payload_problem(payload: str) -> str | None:
     """Why `payload` cannot be a watermark's payload, or None when it can."""
+    if payload and not payload.strip():  # (marked, it could be checked only while the PNG's text says it)
+        return "is only white space; choose text, e.g. the owner's name"
     data = payload.encode("utf-8")
     if not WATERMARK_MIN_BYTES <= len(data) <= WATERMARK_MAX_BYTES:
         return (f"is {len(data)} byte(s) of UTF-8; a watermark payload is {WATERMARK_MIN_BYTES} to "

@@ -7,6 +7,7 @@ a subprocess, since pyarrow loads a JVM for it if the machine has one."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -770,3 +771,18 @@ def test_a_cache_write_that_fails_mid_run_costs_the_cache_not_the_rows(tmp_path,
     pipe = type("Pipe", (), {"unet": Unet()})()
     row = {"model": "default", "width": 64, "height": 64, "guidance_scale": 3.0, "negative_prompt": None}
     assert sizes.get(row, "fp", "eager", lambda r: pipe) == 4
+
+
+def test_output_piped_into_a_reader_that_leaves_early_ends_quietly(tmp_path):
+    """`sdfleet watermark verify 'OUT/images/*.png' | head -1` printed a BrokenPipeError traceback and exited 1
+    although every image was fine; now it ends as a pipe's reader leaving ends a Unix tool: no word, exit 141."""
+    for i in range(60):
+        Image.new("RGB", (256, 256), (i, 100, 200)).save(tmp_path / f"{i:02d}.png")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "watermark", "verify", str(tmp_path / "*.png")], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does once it has its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "00.png" in first, (proc.returncode, first, err)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

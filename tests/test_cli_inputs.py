@@ -486,15 +486,31 @@ def test_verify_tells_another_payload_whose_blocks_agree_less_than_a_clean_copys
     assert got[str(tmp_path / "plain.png")].startswith("MISSING:"), out
 
 
-def test_verify_refuses_an_empty_payload(capsys, marked):
+def test_verify_refuses_an_empty_payload(capsys, marked, tmp_path):
     code, out, err = run(capsys, "watermark", "verify", marked["a"], "--payload", "")
     assert code == 1 and not out
     one_error_line(err, "sdfleet watermark verify: error: --payload is empty")
     for payload, why in (("x", "is 1 byte(s) of UTF-8; a watermark payload is 4 to 32 bytes"),
-                         ("\0" * 4, "is nearly all zero (or all one) bits")):
+                         ("\0" * 4, "is nearly all zero (or all one) bits"),
+                         (" " * 4, "is only white space; choose text")):
         code, out, err = run(capsys, "watermark", "verify", marked["a"], "--payload", payload)
         assert code == 1 and not out
         one_error_line(err, f"sdfleet watermark verify: error: --payload {payload!r} {why}")
+    # generate refuses what verify refuses: marked with spaces, an image could be checked only while its PNG's
+    # text said so
+    code, _, err = run(capsys, "generate", marked["a"], "--out", tmp_path / "out", "--watermark", " " * 4)
+    one_error_line(err, "sdfleet generate: error: --watermark '    ' is only white space; choose text")
+
+
+def test_verify_does_not_read_an_image_past_pillows_bomb_warning(capsys, tmp_path, monkeypatch):
+    """An image over Pillow's 89M-pixel warning took 40 s and 3 GB, and the warning reached the terminal."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256 * 256 - 1)  # (the warning comes past it, the error past 2x)
+    Image.new("RGB", (256, 256), (200, 100, 50)).save(tmp_path / "big.png")
+    code, out, err = run(capsys, "watermark", "verify", tmp_path / "big.png")
+    assert code == 1 and "ERROR  " in out and "is not checked: Image size (65536 pixels) exceeds limit" in out, out
+    assert "DecompressionBombWarning" not in err, err
 
 
 def test_the_longest_payload_fits_the_fewest_pixels_a_mark_takes():

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from diffusers.utils import logging as diffusers_logging
 
-from actors.adapters import AdapterError, AdapterInfo, AdapterStore, embedding_scale_problem
+from actors.adapters import AdapterError, AdapterInfo, AdapterStore, embedding_scale_problem, word_token_cause
 from actors.lora_map import Layers, LoraMapError, lora_layers, lora_state_dict
 from actors.tokenizer import known_word
 from manifests.schema import LISTED_TWICE, adapter_listed_twice, error_line
@@ -273,11 +273,7 @@ def check_embedding_fits(pipe, info: AdapterInfo, state_dict, owned=()) -> None:
     clash = [t for t in embedding_tokens(info.token.lower(), tensor)
              if t not in owned and known_word(pipe.tokenizer, t)]
     if clash:
-        from_name = info.token == info.name.rsplit("/", 1)[-1]  # A1111 files: the file name is the token
-        way_out = ("rename the file: its name is the token (a made-up word, such as my-object-v1)" if from_name
-                   else "save it again under a new token, such as <my-object>")
-        raise AdapterError(info.name, f"its token {clash[0]!r} is already a word of this model's tokenizer (added, "
-                                      f"it would change every prompt using the word on this actor); {way_out}")
+        raise AdapterError(info.name, word_token_cause(info.name, info.token, clash[0]))
 
 
 def check_lora_fits(pipe, name: str, state_dict) -> Layers:

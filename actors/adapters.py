@@ -34,6 +34,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # diffusers / peft key spellings of a LoRA's two matrices (peft, diffusers attention processors, old diffusers).
 DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up)\.|\.lora_linear_layer\.)")
+# A LoRA's matrices in any spelling (kohya's down/up included), for the dtype check: its alphas may be integers
+LORA_MATRIX = re.compile(r"(\.lora_(down|up)\.|" + DIFFUSERS_LORA.pattern[1:])
 # Keys that hold an embedding but do not name its token (kohya/A1111 exports); the file name is the token then.
 # (`clip_l` alone: a pivotal-tuning trainer's embedding for the one CLIP text encoder of SD 1.x)
 GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*", "clip_l")
@@ -44,7 +46,7 @@ MAX_EMBEDDING_VECTORS = 75
 FINGERPRINT_CHARS = 16
 # How `_detect` reads a file (its kinds, formats, tokens, refusals): raised whenever that changes, so what a
 # node's cache says of a stored file it read before (AdapterStore.describe) is read again, not trusted
-DETECTION = 2
+DETECTION = 3
 # The protocols of object stores whose version tag changes whenever a file's bytes do (the fields that hold
 # it: manifests.stores.version_tag).
 VERSIONED_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
@@ -56,6 +58,17 @@ def embedding_scale_problem(scale: float) -> str | None:
     if scale in (0, 1):
         return None
     return f"is a Textual Inversion embedding, which has no scale; got {scale:g} (use 1.0, or 0 to leave it out)"
+
+
+def word_token_cause(name: str, token: str, word: str) -> str:
+    """Why embedding `name`, whose token is `token`, cannot be loaded where `word` (its token, or one of its
+    vectors' tokens) is already a word of the model's tokenizer: the actor refuses it (adapter_cache), and the
+    plan fails its rows before any actor is asked (jobs.plan)."""
+    from_name = token == name.rsplit("/", 1)[-1]  # A1111 files: the file name is the token
+    way_out = ("rename the file: its name is the token (a made-up word, such as my-object-v1)" if from_name
+               else "save it again under a new token, such as <my-object>")
+    return (f"its token {word!r} is already a word of this model's tokenizer (added, it would change every prompt "
+            f"using the word on the actor that loaded it); {way_out}")
 
 
 class AdapterError(ValueError):
@@ -96,7 +109,10 @@ class AdapterStore:
 
     def _resolve_at(self, name: str, path: str) -> AdapterInfo:
         data = self._read(name, path)
-        kind, fmt, token = _detect(name, _header(name, data))
+        header = _header(name, data)
+        kind, fmt, token = _detect(name, header)
+        if kind == "lora" and (refused := not_applied(header, _lora_metadata(name, data) or {})):
+            raise AdapterError(name, refused)  # (the actors refuse it too: here the plan, --plan-only, says so)
         self._last_read = (path, data)
         return AdapterInfo(
             name=name, uri=self.fs.unstrip_protocol(path), fingerprint=_fingerprint(data), size=len(data),
@@ -269,6 +285,39 @@ def _fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:FINGERPRINT_CHARS]
 
 
+def not_applied(state_dict, metadata: dict) -> str | None:
+    """Why sdfleet refuses a file whose parts it would not apply (or whose alphas it cannot know), or None:
+    drawn without them, the LoRA would be another, with the row marked `ok`. `state_dict`: the file's tensors
+    by key (only the keys are read: the driver asks with the file's header, the actors with its tensors);
+    `metadata`: its lora_adapter_metadata."""
+    bundled = next((k for k in state_dict if k.startswith("bundle_emb.")), None)
+    if bundled is not None:
+        return (f"bundles Textual Inversion embeddings with its LoRA ({bundled!r}), which sdfleet does not load from "
+                "a LoRA file: save each embedding as a file of its own in the store and name both in the rows' "
+                "`adapters`")
+    tucker = next((k for k in state_dict if ".lora_mid." in k), None)
+    if tucker is not None:
+        return (f"is a LyCORIS LoCon with Tucker decomposition ({tucker!r}), which sdfleet does not apply; export "
+                "it as a plain LoRA (or merge it into a model)")
+    peft_saved = next((k for k in state_dict if k.startswith("base_model.model.")), None)
+    if peft_saved is not None:  # its alphas are in adapter_config.json beside it: drawn without, at another strength
+        return (f"is a peft `save_pretrained` adapter ({peft_saved!r}), whose alphas are in its adapter_config.json, "
+                "not in the file; save it with diffusers' `StableDiffusionPipeline.save_lora_weights` (or "
+                "`get_peft_model_state_dict` with the `unet.` prefix and the adapter's metadata)")
+    dora = next((k for k in state_dict if "dora_scale" in k or "lora_magnitude_vector" in k), None)
+    dora = dora or next((f"{k}: true" for k, v in metadata.items() if k.endswith("use_dora") and v), None)
+    if dora is not None:  # diffusers drops kohya's dora_scale with a log line; the pixels would be a plain LoRA's
+        return (f"is a DoRA (weight-decomposed LoRA, {dora!r}), which sdfleet does not apply; use a plain LoRA (or "
+                "merge the DoRA into a model)")
+    nested = next((k for k, v in metadata.items() if k in ("unet", "text_encoder") and isinstance(v, dict)), None)
+    if nested is not None:  # its alphas unread, the LoRA was drawn at alpha = rank (4x, one file's) and marked ok
+        return (f"has lora_adapter_metadata in a layout sdfleet does not read ({nested!r} holds the part's settings as a JSON "
+                "object; diffusers' save_lora_weights writes flat keys, such as 'unet.lora_alpha'): its alphas would go "
+                "unread and the LoRA be drawn at another strength; save it with save_lora_weights")
+    return None
+
+
+
 def _parse(name: str, data: bytes):
     """Tensors from safetensors bytes; any parse failure is a corrupt file. A LoRA saved by diffusers or peft
     keeps its alphas in the file's metadata, which `safetensors.torch.load` drops: the tensors then come with
@@ -281,6 +330,10 @@ def _parse(name: str, data: bytes):
         tensors = load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
+    broken = next((k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if broken is not None:  # its rows came out as NaN images, said as "too large a scale", naming no adapter
+        raise AdapterError(name, f"holds NaN or infinite values (in {broken!r}): the file is damaged, or was saved "
+                                 "from a training run that diverged")
     metadata = _lora_metadata(name, data)
     return LoraTensors(tensors, metadata) if metadata else tensors
 
@@ -319,6 +372,15 @@ def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, 
     keys = list(tensors)
     if not keys:
         raise AdapterError(name, "holds no tensors")
+    empty = next((k for k, (_, shape) in tensors.items() if 0 in shape), None)
+    if empty is not None:  # an embedding of no vectors failed in the actor with a bare IndexError
+        raise AdapterError(name, f"holds an empty tensor ({empty!r}, shape {tensors[empty][1]}): the file is damaged "
+                                 "or was saved before it held anything")
+    whole = next((k for k, (dtype, _) in tensors.items() if LORA_MATRIX.search(k) and not dtype.startswith(("F", "BF"))),
+                 None)
+    if whole is not None:  # an int8 file was drawn as if its integers were the weights, and marked ok
+        raise AdapterError(name, f"holds LoRA matrices of {tensors[whole][0]} ({whole!r}), not floating point: a "
+                                 "quantized file, which sdfleet does not read; save it in float16 or float32")
     lycoris = next((k for k in keys if k.startswith(KOHYA_PREFIXES) and LYCORIS_PARTS.search(k)), None)
     if lycoris:  # first: beside plain LoRA layers (a LoCon + LoHa file) diffusers' converter failed on them, raw
         raise AdapterError(name, f"is a LyCORIS file ({lycoris!r}: LoHa, LoKr, full or (IA)^3 layers); only LoRA "

@@ -22,6 +22,7 @@ import re
 
 import torch
 
+from actors.adapters import not_applied
 from manifests.schema import error_line
 
 UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.")
@@ -64,7 +65,7 @@ def lora_layers(pipe, state_dict) -> Layers:
         # same keys without settings say nothing of their alphas: refused below, as diffusers ignores them)
         state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
         metadata = {k if k.startswith(("unet.", "text_encoder.")) else f"unet.{k}": v for k, v in metadata.items()}
-    refused = _not_applied(state_dict, metadata)
+    refused = not_applied(state_dict, metadata)
     if refused:
         raise LoraMapError(refused)
     # 1. kohya and old diffusers spellings -> "unet.<module>..." / "text_encoder.<module>..."
@@ -150,31 +151,6 @@ def lora_layers(pipe, state_dict) -> Layers:
         scale = 1.0 if not alpha else alpha / (rank ** 0.5 if entry.get("rslora") else rank)
         out[name] = (a, b * scale if scale != 1.0 else b)
     return out
-
-
-def _not_applied(state_dict, metadata: dict) -> str | None:
-    """Why sdfleet refuses a file whose parts it would not apply (or whose alphas it cannot know), or None:
-    drawn without them, the LoRA would be another, with the row marked `ok`."""
-    bundled = next((k for k in state_dict if k.startswith("bundle_emb.")), None)
-    if bundled is not None:
-        return (f"bundles Textual Inversion embeddings with its LoRA ({bundled!r}), which sdfleet does not load from "
-                "a LoRA file: save each embedding as a file of its own in the store and name both in the rows' "
-                "`adapters`")
-    tucker = next((k for k in state_dict if ".lora_mid." in k), None)
-    if tucker is not None:
-        return (f"is a LyCORIS LoCon with Tucker decomposition ({tucker!r}), which sdfleet does not apply; export "
-                "it as a plain LoRA (or merge it into a model)")
-    peft_saved = next((k for k in state_dict if k.startswith("base_model.model.")), None)
-    if peft_saved is not None:  # its alphas are in adapter_config.json beside it: drawn without, at another strength
-        return (f"is a peft `save_pretrained` adapter ({peft_saved!r}), whose alphas are in its adapter_config.json, "
-                "not in the file; save it with diffusers' `StableDiffusionPipeline.save_lora_weights` (or "
-                "`get_peft_model_state_dict` with the `unet.` prefix and the adapter's metadata)")
-    dora = next((k for k in state_dict if "dora_scale" in k or "lora_magnitude_vector" in k), None)
-    dora = dora or next((f"{k}: true" for k, v in metadata.items() if k.endswith("use_dora") and v), None)
-    if dora is not None:  # diffusers drops kohya's dora_scale with a log line; the pixels would be a plain LoRA's
-        return (f"is a DoRA (weight-decomposed LoRA, {dora!r}), which sdfleet does not apply; use a plain LoRA (or "
-                "merge the DoRA into a model)")
-    return None
 
 
 def saved_alpha(metadata: dict, part: str, path: str) -> tuple[float | None, bool]:

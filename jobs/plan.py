@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 from PIL import Image
 
-from actors.adapters import embedding_scale_problem
+from actors.adapters import AdapterError, embedding_scale_problem, word_token_cause
 from actors.png import read_parameters_from
 from jobs.console import without_passwords
 from jobs.outputs import RECOVERED_MARK, RELABELLED_MARK, RESTORED_MARK, recorded_again
@@ -94,7 +94,11 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     work = {**base, **resolved, "status": None}
     broken = dict.fromkeys(state.adapter_errors[a.name] for a in parsed.adapters  # (scale 0: loads nothing)
                            if a.scale != 0 and a.name in state.adapter_errors)
-    if broken:  # a bad adapter fails the rows that need it; every other row is drawn
+    words = state.word_tokens.get(parsed.model, frozenset())
+    listed = {a.name for a in parsed.adapters if a.scale != 0}
+    broken.update((str(AdapterError(name, word_token_cause(name, token, token.lower()))), None)
+                  for token, name in sorted(state.embedding_tokens.items()) if name in listed and token in words)
+    if broken:  # a bad adapter fails the rows that need it (the plan says it, before an actor refuses it too)
         return {**work, "status": "failed", "error": "; ".join(broken)}
     too_small = too_small_for_the_mark(work["width"], work["height"]) if state.watermark else None
     if too_small:

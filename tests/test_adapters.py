@@ -7,6 +7,7 @@ kohya format by hand.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -616,3 +617,36 @@ def test_plain_diffusers_reads_the_lora_a_finetune_writes_as_it_was_trained(tmp_
     assert (want_unet - base_unet).abs().max() > 0.05, "the LoRA must show"
     assert torch.allclose(got_unet, want_unet, atol=1e-5), float((got_unet - want_unet).abs().max())
     assert torch.allclose(got_text, want_text, atol=1e-5), float((got_text - want_text).abs().max())
+
+
+def test_adapter_files_the_actors_would_draw_wrong_are_refused_naming_the_cause(tmp_path):
+    """Found only while drawing before: a NaN came out as a NaN image blamed on the scale, an embedding of no
+    vectors as a bare IndexError, an int8 LoRA was drawn as if its integers were weights and marked ok, metadata
+    nested where diffusers writes flat keys drawn at alpha = rank. The header-only ones, and a DoRA, are now
+    refused by the driver (AdapterStore.describe), so --plan-only says the rows would fail."""
+    from safetensors.torch import save_file
+
+    a, b = torch.randn(4, 64), torch.randn(64, 4)
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    files = {
+        "empty-embedding": ({"<tok>": torch.zeros(0, 64)}, None, "holds an empty tensor ('<tok>', shape [0, 64])"),
+        "int8": ({f"{key}.lora_A.weight": a.to(torch.int8), f"{key}.lora_B.weight": b.to(torch.int8)}, None,
+                 "holds LoRA matrices of I8"),
+        "dora": ({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b, f"{key}.lora_magnitude_vector": torch.ones(64)},
+                 None, "is a DoRA (weight-decomposed LoRA"),
+        "nested": ({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b},
+                   {"lora_adapter_metadata": json.dumps({"unet": {"r": 4, "lora_alpha": 1}})},
+                   "has lora_adapter_metadata in a layout sdfleet does not read ('unet' holds the part's settings"),
+    }
+    for name, (tensors, metadata, said) in files.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+        with pytest.raises(AdapterError, match=re.escape(f"adapter {name!r}: {said}")):
+            AdapterStore(str(tmp_path)).describe(name)
+    nan = b.clone()
+    nan[3, 1] = float("nan")
+    save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": nan}, str(tmp_path / "nan.safetensors"))
+    store = AdapterStore(str(tmp_path))
+    info = store.describe("nan")  # (its header is fine: the values are read where the actor loads it)
+    with pytest.raises(AdapterError, match=re.escape(f"adapter 'nan': holds NaN or infinite values (in "
+                                                     f"'{key}.lora_B.weight'): the file is damaged")):
+        store.load_state_dict(info)

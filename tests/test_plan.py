@@ -220,6 +220,15 @@ def test_an_embedding_whose_token_is_a_word_of_the_models_tokenizer_invalidates_
     assert status("a red star", planned) is None and status("a <my-mug>", planned) == "invalid"
     unknown = state(embedding_tokens=tokens, word_tokens={}, adapter_fingerprints={"mug-v1": "f" * 16})
     assert status("a red star", unknown) == "invalid"
+    # a row that lists it fails at the plan, as its actor would fail it: --plan-only, the nightly's dry run, said
+    # "0 would fail" for a run that then exited 2
+    planned.adapter_fingerprints["redword"] = "e" * 16
+    work = plan_row({"id": "r", "prompt": "a red star", "adapters": [{"name": "redword", "scale": 1.0}]},
+                    source="m.parquet", row=0, state=planned)
+    assert work["status"] == "failed" and work["error"] == (
+        "adapter 'redword': its token 'red' is already a word of this model's tokenizer (added, it would change "
+        "every prompt using the word on the actor that loaded it); save it again under a new token, such as "
+        "<my-object>"), work
 
 
 def test_a_failed_row_whose_image_is_still_its_own_is_recorded_ok_again(monkeypatch):

@@ -311,9 +311,10 @@ def not_applied(state_dict, metadata: dict) -> str | None:
                 "merge the DoRA into a model)")
     nested = next((k for k, v in metadata.items() if k in ("unet", "text_encoder") and isinstance(v, dict)), None)
     if nested is not None:  # its alphas unread, the LoRA was drawn at alpha = rank (4x, one file's) and marked ok
-        return (f"has lora_adapter_metadata in a layout sdfleet does not read ({nested!r} holds the part's settings as a JSON "
-                "object; diffusers' save_lora_weights writes flat keys, such as 'unet.lora_alpha'): its alphas would go "
-                "unread and the LoRA be drawn at another strength; save it with save_lora_weights")
+        return (f"has lora_adapter_metadata in a layout sdfleet does not read ({nested!r} holds the part's "
+                "settings as a JSON object; diffusers' save_lora_weights writes flat keys, such as "
+                "'unet.lora_alpha'): its alphas would go unread and the LoRA be drawn at another strength; save it "
+                "with save_lora_weights")
     return None
 
 
@@ -376,8 +377,8 @@ def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, 
     if empty is not None:  # an embedding of no vectors failed in the actor with a bare IndexError
         raise AdapterError(name, f"holds an empty tensor ({empty!r}, shape {tensors[empty][1]}): the file is damaged "
                                  "or was saved before it held anything")
-    whole = next((k for k, (dtype, _) in tensors.items() if LORA_MATRIX.search(k) and not dtype.startswith(("F", "BF"))),
-                 None)
+    whole = next((k for k, (dtype, _) in tensors.items()
+                  if LORA_MATRIX.search(k) and not dtype.startswith(("F", "BF"))), None)
     if whole is not None:  # an int8 file was drawn as if its integers were the weights, and marked ok
         raise AdapterError(name, f"holds LoRA matrices of {tensors[whole][0]} ({whole!r}), not floating point: a "
                                  "quantized file, which sdfleet does not read; save it in float16 or float32")

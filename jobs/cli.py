@@ -184,7 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     export = model.add_parser("export", help="write a preset as a diffusers directory")
     export.add_argument("preset", metavar="PRESET")
     export.add_argument("directory", metavar="DIR")
+    _name_commands(parser)
     return parser
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """A missing command is named by its choices ("required: {verify}"), not by argparse's `dest`, which only
+    the code knows ("required: watermark_command")."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.metavar = "{" + ",".join(action.choices) + "}"
+            for sub in action.choices.values():
+                _name_commands(sub)
 
 
 def run() -> None:

@@ -131,6 +131,9 @@ class GenerateConfig(BaseModel):
         problem = watermark_payload_problem(self.watermark) if self.watermark is not None else None
         if problem:
             raise ValueError(f"--watermark {self.watermark!r} {problem}")
+        if self.compile_mode != "auto" and self.backend != "compile":  # ignored without a word before
+            raise ValueError(f"--compile-mode {self.compile_mode} is for --backend compile (torch.compile's mode); "
+                             f"got --backend {self.backend}: give --backend compile, or leave --compile-mode out")
         stores = [("--out", self.out), ("--adapters", self.adapters), ("--backend-cache", self.backend_cache),
                   *(("a manifest", m) for m in self.manifests)]
         for flag, uri in stores[:3]:  # "" would be the working directory: a run would spill its folders there

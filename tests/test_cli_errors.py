@@ -51,6 +51,11 @@ def one_error_line(err: str) -> str:
      "sdfleet manifest validate: error: unrecognized arguments: --bogus (see sdfleet manifest validate --help)"),
     (["sheet", "out"],
      "sdfleet sheet: error: the following arguments are required: -o/--output (see sdfleet sheet --help)"),
+    (["watermark"],  # (was "required: watermark_command", a name only the code knows)
+     "sdfleet watermark: error: the following arguments are required: {verify} (see sdfleet watermark --help)"),
+    (["generate", "m.parquet", "--out", "o", "--backend", "onnx", "--compile-mode", "max-autotune"],  # was ignored
+     "sdfleet generate: error: --compile-mode max-autotune is for --backend compile (torch.compile's mode); got "
+     "--backend onnx: give --backend compile, or leave --compile-mode out"),
 ])
 def test_a_flag_error_is_one_line_naming_the_subcommand_and_exits_1(capsys, argv, expected):
     code, out, err = run(capsys, *argv)

@@ -232,6 +232,9 @@ class AdapterStore:
             raise AdapterError(name, f"is not in the adapter store {self.uri}, which is itself an adapter's folder "
                                      f"(it holds {own[0]}); pass its parent folder as --adapters, and name the "
                                      "adapter by this folder's name")
+        dangling = next((p for p in paths if is_local_fs(self.fs) and os.path.islink(p)), None)
+        if dangling is not None:  # listed by the store, so "not in the store ... holds: NAME" contradicted itself
+            raise AdapterError(name, f"{dangling} is a link to {os.readlink(dangling)}, which does not exist")
         held = self.names()
         stem = name.removesuffix(".safetensors")
         if stem != name and stem in held:  # the file's name given, not the adapter's

@@ -504,6 +504,10 @@ def resolve_adapters(store_uri: str | None, names: set[str],
         raise RunFailed(f"--adapters {store_uri} cannot be read ({one_line(exc)})") from exc
     if not there:
         raise RunFailed(f"--adapters {store_uri} does not exist")
+    if store.fs.isfile(store.root):  # every row failed, each saying "not in the store ...; the store holds: NAME"
+        raise RunFailed(f"--adapters {store_uri} is a file; give the folder (or URI) that holds the adapters, such as "
+                        "its parent, and name each adapter in the rows' `adapters` by its file name without "
+                        ".safetensors")
 
     def describe(name: str):
         try:  # a store of its own per read: a store keeps its last read for the load that follows it

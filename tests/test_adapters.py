@@ -650,3 +650,24 @@ def test_adapter_files_the_actors_would_draw_wrong_are_refused_naming_the_cause(
     with pytest.raises(AdapterError, match=re.escape(f"adapter 'nan': holds NaN or infinite values (in "
                                                      f"'{key}.lora_B.weight'): the file is damaged")):
         store.load_state_dict(info)
+
+
+def test_a_store_given_as_a_file_or_a_link_to_nothing_is_said_as_such(tmp_path):
+    """--adapters naming an adapter's file started Ray and failed every row with "'pa' is not in the adapter store
+    .../pa.safetensors ...; the store holds: pa"; a link to a file since deleted was said the same way."""
+    from safetensors.torch import save_file
+
+    from jobs.errors import RunFailed
+    from jobs.generate import resolve_adapters
+
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{key}.lora_A.weight": torch.randn(4, 64), f"{key}.lora_B.weight": torch.randn(64, 4)},
+              str(tmp_path / "pa.safetensors"))
+    with pytest.raises(RunFailed, match=re.escape(f"--adapters {tmp_path / 'pa.safetensors'} is a file; give the "
+                                                  "folder (or URI) that holds the adapters")):
+        resolve_adapters(str(tmp_path / "pa.safetensors"), {"pa"})
+    (tmp_path / "gone.safetensors").symlink_to(tmp_path / "deleted.safetensors")
+    fingerprints, errors = resolve_adapters(str(tmp_path), {"pa", "gone"})
+    assert set(fingerprints) == {"pa"} and errors == {"gone": (
+        f"adapter 'gone': {tmp_path / 'gone.safetensors'} is a link to {tmp_path / 'deleted.safetensors'}, which "
+        "does not exist")}

@@ -153,6 +153,16 @@ class GenerateConfig(BaseModel):
         return self
 
 
+# What the actors do before their first images, by backend, for the progress line said while nothing comes back
+FIRST_WAIT = {
+    "compile": "actors starting, loading the model, then compiling it: minutes where --backend-cache holds no "
+               "graphs for it yet",
+    "onnx": "actors starting, loading the model, then exporting it to ONNX: minutes where --backend-cache holds "
+            "no export of it yet",
+    "tensorrt": "actors starting, loading the model, then building TensorRT engines: minutes where --backend-cache "
+                "holds none for it yet",
+}
+
 # Files that say a folder is another command's output, which a run must not write into.
 OTHER_OUTPUTS = {"finetune.json": "a fine-tune's output", "model_index.json": "a model's folder",
                  DATASET_SUMMARY: "a training dataset"}
@@ -589,6 +599,7 @@ def _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, s
     # 7. record results as they come: ledger parts, progress, identity checks; the crash journal lets a
     #    row that kills its actor fail alone
     results = Recorder(fs, root, run_id, total, started)
+    results.first_wait = FIRST_WAIT.get(cfg.backend, results.first_wait)  # (compile: 5 minutes said as "loading")
     journal_actor = start_journal(run_id)  # held here for the run's length
     journal = JOURNAL_NAME.format(run_id=run_id)
     try:

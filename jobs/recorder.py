@@ -53,6 +53,7 @@ class Recorder:
         self.first_drawn: tuple[float, int] | None = None  # (when, images drawn) at the first ones back
         self.planned_at = 0.0  # the latest plan task's finish seen on a row (wall clock)
         self.waiting_for: str | None = None  # what the heartbeat says the run waits for, where rows cannot say
+        self.first_wait = "actors starting, loading the model"  # before any image: what the actors are doing
 
     def record(self, rows: list[dict]) -> None:
         before = dict(self.counts)
@@ -158,7 +159,7 @@ class Recorder:
                 if now - self.last_progress >= quiet_seconds:
                     self.last_progress = now
                     done = sum(self.counts.values())
-                    what = (self.waiting_for or ("waiting for the first images (actors starting, loading the model)"
+                    what = (self.waiting_for or (f"waiting for the first images ({self.first_wait})"
                                                  if not self.drawn() else "waiting for the next batch"))
                     log(f"{done}/{self.total} rows, {now - self.started:.0f} s in: {what}")
 

@@ -166,6 +166,21 @@ def test_a_quiet_wait_for_rows_still_says_something(monkeypatch):
         while not said and recorder.time.time() < deadline:
             recorder.time.sleep(0.1)
     assert said and said[0].startswith("0/24 rows, ") and "waiting for the first images" in said[0], said
+    assert said[0].endswith("(actors starting, loading the model)"), said
+    count = len(said)
+    recorder.time.sleep(1.5)
+    assert len(said) == count, "no line once the body is done"
+
+    # under --backend compile it said "loading the model" for five minutes after the model loaded in 13 s
+    from jobs.generate import FIRST_WAIT
+
+    rec.first_wait, rec.last_progress = FIRST_WAIT["compile"], 0.0
+    with rec.heartbeat(quiet_seconds=0.5):
+        deadline = recorder.time.time() + 10
+        while len(said) == count and recorder.time.time() < deadline:
+            recorder.time.sleep(0.1)
+    assert said[-1].endswith("(actors starting, loading the model, then compiling it: minutes where --backend-cache "
+                             "holds no graphs for it yet)"), said
     count = len(said)
     recorder.time.sleep(1.5)
     assert len(said) == count, "no line once the body is done"
@@ -239,3 +254,4 @@ def test_a_compile_backend_that_gives_up_on_a_function_is_said_once(clock, monke
     assert notes == ["note: a1: torch.compile gave up on 1 function(s) after rebuilding them for too many image or "
                      "batch sizes, and draws them eagerly (correct, slower); fewer sizes per run, or --backend eager, "
                      "avoid it"], said
+

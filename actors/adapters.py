@@ -24,7 +24,7 @@ from typing import Literal
 import fsspec
 
 from manifests.stores import fs_protocols, is_local_fs, url_to_fs, version_tag
-from manifests.schema import error_line, first_few, is_adapter_name
+from manifests.schema import ADAPTER_NAME_RULE, error_line, first_few, is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what actors.textual_inversion.save_embedding writes
@@ -203,8 +203,7 @@ class AdapterStore:
         """The one safetensors path for `name`, or an AdapterError that says what is there instead."""
         # 1. the name must stay inside the store
         if not is_adapter_name(name):
-            raise AdapterError(name, "is not a valid adapter name (use letters, digits, '.', '_', '-', "
-                                     "and '/' between folder names)")
+            raise AdapterError(name, f"is not a valid adapter name ({ADAPTER_NAME_RULE})")
         base = f"{self.root}/{name}"
         paths = [f"{base}.safetensors", *(f"{base}/{f}" for f in FOLDER_FILES)]
         candidates = [p for p in paths if self.fs.isfile(p)]

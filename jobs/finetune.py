@@ -34,7 +34,7 @@ from cluster.connect import (ClusterError, address_problem, alive_nodes, cluster
 from jobs.console import command_log, leave, log, recorded_json, without_passwords
 from jobs.errors import FinetuneError, describe_error, one_line, root_cause
 from manifests.dataset import SUMMARY_FILE, check_dataset, dataset_fingerprint, folder_names
-from manifests.schema import first_few, is_adapter_name
+from manifests.schema import ADAPTER_NAME_RULE, first_few, is_adapter_name
 from manifests.stores import (absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
                               require_bucket, url_to_fs)
 
@@ -521,7 +521,7 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
     name = root.rstrip("/").rsplit("/", 1)[-1]
     if cfg.method in ("lora", "textual-inversion") and not is_adapter_name(name):
         raise FinetuneError(f"--out {shown}: {name!r} will be the adapter's name in `generate --adapters`, which "
-                            "takes letters, digits, '.', '_' and '-'; name the folder so")
+                            f"takes {ADAPTER_NAME_RULE.partition(';')[0]}; name the folder so")
     if cfg.method in ("lora", "textual-inversion") and fs.isfile(f"{root.rstrip('/')}.safetensors"):
         # the store would hold two adapters of one name, and generate fails every row naming it
         raise FinetuneError(f"--out {shown}: the adapter store beside it already holds {name}.safetensors, an "

@@ -24,6 +24,9 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 # One folder or file name of an adapter's name in its store (`style`, `brand/style-v2`): nothing that leaves
 # the store (`..`, an absolute path) and nothing hidden.
 ADAPTER_NAME_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*\Z")
+# The rule in words, for the messages that refuse a name (no '..', no leading '/', '.' or '-')
+ADAPTER_NAME_RULE = ("letters, digits, '.', '_' and '-', starting with a letter, digit or '_'; '/' between the names "
+                     "of folders in the store, each named so")
 SEED_LIMIT = 2**63
 # invisible-watermark refuses images of fewer pixels than 256x256 (any shape: 128x512 is marked); every such
 # size with sides in multiples of 8 holds at least 1,024 blocks, one payload bit each.
@@ -172,8 +175,7 @@ class AdapterRef(BaseModel):
     @classmethod
     def _name_stays_in_the_store(cls, value: str) -> str:
         if not is_adapter_name(value):
-            raise ValueError("is not a valid adapter name (letters, digits, '.', '_', '-', and '/' between folder "
-                             "names; no '..', no leading '/' or '.')")
+            raise ValueError(f"is not a valid adapter name ({ADAPTER_NAME_RULE})")
         return value
 
 

@@ -681,6 +681,8 @@ def test_bad_input_fails_before_any_worker_starts(case, dataset, tmp_path, monke
     ("lora", ["--batch-size", "1000000"], "--batch-size: must be at most 256"),
     ("lora", ["--grad-accum", "100000"], "--grad-accum: must be at most 1024"),
     ("lora", ["--out-name", "mug style"], "'mug style' will be the adapter's name in `generate --adapters`"),
+    ("lora", ["--out-name", "-neg"], "'-neg' will be the adapter's name in `generate --adapters`, which takes "
+                                     "letters, digits, '.', '_' and '-', starting with a letter, digit or '_'; "),
 ])
 def test_method_flags_are_checked_before_any_worker_starts(method, extra, expected, dataset, tmp_path, monkeypatch,
                                                             capsys):

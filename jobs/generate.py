@@ -513,6 +513,12 @@ def resolve_adapters(store_uri: str | None, names: set[str],
     except Exception as exc:  # noqa: BLE001 - credentials refused, an unknown protocol: the store cannot be read
         raise RunFailed(f"--adapters {store_uri} cannot be read ({one_line(exc)})") from exc
     if not there:
+        try:  # asked again: `exists` answers False for every error (an http store that does not answer among them)
+            store.fs.ls(store.root)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the store's own error names the cause
+            raise RunFailed(f"--adapters {store_uri} cannot be read ({describe_error(exc) or one_line(exc)})") from exc
         raise RunFailed(f"--adapters {store_uri} does not exist")
     if store.fs.isfile(store.root):  # every row failed, each saying "not in the store ...; the store holds: NAME"
         raise RunFailed(f"--adapters {store_uri} is a file; give the folder (or URI) that holds the adapters, such as "

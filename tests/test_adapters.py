@@ -671,3 +671,14 @@ def test_a_store_given_as_a_file_or_a_link_to_nothing_is_said_as_such(tmp_path):
     assert set(fingerprints) == {"pa"} and errors == {"gone": (
         f"adapter 'gone': {tmp_path / 'gone.safetensors'} is a link to {tmp_path / 'deleted.safetensors'}, which "
         "does not exist")}
+
+
+def test_an_adapter_store_that_does_not_answer_is_not_said_to_be_missing():
+    """An http:// store whose host does not answer was "--adapters URL does not exist": fsspec's `exists` says
+    False for every error; the store is asked again so that its own error is said."""
+    from jobs.errors import RunFailed
+    from jobs.generate import resolve_adapters
+
+    with pytest.raises(RunFailed, match=r"^--adapters http://127\.0\.0\.1:9/adapters cannot be read \(a store refused "
+                                        r"or did not answer: ClientConnectorError"):
+        resolve_adapters("http://127.0.0.1:9/adapters", {"x"})

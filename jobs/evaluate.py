@@ -33,7 +33,7 @@ from jobs.console import recorded_json
 from jobs.errors import EvalError, one_line
 from manifests.reader import Unreadable, count_ids, expand_manifest_paths, iter_rows
 from manifests.schema import coerced_id, is_safe_id
-from manifests.ledger import newest_statuses, not_a_part
+from manifests.ledger import damaged_part, newest_statuses, not_a_part
 from manifests.stores import UnreadableFile, url_to_fs
 
 PROMPT = re.compile(r"^a (?P<color>\w+) (?P<shape>\w+) on a (?P<background>\w+) background$")
@@ -158,8 +158,9 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
     try:  # an image whose row failed or is invalid since is an older version's, whatever its prompt
         statuses = newest_statuses(fs, root)
     except UnreadableFile as exc:
-        raise EvalError(f"--out {out}: " + (not_a_part(exc) or f"ledger part {exc.path} cannot be read "
-                                             f"({one_line(exc.cause)})")) from exc
+        raise EvalError(f"--out {out}: " + (not_a_part(exc) or (damaged_part(exc) if exc.damaged else
+                                             f"ledger part {exc.path} cannot be read ({one_line(exc.cause)})"))) \
+            from exc
     uris = expand_manifest_paths(manifests)
     _, id_counts = count_ids(uris)  # rows sharing an id: generate draws none of them, so no image is theirs
     for _, _, row in iter_rows(uris):

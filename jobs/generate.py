@@ -40,8 +40,9 @@ from jobs.lease import Lease
 from jobs.outputs import RESTORED_MARK, recorded_again
 from jobs.recorder import LEDGER_FLUSH_ROWS, Recorder, located
 from manifests.dataset import SUMMARY_FILE as DATASET_SUMMARY
-from manifests.ledger import (LEDGER_COLUMNS, atomic_write, extra_columns, ledger_parts, ledger_row, newest_ok_entries,
-                              not_a_part, read_latest_ok, remove_stale_temp_files, settled_row, size_differs)
+from manifests.ledger import (LEDGER_COLUMNS, atomic_write, damaged_part, extra_columns, ledger_parts, ledger_row,
+                              newest_ok_entries, not_a_part, read_latest_ok, remove_stale_temp_files, settled_row,
+                              size_differs)
 from manifests.reader import BadManifestFile, expand_manifest_paths, survey, unreadable_files
 from manifests.schema import FIELDS, look_alike_columns, look_alike_warning, watermark_payload_problem
 from manifests.stores import (UnreadableFile, absolute_local, folder_files, is_local_fs, is_local_path, multi_node_reason,
@@ -314,10 +315,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     except UnreadableFile as exc:
         if foreign := not_a_part(exc):
             raise RunFailed(f"{foreign}; nothing was drawn") from exc
-        if exc.damaged:  # parts are written whole: this one was damaged afterwards
-            raise RunFailed(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
-                            "rerun: the rows it recorded are recovered from their images (read back, not drawn), "
-                            "or drawn again where an image is gone") from exc
+        if exc.damaged:
+            raise RunFailed(damaged_part(exc)) from exc
         raise RunFailed(f"cannot read the ledger from {fs.unstrip_protocol(root)}/results: {exc.path}: "
                         f"{one_line(exc.cause)}; nothing was drawn, rerun once the store answers") from exc
     # rows done before that no manifest asks for any more (a product dropped from the catalogue)

@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from jobs.errors import GroupByError, ReportError, one_line
-from manifests.ledger import as_text, concat_parts, ledger_parts, not_a_part, read_parts, size_differs
+from manifests.ledger import (as_text, concat_parts, damaged_part, ledger_parts, not_a_part, read_parts,
+                              size_differs)
 from manifests.stores import UnreadableFile, folder_files, is_local_fs, url_to_fs
 
 class SwapsRead(BaseModel):
@@ -398,9 +399,8 @@ def open_output(uri: str) -> RunOutput:
     except UnreadableFile as exc:
         if foreign := not_a_part(exc):
             raise ReportError(foreign) from exc
-        if exc.damaged:  # parts are written whole, so this one was damaged afterwards
-            raise ReportError(f"ledger part {exc.path} cannot be read ({one_line(exc.cause)}); move it aside and "
-                              "rerun `sdfleet generate` to redraw its rows") from exc
+        if exc.damaged:
+            raise ReportError(damaged_part(exc)) from exc
         raise ReportError(f"cannot read ledger part {exc.path} from the store ({one_line(exc.cause)}); try again "
                           "once it answers") from exc
     ledger = concat_parts(tables)
@@ -442,7 +442,8 @@ def lost_parts(runs: list[dict], parts: dict[str, int | None]) -> list[str]:
     for summary in runs:
         wrote, run = summary.get("ledger_parts"), summary.get("run_id")
         if isinstance(wrote, int) and isinstance(run, str) and present[run] < wrote:
-            lines.append(f"run {run} wrote {wrote} ledger part(s) and results/ holds {present[run]} of them "
-                         "(a copy or sync that missed files, or parts deleted): the rows only those parts recorded "
-                         "are not shown; copy the output again, whole")
+            lines.append(f"run {run} wrote {wrote} ledger part(s) and results/ holds {present[run]} of them: rows "
+                         "that only those parts recorded are not shown (a copy or sync that missed files: copy the "
+                         "output again, whole; a damaged part moved out of results/: rows its run's manifests ask "
+                         "for were recorded again by the rerun, and the rest stay unshown)")
     return lines

@@ -19,6 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.schema import error_line
 from manifests.stores import MissingColumns, UnreadableFile, folder_files, is_local_fs, read_parquet_files
 
 STATUSES = ("ok", "failed", "invalid")
@@ -228,6 +229,14 @@ def not_a_part(exc: UnreadableFile) -> str | None:
         return (f"{exc.path} is not a ledger part ({exc.cause}): a Parquet file sdfleet did not write, which "
                 "results/ must not hold; move it out of results/")
     return None
+
+
+def damaged_part(exc: UnreadableFile) -> str:
+    """The line for a ledger part that is damaged (parts are written whole: it was damaged afterwards), the same
+    in every command that reads the ledger, with the one way out that keeps the rows: generate's rerun."""
+    return (f"ledger part {exc.path} cannot be read ({error_line(exc.cause)}); move it out of results/ and rerun "
+            "`sdfleet generate` with the run's manifests: the rows it recorded that they ask for are recovered from "
+            "their images (read back, not drawn), or drawn again where an image is gone")
 
 
 def read_latest_ok(fs: fsspec.AbstractFileSystem, root: str,

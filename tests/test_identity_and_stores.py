@@ -291,13 +291,19 @@ def test_a_damaged_ledger_part_stops_the_run_naming_it_and_the_report_too(tmp_pa
     assert main(["generate", str(manifest), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "sdfleet: error: ledger part " in err and "20261205T000000-abcdef-00000.parquet cannot be read" in err
-    assert "move it aside and rerun" in err and "Traceback" not in err
+    assert "move it out of results/ and rerun `sdfleet generate` with the run's manifests" in err
+    assert "Traceback" not in err
     assert not (out / "images").exists()  # stopped before anything was drawn
 
+    # report, sheet and eval said three other things of the same part (eval: nothing to do)
     (out / "run.json").write_text(json.dumps({"run_id": "20261205T000000-abcdef"}))
-    assert main(["report", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "20261205T000000-abcdef-00000.parquet cannot be read" in err and "Traceback" not in err
+    (out / "images").mkdir()  # (eval reads the ledger only where there are images)
+    for argv in (["report", str(out)], ["sheet", str(out), "-o", str(tmp_path / "s.png")],
+                 ["eval", str(manifest), "--out", str(out)]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert "20261205T000000-abcdef-00000.parquet cannot be read" in err and "Traceback" not in err
+        assert "move it out of results/ and rerun `sdfleet generate` with the run's manifests" in err, (argv, err)
 
 
 def test_a_manifest_copied_into_results_is_refused_by_name_not_read_as_a_ledger(tmp_path, capsys):

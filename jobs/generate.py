@@ -345,7 +345,9 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
                       embedding_tokens=embedding_tokens, word_tokens=word_tokens, restored=restored, labels=labels)
     # (of the rows these manifests ask for: done ids of dropped rows are counted as not_in_manifests)
-    before = "--force: every row is drawn again" if cfg.force else f"{len(done.keys() - dropped)} done before"
+    # (drawn before, not done: which of them changed since is what the plan is about to find)
+    before = ("--force: every row is drawn again" if cfg.force else
+              f"{len(done.keys() - dropped)} drawn before (the plan draws again those that changed)")
     log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")
     if not_asked:  # (after the line above, which says what the run is about)
         log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "

@@ -110,7 +110,7 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     summary = run_summary(out)
     assert (summary["ok"], summary["skipped"], summary["not_in_manifests"]) == (1, 61, 1) and summary["actors"] == 1
     assert "1 image(s) in --out are of rows no manifest of this run asks for" in proc.stderr
-    assert "62 rows in 1 manifest(s); 62 done before" in proc.stderr  # of this run's rows, not the output's ids
+    assert "62 rows in 1 manifest(s); 62 drawn before (the plan draws" in proc.stderr  # this run's rows only
     assert summary["not_in_manifests_ids"] == [run64["records"][-1]["id"]]
     page = (out / "report" / "index.html").read_text()  # the nightly's page: one row redrawn, 63 images shown
     assert "<summary>1 redrawn</summary>" in page and "<summary>0 new</summary>" in page

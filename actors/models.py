@@ -374,8 +374,10 @@ def export_preset(name: str, directory: str) -> None:
     """Write a preset as a diffusers directory (safetensors) that `--model NAME=DIR` loads."""
     if name not in PRESETS:
         raise ModelError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    if not directory.strip():
-        raise ModelError("the folder to export into must not be empty: give a new folder, e.g. models/tiny")
+    if not directory.strip():  # (not "must not be empty", which read as the opposite of "DIR is not empty")
+        raise ModelError("no folder to export into was given (DIR is blank): give a new folder, e.g. models/tiny")
+    if directory.startswith("file://") and "::" not in directory:  # a local folder, as every other command takes it
+        directory = directory.removeprefix("file://")
     if "://" in directory or "::" in directory:  # Path() took s3://b/m for a local s3:/b/m and said it was written
         raise ModelError(f"{directory}: model export writes a local folder; export into one, then copy it to the "
                          "store (`aws s3 sync DIR s3://...`, `gcloud storage cp -r DIR gs://...`)")

@@ -121,7 +121,8 @@ def test_model_export_never_writes_over_a_folder_that_holds_something(tmp_path, 
     tuned.mkdir()
     (tuned / "model_index.json").write_text("{}")
     (tmp_path / "afile").write_text("x")
-    for target, needle in ((tuned, "is not empty"), (tmp_path / "afile", "is a file"), ("", "must not be empty")):
+    for target, needle in ((tuned, "is not empty"), (tmp_path / "afile", "is a file"),
+                           ("", "no folder to export into was given (DIR is blank)")):
         assert main(["model", "export", "tiny", str(target)]) == 1
         err = capfd.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -152,10 +153,14 @@ def test_an_export_that_stops_midway_leaves_nothing_and_a_uri_or_home_is_what_it
     monkeypatch.setattr(models, "build_preset", lambda name: built)
     export_preset("tiny", "models/tiny")  # the rerun is not refused
     assert (tmp_path / "models" / "tiny" / "sdfleet.json").exists() and len(list((tmp_path / "models").iterdir())) == 1
-    for uri in ("s3://bucket/models/tiny", "file:///tmp/x", "simplecache::s3://b/m"):
+    for uri in ("s3://bucket/models/tiny", "simplecache::s3://b/m"):
         with pytest.raises(ModelError, match=r"model export writes a local folder; export into one, then copy it"):
             export_preset("tiny", uri)
+    with pytest.raises(ModelError, match=r"^no folder to export into was given \(DIR is blank\)"):
+        export_preset("tiny", " ")  # was "must not be empty", which read as the opposite of "DIR is not empty"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    export_preset("tiny", f"file://{tmp_path}/uri")  # a local folder, as every other command takes it
+    assert (tmp_path / "uri" / "model_index.json").exists()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     export_preset("tiny", "~/m")
     assert (tmp_path / "home" / "m" / "model_index.json").exists() and not (tmp_path / "~").exists()

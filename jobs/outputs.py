@@ -268,7 +268,7 @@ def not_a_group(column: str, where: str) -> str:
     """Why `column` cannot group rows: a bookkeeping column of the ledger, or none of its columns."""
     if column in BOOKKEEPING:
         return ("a column of how each entry was made (" + ", ".join(BOOKKEEPING) + "), which does not group "
-                "rows (rows without an image are listed under Problems)")
+                "rows (the report's Problems list the rows without an image)")
     return f"the ledger of {where} has no such column"
 
 
@@ -345,6 +345,8 @@ def adapters_text(adapters: list[dict] | None) -> str:
 
 def open_output(uri: str) -> RunOutput:
     """Read a run's output, or say in one line why it cannot be read (missing, or a run that did not finish)."""
+    if not uri.strip():  # ("error:  holds no sdfleet run": the working directory, named by nothing)
+        raise ReportError("no output was given (OUT is blank): give the --out of a `sdfleet generate` run")
     fs, root = url_to_fs(uri)
     root = root.rstrip("/") or root
     try:

@@ -437,6 +437,10 @@ def test_a_report_that_cannot_be_written_or_of_a_file_is_one_line(capsys, tmp_pa
     code, _, err = run(capsys, "report", output / "run.json")
     assert code == 1 and "out/run.json is a file: give the --out folder of a `sdfleet generate` run" in \
         one_error_line(err)
+    for command in (["report", ""], ["sheet", "", "-o", tmp_path / "s.png"]):  # was "error:  holds no sdfleet run"
+        code, _, err = run(capsys, *command)
+        assert code == 1 and one_error_line(err) == ("sdfleet: error: no output was given (OUT is blank): give the "
+                                                     "--out of a `sdfleet generate` run"), err
 
     def read_only(self):
         raise PermissionError("501 Unsupported method ('PUT')")  # a bucket served over HTTP

@@ -35,7 +35,7 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # diffusers / peft key spellings of a LoRA's two matrices (peft, diffusers attention processors, old diffusers).
 DIFFUSERS_LORA = re.compile(r"(\.lora_[AB]\.|\.lora\.(down|up)\.|_lora\.(down|up)\.|\.lora_linear_layer\.)")
 # A LoRA's matrices in any spelling (kohya's down/up included), for the dtype check: its alphas may be integers
-LORA_MATRIX = re.compile(r"(\.lora_(down|up)\.|" + DIFFUSERS_LORA.pattern[1:])
+ANY_LORA_MATRIX_KEY = re.compile(r"\.lora_(down|up)\.|" + DIFFUSERS_LORA.pattern)
 # Keys that hold an embedding but do not name its token (kohya/A1111 exports); the file name is the token then.
 # (`clip_l` alone: a pivotal-tuning trainer's embedding for the one CLIP text encoder of SD 1.x)
 GENERIC_EMBEDDING_KEYS = ("emb_params", "string_to_param.*", "*", "clip_l")
@@ -233,7 +233,8 @@ class AdapterStore:
                                      "adapter by this folder's name")
         dangling = next((p for p in paths if is_local_fs(self.fs) and os.path.islink(p)), None)
         if dangling is not None:  # listed by the store, so "not in the store ... holds: NAME" contradicted itself
-            raise AdapterError(name, f"{dangling} is a link to {os.readlink(dangling)}, which does not exist")
+            what = "is not a file" if os.path.exists(dangling) else "does not exist"
+            raise AdapterError(name, f"{dangling} is a link to {os.readlink(dangling)}, which {what}")
         held = self.names()
         stem = name.removesuffix(".safetensors")
         if stem != name and stem in held:  # the file's name given, not the adapter's
@@ -290,7 +291,7 @@ def _fingerprint(data: bytes) -> str:
 def not_applied(state_dict, metadata: dict) -> str | None:
     """Why sdfleet refuses a file whose parts it would not apply (or whose alphas it cannot know), or None:
     drawn without them, the LoRA would be another, with the row marked `ok`. `state_dict`: the file's tensors
-    by key (only the keys are read: the driver asks with the file's header, the actors with its tensors);
+    by key (only the keys are read: the driver asks with the file's header, an actor again with its tensors);
     `metadata`: its lora_adapter_metadata."""
     bundled = next((k for k in state_dict if k.startswith("bundle_emb.")), None)
     if bundled is not None:
@@ -320,7 +321,6 @@ def not_applied(state_dict, metadata: dict) -> str | None:
     return None
 
 
-
 def _parse(name: str, data: bytes):
     """Tensors from safetensors bytes; any parse failure is a corrupt file. A LoRA saved by diffusers or peft
     keeps its alphas in the file's metadata, which `safetensors.torch.load` drops: the tensors then come with
@@ -333,7 +333,8 @@ def _parse(name: str, data: bytes):
         tensors = load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
-    broken = next((k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    broken = next((k for k, t in tensors.items()  # (in float32: torch has no isfinite for float8_e4m3fn)
+                   if t.is_floating_point() and not t.float().isfinite().all()), None)
     if broken is not None:  # its rows came out as NaN images, said as "too large a scale", naming no adapter
         raise AdapterError(name, f"holds NaN or infinite values (in {broken!r}): the file is damaged, or was saved "
                                  "from a training run that diverged")
@@ -380,7 +381,7 @@ def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, 
         raise AdapterError(name, f"holds an empty tensor ({empty!r}, shape {tensors[empty][1]}): the file is damaged "
                                  "or was saved before it held anything")
     whole = next((k for k, (dtype, _) in tensors.items()
-                  if LORA_MATRIX.search(k) and not dtype.startswith(("F", "BF"))), None)
+                  if ANY_LORA_MATRIX_KEY.search(k) and not dtype.startswith(("F", "BF"))), None)
     if whole is not None:  # an int8 file was drawn as if its integers were the weights, and marked ok
         raise AdapterError(name, f"holds LoRA matrices of {tensors[whole][0]} ({whole!r}), not floating point: a "
                                  "quantized file, which sdfleet does not read; save it in float16 or float32")

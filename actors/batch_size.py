@@ -112,8 +112,10 @@ class BatchSizes:
         try:
             self.chosen[label] = min(int(json.loads(self.fs.cat_file(path))["batch_size"]), self.limit)
             return self.chosen[label]
-        except (FileNotFoundError, KeyError, ValueError):
+        except (FileNotFoundError, KeyError, ValueError, TypeError):
             pass
+        except Exception as exc:  # noqa: BLE001 - a cache that cannot be read costs a probe, not the run
+            logging.getLogger(__name__).warning("the batch size kept in %s was not read: %s", path, exc)
         from actors.generate import draw
 
         try:

@@ -171,37 +171,45 @@ def _hangup_to_default() -> None:
         signal.signal(_HANGUP, signal.SIG_DFL)
 
 
-def _keep_sigterm_through_ray_init():
+def _keep_sigterm_through_ray_init(local: bool):
     """`ray.init` sets a SIGTERM handler of its own for its start-up (sys.exit(15)): a SIGTERM then ended the
     command half a minute later with exit 15 and no word, or was dropped where Python ignores what a handler
-    raises and the run went on. This driver keeps sdfleet's (stop_on_sigterm) instead, which within the start-up
-    only notes the signal (_DEFERRED): connect stops the command as it returns, as Ctrl-C would. Ray's workers set
-    theirs in their own processes, untouched. Returns what to call once `ray.init` is done, to put Ray's function
-    back."""
+    raises and the run went on. This driver keeps sdfleet's (stop_on_sigterm) instead. Starting a `local` Ray, the
+    handler only notes the signal (_DEFERRED) and connect stops the command as ray.init returns, seconds later:
+    raised between two of its steps, the KeyboardInterrupt left a half-made core worker that ray.shutdown()
+    crashed on. Joining a cluster can take minutes (a GCS that does not answer), so there the start-up is stopped
+    at once, as Ctrl-C stops either (Python's own handler; a user at the terminal). Ray's workers set theirs in
+    their own processes, untouched. Returns what to call once `ray.init` is done, to put Ray's settings back."""
     if _SIGTERM_RECEIVED.is_set() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         raise KeyboardInterrupt  # one came and its KeyboardInterrupt was lost (Python drops it in some places)
     stop_on_sigterm()
+    undo = []
     try:
         import ray._private.utils as ray_utils
-        from ray._private import ray_constants
 
         original = ray_utils.set_sigterm_handler
-        crash_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+        ray_utils.set_sigterm_handler = lambda handler: None
+        undo.append(lambda: setattr(ray_utils, "set_sigterm_handler", original))
     except (ImportError, AttributeError):  # another Ray: nothing to keep
-        _DEFERRED.set()
-        return _DEFERRED.clear
-    ray_utils.set_sigterm_handler = lambda handler: None
-    # The driver's core worker, made within ray.init, sets Abseil's crash handler on SIGTERM too (C++, unseen by
-    # Python): a SIGTERM in the half second before ray.init returned aborted the command (exit 134, no word,
-    # lease left). Not in this process (Ray's workers keep theirs): a crash here still gets Python's
-    # faulthandler trace, which Ray turns on in the driver.
-    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-    _DEFERRED.set()
+        pass
+    try:
+        # The driver's core worker, made within ray.init, sets Abseil's crash handler on SIGTERM too (C++, unseen
+        # by Python): a SIGTERM in the half second before ray.init returned aborted the command (exit 134, no
+        # word, lease left). Not in this process (Ray's workers keep theirs): a crash here still gets Python's
+        # faulthandler trace, which Ray turns on in the driver.
+        from ray._private import ray_constants
+
+        crash_handler = ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+        undo.append(lambda: setattr(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", crash_handler))
+    except (ImportError, AttributeError):
+        pass
+    if local:
+        _DEFERRED.set()  # (cleared by connect once it has acted on what was noted)
 
     def put_back():
-        _DEFERRED.clear()
-        ray_utils.set_sigterm_handler = original
-        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = crash_handler
+        for step in undo:
+            step()
 
     return put_back
 
@@ -213,15 +221,16 @@ def _hangup_held_from_what_starts():
     recording what had come back and leaving Ray. They are started with SIGHUP blocked (a signal mask is what
     the programs a process starts inherit), so a hang-up never reaches them and the command stops them as it
     leaves. The command blocks it only for Ray's start-up: a hang-up within it was ignored (and the run went on
-    with nobody watching); now it waits, and stops the command as Ray's start-up ends (stop_on_sigterm)."""
+    with nobody watching). The mask is this thread's: a thread started before (Arrow's) may still take the
+    signal at once, so it is _DEFERRED, not the mask, that keeps the handler from raising within ray.init."""
     if _HANGUP is None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {_HANGUP})
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {_HANGUP})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {_HANGUP})  # one that came meanwhile is delivered now
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one that came meanwhile is delivered now
 
 
 @dataclass(frozen=True)
@@ -417,46 +426,62 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     if address:
         _check_reachable(address)
     kwargs = dict(logging_level=logging.WARNING, runtime_env=runtime_env() or None)
-    put_back = _keep_sigterm_through_ray_init()
     if quiet:
         kwargs.update(configure_logging=False, log_to_driver=worker_output)
+    put_back = _keep_sigterm_through_ray_init(local=not address)
     try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            # "local": always a new Ray of our own, never one a `ray start` left on this machine (which a bare
-            # ray.init() would join through /tmp/ray/ray_current_cluster, even when it is dead)
-            with _hangup_held_from_what_starts():
-                ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
-    except KeyboardInterrupt:  # Ctrl-C while Ray starts (a SIGTERM is acted on below): what it started goes too
-        with contextlib.suppress(Exception):
-            disconnect()
-        raise
-    except ray.exceptions.AuthenticationError as exc:  # its own words run on for a paragraph of Ray's help
-        where = address or "a local Ray"
-        raise ClusterError(f"cannot connect to {where}: {exc.message}; {_token_hint(exc.message)}") from None
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        if not address:
-            raise ClusterError(f"cannot start a local Ray: {exc}") from exc
-        hint = " (check --address / RAY_ADDRESS)"
-        if not os.environ.get("RAY_AUTH_MODE"):
-            hint = ("; if the cluster uses token authentication (what `ray start` turns on where a token exists), "
-                    "set RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN" + hint)
-        raise ClusterError(f"cannot connect to {address}: {exc}{hint}") from exc
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                # "local": always a new Ray of our own, never one a `ray start` left on this machine (which a bare
+                # ray.init() would join through /tmp/ray/ray_current_cluster, even when it is dead)
+                with _hangup_held_from_what_starts():
+                    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                             **kwargs)
+        except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM while joining a cluster: what it started goes too
+            with contextlib.suppress(Exception):
+                disconnect()
+            raise
+        except (ray.exceptions.AuthenticationError, ConnectionError, RuntimeError, ValueError) as exc:
+            if _SIGTERM_RECEIVED.is_set():  # noted while Ray started, which then failed: the stop is what is said
+                with contextlib.suppress(Exception):
+                    disconnect()
+                raise KeyboardInterrupt from exc
+            raise _start_failed(exc, address) from (None if isinstance(exc, ray.exceptions.AuthenticationError)
+                                                    else exc)
+        finally:
+            put_back()
+        if _SIGTERM_RECEIVED.is_set():  # one that came while Ray started (_DEFERRED), or where Python drops what
+            # a handler raises (a logging lock)
+            with contextlib.suppress(Exception):
+                disconnect()
+            raise KeyboardInterrupt
+        stop_on_sigterm()
     finally:
-        put_back()
-    if _SIGTERM_RECEIVED.is_set():  # one that came while Ray started (_DEFERRED), or where Python drops what a
-        # handler raises (a logging lock)
-        with contextlib.suppress(Exception):
-            disconnect()
-        raise KeyboardInterrupt
-    stop_on_sigterm()
+        _DEFERRED.clear()
     resources = dict(ray.cluster_resources())
     if address:
         # A joined cluster may be running other jobs: CPU actors are sized from the CPUs free now, so two runs
         # on one CPU cluster do not each take all of it and wait for each other forever.
         resources["CPU"] = min(resources.get("CPU", 0), ray.available_resources().get("CPU", 0))
     return resources
+
+
+def _start_failed(exc: Exception, address: str | None) -> ClusterError:
+    """The one line for a Ray that would not start (local) or let this driver join (`address`)."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.AuthenticationError):  # its own words run on for a paragraph of Ray's help
+        return ClusterError(f"cannot connect to {address or 'a local Ray'}: {exc.message}; "
+                            f"{_token_hint(exc.message)}")
+    if not address:
+        return ClusterError(f"cannot start a local Ray: {exc}")
+    hint = " (check --address / RAY_ADDRESS)"
+    if not os.environ.get("RAY_AUTH_MODE"):
+        hint = ("; if the cluster uses token authentication (what `ray start` turns on where a token exists), "
+                "set RAY_AUTH_MODE=token with its token in ~/.ray/auth_token or RAY_AUTH_TOKEN" + hint)
+    return ClusterError(f"cannot connect to {address}: {exc}{hint}")
 
 
 def _token_hint(message: str) -> str:

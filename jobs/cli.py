@@ -285,8 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):  # (a closed terminal refuses the line: the ledger holds the rows)
             print(terminal_line(said), file=sys.stderr)
         return code
-    except BrokenPipeError:  # `sdfleet ... | head`: the reader has left with what it wanted; the rest goes unsaid,
-        return EXIT_BROKEN_PIPE  # and the exit is a shell's for a process the pipe's signal ended (no traceback)
+    except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe (a socket, a subprocess): not the user's doing
+            raise
+        # `sdfleet ... | head`: the reader has left with what it wanted; the rest goes unsaid, and the exit is a
+        # shell's for a process the pipe's signal ended (no traceback)
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # the typed errors of the library, said in one line with a hint
         from jobs.errors import describe_error
 
@@ -295,6 +299,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sdfleet: error: {terminal_line(without_passwords(message))}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real stdout (a test's capture)
+        return False
 
 
 def cmd_generate(args) -> int:
@@ -600,7 +616,8 @@ def _verify_one(uri: str, payload: str | None, wm) -> tuple[str, str]:
     if too_small:
         return "ERROR", f"{too_small.partition(';')[0]}, so it has none"
     # what the file says it carries is only believed where an unmarked image could not read as carrying it
-    recorded = recorded if isinstance(recorded, str) and not watermark_payload_problem(recorded) else None
+    trusted = isinstance(recorded, str) and not watermark_payload_problem(recorded, blank_ok=True)
+    recorded = recorded if trusted else None
     expected = payload or recorded or wm.DEFAULT_PAYLOAD
     found, accuracy = wm.read(rgb, expected.encode())
     try:  # bytes that are no UTF-8 shown as bytes, b'h8\xd4?' (replaced, they read as U+FFFD beside \x1a escapes)

@@ -149,8 +149,12 @@ def _finished(fs, root: str, cfg: TrainConfig) -> dict | None:
 def _asks_more(record: dict, cfg: TrainConfig) -> list[str]:
     """The flags of `cfg` that ask the fine-tune recorded in `record` (the same one: _starts_afresh) for what it
     did not do: other validation images, or another setting of what it trains. A flag added since the record was
-    written is not compared (the run had its default), nor are those that change only how a run goes."""
-    then, now = _resolved(record.get("config") or {}), _resolved(_as_recorded(cfg.model_dump()))
+    written counts at its default (what that run had; --validation-guidance: 7.5); those that change only how a
+    run goes are not compared."""
+    defaults = _as_recorded({k: f.get_default(call_default_factory=True) for k, f in TrainConfig.model_fields.items()
+                             if not f.is_required()})
+    then = _resolved({**defaults, **(record.get("config") or {})})
+    now = _resolved(_as_recorded(cfg.model_dump()))
     return [k for k, value in now.items()
             if k in then and then[k] != value and (k in REDRAWN_FLAGS or k not in RESUMABLE_FLAGS)]
 
@@ -159,8 +163,6 @@ def _refuse_retraining_a_finished_one(fs, root: str, cfg: TrainConfig) -> None:
     """A finished fine-tune whose checkpoints were deleted since (they are large; its output is what it is for)
     could do what its rerun asks (other validation images, a published file cut short since published again) only
     by training it all again from step 0: refused, saying what to do instead."""
-    from actors.train.stored import checkpoint_entries
-
     try:
         record = json.loads(fs.cat_file(f"{root}/finetune.json"))
     except (OSError, ValueError):
@@ -168,11 +170,15 @@ def _refuse_retraining_a_finished_one(fs, root: str, cfg: TrainConfig) -> None:
     if not isinstance(record, dict) or record.get("status") != "finished" or checkpoint_entries(fs, root):
         return
     asked = _asks_more(record, cfg)
-    what = (f"validation images of other {' and '.join(flag_of(k) for k in asked)}" if asked else
-            f"its {cfg.result_name} published again (a file of it is missing or cut short)")
+    if asked:
+        what = f"validation images of other {' and '.join(flag_of(k) for k in asked)}"
+        instead = f"draw images of its {cfg.result_name} with `sdfleet generate`"
+    else:  # (what it published is not whole: nothing to draw with)
+        what = f"its {cfg.result_name} published again (a file of it is missing or cut short)"
+        instead = "put back a whole copy of what it published"
     raise FinetuneError(f"--out {fs.unstrip_protocol(root)} holds this fine-tune, finished, but its checkpoints are "
-                        f"gone, so {what} would mean training it all again from step 0: draw images of its "
-                        f"{cfg.result_name} with `sdfleet generate`, or train it again into a new --out")
+                        f"gone, so {what} would mean training it all again from step 0: {instead}, or train it "
+                        "again into a new --out")
 
 
 def _published_whole(fs, root: str, cfg: TrainConfig) -> bool:

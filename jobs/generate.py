@@ -212,8 +212,8 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         if foreign := not_a_run_summary(fs, f"{root}/run.json"):  # another tool's run.json: it would be replaced
             raise RunFailed(f"--out {cfg.out} holds a run.json that sdfleet did not write ({foreign}): another "
                             "tool's output, whose files a run would write over; give the run a folder of its own")
-        if cfg.backend_cache:
-            check_backend_cache(cfg.backend_cache, make=not cfg.plan_only)
+        if cfg.backend_cache and (cfg.backend != "eager" or cfg.batch_size == "auto"):  # (else it is never read)
+            check_backend_cache(cfg.backend_cache, make=not cfg.plan_only, here=not address)
         made = not cfg.plan_only and is_local_fs(fs) and not fs.exists(root)  # (an object store's folders are names)
         if cfg.plan_only:  # writes nothing: reachable is enough
             fs.exists(root)
@@ -235,33 +235,42 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         raise
 
 
-def check_backend_cache(uri: str, make: bool) -> None:
+def check_backend_cache(uri: str, make: bool, here: bool) -> None:
     """Refuse a --backend-cache the actors could not use, before anything starts: a file, a folder that cannot be
-    made or written, a bucket that does not exist or no credentials. Found by the actors instead, it failed every
-    row to draw (onnx: exit 0 under --rows-may-fail, with nothing drawn), stopped the run with a bare OS error
-    (compile) or with Ray's "UDF failed" (--batch-size auto). `make`: create a local folder (not for --plan-only,
+    made, a bucket that does not exist or no credentials. Found by the actors instead, it failed every row to draw
+    (onnx: exit 0 under --rows-may-fail, with nothing drawn), stopped the run with a bare OS error (compile) or
+    with Ray's "UDF failed" (--batch-size auto). A local path is checked only where the actors' disk is this one
+    (`here`: a local Ray; a cluster's workers may mount a volume this pod does not); one they cannot write (a
+    read-only cache filled beforehand) is said, not refused. `make`: create a local folder (not for --plan-only,
     which writes nothing)."""
     try:
         fs, root = url_to_fs(uri)
         require_bucket(fs, root, "--backend-cache", uri, RunFailed)
-        if fs.isfile(root):
+        if not is_local_fs(fs):
+            if fs.isfile(root):
+                raise RunFailed(f"--backend-cache {uri} is a file; give a folder (a new one, or the cache of earlier "
+                                "runs)")
+            return
+        if not here:
+            return
+        if os.path.isfile(root):
             raise RunFailed(f"--backend-cache {uri} is a file; give a folder (a new one, or the cache of earlier runs)")
-        if is_local_fs(fs):
-            folder = root
-            while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-                folder = os.path.dirname(folder)  # (the nearest place that exists: where the cache would be made)
-            if not os.path.isdir(folder):
-                raise NotADirectoryError(f"{folder} is a file, not a folder")
-            if make:
-                os.makedirs(root, exist_ok=True)
-            if not os.access(root if make else folder, os.W_OK | os.X_OK):
-                raise PermissionError(f"Permission denied: {root if make else folder!r}")
+        folder = root
+        while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)  # (the nearest place that exists: where the cache would be made)
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"{folder} is a file, not a folder")
+        if make:
+            os.makedirs(root, exist_ok=True)
     except RunFailed:
         raise
     except Exception as exc:  # noqa: BLE001 - any store error means the same thing here
         raise RunFailed(f"--backend-cache {uri} cannot be used ({describe_error(exc) or one_line(exc)}); give a "
                         "folder or URI the actors can write, or leave --backend-cache out (default $SDFLEET_CACHE)") \
             from exc
+    if not os.access(root if make else folder, os.W_OK | os.X_OK):
+        log(f"warning: --backend-cache {uri} cannot be written here: what it does not hold yet is built by each "
+            "actor and not kept for the next run")
 
 
 def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: float, actor_cls,
@@ -436,9 +445,9 @@ def report_group_by_problem(column: str, manifest_columns: set[str], fs, root: s
 
 
 def _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease) -> dict:
-    resources = connect(cfg.address, quiet=not cfg.verbose)
-    startup = {"ray_connected": round(time.time() - started, 3)}
-    try:
+    try:  # (connect within: a stop the moment it returns still leaves Ray)
+        resources = connect(cfg.address, quiet=not cfg.verbose)
+        startup = {"ray_connected": round(time.time() - started, 3)}
         if lease is not None:  # Ray's start-up covered the settle time; only the log file is written before this
             lease.confirm()
         summary = _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startup, resources, actor_cls)

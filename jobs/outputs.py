@@ -446,6 +446,6 @@ def lost_parts(runs: list[dict], parts: dict[str, int | None]) -> list[str]:
         if isinstance(wrote, int) and isinstance(run, str) and present[run] < wrote:
             lines.append(f"run {run} wrote {wrote} ledger part(s) and results/ holds {present[run]} of them: rows "
                          "that only those parts recorded are not shown (a copy or sync that missed files: copy the "
-                         "output again, whole; a damaged part moved out of results/: rows its run's manifests ask "
-                         "for were recorded again by the rerun, and the rest stay unshown)")
+                         "output again, whole; a damaged part moved out of results/: a rerun of `sdfleet generate` "
+                         "with the run's manifests records again the rows they ask for, and the rest stay unshown)")
     return lines

@@ -62,9 +62,11 @@ def too_small_for_the_mark(width: int, height: int) -> str | None:
             f"pixels, as {WATERMARK_MIN_SIDE}x{WATERMARK_MIN_SIDE} has); make it larger or run with --no-watermark")
 
 
-def watermark_payload_problem(payload: str) -> str | None:
-    """Why `payload` cannot be a watermark's payload, or None when it can."""
-    if payload and not payload.strip():  # (marked, it could be checked only while the PNG's text says it)
+def watermark_payload_problem(payload: str, blank_ok: bool = False) -> str | None:
+    """Why `payload` cannot be a watermark's payload, or None when it can. `blank_ok`: white space alone is a
+    payload (one a PNG records: images were marked so before it was refused for new marks)."""
+    if payload and not payload.strip() and not blank_ok:  # (marked, it could be checked only while its PNG's
+        # text said it)
         return "is only white space; choose text, e.g. the owner's name"
     data = payload.encode("utf-8")
     if not WATERMARK_MIN_BYTES <= len(data) <= WATERMARK_MAX_BYTES:

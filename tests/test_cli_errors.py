@@ -740,9 +740,12 @@ def test_manifests_without_a_row_are_refused_and_the_output_left_as_it_was(capsy
 
 def test_a_backend_cache_the_actors_could_not_use_is_refused_before_ray_naming_the_flag(capsys, tmp_path,
                                                                                           monkeypatch):
-    """A file, a path below a file, an object store without its bucket: found by the actors, every row to draw
-    failed (exit 0 under --rows-may-fail, nothing drawn) or the run stopped with a bare OS error or Ray's 'UDF
-    failed'. --plan-only, the nightly's dry run, says so too, and makes nothing."""
+    """A file, or a path below a file: found by the actors, every row to draw failed (exit 0 under
+    --rows-may-fail, nothing drawn) or the run stopped with a bare OS error or Ray's 'UDF failed'. --plan-only,
+    the nightly's dry run, says so too, and makes nothing. A local path on a joined cluster is the workers' disk,
+    not this one's: not checked here; nor is a cache the run never reads (eager, a fixed batch size)."""
+    from jobs.generate import check_backend_cache
+
     import ray
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started with a cache it cannot use"))
@@ -760,8 +763,12 @@ def test_a_backend_cache_the_actors_could_not_use_is_refused_before_ray_naming_t
     monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))  # checks passed
     run(capsys, "generate", manifest, "--out", tmp_path / "out", "--backend-cache", fresh, "--plan-only")
     assert not fresh.exists() and not (tmp_path / "cache").exists()
-    run(capsys, "generate", manifest, "--out", tmp_path / "out", "--backend-cache", fresh)
+    run(capsys, "generate", manifest, "--out", tmp_path / "out", "--backend-cache", fresh)  # eager, batch 8
+    assert not fresh.exists()
+    run(capsys, "generate", manifest, "--out", tmp_path / "out", "--backend-cache", fresh, "--backend", "onnx")
     assert fresh.is_dir()
+    check_backend_cache(str(afile / "onnx"), make=True, here=False)  # (no error: the workers' disk, not this one)
+    assert afile.is_file()
 
 
 def test_a_cache_write_that_fails_mid_run_costs_the_cache_not_the_rows(tmp_path, monkeypatch):
@@ -795,3 +802,16 @@ def test_output_piped_into_a_reader_that_leaves_early_ends_quietly(tmp_path):
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and "00.png" in first, (proc.returncode, first, err)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_not_taken_for_a_reader_leaving(monkeypatch):
+    """Only stdout's reader leaving ends a command quietly (141); a socket's or a subprocess's broken pipe is a
+    failure with its traceback, as before."""
+    from jobs import cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_report", broken)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["report", "out"])

@@ -500,6 +500,10 @@ def test_verify_refuses_an_empty_payload(capsys, marked, tmp_path):
     # text said so
     code, _, err = run(capsys, "generate", marked["a"], "--out", tmp_path / "out", "--watermark", " " * 4)
     one_error_line(err, "sdfleet generate: error: --watermark '    ' is only white space; choose text")
+    # an image marked so before is still checked against the payload its PNG records
+    save_png(tmp_path / "blank.png", wm.embed(noise(256, 3), " " * 4), recorded=" " * 4)
+    code, out, _ = run(capsys, "watermark", "verify", tmp_path / "blank.png")
+    assert code == 0 and out.startswith("ok  ") and "expected '    ', 100% of bits match" in out, out
 
 
 def test_verify_does_not_read_an_image_past_pillows_bomb_warning(capsys, tmp_path, monkeypatch):

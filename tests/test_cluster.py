@@ -141,8 +141,8 @@ def test_a_hang_up_while_a_local_ray_starts_stops_the_command_once_started_and_n
     def init(**kwargs):  # as Ray's start-up does: processes started, and the terminal closes meanwhile
         probe = "import signal; print(signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, []))"
         started.append(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip())
-        os.kill(os.getpid(), signal.SIGHUP)  # (taken by another thread, it stops ray.init here as Ctrl-C does;
-        time.sleep(0.5)  # else it waits for ray.init to return)
+        os.kill(os.getpid(), signal.SIGHUP)  # (noted, whichever thread takes it, and acted on once ray.init
+        time.sleep(0.5)  # returns: raised within it, Ray was left half-started)
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(connect_module, "disconnect", lambda: left.append(True))
@@ -154,6 +154,43 @@ def test_a_hang_up_while_a_local_ray_starts_stops_the_command_once_started_and_n
         assert started == ["True"]  # what Ray starts never sees a hang-up
         assert left == [True] and connect_module.stop_signal() == signal.SIGHUP
         assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the command's own: unblocked
+    finally:
+        connect_module._SIGTERM_RECEIVED.clear()
+        connect_module._RECEIVED.clear()
+        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGHUP, hangup_before)
+
+
+def test_a_stop_while_ray_starts_waits_only_for_a_local_start_and_is_said_if_the_start_then_fails(monkeypatch):
+    """Starting a local Ray, a SIGTERM is noted and acted on as ray.init returns (raised within it, Ray was left
+    half-started), also where the start then fails (it said "cannot start a local Ray", exit 1). Joining a
+    cluster can take minutes: there it stops ray.init at once, as before."""
+    import signal
+
+    import ray
+
+    from cluster import connect as connect_module
+
+    reached = []
+
+    def init(**kwargs):  # the stop comes, then the start-up fails
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # (a handler that raises does so here)
+        reached.append(kwargs["address"])
+        raise RuntimeError("Failed to start the GCS")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(connect_module, "disconnect", lambda: None)
+    monkeypatch.setattr(connect_module, "_check_reachable", lambda address: None)
+    before, hangup_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    try:
+        for address, waited in ((None, ["local"]), ("10.0.0.1:6379", [])):
+            reached.clear()
+            connect_module.stop_on_sigterm()
+            with pytest.raises(KeyboardInterrupt):
+                connect_module.connect(address, num_cpus=1, quiet=True)
+            assert reached == waited and connect_module.stop_signal() == signal.SIGTERM, address
+            assert not connect_module._DEFERRED.is_set()
     finally:
         connect_module._SIGTERM_RECEIVED.clear()
         connect_module._RECEIVED.clear()

@@ -936,6 +936,7 @@ def test_a_finished_fine_tune_is_trained_again_only_where_its_rerun_would_change
     older = {**record, "config": {k: v for k, v in record["config"].items() if k != "validation_guidance"}}
     (out / "finetune.json").write_text(json.dumps(older))
     assert _finished(fs, str(out), cfg) == older
+    assert _finished(fs, str(out), cfg.model_copy(update={"validation_guidance": 3.0})) is None  # drew at 7.5
     (out / "finetune.json").write_text(json.dumps(record))
     weights = out / "pytorch_lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4])
@@ -1688,5 +1689,6 @@ def test_a_finished_fine_tune_whose_checkpoints_are_gone_is_never_trained_again_
         "other --validation-prompt would mean training it all again from step 0" in stderr, stderr[-2000:]
     (out / "pytorch_lora_weights.safetensors").write_bytes(b"cut")
     code, stderr = refused_before_ray(monkeypatch, capsys, *flags)
-    assert code == 1 and "so its LoRA published again (a file of it is missing or cut short)" in stderr
+    assert code == 1 and "so its LoRA published again (a file of it is missing or cut short) would mean training " \
+        "it all again from step 0: put back a whole copy of what it published, or train it again" in stderr
     assert json.loads((out / "finetune.json").read_text())["status"] == "finished", "the record is left as it was"

@@ -82,7 +82,24 @@ def test_leaving_a_local_ray_stops_every_process_it_started():
     assert "monitor" not in found["reached_alive"] and "raylet" in found["reached_alive"], found
 
 
-def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembered(monkeypatch):
+@pytest.fixture
+def stop_handlers_put_back():
+    """What a test of the stop handlers changes, put back after it: SIGTERM's and SIGHUP's handlers, and the
+    signals cluster.connect noted."""
+    import signal
+
+    from cluster import connect as connect_module
+
+    before, hangup_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    yield
+    connect_module._SIGTERM_RECEIVED.clear()
+    connect_module._RECEIVED.clear()
+    signal.signal(signal.SIGTERM, before)
+    signal.signal(signal.SIGHUP, hangup_before)
+
+
+def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembered(monkeypatch,
+                                                                                   stop_handlers_put_back):
     """After ray.init (whose driver handler calls sys.exit(15), skipping every `except KeyboardInterrupt`),
     SIGTERM raises a KeyboardInterrupt, and the process remembers it was SIGTERM: Ray's C++ waits turn the
     handler's exception into a plain KeyboardInterrupt, and the CLI says 'stopped by SIGTERM', exit 143."""
@@ -91,41 +108,36 @@ def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembere
     from cluster import connect as connect_module
     from jobs import cli
 
-    before, hangup_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
-    try:
-        connect_module.stop_on_sigterm()
-        assert not connect_module.stopped_by_sigterm()
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler runs at the next bytecode
-        assert connect_module.stopped_by_sigterm()
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM ends the process at once
+    connect_module.stop_on_sigterm()
+    assert not connect_module.stopped_by_sigterm()
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode
+    assert connect_module.stopped_by_sigterm()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM ends the process at once
 
-        def stopped(args):  # a SIGTERM while a command runs, Ray or not (the CLI sets the handler as it starts)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
+    def stopped(args):  # a SIGTERM while a command runs, Ray or not (the CLI sets the handler as it starts)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
 
-        monkeypatch.setattr(cli, "cmd_report", stopped)
-        assert cli.main(["report", "out"]) == cli.EXIT_TERMINATED == 143
+    monkeypatch.setattr(cli, "cmd_report", stopped)
+    assert cli.main(["report", "out"]) == cli.EXIT_TERMINATED == 143
 
-        def hung_up(args):  # the terminal closed: it ended the process at once, with nothing recorded
-            os.kill(os.getpid(), signal.SIGHUP)
-            time.sleep(5)
+    def hung_up(args):  # the terminal closed: it ended the process at once, with nothing recorded
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)
 
-        monkeypatch.setattr(cli, "cmd_report", hung_up)
-        assert cli.main(["report", "out"]) == 129
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # a second one ends the process at once
-        # under nohup (SIGHUP ignored as the command starts) the hang-up is left ignored: the run goes on
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        connect_module.stop_on_sigterm()
-        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-    finally:
-        connect_module._SIGTERM_RECEIVED.clear()
-        signal.signal(signal.SIGTERM, before)
-        signal.signal(signal.SIGHUP, hangup_before)
+    monkeypatch.setattr(cli, "cmd_report", hung_up)
+    assert cli.main(["report", "out"]) == 129
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # a second one ends the process at once
+    # under nohup (SIGHUP ignored as the command starts) the hang-up is left ignored: the run goes on
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    connect_module.stop_on_sigterm()
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
 
 
-def test_a_hang_up_while_a_local_ray_starts_stops_the_command_once_started_and_never_reaches_ray(monkeypatch):
+def test_a_hang_up_while_a_local_ray_starts_stops_the_command_once_started_and_never_reaches_ray(
+        monkeypatch, stop_handlers_put_back):
     """The processes a local Ray starts must not get the terminal's SIGHUP (they died mid-stop), so it was
     ignored during ray.init: a hang-up then was lost and the run went on with nobody watching. Now the
     processes started within inherit it blocked, and the command gets it (within ray.init, or as it returns):
@@ -146,22 +158,16 @@ def test_a_hang_up_while_a_local_ray_starts_stops_the_command_once_started_and_n
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(connect_module, "disconnect", lambda: left.append(True))
-    before, hangup_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
-    try:
-        connect_module.stop_on_sigterm()
-        with pytest.raises(KeyboardInterrupt):
-            connect_module.connect(None, num_cpus=1, quiet=True)
-        assert started == ["True"]  # what Ray starts never sees a hang-up
-        assert left == [True] and connect_module.stop_signal() == signal.SIGHUP
-        assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the command's own: unblocked
-    finally:
-        connect_module._SIGTERM_RECEIVED.clear()
-        connect_module._RECEIVED.clear()
-        signal.signal(signal.SIGTERM, before)
-        signal.signal(signal.SIGHUP, hangup_before)
+    connect_module.stop_on_sigterm()
+    with pytest.raises(KeyboardInterrupt):
+        connect_module.connect(None, num_cpus=1, quiet=True)
+    assert started == ["True"]  # what Ray starts never sees a hang-up
+    assert left == [True] and connect_module.stop_signal() == signal.SIGHUP
+    assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the command's own: unblocked
 
 
-def test_a_stop_while_ray_starts_waits_only_for_a_local_start_and_is_said_if_the_start_then_fails(monkeypatch):
+def test_a_stop_while_ray_starts_waits_only_for_a_local_start_and_is_said_if_the_start_then_fails(
+        monkeypatch, stop_handlers_put_back):
     """Starting a local Ray, a SIGTERM is noted and acted on as ray.init returns (raised within it, Ray was left
     half-started), also where the start then fails (it said "cannot start a local Ray", exit 1). Joining a
     cluster can take minutes: there it stops ray.init at once, as before."""
@@ -182,20 +188,13 @@ def test_a_stop_while_ray_starts_waits_only_for_a_local_start_and_is_said_if_the
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(connect_module, "disconnect", lambda: None)
     monkeypatch.setattr(connect_module, "_check_reachable", lambda address: None)
-    before, hangup_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
-    try:
-        for address, waited in ((None, ["local"]), ("10.0.0.1:6379", [])):
-            reached.clear()
-            connect_module.stop_on_sigterm()
-            with pytest.raises(KeyboardInterrupt):
-                connect_module.connect(address, num_cpus=1, quiet=True)
-            assert reached == waited and connect_module.stop_signal() == signal.SIGTERM, address
-            assert not connect_module._DEFERRED.is_set()
-    finally:
-        connect_module._SIGTERM_RECEIVED.clear()
-        connect_module._RECEIVED.clear()
-        signal.signal(signal.SIGTERM, before)
-        signal.signal(signal.SIGHUP, hangup_before)
+    for address, waited in ((None, ["local"]), ("10.0.0.1:6379", [])):
+        reached.clear()
+        connect_module.stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            connect_module.connect(address, num_cpus=1, quiet=True)
+        assert reached == waited and connect_module.stop_signal() == signal.SIGTERM, address
+        assert not connect_module._DEFERRED.is_set()
 
 
 def test_a_lost_cluster_is_said_and_noticed_even_where_the_main_thread_is_held(monkeypatch):

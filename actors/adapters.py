@@ -24,6 +24,7 @@ from typing import Literal
 import fsspec
 
 from manifests.stores import fs_protocols, is_local_fs, url_to_fs, version_tag
+from actors.lora_keys import not_applied
 from manifests.schema import ADAPTER_NAME_RULE, error_line, first_few, is_adapter_name
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -286,39 +287,6 @@ def _record_path(uri: str):
 
 def _fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:FINGERPRINT_CHARS]
-
-
-def not_applied(state_dict, metadata: dict) -> str | None:
-    """Why sdfleet refuses a file whose parts it would not apply (or whose alphas it cannot know), or None:
-    drawn without them, the LoRA would be another, with the row marked `ok`. `state_dict`: the file's tensors
-    by key (only the keys are read: the driver asks with the file's header, an actor again with its tensors);
-    `metadata`: its lora_adapter_metadata."""
-    bundled = next((k for k in state_dict if k.startswith("bundle_emb.")), None)
-    if bundled is not None:
-        return (f"bundles Textual Inversion embeddings with its LoRA ({bundled!r}), which sdfleet does not load from "
-                "a LoRA file: save each embedding as a file of its own in the store and name both in the rows' "
-                "`adapters`")
-    tucker = next((k for k in state_dict if ".lora_mid." in k), None)
-    if tucker is not None:
-        return (f"is a LyCORIS LoCon with Tucker decomposition ({tucker!r}), which sdfleet does not apply; export "
-                "it as a plain LoRA (or merge it into a model)")
-    peft_saved = next((k for k in state_dict if k.startswith("base_model.model.")), None)
-    if peft_saved is not None:  # its alphas are in adapter_config.json beside it: drawn without, at another strength
-        return (f"is a peft `save_pretrained` adapter ({peft_saved!r}), whose alphas are in its adapter_config.json, "
-                "not in the file; save it with diffusers' `StableDiffusionPipeline.save_lora_weights` (or "
-                "`get_peft_model_state_dict` with the `unet.` prefix and the adapter's metadata)")
-    dora = next((k for k in state_dict if "dora_scale" in k or "lora_magnitude_vector" in k), None)
-    dora = dora or next((f"{k}: true" for k, v in metadata.items() if k.endswith("use_dora") and v), None)
-    if dora is not None:  # diffusers drops kohya's dora_scale with a log line; the pixels would be a plain LoRA's
-        return (f"is a DoRA (weight-decomposed LoRA, {dora!r}), which sdfleet does not apply; use a plain LoRA (or "
-                "merge the DoRA into a model)")
-    nested = next((k for k, v in metadata.items() if k in ("unet", "text_encoder") and isinstance(v, dict)), None)
-    if nested is not None:  # its alphas unread, the LoRA was drawn at alpha = rank (4x, one file's) and marked ok
-        return (f"has lora_adapter_metadata in a layout sdfleet does not read ({nested!r} holds the part's "
-                "settings as a JSON object; diffusers' save_lora_weights writes flat keys, such as "
-                "'unet.lora_alpha'): its alphas would go unread and the LoRA be drawn at another strength; save it "
-                "with save_lora_weights")
-    return None
 
 
 def _parse(name: str, data: bytes):

@@ -22,7 +22,7 @@ import re
 
 import torch
 
-from actors.adapters import not_applied
+from actors.lora_keys import not_applied
 from manifests.schema import error_line
 
 UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.")

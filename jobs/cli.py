@@ -189,11 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _name_commands(parser: argparse.ArgumentParser) -> None:
-    """A missing command is named by its choices ("required: {verify}"), not by argparse's `dest`, which only
-    the code knows ("required: watermark_command")."""
+    """A missing or unknown command is named COMMAND ("required: COMMAND (see sdfleet watermark --help)"), not by
+    argparse's `dest`, which only the code knows ("required: watermark_command")."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            action.metavar = "{" + ",".join(action.choices) + "}"
+            action.metavar = "COMMAND"
             for sub in action.choices.values():
                 _name_commands(sub)
 

@@ -52,7 +52,7 @@ def one_error_line(err: str) -> str:
     (["sheet", "out"],
      "sdfleet sheet: error: the following arguments are required: -o/--output (see sdfleet sheet --help)"),
     (["watermark"],  # (was "required: watermark_command", a name only the code knows)
-     "sdfleet watermark: error: the following arguments are required: {verify} (see sdfleet watermark --help)"),
+     "sdfleet watermark: error: the following arguments are required: COMMAND (see sdfleet watermark --help)"),
     (["generate", "m.parquet", "--out", "o", "--backend", "onnx", "--compile-mode", "max-autotune"],  # was ignored
      "sdfleet generate: error: --compile-mode max-autotune is for --backend compile (torch.compile's mode); got "
      "--backend onnx: give --backend compile, or leave --compile-mode out"),
@@ -67,7 +67,7 @@ def test_an_unknown_subcommand_is_one_line_listing_the_commands(capsys):
     code, _, err = run(capsys, "bogus")
     assert code == 1
     line = one_error_line(err)
-    assert line.startswith("sdfleet: error: argument command: invalid choice: 'bogus' (choose from 'generate',")
+    assert line.startswith("sdfleet: error: argument COMMAND: invalid choice: 'bogus' (choose from 'generate',")
     assert line.endswith("(see sdfleet --help)")
 
 

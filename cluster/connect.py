@@ -444,16 +444,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
                 disconnect()
             raise
         except (ray.exceptions.AuthenticationError, ConnectionError, RuntimeError, ValueError) as exc:
-            if _SIGTERM_RECEIVED.is_set():  # noted while Ray started, which then failed: the stop is what is said
-                with contextlib.suppress(Exception):
-                    disconnect()
-                raise KeyboardInterrupt from exc
-            raise _start_failed(exc, address) from (None if isinstance(exc, ray.exceptions.AuthenticationError)
-                                                    else exc)
+            if not _SIGTERM_RECEIVED.is_set():  # (one noted while Ray started, which then failed: said below)
+                raise _start_failed(exc, address) from (None if isinstance(exc, ray.exceptions.AuthenticationError)
+                                                        else exc)
         finally:
             put_back()
-        if _SIGTERM_RECEIVED.is_set():  # one that came while Ray started (_DEFERRED), or where Python drops what
-            # a handler raises (a logging lock)
+        if _SIGTERM_RECEIVED.is_set():  # one that came while Ray started (_DEFERRED; the start may have failed
+            # since), or where Python drops what a handler raises (a logging lock): the stop is what is said
             with contextlib.suppress(Exception):
                 disconnect()
             raise KeyboardInterrupt

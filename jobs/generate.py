@@ -246,15 +246,12 @@ def check_backend_cache(uri: str, make: bool, here: bool) -> None:
     try:
         fs, root = url_to_fs(uri)
         require_bucket(fs, root, "--backend-cache", uri, RunFailed)
-        if not is_local_fs(fs):
-            if fs.isfile(root):
-                raise RunFailed(f"--backend-cache {uri} is a file; give a folder (a new one, or the cache of earlier "
-                                "runs)")
+        if is_local_fs(fs) and not here:
             return
-        if not here:
-            return
-        if os.path.isfile(root):
+        if fs.isfile(root):
             raise RunFailed(f"--backend-cache {uri} is a file; give a folder (a new one, or the cache of earlier runs)")
+        if not is_local_fs(fs):
+            return
         folder = root
         while not os.path.exists(folder) and os.path.dirname(folder) != folder:
             folder = os.path.dirname(folder)  # (the nearest place that exists: where the cache would be made)

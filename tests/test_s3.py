@@ -249,7 +249,12 @@ def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resu
     cmd = [sys.executable, "-m", "jobs", "finetune", "full", "--fsdp", "--data", "s3://sdfleet/data/shapes",
            "--base", "tiny-random", "--lr", "2e-3", "--out", f"s3://{out}", "--workers", "2", "--batch-size", "2",
            "--resolution", "64", "--log-every", "1", "--checkpoint-every", "3", "--steps", "12", "--seed", "5"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a SIGKILL leaves what the run keeps in the temporary folder (its log, Ray Train's checkpoint staging):
+    # this test's own, not the machine's /tmp; Ray's session folder stays where Ray would put it
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    ray_tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch), "RAY_TMPDIR": ray_tmp}
     with open(tmp_path / "run1.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
         deadline = time.time() + 300
@@ -261,6 +266,7 @@ def test_finetune_reads_its_data_from_s3_checkpoints_there_and_a_killed_run_resu
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert max(r["step"] for r in _train_log(fs, out) if "loss" in r) < 12, "the kill should land mid-run"
+    assert list(scratch.glob("finetune-*.log")), "the killed run's log stays in its temporary folder"
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -38,6 +38,7 @@ _RECEIVED: list[int] = []  # which of them came first
 # Set while ray.init runs: one of them then is acted on as it returns (connect), not raised within it, where a
 # KeyboardInterrupt between two of its steps left a half-made core worker that ray.shutdown() crashed on
 _DEFERRED = threading.Event()
+_INTERRUPTED = threading.Event()  # a Ctrl-C that came while a local Ray started: acted on the same way
 _HANGUP = getattr(signal, "SIGHUP", None)  # (not on Windows)
 
 
@@ -165,6 +166,18 @@ def _on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
 
+def _on_interrupt_in_start(signum, frame):
+    """Ctrl-C while a local Ray starts: noted, and acted on as ray.init returns (seconds later); a second one
+    stops it at once (Python's own handler again), for a start-up that does not come back."""
+    _INTERRUPTED.set()
+    _interrupt_to_default()
+
+
+def _interrupt_to_default() -> None:
+    if signal.getsignal(signal.SIGINT) is _on_interrupt_in_start:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _hangup_to_default() -> None:
     """SIGHUP back to ending the process, where sdfleet's handler has it (one ignored, under nohup, stays so)."""
     if _HANGUP is not None and signal.getsignal(_HANGUP) is _on_sigterm:
@@ -177,9 +190,10 @@ def _keep_sigterm_through_ray_init(local: bool):
     raises and the run went on. This driver keeps sdfleet's (stop_on_sigterm) instead. Starting a `local` Ray, the
     handler only notes the signal (_DEFERRED) and connect stops the command as ray.init returns, seconds later:
     raised between two of its steps, the KeyboardInterrupt left a half-made core worker that ray.shutdown()
-    crashed on. Joining a cluster can take minutes (a GCS that does not answer), so there the start-up is stopped
-    at once, as Ctrl-C stops either (Python's own handler; a user at the terminal). Ray's workers set theirs in
-    their own processes, untouched. Returns what to call once `ray.init` is done, to put Ray's settings back."""
+    crashed on (SIGSEGV). A first Ctrl-C there is noted the same way (_INTERRUPTED), a second stops it at once.
+    Joining a cluster can take minutes (a GCS that does not answer), so there the start-up is stopped at once, by
+    either. Ray's workers set theirs in their own processes, untouched. Returns what to call once `ray.init` is
+    done, to put Ray's settings back."""
     if _SIGTERM_RECEIVED.is_set() and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
         raise KeyboardInterrupt  # one came and its KeyboardInterrupt was lost (Python drops it in some places)
     stop_on_sigterm()
@@ -206,6 +220,10 @@ def _keep_sigterm_through_ray_init(local: bool):
         pass
     if local:
         _DEFERRED.set()  # (cleared by connect once it has acted on what was noted)
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, _on_interrupt_in_start)
+            undo.append(_interrupt_to_default)
 
     def put_back():
         for step in undo:
@@ -439,24 +457,26 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
                 with _hangup_held_from_what_starts():
                     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                              **kwargs)
-        except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM while joining a cluster: what it started goes too
+        except KeyboardInterrupt:  # a stop while joining a cluster, or a second Ctrl-C: what it started goes too
             with contextlib.suppress(Exception):
                 disconnect()
             raise
         except (ray.exceptions.AuthenticationError, ConnectionError, RuntimeError, ValueError) as exc:
-            if not _SIGTERM_RECEIVED.is_set():  # (one noted while Ray started, which then failed: said below)
+            if not (_SIGTERM_RECEIVED.is_set() or _INTERRUPTED.is_set()):  # (a stop noted meanwhile: said below)
                 raise _start_failed(exc, address) from (None if isinstance(exc, ray.exceptions.AuthenticationError)
                                                         else exc)
         finally:
             put_back()
-        if _SIGTERM_RECEIVED.is_set():  # one that came while Ray started (_DEFERRED; the start may have failed
-            # since), or where Python drops what a handler raises (a logging lock): the stop is what is said
+        if _SIGTERM_RECEIVED.is_set() or _INTERRUPTED.is_set():  # one that came while Ray started (_DEFERRED;
+            # the start may have failed since), or where Python drops what a handler raises (a logging lock): the
+            # stop is what is said
             with contextlib.suppress(Exception):
                 disconnect()
             raise KeyboardInterrupt
         stop_on_sigterm()
     finally:
         _DEFERRED.clear()
+        _INTERRUPTED.clear()
     resources = dict(ray.cluster_resources())
     if address:
         # A joined cluster may be running other jobs: CPU actors are sized from the CPUs free now, so two runs

@@ -31,9 +31,9 @@ from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
 from actors.presets import PRESETS
-from cluster.connect import (address_problem, alive_nodes, cluster_address, connect, disconnect, joined_address,
-                             library_logs_to, local_gpu_shortfall, size_actors, size_finishing, stop_signal,
-                             watch_cluster)
+from cluster.connect import (ClusterError, address_problem, alive_nodes, cluster_address, connect, disconnect,
+                             joined_address, library_logs_to, local_gpu_shortfall, local_resources, size_actors,
+                             size_finishing, stop_signal, watch_cluster)
 from jobs.console import command_log, leave, log, recorded_json, ticking, without_passwords
 from jobs.errors import RunFailed, describe_error, one_line, root_cause
 from jobs.lease import Lease
@@ -200,6 +200,7 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
         from actors import opencv  # without OpenCV's system libraries they could finish no image (one line)
 
         opencv.load()
+        _check_local_devices(cfg)
     fs, root = url_to_fs(cfg.out)  # a store whose package is missing, or HDFS without Java: said (describe_error)
     try:
         require_bucket(fs, root, "--out", cfg.out, RunFailed)
@@ -233,6 +234,23 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)  # (only an empty folder goes)
         raise
+
+
+def _check_local_devices(cfg: GenerateConfig) -> None:
+    """A local Ray has this machine's devices for good: a GPU it lacks (--device cuda), or a backend that cannot
+    run on what it has, is refused before Ray starts and before OUT is made (a cluster's, which an autoscaler
+    may add to, is checked once joined: _on_cluster)."""
+    local = local_resources()
+    if local is None:  # this Ray cannot say: _on_cluster checks what the started Ray found
+        return
+    try:
+        device = size_actors(cfg.actors, local, cfg.device).device
+        if device == "cuda" and (short := local_gpu_shortfall("--actors", cfg.actors, local["GPU"],
+                                                              "leave --device out to draw on the CPU")):
+            raise RunFailed(f"--device cuda: {short}")
+        check_backend(cfg.backend, device)
+    except (BackendError, ClusterError) as exc:
+        raise RunFailed(str(exc)) from exc
 
 
 def check_backend_cache(uri: str, make: bool, here: bool) -> None:

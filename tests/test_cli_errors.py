@@ -815,3 +815,24 @@ def test_a_broken_pipe_that_is_not_stdouts_is_not_taken_for_a_reader_leaving(mon
     monkeypatch.setattr(cli, "cmd_report", broken)
     with pytest.raises(BrokenPipeError):
         cli.main(["report", "out"])
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--backend", "tensorrt", "--device", "cpu"], "--backend tensorrt needs an NVIDIA GPU"),
+    (["--device", "cuda"], "--device cuda: this machine has no GPU"),
+    (["--actors", "99"], "--actors 99 is too many for 2 CPUs"),
+])
+def test_what_a_local_ray_could_never_run_is_refused_before_it_starts_leaving_no_output(capsys, tmp_path,
+                                                                                      monkeypatch, flags, needle):
+    """A local Ray has this machine's devices for good: a backend or device it lacks was said only after Ray had
+    started, and left OUT/logs/ behind in what was a fresh output folder."""
+    from jobs import generate
+
+    monkeypatch.setattr(generate, "local_resources", lambda num_cpus=None: {"CPU": 2.0, "GPU": 0.0})
+    monkeypatch.setattr(generate, "connect", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    assert main(["generate", str(manifest), "--out", str(tmp_path / "out"), *flags]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

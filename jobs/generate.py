@@ -349,14 +349,13 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     if cfg.report_group_by and (problem := report_group_by_problem(cfg.report_group_by, manifests.columns, fs, root)):
         log(f"warning: {problem}; the run goes on, its report will not be grouped")  # a report never fails a run
     existing = set()  # images a killed run wrote without recording them are in here too: the plan reads those
+    changed = set()
     if not cfg.force and fs.exists(f"{root}/images"):
         images = {p.rsplit("/", 1)[-1][:-4]: info for p, info in folder_files(fs, f"{root}/images", ".png").items()}
         existing = set(images)
         changed = changed_since_recorded(images, finished)
         del images  # the listing's details: ~800 MB for a million images, not needed past this point
         if changed:  # its ledger entry no longer vouches for it: read, as an unrecorded image is, before it counts
-            log(f"{len(changed)} image(s) written after their ledger entry, or of another size than it records "
-                "(another run, a copy, an edit, a file damaged in place): each is checked before it counts as done")
             done = {rid: phash for rid, phash in done.items() if rid not in changed}
     del finished
     # rows failed since their last ok entry, whose image that entry still vouches for: recorded ok again from it
@@ -373,7 +372,10 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     before = ("--force: every row is drawn again" if cfg.force else
               f"{len(done.keys() - dropped)} drawn before (the plan draws again those that changed)")
     log(f"{manifests.total} rows in {len(uris)} manifest(s); {before}; out: {cfg.out}")
-    if not_asked:  # (after the line above, which says what the run is about)
+    if changed:  # (these after the line above, which says what the run is about)
+        log(f"{len(changed)} image(s) written after their ledger entry, or of another size than it records "
+            "(another run, a copy, an edit, a file damaged in place): each is checked before it counts as done")
+    if not_asked:
         log(f"{len(not_asked)} image(s) in --out are of rows no manifest of this run asks for (dropped, renamed): "
             "kept; run.json counts them (not_in_manifests) and the report lists them")
 

@@ -143,7 +143,11 @@ def test_rerun_draws_nothing_then_only_the_changed_row(run64, tmp_path):
     assert {e["id"]: e["png_bytes"] for e in ledger(out)}[changed[24]["id"]] == kept.st_size
     proc = sdfleet("generate", str(manifest), "--out", str(out), "--plan-only", "--no-watermark")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 image(s) written after their ledger entry, or of another size" in proc.stderr, proc.stderr[-2000:]
+    said = proc.stderr.splitlines()
+    notice = [i for i, line in enumerate(said)
+              if "4 image(s) written after their ledger entry, or of another size" in line]
+    start = [i for i, line in enumerate(said) if " rows in 1 manifest(s); " in line]
+    assert notice and start and notice[0] > start[0], proc.stderr[-2000:]  # (the line saying what the run is, first)
     assert "of 62 rows 3 would be drawn, 58 are done, 1 would be recovered" in proc.stderr, proc.stderr[-2000:]
 
 

@@ -706,11 +706,10 @@ def cmd_eval(args) -> int:
               "of them)")
     if contradicting:
         first = summary["contradicting_rows"][0]
-        said = ", ".join(f"{k} {v['column']!r}" for k, v in first.items() if k != "id")
+        said = ", ".join(f"{k} {v!r}" for k, v in first["columns"].items())
         print(terminal_line(f"not scored: {contradicting} row(s) whose color/shape/background columns their prompt "
-                            f"contradicts (such as {first['id']!r}: {said}, but its prompt is "
-                            f"{next(v for k, v in first.items() if k != 'id')['prompt']!r}): the image follows the "
-                            "prompt; correct the columns"))
+                            f"contradicts (such as {first['id']!r}: {said}, but its prompt is {first['prompt']!r}): "
+                            "the image follows the prompt; correct the columns"))
     if summary["images_without_parameters"]:
         print(f"not scored: {summary['images_without_parameters']} image(s) without the parameters generate "
               "writes in each PNG (not drawn by generate, or re-saved without them)")

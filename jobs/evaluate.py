@@ -172,7 +172,8 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
             continue
         if wrong := contradicted(row, want):
             unscored += 1
-            contradicting.append({"id": row_id, **{k: {"column": want[k], "prompt": row["prompt"]} for k in wrong}})
+            # (the columns the prompt contradicts, with their values; the prompt once)
+            contradicting.append({"id": row_id, "prompt": row["prompt"], "columns": {k: want[k] for k in wrong}})
             continue
         if statuses.get(row_id, "ok") != "ok":  # (an id the ledger lacks: a killed run's image, judged by its prompt)
             not_ok += 1

@@ -113,8 +113,8 @@ def test_eval_scores_a_run_and_writes_eval_json(tmp_path):
     summary = json.loads((out / "eval.json").read_text())
     assert (summary["scored"], summary["not_scored"], summary["missing_images"]) == (14, 6, 2)
     assert (summary["shared_ids"], summary["columns_contradict_prompt"]) == (2, 1)
-    assert summary["contradicting_rows"] == [{"id": "edited", "background": {
-        "column": "white", "prompt": "a red circle on a gray background"}}]
+    assert summary["contradicting_rows"] == [{"id": "edited", "prompt": "a red circle on a gray background",
+                                              "columns": {"background": "white"}}]
     assert "1 row(s) whose color/shape/background columns their prompt contradicts (such as 'edited': background " \
         "'white', but its prompt is 'a red circle on a gray background')" in proc.stdout
     assert "2 row(s) whose id another row of these manifests has too" in proc.stdout

@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
 
     stop_on_sigterm()  # from the start, not once Ray is up: a SIGTERM while checking inputs or starting Ray killed
     # the process without a word (or Ray's start-up handler exited 15 half a minute later), status left `starting`
-    if args.command not in ("generate", "finetune"):  # those send the libraries' logs to their log file
+    if not getattr(args, "verbose", False):  # generate and finetune send them to their log file once it is open
         # a store library's retries (gcsfs logs each with its traceback) reached Python's last-resort handler,
-        # which prints them: 158 lines for one unreachable gs:// image; these commands say each failure themselves
+        # which prints them: 158 lines for one unreachable gs:// image; each command says a failure itself
         logging.getLogger().addHandler(logging.NullHandler())
     handlers = {
         "generate": cmd_generate,

@@ -131,9 +131,12 @@ def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -
     if not set(fs_protocols(fs)) & set(BUCKET_PROTOCOLS):
         return
     bucket = root.strip("/").split("/", 1)[0]
-    if fs.exists(bucket):
-        return
-    try:  # asked again: `exists` answers False for every error, a store that does not answer among them
+    if unresolved := _endpoint_unresolved(fs):
+        raise error(_not_answering(flag, uri, unresolved))
+    try:
+        if fs.exists(bucket):  # (gcsfs raises what s3fs turns into False)
+            return
+        # asked again: s3fs's `exists` answers False for every error, a store that does not answer among them
         fs.ls(bucket)
     except (FileNotFoundError, PermissionError):
         raise error(f"{flag} {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); sdfleet "
@@ -143,8 +146,30 @@ def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -
             raise error(f"{flag} {uri}: no credentials for the store ({error_line(exc)}); give them in the "
                         "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, or the node's "
                         "workload identity; GOOGLE_APPLICATION_CREDENTIALS for gs://)") from exc
-        raise error(f"{flag} {uri}: the store does not answer ({error_line(exc)}); check its endpoint "
-                    "(AWS_ENDPOINT_URL for S3-compatible stores) and the network") from exc
+        raise error(_not_answering(flag, uri, error_line(exc))) from exc
+
+
+def _not_answering(flag: str, uri: str, cause: str) -> str:
+    return (f"{flag} {uri}: the store does not answer ({cause}); check its endpoint (AWS_ENDPOINT_URL for "
+            "S3-compatible stores, STORAGE_EMULATOR_HOST for a GCS emulator) and the network")
+
+
+def _endpoint_unresolved(fs) -> str | None:
+    """Why the host of gcsfs's endpoint has no address (a typo in STORAGE_EMULATOR_HOST, a machine without
+    DNS), or None: gcsfs retries a name that does not resolve as any other failure, twice over for one bucket,
+    and a command waited over a minute to say so. (s3fs's retries end in seconds.)"""
+    import socket
+    from urllib.parse import urlsplit
+
+    location = getattr(fs, "_location", None) if "gcs" in fs_protocols(fs) else None
+    if not isinstance(location, str):
+        return None
+    try:
+        parts = urlsplit(location)
+        socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        return f"cannot resolve the host of {location}: {exc}"
+    return None
 
 
 def _credentials_missing(exc: BaseException) -> bool:

@@ -836,3 +836,48 @@ def test_what_a_local_ray_could_never_run_is_refused_before_it_starts_leaving_no
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_gcs_endpoint_whose_name_does_not_resolve_is_one_line_at_once(capsys, tmp_path, monkeypatch):
+    """gcsfs retried the name lookup as any other failure, twice over for one bucket: over a minute, then a
+    message that called it a write error."""
+    pytest.importorskip("gcsfs")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://gcs.invalid:4443")  # (.invalid never resolves: RFC 6761)
+    monkeypatch.setattr("jobs.generate._run_on_ray", lambda *a, **k: pytest.fail("Ray was reached"))
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    code, _, err = run(capsys, "generate", str(manifest), "--out", "gs://catalog/run", "--plan-only")
+    assert code == 1 and "Traceback" not in err, err
+    assert one_error_line(err).startswith("sdfleet: error: --out gs://catalog/run: the store does not answer "
+                                          "(cannot resolve the host of http://gcs.invalid:4443"), err
+
+
+# A store whose library logs its retries, tracebacks and all, before the command's log file is open
+NOISY_STORE = """
+import logging, sys
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from jobs.cli import main
+
+class Noisy(LocalFileSystem):
+    protocol = "noisy"
+    def info(self, path, **kwargs):
+        try:
+            raise ConnectionError("reset by peer")
+        except ConnectionError:
+            logging.getLogger("gcsfs").exception("_request out of retries on exception")
+        return super().info(path, **kwargs)
+
+fsspec.register_implementation("noisy", Noisy, clobber=True)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_store_librarys_own_log_lines_do_not_reach_the_terminal(tmp_path):
+    """Python prints a library's records where no handler takes them: a gs:// output that did not answer put
+    104 lines of gcsfs's retry tracebacks before generate's one line."""
+    manifest = write_manifest(tmp_path / "m.parquet", rows(1))
+    proc = subprocess.run([sys.executable, "-c", NOISY_STORE, "generate", str(manifest), "--out",
+                           f"noisy://{tmp_path}/out", "--plan-only"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "out of retries" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

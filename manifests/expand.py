@@ -89,15 +89,38 @@ def load_list(uri: str, column: str) -> ListRows:
                          for i, row in enumerate(table.to_pylist())], [f"row {i}" for i in range(table.num_rows)])
     else:
         text = _text(data, uri)
-        rows = _read_text_table(text, uri, kind) if kind != "text" else _read_lines(text, column)
+        rows = _read_text_table(text, uri, kind) if kind != "text" else _read_lines(text, column, uri)
     if not rows:
         raise ExpandError(f"{uri} holds no rows")
+    _name_own_columns(rows, column, uri)
     if column not in rows[0]:
         raise ExpandError(f"{uri} has no `{column}` column (columns: {', '.join(rows[0])})")
     for i, row in enumerate(rows):
         if not str(row.get(column) or "").strip():
             raise ExpandError(f"{uri} {_where(rows, i)}: `{column}` is empty")
     return rows
+
+
+# The columns expand reads itself in a products or scenes list: the values, and the id fragments
+OWN_COLUMNS = {"product": ("product", "sku"), "scene": ("scene", "scene_id")}
+
+
+def _name_own_columns(rows: ListRows, column: str, uri: str) -> None:
+    """Name the columns expand reads (`product` and `sku`, or `scene` and `scene_id`) as it reads them, whatever
+    their case and surrounding spaces, and a byte-order mark left on the first (a file saved twice): `SKU` was
+    passed through as another column and the ids made from the product's text, which change when it is edited.
+    Other columns keep their names (a template names them)."""
+    names = list(rows[0])
+    renamed = {}
+    for name in names:
+        clean = name.lstrip("\ufeff").strip()
+        renamed[name] = clean.casefold() if clean.casefold() in OWN_COLUMNS[column] else clean
+    final = list(renamed.values())
+    if twice := [name for name in names if final.count(renamed[name]) > 1]:
+        raise ExpandError(f"{uri}: the header names {' and '.join(f'`{n}`' for n in twice)}, one column under two "
+                          "names (expand reads them without telling case apart); keep one")
+    if final != names:
+        rows[:] = [{renamed[k]: v for k, v in row.items()} for row in rows]
 
 
 def _text(data: bytes, uri: str) -> str:
@@ -132,10 +155,15 @@ def _decoded(value: Any, uri: str, where: str, column: str) -> Any:
 
 def _read_text_table(text: str, uri: str, kind: str) -> ListRows:
     """The rows of a CSV or TSV: the first line names the columns; blank lines are skipped."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if kind == "csv" and ";" in first and "," not in first:  # read as one column, or cut at a comma in a value
+        raise ExpandError(f"{uri}: its header line is separated by semicolons ({quoted(first, 80)}), as a "
+                          "spreadsheet writes CSV in many locales; save it as 'CSV UTF-8' (comma-separated), or "
+                          "tab-separated as a .tsv")
     try:
         header, records = csv_records(text, delimiter="\t" if kind == "tsv" else ",")
     except CsvProblem as exc:
-        hint = " (a prompt cannot)" if exc.runs_on else ""
+        hint = ", which a list may not hold (remove it from the cell, or drop the column)" if exc.runs_on else ""
         raise ExpandError(f"{uri} {exc}{hint}") from exc
     lines = [f"line {n}" for n, _ in records]
     values = [fields for _, fields in records]
@@ -157,11 +185,21 @@ def _read_text_table(text: str, uri: str, kind: str) -> ListRows:
     return ListRows([{name: row[i] for name, i in zip(names, keep)} for row in values], lines)
 
 
-def _read_lines(text: str, column: str) -> ListRows:
+def _read_lines(text: str, column: str, uri: str) -> ListRows:
+    """One `column` value per line. A table saved as plain text is refused: its header would be a product, and
+    each row one prompt (a spreadsheet's 'Unicode Text' is tab-separated; a CSV may lose its suffix)."""
     rows, lines = [], []
+    plain = f"a .txt or suffix-less list is read as one `{column}` per line"
     for number, line in enumerate(text.splitlines(), 1):
         value = line.strip()
         if value and value != "#" and not value.startswith("# "):
+            if "\t" in value:
+                raise ExpandError(f"{uri} line {number} holds tabs: {plain}, and this is a table (a spreadsheet's "
+                                  "'Unicode Text' is tab-separated); name it .tsv")
+            cells = [cell.strip().casefold() for cell in value.split(",")]
+            if not rows and len(cells) > 1 and column in cells:
+                raise ExpandError(f"{uri} line {number} reads as a CSV header ({quoted(value, 80)}): {plain}; "
+                                  "name it .csv")
             rows.append({column: value})
             lines.append(f"line {number}")
     return ListRows(rows, lines)
@@ -236,8 +274,16 @@ def check_output(uri: str, force: bool = False) -> None:
 
 
 def _keys(rows: list[dict], column: str, id_column: str, source: str) -> list[str]:
-    """Id fragments per row: the `id_column` value when present, else a slug of `column`; unique."""
-    keys = [_key_text(r[id_column]) if r.get(id_column) not in (None, "") else slug(str(r[column])) for r in rows]
+    """Id fragments per row: the `id_column` value when present, else a slug of `column`; unique. Where some
+    rows have an `id_column` value, all must: a row without one would get an id from its text, which changes
+    when the text is edited (and the row is drawn again)."""
+    given = [not (r.get(id_column) is None or _not_a_number(r[id_column]) or not str(r[id_column]).strip())
+             for r in rows]
+    if any(given) and not all(given):
+        i = given.index(False)
+        raise ExpandError(f"{source} {_where(rows, i)}: `{id_column}` is empty where other rows have one; fill it "
+                          f"in (an id made from the row's text would change whenever the text is edited)")
+    keys = [_key_text(r[id_column]) if ok else slug(str(r[column])) for r, ok in zip(rows, given)]
     seen: dict[str, int] = {}
     for i, key in enumerate(keys):
         if len(key) > 128:
@@ -321,14 +367,15 @@ def expand(
     product_keys = _keys(products, "product", "sku", products_source)
     scene_keys = _keys(scenes, "scene", "scene_id", scenes_source) if scenes else [None]
     rows, made = [], {}
+    origin = functools.partial(_origin, products_source, products, scenes_source, scenes)
     for p, (product, pkey) in enumerate(zip(products, product_keys)):
         for s, (scene, skey) in enumerate(zip(scenes or [{}], scene_keys)):
             for v in range(variants):
                 row_id = "--".join(k for k in (pkey, skey, f"v{v}") if k)
                 if len(row_id) > 128:
-                    raise ExpandError(f"id {row_id!r} is over 128 characters; use shorter `sku`/`scene_id` values")
+                    raise ExpandError(f"{origin(p, s)} make the id {quoted(row_id, 60)}, {len(row_id)} characters: "
+                                      "over 128; use shorter `sku`/`scene_id` values")
                 if row_id in made:  # `a--b` x `c` and `a` x `b--c`: fragments joined by `--` can meet
-                    origin = functools.partial(_origin, products_source, products, scenes_source, scenes)
                     raise ExpandError(f"id {row_id!r} is made twice: by {origin(*made[row_id])} and by "
                                       f"{origin(p, s)}; give `sku`/`scene_id` values without `--` in them")
                 made[row_id] = (p, s)  # named only if another row makes the same id

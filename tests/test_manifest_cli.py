@@ -561,7 +561,7 @@ def test_expand_force_that_cannot_write_keeps_the_manifest_it_would_replace(tmp_
      "line 3: ',' expected after '\"': a stray or unclosed double quote"),
     ('sku,product\nmug-1,"a 12 inch mug\nbottle-2,a green bottle"\nhat-3,a red hat\n',
      "line 2: a value runs on over 2 lines ('a 12 inch mug\\nbottle-2,a green bottle'); an opening quote is not "
-     "closed, or a value holds a line break (a prompt cannot)"),
+     "closed, or a value holds a line break, which a list may not hold (remove it from the cell, or drop the column)"),
 ])
 def test_expand_refuses_a_products_csv_whose_quotes_would_swallow_lines(capsys, tmp_path, text, said):
     products = tmp_path / "products.csv"

@@ -421,3 +421,68 @@ def test_a_written_manifest_is_cut_into_row_groups_that_plan_in_parallel(tmp_pat
     write_manifest(table, str(tmp_path / "m.parquet"))
     meta = pq.ParquetFile(tmp_path / "m.parquet").metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 2]
+
+
+# ---------------------------------------------------------------------------------------------------
+# spreadsheet exports as catalogue teams make them (QA, 2026-12-07)
+
+@pytest.mark.parametrize("header", ["SKU,Product", "Sku ,PRODUCT", "\ufeff\ufeffsku,product"])
+def test_the_columns_expand_reads_are_found_whatever_their_case_or_a_second_byte_order_mark(tmp_path, header):
+    """`SKU` (or a file saved twice, `\\ufeffsku`) was passed through as another column, and the ids were made
+    from the product's text: they changed whenever its wording was edited, and every row was drawn again."""
+    path = tmp_path / "products.csv"
+    path.write_bytes(f"{header},Category\nmug-001,a red mug,kitchen\n".encode("utf-8-sig"))
+    rows = load_list(str(path), "product")
+    assert rows == [{"sku": "mug-001", "product": "a red mug", "Category": "kitchen"}]
+    assert expand("{product} for {Category}", rows).column("id").to_pylist() == ["mug-001--v0"]
+    scenes = tmp_path / "scenes.tsv"
+    scenes.write_text("Scene_ID\tScene\nstudio\ton white\n")
+    assert load_list(str(scenes), "scene") == [{"scene_id": "studio", "scene": "on white"}]
+
+
+def test_a_column_named_twice_but_for_its_case_is_refused(tmp_path):
+    path = tmp_path / "products.csv"
+    path.write_text("sku,SKU,product\na,b,a red mug\n")
+    with pytest.raises(ExpandError, match=r"products.csv: the header names `sku` and `SKU`"):
+        load_list(str(path), "product")
+
+
+@pytest.mark.parametrize("name, data, said", [
+    ("products.txt", "sku\tproduct\r\nmug-001\ta red mug\r\n".encode("utf-16"),
+     r"products.txt line 1 holds tabs: a .txt or suffix-less list is read as one `product` per line"),
+    ("products", b"sku,product,category\nmug-001,a red mug,kitchen\n",
+     r"products line 1 reads as a CSV header \('sku,product,category'\): a .txt or suffix-less list is read as"),
+])
+def test_a_table_saved_as_plain_text_is_refused_not_read_as_one_product_per_line(tmp_path, name, data, said):
+    """Excel's 'Unicode Text' (.txt, tab-separated) or a CSV without its suffix: each line, the header too,
+    became a product, and whole tab-joined rows became prompts, exit 0."""
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ExpandError, match=said):
+        load_list(str(tmp_path / name), "product")
+    (tmp_path / "fine.txt").write_text("a red mug, ceramic\na product shot\n")  # commas in a product are fine
+    assert len(load_list(str(tmp_path / "fine.txt"), "product")) == 2
+
+
+@pytest.mark.parametrize("text", ["sku;product;category\nmug-001;a red mug, large;kitchen\n",
+                                  "sku;product\nmug-001;a red mug\n"])
+def test_a_semicolon_separated_csv_is_named_as_such(tmp_path, text):
+    """A spreadsheet's CSV in many European locales: it was refused as 'quote values that contain commas', or
+    as having no `product` column."""
+    (tmp_path / "products.csv").write_text(text)
+    with pytest.raises(ExpandError, match=r"products.csv: its header line is separated by semicolons"):
+        load_list(str(tmp_path / "products.csv"), "product")
+
+
+def test_a_row_without_the_sku_the_other_rows_have_is_refused_naming_its_line(tmp_path):
+    """Its id was made from the product's text without a word: it changed whenever the text was edited."""
+    path = tmp_path / "products.csv"
+    path.write_text("sku,product\nmug-001,a red mug\n,a green bottle\n")
+    rows = load_list(str(path), "product")
+    with pytest.raises(ExpandError, match=r"products.csv line 3: `sku` is empty where other rows have one"):
+        expand("{product}", rows, products_source=str(path))
+
+
+def test_an_id_over_128_characters_names_the_rows_that_make_it(tmp_path):
+    with pytest.raises(ExpandError, match=r"products row 0 with scenes row 1 make the id .*, 136 characters: over 128"):
+        expand("{product} {scene}", [{"sku": "s" * 100, "product": "a red mug"}],
+               [{"scene_id": "a", "scene": "x"}, {"scene_id": "b" * 30, "scene": "y"}])

@@ -7,8 +7,8 @@ from typing import Callable, Iterator
 
 from manifests.reader import Unreadable, column_names, count_ids, iter_rows
 from manifests.tokens import prompt_overflow
-from manifests.schema import (coerced_id, look_alike_columns, look_alike_warning, row_location, too_small_for_the_mark,
-                              validate_row)
+from manifests.schema import (REQUIRED, coerced_id, look_alike_columns, look_alike_warning, row_location,
+                              too_small_for_the_mark, validate_row)
 
 
 def check_manifests(
@@ -24,9 +24,14 @@ def check_manifests(
     error, as `generate` finds it when the mark is on. `checked[0]` counts the rows checked so far (for a
     caller's progress line).
     """
+    absent: dict[str, set[str]] = {}  # uri -> the required columns it lacks: said once, not once per row
     for uri, columns in column_names(uris).items():
         for column, field in look_alike_columns(columns).items():
             yield "warning", look_alike_warning(uri, column, field, columns)
+        if lacks := [field for field in REQUIRED if field not in columns]:
+            absent[uri] = set(lacks)
+            yield "error", (f"{uri}: no {' or '.join(f'`{f}` column' for f in lacks)}, which every manifest needs: "
+                            "none of its rows can be drawn")
     _, id_counts = count_ids(uris, skip_damaged=True)  # a damaged row group is said below, as its rows are read
     said = None
 
@@ -47,7 +52,8 @@ def check_manifests(
             continue
         parsed, errors, _ = validate_row(raw, source=uri, row=position, models=models)
         for err in errors:
-            yield "error", str(err)
+            if not (err.missing and err.field in absent.get(uri, ())):  # (said for the file above)
+                yield "error", str(err)
         if parsed is None:  # its id is still one of a duplicate pair: said now, not in a second round of fixes
             row_id = coerced_id(raw.get("id"))
             if row_id is not None and id_counts[row_id] > 1:

@@ -131,14 +131,18 @@ def test_seed_at_2_to_the_63_from_a_uint64_column_is_rejected(capsys, tmp_path):
     assert all("0 <= seed < 2**63" in e for e in errors)
 
 
-def test_missing_prompt_column_is_named_on_every_row(capsys, tmp_path):
+def test_a_missing_required_column_is_said_once_for_its_file_and_a_null_value_for_its_row(capsys, tmp_path):
+    """A file without the column gave one error per row: 200,000 lines for a 200k-row export."""
     path = write(tmp_path / "no-prompt.parquet", [{"id": "a", "text": "a red mug"}, {"id": "b", "text": "a vase"}])
     code, lines, _ = validate(capsys, path)
     assert code == 1
-    errors = problems(lines)
-    assert len(errors) == 2
-    for position, (line, rid) in enumerate(zip(errors, "ab")):
-        assert f"row {position} (`{rid}`): `prompt` is required (a column every manifest needs), it is missing" in line
+    assert problems(lines) == [f"error: {path}: no `prompt` column, which every manifest needs: none of its rows "
+                               "can be drawn"]
+    assert lines[-1] == "2 rows in 1 manifest(s): 1 error(s), 0 warning(s)"
+    nulls = write(tmp_path / "null-prompt.parquet", [good("a"), {"id": "b", "prompt": None}])
+    code, lines, _ = validate(capsys, nulls)
+    assert code == 1 and len(problems(lines)) == 1
+    assert "row 1 (`b`): `prompt` is required, it is missing" in problems(lines)[0]
 
 
 def test_duplicate_id_across_two_manifests_reports_both_rows(capsys, tmp_path):

@@ -464,7 +464,7 @@ def _validate(args) -> int:
     from actors.presets import PRESETS
     from jobs.console import terminal_line, ticking, without_passwords
     from jobs.tokenizers import tokenizer_lookup
-    from manifests.reader import ManifestError, expand_manifest_paths, plan_parts, unreadable_files
+    from manifests.reader import ManifestError, expand_manifest_paths, named_together, plan_parts, unreadable_files
     from manifests.validate import check_manifests
 
     try:
@@ -477,7 +477,7 @@ def _validate(args) -> int:
     absent: dict[str, ManifestError] = {}  # each path that names no manifest is said, and the others still checked
     uris = expand_manifest_paths(args.manifests, absent)
     if len(absent) == len(args.manifests):  # none to check: one error line, as generate says it
-        raise next(iter(absent.values()))
+        raise named_together(absent)
     unreadable = unreadable_files(uris)  # each named, and the rest still checked
     for message in [*map(str, absent.values()), *unreadable.values()]:
         print(terminal_line(without_passwords(f"error: {message}")))

@@ -82,8 +82,10 @@ def expand_manifest_paths(paths: list[str], absent: dict[str, ManifestError] | N
     A path that exists is taken as it is, even with glob characters in its name (`shots[1].parquet`). A folder
     gives every .parquet below it, and a glob what it matches, except the Parquet files of sdfleet outputs
     (ledger parts, the report's thumbnail index): they hold no prompts. A path that names no manifest raises
-    ManifestError, or, with `absent` given, is put there (path -> the error) and the others are expanded."""
+    ManifestError (naming every such path), or, with `absent` given, is put there (path -> the error) and the
+    others are expanded."""
     uris: list[str] = []
+    missing: dict[str, ManifestError] = {} if absent is None else absent
     for given in paths:
         fs, path = url_to_fs(given)  # a store whose package is missing: said by the CLI, with the fix
         try:
@@ -94,16 +96,23 @@ def expand_manifest_paths(paths: list[str], absent: dict[str, ManifestError] | N
             except Exception as exc:  # noqa: BLE001 - credentials refused, a store that does not answer
                 raise ManifestError(f"manifest {given!r} cannot be read ({error_line(exc)})") from exc
         except ManifestError as exc:
-            if absent is None:
-                raise
-            absent[given] = exc
+            missing[given] = exc
             continue
         uris += [_uri(fs, p) for p in found]
+    if absent is None and missing:
+        raise named_together(missing)
     # one file, once: named twice, or reached through a link (its rows would all be duplicates of themselves)
     first: dict[object, str] = {}
     for uri in uris:
         first.setdefault(_same_file_key(uri), uri)
     return list(first.values())
+
+
+def named_together(absent: dict[str, ManifestError]) -> ManifestError:
+    """One error for the paths that name no manifest (see expand_manifest_paths): each said, not the first."""
+    if len(absent) == 1:
+        return next(iter(absent.values()))
+    return ManifestError(f"{len(absent)} manifest paths name no manifest: " + "; ".join(map(str, absent.values())))
 
 
 def _same_file_key(uri: str) -> object:

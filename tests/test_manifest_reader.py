@@ -774,3 +774,13 @@ def test_stale_temp_files_from_killed_runs_are_removed_fresh_ones_kept(tmp_path)
     os.utime(image, (old, old))
     assert remove_stale_temp_files(fsspec.filesystem("file"), str(tmp_path)) == 1
     assert not stale.exists() and fresh.exists() and image.exists()
+
+
+def test_every_path_that_names_no_manifest_is_said_not_the_first(tmp_path):
+    """Two mistyped paths were said one at a time: fix one, rerun, learn of the next."""
+    good = tmp_path / "m.parquet"
+    write_local(good, records(1))
+    with pytest.raises(ManifestError) as exc:
+        expand_manifest_paths([str(tmp_path / "a.parquet"), str(good), str(tmp_path / "b*.parquet")])
+    said = str(exc.value)
+    assert said.startswith("2 manifest paths name no manifest: ") and "a.parquet" in said and "b*.parquet" in said

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import fnmatch
 import os
+import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -201,13 +202,20 @@ def _uri(fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+TABLE_TEXT_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".xlsx", ".xls")
+
+
 def _open_parquet(uri: str) -> pq.ParquetFile:
     fs, path = url_to_fs(uri)
     try:
         pf = pq.ParquetFile(fs.open(path, "rb"))
     except pa.ArrowInvalid as exc:  # before OSError: ArrowInvalid is one
-        raise BadManifestFile(f"{uri} is not a readable Parquet file: {exc} (an empty or cut-short file, or another "
-                              "format: write it again as Parquet)") from exc
+        if posixpath.splitext(uri)[1].lower() in TABLE_TEXT_SUFFIXES:  # (a manifest is Parquet alone)
+            why = ("a manifest is Parquet: make one from CSV lists of products and scenes with `sdfleet manifest "
+                   "expand`, or write the table as Parquet")
+        else:
+            why = "an empty or cut-short file, or another format: write it again as Parquet"
+        raise BadManifestFile(f"{uri} is not a readable Parquet file: {exc} ({why})") from exc
     except pa.ArrowNotImplementedError as exc:  # polars' Int128, say: a column of a type Arrow has not
         raise BadManifestFile(f"{uri} holds a column of a type Arrow cannot read ({exc}): write that column as "
                               "another type (integers of 64 bits or fewer, or text)") from exc

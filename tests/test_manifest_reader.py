@@ -784,3 +784,12 @@ def test_every_path_that_names_no_manifest_is_said_not_the_first(tmp_path):
         expand_manifest_paths([str(tmp_path / "a.parquet"), str(good), str(tmp_path / "b*.parquet")])
     said = str(exc.value)
     assert said.startswith("2 manifest paths name no manifest: ") and "a.parquet" in said and "b*.parquet" in said
+
+
+def test_a_csv_given_as_a_manifest_is_told_how_to_make_one(tmp_path):
+    """It was 'Parquet magic bytes not found in footer', with no word of what a manifest is or how to make one."""
+    path = tmp_path / "shots.csv"
+    path.write_text("id,prompt\nmug-1,a red mug\n")
+    with pytest.raises(BadManifestFile, match=r"shots.csv is not a readable Parquet file: .*\(a manifest is "
+                                              r"Parquet: make one from CSV lists .* `sdfleet manifest expand`"):
+        survey([str(path)])

@@ -797,7 +797,11 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
 
     counts = {"to_draw": 0, "skipped": 0, "ok": 0, "failed": 0, "invalid": 0}
     said = restored = relabelled = 0
-    with ticking(lambda: f"planning: {sum(counts.values())}/{total} rows, {time.time() - started:.0f} s in"):
+    def progress() -> str:  # (the plan's rows come back once all are planned, where it sorts: no 0/N till then)
+        done = sum(counts.values())
+        return f"planning: {f'{done:,}/' if done else ''}{total:,} rows, {time.time() - started:.0f} s in"
+
+    with ticking(progress):
         columns = ["status", "error", "warning", "source", "row", "id", "relabel"]
         for batch in planned.select_columns(columns).iter_batches(batch_size=None, batch_format="pyarrow"):
             for status, n in zip(*batch.column("status").value_counts().flatten()):

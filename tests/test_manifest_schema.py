@@ -435,7 +435,7 @@ def test_a_huge_prompt_is_read_only_as_far_as_the_window_needs(tokenizer):
     counting = Counting()
     prompt = "a red mug on a marble table, " * 100_000  # 2.9 million characters
     warning = prompt_overflow(counting, prompt)
-    assert counting.seen == [8_192]
+    assert counting.seen[0] == 8_192 and len(counting.seen) == 2  # then the window's words, one by one
     assert warning.startswith("prompt is 2,900,000 characters, over ") and "CLIP tokens, over the 77 the model" in warning
     assert "more characters)" in warning  # the cut-off words quoted, bounded
 
@@ -450,6 +450,12 @@ def test_the_window_is_77_tokens_with_start_and_end(tokenizer):
 def test_cut_off_unicode_is_quoted_intact(tokenizer):
     warning = prompt_overflow(tokenizer, " ".join(["red"] * 75) + " café ☕ 🚀 製品写真")
     assert warning is not None and "café ☕ 🚀 製品写真" in warning
+
+
+def test_cut_off_words_are_quoted_as_the_prompt_writes_them(tokenizer):
+    """Decoded from tokens, `word16` read as 'word 1 6' (CLIP makes each digit a word of its own)."""
+    warning = prompt_overflow(tokenizer, " ".join(f"word{i}" for i in range(80)))
+    assert warning is not None and "cut off: 'word17 word18 word19" in warning, warning
 
 
 def test_a_cut_inside_an_emoji_names_the_whole_emoji(tokenizer):

@@ -36,7 +36,7 @@ from jobs.console import without_passwords
 from jobs.outputs import RECOVERED_MARK, RELABELLED_MARK, RESTORED_MARK, recorded_again
 from manifests.reader import ManifestPart, Unreadable, read_part
 from manifests.rows import WORK_SCHEMA, to_table
-from manifests.schema import (adapter_entries, coerced_id, group_key, resolve_row, row_location,
+from manifests.schema import (adapter_entries, coerced_id, group_key, resolve_row, row_errors, row_location,
                               too_small_for_the_mark, validate_row)
 from manifests.stores import url_to_fs
 
@@ -71,7 +71,7 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
             "extra": json.dumps(extras, default=_as_json, ensure_ascii=False) if extras else None}
     raw_id = coerced_id(raw.get("id"))
     if errors:
-        return {**base, "id": raw_id, "status": "invalid", "error": "; ".join(str(e) for e in errors),
+        return {**base, "id": raw_id, "status": "invalid", "error": row_errors(errors),
                 "adapters": listed_adapters(raw.get("adapters"), state.adapter_fingerprints)}
     # an invalid row keeps its adapters in the ledger (the report groups by them), as resolve_row spells them
     base["adapters"] = adapter_entries(((a.name, a.scale) for a in parsed.adapters), state.adapter_fingerprints)

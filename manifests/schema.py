@@ -322,8 +322,18 @@ class RowError(BaseModel):
     reason: str
 
     def __str__(self) -> str:
+        return f"{row_location(self.source, self.row, self.id)}: {self.what()}"
+
+    def what(self) -> str:
+        """What is wrong, without where (said once for a row's several errors: see `row_errors`)."""
         got = "it is missing" if self.missing else f"got {quoted(self.value)}"
-        return f"{row_location(self.source, self.row, self.id)}: `{self.field}` {self.reason}, {got}"
+        return f"`{self.field}` {self.reason}, {got}"
+
+
+def row_errors(errors: list[RowError]) -> str:
+    """A row's errors in one message, led once by where the row is."""
+    first = errors[0]
+    return f"{row_location(first.source, first.row, first.id)}: " + "; ".join(e.what() for e in errors)
 
 
 def row_location(source: str, row: int, row_id: str | None) -> str:

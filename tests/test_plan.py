@@ -31,6 +31,14 @@ def test_an_invalid_row_keeps_the_adapters_it_lists_where_they_read():
     assert work["status"] == "invalid" and work["adapters"] is None
 
 
+def test_a_row_with_several_bad_fields_says_where_it_is_once():
+    """Each field's error led with the file, row and id: a 300-character id was said twice over."""
+    work = plan_row({"id": "mug", "prompt": "a mug", "steps": 0, "guidance_scale": -1.0}, source="m.parquet", row=4,
+                    state=state())
+    assert work["status"] == "invalid" and work["error"].startswith("m.parquet row 4 (`mug`): `steps` ")
+    assert work["error"].count("m.parquet") == 1 and "; `guidance_scale` " in work["error"], work["error"]
+
+
 def test_a_row_naming_an_adapter_twice_is_invalid_broken_or_not():
     """Listed twice, a working adapter's row was `failed` by the actor; a broken one's said its reason twice."""
     raw = {"id": "mug", "prompt": "a red mug", "adapters": [{"name": "x", "scale": 1.0}, {"name": "x", "scale": 0.5}]}

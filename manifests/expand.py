@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import decimal
 import functools
+import hashlib
 import io
 import math
 import posixpath
@@ -33,8 +34,10 @@ class ExpandError(ValueError):
 
 
 def slug(text: str, limit: int = 40) -> str:
-    """A lowercase id fragment: runs of anything but a-z, 0-9 become one '-'."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "x"
+    """A lowercase id fragment: runs of anything but a-z, 0-9 become one '-'. Text with none of those (a name in
+    another script) is `x-` and a hash of it: two such products made the same `x` and were refused."""
+    made = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    return made or "x-" + hashlib.sha256(text.strip().encode("utf-8")).hexdigest()[:10]
 
 
 # What a products or scenes list is read as, by its file name's suffix (any case); no suffix is plain text.

@@ -40,6 +40,7 @@ def check_manifests(
         return prompt_overflow(tokenizer_for(model), prompt)
 
     uncounted: set[str] = set()
+    first_of: dict[str, tuple[str, int]] = {}  # a repeated id -> where its first row is (named in the others')
 
     for uri, position, raw in iter_rows(uris):
         if checked is not None:
@@ -57,7 +58,8 @@ def check_manifests(
         if parsed is None:  # its id is still one of a duplicate pair: said now, not in a second round of fixes
             row_id = coerced_id(raw.get("id"))
             if row_id is not None and id_counts[row_id] > 1:
-                yield "error", duplicate_id(row_location(uri, position, row_id), id_counts[row_id])
+                yield "error", duplicate_id(row_location(uri, position, row_id), id_counts[row_id],
+                                            _first(first_of, row_id, uri, position))
             continue
         where = row_location(uri, position, parsed.id)
         if watermark_sizes is not None and parsed.model in watermark_sizes:
@@ -66,7 +68,7 @@ def check_manifests(
             if too_small:
                 yield "error", f"{where}: {too_small}"
         if id_counts[parsed.id] > 1:
-            yield "error", duplicate_id(where, id_counts[parsed.id])
+            yield "error", duplicate_id(where, id_counts[parsed.id], _first(first_of, parsed.id, uri, position))
         if tokenizer_for is not None and tokenizer_for(parsed.model) is None:
             if parsed.model not in uncounted:
                 uncounted.add(parsed.model)
@@ -79,5 +81,14 @@ def check_manifests(
                 yield "warning", f"{where}: {warning}"
 
 
-def duplicate_id(where: str, count: int) -> str:
-    return f"{where}: `id` appears in {count} rows; ids must be unique across the run's manifests"
+def duplicate_id(where: str, count: int, first: tuple[str, int] | None = None) -> str:
+    """The error for a row whose id `count` rows have; `first`: where the first of them is (file, row), for
+    the others' messages, so the two can be found in an export of millions of rows."""
+    also = f" (the first: {first[0]} row {first[1]})" if first else ""
+    return f"{where}: `id` appears in {count} rows{also}; ids must be unique across the run's manifests"
+
+
+def _first(first_of: dict[str, tuple[str, int]], row_id: str, uri: str, position: int) -> tuple[str, int] | None:
+    """Where the first row of `row_id` is, noted at that row (None there: it is that row)."""
+    first = first_of.setdefault(row_id, (uri, position))
+    return None if first == (uri, position) else first

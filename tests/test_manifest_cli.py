@@ -153,7 +153,8 @@ def test_duplicate_id_across_two_manifests_reports_both_rows(capsys, tmp_path):
     errors = problems(lines)
     assert len(errors) == 2, lines
     assert errors[0].startswith(f"error: {first} row 1 (`mug-2`): `id` appears in 2 rows")
-    assert errors[1].startswith(f"error: {second} row 1 (`mug-2`): `id` appears in 2 rows")
+    assert errors[0].startswith(f"error: {first} row 1 (`mug-2`): `id` appears in 2 rows; ")
+    assert errors[1].startswith(f"error: {second} row 1 (`mug-2`): `id` appears in 2 rows (the first: {first} row 1)")
     assert all("unique" in e for e in errors)
     assert lines[-1] == "4 rows in 2 manifest(s): 2 error(s), 0 warning(s)"
 
@@ -350,8 +351,9 @@ def test_validate_of_a_manifest_whose_ids_cannot_be_read_says_so_and_checks_the_
     errors = problems(lines)
     assert errors[0].startswith(f"error: {damaged} row 0 (`r0`): `id` appears in 2 rows")  # its readable groups
     assert errors[1].startswith(f"error: {damaged} rows 4-7 (row group 1) cannot be read (ArrowInvalid: "), errors
-    assert errors[2:] == [f"error: {other} row 0 (`r0`): `id` appears in 2 rows; ids must be unique across the "
-                          "run's manifests", f"error: {other} row 1 (`b`): `steps` must be in 1..500, got 0"], errors
+    assert errors[2:] == [f"error: {other} row 0 (`r0`): `id` appears in 2 rows (the first: {damaged} row 0); ids "
+                          "must be unique across the run's manifests",
+                          f"error: {other} row 1 (`b`): `steps` must be in 1..500, got 0"], errors
     assert lines[-1] == "14 rows in 2 manifest(s): 4 error(s), 0 warning(s)", lines
 
 

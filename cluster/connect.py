@@ -7,6 +7,7 @@ the same command at a cluster (a KubeRay head, `ray start --head`, or `auto` ins
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -218,6 +219,24 @@ def _keep_sigterm_through_ray_init(local: bool):
         undo.append(lambda: setattr(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", crash_handler))
     except (ImportError, AttributeError):
         pass
+    if local and sys.platform.startswith("linux"):
+        # A local Ray's processes (GCS, raylet, and the workers the raylet starts) shared the command's process
+        # group: a SIGTERM to the group (`timeout -s TERM`, `kill -- -PGID`) reached them with the command's, the
+        # raylet died first, and the driver's core worker ended the process (exit 1, no word, lease left). They
+        # start in a session of their own. They still end with the command: the GCS and the raylet by Linux's
+        # parent-death signal (Ray sets it where the kernel has it; where not, Ray reaps them through this process
+        # group, so they stay in it), the raylet's workers and agents as the raylet goes (the agents within a
+        # minute: their last report to a GCS that is gone waits 60 s).
+        try:
+            import ray._private.utils as ray_utils
+            from ray._private import services
+
+            if ray_utils.detect_fate_sharing_support():
+                popen = services.ConsolePopen
+                services.ConsolePopen = functools.partial(popen, start_new_session=True)
+                undo.append(lambda: setattr(services, "ConsolePopen", popen))
+        except (ImportError, AttributeError):  # another Ray: as it starts them
+            pass
     if local:
         _DEFERRED.set()  # (cleared by connect once it has acted on what was noted)
         if (threading.current_thread() is threading.main_thread()
@@ -234,8 +253,9 @@ def _keep_sigterm_through_ray_init(local: bool):
 
 @contextlib.contextmanager
 def _hangup_held_from_what_starts():
-    """A local Ray's processes (GCS, raylet, and the workers the raylet starts) share the command's process group,
-    so a closed terminal's SIGHUP reached them with the command's: they died while the command was still
+    """A local Ray's processes (GCS, raylet, and the workers the raylet starts) shared the command's process group
+    (they still do where Ray reaps them through it: not Linux), so a closed terminal's SIGHUP reached them with
+    the command's: they died while the command was still
     recording what had come back and leaving Ray. They are started with SIGHUP blocked (a signal mask is what
     the programs a process starts inherit), so a hang-up never reaches them and the command stops them as it
     leaves. The command blocks it only for Ray's start-up: a hang-up within it was ignored (and the run went on

@@ -76,6 +76,51 @@ def test_a_stop_just_before_ray_init_returns_stops_the_command_cleanly(name, not
     assert found == {"said": "stopped", "signal": noted, "initialized": False}, found
 
 
+# Connected to a local Ray, a task in flight, then SIGTERM to the whole process group (`timeout`, `kill -- -PGID`)
+GROUP_TERM = """
+import json, sys, time
+import ray
+from cluster import connect as c
+
+c.stop_on_sigterm()
+c.connect(num_cpus=1, quiet=True)
+node = ray._private.worker._global_node
+processes = {kind: [info.process for info in infos] for kind, infos in node.all_processes.items()}
+sleeper = ray.remote(lambda: time.sleep(60) or "slept").remote()
+print("ready", flush=True)
+try:
+    ray.get(sleeper, timeout=120)
+    said = "not stopped"
+except KeyboardInterrupt:
+    said = "stopped"
+alive = sorted(kind for kind, ps in processes.items() if any(p.poll() is None for p in ps))
+answers = ray.get(ray.remote(lambda: "answered").remote(), timeout=60)
+c.disconnect()
+print(json.dumps({"said": said, "signal": c.stop_signal(), "alive": alive, "answers": answers}), flush=True)
+"""
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_the_command_not_the_ray_it_started():
+    """`timeout -s TERM`, `kill -- -PGID`: Ray's local processes shared the command's group, took the signal
+    with it and died first; the driver's core worker then ended the process (exit 1, no word, lease left)."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", GROUP_TERM], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, (proc.returncode, err[-3000:])
+    found = json.loads(out.strip().splitlines()[-1])
+    assert found["said"] == "stopped" and found["signal"] == 15 and found["answers"] == "answered", found
+    assert {"gcs_server", "raylet"} <= set(found["alive"]), found
+
+
 def test_leaving_a_local_ray_stops_every_process_it_started():
     proc = subprocess.run([sys.executable, "-c", LEAVE], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

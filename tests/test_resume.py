@@ -57,13 +57,15 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 def _ray_outlives(driver: int, stop, ray_started: bool = True) -> set[int]:
-    """Stop the driver with `stop()`, then the processes it had started that are still running a minute later.
-    `ray_started`: the driver is known to have started Ray by now (else the check would check nothing)."""
+    """Stop the driver with `stop()`, then the processes it had started that are still running 90 s later (the
+    raylet's agents, in a session of their own, end within about a minute of the raylet: their last report to a
+    GCS that is gone waits 60 s). `ray_started`: the driver is known to have started Ray by now (else the check
+    would check nothing)."""
     started = _ray_processes_of(driver)
     if ray_started:
         assert any(b"raylet" in _cmdline(pid) for pid in started), "found no raylet under the driver: nothing checked"
     stop()
-    deadline = time.time() + 60
+    deadline = time.time() + 90
     while _alive(started) and time.time() < deadline:
         time.sleep(0.5)
     return _alive(started)

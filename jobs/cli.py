@@ -430,8 +430,12 @@ def _rows_exit(cfg, summary: dict) -> int:
                "draws nothing) is not a partial run" if cfg.rows_may_fail else ""))
         return EXIT_ROWS
     if cfg.rows_may_fail:
-        log(f"exit 0 although {summary['failed']} rows failed and {summary['invalid']} are invalid (--rows-may-fail); "
-            "they are in the ledger and run.json")
+        if summary.get("plan_only"):  # nothing written: no ledger to look in
+            failed, where = "would fail", "named above (the first of them; `manifest validate` lists every one)"
+        else:
+            failed, where = "failed", "in the ledger and run.json"
+        log(f"exit 0 although {summary['failed']} rows {failed} and {summary['invalid']} are invalid "
+            f"(--rows-may-fail); they are {where}")
         return EXIT_OK
     return EXIT_ROWS
 

@@ -95,7 +95,7 @@ class Recorder:
             elif row["warning"] and not (is_recovered(row) or is_restored(row) or is_relabelled(row)):
                 self.warnings_shown += 1
                 if self.warnings_shown <= WARNINGS_SHOWN:
-                    log(f"ok: {located(row, row['warning'])}")
+                    log(f"warning: {located(row, row['warning'])}")  # (drawn: a warning is no error)
                 elif self.warnings_shown == WARNINGS_SHOWN + 1:
                     log(f"(the first {WARNINGS_SHOWN} warnings are shown; the ledger's `warning` column has every "
                         "one, and `sdfleet report` shows them)")

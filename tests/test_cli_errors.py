@@ -495,6 +495,19 @@ def test_rows_may_fail_covers_a_partial_run_not_one_where_every_row_went_wrong(c
         assert "every row failed or is invalid" in err and "--rows-may-fail does not cover" in err
 
 
+def test_rows_may_fail_in_a_plan_says_where_the_rows_are_named_not_a_ledger_it_never_wrote(capsys):
+    from types import SimpleNamespace
+
+    from jobs.cli import _rows_exit
+
+    summary = {"rows": 4, "failed": 1, "invalid": 2}
+    assert _rows_exit(SimpleNamespace(rows_may_fail=True), {**summary, "plan_only": True}) == 0
+    err = capsys.readouterr().err
+    assert "1 rows would fail and 2 are invalid" in err and "ledger" not in err, err
+    assert _rows_exit(SimpleNamespace(rows_may_fail=True), summary) == 0
+    assert "they are in the ledger and run.json" in capsys.readouterr().err
+
+
 def test_a_relative_out_is_refused_where_the_command_runs_as_a_ray_job(capsys, monkeypatch, tmp_path):
     """`ray job submit --working-dir .` runs the command in Ray's unpacked copy of the folder: a relative --out
     was written there, and went with the package."""

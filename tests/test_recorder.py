@@ -148,7 +148,7 @@ def test_a_row_problem_on_the_terminal_names_its_file_row_and_id(clock, monkeypa
     assert said[:3] == [
         "failed: m.parquet row 0 (`mug`): adapter 'x': no adapter store given (pass --adapters URI)",
         "invalid: m.parquet row 1 (`lamp`): `steps` must be >= 1, got 0",  # said where already: not twice
-        "ok: m.parquet row 2 (`vase`): prompt is 90 CLIP tokens, over the 77 the model reads",
+        "warning: m.parquet row 2 (`vase`): prompt is 90 CLIP tokens, over the 77 the model reads",
     ]
     # the ledger's error names the row as the line does (the report's Problems show it)
     assert [r["error"] for r in rec.pending if r["status"] == "failed"] == [
@@ -235,7 +235,7 @@ def test_warnings_past_the_first_five_are_counted_and_said_once(clock, monkeypat
     rows = [{**row, "warning": f"prompt cut at 77 tokens (row {row['row']})" if row["row"] < warned else None}
             for row in drawn(0, 10)]
     rec.record(rows)
-    assert sum(line.startswith("ok: ") for line in said) == 5
+    assert sum(line.startswith("warning: ") for line in said) == 5
     note = "(the first 5 warnings are shown; the ledger's `warning` column has every one"
     assert sum(note in line for line in said) == (warned > 5), said
 

@@ -107,8 +107,10 @@ def describe_model(name: str, ref: str) -> ModelInfo:
                          "give the model's folder")
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         return _describe_hub(name, ref)
+    # a path (it has a slash, or starts with . or ~) that is not there: said so, before what else it could be
+    missing = f"{path} does not exist; " if "/" in ref or ref.startswith((".", "~")) else ""
     raise ModelError(
-        f"model {name}={ref}: not a preset ({', '.join(PRESETS)}), a diffusers directory, a URI or a hub id"
+        f"model {name}={ref}: {missing}not a preset ({', '.join(PRESETS)}), a diffusers directory, a URI or a hub id"
     )
 
 

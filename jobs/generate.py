@@ -517,6 +517,11 @@ def _under(fs, root: str, uri: str) -> bool:
     return type(other) is type(fs) and path.startswith(root.rstrip("/") + "/")
 
 
+def _local_folder(uri: str) -> bool:
+    fs, path = url_to_fs(uri)
+    return fs.isdir(path)
+
+
 def resolve_adapters(store_uri: str | None, names: set[str],
                      tokens: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Fingerprint every adapter the manifests name: ({name: fingerprint}, {name: why it is unusable}).
@@ -527,6 +532,9 @@ def resolve_adapters(store_uri: str | None, names: set[str],
     mostly waiting.
     """
     if not names:
+        if store_uri and is_local_path(store_uri) and not _local_folder(store_uri):
+            log(f"warning: --adapters {store_uri} is not a folder here (no row of these manifests names an adapter, "
+                "so the run goes on)")  # a typo in a nightly job's flags, said before a night that needs it
         return {}, {}
     if store_uri is None:
         return {}, {n: f"adapter {n!r}: no adapter store given (pass --adapters URI)" for n in names}

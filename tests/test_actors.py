@@ -228,8 +228,10 @@ def test_pickle_weights_are_refused(tmp_path):
 
 
 def test_bad_model_references_say_what_is_wrong(tmp_path, monkeypatch):
-    with pytest.raises(ModelError, match="not a preset"):
+    with pytest.raises(ModelError, match=r"nothing-here does not exist; not a preset"):  # a path: said missing
         describe_model("x", str(tmp_path / "nothing-here"))
+    with pytest.raises(ModelError, match=r"model x=sd15: not a preset"):  # a name, not a path
+        describe_model("x", "sd15")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match=r"has no model_index.json \(expected a diffusers directory\)"):
         describe_model("x", str(tmp_path / "empty"))

@@ -894,3 +894,14 @@ def test_a_store_librarys_own_log_lines_do_not_reach_the_terminal(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "out of retries" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_an_adapter_store_that_is_not_there_is_warned_of_when_no_row_names_an_adapter(capsys, tmp_path):
+    """A mistyped --adapters went unsaid until a night whose rows named an adapter failed every one of them."""
+    from jobs.generate import resolve_adapters
+
+    assert resolve_adapters(str(tmp_path / "adaptors"), set()) == ({}, {})
+    assert "warning: --adapters " in capsys.readouterr().err
+    (tmp_path / "adapters").mkdir()
+    assert resolve_adapters(f"file://{tmp_path}/adapters", set()) == ({}, {})
+    assert "warning" not in capsys.readouterr().err

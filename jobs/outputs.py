@@ -438,11 +438,15 @@ def part_run(path: str) -> str:
 def lost_parts(runs: list[dict], parts: dict[str, int | None]) -> list[str]:
     """A line for each finished run whose summary counts more ledger parts than results/ holds of it (a copy or
     sync that missed files, a part deleted): the rows only those parts recorded are not shown, and nothing else
-    would say so."""
+    would say so. Not for a run a later one finished after: that run recorded again every row its manifests ask
+    for (the repair the line asks for), and the line, said on every later report, had become a false alarm."""
     present = Counter(part_run(path) for path in parts)
+    newest = max((r["run_id"] for r in runs if isinstance(r.get("run_id"), str)), default="")
     lines = []
     for summary in runs:
         wrote, run = summary.get("ledger_parts"), summary.get("run_id")
+        if isinstance(wrote, int) and isinstance(run, str) and run < newest:
+            continue
         if isinstance(wrote, int) and isinstance(run, str) and present[run] < wrote:
             lines.append(f"run {run} wrote {wrote} ledger part(s) and results/ holds {present[run]} of them: rows "
                          "that only those parts recorded are not shown (a copy or sync that missed files: copy the "

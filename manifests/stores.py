@@ -138,9 +138,14 @@ def require_bucket(fs, root: str, flag: str, uri: str, error: type[Exception]) -
             return
         # asked again: s3fs's `exists` answers False for every error, a store that does not answer among them
         fs.ls(bucket)
-    except (FileNotFoundError, PermissionError):
+    except FileNotFoundError:
         raise error(f"{flag} {uri}: bucket {bucket!r} does not exist (or these credentials cannot see it); sdfleet "
                     "does not create buckets: create it, or fix the name") from None
+    except PermissionError as exc:  # a wrong secret key (SignatureDoesNotMatch), or no right to this bucket
+        raise error(f"{flag} {uri}: the store refused these credentials for bucket {bucket!r} ({error_line(exc)}); "
+                    "check the credentials in the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a "
+                    "profile; GOOGLE_APPLICATION_CREDENTIALS for gs://), that they may use the bucket, and its "
+                    "name") from None
     except Exception as exc:  # noqa: BLE001 - the store's own error types (botocore's, aiohttp's) name the cause
         if _credentials_missing(exc):  # no credentials found: the store was never asked
             raise error(f"{flag} {uri}: no credentials for the store ({error_line(exc)}); give them in the "

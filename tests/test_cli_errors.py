@@ -905,3 +905,23 @@ def test_an_adapter_store_that_is_not_there_is_warned_of_when_no_row_names_an_ad
     (tmp_path / "adapters").mkdir()
     assert resolve_adapters(f"file://{tmp_path}/adapters", set()) == ({}, {})
     assert "warning" not in capsys.readouterr().err
+
+
+def test_credentials_a_store_refuses_are_said_so_not_a_bucket_that_does_not_exist():
+    """A wrong secret key (S3's SignatureDoesNotMatch) sent the operator after a bucket that exists."""
+    from manifests.stores import require_bucket
+
+    class Refusing:
+        protocol = ("s3", "s3a")
+
+        def exists(self, path):
+            return False
+
+        def ls(self, path):
+            raise PermissionError("Forbidden")
+
+    with pytest.raises(ValueError) as exc:
+        require_bucket(Refusing(), "catalog/run", "--out", "s3://catalog/run", ValueError)
+    said = str(exc.value)
+    assert said.startswith("--out s3://catalog/run: the store refused these credentials for bucket 'catalog' ("), said
+    assert "does not exist" not in said

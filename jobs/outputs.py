@@ -430,6 +430,14 @@ def open_output(uri: str) -> RunOutput:
                      unfinished=unfinished, lost_parts=lost_parts(runs, parts))
 
 
+def image_workers(fs) -> int:
+    """Threads that read (and write) a run's images at once: on an object store each read is mostly waiting (a
+    report of 2,376 images took 39 s on S3 with 4, against 4.5 s on a disk), on a disk Pillow's decoding is the
+    work (it releases the GIL)."""
+    cores = 2 * (os.cpu_count() or 1)
+    return min(8, cores) if is_local_fs(fs) else max(16, cores)
+
+
 def part_run(path: str) -> str:
     """The run that wrote the ledger part at `path` (`results/<run id>-<seq>.parquet`, manifests.ledger.write_part)."""
     return path.rsplit("/", 1)[-1].removesuffix(".parquet").rsplit("-", 1)[0]

@@ -23,7 +23,6 @@ import html
 import io
 import json
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ from actors.png import image_parameters
 from jobs import outputs
 from jobs.console import log
 from jobs.errors import ReportError, one_line
-from jobs.outputs import RunOutput, adapters_text, is_recovered, is_relabelled, newest_per_id, open_output
+from jobs.outputs import (RunOutput, adapters_text, image_workers, is_recovered, is_relabelled, newest_per_id,
+                          open_output)
 from manifests.ledger import LEDGER_COLUMNS, atomic_write, png_sizes
 from manifests.stores import folder_files, is_local_fs, read_parquet
 from manifests.text import NOT_AN_IMAGE
@@ -362,7 +362,7 @@ class Thumbnails:
         self.out.fs.makedirs(self.folder, exist_ok=True)  # local disks need the folder; object stores ignore it
         done, made, last = 0, 0, time.time()
         # Pillow and the stores release the GIL while they decode, resize, encode and move bytes
-        with ThreadPoolExecutor(max_workers=workers or min(8, 2 * (os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(max_workers=workers or image_workers(self.out.fs)) as pool:
             for row in pool.map(self._one, todo):
                 if row is not None:
                     self.added.append(row)

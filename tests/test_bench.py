@@ -131,7 +131,8 @@ def test_bench_report_makes_thumbnails_once_then_only_for_what_a_night_redrew(tm
 
 BENCH_COMMANDS = ["bench_adapters", "bench_backends", "bench_batch_parity", "bench_concept", "bench_finetune", "bench_finish",
                   "bench_first_call", "bench_generate", "bench_heads", "bench_nightly", "bench_overlap", "bench_plan",
-                  "bench_ray_ceiling", "bench_ray_stop", "bench_report", "bench_store_reads", "bench_train_step",
+                  "bench_ray_ceiling", "bench_ray_stop", "bench_report", "bench_review_store", "bench_store_reads",
+                  "bench_train_step",
                   "bench_vae_context", "train_tiny"]
 
 

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.bench_report import write_run
-from benchmarks.bench_store_reads import SlowRelay, free_port
+from benchmarks.bench_store_reads import SlowRelay, free_port, moto_server
 from benchmarks.common import image_bank, rotated, save_report, versions
 
 VARIANTS = ["before", "image_workers"]
@@ -54,15 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"})
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = moto_server(port)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "out"
             write_run(local, "20261207T000000-bench", list(range(args.rows)), 50, 1, image_bank(args.size))

@@ -50,6 +50,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def moto_server(port: int) -> subprocess.Popen:
+    """A moto S3 server on 127.0.0.1:`port` (its own process, bench credentials), once it answers."""
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return server
+
+
 class SlowRelay:
     """A TCP relay that holds each answer from the server back `latency` seconds, as a distant store would."""
 
@@ -158,16 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     from manifests.ledger import write_part
 
     port = free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = moto_server(port)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         relay = SlowRelay(port, args.latency_ms / 1000)
         os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                            "AWS_DEFAULT_REGION": "us-east-1"})

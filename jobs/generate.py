@@ -805,6 +805,7 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
 
     counts = {"to_draw": 0, "skipped": 0, "ok": 0, "failed": 0, "invalid": 0}
     said = restored = relabelled = 0
+
     def progress() -> str:  # (the plan's rows come back once all are planned, where it sorts: no 0/N till then)
         done = sum(counts.values())
         return f"planning: {f'{done:,}/' if done else ''}{total:,} rows, {time.time() - started:.0f} s in"

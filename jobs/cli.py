@@ -402,8 +402,9 @@ def cmd_sheet(args) -> int:
     if inside:
         raise ReportError(f"-o {args.output} is {inside}; write the sheet elsewhere (beside the run: "
                           f"{args.out.rstrip('/')}/sheet.png)")
+    gaps = []  # said once the sheet is written (a sheet that cannot be written is the news)
     image = contact_sheet(args.out, group_by=args.group_by, columns=args.columns, thumb=args.thumb,
-                          image_format=image_format, warn=lambda note: log(f"warning: {note}"))
+                          image_format=image_format, warn=lambda note: log(f"warning: {note}"), gaps=gaps.append)
     buf = io.BytesIO()
     image.save(buf, format=image_format)
     try:
@@ -416,6 +417,8 @@ def cmd_sheet(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a read-only store, a parent that is a file
         raise ReportError(f"cannot write -o {args.output}: {one_line(exc)}") from exc
     log(f"sheet: {args.output} ({image.width}x{image.height})")
+    for gap in gaps:
+        log(f"warning: {gap}")
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ fine-tune benchmarks draw their pictures with it.
 from __future__ import annotations
 
 import posixpath
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, ImageDraw
@@ -61,13 +62,18 @@ def sheet_format(uri: str) -> str:
 def _thumbnail(fs, path: str, side: int) -> Image.Image:
     """The image at `path` within a `side` square, its shape kept (128x512 stays tall), or a placeholder
     naming why it cannot be shown (cut short, not an image)."""
+    return _readable_thumbnail(fs, path, side) or _placeholder(side, "unreadable")
+
+
+def _readable_thumbnail(fs, path: str, side: int) -> Image.Image | None:
+    """`_thumbnail`, or None where the image cannot be read."""
     try:
         with fs.open(path, "rb") as f, Image.open(f) as image:
             scale = side / max(image.size)
             image = image.convert("RGB").resize((max(1, round(image.width * scale)),
                                                  max(1, round(image.height * scale))), Image.LANCZOS)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return _placeholder(side, "unreadable")
+        return None
     tile = Image.new("RGB", (side, side), (255, 255, 255))
     tile.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     return tile
@@ -87,10 +93,11 @@ def _placeholder(side: int, text: str) -> Image.Image:
 
 
 def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb: int = 128,
-                  label: int = 14, image_format: str = "PNG", warn=None) -> Image.Image:
+                  label: int = 14, image_format: str = "PNG", warn=None, gaps=None) -> Image.Image:
     """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column).
     ReportError, before anything is drawn, for a sheet larger than `image_format` or memory can hold. `warn`
-    is told of a later run that wrote rows and did not finish (the sheet shows the rows as they stand)."""
+    is told of a later run that wrote rows and did not finish (the sheet shows the rows as they stand); `gaps`,
+    once it is drawn, of `ok` rows whose image is not on it (missing, changed, unreadable)."""
     out = open_output(uri)
     for note in out.notes if warn else ():
         warn(note)
@@ -115,15 +122,18 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
 
-    def tile(entry: dict) -> Image.Image:
+    def tile(entry: dict) -> tuple[Image.Image, str | None]:
+        """The row's tile, and why an `ok` row's image is not on it."""
         if entry["status"] != "ok":
-            return _placeholder(thumb, entry["status"])
+            return _placeholder(thumb, entry["status"]), None
         if not out.has_image(entry):
-            return _placeholder(thumb, "missing")
+            return _placeholder(thumb, "missing"), "missing"
         if out.resized(entry["id"], entry.get("png_bytes")):  # cut short or written over since it was drawn
-            return _placeholder(thumb, "changed")
-        return _thumbnail(out.fs, out.image_path(entry["id"]), thumb)
+            return _placeholder(thumb, "changed"), "changed"
+        made = _readable_thumbnail(out.fs, out.image_path(entry["id"]), thumb)
+        return (made, None) if made else (_placeholder(thumb, "unreadable"), "unreadable")
 
+    without = Counter()  # ok rows whose image is not on the sheet, by why: said, not only drawn grey
     y = 0
     # the images read several at once (one at a time, a sheet on S3 took 5 to 10 times as long as on a disk)
     with ThreadPoolExecutor(max_workers=image_workers(out.fs)) as pool:
@@ -133,11 +143,17 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
                 pen.rectangle((0, y, columns * thumb, y + band - 1), fill=(235, 235, 235))
                 pen.text((4, y + 4), f"{group_by} = {key} ({len(entries)})", fill=(0, 0, 0))
                 y += band
-            for i, (entry, made) in enumerate(zip(entries, pool.map(tile, entries))):
+            for i, (entry, (made, why)) in enumerate(zip(entries, pool.map(tile, entries))):
                 x, top = (i % columns) * thumb, y + (i // columns) * (thumb + label)
                 sheet.paste(made, (x, top))
+                if why:
+                    without[why] += 1
                 pen.text((x + 2, top + thumb + 1), _caption(entry["id"], thumb // 6), fill=(0, 0, 0))
             y += -(-len(entries) // columns) * (thumb + label)
+    if gaps and (count := sum(without.values())):
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(without.items()))
+        gaps(f"{count} ok row(s) without their image on the sheet ({why}); `sdfleet report {uri}` lists them, and a "
+             "rerun of `sdfleet generate` draws them again")
     return sheet
 
 

@@ -631,8 +631,12 @@ def test_sheet_keeps_each_image_shape_and_shows_a_damaged_one_as_a_tile(output, 
     monkeypatch.setattr(RunOutput, "resized", lambda self, row_id, recorded: None)  # e's new shape, not its size
     (out / "images" / "a.png").write_bytes((out / "images" / "a.png").read_bytes()[:300])  # cut short
     Image.new("RGB", (16, 64), (255, 0, 0)).save(out / "images" / "e.png")  # tall: 1 wide to 4 high
-    sheet = contact_sheet(str(out), columns=3, thumb=32, label=10)
+    said = []
+    sheet = contact_sheet(str(out), columns=3, thumb=32, label=10, gaps=said.append)
     assert sheet.getpixel((1, 1)) == (0xDD,) * 3  # a: unreadable, a grey tile, and the sheet is drawn
+    # ... and said, not only drawn grey (b's PNG was deleted; c failed, its tile expected)
+    assert said == [f"2 ok row(s) without their image on the sheet (1 missing, 1 unreadable); `sdfleet report "
+                    f"{out}` lists them, and a rerun of `sdfleet generate` draws them again"], said
     e = (32, 42)  # the second tile of the second line
     assert sheet.getpixel((e[0] + 16, e[1] + 16)) == (255, 0, 0)  # its middle
     assert sheet.getpixel((e[0] + 1, e[1] + 16)) == (255, 255, 255)  # beside it: the image is not stretched

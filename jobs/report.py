@@ -17,6 +17,7 @@ but whose PNG is gone is shown as missing, not as a broken image.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import html
@@ -362,15 +363,22 @@ class Thumbnails:
         self.out.fs.makedirs(self.folder, exist_ok=True)  # local disks need the folder; object stores ignore it
         done, made, last = 0, 0, time.time()
         # Pillow and the stores release the GIL while they decode, resize, encode and move bytes
-        with ThreadPoolExecutor(max_workers=workers or image_workers(self.out.fs)) as pool:
-            for row in pool.map(self._one, todo):
-                if row is not None:
-                    self.added.append(row)
-                    made += row["error"] is None  # a PNG that did not decode has its reason and no thumbnail
-                done += 1
-                if time.time() - last >= PROGRESS_SECONDS:
-                    last = time.time()
-                    log(f"report: {done}/{len(todo)} thumbnails")
+        try:
+            with ThreadPoolExecutor(max_workers=workers or image_workers(self.out.fs)) as pool:
+                for row in pool.map(self._one, todo):
+                    if row is not None:
+                        self.added.append(row)
+                        made += row["error"] is None  # a PNG that did not decode has its reason and no thumbnail
+                    done += 1
+                    if time.time() - last >= PROGRESS_SECONDS:
+                        last = time.time()
+                        log(f"report: {done}/{len(todo)} thumbnails")
+        except BaseException:  # a store gone, Ctrl-C: what was made is indexed, for the next report to reuse
+            if self.added:  # (it made every thumbnail again: the index is otherwise written at the end)
+                self.changed = True
+                with contextlib.suppress(Exception):
+                    self.save()
+            raise
         self.changed = True
         return made
 

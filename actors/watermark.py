@@ -217,6 +217,13 @@ def library_embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
     return np.ascontiguousarray(encoder.encode(bgr, METHOD)[:, :, ::-1])
 
 
+def load_decoder() -> None:
+    """Import invisible-watermark's decoder (and torch, which the package imports), saying what OpenCV lacks:
+    once, before threads read marks."""
+    opencv.load()
+    import imwatermark  # noqa: F401
+
+
 def read_bits(rgb: np.ndarray, num_bytes: int, method: str = METHOD) -> bytes:
     """Decode `num_bytes` of payload from an RGB image (garbage if it carries no mark)."""
     opencv.load()  # imwatermark imports cv2 itself: one that cannot load is said here, with what to install

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import ValidationError
 
@@ -550,14 +551,38 @@ def cmd_watermark_verify(args) -> int:
         return EXIT_ERROR
     counts = dict.fromkeys(("ok", "MISSING", "OTHER", "ERROR"), 0)
     images = [found for given in args.images for found in _matching_images(given)]
-    for uri, matched in images:
-        status, message = _verify_one(uri, args.payload, wm) if matched else ("ERROR", "no file matches this glob")
-        counts[status] += 1
-        print(terminal_line(without_passwords(f"{status}  {uri}: {message}")), flush=True)
+
+    def check(image: tuple[str, bool]) -> tuple[str, str]:
+        uri, matched = image
+        return _verify_one(uri, args.payload, wm) if matched else ("ERROR", "no file matches this glob")
+
+    # from an object store several at once, said in order (one at a time, 2,376 on S3 took 93 s, 39 s on a disk)
+    pool = ThreadPoolExecutor(max_workers=_verify_workers(images))
+    try:
+        wm.load_decoder()  # imported once here, not by each thread at once
+        for (uri, _), (status, message) in zip(images, pool.map(check, images)):
+            counts[status] += 1
+            print(terminal_line(without_passwords(f"{status}  {uri}: {message}")), flush=True)
+    finally:
+        pool.shutdown(cancel_futures=True)  # (a reader gone, `| head`: the rest are not checked)
     if len(images) > 1:
         log(f"{len(images)} image(s): {counts['ok']} ok, {counts['MISSING']} without the mark, "
             f"{counts['OTHER']} with another payload, {counts['ERROR']} could not be checked")
     return EXIT_OK if counts["ok"] == len(images) else EXIT_ERROR
+
+
+def _verify_workers(images: list[tuple[str, bool]]) -> int:
+    """Threads for `watermark verify`, by the first image's store: on an object store as for a run's images
+    (jobs.outputs.image_workers), reads being mostly waiting; on a disk one (reading a mark holds the GIL: 200
+    images took 4.7 s in one thread, 5.3 s in four, on 2 cores)."""
+    from jobs.outputs import image_workers
+    from manifests.stores import is_local_fs, url_to_fs
+
+    try:
+        fs = url_to_fs(images[0][0])[0] if images else None
+    except Exception:  # noqa: BLE001 - a store that cannot be reached: its check says why
+        return 1
+    return 1 if fs is None or is_local_fs(fs) else image_workers(fs)
 
 
 def _matching_images(given: str) -> list[tuple[str, bool]]:

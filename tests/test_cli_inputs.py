@@ -591,3 +591,23 @@ def test_expand_keeps_an_existing_out_unless_forced(capsys, tmp_path, products):
     assert pq.read_table(out).num_rows == 2
     assert main(["manifest", "expand", "--help"]) == 0
     assert "--force" in capsys.readouterr().out
+
+
+def test_verify_of_images_on_a_store_reads_several_at_once_and_says_each_in_order(capsys, marked):
+    """On an object store each read is mostly waiting: they are read several at a time, the lines still in the
+    order of the images (a store's glob: sorted)."""
+    import fsspec
+
+    store = fsspec.filesystem("memory")
+    names = {"1-a": "a", "2-plain": "plain", "3-text": "text", "4-b": "b"}
+    for name, kind in names.items():
+        store.pipe(f"/verify-threads/{name}.png", marked[kind].read_bytes())
+    try:
+        code, out, err = run(capsys, "watermark", "verify", "memory://verify-threads/*.png")
+    finally:
+        store.rm("/verify-threads", recursive=True)
+    assert code == 1 and "Traceback" not in err, err
+    got = lines_by_file(out)
+    assert list(got) == [f"memory:///verify-threads/{name}.png" for name in names], got
+    statuses = [line.split(":", 1)[0] for line in got.values()]
+    assert statuses == ["ok", "MISSING", "ERROR", "ok"], got

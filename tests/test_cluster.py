@@ -105,14 +105,19 @@ def test_a_sigterm_to_the_whole_process_group_stops_the_command_not_the_ray_it_s
     with it and died first; the driver's core worker then ended the process (exit 1, no word, lease left)."""
     import signal
 
+    import threading
+
     proc = subprocess.Popen([sys.executable, "-c", GROUP_TERM], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    hung = threading.Timer(300, lambda: os.killpg(proc.pid, signal.SIGKILL))  # a start-up that never comes back
+    hung.start()
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
         time.sleep(1)
         os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=240)
     finally:
+        hung.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, (proc.returncode, err[-3000:])

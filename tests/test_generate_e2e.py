@@ -240,11 +240,13 @@ def test_bad_rows_are_invalid_good_rows_drawn_nothing_outside_out(tmp_path):
     expected_fields = {
         "no-prompt": "prompt", "empty": "prompt", "w770": "width", "g-nan": "guidance_scale",
         "g-inf": "guidance_scale", "neg-steps": "steps", "neg-seed": "seed", "../x": "id", "a/b": "id",
-        "dup": "id", "sched": "scheduler", "model": "model", "lonely": "prompt",
+        "dup": "id", "sched": "scheduler", "model": "model",
     }
     for row_id, field in expected_fields.items():
         lines = [line for line in proc.stdout.splitlines() if f"(`{row_id}`)" in line and f"`{field}`" in line]
         assert lines, f"validate did not name row {row_id!r} field {field!r}:\n{proc.stdout}"
+    # a file without the column is said once, for the file (its rows, `lonely`, each lack it)
+    assert f"error: {no_prompt_column}: no `prompt` column, which every manifest needs" in proc.stdout, proc.stdout
     assert "`width` must be a multiple of 8" in proc.stdout and "got 770" in proc.stdout
 
     out = work / "out"

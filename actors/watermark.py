@@ -218,16 +218,16 @@ def library_embed(rgb: np.ndarray, payload: str | bytes) -> np.ndarray:
 
 
 def load_decoder() -> None:
-    """Import invisible-watermark's decoder (and torch, which the package imports), saying what OpenCV lacks:
-    once, before threads read marks."""
+    """Import invisible-watermark's decoder, saying what OpenCV lacks (imwatermark imports cv2 itself); not at
+    the top of this module: the package imports torch (for RivaGAN). Once before threads read marks."""
     opencv.load()
     import imwatermark  # noqa: F401
 
 
 def read_bits(rgb: np.ndarray, num_bytes: int, method: str = METHOD) -> bytes:
     """Decode `num_bytes` of payload from an RGB image (garbage if it carries no mark)."""
-    opencv.load()  # imwatermark imports cv2 itself: one that cannot load is said here, with what to install
-    from imwatermark import WatermarkDecoder  # here, not at the top: the package imports torch (for RivaGAN)
+    load_decoder()
+    from imwatermark import WatermarkDecoder
 
     decoder = WatermarkDecoder("bytes", num_bytes * 8)
     return bytes(decoder.decode(np.ascontiguousarray(rgb[:, :, ::-1]), method))

@@ -453,9 +453,7 @@ def lost_parts(runs: list[dict], parts: dict[str, int | None]) -> list[str]:
     lines = []
     for summary in runs:
         wrote, run = summary.get("ledger_parts"), summary.get("run_id")
-        if isinstance(wrote, int) and isinstance(run, str) and run < newest:
-            continue
-        if isinstance(wrote, int) and isinstance(run, str) and present[run] < wrote:
+        if isinstance(wrote, int) and run == newest and present[run] < wrote:  # (no later run finished after it)
             lines.append(f"run {run} wrote {wrote} ledger part(s) and results/ holds {present[run]} of them: rows "
                          "that only those parts recorded are not shown (a copy or sync that missed files: copy the "
                          "output again, whole; a damaged part moved out of results/: a rerun of `sdfleet generate` "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from manifests.schema import quoted
 
 
@@ -33,8 +35,6 @@ def _first_cut_word(tokenizer, text: str, room: int) -> int:
     """Where in `text` the word starts that the window of `room` tokens ends in (or before). Words, split at
     white space, are tokenized apart as CLIP does (its pre-tokenizer never joins two), in one call: the first
     `room + 1` of them hold the end, since each is at least a token."""
-    import re
-
     starts = [m.start() for m in re.finditer(r"\S+", text)][:room + 1]
     words = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
     counts = tokenizer(words, add_special_tokens=False, truncation=False, verbose=False).input_ids

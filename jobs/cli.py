@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the sheet to write (path or URI); its extension names the format: .png, .jpg (.jpeg) "
                             "or .webp")
     sheet.add_argument("--group-by", metavar="COLUMN", help="one band per value of a ledger column (sku, ...)")
-    sheet.add_argument("--columns", type=int, default=6, help="thumbnails per line (default 6)")
+    sheet.add_argument("--columns", type=int, help="thumbnails per line (default: 6, more for a large run, so that "
+                       "the sheet comes out about as wide as tall)")
     sheet.add_argument("--thumb", type=int, default=128, help="thumbnail side in px (default 128)")
 
     model = sub.add_parser("model", help="model tools").add_subparsers(dest="model_command", required=True)
@@ -394,9 +395,11 @@ def cmd_sheet(args) -> int:
     from manifests.ledger import atomic_write
     from manifests.stores import is_local_fs, url_to_fs
 
-    if args.columns < 1 or not 16 <= args.thumb <= MAX_THUMB:
-        print(f"sdfleet sheet: error: --columns must be at least 1 and --thumb 16 to {MAX_THUMB} px; got "
-              f"--columns {args.columns} --thumb {args.thumb}", file=sys.stderr)
+    wrong = [] if args.columns is None or args.columns >= 1 else [f"--columns must be at least 1; got {args.columns}"]
+    if not 16 <= args.thumb <= MAX_THUMB:
+        wrong.append(f"--thumb must be 16 to {MAX_THUMB} px; got {args.thumb}")
+    if wrong:
+        print(f"sdfleet sheet: error: {'; '.join(wrong)}", file=sys.stderr)
         return EXIT_ERROR
     image_format = sheet_format(args.output)  # before drawing the sheet: a bad -o is said at once
     inside = run_file(args.out, args.output)
@@ -417,7 +420,7 @@ def cmd_sheet(args) -> int:
         atomic_write(fs, path, buf.getvalue())  # a full disk leaves the sheet that was there, not half a picture
     except Exception as exc:  # noqa: BLE001 - a read-only store, a parent that is a file
         raise ReportError(f"cannot write -o {args.output}: {one_line(exc)}") from exc
-    log(f"sheet: {args.output} ({image.width}x{image.height})")
+    log(f"sheet: {args.output} ({image.width}x{image.height}, {image.width // args.thumb} to a line)")
     for gap in gaps:
         log(f"warning: {gap}")
     return EXIT_OK

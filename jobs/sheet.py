@@ -9,6 +9,7 @@ fine-tune benchmarks draw their pictures with it.
 
 from __future__ import annotations
 
+import bisect
 import posixpath
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -92,10 +93,19 @@ def _placeholder(side: int, text: str) -> Image.Image:
     return tile
 
 
-def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb: int = 128,
+def square_columns(sizes: list[int], thumb: int, label: int, band: int) -> int:
+    """Thumbnails per line (at least 6) for a sheet of groups of `sizes` rows about as wide as it is tall: the
+    fewest whose width reaches the height (more than the largest group's rows widens nothing)."""
+    lines = range(6, max(6, *sizes) + 1)
+    reached = bisect.bisect_left(lines, True, key=lambda c: c * thumb >= sum(band + -(-n // c) * (thumb + label)
+                                                                              for n in sizes))
+    return lines[min(reached, len(lines) - 1)]
+
+
+def contact_sheet(uri: str, group_by: str | None = None, columns: int | None = None, thumb: int = 128,
                   label: int = 14, image_format: str = "PNG", warn=None, gaps=None) -> Image.Image:
-    """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column).
-    ReportError, before anything is drawn, for a sheet larger than `image_format` or memory can hold. `warn`
+    """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column),
+    `columns` to a line (default: `square_columns`). ReportError, before anything is drawn, for a sheet larger than `image_format` or memory can hold. `warn`
     is told of a later run that wrote rows and did not finish (the sheet shows the rows as they stand); `gaps`,
     once it is drawn, of `ok` rows whose image is not on it (missing, changed, unreadable)."""
     out = open_output(uri)
@@ -106,6 +116,7 @@ def contact_sheet(uri: str, group_by: str | None = None, columns: int = 6, thumb
     if not groups:
         raise ReportError(f"{uri} has a run.json but an empty ledger: nothing to show")
     band = 20 if group_by else 0
+    columns = columns or square_columns([len(rows) for rows in groups.values()], thumb, label, band)
     height = sum(band + -(-len(rows) // columns) * (thumb + label) for rows in groups.values())
     width, limit = columns * thumb, MAX_SIDE.get(image_format)
     too_big = (f"more than {image_format} can hold ({limit} px a side)" if limit and max(width, height) > limit

@@ -178,8 +178,8 @@ def test_sheet_refuses_an_output_it_cannot_write_in_one_line(capsys, tmp_path, t
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--thumb", "5000"], "--thumb 16 to 1024 px; got --columns 6 --thumb 5000"),
-    (["--columns", "0"], "--columns must be at least 1"),
+    (["--thumb", "5000"], "sheet: error: --thumb must be 16 to 1024 px; got 5000"),
+    (["--columns", "0"], "sheet: error: --columns must be at least 1; got 0"),
     # six rows on one line 17,000 px wide: more than WebP holds, which JPEG and PNG can
     (["--columns", "1000", "--thumb", "17", "-o", "{dir}/s.webp"], "would be 17000x31 px, more than WEBP can hold"),
     # one tile a line, 1,000 px: 6 Mpx, over the limit as patched below (200 Mpx takes ~12,000 rows of 128 px)

@@ -856,3 +856,18 @@ def test_a_report_cut_off_while_making_thumbnails_keeps_them_for_the_next(output
     monkeypatch.setattr(Thumbnails, "_one", made)
     done = build_report(str(output))
     assert done["thumbnails_made"] == 1 and done["thumbnails_reused"] == 2, done
+
+
+def test_a_large_run_sheet_comes_out_about_square_unless_columns_are_given(tmp_path, capsys):
+    """6 to a line suits tens of rows; a catalogue's 2,376 made a sheet 768 px wide and 56,000 tall. Without
+    --columns the sheet is about as wide as it is tall, never under 6 to a line; --columns is kept as given."""
+    from benchmarks.bench_report import write_run
+
+    out = tmp_path / "big"
+    write_run(out, "20261208T000000-aaaaaa", list(range(300)), 10, 1, [np.zeros((16, 16, 3), np.uint8)])
+    width, height = contact_sheet(str(out), thumb=32, label=14).size
+    assert 0.7 <= width / height <= 1.4, (width, height)
+    assert contact_sheet(str(out), columns=6, thumb=32, label=14).size == (6 * 32, 50 * (32 + 14))
+    assert contact_sheet(str(out), group_by="sku", thumb=32, label=14).size[0] > 6 * 32  # bands too
+    assert main(["sheet", str(out), "-o", str(tmp_path / "s.png"), "--thumb", "32"]) == 0
+    assert "to a line" in capsys.readouterr().err  # says how it was laid out: --columns changes it

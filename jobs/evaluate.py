@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from jobs.console import recorded_json
 from jobs.errors import EvalError, one_line
 from manifests.reader import Unreadable, count_ids, expand_manifest_paths, iter_rows
 from manifests.schema import coerced_id, is_safe_id
+from jobs.outputs import image_workers
 from manifests.ledger import damaged_part, newest_statuses, not_a_part
 from manifests.stores import UnreadableFile, url_to_fs
 
@@ -153,8 +155,9 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
             raise EvalError(f"--out {out}: nothing to score, it has a run.json but no images/ (the run drew none, "
                             "or they were moved away)")
         raise EvalError(f"--out {out} has no images/ folder (give the --out of a `sdfleet generate` run)")
-    rows, unscored, missing, other, foreign, not_ok = [], 0, 0, 0, 0, 0
+    rows, unscored, not_ok, skipped = [], 0, 0, Counter()  # skipped: images counted by `_look`'s reason
     shared, contradicting = 0, []  # (of the unscored) ids of several rows; rows whose columns and prompt disagree
+    todo = []  # (id, intent, prompt) of each row whose image is to be looked at
     try:  # an image whose row failed or is invalid since is an older version's, whatever its prompt
         statuses = newest_statuses(fs, root)
     except UnreadableFile as exc:
@@ -178,28 +181,19 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         if statuses.get(row_id, "ok") != "ok":  # (an id the ledger lacks: a killed run's image, judged by its prompt)
             not_ok += 1
             continue
-        path = f"{root}/images/{row_id}.png"
-        if not fs.exists(path):
-            missing += 1
-            continue
-        try:
-            with Image.open(io.BytesIO(fs.cat_file(path))) as im:
-                drawn_for = image_parameters(im).get("prompt")
-                seen = analyse(np.asarray(im.convert("RGB")))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # cut short, not an image
-            missing += 1
-            continue
-        if drawn_for is None:  # no parameters: not generate's image (a sheet saved there, a copy that lost its text)
-            foreign += 1
-            continue
-        if drawn_for != row.get("prompt"):
-            other += 1  # drawn for another version of the row (it is invalid or failed now): not this prompt's
-            continue
-        rows.append({"id": row_id, **{f"want_{k}": v for k, v in want.items()}, **seen,
-                     "held_out": (want["color"], want["shape"], want["background"]) in HELD_OUT})
+        todo.append((row_id, want, row.get("prompt")))
+    with ThreadPoolExecutor(image_workers(fs)) as pool:  # on an object store each read is mostly a round trip
+        looks = pool.map(lambda job: _look(fs, f"{root}/images/{job[0]}.png", job[2]), todo)
+        for (row_id, want, _), seen in zip(todo, looks):
+            if isinstance(seen, str):  # why it is not scored
+                skipped[seen] += 1
+                continue
+            rows.append({"id": row_id, **{f"want_{k}": v for k, v in want.items()}, **seen,
+                         "held_out": (want["color"], want["shape"], want["background"]) in HELD_OUT})
     summary = {
-        "scored": len(rows), "not_scored": unscored, "missing_images": missing, "images_of_another_prompt": other,
-        "images_without_parameters": foreign, "not_ok_in_ledger": not_ok, "shared_ids": shared,
+        "scored": len(rows), "not_scored": unscored, "missing_images": skipped["missing"],
+        "images_of_another_prompt": skipped["other"], "images_without_parameters": skipped["foreign"],
+        "not_ok_in_ledger": not_ok, "shared_ids": shared,
         "columns_contradict_prompt": len(contradicting), "contradicting_rows": contradicting[:20],
         **_scores(rows),
         "held_out": _scores([r for r in rows if r["held_out"]]),
@@ -220,6 +214,21 @@ def evaluate(manifests: list[str], out: str) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a read-only output: the scores are still said
             summary["not_written"] = f"{out}/eval.json cannot be written ({one_line(exc)})"
     return summary
+
+
+def _look(fs, path: str, prompt: str | None) -> dict[str, Any] | str:
+    """What the image at `path` shows (`analyse`), or why it is not scored: "missing" (not there, cut short, not
+    an image), "foreign" (no parameters chunk: not generate's) or "other" (drawn for another prompt)."""
+    try:
+        with Image.open(io.BytesIO(fs.cat_file(path))) as im:
+            drawn_for = image_parameters(im).get("prompt")
+            if drawn_for is None:  # not generate's image (a sheet saved there, a copy that lost its text)
+                return "foreign"
+            if drawn_for != prompt:  # drawn for another version of the row (it is invalid or failed now)
+                return "other"
+            return analyse(np.asarray(im.convert("RGB")))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # not there, cut short, not an image
+        return "missing"
 
 
 def _scores(rows: list[dict]) -> dict[str, float | int | None]:

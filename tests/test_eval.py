@@ -141,3 +141,53 @@ def test_eval_with_nothing_to_score_is_an_error(tmp_path):
     proc = sdfleet("eval", str(manifest), "--out", str(tmp_path / "run"))
     assert proc.returncode == 1 and "nothing to score: 1 row(s) name no colour" in proc.stderr
     assert not (tmp_path / "run" / "eval.json").exists()
+
+
+def test_eval_on_an_object_store_reads_images_several_at_a_time(tmp_path):
+    """On S3 or GCS each image read is a round trip: eval reads `image_workers` of them at once (it read one at a
+    time: 148 s for 2,376 images on S3), and scores every row as a read in order would."""
+    import threading
+    import time
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from jobs.evaluate import evaluate
+
+    class Remote(MemoryFileSystem):  # a store far away: each read waits, and how many wait at once is counted
+        protocol = "qa-remote"
+        busy = peak = 0
+        lock = threading.Lock()
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(path.removeprefix("qa-remote://"))
+
+        def cat_file(self, path, *args, **kwargs):
+            with Remote.lock:
+                Remote.busy += 1
+                Remote.peak = max(Remote.peak, Remote.busy)
+            try:
+                time.sleep(0.02)
+                return super().cat_file(path, *args, **kwargs)
+            finally:
+                with Remote.lock:
+                    Remote.busy -= 1
+
+    fsspec.register_implementation("qa-remote", Remote, clobber=True)
+    fs = fsspec.filesystem("qa-remote")
+    records = []
+    for i, world in enumerate(ALL[:24]):
+        records.append({"id": f"r{i}", "prompt": caption(*world)})
+        local = tmp_path / f"r{i}.png"
+        drawn(draw_shape(*(ALL[(i + 1) % len(ALL)] if i % 5 == 0 else world), 64), local, records)  # every 5th a miss
+        fs.pipe_file(f"/eval-run/images/r{i}.png", local.read_bytes())
+    records.append({"id": "never-drawn", "prompt": caption(*ALL[0])})
+    manifest = write_manifest(tmp_path / "m.parquet", records)
+
+    summary = evaluate([str(manifest)], "qa-remote://eval-run")
+    assert Remote.peak > 1, "eval read the store's images one at a time"
+    assert [r["id"] for r in summary["rows"]] == [f"r{i}" for i in range(24)]  # the manifest's order
+    assert (summary["scored"], summary["missing_images"]) == (24, 1)
+    misses = [r["id"] for r in summary["rows"] if (r["color"], r["shape"], r["background"]) !=
+              (r["want_color"], r["want_shape"], r["want_background"])]
+    assert misses == [f"r{i}" for i in range(0, 24, 5)], misses

@@ -315,6 +315,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     for uri, columns in manifests.file_columns.items():
         for column, field in look_alike_columns(columns).items():
             log(f"warning: {look_alike_warning(uri, column, field, columns)}")
+    for line in unused_models(cfg.models, manifests.model_names):
+        log(f"warning: {line}")
     duplicates = {i: n for i, n in manifests.id_counts.items() if n > 1}
     clashes = case_clashes(manifests.id_counts, fs, root)
     asked, manifests.id_counts = manifests.id_counts, None  # one entry per row: gone before the run (below)
@@ -383,6 +385,15 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     with command_log(fs, root, f"sdfleet-{run_id}.log", "run", in_out=not cfg.plan_only) as log_path, \
             library_logs_to(log_path, cfg.verbose, scrub=without_passwords):
         return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
+
+
+def unused_models(given: dict[str, str], named: set[str]) -> list[str]:
+    """A line for each --model NAME=REF that no row names in its `model` column (a typo, or a manifest without
+    the column: every row then drew with `default`), the implied default=tiny aside."""
+    said = ", ".join(sorted(named)[:10]) + (f" and {len(named) - 10} more" if len(named) > 10 else "")
+    return [f"--model {name}={ref}: no row of these manifests names it in its `model` column (they name: {said})"
+            + ("" if name == "default" else f"; a row without one draws with default={given.get('default', 'tiny')}")
+            for name, ref in given.items() if name not in named and (name, ref) != ("default", "tiny")]
 
 
 def case_clashes(id_counts: dict[str, int], fs, root: str) -> dict[str, list[str]]:

@@ -273,6 +273,7 @@ class Survey:
     id_counts: collections.Counter  # how often each id occurs, as the schema coerces it
     adapter_names: set[str]  # every adapter name the `adapters` columns mention
     parts: list[ManifestPart]  # the row groups, in file order
+    model_names: set[str] = field(default_factory=set)  # every text value of `model` columns; `default` for null
     columns: set[str] = field(default_factory=set)  # every column name any manifest has
     file_columns: dict[str, list[str]] = field(default_factory=dict)  # each manifest's column names
     # `ok` rows of the output's ledger these manifests do not ask for: how many, and the first ids (generate fills)
@@ -281,12 +282,13 @@ class Survey:
 
 
 def survey(uris: list[str]) -> Survey:
-    """Footers, `id` and `adapters` columns of every manifest, each file opened once (see `_each_file`)."""
+    """Footers, `id`, `adapters` and `model` columns of every manifest, each file opened once (`_each_file`)."""
     found = Survey(uris, 0, collections.Counter(), set(), [])
-    for uri, (rows, file_counts, file_names, parts, columns) in zip(uris, _each_file(uris, _survey_file, True)):
+    for uri, (rows, file_counts, file_names, parts, columns, models) in zip(uris, _each_file(uris, _survey_file, True)):
         found.total += rows  # merged as they come
         found.id_counts.update(file_counts)
         found.adapter_names |= file_names
+        found.model_names |= models
         found.parts += parts
         found.columns |= set(columns)
         found.file_columns[uri] = columns
@@ -294,8 +296,22 @@ def survey(uris: list[str]) -> Survey:
 
 
 def _survey_file(uri: str, pf: pq.ParquetFile, stamp: str = "") -> tuple[
-        int, collections.Counter, set[str], list[ManifestPart], list[str]]:
-    return pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf, stamp), pf.schema_arrow.names
+        int, collections.Counter, set[str], list[ManifestPart], list[str], set[str]]:
+    return (pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf, stamp), pf.schema_arrow.names,
+            _model_names(pf))
+
+
+def _model_names(pf: pq.ParquetFile) -> set[str]:
+    """The `model` values of a file's rows as given (`default` for a null cell or no such column). A column not
+    of text makes its rows invalid, said by the plan: it counts as naming `default`, so no --model is warned of
+    for it."""
+    kind = pf.schema_arrow.field("model").type if pf.schema_arrow.names.count("model") == 1 else None
+    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return {"default"} if pf.metadata.num_rows else set()
+    found: set[str] = set()
+    for batch in pf.iter_batches(batch_size=65536, columns=["model"]):
+        found.update("default" if v is None else v for v in _texts(batch.column(0).unique()))
+    return found
 
 
 def _parts(uri: str, pf: pq.ParquetFile, stamp: str = "") -> list[ManifestPart]:

@@ -793,3 +793,26 @@ def test_a_csv_given_as_a_manifest_is_told_how_to_make_one(tmp_path):
     with pytest.raises(BadManifestFile, match=r"shots.csv is not a readable Parquet file: .*\(a manifest is "
                                               r"Parquet: make one from CSV lists .* `sdfleet manifest expand`"):
         survey([str(path)])
+
+
+def test_survey_names_the_models_rows_ask_for(tmp_path):
+    """A --model no row names is a typo or a forgotten column (every row then drew with `default`): generate warns
+    of it from the survey's model names, a missing or null `model` cell being `default`."""
+    from jobs.generate import unused_models
+    from manifests.reader import survey
+
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["p"]}), tmp_path / "plain.parquet")
+    pq.write_table(pa.table({"id": ["b", "c", "d"], "prompt": ["p"] * 3, "model": ["sd21", None, " sd21"]}),
+                   tmp_path / "named.parquet")
+    pq.write_table(pa.table({"id": ["e"], "prompt": ["p"], "model": [7]}), tmp_path / "number.parquet")
+    assert survey([str(tmp_path / "named.parquet")]).model_names == {"sd21", "default", " sd21"}
+    found = survey([str(tmp_path / n) for n in ("plain.parquet", "named.parquet", "number.parquet")])
+    assert found.model_names == {"default", "sd21", " sd21"}  # (7: an invalid row, said as such by the plan)
+
+    assert unused_models({"default": "tiny", "sd21": "/m/sd21"}, found.model_names) == []
+    (line,) = unused_models({"default": "tiny", "sd21": "/m/sd21", "sdxl": "/m/sdxl"}, {"default", "sd21"})
+    assert line == ("--model sdxl=/m/sdxl: no row of these manifests names it in its `model` column (they name: "
+                    "default, sd21); a row without one draws with default=tiny"), line
+    (line,) = unused_models({"default": "/m/mine"}, {"sd21"})  # default given, and no row without a model
+    assert line.startswith("--model default=/m/mine: no row of these manifests names it"), line
+    assert unused_models({"default": "tiny"}, {"sd21"}) == []  # the implied default is never warned of

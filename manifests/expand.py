@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.csv_text import CsvProblem, csv_records
-from manifests.schema import (FIELDS, ID_PATTERN, default_seed, error_line, quoted, too_small_for_the_mark,
-                              validate_row)
+from manifests.schema import (FIELDS, ID_PATTERN, control_character, default_seed, error_line, quoted,
+                              too_small_for_the_mark, validate_row)
 from manifests.ledger import atomic_write, extra_array
 from manifests.stores import gone_at_exit_reason, missing, process_local, read_parquet, require_bucket, url_to_fs
 
@@ -340,6 +340,9 @@ def expand(
                           f"would be {rows_out:,} rows, more than one manifest holds here ({MAX_ROWS:,}); split the "
                           "products into several lists and expand each into its own manifest (generate reads them "
                           "together)")
+    for flag, text in (("--template", template), ("--negative", negative_prompt)):
+        if problem := control_character(text):
+            raise ExpandError(f"{flag} {problem}")
     fields = template_fields(template)
     check_fixed(fixed or {})
     available = set(products[0]) | (set(scenes[0]) if scenes else set())
@@ -367,6 +370,9 @@ def expand(
                 if not isinstance(row[name], (str, int, float, decimal.Decimal)):  # a list's repr in a prompt
                     raise ExpandError(f"{source} {_where(rows, i)}: `{name}` holds a {type(row[name]).__name__}, "
                                       "and the template puts it in a prompt; give it text or a number")
+                if isinstance(row[name], str) and (problem := control_character(row[name])):
+                    raise ExpandError(f"{source} {_where(rows, i)}: `{name}` {problem}, and the template puts it in "
+                                      "a prompt")
     product_keys = _keys(products, "product", "sku", products_source)
     scene_keys = _keys(scenes, "scene", "scene_id", scenes_source) if scenes else [None]
     rows, made = [], {}

@@ -181,6 +181,26 @@ class AdapterRef(BaseModel):
         return value
 
 
+def control_character(text: str) -> str | None:
+    """What is wrong with prompt text holding a control character, naming the first, or None. CLIP's tokenizer
+    makes such a character (an ANSI colour code, a NUL of a binary export) tokens of its own, so the image is
+    drawn for other words than the prompt shows; tabs and line breaks are whitespace to it, and are fine."""
+    if found := CONTROL_CHARACTER.search(text):
+        return (f"holds control character U+{ord(found.group()):04X} (character {found.start() + 1}), which would "
+                "be drawn as tokens of its own; remove it (tabs and line breaks are fine)")
+    return None
+
+
+def _without_control_characters(text: str) -> str:
+    if problem := control_character(text):
+        raise ValueError(problem)
+    return text
+
+
+# Unicode's control characters (category Cc) that are not whitespace
+CONTROL_CHARACTER = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
+
+
 class ManifestRow(BaseModel):
     """One row of a prompt manifest. Columns that are not fields pass through to the ledger."""
 
@@ -231,7 +251,12 @@ class ManifestRow(BaseModel):
         # format and control characters alone (a zero-width space, a byte-order mark) are as empty to the eye
         if all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in value):
             raise ValueError(f"must not be empty (it holds only invisible characters: {value!r})")
-        return value
+        return _without_control_characters(value)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_readable(cls, value: str) -> str:
+        return _without_control_characters(value)
 
     @field_validator("seed")
     @classmethod

@@ -48,6 +48,11 @@ BAD_ROWS = [
     (good("empty-prompt", prompt=""), "prompt", "got ''", "must not be empty"),
     (good("zwsp-prompt", prompt="\u200b \ufeff"), "prompt", "got '\\u200b \\ufeff'",
      "must not be empty (it holds only invisible characters"),
+    # a control character is drawn as tokens of its own (an ANSI colour code, a NUL from a binary export)
+    (good("esc-prompt", prompt="a red\x1b[31m mug"), "prompt", "got 'a red\\x1b[31m mug'",
+     "control character U+001B (character 6)"),
+    (good("nul-negative", negative_prompt="blurry\x00"), "negative_prompt", "got 'blurry\\x00'",
+     "control character U+0000 (character 7)"),
     (good("w770", width=770), "width", "got 770", "multiple of 8 in 64..2048"),
     (good("w4000", width=4000), "width", "got 4000", "multiple of 8 in 64..2048"),
     (good("h63", height=63), "height", "got 63", "multiple of 8 in 64..2048"),
@@ -111,10 +116,11 @@ def test_clean_manifest_exits_0(capsys, tmp_path):
              negative_prompt="blurry", adapters=[{"name": "brand", "scale": -0.5}]),
         good("unicode", prompt="un café ☕ 🚀 製品写真", negative_prompt="模糊, flou"),
         good("emoji", prompt="🍵🫖 on a 🧱 wall, 👨‍👩‍👧"),
+        good("lines", prompt="a red mug,\r\n\ton a white background", negative_prompt="blurry,\nflou"),
     ])
     code, lines, err = validate(capsys, path)
     assert code == 0, lines
-    assert lines == ["4 rows in 1 manifest(s): 0 error(s), 0 warning(s)"]
+    assert lines == ["5 rows in 1 manifest(s): 0 error(s), 0 warning(s)"]
     assert err == ""
 
 

@@ -487,3 +487,18 @@ def test_an_id_over_128_characters_names_the_rows_that_make_it(tmp_path):
     with pytest.raises(ExpandError, match=r"products row 0 with scenes row 1 make the id .*, 136 characters: over 128"):
         expand("{product} {scene}", [{"sku": "s" * 100, "product": "a red mug"}],
                [{"scene_id": "a", "scene": "x"}, {"scene_id": "b" * 30, "scene": "y"}])
+
+
+def test_a_control_character_the_template_would_put_in_a_prompt_names_its_line(tmp_path):
+    """A product pasted with a terminal's colour code (or a NUL of a binary export) made rows that every run then
+    refused as invalid; expand names the line at once. Tabs are whitespace, and pass."""
+    path = tmp_path / "p.csv"
+    path.write_text("sku,product,note\nmug-1,a red\x1b[31m mug,ok\nmug-2,a blue\tmug,\x07\n")
+    with pytest.raises(ExpandError, match=r"p.csv line 2: `product` holds control character U\+001B \(character 6\)"):
+        expand("a photo of {product}", load_list(str(path), "product"), products_source=str(path))
+    rows = load_list(str(path), "product")[1:]
+    assert expand("a photo of {product}", rows).num_rows == 1  # (note's bell, unused: passes through)
+    with pytest.raises(ExpandError, match=r"--template holds control character U\+0000"):
+        expand("a photo of {product}\x00", rows)
+    with pytest.raises(ExpandError, match=r"--negative holds control character U\+0007"):
+        expand("a photo of {product}", rows, negative_prompt="blurry\x07")

@@ -483,3 +483,13 @@ def test_a_look_alike_column_beside_its_field_is_not_said_to_leave_the_field_mis
     beside = look_alike_warning("m.parquet", "Seed", "seed", ["id", "prompt", "Seed", "seed"])
     assert "every row of it reads `seed` as missing" in alone
     assert "`seed` is read from the file's own `seed` column" in beside and "missing" not in beside
+
+
+def test_the_control_characters_a_prompt_may_not_hold_are_unicodes_that_are_not_whitespace():
+    """The pattern is written out by hand (a search in C, not a loop per character over millions of prompts)."""
+    import unicodedata
+
+    from manifests.schema import CONTROL_CHARACTER
+
+    wanted = {chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cc" and not chr(c).isspace()}
+    assert {chr(c) for c in range(0x110000) if CONTROL_CHARACTER.fullmatch(chr(c))} == wanted

@@ -322,7 +322,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     asked, manifests.id_counts = manifests.id_counts, None  # one entry per row: gone before the run (below)
 
     # 3. models and adapters: defaults and fingerprints, from configs and file hashes only
-    # rows may name a preset without a --model for it, as `manifest validate` allows (a --model NAME wins)
+    # rows may name a preset without a --model for it, as `manifest validate` allows (no --model takes its name)
     refs = {**{name: name for name in PRESETS}, **cfg.models}
     models = {name: describe_model(name, ref).defaults() for name, ref in refs.items()}
     embedding_tokens: dict[str, str] = {}  # token -> the embedding that adds it

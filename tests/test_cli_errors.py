@@ -224,6 +224,11 @@ def test_a_model_name_given_twice_is_refused(capsys, tmp_path, command):
     assert code == 1
     assert "--model default is given twice (default=tiny and default=tiny-random)" in one_error_line(err)
     assert not (tmp_path / "out").exists()  # refused before anything was drawn
+    # a preset's name for another model: rows naming `tiny` would draw it, and every other run the preset
+    code, _, err = run(capsys, *argv, "--model", "tiny=sd21-random")
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert "--model tiny=sd21-random: tiny is a preset's name (presets: sd21-random, tiny, tiny-random); give this " \
+           "model a name of its own, such as --model tiny-1=sd21-random" in one_error_line(err), err
 
 
 def test_a_report_group_by_column_the_new_ledger_will_not_have_is_said_before_drawing(capsys, tmp_path,

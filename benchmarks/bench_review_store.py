@@ -10,7 +10,7 @@ every row's colour, shape and background, and verify of every image (the bench's
 read and its mark looked for all the same). Variants:
 
 - `before`        sheet, eval and verify read their images one at a time, the report with 4 threads (sdfleet
-                  before 2026-12-07 for sheet and report, 2026-12-08 for eval and verify);
+                  before 2026-12-07 for sheet, report and verify, 2026-12-08 for eval);
 - `image_workers` all with `image_workers(fs)` threads (16 on an object store).
 
 Reported: median seconds per variant and command, and before/image_workers ratios.

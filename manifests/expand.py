@@ -199,8 +199,8 @@ def _read_lines(text: str, column: str, uri: str) -> ListRows:
             if "\t" in value:
                 raise ExpandError(f"{uri} line {number} holds tabs: {plain}, and this is a table (a spreadsheet's "
                                   "'Unicode Text' is tab-separated); name it .tsv")
-            cells = [cell.strip().casefold() for cell in value.split(",")]
-            if not rows and len(cells) > 1 and column in cells:
+            cells = [cell.strip().strip('"').strip().casefold() for cell in value.split(",")]
+            if not rows and column in cells:  # (alone: a one-column CSV, its header would be a product)
                 raise ExpandError(f"{uri} line {number} reads as a CSV header ({quoted(value, 80)}): {plain}; "
                                   "name it .csv")
             rows.append({column: value})

@@ -453,13 +453,16 @@ def test_a_column_named_twice_but_for_its_case_is_refused(tmp_path):
      r"products.txt line 1 holds tabs: a .txt or suffix-less list is read as one `product` per line"),
     ("products", b"sku,product,category\nmug-001,a red mug,kitchen\n",
      r"products line 1 reads as a CSV header \('sku,product,category'\): a .txt or suffix-less list is read as"),
+    # a one-column CSV that lost its suffix: its header became a product named "product", drawn every night
+    ("products", b"Product\nred star\nblue circle\n", r"products line 1 reads as a CSV header \('Product'\)"),
+    ("scenes", b'"scene"\non white\n', r"scenes line 1 reads as a CSV header \('\"scene\"'\)"),
 ])
 def test_a_table_saved_as_plain_text_is_refused_not_read_as_one_product_per_line(tmp_path, name, data, said):
     """Excel's 'Unicode Text' (.txt, tab-separated) or a CSV without its suffix: each line, the header too,
     became a product, and whole tab-joined rows became prompts, exit 0."""
     (tmp_path / name).write_bytes(data)
     with pytest.raises(ExpandError, match=said):
-        load_list(str(tmp_path / name), "product")
+        load_list(str(tmp_path / name), "scene" if name == "scenes" else "product")
     (tmp_path / "fine.txt").write_text("a red mug, ceramic\na product shot\n")  # commas in a product are fine
     assert len(load_list(str(tmp_path / "fine.txt"), "product")) == 2
 

@@ -143,7 +143,7 @@ def stop_on_sigterm() -> None:
     KeyboardInterrupt`, so rows back at the driver went unrecorded, and the command ended with no word. SIGTERM
     (Kubernetes stopping a pod, `ray job stop`) now raises KeyboardInterrupt, so a command stops as Ctrl-C stops
     it, and `stopped_by_sigterm` says which it was. A second SIGTERM while the first is handled ends the process
-    at once. sdfleet's CLI sets it as it starts, and again once Ray's start-up has taken it.
+    at once, unless it comes within REPEAT_GRACE of the first (the same signal, passed on by a `timeout`). sdfleet's CLI sets it as it starts, and again once Ray's start-up has taken it.
 
     SIGHUP (the terminal closed, an ssh session dropped) ended the process at once, the rows back at the driver
     unrecorded and the lease left behind: it stops a command the same way, unless it was ignored when the command
@@ -154,17 +154,35 @@ def stop_on_sigterm() -> None:
         _SIGTERM_RECEIVED.clear()
         _RECEIVED.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)  # always: ray.init's C++ sets one that Python does not see
-    if _HANGUP is not None and signal.getsignal(_HANGUP) in (signal.SIG_DFL, _on_sigterm):
+    if _HANGUP is not None and signal.getsignal(_HANGUP) in (signal.SIG_DFL, _on_sigterm, _on_repeated_stop):
         signal.signal(_HANGUP, _on_sigterm)
 
 
 def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _hangup_to_default()  # a second of either ends the process at once
+    _FIRST_STOP[:] = [time.monotonic()]
+    signal.signal(signal.SIGTERM, _on_repeated_stop)  # a second of either: the same stop, or one to end at once
+    if _HANGUP is not None and signal.getsignal(_HANGUP) is _on_sigterm:
+        signal.signal(_HANGUP, _on_repeated_stop)
     _RECEIVED.append(signum)
     _SIGTERM_RECEIVED.set()
     if not _DEFERRED.is_set():
         raise KeyboardInterrupt
+
+
+# Seconds within which a second SIGTERM or SIGHUP is the first stop delivered again, not a second one: a group's
+# SIGTERM reaches a command under `timeout` twice (from the kill, and from `timeout` passing it on), and ended it
+# at once, nothing recorded and its lease left.
+REPEAT_GRACE = 5.0
+_FIRST_STOP: list[float] = []  # when the first came (time.monotonic)
+
+
+def _on_repeated_stop(signum, frame):
+    """A SIGTERM or SIGHUP after the first: within REPEAT_GRACE the same stop (ignored, the first is acted on),
+    later a second one, which ends the process at once (by the signal's default action)."""
+    if _FIRST_STOP and time.monotonic() - _FIRST_STOP[0] < REPEAT_GRACE:
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _on_interrupt_in_start(signum, frame):
@@ -181,7 +199,7 @@ def _interrupt_to_default() -> None:
 
 def _hangup_to_default() -> None:
     """SIGHUP back to ending the process, where sdfleet's handler has it (one ignored, under nohup, stays so)."""
-    if _HANGUP is not None and signal.getsignal(_HANGUP) is _on_sigterm:
+    if _HANGUP is not None and signal.getsignal(_HANGUP) in (_on_sigterm, _on_repeated_stop):
         signal.signal(_HANGUP, signal.SIG_DFL)
 
 

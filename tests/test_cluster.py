@@ -168,7 +168,8 @@ def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembere
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler runs at the next bytecode
     assert connect_module.stopped_by_sigterm()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM ends the process at once
+    # a second SIGTERM ends the process at once, unless it is the same one passed on (test below)
+    assert signal.getsignal(signal.SIGTERM) is connect_module._on_repeated_stop
 
     def stopped(args):  # a SIGTERM while a command runs, Ray or not (the CLI sets the handler as it starts)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -183,11 +184,41 @@ def test_sigterm_while_connected_stops_a_command_as_ctrl_c_does_and_is_remembere
 
     monkeypatch.setattr(cli, "cmd_report", hung_up)
     assert cli.main(["report", "out"]) == 129
-    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # a second one ends the process at once
+    assert signal.getsignal(signal.SIGHUP) is connect_module._on_repeated_stop  # a second one ends it at once
     # under nohup (SIGHUP ignored as the command starts) the hang-up is left ignored: the run goes on
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     connect_module.stop_on_sigterm()
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+# SIGTERM twice 0.1 s apart (a group's, and `timeout` passing it on), then, in a second process, again after
+# REPEAT_GRACE: the first pair is one stop, handled; the later one ends the process at once
+TWICE = """
+import os, signal, sys, time
+from cluster import connect as c
+
+c.REPEAT_GRACE = float(sys.argv[1])
+c.stop_on_sigterm()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except KeyboardInterrupt:
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the stop is handled (recording what finished, say)
+    time.sleep(0.5)
+    print("stopped once", flush=True)
+"""
+
+
+def test_the_same_sigterm_delivered_twice_stops_a_command_once():
+    """`timeout 900 sdfleet generate ...` stopped by `kill -TERM -- -PGID`: sdfleet got the group's SIGTERM and
+    then `timeout`'s copy of it, took the second for a second stop, and ended at once: exit 143 with no word,
+    nothing recorded, lease left (QA, 3 of 3)."""
+    once = subprocess.run([sys.executable, "-c", TWICE, "5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert (once.returncode, once.stdout) == (0, "stopped once\n"), once.stderr[-2000:]
+    later = subprocess.run([sys.executable, "-c", TWICE, "0.05"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert later.returncode == -15 and later.stdout == "", (later.returncode, later.stdout)
 
 
 def test_a_hang_up_while_a_local_ray_starts_stops_the_command_once_started_and_never_reaches_ray(

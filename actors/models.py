@@ -128,8 +128,12 @@ def _no_model_index(name: str, ref: str, where: str, names) -> ModelError:
 
 def _describe_uri(name: str, ref: str, fs, root: str) -> ModelInfo:
     if not fs.exists(f"{root}/model_index.json"):
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.isdir(root) else []
-        raise _no_model_index(name, ref, "the folder", names)
+        if fs.isfile(root):
+            raise ModelError(f"model {name}={ref}: a file, not a diffusers directory (a folder with "
+                             "model_index.json); give the model's folder")
+        if not fs.isdir(root):  # (an object store has no empty folders: a prefix with nothing under it)
+            raise ModelError(f"model {name}={ref}: nothing is stored under it (no such folder); check the URI")
+        raise _no_model_index(name, ref, "the folder", [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)])
     keep = _model_files(json.loads(fs.cat_file(f"{root}/model_index.json")))
     listing = _store_listing(fs, root, keep)
     _check_weights(name, ref, keep, list(listing))

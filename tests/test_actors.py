@@ -232,6 +232,13 @@ def test_bad_model_references_say_what_is_wrong(tmp_path, monkeypatch):
         describe_model("x", str(tmp_path / "nothing-here"))
     with pytest.raises(ModelError, match=r"model x=sd15: not a preset"):  # a name, not a path
         describe_model("x", "sd15")
+    # a store's folder that is not there was said to lack model_index.json: the user looked inside, not at the name
+    with pytest.raises(ModelError, match=r"model x=memory://qa-models/nope: nothing is stored under it \(no such "
+                                         r"folder\); check the URI"):
+        describe_model("x", "memory://qa-models/nope")
+    fsspec.filesystem("memory").pipe_file("/qa-models/a-file", b"x")
+    with pytest.raises(ModelError, match=r"model x=memory://qa-models/a-file: a file, not a diffusers directory"):
+        describe_model("x", "memory://qa-models/a-file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match=r"has no model_index.json \(expected a diffusers directory\)"):
         describe_model("x", str(tmp_path / "empty"))

@@ -72,7 +72,12 @@ def build_dataset(images_dir: str, out: str, captions: str | None = None, resolu
     out_fs, out_root = url_to_fs(out)
     out_root = out_root.rstrip("/")
     require_bucket(out_fs, out_root, "-o", out, DatasetError)
-    _check_out(out_fs, out_root, out)
+    try:
+        _check_out(out_fs, out_root, out)
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - credentials that may not list it: said naming -o, not "a store"
+        raise DatasetError(f"-o {out} cannot be read ({error_line(exc)})") from exc
     fs, root = url_to_fs(images_dir)
     try:
         found = tree_files(fs, root) if fs.isdir(root) else None

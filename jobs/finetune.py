@@ -77,7 +77,7 @@ def run_finetune(cfg: TrainConfig) -> dict:
     except FinetuneError:
         raise
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
-        raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
+        raise FinetuneError(f"cannot write to --out {cfg.out}: {one_line(exc)}") from exc
     resolution = cfg.resolution or base.width
     if cfg.crop >= resolution:  # the crops would be the whole image: trained on whole images without a word
         whose = "" if cfg.resolution else " (the base model's)"
@@ -112,9 +112,12 @@ def run_finetune(cfg: TrainConfig) -> dict:
     try:  # made only now: a run refused above leaves no empty folder (in an adapter store, under a refused name)
         fs.makedirs(root, exist_ok=True)
     except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
-        raise FinetuneError(f"cannot write to --out {cfg.out}: {exc}") from exc
+        raise FinetuneError(f"cannot write to --out {cfg.out}: {one_line(exc)}") from exc
     if _starts_afresh(fs, root, record, cfg):  # from here on --out is this fine-tune's: a rerun may use it
-        _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
+        try:  # its first write there (an object store makes no folders): credentials that may only read fail here
+            _write_json(fs, f"{root}/finetune.json", {**record, "status": "starting", "config": cfg.model_dump()})
+        except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
+            raise FinetuneError(f"cannot write to --out {cfg.out}: {one_line(exc)}") from exc
     elif (finished := _finished(fs, root, cfg)) is not None:  # the same fine-tune, done: its output is there
         return {**finished, "already_finished": True}
     else:
@@ -326,12 +329,14 @@ class TrainProgress:
             self.stepped = False
             return (f"a training worker stopped (its process died or its node was lost): Ray Train starts the "
                     f"workers again, up to --max-failures {cfg.max_failures} time(s)")
+        skipped = "; ".join(f"{c['checkpoint']} ({c['why']})" for c in record.get("passed_over", []))
+        skipped = f" (passed over {skipped}: not whole)" if skipped else ""
         if event == "started":
-            return f"{cfg.method}: {record.get('trainable_parameters', 0):,} trainable parameters"
+            return f"{cfg.method}: {record.get('trainable_parameters', 0):,} trainable parameters{skipped}"
         if event == "cached_latents":
             return f"cached the latents of {record['images']} images"
         if event == "resumed":
-            return f"resuming from the checkpoint at step {record['step']}"
+            return f"resuming from the checkpoint at step {record['step']}{skipped}"
         if event == "finished":
             return f"wrote the {cfg.result_name} to {cfg.out}"
         if "loss" in record:
@@ -524,6 +529,11 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
         if held:
             raise FinetuneError(f"--out {shown} holds files ({first_few(held, 3)}) and is not a fine-tune's output (no "
                                 "finetune.json); give a new or empty folder, or an earlier fine-tune's --out to resume it")
+    for flag, uri in (("--data", cfg.data), ("--class-data", cfg.class_data)):
+        if uri and _inside(fs, root, uri):  # (--out that is the dataset itself is refused above: it holds files)
+            raise FinetuneError(f"--out {cfg.out} is inside {flag} {uri}: the dataset's folder would hold the "
+                                "fine-tune's output too (and, as an --adapters store, list it); give --out a folder "
+                                "outside it")
     name = root.rstrip("/").rsplit("/", 1)[-1]
     if cfg.method in ("lora", "textual-inversion") and not is_adapter_name(name):
         raise FinetuneError(f"--out {shown}: {name!r} will be the adapter's name in `generate --adapters`, which "
@@ -532,6 +542,16 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
         # the store would hold two adapters of one name, and generate fails every row naming it
         raise FinetuneError(f"--out {shown}: the adapter store beside it already holds {name}.safetensors, an "
                             f"adapter named {name!r}; give the fine-tune another name, or move that file aside")
+
+
+def _inside(fs, root: str, uri: str) -> bool:
+    """Whether the folder `root` of store `fs` lies inside the folder `uri` (links resolved on a disk)."""
+    other, folder = url_to_fs(uri)
+    if type(other) is not type(fs):
+        return False
+    if is_local_fs(fs):
+        root, folder = os.path.realpath(root), os.path.realpath(folder)
+    return root.startswith(folder.rstrip("/") + "/")
 
 
 def _note_upscaling(data: str, resolution: int) -> None:

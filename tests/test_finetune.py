@@ -215,10 +215,16 @@ def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_tha
     assert resume_from(cfg, None, state) == 12 and net.weight[0, 0].item() == 12
     weights = folders / "checkpoint_2026-12-06_10-02-00" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])  # an upload cut short: passed over, by its size alone
-    assert resume_from(cfg, None, state) == 8 and net.weight[0, 0].item() == 8
+    passed_over = []  # ... and said (QA: a rerun trained 10 steps again with no word why)
+    assert resume_from(cfg, None, state, passed_over) == 8 and net.weight[0, 0].item() == 8
+    assert passed_over == [("checkpoint_2026-12-06_10-02-00", "trainable.safetensors missing, cut short or damaged")]
     meta = folders / "checkpoint_2026-12-06_10-01-00" / "state.json"  # an EMA checkpoint without its EMA file
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "ema": {"decay": 0.9}}))
-    assert [step for step, _ in stored_checkpoints(cfg.out)] == [4]
+    passed_over = []
+    assert [step for step, _ in stored_checkpoints(cfg.out, passed_over)] == [4]
+    assert sorted(passed_over) == [("checkpoint_2026-12-06_10-01-00", "ema.safetensors missing, cut short or damaged"),
+                                   ("checkpoint_2026-12-06_10-02-00", "trainable.safetensors missing, cut short or "
+                                                                      "damaged")]  # (tmp_upload: empty, unsaid)
     other = folders / "checkpoint_2026-12-06_10-00-00" / "trainable.safetensors"  # whole, but of another model
     save_file({"nope": torch.zeros(2)}, str(other))
     with pytest.raises(UnloadableCheckpoint, match=r"checkpoint_2026-12-06_10-00-00 does not load .*move it aside"):
@@ -375,6 +381,50 @@ def dataset(tmp_path_factory):
     return {"dir": base / "data", "proc": proc, "base": base}
 
 
+def test_an_out_whose_store_refuses_writes_is_named(dataset, capsys, monkeypatch):
+    """Read-only credentials on --out (S3 answering PutObject with AccessDenied) said only "a store refused or did
+    not answer", which with --data on the same store named neither flag nor URI."""
+    from fsspec.implementations.memory import MemoryFileSystem
+    from fsspec.registry import _registry
+
+    from jobs.cli import main
+
+    class ReadOnly(MemoryFileSystem):  # these credentials may list and read, not write
+        protocol = "qa-readonly"
+
+        def pipe_file(self, path, *args, **kwargs):
+            raise PermissionError("Access Denied")
+
+        def _open(self, path, mode="rb", *args, **kwargs):
+            if "r" not in mode:
+                raise PermissionError("Access Denied")
+            return super()._open(path, mode, *args, **kwargs)
+
+    monkeypatch.setitem(_registry, "qa-readonly", ReadOnly)
+    MemoryFileSystem.store.pop("/qa-bucket", None)
+    MemoryFileSystem.pseudo_dirs.append("/qa-bucket")
+    assert main(["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--steps", "2",
+                 "--resolution", RES, "--out", "qa-readonly://qa-bucket/adapters/mine"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sdfleet: error: cannot write to --out qa-readonly://qa-bucket/adapters/mine: "
+                          "PermissionError: Access Denied"), err
+
+
+def test_an_out_inside_the_dataset_is_refused(dataset, capsys, tmp_path):
+    """It trained and wrote the LoRA into the dataset's folder, which as an --adapters store then listed it."""
+    from jobs.cli import main
+
+    (tmp_path / "linked").symlink_to(dataset["dir"])
+    before = sorted(p.name for p in dataset["dir"].iterdir())
+    for out in (dataset["dir"] / "inside", tmp_path / "linked" / "inside"):
+        assert main(["finetune", "lora", "--data", str(dataset["dir"]), "--base", "tiny", "--steps", "2",
+                     "--resolution", RES, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"sdfleet: error: --out {out} is inside --data {dataset['dir']}: the dataset's folder "
+                              "would hold"), err
+    assert sorted(p.name for p in dataset["dir"].iterdir()) == before
+
+
 def test_dataset_build_reports_every_skipped_file_and_keeps_the_rest(dataset):
     proc = dataset["proc"]
     assert proc.returncode == 2, proc.stderr[-2000:]  # written, with files skipped
@@ -469,8 +519,8 @@ def test_dataset_build_into_memory_or_from_a_store_that_refuses_is_one_line(tmp_
                                     "be gone when it ends",
              ("images", "refusing://bucket/images"): "IMAGES_DIR refusing://bucket/images cannot be read "
                                                      "(NoCredentialsError: Unable to locate credentials)",
-             ("-o", "refusing://bucket/data"): "a store refused or did not answer: NoCredentialsError: Unable to "
-                                               "locate credentials (check the URIs given",
+             ("-o", "refusing://bucket/data"): "-o refusing://bucket/data cannot be read (NoCredentialsError: "
+                                               "Unable to locate credentials)",
              ("--captions", "refusing://bucket/captions.csv"): "--captions refusing://bucket/captions.csv cannot be "
                                                                "read (NoCredentialsError: Unable to locate credentials)"}
     for (what, uri), said in cases.items():
@@ -1351,8 +1401,9 @@ def test_every_training_option_runs_together(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = metrics(out)
     assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) for r in rows)
-    # full's default lr 1e-5: warm-up ends at step 2 at the peak, the cosine reaches 0 at the last step
-    assert rows[0]["lr"] == pytest.approx(1e-5) and rows[1]["lr"] == pytest.approx(0.0)
+    # the lr each logged step trained at (the next step's was logged: the last line said 0). full's default 1e-5:
+    # steps 1, 2 warm up (0.5e-5, 1e-5), step 3 is the cosine's top, step 4 halfway down it (to 0 after it)
+    assert rows[0]["lr"] == pytest.approx(1e-5) and rows[1]["lr"] == pytest.approx(0.5e-5)
     config = train_log(out)[0]["config"]
     assert config["grad_accum"] == 2 and config["ema_decay"] == 0.9 and config["train_text_encoder"]
     assert config["caption_dropout"] == 0.5
@@ -1659,6 +1710,13 @@ def test_progress_says_a_worker_stopped_when_the_workers_start_again(tmp_path):
     assert said[2] == ("a training worker stopped (its process died or its node was lost): Ray Train starts the "
                        "workers again, up to --max-failures 2 time(s)")
     assert said[3] == "resuming from the checkpoint at step 4"
+    # newer checkpoints that are not whole are named: the rerun trains their steps again (QA: said nothing)
+    passed = [{"checkpoint": "checkpoint_b", "why": "trainable.safetensors missing, cut short or damaged"}]
+    assert progress.describe({"event": "resumed", "step": 4, "passed_over": passed}) == (
+        "resuming from the checkpoint at step 4 (passed over checkpoint_b (trainable.safetensors missing, cut short "
+        "or damaged): not whole)")
+    assert progress.describe({"event": "started", "trainable_parameters": 10, "passed_over": passed}).startswith(
+        "lora: 10 trainable parameters (passed over checkpoint_b")
 
 
 def test_a_finished_fine_tune_whose_checkpoints_are_gone_is_never_trained_again_from_step_0(dataset, tmp_path,

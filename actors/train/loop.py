@@ -94,7 +94,10 @@ def _train(cfg: TrainConfig, base) -> None:
     # 2. resume: Ray hands back the latest checkpoint of this run (after a crash, or a rerun into --out), or a
     # newer one it had not recorded yet when the run stopped
     state = (net, optimizer, lr_scheduler, scaler, ema)
-    step = resumed_from = resume_from(cfg, ray.train.get_checkpoint(), state)
+    passed_over: list[tuple[str, str]] = []  # newer checkpoints that are not whole: (folder name, why)
+    step = resumed_from = resume_from(cfg, ray.train.get_checkpoint(), state, passed_over)
+    if passed_over and rank == 0:
+        say(passed_over_line(passed_over))
     if resumed_from is not None and rank == 0:
         say(f"resuming from the checkpoint at step {step}")
     step = step or 0
@@ -106,11 +109,12 @@ def _train(cfg: TrainConfig, base) -> None:
     fixed = fixed_eval_batch(cfg, table, pipe, noise_scheduler, device) if cfg.fsdp or rank == 0 else None
     latent_cache = encode_dataset(cfg, table, pipe.vae, device, rank, world) if cfg.cache_latents else None
     log = TrainLog(cfg.out, rank)
+    skipped = {"passed_over": [{"checkpoint": name, "why": why} for name, why in passed_over]} if passed_over else {}
     if resumed_from is not None:
-        log.line({"event": "resumed", "step": resumed_from})
+        log.line({"event": "resumed", "step": resumed_from, **skipped})
     elif rank == 0:
         log.line({"event": "started", "trainable_parameters": trainable, "workers": world, "class_rows": classes,
-                  "config": cfg.model_dump()})
+                  "config": cfg.model_dump(), **skipped})
     if latent_cache is not None:
         log.line({"event": "cached_latents", "images": table.num_rows})
 
@@ -139,6 +143,7 @@ def _train(cfg: TrainConfig, base) -> None:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        used_lr = lr_scheduler.get_last_lr()[0]  # the step's own: after step() it is the next one's (0 at the end)
         lr_scheduler.step()
         if ema is not None:
             ema.step(params)
@@ -147,7 +152,7 @@ def _train(cfg: TrainConfig, base) -> None:
         # 5. report, checkpoint, validate: report is collective, so every worker calls it at the same steps
         checkpointing = step % cfg.checkpoint_every == 0 or step == cfg.steps
         if checkpointing or step % cfg.log_every == 0:
-            metrics = {"step": step, "loss": float(np.mean(losses)), "lr": lr_scheduler.get_last_lr()[0],
+            metrics = {"step": step, "loss": float(np.mean(losses)), "lr": used_lr,
                        "samples_per_second": window_samples * world / (time.perf_counter() - window_start),
                        "peak_rss_mb": _peak_rss_mb()}
             eval_value = eval_loss(model, fixed) if fixed is not None else None
@@ -182,20 +187,25 @@ def _train(cfg: TrainConfig, base) -> None:
         say(f"wrote the {cfg.result_name} to {cfg.out}")
 
 
-def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
+def resume_from(cfg: TrainConfig, checkpoint, state: tuple, passed_over: list | None = None) -> int | None:
     """Load the newest whole checkpoint of --out/checkpoints into `state` (net, optimizer, lr_scheduler, scaler,
     ema); returns its step, or None when there is none. Ray's own `checkpoint` is one of them, but may not be
-    the newest, and one cut short in its upload is passed over (stored_checkpoints). Which one is told from the
+    the newest, and one cut short in its upload (or damaged since) is passed over (stored_checkpoints), and
+    added to `passed_over` as (folder name, why) where it is newer than the one loaded. Which one is told from the
     store's listing and the files' heads, so every worker takes the same; one that then fails to load stops
     the run, naming it (falling back on one worker only would leave the workers at different steps)."""
     import ray.train
 
-    stored = stored_checkpoints(cfg.out)
+    skipped: list[tuple[str, str]] = []
+    stored = stored_checkpoints(cfg.out, skipped)
     if not stored and checkpoint is None:
+        (passed_over if passed_over is not None else []).extend(skipped)
         return None
     if stored:
         folder = stored[0][1]
         name = folder.rstrip("/").rsplit("/", 1)[-1]
+        # (Ray names its checkpoint folders so that a later one sorts after an earlier one)
+        (passed_over if passed_over is not None else []).extend(item for item in skipped if item[0] > name)
         if checkpoint is not None and checkpoint.path.rstrip("/").rsplit("/", 1)[-1] == name:
             chosen = checkpoint  # Ray's own: one download per node, shared by its workers
         elif checkpoint is not None:
@@ -213,6 +223,12 @@ def resume_from(cfg: TrainConfig, checkpoint, state: tuple) -> int | None:
             raise RuntimeError(f"the checkpoint {folder} could not be read ({type(exc).__name__}: {exc})") from exc
         raise UnloadableCheckpoint(f"the checkpoint {folder} does not load ({type(exc).__name__}: {exc}); move it "
                                    "aside to resume from the one before it, or give a new --out") from exc
+
+
+def passed_over_line(passed_over: list[tuple[str, str]]) -> str:
+    """The line for checkpoints a resume passed over: newer than the one it loaded, and not whole."""
+    return ("passed over " + "; ".join(f"{name} ({why})" for name, why in passed_over)
+            + " (not whole: cut short in its upload, or damaged since)")
 
 
 def _in_the_files(exc: Exception) -> bool:

@@ -12,9 +12,10 @@ CHECKPOINT_PREFIX = "checkpoint_"  # how Ray Train names its checkpoint folders,
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")  # what save_checkpoint writes
 
 
-def stored_checkpoints(out: str) -> list[tuple[int, str]]:
+def stored_checkpoints(out: str, passed_over: list[tuple[str, str]] | None = None) -> list[tuple[int, str]]:
     """(step, folder) of each whole checkpoint under --out/checkpoints, newest step first: every file
-    save_checkpoint writes is there, each safetensors file as long as its header says (`_whole`).
+    save_checkpoint writes is there, each safetensors file as long as its header says (`_whole`). Each one that
+    is not (and holds any of them) is added to `passed_over` as (its folder's name, why).
 
     Ray Train resumes from the newest checkpoint its own record (checkpoint_manager_snapshot.json) lists, and
     a checkpoint uploaded just before a Ctrl-C can be whole on the store but not in that record yet: the rerun
@@ -27,27 +28,29 @@ def stored_checkpoints(out: str) -> list[tuple[int, str]]:
         if entry.get("type") != "directory":
             continue
         try:
-            step = _whole(fs, folder)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+            step, why = _whole(fs, folder)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            step, why = None, f"state.json cannot be read ({type(exc).__name__})"
         if step is not None:
             found.append((step, fs.unstrip_protocol(folder)))
+        elif passed_over is not None and why:
+            passed_over.append((folder.rsplit("/", 1)[-1], why))
     return sorted(found, reverse=True)
 
 
-def _whole(fs, folder: str) -> int | None:
-    """The step of the checkpoint in `folder` if all its files are there and whole, else None."""
+def _whole(fs, folder: str) -> tuple[int | None, str | None]:
+    """(the step of the checkpoint in `folder`, None) if all its files are there and whole, else (None, why)."""
     sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in fs.ls(folder, detail=True)}
-    if not set(CHECKPOINT_FILES) <= set(sizes):
-        return None
+    if missing := [name for name in CHECKPOINT_FILES if name not in sizes]:  # (none of them: not one, unsaid)
+        return None, f"{', '.join(missing)} missing" if len(missing) < len(CHECKPOINT_FILES) else None
     meta = json.loads(fs.cat_file(f"{folder}/state.json"))
     tensors = [name for name in CHECKPOINT_FILES if name.endswith(".safetensors")]
     if "ema" in meta:
         tensors.append("ema.safetensors")
     for name in tensors:
         if sizes.get(name) is None or not safetensors_whole(fs, f"{folder}/{name}", sizes[name]):
-            return None
-    return int(meta["step"])
+            return None, f"{name} missing, cut short or damaged"
+    return int(meta["step"]), None
 
 
 def safetensors_whole(fs, path: str, size: int) -> bool:

@@ -128,6 +128,15 @@ PRESETS: dict[str, dict] = {
 
 
 PRESETS["tiny-random"] = PRESETS["tiny"]
+
+
+def preset_name_problem(name: str, ref: str) -> str | None:
+    """Why `--model NAME=REF` may not be: NAME is a preset's, for another model (rows naming it would draw REF in
+    this run and the preset in every other, under one row name); None where it is fine."""
+    if name in PRESETS and ref != name:
+        return (f"--model {name}={ref}: {name} is a preset's name (presets: {', '.join(sorted(PRESETS))}); give "
+                f"this model a name of its own, such as --model {name}-1={ref}")
+    return None
 # Config keys an installed component may override: values training sets, never the architecture.
 PRESET_OVERRIDABLE = {"scaling_factor"}
 # Presets whose trained weights (and component configs) may be installed under PRESET_DIR/<name>/<component>/.

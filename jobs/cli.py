@@ -41,17 +41,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_pairs(values: list[str] | None) -> dict[str, str]:
-    from actors.presets import PRESETS
+    from actors.presets import preset_name_problem
 
     pairs = {}
     for value in values or []:
         name, sep, ref = value.partition("=")
         if not sep or not name or not ref:
             raise argparse.ArgumentTypeError(f"--model expects NAME=REF (say default=tiny), got {value!r}")
-        if name in PRESETS and ref != name:  # rows naming it would draw this model in this run, the preset in others
-            raise argparse.ArgumentTypeError(f"--model {value}: {name} is a preset's name (presets: "
-                                             f"{', '.join(sorted(PRESETS))}); give this model a name of its own, such "
-                                             f"as --model {name}-1={ref}")
+        if problem := preset_name_problem(name, ref):
+            raise argparse.ArgumentTypeError(problem)
         if name in pairs:  # last-one-wins would quietly draw with a model the user may not have meant
             raise argparse.ArgumentTypeError(f"--model {name} is given twice ({name}={pairs[name]} and {value}): "
                                              "give each NAME once")

@@ -546,7 +546,10 @@ def _check_out_is_ours(fs, root: str, cfg: TrainConfig) -> None:
 
 def _inside(fs, root: str, uri: str) -> bool:
     """Whether the folder `root` of store `fs` lies inside the folder `uri` (links resolved on a disk)."""
-    other, folder = url_to_fs(uri)
+    try:
+        other, folder = url_to_fs(uri)
+    except Exception:  # noqa: BLE001 - a store that cannot be had: said as --data's or --class-data's own problem
+        return False
     if type(other) is not type(fs):
         return False
     if is_local_fs(fs):

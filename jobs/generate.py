@@ -30,7 +30,7 @@ from actors.backends import BackendError, check_backend
 from actors.batch_size import AUTO_BLOCK
 from actors.crash_journal import JOURNAL_NAME, start_journal
 from actors.models import describe_model
-from actors.presets import PRESETS
+from actors.presets import PRESETS, preset_name_problem
 from cluster.connect import (ClusterError, address_problem, alive_nodes, cluster_address, connect, disconnect,
                              joined_address, library_logs_to, local_gpu_shortfall, local_resources, size_actors,
                              size_finishing, stop_signal, watch_cluster)
@@ -125,6 +125,9 @@ class GenerateConfig(BaseModel):
 
     @model_validator(mode="after")
     def _defaults_and_backend(self) -> "GenerateConfig":
+        for name, ref in self.models.items():
+            if problem := preset_name_problem(name, ref):
+                raise ValueError(problem)
         self.models = {"default": "tiny", **self.models}
         self.report = self.report or self.report_group_by is not None  # asked how to group it: a report is wanted
         if self.watermark == "":
@@ -387,12 +390,16 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
         return _run_on_ray(cfg, fs, root, run_id, manifests, models, state, started, actor_cls, lease)
 
 
-def unused_models(given: dict[str, str], named: set[str]) -> list[str]:
+def unused_models(given: dict[str, str], named: set[str] | None) -> list[str]:
     """A line for each --model NAME=REF that no row names in its `model` column (a typo, or a manifest without
-    the column: every row then drew with `default`), the implied default=tiny aside."""
+    the column: every row then drew with `default`), the implied default=tiny aside; none where the names the
+    rows give are not known (`Survey.model_names`)."""
+    if not named:
+        return []
     said = ", ".join(sorted(named)[:10]) + (f" and {len(named) - 10} more" if len(named) > 10 else "")
+    fallback = f"; a row without one draws with default={given.get('default', 'tiny')}" if "default" in named else ""
     return [f"--model {name}={ref}: no row of these manifests names it in its `model` column (they name: {said})"
-            + ("" if name == "default" else f"; a row without one draws with default={given.get('default', 'tiny')}")
+            + ("" if name == "default" else fallback)
             for name, ref in given.items() if name not in named and (name, ref) != ("default", "tiny")]
 
 

@@ -95,11 +95,16 @@ def _placeholder(side: int, text: str) -> Image.Image:
 
 def square_columns(sizes: list[int], thumb: int, label: int, band: int) -> int:
     """Thumbnails per line (at least 6) for a sheet of groups of `sizes` rows about as wide as it is tall: the
-    fewest whose width reaches the height (more than the largest group's rows widens nothing)."""
+    fewest whose width reaches the height (more than the largest group's rows widens nothing), and of those that
+    make as many lines, the fewest (36 rows: 6 lines of 6, not 6 lines of 7)."""
+    def height(columns: int) -> int:
+        return sum(band + -(-n // columns) * (thumb + label) for n in sizes)
+
     lines = range(6, max(6, *sizes) + 1)
-    reached = bisect.bisect_left(lines, True, key=lambda c: c * thumb >= sum(band + -(-n // c) * (thumb + label)
-                                                                              for n in sizes))
-    return lines[min(reached, len(lines) - 1)]
+    columns = lines[min(bisect.bisect_left(lines, True, key=lambda c: c * thumb >= height(c)), len(lines) - 1)]
+    while columns > 6 and height(columns - 1) == height(columns):
+        columns -= 1
+    return columns
 
 
 def contact_sheet(uri: str, group_by: str | None = None, columns: int | None = None, thumb: int = 128,

@@ -273,7 +273,8 @@ class Survey:
     id_counts: collections.Counter  # how often each id occurs, as the schema coerces it
     adapter_names: set[str]  # every adapter name the `adapters` columns mention
     parts: list[ManifestPart]  # the row groups, in file order
-    model_names: set[str] = field(default_factory=set)  # every text value of `model` columns; `default` for null
+    # every `model` value of the rows (`default` for null), or None where a file's column could not tell
+    model_names: set[str] | None = field(default_factory=set)
     columns: set[str] = field(default_factory=set)  # every column name any manifest has
     file_columns: dict[str, list[str]] = field(default_factory=dict)  # each manifest's column names
     # `ok` rows of the output's ledger these manifests do not ask for: how many, and the first ids (generate fills)
@@ -288,7 +289,7 @@ def survey(uris: list[str]) -> Survey:
         found.total += rows  # merged as they come
         found.id_counts.update(file_counts)
         found.adapter_names |= file_names
-        found.model_names |= models
+        found.model_names = None if models is None or found.model_names is None else found.model_names | models
         found.parts += parts
         found.columns |= set(columns)
         found.file_columns[uri] = columns
@@ -301,16 +302,26 @@ def _survey_file(uri: str, pf: pq.ParquetFile, stamp: str = "") -> tuple[
             _model_names(pf))
 
 
-def _model_names(pf: pq.ParquetFile) -> set[str]:
-    """The `model` values of a file's rows as given (`default` for a null cell or no such column). A column not
-    of text makes its rows invalid, said by the plan: it counts as naming `default`, so no --model is warned of
-    for it."""
-    kind = pf.schema_arrow.field("model").type if pf.schema_arrow.names.count("model") == 1 else None
-    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+def _model_names(pf: pq.ParquetFile) -> set[str] | None:
+    """The `model` values of a file's rows as the schema reads them (`default` for a null cell or no such
+    column), or None where that is not known here: a column of another type (binary, numbers: the plan reads
+    or refuses each row), or one that cannot be read (the plan names its damaged rows)."""
+    if "model" not in pf.schema_arrow.names:
         return {"default"} if pf.metadata.num_rows else set()
+    kind = pf.schema_arrow.field("model").type if pf.schema_arrow.names.count("model") == 1 else None
+    if pa.types.is_dictionary(kind):  # a pandas Categorical
+        kind = kind.value_type
+    if kind is None or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return None
     found: set[str] = set()
-    for batch in pf.iter_batches(batch_size=65536, columns=["model"]):
-        found.update("default" if v is None else v for v in _texts(batch.column(0).unique()))
+    try:
+        for batch in pf.iter_batches(batch_size=65536, columns=["model"]):
+            column = batch.column(0)
+            if isinstance(column, pa.DictionaryArray):
+                column = column.dictionary_decode()
+            found.update("default" if v is None else v for v in _texts(column.unique()))
+    except (OSError, pa.ArrowException):
+        return None
     return found
 
 

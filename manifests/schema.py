@@ -184,21 +184,22 @@ class AdapterRef(BaseModel):
 def control_character(text: str) -> str | None:
     """What is wrong with prompt text holding a control character, naming the first, or None. CLIP's tokenizer
     makes such a character (an ANSI colour code, a NUL of a binary export) tokens of its own, so the image is
-    drawn for other words than the prompt shows; tabs and line breaks are whitespace to it, and are fine."""
+    drawn for other words than the prompt shows; tabs, line breaks and the other whitespace it folds are fine."""
     if found := CONTROL_CHARACTER.search(text):
         return (f"holds control character U+{ord(found.group()):04X} (character {found.start() + 1}), which would "
-                "be drawn as tokens of its own; remove it (tabs and line breaks are fine)")
+                "be drawn as tokens of its own; remove it")
     return None
 
 
 def _without_control_characters(text: str) -> str:
     if problem := control_character(text):
-        raise ValueError(problem)
+        raise ValueError(f"{problem} (tabs and line breaks are fine)")
     return text
 
 
-# Unicode's control characters (category Cc) that are not whitespace
-CONTROL_CHARACTER = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
+# The control characters (Unicode category Cc) that CLIP's tokenizer turns into tokens: all but the whitespace it
+# folds into a space (tab, line feed, vertical tab, form feed, carriage return, next line U+0085)
+CONTROL_CHARACTER = re.compile("[\\x00-\\x08\\x0e-\\x1f\\x7f-\\x84\\x86-\\x9f]")
 
 
 class ManifestRow(BaseModel):

@@ -930,3 +930,14 @@ def test_credentials_a_store_refuses_are_said_so_not_a_bucket_that_does_not_exis
     said = str(exc.value)
     assert said.startswith("--out s3://catalog/run: the store refused these credentials for bucket 'catalog' ("), said
     assert "does not exist" not in said
+
+
+def test_a_preset_name_for_another_model_is_refused_by_the_config_too():
+    """The Python API (GenerateConfig) as the CLI: `--model tiny=...` drew rows naming tiny with another model."""
+    from pydantic import ValidationError
+
+    from jobs.generate import GenerateConfig
+
+    with pytest.raises(ValidationError, match=r"--model tiny=sd21-random: tiny is a preset's name"):
+        GenerateConfig(manifests=["m.parquet"], out="out", models={"tiny": "sd21-random"})
+    assert GenerateConfig(manifests=["m.parquet"], out="out", models={"tiny": "tiny"}).models["tiny"] == "tiny"

@@ -217,14 +217,28 @@ def test_resume_takes_the_newest_whole_checkpoint_on_the_store_and_skips_one_tha
     weights.write_bytes(weights.read_bytes()[:-8])  # an upload cut short: passed over, by its size alone
     passed_over = []  # ... and said (QA: a rerun trained 10 steps again with no word why)
     assert resume_from(cfg, None, state, passed_over) == 8 and net.weight[0, 0].item() == 8
-    assert passed_over == [("checkpoint_2026-12-06_10-02-00", "trainable.safetensors missing, cut short or damaged")]
+    assert passed_over == [("checkpoint_2026-12-06_10-02-00", "trainable.safetensors cut short (or longer than its "
+                                                              "header says)")]
     meta = folders / "checkpoint_2026-12-06_10-01-00" / "state.json"  # an EMA checkpoint without its EMA file
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "ema": {"decay": 0.9}}))
     passed_over = []
     assert [step for step, _ in stored_checkpoints(cfg.out, passed_over)] == [4]
-    assert sorted(passed_over) == [("checkpoint_2026-12-06_10-01-00", "ema.safetensors missing, cut short or damaged"),
-                                   ("checkpoint_2026-12-06_10-02-00", "trainable.safetensors missing, cut short or "
-                                                                      "damaged")]  # (tmp_upload: empty, unsaid)
+    assert sorted(passed_over) == [("checkpoint_2026-12-06_10-01-00", "ema.safetensors missing"),
+                                   ("checkpoint_2026-12-06_10-02-00", "trainable.safetensors cut short (or longer "
+                                                                      "than its header says)")]  # (tmp_upload: unsaid)
+    # a header that is not one, an empty file (a crash before the header was out: it stopped every resume), a
+    # state.json that does not parse: each passed over, for its own reason
+    newest = folders / "checkpoint_2026-12-06_10-01-00"  # (its trainable and optimizer files are whole)
+    for name, data, said in (("optimizer.safetensors", (10).to_bytes(8, "little") + b"\xff" * 56,
+                              "optimizer.safetensors damaged (its header"),
+                             ("trainable.safetensors", b"", "trainable.safetensors cut short"),
+                             ("state.json", b"{\"step\": 1", "state.json does not read (JSONDecodeError)")):
+        saved = (newest / name).read_bytes()
+        (newest / name).write_bytes(data)
+        passed_over = []
+        stored_checkpoints(cfg.out, passed_over)
+        assert [why for folder, why in passed_over if folder == newest.name][0].startswith(said), passed_over
+        (newest / name).write_bytes(saved)
     other = folders / "checkpoint_2026-12-06_10-00-00" / "trainable.safetensors"  # whole, but of another model
     save_file({"nope": torch.zeros(2)}, str(other))
     with pytest.raises(UnloadableCheckpoint, match=r"checkpoint_2026-12-06_10-00-00 does not load .*move it aside"):

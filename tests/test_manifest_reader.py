@@ -804,10 +804,17 @@ def test_survey_names_the_models_rows_ask_for(tmp_path):
     pq.write_table(pa.table({"id": ["a"], "prompt": ["p"]}), tmp_path / "plain.parquet")
     pq.write_table(pa.table({"id": ["b", "c", "d"], "prompt": ["p"] * 3, "model": ["sd21", None, " sd21"]}),
                    tmp_path / "named.parquet")
-    pq.write_table(pa.table({"id": ["e"], "prompt": ["p"], "model": [7]}), tmp_path / "number.parquet")
+    pq.write_table(pa.table({"id": ["e", "f"], "prompt": ["p"] * 2,  # a pandas Categorical: dictionary-encoded
+                             "model": pa.array(["sdxl", None]).dictionary_encode()}), tmp_path / "category.parquet")
     assert survey([str(tmp_path / "named.parquet")]).model_names == {"sd21", "default", " sd21"}
-    found = survey([str(tmp_path / n) for n in ("plain.parquet", "named.parquet", "number.parquet")])
-    assert found.model_names == {"default", "sd21", " sd21"}  # (7: an invalid row, said as such by the plan)
+    found = survey([str(tmp_path / n) for n in ("plain.parquet", "named.parquet", "category.parquet")])
+    assert found.model_names == {"default", "sd21", " sd21", "sdxl"}
+    # a column whose rows the plan reads otherwise (binary text) or refuses (numbers): not known, nothing warned
+    pq.write_table(pa.table({"id": ["g"], "prompt": ["p"], "model": [b"sdxl"]}), tmp_path / "binary.parquet")
+    pq.write_table(pa.table({"id": ["h"], "prompt": ["p"], "model": [7]}), tmp_path / "number.parquet")
+    for other in ("binary.parquet", "number.parquet"):
+        assert survey([str(tmp_path / "named.parquet"), str(tmp_path / other)]).model_names is None
+    assert unused_models({"default": "tiny", "sdxl": "/m/sdxl"}, None) == []
 
     assert unused_models({"default": "tiny", "sd21": "/m/sd21"}, found.model_names) == []
     (line,) = unused_models({"default": "tiny", "sd21": "/m/sd21", "sdxl": "/m/sdxl"}, {"default", "sd21"})
@@ -816,3 +823,5 @@ def test_survey_names_the_models_rows_ask_for(tmp_path):
     (line,) = unused_models({"default": "/m/mine"}, {"sd21"})  # default given, and no row without a model
     assert line.startswith("--model default=/m/mine: no row of these manifests names it"), line
     assert unused_models({"default": "tiny"}, {"sd21"}) == []  # the implied default is never warned of
+    (line,) = unused_models({"default": "tiny", "sd21": "/m/sd21", "sdxl": "/m/sdxl"}, {"sd21"})
+    assert line.endswith("(they name: sd21)"), line  # every row names its model: no word of rows without one

@@ -485,11 +485,20 @@ def test_a_look_alike_column_beside_its_field_is_not_said_to_leave_the_field_mis
     assert "`seed` is read from the file's own `seed` column" in beside and "missing" not in beside
 
 
-def test_the_control_characters_a_prompt_may_not_hold_are_unicodes_that_are_not_whitespace():
-    """The pattern is written out by hand (a search in C, not a loop per character over millions of prompts)."""
+def test_the_control_characters_a_prompt_may_not_hold_are_those_clips_tokenizer_makes_tokens_of():
+    """The pattern is written out by hand (a search in C, not a loop per character over millions of prompts); it
+    must name exactly the control characters that change what the tokenizer reads (U+001C..U+001F are
+    whitespace to Python, not to it), and none of those it folds into a space."""
     import unicodedata
 
+    from transformers import CLIPTokenizer
+
+    from actors.presets import TOKENIZER_DIR
     from manifests.schema import CONTROL_CHARACTER
 
-    wanted = {chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cc" and not chr(c).isspace()}
-    assert {chr(c) for c in range(0x110000) if CONTROL_CHARACTER.fullmatch(chr(c))} == wanted
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    plain = tokenizer("a red mug").input_ids
+    controls = [chr(c) for c in range(0x110000) if unicodedata.category(chr(c)) == "Cc"]
+    tokened = {c for c in controls if tokenizer(f"a red{c}mug").input_ids != plain}
+    assert {c for c in controls if CONTROL_CHARACTER.fullmatch(c)} == tokened
+    assert "\x1b" in tokened and "\t" not in tokened  # (the comparison is not empty on either side)

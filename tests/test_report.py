@@ -871,3 +871,6 @@ def test_a_large_run_sheet_comes_out_about_square_unless_columns_are_given(tmp_p
     assert contact_sheet(str(out), group_by="sku", thumb=32, label=14).size[0] > 6 * 32  # bands too
     assert main(["sheet", str(out), "-o", str(tmp_path / "s.png"), "--thumb", "32"]) == 0
     assert "to a line" in capsys.readouterr().err  # says how it was laid out: --columns changes it
+    from jobs.sheet import square_columns
+
+    assert square_columns([36], 128, 14, 0) == 6  # 7 to a line would make as many lines (6), only wider

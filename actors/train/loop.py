@@ -94,7 +94,7 @@ def _train(cfg: TrainConfig, base) -> None:
     # 2. resume: Ray hands back the latest checkpoint of this run (after a crash, or a rerun into --out), or a
     # newer one it had not recorded yet when the run stopped
     state = (net, optimizer, lr_scheduler, scaler, ema)
-    passed_over: list[tuple[str, str]] = []  # newer checkpoints that are not whole: (folder name, why)
+    passed_over: list[tuple[str, str]] = []  # checkpoints that are not whole: (folder name, why)
     step = resumed_from = resume_from(cfg, ray.train.get_checkpoint(), state, passed_over)
     if passed_over and rank == 0:
         say(passed_over_line(passed_over))
@@ -191,21 +191,20 @@ def resume_from(cfg: TrainConfig, checkpoint, state: tuple, passed_over: list | 
     """Load the newest whole checkpoint of --out/checkpoints into `state` (net, optimizer, lr_scheduler, scaler,
     ema); returns its step, or None when there is none. Ray's own `checkpoint` is one of them, but may not be
     the newest, and one cut short in its upload (or damaged since) is passed over (stored_checkpoints), and
-    added to `passed_over` as (folder name, why) where it is newer than the one loaded. Which one is told from the
+    added to `passed_over` as (folder name, why). Which one is told from the
     store's listing and the files' heads, so every worker takes the same; one that then fails to load stops
     the run, naming it (falling back on one worker only would leave the workers at different steps)."""
     import ray.train
 
     skipped: list[tuple[str, str]] = []
     stored = stored_checkpoints(cfg.out, skipped)
+    # every one, older ones too (Ray keeps a few; their folders' names are local times, no order across zones)
+    (passed_over if passed_over is not None else []).extend(skipped)
     if not stored and checkpoint is None:
-        (passed_over if passed_over is not None else []).extend(skipped)
         return None
     if stored:
         folder = stored[0][1]
         name = folder.rstrip("/").rsplit("/", 1)[-1]
-        # (Ray names its checkpoint folders so that a later one sorts after an earlier one)
-        (passed_over if passed_over is not None else []).extend(item for item in skipped if item[0] > name)
         if checkpoint is not None and checkpoint.path.rstrip("/").rsplit("/", 1)[-1] == name:
             chosen = checkpoint  # Ray's own: one download per node, shared by its workers
         elif checkpoint is not None:
@@ -226,7 +225,7 @@ def resume_from(cfg: TrainConfig, checkpoint, state: tuple, passed_over: list | 
 
 
 def passed_over_line(passed_over: list[tuple[str, str]]) -> str:
-    """The line for checkpoints a resume passed over: newer than the one it loaded, and not whole."""
+    """The line for the checkpoints a resume passed over, not being whole."""
     return ("passed over " + "; ".join(f"{name} ({why})" for name, why in passed_over)
             + " (not whole: cut short in its upload, or damaged since)")
 

@@ -29,8 +29,8 @@ def stored_checkpoints(out: str, passed_over: list[tuple[str, str]] | None = Non
             continue
         try:
             step, why = _whole(fs, folder)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            step, why = None, f"state.json cannot be read ({type(exc).__name__})"
+        except OSError as exc:  # the store, not the files (a retry may read it): said as such, not as damaged
+            step, why = None, f"could not be read now ({type(exc).__name__}: {exc})"
         if step is not None:
             found.append((step, fs.unstrip_protocol(folder)))
         elif passed_over is not None and why:
@@ -43,20 +43,32 @@ def _whole(fs, folder: str) -> tuple[int | None, str | None]:
     sizes = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("size") for e in fs.ls(folder, detail=True)}
     if missing := [name for name in CHECKPOINT_FILES if name not in sizes]:  # (none of them: not one, unsaid)
         return None, f"{', '.join(missing)} missing" if len(missing) < len(CHECKPOINT_FILES) else None
-    meta = json.loads(fs.cat_file(f"{folder}/state.json"))
+    try:
+        meta = json.loads(fs.cat_file(f"{folder}/state.json"))
+        step = int(meta["step"])
+    except (ValueError, KeyError, TypeError) as exc:  # cut short, or not the JSON save_checkpoint writes
+        return None, f"state.json does not read ({type(exc).__name__})"
     tensors = [name for name in CHECKPOINT_FILES if name.endswith(".safetensors")]
     if "ema" in meta:
         tensors.append("ema.safetensors")
     for name in tensors:
-        if sizes.get(name) is None or not safetensors_whole(fs, f"{folder}/{name}", sizes[name]):
-            return None, f"{name} missing, cut short or damaged"
-    return int(meta["step"]), None
+        if sizes.get(name) is None:
+            return None, f"{name} missing"
+        try:
+            whole = safetensors_whole(fs, f"{folder}/{name}", sizes[name])
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error) as exc:  # not safetensors'
+            return None, f"{name} damaged (its header does not read: {type(exc).__name__})"
+        if not whole:
+            return None, f"{name} cut short (or longer than its header says)"
+    return step, None
 
 
 def safetensors_whole(fs, path: str, size: int) -> bool:
     """Whether the safetensors file at `path`, `size` bytes on the store, is as long as its header says: an
     8-byte header length, a JSON header, then the tensors' data (a file cut short, or bytes that are not one,
     is not). Reads only the header."""
+    if size < 8:  # (an empty file, a crash before the header was out)
+        return False
     with fs.open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         if length > size:

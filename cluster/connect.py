@@ -143,7 +143,8 @@ def stop_on_sigterm() -> None:
     KeyboardInterrupt`, so rows back at the driver went unrecorded, and the command ended with no word. SIGTERM
     (Kubernetes stopping a pod, `ray job stop`) now raises KeyboardInterrupt, so a command stops as Ctrl-C stops
     it, and `stopped_by_sigterm` says which it was. A second SIGTERM while the first is handled ends the process
-    at once, unless it comes within REPEAT_GRACE of the first (the same signal, passed on by a `timeout`). sdfleet's CLI sets it as it starts, and again once Ray's start-up has taken it.
+    at once, unless it comes within REPEAT_GRACE of the first (the same signal, passed on by a `timeout`).
+    sdfleet's CLI sets it as it starts, and again once Ray's start-up has taken it.
 
     SIGHUP (the terminal closed, an ssh session dropped) ended the process at once, the rows back at the driver
     unrecorded and the lease left behind: it stops a command the same way, unless it was ignored when the command

@@ -110,9 +110,10 @@ def square_columns(sizes: list[int], thumb: int, label: int, band: int) -> int:
 def contact_sheet(uri: str, group_by: str | None = None, columns: int | None = None, thumb: int = 128,
                   label: int = 14, image_format: str = "PNG", warn=None, gaps=None) -> Image.Image:
     """Every row of the run at `uri` in id order (within each group when `group_by` names a ledger column),
-    `columns` to a line (default: `square_columns`). ReportError, before anything is drawn, for a sheet larger than `image_format` or memory can hold. `warn`
-    is told of a later run that wrote rows and did not finish (the sheet shows the rows as they stand); `gaps`,
-    once it is drawn, of `ok` rows whose image is not on it (missing, changed, unreadable)."""
+    `columns` to a line (default: `square_columns`). ReportError, before anything is drawn, for a sheet larger
+    than `image_format` or memory can hold. `warn` is told of a later run that wrote rows and did not finish (the
+    sheet shows the rows as they stand); `gaps`, once it is drawn, of `ok` rows whose image is not on it
+    (missing, changed, unreadable)."""
     out = open_output(uri)
     for note in out.notes if warn else ():
         warn(note)

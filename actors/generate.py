@@ -87,8 +87,11 @@ def draw(pipe, rows: list[dict]) -> np.ndarray:
     # 8. to 8-bit pixels, which would turn NaN into black: such an image is an error, not a picture
     finite = np.isfinite(out.images).all(axis=(1, 2, 3))
     if not finite.all():  # draw_rows then draws the batch row by row, so only the rows it touches fail
-        raise ValueError(f"{(~finite).sum()} of {len(rows)} image(s) came out as NaN or infinite values (an adapter "
-                         "at too large a scale, or a model that overflows in this precision); nothing was written")
+        used = ", ".join(f"{a['name']!r} at scale {a['scale']:g}" for a in first.get("adapters") or [] if a["scale"])
+        cause = (f"with adapter(s) {used}: a scale too large, or a model that overflows in this precision" if used
+                 else "a model that overflows in this precision")
+        raise ValueError(f"{(~finite).sum()} of {len(rows)} image(s) came out as NaN or infinite values ({cause}); "
+                         "nothing was written")
     return (np.clip(out.images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 

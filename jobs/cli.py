@@ -345,10 +345,12 @@ def cmd_generate(args) -> int:
     recovered = f", {summary['recovered']} recovered" if summary["recovered"] else ""  # a killed run's images
     recovered += f", {summary['restored']} restored" if summary["restored"] else ""  # failed since, mended
     relabelled = f" ({summary['relabelled']} relabelled)" if summary["relabelled"] else ""  # columns changed
+    swaps = summary.get("adapter_swaps") or {}
+    swapped = f", {swaps['total']} adapter swaps in {swaps['seconds']:.1f} s" if swaps.get("total") else ""
     log(f"done in {summary['wall_seconds']:.1f} s: {summary['ok'] - found} drawn{recovered}, "
         f"{summary['skipped']} skipped{relabelled}, "
-        f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s); "
-        f"ledger and run.json in {cfg.out}")
+        f"{summary['failed']} failed, {summary['invalid']} invalid ({summary['images_per_second']:.2f} img/s"
+        f"{swapped}); ledger and run.json in {cfg.out}")
     if cfg.report:  # the page is a view of what is already stored: a failure is said, and the run stands
         from jobs.errors import GroupByError, describe_error
         from jobs.report import build_report
@@ -442,7 +444,8 @@ def _rows_exit(cfg, summary: dict) -> int:
         return EXIT_ROWS
     if cfg.rows_may_fail:
         if summary.get("plan_only"):  # nothing written: no ledger to look in
-            failed, where = "would fail", "named above (the first of them; `manifest validate` lists every one)"
+            failed, where = "would fail", ("named above (the first of them; `manifest validate` names those whose "
+                                           "own fields are wrong, a run's ledger every one)")
         else:
             failed, where = "failed", "in the ledger and run.json"
         log(f"exit 0 although {summary['failed']} rows {failed} and {summary['invalid']} are invalid "

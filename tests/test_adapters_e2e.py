@@ -100,6 +100,7 @@ def test_run_json_counts_adapter_swaps_per_actor(adapter_run):
     swaps = run_summary(adapter_run["out"])["adapter_swaps"]
     assert swaps["total"] == sum(swaps["per_actor"].values()) > 0
     assert swaps["seconds"] >= 0
+    assert f"{swaps['total']} adapter swaps in " in adapter_run["proc"].stderr  # said in the summary, not only here
     from jobs.outputs import summary_problem  # the report reads what generate writes, as it writes it
 
     assert summary_problem(run_summary(adapter_run["out"])) is None

@@ -125,7 +125,10 @@ def test_an_image_of_nan_fails_its_row_and_is_never_written_as_black(tiny):
     rows[1] = {**rows[1], "prompt": "a red circle, overflow"}
     drawn = {r["id"]: r for r in draw_rows(lambda row: Overflowing(tiny), rows, max_batch=8)}
     assert drawn["r1"]["status"] == "failed" and drawn["r1"]["pixels"] is None
-    assert "1 of 1 image(s) came out as NaN or infinite" in drawn["r1"]["error"]
+    assert "1 of 1 image(s) came out as NaN or infinite values (a model that overflows" in drawn["r1"]["error"]
+    rows[1]["adapters"] = [{"name": "style", "scale": 1e300, "fingerprint": ""}]  # named, with its scale (QA)
+    with pytest.raises(ValueError, match=r"\(with adapter\(s\) 'style' at scale 1e\+300: a scale too large"):
+        draw(Overflowing(tiny), [rows[1]])
     alone = draw(tiny, [rows[0]])[0]
     assert drawn["r0"]["status"] is None and drawn["r0"]["pixels"] == alone.tobytes()
     assert drawn["r2"]["status"] is None and drawn["r2"]["pixels"] is not None

@@ -236,6 +236,8 @@ class AdapterStore:
         if dangling is not None:  # listed by the store, so "not in the store ... holds: NAME" contradicted itself
             what = "is not a file" if os.path.exists(dangling) else "does not exist"
             raise AdapterError(name, f"{dangling} is a link to {os.readlink(dangling)}, which {what}")
+        if inside := self._folder_without_its_file(name, base):
+            raise AdapterError(name, inside)
         held = self.names()
         stem = name.removesuffix(".safetensors")
         if stem != name and stem in held:  # the file's name given, not the adapter's
@@ -244,6 +246,29 @@ class AdapterStore:
         where = f"holds: {first_few(held, 20)}" if held else "holds no adapters"
         raise AdapterError(name, f"is not in the adapter store {self.uri} (expected {name}.safetensors, "
                                  f"{name}/{LORA_FILE} or {name}/{EMBEDDING_FILE}); the store {where}")
+
+    def _folder_without_its_file(self, name: str, base: str) -> str | None:
+        """What a folder of the adapter's name holds instead of its file (a peft `save_pretrained` folder, the
+        file a folder too deep, another file name), or None where there is no such folder."""
+        if not self.fs.isdir(base):
+            return None
+        entries = self.fs.ls(base, detail=True)
+        files = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file")
+        if "adapter_model.safetensors" in files:
+            return ("its folder holds adapter_model.safetensors, a peft `save_pretrained` adapter whose alphas are in "
+                    "its adapter_config.json; save it with diffusers' `StableDiffusionPipeline.save_lora_weights` "
+                    f"(which writes {LORA_FILE}) or put it in the store as {name}.safetensors with diffusers' keys")
+        weights = [f for f in files if f.endswith(".safetensors")]
+        if weights:
+            return (f"its folder holds {first_few(weights, 3)}, not {LORA_FILE} or {EMBEDDING_FILE}: rename the "
+                    f"file so, or put it in the store as {name}.safetensors")
+        deeper = sorted(f"{name}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}" for e in entries
+                        if e.get("type") == "directory"
+                        and any(self.fs.isfile(f"{e['name'].rstrip('/')}/{f}") for f in FOLDER_FILES))
+        if deeper:
+            return (f"its folder holds no adapter file itself, but {first_few(deeper, 3)} does: name the adapter "
+                    f"`{deeper[0]}` in the rows, or move its file up")
+        return None
 
     def _check_inside(self, name: str, path: str) -> None:
         """On a local store, a symbolic link (of the file or a folder on its way) must not lead out of the

@@ -196,6 +196,28 @@ def test_unknown_adapter_names_what_the_store_holds(store, tiny_shape):
         AdapterStore(f"{store.uri}/B").resolve("B")
 
 
+def test_a_folder_under_the_adapters_name_without_its_file_says_what_it_holds(tmp_path, loras):
+    """A peft `save_pretrained` folder, or the right file one folder too deep, was "not in the adapter store"
+    (adapters QA), with the store's listing to search."""
+    from actors.adapters import LORA_FILE
+
+    data = save({f"unet.{k}": v for k, v in loras["A"].items()})
+    for path in ("peft-sp/adapter_model.safetensors", "peft-sp/adapter_config.json", f"deep/inner/{LORA_FILE}",
+                 "other/weights.safetensors"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    store = AdapterStore(str(tmp_path))
+    with pytest.raises(AdapterError, match=r"'peft-sp': its folder holds adapter_model\.safetensors, a peft "
+                                           r"`save_pretrained` adapter .*save_lora_weights"):
+        store.resolve("peft-sp")
+    with pytest.raises(AdapterError, match=r"'deep': its folder holds no adapter file itself, but deep/inner does: "
+                                           r"name the adapter `deep/inner` in the rows"):
+        store.resolve("deep")
+    with pytest.raises(AdapterError, match=r"'other': its folder holds weights\.safetensors, not "
+                                           r"pytorch_lora_weights\.safetensors or learned_embeds\.safetensors"):
+        store.resolve("other")
+
+
 def test_the_store_lists_nested_adapters_among_what_it_holds(tmp_path, loras):
     """`brand/style-v1` was left out of "the store holds: ...", though rows could name it; a fine-tune's
     checkpoints in the store it wrote to (their optimizer, trainable, ema files) were listed as adapters."""

@@ -9,6 +9,11 @@ def not_applied(state_dict, metadata: dict) -> str | None:
     drawn without them, the LoRA would be another, with the row marked `ok`. `state_dict`: the file's tensors
     by key (only the keys are read: the driver asks with the file's header, an actor again with its tensors);
     `metadata`: its lora_adapter_metadata."""
+    bias = next((k for k in state_dict if k.endswith(_BIASES)), None)
+    if bias is not None:  # part of the layer's output, not droppable
+        return f"has {bias!r}, a LoRA bias, which sdfleet does not apply"
+    if half := _half_layer(state_dict):
+        return half
     bundled = next((k for k in state_dict if k.startswith("bundle_emb.")), None)
     if bundled is not None:
         return (f"bundles Textual Inversion embeddings with its LoRA ({bundled!r}), which sdfleet does not load from "
@@ -34,4 +39,24 @@ def not_applied(state_dict, metadata: dict) -> str | None:
                 "settings as a JSON object; diffusers' save_lora_weights writes flat keys, such as "
                 "'unet.lora_alpha'): its alphas would go unread and the LoRA be drawn at another strength; save it "
                 "with save_lora_weights")
+    return None
+
+
+# A LoRA layer's two matrices in each spelling: (down, up) key endings
+_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+          (".lora.down.weight", ".lora.up.weight"), ("_lora.down.weight", "_lora.up.weight"),
+          (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
+_BIASES = tuple(end.replace(".weight", ".bias") for pair in _PAIRS for end in pair)
+
+
+def _half_layer(state_dict) -> str | None:
+    """Why a file whose layer has one of its two matrices is refused (a damaged or partly saved file), or None:
+    diffusers' conversions raise a bare KeyError for it, or draw the layer without it."""
+    keys = set(state_dict)
+    for down, up in _PAIRS:
+        for key in sorted(keys):
+            for have, want in ((down, up), (up, down)):
+                if key.endswith(have) and key[: -len(have)] + want not in keys:
+                    return (f"has {key!r} but no {want.removesuffix('.weight').lstrip('._')} matrix for that layer: "
+                            "a damaged or partly saved file; save it again")
     return None

@@ -674,6 +674,30 @@ def test_adapter_files_the_actors_would_draw_wrong_are_refused_naming_the_cause(
         store.load_state_dict(info)
 
 
+@pytest.mark.parametrize("drop, said", [
+    ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
+     "has 'lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight' but no lora_up"),
+    ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+     "has 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight' but no lora_A"),
+    (None, "has 'unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.bias', a LoRA bias"),
+])
+def test_a_lora_layer_cut_in_half_or_with_a_bias_is_refused_by_the_driver(tmp_path, loras, drop, said):
+    """Seen only at the actor (so --plan-only counted the rows as drawn), and a kohya layer without its up matrix
+    as diffusers' raw KeyError: both are in the file's header, and the driver reads it."""
+    from safetensors.torch import save_file
+
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    state = to_kohya(loras["A"]) if drop and drop.startswith("lora_unet_") else {
+        f"unet.{k}": v for k, v in loras["A"].items()}
+    if drop:
+        del state[drop]
+    else:
+        state[f"unet.{key}.lora_B.bias"] = torch.ones(320)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(AdapterError, match=re.escape(f"adapter 'x': {said}")):
+        AdapterStore(str(tmp_path)).describe("x")
+
+
 def test_a_store_given_as_a_file_or_a_link_to_nothing_is_said_as_such(tmp_path):
     """--adapters naming an adapter's file started Ray and failed every row with "'pa' is not in the adapter store
     .../pa.safetensors ...; the store holds: pa"; a link to a file since deleted was said the same way."""

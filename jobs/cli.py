@@ -444,8 +444,8 @@ def _rows_exit(cfg, summary: dict) -> int:
         return EXIT_ROWS
     if cfg.rows_may_fail:
         if summary.get("plan_only"):  # nothing written: no ledger to look in
-            failed, where = "would fail", ("named above (the first of them; `manifest validate` names those whose "
-                                           "own fields are wrong, a run's ledger every one)")
+            failed, where = "would fail", ("named above (the first of them; a run without --plan-only names every "
+                                           "one, `manifest validate` those whose own fields are wrong)")
         else:
             failed, where = "failed", "in the ledger and run.json"
         log(f"exit 0 although {summary['failed']} rows {failed} and {summary['invalid']} are invalid "

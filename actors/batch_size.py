@@ -110,8 +110,10 @@ class BatchSizes:
         key = probe_key(fingerprint, backend, device, dtype, row["width"], row["height"], guided)
         path = f"{self.folder}/{key}.json"
         try:
-            self.chosen[label] = min(int(json.loads(self.fs.cat_file(path))["batch_size"]), self.limit)
-            return self.chosen[label]
+            kept = json.loads(self.fs.cat_file(path))["batch_size"]
+            if isinstance(kept, int) and not isinstance(kept, bool) and kept >= 1:  # (a damaged file's 0 stopped
+                self.chosen[label] = min(kept, self.limit)  # the run: range() with step 0)
+                return self.chosen[label]
         except (FileNotFoundError, KeyError, ValueError, TypeError):
             pass
         except Exception as exc:  # noqa: BLE001 - a cache that cannot be read costs a probe, not the run

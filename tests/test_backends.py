@@ -511,3 +511,43 @@ def test_tensorrt_matches_eager_and_refits_without_residue(store, tmp_path, monk
     sequence = [images(trt_backend, seq) for seq in ([("B", 1.0)], [("A", 1.0)], [], [("A", 1.0)])]
     assert np.array_equal(sequence[1], a_fresh) and np.array_equal(sequence[3], a_fresh), "refit left residue"
     assert trt_backend.refits >= 4
+
+
+def test_a_damaged_export_cache_entry_is_exported_again_not_used(tmp_path, monkeypatch):
+    """A bit-flipped model.onnx.data was loaded as it was: wrong pixels, rows `ok`, and reruns skip them; one cut
+    short failed every row of every run until someone deleted the folder (and, from a bucket, the local copy's
+    deletion only fetched the same bad object again). Each entry carries its files' digests, checked on use."""
+    import shutil
+
+    import fsspec
+
+    from actors.backends.export import ExportCache
+
+    monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "node"))
+    builds = []
+
+    def build(path):
+        builds.append(path)
+        path.write_bytes(b"graph")
+        (path.parent / "model.onnx.data").write_bytes(bytes(range(256)) * 64)
+
+    for uri in (str(tmp_path / "shared"), "memory://qa-bcache/o"):
+        builds.clear()
+        model = ExportCache(uri).get("k1", build)
+        assert len(builds) == 1 and model.read_bytes() == b"graph"
+        assert ExportCache(uri).get("k1", build) == model and len(builds) == 1  # whole: used as it is
+        data = model.parent / "model.onnx.data"
+        for damage in (lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:], lambda b: b[: len(b) // 2]):
+            if uri.startswith("memory://"):  # the bucket's copy damaged, and this node's copy gone
+                fs = fsspec.filesystem("memory")
+                fs.pipe_file("/qa-bcache/o/onnx/k1/model.onnx.data", damage(fs.cat_file(
+                    "/qa-bcache/o/onnx/k1/model.onnx.data")))
+                shutil.rmtree(model.parent)
+            else:
+                data.write_bytes(damage(data.read_bytes()))
+            before = len(builds)
+            assert ExportCache(uri).get("k1", build).read_bytes() == b"graph"
+            assert len(builds) == before + 1, "a damaged entry was used"
+            assert data.read_bytes() == bytes(range(256)) * 64
+            if uri.startswith("memory://"):  # and the bucket holds the good one again
+                assert fsspec.filesystem("memory").cat_file("/qa-bcache/o/onnx/k1/model.onnx.data") == data.read_bytes()

@@ -86,6 +86,12 @@ def test_the_choice_is_kept_in_the_backend_cache_and_read_back_without_measuring
     assert other_actor.get({**ROW, "guidance_scale": 1.0}, "fp-1", "eager", lambda row: pipe) == 4
     assert len(device.calls) > calls and "default 64x64 unguided" in other_actor.chosen
     assert len(list((tmp_path / "cache" / "batch-size").iterdir())) == 3
+    # a kept choice outside 1.. (a damaged or hand-edited file) is measured again: its 0 stopped the whole run
+    for kept in (0, -3, "4", True, 2.5):
+        record.write_text(json.dumps({"batch_size": kept}))
+        calls = len(device.calls)
+        assert BatchSizes(str(tmp_path / "cache"), limit=4).get(ROW, "fp-1", "eager", lambda row: pipe) == 4
+        assert len(device.calls) > calls, kept
 
 
 def test_a_probe_that_fails_takes_the_whole_block_records_nothing_and_is_not_repeated(monkeypatch, tmp_path):

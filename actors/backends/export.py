@@ -5,6 +5,8 @@ engines, and `GraphBackend`, which puts a compiled graph in place of the UNet's 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import shutil
 import tempfile
 import warnings
@@ -124,22 +126,35 @@ class ExportCache:
         self.fs, self.root = backend_cache_folder(uri, "onnx")
         # ONNX Runtime and TensorRT read files: a remote store's entries are fetched to this machine's cache
         self.local = Path(self.root) if is_local_fs(self.fs) else cache_root() / "onnx"
+        self.checked: set[Path] = set()  # entries whose digests this process has checked (or written)
+        self.damaged = 0  # entries found damaged, and exported again
 
     def get(self, key: str, build, filename: str = "model.onnx") -> Path:
-        """The local path of entry `key`'s main file; `build(path)` makes it (and files beside it) on a miss."""
+        """The local path of entry `key`'s main file; `build(path)` makes it (and files beside it) on a miss, and
+        where the entry found is not whole (its files' digests, DIGESTS, do not match: a file flipped or cut
+        short on a disk or in a bucket was loaded as it was, or failed every row of every run)."""
         folder = self.local / key
         model = folder / filename
         if model.exists():
-            return model
+            if folder in self.checked or _whole(folder):
+                self.checked.add(folder)
+                return model
+            shutil.rmtree(folder, ignore_errors=True)  # damaged: fetched or exported again below
+            self.damaged += 1
         remote = f"{self.root.rstrip('/')}/{key}"
         if not is_local_fs(self.fs) and self.fs.exists(f"{remote}/{filename}"):
             _fetch(self.fs, remote, folder)
-            return model
+            if _whole(folder):
+                self.checked.add(folder)
+                return model
+            shutil.rmtree(folder, ignore_errors=True)  # the bucket's copy is damaged: exported again, written over
+            self.damaged += 1
         staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_ensure(self.local)))
         try:
             build(staging / filename)
+            (staging / DIGESTS).write_text(json.dumps(_digests(staging)))
             if not is_local_fs(self.fs):  # data files first, the main file last: its presence marks a whole entry
-                for item in sorted(staging.iterdir(), key=lambda p: p.name == filename):
+                for item in sorted(staging.iterdir(), key=lambda p: (p.name == filename, p.name == DIGESTS)):
                     self.fs.put_file(str(item), f"{remote}/{item.name}")
             try:
                 staging.rename(folder)
@@ -147,7 +162,34 @@ class ExportCache:
                 pass
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        self.checked.add(folder)
         return model
+
+
+# Each export cache entry's record of its files: {name: sha256}, written with it and checked before it is used
+DIGESTS = "digests.json"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """{name: sha256} of the files in `folder` (an entry: the graph and its weights), DIGESTS aside."""
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != DIGESTS:
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            found[path.name] = digest.hexdigest()
+    return found
+
+
+def _whole(folder: Path) -> bool:
+    """Whether the entry in `folder` holds the files its DIGESTS names, as they were written (an entry without
+    one, from before sdfleet wrote them, is exported again once)."""
+    try:
+        return json.loads((folder / DIGESTS).read_text()) == _digests(folder)
+    except (OSError, ValueError):
+        return False
 
 
 def _ensure(path: Path) -> Path:

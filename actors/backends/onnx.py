@@ -151,4 +151,4 @@ class OnnxBackend(GraphBackend):
 
     def stats(self) -> dict:
         return {**super().stats(), "exports": self.exports, "sessions": len(self.sessions),
-                "sessions_dropped": self.sessions_dropped}
+                "sessions_dropped": self.sessions_dropped, "cache_entries_damaged": self.cache.damaged}

@@ -535,6 +535,7 @@ def test_a_damaged_export_cache_entry_is_exported_again_not_used(tmp_path, monke
         builds.clear()
         model = ExportCache(uri).get("k1", build)
         assert len(builds) == 1 and model.read_bytes() == b"graph"
+        assert model.parent.stat().st_mode & 0o755 == 0o755  # readable by others sharing the volume (was 0700)
         assert ExportCache(uri).get("k1", build) == model and len(builds) == 1  # whole: used as it is
         data = model.parent / "model.onnx.data"
         for damage in (lambda b: b[:100] + bytes([b[100] ^ 0xFF]) + b[101:], lambda b: b[: len(b) // 2]):

@@ -153,6 +153,7 @@ class ExportCache:
         try:
             build(staging / filename)
             (staging / DIGESTS).write_text(json.dumps(_digests(staging)))
+            staging.chmod(0o755)  # (mkdtemp's 0700: other users' pods on a shared volume could not read it)
             if not is_local_fs(self.fs):  # data files first, the main file last: its presence marks a whole entry
                 for item in sorted(staging.iterdir(), key=lambda p: (p.name == filename, p.name == DIGESTS)):
                     self.fs.put_file(str(item), f"{remote}/{item.name}")
@@ -202,6 +203,7 @@ def _fetch(fs, remote: str, folder: Path) -> None:
     try:
         for item in fs.ls(remote, detail=False):
             fs.get_file(item, str(staging / item.rsplit("/", 1)[-1]))
+        staging.chmod(0o755)
         staging.rename(folder)
     except OSError:
         pass

@@ -248,7 +248,7 @@ def _cached_digests(root: Path, files: list[Path]) -> dict[Path, bytes]:
         stat = file.stat()
         key, stamp = file.relative_to(root).as_posix(), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         entry = known.get(key)
-        digest = bytes.fromhex(entry[1]) if entry and entry[0] == stamp else _file_digest(file)
+        digest = bytes.fromhex(entry[1]) if entry and entry[0] == stamp else file_digest(file)
         digests[file], fresh[key] = digest, [stamp, digest.hex()]
     if fresh != known:
         try:
@@ -261,7 +261,8 @@ def _cached_digests(root: Path, files: list[Path]) -> dict[Path, bytes]:
     return digests
 
 
-def _file_digest(path: Path) -> bytes:
+def file_digest(path: Path) -> bytes:
+    """The SHA-256 of the file at `path`, read a MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

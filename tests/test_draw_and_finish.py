@@ -187,8 +187,8 @@ def test_a_model_directory_is_hashed_once_until_a_file_changes(tmp_path, monkeyp
     monkeypatch.setenv("SDFLEET_CACHE", str(tmp_path / "cache"))
     models.export_preset("tiny", str(tmp_path / "m"))
     hashed = []
-    real = models._file_digest
-    monkeypatch.setattr(models, "_file_digest", lambda path: hashed.append(path.name) or real(path))
+    real = models.file_digest
+    monkeypatch.setattr(models, "file_digest", lambda path: hashed.append(path.name) or real(path))
     first = models.describe_model("m", str(tmp_path / "m")).fingerprint
     assert len(hashed) >= 4  # weights and configs of every component
     hashed.clear()

@@ -5,7 +5,6 @@ engines, and `GraphBackend`, which puts a compiled graph in place of the UNet's 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from actors.backends.base import ADAPTABLE, Backend, BackendError, adaptable_layers
-from actors.models import cache_key
+from actors.models import cache_key, file_digest
 from manifests.stores import is_local_fs
 
 OPSET = 20
@@ -173,15 +172,8 @@ DIGESTS = "digests.json"
 
 def _digests(folder: Path) -> dict[str, str]:
     """{name: sha256} of the files in `folder` (an entry: the graph and its weights), DIGESTS aside."""
-    found = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != DIGESTS:
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            found[path.name] = digest.hexdigest()
-    return found
+    return {path.name: file_digest(path).hex() for path in sorted(folder.iterdir())
+            if path.is_file() and path.name != DIGESTS}
 
 
 def _whole(folder: Path) -> bool:

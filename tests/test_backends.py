@@ -407,24 +407,28 @@ print(cache.loaded, cache.saved, counters["inductor"]["fxgraph_cache_hit"], coun
 def test_compiled_graphs_kept_in_the_backend_cache_make_another_machine_start_warm(tmp_path):
     """A process with an empty local torch cache (another node, a new pod) loads what the first one compiled
     from the backend cache and compiles nothing; having compiled nothing, it writes nothing back. Each save
-    holds only what was new: torch's saver repeated everything saved before in every file."""
+    holds only what was new: torch's saver repeated everything saved before in every file. A node whose own
+    torch cache is already warm still fills an empty backend cache (it wrote nothing there: backends QA)."""
     import subprocess
     import sys
 
     from helpers import REPO
 
-    def on_a_new_machine(name: str) -> list[int]:
+    def on_a_machine(name: str, store: str = "store") -> list[int]:
         env = {**os.environ, "PYTHONPATH": str(REPO), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name)}
-        proc = subprocess.run([sys.executable, "-c", COMPILE_TOY, str(tmp_path / "store")], env=env,
+        proc = subprocess.run([sys.executable, "-c", COMPILE_TOY, str(tmp_path / store)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [int(n) for n in proc.stdout.split()]
 
-    assert on_a_new_machine("a") == [0, 2, 0, 2]  # loaded, saved, graphs from the cache, graphs compiled
-    assert on_a_new_machine("b") == [2, 0, 2, 0]
+    assert on_a_machine("a") == [0, 2, 0, 2]  # loaded, saved, graphs from the caches, graphs compiled
+    assert on_a_machine("b") == [2, 0, 2, 0]
     first, second = sorted((p.stat().st_mtime_ns, p.stat().st_size) for p in
                            (tmp_path / "store" / "torch-compile" / "toy").iterdir())
     assert second[1] < 1.5 * first[1], (first, second)  # one graph each, not the first again in the second
+    # node a again, warm, with a store that is empty: its graphs come from its own cache and go to the store
+    assert on_a_machine("a", store="emptied") == [0, 2, 2, 0]
+    assert on_a_machine("c", store="emptied") == [2, 0, 2, 0]  # so a third node starts warm from it
 
 
 def test_in_place_loras_refuse_a_layer_they_cannot_write_and_leave_the_weights():

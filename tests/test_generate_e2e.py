@@ -328,9 +328,9 @@ def test_compile_backend_draws_what_eager_drew_and_keeps_its_graphs_in_the_backe
     assert stats["backend"] == "compile" and stats["mode"] == "default" and stats["compiles"] == 2  # UNet, VAE
     cache = stats["compile_cache"]
     assert cache["graph_hits"] + cache["graph_misses"] == 2
-    # what had to be built is kept for the next machine (tests/test_backends.py shows that machine starting warm)
-    assert len(list((tmp_path / "cache" / "torch-compile").glob("*/*.bin"))) == cache["files_saved"]
-    assert cache["files_saved"] == cache["graph_misses"]  # one file after each graph that had to be built
+    # what was built, or found in torch's local cache, is kept for the next machine (tests/test_backends.py
+    # shows that machine starting warm): one file after each graph
+    assert len(list((tmp_path / "cache" / "torch-compile").glob("*/*.bin"))) == cache["files_saved"] == 2
 
 
 def test_a_row_may_name_a_preset_without_a_model_flag(tmp_path):

@@ -99,8 +99,9 @@ class CompileCache:
     (model, settings, device, torch) in the backend cache: `<cache>/torch-compile/<key>/<sha>.bin`.
 
     `load()` before the first compile pre-fills torch's local caches from the newest files there; `save()`
-    after a compile that missed those caches writes what it built. The files hold code torch runs: the
-    store must be as private as the cluster's image (see docs/backends.md).
+    after a compile writes what the store does not hold yet, whether Inductor built it or found it in the
+    node's own torch cache (a node warm from an earlier run, or from another store, still fills this one).
+    The files hold code torch runs: the store must be as private as the cluster's image (see docs/backends.md).
     """
 
     MAX_FILES = 64  # the newest files loaded; older ones only add graphs built for sizes no longer drawn
@@ -111,7 +112,8 @@ class CompileCache:
         self.fs, self.folder = backend_cache_folder(uri, f"torch-compile/{key}")
         self.loaded = 0
         self.saved = 0
-        self._misses_saved = self._misses()
+        self._held: set[tuple[str, str]] = set()  # (kind, key) of every artefact the store is known to hold
+        self._graphs_saved = self._graphs()
 
     def load(self) -> None:
         try:
@@ -122,24 +124,35 @@ class CompileCache:
             logging.getLogger(__name__).warning("the compile cache %s was not read: %s", self.folder, exc)
             return
         for info in files[-self.MAX_FILES:]:
-            if info["name"].endswith(".bin") and torch.compiler.load_cache_artifacts(self.fs.cat_file(info["name"])):
+            if not info["name"].endswith(".bin"):
+                continue
+            held = torch.compiler.load_cache_artifacts(self.fs.cat_file(info["name"]))
+            if held:
                 self.loaded += 1
+                self._held |= _artifact_keys(held)
 
     def save(self) -> None:
-        """Write what this process compiled since its last save as one more file. A process whose graphs all
-        came from the cache writes nothing: the files it loaded already hold them.
+        """Write what this process compiled or found since its last save, and the store lacks, as one more file.
+        A process whose graphs all came from the store writes nothing.
 
-        torch's saver appends each batch to everything saved before, while its loader keeps only the last
-        batch of each kind a file holds: every file is needed, and the tenth was ten times the first (91 MB
-        over 10 sizes of tiny). So what was saved is forgotten after each save, and each file holds one batch."""
-        misses = self._misses()
-        if misses == self._misses_saved:
+        torch records an artefact both when Inductor builds it and when its local cache supplies it, so a node
+        whose own cache is warm still writes to a store that is empty (another bucket, a wiped cache): other
+        nodes start warm from it. torch's saver appends each batch to everything saved before, while its loader
+        keeps only the last batch of each kind a file holds: every file is needed, and the tenth was ten times
+        the first (91 MB over 10 sizes of tiny). So what was saved is forgotten after each save, and each file
+        holds one batch."""
+        graphs = self._graphs()
+        if graphs == self._graphs_saved:
             return
-        self._misses_saved = misses
+        self._graphs_saved = graphs
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None:
             return
-        data = artifacts[0]
+        data, info = artifacts
+        keys = _artifact_keys(info)
+        if keys <= self._held:
+            _forget_saved_artifacts()
+            return
         try:
             self.fs.makedirs(self.folder, exist_ok=True)
             self.fs.pipe_file(f"{self.folder}/{hashlib.sha256(data).hexdigest()[:20]}.bin", data)
@@ -147,14 +160,20 @@ class CompileCache:
             logging.getLogger(__name__).warning("compiled graphs were not kept in %s: %s", self.folder, exc)
             return
         self.saved += 1
+        self._held |= keys
         _forget_saved_artifacts()
 
     @staticmethod
-    def _misses() -> int:
-        """Graphs Inductor had to build in this process (not found in its caches): the costly part."""
+    def _graphs() -> int:
+        """Graphs Inductor built or found in its caches in this process: each may hold what the store lacks."""
         from torch._dynamo.utils import counters
 
-        return counters["inductor"]["fxgraph_cache_miss"]
+        return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
+
+
+def _artifact_keys(info) -> set[tuple[str, str]]:
+    """The (kind, key) pairs a torch `CacheInfo` names."""
+    return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
 
 
 def _forget_saved_artifacts() -> None:

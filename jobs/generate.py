@@ -199,11 +199,12 @@ def run_generate(cfg: GenerateConfig, *, actor_cls=None) -> dict:
     address = cluster_address(cfg.address)
     if problem := address_problem(address):
         raise RunFailed(problem)
-    if not address and not cfg.plan_only:  # a local Ray's workers are this machine's:
-        from actors import opencv  # without OpenCV's system libraries they could finish no image (one line)
+    if not address:  # a local Ray's workers are this machine's:
+        if not cfg.plan_only:  # without OpenCV's system libraries they could finish no image (one line)
+            from actors import opencv
 
-        opencv.load()
-        _check_local_devices(cfg)
+            opencv.load()
+        _check_local_devices(cfg)  # a dry run too: it would start Ray and plan, then refuse
     fs, root = url_to_fs(cfg.out)  # a store whose package is missing, or HDFS without Java: said (describe_error)
     try:
         require_bucket(fs, root, "--out", cfg.out, RunFailed)

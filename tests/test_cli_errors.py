@@ -256,6 +256,29 @@ def test_a_report_group_by_column_the_new_ledger_will_not_have_is_said_before_dr
     assert "warning" not in err and "stopped where Ray would start" in err
 
 
+def test_a_plan_only_run_is_refused_what_this_machine_cannot_draw_before_ray_starts(capsys, tmp_path, monkeypatch):
+    """A dry run of a local Ray names a backend or device this machine lacks before Ray starts, as a real run
+    does (it started Ray, planned in Ray, then refused: backends QA)."""
+    import torch
+
+    from jobs.errors import RunFailed
+
+    def ray_started(*args, **kwargs):
+        raise RunFailed("Ray was started")
+
+    monkeypatch.setattr("jobs.generate._run_on_ray", ray_started)
+    manifest = write_manifest(tmp_path / "m.parquet", rows(2))
+    argv = ("generate", manifest, "--out", tmp_path / "out", "--plan-only")
+    cases = [(("--backend", "tensorrt", "--device", "cpu"), "--backend tensorrt needs an NVIDIA GPU")]
+    if not torch.cuda.is_available():
+        cases.append((("--device", "cuda"), "--device cuda: this machine has no GPU"))
+    for flags, needle in cases:
+        code, _, err = run(capsys, *argv, *flags)
+        assert code == 1 and needle in one_error_line(err) and "Ray was started" not in err, (flags, err)
+    code, _, err = run(capsys, *argv)  # what it can draw still gets its plan
+    assert code == 1 and "Ray was started" in err, err
+
+
 def test_ctrl_c_while_a_finished_run_leaves_ray_does_not_make_it_interrupted(monkeypatch, capsys):
     """A Ctrl-C in the second Ray takes to stop, after run.json was written, made the CLI say "interrupted" and exit
     130: a scheduler took a finished run for a failed one. Ray is left again and the run's summary returned; a

@@ -80,7 +80,7 @@ class GenerateConfig(BaseModel):
         json_schema_extra={"metavar": "URI"})
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         default="auto", description="compile backend: torch.compile's mode (auto: reduce-overhead, i.e. CUDA graphs, "
-        "on GPUs; default on CPUs)")
+        "on GPUs; default on CPUs, where reduce-overhead is default too: no CUDA graphs)")
     watermark: str | None = Field(default="sdfleet", description="the invisible watermark's payload, in every image")
     force: bool = Field(default=False, description="redraw every row, done or not")
     address: str | None = Field(default=None, description="Ray address; default RAY_ADDRESS, else local Ray",
@@ -255,6 +255,14 @@ def _check_local_devices(cfg: GenerateConfig) -> None:
         check_backend(cfg.backend, device)
     except (BackendError, ClusterError) as exc:
         raise RunFailed(str(exc)) from exc
+    _say_compile_mode(cfg, device)
+
+
+def _say_compile_mode(cfg: GenerateConfig, device: str) -> None:
+    """A compile mode whose only addition is CUDA graphs, asked for on a CPU: said, and drawn as `default`."""
+    if cfg.backend == "compile" and cfg.compile_mode == "reduce-overhead" and device == "cpu":
+        log("warning: --compile-mode reduce-overhead adds CUDA graphs, which actors on a CPU have not: there it is "
+            "torch.compile's default mode (what --compile-mode auto picks on a CPU); the run goes on")
 
 
 def check_backend_cache(uri: str, make: bool, here: bool) -> None:
@@ -521,6 +529,8 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
         f"rows to draw go to {cfg.actors} actor(s) on {sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, "
         f"{sizing.torch_threads} threads each), backend {cfg.backend}; images finished "
         + ("in the actors" if finish_inline else f"by {finishing.workers} CPU worker(s)"))
+    if cluster_address(cfg.address):  # (a local Ray's device was known, and said, before it started)
+        _say_compile_mode(cfg, sizing.device)
     try:
         check_backend(cfg.backend, sizing.device)  # before any actor starts
         summary = _execute(cfg, fs, root, run_id, manifests, models, state, sizing, started, startup,

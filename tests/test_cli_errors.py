@@ -258,7 +258,7 @@ def test_a_report_group_by_column_the_new_ledger_will_not_have_is_said_before_dr
 
 def test_a_plan_only_run_is_refused_what_this_machine_cannot_draw_before_ray_starts(capsys, tmp_path, monkeypatch):
     """A dry run of a local Ray names a backend or device this machine lacks before Ray starts, as a real run
-    does (it started Ray, planned in Ray, then refused: backends QA)."""
+    does (it started Ray, planned in Ray, then refused: backends QA); a CUDA-graph mode on a CPU is said."""
     import torch
 
     from jobs.errors import RunFailed
@@ -277,6 +277,12 @@ def test_a_plan_only_run_is_refused_what_this_machine_cannot_draw_before_ray_sta
         assert code == 1 and needle in one_error_line(err) and "Ray was started" not in err, (flags, err)
     code, _, err = run(capsys, *argv)  # what it can draw still gets its plan
     assert code == 1 and "Ray was started" in err, err
+    # a mode that only adds CUDA graphs, on a CPU: said (it was taken without a word), and the run goes on
+    code, _, err = run(capsys, *argv, "--backend", "compile", "--compile-mode", "reduce-overhead", "--device", "cpu")
+    assert "warning: --compile-mode reduce-overhead adds CUDA graphs, which actors on a CPU have not" in err, err
+    assert code == 1 and "Ray was started" in err, err
+    code, _, err = run(capsys, *argv, "--backend", "compile", "--compile-mode", "max-autotune", "--device", "cpu")
+    assert "warning" not in err, err  # (it tunes Inductor's CPU kernels: a mode of its own there)
 
 
 def test_ctrl_c_while_a_finished_run_leaves_ray_does_not_make_it_interrupted(monkeypatch, capsys):

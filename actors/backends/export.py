@@ -5,9 +5,14 @@ engines, and `GraphBackend`, which puts a compiled graph in place of the UNet's 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from typing import Any
 from pathlib import Path
@@ -127,6 +132,7 @@ class ExportCache:
         self.local = Path(self.root) if is_local_fs(self.fs) else cache_root() / "onnx"
         self.checked: set[Path] = set()  # entries whose digests this process has checked (or written)
         self.damaged = 0  # entries found damaged, and exported again
+        self.swept = sweep_staging(self.local)
 
     def get(self, key: str, build, filename: str = "model.onnx") -> Path:
         """The local path of entry `key`'s main file; `build(path)` makes it (and files beside it) on a miss, and
@@ -148,7 +154,7 @@ class ExportCache:
                 return model
             shutil.rmtree(folder, ignore_errors=True)  # the bucket's copy is damaged: exported again, written over
             self.damaged += 1
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=_ensure(self.local)))
+        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(key), dir=_ensure(self.local)))
         try:
             build(staging / filename)
             (staging / DIGESTS).write_text(json.dumps(_digests(staging)))
@@ -185,13 +191,60 @@ def _whole(folder: Path) -> bool:
         return False
 
 
+# An entry is built (or fetched) in a hidden staging folder beside it, then renamed. A process killed meanwhile
+# (SIGKILL, out of memory, a pod gone) leaves that folder: gigabytes at SD 2.1 size, each kill. Its name says
+# which process on which node made it, so the next cache on that node removes it once that process is gone.
+STAGING = re.compile(r"\.staging-([0-9a-f]{8})-(\d+)-")
+STALE_AFTER = 86400.0  # a staging folder untouched this long (another node's, an older sdfleet's) is removed too
+
+
+def _node(host: str | None = None) -> str:
+    return hashlib.sha256((host or socket.gethostname()).encode()).hexdigest()[:8]
+
+
+def staging_prefix(key: str, pid: int | None = None, host: str | None = None) -> str:
+    """The name a staging folder for entry `key` starts with: this node's and this process's."""
+    return f".staging-{_node(host)}-{pid or os.getpid()}-{key}-"
+
+
+def sweep_staging(folder: Path) -> int:
+    """Remove the staging folders in `folder` that a process of this node no longer running left, or that
+    nothing has touched for STALE_AFTER seconds; returns how many. Another process's (an actor exporting the same
+    component now) stays, and so does another node's (a shared volume) until it is that old."""
+    removed = 0
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return 0
+    for entry in entries:
+        match = STAGING.match(entry.name)
+        try:
+            left = bool(match) and match[1] == _node() and not _running(int(match[2]))
+            if left or time.time() - entry.stat().st_mtime > STALE_AFTER:
+                shutil.rmtree(entry.path)
+                removed += 1
+        except OSError:  # gone meanwhile (another actor swept it), or not ours to remove: left as it is
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _fetch(fs, remote: str, folder: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_ensure(folder.parent)))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=_ensure(folder.parent)))
     try:
         for item in fs.ls(remote, detail=False):
             fs.get_file(item, str(staging / item.rsplit("/", 1)[-1]))

@@ -151,4 +151,5 @@ class OnnxBackend(GraphBackend):
 
     def stats(self) -> dict:
         return {**super().stats(), "exports": self.exports, "sessions": len(self.sessions),
-                "sessions_dropped": self.sessions_dropped, "cache_entries_damaged": self.cache.damaged}
+                "sessions_dropped": self.sessions_dropped, "cache_entries_damaged": self.cache.damaged,
+                "staging_removed": self.cache.swept}

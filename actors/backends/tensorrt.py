@@ -189,4 +189,5 @@ class TensorRTBackend(GraphBackend):
 
     def stats(self) -> dict:
         return {**super().stats(), "builds": self.builds, "refits": self.refits, "engines": len(self.engines),
-                "engines_dropped": self.engines_dropped, "cache_entries_damaged": self.cache.damaged}
+                "engines_dropped": self.engines_dropped, "cache_entries_damaged": self.cache.damaged,
+                "staging_removed": self.cache.swept}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import itertools
 import logging
 import os
 import sys
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--model", action="append", metavar="NAME=REF", help="models rows may name (presets always)")
     val.add_argument("--no-watermark", action="store_true",
                      help="the run will draw without the watermark: images smaller than it needs are fine")
+    val.add_argument("--adapters", metavar="URI", help="the adapter store the run will use: each adapter rows name is "
+                     "read and checked as generate checks it (default: adapters are not checked)")
     exp = man.add_parser("expand", help="template x products x scenes x variants -> manifest")
     exp.add_argument("--template", required=True, help="prompt with {product}, and {scene} when --scenes is given "
                      "(any other product or scene column too), e.g. \"a photo of {product}, {scene}\"")
@@ -483,6 +487,8 @@ def _validate(args) -> int:
     from jobs.console import terminal_line, ticking, without_passwords
     from jobs.tokenizers import tokenizer_lookup
     from manifests.reader import ManifestError, expand_manifest_paths, named_together, plan_parts, unreadable_files
+    from jobs.errors import RunFailed
+    from jobs.validate import AdapterCheck
     from manifests.validate import check_manifests
 
     try:
@@ -503,11 +509,24 @@ def _validate(args) -> int:
     uris = [uri for uri in uris if uri not in unreadable]
     sizes = {name: (info.width, info.height) for name, info in infos.items()}  # a row's size when it gives none
     total = sum(part.num_rows for part in plan_parts(uris))  # from footers
+    names = _adapter_names(uris)
+    adapters = None
+    if args.adapters is not None and (names or args.adapters.strip()):
+        try:
+            adapters = AdapterCheck.resolve(args.adapters, names, {n: dataclasses.asdict(i) for n, i in infos.items()})
+        except RunFailed as exc:  # the store cannot be read: said, and the rows' own fields still checked
+            print(terminal_line(without_passwords(f"error: {exc}; adapters not checked")))
+            errors += 1
+    elif args.adapters is not None:
+        print("sdfleet manifest validate: error: --adapters must not be empty", file=sys.stderr)
+        return EXIT_ERROR
     checked, started = [0], time.time()
     with ticking(lambda: f"validating: {checked[0]:,}/{total:,} rows, {errors} error(s), {time.time() - started:.0f} s "
                          "in"):  # a catalogue of millions of rows takes minutes (on stderr: stdout is the verdicts)
-        for kind, message in check_manifests(uris, set(models), tokenizer_lookup(infos),
-                                             watermark_sizes=None if args.no_watermark else sizes, checked=checked):
+        problems = check_manifests(uris, set(models), tokenizer_lookup(infos),
+                                   watermark_sizes=None if args.no_watermark else sizes, checked=checked,
+                                   row_checks=adapters.row if adapters else None)
+        for kind, message in itertools.chain(problems, adapters.failures() if adapters else ()):
             errors += kind == "error"
             warnings += kind == "warning"
             print(terminal_line(without_passwords(f"{kind}: {message}")))
@@ -518,8 +537,24 @@ def _validate(args) -> int:
         errors += 1
     files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "") + (
         f" ({len(absent)} path(s) naming none)" if absent else "")
-    print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s)")
+    unchecked = f"; {len(names)} adapter(s) named, not checked (give --adapters URI)" if names and not adapters else ""
+    print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s){unchecked}")
     return EXIT_ERROR if errors else EXIT_OK
+
+
+def _adapter_names(uris: list[str]) -> set[str]:
+    """The adapter names the manifests' rows give (a damaged file's: those it still gives; its damage is said by
+    the row checks)."""
+    from manifests.reader import ManifestError, adapter_names
+
+    try:
+        return adapter_names(uris)
+    except ManifestError:
+        names: set[str] = set()
+        for uri in uris:
+            with contextlib.suppress(ManifestError):
+                names |= adapter_names([uri])
+        return names
 
 
 def _expand(args) -> int:

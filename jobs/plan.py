@@ -92,12 +92,8 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     resolved = resolve_row(parsed, state.models[parsed.model], watermark=state.watermark,
                            adapter_fingerprints=state.adapter_fingerprints)
     work = {**base, **resolved, "status": None}
-    broken = dict.fromkeys(state.adapter_errors[a.name] for a in parsed.adapters  # (scale 0: loads nothing)
-                           if a.scale != 0 and a.name in state.adapter_errors)
-    words = state.word_tokens.get(parsed.model, frozenset())
-    listed = {a.name for a in parsed.adapters if a.scale != 0}
-    broken.update((str(AdapterError(name, word_token_cause(name, token, token.lower()))), None)
-                  for token, name in sorted(state.embedding_tokens.items()) if name in listed and token in words)
+    broken = adapter_failures(parsed, state.adapter_errors, state.embedding_tokens,
+                              state.word_tokens.get(parsed.model, frozenset()))
     if broken:  # a bad adapter fails the rows that need it (the plan says it, before an actor refuses it too)
         return {**work, "status": "failed", "error": "; ".join(broken)}
     too_small = too_small_for_the_mark(work["width"], work["height"]) if state.watermark else None
@@ -123,6 +119,17 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
             return {**work, **found, "status": "ok"}
     unused = unused_embeddings(parsed, state.embedding_tokens)
     return {**work, "affinity": affinity(work), **({"warning": unused} if unused else {})}
+
+
+def adapter_failures(parsed, errors: dict[str, str], tokens: dict[str, str], words: frozenset[str]) -> list[str]:
+    """Why the adapters a row lists would fail it, each reason once: one that cannot be used (`errors`: name ->
+    why, as resolve_adapters found it), or an embedding whose token is already a word of the row's model
+    (`words`), which an actor refuses. An adapter at scale 0 loads nothing, so it fails nothing."""
+    broken = dict.fromkeys(errors[a.name] for a in parsed.adapters if a.scale != 0 and a.name in errors)
+    listed = {a.name for a in parsed.adapters if a.scale != 0}
+    broken.update((str(AdapterError(name, word_token_cause(name, token, token.lower()))), None)
+                  for token, name in sorted(tokens.items()) if name in listed and token in words)
+    return list(broken)
 
 
 def unused_embeddings(parsed, tokens: dict[str, str]) -> str | None:

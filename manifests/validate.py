@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from manifests.reader import Unreadable, column_names, count_ids, iter_rows
 from manifests.tokens import prompt_overflow
-from manifests.schema import (REQUIRED, coerced_id, look_alike_columns, look_alike_warning, row_location,
+from manifests.schema import (REQUIRED, ManifestRow, coerced_id, look_alike_columns, look_alike_warning, row_location,
                               too_small_for_the_mark, validate_row)
 
 
 def check_manifests(
     uris: list[str], models: set[str], tokenizer_for: Callable[[str], object] | None = None,
     watermark_sizes: dict[str, tuple[int, int]] | None = None, checked: list[int] | None = None,
+    row_checks: Callable[[ManifestRow, str], Iterable[tuple[str, str]]] | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Yield ("error" | "warning", message) for every problem, in manifest order.
 
@@ -22,7 +23,8 @@ def check_manifests(
     model's own cannot be had (its prompts are then not counted, said once). With
     `watermark_sizes` (model name -> its native width, height) a row too small to carry the watermark is an
     error, as `generate` finds it when the mark is on. `checked[0]` counts the rows checked so far (for a
-    caller's progress line).
+    caller's progress line). `row_checks(row, where)` yields more problems of each row whose own fields are
+    valid (the caller's: what `generate` would find in its adapters).
     """
     absent: dict[str, set[str]] = {}  # uri -> the required columns it lacks: said once, not once per row
     for uri, columns in column_names(uris).items():
@@ -79,6 +81,8 @@ def check_manifests(
                        prompt_overflow(tokenizer_for(parsed.model), parsed.prompt))  # what it is given
             if warning:
                 yield "warning", f"{where}: {warning}"
+        if row_checks is not None:
+            yield from row_checks(parsed, where)
 
 
 def duplicate_id(where: str, count: int, first: tuple[str, int] | None = None) -> str:

@@ -95,7 +95,7 @@ def test_validate_names_every_bad_row_one_line_each(capsys, bad_manifest):
         assert f"`{field}`" in line, line
         assert shown in line, line
         assert valid in line, line
-    assert lines[-1] == f"{len(BAD_ROWS) + 2} rows in 1 manifest(s): {len(BAD_ROWS)} error(s), 0 warning(s)"
+    assert lines[-1].startswith(f"{len(BAD_ROWS) + 2} rows in 1 manifest(s): {len(BAD_ROWS)} error(s), 0 warning(s)")
 
 
 def test_manifests_without_rows_fail_validate_as_they_fail_generate(capsys, tmp_path):
@@ -120,7 +120,8 @@ def test_clean_manifest_exits_0(capsys, tmp_path):
     ])
     code, lines, err = validate(capsys, path)
     assert code == 0, lines
-    assert lines == ["5 rows in 1 manifest(s): 0 error(s), 0 warning(s)"]
+    assert lines == ["5 rows in 1 manifest(s): 0 error(s), 0 warning(s); 1 adapter(s) named, not checked (give "
+                     "--adapters URI)"]
     assert err == ""
 
 
@@ -669,3 +670,51 @@ def test_validate_says_how_far_it_is_on_a_long_check(capsys, tmp_path, monkeypat
     path = write(tmp_path / "m.parquet", [good("a"), {**good("b"), "steps": 0}, good("c")])
     code, out, _ = validate(capsys, path)
     assert code == 1 and len(lines) == 1 and lines[0].startswith("validating: 3/3 rows, 1 error(s), "), lines
+
+
+def test_validate_with_the_adapter_store_says_what_generate_would_find_in_the_adapters(capsys, tmp_path):
+    """Without --adapters, validate read no adapters (a QA manifest's 29 failing rows were 1 problem there); with
+    it, each unusable adapter is one error with how many rows it fails and where the first is, a prompt using an
+    embedding's token it does not list is invalid, an embedding its prompts never call a warning. An adapter at
+    scale 0 loads nothing and fails nothing. Without the flag the summary says adapters went unchecked."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from helpers import lora_bytes
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "good.safetensors").write_bytes(lora_bytes(1))
+    (store / "cut.safetensors").write_bytes(lora_bytes(2)[:100])
+    save_file({"<my-mug>": np.zeros((1, 32), np.float32)}, str(store / "mug.safetensors"))
+
+    def row(i, *adapters, prompt="a photo of a mug"):
+        return {"id": f"r{i}", "prompt": prompt, "adapters": [{"name": n, "scale": s} for n, s in adapters]}
+
+    manifest = write(tmp_path / "m.parquet", [
+        row(0, ("good", 1.0)), row(1, ("cut", 0.8)), row(2, ("gone", 1.0), ("good", 0.5)), row(3, ("cut", 1.0)),
+        row(4, ("gone", 0.0)),  # loads nothing
+        row(5, prompt="a <my-mug> on a table"),  # the embedding's token, unlisted
+        row(6, ("mug", 1.0), prompt="a <my-mug> on a table"), row(7, ("mug", 1.0)),  # listed, unused
+    ])
+    where = f"{manifest} row"
+    code, lines, _ = validate(capsys, manifest)
+    assert code == 0 and lines[-1].endswith("0 error(s), 0 warning(s); 4 adapter(s) named, not checked (give "
+                                            "--adapters URI)"), lines
+    code, lines, _ = validate(capsys, manifest, "--adapters", str(store))
+    assert code == 1 and lines[-1] == "8 rows in 1 manifest(s): 3 error(s), 1 warning(s)", lines
+    said = problems(lines) + problems(lines, "warning")
+    said = [line for line in lines if line in said]  # in the order said
+    assert said[0].startswith(f"error: {where} 5 (`r5`): the prompt uses '<my-mug>', the token of the embedding "
+                              "'mug', which the row's `adapters` do not list"), said
+    assert said[1].startswith(f"warning: {where} 7 (`r7`): `adapters` lists the embedding 'mug', whose token "
+                              "'<my-mug>' neither prompt uses"), said
+    cut, gone = said[2:]
+    assert cut.startswith("error: adapter 'cut': "), cut
+    assert cut.endswith(f"(2 row(s) would fail on it; the first: {where} 1 (`r1`))"), cut
+    assert gone.startswith("error: adapter 'gone': is not in the adapter store") and "the store holds: cut, good, mug" \
+        in gone and gone.endswith(f"(1 row(s) would fail on it; the first: {where} 2 (`r2`))"), gone
+    # a store that cannot be read: said, and the rows' own fields still checked
+    code, lines, _ = validate(capsys, manifest, "--adapters", str(tmp_path / "nowhere"))
+    assert code == 1 and f"error: --adapters {tmp_path / 'nowhere'} does not exist; adapters not checked" in lines
+    assert lines[-1].endswith("1 error(s), 0 warning(s); 4 adapter(s) named, not checked (give --adapters URI)")

@@ -47,7 +47,7 @@ MAX_EMBEDDING_VECTORS = 75
 FINGERPRINT_CHARS = 16
 # How `_detect` reads a file (its kinds, formats, tokens, refusals): raised whenever that changes, so what a
 # node's cache says of a stored file it read before (AdapterStore.describe) is read again, not trusted
-DETECTION = 3
+DETECTION = 4
 # The protocols of object stores whose version tag changes whenever a file's bytes do (the fields that hold
 # it: manifests.stores.version_tag).
 VERSIONED_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")

@@ -9,6 +9,15 @@ def not_applied(state_dict, metadata: dict) -> str | None:
     drawn without them, the LoRA would be another, with the row marked `ok`. `state_dict`: the file's tensors
     by key (only the keys are read: the driver asks with the file's header, an actor again with its tensors);
     `metadata`: its lora_adapter_metadata."""
+    second = next((k for k in sorted(state_dict) if k.startswith(("text_encoder_2.", "lora_te2_"))), None)
+    if second is not None:  # every model sdfleet loads is a Stable Diffusion 2 pipeline: one CLIP text encoder
+        return (f"has weights for a second text encoder ({second!r}), which Stable Diffusion 2 models do not have: a "
+                "LoRA for SDXL? Train or pick one for this model")
+    if not (metadata and all(k.startswith(UNET_ROOTS) for k in state_dict)):  # (else unet.save_lora_adapter's file)
+        bare = next((k for k in sorted(state_dict) if k.endswith((".lora_A.weight", ".lora_B.weight"))
+                     and not k.startswith(("unet.", "text_encoder.", "base_model.model."))), None)
+        if bare is not None:  # diffusers reads peft keys only with their part in front
+            return no_part_for(bare)
     bias = next((k for k in state_dict if k.endswith(_BIASES)), None)
     if bias is not None:  # part of the layer's output, not droppable
         return f"has {bias!r}, a LoRA bias, which sdfleet does not apply"
@@ -41,6 +50,15 @@ def not_applied(state_dict, metadata: dict) -> str | None:
                 "with save_lora_weights")
     return None
 
+
+def no_part_for(example: str) -> str:
+    """Why a file whose keys name no part of the pipeline (`unet.`, `text_encoder.`) is refused."""
+    return (f"has keys this model has no part for, such as {example!r}; a LoRA names its layers `unet.<module>` and "
+            "`text_encoder.<module>` (diffusers, peft) or `lora_unet_...` and `lora_te_...` (kohya)")
+
+
+# The UNet's top-level modules: the keys `unet.save_lora_adapter` writes start with one (without `unet.`)
+UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.")
 
 # A LoRA layer's two matrices in each spelling: (down, up) key endings
 _PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),

@@ -22,10 +22,9 @@ import re
 
 import torch
 
-from actors.lora_keys import not_applied
+from actors.lora_keys import UNET_ROOTS, no_part_for, not_applied
 from manifests.schema import error_line
 
-UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.", "time_embedding.")
 LORA_MATRIX = re.compile(r"^(?P<path>.+)\.lora_(?P<role>[AB])\.weight$")
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "unet.<path>" -> (A, B), alpha / rank folded into B
@@ -106,10 +105,7 @@ def lora_layers(pipe, state_dict) -> Layers:
                     out.update(convert_state_dict_to_peft(convert_state_dict_to_diffusers(rest)))
                 return out
         else:
-            example = f"{part}.{next(iter(matrices or module_alphas))}"
-            raise LoraMapError(f"has keys this model has no part for, such as {example!r}; a LoRA names its "
-                               "layers `unet.<module>` and `text_encoder.<module>` (diffusers, peft) or "
-                               "`lora_unet_...` and `lora_te_...` (kohya)")
+            raise LoraMapError(no_part_for(f"{part}.{next(iter(matrices or module_alphas))}"))
         try:
             alpha_by_path = {path: float(alpha) for path, alpha in module_alphas.items()}
             for key, alpha in convert(dict(matrix_alphas)).items() if matrix_alphas else ():

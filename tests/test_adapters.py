@@ -698,6 +698,39 @@ def test_a_lora_layer_cut_in_half_or_with_a_bias_is_refused_by_the_driver(tmp_pa
         AdapterStore(str(tmp_path)).describe("x")
 
 
+def test_a_lora_for_sdxl_or_without_part_names_is_refused_by_the_driver_as_the_actor_refuses_it(tmp_path, loras,
+                                                                                                tiny_shape):
+    """Both show in the header, yet only the actor refused them (adapters QA): a file with a second text encoder's
+    layers (SDXL's, as kohya and diffusers spell them) and peft keys without `unet.` and without the settings
+    `unet.save_lora_adapter` writes beside them. The same keys with those settings are that method's file: used."""
+    from safetensors.torch import save_file
+
+    te2 = "text_model.encoder.layers.0.self_attn.q_proj"
+    unet = {f"unet.{k}": v for k, v in loras["A"].items()}
+    bare = dict(loras["A"])
+    first_bare = sorted(bare)[0]
+    files = {
+        "sdxl-kohya": ({**to_kohya(loras["A"]), f"lora_te2_{te2.replace('.', '_')}.lora_down.weight": torch.ones(4, 32),
+                        f"lora_te2_{te2.replace('.', '_')}.lora_up.weight": torch.ones(32, 4)}, None,
+                       "has weights for a second text encoder ('lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+                       ".lora_down.weight'), which Stable Diffusion 2 models do not have: a LoRA for SDXL?"),
+        "sdxl": ({**unet, f"text_encoder_2.{te2}.lora_A.weight": torch.ones(4, 32),
+                  f"text_encoder_2.{te2}.lora_B.weight": torch.ones(32, 4)}, None,
+                 f"has weights for a second text encoder ('text_encoder_2.{te2}.lora_A.weight')"),
+        "bare": (bare, None, f"has keys this model has no part for, such as {first_bare!r}; a LoRA names its layers "
+                             "`unet.<module>`"),
+    }
+    for name, (tensors, metadata, said) in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(AdapterError, match=re.escape(f"adapter {name!r}: {said}")):
+            AdapterStore(str(tmp_path)).describe(name)
+        with pytest.raises(AdapterError, match=re.escape(f"adapter {name!r}: {said}")):  # the actor's words too
+            check_lora_fits(tiny_shape, name, tensors)
+    settings = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 4, "target_modules": ["to_q"]})}
+    save_file({k: v.contiguous() for k, v in bare.items()}, str(tmp_path / "adapter.safetensors"), metadata=settings)
+    assert AdapterStore(str(tmp_path)).describe("adapter").kind == "lora"
+
+
 def test_a_store_given_as_a_file_or_a_link_to_nothing_is_said_as_such(tmp_path):
     """--adapters naming an adapter's file started Ray and failed every row with "'pa' is not in the adapter store
     .../pa.safetensors ...; the store holds: pa"; a link to a file since deleted was said the same way."""

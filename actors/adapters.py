@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import fsspec
+import numpy as np
 
 from manifests.stores import fs_protocols, is_local_fs, url_to_fs, version_tag
 from actors.lora_keys import not_applied
@@ -329,8 +330,7 @@ def _parse(name: str, data: bytes):
     broken = next((k for k, t in tensors.items()  # (in float32: torch has no isfinite for float8_e4m3fn)
                    if t.is_floating_point() and not t.float().isfinite().all()), None)
     if broken is not None:  # its rows came out as NaN images, said as "too large a scale", naming no adapter
-        raise AdapterError(name, f"holds NaN or infinite values (in {broken!r}): the file is damaged, or was saved "
-                                 "from a training run that diverged")
+        raise AdapterError(name, not_finite(broken))
     metadata = _lora_metadata(name, data)
     return LoraTensors(tensors, metadata) if metadata else tensors
 
@@ -358,9 +358,35 @@ def _header(name: str, data: bytes) -> dict[str, tuple[str, list[int]]]:
     from safetensors import deserialize
 
     try:
-        return {key: (meta["dtype"], list(meta["shape"])) for key, meta in deserialize(data)}
+        tensors = deserialize(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
+    broken = next((key for key, meta in tensors if not _finite(meta["dtype"], meta["data"])), None)
+    if broken is not None:  # (the whole file is read for its fingerprint anyway: the plan says it, not an actor)
+        raise AdapterError(name, not_finite(broken))
+    return {key: (meta["dtype"], list(meta["shape"])) for key, meta in tensors}
+
+
+# Each float type's exponent bits (of its raw bits as an unsigned integer): all set is NaN or infinity. E4M3 has no
+# infinity, and only its all-ones exponent and mantissa is NaN.
+_NOT_FINITE_BITS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
+                    "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F8_E5M2": (np.uint8, 0x7C),
+                    "F8_E4M3": (np.uint8, 0x7F)}
+
+
+def _finite(dtype: str, data) -> bool:
+    """Whether a tensor of safetensors `dtype` (its raw bytes) holds no NaN or infinity: read from the bits, so
+    without torch and in types numpy lacks (bfloat16, float8). Types other than floats are finite."""
+    if dtype not in _NOT_FINITE_BITS:
+        return True
+    kind, mask = _NOT_FINITE_BITS[dtype]
+    bits = np.frombuffer(data, dtype=kind)
+    return not np.any((bits & kind(mask)) == kind(mask))
+
+
+def not_finite(key: str) -> str:
+    return (f"holds NaN or infinite values (in {key!r}): the file is damaged, or was saved from a training run that "
+            "diverged")
 
 
 def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, str, str | None]:

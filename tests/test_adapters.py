@@ -8,6 +8,7 @@ kohya format by hand.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -664,14 +665,31 @@ def test_adapter_files_the_actors_would_draw_wrong_are_refused_naming_the_cause(
         save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
         with pytest.raises(AdapterError, match=re.escape(f"adapter {name!r}: {said}")):
             AdapterStore(str(tmp_path)).describe(name)
-    nan = b.clone()
-    nan[3, 1] = float("nan")
-    save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": nan}, str(tmp_path / "nan.safetensors"))
-    store = AdapterStore(str(tmp_path))
-    info = store.describe("nan")  # (its header is fine: the values are read where the actor loads it)
-    with pytest.raises(AdapterError, match=re.escape(f"adapter 'nan': holds NaN or infinite values (in "
-                                                     f"'{key}.lora_B.weight'): the file is damaged")):
-        store.load_state_dict(info)
+    # NaN and infinite values, in every float type a file may hold: the driver reads each file whole (its hash),
+    # so it finds them too (the plan counted such rows as drawn: adapters QA)
+    from actors.adapters import _parse
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e5m2,
+                  torch.float8_e4m3fn):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            if dtype == torch.float8_e4m3fn and math.isinf(value):  # (no infinity in this type)
+                continue
+            bad = b.clone().to(dtype)
+            bad[3, 1] = value
+            assert bad.float().isnan().any() or bad.float().isinf().any(), (dtype, value)
+            save_file({f"{key}.lora_A.weight": a.to(dtype), f"{key}.lora_B.weight": bad},
+                      str(tmp_path / "nan.safetensors"))
+            said = re.escape(f"adapter 'nan': holds NaN or infinite values (in '{key}.lora_B.weight'): the file is "
+                             "damaged")
+            with pytest.raises(AdapterError, match=said):
+                AdapterStore(str(tmp_path)).describe("nan")
+            with pytest.raises(AdapterError, match=said):  # the actor's own check (a file changed after the plan)
+                _parse("nan", (tmp_path / "nan.safetensors").read_bytes())
+            big = b.to(dtype)  # finite extremes pass: the largest value of each type is no infinity
+            big[3, 1] = torch.finfo(dtype).max
+            save_file({f"{key}.lora_A.weight": a.to(dtype), f"{key}.lora_B.weight": big},
+                      str(tmp_path / "big.safetensors"))
+            AdapterStore(str(tmp_path)).describe("big")
 
 
 @pytest.mark.parametrize("drop, said", [

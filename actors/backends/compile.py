@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import sys
 import time
@@ -96,15 +97,18 @@ def eager_fallbacks() -> int:
 
 class CompileCache:
     """torch.compile's artefacts (Inductor's generated code, AOTAutograd graphs, autotuning results) for one
-    (model, settings, device, torch) in the backend cache: `<cache>/torch-compile/<key>/<sha>.bin`.
+    (model, settings, device, torch) in the backend cache: `<cache>/torch-compile/<key>/<name>.bin`.
 
     `load()` before the first compile pre-fills torch's local caches from the newest files there; `save()`
-    after a compile writes what the store does not hold yet, whether Inductor built it or found it in the
-    node's own torch cache (a node warm from an earlier run, or from another store, still fills this one).
-    The files hold code torch runs: the store must be as private as the cluster's image (see docs/backends.md).
+    after a compile writes the artefacts the store does not hold yet, whether Inductor built them or found them
+    in the node's own torch cache (a node warm from an earlier run, or from another store, still fills this
+    one). What the store holds is judged by content: one torch key can hold several graphs, each guarded for
+    other sizes. The files hold code torch runs: the store must be as private as the cluster's image (see
+    docs/backends.md).
     """
 
     MAX_FILES = 64  # the newest files loaded; older ones only add graphs built for sizes no longer drawn
+    KEEP_FILES = 4 * MAX_FILES  # older files than these are removed after a save: nothing loads them
 
     def __init__(self, uri: str | None, key: str):
         from actors.models import backend_cache_folder
@@ -112,68 +116,78 @@ class CompileCache:
         self.fs, self.folder = backend_cache_folder(uri, f"torch-compile/{key}")
         self.loaded = 0
         self.saved = 0
-        self._held: set[tuple[str, str]] = set()  # (kind, key) of every artefact the store is known to hold
-        self._graphs_saved = self._graphs()
+        self._held: set[tuple[str, str, str]] = set()  # (kind, key, content digest) the store is known to hold
 
     def load(self) -> None:
         try:
-            files = sorted(self.fs.ls(self.folder, detail=True), key=lambda f: f.get("mtime") or f.get("LastModified") or 0)
+            files = self._files()
         except FileNotFoundError:
             return
         except Exception as exc:  # noqa: BLE001 - a cache that cannot be read: compiled cold, as without one
             logging.getLogger(__name__).warning("the compile cache %s was not read: %s", self.folder, exc)
             return
-        for info in files[-self.MAX_FILES:]:
-            if not info["name"].endswith(".bin"):
+        from torch.compiler._cache import CacheArtifactManager
+
+        for name in files[-self.MAX_FILES:]:
+            try:
+                artifacts = CacheArtifactManager.deserialize(self.fs.cat_file(name))  # None: not torch's (damaged)
+            except FileNotFoundError:  # removed by another actor's save since the listing (KEEP_FILES)
                 continue
-            held = torch.compiler.load_cache_artifacts(self.fs.cat_file(info["name"]))
-            if held:
+            if artifacts:
+                CacheArtifactManager.populate_caches(artifacts)
                 self.loaded += 1
-                self._held |= _artifact_keys(held)
+                self._held |= _contents(artifacts)
 
     def save(self) -> None:
-        """Write what this process compiled or found since its last save, and the store lacks, as one more file.
-        A process whose graphs all came from the store writes nothing.
+        """Write what this process compiled or found since its last save, and the store lacks, as one more file
+        (named by what it holds: written again, it replaces itself). A process whose graphs all came from the
+        store writes nothing.
 
         torch records an artefact both when Inductor builds it and when its local cache supplies it, so a node
         whose own cache is warm still writes to a store that is empty (another bucket, a wiped cache): other
         nodes start warm from it. torch's saver appends each batch to everything saved before, while its loader
         keeps only the last batch of each kind a file holds: every file is needed, and the tenth was ten times
-        the first (91 MB over 10 sizes of tiny). So what was saved is forgotten after each save, and each file
-        holds one batch."""
-        graphs = self._graphs()
-        if graphs == self._graphs_saved:
+        the first (91 MB over 10 sizes of tiny). So what was saved is forgotten after each save, written or not
+        (a batch whose write failed would be dead bytes in the next file), and each file holds one batch."""
+        from torch.compiler._cache import CacheArtifactManager
+
+        if not CacheArtifactManager.need_serialize():  # (after each UNet and decoder call: mostly this)
             return
-        self._graphs_saved = graphs
-        artifacts = torch.compiler.save_cache_artifacts()
-        if artifacts is None:
+        saved = torch.compiler.save_cache_artifacts()
+        _forget_saved_artifacts()
+        artifacts = CacheArtifactManager.deserialize(saved[0]) if saved else None
+        held = _contents(artifacts) if artifacts else set()
+        if held <= self._held:
             return
-        data, info = artifacts
-        keys = _artifact_keys(info)
-        if keys <= self._held:
-            _forget_saved_artifacts()
-            return
+        name = hashlib.sha256(json.dumps(sorted(held)).encode()).hexdigest()[:20]
         try:
             self.fs.makedirs(self.folder, exist_ok=True)
-            self.fs.pipe_file(f"{self.folder}/{hashlib.sha256(data).hexdigest()[:20]}.bin", data)
+            self.fs.pipe_file(f"{self.folder}/{name}.bin", saved[0])
         except Exception as exc:  # noqa: BLE001 - the next run compiles cold; this one draws on
             logging.getLogger(__name__).warning("compiled graphs were not kept in %s: %s", self.folder, exc)
             return
         self.saved += 1
-        self._held |= keys
-        _forget_saved_artifacts()
+        self._held |= held
+        self._prune()
 
-    @staticmethod
-    def _graphs() -> int:
-        """Graphs Inductor built or found in its caches in this process: each may hold what the store lacks."""
-        from torch._dynamo.utils import counters
+    def _files(self) -> list[str]:
+        """The store's files, oldest first."""
+        listed = self.fs.ls(self.folder, detail=True)
+        listed.sort(key=lambda f: f.get("mtime") or f.get("LastModified") or 0)
+        return [f["name"] for f in listed if f["name"].endswith(".bin")]
 
-        return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
+    def _prune(self) -> None:
+        """Remove the files older than the newest KEEP_FILES: no actor loads them any more."""
+        try:
+            for name in self._files()[:-self.KEEP_FILES]:
+                self.fs.rm_file(name)
+        except Exception as exc:  # noqa: BLE001 - another actor pruned first, a store that refuses deletes
+            logging.getLogger(__name__).debug("the compile cache %s was not pruned: %s", self.folder, exc)
 
 
-def _artifact_keys(info) -> set[tuple[str, str]]:
-    """The (kind, key) pairs a torch `CacheInfo` names."""
-    return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
+def _contents(artifacts: dict) -> set[tuple[str, str, str]]:
+    """(kind, key, content digest) of each artefact in torch's `{kind: [CacheArtifact]}`."""
+    return {(kind, a.key, hashlib.sha256(a.content).hexdigest()) for kind, found in artifacts.items() for a in found}
 
 
 def _forget_saved_artifacts() -> None:

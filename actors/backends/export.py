@@ -5,12 +5,9 @@ engines, and `GraphBackend`, which puts a compiled graph in place of the UNet's 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import tempfile
 import time
 import warnings
@@ -154,8 +151,7 @@ class ExportCache:
                 return model
             shutil.rmtree(folder, ignore_errors=True)  # the bucket's copy is damaged: exported again, written over
             self.damaged += 1
-        staging = Path(tempfile.mkdtemp(prefix=staging_prefix(key), dir=_ensure(self.local)))
-        try:
+        with staging_folder(self.local, key) as staging:
             build(staging / filename)
             (staging / DIGESTS).write_text(json.dumps(_digests(staging)))
             staging.chmod(0o755)  # (mkdtemp's 0700: other users' pods on a shared volume could not read it)
@@ -164,10 +160,9 @@ class ExportCache:
                     self.fs.put_file(str(item), f"{remote}/{item.name}")
             try:
                 staging.rename(folder)
-            except OSError:  # another actor finished the same export first: theirs is as good
-                pass
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            except OSError as exc:  # another actor finished the same export first: theirs is as good
+                if not model.exists():
+                    raise BackendError(f"the export cache entry {folder} could not be made ({exc})") from exc
         self.checked.add(folder)
         return model
 
@@ -192,50 +187,82 @@ def _whole(folder: Path) -> bool:
 
 
 # An entry is built (or fetched) in a hidden staging folder beside it, then renamed. A process killed meanwhile
-# (SIGKILL, out of memory, a pod gone) leaves that folder: gigabytes at SD 2.1 size, each kill. Its name says
-# which process on which node made it, so the next cache on that node removes it once that process is gone.
-STAGING = re.compile(r"\.staging-([0-9a-f]{8})-(\d+)-")
-STALE_AFTER = 86400.0  # a staging folder untouched this long (another node's, an older sdfleet's) is removed too
+# (SIGKILL, out of memory, a pod gone) leaves that folder: gigabytes at SD 2.1 size, each kill. While it builds,
+# a process holds an exclusive lock on `<folder>.lock` beside it, so the next cache removes a folder whose lock
+# is free: its process is gone, whichever node or PID namespace it ran in (the lock is the kernel's, or the
+# network filesystem's), and a reused PID changes nothing.
+STAGING = ".staging-"
+STALE_AFTER = 86400.0  # a staging folder without a lock (an older sdfleet's, a store without locks) this old goes
 
 
-def _node(host: str | None = None) -> str:
-    return hashlib.sha256((host or socket.gethostname()).encode()).hexdigest()[:8]
+@contextlib.contextmanager
+def staging_folder(parent: Path, key: str):
+    """A new hidden folder in `parent` to build entry `key` in, locked while the body runs, then removed (unless
+    the body renamed it into place)."""
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{key}-", dir=_ensure(parent)))
+    lock = _hold(staging)
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{staging}.lock")
+            lock.close()
 
 
-def staging_prefix(key: str, pid: int | None = None, host: str | None = None) -> str:
-    """The name a staging folder for entry `key` starts with: this node's and this process's."""
-    return f".staging-{_node(host)}-{pid or os.getpid()}-{key}-"
+def _hold(staging: Path):
+    """An exclusive lock on `<staging>.lock`, or None where the filesystem has no locks (then only age says
+    that a folder is left over). Taken on a file of another name, then renamed: a sweep never finds the lock
+    file before it is held."""
+    import fcntl
+
+    temporary = f"{staging}.lock-{os.getpid()}"
+    handle = open(temporary, "w")  # noqa: SIM115 - held open (locked) until the staging folder goes
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(temporary, f"{staging}.lock")
+        return handle
+    except OSError:
+        handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return None
 
 
 def sweep_staging(folder: Path) -> int:
-    """Remove the staging folders in `folder` that a process of this node no longer running left, or that
-    nothing has touched for STALE_AFTER seconds; returns how many. Another process's (an actor exporting the same
-    component now) stays, and so does another node's (a shared volume) until it is that old."""
+    """Remove the staging folders in `folder` whose builder is gone (their lock is free), and those without a lock
+    that nothing has touched for STALE_AFTER seconds; returns how many. One being built now stays."""
+    import fcntl
+
     removed = 0
     try:
         entries = [e for e in os.scandir(folder) if e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
     except OSError:
         return 0
     for entry in entries:
-        match = STAGING.match(entry.name)
+        lock_path = f"{entry.path}.lock"
         try:
-            left = bool(match) and match[1] == _node() and not _running(int(match[2]))
-            if left or time.time() - entry.stat().st_mtime > STALE_AFTER:
+            with open(lock_path, "r+") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # held: being built now (or a lock we cannot take: left as it is)
+                    continue
+                shutil.rmtree(entry.path)
+                os.unlink(lock_path)
+                removed += 1
+                continue
+        except FileNotFoundError:  # no lock: only its age can say
+            pass
+        except OSError:
+            continue
+        try:
+            if time.time() - entry.stat().st_mtime > STALE_AFTER:
                 shutil.rmtree(entry.path)
                 removed += 1
         except OSError:  # gone meanwhile (another actor swept it), or not ours to remove: left as it is
             pass
     return removed
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _ensure(path: Path) -> Path:
@@ -244,16 +271,14 @@ def _ensure(path: Path) -> Path:
 
 
 def _fetch(fs, remote: str, folder: Path) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=_ensure(folder.parent)))
-    try:
-        for item in fs.ls(remote, detail=False):
-            fs.get_file(item, str(staging / item.rsplit("/", 1)[-1]))
-        staging.chmod(0o755)
-        staging.rename(folder)
-    except OSError:
-        pass
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staging_folder(folder.parent, folder.name) as staging:
+        try:
+            for item in fs.ls(remote, detail=False):
+                fs.get_file(item, str(staging / item.rsplit("/", 1)[-1]))
+            staging.chmod(0o755)
+            staging.rename(folder)
+        except OSError:
+            pass
 
 
 # Image sizes whose sessions or engines a graph backend keeps loaded. Each is built for one size, and each

@@ -489,10 +489,16 @@ def _validate(args) -> int:
     from manifests.reader import ManifestError, expand_manifest_paths, named_together, plan_parts, unreadable_files
     from jobs.errors import RunFailed
     from jobs.validate import AdapterCheck
+    from manifests.stores import absolute_local, store_problem
     from manifests.validate import check_manifests
 
     try:
         pairs = _model_pairs(args.model)
+        if args.adapters is not None and not args.adapters.strip():  # "" would be the working directory
+            raise argparse.ArgumentTypeError("--adapters must not be empty: give the adapter store's folder or URI, "
+                                             "or leave --adapters out")
+        if args.adapters is not None and (problem := store_problem("--adapters", args.adapters)):
+            raise argparse.ArgumentTypeError(problem)
     except argparse.ArgumentTypeError as exc:
         print(f"sdfleet manifest validate: error: {terminal_line(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
@@ -509,24 +515,21 @@ def _validate(args) -> int:
     uris = [uri for uri in uris if uri not in unreadable]
     sizes = {name: (info.width, info.height) for name, info in infos.items()}  # a row's size when it gives none
     total = sum(part.num_rows for part in plan_parts(uris))  # from footers
-    names = _adapter_names(uris)
-    adapters = None
-    if args.adapters is not None and (names or args.adapters.strip()):
+    adapters, unread = AdapterCheck(), None  # (without a store: the names rows load are only counted)
+    if args.adapters is not None:
         try:
-            adapters = AdapterCheck.resolve(args.adapters, names, {n: dataclasses.asdict(i) for n, i in infos.items()})
+            adapters = AdapterCheck.resolve(absolute_local(args.adapters), _adapter_names(uris),
+                                            {n: dataclasses.asdict(i) for n, i in infos.items()})
         except RunFailed as exc:  # the store cannot be read: said, and the rows' own fields still checked
             print(terminal_line(without_passwords(f"error: {exc}; adapters not checked")))
-            errors += 1
-    elif args.adapters is not None:
-        print("sdfleet manifest validate: error: --adapters must not be empty", file=sys.stderr)
-        return EXIT_ERROR
+            errors, unread = errors + 1, "the adapter store could not be read"
     checked, started = [0], time.time()
     with ticking(lambda: f"validating: {checked[0]:,}/{total:,} rows, {errors} error(s), {time.time() - started:.0f} s "
                          "in"):  # a catalogue of millions of rows takes minutes (on stderr: stdout is the verdicts)
         problems = check_manifests(uris, set(models), tokenizer_lookup(infos),
                                    watermark_sizes=None if args.no_watermark else sizes, checked=checked,
-                                   row_checks=adapters.row if adapters else None)
-        for kind, message in itertools.chain(problems, adapters.failures() if adapters else ()):
+                                   row_checks=adapters.row)
+        for kind, message in itertools.chain(problems, adapters.failures()):
             errors += kind == "error"
             warnings += kind == "warning"
             print(terminal_line(without_passwords(f"{kind}: {message}")))
@@ -537,7 +540,8 @@ def _validate(args) -> int:
         errors += 1
     files = f"{len(uris)} manifest(s)" + (f" ({len(unreadable)} more unreadable)" if unreadable else "") + (
         f" ({len(absent)} path(s) naming none)" if absent else "")
-    unchecked = f"; {len(names)} adapter(s) named, not checked (give --adapters URI)" if names and not adapters else ""
+    unchecked = f"; {len(adapters.unchecked)} adapter(s) named, not checked ({unread or why})" if (
+        why := adapters.why_unchecked()) else ""
     print(f"{total} rows in {files}: {errors} error(s), {warnings} warning(s){unchecked}")
     return EXIT_ERROR if errors else EXIT_OK
 

@@ -853,7 +853,8 @@ def _plan_only(cfg: GenerateConfig, planned, total: int, started: float) -> dict
                     log(f"{'would fail' if row['status'] == 'failed' else 'invalid'}: {located(row, row['error'])}")
     if counts["failed"] + counts["invalid"] > said:
         log(f"... and {counts['failed'] + counts['invalid'] - said} more: a run names every one in its ledger, and "
-            "`sdfleet manifest validate` every one, without Ray (with --adapters URI, those its adapters fail too)")
+            "`sdfleet manifest validate` every one, without Ray (with --adapters URI, the adapters that fail rows, "
+            "with their counts)")
     if sum(counts.values()) != total:
         raise RunFailed(f"{total} rows went in but the plan gave {sum(counts.values())}")
     return {"plan_only": True, "rows": total, **counts, "recovered": counts.pop("ok") - restored, "restored": restored,

@@ -21,6 +21,9 @@ def tokenizer_lookup(infos: dict):
 
     @functools.cache
     def lookup(name: str):
+        from transformers.utils import logging as library_log
+
+        library_log.set_verbosity_error()  # its notices (a torchvision it would use for images) are not ours to say
         info = infos[name]
         if info.kind == "preset":
             return load_tokenizer(TOKENIZER_DIR)

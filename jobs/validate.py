@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from jobs.errors import RunFailed
 from jobs.plan import adapter_failures, unlisted_embedding, unused_embeddings
 
 
@@ -17,24 +18,34 @@ class AdapterCheck:
     `row` yields a row's own problems (a prompt using an embedding's token it does not list: invalid; an
     embedding listed but unused: a warning) and counts the rows each unusable adapter would fail; `failures`
     yields one error per such adapter, with how many rows name it and where the first is, not one per row (a
-    missing adapter of a catalogue is thousands of rows, each saying the same).
+    missing adapter of a catalogue is thousands of rows, each saying the same). Without a store (`store_uri`
+    None) it only counts the adapters rows would load, for the summary to say they went unchecked.
     """
 
-    errors: dict[str, str]  # adapter name -> why it cannot be used
-    tokens: dict[str, str]  # token -> the embedding that adds it
-    words: dict[str, frozenset[str]]  # model name -> the tokens that are words of its tokenizer
+    store_uri: str | None = None
+    errors: dict[str, str] = field(default_factory=dict)  # adapter name -> why it cannot be used
+    tokens: dict[str, str] = field(default_factory=dict)  # token -> the embedding that adds it
+    words: dict[str, frozenset[str]] = field(default_factory=dict)  # model -> tokens that are words of its tokenizer
+    resolved: set[str] = field(default_factory=set)  # the names the store was asked about
     named_by: dict[str, list] = field(default_factory=dict)  # failure -> [rows, where the first is]
+    unchecked: dict[str, list] = field(default_factory=dict)  # a name not asked about yet -> [rows, first]
 
     @classmethod
-    def resolve(cls, store_uri: str | None, names: set[str], models: dict[str, dict]) -> "AdapterCheck":
-        """Raises RunFailed where the store cannot be read at all (as `generate` stops there)."""
+    def resolve(cls, store_uri: str, names: set[str], models: dict[str, dict]) -> "AdapterCheck":
+        """`names`: those the manifests give (a damaged file's may be missing: asked about at the end). Raises
+        RunFailed where the store cannot be read at all (as `generate` stops there)."""
         from jobs.generate import resolve_adapters, words_of_models
 
         tokens: dict[str, str] = {}
-        _, errors = resolve_adapters(store_uri, names, tokens)
-        return cls(errors, tokens, words_of_models(tokens, models) if tokens else {})
+        errors = resolve_adapters(store_uri, names, tokens)[1] if names else {}
+        return cls(store_uri, errors, tokens, words_of_models(tokens, models) if tokens else {}, set(names))
 
     def row(self, parsed, where: str) -> Iterator[tuple[str, str]]:
+        for a in parsed.adapters:  # (at scale 0 an adapter loads nothing: nothing to check)
+            if a.scale != 0 and a.name not in self.resolved:
+                self.unchecked.setdefault(a.name, [0, where])[0] += 1
+        if self.store_uri is None:
+            return
         words = self.words.get(parsed.model, frozenset())
         if unlisted := unlisted_embedding(parsed, self.tokens, words):
             yield "error", f"{where}: {unlisted}"
@@ -45,5 +56,24 @@ class AdapterCheck:
             yield "warning", f"{where}: {unused}"
 
     def failures(self) -> Iterator[tuple[str, str]]:
+        if self.store_uri is not None and self.unchecked:  # rows whose names the first read missed: asked now
+            from jobs.generate import resolve_adapters
+
+            try:
+                errors = resolve_adapters(self.store_uri, set(self.unchecked))[1]
+            except RunFailed:  # the store went away meanwhile: they stay unchecked, and the summary says so
+                errors = None
+            if errors is not None:
+                for name, (rows, first) in self.unchecked.items():
+                    if name in errors:
+                        self.named_by.setdefault(errors[name], [0, first])[0] += rows
+                self.resolved |= set(self.unchecked)
+                self.unchecked.clear()
         for failure, (rows, first) in self.named_by.items():
             yield "error", f"{failure} ({rows} row(s) would fail on it; the first: {first})"
+
+    def why_unchecked(self) -> str | None:
+        """Why some adapters rows load went unchecked, for the summary line; None if none did."""
+        if not self.unchecked:
+            return None
+        return "give --adapters URI" if self.store_uri is None else "the adapter store could not be read"

@@ -24,7 +24,7 @@ def check_manifests(
     `watermark_sizes` (model name -> its native width, height) a row too small to carry the watermark is an
     error, as `generate` finds it when the mark is on. `checked[0]` counts the rows checked so far (for a
     caller's progress line). `row_checks(row, where)` yields more problems of each row whose own fields are
-    valid (the caller's: what `generate` would find in its adapters).
+    valid and whose id is its own (the caller's: what `generate` would find in its adapters).
     """
     absent: dict[str, set[str]] = {}  # uri -> the required columns it lacks: said once, not once per row
     for uri, columns in column_names(uris).items():
@@ -81,7 +81,7 @@ def check_manifests(
                        prompt_overflow(tokenizer_for(parsed.model), parsed.prompt))  # what it is given
             if warning:
                 yield "warning", f"{where}: {warning}"
-        if row_checks is not None:
+        if row_checks is not None and id_counts[parsed.id] <= 1:  # (a repeated id: not drawn, whatever else)
             yield from row_checks(parsed, where)
 
 

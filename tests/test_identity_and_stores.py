@@ -608,7 +608,7 @@ def test_plan_only_names_the_rows_it_would_not_draw(tmp_path):
     assert len(named) == 18 and all("`steps` must be in 1..500, got 0" in line for line in named), named
     # (validate read no adapters, yet was said to list every row problem: it found 1 of 29 in a QA manifest)
     assert "[sdfleet] ... and 6 more: a run names every one in its ledger, and `sdfleet manifest validate` every " \
-           "one, without Ray (with --adapters URI, those its adapters fail too)" in proc.stderr
+           "one, without Ray (with --adapters URI, the adapters that fail rows, with their counts)" in proc.stderr
 
 
 def test_plan_only_counts_what_would_be_drawn_and_writes_nothing(mixed_run):

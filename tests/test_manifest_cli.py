@@ -672,7 +672,7 @@ def test_validate_says_how_far_it_is_on_a_long_check(capsys, tmp_path, monkeypat
     assert code == 1 and len(lines) == 1 and lines[0].startswith("validating: 3/3 rows, 1 error(s), "), lines
 
 
-def test_validate_with_the_adapter_store_says_what_generate_would_find_in_the_adapters(capsys, tmp_path):
+def test_validate_with_the_adapter_store_says_what_generate_would_find_in_the_adapters(capsys, tmp_path, monkeypatch):
     """Without --adapters, validate read no adapters (a QA manifest's 29 failing rows were 1 problem there); with
     it, each unusable adapter is one error with how many rows it fails and where the first is, a prompt using an
     embedding's token it does not list is invalid, an embedding its prompts never call a warning. An adapter at
@@ -717,4 +717,22 @@ def test_validate_with_the_adapter_store_says_what_generate_would_find_in_the_ad
     # a store that cannot be read: said, and the rows' own fields still checked
     code, lines, _ = validate(capsys, manifest, "--adapters", str(tmp_path / "nowhere"))
     assert code == 1 and f"error: --adapters {tmp_path / 'nowhere'} does not exist; adapters not checked" in lines
-    assert lines[-1].endswith("1 error(s), 0 warning(s); 4 adapter(s) named, not checked (give --adapters URI)")
+    assert lines[-1].endswith("1 error(s), 0 warning(s); 4 adapter(s) named, not checked (the adapter store could "
+                              "not be read)"), lines
+    # what generate refuses as a store, refused alike ("" read the working directory as the store: QA, review)
+    for given, said in (("", "--adapters must not be empty"), ("memory://adapters", "--adapters memory://adapters")):
+        code, lines, err = validate(capsys, manifest, "--adapters", given)
+        assert code == 1 and not lines and said in err, (given, lines, err)
+    # the store as a run names it (a path relative to here, made whole)
+    monkeypatch.chdir(tmp_path)
+    code, lines, _ = validate(capsys, manifest, "--adapters", "store")
+    assert f"is not in the adapter store {store} (expected" in "\n".join(lines), lines
+    # rows the plan makes invalid for a repeated id fail on nothing else; a damaged file's readable rows are checked
+    repeated = write(tmp_path / "twice.parquet", [row(1, ("gone", 1.0)), row(1, ("gone", 1.0)), row(2, ("gone", 1.0))])
+    code, lines, _ = validate(capsys, repeated, "--adapters", str(store))
+    (gone,) = [line for line in lines if line.startswith("error: adapter 'gone'")]
+    assert gone.endswith(f"(1 row(s) would fail on it; the first: {repeated} row 2 (`r2`))"), gone
+    damaged = write_damaged_manifest(tmp_path / "damaged.parquet", column="adapters",
+                                     adapters=[{"name": "gone", "scale": 1.0}])
+    code, lines, _ = validate(capsys, damaged, "--adapters", str(store))
+    assert any(line.startswith("error: adapter 'gone': is not in the adapter store") for line in lines), lines

@@ -259,7 +259,8 @@ def _check_local_devices(cfg: GenerateConfig) -> None:
 
 
 def _say_compile_mode(cfg: GenerateConfig, device: str) -> None:
-    """A compile mode whose only addition is CUDA graphs, asked for on a CPU: said, and drawn as `default`."""
+    """A compile mode whose only addition is CUDA graphs, asked for on a CPU: said (the actors compile in the
+    default mode: CompileSettings.for_device)."""
     if cfg.backend == "compile" and cfg.compile_mode == "reduce-overhead" and device == "cpu":
         log("warning: --compile-mode reduce-overhead adds CUDA graphs, which actors on a CPU have not: there it is "
             "torch.compile's default mode (what --compile-mode auto picks on a CPU); the run goes on")
@@ -529,7 +530,7 @@ def _on_cluster(cfg, fs, root, run_id, manifests, models, state, started, startu
         f"rows to draw go to {cfg.actors} actor(s) on {sizing.device} ({sizing.num_cpus:g} CPU, {sizing.num_gpus:g} GPU, "
         f"{sizing.torch_threads} threads each), backend {cfg.backend}; images finished "
         + ("in the actors" if finish_inline else f"by {finishing.workers} CPU worker(s)"))
-    if cluster_address(cfg.address):  # (a local Ray's device was known, and said, before it started)
+    if cluster_address(cfg.address) or local_resources() is None:  # (else said before a local Ray started)
         _say_compile_mode(cfg, sizing.device)
     try:
         check_backend(cfg.backend, sizing.device)  # before any actor starts

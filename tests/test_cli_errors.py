@@ -281,6 +281,9 @@ def test_a_plan_only_run_is_refused_what_this_machine_cannot_draw_before_ray_sta
     code, _, err = run(capsys, *argv, "--backend", "compile", "--compile-mode", "reduce-overhead", "--device", "cpu")
     assert "warning: --compile-mode reduce-overhead adds CUDA graphs, which actors on a CPU have not" in err, err
     assert code == 1 and "Ray was started" in err, err
+    from actors.backends.compile import CompileSettings  # and there the actors compile as default (one cache)
+
+    assert CompileSettings.for_device("cpu", "reduce-overhead") == CompileSettings.for_device("cpu", "default")
     code, _, err = run(capsys, *argv, "--backend", "compile", "--compile-mode", "max-autotune", "--device", "cpu")
     assert "warning" not in err, err  # (it tunes Inductor's CPU kernels: a mode of its own there)
 

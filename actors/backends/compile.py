@@ -45,7 +45,8 @@ class CompileSettings:
             raise ValueError(f"unknown compile mode {mode!r}; modes: {', '.join(MODES)}")
         if device == "cuda":  # the anchors' recipe; GPU figures for each part are owed (docs/backends.md)
             return cls(mode="reduce-overhead" if mode == "auto" else mode, channels_last=True, fuse_qkv=True)
-        return cls(mode="default" if mode == "auto" else mode)
+        # CUDA graphs are all reduce-overhead adds: on a CPU it is the default mode, and shares its cached graphs
+        return cls(mode="default" if mode in ("auto", "reduce-overhead") else mode)
 
 
 def fuse_qkv(unet) -> None:

@@ -16,8 +16,12 @@ def not_applied(state_dict, metadata: dict) -> str | None:
     if not (metadata and all(k.startswith(UNET_ROOTS) for k in state_dict)):  # (else unet.save_lora_adapter's file)
         bare = next((k for k in sorted(state_dict) if k.endswith((".lora_A.weight", ".lora_B.weight"))
                      and not k.startswith(("unet.", "text_encoder.", "base_model.model."))), None)
-        if bare is not None:  # diffusers reads peft keys only with their part in front
+        if bare is not None and not bare.startswith((*UNET_ROOTS, "text_model.")):  # (vae., ...: another part)
             return no_part_for(bare)
+        if bare is not None:  # a UNet's or text encoder's own paths: diffusers reads them only with the part in front
+            return (f"has peft keys without the part they belong to in front (such as {bare!r}; `unet.` or "
+                    "`text_encoder.`) and without the settings `unet.save_lora_adapter` writes beside them, so "
+                    "neither their part nor their alphas are known; save it with diffusers' `save_lora_weights`")
     bias = next((k for k in state_dict if k.endswith(_BIASES)), None)
     if bias is not None:  # part of the layer's output, not droppable
         return f"has {bias!r}, a LoRA bias, which sdfleet does not apply"

@@ -88,7 +88,7 @@ def lora_layers(pipe, state_dict) -> Layers:
     for part, (matrices, matrix_alphas, module_alphas) in parts.items():
         if part == "unet":
             convert = convert_unet_state_dict_to_peft
-        elif part.startswith("text_encoder"):  # text_encoder_2 (SDXL) is refused by name in check_lora_fits
+        elif part.startswith("text_encoder"):  # (text_encoder_2, SDXL's, is refused above: not_applied)
             def convert(sd):
                 # kohya's text-encoder keys come back from diffusers in two spellings (attention layers as
                 # `to_q_lora.down`, MLP layers as `lora_linear_layer.down`); each converter call guesses one

@@ -336,10 +336,13 @@ def test_lora_parts_sdfleet_does_not_apply_are_refused_not_dropped(tiny_shape, l
 
 
 def test_lora_keys_without_a_part_prefix_name_the_spellings_that_work(tiny_shape, loras):
-    with pytest.raises(AdapterError, match=r"^adapter 'x': has keys this model has no part for, such as "
-                                           r"'down_blocks\..*`unet.<module>` and `text_encoder.<module>`"):
+    with pytest.raises(AdapterError, match=r"^adapter 'x': has peft keys without the part they belong to in front "
+                                           r"\(such as 'down_blocks\..*save it with diffusers' `save_lora_weights`"):
         # peft keys as saved from the UNet alone, without the settings unet.save_lora_adapter writes beside them
         check_lora_fits(tiny_shape, "x", dict(loras["A"]))
+    with pytest.raises(AdapterError, match=r"^adapter 'x': has keys this model has no part for, such as "
+                                           r"'vae\..*`unet.<module>` and `text_encoder.<module>`"):
+        check_lora_fits(tiny_shape, "x", {f"vae.{k}": v for k, v in loras["A"].items()})  # a part it has not
 
 
 def test_swaps_leave_no_trace(store, base_image, fresh_a, fresh_b):
@@ -735,8 +738,8 @@ def test_a_lora_for_sdxl_or_without_part_names_is_refused_by_the_driver_as_the_a
         "sdxl": ({**unet, f"text_encoder_2.{te2}.lora_A.weight": torch.ones(4, 32),
                   f"text_encoder_2.{te2}.lora_B.weight": torch.ones(32, 4)}, None,
                  f"has weights for a second text encoder ('text_encoder_2.{te2}.lora_A.weight')"),
-        "bare": (bare, None, f"has keys this model has no part for, such as {first_bare!r}; a LoRA names its layers "
-                             "`unet.<module>`"),
+        "bare": (bare, None, f"has peft keys without the part they belong to in front (such as {first_bare!r}; "
+                             "`unet.` or `text_encoder.`) and without the settings `unet.save_lora_adapter` writes"),
     }
     for name, (tensors, metadata, said) in files.items():
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / f"{name}.safetensors"))

@@ -358,7 +358,7 @@ def _header(name: str, data: bytes) -> dict[str, tuple[str, list[int]]]:
     from safetensors import deserialize
 
     try:
-        tensors = deserialize(data)
+        tensors = sorted(deserialize(data), key=lambda t: t[0])  # (its order varies: messages quote the first)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
     broken = next((key for key, meta in tensors if not _finite(meta["dtype"], meta["data"])), None)

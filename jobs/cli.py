@@ -518,7 +518,7 @@ def _validate(args) -> int:
     adapters, unread = AdapterCheck(), None  # (without a store: the names rows load are only counted)
     if args.adapters is not None:
         try:
-            adapters = AdapterCheck.resolve(absolute_local(args.adapters), _adapter_names(uris),
+            adapters = AdapterCheck.resolve(absolute_local(args.adapters), *_adapter_names(uris),
                                             {n: dataclasses.asdict(i) for n, i in infos.items()})
         except RunFailed as exc:  # the store cannot be read: said, and the rows' own fields still checked
             print(terminal_line(without_passwords(f"error: {exc}; adapters not checked")))
@@ -546,19 +546,21 @@ def _validate(args) -> int:
     return EXIT_ERROR if errors else EXIT_OK
 
 
-def _adapter_names(uris: list[str]) -> set[str]:
-    """The adapter names the manifests' rows give (a damaged file's: those it still gives; its damage is said by
-    the row checks)."""
-    from manifests.reader import ManifestError, adapter_names
+def _adapter_names(uris: list[str]) -> tuple[set[str], set[str]]:
+    """The adapter names the manifests' rows give, and those listed at a scale other than 0 (`named_adapters`); a
+    damaged file's are asked about as its readable rows are checked (AdapterCheck.failures)."""
+    from manifests.reader import ManifestError, named_adapters
 
     try:
-        return adapter_names(uris)
+        return named_adapters(uris)
     except ManifestError:
         names: set[str] = set()
+        loaded: set[str] = set()
         for uri in uris:
             with contextlib.suppress(ManifestError):
-                names |= adapter_names([uri])
-        return names
+                more, more_loaded = named_adapters([uri])
+                names, loaded = names | more, loaded | more_loaded
+        return names, loaded
 
 
 def _expand(args) -> int:

@@ -339,7 +339,8 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     refs = {**{name: name for name in PRESETS}, **cfg.models}
     models = {name: describe_model(name, ref).defaults() for name, ref in refs.items()}
     embedding_tokens: dict[str, str] = {}  # token -> the embedding that adds it
-    adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, manifests.adapter_names, embedding_tokens)
+    adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, manifests.adapter_names, embedding_tokens,
+                                                            manifests.loaded_adapter_names)
     word_tokens = words_of_models(embedding_tokens, models) if embedding_tokens else {}
 
     # 4. what is already done: newest ok hash per id, and which images exist
@@ -552,9 +553,11 @@ def _local_folder(uri: str) -> bool:
     return fs.isdir(path)
 
 
-def resolve_adapters(store_uri: str | None, names: set[str],
-                     tokens: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+def resolve_adapters(store_uri: str | None, names: set[str], tokens: dict[str, str] | None = None,
+                     loaded: set[str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Fingerprint every adapter the manifests name: ({name: fingerprint}, {name: why it is unusable}).
+    `tokens` receives {token: embedding} of the embeddings among `loaded` (those a row lists at a scale other
+    than 0; default all): one named only at scale 0 is never loaded, so its token is no word of any actor's.
 
     A bad adapter is a row-level matter (its rows fail, the rest are drawn), so errors are collected,
     not raised. An adapter store that cannot be reached at all stops the run. Each adapter is read whole
@@ -601,7 +604,8 @@ def resolve_adapters(store_uri: str | None, names: set[str],
         for name, info, error in pool.map(describe, sorted(names)):
             if error is None:
                 fingerprints[name] = info.fingerprint
-                if info.kind == "embedding" and info.token:  # CLIP reads tokens in lower case: one in any case
+                if info.kind == "embedding" and info.token and (loaded is None or name in loaded):
+                    # CLIP reads tokens in lower case: one in any case
                     adders.setdefault(info.token.lower(), []).append((name, info.token))
             else:
                 errors[name] = error

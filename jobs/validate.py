@@ -31,13 +31,14 @@ class AdapterCheck:
     unchecked: dict[str, list] = field(default_factory=dict)  # a name not asked about yet -> [rows, first]
 
     @classmethod
-    def resolve(cls, store_uri: str, names: set[str], models: dict[str, dict]) -> "AdapterCheck":
-        """`names`: those the manifests give (a damaged file's may be missing: asked about at the end). Raises
-        RunFailed where the store cannot be read at all (as `generate` stops there)."""
+    def resolve(cls, store_uri: str, names: set[str], loaded: set[str], models: dict[str, dict]) -> "AdapterCheck":
+        """`names`: those the manifests give (a damaged file's may be missing: asked about at the end); `loaded`:
+        those a row lists at a scale other than 0. Raises RunFailed where the store cannot be read at all (as
+        `generate` stops there)."""
         from jobs.generate import resolve_adapters, words_of_models
 
         tokens: dict[str, str] = {}
-        errors = resolve_adapters(store_uri, names, tokens)[1] if names else {}
+        errors = resolve_adapters(store_uri, names, tokens, loaded)[1] if names else {}
         return cls(store_uri, errors, tokens, words_of_models(tokens, models) if tokens else {}, set(names))
 
     def row(self, parsed, where: str) -> Iterator[tuple[str, str]]:

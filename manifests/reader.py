@@ -280,6 +280,7 @@ class Survey:
     # `ok` rows of the output's ledger these manifests do not ask for: how many, and the first ids (generate fills)
     not_in_manifests_count: int = 0
     not_in_manifests: list = field(default_factory=list)
+    loaded_adapter_names: set[str] = field(default_factory=set)  # those some row lists at a scale other than 0
 
 
 def survey(uris: list[str]) -> Survey:
@@ -288,7 +289,8 @@ def survey(uris: list[str]) -> Survey:
     for uri, (rows, file_counts, file_names, parts, columns, models) in zip(uris, _each_file(uris, _survey_file, True)):
         found.total += rows  # merged as they come
         found.id_counts.update(file_counts)
-        found.adapter_names |= file_names
+        found.adapter_names |= file_names[0]
+        found.loaded_adapter_names |= file_names[1]
         found.model_names = None if models is None or found.model_names is None else found.model_names | models
         found.parts += parts
         found.columns |= set(columns)
@@ -297,7 +299,7 @@ def survey(uris: list[str]) -> Survey:
 
 
 def _survey_file(uri: str, pf: pq.ParquetFile, stamp: str = "") -> tuple[
-        int, collections.Counter, set[str], list[ManifestPart], list[str], set[str]]:
+        int, collections.Counter, tuple[set[str], set[str]], list[ManifestPart], list[str], set[str]]:
     return (pf.metadata.num_rows, _id_counts(pf), _adapter_names(pf), _parts(uri, pf, stamp), pf.schema_arrow.names,
             _model_names(pf))
 
@@ -549,16 +551,26 @@ def adapter_names(uris: list[str]) -> set[str]:
 
     The driver resolves and fingerprints only these, not everything in the adapter store.
     """
-    return set().union(*_each_file(uris, lambda _, pf: _adapter_names(pf)))
+    return named_adapters(uris)[0]
 
 
-def _adapter_names(pf: pq.ParquetFile) -> set[str]:
+def named_adapters(uris: list[str]) -> tuple[set[str], set[str]]:
+    """(every adapter name the manifests mention, those some row lists at a scale other than 0: the ones an
+    actor may load)."""
+    found = list(_each_file(uris, lambda _, pf: _adapter_names(pf)))
+    return set().union(*(n for n, _ in found)), set().union(*(loaded for _, loaded in found))
+
+
+def _adapter_names(pf: pq.ParquetFile) -> tuple[set[str], set[str]]:
     names: set[str] = set()
+    loaded: set[str] = set()
     if "adapters" not in pf.schema_arrow.names:
-        return names
+        return names, loaded
     for batch in pf.iter_batches(batch_size=65536, columns=["adapters"]):
         for value in _texts(batch.column(0)):
             for item in value or []:
                 if isinstance(item, dict) and isinstance(item.get("name"), str):
                     names.add(item["name"])
-    return names
+                    if item.get("scale") != 0:  # (null is 1; a scale that is no number: the row is invalid)
+                        loaded.add(item["name"])
+    return names, loaded

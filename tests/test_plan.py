@@ -406,3 +406,30 @@ def test_a_done_row_whose_manifest_columns_changed_is_marked_to_be_recorded_agai
     # an entry written before the ledger had the column vouches for nothing about the columns: not recorded again
     older = state(done={"mug": first["params_hash"]}, existing={"mug"}, out="/out")
     assert plan_row({**row, "sku": "MUG-1b"}, source="m.parquet", row=0, state=older)["relabel"] is False
+
+
+def test_an_embedding_named_only_at_scale_0_adds_no_token_to_check(tmp_path):
+    """No row loads it, so no actor knows its token: a row using the token without it drew the same everywhere,
+    yet was made invalid, and a second embedding of the same token failed as a clash with it (QA)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.generate import resolve_adapters
+
+    for name, token in (("kept", "<dup-tok>"), ("zeroed", "<dup-tok>"), ("unused", "<my-tok>")):
+        save_file({token: torch.zeros(1, 32)}, str(tmp_path / f"{name}.safetensors"))
+    rows = [{"id": "a", "prompt": "a <dup-tok>", "adapters": [{"name": "kept", "scale": 1.0}]},
+            {"id": "b", "prompt": "a <dup-tok>", "adapters": [{"name": "zeroed", "scale": 0.0}]},
+            {"id": "c", "prompt": "a <my-tok>", "adapters": [{"name": "unused", "scale": -0.0}]},
+            {"id": "d", "prompt": "a <my-tok>", "adapters": [{"name": "kept", "scale": None}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    found = survey([str(tmp_path / "m.parquet")])
+    assert found.adapter_names == {"kept", "zeroed", "unused"} and found.loaded_adapter_names == {"kept"}
+    tokens: dict[str, str] = {}
+    fingerprints, errors = resolve_adapters(str(tmp_path), found.adapter_names, tokens, found.loaded_adapter_names)
+    assert not errors and set(fingerprints) == found.adapter_names and tokens == {"<dup-tok>": "kept"}
+    planned = state(embedding_tokens=tokens, adapter_fingerprints=fingerprints)
+    verdicts = [plan_row(r, source="m.parquet", row=i, state=planned)["status"] for i, r in enumerate(rows)]
+    assert verdicts == [None, "invalid", None, None], verdicts  # b uses kept's token, listing only zeroed

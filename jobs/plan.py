@@ -190,17 +190,34 @@ def unlisted_embedding(parsed, tokens: dict[str, str], words: frozenset[str] = f
     listed = {a.name for a in parsed.adapters if a.scale != 0}
     at_zero = {a.name for a in parsed.adapters if a.scale == 0}
     prompt, negative = parsed.prompt.lower(), (parsed.negative_prompt or "").lower()
+    every = {t.lower() for t in tokens if t not in words}  # (an actor may hold them all: matched as it would)
+    in_prompt, in_negative = added_tokens_in(prompt, every), added_tokens_in(negative, every)
     for token, name in sorted(tokens.items()):
         if name in listed or token in words:
             continue
-        where = ("the prompt" if token.lower() in prompt else
-                 "the negative prompt" if token.lower() in negative else None)
+        where = ("the prompt" if token.lower() in in_prompt else
+                 "the negative prompt" if token.lower() in in_negative else None)
         if where:
             how = "lists at scale 0, which loads nothing" if name in at_zero else "do not list"
             return (f"{where} uses {token!r}, the token of the embedding {name!r}, which the row's `adapters` {how}: "
                     f"add {{\"name\": \"{name}\", \"scale\": 1.0}} (unlisted, the row would draw with it on an "
                     "actor that loaded it for another row, and without it elsewhere)")
     return None
+
+
+def added_tokens_in(text: str, tokens: set[str]) -> set[str]:
+    """The added tokens CLIP's tokenizer finds in `text` (both in lower case) when it holds all of `tokens`: from
+    the left, the longest one starting at each place (transformers' Trie.split), so `<tok>` inside `<tok>_v2` is
+    no use of `<tok>` (a row listing `<tok>_v2` was refused as using `<tok>`: QA)."""
+    present = [t for t in tokens if t in text]
+    found: set[str] = set()
+    at = 0
+    while present and at < len(text):
+        match = max((t for t in present if text.startswith(t, at)), key=len, default="")
+        if match:
+            found.add(match)
+        at += len(match) or 1
+    return found
 
 
 RESTORED = (f"{RESTORED_MARK} the image drawn before this row's last failure is still the row's; its entry is recorded "

@@ -433,3 +433,23 @@ def test_an_embedding_named_only_at_scale_0_adds_no_token_to_check(tmp_path):
     planned = state(embedding_tokens=tokens, adapter_fingerprints=fingerprints)
     verdicts = [plan_row(r, source="m.parquet", row=i, state=planned)["status"] for i, r in enumerate(rows)]
     assert verdicts == [None, "invalid", None, None], verdicts  # b uses kept's token, listing only zeroed
+
+
+def test_a_token_inside_a_longer_token_the_row_lists_is_no_use_of_it():
+    """`ti_a1111` and `ti_a1111_dir` (A1111 files named by their file names; `mystyle`, `mystyle_v2`): a row listing
+    `ti_a1111_dir` and using it was refused as using `ti_a1111` unlisted, though the tokenizer reads the longer token
+    whole (QA). The tokenizer itself says which tokens a text holds; the plan must agree with it."""
+    from actors.presets import TOKENIZER_DIR
+    from actors.tokenizer import load_tokenizer
+
+    tokens = {"ti_a1111": "short", "ti_a1111_dir": "long", "abc": "abc", "bcd": "bcd"}
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    tokenizer.add_tokens(list(tokens))
+    planned = state(embedding_tokens=tokens, adapter_fingerprints={n: "f" * 16 for n in tokens.values()})
+    for prompt, listed in (("a ti_a1111_dir photo", "long"), ("a ti_a1111 photo", "short"), ("abcd", "abc"),
+                           ("xbcd", "bcd"), ("a ti_a1111 and a ti_a1111_dir", "long")):
+        read = {t for t in tokenizer.tokenize(prompt) if t in tokens}
+        row = {"id": "r", "prompt": prompt, "adapters": [{"name": listed, "scale": 1.0}]}
+        work = plan_row(row, source="m.parquet", row=0, state=planned)
+        assert (work["status"] == "invalid") == bool(read - {next(t for t, n in tokens.items() if n == listed)}), \
+            (prompt, read, work.get("error"))

@@ -142,9 +142,10 @@ def unused_embeddings(parsed, tokens: dict[str, str]) -> str | None:
     for token, name in sorted(tokens.items()):
         by_name.setdefault(name, []).append(token)
     text = f"{parsed.prompt}\n{parsed.negative_prompt or ''}".lower()
+    used = added_tokens_in(text, {t.lower() for t in tokens})
     said = []
     for a in parsed.adapters:
-        if a.scale != 0 and a.name in by_name and not any(t.lower() in text for t in by_name[a.name]):
+        if a.scale != 0 and a.name in by_name and not any(t.lower() in used for t in by_name[a.name]):
             token = by_name[a.name][0]
             named = " (the prompt has the file's name: an embedding acts through its token)" if (
                 a.name.lower() in text) else ""

@@ -453,3 +453,9 @@ def test_a_token_inside_a_longer_token_the_row_lists_is_no_use_of_it():
         work = plan_row(row, source="m.parquet", row=0, state=planned)
         assert (work["status"] == "invalid") == bool(read - {next(t for t, n in tokens.items() if n == listed)}), \
             (prompt, read, work.get("error"))
+    # and a row listing both, whose prompt has only the longer, is told the shorter does nothing
+    both = [{"name": n, "scale": 1.0} for n in ("short", "long")]
+    work = plan_row({"id": "r", "prompt": "a ti_a1111_dir photo", "adapters": both}, source="m.parquet", row=0,
+                    state=planned)
+    assert work["status"] is None
+    assert "the embedding 'short', whose token 'ti_a1111' neither prompt uses" in work["warning"], work

@@ -25,7 +25,7 @@ def not_applied(state_dict, metadata: dict) -> str | None:
     bias = next((k for k in state_dict if k.endswith(_BIASES)), None)
     if bias is not None:  # part of the layer's output, not droppable
         return f"has {bias!r}, a LoRA bias, which sdfleet does not apply"
-    if half := _half_layer(state_dict):
+    if half := _half_layer(state_dict) or _unmatched_ranks(state_dict):
         return half
     bundled = next((k for k in state_dict if k.startswith("bundle_emb.")), None)
     if bundled is not None:
@@ -81,4 +81,27 @@ def _half_layer(state_dict) -> str | None:
                 if key.endswith(have) and key[: -len(have)] + want not in keys:
                     return (f"has {key!r} but no {want.removesuffix('.weight').lstrip('._')} matrix for that layer: "
                             "a damaged or partly saved file; save it again")
+    return None
+
+
+def _unmatched_ranks(state_dict) -> str | None:
+    """Why a file whose layer's two matrices cannot multiply is refused (a damaged file, one saved by a broken
+    tool), or None: the down matrix is [rank, in, ...], the up one [out, rank, ...]. `state_dict`'s values are
+    tensors (an actor's) or (dtype, shape) pairs (the driver's header)."""
+    def shape(value) -> list[int]:
+        return list(value.shape) if hasattr(value, "shape") else list(value[1])
+
+    for down, up in _PAIRS:
+        for key in sorted(k for k in state_dict if k.endswith(down)):
+            pair = key[: -len(down)] + up
+            if pair not in state_dict:
+                continue
+            a, b = shape(state_dict[key]), shape(state_dict[pair])
+            if len(a) < 2 or len(b) < 2:
+                flat, dims = (key, a) if len(a) < 2 else (pair, b)
+                return (f"has {flat!r} of shape {dims}: a LoRA matrix has two dimensions (four for a convolution); "
+                        "a damaged file, save it again")
+            if a[0] != b[1]:
+                return (f"has {key!r} of rank {a[0]} but {pair!r} of rank {b[1]}: the two cannot multiply; a damaged "
+                        "file, save it again")
     return None

@@ -753,6 +753,24 @@ def test_a_lora_for_sdxl_or_without_part_names_is_refused_by_the_driver_as_the_a
     assert AdapterStore(str(tmp_path)).describe("adapter").kind == "lora"
 
 
+@pytest.mark.parametrize("down, up, said", [
+    ((4, 320), (320, 8), "of rank 4 but '{key}.lora_B.weight' of rank 8: the two cannot multiply"),
+    ((4,), (320, 4), "of shape [4]: a LoRA matrix has two dimensions"),
+])
+def test_a_lora_layer_whose_matrices_cannot_multiply_is_refused_by_the_driver(tmp_path, tiny_shape, down, up, said):
+    """Its header says so, but only the actor found it, as peft's 'rank 256 down but 4 up' (QA)."""
+    from safetensors.torch import save_file
+
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    tensors = {f"{key}.lora_A.weight": torch.ones(down), f"{key}.lora_B.weight": torch.ones(up)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    message = re.escape(f"adapter 'x': has '{key}.lora_A.weight' " + said.format(key=key))
+    with pytest.raises(AdapterError, match=message):
+        AdapterStore(str(tmp_path)).describe("x")
+    with pytest.raises(AdapterError, match=message):  # the actor's words too
+        check_lora_fits(tiny_shape, "x", tensors)
+
+
 def test_a_store_given_as_a_file_or_a_link_to_nothing_is_said_as_such(tmp_path):
     """--adapters naming an adapter's file started Ray and failed every row with "'pa' is not in the adapter store
     .../pa.safetensors ...; the store holds: pa"; a link to a file since deleted was said the same way."""

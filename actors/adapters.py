@@ -93,6 +93,10 @@ class AdapterInfo:
     kind: Literal["lora", "embedding"]
     format: Literal["diffusers", "kohya", "embedding"]
     token: str | None = None  # embeddings: the word prompts use to call it
+    # What the file needs of a model (None: it does not say): the text encoder's width (an embedding's vectors, a
+    # text-encoder LoRA's layers) and the width of the text features its cross-attention layers take
+    text_width: int | None = None
+    context_width: int | None = None
 
 
 class AdapterStore:
@@ -118,7 +122,7 @@ class AdapterStore:
         self._last_read = (path, data)
         return AdapterInfo(
             name=name, uri=self.fs.unstrip_protocol(path), fingerprint=_fingerprint(data), size=len(data),
-            kind=kind, format=fmt, token=token,
+            kind=kind, format=fmt, token=token, **needed_widths(kind, header),
         )
 
     def fingerprints(self, names) -> dict[str, str]:
@@ -387,6 +391,28 @@ def _finite(dtype: str, data) -> bool:
 def not_finite(key: str) -> str:
     return (f"holds NaN or infinite values (in {key!r}): the file is damaged, or was saved from a training run that "
             "diverged")
+
+
+# A LoRA's down matrices ([rank, in, ...]) whose input width a model fixes: cross-attention's keys and values take
+# the text features (SD 1.x: 768, 2.x: 1024); the text encoder's attention projections take its width. In every
+# key spelling: peft and diffusers (`attn2.to_k.lora_A`), old diffusers (`attn2.processor.to_k_lora.down`), kohya
+# (`attn2_to_k.lora_down`).
+CONTEXT_DOWN = re.compile(r"attn2[._](?:processor[._])?to_[kv](?:_lora)?[._].*(?:down|lora_A)\.weight$")
+TEXT_DOWN = re.compile(r"^(?:text_encoder\.|lora_te1?_).*self_attn[._][qkv]_proj(?:_lora)?[._].*(?:down|lora_A)"
+                       r"\.weight$")
+
+
+def needed_widths(kind: str, tensors: dict[str, tuple[str, list[int]]]) -> dict[str, int | None]:
+    """The widths a file needs of a model (AdapterInfo.text_width, .context_width), read from its header."""
+    if kind == "embedding":  # (one tensor: _detect)
+        shape = next(iter(tensors.values()))[1]
+        return {"text_width": shape[-1] if shape else None, "context_width": None}
+
+    def width(pattern: re.Pattern) -> int | None:
+        return next((shape[1] for key, (_, shape) in tensors.items() if len(shape) >= 2 and pattern.search(key)),
+                    None)
+
+    return {"text_width": width(TEXT_DOWN), "context_width": width(CONTEXT_DOWN)}
 
 
 def _detect(name: str, tensors: dict[str, tuple[str, list[int]]]) -> tuple[str, str, str | None]:

@@ -40,6 +40,10 @@ class ModelInfo:
     height: int
     steps: int
     scheduler: str
+    # The widths an adapter must have to fit (None: not known here): the text encoder's (an embedding's vectors, a
+    # text-encoder LoRA's layers) and the text features the UNet's cross-attention takes. SD 1.x: 768, 2.x: 1024.
+    text_width: int | None = None
+    context_width: int | None = None
 
     def defaults(self) -> dict:
         return asdict(self)
@@ -79,7 +83,9 @@ def describe_model(name: str, ref: str) -> ModelInfo:
     """Resolve `ref` and read its defaults and fingerprint; raise ModelError if it is not a model."""
     if ref in PRESETS:
         d = PRESETS[ref]["defaults"]
-        return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"], d["scheduler"])
+        spec = PRESETS[ref]
+        return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"], d["scheduler"],
+                         spec["text_encoder"]["hidden_size"], spec["unet"].get("cross_attention_dim"))
     if _is_uri(ref):
         fs, root = url_to_fs(ref)  # a store whose package is missing: said by the CLI, with the fix
         try:
@@ -228,7 +234,8 @@ def _check_weights(name: str, ref: str, components: set[str], rels: list[str]) -
         raise ModelError(f"model {name}={ref}: {component}/ holds no weights (expected a .safetensors file)")
 
 
-_CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "sdfleet.json")
+_CONFIGS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "sdfleet.json",
+            "text_encoder/config.json")
 
 
 def _cached_digests(root: Path, files: list[Path]) -> dict[Path, bytes]:
@@ -279,8 +286,15 @@ def _from_configs(name: str, ref: str, kind: str, fingerprint: str, configs: dic
     size = (sample if isinstance(sample, int) else sample[0]) * 2 ** (len(vae["block_out_channels"]) - 1)
     ours = configs.get("sdfleet.json", {})
     scheduler = ours.get("scheduler") or scheduler_name_for(configs.get("scheduler/scheduler_config.json", {}))
+    text = configs.get("text_encoder/config.json", {})
     return ModelInfo(name, ref, kind, fingerprint, ours.get("width", size), ours.get("height", size),
-                     ours.get("steps", DEFAULT_STEPS), scheduler)
+                     ours.get("steps", DEFAULT_STEPS), scheduler, _width(text.get("hidden_size")),
+                     _width(unet.get("cross_attention_dim")))
+
+
+def _width(value) -> int | None:
+    """A config's width, where it is one number (SDXL-like configs give lists: not checked)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _describe_hub(name: str, ref: str) -> ModelInfo:

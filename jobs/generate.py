@@ -339,8 +339,9 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     refs = {**{name: name for name in PRESETS}, **cfg.models}
     models = {name: describe_model(name, ref).defaults() for name, ref in refs.items()}
     embedding_tokens: dict[str, str] = {}  # token -> the embedding that adds it
+    adapter_widths: dict[str, dict] = {}  # name -> the widths it needs of a model
     adapter_fingerprints, adapter_errors = resolve_adapters(cfg.adapters, manifests.adapter_names, embedding_tokens,
-                                                            manifests.loaded_adapter_names)
+                                                            manifests.loaded_adapter_names, adapter_widths)
     word_tokens = words_of_models(embedding_tokens, models) if embedding_tokens else {}
 
     # 4. what is already done: newest ok hash per id, and which images exist
@@ -382,6 +383,7 @@ def _plan_and_run(cfg: GenerateConfig, fs, root: str, run_id: str, started: floa
     state = PlanState(models=models, duplicates=duplicates, case_clashes=clashes, done=done, existing=existing,
                       watermark=cfg.watermark, force=cfg.force, out=cfg.out,
                       adapter_fingerprints=adapter_fingerprints, adapter_errors=adapter_errors,
+                      adapter_widths=adapter_widths,
                       embedding_tokens=embedding_tokens, word_tokens=word_tokens, restored=restored, labels=labels)
     # (of the rows these manifests ask for: done ids of dropped rows are counted as not_in_manifests)
     # (drawn before, not done: which of them changed since is what the plan is about to find)
@@ -554,10 +556,12 @@ def _local_folder(uri: str) -> bool:
 
 
 def resolve_adapters(store_uri: str | None, names: set[str], tokens: dict[str, str] | None = None,
-                     loaded: set[str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+                     loaded: set[str] | None = None,
+                     widths: dict[str, dict] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Fingerprint every adapter the manifests name: ({name: fingerprint}, {name: why it is unusable}).
     `tokens` receives {token: embedding} of the embeddings among `loaded` (those a row lists at a scale other
     than 0; default all): one named only at scale 0 is never loaded, so its token is no word of any actor's.
+    `widths` receives {name: the widths it needs of a model} (`actors.adapters.needed_widths`).
 
     A bad adapter is a row-level matter (its rows fail, the rest are drawn), so errors are collected,
     not raised. An adapter store that cannot be reached at all stops the run. Each adapter is read whole
@@ -604,6 +608,8 @@ def resolve_adapters(store_uri: str | None, names: set[str], tokens: dict[str, s
         for name, info, error in pool.map(describe, sorted(names)):
             if error is None:
                 fingerprints[name] = info.fingerprint
+                if widths is not None:
+                    widths[name] = {"text_width": info.text_width, "context_width": info.context_width}
                 if info.kind == "embedding" and info.token and (loaded is None or name in loaded):
                     # CLIP reads tokens in lower case: one in any case
                     adders.setdefault(info.token.lower(), []).append((name, info.token))

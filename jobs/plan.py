@@ -58,6 +58,7 @@ class PlanState:
     force: bool = False
     adapter_fingerprints: dict[str, str] = field(default_factory=dict)  # name -> file hash
     adapter_errors: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be used
+    adapter_widths: dict[str, dict] = field(default_factory=dict)  # name -> the widths it needs of a model
     embedding_tokens: dict[str, str] = field(default_factory=dict)  # token -> the embedding (of this run) adding it
     # model name -> those tokens that are words of its tokenizer: no actor adds them to it (it refuses the embedding)
     word_tokens: dict[str, frozenset[str]] = field(default_factory=dict)
@@ -93,7 +94,8 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
                            adapter_fingerprints=state.adapter_fingerprints)
     work = {**base, **resolved, "status": None}
     broken = adapter_failures(parsed, state.adapter_errors, state.embedding_tokens,
-                              state.word_tokens.get(parsed.model, frozenset()))
+                              state.word_tokens.get(parsed.model, frozenset()), state.adapter_widths,
+                              state.models[parsed.model])
     if broken:  # a bad adapter fails the rows that need it (the plan says it, before an actor refuses it too)
         return {**work, "status": "failed", "error": "; ".join(broken)}
     too_small = too_small_for_the_mark(work["width"], work["height"]) if state.watermark else None
@@ -121,15 +123,32 @@ def plan_row(raw: dict[str, Any], *, source: str, row: int, state: PlanState) ->
     return {**work, "affinity": affinity(work), **({"warning": unused} if unused else {})}
 
 
-def adapter_failures(parsed, errors: dict[str, str], tokens: dict[str, str], words: frozenset[str]) -> list[str]:
+def adapter_failures(parsed, errors: dict[str, str], tokens: dict[str, str], words: frozenset[str],
+                     widths: dict[str, dict] | None = None, model: dict | None = None) -> list[str]:
     """Why the adapters a row lists would fail it, each reason once: one that cannot be used (`errors`: name ->
-    why, as resolve_adapters found it), or an embedding whose token is already a word of the row's model
-    (`words`), which an actor refuses. An adapter at scale 0 loads nothing, so it fails nothing."""
+    why, as resolve_adapters found it), an embedding whose token is already a word of the row's model (`words`),
+    which an actor refuses, or one made for a model of other widths (`widths`: name -> what it needs, against the
+    row's `model` info). An adapter at scale 0 loads nothing, so it fails nothing."""
     broken = dict.fromkeys(errors[a.name] for a in parsed.adapters if a.scale != 0 and a.name in errors)
     listed = {a.name for a in parsed.adapters if a.scale != 0}
     broken.update((str(AdapterError(name, word_token_cause(name, token, token.lower()))), None)
                   for token, name in sorted(tokens.items()) if name in listed and token in words)
+    for name in sorted(listed):
+        if cause := other_widths((widths or {}).get(name), model, parsed.model):
+            broken[str(AdapterError(name, cause))] = None
     return list(broken)
+
+
+def other_widths(needs: dict | None, model: dict | None, model_name: str) -> str | None:
+    """Why an adapter needing `needs` (text_width, context_width) does not fit `model`, or None where it fits or
+    either side does not say."""
+    for field_name, what, verb in (("text_width", "text encoder is", "is"),
+                                   ("context_width", "cross-attention takes text features", "takes")):
+        have, want = (model or {}).get(field_name), (needs or {}).get(field_name)
+        if have and want and have != want:
+            return (f"is made for a model whose {what} {want} wide, and model {model_name!r}'s {verb} {have}: an "
+                    "adapter for another base model (Stable Diffusion 1.x: 768, 2.x: 1024)")
+    return None
 
 
 def unused_embeddings(parsed, tokens: dict[str, str]) -> str | None:

@@ -29,6 +29,8 @@ class AdapterCheck:
     resolved: set[str] = field(default_factory=set)  # the names the store was asked about
     named_by: dict[str, list] = field(default_factory=dict)  # failure -> [rows, where the first is]
     unchecked: dict[str, list] = field(default_factory=dict)  # a name not asked about yet -> [rows, first]
+    widths: dict[str, dict] = field(default_factory=dict)  # adapter name -> the widths it needs of a model
+    models: dict[str, dict] = field(default_factory=dict)  # model name -> its ModelInfo fields
 
     @classmethod
     def resolve(cls, store_uri: str, names: set[str], loaded: set[str], models: dict[str, dict]) -> "AdapterCheck":
@@ -38,8 +40,10 @@ class AdapterCheck:
         from jobs.generate import resolve_adapters, words_of_models
 
         tokens: dict[str, str] = {}
-        errors = resolve_adapters(store_uri, names, tokens, loaded)[1] if names else {}
-        return cls(store_uri, errors, tokens, words_of_models(tokens, models) if tokens else {}, set(names))
+        widths: dict[str, dict] = {}
+        errors = resolve_adapters(store_uri, names, tokens, loaded, widths)[1] if names else {}
+        return cls(store_uri, errors, tokens, words_of_models(tokens, models) if tokens else {}, set(names),
+                   widths=widths, models=models)
 
     def row(self, parsed, where: str) -> Iterator[tuple[str, str]]:
         for a in parsed.adapters:  # (at scale 0 an adapter loads nothing: nothing to check)
@@ -51,7 +55,8 @@ class AdapterCheck:
         if unlisted := unlisted_embedding(parsed, self.tokens, words):
             yield "error", f"{where}: {unlisted}"
             return
-        for failure in adapter_failures(parsed, self.errors, self.tokens, words):
+        for failure in adapter_failures(parsed, self.errors, self.tokens, words, self.widths,
+                                        self.models.get(parsed.model)):
             self.named_by.setdefault(failure, [0, where])[0] += 1
         if unused := unused_embeddings(parsed, self.tokens):
             yield "warning", f"{where}: {unused}"
@@ -61,7 +66,7 @@ class AdapterCheck:
             from jobs.generate import resolve_adapters
 
             try:
-                errors = resolve_adapters(self.store_uri, set(self.unchecked))[1]
+                errors = resolve_adapters(self.store_uri, set(self.unchecked))[1]  # (no widths: those rows are gone)
             except RunFailed:  # the store went away meanwhile: they stay unchecked, and the summary says so
                 errors = None
             if errors is not None:

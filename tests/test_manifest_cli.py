@@ -686,7 +686,8 @@ def test_validate_with_the_adapter_store_says_what_generate_would_find_in_the_ad
     store.mkdir()
     (store / "good.safetensors").write_bytes(lora_bytes(1))
     (store / "cut.safetensors").write_bytes(lora_bytes(2)[:100])
-    save_file({"<my-mug>": np.zeros((1, 32), np.float32)}, str(store / "mug.safetensors"))
+    save_file({"<my-mug>": np.zeros((1, 64), np.float32)}, str(store / "mug.safetensors"))  # (tiny's width)
+    save_file({"<old>": np.zeros((1, 768), np.float32)}, str(store / "sd15.safetensors"))  # an SD 1.x embedding
 
     def row(i, *adapters, prompt="a photo of a mug"):
         return {"id": f"r{i}", "prompt": prompt, "adapters": [{"name": n, "scale": s} for n, s in adapters]}
@@ -696,20 +697,24 @@ def test_validate_with_the_adapter_store_says_what_generate_would_find_in_the_ad
         row(4, ("gone", 0.0)),  # loads nothing
         row(5, prompt="a <my-mug> on a table"),  # the embedding's token, unlisted
         row(6, ("mug", 1.0), prompt="a <my-mug> on a table"), row(7, ("mug", 1.0)),  # listed, unused
+        row(8, ("sd15", 1.0), prompt="a <old> mug"),  # made for another base model
     ])
     where = f"{manifest} row"
     code, lines, _ = validate(capsys, manifest)
-    assert code == 0 and lines[-1].endswith("0 error(s), 0 warning(s); 4 adapter(s) named, not checked (give "
+    assert code == 0 and lines[-1].endswith("0 error(s), 0 warning(s); 5 adapter(s) named, not checked (give "
                                             "--adapters URI)"), lines
     code, lines, _ = validate(capsys, manifest, "--adapters", str(store))
-    assert code == 1 and lines[-1] == "8 rows in 1 manifest(s): 3 error(s), 1 warning(s)", lines
+    assert code == 1 and lines[-1] == "9 rows in 1 manifest(s): 4 error(s), 1 warning(s)", lines
     said = problems(lines) + problems(lines, "warning")
     said = [line for line in lines if line in said]  # in the order said
     assert said[0].startswith(f"error: {where} 5 (`r5`): the prompt uses '<my-mug>', the token of the embedding "
                               "'mug', which the row's `adapters` do not list"), said
     assert said[1].startswith(f"warning: {where} 7 (`r7`): `adapters` lists the embedding 'mug', whose token "
                               "'<my-mug>' neither prompt uses"), said
-    cut, gone = said[2:]
+    cut, gone, old = said[2:]
+    assert old == ("error: adapter 'sd15': is made for a model whose text encoder is 768 wide, and model 'default''s "
+                   f"is 64: an adapter for another base model (Stable Diffusion 1.x: 768, 2.x: 1024) (1 row(s) would "
+                   f"fail on it; the first: {where} 8 (`r8`))"), old
     assert cut.startswith("error: adapter 'cut': "), cut
     assert cut.endswith(f"(2 row(s) would fail on it; the first: {where} 1 (`r1`))"), cut
     assert gone.startswith("error: adapter 'gone': is not in the adapter store") and "the store holds: cut, good, mug" \
@@ -717,7 +722,7 @@ def test_validate_with_the_adapter_store_says_what_generate_would_find_in_the_ad
     # a store that cannot be read: said, and the rows' own fields still checked
     code, lines, _ = validate(capsys, manifest, "--adapters", str(tmp_path / "nowhere"))
     assert code == 1 and f"error: --adapters {tmp_path / 'nowhere'} does not exist; adapters not checked" in lines
-    assert lines[-1].endswith("1 error(s), 0 warning(s); 4 adapter(s) named, not checked (the adapter store could "
+    assert lines[-1].endswith("1 error(s), 0 warning(s); 5 adapter(s) named, not checked (the adapter store could "
                               "not be read)"), lines
     # what generate refuses as a store, refused alike ("" read the working directory as the store: QA, review)
     for given, said in (("", "--adapters must not be empty"), ("memory://adapters", "--adapters memory://adapters")):

@@ -459,3 +459,51 @@ def test_a_token_inside_a_longer_token_the_row_lists_is_no_use_of_it():
                     state=planned)
     assert work["status"] is None
     assert "the embedding 'short', whose token 'ti_a1111' neither prompt uses" in work["warning"], work
+
+
+def test_an_adapter_made_for_another_base_model_fails_its_rows_at_the_plan(tmp_path):
+    """An SD 1.x LoRA or embedding (text features 768 wide) on an SD 2.x model (1024) failed only at the actor, so
+    --plan-only and `manifest validate --adapters` counted its rows as drawn (QA): the header says its widths, and
+    each model's configs say its own. Fitting ones, and a model that does not say, pass."""
+    import torch
+    from safetensors.torch import save_file
+
+    from actors.models import export_preset
+    from jobs.generate import resolve_adapters
+
+    attention = "down_blocks_1_attentions_0_transformer_blocks_0"
+    files = {
+        "fits": {f"lora_unet_{attention}_attn2_to_k.lora_down.weight": torch.zeros(4, 64),
+                 f"lora_unet_{attention}_attn2_to_k.lora_up.weight": torch.zeros(64, 4)},
+        "sd15-unet": {f"lora_unet_{attention}_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
+                      f"lora_unet_{attention}_attn2_to_k.lora_up.weight": torch.zeros(64, 4)},
+        "sd15-text": {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 768),
+                      "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(768, 4)},
+        "sd21-embedding": {"<wide>": torch.zeros(1, 1024)},
+        "embedding": {"<mine>": torch.zeros(1, 64)},
+    }
+    for name, tensors in files.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    widths: dict[str, dict] = {}
+    fingerprints, errors = resolve_adapters(str(tmp_path), set(files), widths=widths)
+    assert not errors and widths["sd15-unet"] == {"text_width": None, "context_width": 768}
+    export_preset("tiny", str(tmp_path / "model"))  # a model folder: its widths come from its configs
+    folder = describe_model("mine", str(tmp_path / "model"))
+    assert (folder.text_width, folder.context_width) == (64, 64)
+    models = {"default": describe_model("default", "tiny").defaults(), "mine": folder.defaults(),
+              "unsaid": {**folder.defaults(), "text_width": None, "context_width": None}}
+    planned = PlanState(models=models, watermark=None, adapter_fingerprints=fingerprints, adapter_widths=widths,
+                        embedding_tokens={"<wide>": "sd21-embedding", "<mine>": "embedding"})
+    for model in models:
+        for name in files:
+            row = {"id": "r", "prompt": "a <wide> <mine> mug", "model": model,
+                   "adapters": [{"name": n, "scale": 1.0} for n in {name, "sd21-embedding", "embedding"}]}
+            work = plan_row(row, source="m.parquet", row=0, state=planned)
+            wrong = {"sd15-unet", "sd15-text", "sd21-embedding"} if model != "unsaid" else set()
+            said = [n for n in sorted(wrong) if f"adapter {n!r}: is made for a model whose " in (work["error"] or "")]
+            assert said == sorted(wrong & {name, "sd21-embedding"}), (model, name, work["error"])
+    work = plan_row({"id": "r", "prompt": "a mug", "adapters": [{"name": "sd15-text", "scale": 1.0}]},
+                    source="m.parquet", row=0, state=planned)
+    assert work["status"] == "failed" and work["error"] == (
+        "adapter 'sd15-text': is made for a model whose text encoder is 768 wide, and model 'default''s is 64: an "
+        "adapter for another base model (Stable Diffusion 1.x: 768, 2.x: 1024)"), work

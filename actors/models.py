@@ -84,8 +84,8 @@ def describe_model(name: str, ref: str) -> ModelInfo:
     if ref in PRESETS:
         d = PRESETS[ref]["defaults"]
         spec = PRESETS[ref]
-        return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"], d["scheduler"],
-                         spec["text_encoder"]["hidden_size"], spec["unet"].get("cross_attention_dim"))
+        return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"],
+                         d["scheduler"], spec["text_encoder"]["hidden_size"], spec["unet"].get("cross_attention_dim"))
     if _is_uri(ref):
         fs, root = url_to_fs(ref)  # a store whose package is missing: said by the CLI, with the fix
         try:

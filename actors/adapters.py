@@ -322,7 +322,8 @@ def _fingerprint(data: bytes) -> str:
 def _parse(name: str, data: bytes):
     """Tensors from safetensors bytes; any parse failure is a corrupt file. A LoRA saved by diffusers or peft
     keeps its alphas in the file's metadata, which `safetensors.torch.load` drops: the tensors then come with
-    it (`actors.lora_map.LoraTensors`)."""
+    it (`actors.lora_map.LoraTensors`). Their values were checked by `_header` when the file was resolved (these
+    are the same bytes: `load_state_dict` checks the fingerprint)."""
     from safetensors.torch import load
 
     from actors.lora_map import LoraTensors
@@ -331,10 +332,6 @@ def _parse(name: str, data: bytes):
         tensors = load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
-    broken = next((k for k, t in tensors.items()  # (in float32: torch has no isfinite for float8_e4m3fn)
-                   if t.is_floating_point() and not t.float().isfinite().all()), None)
-    if broken is not None:  # its rows came out as NaN images, said as "too large a scale", naming no adapter
-        raise AdapterError(name, not_finite(broken))
     metadata = _lora_metadata(name, data)
     return LoraTensors(tensors, metadata) if metadata else tensors
 
@@ -366,8 +363,8 @@ def _header(name: str, data: bytes) -> dict[str, tuple[str, list[int]]]:
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise AdapterError(name, f"is not a readable safetensors file ({error_line(exc)})") from exc
     broken = next((key for key, meta in tensors if not _finite(meta["dtype"], meta["data"])), None)
-    if broken is not None:  # (the whole file is read for its fingerprint anyway: the plan says it, not an actor)
-        raise AdapterError(name, not_finite(broken))
+    if broken is not None:  # (NaN images, once said as "too large a scale"; the driver reads the whole file for
+        raise AdapterError(name, not_finite(broken))  # its fingerprint anyway, so the plan says it, not an actor)
     return {key: (meta["dtype"], list(meta["shape"])) for key, meta in tensors}
 
 

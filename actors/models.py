@@ -82,8 +82,8 @@ def _is_uri(ref: str) -> bool:
 def describe_model(name: str, ref: str) -> ModelInfo:
     """Resolve `ref` and read its defaults and fingerprint; raise ModelError if it is not a model."""
     if ref in PRESETS:
-        d = PRESETS[ref]["defaults"]
         spec = PRESETS[ref]
+        d = spec["defaults"]
         return ModelInfo(name, ref, "preset", preset_fingerprint(ref), d["width"], d["height"], d["steps"],
                          d["scheduler"], spec["text_encoder"]["hidden_size"], spec["unet"].get("cross_attention_dim"))
     if _is_uri(ref):

@@ -671,8 +671,6 @@ def test_adapter_files_the_actors_would_draw_wrong_are_refused_naming_the_cause(
                 AdapterStore(str(tmp_path)).describe(name)
     # NaN and infinite values, in every float type a file may hold: the driver reads each file whole (its hash),
     # so it finds them too (the plan counted such rows as drawn: adapters QA)
-    from actors.adapters import _parse
-
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e5m2,
                   torch.float8_e4m3fn):
         for value in (float("nan"), float("inf"), float("-inf")):
@@ -687,8 +685,8 @@ def test_adapter_files_the_actors_would_draw_wrong_are_refused_naming_the_cause(
                              "damaged")
             with pytest.raises(AdapterError, match=said):
                 AdapterStore(str(tmp_path)).describe("nan")
-            with pytest.raises(AdapterError, match=said):  # the actor's own check (a file changed after the plan)
-                _parse("nan", (tmp_path / "nan.safetensors").read_bytes())
+            with pytest.raises(AdapterError, match=said):  # the actor's own load (a file changed after the plan)
+                AdapterStore(str(tmp_path)).load_planned("nan")
             big = b.to(dtype)  # finite extremes pass: the largest value of each type is no infinity
             big[3, 1] = torch.finfo(dtype).max
             save_file({f"{key}.lora_A.weight": a.to(dtype), f"{key}.lora_B.weight": big},

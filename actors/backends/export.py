@@ -154,7 +154,6 @@ class ExportCache:
         with staging_folder(self.local, key) as staging:
             build(staging / filename)
             (staging / DIGESTS).write_text(json.dumps(_digests(staging)))
-            staging.chmod(0o755)  # (mkdtemp's 0700: other users' pods on a shared volume could not read it)
             if not is_local_fs(self.fs):  # data files first, the main file last: its presence marks a whole entry
                 for item in sorted(staging.iterdir(), key=lambda p: (p.name == filename, p.name == DIGESTS)):
                     self.fs.put_file(str(item), f"{remote}/{item.name}")
@@ -200,6 +199,7 @@ def staging_folder(parent: Path, key: str):
     """A new hidden folder in `parent` to build entry `key` in, locked while the body runs, then removed (unless
     the body renamed it into place)."""
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{key}-", dir=_ensure(parent)))
+    staging.chmod(0o755)  # (mkdtemp's 0700: other users' pods on a shared volume could not read the entry)
     lock = _hold(staging)
     try:
         yield staging
@@ -275,7 +275,6 @@ def _fetch(fs, remote: str, folder: Path) -> None:
         try:
             for item in fs.ls(remote, detail=False):
                 fs.get_file(item, str(staging / item.rsplit("/", 1)[-1]))
-            staging.chmod(0o755)
             staging.rename(folder)
         except OSError:
             pass
